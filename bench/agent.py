@@ -1,0 +1,373 @@
+"""Device agent figures, measured side by side in one run.
+
+1. HTTP infer p50/p99 through a real agent (subprocess, KServe v2 JSON, keep-alive,
+   client ``http.client``, and a minimal socket client) vs in-process
+   ``Predictor.predict`` on the same trivial model; the difference is the agent's
+   overhead (goal ≤ 0.3 ms p50).
+2. Failed requests and p99 latency ratio during N hot swaps under load, against the
+   same load without swaps (goal 0 failures, ≤ 2×). Every swap is a real signed
+   deployment: MQTT, TUF fetch, verify, load, smoke test, swap, health window.
+3. Agent RSS idle without a model (goal ≤ 60 MB), and with the trivial model.
+4. Size of a fresh venv with ``pip install '.[agent]'`` (goal ≤ 250 MB).
+
+    .venv/bin/python bench/agent.py [--swaps 100] [--requests 4000] [--skip-venv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import edge_sdk  # noqa: E402
+from edge_sdk.release import Repository, create_deployment, publish_deployment  # noqa: E402
+from edge_sdk.transport import MqttConfig, MqttConnection  # noqa: E402
+from tests import _models  # noqa: E402
+from tests._broker import Mosquitto  # noqa: E402
+
+FLEET = "bench"
+X = np.array([[1.0, 2.0, 3.0, 4.0]], dtype=np.float32)
+BODY = json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
+                               "data": X.reshape(-1).tolist()}]}).encode()
+
+
+class Agent:
+    def __init__(self, tmp: Path, device: str, broker: Mosquitto, repo: Repository,
+                 window_s: float) -> None:
+        self.dir = tmp / device
+        self.dir.mkdir(parents=True)
+        shutil.copyfile(repo.meta / "1.root.json", self.dir / "root.json")
+        shutil.copyfile(repo.deployment_key_path, self.dir / "deployment.pub.json")
+        cfg = self.dir / "agent.toml"
+        cfg.write_text(
+            f'device_id = "{device}"\nfleet = "{FLEET}"\nstate_dir = "state"\nthreads = 1\n'
+            f'[broker]\nurl = "{broker.url}"\n'
+            '[trust]\nroot = "root.json"\ndeployment_key = "deployment.pub.json"\n'
+            f"[http]\nport = 0\n[health]\nwindow_s = {window_s}\nprobe_interval_s = 0.05\n")
+        with open(self.dir / "log", "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "device_agent", "--config", str(cfg), "--log-level",
+                 "warning"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+        runtime = self.dir / "state" / "agent.json"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                info = json.loads(runtime.read_text())
+                if info["pid"] == self.proc.pid:
+                    self.port = int(info["url"].rsplit(":", 1)[1])
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise SystemExit(f"agent did not start: {(self.dir / 'log').read_text()}")
+            time.sleep(0.05)
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def version(self) -> str | None:
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            c.request("GET", "/v2/models/adder")
+            r = c.getresponse()
+            data = r.read()
+            return json.loads(data)["versions"][0] if r.status == 200 else None
+        finally:
+            c.close()
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values) * 1e3, q))
+
+
+def overhead(agent: Agent, art: edge_sdk.Artifact, requests: int) -> dict[str, float]:
+    predictor = edge_sdk.load(art.path, threads=1)
+    feed = {"x": X}
+    conn = http.client.HTTPConnection("127.0.0.1", agent.port, timeout=10)
+    clock = time.perf_counter
+
+    def http_once() -> None:
+        conn.request("POST", "/v2/models/adder/infer", body=BODY)
+        r = conn.getresponse()
+        r.read()
+        if r.status != 200:
+            raise SystemExit(f"infer failed: {r.status}")
+
+    # A minimal client (one send, read by Content-Length) shows how much of the round
+    # trip is the server's: http.client itself costs ~0.1 ms per request in Python.
+    raw = socket.create_connection(("127.0.0.1", agent.port))
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    request = (b"POST /v2/models/adder/infer HTTP/1.1\r\nHost: bench\r\nContent-Length: "
+               + str(len(BODY)).encode() + b"\r\n\r\n" + BODY)
+
+    def raw_once() -> None:
+        raw.sendall(request)
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            buf += raw.recv(65536)
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length"))
+        while len(rest) < length:
+            rest += raw.recv(65536)
+
+    sides = {"http": http_once, "raw": raw_once, "local": lambda: predictor.predict(feed)}
+    for _ in range(300):
+        for fn in sides.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    block = 200
+    order = list(sides)
+    for i in range(max(1, requests // block)):
+        # Interleave blocks so that machine noise hits every side alike.
+        for key in order[i % 3:] + order[:i % 3]:
+            fn, out = sides[key], times[key]
+            for _ in range(block):
+                t0 = clock()
+                fn()
+                out.append(clock() - t0)
+    conn.close()
+    raw.close()
+    return {f"{k}_p{q}": pct(v, q) for k, v in times.items() for q in (50, 99)}
+
+
+class Load:
+    """Client threads sending infer requests on keep-alive connections."""
+
+    def __init__(self, port: int, threads: int = 2) -> None:
+        self.port = port
+        self.stop = threading.Event()
+        self.lat: list[float] = []
+        #: (end time, latency) of every successful request, to split by phase afterwards.
+        self.samples: list[tuple[float, float]] = []
+        self.failed: list[str] = []
+        self.versions: set[str] = set()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def _run(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        clock = time.perf_counter
+        while not self.stop.is_set():
+            t0 = clock()
+            try:
+                conn.request("POST", "/v2/models/adder/infer", body=BODY)
+                r = conn.getresponse()
+                data = r.read()
+                if r.status != 200:
+                    self.failed.append(f"{r.status}: {data[:200]!r}")
+                    continue
+                self.versions.add(json.loads(data)["model_version"])
+                t1 = clock()
+                self.lat.append(t1 - t0)
+                self.samples.append((t1, t1 - t0))
+            except Exception as err:
+                self.failed.append(repr(err))
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        conn.close()
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+
+# Run inside the fresh venv: size per installed distribution.
+_VENV_PROBE = """
+import json, pathlib, importlib.metadata as md
+sizes = {}
+for d in md.distributions():
+    sizes[d.metadata["Name"].lower()] = sum(
+        (p.stat().st_size for f in (d.files or [])
+         if (p := pathlib.Path(d.locate_file(f))).is_file()), 0)
+print(json.dumps(sizes))
+"""
+
+
+def venv_size(tmp: Path) -> str:
+    venv = tmp / "agent-venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    res = subprocess.run([str(venv / "bin/pip"), "install", "-q", f"{ROOT}[agent]"],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        return f"pip install failed: {res.stderr.strip()[-300:]}"
+    total = sum(p.stat().st_size for p in venv.rglob("*") if p.is_file() and not p.is_symlink())
+    probe = subprocess.run([str(venv / "bin/python"), "-c", _VENV_PROBE],
+                           capture_output=True, text=True, cwd=tmp)
+    if probe.returncode != 0:
+        return f"{total / 1e6:.0f} MB (size probe failed: {probe.stderr.strip()[-300:]})"
+    sizes: dict[str, int] = json.loads(probe.stdout)
+    heavy = [n for n in ("torch", "tensorflow", "onnx", "skl2onnx") if n in sizes]
+    tooling = sum(sizes.get(n, 0) for n in ("pip", "setuptools", "wheel"))
+    litert = sizes.get("ai-edge-litert", 0)
+    top = sorted(sizes.items(), key=lambda kv: -kv[1])[:8]
+    lean = _venv_without_pip(tmp)
+    return (f"{total / 1e6:.0f} MB (goal <= 250); heavy packages: {heavy or 'none'}\n"
+            f"    largest: {', '.join(f'{n} {v / 1e6:.0f}' for n, v in top)} (MB)\n"
+            f"    the README's device recipe (venv --without-pip, pip --python): {lean}\n"
+            f"    computed: without pip/setuptools {(total - tooling) / 1e6:.0f} MB; and "
+            f"without ai-edge-litert (only .tflite models need it): "
+            f"{(total - tooling - litert) / 1e6:.0f} MB")
+
+
+def _venv_without_pip(tmp: Path) -> str:
+    """Measure the pip-less install the README recommends for small devices."""
+    venv = tmp / "agent-venv-lean"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    res = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin/python"),
+                          "install", "-q", f"{ROOT}[agent]"], capture_output=True, text=True)
+    if res.returncode != 0:
+        return f"pip install failed: {res.stderr.strip()[-300:]}"
+    total = sum(p.stat().st_size for p in venv.rglob("*") if p.is_file() and not p.is_symlink())
+    return f"{total / 1e6:.0f} MB measured"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--swaps", type=int, default=100)
+    ap.add_argument("--requests", type=int, default=4000)
+    ap.add_argument("--skip-venv", action="store_true")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="edge-agent-bench-"))
+    try:
+        with Mosquitto(tmp / "broker") as broker:
+            run(tmp, broker, args)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(tmp: Path, broker: Mosquitto, args: argparse.Namespace) -> None:
+    repo = Repository.init(tmp / "repo", tmp / "keys")
+    arts = tmp / "arts"
+    arts.mkdir()
+
+    def release(i: int) -> edge_sdk.Artifact:
+        m = _models.offset_model(arts / f"{i}.onnx", float(i))
+        art = edge_sdk.build_artifact(m, arts / f"adder-{i}", name="adder", version=str(i),
+                                      sample={"x": X})
+        repo.add_artifact(art.path)
+        return art
+
+    host = MqttConnection(MqttConfig(url=broker.url, fleet=FLEET), name="bench-host")
+    host.connect()
+    # The responder runs as its own process (as `edge-sdk serve` would on a server), so
+    # that its work does not compete with the load generator's threads for this GIL.
+    with open(tmp / "serve.log", "wb") as log:
+        responder = subprocess.Popen(
+            [sys.executable, "-m", "edge_sdk", "serve", "--repo", str(repo.path), "--broker",
+             broker.url, "--fleet", FLEET], cwd=ROOT, stdout=log, stderr=log)
+    committed: list[str] = []
+    host.subscribe(f"edge/{FLEET}/dev/+/events",
+                   lambda t, p: committed.append(json.loads(p)["model"]["version"])
+                   if json.loads(p).get("event") == "committed" else None)
+
+    def deploy(device: str, version: int) -> None:
+        n = len(committed)
+        publish_deployment(host, create_deployment(repo, model="adder", fleet=FLEET,
+                                                   version=str(version), devices=[device]))
+        deadline = time.monotonic() + 60
+        while str(version) not in committed[n:]:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"deployment of {version} did not commit")
+            time.sleep(0.002)
+
+    print(f"agent bench on {os.cpu_count()} cores, python {sys.version.split()[0]}")
+    idle = Agent(tmp, "idle", broker, repo, 0.2)
+    time.sleep(3.0)
+    rss_idle = idle.rss_mb()
+    idle.stop()
+
+    first = release(1)
+    agent = Agent(tmp, "dev", broker, repo, 0.2)
+    deploy("dev", 1)
+    o = overhead(agent, first, args.requests)
+    rss_model = agent.rss_mb()
+    print(f"[1] infer p50: HTTP {o['http_p50']:.3f} ms vs in-process {o['local_p50']:.3f} ms "
+          f"-> overhead {o['http_p50'] - o['local_p50']:.3f} ms (goal <= 0.3)")
+    print(f"    infer p99: HTTP {o['http_p99']:.3f} ms vs in-process {o['local_p99']:.3f} ms "
+          f"-> overhead {o['http_p99'] - o['local_p99']:.3f} ms")
+    print(f"    with a minimal socket client: p50 {o['raw_p50']:.3f} ms (overhead "
+          f"{o['raw_p50'] - o['local_p50']:.3f} ms), p99 {o['raw_p99']:.3f} ms; the rest of the "
+          "HTTP figure is Python's http.client")
+
+    for i in range(2, args.swaps + 2):
+        release(i)
+    # Quiet and swapping phases alternate under one continuous load (bursts of 5 swaps,
+    # then a quiet spell as long as the burst), so machine noise hits both alike.
+    phases: list[tuple[str, float, float]] = []
+    t_start = time.monotonic()
+    with Load(agent.port) as load:
+        time.sleep(1.0)
+        done = 0
+        while done < args.swaps:
+            a = time.perf_counter()
+            for i in range(done, min(done + 5, args.swaps)):
+                deploy("dev", i + 2)
+            b = time.perf_counter()
+            phases.append(("swap", a, b))
+            done = min(done + 5, args.swaps)
+            time.sleep(max(b - a, 0.5))
+            phases.append(("quiet", b, time.perf_counter()))
+    swap_s = time.monotonic() - t_start
+    final = agent.version()
+    by: dict[str, list[float]] = {"swap": [], "quiet": []}
+    for t, lat in load.samples:
+        for kind, a, b in phases:
+            if a <= t < b:
+                by[kind].append(lat)
+                break
+    p99_base, p99_swap = pct(by["quiet"], 99), pct(by["swap"], 99)
+    print(f"[2] {args.swaps} swaps under load in {swap_s:.1f} s: {len(load.lat)} requests, "
+          f"{len(load.failed)} failed (goal 0), {len(load.versions)} versions answered, "
+          f"now serving {final}")
+    print(f"    p99 while swapping {p99_swap:.3f} ms ({len(by['swap'])} requests) vs "
+          f"{p99_base:.3f} ms in the quiet spells between ({len(by['quiet'])}) -> ratio "
+          f"{p99_swap / p99_base:.2f}x (goal <= 2); p50 {pct(by['swap'], 50):.3f} vs "
+          f"{pct(by['quiet'], 50):.3f} ms")
+    if load.failed:
+        print(f"    first failures: {load.failed[:3]}")
+    print(f"[3] agent RSS idle without a model: {rss_idle:.1f} MB (goal <= 60); with the "
+          f"trivial model after the overhead run: {rss_model:.1f} MB")
+    agent.stop()
+    responder.terminate()
+    responder.wait(20)
+    host.close()
+    if args.skip_venv:
+        print("[4] [agent] venv size: skipped (--skip-venv)")
+    else:
+        print(f"[4] fresh venv with pip install '.[agent]': {venv_size(tmp)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""``edge-sdk convert``: a thin wrapper over :func:`converters.convert`."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edge_sdk.errors import UsageError
+
+from . import SOURCE_KINDS, convert
+from ._pipeline import NOT_VERIFIED, QUANTIZE_CHOICES, TARGETS
+from ._report import candidate_rows
+
+_SHAPE = re.compile(r"^([^=]+)=(\d+(?:[x,]\d+)*)$")
+
+
+def parse_input_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]] | None:
+    """``name=1x3x224x224`` (repeatable) → {name: (1, 3, 224, 224)}."""
+    if not values:
+        return None
+    out: dict[str, tuple[int, ...]] = {}
+    for v in values:
+        m = _SHAPE.match(v.strip())
+        if m is None:
+            raise UsageError(f"--input-shape {v!r}: expected NAME=DIMxDIMx... "
+                             "(e.g. input=1x3x224x224)")
+        out[m.group(1)] = tuple(int(d) for d in re.split(r"[x,]", m.group(2)))
+    return out
+
+
+@click.command("convert")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
+              help="Artifact directory to create (must not exist unless --overwrite).")
+@click.option("--quantize", type=click.Choice(QUANTIZE_CHOICES), default="auto",
+              show_default=True, help="Scheme; auto measures every candidate and picks the "
+              "fastest within the accuracy budget, never slower than float.")
+@click.option("--to", "to", type=click.Choice(TARGETS), default="onnx", show_default=True,
+              help="Output format.")
+@click.option("--calibration", type=click.Path(path_type=Path),
+              help=".npz keyed by input name (axis 0 = samples); part is held back for "
+              "evaluation when --eval is not given.")
+@click.option("--eval", "eval_file", type=click.Path(path_type=Path),
+              help=".npz evaluation set (optional key 'labels' for top1 accuracy).")
+@click.option("--metric", type=click.Choice(["cosine", "top1", "mse", "max-abs"]),
+              default="cosine", show_default=True, help="Accuracy measure vs the source.")
+@click.option("--max-drop", type=float, help="Accuracy budget (cosine/top1 default 0.01; "
+              "mse/max-abs absolute, default scaled to the outputs).")
+@click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads for latency "
+              "measurement (match the device).")
+@click.option("--name", help="Artifact name (default: the source file name).")
+@click.option("--version", "version", default="1.0.0", show_default=True,
+              help="Artifact version.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--force", is_flag=True, help="Accept an explicitly requested scheme that "
+              "breaks the accuracy budget.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--exclude-op", "exclude_ops", multiple=True, metavar="OP",
+              help="Op type to keep in float (repeatable), e.g. --exclude-op Softmax.")
+@click.option("--from", "source_kind", type=click.Choice(SOURCE_KINDS),
+              help="Source format (default: from the file suffix).")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=1x3x224x224",
+              help="Input shape for sources that do not record one (repeatable).")
+@click.option("--trust-pickle", is_flag=True, help="Allow loading pickled sources "
+              "(scikit-learn .pkl/.joblib, full torch models): only for files you trust.")
+def convert_cmd(
+    src: Path, output: Path, quantize: str, to: str, calibration: Path | None,
+    eval_file: Path | None, metric: str, max_drop: float | None, threads: int | None,
+    name: str | None, version: str, as_json: bool, force: bool, overwrite: bool,
+    exclude_ops: tuple[str, ...], source_kind: str | None, input_shapes: tuple[str, ...],
+    trust_pickle: bool,
+) -> None:
+    """Convert SRC into a verified artifact directory (-o), picking the quantization
+    scheme by measuring each candidate's accuracy vs the source and latency on this
+    machine."""
+    result = convert(
+        src, output, source_kind=source_kind, input_shapes=parse_input_shapes(input_shapes),
+        trust_pickle=trust_pickle, quantize=quantize, to=to, calibration=calibration,
+        eval=eval_file, metric=metric, max_drop=max_drop, threads=threads, name=name,
+        version=version, force=force, overwrite=overwrite, exclude_ops=exclude_ops,
+        progress=not as_json and sys.stderr.isatty(),
+    )
+    report = result.report
+    if as_json:
+        click.echo(json.dumps({"artifact": str(result.artifact.path), **report}, default=str))
+        return
+    click.echo(summary(report, str(result.artifact.path)))
+
+
+def summary(report: dict[str, Any] | Any, path: str) -> str:
+    rows = candidate_rows(report)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines = []
+    for r in rows:
+        cells = [c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(
+            zip(r[:-1], widths, strict=True))]
+        lines.append("  ".join(cells) + "  " + r[-1])
+    lines.append("")
+    lines.append(f"chosen: {report.get('chosen')} — {report.get('why', '')}")
+    metric = report.get("metric") or {}
+    lines.append(f"accuracy: {metric.get('name')} vs {metric.get('reference')}, budget drop ≤ "
+                 f"{metric.get('max_drop'):.4g}")
+    data = report.get("data") or {}
+    if not data.get("verified_on_real_data", True):
+        lines.append(f"WARNING: {NOT_VERIFIED} (synthetic inputs only; pass --calibration or "
+                     "--eval)")
+    for w in report.get("warnings") or []:
+        if not w.startswith(NOT_VERIFIED):
+            lines.append(f"warning: {w}")
+    for n in report.get("normalization") or []:
+        lines.append(f"note: {n}")
+    lines.append(f"wrote {path}")
+    return "\n".join(lines)
+
+
+__all__ = ["convert_cmd", "parse_input_shapes"]

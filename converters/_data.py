@@ -1,0 +1,179 @@
+"""Calibration and evaluation data: ``.npz`` files keyed by model input name.
+
+Reusable by every front-end::
+
+    samples = load_samples(path, input_specs, what="calibration")  # -> Samples
+    calib, evalset = split_holdout(samples, fraction=0.25)
+    synthetic = synthetic_samples(input_specs, n=16, seed=0)
+
+Layout (../shared/DESIGN.md "Calibration and evaluation files"): one array per
+input name, plus an optional ``labels`` array (one label per sample). When an
+array has the same rank as the input, axis 0 is the batch axis and sample i is
+``arr[i:i+1]``; with one more dimension, axis 0 indexes samples and sample i is
+the whole feed ``arr[i]`` (stateful models: a ``[2, 1, 128]`` state, a scalar
+sample rate). Anything else is a :class:`~edge_sdk.errors.UsageError` naming
+the input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge_sdk import TensorSpec
+from edge_sdk._bench import synthetic_inputs
+from edge_sdk._io import load_npz
+from edge_sdk.errors import UsageError
+
+LABELS_KEY = "labels"
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Per-sample feeds (each a complete ``{input name: array}`` for one run)."""
+
+    feeds: tuple[dict[str, np.ndarray], ...]
+    labels: np.ndarray | None
+    origin: str  # a file path, "synthetic", or "<path> (held out)"
+
+    @property
+    def real(self) -> bool:
+        return self.origin != "synthetic"
+
+    def __len__(self) -> int:
+        return len(self.feeds)
+
+
+def load_samples(
+    path: str | Path, inputs: Sequence[TensorSpec], *, what: str = "calibration"
+) -> Samples:
+    """Read ``path`` (.npz) as samples for a model with signature ``inputs``."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{p}: no such {what} file")
+    if p.suffix.lower() != ".npz":
+        raise UsageError(f"{p}: the {what} file must be an .npz keyed by input name")
+    arrays = load_npz(p)
+    return samples_from_arrays(arrays, inputs, origin=str(p), what=what)
+
+
+def samples_from_arrays(
+    arrays: Mapping[str, np.ndarray], inputs: Sequence[TensorSpec], *, origin: str,
+    what: str = "calibration",
+) -> Samples:
+    """Split in-memory arrays (same layout as the .npz) into per-sample feeds."""
+    names = [s.name for s in inputs]
+    missing = [n for n in names if n not in arrays]
+    unknown = [k for k in arrays if k not in names and k != LABELS_KEY]
+    if missing or unknown:
+        parts = []
+        if missing:
+            parts.append(f"missing input(s) {', '.join(map(repr, missing))}")
+        if unknown:
+            parts.append(f"unknown key(s) {', '.join(map(repr, unknown))}")
+        sig = "; ".join(s.describe() for s in inputs)
+        raise UsageError(
+            f"{origin}: {what} data does not match the model: {' and '.join(parts)} "
+            f"(the model expects: {sig}; optional key '{LABELS_KEY}')"
+        )
+    per_input: dict[str, tuple[np.ndarray, bool]] = {}
+    counts: dict[str, int] = {}
+    for spec in inputs:
+        arr = np.asarray(arrays[spec.name])
+        rank = len(spec.shape)
+        if arr.ndim == rank and rank > 0:
+            stacked = False
+        elif arr.ndim == rank + 1:
+            stacked = True
+        else:
+            raise UsageError(
+                f"{origin}: {what} input '{spec.name}' has shape {list(arr.shape)}; expected "
+                f"rank {rank} (samples along axis 0) or rank {rank + 1} (axis 0 indexes whole "
+                f"feeds) for {spec.describe()}"
+            )
+        sample_shape = arr.shape[1:] if stacked else (1, *arr.shape[1:])
+        for i, dim in enumerate(spec.shape):
+            if isinstance(dim, int) and sample_shape[i] != dim and not (i == 0 and not stacked):
+                raise UsageError(
+                    f"{origin}: {what} input '{spec.name}' has shape {list(arr.shape)}: dim "
+                    f"{i} of each sample is {sample_shape[i]} but the model expects {dim} "
+                    f"({spec.describe()})"
+                )
+        if not stacked and isinstance(spec.shape[0], int) and spec.shape[0] != 1:
+            raise UsageError(
+                f"{origin}: {what} input '{spec.name}' has a fixed batch of {spec.shape[0]}; "
+                f"give one more leading axis so that axis 0 indexes whole feeds"
+            )
+        arr = _cast(arr, spec, origin, what)
+        per_input[spec.name] = (arr, stacked)
+        counts[spec.name] = arr.shape[0]
+    if len(set(counts.values())) > 1:
+        desc = ", ".join(f"'{k}': {v}" for k, v in counts.items())
+        raise UsageError(f"{origin}: {what} inputs disagree on the number of samples ({desc})")
+    n = next(iter(counts.values())) if counts else 0
+    if n == 0:
+        raise UsageError(f"{origin}: the {what} set is empty (0 samples)")
+    labels = None
+    if LABELS_KEY in arrays:
+        labels = np.asarray(arrays[LABELS_KEY]).reshape(-1) if np.ndim(
+            arrays[LABELS_KEY]) <= 2 else None
+        if labels is None or labels.shape[0] != n:
+            raise UsageError(
+                f"{origin}: '{LABELS_KEY}' must hold one label per sample ({n}), got shape "
+                f"{list(np.shape(arrays[LABELS_KEY]))}"
+            )
+    feeds = tuple(
+        {name: (np.asarray(arr[i]) if stacked else arr[i:i + 1])
+         for name, (arr, stacked) in per_input.items()}
+        for i in range(n)
+    )
+    return Samples(feeds=feeds, labels=labels, origin=origin)
+
+
+def _cast(arr: np.ndarray, spec: TensorSpec, origin: str, what: str) -> np.ndarray:
+    if spec.dtype == "str":
+        return arr
+    target = np.dtype(spec.dtype)
+    if arr.dtype == target:
+        return arr
+    # float64 arrays saved by numpy are the common case; same-kind narrowing is accepted.
+    if np.can_cast(arr.dtype, target, "same_kind"):
+        return arr.astype(target)
+    raise UsageError(
+        f"{origin}: {what} input '{spec.name}' has dtype {arr.dtype}, which cannot be used "
+        f"as {target} ({spec.describe()})"
+    )
+
+
+def split_holdout(samples: Samples, fraction: float) -> tuple[Samples, Samples]:
+    """Split into (calibration, evaluation); the evaluation part is the last ``fraction``.
+
+    With a single sample both parts are that sample (the caller should warn).
+    """
+    n = len(samples)
+    if n < 2:
+        return samples, samples
+    k = min(n - 1, max(1, round(n * fraction)))
+    lab = samples.labels
+    calib = Samples(samples.feeds[: n - k], None if lab is None else lab[: n - k], samples.origin)
+    held = Samples(samples.feeds[n - k:], None if lab is None else lab[n - k:],
+                   f"{samples.origin} (held out)")
+    return calib, held
+
+
+def synthetic_samples(
+    inputs: Sequence[TensorSpec], *, n: int, seed: int = 0, dim_size: int = 16
+) -> Samples:
+    """``n`` random feeds matching ``inputs``: batch dims 1, other symbolic dims
+    ``dim_size`` (see :func:`edge_sdk._bench.synthetic_inputs`)."""
+    feeds = [synthetic_inputs(inputs, seed=seed + i, other=dim_size) for i in range(n)]
+    return Samples(tuple(feeds), None, "synthetic")
+
+
+__all__ = [
+    "LABELS_KEY", "Samples", "load_samples", "samples_from_arrays", "split_holdout",
+    "synthetic_samples",
+]

@@ -1,0 +1,146 @@
+"""Framework front-ends: PyTorch, Keras/TensorFlow, scikit-learn and TFLite in.
+
+:func:`convert_source` detects the source kind, loads the model with its own
+framework (imported lazily, only here), exports it, checks the export against
+the framework on the user's data (or synthetic inputs) and hands it to the ONNX
+pipeline — or, for ``--to tflite``, to TensorFlow's converter — with the
+framework's own predict as the accuracy reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edge_sdk._fs import sha256_file
+from edge_sdk.errors import UsageError
+
+from ._common import DEFAULT_CONFIG, FrontendConfig, Loaded, verification_samples, verify_export
+from ._detect import KINDS, detect_kind, is_factory
+
+if TYPE_CHECKING:
+    from .._pipeline import ConversionResult, ConvertConfig, ConvertOptions
+
+
+def convert_source(
+    src: Path | str,
+    out_dir: Path,
+    options: ConvertOptions,
+    *,
+    source_kind: str | None,
+    input_shapes: Mapping[str, tuple[int, ...]] | None,
+    trust_pickle: bool,
+    config: ConvertConfig | None = None,
+    frontend_config: FrontendConfig = DEFAULT_CONFIG,
+) -> ConversionResult:
+    """Convert a framework model (file, SavedModel directory or torch factory) into an
+    artifact at ``out_dir``. Nothing is written at ``out_dir`` unless it all succeeds."""
+    from .._pipeline import SourceInfo, check_options, convert_onnx
+
+    check_options(options)
+    text = str(src)
+    kind = detect_kind(text, source_kind)
+    out = Path(out_dir)
+    if out.exists() and not options.overwrite:
+        raise UsageError(f"{out} already exists (pass --overwrite to replace it)")
+    if kind == "onnx":
+        return convert_onnx(Path(text), out, options, config=config)
+    if kind == "tflite":
+        from ._tflite_in import convert_tflite_source
+
+        return convert_tflite_source(Path(text), out, options, config=config)
+    if options.to == "tflite" and kind != "keras":
+        raise UsageError(
+            f"--to tflite is supported from Keras/TensorFlow sources only (this is a {kind} "
+            "model); TensorFlow's converter is the reliable route to TFLite, and ONNX → TFLite "
+            "converters are not maintained. Use --to onnx or --to ort"
+        )
+    options = dataclasses.replace(options, name=options.name or _default_name(text))
+    with tempfile.TemporaryDirectory(prefix="edge-frontend-") as tmp:
+        work = Path(tmp)
+        loaded, exporter = _load(kind, text, work, options, input_shapes, trust_pickle)
+        digest = _source_digest(text)
+        if options.to == "tflite":
+            from .._tflite import convert_saved_model
+
+            return convert_saved_model(
+                exporter, loaded, out, options, source_path=text, source_sha256=digest,
+                config=config,
+            )
+        onnx_path = exporter.export(work / "export.onnx")
+        samples = verification_samples(loaded.inputs, options.calibration, options.eval,
+                                       frontend_config)
+        checked = verify_export(onnx_path, loaded, samples,
+                                what=f"{text}: ONNX export check", config=frontend_config)
+        extra: dict[str, Any] = {**loaded.extra, "export_check": checked}
+        if loaded.warnings:
+            extra["export_warnings"] = list(loaded.warnings)
+        source = SourceInfo(format=kind, path=text, sha256=digest,
+                            reference=loaded.reference, extra=extra)
+        result = convert_onnx(onnx_path, out, options, source, config=config)
+    if loaded.warnings:
+        # The CLI prints the report's warnings; the manifest keeps them as export_warnings.
+        merged = list(dict.fromkeys([*loaded.warnings, *result.report.get("warnings", [])]))
+        result = dataclasses.replace(result, warnings=(*loaded.warnings, *result.warnings),
+                                     report={**result.report, "warnings": merged})
+    return result
+
+
+def _load(
+    kind: str, src: str, work: Path, options: ConvertOptions,
+    input_shapes: Mapping[str, tuple[int, ...]] | None, trust_pickle: bool,
+) -> tuple[Loaded, Any]:
+    exporter: Any
+    if kind == "torch":
+        from ._torch import TorchSource
+
+        exporter = TorchSource(src, input_shapes=input_shapes, calibration=options.calibration,
+                               trust_pickle=trust_pickle)
+    elif kind == "keras":
+        from ._keras import KerasSource
+
+        exporter = KerasSource(Path(src), work, trust_pickle=trust_pickle,
+                               input_shapes=input_shapes)
+    elif kind == "sklearn":
+        from ._sklearn import SklearnSource
+
+        exporter = SklearnSource(Path(src), trust_pickle=trust_pickle, input_shapes=input_shapes)
+    else:  # pragma: no cover - detect_kind returns only KINDS
+        raise UsageError(f"{src}: unsupported source kind {kind!r}")
+    loaded: Loaded = exporter.loaded()
+    fixed = getattr(exporter, "fixed_batch", None)
+    if fixed is not None:
+        loaded.warnings.append(
+            f"the exported program was traced with a fixed batch of {fixed}; export it with "
+            "dynamic_shapes for a dynamic batch"
+        )
+    return loaded, exporter
+
+
+def _source_digest(src: str) -> str:
+    path = Path(src)
+    if is_factory(src):
+        return hashlib.sha256(src.encode()).hexdigest()
+    if path.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(str(f.relative_to(path)).encode())
+            h.update(bytes.fromhex(sha256_file(f)))
+        return h.hexdigest()
+    return sha256_file(path)
+
+
+def _default_name(src: str) -> str:
+    base = src.split(":", 1)[1].split(".")[-1] if is_factory(src) else Path(src).stem
+    if not is_factory(src) and Path(src).is_dir():
+        base = Path(src).name
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-._") or "model"
+    return name[:128]
+
+
+__all__ = ["KINDS", "FrontendConfig", "convert_source", "detect_kind"]

@@ -1,0 +1,413 @@
+"""The ONNX conversion pipeline: load and check, normalize, optimize, build
+candidates, measure each on this machine against the source, pick one, write
+the artifact atomically.
+
+Front-ends export their framework model to ONNX and call :func:`convert_onnx`
+with a :class:`SourceInfo` whose ``reference`` is the framework's own predict,
+so accuracy is measured against the real source rather than the export.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import edge_sdk
+from edge_sdk._fs import sha256_file
+from edge_sdk.errors import ConversionError, EdgeError, UsageError
+
+from ._candidates import SCHEMES, Candidate, CandidateConfig, build_candidates
+from ._data import Samples, load_samples, split_holdout, synthetic_samples
+from ._measure import (
+    METRICS,
+    MeasureConfig,
+    Measurement,
+    accuracy,
+    default_max_drop,
+    measure_candidates,
+    rollout,
+    select,
+    state_pairs,
+)
+from ._normalize import load_checked, normalize, optimize, to_ort_format
+from ._report import manifest_figures, report_json, write_report
+
+QUANTIZE_CHOICES = (*SCHEMES, "auto")
+TARGETS = ("onnx", "ort", "tflite")
+BASELINE = "fp32"
+NOT_VERIFIED = "accuracy NOT verified on real data"
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    quantize: str = "auto"  # none|fp16|int8-dynamic|int8-static|auto
+    to: str = "onnx"  # onnx|ort|tflite
+    calibration: Path | None = None  # .npz
+    eval: Path | None = None  # .npz
+    metric: str = "cosine"  # cosine|top1|mse|max-abs
+    max_drop: float | None = None  # None -> metric default (see _measure.default_max_drop)
+    threads: int | None = None
+    name: str | None = None
+    version: str = "1.0.0"
+    force: bool = False
+    overwrite: bool = False
+    progress: bool = False  # progress bar on stderr
+    exclude_ops: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    format: str  # onnx|torch|keras|sklearn|tflite
+    path: str
+    sha256: str
+    # The framework's own predict; when given, accuracy is measured against it
+    # instead of the fp32 ONNX.
+    reference: Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]] | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)  # goes into the manifest
+
+
+@dataclass(frozen=True)
+class ConversionResult:
+    artifact: edge_sdk.Artifact
+    chosen: str  # candidate name
+    report: Mapping[str, Any]
+    warnings: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    """Tunables of one conversion (tests shrink ``measure``)."""
+
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    candidates: CandidateConfig = field(default_factory=CandidateConfig)
+    holdout_fraction: float = 0.25
+    synthetic_samples: int = 16
+
+
+def check_options(options: ConvertOptions) -> None:
+    """Raise :class:`UsageError` for option values or combinations that cannot work."""
+    if options.quantize not in QUANTIZE_CHOICES:
+        raise UsageError(f"--quantize {options.quantize!r} is not one of "
+                         f"{', '.join(QUANTIZE_CHOICES)}")
+    if options.to not in TARGETS:
+        raise UsageError(f"--to {options.to!r} is not one of {', '.join(TARGETS)}")
+    if options.metric not in METRICS:
+        raise UsageError(f"--metric {options.metric!r} is not one of {', '.join(METRICS)}")
+    if options.max_drop is not None and not (options.max_drop >= 0 and
+                                             np.isfinite(options.max_drop)):
+        raise UsageError(f"--max-drop must be a non-negative number, got {options.max_drop}")
+    if options.threads is not None and options.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {options.threads}")
+    if options.quantize == "int8-static" and options.calibration is None:
+        raise UsageError("--quantize int8-static needs calibration data (--calibration "
+                         "CALIB.npz keyed by input name)")
+    for label, p in (("calibration", options.calibration), ("eval", options.eval)):
+        if p is not None and not Path(p).is_file():
+            raise UsageError(f"{p}: no such {label} file")
+
+
+def artifact_name(options: ConvertOptions, src: Path) -> str:
+    if options.name:
+        return options.name
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", src.stem).strip("-._") or "model"
+    return name[:128]
+
+
+def convert_onnx(
+    onnx_path: Path,
+    out_dir: Path,
+    options: ConvertOptions,
+    source: SourceInfo | None = None,
+    *,
+    config: ConvertConfig | None = None,
+) -> ConversionResult:
+    """Convert ``onnx_path`` into an artifact at ``out_dir`` (written atomically)."""
+    cfg = config or ConvertConfig()
+    check_options(options)
+    src = Path(onnx_path)
+    out = Path(out_dir)
+    if options.to == "tflite":
+        raise ConversionError(
+            "--to tflite from an ONNX model is not supported: the reliable path to TFLite is "
+            "from the framework source; pass the Keras/TF model"
+        )
+    if out.exists() and not options.overwrite:
+        raise UsageError(f"{out} already exists (pass --overwrite to replace it)")
+    model = load_checked(src)
+    if source is None:
+        source = SourceInfo(format="onnx", path=str(src), sha256=sha256_file(src))
+    import onnx
+
+    with tempfile.TemporaryDirectory(prefix="edge-convert-") as tmp:
+        work = Path(tmp)
+        model, fixes = normalize(model)
+        norm_path = work / "normalized.onnx"
+        onnx.save(model, str(norm_path))
+        fp32_path = work / "fp32.onnx"
+        optimize(norm_path, fp32_path)
+        try:
+            onnx.save(onnx.shape_inference.infer_shapes(onnx.load(str(fp32_path))),
+                      str(fp32_path))
+        except Exception as err:
+            fixes.append(f"shape inference after optimization failed ({_short(err)})")
+        fp32_pred = edge_sdk.load(fp32_path)
+        specs = fp32_pred.inputs
+        warnings: list[str] = []
+        calib, evalset = _data(options, specs, cfg, warnings)
+        ref_fn, ref_label = _reference_fn(src, norm_path, source, warnings)
+        reference = _run_reference(ref_fn, source, evalset)
+        state = state_pairs(fp32_pred.inputs, fp32_pred.outputs)
+        del fp32_pred
+        loop_ref = None
+        if state and len(evalset) >= 2:
+            try:
+                loop_ref = rollout(ref_fn, evalset.feeds, state)
+                fixes.append(
+                    "stateful model: every candidate is also checked closed-loop over "
+                    f"{len(evalset)} steps, feeding back " + ", ".join(
+                        f"{o} → {i}" for i, o in state.items()))
+            except Exception as err:
+                warnings.append(f"closed-loop state check skipped: {_short(err)}")
+        schemes = _schemes(options.quantize)
+        cands = build_candidates(
+            fp32_path, work, schemes, calibration=calib, exclude_ops=options.exclude_ops,
+            config=cfg.candidates,
+        )
+        built = [c for c in cands if c.path is not None and c.error is None]
+        ms = measure_candidates(
+            [c.as_tuple() for c in built], evalset.feeds, reference, metric=options.metric,
+            labels=evalset.labels, threads=options.threads, config=cfg.measure,
+            progress=options.progress, state=state if loop_ref is not None else None,
+            closed_loop_reference=loop_ref,
+        )
+        ineligible = _ineligible(cands)
+        budget = (options.max_drop if options.max_drop is not None
+                  else default_max_drop(options.metric, reference))
+        requested = None if options.quantize == "auto" else options.quantize
+        if requested not in (None, "none") and not any(
+                c.scheme == requested and c.name not in ineligible and c.error is None
+                for c in cands):
+            noop = [c for c in cands if c.scheme == requested and c.noop]
+            if noop and options.force:
+                warnings.append(f"--quantize {requested} quantized no weight; the float model "
+                                "is written instead (--force)")
+                requested = "none"
+            elif noop:
+                raise ConversionError(
+                    f"--quantize {requested} quantized no weight of this model (no-op: "
+                    f"{_weight_note(noop[0])}); it would be float32 labelled int8. Use "
+                    "--quantize auto or none, or --force to write the float model"
+                )
+        sel = select(ms, baseline=BASELINE, max_drop=budget, requested=requested,
+                     force=options.force, ineligible=ineligible,
+                     latency_tolerance=cfg.measure.latency_tolerance)
+        warnings.extend(sel.warnings)
+        for name, why in ineligible.items():
+            if options.quantize in ("auto", next(c.scheme for c in cands if c.name == name)):
+                warnings.append(f"{name}: {why}")
+        chosen = sel.chosen
+        chosen_cand = next(c for c in cands if c.name == chosen.name)
+        assert chosen_cand.path is not None
+        model_file = chosen_cand.path
+        ort_note = None
+        if options.to == "ort":
+            model_file = work / "model.ort"
+            to_ort_format(chosen_cand.path, model_file)
+            ort_note = _check_ort(model_file, evalset, reference, options.metric, budget,
+                                  chosen, evalset.labels)
+        report = _report(src, source, options, fixes, calib, evalset, ref_label, budget, cands,
+                         ms, sel.chosen, sel.why, ineligible, warnings, ort_note)
+        files = write_report(work / "report", report)
+        base = next(m for m in ms if m.name == BASELINE)
+        extra: dict[str, Any] = {
+            **dict(source.extra),
+            **manifest_figures(chosen, base, budget, evalset, options.threads, ref_label),
+            "conversion": {"chosen": chosen.name, "candidates": [c.name for c in cands],
+                           "normalization": fixes},
+        }
+        try:
+            art = edge_sdk.build_artifact(
+                model_file, out,
+                name=artifact_name(options, Path(source.path)),
+                version=options.version,
+                quantization=chosen.scheme,
+                source={"format": source.format, "path": Path(source.path).name,
+                        "sha256": source.sha256},
+                runtime={"threads": options.threads} if options.threads else None,
+                sample=evalset.feeds[0],
+                report=report,
+                extra_files={"report.md": files["report.md"], "report.png": files["report.png"]},
+                extra=extra,
+                overwrite=options.overwrite,
+            )
+        except EdgeError:
+            raise
+        except OSError as err:
+            raise ConversionError(f"{out}: cannot write the artifact: {err}") from err
+    return ConversionResult(artifact=art, chosen=chosen.name, report=report,
+                            warnings=tuple(report["warnings"]))
+
+
+def _schemes(quantize: str) -> list[str]:
+    if quantize == "auto":
+        return ["none", "fp16", "int8-dynamic", "int8-static"]
+    return ["none"] if quantize == "none" else ["none", quantize]
+
+
+def _data(
+    options: ConvertOptions, specs: Sequence[edge_sdk.TensorSpec], cfg: ConvertConfig,
+    warnings: list[str],
+) -> tuple[Samples | None, Samples]:
+    calib = load_samples(options.calibration, specs, what="calibration") \
+        if options.calibration is not None else None
+    evalset = load_samples(options.eval, specs, what="evaluation") \
+        if options.eval is not None else None
+    if evalset is None and calib is not None:
+        if len(calib) < 2:
+            warnings.append("the calibration set has a single sample; it is also the "
+                            "evaluation set (pass --eval for an honest figure)")
+        calib, evalset = split_holdout(calib, cfg.holdout_fraction)
+    if evalset is None:
+        evalset = synthetic_samples(specs, n=cfg.synthetic_samples)
+        warnings.append(f"{NOT_VERIFIED}: no --calibration or --eval given; accuracy was "
+                        f"checked on {len(evalset)} synthetic inputs only")
+    return calib, evalset
+
+
+def _reference_fn(
+    src: Path, norm_path: Path, source: SourceInfo, warnings: list[str],
+) -> tuple[Callable[[dict[str, np.ndarray]], Mapping[str, Any]], str]:
+    if source.reference is not None:
+        return source.reference, f"the {source.format} source model"
+    try:
+        pred = edge_sdk.load(src)
+        label = "the source ONNX model (onnxruntime)"
+    except EdgeError as err:
+        # Some real exports only load once normalized (duplicate opset imports).
+        pred = edge_sdk.load(norm_path)
+        label = "the normalized source ONNX model (onnxruntime)"
+        warnings.append(f"the source model does not load as is ({_short(err)}); accuracy is "
+                        "measured against its normalized form")
+    return pred.predict, label
+
+
+def _run_reference(
+    fn: Callable[[dict[str, np.ndarray]], Mapping[str, Any]], source: SourceInfo,
+    evalset: Samples,
+) -> list[dict[str, np.ndarray]]:
+    try:
+        return [{k: np.asarray(v) for k, v in fn(dict(f)).items()} for f in evalset.feeds]
+    except edge_sdk.InputError as err:
+        raise UsageError(f"{evalset.origin}: the source model rejects these inputs: "
+                         f"{_short(err)}") from err
+    except EdgeError:
+        raise
+    except Exception as err:
+        raise ConversionError(f"the {source.format} source model fails on {evalset.origin}: "
+                              f"{_short(err)}") from err
+
+
+def _ineligible(cands: Sequence[Candidate]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for c in cands:
+        if c.noop:
+            out[c.name] = f"quantized no weight (no-op; {_weight_note(c)})"
+        elif c.scheme == "fp16" and c.error is None and c.quantized_weights == 0:
+            out[c.name] = "converted no weight to float16 (no-op)"
+    return out
+
+
+def _weight_note(c: Candidate) -> str:
+    if c.total_weights == 0:
+        return "the model has no float weight tensors"
+    ops = c.params.get("op_types")
+    return (f"0 of {c.total_weights} float weight tensors quantized"
+            + (f"; ops tried: {', '.join(ops)}" if ops else ""))
+
+
+def _check_ort(
+    path: Path, evalset: Samples, reference: Sequence[Mapping[str, np.ndarray]], metric: str,
+    budget: float, chosen: Measurement, labels: np.ndarray | None,
+) -> str:
+    try:
+        pred = edge_sdk.load(path)
+        outs = [pred.predict(dict(f)) for f in evalset.feeds]
+    except Exception as err:
+        raise ConversionError(f"the ORT-format model does not run: {_short(err)}") from err
+    acc = accuracy(outs, reference, metric, labels=labels)
+    if acc.drop > budget:
+        raise ConversionError(
+            f"the ORT-format model of {chosen.name} breaks the budget: {metric} drop "
+            f"{acc.drop:.4g} > {budget:.4g}"
+        )
+    return f"ORT format verified: {metric} drop {acc.drop:.4g}"
+
+
+def _status(c: Candidate, m: Measurement | None, chosen: str, budget: float,
+            base_lat: float | None, ineligible: Mapping[str, str]) -> tuple[str, str | None]:
+    if c.error is not None:
+        return ("skipped" if c.path is None and "needs calibration" in c.error else "failed",
+                c.error)
+    if m is None or not m.ok:
+        return "failed", (m.error if m else "not measured")
+    if c.name in ineligible:
+        return "no-op", ineligible[c.name]
+    if c.name == chosen:
+        return "chosen", None
+    assert m.accuracy is not None and m.latency_ms is not None
+    if m.accuracy.drop > budget:
+        return "over-budget", None
+    if base_lat and m.latency_ms > base_lat:
+        return "slower", None
+    return "ok", None
+
+
+def _report(
+    src: Path, source: SourceInfo, options: ConvertOptions, fixes: list[str],
+    calib: Samples | None, evalset: Samples, ref_label: str, budget: float,
+    cands: Sequence[Candidate], ms: Sequence[Measurement], chosen: Measurement, why: str,
+    ineligible: Mapping[str, str], warnings: list[str], ort_note: str | None,
+) -> dict[str, Any]:
+    by_name = {m.name: m for m in ms}
+    base_lat = by_name[BASELINE].latency_ms if BASELINE in by_name else None
+    rows = []
+    for c in cands:
+        m = by_name.get(c.name)
+        status, note = _status(c, m, chosen.name, budget, base_lat, ineligible)
+        rows.append({
+            "name": c.name, "scheme": c.scheme, "description": c.description,
+            "status": status, "note": note, "error": m.error if m else c.error,
+            "size_bytes": m.size_bytes if m else None,
+            "latency_ms": m.latency_ms if m else None,
+            "latency_rounds_ms": list(m.latency_rounds_ms) if m else [],
+            "accuracy": m.accuracy.to_json() if m and m.accuracy else None,
+            "quantized_weights": c.quantized_weights, "total_weights": c.total_weights,
+            "params": c.params,
+        })
+    notes = list(fixes)
+    if ort_note:
+        notes.append(ort_note)
+    return report_json(
+        title=f"Conversion report: {Path(source.path).name}",
+        source={"format": source.format, "path": source.path, "sha256": source.sha256},
+        options={"quantize": options.quantize, "to": options.to, "metric": options.metric,
+                 "max_drop": options.max_drop, "exclude_ops": list(options.exclude_ops),
+                 "force": options.force},
+        normalization=notes, calib=calib, evalset=evalset, reference=ref_label,
+        budget=budget, threads=options.threads, baseline=BASELINE, rows=rows,
+        chosen=chosen.name, why=why, warnings=warnings)
+
+
+def _short(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text[:240] if text else type(err).__name__
+
+
+__all__ = ["ConversionResult", "ConvertConfig", "ConvertOptions", "SourceInfo",
+           "check_options", "convert_onnx"]

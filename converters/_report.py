@@ -1,0 +1,223 @@
+"""The conversion report: report.json, report.md (table, choice and why) and report.png.
+
+``write_report(out_dir, report) -> dict[str, Path]`` writes the three files
+(atomically, each) and returns file name → path, ready for
+``edge_sdk.build_artifact(..., report=report, extra_files={"report.md": ..., "report.png": ...})``.
+
+The report dict (built by the pipeline; front-ends fill the same keys):
+``title`` (str), ``source`` {format, path, sha256}, ``normalization`` [str],
+``data`` {calibration, evaluation, verified_on_real_data}, ``metric`` {name,
+max_drop, reference}, ``threads``, ``baseline`` (candidate name), ``candidates``
+[{name, scheme, description, status (chosen|ok|over-budget|slower|no-op|failed),
+size_bytes, latency_ms, accuracy {metric, score, drop, per_output, samples},
+error, note}], ``chosen``, ``why``, ``warnings`` [str].
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import platform
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edge_sdk._fs import atomic_write_bytes, atomic_write_text
+
+if TYPE_CHECKING:
+    from ._data import Samples
+    from ._measure import Measurement
+
+
+def manifest_figures(chosen: Measurement, baseline: Measurement, budget: float,
+                     evalset: Samples, threads: int | None, reference: str) -> dict[str, Any]:
+    """The measured accuracy and latency the manifest carries for the chosen candidate."""
+    return {
+        "accuracy": {
+            **(chosen.accuracy.to_json() if chosen.accuracy else {}),
+            "max_drop": budget, "reference": reference, "evaluation": evalset.origin,
+            "verified_on_real_data": evalset.real,
+        },
+        "latency_ms": {
+            "p50": chosen.latency_ms, "baseline": baseline.name,
+            "baseline_p50": baseline.latency_ms, "threads": threads, "batch": 1,
+            "machine": f"{platform.machine()} {os.cpu_count()} cpu",
+        },
+    }
+
+
+def report_json(
+    *, title: str, source: Mapping[str, Any], options: Mapping[str, Any],
+    normalization: list[str], calib: Samples | None, evalset: Samples, reference: str,
+    budget: float, threads: int | None, baseline: str, rows: list[dict[str, Any]],
+    chosen: str, why: str, warnings: list[str],
+) -> dict[str, Any]:
+    """The report dict described above; every pipeline builds it here."""
+    return {
+        "title": title,
+        "source": dict(source),
+        "options": dict(options),
+        "normalization": normalization,
+        "data": {
+            "calibration": {"origin": calib.origin if calib else None,
+                            "samples": len(calib) if calib else 0},
+            "evaluation": {"origin": evalset.origin, "samples": len(evalset),
+                           "labels": evalset.labels is not None},
+            "verified_on_real_data": evalset.real,
+        },
+        "metric": {"name": options["metric"], "max_drop": budget, "reference": reference},
+        "threads": threads,
+        "machine": f"{platform.machine()} {os.cpu_count()} cpu",
+        "baseline": baseline,
+        "candidates": rows,
+        "chosen": chosen,
+        "why": why,
+        "warnings": list(dict.fromkeys(warnings)),
+    }
+
+
+def write_report(out_dir: str | Path, report: Mapping[str, Any]) -> dict[str, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"report.json": out / "report.json", "report.md": out / "report.md",
+             "report.png": out / "report.png"}
+    atomic_write_text(paths["report.json"], json.dumps(dict(report), indent=2, default=str) + "\n")
+    atomic_write_text(paths["report.md"], render_markdown(report))
+    atomic_write_bytes(paths["report.png"], render_plot(report))
+    return paths
+
+
+def _kib(n: Any) -> str:
+    return "–" if not n else f"{n / 1024:.1f}"
+
+
+def _fmt(x: Any, spec: str = ".3f") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    return format(x, spec)
+
+
+def candidate_rows(report: Mapping[str, Any]) -> list[list[str]]:
+    """Table rows (header first) shared by report.md and the CLI summary."""
+    cands = list(report.get("candidates", []))
+    base = next((c for c in cands if c.get("name") == report.get("baseline")), None)
+    base_lat = base.get("latency_ms") if base else None
+    base_size = base.get("size_bytes") if base else None
+    metric = (report.get("metric") or {}).get("name", "accuracy")
+    rows = [["candidate", "size KiB", "× size", "latency ms", "× latency",
+             f"{metric} score", "drop", "status"]]
+    for c in cands:
+        acc = c.get("accuracy") or {}
+        lat = c.get("latency_ms")
+        size = c.get("size_bytes")
+        status = str(c.get("status", ""))
+        note = c.get("error") or c.get("note")
+        if note and status != "chosen":
+            status = f"{status}: {note}"
+        rows.append([
+            str(c.get("name")), _kib(size),
+            _fmt(size / base_size if size and base_size else None, ".2f"),
+            _fmt(lat), _fmt(lat / base_lat if lat and base_lat else None, ".2f"),
+            _fmt(acc.get("score"), ".4f"), _fmt(acc.get("drop"), ".4f"), status,
+        ])
+    return rows
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    lines = [f"# {report.get('title', 'Conversion report')}", ""]
+    src = report.get("source") or {}
+    if src:
+        lines.append(f"- Source: `{src.get('path', '?')}` ({src.get('format', '?')}, sha256 "
+                     f"`{str(src.get('sha256', ''))[:16]}…`)")
+    metric = report.get("metric") or {}
+    if metric:
+        lines.append(f"- Accuracy: {metric.get('name')} vs {metric.get('reference', 'the source')},"
+                     f" budget: drop ≤ {_fmt(metric.get('max_drop'), '.4g')}")
+    data = report.get("data") or {}
+    if data:
+        ev = data.get("evaluation") or {}
+        cal = data.get("calibration") or {}
+        lines.append(f"- Evaluation: {ev.get('samples', 0)} samples from {ev.get('origin', '?')}; "
+                     f"calibration: {cal.get('samples', 0)} samples from "
+                     f"{cal.get('origin') or 'none'}")
+        if not data.get("verified_on_real_data", True):
+            lines.append("")
+            lines.append("**Accuracy NOT verified on real data** (synthetic inputs only; pass "
+                         "--calibration or --eval).")
+    if report.get("threads"):
+        lines.append(f"- Threads: {report['threads']}")
+    lines.append("")
+    rows = candidate_rows(report)
+    if len(rows) > 1:
+        lines.append("| " + " | ".join(rows[0]) + " |")
+        lines.append("|" + "|".join("---" for _ in rows[0]) + "|")
+        for r in rows[1:]:
+            lines.append("| " + " | ".join(c.replace("|", "/") for c in r) + " |")
+        lines.append("")
+    if report.get("chosen"):
+        lines.append(f"**Chosen: {report['chosen']}** — {report.get('why', '')}")
+        lines.append("")
+    norm = report.get("normalization") or []
+    if norm:
+        lines.append("Normalization:")
+        lines.extend(f"- {n}" for n in norm)
+        lines.append("")
+    warns = report.get("warnings") or []
+    if warns:
+        lines.append("Warnings:")
+        lines.extend(f"- {w}" for w in warns)
+        lines.append("")
+    lines.append("![size, latency and accuracy per candidate](report.png)")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def render_plot(report: Mapping[str, Any]) -> bytes:
+    """PNG bytes: size, latency and accuracy drop per candidate; the choice highlighted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    cands = [c for c in report.get("candidates", []) if c.get("size_bytes")]
+    names = [str(c["name"]) for c in cands] or ["(none)"]
+    chosen = report.get("chosen")
+    colors = ["tab:green" if n == chosen else "tab:gray" for n in names]
+    sizes = [c.get("size_bytes", 0) / 1024 for c in cands] or [0]
+    lats = [c.get("latency_ms") or 0.0 for c in cands] or [0]
+    # Drops span orders of magnitude (1e-5 for fp16, 1e-2 for a bad int8): log scale,
+    # with exact zeros drawn at the floor.
+    floor = 1e-7
+    drops = [max(floor, (c.get("accuracy") or {}).get("drop") or 0.0) for c in cands] or [floor]
+    fig = Figure(figsize=(11, 0.45 * len(names) + 1.6), dpi=100)
+    axes = fig.subplots(1, 3, sharey=True)
+    metric = (report.get("metric") or {}).get("name", "accuracy")
+    for ax, vals, title in zip(
+        axes, (sizes, lats, drops),
+        ("size (KiB)", "latency (ms, batch 1)", f"{metric} drop vs source (log)"),
+        strict=True,
+    ):
+        bars = ax.barh(names, vals, color=colors)
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(labelsize=8)
+        ax.invert_yaxis()
+        ax.bar_label(bars, labels=["0" if v == floor and vals is drops else f"{v:.3g}"
+                                   for v in vals], fontsize=7, padding=2)
+        ax.margins(x=0.25)
+    budget = (report.get("metric") or {}).get("max_drop")
+    axes[2].set_xscale("log")
+    top = max([*drops, budget if isinstance(budget, (int, float)) else 0.0])
+    axes[2].set_xlim(floor, max(top, floor) * 10)
+    if isinstance(budget, (int, float)):
+        axes[2].axvline(budget, color="tab:red", linestyle="--", linewidth=1, label="budget")
+        axes[2].legend(fontsize=8)
+    fig.suptitle(f"chosen: {chosen}", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+__all__ = ["candidate_rows", "render_markdown", "render_plot", "write_report"]

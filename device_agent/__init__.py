@@ -1,0 +1,39 @@
+"""The device agent: keeps a verified model installed and serves it locally.
+
+Run it with ``edge-sdk agent --config agent.toml`` (or ``device_agent --config ...``).
+From Python::
+
+    from device_agent import Agent, AgentConfig
+    agent = Agent(AgentConfig.from_file("agent.toml"))
+    agent.run()          # until SIGTERM
+
+The install pipeline takes deployments from an :class:`ArtifactSource`
+(by default the signed-release client over MQTT).
+"""
+
+from ._agent import Agent
+from ._config import (
+    AgentConfig,
+    BrokerConfig,
+    HealthConfig,
+    HttpConfig,
+    LimitsConfig,
+    TelemetryConfig,
+    TlsConfig,
+    TrustConfig,
+)
+from ._install import ArtifactSource, Deployment
+
+__all__ = [
+    "Agent",
+    "AgentConfig",
+    "ArtifactSource",
+    "BrokerConfig",
+    "Deployment",
+    "HealthConfig",
+    "HttpConfig",
+    "LimitsConfig",
+    "TelemetryConfig",
+    "TlsConfig",
+    "TrustConfig",
+]

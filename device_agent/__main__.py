@@ -1,0 +1,3 @@
+from device_agent._cli import main
+
+main()

@@ -1,0 +1,259 @@
+"""The daemon: wires the state store, installer, HTTP endpoint, telemetry and broker link."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType
+from typing import Any, cast
+
+from edge_sdk._fs import atomic_write_text
+from edge_sdk.errors import EdgeError
+
+from ._config import AgentConfig
+from ._install import ArtifactSource, Installer
+from ._metrics import Metrics
+from ._server import HttpServer, InferenceApp
+from ._serving import ModelSlot, Served
+from ._state import StateStore
+from ._telemetry import Outbox, Telemetry
+
+log = logging.getLogger("device_agent")
+
+RUNTIME_FILE = "agent.json"
+
+SourceFactory = Callable[[AgentConfig, Any], ArtifactSource]
+
+
+class Agent:
+    """One device agent. ``start()`` returns once the endpoint serves (with the last good
+    model, broker or not); ``stop()`` shuts everything down; ``run()`` does both around a
+    wait for SIGTERM / SIGINT.
+
+    ``source`` is where deployments are verified and artifacts fetched; by default the
+    signed-release client over the configured broker. ``connect`` False runs without
+    any broker link (local serving only).
+    """
+
+    def __init__(self, config: AgentConfig, *, source: ArtifactSource | SourceFactory | None
+                 = None, connect: bool = True) -> None:
+        self.config = config
+        self.store = StateStore(config.state_dir)
+        self.metrics = Metrics()
+        self.slot = ModelSlot(on_change=self._model_changed)
+        self._stop = threading.Event()
+        self._started_at = time.monotonic()
+        self.outbox = Outbox(self.store.outbox, config.limits.max_queued_reports)
+        from edge_sdk.transport import Topics
+
+        self.topics = Topics(config.fleet, config.broker.topic_prefix)
+        self.telemetry = Telemetry(
+            device=config.device_id, fleet=config.fleet, outbox=self.outbox,
+            state_topic=self.topics.state(config.device_id),
+            events_topic=self.topics.events(config.device_id),
+            snapshot=self.snapshot, on_event=self._count_event,
+        )
+        self._source_arg = source
+        self._connect = connect
+        self.installer = Installer(config, self.store, self.slot, None, self.telemetry,
+                                   self._stop)
+        if source is not None and hasattr(source, "verify_deployment"):
+            self.installer.source = cast(ArtifactSource, source)
+        self.http: HttpServer | None = None
+        self.connection: Any = None
+        self._desired: bytes | None = None
+        self._desired_ev = threading.Event()
+        self._worker: threading.Thread | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.installer.boot()
+        app = InferenceApp(self.slot, self.metrics, self.config.http)
+        self.http = HttpServer(app, self.config.http.bind, self.config.http.port)
+        self.http.start()
+        atomic_write_text(self.store.root / RUNTIME_FILE, json.dumps(
+            {"pid": os.getpid(), "url": self.http.url, "device": self.config.device_id}) + "\n")
+        self.telemetry.start()
+        if self._connect:
+            self._open_link()
+        self._worker = threading.Thread(target=self._work, name="agent-worker", daemon=True)
+        self._worker.start()
+        cur = self.slot.current
+        log.info("agent %s serving %s on %s", self.config.device_id,
+                 cur.record.label() if cur else "no model yet", self.http.url)
+
+    def stop(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._desired_ev.set()
+        if self._worker is not None:
+            self._worker.join(10)
+        if self.connection is not None:
+            self.telemetry.stop()
+            self.telemetry.publish_offline()
+            self.connection.close()
+        else:
+            self.telemetry.stop(0)
+        if self.http is not None:
+            self.http.stop()
+
+    def run(self) -> None:
+        """Start, serve until SIGTERM or SIGINT, stop."""
+        done = threading.Event()
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            done.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        try:
+            while not done.wait(0.5):
+                pass
+        finally:
+            self.stop()
+
+    @property
+    def url(self) -> str:
+        assert self.http is not None
+        return self.http.url
+
+    # -- broker --------------------------------------------------------------------------
+
+    def _open_link(self) -> None:
+        from edge_sdk.transport import LastWill, MqttConfig, MqttConnection
+
+        b = self.config.broker
+        offline = json.dumps({"device": self.config.device_id, "fleet": self.config.fleet,
+                              "online": False}).encode()
+        mqtt_cfg = MqttConfig(
+            url=b.url, username=b.username, password=b.resolved_password(),
+            ca_file=str(b.tls.ca_file) if b.tls.ca_file else None,
+            cert_file=str(b.tls.cert_file) if b.tls.cert_file else None,
+            key_file=str(b.tls.key_file) if b.tls.key_file else None,
+            tls_insecure=b.tls.insecure,
+            client_id=b.client_id or f"agent-{self.config.device_id}",
+            keepalive=b.keepalive_s, fleet=self.config.fleet, topic_prefix=b.topic_prefix,
+            last_will=LastWill(self.topics.state(self.config.device_id), offline),
+        )
+        conn = MqttConnection(mqtt_cfg, name=f"agent-{self.config.device_id}")
+        self.connection = conn
+
+        def on_link(up: bool) -> None:
+            self.metrics.broker_connected.set(1 if up else 0)
+            self.telemetry.link_changed(up)
+
+        conn.add_connection_listener(on_link)
+        arg = self._source_arg
+        if arg is None:
+            from ._source import ReleaseSource
+
+            self.installer.source = ReleaseSource(self.config, conn)
+        elif not hasattr(arg, "verify_deployment"):
+            self.installer.source = arg(self.config, conn)
+        conn.subscribe(self.topics.desired(self.config.device_id), self._on_desired,
+                       wait=False)
+        self.telemetry.attach(conn)
+        try:
+            conn.connect(wait=False)
+        except EdgeError as err:
+            log.warning("broker link not started: %s (serving locally)", err)
+
+    def _on_desired(self, topic: str, payload: bytes) -> None:
+        if not payload:
+            return  # a cleared retained message
+        self._desired = payload
+        self._desired_ev.set()
+
+    def submit(self, payload: bytes) -> None:
+        """Hand a raw deployment to the worker (what the broker subscription does)."""
+        self._on_desired("", payload)
+
+    # -- worker --------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        _lower_thread_priority()
+        try:
+            self.installer.resume()
+        except Exception:
+            log.exception("resuming the health window failed")
+        beat = self.config.telemetry.heartbeat_s
+        next_beat = time.monotonic()
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= next_beat:
+                self.telemetry.heartbeat(self._heartbeat())
+                next_beat = now + beat
+            if not self._desired_ev.wait(max(0.0, min(next_beat - now, 1.0))):
+                continue
+            self._desired_ev.clear()
+            payload, self._desired = self._desired, None
+            if payload is None or self._stop.is_set():
+                continue
+            retry = False
+            try:
+                retry = self.installer.apply(payload)
+            except Exception as err:  # the worker must survive anything a deployment does
+                log.exception("install failed unexpectedly")
+                self.telemetry.event("failed", stage="internal",
+                                     reason=f"{type(err).__name__}: {err}")
+            if retry and not self._stop.wait(self.config.limits.retry_s) and \
+                    self._desired is None:
+                self._desired = payload  # unless a newer deployment arrived meanwhile
+                self._desired_ev.set()
+            self.metrics.queued_reports.set(len(self.outbox))
+
+    # -- reporting -----------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        st = self.installer.state
+        cur = self.slot.current
+
+        def rec(r: Any) -> dict[str, Any] | None:
+            return None if r is None else {"name": r.name, "version": r.version,
+                                           "sha256": r.sha256}
+
+        return {
+            "model": rec(cur.record if cur else None),
+            "previous": rec(st.previous),
+            "phase": st.phase,
+            "deployment": st.deployment_version,
+            "last_update": st.last_result,
+            "queued_reports": len(self.outbox),
+            "dropped_reports": self.outbox.dropped,
+        }
+
+    def _heartbeat(self) -> dict[str, Any]:
+        cur = self.slot.current
+        return {"uptime_s": round(time.monotonic() - self._started_at, 1),
+                "model": None if cur is None else {"name": cur.name, "version": cur.version},
+                "queued_reports": len(self.outbox)}
+
+    def _model_changed(self, served: Served | None) -> None:
+        if served is None:
+            self.metrics.set_model(None, None, None)
+        else:
+            self.metrics.set_model(served.name, served.version, served.record.sha256)
+
+    def _count_event(self, kind: str) -> None:
+        self.metrics.updates.labels(kind).inc()
+        self.metrics.queued_reports.set(len(self.outbox))
+
+
+def _lower_thread_priority() -> None:
+    """Installs (hashing, TUF, loading) run at a lower CPU priority than serving, so that a
+    busy small device answers requests first. Linux applies a thread id's nice value to
+    that thread alone; elsewhere this is a no-op."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), 10))
+    except (AttributeError, OSError):
+        pass
+

@@ -1,0 +1,280 @@
+"""Agent configuration: one TOML file, checked strictly at start.
+
+Every section is a frozen dataclass with defaults that are safe on a small
+device. An unknown key, a wrong type or an out-of-range value is a
+:class:`~edge_sdk.errors.ConfigError` naming the file, the key and what was
+expected, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from edge_sdk.errors import ConfigError
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS towards the broker; used when the broker URL is ``mqtts://``."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    #: Skips hostname checks; only for test brokers with self-made certificates.
+    insecure: bool = False
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    url: str = "mqtt://127.0.0.1:1883"
+    username: str | None = None
+    password: str | None = None
+    #: Read the password from this file (kept out of the config file).
+    password_file: Path | None = None
+    client_id: str | None = None
+    keepalive_s: int = 30
+    topic_prefix: str = "edge"
+    tls: TlsConfig = field(default_factory=TlsConfig)
+
+    @property
+    def host(self) -> str:
+        return urlparse(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        u = urlparse(self.url)
+        return u.port or (8883 if u.scheme == "mqtts" else 1883)
+
+    @property
+    def use_tls(self) -> bool:
+        return urlparse(self.url).scheme == "mqtts"
+
+    def resolved_password(self) -> str | None:
+        if self.password_file is not None:
+            try:
+                return self.password_file.read_text(encoding="utf-8").strip()
+            except OSError as err:
+                raise ConfigError(
+                    f"broker.password_file {self.password_file}: cannot read: {err.strerror}"
+                ) from err
+        return self.password
+
+
+@dataclass(frozen=True)
+class TrustConfig:
+    """Where the device's trust anchors live (copied there at provisioning)."""
+
+    #: Trusted TUF root metadata (root.json) of the release repository.
+    root: Path | None = None
+    #: Public key that signs deployments (the director key).
+    deployment_key: Path | None = None
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    #: Loopback only by default: the endpoint has no authentication.
+    bind: str = "127.0.0.1"
+    port: int = 8080
+    #: Bodies above this are refused with 413 before being read.
+    max_body_bytes: int = 16 * 1024 * 1024
+    #: Requests running at once; more wait up to ``queue_timeout_s`` then get 429.
+    max_inflight: int = 64
+    queue_timeout_s: float = 5.0
+    #: Accept NaN / Inf in float inputs (refused with 400 by default).
+    allow_nan: bool = False
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    """The window after a swap in which the new model must behave."""
+
+    window_s: float = 10.0
+    #: The agent runs the manifest's sample through the live model this often.
+    probe_interval_s: float = 1.0
+    #: Share of failed inferences (runtime errors, not bad requests) that triggers rollback.
+    max_error_rate: float = 0.0
+    #: p99 latency limit over the window in ms; 0 disables the check.
+    max_p99_ms: float = 0.0
+    #: Restarts of the agent tolerated inside one health window before rolling back.
+    max_restarts: int = 1
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_artifact_bytes: int = 512 * 1024 * 1024
+    #: Reports kept on disk while the broker is away; the oldest are dropped first.
+    max_queued_reports: int = 1000
+    #: Warm-up runs of the new model before its smoke test.
+    warmup_runs: int = 3
+    #: Wait before retrying an install interrupted by the broker or responder going away.
+    retry_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    heartbeat_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    device_id: str
+    fleet: str
+    state_dir: Path
+    #: Intra-op threads of the runtime; 0 lets the runtime decide.
+    threads: int = 1
+    #: Device groups whose deployments this device follows (besides its own id).
+    groups: tuple[str, ...] = ()
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> AgentConfig:
+        """Read and check a TOML config; relative paths are relative to the file."""
+        p = Path(path)
+        try:
+            raw = p.read_bytes()
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: no such config file") from None
+        except OSError as err:
+            raise ConfigError(f"{p}: cannot read: {err.strerror}") from err
+        try:
+            data = tomllib.loads(raw.decode("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{p}: invalid TOML: {err}") from err
+        return cls.from_dict(data, where=str(p), base=p.parent.absolute())
+
+    @classmethod
+    def from_dict(
+        cls, data: dict[str, Any], *, where: str = "config", base: Path | None = None
+    ) -> AgentConfig:
+        cfg = _build(cls, data, where, "", base or Path.cwd())
+        assert isinstance(cfg, AgentConfig)
+        cfg._check(where)
+        return cfg
+
+    def _check(self, where: str) -> None:
+        def bad(key: str, msg: str) -> ConfigError:
+            return ConfigError(f"{where}: {key}: {msg}")
+
+        named = [("device_id", self.device_id), ("fleet", self.fleet)]
+        named += [(f"groups[{i}]", g) for i, g in enumerate(self.groups)]
+        for key, value in named:
+            if not _SAFE_ID.match(value):
+                raise bad(key, f"{value!r} must be 1-64 letters, digits, '.', '_' or '-' "
+                               "(it becomes part of MQTT topics)")
+        u = urlparse(self.broker.url)
+        if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
+            raise bad("broker.url", f"{self.broker.url!r} must look like mqtt://host:1883 "
+                                    "or mqtts://host:8883")
+        if not self.broker.topic_prefix or any(c in self.broker.topic_prefix for c in "/#+"):
+            raise bad("broker.topic_prefix", "must be one topic level without '/', '#', '+'")
+        positive: list[tuple[str, float]] = [
+            ("threads", self.threads + 1),
+            ("http.max_body_bytes", self.http.max_body_bytes),
+            ("http.max_inflight", self.http.max_inflight),
+            ("http.queue_timeout_s", self.http.queue_timeout_s),
+            ("health.probe_interval_s", self.health.probe_interval_s),
+            ("limits.max_artifact_bytes", self.limits.max_artifact_bytes),
+            ("limits.max_queued_reports", self.limits.max_queued_reports),
+            ("limits.retry_s", self.limits.retry_s),
+            ("telemetry.heartbeat_s", self.telemetry.heartbeat_s),
+            ("broker.keepalive_s", self.broker.keepalive_s),
+        ]
+        for key, num in positive:
+            if num <= 0:
+                raise bad(key, "must be > 0")
+        for key, num in (("health.window_s", self.health.window_s),
+                         ("health.max_p99_ms", self.health.max_p99_ms),
+                         ("health.max_restarts", self.health.max_restarts),
+                         ("limits.warmup_runs", self.limits.warmup_runs)):
+            if num < 0:
+                raise bad(key, "must be >= 0")
+        if not 0.0 <= self.health.max_error_rate <= 1.0:
+            raise bad("health.max_error_rate", "must be between 0 and 1")
+        if not 0 <= self.http.port <= 65535:
+            raise bad("http.port", "must be 0-65535 (0 picks a free port)")
+        if (self.broker.tls.cert_file is None) != (self.broker.tls.key_file is None):
+            raise bad("broker.tls", "cert_file and key_file go together")
+        if self.broker.password is not None and self.broker.password_file is not None:
+            raise bad("broker", "give either password or password_file, not both")
+        for key, path in (("trust.root", self.trust.root),
+                          ("trust.deployment_key", self.trust.deployment_key),
+                          ("broker.tls.ca_file", self.broker.tls.ca_file),
+                          ("broker.tls.cert_file", self.broker.tls.cert_file),
+                          ("broker.tls.key_file", self.broker.tls.key_file),
+                          ("broker.password_file", self.broker.password_file)):
+            if path is not None and not path.is_file():
+                raise bad(key, f"{path}: no such file")
+
+
+def _build(cls: type[Any], data: Any, where: str, prefix: str, base: Path) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: [{prefix.rstrip('.')}] must be a table")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        known = ", ".join(sorted(fields))
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(prefix + k for k in unknown)} "
+            f"(known in {'[' + prefix.rstrip('.') + ']' if prefix else 'the top level'}: {known})"
+        )
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        key = prefix + name
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{where}: missing required key '{key}'")
+            continue
+        kwargs[name] = _convert(hints[name], data[name], where, key, base)
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, value: Any, where: str, key: str, base: Path) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = inner[0]
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: {key} must be a list of strings, got {value!r}")
+        return tuple(value)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where, key + ".", base)  # type: ignore[arg-type]
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}: {key} must be a non-empty path string")
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else base / p
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: {key}: unsupported setting type")  # pragma: no cover

@@ -1,0 +1,58 @@
+"""The production :class:`ArtifactSource`: signed deployments + the TUF release repository
+over MQTT, both verified by :mod:`edge_sdk.trust` (nothing is re-implemented here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from edge_sdk.errors import ConfigError
+
+from ._config import AgentConfig
+from ._install import Deployment
+
+
+class ReleaseSource:
+    """Verifies ``desired`` documents with the deployment key and fetches artifacts with
+    python-tuf through the repository responder on the broker."""
+
+    def __init__(self, config: AgentConfig, connection: Any) -> None:
+        from edge_sdk.transport import FetchConfig
+        from edge_sdk.trust import UpdateClient, load_public_key
+
+        trust = config.trust
+        if trust.root is None or trust.deployment_key is None:
+            raise ConfigError(
+                "trust.root and trust.deployment_key must be set to receive deployments "
+                "(copy root.json and the deployment public key from `edge-sdk release init`)"
+            )
+        self.config = config
+        try:
+            root = trust.root.read_bytes()
+        except OSError as err:
+            raise ConfigError(f"trust.root {trust.root}: cannot read: {err.strerror}") from err
+        self._key = load_public_key(trust.deployment_key)
+        state = config.state_dir
+        self.client = UpdateClient(
+            trusted_root=root, metadata_dir=state / "tuf", partial_dir=state / "partial",
+            connection=connection, device_id=config.device_id,
+            fetch_config=FetchConfig(max_artifact_bytes=config.limits.max_artifact_bytes),
+        )
+
+    def verify_deployment(self, payload: bytes, *, last_version: int | None,
+                          installed: tuple[str, str] | None) -> Deployment:
+        from edge_sdk.trust import verify_deployment
+
+        dep = verify_deployment(
+            payload, self._key, device_id=self.config.device_id, groups=self.config.groups,
+            fleet=self.config.fleet, last_counter=last_version, installed=installed,
+        )
+        return Deployment(key="", version=dep.counter, name=dep.model,
+                          artifact_version=dep.version, sha256=dep.sha256,
+                          rollback=dep.rollback, raw=dep)
+
+    def fetch(self, deployment: Deployment, dest_dir: Path) -> Path:
+        return self.client.fetch(deployment.raw, dest_dir)
+
+    def close(self) -> None:
+        self.client.close()

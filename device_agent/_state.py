@@ -1,0 +1,227 @@
+"""The durable state directory.
+
+Layout::
+
+    state_dir/
+      installed.json       which model is current / previous, the install phase
+      models/<id>/         complete, verified artifact directories (never edited in place)
+      staging/<key>/       downloads in progress (kept across restarts: fetch resumes)
+      outbox/              reports waiting for the broker
+
+``installed.json`` is the single source of truth and is only ever replaced
+atomically (temp file + fsync + rename). A model directory appears under
+``models/`` by an atomic rename of a fully written and fsynced directory
+*before* ``installed.json`` names it, and disappears only *after*
+``installed.json`` stopped naming it. So ``kill -9`` at any instant leaves
+either the old or the new ``installed.json``, and every model it names is
+complete on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from edge_sdk import Artifact
+from edge_sdk._artifact import MANIFEST_NAME, REPORT_NAME
+from edge_sdk._fs import atomic_write_text, staged_dir
+from edge_sdk.errors import ConfigError, InstallError
+
+STATE_FILE = "installed.json"
+_STATE_SCHEMA = 1
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+#: How many refused or failed deployments are remembered so they are not retried.
+_MAX_FAILED = 32
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """One installed model: where it lives under ``models/`` and what it is."""
+
+    id: str
+    name: str
+    version: str
+    sha256: str
+    #: The deployment that installed it (its key), or None for a model installed by hand.
+    deployment: str | None = None
+
+    @classmethod
+    def for_artifact(cls, art: Artifact, deployment: str | None) -> ModelRecord:
+        m = art.manifest
+        ident = _UNSAFE.sub("_", f"{m.name}-{m.version}")[:80] + "-" + m.sha256[:12]
+        return cls(ident, m.name, m.version, m.sha256, deployment)
+
+    def label(self) -> str:
+        return f"{self.name} {self.version}"
+
+
+@dataclass(frozen=True)
+class InstalledState:
+    current: ModelRecord | None = None
+    previous: ModelRecord | None = None
+    #: "committed", or "trial" while the current model is inside its health window.
+    phase: str = "committed"
+    #: Agent starts seen during the current trial (crash-loop guard).
+    trial_boots: int = 0
+    #: Highest deployment version accepted, to refuse replays of older deployments.
+    deployment_version: int = 0
+    #: Key of the deployment the device last acted on (installed, refused or failed).
+    deployment_key: str | None = None
+    #: Deployment key → reason, for deployments that failed and must not be retried.
+    failed: dict[str, str] = field(default_factory=dict)
+    last_result: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["schema"] = _STATE_SCHEMA
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> InstalledState:
+        if not isinstance(data, dict) or data.get("schema") != _STATE_SCHEMA:
+            raise ConfigError(f"{where}: not an agent state file of schema {_STATE_SCHEMA}")
+
+        def rec(value: Any) -> ModelRecord | None:
+            return None if value is None else ModelRecord(**value)
+
+        try:
+            return cls(
+                current=rec(data.get("current")),
+                previous=rec(data.get("previous")),
+                phase=str(data.get("phase", "committed")),
+                trial_boots=int(data.get("trial_boots", 0)),
+                deployment_version=int(data.get("deployment_version", 0)),
+                deployment_key=data.get("deployment_key"),
+                failed=dict(data.get("failed") or {}),
+                last_result=data.get("last_result"),
+            )
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{where}: malformed agent state: {err}") from err
+
+    def with_failed(self, key: str, reason: str) -> InstalledState:
+        failed = dict(self.failed)
+        failed.pop(key, None)
+        failed[key] = reason
+        while len(failed) > _MAX_FAILED:
+            failed.pop(next(iter(failed)))
+        return replace(self, failed=failed)
+
+
+class StateStore:
+    """The state directory. All methods are called from one thread (the agent's worker)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.models = root / "models"
+        self.staging = root / "staging"
+        self.outbox = root / "outbox"
+        #: Resumable downloads of the release client (kept while an install is pending).
+        self.partial = root / "partial"
+        try:
+            for d in (self.root, self.models, self.staging, self.outbox):
+                d.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"state_dir {root}: cannot create: {err.strerror}") from err
+        self._file = root / STATE_FILE
+
+    def load(self) -> InstalledState:
+        try:
+            raw = self._file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return InstalledState()
+        except OSError as err:
+            raise ConfigError(f"{self._file}: cannot read: {err.strerror}") from err
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{self._file}: invalid JSON: {err.msg}") from err
+        return InstalledState.from_json(data, str(self._file))
+
+    def save(self, state: InstalledState) -> None:
+        atomic_write_text(self._file, json.dumps(state.to_json(), indent=2) + "\n")
+
+    def model_dir(self, record: ModelRecord) -> Path:
+        return self.models / record.id
+
+    def open_model(self, record: ModelRecord) -> Artifact:
+        """The installed artifact, with its manifest and hash re-verified."""
+        art = Artifact.from_dir(self.model_dir(record))
+        if art.manifest.sha256 != record.sha256:
+            raise InstallError(
+                f"{self.model_dir(record)}: holds sha256 {art.manifest.sha256[:16]}…, the state "
+                f"file expects {record.sha256[:16]}… for {record.label()}"
+            )
+        return art
+
+    def find(self, sha256: str) -> ModelRecord | None:
+        """A complete model directory already on disk with this model hash (for rollbacks)."""
+        for d in sorted(self.models.iterdir()):
+            if d.name.startswith(".") or not d.name.endswith(sha256[:12]):
+                continue
+            try:
+                art = Artifact.from_dir(d, verify_hash=False)
+            except Exception:
+                continue
+            if art.manifest.sha256 == sha256:
+                return ModelRecord.for_artifact(art, None)
+        return None
+
+    def adopt(self, artifact: Artifact, deployment: str | None) -> ModelRecord:
+        """Copy a verified artifact into ``models/`` (atomically) and return its record."""
+        record = ModelRecord.for_artifact(artifact, deployment)
+        target = self.model_dir(record)
+        if target.is_dir():
+            try:
+                self.open_model(record)
+                return record
+            except Exception:
+                pass  # a damaged copy: replace it below
+        names = [MANIFEST_NAME, artifact.manifest.model, REPORT_NAME]
+        if artifact.manifest.sample:
+            names.append(artifact.manifest.sample)
+        try:
+            with staged_dir(target, overwrite=True) as tmp:
+                for name in names:
+                    src = artifact.path / name
+                    if src.is_file():
+                        shutil.copyfile(src, tmp / name)
+                Artifact.from_dir(tmp)
+        except OSError as err:
+            raise InstallError(f"cannot store {record.label()} under {self.models}: "
+                               f"{err.strerror or err}") from err
+        return record
+
+    def staging_dir(self, key: str) -> Path:
+        d = self.staging / _UNSAFE.sub("_", key)[:120]
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def clean(self, state: InstalledState, *, keep_staging: str | None = None) -> None:
+        """Delete model dirs the state does not name, and stale staging dirs and temp files."""
+        keep = {r.id for r in (state.current, state.previous) if r is not None}
+        for d in self.models.iterdir():
+            if d.name not in keep:
+                _remove(d)
+        keep_stage = None if keep_staging is None else _UNSAFE.sub("_", keep_staging)[:120]
+        for d in self.staging.iterdir():
+            if d.name != keep_stage:
+                _remove(d)
+        for f in self.root.glob(f".{STATE_FILE}.*.tmp"):
+            _remove(f)
+
+    def clean_partial(self) -> None:
+        """Drop resumable partial downloads (once an install is settled)."""
+        if self.partial.is_dir():
+            for f in self.partial.iterdir():
+                _remove(f)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

@@ -1,0 +1,199 @@
+"""Reports to the fleet over MQTT, offline-first.
+
+- ``state`` (retained): online flag, models, last update result; republished on
+  every change and every reconnect. The last will replaces it with
+  ``{"online": false}`` when the link dies.
+- ``events``: install started / verified / swapped / committed / rolled back /
+  failed / refused, with the reason. Every event is first written to the
+  on-disk outbox (bounded: the oldest are dropped first and the drop is
+  counted), then sent with QoS 1 and deleted once the broker acknowledged it,
+  so events survive both a missing broker and an agent restart.
+- heartbeats (QoS 0, on ``events``, never queued: a stale heartbeat is noise).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from edge_sdk._fs import atomic_write_text
+from edge_sdk.errors import EdgeError
+
+log = logging.getLogger("device_agent.telemetry")
+
+
+class Outbox:
+    """A bounded FIFO of JSON reports, one file each, safe against ``kill -9``."""
+
+    def __init__(self, root: Path, limit: int) -> None:
+        self.root = root
+        self.limit = limit
+        self.dropped = 0
+        self._lock = threading.Lock()
+        root.mkdir(parents=True, exist_ok=True)
+        for tmp in root.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+        names = self._names()
+        self._seq = int(names[-1].split(".")[0]) if names else 0
+
+    def _names(self) -> list[str]:
+        return sorted(p.name for p in self.root.glob("[0-9]*.json"))
+
+    def put(self, report: dict[str, Any]) -> int:
+        with self._lock:
+            self._seq += 1
+            seq = self._seq
+            report = {**report, "seq": seq}
+            atomic_write_text(self.root / f"{seq:012d}.json", json.dumps(report))
+            names = self._names()
+            for old in names[: max(0, len(names) - self.limit)]:
+                (self.root / old).unlink(missing_ok=True)
+                self.dropped += 1
+            return seq
+
+    def peek(self) -> tuple[str, dict[str, Any]] | None:
+        with self._lock:
+            for name in self._names():
+                try:
+                    return name, json.loads((self.root / name).read_text(encoding="utf-8"))
+                except (OSError, json.JSONDecodeError):
+                    (self.root / name).unlink(missing_ok=True)
+            return None
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            (self.root / name).unlink(missing_ok=True)
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+
+class Link(Protocol):
+    """What the telemetry needs from an MQTT connection (``edge_sdk.transport.MqttConnection``)."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    def publish(self, topic: str, payload: bytes | str, *, qos: int = 1,
+                retain: bool = False) -> None: ...
+
+    def publish_wait(self, topic: str, payload: bytes | str, *, qos: int = 1,
+                     retain: bool = False, timeout: float = 10.0) -> None: ...
+
+
+class Telemetry:
+    """Collects events and state and sends them when a broker link is up."""
+
+    def __init__(self, *, device: str, fleet: str, outbox: Outbox,
+                 state_topic: str, events_topic: str,
+                 snapshot: Callable[[], dict[str, Any]],
+                 on_event: Callable[[str], None] | None = None) -> None:
+        self.device = device
+        self.fleet = fleet
+        self.outbox = outbox
+        self.state_topic = state_topic
+        self.events_topic = events_topic
+        self._snapshot = snapshot
+        self._on_event = on_event
+        self._link: Link | None = None
+        self._wake = threading.Event()
+        self._state_dirty = True
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.sent = 0
+
+    def attach(self, link: Link) -> None:
+        self._link = link
+        self._wake.set()
+
+    def link_changed(self, up: bool) -> None:
+        if up:
+            self._state_dirty = True
+            self._wake.set()
+
+    # -- Reporter interface for the installer ------------------------------------------------
+
+    def event(self, kind: str, **fields: Any) -> None:
+        report = {"device": self.device, "fleet": self.fleet, "event": kind, "ts": time.time(),
+                  **fields}
+        try:
+            self.outbox.put(report)
+        except OSError as err:
+            log.error("cannot queue the %s event: %s", kind, err)
+        log.info("event %s %s", kind, json.dumps(fields, default=str))
+        if self._on_event is not None:
+            self._on_event(kind)
+        self._wake.set()
+
+    def state_changed(self) -> None:
+        self._state_dirty = True
+        self._wake.set()
+
+    def heartbeat(self, extra: dict[str, Any]) -> None:
+        link = self._link
+        if link is None or not link.connected:
+            return
+        payload = {"device": self.device, "fleet": self.fleet, "event": "heartbeat",
+                   "ts": time.time(), **extra}
+        try:
+            link.publish(self.events_topic, json.dumps(payload), qos=0)
+        except EdgeError as err:
+            log.debug("heartbeat not sent: %s", err)
+
+    def publish_offline(self) -> None:
+        """On a clean shutdown the broker sends no last will: say it ourselves."""
+        link = self._link
+        if link is None or not link.connected:
+            return
+        state = {"device": self.device, "fleet": self.fleet, "online": False,
+                 "ts": time.time(), **self._snapshot()}
+        try:
+            link.publish_wait(self.state_topic, json.dumps(state), qos=1, retain=True,
+                              timeout=2.0)
+        except EdgeError as err:
+            log.info("offline state not sent: %s", err)
+
+    # -- sender ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="agent-telemetry", daemon=True)
+        self._thread.start()
+
+    def stop(self, flush_timeout: float = 2.0) -> None:
+        deadline = time.monotonic() + flush_timeout
+        while len(self.outbox) and time.monotonic() < deadline and self._link is not None \
+                and self._link.connected:
+            self._wake.set()
+            time.sleep(0.02)
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(1.0)
+            self._wake.clear()
+            link = self._link
+            if link is None or not link.connected:
+                continue
+            try:
+                if self._state_dirty:
+                    self._state_dirty = False
+                    state = {"device": self.device, "fleet": self.fleet, "online": True,
+                             "ts": time.time(), **self._snapshot()}
+                    link.publish_wait(self.state_topic, json.dumps(state), qos=1, retain=True)
+                while not self._stop.is_set() and (item := self.outbox.peek()) is not None:
+                    name, report = item
+                    link.publish_wait(self.events_topic, json.dumps(report), qos=1)
+                    self.outbox.remove(name)
+                    self.sent += 1
+            except EdgeError as err:
+                log.info("reports wait for the broker: %s", err)
+                self._state_dirty = True
+                time.sleep(0.2)

@@ -1,0 +1,126 @@
+"""The ``edge-sdk`` command line: thin wrappers over the public APIs.
+
+Commands are imported lazily so that ``edge-sdk predict`` on a device never
+imports the converters, and a role's missing extra gives a one-line hint.
+Every :class:`~edge_sdk.errors.EdgeError` is caught here, once, and printed
+as one line; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import click
+
+from ..errors import EdgeError
+
+# name -> (module:attribute, extra that provides its dependencies, short help)
+_COMMANDS: dict[str, tuple[str, str, str]] = {
+    "inspect": ("edge_sdk.cli._model:inspect_cmd", "", "Show an artifact's or model's signature, "
+                "format, size, quantization and ops."),
+    "predict": ("edge_sdk.cli._model:predict_cmd", "", "Run a model offline on an input file."),
+    "bench": ("edge_sdk.cli._model:bench_cmd", "", "Measure latency percentiles and throughput."),
+    "convert": ("converters._cli:convert_cmd", "convert", "Convert, optimize, quantize and "
+                "verify a model into an artifact."),
+    "release": ("edge_sdk.cli._release:release_group", "agent", "Manage the signed (TUF) "
+                "release repository."),
+    "deploy": ("edge_sdk.cli._release:deploy_cmd", "agent", "Sign a deployment and publish it "
+               "to a device or group."),
+    "serve": ("edge_sdk.cli._release:serve_cmd", "agent", "Run the repository responder on MQTT."),
+    "pull": ("edge_sdk.cli._release:pull_cmd", "agent", "Fetch and verify an artifact over MQTT "
+             "without the agent."),
+    "rollout": ("edge_sdk.cli._rollout:rollout_group", "agent", "Staged rollouts in waves with "
+                "automatic abort."),
+    "agent": ("device_agent._cli:agent_cmd", "agent", "Run the device agent daemon."),
+}
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [n for n, (target, _, _) in _COMMANDS.items() if _module_exists(target)]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        entry = _COMMANDS.get(cmd_name)
+        if entry is None or not _module_exists(entry[0]):
+            return None
+        target, extra, _ = entry
+        module_name, attr = target.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            hint = f" (pip install 'edge-sdk[{extra}]')" if extra else ""
+            raise EdgeError(
+                f"'{cmd_name}' needs a package that is not installed: {err.name or err}{hint}"
+            ) from err
+        cmd = getattr(module, attr)
+        assert isinstance(cmd, click.Command)
+        return cmd
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(n, _COMMANDS[n][2]) for n in self.list_commands(ctx)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+def _module_exists(target: str) -> bool:
+    module_name = target.split(":")[0]
+    try:
+        return importlib.util.find_spec(module_name) is not None
+    except ImportError:
+        return False
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.version_option(package_name="edge-sdk", prog_name="edge-sdk")
+def cli(debug: bool) -> None:
+    """edge-sdk: convert models for small devices, roll them out, serve them locally."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        rv: Any = cli.main(args=args, prog_name="edge-sdk", standalone_mode=False)
+    except click.exceptions.Exit as err:
+        return err.exit_code
+    except click.Abort:
+        click.echo("edge-sdk: aborted", err=True)
+        return 130
+    except click.ClickException as err:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"edge-sdk: error: {err.format_message()}", err=True)
+        return err.exit_code
+    except EdgeError as err:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"edge-sdk: error: {_one_line(str(err))}", err=True)
+        return err.exit_code
+    except KeyboardInterrupt:
+        click.echo("edge-sdk: interrupted", err=True)
+        return 130
+    except Exception as err:
+        if debug:
+            traceback.print_exc()
+        click.echo(
+            f"edge-sdk: internal error: {type(err).__name__}: {_one_line(str(err))} "
+            "(run with --debug for the traceback and please report it)",
+            err=True,
+        )
+        return 70
+    return rv if isinstance(rv, int) else 0
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+__all__ = ["cli", "main"]

@@ -1,0 +1,216 @@
+"""``inspect``, ``predict`` and ``bench``: commands that need only the base install."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from .._artifact import MANIFEST_NAME, format_for_path
+from .._bench import measure, synthetic_inputs
+from .._fs import sha256_file
+from .._io import read_inputs, save_npz, to_jsonable
+from .._runtime import Predictor, load
+from ..errors import UsageError
+
+
+def _describe(path: Path, predictor: Predictor) -> dict[str, Any]:
+    if predictor.manifest is not None:
+        info = predictor.manifest.to_json()
+        info["path"] = str(path)
+    else:
+        info = {
+            "path": str(path),
+            "name": path.stem,
+            "version": None,
+            "format": predictor.format,
+            "model": path.name,
+            "sha256": sha256_file(path),
+            "size_bytes": path.stat().st_size,
+            "inputs": [s.to_json() for s in predictor.inputs],
+            "outputs": [s.to_json() for s in predictor.outputs],
+            "quantization": None,
+        }
+    model_file = predictor.path
+    ops = ops_summary(model_file, predictor.format)
+    info["ops"] = ops
+    if info.get("quantization") is None and ops is not None:
+        info["quantization"] = _detect_quantization(ops, model_file, predictor.format)
+    return info
+
+
+def ops_summary(model_file: Path, fmt: str) -> dict[str, int] | None:
+    """Op type → count, or None where this install cannot read the format's graph."""
+    if fmt == "onnx":
+        try:
+            import onnx
+        except ImportError:
+            return None
+        model = onnx.load(str(model_file), load_external_data=False)
+        counts: Counter[str] = Counter()
+
+        def walk(graph: Any) -> None:
+            for node in graph.node:
+                counts[node.op_type] += 1
+                for attr in node.attribute:
+                    if attr.g is not None and attr.g.node:
+                        walk(attr.g)
+                    for g in attr.graphs:
+                        walk(g)
+
+        walk(model.graph)
+        return dict(counts.most_common())
+    if fmt == "tflite":
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError:
+            return None
+        interp = Interpreter(model_path=str(model_file))
+        return dict(Counter(op["op_name"] for op in interp._get_ops_details()).most_common())
+    return None
+
+
+def _detect_quantization(ops: dict[str, int], model_file: Path, fmt: str) -> str:
+    if "DynamicQuantizeLinear" in ops or "MatMulInteger" in ops or "ConvInteger" in ops:
+        return "int8-dynamic"
+    if "QuantizeLinear" in ops or any(k.startswith("QLinear") for k in ops):
+        return "int8-static"
+    if fmt == "tflite":
+        from ai_edge_litert.interpreter import Interpreter
+
+        kinds = {np.dtype(t["dtype"]).name for t in
+                 Interpreter(model_path=str(model_file)).get_tensor_details()}
+        if "int8" in kinds or "uint8" in kinds:
+            return "int8"
+        if "float16" in kinds:
+            return "fp16"
+    return "none"
+
+
+def _human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def _open(path: str) -> Predictor:
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"{p}: no such file or directory")
+    if p.is_file() and p.name != MANIFEST_NAME:
+        format_for_path(p)  # clear error for unknown suffixes before the runtime tries
+    return load(p)
+
+
+@click.command("inspect")
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def inspect_cmd(path: str, as_json: bool) -> None:
+    """Show PATH's signature, format, size, quantization and ops summary.
+
+    PATH is an artifact directory (its manifest and model hash are verified) or a
+    bare .onnx, .ort or .tflite file.
+    """
+    predictor = _open(path)
+    info = _describe(Path(path), predictor)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    version = f" {info['version']}" if info.get("version") else ""
+    click.echo(f"{info['name']}{version}  [{info['format']}]  {_human_size(info['size_bytes'])}  "
+               f"quantization: {info.get('quantization') or 'unknown'}")
+    click.echo(f"sha256: {info['sha256']}")
+    if predictor.manifest is not None:
+        src = predictor.manifest.source
+        if src:
+            click.echo(f"source: {src.get('format', '?')} {str(src.get('sha256', ''))[:16]}")
+        rt = predictor.manifest.runtime
+        if rt:
+            click.echo("runtime: " + ", ".join(f"{k} {v}" for k, v in rt.items()))
+    click.echo("inputs:")
+    for s in predictor.inputs:
+        click.echo(f"  {s.describe()}")
+    click.echo("outputs:")
+    for s in predictor.outputs:
+        click.echo(f"  {s.describe()}")
+    ops = info.get("ops")
+    if ops:
+        total = sum(ops.values())
+        top = ", ".join(f"{k}×{v}" for k, v in list(ops.items())[:12])
+        more = f", … ({len(ops) - 12} more types)" if len(ops) > 12 else ""
+        click.echo(f"ops ({total}): {top}{more}")
+    elif ops is None:
+        click.echo("ops: not available for this format with this install")
+
+
+@click.command("predict")
+@click.argument("path")
+@click.option("--input", "-i", "input_file", required=True,
+              help="Inputs: .npz (keys = input names), .npy (single-input models) or .json.")
+@click.option("-o", "--output", "output_file", help="Write the outputs to this .npz file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the outputs as JSON.")
+@click.option("--threads", type=click.IntRange(min=1), help="Runtime intra-op threads.")
+def predict_cmd(path: str, input_file: str, output_file: str | None, as_json: bool,
+                threads: int | None) -> None:
+    """Run PATH (artifact directory or model file) offline on INPUT."""
+    if output_file is not None and not output_file.endswith(".npz"):
+        raise UsageError(f"{output_file}: the output file must end in .npz")
+    predictor = _open(path) if threads is None else load(path, threads=threads)
+    feed = read_inputs(input_file, predictor.inputs)
+    outputs = predictor.predict(feed)
+    if output_file is not None:
+        save_npz(output_file, outputs)
+    if as_json:
+        click.echo(json.dumps({"model": predictor.name, "version": predictor.version,
+                               "outputs": to_jsonable(outputs)}))
+        return
+    for name, value in outputs.items():
+        arr = np.asarray(value)
+        click.echo(f"{name} {arr.dtype} {list(arr.shape)}")
+        click.echo(np.array2string(arr, threshold=64, precision=5))
+    if output_file is not None:
+        click.echo(f"wrote {output_file}")
+
+
+@click.command("bench")
+@click.argument("path")
+@click.option("--runs", default=200, show_default=True, type=click.IntRange(min=1))
+@click.option("--warmup", default=20, show_default=True, type=click.IntRange(min=0))
+@click.option("--threads", type=click.IntRange(min=1), help="Runtime intra-op threads.")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Size of symbolic batch dims for synthetic inputs.")
+@click.option("--input", "-i", "input_file", help="Use these inputs instead of random ones.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def bench_cmd(path: str, runs: int, warmup: int, threads: int | None, batch: int,
+              input_file: str | None, as_json: bool) -> None:
+    """Measure PATH's latency percentiles and throughput on this machine."""
+    if not Path(path).exists():
+        raise UsageError(f"{path}: no such file or directory")
+    predictor = load(path, threads=threads)
+    if input_file:
+        feed = read_inputs(input_file, predictor.inputs)
+    else:
+        feed = synthetic_inputs(predictor.inputs, batch=batch)
+    predictor.predict(feed)  # surfaces input errors before timing
+    stats = measure(lambda: predictor.predict(feed), runs=runs, warmup=warmup)
+    result = {"model": predictor.name, "format": predictor.format, "threads": threads,
+              "cpu_count": os.cpu_count(), **stats.to_json()}
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"{predictor.name} [{predictor.format}]  runs={runs} warmup={warmup} "
+               f"threads={threads or 'default'}")
+    click.echo(f"latency ms  p50 {stats.p50_ms:.3f}  p90 {stats.p90_ms:.3f}  "
+               f"p99 {stats.p99_ms:.3f}  mean {stats.mean_ms:.3f}")
+    click.echo(f"throughput  {stats.throughput_per_s:.1f} inferences/s")
+
+
+__all__ = ["bench_cmd", "inspect_cmd", "ops_summary", "predict_cmd"]

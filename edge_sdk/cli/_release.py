@@ -1,0 +1,253 @@
+"""``release``, ``deploy``, ``serve`` and ``pull``: thin wrappers over edge_sdk.release,
+edge_sdk.trust and edge_sdk.transport."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from ..errors import UsageError
+from ..release import Repository, create_deployment, publish_deployment
+from ..transport import FetchConfig, MqttConfig, MqttConnection, RepoResponder, ResponderConfig
+from ..trust import UpdateClient
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _mqtt_options(fn: F) -> F:
+    opts = [
+        click.option("--broker", required=True, envvar="EDGE_BROKER", show_envvar=True,
+                     help="Broker URL: mqtt://HOST:PORT or mqtts://HOST:PORT."),
+        click.option("--fleet", default="default", show_default=True, envvar="EDGE_FLEET",
+                     help="Fleet name (the {fleet} level of every topic)."),
+        click.option("--topic-prefix", default="edge", show_default=True, hidden=True),
+        click.option("--username", envvar="EDGE_MQTT_USERNAME", help="Broker user name."),
+        click.option("--password", envvar="EDGE_MQTT_PASSWORD", show_envvar=True,
+                     help="Broker password (prefer the environment variable)."),
+        click.option("--ca-file", type=click.Path(dir_okay=False), help="TLS CA bundle."),
+        click.option("--cert-file", type=click.Path(dir_okay=False),
+                     help="TLS client certificate."),
+        click.option("--key-file", type=click.Path(dir_okay=False), help="TLS client key."),
+        click.option("--client-id", default="", help="MQTT client id (default: random)."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _mqtt_config(kw: dict[str, Any]) -> MqttConfig:
+    return MqttConfig(
+        url=kw.pop("broker"), fleet=kw.pop("fleet"), topic_prefix=kw.pop("topic_prefix"),
+        username=kw.pop("username"), password=kw.pop("password"), ca_file=kw.pop("ca_file"),
+        cert_file=kw.pop("cert_file"), key_file=kw.pop("key_file"),
+        client_id=kw.pop("client_id"))
+
+
+def _pairs(values: tuple[str, ...], what: str) -> dict[str, int]:
+    out = {}
+    for v in values:
+        role, sep, num = v.partition("=")
+        if not sep or not num.strip().isdigit():
+            raise UsageError(f"{what} {v!r} must look like ROLE=N (e.g. targets=2)")
+        out[role.strip()] = int(num)
+    return out
+
+
+@click.group("release")
+def release_group() -> None:
+    """Manage the signed (TUF) release repository."""
+
+
+@release_group.command("init")
+@click.argument("repo", type=click.Path(file_okay=False))
+@click.option("--keys", "keydir", required=True, type=click.Path(file_okay=False),
+              help="Directory for the private keys (created; must be outside REPO).")
+@click.option("--threshold", multiple=True, metavar="ROLE=N",
+              help="Signatures needed for ROLE (that many keys are generated). Repeatable.")
+@click.option("--expires", multiple=True, metavar="ROLE=DAYS",
+              help="Lifetime of ROLE's metadata in days. Repeatable.")
+def init_cmd(repo: str, keydir: str, threshold: tuple[str, ...],
+             expires: tuple[str, ...]) -> None:
+    """Create a TUF repository in REPO with fresh ed25519 keys in KEYDIR."""
+    r = Repository.init(repo, keydir, thresholds=_pairs(threshold, "--threshold"),
+                        expires_days=_pairs(expires, "--expires"))
+    click.echo(f"created release repository {r.path} (keys in {keydir})")
+    click.echo(f"device trust anchor:   {r.root_path}")
+    click.echo(f"deployment public key: {r.deployment_key_path}")
+
+
+@release_group.command("add")
+@click.argument("repo", type=click.Path(file_okay=False, exists=True))
+@click.argument("artifact_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--keys", "keydir", type=click.Path(file_okay=False),
+              help="Key directory (default: the one given to init).")
+def add_cmd(repo: str, artifact_dir: str, keydir: str | None) -> None:
+    """Release ARTIFACT_DIR: sign it into the targets, bump snapshot and timestamp."""
+    r = Repository(repo, keydir)
+    rt = r.add_artifact(artifact_dir)
+    v = r.versions()
+    click.echo(f"released {rt.name} {rt.version}: {rt.path} ({rt.length} bytes, sha256 "
+               f"{rt.sha256[:16]}…); targets v{v['targets']}, timestamp v{v['timestamp']}")
+
+
+@release_group.command("list")
+@click.argument("repo", type=click.Path(file_okay=False, exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def list_cmd(repo: str, as_json: bool) -> None:
+    """List released artifacts and the metadata versions and expiries."""
+    r = Repository(repo)
+    targets = r.targets()
+    roles = {role: {"version": r.load(role).signed.version,
+                    "expires": r.load(role).signed.expires.isoformat()}
+             for role in ("root", "targets", "snapshot", "timestamp")}
+    if as_json:
+        click.echo(json.dumps({"targets": [t.to_json() for t in targets], "roles": roles},
+                              indent=2))
+        return
+    for role, info in roles.items():
+        click.echo(f"{role:<9} v{info['version']:<4} expires {info['expires']}")
+    if not targets:
+        click.echo("no releases yet")
+    for t in targets:
+        click.echo(f"{t.name} {t.version}  {t.length} bytes  sha256 {t.sha256[:16]}…  {t.path}")
+
+
+@release_group.command("refresh")
+@click.argument("repo", type=click.Path(file_okay=False, exists=True))
+@click.option("--keys", "keydir", type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Also re-sign root and targets now.")
+def refresh_cmd(repo: str, keydir: str | None, force: bool) -> None:
+    """Re-sign timestamp and snapshot (and anything near expiry). Run it from cron."""
+    r = Repository(repo, keydir)
+    roles = r.refresh(force=force)
+    click.echo(f"re-signed {', '.join(roles)}; timestamp v{r.versions()['timestamp']}")
+
+
+@release_group.command("rotate-key")
+@click.argument("repo", type=click.Path(file_okay=False, exists=True))
+@click.argument("role", type=click.Choice(["root", "targets", "snapshot", "timestamp"]))
+@click.option("--keys", "keydir", type=click.Path(file_okay=False))
+def rotate_cmd(repo: str, role: str, keydir: str | None) -> None:
+    """Replace ROLE's keys with a new root signed by old and new root keys."""
+    r = Repository(repo, keydir)
+    ids = r.rotate_key(role)
+    click.echo(f"rotated {role} to key {', '.join(i[:16] for i in ids)}; root "
+               f"v{r.versions()['root']}")
+
+
+@click.command("deploy")
+@click.option("--repo", required=True, type=click.Path(file_okay=False, exists=True),
+              help="Release repository.")
+@click.option("--device", "devices", multiple=True, help="Device id. Repeatable.")
+@click.option("--group", "groups", multiple=True, help="Device group. Repeatable.")
+@click.option("--model", required=True, help="Released artifact name.")
+@click.option("--version", "version", help="Released version (default: the newest).")
+@click.option("--rollback", is_flag=True, help="Sign an explicit downgrade.")
+@click.option("--expires-days", default=30.0, show_default=True, type=float,
+              help="Lifetime of the deployment document.")
+@click.option("--keys", "keydir", type=click.Path(file_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Also write the signed document to this file.")
+@_mqtt_options
+def deploy_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...], model: str,
+               version: str | None, rollback: bool, expires_days: float, keydir: str | None,
+               output: str | None, **mqtt: Any) -> None:
+    """Sign a deployment and publish it retained on each device's or group's desired topic."""
+    config = _mqtt_config(mqtt)
+    r = Repository(repo, keydir)
+    with MqttConnection(config, name="edge-deploy") as conn:
+        signed = create_deployment(r, model=model, fleet=config.fleet, version=version,
+                                   devices=devices, groups=groups, rollback=rollback,
+                                   expires_days=expires_days)
+        if output:
+            from .._fs import atomic_write_bytes
+
+            atomic_write_bytes(output, signed.document)
+        topics = publish_deployment(conn, signed)
+    click.echo(f"deployed {signed.deployment.describe()} on {', '.join(topics)}")
+
+
+@click.command("serve")
+@click.option("--repo", required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--no-shared", is_flag=True,
+              help="Plain subscription instead of the shared one (brokers without $share).")
+@_mqtt_options
+def serve_cmd(repo: str, no_shared: bool, **mqtt: Any) -> None:
+    """Answer chunk requests for REPO and announce new releases, until interrupted."""
+    config = _mqtt_config(mqtt)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    old = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        with MqttConnection(config, name="edge-serve") as conn:
+            responder = RepoResponder(conn, repo, config=ResponderConfig(shared=not no_shared))
+            with responder:
+                click.echo(f"serving {Path(repo).resolve()} on {config.url} fleet "
+                           f"{config.fleet}", err=True)
+                try:
+                    while not stop.wait(0.5):
+                        pass
+                except KeyboardInterrupt:
+                    pass
+            click.echo(f"stopped: {responder.stats.requests} requests, "
+                       f"{responder.stats.bytes_sent} bytes sent", err=True)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _default_state(fleet: str, device: str) -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "edge-sdk" / "pull" / f"{fleet}-{device}"
+
+
+@click.command("pull")
+@click.argument("name")
+@click.option("--root", "root", required=True, type=click.Path(dir_okay=False, exists=True),
+              help="Trusted root metadata (the device's trust anchor).")
+@click.option("--device", required=True, help="Device id (responses come on its topic).")
+@click.option("--version", "version", help="Version (default: the newest released).")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
+              help="Artifact directory to write.")
+@click.option("--state", type=click.Path(file_okay=False),
+              help="Metadata and partial downloads (default: ~/.cache/edge-sdk/pull/...).")
+@click.option("--chunk-size", default=64 * 1024, show_default=True, type=int)
+@click.option("--window", default=FetchConfig.window, show_default=True, type=int)
+@click.option("--timeout", "chunk_timeout", default=5.0, show_default=True, type=float,
+              help="Seconds per chunk before it is requested again.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_mqtt_options
+def pull_cmd(name: str, root: str, device: str, version: str | None, output: str,
+             state: str | None, chunk_size: int, window: int, chunk_timeout: float,
+             quiet: bool, **mqtt: Any) -> None:
+    """Fetch and verify release NAME over MQTT without the agent, into an artifact dir."""
+    config = _mqtt_config(mqtt)
+    sdir = Path(state) if state else _default_state(config.fleet, device)
+    fetch = FetchConfig(chunk_size=chunk_size, window=window, chunk_timeout=chunk_timeout)
+    with MqttConnection(config, name=f"edge-pull-{device}") as conn:
+        client = UpdateClient(trusted_root=Path(root).read_bytes(), metadata_dir=sdir / "tuf",
+                              partial_dir=sdir / "partial", connection=conn, device_id=device,
+                              fetch_config=fetch)
+        if quiet:
+            path = client.fetch_release(name, output, version=version)
+        else:
+            with click.progressbar(length=1, label=f"pull {name}", file=sys.stderr) as bar:
+                def progress(done: int, total: int) -> None:
+                    bar.length = max(total, 1)
+                    bar.update(done - bar.pos)
+
+                path = client.fetch_release(name, output, version=version, progress=progress)
+    click.echo(f"verified and wrote {path}")
+
+
+__all__ = ["deploy_cmd", "pull_cmd", "release_group", "serve_cmd"]

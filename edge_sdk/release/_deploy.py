@@ -1,0 +1,140 @@
+"""Sign deployments with the deployment key and publish them retained on ``desired`` topics."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from .._fs import atomic_write_bytes
+from ..errors import ConfigError, UsageError
+from ..transport import MqttConnection, Topics
+from ..trust._deployment import Deployment, compare_versions, sign_deployment
+from ..trust._keys import DEPLOYMENT_ROLE
+from ._repository import Repository
+
+
+@dataclass(frozen=True)
+class SignedDeployment:
+    deployment: Deployment
+    document: bytes
+
+    def topics(self, topics: Topics) -> list[str]:
+        """The retained ``desired`` topics this document belongs on."""
+        return ([topics.desired(d) for d in self.deployment.devices]
+                + [topics.group_desired(g) for g in self.deployment.groups])
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def create_deployment(repo: Repository, *, model: str, fleet: str,
+                      version: str | None = None, devices: Sequence[str] = (),
+                      groups: Sequence[str] = (), rollback: bool = False,
+                      expires_days: float = 30.0) -> SignedDeployment:
+    """Sign a deployment of release ``model`` (``version`` or the newest) for devices/groups.
+
+    The counter is strictly increasing per repository (kept in
+    ``REPO/deployments/counter``). Deploying an older version than the last
+    one sent to the same device or group needs ``rollback=True``.
+    """
+    if not devices and not groups:
+        raise UsageError("name at least one --device or --group")
+    topics = Topics(fleet)
+    for d in devices:
+        topics.desired(d)  # validates the id as a topic level
+    for g in groups:
+        topics.group_desired(g)
+    if expires_days <= 0:
+        raise UsageError("deployment expiry must be > 0 days")
+    rel = repo.find(model, version)
+    signers = repo.keys.signers(DEPLOYMENT_ROLE)
+    if not signers:
+        raise ConfigError(f"{repo.keys.dir}: no deployment key (was it made by "
+                          "'edge-sdk release init'?)")
+    ddir = repo.path / "deployments"
+    with _locked(ddir / ".lock"):
+        last = {f"dev-{d}": _last(ddir, f"dev-{d}") for d in devices} | {
+            f"grp-{g}": _last(ddir, f"grp-{g}") for g in groups}
+        if not rollback:
+            for who, prev in last.items():
+                if prev and prev.get("model") == rel.name and compare_versions(
+                        rel.version, str(prev.get("version"))) < 0:
+                    raise UsageError(
+                        f"{who[4:]} was last deployed {rel.name} {prev['version']}; deploying "
+                        f"{rel.version} is a downgrade and needs --rollback")
+        cpath = ddir / "counter"
+        try:
+            counter = int(cpath.read_text().strip() or 0) + 1 if cpath.exists() else 1
+        except ValueError as err:
+            raise ConfigError(f"{cpath}: corrupt deployment counter") from err
+        now = datetime.now(UTC).replace(microsecond=0)
+        dep = Deployment(
+            fleet=fleet, model=rel.name, version=rel.version, target=rel.path,
+            sha256=rel.sha256, length=rel.length, counter=counter, issued=now,
+            expires=now + timedelta(days=expires_days), rollback=rollback,
+            devices=tuple(devices), groups=tuple(groups),
+            keyid=signers[0].public_key.keyid,
+        )
+        doc = sign_deployment(dep, signers[:1])
+        atomic_write_bytes(cpath, f"{counter}\n".encode())
+        for who in last:
+            atomic_write_bytes(ddir / f"{who}.json", doc)
+    return SignedDeployment(dep, doc)
+
+
+def _last(ddir: Path, who: str) -> dict[str, object] | None:
+    p = ddir / f"{who}.json"
+    if not p.exists():
+        return None
+    try:
+        signed = json.loads(p.read_bytes())["signed"]
+        return signed if isinstance(signed, dict) else None
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def publish_deployment(connection: MqttConnection, signed: SignedDeployment, *,
+                       topics: Topics | None = None, timeout: float = 10.0) -> list[str]:
+    """Publish the document retained (QoS 1) on every ``desired`` topic it names and wait
+    for the broker's acknowledgements. Returns the topics."""
+    t = topics or Topics.for_config(connection.config)
+    if signed.deployment.fleet != t.fleet:
+        raise UsageError(f"deployment is for fleet {signed.deployment.fleet!r} but the "
+                         f"connection is configured for {t.fleet!r}")
+    out = signed.topics(t)
+    for topic in out:
+        connection.publish_wait(topic, signed.document, qos=1, retain=True, timeout=timeout)
+    return out
+
+
+def clear_deployment(connection: MqttConnection, topic: str) -> None:
+    """Remove a retained document (publish an empty retained message)."""
+    connection.publish_wait(topic, b"", qos=1, retain=True)
+
+
+def deployment_state(repo: Repository) -> dict[str, object]:
+    """The last counter and the last document per device/group (for status displays)."""
+    ddir = repo.path / "deployments"
+    out: dict[str, object] = {}
+    for p in sorted(ddir.glob("*.json")):
+        out[p.stem] = _last(ddir, p.stem)
+    cpath = ddir / "counter"
+    out["counter"] = int(cpath.read_text().strip()) if cpath.exists() else 0
+    return out
+
+
+__all__ = ["SignedDeployment", "clear_deployment", "create_deployment", "deployment_state",
+           "publish_deployment"]

@@ -1,0 +1,413 @@
+"""The release repository on the operator's host: TUF metadata written with python-tuf.
+
+Layout (only ``metadata/`` and ``targets/`` are ever served)::
+
+    REPO/repo.json                     settings: key directory, expiry per role
+    REPO/metadata/N.root.json          every root version (clients walk them on rotation)
+    REPO/metadata/root.json            latest root (copy)
+    REPO/metadata/timestamp.json
+    REPO/metadata/N.snapshot.json      consistent snapshots: files never change once written
+    REPO/metadata/N.targets.json
+    REPO/targets/NAME/VERSION/HASH.FILE
+    REPO/deployment.pub.json           public deployment key (for devices and `pull`)
+    REPO/deployments/                  counter and last signed deployment per device/group
+
+Private keys stay in KEYDIR (see :class:`edge_sdk.trust.KeyStore`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import json
+import os
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tuf.api.metadata import (  # type: ignore[attr-defined]
+    TOP_LEVEL_ROLE_NAMES,
+    Metadata,
+    MetaFile,
+    Role,
+    Root,
+    Snapshot,
+    TargetFile,
+    Targets,
+    Timestamp,
+)
+from tuf.api.serialization.json import JSONSerializer
+
+from .._artifact import Artifact, Manifest
+from .._fs import atomic_write_bytes
+from ..errors import ArtifactError, ConfigError, UsageError
+from ..trust._keys import DEPLOYMENT_ROLE, KeyStore, check_outside, public_key_bytes
+
+SETTINGS = "repo.json"
+DEFAULT_EXPIRES = {"root": 365, "targets": 90, "snapshot": 7, "timestamp": 1}
+# Re-sign a role when less than this fraction of its lifetime is left.
+REFRESH_MARGIN = 0.5
+_SER = JSONSerializer(compact=False)
+
+
+@dataclass(frozen=True)
+class ReleasedTarget:
+    """One released artifact as the signed targets metadata lists it."""
+
+    name: str
+    version: str
+    path: str
+    sha256: str
+    length: int
+    manifest: Mapping[str, Any]
+    files: Mapping[str, str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "path": self.path,
+                "sha256": self.sha256, "length": self.length, "files": dict(self.files)}
+
+
+def released_target(tf: TargetFile) -> ReleasedTarget | None:
+    """The :class:`ReleasedTarget` a model target describes (None for companion files)."""
+    custom = tf.unrecognized_fields.get("custom")
+    info = custom.get("edge_sdk") if isinstance(custom, dict) else None
+    if not isinstance(info, dict) or not isinstance(info.get("manifest"), str):
+        return None
+    try:
+        m = json.loads(info["manifest"])
+    except ValueError:
+        return None
+    if not isinstance(m, dict):
+        return None
+    files = info.get("files") if isinstance(info.get("files"), dict) else {}
+    return ReleasedTarget(str(m.get("name")), str(m.get("version")), tf.path,
+                          tf.hashes.get("sha256", ""), tf.length, m, dict(files or {}))
+
+
+def _manifest_text(m: Manifest) -> str:
+    """The manifest as it travels in targets metadata: a JSON string.
+
+    TUF signs canonical JSON, which has no floats; a converted artifact's manifest
+    carries measured accuracy and latency figures, so it rides as one string.
+    """
+    return json.dumps(m.to_json(), sort_keys=True, separators=(",", ":"))
+
+
+_T = TypeVar("_T")
+
+
+def _exclusive(fn: Callable[..., _T]) -> Callable[..., _T]:
+    """Serialise changes to one repository across processes (``REPO/.lock``)."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Repository, *args: Any, **kwargs: Any) -> _T:
+        with open(self.path / ".lock", "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                return fn(self, *args, **kwargs)
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    return wrapper
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+class Repository:
+    """Open an existing repository; create one with :meth:`init`."""
+
+    def __init__(self, path: str | os.PathLike[str], keydir: str | os.PathLike[str] | None = None,
+                 ) -> None:
+        self.path = Path(path)
+        settings = self.path / SETTINGS
+        try:
+            self.settings: dict[str, Any] = json.loads(settings.read_text())
+        except FileNotFoundError:
+            raise UsageError(
+                f"{self.path}: not a release repository (no {SETTINGS}; run "
+                "'edge-sdk release init')") from None
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{settings}: unreadable: {err}") from err
+        kd = Path(keydir) if keydir is not None else Path(self.settings["keys"])
+        check_outside(kd, self.path)
+        self.keys = KeyStore(kd)
+        self.meta = self.path / "metadata"
+        self.targets_dir = self.path / "targets"
+
+    # -- creation ------------------------------------------------------------------
+
+    @classmethod
+    def init(cls, path: str | os.PathLike[str], keydir: str | os.PathLike[str], *,
+             thresholds: Mapping[str, int] | None = None,
+             expires_days: Mapping[str, int] | None = None) -> Repository:
+        """Create keys (``threshold`` keys per role, ed25519) and version 1 of every role.
+
+        Also creates the separate deployment key and writes its public half to
+        ``REPO/deployment.pub.json`` and ``KEYDIR/deployment.pub.json``.
+        """
+        repo, kd = Path(path), Path(keydir)
+        check_outside(kd, repo)
+        th = {r: 1 for r in TOP_LEVEL_ROLE_NAMES} | dict(thresholds or {})
+        ex = dict(DEFAULT_EXPIRES) | dict(expires_days or {})
+        for role in (*th, *ex):
+            if role not in TOP_LEVEL_ROLE_NAMES:
+                raise UsageError(f"unknown role {role!r} (roles: root, targets, snapshot, "
+                                 "timestamp)")
+        if any(n < 1 for n in th.values()) or any(d < 1 for d in ex.values()):
+            raise UsageError("thresholds and expiry days must be >= 1")
+        if (repo / SETTINGS).exists() or (repo / "metadata").exists():
+            raise UsageError(f"{repo}: a repository already exists there")
+        if kd.exists() and any(kd.iterdir()):
+            raise UsageError(f"{kd}: key directory is not empty; use a new one per repository")
+        made = [p for p in (repo, kd) if not p.exists()]
+        try:
+            return cls._create(repo, kd, th, ex)
+        except BaseException:
+            # A failed init leaves neither a half-written repository nor orphan keys.
+            for p in made:
+                shutil.rmtree(p, ignore_errors=True)
+            raise
+
+    @classmethod
+    def _create(cls, repo: Path, kd: Path, th: dict[str, int], ex: dict[str, int],
+                ) -> Repository:
+        repo.mkdir(parents=True, exist_ok=True)
+        (repo / "metadata").mkdir()
+        (repo / "targets").mkdir()
+        (repo / "deployments").mkdir()
+        kd.mkdir(parents=True, exist_ok=True)
+        store = KeyStore(kd)
+        root = Root(expires=_now() + timedelta(days=ex["root"]), consistent_snapshot=True)
+        for role in sorted(TOP_LEVEL_ROLE_NAMES):
+            root.roles[role] = Role([], th[role])
+            for _ in range(th[role]):
+                root.add_key(store.generate(role).public_key, role)
+        dep = store.generate(DEPLOYMENT_ROLE)
+        pub = public_key_bytes(dep.public_key)
+        atomic_write_bytes(store.public_key_path(DEPLOYMENT_ROLE), pub)
+        atomic_write_bytes(repo / "deployment.pub.json", pub)
+        atomic_write_bytes(repo / SETTINGS, json.dumps(
+            {"spec": 1, "keys": str(kd.resolve()), "expires": ex}, indent=2).encode())
+        self = cls(repo, kd)
+        self._write_root(Metadata(root))
+        targets = Metadata(Targets(expires=self._expiry("targets")))
+        self._sign_and_write(targets)
+        self._publish_snapshot_and_timestamp(targets)
+        return self
+
+    # -- reading -------------------------------------------------------------------
+
+    @property
+    def root_path(self) -> Path:
+        """The latest signed root: what a new device is provisioned with."""
+        return self.meta / "root.json"
+
+    @property
+    def deployment_key_path(self) -> Path:
+        return self.path / "deployment.pub.json"
+
+    def load(self, role: str) -> Metadata[Any]:
+        p = self.meta / f"{role}.json"
+        if not p.is_file():
+            raise UsageError(f"{p}: missing; the repository is incomplete")
+        try:
+            return Metadata.from_file(str(p))
+        except Exception as err:
+            raise ConfigError(f"{p}: unreadable metadata: {err}") from err
+
+    def targets(self) -> list[ReleasedTarget]:
+        """Released artifacts, oldest first."""
+        out = []
+        for tf in self.load("targets").signed.targets.values():
+            rt = released_target(tf)
+            if rt is not None:
+                out.append(rt)
+        return out
+
+    def find(self, name: str, version: str | None = None) -> ReleasedTarget:
+        """The release ``name`` at ``version`` (default: the newest version)."""
+        from ..trust._deployment import compare_versions
+
+        cands = [t for t in self.targets() if t.name == name and
+                 (version is None or t.version == version)]
+        if not cands:
+            known = sorted({f"{t.name} {t.version}" for t in self.targets()})
+            raise UsageError(
+                f"no release {name}{' ' + version if version else ''} in {self.path} "
+                f"(released: {', '.join(known) or 'none'})")
+        best = cands[0]
+        for t in cands[1:]:
+            if compare_versions(t.version, best.version) > 0:
+                best = t
+        return best
+
+    def versions(self) -> dict[str, int]:
+        return {r: self.load(r).signed.version for r in ("root", "targets", "snapshot",
+                                                         "timestamp")}
+
+    # -- changes ---------------------------------------------------------------------
+
+    @_exclusive
+    def add_artifact(self, artifact_dir: str | os.PathLike[str]) -> ReleasedTarget:
+        """Release an artifact directory: model (+ sample) as targets, manifest as custom.
+
+        Re-adding the identical artifact is a no-op; a different file under an
+        existing name/version is refused (release a new version instead).
+        """
+        art = Artifact.from_dir(artifact_dir)
+        m = art.manifest
+        base = f"{m.name}/{m.version}"
+        md = self.load("targets")
+        tpath = f"{base}/{m.model}"
+        existing = md.signed.targets.get(tpath)
+        if existing is not None:
+            if existing.hashes.get("sha256") == m.sha256:
+                rt = released_target(existing)
+                assert rt is not None
+                return rt
+            raise UsageError(
+                f"{m.name} {m.version} is already released with a different model file "
+                f"(sha256 {existing.hashes.get('sha256', '')[:16]}…); bump the version")
+        files: dict[str, str] = {}
+        new: list[TargetFile] = []
+        if art.sample_path is not None:
+            sp = f"{base}/{m.sample}"
+            files[str(m.sample)] = sp
+            new.append(self._stage_target(sp, art.sample_path, {"edge_sdk": {"companion_of":
+                                                                          tpath}}))
+        model_tf = self._stage_target(tpath, art.model_path, {"edge_sdk": {
+            "manifest": _manifest_text(m), "files": files, "released": _now().isoformat()}})
+        if model_tf.hashes["sha256"] != m.sha256 or model_tf.length != m.size_bytes:
+            raise ArtifactError(f"{art.path}: model file changed while it was being released")
+        new.append(model_tf)
+        for tf in new:
+            md.signed.targets[tf.path] = tf
+        md.signed.version += 1
+        md.signed.expires = self._expiry("targets")
+        self._sign_and_write(md)
+        self._publish_snapshot_and_timestamp(md)
+        rt = released_target(model_tf)
+        assert rt is not None
+        return rt
+
+    @_exclusive
+    def refresh(self, *, force: bool = False) -> list[str]:
+        """Re-sign what is close to expiry (timestamp and snapshot always). Returns roles."""
+        done = []
+        root = self.load("root")
+        if force or self._due(root, "root"):
+            root.signed.version += 1
+            root.signed.expires = self._expiry("root")
+            self._write_root(root)
+            done.append("root")
+        targets = self.load("targets")
+        if force or self._due(targets, "targets"):
+            targets.signed.version += 1
+            targets.signed.expires = self._expiry("targets")
+            self._sign_and_write(targets)
+            done.append("targets")
+        self._publish_snapshot_and_timestamp(targets)
+        return [*done, "snapshot", "timestamp"]
+
+    @_exclusive
+    def rotate_key(self, role: str) -> list[str]:
+        """Replace every key of ``role`` with fresh ones in a new root signed by old and new
+        root keys, so that clients holding the old root follow. Returns the new key ids."""
+        if role not in TOP_LEVEL_ROLE_NAMES:
+            raise UsageError(f"unknown role {role!r} (roles: root, targets, snapshot, timestamp)")
+        root = self.load("root")
+        old_root_signers = self._signers("root", root.signed)
+        old_ids = list(root.signed.roles[role].keyids)
+        fresh = [self.keys.generate(role) for _ in old_ids]
+        for kid in old_ids:
+            root.signed.revoke_key(kid, role)
+        for s in fresh:
+            root.signed.add_key(s.public_key, role)
+        root.signed.version += 1
+        root.signed.expires = self._expiry("root")
+        self._write_root(root, extra_signers=old_root_signers if role == "root" else [])
+        for kid in old_ids:
+            self.keys.retire(role, kid)
+        targets = self.load("targets")
+        if role == "targets":
+            targets.signed.version += 1
+            targets.signed.expires = self._expiry("targets")
+            self._sign_and_write(targets)
+        self._publish_snapshot_and_timestamp(targets)
+        return [s.public_key.keyid for s in fresh]
+
+    # -- internals -------------------------------------------------------------------
+
+    def _expiry(self, role: str) -> datetime:
+        days = int(self.settings.get("expires", {}).get(role, DEFAULT_EXPIRES[role]))
+        return _now() + timedelta(days=days)
+
+    def _due(self, md: Metadata[Any], role: str) -> bool:
+        days = int(self.settings.get("expires", {}).get(role, DEFAULT_EXPIRES[role]))
+        left = md.signed.expires - _now()
+        return bool(left < timedelta(days=days) * REFRESH_MARGIN)
+
+    def _signers(self, role: str, root: Root | None = None) -> list[Any]:
+        root = root or self.load("root").signed
+        keyids = set(root.roles[role].keyids)
+        signers = [s for s in self.keys.signers(role) if s.public_key.keyid in keyids]
+        if len(signers) < root.roles[role].threshold:
+            raise ConfigError(
+                f"{self.keys.dir}: only {len(signers)} of the {root.roles[role].threshold} "
+                f"keys needed to sign {role} are available")
+        return signers
+
+    def _stage_target(self, tpath: str, src: Path, custom: dict[str, Any]) -> TargetFile:
+        tf = TargetFile.from_file(tpath, str(src), ["sha256"])
+        tf.unrecognized_fields["custom"] = custom
+        dirname, _, basename = tpath.rpartition("/")
+        dest = self.targets_dir / dirname / f"{tf.hashes['sha256']}.{basename}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+        return tf
+
+    def _sign_and_write(self, md: Metadata[Any]) -> bytes:
+        role = md.signed.type
+        md.signatures.clear()
+        for s in self._signers(role):
+            md.sign(s, append=True)
+        data = md.to_bytes(_SER)
+        if role != "timestamp":
+            atomic_write_bytes(self.meta / f"{md.signed.version}.{role}.json", data)
+        atomic_write_bytes(self.meta / f"{role}.json", data)
+        return data
+
+    def _write_root(self, md: Metadata[Any], extra_signers: list[Any] | None = None) -> None:
+        md.signatures.clear()
+        for s in [*self._signers("root", md.signed), *(extra_signers or [])]:
+            md.sign(s, append=True)
+        data = md.to_bytes(_SER)
+        atomic_write_bytes(self.meta / f"{md.signed.version}.root.json", data)
+        atomic_write_bytes(self.meta / "root.json", data)
+
+    def _publish_snapshot_and_timestamp(self, targets: Metadata[Any]) -> None:
+        tdata = (self.meta / f"{targets.signed.version}.targets.json").read_bytes()
+        try:
+            snap = self.load("snapshot")
+            snap.signed.version += 1
+        except UsageError:
+            snap = Metadata(Snapshot())
+        snap.signed.expires = self._expiry("snapshot")
+        snap.signed.meta["targets.json"] = MetaFile.from_data(
+            targets.signed.version, tdata, ["sha256"])
+        sdata = self._sign_and_write(snap)
+        try:
+            ts = self.load("timestamp")
+            ts.signed.version += 1
+        except UsageError:
+            ts = Metadata(Timestamp())
+        ts.signed.expires = self._expiry("timestamp")
+        ts.signed.snapshot_meta = MetaFile.from_data(snap.signed.version, sdata, ["sha256"])
+        self._sign_and_write(ts)

@@ -1,0 +1,49 @@
+"""MQTT transport: connection, topics, chunked resumable transfer, repository responder.
+
+Public API (paho never appears in it):
+
+- :class:`MqttConfig` / :class:`LastWill`: broker URL (``mqtt://`` or ``mqtts://``),
+  credentials, TLS files, client id, keepalive, fleet, topic prefix, last will.
+- :class:`MqttConnection`: one connection with automatic reconnect.
+  ``connect(timeout=None, wait=True)``, ``close()``, ``connected``,
+  ``wait_connected(timeout)``, ``add_connection_listener(fn(up: bool))`` (and remove),
+  ``publish(topic, payload, qos=1, retain=False)``, ``publish_wait(...)``,
+  ``subscribe(filter, handler(topic: str, payload: bytes), qos=1) -> Subscription``
+  (re-subscribed after every reconnect; handlers run on the network thread).
+- :class:`Topics`: ``edge/{fleet}/...`` names (announce, repo_request,
+  repo_response(dev), desired(dev), group_desired(group), state(dev), events(dev)).
+- :class:`FetchConfig`, :class:`ChunkClient`, :class:`MqttFetcher`: device-side
+  transfer (pipelined, per-chunk timeout and retries, resumable, bounded).
+- :class:`RepoResponder`, :class:`ResponderConfig`: host-side chunk server.
+- Errors: :class:`EndlessDataError`, :class:`SlowRetrievalError` (also a
+  ``TransportError``), :class:`RemoteNotFoundError`.
+"""
+
+from ._chunks import DEFAULT_CHUNK, MAX_CHUNK, MESSAGE_LIMIT
+from ._config import LastWill, MqttConfig
+from ._connection import MqttConnection, Subscription
+from ._errors import EndlessDataError, RemoteNotFoundError, SlowRetrievalError
+from ._fetcher import REPO_URL, ChunkClient, FetchConfig, FetchStats, MqttFetcher
+from ._responder import RepoResponder, ResponderConfig
+from ._topics import Topics
+
+__all__ = [
+    "DEFAULT_CHUNK",
+    "MAX_CHUNK",
+    "MESSAGE_LIMIT",
+    "REPO_URL",
+    "ChunkClient",
+    "EndlessDataError",
+    "FetchConfig",
+    "FetchStats",
+    "LastWill",
+    "MqttConfig",
+    "MqttConnection",
+    "MqttFetcher",
+    "RemoteNotFoundError",
+    "RepoResponder",
+    "ResponderConfig",
+    "SlowRetrievalError",
+    "Subscription",
+    "Topics",
+]

@@ -1,0 +1,398 @@
+"""One MQTT connection with automatic reconnect; paho stays inside this module.
+
+Usage::
+
+    conn = MqttConnection(MqttConfig(url="mqtt://broker:1883", fleet="lab"))
+    conn.connect()                       # waits for the first CONNACK, raises TransportError
+    conn.subscribe("edge/lab/dev/d1/desired", lambda topic, payload: ...)
+    conn.publish("edge/lab/dev/d1/state", b"{...}", qos=1, retain=True)
+    conn.close()
+
+Handlers run on the connection's network thread: they must be quick and must
+not block on the connection (hand work to a queue or another thread). An
+exception in a handler is logged and swallowed so the link stays up.
+Subscriptions are remembered and re-sent after every reconnect (clean
+sessions: nothing is assumed to survive on the broker but retained messages).
+QoS 1 publishes made while the link is down are queued and sent on reconnect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import ssl
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+
+from ..errors import ConfigError, TransportError
+from ._config import MqttConfig
+
+log = logging.getLogger("edge_sdk.transport")
+
+Handler = Callable[[str, bytes], None]
+ConnectionListener = Callable[[bool], None]
+
+MAX_TOPIC_SLASHES = 7
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+
+
+@dataclass
+class Subscription:
+    """Handle returned by :meth:`MqttConnection.subscribe`; call :meth:`cancel` to stop it."""
+
+    topic_filter: str
+    handler: Handler
+    qos: int
+    _conn: MqttConnection | None = None
+
+    def cancel(self) -> None:
+        if self._conn is not None:
+            self._conn._unsubscribe(self)
+            self._conn = None
+
+
+class _SubAck:
+    def __init__(self, topic_filter: str) -> None:
+        self.topic_filter = topic_filter
+        self.event = threading.Event()
+        self.refused = False
+
+
+def _matches(topic_filter: str, topic: str) -> bool:
+    if topic_filter.startswith("$share/"):
+        topic_filter = topic_filter.split("/", 2)[2]
+    return bool(paho.topic_matches_sub(topic_filter, topic))
+
+
+def check_publish_topic(topic: str) -> None:
+    """Raise :class:`TransportError` for topics real brokers refuse (wildcards, > 7 slashes)."""
+    if not topic or "+" in topic or "#" in topic or "\0" in topic:
+        raise TransportError(f"cannot publish on {topic!r}: empty or contains a wildcard")
+    if topic.count("/") > MAX_TOPIC_SLASHES:
+        raise TransportError(
+            f"topic {topic!r} has {topic.count('/')} slashes; brokers such as AWS IoT Core "
+            f"allow at most {MAX_TOPIC_SLASHES}"
+        )
+
+
+class MqttConnection:
+    """Owns one paho client and its network thread. Also a context manager."""
+
+    def __init__(self, config: MqttConfig, *, name: str = "edge-sdk") -> None:
+        self.config = config.with_client_id(name)
+        host, port, tls = self.config.endpoint()
+        self._host, self._port = host, port
+        self._lock = threading.Lock()
+        self._subs: list[Subscription] = []
+        self._listeners: list[ConnectionListener] = []
+        self._connected = threading.Event()
+        self._suback: dict[int, _SubAck] = {}
+        self._early_acks: dict[int, bool] = {}
+        self._last_error: str | None = None
+        self._refused: str | None = None
+        self._started = False
+        self._closed = False
+        self._sock: Any = None
+
+        c = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=self.config.client_id,
+            clean_session=True,
+            protocol=paho.MQTTv311,
+        )
+        user, pw = self.config.credentials()
+        if user is not None:
+            c.username_pw_set(user, pw)
+        if tls:
+            try:
+                c.tls_set(
+                    ca_certs=self.config.ca_file,
+                    certfile=self.config.cert_file,
+                    keyfile=self.config.key_file,
+                    cert_reqs=ssl.CERT_REQUIRED,
+                )
+            except (OSError, ssl.SSLError, ValueError) as err:
+                raise ConfigError(f"TLS setup for {self.config.url} failed: {err}") from err
+            if self.config.tls_insecure:
+                c.tls_insecure_set(True)
+        will = self.config.last_will
+        if will is not None:
+            check_publish_topic(will.topic)
+            c.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        # paho annotates the delays as int but handles floats; sub-second first
+        # retries make a broker restart cost well under a second.
+        c.reconnect_delay_set(
+            self.config.reconnect_min_delay,  # type: ignore[arg-type]
+            self.config.reconnect_max_delay,  # type: ignore[arg-type]
+        )
+        c.max_inflight_messages_set(self.config.max_inflight)
+        c.max_queued_messages_set(0)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_connect_fail = self._on_connect_fail
+        c.on_message = self._on_message
+        c.on_publish = self._on_publish
+        c.on_subscribe = self._on_subscribe
+        self._client = c
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def connect(self, timeout: float | None = None, *, wait: bool = True) -> None:
+        """Start the network thread and (with ``wait``) block until connected.
+
+        Raises :class:`TransportError` if the broker refuses us (bad credentials,
+        not authorised) or cannot be reached within ``timeout`` (default
+        ``config.connect_timeout``). With ``wait=False`` it returns at once and
+        keeps trying in the background, which is what a daemon that must work
+        offline wants.
+        """
+        if self._closed:
+            raise TransportError("connection is closed")
+        if not self._started:
+            self._started = True
+            try:
+                self._client.connect_async(self._host, self._port, self.config.keepalive)
+            except (OSError, ValueError) as err:
+                raise TransportError(f"cannot connect to {self.config.url}: {err}") from err
+            self._client.loop_start()
+        if not wait:
+            return
+        limit = self.config.connect_timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        while not self._connected.wait(0.05):
+            if self._refused is not None:
+                reason = self._refused
+                self.close()
+                raise TransportError(f"broker {self.config.url} refused the connection: {reason}")
+            if time.monotonic() > deadline:
+                why = f" ({self._last_error})" if self._last_error else ""
+                self.close()
+                raise TransportError(
+                    f"could not connect to broker {self.config.url} within {limit:.0f} s{why}"
+                )
+
+    def close(self) -> None:
+        """Disconnect cleanly (no last will) and stop the network thread."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._started:
+            try:
+                self._client.disconnect()
+            finally:
+                self._client.loop_stop()
+        self._connected.clear()
+
+    def __enter__(self) -> MqttConnection:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def connected(self) -> bool:
+        """True while the broker link is up."""
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float | None = None) -> bool:
+        """Block until connected or ``timeout``; return the connected state."""
+        return self._connected.wait(timeout)
+
+    def add_connection_listener(self, listener: ConnectionListener) -> None:
+        """Call ``listener(True)`` after every (re)connect, ``listener(False)`` on each loss."""
+        with self._lock:
+            self._listeners.append(listener)
+
+    def remove_connection_listener(self, listener: ConnectionListener) -> None:
+        with self._lock:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+    # -- messages ------------------------------------------------------------------
+
+    def publish(self, topic: str, payload: bytes | str, *, qos: int = 1,
+                retain: bool = False) -> None:
+        """Queue a message; QoS 1 messages survive a reconnect. Never blocks on the network."""
+        self._publish(topic, payload, qos, retain)
+
+    def publish_wait(self, topic: str, payload: bytes | str, *, qos: int = 1,
+                     retain: bool = False, timeout: float = 10.0) -> None:
+        """Publish and wait until the broker acknowledged it (QoS 1) or it was written (QoS 0)."""
+        info = self._publish(topic, payload, qos, retain)
+        deadline = time.monotonic() + timeout
+        while not info.is_published():
+            if time.monotonic() > deadline:
+                raise TransportError(
+                    f"broker {self.config.url} did not acknowledge the message on {topic} "
+                    f"within {timeout:.0f} s"
+                )
+            time.sleep(0.005)
+
+    def _publish(self, topic: str, payload: bytes | str, qos: int,
+                 retain: bool) -> paho.MQTTMessageInfo:
+        if qos not in (0, 1):
+            raise TransportError(f"QoS {qos} is not supported (0 or 1 only, as on AWS IoT Core)")
+        check_publish_topic(topic)
+        if self._closed:
+            raise TransportError(f"cannot publish on {topic}: the connection is closed")
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            raise TransportError(f"cannot publish on {topic}: {paho.error_string(info.rc)}")
+        return info
+
+    def subscribe(self, topic_filter: str, handler: Handler, *, qos: int = 1,
+                  wait: bool = True, timeout: float = 10.0) -> Subscription:
+        """Call ``handler(topic, payload)`` for every message matching ``topic_filter``.
+
+        The subscription is re-established after every reconnect. With ``wait``
+        (and a live link) it returns only after the broker acknowledged it, so
+        requests published afterwards cannot race their answers.
+        """
+        if qos not in (0, 1):
+            raise TransportError(f"QoS {qos} is not supported (0 or 1 only)")
+        sub = Subscription(topic_filter, handler, qos, self)
+        with self._lock:
+            self._subs.append(sub)
+        if self.connected:
+            ack = self._send_subscribe(topic_filter, qos)
+            if wait and ack is not None:
+                if not ack.event.wait(timeout):
+                    raise TransportError(
+                        f"broker {self.config.url} did not acknowledge the subscription to "
+                        f"{topic_filter} within {timeout:.0f} s"
+                    )
+                if ack.refused:
+                    sub.cancel()
+                    raise TransportError(
+                        f"broker {self.config.url} refused the subscription to {topic_filter} "
+                        f"for user {self.config.credentials()[0] or '(anonymous)'} (not "
+                        "allowed by its ACL)"
+                    )
+        return sub
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        with self._lock:
+            if sub in self._subs:
+                self._subs.remove(sub)
+            still = any(s.topic_filter == sub.topic_filter for s in self._subs)
+        if not still and self.connected:
+            self._client.unsubscribe(sub.topic_filter)
+
+    def _send_subscribe(self, topic_filter: str, qos: int) -> _SubAck | None:
+        rc, mid = self._client.subscribe(topic_filter, qos)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            return None
+        ack = _SubAck(topic_filter)
+        with self._lock:
+            # The SUBACK can beat us here: the network thread may already have seen it.
+            if mid in self._early_acks:
+                ack.refused = self._early_acks.pop(mid)
+                ack.event.set()
+            else:
+                self._suback[mid] = ack
+        return ack
+
+    # -- paho callbacks (network thread) -----------------------------------------------
+
+    def _on_connect(self, client: paho.Client, userdata: object, flags: object,
+                    reason: object, properties: object) -> None:
+        if getattr(reason, "is_failure", False):
+            self._last_error = str(reason)
+            # Bad credentials or ACL refusal will not fix themselves: report, don't spin.
+            if getattr(reason, "value", 0) in (4, 5, 134, 135):
+                self._refused = str(reason)
+            return
+        sock: Any = client.socket()
+        if sock is not None:
+            # Chunk requests and PUBACKs are tiny; without TCP_NODELAY, Nagle and
+            # delayed ACKs stall every round trip by ~40 ms.
+            with contextlib.suppress(OSError, AttributeError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock = sock
+        with self._lock:
+            filters = {s.topic_filter: s.qos for s in self._subs}
+            listeners = list(self._listeners)
+        for f, q in filters.items():
+            self._send_subscribe(f, q)
+        self._connected.set()
+        log.debug("connected to %s as %s", self.config.url, self.config.client_id)
+        for listener in listeners:
+            self._call_listener(listener, True)
+
+    def _on_connect_fail(self, client: paho.Client, userdata: object) -> None:
+        # paho calls this inside its ``except OSError`` block: the exception is current.
+        err = sys.exc_info()[1]
+        if err is not None:
+            self._last_error = f"{type(err).__name__}: {err}"
+
+    def _on_disconnect(self, client: paho.Client, userdata: object, flags: object,
+                       reason: object, properties: object) -> None:
+        was = self._connected.is_set()
+        self._connected.clear()
+        self._last_error = str(reason)
+        if was:
+            log.debug("disconnected from %s: %s", self.config.url, reason)
+            with self._lock:
+                listeners = list(self._listeners)
+            for listener in listeners:
+                self._call_listener(listener, False)
+
+    def _on_subscribe(self, client: paho.Client, userdata: object, mid: int,
+                      reason_codes: object, properties: object) -> None:
+        codes = reason_codes if isinstance(reason_codes, list) else [reason_codes]
+        refused = any(getattr(c, "is_failure", False) for c in codes)
+        with self._lock:
+            ack = self._suback.pop(mid, None)
+            if ack is None:
+                if len(self._early_acks) > 1000:
+                    self._early_acks.clear()
+                self._early_acks[mid] = refused
+        if ack is not None:
+            ack.refused = refused
+            if refused:
+                log.warning("broker refused the subscription to %s", ack.topic_filter)
+            ack.event.set()
+
+    def _quickack(self) -> None:
+        # A broker without set_tcp_nodelay holds its next small packet (a chunk
+        # request, a PUBACK) until we ACK the previous one, and Linux delays that
+        # ACK by up to 40 ms. Asking for an immediate ACK after each inbound
+        # packet removes that stall from every request/response round trip.
+        sock = self._sock
+        if _QUICKACK is not None and sock is not None:
+            with contextlib.suppress(OSError, AttributeError):
+                sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+
+    def _on_publish(self, client: paho.Client, userdata: object, mid: int,
+                    reason: object, properties: object) -> None:
+        self._quickack()
+
+    def _on_message(self, client: paho.Client, userdata: object,
+                    msg: paho.MQTTMessage) -> None:
+        self._quickack()
+        topic = msg.topic
+        with self._lock:
+            subs = [s for s in self._subs if _matches(s.topic_filter, topic)]
+        payload = msg.payload if isinstance(msg.payload, bytes) else bytes(msg.payload)
+        for sub in subs:
+            try:
+                sub.handler(topic, payload)
+            except Exception:
+                log.exception("handler for %s failed on a message on %s", sub.topic_filter,
+                              topic)
+
+    @staticmethod
+    def _call_listener(listener: ConnectionListener, up: bool) -> None:
+        try:
+            listener(up)
+        except Exception:
+            log.exception("connection listener failed")

@@ -1,0 +1,71 @@
+"""Topic names of the MQTT protocol (see DESIGN.md, "MQTT protocol").
+
+Every name has at most 7 slashes and no wildcard in a published topic, so the
+same layout works on Mosquitto, EMQX, HiveMQ and AWS IoT Core::
+
+    {prefix}/{fleet}/repo/announce            retained: current TUF timestamp version
+    {prefix}/{fleet}/repo/req                 chunk requests (device -> responders)
+    {prefix}/{fleet}/dev/{device}/repo/res    chunk responses (responder -> device)
+    {prefix}/{fleet}/dev/{device}/desired     retained: signed deployment for a device
+    {prefix}/{fleet}/grp/{group}/desired      retained: signed deployment for a group
+    {prefix}/{fleet}/dev/{device}/state       retained: device state report
+    {prefix}/{fleet}/dev/{device}/events      device events
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._config import MqttConfig, check_topic_word
+
+RESPONDER_SHARE_GROUP = "edge-repo"
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Builds the topic names of one fleet. Device and group ids must be one topic level."""
+
+    fleet: str
+    prefix: str = "edge"
+
+    def __post_init__(self) -> None:
+        check_topic_word(self.fleet, "fleet")
+        check_topic_word(self.prefix, "topic prefix")
+
+    @classmethod
+    def for_config(cls, config: MqttConfig) -> Topics:
+        return cls(config.fleet, config.topic_prefix)
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix}/{self.fleet}"
+
+    @property
+    def announce(self) -> str:
+        return f"{self.base}/repo/announce"
+
+    @property
+    def repo_request(self) -> str:
+        return f"{self.base}/repo/req"
+
+    def shared_repo_request(self, group: str = RESPONDER_SHARE_GROUP) -> str:
+        """Shared-subscription filter so that several responders split the requests."""
+        return f"$share/{check_topic_word(group, 'share group')}/{self.repo_request}"
+
+    def repo_response(self, device: str) -> str:
+        return f"{self.device(device)}/repo/res"
+
+    def device(self, device: str) -> str:
+        return f"{self.base}/dev/{check_topic_word(device, 'device id')}"
+
+    def desired(self, device: str) -> str:
+        return f"{self.device(device)}/desired"
+
+    def group_desired(self, group: str) -> str:
+        return f"{self.base}/grp/{check_topic_word(group, 'group')}/desired"
+
+    def state(self, device: str) -> str:
+        return f"{self.device(device)}/state"
+
+    def events(self, device: str) -> str:
+        return f"{self.device(device)}/events"

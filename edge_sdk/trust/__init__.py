@@ -1,0 +1,74 @@
+"""Trust: signed releases (python-tuf) and signed deployments, verified on the device.
+
+Device-side API (used by the agent):
+
+- :func:`verify_deployment(payload, key, device_id=, groups=, fleet=, last_counter=,
+  installed=(model, version)) <verify_deployment>` → :class:`Deployment` or a
+  :class:`DeploymentError` subclass (bad signature, expired, replayed counter,
+  not for this device, unsigned downgrade, malformed).
+- :class:`UpdateClient` (trusted root bytes, metadata dir, partial dir, an
+  :class:`~edge_sdk.transport.MqttConnection`, device id, a
+  :class:`~edge_sdk.transport.FetchConfig`): ``fetch(deployment, dest_dir)``,
+  ``fetch_release(name, dest_dir, version=)``, ``releases()``.
+- :func:`load_public_key` / :func:`parse_public_key` for the deployment key file.
+
+Host-side: :func:`sign_deployment`, :class:`KeyStore`; the repository itself is
+:class:`edge_sdk.release.Repository`.
+
+Errors (all :class:`~edge_sdk.errors.VerificationError`): :class:`SignatureError`
+(wrong key, threshold not met), :class:`RollbackError`, :class:`ExpiredError`
+(freeze), :class:`MixAndMatchError`, :class:`TargetHashError` (tampered bytes),
+:class:`EndlessDataError`, :class:`SlowRetrievalError` (also a TransportError),
+:class:`TargetMismatchError` (deployment and repository disagree),
+:class:`RepositoryError`, and the :class:`DeploymentError` family.
+"""
+
+from ..transport._errors import EndlessDataError, SlowRetrievalError
+from ._client import UpdateClient, tuf_error
+from ._deployment import Deployment, compare_versions, sign_deployment, verify_deployment
+from ._errors import (
+    DeploymentError,
+    DeploymentExpiredError,
+    DeploymentSignatureError,
+    DowngradeError,
+    ExpiredError,
+    MalformedDeploymentError,
+    MixAndMatchError,
+    NotForThisDeviceError,
+    ReplayError,
+    RepositoryError,
+    RollbackError,
+    SignatureError,
+    TargetHashError,
+    TargetMismatchError,
+)
+from ._keys import KeyStore, load_public_key, parse_public_key, public_key_bytes
+
+__all__ = [
+    "Deployment",
+    "DeploymentError",
+    "DeploymentExpiredError",
+    "DeploymentSignatureError",
+    "DowngradeError",
+    "EndlessDataError",
+    "ExpiredError",
+    "KeyStore",
+    "MalformedDeploymentError",
+    "MixAndMatchError",
+    "NotForThisDeviceError",
+    "ReplayError",
+    "RepositoryError",
+    "RollbackError",
+    "SignatureError",
+    "SlowRetrievalError",
+    "TargetHashError",
+    "TargetMismatchError",
+    "UpdateClient",
+    "compare_versions",
+    "load_public_key",
+    "parse_public_key",
+    "public_key_bytes",
+    "sign_deployment",
+    "tuf_error",
+    "verify_deployment",
+]

@@ -1,0 +1,397 @@
+"""edge-sdk demo: the whole path on one machine.
+
+Build a small model, make an artifact, inspect it, predict offline; then convert
+it, init a signed release repository, serve it on a broker (the system Mosquitto
+if present, else the pure-Python amqtt), start a device agent, deploy v1, predict
+through the agent's local endpoint, release and deploy v2 while predictions keep
+flowing (the agent swaps with none failing), and watch a tampered update refused.
+
+Run it with the README's first command (`bash .ci/demo`), or directly inside the
+venv: `python examples/demo.py [--workdir DIR] [--offline-only]`. Every step is the
+CLI a user would type, echoed before it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+import edge_sdk
+
+
+def step(title: str) -> None:
+    print(f"\n=== {title}", flush=True)
+
+
+def run(*args: str) -> str:
+    cmd = [sys.executable, "-m", "edge_sdk", *args]
+    print("$ edge-sdk " + " ".join(shlex.quote(a) for a in args), flush=True)
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    print(res.stdout, end="", flush=True)
+    if res.returncode != 0:
+        print(res.stderr, end="", file=sys.stderr)
+        raise SystemExit(f"demo: step failed with exit code {res.returncode}")
+    return res.stdout
+
+
+def build_classifier(path: Path, seed: int = 42) -> None:
+    """A 2-layer MLP classifier: 8 features → 3 class probabilities, dynamic batch."""
+    rng = np.random.default_rng(seed)
+    x = helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 8])
+    y = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 3])
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.5, (8, 16)).astype(np.float32), "w1"),
+        numpy_helper.from_array(np.zeros(16, np.float32), "b1"),
+        numpy_helper.from_array(rng.normal(0, 0.5, (16, 3)).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.zeros(3, np.float32), "b2"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["features", "w1"], ["h"]),
+        helper.make_node("Add", ["h", "b1"], ["hb"]),
+        helper.make_node("Relu", ["hb"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["o"]),
+        helper.make_node("Add", ["o", "b2"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
+    ]
+    graph = helper.make_graph(nodes, "classifier", [x], [y], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--workdir", type=Path, help="keep outputs here (default: a temp dir)")
+    parser.add_argument("--offline-only", action="store_true",
+                        help="stop after the offline steps (no broker, no agent)")
+    parser.add_argument("--broker", choices=["auto", "mosquitto", "amqtt"], default="auto",
+                        help="which local broker to run (auto: Mosquitto if installed)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="edge-sdk-demo-") as tmp:
+        work = args.workdir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+
+        step("1. build a small model (an ONNX MLP classifier)")
+        src = work / "classifier.onnx"
+        build_classifier(src)
+        print(f"wrote {src} ({src.stat().st_size} bytes)")
+
+        step("2. make an artifact: manifest with signature and hash, sample input")
+        sample = {"features": np.random.default_rng(0).normal(size=(1, 8)).astype(np.float32)}
+        art = edge_sdk.build_artifact(src, work / "classifier-1.0.0", name="classifier",
+                                      version="1.0.0", sample=sample, overwrite=True)
+        print(f"wrote {art.path}: {', '.join(sorted(p.name for p in art.path.iterdir()))}")
+
+        step("3. inspect it")
+        run("inspect", str(art.path))
+
+        step("4. predict offline with the CLI")
+        inputs = work / "inputs.npz"
+        np.savez(inputs, features=np.random.default_rng(1).normal(size=(2, 8)).astype(np.float32))
+        run("predict", str(art.path), "--input", str(inputs), "-o", str(work / "outputs.npz"))
+
+        step("5. predict offline from Python")
+        model = edge_sdk.load(art.path)
+        out = model.predict(np.ones((1, 8), np.float32))
+        print(f"edge_sdk.load({art.path.name!r}).predict(...) -> "
+              f"class {int(out['probabilities'].argmax())}, p={out['probabilities'].round(3)}")
+
+        step("6. a bad input is a clear one-line error, not a traceback")
+        res = subprocess.run([sys.executable, "-m", "edge_sdk", "predict", str(art.path),
+                              "--input", str(work / "missing.npz")], capture_output=True, text=True)
+        print(f"exit {res.returncode}: {res.stderr.strip()}")
+
+        step("7. latency on this machine")
+        run("bench", str(art.path), "--runs", "200")
+        if not args.offline_only:
+            with Processes() as procs:
+                fleet_demo(work, src, procs, args.broker)
+        print("\ndemo finished OK")
+
+
+# -- part 2: release, broker, agent, deployments ------------------------------------------
+
+FLEET = "demo"
+DEVICE = "dev-001"
+BROKER_SCRIPT = """
+import asyncio, sys
+from amqtt.broker import Broker
+
+async def main(port):
+    broker = Broker({"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+                     "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin":
+                                 {"allow_anonymous": True}}})
+    await broker.start()
+    await asyncio.Event().wait()
+
+asyncio.run(main(int(sys.argv[1])))
+"""
+
+
+class Processes:
+    """Background processes of the demo, stopped (SIGTERM, then kill) on exit."""
+
+    def __init__(self) -> None:
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
+        with open(log, "wb") as f:
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        self.procs.append((name, proc))
+        return proc
+
+    def __enter__(self) -> Processes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for _, proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, log: Path) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"demo: {what} exited: {log.read_text()[-2000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"demo: {what} did not listen on port {port}")
+
+
+def start_broker(work: Path, procs: Processes, choice: str) -> tuple[str, bool]:
+    """Start a local broker; return its URL and whether it supports shared subscriptions."""
+    port = free_port()
+    mosquitto = shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()),
+        None)
+    log = work / "broker.log"
+    if choice in ("auto", "mosquitto") and mosquitto:
+        conf = work / "mosquitto.conf"
+        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
+                        "persistence false\nmax_queued_messages 100000\n")
+        proc = procs.start("mosquitto", [mosquitto, "-c", str(conf)], log)
+        print(f"started the system Mosquitto ({mosquitto}) on 127.0.0.1:{port}")
+        shared = True
+    elif choice in ("auto", "amqtt"):
+        try:
+            import amqtt  # noqa: F401
+        except ImportError:
+            raise SystemExit("demo: no broker: install Mosquitto (apt-get install mosquitto) "
+                             "or amqtt (pip install 'edge-sdk[demo]')") from None
+        proc = procs.start("amqtt", [sys.executable, "-c", BROKER_SCRIPT, str(port)], log)
+        print(f"started the embedded pure-Python amqtt broker on 127.0.0.1:{port}"
+              + ("" if choice == "amqtt" else " (Mosquitto is not installed)"))
+        shared = False  # amqtt has no $share subscriptions: one responder, plain subscription
+    else:
+        raise SystemExit("demo: mosquitto is not installed")
+    wait_port(port, proc, "the broker", log)
+    return f"mqtt://127.0.0.1:{port}", shared
+
+
+def infer(port: int, x: np.ndarray) -> tuple[str, np.ndarray]:
+    """One KServe v2 JSON request to the agent's local endpoint."""
+    body = json.dumps({"inputs": [{"name": "features", "shape": list(x.shape),
+                                   "datatype": "FP32", "data": x.reshape(-1).tolist()}]})
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/classifier/infer",
+                                 data=body.encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        res = json.loads(resp.read())
+    out = res["outputs"][0]
+    return res["model_version"], np.array(out["data"], np.float32).reshape(out["shape"])
+
+
+class Events:
+    """Prints the agent's reports (events over MQTT) as an operator's console would."""
+
+    def __init__(self, broker: str) -> None:
+        from edge_sdk.transport import MqttConfig, MqttConnection
+
+        self.seen: list[dict[str, Any]] = []
+        self.conn = MqttConnection(MqttConfig(url=broker, fleet=FLEET), name="demo-console")
+        self.conn.connect()
+        self.conn.subscribe(f"edge/{FLEET}/dev/{DEVICE}/events", self._on_event)
+
+    def _on_event(self, topic: str, payload: bytes) -> None:
+        ev = json.loads(payload)
+        if ev.get("event") == "heartbeat":
+            return
+        self.seen.append(ev)
+        label = self._label(ev)
+        reason = f" — {ev['reason']}" if ev.get("reason") else ""
+        print(f"  [agent event] {ev['event']:<15} {label.strip()}{reason}", flush=True)
+
+    @staticmethod
+    def _label(ev: dict[str, Any]) -> str:
+        if ev.get("model"):
+            return f"{ev['model']['name']} {ev['model']['version']}"
+        dep = ev.get("deployment") or {}
+        return f"{dep.get('name', '')} {dep.get('artifact_version', '')}".strip()
+
+    def wait(self, kind: str, version: str, timeout: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for ev in list(self.seen):
+                if ev["event"] == kind and self._label(ev).endswith(f" {version}"):
+                    return ev
+            time.sleep(0.05)
+        raise SystemExit(f"demo: the agent did not report {kind} for {version} "
+                         f"(events so far: {[e['event'] for e in self.seen]})")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def fleet_demo(work: Path, src: Path, procs: Processes, broker_choice: str) -> None:
+    step("8. convert the model (and a retrained v2) into verified artifacts")
+    # Calibration data: feature vectors like the ones the device will see. Part is held
+    # back to measure every candidate's accuracy against the source model.
+    calib = work / "calib.npz"
+    rng = np.random.default_rng(0)
+    np.savez(calib, features=rng.normal(0, 1, (96, 8)).astype(np.float32))
+    run("convert", str(src), "-o", str(work / "art-1.0.0"), "--name", "classifier",
+        "--version", "1.0.0", "--calibration", str(calib), "--metric", "top1", "--overwrite")
+    src2 = work / "classifier-v2.onnx"
+    build_classifier(src2, seed=7)
+    run("convert", str(src2), "-o", str(work / "art-2.0.0"), "--name", "classifier",
+        "--version", "2.0.0", "--calibration", str(calib), "--quantize", "none",
+        "--overwrite")
+
+    step("9. init a signed release repository (keys kept outside it) and add v1")
+    repo, keys = work / "repo", work / "keys"
+    for d in (repo, keys):
+        shutil.rmtree(d, ignore_errors=True)
+    run("release", "init", str(repo), "--keys", str(keys))
+    run("release", "add", str(repo), str(work / "art-1.0.0"))
+
+    step("10. a broker, and the repository served on it")
+    broker, shared = start_broker(work, procs, broker_choice)
+    mqtt = ["--broker", broker, "--fleet", FLEET]
+    serve = ["serve", "--repo", str(repo), *mqtt, *([] if shared else ["--no-shared"])]
+    print(f"$ edge-sdk {' '.join(serve)} &")
+    procs.start("serve", [sys.executable, "-m", "edge_sdk", *serve], work / "serve.log")
+    events = Events(broker)
+
+    step("11. start a device agent (provisioned with the trusted root and deployment key)")
+    device = work / "device"
+    shutil.rmtree(device, ignore_errors=True)
+    device.mkdir()
+    shutil.copyfile(repo / "metadata" / "1.root.json", device / "root.json")
+    shutil.copyfile(repo / "deployment.pub.json", device / "deployment.pub.json")
+    http_port = free_port()
+    cfg = device / "agent.toml"
+    cfg.write_text(
+        f'device_id = "{DEVICE}"\nfleet = "{FLEET}"\nstate_dir = "state"\n'
+        f'[broker]\nurl = "{broker}"\n'
+        '[trust]\nroot = "root.json"\ndeployment_key = "deployment.pub.json"\n'
+        f"[http]\nport = {http_port}\n"
+        "[health]\nwindow_s = 2.0\nprobe_interval_s = 0.2\n")
+    print(cfg.read_text().rstrip())
+    print(f"$ edge-sdk agent --config {cfg} &")
+    agent = procs.start("agent", [sys.executable, "-m", "edge_sdk", "agent", "--config",
+                                  str(cfg)], work / "agent.log")
+    wait_port(http_port, agent, "the agent", work / "agent.log")
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=5)
+    except urllib.error.HTTPError as err:
+        print(f"agent is live on 127.0.0.1:{http_port}; ready: {err.code} (no model yet)")
+
+    step("12. deploy v1 to the device")
+    run("deploy", "--repo", str(repo), "--device", DEVICE, "--model", "classifier",
+        "--version", "1.0.0", *mqtt)
+    events.wait("committed", "1.0.0")
+
+    step("13. predict through the agent's local endpoint (KServe v2 JSON)")
+    x = np.random.default_rng(3).normal(size=(1, 8)).astype(np.float32)
+    version, probs = infer(http_port, x)
+    print(f"POST /v2/models/classifier/infer -> model_version {version}, "
+          f"probabilities {[round(float(v), 3) for v in probs[0]]}")
+
+    step("14. release v2 and deploy it while a client keeps predicting")
+    run("release", "add", str(repo), str(work / "art-2.0.0"))
+    answered: Counter[str] = Counter()
+    failed: list[str] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            try:
+                answered[infer(http_port, x)[0]] += 1
+            except Exception as err:
+                failed.append(repr(err))
+
+    t = threading.Thread(target=client)
+    t.start()
+    try:
+        time.sleep(0.5)
+        run("deploy", "--repo", str(repo), "--device", DEVICE, "--model", "classifier",
+            "--version", "2.0.0", *mqtt)
+        events.wait("committed", "2.0.0")
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        t.join()
+    print(f"predictions during the update: {dict(answered)}, failed: {len(failed)}")
+    if failed or set(answered) != {"1.0.0", "2.0.0"}:
+        raise SystemExit(f"demo: the swap was not seamless: {failed[:3]}")
+
+    step("15. a tampered update is refused; v2 keeps serving")
+    build_classifier(work / "classifier-v3.onnx", seed=11)
+    run("convert", str(work / "classifier-v3.onnx"), "-o", str(work / "art-3.0.0"),
+        "--name", "classifier", "--version", "3.0.0", "--quantize", "none", "--overwrite")
+    run("release", "add", str(repo), str(work / "art-3.0.0"))
+    sha = json.loads((work / "art-3.0.0" / "manifest.json").read_text())["sha256"]
+    target = next((repo / "targets").rglob(f"{sha}.*"))
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    print(f"(an attacker flipped one byte of {target.relative_to(repo)} on the server)")
+    run("deploy", "--repo", str(repo), "--device", DEVICE, "--model", "classifier",
+        "--version", "3.0.0", *mqtt)
+    events.wait("failed", "3.0.0")
+    version, _ = infer(http_port, x)
+    print(f"the agent still serves model_version {version}")
+    if version != "2.0.0":
+        raise SystemExit("demo: the tampered update changed the served model")
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics",
+                                     timeout=5).read().decode()
+    print("metrics: " + "; ".join(line for line in metrics.splitlines()
+                                  if line.startswith("edge_agent_update_events_total")))
+    events.close()
+
+
+if __name__ == "__main__":
+    main()

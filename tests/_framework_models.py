@@ -1,0 +1,260 @@
+"""Tiny framework models the front-end tests train or build: torch, Keras, scikit-learn.
+
+Frameworks are imported inside each builder so that importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+IMAGE = (3, 16, 16)  # torch CNN input (channels first)
+FEATURES = 8
+
+
+def blobs(n: int = 96, *, features: int = FEATURES, classes: int = 3,
+          seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Separable float32 clusters: (x [n, features], y [n])."""
+    centers = np.random.default_rng(100).normal(0, 3, (classes, features))
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    x = centers[y] + rng.normal(0, 1, (n, features))
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def save_npz(path: Path, **arrays: np.ndarray) -> Path:
+    np.savez(path, **arrays)
+    return path
+
+
+# -- torch -------------------------------------------------------------------------------
+
+
+def torch_mlp() -> Any:
+    """An MLP (8 → 16 → 3) trained for a few steps on :func:`blobs`."""
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(FEATURES, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    x, y = blobs()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    for _ in range(30):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(xt), yt)
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+class _Cnn:  # a namespace so the nn.Module subclass is built only when torch is imported
+    @staticmethod
+    def build() -> Any:
+        import torch
+
+        class Cnn(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+                self.conv2 = torch.nn.Conv2d(8, 16, 3, padding=1, stride=2)
+                self.fc = torch.nn.Linear(16, 4)
+
+            def forward(self, image: Any) -> Any:
+                h = torch.relu(self.conv1(image))
+                h = torch.relu(self.conv2(h))
+                return self.fc(h.mean(dim=(2, 3)))
+
+        torch.manual_seed(0)
+        return Cnn().eval()
+
+
+def torch_cnn() -> Any:
+    """A two-conv CNN on [batch, 3, 16, 16] → 4 logits (random weights, seeded).
+
+    Also the factory the tests name as ``tests._framework_models:torch_cnn``.
+    """
+    return _Cnn.build()
+
+
+def torch_images(n: int = 24, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0, 1, (n, *IMAGE)).astype(np.float32)
+
+
+def save_torchscript(model: Any, path: Path, example: np.ndarray) -> Path:
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is still what users have
+        traced = torch.jit.trace(model, torch.from_numpy(example))
+        torch.jit.save(traced, str(path))
+    return path
+
+
+def save_exported_program(model: Any, path: Path, example: np.ndarray) -> Path:
+    """torch.export.save with a dynamic batch dim."""
+    import torch
+
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    ep = torch.export.export(model, (torch.from_numpy(example),),
+                             dynamic_shapes=({0: batch},))
+    torch.export.save(ep, str(path))
+    return path
+
+
+# -- Keras -------------------------------------------------------------------------------
+
+
+KERAS_IMAGE = (12, 12, 3)
+
+
+def keras_cnn(path: Path) -> Any:
+    """A small Keras CNN (Conv-Pool-Conv-GAP-Dense softmax) trained to confident
+    predictions in 6 short epochs; saved at ``path`` (.keras or .h5). Returns the model."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input(KERAS_IMAGE, name="image")
+    h = keras.layers.Conv2D(8, 3, activation="relu", padding="same")(inp)
+    h = keras.layers.MaxPooling2D()(h)
+    h = keras.layers.Conv2D(16, 3, activation="relu")(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    out = keras.layers.Dense(3, activation="softmax", name="probs")(h)
+    model = keras.Model(inp, out)
+    model.compile(optimizer=keras.optimizers.Adam(0.02), loss="sparse_categorical_crossentropy")
+    x, y = keras_images(128)
+    model.fit(x, y, epochs=6, batch_size=32, verbose=0)
+    model.save(str(path))
+    return model
+
+
+def keras_images(n: int = 32, seed: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Images whose class is which colour channel is brightest."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    x = rng.uniform(0, 0.5, (n, *KERAS_IMAGE))
+    x[np.arange(n), :, :, y] += 0.5
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def keras_saved_model(model: Any, path: Path) -> Path:
+    """The model exported as a SavedModel directory (model.export)."""
+    model.export(str(path), verbose=False)
+    return path
+
+
+# -- scikit-learn ------------------------------------------------------------------------
+
+
+def sklearn_models() -> dict[str, Any]:
+    """Fitted LogisticRegression, RandomForest and a StandardScaler+LogisticRegression
+    Pipeline on :func:`blobs`."""
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = blobs()
+    x = x * np.linspace(1, 20, FEATURES, dtype=np.float32)  # give the scaler work to do
+    return {
+        "logreg": LogisticRegression(max_iter=500).fit(x, y),
+        "forest": RandomForestClassifier(n_estimators=12, max_depth=5, random_state=0).fit(x, y),
+        "pipeline": make_pipeline(StandardScaler(), LogisticRegression(max_iter=500)).fit(x, y),
+    }
+
+
+def sklearn_inputs(n: int = 40, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    x, y = blobs(n, seed=seed)
+    return x * np.linspace(1, 20, FEATURES, dtype=np.float32), y
+
+
+def save_pickle(obj: Any, path: Path) -> Path:
+    path.write_bytes(pickle.dumps(obj))
+    return path
+
+
+# -- TFLite sources ----------------------------------------------------------------------
+
+
+def tflite_fp16_weights(path: Path) -> tuple[Path, np.ndarray]:
+    """A [batch, 4] → [batch, 8] matmul with float16 weights (TFLite dequantizes them at
+    load). Returns the file and the float32 weight matrix."""
+    import tensorflow as tf
+
+    w = np.random.default_rng(4).normal(size=(4, 8)).astype(np.float32)
+
+    class Dense(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = tf.Variable(w)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32, name="features")])
+        def serve(self, features: Any) -> dict[str, Any]:
+            return {"scores": tf.matmul(features, self.w)}
+
+    module = Dense()
+    saved = path.with_suffix(".savedmodel")
+    tf.saved_model.save(module, str(saved), signatures={"serving_default": module.serve})
+    conv = tf.lite.TFLiteConverter.from_saved_model(str(saved))
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.target_spec.supported_types = [tf.float16]
+    path.write_bytes(conv.convert())
+    return path, w
+
+
+def tflite_resource_variable(path: Path) -> Path:
+    """A stateful model: a resource variable accumulates the inputs ([1, 4] → running sum)."""
+    import tensorflow as tf
+
+    class Accumulator(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.total = tf.Variable(tf.zeros([1, 4]), name="total")
+
+        @tf.function(input_signature=[tf.TensorSpec([1, 4], tf.float32, name="x")])
+        def serve(self, x: Any) -> dict[str, Any]:
+            self.total.assign_add(x)
+            return {"running_sum": tf.identity(self.total)}
+
+    module = Accumulator()
+    saved = path.with_suffix(".savedmodel")
+    tf.saved_model.save(module, str(saved), signatures={"serving_default": module.serve})
+    conv = tf.lite.TFLiteConverter.from_saved_model(str(saved))
+    conv.experimental_enable_resource_variables = True
+    path.write_bytes(conv.convert())
+    return path
+
+
+def torch_branchy() -> Any:
+    """A module with data-dependent control flow: tracing bakes in one branch, so an ONNX
+    export silently differs from torch on inputs that take the other branch."""
+    import torch
+
+    class Branchy(torch.nn.Module):
+        def forward(self, x: Any) -> Any:
+            if float(x.sum()) > 0:
+                return x * 2.0
+            return x - 10.0
+
+    return Branchy().eval()
+
+
+def torch_two_inputs() -> Any:
+    """forward(features, scale) → features @ W * scale: two inputs bound by name."""
+    import torch
+
+    class TwoInputs(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.proj = torch.nn.Linear(FEATURES, 2)
+
+        def forward(self, features: Any, scale: Any) -> Any:
+            return {"scaled": self.proj(features) * scale, "raw": self.proj(features)}
+
+    return TwoInputs().eval()

@@ -1,0 +1,151 @@
+"""The example Mosquitto credentials/ACL: a device reads only its own topics and cannot
+publish releases, announcements or deployments, while the real flow still works."""
+
+from __future__ import annotations
+
+import getpass
+import importlib.util
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+import edge_sdk
+from edge_sdk.errors import TransportError
+from edge_sdk.release import Repository, create_deployment, publish_deployment
+from edge_sdk.transport import MqttConfig, MqttConnection, RepoResponder, Topics
+from edge_sdk.trust import UpdateClient, load_public_key, verify_deployment
+from tests._broker import Mosquitto
+from tests._trust_env import make_artifact
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mosquitto"
+FLEET = "lab"
+
+
+def _example_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("make_credentials",
+                                                  EXAMPLE / "make_credentials.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _example_limits() -> str:
+    keep = ("max_packet_size", "max_qos", "set_tcp_nodelay")
+    lines = (EXAMPLE / "mosquitto.conf").read_text().splitlines()
+    return "".join(f"{ln}\n" for ln in lines if ln.split(" ")[0] in keep)
+
+
+class _Collector:
+    """Collects messages on one topic and waits for one matching a predicate."""
+
+    def __init__(self, conn: MqttConnection, topic: str) -> None:
+        self.got: list[bytes] = []
+        self.cond = threading.Condition()
+        self.sub = conn.subscribe(topic, self._on)
+
+    def _on(self, topic: str, payload: bytes) -> None:
+        with self.cond:
+            self.got.append(payload)
+            self.cond.notify_all()
+
+    def wait_for(self, pred: Callable[[bytes], bool]) -> list[bytes]:
+        with self.cond:
+            assert self.cond.wait_for(lambda: any(pred(p) for p in self.got), timeout=10)
+            return list(self.got)
+
+
+@pytest.fixture()
+def acl_broker(tmp_path: Path) -> tuple[Mosquitto, dict[str, str]]:
+    creds = _example_module().generate(tmp_path / "auth", FLEET, {"d1": ["lobby"], "d2": []})
+    # Under a root test runner mosquitto would drop to user "mosquitto", which cannot
+    # read pytest's private temp dir; stay as the user running the tests.
+    conf = (f"user {getpass.getuser()}\n"
+            f"password_file {tmp_path / 'auth' / 'passwd'}\n"
+            f"acl_file {tmp_path / 'auth' / 'acl'}\n" + _example_limits())
+    with Mosquitto(tmp_path / "broker", allow_anonymous=False, extra_conf=conf) as b:
+        yield b, creds  # type: ignore[misc]
+
+
+def _conn(broker: Mosquitto, creds: dict[str, str], user: str) -> MqttConnection:
+    c = MqttConnection(MqttConfig(url=broker.url, fleet=FLEET, username=user,
+                                  password=creds[user]), name=user)
+    c.connect()
+    return c
+
+
+def test_device_credentials_cannot_read_or_forge_other_devices_topics(
+        tmp_path: Path, acl_broker: tuple[Mosquitto, dict[str, str]]) -> None:
+    broker, creds = acl_broker
+    topics = Topics(FLEET)
+    repo = Repository.init(tmp_path / "repo", tmp_path / "keys")
+    art = make_artifact(tmp_path / "arts", "m", "1.0")
+    repo.add_artifact(art.path)
+
+    with pytest.raises(TransportError, match="refused the connection"):
+        MqttConnection(MqttConfig(url=broker.url, fleet=FLEET, username="d1",
+                                  password="wrong"), name="bad").connect(timeout=5)
+
+    operator = _conn(broker, creds, "edge-operator")
+    serve = _conn(broker, creds, "edge-repo")
+    d1, d2 = _conn(broker, creds, "d1"), _conn(broker, creds, "d2")
+    responder = RepoResponder(serve, repo.path)
+    try:
+        responder.start()
+        signed = create_deployment(repo, model="m", fleet=FLEET, devices=["d1"])
+        publish_deployment(operator, signed)
+
+        # d2 may not read d1's deployment (retained) nor d1's chunk responses (live).
+        # Mosquitto grants the SUBSCRIBE and filters on delivery, so each check uses a
+        # marker on d2's own topic, sent after the forbidden message: once the marker
+        # arrives, the forbidden one would have arrived before it.
+        publish_deployment(operator, create_deployment(repo, model="m", fleet=FLEET,
+                                                       devices=["d2"]))
+        spy = _Collector(d2, topics.desired("d1"))
+        own = _Collector(d2, topics.desired("d2"))
+        own.wait_for(lambda p: b'"d2"' in p)
+        assert spy.got == []
+        spy_res = _Collector(d2, topics.repo_response("d1"))
+        own_res = _Collector(d2, topics.repo_response("d2"))
+        serve.publish_wait(topics.repo_response("d1"), b"secret chunk")
+        serve.publish_wait(topics.repo_response("d2"), b"marker")
+        own_res.wait_for(lambda p: p == b"marker")
+        assert spy_res.got == []
+
+        # d2 may not publish deployments, announcements or chunk responses: the broker
+        # acknowledges and drops them.
+        d2.publish_wait(topics.desired("d1"), b"forged", retain=True)
+        d2.publish_wait(topics.announce, b"forged", retain=True)
+        d2.publish_wait(topics.repo_response("d1"), b"forged")
+        res = _Collector(d1, topics.repo_response("d1"))
+        serve.publish_wait(topics.repo_response("d1"), b"marker")
+        assert res.wait_for(lambda p: p == b"marker") == [b"marker"]
+        desired = _Collector(d1, topics.desired("d1"))
+        assert desired.wait_for(lambda p: True) == [signed.document]
+        announce = _Collector(operator, topics.announce)
+        assert b"forged" not in announce.wait_for(lambda p: True)
+
+        # The legitimate flow works under the same ACL (shared subscription included).
+        dep = verify_deployment(signed.document, load_public_key(repo.deployment_key_path),
+                                device_id="d1", fleet=FLEET)
+        client = UpdateClient(trusted_root=repo.root_path.read_bytes(),
+                              metadata_dir=tmp_path / "d1" / "tuf",
+                              partial_dir=tmp_path / "d1" / "part", connection=d1,
+                              device_id="d1")
+        path = client.fetch(dep, tmp_path / "d1" / "model")
+        assert edge_sdk.Artifact.from_dir(path).manifest.sha256 == art.manifest.sha256
+        # d1 reads its group's deployments; d2 is not in that group.
+        group = create_deployment(repo, model="m", fleet=FLEET, groups=["lobby"])
+        publish_deployment(operator, group)
+        assert _Collector(d1, topics.group_desired("lobby")).wait_for(
+            lambda p: True) == [group.document]
+        spy_group = _Collector(d2, topics.group_desired("lobby"))
+        _Collector(d2, topics.desired("d2")).wait_for(lambda p: True)
+        assert spy_group.got == []
+    finally:
+        responder.stop()
+        for c in (operator, serve, d1, d2):
+            c.close()

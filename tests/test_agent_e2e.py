@@ -1,0 +1,502 @@
+"""End to end: real agents as subprocesses, a real Mosquitto, a real signed release
+repository served by the real responder, deployments signed and published as an
+operator would."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import edge_sdk
+from edge_sdk.release import Repository, create_deployment, publish_deployment
+from edge_sdk.transport import MqttConfig, MqttConnection, RepoResponder, Topics
+from tests import _models
+from tests._broker import Mosquitto
+
+FLEET = "lab"
+ROOT = Path(__file__).resolve().parents[1]
+CRASH_ENV = "EDGE_SDK_AGENT_CRASH_AT"
+X = np.array([[1.0, 2.0, 3.0, 4.0]], dtype=np.float32)
+
+
+def offset_of(version: str) -> float:
+    return float(version)
+
+
+class Fleet:
+    """Host side: repository, broker, responder, and a listener on every device's reports."""
+
+    def __init__(self, tmp: Path, broker: Mosquitto) -> None:
+        self.tmp = tmp
+        self.broker = broker
+        self.repo = Repository.init(tmp / "repo", tmp / "keys")
+        self.arts = tmp / "arts"
+        self.host = MqttConnection(MqttConfig(url=broker.url, fleet=FLEET), name="host")
+        self.host.connect()
+        self.responder = RepoResponder(self.host, self.repo.path)
+        self.responder.start()
+        self.topics = Topics(FLEET)
+        self.events: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.states: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self.host.subscribe(f"edge/{FLEET}/dev/+/events", self._on_event)
+        self.host.subscribe(f"edge/{FLEET}/dev/+/state", self._on_state)
+        self.released: set[str] = set()
+
+    def _on_event(self, topic: str, payload: bytes) -> None:
+        doc = json.loads(payload)
+        if doc.get("event") != "heartbeat":
+            with self._lock:
+                self.events[topic.split("/")[3]].append(doc)
+
+    def _on_state(self, topic: str, payload: bytes) -> None:
+        if payload:
+            self.states[topic.split("/")[3]] = json.loads(payload)
+
+    def kinds(self, device: str) -> list[str]:
+        with self._lock:
+            return [e["event"] for e in self.events[device]]
+
+    def last(self, device: str, kind: str) -> dict[str, Any]:
+        with self._lock:
+            return [e for e in self.events[device] if e["event"] == kind][-1]
+
+    def wait_event(self, device: str, kind: str, version: str, timeout: float = 60) -> None:
+        def found() -> bool:
+            with self._lock:
+                return any(e["event"] == kind and (e.get("model") or {}).get("version") == version
+                           for e in self.events[device])
+
+        wait_for(found, timeout, lambda: f"no {kind} of {version}: {self.kinds(device)}")
+
+    def release(self, version: str, *, offset: float | None = None, name: str = "adder",
+                builder: Callable[[Path], Path] | None = None) -> edge_sdk.Artifact:
+        self.arts.mkdir(exist_ok=True)
+        src = self.arts / f"{name}-{version}.onnx"
+        if builder is not None:
+            builder(src)
+        else:
+            _models.offset_model(src, offset_of(version) if offset is None else offset)
+        art = edge_sdk.build_artifact(src, self.arts / f"{name}-{version}", name=name,
+                                      version=version, sample={"x": X})
+        self.repo.add_artifact(art.path)
+        self.released.add(version)
+        return art
+
+    def deploy(self, device: str, version: str, **kw: Any) -> int:
+        sd = create_deployment(self.repo, model="adder", fleet=FLEET, version=version,
+                               devices=[device], **kw)
+        publish_deployment(self.host, sd)
+        return sd.deployment.counter
+
+    def publish_raw(self, device: str, payload: bytes) -> None:
+        self.host.publish_wait(self.topics.desired(device), payload, qos=1, retain=True)
+
+    def close(self) -> None:
+        self.responder.stop()
+        self.host.close()
+
+
+class AgentProc:
+    """One agent subprocess with its own state dir and config."""
+
+    def __init__(self, fleet: Fleet, tmp: Path, device: str, *, window_s: float = 0.3,
+                 broker_url: str | None = None) -> None:
+        self.fleet = fleet
+        self.device = device
+        self.dir = tmp / device
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.state = self.dir / "state"
+        trust = self.dir / "trust"
+        trust.mkdir(exist_ok=True)
+        shutil.copyfile(fleet.repo.meta / "1.root.json", trust / "root.json")
+        shutil.copyfile(fleet.repo.deployment_key_path, trust / "deployment.pub.json")
+        self.config = self.dir / "agent.toml"
+        self.broker_url = broker_url or fleet.broker.url
+        self.write_config(window_s)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.log = self.dir / "agent.log"
+
+    def write_config(self, window_s: float) -> None:
+        device = self.device
+        self.config.write_text(
+            f'device_id = "{device}"\nfleet = "{FLEET}"\nstate_dir = "state"\nthreads = 1\n'
+            f'[broker]\nurl = "{self.broker_url}"\n'
+            '[trust]\nroot = "trust/root.json"\ndeployment_key = "trust/deployment.pub.json"\n'
+            "[http]\nport = 0\n"
+            f"[health]\nwindow_s = {window_s}\nprobe_interval_s = 0.05\n"
+            "[limits]\nretry_s = 0.5\n"
+            "[telemetry]\nheartbeat_s = 1.0\n"
+        )
+
+    def start(self, crash_at: str | None = None, *, cli: bool = False) -> AgentProc:
+        env = dict(os.environ)
+        env.pop(CRASH_ENV, None)
+        if crash_at:
+            env[CRASH_ENV] = crash_at
+        cmd = ([str(ROOT / ".venv/bin/edge-sdk"), "agent"] if cli
+               else [sys.executable, "-m", "device_agent"])
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([*cmd, "--config", str(self.config)], cwd=ROOT,
+                                         env=env, stdout=log, stderr=log)
+        self._wait_listening()
+        return self
+
+    def _wait_listening(self) -> None:
+        assert self.proc is not None
+        runtime = self.state / "agent.json"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent exited with {self.proc.returncode}: "
+                                     f"{self.log.read_text()[-3000:]}")
+            try:
+                info = json.loads(runtime.read_text())
+                if info["pid"] == self.proc.pid:
+                    self.port = int(info["url"].rsplit(":", 1)[1])
+                    return
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.05)
+        raise AssertionError("agent did not start listening")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def get(self, path: str) -> tuple[int, Any]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            raw = resp.read()
+        finally:
+            conn.close()
+        return resp.status, json.loads(raw) if raw else None
+
+    def version(self) -> str | None:
+        status, meta = self.get("/v2/models/adder")
+        return meta["versions"][0] if status == 200 else None
+
+    def wait_version(self, version: str, timeout: float = 60) -> None:
+        wait_for(lambda: self.version() == version, timeout,
+                 lambda: f"agent never served {version}; log: {self.log.read_text()[-3000:]}")
+
+    def infer(self, conn: http.client.HTTPConnection | None = None) -> tuple[str, float]:
+        own = conn is None
+        c = conn or http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        body = json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
+                                       "data": X.reshape(-1).tolist()}]})
+        try:
+            c.request("POST", "/v2/models/adder/infer", body=body)
+            resp = c.getresponse()
+            data = json.loads(resp.read())
+        finally:
+            if own:
+                c.close()
+        if resp.status != 200:
+            raise AssertionError(f"infer failed with {resp.status}: {data}")
+        return data["model_version"], float(data["outputs"][0]["data"][0])
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 60,
+             why: Callable[[], str] | None = None) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(why() if why else "condition not reached within the deadline")
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    tmp = tmp_path_factory.mktemp("agent-e2e")
+    with Mosquitto(tmp / "broker") as broker:
+        f = Fleet(tmp, broker)
+        for v in ("1", "2", "3", "4", "5", "6"):
+            f.release(v)
+        yield f
+        f.close()
+
+
+@pytest.fixture()
+def agents(tmp_path: Path) -> Iterator[list[AgentProc]]:
+    procs: list[AgentProc] = []
+    yield procs
+    for p in procs:
+        p.kill()
+
+
+def new_agent(fleet: Fleet, tmp: Path, agents: list[AgentProc], device: str,
+              **kw: Any) -> AgentProc:
+    a = AgentProc(fleet, tmp, device, **kw)
+    agents.append(a)
+    return a
+
+
+def test_v1_installs_then_repeated_swaps_under_load_drop_no_request(fleet, tmp_path,
+                                                                    agents) -> None:
+    agent = new_agent(fleet, tmp_path, agents, "swap").start(cli=True)
+    fleet.deploy("swap", "1")
+    agent.wait_version("1")
+    assert agent.infer() == ("1", 2.0)
+
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(url=f"127.0.0.1:{agent.port}")
+    inp = httpclient.InferInput("x", [1, 4], "FP32")
+    inp.set_data_from_numpy(X)
+    np.testing.assert_array_equal(client.infer("adder", [inp]).as_numpy("y"), X + 1.0)
+    client.close()
+
+    stop = threading.Event()
+    failures: list[str] = []
+    seen: list[tuple[str, float]] = []
+
+    def load() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", agent.port, timeout=10)
+        while not stop.is_set():
+            try:
+                version, y = agent.infer(conn)
+                seen.append((version, y))
+                if y != X[0, 0] + offset_of(version):
+                    failures.append(f"version {version} answered {y}")
+            except Exception as err:
+                failures.append(repr(err))
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", agent.port, timeout=10)
+        conn.close()
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        for v in ("2", "3", "4", "5", "6"):
+            fleet.deploy("swap", v)
+            fleet.wait_event("swap", "committed", v)
+            assert agent.version() == v
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert failures == []
+    assert {v for v, _ in seen} >= {"1", "6"} and len(seen) > 100
+    kinds = fleet.kinds("swap")
+    assert kinds.count("swapped") == 6 and kinds.count("committed") == 6
+    state = wait_for(lambda: (s := fleet.states.get("swap")) and s["model"]["version"] == "6"
+                     and s)
+    assert state["online"] is True and state["previous"]["version"] == "5"
+    assert state["last_update"]["result"] == "committed"
+    agent.stop()
+    wait_for(lambda: fleet.states["swap"].get("online") is False)
+
+
+def test_model_failing_its_smoke_test_is_refused_reported_and_old_model_serves(
+    fleet, tmp_path, agents
+) -> None:
+    fleet.release("7", offset=float("nan"))
+    agent = new_agent(fleet, tmp_path, agents, "smoke").start()
+    fleet.deploy("smoke", "1")
+    agent.wait_version("1")
+    fleet.deploy("smoke", "7")
+    wait_for(lambda: "failed" in fleet.kinds("smoke"))
+    failed = fleet.last("smoke", "failed")
+    assert failed["stage"] == "smoke_test" and "non-finite" in failed["reason"]
+    assert agent.infer() == ("1", 2.0)
+    state = wait_for(lambda: (s := fleet.states.get("smoke")) and s["last_update"]
+                     and s["last_update"]["result"] == "failed" and s)
+    assert state["model"]["version"] == "1"
+
+
+def test_health_window_failure_rolls_back_and_reports(fleet, tmp_path, agents) -> None:
+    fleet.release("8", builder=_models.batch1_only_model)
+    agent = new_agent(fleet, tmp_path, agents, "health").start()
+    fleet.deploy("health", "1")
+    fleet.wait_event("health", "committed", "1")
+    agent.stop()
+    agent.write_config(window_s=60.0)
+    agent.start()
+    fleet.deploy("health", "8")
+    agent.wait_version("8")
+    conn = http.client.HTTPConnection("127.0.0.1", agent.port, timeout=10)
+    body = json.dumps({"inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32",
+                                   "data": [0.0] * 8}]})
+    conn.request("POST", "/v2/models/adder/infer", body=body)
+    resp = conn.getresponse()
+    assert resp.status == 500 and "Reshape" in json.loads(resp.read())["error"]
+    conn.close()
+    wait_for(lambda: "rolled_back" in fleet.kinds("health"))
+    assert "inferences failed" in fleet.last("health", "rolled_back")["reason"]
+    assert agent.infer() == ("1", 2.0)
+
+
+def test_tampered_unauthorised_and_corrupt_updates_are_refused_while_v1_serves(
+    fleet, tmp_path, agents
+) -> None:
+    agent = new_agent(fleet, tmp_path, agents, "tamper").start()
+    fleet.deploy("tamper", "1")
+    agent.wait_version("1")
+
+    # A deployment changed in transit (same signature, different target).
+    sd = create_deployment(fleet.repo, model="adder", fleet=FLEET, version="2",
+                           devices=["tamper"])
+    doc = json.loads(sd.document)
+    doc["signed"]["version"] = "3"
+    fleet.publish_raw("tamper", json.dumps(doc).encode())
+    wait_for(lambda: fleet.kinds("tamper").count("refused") >= 1)
+    assert "not signed by the trusted deployment key" in fleet.last("tamper", "refused")["reason"]
+
+    # A deployment signed by someone else's key.
+    other = Repository.init(tmp_path / "other-repo", tmp_path / "other-keys")
+    art = edge_sdk.Artifact.from_dir(fleet.arts / "adder-2")
+    other.add_artifact(art.path)
+    rogue = create_deployment(other, model="adder", fleet=FLEET, version="2",
+                              devices=["tamper"])
+    fleet.publish_raw("tamper", rogue.document)
+    wait_for(lambda: fleet.kinds("tamper").count("refused") >= 2)
+    assert "deployment failed verification" in fleet.last("tamper", "refused")["reason"]
+
+    # A correctly signed deployment whose artifact bytes were altered on the server.
+    art9 = fleet.release("9")
+    target = next((fleet.repo.path / "targets").rglob(f"{art9.manifest.sha256}.*"))
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    fleet.deploy("tamper", "9")
+    wait_for(lambda: "failed" in fleet.kinds("tamper"))
+    failed = fleet.last("tamper", "failed")
+    assert failed["stage"] == "fetch" and "sha256" in failed["reason"]
+    for _ in range(20):
+        assert agent.infer() == ("1", 2.0)
+    assert fleet.kinds("tamper").count("swapped") == 1
+
+
+def test_broker_down_at_start_serves_and_reports_arrive_when_it_returns(
+    tmp_path, agents
+) -> None:
+    broker = Mosquitto(tmp_path / "broker")
+    broker.start()
+    f = Fleet(tmp_path / "fleet", broker)
+    try:
+        f.release("1")
+        f.release("2")
+        agent = new_agent(f, tmp_path, agents, "offline").start()
+        f.deploy("offline", "1")
+        agent.wait_version("1")
+        f.deploy("offline", "2")
+        agent.wait_version("2")
+        wait_for(lambda: f.kinds("offline").count("committed") == 2)
+        agent.stop()
+        # Damage the current model on disk, then start with no broker reachable.
+        state = json.loads((agent.state / "installed.json").read_text())
+        model = agent.state / "models" / state["current"]["id"] / "model.onnx"
+        data = bytearray(model.read_bytes())
+        data[-1] ^= 0xFF
+        model.write_bytes(bytes(data))
+        broker.stop()
+        agent.start()
+        assert agent.infer() == ("1", 2.0)  # serves the verified previous model, offline
+        queued = list((agent.state / "outbox").glob("*.json"))
+        assert queued, "the rollback report should wait on disk"
+        broker.start()  # same port
+        wait_for(lambda: "rolled_back" in f.kinds("offline"), 30)
+        assert "failed verification at boot" in f.last("offline", "rolled_back")["reason"]
+        wait_for(lambda: (s := f.states.get("offline")) and s["online"] and
+                 s["model"]["version"] == "1", 30)
+        wait_for(lambda: not list((agent.state / "outbox").glob("*.json")), 30)
+    finally:
+        f.close()
+        broker.stop()
+
+
+def test_agent_cli_reports_config_errors_in_one_line(tmp_path, capsys) -> None:
+    from edge_sdk.cli import main
+
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text('device_id = "d"\nfleet = "f"\nstate_dir = "s"\nthreds = 2\n')
+    assert main(["agent", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key(s) threds" in err and "Traceback" not in err
+    cfg.write_text('device_id = "d"\nfleet = "f"\nstate_dir = "s"\n')
+    assert main(["agent", "--config", str(cfg), "--check"]) == 0
+    assert "config ok" in capsys.readouterr().out
+    res = subprocess.run([str(ROOT / ".venv/bin/edge-sdk"), "agent", "--config",
+                          str(tmp_path / "missing.toml")], capture_output=True, text=True)
+    assert res.returncode == 2 and "no such config file" in res.stderr
+
+
+DETERMINISTIC_POINTS = ("install_started", "fetched", "adopted", "loaded", "smoke_tested",
+                        "trial_saved", "swapped", "health_probe", "committed", "cleaned")
+
+
+@pytest.mark.slow
+def test_kill_9_at_any_point_of_an_install_restarts_into_a_verified_model(
+    fleet, tmp_path, agents
+) -> None:
+    versions = [str(v) for v in range(10, 34)]
+    for v in versions:
+        fleet.release(v)
+    agent = new_agent(fleet, tmp_path, agents, "crash", window_s=0.3).start()
+    fleet.deploy("crash", "1")
+    agent.wait_version("1")
+    rng = random.Random(7)
+    points = [*DETERMINISTIC_POINTS, *(f"random:{rng.uniform(0.0, 1.2):.3f}"
+                                       for _ in range(12))]
+    served = "1"
+
+    def settled(counter: int) -> bool:
+        st = json.loads((agent.state / "installed.json").read_text())
+        return bool(st["phase"] == "committed" and st["deployment_version"] >= counter)
+
+    for point, version in zip(points, versions, strict=False):
+        agent.stop()
+        before = served
+        if point.startswith("random:"):
+            agent.start()
+            counter = fleet.deploy("crash", version)
+            time.sleep(float(point.split(":")[1]))
+            agent.kill()
+        else:
+            agent.start(crash_at=point)
+            counter = fleet.deploy("crash", version)
+            assert agent.proc is not None
+            assert agent.proc.wait(60) == -signal.SIGKILL, point
+        agent.start()
+        wait_for(lambda: agent.get("/v2/health/ready")[0] == 200, 30)
+        got, y = agent.infer()
+        assert got in (before, version), (point, got)
+        assert y == X[0, 0] + offset_of(got), point
+        # The retained deployment is then finished (or settled) by the restarted agent.
+        wait_for(lambda c=counter: settled(c), 60)
+        served = agent.version() or before
+        assert served in (before, version), (point, served)
+    assert len(points) >= 20
+    agent.stop()

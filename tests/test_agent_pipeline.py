@@ -1,0 +1,328 @@
+"""The install pipeline and state store, driven in-process through a local ArtifactSource.
+
+Real onnxruntime models, real state directory; no broker (the MQTT path is
+covered by test_agent_e2e.py with real agents and a real Mosquitto).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from device_agent import Agent, AgentConfig
+from device_agent._state import StateStore
+from device_agent._telemetry import Outbox
+from edge_sdk import Artifact, build_artifact
+from edge_sdk.errors import ConfigError
+from tests import _models
+from tests._agent_local import LocalSource, config, deployment
+
+X = np.array([[1.0, 2.0, 3.0, 4.0]], dtype=np.float32)
+SAMPLE = {"x": X}
+
+
+@pytest.fixture(scope="module")
+def arts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Artifact]:
+    d = tmp_path_factory.mktemp("agent-arts")
+    out = {}
+    for tag, offset in (("v1", 1.0), ("v2", 2.0), ("v3", 3.0)):
+        m = _models.offset_model(d / f"{tag}.onnx", offset)
+        out[tag] = build_artifact(m, d / tag, name="adder", version=tag, sample=SAMPLE)
+    nan = _models.offset_model(d / "nan.onnx", float("nan"))
+    out["nan"] = build_artifact(nan, d / "nan", name="adder", version="nan", sample=SAMPLE)
+    b1 = _models.batch1_only_model(d / "b1.onnx")
+    out["batch1"] = build_artifact(b1, d / "batch1", name="adder", version="b1", sample=SAMPLE)
+    return out
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError("condition not reached within the deadline")
+
+
+def events(agent: Agent) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(agent.store.outbox.glob("[0-9]*.json"))]
+
+
+def kinds(agent: Agent) -> list[str]:
+    return [e["event"] for e in events(agent)]
+
+
+def served_version(agent: Agent) -> str | None:
+    cur = agent.slot.current
+    return None if cur is None else cur.version
+
+
+def predict(agent: Agent) -> float:
+    cur = agent.slot.current
+    assert cur is not None
+    return float(cur.predict({"x": X})["y"][0, 0])
+
+
+@pytest.fixture()
+def make_agent(tmp_path: Path) -> Iterator[Callable[..., Agent]]:
+    agents: list[Agent] = []
+
+    def make(cfg: AgentConfig | None = None, source: LocalSource | None = None) -> Agent:
+        agent = Agent(cfg or config(tmp_path / "state"), source=source or LocalSource(),
+                      connect=False)
+        agent.start()
+        agents.append(agent)
+        return agent
+
+    yield make
+    for a in agents:
+        a.stop()
+
+
+def install(agent: Agent, art: Artifact, version: int, final: str = "committed") -> None:
+    n = kinds(agent).count(final)
+    agent.submit(deployment(art, version))
+    wait_for(lambda: kinds(agent).count(final) > n)
+
+
+def test_first_deployment_installs_verifies_and_serves(make_agent, arts) -> None:
+    agent = make_agent()
+    assert agent.slot.current is None
+    install(agent, arts["v1"], 1)
+    assert served_version(agent) == "v1"
+    assert predict(agent) == 2.0
+    assert kinds(agent) == ["install_started", "verified", "swapped", "committed"]
+    state = agent.store.load()
+    assert state.current is not None and state.current.version == "v1"
+    assert state.phase == "committed" and state.deployment_version == 1
+
+
+def test_swap_to_v2_keeps_v1_on_disk_as_previous(make_agent, arts) -> None:
+    agent = make_agent()
+    install(agent, arts["v1"], 1)
+    install(agent, arts["v2"], 2)
+    assert predict(agent) == 3.0
+    state = agent.store.load()
+    assert state.current.version == "v2" and state.previous.version == "v1"
+    assert agent.store.open_model(state.previous).manifest.version == "v1"
+    install(agent, arts["v3"], 3)
+    dirs = sorted(p.name for p in agent.store.models.iterdir())
+    assert len(dirs) == 2 and all("v1" not in d for d in dirs)
+
+
+def test_model_with_nan_outputs_fails_smoke_test_and_v1_keeps_serving(make_agent, arts) -> None:
+    agent = make_agent()
+    install(agent, arts["v1"], 1)
+    install(agent, arts["nan"], 2, final="failed")
+    failed = [e for e in events(agent) if e["event"] == "failed"][-1]
+    assert failed["stage"] == "smoke_test" and "non-finite" in failed["reason"]
+    assert served_version(agent) == "v1" and predict(agent) == 2.0
+    state = agent.store.load()
+    assert state.current.version == "v1" and state.last_result["result"] == "failed"
+    # The same deployment redelivered (retained message after a reconnect) is not retried.
+    agent.submit(deployment(arts["nan"], 2))
+    time.sleep(0.3)
+    assert kinds(agent).count("install_started") == 2
+
+
+def test_model_failing_in_health_window_is_rolled_back_to_previous(make_agent, arts,
+                                                                   tmp_path) -> None:
+    agent = make_agent()
+    install(agent, arts["v1"], 1)
+    agent.stop()
+    agent2 = make_agent(config(tmp_path / "state",
+                               health={"window_s": 60.0, "probe_interval_s": 0.05}))
+    agent2.submit(deployment(arts["batch1"], 2))
+    wait_for(lambda: served_version(agent2) == "b1")
+    cur = agent2.slot.current
+    with pytest.raises(Exception, match=r"Reshape|reshape"):
+        cur.predict({"x": np.ones((2, 4), np.float32)})  # a real request that the model fails
+    wait_for(lambda: "rolled_back" in kinds(agent2))
+    rb = [e for e in events(agent2) if e["event"] == "rolled_back"][-1]
+    assert "inferences failed in the health window" in rb["reason"]
+    assert served_version(agent2) == "v1"
+    state = agent2.store.load()
+    assert state.current.version == "v1" and state.previous is None
+    assert state.last_result["result"] == "rolled_back"
+
+
+def test_unauthorised_deployment_is_refused_and_current_keeps_serving(make_agent, arts) -> None:
+    source = LocalSource()
+    agent = make_agent(source=source)
+    install(agent, arts["v1"], 1)
+    agent.submit(deployment(arts["v2"], 2, key=b"someone-else"))
+    wait_for(lambda: "refused" in kinds(agent))
+    assert served_version(agent) == "v1" and source.fetches == 1
+    refused = [e for e in events(agent) if e["event"] == "refused"][-1]
+    assert "signature" in refused["reason"]
+
+
+def test_replayed_older_deployment_is_refused(make_agent, arts) -> None:
+    agent = make_agent()
+    install(agent, arts["v1"], 5)
+    install(agent, arts["v2"], 6)
+    agent.submit(deployment(arts["v1"], 5))
+    wait_for(lambda: "refused" in kinds(agent))
+    assert served_version(agent) == "v2"
+    assert "not newer" in [e for e in events(agent) if e["event"] == "refused"][-1]["reason"]
+
+
+def test_signed_rollback_to_previous_reuses_the_copy_on_disk(make_agent, arts) -> None:
+    source = LocalSource()
+    agent = make_agent(source=source)
+    install(agent, arts["v1"], 1)
+    install(agent, arts["v2"], 2)
+    install(agent, arts["v1"], 3)
+    assert served_version(agent) == "v1" and source.fetches == 2
+    assert [e.get("source") for e in events(agent) if e["event"] == "verified"][-1] == \
+        "local copy"
+
+
+def test_restart_boots_straight_into_the_installed_model(make_agent, arts, tmp_path) -> None:
+    agent = make_agent()
+    install(agent, arts["v1"], 1)
+    agent.stop()
+    again = make_agent(config(tmp_path / "state"))
+    assert served_version(again) == "v1" and predict(again) == 2.0
+
+
+def test_corrupted_current_model_boots_into_previous(make_agent, arts, tmp_path) -> None:
+    agent = make_agent()
+    install(agent, arts["v1"], 1)
+    install(agent, arts["v2"], 2)
+    agent.stop()
+    state = agent.store.load()
+    model = agent.store.model_dir(state.current) / "model.onnx"
+    data = bytearray(model.read_bytes())
+    data[-1] ^= 0xFF
+    model.write_bytes(bytes(data))
+    again = make_agent(config(tmp_path / "state"))
+    assert served_version(again) == "v1"
+    assert "rolled_back" in kinds(again)
+    assert again.store.load().current.version == "v1"
+
+
+def test_restart_inside_health_window_resumes_once_then_rolls_back(make_agent, arts,
+                                                                   tmp_path) -> None:
+    long = {"window_s": 60.0, "probe_interval_s": 0.05}
+    agent = make_agent()
+    install(agent, arts["v1"], 1)
+    agent.stop()
+    agent = make_agent(config(tmp_path / "state", health=long))
+    agent.submit(deployment(arts["v2"], 2))
+    wait_for(lambda: kinds(agent).count("swapped") == 2)
+    agent.stop()  # inside the window: the trial stays pending on disk
+    assert agent.store.load().phase == "trial"
+    agent = make_agent(config(tmp_path / "state", health=long))
+    assert served_version(agent) == "v2"  # first restart: resume the window
+    assert agent.store.load().trial_boots == 1
+    agent.stop()
+    agent = make_agent(config(tmp_path / "state", health=long))
+    assert served_version(agent) == "v1"  # second restart in the same window: roll back
+    assert kinds(agent)[-1] == "rolled_back"
+    # and v2 is not retried when its deployment is redelivered
+    agent.submit(deployment(arts["v2"], 2))
+    time.sleep(0.3)
+    assert served_version(agent) == "v1"
+
+
+def test_outbox_keeps_reports_across_restarts_and_drops_oldest_beyond_limit(tmp_path) -> None:
+    box = Outbox(tmp_path / "outbox", limit=3)
+    for i in range(5):
+        box.put({"event": "e", "i": i})
+    again = Outbox(tmp_path / "outbox", limit=3)
+    assert len(again) == 3 and box.dropped == 2
+    name, first = again.peek()
+    assert first["i"] == 2
+    again.remove(name)
+    assert again.put({"event": "e", "i": 5}) == 6
+
+
+def test_state_store_ignores_leftover_temp_files(tmp_path, arts) -> None:
+    store = StateStore(tmp_path / "s")
+    (store.root / ".installed.json.abc.tmp").write_text("{half")
+    (store.models / ".adder-v1.x.tmp").mkdir()
+    store.clean(store.load())
+    assert not list(store.root.glob(".*.tmp")) and not list(store.models.iterdir())
+
+
+def test_unknown_config_key_is_a_clear_error(tmp_path) -> None:
+    p = tmp_path / "agent.toml"
+    p.write_text('device_id = "d"\nfleet = "f"\nstate_dir = "s"\n[http]\nprot = 8080\n')
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) http.prot"):
+        AgentConfig.from_file(p)
+
+
+@pytest.mark.parametrize(
+    ("toml", "match"),
+    [
+        ('fleet = "f"\nstate_dir = "s"\n', "missing required key 'device_id'"),
+        ('device_id = "a/b"\nfleet = "f"\nstate_dir = "s"\n', "device_id"),
+        ('device_id = "d"\nfleet = "f"\nstate_dir = "s"\n[http]\nport = "80"\n',
+         "http.port must be an integer"),
+        ('device_id = "d"\nfleet = "f"\nstate_dir = "s"\n[broker]\nurl = "http://x"\n',
+         "broker.url"),
+        ('device_id = "d"\nfleet = "f"\nstate_dir = "s"\n[trust]\nroot = "nope.json"\n',
+         "trust.root"),
+        ('device_id = "d"\nfleet = "f"\nstate_dir = "s"\n[health]\nmax_error_rate = 2\n',
+         "max_error_rate"),
+        ("device_id = \n", "invalid TOML"),
+    ],
+)
+def test_invalid_config_values_are_clear_errors(tmp_path, toml, match) -> None:
+    p = tmp_path / "agent.toml"
+    p.write_text(toml)
+    with pytest.raises(ConfigError, match=match):
+        AgentConfig.from_file(p)
+
+
+def test_relative_paths_in_config_are_relative_to_the_file(tmp_path) -> None:
+    (tmp_path / "conf").mkdir()
+    p = tmp_path / "conf" / "agent.toml"
+    p.write_text('device_id = "d"\nfleet = "f"\nstate_dir = "state"\n')
+    assert AgentConfig.from_file(p).state_dir == tmp_path / "conf" / "state"
+
+
+def test_missing_sample_uses_synthetic_inputs_for_the_smoke_test(make_agent, tmp_path) -> None:
+    m = _models.offset_model(tmp_path / "plain.onnx", 1.0)
+    art = build_artifact(m, tmp_path / "plain", name="adder", version="plain")
+    agent = make_agent()
+    install(agent, art, 1)
+    assert served_version(agent) == "plain"
+    shutil.rmtree(tmp_path / "plain")
+
+
+def test_example_config_is_valid_and_documents_every_key(tmp_path) -> None:
+    import dataclasses
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    data = tomllib.loads((root / "examples" / "agent.toml").read_text())
+    data["state_dir"] = str(tmp_path / "state")
+    data["trust"] = {}  # the provisioned files do not exist on the test machine
+    cfg = AgentConfig.from_dict(data)
+    assert cfg.http.bind == "127.0.0.1"
+    text = (root / "examples" / "agent.toml").read_text()
+    for section in ("http", "health", "limits", "telemetry"):
+        for f in dataclasses.fields(getattr(cfg, section)):
+            assert f"{f.name} =" in text, f"{section}.{f.name} missing from examples/agent.toml"
+
+
+def test_unreadable_state_file_boots_the_newest_verified_model(make_agent, arts,
+                                                               tmp_path) -> None:
+    agent = make_agent()
+    install(agent, arts["v1"], 1)
+    install(agent, arts["v2"], 2)
+    agent.stop()
+    (tmp_path / "state" / "installed.json").write_text("{not json")
+    again = make_agent(config(tmp_path / "state"))
+    assert served_version(again) == "v2" and predict(again) == 3.0
+    assert "recovered with the newest verified model" in events(again)[-1]["reason"]

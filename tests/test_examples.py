@@ -1,0 +1,18 @@
+"""Every example script runs as a user would run it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    res = subprocess.run([sys.executable, str(ROOT / "examples" / "demo.py"),
+                          "--workdir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "demo finished OK" in res.stdout
+    assert "Traceback" not in res.stdout + res.stderr

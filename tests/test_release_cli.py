@@ -1,0 +1,115 @@
+"""The release CLI: init/add/list/refresh/rotate-key in-process; serve as a real subprocess
+with deploy and pull against it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import edge_sdk
+from edge_sdk.cli import main
+from edge_sdk.release import Repository
+from edge_sdk.transport import MqttConfig, MqttConnection, RepoResponder
+from edge_sdk.trust import UpdateClient
+from tests._broker import Mosquitto
+from tests._trust_env import make_artifact
+
+EDGE_SDK = str(Path(sys.executable).with_name("edge-sdk"))
+
+
+def _pull_with_old_root(tmp: Path, broker: Mosquitto, repo: Path, root: bytes, dest: Path,
+                        name: str = "m") -> Path:
+    cfg = MqttConfig(url=broker.url, fleet="lab")
+    with MqttConnection(cfg, name="host") as host, MqttConnection(cfg, name="dev") as dev, \
+            RepoResponder(host, repo):
+        client = UpdateClient(trusted_root=root, metadata_dir=tmp / "dev" / "tuf",
+                              partial_dir=tmp / "dev" / "part", connection=dev,
+                              device_id="d1")
+        return client.fetch_release(name, dest)
+
+
+def test_release_commands_and_key_rotation_followed_by_old_clients(
+        tmp_path: Path, broker: Mosquitto, capsys: pytest.CaptureFixture[str]) -> None:
+    repo, keys = tmp_path / "repo", tmp_path / "keys"
+    assert main(["release", "init", str(repo), "--keys", str(keys), "--threshold",
+                 "targets=2", "--expires", "timestamp=2"]) == 0
+    assert "device trust anchor" in capsys.readouterr().out
+    for pem in keys.rglob("*.pem"):
+        assert pem.stat().st_mode & 0o777 == 0o600
+    assert not list(repo.rglob("*.pem"))
+    old_root = (repo / "metadata" / "1.root.json").read_bytes()
+
+    art = make_artifact(tmp_path / "arts", "m", "1.0")
+    assert main(["release", "add", str(repo), str(art.path)]) == 0
+    assert "released m 1.0" in capsys.readouterr().out
+    assert main(["release", "list", str(repo), "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert [(t["name"], t["version"]) for t in listing["targets"]] == [("m", "1.0")]
+    assert listing["roles"]["timestamp"]["version"] == 2
+
+    assert main(["release", "refresh", str(repo)]) == 0
+    assert "timestamp v3" in capsys.readouterr().out
+    for role in ("targets", "root", "timestamp"):
+        assert main(["release", "rotate-key", str(repo), role]) == 0
+    assert "root v4" in capsys.readouterr().out
+    # Retired keys are kept aside, never used again for signing.
+    assert len(list((keys / "retired").rglob("*.pem"))) == 4
+    art2 = make_artifact(tmp_path / "arts", "m", "2.0", seed=1)
+    assert main(["release", "add", str(repo), str(art2.path)]) == 0
+
+    # A device provisioned with root v1 walks the rotations and accepts the new keys.
+    path = _pull_with_old_root(tmp_path, broker, repo, old_root, tmp_path / "pulled")
+    assert edge_sdk.Artifact.from_dir(path).manifest.version == "2.0"
+    assert (tmp_path / "dev" / "tuf" / "root_history" / "4.root.json").exists()
+
+
+def test_keys_inside_the_repository_are_refused(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    repo = tmp_path / "repo"
+    assert main(["release", "init", str(repo), "--keys", str(repo / "keys")]) == 2
+    err = capsys.readouterr().err
+    assert "inside the repository" in err and "Traceback" not in err
+    assert not repo.exists() or not any(repo.iterdir())
+
+
+def test_serve_subprocess_deploy_and_pull(tmp_path: Path, broker: Mosquitto,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    repo, keys = tmp_path / "repo", tmp_path / "keys"
+    repo_obj = Repository.init(repo, keys)
+    art = make_artifact(tmp_path / "arts", "m", "1.0")
+    repo_obj.add_artifact(art.path)
+    mqtt = ["--broker", broker.url, "--fleet", "lab"]
+    serve = subprocess.Popen([EDGE_SDK, "serve", "--repo", str(repo), *mqtt],
+                             stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert serve.stderr is not None
+        assert "serving" in serve.stderr.readline()
+        assert main(["deploy", "--repo", str(repo), "--device", "d1", "--model", "m",
+                     *mqtt]) == 0
+        assert "edge/lab/dev/d1/desired" in capsys.readouterr().out
+        out = tmp_path / "pulled"
+        rc = subprocess.run(
+            [EDGE_SDK, "pull", "m", "--root", str(repo / "metadata" / "root.json"),
+             "--device", "d1", "-o", str(out), "--state", str(tmp_path / "state"), *mqtt],
+            capture_output=True, text=True, timeout=120)
+        assert rc.returncode == 0, rc.stderr
+        assert "verified and wrote" in rc.stdout
+        assert edge_sdk.Artifact.from_dir(out).manifest.sha256 == art.manifest.sha256
+
+        # A root from another repository is not a trust anchor for this one.
+        other = Repository.init(tmp_path / "other", tmp_path / "other-keys")
+        code = main(["pull", "m", "--root", str(other.root_path), "--device", "d1", "-q",
+                     "-o", str(tmp_path / "bad"), "--state", str(tmp_path / "s2"), *mqtt])
+        err = capsys.readouterr().err
+        assert code == 1 and "not signed by enough trusted keys" in err
+        assert err.count("\n") == 1 and not (tmp_path / "bad").exists()
+    finally:
+        serve.terminate()
+        serve.wait(10)
+    assert serve.returncode == 0

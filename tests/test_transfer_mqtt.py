@@ -1,0 +1,203 @@
+"""The MQTT layer on a real Mosquitto: reconnects, topic limits, chunk protocol limits,
+responders side by side, announcements."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from edge_sdk.errors import ConfigError, TransportError
+from edge_sdk.transport import (
+    MAX_CHUNK,
+    MESSAGE_LIMIT,
+    ChunkClient,
+    FetchConfig,
+    MqttConfig,
+    MqttConnection,
+    RemoteNotFoundError,
+    RepoResponder,
+    Topics,
+)
+from edge_sdk.transport import _chunks as proto
+from tests._broker import Mosquitto
+from tests._trust_env import env
+
+
+class _Inbox:
+    def __init__(self) -> None:
+        self.items: list[tuple[str, bytes]] = []
+        self.cond = threading.Condition()
+
+    def __call__(self, topic: str, payload: bytes) -> None:
+        with self.cond:
+            self.items.append((topic, payload))
+            self.cond.notify_all()
+
+    def wait_for(self, payload: bytes) -> None:
+        with self.cond:
+            assert self.cond.wait_for(lambda: any(p == payload for _, p in self.items), 10)
+
+
+def test_connection_resubscribes_and_resends_after_broker_restart(broker: Mosquitto) -> None:
+    cfg = MqttConfig(url=broker.url, fleet="lab")
+    states: list[bool] = []
+    with MqttConnection(cfg, name="a") as a, MqttConnection(cfg, name="b") as b:
+        a.add_connection_listener(states.append)
+        inbox = _Inbox()
+        a.subscribe("edge/lab/dev/a/desired", inbox)
+        b.publish_wait("edge/lab/dev/a/desired", b"before")
+        inbox.wait_for(b"before")
+        broker.restart()
+        assert a.wait_connected(15) and b.wait_connected(15)
+        b.publish_wait("edge/lab/dev/a/desired", b"after")
+        inbox.wait_for(b"after")
+        assert states[:2] == [False, True]
+        assert a.connected
+
+
+def test_topics_real_brokers_refuse_are_rejected_before_sending(
+        shared_broker: Mosquitto) -> None:
+    with MqttConnection(MqttConfig(url=shared_broker.url, fleet="lab")) as c:
+        with pytest.raises(TransportError, match="at most 7"):
+            c.publish("a/b/c/d/e/f/g/h/i", b"x")
+        with pytest.raises(TransportError, match="wildcard"):
+            c.publish("edge/lab/+/x", b"x")
+        with pytest.raises(TransportError, match="QoS 2"):
+            c.publish("edge/lab/x", b"x", qos=2)
+    topics = Topics("lab")
+    for name in (topics.repo_response("dev-1"), topics.desired("dev-1"), topics.announce,
+                 topics.group_desired("g"), topics.events("dev-1")):
+        assert name.count("/") <= 7
+    with pytest.raises(ConfigError, match="one MQTT topic level"):
+        topics.desired("a/b")
+    with pytest.raises(ConfigError, match="mqtt://"):
+        MqttConfig(url="http://broker:1883")
+
+
+def test_unreachable_broker_is_a_clear_transport_error() -> None:
+    from tests._broker import free_port
+
+    with pytest.raises(TransportError, match=r"could not connect.*Connection refused"):
+        MqttConnection(MqttConfig(url=f"mqtt://127.0.0.1:{free_port()}")).connect(timeout=1)
+
+
+def test_every_chunk_message_fits_the_128k_broker_limit(tmp_path: Path) -> None:
+    # A broker configured like AWS IoT Core (and examples/mosquitto) drops bigger packets.
+    conf = f"max_packet_size {MESSAGE_LIMIT}\n"
+    with Mosquitto(tmp_path / "b", extra_conf=conf) as b, env(tmp_path, b) as e:
+        art = e.release(n=200_000)
+        rel = e.repo.find("m")
+        client = ChunkClient(e.device, "d1", config=FetchConfig(chunk_size=MAX_CHUNK))
+        data = bytearray()
+        d, _, base = rel.path.rpartition("/")
+        client.download(f"targets/{d}/{rel.sha256}.{base}", data.extend, length=rel.length)
+        assert bytes(data) == art.model_path.read_bytes()
+        assert proto.HEADER.size + MAX_CHUNK + len(e.topics.repo_response("d1")) < MESSAGE_LIMIT
+        with pytest.raises(ConfigError, match="128 KiB"):
+            FetchConfig(chunk_size=MAX_CHUNK + 1)
+
+
+def test_missing_file_and_path_escape_are_not_found(tmp_path: Path, broker: Mosquitto) -> None:
+    (tmp_path / "secret.txt").write_text("not served")
+    with env(tmp_path, broker) as e:
+        client = ChunkClient(e.device, "d1")
+        with pytest.raises(RemoteNotFoundError, match="not in the repository"):
+            client.download("metadata/99.root.json", lambda b: None)
+        with pytest.raises(TransportError, match="not a repository path"):
+            client.download("targets/../../secret.txt", lambda b: None)
+        assert e.responders[0].answer(proto.ChunkRequest(
+            b"\0" * 16, "d1", "metadata/../repo.json", 0, 10)).status == proto.NOT_FOUND
+
+
+def test_responders_side_by_side_share_the_requests(tmp_path: Path, broker: Mosquitto) -> None:
+    with env(tmp_path, broker) as e:
+        second_conn = MqttConnection(e.config, name="host2")
+        second_conn.connect()
+        second = e.add_responder(RepoResponder(second_conn, e.repo.path))
+        try:
+            art = e.release(n=300_000)
+            dep = e.deploy()
+            path = e.client(FetchConfig(chunk_size=16 * 1024, batch=1)).fetch(
+                dep, tmp_path / "model")
+            assert (path / "model.onnx").read_bytes() == art.model_path.read_bytes()
+            # Shared subscription: each request answered once, by one of the two.
+            first = e.responders[0]
+            assert first.stats.requests > 0 and second.stats.requests > 0
+        finally:
+            second.stop()
+            second_conn.close()
+
+
+def test_responder_announces_each_new_timestamp_retained(tmp_path: Path,
+                                                         broker: Mosquitto) -> None:
+    with env(tmp_path, broker) as e:
+        inbox = _Inbox()
+        e.device.subscribe(e.topics.announce, inbox)
+        v = e.repo.versions()["timestamp"]
+        inbox.wait_for(json.dumps(e.responders[0].announcement()).encode())
+        e.release()
+        assert e.repo.versions()["timestamp"] == v + 1
+        # The responder's watcher notices the new timestamp on its own.
+        with inbox.cond:
+            assert inbox.cond.wait_for(lambda: any(
+                json.loads(p)["timestamp_version"] == v + 1 for _, p in inbox.items), 10)
+
+
+def _tls_files(d: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    d.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("edge test CA")).issuer_name(
+        name("edge test CA")).public_key(ca_key.public_key()).serial_number(1)
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder().subject_name(name("127.0.0.1")).issuer_name(
+        ca.subject).public_key(key.public_key()).serial_number(2)
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(ca_key, hashes.SHA256()))
+    paths = d / "ca.crt", d / "server.crt", d / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return paths
+
+
+def test_mqtts_with_a_private_ca_and_a_wrong_ca_refused(tmp_path: Path) -> None:
+    import getpass
+
+    ca, cert, key = _tls_files(tmp_path / "tls")
+    other_ca, _, _ = _tls_files(tmp_path / "other")
+    conf = f"user {getpass.getuser()}\ncafile {ca}\ncertfile {cert}\nkeyfile {key}\n"
+    with Mosquitto(tmp_path / "b", extra_conf=conf) as b:
+        url = f"mqtts://127.0.0.1:{b.port}"
+        with MqttConnection(MqttConfig(url=url, fleet="lab", ca_file=str(ca))) as c:
+            inbox = _Inbox()
+            c.subscribe("edge/lab/dev/x/events", inbox)
+            c.publish_wait("edge/lab/dev/x/events", b"over tls")
+            inbox.wait_for(b"over tls")
+        with pytest.raises(TransportError, match="CERTIFICATE_VERIFY_FAILED"):
+            MqttConnection(MqttConfig(url=url, ca_file=str(other_ca))).connect(timeout=2)
