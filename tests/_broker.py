@@ -6,6 +6,8 @@ Never a mocked broker: if ``mosquitto`` is missing the test fails.
 
 from __future__ import annotations
 
+import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -28,10 +30,11 @@ def _mosquitto_binary() -> str:
 
 
 class Mosquitto:
-    """One mosquitto process. ``extra_conf`` lines are appended to the generated config."""
+    """One mosquitto process. ``extra_conf`` lines are appended to the generated config.
+    ``persistent`` keeps retained messages and persistent sessions across restarts."""
 
     def __init__(self, workdir: Path, *, port: int | None = None, extra_conf: str = "",
-                 allow_anonymous: bool = True) -> None:
+                 allow_anonymous: bool = True, persistent: bool = False) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -40,9 +43,13 @@ class Mosquitto:
         self.log = self.workdir / "mosquitto.log"
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
+            # Started as root, mosquitto would drop to its own user and could not
+            # write the log or the persistence file in our workdir.
+            f"user {pwd.getpwuid(os.geteuid()).pw_name}\n"
             f"allow_anonymous {'true' if allow_anonymous else 'false'}\n"
-            "persistence false\n"
-            f"log_dest file {self.log}\n"
+            + (f"persistence true\npersistence_location {self.workdir}/\n" if persistent
+               else "persistence false\n")
+            + f"log_dest file {self.log}\n"
             "log_type error\nlog_type warning\n"
             "max_inflight_messages 0\n"
             "max_queued_messages 100000\n"

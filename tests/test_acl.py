@@ -3,7 +3,6 @@ publish releases, announcements or deployments, while the real flow still works.
 
 from __future__ import annotations
 
-import getpass
 import importlib.util
 import threading
 from collections.abc import Callable
@@ -61,10 +60,7 @@ class _Collector:
 @pytest.fixture()
 def acl_broker(tmp_path: Path) -> tuple[Mosquitto, dict[str, str]]:
     creds = _example_module().generate(tmp_path / "auth", FLEET, {"d1": ["lobby"], "d2": []})
-    # Under a root test runner mosquitto would drop to user "mosquitto", which cannot
-    # read pytest's private temp dir; stay as the user running the tests.
-    conf = (f"user {getpass.getuser()}\n"
-            f"password_file {tmp_path / 'auth' / 'passwd'}\n"
+    conf = (f"password_file {tmp_path / 'auth' / 'passwd'}\n"
             f"acl_file {tmp_path / 'auth' / 'acl'}\n" + _example_limits())
     with Mosquitto(tmp_path / "broker", allow_anonymous=False, extra_conf=conf) as b:
         yield b, creds  # type: ignore[misc]

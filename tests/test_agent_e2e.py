@@ -46,7 +46,11 @@ class Fleet:
         self.broker = broker
         self.repo = Repository.init(tmp / "repo", tmp / "keys")
         self.arts = tmp / "arts"
-        self.host = MqttConnection(MqttConfig(url=broker.url, fleet=FLEET), name="host")
+        # A persistent session: device reports sent while this listener reconnects
+        # (after a broker restart, say) are queued for it rather than lost.
+        cfg = MqttConfig(url=broker.url, fleet=FLEET, persistent_session=True,
+                         client_id=f"fleet-host-{random.getrandbits(32):08x}")
+        self.host = MqttConnection(cfg)
         self.host.connect()
         self.responder = RepoResponder(self.host, self.repo.path)
         self.responder.start()
@@ -402,7 +406,7 @@ def test_tampered_unauthorised_and_corrupt_updates_are_refused_while_v1_serves(
 def test_broker_down_at_start_serves_and_reports_arrive_when_it_returns(
     tmp_path, agents
 ) -> None:
-    broker = Mosquitto(tmp_path / "broker")
+    broker = Mosquitto(tmp_path / "broker", persistent=True)
     broker.start()
     f = Fleet(tmp_path / "fleet", broker)
     try:

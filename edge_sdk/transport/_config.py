@@ -43,6 +43,10 @@ class MqttConfig:
     Credentials may also be given in the URL (``mqtt://user:pass@host``).
     ``reconnect_min_delay``/``reconnect_max_delay`` bound the exponential backoff
     of automatic reconnects. ``connect_timeout`` bounds :meth:`MqttConnection.connect`.
+    ``persistent_session`` asks the broker to keep our subscriptions and queue QoS 1
+    messages for us while we are away (MQTT ``clean_session=0``); it needs a fixed
+    ``client_id``. Operator-side listeners use it so no device event is lost while
+    they reconnect; devices keep clean sessions (their state is retained).
     """
 
     url: str = "mqtt://127.0.0.1:1883"
@@ -61,6 +65,7 @@ class MqttConfig:
     reconnect_min_delay: float = 0.2
     reconnect_max_delay: float = 10.0
     max_inflight: int = 64
+    persistent_session: bool = False
 
     def __post_init__(self) -> None:
         self.endpoint()  # validates the URL early
@@ -68,6 +73,8 @@ class MqttConfig:
         check_topic_word(self.topic_prefix, "topic prefix")
         if self.keepalive < 5:
             raise ConfigError(f"keepalive {self.keepalive}s is too short (minimum 5 s)")
+        if self.persistent_session and not self.client_id:
+            raise ConfigError("a persistent MQTT session needs a fixed client id")
         if (self.cert_file is None) != (self.key_file is None):
             raise ConfigError("TLS client authentication needs both a certificate and a key file")
         for path in (self.ca_file, self.cert_file, self.key_file):

@@ -12,7 +12,8 @@ Handlers run on the connection's network thread: they must be quick and must
 not block on the connection (hand work to a queue or another thread). An
 exception in a handler is logged and swallowed so the link stays up.
 Subscriptions are remembered and re-sent after every reconnect (clean
-sessions: nothing is assumed to survive on the broker but retained messages).
+sessions by default: nothing is assumed to survive on the broker but retained
+messages; ``MqttConfig.persistent_session`` lets the broker queue for us).
 QoS 1 publishes made while the link is down are queued and sent on reconnect.
 """
 
@@ -105,7 +106,7 @@ class MqttConnection:
         c = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=self.config.client_id,
-            clean_session=True,
+            clean_session=not self.config.persistent_session,
             protocol=paho.MQTTv311,
         )
         user, pw = self.config.credentials()
