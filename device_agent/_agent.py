@@ -66,7 +66,11 @@ class Agent:
             self.installer.source = cast(ArtifactSource, source)
         self.http: HttpServer | None = None
         self.connection: Any = None
-        self._desired: bytes | None = None
+        # The newest raw document per desired topic (the device's own and its groups').
+        self._desired: dict[str, bytes] = {}
+        self._desired_topics = [self.topics.desired(config.device_id),
+                                *(self.topics.group_desired(g) for g in config.groups)]
+        self._desired_lock = threading.Lock()
         self._desired_ev = threading.Event()
         self._worker: threading.Thread | None = None
 
@@ -158,8 +162,8 @@ class Agent:
             self.installer.source = ReleaseSource(self.config, conn)
         elif not hasattr(arg, "verify_deployment"):
             self.installer.source = arg(self.config, conn)
-        conn.subscribe(self.topics.desired(self.config.device_id), self._on_desired,
-                       wait=False)
+        for topic in self._desired_topics:
+            conn.subscribe(topic, self._on_desired, wait=False)
         self.telemetry.attach(conn)
         try:
             conn.connect(wait=False)
@@ -169,7 +173,8 @@ class Agent:
     def _on_desired(self, topic: str, payload: bytes) -> None:
         if not payload:
             return  # a cleared retained message
-        self._desired = payload
+        with self._desired_lock:
+            self._desired[topic] = payload
         self._desired_ev.set()
 
     def submit(self, payload: bytes) -> None:
@@ -194,21 +199,38 @@ class Agent:
             if not self._desired_ev.wait(max(0.0, min(next_beat - now, 1.0))):
                 continue
             self._desired_ev.clear()
-            payload, self._desired = self._desired, None
-            if payload is None or self._stop.is_set():
-                continue
-            retry = False
-            try:
-                retry = self.installer.apply(payload)
-            except Exception as err:  # the worker must survive anything a deployment does
-                log.exception("install failed unexpectedly")
-                self.telemetry.event("failed", stage="internal",
-                                     reason=f"{type(err).__name__}: {err}")
-            if retry and not self._stop.wait(self.config.limits.retry_s) and \
-                    self._desired is None:
-                self._desired = payload  # unless a newer deployment arrived meanwhile
-                self._desired_ev.set()
+            with self._desired_lock:
+                pending, self._desired = self._desired, {}
+            # Newest first. A device that follows groups finds older documents retained
+            # on its other desired topics after every newer install; those are passed
+            # over quietly instead of being reported as refused replays each time (they
+            # are never installed either way). The claimed counter only orders the work:
+            # apply() verifies everything.
+            quiet = len(self._desired_topics) > 1
+            for topic, payload in sorted(pending.items(),
+                                         key=lambda kv: -_claimed_counter(kv[1])):
+                if self._stop.is_set():
+                    break
+                installed = self.installer.state.deployment_version
+                if quiet and 0 <= _claimed_counter(payload) < installed:
+                    log.debug("deployment on %s superseded by #%d", topic, installed)
+                    continue
+                self._apply(topic, payload)
             self.metrics.queued_reports.set(len(self.outbox))
+
+    def _apply(self, topic: str, payload: bytes) -> None:
+        retry = False
+        try:
+            retry = self.installer.apply(payload)
+        except Exception as err:  # the worker must survive anything a deployment does
+            log.exception("install failed unexpectedly")
+            self.telemetry.event("failed", stage="internal",
+                                 reason=f"{type(err).__name__}: {err}")
+        if retry and not self._stop.wait(self.config.limits.retry_s):
+            with self._desired_lock:
+                # Try again, unless a newer document arrived on that topic meanwhile.
+                self._desired.setdefault(topic, payload)
+            self._desired_ev.set()
 
     # -- reporting -----------------------------------------------------------------------
 
@@ -226,6 +248,7 @@ class Agent:
             "phase": st.phase,
             "deployment": st.deployment_version,
             "last_update": st.last_result,
+            "groups": list(self.config.groups),
             "queued_reports": len(self.outbox),
             "dropped_reports": self.outbox.dropped,
         }
@@ -245,6 +268,15 @@ class Agent:
     def _count_event(self, kind: str) -> None:
         self.metrics.updates.labels(kind).inc()
         self.metrics.queued_reports.set(len(self.outbox))
+
+
+def _claimed_counter(payload: bytes) -> int:
+    """The counter a raw deployment document says it has (unverified; -1 if unreadable)."""
+    try:
+        counter = json.loads(payload)["signed"]["counter"]
+    except (ValueError, KeyError, TypeError):
+        return -1
+    return counter if isinstance(counter, int) else -1
 
 
 def _lower_thread_priority() -> None:

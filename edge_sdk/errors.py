@@ -46,6 +46,13 @@ class TransportError(EdgeError):
     """The broker or the repository responder could not be reached or did not answer in time."""
 
 
+class DeploymentError(EdgeError):
+    """A deployment did not reach every targeted device: failed, rolled back, refused, or
+    no answer in time."""
+
+    exit_code = 3
+
+
 class InstallError(EdgeError):
     """The device agent could not install, swap in or keep a model."""
 

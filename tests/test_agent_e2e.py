@@ -120,7 +120,8 @@ class AgentProc:
     """One agent subprocess with its own state dir and config."""
 
     def __init__(self, fleet: Fleet, tmp: Path, device: str, *, window_s: float = 0.3,
-                 broker_url: str | None = None) -> None:
+                 broker_url: str | None = None, groups: tuple[str, ...] = ()) -> None:
+        self.groups = groups
         self.fleet = fleet
         self.device = device
         self.dir = tmp / device
@@ -141,6 +142,7 @@ class AgentProc:
         device = self.device
         self.config.write_text(
             f'device_id = "{device}"\nfleet = "{FLEET}"\nstate_dir = "state"\nthreads = 1\n'
+            f"groups = {json.dumps(list(self.groups))}\n"
             f'[broker]\nurl = "{self.broker_url}"\n'
             '[trust]\nroot = "trust/root.json"\ndeployment_key = "trust/deployment.pub.json"\n'
             "[http]\nport = 0\n"
@@ -439,6 +441,95 @@ def test_broker_down_at_start_serves_and_reports_arrive_when_it_returns(
     finally:
         f.close()
         broker.stop()
+
+
+def _cli(fleet: Fleet, *args: str) -> list[str]:
+    return [*args, "--repo", str(fleet.repo.path), "--broker", fleet.broker.url,
+            "--fleet", FLEET]
+
+
+def test_deploy_wait_follows_devices_to_commit_and_status_shows_them(
+    fleet, tmp_path, agents, capsys
+) -> None:
+    from edge_sdk.cli import main
+
+    solo = new_agent(fleet, tmp_path, agents, "w-solo").start()
+    member = new_agent(fleet, tmp_path, agents, "w-member", groups=("w-lobby",)).start()
+    wait_for(lambda: {"w-solo", "w-member"} <= fleet.states.keys())
+    assert main(_cli(fleet, "deploy", "--model", "adder", "--version", "1", "--device",
+                     "w-solo", "--group", "w-lobby", "--wait", "--timeout", "60")) == 0
+    out, err = capsys.readouterr()
+    assert "committed on all 2 device(s)" in out
+    assert "w-solo: install_started adder 1" in err and "w-member: committed adder 1" in err
+    assert solo.infer() == ("1", 2.0) and member.infer() == ("1", 2.0)
+
+    # Deploying what a device already serves is a success without an install.
+    assert main(_cli(fleet, "deploy", "--model", "adder", "--version", "1", "--device",
+                     "w-solo", "--wait", "--timeout", "60")) == 0
+    assert "committed on all 1 device(s)" in capsys.readouterr().out
+
+    argv = ["status", "--broker", fleet.broker.url, "--fleet", FLEET]
+    assert main([*argv, "--device", "w-solo", "--device", "w-member"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert rows["w-solo"].split()[1:4] == ["yes", "adder", "1"]
+    assert "committed" in rows["w-member"] and "adder 1" in rows["w-member"]
+    assert main([*argv, "--json", "--device", "w-member"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["w-member"]["groups"] == ["w-lobby"] and doc["w-member"]["model"]["version"] == "1"
+    assert main([*argv, "--device", "w-nobody"]) == 2
+    assert "no state reported by device(s) w-nobody" in capsys.readouterr().err
+
+
+def test_group_deployment_supersedes_the_devices_own_older_one_without_refusals(
+    fleet, tmp_path, agents
+) -> None:
+    agent = new_agent(fleet, tmp_path, agents, "g-dev", groups=("g-lab",)).start()
+    fleet.deploy("g-dev", "1")
+    agent.wait_version("1")
+    sd = create_deployment(fleet.repo, model="adder", fleet=FLEET, version="2",
+                           groups=["g-lab"])
+    publish_deployment(fleet.host, sd)
+    agent.wait_version("2")
+    fleet.wait_event("g-dev", "committed", "2")
+    # After a restart both retained documents arrive again: the newer one stays, the
+    # older one is passed over, and nothing is reported as refused.
+    agent.stop()
+    agent.start()
+    wait_for(lambda: agent.version() == "2")
+    time.sleep(1.0)
+    assert agent.version() == "2"
+    assert "refused" not in fleet.kinds("g-dev")
+    assert fleet.kinds("g-dev").count("committed") == 2
+
+
+def test_deploy_wait_fails_in_one_line_on_a_rollback_and_on_a_silent_device(
+    fleet, tmp_path, agents, capsys
+) -> None:
+    from edge_sdk.cli import main
+
+    if "7" not in fleet.released:
+        fleet.release("7", offset=float("nan"))
+    agent = new_agent(fleet, tmp_path, agents, "w-bad").start()
+    fleet.deploy("w-bad", "1")
+    agent.wait_version("1")
+    code = main(_cli(fleet, "deploy", "--model", "adder", "--version", "7", "--device",
+                     "w-bad", "--wait", "--timeout", "60"))
+    out, err = capsys.readouterr()
+    assert code == 3
+    assert any(line.split()[:2] == ["w-bad", "failed"] for line in out.splitlines())
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("edge-sdk: error: deployment ") and "did not succeed on 1 of 1" in last
+    assert "w-bad failed" in last and "non-finite" in last
+    assert agent.infer() == ("1", 2.0)
+
+    code = main(_cli(fleet, "deploy", "--model", "adder", "--version", "2", "--device",
+                     "w-ghost", "--wait", "--timeout", "1"))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 3 and "w-ghost no answer (the device has never reported)" in err
+    code = main(_cli(fleet, "deploy", "--model", "adder", "--group", "w-empty", "--wait",
+                     "--timeout", "5"))
+    assert code == 3 and "no device has reported being in group(s) w-empty" in \
+        capsys.readouterr().err
 
 
 def test_agent_cli_reports_config_errors_in_one_line(tmp_path, capsys) -> None:

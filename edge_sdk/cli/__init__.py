@@ -31,6 +31,8 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
                 "release repository."),
     "deploy": ("edge_sdk.cli._release:deploy_cmd", "agent", "Sign a deployment and publish it "
                "to a device or group."),
+    "status": ("edge_sdk.cli._release:status_cmd", "agent", "Show the devices' reported "
+               "state: online, model, last update."),
     "serve": ("edge_sdk.cli._release:serve_cmd", "agent", "Run the repository responder on MQTT."),
     "pull": ("edge_sdk.cli._release:pull_cmd", "agent", "Fetch and verify an artifact over MQTT "
              "without the agent."),

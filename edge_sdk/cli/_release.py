@@ -1,4 +1,4 @@
-"""``release``, ``deploy``, ``serve`` and ``pull``: thin wrappers over edge_sdk.release,
+"""``release``, ``deploy``, ``status``, ``serve`` and ``pull``: thin wrappers over edge_sdk.release,
 edge_sdk.trust and edge_sdk.transport."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -15,7 +16,14 @@ from typing import Any, TypeVar
 import click
 
 from ..errors import UsageError
-from ..release import Repository, create_deployment, publish_deployment
+from ..release import (
+    DeploymentWatch,
+    Repository,
+    create_deployment,
+    fleet_status,
+    publish_deployment,
+    require_success,
+)
 from ..transport import FetchConfig, MqttConfig, MqttConnection, RepoResponder, ResponderConfig
 from ..trust import UpdateClient
 
@@ -156,11 +164,18 @@ def rotate_cmd(repo: str, role: str, keydir: str | None) -> None:
 @click.option("--keys", "keydir", type=click.Path(file_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Also write the signed document to this file.")
+@click.option("--wait", is_flag=True,
+              help="Follow the devices' reports until each one committed or failed; exit 3 "
+                   "unless all committed.")
+@click.option("--timeout", default=600.0, show_default=True, type=float,
+              help="With --wait: seconds to wait for the devices.")
 @_mqtt_options
 def deploy_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...], model: str,
                version: str | None, rollback: bool, expires_days: float, keydir: str | None,
-               output: str | None, **mqtt: Any) -> None:
+               output: str | None, wait: bool, timeout: float, **mqtt: Any) -> None:
     """Sign a deployment and publish it retained on each device's or group's desired topic."""
+    if timeout <= 0:
+        raise UsageError("--timeout must be > 0 seconds")
     config = _mqtt_config(mqtt)
     r = Repository(repo, keydir)
     with MqttConnection(config, name="edge-deploy") as conn:
@@ -171,8 +186,79 @@ def deploy_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...], mod
             from .._fs import atomic_write_bytes
 
             atomic_write_bytes(output, signed.document)
-        topics = publish_deployment(conn, signed)
-    click.echo(f"deployed {signed.deployment.describe()} on {', '.join(topics)}")
+        counter = signed.deployment.counter
+        # Subscribed before publishing, so no report can come before we listen.
+        watch = DeploymentWatch(conn, counter, devices=devices, groups=groups,
+                                progress=_show_progress) if wait else None
+        try:
+            topics = publish_deployment(conn, signed)
+            click.echo(f"deployed {signed.deployment.describe()} on {', '.join(topics)}")
+            if watch is None:
+                return
+            outcomes = watch.wait(timeout)
+        finally:
+            if watch is not None:
+                watch.close()
+    for o in outcomes:
+        click.echo(f"  {o.device:<20} {o.result:<12} {o.model or '-'}"
+                   + (f"  {o.reason}" if o.reason and not o.ok else ""))
+    require_success(outcomes, counter)
+    click.echo(f"deployment {counter} committed on all {len(outcomes)} device(s)")
+
+
+def _show_progress(device: str, event: dict[str, Any]) -> None:
+    model, dep = event.get("model"), event.get("deployment")
+    what = (f" {model.get('name')} {model.get('version')}" if isinstance(model, dict) else
+            f" {dep.get('name')} {dep.get('artifact_version')}" if isinstance(dep, dict) else "")
+    reason = f": {event['reason']}" if event.get("reason") else ""
+    click.echo(f"  {device}: {event.get('event')}{what}{reason}", err=True)
+
+
+@click.command("status")
+@click.option("--device", "devices", multiple=True, help="Only this device. Repeatable.")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw states as JSON.")
+@_mqtt_options
+def status_cmd(devices: tuple[str, ...], as_json: bool, **mqtt: Any) -> None:
+    """Show every device's reported state: online, model, previous model, last update."""
+    config = _mqtt_config(mqtt)
+    with MqttConnection(config, name="edge-status") as conn:
+        states = fleet_status(conn)
+    if devices:
+        missing = [d for d in devices if d not in states]
+        if missing:
+            raise UsageError(f"no state reported by device(s) {', '.join(missing)} in fleet "
+                             f"{config.fleet!r} on {config.url}")
+        states = {d: states[d] for d in devices}
+    if as_json:
+        click.echo(json.dumps({d: s.raw for d, s in states.items()}, indent=2))
+        return
+    if not states:
+        click.echo(f"no device has reported in fleet {config.fleet!r} on {config.url}")
+        return
+    now = time.time()
+    rows = [("DEVICE", "ONLINE", "MODEL", "PREVIOUS", "DEPLOYMENT", "LAST UPDATE", "SEEN")]
+    for s in states.values():
+        last = s.last_result or "-"
+        if s.last_deployment is not None:
+            last += f" (#{s.last_deployment})"
+        if s.last_reason and s.last_result != "committed":
+            last += f": {s.last_reason}"
+        seen = "-" if s.ts is None else _age(now - s.ts)
+        rows.append((s.device, "yes" if s.online else "no", s.model or "-", s.previous or "-",
+                     str(s.deployment or "-"), last, seen))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 2)]
+    for r in rows:
+        head = "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False))
+        click.echo(f"{head}  {r[-2]}  {r[-1]}".rstrip())
+
+
+def _age(seconds: float) -> str:
+    s = max(0, int(seconds))
+    if s < 120:
+        return f"{s}s ago"
+    if s < 7200:
+        return f"{s // 60}m ago"
+    return f"{s // 3600}h ago" if s < 172800 else f"{s // 86400}d ago"
 
 
 @click.command("serve")

@@ -6,6 +6,9 @@
   ``root_path`` (trusted root for devices), ``deployment_key_path``.
 - :func:`create_deployment` → :class:`SignedDeployment` (``.deployment``, ``.document``),
   :func:`publish_deployment` (retained on each ``desired`` topic).
+- :func:`fleet_status` (every device's retained state as :class:`DeviceStatus`),
+  :class:`DeploymentWatch` (subscribe, publish, then ``wait()`` → :class:`Outcome` per
+  device), :func:`require_success` (raises :class:`~edge_sdk.errors.DeploymentError`).
 - The responder that serves a repository is :class:`edge_sdk.transport.RepoResponder`.
 """
 
@@ -17,14 +20,20 @@ from ._deploy import (
     publish_deployment,
 )
 from ._repository import ReleasedTarget, Repository, released_target
+from ._watch import DeploymentWatch, DeviceStatus, Outcome, fleet_status, require_success
 
 __all__ = [
+    "DeploymentWatch",
+    "DeviceStatus",
+    "Outcome",
     "ReleasedTarget",
     "Repository",
     "SignedDeployment",
     "clear_deployment",
     "create_deployment",
     "deployment_state",
+    "fleet_status",
     "publish_deployment",
     "released_target",
+    "require_success",
 ]

@@ -69,3 +69,7 @@ class Topics:
 
     def events(self, device: str) -> str:
         return f"{self.device(device)}/events"
+
+    def every_device(self, leaf: str) -> str:
+        """Subscription filter for one leaf (``state``, ``events``) of every device."""
+        return f"{self.base}/dev/+/{check_topic_word(leaf, 'topic leaf')}"

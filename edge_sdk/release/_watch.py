@@ -1,0 +1,284 @@
+"""The operator's view of the fleet, read from what the agents report over MQTT.
+
+Every agent keeps a retained ``state`` message (online, served and previous
+model, last update result, groups) and sends ``events`` as an update goes
+through its stages. :func:`fleet_status` reads the retained states;
+:class:`DeploymentWatch` follows one deployment (by its counter) until every
+targeted device has committed it or failed, and is subscribed *before* the
+deployment is published so that no report can slip past it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import DeploymentError
+from ..transport import MqttConnection, Topics
+
+#: Terminal results an agent reports for a deployment; only the first one is success.
+COMMITTED = "committed"
+FAILED_RESULTS = ("rolled_back", "failed", "refused")
+
+
+@dataclass(frozen=True)
+class DeviceStatus:
+    """One device as its retained ``state`` message describes it."""
+
+    device: str
+    online: bool
+    model: str | None
+    previous: str | None
+    phase: str | None
+    deployment: int
+    last_result: str | None
+    last_reason: str | None
+    last_deployment: int | None
+    groups: tuple[str, ...]
+    ts: float | None
+    raw: dict[str, Any]
+
+    @classmethod
+    def parse(cls, device: str, payload: bytes) -> DeviceStatus | None:
+        """``None`` for an empty (cleared) or malformed message."""
+        try:
+            doc = json.loads(payload) if payload else None
+        except ValueError:
+            return None
+        if not isinstance(doc, dict):
+            return None
+        lu = doc.get("last_update")
+        last: dict[str, Any] = lu if isinstance(lu, dict) else {}
+        groups = doc.get("groups")
+        return cls(
+            device=device,
+            online=doc.get("online") is True,
+            model=_model_label(doc.get("model")),
+            previous=_model_label(doc.get("previous")),
+            phase=doc.get("phase") if isinstance(doc.get("phase"), str) else None,
+            deployment=_int(doc.get("deployment")) or 0,
+            last_result=last.get("result") if isinstance(last.get("result"), str) else None,
+            last_reason=last.get("reason") if isinstance(last.get("reason"), str) else None,
+            last_deployment=_int(last.get("deployment")),
+            groups=tuple(g for g in groups if isinstance(g, str))
+            if isinstance(groups, list) else (),
+            ts=doc.get("ts") if isinstance(doc.get("ts"), (int, float)) else None,
+            raw=doc,
+        )
+
+
+def _model_label(m: object) -> str | None:
+    if isinstance(m, dict) and m.get("name") is not None:
+        return f"{m.get('name')} {m.get('version')}"
+    return None
+
+
+def _int(v: object) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def _device_of(topic: str) -> str:
+    # {prefix}/{fleet}/dev/{device}/{leaf}
+    return topic.split("/")[3]
+
+
+def fleet_status(connection: MqttConnection, *, topics: Topics | None = None,
+                 settle: float = 0.5, timeout: float = 5.0) -> dict[str, DeviceStatus]:
+    """Every device's retained state in the connection's fleet, by device id.
+
+    Retained messages arrive right after the subscription is acknowledged; the read
+    ends once none has come for ``settle`` seconds (or after ``timeout``).
+    """
+    t = topics or Topics.for_config(connection.config)
+    found: dict[str, DeviceStatus] = {}
+    lock = threading.Lock()
+    last = [time.monotonic()]
+
+    def on_state(topic: str, payload: bytes) -> None:
+        status = DeviceStatus.parse(_device_of(topic), payload)
+        with lock:
+            if status is not None:
+                found[status.device] = status
+            last[0] = time.monotonic()
+
+    sub = connection.subscribe(t.every_device("state"), on_state)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with lock:
+                if time.monotonic() - last[0] >= settle:
+                    break
+            time.sleep(0.02)
+    finally:
+        sub.cancel()
+    with lock:
+        return dict(sorted(found.items()))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one device ended a deployment: ``committed``, one of :data:`FAILED_RESULTS`,
+    or ``no answer`` when the wait ran out."""
+
+    device: str
+    result: str
+    reason: str | None = None
+    model: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.result == COMMITTED
+
+
+Progress = Callable[[str, dict[str, Any]], None]
+
+
+class DeploymentWatch:
+    """Follow deployment number ``counter`` on ``devices`` and on the members of ``groups``.
+
+    Create it (it subscribes) before publishing the deployment, then call
+    :meth:`wait`. Group members are the devices whose retained state lists the group.
+    ``progress(device, event)`` is called for each event of this deployment.
+    """
+
+    def __init__(self, connection: MqttConnection, counter: int, *,
+                 devices: Iterable[str] = (), groups: Iterable[str] = (),
+                 progress: Progress | None = None, topics: Topics | None = None) -> None:
+        self.counter = counter
+        self.devices = set(devices)
+        self.groups = set(groups)
+        self._progress = progress
+        self._t = topics or Topics.for_config(connection.config)
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self.states: dict[str, DeviceStatus] = {}
+        self.outcomes: dict[str, Outcome] = {}
+        self._last_message = time.monotonic()
+        self._subs = [
+            connection.subscribe(self._t.every_device("state"), self._on_state),
+            connection.subscribe(self._t.every_device("events"), self._on_event),
+        ]
+
+    def close(self) -> None:
+        for s in self._subs:
+            s.cancel()
+
+    def __enter__(self) -> DeploymentWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def targets(self) -> set[str]:
+        """The named devices plus every device known (from its state) to be in a group."""
+        with self._lock:
+            return self._targets()
+
+    def _targets(self) -> set[str]:
+        return self.devices | {d for d, s in self.states.items() if self.groups & set(s.groups)}
+
+    # -- handlers (network thread) -----------------------------------------------------------
+
+    def _on_state(self, topic: str, payload: bytes) -> None:
+        status = DeviceStatus.parse(_device_of(topic), payload)
+        with self._changed:
+            self._last_message = time.monotonic()
+            if status is None:
+                return
+            self.states[status.device] = status
+            if status.device not in self._targets() or status.device in self.outcomes:
+                return
+            if status.last_deployment == self.counter and (
+                    status.last_result == COMMITTED or status.last_result in FAILED_RESULTS):
+                self.outcomes[status.device] = Outcome(status.device, status.last_result,
+                                                       status.last_reason, status.model)
+            elif status.deployment == self.counter and status.phase == COMMITTED:
+                # Accepted without an install: the device already served that model.
+                self.outcomes[status.device] = Outcome(status.device, COMMITTED, None,
+                                                       status.model)
+            self._changed.notify_all()
+
+    def _on_event(self, topic: str, payload: bytes) -> None:
+        try:
+            doc = json.loads(payload)
+        except ValueError:
+            return
+        if not isinstance(doc, dict) or doc.get("event") == "heartbeat":
+            return
+        device = _device_of(topic)
+        dep = doc.get("deployment")
+        counter = _int(dep.get("version")) if isinstance(dep, dict) else None
+        kind = doc.get("event")
+        with self._changed:
+            if device not in self._targets():
+                return
+            mine = counter == self.counter
+            # A document that fails verification is refused before its counter is known.
+            if not mine and not (kind == "refused" and counter is None):
+                return
+            if kind in FAILED_RESULTS and device not in self.outcomes:
+                reason = doc.get("reason")
+                self.outcomes[device] = Outcome(device, str(kind),
+                                                reason if isinstance(reason, str) else None)
+            self._changed.notify_all()
+        if self._progress is not None:
+            self._progress(device, doc)
+
+    # -- waiting -----------------------------------------------------------------------------
+
+    def wait(self, timeout: float, *, settle: float = 0.5) -> list[Outcome]:
+        """Block until every target has an outcome or ``timeout`` passes; one
+        :class:`Outcome` per target (``no answer`` for those still pending).
+
+        Raises :class:`DeploymentError` when groups were named but no device has
+        reported being in one of them (there is nobody to wait for).
+        """
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            # Let the retained states arrive before deciding who belongs to the groups.
+            while self.groups and time.monotonic() - self._last_message < settle \
+                    and time.monotonic() < deadline:
+                self._changed.wait(0.05)
+            targets = self._targets()
+            if not targets:
+                raise DeploymentError(
+                    f"no device has reported being in group(s) {', '.join(sorted(self.groups))}"
+                    " (agents list their groups in their retained state); nothing to wait for")
+            while True:
+                targets = self._targets()
+                if targets <= set(self.outcomes):
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._changed.wait(min(left, 0.5))
+            out = []
+            for d in sorted(targets):
+                if d in self.outcomes:
+                    out.append(self.outcomes[d])
+                    continue
+                st = self.states.get(d)
+                where = ("has never reported" if st is None else
+                         "is offline" if not st.online else f"is in phase {st.phase}")
+                out.append(Outcome(d, "no answer", f"the device {where}",
+                                   st.model if st else None))
+            return out
+
+
+def require_success(outcomes: list[Outcome], counter: int) -> None:
+    """Raise :class:`DeploymentError` (one line) unless every outcome is a commit."""
+    bad = [o for o in outcomes if not o.ok]
+    if bad:
+        shown = "; ".join(f"{o.device} {o.result}" + (f" ({o.reason})" if o.reason else "")
+                          for o in bad[:3])
+        more = f"; and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise DeploymentError(f"deployment {counter} did not succeed on {len(bad)} of "
+                              f"{len(outcomes)} device(s): {shown}{more}")
+
+
+__all__ = ["COMMITTED", "FAILED_RESULTS", "DeploymentWatch", "DeviceStatus",
+           "Outcome", "fleet_status", "require_success"]
