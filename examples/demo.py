@@ -40,14 +40,16 @@ def step(title: str) -> None:
     print(f"\n=== {title}", flush=True)
 
 
-def run(*args: str) -> str:
+def run(*args: str, expect: int = 0) -> str:
     cmd = [sys.executable, "-m", "edge_sdk", *args]
     print("$ edge-sdk " + " ".join(shlex.quote(a) for a in args), flush=True)
     res = subprocess.run(cmd, capture_output=True, text=True)
     print(res.stdout, end="", flush=True)
-    if res.returncode != 0:
+    if res.returncode != expect:
         print(res.stderr, end="", file=sys.stderr)
         raise SystemExit(f"demo: step failed with exit code {res.returncode}")
+    if expect:
+        print(res.stderr.strip().splitlines()[-1] + f"   (exit code {expect}, as expected)")
     return res.stdout
 
 
@@ -329,10 +331,9 @@ def fleet_demo(work: Path, src: Path, procs: Processes, broker_choice: str) -> N
     except urllib.error.HTTPError as err:
         print(f"agent is live on 127.0.0.1:{http_port}; ready: {err.code} (no model yet)")
 
-    step("12. deploy v1 to the device")
+    step("12. deploy v1 to the device and wait until it has committed it")
     run("deploy", "--repo", str(repo), "--device", DEVICE, "--model", "classifier",
-        "--version", "1.0.0", *mqtt)
-    events.wait("committed", "1.0.0")
+        "--version", "1.0.0", "--wait", "--timeout", "120", *mqtt)
 
     step("13. predict through the agent's local endpoint (KServe v2 JSON)")
     x = np.random.default_rng(3).normal(size=(1, 8)).astype(np.float32)
@@ -358,8 +359,7 @@ def fleet_demo(work: Path, src: Path, procs: Processes, broker_choice: str) -> N
     try:
         time.sleep(0.5)
         run("deploy", "--repo", str(repo), "--device", DEVICE, "--model", "classifier",
-            "--version", "2.0.0", *mqtt)
-        events.wait("committed", "2.0.0")
+            "--version", "2.0.0", "--wait", "--timeout", "120", *mqtt)
         time.sleep(0.5)
     finally:
         stop.set()
@@ -380,7 +380,7 @@ def fleet_demo(work: Path, src: Path, procs: Processes, broker_choice: str) -> N
     target.write_bytes(bytes(data))
     print(f"(an attacker flipped one byte of {target.relative_to(repo)} on the server)")
     run("deploy", "--repo", str(repo), "--device", DEVICE, "--model", "classifier",
-        "--version", "3.0.0", *mqtt)
+        "--version", "3.0.0", "--wait", "--timeout", "120", *mqtt, expect=3)
     events.wait("failed", "3.0.0")
     version, _ = infer(http_port, x)
     print(f"the agent still serves model_version {version}")
@@ -390,6 +390,9 @@ def fleet_demo(work: Path, src: Path, procs: Processes, broker_choice: str) -> N
                                      timeout=5).read().decode()
     print("metrics: " + "; ".join(line for line in metrics.splitlines()
                                   if line.startswith("edge_agent_update_events_total")))
+
+    step("16. the fleet as the devices report it")
+    run("status", *mqtt)
     events.close()
 
 

@@ -236,7 +236,7 @@ def status_cmd(devices: tuple[str, ...], as_json: bool, **mqtt: Any) -> None:
         click.echo(f"no device has reported in fleet {config.fleet!r} on {config.url}")
         return
     now = time.time()
-    rows = [("DEVICE", "ONLINE", "MODEL", "PREVIOUS", "DEPLOYMENT", "LAST UPDATE", "SEEN")]
+    rows = [("DEVICE", "ONLINE", "MODEL", "PREVIOUS", "DEPLOYMENT", "CHANGED", "LAST UPDATE")]
     for s in states.values():
         last = s.last_result or "-"
         if s.last_deployment is not None:
@@ -245,11 +245,11 @@ def status_cmd(devices: tuple[str, ...], as_json: bool, **mqtt: Any) -> None:
             last += f": {s.last_reason}"
         seen = "-" if s.ts is None else _age(now - s.ts)
         rows.append((s.device, "yes" if s.online else "no", s.model or "-", s.previous or "-",
-                     str(s.deployment or "-"), last, seen))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 2)]
+                     str(s.deployment or "-"), seen, last))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
         head = "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False))
-        click.echo(f"{head}  {r[-2]}  {r[-1]}".rstrip())
+        click.echo(f"{head}  {r[-1]}".rstrip())
 
 
 def _age(seconds: float) -> str:
