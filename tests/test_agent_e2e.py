@@ -23,7 +23,12 @@ import numpy as np
 import pytest
 
 import edge_sdk
-from edge_sdk.release import Repository, create_deployment, publish_deployment
+from edge_sdk.release import (
+    Repository,
+    create_deployment,
+    deployment_state,
+    publish_deployment,
+)
 from edge_sdk.transport import MqttConfig, MqttConnection, RepoResponder, Topics
 from tests import _models
 from tests._broker import Mosquitto
@@ -530,6 +535,82 @@ def test_deploy_wait_fails_in_one_line_on_a_rollback_and_on_a_silent_device(
                      "--timeout", "5"))
     assert code == 3 and "no device has reported being in group(s) w-empty" in \
         capsys.readouterr().err
+
+
+def test_waves_are_cumulative_and_put_every_device_in_exactly_one() -> None:
+    from edge_sdk.errors import UsageError
+    from edge_sdk.release import plan_waves
+
+    devs = [f"d{i:02}" for i in range(20)]
+    plan = plan_waves(devs, ["1", "10%", "50%", "100%"])
+    assert [len(w) for w in plan] == [1, 1, 8, 10] and [d for w in plan for d in w] == devs
+    # Waves that add nobody are dropped; a last wave always covers the rest.
+    assert [len(w) for w in plan_waves(devs[:3], ["1", "10%", "50%"])] == [1, 1, 1]
+    assert plan_waves(devs[:2], ["5"]) == [devs[:2]]
+    for bad in ("0", "0%", "150%", "ten"):
+        with pytest.raises(UsageError, match="must be a device count"):
+            plan_waves(devs, [bad])
+
+
+def _rollout_fleet(fleet: Fleet, tmp: Path, agents: list[AgentProc], group: str,
+                   n: int) -> list[AgentProc]:
+    procs = [new_agent(fleet, tmp, agents, f"{group}-{i}", groups=(group,)).start()
+             for i in range(n)]
+    for p in procs:
+        fleet.deploy(p.device, "1")
+    for p in procs:
+        p.wait_version("1")
+    wait_for(lambda: all((fleet.states.get(p.device) or {}).get("groups") == [group]
+                         for p in procs))
+    return procs
+
+
+def test_rollout_goes_wave_by_wave_and_commits_everywhere(fleet, tmp_path, agents,
+                                                          capsys) -> None:
+    from edge_sdk.cli import main
+
+    procs = _rollout_fleet(fleet, tmp_path, agents, "ro-ok", 3)
+    assert main(_cli(fleet, "rollout", "--model", "adder", "--version", "2", "--group",
+                     "ro-ok", "--waves", "1,100%", "--wave-timeout", "60")) == 0
+    out, err = capsys.readouterr()
+    assert "wave 1: deployment #" in err and "to 1 device(s): ro-ok-0" in err
+    assert "to 2 device(s): ro-ok-1, ro-ok-2" in err
+    assert "committed on every device" in out
+    for p in procs:
+        assert p.infer() == ("2", 3.0)
+
+
+def test_rollout_aborts_on_a_silent_device_and_sends_the_others_back(
+    fleet, tmp_path, agents, capsys
+) -> None:
+    from edge_sdk.cli import main
+
+    procs = _rollout_fleet(fleet, tmp_path, agents, "ro-bad", 3)
+    offline = procs[1]
+    offline.stop()
+    wait_for(lambda: fleet.states[offline.device]["online"] is False)
+    code = main(_cli(fleet, "rollout", "--model", "adder", "--version", "2", "--group",
+                     "ro-bad", "--waves", "1,100%", "--wave-timeout", "8"))
+    out, err = capsys.readouterr()
+    assert "rollback ro-bad-1" in out and "sent" in out
+    last = err.strip().splitlines()[-1]
+    assert code == 3, err
+    assert "aborted in wave 2 of 2" in last and "ro-bad-1 no answer (the device is offline)" \
+        in last and "2 device(s) sent back" in last
+    # Online devices went first: the canary and the other online device had committed 2.
+    assert "to 1 device(s): ro-bad-0" in err and "to 2 device(s): ro-bad-2, ro-bad-1" in err
+    for p in (procs[0], procs[2]):
+        assert p.infer() == ("1", 2.0)
+        assert fleet.last(p.device, "committed")["model"]["version"] == "1"
+    # The device that was away finds the rollback, not version 2, when it returns.
+    rollback_counter = deployment_state(fleet.repo)["counter"]
+    offline.start()
+    wait_for(lambda: (s := fleet.states.get(offline.device)) and s["online"] and
+             s["deployment"] == rollback_counter and s["phase"] == "committed")
+    assert offline.infer() == ("1", 2.0)
+    assert not [e for e in fleet.events[offline.device]
+                if (e.get("deployment") or e.get("model") or {}).get("version") == "2"
+                or (e.get("deployment") or {}).get("artifact_version") == "2"]
 
 
 def test_agent_cli_reports_config_errors_in_one_line(tmp_path, capsys) -> None:

@@ -36,8 +36,8 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
     "serve": ("edge_sdk.cli._release:serve_cmd", "agent", "Run the repository responder on MQTT."),
     "pull": ("edge_sdk.cli._release:pull_cmd", "agent", "Fetch and verify an artifact over MQTT "
              "without the agent."),
-    "rollout": ("edge_sdk.cli._rollout:rollout_group", "agent", "Staged rollouts in waves with "
-                "automatic abort."),
+    "rollout": ("edge_sdk.cli._release:rollout_cmd", "agent", "Deploy in waves; abort and "
+                "roll back when a wave fails."),
     "agent": ("device_agent._cli:agent_cmd", "agent", "Run the device agent daemon."),
 }
 

@@ -1,5 +1,5 @@
-"""``release``, ``deploy``, ``status``, ``serve`` and ``pull``: thin wrappers over edge_sdk.release,
-edge_sdk.trust and edge_sdk.transport."""
+"""``release``, ``deploy``, ``rollout``, ``status``, ``serve`` and ``pull``: thin wrappers
+over edge_sdk.release, edge_sdk.trust and edge_sdk.transport."""
 
 from __future__ import annotations
 
@@ -15,15 +15,18 @@ from typing import Any, TypeVar
 
 import click
 
-from ..errors import UsageError
+from ..errors import DeploymentError, UsageError
 from ..release import (
     DeploymentWatch,
     Repository,
+    RolloutConfig,
     create_deployment,
     fleet_status,
     publish_deployment,
     require_success,
+    rollout,
 )
+from ..release._rollout import DEFAULT_WAVES
 from ..transport import FetchConfig, MqttConfig, MqttConnection, RepoResponder, ResponderConfig
 from ..trust import UpdateClient
 
@@ -212,6 +215,71 @@ def _show_progress(device: str, event: dict[str, Any]) -> None:
             f" {dep.get('name')} {dep.get('artifact_version')}" if isinstance(dep, dict) else "")
     reason = f": {event['reason']}" if event.get("reason") else ""
     click.echo(f"  {device}: {event.get('event')}{what}{reason}", err=True)
+
+
+@click.command("rollout")
+@click.option("--repo", required=True, type=click.Path(file_okay=False, exists=True),
+              help="Release repository.")
+@click.option("--device", "devices", multiple=True, help="Device id. Repeatable.")
+@click.option("--group", "groups", multiple=True,
+              help="Device group (its members as their state reports them). Repeatable.")
+@click.option("--model", required=True, help="Released artifact name.")
+@click.option("--version", "version", help="Released version (default: the newest).")
+@click.option("--waves", default=",".join(DEFAULT_WAVES), show_default=True,
+              help="Cumulative wave sizes: device counts or percentages.")
+@click.option("--max-failures", default=0.0, show_default=True, type=float,
+              help="Devices a wave may lose before the rollout aborts: a count (>= 1) or a "
+                   "fraction of the wave (< 1).")
+@click.option("--wave-timeout", default=600.0, show_default=True, type=float,
+              help="Seconds each wave may take.")
+@click.option("--no-rollback", is_flag=True,
+              help="On abort, leave the devices that committed on the new release.")
+@click.option("--keys", "keydir", type=click.Path(file_okay=False))
+@_mqtt_options
+def rollout_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...], model: str,
+                version: str | None, waves: str, max_failures: float, wave_timeout: float,
+                no_rollback: bool, keydir: str | None, **mqtt: Any) -> None:
+    """Deploy in growing waves; abort when a wave fails and send the devices back.
+
+    Exit 0 when every wave committed, 3 when the rollout aborted."""
+    cfg = RolloutConfig(waves=tuple(w for w in waves.split(",") if w.strip()),
+                        max_failures=max_failures, wave_timeout=wave_timeout,
+                        rollback=not no_rollback)
+    config = _mqtt_config(mqtt)
+    r = Repository(repo, keydir)
+    with MqttConnection(config, name="edge-rollout") as conn:
+        result = rollout(r, conn, model=model, version=version, devices=devices,
+                         groups=groups, config=cfg, progress=_show_progress,
+                         on_wave=_show_wave)
+    click.echo(f"rollout of {result.model} {result.version}: "
+               f"{sum(len(w.devices) for w in result.waves)} of "
+               f"{sum(len(w) for w in result.planned)} device(s) in "
+               f"{len(result.waves)} of {len(result.planned)} wave(s)")
+    for w in result.waves:
+        for o in w.outcomes:
+            click.echo(f"  wave {w.index}  {o.device:<20} {o.result:<12} {o.model or '-'}")
+    for o in result.rolled_back:
+        click.echo(f"  rollback {o.device:<20} {o.result:<12} {o.model or '-'}")
+    for d, why in result.not_rolled_back.items():
+        click.echo(f"  rollback {d:<20} skipped      {why}")
+    if result.aborted is not None:
+        back = sum(o.ok for o in result.rolled_back)
+        tail = (f"; {back} device(s) sent back to their previous release"
+                if not no_rollback else "; no rollback (--no-rollback)")
+        raise DeploymentError(f"rollout of {result.model} {result.version} aborted in "
+                              f"{result.aborted}{tail}")
+    click.echo(f"rollout of {result.model} {result.version} committed on every device")
+
+
+def _show_wave(_: str, info: dict[str, Any]) -> None:
+    what = "rollback" if info["rollback"] else "wave"
+    if info["event"] == "start":
+        click.echo(f"{what} {info['index']}: deployment #{info['counter']} of "
+                   f"{info['version']} to {len(info['devices'])} device(s): "
+                   f"{', '.join(info['devices'])}", err=True)
+    else:
+        click.echo(f"{what} {info['index']}: {info['committed']} committed, "
+                   f"{info['failed']} did not", err=True)
 
 
 @click.command("status")

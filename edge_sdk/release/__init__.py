@@ -9,6 +9,8 @@
 - :func:`fleet_status` (every device's retained state as :class:`DeviceStatus`),
   :class:`DeploymentWatch` (subscribe, publish, then ``wait()`` → :class:`Outcome` per
   device), :func:`require_success` (raises :class:`~edge_sdk.errors.DeploymentError`).
+- :func:`rollout` (waves, abort, rollback; :class:`RolloutConfig` → :class:`RolloutResult`),
+  :func:`plan_waves`.
 - The responder that serves a repository is :class:`edge_sdk.transport.RepoResponder`.
 """
 
@@ -20,6 +22,7 @@ from ._deploy import (
     publish_deployment,
 )
 from ._repository import ReleasedTarget, Repository, released_target
+from ._rollout import RolloutConfig, RolloutResult, plan_waves, rollout
 from ._watch import DeploymentWatch, DeviceStatus, Outcome, fleet_status, require_success
 
 __all__ = [
@@ -28,12 +31,16 @@ __all__ = [
     "Outcome",
     "ReleasedTarget",
     "Repository",
+    "RolloutConfig",
+    "RolloutResult",
     "SignedDeployment",
     "clear_deployment",
     "create_deployment",
     "deployment_state",
     "fleet_status",
+    "plan_waves",
     "publish_deployment",
     "released_target",
     "require_success",
+    "rollout",
 ]

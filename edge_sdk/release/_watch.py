@@ -23,6 +23,8 @@ from ..transport import MqttConnection, Topics
 #: Terminal results an agent reports for a deployment; only the first one is success.
 COMMITTED = "committed"
 FAILED_RESULTS = ("rolled_back", "failed", "refused")
+#: What :meth:`DeploymentWatch.wait` says of a device that did not report in time.
+NO_ANSWER = "no answer"
 
 
 @dataclass(frozen=True)
@@ -264,7 +266,7 @@ class DeploymentWatch:
                 st = self.states.get(d)
                 where = ("has never reported" if st is None else
                          "is offline" if not st.online else f"is in phase {st.phase}")
-                out.append(Outcome(d, "no answer", f"the device {where}",
+                out.append(Outcome(d, NO_ANSWER, f"the device {where}",
                                    st.model if st else None))
             return out
 
@@ -280,5 +282,5 @@ def require_success(outcomes: list[Outcome], counter: int) -> None:
                               f"{len(outcomes)} device(s): {shown}{more}")
 
 
-__all__ = ["COMMITTED", "FAILED_RESULTS", "DeploymentWatch", "DeviceStatus",
+__all__ = ["COMMITTED", "FAILED_RESULTS", "NO_ANSWER", "DeploymentWatch", "DeviceStatus",
            "Outcome", "fleet_status", "require_success"]

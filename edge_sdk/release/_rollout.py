@@ -1,0 +1,234 @@
+"""Staged rollouts: deploy a release wave by wave, stop when a wave fails, send back.
+
+A rollout picks its devices (named ones plus the members of groups, as their retained
+state reports them), orders them online first, and deploys to growing cumulative waves
+(``1``, ``10%``, ``50%``, ``100%`` by default). Each wave is one signed deployment naming
+its devices, followed with :class:`DeploymentWatch` until every device committed it,
+failed or ran out of time. When more devices fail than the wave may lose, the rollout
+stops there and — unless told otherwise — signs an explicit rollback that sends every
+device that had committed the new release back to the model it served before.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ..errors import EdgeError, UsageError
+from ..transport import MqttConnection, Topics
+from ._deploy import clear_deployment, create_deployment, publish_deployment
+from ._repository import Repository
+from ._watch import NO_ANSWER, DeploymentWatch, DeviceStatus, Outcome, Progress, fleet_status
+
+DEFAULT_WAVES = ("1", "10%", "50%", "100%")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """``waves``: cumulative sizes, a count (``"1"``) or a share of all devices (``"10%"``);
+    a last wave covering everyone is added when missing. ``max_failures``: how many
+    devices of a wave may fail before the rollout aborts — a count (``>= 1``) or a
+    fraction of the wave (``< 1``); 0 stops at the first failure. ``wave_timeout``:
+    seconds each wave may take. ``rollback``: on abort, send the devices that committed
+    the new release back to their previous model."""
+
+    waves: tuple[str, ...] = DEFAULT_WAVES
+    max_failures: float = 0.0
+    wave_timeout: float = 600.0
+    rollback: bool = True
+    expires_days: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_failures < 0:
+            raise UsageError("max failures must be >= 0")
+        if self.wave_timeout <= 0:
+            raise UsageError("wave timeout must be > 0 seconds")
+        if not self.waves:
+            raise UsageError("name at least one wave")
+
+    def allowed_failures(self, wave_size: int) -> int:
+        if self.max_failures >= 1:
+            return int(self.max_failures)
+        return math.floor(self.max_failures * wave_size)
+
+
+@dataclass(frozen=True)
+class Wave:
+    index: int
+    devices: tuple[str, ...]
+    counter: int
+    outcomes: tuple[Outcome, ...]
+
+    @property
+    def failed(self) -> list[Outcome]:
+        return [o for o in self.outcomes if not o.ok]
+
+    @property
+    def unanswered(self) -> list[str]:
+        return [o.device for o in self.outcomes if o.result == NO_ANSWER]
+
+
+@dataclass
+class RolloutResult:
+    model: str
+    version: str
+    planned: list[list[str]]
+    waves: list[Wave] = field(default_factory=list)
+    #: Why the rollout stopped early (None when every wave went through).
+    aborted: str | None = None
+    #: Outcomes of the rollback deployments, and devices that could not be sent back.
+    rolled_back: list[Outcome] = field(default_factory=list)
+    not_rolled_back: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.aborted is None
+
+
+def plan_waves(devices: Sequence[str], waves: Sequence[str]) -> list[list[str]]:
+    """Split ``devices`` (in order) into cumulative waves; every device is in exactly one."""
+    total = len(devices)
+    bounds: list[int] = []
+    for w in waves:
+        spec = w.strip()
+        try:
+            if spec.endswith("%"):
+                pct = float(spec[:-1])
+                if not 0 < pct <= 100:
+                    raise ValueError
+                n = math.ceil(total * pct / 100)
+            else:
+                n = int(spec)
+                if n < 1:
+                    raise ValueError
+        except ValueError:
+            raise UsageError(f"wave {w!r} must be a device count >= 1 or a percentage in "
+                             "(0, 100] such as 10%") from None
+        n = min(n, total)
+        if bounds and n <= bounds[-1]:
+            continue  # a wave that adds nobody (small fleets)
+        bounds.append(n)
+    if not bounds or bounds[-1] < total:
+        bounds.append(total)
+    out, start = [], 0
+    for b in bounds:
+        out.append(list(devices[start:b]))
+        start = b
+    return out
+
+
+def _model_of(status: DeviceStatus | None) -> tuple[str, str] | None:
+    m = status.raw.get("model") if status is not None else None
+    if isinstance(m, dict) and isinstance(m.get("name"), str) and m.get("version") is not None:
+        return m["name"], str(m["version"])
+    return None
+
+
+def rollout(repo: Repository, connection: MqttConnection, *, model: str,
+            version: str | None = None, devices: Sequence[str] = (),
+            groups: Sequence[str] = (), config: RolloutConfig | None = None,
+            progress: Progress | None = None,
+            on_wave: Progress | None = None) -> RolloutResult:
+    """Roll release ``model`` ``version`` (default the newest) out in waves.
+
+    Returns a :class:`RolloutResult`; it does not raise when a wave fails (see
+    ``result.aborted``). ``progress(device, event)`` gets each device event;
+    ``on_wave("wave", info)`` is called as each wave starts and ends.
+    """
+    cfg = config or RolloutConfig()
+    if not devices and not groups:
+        raise UsageError("name at least one --device or --group")
+    t = Topics.for_config(connection.config)
+    rel = repo.find(model, version)
+    states = fleet_status(connection, topics=t)
+    members = {d for d, s in states.items() if set(groups) & set(s.groups)}
+    missing = [g for g in groups if not any(g in s.groups for s in states.values())]
+    if missing:
+        raise UsageError(f"no device has reported being in group(s) {', '.join(missing)} "
+                         "(agents list their groups in their retained state)")
+    targets = sorted(set(devices) | members,
+                     key=lambda d: (not (d in states and states[d].online), d))
+    before = {d: _model_of(states.get(d)) for d in targets}
+    result = RolloutResult(rel.name, rel.version, plan_waves(targets, cfg.waves))
+    committed: list[str] = []
+    unanswered: list[str] = []
+    for i, wave_devices in enumerate(result.planned, 1):
+        wave = _deploy_and_wait(repo, connection, t, rel.name, rel.version, wave_devices,
+                                cfg, progress, on_wave, i, rollback=False)
+        result.waves.append(wave)
+        committed += [o.device for o in wave.outcomes if o.ok]
+        unanswered += wave.unanswered
+        allowed = cfg.allowed_failures(len(wave_devices))
+        if len(wave.failed) > allowed:
+            result.aborted = (
+                f"wave {i} of {len(result.planned)}: {len(wave.failed)} of "
+                f"{len(wave_devices)} device(s) did not commit (allowed {allowed}): "
+                + "; ".join(f"{o.device} {o.result}" + (f" ({o.reason})" if o.reason else "")
+                            for o in wave.failed[:3]))
+            break
+    if result.aborted is not None and cfg.rollback:
+        _roll_back(repo, connection, t, rel.name, rel.version, committed, unanswered, before,
+                   cfg, progress, on_wave, result)
+    return result
+
+
+def _deploy_and_wait(repo: Repository, connection: MqttConnection, t: Topics, name: str,
+                     version: str, devices: Sequence[str], cfg: RolloutConfig,
+                     progress: Progress | None, on_wave: Progress | None, index: int, *,
+                     rollback: bool, wait_for: Sequence[str] | None = None) -> Wave:
+    signed = create_deployment(repo, model=name, fleet=t.fleet, version=version,
+                               devices=devices, rollback=rollback,
+                               expires_days=cfg.expires_days)
+    counter = signed.deployment.counter
+    if on_wave is not None:
+        on_wave("wave", {"event": "start", "index": index, "devices": list(devices),
+                         "counter": counter, "version": version, "rollback": rollback})
+    waited = list(devices if wait_for is None else wait_for)
+    with DeploymentWatch(connection, counter, devices=waited, progress=progress,
+                         topics=t) as watch:
+        publish_deployment(connection, signed, topics=t)
+        outcomes = watch.wait(cfg.wave_timeout) if waited else []
+    # Devices not waited for (offline) find the document retained when they return.
+    outcomes += [Outcome(d, "sent", "retained for the device's return")
+                 for d in devices if d not in waited]
+    wave = Wave(index, tuple(devices), counter, tuple(outcomes))
+    if on_wave is not None:
+        on_wave("wave", {"event": "end", "index": index, "counter": counter,
+                         "committed": sum(o.ok for o in outcomes),
+                         "failed": len(wave.failed), "rollback": rollback})
+    return wave
+
+
+def _roll_back(repo: Repository, connection: MqttConnection, t: Topics, name: str,
+               version: str, committed: list[str], unanswered: list[str],
+               before: dict[str, tuple[str, str] | None], cfg: RolloutConfig,
+               progress: Progress | None, on_wave: Progress | None,
+               result: RolloutResult) -> None:
+    """Send back the devices that committed; the ones that did not answer still hold the
+    new deployment retained, so they get the rollback (or lose the document) too."""
+    by_version: dict[str, list[str]] = defaultdict(list)
+    for d in committed + unanswered:
+        prev = before.get(d)
+        if prev is not None and prev[0] == name and prev[1] == version:
+            continue  # it already served this release before the rollout
+        if prev is None or prev[0] != name:
+            if d in unanswered:
+                clear_deployment(connection, t.desired(d))
+                result.not_rolled_back[d] = ("it served no earlier release; its pending "
+                                             "deployment was withdrawn")
+            else:
+                result.not_rolled_back[d] = "it served no earlier release of this model"
+            continue
+        by_version[prev[1]].append(d)
+    for i, (prev_version, devs) in enumerate(sorted(by_version.items()), 1):
+        try:
+            repo.find(name, prev_version)
+        except EdgeError as err:
+            result.not_rolled_back |= {d: str(err) for d in devs}
+            continue
+        wave = _deploy_and_wait(repo, connection, t, name, prev_version, devs, cfg,
+                                progress, on_wave, i, rollback=True,
+                                wait_for=[d for d in devs if d not in unanswered])
+        result.rolled_back += wave.outcomes
