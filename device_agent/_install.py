@@ -35,6 +35,7 @@ from edge_sdk.errors import (
     TransportError,
     VerificationError,
 )
+from edge_sdk.transport import SlowRetrievalError
 
 from ._config import AgentConfig
 from ._serving import ModelSlot, Served, SmokeTestError, smoke_test
@@ -262,7 +263,9 @@ class Installer:
             self._smoke(served)
             crash_point("smoke_tested")
         except TransportError as err:
-            if isinstance(err, VerificationError):  # e.g. endless data: an attack, not weather
+            # Endless data is an attack, not weather. A responder that stopped answering
+            # (SlowRetrievalError: nothing installed, partial download kept) is tried again.
+            if isinstance(err, VerificationError) and not isinstance(err, SlowRetrievalError):
                 self._fail(dep, stage, err)
                 return False
             reason = f"{stage}: {err}"

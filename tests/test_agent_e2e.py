@@ -507,6 +507,30 @@ def test_group_deployment_supersedes_the_devices_own_older_one_without_refusals(
     assert fleet.kinds("g-dev").count("committed") == 2
 
 
+def test_deploy_wait_sees_through_a_retried_install(fleet, tmp_path, agents, capsys) -> None:
+    from edge_sdk.cli import main
+
+    agent = new_agent(fleet, tmp_path, agents, "w-retry").start()
+    fleet.responder.stop()  # the repository is away: the agent's fetch fails and retries
+
+    def come_back() -> None:
+        wait_for(lambda: any(e.get("retry") for e in fleet.events["w-retry"]))
+        fleet.responder = RepoResponder(fleet.host, fleet.repo.path)
+        fleet.responder.start()
+
+    t = threading.Thread(target=come_back)
+    t.start()
+    try:
+        code = main(_cli(fleet, "deploy", "--model", "adder", "--version", "1", "--device",
+                         "w-retry", "--wait", "--timeout", "120"))
+    finally:
+        t.join()
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "w-retry: failed adder 1" in err and "committed on all 1 device(s)" in out
+    assert agent.infer() == ("1", 2.0)
+
+
 def test_deploy_wait_fails_in_one_line_on_a_rollback_and_on_a_silent_device(
     fleet, tmp_path, agents, capsys
 ) -> None:

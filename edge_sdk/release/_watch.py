@@ -222,7 +222,8 @@ class DeploymentWatch:
             # A document that fails verification is refused before its counter is known.
             if not mine and not (kind == "refused" and counter is None):
                 return
-            if kind in FAILED_RESULTS and device not in self.outcomes:
+            # ``retry``: a transient failure (broker or responder away); the agent goes on.
+            if kind in FAILED_RESULTS and not doc.get("retry") and device not in self.outcomes:
                 reason = doc.get("reason")
                 self.outcomes[device] = Outcome(device, str(kind),
                                                 reason if isinstance(reason, str) else None)
