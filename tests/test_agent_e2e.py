@@ -625,7 +625,8 @@ def test_rollout_aborts_on_a_silent_device_and_sends_the_others_back(
     assert "to 1 device(s): ro-bad-0" in err and "to 2 device(s): ro-bad-2, ro-bad-1" in err
     for p in (procs[0], procs[2]):
         assert p.infer() == ("1", 2.0)
-        assert fleet.last(p.device, "committed")["model"]["version"] == "1"
+        # The state (which the rollout follows) goes out before the event it summarises.
+        wait_for(lambda d=p.device: fleet.last(d, "committed")["model"]["version"] == "1", 10)
     # The device that was away finds the rollback, not version 2, when it returns.
     rollback_counter = deployment_state(fleet.repo)["counter"]
     offline.start()

@@ -303,7 +303,13 @@ def test_loop_model_every_candidate_is_run_and_the_artifact_matches_the_source(
     result = convert(model, tmp_path / "art", config=FAST, calibration=tmp_path / "x.npz")
     for row in result.report["candidates"]:
         assert row["status"] == "failed" or row["accuracy"]["samples"] == 6
-    feed = {"x": M.tabular(1, 16, seed=9)}
-    got = edge_sdk.load(tmp_path / "art").predict(feed)["y"]
-    want = _source_outputs(model, [feed])[0][0]
-    assert np.dot(got.ravel(), want.ravel()) / (np.linalg.norm(got) * np.linalg.norm(want)) > 0.98
+    # The artifact reproduces, on the held-out samples, the accuracy its report claims
+    # (which candidate wins depends on measured latency, so the figure varies by run).
+    feeds = _eval_feeds(model, tmp_path / "x.npz")
+    pred = edge_sdk.load(tmp_path / "art")
+    cos = [float(np.dot(g.ravel(), w[0].ravel()) / (np.linalg.norm(g) * np.linalg.norm(w[0])))
+           for g, w in zip((pred.predict(f)["y"] for f in feeds),
+                           _source_outputs(model, feeds), strict=True)]
+    accuracy = json.loads((tmp_path / "art" / "manifest.json").read_text())["accuracy"]
+    assert abs(float(np.mean(cos)) - accuracy["score"]) < 2e-3
+    assert accuracy["drop"] <= accuracy["max_drop"] and min(cos) > 0.95
