@@ -207,12 +207,13 @@ class Agent:
             # are never installed either way). The claimed counter only orders the work:
             # apply() verifies everything.
             quiet = len(self._desired_topics) > 1
-            for topic, payload in sorted(pending.items(),
-                                         key=lambda kv: -_claimed_counter(kv[1])):
+            work = sorted(((_claimed_counter(p), t, p) for t, p in pending.items()),
+                          key=lambda w: -w[0])
+            for claimed, topic, payload in work:
                 if self._stop.is_set():
                     break
                 installed = self.installer.state.deployment_version
-                if quiet and 0 <= _claimed_counter(payload) < installed:
+                if quiet and 0 <= claimed < installed:
                     log.debug("deployment on %s superseded by #%d", topic, installed)
                     continue
                 self._apply(topic, payload)

@@ -63,8 +63,8 @@ class Fleet:
         self.events: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self.states: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
-        self.host.subscribe(f"edge/{FLEET}/dev/+/events", self._on_event)
-        self.host.subscribe(f"edge/{FLEET}/dev/+/state", self._on_state)
+        self.host.subscribe(self.topics.every_device("events"), self._on_event)
+        self.host.subscribe(self.topics.every_device("state"), self._on_state)
         self.released: set[str] = set()
 
     def _on_event(self, topic: str, payload: bytes) -> None:

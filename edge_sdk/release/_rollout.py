@@ -20,7 +20,14 @@ from ..errors import EdgeError, UsageError
 from ..transport import MqttConnection, Topics
 from ._deploy import clear_deployment, create_deployment, publish_deployment
 from ._repository import Repository
-from ._watch import NO_ANSWER, DeploymentWatch, DeviceStatus, Outcome, Progress, fleet_status
+from ._watch import (
+    NO_ANSWER,
+    DeploymentWatch,
+    Outcome,
+    Progress,
+    describe_failures,
+    fleet_status,
+)
 
 DEFAULT_WAVES = ("1", "10%", "50%", "100%")
 
@@ -119,13 +126,6 @@ def plan_waves(devices: Sequence[str], waves: Sequence[str]) -> list[list[str]]:
     return out
 
 
-def _model_of(status: DeviceStatus | None) -> tuple[str, str] | None:
-    m = status.raw.get("model") if status is not None else None
-    if isinstance(m, dict) and isinstance(m.get("name"), str) and m.get("version") is not None:
-        return m["name"], str(m["version"])
-    return None
-
-
 def rollout(repo: Repository, connection: MqttConnection, *, model: str,
             version: str | None = None, devices: Sequence[str] = (),
             groups: Sequence[str] = (), config: RolloutConfig | None = None,
@@ -150,7 +150,7 @@ def rollout(repo: Repository, connection: MqttConnection, *, model: str,
                          "(agents list their groups in their retained state)")
     targets = sorted(set(devices) | members,
                      key=lambda d: (not (d in states and states[d].online), d))
-    before = {d: _model_of(states.get(d)) for d in targets}
+    before = {d: s.model_ref if (s := states.get(d)) else None for d in targets}
     result = RolloutResult(rel.name, rel.version, plan_waves(targets, cfg.waves))
     committed: list[str] = []
     unanswered: list[str] = []
@@ -165,8 +165,7 @@ def rollout(repo: Repository, connection: MqttConnection, *, model: str,
             result.aborted = (
                 f"wave {i} of {len(result.planned)}: {len(wave.failed)} of "
                 f"{len(wave_devices)} device(s) did not commit (allowed {allowed}): "
-                + "; ".join(f"{o.device} {o.result}" + (f" ({o.reason})" if o.reason else "")
-                            for o in wave.failed[:3]))
+                f"{describe_failures(wave.failed)}")
             break
     if result.aborted is not None and cfg.rollback:
         _roll_back(repo, connection, t, rel.name, rel.version, committed, unanswered, before,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +33,8 @@ class DeviceStatus:
 
     device: str
     online: bool
+    #: ``(name, version)`` of the served model, and the same as one label.
+    model_ref: tuple[str, str] | None
     model: str | None
     previous: str | None
     phase: str | None
@@ -56,11 +58,13 @@ class DeviceStatus:
         lu = doc.get("last_update")
         last: dict[str, Any] = lu if isinstance(lu, dict) else {}
         groups = doc.get("groups")
+        ref = _model_ref(doc.get("model"))
         return cls(
             device=device,
             online=doc.get("online") is True,
-            model=_model_label(doc.get("model")),
-            previous=_model_label(doc.get("previous")),
+            model_ref=ref,
+            model=_model_label(ref),
+            previous=_model_label(_model_ref(doc.get("previous"))),
             phase=doc.get("phase") if isinstance(doc.get("phase"), str) else None,
             deployment=_int(doc.get("deployment")) or 0,
             last_result=last.get("result") if isinstance(last.get("result"), str) else None,
@@ -73,10 +77,14 @@ class DeviceStatus:
         )
 
 
-def _model_label(m: object) -> str | None:
-    if isinstance(m, dict) and m.get("name") is not None:
-        return f"{m.get('name')} {m.get('version')}"
+def _model_ref(m: object) -> tuple[str, str] | None:
+    if isinstance(m, dict) and isinstance(m.get("name"), str) and m.get("version") is not None:
+        return m["name"], str(m["version"])
     return None
+
+
+def _model_label(ref: tuple[str, str] | None) -> str | None:
+    return None if ref is None else f"{ref[0]} {ref[1]}"
 
 
 def _int(v: object) -> int | None:
@@ -272,16 +280,20 @@ class DeploymentWatch:
             return out
 
 
+def describe_failures(bad: Sequence[Outcome], shown: int = 3) -> str:
+    """``dev result (reason); ...`` for the first ``shown`` outcomes, then how many more."""
+    text = "; ".join(f"{o.device} {o.result}" + (f" ({o.reason})" if o.reason else "")
+                     for o in bad[:shown])
+    return text + (f"; and {len(bad) - shown} more" if len(bad) > shown else "")
+
+
 def require_success(outcomes: list[Outcome], counter: int) -> None:
     """Raise :class:`DeploymentError` (one line) unless every outcome is a commit."""
     bad = [o for o in outcomes if not o.ok]
     if bad:
-        shown = "; ".join(f"{o.device} {o.result}" + (f" ({o.reason})" if o.reason else "")
-                          for o in bad[:3])
-        more = f"; and {len(bad) - 3} more" if len(bad) > 3 else ""
         raise DeploymentError(f"deployment {counter} did not succeed on {len(bad)} of "
-                              f"{len(outcomes)} device(s): {shown}{more}")
+                              f"{len(outcomes)} device(s): {describe_failures(bad)}")
 
 
 __all__ = ["COMMITTED", "FAILED_RESULTS", "NO_ANSWER", "DeploymentWatch", "DeviceStatus",
-           "Outcome", "fleet_status", "require_success"]
+           "Outcome", "describe_failures", "fleet_status", "require_success"]
