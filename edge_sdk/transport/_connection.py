@@ -94,7 +94,11 @@ class MqttConnection:
         self._lock = threading.Lock()
         self._subs: list[Subscription] = []
         self._listeners: list[ConnectionListener] = []
+        #: Set once the broker accepted us AND acknowledged every remembered
+        #: subscription: only then can a request published now meet its answer.
         self._connected = threading.Event()
+        self._link_up = False  # CONNACK received, subscriptions possibly still pending
+        self._resub: set[_SubAck] = set()
         self._suback: dict[int, _SubAck] = {}
         self._early_acks: dict[int, bool] = {}
         self._last_error: str | None = None
@@ -201,7 +205,7 @@ class MqttConnection:
 
     @property
     def connected(self) -> bool:
-        """True while the broker link is up."""
+        """True while the broker link is up and every subscription is acknowledged."""
         return self._connected.is_set()
 
     def wait_connected(self, timeout: float | None = None) -> bool:
@@ -263,7 +267,7 @@ class MqttConnection:
         sub = Subscription(topic_filter, handler, qos, self)
         with self._lock:
             self._subs.append(sub)
-        if self.connected:
+        if self._link_up:
             ack = self._send_subscribe(topic_filter, qos)
             if wait and ack is not None:
                 if not ack.event.wait(timeout):
@@ -285,7 +289,7 @@ class MqttConnection:
             if sub in self._subs:
                 self._subs.remove(sub)
             still = any(s.topic_filter == sub.topic_filter for s in self._subs)
-        if not still and self.connected:
+        if not still and self._link_up:
             self._client.unsubscribe(sub.topic_filter)
 
     def _send_subscribe(self, topic_filter: str, qos: int) -> _SubAck | None:
@@ -319,13 +323,22 @@ class MqttConnection:
             with contextlib.suppress(OSError, AttributeError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock
+        self._link_up = True
         with self._lock:
             filters = {s.topic_filter: s.qos for s in self._subs}
-            listeners = list(self._listeners)
-        for f, q in filters.items():
-            self._send_subscribe(f, q)
+        acks = [self._send_subscribe(f, q) for f, q in filters.items()]
+        with self._lock:
+            self._resub = {a for a in acks if a is not None and not a.event.is_set()}
+            ready = not self._resub
+        if ready:
+            self._ready()
+
+    def _ready(self) -> None:
+        """The link is up and every subscription is back: tell the waiters and listeners."""
         self._connected.set()
         log.debug("connected to %s as %s", self.config.url, self.config.client_id)
+        with self._lock:
+            listeners = list(self._listeners)
         for listener in listeners:
             self._call_listener(listener, True)
 
@@ -338,7 +351,10 @@ class MqttConnection:
     def _on_disconnect(self, client: paho.Client, userdata: object, flags: object,
                        reason: object, properties: object) -> None:
         was = self._connected.is_set()
+        self._link_up = False
         self._connected.clear()
+        with self._lock:
+            self._resub.clear()
         self._last_error = str(reason)
         if was:
             log.debug("disconnected from %s: %s", self.config.url, reason)
@@ -362,6 +378,11 @@ class MqttConnection:
             if refused:
                 log.warning("broker refused the subscription to %s", ack.topic_filter)
             ack.event.set()
+            with self._lock:
+                last = ack in self._resub and len(self._resub) == 1
+                self._resub.discard(ack)
+            if last:
+                self._ready()
 
     def _quickack(self) -> None:
         # A broker without set_tcp_nodelay holds its next small packet (a chunk
