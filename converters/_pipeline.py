@@ -88,6 +88,9 @@ class ConvertConfig:
     candidates: CandidateConfig = field(default_factory=CandidateConfig)
     holdout_fraction: float = 0.25
     synthetic_samples: int = 16
+    # The longest one framework step (load, export, a reference batch, the TFLite
+    # converter) may take in its child process before it is stopped.
+    framework_timeout_s: float = 1800.0
 
 
 def check_options(options: ConvertOptions) -> None:

@@ -108,12 +108,16 @@ def _representative(
     return gen
 
 
+BuildCandidates = Callable[[Path, Sequence[str], Samples | None, int], list[TfliteCandidate]]
+
+
 def convert_saved_model(
-    source: Any, loaded: Loaded, out: Path, options: ConvertOptions, *, source_path: str,
-    source_sha256: str, config: ConvertConfig | None = None,
+    build: BuildCandidates, loaded: Loaded, out: Path, options: ConvertOptions, *,
+    source_path: str, source_sha256: str, config: ConvertConfig | None = None,
 ) -> ConversionResult:
-    """``--to tflite`` for a loaded Keras/TF source (``source.saved_dir``,
-    ``source.signature_key``): build, measure, select, write the artifact."""
+    """``--to tflite`` for a loaded Keras/TF source: ``build(work, schemes, calibration,
+    max_calibration_samples)`` converts its SavedModel (:func:`build_tflite_candidates`,
+    run where TensorFlow is); then measure, select, write the artifact."""
     from ._pipeline import ConvertConfig
 
     cfg = config or ConvertConfig()
@@ -129,9 +133,7 @@ def convert_saved_model(
                         "(--calibration)")
     with tempfile.TemporaryDirectory(prefix="edge-tflite-") as tmp:
         work = Path(tmp)
-        cands = build_tflite_candidates(
-            Path(source.saved_dir), source.signature_key, work, schemes, calib,
-            max_calibration_samples=cfg.candidates.max_calibration_samples)
+        cands = build(work, schemes, calib, cfg.candidates.max_calibration_samples)
         base = next(c for c in cands if c.name == BASELINE)
         if base.error is not None:
             raise ConversionError(f"{source_path}: {base.error}")

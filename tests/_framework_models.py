@@ -258,3 +258,113 @@ def torch_two_inputs() -> Any:
             return {"scaled": self.proj(features) * scale, "raw": self.proj(features)}
 
     return TwoInputs().eval()
+
+
+# -- whole fixtures, built in a child interpreter (tests/_child.py) ----------------------
+
+
+def _torch_run(model: Any, *arrays: np.ndarray) -> Any:
+    import torch
+
+    with torch.inference_mode():
+        out = model(*[torch.from_numpy(a) for a in arrays])
+    if isinstance(out, dict):
+        return {k: v.numpy() for k, v in out.items()}
+    return out.numpy()
+
+
+def torch_fixture(d: Path) -> dict[str, Any]:
+    """The torch front-end tests' sources: TorchScript, exported programs, calibration
+    files, and torch's own outputs to compare artifacts with."""
+    cnn = torch_cnn()
+    images = torch_images()
+    mlp = torch_mlp()
+    x, y = blobs(40, seed=5)
+    return {
+        "dir": d, "images": images, "x": x,
+        "cnn_ts": save_torchscript(cnn, d / "cnn.pt", images[:2]),
+        "cnn_pt2": save_exported_program(cnn, d / "cnn.pt2", images[:2]),
+        "mlp_ts": save_torchscript(mlp, d / "mlp.torchscript", x[:2]),
+        "images_npz": save_npz(d / "images.npz", image=images),
+        "mlp_npz": save_npz(d / "mlp.npz", input=x, labels=y),
+        "cnn_out": {b: _torch_run(cnn, images[:b]) for b in (1, 5)},
+        "mlp_out": _torch_run(mlp, x),
+    }
+
+
+def torch_pickles(d: Path) -> dict[str, Path]:
+    """``torch.save`` of the whole trained MLP and of its state_dict only."""
+    import torch
+
+    mlp = torch_mlp()
+    torch.save(mlp, d / "whole.pth")
+    torch.save(mlp.state_dict(), d / "weights.pth")
+    return {"whole": d / "whole.pth", "weights": d / "weights.pth"}
+
+
+def torch_two_inputs_outputs(features: np.ndarray, scale: np.ndarray) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = _torch_run(torch_two_inputs(), features, scale)
+    return out
+
+
+def torch_fixed_batch_program(path: Path, images: np.ndarray) -> np.ndarray:
+    """The CNN exported with a fixed batch of ``len(images)``; returns torch's outputs."""
+    import torch
+
+    cnn = torch_cnn()
+    torch.export.save(torch.export.export(cnn, (torch.from_numpy(images),)), str(path))
+    out: np.ndarray = _torch_run(cnn, images)
+    return out
+
+
+def torch_segfault() -> Any:
+    """A torch factory that crashes its interpreter, as a broken native extension would."""
+    import os
+    import signal
+
+    import torch  # noqa: F401 - the crash happens with the framework loaded
+
+    print("building the model, then crashing", flush=True)
+    os.kill(os.getpid(), signal.SIGSEGV)
+    return None  # pragma: no cover - the process is gone
+
+
+def keras_fixture(d: Path) -> dict[str, Any]:
+    """The Keras front-end tests' sources (.keras, .h5, SavedModel, weights only) and
+    Keras's own predictions on the evaluation images."""
+    model = keras_cnn(d / "cnn.keras")
+    model.save(str(d / "cnn.h5"))
+    model.save_weights(str(d / "only.weights.h5"))
+    x, y = keras_images(40, seed=7)
+    return {
+        "x": x, "y": y, "keras": d / "cnn.keras", "h5": d / "cnn.h5",
+        "weights": d / "only.weights.h5",
+        "saved": keras_saved_model(model, d / "cnn_saved"),
+        "calib": save_npz(d / "calib.npz", image=x, labels=y),
+        "expected": model.predict(x, verbose=0),
+    }
+
+
+def keras_lambda_model(path: Path) -> Path:
+    """x → 2x + 1 through a Lambda layer (Python code in the file)."""
+    import keras
+
+    inp = keras.Input((4,), name="x")
+    out = keras.layers.Lambda(lambda t: t * 2.0 + 1.0, name="affine")(inp)
+    keras.Model(inp, out).save(str(path))
+    return path
+
+
+def keras_two_inputs(path: Path, zeta: np.ndarray, alpha: np.ndarray) -> list[np.ndarray]:
+    """Inputs declared in the reverse of alphabetical order (the signature sorts them);
+    saved at ``path``; returns Keras's outputs [out, aux] on (zeta, alpha)."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    z = keras.Input((3,), name="zeta")
+    a = keras.Input((2,), name="alpha")
+    h = keras.layers.Concatenate()([z * 10.0, a])
+    model = keras.Model([z, a], [keras.layers.Dense(2, name="out")(h),
+                                 keras.layers.Dense(1, name="aux")(h)])
+    model.save(str(path))
+    return list(model.predict([zeta, alpha], verbose=0))

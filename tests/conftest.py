@@ -8,6 +8,7 @@ import pytest
 
 from tests import _models
 from tests._broker import Mosquitto
+from tests._child import in_child
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -56,12 +57,15 @@ def cnn_onnx(model_dir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tflite_float(model_dir: Path) -> Path:
-    return _models.tflite_dense(model_dir / "dense.tflite")
+    path: Path = in_child("tests._models:tflite_dense", model_dir / "dense.tflite")
+    return path
 
 
 @pytest.fixture(scope="session")
 def tflite_int8(model_dir: Path) -> Path:
-    return _models.tflite_dense(model_dir / "dense_int8.tflite", int8=True)
+    path: Path = in_child("tests._models:tflite_dense", model_dir / "dense_int8.tflite",
+                          int8=True)
+    return path
 
 
 @pytest.fixture()

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import keras
 import numpy as np
 import pytest
 
@@ -18,6 +17,7 @@ from converters._measure import MeasureConfig
 from converters._pipeline import ConvertConfig, ConvertOptions
 from edge_sdk.errors import ConversionError, UsageError
 from tests import _framework_models as fm
+from tests._child import in_child
 
 FAST = ConvertConfig(measure=MeasureConfig(rounds=2, runs_per_round=5, warmup=2))
 FLOAT_ATOL = 1e-5  # softmax outputs in [0, 1]
@@ -26,17 +26,9 @@ INT8_ATOL = 0.05  # full-integer int8: a few quantization steps of the output
 
 @pytest.fixture(scope="session")
 def km(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    d = tmp_path_factory.mktemp("keras")
-    model = fm.keras_cnn(d / "cnn.keras")
-    model.save(str(d / "cnn.h5"))
-    x, y = fm.keras_images(40, seed=7)
-    return {
-        "model": model, "x": x, "y": y,
-        "keras": d / "cnn.keras", "h5": d / "cnn.h5",
-        "saved": fm.keras_saved_model(model, d / "cnn_saved"),
-        "calib": fm.save_npz(d / "calib.npz", image=x, labels=y),
-        "expected": model.predict(x, verbose=0),
-    }
+    fixture: dict[str, Any] = in_child("tests._framework_models:keras_fixture",
+                                       tmp_path_factory.mktemp("keras"))
+    return fixture
 
 
 def _convert(src: Path, out: Path, **opts: Any) -> Any:
@@ -112,10 +104,8 @@ def test_file_that_is_not_a_keras_model_is_a_clear_error(tmp_path: Path) -> None
 
 
 def test_h5_weights_only_file_is_not_a_model(km: dict[str, Any], tmp_path: Path) -> None:
-    weights = tmp_path / "only.weights.h5"
-    km["model"].save_weights(str(weights))
     with pytest.raises(ConversionError, match="not a Keras model"):
-        _convert(weights, tmp_path / "art")
+        _convert(km["weights"], tmp_path / "art")
 
 
 def _raw_io_dtypes(path: Path) -> tuple[str, str]:
@@ -143,10 +133,7 @@ def test_keras_to_onnx_without_tf2onnx_suggests_to_tflite(
 
 
 def test_keras_lambda_layer_needs_trust_pickle_then_converts(tmp_path: Path) -> None:
-    inp = keras.Input((4,), name="x")
-    out = keras.layers.Lambda(lambda t: t * 2.0 + 1.0, name="affine")(inp)
-    src = tmp_path / "lambda.keras"
-    keras.Model(inp, out).save(str(src))
+    src = in_child("tests._framework_models:keras_lambda_model", tmp_path / "lambda.keras")
     with pytest.raises(UsageError, match=r"Lambda layer.*--trust-pickle"):
         _convert(src, tmp_path / "a", to="tflite")
     assert not (tmp_path / "a").exists()
@@ -158,20 +145,12 @@ def test_keras_lambda_layer_needs_trust_pickle_then_converts(tmp_path: Path) -> 
 
 
 def test_multi_input_keras_model_binds_inputs_by_name(tmp_path: Path) -> None:
-    keras.utils.set_random_seed(0)
-    # declared in the reverse of alphabetical order: the signature sorts by name
-    zeta = keras.Input((3,), name="zeta")
-    alpha = keras.Input((2,), name="alpha")
-    h = keras.layers.Concatenate()([zeta * 10.0, alpha])
-    model = keras.Model([zeta, alpha], [keras.layers.Dense(2, name="out")(h),
-                                        keras.layers.Dense(1, name="aux")(h)])
-    src = tmp_path / "two.keras"
-    model.save(str(src))
     rng = np.random.default_rng(0)
     z = rng.normal(size=(6, 3)).astype(np.float32)
     a = rng.normal(size=(6, 2)).astype(np.float32)
+    src = tmp_path / "two.keras"
+    want = in_child("tests._framework_models:keras_two_inputs", src, z, a)
     calib = fm.save_npz(tmp_path / "c.npz", zeta=z, alpha=a)
-    want = model.predict([z, a], verbose=0)
     for to in ("onnx", "tflite"):
         res = _convert(src, tmp_path / to, calibration=calib, to=to, quantize="none")
         got = edge_sdk.load(res.artifact.path).predict({"zeta": z, "alpha": a})

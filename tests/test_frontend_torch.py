@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 import edge_sdk
 from converters._frontends import convert_source
@@ -16,6 +15,7 @@ from converters._measure import MeasureConfig
 from converters._pipeline import ConvertConfig, ConvertOptions
 from edge_sdk.errors import ConversionError, UsageError
 from tests import _framework_models as fm
+from tests._child import in_child
 
 FAST = ConvertConfig(measure=MeasureConfig(rounds=2, runs_per_round=5, warmup=2))
 # float32 everywhere; ORT and torch kernels differ only in summation order.
@@ -24,29 +24,14 @@ ATOL = 1e-4
 
 @pytest.fixture(scope="session")
 def tm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    d = tmp_path_factory.mktemp("torch")
-    cnn = fm.torch_cnn()
-    images = fm.torch_images()
-    mlp = fm.torch_mlp()
-    x, y = fm.blobs(40, seed=5)
-    return {
-        "dir": d, "cnn": cnn, "images": images, "mlp": mlp, "x": x,
-        "cnn_ts": fm.save_torchscript(cnn, d / "cnn.pt", images[:2]),
-        "cnn_pt2": fm.save_exported_program(cnn, d / "cnn.pt2", images[:2]),
-        "mlp_ts": fm.save_torchscript(mlp, d / "mlp.torchscript", x[:2]),
-        "images_npz": fm.save_npz(d / "images.npz", image=images),
-        "mlp_npz": fm.save_npz(d / "mlp.npz", input=x, labels=y),
-    }
+    fixture: dict[str, Any] = in_child("tests._framework_models:torch_fixture",
+                                       tmp_path_factory.mktemp("torch"))
+    return fixture
 
 
 def _convert(src: Any, out: Path, *, shapes: Any = None, **opts: Any) -> Any:
     return convert_source(src, out, ConvertOptions(**opts), source_kind=None,
                           input_shapes=shapes, trust_pickle=False, config=FAST)
-
-
-def _torch_out(model: Any, x: np.ndarray) -> np.ndarray:
-    with torch.inference_mode():
-        return np.asarray(model(torch.from_numpy(x)).numpy())
 
 
 @pytest.mark.parametrize("source", ["cnn_ts", "cnn_pt2", "factory"])
@@ -62,7 +47,7 @@ def test_torch_cnn_artifact_matches_torch_on_any_batch(
     for batch in (1, 5):
         x = tm["images"][:batch]
         out = model.predict({"image": x})["output"]
-        ref = _torch_out(tm["cnn"], x)
+        ref = tm["cnn_out"][batch]
         if res.artifact.manifest.quantization == "none":
             np.testing.assert_allclose(out, ref, atol=ATOL * 10)
         else:
@@ -84,8 +69,8 @@ def test_torch_mlp_float_artifact_matches_torch_within_1e4(
     res = _convert(tm["mlp_ts"], tmp_path / "art", calibration=tm["mlp_npz"], quantize="none")
     assert res.chosen == "fp32"
     out = edge_sdk.load(res.artifact.path).predict({"input": tm["x"]})["output"]
-    np.testing.assert_allclose(out, _torch_out(tm["mlp"], tm["x"]), atol=ATOL)
-    np.testing.assert_array_equal(out.argmax(1), _torch_out(tm["mlp"], tm["x"]).argmax(1))
+    np.testing.assert_allclose(out, tm["mlp_out"], atol=ATOL)
+    np.testing.assert_array_equal(out.argmax(1), tm["mlp_out"].argmax(1))
 
 
 def test_factory_with_input_shape_and_no_data_is_verified_on_synthetic_inputs(
@@ -135,19 +120,17 @@ def test_torchscript_without_shapes_asks_for_input_shape(
 def test_torch_save_pickle_needs_trust_and_a_state_dict_is_explained(
     tm: dict[str, Any], tmp_path: Path
 ) -> None:
-    whole = tmp_path / "whole.pth"
-    torch.save(tm["mlp"], whole)
+    pickles = in_child("tests._framework_models:torch_pickles", tmp_path)
+    whole = pickles["whole"]
     with pytest.raises(UsageError, match="--trust-pickle"):
         _convert(whole, tmp_path / "a", shapes={"input": (1, fm.FEATURES)})
     res = convert_source(whole, tmp_path / "b", ConvertOptions(quantize="none"),
                          source_kind=None, input_shapes={"input": (1, fm.FEATURES)},
                          trust_pickle=True, config=FAST)
     out = edge_sdk.load(res.artifact.path).predict(tm["x"])["output"]
-    np.testing.assert_allclose(out, _torch_out(tm["mlp"], tm["x"]), atol=ATOL)
-    weights = tmp_path / "weights.pth"
-    torch.save(tm["mlp"].state_dict(), weights)
+    np.testing.assert_allclose(out, tm["mlp_out"], atol=ATOL)
     with pytest.raises(ConversionError, match="not a model"):
-        convert_source(weights, tmp_path / "c", ConvertOptions(), source_kind=None,
+        convert_source(pickles["weights"], tmp_path / "c", ConvertOptions(), source_kind=None,
                        input_shapes={"input": (1, fm.FEATURES)}, trust_pickle=True)
 
 
@@ -180,20 +163,17 @@ def test_two_input_module_binds_calibration_keys_by_forward_parameter_name(
     model = edge_sdk.load(res.artifact.path)
     assert [s.name for s in model.inputs] == ["features", "scale"]
     assert [s.name for s in model.outputs] == ["scaled", "raw"]
-    module = fm.torch_two_inputs()
     out = model.predict({"features": feats, "scale": scale})
-    with torch.inference_mode():
-        want = module(torch.from_numpy(feats), torch.from_numpy(scale))
-    np.testing.assert_allclose(out["scaled"], want["scaled"].numpy(), atol=ATOL)
-    np.testing.assert_allclose(out["raw"], want["raw"].numpy(), atol=ATOL)
+    want = in_child("tests._framework_models:torch_two_inputs_outputs", feats, scale)
+    np.testing.assert_allclose(out["scaled"], want["scaled"], atol=ATOL)
+    np.testing.assert_allclose(out["raw"], want["raw"], atol=ATOL)
 
 
 def test_exported_program_with_fixed_batch_converts_with_a_warning(
     tm: dict[str, Any], tmp_path: Path
 ) -> None:
     src = tmp_path / "fixed.pt2"
-    program = torch.export.export(tm["cnn"], (torch.from_numpy(tm["images"][:1]),))
-    torch.export.save(program, str(src))
+    want = in_child("tests._framework_models:torch_fixed_batch_program", src, tm["images"][:1])
     res = _convert(src, tmp_path / "art", calibration=tm["images_npz"], quantize="none")
     assert res.artifact.manifest.inputs[0].shape == (1, 3, 16, 16)
     assert any("fixed batch of 1" in w for w in res.warnings)
@@ -201,7 +181,7 @@ def test_exported_program_with_fixed_batch_converts_with_a_warning(
     assert res.artifact.manifest.extra["export_warnings"] == [
         w for w in res.warnings if "fixed batch" in w]
     out = edge_sdk.load(res.artifact.path).predict({"image": tm["images"][:1]})["output"]
-    np.testing.assert_allclose(out, _torch_out(tm["cnn"], tm["images"][:1]), atol=ATOL)
+    np.testing.assert_allclose(out, want, atol=ATOL)
 
 
 def test_torch_to_ort_format_runs_and_matches(tm: dict[str, Any], tmp_path: Path) -> None:
@@ -209,5 +189,52 @@ def test_torch_to_ort_format_runs_and_matches(tm: dict[str, Any], tmp_path: Path
                    quantize="none")
     model = edge_sdk.load(res.artifact.path)
     assert model.format == "ort"
-    np.testing.assert_allclose(model.predict(tm["x"])["output"],
-                               _torch_out(tm["mlp"], tm["x"]), atol=ATOL)
+    np.testing.assert_allclose(model.predict(tm["x"])["output"], tm["mlp_out"], atol=ATOL)
+
+
+def test_torch_factory_that_segfaults_is_a_one_line_error_and_writes_nothing(
+    tmp_path: Path
+) -> None:
+    out = tmp_path / "art"
+    with pytest.raises(ConversionError) as info:
+        _convert("tests._framework_models:torch_segfault", out, shapes={"x": (1, 4)})
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert "PyTorch child process was killed by SIGSEGV while loading the model" in msg
+    assert "'building the model, then crashing'" in msg  # the last line the child printed
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".art")]
+
+
+def test_framework_step_past_its_time_limit_is_stopped_with_the_config_key(
+    tm: dict[str, Any], tmp_path: Path
+) -> None:
+    slow = ConvertConfig(measure=FAST.measure, framework_timeout_s=0.01)
+    with pytest.raises(ConversionError, match=r"took longer than 0\.01 s .*"
+                                              r"ConvertConfig\.framework_timeout_s"):
+        convert_source(tm["mlp_ts"], tmp_path / "art", ConvertOptions(quantize="none"),
+                       source_kind=None, input_shapes={"input": (1, fm.FEATURES)},
+                       trust_pickle=False, config=slow)
+    assert not (tmp_path / "art").exists()
+
+
+def test_converting_process_never_imports_torch_or_tensorflow(
+    tm: dict[str, Any], tmp_path: Path
+) -> None:
+    # In a fresh interpreter, so that nothing else this test session did can mask it.
+    code = (
+        "import sys\n"
+        "from converters import convert\n"
+        f"convert({str(tm['mlp_ts'])!r}, {str(tmp_path / 'art')!r}, quantize='none',\n"
+        f"        calibration={str(tm['mlp_npz'])!r})\n"
+        "print(sorted(m for m in ('torch', 'tensorflow', 'keras', 'sklearn') "
+        "if m in sys.modules))\n"
+    )
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    assert edge_sdk.load(tmp_path / "art").predict(tm["x"])["output"].shape == (40, 3)

@@ -1,7 +1,8 @@
 """Framework front-ends: PyTorch, Keras/TensorFlow, scikit-learn and TFLite in.
 
 :func:`convert_source` detects the source kind, loads the model with its own
-framework (imported lazily, only here), exports it, checks the export against
+framework in a child interpreter (:mod:`._child`; this process never imports a
+framework), exports it there, checks the export against
 the framework on the user's data (or synthetic inputs) and hands it to the ONNX
 pipeline — or, for ``--to tflite``, to TensorFlow's converter — with the
 framework's own predict as the accuracy reference.
@@ -13,18 +14,23 @@ import dataclasses
 import hashlib
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from edge_sdk._fs import sha256_file
 from edge_sdk.errors import UsageError
 
+from ._child import FrameworkChild
 from ._common import DEFAULT_CONFIG, FrontendConfig, Loaded, verification_samples, verify_export
 from ._detect import KINDS, detect_kind, is_factory
 
 if TYPE_CHECKING:
+    from .._data import Samples
     from .._pipeline import ConversionResult, ConvertConfig, ConvertOptions
+    from .._tflite import TfliteCandidate
 
 
 def convert_source(
@@ -61,28 +67,41 @@ def convert_source(
             "converters are not maintained. Use --to onnx or --to ort"
         )
     options = dataclasses.replace(options, name=options.name or _default_name(text))
+    from .._pipeline import ConvertConfig
+
+    timeout = (config or ConvertConfig()).framework_timeout_s
     with tempfile.TemporaryDirectory(prefix="edge-frontend-") as tmp:
         work = Path(tmp)
-        loaded, exporter = _load(kind, text, work, options, input_shapes, trust_pickle)
-        digest = _source_digest(text)
-        if options.to == "tflite":
-            from .._tflite import convert_saved_model
+        with FrameworkChild(kind, work, timeout_s=timeout) as child:
+            loaded = _load(child, kind, text, work, options, input_shapes, trust_pickle)
+            digest = _source_digest(text)
+            if options.to == "tflite":
+                from .._tflite import convert_saved_model
 
-            return convert_saved_model(
-                exporter, loaded, out, options, source_path=text, source_sha256=digest,
-                config=config,
-            )
-        onnx_path = exporter.export(work / "export.onnx")
-        samples = verification_samples(loaded.inputs, options.calibration, options.eval,
-                                       frontend_config)
-        checked = verify_export(onnx_path, loaded, samples,
-                                what=f"{text}: ONNX export check", config=frontend_config)
-        extra: dict[str, Any] = {**loaded.extra, "export_check": checked}
-        if loaded.warnings:
-            extra["export_warnings"] = list(loaded.warnings)
-        source = SourceInfo(format=kind, path=text, sha256=digest,
-                            reference=loaded.reference, extra=extra)
-        result = convert_onnx(onnx_path, out, options, source, config=config)
+                def build(dest: Path, schemes: Sequence[str], calib: Samples | None,
+                          limit: int) -> list[TfliteCandidate]:
+                    built: list[TfliteCandidate] = child.call(
+                        "tflite_candidates", what="while converting to TFLite",
+                        work=str(dest), schemes=list(schemes), calibration=calib,
+                        max_calibration_samples=limit)
+                    return built
+
+                return convert_saved_model(
+                    build, loaded, out, options, source_path=text, source_sha256=digest,
+                    config=config,
+                )
+            onnx_path = Path(child.call("export", what="while exporting the model to ONNX",
+                                        path=str(work / "export.onnx")))
+            samples = verification_samples(loaded.inputs, options.calibration, options.eval,
+                                           frontend_config)
+            checked = verify_export(onnx_path, loaded, samples,
+                                    what=f"{text}: ONNX export check", config=frontend_config)
+            extra: dict[str, Any] = {**loaded.extra, "export_check": checked}
+            if loaded.warnings:
+                extra["export_warnings"] = list(loaded.warnings)
+            source = SourceInfo(format=kind, path=text, sha256=digest,
+                                reference=loaded.reference, extra=extra)
+            result = convert_onnx(onnx_path, out, options, source, config=config)
     if loaded.warnings:
         # The CLI prints the report's warnings; the manifest keeps them as export_warnings.
         merged = list(dict.fromkeys([*loaded.warnings, *result.report.get("warnings", [])]))
@@ -92,34 +111,22 @@ def convert_source(
 
 
 def _load(
-    kind: str, src: str, work: Path, options: ConvertOptions,
+    child: FrameworkChild, kind: str, src: str, work: Path, options: ConvertOptions,
     input_shapes: Mapping[str, tuple[int, ...]] | None, trust_pickle: bool,
-) -> tuple[Loaded, Any]:
-    exporter: Any
-    if kind == "torch":
-        from ._torch import TorchSource
+) -> Loaded:
+    """Load the model in the child; its predictions are the child's ``reference`` op."""
+    meta = child.call("open", what="while loading the model", kind=kind, src=src,
+                      work=str(work), calibration=options.calibration,
+                      input_shapes=dict(input_shapes) if input_shapes else None,
+                      trust_pickle=trust_pickle)
 
-        exporter = TorchSource(src, input_shapes=input_shapes, calibration=options.calibration,
-                               trust_pickle=trust_pickle)
-    elif kind == "keras":
-        from ._keras import KerasSource
+    def reference(feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = child.call(
+            "reference", what=f"while predicting with the {kind} model", feed=dict(feed))
+        return out
 
-        exporter = KerasSource(Path(src), work, trust_pickle=trust_pickle,
-                               input_shapes=input_shapes)
-    elif kind == "sklearn":
-        from ._sklearn import SklearnSource
-
-        exporter = SklearnSource(Path(src), trust_pickle=trust_pickle, input_shapes=input_shapes)
-    else:  # pragma: no cover - detect_kind returns only KINDS
-        raise UsageError(f"{src}: unsupported source kind {kind!r}")
-    loaded: Loaded = exporter.loaded()
-    fixed = getattr(exporter, "fixed_batch", None)
-    if fixed is not None:
-        loaded.warnings.append(
-            f"the exported program was traced with a fixed batch of {fixed}; export it with "
-            "dynamic_shapes for a dynamic batch"
-        )
-    return loaded, exporter
+    return Loaded(kind, tuple(meta["inputs"]), reference, dict(meta["extra"]),
+                  list(meta["warnings"]))
 
 
 def _source_digest(src: str) -> str:

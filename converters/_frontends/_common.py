@@ -69,15 +69,37 @@ def require(module: str, what: str) -> ModuleType:
             ) from err
 
 
+_captured = False
+
+
+def capture_output() -> None:
+    """Say that this process's stdout and stderr already go to a log (the framework
+    child's): :func:`quiet` then leaves them alone, so the last line a framework printed
+    before a crash is there to report."""
+    global _captured
+    _captured = True
+
+
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """Silence the frameworks' progress prints, warnings and C++ logs for one block.
 
     TensorFlow's converter and LiteRT print from C++ straight to file descriptors 1
-    and 2, so those are pointed at /dev/null too; failures still surface as
-    exceptions, which is how every caller reports them.
+    and 2, so those are pointed at /dev/null too (unless :func:`capture_output` was
+    called); failures still surface as exceptions, which is how every caller reports
+    them.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    previous = logging.root.manager.disable
+    if _captured:
+        logging.disable(logging.WARNING)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                yield
+        finally:
+            logging.disable(previous)
+        return
     sink = io.StringIO()
     saved: list[tuple[int, int]] = []
     try:
@@ -92,7 +114,6 @@ def quiet() -> Iterator[None]:
             os.close(devnull)
     except (OSError, ValueError):
         pass  # no real descriptors (embedded interpreters): Python-level silence only
-    previous = logging.root.manager.disable
     logging.disable(logging.WARNING)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
@@ -267,7 +288,7 @@ def rename_batch_dims(onnx_path: Path) -> None:
 
 
 __all__ = [
-    "DEFAULT_CONFIG", "FrontendConfig", "Loaded", "Reference", "batched", "compare_outputs",
-    "first_line", "quiet", "rename_batch_dims", "require", "verification_samples",
-    "verify_export",
+    "DEFAULT_CONFIG", "FrontendConfig", "Loaded", "Reference", "batched", "capture_output",
+    "compare_outputs", "first_line", "quiet", "rename_batch_dims", "require",
+    "verification_samples", "verify_export",
 ]
