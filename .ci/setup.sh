@@ -22,13 +22,13 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
   fi
 fi
-STAMP=".venv/.edge-sdk-$EXTRAS-$(cat pyproject.toml | sha256sum | cut -c1-16)"
+STAMP=".venv/.edge-sdk-$EXTRAS-$(cat pyproject.toml .ci/constraints.txt | sha256sum | cut -c1-16)"
 if [ ! -f "$STAMP" ]; then
   echo "setup: installing edge-sdk[$EXTRAS] into .venv (first run takes a few minutes)" >&2
   .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v '^WARNING: Location' >&2 || true
   # PYTHONWARNINGS quiets setuptools' build-backend notices; pip's own errors still show.
   if ! PYTHONWARNINGS=ignore .venv/bin/python -m pip install -q --disable-pip-version-check \
-      -e ".[$EXTRAS]" > .venv/pip-install.log 2>&1; then
+      -c .ci/constraints.txt -e ".[$EXTRAS]" > .venv/pip-install.log 2>&1; then
     grep -v '^WARNING: Location' .venv/pip-install.log >&2 || true
     echo "setup: pip install of edge-sdk[$EXTRAS] failed (log: .venv/pip-install.log)" >&2
     exit 1
