@@ -173,6 +173,80 @@ def sklearn_inputs(n: int = 40, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
     return x * np.linspace(1, 20, FEATURES, dtype=np.float32), y
 
 
+TABULAR_FEATURES = 6
+CATEGORY_COLUMNS = [4, 5]  # integer-coded categories carried in the float input
+
+
+def tabular(n: int = 400, seed: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mixed tabular rows: (x [n, 6] float32 whose columns 4 and 5 hold category codes
+    0-3 and 0-2, three-class labels, a smooth regression target of scale ~5)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    centers = np.random.default_rng(101).normal(0, 1.2, (3, 4))
+    numeric = centers[y] + rng.normal(0, 1, (n, 4))
+    cats = np.stack([(y + rng.integers(0, 2, n)) % 4, rng.integers(0, 3, n)], axis=1)
+    x = np.concatenate([numeric * [1, 5, 0.2, 10], cats], axis=1).astype(np.float32)
+    target = (numeric @ [1.0, -0.5, 2.0, 0.3] + np.sin(numeric[:, 0]) + cats[:, 0]
+              - 0.5 * cats[:, 1])
+    return x, y.astype(np.int64), target.astype(np.float32)
+
+
+SKLEARN_KINDS = (
+    "logreg", "forest", "forest-reg", "gboost", "gboost-reg", "hgb", "hgb-reg",
+    "hgb-pipeline", "hgb-reg-pipeline", "svc", "knn", "mlp", "column-transformer",
+)
+
+
+def sklearn_fitted(kind: str, x: np.ndarray, y: np.ndarray) -> Any:
+    """One of :data:`SKLEARN_KINDS` fitted on ``(x, y)``, quietly: SVC(probability=True)
+    is deprecated in scikit-learn 1.9 but is what users' pickles hold, and the MLP's few
+    iterations are deliberate."""
+    import warnings
+
+    est = sklearn_estimator(kind)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return est.fit(x, y)
+
+
+def sklearn_estimator(kind: str) -> Any:
+    """An unfitted, deliberately small estimator of each kind users convert most, for
+    :func:`tabular` data (``*-reg`` kinds are regressors)."""
+    from sklearn import ensemble, linear_model, neighbors, neural_network, svm
+    from sklearn.compose import ColumnTransformer
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    numeric = [c for c in range(TABULAR_FEATURES) if c not in CATEGORY_COLUMNS]
+    trees = {"n_estimators": 10, "max_depth": 4, "random_state": 0}
+    hgb = {"max_iter": 15, "max_leaf_nodes": 8, "random_state": 0}
+    builders: dict[str, Any] = {
+        "logreg": lambda: make_pipeline(StandardScaler(), linear_model.LogisticRegression()),
+        "forest": lambda: ensemble.RandomForestClassifier(**trees),
+        "forest-reg": lambda: ensemble.RandomForestRegressor(**trees),
+        "gboost": lambda: ensemble.GradientBoostingClassifier(**trees),
+        "gboost-reg": lambda: ensemble.GradientBoostingRegressor(**trees),
+        "hgb": lambda: ensemble.HistGradientBoostingClassifier(**hgb),
+        "hgb-reg": lambda: ensemble.HistGradientBoostingRegressor(**hgb),
+        "hgb-pipeline": lambda: make_pipeline(
+            StandardScaler(), ensemble.HistGradientBoostingClassifier(**hgb)),
+        "hgb-reg-pipeline": lambda: make_pipeline(
+            StandardScaler(), ensemble.HistGradientBoostingRegressor(**hgb)),
+        "svc": lambda: make_pipeline(StandardScaler(), svm.SVC(probability=True,
+                                                               random_state=0)),
+        "knn": lambda: make_pipeline(StandardScaler(), neighbors.KNeighborsClassifier(5)),
+        "mlp": lambda: make_pipeline(StandardScaler(), neural_network.MLPClassifier(
+            (16,), max_iter=300, random_state=0)),
+        "column-transformer": lambda: make_pipeline(
+            ColumnTransformer([
+                ("num", StandardScaler(), numeric),
+                ("cat", OneHotEncoder(handle_unknown="ignore"), CATEGORY_COLUMNS),
+            ]),
+            linear_model.LogisticRegression()),
+    }
+    return builders[kind]()
+
+
 def save_pickle(obj: Any, path: Path) -> Path:
     path.write_bytes(pickle.dumps(obj))
     return path

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, is_regressor
 
 import edge_sdk
 from converters._frontends import convert_source
@@ -17,6 +17,7 @@ from converters._pipeline import ConvertConfig, ConvertOptions
 from edge_sdk.errors import ConversionError, UsageError
 from tests import _framework_models as fm
 
+REGRESSION_ATOL = 1e-3  # float32 trees reproduce scikit-learn's to ~1e-6 on a ~20 range
 FAST = ConvertConfig(measure=MeasureConfig(rounds=2, runs_per_round=5, warmup=2))
 PROBA_TOL = 1e-5  # float32 ONNX vs float64 scikit-learn
 
@@ -95,11 +96,61 @@ def test_pickle_of_something_else_is_a_clear_error(tmp_path: Path) -> None:
     assert not (tmp_path / "art").exists()
 
 
-def test_unconvertible_estimator_names_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", fm.SKLEARN_KINDS)
+def test_common_estimator_converted_with_auto_agrees_with_sklearn_on_held_out_rows(
+    tmp_path: Path, kind: str
+) -> None:
+    x, labels, target = fm.tabular()
+    regressor = is_regressor(fm.sklearn_estimator(kind))
+    y = target if regressor else labels
+    est = fm.sklearn_fitted(kind, x[:200], y[:200])
+    calib = fm.save_npz(tmp_path / "calib.npz", input=x[:120], labels=y[:120])
+    res = _convert(fm.save_pickle(est, tmp_path / "model.pkl"), tmp_path / "art",
+                   quantize="auto", calibration=calib)
+    held_out = x[200:]
+    out = edge_sdk.load(res.artifact.path).predict({"input": held_out})
+    if regressor:
+        err = np.abs(out["variable"].ravel() - est.predict(held_out))
+        assert err.max() <= REGRESSION_ATOL, f"{res.chosen}: max abs error {err.max():.3g}"
+    else:
+        agreement = np.mean(out["label"] == est.predict(held_out))
+        assert agreement >= 0.99, f"{res.chosen}: labels agree on {agreement:.1%}"
+        assert res.artifact.manifest.extra["labels"] == [0, 1, 2]
+
+
+def test_unconvertible_estimator_is_named_in_one_short_line(tmp_path: Path) -> None:
     est = _Weird().fit(*fm.sklearn_inputs())
     assert isinstance(est, BaseEstimator) and isinstance(est, ClassifierMixin)
-    with pytest.raises(ConversionError, match="skl2onnx cannot convert _Weird"):
+    with pytest.raises(ConversionError, match="skl2onnx cannot convert _Weird") as info:
         _convert(fm.save_pickle(est, tmp_path / "weird.pkl"), tmp_path / "art")
+    _assert_one_short_line(str(info.value))
+
+
+def test_pipeline_step_without_converter_is_named_not_the_pipeline(tmp_path: Path) -> None:
+    from sklearn.isotonic import IsotonicRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x, _, target = fm.tabular(60)
+    est = make_pipeline(StandardScaler(), IsotonicRegression()).fit(x[:, :1], target)
+    named = r"cannot convert IsotonicRegression \(in this Pipeline\)"
+    with pytest.raises(ConversionError, match=named) as info:
+        _convert(fm.save_pickle(est, tmp_path / "iso.pkl"), tmp_path / "art")
+    _assert_one_short_line(str(info.value))
+    assert not (tmp_path / "art").exists()
+
+
+def test_framework_error_quoted_in_a_diagnosis_is_capped() -> None:
+    from converters._frontends._sklearn import CAUSE_CHARS, _brief
+
+    quoted = _brief(ValueError("attributes={" + "1, " * 100_000 + "}\nsecond line"))
+    assert quoted.startswith("ValueError: attributes={1, 1, ")
+    assert len(quoted) == CAUSE_CHARS
+
+
+def _assert_one_short_line(message: str) -> None:
+    assert "\n" not in message
+    assert len(message) < 400, message
 
 
 class _Weird(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
