@@ -141,3 +141,25 @@ def test_convert_runs_as_a_subprocess(cli_models: dict[str, Path], tmp_path: Pat
                           str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "no such file" in bad.stderr
+
+
+def test_error_with_a_huge_text_prints_one_bounded_line_and_debug_prints_all(
+    cli_models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    # 5,000 stray keys: the data error lists every one of them (~90,000 characters).
+    calib = tmp_path / "keys.npz"
+    np.savez(calib, input=M.images(4, 16),
+             **{f"stray_key_{i:05d}": np.zeros(1, np.float32) for i in range(5000)})
+    out = tmp_path / "art"
+    args = ["convert", str(cli_models["cnn"]), "-o", str(out), "--calibration", str(calib)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert len(err) < 420, len(err)
+    assert err.startswith("edge-sdk: error: ")
+    assert "calibration data does not match the model: unknown key(s)" in err
+    assert "more characters; --debug shows them" in err
+    assert not out.exists()
+    assert main(["--debug", *args]) == 2
+    full = capsys.readouterr().err
+    assert "Traceback" in full and "stray_key_04999" in full

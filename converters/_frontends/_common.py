@@ -126,10 +126,16 @@ def quiet() -> Iterator[None]:
             os.close(copy)
 
 
+CAUSE_CHARS = 200  # of a framework error quoted in a one-line diagnosis
+
+
 def first_line(err: BaseException) -> str:
+    """``Type: first line`` of a framework's exception, capped at :data:`CAUSE_CHARS`
+    (skl2onnx once put a 700,000-character attribute dump on one line)."""
     text = str(err).strip()
     line = text.splitlines()[0] if text else ""
-    return f"{type(err).__name__}: {line}" if line else type(err).__name__
+    line = f"{type(err).__name__}: {line}" if line else type(err).__name__
+    return line if len(line) <= CAUSE_CHARS else line[: CAUSE_CHARS - 1] + "…"
 
 
 @dataclass
@@ -288,7 +294,7 @@ def rename_batch_dims(onnx_path: Path) -> None:
 
 
 __all__ = [
-    "DEFAULT_CONFIG", "FrontendConfig", "Loaded", "Reference", "batched", "capture_output",
-    "compare_outputs", "first_line", "quiet", "rename_batch_dims", "require",
+    "CAUSE_CHARS", "DEFAULT_CONFIG", "FrontendConfig", "Loaded", "Reference", "batched",
+    "capture_output", "compare_outputs", "first_line", "quiet", "rename_batch_dims", "require",
     "verification_samples", "verify_export",
 ]

@@ -20,7 +20,6 @@ from ._common import Loaded, first_line, quiet, require
 
 # skl2onnx writes ai.onnx.ml ops; opset 3 of that domain is what onnxruntime ≥ 1.15 runs.
 TARGET_OPSET = {"": 17, "ai.onnx.ml": 3}
-CAUSE_CHARS = 200  # of a framework error quoted in a one-line diagnosis
 
 
 class SklearnSource:
@@ -43,7 +42,7 @@ class SklearnSource:
                 est = joblib.load(path)
         except Exception as err:
             raise ConversionError(
-                f"{path}: could not unpickle a scikit-learn model: {_brief(err)}"
+                f"{path}: could not unpickle a scikit-learn model: {first_line(err)}"
             ) from err
         if not (hasattr(est, "fit") and (hasattr(est, "predict") or hasattr(est, "transform"))):
             raise ConversionError(
@@ -121,7 +120,7 @@ class SklearnSource:
                 ) from err
             raise ConversionError(
                 f"{self.path}: skl2onnx cannot convert {type(self.est).__name__}: "
-                f"{_brief(err)}"
+                f"{first_line(err)}"
             ) from err
         # What skl2onnx.to_onnx does after convert_sklearn: declare the opset asked for.
         for op in model.opset_import:
@@ -142,12 +141,6 @@ class SklearnSource:
                 dims[0].dim_param = "batch"
         out.write_bytes(model.SerializeToString())
         return out
-
-
-def _brief(err: BaseException) -> str:
-    """The cause's first line, capped: skl2onnx puts whole attribute dumps in one line."""
-    line = first_line(err)
-    return line if len(line) <= CAUSE_CHARS else line[: CAUSE_CHARS - 1] + "…"
 
 
 def _unconvertible(est: Any) -> list[str]:

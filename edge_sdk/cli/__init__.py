@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EdgeError as err:
         if debug:
             traceback.print_exc()
-        click.echo(f"edge-sdk: error: {_one_line(str(err))}", err=True)
+        click.echo(f"edge-sdk: error: {_summary(err, debug)}", err=True)
         return err.exit_code
     except KeyboardInterrupt:
         click.echo("edge-sdk: interrupted", err=True)
@@ -113,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         click.echo(
-            f"edge-sdk: internal error: {type(err).__name__}: {_one_line(str(err))} "
+            f"edge-sdk: internal error: {type(err).__name__}: {_summary(err, debug)} "
             "(run with --debug for the traceback and please report it)",
             err=True,
         )
@@ -121,8 +121,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     return rv if isinstance(rv, int) else 0
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
+MAX_ERROR_CHARS = 300
+
+
+def _summary(err: BaseException, full: bool = False) -> str:
+    """``err`` on one line, at most about :data:`MAX_ERROR_CHARS` characters unless
+    ``full``: a message that embeds a library's dump (one skl2onnx error was 700,000
+    characters) is cut at a word, keeps the cause's class, and says how to see it all."""
+    text = " ".join(str(err).split())
+    if full or len(text) <= MAX_ERROR_CHARS:
+        return text
+    cut = text[:MAX_ERROR_CHARS]
+    space = cut.rfind(" ")
+    if space > MAX_ERROR_CHARS // 2:
+        cut = cut[:space]
+    cause = err.__cause__ or err.__context__
+    if cause is not None and type(cause).__name__ not in cut:
+        cut += f" [caused by {type(cause).__name__}]"
+    return f"{cut} … ({len(text) - len(cut):,} more characters; --debug shows them)"
 
 
 __all__ = ["cli", "main"]
