@@ -79,6 +79,46 @@ def build_classifier(path: Path, seed: int = 42) -> None:
     onnx.save(model, str(path))
 
 
+def build_cnn(path: Path, size: int = 64) -> None:
+    """A small image classifier: three 3×3 conv + ReLU layers (stride 2), global average
+    pool, a dense layer to 10 classes; input [batch, 3, size, size]."""
+    rng = np.random.default_rng(3)
+    nodes, inits, prev, cin = [], [], "image", 3
+    for i, cout in enumerate((32, 64, 128)):
+        w = rng.normal(0, np.sqrt(2 / (9 * cin)), (cout, cin, 3, 3)).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"),
+                  numpy_helper.from_array(np.full(cout, 0.01, np.float32), f"b{i}")]
+        nodes += [helper.make_node("Conv", [prev, f"w{i}", f"b{i}"], [f"c{i}"], pads=[1] * 4,
+                                   strides=[2, 2]),
+                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
+        prev, cin = f"r{i}", cout
+    inits += [numpy_helper.from_array(rng.normal(0, 0.1, (cin, 10)).astype(np.float32), "fc"),
+              numpy_helper.from_array(np.zeros(10, np.float32), "fcb"),
+              numpy_helper.from_array(np.array([-1, cin], np.int64), "flat")]
+    nodes += [helper.make_node("GlobalAveragePool", [prev], ["pool"]),
+              helper.make_node("Reshape", ["pool", "flat"], ["vec"]),
+              helper.make_node("MatMul", ["vec", "fc"], ["mm"]),
+              helper.make_node("Add", ["mm", "fcb"], ["logits"])]
+    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, size, size])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])
+    model = helper.make_model(helper.make_graph(nodes, "cnn", [x], [y], inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def convert_demo(work: Path) -> None:
+    step("8. convert a small CNN: every candidate measured here, the fastest within "
+         "budget kept")
+    src = work / "cnn.onnx"
+    build_cnn(src)
+    images = np.random.default_rng(4).uniform(0, 1, (64, 3, 64, 64)).astype(np.float32)
+    np.savez(work / "images.npz", image=images)
+    run("convert", str(src), "-o", str(work / "cnn-art"), "--calibration",
+        str(work / "images.npz"), "--threads", "1", "--overwrite")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workdir", type=Path, help="keep outputs here (default: a temp dir)")
@@ -123,6 +163,7 @@ def main() -> None:
 
         step("7. latency on this machine")
         run("bench", str(art.path), "--runs", "200")
+        convert_demo(work)
         if not args.offline_only:
             with Processes() as procs:
                 fleet_demo(work, src, procs, args.broker)
@@ -278,7 +319,7 @@ class Events:
 
 
 def fleet_demo(work: Path, src: Path, procs: Processes, broker_choice: str) -> None:
-    step("8. convert the model (and a retrained v2) into verified artifacts")
+    step("9. convert the model (and a retrained v2) into verified artifacts")
     # Calibration data: feature vectors like the ones the device will see. Part is held
     # back to measure every candidate's accuracy against the source model.
     calib = work / "calib.npz"
@@ -292,14 +333,14 @@ def fleet_demo(work: Path, src: Path, procs: Processes, broker_choice: str) -> N
         "--version", "2.0.0", "--calibration", str(calib), "--quantize", "none",
         "--overwrite")
 
-    step("9. init a signed release repository (keys kept outside it) and add v1")
+    step("10. init a signed release repository (keys kept outside it) and add v1")
     repo, keys = work / "repo", work / "keys"
     for d in (repo, keys):
         shutil.rmtree(d, ignore_errors=True)
     run("release", "init", str(repo), "--keys", str(keys))
     run("release", "add", str(repo), str(work / "art-1.0.0"))
 
-    step("10. a broker, and the repository served on it")
+    step("11. a broker, and the repository served on it")
     broker, shared = start_broker(work, procs, broker_choice)
     mqtt = ["--broker", broker, "--fleet", FLEET]
     serve = ["serve", "--repo", str(repo), *mqtt, *([] if shared else ["--no-shared"])]
@@ -307,7 +348,7 @@ def fleet_demo(work: Path, src: Path, procs: Processes, broker_choice: str) -> N
     procs.start("serve", [sys.executable, "-m", "edge_sdk", *serve], work / "serve.log")
     events = Events(broker)
 
-    step("11. start a device agent (provisioned with the trusted root and deployment key)")
+    step("12. start a device agent (provisioned with the trusted root and deployment key)")
     device = work / "device"
     shutil.rmtree(device, ignore_errors=True)
     device.mkdir()
@@ -331,17 +372,17 @@ def fleet_demo(work: Path, src: Path, procs: Processes, broker_choice: str) -> N
     except urllib.error.HTTPError as err:
         print(f"agent is live on 127.0.0.1:{http_port}; ready: {err.code} (no model yet)")
 
-    step("12. deploy v1 to the device and wait until it has committed it")
+    step("13. deploy v1 to the device and wait until it has committed it")
     run("deploy", "--repo", str(repo), "--device", DEVICE, "--model", "classifier",
         "--version", "1.0.0", "--wait", "--timeout", "120", *mqtt)
 
-    step("13. predict through the agent's local endpoint (KServe v2 JSON)")
+    step("14. predict through the agent's local endpoint (KServe v2 JSON)")
     x = np.random.default_rng(3).normal(size=(1, 8)).astype(np.float32)
     version, probs = infer(http_port, x)
     print(f"POST /v2/models/classifier/infer -> model_version {version}, "
           f"probabilities {[round(float(v), 3) for v in probs[0]]}")
 
-    step("14. release v2 and deploy it while a client keeps predicting")
+    step("15. release v2 and deploy it while a client keeps predicting")
     run("release", "add", str(repo), str(work / "art-2.0.0"))
     answered: Counter[str] = Counter()
     failed: list[str] = []
@@ -368,7 +409,7 @@ def fleet_demo(work: Path, src: Path, procs: Processes, broker_choice: str) -> N
     if failed or set(answered) != {"1.0.0", "2.0.0"}:
         raise SystemExit(f"demo: the swap was not seamless: {failed[:3]}")
 
-    step("15. a tampered update is refused; v2 keeps serving")
+    step("16. a tampered update is refused; v2 keeps serving")
     build_classifier(work / "classifier-v3.onnx", seed=11)
     run("convert", str(work / "classifier-v3.onnx"), "-o", str(work / "art-3.0.0"),
         "--name", "classifier", "--version", "3.0.0", "--quantize", "none", "--overwrite")
@@ -391,7 +432,7 @@ def fleet_demo(work: Path, src: Path, procs: Processes, broker_choice: str) -> N
     print("metrics: " + "; ".join(line for line in metrics.splitlines()
                                   if line.startswith("edge_agent_update_events_total")))
 
-    step("16. the fleet as the devices report it")
+    step("17. the fleet as the devices report it")
     run("status", *mqtt)
     events.close()
 
