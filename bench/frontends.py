@@ -19,7 +19,6 @@ import argparse
 import os
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from converters import convert
 from converters._data import load_samples
+from converters._frontends._child import FrameworkChild
 from converters._frontends._common import quiet
 from converters._measure import MeasureConfig, measure_candidates
 from edge_sdk import load
+from tests._child import in_child
 
 
 def torch_cnn(d: Path) -> tuple[Path, Path, Path, dict[str, Any]]:
@@ -129,50 +130,37 @@ def _split(d: Path, stem: str, arrays: dict[str, np.ndarray]) -> tuple[Path, Pat
     return calib, evalf
 
 
+def _open(child: FrameworkChild, kind: str, src: Path, calib: Path, work: Path) -> None:
+    child.call("open", kind=kind, src=str(src), work=str(work),
+               calibration=calib if kind == "torch" else None, input_shapes=None,
+               trust_pickle=kind == "sklearn")
+
+
 def float_export(kind: str, src: Path, calib: Path, d: Path, to: str) -> Path:
     """The framework's plain float export, made with the same exporter the front-end uses
-    but without the pipeline (no normalization, optimization or quantization)."""
+    but without the pipeline (no normalization, optimization or quantization). Like the
+    converter, the framework runs in a child interpreter."""
     work = d / f"plain-{src.stem}-{to}"
     work.mkdir(exist_ok=True)
-    if kind == "torch":
-        from converters._frontends._torch import TorchSource
-
-        ts = TorchSource(str(src), input_shapes=None, calibration=calib, trust_pickle=False)
-        return Path(ts.export(work / "plain.onnx"))
-    if kind == "keras":
-        from converters._frontends._keras import KerasSource
-
-        ks = KerasSource(src, work, trust_pickle=False, input_shapes=None)
-        if to == "onnx":
-            return Path(ks.export(work / "plain.onnx"))
-        from converters._tflite import build_tflite_candidates
-
-        (cand,) = build_tflite_candidates(ks.saved_dir, ks.signature_key, work, ["none"], None)
-        assert cand.path is not None
-        return cand.path
-    from converters._frontends._sklearn import SklearnSource
-
-    ss = SklearnSource(src, trust_pickle=True, input_shapes=None)
-    return Path(ss.export(work / "plain.onnx"))
+    with FrameworkChild(kind, work, timeout_s=1800) as child:
+        _open(child, kind, src, calib, work)
+        if kind == "keras" and to != "onnx":
+            (cand,) = child.call("tflite_candidates", work=str(work), schemes=["none"],
+                                 calibration=None, max_calibration_samples=0)
+            assert cand.path is not None
+            return Path(cand.path)
+        return Path(child.call("export", path=str(work / "plain.onnx")))
 
 
-def reference_fn(
-    kind: str, src: Path, calib: Path, d: Path
-) -> Callable[[dict[str, np.ndarray]], Any]:
+def reference_outputs(
+    kind: str, src: Path, calib: Path, d: Path, feeds: list[dict[str, np.ndarray]]
+) -> list[dict[str, Any]]:
+    """The framework's own predictions on ``feeds``."""
     work = d / f"ref-{src.stem}"
     work.mkdir(exist_ok=True)
-    if kind == "torch":
-        from converters._frontends._torch import TorchSource
-
-        ts = TorchSource(str(src), input_shapes=None, calibration=calib, trust_pickle=False)
-        return ts.reference
-    if kind == "keras":
-        from converters._frontends._keras import KerasSource
-
-        return KerasSource(src, work, trust_pickle=False, input_shapes=None).reference
-    from converters._frontends._sklearn import SklearnSource
-
-    return SklearnSource(src, trust_pickle=True, input_shapes=None).reference
+    with FrameworkChild(kind, work, timeout_s=1800) as child:
+        _open(child, kind, src, calib, work)
+        return [child.call("reference", feed=f) for f in feeds]
 
 
 def top1(outs: list[dict[str, np.ndarray]], refs: list[dict[str, Any]]) -> float:
@@ -212,23 +200,24 @@ def main() -> None:
         for label, kind, builder, to in cases:
             key = builder.__name__
             if key not in built:
-                built[key] = builder(d)
+                # Built in a child: torch and TensorFlow must not share this process.
+                built[key] = in_child(f"bench.frontends:{key}", d)
             src, calib, evalf, extra = built[key]
             out = d / f"art-{key}-{to}"
             if kind == "tflite":
                 plain = float_export("keras", src, calib, d, "tflite-in")
                 res = convert(plain, out, threads=args.threads, eval=evalf)
-                ref_src: Any = None
+                refs_given = False
             else:
                 res = convert(src, out, to=to, calibration=calib, eval=evalf,
                               threads=args.threads, trust_pickle=extra.get("trust_pickle", False))
                 plain = float_export(kind, src, calib, d, to)
-                ref_src = reference_fn(kind, src, calib, d)
+                refs_given = True
             art = res.artifact
             specs = load(art.path).inputs
             samples = load_samples(evalf, specs, what="evaluation")
             feeds = [dict(f) for f in samples.feeds]
-            refs = ([ref_src(f) for f in feeds] if ref_src is not None
+            refs = (reference_outputs(kind, src, calib, d, feeds) if refs_given
                     else [load(plain).predict(f) for f in feeds])
             ms = measure_candidates(
                 [("float", plain, "none"), ("artifact", art.model_path,

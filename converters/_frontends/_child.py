@@ -67,13 +67,18 @@ class FrameworkChild:
         # The child mirrors this interpreter's imports: its path (the user's packages, a
         # factory's module) and any module deliberately hidden here (sys.modules[x] = None).
         hidden = sorted(k for k, v in sys.modules.items() if v is None)
-        self._conn.send(("hello", {"sys_path": list(sys.path), "hidden": hidden,
-                                   "cwd": os.getcwd()}))
-        self.call("ping", what="starting")
+        try:
+            self._conn.send(("hello", {"sys_path": list(sys.path), "hidden": hidden,
+                                       "cwd": os.getcwd()}))
+            self.call("ping", what="while starting")
+        except BaseException:
+            self._kill()
+            self._conn.close()
+            raise
 
     def call(self, op: str, *, what: str | None = None, **kwargs: Any) -> Any:
         """Run ``op`` in the child; ``what`` names the step in error messages."""
-        step = what or op
+        step = what or f"during {op!r}"
         try:
             self._conn.send((op, kwargs))
             if not self._conn.poll(self.timeout_s):
