@@ -13,6 +13,7 @@ import click
 from edge_sdk.errors import UsageError
 
 from . import SOURCE_KINDS, convert
+from ._measure import PREFER
 from ._pipeline import NOT_VERIFIED, QUANTIZE_CHOICES, TARGETS
 from ._report import candidate_rows
 
@@ -38,8 +39,12 @@ def parse_input_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]] | 
 @click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
               help="Artifact directory to create (must not exist unless --overwrite).")
 @click.option("--quantize", type=click.Choice(QUANTIZE_CHOICES), default="auto",
-              show_default=True, help="Scheme; auto measures every candidate and picks the "
-              "fastest within the accuracy budget, never slower than float.")
+              show_default=True, help="Scheme; auto measures every candidate and picks one "
+              "within the accuracy budget, never slower than float (see --prefer).")
+@click.option("--prefer", type=click.Choice(PREFER), default="balanced", show_default=True,
+              help="What auto weighs: latency (fastest), size (smallest no slower than "
+              "float) or balanced (fastest, unless one at most 10% slower is under half "
+              "its size).")
 @click.option("--to", "to", type=click.Choice(TARGETS), default="onnx", show_default=True,
               help="Output format.")
 @click.option("--calibration", type=click.Path(path_type=Path),
@@ -69,7 +74,7 @@ def parse_input_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]] | 
 @click.option("--trust-pickle", is_flag=True, help="Allow loading pickled sources "
               "(scikit-learn .pkl/.joblib, full torch models): only for files you trust.")
 def convert_cmd(
-    src: Path, output: Path, quantize: str, to: str, calibration: Path | None,
+    src: Path, output: Path, quantize: str, prefer: str, to: str, calibration: Path | None,
     eval_file: Path | None, metric: str, max_drop: float | None, threads: int | None,
     name: str | None, version: str, as_json: bool, force: bool, overwrite: bool,
     exclude_ops: tuple[str, ...], source_kind: str | None, input_shapes: tuple[str, ...],
@@ -80,7 +85,8 @@ def convert_cmd(
     machine."""
     result = convert(
         src, output, source_kind=source_kind, input_shapes=parse_input_shapes(input_shapes),
-        trust_pickle=trust_pickle, quantize=quantize, to=to, calibration=calibration,
+        trust_pickle=trust_pickle, quantize=quantize, prefer=prefer, to=to,
+        calibration=calibration,
         eval=eval_file, metric=metric, max_drop=max_drop, threads=threads, name=name,
         version=version, force=force, overwrite=overwrite, exclude_ops=exclude_ops,
         progress=not as_json and sys.stderr.isatty(),
@@ -102,6 +108,8 @@ def summary(report: dict[str, Any] | Any, path: str) -> str:
         lines.append("  ".join(cells) + "  " + r[-1])
     lines.append("")
     lines.append(f"chosen: {report.get('chosen')} — {report.get('why', '')}")
+    if report.get("rule"):
+        lines.append(f"rule: {report['rule']}")
     metric = report.get("metric") or {}
     lines.append(f"accuracy: {metric.get('name')} vs {metric.get('reference')}, budget drop ≤ "
                  f"{metric.get('max_drop'):.4g}")

@@ -11,7 +11,15 @@ and .tflite candidates are measured the same way)::
     )                          # -> list[Measurement], same order
     budget = max_drop if max_drop is not None else default_max_drop("cosine", reference)
     sel = select(ms, baseline="fp32", max_drop=budget, requested=None, force=False,
-                 ineligible={"int8-dynamic": "no weight quantized"})   # -> Selection
+                 ineligible={"int8-dynamic": "no weight quantized"},
+                 prefer="balanced")   # -> Selection (chosen, why, rule, ...)
+
+The choice rule (``prefer``): ``latency`` takes the fastest candidate (equally
+fast within the noise band: the smaller); ``size`` the smallest; ``balanced``
+the fastest unless one at most ``balanced_max_slowdown`` slower is less than
+``balanced_max_size_ratio`` of its size (then the smallest such). In auto mode
+every rule only considers candidates within the accuracy budget and no slower
+than the float baseline.
 
 Accuracy ("drop", smaller is better, compared with ``max_drop``):
 - ``cosine``: per output, mean over samples of the cosine similarity to the
@@ -43,6 +51,7 @@ from edge_sdk._bench import measure
 from edge_sdk.errors import ConversionError, EdgeError
 
 METRICS = ("cosine", "top1", "mse", "max-abs")
+PREFER = ("latency", "size", "balanced")
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,18 @@ class MeasureConfig:
     # Candidates whose latency is within this fraction of the fastest are treated as
     # equally fast, and the smallest of them wins.
     latency_tolerance: float = 0.05
+    # --prefer balanced: a candidate at most this fraction slower than the fastest...
+    balanced_max_slowdown: float = 0.10
+    # ...and smaller than this fraction of its size wins over it.
+    balanced_max_size_ratio: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.balanced_max_slowdown <= 1.0:
+            raise ValueError(f"balanced_max_slowdown must be in [0, 1], got "
+                             f"{self.balanced_max_slowdown}")
+        if not 0.0 < self.balanced_max_size_ratio <= 1.0:
+            raise ValueError(f"balanced_max_size_ratio must be in (0, 1], got "
+                             f"{self.balanced_max_size_ratio}")
 
 
 @dataclass(frozen=True)
@@ -107,6 +128,7 @@ class Selection:
     why: str
     within_budget: tuple[str, ...]
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    rule: str = ""  # the choice rule applied, in words (see choice_rule)
 
 
 def default_max_drop(metric: str, reference: Sequence[Mapping[str, np.ndarray]]) -> float:
@@ -385,6 +407,28 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(x, y) / (nx * ny))
 
 
+def choice_rule(
+    prefer: str, *, baseline: str, requested: str | None = None,
+    latency_tolerance: float = 0.05, balanced_max_slowdown: float = 0.10,
+    balanced_max_size_ratio: float = 0.5,
+) -> str:
+    """The rule :func:`select` applies, in words, for reports."""
+    if prefer not in PREFER:
+        raise ConversionError(f"unknown preference {prefer!r} (expected {', '.join(PREFER)})")
+    if requested in (None, "auto"):
+        pool = f"among candidates within the accuracy budget and no slower than {baseline}"
+    else:
+        pool = f"among the {requested} variants within the accuracy budget"
+    fastest = (f"the fastest wins (within {latency_tolerance:.0%} or the measured noise, "
+               "at most 10%, the smaller)")
+    if prefer == "latency":
+        return f"{pool}, {fastest}"
+    if prefer == "size":
+        return f"{pool}, the smallest wins (equal sizes: the faster)"
+    return (f"{pool}, {fastest}, unless one at most {balanced_max_slowdown:.0%} slower is "
+            f"less than {balanced_max_size_ratio:.0%} of its size: then the smallest such")
+
+
 def select(
     measurements: Sequence[Measurement],
     *,
@@ -393,20 +437,26 @@ def select(
     requested: str | None = None,
     force: bool = False,
     ineligible: Mapping[str, str] | None = None,
+    prefer: str = "balanced",
     latency_tolerance: float = 0.05,
+    balanced_max_slowdown: float = 0.10,
+    balanced_max_size_ratio: float = 0.5,
 ) -> Selection:
     """Pick a candidate.
 
-    ``requested`` None (auto): the fastest candidate within the accuracy budget
-    that is no slower than ``baseline``; candidates within ``latency_tolerance``
-    of the fastest (widened to its measured round-to-round noise, at most 10%)
-    count as equally fast and the smallest of them wins; the baseline itself when
-    nothing beats it. ``requested`` a scheme name: the fastest within budget among
-    that scheme's candidates; none within budget raises :class:`ConversionError`
-    with the measured figure unless ``force`` (then the most accurate one, with a
-    warning). ``ineligible`` maps candidate names to the reason they may not be
-    chosen (e.g. no-op quantization).
+    ``requested`` None (auto): among the candidates within the accuracy budget
+    that are no slower than ``baseline`` (the baseline itself always counts),
+    the one ``prefer`` names (see the module docstring; candidates within
+    ``latency_tolerance`` of the fastest, widened to its measured round-to-round
+    noise, at most 10%, count as equally fast). ``requested`` a scheme name: the
+    same rule among that scheme's candidates within budget; none within budget
+    raises :class:`ConversionError` with the measured figure unless ``force``
+    (then the most accurate one, with a warning). ``ineligible`` maps candidate
+    names to the reason they may not be chosen (e.g. no-op quantization).
+    ``Selection.rule`` states the rule, ``Selection.why`` the figures behind it.
     """
+    if prefer not in PREFER:
+        raise ConversionError(f"unknown preference {prefer!r} (expected {', '.join(PREFER)})")
     skip = dict(ineligible or {})
     by_name = {m.name: m for m in measurements}
     base = by_name.get(baseline)
@@ -414,6 +464,11 @@ def select(
         why = "missing" if base is None else base.error
         raise ConversionError(f"the float baseline '{baseline}' could not be measured: {why}")
     assert base.accuracy is not None and base.latency_ms is not None
+    rule = choice_rule(prefer, baseline=baseline, requested=requested,
+                       latency_tolerance=latency_tolerance,
+                       balanced_max_slowdown=balanced_max_slowdown,
+                       balanced_max_size_ratio=balanced_max_size_ratio)
+    pick = _Rule(prefer, latency_tolerance, balanced_max_slowdown, balanced_max_size_ratio)
     warnings: list[str] = []
     metric = base.accuracy.metric
     if base.accuracy.drop > max_drop:
@@ -433,7 +488,7 @@ def select(
                 and m.latency_ms <= base.latency_ms]
         if base not in pool:
             pool.append(base)
-        chosen = _fastest_smallest(pool, latency_tolerance)
+        chosen, note = pick(pool)
         if chosen is base:
             why = f"{base.name}: no quantized candidate was faster within the budget (" + \
                 "; ".join(_rejection(m, base, max_drop, skip) for m in measurements
@@ -441,12 +496,12 @@ def select(
             if len(measurements) == 1:
                 why = f"{base.name}: the only candidate"
         else:
-            why = (f"{chosen.name}: fastest within the budget ({_acc(chosen, max_drop)})"
-                   f"{_tie_note(chosen, pool, latency_tolerance)}, {_ratio(chosen, base)}")
-        return Selection(chosen, why, budget_ok, tuple(warnings))
+            why = (f"{chosen.name}: {note}, within the budget ({_acc(chosen, max_drop)}), "
+                   f"{_ratio(chosen, base)}")
+        return Selection(chosen, why, budget_ok, tuple(warnings), rule)
     if requested == "none":
         return Selection(base, f"{base.name}: float model requested (--quantize none)",
-                         budget_ok, tuple(warnings))
+                         budget_ok, tuple(warnings), "float model requested (--quantize none)")
     pool = [m for m in ok if m.scheme == requested]
     if not pool:
         reasons = "; ".join(f"{m.name}: {skip.get(m.name) or m.error or 'not measured'}"
@@ -454,10 +509,9 @@ def select(
         raise ConversionError(f"--quantize {requested} produced no usable model ({reasons})")
     good = [m for m in pool if within(m)]
     if good:
-        chosen = _fastest_smallest(good, latency_tolerance)
-        why = (f"{chosen.name}: fastest {requested} variant within the budget "
-               f"({_acc(chosen, max_drop)}){_tie_note(chosen, good, latency_tolerance)}, "
-               f"{_ratio(chosen, base)}")
+        chosen, note = pick(good)
+        why = (f"{chosen.name}: among the {requested} variants, {note}, within the budget "
+               f"({_acc(chosen, max_drop)}), {_ratio(chosen, base)}")
     else:
         best = min(pool, key=lambda m: m.accuracy.drop if m.accuracy else float("inf"))
         assert best.accuracy is not None
@@ -469,21 +523,70 @@ def select(
         warnings.append(msg + " (accepted with --force)")
         chosen = best
         why = f"{chosen.name}: most accurate {requested} variant (forced over budget)"
+        rule = f"the most accurate {requested} variant (forced over the budget)"
     assert chosen.latency_ms is not None
     if chosen.latency_ms > base.latency_ms:
         warnings.append(f"{chosen.name} is {chosen.latency_ms / base.latency_ms:.2f}× the "
                         f"latency of {base.name} on this machine")
-    return Selection(chosen, why, budget_ok, tuple(warnings))
+    return Selection(chosen, why, budget_ok, tuple(warnings), rule)
 
 
 _MAX_TIE = 0.10
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """One ``prefer`` rule over a pool: the chosen candidate and a phrase with the
+    figures behind it ("fastest", "smallest (...)", "at most 10% slower than ...")."""
+
+    prefer: str
+    tolerance: float
+    max_slowdown: float
+    max_size_ratio: float
+
+    def __call__(self, pool: Sequence[Measurement]) -> tuple[Measurement, str]:
+        quick = _fastest_smallest(pool, self.tolerance)
+        if self.prefer == "size":
+            small = min(pool, key=lambda m: (m.size_bytes, _lat(m)))
+            fastest, _ = _tie_band(pool, self.tolerance)
+            note = "smallest"
+            if small is not fastest:
+                note += (f" ({_times(small.size_bytes, fastest.size_bytes)} the size and "
+                         f"{_times(_lat(small), _lat(fastest))} the latency of the fastest, "
+                         f"{fastest.name})")
+            return small, note
+        fastest_note = "fastest" + _tie_note(quick, pool, self.tolerance)
+        if self.prefer == "latency":
+            return quick, fastest_note
+        fastest, _ = _tie_band(pool, self.tolerance)
+        limit = _lat(fastest) * (1 + self.max_slowdown)
+        smaller = [m for m in pool if _lat(m) <= limit
+                   and m.size_bytes < self.max_size_ratio * quick.size_bytes]
+        if not smaller:
+            return quick, fastest_note + (
+                f" (no candidate at most {self.max_slowdown:.0%} slower is under "
+                f"{self.max_size_ratio:.0%} of its size)")
+        chosen = min(smaller, key=lambda m: (m.size_bytes, _lat(m)))
+        slower = (f"at most {self.max_slowdown:.0%} slower than the fastest, {fastest.name} "
+                  f"({_times(_lat(chosen), _lat(fastest))})")
+        whose = "its size" if quick is fastest else f"the size of {quick.name}, as fast"
+        return chosen, (f"{slower}, and under {self.max_size_ratio:.0%} of {whose} "
+                        f"({_times(chosen.size_bytes, quick.size_bytes)})")
+
+
+def _lat(m: Measurement) -> float:
+    return m.latency_ms if m.latency_ms is not None else float("inf")
+
+
+def _times(a: float, b: float) -> str:
+    return f"{a / b:.2f}×" if b else "–"
 
 
 def _tie_band(pool: Sequence[Measurement], tol: float) -> tuple[Measurement, float]:
     """The fastest candidate and the relative latency band counted as "as fast": at
     least ``tol``, widened to the fastest's own round-to-round noise (half its
     interquartile range), at most 10%."""
-    fastest = min(pool, key=lambda m: m.latency_ms or float("inf"))
+    fastest = min(pool, key=_lat)
     rounds = sorted(fastest.latency_rounds_ms)
     noise = 0.0
     if len(rounds) >= 4 and fastest.latency_ms:
@@ -494,16 +597,16 @@ def _tie_band(pool: Sequence[Measurement], tol: float) -> tuple[Measurement, flo
 
 def _fastest_smallest(pool: Sequence[Measurement], tol: float) -> Measurement:
     fastest, band = _tie_band(pool, tol)
-    limit = (fastest.latency_ms or float("inf")) * (1 + band)
-    near = [m for m in pool if (m.latency_ms or float("inf")) <= limit]
-    return min(near, key=lambda m: (m.size_bytes, m.latency_ms or float("inf")))
+    limit = _lat(fastest) * (1 + band)
+    near = [m for m in pool if _lat(m) <= limit]
+    return min(near, key=lambda m: (m.size_bytes, _lat(m)))
 
 
 def _tie_note(chosen: Measurement, pool: Sequence[Measurement], tol: float) -> str:
     fastest, band = _tie_band(pool, tol)
     if fastest is chosen:
         return ""
-    return f"; as fast as {fastest.name} within {band:.0%} measurement noise, and smaller"
+    return f" (as fast as {fastest.name} within {band:.0%} measurement noise, and smaller)"
 
 
 def _acc(m: Measurement, max_drop: float) -> str:
@@ -534,5 +637,6 @@ def _short(err: BaseException) -> str:
     return (text[:240] if text else type(err).__name__)
 
 
-__all__ = ["METRICS", "Accuracy", "MeasureConfig", "Measurement", "Selection", "accuracy",
-           "default_max_drop", "measure_candidates", "rollout", "select", "state_pairs"]
+__all__ = ["METRICS", "PREFER", "Accuracy", "MeasureConfig", "Measurement", "Selection",
+           "accuracy", "choice_rule", "default_max_drop", "measure_candidates", "rollout",
+           "select", "state_pairs"]

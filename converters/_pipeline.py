@@ -26,6 +26,7 @@ from ._candidates import SCHEMES, Candidate, CandidateConfig, build_candidates
 from ._data import Samples, load_samples, split_holdout, synthetic_samples
 from ._measure import (
     METRICS,
+    PREFER,
     MeasureConfig,
     Measurement,
     accuracy,
@@ -59,6 +60,7 @@ class ConvertOptions:
     overwrite: bool = False
     progress: bool = False  # progress bar on stderr
     exclude_ops: tuple[str, ...] = ()
+    prefer: str = "balanced"  # latency|size|balanced: how auto weighs latency vs size
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,8 @@ def check_options(options: ConvertOptions) -> None:
         raise UsageError(f"--to {options.to!r} is not one of {', '.join(TARGETS)}")
     if options.metric not in METRICS:
         raise UsageError(f"--metric {options.metric!r} is not one of {', '.join(METRICS)}")
+    if options.prefer not in PREFER:
+        raise UsageError(f"--prefer {options.prefer!r} is not one of {', '.join(PREFER)}")
     if options.max_drop is not None and not (options.max_drop >= 0 and
                                              np.isfinite(options.max_drop)):
         raise UsageError(f"--max-drop must be a non-negative number, got {options.max_drop}")
@@ -208,8 +212,10 @@ def convert_onnx(
                     "--quantize auto or none, or --force to write the float model"
                 )
         sel = select(ms, baseline=BASELINE, max_drop=budget, requested=requested,
-                     force=options.force, ineligible=ineligible,
-                     latency_tolerance=cfg.measure.latency_tolerance)
+                     force=options.force, ineligible=ineligible, prefer=options.prefer,
+                     latency_tolerance=cfg.measure.latency_tolerance,
+                     balanced_max_slowdown=cfg.measure.balanced_max_slowdown,
+                     balanced_max_size_ratio=cfg.measure.balanced_max_size_ratio)
         warnings.extend(sel.warnings)
         for name, why in ineligible.items():
             if options.quantize in ("auto", next(c.scheme for c in cands if c.name == name)):
@@ -225,7 +231,7 @@ def convert_onnx(
             ort_note = _check_ort(model_file, evalset, reference, options.metric, budget,
                                   chosen, evalset.labels)
         report = _report(src, source, options, fixes, calib, evalset, ref_label, budget, cands,
-                         ms, sel.chosen, sel.why, ineligible, warnings, ort_note)
+                         ms, sel.chosen, sel.why, sel.rule, ineligible, warnings, ort_note)
         files = write_report(work / "report", report)
         base = next(m for m in ms if m.name == BASELINE)
         extra: dict[str, Any] = {
@@ -375,7 +381,7 @@ def _report(
     src: Path, source: SourceInfo, options: ConvertOptions, fixes: list[str],
     calib: Samples | None, evalset: Samples, ref_label: str, budget: float,
     cands: Sequence[Candidate], ms: Sequence[Measurement], chosen: Measurement, why: str,
-    ineligible: Mapping[str, str], warnings: list[str], ort_note: str | None,
+    rule: str, ineligible: Mapping[str, str], warnings: list[str], ort_note: str | None,
 ) -> dict[str, Any]:
     by_name = {m.name: m for m in ms}
     base_lat = by_name[BASELINE].latency_ms if BASELINE in by_name else None
@@ -401,10 +407,10 @@ def _report(
         source={"format": source.format, "path": source.path, "sha256": source.sha256},
         options={"quantize": options.quantize, "to": options.to, "metric": options.metric,
                  "max_drop": options.max_drop, "exclude_ops": list(options.exclude_ops),
-                 "force": options.force},
+                 "force": options.force, "prefer": options.prefer},
         normalization=notes, calib=calib, evalset=evalset, reference=ref_label,
         budget=budget, threads=options.threads, baseline=BASELINE, rows=rows,
-        chosen=chosen.name, why=why, warnings=warnings)
+        chosen=chosen.name, why=why, rule=rule, warnings=warnings)
 
 
 def _short(err: BaseException) -> str:

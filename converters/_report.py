@@ -10,7 +10,8 @@ The report dict (built by the pipeline; front-ends fill the same keys):
 max_drop, reference}, ``threads``, ``baseline`` (candidate name), ``candidates``
 [{name, scheme, description, status (chosen|ok|over-budget|slower|no-op|failed),
 size_bytes, latency_ms, accuracy {metric, score, drop, per_output, samples},
-error, note}], ``chosen``, ``why``, ``warnings`` [str].
+error, note}], ``chosen``, ``why``, ``rule`` (the choice rule in words, or None),
+``warnings`` [str].
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def report_json(
     *, title: str, source: Mapping[str, Any], options: Mapping[str, Any],
     normalization: list[str], calib: Samples | None, evalset: Samples, reference: str,
     budget: float, threads: int | None, baseline: str, rows: list[dict[str, Any]],
-    chosen: str, why: str, warnings: list[str],
+    chosen: str, why: str, warnings: list[str], rule: str | None = None,
 ) -> dict[str, Any]:
     """The report dict described above; every pipeline builds it here."""
     return {
@@ -74,6 +75,7 @@ def report_json(
         "candidates": rows,
         "chosen": chosen,
         "why": why,
+        "rule": rule,
         "warnings": list(dict.fromkeys(warnings)),
     }
 
@@ -158,6 +160,11 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines.append("")
     if report.get("chosen"):
         lines.append(f"**Chosen: {report['chosen']}** — {report.get('why', '')}")
+        lines.append("")
+    if report.get("rule"):
+        prefer = (report.get("options") or {}).get("prefer")
+        flag = f" (--prefer {prefer})" if prefer else ""
+        lines.append(f"Choice rule{flag}: {report['rule']}.")
         lines.append("")
     norm = report.get("normalization") or []
     if norm:

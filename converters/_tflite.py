@@ -150,7 +150,10 @@ def convert_saved_model(
             raise ConversionError(
                 f"{source_path}: --to tflite --quantize {requested} failed: {failed[0].error}")
         sel = select(ms, baseline=BASELINE, max_drop=budget, requested=requested,
-                     force=options.force, latency_tolerance=cfg.measure.latency_tolerance)
+                     force=options.force, prefer=options.prefer,
+                     latency_tolerance=cfg.measure.latency_tolerance,
+                     balanced_max_slowdown=cfg.measure.balanced_max_slowdown,
+                     balanced_max_size_ratio=cfg.measure.balanced_max_size_ratio)
         warnings.extend(sel.warnings)
         for c in cands:
             if c.error is not None and c.scheme in schemes and "needs calibration" not in c.error:
@@ -163,7 +166,7 @@ def convert_saved_model(
             reference_label=f"the {loaded.kind} source model", budget=budget,
             rows=[_row(c, next((m for m in ms if m.name == c.name), None), chosen.name,
                        budget, ms) for c in cands],
-            chosen=chosen.name, why=sel.why, warnings=warnings,
+            chosen=chosen.name, why=sel.why, rule=sel.rule, warnings=warnings,
         )
         model_file = Path(chosen.path)
         art = write_tflite_artifact(
@@ -247,15 +250,18 @@ def tflite_report(
     *, title: str, source: Mapping[str, Any], options: ConvertOptions, calib: Samples | None,
     evalset: Samples, reference_label: str, budget: float, rows: list[dict[str, Any]],
     chosen: str, why: str, warnings: Sequence[str], notes: Sequence[str] = (),
+    rule: str | None = None,
 ) -> dict[str, Any]:
-    """A report with the same keys as the ONNX pipeline's (see ``converters/_report.py``)."""
+    """A report with the same keys as the ONNX pipeline's (see ``converters/_report.py``);
+    ``rule`` is the choice rule applied (None when nothing was chosen between)."""
     return report_json(
         title=title, source=source,
         options={"quantize": options.quantize, "to": "tflite", "metric": options.metric,
-                 "max_drop": options.max_drop, "force": options.force},
+                 "max_drop": options.max_drop, "force": options.force,
+                 "prefer": options.prefer},
         normalization=list(notes), calib=calib, evalset=evalset, reference=reference_label,
         budget=budget, threads=options.threads, baseline=BASELINE, rows=rows, chosen=chosen,
-        why=why, warnings=list(warnings))
+        why=why, rule=rule, warnings=list(warnings))
 
 
 def write_tflite_artifact(
