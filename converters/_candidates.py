@@ -1,5 +1,7 @@
 """Build the candidate models of one conversion: fp32-optimized, fp16, int8 dynamic
-and int8 static (QDQ) variants, each honouring an op-type exclusion list.
+and int8 static (QDQ) variants, each honouring an op-type exclusion list. Models
+that gather from a float table (word embeddings) also get dynamic variants with
+the table in int8 (:func:`gather_tables`).
 
 ``build_candidates(fp32_path, work_dir, schemes, calibration=..., exclude_ops=...,
 config=CandidateConfig())`` returns a list of :class:`Candidate`; a variant
@@ -39,6 +41,18 @@ class CandidateConfig:
         ("-matmul", True, False),
         ("-matmul-pc", True, True),
     )
+    # Built only when the model gathers rows from a float initializer (an embedding
+    # table, most of a text encoder's bytes): MatMul per-channel as "-matmul-pc", the
+    # table int8 with one scale ("tensor") or one per row ("row"). Either way the int8
+    # rows are gathered first and only they are dequantized, not the whole table.
+    gather_variants: tuple[tuple[str, str], ...] = (
+        # (suffix, table granularity)
+        ("-matmul-pc-gather", "tensor"),
+        ("-matmul-pc-gather-row", "row"),
+    )
+    # ...and only when those tables hold at least this fraction of the float weight
+    # bytes: a small lookup table is not worth two more candidates to measure.
+    gather_min_fraction: float = 0.05
     static_methods: tuple[str, ...] = ("minmax", "percentile", "entropy")
     # Per-tensor weights also for these methods: smaller (no per-channel scales and
     # int32 bias zero points), often as fast, sometimes less accurate.
@@ -258,7 +272,148 @@ def _dynamic_variants(
         out.append(Candidate(name, "int8-dynamic", dst, desc, quantized_weights=q,
                              total_weights=total,
                              params={"op_types": sorted(wanted), "per_channel": per_channel}))
+    if "Gather" not in excluded:
+        out.extend(_gather_variants(gemm_src, work_dir, ops_after, excluded, cfg, total))
     return out
+
+
+def gather_tables(model: Any, *, per_row: bool = False) -> list[str]:
+    """Float32 initializers (2+ dims) of the main graph read only as the data input of
+    main-graph Gather nodes (with axis 0 and 2 dims when ``per_row``): the tables whose
+    rows can be stored int8 and dequantized after the Gather."""
+    import onnx
+    from onnx import helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer
+             if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) >= 2}
+    top = {id(n) for n in graph.node}
+    fit: dict[str, bool] = {}
+    for g in _graphs(graph):
+        for node in g.node:
+            for k, name in enumerate(node.input):
+                if name not in inits:
+                    continue
+                axis = next((helper.get_attribute_value(a) for a in node.attribute
+                             if a.name == "axis"), 0)
+                ok = (node.op_type == "Gather" and k == 0 and id(node) in top
+                      and (not per_row or (axis == 0 and len(inits[name].dims) == 2)))
+                fit[name] = fit.get(name, True) and ok
+    outputs = {o.name for o in graph.output}
+    return [name for name, ok in fit.items() if ok and name not in outputs]
+
+
+def _gather_variants(
+    src: Path, work_dir: Path, model_ops: set[str], excluded: set[str],
+    cfg: CandidateConfig, total: int,
+) -> list[Candidate]:
+    import onnx
+
+    model = onnx.load(str(src))
+    sizes = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer
+             if i.data_type == onnx.TensorProto.FLOAT}
+    floats = sum(sizes.values())
+    out: list[Candidate] = []
+    for suffix, granularity in cfg.gather_variants:
+        tables = gather_tables(model, per_row=granularity == "row")
+        if not tables or sum(sizes[t] for t in tables) < cfg.gather_min_fraction * floats:
+            continue
+        name = f"int8-dynamic{suffix}"
+        wanted = sorted(({"MatMul", "Attention"} - excluded) & model_ops)
+        desc = (f"int8 dynamic, {'MatMul per-channel, ' if wanted else ''}Gather table"
+                f"{'s' if len(tables) > 1 else ''} int8 "
+                + ("per row" if granularity == "row" else "per tensor"))
+        dst = work_dir / f"{name}.onnx"
+        try:
+            staged = work_dir / f"{name}-tables.onnx"
+            onnx.save(int8_gather_tables(model, tables, per_row=granularity == "row"),
+                      str(staged))
+            if wanted:
+                from onnxruntime.quantization import QuantType, quantize_dynamic
+
+                with _quiet():
+                    quantize_dynamic(
+                        str(staged), str(dst), op_types_to_quantize=wanted, per_channel=True,
+                        weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True},
+                    )
+            else:
+                staged.replace(dst)
+        except Exception as err:
+            out.append(Candidate(name, "int8-dynamic", None, desc, error=_why(err),
+                                 total_weights=total))
+            continue
+        q, _, _ = count_weights(dst)
+        out.append(Candidate(name, "int8-dynamic", dst, desc, quantized_weights=q,
+                             total_weights=total,
+                             params={"op_types": [*wanted, "Gather"], "per_channel": True,
+                                     "gather_tables": granularity}))
+    return out
+
+
+def int8_gather_tables(model: Any, tables: Sequence[str], *, per_row: bool) -> Any:
+    """A copy of ``model`` with each of ``tables`` (see :func:`gather_tables`) stored
+    as symmetric int8 and one float scale per tensor, or per row. Each Gather then
+    reads int8 rows and only those rows are dequantized: ``DequantizeLinear`` after
+    the Gather (per tensor), or ``Cast`` times the gathered row scales (per row)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    taken = ({i.name for i in graph.initializer} | {o for n in graph.node for o in n.output}
+             | {n.name for n in graph.node} | {i.name for i in graph.input})
+
+    def fresh(base: str) -> str:
+        name, k = base, 1
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        taken.add(name)
+        return name
+
+    wanted = set(tables)
+    quantized: dict[str, tuple[str, str]] = {}
+    kept = []
+    for init in graph.initializer:
+        if init.name not in wanted:
+            kept.append(init)
+            continue
+        w = numpy_helper.to_array(init).astype(np.float32)
+        amax = (np.max(np.abs(w), axis=1, keepdims=True) if per_row
+                else np.array(np.max(np.abs(w)) if w.size else 0.0))
+        scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+        q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+        qname, sname = fresh(init.name + "_int8"), fresh(init.name + "_scale")
+        kept += [numpy_helper.from_array(q, qname), numpy_helper.from_array(scale, sname)]
+        quantized[init.name] = (qname, sname)
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
+        if node.op_type != "Gather" or node.input[0] not in quantized:
+            continue
+        qname, sname = quantized[node.input[0]]
+        out = node.output[0]
+        rows = fresh(out + "_int8")
+        node.input[0] = qname
+        node.output[0] = rows
+        label = node.name or out
+        if per_row:
+            scales, floats = fresh(out + "_row_scale"), fresh(out + "_float")
+            nodes += [
+                helper.make_node("Gather", [sname, node.input[1]], [scales], axis=0,
+                                 name=fresh(label + "_scale")),
+                helper.make_node("Cast", [rows], [floats], to=onnx.TensorProto.FLOAT,
+                                 name=fresh(label + "_cast")),
+                helper.make_node("Mul", [floats, scales], [out], name=fresh(label + "_dq")),
+            ]
+        else:
+            nodes.append(helper.make_node("DequantizeLinear", [rows, sname], [out],
+                                          name=fresh(label + "_dq")))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    return model
 
 
 def _static(
@@ -351,4 +506,4 @@ def _why(err: BaseException) -> str:
 
 
 __all__ = ["SCHEMES", "Candidate", "CandidateConfig", "build_candidates", "count_weights",
-           "op_types"]
+           "gather_tables", "int8_gather_tables", "op_types"]

@@ -7,9 +7,18 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
+from onnx import helper, numpy_helper
 
 from converters import ConvertConfig, convert
+from converters._candidates import (
+    CandidateConfig,
+    build_candidates,
+    gather_tables,
+    int8_gather_tables,
+)
 from converters._measure import Accuracy, MeasureConfig, Measurement, select
 from edge_sdk.cli import main
 from edge_sdk.errors import UsageError
@@ -153,3 +162,91 @@ def test_cli_bad_prefer_value_is_a_one_line_usage_error(
     assert err.startswith("edge-sdk: error:") and err.count("\n") == 1, err
     assert "'--prefer'" in err and "'tiny'" in err
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A text encoder whose embedding table is most of its bytes (4000 × 64 floats)."""
+    d = tmp_path_factory.mktemp("compact-encoder")
+    np.savez(d / "tok.npz", input_ids=M.token_ids(16, 16, vocab=4000))
+    return (M.transformer_encoder(d / "encoder.onnx", d=64, heads=2, ff=128, layers=1,
+                                  vocab=4000), d / "tok.npz")
+
+
+GATHER_VARIANTS = ("int8-dynamic-matmul-pc-gather", "int8-dynamic-matmul-pc-gather-row")
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.dot(a.ravel(), b.ravel()) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_auto_on_an_embedding_encoder_measures_int8_gather_variants_far_below_matmul_only(
+    encoder: tuple[Path, Path], tmp_path: Path,
+) -> None:
+    model, calib = encoder
+    cfg = ConvertConfig(measure=FAST.measure, candidates=CandidateConfig(
+        static_methods=("minmax",), static_per_tensor_methods=()))
+    res = convert(model, tmp_path / "art", calibration=calib, config=cfg)
+    rows = {r["name"]: r for r in res.report["candidates"]}
+    matmul_only = rows["int8-dynamic-matmul-pc"]
+    for name in GATHER_VARIANTS:
+        row = rows[name]
+        assert row["status"] not in ("failed", "no-op"), row
+        assert row["accuracy"]["score"] >= 0.99
+        assert row["size_bytes"] < 0.4 * matmul_only["size_bytes"]
+
+
+def test_gather_variants_gather_int8_rows_and_reproduce_the_float_outputs(
+    encoder: tuple[Path, Path], tmp_path: Path,
+) -> None:
+    model, _ = encoder
+    cands = {c.name: c for c in build_candidates(model, tmp_path, ["none", "int8-dynamic"],
+                                                 calibration=None)}
+    ids = M.token_ids(6, 16, vocab=4000, seed=1)
+    feeds = [{"input_ids": ids[i:i + 1]} for i in range(6)]
+    ref = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    for name in GATHER_VARIANTS:
+        c = cands[name]
+        assert c.path is not None and c.error is None
+        m = onnx.load(str(c.path))
+        inits = {i.name: i for i in m.graph.initializer}
+        gathers = [n for n in m.graph.node if n.op_type == "Gather" and n.input[0] in inits
+                   and list(inits[n.input[0]].dims) == [4000, 64]]
+        assert gathers and all(inits[n.input[0]].data_type == onnx.TensorProto.INT8
+                               for n in gathers)
+        assert not any(i.data_type == onnx.TensorProto.FLOAT and list(i.dims) == [4000, 64]
+                       for i in m.graph.initializer)
+        sess = ort.InferenceSession(str(c.path), providers=["CPUExecutionProvider"])
+        cos = [_cosine(sess.run(None, f)[0], ref.run(None, f)[0]) for f in feeds]
+        assert min(cos) >= 0.99, (name, cos)
+
+
+def test_models_without_a_float_embedding_table_get_no_gather_variant(
+    mlp: tuple[Path, Path], encoder: tuple[Path, Path], tmp_path: Path,
+) -> None:
+    names = [c.name for c in build_candidates(mlp[0], tmp_path / "mlp", ["int8-dynamic"],
+                                              calibration=None)]
+    assert names and not any("gather" in n for n in names)
+    names = [c.name for c in build_candidates(encoder[0], tmp_path / "enc", ["int8-dynamic"],
+                                              calibration=None, exclude_ops=["Gather"])]
+    assert not any("gather" in n for n in names)
+
+
+def test_a_table_also_read_by_another_op_stays_float() -> None:
+    """Tied embeddings: the table the Gather reads also projects back to the vocabulary."""
+    emb = numpy_helper.from_array(np.ones((10, 4), np.float32), "emb")
+    pos = numpy_helper.from_array(np.ones((8, 4), np.float32), "pos")
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["x"]),
+             helper.make_node("Gather", ["pos", "ids"], ["p"], axis=0),
+             helper.make_node("Add", ["x", "p"], ["h"]),
+             helper.make_node("Transpose", ["emb"], ["embT"]),
+             helper.make_node("MatMul", ["h", "embT"], ["logits"])]
+    graph = helper.make_graph(
+        nodes, "tied", [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [3])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [3, 10])],
+        [emb, pos])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert gather_tables(model) == ["pos"]
+    q = int8_gather_tables(model, ["pos"], per_row=True)
+    kinds = {i.name: i.data_type for i in q.graph.initializer}
+    assert kinds["emb"] == onnx.TensorProto.FLOAT and kinds["pos_int8"] == onnx.TensorProto.INT8
