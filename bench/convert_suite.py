@@ -1,16 +1,20 @@
 """Conversion suite: `edge-sdk convert --quantize auto` vs naive `quantize_dynamic`.
 
 For each model the bench builds (MobileNet-like and ResNet-like CNNs, a small
-transformer encoder, an MLP, an MLP with Constant-node weights) it converts with
+transformer encoder, a MiniLM-sized text encoder whose 30k × 384 word embedding is
+most of its bytes, an MLP, an MLP with Constant-node weights) it converts with
 ``auto`` (calibration data of the right kind), quantizes the same source with
 onnxruntime's ``quantize_dynamic`` defaults, then measures the source fp32, the
 naive model and auto's artifact side by side in one interleaved run, and prints
-size ratio, latency ratio and cosine to the source for both.
+size ratio, latency ratio and cosine to the source for both. For the text encoder
+it also prints every candidate auto measured (size×, latency×, cosine).
 
     .venv/bin/python bench/convert_suite.py [--quick] [--threads N] [--rounds R]
+                                            [--prefer latency|size|balanced]
 
 Goals: auto latency ≤ 1.0× fp32 on every model and ≤ 0.7× geomean on the CNNs;
-size ≤ 0.3× where int8 is chosen; transformer cosine ≥ 0.99.
+size ≤ 0.3× where int8 is chosen; transformer cosine ≥ 0.99; text encoder ≤ 0.3×
+size and ≤ 0.35× latency at cosine ≥ 0.99.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -43,6 +48,7 @@ def build_suite(d: Path, quick: bool) -> list[tuple[str, Path, Path, bool]]:
     np.savez(d / "img.npz", input=M.images(n, img))
     np.savez(d / "tok.npz", input_ids=M.token_ids(n, 32 if quick else 64, vocab=1000))
     np.savez(d / "tab.npz", features=M.tabular(n, 256))
+    np.savez(d / "text.npz", input_ids=M.token_ids(n, 64, vocab=30000))
     w = 16 if quick else 32
     return [
         ("mobilenet-like", M.mobilenet_like(d / "mobilenet.onnx", size=img, width=w,
@@ -53,6 +59,8 @@ def build_suite(d: Path, quick: bool) -> list[tuple[str, Path, Path, bool]]:
                                               heads=4, ff=512 if quick else 1024,
                                               layers=2 if quick else 4, vocab=1000),
          d / "tok.npz", False),
+        ("text-encoder", M.transformer_encoder(d / "encoder.onnx", d=384, heads=6, ff=1536,
+                                               layers=3, vocab=30000), d / "text.npz", False),
         ("mlp", M.mlp_classifier(d / "mlp.onnx", features=256, hidden=512 if quick else 1024,
                                  classes=10), d / "tab.npz", False),
         ("constant-weights", M.constant_weights_mlp(d / "const.onnx", features=256,
@@ -75,16 +83,19 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smaller models, fewer runs")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads")
     ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--prefer", choices=("latency", "size", "balanced"), default="balanced")
     args = ap.parse_args()
     rounds = args.rounds or (5 if args.quick else 9)
     mcfg = MeasureConfig(rounds=rounds, runs_per_round=20 if args.quick else 30, warmup=5)
     cfg = ConvertConfig(measure=mcfg)
     work = Path(tempfile.mkdtemp(prefix="convert-suite-"))
     rows = []
+    encoder: Any = None
     try:
         for name, model, calib, is_cnn in build_suite(work, args.quick):
             out = work / f"{name}-auto"
-            result = convert(model, out, calibration=calib, threads=args.threads, config=cfg)
+            result = convert(model, out, calibration=calib, threads=args.threads,
+                             prefer=args.prefer, config=cfg)
             naive = work / f"{name}-naive.onnx"
             naive_dynamic(model, naive)
             specs = load(model).inputs
@@ -108,6 +119,8 @@ def main() -> int:
             row["fp32_ms"] = base.latency_ms or math.nan
             rows.append(row)
             print(f"  {name}: chosen {result.chosen} — {result.report['why']}", flush=True)
+            if name == "text-encoder":
+                encoder = result.report
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print()
@@ -121,6 +134,9 @@ def main() -> int:
     geo = math.exp(sum(math.log(x) for x in cnn) / len(cnn)) if cnn else math.nan
     naive_cnn = [r["naive_lat"] for r in rows if r["cnn"]]
     ngeo = math.exp(sum(math.log(x) for x in naive_cnn) / len(naive_cnn)) if cnn else math.nan
+    if encoder is not None:
+        print()
+        print_candidates("text-encoder candidates (auto's own measurement)", encoder)
     print()
     print(f"CNN latency geomean: auto {geo:.2f}× fp32, naive dynamic {ngeo:.2f}× fp32")
     worst = max(r["auto_lat"] for r in rows)
@@ -131,7 +147,27 @@ def main() -> int:
           f"size ≤ 0.3× where int8: "
           f"{'yes' if all(r['auto_size'] <= 0.3 for r in int8) else 'NO'}; transformer "
           f"cosine ≥ 0.99: {'yes' if tf and tf[0]['auto_cos'] >= 0.99 else 'NO'}")
+    te = next((r for r in rows if r["model"] == "text-encoder"), None)
+    if te is not None:
+        ok = te["auto_size"] <= 0.3 and te["auto_lat"] <= 0.35 and te["auto_cos"] >= 0.99
+        print(f"text encoder ≤ 0.3× size, ≤ 0.35× latency, cosine ≥ 0.99: "
+              f"{'yes' if ok else 'NO'} ({te['auto_size']:.2f}×, {te['auto_lat']:.2f}×, "
+              f"{te['auto_cos']:.4f})")
     return 0
+
+
+def print_candidates(title: str, report: Any) -> None:
+    rows = report["candidates"]
+    base = next(r for r in rows if r["name"] == report["baseline"])
+    print(title + f" — rule: {report.get('rule')}")
+    print(f"  {'candidate':<36} {'size':>6} {'latency':>8} {'cosine':>8}  status")
+    for r in rows:
+        if not r.get("latency_ms") or not r.get("size_bytes"):
+            print(f"  {r['name']:<36} {'–':>6} {'–':>8} {'–':>8}  {r['status']}")
+            continue
+        acc = (r.get("accuracy") or {}).get("score", math.nan)
+        print(f"  {r['name']:<36} {r['size_bytes'] / base['size_bytes']:5.2f}× "
+              f"{r['latency_ms'] / base['latency_ms']:7.2f}× {acc:8.4f}  {r['status']}")
 
 
 if __name__ == "__main__":
