@@ -563,9 +563,16 @@ class _Rule:
         smaller = [m for m in pool if _lat(m) <= limit
                    and m.size_bytes < self.max_size_ratio * quick.size_bytes]
         if not smaller:
-            return quick, fastest_note + (
-                f" (no candidate at most {self.max_slowdown:.0%} slower is under "
-                f"{self.max_size_ratio:.0%} of its size)")
+            # Say what the trade would have been, when there was one on offer.
+            halves = [m for m in pool if m.size_bytes < self.max_size_ratio * quick.size_bytes]
+            if halves:
+                best = min(halves, key=lambda m: (_lat(m), m.size_bytes))
+                fastest_note += (
+                    f" (the nearest under {self.max_size_ratio:.0%} of its size, {best.name} "
+                    f"at {_times(best.size_bytes, quick.size_bytes)}, is "
+                    f"{_times(_lat(best), _lat(fastest))} the latency of the fastest, more "
+                    f"than {1 + self.max_slowdown:.2f}×)")
+            return quick, fastest_note
         chosen = min(smaller, key=lambda m: (m.size_bytes, _lat(m)))
         slower = (f"at most {self.max_slowdown:.0%} slower than the fastest, {fastest.name} "
                   f"({_times(_lat(chosen), _lat(fastest))})")

@@ -65,7 +65,8 @@ def test_prefer_balanced_keeps_the_fastest_when_the_small_one_is_too_slow() -> N
     ms = [_m("fp32", 1.0, 100, 0.0, "none"), _m("fast", 0.28, 77), _m("small", 0.35, 25)]
     sel = select(ms, baseline="fp32", max_drop=0.01, prefer="balanced")
     assert sel.chosen.name == "fast"
-    assert "no candidate at most 10% slower is under 50% of its size" in sel.why
+    assert "the nearest under 50% of its size, small at 0.32×, is 1.25× the latency of the " \
+        "fastest, more than 1.10×" in sel.why
 
 
 def test_prefer_balanced_keeps_the_fastest_when_the_near_one_is_not_half_its_size() -> None:
