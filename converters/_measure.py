@@ -425,7 +425,8 @@ def choice_rule(
         return f"{pool}, {fastest}"
     if prefer == "size":
         return f"{pool}, the smallest wins (equal sizes: the faster)"
-    return (f"{pool}, {fastest}, unless one at most {balanced_max_slowdown:.0%} slower is "
+    return (f"{pool}, {fastest}, unless one at most {balanced_max_slowdown:.0%} slower "
+            "(plus the fastest's measured noise, at most 10%) is "
             f"less than {balanced_max_size_ratio:.0%} of its size: then the smallest such")
 
 
@@ -558,8 +559,14 @@ class _Rule:
         fastest_note = "fastest" + _tie_note(quick, pool, self.tolerance)
         if self.prefer == "latency":
             return quick, fastest_note
+        # The allowance is widened by the fastest's measured noise (at most 10 %): on a
+        # busy host the round-to-round spread exceeds 10 %, and an unwidened allowance
+        # made the choice flip from run to run.
         fastest, _ = _tie_band(pool, self.tolerance)
-        limit = _lat(fastest) * (1 + self.max_slowdown)
+        band = min(_MAX_TIE, _noise(fastest))
+        allow = self.max_slowdown + band
+        noisy = f" (+ {band:.0%} measured noise)" if band >= 0.005 else ""
+        limit = _lat(fastest) * (1 + allow)
         smaller = [m for m in pool if _lat(m) <= limit
                    and m.size_bytes < self.max_size_ratio * quick.size_bytes]
         if not smaller:
@@ -571,11 +578,11 @@ class _Rule:
                     f" (the nearest under {self.max_size_ratio:.0%} of its size, {best.name} "
                     f"at {_times(best.size_bytes, quick.size_bytes)}, is "
                     f"{_times(_lat(best), _lat(fastest))} the latency of the fastest, more "
-                    f"than {1 + self.max_slowdown:.2f}×)")
+                    f"than {1 + allow:.2f}×{noisy})")
             return quick, fastest_note
         chosen = min(smaller, key=lambda m: (m.size_bytes, _lat(m)))
-        slower = (f"at most {self.max_slowdown:.0%} slower than the fastest, {fastest.name} "
-                  f"({_times(_lat(chosen), _lat(fastest))})")
+        slower = (f"at most {self.max_slowdown:.0%}{noisy} slower than the fastest, "
+                  f"{fastest.name} ({_times(_lat(chosen), _lat(fastest))})")
         whose = "its size" if quick is fastest else f"the size of {quick.name}, as fast"
         return chosen, (f"{slower}, and under {self.max_size_ratio:.0%} of {whose} "
                         f"({_times(chosen.size_bytes, quick.size_bytes)})")
@@ -594,12 +601,17 @@ def _tie_band(pool: Sequence[Measurement], tol: float) -> tuple[Measurement, flo
     least ``tol``, widened to the fastest's own round-to-round noise (half its
     interquartile range), at most 10%."""
     fastest = min(pool, key=_lat)
-    rounds = sorted(fastest.latency_rounds_ms)
-    noise = 0.0
-    if len(rounds) >= 4 and fastest.latency_ms:
-        q1, q3 = np.percentile(rounds, [25, 75])
-        noise = float(q3 - q1) / 2 / fastest.latency_ms
-    return fastest, min(_MAX_TIE, max(tol, noise))
+    return fastest, min(_MAX_TIE, max(tol, _noise(fastest)))
+
+
+def _noise(m: Measurement) -> float:
+    """Relative round-to-round spread of a latency (half the interquartile range over
+    the median); 0 with fewer than 4 rounds."""
+    rounds = sorted(m.latency_rounds_ms)
+    if len(rounds) < 4 or not m.latency_ms:
+        return 0.0
+    q1, q3 = np.percentile(rounds, [25, 75])
+    return float(q3 - q1) / 2 / m.latency_ms
 
 
 def _fastest_smallest(pool: Sequence[Measurement], tol: float) -> Measurement:
