@@ -140,8 +140,7 @@ class FrameworkChild:
         else:
             how = f"exited with code {code}"
         return ConversionError(
-            f"the {self.framework} child process {how} {step}; this is a crash inside "
-            f"{self.framework}, not a verdict on the model{self._last_output()}"
+            f"the {self.framework} child process {how} {step}{self._last_output()}"
         )
 
     def _last_output(self) -> str:
