@@ -256,14 +256,7 @@ def _dynamic_variants(
         seen.add(key)
         dst = work_dir / f"{name}.onnx"
         try:
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            with _quiet():
-                quantize_dynamic(
-                    str(gemm_src), str(dst), op_types_to_quantize=sorted(wanted),
-                    per_channel=per_channel, weight_type=QuantType.QInt8,
-                    extra_options={"MatMulConstBOnly": True},
-                )
+            _quantize_dynamic(gemm_src, dst, sorted(wanted), per_channel)
         except Exception as err:
             out.append(Candidate(name, "int8-dynamic", None, desc, error=_why(err),
                                  total_weights=total))
@@ -275,6 +268,17 @@ def _dynamic_variants(
     if "Gather" not in excluded:
         out.extend(_gather_variants(gemm_src, work_dir, ops_after, excluded, cfg, total))
     return out
+
+
+def _quantize_dynamic(src: Path, dst: Path, op_types: Sequence[str], per_channel: bool) -> None:
+    """onnxruntime's dynamic int8 quantizer, int8 weights, constant MatMul inputs only."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _quiet():
+        quantize_dynamic(
+            str(src), str(dst), op_types_to_quantize=list(op_types), per_channel=per_channel,
+            weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True},
+        )
 
 
 def gather_tables(model: Any, *, per_row: bool = False) -> list[str]:
@@ -329,13 +333,7 @@ def _gather_variants(
             onnx.save(int8_gather_tables(model, tables, per_row=granularity == "row"),
                       str(staged))
             if wanted:
-                from onnxruntime.quantization import QuantType, quantize_dynamic
-
-                with _quiet():
-                    quantize_dynamic(
-                        str(staged), str(dst), op_types_to_quantize=wanted, per_channel=True,
-                        weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True},
-                    )
+                _quantize_dynamic(staged, dst, wanted, per_channel=True)
             else:
                 staged.replace(dst)
         except Exception as err:
