@@ -135,7 +135,7 @@ def test_missing_file_and_path_escape_are_not_found(tmp_path: Path, broker: Mosq
         with pytest.raises(TransportError, match="not a repository path"):
             client.download("targets/../../secret.txt", lambda b: None)
         assert e.responders[0].answer(proto.ChunkRequest(
-            b"\0" * 16, "d1", "metadata/../repo.json", 0, 10)).status == proto.NOT_FOUND
+            b"\0" * 16, "metadata/../repo.json", 0, 10)).status == proto.NOT_FOUND
 
 
 def test_responders_side_by_side_share_the_requests(tmp_path: Path, broker: Mosquitto) -> None:

@@ -3,6 +3,7 @@ over edge_sdk.release, edge_sdk.trust and edge_sdk.transport."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -27,7 +28,14 @@ from ..release import (
     rollout,
 )
 from ..release._rollout import DEFAULT_WAVES
-from ..transport import FetchConfig, MqttConfig, MqttConnection, RepoResponder, ResponderConfig
+from ..transport import (
+    DeviceLimits,
+    FetchConfig,
+    MqttConfig,
+    MqttConnection,
+    RepoResponder,
+    ResponderConfig,
+)
 from ..trust import UpdateClient
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -329,14 +337,39 @@ def _age(seconds: float) -> str:
     return f"{s // 3600}h ago" if s < 172800 else f"{s // 86400}d ago"
 
 
+def _device_limits(values: tuple[str, ...]) -> DeviceLimits:
+    fields = {f.name: f for f in dataclasses.fields(DeviceLimits)}
+    changes: dict[str, Any] = {}
+    for v in values:
+        key, sep, num = v.partition("=")
+        key = key.strip()
+        if not sep or key not in fields:
+            raise UsageError(f"--device-limit {v!r} must be KEY=N with KEY one of "
+                             f"{', '.join(fields)}")
+        kind = float if fields[key].type in (float, "float") else int
+        try:
+            changes[key] = kind(num)
+        except ValueError as err:
+            raise UsageError(f"--device-limit {key}: {num!r} is not a number") from err
+    return DeviceLimits(**changes)
+
+
 @click.command("serve")
 @click.option("--repo", required=True, type=click.Path(file_okay=False, exists=True))
 @click.option("--no-shared", is_flag=True,
               help="Plain subscription instead of the shared one (brokers without $share).")
+@click.option("--device-limit", "device_limit", multiple=True, metavar="KEY=N",
+              help="Change one per-device budget, e.g. bytes_per_s=4194304 (keys: "
+                   + ", ".join(f.name for f in dataclasses.fields(DeviceLimits)) + ").")
 @_mqtt_options
-def serve_cmd(repo: str, no_shared: bool, **mqtt: Any) -> None:
-    """Answer chunk requests for REPO and announce new releases, until interrupted."""
+def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], **mqtt: Any) -> None:
+    """Answer chunk requests for REPO and announce new releases, until interrupted.
+
+    Each device is answered only on its own response topic and within its own
+    budget (requests and bytes per second, bytes in flight): see --device-limit.
+    """
     config = _mqtt_config(mqtt)
+    limits = _device_limits(device_limit)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
@@ -345,7 +378,8 @@ def serve_cmd(repo: str, no_shared: bool, **mqtt: Any) -> None:
     old = signal.signal(signal.SIGTERM, on_signal)
     try:
         with MqttConnection(config, name="edge-serve") as conn:
-            responder = RepoResponder(conn, repo, config=ResponderConfig(shared=not no_shared))
+            responder = RepoResponder(conn, repo, config=ResponderConfig(
+                shared=not no_shared, limits=limits))
             with responder:
                 click.echo(f"serving {Path(repo).resolve()} on {config.url} fleet "
                            f"{config.fleet}", err=True)
@@ -354,8 +388,10 @@ def serve_cmd(repo: str, no_shared: bool, **mqtt: Any) -> None:
                         pass
                 except KeyboardInterrupt:
                     pass
-            click.echo(f"stopped: {responder.stats.requests} requests, "
-                       f"{responder.stats.bytes_sent} bytes sent", err=True)
+            st = responder.stats
+            click.echo(f"stopped: {st.requests} requests, {st.bytes_sent} bytes sent, "
+                       f"{st.slowed} slowed down, {st.dropped} dropped over the rate",
+                       err=True)
     finally:
         signal.signal(signal.SIGTERM, old)
 

@@ -10,11 +10,12 @@ Public API (paho never appears in it):
   ``publish(topic, payload, qos=1, retain=False)``, ``publish_wait(...)``,
   ``subscribe(filter, handler(topic: str, payload: bytes), qos=1) -> Subscription``
   (re-subscribed after every reconnect; handlers run on the network thread).
-- :class:`Topics`: ``edge/{fleet}/...`` names (announce, repo_request,
+- :class:`Topics`: ``edge/{fleet}/...`` names (announce, repo_request(dev),
   repo_response(dev), desired(dev), group_desired(group), state(dev), events(dev)).
 - :class:`FetchConfig`, :class:`ChunkClient`, :class:`MqttFetcher`: device-side
   transfer (pipelined, per-chunk timeout and retries, resumable, bounded).
-- :class:`RepoResponder`, :class:`ResponderConfig`: host-side chunk server.
+- :class:`RepoResponder`, :class:`ResponderConfig`, :class:`DeviceLimits`: host-side
+  chunk server; answers each device on its own topic, within a per-device budget.
 - Errors: :class:`EndlessDataError`, :class:`SlowRetrievalError` (also a
   ``TransportError``), :class:`RemoteNotFoundError`.
 """
@@ -24,7 +25,7 @@ from ._config import LastWill, MqttConfig
 from ._connection import MqttConnection, Subscription
 from ._errors import EndlessDataError, RemoteNotFoundError, SlowRetrievalError
 from ._fetcher import REPO_URL, ChunkClient, FetchConfig, FetchStats, MqttFetcher
-from ._responder import RepoResponder, ResponderConfig
+from ._responder import DeviceLimits, RepoResponder, ResponderConfig
 from ._topics import Topics
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "MESSAGE_LIMIT",
     "REPO_URL",
     "ChunkClient",
+    "DeviceLimits",
     "EndlessDataError",
     "FetchConfig",
     "FetchStats",

@@ -1,14 +1,17 @@
-"""Wire format of the chunk protocol (request on ``repo/req``, answer on ``dev/{id}/repo/res``).
+"""Wire format of the chunk protocol (request on ``dev/{id}/repo/req``, answer on
+``dev/{id}/repo/res``).
 
-A request is a small JSON object::
+A request is a small JSON object, published by a device on its own request topic::
 
-    {"v": 1, "id": "<32 hex: correlation id>", "dev": "<device id>",
+    {"v": 1, "id": "<32 hex: correlation id>",
      "path": "metadata/timestamp.json" | "targets/<name>/<version>/<hash>.<file>",
-     "off": <byte offset>, "len": <bytes per chunk, <= MAX_CHUNK>,
+     "off": <byte offset, 0..MAX_OFFSET>, "len": <bytes per chunk, 1..MAX_CHUNK>,
      "n": <optional: consecutive chunks wanted, 1..MAX_BATCH>}
 
-The responder answers each chunk with its own message (same correlation id,
-its own offset), so one small request brings up to ``n`` chunks.
+There is no device field: who asks is the request topic's device level, which
+the broker's ACL ties to the client's credentials (an old ``"dev"`` key is
+ignored). The responder answers each chunk with its own message (same
+correlation id, its own offset), so one small request brings up to ``n`` chunks.
 
 A response is a fixed 42-byte binary header followed by the bytes::
 
@@ -16,10 +19,14 @@ A response is a fixed 42-byte binary header followed by the bytes::
     offset u64 | total file size u64 | payload length u32 | payload
 
 Status ``OK`` carries file bytes ``[offset, offset + payload length)``; the
-other statuses carry a UTF-8 reason. Header + payload + topic stay under
-128 KiB (AWS IoT Core's limit), so :data:`MAX_CHUNK` leaves 1 KiB of room.
-Integrity does not rest on this layer: every byte is checked against signed
-TUF metadata once a file is complete.
+other statuses carry a UTF-8 reason. ``BAD_REQUEST`` answers a request that
+is malformed or out of range (an offset past the end of the file, say).
+``SLOW_DOWN`` means the device is over its rate or in-flight budget: the
+chunks of that request from ``offset`` on were not sent, and ``total`` holds
+the milliseconds to wait before asking for them again. Header + payload +
+topic stay under 128 KiB (AWS IoT Core's limit), so :data:`MAX_CHUNK` leaves
+1 KiB of room. Integrity does not rest on this layer: every byte is checked
+against signed TUF metadata once a file is complete.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import json
 import re
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from ..errors import TransportError
 
@@ -38,58 +45,85 @@ MESSAGE_LIMIT = 128 * 1024
 MAX_CHUNK = MESSAGE_LIMIT - 1024
 DEFAULT_CHUNK = 64 * 1024
 MAX_BATCH = 64
+#: The largest offset a request may name: every JSON parser reads it exactly, and
+#: offset + MAX_BATCH * MAX_CHUNK still fits the response's u64 (and an off_t).
+MAX_OFFSET = 2**53 - 1
 
 OK = 0
 NOT_FOUND = 1
 BAD_REQUEST = 2
 SERVER_ERROR = 3
+SLOW_DOWN = 4
 
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 _PATH = re.compile(r"^(metadata|targets)/[A-Za-z0-9._/-]{1,400}$")
 
 
+class ChunkRequestError(TransportError):
+    """A request the responder refuses; ``corr`` is its correlation id (zeros if unreadable)."""
+
+    def __init__(self, message: str, corr: bytes = bytes(16)) -> None:
+        super().__init__(message)
+        self.corr = corr
+
+
 @dataclass(frozen=True)
 class ChunkRequest:
     corr: bytes
-    device: str
     path: str
     offset: int
     length: int
     count: int = 1
 
     def encode(self) -> bytes:
-        data: dict[str, Any] = {"v": 1, "id": self.corr.hex(), "dev": self.device,
-                                "path": self.path, "off": self.offset, "len": self.length}
+        data: dict[str, Any] = {"v": 1, "id": self.corr.hex(), "path": self.path,
+                                "off": self.offset, "len": self.length}
         if self.count != 1:
             data["n"] = self.count
         return json.dumps(data, separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, payload: bytes) -> ChunkRequest:
-        """Parse and validate a request; raise :class:`TransportError` for anything odd."""
+        """Parse and validate a request; raise :class:`TransportError` for anything odd
+        (a :class:`ChunkRequestError` carrying the correlation id once that is known)."""
         try:
             data: Any = json.loads(payload)
         except (ValueError, UnicodeDecodeError) as err:
             raise TransportError(f"chunk request is not JSON: {err}") from err
         if not isinstance(data, dict) or data.get("v") != 1:
             raise TransportError("chunk request: expected a version 1 JSON object")
-        corr, dev, path = data.get("id"), data.get("dev"), data.get("path")
+        corr, path = data.get("id"), data.get("path")
         off, length = data.get("off"), data.get("len")
         if not isinstance(corr, str) or not _HEX32.match(corr):
-            raise TransportError("chunk request: 'id' must be 32 hex digits")
-        if not isinstance(dev, str) or not dev:
-            raise TransportError("chunk request: 'dev' must be a device id")
+            raise ChunkRequestError("chunk request: 'id' must be 32 hex digits")
+        cid = bytes.fromhex(corr)
         if not isinstance(path, str) or not is_safe_path(path):
-            raise TransportError(f"chunk request: path {path!r} is not a repository file")
-        if (not isinstance(off, int) or isinstance(off, bool) or off < 0
-                or not isinstance(length, int) or isinstance(length, bool)
-                or not 0 < length <= MAX_CHUNK):
-            raise TransportError(
-                f"chunk request: offset must be >= 0 and length 1..{MAX_CHUNK}")
+            raise ChunkRequestError(
+                f"chunk request: path {str(path)[:80]!r} is not a repository file", cid)
+        if not _is_int(off) or not 0 <= off <= MAX_OFFSET:
+            raise ChunkRequestError(
+                f"chunk request: offset {_short(off)} must be an integer 0..{MAX_OFFSET}", cid)
+        if not _is_int(length) or not 0 < length <= MAX_CHUNK:
+            raise ChunkRequestError(
+                f"chunk request: length {_short(length)} must be an integer 1..{MAX_CHUNK}",
+                cid)
         count = data.get("n", 1)
-        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_BATCH:
-            raise TransportError(f"chunk request: 'n' must be 1..{MAX_BATCH}")
-        return cls(bytes.fromhex(corr), dev, path, off, length, count)
+        if not _is_int(count) or not 1 <= count <= MAX_BATCH:
+            raise ChunkRequestError(
+                f"chunk request: 'n' {_short(count)} must be an integer 1..{MAX_BATCH}", cid)
+        return cls(cid, path, off, length, count)
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value: object) -> str:
+    # A reason goes back over MQTT: never echo a huge number or string in full.
+    if _is_int(value) and value.bit_length() > 72:
+        return f"<{value.bit_length()}-bit integer>"
+    text = repr(value)
+    return text if len(text) <= 24 else f"{text[:20]}..."
 
 
 def is_safe_path(path: str) -> bool:

@@ -6,7 +6,9 @@ with jittered exponential backoff, a hard maximum length, and a pause (not a
 failure) while the broker link is down. After a reconnect only the requests
 whose answers were lost are sent again, so a broker restart costs at most one
 window of chunks. Bytes are handed to the caller strictly in order, which is
-what makes a partial file on disk resumable from its size.
+what makes a partial file on disk resumable from its size. Requests go out on
+the device's own request topic; a responder whose per-device budget is spent
+answers ``SLOW_DOWN`` with a wait, which the client honours before asking again.
 
 :class:`MqttFetcher` plugs :class:`ChunkClient` into python-tuf's ngclient
 (URLs ``mqtt://repo/metadata/...`` and ``mqtt://repo/targets/...``).
@@ -50,8 +52,11 @@ class FetchConfig:
     small request message answered by up to ``batch`` chunk messages). ``chunk_timeout`` is how
     long one chunk may take before it is requested again, up to ``retries`` times
     with backoff ``backoff_base * 2**attempt`` (jittered, capped at ``backoff_max``).
-    ``reconnect_timeout`` is how long a transfer waits for a lost broker link
-    before failing. ``max_artifact_bytes`` is a hard cap on any file.
+    A ``SLOW_DOWN`` answer (the responder's per-device budget is spent) is not a
+    failed attempt: the chunks it names are asked for again after the wait it
+    gives (jittered), until one chunk has been held back ``max_slowdown_s`` in
+    total. ``reconnect_timeout`` is how long a transfer waits for a lost broker
+    link before failing. ``max_artifact_bytes`` is a hard cap on any file.
     """
 
     chunk_size: int = proto.DEFAULT_CHUNK
@@ -62,6 +67,7 @@ class FetchConfig:
     backoff_base: float = 0.25
     backoff_max: float = 5.0
     reconnect_timeout: float = 60.0
+    max_slowdown_s: float = 120.0
     max_artifact_bytes: int = 512 * 1024 * 1024
 
     def __post_init__(self) -> None:
@@ -74,8 +80,10 @@ class FetchConfig:
             raise ConfigError(f"window {self.window} must be 1..256 chunks in flight")
         if not 1 <= self.batch <= proto.MAX_BATCH:
             raise ConfigError(f"batch {self.batch} must be 1..{proto.MAX_BATCH} chunks")
-        if self.chunk_timeout <= 0 or self.retries < 0 or self.max_artifact_bytes <= 0:
-            raise ConfigError("chunk timeout and max artifact size must be > 0, retries >= 0")
+        if (self.chunk_timeout <= 0 or self.retries < 0 or self.max_artifact_bytes <= 0
+                or self.max_slowdown_s <= 0):
+            raise ConfigError("chunk timeout, max slowdown and max artifact size must be > 0, "
+                              "retries >= 0")
 
 
 @dataclass
@@ -88,6 +96,7 @@ class FetchStats:
     bytes_received: int = 0
     stale_responses: int = 0
     reconnects: int = 0
+    slowdowns: int = 0
 
 
 @dataclass
@@ -100,6 +109,7 @@ class _Pending:
     attempts: int = 0
     acked: Callable[[], bool] = field(default=lambda: False)
     resend_at: float | None = None
+    slowed_for: float = 0.0
 
 
 def _never() -> bool:
@@ -213,14 +223,14 @@ class ChunkClient:
                 p.corr, p.sent_at, p.resend_at, p.generation = corr, now, None, gen
                 pending[(corr, p.offset)] = p
             first = batch[0]
-            req = proto.ChunkRequest(corr, self.device_id, path, first.offset,
+            req = proto.ChunkRequest(corr, path, first.offset,
                                      cfg.chunk_size if len(batch) > 1 else first.length,
                                      len(batch))
             self.stats.requests_sent += 1
             acked: Callable[[], bool]
             try:
-                acked = self.connection._publish(self.topics.repo_request, req.encode(), 1,
-                                                 False).is_published
+                acked = self.connection._publish(self.topics.repo_request(self.device_id),
+                                                 req.encode(), 1, False).is_published
             except TransportError:
                 acked = _never
             for p in batch:
@@ -280,11 +290,11 @@ class ChunkClient:
                 return total
             # Timeouts and backoff.
             wait = 0.5
+            resend: list[_Pending] = []
             for p in list(by_offset.values()):
                 if p.resend_at is not None:
                     if now >= p.resend_at:
-                        self.stats.chunks_resent += 1
-                        send([p], now)
+                        resend.append(p)
                     else:
                         wait = min(wait, p.resend_at - now)
                     continue
@@ -303,6 +313,10 @@ class ChunkClient:
                     wait = 0.0
                 else:
                     wait = min(wait, due - now)
+            if resend:
+                self.stats.chunks_resent += len(resend)
+                for run in _runs(resend, cfg.chunk_size, cfg.batch):
+                    send(run, now)
             try:
                 resp = inbox.get(timeout=max(0.0, wait))
             except queue.Empty:
@@ -327,6 +341,9 @@ class ChunkClient:
                 pending: dict[tuple[bytes, int], _Pending],
                 by_offset: dict[int, _Pending], ready: dict[int, bytes], total: int | None,
                 cap: int) -> int | None:
+        if resp.status == proto.SLOW_DOWN:
+            self._slow_down(path, resp, pending)
+            return total
         p = pending.pop((resp.corr, resp.offset), None)
         if p is None:
             if resp.status != proto.OK:
@@ -366,6 +383,42 @@ class ChunkClient:
         if resp.payload or p.offset >= total:
             ready[p.offset] = resp.payload
         return total
+
+    def _slow_down(self, path: str, resp: proto.ChunkResponse,
+                   pending: dict[tuple[bytes, int], _Pending]) -> None:
+        # The responder sent the chunks of this request before resp.offset and none
+        # after: ask for those again once the wait it names is over (capped, jittered
+        # so that devices slowed down together do not come back together).
+        cfg = self.config
+        held = [k for k in pending if k[0] == resp.corr and k[1] >= resp.offset]
+        if not held:
+            self.stats.stale_responses += 1
+            return
+        self.stats.slowdowns += 1
+        wait = min(resp.total / 1000 * (1 + 0.25 * random.random()), cfg.max_slowdown_s)
+        now = time.monotonic()
+        for key in held:
+            p = pending.pop(key)
+            p.slowed_for += wait
+            if p.slowed_for > cfg.max_slowdown_s:
+                raise SlowRetrievalError(
+                    f"{path}: the responder held back bytes {p.offset}..{p.offset + p.length} "
+                    f"for more than {cfg.max_slowdown_s:g} s ({resp.reason}); partial "
+                    "download kept")
+            p.resend_at = now + wait
+
+
+def _runs(chunks: list[_Pending], chunk_size: int, batch: int) -> Iterator[list[_Pending]]:
+    """Consecutive chunks in groups of at most ``batch``, each group one request's worth."""
+    run: list[_Pending] = []
+    for p in sorted(chunks, key=lambda c: c.offset):
+        if run and (len(run) >= batch or run[-1].offset + chunk_size != p.offset
+                    or run[-1].length != chunk_size):
+            yield run
+            run = []
+        run.append(p)
+    if run:
+        yield run
 
 
 class MqttFetcher(FetcherInterface):

@@ -1,11 +1,17 @@
 """The repository responder: answers chunk requests from a repository directory.
 
-It serves only ``REPO/metadata/*`` and ``REPO/targets/**``, keeps no state
-per device (every request names path, offset and length), and so several
-responders can run side by side: by default they join one MQTT shared
+It serves only ``REPO/metadata/*`` and ``REPO/targets/**`` and keeps no
+transfer state per device (every request names path, offset and length), so
+several responders can run side by side: by default they join one MQTT shared
 subscription and split the requests. After each change of the repository's
 timestamp it publishes ``{"timestamp_version": N, ...}`` retained on the
 announce topic, which is how devices learn that a release happened.
+
+Who asks is the request topic, never the payload: a device publishes on
+``edge/{fleet}/dev/{device}/repo/req`` (the example ACL lets only that
+device's credentials write there) and the answer goes to that same device's
+``repo/res`` topic. A device can therefore make the responder send bytes to
+itself only, and :class:`DeviceLimits` bounds how many.
 """
 
 from __future__ import annotations
@@ -14,34 +20,124 @@ import json
 import logging
 import os
 import threading
-from dataclasses import dataclass
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import EdgeError, TransportError
+from ..errors import ConfigError, EdgeError, TransportError
 from . import _chunks as proto
 from ._connection import MqttConnection, Subscription
 from ._topics import RESPONDER_SHARE_GROUP, Topics
 
 log = logging.getLogger("edge_sdk.transport")
 
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class DeviceLimits:
+    """What one responder gives one device; the defaults let a device pull at LAN speed
+    for a while and then at ``bytes_per_s``, and stop any device from flooding the broker.
+
+    Two token buckets per device: ``requests_per_s`` (bucket ``burst_requests``) and
+    ``bytes_per_s`` (bucket ``burst_bytes``) of chunk payload. A request over the
+    request rate is **dropped unanswered**: a device that keeps asking after a
+    slow-down is flooding, and answering each of its requests would itself be a
+    flood (the fetcher's chunk timeout and backoff cover a lost request). A request
+    within the request rate but over the byte budget, or one that would push the
+    device's chunks not yet acknowledged by the broker past ``max_inflight_bytes``,
+    gets the chunks that fit and then one short ``SLOW_DOWN`` answer naming how
+    long to wait (at least ``slow_down_ms``); :class:`~edge_sdk.transport.ChunkClient`
+    waits that long and asks again. Budgets are per responder process: N responders
+    sharing the requests give a device up to N times these rates. The table of
+    devices holds at most ``max_devices`` entries (least recently seen forgotten).
+    """
+
+    bytes_per_s: int = 8 * MiB
+    burst_bytes: int = 16 * MiB
+    requests_per_s: float = 200.0
+    burst_requests: int = 400
+    max_inflight_bytes: int = 8 * MiB
+    slow_down_ms: int = 100
+    max_devices: int = 100_000
+
+    def __post_init__(self) -> None:
+        if self.bytes_per_s <= 0 or self.requests_per_s <= 0:
+            raise ConfigError("device limits: bytes_per_s and requests_per_s must be > 0")
+        for name in ("burst_bytes", "max_inflight_bytes"):
+            if getattr(self, name) < proto.MAX_CHUNK:
+                raise ConfigError(
+                    f"device limits: {name} must be at least one chunk ({proto.MAX_CHUNK} "
+                    "bytes), or no chunk could ever be sent")
+        if self.burst_requests < 1 or self.max_devices < 1 or not 1 <= self.slow_down_ms <= 60_000:
+            raise ConfigError("device limits: burst_requests and max_devices must be >= 1, "
+                              "slow_down_ms 1..60000")
+
 
 @dataclass(frozen=True)
 class ResponderConfig:
     """``shared`` joins the ``$share/{share_group}/...`` subscription so responders split
     the load; ``announce_interval`` is how often (s) the repository is checked for a
-    new timestamp to announce."""
+    new timestamp to announce; ``limits`` is each device's budget."""
 
     shared: bool = True
     share_group: str = RESPONDER_SHARE_GROUP
     announce_interval: float = 1.0
+    limits: DeviceLimits = field(default_factory=DeviceLimits)
 
 
 @dataclass
 class ResponderStats:
+    """Counters since start. ``dropped``: over a device's request rate, unanswered;
+    ``slowed``: answered ``SLOW_DOWN``; ``refused``: bad or not-found requests."""
+
     requests: int = 0
     bytes_sent: int = 0
     refused: int = 0
+    dropped: int = 0
+    slowed: int = 0
+
+
+class _TokenBucket:
+    """``rate`` tokens per second, at most ``burst`` saved up; pure (the caller gives ``now``)."""
+
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate, self.burst, self.tokens, self.stamp = rate, burst, burst, now
+
+    def _refill(self, now: float) -> None:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def take(self, n: float, now: float) -> bool:
+        self._refill(now)
+        if self.tokens < n:
+            return False
+        self.tokens -= n
+        return True
+
+    def wait(self, n: float, now: float) -> float:
+        """Seconds until ``n`` tokens are there."""
+        self._refill(now)
+        return max(0.0, (n - self.tokens) / self.rate)
+
+
+class _Budget:
+    """One device's buckets and its chunks published but not yet acknowledged by the broker."""
+
+    def __init__(self, limits: DeviceLimits, now: float) -> None:
+        self.requests = _TokenBucket(limits.requests_per_s, limits.burst_requests, now)
+        self.bytes = _TokenBucket(limits.bytes_per_s, limits.burst_bytes, now)
+        self.inflight: list[tuple[Callable[[], bool], int]] = []
+        self.dropped = 0
+
+    def unacked(self) -> int:
+        self.inflight = [(done, n) for done, n in self.inflight if not done()]
+        return sum(n for _, n in self.inflight)
 
 
 class RepoResponder:
@@ -60,12 +156,13 @@ class RepoResponder:
         self._watcher: threading.Thread | None = None
         self._announced: int | None = None
         self._resolved: dict[str, Path] = {}
+        self._budgets: OrderedDict[str, _Budget] = OrderedDict()
         if not (self.repo / "metadata").is_dir():
             raise TransportError(f"{self.repo}: not a release repository (no metadata/ directory)")
 
     def start(self) -> None:
         topic = (self.topics.shared_repo_request(self.config.share_group) if self.config.shared
-                 else self.topics.repo_request)
+                 else self.topics.every_repo_request)
         self._sub = self.connection.subscribe(topic, self._on_request, qos=1)
         self.announce()
         self._watcher = threading.Thread(target=self._watch, name="edge-responder-announce",
@@ -131,25 +228,90 @@ class RepoResponder:
         self._resolved[path] = p
         return p
 
+    def _budget(self, device: str, now: float) -> _Budget:
+        budget = self._budgets.get(device)
+        if budget is None:
+            budget = self._budgets[device] = _Budget(self.config.limits, now)
+            if len(self._budgets) > self.config.limits.max_devices:
+                self._budgets.popitem(last=False)
+        else:
+            self._budgets.move_to_end(device)
+        return budget
+
+    def _send(self, reply_to: str, resp: proto.ChunkResponse, budget: _Budget) -> None:
+        info = self.connection._publish(reply_to, resp.encode(), 1, False)
+        if resp.status == proto.OK:
+            self.stats.bytes_sent += len(resp.payload)
+            budget.inflight.append((info.is_published, len(resp.payload)))
+
     def _on_request(self, topic: str, payload: bytes) -> None:
+        # Runs on the connection's network thread, one message at a time: the budgets
+        # need no lock, and PUBACKs for what we publish here arrive only after we return.
         self.stats.requests += 1
+        device = self.topics.requester(topic)
+        if device is None:
+            self.stats.refused += 1
+            log.warning("dropping a chunk request on an unexpected topic %s", topic)
+            return
+        now = time.monotonic()
+        budget = self._budget(device, now)
+        if not budget.requests.take(1, now):
+            self.stats.dropped += 1
+            budget.dropped += 1
+            if budget.dropped % 1000 == 1:
+                log.warning("device %s is over %g chunk requests/s: dropping (%d so far)",
+                            device, self.config.limits.requests_per_s, budget.dropped)
+            return
+        reply_to = self.topics.repo_response(device)
         try:
             req = proto.ChunkRequest.decode(payload)
-            reply_to = self.topics.repo_response(req.device)
-        except EdgeError as err:
+        except TransportError as err:
             self.stats.refused += 1
-            log.warning("dropping a bad chunk request on %s: %s", topic, err)
+            log.warning("refusing a bad chunk request from %s: %s", device, err)
+            corr = err.corr if isinstance(err, proto.ChunkRequestError) else bytes(16)
+            self._send(reply_to, proto.ChunkResponse(proto.BAD_REQUEST, corr, 0, 0,
+                                                     str(err)[:300].encode()), budget)
             return
+        limits = self.config.limits
         for i in range(req.count):
+            # decode bounds offset, length and count: this sum cannot overflow a u64.
             one = req if req.count == 1 else proto.ChunkRequest(
-                req.corr, req.device, req.path, req.offset + i * req.length, req.length)
+                req.corr, req.path, req.offset + i * req.length, req.length)
             resp = self.answer(one)
-            self.connection.publish(reply_to, resp.encode(), qos=1)
+            n = len(resp.payload) if resp.status == proto.OK else 0
+            wait = 0.0
+            if budget.bytes.wait(n, now) > 0:
+                # Long enough for the rest of this request, so that it comes back once.
+                rest = min(limits.burst_bytes, (req.count - i) * req.length)
+                wait = budget.bytes.wait(rest, now)
+            elif budget.unacked() + n > limits.max_inflight_bytes:
+                wait = limits.slow_down_ms / 1000
+            if wait > 0:
+                self.stats.slowed += 1
+                ms = max(limits.slow_down_ms, int(wait * 1000) + 1)
+                self._send(reply_to, proto.ChunkResponse(
+                    proto.SLOW_DOWN, req.corr, one.offset, ms,
+                    f"slow down: {device} is over its budget, retry in {ms} ms".encode()),
+                    budget)
+                return
+            budget.bytes.take(n, now)
+            self._send(reply_to, resp, budget)
             if resp.status != proto.OK or one.offset + len(resp.payload) >= resp.total:
                 break
 
     def answer(self, req: proto.ChunkRequest) -> proto.ChunkResponse:
-        """The response to one chunk of ``req`` (test responders override it)."""
+        """The response to one chunk of ``req`` (test responders override it).
+
+        The offset is checked against the file's size (for a target, its signed
+        length) before it is used: past the end is ``BAD_REQUEST``, exactly at the
+        end an empty ``OK`` (a resumed transfer that was already complete).
+        """
+        if not 0 <= req.offset <= proto.MAX_OFFSET or not 0 < req.length <= proto.MAX_CHUNK:
+            self.stats.refused += 1
+            return proto.ChunkResponse(
+                proto.BAD_REQUEST, req.corr, 0, 0,
+                f"{req.path}: offset must be 0..{proto.MAX_OFFSET} and length "
+                f"1..{proto.MAX_CHUNK}".encode())
         path = self._resolve(req.path)
         if path is None:
             self.stats.refused += 1
@@ -158,7 +320,13 @@ class RepoResponder:
         try:
             with open(path, "rb") as f:
                 total = os.fstat(f.fileno()).st_size
-                data = os.pread(f.fileno(), min(req.length, proto.MAX_CHUNK), req.offset)
+                if req.offset > total:
+                    self.stats.refused += 1
+                    return proto.ChunkResponse(
+                        proto.BAD_REQUEST, req.corr, req.offset, total,
+                        f"{req.path}: offset {req.offset} is past the end of the file "
+                        f"({total} bytes)".encode())
+                data = os.pread(f.fileno(), min(req.length, total - req.offset), req.offset)
         except FileNotFoundError:
             self._resolved.pop(req.path, None)
             self.stats.refused += 1
@@ -168,5 +336,4 @@ class RepoResponder:
             self.stats.refused += 1
             return proto.ChunkResponse(proto.SERVER_ERROR, req.corr, req.offset, 0,
                                        f"cannot read {req.path}: {err.strerror}".encode())
-        self.stats.bytes_sent += len(data)
         return proto.ChunkResponse(proto.OK, req.corr, req.offset, total, data)

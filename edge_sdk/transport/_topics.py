@@ -1,10 +1,13 @@
 """Topic names of the MQTT protocol (see DESIGN.md, "MQTT protocol").
 
 Every name has at most 7 slashes and no wildcard in a published topic, so the
-same layout works on Mosquitto, EMQX, HiveMQ and AWS IoT Core::
+same layout works on Mosquitto, EMQX, HiveMQ and AWS IoT Core. Chunk requests
+travel on a per-device topic so that the broker's ACL, not the payload, says who
+asks: a responder answers only on the response topic of the device named by the
+request topic (see :class:`~edge_sdk.transport.RepoResponder`)::
 
     {prefix}/{fleet}/repo/announce            retained: current TUF timestamp version
-    {prefix}/{fleet}/repo/req                 chunk requests (device -> responders)
+    {prefix}/{fleet}/dev/{device}/repo/req    chunk requests (device -> responders)
     {prefix}/{fleet}/dev/{device}/repo/res    chunk responses (responder -> device)
     {prefix}/{fleet}/dev/{device}/desired     retained: signed deployment for a device
     {prefix}/{fleet}/grp/{group}/desired      retained: signed deployment for a group
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ._config import _TOPIC_WORD as _DEVICE
 from ._config import MqttConfig, check_topic_word
 
 RESPONDER_SHARE_GROUP = "edge-repo"
@@ -44,13 +48,26 @@ class Topics:
     def announce(self) -> str:
         return f"{self.base}/repo/announce"
 
+    def repo_request(self, device: str) -> str:
+        """Where ``device`` publishes its chunk requests (the ACL lets only it write there)."""
+        return f"{self.device(device)}/repo/req"
+
     @property
-    def repo_request(self) -> str:
-        return f"{self.base}/repo/req"
+    def every_repo_request(self) -> str:
+        """Subscription filter for the chunk requests of every device."""
+        return f"{self.base}/dev/+/repo/req"
 
     def shared_repo_request(self, group: str = RESPONDER_SHARE_GROUP) -> str:
         """Shared-subscription filter so that several responders split the requests."""
-        return f"$share/{check_topic_word(group, 'share group')}/{self.repo_request}"
+        return f"$share/{check_topic_word(group, 'share group')}/{self.every_repo_request}"
+
+    def requester(self, topic: str) -> str | None:
+        """The device id of a chunk request topic, or None if ``topic`` is not one."""
+        head, tail = f"{self.base}/dev/", "/repo/req"
+        if not (topic.startswith(head) and topic.endswith(tail)):
+            return None
+        device = topic[len(head):-len(tail)]
+        return device if _DEVICE.match(device) else None
 
     def repo_response(self, device: str) -> str:
         return f"{self.device(device)}/repo/res"
