@@ -3,11 +3,8 @@ publish releases, announcements or deployments, while the real flow still works.
 
 from __future__ import annotations
 
-import importlib.util
-import threading
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
@@ -16,61 +13,15 @@ from edge_sdk.errors import TransportError
 from edge_sdk.release import Repository, create_deployment, publish_deployment
 from edge_sdk.transport import MqttConfig, MqttConnection, RepoResponder, Topics
 from edge_sdk.trust import UpdateClient, load_public_key, verify_deployment
+from tests._acl import FLEET, Collector, connect_as, example_broker
 from tests._broker import Mosquitto
 from tests._trust_env import make_artifact
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mosquitto"
-FLEET = "lab"
-
-
-def _example_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("make_credentials",
-                                                  EXAMPLE / "make_credentials.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _example_limits() -> str:
-    keep = ("max_packet_size", "max_qos", "set_tcp_nodelay")
-    lines = (EXAMPLE / "mosquitto.conf").read_text().splitlines()
-    return "".join(f"{ln}\n" for ln in lines if ln.split(" ")[0] in keep)
-
-
-class _Collector:
-    """Collects messages on one topic and waits for one matching a predicate."""
-
-    def __init__(self, conn: MqttConnection, topic: str) -> None:
-        self.got: list[bytes] = []
-        self.cond = threading.Condition()
-        self.sub = conn.subscribe(topic, self._on)
-
-    def _on(self, topic: str, payload: bytes) -> None:
-        with self.cond:
-            self.got.append(payload)
-            self.cond.notify_all()
-
-    def wait_for(self, pred: Callable[[bytes], bool]) -> list[bytes]:
-        with self.cond:
-            assert self.cond.wait_for(lambda: any(pred(p) for p in self.got), timeout=10)
-            return list(self.got)
-
 
 @pytest.fixture()
-def acl_broker(tmp_path: Path) -> tuple[Mosquitto, dict[str, str]]:
-    creds = _example_module().generate(tmp_path / "auth", FLEET, {"d1": ["lobby"], "d2": []})
-    conf = (f"password_file {tmp_path / 'auth' / 'passwd'}\n"
-            f"acl_file {tmp_path / 'auth' / 'acl'}\n" + _example_limits())
-    with Mosquitto(tmp_path / "broker", allow_anonymous=False, extra_conf=conf) as b:
-        yield b, creds  # type: ignore[misc]
-
-
-def _conn(broker: Mosquitto, creds: dict[str, str], user: str) -> MqttConnection:
-    c = MqttConnection(MqttConfig(url=broker.url, fleet=FLEET, username=user,
-                                  password=creds[user]), name=user)
-    c.connect()
-    return c
+def acl_broker(tmp_path: Path) -> Iterator[tuple[Mosquitto, dict[str, str]]]:
+    with example_broker(tmp_path, {"d1": ["lobby"], "d2": []}) as b:
+        yield b
 
 
 def test_device_credentials_cannot_read_or_forge_other_devices_topics(
@@ -85,9 +36,9 @@ def test_device_credentials_cannot_read_or_forge_other_devices_topics(
         MqttConnection(MqttConfig(url=broker.url, fleet=FLEET, username="d1",
                                   password="wrong"), name="bad").connect(timeout=5)
 
-    operator = _conn(broker, creds, "edge-operator")
-    serve = _conn(broker, creds, "edge-repo")
-    d1, d2 = _conn(broker, creds, "d1"), _conn(broker, creds, "d2")
+    operator = connect_as(broker, creds, "edge-operator")
+    serve = connect_as(broker, creds, "edge-repo")
+    d1, d2 = connect_as(broker, creds, "d1"), connect_as(broker, creds, "d2")
     responder = RepoResponder(serve, repo.path)
     try:
         responder.start()
@@ -100,12 +51,12 @@ def test_device_credentials_cannot_read_or_forge_other_devices_topics(
         # arrives, the forbidden one would have arrived before it.
         publish_deployment(operator, create_deployment(repo, model="m", fleet=FLEET,
                                                        devices=["d2"]))
-        spy = _Collector(d2, topics.desired("d1"))
-        own = _Collector(d2, topics.desired("d2"))
+        spy = Collector(d2, topics.desired("d1"))
+        own = Collector(d2, topics.desired("d2"))
         own.wait_for(lambda p: b'"d2"' in p)
         assert spy.got == []
-        spy_res = _Collector(d2, topics.repo_response("d1"))
-        own_res = _Collector(d2, topics.repo_response("d2"))
+        spy_res = Collector(d2, topics.repo_response("d1"))
+        own_res = Collector(d2, topics.repo_response("d2"))
         serve.publish_wait(topics.repo_response("d1"), b"secret chunk")
         serve.publish_wait(topics.repo_response("d2"), b"marker")
         own_res.wait_for(lambda p: p == b"marker")
@@ -116,12 +67,12 @@ def test_device_credentials_cannot_read_or_forge_other_devices_topics(
         d2.publish_wait(topics.desired("d1"), b"forged", retain=True)
         d2.publish_wait(topics.announce, b"forged", retain=True)
         d2.publish_wait(topics.repo_response("d1"), b"forged")
-        res = _Collector(d1, topics.repo_response("d1"))
+        res = Collector(d1, topics.repo_response("d1"))
         serve.publish_wait(topics.repo_response("d1"), b"marker")
         assert res.wait_for(lambda p: p == b"marker") == [b"marker"]
-        desired = _Collector(d1, topics.desired("d1"))
+        desired = Collector(d1, topics.desired("d1"))
         assert desired.wait_for(lambda p: True) == [signed.document]
-        announce = _Collector(operator, topics.announce)
+        announce = Collector(operator, topics.announce)
         assert b"forged" not in announce.wait_for(lambda p: True)
 
         # The legitimate flow works under the same ACL (shared subscription included).
@@ -136,12 +87,13 @@ def test_device_credentials_cannot_read_or_forge_other_devices_topics(
         # d1 reads its group's deployments; d2 is not in that group.
         group = create_deployment(repo, model="m", fleet=FLEET, groups=["lobby"])
         publish_deployment(operator, group)
-        assert _Collector(d1, topics.group_desired("lobby")).wait_for(
+        assert Collector(d1, topics.group_desired("lobby")).wait_for(
             lambda p: True) == [group.document]
-        spy_group = _Collector(d2, topics.group_desired("lobby"))
-        _Collector(d2, topics.desired("d2")).wait_for(lambda p: True)
+        spy_group = Collector(d2, topics.group_desired("lobby"))
+        Collector(d2, topics.desired("d2")).wait_for(lambda p: True)
         assert spy_group.got == []
     finally:
         responder.stop()
         for c in (operator, serve, d1, d2):
             c.close()
+

@@ -1,0 +1,71 @@
+"""The example Mosquitto setup of examples/mosquitto/ for tests: its credentials generator,
+the limits of its config, and a broker started with both."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+
+from edge_sdk.transport import MqttConfig, MqttConnection
+from tests._broker import Mosquitto
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mosquitto"
+FLEET = "lab"
+
+
+def example_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("make_credentials",
+                                                  EXAMPLE / "make_credentials.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def example_settings() -> str:
+    """The lines of the example mosquitto.conf that do not name hosts, ports or files."""
+    keep = ("max_packet_size", "max_qos", "set_tcp_nodelay", "use_username_as_clientid")
+    lines = (EXAMPLE / "mosquitto.conf").read_text().splitlines()
+    return "".join(f"{ln}\n" for ln in lines if ln.split(" ")[0] in keep)
+
+
+@contextlib.contextmanager
+def example_broker(tmp: Path, devices: dict[str, list[str]]
+                   ) -> Iterator[tuple[Mosquitto, dict[str, str]]]:
+    """A Mosquitto with the example's settings, password file and ACL for ``devices``."""
+    creds: dict[str, str] = example_module().generate(tmp / "auth", FLEET, devices)
+    conf = (f"password_file {tmp / 'auth' / 'passwd'}\n"
+            f"acl_file {tmp / 'auth' / 'acl'}\n" + example_settings())
+    with Mosquitto(tmp / "broker", allow_anonymous=False, extra_conf=conf) as b:
+        yield b, creds
+
+
+def connect_as(broker: Mosquitto, creds: dict[str, str], user: str, **kw: object
+               ) -> MqttConnection:
+    c = MqttConnection(MqttConfig(url=broker.url, fleet=FLEET, username=user,
+                                  password=creds[user], **kw), name=user)  # type: ignore[arg-type]
+    c.connect()
+    return c
+
+
+class Collector:
+    """Collects messages on one topic and waits for one matching a predicate."""
+
+    def __init__(self, conn: MqttConnection, topic: str) -> None:
+        self.got: list[bytes] = []
+        self.cond = threading.Condition()
+        self.sub = conn.subscribe(topic, self._on)
+
+    def _on(self, topic: str, payload: bytes) -> None:
+        with self.cond:
+            self.got.append(payload)
+            self.cond.notify_all()
+
+    def wait_for(self, pred: Callable[[bytes], bool], timeout: float = 10) -> list[bytes]:
+        with self.cond:
+            assert self.cond.wait_for(lambda: any(pred(p) for p in self.got), timeout=timeout)
+            return list(self.got)

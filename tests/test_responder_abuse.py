@@ -1,0 +1,250 @@
+"""Abuse of the repository responder by a device with valid credentials, on a real
+Mosquitto with the example ACL and a real ``edge-sdk serve`` subprocess: aiming the
+responder at another device, flooding it, and out-of-range offsets and lengths."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge_sdk.release import Repository
+from edge_sdk.transport import MAX_CHUNK, ChunkClient, FetchConfig, MqttConnection, Topics
+from edge_sdk.transport import _chunks as proto
+from tests._acl import FLEET, connect_as, example_broker
+from tests._broker import Mosquitto
+from tests._trust_env import make_artifact
+
+EDGE_SDK = str(Path(sys.executable).with_name("edge-sdk"))
+TOPICS = Topics(FLEET)
+KiB, MiB = 1024, 1024 * 1024
+
+
+class Responses:
+    """Every chunk response on one device's topic, decoded, with the time of the last one."""
+
+    def __init__(self, conn: MqttConnection, device: str) -> None:
+        self.items: list[proto.ChunkResponse] = []
+        self.wire_bytes = 0
+        self.last_at = 0.0
+        self.cond = threading.Condition()
+        conn.subscribe(TOPICS.repo_response(device), self._on)
+
+    def _on(self, topic: str, payload: bytes) -> None:
+        with self.cond:
+            self.items.append(proto.ChunkResponse.decode(payload))
+            self.wire_bytes += len(payload)
+            self.last_at = time.monotonic()
+            self.cond.notify_all()
+
+    def for_corr(self, corr: bytes, timeout: float = 10) -> list[proto.ChunkResponse]:
+        with self.cond:
+            assert self.cond.wait_for(lambda: any(r.corr == corr for r in self.items), timeout)
+            return [r for r in self.items if r.corr == corr]
+
+    def quiet(self, for_s: float = 1.0, limit: float = 60) -> None:
+        """Wait until nothing arrived for ``for_s`` seconds."""
+        end = time.monotonic() + limit
+        while time.monotonic() < end:
+            with self.cond:
+                if self.items and time.monotonic() - self.last_at > for_s:
+                    return
+            time.sleep(0.1)
+        raise AssertionError("responses never stopped")
+
+    def ok_bytes(self) -> int:
+        with self.cond:
+            return sum(len(r.payload) for r in self.items if r.status == proto.OK)
+
+
+class Setup:
+    def __init__(self, broker: Mosquitto, creds: dict[str, str], repo: Repository,
+                 target: str, size: int, data: bytes) -> None:
+        self.broker, self.creds, self.repo = broker, creds, repo
+        self.target, self.size, self.data = target, size, data
+
+
+@pytest.fixture()
+def setup(tmp_path: Path) -> Iterator[Setup]:
+    repo = Repository.init(tmp_path / "repo", tmp_path / "keys")
+    art = make_artifact(tmp_path / "arts", "m", "1.0", n=600_000, sample=False)  # 2.4 MB
+    rel = repo.add_artifact(art.path)
+    d, _, base = rel.path.rpartition("/")
+    with example_broker(tmp_path, {"d1": [], "d2": []}) as (broker, creds):
+        yield Setup(broker, creds, repo, f"targets/{d}/{rel.sha256}.{base}", rel.length,
+                    art.model_path.read_bytes())
+
+
+@contextlib.contextmanager
+def serve(s: Setup, tmp: Path, *limits: str) -> Iterator[subprocess.Popen[str]]:
+    """``edge-sdk serve`` as the example's ``edge-repo`` user; yields the process."""
+    log = tmp / "serve.log"
+    args = [EDGE_SDK, "serve", "--repo", str(s.repo.path), "--broker", s.broker.url,
+            "--fleet", FLEET, "--username", "edge-repo", "--password", s.creds["edge-repo"]]
+    for lim in limits:
+        args += ["--device-limit", lim]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(args, stderr=out, text=True)
+    try:
+        end = time.monotonic() + 30
+        while "serving" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < end, "edge-sdk serve did not start"
+            time.sleep(0.05)
+        yield proc
+        assert proc.poll() is None, f"edge-sdk serve died: {log.read_text()[-2000:]}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def request(conn: MqttConnection, device: str, path: str, off: Any = 0, length: Any = MAX_CHUNK,
+            n: Any = 1, **extra: Any) -> bytes:
+    corr = secrets.token_bytes(16)
+    doc = {"v": 1, "id": corr.hex(), "path": path, "off": off, "len": length, "n": n, **extra}
+    conn.publish(TOPICS.repo_request(device), json.dumps(doc).encode())
+    return corr
+
+
+def test_chunk_requests_naming_another_device_are_never_answered_to_it(
+        setup: Setup, tmp_path: Path) -> None:
+    a = connect_as(setup.broker, setup.creds, "d1")
+    b = connect_as(setup.broker, setup.creds, "d2")
+    try:
+        to_a, to_b = Responses(a, "d1"), Responses(b, "d2")
+        with serve(setup, tmp_path):
+            # A publishes on B's request topic: the ACL drops it at the broker.
+            for _ in range(50):
+                request(a, "d2", setup.target, n=proto.MAX_BATCH)
+            # A names B in the payload (the old "dev" field) on its own topic: the
+            # topic says who asks, so the answer goes to A.
+            mine = request(a, "d1", "metadata/timestamp.json", dev="d2")
+            assert to_a.for_corr(mine)[0].status == proto.OK
+            # B's own request, sent after all of A's: once its answer is in, anything
+            # A's requests made the responder send B would have arrived before it.
+            theirs = request(b, "d2", "metadata/timestamp.json")
+            to_b.for_corr(theirs)
+            assert {r.corr for r in to_b.items} == {theirs}
+            assert to_b.ok_bytes() == (setup.repo.path / "metadata/timestamp.json").stat().st_size
+    finally:
+        a.close()
+        b.close()
+
+
+def test_request_flood_from_one_device_is_held_to_its_budget(
+        setup: Setup, tmp_path: Path) -> None:
+    rate, burst = 1 * MiB, 1 * MiB
+    limits = (f"bytes_per_s={rate}", f"burst_bytes={burst}", "requests_per_s=50",
+              "burst_requests=50", f"max_inflight_bytes={2 * MiB}")
+    a = connect_as(setup.broker, setup.creds, "d1")
+    try:
+        to_a = Responses(a, "d1")
+        with serve(setup, tmp_path, *limits):
+            # For a 3 s window, as fast as the device can publish: each request asks
+            # for the whole file (64 chunks of 127 KiB).
+            flood = 0
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 3:
+                request(a, "d1", setup.target, n=proto.MAX_BATCH)
+                flood += 1
+                if flood % 500 == 0:
+                    time.sleep(0.01)  # let paho's thread write them out
+            to_a.quiet()
+            elapsed = to_a.last_at - t0
+        asked = flood * setup.size
+        got = to_a.ok_bytes()
+        slowed = sum(r.status == proto.SLOW_DOWN for r in to_a.items)
+        sent = flood * len(proto.ChunkRequest(bytes(16), setup.target, 0, MAX_CHUNK,
+                                              proto.MAX_BATCH).encode())
+        print(f"flood: {flood} requests ({sent} bytes) asked for {asked / MiB:.0f} MiB; "
+              f"{got / MiB:.2f} MiB of chunks + {to_a.wire_bytes - got} bytes of headers "
+              f"and slow-downs arrived in {elapsed:.2f} s; {slowed} slow-downs, "
+              f"{len(to_a.items)} messages")
+        # Bytes out are bounded by the burst plus the rate over the flood's own
+        # duration (measured, generous margin), far below what was asked for.
+        assert burst // 2 <= got <= burst + rate * elapsed * 1.5 + 2 * MAX_CHUNK
+        assert got < asked / 100
+        # Over the request rate, requests are dropped unanswered: each message that is
+        # not a chunk answers one request, and few requests were let through.
+        chunks = sum(r.status == proto.OK for r in to_a.items)
+        assert len(to_a.items) - chunks <= 50 + 50 * elapsed * 1.5
+        assert slowed > 0
+    finally:
+        a.close()
+
+
+def test_one_request_cannot_queue_more_than_the_inflight_cap(
+        setup: Setup, tmp_path: Path) -> None:
+    cap = 512 * KiB
+    a = connect_as(setup.broker, setup.creds, "d1")
+    try:
+        to_a = Responses(a, "d1")
+        with serve(setup, tmp_path, f"max_inflight_bytes={cap}"):
+            request(a, "d1", setup.target, n=proto.MAX_BATCH)
+            with to_a.cond:
+                assert to_a.cond.wait_for(
+                    lambda: any(r.status != proto.OK for r in to_a.items), 10)
+                got = list(to_a.items)
+        data = [r for r in got if r.status == proto.OK]
+        assert sum(len(r.payload) for r in data) <= cap
+        assert got[-1].status == proto.SLOW_DOWN and got[-1].offset == len(data) * MAX_CHUNK
+        assert got[-1].total >= 1 and "slow down" in got[-1].reason
+    finally:
+        a.close()
+
+
+def test_fetcher_waits_out_slow_down_answers_and_completes(
+        setup: Setup, tmp_path: Path) -> None:
+    a = connect_as(setup.broker, setup.creds, "d1")
+    try:
+        with serve(setup, tmp_path, f"bytes_per_s={2 * MiB}", f"burst_bytes={256 * KiB}",
+                   f"max_inflight_bytes={512 * KiB}"):
+            client = ChunkClient(a, "d1", config=FetchConfig(retries=1))
+            data = bytearray()
+            client.download(setup.target, data.extend, length=setup.size)
+            assert bytes(data) == setup.data
+            # Slowed down, and no chunk ever timed out: the waits came from the answers.
+            assert client.stats.slowdowns > 0
+            assert client.stats.chunks_resent >= client.stats.slowdowns
+    finally:
+        a.close()
+
+
+@pytest.mark.parametrize(("field", "value", "reason"), [
+    ("off", 2**70, f"offset {2**70} must be an integer 0..9007199254740991"),
+    ("off", -1, "offset -1 must be an integer 0.."),
+    ("off", "0", "offset '0' must be an integer"),
+    ("off", "past-end", "is past the end of the file"),
+    ("len", 0, f"length 0 must be an integer 1..{MAX_CHUNK}"),
+    ("len", 2**40, f"length 1099511627776 must be an integer 1..{MAX_CHUNK}"),
+    ("n", 0, "'n' 0 must be an integer 1..64"),
+    ("n", 10**30, "'n' <100-bit integer> must be"),
+], ids=["2**70", "negative", "string", "past-end", "len-0", "len-huge", "n-0", "n-huge"])
+def test_out_of_range_offsets_and_lengths_get_clear_errors_and_the_responder_lives(
+        setup: Setup, tmp_path: Path, field: str, value: Any, reason: str) -> None:
+    a = connect_as(setup.broker, setup.creds, "d1")
+    try:
+        to_a = Responses(a, "d1")
+        with serve(setup, tmp_path):
+            if value == "past-end":
+                value = setup.size + 1
+            corr = request(a, "d1", setup.target, **{field: value})
+            (bad,) = to_a.for_corr(corr)
+            assert bad.status == proto.BAD_REQUEST and reason in bad.reason, bad.reason
+            # Exactly at the end is not an error: an empty chunk (a complete resume).
+            end = to_a.for_corr(request(a, "d1", setup.target, off=setup.size))
+            assert [(r.status, r.payload, r.total) for r in end] == [(proto.OK, b"", setup.size)]
+            # And the responder still serves.
+            ok = to_a.for_corr(request(a, "d1", setup.target, off=0, length=1024))
+            assert ok[0].status == proto.OK and ok[0].payload == setup.data[:1024]
+    finally:
+        a.close()
