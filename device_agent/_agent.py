@@ -143,7 +143,7 @@ class Agent:
             cert_file=str(b.tls.cert_file) if b.tls.cert_file else None,
             key_file=str(b.tls.key_file) if b.tls.key_file else None,
             tls_insecure=b.tls.insecure,
-            client_id=b.client_id or f"agent-{self.config.device_id}",
+            client_id=b.client_id_for(self.config.device_id),
             keepalive=b.keepalive_s, fleet=self.config.fleet, topic_prefix=b.topic_prefix,
             last_will=LastWill(self.topics.state(self.config.device_id), offline),
         )

@@ -17,7 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from edge_sdk.errors import ConfigError
 
@@ -42,6 +42,8 @@ class BrokerConfig:
     password: str | None = None
     #: Read the password from this file (kept out of the config file).
     password_file: Path | None = None
+    #: Default: the user name (brokers such as the examples/mosquitto one name the
+    #: session after it anyway), else ``agent-<device_id>``.
     client_id: str | None = None
     keepalive_s: int = 30
     topic_prefix: str = "edge"
@@ -59,6 +61,11 @@ class BrokerConfig:
     @property
     def use_tls(self) -> bool:
         return urlparse(self.url).scheme == "mqtts"
+
+    def client_id_for(self, device_id: str) -> str:
+        """The MQTT client id: ``client_id``, else the user name, else ``agent-<device_id>``."""
+        user = self.username or unquote(urlparse(self.url).username or "")
+        return self.client_id or user or f"agent-{device_id}"
 
     def resolved_password(self) -> str | None:
         if self.password_file is not None:

@@ -11,7 +11,7 @@ import pytest
 import edge_sdk
 from edge_sdk.errors import TransportError
 from edge_sdk.release import Repository, create_deployment, publish_deployment
-from edge_sdk.transport import MqttConfig, MqttConnection, RepoResponder, Topics
+from edge_sdk.transport import LastWill, MqttConfig, MqttConnection, RepoResponder, Topics
 from edge_sdk.trust import UpdateClient, load_public_key, verify_deployment
 from tests._acl import FLEET, Collector, connect_as, example_broker
 from tests._broker import Mosquitto
@@ -96,4 +96,46 @@ def test_device_credentials_cannot_read_or_forge_other_devices_topics(
         responder.stop()
         for c in (operator, serve, d1, d2):
             c.close()
+
+
+def test_device_claiming_another_devices_client_id_cannot_disconnect_it(
+        acl_broker: tuple[Mosquitto, dict[str, str]]) -> None:
+    broker, creds = acl_broker
+    topics = Topics(FLEET)
+    operator = connect_as(broker, creds, "edge-operator")
+    states = Collector(operator, topics.state("d2"))
+    # d2 as the agent connects: an "offline" last will on its retained state topic.
+    will = LastWill(topics.state("d2"), b'{"device": "d2", "online": false}')
+    d2 = connect_as(broker, creds, "d2", client_id="agent-d2", last_will=will)
+    links: list[bool] = []
+    d2.add_connection_listener(links.append)
+    try:
+        d2.publish_wait(topics.state("d2"), b"online", retain=True)
+        states.wait_for(lambda p: p == b"online")
+        # Both ids an attacker would guess: the agents' old default and the user name.
+        for i, claimed in enumerate(["agent-d2", "d2"] * 5):
+            intruder = connect_as(broker, creds, "d1", client_id=claimed)
+            try:
+                assert intruder.connected
+            finally:
+                intruder.close()
+            # A marker from d2 after the intruder came and went: had the broker
+            # dropped d2, its will would have reached the operator before it.
+            marker = f"still here {i}".encode()
+            d2.publish_wait(topics.state("d2"), marker, retain=True)
+            states.wait_for(lambda p: p == marker)  # noqa: B023 (called right here)
+        assert links == [] and d2.connected
+        assert not any(b'"online": false' in p for p in states.got)
+    finally:
+        d2.close()
+        operator.close()
+
+
+def test_agent_client_id_defaults_to_its_user_name() -> None:
+    from device_agent._config import BrokerConfig
+
+    assert BrokerConfig(username="cam-1").client_id_for("cam-1") == "cam-1"
+    assert BrokerConfig(url="mqtt://cam-2:pw@broker:1883").client_id_for("x") == "cam-2"
+    assert BrokerConfig().client_id_for("cam-3") == "agent-cam-3"
+    assert BrokerConfig(username="u", client_id="fixed").client_id_for("d") == "fixed"
 

@@ -16,6 +16,11 @@ each device its own and delete the file). Users:
 - ``edge-repo`` (the ``edge-sdk serve`` responder): reads every device's chunk
   requests, writes chunk responses and the announce topic.
 - ``edge-operator`` (``edge-sdk deploy``): writes ``desired`` topics, reads reports.
+
+Use with ``use_username_as_clientid true`` (as in mosquitto.conf here): the
+broker then names each session after its user, so a device cannot take over
+another device's session by claiming its client id. One user is then one
+connection: run a second responder or operator tool under its own user name.
 """
 
 from __future__ import annotations
