@@ -31,12 +31,19 @@ def _mosquitto_binary() -> str:
 
 class Mosquitto:
     """One mosquitto process. ``extra_conf`` lines are appended to the generated config.
-    ``persistent`` keeps retained messages and persistent sessions across restarts."""
+    ``persistent`` keeps retained messages and persistent sessions across restarts.
+    ``run_as`` is the user mosquitto drops to when started as root (default: ours); the
+    workdir is given to that user, and every directory above it must let it in."""
 
     def __init__(self, workdir: Path, *, port: int | None = None, extra_conf: str = "",
-                 allow_anonymous: bool = True, persistent: bool = False) -> None:
+                 allow_anonymous: bool = True, persistent: bool = False,
+                 run_as: str | None = None) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
+        user = run_as or pwd.getpwuid(os.geteuid()).pw_name
+        if run_as is not None:
+            account = pwd.getpwnam(run_as)
+            os.chown(self.workdir, account.pw_uid, account.pw_gid)
         self.port = port or free_port()
         self.host = "127.0.0.1"
         self.conf = self.workdir / "mosquitto.conf"
@@ -45,7 +52,7 @@ class Mosquitto:
             f"listener {self.port} 127.0.0.1\n"
             # Started as root, mosquitto would drop to its own user and could not
             # write the log or the persistence file in our workdir.
-            f"user {pwd.getpwuid(os.geteuid()).pw_name}\n"
+            f"user {user}\n"
             f"allow_anonymous {'true' if allow_anonymous else 'false'}\n"
             + (f"persistence true\npersistence_location {self.workdir}/\n" if persistent
                else "persistence false\n")

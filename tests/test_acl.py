@@ -3,6 +3,12 @@ publish releases, announcements or deployments, while the real flow still works.
 
 from __future__ import annotations
 
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +19,7 @@ from edge_sdk.errors import TransportError
 from edge_sdk.release import Repository, create_deployment, publish_deployment
 from edge_sdk.transport import LastWill, MqttConfig, MqttConnection, RepoResponder, Topics
 from edge_sdk.trust import UpdateClient, load_public_key, verify_deployment
-from tests._acl import FLEET, Collector, connect_as, example_broker
+from tests._acl import EXAMPLE, FLEET, Collector, connect_as, example_broker, example_module
 from tests._broker import Mosquitto
 from tests._trust_env import make_artifact
 
@@ -139,3 +145,47 @@ def test_agent_client_id_defaults_to_its_user_name() -> None:
     assert BrokerConfig().client_id_for("cam-3") == "agent-cam-3"
     assert BrokerConfig(username="u", client_id="fixed").client_id_for("d") == "fixed"
 
+
+def test_credentials_made_as_root_can_be_read_by_the_broker_it_drops_to(
+        tmp_path: Path) -> None:
+    mod = example_module()
+    helptext = subprocess.run([sys.executable, str(EXAMPLE / "make_credentials.py"), "--help"],
+                              capture_output=True, text=True, check=True).stdout
+    assert "use_username_as_clientid" in helptext and "mosquitto" in helptext
+    account = mod.broker_user()
+    if account is None:  # not root, or no mosquitto account: the files stay ours
+        mod.generate(tmp_path / "auth", FLEET, {"d1": []})
+        for name in ("passwd", "acl"):
+            st = (tmp_path / "auth" / name).stat()
+            assert st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) == 0o600
+        return
+    # Outside pytest's temporary directories (mode 0700, which the broker's user
+    # cannot enter), as /etc/mosquitto would be.
+    base = Path(tempfile.mkdtemp(prefix="edge-acl-"))
+    try:
+        os.chmod(base, 0o755)
+        auth = base / "auth"
+        creds = mod.generate(auth, FLEET, {"d1": []})
+        for name in ("passwd", "acl"):
+            st = (auth / name).stat()
+            assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (account.pw_uid, 0o600)
+        assert (auth / "credentials.json").stat().st_uid == 0
+        os.chmod(auth, 0o755)
+        conf = f"password_file {auth / 'passwd'}\nacl_file {auth / 'acl'}\n"
+        with Mosquitto(base / "broker", allow_anonymous=False, extra_conf=conf,
+                       run_as=account.pw_name) as broker:
+            connect_as(broker, creds, "d1").close()
+            with pytest.raises(TransportError, match="refused the connection"):
+                MqttConnection(MqttConfig(url=broker.url, username="d1", password="wrong"),
+                               name="bad").connect(timeout=5)
+        # What happened before: a root-owned 0600 password file stops the broker.
+        os.chown(auth / "passwd", 0, 0)
+        stopped = Mosquitto(base / "broker2", allow_anonymous=False, extra_conf=conf,
+                            run_as=account.pw_name)
+        try:
+            with pytest.raises(RuntimeError, match="exited at start"):
+                stopped.start()
+        finally:
+            stopped.stop()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

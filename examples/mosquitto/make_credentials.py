@@ -21,6 +21,12 @@ Use with ``use_username_as_clientid true`` (as in mosquitto.conf here): the
 broker then names each session after its user, so a device cannot take over
 another device's session by claiming its client id. One user is then one
 connection: run a second responder or operator tool under its own user name.
+
+Mosquitto started as root drops to the ``mosquitto`` user before it reads the
+password and ACL files, and both are mode 0600. So when this script runs as
+root and a ``mosquitto`` user exists, it gives both files to that user; else
+it leaves them to the user running it (start mosquitto as that user, or chown
+them yourself).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import base64
 import hashlib
 import json
 import os
+import pwd
 import re
 import secrets
 from pathlib import Path
@@ -96,12 +103,29 @@ def generate(outdir: Path, fleet: str, devices: dict[str, list[str]]) -> dict[st
     fd = os.open(cpath, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(creds, f, indent=2)
-    os.chmod(outdir / "passwd", 0o600)
+    for name in ("passwd", "acl"):
+        os.chmod(outdir / name, 0o600)
+    broker = broker_user()
+    if broker is not None:
+        # credentials.json stays with root: it is for the operator, not the broker.
+        for name in ("passwd", "acl"):
+            os.chown(outdir / name, broker.pw_uid, broker.pw_gid)
     return creds
 
 
+def broker_user() -> pwd.struct_passwd | None:
+    """The ``mosquitto`` account when running as root (the broker reads the files as it)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam("mosquitto")
+    except KeyError:
+        return None
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("outdir", type=Path)
     ap.add_argument("--fleet", default="default")
     ap.add_argument("--device", action="append", default=[], metavar="ID[:GROUP,...]")
@@ -111,8 +135,11 @@ def main() -> None:
         dev, _, groups = spec.partition(":")
         devices[dev] = [g for g in groups.split(",") if g]
     generate(args.outdir, args.fleet, devices)
+    broker = broker_user()
+    owner = (f"passwd and acl owned by {broker.pw_name}" if broker is not None else
+             "passwd and acl owned by you, mode 0600: mosquitto must run as you, or chown them")
     print(f"wrote {args.outdir}/passwd, acl, credentials.json (users: {RESPONDER}, "
-          f"{OPERATOR}, {', '.join(devices) or 'no devices'})")
+          f"{OPERATOR}, {', '.join(devices) or 'no devices'}; {owner})")
 
 
 if __name__ == "__main__":
