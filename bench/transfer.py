@@ -32,6 +32,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+UNLIMITED = ("bytes_per_s=1099511627776", "burst_bytes=1073741824",
+             "requests_per_s=1000000", "burst_requests=1000000",
+             "max_inflight_bytes=1073741824")
 sys.path.insert(0, str(ROOT))
 
 import paho.mqtt.client as paho  # noqa: E402
@@ -120,7 +123,9 @@ def main() -> None:
                                 device_id="d1")
         serve = subprocess.Popen(
             [str(Path(sys.executable).with_name("edge-sdk")), "serve", "--repo",
-             str(repo.path), "--broker", broker.url, "--fleet", fleet],
+             str(repo.path), "--broker", broker.url, "--fleet", fleet,
+             # This measures the transfer path, not the per-device budget.
+             *(f"--device-limit={kv}" for kv in UNLIMITED)],
             stderr=subprocess.PIPE, text=True)
         procs.append(serve)
         assert serve.stderr is not None and "serving" in serve.stderr.readline()

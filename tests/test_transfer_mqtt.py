@@ -94,7 +94,8 @@ def test_topics_real_brokers_refuse_are_rejected_before_sending(
         with pytest.raises(TransportError, match="QoS 2"):
             c.publish("edge/lab/x", b"x", qos=2)
     topics = Topics("lab")
-    for name in (topics.repo_response("dev-1"), topics.desired("dev-1"), topics.announce,
+    for name in (topics.repo_request("dev-1"), topics.repo_response("dev-1"),
+                 topics.desired("dev-1"), topics.announce,
                  topics.group_desired("g"), topics.events("dev-1")):
         assert name.count("/") <= 7
     with pytest.raises(ConfigError, match="one MQTT topic level"):
