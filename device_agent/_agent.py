@@ -13,6 +13,7 @@ from types import FrameType
 from typing import Any, cast
 
 from edge_sdk._fs import atomic_write_text
+from edge_sdk._json import MESSAGE_MAX_BYTES, MESSAGE_MAX_DEPTH, loads_bounded
 from edge_sdk.errors import EdgeError
 
 from ._config import AgentConfig
@@ -274,10 +275,11 @@ class Agent:
 def _claimed_counter(payload: bytes) -> int:
     """The counter a raw deployment document says it has (unverified; -1 if unreadable)."""
     try:
-        counter = json.loads(payload)["signed"]["counter"]
+        doc = loads_bounded(payload, max_bytes=MESSAGE_MAX_BYTES, max_depth=MESSAGE_MAX_DEPTH)
+        counter = doc["signed"]["counter"]
     except (ValueError, KeyError, TypeError):
         return -1
-    return counter if isinstance(counter, int) else -1
+    return counter if isinstance(counter, int) and not isinstance(counter, bool) else -1
 
 
 def _lower_thread_priority() -> None:

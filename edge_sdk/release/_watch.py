@@ -10,13 +10,13 @@ deployment is published so that no report can slip past it.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .._json import MESSAGE_MAX_BYTES, MESSAGE_MAX_DEPTH, loads_bounded
 from ..errors import DeploymentError
 from ..transport import MqttConnection, Topics
 
@@ -50,7 +50,7 @@ class DeviceStatus:
     def parse(cls, device: str, payload: bytes) -> DeviceStatus | None:
         """``None`` for an empty (cleared) or malformed message."""
         try:
-            doc = json.loads(payload) if payload else None
+            doc = _loads(payload) if payload else None
         except ValueError:
             return None
         if not isinstance(doc, dict):
@@ -75,6 +75,11 @@ class DeviceStatus:
             ts=doc.get("ts") if isinstance(doc.get("ts"), (int, float)) else None,
             raw=doc,
         )
+
+
+def _loads(payload: bytes) -> Any:
+    # Reports come from devices: bounded, so no report can end the network thread.
+    return loads_bounded(payload, max_bytes=MESSAGE_MAX_BYTES, max_depth=MESSAGE_MAX_DEPTH)
 
 
 def _model_ref(m: object) -> tuple[str, str] | None:
@@ -214,7 +219,7 @@ class DeploymentWatch:
 
     def _on_event(self, topic: str, payload: bytes) -> None:
         try:
-            doc = json.loads(payload)
+            doc = _loads(payload)
         except ValueError:
             return
         if not isinstance(doc, dict) or doc.get("event") == "heartbeat":

@@ -37,6 +37,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
+from .._json import MESSAGE_MAX_BYTES, loads_bounded
 from ..errors import TransportError
 
 MAGIC = b"EDC1"
@@ -87,9 +88,10 @@ class ChunkRequest:
         """Parse and validate a request; raise :class:`TransportError` for anything odd
         (a :class:`ChunkRequestError` carrying the correlation id once that is known)."""
         try:
-            data: Any = json.loads(payload)
-        except (ValueError, UnicodeDecodeError) as err:
-            raise TransportError(f"chunk request is not JSON: {err}") from err
+            # A request is one flat object: depth 1 is all it may have.
+            data: Any = loads_bounded(payload, max_bytes=MESSAGE_MAX_BYTES, max_depth=1)
+        except ValueError as err:
+            raise TransportError(f"chunk request refused: {err}") from err
         if not isinstance(data, dict) or data.get("v") != 1:
             raise TransportError("chunk request: expected a version 1 JSON object")
         corr, path = data.get("id"), data.get("path")

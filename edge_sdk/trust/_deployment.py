@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from securesystemslib.exceptions import UnverifiedSignatureError
+from securesystemslib.exceptions import FormatError, UnverifiedSignatureError
 from securesystemslib.exceptions import VerificationError as SslibVE
 from securesystemslib.formats import encode_canonical
 from securesystemslib.signer import (  # type: ignore[attr-defined]
@@ -27,6 +27,7 @@ from securesystemslib.signer import (  # type: ignore[attr-defined]
     Signer,
 )
 
+from .._json import MESSAGE_MAX_BYTES, MESSAGE_MAX_DEPTH, loads_bounded
 from ._errors import (
     DeploymentExpiredError,
     DeploymentSignatureError,
@@ -143,9 +144,9 @@ def sign_deployment(deployment: Deployment, signers: Iterable[Signer]) -> bytes:
 
 def parse_deployment(payload: bytes) -> tuple[dict[str, Any], list[Signature]]:
     try:
-        doc = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise MalformedDeploymentError(f"deployment is not JSON: {err}") from err
+        doc = loads_bounded(payload, max_bytes=MESSAGE_MAX_BYTES, max_depth=MESSAGE_MAX_DEPTH)
+    except ValueError as err:
+        raise MalformedDeploymentError(f"deployment refused: {err}") from err
     if not isinstance(doc, dict) or not isinstance(doc.get("signed"), dict) or not isinstance(
             doc.get("signatures"), list):
         raise MalformedDeploymentError(
@@ -178,7 +179,11 @@ def verify_deployment(
     ``rollback``. Raises a :class:`~edge_sdk.trust.DeploymentError` subclass.
     """
     signed, sigs = parse_deployment(payload)
-    data = _canonical(signed)
+    try:
+        data = _canonical(signed)
+    except FormatError as err:  # floats and other values canonical JSON cannot hold
+        raise MalformedDeploymentError(
+            f"deployment: 'signed' cannot be canonicalised: {str(err)[:120]}") from None
     good = None
     for sig in sigs:
         if sig.keyid != key.keyid:

@@ -1,0 +1,101 @@
+"""Every parser that reads the network, fed whole classes of hostile payloads: each one
+refuses with its own domain's error (or ``None``) and nothing else escapes — above all no
+``RecursionError``, which ends the thread that parsed the message."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from securesystemslib.signer import CryptoSigner
+
+from device_agent._agent import _claimed_counter
+from edge_sdk._json import MESSAGE_MAX_BYTES, UnsafeJsonError, loads_bounded
+from edge_sdk.errors import TransportError
+from edge_sdk.release import DeviceStatus
+from edge_sdk.transport._chunks import ChunkRequest
+from edge_sdk.trust import DeploymentError, verify_deployment
+from tests._hostile import FAMILIES, payloads
+
+
+def _escapes(parse: Callable[[bytes], Any], allowed: type[BaseException]) -> list[str]:
+    """The members of every family for which ``parse`` raised something not ``allowed``."""
+    out = []
+    for label, payload in payloads():
+        try:
+            parse(payload)
+        except allowed:
+            pass
+        except BaseException as err:  # RecursionError included: that is the bug
+            out.append(f"{label}: {type(err).__name__}: {str(err)[:80]}")
+    return out
+
+
+def test_hostile_payloads_only_ever_raise_unsafe_json_error_from_the_bounded_parser() -> None:
+    assert _escapes(lambda p: loads_bounded(p, max_bytes=MESSAGE_MAX_BYTES, max_depth=16),
+                    UnsafeJsonError) == []
+
+
+@pytest.mark.parametrize("payload, says", [
+    (b"[" * 5000, "nested deeper than the limit of 16 levels"),
+    (b'{"a":' * 17 + b"1" + b"}" * 17, "nested deeper"),
+    (b"[" * 16 + b"]" * 16 + b"x" * (MESSAGE_MAX_BYTES + 1), "over the limit of 131072"),
+    (b'{"a": "\xff"}', "not UTF-8"),
+    ('{"a": 1}'.encode("utf-16"), "not UTF-8"),
+    (b'{"counter": NaN}', "NaN is not a JSON value"),
+    (b'{"counter": -Infinity}', "-Infinity is not a JSON value"),
+    (b'{"counter": 1e999}', "out of range"),
+    (b'{"counter": ' + b"9" * 5000 + b"}", "not JSON"),
+    (b'{"a": 1', "not JSON"),
+])
+def test_each_hostile_class_is_refused_with_a_diagnosis(payload: bytes, says: str) -> None:
+    with pytest.raises(UnsafeJsonError, match=says) as err:
+        loads_bounded(payload, max_bytes=MESSAGE_MAX_BYTES, max_depth=16)
+    assert isinstance(err.value, ValueError) and "\n" not in str(err.value)
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
+    doc = {"note": "[[[[{{{{" * 1000 + '\\"]' + "]]]", "n": [[1]]}
+    assert loads_bounded(json.dumps(doc).encode(), max_bytes=MESSAGE_MAX_BYTES,
+                         max_depth=3) == doc
+    # Exactly at the limit is allowed.
+    assert loads_bounded(b"[" * 16 + b"]" * 16, max_bytes=64, max_depth=16) is not None
+
+
+def test_hostile_chunk_requests_are_dropped_as_transport_errors_by_the_responder() -> None:
+    assert _escapes(ChunkRequest.decode, TransportError) == []
+    with pytest.raises(TransportError, match="nested deeper"):
+        ChunkRequest.decode(b"[" * 5000)
+
+
+def test_hostile_desired_payloads_are_refused_as_deployment_errors() -> None:
+    key = CryptoSigner.generate_ed25519().public_key
+
+    def verify(p: bytes) -> None:
+        verify_deployment(p, key, device_id="d", fleet="lab")
+
+    assert _escapes(verify, DeploymentError) == []
+
+
+def test_hostile_state_reports_are_ignored_by_the_operators_watch() -> None:
+    def parse(p: bytes) -> None:
+        status = DeviceStatus.parse("d", p)
+        assert status is None or isinstance(status.deployment, int)
+
+    assert _escapes(parse, ()) == []
+
+
+def test_hostile_desired_payloads_never_break_the_agents_counter_peek() -> None:
+    def peek(p: bytes) -> None:
+        assert type(_claimed_counter(p)) is int
+
+    assert _escapes(peek, ()) == []
+    assert _claimed_counter(b'{"signed": {"counter": true}}') == -1
+    assert _claimed_counter(b'{"signed": {"counter": 7}}') == 7
+
+
+def test_every_family_is_exercised() -> None:
+    seen = {label.rsplit(" #", 1)[0] for label, _ in payloads(per_family=1)}
+    assert seen == set(FAMILIES)
