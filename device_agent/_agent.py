@@ -14,7 +14,7 @@ from typing import Any, cast
 
 from edge_sdk._fs import atomic_write_text
 from edge_sdk._json import MESSAGE_MAX_BYTES, MESSAGE_MAX_DEPTH, loads_bounded
-from edge_sdk.errors import EdgeError
+from edge_sdk.errors import EdgeError, InstallError
 
 from ._config import AgentConfig
 from ._install import ArtifactSource, Installer
@@ -29,6 +29,11 @@ log = logging.getLogger("device_agent")
 RUNTIME_FILE = "agent.json"
 
 SourceFactory = Callable[[AgentConfig, Any], ArtifactSource]
+
+
+class ThreadDiedError(InstallError):
+    """A thread the agent cannot work without has ended; the process exits non-zero so
+    that its service manager (systemd ``Restart=on-failure``) starts it again."""
 
 
 class Agent:
@@ -74,6 +79,8 @@ class Agent:
         self._desired_lock = threading.Lock()
         self._desired_ev = threading.Event()
         self._worker: threading.Thread | None = None
+        #: Why the worker thread ended, once it has (read by :meth:`run`).
+        self._worker_died: str | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -121,9 +128,26 @@ class Agent:
         self.start()
         try:
             while not done.wait(0.5):
-                pass
+                dead = self.dead_threads()
+                if dead:
+                    # A zombie agent (HTTP answering, no updates, no heartbeats) is worse
+                    # than a restart: no supervisor would ever notice it.
+                    log.critical("%s; exiting so that the agent is restarted", dead)
+                    raise ThreadDiedError(f"{dead}; the agent exits so that its service "
+                                          "manager restarts it")
         finally:
             self.stop()
+
+    def dead_threads(self) -> str | None:
+        """One line naming the agent threads that ended while the agent runs, or None."""
+        if self._stop.is_set():
+            return None
+        dead = []
+        if self._worker is not None and not self._worker.is_alive():
+            dead.append(f"the install worker thread died ({self._worker_died or 'no reason'})")
+        if not self.telemetry.alive:
+            dead.append("the telemetry thread died")
+        return "; ".join(dead) or None
 
     @property
     def url(self) -> str:
@@ -185,6 +209,13 @@ class Agent:
     # -- worker --------------------------------------------------------------------------
 
     def _work(self) -> None:
+        try:
+            self._work_loop()
+        except BaseException as err:
+            self._worker_died = f"{type(err).__name__}: {err}"
+            raise
+
+    def _work_loop(self) -> None:
         _lower_thread_priority()
         try:
             self.installer.resume()
@@ -193,32 +224,41 @@ class Agent:
         beat = self.config.telemetry.heartbeat_s
         next_beat = time.monotonic()
         while not self._stop.is_set():
-            now = time.monotonic()
-            if now >= next_beat:
-                self.telemetry.heartbeat(self._heartbeat())
-                next_beat = now + beat
-            if not self._desired_ev.wait(max(0.0, min(next_beat - now, 1.0))):
-                continue
-            self._desired_ev.clear()
-            with self._desired_lock:
-                pending, self._desired = self._desired, {}
-            # Newest first. A device that follows groups finds older documents retained
-            # on its other desired topics after every newer install; those are passed
-            # over quietly instead of being reported as refused replays each time (they
-            # are never installed either way). The claimed counter only orders the work:
-            # apply() verifies everything.
-            quiet = len(self._desired_topics) > 1
-            work = sorted(((_claimed_counter(p), t, p) for t, p in pending.items()),
-                          key=lambda w: -w[0])
-            for claimed, topic, payload in work:
-                if self._stop.is_set():
-                    break
-                installed = self.installer.state.deployment_version
-                if quiet and 0 <= claimed < installed:
-                    log.debug("deployment on %s superseded by #%d", topic, installed)
+            try:
+                now = time.monotonic()
+                if now >= next_beat:
+                    next_beat = now + beat
+                    self.telemetry.heartbeat(self._heartbeat())
+                if not self._desired_ev.wait(max(0.0, min(next_beat - now, 1.0))):
                     continue
-                self._apply(topic, payload)
-            self.metrics.queued_reports.set(len(self.outbox))
+                self._desired_ev.clear()
+                self._drain()
+            except Exception:
+                # No message may end this thread; whatever got here is a bug, and a reason
+                # to log loudly, not to stop taking updates and sending heartbeats.
+                log.exception("the worker failed on pending deployments; going on")
+                self._stop.wait(1.0)
+
+    def _drain(self) -> None:
+        with self._desired_lock:
+            pending, self._desired = self._desired, {}
+        # Newest first. A device that follows groups finds older documents retained
+        # on its other desired topics after every newer install; those are passed
+        # over quietly instead of being reported as refused replays each time (they
+        # are never installed either way). The claimed counter only orders the work:
+        # apply() verifies everything.
+        quiet = len(self._desired_topics) > 1
+        work = sorted(((_claimed_counter(p), t, p) for t, p in pending.items()),
+                      key=lambda w: -w[0])
+        for claimed, topic, payload in work:
+            if self._stop.is_set():
+                break
+            installed = self.installer.state.deployment_version
+            if quiet and 0 <= claimed < installed:
+                log.debug("deployment on %s superseded by #%d", topic, installed)
+                continue
+            self._apply(topic, payload)
+        self.metrics.queued_reports.set(len(self.outbox))
 
     def _apply(self, topic: str, payload: bytes) -> None:
         retry = False

@@ -43,7 +43,8 @@ from ._state import InstalledState, ModelRecord, StateStore
 
 log = logging.getLogger("device_agent")
 
-#: Test-only: kill the agent with SIGKILL when it reaches the named point.
+#: Test-only: kill the agent with SIGKILL when it reaches the named point; with a
+#: ``:thread`` suffix (``install_started:thread``) end only the thread that reached it.
 CRASH_ENV = "EDGE_SDK_AGENT_CRASH_AT"
 CRASH_POINTS = (
     "install_started", "fetched", "adopted", "loaded", "smoke_tested", "trial_saved",
@@ -52,8 +53,16 @@ CRASH_POINTS = (
 
 
 def crash_point(name: str) -> None:
-    if os.environ.get(CRASH_ENV) == name:
+    at = os.environ.get(CRASH_ENV)
+    if at == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    elif at == f"{name}:thread":
+        raise ThreadCrash(f"test crash point {name}")
+
+
+class ThreadCrash(BaseException):
+    """Test-only: ends the thread that reached a ``:thread`` crash point. A BaseException,
+    so that no ``except Exception`` on the way stops it, as with a real thread death."""
 
 
 @dataclass(frozen=True)

@@ -107,6 +107,12 @@ class Telemetry:
         self._thread: threading.Thread | None = None
         self.sent = 0
 
+    @property
+    def alive(self) -> bool:
+        """False once the sender thread has ended without :meth:`stop` (True before start)."""
+        t = self._thread
+        return t is None or t.is_alive() or self._stop.is_set()
+
     def attach(self, link: Link) -> None:
         self._link = link
         self._wake.set()

@@ -1,0 +1,109 @@
+"""Attacks and faults against a running agent: real agent subprocesses, a real Mosquitto,
+a real signed release repository and responder (the helpers of test_agent_e2e.py)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests._broker import Mosquitto
+from tests._hostile import payloads
+from tests.test_agent_e2e import AgentProc, Fleet, wait_for
+
+
+class Heartbeats:
+    """Counts each device's heartbeats (the e2e Fleet ignores them)."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.count: dict[str, int] = defaultdict(int)
+        self._lock = threading.Lock()
+        fleet.host.subscribe(fleet.topics.every_device("events"), self._on_event)
+
+    def _on_event(self, topic: str, payload: bytes) -> None:
+        if json.loads(payload).get("event") == "heartbeat":
+            with self._lock:
+                self.count[topic.split("/")[3]] += 1
+
+    def wait_more(self, device: str, n: int = 2, timeout: float = 30) -> None:
+        start = self.count[device]
+        wait_for(lambda: self.count[device] >= start + n, timeout,
+                 lambda: f"{device} sent {self.count[device] - start} heartbeats, not {n}")
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    tmp = tmp_path_factory.mktemp("agent-hostile")
+    with Mosquitto(tmp / "broker") as broker:
+        f = Fleet(tmp, broker)
+        for v in ("1", "2", "3"):
+            f.release(v)
+        f.heartbeats = Heartbeats(f)  # type: ignore[attr-defined]
+        yield f
+        f.close()
+
+
+@pytest.fixture()
+def agents() -> Iterator[list[AgentProc]]:
+    procs: list[AgentProc] = []
+    yield procs
+    for p in procs:
+        p.kill()
+
+
+def _agent(fleet: Fleet, tmp: Path, agents: list[AgentProc], device: str,
+           **kw: Any) -> AgentProc:
+    a = AgentProc(fleet, tmp, device, **kw)
+    agents.append(a)
+    return a
+
+
+def test_hostile_retained_desired_payloads_neither_stop_updates_nor_heartbeats(
+    fleet, tmp_path, agents
+) -> None:
+    beats = fleet.heartbeats
+    agent = _agent(fleet, tmp_path, agents, "hostile").start()
+    fleet.deploy("hostile", "1")
+    agent.wait_version("1")
+    # Every class of hostile payload, live; the last one stays retained on the topic.
+    sent = 0
+    for _label, payload in payloads(per_family=2, seed=5):
+        if payload:
+            fleet.publish_raw("hostile", payload)
+            sent += 1
+    fleet.publish_raw("hostile", b"[" * 5000)
+    beats.wait_more("hostile")
+    assert agent.proc is not None and agent.proc.poll() is None
+    # Retained, it arrives again at every start: the agent must live through that too.
+    agent.stop()
+    agent.start()
+    beats.wait_more("hostile")
+    assert agent.version() == "1"
+    fleet.deploy("hostile", "2")
+    agent.wait_version("2")
+    fleet.wait_event("hostile", "committed", "2")
+    beats.wait_more("hostile")
+    assert agent.proc.poll() is None and agent.infer() == ("2", 3.0)
+    log = agent.log.read_text()
+    assert "RecursionError" not in log and "Traceback" not in log
+
+
+def test_a_dead_worker_thread_takes_the_agent_process_down_for_a_restart(
+    fleet, tmp_path, agents
+) -> None:
+    agent = _agent(fleet, tmp_path, agents, "zombie")
+    agent.start(crash_at="install_started:thread")
+    fleet.deploy("zombie", "1")
+    assert agent.proc is not None
+    assert agent.proc.wait(30) == 1
+    lines = [ln for ln in agent.log.read_text().splitlines() if "exiting so that" in ln]
+    assert len(lines) == 1 and "install worker thread died (ThreadCrash" in lines[0]
+    # What systemd does next: a restart, which finishes the retained deployment.
+    agent.start()
+    agent.wait_version("1")
+    fleet.wait_event("zombie", "committed", "1")
