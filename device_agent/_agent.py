@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ from edge_sdk.errors import EdgeError, InstallError
 
 from ._config import AgentConfig
 from ._install import ArtifactSource, Installer
+from ._intake import DesiredInbox, Unverified, Verified
 from ._metrics import Metrics
 from ._server import HttpServer, InferenceApp
 from ._serving import ModelSlot, Served
@@ -72,8 +74,8 @@ class Agent:
             self.installer.source = cast(ArtifactSource, source)
         self.http: HttpServer | None = None
         self.connection: Any = None
-        # The newest raw document per desired topic (the device's own and its groups').
-        self._desired: dict[str, bytes] = {}
+        # Checked documents per desired topic (the device's own and its groups').
+        self._desired = DesiredInbox()
         self._desired_topics = [self.topics.desired(config.device_id),
                                 *(self.topics.group_desired(g) for g in config.groups)]
         self._desired_lock = threading.Lock()
@@ -198,8 +200,19 @@ class Agent:
     def _on_desired(self, topic: str, payload: bytes) -> None:
         if not payload:
             return  # a cleared retained message
-        with self._desired_lock:
-            self._desired[topic] = payload
+        # Checked before it is coalesced with what waits: an unverifiable message must never
+        # take the place of a signed deployment the worker has not got to yet.
+        try:
+            dep = self.installer.screen(payload)
+        except EdgeError as err:
+            item = Unverified(topic, hashlib.sha256(payload).hexdigest()[:32], len(payload),
+                              _claimed_counter(payload), str(err))
+            with self._desired_lock:
+                self._desired.refuse(item)
+        else:
+            with self._desired_lock:
+                if not self._desired.offer(Verified(topic, dep.version, payload)):
+                    log.debug("deployment #%d on %s: a newer one waits", dep.version, topic)
         self._desired_ev.set()
 
     def submit(self, payload: bytes) -> None:
@@ -241,29 +254,32 @@ class Agent:
 
     def _drain(self) -> None:
         with self._desired_lock:
-            pending, self._desired = self._desired, {}
-        # Newest first. A device that follows groups finds older documents retained
-        # on its other desired topics after every newer install; those are passed
-        # over quietly instead of being reported as refused replays each time (they
-        # are never installed either way). The claimed counter only orders the work:
-        # apply() verifies everything.
+            work, refused = self._desired.take()
+            dropped, self._desired.dropped = self._desired.dropped, 0
+        if dropped:
+            log.warning("%d unverifiable desired message(s) dropped unreported (too many "
+                        "arrived at once)", dropped)
+        for r in refused:
+            self.installer.refuse_unverified(r)
+        # Newest verified counter first. A device that follows groups finds older documents
+        # retained on its other desired topics after every newer install; those are passed
+        # over quietly instead of being reported as refused replays each time (they are
+        # never installed either way). apply() checks the rest (replays, downgrades).
         quiet = len(self._desired_topics) > 1
-        work = sorted(((_claimed_counter(p), t, p) for t, p in pending.items()),
-                      key=lambda w: -w[0])
-        for claimed, topic, payload in work:
+        for item in work:
             if self._stop.is_set():
                 break
             installed = self.installer.state.deployment_version
-            if quiet and 0 <= claimed < installed:
-                log.debug("deployment on %s superseded by #%d", topic, installed)
+            if quiet and item.counter < installed:
+                log.debug("deployment on %s superseded by #%d", item.topic, installed)
                 continue
-            self._apply(topic, payload)
+            self._apply(item)
         self.metrics.queued_reports.set(len(self.outbox))
 
-    def _apply(self, topic: str, payload: bytes) -> None:
+    def _apply(self, item: Verified) -> None:
         retry = False
         try:
-            retry = self.installer.apply(payload)
+            retry = self.installer.apply(item.payload, counter=item.counter)
         except Exception as err:  # the worker must survive anything a deployment does
             log.exception("install failed unexpectedly")
             self.telemetry.event("failed", stage="internal",
@@ -271,7 +287,7 @@ class Agent:
         if retry and not self._stop.wait(self.config.limits.retry_s):
             with self._desired_lock:
                 # Try again, unless a newer document arrived on that topic meanwhile.
-                self._desired.setdefault(topic, payload)
+                self._desired.offer(item)
             self._desired_ev.set()
 
     # -- reporting -----------------------------------------------------------------------
@@ -312,14 +328,14 @@ class Agent:
         self.metrics.queued_reports.set(len(self.outbox))
 
 
-def _claimed_counter(payload: bytes) -> int:
-    """The counter a raw deployment document says it has (unverified; -1 if unreadable)."""
+def _claimed_counter(payload: bytes) -> int | None:
+    """The counter a raw deployment document says it has (unverified; None if unreadable)."""
     try:
         doc = loads_bounded(payload, max_bytes=MESSAGE_MAX_BYTES, max_depth=MESSAGE_MAX_DEPTH)
         counter = doc["signed"]["counter"]
     except (ValueError, KeyError, TypeError):
-        return -1
-    return counter if isinstance(counter, int) and not isinstance(counter, bool) else -1
+        return None
+    return counter if isinstance(counter, int) and not isinstance(counter, bool) else None
 
 
 def _lower_thread_priority() -> None:

@@ -38,6 +38,7 @@ from edge_sdk.errors import (
 from edge_sdk.transport import SlowRetrievalError
 
 from ._config import AgentConfig
+from ._intake import Unverified
 from ._serving import ModelSlot, Served, SmokeTestError, smoke_test
 from ._state import InstalledState, ModelRecord, StateStore
 
@@ -130,6 +131,8 @@ class Installer:
         self.stop = stop or threading.Event()
         self.state = InstalledState()
         self._trial_pending = False
+        #: Digests of unverifiable messages already reported by this process.
+        self._unverified_seen: dict[str, None] = {}
 
     # -- boot ----------------------------------------------------------------------------
 
@@ -211,13 +214,48 @@ class Installer:
 
     # -- deployments ---------------------------------------------------------------------
 
-    def apply(self, payload: bytes) -> bool:
-        """Handle one raw ``desired`` message. Never raises for a bad deployment: it is
-        reported and the current model keeps serving. Returns True when the install failed
-        for a transient reason (broker or responder away) and should be tried again."""
+    def screen(self, payload: bytes) -> Deployment:
+        """The checks of a raw ``desired`` message that need no state (signature, fleet,
+        device, expiry), safe on the network thread. Raises :class:`VerificationError`
+        with the reason to report for anything that does not pass, whatever the cause."""
+        source = self.source
+        if source is None:
+            raise VerificationError("deployment not checked: no deployment source is set up")
+        try:
+            return source.verify_deployment(payload, last_version=None, installed=None)
+        except VerificationError as err:
+            raise VerificationError(f"deployment failed verification: {err}") from err
+        except EdgeError as err:
+            raise VerificationError(f"deployment rejected: {err}") from err
+        except Exception as err:  # a hostile message must not end the thread checking it
+            raise VerificationError(f"deployment could not be checked: "
+                                    f"{type(err).__name__}: {err}") from err
+
+    def refuse_unverified(self, item: Unverified) -> None:
+        """Report a message that failed :meth:`screen`, once per digest and process. It
+        names no deployment (its counter is not authentic), only the digest and size;
+        the installed state and the last deployment's outcome are left as they are."""
+        if item.digest in self._unverified_seen or item.digest in self.state.failed:
+            return  # a redelivery (retained message, reconnect)
+        self._unverified_seen[item.digest] = None
+        while len(self._unverified_seen) > 256:
+            self._unverified_seen.pop(next(iter(self._unverified_seen)))
+        log.warning("refused a desired message (sha256 %s…, %d bytes): %s", item.digest[:12],
+                    item.size, item.reason)
+        payload: dict[str, Any] = {"sha256": item.digest, "bytes": item.size}
+        if item.claimed is not None:
+            payload["claimed_counter"] = item.claimed
+        self._event("refused", payload=payload, reason=item.reason)
+
+    def apply(self, payload: bytes, *, counter: int | None = None) -> bool:
+        """Handle one raw ``desired`` message (``counter``: its verified counter, when
+        :meth:`screen` passed it). Never raises for a bad deployment: it is reported and
+        the current model keeps serving. Returns True when the install failed for a
+        transient reason (broker or responder away) and should be tried again."""
         if self.source is None:
             return False
         key = hashlib.sha256(payload).hexdigest()[:32]
+        size = len(payload)
         st = self.state
         if key == st.deployment_key or key in st.failed:
             return False  # a redelivery of what was already handled (retained message, reconnect)
@@ -227,15 +265,16 @@ class Installer:
                 payload, last_version=st.deployment_version or None,
                 installed=(cur.name, cur.version) if cur is not None else None)
         except VerificationError as err:
-            self._refuse(key, None, f"deployment failed verification: {err}")
+            self._refuse(key, size, counter, f"deployment failed verification: {err}")
             return False
         except EdgeError as err:
-            self._refuse(key, None, f"deployment rejected: {err}")
+            self._refuse(key, size, counter, f"deployment rejected: {err}")
             return False
         dep = replace(dep, key=key)
         if dep.version <= st.deployment_version:
-            self._refuse(key, dep, f"deployment version {dep.version} is not newer than the "
-                                   f"installed {st.deployment_version} (replayed or stale)")
+            self._refuse(key, size, dep, f"deployment version {dep.version} is not newer than "
+                                         f"the installed {st.deployment_version} (replayed or "
+                                         "stale)")
             return False
         cur = self.slot.current
         if cur is not None and dep.sha256 is not None and cur.record.sha256 == dep.sha256:
@@ -444,12 +483,19 @@ class Installer:
         self.store.clean_partial()
         self._event("failed", stage=stage, deployment=dep, reason=str(err))
 
-    def _refuse(self, key: str, dep: Deployment | None, reason: str) -> None:
+    def _refuse(self, key: str, size: int, dep: Deployment | int | None, reason: str) -> None:
+        """Refuse a message, naming the deployment when it is known (``dep``: the verified
+        deployment or its counter), and always its digest and size."""
         log.warning("refused a deployment: %s", reason)
-        self.state = replace(self.state.with_failed(key, reason),
-                             last_result=_result("refused", None, dep, reason))
+        counter = dep.version if isinstance(dep, Deployment) else dep
+        st = self.state.with_failed(key, reason)
+        if counter is not None:
+            st = replace(st, last_result=_result("refused", None, counter, reason))
+        self.state = st
         self.store.save(self.state)
-        self._event("refused", deployment=dep, reason=reason)
+        named = {"version": dep} if isinstance(dep, int) else dep
+        self._event("refused", deployment=named, payload={"sha256": key, "bytes": size},
+                    reason=reason)
 
     def _event(self, kind: str, **fields: Any) -> None:
         out: dict[str, Any] = {}
@@ -470,13 +516,14 @@ class _Interrupted(Exception):
     """The agent is stopping inside a health window."""
 
 
-def _result(outcome: str, model: ModelRecord | None, dep: Deployment | None,
+def _result(outcome: str, model: ModelRecord | None, dep: Deployment | int | None,
             reason: str | None = None) -> dict[str, Any]:
+    """``last_update`` of the state: what happened (``outcome``) to which deployment."""
     out: dict[str, Any] = {"result": outcome, "ts": time.time()}
     if model is not None:
         out["model"] = {"name": model.name, "version": model.version}
     if dep is not None:
-        out["deployment"] = dep.version
+        out["deployment"] = dep.version if isinstance(dep, Deployment) else dep
     if reason is not None:
         out["reason"] = reason
     return out

@@ -12,6 +12,7 @@ import pytest
 from securesystemslib.signer import CryptoSigner
 
 from device_agent._agent import _claimed_counter
+from device_agent._intake import DesiredInbox, Unverified, Verified
 from edge_sdk._json import MESSAGE_MAX_BYTES, UnsafeJsonError, loads_bounded
 from edge_sdk.errors import TransportError
 from edge_sdk.release import DeviceStatus
@@ -89,11 +90,49 @@ def test_hostile_state_reports_are_ignored_by_the_operators_watch() -> None:
 
 def test_hostile_desired_payloads_never_break_the_agents_counter_peek() -> None:
     def peek(p: bytes) -> None:
-        assert type(_claimed_counter(p)) is int
+        c = _claimed_counter(p)
+        assert c is None or type(c) is int
 
     assert _escapes(peek, ()) == []
-    assert _claimed_counter(b'{"signed": {"counter": true}}') == -1
+    assert _claimed_counter(b'{"signed": {"counter": true}}') is None
     assert _claimed_counter(b'{"signed": {"counter": 7}}') == 7
+
+
+def _garbage(n: int) -> Unverified:
+    return Unverified("t", f"{n:032x}", 16, None, "deployment is not JSON")
+
+
+def test_unverifiable_message_never_displaces_a_pending_signed_deployment() -> None:
+    inbox = DesiredInbox()
+    assert inbox.offer(Verified("t", 8, b"signed #8"))
+    inbox.refuse(_garbage(1))
+    inbox.refuse(Unverified("t", "f" * 32, 90, 99, "not signed by the trusted key"))
+    work, refused = inbox.take()
+    assert [w.payload for w in work] == [b"signed #8"]
+    assert [r.digest for r in refused] == [f"{1:032x}", "f" * 32]
+    assert not inbox
+
+
+def test_replayed_older_signed_deployment_does_not_displace_a_newer_pending_one() -> None:
+    inbox = DesiredInbox()
+    inbox.offer(Verified("t", 8, b"#8"))
+    assert not inbox.offer(Verified("t", 5, b"#5 replayed"))
+    assert inbox.offer(Verified("t", 9, b"#9"))
+    inbox.offer(Verified("group", 3, b"#3 of a group"))
+    work, _ = inbox.take()
+    assert [w.payload for w in work] == [b"#9", b"#3 of a group"]
+
+
+def test_a_flood_of_garbage_is_reported_boundedly_and_leaves_signed_work_alone() -> None:
+    inbox = DesiredInbox(max_refusals=4)
+    inbox.offer(Verified("t", 8, b"#8"))
+    for i in range(1000):
+        inbox.refuse(_garbage(i))
+    inbox.refuse(_garbage(999))  # a redelivery is one report, not two
+    work, refused = inbox.take()
+    assert [w.counter for w in work] == [8]
+    assert [r.digest for r in refused] == [f"{i:032x}" for i in (996, 997, 998, 999)]
+    assert inbox.dropped == 996
 
 
 def test_every_family_is_exercised() -> None:
