@@ -3,6 +3,7 @@ a real signed release repository and responder (the helpers of test_agent_e2e.py
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from collections import defaultdict
@@ -12,9 +13,10 @@ from typing import Any
 
 import pytest
 
+from edge_sdk.release import DeploymentWatch, create_deployment, publish_deployment
 from tests._broker import Mosquitto
 from tests._hostile import payloads
-from tests.test_agent_e2e import AgentProc, Fleet, wait_for
+from tests.test_agent_e2e import FLEET, AgentProc, Fleet, wait_for
 
 
 class Heartbeats:
@@ -107,3 +109,44 @@ def test_a_dead_worker_thread_takes_the_agent_process_down_for_a_restart(
     agent.start()
     agent.wait_version("1")
     fleet.wait_event("zombie", "committed", "1")
+
+
+def test_garbage_after_a_pending_signed_deployment_neither_displaces_nor_fails_it(
+    fleet, tmp_path, agents
+) -> None:
+    dev = "displace"
+    agent = _agent(fleet, tmp_path, agents, dev, window_s=4.0).start()
+    fleet.deploy(dev, "1")
+    fleet.wait_event(dev, "committed", "1")
+    fleet.deploy(dev, "2")
+    fleet.wait_event(dev, "swapped", "2")  # the worker is now inside v2's health window
+    sd = create_deployment(fleet.repo, model="adder", fleet=FLEET, version="3", devices=[dev])
+    garbage = b"\x00garbage\xff{[\x01" + b"]" * 4
+    assert len(garbage) == 16
+    with DeploymentWatch(fleet.host, sd.deployment.counter, devices=[dev],
+                         document=sd.document) as watch:
+        publish_deployment(fleet.host, sd)
+        fleet.publish_raw(dev, garbage)  # same topic, newer, unsigned
+        outcomes = watch.wait(60)
+    assert [(o.result, o.model) for o in outcomes] == [("committed", "adder 3")]
+    assert agent.version() == "3"
+    refused = wait_for(lambda: [e for e in fleet.events[dev] if e["event"] == "refused"])
+    assert len(refused) == 1 and "deployment" not in refused[0]
+    assert refused[0]["payload"] == {"sha256": hashlib.sha256(garbage).hexdigest()[:32],
+                                     "bytes": 16}
+
+
+def test_a_refusal_of_the_watched_document_itself_fails_the_watch(fleet, tmp_path,
+                                                                  agents) -> None:
+    dev = "forged"
+    _agent(fleet, tmp_path, agents, dev).start()
+    sd = create_deployment(fleet.repo, model="adder", fleet=FLEET, version="1", devices=[dev])
+    doc = json.loads(sd.document)
+    doc["signed"]["version"] = "2"  # changed after signing: the device cannot verify it
+    forged = json.dumps(doc).encode()
+    with DeploymentWatch(fleet.host, sd.deployment.counter, devices=[dev],
+                         document=forged) as watch:
+        fleet.publish_raw(dev, forged)
+        outcomes = watch.wait(60)
+    assert outcomes[0].result == "refused"
+    assert "not signed by the trusted deployment key" in (outcomes[0].reason or "")

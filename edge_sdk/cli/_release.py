@@ -200,7 +200,8 @@ def deploy_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...], mod
         counter = signed.deployment.counter
         # Subscribed before publishing, so no report can come before we listen.
         watch = DeploymentWatch(conn, counter, devices=devices, groups=groups,
-                                progress=_show_progress) if wait else None
+                                progress=_show_progress, document=signed.document) \
+            if wait else None
         try:
             topics = publish_deployment(conn, signed)
             click.echo(f"deployed {signed.deployment.describe()} on {', '.join(topics)}")

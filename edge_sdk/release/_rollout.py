@@ -186,7 +186,7 @@ def _deploy_and_wait(repo: Repository, connection: MqttConnection, t: Topics, na
                          "counter": counter, "version": version, "rollback": rollback})
     waited = list(devices if wait_for is None else wait_for)
     with DeploymentWatch(connection, counter, devices=waited, progress=progress,
-                         topics=t) as watch:
+                         topics=t, document=signed.document) as watch:
         publish_deployment(connection, signed, topics=t)
         outcomes = watch.wait(cfg.wave_timeout) if waited else []
     # Devices not waited for (offline) find the document retained when they return.

@@ -10,6 +10,7 @@ deployment is published so that no report can slip past it.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -158,12 +159,20 @@ class DeploymentWatch:
     Create it (it subscribes) before publishing the deployment, then call
     :meth:`wait`. Group members are the devices whose retained state lists the group.
     ``progress(device, event)`` is called for each event of this deployment.
+
+    A refusal counts against this deployment only when it names it: by its verified
+    counter, or — for a message the device could not verify, whose claimed counter
+    means nothing — by the digest of ``document``, the exact bytes published. Refusals
+    of other messages (garbage someone else put on the topic) are not this deployment's.
     """
 
     def __init__(self, connection: MqttConnection, counter: int, *,
                  devices: Iterable[str] = (), groups: Iterable[str] = (),
-                 progress: Progress | None = None, topics: Topics | None = None) -> None:
+                 progress: Progress | None = None, topics: Topics | None = None,
+                 document: bytes | None = None) -> None:
         self.counter = counter
+        #: How agents name the published document in refusals (sha256, 32 hex digits).
+        self.digest = None if document is None else hashlib.sha256(document).hexdigest()[:32]
         self.devices = set(devices)
         self.groups = set(groups)
         self._progress = progress
@@ -227,13 +236,15 @@ class DeploymentWatch:
         device = _device_of(topic)
         dep = doc.get("deployment")
         counter = _int(dep.get("version")) if isinstance(dep, dict) else None
+        sent = doc.get("payload")
+        digest = sent.get("sha256") if isinstance(sent, dict) else None
         kind = doc.get("event")
         with self._changed:
             if device not in self._targets():
                 return
-            mine = counter == self.counter
-            # A document that fails verification is refused before its counter is known.
-            if not mine and not (kind == "refused" and counter is None):
+            mine = counter == self.counter or (
+                kind == "refused" and self.digest is not None and digest == self.digest)
+            if not mine:
                 return
             # ``retry``: a transient failure (broker or responder away); the agent goes on.
             if kind in FAILED_RESULTS and not doc.get("retry") and device not in self.outcomes:
