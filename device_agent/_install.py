@@ -148,10 +148,12 @@ class Installer:
                     state.trial_boots >= self.config.health.max_restarts:
                 reason = (f"the agent stopped {state.trial_boots + 1} time(s) during the health "
                           f"window of {state.current.label()}")
+                bad, counter = state.current, _trial_counter(state)
                 state = self._rolled_back_state(state, reason)
                 self.store.save(state)
                 crash_point("rollback_saved")
-                self._event("rolled_back", model=state.current, reason=reason)
+                self._event("rolled_back", deployment=_named(counter), model=bad,
+                            restored=state.current, reason=reason)
             else:
                 state = replace(state, trial_boots=state.trial_boots + 1)
                 self.store.save(state)
@@ -171,10 +173,12 @@ class Installer:
             if which == "previous":
                 reason = f"current model {state.current.label() if state.current else '?'} " \
                          "failed verification at boot"
+                broken, counter = state.current, _trial_counter(state)
                 state = self._rolled_back_state(state, reason)
                 self.store.save(state)
                 self._trial_pending = False
-                self._event("rolled_back", model=rec, reason=reason)
+                self._event("rolled_back", deployment=_named(counter), model=broken,
+                            restored=rec, reason=reason)
             break
         if served is None and (state.current or state.previous):
             state = replace(state, current=None, previous=None, phase="committed")
@@ -278,7 +282,11 @@ class Installer:
             return False
         cur = self.slot.current
         if cur is not None and dep.sha256 is not None and cur.record.sha256 == dep.sha256:
-            self.state = replace(st, deployment_version=dep.version, deployment_key=dep.key)
+            # Accepted without an install: the device already serves that model. The state
+            # says so for this deployment, so that nobody has to infer it.
+            self.state = replace(st, deployment_version=dep.version, deployment_key=dep.key,
+                                 last_result=_result("committed", cur.record, dep,
+                                                     "already serving this model"))
             self.store.save(self.state)
             self.reporter.state_changed()
             return False
@@ -348,12 +356,15 @@ class Installer:
             reason = self._health_window(served)
         except _Interrupted:
             return
+        # After a restart inside the trial the deployment is known by its counter only.
+        which: Deployment | int | None = dep if dep is not None else _trial_counter(self.state)
+        named = _named(which)
         if reason is None:
             self.state = replace(self.state, phase="committed", trial_boots=0,
-                                 last_result=_result("committed", served.record, dep))
+                                 last_result=_result("committed", served.record, which))
             self.store.save(self.state)
             crash_point("committed")
-            self._event("committed", deployment=dep, model=served.record)
+            self._event("committed", deployment=named, model=served.record)
             self.store.clean(self.state)
             self.store.clean_partial()
             crash_point("cleaned")
@@ -362,9 +373,9 @@ class Installer:
         if prev is None:
             # Nothing to go back to: keep serving rather than serve nothing.
             self.state = replace(self.state, phase="committed", trial_boots=0,
-                                 last_result=_result("failed", served.record, dep, reason))
+                                 last_result=_result("failed", served.record, which, reason))
             self.store.save(self.state)
-            self._event("failed", stage="health", deployment=dep, model=served.record,
+            self._event("failed", stage="health", deployment=named, model=served.record,
                         reason=f"{reason}; no previous model to restore, keeping it")
             return
         restore = old
@@ -380,7 +391,7 @@ class Installer:
         self.state = self._rolled_back_state(self.state, reason)
         self.store.save(self.state)
         crash_point("rollback_saved")
-        self._event("rolled_back", deployment=dep, model=served.record, restored=prev,
+        self._event("rolled_back", deployment=named, model=served.record, restored=prev,
                     reason=reason)
         self.store.clean(self.state)
         self.store.clean_partial()
@@ -465,9 +476,12 @@ class Installer:
         return synthetic_inputs(served.predictor.inputs)
 
     def _rolled_back_state(self, state: InstalledState, reason: str) -> InstalledState:
+        """Back to the previous model; ``last_result`` names the trial's deployment, so the
+        state itself says that deployment was rolled back (the event may come later)."""
         bad = state.current
         new = replace(state, current=state.previous, previous=None, phase="committed",
-                      trial_boots=0, last_result=_result("rolled_back", bad, None, reason))
+                      trial_boots=0,
+                      last_result=_result("rolled_back", bad, _trial_counter(state), reason))
         if bad is not None and bad.deployment is not None:
             new = new.with_failed(bad.deployment, reason)
         return new
@@ -493,8 +507,7 @@ class Installer:
             st = replace(st, last_result=_result("refused", None, counter, reason))
         self.state = st
         self.store.save(self.state)
-        named = {"version": dep} if isinstance(dep, int) else dep
-        self._event("refused", deployment=named, payload={"sha256": key, "bytes": size},
+        self._event("refused", deployment=_named(dep), payload={"sha256": key, "bytes": size},
                     reason=reason)
 
     def _event(self, kind: str, **fields: Any) -> None:
@@ -510,6 +523,16 @@ class Installer:
         self.reporter.event(kind, **out)
         if kind in ("swapped", "committed", "rolled_back", "failed", "refused"):
             self.reporter.state_changed()
+
+
+def _trial_counter(state: InstalledState) -> int | None:
+    """The counter of the deployment under trial (the trial state records it), if any."""
+    return state.deployment_version or None if state.phase == "trial" else None
+
+
+def _named(dep: Deployment | int | None) -> Deployment | dict[str, int] | None:
+    """How an event names a deployment known only by its counter."""
+    return {"version": dep} if isinstance(dep, int) else dep
 
 
 class _Interrupted(Exception):

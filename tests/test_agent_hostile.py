@@ -16,7 +16,7 @@ import pytest
 from edge_sdk.release import DeploymentWatch, create_deployment, publish_deployment
 from tests._broker import Mosquitto
 from tests._hostile import payloads
-from tests.test_agent_e2e import FLEET, AgentProc, Fleet, wait_for
+from tests.test_agent_e2e import FLEET, AgentProc, Fleet, _cli, wait_for
 
 
 class Heartbeats:
@@ -150,3 +150,45 @@ def test_a_refusal_of_the_watched_document_itself_fails_the_watch(fleet, tmp_pat
         outcomes = watch.wait(60)
     assert outcomes[0].result == "refused"
     assert "not signed by the trusted deployment key" in (outcomes[0].reason or "")
+
+
+class _TunedAgent(AgentProc):
+    """An agent whose [health] section gets extra lines (``health``)."""
+
+    health = ""
+
+    def write_config(self, window_s: float) -> None:
+        super().write_config(window_s)
+        text = self.config.read_text()
+        self.config.write_text(text.replace("[health]\n", f"[health]\n{self.health}"))
+
+
+def test_deploy_wait_reports_a_model_rolled_back_after_its_health_window_as_failed(
+    fleet, tmp_path, agents, capsys
+) -> None:
+    from edge_sdk.cli import main
+
+    dev = "w-rollback"
+    agent = _TunedAgent(fleet, tmp_path, dev)
+    agents.append(agent)
+    agent.start()
+    fleet.deploy(dev, "1")
+    fleet.wait_event(dev, "committed", "1")
+    # Any real model is slower than 1 ns at p99: the next one fails its health window
+    # after the swap and is rolled back.
+    agent.stop()
+    agent.health = "max_p99_ms = 0.000001\n"
+    agent.write_config(window_s=0.5)
+    agent.start()
+    code = main(_cli(fleet, "deploy", "--model", "adder", "--version", "2", "--device", dev,
+                     "--wait", "--timeout", "60"))
+    out, err = capsys.readouterr()
+    assert code == 3, out + err
+    assert any(line.split()[:2] == [dev, "rolled_back"] for line in out.splitlines()), out
+    last = err.strip().splitlines()[-1]
+    assert f"{dev} rolled_back" in last and "p99 latency" in last
+    assert "committed on all" not in out
+    assert agent.infer() == ("1", 2.0)
+    state = wait_for(lambda: (s := fleet.states.get(dev)) and s["last_update"]["result"]
+                     == "rolled_back" and s)
+    assert state["last_update"]["deployment"] == state["deployment"]

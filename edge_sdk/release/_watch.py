@@ -216,14 +216,13 @@ class DeploymentWatch:
             self.states[status.device] = status
             if status.device not in self._targets() or status.device in self.outcomes:
                 return
+            # The state names the deployment its last result is about; nothing else
+            # (phase, counter, the order of messages) says what became of this one.
             if status.last_deployment == self.counter and (
                     status.last_result == COMMITTED or status.last_result in FAILED_RESULTS):
+                reason = None if status.last_result == COMMITTED else status.last_reason
                 self.outcomes[status.device] = Outcome(status.device, status.last_result,
-                                                       status.last_reason, status.model)
-            elif status.deployment == self.counter and status.phase == COMMITTED:
-                # Accepted without an install: the device already served that model.
-                self.outcomes[status.device] = Outcome(status.device, COMMITTED, None,
-                                                       status.model)
+                                                       reason, status.model)
             self._changed.notify_all()
 
     def _on_event(self, topic: str, payload: bytes) -> None:
