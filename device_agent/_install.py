@@ -333,6 +333,12 @@ class Installer:
         except (EdgeError, SmokeTestError, OSError) as err:
             self._fail(dep, stage, err)
             return False
+        except Exception as err:
+            # Unforeseen, but still this deployment's failure: recorded as failed (so not
+            # retried on every reconnect) and reported with its stage, not as "internal".
+            log.exception("install of %s failed unexpectedly at %s", dep.label(), stage)
+            self._fail(dep, stage, RuntimeError(f"{type(err).__name__}: {err}"))
+            return False
         old = self.slot.current
         st = self.state
         self.state = replace(
@@ -461,7 +467,11 @@ class Installer:
         return served
 
     def _smoke(self, served: Served) -> None:
-        smoke_test(served, self._sample_inputs(served), warmup=self.config.limits.warmup_runs)
+        try:
+            inputs = self._sample_inputs(served)
+        except (EdgeError, OSError, ValueError) as err:
+            raise SmokeTestError(f"cannot read the sample: {err}") from err
+        smoke_test(served, inputs, warmup=self.config.limits.warmup_runs)
 
     def _sample_inputs(self, served: Served) -> Mapping[str, Any]:
         art_dir = self.store.model_dir(served.record)

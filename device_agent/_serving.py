@@ -107,12 +107,18 @@ class ModelSlot:
 def smoke_test(served: Served, inputs: Mapping[str, Any], *, warmup: int = 0) -> None:
     """Run ``inputs`` through the model; raise :class:`SmokeTestError` unless every
     output is finite and has the rank and fixed dims of its signature."""
-    for _ in range(warmup):
-        served.predictor.predict(inputs)
+    # Warm-up is part of the test: a model that cannot run its own sample fails here,
+    # reported against its deployment, whatever the runtime raised.
+    for i in range(warmup):
+        try:
+            served.predictor.predict(inputs)
+        except Exception as err:
+            raise SmokeTestError(f"warm-up run {i + 1} of {warmup} on the sample failed: "
+                                 f"{_first_line(err)}") from err
     try:
         out = served.predictor.predict(inputs)
     except Exception as err:
-        raise SmokeTestError(f"running the sample failed: {type(err).__name__}: {err}") from err
+        raise SmokeTestError(f"running the sample failed: {_first_line(err)}") from err
     for spec in served.predictor.outputs:
         arr = out.get(spec.name)
         if arr is None:
@@ -139,6 +145,11 @@ def smoke_test(served: Served, inputs: Mapping[str, Any], *, warmup: int = 0) ->
                 raise SmokeTestError(
                     f"output '{spec.name}' is {spec.dtype}, the manifest says {want.dtype}"
                 )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"[:300]
 
 
 class SmokeTestError(Exception):

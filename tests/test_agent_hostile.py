@@ -11,9 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
+import edge_sdk
 from edge_sdk.release import DeploymentWatch, create_deployment, publish_deployment
+from tests import _models
 from tests._broker import Mosquitto
 from tests._hostile import payloads
 from tests.test_agent_e2e import FLEET, AgentProc, Fleet, _cli, wait_for
@@ -192,3 +195,47 @@ def test_deploy_wait_reports_a_model_rolled_back_after_its_health_window_as_fail
     state = wait_for(lambda: (s := fleet.states.get(dev)) and s["last_update"]["result"]
                      == "rolled_back" and s)
     assert state["last_update"]["deployment"] == state["deployment"]
+
+
+def _release(fleet: Fleet, src: Path, name: str, version: str,
+             sample: dict[str, np.ndarray] | None) -> None:
+    art = edge_sdk.build_artifact(src, fleet.arts / f"{name}-{version}", name=name,
+                                  version=version, sample=sample)
+    fleet.repo.add_artifact(art.path)
+
+
+def test_model_failing_its_own_sample_in_warm_up_fails_its_deployment_once(
+    fleet, tmp_path, agents, capsys
+) -> None:
+    from edge_sdk.cli import main
+
+    dev = "warmup"
+    fleet.arts.mkdir(exist_ok=True)
+    # Its own sample is a batch of 2, which its Reshape cannot take: onnxruntime raises
+    # in the first warm-up run.
+    src = _models.batch1_only_model(fleet.arts / "adder-20.onnx")
+    _release(fleet, src, "adder", "20", {"x": np.zeros((2, 4), np.float32)})
+    agent = _agent(fleet, tmp_path, agents, dev).start()
+    fleet.deploy(dev, "1")
+    fleet.wait_event(dev, "committed", "1")
+    code = main(_cli(fleet, "deploy", "--model", "adder", "--version", "20", "--device", dev,
+                     "--wait", "--timeout", "60"))
+    out, err = capsys.readouterr()
+    assert code == 3, out + err
+    last = err.strip().splitlines()[-1]
+    assert f"{dev} failed" in last and "warm-up run 1" in last, last
+    wait_for(lambda: "failed" in fleet.kinds(dev), 10)  # the state goes out before it
+    failed = fleet.last(dev, "failed")
+    assert failed["stage"] == "smoke_test" and failed["deployment"]["artifact_version"] == "20"
+    assert "internal" not in [e.get("stage") for e in fleet.events[dev]]
+    assert agent.infer() == ("1", 2.0)
+
+    def installs() -> int:
+        return sum(1 for e in fleet.events[dev] if e["event"] == "install_started"
+                   and e["deployment"]["artifact_version"] == "20")
+
+    # Reconnects and restarts bring the retained deployment back: it is not tried again.
+    agent.stop()
+    agent.start()
+    fleet.heartbeats.wait_more(dev, 2)
+    assert installs() == 1 and agent.infer() == ("1", 2.0)
