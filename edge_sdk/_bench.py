@@ -59,7 +59,8 @@ def synthetic_inputs(
     ``other``, unless ``dims`` names their size.
 
     Float inputs are standard normal, integer inputs small non-negative values
-    (valid token ids / indices for most models).
+    (valid token ids / indices for most models), string inputs short ASCII words,
+    booleans random; every other dtype is zeros.
     """
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
@@ -72,7 +73,12 @@ def synthetic_inputs(
                 shape.append(dims[d])
             else:
                 shape.append(batch if i == 0 else other)
-        dt = np.dtype("float32" if spec.dtype == "str" else spec.dtype)
+        if spec.dtype == "str":
+            # onnxruntime takes string tensors as numpy object arrays of str.
+            words = np.array(["a", "the", "edge", "model"], dtype=object)
+            out[spec.name] = words[rng.integers(0, len(words), shape)]
+            continue
+        dt = np.dtype(spec.dtype)
         if dt.kind == "f":
             out[spec.name] = rng.standard_normal(shape).astype(dt)
         elif dt.kind == "b":

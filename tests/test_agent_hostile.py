@@ -197,6 +197,25 @@ def test_deploy_wait_reports_a_model_rolled_back_after_its_health_window_as_fail
     assert state["last_update"]["deployment"] == state["deployment"]
 
 
+def _string_model(path: Path) -> Path:
+    """score float32 [batch] from text string [batch] (a lookup): a string-input model."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("text", TensorProto.STRING, ["batch"])
+    y = helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch"])
+    node = helper.make_node("LabelEncoder", ["text"], ["score"], domain="ai.onnx.ml",
+                            keys_strings=["the", "edge"], values_floats=[1.0, 2.0],
+                            default_float=0.0)
+    model = helper.make_model(
+        helper.make_graph([node], "words", [x], [y]),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 2)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
 def _release(fleet: Fleet, src: Path, name: str, version: str,
              sample: dict[str, np.ndarray] | None) -> None:
     art = edge_sdk.build_artifact(src, fleet.arts / f"{name}-{version}", name=name,
@@ -239,3 +258,19 @@ def test_model_failing_its_own_sample_in_warm_up_fails_its_deployment_once(
     agent.start()
     fleet.heartbeats.wait_more(dev, 2)
     assert installs() == 1 and agent.infer() == ("1", 2.0)
+
+
+def test_string_input_model_without_a_sample_passes_its_smoke_test_and_commits(
+    fleet, tmp_path, agents, capsys
+) -> None:
+    from edge_sdk.cli import main
+
+    dev = "words"
+    fleet.arts.mkdir(exist_ok=True)
+    _release(fleet, _string_model(fleet.arts / "words-1.onnx"), "words", "1", None)
+    _agent(fleet, tmp_path, agents, dev).start()
+    code = main(_cli(fleet, "deploy", "--model", "words", "--version", "1", "--device", dev,
+                     "--wait", "--timeout", "60"))
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
+    assert "committed on all 1 device(s)" in out
