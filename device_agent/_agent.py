@@ -21,7 +21,8 @@ from ._config import AgentConfig
 from ._install import ArtifactSource, Installer
 from ._intake import DesiredInbox, Unverified, Verified
 from ._metrics import Metrics
-from ._server import HttpServer, InferenceApp
+from ._protocol import InferenceApp
+from ._server import HttpServer
 from ._serving import ModelSlot, Served
 from ._state import StateStore
 from ._telemetry import Outbox, Telemetry

@@ -1,0 +1,229 @@
+"""The Open Inference Protocol (KServe v2) routes, independent of any socket.
+
+:meth:`InferenceApp.handle` takes a method, a path, lower-cased headers and a
+body and returns (status, content type, body, extra headers), so the whole
+protocol is testable without a server.
+
+A request the client got wrong is answered 4xx with ``{"error": "..."}`` that
+says what was expected; only a fault of the model itself is 5xx.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from edge_sdk import __version__
+from edge_sdk.errors import InputError
+
+from ._codec import HttpError, datatype_of, decode_tensor, encode_response, split_body
+from ._config import HttpConfig
+from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ._metrics import Metrics
+from ._serving import ModelSlot, Served
+
+log = logging.getLogger("device_agent.http")
+
+_PLATFORM = {"onnx": "onnxruntime_onnx", "ort": "onnxruntime_onnx", "tflite": "tensorflow_lite"}
+_JSON = "application/json"
+
+
+class InferenceApp:
+    """The protocol logic, independent of the socket layer."""
+
+    def __init__(self, slot: ModelSlot, metrics: Metrics, config: HttpConfig) -> None:
+        self.slot = slot
+        self.metrics = metrics
+        self.config = config
+        self._sem = threading.BoundedSemaphore(config.max_inflight)
+        self._children: dict[str, tuple[Any, Any, Any, Any]] = {}
+
+    # -- dispatch ------------------------------------------------------------------------
+
+    def handle(self, method: str, path: str, headers: Mapping[str, str],
+               body: bytes) -> tuple[int, str, bytes, dict[str, str]]:
+        """Return (status, content type, body, extra headers). ``headers`` has lower-case
+        names."""
+        path = path.split("?", 1)[0]
+        parts = [p for p in path.split("/") if p]
+        try:
+            if parts[:1] == ["v2"]:
+                return self._v2(method, parts[1:], headers, body)
+            if parts == ["metrics"] and method == "GET":
+                return 200, METRICS_CONTENT_TYPE, self.metrics.render(), {}
+            raise HttpError(404, f"no route {method} {path} (see /v2/health/ready, "
+                                 "/v2/models/{name}/infer, /metrics)")
+        except HttpError as err:
+            self.metrics.errors.labels(str(err.status)).inc()
+            return err.status, _JSON, json.dumps({"error": str(err)}).encode(), {}
+
+    def _v2(self, method: str, parts: list[str], headers: Mapping[str, str],
+            body: bytes) -> tuple[int, str, bytes, dict[str, str]]:
+        cur = self.slot.current
+        if not parts:
+            _method(method, "GET")
+            return _ok({"name": "edge-sdk-agent", "version": __version__,
+                        "extensions": ["binary_tensor_data"]})
+        if parts[0] == "health" and len(parts) == 2 and parts[1] in ("live", "ready"):
+            _method(method, "GET")
+            if parts[1] == "ready" and cur is None:
+                return 503, _JSON, b'{"error": "no model installed yet"}', {}
+            return 200, _JSON, b"", {}
+        if parts[0] != "models" or len(parts) < 2:
+            raise HttpError(404, f"no route /v2/{'/'.join(parts)}")
+        name, rest = parts[1], parts[2:]
+        version: str | None = None
+        if rest[:1] == ["versions"]:
+            if len(rest) < 2:
+                raise HttpError(404, "missing version after /versions/")
+            version, rest = rest[1], rest[2:]
+        served = self._model(cur, name, version)
+        if not rest:
+            _method(method, "GET")
+            return _ok(self._metadata(served))
+        if rest == ["ready"]:
+            _method(method, "GET")
+            return 200, _JSON, b"", {}
+        if rest == ["infer"]:
+            _method(method, "POST")
+            return self._infer(served, headers, body)
+        raise HttpError(404, f"no route /v2/models/{name}/{'/'.join(rest)}")
+
+    def _model(self, cur: Served | None, name: str, version: str | None) -> Served:
+        if cur is None:
+            raise HttpError(404, f"model '{name}' is not available: no model installed yet")
+        if name != cur.name:
+            raise HttpError(404, f"unknown model '{name}'; this agent serves '{cur.name}'")
+        if version is not None and version != cur.version:
+            raise HttpError(404, f"model '{name}' version '{version}' is not served; the "
+                                 f"current version is '{cur.version}'")
+        return cur
+
+    def _metadata(self, served: Served) -> dict[str, Any]:
+        p = served.predictor
+
+        def spec(s: Any) -> dict[str, Any]:
+            return {"name": s.name, "datatype": datatype_of(s.dtype),
+                    "shape": [d if isinstance(d, int) else -1 for d in s.shape]}
+
+        return {"name": served.name, "versions": [served.version],
+                "platform": _PLATFORM.get(p.format, p.format),
+                "inputs": [spec(s) for s in p.inputs], "outputs": [spec(s) for s in p.outputs]}
+
+    # -- infer ---------------------------------------------------------------------------
+
+    def _children_for(self, name: str) -> tuple[Any, Any, Any, Any]:
+        ch = self._children.get(name)
+        if ch is None:
+            m = self.metrics
+            ch = (m.requests.labels(name, "ok"), m.requests.labels(name, "bad_request"),
+                  m.requests.labels(name, "error"), m.latency.labels(name))
+            self._children[name] = ch
+        return ch
+
+    def _infer(self, served: Served, headers: Mapping[str, str],
+               body: bytes) -> tuple[int, str, bytes, dict[str, str]]:
+        ok_c, bad_c, err_c, hist = self._children_for(served.name)
+        if not self._sem.acquire(timeout=self.config.queue_timeout_s):
+            bad_c.inc()
+            raise HttpError(429, f"more than {self.config.max_inflight} requests in flight for "
+                                 f"{self.config.queue_timeout_s:g} s; retry later")
+        t0 = time.perf_counter()
+        try:
+            try:
+                request, blobs = split_body(headers, body)
+                feed, binary_out, wanted, req_id = self._decode(served, request, blobs)
+                try:
+                    outputs = served.predict(feed)
+                except InputError as err:
+                    raise HttpError(400, str(err)) from err
+                except Exception as err:
+                    err_c.inc()
+                    log.error("model %s failed on a valid request: %s", served.name, err)
+                    self.metrics.errors.labels("500").inc()
+                    msg = f"model '{served.name}' failed: {type(err).__name__}: {err}"
+                    return 500, _JSON, json.dumps({"error": " ".join(msg.split())}).encode(), {}
+            except HttpError:
+                bad_c.inc()
+                raise
+            result = encode_response(served.name, served.version, outputs, binary_out,
+                                     wanted, req_id)
+            hist.observe(time.perf_counter() - t0)
+            ok_c.inc()
+            return result
+        finally:
+            self._sem.release()
+
+
+    def _decode(self, served: Served, request: Any,
+                blobs: bytes) -> tuple[dict[str, np.ndarray], bool, list[tuple[str, bool]] | None,
+                                       Any]:
+        if not isinstance(request, dict):
+            raise HttpError(400, "request body must be a JSON object with an 'inputs' list")
+        inputs = request.get("inputs")
+        if not isinstance(inputs, list) or not inputs:
+            raise HttpError(400, "request needs a non-empty 'inputs' list of "
+                                 "{name, shape, datatype, data}")
+        params = request.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise HttpError(400, "'parameters' must be an object")
+        specs = {s.name: s for s in served.predictor.inputs}
+        feed: dict[str, np.ndarray] = {}
+        offset = 0
+        for i, item in enumerate(inputs):
+            if not isinstance(item, dict):
+                raise HttpError(400, f"inputs[{i}] must be an object {{name, shape, datatype, "
+                                     "data}")
+            name = item.get("name")
+            if not isinstance(name, str):
+                raise HttpError(400, f"inputs[{i}]: 'name' must be a string")
+            spec = specs.get(name)
+            if spec is None:
+                raise HttpError(400, f"unknown input '{name}'; model '{served.name}' expects "
+                                     + ", ".join(s.describe() for s in served.predictor.inputs))
+            if name in feed:
+                raise HttpError(400, f"input '{name}' given twice")
+            arr, used = decode_tensor(name, spec.dtype, item, blobs, offset,
+                                      self.config.allow_nan)
+            offset += used
+            feed[name] = arr
+        if offset != len(blobs):
+            raise HttpError(400, f"binary body has {len(blobs) - offset} byte(s) no input "
+                                 "claimed (check binary_data_size)")
+        missing = [s.describe() for n, s in specs.items() if n not in feed]
+        if missing:
+            raise HttpError(400, f"missing input(s): {'; '.join(missing)}")
+        binary_out = bool(params.get("binary_data_output", False))
+        wanted: list[tuple[str, bool]] | None = None
+        outs = request.get("outputs")
+        if outs is not None:
+            if not isinstance(outs, list):
+                raise HttpError(400, "'outputs' must be a list of {name}")
+            names = {o.name for o in served.predictor.outputs}
+            wanted = []
+            for j, o in enumerate(outs):
+                if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+                    raise HttpError(400, f"outputs[{j}] must be an object with a 'name'")
+                if o["name"] not in names:
+                    raise HttpError(400, f"unknown output '{o['name']}'; model "
+                                         f"'{served.name}' has {', '.join(sorted(names))}")
+                op = o.get("parameters") or {}
+                wanted.append((o["name"], bool(op.get("binary_data", binary_out))
+                               if isinstance(op, dict) else binary_out))
+        return feed, binary_out, wanted, request.get("id")
+
+
+def _method(got: str, want: str) -> None:
+    if got != want:
+        raise HttpError(405, f"method {got} not allowed here; use {want}")
+
+
+def _ok(obj: Any) -> tuple[int, str, bytes, dict[str, str]]:
+    return 200, _JSON, json.dumps(obj).encode(), {}
+
