@@ -4,6 +4,7 @@ extension, both ways. Pure functions; a request the client got wrong raises
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Mapping
@@ -42,15 +43,20 @@ def datatype_of(dtype: str) -> str:
     return _FROM_NP.get(dtype, dtype.upper())
 
 
+def is_decimal(text: str) -> bool:
+    """ASCII digits only: ``int()`` also takes ``1_0``, ``+1``, `` 1`` and other scripts'
+    digits, which a length header must not."""
+    return 0 < len(text) <= 18 and text.isascii() and text.isdigit()
+
+
 def split_body(headers: Mapping[str, str], body: bytes) -> tuple[Any, bytes]:
     hlen = headers.get("inference-header-content-length")
     blobs = b""
     if hlen is not None:
-        try:
-            n = int(hlen)
-        except ValueError:
-            raise HttpError(400, f"Inference-Header-Content-Length {hlen!r} is not an "
-                                 "integer") from None
+        if not is_decimal(hlen):
+            raise HttpError(400, f"Inference-Header-Content-Length {_short(hlen)} is not a "
+                                 "decimal integer")
+        n = int(hlen)
         if not 0 <= n <= len(body):
             raise HttpError(400, f"Inference-Header-Content-Length {n} is outside the body "
                                  f"of {len(body)} bytes")
@@ -69,28 +75,48 @@ def split_body(headers: Mapping[str, str], body: bytes) -> tuple[Any, bytes]:
     return request, blobs
 
 
-def decode_tensor(name: str, model_dtype: str, item: Mapping[str, Any], blobs: bytes,
-            offset: int, allow_nan: bool) -> tuple[np.ndarray, int]:
-    shape = item.get("shape")
+#: numpy's limit on dimensions; a deeper shape is a client error, never a 500.
+MAX_DIMS = 64
+#: Largest element count a shape may describe once zero dims are ignored (numpy refuses
+#: more even for an empty array).
+_MAX_ELEMENTS = 2**62
+
+
+def check_shape(name: str, shape: Any) -> int:
+    """Return the element count of a client's ``shape``; 400 unless numpy can hold it."""
     if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        type(d) is int and d >= 0 for d in shape
     ):
         raise HttpError(400, f"input '{name}': 'shape' must be a list of non-negative ints")
+    if len(shape) > MAX_DIMS:
+        raise HttpError(400, f"input '{name}': shape has {len(shape)} dims; at most "
+                             f"{MAX_DIMS} are supported")
+    if math.prod(d or 1 for d in shape) > _MAX_ELEMENTS:
+        raise HttpError(400, f"input '{name}': shape {_short(shape)} is too large")
+    return math.prod(shape)
+
+
+def decode_tensor(name: str, model_dtype: str, item: Mapping[str, Any], blobs: bytes,
+                  offset: int, allow_nan: bool) -> tuple[np.ndarray, int]:
+    """Decode one entry of ``inputs`` (JSON ``data`` or its slice of ``blobs``); return the
+    array and the number of binary bytes it used."""
+    shape = item.get("shape")
+    count = check_shape(name, shape)
+    assert isinstance(shape, list)
     datatype = item.get("datatype")
     want = datatype_of(model_dtype)
     if datatype != want:
-        raise HttpError(400, f"input '{name}': datatype {datatype!r} does not match the "
-                             f"model, which expects {want}")
-    count = math.prod(shape)
+        raise HttpError(400, f"input '{name}': datatype {_short(datatype)} does not match "
+                             f"the model, which expects {want}")
     iparams = item.get("parameters") or {}
     if not isinstance(iparams, dict):
         raise HttpError(400, f"input '{name}': 'parameters' must be an object")
     size = iparams.get("binary_data_size")
     used = 0
     if size is not None:
-        if not isinstance(size, int) or size < 0 or offset + size > len(blobs):
-            raise HttpError(400, f"input '{name}': binary_data_size {size!r} does not fit "
-                                 f"the {len(blobs) - offset} binary byte(s) left")
+        if type(size) is not int or size < 0 or offset + size > len(blobs):
+            raise HttpError(400, f"input '{name}': binary_data_size {_short(size)} does not "
+                                 f"fit the {len(blobs) - offset} binary byte(s) left")
         raw = blobs[offset:offset + size]
         used = size
         if want == "BYTES":
@@ -98,15 +124,17 @@ def decode_tensor(name: str, model_dtype: str, item: Mapping[str, Any], blobs: b
         else:
             dt = _TO_NP[want]
             if size != count * dt.itemsize:
-                raise HttpError(400, f"input '{name}': {size} binary bytes for shape {shape} "
-                                     f"of {want} (expected {count * dt.itemsize})")
+                raise HttpError(400, f"input '{name}': {size} binary bytes for shape "
+                                     f"{_short(shape)} of {want} (expected "
+                                     f"{count * dt.itemsize})")
             arr = np.frombuffer(raw, dtype=dt.newbyteorder("<")).astype(dt, copy=False)
-        arr = arr.reshape(shape)
+            if want == "BOOL" and arr.size and int(arr.view(np.uint8).max()) > 1:
+                raise HttpError(400, f"input '{name}': binary BOOL bytes must be 0 or 1")
     else:
         if "data" not in item:
             raise HttpError(400, f"input '{name}': needs 'data' (or binary_data_size)")
-        arr = _from_json(name, want, item["data"], count)
-        arr = arr.reshape(shape)
+        arr = _from_json(name, want, item["data"], shape, count)
+    arr = arr.reshape(shape)
     if (not allow_nan and arr.dtype.kind == "f"
             and not np.isfinite(arr).all()):
         raise HttpError(400, f"input '{name}' contains NaN or Inf; this agent accepts "
@@ -133,7 +161,7 @@ def encode_response(model_name: str, model_version: str, outputs: Mapping[str, n
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:
-            entry["data"] = ([_text(v) for v in arr.reshape(-1).tolist()]
+            entry["data"] = ([_text(name, v) for v in arr.reshape(-1).tolist()]
                              if dt == "BYTES" else arr.reshape(-1).tolist())
         res_outputs.append(entry)
     res: dict[str, Any] = {"model_name": model_name, "model_version": model_version,
@@ -148,59 +176,65 @@ def encode_response(model_name: str, model_version: str, outputs: Mapping[str, n
 
 
 
-def _from_json(name: str, want: str, data: Any, count: int) -> np.ndarray:
-    if not isinstance(data, list):
-        data = [data]
-    if want == "BYTES":
-        flat = _flatten(name, data)
-        if not all(isinstance(v, str) for v in flat):
-            raise HttpError(400, f"input '{name}': BYTES data must be strings")
-        arr = np.array(flat, dtype=object)
-    else:
-        try:
-            arr = np.array(data)
-        except ValueError:
-            arr = np.array(_flatten(name, data))
-        if arr.dtype == object:
-            arr = np.array(_flatten(name, data))
-        kind = arr.dtype.kind
-        dt = _TO_NP[want]
-        if arr.size and kind not in ("b" if want == "BOOL" else "iu" if dt.kind in "iu"
-                                     else "iuf"):
-            raise HttpError(400, f"input '{name}': data must be "
-                                 f"{'true/false' if want == 'BOOL' else 'numbers'} for {want}, "
-                                 f"got {_kind_name(kind)}")
-        if dt.kind in "iu" and arr.size:
-            info = np.iinfo(dt)  # type: ignore[type-var]
-            if int(arr.min()) < info.min or int(arr.max()) > info.max:
-                raise HttpError(400, f"input '{name}': values outside the {want} range")
-        arr = arr.astype(dt).reshape(-1)
-    if arr.size != count:
-        raise HttpError(400, f"input '{name}': {arr.size} value(s) in 'data' but 'shape' "
+_KIND_NAMES = {bool: "booleans", int: "integers", float: "floats", str: "strings",
+               dict: "objects", list: "lists nested deeper than the shape",
+               type(None): "nulls"}
+
+
+def _from_json(name: str, want: str, data: Any, shape: list[int], count: int) -> np.ndarray:
+    # Only exact types pass: numpy would silently turn [true, 1.5] into floats and a ragged
+    # nesting into a flat list that happens to have the right length.
+    flat = data if isinstance(data, list) else [data]
+    types = set(map(type, flat))
+    if list in types:
+        level: list[Any] = [flat]
+        for depth, dim in enumerate(shape):
+            if not all(type(x) is list and len(x) == dim for x in level):
+                raise HttpError(400, f"input '{name}': nested 'data' does not follow shape "
+                                     f"{_short(shape)} at depth {depth}; nest it exactly "
+                                     "as the shape, or send it flat")
+            level = list(itertools.chain.from_iterable(level))
+        flat = level
+        types = set(map(type, flat))
+    if len(flat) != count:
+        raise HttpError(400, f"input '{name}': {len(flat)} value(s) in 'data' but 'shape' "
                              f"holds {count}")
-    return arr
+    allowed: set[type]
+    if want == "BOOL":
+        allowed, what = {bool}, "true/false"
+    elif want == "BYTES":
+        allowed, what = {str}, "strings"
+    elif _TO_NP[want].kind in "iu":
+        allowed, what = {int}, "whole numbers"
+    else:
+        allowed, what = {int, float}, "numbers"
+    bad = types - allowed
+    if bad:
+        got = ", ".join(sorted(_KIND_NAMES.get(t, t.__name__) for t in bad))
+        raise HttpError(400, f"input '{name}': data must be {what} for {want}, got {got}")
+    if want == "BYTES":
+        try:
+            "".join(flat).encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise HttpError(400, f"input '{name}': BYTES data holds a lone surrogate "
+                                 f"({err.object[err.start:err.end]!a}); strings must be "
+                                 "valid Unicode") from None
+        return np.array(flat, dtype=object).reshape(-1)
+    dt = _TO_NP[want]
+    if dt.kind in "iu" and flat:
+        info = np.iinfo(dt)  # type: ignore[type-var]
+        if min(flat) < info.min or max(flat) > info.max:
+            raise HttpError(400, f"input '{name}': values outside the {want} range")
+    try:
+        return np.array(flat, dtype=dt if dt.kind in "biu" else np.float64).astype(
+            dt, copy=False)
+    except OverflowError:
+        raise HttpError(400, f"input '{name}': a number is too large for {want}") from None
 
 
-def _flatten(name: str, data: list[Any]) -> list[Any]:
-    out: list[Any] = []
-    stack = [iter(data)]
-    while stack:
-        for v in stack[-1]:
-            if isinstance(v, list):
-                stack.append(iter(v))
-                break
-            if isinstance(v, dict) or v is None:
-                raise HttpError(400, f"input '{name}': 'data' must hold only numbers "
-                                     "(or nested lists of them)")
-            out.append(v)
-        else:
-            stack.pop()
-    return out
-
-
-def _kind_name(kind: str) -> str:
-    return {"f": "floats", "b": "booleans", "U": "strings", "O": "mixed values",
-            "i": "integers", "u": "integers"}.get(kind, kind)
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _unpack_bytes(name: str, raw: bytes, count: int) -> np.ndarray:
@@ -213,12 +247,22 @@ def _unpack_bytes(name: str, raw: bytes, count: int) -> np.ndarray:
         pos += 4
         if pos + n > len(raw):
             raise HttpError(400, f"input '{name}': BYTES element runs past the binary data")
-        items.append(raw[pos:pos + n].decode("utf-8", errors="replace"))
+        if len(items) == count:
+            break
+        try:
+            # Strict: the runtime's string tensors are UTF-8 text, and a replaced byte
+            # would reach the model (and come back) silently altered.
+            items.append(raw[pos:pos + n].decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise HttpError(400, f"input '{name}': BYTES element {len(items)} is not valid "
+                                 f"UTF-8 (byte {err.start}); onnxruntime string tensors carry "
+                                 "UTF-8 text only") from None
         pos += n
-    if len(items) != count:
-        raise HttpError(400, f"input '{name}': {len(items)} BYTES element(s) for a shape "
-                             f"holding {count}")
-    return np.array(items, dtype=object)
+    if len(items) != count or pos != len(raw):
+        got = f"more than {count}" if pos != len(raw) else str(len(items))
+        raise HttpError(400, f"input '{name}': {got} BYTES element(s) for a shape holding "
+                             f"{count}")
+    return np.array(items, dtype=object).reshape(-1)
 
 
 def _pack_bytes(arr: np.ndarray) -> bytes:
@@ -229,6 +273,12 @@ def _pack_bytes(arr: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
-def _text(v: Any) -> str:
-    return v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v)
+def _text(name: str, v: Any) -> str:
+    if not isinstance(v, bytes):
+        return str(v)
+    try:
+        return v.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HttpError(400, f"output '{name}' holds bytes that are not UTF-8, which JSON "
+                             "cannot carry; ask for it with binary_data") from None
 

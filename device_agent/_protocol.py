@@ -50,18 +50,32 @@ class InferenceApp:
                body: bytes) -> tuple[int, str, bytes, dict[str, str]]:
         """Return (status, content type, body, extra headers). ``headers`` has lower-case
         names."""
+        try:
+            status, ctype, payload, extra = self._route(method, path, headers, body)
+        except HttpError as err:
+            status, ctype, extra = err.status, _JSON, {}
+            payload = json.dumps({"error": str(err)}).encode()
+        except Exception as err:  # a bug must not take the server down
+            log.error("internal error on %s %s: %s: %s", method, path[:200],
+                      type(err).__name__, err)
+            log.debug("traceback", exc_info=True)
+            status, ctype, extra = 500, _JSON, {}
+            payload = json.dumps({"error": f"internal error: {type(err).__name__}"}).encode()
+        if status >= 400:
+            # The one place every error answer of the protocol is counted, 5xx included.
+            self.metrics.errors.labels(str(status)).inc()
+        return status, ctype, payload, extra
+
+    def _route(self, method: str, path: str, headers: Mapping[str, str],
+               body: bytes) -> tuple[int, str, bytes, dict[str, str]]:
         path = path.split("?", 1)[0]
         parts = [p for p in path.split("/") if p]
-        try:
-            if parts[:1] == ["v2"]:
-                return self._v2(method, parts[1:], headers, body)
-            if parts == ["metrics"] and method == "GET":
-                return 200, METRICS_CONTENT_TYPE, self.metrics.render(), {}
-            raise HttpError(404, f"no route {method} {path} (see /v2/health/ready, "
-                                 "/v2/models/{name}/infer, /metrics)")
-        except HttpError as err:
-            self.metrics.errors.labels(str(err.status)).inc()
-            return err.status, _JSON, json.dumps({"error": str(err)}).encode(), {}
+        if parts[:1] == ["v2"]:
+            return self._v2(method, parts[1:], headers, body)
+        if parts == ["metrics"] and method == "GET":
+            return 200, METRICS_CONTENT_TYPE, self.metrics.render(), {}
+        raise HttpError(404, f"no route {method} {path[:200]} (see /v2/health/ready, "
+                             "/v2/models/{name}/infer, /metrics)")
 
     def _v2(self, method: str, parts: list[str], headers: Mapping[str, str],
             body: bytes) -> tuple[int, str, bytes, dict[str, str]]:
@@ -146,7 +160,6 @@ class InferenceApp:
                 except Exception as err:
                     err_c.inc()
                     log.error("model %s failed on a valid request: %s", served.name, err)
-                    self.metrics.errors.labels("500").inc()
                     msg = f"model '{served.name}' failed: {type(err).__name__}: {err}"
                     return 500, _JSON, json.dumps({"error": " ".join(msg.split())}).encode(), {}
             except HttpError:
@@ -189,6 +202,9 @@ class InferenceApp:
                                      + ", ".join(s.describe() for s in served.predictor.inputs))
             if name in feed:
                 raise HttpError(400, f"input '{name}' given twice")
+            # Drop the request's reference so a JSON ``data`` list is freed once its
+            # array exists, not when the whole request is done.
+            inputs[i] = None
             arr, used = decode_tensor(name, spec.dtype, item, blobs, offset,
                                       self.config.allow_nan)
             offset += used
@@ -199,6 +215,7 @@ class InferenceApp:
         missing = [s.describe() for n, s in specs.items() if n not in feed]
         if missing:
             raise HttpError(400, f"missing input(s): {'; '.join(missing)}")
+        _check_named_dims(served, feed)
         binary_out = bool(params.get("binary_data_output", False))
         wanted: list[tuple[str, bool]] | None = None
         outs = request.get("outputs")
@@ -217,6 +234,25 @@ class InferenceApp:
                 wanted.append((o["name"], bool(op.get("binary_data", binary_out))
                                if isinstance(op, dict) else binary_out))
         return feed, binary_out, wanted, request.get("id")
+
+
+def _check_named_dims(served: Served, feed: Mapping[str, np.ndarray]) -> None:
+    # A symbolic dim shared by inputs (``batch``) must agree, or the model fails inside
+    # the runtime and the client's mistake would count against the model's health.
+    specs = served.predictor.inputs
+    if any(feed[s.name].ndim != len(s.shape) or any(
+            isinstance(d, int) and d != n for d, n in zip(s.shape, feed[s.name].shape,
+                                                          strict=True)) for s in specs):
+        return  # the predictor answers this one, naming the expected signature
+    seen: dict[str, tuple[str, int]] = {}
+    for spec in specs:
+        for dim, size in zip(spec.shape, feed[spec.name].shape, strict=True):
+            if not isinstance(dim, str):
+                continue
+            first = seen.setdefault(dim, (spec.name, size))
+            if first[1] != size:
+                raise HttpError(400, f"inputs disagree on dim '{dim}': '{first[0]}' has "
+                                     f"{first[1]}, '{spec.name}' has {size}")
 
 
 def _method(got: str, want: str) -> None:

@@ -143,3 +143,12 @@ def batch1_only_model(path: Path, n: int = 4) -> Path:
     graph = helper.make_graph([helper.make_node("Reshape", ["x", "shape"], ["y"])], "batch1",
                               [x], [y], [shape])
     return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)
+
+
+def string_identity_model(path: Path) -> Path:
+    """out = text with text a string tensor [batch]: BYTES must come back as sent."""
+    x = helper.make_tensor_value_info("text", TensorProto.STRING, ["batch"])
+    y = helper.make_tensor_value_info("out", TensorProto.STRING, ["batch"])
+    graph = helper.make_graph([helper.make_node("Identity", ["text"], ["out"])], "echo", [x],
+                              [y])
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)
