@@ -100,6 +100,24 @@ class HttpConfig:
     queue_timeout_s: float = 5.0
     #: Accept NaN / Inf in float inputs (refused with 400 by default).
     allow_nan: bool = False
+    #: Open connections at once; more are answered 503 and closed (each holds a thread).
+    max_connections: int = 32
+    #: Kernel queue of connections not yet accepted; too small a queue makes bursts of
+    #: new connections wait for SYN retransmits (1 s and more).
+    listen_backlog: int = 128
+    #: A keep-alive connection with no request starting is closed after this long.
+    idle_timeout_s: float = 30.0
+    #: Whole-request deadline, from its first byte to its last (not per read), so a
+    #: client trickling bytes cannot hold a connection and its buffer.
+    request_timeout_s: float = 30.0
+    #: Request line plus headers; a longer request line is 414, longer headers 431.
+    max_header_bytes: int = 64 * 1024
+    #: Request bodies held in memory at once across connections; a body that does not fit
+    #: is refused with 503 before it is read.
+    max_buffered_bytes: int = 64 * 1024 * 1024
+    #: Memory for decoding requests at once (a JSON body takes several times its size as
+    #: Python objects); a request waits up to ``queue_timeout_s`` for room, then 503.
+    max_decode_bytes: int = 128 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -195,6 +213,13 @@ class AgentConfig:
             ("http.max_body_bytes", self.http.max_body_bytes),
             ("http.max_inflight", self.http.max_inflight),
             ("http.queue_timeout_s", self.http.queue_timeout_s),
+            ("http.max_connections", self.http.max_connections),
+            ("http.listen_backlog", self.http.listen_backlog),
+            ("http.idle_timeout_s", self.http.idle_timeout_s),
+            ("http.request_timeout_s", self.http.request_timeout_s),
+            ("http.max_header_bytes", self.http.max_header_bytes),
+            ("http.max_buffered_bytes", self.http.max_buffered_bytes),
+            ("http.max_decode_bytes", self.http.max_decode_bytes),
             ("health.probe_interval_s", self.health.probe_interval_s),
             ("limits.max_artifact_bytes", self.limits.max_artifact_bytes),
             ("limits.max_queued_reports", self.limits.max_queued_reports),

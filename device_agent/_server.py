@@ -1,208 +1,364 @@
 """The HTTP/1.1 socket layer of the agent's endpoint; the protocol is in ``_protocol``.
 
-Stdlib ``ThreadingHTTPServer`` with HTTP/1.1 keep-alive: each response is
-written with one ``send`` and Nagle is off, so the overhead over an in-process
-``predict`` stays a fraction of a millisecond. Nothing a client sends stops
-the server.
+A small strict reader, not the stdlib's ``http.server``: a request must be
+unambiguous (one ``Content-Length`` of ASCII digits, HTTP/1.0 or 1.1, no
+folded or space-padded header names), so no two parsers can read it
+differently. Every resource a client can hold is bounded by a key of
+``[http]``: connections (``max_connections``, each one thread), the time to
+send a whole request (``request_timeout_s``, not per read), idle keep-alive
+(``idle_timeout_s``), header bytes (``max_header_bytes``), one body
+(``max_body_bytes``) and all bodies held at once (``max_buffered_bytes``).
+A cap that is hit is answered at once with a status and a message naming the
+key; nothing a client sends stops the server.
+
+Keep-alive, Nagle off and one ``send`` per response keep the overhead over an
+in-process ``predict`` a fraction of a millisecond.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import selectors
 import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+import time
 
+from edge_sdk.errors import ConfigError
+
+from ._budget import Budget
+from ._codec import is_decimal
+from ._config import HttpConfig
 from ._protocol import InferenceApp
 
 log = logging.getLogger("device_agent.http")
 _JSON = "application/json"
-
-
-_MAX_HEADER_LINE = 65536
-_MAX_HEADERS = 100
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            431: "Request Header Fields Too Large",
             408: "Request Timeout", 411: "Length Required", 413: "Payload Too Large",
-            429: "Too Many Requests", 500: "Internal Server Error",
-            503: "Service Unavailable"}
+            414: "URI Too Long", 415: "Unsupported Media Type", 429: "Too Many Requests",
+            431: "Request Header Fields Too Large", 500: "Internal Server Error",
+            501: "Not Implemented", 503: "Service Unavailable",
+            505: "HTTP Version Not Supported"}
+#: Headers whose repetition makes a request ambiguous (request smuggling, or two
+#: different bodies depending on which copy a reader takes).
+_SINGLE = frozenset({"content-length", "transfer-encoding", "content-encoding", "host",
+                     "inference-header-content-length", "expect", "connection"})
+_TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
+                   "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_CHUNK = 256 * 1024
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "edge-sdk-agent"
-    #: Idle keep-alive connections are closed after this many seconds.
-    timeout = 120
-    server: _Server
-    raw_requestline: bytes
+class _Refused(Exception):
+    """Answer ``status`` with ``message`` and close the connection."""
 
-    def setup(self) -> None:
-        super().setup()
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.hdrs: dict[str, str] = {}
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
-    def parse_request(self) -> bool:
-        # The stdlib parses headers with the email package (~30 µs a request); requests
-        # here are small and simple, so a plain line loop does, with the same limits.
-        self.command = ""
-        self.close_connection = True
-        line = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-        self.requestline = line
-        words = line.split()
-        if len(words) != 3 or not words[2].startswith("HTTP/1."):
-            self.request_version = "HTTP/1.1"
-            self.send_error(400, f"bad request line {line[:80]!r} (expected METHOD PATH "
-                                 "HTTP/1.1)")
-            return False
-        self.command, self.path, self.request_version = words
-        hdrs: dict[str, str] = {}
-        while True:
-            raw = self.rfile.readline(_MAX_HEADER_LINE + 1)
-            if len(raw) > _MAX_HEADER_LINE or len(hdrs) >= _MAX_HEADERS:
-                self.send_error(431, "request headers too large")
-                return False
-            if raw in (b"\r\n", b"\n", b""):
-                break
-            name, sep, value = raw.decode("iso-8859-1").partition(":")
-            if not sep or not name.strip():
-                self.send_error(400, f"malformed header line {raw[:80]!r}")
-                return False
-            hdrs[name.strip().lower()] = value.strip()
-        self.hdrs = hdrs
-        conn = hdrs.get("connection", "").lower()
-        self.close_connection = conn == "close" or (
-            self.request_version == "HTTP/1.0" and conn != "keep-alive")
-        if hdrs.get("expect", "").lower() == "100-continue":
-            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        return True
 
-    def do_GET(self) -> None:
-        self._serve(b"")
+class _Closed(Exception):
+    """The peer went away (or the server is stopping): close without answering."""
 
-    def do_POST(self) -> None:
-        te = self.hdrs.get("transfer-encoding")
-        if te is not None and te.lower() != "identity":
-            self.close_connection = True
-            self._reply(411, _JSON, b'{"error": "chunked bodies are not supported; send '
-                                    b'Content-Length"}', {})
-            return
-        raw_len = self.hdrs.get("content-length")
-        if raw_len is None:
-            self.close_connection = True
-            self._reply(411, _JSON, b'{"error": "Content-Length header required"}', {})
-            return
+
+def _response(status: int, ctype: str, payload: bytes, extra: dict[str, str],
+              close: bool, head_only: bool = False) -> bytes:
+    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
+             f"Content-Type: {ctype}", f"Content-Length: {len(payload)}"]
+    lines += [f"{k}: {v}" for k, v in extra.items()]
+    if close:
+        lines.append("Connection: close")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if head_only else head + payload
+
+
+def _error(status: int, message: str) -> bytes:
+    return _response(status, _JSON, json.dumps({"error": message}).encode(), {}, True)
+
+
+class _Connection:
+    """One client connection, served by its own thread until it closes."""
+
+    def __init__(self, server: HttpServer, sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+        self.cfg = server.config
+        self.buf = bytearray()
+
+    def serve(self) -> None:
         try:
-            length = int(raw_len)
-            if length < 0:
-                raise ValueError
-        except ValueError:
-            self.close_connection = True
-            self._reply(400, _JSON, b'{"error": "invalid Content-Length"}', {})
-            return
-        limit = self.server.app.config.max_body_bytes
-        if length > limit:
-            # Not reading the body: close so its bytes are not parsed as the next request.
-            self.close_connection = True
-            msg = {"error": f"request body of {length} bytes is over the limit of {limit} "
-                            "(http.max_body_bytes)"}
-            self._reply(413, _JSON, json.dumps(msg).encode(), {})
-            return
-        try:
-            body = self.rfile.read(length)
-        except (TimeoutError, OSError):
-            self.close_connection = True
-            return
-        if len(body) != length:
-            self.close_connection = True
-            return
-        self._serve(body)
-
-    def do_PUT(self) -> None:
-        self._not_allowed()
-
-    def do_DELETE(self) -> None:
-        self._not_allowed()
-
-    def do_HEAD(self) -> None:
-        self._not_allowed()
-
-    def send_error(self, code: int, message: str | None = None,
-                   explain: str | None = None) -> None:
-        # The stdlib's version answers HTML, and nothing at all to HTTP/0.9-looking lines.
-        self.close_connection = True
-        text = message or _REASONS.get(code, "error")
-        self._reply(code, _JSON, json.dumps({"error": f"{text}"}).encode(), {})
-
-    def _not_allowed(self) -> None:
-        self.close_connection = True
-        self._reply(405, _JSON, b'{"error": "method not allowed; use GET or POST"}', {})
-
-    def _serve(self, body: bytes) -> None:
-        app = self.server.app
-        try:
-            status, ctype, payload, extra = app.handle(self.command or "", self.path, self.hdrs,
-                                                       body)
+            while not self.server.stopping:
+                if not self._one():
+                    break
+        except _Closed:
+            pass
+        except _Refused as err:
+            self._send_error(err.status, str(err))
         except Exception as err:  # a bug must not take the server down
-            log.exception("unexpected error on %s %s", self.command, self.path)
-            status, ctype, extra = 500, _JSON, {}
-            payload = json.dumps({"error": f"internal error: {type(err).__name__}"}).encode()
-        self._reply(status, ctype, payload, extra)
+            log.error("http connection failed: %s: %s", type(err).__name__, err)
+            log.debug("traceback", exc_info=True)
+            self._send_error(500, f"internal error: {type(err).__name__}")
 
-    def _reply(self, status: int, ctype: str, payload: bytes, extra: dict[str, str]) -> None:
-        lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
-                 f"Content-Type: {ctype}", f"Content-Length: {len(payload)}"]
-        lines += [f"{k}: {v}" for k, v in extra.items()]
-        if self.close_connection:
-            lines.append("Connection: close")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    def _send_error(self, status: int, message: str) -> None:
+        self.server.count_error(status)
         try:
-            self.wfile.write(head + payload)
+            self.sock.settimeout(1.0)
+            self.sock.sendall(_error(status, message))
+            # Closing with unread bytes resets the connection, which can drop the answer
+            # before the client reads it: read a little of what it is still sending first.
+            self.sock.shutdown(socket.SHUT_WR)
+            for _ in range(16):
+                if not self.sock.recv(65536):
+                    break
         except OSError:
-            self.close_connection = True
+            pass
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s " + format, self.address_string(), *args)
+    # -- reading -------------------------------------------------------------------------
+
+    def _recv(self, deadline: float, what: str) -> None:
+        """Append what the peer sends next to ``buf``; 408 once ``deadline`` passes."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _Refused(408, what)
+        self.sock.settimeout(left)
+        try:
+            data = self.sock.recv(_CHUNK)
+        except TimeoutError:
+            raise _Refused(408, what) from None
+        except OSError:
+            raise _Closed() from None
+        if not data:
+            raise _Closed()
+        self.buf += data
+
+    def _one(self) -> bool:
+        """Read and answer one request; False when the connection is to close."""
+        cfg = self.cfg
+        if not self.buf:
+            # Idle between requests: closed quietly when nothing starts in time.
+            try:
+                self._recv(time.monotonic() + cfg.idle_timeout_s, "idle")
+            except _Refused:
+                return False
+        deadline = time.monotonic() + cfg.request_timeout_s
+        late = (f"request not received within {cfg.request_timeout_s:g} s "
+                "(http.request_timeout_s)")
+        limit = cfg.max_header_bytes
+        scanned = 0
+        while (end := self.buf.find(b"\r\n\r\n", max(0, scanned - 3))) < 0:
+            if len(self.buf) > limit:
+                break
+            scanned = len(self.buf)
+            self._recv(deadline, late)
+        if end < 0 or end > limit:
+            line_end = self.buf.find(b"\r\n", 0, limit + 2)
+            if line_end < 0 or line_end > limit:
+                raise _Refused(414, f"request line over {limit} bytes "
+                                    "(http.max_header_bytes)")
+            raise _Refused(431, f"request headers over {limit} bytes (http.max_header_bytes)")
+        head = bytes(self.buf[:end]).decode("latin-1")
+        del self.buf[:end + 4]
+        method, target, version, headers = _parse_head(head)
+        keep = _keep_alive(version, headers)
+        body = self._body(method, version, headers, deadline, late)
+        try:
+            status, ctype, payload, extra = self.server.app.handle(method, target, headers,
+                                                                   body)
+        finally:
+            self.server.buffered.release(len(body))
+        del body
+        if method == "HEAD":
+            keep = False
+        self.sock.settimeout(cfg.request_timeout_s)
+        try:
+            self.sock.sendall(_response(status, ctype, payload, extra, not keep,
+                                        head_only=method == "HEAD"))
+        except OSError:
+            return False
+        return keep
+
+    def _body(self, method: str, version: str, headers: dict[str, str], deadline: float,
+              late: str) -> bytes:
+        cfg = self.cfg
+        if "transfer-encoding" in headers:
+            raise _Refused(411, "chunked bodies are not supported; send Content-Length")
+        raw_len = headers.get("content-length")
+        if raw_len is None:
+            if method == "POST":
+                raise _Refused(411, "Content-Length header required")
+            return b""
+        if not is_decimal(raw_len):
+            raise _Refused(400, f"invalid Content-Length {raw_len[:40]!r}; expected ASCII "
+                                "digits")
+        length = int(raw_len)
+        if length > cfg.max_body_bytes:
+            # Not reading the body: closing keeps its bytes from being read as a request.
+            raise _Refused(413, f"request body of {length} bytes is over the limit of "
+                                f"{cfg.max_body_bytes} (http.max_body_bytes)")
+        if not self.server.buffered.acquire(length):
+            raise _Refused(503, f"request bodies being received at once are over "
+                                f"{cfg.max_buffered_bytes} bytes (http.max_buffered_bytes); "
+                                "retry later")
+        try:
+            have = min(len(self.buf), length)
+            body = bytearray(length)
+            body[:have] = self.buf[:have]
+            del self.buf[:have]
+            if have < length and version == "HTTP/1.1" and \
+                    headers.get("expect", "").lower() == "100-continue":
+                self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            view = memoryview(body)
+            while have < length:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise _Refused(408, late)
+                self.sock.settimeout(left)
+                try:
+                    n = self.sock.recv_into(view[have:], min(length - have, _CHUNK))
+                except TimeoutError:
+                    raise _Refused(408, late) from None
+                except OSError:
+                    raise _Closed() from None
+                if not n:
+                    raise _Closed()
+                have += n
+            view.release()
+        except BaseException:
+            self.server.buffered.release(length)
+            raise
+        # Read into one buffer of the declared size: no copy of the body is made here.
+        return body  # type: ignore[return-value]
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    app: InferenceApp
+def _parse_head(head: str) -> tuple[str, str, str, dict[str, str]]:
+    line, _, rest = head.partition("\r\n")
+    words = line.split(" ")
+    if len(words) != 3 or not words[0] or not set(words[0]) <= _TOKEN or \
+            not words[1].startswith("/"):
+        raise _Refused(400, f"bad request line {line[:80]!r} (expected METHOD /path "
+                            "HTTP/1.1)")
+    method, target, version = words
+    if version not in ("HTTP/1.1", "HTTP/1.0"):
+        if version.startswith("HTTP/"):
+            raise _Refused(505, f"{version[:20]} is not supported; use HTTP/1.1")
+        raise _Refused(400, f"bad request line {line[:80]!r} (expected METHOD /path "
+                            "HTTP/1.1)")
+    headers: dict[str, str] = {}
+    for raw in rest.split("\r\n") if rest else ():
+        name, sep, value = raw.partition(":")
+        if not sep or not name or not set(name) <= _TOKEN:
+            raise _Refused(400, f"malformed header line {raw[:80]!r}")
+        key = name.lower()
+        value = value.strip(" \t")
+        if key in headers:
+            if key in _SINGLE:
+                raise _Refused(400, f"duplicate {name} header")
+            headers[key] += ", " + value
+        else:
+            headers[key] = value
+    return method, target, version, headers
+
+
+def _keep_alive(version: str, headers: dict[str, str]) -> bool:
+    conn = headers.get("connection", "").lower()
+    if version == "HTTP/1.0":
+        return conn == "keep-alive"
+    return conn != "close"
 
 
 class HttpServer:
-    """The endpoint, served by its own threads."""
+    """The endpoint: one accepting thread, one thread per connection (capped)."""
 
     def __init__(self, app: InferenceApp, bind: str, port: int) -> None:
+        self.app = app
+        self.config: HttpConfig = app.config
+        self.buffered = Budget(self.config.max_buffered_bytes)
+        self.stopping = False
         try:
-            self._server = _Server((bind, port), _Handler)
+            self._sock = socket.create_server((bind, port),
+                                              backlog=self.config.listen_backlog)
         except OSError as err:
-            from edge_sdk.errors import ConfigError
-
             raise ConfigError(f"http: cannot listen on {bind}:{port}: {err.strerror}") from err
-        self._server.app = app
+        self._lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
         self._thread: threading.Thread | None = None
 
     @property
     def port(self) -> int:
-        return int(self._server.server_address[1])
+        return int(self._sock.getsockname()[1])
 
     @property
     def url(self) -> str:
-        host = self._server.server_address[0]
-        host = host.decode() if isinstance(host, bytes) else host
-        return f"http://{host}:{self.port}"
+        return f"http://{self._sock.getsockname()[0]}:{self.port}"
+
+    @property
+    def connections(self) -> int:
+        with self._lock:
+            return len(self._conns)
+
+    def count_error(self, status: int) -> None:
+        self.app.metrics.errors.labels(str(status)).inc()
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        kwargs={"poll_interval": 0.2}, name="agent-http",
+        self._thread = threading.Thread(target=self._accept_loop, name="agent-http",
                                         daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self.stopping = True
         if self._thread is not None:
             self._thread.join(5)
+        self._sock.close()
+        with self._lock:
+            conns = list(self._conns)
+        for s in conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def _accept_loop(self) -> None:
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._sock, selectors.EVENT_READ)
+            while not self.stopping:
+                if not sel.select(0.2):
+                    continue
+                try:
+                    conn, _ = self._sock.accept()
+                except OSError:
+                    continue
+                self._admit(conn)
+
+    def _admit(self, conn: socket.socket) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self._lock:
+            full = len(self._conns) >= self.config.max_connections
+            if not full:
+                self._conns.add(conn)
+        if full:
+            # Answered without reading the request, and without blocking this thread.
+            self.count_error(503)
+            try:
+                conn.setblocking(False)
+                conn.send(_error(503, f"more than {self.config.max_connections} connections "
+                                      "open (http.max_connections); retry later"))
+                conn.shutdown(socket.SHUT_WR)
+                # Closing with unread bytes would reset the connection and could drop the
+                # answer before the client reads it.
+                conn.recv(65536)
+            except OSError:
+                pass
+            conn.close()
+            return
+        threading.Thread(target=self._run, args=(conn,), name="agent-http-conn",
+                         daemon=True).start()
+
+    def _run(self, conn: socket.socket) -> None:
+        try:
+            _Connection(self, conn).serve()
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            with contextlib.suppress(OSError):
+                conn.close()
+
+    def __repr__(self) -> str:
+        return f"HttpServer({self.url}, {self.connections} connection(s))"

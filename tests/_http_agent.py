@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -62,3 +63,29 @@ def call(port: int, method: str, path: str, body: bytes | None = None,
 def metric(agent: Agent, name: str, **labels: str) -> float:
     value = agent.metrics.registry.get_sample_value(name, labels)
     return 0.0 if value is None else float(value)
+
+
+def exchange(port: int, raw: bytes, timeout: float = 10.0) -> bytes:
+    """Send ``raw`` on a new connection; return all the server sends until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        with suppress(OSError):
+            s.sendall(raw)
+        return read_until_closed(s)
+
+
+def read_until_closed(s: socket.socket) -> bytes:
+    out = b""
+    while True:
+        try:
+            data = s.recv(65536)
+        except ConnectionResetError:
+            return out
+        if not data:
+            return out
+        out += data
+
+
+def error_of(response: bytes) -> tuple[int, str]:
+    """(status, error message) of one raw JSON error response."""
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), json.loads(body)["error"] if body else ""

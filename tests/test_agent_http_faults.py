@@ -13,7 +13,7 @@ import pytest
 
 from device_agent import Agent
 from tests import _models
-from tests._http_agent import call, metric, serving, wait_for
+from tests._http_agent import call, error_of, exchange, metric, serving, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +139,52 @@ def test_binary_shape_attacks_are_400_not_500(multi: Agent, what: str,
     body, hdrs = binary_body(inputs)
     status, res, _ = call(multi.http.port, "POST", "/v2/models/multi/infer", body, hdrs)
     assert status == 400 and message in res["error"], res
+
+
+GOOD = json.dumps({"inputs": [A, B]}).encode()
+INFER = b"POST /v2/models/multi/infer HTTP/1.1\r\nHost: x\r\n"
+HTTP_ATTACKS: list[tuple[str, bytes, int, str]] = [
+    ("duplicate Content-Length", INFER + b"Content-Length: %d\r\nContent-Length: 2\r\n\r\n"
+     % len(GOOD) + GOOD, 400, "duplicate Content-Length"),
+    ("Content-Length with an underscore", INFER + b"Content-Length: 1_0\r\n\r\n" + GOOD[:10],
+     400, "invalid Content-Length"),
+    ("Content-Length with a sign", INFER + b"Content-Length: +10\r\n\r\n" + GOOD[:10],
+     400, "invalid Content-Length"),
+    ("Content-Length in other digits", INFER + "Content-Length: ١٠\r\n\r\n".encode()
+     + GOOD[:10], 400, "invalid Content-Length"),
+    ("space before the colon", INFER + b"Content-Length : 10\r\n\r\n" + GOOD[:10], 400,
+     "malformed header"),
+    ("folded header", INFER + b"X-A: 1\r\n  folded\r\n\r\n", 400, "malformed header"),
+    ("HTTP/1.9", b"GET /v2/health/live HTTP/1.9\r\n\r\n", 505, "HTTP/1.9 is not supported"),
+    ("HTTP/2.0 line", b"GET /v2/health/live HTTP/2.0\r\n\r\n", 505, "not supported"),
+    ("HTTP/0.9 line", b"GET /v2/health/live\r\n\r\n", 400, "bad request line"),
+    ("absolute target", b"GET http://x/v2 HTTP/1.1\r\n\r\n", 400, "bad request line"),
+    ("request line over the header limit", b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n",
+     414, "http.max_header_bytes"),
+    ("headers over the header limit", b"GET / HTTP/1.1\r\n" + b"X-A: b\r\n" * 9000 + b"\r\n",
+     431, "http.max_header_bytes"),
+    ("chunked body", INFER + b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n"
+     b"5\r\nhello\r\n0\r\n\r\n", 411, "chunked"),
+    ("body over the limit", INFER + b"Content-Length: 999999999999\r\n\r\n", 413,
+     "http.max_body_bytes"),
+]
+
+
+@pytest.mark.parametrize(("what", "raw", "status", "message"), HTTP_ATTACKS,
+                         ids=[h[0] for h in HTTP_ATTACKS])
+def test_ambiguous_http_is_refused_with_a_diagnosis(multi: Agent, what: str, raw: bytes,
+                                                    status: int, message: str) -> None:
+    got = exchange(multi.http.port, raw)
+    code, error = error_of(got)
+    assert code == status and message in error, got
+    assert got.count(b"HTTP/1.1 ") == 1, got  # and nothing after it was read as a request
+    assert call(multi.http.port, "POST", "/v2/models/multi/infer", GOOD)[0] == 200
+
+
+def test_get_body_is_not_parsed_as_the_next_request(multi: Agent) -> None:
+    smuggled = b"GET /v2/models/nope HTTP/1.1\r\nHost: x\r\n\r\n"
+    got = exchange(multi.http.port,
+                   b"GET /v2/health/live HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(smuggled)
+                   + smuggled + b"GET /v2/models/multi HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert got.count(b"HTTP/1.1 ") == 2, got
+    assert got.startswith(b"HTTP/1.1 200") and b"nope" not in got and b'"multi"' in got
