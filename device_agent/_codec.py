@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -47,6 +48,36 @@ def is_decimal(text: str) -> bool:
     """ASCII digits only: ``int()`` also takes ``1_0``, ``+1``, `` 1`` and other scripts'
     digits, which a length header must not."""
     return 0 < len(text) <= 18 and text.isascii() and text.isdigit()
+
+
+def decompress(encoding: str, body: bytes, limit: int) -> bytes:
+    """Undo ``Content-Encoding`` (gzip, deflate), never inflating past ``limit`` bytes:
+    a small bomb is refused with 413 before it takes the memory."""
+    enc = encoding.strip().lower()
+    if enc in ("", "identity"):
+        return body
+    if enc == "gzip":
+        wbits = 16 + zlib.MAX_WBITS
+    elif enc == "deflate":
+        # RFC 9110's deflate is the zlib format (what tritonclient sends); some clients
+        # send a raw deflate stream, which has no zlib header.
+        zlib_header = len(body) >= 2 and body[0] & 0x0F == 8 and \
+            (body[0] << 8 | body[1]) % 31 == 0
+        wbits = zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS
+    else:
+        raise HttpError(415, f"Content-Encoding {_short(encoding)} is not supported; send "
+                             "gzip, deflate or an uncompressed body")
+    d = zlib.decompressobj(wbits)
+    try:
+        out = d.decompress(body, limit + 1)
+    except zlib.error as err:
+        raise HttpError(400, f"request body is not valid {enc} data ({err})") from None
+    if len(out) > limit:
+        raise HttpError(413, f"request body inflates past the limit of {limit} bytes "
+                             "(http.max_body_bytes)")
+    if not d.eof or d.unused_data:
+        raise HttpError(400, f"request body is not one complete {enc} stream")
+    return out
 
 
 def split_body(headers: Mapping[str, str], body: bytes) -> tuple[Any, bytes]:

@@ -1,5 +1,12 @@
 """The Open Inference Protocol (KServe v2) routes, independent of any socket.
 
+Routes: ``/v2/health/live``, ``/v2/health/ready``, ``/v2``, ``/v2/models/{name}``,
+``/v2/models/{name}/ready``, ``/v2/models/{name}/infer``, and Triton's extensions
+tritonclient calls: ``/v2/models/{name}/config``, ``/v2/models/{name}/stats``,
+``/v2/models/stats``, ``/v2/repository/index`` (model routes also under
+``/versions/{v}``); ``/metrics`` (Prometheus). Infer bodies may be sent with
+``Content-Encoding: gzip`` or ``deflate``.
+
 :meth:`InferenceApp.handle` takes a method, a path, lower-cased headers and a
 body and returns (status, content type, body, extra headers), so the whole
 protocol is testable without a server.
@@ -27,6 +34,7 @@ from ._codec import (
     HttpError,
     datatype_of,
     decode_tensor,
+    decompress,
     encode_response,
     is_decimal,
     split_body,
@@ -58,6 +66,7 @@ class InferenceApp:
         #: Memory that requests being decoded, run and encoded have reserved.
         self.decoding = Budget(config.max_decode_bytes)
         self._children: dict[str, tuple[Any, Any, Any, Any]] = {}
+        self._stats: dict[tuple[str, str], _ModelStats] = {}
 
     # -- dispatch ------------------------------------------------------------------------
 
@@ -104,6 +113,13 @@ class InferenceApp:
             if parts[1] == "ready" and cur is None:
                 return 503, _JSON, b'{"error": "no model installed yet"}', {}
             return 200, _JSON, b"", {}
+        if parts == ["repository", "index"]:
+            _method(method, "POST")
+            return _ok([] if cur is None else
+                       [{"name": cur.name, "version": cur.version, "state": "READY"}])
+        if parts == ["models", "stats"]:
+            _method(method, "GET")
+            return _ok({"model_stats": [] if cur is None else [self._model_stats(cur)]})
         if parts[0] != "models" or len(parts) < 2:
             raise HttpError(404, f"no route /v2/{'/'.join(parts)}")
         name, rest = parts[1], parts[2:]
@@ -122,6 +138,12 @@ class InferenceApp:
         if rest == ["infer"]:
             _method(method, "POST")
             return self._infer(served, headers, body)
+        if rest == ["config"]:
+            _method(method, "GET")
+            return _ok(_triton_config(served))
+        if rest == ["stats"]:
+            _method(method, "GET")
+            return _ok({"model_stats": [self._model_stats(served)]})
         raise HttpError(404, f"no route /v2/models/{name}/{'/'.join(rest)}")
 
     def _model(self, cur: Served | None, name: str, version: str | None) -> Served:
@@ -147,6 +169,10 @@ class InferenceApp:
 
     # -- infer ---------------------------------------------------------------------------
 
+    def _model_stats(self, served: Served) -> dict[str, Any]:
+        """Triton's statistics of the served model version."""
+        return self._stats_for(served).triton(served.name, served.version)
+
     def _children_for(self, name: str) -> tuple[Any, Any, Any, Any]:
         ch = self._children.get(name)
         if ch is None:
@@ -165,31 +191,48 @@ class InferenceApp:
                                  f"{self.config.queue_timeout_s:g} s; retry later")
         t0 = time.perf_counter()
         cost = 0
+        stats = self._stats_for(served)
         try:
-            cost = self._reserve_decoding(headers, body)
             try:
+                body = decompress(headers.get("content-encoding", ""), body,
+                                  self.config.max_body_bytes)
+                cost = self._reserve_decoding(headers, body)
+                t1 = time.perf_counter()
                 request, blobs = split_body(headers, body)
                 feed, binary_out, wanted, req_id = self._decode(served, request, blobs)
+                t2 = time.perf_counter()
                 try:
                     outputs = served.predict(feed)
                 except InputError as err:
                     raise HttpError(400, str(err)) from err
                 except Exception as err:
                     err_c.inc()
+                    stats.fail(time.perf_counter() - t0)
                     log.error("model %s failed on a valid request: %s", served.name, err)
                     msg = f"model '{served.name}' failed: {type(err).__name__}: {err}"
                     return 500, _JSON, json.dumps({"error": " ".join(msg.split())}).encode(), {}
+                t3 = time.perf_counter()
             except HttpError:
                 bad_c.inc()
+                stats.fail(time.perf_counter() - t0)
                 raise
             result = encode_response(served.name, served.version, outputs, binary_out,
                                      wanted, req_id)
-            hist.observe(time.perf_counter() - t0)
+            t4 = time.perf_counter()
+            hist.observe(t4 - t0)
             ok_c.inc()
+            stats.success(t4 - t0, t1 - t0, t2 - t1, t3 - t2, t4 - t3)
             return result
         finally:
             self.decoding.release(cost)
             self._sem.release()
+
+    def _stats_for(self, served: Served) -> _ModelStats:
+        key = (served.name, served.version)
+        st = self._stats.get(key)
+        if st is None:
+            st = self._stats.setdefault(key, _ModelStats())
+        return st
 
     def _reserve_decoding(self, headers: Mapping[str, str], body: bytes) -> int:
         """Reserve the memory decoding ``body`` takes from :attr:`decoding`; return it."""
@@ -268,6 +311,65 @@ class InferenceApp:
                 wanted.append((o["name"], bool(op.get("binary_data", binary_out))
                                if isinstance(op, dict) else binary_out))
         return feed, binary_out, wanted, request.get("id")
+
+
+class _ModelStats:
+    """Triton's inference statistics of one model version (nanosecond sums)."""
+
+    _PHASES = ("queue", "compute_input", "compute_infer", "compute_output")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.ok = self.failed = 0
+        self.ok_ns = self.failed_ns = 0
+        self.phase_ns = dict.fromkeys(self._PHASES, 0)
+        self.last_ms = 0
+
+    def success(self, total: float, *phases: float) -> None:
+        with self._lock:
+            self.ok += 1
+            self.ok_ns += int(total * 1e9)
+            for key, sec in zip(self._PHASES, phases, strict=True):
+                self.phase_ns[key] += int(sec * 1e9)
+            self.last_ms = int(time.time() * 1000)
+
+    def fail(self, total: float) -> None:
+        with self._lock:
+            self.failed += 1
+            self.failed_ns += int(total * 1e9)
+            self.last_ms = int(time.time() * 1000)
+
+    def triton(self, name: str, version: str) -> dict[str, Any]:
+        with self._lock:
+            stats: dict[str, Any] = {"success": {"count": self.ok, "ns": self.ok_ns},
+                                     "fail": {"count": self.failed, "ns": self.failed_ns}}
+            for key, ns in self.phase_ns.items():
+                stats[key] = {"count": self.ok, "ns": ns}
+            stats["cache_hit"] = stats["cache_miss"] = {"count": 0, "ns": 0}
+            return {"name": name, "version": version, "last_inference": self.last_ms,
+                    "inference_count": self.ok, "execution_count": self.ok,
+                    "inference_stats": stats, "batch_stats": [], "memory_usage": []}
+
+
+def _triton_type(datatype: str) -> str:
+    return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
+
+
+def _triton_config(served: Served) -> dict[str, Any]:
+    """The model's configuration in Triton's JSON form (``max_batch_size`` 0: the dims
+    are the whole shape, -1 where it varies)."""
+    p = served.predictor
+
+    def tensor(s: Any) -> dict[str, Any]:
+        return {"name": s.name, "data_type": _triton_type(datatype_of(s.dtype)),
+                "dims": [d if isinstance(d, int) else -1 for d in s.shape]}
+
+    platform = _PLATFORM.get(p.format, p.format)
+    return {"name": served.name, "platform": platform,
+            "backend": "onnxruntime" if platform == "onnxruntime_onnx" else p.format,
+            "version_policy": {"latest": {"num_versions": 1}},
+            "max_batch_size": 0, "input": [tensor(s) for s in p.inputs],
+            "output": [tensor(s) for s in p.outputs]}
 
 
 def _check_named_dims(served: Served, feed: Mapping[str, np.ndarray]) -> None:
