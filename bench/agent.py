@@ -9,13 +9,23 @@
    deployment: MQTT, TUF fetch, verify, load, smoke test, swap, health window.
 3. Agent RSS idle without a model (goal ≤ 60 MB), and with the trivial model.
 4. Size of a fresh venv with ``pip install '.[agent]'`` (goal ≤ 250 MB).
+5. A burst of new connections: 32 clients without keep-alive, 40 requests each; p99
+   (goal ≤ 20 ms) and how many took ≥ 1 s (SYN retransmits of a short listen backlog).
+6. Memory and threads a client can hold: agent RSS while 20 connections each send
+   15 MiB of a declared 16 MiB body and stop; threads with 300 idle connections; peak
+   RSS of one 13.7 MiB JSON infer and of four at once.
 
     .venv/bin/python bench/agent.py [--swaps 100] [--requests 4000] [--skip-venv]
+        [--agent-code DIR]
+
+``--agent-code`` runs the agent subprocesses from another checkout (say the main
+branch) to measure before and after a change side by side.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -42,6 +52,8 @@ from tests import _models  # noqa: E402
 from tests._broker import Mosquitto  # noqa: E402
 
 FLEET = "bench"
+#: Where the agent subprocesses import ``device_agent`` and ``edge_sdk`` from.
+AGENT_CODE = ROOT
 X = np.array([[1.0, 2.0, 3.0, 4.0]], dtype=np.float32)
 BODY = json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
                                "data": X.reshape(-1).tolist()}]}).encode()
@@ -63,7 +75,8 @@ class Agent:
         with open(self.dir / "log", "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "device_agent", "--config", str(cfg), "--log-level",
-                 "warning"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+                 "warning"], cwd=AGENT_CODE, stdout=subprocess.DEVNULL, stderr=log,
+                env={**os.environ, "PYTHONPATH": str(AGENT_CODE)})
         runtime = self.dir / "state" / "agent.json"
         deadline = time.monotonic() + 60
         while True:
@@ -78,11 +91,18 @@ class Agent:
                 raise SystemExit(f"agent did not start: {(self.dir / 'log').read_text()}")
             time.sleep(0.05)
 
-    def rss_mb(self) -> float:
+    def rss_mb(self, field: str = "VmRSS") -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
         return float("nan")
+
+    def threads(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/task"))
+
+    def reset_peak(self) -> None:
+        """Make VmHWM start again from the current RSS (Linux clear_refs)."""
+        Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
 
     def version(self) -> str | None:
         c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
@@ -155,6 +175,112 @@ def overhead(agent: Agent, art: edge_sdk.Artifact, requests: int) -> dict[str, f
     conn.close()
     raw.close()
     return {f"{k}_p{q}": pct(v, q) for k, v in times.items() for q in (50, 99)}
+
+
+def _roundtrip(port: int, request: bytes) -> bytes:
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        s.sendall(request)
+        out = b""
+        while data := s.recv(1 << 20):
+            out += data
+        return out
+    finally:
+        s.close()
+
+
+def burst(agent: Agent, clients: int = 32, each: int = 40) -> dict[str, float]:
+    """Many clients opening a new connection per request, all at once."""
+    request = (b"POST /v2/models/adder/infer HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n"
+               b"Content-Length: " + str(len(BODY)).encode() + b"\r\n\r\n" + BODY)
+    lat: list[float] = []
+    failed: list[str] = []
+    gate = threading.Barrier(clients)
+
+    def client() -> None:
+        gate.wait()
+        for _ in range(each):
+            t0 = time.perf_counter()
+            try:
+                got = _roundtrip(agent.port, request)
+            except OSError as err:
+                failed.append(repr(err))
+                continue
+            lat.append(time.perf_counter() - t0)
+            if not got.startswith(b"HTTP/1.1 200"):
+                failed.append(got[:60].decode("latin-1"))
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"p50": pct(lat, 50), "p99": pct(lat, 99), "n": len(lat),
+            "slow": sum(v >= 1.0 for v in lat), "failed": len(failed)}
+
+
+def big_json(rows: int) -> bytes:
+    x = np.random.default_rng(0).random((rows, 4), dtype=np.float32)
+    return json.dumps({"inputs": [{"name": "x", "shape": [rows, 4], "datatype": "FP32",
+                                   "data": x.reshape(-1).tolist()}]}).encode()
+
+
+def memory(agent: Agent) -> dict[str, Any]:
+    """What clients can make the agent hold: slow big bodies, idle connections, and the
+    decoding memory of big JSON requests."""
+    out: dict[str, Any] = {"rss0": agent.rss_mb()}
+    declared, sent = 16 << 20, 15 << 20
+    chunk = b" " * (1 << 20)
+    socks = []
+    for _ in range(20):
+        s = socket.create_connection(("127.0.0.1", agent.port), timeout=30)
+        socks.append(s)
+        try:
+            s.sendall(b"POST /v2/models/adder/infer HTTP/1.1\r\nHost: b\r\n"
+                      b"Content-Length: %d\r\n\r\n" % declared)
+            for _ in range(sent >> 20):
+                s.sendall(chunk)
+        except OSError:
+            pass  # refused: the agent answered and closed
+    time.sleep(1.0)
+    out["slow_rss"] = agent.rss_mb()
+    out["slow_threads"] = agent.threads()
+    refused = 0
+    for s in socks:
+        s.settimeout(0.2)
+        with contextlib.suppress(OSError):
+            refused += s.recv(64, socket.MSG_PEEK).startswith(b"HTTP/1.1 503")
+        s.close()
+    out["slow_refused"] = refused
+    time.sleep(1.0)
+    idle = [socket.create_connection(("127.0.0.1", agent.port), timeout=30)
+            for _ in range(300)]
+    time.sleep(1.0)
+    out["idle_threads"] = agent.threads()
+    for s in idle:
+        s.close()
+    time.sleep(1.0)
+    body = big_json(177_000)
+    out["json_mib"] = len(body) / 2**20
+    request = (b"POST /v2/models/adder/infer HTTP/1.1\r\nHost: b\r\nConnection: close\r\n"
+               b"Content-Length: %d\r\n\r\n" % len(body)) + body
+    for n in (1, 4):
+        base = agent.rss_mb()
+        agent.reset_peak()
+        statuses: list[str] = []
+
+        def one(into: list[str] = statuses) -> None:
+            into.append(_roundtrip(agent.port, request)[9:12].decode())
+
+        threads = [threading.Thread(target=one) for _ in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        out[f"peak{n}"] = (base, agent.rss_mb("VmHWM"), sorted(statuses))
+        time.sleep(0.5)
+    return out
 
 
 class Load:
@@ -258,7 +384,11 @@ def main() -> None:
     ap.add_argument("--swaps", type=int, default=100)
     ap.add_argument("--requests", type=int, default=4000)
     ap.add_argument("--skip-venv", action="store_true")
+    ap.add_argument("--agent-code", type=Path, default=ROOT,
+                    help="checkout the agent subprocesses run from (default: this one)")
     args = ap.parse_args()
+    global AGENT_CODE
+    AGENT_CODE = args.agent_code.resolve()
     tmp = Path(tempfile.mkdtemp(prefix="edge-agent-bench-"))
     try:
         with Mosquitto(tmp / "broker") as broker:
@@ -302,7 +432,8 @@ def run(tmp: Path, broker: Mosquitto, args: argparse.Namespace) -> None:
                 raise SystemExit(f"deployment of {version} did not commit")
             time.sleep(0.002)
 
-    print(f"agent bench on {os.cpu_count()} cores, python {sys.version.split()[0]}")
+    print(f"agent bench on {os.cpu_count()} cores, python {sys.version.split()[0]}, agent "
+          f"code from {AGENT_CODE}")
     idle = Agent(tmp, "idle", broker, repo, 0.2)
     time.sleep(3.0)
     rss_idle = idle.rss_mb()
@@ -321,42 +452,57 @@ def run(tmp: Path, broker: Mosquitto, args: argparse.Namespace) -> None:
           f"{o['raw_p50'] - o['local_p50']:.3f} ms), p99 {o['raw_p99']:.3f} ms; the rest of the "
           "HTTP figure is Python's http.client")
 
-    for i in range(2, args.swaps + 2):
-        release(i)
-    # Quiet and swapping phases alternate under one continuous load (bursts of 5 swaps,
-    # then a quiet spell as long as the burst), so machine noise hits both alike.
-    phases: list[tuple[str, float, float]] = []
-    t_start = time.monotonic()
-    with Load(agent.port) as load:
-        time.sleep(1.0)
-        done = 0
-        while done < args.swaps:
-            a = time.perf_counter()
-            for i in range(done, min(done + 5, args.swaps)):
-                deploy("dev", i + 2)
-            b = time.perf_counter()
-            phases.append(("swap", a, b))
-            done = min(done + 5, args.swaps)
-            time.sleep(max(b - a, 0.5))
-            phases.append(("quiet", b, time.perf_counter()))
-    swap_s = time.monotonic() - t_start
-    final = agent.version()
-    by: dict[str, list[float]] = {"swap": [], "quiet": []}
-    for t, lat in load.samples:
-        for kind, a, b in phases:
-            if a <= t < b:
-                by[kind].append(lat)
-                break
-    p99_base, p99_swap = pct(by["quiet"], 99), pct(by["swap"], 99)
-    print(f"[2] {args.swaps} swaps under load in {swap_s:.1f} s: {len(load.lat)} requests, "
-          f"{len(load.failed)} failed (goal 0), {len(load.versions)} versions answered, "
-          f"now serving {final}")
-    print(f"    p99 while swapping {p99_swap:.3f} ms ({len(by['swap'])} requests) vs "
-          f"{p99_base:.3f} ms in the quiet spells between ({len(by['quiet'])}) -> ratio "
-          f"{p99_swap / p99_base:.2f}x (goal <= 2); p50 {pct(by['swap'], 50):.3f} vs "
-          f"{pct(by['quiet'], 50):.3f} ms")
-    if load.failed:
-        print(f"    first failures: {load.failed[:3]}")
+    b = burst(agent)
+    print(f"[5] burst of new connections (32 clients, no keep-alive): {b['n']:.0f} requests, "
+          f"p50 {b['p50']:.2f} ms, p99 {b['p99']:.2f} ms (goal <= 20), {b['slow']:.0f} took "
+          f">= 1 s, {b['failed']:.0f} failed")
+    m = memory(agent)
+    print(f"[6] RSS with 20 connections each sending 15 MiB of a declared 16 MiB body: "
+          f"{m['rss0']:.0f} -> {m['slow_rss']:.0f} MB ({m['slow_refused']} refused with 503, "
+          f"{m['slow_threads']} threads)")
+    print(f"    threads with 300 idle connections: {m['idle_threads']}")
+    for n in (1, 4):
+        base, peak, statuses = m[f"peak{n}"]
+        print(f"    {n} x {m['json_mib']:.1f} MiB JSON infer at once: RSS {base:.0f} -> peak "
+              f"{peak:.0f} MB (+{peak - base:.0f}), answers {', '.join(statuses)}")
+
+    if args.swaps:
+        for i in range(2, args.swaps + 2):
+            release(i)
+        # Quiet and swapping phases alternate under one continuous load (bursts of 5 swaps,
+        # then a quiet spell as long as the burst), so machine noise hits both alike.
+        phases: list[tuple[str, float, float]] = []
+        t_start = time.monotonic()
+        with Load(agent.port) as load:
+            time.sleep(1.0)
+            done = 0
+            while done < args.swaps:
+                a = time.perf_counter()
+                for i in range(done, min(done + 5, args.swaps)):
+                    deploy("dev", i + 2)
+                b = time.perf_counter()
+                phases.append(("swap", a, b))
+                done = min(done + 5, args.swaps)
+                time.sleep(max(b - a, 0.5))
+                phases.append(("quiet", b, time.perf_counter()))
+        swap_s = time.monotonic() - t_start
+        final = agent.version()
+        by: dict[str, list[float]] = {"swap": [], "quiet": []}
+        for t, lat in load.samples:
+            for kind, a, b in phases:
+                if a <= t < b:
+                    by[kind].append(lat)
+                    break
+        p99_base, p99_swap = pct(by["quiet"], 99), pct(by["swap"], 99)
+        print(f"[2] {args.swaps} swaps under load in {swap_s:.1f} s: {len(load.lat)} requests, "
+              f"{len(load.failed)} failed (goal 0), {len(load.versions)} versions answered, "
+              f"now serving {final}")
+        print(f"    p99 while swapping {p99_swap:.3f} ms ({len(by['swap'])} requests) vs "
+              f"{p99_base:.3f} ms in the quiet spells between ({len(by['quiet'])}) -> ratio "
+              f"{p99_swap / p99_base:.2f}x (goal <= 2); p50 {pct(by['swap'], 50):.3f} vs "
+              f"{pct(by['quiet'], 50):.3f} ms")
+        if load.failed:
+            print(f"    first failures: {load.failed[:3]}")
     print(f"[3] agent RSS idle without a model: {rss_idle:.1f} MB (goal <= 60); with the "
           f"trivial model after the overhead run: {rss_model:.1f} MB")
     agent.stop()

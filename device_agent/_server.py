@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import queue
 import selectors
 import socket
 import threading
@@ -279,8 +280,11 @@ class HttpServer:
                                               backlog=self.config.listen_backlog)
         except OSError as err:
             raise ConfigError(f"http: cannot listen on {bind}:{port}: {err.strerror}") from err
+        self._sock.setblocking(False)
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
+        self._workers = 0
+        self._queue: queue.SimpleQueue[socket.socket | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
     @property
@@ -314,6 +318,8 @@ class HttpServer:
         for s in conns:
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
+        for _ in range(self._workers):
+            self._queue.put(None)
 
     def _accept_loop(self) -> None:
         with selectors.DefaultSelector() as sel:
@@ -321,11 +327,13 @@ class HttpServer:
             while not self.stopping:
                 if not sel.select(0.2):
                     continue
-                try:
-                    conn, _ = self._sock.accept()
-                except OSError:
-                    continue
-                self._admit(conn)
+                while not self.stopping:  # all that are queued, one select for a burst
+                    try:
+                        conn, _ = self._sock.accept()
+                    except OSError:
+                        break
+                    conn.setblocking(True)
+                    self._admit(conn)
 
     def _admit(self, conn: socket.socket) -> None:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -333,6 +341,11 @@ class HttpServer:
             full = len(self._conns) >= self.config.max_connections
             if not full:
                 self._conns.add(conn)
+                # Threads are kept and reused (starting one costs more than a small
+                # request); there is one for every open connection, up to the cap.
+                spawn = self._workers < len(self._conns)
+                if spawn:
+                    self._workers += 1
         if full:
             # Answered without reading the request, and without blocking this thread.
             self.count_error(503)
@@ -348,17 +361,19 @@ class HttpServer:
                 pass
             conn.close()
             return
-        threading.Thread(target=self._run, args=(conn,), name="agent-http-conn",
-                         daemon=True).start()
+        if spawn:
+            threading.Thread(target=self._work, name="agent-http-conn", daemon=True).start()
+        self._queue.put(conn)
 
-    def _run(self, conn: socket.socket) -> None:
-        try:
-            _Connection(self, conn).serve()
-        finally:
-            with self._lock:
-                self._conns.discard(conn)
-            with contextlib.suppress(OSError):
-                conn.close()
+    def _work(self) -> None:
+        while (conn := self._queue.get()) is not None:
+            try:
+                _Connection(self, conn).serve()
+            finally:
+                with self._lock:
+                    self._conns.discard(conn)
+                with contextlib.suppress(OSError):
+                    conn.close()
 
     def __repr__(self) -> str:
         return f"HttpServer({self.url}, {self.connections} connection(s))"
