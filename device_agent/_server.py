@@ -17,10 +17,10 @@ in-process ``predict`` a fraction of a millisecond.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
-import queue
 import selectors
 import socket
 import threading
@@ -102,13 +102,16 @@ class _Connection:
 
     def _send_error(self, status: int, message: str) -> None:
         self.server.count_error(status)
+        self.server.release(self.sock)
         try:
             self.sock.settimeout(1.0)
             self.sock.sendall(_error(status, message))
             # Closing with unread bytes resets the connection, which can drop the answer
             # before the client reads it: read a little of what it is still sending first.
             self.sock.shutdown(socket.SHUT_WR)
-            for _ in range(16):
+            until = time.monotonic() + 1.0
+            while (left := until - time.monotonic()) > 0:
+                self.sock.settimeout(left)
                 if not self.sock.recv(65536):
                     break
         except OSError:
@@ -170,6 +173,8 @@ class _Connection:
         del body
         if method == "HEAD":
             keep = False
+        if not keep:
+            self.server.release(self.sock)
         self.sock.settimeout(cfg.request_timeout_s)
         try:
             self.sock.sendall(_response(status, ctype, payload, extra, not keep,
@@ -281,10 +286,11 @@ class HttpServer:
         except OSError as err:
             raise ConfigError(f"http: cannot listen on {bind}:{port}: {err.strerror}") from err
         self._sock.setblocking(False)
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._conns: set[socket.socket] = set()
-        self._workers = 0
-        self._queue: queue.SimpleQueue[socket.socket | None] = queue.SimpleQueue()
+        #: Accepted connections waiting for a thread, and the threads (all, and waiting).
+        self._pending: collections.deque[socket.socket] = collections.deque()
+        self._workers = self._idle = 0
         self._thread: threading.Thread | None = None
 
     @property
@@ -299,6 +305,12 @@ class HttpServer:
     def connections(self) -> int:
         with self._lock:
             return len(self._conns)
+
+    def release(self, conn: socket.socket) -> None:
+        """Stop counting ``conn`` against ``max_connections``: it is closing. Done before
+        its last answer is sent, as a client may reconnect as soon as it has read it."""
+        with self._lock:
+            self._conns.discard(conn)
 
     def count_error(self, status: int) -> None:
         self.app.metrics.errors.labels(str(status)).inc()
@@ -318,8 +330,8 @@ class HttpServer:
         for s in conns:
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-        for _ in range(self._workers):
-            self._queue.put(None)
+        with self._lock:
+            self._lock.notify_all()
 
     def _accept_loop(self) -> None:
         with selectors.DefaultSelector() as sel:
@@ -341,11 +353,16 @@ class HttpServer:
             full = len(self._conns) >= self.config.max_connections
             if not full:
                 self._conns.add(conn)
+                self._pending.append(conn)
                 # Threads are kept and reused (starting one costs more than a small
-                # request); there is one for every open connection, up to the cap.
-                spawn = self._workers < len(self._conns)
+                # request). A closing connection no longer counts against the cap while
+                # it sends its last answer, hence up to twice the cap in threads.
+                spawn = self._idle < len(self._pending) and \
+                    self._workers < 2 * self.config.max_connections
                 if spawn:
                     self._workers += 1
+                else:
+                    self._lock.notify()
         if full:
             # Answered without reading the request, and without blocking this thread.
             self.count_error(503)
@@ -363,15 +380,22 @@ class HttpServer:
             return
         if spawn:
             threading.Thread(target=self._work, name="agent-http-conn", daemon=True).start()
-        self._queue.put(conn)
 
     def _work(self) -> None:
-        while (conn := self._queue.get()) is not None:
+        while True:
+            with self._lock:
+                self._idle += 1
+                while not self._pending and not self.stopping:
+                    self._lock.wait()
+                self._idle -= 1
+                if self.stopping:
+                    self._workers -= 1
+                    return
+                conn = self._pending.popleft()
             try:
                 _Connection(self, conn).serve()
             finally:
-                with self._lock:
-                    self._conns.discard(conn)
+                self.release(conn)
                 with contextlib.suppress(OSError):
                     conn.close()
 

@@ -145,3 +145,26 @@ def test_not_ready_503_is_counted_in_metrics(tmp_path: Path) -> None:
     finally:
         a.stop()
 
+
+
+def test_burst_of_new_connections_is_all_answered(tight: Agent) -> None:
+    # 16 clients at once on an agent capped at 4 connections would see 503s if a closed
+    # connection were still counted; without keep-alive every request is a new one.
+    import threading
+
+    assert tight.http is not None
+    port, statuses = tight.http.port, []
+    gate = threading.Barrier(4)
+
+    def client() -> None:
+        gate.wait()
+        for _ in range(25):
+            statuses.append(call(port, "POST", "/v2/models/adder/infer", body_of(1),
+                                 {"Connection": "close"})[0])
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert statuses == [200] * 100
