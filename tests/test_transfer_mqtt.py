@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,26 @@ def test_connection_resubscribes_and_resends_after_broker_restart(broker: Mosqui
         assert states[:2] == [False, True]
         assert a.connected
 
+
+def test_publish_while_the_link_is_down_is_acknowledged_after_reconnect(
+        broker: Mosquitto) -> None:
+    cfg = MqttConfig(url=broker.url, fleet="lab")
+    with MqttConnection(cfg, name="a") as a, MqttConnection(cfg, name="b") as b:
+        inbox = _Inbox()
+        a.subscribe("edge/lab/dev/a/desired", inbox)
+        first = b.publish("edge/lab/dev/a/desired", b"up")
+        assert first.wait(10) and first.published
+        broker.stop()
+        deadline = time.monotonic() + 10
+        while b.connected and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not b.connected
+        queued = b.publish("edge/lab/dev/a/desired", b"queued while down")
+        assert not queued.published
+        assert not queued.wait(0.05)
+        broker.start()
+        assert queued.wait(15) and queued.published
+        inbox.wait_for(b"queued while down")
 
 def test_persistent_session_gets_what_was_published_while_it_was_away(
         tmp_path: Path) -> None:

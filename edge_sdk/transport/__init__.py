@@ -7,9 +7,11 @@ Public API (paho never appears in it):
 - :class:`MqttConnection`: one connection with automatic reconnect.
   ``connect(timeout=None, wait=True)``, ``close()``, ``connected``,
   ``wait_connected(timeout)``, ``add_connection_listener(fn(up: bool))`` (and remove),
-  ``publish(topic, payload, qos=1, retain=False)``, ``publish_wait(...)``,
+  ``publish(topic, payload, qos=1, retain=False) -> PublishHandle``, ``publish_wait(...)``,
   ``subscribe(filter, handler(topic: str, payload: bytes), qos=1) -> Subscription``
   (re-subscribed after every reconnect; handlers run on the network thread).
+- :class:`PublishHandle`: ``published`` (acknowledged by the broker, QoS 1; written,
+  QoS 0) and ``wait(timeout) -> bool``.
 - :class:`Topics`: ``edge/{fleet}/...`` names (announce, repo_request(dev),
   repo_response(dev), desired(dev), group_desired(group), state(dev), events(dev)).
 - :class:`FetchConfig`, :class:`ChunkClient`, :class:`MqttFetcher`: device-side
@@ -22,7 +24,7 @@ Public API (paho never appears in it):
 
 from ._chunks import DEFAULT_CHUNK, MAX_CHUNK, MESSAGE_LIMIT
 from ._config import LastWill, MqttConfig
-from ._connection import MqttConnection, Subscription
+from ._connection import MqttConnection, PublishHandle, Subscription
 from ._errors import EndlessDataError, RemoteNotFoundError, SlowRetrievalError
 from ._fetcher import REPO_URL, ChunkClient, FetchConfig, FetchStats, MqttFetcher
 from ._responder import DeviceLimits, RepoResponder, ResponderConfig
@@ -42,6 +44,7 @@ __all__ = [
     "MqttConfig",
     "MqttConnection",
     "MqttFetcher",
+    "PublishHandle",
     "RemoteNotFoundError",
     "RepoResponder",
     "ResponderConfig",

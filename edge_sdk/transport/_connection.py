@@ -5,7 +5,7 @@ Usage::
     conn = MqttConnection(MqttConfig(url="mqtt://broker:1883", fleet="lab"))
     conn.connect()                       # waits for the first CONNACK, raises TransportError
     conn.subscribe("edge/lab/dev/d1/desired", lambda topic, payload: ...)
-    conn.publish("edge/lab/dev/d1/state", b"{...}", qos=1, retain=True)
+    conn.publish("edge/lab/dev/d1/state", b"{...}", qos=1, retain=True)  # -> PublishHandle
     conn.close()
 
 Handlers run on the connection's network thread: they must be quick and must
@@ -58,6 +58,43 @@ class Subscription:
         if self._conn is not None:
             self._conn._unsubscribe(self)
             self._conn = None
+
+
+#: paho marks a message "published" with these codes when it will never reach the broker.
+_LOST = (MQTTErrorCode.MQTT_ERR_CONN_LOST, MQTTErrorCode.MQTT_ERR_QUEUE_SIZE)
+
+
+class PublishHandle:
+    """What became of one :meth:`MqttConnection.publish`.
+
+    ``published`` turns true when the broker acknowledged the message (QoS 1)
+    or it was written to the socket (QoS 0). A QoS 1 message published while
+    the link is down is sent on reconnect and turns true then; a QoS 0 message
+    lost with the link never does.
+    """
+
+    __slots__ = ("_info",)
+
+    def __init__(self, info: paho.MQTTMessageInfo) -> None:
+        self._info = info
+
+    @property
+    def published(self) -> bool:
+        info = self._info
+        # Not info.is_published(): it raises for a message queued while the link was
+        # down, which paho does send after the reconnect.
+        with info._condition:
+            return info._published and info.rc not in _LOST
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until ``published`` or ``timeout`` seconds; return ``published``."""
+        info = self._info
+        if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+            return False
+        with info._condition:
+            # paho notifies this condition when the PUBACK (or the write) comes in.
+            done = info._condition.wait_for(lambda: info._published, timeout)
+            return done and info.rc not in _LOST
 
 
 class _SubAck:
@@ -225,25 +262,12 @@ class MqttConnection:
     # -- messages ------------------------------------------------------------------
 
     def publish(self, topic: str, payload: bytes | str, *, qos: int = 1,
-                retain: bool = False) -> None:
-        """Queue a message; QoS 1 messages survive a reconnect. Never blocks on the network."""
-        self._publish(topic, payload, qos, retain)
+                retain: bool = False) -> PublishHandle:
+        """Queue a message; QoS 1 messages survive a reconnect. Never blocks on the network.
 
-    def publish_wait(self, topic: str, payload: bytes | str, *, qos: int = 1,
-                     retain: bool = False, timeout: float = 10.0) -> None:
-        """Publish and wait until the broker acknowledged it (QoS 1) or it was written (QoS 0)."""
-        info = self._publish(topic, payload, qos, retain)
-        deadline = time.monotonic() + timeout
-        while not info.is_published():
-            if time.monotonic() > deadline:
-                raise TransportError(
-                    f"broker {self.config.url} did not acknowledge the message on {topic} "
-                    f"within {timeout:.0f} s"
-                )
-            time.sleep(0.005)
-
-    def _publish(self, topic: str, payload: bytes | str, qos: int,
-                 retain: bool) -> paho.MQTTMessageInfo:
+        Raises :class:`TransportError` for a topic brokers refuse, QoS 2, or a
+        closed connection.
+        """
         if qos not in (0, 1):
             raise TransportError(f"QoS {qos} is not supported (0 or 1 only, as on AWS IoT Core)")
         check_publish_topic(topic)
@@ -252,7 +276,16 @@ class MqttConnection:
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             raise TransportError(f"cannot publish on {topic}: {paho.error_string(info.rc)}")
-        return info
+        return PublishHandle(info)
+
+    def publish_wait(self, topic: str, payload: bytes | str, *, qos: int = 1,
+                     retain: bool = False, timeout: float = 10.0) -> None:
+        """Publish and wait until the broker acknowledged it (QoS 1) or it was written (QoS 0)."""
+        if not self.publish(topic, payload, qos=qos, retain=retain).wait(timeout):
+            raise TransportError(
+                f"broker {self.config.url} did not acknowledge the message on {topic} "
+                f"within {timeout:.0f} s"
+            )
 
     def subscribe(self, topic_filter: str, handler: Handler, *, qos: int = 1,
                   wait: bool = True, timeout: float = 10.0) -> Subscription:

@@ -229,8 +229,9 @@ class ChunkClient:
             self.stats.requests_sent += 1
             acked: Callable[[], bool]
             try:
-                acked = self.connection._publish(self.topics.repo_request(self.device_id),
-                                                 req.encode(), 1, False).is_published
+                handle = self.connection.publish(self.topics.repo_request(self.device_id),
+                                                 req.encode(), qos=1)
+                acked = lambda: handle.published  # noqa: E731
             except TransportError:
                 acked = _never
             for p in batch:

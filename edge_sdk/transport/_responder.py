@@ -22,14 +22,13 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, EdgeError, TransportError
 from . import _chunks as proto
-from ._connection import MqttConnection, Subscription
+from ._connection import MqttConnection, PublishHandle, Subscription
 from ._topics import RESPONDER_SHARE_GROUP, Topics
 
 log = logging.getLogger("edge_sdk.transport")
@@ -132,11 +131,11 @@ class _Budget:
     def __init__(self, limits: DeviceLimits, now: float) -> None:
         self.requests = _TokenBucket(limits.requests_per_s, limits.burst_requests, now)
         self.bytes = _TokenBucket(limits.bytes_per_s, limits.burst_bytes, now)
-        self.inflight: list[tuple[Callable[[], bool], int]] = []
+        self.inflight: list[tuple[PublishHandle, int]] = []
         self.dropped = 0
 
     def unacked(self) -> int:
-        self.inflight = [(done, n) for done, n in self.inflight if not done()]
+        self.inflight = [(h, n) for h, n in self.inflight if not h.published]
         return sum(n for _, n in self.inflight)
 
 
@@ -239,10 +238,10 @@ class RepoResponder:
         return budget
 
     def _send(self, reply_to: str, resp: proto.ChunkResponse, budget: _Budget) -> None:
-        info = self.connection._publish(reply_to, resp.encode(), 1, False)
+        handle = self.connection.publish(reply_to, resp.encode(), qos=1)
         if resp.status == proto.OK:
             self.stats.bytes_sent += len(resp.payload)
-            budget.inflight.append((info.is_published, len(resp.payload)))
+            budget.inflight.append((handle, len(resp.payload)))
 
     def _on_request(self, topic: str, payload: bytes) -> None:
         # Runs on the connection's network thread, one message at a time: the budgets
