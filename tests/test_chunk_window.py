@@ -27,11 +27,12 @@ CFG = FetchConfig(chunk_size=K, window=8, batch=4, chunk_timeout=1.0, retries=2,
                   backoff_base=0.25, backoff_max=2.0, max_slowdown_s=5.0)
 
 
-def window(config: FetchConfig = CFG, **kw: object) -> ChunkWindow:
+def window(config: FetchConfig = CFG, path: str = "targets/m/1.0/x.onnx",
+           **kw: object) -> ChunkWindow:
     ids = itertools.count(1)
     kw.setdefault("length", len(DATA))
     # rng 0.5: every jitter factor is exactly 1 (backoff) or 1.125 (slow-down).
-    return ChunkWindow("targets/m/1.0/x.onnx", config, rng=lambda: 0.5,
+    return ChunkWindow(path, config, rng=lambda: 0.5,
                        new_id=lambda n: next(ids).to_bytes(n, "big"), **kw)  # type: ignore[arg-type]
 
 
@@ -237,10 +238,22 @@ def test_endless_data_beyond_the_signed_length_is_refused() -> None:
 
 
 def test_endless_data_beyond_the_cap_is_refused_when_the_size_is_unknown() -> None:
-    w = window(length=None, cap=4 * K)
+    w = window(length=None, max_length=4 * K)
     req = w.requests(0.0)[0]
     with pytest.raises(EndlessDataError, match="at most 4096"):
         w.accept(proto.ChunkResponse(proto.OK, req.corr, 0, 1 << 30, DATA[:K]), 0.0)
+
+
+def test_signed_length_past_the_limits_is_refused_before_any_request() -> None:
+    with pytest.raises(EndlessDataError, match="signed length 10240 bytes exceeds"):
+        window(max_length=4 * K)
+    with pytest.raises(EndlessDataError, match="limit of 2048 bytes"):
+        window(FetchConfig(chunk_size=K, max_artifact_bytes=2 * K))
+
+
+def test_paths_outside_metadata_and_targets_are_refused() -> None:
+    with pytest.raises(TransportError, match="not a repository path"):
+        window(length=None, path="../etc/passwd")
 
 
 def test_chunk_longer_than_asked_is_refused() -> None:

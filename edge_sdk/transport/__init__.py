@@ -14,7 +14,10 @@ Public API (paho never appears in it):
   QoS 0) and ``wait(timeout) -> bool``.
 - :class:`Topics`: ``edge/{fleet}/...`` names (announce, repo_request(dev),
   repo_response(dev), desired(dev), group_desired(group), state(dev), events(dev)).
-- :class:`FetchConfig`, :class:`ChunkClient`, :class:`MqttFetcher`: device-side
+- :class:`RepositoryFetcher`: the interface the trust client downloads through
+  (``download(path, sink, start=, length=, max_length=, progress=)``, ``stats``, ``close()``).
+- :class:`FetchConfig`, :class:`ChunkClient` (the MQTT ``RepositoryFetcher``),
+  :class:`MqttFetcher` (python-tuf's ``FetcherInterface`` over one): device-side
   transfer (pipelined, per-chunk timeout and retries, resumable, bounded).
 - :class:`RepoResponder`, :class:`ResponderConfig`, :class:`DeviceLimits`: host-side
   chunk server; answers each device on its own topic, within a per-device budget.
@@ -26,7 +29,14 @@ from ._chunks import DEFAULT_CHUNK, MAX_CHUNK, MESSAGE_LIMIT
 from ._config import LastWill, MqttConfig
 from ._connection import MqttConnection, PublishHandle, Subscription
 from ._errors import EndlessDataError, RemoteNotFoundError, SlowRetrievalError
-from ._fetcher import REPO_URL, ChunkClient, FetchConfig, FetchStats, MqttFetcher
+from ._fetcher import (
+    REPO_URL,
+    ChunkClient,
+    FetchConfig,
+    FetchStats,
+    MqttFetcher,
+    RepositoryFetcher,
+)
 from ._responder import DeviceLimits, RepoResponder, ResponderConfig
 from ._topics import Topics
 
@@ -47,6 +57,7 @@ __all__ = [
     "PublishHandle",
     "RemoteNotFoundError",
     "RepoResponder",
+    "RepositoryFetcher",
     "ResponderConfig",
     "SlowRetrievalError",
     "Subscription",

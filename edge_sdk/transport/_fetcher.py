@@ -10,12 +10,14 @@ what makes a partial file on disk resumable from its size. Requests go out on
 the device's own request topic; a responder whose per-device budget is spent
 answers ``SLOW_DOWN`` with a wait, which the client honours before asking again.
 
-:class:`MqttFetcher` plugs :class:`ChunkClient` into python-tuf's ngclient
+:class:`RepositoryFetcher` is the interface it implements (the trust client takes
+any); :class:`MqttFetcher` plugs one into python-tuf's ngclient
 (URLs ``mqtt://repo/metadata/...`` and ``mqtt://repo/targets/...``).
 """
 
 from __future__ import annotations
 
+import abc
 import logging
 import queue
 import tempfile
@@ -35,7 +37,8 @@ from ._errors import EndlessDataError, RemoteNotFoundError, SlowRetrievalError
 from ._topics import Topics
 from ._window import ChunkWindow, FetchConfig, FetchStats
 
-__all__ = ["REPO_URL", "ChunkClient", "FetchConfig", "FetchStats", "MqttFetcher"]
+__all__ = ["REPO_URL", "ChunkClient", "FetchConfig", "FetchStats", "MqttFetcher",
+           "RepositoryFetcher"]
 
 log = logging.getLogger("edge_sdk.transport")
 
@@ -43,7 +46,36 @@ REPO_URL = "mqtt://repo/"
 Progress = Callable[[int, int], None]
 
 
-class ChunkClient:
+class RepositoryFetcher(abc.ABC):
+    """How a device reaches the release repository: one file at a time, resumable, bounded.
+
+    The one interface behind which all network access of the trust client sits,
+    as python-tuf's ``FetcherInterface`` is for ngclient. :class:`ChunkClient` is
+    the MQTT implementation; the tests' repository simulator is an in-memory one.
+    """
+
+    stats: FetchStats
+
+    @abc.abstractmethod
+    def download(self, path: str, sink: Callable[[bytes], object], *, start: int = 0,
+                 length: int | None = None, max_length: int | None = None,
+                 progress: Progress | None = None) -> int:
+        """Fetch ``path`` from byte ``start`` and pass the bytes to ``sink`` in order.
+
+        ``length`` is the full file size when known (signed metadata says so);
+        a repository offering a different size is refused with
+        :class:`EndlessDataError` if larger. Without ``length`` the size the
+        repository reports is used, bounded by ``max_length`` and
+        ``FetchConfig.max_artifact_bytes``. Returns the file's total size.
+        Raises :class:`RemoteNotFoundError`, :class:`SlowRetrievalError`,
+        :class:`EndlessDataError` or :class:`TransportError`.
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional hook; most fetchers hold nothing
+        """Release what the fetcher holds (subscriptions)."""
+
+
+class ChunkClient(RepositoryFetcher):
     """Downloads repository files through the responders, one transfer at a time."""
 
     def __init__(self, connection: MqttConnection, device_id: str, *,
@@ -100,39 +132,24 @@ class ChunkClient:
     def download(self, path: str, sink: Callable[[bytes], object], *, start: int = 0,
                  length: int | None = None, max_length: int | None = None,
                  progress: Progress | None = None) -> int:
-        """Fetch ``path`` from byte ``start`` and pass the bytes to ``sink`` in order.
-
-        ``length`` is the full file size when known (signed metadata says so);
-        a responder offering a different size is refused with
-        :class:`EndlessDataError` if larger. Without ``length`` the size the
-        responder reports is used, bounded by ``max_length`` and
-        ``FetchConfig.max_artifact_bytes``. Returns the file's total size.
-        Raises :class:`RemoteNotFoundError`, :class:`SlowRetrievalError`,
-        :class:`EndlessDataError` or :class:`TransportError`.
-        """
-        if not proto.is_safe_path(path):
-            raise TransportError(f"{path!r} is not a repository path")
-        cap = min(self.config.max_artifact_bytes,
-                  max_length if max_length is not None else self.config.max_artifact_bytes)
-        if length is not None and length > cap:
-            raise EndlessDataError(
-                f"{path}: signed length {length} bytes exceeds the limit of {cap} bytes")
+        """See :meth:`RepositoryFetcher.download`; waits while the broker link is down."""
+        window = ChunkWindow(path, self.config, start=start, length=length,
+                             max_length=max_length, stats=self.stats)
         with self._transfer:
             self._ensure_subscribed()
             inbox: queue.Queue[proto.ChunkResponse] = queue.Queue()
             self._inbox = inbox
             try:
-                return self._run(path, sink, start, length, cap, progress, inbox)
+                return self._run(window, sink, progress, inbox)
             finally:
                 self._inbox = None
 
-    def _run(self, path: str, sink: Callable[[bytes], object], start: int, length: int | None,
-             cap: int, progress: Progress | None,
-             inbox: queue.Queue[proto.ChunkResponse]) -> int:
+    def _run(self, window: ChunkWindow, sink: Callable[[bytes], object],
+             progress: Progress | None, inbox: queue.Queue[proto.ChunkResponse]) -> int:
         # The I/O half: publish what the window asks for, feed it what arrives, and
         # pause while the link is down. Every transfer rule lives in ChunkWindow.
         cfg = self.config
-        window = ChunkWindow(path, cfg, start=start, length=length, cap=cap, stats=self.stats)
+        path, start = window.path, window.start
         topic = self.topics.repo_request(self.device_id)
         # Per request id: its publish handle (None if publishing failed) and the link
         # generation it went out on.
@@ -197,14 +214,14 @@ class ChunkClient:
 
 
 class MqttFetcher(FetcherInterface):
-    """python-tuf ``FetcherInterface`` over :class:`ChunkClient`.
+    """python-tuf ``FetcherInterface`` over a :class:`RepositoryFetcher` (a :class:`ChunkClient`).
 
     Give ngclient ``metadata_base_url=REPO_URL + "metadata/"`` (see
     :data:`REPO_URL`). A missing file maps to HTTP 404 so that ngclient's root
     rotation walk ends where it should.
     """
 
-    def __init__(self, client: ChunkClient) -> None:
+    def __init__(self, client: RepositoryFetcher) -> None:
         self.client = client
 
     def _path(self, url: str) -> str:

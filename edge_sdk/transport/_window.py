@@ -6,7 +6,7 @@ timeouts, retries with backoff, ``SLOW_DOWN`` waits, duplicate answers, the
 length checks that stop endless data) is driven by plain calls and a clock
 passed in as floats. The loop around it only does this::
 
-    window = ChunkWindow(path, config, start=start, length=length, cap=cap)
+    window = ChunkWindow(path, config, start=start, length=length, max_length=max_length)
     while not window.done:
         for req in window.requests(now):        # new chunks and the ones due again
             publish(req.encode())
@@ -140,7 +140,9 @@ class ChunkWindow:
     """Bookkeeping of one download of ``path`` from byte ``start``; see the module doc.
 
     ``length`` is the signed file size when known; otherwise the first answer's
-    size is used, bounded by ``cap``. ``now`` arguments are seconds on any
+    size is used. Either is bounded by ``max_length`` and
+    ``FetchConfig.max_artifact_bytes`` (the constructor raises
+    :class:`EndlessDataError` for a signed length past them). ``now`` arguments are seconds on any
     monotonic clock. ``rng`` (jitter, in [0, 1)) and ``new_id`` (16-byte request
     ids) are injectable for tests. Methods raise :class:`SlowRetrievalError`,
     :class:`EndlessDataError`, :class:`RemoteNotFoundError` or
@@ -148,15 +150,21 @@ class ChunkWindow:
     """
 
     def __init__(self, path: str, config: FetchConfig, *, start: int = 0,
-                 length: int | None = None, cap: int | None = None,
+                 length: int | None = None, max_length: int | None = None,
                  stats: FetchStats | None = None, pace: Pace | None = None,
                  rng: Callable[[], float] = random.random,
                  new_id: Callable[[int], bytes] = secrets.token_bytes) -> None:
+        if not proto.is_safe_path(path):
+            raise TransportError(f"{path!r} is not a repository path")
+        self.cap = config.max_artifact_bytes if max_length is None else \
+            min(max_length, config.max_artifact_bytes)
+        if length is not None and length > self.cap:
+            raise EndlessDataError(
+                f"{path}: signed length {length} bytes exceeds the limit of {self.cap} bytes")
         self.path = path
         self.config = config
         self.start = start
         self.total = length
-        self.cap = config.max_artifact_bytes if cap is None else cap
         self.stats = stats if stats is not None else FetchStats()
         self.pace = pace or Pace(config)
         self._rng = rng

@@ -8,7 +8,8 @@ Device-side API (used by the agent):
   not for this device, unsigned downgrade, malformed).
 - :class:`UpdateClient` (trusted root bytes, metadata dir, partial dir, an
   :class:`~edge_sdk.transport.MqttConnection`, device id, a
-  :class:`~edge_sdk.transport.FetchConfig`): ``fetch(deployment, dest_dir)``,
+  :class:`~edge_sdk.transport.FetchConfig`; or any
+  :class:`~edge_sdk.transport.RepositoryFetcher` as ``fetcher``): ``fetch(deployment, dest_dir)``,
   ``fetch_release(name, dest_dir, version=)``, ``releases()``.
 - :func:`load_public_key` / :func:`parse_public_key` for the deployment key file.
 

@@ -29,7 +29,6 @@ import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, TargetFile, Targets  # type: ignore[attr-defined]
@@ -37,9 +36,17 @@ from tuf.ngclient import Updater, UpdaterConfig  # type: ignore[attr-defined]
 
 from .._artifact import MANIFEST_NAME, Artifact, Manifest
 from .._fs import atomic_write_text, staged_dir
-from ..errors import ArtifactError, EdgeError, InstallError, TransportError
+from ..errors import ArtifactError, EdgeError, InstallError, TransportError, UsageError
 from ..release._repository import ReleasedTarget, released_target
-from ..transport import REPO_URL, ChunkClient, FetchConfig, MqttConnection, MqttFetcher
+from ..transport import (
+    REPO_URL,
+    ChunkClient,
+    FetchConfig,
+    FetchStats,
+    MqttConnection,
+    MqttFetcher,
+    RepositoryFetcher,
+)
 from ..transport._errors import EndlessDataError, SlowRetrievalError
 from ..transport._fetcher import _SlowRetrieval
 from ._deployment import Deployment, compare_versions
@@ -80,7 +87,9 @@ def tuf_error(err: Exception, where: str) -> EdgeError:
 
 
 class UpdateClient:
-    """The device's view of the release repository, reached over ``connection``.
+    """The device's view of the release repository, reached over ``connection`` (by a
+    :class:`~edge_sdk.transport.ChunkClient` for ``device_id``), or through any other
+    :class:`~edge_sdk.transport.RepositoryFetcher` given as ``fetcher``.
 
     ``trusted_root`` is the root metadata the device was provisioned with
     (bytes); newer roots found in ``metadata_dir`` or on the repository are
@@ -89,13 +98,19 @@ class UpdateClient:
     """
 
     def __init__(self, *, trusted_root: bytes, metadata_dir: str | os.PathLike[str],
-                 partial_dir: str | os.PathLike[str], connection: MqttConnection,
-                 device_id: str, fetch_config: FetchConfig | None = None) -> None:
+                 partial_dir: str | os.PathLike[str], connection: MqttConnection | None = None,
+                 device_id: str | None = None, fetch_config: FetchConfig | None = None,
+                 fetcher: RepositoryFetcher | None = None) -> None:
         self.trusted_root = trusted_root
         self.metadata_dir = Path(metadata_dir)
         self.partial_dir = Path(partial_dir)
         self.fetch_config = fetch_config or FetchConfig()
-        self.chunks = ChunkClient(connection, device_id, config=self.fetch_config)
+        if fetcher is None:
+            if connection is None or device_id is None:
+                raise UsageError("UpdateClient needs a connection and a device id, or a fetcher")
+            fetcher = ChunkClient(connection, device_id, config=self.fetch_config)
+        #: All network access goes through this one object.
+        self.chunks: RepositoryFetcher = fetcher
         self.device_id = device_id
         try:
             self.metadata_dir.mkdir(parents=True, exist_ok=True)
@@ -104,8 +119,8 @@ class UpdateClient:
             raise InstallError(f"cannot create the update state directories: {err}") from err
 
     @property
-    def stats(self) -> Any:
-        """Transfer counters (:class:`~edge_sdk.transport.FetchStats`)."""
+    def stats(self) -> FetchStats:
+        """Transfer counters."""
         return self.chunks.stats
 
     def close(self) -> None:
