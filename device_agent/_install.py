@@ -47,13 +47,18 @@ log = logging.getLogger("device_agent")
 #: Test-only: kill the agent with SIGKILL when it reaches the named point; with a
 #: ``:thread`` suffix (``install_started:thread``) end only the thread that reached it.
 CRASH_ENV = "EDGE_SDK_AGENT_CRASH_AT"
+#: Every crash point, in the order an install reaches them. The last two are reached
+#: at boot, after a restart inside a trial: ``boot_trial_saved`` when the trial
+#: resumes, ``rollback_saved`` when it has used up ``health.max_restarts`` (also
+#: reached when a health window fails). The kill -9 test crashes at each one.
 CRASH_POINTS = (
     "install_started", "fetched", "adopted", "loaded", "smoke_tested", "trial_saved",
-    "swapped", "health_probe", "committed", "cleaned", "rollback_saved", "boot_trial_saved",
+    "swapped", "health_probe", "committed", "cleaned", "boot_trial_saved", "rollback_saved",
 )
 
 
 def crash_point(name: str) -> None:
+    assert name in CRASH_POINTS, f"crash point {name!r} is missing from CRASH_POINTS"
     at = os.environ.get(CRASH_ENV)
     if at == name:
         os.kill(os.getpid(), signal.SIGKILL)

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 import edge_sdk
+from device_agent._install import CRASH_ENV, CRASH_POINTS
 from edge_sdk.release import (
     Repository,
     create_deployment,
@@ -35,7 +36,6 @@ from tests._broker import Mosquitto
 
 FLEET = "lab"
 ROOT = Path(__file__).resolve().parents[1]
-CRASH_ENV = "EDGE_SDK_AGENT_CRASH_AT"
 X = np.array([[1.0, 2.0, 3.0, 4.0]], dtype=np.float32)
 
 
@@ -156,7 +156,10 @@ class AgentProc:
             "[telemetry]\nheartbeat_s = 1.0\n"
         )
 
-    def start(self, crash_at: str | None = None, *, cli: bool = False) -> AgentProc:
+    def start(self, crash_at: str | None = None, *, cli: bool = False,
+              wait: bool = True) -> AgentProc:
+        """Start the agent; with ``wait``, return once it listens (a crash point reached at
+        boot kills it before that: pass ``wait=False``)."""
         env = dict(os.environ)
         env.pop(CRASH_ENV, None)
         if crash_at:
@@ -166,7 +169,8 @@ class AgentProc:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([*cmd, "--config", str(self.config)], cwd=ROOT,
                                          env=env, stdout=log, stderr=log)
-        self._wait_listening()
+        if wait:
+            self._wait_listening()
         return self
 
     def _wait_listening(self) -> None:
@@ -654,8 +658,11 @@ def test_agent_cli_reports_config_errors_in_one_line(tmp_path, capsys) -> None:
     assert res.returncode == 2 and "no such config file" in res.stderr
 
 
-DETERMINISTIC_POINTS = ("install_started", "fetched", "adopted", "loaded", "smoke_tested",
-                        "trial_saved", "swapped", "health_probe", "committed", "cleaned")
+#: The crashes that bring an agent to a boot-time crash point: one inside the trial
+#: (the next boot resumes it), or health.max_restarts (1) + 1 of them (the next boot
+#: rolls the trial back).
+LEAD_IN = {"boot_trial_saved": ("health_probe",),
+           "rollback_saved": ("health_probe", "health_probe")}
 
 
 @pytest.mark.slow
@@ -669,8 +676,8 @@ def test_kill_9_at_any_point_of_an_install_restarts_into_a_verified_model(
     fleet.deploy("crash", "1")
     agent.wait_version("1")
     rng = random.Random(7)
-    points = [*DETERMINISTIC_POINTS, *(f"random:{rng.uniform(0.0, 1.2):.3f}"
-                                       for _ in range(12))]
+    points = [*CRASH_POINTS, *(f"random:{rng.uniform(0.0, 1.2):.3f}" for _ in range(12))]
+    assert set(CRASH_POINTS) <= set(points[:len(versions)])
     served = "1"
 
     def settled(counter: int) -> bool:
@@ -686,10 +693,14 @@ def test_kill_9_at_any_point_of_an_install_restarts_into_a_verified_model(
             time.sleep(float(point.split(":")[1]))
             agent.kill()
         else:
-            agent.start(crash_at=point)
+            first, *then = [*LEAD_IN.get(point, ()), point]
+            agent.start(crash_at=first)
             counter = fleet.deploy("crash", version)
             assert agent.proc is not None
-            assert agent.proc.wait(60) == -signal.SIGKILL, point
+            assert agent.proc.wait(60) == -signal.SIGKILL, (point, first)
+            for step in then:
+                agent.start(crash_at=step, wait=False)
+                assert agent.proc.wait(60) == -signal.SIGKILL, (point, step)
         agent.start()
         wait_for(lambda: agent.get("/v2/health/ready")[0] == 200, 30)
         got, y = agent.infer()
