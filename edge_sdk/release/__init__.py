@@ -14,6 +14,7 @@
 - The responder that serves a repository is :class:`edge_sdk.transport.RepoResponder`.
 """
 
+from ..trust import ReleasedTarget, released_target
 from ._deploy import (
     SignedDeployment,
     clear_deployment,
@@ -21,7 +22,7 @@ from ._deploy import (
     deployment_state,
     publish_deployment,
 )
-from ._repository import ReleasedTarget, Repository, released_target
+from ._repository import Repository
 from ._rollout import RolloutConfig, RolloutResult, plan_waves, rollout
 from ._watch import DeploymentWatch, DeviceStatus, Outcome, fleet_status, require_success
 

@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,47 +43,15 @@ from tuf.api.serialization.json import JSONSerializer
 from .._artifact import Artifact, Manifest
 from .._fs import atomic_write_bytes
 from ..errors import ArtifactError, ConfigError, UsageError
+from ..trust._deployment import compare_versions
 from ..trust._keys import DEPLOYMENT_ROLE, KeyStore, check_outside, public_key_bytes
+from ..trust._targets import ReleasedTarget, released_target
 
 SETTINGS = "repo.json"
 DEFAULT_EXPIRES = {"root": 365, "targets": 90, "snapshot": 7, "timestamp": 1}
 # Re-sign a role when less than this fraction of its lifetime is left.
 REFRESH_MARGIN = 0.5
 _SER = JSONSerializer(compact=False)
-
-
-@dataclass(frozen=True)
-class ReleasedTarget:
-    """One released artifact as the signed targets metadata lists it."""
-
-    name: str
-    version: str
-    path: str
-    sha256: str
-    length: int
-    manifest: Mapping[str, Any]
-    files: Mapping[str, str]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "version": self.version, "path": self.path,
-                "sha256": self.sha256, "length": self.length, "files": dict(self.files)}
-
-
-def released_target(tf: TargetFile) -> ReleasedTarget | None:
-    """The :class:`ReleasedTarget` a model target describes (None for companion files)."""
-    custom = tf.unrecognized_fields.get("custom")
-    info = custom.get("edge_sdk") if isinstance(custom, dict) else None
-    if not isinstance(info, dict) or not isinstance(info.get("manifest"), str):
-        return None
-    try:
-        m = json.loads(info["manifest"])
-    except ValueError:
-        return None
-    if not isinstance(m, dict):
-        return None
-    files = info.get("files") if isinstance(info.get("files"), dict) else {}
-    return ReleasedTarget(str(m.get("name")), str(m.get("version")), tf.path,
-                          tf.hashes.get("sha256", ""), tf.length, m, dict(files or {}))
 
 
 def _manifest_text(m: Manifest) -> str:
@@ -231,8 +198,6 @@ class Repository:
 
     def find(self, name: str, version: str | None = None) -> ReleasedTarget:
         """The release ``name`` at ``version`` (default: the newest version)."""
-        from ..trust._deployment import compare_versions
-
         cands = [t for t in self.targets() if t.name == name and
                  (version is None or t.version == version)]
         if not cands:

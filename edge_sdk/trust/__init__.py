@@ -10,7 +10,7 @@ Device-side API (used by the agent):
   :class:`~edge_sdk.transport.MqttConnection`, device id, a
   :class:`~edge_sdk.transport.FetchConfig`; or any
   :class:`~edge_sdk.transport.RepositoryFetcher` as ``fetcher``): ``fetch(deployment, dest_dir)``,
-  ``fetch_release(name, dest_dir, version=)``, ``releases()``.
+  ``fetch_release(name, dest_dir, version=)``, ``releases()`` → :class:`ReleasedTarget`.
 - :func:`load_public_key` / :func:`parse_public_key` for the deployment key file.
 
 Host-side: :func:`sign_deployment`, :class:`KeyStore`; the repository itself is
@@ -44,6 +44,7 @@ from ._errors import (
     TargetMismatchError,
 )
 from ._keys import KeyStore, load_public_key, parse_public_key, public_key_bytes
+from ._targets import ReleasedTarget, released_target
 
 __all__ = [
     "Deployment",
@@ -57,6 +58,7 @@ __all__ = [
     "MalformedDeploymentError",
     "MixAndMatchError",
     "NotForThisDeviceError",
+    "ReleasedTarget",
     "ReplayError",
     "RepositoryError",
     "RollbackError",
@@ -69,6 +71,7 @@ __all__ = [
     "load_public_key",
     "parse_public_key",
     "public_key_bytes",
+    "released_target",
     "sign_deployment",
     "tuf_error",
     "verify_deployment",

@@ -37,7 +37,6 @@ from tuf.ngclient import Updater, UpdaterConfig  # type: ignore[attr-defined]
 from .._artifact import MANIFEST_NAME, Artifact, Manifest
 from .._fs import atomic_write_text, staged_dir
 from ..errors import ArtifactError, EdgeError, InstallError, TransportError, UsageError
-from ..release._repository import ReleasedTarget, released_target
 from ..transport import (
     REPO_URL,
     ChunkClient,
@@ -59,6 +58,7 @@ from ._errors import (
     TargetHashError,
     TargetMismatchError,
 )
+from ._targets import ReleasedTarget, released_target
 
 Progress = Callable[[int, int], None]
 
