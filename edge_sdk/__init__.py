@@ -7,7 +7,8 @@ A device app needs only :func:`load`::
     outputs = model.predict({"input": x})
 """
 
-from ._artifact import Artifact, Manifest, TensorSpec, build_artifact
+from ._artifact import Artifact, Manifest, TensorSpec
+from ._build import build_artifact
 from ._runtime import Predictor, load
 from .errors import (
     ArtifactError,

@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._fs import atomic_write_bytes, atomic_write_text, sha256_file, staged_dir
+from ._fs import sha256_file
 from .errors import ArtifactError
 
 SCHEMA_VERSION = 1
@@ -25,7 +24,7 @@ REPORT_NAME = "report.json"
 FORMATS = ("onnx", "ort", "tflite")
 _SUFFIX_FORMAT = {".onnx": "onnx", ".ort": "ort", ".tflite": "tflite"}
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 Dim = int | str | None
 
@@ -140,7 +139,7 @@ class Manifest:
         if fmt not in FORMATS:
             raise ArtifactError(f"{where}: format {fmt!r} is not one of {', '.join(FORMATS)}")
         model = req("model", str)
-        if not _SAFE_NAME.match(model) or model in (MANIFEST_NAME, REPORT_NAME):
+        if not SAFE_NAME.match(model) or model in (MANIFEST_NAME, REPORT_NAME):
             raise ArtifactError(
                 f"{where}: model file name {model!r} must be a plain file name inside the artifact"
             )
@@ -164,7 +163,7 @@ class Manifest:
         source = req("source", dict)
         runtime = req("runtime", dict)
         sample = data.get("sample")
-        if sample is not None and (not isinstance(sample, str) or not _SAFE_NAME.match(sample)):
+        if sample is not None and (not isinstance(sample, str) or not SAFE_NAME.match(sample)):
             raise ArtifactError(f"{where}: sample must be a plain file name inside the artifact")
         known = {
             "schema", "name", "version", "format", "model", "sha256", "size_bytes",
@@ -249,105 +248,3 @@ class Artifact:
         except (OSError, json.JSONDecodeError) as err:
             raise ArtifactError(f"{p}: unreadable report: {err}") from err
         return data if isinstance(data, dict) else {}
-
-
-def build_artifact(
-    model_file: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
-    *,
-    name: str,
-    version: str,
-    quantization: str = "none",
-    source: Mapping[str, Any] | None = None,
-    runtime: Mapping[str, Any] | None = None,
-    sample: Mapping[str, Any] | None = None,
-    report: Mapping[str, Any] | None = None,
-    extra_files: Mapping[str, str | os.PathLike[str]] | None = None,
-    extra: Mapping[str, Any] | None = None,
-    overwrite: bool = False,
-) -> Artifact:
-    """Write an artifact directory for ``model_file`` and return it, verified.
-
-    The model is loaded once with the runtime to read its signature, so a file
-    that does not load never becomes an artifact. ``sample`` (name → array) is
-    saved as ``sample.npz`` for smoke tests. The directory appears atomically:
-    on any error nothing is left at ``out_dir``.
-    """
-    from ._io import npz_bytes
-    from ._runtime import load_model_file
-
-    src = Path(model_file)
-    fmt = format_for_path(src)
-    if not _SAFE_NAME.match(name):
-        raise ArtifactError(
-            f"artifact name {name!r} must be 1-128 characters of letters, digits, '.', '_', '-'"
-        )
-    if not version or "/" in version or len(version) > 64:
-        raise ArtifactError(f"artifact version {version!r} must be a short string without '/'")
-    predictor = load_model_file(src)
-    model_name = f"model.{fmt}"
-    rt: dict[str, Any] = dict(runtime or {})
-    rt.setdefault("name", "litert" if fmt == "tflite" else "onnxruntime")
-    if fmt == "onnx" and "opset" not in rt:
-        opset = _onnx_opset(src)
-        if opset is not None:
-            rt["opset"] = opset
-    rt.setdefault("min_version", _min_runtime_version(fmt))
-    with staged_dir(out_dir, overwrite=overwrite) as tmp:
-        shutil.copyfile(src, tmp / model_name)
-        sample_name = None
-        if sample is not None:
-            sample_name = "sample.npz"
-            atomic_write_bytes(tmp / sample_name, npz_bytes(sample))
-        for fname, path in (extra_files or {}).items():
-            if not _SAFE_NAME.match(fname):
-                raise ArtifactError(f"extra file name {fname!r} must be a plain file name")
-            shutil.copyfile(path, tmp / fname)
-        manifest = Manifest(
-            name=name,
-            version=version,
-            format=fmt,
-            model=model_name,
-            sha256=sha256_file(tmp / model_name),
-            size_bytes=(tmp / model_name).stat().st_size,
-            inputs=predictor.inputs,
-            outputs=predictor.outputs,
-            quantization=quantization,
-            source=dict(source or {"format": fmt, "sha256": sha256_file(src)}),
-            runtime=rt,
-            sample=sample_name,
-            extra=dict(extra or {}),
-        )
-        atomic_write_text(tmp / MANIFEST_NAME, manifest.dumps())
-        atomic_write_text(
-            tmp / REPORT_NAME, json.dumps(dict(report or {}), indent=2, default=str) + "\n"
-        )
-        Artifact(tmp, manifest).verify()
-    return Artifact.from_dir(out_dir)
-
-
-def _min_runtime_version(fmt: str) -> str:
-    if fmt == "tflite":
-        return "1.2"
-    # ORT format and opsets are tied to the runtime that wrote them.
-    import onnxruntime
-
-    major, minor = onnxruntime.__version__.split(".")[:2]
-    return f"{major}.{minor}" if fmt == "ort" else "1.17"
-
-
-def _onnx_opset(path: Path) -> int | None:
-    try:
-        import onnx
-    except ImportError:
-        return None
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:
-        return None
-    for imp in model.opset_import:
-        if imp.domain in ("", "ai.onnx"):
-            return int(imp.version)
-    return None
-
-
