@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_sdk import TensorSpec
-from edge_sdk._bench import synthetic_inputs
-from edge_sdk._io import load_npz
+from edge_sdk._internal import load_npz, synthetic_inputs
 from edge_sdk.errors import UsageError
 
 LABELS_KEY = "labels"

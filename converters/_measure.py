@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 import edge_sdk
-from edge_sdk._bench import measure
+from edge_sdk._internal import measure
 from edge_sdk.errors import ConversionError, EdgeError
 
 METRICS = ("cosine", "top1", "mse", "max-abs")

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 import edge_sdk
-from edge_sdk._fs import sha256_file
+from edge_sdk._internal import sha256_file
 from edge_sdk.errors import ConversionError, EdgeError, UsageError
 
 from ._candidates import SCHEMES, Candidate, CandidateConfig, build_candidates

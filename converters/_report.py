@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edge_sdk._fs import atomic_write_bytes, atomic_write_text
+from edge_sdk._internal import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
     from ._data import Samples

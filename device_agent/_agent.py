@@ -13,8 +13,12 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any, cast
 
-from edge_sdk._fs import atomic_write_text
-from edge_sdk._json import MESSAGE_MAX_BYTES, MESSAGE_MAX_DEPTH, loads_bounded
+from edge_sdk._internal import (
+    MESSAGE_MAX_BYTES,
+    MESSAGE_MAX_DEPTH,
+    atomic_write_text,
+    loads_bounded,
+)
 from edge_sdk.errors import EdgeError, InstallError
 
 from ._config import AgentConfig

@@ -25,9 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from edge_sdk import Artifact
-from edge_sdk._bench import synthetic_inputs
-from edge_sdk._io import load_npz
-from edge_sdk._runtime import load_model_file
+from edge_sdk._internal import load_model_file, load_npz, synthetic_inputs
 from edge_sdk.errors import (
     ConfigError,
     EdgeError,

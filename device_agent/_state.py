@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_sdk import Artifact
-from edge_sdk._artifact import MANIFEST_NAME, REPORT_NAME
-from edge_sdk._fs import atomic_write_text, staged_dir
+from edge_sdk._internal import MANIFEST_NAME, REPORT_NAME, atomic_write_text, staged_dir
 from edge_sdk.errors import ConfigError, InstallError
 
 STATE_FILE = "installed.json"

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from edge_sdk._fs import atomic_write_text
+from edge_sdk._internal import atomic_write_text
 from edge_sdk.errors import EdgeError
 
 log = logging.getLogger("device_agent.telemetry")

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge_sdk._fs import sha256_file
+from edge_sdk._internal import sha256_file
 from edge_sdk.errors import UsageError
 
 from ._child import FrameworkChild

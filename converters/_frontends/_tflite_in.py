@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import edge_sdk
-from edge_sdk._fs import sha256_file
+from edge_sdk._internal import sha256_file
 from edge_sdk.errors import ConversionError, EdgeError, UsageError
 
 from .._data import Samples, load_samples, synthetic_samples

@@ -94,7 +94,7 @@ class TorchSource:
         return names
 
     def _from_calibration(self, calibration: Path) -> dict[str, np.ndarray]:
-        from edge_sdk._io import load_npz
+        from edge_sdk._internal import load_npz
 
         from .._data import LABELS_KEY
 
@@ -109,7 +109,7 @@ class TorchSource:
     def _calibration_specs(
         self, calibration: Path, specs: Sequence[TensorSpec]
     ) -> list[TensorSpec]:
-        from edge_sdk._io import load_npz
+        from edge_sdk._internal import load_npz
 
         arrays = load_npz(calibration)
         return [TensorSpec(s.name, _float32_if_float(arrays[s.name].dtype), s.shape)

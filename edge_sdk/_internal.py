@@ -1,0 +1,44 @@
+"""The part of edge_sdk's internals that ``converters`` and ``device_agent`` may use.
+
+Not a public API: user code and examples use ``edge_sdk``, ``edge_sdk.errors``,
+``edge_sdk.transport``, ``edge_sdk.trust`` and ``edge_sdk.release``. The sibling
+packages ship in the same distribution and change together with edge_sdk, so they
+may also use the helpers below, and only these: every other underscored module
+of edge_sdk stays edge_sdk's own (``lint-imports`` enforces it, see
+``[tool.importlinter]`` in pyproject.toml). A name moves here deliberately, when a
+sibling needs it, never by reaching into the module that defines it.
+
+- files: :func:`atomic_write_bytes`, :func:`atomic_write_text` (temp file + fsync +
+  ``os.replace``), :func:`staged_dir` (a directory that appears whole or not at
+  all), :func:`sha256_file`;
+- artifacts: :data:`MANIFEST_NAME`, :data:`REPORT_NAME` (file names inside an
+  artifact directory), :func:`load_model_file` (a Predictor for a bare model file);
+- data: :func:`load_npz` (an ``.npz`` of named arrays), :func:`synthetic_inputs`
+  (random feeds matching a signature), :func:`measure` → :class:`LatencyStats`;
+- messages: :func:`loads_bounded` with :data:`MESSAGE_MAX_BYTES` and
+  :data:`MESSAGE_MAX_DEPTH` (JSON from the network, bounded in size and depth).
+"""
+
+from ._artifact import MANIFEST_NAME, REPORT_NAME
+from ._bench import LatencyStats, measure, synthetic_inputs
+from ._fs import atomic_write_bytes, atomic_write_text, sha256_file, staged_dir
+from ._io import load_npz
+from ._json import MESSAGE_MAX_BYTES, MESSAGE_MAX_DEPTH, loads_bounded
+from ._runtime import load_model_file
+
+__all__ = [
+    "MANIFEST_NAME",
+    "MESSAGE_MAX_BYTES",
+    "MESSAGE_MAX_DEPTH",
+    "REPORT_NAME",
+    "LatencyStats",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "load_model_file",
+    "load_npz",
+    "loads_bounded",
+    "measure",
+    "sha256_file",
+    "staged_dir",
+    "synthetic_inputs",
+]
