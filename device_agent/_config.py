@@ -189,10 +189,12 @@ class AgentConfig:
     ) -> AgentConfig:
         cfg = _build(cls, data, where, "", base or Path.cwd())
         assert isinstance(cfg, AgentConfig)
-        cfg._check(where)
+        cfg.check(where)
         return cfg
 
-    def _check(self, where: str) -> None:
+    def check(self, where: str = "config") -> None:
+        """Raise :class:`ConfigError` naming the first invalid key (``from_file`` and
+        ``from_dict`` call it; a config built field by field may too)."""
         def bad(key: str, msg: str) -> ConfigError:
             return ConfigError(f"{where}: {key}: {msg}")
 

@@ -12,7 +12,8 @@ sibling needs it, never by reaching into the module that defines it.
   ``os.replace``), :func:`staged_dir` (a directory that appears whole or not at
   all), :func:`sha256_file`;
 - artifacts: :data:`MANIFEST_NAME`, :data:`REPORT_NAME` (file names inside an
-  artifact directory), :func:`load_model_file` (a Predictor for a bare model file);
+  artifact directory), :func:`load_model_file` (a Predictor for a bare model file),
+  :func:`litert_op_names` (the ops of a LiteRT interpreter's graph);
 - data: :func:`load_npz` (an ``.npz`` of named arrays), :func:`synthetic_inputs`
   (random feeds matching a signature), :func:`measure` → :class:`LatencyStats`;
 - messages: :func:`loads_bounded` with :data:`MESSAGE_MAX_BYTES` and
@@ -24,7 +25,7 @@ from ._bench import LatencyStats, measure, synthetic_inputs
 from ._fs import atomic_write_bytes, atomic_write_text, sha256_file, staged_dir
 from ._io import load_npz
 from ._json import MESSAGE_MAX_BYTES, MESSAGE_MAX_DEPTH, loads_bounded
-from ._runtime import load_model_file
+from ._runtime import litert_op_names, load_model_file
 
 __all__ = [
     "MANIFEST_NAME",
@@ -34,6 +35,7 @@ __all__ = [
     "LatencyStats",
     "atomic_write_bytes",
     "atomic_write_text",
+    "litert_op_names",
     "load_model_file",
     "load_npz",
     "loads_bounded",

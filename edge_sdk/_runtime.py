@@ -301,6 +301,13 @@ class Predictor:
         return f"Predictor({self.name!r}, format={self.format!r})"
 
 
+def litert_op_names(interpreter: Any) -> list[str]:
+    """The op name of every node in a LiteRT ``Interpreter``'s graph, in graph order."""
+    # LiteRT has no public call for the op list (ai-edge-litert 2.3): this is the one
+    # place that relies on its underscored one.
+    return [op["op_name"] for op in interpreter._get_ops_details()]  # noqa: SLF001
+
+
 def load_model_file(
     path: str | os.PathLike[str], *, threads: int | None = None, manifest: Manifest | None = None
 ) -> Predictor:

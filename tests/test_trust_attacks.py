@@ -120,7 +120,7 @@ def test_targets_signed_by_wrong_key_are_refused(tmp_path: Path, broker: Mosquit
                                                                      str(evil))
         md.signed.version += 1
         _write(e.repo, md, [CryptoSigner.generate_ed25519()])
-        e.repo._publish_snapshot_and_timestamp(md)  # online keys compromised too
+        e.repo.refresh()  # online keys compromised too: snapshot, timestamp re-signed
         dest = tmp_path / "installed"
         with pytest.raises(SignatureError) as err:
             e.client().fetch(dep, dest)
@@ -136,7 +136,7 @@ def test_targets_below_signature_threshold_are_refused(tmp_path: Path,
         md = e.repo.load("targets")
         md.signed.version += 1
         _write(e.repo, md, e.repo.keys.signers("targets")[:1])
-        e.repo._publish_snapshot_and_timestamp(md)
+        e.repo.refresh()
         dest = tmp_path / "installed"
         with pytest.raises(SignatureError, match="1/2") as err:
             e.client().fetch(dep, dest)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import edge_sdk
-from edge_sdk._internal import sha256_file
+from edge_sdk._internal import litert_op_names, sha256_file
 from edge_sdk.errors import ConversionError, EdgeError, UsageError
 
 from .._data import Samples, load_samples, synthetic_samples
@@ -118,7 +118,7 @@ def describe_quantization(path: Path) -> tuple[str, str]:
     interp = Interpreter(model_path=str(path))
     tensors = interp.get_tensor_details()
     dtypes = Counter(np.dtype(t["dtype"]).name for t in tensors)
-    ops = Counter(op["op_name"] for op in interp._get_ops_details())
+    ops = Counter(litert_op_names(interp))
     ins = [np.dtype(d["dtype"]).name for d in interp.get_input_details()]
     resource = any(k in ops for k in ("VAR_HANDLE", "READ_VARIABLE", "ASSIGN_VARIABLE"))
     note = ", resource variables" if resource else ""

@@ -15,7 +15,7 @@ from .._artifact import MANIFEST_NAME, format_for_path
 from .._bench import measure, synthetic_inputs
 from .._fs import sha256_file
 from .._io import read_inputs, save_npz, to_jsonable
-from .._runtime import Predictor, load
+from .._runtime import Predictor, litert_op_names, load
 from ..errors import UsageError
 
 
@@ -71,7 +71,7 @@ def ops_summary(model_file: Path, fmt: str) -> dict[str, int] | None:
         except ImportError:
             return None
         interp = Interpreter(model_path=str(model_file))
-        return dict(Counter(op["op_name"] for op in interp._get_ops_details()).most_common())
+        return dict(Counter(litert_op_names(interp)).most_common())
     return None
 
 

@@ -52,12 +52,12 @@ class Subscription:
     topic_filter: str
     handler: Handler
     qos: int
-    _conn: MqttConnection | None = None
+    _cancel: Callable[[Subscription], None] | None = None
 
     def cancel(self) -> None:
-        if self._conn is not None:
-            self._conn._unsubscribe(self)
-            self._conn = None
+        if self._cancel is not None:
+            self._cancel(self)
+            self._cancel = None
 
 
 #: paho marks a message "published" with these codes when it will never reach the broker.
@@ -297,7 +297,7 @@ class MqttConnection:
         """
         if qos not in (0, 1):
             raise TransportError(f"QoS {qos} is not supported (0 or 1 only)")
-        sub = Subscription(topic_filter, handler, qos, self)
+        sub = Subscription(topic_filter, handler, qos, self._unsubscribe)
         with self._lock:
             self._subs.append(sub)
         if self._link_up:
