@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import CallbackAPIVersion, ConnackCode, MQTTErrorCode
 
 from ..errors import ConfigError, TransportError
 from ._config import MqttConfig
@@ -42,6 +42,18 @@ Handler = Callable[[str, bytes], None]
 ConnectionListener = Callable[[bool], None]
 
 MAX_TOPIC_SLASHES = 7
+
+# MQTT 5 CONNACK reason codes (paho's ReasonCode has names but no constants for them).
+_MQTT5_BAD_USERNAME_OR_PASSWORD = 0x86
+_MQTT5_NOT_AUTHORIZED = 0x87
+#: CONNACK refusals that a retry cannot fix. paho hands them on as MQTT 3.1.1 return codes
+#: or as the MQTT 5 reason codes they correspond to, so both spellings count.
+_REFUSED_FOR_GOOD = frozenset({
+    ConnackCode.CONNACK_REFUSED_BAD_USERNAME_PASSWORD,
+    ConnackCode.CONNACK_REFUSED_NOT_AUTHORIZED,
+    _MQTT5_BAD_USERNAME_OR_PASSWORD,
+    _MQTT5_NOT_AUTHORIZED,
+})
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 
 
@@ -346,7 +358,7 @@ class MqttConnection:
         if getattr(reason, "is_failure", False):
             self._last_error = str(reason)
             # Bad credentials or ACL refusal will not fix themselves: report, don't spin.
-            if getattr(reason, "value", 0) in (4, 5, 134, 135):
+            if getattr(reason, "value", 0) in _REFUSED_FOR_GOOD:
                 self._refused = str(reason)
             return
         sock: Any = client.socket()
