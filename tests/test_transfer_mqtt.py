@@ -4,6 +4,7 @@ responders side by side, announcements."""
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 from pathlib import Path
@@ -79,6 +80,40 @@ def test_publish_while_the_link_is_down_is_acknowledged_after_reconnect(
         broker.start()
         assert queued.wait(15) and queued.published
         inbox.wait_for(b"queued while down")
+
+
+def test_subscription_whose_suback_died_with_the_broker_waits_for_the_resubscription(
+        broker: Mosquitto) -> None:
+    cfg = MqttConfig(url=broker.url, fleet="lab")
+    with MqttConnection(cfg, name="a") as a, MqttConnection(cfg, name="b") as b:
+        assert broker.proc is not None
+        broker.proc.send_signal(signal.SIGSTOP)  # SUBSCRIBEs go out; no SUBACK comes back
+        inbox = _Inbox()
+        a.subscribe("edge/lab/dev/a/desired", inbox, wait=False)
+        waited: list[object] = []
+
+        def subscribe_and_wait() -> None:
+            try:
+                a.subscribe("edge/lab/dev/a/events", inbox, timeout=30)
+                waited.append("acknowledged")
+            except TransportError as err:
+                waited.append(err)
+
+        waiter = threading.Thread(target=subscribe_and_wait)
+        waiter.start()
+        time.sleep(0.5)  # let the waiter's SUBSCRIBE reach the frozen broker
+        broker.proc.kill()  # the link dies with both SUBACKs still pending
+        broker.proc.wait(5)
+        broker.start()
+        waiter.join(30)
+        # Woken by the lost link and answered by the re-subscription, not by the timeout.
+        assert waited == ["acknowledged"]
+        assert b.wait_connected(15)
+        b.publish_wait("edge/lab/dev/a/desired", b"after")
+        b.publish_wait("edge/lab/dev/a/events", b"events after")
+        inbox.wait_for(b"after")
+        inbox.wait_for(b"events after")
+
 
 def test_persistent_session_gets_what_was_published_while_it_was_away(
         tmp_path: Path) -> None:

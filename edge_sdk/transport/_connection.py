@@ -110,10 +110,16 @@ class PublishHandle:
 
 
 class _SubAck:
-    def __init__(self, topic_filter: str) -> None:
+    """One SUBSCRIBE waiting for its SUBACK (``event``), keyed by paho's message id."""
+
+    def __init__(self, topic_filter: str, mid: int) -> None:
         self.topic_filter = topic_filter
+        self.mid = mid
         self.event = threading.Event()
         self.refused = False
+        #: The link dropped first: this SUBACK will never come (the subscription is re-sent
+        #: on reconnect under a new message id).
+        self.lost = False
 
 
 def _matches(topic_filter: str, topic: str) -> bool:
@@ -305,7 +311,8 @@ class MqttConnection:
 
         The subscription is re-established after every reconnect. With ``wait``
         (and a live link) it returns only after the broker acknowledged it, so
-        requests published afterwards cannot race their answers.
+        requests published afterwards cannot race their answers; if the link drops
+        first, after the reconnect that re-sends it (all within ``timeout``).
         """
         if qos not in (0, 1):
             raise TransportError(f"QoS {qos} is not supported (0 or 1 only)")
@@ -315,7 +322,7 @@ class MqttConnection:
         if self._link_up:
             ack = self._send_subscribe(topic_filter, qos)
             if wait and ack is not None:
-                if not ack.event.wait(timeout):
+                if not self._await_suback(ack, timeout):
                     raise TransportError(
                         f"broker {self.config.url} did not acknowledge the subscription to "
                         f"{topic_filter} within {timeout:.0f} s"
@@ -329,6 +336,21 @@ class MqttConnection:
                     )
         return sub
 
+    def _await_suback(self, ack: _SubAck, timeout: float) -> bool:
+        """Wait for ``ack``; if the link dropped first, for the reconnect that re-sends it."""
+        deadline = time.monotonic() + timeout
+        try:
+            done = ack.event.wait(timeout)
+            if done and ack.lost:
+                # Connected again means every remembered subscription, this one included,
+                # was acknowledged anew.
+                done = self._connected.wait(max(0.0, deadline - time.monotonic()))
+            return done
+        finally:
+            with self._lock:
+                if self._suback.get(ack.mid) is ack:
+                    del self._suback[ack.mid]
+
     def _unsubscribe(self, sub: Subscription) -> None:
         with self._lock:
             if sub in self._subs:
@@ -341,11 +363,15 @@ class MqttConnection:
         rc, mid = self._client.subscribe(topic_filter, qos)
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             return None
-        ack = _SubAck(topic_filter)
+        ack = _SubAck(topic_filter, mid)
         with self._lock:
             # The SUBACK can beat us here: the network thread may already have seen it.
             if mid in self._early_acks:
                 ack.refused = self._early_acks.pop(mid)
+                ack.event.set()
+            elif not self._link_up:
+                # The link dropped since the SUBSCRIBE went out (see _on_disconnect).
+                ack.lost = True
                 ack.event.set()
             else:
                 self._suback[mid] = ack
@@ -400,6 +426,13 @@ class MqttConnection:
         self._connected.clear()
         with self._lock:
             self._resub.clear()
+            # No SUBACK comes for a SUBSCRIBE sent on a dead link, and paho reuses message
+            # ids: a stale entry would take the SUBACK meant for a later subscription.
+            lost = list(self._suback.values())
+            self._suback.clear()
+        for ack in lost:
+            ack.lost = True
+            ack.event.set()
         self._last_error = str(reason)
         if was:
             log.debug("disconnected from %s: %s", self.config.url, reason)
