@@ -70,6 +70,7 @@ class Agent:
             state_topic=self.topics.state(config.device_id),
             events_topic=self.topics.events(config.device_id),
             snapshot=self.snapshot, on_event=self._count_event,
+            heartbeat_fields=self._heartbeat, heartbeat_s=config.telemetry.heartbeat_s,
         )
         self._source_arg = source
         self._connect = connect
@@ -239,21 +240,16 @@ class Agent:
             self.installer.resume()
         except Exception:
             log.exception("resuming the health window failed")
-        beat = self.config.telemetry.heartbeat_s
-        next_beat = time.monotonic()
+        # Heartbeats are the telemetry thread's: an install here may take minutes.
         while not self._stop.is_set():
             try:
-                now = time.monotonic()
-                if now >= next_beat:
-                    next_beat = now + beat
-                    self.telemetry.heartbeat(self._heartbeat())
-                if not self._desired_ev.wait(max(0.0, min(next_beat - now, 1.0))):
+                if not self._desired_ev.wait(1.0):
                     continue
                 self._desired_ev.clear()
                 self._drain()
             except Exception:
                 # No message may end this thread; whatever got here is a bug, and a reason
-                # to log loudly, not to stop taking updates and sending heartbeats.
+                # to log loudly, not to stop taking updates.
                 log.exception("the worker failed on pending deployments; going on")
                 self._stop.wait(1.0)
 

@@ -8,7 +8,8 @@
   on-disk outbox (bounded: the oldest are dropped first and the drop is
   counted), then sent with QoS 1 and deleted once the broker acknowledged it,
   so events survive both a missing broker and an agent restart.
-- heartbeats (QoS 0, on ``events``, never queued: a stale heartbeat is noise).
+- heartbeats (QoS 0, on ``events``, never queued: a stale heartbeat is noise), sent
+  by the telemetry thread, so that they keep coming while an install works for minutes.
 """
 
 from __future__ import annotations
@@ -92,7 +93,11 @@ class Telemetry:
     def __init__(self, *, device: str, fleet: str, outbox: Outbox,
                  state_topic: str, events_topic: str,
                  snapshot: Callable[[], dict[str, Any]],
-                 on_event: Callable[[str], None] | None = None) -> None:
+                 on_event: Callable[[str], None] | None = None,
+                 heartbeat_fields: Callable[[], dict[str, Any]] | None = None,
+                 heartbeat_s: float = 30.0) -> None:
+        """``heartbeat_fields`` gives the fields of each heartbeat, sent every ``heartbeat_s``
+        seconds while the link is up (none without it)."""
         self.device = device
         self.fleet = fleet
         self.outbox = outbox
@@ -100,6 +105,9 @@ class Telemetry:
         self.events_topic = events_topic
         self._snapshot = snapshot
         self._on_event = on_event
+        self._beat = heartbeat_fields
+        self._beat_s = heartbeat_s
+        self._next_beat = 0.0
         self._link: Link | None = None
         self._wake = threading.Event()
         self._state_dirty = True
@@ -181,9 +189,24 @@ class Telemetry:
         if self._thread is not None:
             self._thread.join(5)
 
+    def _beat_if_due(self) -> float:
+        """Send the heartbeat if it is due; return the seconds until the next one."""
+        if self._beat is None:
+            return 1.0
+        now = time.monotonic()
+        if now >= self._next_beat:
+            self._next_beat = now + self._beat_s
+            try:
+                self.heartbeat(self._beat())
+            except Exception:
+                # A heartbeat is not worth the thread that sends every report.
+                log.exception("heartbeat failed")
+        return self._next_beat - time.monotonic()
+
     def _run(self) -> None:
+        self._next_beat = time.monotonic()
         while not self._stop.is_set():
-            self._wake.wait(1.0)
+            self._wake.wait(max(0.0, min(1.0, self._beat_if_due())))
             self._wake.clear()
             link = self._link
             if link is None or not link.connected:
@@ -195,6 +218,7 @@ class Telemetry:
                              "ts": time.time(), **self._snapshot()}
                     link.publish_wait(self.state_topic, json.dumps(state), qos=1, retain=True)
                 while not self._stop.is_set() and (item := self.outbox.peek()) is not None:
+                    self._beat_if_due()
                     name, report = item
                     link.publish_wait(self.events_topic, json.dumps(report), qos=1)
                     self.outbox.remove(name)

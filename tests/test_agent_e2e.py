@@ -373,6 +373,31 @@ def test_health_window_failure_rolls_back_and_reports(fleet, tmp_path, agents) -
     assert agent.infer() == ("1", 2.0)
 
 
+def test_heartbeats_keep_coming_while_a_long_install_holds_the_worker(fleet, tmp_path,
+                                                                     agents) -> None:
+    beats: list[float] = []  # device clock, like the events' ts
+
+    def on_event(topic: str, payload: bytes) -> None:
+        doc = json.loads(payload)
+        if doc.get("event") == "heartbeat":
+            beats.append(doc["ts"])
+
+    sub = fleet.host.subscribe(fleet.topics.events("busy"), on_event)
+    try:
+        # heartbeat_s is 1; the install holds the worker for its whole 5 s health window.
+        new_agent(fleet, tmp_path, agents, "busy", window_s=5.0).start()
+        fleet.deploy("busy", "1")
+        fleet.wait_event("busy", "committed", "1")
+        started = fleet.last("busy", "install_started")["ts"]
+        committed = fleet.last("busy", "committed")["ts"]
+        assert committed - started >= 5.0
+        during = [t for t in beats if started < t < committed]
+        took = committed - started
+        assert len(during) >= 3, f"{len(during)} heartbeats during a {took:.1f} s install"
+    finally:
+        sub.cancel()
+
+
 def test_tampered_unauthorised_and_corrupt_updates_are_refused_while_v1_serves(
     fleet, tmp_path, agents
 ) -> None:
