@@ -58,7 +58,7 @@ class SimEnv:
         self.sim: RepositorySimulator = RepositorySimulator(self.repo)
         self.state = tmp / "device"
         self.key = load_public_key(self.repo.deployment_key_path)
-        self._last: bytes | None = None
+        self.last: bytes | None = None
 
     def serve(self, sim: RepositorySimulator) -> RepositorySimulator:
         self.sim = sim
@@ -74,12 +74,12 @@ class SimEnv:
     def deploy(self, model: str = "m", version: str | None = None, **kw: object) -> Deployment:
         sd = create_deployment(self.repo, model=model, fleet=FLEET, version=version,
                                devices=["d1"], **kw)  # type: ignore[arg-type]
-        self._last = sd.document
+        self.last = sd.document
         return self.receive_desired()
 
     def receive_desired(self, last_counter: int | None = None) -> Deployment:
-        assert self._last is not None
-        return verify_deployment(self._last, self.key, device_id="d1", fleet=FLEET,
+        assert self.last is not None
+        return verify_deployment(self.last, self.key, device_id="d1", fleet=FLEET,
                                  last_counter=last_counter)
 
     def client(self, config: FetchConfig | None = None) -> UpdateClient:
@@ -319,8 +319,8 @@ def test_replayed_deployment_with_old_counter_is_refused(e: SimEnv) -> None:
     e.release(version="1.0")
     e.release(version="2.0", seed=1)
     e.deploy(version="1.0")
-    assert e._last is not None
-    first = e._last
+    assert e.last is not None
+    first = e.last
     second = e.deploy(version="2.0")
     with pytest.raises(ReplayError, match="not newer"):
         verify_deployment(first, e.key, device_id="d1", last_counter=second.counter)
