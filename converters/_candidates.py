@@ -70,6 +70,8 @@ class Candidate:
     quantized_weights: int = 0
     total_weights: int = 0
     params: dict[str, Any] = field(default_factory=dict)
+    # Not built for want of calibration data: reported as skipped, not as failed.
+    needs_calibration: bool = False
 
     @property
     def noop(self) -> bool:
@@ -190,7 +192,7 @@ def build_candidates(
         if calibration is None:
             out.append(Candidate("int8-static", "int8-static", None, "static QDQ",
                                  error="needs calibration data (--calibration)",
-                                 total_weights=total))
+                                 total_weights=total, needs_calibration=True))
         else:
             feeds = calibration.feeds[: cfg.max_calibration_samples]
             for method in cfg.static_methods:

@@ -182,7 +182,7 @@ def measure_candidates(
 
     A candidate that fails to load or to run is returned with ``error`` set.
     With ``state`` (input name → output name fed back, see :func:`state_pairs`)
-    and ``closed_loop_reference`` (the reference's :func:`rollout` over ``feeds``),
+    and ``closed_loop_reference`` (the reference's :func:`closed_loop` over ``feeds``),
     each candidate also streams ``feeds`` feeding its own state back, and its
     accuracy is the worse of the open-loop and closed-loop figures: quantization
     error that compounds through the state shows up.
@@ -207,7 +207,7 @@ def measure_candidates(
             outs = [pred.predict(dict(f)) for f in feeds]
             acc = accuracy(outs, reference, metric, labels=labels)
             if state and closed_loop_reference is not None:
-                loop = accuracy(rollout(pred.predict, feeds, state),
+                loop = accuracy(closed_loop(pred.predict, feeds, state),
                                 closed_loop_reference[:n], metric, labels=labels)
                 if loop.drop > acc.drop:
                     acc = _with_acc(loop)
@@ -278,7 +278,7 @@ def _related(a: str, b: str) -> bool:
     return common >= 3
 
 
-def rollout(
+def closed_loop(
     predict: Callable[[dict[str, np.ndarray]], Mapping[str, Any]],
     feeds: Sequence[Mapping[str, np.ndarray]],
     state: Mapping[str, str],
@@ -656,6 +656,18 @@ def _short(err: BaseException) -> str:
     return (text[:240] if text else type(err).__name__)
 
 
-__all__ = ["METRICS", "PREFER", "Accuracy", "MeasureConfig", "Measurement", "Selection",
-           "accuracy", "choice_rule", "default_max_drop", "measure_candidates", "rollout",
-           "select", "state_pairs"]
+__all__ = [
+    "METRICS",
+    "PREFER",
+    "Accuracy",
+    "MeasureConfig",
+    "Measurement",
+    "Selection",
+    "accuracy",
+    "choice_rule",
+    "closed_loop",
+    "default_max_drop",
+    "measure_candidates",
+    "select",
+    "state_pairs",
+]

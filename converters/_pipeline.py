@@ -30,9 +30,9 @@ from ._measure import (
     MeasureConfig,
     Measurement,
     accuracy,
+    closed_loop,
     default_max_drop,
     measure_candidates,
-    rollout,
     select,
     state_pairs,
 )
@@ -174,7 +174,7 @@ def convert_onnx(
         loop_ref = None
         if state and len(evalset) >= 2:
             try:
-                loop_ref = rollout(ref_fn, evalset.feeds, state)
+                loop_ref = closed_loop(ref_fn, evalset.feeds, state)
                 fixes.append(
                     "stateful model: every candidate is also checked closed-loop over "
                     f"{len(evalset)} steps, feeding back " + ", ".join(
@@ -361,7 +361,7 @@ def _check_ort(
 def _status(c: Candidate, m: Measurement | None, chosen: str, budget: float,
             base_lat: float | None, ineligible: Mapping[str, str]) -> tuple[str, str | None]:
     if c.error is not None:
-        return ("skipped" if c.path is None and "needs calibration" in c.error else "failed",
+        return ("skipped" if c.needs_calibration else "failed",
                 c.error)
     if m is None or not m.ok:
         return "failed", (m.error if m else "not measured")

@@ -53,6 +53,8 @@ class TfliteCandidate:
     description: str
     path: Path | None
     error: str | None = None
+    # Not built for want of a representative dataset: skipped, not failed.
+    needs_calibration: bool = False
 
 
 def build_tflite_candidates(
@@ -69,7 +71,8 @@ def build_tflite_candidates(
             continue
         if scheme == "int8-static" and calibration is None:
             out.append(TfliteCandidate(name, scheme, desc, None,
-                                       "needs calibration data (--calibration)"))
+                                       "needs calibration data (--calibration)",
+                                       needs_calibration=True))
             continue
         try:
             with quiet():
@@ -156,7 +159,7 @@ def convert_saved_model(
                      balanced_max_size_ratio=cfg.measure.balanced_max_size_ratio)
         warnings.extend(sel.warnings)
         for c in cands:
-            if c.error is not None and c.scheme in schemes and "needs calibration" not in c.error:
+            if c.error is not None and c.scheme in schemes and not c.needs_calibration:
                 warnings.append(f"{c.name}: {c.error}")
         chosen = sel.chosen
         report = tflite_report(
@@ -225,7 +228,7 @@ def _row(c: TfliteCandidate, m: Measurement | None, chosen: str, budget: float,
     base = next((x for x in ms if x.name == BASELINE), None)
     note: str | None = None
     if c.error is not None:
-        status, note = ("skipped" if "needs calibration" in c.error else "failed"), c.error
+        status, note = ("skipped" if c.needs_calibration else "failed"), c.error
     elif m is None or not m.ok:
         status, note = "failed", (m.error if m else "not measured")
     elif c.name == chosen:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from converters._data import load_samples, split_holdout, synthetic_samples
-from converters._measure import Accuracy, Measurement, accuracy, rollout, select, state_pairs
+from converters._measure import Accuracy, Measurement, accuracy, closed_loop, select, state_pairs
 from edge_sdk import ConversionError, TensorSpec, UsageError
 
 STATEFUL = (
@@ -139,7 +139,7 @@ def test_closed_loop_rollout_exposes_error_that_compounds_through_the_state() ->
     feeds = [{"x": rng.normal(size=(1, 8)) + 1.0, "state": np.zeros((1, 8))} for _ in range(30)]
     ref_steps = [source(f) for f in feeds]
     open_loop = accuracy([leaky(f) for f in feeds], ref_steps, "cosine")
-    closed = accuracy(rollout(leaky, feeds, {"state": "state_out"}),
-                      rollout(source, feeds, {"state": "state_out"}), "cosine")
+    closed = accuracy(closed_loop(leaky, feeds, {"state": "state_out"}),
+                      closed_loop(source, feeds, {"state": "state_out"}), "cosine")
     assert open_loop.per_output["y"] == pytest.approx(1.0)
     assert closed.per_output["y"] < 0.999
