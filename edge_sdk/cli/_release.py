@@ -18,6 +18,7 @@ import click
 
 from ..errors import DeploymentError, UsageError
 from ..release import (
+    DEPLOYMENT_EXPIRES_DAYS,
     DeploymentWatch,
     Repository,
     RolloutConfig,
@@ -27,7 +28,6 @@ from ..release import (
     require_success,
     rollout,
 )
-from ..release._rollout import DEFAULT_WAVES
 from ..transport import (
     DeviceLimits,
     FetchConfig,
@@ -170,8 +170,8 @@ def rotate_cmd(repo: str, role: str, keydir: str | None) -> None:
 @click.option("--model", required=True, help="Released artifact name.")
 @click.option("--version", "version", help="Released version (default: the newest).")
 @click.option("--rollback", is_flag=True, help="Sign an explicit downgrade.")
-@click.option("--expires-days", default=30.0, show_default=True, type=float,
-              help="Lifetime of the deployment document.")
+@click.option("--expires-days", default=DEPLOYMENT_EXPIRES_DAYS, show_default=True,
+              type=float, help="Lifetime of the deployment document.")
 @click.option("--keys", "keydir", type=click.Path(file_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Also write the signed document to this file.")
@@ -234,12 +234,14 @@ def _show_progress(device: str, event: dict[str, Any]) -> None:
               help="Device group (its members as their state reports them). Repeatable.")
 @click.option("--model", required=True, help="Released artifact name.")
 @click.option("--version", "version", help="Released version (default: the newest).")
-@click.option("--waves", default=",".join(DEFAULT_WAVES), show_default=True,
+@click.option("--waves", default=",".join(RolloutConfig.waves), show_default=True,
               help="Cumulative wave sizes: device counts or percentages.")
-@click.option("--max-failures", default=0.0, show_default=True, type=float,
+@click.option("--max-failures", default=RolloutConfig.max_failures, show_default=True,
+              type=float,
               help="Devices a wave may lose before the rollout aborts: a count (>= 1) or a "
                    "fraction of the wave (< 1).")
-@click.option("--wave-timeout", default=600.0, show_default=True, type=float,
+@click.option("--wave-timeout", default=RolloutConfig.wave_timeout, show_default=True,
+              type=float,
               help="Seconds each wave may take.")
 @click.option("--no-rollback", is_flag=True,
               help="On abort, leave the devices that committed on the new release.")
@@ -412,9 +414,10 @@ def _default_state(fleet: str, device: str) -> Path:
               help="Artifact directory to write.")
 @click.option("--state", type=click.Path(file_okay=False),
               help="Metadata and partial downloads (default: ~/.cache/edge-sdk/pull/...).")
-@click.option("--chunk-size", default=64 * 1024, show_default=True, type=int)
+@click.option("--chunk-size", default=FetchConfig.chunk_size, show_default=True, type=int)
 @click.option("--window", default=FetchConfig.window, show_default=True, type=int)
-@click.option("--timeout", "chunk_timeout", default=5.0, show_default=True, type=float,
+@click.option("--timeout", "chunk_timeout", default=FetchConfig.chunk_timeout, show_default=True,
+              type=float,
               help="Seconds per chunk before it is requested again.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_mqtt_options

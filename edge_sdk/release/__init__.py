@@ -16,6 +16,7 @@
 
 from ..trust import ReleasedTarget, released_target
 from ._deploy import (
+    DEPLOYMENT_EXPIRES_DAYS,
     SignedDeployment,
     clear_deployment,
     create_deployment,
@@ -27,6 +28,7 @@ from ._rollout import RolloutConfig, RolloutResult, plan_waves, rollout
 from ._watch import DeploymentWatch, DeviceStatus, Outcome, fleet_status, require_success
 
 __all__ = [
+    "DEPLOYMENT_EXPIRES_DAYS",
     "DeploymentWatch",
     "DeviceStatus",
     "Outcome",

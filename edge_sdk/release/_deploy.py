@@ -40,10 +40,14 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+# How long a signed deployment document stays valid unless the operator says otherwise.
+DEPLOYMENT_EXPIRES_DAYS = 30.0
+
+
 def create_deployment(repo: Repository, *, model: str, fleet: str,
                       version: str | None = None, devices: Sequence[str] = (),
                       groups: Sequence[str] = (), rollback: bool = False,
-                      expires_days: float = 30.0) -> SignedDeployment:
+                      expires_days: float = DEPLOYMENT_EXPIRES_DAYS) -> SignedDeployment:
     """Sign a deployment of release ``model`` (``version`` or the newest) for devices/groups.
 
     The counter is strictly increasing per repository (kept in

@@ -18,7 +18,12 @@ from dataclasses import dataclass, field
 
 from ..errors import EdgeError, UsageError
 from ..transport import MqttConnection, Topics
-from ._deploy import clear_deployment, create_deployment, publish_deployment
+from ._deploy import (
+    DEPLOYMENT_EXPIRES_DAYS,
+    clear_deployment,
+    create_deployment,
+    publish_deployment,
+)
 from ._repository import Repository
 from ._watch import (
     NO_ANSWER,
@@ -45,7 +50,7 @@ class RolloutConfig:
     max_failures: float = 0.0
     wave_timeout: float = 600.0
     rollback: bool = True
-    expires_days: float = 30.0
+    expires_days: float = DEPLOYMENT_EXPIRES_DAYS
 
     def __post_init__(self) -> None:
         if self.max_failures < 0:
