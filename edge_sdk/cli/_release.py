@@ -19,6 +19,7 @@ import click
 from ..errors import DeploymentError, UsageError
 from ..release import (
     DEPLOYMENT_EXPIRES_DAYS,
+    ROLE_NAMES,
     DeploymentWatch,
     Repository,
     RolloutConfig,
@@ -126,7 +127,7 @@ def list_cmd(repo: str, as_json: bool) -> None:
     targets = r.targets()
     roles = {role: {"version": r.load(role).signed.version,
                     "expires": r.load(role).signed.expires.isoformat()}
-             for role in ("root", "targets", "snapshot", "timestamp")}
+             for role in ROLE_NAMES}
     if as_json:
         click.echo(json.dumps({"targets": [t.to_json() for t in targets], "roles": roles},
                               indent=2))
@@ -152,7 +153,7 @@ def refresh_cmd(repo: str, keydir: str | None, force: bool) -> None:
 
 @release_group.command("rotate-key")
 @click.argument("repo", type=click.Path(file_okay=False, exists=True))
-@click.argument("role", type=click.Choice(["root", "targets", "snapshot", "timestamp"]))
+@click.argument("role", type=click.Choice(ROLE_NAMES))
 @click.option("--keys", "keydir", type=click.Path(file_okay=False))
 def rotate_cmd(repo: str, role: str, keydir: str | None) -> None:
     """Replace ROLE's keys with a new root signed by old and new root keys."""

@@ -23,12 +23,13 @@ from ._deploy import (
     deployment_state,
     publish_deployment,
 )
-from ._repository import Repository
+from ._repository import ROLE_NAMES, Repository
 from ._rollout import RolloutConfig, RolloutResult, plan_waves, rollout
 from ._watch import DeploymentWatch, DeviceStatus, Outcome, fleet_status, require_success
 
 __all__ = [
     "DEPLOYMENT_EXPIRES_DAYS",
+    "ROLE_NAMES",
     "DeploymentWatch",
     "DeviceStatus",
     "Outcome",

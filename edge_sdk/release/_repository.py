@@ -48,7 +48,9 @@ from ..trust._keys import DEPLOYMENT_ROLE, KeyStore, check_outside, public_key_b
 from ..trust._targets import ReleasedTarget, released_target
 
 SETTINGS = "repo.json"
-DEFAULT_EXPIRES = {"root": 365, "targets": 90, "snapshot": 7, "timestamp": 1}
+# The four top-level TUF roles in the order people read them (TOP_LEVEL_ROLE_NAMES is a set).
+ROLE_NAMES = (Root.type, Targets.type, Snapshot.type, Timestamp.type)
+DEFAULT_EXPIRES = {Root.type: 365, Targets.type: 90, Snapshot.type: 7, Timestamp.type: 1}
 # Re-sign a role when less than this fraction of its lifetime is left.
 REFRESH_MARGIN = 0.5
 _SER = JSONSerializer(compact=False)
@@ -149,7 +151,7 @@ class Repository:
         (repo / "deployments").mkdir()
         kd.mkdir(parents=True, exist_ok=True)
         store = KeyStore(kd)
-        root = Root(expires=_now() + timedelta(days=ex["root"]), consistent_snapshot=True)
+        root = Root(expires=_now() + timedelta(days=ex[Root.type]), consistent_snapshot=True)
         for role in sorted(TOP_LEVEL_ROLE_NAMES):
             root.roles[role] = Role([], th[role])
             for _ in range(th[role]):
@@ -162,7 +164,7 @@ class Repository:
             {"spec": 1, "keys": str(kd.resolve()), "expires": ex}, indent=2).encode())
         self = cls(repo, kd)
         self._write_root(Metadata(root))
-        targets = Metadata(Targets(expires=self._expiry("targets")))
+        targets = Metadata(Targets(expires=self._expiry(Targets.type)))
         self._sign_and_write(targets)
         self._publish_snapshot_and_timestamp(targets)
         return self
@@ -190,7 +192,7 @@ class Repository:
     def targets(self) -> list[ReleasedTarget]:
         """Released artifacts, oldest first."""
         out = []
-        for tf in self.load("targets").signed.targets.values():
+        for tf in self.load(Targets.type).signed.targets.values():
             rt = released_target(tf)
             if rt is not None:
                 out.append(rt)
@@ -212,8 +214,7 @@ class Repository:
         return best
 
     def versions(self) -> dict[str, int]:
-        return {r: self.load(r).signed.version for r in ("root", "targets", "snapshot",
-                                                         "timestamp")}
+        return {r: self.load(r).signed.version for r in ROLE_NAMES}
 
     # -- changes ---------------------------------------------------------------------
 
@@ -227,7 +228,7 @@ class Repository:
         art = Artifact.from_dir(artifact_dir)
         m = art.manifest
         base = f"{m.name}/{m.version}"
-        md = self.load("targets")
+        md = self.load(Targets.type)
         tpath = f"{base}/{m.model}"
         existing = md.signed.targets.get(tpath)
         if existing is not None:
@@ -253,7 +254,7 @@ class Repository:
         for tf in new:
             md.signed.targets[tf.path] = tf
         md.signed.version += 1
-        md.signed.expires = self._expiry("targets")
+        md.signed.expires = self._expiry(Targets.type)
         self._sign_and_write(md)
         self._publish_snapshot_and_timestamp(md)
         rt = released_target(model_tf)
@@ -264,20 +265,20 @@ class Repository:
     def refresh(self, *, force: bool = False) -> list[str]:
         """Re-sign what is close to expiry (timestamp and snapshot always). Returns roles."""
         done = []
-        root = self.load("root")
-        if force or self._due(root, "root"):
+        root = self.load(Root.type)
+        if force or self._due(root, Root.type):
             root.signed.version += 1
-            root.signed.expires = self._expiry("root")
+            root.signed.expires = self._expiry(Root.type)
             self._write_root(root)
-            done.append("root")
-        targets = self.load("targets")
-        if force or self._due(targets, "targets"):
+            done.append(Root.type)
+        targets = self.load(Targets.type)
+        if force or self._due(targets, Targets.type):
             targets.signed.version += 1
-            targets.signed.expires = self._expiry("targets")
+            targets.signed.expires = self._expiry(Targets.type)
             self._sign_and_write(targets)
-            done.append("targets")
+            done.append(Targets.type)
         self._publish_snapshot_and_timestamp(targets)
-        return [*done, "snapshot", "timestamp"]
+        return [*done, Snapshot.type, Timestamp.type]
 
     @_exclusive
     def rotate_key(self, role: str) -> list[str]:
@@ -285,8 +286,8 @@ class Repository:
         root keys, so that clients holding the old root follow. Returns the new key ids."""
         if role not in TOP_LEVEL_ROLE_NAMES:
             raise UsageError(f"unknown role {role!r} (roles: root, targets, snapshot, timestamp)")
-        root = self.load("root")
-        old_root_signers = self._signers("root", root.signed)
+        root = self.load(Root.type)
+        old_root_signers = self._signers(Root.type, root.signed)
         old_ids = list(root.signed.roles[role].keyids)
         fresh = [self.keys.generate(role) for _ in old_ids]
         for kid in old_ids:
@@ -294,14 +295,14 @@ class Repository:
         for s in fresh:
             root.signed.add_key(s.public_key, role)
         root.signed.version += 1
-        root.signed.expires = self._expiry("root")
-        self._write_root(root, extra_signers=old_root_signers if role == "root" else [])
+        root.signed.expires = self._expiry(Root.type)
+        self._write_root(root, extra_signers=old_root_signers if role == Root.type else [])
         for kid in old_ids:
             self.keys.retire(role, kid)
-        targets = self.load("targets")
-        if role == "targets":
+        targets = self.load(Targets.type)
+        if role == Targets.type:
             targets.signed.version += 1
-            targets.signed.expires = self._expiry("targets")
+            targets.signed.expires = self._expiry(Targets.type)
             self._sign_and_write(targets)
         self._publish_snapshot_and_timestamp(targets)
         return [s.public_key.keyid for s in fresh]
@@ -318,7 +319,7 @@ class Repository:
         return bool(left < timedelta(days=days) * REFRESH_MARGIN)
 
     def _signers(self, role: str, root: Root | None = None) -> list[Any]:
-        root = root or self.load("root").signed
+        root = root or self.load(Root.type).signed
         keyids = set(root.roles[role].keyids)
         signers = [s for s in self.keys.signers(role) if s.public_key.keyid in keyids]
         if len(signers) < root.roles[role].threshold:
@@ -344,14 +345,14 @@ class Repository:
         for s in self._signers(role):
             md.sign(s, append=True)
         data = md.to_bytes(_SER)
-        if role != "timestamp":
+        if role != Timestamp.type:
             atomic_write_bytes(self.meta / f"{md.signed.version}.{role}.json", data)
         atomic_write_bytes(self.meta / f"{role}.json", data)
         return data
 
     def _write_root(self, md: Metadata[Any], extra_signers: list[Any] | None = None) -> None:
         md.signatures.clear()
-        for s in [*self._signers("root", md.signed), *(extra_signers or [])]:
+        for s in [*self._signers(Root.type, md.signed), *(extra_signers or [])]:
             md.sign(s, append=True)
         data = md.to_bytes(_SER)
         atomic_write_bytes(self.meta / f"{md.signed.version}.root.json", data)
@@ -360,19 +361,19 @@ class Repository:
     def _publish_snapshot_and_timestamp(self, targets: Metadata[Any]) -> None:
         tdata = (self.meta / f"{targets.signed.version}.targets.json").read_bytes()
         try:
-            snap = self.load("snapshot")
+            snap = self.load(Snapshot.type)
             snap.signed.version += 1
         except UsageError:
             snap = Metadata(Snapshot())
-        snap.signed.expires = self._expiry("snapshot")
+        snap.signed.expires = self._expiry(Snapshot.type)
         snap.signed.meta["targets.json"] = MetaFile.from_data(
             targets.signed.version, tdata, ["sha256"])
         sdata = self._sign_and_write(snap)
         try:
-            ts = self.load("timestamp")
+            ts = self.load(Timestamp.type)
             ts.signed.version += 1
         except UsageError:
             ts = Metadata(Timestamp())
-        ts.signed.expires = self._expiry("timestamp")
+        ts.signed.expires = self._expiry(Timestamp.type)
         ts.signed.snapshot_meta = MetaFile.from_data(snap.signed.version, sdata, ["sha256"])
         self._sign_and_write(ts)
