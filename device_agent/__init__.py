@@ -22,7 +22,8 @@ from ._config import (
     TlsConfig,
     TrustConfig,
 )
-from ._install import ArtifactSource, Deployment
+from ._install import ArtifactSource
+from ._lifecycle import Deployment
 
 __all__ = [
     "Agent",

@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -37,6 +37,39 @@ from edge_sdk.transport import SlowRetrievalError
 
 from ._config import AgentConfig
 from ._intake import Unverified
+from ._lifecycle import (
+    Accepted,
+    Adopted,
+    Boot,
+    CleanModels,
+    CleanPartial,
+    CrashPoint,
+    Deployment,
+    Effect,
+    Event,
+    Failed,
+    Fetched,
+    Healthy,
+    Life,
+    Loaded,
+    LoadModel,
+    Mode,
+    ModelLoaded,
+    ModelUnusable,
+    Refused,
+    Report,
+    Resume,
+    Retry,
+    SaveState,
+    SmokeTested,
+    StateChanged,
+    Swap,
+    Unhealthy,
+    Verified,
+    WatchHealth,
+    handled,
+    step,
+)
 from ._serving import ModelSlot, Served, SmokeTestError, smoke_test
 from ._state import InstalledState, ModelRecord, StateStore
 
@@ -69,27 +102,6 @@ class ThreadCrash(BaseException):
     so that no ``except Exception`` on the way stops it, as with a real thread death."""
 
 
-@dataclass(frozen=True)
-class Deployment:
-    """A deployment that passed signature verification, as the pipeline needs it."""
-
-    #: Unique id of this deployment; the pipeline sets it to a digest of the raw message.
-    key: str
-    #: The director's monotonic counter; older ones are replays and are refused.
-    version: int
-    #: Target artifact name, version and model hash.
-    name: str
-    artifact_version: str
-    sha256: str | None = None
-    #: Signed permission to go back to an older artifact.
-    rollback: bool = False
-    #: The source's own verified object (opaque to the pipeline).
-    raw: Any = None
-
-    def label(self) -> str:
-        return f"{self.name} {self.artifact_version} (deployment {self.version})"
-
-
 class ArtifactSource(Protocol):
     """Where deployments are checked and artifacts come from."""
 
@@ -115,7 +127,11 @@ class Reporter(Protocol):
 
 
 class Installer:
-    """Boots into a verified model and applies deployments, one at a time."""
+    """Boots into a verified model and applies deployments, one at a time.
+
+    The transitions are :func:`~device_agent._lifecycle.step`'s; this class gathers
+    the events (state file, downloads, model loads, the health window) and carries out
+    the effects in order."""
 
     def __init__(
         self,
@@ -132,66 +148,80 @@ class Installer:
         self.source = source
         self.reporter = reporter
         self.stop = stop or threading.Event()
-        self.state = InstalledState()
-        self._trial_pending = False
+        self.life = Life()
+        #: Loaded models by record id: the one served, the one being installed and, in a
+        #: trial, the one it replaced (for a quick rollback).
+        self._models: dict[str, Served] = {}
         #: Digests of unverifiable messages already reported by this process.
         self._unverified_seen: dict[str, None] = {}
+
+    @property
+    def state(self) -> InstalledState:
+        """The installed state, as ``installed.json`` holds it."""
+        return self.life.installed
+
+    def _feed(self, event: Event) -> None:
+        """Step the machine and carry out its effects; an effect's answer is fed next."""
+        queue: list[Event] = [event]
+        while queue:
+            self.life, effects = step(self.life, queue.pop(0))
+            for effect in effects:
+                answer = self._do(effect)
+                if answer is not None:
+                    queue.append(answer)
+
+    def _do(self, effect: Effect) -> Event | None:
+        match effect:
+            case SaveState(state):
+                self.store.save(state)
+            case CrashPoint(name):
+                crash_point(name)
+            case Report(kind, fields):
+                self._event(kind, **fields)
+            case StateChanged():
+                self.reporter.state_changed()
+            case LoadModel(record):
+                if record.id in self._models:
+                    return ModelLoaded(record, ts=time.time())
+                try:
+                    self._models[record.id] = self._load(record)
+                except (EdgeError, SmokeTestError, OSError) as err:
+                    log.error("model %s is unusable: %s", record.label(), err)
+                    return ModelUnusable(record, str(err), ts=time.time())
+                return ModelLoaded(record, ts=time.time())
+            case Swap(record):
+                self.slot.swap(None if record is None else self._models[record.id])
+            case CleanModels():
+                self.store.clean(self.state)
+                keep = {r.id for r in (self.life.serving,
+                                       self.state.previous if self.state.phase == "trial"
+                                       else None) if r is not None}
+                self._models = {k: v for k, v in self._models.items() if k in keep}
+            case CleanPartial():
+                self.store.clean_partial()
+            case WatchHealth():
+                served = self.slot.current
+                assert served is not None
+                try:
+                    reason = self._health_window(served)
+                except _Interrupted:
+                    return None
+                return Healthy(ts=time.time()) if reason is None else \
+                    Unhealthy(reason, ts=time.time())
+        return None
 
     # -- boot ----------------------------------------------------------------------------
 
     def boot(self) -> None:
         """Serve the best verified model on disk; settle an interrupted trial."""
+        max_restarts = self.config.health.max_restarts
         try:
-            state = self.store.load()
+            event = Boot(self.store.load(), max_restarts, ts=time.time())
         except ConfigError as err:
-            state = self._recover(err)
-        if state.phase == "trial" and state.current is not None:
-            # With no previous model there is nothing to go back to: resume the trial.
-            if state.previous is not None and \
-                    state.trial_boots >= self.config.health.max_restarts:
-                reason = (f"the agent stopped {state.trial_boots + 1} time(s) during the health "
-                          f"window of {state.current.label()}")
-                bad, counter = state.current, _trial_counter(state)
-                state = self._rolled_back_state(state, reason)
-                self.store.save(state)
-                crash_point("rollback_saved")
-                self._event("rolled_back", deployment=_named(counter), model=bad,
-                            restored=state.current, reason=reason)
-            else:
-                state = replace(state, trial_boots=state.trial_boots + 1)
-                self.store.save(state)
-                crash_point("boot_trial_saved")
-                self._trial_pending = True
-        served: Served | None = None
-        for which in ("current", "previous"):
-            rec: ModelRecord | None = getattr(state, which)
-            if rec is None:
-                continue
-            try:
-                served = self._load(rec)
-            except (EdgeError, SmokeTestError, OSError) as err:
-                log.error("installed %s model %s is unusable: %s", which, rec.label(), err)
-                self._event("failed", stage="boot", model=rec, reason=str(err))
-                continue
-            if which == "previous":
-                reason = f"current model {state.current.label() if state.current else '?'} " \
-                         "failed verification at boot"
-                broken, counter = state.current, _trial_counter(state)
-                state = self._rolled_back_state(state, reason)
-                self.store.save(state)
-                self._trial_pending = False
-                self._event("rolled_back", deployment=_named(counter), model=broken,
-                            restored=rec, reason=reason)
-            break
-        if served is None and (state.current or state.previous):
-            state = replace(state, current=None, previous=None, phase="committed")
-            self.store.save(state)
-        self.state = state
-        self.store.clean(state)
-        self.slot.swap(served)
-        self.reporter.state_changed()
+            event = Boot(self._recover(), max_restarts, str(err), ts=time.time())
+        self._feed(event)
 
-    def _recover(self, err: ConfigError) -> InstalledState:
+    def _recover(self) -> InstalledState:
         """The state file is unreadable (disk damage; writes are atomic): start over from the
         newest complete model on disk rather than serve nothing."""
         dirs = sorted((d for d in self.store.models.iterdir() if not d.name.startswith(".")),
@@ -201,23 +231,13 @@ class Installer:
                 record = ModelRecord.for_artifact(Artifact.from_dir(d), None)
             except EdgeError:
                 continue
-            if record.id != d.name:
-                continue
-            state = InstalledState(current=record)
-            self.store.save(state)
-            self._event("failed", stage="boot", model=record,
-                        reason=f"{err}; recovered with the newest verified model on disk")
-            return state
-        state = InstalledState()
-        self.store.save(state)
-        self._event("failed", stage="boot", reason=f"{err}; no verified model on disk")
-        return state
+            if record.id == d.name:
+                return InstalledState(current=record)
+        return InstalledState()
 
     def resume(self) -> None:
         """Finish a health window interrupted by a restart (call once serving has started)."""
-        if self._trial_pending and self.slot.current is not None:
-            self._trial_pending = False
-            self._health_and_commit(self.slot.current, None)
+        self._feed(Resume(ts=time.time()))
 
     # -- deployments ---------------------------------------------------------------------
 
@@ -264,7 +284,7 @@ class Installer:
         key = hashlib.sha256(payload).hexdigest()[:32]
         size = len(payload)
         st = self.state
-        if key == st.deployment_key or key in st.failed:
+        if handled(st, key):
             return False  # a redelivery of what was already handled (retained message, reconnect)
         cur = self.slot.current
         try:
@@ -272,138 +292,71 @@ class Installer:
                 payload, last_version=st.deployment_version or None,
                 installed=(cur.name, cur.version) if cur is not None else None)
         except VerificationError as err:
-            self._refuse(key, size, counter, f"deployment failed verification: {err}")
+            self._refuse(Refused(key, size, f"deployment failed verification: {err}", counter,
+                                 ts=time.time()))
             return False
         except EdgeError as err:
-            self._refuse(key, size, counter, f"deployment rejected: {err}")
+            self._refuse(Refused(key, size, f"deployment rejected: {err}", counter,
+                                 ts=time.time()))
             return False
         dep = replace(dep, key=key)
-        if dep.version <= st.deployment_version:
-            self._refuse(key, size, dep, f"deployment version {dep.version} is not newer than "
-                                         f"the installed {st.deployment_version} (replayed or "
-                                         "stale)")
-            return False
-        cur = self.slot.current
-        if cur is not None and dep.sha256 is not None and cur.record.sha256 == dep.sha256:
-            # Accepted without an install: the device already serves that model. The state
-            # says so for this deployment, so that nobody has to infer it.
-            self.state = replace(st, deployment_version=dep.version, deployment_key=dep.key,
-                                 last_result=_result("committed", cur.record, dep,
-                                                     "already serving this model"))
-            self.store.save(self.state)
-            self.reporter.state_changed()
+        self._feed(Accepted(dep, size, ts=time.time()))
+        if self.life.mode is not Mode.INSTALLING:
             return False
         return self._install(dep)
 
+    def _refuse(self, event: Refused) -> None:
+        log.warning("refused a deployment: %s", event.reason)
+        self._feed(event)
+
     def _install(self, dep: Deployment) -> bool:
+        """Fetch, verify, store, load and smoke-test the deployment's model, telling the
+        machine each step; on the last it swaps the model in and runs the health window."""
         assert self.source is not None
-        self._event("install_started", deployment=dep)
-        crash_point("install_started")
-        stage = "fetch"
         try:
             local = self.store.find(dep.sha256) if dep.sha256 else None
             if local is not None:
-                record = replace(local, deployment=dep.key)
-                self._event("verified", deployment=dep, source="local copy")
+                self._feed(Verified(local, ts=time.time()))
             else:
                 staging = self.store.staging_dir(dep.key)
                 path = self.source.fetch(dep, staging)
-                crash_point("fetched")
-                stage = "verify"
+                self._feed(Fetched(ts=time.time()))
                 art = Artifact.from_dir(path)
                 self._check_artifact(dep, art)
-                self._event("verified", deployment=dep)
-                record = self.store.adopt(art, dep.key)
-                crash_point("adopted")
-            stage = "load"
+                self._feed(Verified(ts=time.time()))
+                self._feed(Adopted(self.store.adopt(art, dep.key), ts=time.time()))
+            record = self.life.candidate
+            assert record is not None
             served = self._load(record, smoke=False)
-            crash_point("loaded")
-            stage = "smoke_test"
+            self._models[record.id] = served
+            self._feed(Loaded(ts=time.time()))
             self._smoke(served)
-            crash_point("smoke_tested")
+            served.health.reset()
         except TransportError as err:
             # Endless data is an attack, not weather. A responder that stopped answering
             # (SlowRetrievalError: nothing installed, partial download kept) is tried again.
             if isinstance(err, VerificationError) and not isinstance(err, SlowRetrievalError):
-                self._fail(dep, stage, err)
+                self._fail(dep, err)
                 return False
-            reason = f"{stage}: {err}"
             log.warning("install of %s interrupted, will retry: %s", dep.label(), err)
-            self.state = replace(self.state, last_result=_result("retrying", None, dep, reason))
-            self.store.save(self.state)
-            self._event("failed", stage=stage, deployment=dep, reason=str(err), retry=True)
+            self._feed(Retry(str(err), ts=time.time()))
             return True
         except (EdgeError, SmokeTestError, OSError) as err:
-            self._fail(dep, stage, err)
+            self._fail(dep, err)
             return False
         except Exception as err:
             # Unforeseen, but still this deployment's failure: recorded as failed (so not
             # retried on every reconnect) and reported with its stage, not as "internal".
-            log.exception("install of %s failed unexpectedly at %s", dep.label(), stage)
-            self._fail(dep, stage, RuntimeError(f"{type(err).__name__}: {err}"))
+            log.exception("install of %s failed unexpectedly at %s", dep.label(),
+                          self.life.stage)
+            self._fail(dep, RuntimeError(f"{type(err).__name__}: {err}"))
             return False
-        old = self.slot.current
-        st = self.state
-        self.state = replace(
-            st, current=record, previous=old.record if old else st.current, phase="trial",
-            trial_boots=0, deployment_version=dep.version, deployment_key=dep.key,
-        )
-        self.store.save(self.state)
-        crash_point("trial_saved")
-        served.health.reset()
-        self.slot.swap(served)
-        crash_point("swapped")
-        self._event("swapped", deployment=dep, model=record,
-                    previous=old.record if old else None)
-        self.store.clean(self.state)
-        self._health_and_commit(served, old, dep)
+        self._feed(SmokeTested(ts=time.time()))
         return False
 
-    def _health_and_commit(self, served: Served, old: Served | None,
-                           dep: Deployment | None = None) -> None:
-        try:
-            reason = self._health_window(served)
-        except _Interrupted:
-            return
-        # After a restart inside the trial the deployment is known by its counter only.
-        which: Deployment | int | None = dep if dep is not None else _trial_counter(self.state)
-        named = _named(which)
-        if reason is None:
-            self.state = replace(self.state, phase="committed", trial_boots=0,
-                                 last_result=_result("committed", served.record, which))
-            self.store.save(self.state)
-            crash_point("committed")
-            self._event("committed", deployment=named, model=served.record)
-            self.store.clean(self.state)
-            self.store.clean_partial()
-            crash_point("cleaned")
-            return
-        prev = self.state.previous
-        if prev is None:
-            # Nothing to go back to: keep serving rather than serve nothing.
-            self.state = replace(self.state, phase="committed", trial_boots=0,
-                                 last_result=_result("failed", served.record, which, reason))
-            self.store.save(self.state)
-            self._event("failed", stage="health", deployment=named, model=served.record,
-                        reason=f"{reason}; no previous model to restore, keeping it")
-            return
-        restore = old
-        if restore is None or restore.record.id != prev.id:
-            try:
-                restore = self._load(prev)
-            except (EdgeError, SmokeTestError, OSError) as err:
-                self._event("failed", stage="rollback", model=prev, reason=str(err))
-                restore = None
-        if restore is None:
-            return
-        self.slot.swap(restore)
-        self.state = self._rolled_back_state(self.state, reason)
-        self.store.save(self.state)
-        crash_point("rollback_saved")
-        self._event("rolled_back", deployment=named, model=served.record, restored=prev,
-                    reason=reason)
-        self.store.clean(self.state)
-        self.store.clean_partial()
+    def _fail(self, dep: Deployment, err: BaseException) -> None:
+        log.error("install of %s failed at %s: %s", dep.label(), self.life.stage, err)
+        self._feed(Failed(str(err), ts=time.time()))
 
     def _health_window(self, served: Served) -> str | None:
         """Probe and watch the new model; a reason to roll back, None when healthy.
@@ -488,41 +441,6 @@ class Installer:
             return {n: data[n] for n in names}
         return synthetic_inputs(served.predictor.inputs)
 
-    def _rolled_back_state(self, state: InstalledState, reason: str) -> InstalledState:
-        """Back to the previous model; ``last_result`` names the trial's deployment, so the
-        state itself says that deployment was rolled back (the event may come later)."""
-        bad = state.current
-        new = replace(state, current=state.previous, previous=None, phase="committed",
-                      trial_boots=0,
-                      last_result=_result("rolled_back", bad, _trial_counter(state), reason))
-        if bad is not None and bad.deployment is not None:
-            new = new.with_failed(bad.deployment, reason)
-        return new
-
-    def _fail(self, dep: Deployment, stage: str, err: BaseException) -> None:
-        reason = f"{stage}: {err}"
-        log.error("install of %s failed at %s: %s", dep.label(), stage, err)
-        st = self.state.with_failed(dep.key, reason)
-        self.state = replace(st, deployment_version=max(st.deployment_version, dep.version),
-                             last_result=_result("failed", None, dep, reason))
-        self.store.save(self.state)
-        self.store.clean(self.state)
-        self.store.clean_partial()
-        self._event("failed", stage=stage, deployment=dep, reason=str(err))
-
-    def _refuse(self, key: str, size: int, dep: Deployment | int | None, reason: str) -> None:
-        """Refuse a message, naming the deployment when it is known (``dep``: the verified
-        deployment or its counter), and always its digest and size."""
-        log.warning("refused a deployment: %s", reason)
-        counter = dep.version if isinstance(dep, Deployment) else dep
-        st = self.state.with_failed(key, reason)
-        if counter is not None:
-            st = replace(st, last_result=_result("refused", None, counter, reason))
-        self.state = st
-        self.store.save(self.state)
-        self._event("refused", deployment=_named(dep), payload={"sha256": key, "bytes": size},
-                    reason=reason)
-
     def _event(self, kind: str, **fields: Any) -> None:
         out: dict[str, Any] = {}
         for k, v in fields.items():
@@ -538,29 +456,5 @@ class Installer:
             self.reporter.state_changed()
 
 
-def _trial_counter(state: InstalledState) -> int | None:
-    """The counter of the deployment under trial (the trial state records it), if any."""
-    return state.deployment_version or None if state.phase == "trial" else None
-
-
-def _named(dep: Deployment | int | None) -> Deployment | dict[str, int] | None:
-    """How an event names a deployment known only by its counter."""
-    return {"version": dep} if isinstance(dep, int) else dep
-
-
 class _Interrupted(Exception):
     """The agent is stopping inside a health window."""
-
-
-def _result(outcome: str, model: ModelRecord | None, dep: Deployment | int | None,
-            reason: str | None = None) -> dict[str, Any]:
-    """``last_update`` of the state: what happened (``outcome``) to which deployment."""
-    out: dict[str, Any] = {"result": outcome, "ts": time.time()}
-    if model is not None:
-        out["model"] = {"name": model.name, "version": model.version}
-    if dep is not None:
-        out["deployment"] = dep.version if isinstance(dep, Deployment) else dep
-    if reason is not None:
-        out["reason"] = reason
-    return out
-

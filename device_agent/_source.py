@@ -9,7 +9,7 @@ from typing import Any
 from edge_sdk.errors import ConfigError
 
 from ._config import AgentConfig
-from ._install import Deployment
+from ._lifecycle import Deployment
 
 
 class ReleaseSource:
