@@ -1,0 +1,354 @@
+"""The installer's pure state machine, driven event by event: no files, no broker, no runtime.
+
+The driver below answers LoadModel with ModelLoaded (or ModelUnusable for the models
+named broken) and WatchHealth with the health verdict asked for, as the Installer does
+with real models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from device_agent._install import CRASH_POINTS
+from device_agent._lifecycle import (
+    Accepted,
+    Adopted,
+    Boot,
+    CrashPoint,
+    Deployment,
+    Effect,
+    Event,
+    Failed,
+    Fetched,
+    Healthy,
+    Life,
+    LifecycleError,
+    Loaded,
+    LoadModel,
+    Mode,
+    ModelLoaded,
+    ModelUnusable,
+    Refused,
+    Report,
+    Resume,
+    Retry,
+    SaveState,
+    SmokeTested,
+    Swap,
+    Unhealthy,
+    Verified,
+    WatchHealth,
+    handled,
+    step,
+)
+from device_agent._state import InstalledState, ModelRecord
+
+V1 = ModelRecord("adder-v1-aaaaaaaaaaaa", "adder", "v1", "a" * 64, "k1")
+V2 = ModelRecord("adder-v2-bbbbbbbbbbbb", "adder", "v2", "b" * 64, "k2")
+
+
+def dep(version: int, art: ModelRecord = V2, *, rollback: bool = False) -> Deployment:
+    return Deployment(f"k{version}", version, art.name, art.version, art.sha256,
+                      rollback=rollback)
+
+
+class Run:
+    """Feeds events like the Installer, recording effects; answers LoadModel/WatchHealth."""
+
+    def __init__(self, life: Life | None = None, *, broken: tuple[ModelRecord, ...] = (),
+                 health: str | None = None) -> None:
+        self.life = life or Life()
+        self.broken = broken
+        #: None: healthy; a reason: unhealthy; "stop": the agent stops inside the window.
+        self.health = health
+        self.effects: list[Effect] = []
+
+    def feed(self, *events: Event) -> Run:
+        for event in events:
+            queue = [event]
+            while queue:
+                self.life, effects = step(self.life, queue.pop(0))
+                self.effects += effects
+                for e in effects:
+                    if isinstance(e, LoadModel):
+                        queue.append(ModelUnusable(e.record, "broken") if e.record in self.broken
+                                     else ModelLoaded(e.record))
+                    elif isinstance(e, WatchHealth) and self.health != "stop":
+                        queue.append(Healthy() if self.health is None else Unhealthy(self.health))
+        return self
+
+    def reports(self) -> list[str]:
+        return [e.kind for e in self.effects if isinstance(e, Report)]
+
+    def saved(self) -> InstalledState | None:
+        states = [e.state for e in self.effects if isinstance(e, SaveState)]
+        return states[-1] if states else None
+
+
+def booted(state: InstalledState, **kw: Any) -> Run:
+    return Run(**kw).feed(Boot(state, max_restarts=1))
+
+
+def install(run: Run, d: Deployment, art: ModelRecord = V2) -> Run:
+    return run.feed(Accepted(d), Fetched(), Verified(), Adopted(art), Loaded(), SmokeTested())
+
+
+def serving_v1() -> Run:
+    return booted(InstalledState(current=V1, deployment_version=1, deployment_key="k1"))
+
+
+# -- every state x event --------------------------------------------------------------------
+
+SAMPLES: list[Event] = [
+    Boot(InstalledState(), 1), ModelLoaded(V1), ModelUnusable(V1, "x"), Resume(),
+    Refused("kx", 3, "bad"), Accepted(dep(5)), Fetched(), Verified(), Verified(V2),
+    Adopted(V2), Loaded(), SmokeTested(), Failed("x"), Retry("x"), Healthy(), Unhealthy("x"),
+]
+LEGAL = {
+    Mode.BOOT: {Boot},
+    Mode.LOAD_CURRENT: {ModelLoaded, ModelUnusable},
+    Mode.LOAD_PREVIOUS: {ModelLoaded, ModelUnusable},
+    Mode.IDLE: {Resume, Refused, Accepted},
+    Mode.INSTALLING: {Fetched, Verified, Adopted, Loaded, SmokeTested, Failed, Retry},
+    Mode.TRIAL: {Healthy, Unhealthy},
+    Mode.ROLLING_BACK: {ModelLoaded, ModelUnusable},
+}
+TRIAL_V1_V2 = InstalledState(current=V2, previous=V1, phase="trial", deployment_version=2,
+                             deployment_key="k2")
+LIVES = {
+    Mode.BOOT: Life(),
+    Mode.LOAD_CURRENT: Life(TRIAL_V1_V2, Mode.LOAD_CURRENT),
+    Mode.LOAD_PREVIOUS: Life(TRIAL_V1_V2, Mode.LOAD_PREVIOUS),
+    Mode.IDLE: Life(InstalledState(current=V1), Mode.IDLE, serving=V1),
+    Mode.INSTALLING: Life(InstalledState(current=V1), Mode.INSTALLING, serving=V1,
+                          deployment=dep(2), progress="started"),
+    Mode.TRIAL: Life(TRIAL_V1_V2, Mode.TRIAL, serving=V2),
+    Mode.ROLLING_BACK: Life(TRIAL_V1_V2, Mode.ROLLING_BACK, serving=V2, reason="slow"),
+}
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+def test_every_event_outside_its_modes_raises_a_clear_error(mode: Mode) -> None:
+    assert set(LIVES) == set(Mode)
+    for event in SAMPLES:
+        if type(event) in LEGAL[mode]:
+            continue
+        with pytest.raises(LifecycleError, match=f"{type(event).__name__} is not expected"):
+            step(LIVES[mode], event)
+
+
+def test_install_steps_out_of_order_raise_a_clear_error() -> None:
+    life = LIVES[Mode.INSTALLING]
+    for event in (Verified(), Adopted(V2), Loaded(), SmokeTested()):
+        with pytest.raises(LifecycleError, match="not expected after started"):
+            step(life, event)
+    fetched, _ = step(life, Fetched())
+    with pytest.raises(LifecycleError):
+        step(fetched, Verified(V2))  # a local copy cannot turn up after a fetch
+
+
+def test_a_load_answer_for_another_model_raises() -> None:
+    with pytest.raises(LifecycleError, match="expected"):
+        step(LIVES[Mode.LOAD_CURRENT], ModelLoaded(V1))
+    with pytest.raises(LifecycleError, match="expected"):
+        step(LIVES[Mode.ROLLING_BACK], ModelLoaded(V2))
+
+
+def test_resume_without_a_pending_trial_is_a_no_op() -> None:
+    assert step(LIVES[Mode.IDLE], Resume()) == (LIVES[Mode.IDLE], [])
+
+
+# -- installs -------------------------------------------------------------------------------
+
+def test_install_saves_trial_before_swapping_and_commits_after_a_healthy_window() -> None:
+    run = install(serving_v1(), dep(2))
+    kinds = [type(e).__name__ if not isinstance(e, CrashPoint) else e.name
+             for e in run.effects[3:]]
+    assert kinds.index("SaveState") < kinds.index("trial_saved") < kinds.index("Swap")
+    assert run.reports()[-4:] == ["install_started", "verified", "swapped", "committed"]
+    st = run.life.installed
+    assert (st.current, st.previous, st.phase, st.deployment_version) == (V2, V1, "committed", 2)
+    assert run.life.mode is Mode.IDLE and run.life.serving == V2
+
+
+def test_local_copy_is_installed_without_fetch_or_adopt() -> None:
+    run = serving_v1().feed(Accepted(dep(2)), Verified(V2), Loaded(), SmokeTested())
+    names = [e.name for e in run.effects if isinstance(e, CrashPoint)]
+    assert "fetched" not in names and "adopted" not in names
+    assert run.life.installed.current == replace(V2, deployment="k2")
+
+
+def test_unhealthy_window_rolls_back_to_previous_and_never_retries_it() -> None:
+    run = Run(serving_v1().life, health="p99 too slow")
+    install(run, dep(2))
+    st = run.life.installed
+    assert (st.current, st.previous, st.phase) == (V1, None, "committed")
+    assert run.life.serving == V1
+    assert [e.record for e in run.effects if isinstance(e, Swap)][-1] == V1
+    assert run.reports()[-1] == "rolled_back"
+    assert st.last_result is not None and st.last_result["result"] == "rolled_back"
+    assert handled(st, "k2")
+    before = run.life
+    assert step(run.life, Accepted(dep(2))) == (before, [])
+
+
+def test_unhealthy_window_with_nothing_to_go_back_to_keeps_the_model() -> None:
+    run = Run(booted(InstalledState()).life, health="errors")
+    install(run, dep(1))
+    assert run.life.serving == V2 and run.life.installed.phase == "committed"
+    assert run.reports()[-1] == "failed"
+
+
+def test_rollback_whose_previous_will_not_load_leaves_the_trial_serving() -> None:
+    run = Run(serving_v1().life, health="errors", broken=(V1,))
+    install(run, dep(2))
+    assert run.life.mode is Mode.IDLE and run.life.serving == V2
+    assert run.life.installed.phase == "trial"
+
+
+@pytest.mark.parametrize("event", [Failed("smoke test: NaN"), Refused("k2", 10, "bad sig", 2)])
+def test_failed_or_refused_deployment_is_never_retried(event: Event) -> None:
+    run = serving_v1()
+    if isinstance(event, Failed):
+        run.feed(Accepted(dep(2)), Fetched(), Verified(), Adopted(V2), Loaded(), event)
+        assert run.life.installed.deployment_version == 2
+    else:
+        run.feed(event)
+    assert handled(run.life.installed, "k2")
+    n = len(run.effects)
+    run.feed(Accepted(dep(2)))
+    assert len(run.effects) == n  # a redelivery: no-op
+    assert run.life.serving == V1
+
+
+def test_failure_is_reported_under_the_stage_it_happened_in() -> None:
+    for events, stage in (([], "fetch"), ([Fetched()], "verify"),
+                          ([Fetched(), Verified()], "verify"),
+                          ([Fetched(), Verified(), Adopted(V2)], "load"),
+                          ([Verified(V2)], "load"),
+                          ([Verified(V2), Loaded()], "smoke_test")):
+        run = serving_v1().feed(Accepted(dep(2)), *events, Failed("boom"))
+        report = [e for e in run.effects if isinstance(e, Report)][-1]
+        assert report.fields["stage"] == stage
+        assert run.life.installed.failed["k2"] == f"{stage}: boom"
+
+
+def test_transient_interruption_is_retried_not_recorded_as_failed() -> None:
+    run = serving_v1().feed(Accepted(dep(2)), Retry("responder away"))
+    st = run.life.installed
+    assert not handled(st, "k2") and st.deployment_version == 1
+    assert st.last_result is not None and st.last_result["result"] == "retrying"
+    install(run, dep(2))
+    assert run.life.installed.current == V2
+
+
+@pytest.mark.parametrize("rollback", [False, True])
+def test_deployment_at_or_below_the_counter_is_refused_even_as_a_signed_rollback(
+        rollback: bool) -> None:
+    # Rollback permission is about the artifact (checked by the source), never the counter.
+    run = install(serving_v1(), dep(5))
+    for version in (5, 3):
+        run.feed(Accepted(replace(dep(version, V1, rollback=rollback), key=f"old{version}")))
+        assert run.reports()[-1] == "refused"
+        assert run.life.serving == V2
+    assert run.life.installed.deployment_version == 5
+
+
+def test_signed_rollback_with_a_newer_counter_installs_the_older_model() -> None:
+    run = install(serving_v1(), dep(5))
+    run.feed(Accepted(dep(6, V1, rollback=True)), Verified(V1), Loaded(), SmokeTested())
+    assert run.life.serving == replace(V1, deployment="k6")
+    assert run.life.installed.deployment_version == 6
+
+
+def test_deployment_of_the_served_model_commits_without_an_install() -> None:
+    run = serving_v1().feed(Accepted(dep(4, V1)))
+    st = run.life.installed
+    assert (st.deployment_version, st.deployment_key, st.current) == (4, "k4", V1)
+    assert run.reports() == [] and run.life.mode is Mode.IDLE
+
+
+# -- boot -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("max_restarts", [0, 1, 3])
+def test_restarts_inside_the_health_window_resume_up_to_max_restarts_then_roll_back(
+        max_restarts: int) -> None:
+    state = TRIAL_V1_V2
+    for boot in range(max_restarts + 1):
+        run = Run(health="stop").feed(Boot(state, max_restarts))
+        state = run.life.installed
+        if boot < max_restarts:
+            assert state.phase == "trial" and state.trial_boots == boot + 1
+            assert run.life.trial_pending and run.life.serving == V2
+            run.feed(Resume())
+            assert run.effects[-1] == WatchHealth()
+        else:
+            assert (state.current, state.previous, state.phase) == (V1, None, "committed")
+            assert run.life.serving == V1 and handled(state, "k2")
+            assert CrashPoint("rollback_saved") in run.effects
+
+
+def test_resumed_trial_commits_naming_the_deployment_by_its_counter() -> None:
+    run = booted(TRIAL_V1_V2).feed(Resume())
+    report = [e for e in run.effects if isinstance(e, Report)][-1]
+    assert report.kind == "committed" and report.fields["deployment"] == {"version": 2}
+    assert run.life.installed.phase == "committed"
+
+
+def test_broken_current_boots_into_previous_and_rolls_back() -> None:
+    run = booted(replace(TRIAL_V1_V2, phase="committed"), broken=(V2,))
+    assert run.life.serving == V1 and run.life.installed.current == V1
+    assert run.reports() == ["failed", "rolled_back"]
+
+
+def test_nothing_loadable_boots_serving_nothing_with_a_cleared_state() -> None:
+    run = booted(TRIAL_V1_V2, broken=(V1, V2))
+    assert run.life.serving is None and run.life.mode is Mode.IDLE
+    assert run.life.installed.current is None and run.life.installed.previous is None
+    n = len(run.effects)
+    run.feed(Resume())  # a no-op: nothing serves
+    assert len(run.effects) == n
+
+
+def test_unreadable_state_file_is_replaced_and_reported() -> None:
+    run = Run().feed(Boot(InstalledState(current=V1), 1, "installed.json: invalid JSON"))
+    assert run.effects[0] == SaveState(InstalledState(current=V1))
+    assert run.reports()[0] == "failed" and run.life.serving == V1
+
+
+def _install_run_to(point: str) -> InstalledState:
+    """The state on disk when the agent dies at ``point``: the last one saved before it."""
+    runs = {
+        "boot_trial_saved": lambda: Run(health="stop").feed(Boot(TRIAL_V1_V2, 1)),
+        "rollback_saved": lambda: Run(health="stop").feed(
+            Boot(replace(TRIAL_V1_V2, trial_boots=1), 1)),
+    }
+    if point in runs:
+        run = runs[point]()
+        start = TRIAL_V1_V2 if point == "boot_trial_saved" else replace(TRIAL_V1_V2,
+                                                                          trial_boots=1)
+    else:
+        run = install(Run(serving_v1().life, health="stop"), dep(2))
+        run.feed(Healthy())
+        start = serving_v1().life.installed
+    saved = start
+    for e in run.effects:
+        if isinstance(e, SaveState):
+            saved = e.state
+        if (isinstance(e, CrashPoint) and e.name == point) or \
+                (isinstance(e, WatchHealth) and point == "health_probe"):
+            return saved
+    raise AssertionError(f"{point} not reached")
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_kill_at_every_crash_point_boots_into_a_served_verified_model(point: str) -> None:
+    state = _install_run_to(point)
+    for _ in range(3):  # and again, should it die at the same point every time
+        run = Run(health="stop").feed(Boot(state, 1))
+        assert run.life.mode is Mode.IDLE
+        assert run.life.serving in (V1, V2) and run.life.serving == run.life.installed.current
+        state = run.life.installed
