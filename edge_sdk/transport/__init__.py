@@ -21,8 +21,8 @@ Public API (paho never appears in it):
   transfer (pipelined, per-chunk timeout and retries, resumable, bounded).
 - :class:`RepoResponder`, :class:`ResponderConfig`, :class:`DeviceLimits`: host-side
   chunk server; answers each device on its own topic, within a per-device budget.
-- Errors: :class:`EndlessDataError`, :class:`SlowRetrievalError` (also a
-  ``TransportError``), :class:`RemoteNotFoundError`.
+- Errors: :class:`EndlessDataError` (a ``VerificationError``), :class:`SlowRetrievalError`
+  and :class:`RemoteNotFoundError` (``TransportError``: transient).
 """
 
 from ._chunks import DEFAULT_CHUNK, MAX_CHUNK, MESSAGE_LIMIT

@@ -1,4 +1,5 @@
-"""Transfer failures that are also verification failures (refused, nothing installed)."""
+"""Transfer failures: transient ones (:class:`TransportError`: retry later) and the one
+that is an attack (:class:`EndlessDataError`, a :class:`VerificationError`: refused)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ class EndlessDataError(VerificationError):
     """The repository offered more bytes than the signed length or the configured maximum."""
 
 
-class SlowRetrievalError(TransportError, VerificationError):
+class SlowRetrievalError(TransportError):
     """A chunk did not arrive after every retry: the responder is gone, or stalls on purpose.
 
-    It is both a :class:`TransportError` (retry later) and a :class:`VerificationError`
-    (the transfer was refused and nothing was installed).
+    Transient, like every :class:`TransportError`: nothing was installed, the partial
+    download is kept, and the next attempt resumes it. A stall cannot make the device
+    install anything, so it is not a :class:`VerificationError`.
     """
 
 

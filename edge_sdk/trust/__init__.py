@@ -19,9 +19,10 @@ Host-side: :func:`sign_deployment`, :class:`KeyStore`; the repository itself is
 Errors (all :class:`~edge_sdk.errors.VerificationError`): :class:`SignatureError`
 (wrong key, threshold not met), :class:`RollbackError`, :class:`ExpiredError`
 (freeze), :class:`MixAndMatchError`, :class:`TargetHashError` (tampered bytes),
-:class:`EndlessDataError`, :class:`SlowRetrievalError` (also a TransportError),
-:class:`TargetMismatchError` (deployment and repository disagree),
+:class:`EndlessDataError`, :class:`TargetMismatchError` (deployment and repository disagree),
 :class:`RepositoryError`, and the :class:`DeploymentError` family.
+:class:`SlowRetrievalError` (re-exported from :mod:`edge_sdk.transport`) is a
+:class:`~edge_sdk.errors.TransportError` instead: a stall is retried, never refused.
 """
 
 from ..transport._errors import EndlessDataError, SlowRetrievalError

@@ -1,7 +1,7 @@
 """Verification failures, one class per attack or refusal (all :class:`VerificationError`).
 
-Transfer-level ones (:class:`EndlessDataError`, :class:`SlowRetrievalError`)
-live in :mod:`edge_sdk.transport` and are re-exported from :mod:`edge_sdk.trust`.
+The transfer-level one (:class:`EndlessDataError`) lives in :mod:`edge_sdk.transport`
+and is re-exported from :mod:`edge_sdk.trust`.
 """
 
 from __future__ import annotations
