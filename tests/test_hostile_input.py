@@ -17,7 +17,7 @@ from edge_sdk._json import MESSAGE_MAX_BYTES, UnsafeJsonError, loads_bounded
 from edge_sdk.errors import TransportError
 from edge_sdk.release import DeviceStatus
 from edge_sdk.transport._chunks import ChunkRequest
-from edge_sdk.trust import DeploymentError, verify_deployment
+from edge_sdk.trust import DeploymentVerificationError, verify_deployment
 from tests._hostile import FAMILIES, payloads
 
 
@@ -77,7 +77,7 @@ def test_hostile_desired_payloads_are_refused_as_deployment_errors() -> None:
     def verify(p: bytes) -> None:
         verify_deployment(p, key, device_id="d", fleet="lab")
 
-    assert _escapes(verify, DeploymentError) == []
+    assert _escapes(verify, DeploymentVerificationError) == []
 
 
 def test_hostile_state_reports_are_ignored_by_the_operators_watch() -> None:

@@ -4,7 +4,7 @@ Device-side API (used by the agent):
 
 - :func:`verify_deployment(payload, key, device_id=, groups=, fleet=, last_counter=,
   installed=(model, version)) <verify_deployment>` → :class:`Deployment` or a
-  :class:`DeploymentError` subclass (bad signature, expired, replayed counter,
+  :class:`DeploymentVerificationError` subclass (bad signature, expired, replayed counter,
   not for this device, unsigned downgrade, malformed).
 - :class:`UpdateClient` (trusted root bytes, metadata dir, partial dir, an
   :class:`~edge_sdk.transport.MqttConnection`, device id, a
@@ -20,7 +20,7 @@ Errors (all :class:`~edge_sdk.errors.VerificationError`): :class:`SignatureError
 (wrong key, threshold not met), :class:`RollbackError`, :class:`ExpiredError`
 (freeze), :class:`MixAndMatchError`, :class:`TargetHashError` (tampered bytes),
 :class:`EndlessDataError`, :class:`TargetMismatchError` (deployment and repository disagree),
-:class:`RepositoryError`, and the :class:`DeploymentError` family.
+:class:`RepositoryError`, and the :class:`DeploymentVerificationError` family.
 :class:`SlowRetrievalError` (re-exported from :mod:`edge_sdk.transport`) is a
 :class:`~edge_sdk.errors.TransportError` instead: a stall is retried, never refused.
 """
@@ -29,9 +29,9 @@ from ..transport._errors import EndlessDataError, SlowRetrievalError
 from ._client import UpdateClient, tuf_error
 from ._deployment import Deployment, compare_versions, sign_deployment, verify_deployment
 from ._errors import (
-    DeploymentError,
     DeploymentExpiredError,
     DeploymentSignatureError,
+    DeploymentVerificationError,
     DowngradeError,
     ExpiredError,
     MalformedDeploymentError,
@@ -49,9 +49,9 @@ from ._targets import ReleasedTarget, released_target
 
 __all__ = [
     "Deployment",
-    "DeploymentError",
     "DeploymentExpiredError",
     "DeploymentSignatureError",
+    "DeploymentVerificationError",
     "DowngradeError",
     "EndlessDataError",
     "ExpiredError",

@@ -176,7 +176,7 @@ def verify_deployment(
     expiry; that ``counter`` is strictly greater than ``last_counter`` (the
     last one accepted); and, when ``installed`` = ``(model, version)`` names
     the same model at a newer version, that the deployment is a signed
-    ``rollback``. Raises a :class:`~edge_sdk.trust.DeploymentError` subclass.
+    ``rollback``. Raises a :class:`~edge_sdk.trust.DeploymentVerificationError` subclass.
     """
     signed, sigs = parse_deployment(payload)
     try:

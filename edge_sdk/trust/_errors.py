@@ -39,29 +39,30 @@ class TargetMismatchError(VerificationError):
     (target missing, or a different hash or length)."""
 
 
-class DeploymentError(VerificationError):
-    """Root of the refusals of a deployment document."""
+class DeploymentVerificationError(VerificationError):
+    """Root of the refusals of a deployment document (not to be confused with
+    :class:`~edge_sdk.errors.DeploymentError`: a rollout that did not reach every device)."""
 
 
-class MalformedDeploymentError(DeploymentError):
+class MalformedDeploymentError(DeploymentVerificationError):
     """The deployment document is not valid JSON of the expected shape."""
 
 
-class DeploymentSignatureError(DeploymentError, SignatureError):
+class DeploymentSignatureError(DeploymentVerificationError, SignatureError):
     """The deployment is not signed by the trusted deployment key."""
 
 
-class DeploymentExpiredError(DeploymentError, ExpiredError):
+class DeploymentExpiredError(DeploymentVerificationError, ExpiredError):
     """The deployment document has expired."""
 
 
-class ReplayError(DeploymentError):
+class ReplayError(DeploymentVerificationError):
     """The deployment's counter is not newer than the last one accepted (replayed document)."""
 
 
-class NotForThisDeviceError(DeploymentError):
+class NotForThisDeviceError(DeploymentVerificationError):
     """The deployment names other devices, groups or another fleet."""
 
 
-class DowngradeError(DeploymentError):
+class DowngradeError(DeploymentVerificationError):
     """The deployment installs an older version without an explicitly signed rollback."""
