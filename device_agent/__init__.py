@@ -23,16 +23,16 @@ from ._config import (
     TrustConfig,
 )
 from ._install import ArtifactSource
-from ._lifecycle import Deployment
+from ._lifecycle import InstallRequest
 
 __all__ = [
     "Agent",
     "AgentConfig",
     "ArtifactSource",
     "BrokerConfig",
-    "Deployment",
     "HealthConfig",
     "HttpConfig",
+    "InstallRequest",
     "LimitsConfig",
     "TelemetryConfig",
     "TlsConfig",

@@ -43,12 +43,12 @@ from ._lifecycle import (
     CleanModels,
     CleanPartial,
     CrashPoint,
-    Deployment,
     Effect,
     Event,
     Failed,
     Fetched,
     Healthy,
+    InstallRequest,
     Life,
     Loaded,
     LoadModel,
@@ -105,14 +105,14 @@ class ArtifactSource(Protocol):
     """Where deployments are checked and artifacts come from."""
 
     def verify_deployment(self, payload: bytes, *, last_version: int | None,
-                          installed: tuple[str, str] | None) -> Deployment:
+                          installed: tuple[str, str] | None) -> InstallRequest:
         """Check a raw ``desired`` message; raise :class:`VerificationError` unless it is
         authentic, unexpired, for this device, newer than ``last_version`` (the last
         accepted deployment version) and, against ``installed`` = (model, version), not an
         unsigned downgrade."""
         ...
 
-    def fetch(self, deployment: Deployment, dest_dir: Path) -> Path:
+    def fetch(self, deployment: InstallRequest, dest_dir: Path) -> Path:
         """Download (resuming from what ``dest_dir`` holds) and verify the deployment's
         artifact; return the verified artifact directory. Raises VerificationError or
         TransportError."""
@@ -240,7 +240,7 @@ class Installer:
 
     # -- deployments ---------------------------------------------------------------------
 
-    def screen(self, payload: bytes) -> Deployment:
+    def screen(self, payload: bytes) -> InstallRequest:
         """The checks of a raw ``desired`` message that need no state (signature, fleet,
         device, expiry), safe on the network thread. Raises :class:`VerificationError`
         with the reason to report for anything that does not pass, whatever the cause."""
@@ -308,7 +308,7 @@ class Installer:
         log.warning("refused a deployment: %s", event.reason)
         self._feed(event)
 
-    def _install(self, dep: Deployment) -> bool:
+    def _install(self, dep: InstallRequest) -> bool:
         """Fetch, verify, store, load and smoke-test the deployment's model, telling the
         machine each step; on the last it swaps the model in and runs the health window."""
         assert self.source is not None
@@ -350,7 +350,7 @@ class Installer:
         self._feed(SmokeTested(ts=time.time()))
         return False
 
-    def _fail(self, dep: Deployment, err: BaseException) -> None:
+    def _fail(self, dep: InstallRequest, err: BaseException) -> None:
         log.error("install of %s failed at %s: %s", dep.label(), self.life.stage, err)
         self._feed(Failed(str(err), ts=time.time()))
 
@@ -391,7 +391,7 @@ class Installer:
 
     # -- helpers -------------------------------------------------------------------------
 
-    def _check_artifact(self, dep: Deployment, art: Artifact) -> None:
+    def _check_artifact(self, dep: InstallRequest, art: Artifact) -> None:
         m = art.manifest
         if dep.sha256 is not None and m.sha256 != dep.sha256:
             raise VerificationError(
@@ -442,7 +442,7 @@ class Installer:
         for k, v in fields.items():
             if isinstance(v, ModelRecord):
                 out[k] = {"name": v.name, "version": v.version, "sha256": v.sha256}
-            elif isinstance(v, Deployment):
+            elif isinstance(v, InstallRequest):
                 out[k] = {"version": v.version, "name": v.name,
                           "artifact_version": v.artifact_version}
             elif v is not None:

@@ -30,8 +30,10 @@ class LifecycleError(InstallError):
 
 
 @dataclass(frozen=True)
-class Deployment:
-    """A deployment that passed signature verification, as the pipeline needs it."""
+class InstallRequest:
+    """What the install pipeline is asked to do: a deployment that the
+    :class:`~device_agent.ArtifactSource` verified, reduced to the artifact to install and
+    the fields that identify it (the signed :class:`edge_sdk.trust.Deployment` is ``raw``)."""
 
     #: Unique id of this deployment; the pipeline sets it to a digest of the raw message.
     key: str
@@ -73,7 +75,7 @@ class Life:
     serving: ModelRecord | None = None
     #: The deployment being installed or watched by this process (None after a restart:
     #: a resumed trial knows its deployment by its counter only).
-    deployment: Deployment | None = None
+    deployment: InstallRequest | None = None
     #: INSTALLING: how far the install got (a key of ``_STAGE``) and the model it stored.
     progress: str | None = None
     candidate: ModelRecord | None = None
@@ -129,7 +131,7 @@ class Refused:
     key: str
     size: int
     reason: str
-    deployment: Deployment | int | None = None
+    deployment: InstallRequest | int | None = None
     ts: float = field(default=0.0, kw_only=True)
 
 
@@ -137,7 +139,7 @@ class Refused:
 class Accepted:
     """A deployment the source verified (``key`` set to the message digest), from a
     message of ``size`` bytes."""
-    deployment: Deployment
+    deployment: InstallRequest
     size: int = 0
     ts: float = field(default=0.0, kw_only=True)
 
@@ -454,7 +456,7 @@ def _judged(life: Life, ev: Healthy | Unhealthy) -> tuple[Life, list[Effect]]:
     st, served = life.installed, life.serving
     assert served is not None
     # After a restart inside the trial the deployment is known by its counter only.
-    which: Deployment | int | None = life.deployment or _trial_counter(st)
+    which: InstallRequest | int | None = life.deployment or _trial_counter(st)
     if isinstance(ev, Healthy):
         st = replace(st, phase="committed", trial_boots=0,
                      last_result=_result("committed", served, which, None, ev.ts))
@@ -493,7 +495,7 @@ def _rolled_back(life: Life, ev: ModelLoaded | ModelUnusable) -> tuple[Life, lis
 
 
 def _refused(st: InstalledState, ev: Refused) -> InstalledState:
-    counter = ev.deployment.version if isinstance(ev.deployment, Deployment) \
+    counter = ev.deployment.version if isinstance(ev.deployment, InstallRequest) \
         else ev.deployment
     st = st.with_failed(ev.key, ev.reason)
     if counter is not None:
@@ -518,19 +520,19 @@ def _trial_counter(state: InstalledState) -> int | None:
     return state.deployment_version or None if state.phase == "trial" else None
 
 
-def _named(dep: Deployment | int | None) -> Deployment | dict[str, int] | None:
+def _named(dep: InstallRequest | int | None) -> InstallRequest | dict[str, int] | None:
     """How an event names a deployment known only by its counter."""
     return {"version": dep} if isinstance(dep, int) else dep
 
 
-def _result(outcome: str, model: ModelRecord | None, dep: Deployment | int | None,
+def _result(outcome: str, model: ModelRecord | None, dep: InstallRequest | int | None,
             reason: str | None, ts: float) -> dict[str, Any]:
     """``last_update`` of the state: what happened (``outcome``) to which deployment."""
     out: dict[str, Any] = {"result": outcome, "ts": ts}
     if model is not None:
         out["model"] = {"name": model.name, "version": model.version}
     if dep is not None:
-        out["deployment"] = dep.version if isinstance(dep, Deployment) else dep
+        out["deployment"] = dep.version if isinstance(dep, InstallRequest) else dep
     if reason is not None:
         out["reason"] = reason
     return out

@@ -9,7 +9,7 @@ from typing import Any
 from edge_sdk.errors import ConfigError
 
 from ._config import AgentConfig
-from ._lifecycle import Deployment
+from ._lifecycle import InstallRequest
 
 
 class ReleaseSource:
@@ -40,18 +40,18 @@ class ReleaseSource:
         )
 
     def verify_deployment(self, payload: bytes, *, last_version: int | None,
-                          installed: tuple[str, str] | None) -> Deployment:
+                          installed: tuple[str, str] | None) -> InstallRequest:
         from edge_sdk.trust import verify_deployment
 
         dep = verify_deployment(
             payload, self._key, device_id=self.config.device_id, groups=self.config.groups,
             fleet=self.config.fleet, last_counter=last_version, installed=installed,
         )
-        return Deployment(key="", version=dep.counter, name=dep.model,
-                          artifact_version=dep.version, sha256=dep.sha256,
-                          rollback=dep.rollback, raw=dep)
+        return InstallRequest(key="", version=dep.counter, name=dep.model,
+                              artifact_version=dep.version, sha256=dep.sha256,
+                              rollback=dep.rollback, raw=dep)
 
-    def fetch(self, deployment: Deployment, dest_dir: Path) -> Path:
+    def fetch(self, deployment: InstallRequest, dest_dir: Path) -> Path:
         return self.client.fetch(deployment.raw, dest_dir)
 
     def close(self) -> None:

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from device_agent import AgentConfig, Deployment
+from device_agent import AgentConfig, InstallRequest
 from edge_sdk import Artifact
 from edge_sdk.errors import TransportError, VerificationError
 
@@ -28,7 +28,7 @@ class LocalSource:
         self.fetches = 0
 
     def verify_deployment(self, payload: bytes, *, last_version: int | None,
-                          installed: tuple[str, str] | None) -> Deployment:
+                          installed: tuple[str, str] | None) -> InstallRequest:
         try:
             doc = json.loads(payload)
             body, sig = doc["body"], doc["sig"]
@@ -38,11 +38,11 @@ class LocalSource:
                         hashlib.sha256).hexdigest()
         if not hmac.compare_digest(want, sig):
             raise VerificationError("deployment signature does not match the trusted key")
-        return Deployment(key="", version=body["version"],
-                          name=body["name"], artifact_version=body["artifact_version"],
-                          sha256=body["sha256"], raw=body)
+        return InstallRequest(key="", version=body["version"],
+                              name=body["name"], artifact_version=body["artifact_version"],
+                              sha256=body["sha256"], raw=body)
 
-    def fetch(self, deployment: Deployment, dest_dir: Path) -> Path:
+    def fetch(self, deployment: InstallRequest, dest_dir: Path) -> Path:
         self.fetches += 1
         src = Path(deployment.raw["dir"])
         if not src.is_dir():

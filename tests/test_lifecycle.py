@@ -18,12 +18,12 @@ from device_agent._lifecycle import (
     Adopted,
     Boot,
     CrashPoint,
-    Deployment,
     Effect,
     Event,
     Failed,
     Fetched,
     Healthy,
+    InstallRequest,
     Life,
     LifecycleError,
     Loaded,
@@ -50,9 +50,9 @@ V1 = ModelRecord("adder-v1-aaaaaaaaaaaa", "adder", "v1", "a" * 64, "k1")
 V2 = ModelRecord("adder-v2-bbbbbbbbbbbb", "adder", "v2", "b" * 64, "k2")
 
 
-def dep(version: int, art: ModelRecord = V2, *, rollback: bool = False) -> Deployment:
-    return Deployment(f"k{version}", version, art.name, art.version, art.sha256,
-                      rollback=rollback)
+def dep(version: int, art: ModelRecord = V2, *, rollback: bool = False) -> InstallRequest:
+    return InstallRequest(f"k{version}", version, art.name, art.version, art.sha256,
+                          rollback=rollback)
 
 
 class Run:
@@ -92,7 +92,7 @@ def booted(state: InstalledState, **kw: Any) -> Run:
     return Run(**kw).feed(Boot(state, max_restarts=1))
 
 
-def install(run: Run, d: Deployment, art: ModelRecord = V2) -> Run:
+def install(run: Run, d: InstallRequest, art: ModelRecord = V2) -> Run:
     return run.feed(Accepted(d), Fetched(), Verified(), Adopted(art), Loaded(), SmokeTested())
 
 
