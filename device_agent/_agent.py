@@ -217,8 +217,8 @@ class Agent:
                 self._desired.refuse(item)
         else:
             with self._desired_lock:
-                if not self._desired.offer(Verified(topic, dep.version, payload)):
-                    log.debug("deployment #%d on %s: a newer one waits", dep.version, topic)
+                if not self._desired.offer(Verified(topic, dep.counter, payload)):
+                    log.debug("deployment #%d on %s: a newer one waits", dep.counter, topic)
         self._desired_ev.set()
 
     def submit(self, payload: bytes) -> None:
@@ -270,7 +270,7 @@ class Agent:
         for item in work:
             if self._stop.is_set():
                 break
-            installed = self.installer.state.deployment_version
+            installed = self.installer.state.deployment_counter
             if quiet and item.counter < installed:
                 log.debug("deployment on %s superseded by #%d", item.topic, installed)
                 continue
@@ -305,7 +305,7 @@ class Agent:
             "model": rec(cur.record if cur else None),
             "previous": rec(st.previous),
             "phase": st.phase,
-            "deployment": st.deployment_version,
+            "deployment": st.deployment_counter,
             "last_update": st.last_result,
             "groups": list(self.config.groups),
             "queued_reports": len(self.outbox),

@@ -104,11 +104,11 @@ class ThreadCrash(BaseException):
 class ArtifactSource(Protocol):
     """Where deployments are checked and artifacts come from."""
 
-    def verify_deployment(self, payload: bytes, *, last_version: int | None,
+    def verify_deployment(self, payload: bytes, *, last_counter: int | None,
                           installed: tuple[str, str] | None) -> InstallRequest:
         """Check a raw ``desired`` message; raise :class:`VerificationError` unless it is
-        authentic, unexpired, for this device, newer than ``last_version`` (the last
-        accepted deployment version) and, against ``installed`` = (model, version), not an
+        authentic, unexpired, for this device, newer than ``last_counter`` (the last
+        accepted deployment counter) and, against ``installed`` = (model, version), not an
         unsigned downgrade."""
         ...
 
@@ -248,7 +248,7 @@ class Installer:
         if source is None:
             raise VerificationError("deployment not checked: no deployment source is set up")
         try:
-            return source.verify_deployment(payload, last_version=None, installed=None)
+            return source.verify_deployment(payload, last_counter=None, installed=None)
         except VerificationError as err:
             raise VerificationError(f"deployment failed verification: {err}") from err
         except EdgeError as err:
@@ -288,7 +288,7 @@ class Installer:
         cur = self.slot.current
         try:
             dep = self.source.verify_deployment(
-                payload, last_version=st.deployment_version or None,
+                payload, last_counter=st.deployment_counter or None,
                 installed=(cur.name, cur.version) if cur is not None else None)
         except VerificationError as err:
             self._refuse(Refused(key, size, f"deployment failed verification: {err}", counter,
@@ -443,7 +443,7 @@ class Installer:
             if isinstance(v, ModelRecord):
                 out[k] = {"name": v.name, "version": v.version, "sha256": v.sha256}
             elif isinstance(v, InstallRequest):
-                out[k] = {"version": v.version, "name": v.name,
+                out[k] = {"counter": v.counter, "name": v.name,
                           "artifact_version": v.artifact_version}
             elif v is not None:
                 out[k] = v

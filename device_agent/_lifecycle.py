@@ -38,7 +38,7 @@ class InstallRequest:
     #: Unique id of this deployment; the pipeline sets it to a digest of the raw message.
     key: str
     #: The director's monotonic counter; older ones are replays and are refused.
-    version: int
+    counter: int
     #: Target artifact name, version and model hash.
     name: str
     artifact_version: str
@@ -49,7 +49,7 @@ class InstallRequest:
     raw: Any = None
 
     def label(self) -> str:
-        return f"{self.name} {self.artifact_version} (deployment {self.version})"
+        return f"{self.name} {self.artifact_version} (deployment {self.counter})"
 
 
 class Mode(enum.Enum):
@@ -384,15 +384,15 @@ def _accepted(life: Life, ev: Accepted) -> tuple[Life, list[Effect]]:
     dep, st = ev.deployment, life.installed
     if handled(st, dep.key):
         return life, []
-    if dep.version <= st.deployment_version:
-        reason = (f"deployment version {dep.version} is not newer than the installed "
-                  f"{st.deployment_version} (replayed or stale)")
+    if dep.counter <= st.deployment_counter:
+        reason = (f"deployment counter {dep.counter} is not newer than the installed "
+                  f"{st.deployment_counter} (replayed or stale)")
         return step(life, Refused(dep.key, ev.size, reason, dep, ts=ev.ts))
     cur = life.serving
     if cur is not None and dep.sha256 is not None and cur.sha256 == dep.sha256:
         # Accepted without an install: the device already serves that model. The state
         # says so for this deployment, so that nobody has to infer it.
-        st = replace(st, deployment_version=dep.version, deployment_key=dep.key,
+        st = replace(st, deployment_counter=dep.counter, deployment_key=dep.key,
                      last_result=_result("committed", cur, dep, "already serving this model",
                                          ev.ts))
         return replace(life, installed=st), [SaveState(st), StateChanged()]
@@ -432,7 +432,7 @@ def _progress(life: Life, ev: Fetched | Verified | Adopted | Loaded | SmokeTeste
     new, old, st = life.candidate, life.serving, life.installed
     assert new is not None
     st = replace(st, current=new, previous=old if old else st.current, phase="trial",
-                 trial_boots=0, deployment_version=dep.version, deployment_key=dep.key)
+                 trial_boots=0, deployment_counter=dep.counter, deployment_key=dep.key)
     return (replace(life, installed=st, mode=Mode.TRIAL, serving=new, progress=None,
                     candidate=None),
             [CrashPoint("smoke_tested"), SaveState(st), CrashPoint("trial_saved"), Swap(new),
@@ -445,7 +445,7 @@ def _failed(life: Life, ev: Failed) -> tuple[Life, list[Effect]]:
     assert dep is not None
     reason = f"{life.stage}: {ev.reason}"
     st = life.installed.with_failed(dep.key, reason)
-    st = replace(st, deployment_version=max(st.deployment_version, dep.version),
+    st = replace(st, deployment_counter=max(st.deployment_counter, dep.counter),
                  last_result=_result("failed", None, dep, reason, ev.ts))
     return _idle(life, st), [
         SaveState(st), CleanModels(), CleanPartial(),
@@ -495,7 +495,7 @@ def _rolled_back(life: Life, ev: ModelLoaded | ModelUnusable) -> tuple[Life, lis
 
 
 def _refused(st: InstalledState, ev: Refused) -> InstalledState:
-    counter = ev.deployment.version if isinstance(ev.deployment, InstallRequest) \
+    counter = ev.deployment.counter if isinstance(ev.deployment, InstallRequest) \
         else ev.deployment
     st = st.with_failed(ev.key, ev.reason)
     if counter is not None:
@@ -517,12 +517,12 @@ def _rolled_back_state(state: InstalledState, reason: str, ts: float) -> Install
 
 def _trial_counter(state: InstalledState) -> int | None:
     """The counter of the deployment under trial (the trial state records it), if any."""
-    return state.deployment_version or None if state.phase == "trial" else None
+    return state.deployment_counter or None if state.phase == "trial" else None
 
 
 def _named(dep: InstallRequest | int | None) -> InstallRequest | dict[str, int] | None:
     """How an event names a deployment known only by its counter."""
-    return {"version": dep} if isinstance(dep, int) else dep
+    return {"counter": dep} if isinstance(dep, int) else dep
 
 
 def _result(outcome: str, model: ModelRecord | None, dep: InstallRequest | int | None,
@@ -532,7 +532,7 @@ def _result(outcome: str, model: ModelRecord | None, dep: InstallRequest | int |
     if model is not None:
         out["model"] = {"name": model.name, "version": model.version}
     if dep is not None:
-        out["deployment"] = dep.version if isinstance(dep, InstallRequest) else dep
+        out["deployment"] = dep.counter if isinstance(dep, InstallRequest) else dep
     if reason is not None:
         out["reason"] = reason
     return out

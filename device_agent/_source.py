@@ -39,15 +39,15 @@ class ReleaseSource:
             fetch_config=FetchConfig(max_artifact_bytes=config.limits.max_artifact_bytes),
         )
 
-    def verify_deployment(self, payload: bytes, *, last_version: int | None,
+    def verify_deployment(self, payload: bytes, *, last_counter: int | None,
                           installed: tuple[str, str] | None) -> InstallRequest:
         from edge_sdk.trust import verify_deployment
 
         dep = verify_deployment(
             payload, self._key, device_id=self.config.device_id, groups=self.config.groups,
-            fleet=self.config.fleet, last_counter=last_version, installed=installed,
+            fleet=self.config.fleet, last_counter=last_counter, installed=installed,
         )
-        return InstallRequest(key="", version=dep.counter, name=dep.model,
+        return InstallRequest(key="", counter=dep.counter, name=dep.model,
                               artifact_version=dep.version, sha256=dep.sha256,
                               rollback=dep.rollback, raw=dep)
 

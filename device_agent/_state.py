@@ -66,8 +66,8 @@ class InstalledState:
     phase: str = "committed"
     #: Agent starts seen during the current trial (crash-loop guard).
     trial_boots: int = 0
-    #: Highest deployment version accepted, to refuse replays of older deployments.
-    deployment_version: int = 0
+    #: Highest deployment counter accepted, to refuse replays of older deployments.
+    deployment_counter: int = 0
     #: Key of the deployment the device last acted on (installed, refused or failed).
     deployment_key: str | None = None
     #: Deployment key → reason, for deployments that failed and must not be retried.
@@ -93,7 +93,8 @@ class InstalledState:
                 previous=rec(data.get("previous")),
                 phase=str(data.get("phase", "committed")),
                 trial_boots=int(data.get("trial_boots", 0)),
-                deployment_version=int(data.get("deployment_version", 0)),
+                deployment_counter=int(_renamed(data, "deployment_counter",
+                                                "deployment_version", 0)),
                 deployment_key=data.get("deployment_key"),
                 failed=dict(data.get("failed") or {}),
                 last_result=data.get("last_result"),
@@ -108,6 +109,12 @@ class InstalledState:
         while len(failed) > _MAX_FAILED:
             failed.pop(next(iter(failed)))
         return replace(self, failed=failed)
+
+
+def _renamed(data: dict[str, Any], key: str, old: str, default: Any) -> Any:
+    """``data[key]``, or the value under ``old``, the name a previous agent wrote it under
+    (a device upgraded in place keeps its state; the next save writes the new name)."""
+    return data[key] if key in data else data.get(old, default)
 
 
 class StateStore:

@@ -27,7 +27,7 @@ class LocalSource:
         self.key = key
         self.fetches = 0
 
-    def verify_deployment(self, payload: bytes, *, last_version: int | None,
+    def verify_deployment(self, payload: bytes, *, last_counter: int | None,
                           installed: tuple[str, str] | None) -> InstallRequest:
         try:
             doc = json.loads(payload)
@@ -38,7 +38,7 @@ class LocalSource:
                         hashlib.sha256).hexdigest()
         if not hmac.compare_digest(want, sig):
             raise VerificationError("deployment signature does not match the trusted key")
-        return InstallRequest(key="", version=body["version"],
+        return InstallRequest(key="", counter=body["counter"],
                               name=body["name"], artifact_version=body["artifact_version"],
                               sha256=body["sha256"], raw=body)
 
@@ -55,8 +55,8 @@ class LocalSource:
         return out
 
 
-def deployment(art: Artifact, version: int, *, key: bytes = KEY, **extra: Any) -> bytes:
-    body = {"version": version, "name": art.manifest.name,
+def deployment(art: Artifact, counter: int, *, key: bytes = KEY, **extra: Any) -> bytes:
+    body = {"counter": counter, "name": art.manifest.name,
             "artifact_version": art.manifest.version, "sha256": art.manifest.sha256,
             "dir": str(art.path), **extra}
     sig = hmac.new(key, json.dumps(body, sort_keys=True).encode(), hashlib.sha256).hexdigest()

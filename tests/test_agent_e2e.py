@@ -707,7 +707,7 @@ def test_kill_9_at_any_point_of_an_install_restarts_into_a_verified_model(
 
     def settled(counter: int) -> bool:
         st = json.loads((agent.state / "installed.json").read_text())
-        return bool(st["phase"] == "committed" and st["deployment_version"] >= counter)
+        return bool(st["phase"] == "committed" and st["deployment_counter"] >= counter)
 
     for point, version in zip(points, versions, strict=False):
         agent.stop()

@@ -102,7 +102,7 @@ def test_first_deployment_installs_verifies_and_serves(make_agent, arts) -> None
     assert kinds(agent) == ["install_started", "verified", "swapped", "committed"]
     state = agent.store.load()
     assert state.current is not None and state.current.version == "v1"
-    assert state.phase == "committed" and state.deployment_version == 1
+    assert state.phase == "committed" and state.deployment_counter == 1
 
 
 def test_swap_to_v2_keeps_v1_on_disk_as_previous(make_agent, arts) -> None:
@@ -192,6 +192,34 @@ def test_restart_boots_straight_into_the_installed_model(make_agent, arts, tmp_p
     agent.stop()
     again = make_agent(config(tmp_path / "state"))
     assert served_version(again) == "v1" and predict(again) == 2.0
+
+
+#: State-file keys renamed since the first agents, new name -> the name they wrote.
+OLD_STATE_KEYS = {"deployment_counter": "deployment_version"}
+
+
+def test_state_file_of_an_older_agent_keeps_its_model_and_refuses_replays(
+    make_agent, arts, tmp_path
+) -> None:
+    agent = make_agent()
+    install(agent, arts["v1"], 5)
+    agent.stop()
+    path = agent.store.root / "installed.json"
+    state = json.loads(path.read_text())
+    for new, old in OLD_STATE_KEYS.items():
+        state[old] = state.pop(new)
+    path.write_text(json.dumps(state))
+    again = make_agent(config(tmp_path / "state"))
+    assert served_version(again) == "v1"
+    assert again.store.load().deployment_counter == 5
+    again.submit(deployment(arts["v2"], 5))
+    wait_for(lambda: "refused" in kinds(again))
+    assert served_version(again) == "v1"
+    assert "not newer" in [e for e in events(again) if e["event"] == "refused"][-1]["reason"]
+    install(again, arts["v2"], 6)
+    written = json.loads(path.read_text())
+    assert written["deployment_counter"] == 6
+    assert not set(OLD_STATE_KEYS.values()) & set(written)
 
 
 def test_corrupted_current_model_boots_into_previous(make_agent, arts, tmp_path) -> None:

@@ -97,7 +97,7 @@ def install(run: Run, d: InstallRequest, art: ModelRecord = V2) -> Run:
 
 
 def serving_v1() -> Run:
-    return booted(InstalledState(current=V1, deployment_version=1, deployment_key="k1"))
+    return booted(InstalledState(current=V1, deployment_counter=1, deployment_key="k1"))
 
 
 # -- every state x event --------------------------------------------------------------------
@@ -116,7 +116,7 @@ LEGAL = {
     Mode.TRIAL: {Healthy, Unhealthy},
     Mode.ROLLING_BACK: {ModelLoaded, ModelUnusable},
 }
-TRIAL_V1_V2 = InstalledState(current=V2, previous=V1, phase="trial", deployment_version=2,
+TRIAL_V1_V2 = InstalledState(current=V2, previous=V1, phase="trial", deployment_counter=2,
                              deployment_key="k2")
 LIVES = {
     Mode.BOOT: Life(),
@@ -170,7 +170,7 @@ def test_install_saves_trial_before_swapping_and_commits_after_a_healthy_window(
     assert kinds.index("SaveState") < kinds.index("trial_saved") < kinds.index("Swap")
     assert run.reports()[-4:] == ["install_started", "verified", "swapped", "committed"]
     st = run.life.installed
-    assert (st.current, st.previous, st.phase, st.deployment_version) == (V2, V1, "committed", 2)
+    assert (st.current, st.previous, st.phase, st.deployment_counter) == (V2, V1, "committed", 2)
     assert run.life.mode is Mode.IDLE and run.life.serving == V2
 
 
@@ -214,7 +214,7 @@ def test_failed_or_refused_deployment_is_never_retried(event: Event) -> None:
     run = serving_v1()
     if isinstance(event, Failed):
         run.feed(Accepted(dep(2)), Fetched(), Verified(), Adopted(V2), Loaded(), event)
-        assert run.life.installed.deployment_version == 2
+        assert run.life.installed.deployment_counter == 2
     else:
         run.feed(event)
     assert handled(run.life.installed, "k2")
@@ -239,7 +239,7 @@ def test_failure_is_reported_under_the_stage_it_happened_in() -> None:
 def test_transient_interruption_is_retried_not_recorded_as_failed() -> None:
     run = serving_v1().feed(Accepted(dep(2)), Retry("responder away"))
     st = run.life.installed
-    assert not handled(st, "k2") and st.deployment_version == 1
+    assert not handled(st, "k2") and st.deployment_counter == 1
     assert st.last_result is not None and st.last_result["result"] == "retrying"
     install(run, dep(2))
     assert run.life.installed.current == V2
@@ -254,20 +254,20 @@ def test_deployment_at_or_below_the_counter_is_refused_even_as_a_signed_rollback
         run.feed(Accepted(replace(dep(version, V1, rollback=rollback), key=f"old{version}")))
         assert run.reports()[-1] == "refused"
         assert run.life.serving == V2
-    assert run.life.installed.deployment_version == 5
+    assert run.life.installed.deployment_counter == 5
 
 
 def test_signed_rollback_with_a_newer_counter_installs_the_older_model() -> None:
     run = install(serving_v1(), dep(5))
     run.feed(Accepted(dep(6, V1, rollback=True)), Verified(V1), Loaded(), SmokeTested())
     assert run.life.serving == replace(V1, deployment="k6")
-    assert run.life.installed.deployment_version == 6
+    assert run.life.installed.deployment_counter == 6
 
 
 def test_deployment_of_the_served_model_commits_without_an_install() -> None:
     run = serving_v1().feed(Accepted(dep(4, V1)))
     st = run.life.installed
-    assert (st.deployment_version, st.deployment_key, st.current) == (4, "k4", V1)
+    assert (st.deployment_counter, st.deployment_key, st.current) == (4, "k4", V1)
     assert run.reports() == [] and run.life.mode is Mode.IDLE
 
 
@@ -294,7 +294,7 @@ def test_restarts_inside_the_health_window_resume_up_to_max_restarts_then_roll_b
 def test_resumed_trial_commits_naming_the_deployment_by_its_counter() -> None:
     run = booted(TRIAL_V1_V2).feed(Resume())
     report = [e for e in run.effects if isinstance(e, Report)][-1]
-    assert report.kind == "committed" and report.fields["deployment"] == {"version": 2}
+    assert report.kind == "committed" and report.fields["deployment"] == {"counter": 2}
     assert run.life.installed.phase == "committed"
 
 

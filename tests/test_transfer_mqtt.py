@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from edge_sdk.errors import ConfigError, TransportError
+from edge_sdk.release import DeploymentWatch
 from edge_sdk.transport import (
     MAX_CHUNK,
     MESSAGE_LIMIT,
@@ -283,3 +284,20 @@ def test_mqtts_with_a_private_ca_and_a_wrong_ca_refused(tmp_path: Path) -> None:
             inbox.wait_for(b"over tls")
         with pytest.raises(TransportError, match="CERTIFICATE_VERIFY_FAILED"):
             MqttConnection(MqttConfig(url=url, ca_file=str(other_ca))).connect(timeout=2)
+
+
+@pytest.mark.parametrize("field", ["counter", "version"])
+def test_operators_watch_reads_the_counter_of_new_and_older_agents_events(
+    shared_broker: Mosquitto, field: str
+) -> None:
+    # ``version`` is what agents before the rename called the counter in their events.
+    cfg = MqttConfig(url=shared_broker.url, fleet=f"watch-{field}")
+    with MqttConnection(cfg, name="op") as op, MqttConnection(cfg, name="dev") as dev:
+        topics = Topics.for_config(cfg)
+        with DeploymentWatch(op, 7, devices=["d"]) as watch:
+            for counter in (6, 7):
+                event = {"event": "failed", "stage": "fetch", "reason": f"#{counter} broke",
+                         "deployment": {field: counter, "name": "m", "artifact_version": "2"}}
+                dev.publish_wait(topics.events("d"), json.dumps(event).encode())
+            [outcome] = watch.wait(10)
+    assert (outcome.device, outcome.result, outcome.reason) == ("d", "failed", "#7 broke")

@@ -234,7 +234,9 @@ class DeploymentWatch:
             return
         device = _device_of(topic)
         dep = doc.get("deployment")
-        counter = _int(dep.get("version")) if isinstance(dep, dict) else None
+        # ``version``: what older agents called the counter in events (still read).
+        counter = _int(dep.get("counter", dep.get("version"))) if isinstance(dep, dict) \
+            else None
         sent = doc.get("payload")
         digest = sent.get("sha256") if isinstance(sent, dict) else None
         kind = doc.get("event")
