@@ -280,10 +280,10 @@ class Installer:
         transient reason (broker or responder away) and should be tried again."""
         if self.source is None:
             return False
-        key = hashlib.sha256(payload).hexdigest()[:32]
+        digest = hashlib.sha256(payload).hexdigest()[:32]
         size = len(payload)
         st = self.state
-        if handled(st, key):
+        if handled(st, digest):
             return False  # a redelivery of what was already handled (retained message, reconnect)
         cur = self.slot.current
         try:
@@ -291,14 +291,14 @@ class Installer:
                 payload, last_counter=st.deployment_counter or None,
                 installed=(cur.name, cur.version) if cur is not None else None)
         except VerificationError as err:
-            self._refuse(Refused(key, size, f"deployment failed verification: {err}", counter,
+            self._refuse(Refused(digest, size, f"deployment failed verification: {err}", counter,
                                  ts=time.time()))
             return False
         except EdgeError as err:
-            self._refuse(Refused(key, size, f"deployment rejected: {err}", counter,
+            self._refuse(Refused(digest, size, f"deployment rejected: {err}", counter,
                                  ts=time.time()))
             return False
-        dep = replace(dep, key=key)
+        dep = replace(dep, digest=digest)
         self._feed(Accepted(dep, size, ts=time.time()))
         if self.life.mode is not Mode.INSTALLING:
             return False
@@ -317,13 +317,13 @@ class Installer:
             if local is not None:
                 self._feed(Verified(local, ts=time.time()))
             else:
-                staging = self.store.staging_dir(dep.key)
+                staging = self.store.staging_dir(dep.digest)
                 path = self.source.fetch(dep, staging)
                 self._feed(Fetched(ts=time.time()))
                 art = Artifact.from_dir(path)
                 self._check_artifact(dep, art)
                 self._feed(Verified(ts=time.time()))
-                self._feed(Adopted(self.store.adopt(art, dep.key), ts=time.time()))
+                self._feed(Adopted(self.store.adopt(art, dep.digest), ts=time.time()))
             record = self.life.candidate
             assert record is not None
             served = self._load(record, smoke=False)

@@ -36,7 +36,7 @@ class InstallRequest:
     the fields that identify it (the signed :class:`edge_sdk.trust.Deployment` is ``raw``)."""
 
     #: Unique id of this deployment; the pipeline sets it to a digest of the raw message.
-    key: str
+    digest: str
     #: The director's monotonic counter; older ones are replays and are refused.
     counter: int
     #: Target artifact name, version and model hash.
@@ -128,7 +128,7 @@ class Resume:
 class Refused:
     """A message refused before an install: ``deployment`` names it when known (the
     verified deployment, or the counter the network thread verified)."""
-    key: str
+    digest: str
     size: int
     reason: str
     deployment: InstallRequest | int | None = None
@@ -137,7 +137,7 @@ class Refused:
 
 @dataclass(frozen=True)
 class Accepted:
-    """A deployment the source verified (``key`` set to the message digest), from a
+    """A deployment the source verified (``digest`` set to the message digest), from a
     message of ``size`` bytes."""
     deployment: InstallRequest
     size: int = 0
@@ -265,9 +265,9 @@ def report(kind: str, **fields: Any) -> Report:
     return Report(kind, {k: v for k, v in fields.items() if v is not None})
 
 
-def handled(state: InstalledState, key: str) -> bool:
-    """Whether the deployment with this key was already acted on (a redelivery)."""
-    return key == state.deployment_key or key in state.failed
+def handled(state: InstalledState, digest: str) -> bool:
+    """Whether the deployment with this digest was already acted on (a redelivery)."""
+    return digest == state.deployment_digest or digest in state.failed
 
 
 # -- the machine -----------------------------------------------------------------------
@@ -290,7 +290,7 @@ def step(life: Life, event: Event) -> tuple[Life, list[Effect]]:
             return replace(life, installed=_refused(life.installed, event)), [
                 SaveState(_refused(life.installed, event)),
                 report("refused", deployment=_named(event.deployment),
-                       payload={"sha256": event.key, "bytes": event.size}, reason=event.reason)]
+                       payload={"sha256": event.digest, "bytes": event.size}, reason=event.reason)]
         case Accepted() if m is Mode.IDLE:
             return _accepted(life, event)
         case Fetched() | Verified() | Adopted() | Loaded() | SmokeTested() \
@@ -382,17 +382,17 @@ def _boot_done(life: Life, served: ModelRecord | None,
 
 def _accepted(life: Life, ev: Accepted) -> tuple[Life, list[Effect]]:
     dep, st = ev.deployment, life.installed
-    if handled(st, dep.key):
+    if handled(st, dep.digest):
         return life, []
     if dep.counter <= st.deployment_counter:
         reason = (f"deployment counter {dep.counter} is not newer than the installed "
                   f"{st.deployment_counter} (replayed or stale)")
-        return step(life, Refused(dep.key, ev.size, reason, dep, ts=ev.ts))
+        return step(life, Refused(dep.digest, ev.size, reason, dep, ts=ev.ts))
     cur = life.serving
     if cur is not None and dep.sha256 is not None and cur.sha256 == dep.sha256:
         # Accepted without an install: the device already serves that model. The state
         # says so for this deployment, so that nobody has to infer it.
-        st = replace(st, deployment_counter=dep.counter, deployment_key=dep.key,
+        st = replace(st, deployment_counter=dep.counter, deployment_digest=dep.digest,
                      last_result=_result("committed", cur, dep, "already serving this model",
                                          ev.ts))
         return replace(life, installed=st), [SaveState(st), StateChanged()]
@@ -422,7 +422,7 @@ def _progress(life: Life, ev: Fetched | Verified | Adopted | Loaded | SmokeTeste
         case Verified(local=None):
             return replace(life, progress=nxt), [report("verified", deployment=dep)]
         case Verified(local=ModelRecord() as local):
-            return (replace(life, progress=nxt, candidate=replace(local, deployment=dep.key)),
+            return (replace(life, progress=nxt, candidate=replace(local, deployment=dep.digest)),
                     [report("verified", deployment=dep, source="local copy")])
         case Adopted():
             return replace(life, progress=nxt, candidate=ev.record), [CrashPoint("adopted")]
@@ -432,7 +432,7 @@ def _progress(life: Life, ev: Fetched | Verified | Adopted | Loaded | SmokeTeste
     new, old, st = life.candidate, life.serving, life.installed
     assert new is not None
     st = replace(st, current=new, previous=old if old else st.current, phase="trial",
-                 trial_boots=0, deployment_counter=dep.counter, deployment_key=dep.key)
+                 trial_boots=0, deployment_counter=dep.counter, deployment_digest=dep.digest)
     return (replace(life, installed=st, mode=Mode.TRIAL, serving=new, progress=None,
                     candidate=None),
             [CrashPoint("smoke_tested"), SaveState(st), CrashPoint("trial_saved"), Swap(new),
@@ -444,7 +444,7 @@ def _failed(life: Life, ev: Failed) -> tuple[Life, list[Effect]]:
     dep = life.deployment
     assert dep is not None
     reason = f"{life.stage}: {ev.reason}"
-    st = life.installed.with_failed(dep.key, reason)
+    st = life.installed.with_failed(dep.digest, reason)
     st = replace(st, deployment_counter=max(st.deployment_counter, dep.counter),
                  last_result=_result("failed", None, dep, reason, ev.ts))
     return _idle(life, st), [
@@ -497,7 +497,7 @@ def _rolled_back(life: Life, ev: ModelLoaded | ModelUnusable) -> tuple[Life, lis
 def _refused(st: InstalledState, ev: Refused) -> InstalledState:
     counter = ev.deployment.counter if isinstance(ev.deployment, InstallRequest) \
         else ev.deployment
-    st = st.with_failed(ev.key, ev.reason)
+    st = st.with_failed(ev.digest, ev.reason)
     if counter is not None:
         st = replace(st, last_result=_result("refused", None, counter, ev.reason, ev.ts))
     return st

@@ -47,7 +47,7 @@ class ReleaseSource:
             payload, self._key, device_id=self.config.device_id, groups=self.config.groups,
             fleet=self.config.fleet, last_counter=last_counter, installed=installed,
         )
-        return InstallRequest(key="", counter=dep.counter, name=dep.model,
+        return InstallRequest(digest="", counter=dep.counter, name=dep.model,
                               artifact_version=dep.version, sha256=dep.sha256,
                               rollback=dep.rollback, raw=dep)
 

@@ -5,7 +5,7 @@ Layout::
     state_dir/
       installed.json       which model is current / previous, the install phase
       models/<id>/         complete, verified artifact directories (never edited in place)
-      staging/<key>/       downloads in progress (kept across restarts: fetch resumes)
+      staging/<digest>/    downloads in progress (kept across restarts: fetch resumes)
       outbox/              reports waiting for the broker
 
 ``installed.json`` is the single source of truth and is only ever replaced
@@ -45,7 +45,7 @@ class ModelRecord:
     name: str
     version: str
     sha256: str
-    #: The deployment that installed it (its key), or None for a model installed by hand.
+    #: The deployment that installed it (its digest), or None for a model installed by hand.
     deployment: str | None = None
 
     @classmethod
@@ -68,9 +68,9 @@ class InstalledState:
     trial_boots: int = 0
     #: Highest deployment counter accepted, to refuse replays of older deployments.
     deployment_counter: int = 0
-    #: Key of the deployment the device last acted on (installed, refused or failed).
-    deployment_key: str | None = None
-    #: Deployment key → reason, for deployments that failed and must not be retried.
+    #: Digest of the deployment the device last acted on (installed, refused or failed).
+    deployment_digest: str | None = None
+    #: Deployment digest → reason, for deployments that failed and must not be retried.
     failed: dict[str, str] = field(default_factory=dict)
     last_result: dict[str, Any] | None = None
 
@@ -95,17 +95,17 @@ class InstalledState:
                 trial_boots=int(data.get("trial_boots", 0)),
                 deployment_counter=int(_renamed(data, "deployment_counter",
                                                 "deployment_version", 0)),
-                deployment_key=data.get("deployment_key"),
+                deployment_digest=_renamed(data, "deployment_digest", "deployment_key", None),
                 failed=dict(data.get("failed") or {}),
                 last_result=data.get("last_result"),
             )
         except (TypeError, ValueError) as err:
             raise ConfigError(f"{where}: malformed agent state: {err}") from err
 
-    def with_failed(self, key: str, reason: str) -> InstalledState:
+    def with_failed(self, digest: str, reason: str) -> InstalledState:
         failed = dict(self.failed)
-        failed.pop(key, None)
-        failed[key] = reason
+        failed.pop(digest, None)
+        failed[digest] = reason
         while len(failed) > _MAX_FAILED:
             failed.pop(next(iter(failed)))
         return replace(self, failed=failed)
@@ -201,8 +201,8 @@ class StateStore:
                                f"{err.strerror or err}") from err
         return record
 
-    def staging_dir(self, key: str) -> Path:
-        d = self.staging / _UNSAFE.sub("_", key)[:120]
+    def staging_dir(self, digest: str) -> Path:
+        d = self.staging / _UNSAFE.sub("_", digest)[:120]
         d.mkdir(parents=True, exist_ok=True)
         return d
 

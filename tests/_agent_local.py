@@ -38,7 +38,7 @@ class LocalSource:
                         hashlib.sha256).hexdigest()
         if not hmac.compare_digest(want, sig):
             raise VerificationError("deployment signature does not match the trusted key")
-        return InstallRequest(key="", counter=body["counter"],
+        return InstallRequest(digest="", counter=body["counter"],
                               name=body["name"], artifact_version=body["artifact_version"],
                               sha256=body["sha256"], raw=body)
 

@@ -195,7 +195,8 @@ def test_restart_boots_straight_into_the_installed_model(make_agent, arts, tmp_p
 
 
 #: State-file keys renamed since the first agents, new name -> the name they wrote.
-OLD_STATE_KEYS = {"deployment_counter": "deployment_version"}
+OLD_STATE_KEYS = {"deployment_counter": "deployment_version",
+                  "deployment_digest": "deployment_key"}
 
 
 def test_state_file_of_an_older_agent_keeps_its_model_and_refuses_replays(
@@ -211,14 +212,16 @@ def test_state_file_of_an_older_agent_keeps_its_model_and_refuses_replays(
     path.write_text(json.dumps(state))
     again = make_agent(config(tmp_path / "state"))
     assert served_version(again) == "v1"
-    assert again.store.load().deployment_counter == 5
+    loaded = again.store.load()
+    assert (loaded.deployment_counter, loaded.deployment_digest) == \
+        (5, state["deployment_key"])
     again.submit(deployment(arts["v2"], 5))
     wait_for(lambda: "refused" in kinds(again))
     assert served_version(again) == "v1"
     assert "not newer" in [e for e in events(again) if e["event"] == "refused"][-1]["reason"]
     install(again, arts["v2"], 6)
     written = json.loads(path.read_text())
-    assert written["deployment_counter"] == 6
+    assert written["deployment_counter"] == 6 and written["deployment_digest"]
     assert not set(OLD_STATE_KEYS.values()) & set(written)
 
 

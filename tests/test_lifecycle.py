@@ -50,8 +50,8 @@ V1 = ModelRecord("adder-v1-aaaaaaaaaaaa", "adder", "v1", "a" * 64, "k1")
 V2 = ModelRecord("adder-v2-bbbbbbbbbbbb", "adder", "v2", "b" * 64, "k2")
 
 
-def dep(version: int, art: ModelRecord = V2, *, rollback: bool = False) -> InstallRequest:
-    return InstallRequest(f"k{version}", version, art.name, art.version, art.sha256,
+def dep(counter: int, art: ModelRecord = V2, *, rollback: bool = False) -> InstallRequest:
+    return InstallRequest(f"k{counter}", counter, art.name, art.version, art.sha256,
                           rollback=rollback)
 
 
@@ -97,7 +97,7 @@ def install(run: Run, d: InstallRequest, art: ModelRecord = V2) -> Run:
 
 
 def serving_v1() -> Run:
-    return booted(InstalledState(current=V1, deployment_counter=1, deployment_key="k1"))
+    return booted(InstalledState(current=V1, deployment_counter=1, deployment_digest="k1"))
 
 
 # -- every state x event --------------------------------------------------------------------
@@ -117,7 +117,7 @@ LEGAL = {
     Mode.ROLLING_BACK: {ModelLoaded, ModelUnusable},
 }
 TRIAL_V1_V2 = InstalledState(current=V2, previous=V1, phase="trial", deployment_counter=2,
-                             deployment_key="k2")
+                             deployment_digest="k2")
 LIVES = {
     Mode.BOOT: Life(),
     Mode.LOAD_CURRENT: Life(TRIAL_V1_V2, Mode.LOAD_CURRENT),
@@ -251,7 +251,7 @@ def test_deployment_at_or_below_the_counter_is_refused_even_as_a_signed_rollback
     # Rollback permission is about the artifact (checked by the source), never the counter.
     run = install(serving_v1(), dep(5))
     for version in (5, 3):
-        run.feed(Accepted(replace(dep(version, V1, rollback=rollback), key=f"old{version}")))
+        run.feed(Accepted(replace(dep(version, V1, rollback=rollback), digest=f"old{version}")))
         assert run.reports()[-1] == "refused"
         assert run.life.serving == V2
     assert run.life.installed.deployment_counter == 5
@@ -267,7 +267,7 @@ def test_signed_rollback_with_a_newer_counter_installs_the_older_model() -> None
 def test_deployment_of_the_served_model_commits_without_an_install() -> None:
     run = serving_v1().feed(Accepted(dep(4, V1)))
     st = run.life.installed
-    assert (st.deployment_counter, st.deployment_key, st.current) == (4, "k4", V1)
+    assert (st.deployment_counter, st.deployment_digest, st.current) == (4, "k4", V1)
     assert run.reports() == [] and run.life.mode is Mode.IDLE
 
 
