@@ -206,16 +206,14 @@ class StateStore:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
-    def clean(self, state: InstalledState, *, keep_staging: str | None = None) -> None:
-        """Delete model dirs the state does not name, and stale staging dirs and temp files."""
+    def clean(self, state: InstalledState) -> None:
+        """Delete model dirs the state does not name, every staging dir and temp files."""
         keep = {r.id for r in (state.current, state.previous) if r is not None}
         for d in self.models.iterdir():
             if d.name not in keep:
                 _remove(d)
-        keep_stage = None if keep_staging is None else _UNSAFE.sub("_", keep_staging)[:120]
         for d in self.staging.iterdir():
-            if d.name != keep_stage:
-                _remove(d)
+            _remove(d)
         for f in self.root.glob(f".{STATE_FILE}.*.tmp"):
             _remove(f)
 
