@@ -137,20 +137,28 @@ class EvilRepository(RepositorySimulator):
     def answer(self, req: proto.ChunkRequest) -> proto.ChunkResponse | None:
         resp = super().answer(req)
         assert resp is not None
-        if self.mode == "endless-metadata" and req.path == "metadata/timestamp.json":
-            return proto.ChunkResponse(resp.status, resp.corr, resp.offset, 1 << 30,
-                                       resp.payload + b" " * (req.length - len(resp.payload)))
-        if not req.path.startswith("targets/") or resp.status != proto.OK:
-            return resp
-        if self.mode in ("silent", "cut") and req.offset >= self.cut_at:
+        if (self.mode in ("silent", "cut") and req.path.startswith("targets/")
+                and resp.status == proto.OK and req.offset >= self.cut_at):
             return None
-        if self.mode == "tamper" and req.offset == 0:
-            data = bytearray(resp.payload)
-            data[len(data) // 2] ^= 0xFF
-            return proto.ChunkResponse(resp.status, resp.corr, resp.offset, resp.total,
-                                       bytes(data))
-        if self.mode == "endless":
-            return proto.ChunkResponse(resp.status, resp.corr, resp.offset, resp.total * 1000,
-                                       resp.payload + b"\0" * 1024)
+        return misbehave(self.mode, req, resp)
+
+
+def misbehave(mode: str, req: proto.ChunkRequest,
+              resp: proto.ChunkResponse) -> proto.ChunkResponse:
+    """An honest answer to ``req`` turned into the ``mode`` attack (tamper, endless,
+    endless-metadata); shared by this simulator and the MQTT ``EvilResponder``."""
+    if mode == "endless-metadata" and req.path == "metadata/timestamp.json":
+        return proto.ChunkResponse(resp.status, resp.corr, resp.offset, 1 << 30,
+                                   resp.payload + b" " * (req.length - len(resp.payload)))
+    if not req.path.startswith("targets/") or resp.status != proto.OK:
         return resp
+    if mode == "tamper" and req.offset == 0:
+        data = bytearray(resp.payload)
+        data[len(data) // 2] ^= 0xFF
+        return proto.ChunkResponse(resp.status, resp.corr, resp.offset, resp.total,
+                                   bytes(data))
+    if mode == "endless":
+        return proto.ChunkResponse(resp.status, resp.corr, resp.offset, resp.total * 1000,
+                                   resp.payload + b"\0" * 1024)
+    return resp
 

@@ -29,6 +29,7 @@ from edge_sdk.transport import (
 from edge_sdk.transport import _chunks as proto
 from edge_sdk.trust import Deployment, UpdateClient, load_public_key, verify_deployment
 from tests._broker import Mosquitto
+from tests._repository_simulator import misbehave
 
 FLEET = "lab"
 
@@ -145,21 +146,7 @@ class EvilResponder(RepoResponder):
         self.cut_at = cut_at
 
     def answer(self, req: proto.ChunkRequest) -> proto.ChunkResponse:
-        resp = super().answer(req)
-        if self.mode == "endless-metadata" and req.path == "metadata/timestamp.json":
-            return proto.ChunkResponse(resp.status, resp.corr, resp.offset, 1 << 30,
-                                       resp.payload + b" " * (req.length - len(resp.payload)))
-        if not req.path.startswith("targets/") or resp.status != proto.OK:
-            return resp
-        if self.mode == "tamper" and req.offset == 0:
-            data = bytearray(resp.payload)
-            data[len(data) // 2] ^= 0xFF
-            return proto.ChunkResponse(resp.status, resp.corr, resp.offset, resp.total,
-                                       bytes(data))
-        if self.mode == "endless":
-            return proto.ChunkResponse(resp.status, resp.corr, resp.offset, resp.total * 1000,
-                                       resp.payload + b"\0" * 1024)
-        return resp
+        return misbehave(self.mode, req, super().answer(req))
 
     def _on_request(self, topic: str, payload: bytes) -> None:
         if self.mode in ("silent", "cut"):
