@@ -115,10 +115,7 @@ class RepositorySimulator(RepositoryFetcher):
             self.now += RTT_S
             for resp in arrived:
                 window.accept(resp, self.now)
-            for data in window.ready():
-                sink(data)
-                if progress is not None and window.total is not None:
-                    progress(window.delivered, window.total)
+            window.deliver(sink, progress)
         assert window.total is not None
         return window.total
 

@@ -205,10 +205,7 @@ class ChunkClient(RepositoryFetcher):
                     resp = inbox.get_nowait()
                 except queue.Empty:
                     break
-            for data in window.ready():
-                sink(data)
-                if progress is not None and window.total is not None:
-                    progress(window.delivered, window.total)
+            window.deliver(sink, progress)
         assert window.total is not None
         return window.total
 

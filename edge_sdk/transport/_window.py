@@ -356,6 +356,15 @@ class ChunkWindow:
             self.delivered += len(data)
             yield data
 
+    def deliver(self, sink: Callable[[bytes], object],
+                progress: Callable[[int, int], None] | None = None) -> None:
+        """Hand :meth:`ready` bytes to ``sink`` in order, reporting ``progress(delivered,
+        total)`` after each piece once the total is known."""
+        for data in self.ready():
+            sink(data)
+            if progress is not None and self.total is not None:
+                progress(self.delivered, self.total)
+
 
 def _runs(chunks: list[_Chunk], chunk_size: int, batch: int) -> Iterator[list[_Chunk]]:
     """Consecutive chunks in groups of at most ``batch``, each group one request's worth."""
