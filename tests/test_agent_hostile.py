@@ -9,7 +9,6 @@ import threading
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ from edge_sdk.release import DeploymentWatch, create_deployment, publish_deploym
 from tests import _models
 from tests._broker import Mosquitto
 from tests._hostile import payloads
-from tests.test_agent_e2e import FLEET, AgentProc, Fleet, _cli, wait_for
+from tests.test_agent_e2e import FLEET, AgentProc, Fleet, _cli, new_agent, wait_for
 
 
 class Heartbeats:
@@ -61,18 +60,11 @@ def agents() -> Iterator[list[AgentProc]]:
         p.kill()
 
 
-def _agent(fleet: Fleet, tmp: Path, agents: list[AgentProc], device: str,
-           **kw: Any) -> AgentProc:
-    a = AgentProc(fleet, tmp, device, **kw)
-    agents.append(a)
-    return a
-
-
 def test_hostile_retained_desired_payloads_neither_stop_updates_nor_heartbeats(
     fleet, tmp_path, agents
 ) -> None:
     beats = fleet.heartbeats
-    agent = _agent(fleet, tmp_path, agents, "hostile").start()
+    agent = new_agent(fleet, tmp_path, agents, "hostile").start()
     fleet.deploy("hostile", "1")
     agent.wait_version("1")
     # Every class of hostile payload, live; the last one stays retained on the topic.
@@ -101,7 +93,7 @@ def test_hostile_retained_desired_payloads_neither_stop_updates_nor_heartbeats(
 def test_a_dead_worker_thread_takes_the_agent_process_down_for_a_restart(
     fleet, tmp_path, agents
 ) -> None:
-    agent = _agent(fleet, tmp_path, agents, "zombie")
+    agent = new_agent(fleet, tmp_path, agents, "zombie")
     agent.start(crash_at="install_started:thread")
     fleet.deploy("zombie", "1")
     assert agent.proc is not None
@@ -118,7 +110,7 @@ def test_garbage_after_a_pending_signed_deployment_neither_displaces_nor_fails_i
     fleet, tmp_path, agents
 ) -> None:
     dev = "displace"
-    agent = _agent(fleet, tmp_path, agents, dev, window_s=4.0).start()
+    agent = new_agent(fleet, tmp_path, agents, dev, window_s=4.0).start()
     fleet.deploy(dev, "1")
     fleet.wait_event(dev, "committed", "1")
     fleet.deploy(dev, "2")
@@ -142,7 +134,7 @@ def test_garbage_after_a_pending_signed_deployment_neither_displaces_nor_fails_i
 def test_a_refusal_of_the_watched_document_itself_fails_the_watch(fleet, tmp_path,
                                                                   agents) -> None:
     dev = "forged"
-    _agent(fleet, tmp_path, agents, dev).start()
+    new_agent(fleet, tmp_path, agents, dev).start()
     sd = create_deployment(fleet.repo, model="adder", fleet=FLEET, version="1", devices=[dev])
     doc = json.loads(sd.document)
     doc["signed"]["version"] = "2"  # changed after signing: the device cannot verify it
@@ -234,7 +226,7 @@ def test_model_failing_its_own_sample_in_warm_up_fails_its_deployment_once(
     # in the first warm-up run.
     src = _models.batch1_only_model(fleet.arts / "adder-20.onnx")
     _release(fleet, src, "adder", "20", {"x": np.zeros((2, 4), np.float32)})
-    agent = _agent(fleet, tmp_path, agents, dev).start()
+    agent = new_agent(fleet, tmp_path, agents, dev).start()
     fleet.deploy(dev, "1")
     fleet.wait_event(dev, "committed", "1")
     code = main(_cli(fleet, "deploy", "--model", "adder", "--version", "20", "--device", dev,
@@ -268,7 +260,7 @@ def test_string_input_model_without_a_sample_passes_its_smoke_test_and_commits(
     dev = "words"
     fleet.arts.mkdir(exist_ok=True)
     _release(fleet, _string_model(fleet.arts / "words-1.onnx"), "words", "1", None)
-    _agent(fleet, tmp_path, agents, dev).start()
+    new_agent(fleet, tmp_path, agents, dev).start()
     code = main(_cli(fleet, "deploy", "--model", "words", "--version", "1", "--device", dev,
                      "--wait", "--timeout", "60"))
     out, err = capsys.readouterr()
