@@ -1,7 +1,8 @@
 """Host side of releases: the TUF repository and signed deployments.
 
 - :class:`Repository`: ``Repository.init(repo, keydir, thresholds=, expires_days=)``,
-  ``Repository(repo)``, ``add_artifact(dir) -> ReleasedTarget``, ``targets()``,
+  ``Repository(repo)``, ``add_artifact(dir, delta_bases=2) -> ReleasedTarget`` (with
+  deltas from earlier versions, see :mod:`edge_sdk.delta`), ``targets()``,
   ``find(name, version=None)``, ``refresh()``, ``rotate_key(role)``,
   ``root_path`` (trusted root for devices), ``deployment_key_path``.
 - :func:`create_deployment` → :class:`SignedDeployment` (``.deployment``, ``.document``),
@@ -23,11 +24,12 @@ from ._deploy import (
     deployment_state,
     publish_deployment,
 )
-from ._repository import ROLE_NAMES, Repository
+from ._repository import DEFAULT_DELTA_BASES, ROLE_NAMES, Repository
 from ._rollout import RolloutConfig, RolloutResult, plan_waves, rollout
 from ._watch import DeploymentWatch, DeviceStatus, Outcome, fleet_status, require_success
 
 __all__ = [
+    "DEFAULT_DELTA_BASES",
     "DEPLOYMENT_EXPIRES_DAYS",
     "ROLE_NAMES",
     "DeploymentWatch",

@@ -9,6 +9,7 @@ Layout (only ``metadata/`` and ``targets/`` are ever served)::
     REPO/metadata/N.snapshot.json      consistent snapshots: files never change once written
     REPO/metadata/N.targets.json
     REPO/targets/NAME/VERSION/HASH.FILE
+    REPO/targets/NAME/VERSION/HASH.MODEL.from-BASEVERSION.delta   deltas from earlier versions
     REPO/deployment.pub.json           public deployment key (for devices and `pull`)
     REPO/deployments/                  counter and last signed deployment per device/group
 
@@ -42,10 +43,11 @@ from tuf.api.serialization.json import JSONSerializer
 
 from .._artifact import Artifact, Manifest
 from .._fs import atomic_write_bytes
+from ..delta import DeltaConfig, build_delta
 from ..errors import ArtifactError, ConfigError, UsageError
 from ..trust._deployment import compare_versions
 from ..trust._keys import DEPLOYMENT_ROLE, KeyStore, check_outside, public_key_bytes
-from ..trust._targets import ReleasedTarget, released_target
+from ..trust._targets import DeltaRef, ReleasedTarget, released_target
 
 SETTINGS = "repo.json"
 # The four top-level TUF roles in the order people read them (TOP_LEVEL_ROLE_NAMES is a set).
@@ -53,6 +55,8 @@ ROLE_NAMES = (Root.type, Targets.type, Snapshot.type, Timestamp.type)
 DEFAULT_EXPIRES = {Root.type: 365, Targets.type: 90, Snapshot.type: 7, Timestamp.type: 1}
 # Re-sign a role when less than this fraction of its lifetime is left.
 REFRESH_MARGIN = 0.5
+#: Deltas are built from this many earlier versions of the same model by default.
+DEFAULT_DELTA_BASES = 2
 _SER = JSONSerializer(compact=False)
 
 
@@ -107,6 +111,8 @@ class Repository:
         self.keys = KeyStore(kd)
         self.meta = self.path / "metadata"
         self.targets_dir = self.path / "targets"
+        #: What the last :meth:`add_artifact` did about deltas, one line per earlier version.
+        self.delta_notes: list[str] = []
 
     # -- creation ------------------------------------------------------------------
 
@@ -219,12 +225,18 @@ class Repository:
     # -- changes ---------------------------------------------------------------------
 
     @_exclusive
-    def add_artifact(self, artifact_dir: str | os.PathLike[str]) -> ReleasedTarget:
+    def add_artifact(self, artifact_dir: str | os.PathLike[str], *,
+                     delta_bases: int = DEFAULT_DELTA_BASES,
+                     delta_config: DeltaConfig | None = None) -> ReleasedTarget:
         """Release an artifact directory: model (+ sample) as targets, manifest as custom.
 
-        Re-adding the identical artifact is a no-op; a different file under an
-        existing name/version is refused (release a new version instead).
+        Deltas from the ``delta_bases`` newest earlier versions of the same model are
+        signed beside it (each one only when it is at most ``delta_config.max_ratio``
+        of the model file). Re-adding the identical artifact is a no-op; a different
+        file under an existing name/version is refused (release a new version instead).
         """
+        if delta_bases < 0:
+            raise UsageError("--delta-bases must be >= 0")
         art = Artifact.from_dir(artifact_dir)
         m = art.manifest
         base = f"{m.name}/{m.version}"
@@ -246,8 +258,11 @@ class Repository:
             files[str(m.sample)] = sp
             new.append(self._stage_target(sp, art.sample_path, {"edge_sdk": {"companion_of":
                                                                           tpath}}))
+        delta_tfs = self._stage_deltas(art, tpath, delta_bases, delta_config or DeltaConfig())
+        new.extend(tf for tf, _ in delta_tfs)
         model_tf = self._stage_target(tpath, art.model_path, {"edge_sdk": {
-            "manifest": _manifest_text(m), "files": files, "released": _now().isoformat()}})
+            "manifest": _manifest_text(m), "files": files, "released": _now().isoformat(),
+            "deltas": [ref.to_json() for _, ref in delta_tfs]}})
         if model_tf.hashes["sha256"] != m.sha256 or model_tf.length != m.size_bytes:
             raise ArtifactError(f"{art.path}: model file changed while it was being released")
         new.append(model_tf)
@@ -338,6 +353,60 @@ class Repository:
         shutil.copyfile(src, tmp)
         os.replace(tmp, dest)
         return tf
+
+    def _stage_deltas(self, art: Artifact, tpath: str, bases: int, cfg: DeltaConfig,
+                      ) -> list[tuple[TargetFile, DeltaRef]]:
+        """Build, check and stage the deltas from the ``bases`` newest earlier versions."""
+        m = art.manifest
+        earlier = [t for t in self.targets()
+                   if t.name == m.name and compare_versions(t.version, m.version) < 0]
+        earlier.sort(key=functools.cmp_to_key(lambda a, b: compare_versions(b.version,
+                                                                              a.version)))
+        self.delta_notes = []
+        if not earlier[:bases]:
+            return []
+        target = art.model_path.read_bytes()
+        out = []
+        for bt in earlier[:bases]:
+            base_file = self._target_file(bt.path, bt.sha256)
+            fmt = str(bt.manifest.get("format", "")) or None
+            if fmt != m.format:
+                # An ONNX model has no useful delta against a TFLite one.
+                self.delta_notes.append(f"no delta from {bt.version}: it is {fmt}, this is "
+                                        f"{m.format}")
+                continue
+            delta = build_delta(base_file.read_bytes(), target, fmt=fmt, config=cfg)
+            if delta is None:
+                self.delta_notes.append(
+                    f"no delta from {bt.version}: no tensor matched and the base is over "
+                    f"{cfg.max_prefix_base_bytes} bytes")
+                continue
+            if delta.ratio > cfg.max_ratio:
+                self.delta_notes.append(
+                    f"no delta from {bt.version}: {delta.ratio:.0%} of the full model, over "
+                    f"the limit of {cfg.max_ratio:.0%}")
+                continue
+            self.delta_notes.append(
+                f"delta from {bt.version}: {delta.size} bytes ({delta.ratio:.1%} of the full "
+                f"model, {delta.method})")
+            dpath = f"{tpath}.from-{bt.version}.delta"
+            tmp = self.targets_dir / f".{m.name}.{bt.sha256[:16]}.delta.tmp"
+            try:
+                atomic_write_bytes(tmp, delta.data)
+                tf = self._stage_target(dpath, tmp, {"edge_sdk": {
+                    "delta_of": tpath, "base_path": bt.path, "base_sha256": bt.sha256,
+                    "base_version": bt.version, "method": delta.method}})
+            finally:
+                tmp.unlink(missing_ok=True)
+            out.append((tf, DeltaRef(bt.version, bt.sha256, dpath, tf.length)))
+        return out
+
+    def _target_file(self, tpath: str, sha256: str) -> Path:
+        dirname, _, basename = tpath.rpartition("/")
+        path = self.targets_dir / dirname / f"{sha256}.{basename}"
+        if not path.is_file():
+            raise UsageError(f"{path}: the released file is missing from the repository")
+        return path
 
     def _sign_and_write(self, md: Metadata[Any]) -> bytes:
         role = md.signed.type

@@ -17,6 +17,34 @@ from tuf.api.metadata import TargetFile  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
+class DeltaRef:
+    """A delta target that rebuilds a release's model file from an earlier release's."""
+
+    #: The earlier release's version and model sha256 (what the device must hold).
+    base_version: str
+    base_sha256: str
+    #: The delta's own target path and signed length.
+    path: str
+    length: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"from": self.base_version, "base_sha256": self.base_sha256, "path": self.path,
+                "size_bytes": self.length}
+
+    @classmethod
+    def from_json(cls, doc: Any) -> DeltaRef | None:
+        """The reference ``doc`` describes, or None when it is not one (unknown fields of
+        newer releases are ignored, not fatal)."""
+        if not isinstance(doc, dict):
+            return None
+        v, sha, path, n = (doc.get(k) for k in ("from", "base_sha256", "path", "size_bytes"))
+        if not (isinstance(v, str) and isinstance(sha, str) and isinstance(path, str) and
+                isinstance(n, int) and not isinstance(n, bool) and n > 0):
+            return None
+        return cls(v, sha, path, n)
+
+
+@dataclass(frozen=True)
 class ReleasedTarget:
     """One released artifact as the signed targets metadata lists it."""
 
@@ -27,10 +55,13 @@ class ReleasedTarget:
     length: int
     manifest: Mapping[str, Any]
     files: Mapping[str, str]
+    #: Deltas from earlier releases, newest base first.
+    deltas: tuple[DeltaRef, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "path": self.path,
-                "sha256": self.sha256, "length": self.length, "files": dict(self.files)}
+                "sha256": self.sha256, "length": self.length, "size_bytes": self.length,
+                "files": dict(self.files), "deltas": [d.to_json() for d in self.deltas]}
 
 
 def released_target(tf: TargetFile) -> ReleasedTarget | None:
@@ -46,6 +77,16 @@ def released_target(tf: TargetFile) -> ReleasedTarget | None:
     if not isinstance(m, dict):
         return None
     files = info.get("files") if isinstance(info.get("files"), dict) else {}
+    raw = info.get("deltas") if isinstance(info.get("deltas"), list) else []
+    deltas = tuple(d for d in map(DeltaRef.from_json, raw or []) if d is not None)
     return ReleasedTarget(str(m.get("name")), str(m.get("version")), tf.path,
-                          tf.hashes.get("sha256", ""), tf.length, m, dict(files or {}))
+                          tf.hashes.get("sha256", ""), tf.length, m, dict(files or {}), deltas)
+
+
+def delta_of(tf: TargetFile) -> str | None:
+    """The model target path a delta target rebuilds (None when ``tf`` is no delta)."""
+    custom = tf.unrecognized_fields.get("custom")
+    info = custom.get("edge_sdk") if isinstance(custom, dict) else None
+    target = info.get("delta_of") if isinstance(info, dict) else None
+    return target if isinstance(target, str) else None
 
