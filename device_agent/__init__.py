@@ -22,7 +22,7 @@ from ._config import (
     TlsConfig,
     TrustConfig,
 )
-from ._install import ArtifactSource
+from ._install import ArtifactSource, FetchedArtifact
 from ._lifecycle import InstallRequest
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "AgentConfig",
     "ArtifactSource",
     "BrokerConfig",
+    "FetchedArtifact",
     "HealthConfig",
     "HttpConfig",
     "InstallRequest",

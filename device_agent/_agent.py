@@ -324,8 +324,11 @@ class Agent:
         else:
             self.metrics.set_model(served.name, served.version, served.record.sha256)
 
-    def _count_event(self, kind: str) -> None:
+    def _count_event(self, kind: str, fields: dict[str, Any]) -> None:
         self.metrics.updates.labels(kind).inc()
+        got = fields.get("download")
+        if kind == "downloaded" and isinstance(got, dict) and got.get("kind") in ("delta", "full"):
+            self.metrics.download_bytes.labels(got["kind"]).inc(max(0, int(got["bytes"])))
         self.metrics.queued_reports.set(len(self.outbox))
 
 

@@ -19,8 +19,8 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Mapping
-from dataclasses import replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -85,10 +85,14 @@ CRASH_POINTS = (
     "install_started", "fetched", "adopted", "loaded", "smoke_tested", "trial_saved",
     "swapped", "health_probe", "committed", "cleaned", "boot_trial_saved", "rollback_saved",
 )
+#: Crash points inside a fetch that applies a delta (before ``fetched``): the delta is
+#: downloaded and verified; the first block of the rebuilt model is written.
+DELTA_CRASH_POINTS = ("delta_fetched", "delta_applying")
 
 
 def crash_point(name: str) -> None:
-    assert name in CRASH_POINTS, f"crash point {name!r} is missing from CRASH_POINTS"
+    assert name in CRASH_POINTS or name in DELTA_CRASH_POINTS, \
+        f"crash point {name!r} is missing from CRASH_POINTS"
     at = os.environ.get(CRASH_ENV)
     if at == name:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -99,6 +103,16 @@ def crash_point(name: str) -> None:
 class ThreadCrash(BaseException):
     """Test-only: ends the thread that reached a ``:thread`` crash point. A BaseException,
     so that no ``except Exception`` on the way stops it, as with a real thread death."""
+
+
+@dataclass(frozen=True)
+class FetchedArtifact:
+    """What :meth:`ArtifactSource.fetch` got: the verified artifact directory and, when the
+    source tells, how its model file came (``{"kind": "delta"|"full", "bytes": N,
+    "message": ..., "from": VERSION, "fallback": REASON}``)."""
+
+    path: Path
+    download: Mapping[str, Any] | None = field(default=None)
 
 
 class ArtifactSource(Protocol):
@@ -112,9 +126,11 @@ class ArtifactSource(Protocol):
         unsigned downgrade."""
         ...
 
-    def fetch(self, deployment: InstallRequest, dest_dir: Path) -> Path:
+    def fetch(self, deployment: InstallRequest, dest_dir: Path, *,
+              have: Sequence[tuple[Path, str]] = ()) -> FetchedArtifact:
         """Download (resuming from what ``dest_dir`` holds) and verify the deployment's
-        artifact; return the verified artifact directory. Raises VerificationError or
+        artifact. ``have``: (model file, sha256) of the verified models the device holds,
+        from which a delta may rebuild the new one. Raises VerificationError or
         TransportError."""
         ...
 
@@ -318,9 +334,9 @@ class Installer:
                 self._feed(Verified(local, ts=time.time()))
             else:
                 staging = self.store.staging_dir(dep.digest)
-                path = self.source.fetch(dep, staging)
-                self._feed(Fetched(ts=time.time()))
-                art = Artifact.from_dir(path)
+                got = self.source.fetch(dep, staging, have=self._bases())
+                self._feed(Fetched(got.download, ts=time.time()))
+                art = Artifact.from_dir(got.path)
                 self._check_artifact(dep, art)
                 self._feed(Verified(ts=time.time()))
                 self._feed(Adopted(self.store.adopt(art, dep.digest), ts=time.time()))
@@ -390,6 +406,17 @@ class Installer:
         return None
 
     # -- helpers -------------------------------------------------------------------------
+
+    def _bases(self) -> list[tuple[Path, str]]:
+        """The model files a delta may start from: the served and the previous model."""
+        out: list[tuple[Path, str]] = []
+        for record in (self.life.serving, self.state.current, self.state.previous):
+            if record is None or any(sha == record.sha256 for _, sha in out):
+                continue
+            path = self.store.model_file(record)
+            if path is not None:
+                out.append((path, record.sha256))
+        return out
 
     def _check_artifact(self, dep: InstallRequest, art: Artifact) -> None:
         m = art.manifest

@@ -83,6 +83,8 @@ class Life:
     trial_pending: bool = False
     #: ROLLING_BACK: why the health window failed.
     reason: str | None = None
+    #: How this process fetched the deployment's model ("delta from 1.0.0 (N bytes)").
+    download: str | None = None
 
     @property
     def stage(self) -> str | None:
@@ -146,7 +148,9 @@ class Accepted:
 
 @dataclass(frozen=True)
 class Fetched:
-    """The artifact is downloaded into staging."""
+    """The artifact is downloaded into staging; ``download`` says how, when the source
+    tells (see :class:`~device_agent.FetchedArtifact`)."""
+    download: Mapping[str, Any] | None = None
     ts: float = field(default=0.0, kw_only=True)
 
 
@@ -314,7 +318,8 @@ def step(life: Life, event: Event) -> tuple[Life, list[Effect]]:
 
 def _idle(life: Life, installed: InstalledState, **changes: Any) -> Life:
     return replace(life, **{"installed": installed, "mode": Mode.IDLE, "deployment": None,
-                            "progress": None, "candidate": None, "reason": None, **changes})
+                            "progress": None, "candidate": None, "reason": None,
+                            "download": None, **changes})
 
 
 def _boot(life: Life, ev: Boot) -> tuple[Life, list[Effect]]:
@@ -417,8 +422,13 @@ def _progress(life: Life, ev: Fetched | Verified | Adopted | Loaded | SmokeTeste
         raise LifecycleError(f"{type(ev).__name__} is not expected after {life.progress}")
     dep = life.deployment
     match ev:
-        case Fetched():
-            return replace(life, progress=nxt), [CrashPoint("fetched")]
+        case Fetched(download=got):
+            if got is None:
+                return replace(life, progress=nxt), [CrashPoint("fetched")]
+            message = str(got.get("message", "")) or None
+            return (replace(life, progress=nxt, download=message),
+                    [report("downloaded", deployment=dep, download=dict(got)),
+                     CrashPoint("fetched")])
         case Verified(local=None):
             return replace(life, progress=nxt), [report("verified", deployment=dep)]
         case Verified(local=ModelRecord() as local):
@@ -446,7 +456,7 @@ def _failed(life: Life, ev: Failed) -> tuple[Life, list[Effect]]:
     reason = f"{life.stage}: {ev.reason}"
     st = life.installed.with_failed(dep.digest, reason)
     st = replace(st, deployment_counter=max(st.deployment_counter, dep.counter),
-                 last_result=_result("failed", None, dep, reason, ev.ts))
+                 last_result=_result("failed", None, dep, reason, ev.ts, life.download))
     return _idle(life, st), [
         SaveState(st), CleanModels(), CleanPartial(),
         report("failed", stage=life.stage, deployment=dep, reason=ev.reason)]
@@ -459,7 +469,8 @@ def _judged(life: Life, ev: Healthy | Unhealthy) -> tuple[Life, list[Effect]]:
     which: InstallRequest | int | None = life.deployment or _trial_counter(st)
     if isinstance(ev, Healthy):
         st = replace(st, phase="committed", trial_boots=0,
-                     last_result=_result("committed", served, which, None, ev.ts))
+                     last_result=_result("committed", served, which, None, ev.ts,
+                                         life.download))
         return _idle(life, st), [
             SaveState(st), CrashPoint("committed"),
             report("committed", deployment=_named(which), model=served),
@@ -526,9 +537,12 @@ def _named(dep: InstallRequest | int | None) -> InstallRequest | dict[str, int] 
 
 
 def _result(outcome: str, model: ModelRecord | None, dep: InstallRequest | int | None,
-            reason: str | None, ts: float) -> dict[str, Any]:
-    """``last_update`` of the state: what happened (``outcome``) to which deployment."""
+            reason: str | None, ts: float, download: str | None = None) -> dict[str, Any]:
+    """``last_update`` of the state: what happened (``outcome``) to which deployment, and
+    how its model was downloaded when this process did it."""
     out: dict[str, Any] = {"result": outcome, "ts": ts}
+    if download is not None:
+        out["download"] = download
     if model is not None:
         out["model"] = {"name": model.name, "version": model.version}
     if dep is not None:

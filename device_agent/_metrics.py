@@ -37,6 +37,12 @@ class Metrics:
                            registry=r)
         self.queued_reports = Gauge(
             "edge_agent_queued_reports", "Reports waiting on disk for the broker.", registry=r)
+        self.download_bytes = Counter(
+            "edge_agent_download_bytes", "Bytes received for model files, by how they came "
+            "(delta: a delta rebuilt the model from one the device held; full).", ["kind"],
+            registry=r)
+        for kind in ("delta", "full"):
+            self.download_bytes.labels(kind)
         self.broker_connected = Gauge(
             "edge_agent_broker_connected", "1 while connected to the broker.", registry=r)
         self._lock = threading.Lock()

@@ -3,12 +3,14 @@ over MQTT, both verified by :mod:`edge_sdk.trust` (nothing is re-implemented her
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from edge_sdk.errors import ConfigError
 
 from ._config import AgentConfig
+from ._install import FetchedArtifact, crash_point
 from ._lifecycle import InstallRequest
 
 
@@ -51,8 +53,14 @@ class ReleaseSource:
                               artifact_version=dep.version, sha256=dep.sha256,
                               rollback=dep.rollback, raw=dep)
 
-    def fetch(self, deployment: InstallRequest, dest_dir: Path) -> Path:
-        return self.client.fetch(deployment.raw, dest_dir)
+    def fetch(self, deployment: InstallRequest, dest_dir: Path, *,
+              have: Sequence[tuple[Path, str]] = ()) -> FetchedArtifact:
+        from edge_sdk.trust import LocalModel
+
+        path = self.client.fetch(deployment.raw, dest_dir, stage=crash_point,
+                                 have=[LocalModel(p, sha) for p, sha in have])
+        got = self.client.last_download
+        return FetchedArtifact(path, None if got is None else got.to_json())
 
     def close(self) -> None:
         self.client.close()

@@ -163,6 +163,14 @@ class StateStore:
             )
         return art
 
+    def model_file(self, record: ModelRecord) -> Path | None:
+        """The model file of an installed model (not re-hashed; None when it is gone)."""
+        try:
+            art = Artifact.from_dir(self.model_dir(record), verify_hash=False)
+        except Exception:
+            return None
+        return art.model_path if art.manifest.sha256 == record.sha256 else None
+
     def find(self, sha256: str) -> ModelRecord | None:
         """A complete model directory already on disk with this model hash (for rollbacks)."""
         for d in sorted(self.models.iterdir()):

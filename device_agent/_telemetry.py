@@ -93,7 +93,7 @@ class Telemetry:
     def __init__(self, *, device: str, fleet: str, outbox: Outbox,
                  state_topic: str, events_topic: str,
                  snapshot: Callable[[], dict[str, Any]],
-                 on_event: Callable[[str], None] | None = None,
+                 on_event: Callable[[str, dict[str, Any]], None] | None = None,
                  heartbeat_fields: Callable[[], dict[str, Any]] | None = None,
                  heartbeat_s: float = 30.0) -> None:
         """``heartbeat_fields`` gives the fields of each heartbeat, sent every ``heartbeat_s``
@@ -141,7 +141,7 @@ class Telemetry:
             log.error("cannot queue the %s event: %s", kind, err)
         log.info("event %s %s", kind, json.dumps(fields, default=str))
         if self._on_event is not None:
-            self._on_event(kind)
+            self._on_event(kind, fields)
         self._wake.set()
 
     def state_changed(self) -> None:

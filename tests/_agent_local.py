@@ -12,10 +12,11 @@ import hashlib
 import hmac
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from device_agent import AgentConfig, InstallRequest
+from device_agent import AgentConfig, FetchedArtifact, InstallRequest
 from edge_sdk import Artifact
 from edge_sdk.errors import TransportError, VerificationError
 
@@ -42,7 +43,8 @@ class LocalSource:
                               name=body["name"], artifact_version=body["artifact_version"],
                               sha256=body["sha256"], raw=body)
 
-    def fetch(self, deployment: InstallRequest, dest_dir: Path) -> Path:
+    def fetch(self, deployment: InstallRequest, dest_dir: Path, *,
+              have: Sequence[tuple[Path, str]] = ()) -> FetchedArtifact:
         self.fetches += 1
         src = Path(deployment.raw["dir"])
         if not src.is_dir():
@@ -52,7 +54,7 @@ class LocalSource:
             shutil.rmtree(out)
         shutil.copytree(src, out)
         Artifact.from_dir(out)  # hash checked as the real client would
-        return out
+        return FetchedArtifact(out)
 
 
 def deployment(art: Artifact, counter: int, *, key: bytes = KEY, **extra: Any) -> bytes:

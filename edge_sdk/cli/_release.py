@@ -16,8 +16,10 @@ from typing import Any, TypeVar
 
 import click
 
+from .._artifact import Artifact
 from ..errors import DeploymentError, UsageError
 from ..release import (
+    DEFAULT_DELTA_BASES,
     DEPLOYMENT_EXPIRES_DAYS,
     ROLE_NAMES,
     DeploymentWatch,
@@ -37,7 +39,7 @@ from ..transport import (
     RepoResponder,
     ResponderConfig,
 )
-from ..trust import UpdateClient
+from ..trust import LocalModel, UpdateClient
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -109,13 +111,18 @@ def init_cmd(repo: str, keydir: str, threshold: tuple[str, ...],
 @click.argument("artifact_dir", type=click.Path(file_okay=False, exists=True))
 @click.option("--keys", "keydir", type=click.Path(file_okay=False),
               help="Key directory (default: the one given to init).")
-def add_cmd(repo: str, artifact_dir: str, keydir: str | None) -> None:
+@click.option("--delta-bases", type=click.IntRange(min=0), default=DEFAULT_DELTA_BASES,
+              show_default=True,
+              help="Also sign deltas from this many earlier versions of the model (0: none).")
+def add_cmd(repo: str, artifact_dir: str, keydir: str | None, delta_bases: int) -> None:
     """Release ARTIFACT_DIR: sign it into the targets, bump snapshot and timestamp."""
     r = Repository(repo, keydir)
-    rt = r.add_artifact(artifact_dir)
+    rt = r.add_artifact(artifact_dir, delta_bases=delta_bases)
     v = r.versions()
     click.echo(f"released {rt.name} {rt.version}: {rt.path} ({rt.length} bytes, sha256 "
                f"{rt.sha256[:16]}…); targets v{v['targets']}, timestamp v{v['timestamp']}")
+    for note in r.delta_notes:
+        click.echo(f"  {note}")
 
 
 @release_group.command("list")
@@ -138,6 +145,9 @@ def list_cmd(repo: str, as_json: bool) -> None:
         click.echo("no releases yet")
     for t in targets:
         click.echo(f"{t.name} {t.version}  {t.length} bytes  sha256 {t.sha256[:16]}…  {t.path}")
+        for d in t.deltas:
+            click.echo(f"  delta from {d.base_version}: {d.length} bytes "
+                       f"({d.length / max(1, t.length):.1%})")
 
 
 @release_group.command("refresh")
@@ -224,6 +234,9 @@ def _show_progress(device: str, event: dict[str, Any]) -> None:
     what = (f" {model.get('name')} {model.get('version')}" if isinstance(model, dict) else
             f" {dep.get('name')} {dep.get('artifact_version')}" if isinstance(dep, dict) else "")
     reason = f": {event['reason']}" if event.get("reason") else ""
+    got = event.get("download")
+    if isinstance(got, dict) and isinstance(got.get("message"), str):
+        reason = f": {got['message'][:300]}"
     click.echo(f"  {device}: {event.get('event')}{what}{reason}", err=True)
 
 
@@ -323,6 +336,8 @@ def status_cmd(devices: tuple[str, ...], as_json: bool, **mqtt: Any) -> None:
             last += f" (#{s.last_deployment})"
         if s.last_reason and s.last_result != "committed":
             last += f": {s.last_reason}"
+        if s.last_download:
+            last += f" [{s.last_download}]"
         seen = "-" if s.ts is None else _age(now - s.ts)
         rows.append((s.device, "yes" if s.online else "no", s.model or "-", s.previous or "-",
                      str(s.deployment or "-"), seen, last))
@@ -420,12 +435,19 @@ def _default_state(fleet: str, device: str) -> Path:
 @click.option("--timeout", "chunk_timeout", default=FetchConfig.chunk_timeout, show_default=True,
               type=float,
               help="Seconds per chunk before it is requested again.")
+@click.option("--have", "have", multiple=True, type=click.Path(file_okay=False, exists=True),
+              help="An artifact dir of an earlier version held here: a signed delta from it "
+                   "is fetched instead of the whole model when there is one. Repeatable.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_mqtt_options
 def pull_cmd(name: str, root: str, device: str, version: str | None, output: str,
              state: str | None, chunk_size: int, window: int, chunk_timeout: float,
-             quiet: bool, **mqtt: Any) -> None:
+             have: tuple[str, ...], quiet: bool, **mqtt: Any) -> None:
     """Fetch and verify release NAME over MQTT without the agent, into an artifact dir."""
+    bases = []
+    for d in have:
+        art = Artifact.from_dir(d)  # hashed: a delta is only as good as its base
+        bases.append(LocalModel(art.model_path, art.manifest.sha256))
     config = _mqtt_config(mqtt)
     sdir = Path(state) if state else _default_state(config.fleet, device)
     fetch = FetchConfig(chunk_size=chunk_size, window=window, chunk_timeout=chunk_timeout)
@@ -434,15 +456,17 @@ def pull_cmd(name: str, root: str, device: str, version: str | None, output: str
                               partial_dir=sdir / "partial", connection=conn, device_id=device,
                               fetch_config=fetch)
         if quiet:
-            path = client.fetch_release(name, output, version=version)
+            path = client.fetch_release(name, output, version=version, have=bases)
         else:
             with click.progressbar(length=1, label=f"pull {name}", file=sys.stderr) as bar:
                 def progress(done: int, total: int) -> None:
                     bar.length = max(total, 1)
                     bar.update(done - bar.pos)
 
-                path = client.fetch_release(name, output, version=version, progress=progress)
-    click.echo(f"verified and wrote {path}")
+                path = client.fetch_release(name, output, version=version, progress=progress,
+                                            have=bases)
+    got = client.last_download
+    click.echo(f"verified and wrote {path}" + (f" ({got.describe()})" if got else ""))
 
 
 __all__ = ["deploy_cmd", "pull_cmd", "release_group", "serve_cmd"]

@@ -43,6 +43,8 @@ class DeviceStatus:
     last_result: str | None
     last_reason: str | None
     last_deployment: int | None
+    #: How the device downloaded the last update's model ("delta from 1.0 (N bytes)").
+    last_download: str | None
     groups: tuple[str, ...]
     ts: float | None
     raw: dict[str, Any]
@@ -71,6 +73,8 @@ class DeviceStatus:
             last_result=last.get("result") if isinstance(last.get("result"), str) else None,
             last_reason=last.get("reason") if isinstance(last.get("reason"), str) else None,
             last_deployment=_int(last.get("deployment")),
+            last_download=last.get("download") if isinstance(last.get("download"), str)
+            else None,
             groups=tuple(g for g in groups if isinstance(g, str))
             if isinstance(groups, list) else (),
             ts=doc.get("ts") if isinstance(doc.get("ts"), (int, float)) else None,

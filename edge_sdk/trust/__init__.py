@@ -10,7 +10,10 @@ Device-side API (used by the agent):
   :class:`~edge_sdk.transport.MqttConnection`, device id, a
   :class:`~edge_sdk.transport.FetchConfig`; or any
   :class:`~edge_sdk.transport.RepositoryFetcher` as ``fetcher``): ``fetch(deployment, dest_dir)``,
-  ``fetch_release(name, dest_dir, version=)``, ``releases()`` → :class:`ReleasedTarget`.
+  ``fetch_release(name, dest_dir, version=)``, ``releases()`` → :class:`ReleasedTarget`;
+  with ``have=[LocalModel(path, sha256)]`` a signed delta (:class:`DeltaRef`) from a model
+  the device holds is applied instead of the full download, and ``last_download``
+  (:class:`Download`) says which was used.
 - :func:`load_public_key` / :func:`parse_public_key` for the deployment key file.
 
 Host-side: :func:`sign_deployment`, :class:`KeyStore`; the repository itself is
@@ -26,7 +29,7 @@ Errors (all :class:`~edge_sdk.errors.VerificationError`): :class:`SignatureError
 """
 
 from ..transport._errors import EndlessDataError, SlowRetrievalError
-from ._client import UpdateClient, tuf_error
+from ._client import Download, LocalModel, UpdateClient, tuf_error
 from ._deployment import Deployment, compare_versions, sign_deployment, verify_deployment
 from ._errors import (
     DeploymentExpiredError,
@@ -45,17 +48,20 @@ from ._errors import (
     TargetMismatchError,
 )
 from ._keys import KeyStore, load_public_key, parse_public_key, public_key_bytes
-from ._targets import ReleasedTarget, released_target
+from ._targets import DeltaRef, ReleasedTarget, released_target
 
 __all__ = [
+    "DeltaRef",
     "Deployment",
     "DeploymentExpiredError",
     "DeploymentSignatureError",
     "DeploymentVerificationError",
     "DowngradeError",
+    "Download",
     "EndlessDataError",
     "ExpiredError",
     "KeyStore",
+    "LocalModel",
     "MalformedDeploymentError",
     "MixAndMatchError",
     "NotForThisDeviceError",

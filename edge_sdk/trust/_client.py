@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from tuf.api import exceptions as tuf_exc
@@ -36,7 +38,15 @@ from tuf.ngclient import Updater, UpdaterConfig  # type: ignore[attr-defined]
 
 from .._artifact import MANIFEST_NAME, Artifact, Manifest
 from .._fs import atomic_write_text, staged_dir
-from ..errors import ArtifactError, EdgeError, InstallError, TransportError, UsageError
+from ..delta import DeltaError, DeltaLimits, apply_delta
+from ..errors import (
+    ArtifactError,
+    EdgeError,
+    InstallError,
+    TransportError,
+    UsageError,
+    VerificationError,
+)
 from ..transport import (
     REPO_URL,
     ChunkClient,
@@ -58,9 +68,52 @@ from ._errors import (
     TargetHashError,
     TargetMismatchError,
 )
-from ._targets import ReleasedTarget, released_target
+from ._targets import DeltaRef, ReleasedTarget, delta_of, released_target
 
 Progress = Callable[[int, int], None]
+#: Told where a fetch is: ``delta_fetched`` (the delta is downloaded and verified) and
+#: ``delta_applying`` (the first block of the target is written). The agent's kill -9
+#: tests crash there.
+Stage = Callable[[str], None]
+log = logging.getLogger("edge_sdk.trust")
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    """A model file the device holds and verified when it installed it: a delta base."""
+
+    path: Path
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Download:
+    """How the last :meth:`UpdateClient.fetch` got the model file."""
+
+    #: "delta" or "full".
+    kind: str
+    #: Bytes received for the model file (the delta's, or the full file's) by this fetch.
+    bytes: int
+    #: The version the delta was applied to (a delta, or a delta that failed).
+    base_version: str | None = None
+    #: Why the delta was given up for the full file (None when it was not).
+    fallback: str | None = None
+
+    def describe(self) -> str:
+        if self.kind == "delta":
+            return f"delta from {self.base_version} ({self.bytes} bytes)"
+        text = f"full artifact ({self.bytes} bytes)"
+        return f"{text}; the delta from {self.base_version} failed: {self.fallback}" \
+            if self.fallback else text
+
+    def to_json(self) -> dict[str, object]:
+        out: dict[str, object] = {"kind": self.kind, "bytes": self.bytes,
+                                  "message": self.describe()}
+        if self.base_version is not None:
+            out["from"] = self.base_version
+        if self.fallback is not None:
+            out["fallback"] = self.fallback
+        return out
 
 
 def tuf_error(err: Exception, where: str) -> EdgeError:
@@ -100,8 +153,12 @@ class UpdateClient:
     def __init__(self, *, trusted_root: bytes, metadata_dir: str | os.PathLike[str],
                  partial_dir: str | os.PathLike[str], connection: MqttConnection | None = None,
                  device_id: str | None = None, fetch_config: FetchConfig | None = None,
-                 fetcher: RepositoryFetcher | None = None) -> None:
+                 fetcher: RepositoryFetcher | None = None,
+                 delta_limits: DeltaLimits | None = None) -> None:
         self.trusted_root = trusted_root
+        self.delta_limits = delta_limits or DeltaLimits()
+        #: How the last fetch got its model file (None before the first).
+        self.last_download: Download | None = None
         self.metadata_dir = Path(metadata_dir)
         self.partial_dir = Path(partial_dir)
         self.fetch_config = fetch_config or FetchConfig()
@@ -162,10 +219,14 @@ class UpdateClient:
     # -- fetching ------------------------------------------------------------------------
 
     def fetch(self, deployment: Deployment, dest_dir: str | os.PathLike[str], *,
-              progress: Progress | None = None) -> Path:
+              progress: Progress | None = None, have: Sequence[LocalModel] = (),
+              stage: Stage | None = None) -> Path:
         """Fetch the artifact ``deployment`` names into ``dest_dir`` (atomically: an
         existing ``dest_dir`` is replaced only once the new one is complete and verified).
 
+        When ``have`` holds a model that a signed delta of the release starts from, the
+        delta is fetched and applied instead of the full model file; any delta failure
+        falls back to the full file in the same call (see :attr:`last_download`).
         Raises :class:`TargetMismatchError` when the release repository does not
         list the same target path, sha256 and length (the two views disagree).
         """
@@ -183,11 +244,13 @@ class UpdateClient:
                 f"{deployment.target} is released as {rt.name if rt else '?'} "
                 f"{rt.version if rt else '?'}, the deployment says {deployment.model} "
                 f"{deployment.version}")
-        return self._install(updater, tf, rt, Path(dest_dir), progress)
+        return self._install(updater, tf, rt, Path(dest_dir), progress, have, stage)
 
     def fetch_release(self, name: str, dest_dir: str | os.PathLike[str], *,
-                      version: str | None = None, progress: Progress | None = None) -> Path:
-        """Fetch release ``name`` (newest, or ``version``) without a deployment (``pull``)."""
+                      version: str | None = None, progress: Progress | None = None,
+                      have: Sequence[LocalModel] = ()) -> Path:
+        """Fetch release ``name`` (newest, or ``version``) without a deployment (``pull``);
+        ``have`` as for :meth:`fetch`."""
         updater = self.refresh()
         md = Metadata[Targets].from_file(str(self.metadata_dir / "targets.json"))
         best: tuple[TargetFile, ReleasedTarget] | None = None
@@ -201,7 +264,7 @@ class UpdateClient:
             raise TargetMismatchError(
                 f"the release repository lists no {name}{' ' + version if version else ''}")
         tf = self._targetinfo(updater, best[0].path)
-        return self._install(updater, tf, best[1], Path(dest_dir), progress)
+        return self._install(updater, tf, best[1], Path(dest_dir), progress, have, None)
 
     def _targetinfo(self, updater: Updater, path: str) -> TargetFile:
         try:
@@ -215,7 +278,8 @@ class UpdateClient:
         return tf
 
     def _install(self, updater: Updater, tf: TargetFile, rt: ReleasedTarget, dest: Path,
-                 progress: Progress | None) -> Path:
+                 progress: Progress | None, have: Sequence[LocalModel],
+                 stage: Stage | None) -> Path:
         try:
             manifest = Manifest.from_json(rt.manifest, f"{rt.path} (signed manifest)")
         except ArtifactError as err:
@@ -228,11 +292,11 @@ class UpdateClient:
             if progress is not None:
                 progress(done_before + n, total)
 
-        model_part = self._download(tf, prog)
+        model_part = self._model_file(updater, tf, rt, have, prog, stage)
         done_before += tf.length
         parts = []
         for fname, ctf in companions:
-            parts.append((fname, self._download(ctf, prog)))
+            parts.append((fname, self._download(ctf, prog)[0]))
             done_before += ctf.length
         try:
             with staged_dir(dest, overwrite=True) as tmp:
@@ -257,8 +321,75 @@ class UpdateClient:
             raise InstallError(f"{dest}: cannot write the artifact: {err}") from err
         return dest
 
-    def _download(self, tf: TargetFile, progress: Progress) -> Path:
-        """Resumable download of one target into ``partial_dir``, verified by python-tuf."""
+    def _model_file(self, updater: Updater, tf: TargetFile, rt: ReleasedTarget,
+                    have: Sequence[LocalModel], progress: Progress, stage: Stage | None,
+                    ) -> Path:
+        """The verified model file in ``partial_dir``: rebuilt from a delta when one starts
+        from a model in ``have``, else (or when the delta fails) downloaded whole."""
+        held = {m.sha256: m for m in have}
+        ref = next((d for d in rt.deltas if d.base_sha256 in held), None)
+        fallback = None
+        if ref is not None:
+            try:
+                part, n = self._via_delta(updater, tf, ref, held[ref.base_sha256], progress,
+                                          stage)
+            except VerificationError as err:  # TransportError: retried, the delta resumed
+                fallback = str(err)
+                log.warning("delta from %s for %s failed, fetching the full file: %s",
+                            ref.base_version, tf.path, fallback)
+            else:
+                self.last_download = Download("delta", n, ref.base_version)
+                return part
+        part, n = self._download(tf, progress)
+        self.last_download = Download("full", n, ref.base_version if ref else None, fallback)
+        return part
+
+    def _via_delta(self, updater: Updater, tf: TargetFile, ref: DeltaRef, base: LocalModel,
+                   progress: Progress, stage: Stage | None) -> tuple[Path, int]:
+        """Fetch the delta ``ref`` (resumable, verified like any target) and rebuild the
+        model file from ``base`` with it; raises a VerificationError for any delta fault."""
+        dtf = self._targetinfo(updater, ref.path)
+        custom = dtf.unrecognized_fields.get("custom")
+        info = custom.get("edge_sdk", {}) if isinstance(custom, dict) else {}
+        if delta_of(dtf) != tf.path or not isinstance(info, dict) or \
+                info.get("base_sha256") != base.sha256:
+            raise DeltaError(f"{ref.path} is not signed as a delta of {tf.path} from base "
+                             f"{base.sha256[:16]}…")
+        delta_part, n = self._download(dtf, lambda done, _: progress(0, tf.length))
+        if stage is not None:
+            stage("delta_fetched")
+        sha = str(tf.hashes.get("sha256"))
+        out_path = self.partial_dir / f"{sha}.applied"
+        staged = False
+
+        def on_block(written: int) -> None:
+            nonlocal staged
+            progress(written, tf.length)
+            if not staged and stage is not None:
+                staged = True
+                stage("delta_applying")
+
+        try:
+            with open(delta_part, "rb") as delta, open(base.path, "rb") as base_file, \
+                    open(out_path, "wb") as out:
+                apply_delta(delta, base_file, out, base_sha256=base.sha256, target_sha256=sha,
+                            target_length=tf.length, limits=self.delta_limits,
+                            progress=on_block)
+        except DeltaError:
+            _unlink(out_path)
+            _unlink(delta_part)
+            raise
+        except OSError as err:
+            _unlink(out_path)
+            if err.filename == str(base.path):
+                raise DeltaError(f"cannot read the delta's base {base.path}: {err}") from err
+            raise InstallError(f"{out_path}: cannot write the rebuilt model: {err}") from err
+        _unlink(delta_part)
+        return out_path, n
+
+    def _download(self, tf: TargetFile, progress: Progress) -> tuple[Path, int]:
+        """Resumable download of one target into ``partial_dir``, verified by python-tuf.
+        Returns the file and the bytes this call received."""
         sha = tf.hashes.get("sha256")
         if not sha:
             raise RepositoryError(f"{tf.path}: the signed target has no sha256")
@@ -285,6 +416,7 @@ class UpdateClient:
 
                 self.chunks.download(remote, sink, start=start, length=tf.length,
                                      progress=progress)
+                received = out.tell() - start
         except EndlessDataError:
             _unlink(part)
             raise
@@ -306,7 +438,7 @@ class UpdateClient:
             raise TargetHashError(
                 f"{tf.path}: downloaded bytes do not match the signed length and sha256 "
                 f"({err}); discarded") from err
-        return part
+        return part, received
 
 
 def _unlink(path: Path) -> None:
