@@ -152,3 +152,29 @@ def string_identity_model(path: Path) -> Path:
     graph = helper.make_graph([helper.make_node("Identity", ["text"], ["out"])], "echo", [x],
                               [y])
     return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)
+
+
+def weighted_offset_model(path: Path, offset: float, weights: np.ndarray,
+                          head: np.ndarray | None = None, n: int = 4) -> Path:
+    """y = x + offset, with float32 ``weights`` [n, k] (and ``head``, any float32 shape)
+    that travel in the file and run (``0 * sum(x @ weights)`` is added) but change nothing:
+    an artifact as big as its weights whose output tests can predict, for delta updates."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", n])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])
+    inits = [numpy_helper.from_array(np.full(n, offset, dtype=np.float32), "c"),
+             numpy_helper.from_array(weights.astype(np.float32), "w"),
+             numpy_helper.from_array(np.zeros(1, np.float32), "zero")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("ReduceSum", ["h"], ["s"], keepdims=1),
+             helper.make_node("Mul", ["s", "zero"], ["z"]),
+             helper.make_node("Add", ["x", "c"], ["xc"])]
+    last = "z"
+    if head is not None:
+        inits.append(numpy_helper.from_array(head.astype(np.float32), "head"))
+        nodes += [helper.make_node("ReduceSum", ["head"], ["hs"], keepdims=0),
+                  helper.make_node("Mul", ["hs", "zero"], ["hz"]),
+                  helper.make_node("Add", ["z", "hz"], ["zh"])]
+        last = "zh"
+    nodes.append(helper.make_node("Add", ["xc", last], ["y"]))
+    graph = helper.make_graph(nodes, "weighted_offset", [x], [y], inits)
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)
