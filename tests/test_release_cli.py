@@ -113,3 +113,47 @@ def test_serve_subprocess_deploy_and_pull(tmp_path: Path, broker: Mosquitto,
         serve.terminate()
         serve.wait(10)
     assert serve.returncode == 0
+
+
+def test_release_add_signs_deltas_and_pull_have_fetches_one(
+        tmp_path: Path, broker: Mosquitto, capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy as np
+
+    from tests._models import weighted_offset_model
+
+    w = np.random.default_rng(0).standard_normal((4, 50_000)).astype(np.float32)
+    repo, arts = tmp_path / "repo", tmp_path / "arts"
+    assert main(["release", "init", str(repo), "--keys", str(tmp_path / "keys")]) == 0
+    dirs = {}
+    for v in ("1.0", "2.0", "3.0"):
+        src = weighted_offset_model(tmp_path / f"m-{v}.onnx", float(v), w,
+                                    np.full(100, float(v), np.float32))
+        dirs[v] = edge_sdk.build_artifact(src, arts / v, name="m", version=v).path
+    capsys.readouterr()
+    assert main(["release", "add", str(repo), str(dirs["1.0"])]) == 0
+    assert "delta" not in capsys.readouterr().out  # nothing earlier to start from
+    assert main(["release", "add", str(repo), str(dirs["2.0"])]) == 0
+    out = capsys.readouterr().out
+    assert "released m 2.0" in out and "  delta from 1.0: " in out and "% of the full" in out
+    assert main(["release", "add", str(repo), str(dirs["3.0"]), "--delta-bases", "0"]) == 0
+    assert "delta" not in capsys.readouterr().out
+    assert main(["release", "list", str(repo), "--json"]) == 0
+    listing = {t["version"]: t for t in json.loads(capsys.readouterr().out)["targets"]}
+    (delta,) = listing["2.0"]["deltas"]
+    assert delta["from"] == "1.0" and 0 < delta["size_bytes"] < listing["2.0"]["size_bytes"] / 20
+    assert listing["3.0"]["deltas"] == [] and listing["1.0"]["deltas"] == []
+    assert main(["release", "list", str(repo)]) == 0
+    assert f"  delta from 1.0: {delta['size_bytes']} bytes" in capsys.readouterr().out
+
+    cfg = MqttConfig(url=broker.url, fleet="lab")
+    with MqttConnection(cfg, name="host") as host, RepoResponder(host, repo):
+        pull = ["pull", "m", "--version", "2.0", "--root", str(repo / "metadata" / "root.json"),
+                "--device", "d1", "--state", str(tmp_path / "state"), "-q",
+                "--broker", broker.url, "--fleet", "lab"]
+        assert main([*pull, "-o", str(tmp_path / "got"), "--have", str(dirs["1.0"])]) == 0
+        assert f"(delta from 1.0 ({delta['size_bytes']} bytes))" in capsys.readouterr().out
+        got = edge_sdk.Artifact.from_dir(tmp_path / "got")
+        assert got.manifest.sha256 == edge_sdk.Artifact.from_dir(dirs["2.0"]).manifest.sha256
+        # Holding an unrelated version: the whole model comes.
+        assert main([*pull, "-o", str(tmp_path / "got3"), "--have", str(dirs["3.0"])]) == 0
+        assert "(full artifact (" in capsys.readouterr().out

@@ -327,7 +327,8 @@ class UpdateClient:
         """The verified model file in ``partial_dir``: rebuilt from a delta when one starts
         from a model in ``have``, else (or when the delta fails) downloaded whole."""
         held = {m.sha256: m for m in have}
-        ref = next((d for d in rt.deltas if d.base_sha256 in held), None)
+        usable = [d for d in rt.deltas if d.base_sha256 in held]
+        ref = min(usable, key=lambda d: d.length) if usable else None
         fallback = None
         if ref is not None:
             try:
