@@ -65,14 +65,14 @@ def test_head_only_retrain_sends_little_more_than_the_head(tmp_path: Path) -> No
     assert delta.ratio < 0.02
 
 
-def test_fine_tuned_float_weights_are_xored_and_shrink(tmp_path: Path) -> None:
+def test_fine_tuned_float_weights_travel_as_differences_and_shrink(tmp_path: Path) -> None:
     base = model(tmp_path, "v1")
     moved = W * (1 + RNG.standard_normal(W.shape).astype(np.float32) * 1e-3)
     target = model(tmp_path, "v2", w=moved)
     delta = build_delta(base, target, fmt="onnx")
     assert delta is not None and delta.method == "tensor"
     rebuilt(delta, base, target)
-    assert delta.xored >= W.nbytes
+    assert delta.diffed >= W.nbytes
     assert delta.ratio < 0.75
 
 

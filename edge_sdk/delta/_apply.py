@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import zstandard
@@ -90,10 +90,13 @@ def apply_delta(delta: BinaryIO, base: BinaryIO, out: BinaryIO, *, base_sha256: 
             old = _read_at(base, op.base_offset + start, n)
             if op.kind == "copy":
                 emit(old)
-            else:
-                diff = unshuffle(payload.read(n), op.itemsize)
+                continue
+            diff = unshuffle(payload.read(n), op.itemsize)
+            if op.kind == "xor":
                 emit(np.bitwise_xor(np.frombuffer(old, np.uint8),
                                     np.frombuffer(diff, np.uint8)).tobytes())
+            else:
+                emit(add_zigzag(old, diff, op.itemsize))
     if delta.read(1):
         raise DeltaError("delta has bytes after its last frame")
     if written != target_length or digest.hexdigest() != target_sha256:
@@ -116,6 +119,26 @@ def unshuffle(data: bytes, itemsize: int) -> bytes:
     whole = len(data) // itemsize * itemsize
     elems = np.frombuffer(data, np.uint8, whole).reshape(itemsize, -1).T
     return elems.tobytes() + data[whole:]
+
+
+def _uint(itemsize: int) -> np.dtype[Any]:
+    return np.dtype(f"<u{itemsize}")
+
+
+def sub_zigzag(old: bytes, new: bytes, itemsize: int) -> bytes:
+    """``new - old`` per element (mod 2**bits), zigzag-encoded (see the format notes)."""
+    dt = _uint(itemsize)
+    d = np.frombuffer(new, dt) - np.frombuffer(old, dt)
+    top = np.array(8 * itemsize - 1, dt)
+    return bytes(((d << np.array(1, dt)) ^ (np.array(0, dt) - (d >> top))).tobytes())
+
+
+def add_zigzag(old: bytes, diff: bytes, itemsize: int) -> bytes:
+    """The inverse of :func:`sub_zigzag`: ``old`` plus the decoded differences."""
+    dt = _uint(itemsize)
+    z = np.frombuffer(diff, dt)
+    d = (z >> np.array(1, dt)) ^ (np.array(0, dt) - (z & np.array(1, dt)))
+    return bytes((np.frombuffer(old, dt) + d).tobytes())
 
 
 def _read_at(f: BinaryIO, offset: int, n: int) -> bytes:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import zstandard
 
-from ._apply import DeltaLimits, apply_delta, shuffle
+from ._apply import DeltaLimits, apply_delta, shuffle, sub_zigzag
 from ._errors import DeltaError
 from ._format import FRAME_MAX_OUTPUT, SHUFFLE_BLOCK, Frame, Header, Op
 from ._tensors import tensor_ranges
@@ -47,9 +47,9 @@ class Delta:
     #: "tensor" (tensors mapped to byte ranges) or "generic" (zstd with the base as prefix).
     method: str
     target_length: int
-    #: Target bytes copied from the base, XORed against it, and sent as they are.
+    #: Target bytes copied from the base, sent as differences from it, and sent as they are.
     copied: int
-    xored: int
+    diffed: int
     literal: int
 
     @property
@@ -68,9 +68,9 @@ def build_delta(base: bytes, target: bytes, *, fmt: str | None,
     "onnx", "ort", "tflite"; None for any other file), checked by applying it.
 
     Tensors found in both files under the same name and length are copied when equal
-    and XORed when not; the bytes between them travel compressed. When no tensor
-    matches, a generic delta is built instead, unless the base is too big for the
-    device to hold (then None).
+    and sent as element-wise differences when not; the bytes between them travel
+    compressed. When no tensor matches, a generic delta is built instead, unless the
+    base is too big for the device to hold (then None).
     """
     cfg = config or DeltaConfig()
     ops = _tensor_ops(base, target, fmt)
@@ -99,7 +99,8 @@ def _tensor_ops(base: bytes, target: bytes, fmt: str | None) -> list[Op] | None:
         if r.offset > pos:
             ops.append(Op("literal", 0, r.offset - pos))
         same = base[b.offset:b.offset + b.length] == target[r.offset:r.offset + r.length]
-        ops.append(Op("copy" if same else "xor", b.offset, r.length, r.itemsize))
+        kind = "copy" if same else "sub" if r.length % r.itemsize == 0 else "xor"
+        ops.append(Op(kind, b.offset, r.length, r.itemsize if kind == "sub" else 1))
         matched = True
         pos = r.offset + r.length
     if not matched:
@@ -127,16 +128,16 @@ def _encode(base: bytes, target: bytes, ops: list[Op], cfg: DeltaConfig, *,
             prefix: bool) -> Delta:
     payload = bytearray()
     pos = 0
-    counts = {"copy": 0, "xor": 0, "literal": 0}
+    counts = {"copy": 0, "diff": 0, "literal": 0}
     for op in ops:
         new = target[pos:pos + op.length]
-        counts[op.kind] += op.length
+        counts["diff" if op.kind in ("xor", "sub") else op.kind] += op.length
         if op.kind == "literal":
             payload += new
-        elif op.kind == "xor":
+        elif op.kind in ("xor", "sub"):
             old = base[op.base_offset:op.base_offset + op.length]
-            diff = np.bitwise_xor(np.frombuffer(old, np.uint8),
-                                  np.frombuffer(new, np.uint8)).tobytes()
+            diff = sub_zigzag(old, new, op.itemsize) if op.kind == "sub" else np.bitwise_xor(
+                np.frombuffer(old, np.uint8), np.frombuffer(new, np.uint8)).tobytes()
             for start in range(0, op.length, SHUFFLE_BLOCK):
                 payload += shuffle(diff[start:start + SHUFFLE_BLOCK], op.itemsize)
         pos += op.length
@@ -158,7 +159,7 @@ def _encode(base: bytes, target: bytes, ops: list[Op], cfg: DeltaConfig, *,
                     hashlib.sha256(target).hexdigest(), len(target), tuple(ops), tuple(frames),
                     prefix)
     return Delta(header.encode() + b"".join(blobs), "generic" if prefix else "tensor",
-                 len(target), counts["copy"], counts["xor"], counts["literal"])
+                 len(target), counts["copy"], counts["diff"], counts["literal"])
 
 
 def _check(base: bytes, target: bytes, delta: Delta) -> None:

@@ -22,11 +22,19 @@ The ops write the target file from its first byte to its last, in order:
 - ``copy``: the target's next LENGTH bytes are the base's bytes at BASE_OFFSET.
 - ``literal``: the next LENGTH bytes of the payload.
 - ``xor``: the base's LENGTH bytes at BASE_OFFSET, XORed with the next LENGTH bytes of
-  the payload. The payload is byte-shuffled per block of :data:`SHUFFLE_BLOCK` bytes
-  with ITEMSIZE: the first byte of every element, then every second byte, and so
-  on (the bytes after the last whole element of a block stay in place). A float32
-  weight that moved a little keeps its sign, exponent and high mantissa bits, so its
-  XOR has zeros in the first planes and zstd squeezes them.
+  the payload.
+- ``sub``: the base's LENGTH bytes at BASE_OFFSET read as little-endian unsigned
+  integers of ITEMSIZE bytes (LENGTH a multiple of it), each plus the next payload
+  element, zigzag-decoded (0, -1, 1, -2, ... are sent as 0, 1, 2, 3, ...), modulo
+  2**(8*ITEMSIZE). An int8 weight that moved by one step costs a 1 or a 2; a float32
+  weight that moved a little keeps its sign, exponent and high mantissa bits, so the
+  difference of its bit patterns is a small integer. Unlike XOR, a carry does not
+  scatter set bits.
+
+``xor`` and ``sub`` payloads are byte-shuffled per block of :data:`SHUFFLE_BLOCK` bytes
+with ITEMSIZE: the first byte of every element, then every second byte, and so on (the
+bytes after the last whole element of a block stay in place), so that the mostly-zero
+high bytes of the differences sit together for zstd.
 
 The payload is the concatenation of the frames' outputs: independent zstd frames of
 at most :data:`FRAME_MAX_OUTPUT` bytes each, every one named with its compressed size,
@@ -55,9 +63,9 @@ PREAMBLE_BYTES = _FIXED.size
 FRAME_MAX_OUTPUT = 1 << 20
 #: zstd's worst case for an incompressible frame is a little over its input.
 FRAME_MAX_COMPRESSED = FRAME_MAX_OUTPUT + (64 << 10)
-#: Byte-shuffle block of ``xor`` payloads (a multiple of every item size).
+#: Byte-shuffle block of ``xor`` and ``sub`` payloads (a multiple of every item size).
 SHUFFLE_BLOCK = 1 << 20
-OP_KINDS = ("copy", "literal", "xor")
+OP_KINDS = ("copy", "literal", "xor", "sub")
 ITEMSIZES = (1, 2, 4, 8)
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -179,6 +187,9 @@ def _op(v: Any, base_length: int) -> Op:
             all(_is_count(x) for x in v[1:]) and v[3] in ITEMSIZES and v[2] > 0):
         raise DeltaError(f"delta op {str(v)[:60]} is not [kind, base_offset, length, itemsize]")
     op = Op(v[0], v[1], v[2], v[3])
+    if op.kind == "sub" and op.length % op.itemsize:
+        raise DeltaError(f"delta sub op of {op.length} bytes is not whole {op.itemsize}-byte "
+                         "items")
     if op.kind != "literal" and op.base_offset + op.length > base_length:
         raise DeltaError(f"delta op reads base bytes {op.base_offset}..{op.base_offset + op.length}"
                          f" past the base's {base_length}")
