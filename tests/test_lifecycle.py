@@ -352,3 +352,32 @@ def test_kill_at_every_crash_point_boots_into_a_served_verified_model(point: str
         assert run.life.mode is Mode.IDLE
         assert run.life.serving in (V1, V2) and run.life.serving == run.life.installed.current
         state = run.life.installed
+
+
+# -- how the model was downloaded ------------------------------------------------------------
+
+DELTA = {"kind": "delta", "bytes": 1234, "from": "v1", "message": "delta from v1 (1234 bytes)"}
+
+
+def test_a_delta_download_is_reported_and_kept_in_the_committed_result() -> None:
+    run = serving_v1().feed(Accepted(dep(2)), Fetched(DELTA), Verified(), Adopted(V2),
+                            Loaded(), SmokeTested())
+    (got,) = [e for e in run.effects if isinstance(e, Report) and e.kind == "downloaded"]
+    assert got.fields["download"] == DELTA and got.fields["deployment"] == dep(2)
+    saved = run.saved()
+    assert saved is not None and saved.phase == "committed"
+    assert saved.last_result is not None
+    assert saved.last_result["download"] == "delta from v1 (1234 bytes)"
+    # The next install, fetched without a description, does not inherit it.
+    run.feed(Accepted(dep(3, V1, rollback=True)), Verified(V1), Loaded(), SmokeTested())
+    last = run.saved()
+    assert last is not None and last.last_result is not None
+    assert "download" not in last.last_result
+
+
+def test_a_failure_after_the_download_names_how_it_came() -> None:
+    run = serving_v1().feed(Accepted(dep(2)), Fetched(DELTA), Failed("bad manifest"))
+    saved = run.saved()
+    assert saved is not None and saved.last_result is not None
+    assert saved.last_result["result"] == "failed"
+    assert saved.last_result["download"] == "delta from v1 (1234 bytes)"
