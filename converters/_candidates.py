@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,8 @@ import numpy as np
 from ._data import Samples
 
 SCHEMES = ("none", "fp16", "int8-dynamic", "int8-static")
+# The Gemm → MatMul rewrite before dynamic quantization renames each weight so.
+MATMUL_SUFFIX = "_matmul"
 _INT8 = ("int8-dynamic", "int8-static")
 
 
@@ -196,9 +198,11 @@ def build_candidates(
         else:
             feeds = calibration.feeds[: cfg.max_calibration_samples]
             for method in cfg.static_methods:
-                out.append(_static(fp32_path, work_dir, method, True, feeds, excluded, total))
+                out.append(static_candidate(fp32_path, work_dir, method, True, feeds, excluded,
+                                            total))
             for method in cfg.static_per_tensor_methods:
-                out.append(_static(fp32_path, work_dir, method, False, feeds, excluded, total))
+                out.append(static_candidate(fp32_path, work_dir, method, False, feeds, excluded,
+                                            total))
     return out
 
 
@@ -232,15 +236,7 @@ def _dynamic_variants(
 
     out: list[Candidate] = []
     seen: set[tuple[frozenset[str], bool]] = set()
-    gemm_src = src
-    if "Gemm" in model_ops:
-        # The dynamic quantizer has no Gemm kernel; MLPs exported as Gemm would be
-        # silently left float. Rewritten as MatMul+Add they quantize.
-        gemm_src = work_dir / "fp32-matmul.onnx"
-        try:
-            _gemm_to_matmul(src, gemm_src)
-        except Exception:
-            gemm_src = src
+    gemm_src = matmul_source(src, work_dir, model_ops)
     ops_after = op_types(gemm_src)
     for suffix, matmul_only, per_channel in cfg.dynamic_variants:
         wanted = {"MatMul", "Attention"} if matmul_only else set(IntegerOpsRegistry)
@@ -258,7 +254,7 @@ def _dynamic_variants(
         seen.add(key)
         dst = work_dir / f"{name}.onnx"
         try:
-            _quantize_dynamic(gemm_src, dst, sorted(wanted), per_channel)
+            quantize_dynamic_int8(gemm_src, dst, sorted(wanted), per_channel)
         except Exception as err:
             out.append(Candidate(name, "int8-dynamic", None, desc, error=_why(err),
                                  total_weights=total))
@@ -272,14 +268,37 @@ def _dynamic_variants(
     return out
 
 
-def _quantize_dynamic(src: Path, dst: Path, op_types: Sequence[str], per_channel: bool) -> None:
-    """onnxruntime's dynamic int8 quantizer, int8 weights, constant MatMul inputs only."""
+def matmul_source(src: Path, work_dir: Path, model_ops: set[str]) -> Path:
+    """The model the dynamic quantizer is given: ``src`` with Gemm rewritten as MatMul+Add
+    (weights renamed ``<name>`` + :data:`MATMUL_SUFFIX`), or ``src`` itself. Written once
+    per ``work_dir`` and source name."""
+    if "Gemm" not in model_ops:
+        return src
+    # The dynamic quantizer has no Gemm kernel; MLPs exported as Gemm would be
+    # silently left float. Rewritten as MatMul+Add they quantize.
+    dst = work_dir / f"{src.stem}-matmul.onnx"
+    if dst.exists():
+        return dst
+    try:
+        _gemm_to_matmul(src, dst)
+    except Exception:
+        return src
+    return dst
+
+
+def quantize_dynamic_int8(src: Path, dst: Path, op_types: Sequence[str], per_channel: bool,
+                      overrides: Mapping[str, Any] | None = None) -> None:
+    """onnxruntime's dynamic int8 quantizer, int8 weights, constant MatMul inputs only;
+    ``overrides`` are its ``TensorQuantOverrides`` (fixed scales and zero points)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    extra: dict[str, Any] = {"MatMulConstBOnly": True}
+    if overrides:
+        extra["TensorQuantOverrides"] = dict(overrides)
     with _quiet():
         quantize_dynamic(
             str(src), str(dst), op_types_to_quantize=list(op_types), per_channel=per_channel,
-            weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True},
+            weight_type=QuantType.QInt8, extra_options=extra,
         )
 
 
@@ -335,7 +354,7 @@ def _gather_variants(
             onnx.save(int8_gather_tables(model, tables, per_row=granularity == "row"),
                       str(staged))
             if wanted:
-                _quantize_dynamic(staged, dst, wanted, per_channel=True)
+                quantize_dynamic_int8(staged, dst, wanted, per_channel=True)
             else:
                 staged.replace(dst)
         except Exception as err:
@@ -350,11 +369,22 @@ def _gather_variants(
     return out
 
 
-def int8_gather_tables(model: Any, tables: Sequence[str], *, per_row: bool) -> Any:
+def table_scale(w: np.ndarray, *, per_row: bool) -> np.ndarray:
+    """The symmetric int8 scale of a gather table: max |w| / 127, one (shape ()) or one
+    per row (shape (rows, 1)); 1.0 where the table (row) is all zeros."""
+    amax = (np.max(np.abs(w), axis=1, keepdims=True) if per_row
+            else np.array(np.max(np.abs(w)) if w.size else 0.0))
+    return np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+
+
+def int8_gather_tables(model: Any, tables: Sequence[str], *, per_row: bool,
+                       scales: Mapping[str, np.ndarray] | None = None) -> Any:
     """A copy of ``model`` with each of ``tables`` (see :func:`gather_tables`) stored
     as symmetric int8 and one float scale per tensor, or per row. Each Gather then
     reads int8 rows and only those rows are dequantized: ``DequantizeLinear`` after
-    the Gather (per tensor), or ``Cast`` times the gathered row scales (per row)."""
+    the Gather (per tensor), or ``Cast`` times the gathered row scales (per row).
+    ``scales`` fixes a table's scale (shaped as :func:`table_scale` returns it); values
+    beyond its range are clipped to ±127."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -378,9 +408,9 @@ def int8_gather_tables(model: Any, tables: Sequence[str], *, per_row: bool) -> A
             kept.append(init)
             continue
         w = numpy_helper.to_array(init).astype(np.float32)
-        amax = (np.max(np.abs(w), axis=1, keepdims=True) if per_row
-                else np.array(np.max(np.abs(w)) if w.size else 0.0))
-        scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+        fixed = (scales or {}).get(init.name)
+        scale = (table_scale(w, per_row=per_row) if fixed is None
+                 else np.asarray(fixed, np.float32))
         q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
         qname, sname = fresh(init.name + "_int8"), fresh(init.name + "_scale")
         kept += [numpy_helper.from_array(q, qname), numpy_helper.from_array(scale, sname)]
@@ -399,13 +429,13 @@ def int8_gather_tables(model: Any, tables: Sequence[str], *, per_row: bool) -> A
         node.output[0] = rows
         label = node.name or out
         if per_row:
-            scales, floats = fresh(out + "_row_scale"), fresh(out + "_float")
+            row_scales, floats = fresh(out + "_row_scale"), fresh(out + "_float")
             nodes += [
-                helper.make_node("Gather", [sname, node.input[1]], [scales], axis=0,
+                helper.make_node("Gather", [sname, node.input[1]], [row_scales], axis=0,
                                  name=fresh(label + "_scale")),
                 helper.make_node("Cast", [rows], [floats], to=onnx.TensorProto.FLOAT,
                                  name=fresh(label + "_cast")),
-                helper.make_node("Mul", [floats, scales], [out], name=fresh(label + "_dq")),
+                helper.make_node("Mul", [floats, row_scales], [out], name=fresh(label + "_dq")),
             ]
         else:
             nodes.append(helper.make_node("DequantizeLinear", [rows, sname], [out],
@@ -416,13 +446,19 @@ def int8_gather_tables(model: Any, tables: Sequence[str], *, per_row: bool) -> A
     return model
 
 
-def _static(
+def static_name(method: str, per_channel: bool) -> str:
+    return f"int8-static-{method}" + ("" if per_channel else "-pt")
+
+
+def static_candidate(
     src: Path, work_dir: Path, method: str, pc: bool, feeds: Sequence[dict[str, np.ndarray]],
-    excluded: set[str], total: int,
+    excluded: set[str], total: int, *, name: str | None = None, description: str = "",
+    overrides: Mapping[str, Any] | None = None,
 ) -> Candidate:
-    name = f"int8-static-{method}" + ("" if pc else "-pt")
+    """One static QDQ candidate; ``overrides`` are onnxruntime's ``TensorQuantOverrides``."""
+    name = name or static_name(method, pc)
     desc = f"int8 static QDQ, {method} calibration" + (
-        ", per-channel" if pc else ", per-tensor")
+        ", per-channel" if pc else ", per-tensor") + description
     dst = work_dir / f"{name}.onnx"
     try:
         from onnxruntime.quantization import (
@@ -442,7 +478,9 @@ def _static(
                 quant_format=QuantFormat.QDQ, per_channel=pc,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 op_types_to_quantize=wanted, calibrate_method=calib,
-                extra_options={"CalibMaxIntermediateOutputs": None},
+                extra_options={"CalibMaxIntermediateOutputs": None,
+                               **({"TensorQuantOverrides": dict(overrides)} if overrides
+                                  else {})},
             )
     except Exception as err:
         return Candidate(name, "int8-static", None, desc, error=_why(err), total_weights=total)
@@ -469,7 +507,7 @@ def _gemm_to_matmul(src: Path, dst: Path) -> None:
             w = numpy_helper.to_array(inits[node.input[1]])
             if attrs.get("transB", 0):
                 w = np.ascontiguousarray(w.T)
-            wname = node.input[1] + "_matmul"
+            wname = node.input[1] + MATMUL_SUFFIX
             graph.initializer.append(numpy_helper.from_array(w, wname))
             out = node.output[0]
             if len(node.input) > 2 and node.input[2]:
@@ -505,5 +543,6 @@ def _why(err: BaseException) -> str:
     return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
-__all__ = ["SCHEMES", "Candidate", "CandidateConfig", "build_candidates", "count_weights",
-           "gather_tables", "int8_gather_tables", "op_types"]
+__all__ = ["MATMUL_SUFFIX", "SCHEMES", "Candidate", "CandidateConfig", "build_candidates",
+           "count_weights", "gather_tables", "int8_gather_tables", "matmul_source", "op_types",
+           "quantize_dynamic_int8", "static_candidate", "static_name", "table_scale"]
