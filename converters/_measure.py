@@ -442,6 +442,8 @@ def select(
     latency_tolerance: float = 0.05,
     balanced_max_slowdown: float = 0.10,
     balanced_max_size_ratio: float = 0.5,
+    preferred: str | None = None,
+    preferred_why: str = "preferred",
 ) -> Selection:
     """Pick a candidate.
 
@@ -454,7 +456,10 @@ def select(
     raises :class:`ConversionError` with the measured figure unless ``force``
     (then the most accurate one, with a warning). ``ineligible`` maps candidate
     names to the reason they may not be chosen (e.g. no-op quantization).
-    ``Selection.rule`` states the rule, ``Selection.why`` the figures behind it.
+    ``preferred`` (a candidate name; ``preferred_why`` says why in words) wins whenever
+    it was measured and is within the budget, whatever its latency; otherwise the rule
+    above applies, with a warning. ``Selection.rule`` states the rule, ``Selection.why``
+    the figures behind it.
     """
     if prefer not in PREFER:
         raise ConversionError(f"unknown preference {prefer!r} (expected {', '.join(PREFER)})")
@@ -484,6 +489,25 @@ def select(
 
     ok = [m for m in measurements if m.ok and m.name not in skip]
     budget_ok = tuple(m.name for m in ok if within(m))
+    if preferred is not None and requested != "none":
+        pref = next((m for m in ok if m.name == preferred), None)
+        if pref is not None and within(pref):
+            assert pref.latency_ms is not None
+            if pref.latency_ms > base.latency_ms:
+                warnings.append(f"{pref.name} is {pref.latency_ms / base.latency_ms:.2f}× the "
+                                f"latency of {base.name} on this machine")
+            why = (f"{pref.name}: {preferred_why}, within the budget ({_acc(pref, max_drop)}), "
+                   f"{_ratio(pref, base)}")
+            return Selection(pref, why, budget_ok, tuple(warnings),
+                             f"{preferred_why} when within the accuracy budget")
+        m = by_name.get(preferred)
+        state = (skip.get(preferred) or (m.error if m is not None else None) or "not built")
+        if m is not None and m.ok and m.name not in skip:
+            assert m.accuracy is not None
+            state = f"{metric} drop {m.accuracy.drop:.4g} > budget {max_drop:.4g}"
+        warnings.append(f"{preferred} ({preferred_why}) was not chosen: {state}; the usual "
+                        "rule chose instead")
+        rule = f"{preferred_why} when within the accuracy budget; it was not, so: {rule}"
     if requested in (None, "auto"):
         pool = [m for m in ok if within(m) and m.latency_ms is not None
                 and m.latency_ms <= base.latency_ms]
