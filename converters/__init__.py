@@ -47,7 +47,7 @@ def convert(
         raise UsageError(f"--from {source_kind!r} is not one of {', '.join(SOURCE_KINDS)}")
     try:
         fields = dict(option_fields)
-        for key in ("calibration", "eval"):
+        for key in ("calibration", "eval", "base"):
             if fields.get(key) is not None:
                 fields[key] = Path(fields[key])
         if "exclude_ops" in fields:

@@ -15,7 +15,7 @@ from edge_sdk.errors import UsageError
 from . import SOURCE_KINDS, convert
 from ._measure import PREFER
 from ._pipeline import NOT_VERIFIED, QUANTIZE_CHOICES, TARGETS
-from ._report import candidate_rows
+from ._report import base_lines, candidate_rows
 
 _SHAPE = re.compile(r"^([^=]+)=(\d+(?:[x,]\d+)*)$")
 
@@ -73,12 +73,16 @@ def parse_input_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]] | 
               help="Input shape for sources that do not record one (repeatable).")
 @click.option("--trust-pickle", is_flag=True, help="Allow loading pickled sources "
               "(scikit-learn .pkl/.joblib, full torch models): only for files you trust.")
+@click.option("--base", type=click.Path(path_type=Path), metavar="V1_ARTIFACT_DIR",
+              help="An earlier int8 ONNX artifact of this model: reuse its scales and zero "
+              "points (and its scheme, within the budget) so that unchanged weights give "
+              "identical bytes and the update is a small delta.")
 def convert_cmd(
     src: Path, output: Path, quantize: str, prefer: str, to: str, calibration: Path | None,
     eval_file: Path | None, metric: str, max_drop: float | None, threads: int | None,
     name: str | None, version: str, as_json: bool, force: bool, overwrite: bool,
     exclude_ops: tuple[str, ...], source_kind: str | None, input_shapes: tuple[str, ...],
-    trust_pickle: bool,
+    trust_pickle: bool, base: Path | None,
 ) -> None:
     """Convert SRC into a verified artifact directory (-o), picking the quantization
     scheme by measuring each candidate's accuracy vs the source and latency on this
@@ -89,7 +93,7 @@ def convert_cmd(
         calibration=calibration,
         eval=eval_file, metric=metric, max_drop=max_drop, threads=threads, name=name,
         version=version, force=force, overwrite=overwrite, exclude_ops=exclude_ops,
-        progress=not as_json and sys.stderr.isatty(),
+        progress=not as_json and sys.stderr.isatty(), base=base,
     )
     report = result.report
     if as_json:
@@ -122,6 +126,7 @@ def summary(report: dict[str, Any] | Any, path: str) -> str:
             lines.append(f"warning: {w}")
     for n in report.get("normalization") or []:
         lines.append(f"note: {n}")
+    lines.extend(base_lines(report))
     lines.append(f"wrote {path}")
     return "\n".join(lines)
 

@@ -22,6 +22,7 @@ import edge_sdk
 from edge_sdk._internal import sha256_file
 from edge_sdk.errors import ConversionError, EdgeError, UsageError
 
+from ._base import Base, build_base_candidate, check_base, float_initializers
 from ._candidates import SCHEMES, Candidate, CandidateConfig, build_candidates
 from ._data import Samples, load_samples, split_holdout, synthetic_samples
 from ._measure import (
@@ -61,6 +62,9 @@ class ConvertOptions:
     progress: bool = False  # progress bar on stderr
     exclude_ops: tuple[str, ...] = ()
     prefer: str = "balanced"  # latency|size|balanced: how auto weighs latency vs size
+    # An earlier int8 ONNX artifact of this model (v1): its scales and zero points are
+    # reused where they still fit, so that v2 is a small delta from it.
+    base: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,14 @@ class ConvertConfig:
     # The longest one framework step (load, export, a reference batch, the TFLite
     # converter) may take in its child process before it is stopped.
     framework_timeout_s: float = 1800.0
+    # --base: a weight (channel, table row) or activation keeps the base's scale while its
+    # values pass the base's range by at most this fraction of it (those values are
+    # clipped, by at most ~1.3 int8 steps at 0.01); beyond it gets its own scale.
+    base_tolerance: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.base_tolerance < 1.0:
+            raise ValueError(f"base_tolerance must be in [0, 1), got {self.base_tolerance}")
 
 
 def check_options(options: ConvertOptions) -> None:
@@ -117,6 +129,9 @@ def check_options(options: ConvertOptions) -> None:
     for label, p in (("calibration", options.calibration), ("eval", options.eval)):
         if p is not None and not Path(p).is_file():
             raise UsageError(f"{p}: no such {label} file")
+    if options.base is not None:
+        check_base(Path(options.base), to=options.to, quantize=options.quantize,
+                   calibration=options.calibration)
 
 
 def artifact_name(options: ConvertOptions, src: Path) -> str:
@@ -147,6 +162,8 @@ def convert_onnx(
     if out.exists() and not options.overwrite:
         raise UsageError(f"{out} already exists (pass --overwrite to replace it)")
     model = load_checked(src)
+    base = None if options.base is None else Base.from_artifact(
+        options.base, to=options.to, quantize=options.quantize, calibration=options.calibration)
     if source is None:
         source = SourceInfo(format="onnx", path=str(src), sha256=sha256_file(src))
     import onnx
@@ -166,6 +183,8 @@ def convert_onnx(
         fp32_pred = edge_sdk.load(fp32_path)
         specs = fp32_pred.inputs
         warnings: list[str] = []
+        if base is not None:
+            _check_base_matches(base, fp32_path, warnings)
         calib, evalset = _data(options, specs, cfg, warnings)
         ref_fn, ref_label = _reference_fn(src, norm_path, source, warnings)
         reference = _run_reference(ref_fn, source, evalset)
@@ -186,6 +205,11 @@ def convert_onnx(
             fp32_path, work, schemes, calibration=calib, exclude_ops=options.exclude_ops,
             config=cfg.candidates,
         )
+        if base is not None:
+            cands.append(build_base_candidate(
+                base, fp32_path, work, cands, calibration=calib,
+                exclude_ops=options.exclude_ops, config=cfg.candidates,
+                tolerance=cfg.base_tolerance))
         built = [c for c in cands if c.path is not None and c.error is None]
         ms = measure_candidates(
             [c.as_tuple() for c in built], evalset.feeds, reference, metric=options.metric,
@@ -215,7 +239,10 @@ def convert_onnx(
                      force=options.force, ineligible=ineligible, prefer=options.prefer,
                      latency_tolerance=cfg.measure.latency_tolerance,
                      balanced_max_slowdown=cfg.measure.balanced_max_slowdown,
-                     balanced_max_size_ratio=cfg.measure.balanced_max_size_ratio)
+                     balanced_max_size_ratio=cfg.measure.balanced_max_size_ratio,
+                     preferred=None if base is None else base.candidate_name,
+                     preferred_why=f"reuses the int8 parameters of base {base.version}"
+                     if base is not None else "")
         warnings.extend(sel.warnings)
         for name, why in ineligible.items():
             if options.quantize in ("auto", next(c.scheme for c in cands if c.name == name)):
@@ -230,16 +257,21 @@ def convert_onnx(
             to_ort_format(chosen_cand.path, model_file)
             ort_note = _check_ort(model_file, evalset, reference, options.metric, budget,
                                   chosen, evalset.labels)
+        base_info = None if base is None else _base_info(base, cands, chosen.name, warnings)
         report = _report(src, source, options, fixes, calib, evalset, ref_label, budget, cands,
-                         ms, sel.chosen, sel.why, sel.rule, ineligible, warnings, ort_note)
+                         ms, sel.chosen, sel.why, sel.rule, ineligible, warnings, ort_note,
+                         base_info)
         files = write_report(work / "report", report)
-        base = next(m for m in ms if m.name == BASELINE)
+        baseline = next(m for m in ms if m.name == BASELINE)
         extra: dict[str, Any] = {
             **dict(source.extra),
-            **manifest_figures(chosen, base, budget, evalset, options.threads, ref_label),
+            **manifest_figures(chosen, baseline, budget, evalset, options.threads, ref_label),
             "conversion": {"chosen": chosen.name, "candidates": [c.name for c in cands],
                            "normalization": fixes},
         }
+        if base is not None and base_info is not None:
+            extra["conversion"]["base"] = {
+                k: base_info.get(k) for k in ("name", "version", "sha256", "candidate", "used")}
         try:
             art = edge_sdk.build_artifact(
                 model_file, out,
@@ -261,6 +293,34 @@ def convert_onnx(
             raise ConversionError(f"{out}: cannot write the artifact: {err}") from err
     return ConversionResult(artifact=art, chosen=chosen.name, report=report,
                             warnings=tuple(report["warnings"]))
+
+
+def _check_base_matches(base: Base, fp32_path: Path, warnings: list[str]) -> None:
+    """Refuse a base that shares no weight with the model; say which weights it lacks."""
+    import onnx
+
+    weights = {k: v.shape for k, v in float_initializers(onnx.load(str(fp32_path))).items()
+               if v.ndim >= 2 and v.size > 1}
+    base.check_matches(weights)
+    missing = base.unmatched(weights)
+    if missing:
+        names = ", ".join(missing[:8]) + (" …" if len(missing) > 8 else "")
+        warnings.append(f"base {base.path} has no parameters for {len(missing)} of "
+                        f"{len(weights)} weights ({names}); they get their own scales")
+
+
+def _base_info(base: Base, cands: Sequence[Candidate], chosen: str,
+               warnings: list[str]) -> dict[str, Any]:
+    """The report's ``base`` section: what the base candidate reused, whether it was used."""
+    cand = next(c for c in cands if c.name == base.candidate_name)
+    info: dict[str, Any] = {**base.describe(), "built": cand.name, "used": chosen == cand.name}
+    if cand.error is not None:
+        info["not_used"] = f"it could not be built: {cand.error}"
+    elif chosen != cand.name:
+        info["not_used"] = next((w for w in warnings if w.startswith(cand.name + " (")),
+                                "not chosen")
+    info.update({k: v for k, v in cand.params.get("base", {}).items() if k not in info})
+    return info
 
 
 def _schemes(quantize: str) -> list[str]:
@@ -382,6 +442,7 @@ def _report(
     calib: Samples | None, evalset: Samples, ref_label: str, budget: float,
     cands: Sequence[Candidate], ms: Sequence[Measurement], chosen: Measurement, why: str,
     rule: str, ineligible: Mapping[str, str], warnings: list[str], ort_note: str | None,
+    base: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     by_name = {m.name: m for m in ms}
     base_lat = by_name[BASELINE].latency_ms if BASELINE in by_name else None
@@ -407,10 +468,11 @@ def _report(
         source={"format": source.format, "path": source.path, "sha256": source.sha256},
         options={"quantize": options.quantize, "to": options.to, "metric": options.metric,
                  "max_drop": options.max_drop, "exclude_ops": list(options.exclude_ops),
-                 "force": options.force, "prefer": options.prefer},
+                 "force": options.force, "prefer": options.prefer,
+                 **({"base": str(options.base)} if options.base is not None else {})},
         normalization=notes, calib=calib, evalset=evalset, reference=ref_label,
         budget=budget, threads=options.threads, baseline=BASELINE, rows=rows,
-        chosen=chosen.name, why=why, rule=rule, warnings=warnings)
+        chosen=chosen.name, why=why, rule=rule, warnings=warnings, base=base)
 
 
 def _short(err: BaseException) -> str:

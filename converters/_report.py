@@ -11,7 +11,10 @@ max_drop, reference}, ``threads``, ``baseline`` (candidate name), ``candidates``
 [{name, scheme, description, status (chosen|ok|over-budget|slower|no-op|failed),
 size_bytes, latency_ms, accuracy {metric, score, drop, per_output, samples},
 error, note}], ``chosen``, ``why``, ``rule`` (the choice rule in words, or None),
-``warnings`` [str].
+``warnings`` [str]; with ``convert --base`` also ``base`` {path, name, version, sha256,
+scheme, candidate, built (the candidate with its parameters), used, not_used (why not),
+tolerance, weights and activations {reused, total, own_scale [{tensor, why}], new
+[names]} (activations None for dynamic int8), weights.base_only [names]}.
 """
 
 from __future__ import annotations
@@ -54,9 +57,10 @@ def report_json(
     normalization: list[str], calib: Samples | None, evalset: Samples, reference: str,
     budget: float, threads: int | None, baseline: str, rows: list[dict[str, Any]],
     chosen: str, why: str, warnings: list[str], rule: str | None = None,
+    base: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The report dict described above; every pipeline builds it here."""
-    return {
+    out = {
         "title": title,
         "source": dict(source),
         "options": dict(options),
@@ -78,6 +82,9 @@ def report_json(
         "rule": rule,
         "warnings": list(dict.fromkeys(warnings)),
     }
+    if base is not None:
+        out["base"] = dict(base)
+    return out
 
 
 def write_report(out_dir: str | Path, report: Mapping[str, Any]) -> dict[str, Path]:
@@ -89,6 +96,9 @@ def write_report(out_dir: str | Path, report: Mapping[str, Any]) -> dict[str, Pa
     atomic_write_text(paths["report.md"], render_markdown(report))
     atomic_write_bytes(paths["report.png"], render_plot(report))
     return paths
+
+
+_LISTED = 8  # tensors named in one line of the base section
 
 
 def _kib(n: Any) -> str:
@@ -125,6 +135,43 @@ def candidate_rows(report: Mapping[str, Any]) -> list[list[str]]:
             _fmt(acc.get("score"), ".4f"), _fmt(acc.get("drop"), ".4f"), status,
         ])
     return rows
+
+
+def base_lines(report: Mapping[str, Any]) -> list[str]:
+    """The ``base`` section (``convert --base``) as lines for report.md and the CLI summary,
+    one finding a line; none without a base."""
+    info = report.get("base")
+    if not isinstance(info, Mapping):
+        return []
+    chosen = bool(info.get("used"))
+    lines = [f"base: {info.get('name')} {info.get('version')} ({info.get('candidate')}) at "
+             f"{info.get('path')}" + ("" if chosen else
+                                       f" — NOT used: {info.get('not_used') or 'not chosen'}")]
+    for kind in ("weights", "activations"):
+        part = info.get(kind)
+        if not isinstance(part, Mapping):
+            if kind == "activations" and "weights" in info:
+                lines.append("base activations: quantized at run time (dynamic); nothing "
+                             "to reuse")
+            continue
+        lines.append(f"base {kind}: {part.get('reused')} of {part.get('total')} keep the "
+                     "base's scale and zero point")
+        own = list(part.get("own_scale") or [])
+        for row in own[:_LISTED]:
+            lines.append(f"base {kind}: own scale for {row.get('tensor')}: {row.get('why')}")
+        if len(own) > _LISTED:
+            lines.append(f"base {kind}: … and {len(own) - _LISTED} more with their own "
+                         "scale (report.json lists all)")
+        new = list(part.get("new") or [])
+        if new:
+            names = ", ".join(new[:_LISTED]) + (" …" if len(new) > _LISTED else "")
+            lines.append(f"base {kind}: {len(new)} not in the base, own scale: {names}")
+        gone = list(part.get("base_only") or [])
+        if gone:
+            names = ", ".join(gone[:_LISTED]) + (" …" if len(gone) > _LISTED else "")
+            lines.append(f"base {kind}: {len(gone)} in the base only (not quantized now): "
+                         f"{names}")
+    return lines
 
 
 def render_markdown(report: Mapping[str, Any]) -> str:
@@ -170,6 +217,11 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if norm:
         lines.append("Normalization:")
         lines.extend(f"- {n}" for n in norm)
+        lines.append("")
+    based = base_lines(report)
+    if based:
+        lines.append("Base (--base):")
+        lines.extend(f"- {b}" for b in based)
         lines.append("")
     warns = report.get("warnings") or []
     if warns:
@@ -227,4 +279,4 @@ def render_plot(report: Mapping[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-__all__ = ["candidate_rows", "render_markdown", "render_plot", "write_report"]
+__all__ = ["base_lines", "candidate_rows", "render_markdown", "render_plot", "write_report"]

@@ -38,6 +38,9 @@ def convert_tflite_source(
             f"{options.quantize}); quantize from the framework source (Keras/TF with --to "
             "tflite --quantize ...), or pass --quantize auto/none to package this file as is"
         )
+    if options.base is not None:
+        raise UsageError(f"{src}: a TFLite source is packaged as is; --base (reuse an earlier "
+                         "artifact's int8 parameters) needs a source the converter quantizes")
     if options.to == "ort":
         raise UsageError(
             f"{src}: a TFLite model cannot be turned into ORT format; convert the framework "
