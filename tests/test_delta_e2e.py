@@ -16,7 +16,7 @@ import pytest
 
 from tests._broker import Mosquitto
 from tests._models import weighted_offset_model
-from tests.test_agent_e2e import AgentProc, Fleet, new_agent, wait_for
+from tests.test_agent_e2e import FLEET, AgentProc, Fleet, _cli, new_agent, wait_for
 
 RNG = np.random.default_rng(3)
 W = RNG.standard_normal((4, 262144)).astype(np.float32)  # 4 MiB that a retrain keeps
@@ -76,7 +76,10 @@ def state_download(agent: AgentProc) -> str:
 
 
 def test_v2_installs_from_a_delta_and_a_corrupt_delta_falls_back_to_the_full_model(
-        fleet: Fleet, tmp_path: Path, agents: list[AgentProc]) -> None:
+        fleet: Fleet, tmp_path: Path, agents: list[AgentProc],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from edge_sdk.cli import main
+
     release(fleet, "1")
     agent = new_agent(fleet, tmp_path, agents, "delta").start()
     fleet.deploy("delta", "1")
@@ -100,6 +103,10 @@ def test_v2_installs_from_a_delta_and_a_corrupt_delta_falls_back_to_the_full_mod
     assert fleet.responder.stats.bytes_sent - sent_before < v2.length * 0.1
     wait_for(lambda: "delta from 1" in state_download(agent), 30)
     assert agent.infer() == ("2", 3.0)
+    capsys.readouterr()
+    assert main(["status", "--device", "delta", "--broker", fleet.broker.url,
+                 "--fleet", FLEET]) == 0
+    assert f"[delta from 1 ({v2.deltas[0].length} bytes)]" in capsys.readouterr().out
 
     # The repository host's copy of the next delta is damaged: the signed hash catches
     # it, and the agent takes the full model in the same install.
@@ -112,7 +119,10 @@ def test_v2_installs_from_a_delta_and_a_corrupt_delta_falls_back_to_the_full_mod
         data = bytearray(stored.read_bytes())
         data[len(data) // 2] ^= 0xFF
         stored.write_bytes(bytes(data))
-    fleet.deploy("delta", "3")
+    assert main(_cli(fleet, "deploy", "--model", "adder", "--version", "3", "--device",
+                     "delta", "--wait", "--timeout", "60")) == 0
+    progress = capsys.readouterr().err
+    assert f"delta: downloaded adder 3: full artifact ({v3.length} bytes); the delta" in progress
     agent.wait_version("3")
     got = downloaded(fleet, "delta", "3")
     assert got["kind"] == "full" and got["from"] in ("1", "2")
