@@ -219,3 +219,18 @@ def test_any_mutated_delta_rebuilds_the_target_or_is_refused(pair, data: st.Data
         assert "\n" not in str(err)
     else:
         assert out == target  # a mutation that changed nothing that matters
+
+
+@pytest.mark.parametrize("itemsize", [1, 2, 4, 8])
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_differences_of_any_width_rebuild_the_new_bytes(itemsize: int,
+                                                        data: st.DataObject) -> None:
+    from edge_sdk.delta._apply import add_zigzag, shuffle, sub_zigzag, unshuffle
+
+    n = data.draw(st.integers(0, 64)) * itemsize
+    old = data.draw(st.binary(min_size=n, max_size=n))
+    new = data.draw(st.binary(min_size=n, max_size=n))
+    diff = sub_zigzag(old, new, itemsize)
+    assert add_zigzag(old, unshuffle(shuffle(diff, itemsize), itemsize), itemsize) == new
+    assert not any(sub_zigzag(old, old, itemsize))  # unchanged elements cost zeros

@@ -117,8 +117,8 @@ def unshuffle(data: bytes, itemsize: int) -> bytes:
     if itemsize == 1:
         return data
     whole = len(data) // itemsize * itemsize
-    elems = np.frombuffer(data, np.uint8, whole).reshape(itemsize, -1).T
-    return elems.tobytes() + data[whole:]
+    elems: bytes = np.frombuffer(data, np.uint8, whole).reshape(itemsize, -1).T.tobytes()
+    return elems + data[whole:] if whole < len(data) else elems
 
 
 def _uint(itemsize: int) -> np.dtype[Any]:
@@ -134,11 +134,18 @@ def sub_zigzag(old: bytes, new: bytes, itemsize: int) -> bytes:
 
 
 def add_zigzag(old: bytes, diff: bytes, itemsize: int) -> bytes:
-    """The inverse of :func:`sub_zigzag`: ``old`` plus the decoded differences."""
+    """The inverse of :func:`sub_zigzag`: ``old`` plus the decoded differences (in place,
+    so that a block needs two arrays of its size, not six)."""
     dt = _uint(itemsize)
-    z = np.frombuffer(diff, dt)
-    d = (z >> np.array(1, dt)) ^ (np.array(0, dt) - (z & np.array(1, dt)))
-    return bytes((np.frombuffer(old, dt) + d).tobytes())
+    z = np.frombuffer(diff, dt).copy()
+    sign = z & np.array(1, dt)
+    z >>= np.array(1, dt)
+    np.negative(sign, out=sign)
+    z ^= sign
+    del sign
+    z += np.frombuffer(old, dt)
+    out: bytes = z.tobytes()
+    return out
 
 
 def _read_at(f: BinaryIO, offset: int, n: int) -> bytes:
