@@ -21,6 +21,7 @@ from converters._candidates import CandidateConfig
 from converters._measure import MeasureConfig
 from edge_sdk.cli import main
 from tests import _convert_models as M
+from tests.test_convert_cli import assert_one_line_refusal
 
 _MEASURE = MeasureConfig(rounds=2, runs_per_round=3, warmup=1)
 # One candidate per scheme, so that v1's choice does not depend on timing.
@@ -315,12 +316,7 @@ def test_bad_base_gives_one_line_error_and_writes_nothing(
     calib = [] if "--no-calibration" in argv else ["--calibration", str(bad_bases["calib"])]
     argv = [a for a in argv if a != "--no-calibration"]
     code = main(["convert", str(mlp["v2"]), "-o", str(out), *calib, *argv])
-    err = capsys.readouterr().err
-    assert code != 0, case
-    assert err.startswith("edge-sdk: error:") and err.count("\n") == 1, err
-    assert message in err, err
-    assert "Traceback" not in err
-    assert not out.exists()
+    assert_one_line_refusal(code, capsys.readouterr().err, message, out, case)
     assert [p.name for p in tmp_path.iterdir()] == []
 
 

@@ -98,12 +98,7 @@ def test_bad_input_gives_one_line_error_and_writes_nothing(
     out = tmp_path / "art"
     argv = ["convert"] + [a.format(dir=cli_models["dir"], cnn=cli_models["cnn"]) for a in args]
     code = main([*argv, "-o", str(out)])
-    err = capsys.readouterr().err
-    assert code != 0, case
-    assert err.startswith("edge-sdk: error:") and err.count("\n") == 1, err
-    assert message in err, err
-    assert "Traceback" not in err
-    assert not out.exists()
+    assert_one_line_refusal(code, capsys.readouterr().err, message, out, case)
     assert _leftovers(tmp_path) == []
 
 
@@ -163,3 +158,12 @@ def test_error_with_a_huge_text_prints_one_bounded_line_and_debug_prints_all(
     assert main(["--debug", *args]) == 2
     full = capsys.readouterr().err
     assert "Traceback" in full and "stray_key_04999" in full
+
+
+def assert_one_line_refusal(code: int, err: str, message: str, out: Path, case: str) -> None:
+    """A refused conversion: non-zero exit, one line naming ``message``, nothing written."""
+    assert code != 0, case
+    assert err.startswith("edge-sdk: error:") and err.count("\n") == 1, err
+    assert message in err, err
+    assert "Traceback" not in err
+    assert not out.exists()

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests import test_agent_e2e
 from tests._broker import Mosquitto
 from tests._models import weighted_offset_model
 from tests.test_agent_e2e import FLEET, AgentProc, Fleet, _cli, new_agent, wait_for
@@ -30,6 +31,9 @@ def release(fleet: Fleet, version: str) -> None:
     fleet.release(version, builder=build)
 
 
+agents = test_agent_e2e.agents  # the e2e fixture: agent processes killed after each test
+
+
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     tmp = tmp_path_factory.mktemp("delta-e2e")
@@ -37,14 +41,6 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         f = Fleet(tmp, broker)
         yield f
         f.close()
-
-
-@pytest.fixture()
-def agents() -> Iterator[list[AgentProc]]:
-    procs: list[AgentProc] = []
-    yield procs
-    for p in procs:
-        p.kill()
 
 
 def download_bytes(agent: AgentProc) -> dict[str, float]:
