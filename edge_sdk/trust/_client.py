@@ -25,6 +25,7 @@ the next call resumes it; a partial that fails verification is deleted.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -75,6 +76,11 @@ Progress = Callable[[int, int], None]
 #: ``delta_applying`` (the first block of the target is written). The agent's kill -9
 #: tests crash there.
 Stage = Callable[[str], None]
+#: Told the bytes a fetch is about to write under ``partial_dir`` and ``dest_dir`` (at
+#: most: a delta counts its own size plus the model it rebuilds), once the signed
+#: metadata is verified and before the first chunk. Raising refuses the fetch with
+#: nothing downloaded; the agent checks free space with it.
+Reserve = Callable[[int], None]
 log = logging.getLogger("edge_sdk.trust")
 
 
@@ -220,7 +226,7 @@ class UpdateClient:
 
     def fetch(self, deployment: Deployment, dest_dir: str | os.PathLike[str], *,
               progress: Progress | None = None, have: Sequence[LocalModel] = (),
-              stage: Stage | None = None) -> Path:
+              stage: Stage | None = None, reserve: Reserve | None = None) -> Path:
         """Fetch the artifact ``deployment`` names into ``dest_dir`` (atomically: an
         existing ``dest_dir`` is replaced only once the new one is complete and verified).
 
@@ -229,6 +235,7 @@ class UpdateClient:
         falls back to the full file in the same call (see :attr:`last_download`).
         Raises :class:`TargetMismatchError` when the release repository does not
         list the same target path, sha256 and length (the two views disagree).
+        ``reserve`` is called once with the bytes the fetch may write (see :data:`Reserve`).
         """
         updater = self.refresh()
         tf = self._targetinfo(updater, deployment.target)
@@ -244,13 +251,13 @@ class UpdateClient:
                 f"{deployment.target} is released as {rt.name if rt else '?'} "
                 f"{rt.version if rt else '?'}, the deployment says {deployment.model} "
                 f"{deployment.version}")
-        return self._install(updater, tf, rt, Path(dest_dir), progress, have, stage)
+        return self._install(updater, tf, rt, Path(dest_dir), progress, have, stage, reserve)
 
     def fetch_release(self, name: str, dest_dir: str | os.PathLike[str], *,
                       version: str | None = None, progress: Progress | None = None,
-                      have: Sequence[LocalModel] = ()) -> Path:
+                      have: Sequence[LocalModel] = (), reserve: Reserve | None = None) -> Path:
         """Fetch release ``name`` (newest, or ``version``) without a deployment (``pull``);
-        ``have`` as for :meth:`fetch`."""
+        ``have`` and ``reserve`` as for :meth:`fetch`."""
         updater = self.refresh()
         md = Metadata[Targets].from_file(str(self.metadata_dir / "targets.json"))
         best: tuple[TargetFile, ReleasedTarget] | None = None
@@ -264,7 +271,7 @@ class UpdateClient:
             raise TargetMismatchError(
                 f"the release repository lists no {name}{' ' + version if version else ''}")
         tf = self._targetinfo(updater, best[0].path)
-        return self._install(updater, tf, best[1], Path(dest_dir), progress, have, None)
+        return self._install(updater, tf, best[1], Path(dest_dir), progress, have, None, reserve)
 
     def _targetinfo(self, updater: Updater, path: str) -> TargetFile:
         try:
@@ -279,13 +286,15 @@ class UpdateClient:
 
     def _install(self, updater: Updater, tf: TargetFile, rt: ReleasedTarget, dest: Path,
                  progress: Progress | None, have: Sequence[LocalModel],
-                 stage: Stage | None) -> Path:
+                 stage: Stage | None, reserve: Reserve | None = None) -> Path:
         try:
             manifest = Manifest.from_json(rt.manifest, f"{rt.path} (signed manifest)")
         except ArtifactError as err:
             raise RepositoryError(str(err)) from err
         companions = [(fname, self._targetinfo(updater, p)) for fname, p in rt.files.items()]
         total = tf.length + sum(c.length for _, c in companions)
+        if reserve is not None:
+            reserve(self.space_needed(tf, rt, [c for _, c in companions], have))
         done_before = 0
 
         def prog(n: int, _: int) -> None:
@@ -320,6 +329,27 @@ class UpdateClient:
         except OSError as err:
             raise InstallError(f"{dest}: cannot write the artifact: {err}") from err
         return dest
+
+    def space_needed(self, tf: TargetFile, rt: ReleasedTarget, companions: Sequence[TargetFile],
+                     have: Sequence[LocalModel]) -> int:
+        """The most bytes fetching ``tf`` (and its companion files) may still write: what
+        is not yet in ``partial_dir``; with a usable delta, the delta plus the whole model
+        it rebuilds (the delta is deleted only once the model is written)."""
+        held = {m.sha256 for m in have}
+        usable = [d for d in rt.deltas if d.base_sha256 in held]
+        ref = min(usable, key=lambda d: d.length) if usable else None
+        files = sum(self._missing(c.hashes.get("sha256"), c.length) for c in companions)
+        if ref is None:
+            return self._missing(tf.hashes.get("sha256"), tf.length) + files
+        return ref.length + tf.length + files
+
+    def _missing(self, sha: str | None, length: int) -> int:
+        """Bytes of a target not yet in its resumable partial file."""
+        try:
+            have = (self.partial_dir / f"{sha}.part").stat().st_size if sha else 0
+        except OSError:
+            have = 0
+        return length - have if 0 <= have <= length else length
 
     def _model_file(self, updater: Updater, tf: TargetFile, rt: ReleasedTarget,
                     have: Sequence[LocalModel], progress: Progress, stage: Stage | None,
@@ -384,6 +414,8 @@ class UpdateClient:
             _unlink(out_path)
             if err.filename == str(base.path):
                 raise DeltaError(f"cannot read the delta's base {base.path}: {err}") from err
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                _unlink(delta_part)
             raise InstallError(f"{out_path}: cannot write the rebuilt model: {err}") from err
         _unlink(delta_part)
         return out_path, n
@@ -422,6 +454,12 @@ class UpdateClient:
             _unlink(part)
             raise
         except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                # Resuming is for broken links: a partial file kept on a full disk keeps
+                # it full. The next attempt starts from zero.
+                _unlink(part)
+                raise InstallError(f"{part}: cannot write the download: {err}; the partial "
+                                   "download is deleted") from err
             raise InstallError(f"{part}: cannot write the download: {err}") from err
         try:
             if set(tf.hashes) == {"sha256"}:
