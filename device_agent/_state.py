@@ -6,7 +6,12 @@ Layout::
       installed.json       which model is current / previous, the install phase
       models/<id>/         complete, verified artifact directories (never edited in place)
       staging/<digest>/    downloads in progress (kept across restarts: fetch resumes)
+      partial/             the release client's resumable partial downloads
       outbox/              reports waiting for the broker
+
+Serving never needs to write here: :meth:`StateStore.load` and the model files are
+only read, and every cleanup ignores what it cannot delete, so a full or read-only
+state directory still boots into the last verified model.
 
 ``installed.json`` is the single source of truth and is only ever replaced
 atomically (temp file + fsync + rename). A model directory appears under
@@ -19,7 +24,9 @@ complete on disk.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shutil
 from dataclasses import asdict, dataclass, field, replace
@@ -148,7 +155,18 @@ class StateStore:
         return InstalledState.from_json(data, str(self._file))
 
     def save(self, state: InstalledState) -> None:
+        """Replace the state file atomically; OSError when the directory cannot be written."""
         atomic_write_text(self._file, json.dumps(state.to_json(), indent=2) + "\n")
+
+    def probe(self) -> None:
+        """Write, sync and delete a small file; OSError when the directory cannot be written."""
+        atomic_write_text(self.root / ".probe", "ok\n")
+        os.unlink(self.root / ".probe")
+
+    def free_bytes(self) -> int:
+        """Bytes an unprivileged writer can still use on the state directory's filesystem."""
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
 
     def model_dir(self, record: ModelRecord) -> Path:
         return self.models / record.id
@@ -185,7 +203,9 @@ class StateStore:
         return None
 
     def adopt(self, artifact: Artifact, deployment: str | None) -> ModelRecord:
-        """Copy a verified artifact into ``models/`` (atomically) and return its record."""
+        """Put a verified artifact into ``models/`` (atomically) and return its record. An
+        artifact under ``staging/`` is moved, not copied, so an install needs the model's
+        size once, not twice."""
         record = ModelRecord.for_artifact(artifact, deployment)
         target = self.model_dir(record)
         if target.is_dir():
@@ -194,6 +214,7 @@ class StateStore:
                 return record
             except Exception:
                 pass  # a damaged copy: replace it below
+        move = artifact.path.resolve().is_relative_to(self.staging.resolve())
         names = [MANIFEST_NAME, artifact.manifest.model, REPORT_NAME]
         if artifact.manifest.sample:
             names.append(artifact.manifest.sample)
@@ -201,7 +222,11 @@ class StateStore:
             with staged_dir(target, overwrite=True) as tmp:
                 for name in names:
                     src = artifact.path / name
-                    if src.is_file():
+                    if not src.is_file():
+                        continue
+                    if move:
+                        os.replace(src, tmp / name)
+                    else:
                         shutil.copyfile(src, tmp / name)
                 Artifact.from_dir(tmp)
         except OSError as err:
@@ -214,26 +239,34 @@ class StateStore:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
-    def clean(self, state: InstalledState) -> None:
-        """Delete model dirs the state does not name, every staging dir and temp files."""
-        keep = {r.id for r in (state.current, state.previous) if r is not None}
-        for d in self.models.iterdir():
-            if d.name not in keep:
-                _remove(d)
-        for d in self.staging.iterdir():
-            _remove(d)
-        for f in self.root.glob(f".{STATE_FILE}.*.tmp"):
+    def clean(self, *states: InstalledState) -> None:
+        """Delete model dirs none of ``states`` names (the one in memory and the one on
+        disk, when a save failed), every staging dir and stale temp files. What cannot be
+        deleted (a read-only disk) is left for the next cleanup."""
+        keep = {r.id for st in states for r in (st.current, st.previous) if r is not None}
+        for parent in (self.models, self.staging):
+            for d in _entries(parent):
+                if parent is self.staging or d.name not in keep:
+                    _remove(d)
+        for f in (*self.root.glob(".*.tmp"), self.root / ".probe"):
             _remove(f)
 
     def clean_partial(self) -> None:
         """Drop resumable partial downloads (once an install is settled)."""
-        if self.partial.is_dir():
-            for f in self.partial.iterdir():
-                _remove(f)
+        for f in _entries(self.partial):
+            _remove(f)
+
+
+def _entries(parent: Path) -> list[Path]:
+    try:
+        return list(parent.iterdir())
+    except OSError:
+        return []
 
 
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
