@@ -7,13 +7,17 @@
   failed / refused, with the reason. Every event is first written to the
   on-disk outbox (bounded: the oldest are dropped first and the drop is
   counted), then sent with QoS 1 and deleted once the broker acknowledged it,
-  so events survive both a missing broker and an agent restart.
+  so events survive both a missing broker and an agent restart. When the disk is
+  full the oldest queued files are dropped to make room; when it cannot be written
+  at all (read-only), reports wait in memory, under the same bound.
 - heartbeats (QoS 0, on ``events``, never queued: a stale heartbeat is noise), sent
   by the telemetry thread, so that they keep coming while an install works for minutes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import threading
@@ -29,46 +33,90 @@ log = logging.getLogger("device_agent.telemetry")
 
 
 class Outbox:
-    """A bounded FIFO of JSON reports, one file each, safe against ``kill -9``."""
+    """A bounded FIFO of JSON reports, one file each, safe against ``kill -9``.
+
+    At most ``limit`` reports are kept, the oldest dropped first (:attr:`dropped` counts
+    them). A write that finds the disk full drops the oldest queued file and tries again;
+    a report that still cannot be written waits in memory (lost on a restart, but sent
+    in order while the agent runs)."""
 
     def __init__(self, root: Path, limit: int) -> None:
         self.root = root
         self.limit = limit
         self.dropped = 0
         self._lock = threading.Lock()
-        root.mkdir(parents=True, exist_ok=True)
+        #: Reports that could not be written, by file name (sorted with those on disk).
+        self._memory: dict[str, dict[str, Any]] = {}
+        #: Sent (or dropped) reports whose file a read-only disk would not let go.
+        self._gone: set[str] = set()
+        with contextlib.suppress(OSError):
+            root.mkdir(parents=True, exist_ok=True)
         for tmp in root.glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
         names = self._names()
         self._seq = int(names[-1].split(".")[0]) if names else 0
 
+    def _disk(self) -> list[str]:
+        try:
+            return sorted(p.name for p in self.root.glob("[0-9]*.json"))
+        except OSError:
+            return []
+
     def _names(self) -> list[str]:
-        return sorted(p.name for p in self.root.glob("[0-9]*.json"))
+        return sorted({*self._disk(), *self._memory} - self._gone)
+
+    def _drop(self, name: str) -> None:
+        if self._memory.pop(name, None) is None:
+            self._unlink(name)
+        self.dropped += 1
+
+    def _unlink(self, name: str) -> None:
+        try:
+            (self.root / name).unlink(missing_ok=True)
+        except OSError:
+            self._gone.add(name)  # a read-only disk: forgotten here, deleted after a restart
 
     def put(self, report: dict[str, Any]) -> int:
         with self._lock:
             self._seq += 1
             seq = self._seq
             report = {**report, "seq": seq}
-            atomic_write_text(self.root / f"{seq:012d}.json", json.dumps(report))
+            name = f"{seq:012d}.json"
+            text = json.dumps(report)
+            while True:
+                try:
+                    atomic_write_text(self.root / name, text)
+                    break
+                except OSError as err:
+                    disk = self._disk()
+                    if err.errno not in (errno.ENOSPC, errno.EDQUOT) or not disk:
+                        log.warning("report %d kept in memory: cannot write it to %s: %s",
+                                    seq, self.root, err.strerror or err)
+                        self._memory[name] = report
+                        break
+                    self._drop(disk[0])  # make room on a full disk
             names = self._names()
             for old in names[: max(0, len(names) - self.limit)]:
-                (self.root / old).unlink(missing_ok=True)
-                self.dropped += 1
+                self._drop(old)
             return seq
 
     def peek(self) -> tuple[str, dict[str, Any]] | None:
         with self._lock:
             for name in self._names():
+                if name in self._memory:
+                    return name, self._memory[name]
                 try:
                     return name, json.loads((self.root / name).read_text(encoding="utf-8"))
                 except (OSError, json.JSONDecodeError):
-                    (self.root / name).unlink(missing_ok=True)
+                    self._unlink(name)
             return None
 
     def remove(self, name: str) -> None:
+        """Forget a sent report (a file that cannot be deleted now is sent again later)."""
         with self._lock:
-            (self.root / name).unlink(missing_ok=True)
+            if self._memory.pop(name, None) is None:
+                self._unlink(name)
 
     def __len__(self) -> int:
         return len(self._names())
