@@ -187,6 +187,34 @@ class Failed:
 
 
 @dataclass(frozen=True)
+class NoSpace:
+    """Before its first chunk: the download needs ``needed`` bytes on the state
+    directory's filesystem, which has ``free`` (``reserve`` of them kept free). Refused
+    and recorded like a :class:`Failed`, so it is not retried; a new deployment (or a
+    restart of the same one, never) tries again."""
+    needed: int
+    free: int
+    reserve: int
+    ts: float = field(default=0.0, kw_only=True)
+
+    @property
+    def reason(self) -> str:
+        return (f"not enough space in the state directory: the download needs {self.needed} "
+                f"bytes, {self.free} are free and {self.reserve} must stay free "
+                "(limits.reserve_bytes); free space and deploy again")
+
+
+@dataclass(frozen=True)
+class Unwritable:
+    """A verified deployment arrived while the state directory cannot be written
+    (``reason``). Nothing is recorded (that needs a write): the installer holds the
+    deployment and offers it again once a write succeeds."""
+    deployment: InstallRequest
+    reason: str
+    ts: float = field(default=0.0, kw_only=True)
+
+
+@dataclass(frozen=True)
 class Retry:
     """The install was interrupted by something transient (broker or responder away)."""
     reason: str
@@ -205,7 +233,8 @@ class Unhealthy:
 
 
 Event = (Boot | ModelLoaded | ModelUnusable | Resume | Refused | Accepted | Fetched | Verified
-         | Adopted | Loaded | SmokeTested | Failed | Retry | Healthy | Unhealthy)
+         | Adopted | Loaded | SmokeTested | Failed | NoSpace | Unwritable | Retry | Healthy
+         | Unhealthy)
 
 
 # -- effects ---------------------------------------------------------------------------
@@ -302,6 +331,14 @@ def step(life: Life, event: Event) -> tuple[Life, list[Effect]]:
             return _progress(life, event)
         case Failed() if m is Mode.INSTALLING:
             return _failed(life, event)
+        case NoSpace() if m is Mode.INSTALLING and life.progress == "started":
+            return _failed(life, event)
+        case Unwritable() if m is Mode.IDLE:
+            if handled(life.installed, event.deployment.digest):
+                return life, []
+            return life, [report("failed", stage="storage", deployment=event.deployment,
+                                 reason=f"installs wait until the state directory can be "
+                                        f"written: {event.reason}", retry=True)]
         case Retry() if m is Mode.INSTALLING:
             dep = life.deployment
             assert dep is not None
@@ -450,16 +487,21 @@ def _progress(life: Life, ev: Fetched | Verified | Adopted | Loaded | SmokeTeste
              CleanModels(), WatchHealth()])
 
 
-def _failed(life: Life, ev: Failed) -> tuple[Life, list[Effect]]:
+def _failed(life: Life, ev: Failed | NoSpace) -> tuple[Life, list[Effect]]:
     dep = life.deployment
     assert dep is not None
-    reason = f"{life.stage}: {ev.reason}"
+    stage = "space" if isinstance(ev, NoSpace) else life.stage
+    reason = f"{stage}: {ev.reason}"
     st = life.installed.with_failed(dep.digest, reason)
     st = replace(st, deployment_counter=max(st.deployment_counter, dep.counter),
                  last_result=_result("failed", None, dep, reason, ev.ts, life.download))
+    extra = {"needed_bytes": ev.needed, "free_bytes": ev.free,
+             "reserve_bytes": ev.reserve} if isinstance(ev, NoSpace) else {}
+    # Cleanup before the report: it frees what this install wrote (staging, the partial
+    # download), and the save above may have failed for want of that space.
     return _idle(life, st), [
         SaveState(st), CleanModels(), CleanPartial(),
-        report("failed", stage=life.stage, deployment=dep, reason=ev.reason)]
+        report("failed", stage=stage, deployment=dep, reason=ev.reason, **extra)]
 
 
 def _judged(life: Life, ev: Healthy | Unhealthy) -> tuple[Life, list[Effect]]:
