@@ -78,6 +78,8 @@ class Agent:
                                    self._stop)
         if source is not None and hasattr(source, "verify_deployment"):
             self.installer.source = cast(ArtifactSource, source)
+        self.metrics.storage_ok.set(1)
+        self.installer.on_storage = lambda ok: self.metrics.storage_ok.set(1 if ok else 0)
         self.http: HttpServer | None = None
         self.connection: Any = None
         # Checked documents per desired topic (the device's own and its groups').
@@ -97,8 +99,12 @@ class Agent:
         app = InferenceApp(self.slot, self.metrics, self.config.http)
         self.http = HttpServer(app, self.config.http.bind, self.config.http.port)
         self.http.start()
-        atomic_write_text(self.store.root / RUNTIME_FILE, json.dumps(
-            {"pid": os.getpid(), "url": self.http.url, "device": self.config.device_id}) + "\n")
+        try:
+            atomic_write_text(self.store.root / RUNTIME_FILE, json.dumps(
+                {"pid": os.getpid(), "url": self.http.url, "device": self.config.device_id})
+                + "\n")
+        except OSError as err:
+            self.installer.storage_failed(err)
         self.telemetry.start()
         if self._connect:
             self._open_link()
@@ -243,6 +249,10 @@ class Agent:
         # Heartbeats are the telemetry thread's: an install here may take minutes.
         while not self._stop.is_set():
             try:
+                if self.installer.storage_error is not None:
+                    self.installer.retry_storage()
+                    for payload in self.installer.take_waiting():
+                        self.submit(payload)
                 if not self._desired_ev.wait(1.0):
                     continue
                 self._desired_ev.clear()
@@ -310,7 +320,19 @@ class Agent:
             "groups": list(self.config.groups),
             "queued_reports": len(self.outbox),
             "dropped_reports": self.outbox.dropped,
+            "storage": self._storage(),
         }
+
+    def _storage(self) -> dict[str, Any]:
+        err = self.installer.storage_error
+        try:
+            free: int | None = self.store.free_bytes()
+        except OSError:
+            free = None
+        out: dict[str, Any] = {"ok": err is None, "free_bytes": free}
+        if err is not None:
+            out["reason"] = err
+        return out
 
     def _heartbeat(self) -> dict[str, Any]:
         cur = self.slot.current

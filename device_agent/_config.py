@@ -144,6 +144,12 @@ class LimitsConfig:
     warmup_runs: int = 3
     #: Wait before retrying an install interrupted by the broker or responder going away.
     retry_s: float = 5.0
+    #: Bytes kept free on the state directory's filesystem: a deployment is refused
+    #: before its download unless it fits next to the current and previous models
+    #: with this much left (for the state file, reports, TUF metadata, logs).
+    reserve_bytes: int = 4 * 1024 * 1024
+    #: While the state directory cannot be written (full, read-only), try again this often.
+    storage_retry_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -226,6 +232,7 @@ class AgentConfig:
             ("limits.max_artifact_bytes", self.limits.max_artifact_bytes),
             ("limits.max_queued_reports", self.limits.max_queued_reports),
             ("limits.retry_s", self.limits.retry_s),
+            ("limits.storage_retry_s", self.limits.storage_retry_s),
             ("telemetry.heartbeat_s", self.telemetry.heartbeat_s),
             ("broker.keepalive_s", self.broker.keepalive_s),
         ]
@@ -235,7 +242,8 @@ class AgentConfig:
         for key, num in (("health.window_s", self.health.window_s),
                          ("health.max_p99_ms", self.health.max_p99_ms),
                          ("health.max_restarts", self.health.max_restarts),
-                         ("limits.warmup_runs", self.limits.warmup_runs)):
+                         ("limits.warmup_runs", self.limits.warmup_runs),
+                         ("limits.reserve_bytes", self.limits.reserve_bytes)):
             if num < 0:
                 raise bad(key, "must be >= 0")
         if not 0.0 <= self.health.max_error_rate <= 1.0:

@@ -13,13 +13,14 @@ rolls back after that, so a model that crashes the agent cannot crash-loop it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
 import signal
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -55,6 +56,7 @@ from ._lifecycle import (
     Mode,
     ModelLoaded,
     ModelUnusable,
+    NoSpace,
     Refused,
     Report,
     Resume,
@@ -64,6 +66,7 @@ from ._lifecycle import (
     StateChanged,
     Swap,
     Unhealthy,
+    Unwritable,
     Verified,
     WatchHealth,
     handled,
@@ -127,11 +130,13 @@ class ArtifactSource(Protocol):
         ...
 
     def fetch(self, deployment: InstallRequest, dest_dir: Path, *,
-              have: Sequence[tuple[Path, str]] = ()) -> FetchedArtifact:
+              have: Sequence[tuple[Path, str]] = (),
+              reserve: Callable[[int], None] | None = None) -> FetchedArtifact:
         """Download (resuming from what ``dest_dir`` holds) and verify the deployment's
         artifact. ``have``: (model file, sha256) of the verified models the device holds,
-        from which a delta may rebuild the new one. Raises VerificationError or
-        TransportError."""
+        from which a delta may rebuild the new one. ``reserve``: call it with the bytes
+        the download may write, before the first one (it raises when they do not fit).
+        Raises VerificationError or TransportError."""
         ...
 
 
@@ -139,6 +144,14 @@ class Reporter(Protocol):
     def event(self, kind: str, **fields: Any) -> None: ...
 
     def state_changed(self) -> None: ...
+
+
+class NoSpaceError(InstallError):
+    """A download does not fit in the state directory (raised by the space check)."""
+
+    def __init__(self, needed: int, free: int, reserve: int) -> None:
+        self.needed, self.free, self.reserve = needed, free, reserve
+        super().__init__(NoSpace(needed, free, reserve).reason)
 
 
 class Installer:
@@ -169,6 +182,17 @@ class Installer:
         self._models: dict[str, Served] = {}
         #: Digests of unverifiable messages already reported by this process.
         self._unverified_seen: dict[str, None] = {}
+        #: Why the state directory cannot be written (None while it can).
+        self.storage_error: str | None = None
+        #: Told True / False when the state directory becomes writable / unwritable.
+        self.on_storage: Callable[[bool], None] | None = None
+        #: The state as last read or written on disk, and a newer one a save failed on.
+        self._durable: InstalledState | None = None
+        self._unsaved: InstalledState | None = None
+        self._probed = 0.0
+        #: Deployments that arrived while the state directory could not be written, by
+        #: digest: offered again (see :meth:`retry_storage`) once it can.
+        self._waiting: dict[str, bytes] = {}
 
     @property
     def state(self) -> InstalledState:
@@ -184,11 +208,21 @@ class Installer:
                 answer = self._do(effect)
                 if answer is not None:
                     queue.append(answer)
+        if self._unsaved is not None:
+            # The cleanup that followed a failed save may have made room: try at once.
+            self.retry_storage(now=True)
 
     def _do(self, effect: Effect) -> Event | None:
         match effect:
             case SaveState(state):
-                self.store.save(state)
+                try:
+                    self.store.save(state)
+                except OSError as err:
+                    # Serving goes on from memory; the save is tried again later.
+                    self._unsaved = state
+                    self.storage_failed(err)
+                else:
+                    self._durable, self._unsaved = state, None
             case CrashPoint(name):
                 crash_point(name)
             case Report(kind, fields):
@@ -207,7 +241,7 @@ class Installer:
             case Swap(record):
                 self.slot.swap(None if record is None else self._models[record.id])
             case CleanModels():
-                self.store.clean(self.state)
+                self.store.clean(self.state, *(s for s in (self._durable,) if s is not None))
                 keep = {r.id for r in (self.life.serving,
                                        self.state.previous if self.state.phase == "trial"
                                        else None) if r is not None}
@@ -231,7 +265,9 @@ class Installer:
         """Serve the best verified model on disk; settle an interrupted trial."""
         max_restarts = self.config.health.max_restarts
         try:
-            event = Boot(self.store.load(), max_restarts, ts=time.time())
+            stored = self.store.load()
+            self._durable = stored
+            event = Boot(stored, max_restarts, ts=time.time())
         except ConfigError as err:
             event = Boot(self._recover(), max_restarts, str(err), ts=time.time())
         self._feed(event)
@@ -253,6 +289,73 @@ class Installer:
     def resume(self) -> None:
         """Finish a health window interrupted by a restart (call once serving has started)."""
         self._feed(Resume(ts=time.time()))
+
+    # -- storage -------------------------------------------------------------------------
+
+    def storage_failed(self, err: OSError | str) -> None:
+        """Note that the state directory cannot be written (``err``); serving goes on."""
+        reason = err if isinstance(err, str) else (
+            f"{self.store.root}: {err.strerror or err} ({_errno_name(err)})")
+        first = self.storage_error is None
+        self.storage_error = reason
+        self._probed = time.monotonic()
+        if not first:
+            return
+        cur = self.slot.current
+        log.error("state directory cannot be written: %s; still serving %s, installs wait "
+                  "until it can be written (tried again every %g s)", reason,
+                  cur.record.label() if cur else "no model",
+                  self.config.limits.storage_retry_s)
+        self.reporter.event("storage", ok=False, reason=reason)
+        self.reporter.state_changed()
+        if self.on_storage is not None:
+            self.on_storage(False)
+
+    def retry_storage(self, *, now: bool = False) -> bool:
+        """When the state directory was unwritable and a retry is due (or ``now``): try
+        the write that failed (or a probe). True when the directory can be written."""
+        if self.storage_error is None:
+            return True
+        if not now and time.monotonic() - self._probed < self.config.limits.storage_retry_s:
+            return False
+        self._probed = time.monotonic()
+        try:
+            if self._unsaved is not None:
+                self.store.save(self._unsaved)
+                self._durable, self._unsaved = self._unsaved, None
+            else:
+                self.store.probe()
+        except OSError as err:
+            self.storage_error = f"{self.store.root}: {err.strerror or err} ({_errno_name(err)})"
+            return False
+        log.warning("state directory %s can be written again (%d byte(s) free)",
+                    self.store.root, self._free())
+        self.storage_error = None
+        self.reporter.event("storage", ok=True, free_bytes=self._free())
+        self.reporter.state_changed()
+        if self.on_storage is not None:
+            self.on_storage(True)
+        return True
+
+    def take_waiting(self) -> list[bytes]:
+        """The deployments that waited for the state directory, once it can be written."""
+        if self.storage_error is not None:
+            return []
+        waiting, self._waiting = list(self._waiting.values()), {}
+        return waiting
+
+    def _free(self) -> int:
+        try:
+            return self.store.free_bytes()
+        except OSError:
+            return 0
+
+    def _reserve(self, needed: int) -> None:
+        """The space check before a download's first chunk: ``needed`` more bytes must fit
+        with ``limits.reserve_bytes`` left (the current and previous models stay)."""
+        free, reserve = self._free(), self.config.limits.reserve_bytes
+        if needed + reserve > free:
+            raise NoSpaceError(needed, free, reserve)
 
     # -- deployments ---------------------------------------------------------------------
 
@@ -315,6 +418,13 @@ class Installer:
                                  ts=time.time()))
             return False
         dep = replace(dep, digest=digest)
+        if self.storage_error is not None and not self.retry_storage(now=True):
+            assert self.storage_error is not None
+            if digest not in self._waiting:
+                log.warning("deployment %s waits: %s", dep.label(), self.storage_error)
+                self._feed(Unwritable(dep, self.storage_error, ts=time.time()))
+            self._waiting[digest] = payload
+            return False
         self._feed(Accepted(dep, size, ts=time.time()))
         if self.life.mode is not Mode.INSTALLING:
             return False
@@ -334,7 +444,8 @@ class Installer:
                 self._feed(Verified(local, ts=time.time()))
             else:
                 staging = self.store.staging_dir(dep.digest)
-                got = self.source.fetch(dep, staging, have=self._bases())
+                got = self.source.fetch(dep, staging, have=self._bases(),
+                                        reserve=self._reserve)
                 self._feed(Fetched(got.download, ts=time.time()))
                 art = Artifact.from_dir(got.path)
                 self._check_artifact(dep, art)
@@ -347,6 +458,13 @@ class Installer:
             self._feed(Loaded(ts=time.time()))
             self._smoke(served)
             served.health.reset()
+            # The trial is about to be saved: a disk that filled up meanwhile fails the
+            # install here rather than swap in a model the state file cannot name.
+            self.store.probe()
+        except NoSpaceError as err:
+            log.error("refused %s: %s", dep.label(), err)
+            self._feed(NoSpace(err.needed, err.free, err.reserve, ts=time.time()))
+            return False
         except TransportError as err:
             # Weather (broker or responder away, a stalled transfer): nothing installed,
             # partial download kept, tried again. A VerificationError is refused for good.
@@ -477,6 +595,10 @@ class Installer:
         self.reporter.event(kind, **out)
         if kind in ("swapped", "committed", "rolled_back", "failed", "refused"):
             self.reporter.state_changed()
+
+
+def _errno_name(err: OSError) -> str:
+    return errno.errorcode.get(err.errno or 0, "I/O error")
 
 
 class _Interrupted(Exception):

@@ -45,6 +45,9 @@ class Metrics:
             self.download_bytes.labels(kind)
         self.broker_connected = Gauge(
             "edge_agent_broker_connected", "1 while connected to the broker.", registry=r)
+        self.storage_ok = Gauge(
+            "edge_agent_storage_ok", "1 while the state directory can be written (0: full, "
+            "read-only or denied; the agent serves on and installs wait).", registry=r)
         self._lock = threading.Lock()
 
     def set_model(self, name: str | None, version: str | None, sha256: str | None) -> None:

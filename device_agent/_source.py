@@ -3,7 +3,7 @@ over MQTT, both verified by :mod:`edge_sdk.trust` (nothing is re-implemented her
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +54,13 @@ class ReleaseSource:
                               rollback=dep.rollback, raw=dep)
 
     def fetch(self, deployment: InstallRequest, dest_dir: Path, *,
-              have: Sequence[tuple[Path, str]] = ()) -> FetchedArtifact:
+              have: Sequence[tuple[Path, str]] = (),
+              reserve: Callable[[int], None] | None = None) -> FetchedArtifact:
         from edge_sdk.trust import LocalModel
 
         path = self.client.fetch(deployment.raw, dest_dir, stage=crash_point,
-                                 have=[LocalModel(p, sha) for p, sha in have])
+                                 have=[LocalModel(p, sha) for p, sha in have],
+                                 reserve=reserve)
         got = self.client.last_download
         return FetchedArtifact(path, None if got is None else got.to_json())
 

@@ -12,7 +12,7 @@ import hashlib
 import hmac
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +44,14 @@ class LocalSource:
                               sha256=body["sha256"], raw=body)
 
     def fetch(self, deployment: InstallRequest, dest_dir: Path, *,
-              have: Sequence[tuple[Path, str]] = ()) -> FetchedArtifact:
+              have: Sequence[tuple[Path, str]] = (),
+              reserve: Callable[[int], None] | None = None) -> FetchedArtifact:
         self.fetches += 1
         src = Path(deployment.raw["dir"])
         if not src.is_dir():
             raise TransportError(f"{src}: artifact not available")
+        if reserve is not None:
+            reserve(sum(f.stat().st_size for f in src.iterdir() if f.is_file()))
         out = dest_dir / "artifact"
         if out.exists():
             shutil.rmtree(out)
