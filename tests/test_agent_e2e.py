@@ -125,8 +125,13 @@ class AgentProc:
     """One agent subprocess with its own state dir and config."""
 
     def __init__(self, fleet: Fleet, tmp: Path, device: str, *, window_s: float = 0.3,
-                 broker_url: str | None = None, groups: tuple[str, ...] = ()) -> None:
+                 broker_url: str | None = None, groups: tuple[str, ...] = (),
+                 port: int = 0, limits: dict[str, Any] | None = None) -> None:
+        """``port``: a fixed HTTP port, for agents that cannot write ``agent.json`` (a full
+        or read-only state dir); ``limits``: more ``[limits]`` keys."""
         self.groups = groups
+        self.fixed_port = port
+        self.limits = limits or {}
         self.fleet = fleet
         self.device = device
         self.dir = tmp / device
@@ -140,7 +145,7 @@ class AgentProc:
         self.broker_url = broker_url or fleet.broker.url
         self.write_config(window_s)
         self.proc: subprocess.Popen[bytes] | None = None
-        self.port = 0
+        self.port = port
         self.log = self.dir / "agent.log"
 
     def write_config(self, window_s: float) -> None:
@@ -150,9 +155,10 @@ class AgentProc:
             f"groups = {json.dumps(list(self.groups))}\n"
             f'[broker]\nurl = "{self.broker_url}"\n'
             '[trust]\nroot = "trust/root.json"\ndeployment_key = "trust/deployment.pub.json"\n'
-            "[http]\nport = 0\n"
+            f"[http]\nport = {self.fixed_port}\n"
             f"[health]\nwindow_s = {window_s}\nprobe_interval_s = 0.05\n"
             "[limits]\nretry_s = 0.5\n"
+            + "".join(f"{k} = {json.dumps(v)}\n" for k, v in self.limits.items()) +
             "[telemetry]\nheartbeat_s = 1.0\n"
         )
 
@@ -182,10 +188,14 @@ class AgentProc:
                 raise AssertionError(f"agent exited with {self.proc.returncode}: "
                                      f"{self.log.read_text()[-3000:]}")
             try:
-                info = json.loads(runtime.read_text())
-                if info["pid"] == self.proc.pid:
-                    self.port = int(info["url"].rsplit(":", 1)[1])
-                    return
+                if self.fixed_port:
+                    if self.get("/v2/health/live")[0] == 200:
+                        return
+                else:
+                    info = json.loads(runtime.read_text())
+                    if info["pid"] == self.proc.pid:
+                        self.port = int(info["url"].rsplit(":", 1)[1])
+                        return
             except (OSError, ValueError, KeyError):
                 pass
             time.sleep(0.05)
