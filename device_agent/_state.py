@@ -248,13 +248,23 @@ class StateStore:
             for d in _entries(parent):
                 if parent is self.staging or d.name not in keep:
                     _remove(d)
-        for f in (*self.root.glob(".*.tmp"), self.root / ".probe"):
+        # A rebuilt delta target is moved away by the fetch that wrote it: one left here is
+        # from a fetch a crash interrupted (clean never runs during a fetch).
+        for f in (*self.root.glob(".*.tmp"), self.root / ".probe",
+                  *_entries_matching(self.partial, "*.applied")):
             _remove(f)
 
     def clean_partial(self) -> None:
         """Drop resumable partial downloads (once an install is settled)."""
         for f in _entries(self.partial):
             _remove(f)
+
+
+def _entries_matching(parent: Path, pattern: str) -> list[Path]:
+    try:
+        return list(parent.glob(pattern))
+    except OSError:
+        return []
 
 
 def _entries(parent: Path) -> list[Path]:
