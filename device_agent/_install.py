@@ -301,11 +301,9 @@ class Installer:
         self._probed = time.monotonic()
         if not first:
             return
-        cur = self.slot.current
-        log.error("state directory cannot be written: %s; still serving %s, installs wait "
-                  "until it can be written (tried again every %g s)", reason,
-                  cur.record.label() if cur else "no model",
-                  self.config.limits.storage_retry_s)
+        log.error("state directory cannot be written: %s; serving goes on from the state as "
+                  "read, installs wait until it can be written (tried again every %g s)",
+                  reason, self.config.limits.storage_retry_s)
         self.reporter.event("storage", ok=False, reason=reason)
         self.reporter.state_changed()
         if self.on_storage is not None:

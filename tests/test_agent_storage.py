@@ -216,7 +216,7 @@ def test_restart_on_a_full_disk_serves_v1_and_installs_once_space_is_freed(
         fleet: Fleet, disks: Disks) -> None:
     agent = disks.agent("full", reserve_bytes=0).start()
     fleet.deploy("full", "1")
-    agent.wait_version("1")
+    fleet.wait_event("full", "committed", "1")
     agent.stop()
     filler = agent.state / "filler"
     fill(filler)
@@ -241,7 +241,7 @@ def test_restart_on_a_full_disk_serves_v1_and_installs_once_space_is_freed(
 def test_read_only_state_dir_still_serves_and_reports_it(fleet: Fleet, disks: Disks) -> None:
     agent = disks.agent("ro").start()
     fleet.deploy("ro", "1")
-    agent.wait_version("1")
+    fleet.wait_event("ro", "committed", "1")
     agent.stop()
     assert _mount(["mount", "-o", "remount,ro", str(agent.state)]) is None
     agent.start()
