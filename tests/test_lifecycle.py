@@ -31,6 +31,7 @@ from device_agent._lifecycle import (
     Mode,
     ModelLoaded,
     ModelUnusable,
+    NoSpace,
     Refused,
     Report,
     Resume,
@@ -39,6 +40,7 @@ from device_agent._lifecycle import (
     SmokeTested,
     Swap,
     Unhealthy,
+    Unwritable,
     Verified,
     WatchHealth,
     handled,
@@ -106,13 +108,14 @@ SAMPLES: list[Event] = [
     Boot(InstalledState(), 1), ModelLoaded(V1), ModelUnusable(V1, "x"), Resume(),
     Refused("kx", 3, "bad"), Accepted(dep(5)), Fetched(), Verified(), Verified(V2),
     Adopted(V2), Loaded(), SmokeTested(), Failed("x"), Retry("x"), Healthy(), Unhealthy("x"),
+    NoSpace(10, 5, 1), Unwritable(dep(5), "read-only"),
 ]
 LEGAL = {
     Mode.BOOT: {Boot},
     Mode.LOAD_CURRENT: {ModelLoaded, ModelUnusable},
     Mode.LOAD_PREVIOUS: {ModelLoaded, ModelUnusable},
-    Mode.IDLE: {Resume, Refused, Accepted},
-    Mode.INSTALLING: {Fetched, Verified, Adopted, Loaded, SmokeTested, Failed, Retry},
+    Mode.IDLE: {Resume, Refused, Accepted, Unwritable},
+    Mode.INSTALLING: {Fetched, Verified, Adopted, Loaded, SmokeTested, Failed, Retry, NoSpace},
     Mode.TRIAL: {Healthy, Unhealthy},
     Mode.ROLLING_BACK: {ModelLoaded, ModelUnusable},
 }
@@ -381,3 +384,58 @@ def test_a_failure_after_the_download_names_how_it_came() -> None:
     assert saved is not None and saved.last_result is not None
     assert saved.last_result["result"] == "failed"
     assert saved.last_result["download"] == "delta from v1 (1234 bytes)"
+
+
+# -- storage ------------------------------------------------------------------------------
+
+def test_download_that_does_not_fit_is_refused_recorded_and_cleaned_up() -> None:
+    run = serving_v1().feed(Accepted(dep(2)))
+    start = len(run.effects)
+    run.feed(NoSpace(needed=16 << 20, free=7 << 20, reserve=1 << 20, ts=5.0))
+    assert run.life.mode is Mode.IDLE and run.life.serving == V1
+    effects = run.effects[start:]
+    assert [type(e).__name__ for e in effects] == ["SaveState", "CleanModels", "CleanPartial",
+                                                  "Report"]
+    (rep,) = [e for e in effects if isinstance(e, Report)]
+    assert rep.kind == "failed" and rep.fields["stage"] == "space"
+    assert rep.fields["deployment"] == dep(2)
+    assert (rep.fields["needed_bytes"], rep.fields["free_bytes"],
+            rep.fields["reserve_bytes"]) == (16 << 20, 7 << 20, 1 << 20)
+    assert "16777216 bytes, 7340032 are free" in rep.fields["reason"]
+    st = run.saved()
+    assert st is not None and st.current == V1 and st.deployment_counter == 2
+    assert st.failed["k2"].startswith("space: not enough space")
+    assert st.last_result == {"result": "failed", "ts": 5.0, "deployment": 2,
+                              "reason": st.failed["k2"]}
+    # Not retried when the retained deployment is delivered again.
+    assert handled(st, "k2")
+    before = len(run.effects)
+    run.feed(Accepted(dep(2)))
+    assert run.effects[before:] == [] and run.life.mode is Mode.IDLE
+
+
+def test_no_space_is_only_a_refusal_before_the_download() -> None:
+    run = serving_v1().feed(Accepted(dep(2)), Fetched())
+    with pytest.raises(LifecycleError, match="NoSpace is not expected"):
+        step(run.life, NoSpace(1, 0, 0))
+
+
+def test_deployment_while_the_state_cannot_be_written_is_reported_and_not_recorded() -> None:
+    run = serving_v1()
+    start = len(run.effects)
+    run.feed(Unwritable(dep(2), "/state: Read-only file system (EROFS)"))
+    assert run.life.mode is Mode.IDLE and run.life.installed == serving_v1().life.installed
+    effects = run.effects[start:]
+    assert len(effects) == 1 and isinstance(effects[0], Report)
+    assert effects[0].kind == "failed" and effects[0].fields["stage"] == "storage"
+    assert effects[0].fields["retry"] is True and "Read-only" in effects[0].fields["reason"]
+    # Once the directory can be written, the same deployment installs.
+    install(run, dep(2))
+    assert run.life.serving == V2
+
+
+def test_unwritable_redelivery_of_a_handled_deployment_says_nothing() -> None:
+    run = serving_v1()
+    before = len(run.effects)
+    run.feed(Unwritable(dep(1, V1), "full"))  # k1: the deployment that installed v1
+    assert run.effects[before:] == []

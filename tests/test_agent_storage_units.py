@@ -1,0 +1,182 @@
+"""Storage arithmetic and faults without a broker: the space the trust client reserves
+before a download (against the repository simulator), the agent's refusal of what does
+not fit, and the report queue on a full disk."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from device_agent import Agent
+from device_agent._install import NoSpaceError
+from device_agent._state import InstalledState, ModelRecord, StateStore
+from device_agent._telemetry import Outbox
+from edge_sdk import Artifact
+from tests._agent_local import LocalSource, config, deployment
+from tests.test_agent_pipeline import arts, events, make_agent  # noqa: F401  (fixtures)
+from tests.test_delta_attacks import DeltaEnv
+
+
+class Refuse(Exception):
+    pass
+
+
+@pytest.fixture
+def d(tmp_path: Path) -> DeltaEnv:
+    env = DeltaEnv(tmp_path / "env")
+    env.release_version("1", 1.0)
+    env.release_version("2", 2.0)
+    return env
+
+
+def reserved(d: DeltaEnv, tmp: Path, **kw: object) -> int:
+    """The bytes fetching v2 reserves (the reserve refuses, so nothing is downloaded)."""
+    asked: list[int] = []
+
+    def reserve(n: int) -> None:
+        asked.append(n)
+        raise Refuse
+
+    client = d.client()
+    with pytest.raises(Refuse):
+        client.fetch(d.deploy(version="2"), tmp / "out", reserve=reserve, **kw)  # type: ignore[arg-type]
+    model = f"/{d.arts['2'].manifest.sha256}."
+    assert not [r for r in d.sim.requests if model in r.path], "model bytes were asked for"
+    assert list(client.partial_dir.iterdir()) == [] and not (tmp / "out").exists()
+    assert len(asked) == 1
+    return asked[0]
+
+
+def companions(d: DeltaEnv) -> int:
+    rt = d.repo.find("m", "2")
+    return sum((d.arts["2"].path / name).stat().st_size for name in rt.files)
+
+
+def test_full_download_reserves_the_signed_model_and_file_lengths(d: DeltaEnv,
+                                                                  tmp_path: Path) -> None:
+    need = reserved(d, tmp_path)
+    assert need == d.arts["2"].manifest.size_bytes + companions(d)
+
+
+def test_delta_download_reserves_the_delta_plus_the_model_it_rebuilds(d: DeltaEnv,
+                                                                      tmp_path: Path) -> None:
+    (ref,) = d.repo.find("m", "2").deltas
+    need = reserved(d, tmp_path, have=[d.held("1")])
+    assert need == ref.length + d.arts["2"].manifest.size_bytes + companions(d)
+
+
+def test_resumed_download_reserves_only_what_is_missing(d: DeltaEnv, tmp_path: Path) -> None:
+    model = d.arts["2"].model_path.read_bytes()
+    partial = d.state / "partial"
+    partial.mkdir(parents=True, exist_ok=True)
+    (partial / f"{d.arts['2'].manifest.sha256}.part").write_bytes(model[:1000])
+    asked: list[int] = []
+    client = d.client()
+    client.fetch(d.deploy(version="2"), tmp_path / "out", reserve=asked.append)
+    assert asked == [len(model) - 1000 + companions(d)]
+    assert Artifact.from_dir(tmp_path / "out").manifest.sha256 == d.arts["2"].manifest.sha256
+
+
+def test_agent_refuses_a_deployment_that_leaves_less_than_the_reserve(
+        make_agent, arts: dict[str, Artifact], tmp_path: Path) -> None:  # noqa: F811
+    st = os.statvfs(tmp_path)
+    free = st.f_bavail * st.f_frsize
+    agent: Agent = make_agent(config(tmp_path / "state", limits={"reserve_bytes": free}),
+                              LocalSource())
+    agent.installer.apply(deployment(arts["v1"], 1))
+    failed = [e for e in events(agent) if e["event"] == "failed"]
+    assert len(failed) == 1 and failed[0]["stage"] == "space"
+    assert failed[0]["deployment"]["counter"] == 1
+    assert failed[0]["needed_bytes"] > 0 and failed[0]["reserve_bytes"] == free
+    assert agent.slot.current is None
+    assert list(agent.store.staging.iterdir()) == []
+    # Recorded: the same deployment delivered again is not tried again.
+    agent.installer.apply(deployment(arts["v1"], 1))
+    assert [e["event"] for e in events(agent)].count("failed") == 1
+
+
+def test_no_space_error_names_the_numbers_and_the_config_key() -> None:
+    err = NoSpaceError(needed=3000, free=2000, reserve=500)
+    assert str(err) == ("not enough space in the state directory: the download needs 3000 "
+                        "bytes, 2000 are free and 500 must stay free (limits.reserve_bytes); "
+                        "free space and deploy again")
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                       capture_output=True, text=True, check=False)
+    if r.returncode:
+        msg = f"cannot mount a tmpfs at {mnt} (needs root): {r.stderr.strip()}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_outbox_on_a_full_disk_drops_the_oldest_and_keeps_the_newest(tiny_disk: Path) -> None:
+    box = Outbox(tiny_disk / "outbox", limit=1000)
+    for i in range(5):
+        box.put({"event": "e", "i": i, "pad": "x" * 2000})
+    filler = tiny_disk / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as err:
+            assert err.errno == errno.ENOSPC
+    box.put({"event": "new", "pad": "x" * 2000})
+    assert box.dropped >= 1
+    sent = []
+    while (item := box.peek()) is not None:
+        sent.append(item[1])
+        box.remove(item[0])
+    assert sent[-1]["event"] == "new"  # the newest report is never the one dropped
+    assert [r["i"] for r in sent[:-1]] == list(range(5))[5 - len(sent) + 1:]
+
+
+def test_outbox_on_a_read_only_disk_keeps_reports_in_memory_in_order(tiny_disk: Path) -> None:
+    box = Outbox(tiny_disk / "outbox", limit=3)
+    box.put({"event": "old"})
+    subprocess.run(["mount", "-o", "remount,ro", str(tiny_disk)], check=True)
+    box = Outbox(tiny_disk / "outbox", limit=3)  # a restart on the read-only disk
+    for i in range(4):
+        box.put({"event": "new", "i": i})
+    assert len(box) == 3 and box.dropped == 2
+    sent = []
+    while (item := box.peek()) is not None:
+        sent.append(item[1])
+        box.remove(item[0])  # the file cannot be deleted: it is not sent twice
+    assert [r.get("i") for r in sent] == [1, 2, 3]
+    assert json.loads((tiny_disk / "outbox" / "000000000001.json").read_text())["event"] == "old"
+
+
+def test_cleanup_keeps_current_previous_and_the_saved_state_and_drops_stale_files(
+        tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state")
+    recs = [ModelRecord(f"m-{i}", "m", str(i), str(i) * 64) for i in range(4)]
+    for r in recs:
+        (store.models / r.id).mkdir()
+    stale = [store.models / ".m-9.abc.tmp", store.staging / "digest",
+             store.root / ".installed.json.x.tmp", store.partial / "ab.applied"]
+    store.partial.mkdir()
+    for f in stale:
+        f.mkdir() if f.parent == store.models or f.parent == store.staging else f.write_text("x")
+    (store.partial / "cd.part").write_text("resumable")
+    in_memory = InstalledState(current=recs[2], previous=recs[1])
+    on_disk = InstalledState(current=recs[1], previous=recs[0])  # a save failed since
+    store.clean(in_memory, on_disk)
+    assert sorted(d.name for d in store.models.iterdir()) == ["m-0", "m-1", "m-2"]
+    assert [f for f in stale if f.exists()] == []
+    assert (store.partial / "cd.part").exists()  # a partial download resumes
