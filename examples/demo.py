@@ -295,6 +295,9 @@ class Events:
         self.seen.append(ev)
         label = self._label(ev)
         reason = f" — {ev['reason']}" if ev.get("reason") else ""
+        got = ev.get("download")
+        if isinstance(got, dict) and got.get("message"):
+            reason = f" — {got['message']}"  # "delta from 1.0.0 (N bytes)" or the full size
         print(f"  [agent event] {ev['event']:<15} {label.strip()}{reason}", flush=True)
 
     @staticmethod
