@@ -208,7 +208,7 @@ def test_fetcher_waits_out_slow_down_answers_and_completes(
     try:
         with serve(setup, tmp_path, f"bytes_per_s={2 * MiB}", f"burst_bytes={256 * KiB}",
                    f"max_inflight_bytes={512 * KiB}"):
-            client = ChunkClient(a, "d1", config=FetchConfig(retries=1))
+            client = ChunkClient(a, "d1", config=FetchConfig(stall_timeout=5.0))
             data = bytearray()
             client.download(setup.target, data.extend, length=setup.size)
             assert bytes(data) == setup.data

@@ -18,7 +18,7 @@ CHUNK = 32 * 1024
 
 def test_broker_restart_mid_transfer_completes_and_resends_at_most_one_window(
         tmp_path: Path, broker: Mosquitto) -> None:
-    cfg = FetchConfig(chunk_size=CHUNK, window=8, chunk_timeout=2.0, retries=5)
+    cfg = FetchConfig(chunk_size=CHUNK, window=8, chunk_timeout=2.0)
     with env(tmp_path, broker) as e:
         art = e.release(n=1_000_000)  # a 4 MB model
         dep = e.deploy()
@@ -47,8 +47,7 @@ def test_broker_restart_mid_transfer_completes_and_resends_at_most_one_window(
 
 def test_transfer_broken_by_a_dead_responder_resumes_from_the_partial_file(
         tmp_path: Path, broker: Mosquitto) -> None:
-    cfg = FetchConfig(chunk_size=CHUNK, window=4, chunk_timeout=0.5, retries=1,
-                      backoff_base=0.05)
+    cfg = FetchConfig(chunk_size=CHUNK, window=4, chunk_timeout=0.5, stall_timeout=1.5)
     with env(tmp_path, broker, responder=False) as e:
         art = e.release(n=250_000)  # ~1 MB
         size = art.manifest.size_bytes

@@ -15,10 +15,12 @@ Public API (paho never appears in it):
 - :class:`Topics`: ``edge/{fleet}/...`` names (announce, repo_request(dev),
   repo_response(dev), desired(dev), group_desired(group), state(dev), events(dev)).
 - :class:`RepositoryFetcher`: the interface the trust client downloads through
-  (``download(path, sink, start=, length=, max_length=, progress=)``, ``stats``, ``close()``).
+  (``download(path, sink, start=, length=, max_length=, progress=)``, ``stats``,
+  ``transfer`` (a :class:`TransferProgress` while a download runs), ``close()``).
 - :class:`FetchConfig`, :class:`ChunkClient` (the MQTT ``RepositoryFetcher``),
   :class:`MqttFetcher` (python-tuf's ``FetcherInterface`` over one): device-side
-  transfer (pipelined, per-chunk timeout and retries, resumable, bounded).
+  transfer (flow control that follows the link, RTT-derived retransmits, resumable,
+  bounded; fails only when nothing arrives for ``stall_timeout``).
 - :class:`RepoResponder`, :class:`ResponderConfig`, :class:`DeviceLimits`: host-side
   chunk server; answers each device on its own topic, within a per-device budget.
 - Errors: :class:`EndlessDataError` (a ``VerificationError``), :class:`SlowRetrievalError`
@@ -36,6 +38,7 @@ from ._fetcher import (
     FetchStats,
     MqttFetcher,
     RepositoryFetcher,
+    TransferProgress,
 )
 from ._responder import DeviceLimits, RepoResponder, ResponderConfig
 from ._topics import Topics
@@ -62,4 +65,5 @@ __all__ = [
     "SlowRetrievalError",
     "Subscription",
     "Topics",
+    "TransferProgress",
 ]

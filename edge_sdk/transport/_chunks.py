@@ -6,12 +6,16 @@ A request is a small JSON object, published by a device on its own request topic
     {"v": 1, "id": "<32 hex: correlation id>",
      "path": "metadata/timestamp.json" | "targets/<name>/<version>/<hash>.<file>",
      "off": <byte offset, 0..MAX_OFFSET>, "len": <bytes per chunk, 1..MAX_CHUNK>,
-     "n": <optional: consecutive chunks wanted, 1..MAX_BATCH>}
+     "n": <optional: consecutive chunks wanted, 1..MAX_BATCH>,
+     "rto": <optional: the device's retransmit timeout in ms, 1..MAX_RTO_MS>}
 
 There is no device field: who asks is the request topic's device level, which
 the broker's ACL ties to the client's credentials (an old ``"dev"`` key is
 ignored). The responder answers each chunk with its own message (same
 correlation id, its own offset), so one small request brings up to ``n`` chunks.
+``rto`` says how long the device waits for an answer before it may ask again: a
+request for a chunk the responder sent less than that long ago is a premature
+retry, and the responder drops it (the first answer is still on its way).
 
 A response is a fixed 42-byte binary header followed by the bytes::
 
@@ -46,6 +50,7 @@ MESSAGE_LIMIT = 128 * 1024
 MAX_CHUNK = MESSAGE_LIMIT - 1024
 DEFAULT_CHUNK = 64 * 1024
 MAX_BATCH = 64
+MAX_RTO_MS = 600_000
 #: The largest offset a request may name: every JSON parser reads it exactly, and
 #: offset + MAX_BATCH * MAX_CHUNK still fits the response's u64 (and an off_t).
 MAX_OFFSET = 2**53 - 1
@@ -75,12 +80,15 @@ class ChunkRequest:
     offset: int
     length: int
     count: int = 1
+    rto_ms: int | None = None
 
     def encode(self) -> bytes:
         data: dict[str, Any] = {"v": 1, "id": self.corr.hex(), "path": self.path,
                                 "off": self.offset, "len": self.length}
         if self.count != 1:
             data["n"] = self.count
+        if self.rto_ms is not None:
+            data["rto"] = self.rto_ms
         return json.dumps(data, separators=(",", ":")).encode()
 
     @classmethod
@@ -113,7 +121,11 @@ class ChunkRequest:
         if not _is_int(count) or not 1 <= count <= MAX_BATCH:
             raise ChunkRequestError(
                 f"chunk request: 'n' {_short(count)} must be an integer 1..{MAX_BATCH}", cid)
-        return cls(cid, path, off, length, count)
+        rto = data.get("rto")
+        if rto is not None and (not _is_int(rto) or not 1 <= rto <= MAX_RTO_MS):
+            raise ChunkRequestError(
+                f"chunk request: 'rto' {_short(rto)} must be an integer 1..{MAX_RTO_MS} ms", cid)
+        return cls(cid, path, off, length, count, rto)
 
 
 def _is_int(value: object) -> TypeGuard[int]:

@@ -1,8 +1,8 @@
 """Resumable, pipelined file transfer over MQTT, and python-tuf's ``FetcherInterface`` on it.
 
-:class:`ChunkClient` downloads one repository file at a time: up to
-``FetchConfig.window`` chunk requests in flight, a per-chunk timeout, retries
-with jittered exponential backoff, a hard maximum length, and a pause (not a
+:class:`ChunkClient` downloads one repository file at a time: as many chunks in
+flight as the link carries (the flow control of :mod:`._window`), a chunk asked
+for again only when it is lost, a hard maximum length, and a pause (not a
 failure) while the broker link is down. After a reconnect only the requests
 whose answers were lost are sent again, so a broker restart costs at most one
 window of chunks. Bytes are handed to the caller strictly in order, which is
@@ -35,10 +35,10 @@ from . import _chunks as proto
 from ._connection import MqttConnection, PublishHandle, Subscription
 from ._errors import EndlessDataError, RemoteNotFoundError, SlowRetrievalError
 from ._topics import Topics
-from ._window import ChunkWindow, FetchConfig, FetchStats
+from ._window import ChunkWindow, FetchConfig, FetchStats, TransferProgress
 
 __all__ = ["REPO_URL", "ChunkClient", "FetchConfig", "FetchStats", "MqttFetcher",
-           "RepositoryFetcher"]
+           "RepositoryFetcher", "TransferProgress"]
 
 log = logging.getLogger("edge_sdk.transport")
 
@@ -55,6 +55,8 @@ class RepositoryFetcher(abc.ABC):
     """
 
     stats: FetchStats
+    #: The download running now (updated about twice a second), None between downloads.
+    transfer: TransferProgress | None = None
 
     @abc.abstractmethod
     def download(self, path: str, sink: Callable[[bytes], object], *, start: int = 0,
@@ -143,6 +145,7 @@ class ChunkClient(RepositoryFetcher):
                 return self._run(window, sink, progress, inbox)
             finally:
                 self._inbox = None
+                self.transfer = None
 
     def _run(self, window: ChunkWindow, sink: Callable[[bytes], object],
              progress: Progress | None, inbox: queue.Queue[proto.ChunkResponse]) -> int:
@@ -157,8 +160,13 @@ class ChunkClient(RepositoryFetcher):
         with self._lock:
             seen = self._generation
         link_lost_at: float | None = None
+        shown = 0.0
         while not window.done:
             now = time.monotonic()
+            if now - shown >= 0.5:
+                shown = now
+                # Read by other threads (the agent's telemetry): one immutable object.
+                self.transfer = window.progress(now)
             if not self.connection.connected:
                 link_lost_at = link_lost_at or now
                 if now - link_lost_at > cfg.reconnect_timeout:
@@ -190,7 +198,7 @@ class ChunkClient(RepositoryFetcher):
                 except TransportError:
                     handle = None
                 sent[req.corr] = (handle, gen)
-            if len(sent) > 4 * cfg.window:
+            if len(sent) > 4 * cfg.window:  # ids whose answers are all in
                 live = window.in_flight()
                 sent = {corr: v for corr, v in sent.items() if corr in live}
             try:

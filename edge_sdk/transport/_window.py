@@ -1,10 +1,10 @@
 """The chunk window of one transfer: what to request, when, and what to accept. No I/O.
 
 :class:`ChunkWindow` is the bookkeeping of :class:`~edge_sdk.transport.ChunkClient`
-pulled out of its network loop, so that every rule (pipelining, per-chunk
-timeouts, retries with backoff, ``SLOW_DOWN`` waits, duplicate answers, the
-length checks that stop endless data) is driven by plain calls and a clock
-passed in as floats. The loop around it only does this::
+pulled out of its network loop, so that every rule (flow control, loss detection,
+``SLOW_DOWN`` waits, duplicate answers, the length checks that stop endless data)
+is driven by plain calls and a clock passed in as floats. The loop around it only
+does this::
 
     window = ChunkWindow(path, config, start=start, length=length, max_length=max_length)
     while not window.done:
@@ -15,16 +15,36 @@ passed in as floats. The loop around it only does this::
         for data in window.ready():             # in order, from ``start``
             sink(data)
 
-How much is in flight is decided by :class:`Pace` alone (today a fixed window
-of ``FetchConfig.window`` chunks asked for ``batch`` at a time). It is told of
-every answer with its round-trip time, every timeout and every ``SLOW_DOWN``:
-a pace that adapts to the link replaces that one class.
+Flow control (:class:`Pace`) follows the link, the way BBR does for TCP, because
+a thin link between a device and its broker loses nothing: TCP below MQTT turns
+too much in flight into queueing delay, never into loss, so a loss-driven (AIMD)
+window would grow until the queue alone outlasts every timeout. The window
+measures, per transfer, the round-trip time of each chunk and the delivery rate
+(bytes accepted over the time they took, BBR's estimator), and keeps about twice
+the bandwidth-delay product in flight: enough to keep the link busy, little
+enough that the queue stays under one round trip. It starts small and doubles
+each round trip until the delivery rate stops growing, then follows the rate;
+every ten seconds it lets the queue drain for a moment to measure the bare RTT
+again. Chunks are about a quarter of a second of the link each (so a slow link
+gets small chunks), and fewer per request on a small window.
+
+Loss is decided by evidence, never by a clock alone: a chunk is asked for again
+when a chunk requested after it has arrived and it is older than the retransmit
+timeout (TCP's SRTT + 4·RTTVAR), or when *nothing* has arrived for that timeout
+(then only the oldest chunk, and the timeout doubles each time). A chunk that is
+merely late on a slow link, behind others that keep arriving, is never asked for
+twice. An answer to an earlier request of a chunk is as good as one to the last
+request; answers for bytes already received are counted as duplicates. The
+transfer fails for slowness only when nothing at all arrived for
+``FetchConfig.stall_timeout``.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import secrets
+from collections import deque
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 
@@ -34,31 +54,60 @@ from ._errors import EndlessDataError, RemoteNotFoundError, SlowRetrievalError
 
 #: The longest the loop sleeps between looks at the link and the timers.
 MAX_WAIT_S = 0.5
+#: Bounds of the retransmit timeout derived from the RTT (TCP uses 0.2 s .. 60 s).
+MIN_RTO_S = 0.2
+#: How long one chunk should take on the link: small chunks on slow links keep every
+#: RTT sample (and every chunk asked for again) short; large ones on fast links keep
+#: the per-message cost down.
+CHUNK_TIME_S = 0.25
+#: The first chunks of a transfer, before anything is known about the link.
+INITIAL_CHUNK = 8 * 1024
+INITIAL_WINDOW_CHUNKS = 4
+#: Fewest chunks in flight: one on the wire while the next is asked for.
+MIN_WINDOW_CHUNKS = 2
+#: In flight = this × delivery rate × minimum RTT (BBR's cwnd gain).
+CWND_GAIN = 2.0
+#: The minimum RTT is measured again (in-flight drained to one chunk) this often.
+MIN_RTT_WINDOW_S = 10.0
+#: The delivery rate estimate is the best of the last this many round trips.
+BW_ROUNDS = 10
+#: Startup ends after this many round trips without 25 % more delivery rate.
+FULL_BW_ROUNDS = 3
+#: A probe of the bare RTT ends after two clean samples or this long.
+PROBE_RTT_MAX_S = 2.0
+#: Requests remembered per transfer (to tell a late duplicate from a stranger's answer).
+MAX_ASKED = 4096
+#: Progress rates are measured over about this long.
+RATE_WINDOW_S = 10.0
 
 
 @dataclass(frozen=True)
 class FetchConfig:
     """Limits of a device-side transfer; the defaults suit a small device on a slow link.
 
-    ``chunk_size`` ≤ 127 KiB keeps every message under the 128 KiB broker limit.
-    ``window`` is how many chunks are in flight, requested ``batch`` at a time (one
-    small request message answered by up to ``batch`` chunk messages). ``chunk_timeout`` is how
-    long one chunk may take before it is requested again, up to ``retries`` times
-    with backoff ``backoff_base * 2**attempt`` (jittered, capped at ``backoff_max``).
-    A ``SLOW_DOWN`` answer (the responder's per-device budget is spent) is not a
-    failed attempt: the chunks it names are asked for again after the wait it
-    gives (jittered), until one chunk has been held back ``max_slowdown_s`` in
-    total. ``reconnect_timeout`` is how long a transfer waits for a lost broker
-    link before failing. ``max_artifact_bytes`` is a hard cap on any file.
+    The window adapts to the link (see the module doc) within these bounds:
+    ``chunk_size`` is the largest chunk (≤ 127 KiB keeps every message under the
+    128 KiB broker limit) and ``min_chunk_size`` the smallest; at most ``window``
+    chunks are in flight, asked for at most ``batch`` per request (one small request
+    message answered by up to ``batch`` chunk messages). ``chunk_timeout`` is the
+    retransmit timeout until the first RTT is measured; after that it is derived from
+    the RTT and, while nothing arrives, doubles up to ``max_rto``. The transfer fails
+    with :class:`SlowRetrievalError` only when nothing at all arrived for
+    ``stall_timeout`` seconds, however slow the link. A ``SLOW_DOWN`` answer (the
+    responder's per-device budget is spent) is not a failure: the chunks it names are
+    asked for again after the wait it gives (jittered), until one chunk has been held
+    back ``max_slowdown_s`` in total. ``reconnect_timeout`` is how long a transfer
+    waits for a lost broker link before failing. ``max_artifact_bytes`` is a hard cap
+    on any file.
     """
 
     chunk_size: int = proto.DEFAULT_CHUNK
+    min_chunk_size: int = 4 * 1024
     window: int = 64
     batch: int = 8
-    chunk_timeout: float = 5.0
-    retries: int = 4
-    backoff_base: float = 0.25
-    backoff_max: float = 5.0
+    chunk_timeout: float = 2.0
+    max_rto: float = 30.0
+    stall_timeout: float = 60.0
     reconnect_timeout: float = 60.0
     max_slowdown_s: float = 120.0
     max_artifact_bytes: int = 512 * 1024 * 1024
@@ -69,71 +118,275 @@ class FetchConfig:
                 f"chunk size {self.chunk_size} must be 1024..{proto.MAX_CHUNK} bytes so that "
                 "each message stays under 128 KiB"
             )
+        if not 1024 <= self.min_chunk_size <= proto.MAX_CHUNK:
+            raise ConfigError(f"min chunk size {self.min_chunk_size} must be "
+                              f"1024..{proto.MAX_CHUNK} bytes")
         if not 1 <= self.window <= 256:
             raise ConfigError(f"window {self.window} must be 1..256 chunks in flight")
         if not 1 <= self.batch <= proto.MAX_BATCH:
             raise ConfigError(f"batch {self.batch} must be 1..{proto.MAX_BATCH} chunks")
-        if (self.chunk_timeout <= 0 or self.retries < 0 or self.max_artifact_bytes <= 0
-                or self.max_slowdown_s <= 0):
-            raise ConfigError("chunk timeout, max slowdown and max artifact size must be > 0, "
-                              "retries >= 0")
+        if (self.chunk_timeout <= 0 or self.max_artifact_bytes <= 0 or self.max_slowdown_s <= 0
+                or self.stall_timeout <= 0 or self.reconnect_timeout <= 0):
+            raise ConfigError("chunk timeout, stall timeout, reconnect timeout, max slowdown "
+                              "and max artifact size must be > 0")
+        if self.max_rto < self.chunk_timeout:
+            raise ConfigError(f"max_rto {self.max_rto:g} s must be at least the chunk timeout "
+                              f"({self.chunk_timeout:g} s)")
 
 
 @dataclass
 class FetchStats:
-    """Counters of one :class:`ChunkClient` (cumulative over its transfers)."""
+    """Counters of one :class:`ChunkClient` (cumulative over its transfers).
+
+    ``chunks_resent``: chunks asked for again (lost, timed out, slowed down or lost
+    with the link); ``duplicates`` / ``duplicate_bytes``: answers for bytes already
+    received; ``timeouts``: times nothing arrived for a whole retransmit timeout;
+    ``stale_responses``: answers to no request of the running transfer."""
 
     requests_sent: int = 0
     chunks_resent: int = 0
     chunks_received: int = 0
     bytes_received: int = 0
+    duplicates: int = 0
+    duplicate_bytes: int = 0
+    timeouts: int = 0
     stale_responses: int = 0
     reconnects: int = 0
     slowdowns: int = 0
 
 
-class Pace:
-    """How many chunks may be in flight and how long one may take: the one place a
-    link-adaptive policy (RTT estimate, bandwidth probing) goes.
+@dataclass(frozen=True)
+class TransferProgress:
+    """Where one running download is: ``done`` of ``total`` bytes of ``path`` (``total``
+    None until known), at ``rate`` bytes/s over the last few seconds, ``eta_s`` seconds
+    left at that rate (None when unknown), ``elapsed_s`` since it started."""
 
-    This one is fixed: ``FetchConfig.window`` chunks, new ones asked for ``batch`` at a
-    time once that many slots are free, ``FetchConfig.chunk_timeout`` per chunk. The
-    hooks are called by :class:`ChunkWindow` and do nothing here.
-    """
+    path: str
+    done: int
+    total: int | None
+    rate: float
+    eta_s: float | None
+    elapsed_s: float
+
+    def as_dict(self) -> dict[str, object]:
+        """The form agents report (JSON-ready, rounded)."""
+        return {"file": self.path, "bytes": self.done, "total": self.total,
+                "rate_bytes_s": round(self.rate), "elapsed_s": round(self.elapsed_s, 1),
+                "eta_s": None if self.eta_s is None else round(self.eta_s, 1)}
+
+
+class _MaxFilter:
+    """The largest value seen over the last ``n`` rounds (BBR's windowed max)."""
+
+    def __init__(self, n: int) -> None:
+        self._rounds: deque[float] = deque(maxlen=n)
+        self._current = 0.0
+
+    def add(self, value: float) -> None:
+        self._current = max(self._current, value)
+
+    def new_round(self) -> None:
+        self._rounds.append(self._current)
+        self._current = 0.0
+
+    @property
+    def value(self) -> float:
+        return max(self._current, max(self._rounds, default=0.0))
+
+
+class Pace:
+    """How much may be in flight, in chunks of what size, and when a chunk is late: the
+    link-adaptive policy (see the module doc). Pure; :class:`ChunkWindow` tells it of
+    every answer (with its RTT and a delivery-rate sample), every timeout and every
+    ``SLOW_DOWN``, and asks it :meth:`room`, :attr:`chunk_size`, :attr:`batch` and
+    :attr:`rto`."""
+
+    STARTUP, STEADY, PROBE_RTT = "startup", "steady", "probe_rtt"
 
     def __init__(self, config: FetchConfig) -> None:
-        self.window = config.window
-        self.batch = min(config.batch, config.window)
-        self.chunk_timeout = config.chunk_timeout
+        self.config = config
+        self.max_chunk = config.chunk_size
+        self.min_chunk = min(config.min_chunk_size, config.chunk_size)
+        self.chunk_size = max(self.min_chunk, min(self.max_chunk, INITIAL_CHUNK))
+        self.max_batch = min(config.batch, config.window)
+        self.batch = 1
+        self.state = self.STARTUP
+        self.cwnd = float(min(INITIAL_WINDOW_CHUNKS, config.window) * self.chunk_size)
+        #: RFC 6298 estimators (None until the first sample), the bare RTT and when it
+        #: was last seen, and the delivery rate (bytes/s).
+        self.srtt: float | None = None
+        self.rttvar = 0.0
+        self.min_rtt = math.inf
+        self._min_rtt_at = 0.0
+        self._bw = _MaxFilter(BW_ROUNDS)
+        self._full_bw = 0.0
+        self._full_bw_rounds = 0
+        self._probe_since = 0.0
+        self._probe_clean_from = math.inf
+        self._probe_min = math.inf
+        self._probe_samples = 0
+        #: Timeouts in a row (the RTO doubles for each) and recent ones (smaller chunks).
+        self.backoff = 0
+        self._loss_shift = 0
+        self._clean_rounds = 0
 
-    def room(self, in_flight: int) -> int:
-        """How many new chunks to ask for now, with ``in_flight`` outstanding."""
-        free = self.window - in_flight
-        return free if free >= self.batch or in_flight == 0 else 0
+    # -- what the window asks -------------------------------------------------------------
 
-    def answered(self, now: float, rtt_s: float, nbytes: int) -> None:
-        """A chunk of ``nbytes`` arrived ``rtt_s`` after it was (last) requested."""
+    @property
+    def bw(self) -> float:
+        """Estimated delivery rate of the link, bytes/s (0 until measured)."""
+        return self._bw.value
+
+    @property
+    def base_rto(self) -> float:
+        """SRTT + 4·RTTVAR (``chunk_timeout`` before any sample), within bounds."""
+        if self.srtt is None:
+            return self.config.chunk_timeout
+        return min(self.config.max_rto, max(MIN_RTO_S, self.srtt + 4 * self.rttvar))
+
+    @property
+    def rto(self) -> float:
+        """The retransmit timeout with the backoff of the timeouts in a row."""
+        return min(self.config.max_rto, self.base_rto * float(2 ** self.backoff))
+
+    def room(self, now: float, in_flight_bytes: int, in_flight_chunks: int) -> int:
+        """How many new chunks of :attr:`chunk_size` to ask for now."""
+        if self.state == self.PROBE_RTT and in_flight_chunks == 0:
+            # Drained: what is sent from now on sees the bare round trip.
+            self._probe_clean_from = min(self._probe_clean_from, now)
+        by_count = self.config.window - in_flight_chunks
+        if by_count <= 0:
+            return 0
+        free = int((self.cwnd - in_flight_bytes) // self.chunk_size)
+        if in_flight_chunks == 0:
+            return max(1, min(free, by_count))
+        n = min(free, by_count)
+        return n if n >= self.batch else 0
+
+    # -- what the window tells ------------------------------------------------------------
+
+    def answered(self, now: float, rtt_s: float, nbytes: int, rate: float | None,
+                 new_round: bool) -> None:
+        """A chunk of ``nbytes`` arrived ``rtt_s`` after the request it answers;
+        ``rate`` is a delivery-rate sample (bytes/s) or None; ``new_round``: the first
+        answer to a request sent after the previous round began."""
+        self.backoff = 0
+        if self.srtt is None:
+            self.srtt, self.rttvar = rtt_s, rtt_s / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt_s)
+            self.srtt = 0.875 * self.srtt + 0.125 * rtt_s
+        sent_at = now - rtt_s
+        if rtt_s <= self.min_rtt:
+            self.min_rtt, self._min_rtt_at = rtt_s, now
+        if rate is not None and rate > 0:
+            self._bw.add(rate)
+        if self.state == self.PROBE_RTT:
+            if sent_at >= self._probe_clean_from:
+                self._probe_min = min(self._probe_min, rtt_s)
+                self._probe_samples += 1
+            if self._probe_samples >= 2 or now - self._probe_since > PROBE_RTT_MAX_S:
+                if self._probe_samples:
+                    self.min_rtt = self._probe_min
+                self._min_rtt_at = now
+                self.state = self.STEADY
+        elif self.state == self.STARTUP:
+            if self._full_bw and rtt_s > 2 * self.min_rtt + nbytes / max(self.bw, 1.0):
+                # The queue grew by a round trip: the link is full (HyStart's signal).
+                self.state = self.STEADY
+            else:
+                self.cwnd = min(self.cwnd + nbytes, self._max_cwnd())
+        elif now - self._min_rtt_at > MIN_RTT_WINDOW_S:
+            self.state = self.PROBE_RTT
+            self._probe_since, self._probe_min, self._probe_samples = now, math.inf, 0
+            self._probe_clean_from = math.inf
+        if new_round:
+            self._round(now)
+        self._size()
+
+    def _round(self, now: float) -> None:
+        self._bw.new_round()
+        bw = self.bw
+        if self.state == self.STARTUP:
+            if bw >= self._full_bw * 1.25:
+                self._full_bw, self._full_bw_rounds = bw, 0
+            else:
+                self._full_bw_rounds += 1
+                if self._full_bw_rounds >= FULL_BW_ROUNDS:
+                    self.state = self.STEADY
+        self._clean_rounds += 1
+        if self._loss_shift and self._clean_rounds >= 16:
+            self._loss_shift -= 1
+            self._clean_rounds = 0
+        if bw > 0:
+            # The power of two nearest to a quarter second of the link.
+            size = 1 << max(10, round(math.log2(max(1.0, bw * CHUNK_TIME_S))))
+            cap = max(self.min_chunk, self.max_chunk >> self._loss_shift)
+            self.chunk_size = max(self.min_chunk, min(cap, size))
+
+    def _max_cwnd(self) -> float:
+        return float(self.config.window * self.max_chunk)
+
+    def _size(self) -> None:
+        # Window and batch from the estimates; startup grows the window on its own.
+        floor = MIN_WINDOW_CHUNKS * self.chunk_size
+        if self.state == self.PROBE_RTT:
+            self.cwnd = float(self.chunk_size)
+        elif self.state == self.STEADY:
+            bdp = self.bw * self.min_rtt if math.isfinite(self.min_rtt) else 0.0
+            self.cwnd = max(float(floor), min(self._max_cwnd(), CWND_GAIN * bdp))
+        chunks = int(self.cwnd // self.chunk_size)
+        self.batch = max(1, min(self.max_batch, chunks // 2))
 
     def timed_out(self, now: float) -> None:
-        """A chunk was not answered within ``chunk_timeout``."""
+        """Nothing arrived for :attr:`rto`: back off, and use smaller chunks for a while."""
+        self.backoff = min(self.backoff + 1, 16)
+        self._loss_shift = min(self._loss_shift + 1, 3)
+        self._clean_rounds = 0
+        self.chunk_size = max(self.min_chunk,
+                              min(self.chunk_size, self.max_chunk >> self._loss_shift))
+        self._size()
 
     def slowed_down(self, now: float, wait_s: float) -> None:
         """The responder asked us to wait ``wait_s`` before asking again."""
 
 
 class _Chunk:
-    __slots__ = ("attempts", "corr", "length", "offset", "resend_at", "sent_at", "slowed_for")
+    __slots__ = ("attempts", "corr", "dlv", "dlv_at", "length", "lost_with_link", "offset",
+                 "resend_at", "sent_at", "seq", "size", "slowed_for")
 
-    def __init__(self, offset: int, length: int) -> None:
+    def __init__(self, offset: int, size: int, length: int) -> None:
         self.offset = offset
+        #: The chunk size it was cut with, and its length (shorter at the end of the file).
+        self.size = size
         self.length = length
         self.corr = b""
         self.sent_at = 0.0
+        #: Send order, and bytes delivered (and when) at the send: BBR's rate sample.
+        self.seq = 0
+        self.dlv = 0
+        self.dlv_at = 0.0
         self.attempts = 0
-        #: When to ask again (after a timeout's backoff, a SLOW_DOWN or a lost link);
-        #: None while a request for it is out.
+        #: When to ask again (after a loss, a SLOW_DOWN or a lost link); None while a
+        #: request for it is out.
         self.resend_at: float | None = None
         self.slowed_for = 0.0
+        #: Its answer died with the broker link: the responder is to send it at once.
+        self.lost_with_link = False
+
+
+@dataclass(frozen=True)
+class _Asked:
+    """One request sent: ``count`` chunks of ``size`` bytes from ``offset``."""
+
+    offset: int
+    size: int
+    count: int
+    sent_at: float
+
+    def covers(self, offset: int) -> bool:
+        i, rem = divmod(offset - self.offset, self.size)
+        return rem == 0 and 0 <= i < self.count
 
 
 class ChunkWindow:
@@ -174,8 +427,30 @@ class ChunkWindow:
         self._next = start
         self._chunks: dict[int, _Chunk] = {}  # by offset: every chunk not yet accepted
         self._out: dict[tuple[bytes, int], _Chunk] = {}  # (corr, offset): requested, unanswered
+        self._asked: dict[bytes, _Asked] = {}  # every request of this transfer, by id
         self._ready: dict[int, bytes] = {}
         self._wake_at: float | None = None
+        #: Bytes of chunks requested and not yet here: on the wire, and all of them.
+        self._in_flight_bytes = 0
+        self._open_bytes = 0
+        self._seq = 0
+        #: Highest send order answered so far: chunks sent before it and unanswered
+        #: are lost once older than the RTO.
+        self._acked_seq = -1
+        #: BBR's delivery accounting: bytes accepted, when the last one was, and the
+        #: delivered count that ends the current round trip.
+        self._dlv = 0
+        self._dlv_at: float | None = None
+        self._round_end = 0
+        #: When something last arrived (for the stall limit) and when the RTO timer
+        #: started (an arrival, the pipe filling from empty, or the last timeout).
+        self._heard_at: float | None = None
+        self._timer_from = 0.0
+        #: Bytes accepted of this transfer, for its rate and progress: (time, received)
+        #: marks about a second apart.
+        self.received = 0
+        self.started_at: float | None = None
+        self._marks: deque[tuple[float, int]] = deque()
         if length is not None and start > length:
             raise TransportError(f"{path}: resume offset {start} is past the end ({length})")
 
@@ -188,36 +463,65 @@ class ChunkWindow:
         """Ids of the requests still awaiting an answer."""
         return {corr for corr, _ in self._out}
 
+    @property
+    def rto(self) -> float:
+        """The retransmit timeout without backoff (what a request tells the responder)."""
+        return self.pace.base_rto
+
+    def progress(self, now: float) -> TransferProgress:
+        """The transfer's progress, its rate measured over about ``RATE_WINDOW_S``."""
+        marks = self._marks
+        if not marks or now - marks[-1][0] >= 1.0:
+            marks.append((now, self.received))
+        while len(marks) > 2 and now - marks[1][0] >= RATE_WINDOW_S:
+            marks.popleft()
+        t0, got0 = marks[0]
+        rate = (self.received - got0) / (now - t0) if now > t0 else 0.0
+        left = None if self.total is None else self.total - self.delivered
+        eta = None if left is None or rate <= 0 else left / rate
+        return TransferProgress(self.path, self.delivered, self.total, rate, eta,
+                                0.0 if self.started_at is None else now - self.started_at)
+
     # -- what to send --------------------------------------------------------------------
 
     def requests(self, now: float) -> list[proto.ChunkRequest]:
         """The requests to publish now: new chunks the pace makes room for, and chunks
-        due again (timed out and backed off, slowed down, or lost with the link)."""
-        cfg = self.config
-        out: list[proto.ChunkRequest] = []
+        due again (lost, slowed down, or lost with the link)."""
+        if self.started_at is None:
+            self.started_at = self._timer_from = now
+            self._heard_at = now
+        out = self._due(now)
+        pace = self.pace
         if self.total is None:
             # Before the size is known, ask for the first chunk only.
             if not self._chunks and self._next == self.start:
-                c = self._chunks[self._next] = _Chunk(self._next, cfg.chunk_size)
-                self._next += cfg.chunk_size
+                size = pace.chunk_size
+                c = self._chunks[self._next] = _Chunk(self._next, size, size)
+                self._next += size
+                self._open_bytes += size
                 out.append(self._send([c], now))
-        else:
-            while self._next < self.total and (room := self.pace.room(len(self._chunks))):
-                run: list[_Chunk] = []
-                while self._next < self.total and len(run) < min(self.pace.batch, room):
-                    want = min(cfg.chunk_size, self.total - self._next)
-                    c = self._chunks[self._next] = _Chunk(self._next, want)
-                    run.append(c)
-                    self._next += want
-                out.append(self._send(run, now))
-        out.extend(self._due(now))
+            return out
+        # Out-of-order bytes wait in memory for a missing chunk: bound how far ahead.
+        ahead = 2 * self.config.window * self.config.chunk_size
+        while self._next < self.total and self._next - self.delivered < ahead and \
+                (room := pace.room(now, self._open_bytes, len(self._chunks))):
+            run: list[_Chunk] = []
+            size = pace.chunk_size
+            while self._next < self.total and len(run) < min(pace.batch, room):
+                want = min(size, self.total - self._next)
+                c = self._chunks[self._next] = _Chunk(self._next, size, want)
+                run.append(c)
+                self._next += want
+                self._open_bytes += want
+            out.append(self._send(run, now))
         return out
 
     def _due(self, now: float) -> list[proto.ChunkRequest]:
-        cfg = self.config
-        timeout = self.pace.chunk_timeout
+        pace, cfg = self.pace, self.config
+        rto = pace.base_rto
         wake = now + MAX_WAIT_S
         again: list[_Chunk] = []
+        oldest: _Chunk | None = None
         for c in self._chunks.values():
             if c.resend_at is not None:
                 if now >= c.resend_at:
@@ -225,40 +529,75 @@ class ChunkWindow:
                 else:
                     wake = min(wake, c.resend_at)
                 continue
-            due = c.sent_at + timeout
-            if now < due:
-                wake = min(wake, due)
-                continue
-            del self._out[(c.corr, c.offset)]
-            c.attempts += 1
-            self.pace.timed_out(now)
-            if c.attempts > cfg.retries:
+            if c.seq < self._acked_seq:
+                # Overtaken: a chunk asked for after this one has arrived.
+                if now - c.sent_at >= rto:
+                    again.append(c)
+                    continue
+                wake = min(wake, c.sent_at + rto)
+            if oldest is None or c.offset < oldest.offset:
+                oldest = c
+        if self._out and self._heard_at is not None:
+            quiet = now - self._heard_at
+            if quiet >= cfg.stall_timeout:
                 raise SlowRetrievalError(
-                    f"{self.path}: no answer for bytes {c.offset}..{c.offset + c.length} "
-                    f"after {cfg.retries + 1} requests of {timeout:g} s each; "
-                    f"{self.delivered - self.start} bytes received, partial download kept"
-                )
-            backoff = min(cfg.backoff_max, cfg.backoff_base * 2 ** (c.attempts - 1))
-            c.resend_at = now + backoff * (0.5 + self._rng())
-            wake = now
+                    f"{self.path}: nothing arrived for {quiet:.0f} s "
+                    f"(fetch stall_timeout {cfg.stall_timeout:g} s); "
+                    f"{self.delivered - self.start} bytes received, partial download kept")
+            wake = min(wake, self._heard_at + cfg.stall_timeout)
+        if not again and oldest is not None:
+            due = self._timer_from + pace.rto
+            if now >= due:
+                # Nothing at all arrived for a whole RTO: ask again for the first missing
+                # chunk only, and wait twice as long before the next one.
+                self.stats.timeouts += 1
+                pace.timed_out(now)
+                self._timer_from = now
+                again.append(oldest)
+            else:
+                wake = min(wake, due)
+        for c in again:
+            if c.resend_at is None:
+                self._forget(c)
+            c.attempts += 1
         self._wake_at = wake
         if not again:
             return []
         self.stats.chunks_resent += len(again)
-        self._wake_at = min(wake, now + timeout)
-        return [self._send(run, now) for run in _runs(again, cfg.chunk_size, self.pace.batch)]
+        return [self._send(run, now) for run in _runs(again, pace.batch)]
+
+    def _forget(self, c: _Chunk) -> None:
+        """``c``'s current request no longer counts as in flight (a late answer to it is
+        still taken)."""
+        if self._out.pop((c.corr, c.offset), None) is not None:
+            self._in_flight_bytes -= c.length
 
     def _send(self, run: list[_Chunk], now: float) -> proto.ChunkRequest:
         # One request covers consecutive chunks: fewer small messages each way.
+        if not self._out:
+            self._timer_from = max(self._timer_from, now)  # the pipe fills from empty
+            self._heard_at = max(self._heard_at or now, now)
         corr = self._new_id(16)
+        dlv_at = self._dlv_at if self._out and self._dlv_at is not None else now
         for c in run:
             c.corr, c.sent_at, c.resend_at = corr, now, None
+            c.seq, c.dlv, c.dlv_at = self._seq, self._dlv, dlv_at
+            self._seq += 1
             self._out[(corr, c.offset)] = c
+            self._in_flight_bytes += c.length
         first = run[0]
+        self._asked[corr] = _Asked(first.offset, first.size, len(run), now)
+        if len(self._asked) > MAX_ASKED:
+            del self._asked[next(iter(self._asked))]
         self.stats.requests_sent += 1
+        # The rto tells the responder when asking again is no longer premature; a chunk
+        # whose answer is known to be lost is asked for with the smallest one.
+        urgent = any(c.lost_with_link for c in run)
+        for c in run:
+            c.lost_with_link = False
         return proto.ChunkRequest(corr, self.path, first.offset,
-                                  self.config.chunk_size if len(run) > 1 else first.length,
-                                  len(run))
+                                  first.size if len(run) > 1 else first.length, len(run),
+                                  rto_ms=1 if urgent else max(1, int(self.rto * 1000)))
 
     def wait_s(self, now: float) -> float:
         """How long the caller may wait for answers before calling :meth:`requests` again."""
@@ -271,46 +610,55 @@ class ChunkWindow:
         """The broker link came back. Answers to the ``lost`` requests (the broker had
         acknowledged them) died with the old link: their chunks are due at once. The
         ``requeued`` ones are re-sent by the connection itself: their timers restart."""
-        for (corr, offset), c in list(self._out.items()):
+        for (corr, _), c in list(self._out.items()):
             if corr in lost:
-                del self._out[(corr, offset)]
+                self._forget(c)
                 c.resend_at = now
+                c.lost_with_link = True
             elif corr in requeued:
                 c.sent_at = now
+        self._heard_at = self._timer_from = now
         self._wake_at = now
 
     # -- what arrived --------------------------------------------------------------------
 
     def accept(self, resp: proto.ChunkResponse, now: float) -> None:
-        """Take one answer: a chunk, a ``SLOW_DOWN``, an error, or a duplicate/stale one
-        (counted in ``stats.stale_responses`` and otherwise ignored)."""
+        """Take one answer: a chunk, a ``SLOW_DOWN``, an error, a duplicate (counted in
+        ``stats.duplicates``) or a stale one (``stats.stale_responses``), the last two
+        otherwise ignored."""
+        asked = self._asked.get(resp.corr)
+        if asked is None:
+            self.stats.stale_responses += 1
+            return
         if resp.status == proto.SLOW_DOWN:
             self._slow_down(resp, now)
             return
-        c = self._out.pop((resp.corr, resp.offset), None)
-        if c is None:
-            if resp.status != proto.OK:
-                # Errors answer a whole request; match them to any chunk it covered.
-                key = next((k for k in self._out if k[0] == resp.corr), None)
-                c = self._out.pop(key) if key is not None else None
-            if c is None:
+        path, total = self.path, self.total
+        if resp.status != proto.OK:
+            # Errors answer a whole request: they count while any chunk it covered waits.
+            if not any(k[0] == resp.corr for k in self._out):
                 self.stats.stale_responses += 1
                 return
-        path, total = self.path, self.total
-        if resp.status == proto.NOT_FOUND:
-            raise RemoteNotFoundError(f"{path}: not in the repository ({resp.reason})")
-        if resp.status != proto.OK:
+            if resp.status == proto.NOT_FOUND:
+                raise RemoteNotFoundError(f"{path}: not in the repository ({resp.reason})")
             raise TransportError(f"{path}: the responder refused the request: {resp.reason}")
-        if resp.offset != c.offset:
-            raise TransportError(
-                f"{path}: asked for offset {c.offset}, the responder answered {resp.offset}")
+        if not asked.covers(resp.offset):
+            self.stats.stale_responses += 1  # not a chunk we asked for under this id
+            return
+        n = len(resp.payload)
+        c = self._chunks.get(resp.offset)
+        if c is None:
+            # Asked for twice (or answered twice): these bytes are here already.
+            self.stats.duplicates += 1
+            self.stats.duplicate_bytes += n
+            self._heard(now)
+            return
         if resp.total > self.cap or (total is not None and resp.total > total):
             limit = self.cap if total is None else total
             raise EndlessDataError(
                 f"{path}: the responder offers {resp.total} bytes but at most {limit} are "
                 "allowed (signed length or configured maximum)"
             )
-        n = len(resp.payload)
         if n > c.length:
             raise EndlessDataError(
                 f"{path}: asked for {c.length} bytes at offset {c.offset}, received {n}")
@@ -319,12 +667,32 @@ class ChunkWindow:
         if n < c.length and c.offset + n < total:
             raise TransportError(
                 f"{path}: short chunk at offset {c.offset} ({n} of {c.length} bytes)")
+        current = resp.corr == c.corr and c.resend_at is None
+        if c.resend_at is None:
+            self._forget(c)
         del self._chunks[c.offset]
+        self._open_bytes -= c.length
         self.stats.chunks_received += 1
         self.stats.bytes_received += n
-        self.pace.answered(now, now - c.sent_at, n)
+        self.received += n
+        self._heard(now)
+        self._dlv += n
+        rate = None
+        new_round = False
+        if current:
+            self._acked_seq = max(self._acked_seq, c.seq)
+            if now > c.dlv_at:
+                rate = (self._dlv - c.dlv) / (now - c.dlv_at)
+            if c.dlv >= self._round_end:
+                new_round, self._round_end = True, self._dlv
+        self._dlv_at = now
+        self.pace.answered(now, max(0.0, now - (c.sent_at if current else asked.sent_at)), n,
+                           rate, new_round)
         if n or c.offset >= total:
             self._ready[c.offset] = resp.payload
+
+    def _heard(self, now: float) -> None:
+        self._heard_at = self._timer_from = now
 
     def _slow_down(self, resp: proto.ChunkResponse, now: float) -> None:
         # The responder sent the chunks of this request before resp.offset and none
@@ -336,10 +704,12 @@ class ChunkWindow:
             self.stats.stale_responses += 1
             return
         self.stats.slowdowns += 1
+        self._heard(now)
         wait = min(resp.total / 1000 * (1 + 0.25 * self._rng()), cfg.max_slowdown_s)
         self.pace.slowed_down(now, wait)
         for key in held:
-            c = self._out.pop(key)
+            c = self._out[key]
+            self._forget(c)
             c.slowed_for += wait
             if c.slowed_for > cfg.max_slowdown_s:
                 raise SlowRetrievalError(
@@ -366,12 +736,13 @@ class ChunkWindow:
                 progress(self.delivered, self.total)
 
 
-def _runs(chunks: list[_Chunk], chunk_size: int, batch: int) -> Iterator[list[_Chunk]]:
-    """Consecutive chunks in groups of at most ``batch``, each group one request's worth."""
+def _runs(chunks: list[_Chunk], batch: int) -> Iterator[list[_Chunk]]:
+    """Consecutive chunks of one size in groups of at most ``batch``, each group one
+    request's worth."""
     run: list[_Chunk] = []
     for c in sorted(chunks, key=lambda c: c.offset):
-        if run and (len(run) >= batch or run[-1].offset + chunk_size != c.offset
-                    or run[-1].length != chunk_size):
+        if run and (len(run) >= batch or run[-1].offset + run[-1].size != c.offset
+                    or run[-1].length != run[-1].size or c.size != run[-1].size):
             yield run
             run = []
         run.append(c)
