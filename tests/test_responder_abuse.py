@@ -182,6 +182,30 @@ def test_request_flood_from_one_device_is_held_to_its_budget(
         a.close()
 
 
+def test_premature_retries_of_a_chunk_are_dropped_and_urgent_ones_answered(
+        setup: Setup, tmp_path: Path) -> None:
+    a = connect_as(setup.broker, setup.creds, "d1")
+    try:
+        to_a = Responses(a, "d1")
+        with serve(setup, tmp_path):
+            # A device retrying 20 times within its own 5 s RTO (a broken timer, or the
+            # old fixed timeouts on a slow link): the chunk is sent once.
+            first = request(a, "d1", setup.target, n=4, rto=5000)
+            for _ in range(20):
+                request(a, "d1", setup.target, n=4, rto=5000)
+            # The same chunks with a 1 ms RTO (a device that knows its answers died with
+            # the link) come again, and so does a chunk never sent before.
+            urgent = request(a, "d1", setup.target, n=5, rto=1)
+            to_a.for_corr(urgent)
+            to_a.quiet(0.5)
+        assert [r.offset for r in to_a.for_corr(first)] == [i * MAX_CHUNK for i in range(4)]
+        assert [r.offset for r in to_a.for_corr(urgent)] == [i * MAX_CHUNK for i in range(5)]
+        assert {r.corr for r in to_a.items} == {first, urgent}  # the 20 retries got nothing
+        assert to_a.ok_bytes() == 9 * MAX_CHUNK
+    finally:
+        a.close()
+
+
 def test_one_request_cannot_queue_more_than_the_inflight_cap(
         setup: Setup, tmp_path: Path) -> None:
     cap = 512 * KiB

@@ -12,6 +12,12 @@ Who asks is the request topic, never the payload: a device publishes on
 device's credentials write there) and the answer goes to that same device's
 ``repo/res`` topic. A device can therefore make the responder send bytes to
 itself only, and :class:`DeviceLimits` bounds how many.
+
+A device's requests are served in the order they arrive (one at a time, on the
+connection's network thread), and a request for a chunk this responder sent the
+same device less than the device's retransmit timeout ago (the request's
+``rto``) is dropped for that chunk: the first answer is still on its way, so a
+burst of premature retries cannot multiply the bytes on a slow link.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -62,6 +69,9 @@ class DeviceLimits:
     max_inflight_bytes: int = 8 * MiB
     slow_down_ms: int = 100
     max_devices: int = 100_000
+    resend_hold_ms: int = 1000
+    max_resend_hold_ms: int = 30_000
+    max_recent_chunks: int = 512
 
     def __post_init__(self) -> None:
         if self.bytes_per_s <= 0 or self.requests_per_s <= 0:
@@ -74,6 +84,9 @@ class DeviceLimits:
         if self.burst_requests < 1 or self.max_devices < 1 or not 1 <= self.slow_down_ms <= 60_000:
             raise ConfigError("device limits: burst_requests and max_devices must be >= 1, "
                               "slow_down_ms 1..60000")
+        if not 0 <= self.resend_hold_ms <= self.max_resend_hold_ms or self.max_recent_chunks < 0:
+            raise ConfigError("device limits: resend_hold_ms must be 0..max_resend_hold_ms and "
+                              "max_recent_chunks >= 0")
 
 
 @dataclass(frozen=True)
@@ -91,13 +104,16 @@ class ResponderConfig:
 @dataclass
 class ResponderStats:
     """Counters since start. ``dropped``: over a device's request rate, unanswered;
-    ``slowed``: answered ``SLOW_DOWN``; ``refused``: bad or not-found requests."""
+    ``slowed``: answered ``SLOW_DOWN``; ``refused``: bad or not-found requests;
+    ``resends_dropped``: chunks not sent again because they were sent within the
+    device's retransmit timeout."""
 
     requests: int = 0
     bytes_sent: int = 0
     refused: int = 0
     dropped: int = 0
     slowed: int = 0
+    resends_dropped: int = 0
 
 
 class _TokenBucket:
@@ -133,10 +149,31 @@ class _Budget:
         self.bytes = _TokenBucket(limits.bytes_per_s, limits.burst_bytes, now)
         self.inflight: list[tuple[PublishHandle, int]] = []
         self.dropped = 0
+        #: (path, offset, length) of chunks sent lately → when.
+        self.recent: OrderedDict[tuple[str, int, int], float] = OrderedDict()
+
+    def premature(self, key: tuple[str, int, int], hold: float, now: float,
+                  forget_after: float) -> bool:
+        """Whether ``key`` was sent less than ``hold`` seconds ago (the asking device's
+        RTO): asking again is then a premature retry."""
+        recent = self.recent
+        while recent:
+            first = next(iter(recent))
+            if now - recent[first] < forget_after:
+                break
+            del recent[first]
+        at = recent.get(key)
+        return at is not None and now - at < hold
 
     def unacked(self) -> int:
         self.inflight = [(h, n) for h, n in self.inflight if not h.published]
         return sum(n for _, n in self.inflight)
+
+    def sent(self, key: tuple[str, int, int], now: float, limit: int) -> None:
+        self.recent.pop(key, None)
+        self.recent[key] = now
+        while len(self.recent) > limit:
+            self.recent.popitem(last=False)
 
 
 class RepoResponder:
@@ -272,10 +309,17 @@ class RepoResponder:
                                                      str(err)[:300].encode()), budget)
             return
         limits = self.config.limits
+        hold = min(limits.max_resend_hold_ms,
+                   limits.resend_hold_ms if req.rto_ms is None else req.rto_ms) / 1000
+        path = sys.intern(req.path)
         for i in range(req.count):
             # decode bounds offset, length and count: this sum cannot overflow a u64.
             one = req if req.count == 1 else proto.ChunkRequest(
                 req.corr, req.path, req.offset + i * req.length, req.length)
+            key = (path, one.offset, one.length)
+            if hold and budget.premature(key, hold, now, limits.max_resend_hold_ms / 1000):
+                self.stats.resends_dropped += 1
+                continue
             resp = self.answer(one)
             n = len(resp.payload) if resp.status == proto.OK else 0
             wait = 0.0
@@ -295,6 +339,8 @@ class RepoResponder:
                 return
             budget.bytes.take(n, now)
             self._send(reply_to, resp, budget)
+            if resp.status == proto.OK and limits.max_recent_chunks:
+                budget.sent(key, now, limits.max_recent_chunks)
             if resp.status != proto.OK or one.offset + len(resp.payload) >= resp.total:
                 break
 
