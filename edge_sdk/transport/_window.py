@@ -65,8 +65,12 @@ INITIAL_CHUNK = 8 * 1024
 INITIAL_WINDOW_CHUNKS = 4
 #: Fewest chunks in flight: one on the wire while the next is asked for.
 MIN_WINDOW_CHUNKS = 2
-#: In flight = this × delivery rate × minimum RTT (BBR's cwnd gain).
+#: In flight = this × delivery rate × minimum RTT (BBR's cwnd gain) ...
 CWND_GAIN = 2.0
+#: ... and at least this long of the delivery rate: on a fast link (loopback, a LAN)
+#: the "link" is the processes on both ends, which move more per message when more is
+#: queued, and a queue this short costs nothing worth measuring.
+QUEUE_FLOOR_S = 0.05
 #: The minimum RTT is measured again (in-flight drained to one chunk) this often.
 MIN_RTT_WINDOW_S = 10.0
 #: The delivery rate estimate is the best of the last this many round trips.
@@ -291,7 +295,8 @@ class Pace:
                 self._min_rtt_at = now
                 self.state = self.STEADY
         elif self.state == self.STARTUP:
-            if self._full_bw and rtt_s > 2 * self.min_rtt + nbytes / max(self.bw, 1.0):
+            queued = rtt_s - self.min_rtt - nbytes / max(self.bw, 1.0)
+            if self._full_bw and queued > max(self.min_rtt, QUEUE_FLOOR_S):
                 # The queue grew by a round trip: the link is full (HyStart's signal).
                 self.state = self.STEADY
             else:
@@ -334,7 +339,8 @@ class Pace:
             self.cwnd = float(self.chunk_size)
         elif self.state == self.STEADY:
             bdp = self.bw * self.min_rtt if math.isfinite(self.min_rtt) else 0.0
-            self.cwnd = max(float(floor), min(self._max_cwnd(), CWND_GAIN * bdp))
+            want = max(CWND_GAIN * bdp, self.bw * QUEUE_FLOOR_S)
+            self.cwnd = max(float(floor), min(self._max_cwnd(), want))
         chunks = int(self.cwnd // self.chunk_size)
         self.batch = max(1, min(self.max_batch, chunks // 2))
 
