@@ -35,7 +35,7 @@ from . import _chunks as proto
 from ._connection import MqttConnection, PublishHandle, Subscription
 from ._errors import EndlessDataError, RemoteNotFoundError, SlowRetrievalError
 from ._topics import Topics
-from ._window import ChunkWindow, FetchConfig, FetchStats, TransferProgress
+from ._window import ChunkWindow, FetchConfig, FetchStats, Pace, TransferProgress
 
 __all__ = ["REPO_URL", "ChunkClient", "FetchConfig", "FetchStats", "MqttFetcher",
            "RepositoryFetcher", "TransferProgress"]
@@ -44,6 +44,9 @@ log = logging.getLogger("edge_sdk.transport")
 
 REPO_URL = "mqtt://repo/"
 Progress = Callable[[int, int], None]
+#: A transfer that starts within this long of the last one starts from what that one
+#: learnt of the link (an artifact is several files fetched back to back).
+PACE_MEMORY_S = 30.0
 
 
 class RepositoryFetcher(abc.ABC):
@@ -93,6 +96,8 @@ class ChunkClient(RepositoryFetcher):
         self._generation = 0
         self._sub: Subscription | None = None
         self._wake = threading.Event()
+        self._pace: Pace | None = None
+        self._pace_used = 0.0
         connection.add_connection_listener(self._on_link)
 
     def close(self) -> None:
@@ -135,9 +140,13 @@ class ChunkClient(RepositoryFetcher):
                  length: int | None = None, max_length: int | None = None,
                  progress: Progress | None = None) -> int:
         """See :meth:`RepositoryFetcher.download`; waits while the broker link is down."""
-        window = ChunkWindow(path, self.config, start=start, length=length,
-                             max_length=max_length, stats=self.stats)
         with self._transfer:
+            pace = self._pace
+            if pace is None or time.monotonic() - self._pace_used > PACE_MEMORY_S:
+                pace = Pace(self.config)
+            pace.backoff = 0
+            window = ChunkWindow(path, self.config, start=start, length=length,
+                                 max_length=max_length, stats=self.stats, pace=pace)
             self._ensure_subscribed()
             inbox: queue.Queue[proto.ChunkResponse] = queue.Queue()
             self._inbox = inbox
@@ -146,6 +155,7 @@ class ChunkClient(RepositoryFetcher):
             finally:
                 self._inbox = None
                 self.transfer = None
+                self._pace, self._pace_used = pace, time.monotonic()
 
     def _run(self, window: ChunkWindow, sink: Callable[[bytes], object],
              progress: Progress | None, inbox: queue.Queue[proto.ChunkResponse]) -> int:
