@@ -134,6 +134,23 @@ def offset_model(path: Path, offset: float, n: int = 4) -> Path:
     return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)
 
 
+def padded_offset_model(path: Path, offset: float, pad_bytes: int, n: int = 4) -> Path:
+    """:func:`offset_model` carrying ``pad_bytes`` of random weights (y = x + table[:n], the
+    rest of the table unused): an artifact of a chosen size for transfer tests."""
+    rng = np.random.default_rng(int(offset * 1000) % 2**32)
+    table = rng.standard_normal(max(n, pad_bytes // 4)).astype(np.float32)
+    table[:n] = offset
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", n])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])
+    inits = [numpy_helper.from_array(table, "table"),
+             numpy_helper.from_array(np.array([0], dtype=np.int64), "start"),
+             numpy_helper.from_array(np.array([n], dtype=np.int64), "end")]
+    nodes = [helper.make_node("Slice", ["table", "start", "end"], ["c"]),
+             helper.make_node("Add", ["x", "c"], ["y"])]
+    graph = helper.make_graph(nodes, "padded", [x], [y], inits)
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)
+
+
 def batch1_only_model(path: Path, n: int = 4) -> Path:
     """Declares x float32 [batch, n] but reshapes to [1, n]: batch 1 (the smoke test) works,
     any larger batch fails inside onnxruntime (a model fault the health window must catch)."""

@@ -122,16 +122,20 @@ class Fleet:
 
 
 class AgentProc:
-    """One agent subprocess with its own state dir and config."""
+    """One agent subprocess with its own state dir and config; ``wrap`` turns its command
+    line into the one to run (``ThinLink.wrap``: inside a network namespace)."""
 
     def __init__(self, fleet: Fleet, tmp: Path, device: str, *, window_s: float = 0.3,
                  broker_url: str | None = None, groups: tuple[str, ...] = (),
-                 port: int = 0, limits: dict[str, Any] | None = None) -> None:
+                 port: int = 0, limits: dict[str, Any] | None = None,
+                 wrap: Callable[[list[str]], list[str]] | None = None) -> None:
         """``port``: a fixed HTTP port, for agents that cannot write ``agent.json`` (a full
-        or read-only state dir); ``limits``: more ``[limits]`` keys."""
+        or read-only state dir); ``limits``: more ``[limits]`` keys; ``wrap``: the command
+        that starts the agent (e.g. inside a network namespace)."""
         self.groups = groups
         self.fixed_port = port
         self.limits = limits or {}
+        self.wrap = wrap or list
         self.fleet = fleet
         self.device = device
         self.dir = tmp / device
@@ -173,8 +177,8 @@ class AgentProc:
         cmd = ([str(ROOT / ".venv/bin/edge-sdk"), "agent"] if cli
                else [sys.executable, "-m", "device_agent"])
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([*cmd, "--config", str(self.config)], cwd=ROOT,
-                                         env=env, stdout=log, stderr=log)
+            self.proc = subprocess.Popen(self.wrap([*cmd, "--config", str(self.config)]),
+                                         cwd=ROOT, env=env, stdout=log, stderr=log)
         if wait:
             self._wait_listening()
         return self
