@@ -24,6 +24,7 @@ from edge_sdk.errors import EdgeError, InstallError
 from ._config import AgentConfig
 from ._install import ArtifactSource, Installer
 from ._intake import DesiredInbox, Unverified, Verified
+from ._lifecycle import Mode
 from ._metrics import Metrics
 from ._protocol import InferenceApp
 from ._server import HttpServer
@@ -71,7 +72,11 @@ class Agent:
             events_topic=self.topics.events(config.device_id),
             snapshot=self.snapshot, on_event=self._count_event,
             heartbeat_fields=self._heartbeat, heartbeat_s=config.telemetry.heartbeat_s,
+            progress_fields=self.transfer, progress_s=config.telemetry.progress_s,
         )
+        #: The release source's fetcher, whose running download is reported (None with
+        #: a source of the caller's).
+        self._fetcher: Any = None
         self._source_arg = source
         self._connect = connect
         self.installer = Installer(config, self.store, self.slot, None, self.telemetry,
@@ -198,7 +203,9 @@ class Agent:
         if arg is None:
             from ._source import ReleaseSource
 
-            self.installer.source = ReleaseSource(self.config, conn)
+            source = ReleaseSource(self.config, conn)
+            self.installer.source = source
+            self._fetcher = source.client.chunks
         elif not hasattr(arg, "verify_deployment"):
             self.installer.source = arg(self.config, conn)
         for topic in self._desired_topics:
@@ -303,6 +310,18 @@ class Agent:
 
     # -- reporting -----------------------------------------------------------------------
 
+    def transfer(self) -> dict[str, Any] | None:
+        """The artifact download running now, as reported (None when there is none)."""
+        life = self.installer.life
+        dep = life.deployment
+        fetcher = self._fetcher
+        t = None if fetcher is None else fetcher.transfer
+        if life.mode is not Mode.INSTALLING or dep is None or t is None or t.total is None \
+                or not t.path.startswith("targets/"):
+            return None
+        return {"deployment": {"counter": dep.counter, "name": dep.name,
+                               "artifact_version": dep.artifact_version}, **t.as_dict()}
+
     def snapshot(self) -> dict[str, Any]:
         st = self.installer.state
         cur = self.slot.current
@@ -321,6 +340,7 @@ class Agent:
             "queued_reports": len(self.outbox),
             "dropped_reports": self.outbox.dropped,
             "storage": self._storage(),
+            "transfer": self.transfer(),
         }
 
     def _storage(self) -> dict[str, Any]:

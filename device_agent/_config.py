@@ -155,6 +155,9 @@ class LimitsConfig:
 @dataclass(frozen=True)
 class TelemetryConfig:
     heartbeat_s: float = 30.0
+    #: How often a running download is reported (bytes, rate, time left) in the events
+    #: and the retained state.
+    progress_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -234,6 +237,7 @@ class AgentConfig:
             ("limits.retry_s", self.limits.retry_s),
             ("limits.storage_retry_s", self.limits.storage_retry_s),
             ("telemetry.heartbeat_s", self.telemetry.heartbeat_s),
+            ("telemetry.progress_s", self.telemetry.progress_s),
             ("broker.keepalive_s", self.broker.keepalive_s),
         ]
         for key, num in positive:

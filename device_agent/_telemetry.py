@@ -12,6 +12,9 @@
   at all (read-only), reports wait in memory, under the same bound.
 - heartbeats (QoS 0, on ``events``, never queued: a stale heartbeat is noise), sent
   by the telemetry thread, so that they keep coming while an install works for minutes.
+- ``progress`` events while a download runs (bytes, total, rate, time left; QoS 0, not
+  queued either), every ``progress_s``, and the same in the retained state, so that an
+  operator watching a slow link sees more than silence.
 """
 
 from __future__ import annotations
@@ -143,9 +146,12 @@ class Telemetry:
                  snapshot: Callable[[], dict[str, Any]],
                  on_event: Callable[[str, dict[str, Any]], None] | None = None,
                  heartbeat_fields: Callable[[], dict[str, Any]] | None = None,
-                 heartbeat_s: float = 30.0) -> None:
+                 heartbeat_s: float = 30.0,
+                 progress_fields: Callable[[], dict[str, Any] | None] | None = None,
+                 progress_s: float = 10.0) -> None:
         """``heartbeat_fields`` gives the fields of each heartbeat, sent every ``heartbeat_s``
-        seconds while the link is up (none without it)."""
+        seconds while the link is up (none without it); ``progress_fields`` those of a
+        ``progress`` event (None: no download running), looked at every ``progress_s``."""
         self.device = device
         self.fleet = fleet
         self.outbox = outbox
@@ -156,6 +162,10 @@ class Telemetry:
         self._beat = heartbeat_fields
         self._beat_s = heartbeat_s
         self._next_beat = 0.0
+        self._progress = progress_fields
+        self._progress_s = progress_s
+        self._next_progress = 0.0
+        self._reporting = False
         self._link: Link | None = None
         self._wake = threading.Event()
         self._state_dirty = True
@@ -196,11 +206,12 @@ class Telemetry:
         self._state_dirty = True
         self._wake.set()
 
-    def heartbeat(self, extra: dict[str, Any]) -> None:
+    def heartbeat(self, extra: dict[str, Any], *, kind: str = "heartbeat") -> None:
+        """Send an event that is only worth it now (QoS 0, never queued)."""
         link = self._link
         if link is None or not link.connected:
             return
-        payload = {"device": self.device, "fleet": self.fleet, "event": "heartbeat",
+        payload = {"device": self.device, "fleet": self.fleet, "event": kind,
                    "ts": time.time(), **extra}
         try:
             link.publish(self.events_topic, json.dumps(payload), qos=0)
@@ -251,10 +262,31 @@ class Telemetry:
                 log.exception("heartbeat failed")
         return self._next_beat - time.monotonic()
 
+    def _progress_if_due(self) -> float:
+        """Report a running download if due; return the seconds until the next look."""
+        if self._progress is None:
+            return 1.0
+        now = time.monotonic()
+        if now >= self._next_progress:
+            self._next_progress = now + self._progress_s
+            try:
+                fields = self._progress()
+            except Exception:
+                log.exception("progress report failed")
+                fields = None
+            if fields is not None:
+                self._reporting = True
+                self.heartbeat(fields, kind="progress")
+                self._state_dirty = True  # the state carries the transfer too
+            elif self._reporting:
+                self._reporting = False
+                self._state_dirty = True  # and no longer does
+        return self._next_progress - time.monotonic()
+
     def _run(self) -> None:
-        self._next_beat = time.monotonic()
+        self._next_beat = self._next_progress = time.monotonic()
         while not self._stop.is_set():
-            self._wake.wait(max(0.0, min(1.0, self._beat_if_due())))
+            self._wake.wait(max(0.0, min(1.0, self._beat_if_due(), self._progress_if_due())))
             self._wake.clear()
             link = self._link
             if link is None or not link.connected:

@@ -163,7 +163,7 @@ class AgentProc:
             f"[health]\nwindow_s = {window_s}\nprobe_interval_s = 0.05\n"
             "[limits]\nretry_s = 0.5\n"
             + "".join(f"{k} = {json.dumps(v)}\n" for k, v in self.limits.items()) +
-            "[telemetry]\nheartbeat_s = 1.0\n"
+            "[telemetry]\nheartbeat_s = 1.0\nprogress_s = 1.0\n"
         )
 
     def start(self, crash_at: str | None = None, *, cli: bool = False,

@@ -26,6 +26,7 @@ from ..release import (
     Repository,
     RolloutConfig,
     create_deployment,
+    describe_transfer,
     fleet_status,
     publish_deployment,
     require_success,
@@ -230,6 +231,9 @@ def deploy_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...], mod
 
 
 def _show_progress(device: str, event: dict[str, Any]) -> None:
+    if event.get("event") == "progress":
+        click.echo(f"  {device}: {describe_transfer(event)}", err=True)
+        return
     model, dep = event.get("model"), event.get("deployment")
     what = (f" {model.get('name')} {model.get('version')}" if isinstance(model, dict) else
             f" {dep.get('name')} {dep.get('artifact_version')}" if isinstance(dep, dict) else "")
@@ -338,6 +342,8 @@ def status_cmd(devices: tuple[str, ...], as_json: bool, **mqtt: Any) -> None:
             last += f": {s.last_reason}"
         if s.last_download:
             last += f" [{s.last_download}]"
+        if s.transfer is not None and s.online:
+            last = f"{describe_transfer(s.transfer)}; last: {last}"
         seen = "-" if s.ts is None else _age(now - s.ts)
         rows.append((s.device, "yes" if s.online else "no", s.model or "-", s.previous or "-",
                      str(s.deployment or "-"), seen, last))

@@ -9,7 +9,8 @@
   :func:`publish_deployment` (retained on each ``desired`` topic).
 - :func:`fleet_status` (every device's retained state as :class:`DeviceStatus`),
   :class:`DeploymentWatch` (subscribe, publish, then ``wait()`` → :class:`Outcome` per
-  device), :func:`require_success` (raises :class:`~edge_sdk.errors.DeploymentError`).
+  device), :func:`require_success` (raises :class:`~edge_sdk.errors.DeploymentError`),
+  :func:`describe_transfer` (one line for a device's download progress).
 - :func:`rollout` (waves, abort, rollback; :class:`RolloutConfig` → :class:`RolloutResult`),
   :func:`plan_waves`.
 - The responder that serves a repository is :class:`edge_sdk.transport.RepoResponder`.
@@ -26,7 +27,14 @@ from ._deploy import (
 )
 from ._repository import DEFAULT_DELTA_BASES, ROLE_NAMES, Repository
 from ._rollout import RolloutConfig, RolloutResult, plan_waves, rollout
-from ._watch import DeploymentWatch, DeviceStatus, Outcome, fleet_status, require_success
+from ._watch import (
+    DeploymentWatch,
+    DeviceStatus,
+    Outcome,
+    describe_transfer,
+    fleet_status,
+    require_success,
+)
 
 __all__ = [
     "DEFAULT_DELTA_BASES",
@@ -43,6 +51,7 @@ __all__ = [
     "clear_deployment",
     "create_deployment",
     "deployment_state",
+    "describe_transfer",
     "fleet_status",
     "plan_waves",
     "publish_deployment",

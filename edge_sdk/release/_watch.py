@@ -1,8 +1,9 @@
 """The operator's view of the fleet, read from what the agents report over MQTT.
 
 Every agent keeps a retained ``state`` message (online, served and previous
-model, last update result, groups) and sends ``events`` as an update goes
-through its stages. :func:`fleet_status` reads the retained states;
+model, last update result, groups, the download running) and sends ``events``
+as an update goes through its stages, and ``progress`` events while it downloads.
+:func:`fleet_status` reads the retained states;
 :class:`DeploymentWatch` follows one deployment (by its counter) until every
 targeted device has committed it or failed, and is subscribed *before* the
 deployment is published so that no report can slip past it.
@@ -48,6 +49,8 @@ class DeviceStatus:
     groups: tuple[str, ...]
     ts: float | None
     raw: dict[str, Any]
+    #: The download running when the state was sent (a ``progress`` event's fields).
+    transfer: dict[str, Any] | None = None
 
     @classmethod
     def parse(cls, device: str, payload: bytes) -> DeviceStatus | None:
@@ -79,6 +82,7 @@ class DeviceStatus:
             if isinstance(groups, list) else (),
             ts=doc.get("ts") if isinstance(doc.get("ts"), (int, float)) else None,
             raw=doc,
+            transfer=doc["transfer"] if isinstance(doc.get("transfer"), dict) else None,
         )
 
 
@@ -301,6 +305,39 @@ class DeploymentWatch:
             return out
 
 
+def describe_transfer(report: dict[str, Any]) -> str:
+    """``downloading adder 2: 40% (410 KiB of 1.0 MiB) at 118 kB/s, about 5 s left`` from
+    a ``progress`` event or a state's ``transfer`` (devices wrote it: checked)."""
+    done, total = _int(report.get("bytes")), _int(report.get("total"))
+    rate, eta = report.get("rate_bytes_s"), report.get("eta_s")
+    dep = report.get("deployment")
+    what = (f" {dep.get('name')} {dep.get('artifact_version')}"
+            if isinstance(dep, dict) else "")
+    text = f"downloading{what}"
+    if done is not None and total:
+        text += f": {100 * done // total}% ({_size(done)} of {_size(total)})"
+    if isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0:
+        text += f" at {_size(rate)}/s"
+    if isinstance(eta, (int, float)) and not isinstance(eta, bool) and eta >= 0:
+        text += f", about {_duration(eta)} left"
+    return text
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _duration(s: float) -> str:
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"
+
+
 def describe_failures(bad: Sequence[Outcome], shown: int = 3) -> str:
     """``dev result (reason); ...`` for the first ``shown`` outcomes, then how many more."""
     text = "; ".join(f"{o.device} {o.result}" + (f" ({o.reason})" if o.reason else "")
@@ -317,4 +354,5 @@ def require_success(outcomes: list[Outcome], counter: int) -> None:
 
 
 __all__ = ["COMMITTED", "FAILED_RESULTS", "NO_ANSWER", "DeploymentWatch", "DeviceStatus",
-           "Outcome", "describe_failures", "fleet_status", "require_success"]
+           "Outcome", "describe_failures", "describe_transfer", "fleet_status",
+           "require_success"]
