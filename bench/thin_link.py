@@ -46,6 +46,7 @@ class CountingResponder(RepoResponder):
         super().__init__(*args, **kw)  # type: ignore[arg-type]
         self.lock = threading.Lock()
         self.sent: dict[tuple[str, int], int] = {}
+        self.by_path: dict[str, int] = {}
         self.duplicates = 0
 
     def answer(self, req: proto.ChunkRequest) -> proto.ChunkResponse:
@@ -56,11 +57,13 @@ class CountingResponder(RepoResponder):
                 if key in self.sent:
                     self.duplicates += 1
                 self.sent[key] = len(resp.payload)
+                self.by_path[req.path] = self.by_path.get(req.path, 0) + len(resp.payload)
         return resp
 
     def reset(self) -> None:
         with self.lock:
             self.sent.clear()
+            self.by_path.clear()
             self.duplicates = 0
             self.stats.bytes_sent = 0
 

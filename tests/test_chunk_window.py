@@ -491,11 +491,12 @@ def test_a_cut_link_costs_one_chunk_per_doubled_timeout_and_the_transfer_resumes
 
 
 def test_rto_is_srtt_plus_four_rttvar_and_backs_off_while_nothing_arrives() -> None:
-    pace = Pace(FetchConfig(chunk_timeout=3.0, max_rto=20.0))
-    assert pace.rto == 3.0  # before any sample
-    pace.answered(1.0, 1.0, K, None, False)
+    pace = Pace(FetchConfig(chunk_timeout=0.5, max_rto=20.0))
+    assert pace.rto == 0.5  # before any sample
+    fast = 1e9  # bytes/s: a chunk's own time on the link is negligible
+    pace.answered(1.0, 1.0, K, fast, True)
     assert (pace.srtt, pace.rttvar, pace.rto) == (1.0, 0.5, 3.0)
-    pace.answered(2.0, 0.5, K, None, False)  # RFC 6298: β = 1/4, α = 1/8
+    pace.answered(2.0, 0.5, K, fast, False)  # RFC 6298: β = 1/4, α = 1/8
     assert pace.rttvar == pytest.approx(0.75 * 0.5 + 0.25 * 0.5)
     assert pace.srtt == pytest.approx(0.875 * 1.0 + 0.125 * 0.5)
     base = pace.rto
@@ -505,8 +506,20 @@ def test_rto_is_srtt_plus_four_rttvar_and_backs_off_while_nothing_arrives() -> N
     for _ in range(10):
         pace.timed_out(5.0)
     assert pace.rto == 20.0  # capped at max_rto
-    pace.answered(6.0, 0.01, K, None, False)
+    pace.answered(6.0, 0.01, K, fast, False)
     assert pace.backoff == 0
     for _ in range(50):
-        pace.answered(7.0, 0.001, K, None, False)
+        pace.answered(7.0, 0.001, K, fast, False)
     assert pace.rto == MIN_RTO_S
+
+
+def test_rto_covers_a_chunks_own_time_on_the_link_however_small_the_rtt() -> None:
+    # RTTs measured on tiny answers (TUF metadata riding the link's burst allowance)
+    # must not make the first full chunk on a slow link look lost.
+    pace = Pace(FetchConfig(chunk_timeout=2.0))
+    for _ in range(20):
+        pace.answered(1.0, 0.001, 500, None, False)
+    assert pace.rto == 2.0  # rate unknown: the configured first timeout
+    slow = 32_000.0  # 256 kbit/s
+    pace.answered(2.0, 0.3, pace.chunk_size, slow, True)
+    assert pace.rto >= 2 * pace.chunk_size / slow

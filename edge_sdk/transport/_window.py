@@ -63,6 +63,10 @@ CHUNK_TIME_S = 0.25
 #: The first chunks of a transfer, before anything is known about the link.
 INITIAL_CHUNK = 8 * 1024
 INITIAL_WINDOW_CHUNKS = 4
+#: A delivery-rate sample counts only over at least this many bytes (or two chunks): a
+#: small file (TUF metadata) rides on the link's burst allowance and would claim line
+#: rate.
+MIN_RATE_SAMPLE_BYTES = 4 * INITIAL_CHUNK
 #: Fewest chunks in flight: one on the wire while the next is asked for.
 MIN_WINDOW_CHUNKS = 2
 #: In flight = this × delivery rate × minimum RTT (BBR's cwnd gain) ...
@@ -243,10 +247,13 @@ class Pace:
 
     @property
     def base_rto(self) -> float:
-        """SRTT + 4·RTTVAR (``chunk_timeout`` before any sample), within bounds."""
-        if self.srtt is None:
-            return self.config.chunk_timeout
-        return min(self.config.max_rto, max(MIN_RTO_S, self.srtt + 4 * self.rttvar))
+        """SRTT + 4·RTTVAR, within bounds, and never less than two chunks' time on the
+        link: an RTT measured on small answers says nothing of a chunk's own time on
+        the wire. Until the rate is known, at least ``chunk_timeout``."""
+        floor = self.config.chunk_timeout if self.bw <= 0 else \
+            max(MIN_RTO_S, 2 * self.chunk_size / self.bw)
+        rto = floor if self.srtt is None else max(floor, self.srtt + 4 * self.rttvar)
+        return min(self.config.max_rto, rto)
 
     @property
     def rto(self) -> float:
@@ -687,7 +694,7 @@ class ChunkWindow:
         new_round = False
         if current:
             self._acked_seq = max(self._acked_seq, c.seq)
-            if now > c.dlv_at:
+            if now > c.dlv_at and self._dlv - c.dlv >= min(MIN_RATE_SAMPLE_BYTES, 2 * c.size):
                 rate = (self._dlv - c.dlv) / (now - c.dlv_at)
             if c.dlv >= self._round_end:
                 new_round, self._round_end = True, self._dlv
