@@ -436,18 +436,20 @@ def _default_state(fleet: str, device: str) -> Path:
               help="Artifact directory to write.")
 @click.option("--state", type=click.Path(file_okay=False),
               help="Metadata and partial downloads (default: ~/.cache/edge-sdk/pull/...).")
-@click.option("--chunk-size", default=FetchConfig.chunk_size, show_default=True, type=int)
-@click.option("--window", default=FetchConfig.window, show_default=True, type=int)
-@click.option("--timeout", "chunk_timeout", default=FetchConfig.chunk_timeout, show_default=True,
-              type=float,
-              help="Seconds per chunk before it is requested again.")
+@click.option("--chunk-size", default=FetchConfig.chunk_size, show_default=True, type=int,
+              help="Largest chunk (smaller ones are used on slow links).")
+@click.option("--window", default=FetchConfig.window, show_default=True, type=int,
+              help="Most chunks in flight (fewer while the link carries fewer).")
+@click.option("--timeout", "stall_timeout", default=FetchConfig.stall_timeout,
+              show_default=True, type=float,
+              help="Give up after this many seconds in which nothing arrived.")
 @click.option("--have", "have", multiple=True, type=click.Path(file_okay=False, exists=True),
               help="An artifact dir of an earlier version held here: a signed delta from it "
                    "is fetched instead of the whole model when there is one. Repeatable.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_mqtt_options
 def pull_cmd(name: str, root: str, device: str, version: str | None, output: str,
-             state: str | None, chunk_size: int, window: int, chunk_timeout: float,
+             state: str | None, chunk_size: int, window: int, stall_timeout: float,
              have: tuple[str, ...], quiet: bool, **mqtt: Any) -> None:
     """Fetch and verify release NAME over MQTT without the agent, into an artifact dir."""
     bases = []
@@ -456,7 +458,7 @@ def pull_cmd(name: str, root: str, device: str, version: str | None, output: str
         bases.append(LocalModel(art.model_path, art.manifest.sha256))
     config = _mqtt_config(mqtt)
     sdir = Path(state) if state else _default_state(config.fleet, device)
-    fetch = FetchConfig(chunk_size=chunk_size, window=window, chunk_timeout=chunk_timeout)
+    fetch = FetchConfig(chunk_size=chunk_size, window=window, stall_timeout=stall_timeout)
     with MqttConnection(config, name=f"edge-pull-{device}") as conn:
         client = UpdateClient(trusted_root=Path(root).read_bytes(), metadata_dir=sdir / "tuf",
                               partial_dir=sdir / "partial", connection=conn, device_id=device,
