@@ -557,7 +557,8 @@ def test_deploy_wait_sees_through_a_retried_install(fleet, tmp_path, agents, cap
     fleet.responder.stop()  # the repository is away: the agent's fetch fails and retries
 
     def come_back() -> None:
-        wait_for(lambda: any(e.get("retry") for e in fleet.events["w-retry"]))
+        # Nothing answers: the fetch gives up after FetchConfig.stall_timeout (60 s).
+        wait_for(lambda: any(e.get("retry") for e in fleet.events["w-retry"]), 150)
         fleet.responder = RepoResponder(fleet.host, fleet.repo.path)
         fleet.responder.start()
 
@@ -565,7 +566,7 @@ def test_deploy_wait_sees_through_a_retried_install(fleet, tmp_path, agents, cap
     t.start()
     try:
         code = main(_cli(fleet, "deploy", "--model", "adder", "--version", "1", "--device",
-                         "w-retry", "--wait", "--timeout", "120"))
+                         "w-retry", "--wait", "--timeout", "240"))
     finally:
         t.join()
     out, err = capsys.readouterr()

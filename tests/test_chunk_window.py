@@ -241,6 +241,27 @@ def test_silence_past_the_stall_timeout_raises_slow_retrieval() -> None:
     assert now == pytest.approx(5.0)
 
 
+def test_an_unanswered_first_chunk_of_unknown_size_stalls_too() -> None:
+    w = window(FetchConfig(chunk_size=K, min_chunk_size=K, chunk_timeout=0.5, max_rto=1.0,
+                           stall_timeout=5.0), length=None)
+    now = 0.0
+    with pytest.raises(SlowRetrievalError, match="nothing arrived for 5 s"):
+        while now < 10:  # its only chunk asked again and again: still nothing arrived
+            w.requests(now)
+            now += 0.25
+    assert w.stats.chunks_resent >= 4
+
+
+def test_a_slow_down_longer_than_the_stall_timeout_is_no_stall() -> None:
+    cfg = FetchConfig(chunk_size=K, min_chunk_size=K, stall_timeout=5.0, max_slowdown_s=30.0)
+    w = window(cfg, pace=FixedPace(cfg, window=1, batch=1))
+    (req,) = w.requests(0.0)
+    w.accept(proto.ChunkResponse(proto.SLOW_DOWN, req.corr, 0, 8000, b"busy"), 0.5)
+    (again,) = w.requests(9.5)  # 8 s (+12.5 %) later
+    w.accept(answers(again)[0], 10.0)
+    assert b"".join(w.ready()) == DATA[:K] and w.stats.slowdowns == 1
+
+
 def test_a_slow_but_steady_transfer_outlasts_the_stall_timeout() -> None:
     cfg = FetchConfig(chunk_size=K, min_chunk_size=K, window=1, batch=1, stall_timeout=5.0)
     w = window(cfg, pace=FixedPace(cfg, window=1, batch=1, rto=4.0))

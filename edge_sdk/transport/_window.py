@@ -589,7 +589,6 @@ class ChunkWindow:
         # One request covers consecutive chunks: fewer small messages each way.
         if not self._out:
             self._timer_from = max(self._timer_from, now)  # the pipe fills from empty
-            self._heard_at = max(self._heard_at or now, now)
         corr = self._new_id(16)
         dlv_at = self._dlv_at if self._out and self._dlv_at is not None else now
         for c in run:
@@ -717,8 +716,9 @@ class ChunkWindow:
             self.stats.stale_responses += 1
             return
         self.stats.slowdowns += 1
-        self._heard(now)
         wait = min(resp.total / 1000 * (1 + 0.25 * self._rng()), cfg.max_slowdown_s)
+        # A sign of life; and the wait it asks for is no silence either.
+        self._heard(now + wait)
         self.pace.slowed_down(now, wait)
         for key in held:
             c = self._out[key]
