@@ -1,0 +1,440 @@
+"""The fleet database: schema, migrations, and the read/write API over SQLAlchemy Core.
+
+One code path for SQLite (``sqlite:///path``, WAL mode, the embedded default) and
+PostgreSQL (``postgresql://...``, driven by psycopg 3). JSON values are stored as text
+so that both engines hold the same bytes. Every row the read API returns is a plain
+JSON-serialisable dict.
+
+Schema versions live in ``schema_version``; :func:`_migrate` brings an older database up
+to :data:`SCHEMA_VERSION` at open, and a database written by newer code is refused
+before anything is changed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine, RowMapping
+
+from ..errors import EdgeError
+
+#: The schema this code writes. Bump it and add a step to ``_MIGRATIONS`` together.
+SCHEMA_VERSION = 1
+
+
+class FleetError(EdgeError):
+    """The fleet database cannot be reached or used, or a fleet request is invalid."""
+
+
+class FleetUsageError(FleetError):
+    """A fleet command was asked something it cannot do (unknown rollout, finished one)."""
+
+    exit_code = 2
+
+
+meta = sa.MetaData()
+
+schema_version = sa.Table(
+    "schema_version", meta,
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("applied", sa.Float, nullable=False),
+)
+
+devices = sa.Table(
+    "devices", meta,
+    sa.Column("fleet", sa.String(128), primary_key=True),
+    sa.Column("id", sa.String(128), primary_key=True),
+    sa.Column("groups", sa.Text, nullable=False, default="[]"),
+    sa.Column("tags", sa.Text, nullable=False, default="{}"),
+    sa.Column("hardware", sa.Text, nullable=False, default="{}"),
+    sa.Column("online", sa.Boolean, nullable=False, default=False),
+    sa.Column("first_seen", sa.Float, nullable=False),
+    sa.Column("last_seen", sa.Float, nullable=False),
+    sa.Column("model", sa.String(256)),
+    sa.Column("version", sa.String(128)),
+    sa.Column("previous_model", sa.String(256)),
+    sa.Column("previous_version", sa.String(128)),
+    sa.Column("phase", sa.String(64)),
+    sa.Column("deployment", sa.Integer, nullable=False, default=0),
+    sa.Column("last_result", sa.String(64)),
+    sa.Column("last_reason", sa.Text),
+    sa.Column("last_deployment", sa.Integer),
+    sa.Column("state", sa.Text, nullable=False, default="{}"),
+)
+
+device_events = sa.Table(
+    "device_events", meta,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("fleet", sa.String(128), nullable=False),
+    sa.Column("device", sa.String(128), nullable=False),
+    sa.Column("ts", sa.Float, nullable=False),
+    sa.Column("kind", sa.String(64), nullable=False),
+    sa.Column("deployment", sa.Integer),
+    sa.Column("model", sa.String(256)),
+    sa.Column("version", sa.String(128)),
+    sa.Column("reason", sa.Text),
+    sa.Column("detail", sa.Text, nullable=False, default="{}"),
+    sa.Index("ix_device_events_device", "fleet", "device", "seq"),
+    sa.Index("ix_device_events_deployment", "fleet", "deployment"),
+)
+
+rollouts = sa.Table(
+    "rollouts", meta,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("fleet", sa.String(128), nullable=False),
+    sa.Column("model", sa.String(256), nullable=False),
+    sa.Column("version", sa.String(128), nullable=False),
+    sa.Column("selector", sa.Text, nullable=False),
+    sa.Column("config", sa.Text, nullable=False),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("wave", sa.Integer, nullable=False, default=0),
+    sa.Column("waves", sa.Integer, nullable=False, default=0),
+    sa.Column("reason", sa.Text),
+    sa.Column("created", sa.Float, nullable=False),
+    sa.Column("updated", sa.Float, nullable=False),
+    sa.Column("created_by", sa.String(128), nullable=False),
+    #: The rest of the rollout state machine's state (JSON), see ``_machine``.
+    sa.Column("machine", sa.Text, nullable=False, default="{}"),
+)
+
+rollout_devices = sa.Table(
+    "rollout_devices", meta,
+    sa.Column("rollout", sa.Integer, sa.ForeignKey("rollouts.id"), primary_key=True),
+    sa.Column("device", sa.String(128), primary_key=True),
+    sa.Column("wave", sa.Integer, nullable=False),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("reason", sa.Text),
+    sa.Column("counter", sa.Integer),
+    #: The signed deployment document sent (republished unchanged after a restart).
+    sa.Column("document", sa.Text),
+    sa.Column("sent_at", sa.Float),
+    sa.Column("finished_at", sa.Float),
+    sa.Column("before_version", sa.String(128)),
+    sa.Column("before_model", sa.String(256)),
+    sa.Column("rollback_counter", sa.Integer),
+    sa.Column("rollback_document", sa.Text),
+    sa.Column("rollback_status", sa.String(32)),
+)
+
+rollout_commands = sa.Table(
+    "rollout_commands", meta,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("rollout", sa.Integer, sa.ForeignKey("rollouts.id"), nullable=False),
+    sa.Column("command", sa.String(32), nullable=False),
+    sa.Column("actor", sa.String(128), nullable=False),
+    sa.Column("created", sa.Float, nullable=False),
+    sa.Column("done", sa.Float),
+)
+
+audit_log = sa.Table(
+    "audit_log", meta,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("ts", sa.Float, nullable=False),
+    sa.Column("actor", sa.String(128), nullable=False),
+    sa.Column("action", sa.String(64), nullable=False),
+    sa.Column("params", sa.Text, nullable=False, default="{}"),
+)
+
+#: Rollout states in which the controller still has work to do.
+ACTIVE_STATUSES = ("pending", "running", "paused", "aborting")
+FINISHED_STATUSES = ("completed", "aborted")
+
+
+def _dumps(v: Any) -> str:
+    return json.dumps(v, sort_keys=True, separators=(",", ":"))
+
+
+def _loads(s: str | None, default: Any) -> Any:
+    if not s:
+        return default
+    try:
+        return json.loads(s)
+    except ValueError:
+        return default
+
+
+def default_url(repo: str | Path) -> str:
+    """The embedded database of a release repository: ``sqlite:///REPO/fleet.db``."""
+    return f"sqlite:///{Path(repo).resolve() / 'fleet.db'}"
+
+
+def engine_url(url: str) -> str:
+    """``postgresql://`` means psycopg 3 (``postgresql+psycopg://``); SQLite as given."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    if url.startswith(("sqlite:///", "postgresql+psycopg://")):
+        return url
+    raise FleetUsageError(f"database URL {_redact(url)!r} must start with sqlite:/// or "
+                          "postgresql://")
+
+
+def _redact(url: str) -> str:
+    head, sep, tail = url.rpartition("@")
+    if not sep or "://" not in head:
+        return url
+    scheme, _, cred = head.partition("://")
+    return f"{scheme}://{cred.split(':')[0]}:***@{tail}" if ":" in cred else url
+
+
+def _on_sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    # WAL: the CLI reads and writes while `serve` ingests; busy_timeout waits for the lock.
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
+
+
+class FleetDB:
+    """The registry, rollouts and audit log of one database. Open with :meth:`open`."""
+
+    def __init__(self, engine: Engine, url: str) -> None:
+        self.engine = engine
+        self.url = url
+
+    @classmethod
+    def open(cls, url: str, *, migrate: bool = True) -> FleetDB:
+        """Connect, refuse a newer schema, run pending migrations. Raises :class:`FleetError`
+        (one line) when the database cannot be reached."""
+        eurl = engine_url(url)
+        kw: dict[str, Any] = {}
+        if eurl.startswith("sqlite:///"):
+            path = Path(eurl[len("sqlite:///"):])
+            if not path.parent.is_dir():
+                raise FleetError(f"database {url}: directory {path.parent} does not exist")
+            kw["connect_args"] = {"timeout": 10}
+        else:
+            kw["connect_args"] = {"connect_timeout": 5}
+            kw["pool_pre_ping"] = True
+        engine = sa.create_engine(eurl, **kw)
+        if eurl.startswith("sqlite:///"):
+            sa.event.listen(engine, "connect", _on_sqlite_connect)
+        db = cls(engine, url)
+        try:
+            with engine.begin() as c:
+                _migrate(c, url, write=migrate)
+        except sa.exc.OperationalError as err:
+            engine.dispose()
+            first = str(err.orig).strip().splitlines()[0] if err.orig else str(err)
+            raise FleetError(f"cannot reach database {_redact(url)}: {first}") from err
+        except FleetError:
+            engine.dispose()
+            raise
+        return db
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> FleetDB:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def begin(self) -> Iterator[Connection]:
+        try:
+            with self.engine.begin() as c:
+                yield c
+        except sa.exc.OperationalError as err:
+            first = str(err.orig).strip().splitlines()[0] if err.orig else str(err)
+            raise FleetError(f"database {_redact(self.url)}: {first}") from err
+
+    # -- read API (the web page and the CLI) ---------------------------------------------
+
+    def devices(self, *, fleet: str | None = None, group: str | None = None,
+                tag: str | None = None, model: str | None = None,
+                online: bool | None = None) -> list[dict[str, Any]]:
+        """Devices sorted by fleet and id. ``tag`` is ``KEY`` or ``KEY=VALUE``; ``model`` is a
+        name or ``NAME VERSION`` / ``NAME@VERSION``."""
+        q = sa.select(devices).order_by(devices.c.fleet, devices.c.id)
+        if fleet is not None:
+            q = q.where(devices.c.fleet == fleet)
+        if online is not None:
+            q = q.where(devices.c.online == online)
+        if model is not None:
+            name, _, version = model.replace("@", " ").partition(" ")
+            q = q.where(devices.c.model == name)
+            if version.strip():
+                q = q.where(devices.c.version == version.strip())
+        with self.begin() as c:
+            rows = [_device(r) for r in c.execute(q).mappings()]
+        if group is not None:
+            rows = [r for r in rows if group in r["groups"]]
+        if tag is not None:
+            k, sep, v = tag.partition("=")
+            rows = [r for r in rows if k in r["tags"] and (not sep or str(r["tags"][k]) == v)]
+        return rows
+
+    def device(self, device_id: str, *, fleet: str | None = None) -> dict[str, Any] | None:
+        q = sa.select(devices).where(devices.c.id == device_id)
+        if fleet is not None:
+            q = q.where(devices.c.fleet == fleet)
+        with self.begin() as c:
+            row = c.execute(q.order_by(devices.c.fleet)).mappings().first()
+        return None if row is None else _device(row)
+
+    def device_history(self, device_id: str, limit: int = 100, *,
+                       fleet: str | None = None) -> list[dict[str, Any]]:
+        """The device's events and status changes, newest first."""
+        q = sa.select(device_events).where(device_events.c.device == device_id)
+        if fleet is not None:
+            q = q.where(device_events.c.fleet == fleet)
+        q = q.order_by(device_events.c.seq.desc()).limit(limit)
+        with self.begin() as c:
+            return [_event(r) for r in c.execute(q).mappings()]
+
+    def rollouts(self, *, fleet: str | None = None) -> list[dict[str, Any]]:
+        """Every rollout, newest first, with its per-wave progress."""
+        q = sa.select(rollouts).order_by(rollouts.c.id.desc())
+        if fleet is not None:
+            q = q.where(rollouts.c.fleet == fleet)
+        with self.begin() as c:
+            heads = list(c.execute(q).mappings())
+            return [_rollout(h, _rollout_rows(c, int(h["id"]))) for h in heads]
+
+    def rollout(self, rollout_id: int) -> dict[str, Any]:
+        """One rollout with ``waves`` (per-wave counts by status), ``devices`` (each
+        device's wave, status, reason, counter) and ``failures`` (reasons). Raises
+        :class:`FleetUsageError` for an unknown id."""
+        with self.begin() as c:
+            head = c.execute(sa.select(rollouts).where(rollouts.c.id == rollout_id)).mappings() \
+                .first()
+            if head is None:
+                raise FleetUsageError(f"no rollout {rollout_id} in {_redact(self.url)}")
+            out = _rollout(head, _rollout_rows(c, rollout_id))
+        return out
+
+    def models(self, *, fleet: str | None = None) -> list[dict[str, Any]]:
+        """How many devices serve each model version (``online`` among them)."""
+        q = sa.select(devices.c.model, devices.c.version,
+                      sa.func.count().label("devices"),
+                      sa.func.sum(sa.case((devices.c.online, 1), else_=0)).label("online"),
+                      ).group_by(devices.c.model, devices.c.version)
+        if fleet is not None:
+            q = q.where(devices.c.fleet == fleet)
+        with self.begin() as c:
+            rows = [{"model": r.model, "version": r.version, "devices": int(r.devices),
+                     "online": int(r.online or 0)} for r in c.execute(q)]
+        return sorted(rows, key=lambda r: (r["model"] or "", r["version"] or ""))
+
+    def audit(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest ``limit`` operator actions, oldest first."""
+        q = sa.select(audit_log).order_by(audit_log.c.seq.desc()).limit(limit)
+        with self.begin() as c:
+            rows = [{"seq": r.seq, "ts": r.ts, "actor": r.actor, "action": r.action,
+                     "params": _loads(r.params, {})} for r in c.execute(q)]
+        return rows[::-1]
+
+    # -- writes ----------------------------------------------------------------------------
+
+    def record_audit(self, actor: str, action: str, params: Mapping[str, Any], *,
+                     conn: Connection | None = None) -> None:
+        row = {"ts": time.time(), "actor": actor, "action": action,
+               "params": _dumps(dict(params))}
+        if conn is not None:
+            conn.execute(audit_log.insert().values(**row))
+            return
+        with self.begin() as c:
+            c.execute(audit_log.insert().values(**row))
+
+
+def _device(m: RowMapping) -> dict[str, Any]:
+    return {
+        "fleet": m["fleet"], "id": m["id"], "groups": _loads(m["groups"], []),
+        "tags": _loads(m["tags"], {}), "hardware": _loads(m["hardware"], {}),
+        "online": bool(m["online"]), "first_seen": m["first_seen"],
+        "last_seen": m["last_seen"], "model": m["model"], "version": m["version"],
+        "previous_model": m["previous_model"], "previous_version": m["previous_version"],
+        "phase": m["phase"], "deployment": m["deployment"], "last_result": m["last_result"],
+        "last_reason": m["last_reason"], "last_deployment": m["last_deployment"],
+        "state": _loads(m["state"], {}),
+    }
+
+
+def _event(m: RowMapping) -> dict[str, Any]:
+    return {"seq": m["seq"], "fleet": m["fleet"], "device": m["device"], "ts": m["ts"],
+            "kind": m["kind"], "deployment": m["deployment"], "model": m["model"],
+            "version": m["version"], "reason": m["reason"],
+            "detail": _loads(m["detail"], {})}
+
+
+def _rollout_rows(c: Connection, rollout_id: int) -> list[RowMapping]:
+    q = sa.select(rollout_devices).where(rollout_devices.c.rollout == rollout_id) \
+        .order_by(rollout_devices.c.wave, rollout_devices.c.device)
+    return list(c.execute(q).mappings())
+
+
+def _rollout(h: RowMapping, rows: Sequence[RowMapping]) -> dict[str, Any]:
+    waves: dict[int, dict[str, int]] = {}
+    for r in rows:
+        w = waves.setdefault(int(r["wave"]), {})
+        w[r["status"]] = w.get(r["status"], 0) + 1
+    return {
+        "id": h["id"], "fleet": h["fleet"], "model": h["model"], "version": h["version"],
+        "selector": _loads(h["selector"], {}), "config": _loads(h["config"], {}),
+        "status": h["status"], "wave": h["wave"], "waves": h["waves"],
+        "reason": h["reason"], "created": h["created"], "updated": h["updated"],
+        "created_by": h["created_by"],
+        "progress": [{"wave": i, "devices": sum(waves[i].values()), "by_status": waves[i]}
+                     for i in sorted(waves)],
+        "devices": [{"device": r["device"], "wave": r["wave"], "status": r["status"],
+                     "reason": r["reason"], "counter": r["counter"], "sent_at": r["sent_at"],
+                     "finished_at": r["finished_at"],
+                     "before": r["before_version"], "rollback_counter": r["rollback_counter"],
+                     "rollback_status": r["rollback_status"]} for r in rows],
+        "failures": [{"device": r["device"], "status": r["status"], "reason": r["reason"]}
+                     for r in rows if r["status"] in ("failed", "rolled_back", "refused",
+                                                      "silent")],
+    }
+
+
+# -- migrations ----------------------------------------------------------------------------
+
+def _v1(c: Connection) -> None:
+    meta.create_all(c, tables=[devices, device_events, rollouts, rollout_devices,
+                               rollout_commands, audit_log])
+
+
+_MIGRATIONS = {1: _v1}
+
+
+def _migrate(c: Connection, url: str, *, write: bool) -> None:
+    insp = sa.inspect(c)
+    current = 0
+    if insp.has_table("schema_version"):
+        current = c.execute(sa.select(sa.func.max(schema_version.c.version))).scalar() or 0
+    if current > SCHEMA_VERSION:
+        raise FleetError(f"database {_redact(url)} has schema version {current}, newer than "
+                         f"this edge-sdk understands ({SCHEMA_VERSION}); upgrade edge-sdk")
+    if current == SCHEMA_VERSION or not write:
+        return
+    schema_version.create(c, checkfirst=True)
+    for v in range(current + 1, SCHEMA_VERSION + 1):
+        _MIGRATIONS[v](c)
+        c.execute(schema_version.insert().values(version=v, applied=time.time()))
+
+
+def json_text(v: Any) -> str:
+    return _dumps(v)
+
+
+def json_value(s: str | None, default: Any) -> Any:
+    return _loads(s, default)
+
+
+def chunks(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
+    buf: list[Any] = []
+    for it in items:
+        buf.append(it)
+        if len(buf) >= n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf

@@ -1,0 +1,45 @@
+"""Databases for fleet tests: a fresh SQLite file, or a fresh PostgreSQL database created
+on the local server (127.0.0.1:5432, trust auth) and dropped afterwards."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+PG_ADMIN = os.environ.get("EDGE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+ENGINES = ("sqlite", "postgresql")
+
+
+def _admin() -> object:
+    import psycopg
+
+    return psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5)
+
+
+@pytest.fixture(params=ENGINES)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A URL to an empty database on each engine."""
+    yield from make_db(request.param, tmp_path)
+
+
+def make_db(engine: str, tmp: Path) -> Iterator[str]:
+    if engine == "sqlite":
+        yield f"sqlite:///{tmp / 'fleet.db'}"
+        return
+    import psycopg
+
+    name = f"edge_test_{secrets.token_hex(6)}"
+    try:
+        admin = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as err:
+        pytest.skip(f"no PostgreSQL at {PG_ADMIN}: {err}")
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
