@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -337,6 +340,7 @@ class Agent:
             "deployment": st.deployment_counter,
             "last_update": st.last_result,
             "groups": list(self.config.groups),
+            "hardware": _hardware(),
             "queued_reports": len(self.outbox),
             "dropped_reports": self.outbox.dropped,
             "storage": self._storage(),
@@ -372,6 +376,33 @@ class Agent:
         if kind == "downloaded" and isinstance(got, dict) and got.get("kind") in ("delta", "full"):
             self.metrics.download_bytes.labels(got["kind"]).inc(max(0, int(got["bytes"])))
         self.metrics.queued_reports.set(len(self.outbox))
+
+
+@functools.cache
+def _hardware() -> dict[str, Any]:
+    """What the registry keeps about the device; cheap facts read once per process."""
+    import platform
+
+    cpu = platform.processor() or None
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model", "Hardware"):
+                    cpu = value.strip()
+                    break
+    except OSError:
+        pass
+    runtimes: dict[str, str] = {"python": platform.python_version()}
+    for dist in ("onnxruntime", "ai-edge-litert"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            runtimes[dist] = importlib.metadata.version(dist)
+    try:
+        agent = importlib.metadata.version("edge-sdk")
+    except importlib.metadata.PackageNotFoundError:
+        agent = "unknown"
+    return {"arch": platform.machine(), "cpu": cpu, "cores": os.cpu_count(),
+            "os": platform.system().lower(), "runtimes": runtimes, "agent": agent}
 
 
 def _claimed_counter(payload: bytes) -> int | None:

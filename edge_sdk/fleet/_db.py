@@ -120,6 +120,7 @@ rollout_devices = sa.Table(
     sa.Column("rollback_counter", sa.Integer),
     sa.Column("rollback_document", sa.Text),
     sa.Column("rollback_status", sa.String(32)),
+    sa.Column("rollback_sent_at", sa.Float),
 )
 
 rollout_commands = sa.Table(

@@ -1,0 +1,333 @@
+"""The rollout controller inside ``edge-sdk serve``, and the rollout records the CLI writes.
+
+The database is the authority: ``edge-sdk rollout start|pause|resume|abort`` write a
+rollout row or a command row; the controller polls for them, runs each rollout's state
+machine (:mod:`._machine`) and saves its state before carrying out any effect. The
+controller holds the deployment key (it signs each wave) and refuses a key file that
+its group or others can read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from ..errors import EdgeError
+from ..release._deploy import clear_deployment, create_deployment
+from ..release._repository import Repository
+from ..transport import MqttConnection, Topics
+from ..trust._keys import DEPLOYMENT_ROLE
+from . import _machine as m
+from ._db import (
+    ACTIVE_STATUSES,
+    FleetDB,
+    FleetError,
+    FleetUsageError,
+    device_events,
+    devices,
+    json_text,
+    json_value,
+    rollout_commands,
+    rollout_devices,
+    rollouts,
+)
+
+log = logging.getLogger("edge_sdk.fleet.controller")
+
+_DEVICE_FIELDS = [f for f in m.DeviceProgress.__dataclass_fields__ if f != "wave"]
+
+
+# -- selectors -----------------------------------------------------------------------------
+
+def matches(selector: Mapping[str, Any], dev: Mapping[str, Any]) -> bool:
+    """A device matches when it is named, is in one of the groups, or has one of the tags
+    (``KEY`` or ``KEY=VALUE``, looked up in its tags, then its hardware facts)."""
+    if dev["id"] in selector.get("devices", ()):
+        return True
+    if set(selector.get("groups", ())) & set(dev["groups"]):
+        return True
+    for tag in selector.get("tags", ()):
+        k, sep, v = tag.partition("=")
+        attrs = {**dev["hardware"], **dev["tags"]}
+        if k in attrs and (not sep or str(attrs[k]) == v):
+            return True
+    return False
+
+
+def members(db: FleetDB, fleet: str, selector: Mapping[str, Any]) -> dict[str, m.Member]:
+    return {d["id"]: m.Member(d["online"], d["model"], d["version"])
+            for d in db.devices(fleet=fleet) if matches(selector, d)}
+
+
+# -- rollout records (the CLI) -------------------------------------------------------------
+
+def start_rollout(db: FleetDB, *, fleet: str, model: str, version: str,
+                  selector: Mapping[str, Sequence[str]], spec: m.RolloutSpec,
+                  actor: str) -> int:
+    """Create a rollout record (the controller picks it up). Raises
+    :class:`FleetUsageError` when the selector matches no registered device."""
+    sel = {k: list(v) for k, v in selector.items() if v}
+    if not sel:
+        raise FleetUsageError("name at least one --group, --tag or --device")
+    found = members(db, fleet, sel)
+    if not found:
+        raise FleetUsageError(f"the selector {_describe(sel)} matches no device registered in "
+                              f"fleet {fleet!r} (see 'edge-sdk status --db ...')")
+    now = time.time()
+    with db.begin() as c:
+        rid = c.execute(rollouts.insert().values(
+            fleet=fleet, model=model, version=version, selector=json_text(sel),
+            config=json_text(spec.to_json()), status="pending", wave=0, waves=0,
+            created=now, updated=now, created_by=actor, machine="{}",
+        ).returning(rollouts.c.id)).scalar_one()
+        db.record_audit(actor, "rollout.start", {
+            "rollout": rid, "fleet": fleet, "model": model, "version": version,
+            "selector": sel, **spec.to_json()}, conn=c)
+    return int(rid)
+
+
+def _describe(sel: Mapping[str, Sequence[str]]) -> str:
+    return " ".join(f"{k}={','.join(v)}" for k, v in sel.items())
+
+
+def command_rollout(db: FleetDB, rollout_id: int, command: str, actor: str) -> None:
+    """Queue ``pause``/``resume``/``abort`` for the controller. Raises
+    :class:`FleetUsageError` for an unknown rollout or one the command does not apply to."""
+    with db.begin() as c:
+        row = c.execute(sa.select(rollouts.c.status).where(rollouts.c.id == rollout_id)
+                        .with_for_update()).first()
+        if row is None:
+            raise FleetUsageError(f"no rollout {rollout_id}")
+        pending = c.execute(sa.select(rollout_commands.c.command).where(
+            (rollout_commands.c.rollout == rollout_id) & rollout_commands.c.done.is_(None))
+            .order_by(rollout_commands.c.seq)).scalars().all()
+        status = row.status
+        for earlier in pending:  # what the status will be once queued commands are applied
+            status = {"pause": "paused", "resume": "running", "abort": "aborting"}[earlier]
+        try:
+            m.check_command(status, command)
+        except m.CommandRefused as err:
+            raise FleetUsageError(f"cannot {command} rollout {rollout_id}: {err}") from None
+        c.execute(rollout_commands.insert().values(rollout=rollout_id, command=command,
+                                                   actor=actor, created=time.time()))
+        db.record_audit(actor, f"rollout.{command}", {"rollout": rollout_id}, conn=c)
+
+
+# -- state in the database -----------------------------------------------------------------
+
+def load_state(c: Connection, rollout_id: int) -> m.RolloutState:
+    h = c.execute(sa.select(rollouts).where(rollouts.c.id == rollout_id)).mappings().one()
+    extra = json_value(h["machine"], {})
+    st = m.RolloutState(
+        id=h["id"], model=h["model"], version=h["version"],
+        spec=m.RolloutSpec.from_json(json_value(h["config"], {})), status=h["status"],
+        wave=h["wave"], waves=h["waves"], reason=h["reason"],
+        tokens=float(extra.get("tokens", 0.0)), tokens_at=float(extra.get("tokens_at", 0.0)),
+        approved=int(extra.get("approved", 0)), held=bool(extra.get("held", False)))
+    for r in c.execute(sa.select(rollout_devices).where(
+            rollout_devices.c.rollout == rollout_id)).mappings():
+        p = m.DeviceProgress(wave=r["wave"])
+        for f in _DEVICE_FIELDS:
+            if f in r:
+                setattr(p, f, r[f])
+        st.devices[r["device"]] = p
+    return st
+
+
+def save_state(c: Connection, st: m.RolloutState, old: m.RolloutState | None) -> None:
+    c.execute(rollouts.update().where(rollouts.c.id == st.id).values(
+        status=st.status, wave=st.wave, waves=st.waves, reason=st.reason, updated=time.time(),
+        machine=json_text({"tokens": st.tokens, "tokens_at": st.tokens_at,
+                           "approved": st.approved, "held": st.held})))
+    for d, p in st.devices.items():
+        before = old.devices.get(d) if old is not None else None
+        if before == p:
+            continue
+        row = {f: getattr(p, f) for f in _DEVICE_FIELDS}
+        row["wave"] = p.wave
+        exists = before is not None or c.execute(sa.select(rollout_devices.c.device).where(
+            (rollout_devices.c.rollout == st.id) & (rollout_devices.c.device == d))
+        ).first() is not None
+        if exists:
+            c.execute(rollout_devices.update().where(
+                (rollout_devices.c.rollout == st.id) & (rollout_devices.c.device == d))
+                .values(**row))
+        else:
+            c.execute(rollout_devices.insert().values(rollout=st.id, device=d, **row))
+
+
+# -- the controller ------------------------------------------------------------------------
+
+def check_key_permissions(repo: Repository) -> None:
+    """Refuse deployment keys (and their directory) readable by group or others."""
+    kdir = repo.keys.dir / DEPLOYMENT_ROLE
+    for p in [kdir, *sorted(kdir.glob("*.pem"))]:
+        try:
+            mode = p.stat().st_mode
+        except OSError as err:
+            raise FleetError(f"{p}: cannot read the deployment key: {err.strerror}") from err
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise FleetError(f"{p}: the deployment key is readable by group or others "
+                             f"(mode {stat.S_IMODE(mode):o}); chmod go-rwx it")
+
+
+class Controller:
+    """Runs every active rollout of one fleet from the database, one poll at a time."""
+
+    def __init__(self, db: FleetDB, repo: Repository, connection: MqttConnection, *,
+                 topics: Topics | None = None, poll_s: float = 0.5) -> None:
+        check_key_permissions(repo)
+        self.db = db
+        self.repo = repo
+        self.conn = connection
+        self.topics = topics or Topics.for_config(connection.config)
+        self.poll_s = poll_s
+        self._states: dict[int, m.RolloutState] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fleet-controller", daemon=True)
+
+    def start(self) -> Controller:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.poll()
+            except (EdgeError, sa.exc.SQLAlchemyError) as err:
+                log.warning("controller: %s", str(err).splitlines()[0])
+                self._states.clear()  # reload from the record next time
+            except Exception:
+                log.exception("controller poll failed")
+                self._states.clear()
+            self._stop.wait(self.poll_s)
+
+    def poll(self) -> None:
+        with self.db.begin() as c:
+            ids = c.execute(sa.select(rollouts.c.id).where(
+                (rollouts.c.fleet == self.topics.fleet)
+                & rollouts.c.status.in_(ACTIVE_STATUSES)).order_by(rollouts.c.id)
+            ).scalars().all()
+        for rid in ids:
+            self._poll_one(int(rid))
+        for rid in [r for r in self._states if r not in ids]:
+            del self._states[rid]
+
+    def _apply(self, st: m.RolloutState, event: m.Event,
+               command_seq: int | None = None) -> m.RolloutState:
+        new, effects = m.step(st, event)
+        with self.db.begin() as c:
+            save_state(c, new, st)
+            if command_seq is not None:
+                c.execute(rollout_commands.update().where(
+                    rollout_commands.c.seq == command_seq).values(done=time.time()))
+        self._states[new.id] = new
+        for fx in effects:
+            new = self._effect(new, fx)
+        return new
+
+    def _poll_one(self, rid: int) -> None:
+        st = self._states.get(rid)
+        if st is None:
+            with self.db.begin() as c:
+                st = load_state(c, rid)
+            st = self._apply(st, m.Restarted(time.time()))
+        with self.db.begin() as c:
+            cmds = c.execute(sa.select(rollout_commands).where(
+                (rollout_commands.c.rollout == rid) & rollout_commands.c.done.is_(None))
+                .order_by(rollout_commands.c.seq)).mappings().all()
+        for cmd in cmds:
+            st = self._apply(st, m.Command(cmd["command"], time.time(), cmd["actor"]),
+                             command_seq=cmd["seq"])
+        with self.db.begin() as c:
+            sel = json_value(c.execute(sa.select(rollouts.c.selector).where(
+                rollouts.c.id == rid)).scalar_one(), {})
+        mem = members(self.db, self.topics.fleet, sel)
+        self._apply(st, m.Tick(time.time(), mem, self._reports(st)))
+
+    def _reports(self, st: m.RolloutState) -> list[m.Report]:
+        waiting: dict[str, set[int]] = {}
+        for d, p in st.devices.items():
+            if p.status == "sent" and p.counter is not None:
+                waiting.setdefault(d, set()).add(p.counter)
+            if p.rollback_status == "sent" and p.rollback_counter is not None:
+                waiting.setdefault(d, set()).add(p.rollback_counter)
+        if not waiting:
+            return []
+        out: list[m.Report] = []
+        counters = sorted({n for s in waiting.values() for n in s})
+        with self.db.begin() as c:
+            for r in c.execute(sa.select(devices.c.id, devices.c.last_deployment,
+                                         devices.c.last_result, devices.c.last_reason).where(
+                    (devices.c.fleet == self.topics.fleet)
+                    & devices.c.id.in_(list(waiting)))):
+                if r.last_deployment in waiting[r.id] and r.last_result in m.FINISHED:
+                    out.append(m.Report(r.id, r.last_deployment, r.last_result,
+                                        r.last_reason))
+            for r in c.execute(sa.select(device_events.c.device, device_events.c.deployment,
+                                         device_events.c.kind, device_events.c.reason).where(
+                    (device_events.c.fleet == self.topics.fleet)
+                    & device_events.c.deployment.in_(counters)
+                    & device_events.c.kind.in_(m.BAD))):
+                if r.device in waiting and r.deployment in waiting[r.device]:
+                    out.append(m.Report(r.device, r.deployment, r.kind, r.reason))
+        return out
+
+    def _effect(self, st: m.RolloutState, fx: m.Effect) -> m.RolloutState:
+        if isinstance(fx, m.Sign):
+            try:
+                signed = create_deployment(self.repo, model=st.model, fleet=self.topics.fleet,
+                                           version=fx.version, devices=fx.devices,
+                                           rollback=fx.rollback)
+            except EdgeError as err:
+                log.warning("rollout %d: cannot sign for %s: %s", st.id,
+                            ", ".join(fx.devices), err)
+                return self._apply(st, m.SignFailed(fx.devices, str(err), fx.rollback,
+                                                    time.time()))
+            return self._apply(st, m.Signed(fx.devices, signed.deployment.counter,
+                                            signed.document.decode(), fx.rollback,
+                                            time.time()))
+        if isinstance(fx, m.Publish):
+            doc = fx.document.encode()
+            for d in fx.devices:
+                self.conn.publish_wait(self.topics.desired(d), doc, qos=1, retain=True)
+            return st
+        clear_deployment(self.conn, self.topics.desired(fx.device))
+        return st
+
+
+def actor_name(operator: str | None) -> str:
+    """``--operator``, else ``EDGE_OPERATOR``, else the OS user."""
+    if operator:
+        return operator
+    env = os.environ.get("EDGE_OPERATOR")
+    if env:
+        return env
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid {os.getuid()}"
+
+
+def audit(db_url: str, actor: str, action: str, params: Mapping[str, Any]) -> None:
+    """Append one operator action to the audit log of the database at ``db_url``."""
+    with FleetDB.open(db_url) as db:
+        db.record_audit(actor, action, params)
+
+
+__all__ = ["Controller", "actor_name", "audit", "check_key_permissions", "command_rollout",
+           "start_rollout"]

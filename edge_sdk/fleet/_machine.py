@@ -1,0 +1,413 @@
+"""A rollout's progress as a pure state machine: ``step(state, event) -> (state, effects)``.
+
+No I/O here. The controller feeds events (a tick with the registry's view of the
+devices, an operator command, a signed deployment), saves the returned state in the
+database, and only then carries out the effects (sign, publish, clear). Because a
+device's signed document is in the saved state before it is published, a controller
+killed at any moment and restarted republishes the same document instead of signing a
+second, conflicting one (:class:`Restarted` → :class:`Publish` for each sent device).
+
+Device statuses: ``pending`` (in a wave, not yet sent) → ``signing`` → ``sent`` →
+``committed`` | ``failed`` | ``rolled_back`` | ``refused`` | ``silent`` (no answer within
+the wave timeout). On abort, devices that may hold the new release get
+``rollback_status`` ``signing`` → ``sent`` → ``committed`` / ``failed`` / ``silent``, or
+``withdrawn`` (no earlier release; its pending document is cleared) / ``skipped``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..release._rollout import plan_waves
+
+FINISHED = ("committed", "failed", "rolled_back", "refused", "silent")
+BAD = ("failed", "rolled_back", "refused")
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    """What the operator asked for. ``waves``: cumulative counts or percentages of the
+    devices the selector matches at the start. ``rate``: devices per minute (0: no
+    limit). Abort when, over at least ``min_finished`` finished devices, the share that
+    failed or rolled back exceeds ``max_failure_rate`` or the share that stayed silent
+    exceeds ``max_silent_rate``."""
+
+    waves: tuple[str, ...] = ("1", "10%", "50%", "100%")
+    rate: float = 0.0
+    wave_timeout: float = 600.0
+    max_failure_rate: float = 0.0
+    max_silent_rate: float = 0.0
+    min_finished: int = 1
+    pause_after_wave: bool = False
+    rollback: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["waves"] = list(self.waves)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> RolloutSpec:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        if "waves" in known:
+            known["waves"] = tuple(known["waves"])
+        return cls(**known)
+
+
+@dataclass
+class DeviceProgress:
+    wave: int
+    status: str = "pending"
+    reason: str | None = None
+    counter: int | None = None
+    document: str | None = None
+    sent_at: float | None = None
+    finished_at: float | None = None
+    before_model: str | None = None
+    before_version: str | None = None
+    rollback_counter: int | None = None
+    rollback_document: str | None = None
+    rollback_status: str | None = None
+    rollback_sent_at: float | None = None
+
+
+@dataclass
+class RolloutState:
+    id: int
+    model: str
+    version: str
+    spec: RolloutSpec
+    status: str = "pending"  # pending running paused aborting completed aborted
+    wave: int = 0  # current wave, 1-based; 0 before planning
+    waves: int = 0
+    reason: str | None = None
+    devices: dict[str, DeviceProgress] = field(default_factory=dict)
+    tokens: float = 0.0
+    tokens_at: float = 0.0
+    approved: int = 0  # the last wave whose pause the operator resumed
+    held: bool = False  # paused by the controller after a wave (manual approval)
+
+
+# -- events --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Member:
+    """The registry's view of a device the selector matches."""
+
+    online: bool
+    model: str | None
+    version: str | None
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a device said about deployment ``counter``: a terminal result."""
+
+    device: str
+    counter: int
+    result: str
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Tick:
+    now: float
+    members: Mapping[str, Member]
+    reports: Sequence[Report] = ()
+
+
+@dataclass(frozen=True)
+class Command:
+    command: str  # pause resume abort
+    now: float
+    actor: str = ""
+
+
+@dataclass(frozen=True)
+class Signed:
+    devices: tuple[str, ...]
+    counter: int
+    document: str
+    rollback: bool
+    now: float
+
+
+@dataclass(frozen=True)
+class SignFailed:
+    devices: tuple[str, ...]
+    reason: str
+    rollback: bool
+    now: float
+
+
+@dataclass(frozen=True)
+class Restarted:
+    now: float
+
+
+Event = Tick | Command | Signed | SignFailed | Restarted
+
+
+# -- effects -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Sign:
+    devices: tuple[str, ...]
+    version: str
+    rollback: bool
+
+
+@dataclass(frozen=True)
+class Publish:
+    devices: tuple[str, ...]
+    document: str
+
+
+@dataclass(frozen=True)
+class Clear:
+    device: str
+
+
+Effect = Sign | Publish | Clear
+
+
+class CommandRefused(Exception):
+    """An operator command that does not apply in the rollout's current status."""
+
+
+def check_command(status: str, command: str) -> None:
+    """Raise :class:`CommandRefused` (with the reason) unless ``command`` applies."""
+    if status in ("completed", "aborted"):
+        raise CommandRefused(f"it is already {status}")
+    if command == "pause" and status == "paused":
+        raise CommandRefused("it is already paused")
+    if command == "resume" and status != "paused":
+        raise CommandRefused(f"it is {status}, not paused")
+    if command == "abort" and status == "aborting":
+        raise CommandRefused("it is already aborting")
+    if command not in ("pause", "resume", "abort"):
+        raise CommandRefused(f"unknown command {command!r}")
+
+
+def step(state: RolloutState, event: Event) -> tuple[RolloutState, list[Effect]]:
+    """Apply ``event``; return the new state and the effects to carry out after saving it."""
+    s = copy.deepcopy(state)
+    fx: list[Effect] = []
+    if isinstance(event, Restarted):
+        _restart(s, fx)
+    elif isinstance(event, Command):
+        _command(s, event, fx)
+    elif isinstance(event, Signed):
+        _signed(s, event, fx)
+    elif isinstance(event, SignFailed):
+        _sign_failed(s, event)
+    else:
+        _tick(s, event, fx)
+    return s, fx
+
+
+def _restart(s: RolloutState, fx: list[Effect]) -> None:
+    # Signed and saved but perhaps never published: publish the same bytes again.
+    by_doc: dict[str, list[str]] = {}
+    for d, p in sorted(s.devices.items()):
+        if p.status == "sent" and p.document:
+            by_doc.setdefault(p.document, []).append(d)
+        if p.rollback_status == "sent" and p.rollback_document:
+            by_doc.setdefault(p.rollback_document, []).append(d)
+        # Asked to sign, but no signed document saved: none was published; sign anew.
+        if p.status == "signing":
+            p.status = "pending"
+        if p.rollback_status == "signing":
+            p.rollback_status = "pending"
+    fx += [Publish(tuple(devs), doc) for doc, devs in by_doc.items()]
+
+
+def _command(s: RolloutState, e: Command, fx: list[Effect]) -> None:
+    try:
+        check_command(s.status, e.command)
+    except CommandRefused:
+        return  # raced with the rollout's own progress (finished meanwhile): nothing to do
+    if e.command == "pause":
+        s.status = "paused"
+        s.held = False
+        s.reason = f"paused by {e.actor}" if e.actor else "paused"
+    elif e.command == "resume":
+        s.status = "running"
+        s.approved = s.wave if s.held else s.approved
+        s.held = False
+        s.reason = None
+    else:
+        _abort(s, f"aborted by {e.actor}" if e.actor else "aborted by the operator", fx)
+
+
+def _signed(s: RolloutState, e: Signed, fx: list[Effect]) -> None:
+    for d in e.devices:
+        p = s.devices[d]
+        if e.rollback:
+            p.rollback_counter, p.rollback_document = e.counter, e.document
+            p.rollback_status, p.rollback_sent_at = "sent", e.now
+        else:
+            p.counter, p.document, p.status, p.sent_at = e.counter, e.document, "sent", e.now
+    fx.append(Publish(e.devices, e.document))
+
+
+def _sign_failed(s: RolloutState, e: SignFailed) -> None:
+    for d in e.devices:
+        p = s.devices[d]
+        if e.rollback:
+            p.rollback_status = "skipped"
+        else:
+            p.status, p.reason, p.finished_at = "failed", e.reason, e.now
+    if not e.rollback and s.status == "running":
+        s.reason = f"signing failed: {e.reason}"
+
+
+def _tick(s: RolloutState, e: Tick, fx: list[Effect]) -> None:
+    _record(s, e)
+    if s.waves == 0 and s.status in ("pending", "running", "paused"):
+        order = sorted(e.members, key=lambda d: (not e.members[d].online, d))
+        if not order:
+            s.status, s.reason = "aborted", "the selector matches no device"
+            return
+        plan = plan_waves(order, s.spec.waves)
+        for i, wave in enumerate(plan, 1):
+            for d in wave:
+                m = e.members[d]
+                s.devices[d] = DeviceProgress(wave=i, before_model=m.model,
+                                              before_version=m.version)
+        s.wave, s.waves = 1, len(plan)
+        s.status = "running" if s.status == "pending" else s.status
+        s.tokens, s.tokens_at = max(1.0, s.spec.rate / 6), e.now
+    if s.status == "aborting":
+        _tick_abort(s, e.now, fx)
+        return
+    if s.status not in ("running", "paused"):
+        return
+    # Dynamic: a device that joins the selector while the rollout runs joins this wave.
+    for d, m in sorted(e.members.items()):
+        if d not in s.devices:
+            s.devices[d] = DeviceProgress(wave=s.wave, before_model=m.model,
+                                          before_version=m.version)
+    _timeouts(s, e.now)
+    if _should_abort(s, fx):
+        return
+    if s.status == "paused":
+        return
+    if all(p.status in FINISHED for p in s.devices.values() if p.wave <= s.wave):
+        if s.wave >= s.waves:
+            s.status, s.reason = "completed", None
+            return
+        if s.spec.pause_after_wave and s.approved < s.wave:
+            s.status, s.held = "paused", True
+            s.reason = f"waiting for approval after wave {s.wave} of {s.waves}"
+            return
+        s.wave += 1
+    _send(s, e.now, fx)
+
+
+def _record(s: RolloutState, e: Tick) -> None:
+    for r in e.reports:
+        p = s.devices.get(r.device)
+        if p is None:
+            continue
+        if p.status == "sent" and r.counter == p.counter:
+            p.status, p.finished_at = r.result, e.now
+            p.reason = None if r.result == "committed" else r.reason
+        elif p.rollback_status == "sent" and r.counter == p.rollback_counter:
+            p.rollback_status = "committed" if r.result == "committed" else "failed"
+            if r.result != "committed":
+                p.reason = f"rollback {r.result}: {r.reason}"
+
+
+def _timeouts(s: RolloutState, now: float) -> None:
+    for p in s.devices.values():
+        if p.status == "sent" and p.sent_at is not None \
+                and now - p.sent_at > s.spec.wave_timeout:
+            p.status, p.finished_at = "silent", now
+            p.reason = f"no answer within {s.spec.wave_timeout:g} s"
+
+
+def _should_abort(s: RolloutState, fx: list[Effect]) -> bool:
+    done = [p for p in s.devices.values() if p.status in FINISHED]
+    if len(done) < max(1, s.spec.min_finished):
+        return False
+    bad = [p for p in done if p.status in BAD]
+    silent = [p for p in done if p.status == "silent"]
+    why = None
+    if len(bad) / len(done) > s.spec.max_failure_rate:
+        why = f"{len(bad)} of {len(done)} finished device(s) failed"
+    elif len(silent) / len(done) > s.spec.max_silent_rate:
+        why = f"{len(silent)} of {len(done)} finished device(s) did not answer"
+    if why is None:
+        return False
+    reasons = sorted({p.reason for p in bad + silent if p.reason})
+    if reasons:
+        why += " (" + "; ".join(reasons[:3]) + ")"
+    _abort(s, f"wave {s.wave} of {s.waves}: {why}", fx)
+    return True
+
+
+def _abort(s: RolloutState, why: str, fx: list[Effect]) -> None:
+    s.status, s.reason, s.held = "aborting", why, False
+    for d, p in sorted(s.devices.items()):
+        if p.status in ("pending", "signing"):
+            p.status, p.reason = "cancelled", "the rollout was aborted before it got here"
+            continue
+        holds_new = p.status in ("committed", "sent", "silent")
+        if not holds_new or not s.spec.rollback:
+            continue
+        if p.before_model == s.model and p.before_version == s.version:
+            continue
+        if p.before_model != s.model or p.before_version is None:
+            if p.status != "committed":
+                p.rollback_status = "withdrawn"
+                fx.append(Clear(d))
+            else:
+                p.rollback_status = "skipped"
+            continue
+        p.rollback_status = "pending"
+    _rollback_signs(s, fx)
+
+
+def _tick_abort(s: RolloutState, now: float, fx: list[Effect]) -> None:
+    _rollback_signs(s, fx)
+    for p in s.devices.values():
+        if p.rollback_status == "sent" and p.rollback_sent_at is not None \
+                and now - p.rollback_sent_at > s.spec.wave_timeout:
+            p.rollback_status = "silent"
+    if all(p.rollback_status not in ("pending", "signing", "sent")
+           for p in s.devices.values()):
+        s.status = "aborted"
+
+
+def _rollback_signs(s: RolloutState, fx: list[Effect]) -> None:
+    """One rollback deployment per earlier version, for devices still to send back."""
+    by_version: dict[str, list[str]] = {}
+    for d, p in sorted(s.devices.items()):
+        if p.rollback_status == "pending" and p.before_version is not None:
+            by_version.setdefault(p.before_version, []).append(d)
+            p.rollback_status = "signing"
+    fx += [Sign(tuple(devs), v, True) for v, devs in sorted(by_version.items())]
+
+
+def _send(s: RolloutState, now: float, fx: list[Effect]) -> None:
+    pending = [d for d, p in sorted(s.devices.items())
+               if p.status == "pending" and p.wave <= s.wave]
+    if not pending:
+        return
+    if s.spec.rate > 0:
+        cap = max(1.0, s.spec.rate / 6)  # at most ten seconds' worth in one burst
+        s.tokens = min(cap, s.tokens + (now - s.tokens_at) * s.spec.rate / 60)
+        s.tokens_at = now
+        n = math.floor(s.tokens)
+        if n < 1:
+            return
+        pending = pending[:n]
+        s.tokens -= len(pending)
+    for d in pending:
+        s.devices[d].status = "signing"
+    fx.append(Sign(tuple(pending), s.version, False))
