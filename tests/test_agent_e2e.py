@@ -638,7 +638,7 @@ def test_rollout_goes_wave_by_wave_and_commits_everywhere(fleet, tmp_path, agent
     from edge_sdk.cli import main
 
     procs = _rollout_fleet(fleet, tmp_path, agents, "ro-ok", 3)
-    assert main(_cli(fleet, "rollout", "--model", "adder", "--version", "2", "--group",
+    assert main(_cli(fleet, "rollout", "run", "--model", "adder", "--version", "2", "--group",
                      "ro-ok", "--waves", "1,100%", "--wave-timeout", "60")) == 0
     out, err = capsys.readouterr()
     assert "wave 1: deployment #" in err and "to 1 device(s): ro-ok-0" in err
@@ -657,7 +657,7 @@ def test_rollout_aborts_on_a_silent_device_and_sends_the_others_back(
     offline = procs[1]
     offline.stop()
     wait_for(lambda: fleet.states[offline.device]["online"] is False)
-    code = main(_cli(fleet, "rollout", "--model", "adder", "--version", "2", "--group",
+    code = main(_cli(fleet, "rollout", "run", "--model", "adder", "--version", "2", "--group",
                      "ro-bad", "--waves", "1,100%", "--wave-timeout", "8"))
     out, err = capsys.readouterr()
     assert "rollback ro-bad-1" in out and "sent" in out

@@ -33,11 +33,14 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
                "to a device or group."),
     "status": ("edge_sdk.cli._release:status_cmd", "agent", "Show the devices' reported "
                "state: online, model, last update."),
-    "serve": ("edge_sdk.cli._release:serve_cmd", "agent", "Run the repository responder on MQTT."),
+    "serve": ("edge_sdk.cli._release:serve_cmd", "agent", "Run the repository responder, device "
+              "registry and rollout controller."),
     "pull": ("edge_sdk.cli._release:pull_cmd", "agent", "Fetch and verify an artifact over MQTT "
              "without the agent."),
-    "rollout": ("edge_sdk.cli._release:rollout_cmd", "agent", "Deploy in waves; abort and "
-                "roll back when a wave fails."),
+    "rollout": ("edge_sdk.cli._fleet:rollout_group", "agent", "Staged rollouts: start, "
+                "status, pause, resume, abort, list (recorded in the fleet DB), or run."),
+    "audit": ("edge_sdk.cli._fleet:audit_cmd", "fleet", "Show the audit log of operator "
+              "actions."),
     "agent": ("device_agent._cli:agent_cmd", "agent", "Run the device agent daemon."),
 }
 

@@ -45,9 +45,31 @@ from ..trust import LocalModel, UpdateClient
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _audit_options(fn: F) -> F:
+    fn = click.option("--operator", envvar="EDGE_OPERATOR", show_envvar=True,
+                      help="Name recorded in the audit log (default: the OS user).")(fn)
+    return click.option("--db", "db_url", envvar="EDGE_DB",
+                        help="Fleet database for the audit log (default: REPO/fleet.db).")(fn)
+
+
+def _audit(db_url: str | None, repo: str, operator: str | None, action: str,
+           params: dict[str, Any]) -> None:
+    from ._fleet import record
+
+    record(db_url, repo, operator, action, params)
+
+
 def _mqtt_options(fn: F) -> F:
+    return _mqtt_options_required(True)(fn)
+
+
+def _mqtt_options_required(required: bool) -> Callable[[F], F]:
+    return lambda fn: _mqtt_options_impl(fn, required)
+
+
+def _mqtt_options_impl(fn: F, required: bool) -> F:
     opts = [
-        click.option("--broker", required=True, envvar="EDGE_BROKER", show_envvar=True,
+        click.option("--broker", required=required, envvar="EDGE_BROKER", show_envvar=True,
                      help="Broker URL: mqtt://HOST:PORT or mqtts://HOST:PORT."),
         click.option("--fleet", default="default", show_default=True, envvar="EDGE_FLEET",
                      help="Fleet name (the {fleet} level of every topic)."),
@@ -115,10 +137,15 @@ def init_cmd(repo: str, keydir: str, threshold: tuple[str, ...],
 @click.option("--delta-bases", type=click.IntRange(min=0), default=DEFAULT_DELTA_BASES,
               show_default=True,
               help="Also sign deltas from this many earlier versions of the model (0: none).")
-def add_cmd(repo: str, artifact_dir: str, keydir: str | None, delta_bases: int) -> None:
+@_audit_options
+def add_cmd(repo: str, artifact_dir: str, keydir: str | None, delta_bases: int,
+            db_url: str | None, operator: str | None) -> None:
     """Release ARTIFACT_DIR: sign it into the targets, bump snapshot and timestamp."""
     r = Repository(repo, keydir)
     rt = r.add_artifact(artifact_dir, delta_bases=delta_bases)
+    _audit(db_url, repo, operator, "release.add", {
+        "repo": str(r.path), "model": rt.name, "version": rt.version, "sha256": rt.sha256,
+        "length": rt.length})
     v = r.versions()
     click.echo(f"released {rt.name} {rt.version}: {rt.path} ({rt.length} bytes, sha256 "
                f"{rt.sha256[:16]}…); targets v{v['targets']}, timestamp v{v['timestamp']}")
@@ -166,10 +193,14 @@ def refresh_cmd(repo: str, keydir: str | None, force: bool) -> None:
 @click.argument("repo", type=click.Path(file_okay=False, exists=True))
 @click.argument("role", type=click.Choice(ROLE_NAMES))
 @click.option("--keys", "keydir", type=click.Path(file_okay=False))
-def rotate_cmd(repo: str, role: str, keydir: str | None) -> None:
+@_audit_options
+def rotate_cmd(repo: str, role: str, keydir: str | None, db_url: str | None,
+               operator: str | None) -> None:
     """Replace ROLE's keys with a new root signed by old and new root keys."""
     r = Repository(repo, keydir)
     ids = r.rotate_key(role)
+    _audit(db_url, repo, operator, "release.rotate-key", {"repo": str(r.path), "role": role,
+                                                          "keyids": list(ids)})
     click.echo(f"rotated {role} to key {', '.join(i[:16] for i in ids)}; root "
                f"v{r.versions()['root']}")
 
@@ -192,10 +223,12 @@ def rotate_cmd(repo: str, role: str, keydir: str | None) -> None:
                    "unless all committed.")
 @click.option("--timeout", default=600.0, show_default=True, type=float,
               help="With --wait: seconds to wait for the devices.")
+@_audit_options
 @_mqtt_options
 def deploy_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...], model: str,
                version: str | None, rollback: bool, expires_days: float, keydir: str | None,
-               output: str | None, wait: bool, timeout: float, **mqtt: Any) -> None:
+               output: str | None, wait: bool, timeout: float, db_url: str | None,
+               operator: str | None, **mqtt: Any) -> None:
     """Sign a deployment and publish it retained on each device's or group's desired topic."""
     if timeout <= 0:
         raise UsageError("--timeout must be > 0 seconds")
@@ -217,6 +250,10 @@ def deploy_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...], mod
         try:
             topics = publish_deployment(conn, signed)
             click.echo(f"deployed {signed.deployment.describe()} on {', '.join(topics)}")
+            _audit(db_url, repo, operator, "deploy", {
+                "fleet": config.fleet, "model": signed.deployment.model,
+                "version": signed.deployment.version, "counter": counter,
+                "devices": list(devices), "groups": list(groups), "rollback": rollback})
             if watch is None:
                 return
             outcomes = watch.wait(timeout)
@@ -314,23 +351,46 @@ def _show_wave(_: str, info: dict[str, Any]) -> None:
 @click.command("status")
 @click.option("--device", "devices", multiple=True, help="Only this device. Repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw states as JSON.")
-@_mqtt_options
-def status_cmd(devices: tuple[str, ...], as_json: bool, **mqtt: Any) -> None:
+@click.option("--db", "db_url", envvar="EDGE_DB",
+              help="Read the fleet database (the registry) instead of the broker.")
+@click.option("--repo", "repo_dir", type=click.Path(file_okay=False, exists=True),
+              help="Read the registry in REPO/fleet.db instead of the broker.")
+@_mqtt_options_required(False)
+def status_cmd(devices: tuple[str, ...], as_json: bool, db_url: str | None,
+               repo_dir: str | None, **mqtt: Any) -> None:
     """Show every device's reported state: online, model, previous model, last update."""
-    config = _mqtt_config(mqtt)
-    with MqttConnection(config, name="edge-status") as conn:
-        states = fleet_status(conn)
+    if db_url or repo_dir:
+        from ..release._watch import DeviceStatus
+        from ._fleet import open_db
+
+        fleet = mqtt["fleet"]
+        with open_db(db_url, repo_dir) as db:
+            rows = db.devices(fleet=fleet)
+            where = db.url
+        states = {}
+        for row in rows:
+            st = DeviceStatus.parse(row["id"], json.dumps(row["state"]).encode())
+            if st is not None:
+                states[row["id"]] = dataclasses.replace(st, ts=row["last_seen"])
+    else:
+        if not mqtt.get("broker"):
+            raise UsageError("name the broker (--broker URL or EDGE_BROKER), or read the "
+                             "registry with --db URL / --repo REPO")
+        config = _mqtt_config(mqtt)
+        fleet, where = config.fleet, config.url
+        with MqttConnection(config, name="edge-status") as conn:
+            states = fleet_status(conn)
     if devices:
         missing = [d for d in devices if d not in states]
         if missing:
             raise UsageError(f"no state reported by device(s) {', '.join(missing)} in fleet "
-                             f"{config.fleet!r} on {config.url}")
+                             f"{fleet!r} on {where}")
         states = {d: states[d] for d in devices}
     if as_json:
         click.echo(json.dumps({d: s.raw for d, s in states.items()}, indent=2))
         return
     if not states:
-        click.echo(f"no device has reported in fleet {config.fleet!r} on {config.url}")
+        click.echo(f"no device has reported in fleet {fleet!r} on {where}")
         return
     now = time.time()
     rows = [("DEVICE", "ONLINE", "MODEL", "PREVIOUS", "DEPLOYMENT", "CHANGED", "LAST UPDATE")]
@@ -386,33 +446,56 @@ def _device_limits(values: tuple[str, ...]) -> DeviceLimits:
 @click.option("--device-limit", "device_limit", multiple=True, metavar="KEY=N",
               help="Change one per-device budget, e.g. bytes_per_s=4194304 (keys: "
                    + ", ".join(f.name for f in dataclasses.fields(DeviceLimits)) + ").")
+@click.option("--db", "db_url", envvar="EDGE_DB", show_envvar=True,
+              help="Fleet database: sqlite:///PATH or postgresql://... (default: "
+                   "REPO/fleet.db).")
+@click.option("--keys", "keydir", type=click.Path(file_okay=False),
+              help="Key directory holding the deployment key (default: the one given to "
+                   "init). The controller signs each wave with it.")
+@click.option("--poll", "poll_s", default=0.5, show_default=True, type=float, hidden=True)
 @_mqtt_options
-def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], **mqtt: Any) -> None:
-    """Answer chunk requests for REPO and announce new releases, until interrupted.
+def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url: str | None,
+              keydir: str | None, poll_s: float, **mqtt: Any) -> None:
+    """Answer chunk requests for REPO, keep the device registry and run the rollouts
+    recorded in the fleet database, until interrupted.
 
     Each device is answered only on its own response topic and within its own
     budget (requests and bytes per second, bytes in flight): see --device-limit.
     """
+    from ._fleet import open_db
+
     config = _mqtt_config(mqtt)
     limits = _device_limits(device_limit)
     stop = threading.Event()
+    db = open_db(db_url, repo)
+    repository = Repository(repo, keydir)
+    from ..fleet import Controller, Registry, check_key_permissions
+
+    check_key_permissions(repository)
 
     def on_signal(signum: int, frame: object) -> None:
         stop.set()
 
     old = signal.signal(signal.SIGTERM, on_signal)
     try:
-        with MqttConnection(config, name="edge-serve") as conn:
+        with db, MqttConnection(config, name="edge-serve") as conn:
             responder = RepoResponder(conn, repo, config=ResponderConfig(
                 shared=not no_shared, limits=limits))
-            with responder:
+            registry = Registry(conn, db)
+            controller = Controller(db, repository, conn, poll_s=poll_s)
+            with responder, registry:
+                controller.start()
                 click.echo(f"serving {Path(repo).resolve()} on {config.url} fleet "
-                           f"{config.fleet}", err=True)
+                           f"{config.fleet}; registry and rollouts in {db.url}", err=True)
                 try:
                     while not stop.wait(0.5):
                         pass
                 except KeyboardInterrupt:
                     pass
+                controller.stop()
+            rs = registry.stats
+            click.echo(f"registry: {rs.states} states, {rs.events} events, {rs.malformed} "
+                       f"malformed reports ignored, {rs.dropped} dropped", err=True)
             st = responder.stats
             click.echo(f"stopped: {st.requests} requests, {st.bytes_sent} bytes sent, "
                        f"{st.slowed} slowed down, {st.dropped} dropped over the rate",

@@ -1,0 +1,212 @@
+"""The fleet controller end to end, on SQLite and PostgreSQL: real agents as
+subprocesses, a real Mosquitto, the controller as a real `edge-sdk serve` subprocess,
+rollouts steered with the CLI through the database."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge_sdk.cli import main
+from edge_sdk.fleet import FleetDB
+from tests import _fleetdb, test_agent_e2e
+from tests._broker import Mosquitto
+from tests.test_agent_e2e import FLEET, ROOT, AgentProc, Fleet, new_agent, wait_for
+
+agents = test_agent_e2e.agents  # agent processes killed after each test
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    tmp = tmp_path_factory.mktemp("fleet-e2e")
+    with Mosquitto(tmp / "broker") as broker:
+        f = Fleet(tmp, broker)
+        for v in ("1", "2", "3"):
+            f.release(v)
+        f.release("9", offset=float("nan"))  # fails every agent's smoke test
+        yield f
+        f.close()
+
+
+@pytest.fixture(params=_fleetdb.ENGINES)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    yield from _fleetdb.make_db(request.param, tmp_path)
+
+
+class Serve:
+    """`edge-sdk serve` as a subprocess (kill -9 and start again at will)."""
+
+    def __init__(self, fleet: Fleet, db_url: str, tmp: Path) -> None:
+        self.cmd = [sys.executable, "-m", "edge_sdk", "serve", "--repo", str(fleet.repo.path),
+                    "--broker", fleet.broker.url, "--fleet", FLEET, "--db", db_url,
+                    "--poll", "0.2"]
+        self.log = tmp / "serve.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Serve:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=log, stderr=log,
+                                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture()
+def serve(fleet: Fleet, db_url: str, tmp_path: Path) -> Iterator[Serve]:
+    s = Serve(fleet, db_url, tmp_path)
+    yield s
+    s.kill()
+
+
+def start_fleet(fleet: Fleet, tmp: Path, agents: list[AgentProc], group: str, n: int,
+                db_url: str) -> list[AgentProc]:
+    procs = [new_agent(fleet, tmp, agents, f"{group}-{i}", groups=(group,)).start()
+             for i in range(n)]
+    for p in procs:
+        fleet.deploy(p.device, "1")
+    for p in procs:
+        p.wait_version("1")
+    with FleetDB.open(db_url) as db:
+        wait_for(lambda: len([d for d in db.devices(group=group)
+                              if d["version"] == "1" and d["online"]]) == n, 30,
+                 lambda: f"registry has {db.devices(group=group)}")
+    return procs
+
+
+def grp(name: str, db_url: str) -> str:
+    """Device and group names per engine: the module's agents share one broker."""
+    return f"{name}-{db_url.split(':')[0].split('+')[0][:2]}"
+
+
+def rollout(db_url: str, *args: str) -> int:
+    return main(["rollout", *args, "--db", db_url, "--operator", "tester"])
+
+
+def start(db_url: str, *args: str) -> int:
+    code = main(["rollout", "start", "--db", db_url, "--operator", "tester", "--fleet",
+                 FLEET, "--model", "adder", *args])
+    assert code == 0
+    with FleetDB.open(db_url) as db:
+        return int(db.rollouts()[0]["id"])
+
+
+def wait_status(db_url: str, rid: int, status: str, timeout: float = 90) -> dict[str, Any]:
+    with FleetDB.open(db_url) as db:
+        return wait_for(lambda: (r := db.rollout(rid))["status"] == status and r, timeout,
+                        lambda: f"rollout {rid}: {db.rollout(rid)}")
+
+
+def deployments_seen(fleet: Fleet, device: str, since: int) -> set[int]:
+    """Every deployment counter above ``since`` that the device reported about."""
+    out = set()
+    for e in list(fleet.events[device]):
+        dep = e.get("deployment")
+        if isinstance(dep, dict) and isinstance(dep.get("counter"), int) \
+                and dep["counter"] > since:
+            out.add(dep["counter"])
+    return out
+
+
+@pytest.mark.slow
+def test_three_wave_rollout_completes_and_pause_after_wave_holds_until_resume(
+        fleet, tmp_path, agents, db_url, serve, capsys) -> None:
+    serve.start()
+    procs = start_fleet(fleet, tmp_path, agents, g := grp("w3", db_url), 5, db_url)
+    t0 = time.monotonic()
+    rid = start(db_url, "--version", "2", "--group", g, "--waves", "1,3,100%",
+                "--wave-timeout", "60", "--pause-after-wave")
+    r = wait_status(db_url, rid, "paused")
+    assert "waiting for approval after wave 1 of 3" in r["reason"]
+    time.sleep(1.5)  # held: nobody beyond wave 1 gets it
+    r = wait_status(db_url, rid, "paused")
+    assert [d["status"] for d in r["devices"] if d["wave"] > 1] == ["pending"] * 4
+    assert rollout(db_url, "resume", str(rid)) == 0
+    with FleetDB.open(db_url) as db:
+        wait_for(lambda: "after wave 2 of 3" in (db.rollout(rid)["reason"] or ""), 60)
+    assert rollout(db_url, "resume", str(rid)) == 0
+    r = wait_status(db_url, rid, "completed")
+    elapsed = time.monotonic() - t0
+    with capsys.disabled():
+        print(f"\n3-wave rollout to 5 devices (2 approvals): {elapsed:.1f} s", file=sys.stderr)
+    assert [p["by_status"] for p in r["progress"]] == [{"committed": 1}, {"committed": 2},
+                                                       {"committed": 2}]
+    for p in procs:
+        assert p.infer() == ("2", 3.0)
+    # Pausing a finished rollout is refused in one line, nothing changed.
+    capsys.readouterr()
+    assert rollout(db_url, "pause", str(rid)) == 2
+    assert "cannot pause rollout" in capsys.readouterr().err
+    assert rollout(db_url, "status", "999") == 2
+    with FleetDB.open(db_url) as db:
+        actions = [a["action"] for a in db.audit()]
+    assert actions.count("rollout.resume") == 2 and "rollout.start" in actions
+
+
+@pytest.mark.slow
+def test_controller_killed_mid_wave_finishes_without_a_second_deployment(
+        fleet, tmp_path, agents, db_url, serve) -> None:
+    from edge_sdk.release import deployment_state
+
+    serve.start()
+    procs = start_fleet(fleet, tmp_path, agents, g := grp("k9", db_url), 5, db_url)
+    since = int(deployment_state(fleet.repo)["counter"])  # type: ignore[call-overload]
+    rid = start(db_url, "--version", "3", "--group", g, "--waves", "1,3,100%",
+                "--wave-timeout", "60", "--rate", "60")
+    with FleetDB.open(db_url) as db:
+        wait_for(lambda: any(d["status"] == "sent" for d in db.rollout(rid)["devices"]
+                             if d["wave"] >= 2), 60)
+    serve.kill()
+    # A device joins the group while the controller is down: it gets the current wave.
+    late = new_agent(fleet, tmp_path, agents, f"{g}-late", groups=(g,)).start()
+    late_since = fleet.deploy(late.device, "1")
+    late.wait_version("1")
+    serve.start()
+    r = wait_status(db_url, rid, "completed", 120)
+    assert {d["device"] for d in r["devices"]} == {p.device for p in procs} | {late.device}
+    for p in [*procs, late]:
+        assert p.infer() == ("3", 4.0)
+        # One rollout, one deployment per device: never two different ones.
+        got = deployments_seen(fleet, p.device, late_since if p is late else since)
+        assert len(got) == 1, (p.device, got)
+
+
+@pytest.mark.slow
+def test_abort_on_a_failing_model_sends_committed_devices_back(
+        fleet, tmp_path, agents, db_url, serve) -> None:
+    serve.start()
+    procs = start_fleet(fleet, tmp_path, agents, g := grp("nan", db_url), 5, db_url)
+    rid = start(db_url, "--version", "9", "--group", g, "--waves", "2,100%",
+                "--wave-timeout", "60")
+    r = wait_status(db_url, rid, "aborted", 120)
+    assert "failed" in r["reason"] and r["failures"], r
+    for p in procs:
+        assert p.infer() == ("1", 2.0)
+
+
+def test_a_selector_matching_no_device_is_refused_and_nothing_is_written(
+        db_url, capsys) -> None:
+    assert main(["rollout", "start", "--db", db_url, "--fleet", FLEET, "--model", "adder",
+                 "--version", "2", "--group", "nobody"]) == 2
+    assert "matches no device" in capsys.readouterr().err
+    with FleetDB.open(db_url) as db:
+        assert db.rollouts() == [] and db.audit() == []
