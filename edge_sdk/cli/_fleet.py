@@ -11,7 +11,8 @@ from typing import Any, TypeVar
 
 import click
 
-from ..errors import EdgeError, UsageError
+from ..errors import UsageError
+from ._db import open_db
 from ._release import rollout_cmd
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -28,35 +29,6 @@ def db_options(fn: F) -> F:
 def operator_option(fn: F) -> F:
     return click.option("--operator", envvar="EDGE_OPERATOR", show_envvar=True,
                         help="Name recorded in the audit log (default: the OS user).")(fn)
-
-
-def resolve_db(db_url: str | None, repo_dir: str | None) -> str:
-    if db_url:
-        return db_url
-    if repo_dir:
-        from ..fleet import default_url
-
-        return default_url(repo_dir)
-    raise UsageError("name the fleet database with --db URL (or EDGE_DB), or --repo REPO "
-                     "for the repository's fleet.db")
-
-
-def open_db(db_url: str | None, repo_dir: str | None) -> Any:
-    try:
-        from ..fleet import FleetDB
-    except ImportError as err:
-        raise EdgeError(f"the fleet database needs {err.name}: pip install "
-                        "'edge-sdk[fleet]'") from err
-    return FleetDB.open(resolve_db(db_url, repo_dir))
-
-
-def record(db_url: str | None, repo_dir: str | None, operator: str | None, action: str,
-           params: dict[str, Any]) -> None:
-    """Append an operator action to the audit log (the repo's fleet.db without --db)."""
-    from ..fleet import actor_name
-
-    with open_db(db_url, repo_dir) as db:
-        db.record_audit(actor_name(operator), action, params)
 
 
 @click.group("rollout")

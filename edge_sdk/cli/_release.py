@@ -54,7 +54,7 @@ def _audit_options(fn: F) -> F:
 
 def _audit(db_url: str | None, repo: str, operator: str | None, action: str,
            params: dict[str, Any]) -> None:
-    from ._fleet import record
+    from ._db import record
 
     record(db_url, repo, operator, action, params)
 
@@ -361,7 +361,7 @@ def status_cmd(devices: tuple[str, ...], as_json: bool, db_url: str | None,
     """Show every device's reported state: online, model, previous model, last update."""
     if db_url or repo_dir:
         from ..release._watch import DeviceStatus
-        from ._fleet import open_db
+        from ._db import open_db
 
         fleet = mqtt["fleet"]
         with open_db(db_url, repo_dir) as db:
@@ -462,7 +462,7 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
     Each device is answered only on its own response topic and within its own
     budget (requests and bytes per second, bytes in flight): see --device-limit.
     """
-    from ._fleet import open_db
+    from ._db import open_db
 
     config = _mqtt_config(mqtt)
     limits = _device_limits(device_limit)
