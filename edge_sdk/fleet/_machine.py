@@ -12,6 +12,10 @@ Device statuses: ``pending`` (in a wave, not yet sent) → ``signing`` → ``sen
 the wave timeout). On abort, devices that may hold the new release get
 ``rollback_status`` ``signing`` → ``sent`` → ``committed`` / ``failed`` / ``silent``, or
 ``withdrawn`` (no earlier release; its pending document is cleared) / ``skipped``.
+
+An event that cannot follow the state (a signature nobody asked for, an unknown command)
+raises :class:`IllegalEvent`: the controller's record would be wrong, so nothing is
+applied.
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ BAD = ("failed", "rolled_back", "refused")
 class RolloutSpec:
     """What the operator asked for. ``waves``: cumulative counts or percentages of the
     devices the selector matches at the start. ``rate``: devices per minute (0: no
-    limit). Abort when, over at least ``min_finished`` finished devices, the share that
-    failed or rolled back exceeds ``max_failure_rate`` or the share that stayed silent
-    exceeds ``max_silent_rate``."""
+    limit): no 60 s holds more than ``rate`` first deployments (a fractional rate rounds
+    down, but at least one), spread out by a token bucket of ten seconds' worth. Abort
+    when, over at least ``min_finished`` finished devices, the share that failed or
+    rolled back exceeds ``max_failure_rate`` or the share that stayed silent exceeds
+    ``max_silent_rate``."""
 
     waves: tuple[str, ...] = ("1", "10%", "50%", "100%")
     rate: float = 0.0
@@ -179,8 +185,18 @@ class CommandRefused(Exception):
     """An operator command that does not apply in the rollout's current status."""
 
 
+class IllegalEvent(Exception):
+    """An event that cannot follow the rollout's state (the caller has a bug or a corrupt
+    record); :func:`step` applies nothing."""
+
+
+COMMANDS = ("pause", "resume", "abort")
+
+
 def check_command(status: str, command: str) -> None:
     """Raise :class:`CommandRefused` (with the reason) unless ``command`` applies."""
+    if command not in COMMANDS:
+        raise CommandRefused(f"unknown command {command!r}")
     if status in ("completed", "aborted"):
         raise CommandRefused(f"it is already {status}")
     if command == "pause" and status == "paused":
@@ -189,12 +205,12 @@ def check_command(status: str, command: str) -> None:
         raise CommandRefused(f"it is {status}, not paused")
     if command == "abort" and status == "aborting":
         raise CommandRefused("it is already aborting")
-    if command not in ("pause", "resume", "abort"):
-        raise CommandRefused(f"unknown command {command!r}")
 
 
 def step(state: RolloutState, event: Event) -> tuple[RolloutState, list[Effect]]:
-    """Apply ``event``; return the new state and the effects to carry out after saving it."""
+    """Apply ``event``; return the new state and the effects to carry out after saving it.
+    Raises :class:`IllegalEvent` (``state`` is left as it was)."""
+    _check(state, event)
     s = copy.deepcopy(state)
     fx: list[Effect] = []
     if isinstance(event, Restarted):
@@ -208,6 +224,24 @@ def step(state: RolloutState, event: Event) -> tuple[RolloutState, list[Effect]]
     else:
         _tick(s, event, fx)
     return s, fx
+
+
+def _check(s: RolloutState, e: Event) -> None:
+    if isinstance(e, Command) and e.command not in COMMANDS:
+        raise IllegalEvent(f"rollout {s.id}: unknown command {e.command!r}")
+    if isinstance(e, Signed | SignFailed):
+        what = "rollback " if e.rollback else ""
+        for d in e.devices:
+            p = s.devices.get(d)
+            if p is None:
+                raise IllegalEvent(f"rollout {s.id}: {what}signature for {d}, which is not "
+                                   "in the rollout")
+            got = p.rollback_status if e.rollback else p.status
+            if got != "signing":
+                # A second document for a device that has one would be a conflicting
+                # deployment: refuse it rather than overwrite the record.
+                raise IllegalEvent(f"rollout {s.id}: {what}signature for {d}, which is "
+                                   f"{got}, not waiting for one")
 
 
 def _restart(s: RolloutState, fx: list[Effect]) -> None:
@@ -403,7 +437,10 @@ def _send(s: RolloutState, now: float, fx: list[Effect]) -> None:
         cap = max(1.0, s.spec.rate / 6)  # at most ten seconds' worth in one burst
         s.tokens = min(cap, s.tokens + (now - s.tokens_at) * s.spec.rate / 60)
         s.tokens_at = now
-        n = math.floor(s.tokens)
+        # The bucket alone would allow its burst on top of a minute's worth.
+        recent = sum(1 for p in s.devices.values() if p.status == "signing" or (
+            p.sent_at is not None and now - p.sent_at < 60))
+        n = min(math.floor(s.tokens), max(1, math.floor(s.spec.rate)) - recent)
         if n < 1:
             return
         pending = pending[:n]

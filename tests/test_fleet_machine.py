@@ -1,0 +1,482 @@
+"""The rollout's pure state machine, driven event by event: no database, no broker, no key.
+
+The driver below plays the controller's part as ``Controller`` does it — each step's
+state is "saved" before its effects are carried out; a Sign is answered with a Signed
+carrying the repository's next counter; a Publish lands on the named devices — and the
+devices' part: a device answers the document it was sent on the next tick.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from collections.abc import Callable
+
+import pytest
+
+from edge_sdk.fleet._machine import (
+    Command,
+    CommandRefused,
+    Effect,
+    Event,
+    IllegalEvent,
+    Member,
+    Publish,
+    Report,
+    Restarted,
+    RolloutSpec,
+    RolloutState,
+    Sign,
+    Signed,
+    SignFailed,
+    Tick,
+    check_command,
+    step,
+)
+
+
+class Crash(Exception):
+    """The controller died at this point (kill -9): what was saved stays, the rest is lost."""
+
+
+class Sim:
+    """One rollout of adder 2 to devices serving adder 1, on a fake clock."""
+
+    def __init__(self, spec: RolloutSpec, n: int = 0, *, devices: tuple[str, ...] = (),
+                 results: dict[str, str] | None = None, crash_at: int | None = None) -> None:
+        self.state = RolloutState(1, "adder", "2", spec)
+        self.saved = self.state
+        self.now = 1000.0
+        self.members = {d: Member(True, "adder", "1")
+                        for d in devices or tuple(f"d{i:02d}" for i in range(n))}
+        #: How each device answers a forward deployment (default: committed).
+        self.results = results or {}
+        self.counter = 100  # the repository's deployment counter
+        self.docs: dict[str, tuple[int, bool]] = {}  # document -> (counter, rollback)
+        #: Every document each device was sent, in order (republished ones again).
+        self.inbox: dict[str, list[str]] = defaultdict(list)
+        self.answered: set[tuple[str, str]] = set()
+        self.cleared: list[str] = []
+        self.signs: list[Sign] = []
+        self.sends: list[tuple[float, str]] = []  # (time, device) of first deployments
+        #: Crash when the controller reaches its crash_at-th point (None: never).
+        self.crash_at = crash_at
+        self.points = 0
+
+    # -- the controller's part -------------------------------------------------------
+
+    def feed(self, event: Event) -> Sim:
+        self.state, effects = step(self.state, event)
+        self.saved = self.state  # saved before any effect is carried out
+        for fx in effects:
+            self._effect(fx)
+        return self
+
+    def _point(self) -> None:
+        self.points += 1
+        if self.points == self.crash_at:
+            raise Crash
+
+    def _effect(self, fx: Effect) -> None:
+        if isinstance(fx, Sign):
+            self._point()  # before signing
+            self.signs.append(fx)
+            self.counter += 1
+            doc = f"#{self.counter} adder {fx.version}" + (" rollback" if fx.rollback else "")
+            self.docs[doc] = (self.counter, fx.rollback)
+            self._point()  # signed (the counter is used) but not saved
+            self.feed(Signed(fx.devices, self.counter, doc, fx.rollback, self.now))
+        elif isinstance(fx, Publish):
+            for d in fx.devices:
+                self._point()
+                if not self.docs[fx.document][1] and fx.document not in self.inbox[d]:
+                    self.sends.append((self.now, d))
+                self.inbox[d].append(fx.document)
+        else:
+            self._point()
+            self.cleared.append(fx.device)
+
+    def restart(self) -> Sim:
+        """A new controller process: it loads what was saved and says so."""
+        self.state = self.saved
+        return self.feed(Restarted(self.now))
+
+    def tick(self, dt: float = 1.0, *, answer: bool = True) -> Sim:
+        self.now += dt
+        return self.feed(Tick(self.now, dict(self.members), self._answers() if answer else ()))
+
+    def _answers(self) -> tuple[Report, ...]:
+        out = []
+        for d, docs in self.inbox.items():
+            doc = docs[-1]
+            if (d, doc) in self.answered:
+                continue
+            self.answered.add((d, doc))
+            counter, rollback = self.docs[doc]
+            result = "committed" if rollback else self.results.get(d, "committed")
+            if result != "silent":
+                out.append(Report(d, counter, result, None if result == "committed"
+                                  else f"{d} said {result}"))
+        return tuple(out)
+
+    def command(self, name: str) -> Sim:
+        return self.feed(Command(name, self.now, "alice"))
+
+    def run(self, limit: int = 500, *, approve: bool = True) -> Sim:
+        """Tick until the rollout is over; resume each time it waits for approval."""
+        for _ in range(limit):
+            if self.state.status in ("completed", "aborted"):
+                return self
+            if approve and self.state.held:
+                self.command("resume")
+            self.tick()
+        raise AssertionError(f"rollout never finished: {self.state}")
+
+    # -- what happened ---------------------------------------------------------------
+
+    def status(self, wave: int | None = None) -> dict[str, str]:
+        return {d: p.status for d, p in sorted(self.state.devices.items())
+                if wave is None or p.wave == wave}
+
+    def waves(self) -> list[list[str]]:
+        out: dict[int, list[str]] = defaultdict(list)
+        for d, p in sorted(self.state.devices.items()):
+            out[p.wave].append(d)
+        return [out[w] for w in sorted(out)]
+
+    def forward(self, device: str) -> set[int]:
+        return {self.docs[doc][0] for doc in self.inbox[device] if not self.docs[doc][1]}
+
+    def rollbacks(self, device: str) -> set[int]:
+        return {self.docs[doc][0] for doc in self.inbox[device] if self.docs[doc][1]}
+
+
+def spec(**kw: object) -> RolloutSpec:
+    base: dict[str, object] = {"waves": ("1", "50%", "100%"), "wave_timeout": 60.0}
+    return RolloutSpec(**{**base, **kw})  # type: ignore[arg-type]
+
+
+# -- waves ----------------------------------------------------------------------------
+
+def test_waves_go_out_one_after_another_each_once_finished() -> None:
+    sim = Sim(spec(), 10).tick(answer=False)
+    assert sim.state.status == "running" and (sim.state.wave, sim.state.waves) == (1, 3)
+    assert [len(w) for w in sim.waves()] == [1, 4, 5]
+    assert sim.status(1) == {"d00": "sent"} and set(sim.status(2).values()) == {"pending"}
+    sim.tick(answer=False)  # wave 1 has not answered: wave 2 waits
+    assert set(sim.status(2).values()) == {"pending"} and len(sim.signs) == 1
+    sim.tick()
+    assert sim.status(1) == {"d00": "committed"} and set(sim.status(2).values()) == {"sent"}
+    assert sim.signs[1].devices == tuple(sim.waves()[1])  # one document for the wave
+    sim.run()
+    assert sim.state.status == "completed" and sim.state.reason is None
+    assert set(sim.status().values()) == {"committed"}
+    assert all(len(sim.forward(d)) == 1 for d in sim.members)
+
+
+def test_waves_are_planned_online_devices_first() -> None:
+    sim = Sim(spec(waves=("2", "100%")), 4)
+    sim.members["d00"] = Member(False, "adder", "1")
+    sim.tick(answer=False)
+    assert sim.waves() == [["d01", "d02"], ["d00", "d03"]]
+
+
+def test_a_selector_that_matches_nobody_aborts_without_any_effect() -> None:
+    sim = Sim(spec(), 0).tick()
+    assert sim.state.status == "aborted" and "matches no device" in (sim.state.reason or "")
+    assert sim.signs == []
+
+
+# -- pause, resume --------------------------------------------------------------------
+
+def test_pause_after_a_wave_holds_until_resume_approves_the_next_wave() -> None:
+    sim = Sim(spec(pause_after_wave=True), 10).tick().tick()
+    assert sim.state.status == "paused" and sim.state.held
+    assert sim.state.reason == "waiting for approval after wave 1 of 3"
+    for _ in range(30):
+        sim.tick()
+    assert set(sim.status(2).values()) == {"pending"} and len(sim.signs) == 1
+    sim.command("resume").tick()
+    assert sim.state.status == "running" and set(sim.status(2).values()) == {"sent"}
+    sim.tick().tick()
+    # Resuming approved wave 2 only: the rollout holds again after it.
+    assert sim.state.status == "paused" and "after wave 2 of 3" in (sim.state.reason or "")
+    sim.run()
+    assert sim.state.status == "completed"
+
+
+def test_an_operator_pause_stops_sending_and_resume_continues_where_it_was() -> None:
+    sim = Sim(spec(waves=("100%",), rate=6), 10).tick(answer=False)
+    sent = len(sim.sends)
+    sim.command("pause")
+    assert sim.state.status == "paused" and sim.state.reason == "paused by alice"
+    for _ in range(120):
+        sim.tick()
+    assert len(sim.sends) == sent  # nothing new while paused; answers still recorded
+    assert set(sim.status().values()) == {"committed", "pending"}
+    sim.command("resume").run()
+    assert sim.state.status == "completed" and len(sim.sends) == 10
+
+
+# -- abort criteria -------------------------------------------------------------------
+
+def test_failures_below_the_minimum_finished_do_not_abort_and_over_the_share_do() -> None:
+    results = {"d00": "failed", "d05": "rolled_back"}
+    sim = Sim(spec(waves=("4", "100%"), max_failure_rate=0.25, min_finished=4), 8,
+              results=results).tick(answer=False)
+    sim.tick()  # wave 1: d00 failed, 1 of 4 finished failed = 0.25, not over it
+    assert sim.status(1) == {"d00": "failed", "d01": "committed", "d02": "committed",
+                             "d03": "committed"}
+    assert sim.state.status == "running" and set(sim.status(2).values()) == {"sent"}
+    sim.tick()  # wave 2: d05 rolled back, 2 of 8 = 0.25 — still not over
+    assert sim.state.status == "completed"
+
+
+def test_failure_share_over_the_limit_aborts_and_sends_committed_devices_back() -> None:
+    results = {"d00": "failed", "d01": "rolled_back"}
+    sim = Sim(spec(waves=("4", "100%"), max_failure_rate=0.25, min_finished=4), 8,
+              results=results).tick(answer=False)
+    sim.tick()
+    st = sim.state
+    assert st.status == "aborting"
+    assert st.reason is not None and st.reason.startswith("wave 1 of 2: 2 of 4 finished")
+    assert "d00 said failed" in st.reason and "d01 said rolled_back" in st.reason
+    assert set(sim.status(2).values()) == {"cancelled"}  # never sent
+    back = sim.signs[-1]
+    assert back == Sign(("d02", "d03"), "1", True)  # only those that took version 2
+    sim.run()
+    assert sim.state.status == "aborted"
+    for d in ("d02", "d03"):
+        assert len(sim.rollbacks(d)) == 1 and sim.state.devices[d].rollback_status == \
+            "committed"
+    for d in ("d00", "d01"):
+        assert sim.rollbacks(d) == set() and sim.state.devices[d].rollback_status is None
+    assert all(sim.forward(d) == set() for d in ("d04", "d05", "d06", "d07"))
+
+
+def test_silent_share_over_the_limit_aborts_after_the_wave_timeout() -> None:
+    sim = Sim(spec(waves=("2", "100%"), wave_timeout=30, max_silent_rate=0.0), 4,
+              results={"d01": "silent"}).tick(answer=False).tick()
+    assert sim.status(1) == {"d00": "committed", "d01": "sent"}
+    sim.tick(29)  # 30 s after it was sent: not yet over the timeout
+    assert sim.status(1)["d01"] == "sent" and sim.state.status == "running"
+    sim.tick(1.5)
+    assert sim.state.devices["d01"].reason == "no answer within 30 s"
+    assert sim.state.status == "aborting" and "did not answer" in (sim.state.reason or "")
+    # A silent device may have installed it: it is sent back too.
+    assert sim.signs[-1] == Sign(("d00", "d01"), "1", True)
+
+
+def test_silent_share_at_the_limit_lets_the_rollout_go_on() -> None:
+    sim = Sim(spec(waves=("2", "100%"), wave_timeout=30, max_silent_rate=0.5,
+                   min_finished=2), 4, results={"d01": "silent"}).tick(answer=False).tick()
+    sim.tick(31)
+    assert sim.status(1) == {"d00": "committed", "d01": "silent"}
+    sim.run()
+    assert sim.state.status == "completed"
+    assert sim.status() == {"d00": "committed", "d01": "silent", "d02": "committed",
+                            "d03": "committed"}
+
+
+def test_an_operator_abort_cancels_pending_devices_and_withdraws_one_without_a_past() -> None:
+    sim = Sim(spec(waves=("2", "100%")), 4)
+    sim.members["d01"] = Member(True, None, None)  # never served anything
+    sim.tick(answer=False).command("abort")
+    st = sim.state
+    assert st.status == "aborting" and st.reason == "aborted by alice"
+    assert st.devices["d01"].rollback_status == "withdrawn" and sim.cleared == ["d01"]
+    assert set(sim.status(2).values()) == {"cancelled"}
+    sim.run()
+    assert sim.state.status == "aborted"
+
+
+def test_a_deployment_that_cannot_be_signed_fails_its_devices_and_aborts() -> None:
+    sim = Sim(spec(), 4).tick(answer=False)
+    sim.state.devices["d00"].status = "signing"  # as if the Sign were still out
+    sim.feed(SignFailed(("d00",), "no deployment key", False, sim.now))
+    assert sim.status(1) == {"d00": "failed"}
+    sim.tick()
+    assert sim.state.status == "aborting" and "1 of 1 finished" in (sim.state.reason or "")
+    sim.tick()
+    assert sim.state.status == "aborted"  # nothing took version 2: nothing to send back
+    assert all(p.rollback_status is None for p in sim.state.devices.values())
+
+
+# -- dynamic ------------------------------------------------------------------------
+
+def test_a_device_that_joins_the_selector_mid_rollout_joins_the_current_wave() -> None:
+    sim = Sim(spec(waves=("1", "100%")), 3).tick(answer=False)
+    sim.members["late"] = Member(True, "adder", "1")
+    sim.tick(answer=False)
+    assert sim.state.devices["late"].wave == 1 and sim.status(1)["late"] == "sent"
+    assert set(sim.status(2).values()) == {"pending"}  # wave 1 is not over until it answers
+    sim.run()
+    assert sim.state.status == "completed" and len(sim.forward("late")) == 1
+
+
+def test_a_device_joining_while_the_rollout_waits_for_approval_goes_out_on_resume() -> None:
+    sim = Sim(spec(waves=("1", "100%"), pause_after_wave=True), 3).tick().tick()
+    assert sim.state.held
+    sim.members["late"] = Member(True, "adder", "1")
+    sim.tick().tick()
+    assert sim.status()["late"] == "pending"
+    sim.run()
+    assert sim.state.status == "completed" and len(sim.forward("late")) == 1
+
+
+# -- rate ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rate", [0.5, 1.5, 6, 90])
+def test_no_minute_ever_holds_more_first_deployments_than_the_rate(rate: float) -> None:
+    sim = Sim(spec(waves=("100%",), rate=rate), 200)
+    for _ in range(600):  # ten minutes, ticking every second
+        sim.tick()
+    times = [t for t, _ in sim.sends]
+    per_minute = max(1, int(rate))
+    for t in times:
+        assert sum(1 for u in times if t <= u < t + 60) <= per_minute, (rate, t)
+    # ...and it is a limit, not a slowdown: nearly the rate is reached over ten minutes.
+    assert len(times) >= min(200, min(rate, per_minute) * 9), len(times)
+
+
+def test_the_rate_limit_spreads_a_minute_out_rather_than_bursting_it() -> None:
+    sim = Sim(spec(waves=("100%",), rate=60), 100)
+    sim.tick()
+    assert len(sim.sends) == 10  # ten seconds' worth at most in one burst
+    sim.tick()
+    assert len(sim.sends) == 11
+
+
+def test_rollbacks_on_abort_are_not_held_back_by_the_rate() -> None:
+    sim = Sim(spec(waves=("100%",), rate=6), 20)
+    for _ in range(180):
+        sim.tick()
+    took = [d for d, p in sim.state.devices.items() if p.status == "committed"]
+    assert len(took) > 6
+    sim.command("abort")
+    assert sim.signs[-1] == Sign(tuple(sorted(took)), "1", True)
+
+
+# -- illegal events -------------------------------------------------------------------
+
+def _signing_sim() -> Sim:
+    sim = Sim(spec(waves=("2", "100%")), 4).tick(answer=False)
+    sim.state.devices["d02"].status = "signing"
+    return sim
+
+
+@pytest.mark.parametrize("event, match", [
+    (Signed(("ghost",), 7, "doc", False, 0), "ghost, which is not in the rollout"),
+    (Signed(("d03",), 7, "doc", False, 0), "d03, which is pending, not waiting"),
+    (Signed(("d00",), 7, "doc", False, 0), "d00, which is sent, not waiting"),
+    (Signed(("d02", "d00"), 7, "doc", False, 0), "d00, which is sent"),
+    (Signed(("d00",), 7, "doc", True, 0), "rollback signature for d00, which is None"),
+    (SignFailed(("d01",), "x", False, 0), "d01, which is sent"),
+    (SignFailed(("ghost",), "x", True, 0), "ghost, which is not in the rollout"),
+    (Command("skip", 0, "alice"), "unknown command 'skip'"),
+])
+def test_an_event_that_cannot_follow_the_state_raises_and_changes_nothing(
+        event: Event, match: str) -> None:
+    sim = _signing_sim()
+    before = copy.deepcopy(sim.state)
+    with pytest.raises(IllegalEvent, match=match):
+        step(sim.state, event)
+    assert sim.state == before
+
+
+def test_a_second_signature_for_a_sent_device_is_refused_not_recorded() -> None:
+    sim = Sim(spec(), 3).tick(answer=False)
+    p = sim.state.devices["d00"]
+    with pytest.raises(IllegalEvent):
+        step(sim.state, Signed(("d00",), p.counter + 5, "other", False, sim.now))  # type: ignore[operator]
+    assert sim.state.devices["d00"].counter == p.counter
+
+
+@pytest.mark.parametrize("status, command, why", [
+    ("completed", "pause", "already completed"), ("aborted", "abort", "already aborted"),
+    ("paused", "pause", "already paused"), ("running", "resume", "running, not paused"),
+    ("aborting", "abort", "already aborting"), ("running", "skip", "unknown command"),
+])
+def test_commands_that_do_not_apply_are_refused_with_the_reason(status: str, command: str,
+                                                                 why: str) -> None:
+    with pytest.raises(CommandRefused, match=why):
+        check_command(status, command)
+
+
+def test_a_command_that_raced_with_the_end_of_the_rollout_is_a_no_op() -> None:
+    sim = Sim(spec(), 2).run()
+    before = sim.state
+    assert step(before, Command("pause", sim.now, "alice")) == (before, [])
+
+
+# -- restarts -------------------------------------------------------------------------
+
+def _scenarios() -> dict[str, Callable[[int | None], Sim]]:
+    def completes(crash_at: int | None) -> Sim:
+        return Sim(spec(waves=("2", "4", "100%"), pause_after_wave=True, rate=30), 7,
+                   crash_at=crash_at)
+
+    def aborts(crash_at: int | None) -> Sim:
+        return Sim(spec(waves=("3", "100%"), max_failure_rate=0.2, min_finished=3), 6,
+                   results={"d01": "rolled_back"}, crash_at=crash_at)
+
+    return {"completes": completes, "aborts": aborts}
+
+
+def _run_with_restarts(sim: Sim) -> Sim:
+    for _ in range(600):
+        try:
+            return sim.run()
+        except Crash:
+            sim.crash_at = None
+            sim.restart()
+    raise AssertionError("never finished")
+
+
+@pytest.mark.parametrize("scenario", ["completes", "aborts"])
+def test_a_restart_after_a_crash_at_any_point_sends_no_device_a_second_deployment(
+        scenario: str) -> None:
+    make = _scenarios()[scenario]
+    clean = _run_with_restarts(make(None))
+    assert clean.points > 8
+    for n in range(1, clean.points + 1):
+        sim = _run_with_restarts(make(n))
+        assert sim.state.status == clean.state.status, n
+        assert sim.status() == clean.status(), n
+        for d in sim.members:
+            assert len(sim.forward(d)) <= 1, (n, d, sim.inbox[d])
+            assert len(sim.rollbacks(d)) <= 1, (n, d, sim.inbox[d])
+            assert bool(sim.forward(d)) == bool(clean.forward(d)), (n, d)
+            assert bool(sim.rollbacks(d)) == bool(clean.rollbacks(d)), (n, d)
+
+
+def test_a_restart_republishes_the_saved_document_and_resigns_an_unsaved_one() -> None:
+    sim = Sim(spec(waves=("2", "100%")), 4, crash_at=3)  # sign, signed, publish d00: crash
+    with pytest.raises(Crash):
+        sim.tick()
+    assert sim.inbox == {} and sim.saved.devices["d00"].status == "sent"
+    sim.crash_at = None
+    sim.restart()
+    assert sim.inbox["d00"] == sim.inbox["d01"] == ["#101 adder 2"]
+
+    sim = Sim(spec(waves=("2", "100%")), 4, crash_at=2)  # signed #101, never saved
+    with pytest.raises(Crash):
+        sim.tick()
+    assert sim.saved.devices["d00"].status == "signing"
+    sim.crash_at = None
+    sim.restart().tick(answer=False)
+    assert sim.inbox["d00"] == ["#102 adder 2"]  # #101 was never published
+
+
+def test_the_spec_round_trips_through_its_json() -> None:
+    s = spec(rate=3.5, pause_after_wave=True, rollback=False)
+    assert RolloutSpec.from_json(s.to_json()) == s
+    assert RolloutSpec.from_json({**s.to_json(), "from_a_newer_version": 1}) == s
+
+
+def test_clear_is_only_for_devices_with_nothing_to_go_back_to() -> None:
+    sim = Sim(spec(waves=("100%",)), 3)
+    sim.members["d02"] = Member(True, "other", "7")  # served another model before
+    sim.tick(answer=False).tick(answer=False).command("abort")
+    assert sim.cleared == ["d02"] and sim.state.devices["d02"].rollback_status == "withdrawn"
+    assert sim.signs[-1] == Sign(("d00", "d01"), "1", True)
