@@ -4,6 +4,8 @@ rollouts steered with the CLI through the database."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import signal
 import subprocess
@@ -14,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from edge_sdk.cli import main
 from edge_sdk.fleet import FleetDB
-from tests import _fleetdb, test_agent_e2e
+from edge_sdk.fleet._db import rollout_devices
+from tests import _fleetdb, _models, test_agent_e2e
 from tests._broker import Mosquitto
 from tests.test_agent_e2e import FLEET, ROOT, AgentProc, Fleet, new_agent, wait_for
 
@@ -32,6 +36,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         for v in ("1", "2", "3"):
             f.release(v)
         f.release("9", offset=float("nan"))  # fails every agent's smoke test
+        f.release("8", builder=_models.batch1_only_model)  # fails batches > 1 in a window
         yield f
         f.close()
 
@@ -191,7 +196,7 @@ def test_controller_killed_mid_wave_finishes_without_a_second_deployment(
 
 
 @pytest.mark.slow
-def test_abort_on_a_failing_model_sends_committed_devices_back(
+def test_abort_on_a_model_failing_its_smoke_test_leaves_every_device_on_v1(
         fleet, tmp_path, agents, db_url, serve) -> None:
     serve.start()
     procs = start_fleet(fleet, tmp_path, agents, g := grp("nan", db_url), 5, db_url)
@@ -201,6 +206,68 @@ def test_abort_on_a_failing_model_sends_committed_devices_back(
     assert "failed" in r["reason"] and r["failures"], r
     for p in procs:
         assert p.infer() == ("1", 2.0)
+
+
+def _batch_of_two(agent: AgentProc) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", agent.port, timeout=10)
+    body = json.dumps({"inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32",
+                                   "data": [0.0] * 8}]})
+    try:
+        conn.request("POST", "/v2/models/adder/infer", body=body)
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+def test_abort_sends_devices_that_committed_the_new_model_back_by_a_signed_rollback(
+        fleet, tmp_path, agents, db_url, serve) -> None:
+    """Wave 1 commits version 8 (its smoke test and short health window pass); wave 2's
+    device fails its health window on a batch of two, which aborts the rollout: the
+    committed wave 1 must be sent back to version 1."""
+    serve.start()
+    g = grp("back", db_url)
+    first = start_fleet(fleet, tmp_path, agents, g, 3, db_url)
+    last = new_agent(fleet, tmp_path, agents, f"{g}-9", groups=(g,)).start()
+    fleet.deploy(last.device, "1")
+    fleet.wait_event(last.device, "committed", "1")
+    last.stop()
+    last.write_config(window_s=60.0)  # a long health window for version 8
+    last.start()
+    with FleetDB.open(db_url) as db:
+        wait_for(lambda: (d := db.device(last.device)) and d["version"] == "1"
+                 and d["online"], 30)
+    rid = start(db_url, "--version", "8", "--group", g, "--waves", "3,100%",
+                "--wave-timeout", "90")
+    last.wait_version("8", 90)  # wave 2 started: wave 1 committed version 8
+    with FleetDB.open(db_url) as db:
+        r = db.rollout(rid)
+    assert [d["status"] for d in r["devices"] if d["wave"] == 1] == ["committed"] * 3
+    for p in first:
+        assert p.infer() == ("8", 1.0)
+    assert _batch_of_two(last) == 500  # inside its health window: it rolls back
+    r = wait_status(db_url, rid, "aborted", 90)
+    assert r["reason"].startswith("wave 2 of 2: 1 of 4 finished device(s) failed"), r
+    assert "inferences failed" in r["reason"]
+    with FleetDB.open(db_url) as db, db.begin() as c:
+        docs = dict(c.execute(sa.select(rollout_devices.c.device,
+                                        rollout_devices.c.rollback_document).where(
+            rollout_devices.c.rollout == rid)).all())
+    for p in first:
+        d = next(x for x in r["devices"] if x["device"] == p.device)
+        assert (d["status"], d["rollback_status"]) == ("committed", "committed"), d
+        signed = json.loads(docs[p.device])["signed"]
+        assert (signed["rollback"], signed["version"], signed["counter"]) == (
+            True, "1", d["rollback_counter"])
+        assert p.infer() == ("1", 2.0)
+        back = [e for e in fleet.events[p.device] if e["event"] == "committed"
+                and (e.get("deployment") or {}).get("counter") == d["rollback_counter"]]
+        assert back and back[-1]["model"]["version"] == "1", fleet.events[p.device]
+    d = next(x for x in r["devices"] if x["device"] == last.device)
+    assert (d["status"], d["rollback_status"]) == ("rolled_back", None)  # went back itself
+    assert last.infer() == ("1", 2.0)
 
 
 def test_a_selector_matching_no_device_is_refused_and_nothing_is_written(
