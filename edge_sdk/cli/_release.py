@@ -367,6 +367,12 @@ def status_cmd(devices: tuple[str, ...], as_json: bool, db_url: str | None,
         with open_db(db_url, repo_dir) as db:
             rows = db.devices(fleet=fleet)
             where = db.url
+            counts = db.registry_stats(fleet=fleet)
+        for rs in counts:
+            if rs["malformed"] or rs["dropped"] or rs["db_errors"]:
+                newest = f" (newest: {rs['last_malformed']})" if rs["last_malformed"] else ""
+                click.echo(f"registry: {rs['malformed']} malformed report(s) ignored{newest}, "
+                           f"{rs['dropped']} dropped, {rs['db_errors']} not stored", err=True)
         states = {}
         for row in rows:
             st = DeviceStatus.parse(row["id"], json.dumps(row["state"]).encode())

@@ -25,7 +25,7 @@ from sqlalchemy.engine import Connection, Engine, RowMapping
 from ..errors import EdgeError
 
 #: The schema this code writes. Bump it and add a step to ``_MIGRATIONS`` together.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class FleetError(EdgeError):
@@ -141,6 +141,23 @@ audit_log = sa.Table(
     sa.Column("action", sa.String(64), nullable=False),
     sa.Column("params", sa.Text, nullable=False, default="{}"),
 )
+
+#: The registry's running totals per fleet (schema 2): reports written, and those it
+#: would not write (malformed), could not queue (dropped) or could not store (db_errors).
+registry_stats = sa.Table(
+    "registry_stats", meta,
+    sa.Column("fleet", sa.String(128), primary_key=True),
+    sa.Column("states", sa.BigInteger, nullable=False, default=0),
+    sa.Column("events", sa.BigInteger, nullable=False, default=0),
+    sa.Column("malformed", sa.BigInteger, nullable=False, default=0),
+    sa.Column("dropped", sa.BigInteger, nullable=False, default=0),
+    sa.Column("db_errors", sa.BigInteger, nullable=False, default=0),
+    sa.Column("last_malformed", sa.Text),
+    sa.Column("last_malformed_at", sa.Float),
+    sa.Column("updated", sa.Float, nullable=False),
+)
+
+_COUNTS = ("states", "events", "malformed", "dropped", "db_errors")
 
 #: Rollout states in which the controller still has work to do.
 ACTIVE_STATUSES = ("pending", "running", "paused", "aborting")
@@ -333,7 +350,31 @@ class FleetDB:
                      "params": _loads(r.params, {})} for r in c.execute(q)]
         return rows[::-1]
 
+    def registry_stats(self, *, fleet: str | None = None) -> list[dict[str, Any]]:
+        """Per fleet: reports the registry wrote (``states``, ``events``) and those it did
+        not (``malformed``, ``dropped``, ``db_errors``), with the newest malformed one."""
+        q = sa.select(registry_stats).order_by(registry_stats.c.fleet)
+        if fleet is not None:
+            q = q.where(registry_stats.c.fleet == fleet)
+        with self.begin() as c:
+            return [dict(r) for r in c.execute(q).mappings()]
+
     # -- writes ----------------------------------------------------------------------------
+
+    def add_registry_stats(self, fleet: str, delta: Mapping[str, int], *,
+                           last_malformed: str | None = None) -> None:
+        """Add ``delta`` (counts by name) to the fleet's registry totals."""
+        now = time.time()
+        values: dict[str, Any] = {"updated": now}
+        if last_malformed is not None:
+            values.update(last_malformed=last_malformed, last_malformed_at=now)
+        with self.begin() as c:
+            key = registry_stats.c.fleet == fleet
+            done = c.execute(registry_stats.update().where(key).values(
+                **values, **{k: registry_stats.c[k] + int(delta.get(k, 0)) for k in _COUNTS}))
+            if done.rowcount == 0:
+                c.execute(registry_stats.insert().values(
+                    fleet=fleet, **values, **{k: int(delta.get(k, 0)) for k in _COUNTS}))
 
     def record_audit(self, actor: str, action: str, params: Mapping[str, Any], *,
                      conn: Connection | None = None) -> None:
@@ -403,7 +444,11 @@ def _v1(c: Connection) -> None:
                                rollout_commands, audit_log])
 
 
-_MIGRATIONS = {1: _v1}
+def _v2(c: Connection) -> None:
+    registry_stats.create(c)
+
+
+_MIGRATIONS = {1: _v1, 2: _v2}
 
 
 def _migrate(c: Connection, url: str, *, write: bool) -> None:

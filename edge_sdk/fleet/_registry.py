@@ -3,7 +3,9 @@
 The MQTT callbacks only parse and queue; one writer thread owns the database writes, so a
 slow database never stalls the network thread (the queue is bounded; when it is full a
 report is dropped and counted — the next retained state carries the same facts). A
-malformed report is logged and counted, never raised.
+malformed report (not bounded JSON, or a value no column can hold: an over-long name, a
+counter out of range, a NUL or a lone surrogate) is logged and counted, never raised;
+the counts are kept in the database (:meth:`FleetDB.registry_stats`).
 """
 
 from __future__ import annotations
@@ -28,16 +30,58 @@ log = logging.getLogger("edge_sdk.fleet.registry")
 
 @dataclass
 class RegistryStats:
+    """Reports handled since the registry started; the database keeps the running totals."""
+
     states: int = 0
     events: int = 0
     malformed: int = 0
     dropped: int = 0
     db_errors: int = 0
+    #: ``device: reason`` of the newest malformed report.
+    last_malformed: str | None = None
+
+
+class MalformedReport(ValueError):
+    """A device report the registry will not write; the message says why."""
+
+
+#: Column limits (see ``_db``): a value over them would fail the whole write.
+_ID_MAX, _NAME_MAX, _VERSION_MAX, _WORD_MAX = 128, 256, 128, 64
+_INT_MAX = 2**31 - 1  # PostgreSQL INTEGER
 
 
 def _device_of(topic: str) -> str | None:
     parts = topic.split("/")
-    return parts[3] if len(parts) == 5 else None
+    if len(parts) != 5 or not 0 < len(parts[3]) <= _ID_MAX:
+        return None
+    return parts[3]
+
+
+def _text(value: str | None, what: str, limit: int | None = None) -> str | None:
+    if value is None:
+        return None
+    if limit is not None and len(value) > limit:
+        raise MalformedReport(f"{what} is {len(value)} characters, over {limit}")
+    if "\x00" in value:
+        raise MalformedReport(f"{what} holds a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise MalformedReport(f"{what} is not valid Unicode (a lone surrogate)") from None
+    return value
+
+
+def _counter(value: int | None, what: str) -> int | None:
+    if value is not None and not 0 <= value <= _INT_MAX:
+        raise MalformedReport(f"{what} {value} is out of range")
+    return value
+
+
+def _parse(payload: bytes) -> Any:
+    try:
+        return loads_bounded(payload, max_bytes=MESSAGE_MAX_BYTES, max_depth=MESSAGE_MAX_DEPTH)
+    except ValueError as err:
+        raise MalformedReport(str(err)) from None
 
 
 def ingest_state(c: Connection, fleet: str, device: str, payload: bytes,
@@ -45,17 +89,48 @@ def ingest_state(c: Connection, fleet: str, device: str, payload: bytes,
     """Write one retained state report; False (nothing written) when it is malformed.
 
     An empty payload (a cleared retained message) changes nothing."""
-    if not payload:
-        return True
-    st = DeviceStatus.parse(device, payload)
-    if st is None:
+    try:
+        write_state(c, fleet, device, payload, now)
+    except MalformedReport:
         return False
+    return True
+
+
+def ingest_event(c: Connection, fleet: str, device: str, payload: bytes,
+                 now: float | None = None) -> bool:
+    """Write one device event (heartbeats only refresh ``last_seen``); False when malformed."""
+    try:
+        write_event(c, fleet, device, payload, now)
+    except MalformedReport:
+        return False
+    return True
+
+
+def write_state(c: Connection, fleet: str, device: str, payload: bytes,
+                now: float | None = None) -> None:
+    """:func:`ingest_state` that raises :class:`MalformedReport` with the reason."""
+    if not payload:
+        return
+    if not isinstance(_parse(payload), dict):
+        raise MalformedReport("a state report must be a JSON object")
+    st = DeviceStatus.parse(device, payload)
+    if st is None:  # pragma: no cover - parsed above
+        raise MalformedReport("unreadable state report")
     ts = time.time() if now is None else now
     doc = st.raw
     tags = doc.get("tags") if isinstance(doc.get("tags"), dict) else {}
     hw = doc.get("hardware") if isinstance(doc.get("hardware"), dict) else {}
     model, version = st.model_ref or (None, None)
     prev = _ref(doc.get("previous"))
+    _text(model, "model.name", _NAME_MAX)
+    _text(version, "model.version", _VERSION_MAX)
+    _text(prev[0], "previous.name", _NAME_MAX)
+    _text(prev[1], "previous.version", _VERSION_MAX)
+    _text(st.phase, "phase", _WORD_MAX)
+    _text(st.last_result, "last_update.result", _WORD_MAX)
+    _text(st.last_reason, "last_update.reason")
+    _counter(st.deployment, "deployment")
+    _counter(st.last_deployment, "last_update.deployment")
     values: dict[str, Any] = {
         "groups": json_text(list(st.groups)), "tags": json_text(tags),
         "hardware": json_text(hw), "online": st.online, "last_seen": ts,
@@ -89,24 +164,20 @@ def ingest_state(c: Connection, fleet: str, device: str, payload: bytes,
             reason=st.last_reason if "result" in changes else None,
             detail=json_text({"online": st.online, "phase": st.phase,
                               "result": st.last_result})))
-    return True
 
 
-def ingest_event(c: Connection, fleet: str, device: str, payload: bytes,
-                 now: float | None = None) -> bool:
-    """Write one device event (heartbeats only refresh ``last_seen``); False when malformed."""
-    try:
-        doc = loads_bounded(payload, max_bytes=MESSAGE_MAX_BYTES, max_depth=MESSAGE_MAX_DEPTH)
-    except ValueError:
-        return False
+def write_event(c: Connection, fleet: str, device: str, payload: bytes,
+                now: float | None = None) -> None:
+    """:func:`ingest_event` that raises :class:`MalformedReport` with the reason."""
+    doc = _parse(payload)
     if not isinstance(doc, dict) or not isinstance(doc.get("event"), str):
-        return False
+        raise MalformedReport("an event must be a JSON object with a string 'event'")
     ts = time.time() if now is None else now
-    kind = doc["event"][:64]
+    kind = _text(doc["event"][:64], "event")
     key = (devices.c.fleet == fleet) & (devices.c.id == device)
     if kind == "heartbeat":
         c.execute(devices.update().where(key).values(last_seen=ts))
-        return True
+        return
     raw_dep = doc.get("deployment")
     dep: dict[str, Any] = raw_dep if isinstance(raw_dep, dict) else {}
     counter = dep.get("counter", dep.get("version"))
@@ -118,11 +189,13 @@ def ingest_event(c: Connection, fleet: str, device: str, payload: bytes,
     if doc.get("retry"):
         kind = f"{kind}:retry"
     c.execute(device_events.insert().values(
-        fleet=fleet, device=device, ts=ts, kind=kind, deployment=counter, model=ref[0],
-        version=ref[1], reason=reason[:2000] if isinstance(reason, str) else None,
+        fleet=fleet, device=device, ts=ts, kind=kind,
+        deployment=_counter(counter, "deployment.counter"),
+        model=_text(ref[0], "model.name", _NAME_MAX),
+        version=_text(ref[1], "model.version", _VERSION_MAX),
+        reason=_text(reason[:2000], "reason") if isinstance(reason, str) else None,
         detail=json_text(doc)))
     c.execute(devices.update().where(key).values(last_seen=ts))
-    return True
 
 
 def _ref(m: object) -> tuple[str | None, str | None]:
@@ -136,15 +209,18 @@ class Registry:
     database up to date until :meth:`stop`."""
 
     def __init__(self, connection: MqttConnection, db: FleetDB, *,
-                 topics: Topics | None = None, max_queue: int = 10000) -> None:
+                 topics: Topics | None = None, max_queue: int = 10000,
+                 flush_s: float = 1.0) -> None:
         self._conn = connection
         self.db = db
         self.topics = topics or Topics.for_config(connection.config)
         self.stats = RegistryStats()
+        self._saved = RegistryStats()  # what the database's totals already include
+        self._lock = threading.Lock()
+        self._flush_s = flush_s
         self._q: queue.Queue[tuple[str, str, bytes, float] | None] = queue.Queue(max_queue)
         self._thread = threading.Thread(target=self._run, name="fleet-registry", daemon=True)
         self._subs: list[Any] = []
-        self._idle = threading.Event()
 
     def start(self) -> Registry:
         self._thread.start()
@@ -170,17 +246,30 @@ class Registry:
         def handler(topic: str, payload: bytes) -> None:
             device = _device_of(topic)
             if device is None:
-                self.stats.malformed += 1
+                self._count("malformed", f"{topic[:200]}: not a device topic")
                 return
             try:
                 self._q.put_nowait((leaf, device, payload, time.time()))
             except queue.Full:
-                self.stats.dropped += 1
+                self._count("dropped")
         return handler
 
+    def _count(self, what: str, why: str | None = None) -> None:
+        with self._lock:
+            setattr(self.stats, what, getattr(self.stats, what) + 1)
+            if why is not None:
+                self.stats.last_malformed = why[:500]
+
     def _run(self) -> None:
+        flushed = time.monotonic()
         while True:
-            item = self._q.get()
+            if time.monotonic() - flushed >= self._flush_s:
+                self._flush()
+                flushed = time.monotonic()
+            try:
+                item = self._q.get(timeout=self._flush_s)
+            except queue.Empty:
+                continue
             batch = [item]
             while item is not None and len(batch) < 200:
                 try:
@@ -193,37 +282,60 @@ class Registry:
             if work:
                 self._write(work)
             if stop:
+                self._flush()
                 return
 
     def _write(self, work: list[tuple[str, str, bytes, float]]) -> None:
         try:
             with self.db.begin() as c:
-                for leaf, device, payload, ts in work:
-                    self._one(c, leaf, device, payload, ts)
-        except (FleetError, sa.exc.SQLAlchemyError) as err:
+                counts = [self._one(c, *item) for item in work]
+        except Exception as err:  # the writer thread must outlive any report
             # One bad row must not lose the batch: write the reports one by one.
-            log.warning("registry batch failed (%s); retrying one by one", err)
-            for leaf, device, payload, ts in work:
+            log.warning("registry batch failed (%s); retrying one by one",
+                        str(err).splitlines()[0] if str(err) else type(err).__name__)
+            counts = []
+            for item in work:
                 try:
                     with self.db.begin() as c:
-                        self._one(c, leaf, device, payload, ts)
-                except (FleetError, sa.exc.SQLAlchemyError) as err2:
-                    self.stats.db_errors += 1
-                    log.warning("registry: %s report of %s not written: %s", leaf, device,
-                                err2)
+                        counts.append(self._one(c, *item))
+                except Exception as err2:
+                    self._count("db_errors")
+                    log.warning("registry: %s report of %s not written: %s", item[0],
+                                item[1], str(err2).splitlines()[0] if str(err2) else
+                                type(err2).__name__)
+        for what, why in counts:
+            self._count(what, why)
 
-    def _one(self, c: Connection, leaf: str, device: str, payload: bytes, ts: float) -> None:
+    def _one(self, c: Connection, leaf: str, device: str, payload: bytes,
+             ts: float) -> tuple[str, str | None]:
         fleet = self.topics.fleet
-        ok = (ingest_state(c, fleet, device, payload, ts) if leaf == "state"
-              else ingest_event(c, fleet, device, payload, ts))
-        if not ok:
-            self.stats.malformed += 1
-            log.warning("ignored a malformed %s report from %s (%d bytes)", leaf, device,
-                        len(payload))
-        elif leaf == "state":
-            self.stats.states += 1
-        else:
-            self.stats.events += 1
+        try:
+            if leaf == "state":
+                write_state(c, fleet, device, payload, ts)
+            else:
+                write_event(c, fleet, device, payload, ts)
+        except MalformedReport as err:
+            log.warning("ignored a malformed %s report from %s (%d bytes): %s", leaf, device,
+                        len(payload), err)
+            return "malformed", f"{device}: {leaf}: {err}"
+        return ("states" if leaf == "state" else "events"), None
+
+    def _flush(self) -> None:
+        """Add what changed since the last flush to the database's totals."""
+        with self._lock:
+            now = RegistryStats(**vars(self.stats))
+        delta = {k: getattr(now, k) - getattr(self._saved, k)
+                 for k in ("states", "events", "malformed", "dropped", "db_errors")}
+        if not any(delta.values()):
+            return
+        try:
+            self.db.add_registry_stats(self.topics.fleet, delta,
+                                       last_malformed=now.last_malformed
+                                       if delta["malformed"] else None)
+        except (FleetError, sa.exc.SQLAlchemyError) as err:
+            log.warning("registry: counts not saved: %s", str(err).splitlines()[0])
+            return
+        self._saved = now
 
     def drain(self, timeout: float = 10.0) -> None:
         """Wait until every queued report is written (tests, shutdown)."""

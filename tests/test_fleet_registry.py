@@ -1,0 +1,139 @@
+"""Hostile device reports against the registry, on SQLite and PostgreSQL: each is refused
+with a reason, nothing of it is written, and the registry's writer thread (fed by a real
+Mosquitto) keeps writing the reports that follow and counts the refusals in the database."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from edge_sdk.fleet import FleetDB, Registry
+from edge_sdk.fleet._registry import MalformedReport, ingest_state, write_event, write_state
+from edge_sdk.transport import MqttConfig, MqttConnection, Topics
+from tests import _fleetdb
+from tests._broker import Mosquitto
+from tests.test_agent_e2e import wait_for
+
+db_url = _fleetdb.db_url
+FLEET = "lab"
+
+
+def state(version: str = "1", **extra: object) -> bytes:
+    doc = {"online": True, "model": {"name": "adder", "version": version}, "phase": "idle",
+           "deployment": 3, "groups": ["cams"], "tags": {"site": "berlin"},
+           "last_update": {"deployment": 3, "result": "committed"}, **extra}
+    return json.dumps(doc).encode()
+
+
+HOSTILE_STATES = {
+    "not UTF-8": (b"\xff\xfe\x00garbage", "not UTF-8"),
+    "not JSON": (b"{not json", "not JSON"),
+    "deep": (b"[" * 5000 + b"]" * 5000, "nested deeper"),
+    "just over the depth": (b'{"a":' * 17 + b"1" + b"}" * 17, "nested deeper"),
+    "huge": (b'{"model": {"name": "' + b"a" * 200_000 + b'", "version": "1"}}', "bytes, over"),
+    "a list": (b"[1, 2, 3]", "must be a JSON object"),
+    "a string": (b'"online"', "must be a JSON object"),
+    "long model name": (state(model={"name": "m" * 300, "version": "1"}),
+                        "model.name is 300 characters, over 256"),
+    "version that is an object": (state(model={"name": "adder", "version": {"v": [1] * 80}}),
+                                  "model.version is"),
+    "counter out of range": (state(deployment=2**40), "deployment 1099511627776 is out"),
+    "negative counter": (state(deployment=-1), "deployment -1 is out of range"),
+    "huge result counter": (state(last_update={"deployment": 10**30, "result": "failed"}),
+                            "last_update.deployment"),
+    "long phase": (state(phase="p" * 65), "phase is 65 characters"),
+    "NUL in a name": (state(model={"name": "ad\u0000der", "version": "1"}), "NUL"),
+    "lone surrogate": (b'{"online": true, "last_update": {"result": "failed", '
+                       b'"reason": "\\ud800"}}', "lone surrogate"),
+}
+
+HOSTILE_EVENTS = {
+    "no event": (b'{"no": "event"}', "string 'event'"),
+    "event not a string": (b'{"event": 5}', "string 'event'"),
+    "counter out of range": (b'{"event": "committed", "deployment": {"counter": 1099511627776}}',
+                             "deployment.counter"),
+    "long model name": (json.dumps({"event": "failed", "model": {"name": "m" * 300,
+                                                                  "version": "1"}}).encode(),
+                        "model.name"),
+    "lone surrogate": (b'{"event": "failed", "reason": "\\udfff"}', "lone surrogate"),
+    "deep": (b'{"event": ' + b"[" * 40 + b"]" * 40 + b"}", "nested deeper"),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE_STATES)
+def test_a_hostile_state_report_is_refused_with_its_reason_and_writes_nothing(
+        db_url: str, name: str) -> None:
+    payload, why = HOSTILE_STATES[name]
+    with FleetDB.open(db_url) as db:
+        with pytest.raises(MalformedReport, match=why), db.begin() as c:
+            write_state(c, FLEET, "cam-1", payload)
+        with db.begin() as c:
+            assert ingest_state(c, FLEET, "cam-1", payload) is False
+        assert db.devices() == [] and db.device_history("cam-1") == []
+
+
+@pytest.mark.parametrize("name", HOSTILE_EVENTS)
+def test_a_hostile_event_is_refused_with_its_reason_and_writes_nothing(
+        db_url: str, name: str) -> None:
+    payload, why = HOSTILE_EVENTS[name]
+    with FleetDB.open(db_url) as db:
+        with db.begin() as c:
+            write_state(c, FLEET, "cam-1", state())
+        before = db.device_history("cam-1")
+        with pytest.raises(MalformedReport, match=why), db.begin() as c:
+            write_event(c, FLEET, "cam-1", payload)
+        assert db.device_history("cam-1") == before
+
+
+def test_wrong_types_that_name_nothing_are_read_as_absent(db_url: str) -> None:
+    payload = json.dumps({"online": "yes", "groups": "cams", "tags": [1], "model": 5,
+                          "hardware": "x86", "phase": 7, "deployment": True}).encode()
+    with FleetDB.open(db_url) as db:
+        with db.begin() as c:
+            write_state(c, FLEET, "odd", payload)
+        d = db.device("odd")
+    assert d is not None
+    assert (d["online"], d["groups"], d["tags"], d["hardware"], d["model"], d["phase"],
+            d["deployment"]) == (False, [], {}, {}, None, None, 0)
+
+
+@pytest.fixture()
+def conn(shared_broker: Mosquitto) -> Iterator[MqttConnection]:
+    c = MqttConnection(MqttConfig(url=shared_broker.url, fleet=FLEET))
+    c.connect()
+    yield c
+    c.close()
+
+
+def test_hostile_reports_never_stop_the_registry_and_are_counted_in_the_database(
+        db_url: str, conn: MqttConnection, capsys: pytest.CaptureFixture[str]) -> None:
+    topics = Topics(FLEET)
+    with FleetDB.open(db_url) as db:
+        registry = Registry(conn, db, flush_s=0.1).start()
+        try:
+            for i, (payload, _) in enumerate(HOSTILE_STATES.values()):
+                conn.publish_wait(topics.state(f"junk-{i}"), payload, qos=1)
+            for payload, _ in HOSTILE_EVENTS.values():
+                conn.publish_wait(topics.events("junk-ev"), payload, qos=1)
+            conn.publish_wait(f"{topics.base}/dev/{'x' * 200}/state", state(), qos=1)
+            # A real device's report after all that still lands.
+            conn.publish_wait(topics.state("cam-1"), state("2"), qos=1)
+            wait_for(lambda: (d := db.device("cam-1")) and d["version"] == "2", 20)
+            bad = len(HOSTILE_STATES) + len(HOSTILE_EVENTS) + 1
+            stats = wait_for(lambda: (s := db.registry_stats(fleet=FLEET))
+                             and s[0]["malformed"] == bad and s[0], 20,
+                             lambda: f"counts: {db.registry_stats()}")
+        finally:
+            registry.stop()
+        assert registry.stats.malformed == bad and registry.stats.db_errors == 0
+        assert stats["states"] >= 1 and stats["last_malformed"]
+        assert [d["id"] for d in db.devices()] == ["cam-1"]
+    from edge_sdk.cli import main
+
+    capsys.readouterr()
+    assert main(["status", "--db", db_url, "--fleet", FLEET]) == 0
+    out = capsys.readouterr()
+    assert "cam-1" in out.out
+    assert f"registry: {bad} malformed report(s) ignored (newest: " in out.err
