@@ -20,6 +20,7 @@ import sqlalchemy as sa
 
 from edge_sdk.cli import main
 from edge_sdk.fleet import FleetDB
+from edge_sdk.fleet._controller import CRASH_ENV
 from edge_sdk.fleet._db import rollout_devices
 from tests import _fleetdb, _models, test_agent_e2e
 from tests._broker import Mosquitto
@@ -56,11 +57,25 @@ class Serve:
         self.log = tmp / "serve.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> Serve:
+    def start(self, crash_at: str | None = None) -> Serve:
+        """Start `serve`; with ``crash_at``, it kills itself at that crash point."""
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env.pop(CRASH_ENV, None)
+        if crash_at:
+            env[CRASH_ENV] = crash_at
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=log, stderr=log,
-                                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+            self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=log, stderr=log, env=env)
         return self
+
+    def wait_crashed(self, timeout: float = 60) -> None:
+        """Wait for the SIGKILL a crash point sends."""
+        assert self.proc is not None
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"serve never crashed: {self.log.read_text()[-3000:]}") \
+                from None
+        assert code == -signal.SIGKILL, (code, self.log.read_text()[-3000:])
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

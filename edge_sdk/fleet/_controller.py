@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import stat
 import threading
 import time
@@ -41,6 +42,26 @@ from ._db import (
 )
 
 log = logging.getLogger("edge_sdk.fleet.controller")
+
+#: Test-only: the controller kills itself with SIGKILL the first time it reaches the named
+#: point (``NAME:N``: the N-th time). The kill -9 tests crash at each one.
+CRASH_ENV = "EDGE_SDK_FLEET_CRASH_AT"
+#: ``signing``: a deployment is signed (its counter used) but not saved; ``signed``: saved,
+#: not yet published; ``published``: published to the first of its devices only.
+CRASH_POINTS = ("signing", "signed", "published")
+_reached: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    assert name in CRASH_POINTS, f"crash point {name!r} is missing from CRASH_POINTS"
+    at = os.environ.get(CRASH_ENV)
+    if not at:
+        return
+    want, _, nth = at.partition(":")
+    if want == name:
+        _reached[name] = _reached.get(name, 0) + 1
+        if _reached[name] == int(nth or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 _DEVICE_FIELDS = [f for f in m.DeviceProgress.__dataclass_fields__ if f != "wave"]
 
@@ -302,13 +323,16 @@ class Controller:
                             ", ".join(fx.devices), err)
                 return self._apply(st, m.SignFailed(fx.devices, str(err), fx.rollback,
                                                     time.time()))
+            crash_point("signing")
             return self._apply(st, m.Signed(fx.devices, signed.deployment.counter,
                                             signed.document.decode(), fx.rollback,
                                             time.time()))
         if isinstance(fx, m.Publish):
+            crash_point("signed")
             doc = fx.document.encode()
             for d in fx.devices:
                 self.conn.publish_wait(self.topics.desired(d), doc, qos=1, retain=True)
+                crash_point("published")
             return st
         clear_deployment(self.conn, self.topics.desired(fx.device))
         return st
