@@ -340,6 +340,7 @@ class Agent:
             "deployment": st.deployment_counter,
             "last_update": st.last_result,
             "groups": list(self.config.groups),
+            "tags": dict(self.config.tags),
             "hardware": _hardware(),
             "queued_reports": len(self.outbox),
             "dropped_reports": self.outbox.dropped,

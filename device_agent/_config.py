@@ -8,12 +8,14 @@ expected, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import os
 import re
 import tomllib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,10 @@ from urllib.parse import unquote, urlparse
 
 from edge_sdk.errors import ConfigError
 
-_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: A tag value: printable, no control characters (it is shown in tables and selectors).
+_TAG_VALUE = re.compile(r"[^\x00-\x1f\x7f]{0,128}")
+MAX_TAGS = 32
 
 
 @dataclass(frozen=True)
@@ -169,6 +174,9 @@ class AgentConfig:
     threads: int = 1
     #: Device groups whose deployments this device follows (besides its own id).
     groups: tuple[str, ...] = ()
+    #: Facts the operator chose (``{site = "berlin", line = "3"}``), reported in the state
+    #: so that rollouts can select devices with ``--tag site=berlin``. Read-only.
+    tags: Mapping[str, str] = field(default_factory=lambda: types.MappingProxyType({}))
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     trust: TrustConfig = field(default_factory=TrustConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
@@ -210,9 +218,18 @@ class AgentConfig:
         named = [("device_id", self.device_id), ("fleet", self.fleet)]
         named += [(f"groups[{i}]", g) for i, g in enumerate(self.groups)]
         for key, value in named:
-            if not _SAFE_ID.match(value):
+            if not _SAFE_ID.fullmatch(value):
                 raise bad(key, f"{value!r} must be 1-64 letters, digits, '.', '_' or '-' "
                                "(it becomes part of MQTT topics)")
+        if len(self.tags) > MAX_TAGS:
+            raise bad("tags", f"{len(self.tags)} tags, at most {MAX_TAGS}")
+        for k, v in self.tags.items():
+            if not _SAFE_ID.fullmatch(k):
+                raise bad(f"tags.{k}", "a tag name must be 1-64 letters, digits, '.', '_' or "
+                                       "'-'")
+            if not _TAG_VALUE.fullmatch(v):
+                raise bad(f"tags.{k}", "must be at most 128 characters without control "
+                                       "characters")
         u = urlparse(self.broker.url)
         if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
             raise bad("broker.url", f"{self.broker.url!r} must look like mqtt://host:1883 "
@@ -296,6 +313,11 @@ def _convert(hint: Any, value: Any, where: str, key: str, base: Path) -> Any:
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(hint) if a is not type(None)]
         hint = inner[0]
+    if typing.get_origin(hint) in (dict, collections.abc.Mapping):
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise ConfigError(f"{where}: {key} must be a table of strings, like "
+                              f'{key} = {{site = "berlin"}}, got {value!r}')
+        return types.MappingProxyType(dict(value))
     if typing.get_origin(hint) is tuple:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where}: {key} must be a list of strings, got {value!r}")

@@ -128,11 +128,14 @@ class AgentProc:
     def __init__(self, fleet: Fleet, tmp: Path, device: str, *, window_s: float = 0.3,
                  broker_url: str | None = None, groups: tuple[str, ...] = (),
                  port: int = 0, limits: dict[str, Any] | None = None,
-                 wrap: Callable[[list[str]], list[str]] | None = None) -> None:
+                 wrap: Callable[[list[str]], list[str]] | None = None,
+                 tags: dict[str, str] | None = None) -> None:
         """``port``: a fixed HTTP port, for agents that cannot write ``agent.json`` (a full
         or read-only state dir); ``limits``: more ``[limits]`` keys; ``wrap``: the command
-        that starts the agent (e.g. inside a network namespace)."""
+        that starts the agent (e.g. inside a network namespace); ``tags``: the config's
+        ``tags`` table."""
         self.groups = groups
+        self.tags = tags or {}
         self.fixed_port = port
         self.limits = limits or {}
         self.wrap = wrap or list
@@ -157,6 +160,8 @@ class AgentProc:
         self.config.write_text(
             f'device_id = "{device}"\nfleet = "{FLEET}"\nstate_dir = "state"\nthreads = 1\n'
             f"groups = {json.dumps(list(self.groups))}\n"
+            "tags = {" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in self.tags.items())
+            + "}\n"
             f'[broker]\nurl = "{self.broker_url}"\n'
             '[trust]\nroot = "trust/root.json"\ndeployment_key = "trust/deployment.pub.json"\n'
             f"[http]\nport = {self.fixed_port}\n"

@@ -297,6 +297,7 @@ def test_unknown_config_key_is_a_clear_error(tmp_path) -> None:
     [
         ('fleet = "f"\nstate_dir = "s"\n', "missing required key 'device_id'"),
         ('device_id = "a/b"\nfleet = "f"\nstate_dir = "s"\n', "device_id"),
+        ('device_id = "d\\n"\nfleet = "f"\nstate_dir = "s"\n', "device_id"),
         ('device_id = "d"\nfleet = "f"\nstate_dir = "s"\n[http]\nport = "80"\n',
          "http.port must be an integer"),
         ('device_id = "d"\nfleet = "f"\nstate_dir = "s"\n[broker]\nurl = "http://x"\n',
@@ -306,6 +307,17 @@ def test_unknown_config_key_is_a_clear_error(tmp_path) -> None:
         ('device_id = "d"\nfleet = "f"\nstate_dir = "s"\n[health]\nmax_error_rate = 2\n',
          "max_error_rate"),
         ("device_id = \n", "invalid TOML"),
+        ('device_id = "d"\nfleet = "f"\nstate_dir = "s"\ntags = ["berlin"]\n',
+         "tags must be a table of strings"),
+        ('device_id = "d"\nfleet = "f"\nstate_dir = "s"\ntags = {line = 3}\n',
+         "tags must be a table of strings"),
+        ('device_id = "d"\nfleet = "f"\nstate_dir = "s"\ntags = {"a b" = "x"}\n',
+         "tags.a b: a tag name must be"),
+        ('device_id = "d"\nfleet = "f"\nstate_dir = "s"\ntags = {site = "b\\n"}\n',
+         "tags.site: must be at most 128 characters without control"),
+        ('device_id = "d"\nfleet = "f"\nstate_dir = "s"\n'
+         + "tags = {" + ", ".join(f't{i} = "v"' for i in range(33)) + "}\n",
+         "33 tags, at most 32"),
     ],
 )
 def test_invalid_config_values_are_clear_errors(tmp_path, toml, match) -> None:
@@ -313,6 +325,18 @@ def test_invalid_config_values_are_clear_errors(tmp_path, toml, match) -> None:
     p.write_text(toml)
     with pytest.raises(ConfigError, match=match):
         AgentConfig.from_file(p)
+
+
+def test_tags_are_read_as_a_read_only_table_of_strings(tmp_path) -> None:
+    p = tmp_path / "agent.toml"
+    p.write_text('device_id = "d"\nfleet = "f"\nstate_dir = "s"\n'
+                 'tags = {site = "berlin", "line.no" = "3"}\n')
+    cfg = AgentConfig.from_file(p)
+    assert dict(cfg.tags) == {"site": "berlin", "line.no": "3"}
+    with pytest.raises(TypeError):
+        cfg.tags["site"] = "paris"  # type: ignore[index]
+    assert dict(AgentConfig.from_dict({"device_id": "d", "fleet": "f",
+                                       "state_dir": "s"}).tags) == {}
 
 
 def test_relative_paths_in_config_are_relative_to_the_file(tmp_path) -> None:

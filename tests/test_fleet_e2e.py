@@ -285,6 +285,31 @@ def test_abort_sends_devices_that_committed_the_new_model_back_by_a_signed_rollb
     assert last.infer() == ("1", 2.0)
 
 
+@pytest.mark.slow
+def test_a_tag_selector_rolls_out_to_the_tagged_devices_only(
+        fleet, tmp_path, agents, db_url, serve) -> None:
+    serve.start()
+    g = grp("tag", db_url)
+    sites = {f"{g}-{i}": site for i, site in enumerate(("berlin", "paris", "berlin",
+                                                         "paris"))}
+    procs = [new_agent(fleet, tmp_path, agents, d, tags={"site": s, "line": "3"}).start()
+             for d, s in sites.items()]
+    for p in procs:
+        fleet.deploy(p.device, "1")
+    for p in procs:
+        p.wait_version("1")
+    berlin = {d for d, s in sites.items() if s == "berlin"}
+    with FleetDB.open(db_url) as db:
+        wait_for(lambda: {d["id"] for d in db.devices(tag="site=berlin")
+                          if d["version"] == "1" and d["id"].startswith(g)} == berlin, 30)
+        assert db.device(f"{g}-1")["tags"] == {"site": "paris", "line": "3"}  # type: ignore[index]
+    rid = start(db_url, "--version", "2", "--tag", "site=berlin", "--waves", "1,100%")
+    r = wait_status(db_url, rid, "completed", 60)
+    assert {d["device"] for d in r["devices"]} == berlin
+    for p in procs:
+        assert p.infer() == (("2", 3.0) if p.device in berlin else ("1", 2.0))
+
+
 def test_a_selector_matching_no_device_is_refused_and_nothing_is_written(
         db_url, capsys) -> None:
     assert main(["rollout", "start", "--db", db_url, "--fleet", FLEET, "--model", "adder",
