@@ -164,3 +164,41 @@ def test_kill_9_of_the_controller_at_each_moment_then_a_restart_finishes_the_rol
     with capsys.disabled():
         print(f"\nkill -9 then restart, 5 devices, 3 waves: {'; '.join(took)}",
               file=sys.stderr)
+
+
+@pytest.mark.slow
+def test_a_second_serve_on_the_database_waits_then_takes_over_from_a_killed_one(
+        fleet, tmp_path, agents, db_url, serve: Serve) -> None:
+    serve.start()
+    procs = start_fleet(fleet, tmp_path, agents, g := grp("ha", db_url), 2, db_url)
+    standby = Serve(fleet, db_url, tmp_path / "standby").start()
+    try:
+        wait_for(lambda: "waiting" in standby.log.read_text(), 30,
+                 lambda: standby.log.read_text())
+        lines = [ln for ln in standby.log.read_text().splitlines() if "waiting" in ln]
+        assert len(lines) == 1 and lines[0].startswith(
+            "edge-sdk serve: waiting: fleet 'lab' in ") and "is run by another controller (" \
+            in lines[0] and f"pid {serve.proc.pid} " in lines[0], lines
+        with FleetDB.open(db_url) as db:
+            assert f"pid {serve.proc.pid} " in db.lease(test_agent_e2e.FLEET)["holder"]
+        rid = start(db_url, "--version", "2", "--group", g, "--waves", "1,100%")
+        wait_status(db_url, rid, "completed", 60)
+        time.sleep(1)  # the standby stays a standby while the first one runs
+        assert standby.proc.poll() is None and "serving" not in standby.log.read_text()
+        serve.kill()
+        t0 = time.monotonic()
+        rid = start(db_url, "--version", "3", "--group", g, "--waves", "1,100%")
+        wait_status(db_url, rid, "completed", 60)
+        took = time.monotonic() - t0
+        with FleetDB.open(db_url) as db:
+            assert f"pid {standby.proc.pid} " in db.lease(test_agent_e2e.FLEET)["holder"]
+        assert "serving" in standby.log.read_text()
+        assert took < test_fleet_e2e.LEASE_TTL + 10, took
+        for p in procs:
+            assert p.infer() == ("3", 4.0)
+        standby.stop()
+        assert standby.proc.returncode == 0, standby.log.read_text()[-2000:]
+        with FleetDB.open(db_url) as db:
+            assert db.lease(test_agent_e2e.FLEET) is None  # a clean stop gives it up
+    finally:
+        standby.kill()

@@ -47,13 +47,18 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     yield from _fleetdb.make_db(request.param, tmp_path)
 
 
+#: Short, so that a restart after kill -9 takes the dead controller's lease over soon.
+LEASE_TTL = 3.0
+
+
 class Serve:
     """`edge-sdk serve` as a subprocess (kill -9 and start again at will)."""
 
     def __init__(self, fleet: Fleet, db_url: str, tmp: Path) -> None:
         self.cmd = [sys.executable, "-m", "edge_sdk", "serve", "--repo", str(fleet.repo.path),
                     "--broker", fleet.broker.url, "--fleet", FLEET, "--db", db_url,
-                    "--poll", "0.2"]
+                    "--poll", "0.2", "--lease-ttl", str(LEASE_TTL)]
+        tmp.mkdir(parents=True, exist_ok=True)
         self.log = tmp / "serve.log"
         self.proc: subprocess.Popen[bytes] | None = None
 

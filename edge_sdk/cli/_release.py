@@ -459,14 +459,19 @@ def _device_limits(values: tuple[str, ...]) -> DeviceLimits:
               help="Key directory holding the deployment key (default: the one given to "
                    "init). The controller signs each wave with it.")
 @click.option("--poll", "poll_s", default=0.5, show_default=True, type=float, hidden=True)
+@click.option("--lease-ttl", default=15.0, show_default=True, type=click.FloatRange(min=1),
+              help="Seconds the fleet's controller lease outlives a controller that died; "
+                   "a second serve on the same database waits that long to take over.")
 @_mqtt_options
 def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url: str | None,
-              keydir: str | None, poll_s: float, **mqtt: Any) -> None:
+              keydir: str | None, poll_s: float, lease_ttl: float, **mqtt: Any) -> None:
     """Answer chunk requests for REPO, keep the device registry and run the rollouts
     recorded in the fleet database, until interrupted.
 
     Each device is answered only on its own response topic and within its own
     budget (requests and bytes per second, bytes in flight): see --device-limit.
+    One serve runs a fleet's registry and rollouts at a time: another one on the same
+    database and fleet waits (a standby) until the first stops or its lease expires.
     """
     from ._db import open_db
 
@@ -475,7 +480,7 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
     stop = threading.Event()
     db = open_db(db_url, repo)
     repository = Repository(repo, keydir)
-    from ..fleet import Controller, Registry, check_key_permissions
+    from ..fleet import Controller, FleetError, Registry, check_key_permissions
 
     check_key_permissions(repository)
 
@@ -488,13 +493,15 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
             responder = RepoResponder(conn, repo, config=ResponderConfig(
                 shared=not no_shared, limits=limits))
             registry = Registry(conn, db)
-            controller = Controller(db, repository, conn, poll_s=poll_s)
+            controller = Controller(db, repository, conn, poll_s=poll_s, lease_ttl=lease_ttl)
+            if not _take_lease(controller, stop):
+                return
             with responder, registry:
                 controller.start()
                 click.echo(f"serving {Path(repo).resolve()} on {config.url} fleet "
                            f"{config.fleet}; registry and rollouts in {db.url}", err=True)
                 try:
-                    while not stop.wait(0.5):
+                    while not stop.wait(0.5) and controller.running:
                         pass
                 except KeyboardInterrupt:
                     pass
@@ -506,8 +513,28 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
             click.echo(f"stopped: {st.requests} requests, {st.bytes_sent} bytes sent, "
                        f"{st.slowed} slowed down, {st.dropped} dropped over the rate",
                        err=True)
+            if controller.lost:
+                raise FleetError(controller.lost)
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def _take_lease(controller: Any, stop: threading.Event) -> bool:
+    """Take the fleet's controller lease, waiting while another serve holds it (one line
+    says so). False when stopped while waiting."""
+    from ..fleet import LeaseHeld
+
+    said = False
+    while True:
+        try:
+            controller.acquire()
+            return True
+        except LeaseHeld as err:
+            if not said:
+                click.echo(f"edge-sdk serve: waiting: {err}", err=True)
+                said = True
+        if stop.wait(min(2.0, controller.lease_ttl / 4)):
+            return False
 
 
 def _default_state(fleet: str, device: str) -> Path:

@@ -9,15 +9,17 @@ database is the record.
   and the read API the web page and the CLI use — ``devices(group=, tag=, model=,
   online=)``, ``device(id)``, ``device_history(id, limit)``, ``rollouts()``,
   ``rollout(id)`` (per-wave progress counts and failure reasons), ``models()``
-  (devices per model version), ``audit(limit)``. Every value returned is a plain
-  JSON-serialisable dict or list.
+  (devices per model version), ``audit(limit)``, ``registry_stats()`` (reports written
+  and ignored), ``lease(fleet)`` (which controller runs it). Every value returned is a
+  plain JSON-serialisable dict or list.
 - :func:`default_url` — the database beside a release repository.
 - :class:`Registry` — ingests every device's retained ``state`` and ``events`` into the DB.
 - :class:`Controller` — runs the rollouts recorded in the DB (inside ``edge-sdk serve``);
   :func:`start_rollout`, :func:`command_rollout` write the records it follows;
   :class:`RolloutSpec` — waves, rate, timeout, abort criteria, pause after each wave.
 - :func:`actor_name`, :func:`audit` — the audit log's actor and an appended action.
-- :class:`FleetError` (one-line diagnoses), :class:`FleetUsageError` (bad requests).
+- :class:`FleetError` (one-line diagnoses), :class:`FleetUsageError` (bad requests),
+  :class:`LeaseHeld` / :class:`LeaseLost` (another controller runs the fleet).
 """
 
 from ._controller import (
@@ -28,10 +30,19 @@ from ._controller import (
     command_rollout,
     start_rollout,
 )
-from ._db import SCHEMA_VERSION, FleetDB, FleetError, FleetUsageError, default_url
+from ._db import (
+    SCHEMA_VERSION,
+    FleetDB,
+    FleetError,
+    FleetUsageError,
+    LeaseHeld,
+    LeaseLost,
+    default_url,
+)
 from ._machine import RolloutSpec
 from ._registry import Registry, RegistryStats
 
 __all__ = ["SCHEMA_VERSION", "Controller", "FleetDB", "FleetError", "FleetUsageError",
-           "Registry", "RegistryStats", "RolloutSpec", "actor_name", "audit",
-           "check_key_permissions", "command_rollout", "default_url", "start_rollout"]
+           "LeaseHeld", "LeaseLost", "Registry", "RegistryStats", "RolloutSpec",
+           "actor_name", "audit", "check_key_permissions", "command_rollout", "default_url",
+           "start_rollout"]

@@ -5,13 +5,20 @@ rollout row or a command row; the controller polls for them, runs each rollout's
 machine (:mod:`._machine`) and saves its state before carrying out any effect. The
 controller holds the deployment key (it signs each wave) and refuses a key file that
 its group or others can read.
+
+One controller per fleet and database: :meth:`Controller.start` takes the fleet's lease
+(:class:`LeaseHeld` when another controller has it), every saved state renews it in the
+same transaction — a controller whose lease went to another one can commit nothing and
+stops (:attr:`Controller.lost`) — and :meth:`Controller.stop` gives it up.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
+import socket
 import stat
 import threading
 import time
@@ -32,6 +39,7 @@ from ._db import (
     FleetDB,
     FleetError,
     FleetUsageError,
+    LeaseLost,
     device_events,
     devices,
     json_text,
@@ -204,29 +212,61 @@ class Controller:
     """Runs every active rollout of one fleet from the database, one poll at a time."""
 
     def __init__(self, db: FleetDB, repo: Repository, connection: MqttConnection, *,
-                 topics: Topics | None = None, poll_s: float = 0.5) -> None:
+                 topics: Topics | None = None, poll_s: float = 0.5,
+                 lease_ttl: float = 15.0) -> None:
+        """``lease_ttl``: how long the lease outlives this controller's last save or poll
+        (a controller killed with SIGKILL is taken over after that long)."""
         check_key_permissions(repo)
         self.db = db
         self.repo = repo
         self.conn = connection
         self.topics = topics or Topics.for_config(connection.config)
         self.poll_s = poll_s
+        self.lease_ttl = lease_ttl
+        #: Who this controller is in the lease table (and in the refusal others print).
+        self.holder = f"{socket.gethostname()} pid {os.getpid()} {secrets.token_hex(3)}"
+        self._leased = False
+        #: Why the controller stopped on its own (its lease went to another), else None.
+        self.lost: str | None = None
         self._states: dict[int, m.RolloutState] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fleet-controller", daemon=True)
 
+    def acquire(self) -> None:
+        """Take the fleet's lease. Raises :class:`LeaseHeld` while another controller
+        holds it (call again to wait for it)."""
+        self.db.acquire_lease(self.topics.fleet, self.holder, self.lease_ttl)
+        self._leased = True
+
     def start(self) -> Controller:
+        if not self._leased:
+            self.acquire()
         self._thread.start()
         return self
 
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(30)
+        if self._thread.is_alive():
+            self._thread.join(30)
+        if self._leased and self.lost is None:
+            try:
+                self.db.release_lease(self.topics.fleet, self.holder)
+            except (FleetError, sa.exc.SQLAlchemyError) as err:
+                log.warning("controller lease not released (it expires): %s", err)
+        self._leased = False
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
                 self.poll()
+            except LeaseLost as err:
+                self.lost = str(err)
+                log.error("%s", err)
+                return
             except (EdgeError, sa.exc.SQLAlchemyError) as err:
                 log.warning("controller: %s", str(err).splitlines()[0])
                 self._states.clear()  # reload from the record next time
@@ -236,7 +276,9 @@ class Controller:
             self._stop.wait(self.poll_s)
 
     def poll(self) -> None:
-        with self.db.begin() as c:
+        if self._leased:
+            self.db.renew_lease(self.topics.fleet, self.holder, self.lease_ttl)
+        with self.db.read() as c:
             ids = c.execute(sa.select(rollouts.c.id).where(
                 (rollouts.c.fleet == self.topics.fleet)
                 & rollouts.c.status.in_(ACTIVE_STATUSES)).order_by(rollouts.c.id)
@@ -250,6 +292,8 @@ class Controller:
                command_seq: int | None = None) -> m.RolloutState:
         new, effects = m.step(st, event)
         with self.db.begin() as c:
+            if self._leased:  # nothing is saved, so nothing is done, without the lease
+                self.db.renew_lease(self.topics.fleet, self.holder, self.lease_ttl, conn=c)
             save_state(c, new, st)
             if command_seq is not None:
                 c.execute(rollout_commands.update().where(
@@ -262,10 +306,10 @@ class Controller:
     def _poll_one(self, rid: int) -> None:
         st = self._states.get(rid)
         if st is None:
-            with self.db.begin() as c:
+            with self.db.read() as c:
                 st = load_state(c, rid)
             st = self._apply(st, m.Restarted(time.time()))
-        with self.db.begin() as c:
+        with self.db.read() as c:
             cmds = c.execute(sa.select(rollout_commands).where(
                 (rollout_commands.c.rollout == rid) & rollout_commands.c.done.is_(None))
                 .order_by(rollout_commands.c.seq)).mappings().all()
@@ -278,7 +322,7 @@ class Controller:
                 with self.db.begin() as c:
                     c.execute(rollout_commands.update().where(
                         rollout_commands.c.seq == cmd["seq"]).values(done=time.time()))
-        with self.db.begin() as c:
+        with self.db.read() as c:
             sel = json_value(c.execute(sa.select(rollouts.c.selector).where(
                 rollouts.c.id == rid)).scalar_one(), {})
         mem = members(self.db, self.topics.fleet, sel)
@@ -295,7 +339,7 @@ class Controller:
             return []
         out: list[m.Report] = []
         counters = sorted({n for s in waiting.values() for n in s})
-        with self.db.begin() as c:
+        with self.db.read() as c:
             for r in c.execute(sa.select(devices.c.id, devices.c.last_deployment,
                                          devices.c.last_result, devices.c.last_reason).where(
                     (devices.c.fleet == self.topics.fleet)

@@ -7,11 +7,18 @@ JSON-serialisable dict.
 
 Schema versions live in ``schema_version``; :func:`_migrate` brings an older database up
 to :data:`SCHEMA_VERSION` at open, and a database written by newer code is refused
-before anything is changed.
+before anything is changed. Migrations run in one transaction holding the database's
+migration lock (a PostgreSQL advisory lock; SQLite's write lock, ``BEGIN IMMEDIATE``), so
+processes opening a fresh database at once migrate it exactly once.
+
+One controller runs a fleet at a time: it holds the fleet's row in ``controller_lease``
+(:meth:`FleetDB.acquire_lease`), renews it with every state it saves, and a second one
+is refused (:class:`LeaseHeld`) until the lease is released or expires.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -25,7 +32,7 @@ from sqlalchemy.engine import Connection, Engine, RowMapping
 from ..errors import EdgeError
 
 #: The schema this code writes. Bump it and add a step to ``_MIGRATIONS`` together.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class FleetError(EdgeError):
@@ -36,6 +43,14 @@ class FleetUsageError(FleetError):
     """A fleet command was asked something it cannot do (unknown rollout, finished one)."""
 
     exit_code = 2
+
+
+class LeaseHeld(FleetError):
+    """Another controller holds the fleet's lease (the message names it and the expiry)."""
+
+
+class LeaseLost(FleetError):
+    """This controller's lease was taken over (it had expired): it must stop controlling."""
 
 
 meta = sa.MetaData()
@@ -159,6 +174,16 @@ registry_stats = sa.Table(
 
 _COUNTS = ("states", "events", "malformed", "dropped", "db_errors")
 
+#: Which controller runs each fleet (schema 3), until ``expires`` unless renewed.
+controller_lease = sa.Table(
+    "controller_lease", meta,
+    sa.Column("fleet", sa.String(128), primary_key=True),
+    sa.Column("holder", sa.String(256), nullable=False),
+    sa.Column("acquired", sa.Float, nullable=False),
+    sa.Column("renewed", sa.Float, nullable=False),
+    sa.Column("expires", sa.Float, nullable=False),
+)
+
 #: Rollout states in which the controller still has work to do.
 ACTIVE_STATUSES = ("pending", "running", "paused", "aborting")
 FINISHED_STATUSES = ("completed", "aborted")
@@ -201,12 +226,29 @@ def _redact(url: str) -> str:
 
 
 def _on_sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
+    # pysqlite would BEGIN only before DML, leaving DDL and reads outside any transaction;
+    # _on_sqlite_begin starts every transaction itself instead (SQLAlchemy's recipe).
+    dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
     # WAL: the CLI reads and writes while `serve` ingests; busy_timeout waits for the lock.
-    cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA busy_timeout=10000")
+    cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()
+
+
+def _on_sqlite_begin(conn: Connection) -> None:
+    # A deferred transaction that reads, then writes after another writer committed fails
+    # at once with SQLITE_BUSY (busy_timeout does not apply): every transaction that may
+    # write takes the write lock up front. Only the read API's snapshots are deferred.
+    read = conn.get_execution_options().get("edge_read")
+    conn.exec_driver_sql("BEGIN" if read else "BEGIN IMMEDIATE")
+
+
+def _lock_key(name: str) -> int:
+    """A stable signed 64-bit key for ``pg_advisory_xact_lock``."""
+    return int.from_bytes(hashlib.sha256(f"edge-sdk:{name}".encode()).digest()[:8], "big",
+                          signed=True)
 
 
 class FleetDB:
@@ -233,9 +275,10 @@ class FleetDB:
         engine = sa.create_engine(eurl, **kw)
         if eurl.startswith("sqlite:///"):
             sa.event.listen(engine, "connect", _on_sqlite_connect)
+            sa.event.listen(engine, "begin", _on_sqlite_begin)
         db = cls(engine, url)
         try:
-            with engine.begin() as c:
+            with db._exclusive("migrate") as c:
                 _migrate(c, url, write=migrate)
         except sa.exc.OperationalError as err:
             engine.dispose()
@@ -257,12 +300,43 @@ class FleetDB:
 
     @contextmanager
     def begin(self) -> Iterator[Connection]:
+        """A transaction that may write (on SQLite it holds the write lock throughout)."""
         try:
             with self.engine.begin() as c:
                 yield c
         except sa.exc.OperationalError as err:
             first = str(err.orig).strip().splitlines()[0] if err.orig else str(err)
             raise FleetError(f"database {_redact(self.url)}: {first}") from err
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A read-only transaction (a snapshot; it waits for no writer on SQLite's WAL)."""
+        try:
+            with self.engine.connect() as c:
+                c.execution_options(edge_read=True)
+                with c.begin():
+                    yield c
+        except sa.exc.OperationalError as err:
+            first = str(err.orig).strip().splitlines()[0] if err.orig else str(err)
+            raise FleetError(f"database {_redact(self.url)}: {first}") from err
+
+    @contextmanager
+    def exclusive(self, name: str) -> Iterator[Connection]:
+        """A transaction holding the database-wide lock ``name`` until it ends (others
+        asking for it wait): an advisory lock on PostgreSQL, the write lock on SQLite."""
+        try:
+            with self._exclusive(name) as c:
+                yield c
+        except sa.exc.OperationalError as err:
+            first = str(err.orig).strip().splitlines()[0] if err.orig else str(err)
+            raise FleetError(f"database {_redact(self.url)}: {first}") from err
+
+    @contextmanager
+    def _exclusive(self, name: str) -> Iterator[Connection]:
+        with self.engine.begin() as c:
+            if c.dialect.name == "postgresql":
+                c.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_key(name)})
+            yield c
 
     # -- read API (the web page and the CLI) ---------------------------------------------
 
@@ -281,7 +355,7 @@ class FleetDB:
             q = q.where(devices.c.model == name)
             if version.strip():
                 q = q.where(devices.c.version == version.strip())
-        with self.begin() as c:
+        with self.read() as c:
             rows = [_device(r) for r in c.execute(q).mappings()]
         if group is not None:
             rows = [r for r in rows if group in r["groups"]]
@@ -294,7 +368,7 @@ class FleetDB:
         q = sa.select(devices).where(devices.c.id == device_id)
         if fleet is not None:
             q = q.where(devices.c.fleet == fleet)
-        with self.begin() as c:
+        with self.read() as c:
             row = c.execute(q.order_by(devices.c.fleet)).mappings().first()
         return None if row is None else _device(row)
 
@@ -305,7 +379,7 @@ class FleetDB:
         if fleet is not None:
             q = q.where(device_events.c.fleet == fleet)
         q = q.order_by(device_events.c.seq.desc()).limit(limit)
-        with self.begin() as c:
+        with self.read() as c:
             return [_event(r) for r in c.execute(q).mappings()]
 
     def rollouts(self, *, fleet: str | None = None) -> list[dict[str, Any]]:
@@ -313,7 +387,7 @@ class FleetDB:
         q = sa.select(rollouts).order_by(rollouts.c.id.desc())
         if fleet is not None:
             q = q.where(rollouts.c.fleet == fleet)
-        with self.begin() as c:
+        with self.read() as c:
             heads = list(c.execute(q).mappings())
             return [_rollout(h, _rollout_rows(c, int(h["id"]))) for h in heads]
 
@@ -321,7 +395,7 @@ class FleetDB:
         """One rollout with ``waves`` (per-wave counts by status), ``devices`` (each
         device's wave, status, reason, counter) and ``failures`` (reasons). Raises
         :class:`FleetUsageError` for an unknown id."""
-        with self.begin() as c:
+        with self.read() as c:
             head = c.execute(sa.select(rollouts).where(rollouts.c.id == rollout_id)).mappings() \
                 .first()
             if head is None:
@@ -337,7 +411,7 @@ class FleetDB:
                       ).group_by(devices.c.model, devices.c.version)
         if fleet is not None:
             q = q.where(devices.c.fleet == fleet)
-        with self.begin() as c:
+        with self.read() as c:
             rows = [{"model": r.model, "version": r.version, "devices": int(r.devices),
                      "online": int(r.online or 0)} for r in c.execute(q)]
         return sorted(rows, key=lambda r: (r["model"] or "", r["version"] or ""))
@@ -345,7 +419,7 @@ class FleetDB:
     def audit(self, limit: int = 100) -> list[dict[str, Any]]:
         """The newest ``limit`` operator actions, oldest first."""
         q = sa.select(audit_log).order_by(audit_log.c.seq.desc()).limit(limit)
-        with self.begin() as c:
+        with self.read() as c:
             rows = [{"seq": r.seq, "ts": r.ts, "actor": r.actor, "action": r.action,
                      "params": _loads(r.params, {})} for r in c.execute(q)]
         return rows[::-1]
@@ -356,10 +430,75 @@ class FleetDB:
         q = sa.select(registry_stats).order_by(registry_stats.c.fleet)
         if fleet is not None:
             q = q.where(registry_stats.c.fleet == fleet)
-        with self.begin() as c:
+        with self.read() as c:
             return [dict(r) for r in c.execute(q).mappings()]
 
     # -- writes ----------------------------------------------------------------------------
+
+    def acquire_lease(self, fleet: str, holder: str, ttl: float, *,
+                      now: float | None = None) -> None:
+        """Take (or keep) the controller lease of ``fleet`` for ``ttl`` seconds. Raises
+        :class:`LeaseHeld` while another holder's lease has not expired."""
+        t = time.time() if now is None else now
+        with self.begin() as c:
+            row = c.execute(sa.select(controller_lease).where(
+                controller_lease.c.fleet == fleet)).mappings().first()
+            if row is None:
+                try:
+                    with c.begin_nested():
+                        c.execute(controller_lease.insert().values(
+                            fleet=fleet, holder=holder, acquired=t, renewed=t,
+                            expires=t + ttl))
+                    return
+                except sa.exc.IntegrityError:  # another one took it just now
+                    row = c.execute(sa.select(controller_lease).where(
+                        controller_lease.c.fleet == fleet)).mappings().one()
+            if row["holder"] != holder and row["expires"] > t:
+                raise LeaseHeld(
+                    f"fleet {fleet!r} in {_redact(self.url)} is run by another controller "
+                    f"({row['holder']}, lease renewed {max(0.0, t - row['renewed']):.0f} s "
+                    f"ago, expires in {row['expires'] - t:.0f} s)")
+            # Compare and swap: if the holder renewed meanwhile, this takes nothing.
+            done = c.execute(controller_lease.update().where(
+                (controller_lease.c.fleet == fleet)
+                & (controller_lease.c.holder == row["holder"])
+                & (controller_lease.c.expires == row["expires"])).values(
+                holder=holder, renewed=t, expires=t + ttl,
+                acquired=row["acquired"] if row["holder"] == holder else t))
+            if done.rowcount != 1:
+                raise LeaseHeld(f"fleet {fleet!r} in {_redact(self.url)}: another "
+                                "controller renewed its lease just now")
+
+    def renew_lease(self, fleet: str, holder: str, ttl: float, *, now: float | None = None,
+                    conn: Connection | None = None) -> None:
+        """Extend ``holder``'s lease; with ``conn``, inside that transaction, so what it
+        writes is only committed while the lease is held. Raises :class:`LeaseLost`."""
+        t = time.time() if now is None else now
+        q = controller_lease.update().where(
+            (controller_lease.c.fleet == fleet) & (controller_lease.c.holder == holder)
+        ).values(renewed=t, expires=t + ttl)
+        if conn is not None:
+            done = conn.execute(q)
+        else:
+            with self.begin() as c:
+                done = c.execute(q)
+        if done.rowcount != 1:
+            raise LeaseLost(f"the controller lease of fleet {fleet!r} in "
+                            f"{_redact(self.url)} went to another controller (it had "
+                            "expired); this one stops")
+
+    def release_lease(self, fleet: str, holder: str) -> None:
+        """Give the lease up (a clean stop), so that the next controller starts at once."""
+        with self.begin() as c:
+            c.execute(controller_lease.delete().where(
+                (controller_lease.c.fleet == fleet) & (controller_lease.c.holder == holder)))
+
+    def lease(self, fleet: str) -> dict[str, Any] | None:
+        """Who holds the fleet's controller lease, and until when."""
+        with self.read() as c:
+            row = c.execute(sa.select(controller_lease).where(
+                controller_lease.c.fleet == fleet)).mappings().first()
+        return None if row is None else dict(row)
 
     def add_registry_stats(self, fleet: str, delta: Mapping[str, int], *,
                            last_malformed: str | None = None) -> None:
@@ -448,7 +587,11 @@ def _v2(c: Connection) -> None:
     registry_stats.create(c)
 
 
-_MIGRATIONS = {1: _v1, 2: _v2}
+def _v3(c: Connection) -> None:
+    controller_lease.create(c)
+
+
+_MIGRATIONS = {1: _v1, 2: _v2, 3: _v3}
 
 
 def _migrate(c: Connection, url: str, *, write: bool) -> None:
