@@ -41,6 +41,11 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
   echo "setup: installing mosquitto from the system packages" >&2
   apt_install mosquitto || echo "setup: could not install mosquitto (not root?); MQTT parts need it" >&2
 fi
+# The fleet page's browser test (tests/test_fleet_web_browser.py): Debian's chromium.
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  echo "setup: installing chromium and chromium-driver from the system packages" >&2
+  apt_install chromium chromium-driver || echo "setup: could not install chromium (not root?); the fleet page's browser test needs it" >&2
+fi
 # Debian installs mosquitto in /usr/sbin, which is not on every user's PATH.
 export PATH="$ROOT/.venv/bin:$PATH:/usr/sbin"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"

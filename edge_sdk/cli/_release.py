@@ -3,6 +3,7 @@ over edge_sdk.release, edge_sdk.trust and edge_sdk.transport."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -17,7 +18,7 @@ from typing import Any, TypeVar
 import click
 
 from .._artifact import Artifact
-from ..errors import DeploymentError, UsageError
+from ..errors import DeploymentError, EdgeError, UsageError
 from ..release import (
     DEFAULT_DELTA_BASES,
     DEPLOYMENT_EXPIRES_DAYS,
@@ -462,9 +463,15 @@ def _device_limits(values: tuple[str, ...]) -> DeviceLimits:
 @click.option("--lease-ttl", default=15.0, show_default=True, type=click.FloatRange(min=1),
               help="Seconds the fleet's controller lease outlives a controller that died; "
                    "a second serve on the same database waits that long to take over.")
+@click.option("--http", "http", metavar="HOST:PORT",
+              help="Serve the read-only fleet page and its JSON API, e.g. 127.0.0.1:8700 "
+                   "(loopback only unless --http-allow-remote).")
+@click.option("--http-allow-remote", is_flag=True,
+              help="Allow --http on a non-loopback address (the page has no login).")
 @_mqtt_options
 def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url: str | None,
-              keydir: str | None, poll_s: float, lease_ttl: float, **mqtt: Any) -> None:
+              keydir: str | None, poll_s: float, lease_ttl: float, http: str | None,
+              http_allow_remote: bool, **mqtt: Any) -> None:
     """Answer chunk requests for REPO, keep the device registry and run the rollouts
     recorded in the fleet database, until interrupted.
 
@@ -478,7 +485,14 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
     config = _mqtt_config(mqtt)
     limits = _device_limits(device_limit)
     stop = threading.Event()
-    db = open_db(db_url, repo)
+    db = open_db(db_url, repo)  # first: it names the [fleet] extra when it is missing
+    from ..fleet._web import WebConfig, WebServer
+
+    try:
+        web_config = WebConfig.parse(http, allow_remote=http_allow_remote) if http else None
+    except EdgeError:
+        db.close()
+        raise
     repository = Repository(repo, keydir)
     from ..fleet import Controller, FleetError, Registry, check_key_permissions
 
@@ -496,10 +510,13 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
             controller = Controller(db, repository, conn, poll_s=poll_s, lease_ttl=lease_ttl)
             if not _take_lease(controller, stop):
                 return
-            with responder, registry:
+            web = WebServer(db, fleet=config.fleet, config=web_config) if web_config else None
+            with responder, registry, web or contextlib.nullcontext():
                 controller.start()
                 click.echo(f"serving {Path(repo).resolve()} on {config.url} fleet "
                            f"{config.fleet}; registry and rollouts in {db.url}", err=True)
+                if web is not None:
+                    click.echo(f"fleet page on {web.url}", err=True)
                 try:
                     while not stop.wait(0.5) and controller.running:
                         pass
