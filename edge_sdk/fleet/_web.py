@@ -344,6 +344,8 @@ class _Handler(BaseHTTPRequestHandler):
                    explain: str | None = None) -> None:
         # The stdlib's own refusals (bad request line, too long, unknown method): JSON too.
         self.close_connection = True
+        if not str(getattr(self, "request_version", "")).startswith("HTTP/1."):
+            self.request_version = "HTTP/1.0"  # else the stdlib sends a bare HTTP/0.9 body
         with contextlib.suppress(OSError):
             self._send(code, _JSON, error_body(message or explain or "bad request"),
                        head_only=self.command == "HEAD")
