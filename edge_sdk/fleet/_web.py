@@ -181,6 +181,8 @@ class FleetApi:
             raise _BadRequest(400, "request target must be a path starting with /")
         parts = urlsplit(target)
         path, query = parts.path, self._query(parts.query)
+        if path == "/favicon.ico":  # browsers ask; there is none
+            return 204, _JSON, b""
         if path in _STATIC:
             self._no_query(query)
             name, ctype = _STATIC[path]
@@ -328,8 +330,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(self, status: int, ctype: str, body: bytes, *, head_only: bool = False,
               allow: bool = False) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
+        if status != 204:  # a 204 carries neither (RFC 9110)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
         for k, v in _HEADERS.items():
             self.send_header(k, v)
         if allow or status == 405:

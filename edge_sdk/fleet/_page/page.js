@@ -31,7 +31,9 @@ async function api(path) {
 }
 
 function tagsText(tags) {
-  return Object.entries(tags || {}).map(([k, v]) => `${k}=${v}`).join(", ");
+  return Object.entries(tags || {}).map(([k, v]) =>
+    `${k}=${v !== null && typeof v === "object" ? Object.entries(v).map(([a, b]) => `${a} ${b}`).join(", ") : v}`)
+    .join("; ");
 }
 
 function cell(key, d) {
@@ -75,6 +77,8 @@ function waveRow(r, p) {
   const statuses = Object.keys(p.by_status).sort((a, b) => ORDER.indexOf(a) - ORDER.indexOf(b));
   const summary = statuses.map((s) => `${p.by_status[s]} ${s.replace("_", " ")}`).join(", ");
   const done = p.by_status.committed || 0;
+  const others = statuses.filter((s) => s !== "committed")
+    .map((s) => `${p.by_status[s]} ${s.replace("_", " ")}`).join(", ");
   const label = `Wave ${p.wave}: ${done} of ${p.devices} committed` + (summary ? ` (${summary})` : "");
   const bar = el("div", { class: "bar", role: "img", "aria-label": label });
   for (const s of statuses) {
@@ -85,7 +89,7 @@ function waveRow(r, p) {
   const current = r.wave === p.wave && ["running", "paused"].includes(r.status);
   return el("div", { class: "wave", "data-wave": p.wave },
     el("span", {}, `Wave ${p.wave}${current ? " ◀" : ""}`), bar,
-    el("span", { class: "counts" }, `${done}/${p.devices} committed` + (summary ? ` · ${summary}` : "")));
+    el("span", { class: "counts" }, `${done}/${p.devices} committed` + (others ? ` · ${others}` : "")));
 }
 
 function renderRollouts(rs) {

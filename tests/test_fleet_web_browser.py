@@ -1,0 +1,138 @@
+"""The fleet page in a real headless Chromium (Debian's chromium + chromium-driver), served
+by a real `edge-sdk serve --http` subprocess over a real Mosquitto and three real agents:
+the page lists the fleet and follows a rollout while it runs."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge_sdk.fleet import FleetDB
+from tests import test_agent_e2e
+from tests._broker import Mosquitto
+from tests.test_agent_e2e import Fleet, wait_for
+from tests.test_fleet_e2e import Serve, start, start_fleet
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+#: Set to a path to refresh the README's screenshot from this test.
+SHOT = os.environ.get("EDGE_FLEET_SCREENSHOT")
+
+agents = test_agent_e2e.agents  # agent processes killed after each test
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    tmp = tmp_path_factory.mktemp("fleet-web")
+    with Mosquitto(tmp / "broker") as broker:
+        f = Fleet(tmp, broker)
+        for v in ("1", "2"):
+            f.release(v)
+        yield f
+        f.close()
+
+
+@pytest.fixture()
+def browser() -> Iterator[Any]:
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.skip("selenium is not installed (pip install 'edge-sdk[dev]')")
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.skip("Debian's chromium and chromium-driver are not installed "
+                    "(.ci/setup.sh installs them as root)")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1280,1000", "--force-device-scale-factor=1"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _text(driver: Any, css: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    return "\n".join(e.text for e in driver.find_elements(By.CSS_SELECTOR, css))
+
+
+@pytest.mark.slow
+def test_the_page_lists_the_fleet_and_follows_a_rollout_while_it_runs(
+        fleet, tmp_path, agents, browser) -> None:
+    from selenium.webdriver.common.by import By
+
+    db_url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    port = _free_port()
+    serve = Serve(fleet, db_url, tmp_path)
+    serve.cmd += ["--http", f"127.0.0.1:{port}"]
+    serve.start()
+    try:
+        procs = start_fleet(fleet, tmp_path, agents, "web", 3, db_url)
+        browser.get(f"http://127.0.0.1:{port}/")
+        rows = "#devices tbody tr"
+        wait_for(lambda: len(browser.find_elements(By.CSS_SELECTOR, rows)) == 3, 30,
+                 lambda: f"devices table: {_text(browser, rows)!r}; log: "
+                         f"{serve.log.read_text()[-2000:]}")
+        for p in procs:
+            row = browser.find_element(By.CSS_SELECTOR, f'tr[data-device="{p.device}"]')
+            assert "online" in row.text and "adder" in row.text and " 1 " in f" {row.text} "
+        # Sorting by clicking a column header reverses the order.
+        ids = [r.get_attribute("data-device") for r in browser.find_elements(By.CSS_SELECTOR,
+                                                                            rows)]
+        browser.find_element(By.CSS_SELECTOR, 'th[data-key="id"] button').click()
+        wait_for(lambda: [r.get_attribute("data-device") for r in browser.find_elements(
+            By.CSS_SELECTOR, rows)] == ids[::-1], 10)
+
+        rid = start(db_url, "--version", "2", "--group", "web", "--waves", "1,100%",
+                    "--wave-timeout", "60", "--pause-after-wave")
+        art = f"#rollout-{rid}"
+        # Mid-rollout: paused for approval after wave 1, which shows 1 of 1 committed.
+        wait_for(lambda: "paused" in _text(browser, f"{art} h3")
+                 and "1/1 committed" in _text(browser, f'{art} [data-wave="1"]'), 60,
+                 lambda: _text(browser, art))
+        assert "0/2 committed" in _text(browser, f'{art} [data-wave="2"]')
+        assert "waiting for approval" in _text(browser, f"{art} .reason")
+        bar = browser.find_element(By.CSS_SELECTOR, f'{art} [data-wave="1"] .bar')
+        assert bar.get_attribute("role") == "img" and "1 of 1 committed" in \
+            bar.get_attribute("aria-label")
+        # A device's history opens on a click and shows its update to v2.
+        with FleetDB.open(db_url) as db:
+            first = next(d["device"] for d in db.rollout(rid)["devices"] if d["wave"] == 1)
+        browser.find_element(By.CSS_SELECTOR, f'tr[data-device="{first}"] button').click()
+        wait_for(lambda: f"History of {first}" in _text(browser, "#history h2")
+                 and "adder 2" in _text(browser, "#history-table"), 20,
+                 lambda: _text(browser, "#history"))
+        if SHOT:
+            browser.execute_script("window.scrollTo(0, 0)")
+            browser.save_screenshot(SHOT)
+        # Approve wave 2: the same page, without a reload, follows it to the end.
+        from edge_sdk.cli import main
+
+        assert main(["rollout", "resume", str(rid), "--db", db_url, "--operator",
+                     "tester"]) == 0
+        wait_for(lambda: "completed" in _text(browser, f"{art} h3")
+                 and "2/2 committed" in _text(browser, f'{art} [data-wave="2"]'), 90,
+                 lambda: _text(browser, art))
+        wait_for(lambda: "adder\n2\n3\n3" in _text(browser, "#models tbody")
+                 .replace("\t", "\n").replace(" ", "\n"), 30,
+                 lambda: _text(browser, "#models"))
+        logs = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        assert logs == [], logs
+    finally:
+        serve.stop()
