@@ -256,3 +256,12 @@ def test_garbage_slow_and_oversized_clients_are_answered_and_the_server_serves_o
             s.close()
     time.sleep(1.5)
     assert _http(server, "GET", "/api/models")[0] == 200
+
+
+def test_serve_refuses_a_public_http_bind_in_one_line(tmp_path, capsys) -> None:
+    from edge_sdk.cli import main
+
+    code = main(["serve", "--repo", str(tmp_path), "--db", f"sqlite:///{tmp_path / 'f.db'}",
+                 "--broker", "mqtt://127.0.0.1:1", "--http", "0.0.0.0:8700"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--http-allow-remote" in err and "\n" not in err
