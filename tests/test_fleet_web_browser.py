@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,10 +66,36 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _fresh(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn``, answering None while the page re-renders the elements it reads (the page
+    rebuilds its tables every poll, so an element found a moment ago may be gone)."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
+    def run() -> Any:
+        try:
+            return fn()
+        except (StaleElementReferenceException, NoSuchElementException):
+            return None
+
+    return run
+
+
 def _text(driver: Any, css: str) -> str:
     from selenium.webdriver.common.by import By
 
-    return "\n".join(e.text for e in driver.find_elements(By.CSS_SELECTOR, css))
+    got = wait_for(_fresh(lambda: "\n".join(e.text for e in driver.find_elements(
+        By.CSS_SELECTOR, css)) or " "), 10)
+    return str(got).strip()
+
+
+def _click(driver: Any, css: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    def go() -> bool:
+        driver.find_element(By.CSS_SELECTOR, css).click()
+        return True
+
+    wait_for(_fresh(go), 10, lambda: f"could not click {css}")
 
 
 @pytest.mark.slow
@@ -86,18 +112,18 @@ def test_the_page_lists_the_fleet_and_follows_a_rollout_while_it_runs(
         procs = start_fleet(fleet, tmp_path, agents, "web", 3, db_url)
         browser.get(f"http://127.0.0.1:{port}/")
         rows = "#devices tbody tr"
-        wait_for(lambda: len(browser.find_elements(By.CSS_SELECTOR, rows)) == 3, 30,
+        wait_for(_fresh(lambda: len(browser.find_elements(By.CSS_SELECTOR, rows)) == 3), 30,
                  lambda: f"devices table: {_text(browser, rows)!r}; log: "
                          f"{serve.log.read_text()[-2000:]}")
         for p in procs:
-            row = browser.find_element(By.CSS_SELECTOR, f'tr[data-device="{p.device}"]')
-            assert "online" in row.text and "adder" in row.text and " 1 " in f" {row.text} "
+            text = _text(browser, f'tr[data-device="{p.device}"]')
+            assert "online" in text and "adder" in text and " 1 " in f" {text} "
         # Sorting by clicking a column header reverses the order.
-        ids = [r.get_attribute("data-device") for r in browser.find_elements(By.CSS_SELECTOR,
-                                                                            rows)]
-        browser.find_element(By.CSS_SELECTOR, 'th[data-key="id"] button').click()
-        wait_for(lambda: [r.get_attribute("data-device") for r in browser.find_elements(
-            By.CSS_SELECTOR, rows)] == ids[::-1], 10)
+        ids = wait_for(_fresh(lambda: [r.get_attribute("data-device") for r in
+                                       browser.find_elements(By.CSS_SELECTOR, rows)]), 10)
+        _click(browser, 'th[data-key="id"] button')
+        wait_for(_fresh(lambda: [r.get_attribute("data-device") for r in browser.find_elements(
+            By.CSS_SELECTOR, rows)] == ids[::-1]), 10)
 
         rid = start(db_url, "--version", "2", "--group", "web", "--waves", "1,100%",
                     "--wave-timeout", "60", "--pause-after-wave")
@@ -108,13 +134,15 @@ def test_the_page_lists_the_fleet_and_follows_a_rollout_while_it_runs(
                  lambda: _text(browser, art))
         assert "0/2 committed" in _text(browser, f'{art} [data-wave="2"]')
         assert "waiting for approval" in _text(browser, f"{art} .reason")
-        bar = browser.find_element(By.CSS_SELECTOR, f'{art} [data-wave="1"] .bar')
-        assert bar.get_attribute("role") == "img" and "1 of 1 committed" in \
-            bar.get_attribute("aria-label")
+        bar = f'{art} [data-wave="1"] .bar'
+        role, label = wait_for(_fresh(lambda: tuple(
+            browser.find_element(By.CSS_SELECTOR, bar).get_attribute(a)
+            for a in ("role", "aria-label"))), 10)
+        assert role == "img" and "1 of 1 committed" in label
         # A device's history opens on a click and shows its update to v2.
         with FleetDB.open(db_url) as db:
             first = next(d["device"] for d in db.rollout(rid)["devices"] if d["wave"] == 1)
-        browser.find_element(By.CSS_SELECTOR, f'tr[data-device="{first}"] button').click()
+        _click(browser, f'tr[data-device="{first}"] button')
         wait_for(lambda: f"History of {first}" in _text(browser, "#history h2")
                  and "adder 2" in _text(browser, "#history-table"), 20,
                  lambda: _text(browser, "#history"))
