@@ -122,7 +122,27 @@ class Fleet:
         self.host.close()
 
 
-class AgentProc:
+class ManagedProcess:
+    """A subprocess a test starts, kills (SIGKILL) or stops (SIGTERM, then SIGKILL)."""
+
+    proc: subprocess.Popen[bytes] | None = None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+class AgentProc(ManagedProcess):
     """One agent subprocess with its own state dir and config; ``wrap`` turns its command
     line into the one to run (``ThinLink.wrap``: inside a network namespace)."""
 
@@ -152,7 +172,7 @@ class AgentProc:
         self.config = self.dir / "agent.toml"
         self.broker_url = broker_url or fleet.broker.url
         self.write_config(window_s)
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc = None
         self.port = port
         self.log = self.dir / "agent.log"
 
@@ -210,20 +230,6 @@ class AgentProc:
                 pass
             time.sleep(0.05)
         raise AssertionError("agent did not start listening")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
 
     def get(self, path: str) -> tuple[int, Any]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)

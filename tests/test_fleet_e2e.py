@@ -24,7 +24,15 @@ from edge_sdk.fleet._controller import CRASH_ENV
 from edge_sdk.fleet._db import rollout_devices
 from tests import _fleetdb, _models, test_agent_e2e
 from tests._broker import Mosquitto
-from tests.test_agent_e2e import FLEET, ROOT, AgentProc, Fleet, new_agent, wait_for
+from tests.test_agent_e2e import (
+    FLEET,
+    ROOT,
+    AgentProc,
+    Fleet,
+    ManagedProcess,
+    new_agent,
+    wait_for,
+)
 
 agents = test_agent_e2e.agents  # agent processes killed after each test
 
@@ -51,7 +59,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 LEASE_TTL = 3.0
 
 
-class Serve:
+class Serve(ManagedProcess):
     """`edge-sdk serve` as a subprocess (kill -9 and start again at will)."""
 
     def __init__(self, fleet: Fleet, db_url: str, tmp: Path) -> None:
@@ -60,7 +68,7 @@ class Serve:
                     "--poll", "0.2", "--lease-ttl", str(LEASE_TTL)]
         tmp.mkdir(parents=True, exist_ok=True)
         self.log = tmp / "serve.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc = None
 
     def start(self, crash_at: str | None = None) -> Serve:
         """Start `serve`; with ``crash_at``, it kills itself at that crash point."""
@@ -81,19 +89,6 @@ class Serve:
             raise AssertionError(f"serve never crashed: {self.log.read_text()[-3000:]}") \
                 from None
         assert code == -signal.SIGKILL, (code, self.log.read_text()[-3000:])
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
 
 
 @pytest.fixture()
