@@ -139,12 +139,12 @@ class Manifest:
         if fmt not in FORMATS:
             raise ArtifactError(f"{where}: format {fmt!r} is not one of {', '.join(FORMATS)}")
         model = req("model", str)
-        if not SAFE_NAME.match(model) or model in (MANIFEST_NAME, REPORT_NAME):
+        if not SAFE_NAME.fullmatch(model) or model in (MANIFEST_NAME, REPORT_NAME):
             raise ArtifactError(
                 f"{where}: model file name {model!r} must be a plain file name inside the artifact"
             )
         sha = req("sha256", str)
-        if not _HEX64.match(sha):
+        if not _HEX64.fullmatch(sha):
             raise ArtifactError(f"{where}: sha256 must be 64 lowercase hex digits")
         size = req("size_bytes", int)
         if size < 0:
@@ -163,7 +163,7 @@ class Manifest:
         source = req("source", dict)
         runtime = req("runtime", dict)
         sample = data.get("sample")
-        if sample is not None and (not isinstance(sample, str) or not SAFE_NAME.match(sample)):
+        if sample is not None and (not isinstance(sample, str) or not SAFE_NAME.fullmatch(sample)):
             raise ArtifactError(f"{where}: sample must be a plain file name inside the artifact")
         known = {
             "schema", "name", "version", "format", "model", "sha256", "size_bytes",

@@ -52,7 +52,7 @@ def build_artifact(
     """
     src = Path(model_file)
     fmt = format_for_path(src)
-    if not SAFE_NAME.match(name):
+    if not SAFE_NAME.fullmatch(name):
         raise ArtifactError(
             f"artifact name {name!r} must be 1-128 characters of letters, digits, '.', '_', '-'"
         )
@@ -74,7 +74,7 @@ def build_artifact(
             sample_name = "sample.npz"
             atomic_write_bytes(tmp / sample_name, npz_bytes(sample))
         for fname, path in (extra_files or {}).items():
-            if not SAFE_NAME.match(fname):
+            if not SAFE_NAME.fullmatch(fname):
                 raise ArtifactError(f"extra file name {fname!r} must be a plain file name")
             shutil.copyfile(path, tmp / fname)
         manifest = Manifest(

@@ -138,3 +138,16 @@ def test_a_flood_of_garbage_is_reported_boundedly_and_leaves_signed_work_alone()
 def test_every_family_is_exercised() -> None:
     seen = {label.rsplit(" #", 1)[0] for label, _ in payloads(per_family=1)}
     assert seen == set(FAMILIES)
+
+
+@pytest.mark.parametrize("value", ["dev-1\n", "dev-1\r\n", "\ndev-1"])
+def test_a_trailing_newline_never_passes_a_name_check(value: str) -> None:
+    # `re.match` with `$` also matches before a final newline; every check is a fullmatch.
+    from edge_sdk.errors import ConfigError
+    from edge_sdk.transport._chunks import is_safe_path
+    from edge_sdk.transport._config import check_topic_word
+
+    with pytest.raises(ConfigError):
+        check_topic_word(value, "device id")
+    assert not is_safe_path(f"targets/m/{value}")
+    assert not is_safe_path("metadata/root.json\n")

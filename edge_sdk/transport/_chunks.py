@@ -104,7 +104,7 @@ class ChunkRequest:
             raise TransportError("chunk request: expected a version 1 JSON object")
         corr, path = data.get("id"), data.get("path")
         off, length = data.get("off"), data.get("len")
-        if not isinstance(corr, str) or not _HEX32.match(corr):
+        if not isinstance(corr, str) or not _HEX32.fullmatch(corr):
             raise ChunkRequestError("chunk request: 'id' must be 32 hex digits")
         cid = bytes.fromhex(corr)
         if not isinstance(path, str) or not is_safe_path(path):
@@ -142,7 +142,7 @@ def _short(value: object) -> str:
 
 def is_safe_path(path: str) -> bool:
     """True for ``metadata/...`` or ``targets/...`` paths with no ``..`` or empty parts."""
-    if not _PATH.match(path):
+    if not _PATH.fullmatch(path):
         return False
     return all(part not in ("", ".", "..") for part in path.split("/"))
 

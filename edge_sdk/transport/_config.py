@@ -15,7 +15,7 @@ _TOPIC_WORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 def check_topic_word(value: str, what: str) -> str:
     """Raise :class:`ConfigError` unless ``value`` is safe as one topic level (no ``/+#``)."""
-    if not _TOPIC_WORD.match(value):
+    if not _TOPIC_WORD.fullmatch(value):
         raise ConfigError(
             f"{what} {value!r} must be 1-64 characters of letters, digits, '.', '_', '-' "
             "(it becomes one MQTT topic level)"

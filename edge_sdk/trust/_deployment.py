@@ -105,7 +105,7 @@ class Deployment:
             raise MalformedDeploymentError(
                 "deployment: 'devices'/'groups' must be lists of ids, at least one non-empty")
         sha = req("sha256", str)
-        if not _HEX64.match(sha):
+        if not _HEX64.fullmatch(sha):
             raise MalformedDeploymentError("deployment: 'sha256' must be 64 lowercase hex digits")
         length, counter = req("length", int), req("counter", int)
         if length < 0 or counter < 0:
