@@ -157,3 +157,52 @@ def test_release_add_signs_deltas_and_pull_have_fetches_one(
         # Holding an unrelated version: the whole model comes.
         assert main([*pull, "-o", str(tmp_path / "got3"), "--have", str(dirs["3.0"])]) == 0
         assert "(full artifact (" in capsys.readouterr().out
+
+
+_NO_FLEET = """
+import sys
+sys.modules["sqlalchemy"] = None  # as on a host without the [fleet] extra
+from edge_sdk.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_release_and_serve_work_without_the_fleet_extra(tmp_path: Path,
+                                                        broker: Mosquitto) -> None:
+    repo = tmp_path / "repo"
+    Repository.init(repo, tmp_path / "keys")
+    art = make_artifact(tmp_path / "arts", "m", "1.0")
+    run = [sys.executable, "-c", _NO_FLEET]
+    add = subprocess.run([*run, "release", "add", str(repo), str(art.path)],
+                         capture_output=True, text=True, timeout=120)
+    assert add.returncode == 0, add.stderr
+    assert "released m 1.0" in add.stdout
+    assert "not recorded in the audit log" in add.stderr and "Traceback" not in add.stderr
+    assert not (repo / "fleet.db").exists()
+    # An explicit --db without the extra is a one-line error.
+    bad = subprocess.run([*run, "release", "add", str(repo), str(art.path), "--db",
+                          f"sqlite:///{tmp_path / 'f.db'}"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode != 0 and "pip install 'edge-sdk[fleet]'" in bad.stderr
+    assert bad.stderr.count("\n") == 1
+    serve = subprocess.Popen([*run, "serve", "--repo", str(repo), "--broker", broker.url,
+                              "--fleet", "lab"], stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert serve.stderr is not None
+        assert "responder only" in serve.stderr.readline()
+        assert "serving" in serve.stderr.readline()
+        # It answers: a device fetches the release through it.
+        dest = tmp_path / "got"
+        cfg = MqttConfig(url=broker.url, fleet="lab")
+        with MqttConnection(cfg, name="dev") as dev:
+            client = UpdateClient(trusted_root=(repo / "metadata" / "1.root.json").read_bytes(),
+                                  metadata_dir=tmp_path / "dev" / "tuf",
+                                  partial_dir=tmp_path / "dev" / "part", connection=dev,
+                                  device_id="d1")
+            client.fetch_release("m", dest)
+        assert edge_sdk.Artifact.from_dir(dest).manifest.sha256 == art.manifest.sha256
+    finally:
+        serve.terminate()
+        serve.wait(10)
+    assert serve.returncode == 0

@@ -73,8 +73,11 @@ def start_cmd(db_url: str | None, repo_dir: str | None, operator: str | None, fl
               wave_timeout: float, max_failure_rate: float, max_silent_rate: float,
               min_finished: int, pause_after_wave: bool, no_rollback: bool) -> None:
     """Record a rollout; the controller in 'edge-sdk serve' starts it within a second."""
-    from ..fleet import RolloutSpec, actor_name, start_rollout
     from ..release import Repository, plan_waves
+    from ._db import fleet_module
+
+    fl = fleet_module()
+    RolloutSpec, actor_name, start_rollout = fl.RolloutSpec, fl.actor_name, fl.start_rollout
 
     wave_list = tuple(w.strip() for w in waves.split(",") if w.strip())
     plan_waves(["x"], wave_list)  # checks the wave syntax before anything is written
@@ -106,9 +109,9 @@ def _command(name: str) -> click.Command:
     @operator_option
     def cmd(rollout_id: int, db_url: str | None, repo_dir: str | None,
             operator: str | None) -> None:
-        from ..fleet import actor_name, command_rollout
-
         with open_db(db_url, repo_dir) as db:
+            from ..fleet import actor_name, command_rollout
+
             command_rollout(db, rollout_id, name, actor_name(operator))
         click.echo(f"rollout {rollout_id}: {name} requested")
 

@@ -480,11 +480,16 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
     One serve runs a fleet's registry and rollouts at a time: another one on the same
     database and fleet waits (a standby) until the first stops or its lease expires.
     """
-    from ._db import open_db
+    from ._db import fleet_installed, open_db
 
     config = _mqtt_config(mqtt)
     limits = _device_limits(device_limit)
     stop = threading.Event()
+    if db_url is None and http is None and not fleet_installed():
+        click.echo("edge-sdk serve: responder only: the registry, rollouts and fleet page "
+                   "need the fleet extra (pip install 'edge-sdk[fleet]')", err=True)
+        _serve_responder(repo, config, ResponderConfig(shared=not no_shared, limits=limits))
+        return
     db = open_db(db_url, repo)  # first: it names the [fleet] extra when it is missing
     from ..fleet._web import WebConfig, WebServer
 
@@ -532,6 +537,28 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
                        err=True)
             if controller.lost:
                 raise FleetError(controller.lost)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _serve_responder(repo: str, config: MqttConfig, rcfg: ResponderConfig) -> None:
+    """``serve`` without the fleet database: answer chunk requests until interrupted."""
+    stop = threading.Event()
+    old = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    try:
+        with MqttConnection(config, name="edge-serve") as conn, \
+                RepoResponder(conn, repo, config=rcfg) as responder:
+            click.echo(f"serving {Path(repo).resolve()} on {config.url} fleet {config.fleet}",
+                       err=True)
+            try:
+                while not stop.wait(0.5):
+                    pass
+            except KeyboardInterrupt:
+                pass
+            st = responder.stats
+            click.echo(f"stopped: {st.requests} requests, {st.bytes_sent} bytes sent, "
+                       f"{st.slowed} slowed down, {st.dropped} dropped over the rate",
+                       err=True)
     finally:
         signal.signal(signal.SIGTERM, old)
 
