@@ -641,8 +641,9 @@ def test_waves_are_cumulative_and_put_every_device_in_exactly_one() -> None:
             plan_waves(devs, [bad])
 
 
-def _rollout_fleet(fleet: Fleet, tmp: Path, agents: list[AgentProc], group: str,
-                   n: int) -> list[AgentProc]:
+def group_on_v1(fleet: Fleet, tmp: Path, agents: list[AgentProc], group: str,
+                n: int) -> list[AgentProc]:
+    """``n`` agents in ``group``, each serving release 1 and seen in the fleet's states."""
     procs = [new_agent(fleet, tmp, agents, f"{group}-{i}", groups=(group,)).start()
              for i in range(n)]
     for p in procs:
@@ -658,7 +659,7 @@ def test_rollout_goes_wave_by_wave_and_commits_everywhere(fleet, tmp_path, agent
                                                           capsys) -> None:
     from edge_sdk.cli import main
 
-    procs = _rollout_fleet(fleet, tmp_path, agents, "ro-ok", 3)
+    procs = group_on_v1(fleet, tmp_path, agents, "ro-ok", 3)
     assert main(_cli(fleet, "rollout", "run", "--model", "adder", "--version", "2", "--group",
                      "ro-ok", "--waves", "1,100%", "--wave-timeout", "60")) == 0
     out, err = capsys.readouterr()
@@ -674,7 +675,7 @@ def test_rollout_aborts_on_a_silent_device_and_sends_the_others_back(
 ) -> None:
     from edge_sdk.cli import main
 
-    procs = _rollout_fleet(fleet, tmp_path, agents, "ro-bad", 3)
+    procs = group_on_v1(fleet, tmp_path, agents, "ro-bad", 3)
     offline = procs[1]
     offline.stop()
     wait_for(lambda: fleet.states[offline.device]["online"] is False)

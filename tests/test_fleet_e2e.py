@@ -30,6 +30,7 @@ from tests.test_agent_e2e import (
     AgentProc,
     Fleet,
     ManagedProcess,
+    group_on_v1,
     new_agent,
     wait_for,
 )
@@ -100,12 +101,7 @@ def serve(fleet: Fleet, db_url: str, tmp_path: Path) -> Iterator[Serve]:
 
 def start_fleet(fleet: Fleet, tmp: Path, agents: list[AgentProc], group: str, n: int,
                 db_url: str) -> list[AgentProc]:
-    procs = [new_agent(fleet, tmp, agents, f"{group}-{i}", groups=(group,)).start()
-             for i in range(n)]
-    for p in procs:
-        fleet.deploy(p.device, "1")
-    for p in procs:
-        p.wait_version("1")
+    procs = group_on_v1(fleet, tmp, agents, group, n)
     with FleetDB.open(db_url) as db:
         wait_for(lambda: len([d for d in db.devices(group=group)
                               if d["version"] == "1" and d["online"]]) == n, 30,
