@@ -341,7 +341,7 @@ class Agent:
             "last_update": st.last_result,
             "groups": list(self.config.groups),
             "tags": dict(self.config.tags),
-            "hardware": _hardware(),
+            "hardware": {**_hardware(), "threads": self.config.threads},
             "queued_reports": len(self.outbox),
             "dropped_reports": self.outbox.dropped,
             "storage": self._storage(),
@@ -379,19 +379,45 @@ class Agent:
         self.metrics.queued_reports.set(len(self.outbox))
 
 
+#: CPU flags worth knowing when choosing a quantization scheme (SIMD width, int8 dot
+#: products, bf16/fp16 arithmetic, matrix units), from /proc/cpuinfo ``flags`` (x86) or
+#: ``Features`` (ARM). An x86 CPU lists 100-200 flags; the registry keeps only these.
+CPU_FEATURES = frozenset({
+    # x86
+    "sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
+    "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_bf16", "amx_int8",
+    "amx_tile",
+    # ARM
+    "neon", "asimd", "asimdhp", "asimddp", "asimdfhm", "fphp", "i8mm", "bf16", "sve",
+    "sve2", "svei8mm", "svebf16", "sme",
+})
+
+
+def cpu_facts(cpuinfo: str) -> tuple[str | None, list[str]]:
+    """The CPU model and its :data:`CPU_FEATURES` (sorted) from /proc/cpuinfo text."""
+    model: str | None = None
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if model is None and key in ("model name", "Model", "Hardware"):
+            model = value.strip() or None
+        elif key in ("flags", "Features"):
+            flags.update(value.split())
+    return model, sorted(flags & CPU_FEATURES)
+
+
 @functools.cache
 def _hardware() -> dict[str, Any]:
     """What the registry keeps about the device; cheap facts read once per process."""
     import platform
 
     cpu = platform.processor() or None
+    features: list[str] = []
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("model name", "Model", "Hardware"):
-                    cpu = value.strip()
-                    break
+            model, features = cpu_facts(f.read(1 << 20))
+        cpu = model or cpu
     except OSError:
         pass
     runtimes: dict[str, str] = {"python": platform.python_version()}
@@ -402,8 +428,19 @@ def _hardware() -> dict[str, Any]:
         agent = importlib.metadata.version("edge-sdk")
     except importlib.metadata.PackageNotFoundError:
         agent = "unknown"
+    providers: list[str] = []
+    with contextlib.suppress(Exception):  # serving imports onnxruntime anyway
+        import onnxruntime
+
+        providers = [str(p) for p in onnxruntime.get_available_providers()]
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count() or 0
     return {"arch": platform.machine(), "cpu": cpu, "cores": os.cpu_count(),
-            "os": platform.system().lower(), "runtimes": runtimes, "agent": agent}
+            "usable_cores": usable, "cpu_features": features,
+            "os": platform.system().lower(), "runtimes": runtimes,
+            "onnxruntime_providers": providers, "agent": agent}
 
 
 def _claimed_counter(payload: bytes) -> int | None:

@@ -542,9 +542,13 @@ def test_deploy_wait_follows_devices_to_commit_and_status_shows_them(
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
     assert rows["w-solo"].split()[1:4] == ["yes", "adder", "1"]
     assert "committed" in rows["w-member"] and "adder 1" in rows["w-member"]
+    hw = fleet.states["w-solo"]["hardware"]
+    assert isinstance(hw["cpu_features"], list) and hw["threads"] == 1
+    assert f"{hw['arch']}/{hw['cores']}c" in rows["w-solo"]
     assert main([*argv, "--json", "--device", "w-member"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["w-member"]["groups"] == ["w-lobby"] and doc["w-member"]["model"]["version"] == "1"
+    assert doc["w-member"]["hardware"]["cpu_features"] == hw["cpu_features"]
     assert main([*argv, "--device", "w-nobody"]) == 2
     assert "no state reported by device(s) w-nobody" in capsys.readouterr().err
 

@@ -400,7 +400,8 @@ def status_cmd(devices: tuple[str, ...], as_json: bool, db_url: str | None,
         click.echo(f"no device has reported in fleet {fleet!r} on {where}")
         return
     now = time.time()
-    rows = [("DEVICE", "ONLINE", "MODEL", "PREVIOUS", "DEPLOYMENT", "CHANGED", "LAST UPDATE")]
+    rows = [("DEVICE", "ONLINE", "MODEL", "PREVIOUS", "DEPLOYMENT", "CHANGED", "HARDWARE",
+             "LAST UPDATE")]
     for s in states.values():
         last = s.last_result or "-"
         if s.last_deployment is not None:
@@ -413,11 +414,47 @@ def status_cmd(devices: tuple[str, ...], as_json: bool, db_url: str | None,
             last = f"{describe_transfer(s.transfer)}; last: {last}"
         seen = "-" if s.ts is None else _age(now - s.ts)
         rows.append((s.device, "yes" if s.online else "no", s.model or "-", s.previous or "-",
-                     str(s.deployment or "-"), seen, last))
+                     str(s.deployment or "-"), seen, hardware_line(s.raw.get("hardware")),
+                     last))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
         head = "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False))
         click.echo(f"{head}  {r[-1]}".rstrip())
+
+
+#: CPU features shown in the status table (the JSON output has them all), the ones that
+#: matter most for int8 / low-precision kernels first.
+_STATUS_FEATURES = 6
+_FEATURE_RANK = ("amx_int8", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512f", "avx2",
+                 "sme", "sve2", "i8mm", "sve", "asimddp", "bf16", "fphp", "asimdhp", "asimd",
+                 "neon")
+
+
+def hardware_line(hw: Any) -> str:
+    """A device's reported hardware in one table cell: ``aarch64/4c/asimddp,i8mm``
+    (what the device sent is untrusted: only short strings and small ints are shown)."""
+    if not isinstance(hw, dict):
+        return "-"
+
+    def word(v: Any) -> str | None:
+        return v if isinstance(v, str) and 0 < len(v) <= 32 and v.isprintable() \
+            and " " not in v else None
+
+    parts = []
+    if (arch := word(hw.get("arch"))) is not None:
+        parts.append(arch)
+    cores = hw.get("cores")
+    if isinstance(cores, int) and not isinstance(cores, bool) and 0 < cores < 100000:
+        parts.append(f"{cores}c")
+    feats = hw.get("cpu_features")
+    if isinstance(feats, list):
+        shown = [f for f in (word(x) for x in feats[:64]) if f is not None]
+        if shown:
+            shown.sort(key=lambda f: (_FEATURE_RANK.index(f) if f in _FEATURE_RANK
+                                      else len(_FEATURE_RANK), f))
+            more = "+" if len(shown) > _STATUS_FEATURES else ""
+            parts.append(",".join(shown[:_STATUS_FEATURES]) + more)
+    return "/".join(parts) or "-"
 
 
 def _age(seconds: float) -> str:
