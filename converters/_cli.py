@@ -12,10 +12,10 @@ import click
 
 from edge_sdk.errors import UsageError
 
-from . import SOURCE_KINDS, convert
+from . import SOURCE_KINDS, ConvertConfig, convert
 from ._measure import PREFER
 from ._pipeline import NOT_VERIFIED, QUANTIZE_CHOICES, TARGETS
-from ._report import base_lines, candidate_rows
+from ._report import base_lines, candidate_rows, hardware_text
 
 _SHAPE = re.compile(r"^([^=]+)=(\d+(?:[x,]\d+)*)$")
 
@@ -77,29 +77,73 @@ def parse_input_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]] | 
               help="An earlier int8 ONNX artifact of this model: reuse its scales and zero "
               "points (and its scheme, within the budget) so that unchanged weights give "
               "identical bytes and the update is a small delta.")
+@click.option("--profile-on", "profile_on", multiple=True, metavar="DEVICE",
+              help="Also time the candidates on this device's agent and choose by its "
+              "latency (repeatable: the worst device decides). Needs --broker and --repo "
+              "(served by `edge-sdk serve`).")
+@click.option("--broker", envvar="EDGE_BROKER", help="Broker URL (with --profile-on).")
+@click.option("--repo", "repo_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Release repository that carries the candidates to the devices and whose "
+              "deployment key signs the request (with --profile-on).")
+@click.option("--fleet", default="default", show_default=True, envvar="EDGE_FLEET")
+@click.option("--keys", "keydir", type=click.Path(file_okay=False, path_type=Path),
+              help="Key directory (default: the repository's).")
+@click.option("--username", envvar="EDGE_MQTT_USERNAME", help="Broker user name.")
+@click.option("--password", envvar="EDGE_MQTT_PASSWORD", help="Broker password.")
+@click.option("--profile-timeout", default=600.0, show_default=True, type=float,
+              help="Seconds to wait for the devices' figures.")
 def convert_cmd(
     src: Path, output: Path, quantize: str, prefer: str, to: str, calibration: Path | None,
     eval_file: Path | None, metric: str, max_drop: float | None, threads: int | None,
     name: str | None, version: str, as_json: bool, force: bool, overwrite: bool,
     exclude_ops: tuple[str, ...], source_kind: str | None, input_shapes: tuple[str, ...],
-    trust_pickle: bool, base: Path | None,
+    trust_pickle: bool, base: Path | None, profile_on: tuple[str, ...], broker: str | None,
+    repo_dir: Path | None, fleet: str, keydir: Path | None, username: str | None,
+    password: str | None, profile_timeout: float,
 ) -> None:
     """Convert SRC into a verified artifact directory (-o), picking the quantization
     scheme by measuring each candidate's accuracy vs the source and latency on this
-    machine."""
+    machine (or, with --profile-on, on the devices)."""
+    config = None
+    if profile_on:
+        config = ConvertConfig(device_profiler=_device_profiler(
+            profile_on, broker, repo_dir, fleet, keydir, username, password, profile_timeout,
+            to))
     result = convert(
         src, output, source_kind=source_kind, input_shapes=parse_input_shapes(input_shapes),
         trust_pickle=trust_pickle, quantize=quantize, prefer=prefer, to=to,
         calibration=calibration,
         eval=eval_file, metric=metric, max_drop=max_drop, threads=threads, name=name,
         version=version, force=force, overwrite=overwrite, exclude_ops=exclude_ops,
-        progress=not as_json and sys.stderr.isatty(), base=base,
+        progress=not as_json and sys.stderr.isatty(), base=base, config=config,
     )
     report = result.report
     if as_json:
         click.echo(json.dumps({"artifact": str(result.artifact.path), **report}, default=str))
         return
     click.echo(summary(report, str(result.artifact.path)))
+
+
+def _device_profiler(devices: tuple[str, ...], broker: str | None, repo: Path | None,
+                     fleet: str, keydir: Path | None, username: str | None,
+                     password: str | None, timeout_s: float, to: str) -> Any:
+    """The injected profiler: the release package is imported only when asked for (it
+    needs the agent extra), and the pipeline never sees MQTT."""
+    if not broker or repo is None:
+        raise UsageError("--profile-on needs --broker URL and --repo REPO (the repository "
+                         "`edge-sdk serve` serves; its deployment key signs the request)")
+    if to == "tflite":
+        raise UsageError("--profile-on supports --to onnx and --to ort (TFLite candidates "
+                         "are not profiled on devices yet)")
+    try:
+        from edge_sdk.release import DeviceProfiler, ProfileConfig
+        from edge_sdk.transport import MqttConfig
+    except ImportError as err:
+        raise UsageError(f"--profile-on needs the agent extra (pip install "
+                         f"'edge-sdk[agent]'): {err.name or err}") from err
+    return DeviceProfiler(repo, MqttConfig(url=broker, fleet=fleet, username=username,
+                                           password=password), devices, keydir=keydir,
+                          config=ProfileConfig(timeout_s=timeout_s))
 
 
 def summary(report: dict[str, Any] | Any, path: str) -> str:
@@ -126,6 +170,8 @@ def summary(report: dict[str, Any] | Any, path: str) -> str:
             lines.append(f"warning: {w}")
     for n in report.get("normalization") or []:
         lines.append(f"note: {n}")
+    for d, info in sorted((report.get("devices") or {}).items()):
+        lines.append(f"profiled on {d}: {hardware_text(info)}")
     lines.extend(base_lines(report))
     lines.append(f"wrote {path}")
     return "\n".join(lines)

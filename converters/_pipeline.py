@@ -86,6 +86,16 @@ class ConversionResult:
     warnings: tuple[str, ...]
 
 
+#: ``profiler(candidates, sample, expected) -> {device: result}``: times ``candidates``
+#: ((name, model file)) on devices, given the first evaluation sample and each candidate's
+#: outputs on it here; each result has ``hardware``, ``threads`` and ``timing(name)`` (an
+#: :class:`edge_sdk.trust.CandidateTiming`). ``edge-sdk convert --profile-on`` injects one
+#: built on :func:`edge_sdk.release.profile_on_devices`.
+DeviceProfiler = Callable[
+    [Sequence[tuple[str, Path]], Mapping[str, np.ndarray], Mapping[str, Mapping[str, np.ndarray]]],
+    Mapping[str, Any]]
+
+
 @dataclass(frozen=True)
 class ConvertConfig:
     """Tunables of one conversion (tests shrink ``measure``)."""
@@ -101,6 +111,9 @@ class ConvertConfig:
     # values pass the base's range by at most this fraction of it (those values are
     # clipped, by at most ~1.3 int8 steps at 0.01); beyond it gets its own scale.
     base_tolerance: float = 0.01
+    # When set, candidates are also timed on devices and auto chooses by the worst
+    # device's latency (accuracy stays measured here, against the source).
+    device_profiler: DeviceProfiler | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.base_tolerance < 1.0:
@@ -218,6 +231,13 @@ def convert_onnx(
             closed_loop_reference=loop_ref,
         )
         ineligible = _ineligible(cands)
+        profiled: ProfiledOn | None = None
+        ms_sel = ms
+        if cfg.device_profiler is not None:
+            profiled = _profile_on_devices(cfg.device_profiler, ms, evalset.feeds[0],
+                                           options.threads, ineligible)
+            ms_sel = profiled.measurements
+            ineligible = {**ineligible, **profiled.excluded}
         budget = (options.max_drop if options.max_drop is not None
                   else default_max_drop(options.metric, reference))
         requested = None if options.quantize == "auto" else options.quantize
@@ -235,7 +255,7 @@ def convert_onnx(
                     f"{_weight_note(noop[0])}); it would be float32 labelled int8. Use "
                     "--quantize auto or none, or --force to write the float model"
                 )
-        sel = select(ms, baseline=BASELINE, max_drop=budget, requested=requested,
+        sel = select(ms_sel, baseline=BASELINE, max_drop=budget, requested=requested,
                      force=options.force, ineligible=ineligible, prefer=options.prefer,
                      latency_tolerance=cfg.measure.latency_tolerance,
                      balanced_max_slowdown=cfg.measure.balanced_max_slowdown,
@@ -247,7 +267,7 @@ def convert_onnx(
         for name, why in ineligible.items():
             if options.quantize in ("auto", next(c.scheme for c in cands if c.name == name)):
                 warnings.append(f"{name}: {why}")
-        chosen = sel.chosen
+        chosen = next(m for m in ms if m.name == sel.chosen.name)  # the host's figures
         chosen_cand = next(c for c in cands if c.name == chosen.name)
         assert chosen_cand.path is not None
         model_file = chosen_cand.path
@@ -258,9 +278,10 @@ def convert_onnx(
             ort_note = _check_ort(model_file, evalset, reference, options.metric, budget,
                                   chosen, evalset.labels)
         base_info = None if base is None else _base_info(base, cands, chosen.name, warnings)
+        rule = sel.rule if profiled is None else f"{sel.rule}; {profiled.rule}"
         report = _report(src, source, options, fixes, calib, evalset, ref_label, budget, cands,
-                         ms, sel.chosen, sel.why, sel.rule, ineligible, warnings, ort_note,
-                         base_info)
+                         ms, chosen, sel.why, rule, ineligible, warnings, ort_note,
+                         base_info, profiled)
         files = write_report(work / "report", report)
         baseline = next(m for m in ms if m.name == BASELINE)
         extra: dict[str, Any] = {
@@ -269,6 +290,11 @@ def convert_onnx(
             "conversion": {"chosen": chosen.name, "candidates": [c.name for c in cands],
                            "normalization": fixes},
         }
+        if profiled is not None:
+            extra["profiled_on"] = {d: {"hardware": dict(info["hardware"]),
+                                        "threads": info["threads"],
+                                        "latency_ms": profiled.rows.get(chosen.name, {}).get(d)}
+                                    for d, info in profiled.devices.items()}
         if base is not None and base_info is not None:
             extra["conversion"]["base"] = {
                 k: base_info.get(k) for k in ("name", "version", "sha256", "candidate", "used")}
@@ -442,14 +468,17 @@ def _report(
     calib: Samples | None, evalset: Samples, ref_label: str, budget: float,
     cands: Sequence[Candidate], ms: Sequence[Measurement], chosen: Measurement, why: str,
     rule: str, ineligible: Mapping[str, str], warnings: list[str], ort_note: str | None,
-    base: Mapping[str, Any] | None = None,
+    base: Mapping[str, Any] | None = None, profiled: ProfiledOn | None = None,
 ) -> dict[str, Any]:
     by_name = {m.name: m for m in ms}
-    base_lat = by_name[BASELINE].latency_ms if BASELINE in by_name else None
+    # Status ("slower") follows the latency the choice used: the devices' when profiled.
+    decided = by_name if profiled is None else {m.name: m for m in profiled.measurements}
+    base_lat = decided[BASELINE].latency_ms if BASELINE in decided else None
     rows = []
     for c in cands:
         m = by_name.get(c.name)
-        status, note = _status(c, m, chosen.name, budget, base_lat, ineligible)
+        status, note = _status(c, decided.get(c.name), chosen.name, budget, base_lat,
+                               ineligible)
         rows.append({
             "name": c.name, "scheme": c.scheme, "description": c.description,
             "status": status, "note": note, "error": m.error if m else c.error,
@@ -460,6 +489,11 @@ def _report(
             "quantized_weights": c.quantized_weights, "total_weights": c.total_weights,
             "params": c.params,
         })
+        if profiled is not None:
+            rows[-1]["host_latency_ms"] = rows[-1]["latency_ms"]
+            rows[-1]["device_latency_ms"] = (decided[c.name].latency_ms
+                                             if c.name in profiled.rows else None)
+            rows[-1]["devices"] = profiled.rows.get(c.name, {})
     notes = list(fixes)
     if ort_note:
         notes.append(ort_note)
@@ -472,7 +506,70 @@ def _report(
                  **({"base": str(options.base)} if options.base is not None else {})},
         normalization=notes, calib=calib, evalset=evalset, reference=ref_label,
         budget=budget, threads=options.threads, baseline=BASELINE, rows=rows,
-        chosen=chosen.name, why=why, rule=rule, warnings=warnings, base=base)
+        chosen=chosen.name, why=why, rule=rule, warnings=warnings, base=base,
+        devices=None if profiled is None else profiled.devices)
+
+
+@dataclass(frozen=True)
+class ProfiledOn:
+    """What the devices measured: ``measurements`` are the host's with the worst device's
+    median latency in place of the host's (what the choice uses); ``excluded`` the
+    candidates a device could not run or whose outputs differed, with why; ``rows``
+    candidate → device → figures; ``devices`` device → hardware and threads."""
+
+    measurements: list[Measurement]
+    excluded: dict[str, str]
+    rows: dict[str, dict[str, dict[str, Any]]]
+    devices: dict[str, dict[str, Any]]
+    rule: str
+
+
+def _profile_on_devices(profiler: DeviceProfiler, ms: Sequence[Measurement],
+                        feed: Mapping[str, np.ndarray], threads: int | None,
+                        ineligible: Mapping[str, str]) -> ProfiledOn:
+    from dataclasses import replace
+
+    usable = [m for m in ms if m.ok and m.name not in ineligible]
+    expected: dict[str, dict[str, np.ndarray]] = {}
+    for m in usable:
+        pred = edge_sdk.load(m.path, threads=threads)
+        expected[m.name] = {k: np.asarray(v) for k, v in pred.predict(dict(feed)).items()}
+        del pred
+    results = profiler([(m.name, Path(m.path)) for m in usable], dict(feed), expected)
+    if not results:
+        raise ConversionError("on-device profiling returned no device's figures")
+    names = sorted(results)
+    out: list[Measurement] = []
+    excluded: dict[str, str] = {}
+    rows: dict[str, dict[str, dict[str, Any]]] = {}
+    for m in ms:
+        if m not in usable:
+            out.append(m)
+            continue
+        per: dict[str, dict[str, Any]] = {}
+        why = None
+        for d in names:
+            t = results[d].timing(m.name)
+            per[d] = t.to_json() if t is not None else {"error": "not measured"}
+            if why is None and (t is None or not t.ok):
+                why = f"on device {d}: {t.error if t is not None else 'not measured'}"
+        rows[m.name] = per
+        if why is not None:
+            excluded[m.name] = why
+            out.append(m)
+            continue
+        worst = max(float(per[d]["median_ms"]) for d in names)
+        out.append(replace(m, latency_ms=worst, latency_rounds_ms=()))
+    if BASELINE in excluded:
+        raise ConversionError(f"the float baseline '{BASELINE}' failed "
+                              f"{excluded[BASELINE]}")
+    devices = {d: {"hardware": dict(results[d].hardware), "threads": results[d].threads}
+               for d in names}
+    who = ", ".join(names)
+    rule = (f"latency measured on device {who} (median, batch 1)" if len(names) == 1 else
+            f"latency measured on devices {who} (median, batch 1); the worst device's "
+            "latency decides")
+    return ProfiledOn(out, excluded, rows, devices, rule)
 
 
 def _short(err: BaseException) -> str:

@@ -14,7 +14,11 @@ error, note}], ``chosen``, ``why``, ``rule`` (the choice rule in words, or None)
 ``warnings`` [str]; with ``convert --base`` also ``base`` {path, name, version, sha256,
 scheme, candidate, built (the candidate with its parameters), used, not_used (why not),
 tolerance, weights and activations {reused, total, own_scale [{tensor, why}], new
-[names]} (activations None for dynamic int8), weights.base_only [names]}.
+[names]} (activations None for dynamic int8), weights.base_only [names]}; with
+``convert --profile-on`` also ``devices`` {device: {hardware, threads}} and per candidate
+``host_latency_ms``, ``device_latency_ms`` (the worst device's median: what the choice
+used) and ``devices`` {device: {median_ms, p90_ms, load_ms, warmup_ms, peak_rss_bytes,
+max_abs_diff, runs, error}}.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ def report_json(
     normalization: list[str], calib: Samples | None, evalset: Samples, reference: str,
     budget: float, threads: int | None, baseline: str, rows: list[dict[str, Any]],
     chosen: str, why: str, warnings: list[str], rule: str | None = None,
-    base: Mapping[str, Any] | None = None,
+    base: Mapping[str, Any] | None = None, devices: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The report dict described above; every pipeline builds it here."""
     out = {
@@ -84,6 +88,8 @@ def report_json(
     }
     if base is not None:
         out["base"] = dict(base)
+    if devices is not None:
+        out["devices"] = {d: dict(v) for d, v in devices.items()}
     return out
 
 
@@ -118,8 +124,13 @@ def candidate_rows(report: Mapping[str, Any]) -> list[list[str]]:
     base_lat = base.get("latency_ms") if base else None
     base_size = base.get("size_bytes") if base else None
     metric = (report.get("metric") or {}).get("name", "accuracy")
-    rows = [["candidate", "size KiB", "× size", "latency ms", "× latency",
-             f"{metric} score", "drop", "status"]]
+    devices = sorted(report.get("devices") or {})
+    head = ["candidate", "size KiB", "× size", "latency ms", "× latency"]
+    if devices:
+        head = ["candidate", "size KiB", "× size", "host ms",
+                *(f"{d} ms" for d in devices), "× latency"]
+        base_lat = base.get("device_latency_ms") if base else None
+    rows = [[*head, f"{metric} score", "drop", "status"]]
     for c in cands:
         acc = c.get("accuracy") or {}
         lat = c.get("latency_ms")
@@ -128,10 +139,15 @@ def candidate_rows(report: Mapping[str, Any]) -> list[list[str]]:
         note = c.get("error") or c.get("note")
         if note and status != "chosen":
             status = f"{status}: {note}"
+        per = c.get("devices") or {}
+        dev = [_fmt((per.get(d) or {}).get("median_ms")) for d in devices]
+        if devices:
+            lat = c.get("device_latency_ms")
         rows.append([
             str(c.get("name")), _kib(size),
             _fmt(size / base_size if size and base_size else None, ".2f"),
-            _fmt(lat), _fmt(lat / base_lat if lat and base_lat else None, ".2f"),
+            _fmt(c.get("latency_ms")), *dev,
+            _fmt(lat / base_lat if lat and base_lat else None, ".2f"),
             _fmt(acc.get("score"), ".4f"), _fmt(acc.get("drop"), ".4f"), status,
         ])
     return rows
@@ -197,6 +213,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                          "--calibration or --eval).")
     if report.get("threads"):
         lines.append(f"- Threads: {report['threads']}")
+    for d, info in sorted((report.get("devices") or {}).items()):
+        lines.append(f"- Profiled on device `{d}`: {hardware_text(info)}")
     lines.append("")
     rows = candidate_rows(report)
     if len(rows) > 1:
@@ -233,6 +251,43 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _latency_bars(ax: Any, cands: list[Any], names: list[str], colors: list[str],
+                  devices: list[str]) -> None:
+    """Host and device latency side by side: one bar per machine within each candidate."""
+    import numpy as np
+
+    series = [("host", [c.get("latency_ms") or 0.0 for c in cands])]
+    series += [(d, [((c.get("devices") or {}).get(d) or {}).get("median_ms") or 0.0
+                    for c in cands]) for d in devices]
+    h = 0.8 / len(series)
+    y = np.arange(len(names))
+    hatches = ["", "//", "xx", "..", "--", "++"]
+    for i, (label, vals) in enumerate(series):
+        bars = ax.barh(y - 0.4 + h * (i + 0.5), vals or [0], height=h, color=colors,
+                       hatch=hatches[i % len(hatches)], edgecolor="white", label=label)
+        ax.bar_label(bars, labels=[f"{v:.3g}" for v in vals], fontsize=6, padding=2)
+    ax.set_yticks(y, names)
+    ax.tick_params(labelsize=8)
+    ax.invert_yaxis()
+    ax.margins(x=0.25)
+    ax.legend(fontsize=7)
+    ax.set_title("latency (ms, batch 1): host vs device", fontsize=10)
+
+
+def hardware_text(info: Mapping[str, Any]) -> str:
+    """A device's reported hardware in words: arch, CPU, cores, features, threads."""
+    hw = info.get("hardware") or {}
+    feats = hw.get("cpu_features") or []
+    parts = [str(hw.get("arch") or "?"), str(hw.get("cpu") or "unknown CPU"),
+             f"{hw.get('cores') or '?'} cores",
+             "features " + (", ".join(str(f) for f in feats[:32]) or "none reported"),
+             f"{info.get('threads') or 'default'} thread(s)"]
+    rt = (hw.get("runtimes") or {}).get("onnxruntime")
+    if rt:
+        parts.append(f"onnxruntime {rt}")
+    return "; ".join(parts)
+
+
 def render_plot(report: Mapping[str, Any]) -> bytes:
     """PNG bytes: size, latency and accuracy drop per candidate; the choice highlighted."""
     import matplotlib
@@ -253,11 +308,16 @@ def render_plot(report: Mapping[str, Any]) -> bytes:
     fig = Figure(figsize=(11, 0.45 * len(names) + 1.6), dpi=100)
     axes = fig.subplots(1, 3, sharey=True)
     metric = (report.get("metric") or {}).get("name", "accuracy")
+    devices = sorted(report.get("devices") or {})
     for ax, vals, title in zip(
         axes, (sizes, lats, drops),
-        ("size (KiB)", "latency (ms, batch 1)", f"{metric} drop vs source (log)"),
+        ("size (KiB)", "latency (ms, batch 1)" + (": host and devices" if devices else ""),
+         f"{metric} drop vs source (log)"),
         strict=True,
     ):
+        if vals is lats and devices:
+            _latency_bars(ax, cands, names, colors, devices)
+            continue
         bars = ax.barh(names, vals, color=colors)
         ax.set_title(title, fontsize=10)
         ax.tick_params(labelsize=8)
@@ -279,4 +339,5 @@ def render_plot(report: Mapping[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-__all__ = ["base_lines", "candidate_rows", "render_markdown", "render_plot", "write_report"]
+__all__ = ["base_lines", "candidate_rows", "hardware_text", "render_markdown", "render_plot",
+           "write_report"]

@@ -29,6 +29,7 @@ from ._install import ArtifactSource, Installer
 from ._intake import DesiredInbox, Unverified, Verified
 from ._lifecycle import Mode
 from ._metrics import Metrics
+from ._profiler import Profiler
 from ._protocol import InferenceApp
 from ._server import HttpServer
 from ._serving import ModelSlot, Served
@@ -99,6 +100,9 @@ class Agent:
         self._worker: threading.Thread | None = None
         #: Why the worker thread ended, once it has (read by :meth:`run`).
         self._worker_died: str | None = None
+        self.profiler = Profiler(
+            config, self.store.root, self._publish, self.telemetry.event,
+            _hardware, self.topics.profile_result(config.device_id), self._stop)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -129,6 +133,7 @@ class Agent:
         self._desired_ev.set()
         if self._worker is not None:
             self._worker.join(10)
+        self.profiler.stop()
         if self.connection is not None:
             self.telemetry.stop()
             self.telemetry.publish_offline()
@@ -211,8 +216,12 @@ class Agent:
             self._fetcher = source.client.chunks
         elif not hasattr(arg, "verify_deployment"):
             self.installer.source = arg(self.config, conn)
+        if hasattr(self.installer.source, "fetch_file"):
+            self.profiler.source = self.installer.source
         for topic in self._desired_topics:
             conn.subscribe(topic, self._on_desired, wait=False)
+        conn.subscribe(self.topics.profile_request(self.config.device_id),
+                       self.profiler.on_request, wait=False)
         self.telemetry.attach(conn)
         try:
             conn.connect(wait=False)
@@ -236,6 +245,10 @@ class Agent:
                 if not self._desired.offer(Verified(topic, dep.counter, payload)):
                     log.debug("deployment #%d on %s: a newer one waits", dep.counter, topic)
         self._desired_ev.set()
+
+    def _publish(self, topic: str, payload: bytes) -> None:
+        if self.connection is not None:
+            self.connection.publish(topic, payload, qos=1)
 
     def submit(self, payload: bytes) -> None:
         """Hand a raw deployment to the worker (what the broker subscription does)."""

@@ -166,6 +166,33 @@ class TelemetryConfig:
 
 
 @dataclass(frozen=True)
+class ProfilingConfig:
+    """On-device profiling (``convert --profile-on``, ``bench --on``): candidates are timed
+    in a child process at low priority, one request at a time, never touching serving."""
+
+    enabled: bool = True
+    #: Intra-op threads of the timed candidate; 0 lets the runtime decide.
+    threads: int = 1
+    #: Requests waiting behind the running one; more are refused ("busy").
+    max_queued: int = 2
+    max_request_bytes: int = 32 * 1024
+    max_candidates: int = 16
+    max_candidate_bytes: int = 256 * 1024 * 1024
+    #: All files of one request (candidates, sample, expected outputs).
+    max_total_bytes: int = 1024 * 1024 * 1024
+    max_runs: int = 1000
+    max_warmup: int = 100
+    #: A request may not claim to stay valid longer than this.
+    max_ttl_s: float = 3600.0
+    #: One candidate's child process (load, warm-up, timed runs) is killed after this.
+    timeout_s: float = 120.0
+    #: Address-space limit (RLIMIT_AS) of the child; 0 disables it.
+    max_memory_bytes: int = 4 * 1024 * 1024 * 1024
+    #: Niceness of the child (19: only idle CPU time).
+    nice: int = 19
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     device_id: str
     fleet: str
@@ -183,6 +210,7 @@ class AgentConfig:
     health: HealthConfig = field(default_factory=HealthConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> AgentConfig:
@@ -256,6 +284,14 @@ class AgentConfig:
             ("telemetry.heartbeat_s", self.telemetry.heartbeat_s),
             ("telemetry.progress_s", self.telemetry.progress_s),
             ("broker.keepalive_s", self.broker.keepalive_s),
+            ("profiling.threads", self.profiling.threads + 1),
+            ("profiling.max_request_bytes", self.profiling.max_request_bytes),
+            ("profiling.max_candidates", self.profiling.max_candidates),
+            ("profiling.max_candidate_bytes", self.profiling.max_candidate_bytes),
+            ("profiling.max_total_bytes", self.profiling.max_total_bytes),
+            ("profiling.max_runs", self.profiling.max_runs),
+            ("profiling.max_ttl_s", self.profiling.max_ttl_s),
+            ("profiling.timeout_s", self.profiling.timeout_s),
         ]
         for key, num in positive:
             if num <= 0:
@@ -264,11 +300,16 @@ class AgentConfig:
                          ("health.max_p99_ms", self.health.max_p99_ms),
                          ("health.max_restarts", self.health.max_restarts),
                          ("limits.warmup_runs", self.limits.warmup_runs),
-                         ("limits.reserve_bytes", self.limits.reserve_bytes)):
+                         ("limits.reserve_bytes", self.limits.reserve_bytes),
+                         ("profiling.max_queued", self.profiling.max_queued),
+                         ("profiling.max_warmup", self.profiling.max_warmup),
+                         ("profiling.max_memory_bytes", self.profiling.max_memory_bytes)):
             if num < 0:
                 raise bad(key, "must be >= 0")
         if not 0.0 <= self.health.max_error_rate <= 1.0:
             raise bad("health.max_error_rate", "must be between 0 and 1")
+        if not 0 <= self.profiling.nice <= 19:
+            raise bad("profiling.nice", "must be 0-19")
         if not 0 <= self.http.port <= 65535:
             raise bad("http.port", "must be 0-65535 (0 picks a free port)")
         if (self.broker.tls.cert_file is None) != (self.broker.tls.key_file is None):

@@ -3,6 +3,7 @@ over MQTT, both verified by :mod:`edge_sdk.trust` (nothing is re-implemented her
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,10 @@ class ReleaseSource:
         except OSError as err:
             raise ConfigError(f"trust.root {trust.root}: cannot read: {err.strerror}") from err
         self._key = load_public_key(trust.deployment_key)
+        #: The deployment key, which also signs profiling requests.
+        self.key = self._key
+        # One transfer at a time through the client: installs and profiling fetches share it.
+        self._lock = threading.Lock()
         state = config.state_dir
         self.client = UpdateClient(
             trusted_root=root, metadata_dir=state / "tuf", partial_dir=state / "partial",
@@ -58,11 +63,17 @@ class ReleaseSource:
               reserve: Callable[[int], None] | None = None) -> FetchedArtifact:
         from edge_sdk.trust import LocalModel
 
-        path = self.client.fetch(deployment.raw, dest_dir, stage=crash_point,
-                                 have=[LocalModel(p, sha) for p, sha in have],
-                                 reserve=reserve)
+        with self._lock:
+            path = self.client.fetch(deployment.raw, dest_dir, stage=crash_point,
+                                     have=[LocalModel(p, sha) for p, sha in have],
+                                     reserve=reserve)
         got = self.client.last_download
         return FetchedArtifact(path, None if got is None else got.to_json())
+
+    def fetch_file(self, target: str, dest: Path, *, sha256: str, length: int) -> Path:
+        """A signed non-release target (profiling files), verified by the TUF client."""
+        with self._lock:
+            return self.client.fetch_file(target, dest, sha256=sha256, length=length)
 
     def close(self) -> None:
         self.client.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -189,9 +190,25 @@ def predict_cmd(path: str, input_file: str, output_file: str | None, as_json: bo
               help="Size of symbolic batch dims for synthetic inputs.")
 @click.option("--input", "-i", "input_file", help="Use these inputs instead of random ones.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.option("--on", "devices", multiple=True, metavar="DEVICE",
+              help="Measure on this device's agent instead (repeatable; needs --broker and "
+              "--repo, served by `edge-sdk serve`).")
+@click.option("--broker", envvar="EDGE_BROKER", help="Broker URL (with --on).")
+@click.option("--repo", "repo_dir", type=click.Path(file_okay=False),
+              help="Release repository whose deployment key signs the request (with --on).")
+@click.option("--fleet", default="default", show_default=True, envvar="EDGE_FLEET")
+@click.option("--keys", "keydir", type=click.Path(file_okay=False),
+              help="Key directory (default: the repository's).")
+@click.option("--username", envvar="EDGE_MQTT_USERNAME", help="Broker user name.")
+@click.option("--password", envvar="EDGE_MQTT_PASSWORD", help="Broker password.")
+@click.option("--timeout", "timeout_s", default=300.0, show_default=True, type=float,
+              help="Seconds to wait for the devices' figures (with --on).")
 def bench_cmd(path: str, runs: int, warmup: int, threads: int | None, batch: int,
-              input_file: str | None, as_json: bool) -> None:
-    """Measure PATH's latency percentiles and throughput on this machine."""
+              input_file: str | None, as_json: bool, devices: tuple[str, ...],
+              broker: str | None, repo_dir: str | None, fleet: str, keydir: str | None,
+              username: str | None, password: str | None, timeout_s: float) -> None:
+    """Measure PATH's latency percentiles and throughput on this machine, or with --on
+    on devices (load, warm-up, median and p90 latency, peak memory)."""
     if not Path(path).exists():
         raise UsageError(f"{path}: no such file or directory")
     predictor = load(path, threads=threads)
@@ -199,7 +216,11 @@ def bench_cmd(path: str, runs: int, warmup: int, threads: int | None, batch: int
         feed = read_inputs(input_file, predictor.inputs)
     else:
         feed = synthetic_inputs(predictor.inputs, batch=batch)
-    predictor.predict(feed)  # surfaces input errors before timing
+    expected = predictor.predict(feed)  # surfaces input errors before timing
+    if devices:
+        _bench_on(path, predictor, feed, expected, devices, broker, repo_dir, fleet, keydir,
+                  username, password, runs, warmup, timeout_s, as_json)
+        return
     stats = measure(lambda: predictor.predict(feed), runs=runs, warmup=warmup)
     result = {"model": predictor.name, "format": predictor.format, "threads": threads,
               "cpu_count": os.cpu_count(), **stats.to_json()}
@@ -211,6 +232,53 @@ def bench_cmd(path: str, runs: int, warmup: int, threads: int | None, batch: int
     click.echo(f"latency ms  p50 {stats.p50_ms:.3f}  p90 {stats.p90_ms:.3f}  "
                f"p99 {stats.p99_ms:.3f}  mean {stats.mean_ms:.3f}")
     click.echo(f"throughput  {stats.throughput_per_s:.1f} inferences/s")
+
+
+def _bench_on(path: str, predictor: Any, feed: dict[str, np.ndarray],
+              expected: Mapping[str, Any], devices: tuple[str, ...], broker: str | None,
+              repo_dir: str | None, fleet: str, keydir: str | None, username: str | None,
+              password: str | None, runs: int, warmup: int, timeout_s: float,
+              as_json: bool) -> None:
+    if not broker or not repo_dir:
+        raise UsageError("--on needs --broker URL and --repo REPO (served by `edge-sdk "
+                         "serve`, whose deployment key signs the request)")
+    from ..release import DeviceProfiler, ProfileConfig, ProfilingError
+    from ..transport import MqttConfig
+
+    model_file = Path(predictor.path)
+    prof = DeviceProfiler(repo_dir, MqttConfig(url=broker, fleet=fleet, username=username,
+                                               password=password), devices, keydir=keydir,
+                          config=ProfileConfig(timeout_s=timeout_s, runs=runs,
+                                               warmup=warmup))
+    results = prof([("model", model_file)], feed,
+                   {"model": {k: np.asarray(v) for k, v in expected.items()}})
+    rows = {}
+    for d in devices:
+        res = results[d]
+        t = res.timing("model")
+        rows[d] = {"hardware": dict(res.hardware), "threads": res.threads,
+                   **(t.to_json() if t is not None else {"error": "not measured"})}
+    if as_json:
+        click.echo(json.dumps({"model": predictor.name, "format": predictor.format,
+                               "devices": rows}))
+    else:
+        for d, r in rows.items():
+            hw = r["hardware"]
+            feats = ",".join(str(f) for f in (hw.get("cpu_features") or [])[:12]) or "-"
+            click.echo(f"{d}: {hw.get('arch')} {hw.get('cpu')} {hw.get('cores')} cores "
+                       f"[{feats}] threads={r['threads'] or 'default'}")
+            if r.get("error"):
+                click.echo(f"  excluded: {r['error']}")
+                continue
+            rss = r.get("peak_rss_bytes")
+            click.echo(f"  {predictor.name} [{predictor.format}]  load {r['load_ms']:.1f} ms  "
+                       f"warm-up {r['warmup_ms']:.1f} ms  median {r['median_ms']:.3f} ms  "
+                       f"p90 {r['p90_ms']:.3f} ms  runs={r['runs']}  peak RSS "
+                       + (f"{rss / 2**20:.1f} MiB" if rss else "-"))
+    failed = [d for d, r in rows.items() if r.get("error")]
+    if failed:
+        raise ProfilingError(f"{path} does not run as on this machine on device "
+                             f"{', '.join(failed)}: {rows[failed[0]]['error']}")
 
 
 __all__ = ["bench_cmd", "inspect_cmd", "ops_summary", "predict_cmd"]

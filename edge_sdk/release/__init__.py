@@ -13,6 +13,9 @@
   :func:`describe_transfer` (one line for a device's download progress).
 - :func:`rollout` (waves, abort, rollback; :class:`RolloutConfig` → :class:`RolloutResult`),
   :func:`plan_waves`.
+- :func:`profile_on_devices` (``convert --profile-on``, ``bench --on``): candidates as
+  ``profiling/`` targets, a signed request per device, the devices' figures back
+  (:class:`ProfileConfig`; a silent or refusing device is a :class:`ProfilingError`).
 - The responder that serves a repository is :class:`edge_sdk.transport.RepoResponder`.
 """
 
@@ -25,6 +28,7 @@ from ._deploy import (
     deployment_state,
     publish_deployment,
 )
+from ._profile import DeviceProfiler, ProfileConfig, ProfilingError, profile_on_devices
 from ._repository import DEFAULT_DELTA_BASES, ROLE_NAMES, Repository
 from ._rollout import RolloutConfig, RolloutResult, plan_waves, rollout
 from ._watch import (
@@ -41,8 +45,11 @@ __all__ = [
     "DEPLOYMENT_EXPIRES_DAYS",
     "ROLE_NAMES",
     "DeploymentWatch",
+    "DeviceProfiler",
     "DeviceStatus",
     "Outcome",
+    "ProfileConfig",
+    "ProfilingError",
     "ReleasedTarget",
     "Repository",
     "RolloutConfig",
@@ -54,6 +61,7 @@ __all__ = [
     "describe_transfer",
     "fleet_status",
     "plan_waves",
+    "profile_on_devices",
     "publish_deployment",
     "released_target",
     "require_success",

@@ -277,6 +277,45 @@ class Repository:
         return rt
 
     @_exclusive
+    def add_profiling_files(self, request_id: str, files: Mapping[str, Path],
+                            ) -> dict[str, TargetFile]:
+        """Sign ``files`` (file name → local path) as targets ``profiling/REQUEST_ID/NAME``:
+        fetched and verified by devices like any target, never a release (no manifest),
+        so no agent installs one. Returns file name → the signed target."""
+        from ..trust._profiling import PROFILING_PREFIX
+
+        md = self.load(Targets.type)
+        out: dict[str, TargetFile] = {}
+        for fname, src in files.items():
+            tpath = f"{PROFILING_PREFIX}{request_id}/{fname}"
+            out[fname] = self._stage_target(tpath, Path(src), {"edge_sdk": {"profiling": True}})
+            md.signed.targets[tpath] = out[fname]
+        md.signed.version += 1
+        md.signed.expires = self._expiry(Targets.type)
+        self._sign_and_write(md)
+        self._publish_snapshot_and_timestamp(md)
+        return out
+
+    @_exclusive
+    def remove_profiling_files(self, request_id: str) -> int:
+        """Unlist and delete the targets :meth:`add_profiling_files` signed for
+        ``request_id``; returns how many there were."""
+        from ..trust._profiling import PROFILING_PREFIX
+
+        prefix = f"{PROFILING_PREFIX}{request_id}/"
+        md = self.load(Targets.type)
+        gone = [p for p in md.signed.targets if p.startswith(prefix)]
+        if gone:
+            for p in gone:
+                del md.signed.targets[p]
+            md.signed.version += 1
+            md.signed.expires = self._expiry(Targets.type)
+            self._sign_and_write(md)
+            self._publish_snapshot_and_timestamp(md)
+        shutil.rmtree(self.targets_dir / prefix.rstrip("/"), ignore_errors=True)
+        return len(gone)
+
+    @_exclusive
     def refresh(self, *, force: bool = False) -> list[str]:
         """Re-sign what is close to expiry (timestamp and snapshot always). Returns roles."""
         done = []

@@ -13,6 +13,8 @@ request topic (see :class:`~edge_sdk.transport.RepoResponder`)::
     {prefix}/{fleet}/grp/{group}/desired      retained: signed deployment for a group
     {prefix}/{fleet}/dev/{device}/state       retained: device state report
     {prefix}/{fleet}/dev/{device}/events      device events
+    {prefix}/{fleet}/dev/{device}/profile/req signed profiling requests (host -> device)
+    {prefix}/{fleet}/dev/{device}/profile/res profiling results (device -> host)
 """
 
 from __future__ import annotations
@@ -90,3 +92,13 @@ class Topics:
     def every_device(self, leaf: str) -> str:
         """Subscription filter for one leaf (``state``, ``events``) of every device."""
         return f"{self.base}/dev/+/{check_topic_word(leaf, 'topic leaf')}"
+
+    # -- on-device profiling (appended; see edge_sdk.trust's profiling documents) ---------
+
+    def profile_request(self, device: str) -> str:
+        """Signed profiling requests for ``device`` (host -> device, not retained)."""
+        return f"{self.device(device)}/profile/req"
+
+    def profile_result(self, device: str) -> str:
+        """``device``'s profiling results and refusals (device -> host)."""
+        return f"{self.device(device)}/profile/res"

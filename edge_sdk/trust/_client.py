@@ -237,6 +237,10 @@ class UpdateClient:
         list the same target path, sha256 and length (the two views disagree).
         ``reserve`` is called once with the bytes the fetch may write (see :data:`Reserve`).
         """
+        if deployment.target.startswith("profiling/"):
+            raise TargetMismatchError(
+                f"deployment #{deployment.counter} names {deployment.target}, a profiling "
+                "file: those are measured, never installed")
         updater = self.refresh()
         tf = self._targetinfo(updater, deployment.target)
         if tf.hashes.get("sha256") != deployment.sha256 or tf.length != deployment.length:
@@ -272,6 +276,32 @@ class UpdateClient:
                 f"the release repository lists no {name}{' ' + version if version else ''}")
         tf = self._targetinfo(updater, best[0].path)
         return self._install(updater, tf, best[1], Path(dest_dir), progress, have, None, reserve)
+
+    def fetch_file(self, target: str, dest: str | os.PathLike[str], *, sha256: str,
+                   length: int) -> Path:
+        """Fetch one signed target that is not a release (a ``profiling/`` file) to ``dest``,
+        verified against the repository's signed hash and length, which must equal
+        ``sha256`` and ``length`` (what a signed request said): else
+        :class:`TargetMismatchError`."""
+        updater = self.refresh()
+        tf = self._targetinfo(updater, target)
+        if tf.hashes.get("sha256") != sha256 or tf.length != length:
+            raise TargetMismatchError(
+                f"{target}: the request says sha256 {sha256[:16]}… and {length} bytes, the "
+                f"release repository signed sha256 {tf.hashes.get('sha256', '')[:16]}… and "
+                f"{tf.length} bytes: refusing")
+        if length > self.fetch_config.max_artifact_bytes:
+            raise TargetMismatchError(
+                f"{target} is {length} bytes, over the limit of "
+                f"{self.fetch_config.max_artifact_bytes}")
+        part, _ = self._download(tf, lambda done, total: None)
+        out = Path(dest)
+        try:
+            os.replace(part, out)
+        except OSError as err:
+            _unlink(part)
+            raise InstallError(f"{out}: cannot store {target}: {err}") from err
+        return out
 
     def _targetinfo(self, updater: Updater, path: str) -> TargetFile:
         try:

@@ -131,6 +131,22 @@ def _canonical(data: dict[str, Any]) -> bytes:
     return str(encode_canonical(data)).encode()
 
 
+def signed_by(signed: dict[str, Any], sigs: Iterable[Signature], key: Key) -> str | None:
+    """The key id of the first of ``sigs`` by ``key`` valid over the canonical ``signed``
+    (None when there is none). Raises ``FormatError`` when ``signed`` cannot be
+    canonicalised. Shared by every document the deployment key signs."""
+    data = _canonical(signed)
+    for sig in sigs:
+        if sig.keyid != key.keyid:
+            continue
+        try:
+            key.verify_signature(sig, data)
+        except (UnverifiedSignatureError, SslibVE):
+            continue
+        return str(sig.keyid)
+    return None
+
+
 def sign_deployment(deployment: Deployment, signers: Iterable[Signer]) -> bytes:
     """The signed document (bytes to publish retained on the ``desired`` topic)."""
     signed = deployment.to_signed()
@@ -180,20 +196,10 @@ def verify_deployment(
     """
     signed, sigs = parse_deployment(payload)
     try:
-        data = _canonical(signed)
+        good = signed_by(signed, sigs, key)
     except FormatError as err:  # floats and other values canonical JSON cannot hold
         raise MalformedDeploymentError(
             f"deployment: 'signed' cannot be canonicalised: {str(err)[:120]}") from None
-    good = None
-    for sig in sigs:
-        if sig.keyid != key.keyid:
-            continue
-        try:
-            key.verify_signature(sig, data)
-        except (UnverifiedSignatureError, SslibVE):
-            continue
-        good = sig.keyid
-        break
     if good is None:
         raise DeploymentSignatureError(
             f"deployment is not signed by the trusted deployment key {key.keyid[:12]}… "

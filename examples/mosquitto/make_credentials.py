@@ -69,6 +69,8 @@ def acl_text(fleet: str, devices: dict[str, list[str]]) -> str:
         f"topic read {base}/dev/+/state",
         f"topic read {base}/dev/+/events",
         f"topic read {base}/repo/announce",
+        f"topic write {base}/dev/+/profile/req",
+        f"topic read {base}/dev/+/profile/res",
         "",
     ]
     for dev, groups in devices.items():
@@ -84,6 +86,8 @@ def acl_text(fleet: str, devices: dict[str, list[str]]) -> str:
         f"pattern write {base}/dev/%u/repo/req",
         f"pattern write {base}/dev/%u/state",
         f"pattern write {base}/dev/%u/events",
+        f"pattern read {base}/dev/%u/profile/req",
+        f"pattern write {base}/dev/%u/profile/res",
         "",
     ]
     return "\n".join(lines)

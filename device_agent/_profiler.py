@@ -1,0 +1,334 @@
+"""On-device profiling: time the host's candidate models on this device, without
+installing them and without disturbing serving.
+
+A request arrives on the device's ``profile/req`` topic. The MQTT thread only
+checks it (size, then signature, type, freshness, limits: cheap) and admits it
+to a small queue (:class:`Admission`, pure); anything refused gets an event and
+a ``refused`` reply saying why. One worker thread at a time fetches the files
+through the release client (TUF-verified, into ``STATE/profiling/ID``, never
+``models/``), times each candidate in a child process (nice 19, RLIMIT_AS, killed
+on timeout; :mod:`device_agent._profile_child`), replies with the figures and
+deletes the files, whatever happened.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import os
+import queue
+import resource
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._config import AgentConfig, ProfilingConfig
+
+log = logging.getLogger("device_agent.profiling")
+
+PROFILING_DIR = "profiling"
+_CHILD_OUTPUT_MAX = 64 * 1024
+
+
+@dataclass
+class Admission:
+    """Which requests may run: one running, ``max_queued`` waiting, ids never taken twice
+    (a replay inside a request's lifetime is refused). Pure: no I/O, no threads."""
+
+    max_queued: int
+    seen_max: int = 512
+    waiting: collections.deque[str] = field(default_factory=collections.deque)
+    running: str | None = None
+    _seen: collections.OrderedDict[str, None] = field(default_factory=collections.OrderedDict)
+
+    def admit(self, rid: str) -> str | None:
+        """None when ``rid`` is queued; otherwise why it is refused."""
+        if rid in self._seen:
+            return f"request {rid[:12]} was already received (replayed)"
+        busy = len(self.waiting) + (self.running is not None)
+        if busy >= self.max_queued + 1:
+            return (f"busy: {busy} profiling request(s) running or queued, at most "
+                    f"{self.max_queued} may wait (profiling.max_queued)")
+        self._seen[rid] = None
+        while len(self._seen) > self.seen_max:
+            self._seen.popitem(last=False)
+        self.waiting.append(rid)
+        return None
+
+    def start(self) -> str | None:
+        if self.running is None and self.waiting:
+            self.running = self.waiting.popleft()
+            return self.running
+        return None
+
+    def finish(self) -> None:
+        self.running = None
+
+
+class Profiler:
+    """Answers profiling requests. ``publish(topic, payload)`` sends a reply;
+    ``event(kind, **fields)`` reports; ``source`` (set once the broker link exists) has
+    ``key`` (the deployment key) and ``fetch_file`` (a verified, serialised download)."""
+
+    def __init__(self, config: AgentConfig, state_dir: Path,
+                 publish: Callable[[str, bytes], None], event: Callable[..., None],
+                 hardware: Callable[[], Mapping[str, Any]],
+                 result_topic: str, stop: threading.Event) -> None:
+        self.config = config
+        self.cfg: ProfilingConfig = config.profiling
+        self.root = state_dir / PROFILING_DIR
+        self.publish = publish
+        self.event = event
+        self.hardware = hardware
+        self.result_topic = result_topic
+        self._stop = stop
+        self.source: Any = None
+        self._lock = threading.Lock()
+        self._admission = Admission(self.cfg.max_queued)
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        #: The running child, killed on stop.
+        self._child: subprocess.Popen[bytes] | None = None
+        shutil.rmtree(self.root, ignore_errors=True)  # leftovers of a crash
+
+    # -- intake (the MQTT thread) ------------------------------------------------------
+
+    def on_request(self, topic: str, payload: bytes) -> None:
+        try:
+            self._on_request(payload)
+        except Exception:  # no message may end the MQTT thread
+            log.exception("profiling request handling failed")
+
+    def _on_request(self, payload: bytes) -> None:
+        from edge_sdk.errors import EdgeError
+        from edge_sdk.trust import (
+            ProfilingLimits,
+            claimed_request_id,
+            verify_profiling_request,
+        )
+
+        if not payload:
+            return
+        c = self.cfg
+        rid = claimed_request_id(payload, c.max_request_bytes) or "0" * 16
+        if not c.enabled:
+            self._refuse(rid, "profiling is disabled on this device (profiling.enabled)")
+            return
+        if self.source is None or getattr(self.source, "key", None) is None:
+            self._refuse(rid, "this agent has no release source to fetch candidates from")
+            return
+        limits = ProfilingLimits(
+            max_request_bytes=c.max_request_bytes, max_candidates=c.max_candidates,
+            max_candidate_bytes=c.max_candidate_bytes, max_total_bytes=c.max_total_bytes,
+            max_runs=c.max_runs, max_warmup=c.max_warmup, max_ttl_s=c.max_ttl_s)
+        try:
+            req = verify_profiling_request(payload, self.source.key,
+                                           device_id=self.config.device_id,
+                                           fleet=self.config.fleet, limits=limits)
+        except EdgeError as err:
+            self._refuse(rid, str(err))
+            return
+        with self._lock:
+            why = self._admission.admit(req.id)
+        if why is not None:
+            self._refuse(req.id, why)
+            return
+        self.event("profiling_queued", request=req.id, candidates=len(req.candidates))
+        self._queue.put(req)
+        self._ensure_worker()
+
+    def _refuse(self, rid: str, why: str) -> None:
+        from edge_sdk.trust import ProfilingResult
+
+        log.warning("profiling request %s refused: %s", rid[:12], why)
+        self.event("profiling_refused", request=rid, reason=why)
+        self._reply(ProfilingResult(rid, self.config.device_id, "refused", reason=why))
+
+    def _reply(self, result: Any) -> None:
+        try:
+            self.publish(self.result_topic, result.dumps())
+        except Exception as err:
+            log.warning("cannot send the profiling result %s: %s", result.id[:12], err)
+
+    # -- the worker --------------------------------------------------------------------
+
+    def _ensure_worker(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._work, name="agent-profiler",
+                                                daemon=True)
+                self._thread.start()
+
+    def stop(self) -> None:
+        child = self._child
+        if child is not None and child.poll() is None:
+            with contextlib.suppress(OSError):
+                child.kill()
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def _work(self) -> None:
+        _lower_priority()
+        while not self._stop.is_set():
+            try:
+                req = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if req is None:
+                return
+            with self._lock:
+                self._admission.start()
+            try:
+                self._run(req)
+            except Exception as err:  # the thread must survive any request
+                log.exception("profiling request %s failed", req.id[:12])
+                from edge_sdk.trust import ProfilingResult
+
+                self._reply(ProfilingResult(req.id, self.config.device_id, "failed",
+                                            reason=f"{type(err).__name__}: {err}"[:300]))
+            finally:
+                with self._lock:
+                    self._admission.finish()
+
+    def _run(self, req: Any) -> None:
+        from edge_sdk.errors import EdgeError
+        from edge_sdk.trust import CandidateTiming, ProfilingResult
+
+        work = self.root / req.id
+        started = time.monotonic()
+        self.event("profiling_started", request=req.id, candidates=len(req.candidates))
+        timings: list[CandidateTiming] = []
+        try:
+            work.mkdir(parents=True, exist_ok=True)
+            try:
+                sample = self._fetch(req.sample, work / "sample.npz")
+                files = []
+                for i, c in enumerate(req.candidates):
+                    suffix = Path(c.model.target).suffix or ".onnx"
+                    files.append((c, self._fetch(c.model, work / f"c{i}{suffix}"),
+                                  self._fetch(c.expected, work / f"c{i}.expected.npz")))
+            except EdgeError as err:
+                result = ProfilingResult(req.id, self.config.device_id, "failed",
+                                         reason=f"fetching the candidates failed: {err}")
+                self.event("profiling_failed", request=req.id, reason=result.reason)
+                self._reply(result)
+                return
+            for c, model, expected in files:
+                if self._stop.is_set():
+                    break
+                timings.append(self._measure(c.name, model, sample, expected, req, work))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        hw = {**self.hardware(), "threads": self.cfg.threads}
+        result = ProfilingResult(req.id, self.config.device_id, "done", hardware=hw,
+                                 threads=self.cfg.threads, candidates=tuple(timings))
+        self.event("profiling_done", request=req.id, seconds=round(time.monotonic() - started,
+                                                                     2),
+                   excluded=[t.name for t in timings if not t.ok])
+        self._reply(result)
+
+    def _fetch(self, ref: Any, dest: Path) -> Path:
+        path: Path = self.source.fetch_file(ref.target, dest, sha256=ref.sha256,
+                                            length=ref.length)
+        return path
+
+    def _measure(self, name: str, model: Path, sample: Path, expected: Path, req: Any,
+                 work: Path) -> Any:
+        from edge_sdk.trust import CandidateTiming
+
+        spec = json.dumps({"model": str(model), "sample": str(sample),
+                           "expected": str(expected), "threads": self.cfg.threads,
+                           "runs": req.runs, "warmup": req.warmup, "rtol": req.rtol,
+                           "atol": req.atol})
+        out, rss, why = run_child(
+            [sys.executable, "-m", "device_agent._profile_child", spec],
+            timeout_s=self.cfg.timeout_s, nice=self.cfg.nice,
+            max_memory=self.cfg.max_memory_bytes, stderr_path=work / f"{name}.stderr",
+            on_start=self._started_child)
+        self._child = None
+        if why is not None:
+            return CandidateTiming(name, peak_rss_bytes=rss, error=why)
+        err = out.get("error")
+        return CandidateTiming(
+            name, load_ms=_f(out.get("load_ms")), warmup_ms=_f(out.get("warmup_ms")),
+            median_ms=None if err else _f(out.get("median_ms")),
+            p90_ms=None if err else _f(out.get("p90_ms")), peak_rss_bytes=rss,
+            max_abs_diff=_f(out.get("max_abs_diff")), runs=int(out.get("runs") or 0),
+            error=str(err)[:300] if err else None)
+
+    def _started_child(self, child: subprocess.Popen[bytes]) -> None:
+        self._child = child
+
+
+def _f(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
+def run_child(cmd: list[str], *, timeout_s: float, nice: int, max_memory: int,
+              stderr_path: Path,
+              on_start: Callable[[subprocess.Popen[bytes]], None] | None = None,
+              ) -> tuple[dict[str, Any], int | None, str | None]:
+    """Run ``cmd`` at niceness ``nice`` under RLIMIT_AS ``max_memory`` (0: none), killed
+    after ``timeout_s``. Returns (its JSON output, its peak RSS in bytes, why it failed or
+    None)."""
+
+    def limit() -> None:  # in the child, before exec
+        os.nice(max(0, nice - os.nice(0)))
+        if max_memory:
+            resource.setrlimit(resource.RLIMIT_AS, (max_memory, max_memory))
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}
+    with open(stderr_path, "wb") as err_file:
+        child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=err_file, preexec_fn=limit, env=env)
+    if on_start is not None:
+        on_start(child)
+    deadline = time.monotonic() + timeout_s
+    status, usage = 0, None
+    killed = False
+    while True:
+        pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+        if pid == child.pid:
+            break
+        if time.monotonic() > deadline and not killed:
+            with contextlib.suppress(OSError):
+                child.kill()
+            killed = True
+        time.sleep(0.02)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    rss = usage.ru_maxrss * 1024 if usage is not None else None
+    assert child.stdout is not None
+    raw = child.stdout.read(_CHILD_OUTPUT_MAX)
+    child.stdout.close()
+    if killed:
+        return {}, rss, f"timed out after {timeout_s:g} s (profiling.timeout_s); killed"
+    try:
+        lines = raw.decode("utf-8", "replace").strip().splitlines()
+        out = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        out = None
+    if child.returncode != 0 or not isinstance(out, dict):
+        tail = ""
+        with contextlib.suppress(OSError):
+            tail = " ".join(stderr_path.read_bytes()[-400:].decode("utf-8", "replace").split())
+        code = child.returncode
+        what = (f"killed by signal {-code}" if code < 0 else f"exited with {code}")
+        if max_memory and ("MemoryError" in tail or "bad_alloc" in tail):
+            what += f" (out of memory under profiling.max_memory_bytes={max_memory})"
+        return {}, rss, f"the measuring process {what}: {tail[-200:] or 'no output'}"
+    return out, rss, None
+
+
+def _lower_priority() -> None:
+    with contextlib.suppress(AttributeError, OSError):
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), 10))

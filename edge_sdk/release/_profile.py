@@ -1,0 +1,184 @@
+"""Host side of on-device profiling: publish candidates, ask devices, wait for figures.
+
+:func:`profile_on_devices` signs the candidate files, the sample and the host's
+outputs of each candidate as ``profiling/ID/...`` targets in the release
+repository (``edge-sdk serve`` must serve it), publishes one signed request
+per device on its ``profile/req`` topic, waits for every device's result on
+``profile/res`` and removes the targets again, whatever happened. A device
+that refuses, fails, or does not answer in time is a :class:`ProfilingError`
+naming it; nothing is left in the repository.
+"""
+
+from __future__ import annotations
+
+import secrets
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConfigError, DeploymentError, UsageError
+from ..transport import MqttConfig, MqttConnection, Topics
+from ..transport._config import check_topic_word
+from ..trust._keys import DEPLOYMENT_ROLE
+from ..trust._profiling import (
+    FileRef,
+    MalformedProfilingResultError,
+    ProfileCandidate,
+    ProfilingRequest,
+    ProfilingResult,
+    parse_profiling_result,
+    sign_profiling_request,
+)
+from ._repository import Repository
+
+
+class ProfilingError(DeploymentError):
+    """A device did not deliver profiling figures: refused, failed or silent."""
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """How long to wait and how the devices measure."""
+
+    #: For all devices' results, from the moment the requests are published.
+    timeout_s: float = 300.0
+    runs: int = 50
+    warmup: int = 5
+    rtol: float = 1e-2
+    atol: float = 1e-4
+
+
+def profile_on_devices(
+    repo: Repository, connection: MqttConnection, *, devices: Sequence[str],
+    candidates: Sequence[tuple[str, Path]], sample: Mapping[str, np.ndarray],
+    expected: Mapping[str, Mapping[str, np.ndarray]], config: ProfileConfig | None = None,
+    topics: Topics | None = None,
+) -> dict[str, ProfilingResult]:
+    """Time ``candidates`` (name, model file) on each of ``devices``; ``expected`` holds the
+    host's outputs of each candidate on ``sample``. Returns device → its result (status
+    ``done``; a candidate a device excluded has ``error`` set)."""
+    cfg = config or ProfileConfig()
+    t = topics or Topics.for_config(connection.config)
+    if not devices:
+        raise UsageError("name at least one device to profile on")
+    for d in devices:
+        check_topic_word(d, "device id")
+    if not candidates:
+        raise UsageError("no candidate to profile")
+    signers = repo.keys.signers(DEPLOYMENT_ROLE)
+    if not signers:
+        raise ConfigError(f"{repo.keys.dir}: no deployment key to sign profiling requests "
+                          "(was it made by 'edge-sdk release init'?)")
+    rid = secrets.token_hex(16)
+    results: dict[str, ProfilingResult] = {}
+    bad: dict[str, str] = {}
+    got = threading.Condition()
+
+    def on_result(topic: str, payload: bytes) -> None:
+        device = next((d for d in devices if t.profile_result(d) == topic), None)
+        if device is None:
+            return
+        try:
+            res = parse_profiling_result(payload)
+        except MalformedProfilingResultError as err:
+            with got:
+                bad[device] = str(err)
+                got.notify_all()
+            return
+        if res.id != rid or res.device != device:
+            return  # an answer to another request (or a stale one)
+        with got:
+            results[device] = res
+            got.notify_all()
+
+    with tempfile.TemporaryDirectory(prefix="edge-profile-") as tmp:
+        work = Path(tmp)
+        files = {"sample.npz": _npz(work / "sample.npz", sample)}
+        for name, path in candidates:
+            files[f"{name}{Path(path).suffix or '.onnx'}"] = Path(path)
+            files[f"{name}.expected.npz"] = _npz(work / f"{name}.expected.npz",
+                                                  expected[name])
+        signed = repo.add_profiling_files(rid, files)
+        subs = []
+        try:
+            def ref(fname: str) -> FileRef:
+                tf = signed[fname]
+                return FileRef(tf.path, tf.hashes["sha256"], tf.length)
+
+            cands = tuple(ProfileCandidate(n, ref(f"{n}{Path(p).suffix or '.onnx'}"),
+                                           ref(f"{n}.expected.npz")) for n, p in candidates)
+            for d in devices:
+                subs.append(connection.subscribe(t.profile_result(d), on_result))
+            now = datetime.now(UTC).replace(microsecond=0)
+            for d in devices:
+                req = ProfilingRequest(
+                    fleet=t.fleet, device=d, id=rid, issued=now,
+                    expires=now + timedelta(seconds=cfg.timeout_s + 60),
+                    sample=ref("sample.npz"), candidates=cands, runs=cfg.runs,
+                    warmup=cfg.warmup, rtol=cfg.rtol, atol=cfg.atol)
+                connection.publish_wait(t.profile_request(d),
+                                        sign_profiling_request(req, signers[:1]), qos=1)
+            deadline = time.monotonic() + cfg.timeout_s
+            with got:
+                while len(results) < len(devices) and not bad:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    got.wait(min(left, 1.0))
+        finally:
+            for s in subs:
+                s.cancel()
+            repo.remove_profiling_files(rid)
+    for d, why in bad.items():
+        raise ProfilingError(f"device {d} sent an unreadable profiling result: {why}")
+    silent = [d for d in devices if d not in results]
+    if silent:
+        raise ProfilingError(
+            f"device {', '.join(silent)} did not answer the profiling request within "
+            f"{cfg.timeout_s:g} s (is its agent running, and is `edge-sdk serve --repo "
+            f"{repo.path}` serving the repository?)")
+    for d, res in results.items():
+        if res.status != "done":
+            raise ProfilingError(f"device {d} {res.status} the profiling request: "
+                                 f"{res.reason or 'no reason given'}")
+    return results
+
+
+def _npz(path: Path, arrays: Mapping[str, np.ndarray]) -> Path:
+    np.savez(path, **{k: np.asarray(v) for k, v in arrays.items()})  # type: ignore[arg-type]
+    return path
+
+
+
+
+class DeviceProfiler:
+    """``convert --profile-on`` / ``bench --on``: a callable ``(candidates, sample,
+    expected) -> {device: ProfilingResult}`` that opens its own broker connection per call
+    and runs :func:`profile_on_devices` against the repository at ``repo``."""
+
+    def __init__(self, repo: str | Path, mqtt: MqttConfig, devices: Sequence[str], *,
+                 keydir: str | Path | None = None, config: ProfileConfig | None = None,
+                 ) -> None:
+        self.repo = Repository(repo, keydir)
+        self.mqtt = mqtt
+        self.devices = tuple(devices)
+        self.config = config or ProfileConfig()
+        for d in self.devices:
+            check_topic_word(d, "device id")
+
+    def __call__(self, candidates: Sequence[tuple[str, Path]], sample: Mapping[str, np.ndarray],
+                 expected: Mapping[str, Mapping[str, np.ndarray]],
+                 ) -> dict[str, ProfilingResult]:
+        with MqttConnection(self.mqtt, name="edge-profile") as conn:
+            return profile_on_devices(self.repo, conn, devices=self.devices,
+                                      candidates=candidates, sample=sample,
+                                      expected=expected, config=self.config)
+
+
+__all__ = ["DeviceProfiler", "ProfileConfig", "ProfilingError", "profile_on_devices"]

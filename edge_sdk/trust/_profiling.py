@@ -1,0 +1,420 @@
+"""Profiling requests (host → device) and their results (device → host).
+
+A profiling request asks one device's agent to time candidate models that the
+host built, without installing them. It is signed by the deployment key like a
+deployment, but its ``signed.type`` is ``edge-profiling-request``: a deployment
+verifier refuses it and :func:`verify_profiling_request` refuses a deployment,
+so neither can stand in for the other. The model bytes, the sample input and the
+host's outputs on it travel as TUF targets under :data:`PROFILING_PREFIX` in the
+release repository, fetched and verified like any target; a ``profiling/``
+target is never a release (no manifest), so it can never be installed.
+
+Freshness: a request carries a random ``id`` and an expiry at most
+``max_ttl_s`` ahead of the device's clock; the agent refuses expired ones and
+ids it has already seen. Canonical JSON has no floats, so the tolerances travel
+as decimal strings.
+
+The result is unsigned JSON from the device (the broker's ACL says who may
+publish on that device's topic); :func:`parse_profiling_result` bounds and
+checks it before anything reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from securesystemslib.exceptions import FormatError
+from securesystemslib.signer import Key, Signer  # type: ignore[attr-defined]
+
+from .._json import MESSAGE_MAX_BYTES, MESSAGE_MAX_DEPTH, loads_bounded
+from ..errors import VerificationError
+from ._deployment import _canonical, _parse_ts, _ts, parse_deployment, signed_by
+from ._errors import ExpiredError, SignatureError
+
+REQUEST_TYPE = "edge-profiling-request"
+RESULT_TYPE = "edge-profiling-result"
+SPEC = 1
+#: Target paths of profiling files start so (never a release; the agent never installs one).
+PROFILING_PREFIX = "profiling/"
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_ID = re.compile(r"[0-9a-f]{16,64}")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_TARGET = re.compile(r"profiling/[0-9a-f]{16,64}/[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+#: Result documents are small; one candidate row is ~300 bytes.
+RESULT_MAX_BYTES = 64 * 1024
+_MAX_TEXT = 300
+
+
+class ProfilingVerificationError(VerificationError):
+    """Root of the refusals of a profiling request."""
+
+
+class MalformedProfilingRequestError(ProfilingVerificationError):
+    """The request is not JSON of the expected shape (or the wrong document type)."""
+
+
+class ProfilingSignatureError(ProfilingVerificationError, SignatureError):
+    """The request is not signed by the trusted deployment key."""
+
+
+class ProfilingRequestExpiredError(ProfilingVerificationError, ExpiredError):
+    """The request has expired, or claims a lifetime longer than the device allows."""
+
+
+class ProfilingNotForThisDeviceError(ProfilingVerificationError):
+    """The request names another device or fleet."""
+
+
+class ProfilingRequestTooLargeError(ProfilingVerificationError):
+    """The request exceeds a limit of the device (bytes, candidates, candidate size, runs)."""
+
+
+class MalformedProfilingResultError(VerificationError):
+    """A device's profiling result is not JSON of the expected shape."""
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """One signed profiling target: path, sha256 and length."""
+
+    target: str
+    sha256: str
+    length: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"target": self.target, "sha256": self.sha256, "length": self.length}
+
+    @classmethod
+    def from_json(cls, doc: Any, where: str) -> FileRef:
+        if not isinstance(doc, dict):
+            raise MalformedProfilingRequestError(f"profiling request: {where} must be an object")
+        t, sha, n = doc.get("target"), doc.get("sha256"), doc.get("length")
+        if not isinstance(t, str) or not _TARGET.fullmatch(t) or ".." in t:
+            raise MalformedProfilingRequestError(
+                f"profiling request: {where}.target must be a path under {PROFILING_PREFIX}")
+        if not isinstance(sha, str) or not _HEX64.fullmatch(sha):
+            raise MalformedProfilingRequestError(
+                f"profiling request: {where}.sha256 must be 64 lowercase hex digits")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise MalformedProfilingRequestError(
+                f"profiling request: {where}.length must be an integer >= 0")
+        return cls(t, sha, n)
+
+
+@dataclass(frozen=True)
+class ProfileCandidate:
+    """One model to time: its file, and the host's outputs of it on the sample (.npz)."""
+
+    name: str
+    model: FileRef
+    expected: FileRef
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "model": self.model.to_json(),
+                "expected": self.expected.to_json()}
+
+
+@dataclass(frozen=True)
+class ProfilingRequest:
+    """What a verified profiling request says."""
+
+    fleet: str
+    device: str
+    id: str
+    issued: datetime
+    expires: datetime
+    sample: FileRef
+    candidates: tuple[ProfileCandidate, ...]
+    runs: int = 50
+    warmup: int = 5
+    #: A device output matches the host's when ``|dev - host| <= atol + rtol * max|host|``.
+    rtol: float = 1e-2
+    atol: float = 1e-4
+    keyid: str = ""
+
+    def to_signed(self) -> dict[str, Any]:
+        return {
+            "type": REQUEST_TYPE, "spec": SPEC, "fleet": self.fleet, "device": self.device,
+            "id": self.id, "issued": _ts(self.issued), "expires": _ts(self.expires),
+            "sample": self.sample.to_json(),
+            "candidates": [c.to_json() for c in self.candidates],
+            "runs": self.runs, "warmup": self.warmup,
+            "rtol": repr(float(self.rtol)), "atol": repr(float(self.atol)),
+        }
+
+    @property
+    def total_bytes(self) -> int:
+        return self.sample.length + sum(c.model.length + c.expected.length
+                                        for c in self.candidates)
+
+    @classmethod
+    def from_signed(cls, data: Any) -> ProfilingRequest:
+        if not isinstance(data, dict) or data.get("type") != REQUEST_TYPE:
+            raise MalformedProfilingRequestError(
+                f"profiling request: 'signed.type' must be {REQUEST_TYPE!r}")
+        if data.get("spec") != SPEC:
+            raise MalformedProfilingRequestError(
+                f"profiling request: spec {data.get('spec')!r} is not supported (this "
+                f"edge-sdk reads spec {SPEC})")
+
+        def req(key: str, kind: type) -> Any:
+            v = data.get(key)
+            if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+                raise MalformedProfilingRequestError(
+                    f"profiling request: '{key}' is missing or not {kind.__name__}")
+            return v
+
+        rid = req("id", str)
+        if not _ID.fullmatch(rid):
+            raise MalformedProfilingRequestError(
+                "profiling request: 'id' must be 16-64 lowercase hex digits")
+        cands_raw = req("candidates", list)
+        cands = []
+        for i, c in enumerate(cands_raw):
+            if not isinstance(c, dict) or not isinstance(c.get("name"), str) or \
+                    not _NAME.fullmatch(c["name"]):
+                raise MalformedProfilingRequestError(
+                    f"profiling request: candidates[{i}].name must be 1-64 letters, digits, "
+                    "'.', '_' or '-'")
+            cands.append(ProfileCandidate(
+                c["name"], FileRef.from_json(c.get("model"), f"candidates[{i}].model"),
+                FileRef.from_json(c.get("expected"), f"candidates[{i}].expected")))
+        if len({c.name for c in cands}) != len(cands):
+            raise MalformedProfilingRequestError("profiling request: candidate names repeat")
+        runs, warmup = req("runs", int), req("warmup", int)
+        if runs < 1 or warmup < 0:
+            raise MalformedProfilingRequestError(
+                "profiling request: 'runs' must be >= 1 and 'warmup' >= 0")
+        return cls(
+            fleet=req("fleet", str), device=req("device", str), id=rid,
+            issued=_parse_ts(data.get("issued"), "issued"),
+            expires=_parse_ts(data.get("expires"), "expires"),
+            sample=FileRef.from_json(data.get("sample"), "sample"), candidates=tuple(cands),
+            runs=runs, warmup=warmup, rtol=_tolerance(data.get("rtol"), "rtol"),
+            atol=_tolerance(data.get("atol"), "atol"),
+        )
+
+
+def _tolerance(value: Any, key: str) -> float:
+    try:
+        x = float(value) if isinstance(value, str) and len(value) <= 32 else math.nan
+    except ValueError:
+        x = math.nan
+    if not (math.isfinite(x) and 0.0 <= x <= 1.0):
+        raise MalformedProfilingRequestError(
+            f"profiling request: '{key}' must be a decimal string between 0 and 1")
+    return x
+
+
+def sign_profiling_request(request: ProfilingRequest, signers: Iterable[Signer]) -> bytes:
+    """The signed document to publish on the device's profiling request topic."""
+    signed = request.to_signed()
+    payload = _canonical(signed)
+    sigs = [s.sign(payload).to_dict() for s in signers]
+    if not sigs:
+        raise ValueError("at least one signer is needed")
+    return json.dumps({"signed": signed, "signatures": sigs}, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class ProfilingLimits:
+    """What a device accepts (the agent's ``[profiling]`` section fills it)."""
+
+    max_request_bytes: int = 32 * 1024
+    max_candidates: int = 16
+    max_candidate_bytes: int = 256 * 1024 * 1024
+    max_total_bytes: int = 1024 * 1024 * 1024
+    max_runs: int = 1000
+    max_warmup: int = 100
+    #: A request may not claim to stay valid longer than this ahead of the device's clock.
+    max_ttl_s: float = 3600.0
+
+
+def verify_profiling_request(
+    payload: bytes, key: Key, *, device_id: str, fleet: str,
+    limits: ProfilingLimits | None = None, now: datetime | None = None,
+) -> ProfilingRequest:
+    """Verify a raw profiling request for this device and return what it says.
+
+    Checks, in order: the size (before parsing), the signature by ``key`` over the
+    canonical ``signed`` part, the document type and shape, fleet and device, the
+    expiry (and a lifetime at most ``limits.max_ttl_s`` ahead), and the limits on
+    candidates, bytes and runs. Raises a :class:`ProfilingVerificationError` subclass.
+    Replayed ids are the caller's to refuse (it keeps the ids it has seen).
+    """
+    lim = limits or ProfilingLimits()
+    if len(payload) > lim.max_request_bytes:
+        raise ProfilingRequestTooLargeError(
+            f"profiling request is {len(payload)} bytes, over the device's limit of "
+            f"{lim.max_request_bytes} (profiling.max_request_bytes)")
+    try:
+        signed, sigs = parse_deployment(payload)
+    except VerificationError as err:
+        raise MalformedProfilingRequestError(
+            str(err).replace("deployment", "profiling request", 1)) from err
+    try:
+        good = signed_by(signed, sigs, key)
+    except FormatError as err:
+        raise MalformedProfilingRequestError(
+            f"profiling request: 'signed' cannot be canonicalised: {str(err)[:120]}") from None
+    if good is None:
+        raise ProfilingSignatureError(
+            f"profiling request is not signed by the trusted deployment key {key.keyid[:12]}… "
+            f"(signatures from {', '.join(s.keyid[:12] for s in sigs) or 'nobody'})")
+    req = ProfilingRequest.from_signed(signed)
+    req = ProfilingRequest(**{**req.__dict__, "keyid": good})
+    if req.fleet != fleet or req.device != device_id:
+        raise ProfilingNotForThisDeviceError(
+            f"profiling request {req.id[:12]} is for {req.device!r} in fleet {req.fleet!r}, "
+            f"this is {device_id!r} in {fleet!r}")
+    when = now or datetime.now(UTC)
+    if req.expires <= when:
+        raise ProfilingRequestExpiredError(
+            f"profiling request {req.id[:12]} expired at {_ts(req.expires)}")
+    if req.expires > when + timedelta(seconds=lim.max_ttl_s):
+        raise ProfilingRequestExpiredError(
+            f"profiling request {req.id[:12]} claims to be valid until {_ts(req.expires)}, "
+            f"more than {lim.max_ttl_s:g} s ahead (profiling.max_ttl_s)")
+    if not req.candidates:
+        raise MalformedProfilingRequestError("profiling request names no candidate")
+    if len(req.candidates) > lim.max_candidates:
+        raise ProfilingRequestTooLargeError(
+            f"profiling request has {len(req.candidates)} candidates, over the device's "
+            f"limit of {lim.max_candidates} (profiling.max_candidates)")
+    for c in req.candidates:
+        if c.model.length > lim.max_candidate_bytes:
+            raise ProfilingRequestTooLargeError(
+                f"candidate {c.name} is {c.model.length} bytes, over the device's limit of "
+                f"{lim.max_candidate_bytes} (profiling.max_candidate_bytes)")
+    if req.total_bytes > lim.max_total_bytes:
+        raise ProfilingRequestTooLargeError(
+            f"profiling request needs {req.total_bytes} bytes, over the device's limit of "
+            f"{lim.max_total_bytes} (profiling.max_total_bytes)")
+    if req.runs > lim.max_runs or req.warmup > lim.max_warmup:
+        raise ProfilingRequestTooLargeError(
+            f"profiling request asks {req.runs} runs and {req.warmup} warm-up runs, over the "
+            f"device's limits of {lim.max_runs} and {lim.max_warmup}")
+    return req
+
+
+def claimed_request_id(payload: bytes, max_bytes: int) -> str | None:
+    """The id an unverified request says it has, to address a refusal (None if unreadable)."""
+    try:
+        doc = loads_bounded(payload[:max_bytes], max_bytes=max_bytes,
+                            max_depth=MESSAGE_MAX_DEPTH)
+        rid = doc["signed"]["id"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return rid if isinstance(rid, str) and _ID.fullmatch(rid) else None
+
+
+# -- results -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CandidateTiming:
+    """One candidate as a device measured it (``error`` set: excluded, with the reason)."""
+
+    name: str
+    load_ms: float | None = None
+    warmup_ms: float | None = None
+    median_ms: float | None = None
+    p90_ms: float | None = None
+    peak_rss_bytes: int | None = None
+    max_abs_diff: float | None = None
+    runs: int = 0
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.median_ms is not None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+@dataclass(frozen=True)
+class ProfilingResult:
+    """A device's answer to one request: ``status`` done (timings), or refused / failed
+    (``reason``)."""
+
+    id: str
+    device: str
+    status: str
+    reason: str | None = None
+    hardware: Mapping[str, Any] = field(default_factory=dict)
+    threads: int | None = None
+    candidates: tuple[CandidateTiming, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": RESULT_TYPE, "spec": SPEC, "id": self.id, "device": self.device,
+                "status": self.status, "reason": self.reason, "hardware": dict(self.hardware),
+                "threads": self.threads, "candidates": [c.to_json() for c in self.candidates]}
+
+    def dumps(self) -> bytes:
+        return json.dumps(self.to_json(), separators=(",", ":")).encode()
+
+    def timing(self, name: str) -> CandidateTiming | None:
+        return next((c for c in self.candidates if c.name == name), None)
+
+
+_STATUSES = ("done", "refused", "failed")
+
+
+def parse_profiling_result(payload: bytes) -> ProfilingResult:
+    """Check a device's result document (untrusted) and return it; raises
+    :class:`MalformedProfilingResultError` with the reason."""
+    try:
+        doc = loads_bounded(payload, max_bytes=min(RESULT_MAX_BYTES, MESSAGE_MAX_BYTES),
+                            max_depth=MESSAGE_MAX_DEPTH)
+    except ValueError as err:
+        raise MalformedProfilingResultError(f"profiling result refused: {err}") from None
+    if not isinstance(doc, dict) or doc.get("type") != RESULT_TYPE:
+        raise MalformedProfilingResultError(f"profiling result: 'type' must be {RESULT_TYPE!r}")
+    rid, device, status = doc.get("id"), doc.get("device"), doc.get("status")
+    if not isinstance(rid, str) or not _ID.fullmatch(rid) or not isinstance(device, str) \
+            or not _NAME.fullmatch(device) or status not in _STATUSES:
+        raise MalformedProfilingResultError("profiling result: bad 'id', 'device' or 'status'")
+    hw = doc.get("hardware")
+    threads = doc.get("threads")
+    rows = doc.get("candidates")
+    if not isinstance(rows, list) or len(rows) > 256:
+        raise MalformedProfilingResultError("profiling result: 'candidates' must be a list")
+    return ProfilingResult(
+        id=rid, device=device, status=str(status), reason=_text(doc.get("reason")),
+        hardware=hw if isinstance(hw, dict) else {},
+        threads=threads if isinstance(threads, int) and not isinstance(threads, bool)
+        else None,
+        candidates=tuple(_timing(r, i) for i, r in enumerate(rows)))
+
+
+def _text(v: Any) -> str | None:
+    return " ".join(v.split())[:_MAX_TEXT] if isinstance(v, str) else None
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    x = float(v)
+    return x if math.isfinite(x) and x >= 0 else None
+
+
+def _timing(row: Any, i: int) -> CandidateTiming:
+    if not isinstance(row, dict) or not isinstance(row.get("name"), str) or \
+            not _NAME.fullmatch(row["name"]):
+        raise MalformedProfilingResultError(f"profiling result: candidates[{i}] has no name")
+    rss = row.get("peak_rss_bytes")
+    runs = row.get("runs")
+    return CandidateTiming(
+        name=row["name"], load_ms=_num(row.get("load_ms")),
+        warmup_ms=_num(row.get("warmup_ms")), median_ms=_num(row.get("median_ms")),
+        p90_ms=_num(row.get("p90_ms")),
+        peak_rss_bytes=rss if isinstance(rss, int) and not isinstance(rss, bool) else None,
+        max_abs_diff=_num(row.get("max_abs_diff")),
+        runs=runs if isinstance(runs, int) and not isinstance(runs, bool) else 0,
+        error=_text(row.get("error")))

@@ -1,0 +1,188 @@
+"""The profiling request document (signed by the deployment key, never a deployment), the
+device's result document, the agent's admission queue and its measuring child."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+from securesystemslib.signer import CryptoSigner
+
+from device_agent._profile_child import compare
+from device_agent._profiler import Admission, run_child
+from edge_sdk.trust import (
+    DeploymentVerificationError,
+    FileRef,
+    MalformedProfilingRequestError,
+    MalformedProfilingResultError,
+    ProfileCandidate,
+    ProfilingLimits,
+    ProfilingNotForThisDeviceError,
+    ProfilingRequest,
+    ProfilingRequestExpiredError,
+    ProfilingRequestTooLargeError,
+    ProfilingResult,
+    ProfilingSignatureError,
+    parse_profiling_result,
+    sign_profiling_request,
+    verify_deployment,
+    verify_profiling_request,
+)
+from tests import _models
+
+RID = "ab" * 16
+NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+
+def ref(name: str, n: int = 100) -> FileRef:
+    return FileRef(f"profiling/{RID}/{name}", "0" * 64, n)
+
+
+def request(**kw: object) -> ProfilingRequest:
+    base = ProfilingRequest(
+        fleet="lab", device="dev-1", id=RID, issued=NOW, expires=NOW + timedelta(minutes=10),
+        sample=ref("sample.npz"),
+        candidates=(ProfileCandidate("fp32", ref("fp32.onnx"), ref("fp32.expected.npz")),))
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def signer() -> CryptoSigner:
+    return CryptoSigner.generate_ed25519()
+
+
+def verify(payload: bytes, signer: CryptoSigner, **kw: object) -> ProfilingRequest:
+    args: dict[str, object] = {"device_id": "dev-1", "fleet": "lab", "now": NOW, **kw}
+    return verify_profiling_request(payload, signer.public_key, **args)  # type: ignore[arg-type]
+
+
+def test_signed_request_verifies_and_says_what_was_signed(signer) -> None:
+    req = verify(sign_profiling_request(request(rtol=0.05), [signer]), signer)
+    assert req.id == RID and req.candidates[0].name == "fp32" and req.rtol == 0.05
+    assert req.keyid == signer.public_key.keyid and req.sample.target.endswith("sample.npz")
+
+
+def test_unsigned_and_foreign_signed_requests_are_refused(signer) -> None:
+    doc = json.loads(sign_profiling_request(request(), [signer]))
+    doc["signatures"] = []
+    with pytest.raises(ProfilingSignatureError, match="not signed by the trusted"):
+        verify(json.dumps(doc).encode(), signer)
+    other = CryptoSigner.generate_ed25519()
+    with pytest.raises(ProfilingSignatureError):
+        verify(sign_profiling_request(request(), [other]), signer)
+
+
+def test_tampered_request_is_refused(signer) -> None:
+    doc = json.loads(sign_profiling_request(request(), [signer]))
+    doc["signed"]["candidates"][0]["model"]["sha256"] = "1" * 64
+    with pytest.raises(ProfilingSignatureError):
+        verify(json.dumps(doc).encode(), signer)
+
+
+def test_a_deployment_is_not_a_profiling_request_and_vice_versa(signer) -> None:
+    doc = json.loads(sign_profiling_request(request(), [signer]))
+    with pytest.raises(DeploymentVerificationError):
+        verify_deployment(json.dumps(doc).encode(), signer.public_key, device_id="dev-1")
+    # Re-typed and re-signed as a deployment: still not a profiling request.
+    doc["signed"]["type"] = "edge-deployment"
+    from edge_sdk.trust._deployment import _canonical
+
+    doc["signatures"] = [signer.sign(_canonical(doc["signed"])).to_dict()]
+    with pytest.raises(MalformedProfilingRequestError, match="signed.type"):
+        verify(json.dumps(doc).encode(), signer)
+
+
+def test_expired_and_overlong_requests_are_refused(signer) -> None:
+    old = sign_profiling_request(request(expires=NOW - timedelta(seconds=1)), [signer])
+    with pytest.raises(ProfilingRequestExpiredError, match="expired"):
+        verify(old, signer)
+    far = sign_profiling_request(request(expires=NOW + timedelta(days=30)), [signer])
+    with pytest.raises(ProfilingRequestExpiredError, match="max_ttl_s"):
+        verify(far, signer)
+
+
+def test_request_for_another_device_is_refused(signer) -> None:
+    with pytest.raises(ProfilingNotForThisDeviceError, match="dev-2"):
+        verify(sign_profiling_request(request(device="dev-2"), [signer]), signer)
+
+
+def test_oversized_requests_are_refused_naming_the_limit(signer) -> None:
+    many = tuple(ProfileCandidate(f"c{i}", ref(f"c{i}.onnx"), ref(f"c{i}.npz"))
+                 for i in range(5))
+    with pytest.raises(ProfilingRequestTooLargeError, match="max_candidates"):
+        verify(sign_profiling_request(request(candidates=many), [signer]), signer,
+               limits=ProfilingLimits(max_candidates=4))
+    big = (ProfileCandidate("big", ref("big.onnx", 10**9), ref("big.npz")),)
+    with pytest.raises(ProfilingRequestTooLargeError, match="max_candidate_bytes"):
+        verify(sign_profiling_request(request(candidates=big), [signer]), signer)
+    with pytest.raises(ProfilingRequestTooLargeError, match="max_request_bytes"):
+        verify(b"{" + b" " * 40000 + b"}", signer)
+
+
+def test_malformed_fields_are_refused_before_use(signer) -> None:
+    bad_path = (ProfileCandidate("x", FileRef("models/x.onnx", "0" * 64, 1), ref("x.npz")),)
+    with pytest.raises(MalformedProfilingRequestError, match="under profiling/"):
+        verify(sign_profiling_request(request(candidates=bad_path), [signer]), signer)
+    with pytest.raises(MalformedProfilingRequestError, match="rtol"):
+        verify(sign_profiling_request(request(rtol=2.0), [signer]), signer)
+    with pytest.raises(MalformedProfilingRequestError):
+        verify(b"[" * 5000, signer)
+
+
+def test_result_round_trips_and_hostile_results_are_refused() -> None:
+    from edge_sdk.trust import CandidateTiming
+
+    res = ProfilingResult(RID, "dev-1", "done", hardware={"arch": "aarch64"}, threads=2,
+                          candidates=(CandidateTiming("fp32", median_ms=1.5, p90_ms=2.0),))
+    back = parse_profiling_result(res.dumps())
+    assert back.timing("fp32") is not None and back.timing("fp32").median_ms == 1.5
+    assert back.threads == 2 and back.hardware["arch"] == "aarch64"
+    doc = res.to_json()
+    doc["candidates"][0]["median_ms"] = -1
+    assert parse_profiling_result(json.dumps(doc).encode()).timing("fp32").ok is False
+    for payload in (b"[" * 100, b'{"type": "edge-deployment"}', b"x" * 70000,
+                    json.dumps({**res.to_json(), "status": "maybe"}).encode()):
+        with pytest.raises(MalformedProfilingResultError):
+            parse_profiling_result(payload)
+
+
+def test_admission_runs_one_queues_a_few_and_refuses_replays_and_overflow() -> None:
+    a = Admission(max_queued=1)
+    assert a.admit("1" * 16) is None and a.start() == "1" * 16
+    assert a.admit("2" * 16) is None
+    assert "busy" in str(a.admit("3" * 16))
+    assert "replayed" in str(a.admit("1" * 16))
+    a.finish()
+    assert a.start() == "2" * 16 and a.start() is None
+
+
+def test_outputs_compare_within_tolerance_and_exactly_for_integers() -> None:
+    want = {"y": np.array([1.0, 2.0], np.float32), "k": np.array([3], np.int64)}
+    assert compare({"y": want["y"] + 0.001, "k": want["k"]}, want, 1e-2, 0)[1] is None
+    assert "differs" in str(compare({"y": want["y"] + 1, "k": want["k"]}, want, 1e-2, 0)[1])
+    assert "exact" in str(compare({"y": want["y"], "k": want["k"] + 1}, want, 1e-2, 0)[1])
+    assert "shape" in str(compare({"y": want["y"][:1], "k": want["k"]}, want, 1e-2, 0)[1])
+
+
+def test_child_measures_a_model_and_a_hanging_child_is_killed(tmp_path: Path) -> None:
+    model = _models.offset_model(tmp_path / "m.onnx", 1.0)
+    x = np.array([[1, 2, 3, 4]], np.float32)
+    np.savez(tmp_path / "s.npz", x=x)
+    np.savez(tmp_path / "e.npz", y=x + 1)
+    spec = json.dumps({"model": str(model), "sample": str(tmp_path / "s.npz"),
+                       "expected": str(tmp_path / "e.npz"), "threads": 1, "runs": 5,
+                       "warmup": 1, "rtol": 0.01, "atol": 0.0})
+    out, rss, why = run_child([sys.executable, "-m", "device_agent._profile_child", spec],
+                              timeout_s=60, nice=19, max_memory=0,
+                              stderr_path=tmp_path / "err")
+    assert why is None and out["runs"] == 5 and out["median_ms"] > 0 and "error" not in out
+    assert rss is not None and rss > 10 * 2**20
+    out, _, why = run_child([sys.executable, "-c", "import time; time.sleep(60)"],
+                            timeout_s=0.5, nice=19, max_memory=0,
+                            stderr_path=tmp_path / "err2")
+    assert out == {} and "timed out" in str(why)
