@@ -1,0 +1,243 @@
+"""On-device profiling end to end: a real agent subprocess, a real Mosquitto, a real
+`edge-sdk serve` serving the signed repository, and `edge-sdk convert --profile-on` /
+`edge-sdk bench --on` as a user runs them. The agent profiles with 2 threads, the host
+measures with 1, so the device's figures are its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import edge_sdk
+from edge_sdk.release import Repository, create_deployment, publish_deployment
+from edge_sdk.transport import MqttConfig, MqttConnection, Topics
+from edge_sdk.trust import (
+    FileRef,
+    ProfileCandidate,
+    ProfilingRequest,
+    parse_profiling_result,
+    sign_profiling_request,
+)
+from edge_sdk.trust._keys import DEPLOYMENT_ROLE
+from tests import _convert_models, _models
+from tests._broker import Mosquitto
+from tests.test_agent_e2e import FLEET, ROOT, X, AgentProc, ManagedProcess, wait_for
+
+pytestmark = pytest.mark.slow
+DEV = "prof-1"
+
+
+class Host:
+    """What AgentProc needs of a fleet (repository and broker), plus a listener."""
+
+    def __init__(self, tmp: Path, broker: Mosquitto) -> None:
+        self.broker = broker
+        self.repo = Repository.init(tmp / "repo", tmp / "keys")
+        self.conn = MqttConnection(MqttConfig(url=broker.url, fleet=FLEET))
+        self.conn.connect()
+        self.topics = Topics(FLEET)
+        self.events: list[dict[str, Any]] = []
+        self.results: list[bytes] = []
+        self.states: dict[str, Any] = {}
+        self.conn.subscribe(self.topics.events(DEV), self._on_event)
+        self.conn.subscribe(self.topics.profile_result(DEV),
+                            lambda t, p: self.results.append(p))
+        self.conn.subscribe(self.topics.state(DEV),
+                            lambda t, p: self.states.update({DEV: json.loads(p)}))
+
+    def _on_event(self, topic: str, payload: bytes) -> None:
+        doc = json.loads(payload)
+        if doc.get("event") != "heartbeat":
+            self.events.append(doc)
+
+    def refusals(self) -> list[str]:
+        return [str(e.get("reason")) for e in self.events if e["event"] == "profiling_refused"]
+
+
+class Serve(ManagedProcess):
+    def __init__(self, host: Host, tmp: Path) -> None:
+        self.log = tmp / "serve.log"
+        cmd = [sys.executable, "-m", "edge_sdk", "serve", "--repo", str(host.repo.path),
+               "--broker", host.broker.url, "--fleet", FLEET]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=log,
+                                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+class ProfilingAgent(AgentProc):
+    def write_config(self, window_s: float) -> None:
+        super().write_config(window_s)
+        with open(self.config, "a") as f:
+            f.write("[profiling]\nthreads = 2\nmax_candidates = 8\n")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Host, ProfilingAgent]]:
+    tmp = tmp_path_factory.mktemp("profiling-e2e")
+    with Mosquitto(tmp / "broker") as broker:
+        host = Host(tmp, broker)
+        serve = Serve(host, tmp)
+        src = _models.offset_model(tmp / "adder.onnx", 1.0)
+        art = edge_sdk.build_artifact(src, tmp / "adder-1", name="adder", version="1",
+                                      sample={"x": X})
+        host.repo.add_artifact(art.path)
+        agent = ProfilingAgent(host, tmp, DEV)  # type: ignore[arg-type]
+        try:
+            agent.start()
+            publish_deployment(host.conn, create_deployment(
+                host.repo, model="adder", fleet=FLEET, version="1", devices=[DEV]))
+            agent.wait_version("1")
+            yield host, agent
+        finally:
+            agent.kill()
+            serve.kill()
+            host.conn.close()
+
+
+class Load:
+    """Predictions against the agent while the test runs; every one must succeed."""
+
+    def __init__(self, agent: AgentProc) -> None:
+        self.agent, self.ok, self.errors = agent, 0, []  # type: ignore[var-annotated]
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                assert self.agent.infer() == ("1", 2.0)
+                self.ok += 1
+            except Exception as err:
+                self.errors.append(repr(err))
+            time.sleep(0.02)
+
+    def __enter__(self) -> Load:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join(10)
+
+
+def _cli(host: Host, *args: str) -> list[str]:
+    return [*args, "--broker", host.broker.url, "--repo", str(host.repo.path), "--fleet", FLEET]
+
+
+def test_convert_chooses_by_the_device_latency_and_the_device_keeps_serving(
+        setup, tmp_path, capsys) -> None:
+    from edge_sdk.cli import main
+
+    host, agent = setup
+    src = _convert_models.mlp_classifier(tmp_path / "mlp.onnx", features=256,
+                                         hidden=1024)
+    out = tmp_path / "mlp-art"
+    with Load(agent) as load:
+        code = main(_cli(host, "convert", str(src), "-o", str(out), "--quantize", "auto",
+                         "--prefer", "latency", "--threads", "1", "--profile-on", DEV,
+                         "--json"))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert load.ok > 0 and load.errors == []
+    report = json.loads((out / "report.json").read_text())
+    # The figures came from the device: its hardware and its own thread count (2; the host
+    # measured with 1).
+    dev = report["devices"][DEV]
+    assert dev["threads"] == 2 and dev["hardware"]["threads"] == 2
+    assert dev["hardware"]["cpu_features"] == host.states[DEV]["hardware"]["cpu_features"]
+    rows = {r["name"]: r for r in report["candidates"]}
+    measured = [r for r in rows.values() if r["status"] not in ("failed", "skipped", "no-op")]
+    assert len(measured) >= 3
+    for r in measured:
+        t = r["devices"][DEV]
+        assert t["error"] is None and t["median_ms"] > 0 and t["p90_ms"] >= t["median_ms"]
+        assert t["peak_rss_bytes"] > 0 and t["load_ms"] > 0 and t["runs"] == 50
+        assert r["device_latency_ms"] == t["median_ms"]
+        assert r["host_latency_ms"] == r["latency_ms"]
+    # auto --prefer latency over the device figures: within the budget and no slower than
+    # fp32 on the device, the fastest (within 5%: the smallest).
+    budget = report["metric"]["max_drop"]
+    fp32 = rows["fp32"]["device_latency_ms"]
+    pool = [r for r in measured if r["accuracy"]["drop"] <= budget
+            and r["device_latency_ms"] <= fp32]
+    fastest = min(r["device_latency_ms"] for r in pool)
+    near = [r for r in pool if r["device_latency_ms"] <= fastest * 1.05]
+    expect = min(near, key=lambda r: (r["size_bytes"], r["device_latency_ms"]))["name"]
+    assert report["chosen"] == expect
+    assert f"latency measured on device {DEV}" in report["rule"]
+    md = (out / "report.md").read_text()
+    assert f"{DEV} ms" in md and f"Profiled on device `{DEV}`" in md
+    assert (out / "report.png").stat().st_size > 1000
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["profiled_on"][DEV]["latency_ms"]["name"] == report["chosen"]
+    # Nothing is left behind: no candidate in the agent's state, no profiling target.
+    wait_for(lambda: any(e["event"] == "profiling_done" for e in host.events))
+    assert (agent.state / "profiling").is_dir()
+    assert not any((agent.state / "profiling").iterdir())
+    assert not [p for p in host.repo.load("targets").signed.targets
+                if p.startswith("profiling/")]
+
+
+def test_bench_on_prints_the_device_measurement(setup, capsys) -> None:
+    from edge_sdk.cli import main
+
+    host, agent = setup
+    art = ROOT / "does-not-exist"
+    assert main(_cli(host, "bench", str(art), "--on", DEV)) == 2
+    capsys.readouterr()
+    model = agent.state / "models"
+    art_dir = next(p for p in model.iterdir() if (p / "manifest.json").is_file())
+    assert main(_cli(host, "bench", str(art_dir), "--on", DEV, "--runs", "20", "--json")) == 0
+    doc = json.loads(capsys.readouterr().out)
+    row = doc["devices"][DEV]
+    assert row["error"] is None and row["runs"] == 20 and row["threads"] == 2
+    assert row["median_ms"] > 0 and row["peak_rss_bytes"] > 0
+    assert main(_cli(host, "bench", str(art_dir), "--on", "prof-nobody", "--timeout",
+                     "2")) == 3
+    assert "device prof-nobody did not answer the profiling request within 2 s" in \
+        capsys.readouterr().err
+
+
+def _request(host: Host, n: int) -> ProfilingRequest:
+    now = datetime.now(UTC).replace(microsecond=0)
+    rid = os.urandom(16).hex()
+    ref = FileRef(f"profiling/{rid}/x.onnx", "0" * 64, 10)
+    return ProfilingRequest(
+        fleet=FLEET, device=DEV, id=rid, issued=now, expires=now + timedelta(minutes=5),
+        sample=ref, candidates=tuple(ProfileCandidate(f"c{i}", ref, ref) for i in range(n)))
+
+
+def test_unsigned_and_oversized_requests_are_refused_while_the_agent_serves(setup) -> None:
+    host, agent = setup
+    topic = host.topics.profile_request(DEV)
+    signers = host.repo.keys.signers(DEPLOYMENT_ROLE)
+    unsigned = json.loads(sign_profiling_request(_request(host, 1), signers))
+    unsigned["signatures"] = []
+    too_many = sign_profiling_request(_request(host, 9), signers)
+    before = len(host.results)
+    with Load(agent) as load:
+        host.conn.publish_wait(topic, json.dumps(unsigned).encode())
+        host.conn.publish_wait(topic, too_many)
+        host.conn.publish_wait(topic, b"{" + b" " * 40000 + b"}")
+        wait_for(lambda: len(host.results) >= before + 3, 30,
+                 lambda: f"replies: {host.results[before:]}")
+    assert load.ok > 0 and load.errors == []
+    replies = [parse_profiling_result(p) for p in host.results[before:]]
+    assert [r.status for r in replies] == ["refused"] * 3
+    reasons = " | ".join(str(r.reason) for r in replies)
+    assert "not signed by the trusted deployment key" in reasons
+    assert "max_candidates" in reasons and "max_request_bytes" in reasons
+    assert len(host.refusals()) >= 3
+    assert agent.infer() == ("1", 2.0)
+    assert np.isfinite(agent.infer()[1])
