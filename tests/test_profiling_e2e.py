@@ -32,7 +32,7 @@ from edge_sdk.trust import (
 from edge_sdk.trust._keys import DEPLOYMENT_ROLE
 from tests import _convert_models, _models
 from tests._broker import Mosquitto
-from tests.test_agent_e2e import FLEET, ROOT, X, AgentProc, ManagedProcess, wait_for
+from tests.test_agent_e2e import FLEET, ROOT, AgentProc, ManagedProcess, X, wait_for
 
 pytestmark = pytest.mark.slow
 DEV = "prof-1"

@@ -93,7 +93,7 @@ def test_a_deployment_is_not_a_profiling_request_and_vice_versa(signer) -> None:
     from edge_sdk.trust._deployment import _canonical
 
     doc["signatures"] = [signer.sign(_canonical(doc["signed"])).to_dict()]
-    with pytest.raises(MalformedProfilingRequestError, match="signed.type"):
+    with pytest.raises(MalformedProfilingRequestError, match=r"signed\.type"):
         verify(json.dumps(doc).encode(), signer)
 
 
