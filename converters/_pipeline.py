@@ -479,6 +479,8 @@ def _report(
         m = by_name.get(c.name)
         status, note = _status(c, decided.get(c.name), chosen.name, budget, base_lat,
                                ineligible)
+        if profiled is not None and c.name in profiled.excluded:
+            status, note = "excluded", profiled.excluded[c.name]
         rows.append({
             "name": c.name, "scheme": c.scheme, "description": c.description,
             "status": status, "note": note, "error": m.error if m else c.error,

@@ -8,7 +8,8 @@ The report dict (built by the pipeline; front-ends fill the same keys):
 ``title`` (str), ``source`` {format, path, sha256}, ``normalization`` [str],
 ``data`` {calibration, evaluation, verified_on_real_data}, ``metric`` {name,
 max_drop, reference}, ``threads``, ``baseline`` (candidate name), ``candidates``
-[{name, scheme, description, status (chosen|ok|over-budget|slower|no-op|failed),
+[{name, scheme, description, status (chosen|ok|over-budget|slower|no-op|failed|excluded
+(by a device, ``--profile-on``)),
 size_bytes, latency_ms, accuracy {metric, score, drop, per_output, samples},
 error, note}], ``chosen``, ``why``, ``rule`` (the choice rule in words, or None),
 ``warnings`` [str]; with ``convert --base`` also ``base`` {path, name, version, sha256,

@@ -186,3 +186,78 @@ def test_child_measures_a_model_and_a_hanging_child_is_killed(tmp_path: Path) ->
                             timeout_s=0.5, nice=19, max_memory=0,
                             stderr_path=tmp_path / "err2")
     assert out == {} and "timed out" in str(why)
+
+
+def test_profiling_config_is_checked_naming_the_key(tmp_path: Path) -> None:
+    from device_agent._config import AgentConfig
+    from edge_sdk.errors import ConfigError
+
+    base = {"device_id": "d", "fleet": "lab", "state_dir": str(tmp_path)}
+    cfg = AgentConfig.from_dict({**base, "profiling": {"threads": 2, "max_queued": 0}})
+    assert cfg.profiling.threads == 2 and cfg.profiling.max_queued == 0
+    with pytest.raises(ConfigError, match="profiling.nice"):
+        AgentConfig.from_dict({**base, "profiling": {"nice": 40}})
+    with pytest.raises(ConfigError, match="profiling.timeout_s"):
+        AgentConfig.from_dict({**base, "profiling": {"timeout_s": 0}})
+    with pytest.raises(ConfigError, match="unknown key"):
+        AgentConfig.from_dict({**base, "profiling": {"thread": 2}})
+
+
+class FigureProfiler:
+    """A device profiler (the interface ``convert --profile-on`` injects) whose devices
+    answer with the figures the test gives: device → candidate → median ms or an error."""
+
+    def __init__(self, figures: dict[str, dict[str, float | str]]) -> None:
+        self.figures = figures
+        self.calls: list[list[str]] = []
+
+    def __call__(self, candidates, sample, expected):  # type: ignore[no-untyped-def]
+        from edge_sdk.trust import CandidateTiming
+
+        names = [n for n, _ in candidates]
+        self.calls.append(names)
+        assert set(expected) == set(names) and all(expected[n] for n in names)
+        out = {}
+        for dev, figs in self.figures.items():
+            rows = []
+            for n in names:
+                f = figs.get(n, 1.0)
+                rows.append(CandidateTiming(n, error=f) if isinstance(f, str) else
+                            CandidateTiming(n, load_ms=1.0, median_ms=f, p90_ms=f * 1.1,
+                                            runs=10))
+            out[dev] = ProfilingResult(RID, dev, "done", hardware={"arch": dev},
+                                       threads=1, candidates=tuple(rows))
+        return out
+
+
+def _convert_with(tmp_path: Path, profiler: FigureProfiler) -> dict:  # type: ignore[type-arg]
+    from converters import ConvertConfig, convert
+    from converters._measure import MeasureConfig
+    from tests import _convert_models
+
+    src = _convert_models.mlp_classifier(tmp_path / "mlp.onnx", features=16, hidden=32)
+    cfg = ConvertConfig(measure=MeasureConfig(rounds=2, runs_per_round=3, warmup=1),
+                        device_profiler=profiler)
+    res = convert(src, tmp_path / "art", quantize="auto", prefer="latency", config=cfg)
+    return dict(res.report)
+
+
+def test_the_worst_device_decides_and_a_mismatch_on_a_device_excludes(tmp_path) -> None:
+    prof = FigureProfiler({
+        "arm-a": {"fp32": 1.0, "fp16": 0.9, "int8-dynamic": 0.2, "int8-dynamic-pc": 0.3},
+        "arm-b": {"fp32": 1.0, "fp16": 0.5, "int8-dynamic": 3.0,
+                  "int8-dynamic-pc": "output 'logits' differs from the host's by 1"},
+    })
+    report = _convert_with(tmp_path, prof)
+    assert prof.calls and "fp32" in prof.calls[0]
+    rows = {r["name"]: r for r in report["candidates"]}
+    # int8-dynamic is 5x faster on arm-a but 3x slower on arm-b: the worst device decides.
+    assert rows["int8-dynamic"]["device_latency_ms"] == 3.0
+    assert report["chosen"] == "fp16" and rows["fp16"]["device_latency_ms"] == 0.9
+    assert "worst device's latency decides" in report["rule"]
+    assert rows["int8-dynamic-pc"]["status"] == "excluded"
+    assert "on device arm-b: output 'logits' differs" in rows["int8-dynamic-pc"]["note"]
+    assert any("int8-dynamic-pc: on device arm-b: output 'logits' differs" in w
+               for w in report["warnings"])
+    assert set(report["devices"]) == {"arm-a", "arm-b"}
+    assert rows["fp32"]["devices"]["arm-b"]["median_ms"] == 1.0
