@@ -195,9 +195,9 @@ def test_profiling_config_is_checked_naming_the_key(tmp_path: Path) -> None:
     base = {"device_id": "d", "fleet": "lab", "state_dir": str(tmp_path)}
     cfg = AgentConfig.from_dict({**base, "profiling": {"threads": 2, "max_queued": 0}})
     assert cfg.profiling.threads == 2 and cfg.profiling.max_queued == 0
-    with pytest.raises(ConfigError, match="profiling.nice"):
+    with pytest.raises(ConfigError, match=r"profiling\.nice"):
         AgentConfig.from_dict({**base, "profiling": {"nice": 40}})
-    with pytest.raises(ConfigError, match="profiling.timeout_s"):
+    with pytest.raises(ConfigError, match=r"profiling\.timeout_s"):
         AgentConfig.from_dict({**base, "profiling": {"timeout_s": 0}})
     with pytest.raises(ConfigError, match="unknown key"):
         AgentConfig.from_dict({**base, "profiling": {"thread": 2}})
