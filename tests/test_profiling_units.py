@@ -261,3 +261,44 @@ def test_the_worst_device_decides_and_a_mismatch_on_a_device_excludes(tmp_path) 
                for w in report["warnings"])
     assert set(report["devices"]) == {"arm-a", "arm-b"}
     assert rows["fp32"]["devices"]["arm-b"]["median_ms"] == 1.0
+
+
+def test_profiling_files_are_verified_by_tuf_and_never_installed(tmp_path) -> None:
+    from edge_sdk.release import Repository
+    from edge_sdk.trust import Deployment, TargetHashError, TargetMismatchError, UpdateClient
+    from tests._repository_simulator import RepositorySimulator
+
+    repo = Repository.init(tmp_path / "repo", tmp_path / "keys")
+    model = _models.offset_model(tmp_path / "m.onnx", 1.0)
+    signed = repo.add_profiling_files(RID, {"c0.onnx": model})
+    tf = signed["c0.onnx"]
+    assert tf.path == f"profiling/{RID}/c0.onnx" and repo.targets() == []
+    sim = RepositorySimulator(repo)
+
+    def client() -> UpdateClient:
+        return UpdateClient(trusted_root=repo.root_path.read_bytes(),
+                            metadata_dir=tmp_path / "md", partial_dir=tmp_path / "part",
+                            fetcher=sim)
+
+    got = client().fetch_file(tf.path, tmp_path / "got.onnx", sha256=tf.hashes["sha256"],
+                              length=tf.length)
+    assert got.read_bytes() == model.read_bytes()
+    with pytest.raises(TargetMismatchError, match="the request says"):
+        client().fetch_file(tf.path, tmp_path / "x", sha256="1" * 64, length=tf.length)
+    dep = Deployment(fleet="lab", model="m", version="1", target=tf.path,
+                     sha256=tf.hashes["sha256"], length=tf.length, counter=1, issued=NOW,
+                     expires=NOW + timedelta(days=1), devices=("dev-1",))
+    with pytest.raises(TargetMismatchError, match="never installed"):
+        client().fetch(dep, tmp_path / "installed")
+    assert not (tmp_path / "installed").exists()
+    # Tampered bytes on the wire: refused by the signed hash.
+    key = next(k for k in sim.files if k.endswith(".c0.onnx"))
+    sim.files[key] = sim.files[key][:-1] + b"\x00"
+    (tmp_path / "part").mkdir(exist_ok=True)
+    for p in (tmp_path / "part").iterdir():
+        p.unlink()
+    with pytest.raises(TargetHashError):
+        client().fetch_file(tf.path, tmp_path / "bad.onnx", sha256=tf.hashes["sha256"],
+                            length=tf.length)
+    assert repo.remove_profiling_files(RID) == 1
+    assert not (repo.targets_dir / "profiling" / RID).exists()

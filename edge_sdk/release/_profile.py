@@ -87,9 +87,9 @@ def profile_on_devices(
         try:
             res = parse_profiling_result(payload)
         except MalformedProfilingResultError as err:
+            # Kept for the error message, not fatal: the device's real answer may follow.
             with got:
                 bad[device] = str(err)
-                got.notify_all()
             return
         if res.id != rid or res.device != device:
             return  # an answer to another request (or a stale one)
@@ -126,7 +126,7 @@ def profile_on_devices(
                                         sign_profiling_request(req, signers[:1]), qos=1)
             deadline = time.monotonic() + cfg.timeout_s
             with got:
-                while len(results) < len(devices) and not bad:
+                while len(results) < len(devices):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
@@ -135,9 +135,12 @@ def profile_on_devices(
             for s in subs:
                 s.cancel()
             repo.remove_profiling_files(rid)
-    for d, why in bad.items():
-        raise ProfilingError(f"device {d} sent an unreadable profiling result: {why}")
     silent = [d for d in devices if d not in results]
+    unreadable = [d for d in silent if d in bad]
+    if unreadable:
+        d = unreadable[0]
+        raise ProfilingError(f"device {d} sent no readable profiling result within "
+                             f"{cfg.timeout_s:g} s (last: {bad[d]})")
     if silent:
         raise ProfilingError(
             f"device {', '.join(silent)} did not answer the profiling request within "
