@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import queue
-import resource
 import shutil
 import subprocess
 import sys
@@ -273,6 +272,16 @@ def _f(v: Any) -> float | None:
     return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
 
 
+_LAUNCHER = (
+    "import os, resource, sys\n"
+    "nice, mem = int(sys.argv[1]), int(sys.argv[2])\n"
+    "os.nice(max(0, nice - os.nice(0)))\n"
+    "if mem:\n"
+    "    resource.setrlimit(resource.RLIMIT_AS, (mem, mem))\n"
+    "os.execv(sys.argv[3], sys.argv[3:])\n"
+)
+
+
 def run_child(cmd: list[str], *, timeout_s: float, nice: int, max_memory: int,
               stderr_path: Path,
               on_start: Callable[[subprocess.Popen[bytes]], None] | None = None,
@@ -281,15 +290,14 @@ def run_child(cmd: list[str], *, timeout_s: float, nice: int, max_memory: int,
     after ``timeout_s``. Returns (its JSON output, its peak RSS in bytes, why it failed or
     None)."""
 
-    def limit() -> None:  # in the child, before exec
-        os.nice(max(0, nice - os.nice(0)))
-        if max_memory:
-            resource.setrlimit(resource.RLIMIT_AS, (max_memory, max_memory))
-
+    # No preexec_fn: it runs Python in a fork of this many-threaded process (a deadlock
+    # risk) and forces fork() over vfork(). The limits are applied by a tiny launcher
+    # before it execs the measuring command, so they hold before any model byte is read.
+    launcher = [sys.executable, "-S", "-c", _LAUNCHER, str(nice), str(max_memory), *cmd]
     env = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}
     with open(stderr_path, "wb") as err_file:
-        child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                 stderr=err_file, preexec_fn=limit, env=env)
+        child = subprocess.Popen(launcher, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=err_file, env=env)
     if on_start is not None:
         on_start(child)
     deadline = time.monotonic() + timeout_s

@@ -302,3 +302,15 @@ def test_profiling_files_are_verified_by_tuf_and_never_installed(tmp_path) -> No
                             length=tf.length)
     assert repo.remove_profiling_files(RID) == 1
     assert not (repo.targets_dir / "profiling" / RID).exists()
+
+
+def test_child_runs_at_low_priority_under_the_memory_limit(tmp_path: Path) -> None:
+    probe = ("import json, os, resource; print(json.dumps({'nice': os.nice(0), "
+             "'as': resource.getrlimit(resource.RLIMIT_AS)[0]}))")
+    out, _, why = run_child([sys.executable, "-c", probe], timeout_s=30, nice=19,
+                            max_memory=1 << 30, stderr_path=tmp_path / "err")
+    assert why is None and out == {"nice": 19, "as": 1 << 30}
+    hog = "b = bytearray(1 << 31)"
+    out, _, why = run_child([sys.executable, "-c", hog], timeout_s=30, nice=19,
+                            max_memory=1 << 30, stderr_path=tmp_path / "err2")
+    assert out == {} and "out of memory under profiling.max_memory_bytes" in str(why)
