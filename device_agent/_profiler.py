@@ -35,6 +35,8 @@ log = logging.getLogger("device_agent.profiling")
 
 PROFILING_DIR = "profiling"
 _CHILD_OUTPUT_MAX = 64 * 1024
+#: Raw requests waiting to be checked; more are dropped (the broker thread never waits).
+_INTAKE_MAX = 16
 
 
 @dataclass
@@ -93,7 +95,9 @@ class Profiler:
         self._lock = threading.Lock()
         self._admission = Admission(self.cfg.max_queued)
         self._queue: queue.Queue[Any] = queue.Queue()
+        self._intake: queue.Queue[bytes | None] = queue.Queue(_INTAKE_MAX)
         self._thread: threading.Thread | None = None
+        self._intake_thread: threading.Thread | None = None
         #: The running child, killed on stop.
         self._child: subprocess.Popen[bytes] | None = None
         shutil.rmtree(self.root, ignore_errors=True)  # leftovers of a crash
@@ -101,10 +105,27 @@ class Profiler:
     # -- intake (the MQTT thread) ------------------------------------------------------
 
     def on_request(self, topic: str, payload: bytes) -> None:
+        """The MQTT callback: only hands the payload to the intake thread (checking writes
+        events to disk, which must not hold up the broker link)."""
         try:
-            self._on_request(payload)
-        except Exception:  # no message may end the MQTT thread
-            log.exception("profiling request handling failed")
+            self._intake.put_nowait(payload)
+        except queue.Full:
+            log.warning("profiling request dropped: %d wait to be checked", _INTAKE_MAX)
+            return
+        self._ensure_worker()
+
+    def _intake_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                payload = self._intake.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if payload is None:
+                return
+            try:
+                self._on_request(payload)
+            except Exception:  # no message may end this thread
+                log.exception("profiling request handling failed")
 
     def _on_request(self, payload: bytes) -> None:
         from edge_sdk.errors import EdgeError
@@ -142,7 +163,6 @@ class Profiler:
             return
         self.event("profiling_queued", request=req.id, candidates=len(req.candidates))
         self._queue.put(req)
-        self._ensure_worker()
 
     def _refuse(self, rid: str, why: str) -> None:
         from edge_sdk.trust import ProfilingResult
@@ -161,6 +181,10 @@ class Profiler:
 
     def _ensure_worker(self) -> None:
         with self._lock:
+            if self._intake_thread is None or not self._intake_thread.is_alive():
+                self._intake_thread = threading.Thread(
+                    target=self._intake_loop, name="agent-profiler-intake", daemon=True)
+                self._intake_thread.start()
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._work, name="agent-profiler",
                                                 daemon=True)
@@ -172,8 +196,11 @@ class Profiler:
             with contextlib.suppress(OSError):
                 child.kill()
         self._queue.put(None)
-        if self._thread is not None:
-            self._thread.join(5)
+        with contextlib.suppress(queue.Full):
+            self._intake.put_nowait(None)
+        for t in (self._thread, self._intake_thread):
+            if t is not None:
+                t.join(5)
 
     def _work(self) -> None:
         _lower_priority()

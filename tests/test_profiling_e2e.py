@@ -225,11 +225,13 @@ def test_unsigned_and_oversized_requests_are_refused_while_the_agent_serves(setu
     unsigned = json.loads(sign_profiling_request(_request(host, 1), signers))
     unsigned["signatures"] = []
     too_many = sign_profiling_request(_request(host, 9), signers)
+    big_req = _request(host, 1)
+    too_big = sign_profiling_request(big_req, signers)[:-1] + b" " * 40000 + b"}"
     before = len(host.results)
     with Load(agent) as load:
         host.conn.publish_wait(topic, json.dumps(unsigned).encode())
         host.conn.publish_wait(topic, too_many)
-        host.conn.publish_wait(topic, b"{" + b" " * 40000 + b"}")
+        host.conn.publish_wait(topic, too_big)
         wait_for(lambda: len(host.results) >= before + 3, 30,
                  lambda: f"replies: {host.results[before:]}")
     assert load.ok > 0 and load.errors == []
@@ -238,6 +240,8 @@ def test_unsigned_and_oversized_requests_are_refused_while_the_agent_serves(setu
     reasons = " | ".join(str(r.reason) for r in replies)
     assert "not signed by the trusted deployment key" in reasons
     assert "max_candidates" in reasons and "max_request_bytes" in reasons
+    # Even the oversized one is answered under its own id, so the host learns why.
+    assert any(r.id == big_req.id and "max_request_bytes" in str(r.reason) for r in replies)
     assert len(host.refusals()) >= 3
     assert agent.infer() == ("1", 2.0)
     assert np.isfinite(agent.infer()[1])

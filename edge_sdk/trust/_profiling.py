@@ -25,7 +25,7 @@ import json
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -44,6 +44,7 @@ SPEC = 1
 PROFILING_PREFIX = "profiling/"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _ID = re.compile(r"[0-9a-f]{16,64}")
+_RAW_ID = re.compile(rb'"id":"([0-9a-f]{16,64})"')
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _TARGET = re.compile(r"profiling/[0-9a-f]{16,64}/[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 #: Result documents are small; one candidate row is ~300 bytes.
@@ -267,8 +268,7 @@ def verify_profiling_request(
         raise ProfilingSignatureError(
             f"profiling request is not signed by the trusted deployment key {key.keyid[:12]}… "
             f"(signatures from {', '.join(s.keyid[:12] for s in sigs) or 'nobody'})")
-    req = ProfilingRequest.from_signed(signed)
-    req = ProfilingRequest(**{**req.__dict__, "keyid": good})
+    req = replace(ProfilingRequest.from_signed(signed), keyid=good)
     if req.fleet != fleet or req.device != device_id:
         raise ProfilingNotForThisDeviceError(
             f"profiling request {req.id[:12]} is for {req.device!r} in fleet {req.fleet!r}, "
@@ -306,11 +306,13 @@ def verify_profiling_request(
 def claimed_request_id(payload: bytes, max_bytes: int) -> str | None:
     """The id an unverified request says it has, to address a refusal (None if unreadable)."""
     try:
-        doc = loads_bounded(payload[:max_bytes], max_bytes=max_bytes,
-                            max_depth=MESSAGE_MAX_DEPTH)
+        doc = loads_bounded(payload, max_bytes=max_bytes, max_depth=MESSAGE_MAX_DEPTH)
         rid = doc["signed"]["id"]
     except (ValueError, KeyError, TypeError):
-        return None
+        # Too big or broken: the id as the host writes it, if it is there, so that the
+        # refusal still reaches the request it answers.
+        m = _RAW_ID.search(payload[:MESSAGE_MAX_BYTES])
+        return m.group(1).decode() if m else None
     return rid if isinstance(rid, str) and _ID.fullmatch(rid) else None
 
 
