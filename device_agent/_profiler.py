@@ -273,7 +273,8 @@ class Profiler:
 
         spec = json.dumps({"model": str(model), "sample": str(sample),
                            "expected": str(expected), "threads": self.cfg.threads,
-                           "runs": req.runs, "warmup": req.warmup, "rtol": req.rtol,
+                           "runs": req.runs, "warmup": req.warmup, "rounds": req.rounds,
+                           "rtol": req.rtol,
                            "atol": req.atol})
         out, rss, why = run_child(
             [sys.executable, "-m", "device_agent._profile_child", spec],

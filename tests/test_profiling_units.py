@@ -130,6 +130,8 @@ def test_malformed_fields_are_refused_before_use(signer) -> None:
         verify(sign_profiling_request(request(candidates=bad_path), [signer]), signer)
     with pytest.raises(MalformedProfilingRequestError, match="rtol"):
         verify(sign_profiling_request(request(rtol=2.0), [signer]), signer)
+    with pytest.raises(MalformedProfilingRequestError, match="rounds"):
+        verify(sign_profiling_request(request(rounds=0), [signer]), signer)
     with pytest.raises(MalformedProfilingRequestError):
         verify(b"[" * 5000, signer)
 
@@ -175,12 +177,13 @@ def test_child_measures_a_model_and_a_hanging_child_is_killed(tmp_path: Path) ->
     np.savez(tmp_path / "s.npz", x=x)
     np.savez(tmp_path / "e.npz", y=x + 1)
     spec = json.dumps({"model": str(model), "sample": str(tmp_path / "s.npz"),
-                       "expected": str(tmp_path / "e.npz"), "threads": 1, "runs": 5,
+                       "expected": str(tmp_path / "e.npz"), "threads": 1, "runs": 5, "rounds": 2,
                        "warmup": 1, "rtol": 0.01, "atol": 0.0})
     out, rss, why = run_child([sys.executable, "-m", "device_agent._profile_child", spec],
                               timeout_s=60, nice=19, max_memory=0,
                               stderr_path=tmp_path / "err")
     assert why is None and out["runs"] == 5 and out["median_ms"] > 0 and "error" not in out
+    assert len(out["round_medians_ms"]) == 2
     assert rss is not None and rss > 10 * 2**20
     out, _, why = run_child([sys.executable, "-c", "import time; time.sleep(60)"],
                             timeout_s=0.5, nice=19, max_memory=0,

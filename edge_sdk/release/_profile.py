@@ -48,8 +48,10 @@ class ProfileConfig:
 
     #: For all devices' results, from the moment the requests are published.
     timeout_s: float = 300.0
-    runs: int = 50
+    runs: int = 60
     warmup: int = 5
+    #: Fresh sessions per candidate on the device (median of their medians).
+    rounds: int = 3
     rtol: float = 1e-2
     atol: float = 1e-4
 
@@ -121,7 +123,8 @@ def profile_on_devices(
                     fleet=t.fleet, device=d, id=rid, issued=now,
                     expires=now + timedelta(seconds=cfg.timeout_s + 60),
                     sample=ref("sample.npz"), candidates=cands, runs=cfg.runs,
-                    warmup=cfg.warmup, rtol=cfg.rtol, atol=cfg.atol)
+                    warmup=cfg.warmup, rounds=min(cfg.rounds, cfg.runs), rtol=cfg.rtol,
+                    atol=cfg.atol)
                 connection.publish_wait(t.profile_request(d),
                                         sign_profiling_request(req, signers[:1]), qos=1)
             deadline = time.monotonic() + cfg.timeout_s
