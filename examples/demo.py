@@ -8,7 +8,9 @@ flowing (the agent swaps with none failing), and watch a tampered update refused
 
 Run it with the README's first command (`bash .ci/demo`), or directly inside the
 venv: `python examples/demo.py [--workdir DIR] [--offline-only]`. Every step is the
-CLI a user would type, echoed before it runs.
+CLI a user would type, echoed before it runs. `--agent-cmd PREFIX` starts the agent as
+`PREFIX agent --config FILE` instead, e.g. inside an arm64 rootfs through qemu
+(tests/test_arm64.py): the work directory must be reachable there at the same path.
 """
 
 from __future__ import annotations
@@ -126,6 +128,11 @@ def main() -> None:
                         help="stop after the offline steps (no broker, no agent)")
     parser.add_argument("--broker", choices=["auto", "mosquitto", "amqtt"], default="auto",
                         help="which local broker to run (auto: Mosquitto if installed)")
+    parser.add_argument("--agent-cmd", metavar="PREFIX",
+                        help="start the agent as PREFIX agent --config FILE (a shell-quoted "
+                        "command, e.g. 'chroot ROOT /opt/venv/bin/edge-sdk'; default: this "
+                        "Python's edge-sdk); it must see the work directory at the same path "
+                        "and reach 127.0.0.1")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="edge-sdk-demo-") as tmp:
         work = args.workdir or Path(tmp)
@@ -166,7 +173,8 @@ def main() -> None:
         convert_demo(work)
         if not args.offline_only:
             with Processes() as procs:
-                fleet_demo(work, src, procs, args.broker)
+                agent_cmd = shlex.split(args.agent_cmd) if args.agent_cmd else None
+                fleet_demo(work, src, procs, args.broker, agent_cmd)
         print("\ndemo finished OK")
 
 
@@ -221,8 +229,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, log: Path) -> None:
-    deadline = time.monotonic() + 30
+def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, log: Path,
+              timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"demo: {what} exited: {log.read_text()[-2000:]}")
@@ -321,7 +330,8 @@ class Events:
         self.conn.close()
 
 
-def fleet_demo(work: Path, src: Path, procs: Processes, broker_choice: str) -> None:
+def fleet_demo(work: Path, src: Path, procs: Processes, broker_choice: str,
+               agent_cmd: list[str] | None = None) -> None:
     step("9. convert the model (and a retrained v2) into verified artifacts")
     # Calibration data: feature vectors like the ones the device will see. Part is held
     # back to measure every candidate's accuracy against the source model.
@@ -366,10 +376,12 @@ def fleet_demo(work: Path, src: Path, procs: Processes, broker_choice: str) -> N
         f"[http]\nport = {http_port}\n"
         "[health]\nwindow_s = 2.0\nprobe_interval_s = 0.2\n")
     print(cfg.read_text().rstrip())
-    print(f"$ edge-sdk agent --config {cfg} &")
-    agent = procs.start("agent", [sys.executable, "-m", "edge_sdk", "agent", "--config",
-                                  str(cfg)], work / "agent.log")
-    wait_port(http_port, agent, "the agent", work / "agent.log")
+    prefix = shlex.join(agent_cmd) if agent_cmd else "edge-sdk"
+    print(f"$ {prefix} agent --config {cfg} &")
+    cmd = agent_cmd or [sys.executable, "-m", "edge_sdk"]
+    agent = procs.start("agent", [*cmd, "agent", "--config", str(cfg)], work / "agent.log")
+    # An agent started another way (emulated, say) may take minutes to import its runtime.
+    wait_port(http_port, agent, "the agent", work / "agent.log", 600 if agent_cmd else 30)
     try:
         urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=5)
     except urllib.error.HTTPError as err:
