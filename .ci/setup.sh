@@ -46,6 +46,18 @@ if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
   echo "setup: installing chromium and chromium-driver from the system packages" >&2
   apt_install chromium chromium-driver || echo "setup: could not install chromium (not root?); the fleet page's browser test needs it" >&2
 fi
+# The arm64 job (tests/test_arm64.py, via .ci/arm64-rootfs.sh): an emulated Debian rootfs.
+if [ "$EXTRAS" = dev ]; then
+  missing=()
+  for pair in qemu-aarch64-static:qemu-user-static update-binfmts:binfmt-support \
+      debootstrap:debootstrap zstd:zstd; do
+    PATH="$PATH:/usr/sbin" command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing ${missing[*]} from the system packages (the arm64 job)" >&2
+    apt_install "${missing[@]}" || echo "setup: could not install ${missing[*]} (not root?); the arm64 job needs them" >&2
+  fi
+fi
 # Debian installs mosquitto in /usr/sbin, which is not on every user's PATH.
 export PATH="$ROOT/.venv/bin:$PATH:/usr/sbin"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"
