@@ -103,7 +103,7 @@ class Arm64Root:
             res = subprocess.run(["bash", str(SCRIPT), str(root.path), str(wheel)],
                                  capture_output=True, text=True, timeout=1800)
             if res.returncode == UNAVAILABLE:
-                raise Unavailable(res.stderr.strip().splitlines()[-1])
+                raise Unavailable(res.stderr.strip().splitlines()[-1].removeprefix("arm64: "))
             if res.returncode != 0:
                 raise RuntimeError(f"{SCRIPT.name} failed ({res.returncode}): "
                                    f"{res.stderr.strip()[-3000:]}")

@@ -25,7 +25,8 @@ import edge_sdk
 from edge_sdk.cli import main
 from tests._arm64 import Arm64Root, Unavailable
 
-pytestmark = pytest.mark.slow
+# A cold build of the rootfs (the first run) takes minutes more than the default timeout.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 ROOT = Path(__file__).resolve().parents[1]
 
