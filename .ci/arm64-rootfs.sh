@@ -102,6 +102,8 @@ EOF
   mkdir -p "$CACHE"
   tar -I 'zstd -T0 -3' -cpf "$TARBALL.tmp.$$" -C "$ROOTFS" --one-file-system .
   mv "$TARBALL.tmp.$$" "$TARBALL"
+  # Tarballs of earlier pyproject.toml versions are never restored again.
+  find "$CACHE" -maxdepth 1 -name "arm64-$RELEASE-*.tar.zst" ! -name "$(basename "$TARBALL")" -delete
   echo "arm64: built and cached $TARBALL in $((SECONDS - start)) s" >&2
   exit 0
 fi
