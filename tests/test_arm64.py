@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -135,16 +136,25 @@ def test_demo_deploys_swaps_and_refuses_tampering_with_the_agent_on_arm64(
     work = shared / "demo"
     work.mkdir()
     agent_cmd = shlex.join(root.cmd(["/opt/venv/bin/edge-sdk"]))
-    res = subprocess.run([sys.executable, str(ROOT / "examples" / "demo.py"),
-                          "--workdir", str(work), "--agent-cmd", agent_cmd],
-                         capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    # Its own session: should it hang, its broker, server and agent go down with it (the
+    # agent holds the rootfs's mounts busy).
+    proc = subprocess.Popen([sys.executable, str(ROOT / "examples" / "demo.py"),
+                             "--workdir", str(work), "--agent-cmd", agent_cmd],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=1200)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
     log = (work / "agent.log").read_text() if (work / "agent.log").exists() else ""
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:] + log[-2000:]
-    assert "demo finished OK" in res.stdout
-    assert f"$ {agent_cmd} agent --config" in res.stdout
+    assert proc.returncode == 0, out[-3000:] + err[-2000:] + log[-2000:]
+    assert "demo finished OK" in out
+    assert f"$ {agent_cmd} agent --config" in out
     # The demo itself exits non-zero when a request fails during the swap or the tampered
     # update is installed; its report says so too.
-    assert "failed: 0" in res.stdout
-    assert "(exit code 3, as expected)" in res.stdout
-    assert "the agent still serves model_version 2.0.0" in res.stdout
-    assert "Traceback" not in res.stdout + res.stderr
+    assert "failed: 0" in out
+    assert "(exit code 3, as expected)" in out
+    assert "the agent still serves model_version 2.0.0" in out
+    assert "Traceback" not in out + err
