@@ -49,6 +49,7 @@ cleanup() {
   MOUNTS=()
 }
 trap cleanup EXIT
+trap "exit 130" INT TERM
 mount_proc() {
   mount -t proc proc "$ROOTFS/proc" && MOUNTS+=("$ROOTFS/proc")
   # qemu-user 7.2 shows the guest the host's x86 cpuinfo, on which onnxruntime segfaults.
