@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -157,4 +158,6 @@ def test_demo_deploys_swaps_and_refuses_tampering_with_the_agent_on_arm64(
     assert "failed: 0" in out
     assert "(exit code 3, as expected)" in out
     assert "the agent still serves model_version 2.0.0" in out
+    # The agent's own report, shown by the demo's closing `status`, says it ran on arm64.
+    assert re.search(r"\baarch64/\d+c\b", out), out[-2000:]
     assert "Traceback" not in out + err
