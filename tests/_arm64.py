@@ -152,6 +152,20 @@ class Arm64Root:
     def run(self, argv: Sequence[str], *, timeout: float = 900) -> subprocess.CompletedProcess[str]:
         return subprocess.run(self.cmd(argv), capture_output=True, text=True, timeout=timeout)
 
+    def processes(self) -> list[int]:
+        """Pids of the processes running inside (their root is the rootfs): what would keep
+        its mounts busy."""
+        pids = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                if Path(os.readlink(proc / "root")) == self.path.resolve():
+                    pids.append(int(proc.name))
+            except OSError:  # gone meanwhile, or a kernel thread
+                continue
+        return pids
+
     def close(self) -> None:
         """Unmount everything under the working copy and delete it."""
         _remove(self.path.parent)

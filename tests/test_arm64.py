@@ -25,7 +25,11 @@ import pytest
 
 import edge_sdk
 from edge_sdk.cli import main
+from tests import _convert_models
 from tests._arm64 import Arm64Root, Unavailable
+from tests._broker import Mosquitto
+from tests._profiling import Host, Serve, expected_choice, measured
+from tests.test_agent_e2e import AgentProc, wait_for
 
 # A cold build of the rootfs (the first run) takes minutes more than the default timeout.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -161,3 +165,123 @@ def test_demo_deploys_swaps_and_refuses_tampering_with_the_agent_on_arm64(
     # The agent's own report, shown by the demo's closing `status`, says it ran on arm64.
     assert re.search(r"\baarch64/\d+c\b", out), out[-2000:]
     assert "Traceback" not in out + err
+
+
+PROF_DEV = "arm-prof-1"
+
+
+class Arm64Agent(AgentProc):
+    """The agent inside the rootfs: its directory (config, trust, state) is under a host
+    directory the rootfs sees at the same path. Its own session, so that killing it takes
+    its profiling children along (they too hold the rootfs's mounts busy)."""
+
+    def __init__(self, root: Arm64Root, host: Host, tmp: Path) -> None:
+        self.root = root
+        super().__init__(host, tmp, PROF_DEV)  # type: ignore[arg-type]
+
+    def write_config(self, window_s: float) -> None:
+        super().write_config(window_s)
+        with open(self.config, "a") as f:
+            f.write("[profiling]\nthreads = 1\nmax_candidates = 8\n")
+
+    def start(self, crash_at: str | None = None, *, cli: bool = False,
+              wait: bool = True) -> AgentProc:
+        cmd = self.root.cmd(["/opt/venv/bin/edge-sdk", "agent", "--config", str(self.config)])
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
+        runtime = self.state / "agent.json"
+
+        def listening() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent exited with {self.proc.returncode}: "
+                                     f"{self.log.read_text()[-3000:]}")
+            try:
+                # chroot, env and the emulated Python exec one another: one pid.
+                return bool(json.loads(runtime.read_text())["pid"] == self.proc.pid)
+            except (OSError, ValueError, KeyError):
+                return False
+
+        # An emulated start imports onnxruntime at a fraction of native speed.
+        wait_for(listening, 600, lambda: f"agent did not start: {self.log.read_text()[-3000:]}")
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+
+
+def test_convert_profiles_every_candidate_on_the_arm64_agent_and_chooses_by_it(
+        arm64: tuple[Arm64Root, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    root, shared = arm64
+    tmp = shared / "profiling"
+    tmp.mkdir()
+    with Mosquitto(tmp / "broker") as broker:
+        host = Host(tmp, broker, PROF_DEV)
+        serve = Serve(host, tmp)
+        agent = Arm64Agent(root, host, tmp)
+        try:
+            agent.start()
+            wait_for(lambda: PROF_DEV in host.states, 120, lambda: "the agent sent no state")
+            _convert_and_bench_on_the_arm64_agent(host, agent, tmp, capsys)
+        finally:
+            agent.kill()
+            serve.kill()
+            host.conn.close()
+    # Nothing left running inside that would keep the rootfs's mounts busy.
+    assert root.processes() == []
+
+
+def _convert_and_bench_on_the_arm64_agent(host: Host, agent: Arm64Agent, tmp: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    # The x86 test's model: emulated, each candidate's 60 runs (3 fresh sessions) still
+    # take seconds at most.
+    src = _convert_models.mlp_classifier(tmp / "mlp.onnx", features=256, hidden=1024)
+    out = tmp / "mlp-art"
+    capsys.readouterr()
+    code = main(host.cli("convert", str(src), "-o", str(out), "--quantize", "auto",
+                         "--prefer", "latency", "--threads", "1", "--profile-on", PROF_DEV,
+                         "--json"))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err + agent.log.read_text()[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    # The device's hardware as the agent itself reports it (also in its state): arm64.
+    dev = report["devices"][PROF_DEV]
+    assert dev["hardware"]["arch"] == "aarch64"
+    assert dev["hardware"]["arch"] == host.states[PROF_DEV]["hardware"]["arch"]
+    assert dev["hardware"]["cpu_features"] == host.states[PROF_DEV]["hardware"]["cpu_features"]
+    timed = measured(report)
+    assert len(timed) >= 3
+    for r in timed:
+        t = r["devices"][PROF_DEV]
+        assert t["error"] is None and t["median_ms"] > 0 and t["p90_ms"] >= t["median_ms"]
+        assert t["peak_rss_bytes"] > 0 and t["load_ms"] > 0 and t["runs"] == 60
+        assert r["device_latency_ms"] == t["median_ms"]
+        assert r["host_latency_ms"] == r["latency_ms"] > 0
+    assert report["chosen"] == expected_choice(report)
+    assert f"latency measured on device {PROF_DEV}" in report["rule"]
+    # Host and device latency side by side, the device named with its arch.
+    md = (out / "report.md").read_text()
+    assert f"| host ms | {PROF_DEV} ms |" in md
+    assert f"Profiled on device `{PROF_DEV}`: aarch64;" in md
+    # The figures, for the record (pytest -s shows them).
+    with capsys.disabled():
+        print("\n" + "\n".join(f"{r['name']}: host {r['latency_ms']:.3f} ms, arm64 "
+                               f"{r['device_latency_ms']:.3f} ms" for r in timed)
+              + f"\nchosen: {report['chosen']}")
+    # The candidates are gone from the agent's state.
+    wait_for(lambda: any(e["event"] == "profiling_done" for e in host.events))
+    assert (agent.state / "profiling").is_dir()
+    assert not any((agent.state / "profiling").iterdir())
+
+    capsys.readouterr()
+    assert main(host.cli("bench", str(out), "--on", PROF_DEV, "--runs", "20",
+                         "--json")) == 0
+    row = json.loads(capsys.readouterr().out)["devices"][PROF_DEV]
+    assert row["hardware"]["arch"] == "aarch64"
+    assert row["error"] is None and row["runs"] == 20 and row["threads"] == 1
+    assert row["median_ms"] > 0 and row["peak_rss_bytes"] > 0
+    with capsys.disabled():
+        print(f"bench --on {PROF_DEV}: median {row['median_ms']:.3f} ms, load "
+              f"{row['load_ms']:.1f} ms, peak RSS {row['peak_rss_bytes'] / 2**20:.1f} MiB")

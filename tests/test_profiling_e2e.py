@@ -7,21 +7,16 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
 import edge_sdk
-from edge_sdk.release import Repository, create_deployment, publish_deployment
-from edge_sdk.transport import MqttConfig, MqttConnection, Topics
+from edge_sdk.release import create_deployment, publish_deployment
 from edge_sdk.trust import (
     FileRef,
     ProfileCandidate,
@@ -32,47 +27,11 @@ from edge_sdk.trust import (
 from edge_sdk.trust._keys import DEPLOYMENT_ROLE
 from tests import _convert_models, _models
 from tests._broker import Mosquitto
-from tests.test_agent_e2e import FLEET, ROOT, AgentProc, ManagedProcess, X, wait_for
+from tests._profiling import Host, Serve, expected_choice, measured
+from tests.test_agent_e2e import FLEET, ROOT, AgentProc, X, wait_for
 
 pytestmark = pytest.mark.slow
 DEV = "prof-1"
-
-
-class Host:
-    """What AgentProc needs of a fleet (repository and broker), plus a listener."""
-
-    def __init__(self, tmp: Path, broker: Mosquitto) -> None:
-        self.broker = broker
-        self.repo = Repository.init(tmp / "repo", tmp / "keys")
-        self.conn = MqttConnection(MqttConfig(url=broker.url, fleet=FLEET))
-        self.conn.connect()
-        self.topics = Topics(FLEET)
-        self.events: list[dict[str, Any]] = []
-        self.results: list[bytes] = []
-        self.states: dict[str, Any] = {}
-        self.conn.subscribe(self.topics.events(DEV), self._on_event)
-        self.conn.subscribe(self.topics.profile_result(DEV),
-                            lambda t, p: self.results.append(p))
-        self.conn.subscribe(self.topics.state(DEV),
-                            lambda t, p: self.states.update({DEV: json.loads(p)}))
-
-    def _on_event(self, topic: str, payload: bytes) -> None:
-        doc = json.loads(payload)
-        if doc.get("event") != "heartbeat":
-            self.events.append(doc)
-
-    def refusals(self) -> list[str]:
-        return [str(e.get("reason")) for e in self.events if e["event"] == "profiling_refused"]
-
-
-class Serve(ManagedProcess):
-    def __init__(self, host: Host, tmp: Path) -> None:
-        self.log = tmp / "serve.log"
-        cmd = [sys.executable, "-m", "edge_sdk", "serve", "--repo", str(host.repo.path),
-               "--broker", host.broker.url, "--fleet", FLEET]
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=log,
-                                         env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 class ProfilingAgent(AgentProc):
@@ -86,7 +45,7 @@ class ProfilingAgent(AgentProc):
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Host, ProfilingAgent]]:
     tmp = tmp_path_factory.mktemp("profiling-e2e")
     with Mosquitto(tmp / "broker") as broker:
-        host = Host(tmp, broker)
+        host = Host(tmp, broker, DEV)
         serve = Serve(host, tmp)
         src = _models.offset_model(tmp / "adder.onnx", 1.0)
         art = edge_sdk.build_artifact(src, tmp / "adder-1", name="adder", version="1",
@@ -131,10 +90,6 @@ class Load:
         self._t.join(10)
 
 
-def _cli(host: Host, *args: str) -> list[str]:
-    return [*args, "--broker", host.broker.url, "--repo", str(host.repo.path), "--fleet", FLEET]
-
-
 def test_convert_chooses_by_the_device_latency_and_the_device_keeps_serving(
         setup, tmp_path, capsys) -> None:
     from edge_sdk.cli import main
@@ -144,7 +99,7 @@ def test_convert_chooses_by_the_device_latency_and_the_device_keeps_serving(
                                          hidden=1024)
     out = tmp_path / "mlp-art"
     with Load(agent) as load:
-        code = main(_cli(host, "convert", str(src), "-o", str(out), "--quantize", "auto",
+        code = main(host.cli("convert", str(src), "-o", str(out), "--quantize", "auto",
                          "--prefer", "latency", "--threads", "1", "--profile-on", DEV,
                          "--json"))
     captured = capsys.readouterr()
@@ -156,25 +111,16 @@ def test_convert_chooses_by_the_device_latency_and_the_device_keeps_serving(
     dev = report["devices"][DEV]
     assert dev["threads"] == 2 and dev["hardware"]["threads"] == 2
     assert dev["hardware"]["cpu_features"] == host.states[DEV]["hardware"]["cpu_features"]
-    rows = {r["name"]: r for r in report["candidates"]}
-    measured = [r for r in rows.values() if r["status"] not in ("failed", "skipped", "no-op")]
-    assert len(measured) >= 3
-    for r in measured:
+    timed = measured(report)
+    assert len(timed) >= 3
+    for r in timed:
         t = r["devices"][DEV]
         assert t["error"] is None and t["median_ms"] > 0 and t["p90_ms"] >= t["median_ms"]
         assert t["peak_rss_bytes"] > 0 and t["load_ms"] > 0 and t["runs"] == 60
         assert r["device_latency_ms"] == t["median_ms"]
         assert r["host_latency_ms"] == r["latency_ms"]
-    # auto --prefer latency over the device figures: within the budget and no slower than
-    # fp32 on the device, the fastest (within 5%: the smallest).
-    budget = report["metric"]["max_drop"]
-    fp32 = rows["fp32"]["device_latency_ms"]
-    pool = [r for r in measured if r["accuracy"]["drop"] <= budget
-            and r["device_latency_ms"] <= fp32]
-    fastest = min(r["device_latency_ms"] for r in pool)
-    near = [r for r in pool if r["device_latency_ms"] <= fastest * 1.05]
-    expect = min(near, key=lambda r: (r["size_bytes"], r["device_latency_ms"]))["name"]
-    assert report["chosen"] == expect
+    # auto --prefer latency over the device figures (within the budget, the fastest).
+    assert report["chosen"] == expected_choice(report)
     assert f"latency measured on device {DEV}" in report["rule"]
     md = (out / "report.md").read_text()
     assert f"{DEV} ms" in md and f"Profiled on device `{DEV}`" in md
@@ -194,16 +140,16 @@ def test_bench_on_prints_the_device_measurement(setup, capsys) -> None:
 
     host, agent = setup
     art = ROOT / "does-not-exist"
-    assert main(_cli(host, "bench", str(art), "--on", DEV)) == 2
+    assert main(host.cli("bench", str(art), "--on", DEV)) == 2
     capsys.readouterr()
     model = agent.state / "models"
     art_dir = next(p for p in model.iterdir() if (p / "manifest.json").is_file())
-    assert main(_cli(host, "bench", str(art_dir), "--on", DEV, "--runs", "20", "--json")) == 0
+    assert main(host.cli("bench", str(art_dir), "--on", DEV, "--runs", "20", "--json")) == 0
     doc = json.loads(capsys.readouterr().out)
     row = doc["devices"][DEV]
     assert row["error"] is None and row["runs"] == 20 and row["threads"] == 2
     assert row["median_ms"] > 0 and row["peak_rss_bytes"] > 0
-    assert main(_cli(host, "bench", str(art_dir), "--on", "prof-nobody", "--timeout",
+    assert main(host.cli("bench", str(art_dir), "--on", "prof-nobody", "--timeout",
                      "2")) == 3
     assert "device prof-nobody did not answer the profiling request within 2 s" in \
         capsys.readouterr().err
