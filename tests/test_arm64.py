@@ -2,7 +2,7 @@
 binfmt_misc, tests/_arm64.py) with ``pip install 'edge-sdk[agent]'`` from a wheel of this
 checkout. The CLI's inspect/predict/bench there agree with this machine's, and the demo's
 whole deployment path passes with its agent running inside while release, serve and deploy
-run here.
+run here, and `convert --profile-on` / `bench --on` get that agent's own arm64 figures.
 
 Needs root, qemu-user-static, binfmt-support, debootstrap (the test command installs them)
 and, for the first (cold) build, network. The rootfs is cached in /var/cache/edge-sdk."""
@@ -223,6 +223,7 @@ def test_convert_profiles_every_candidate_on_the_arm64_agent_and_chooses_by_it(
         agent = Arm64Agent(root, host, tmp)
         try:
             agent.start()
+            assert agent.proc is not None and agent.proc.pid in root.processes()
             wait_for(lambda: PROF_DEV in host.states, 120, lambda: "the agent sent no state")
             _convert_and_bench_on_the_arm64_agent(host, agent, tmp, capsys)
         finally:
