@@ -25,7 +25,7 @@ from edge_sdk._internal import (
 from edge_sdk.errors import EdgeError, InstallError
 
 from ._config import AgentConfig
-from ._install import ArtifactSource, Installer
+from ._install import ArtifactSource, Installer, ModelLoader
 from ._intake import DesiredInbox, Unverified, Verified
 from ._lifecycle import Mode
 from ._metrics import Metrics
@@ -56,10 +56,17 @@ class Agent:
     ``source`` is where deployments are verified and artifacts fetched; by default the
     signed-release client over the configured broker. ``connect`` False runs without
     any broker link (local serving only).
+
+    ``http`` False runs the agent core without its HTTP endpoint (and without writing
+    ``agent.json``); ``load_model`` replaces how a verified model file is opened (same
+    arguments as :func:`edge_sdk.load`'s file loader). Both exist so that a fleet
+    simulator can drive many agents in one process, sharing one runtime session per
+    model; a device runs with the defaults.
     """
 
     def __init__(self, config: AgentConfig, *, source: ArtifactSource | SourceFactory | None
-                 = None, connect: bool = True) -> None:
+                 = None, connect: bool = True, http: bool = True,
+                 load_model: ModelLoader | None = None) -> None:
         self.config = config
         self.store = StateStore(config.state_dir)
         self.metrics = Metrics()
@@ -83,8 +90,9 @@ class Agent:
         self._fetcher: Any = None
         self._source_arg = source
         self._connect = connect
+        self._serve_http = http
         self.installer = Installer(config, self.store, self.slot, None, self.telemetry,
-                                   self._stop)
+                                   self._stop, load_model=load_model)
         if source is not None and hasattr(source, "verify_deployment"):
             self.installer.source = cast(ArtifactSource, source)
         self.metrics.storage_ok.set(1)
@@ -108,15 +116,16 @@ class Agent:
 
     def start(self) -> None:
         self.installer.boot()
-        app = InferenceApp(self.slot, self.metrics, self.config.http)
-        self.http = HttpServer(app, self.config.http.bind, self.config.http.port)
-        self.http.start()
-        try:
-            atomic_write_text(self.store.root / RUNTIME_FILE, json.dumps(
-                {"pid": os.getpid(), "url": self.http.url, "device": self.config.device_id})
-                + "\n")
-        except OSError as err:
-            self.installer.storage_failed(err)
+        if self._serve_http:
+            app = InferenceApp(self.slot, self.metrics, self.config.http)
+            self.http = HttpServer(app, self.config.http.bind, self.config.http.port)
+            self.http.start()
+            try:
+                atomic_write_text(self.store.root / RUNTIME_FILE, json.dumps(
+                    {"pid": os.getpid(), "url": self.http.url,
+                     "device": self.config.device_id}) + "\n")
+            except OSError as err:
+                self.installer.storage_failed(err)
         self.telemetry.start()
         if self._connect:
             self._open_link()
@@ -124,7 +133,8 @@ class Agent:
         self._worker.start()
         cur = self.slot.current
         log.info("agent %s serving %s on %s", self.config.device_id,
-                 cur.record.label() if cur else "no model yet", self.http.url)
+                 cur.record.label() if cur else "no model yet",
+                 self.http.url if self.http is not None else "no HTTP endpoint")
 
     def stop(self) -> None:
         if self._stop.is_set():

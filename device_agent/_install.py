@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from edge_sdk import Artifact
+from edge_sdk import Artifact, Manifest, Predictor
 from edge_sdk._internal import load_model_file, load_npz, synthetic_inputs
 from edge_sdk.errors import (
     ConfigError,
@@ -140,6 +140,13 @@ class ArtifactSource(Protocol):
         ...
 
 
+class ModelLoader(Protocol):
+    """Opens a verified model file as a Predictor (default: edge_sdk's file loader)."""
+
+    def __call__(self, path: Path, *, threads: int | None = None,
+                 manifest: Manifest | None = None) -> Predictor: ...
+
+
 class Reporter(Protocol):
     def event(self, kind: str, **fields: Any) -> None: ...
 
@@ -169,8 +176,11 @@ class Installer:
         source: ArtifactSource | None,
         reporter: Reporter,
         stop: threading.Event | None = None,
+        *,
+        load_model: ModelLoader | None = None,
     ) -> None:
         self.config = config
+        self._open_model: ModelLoader = load_model or load_model_file
         self.store = store
         self.slot = slot
         self.source = source
@@ -555,7 +565,7 @@ class Installer:
     def _load(self, record: ModelRecord, *, smoke: bool = True) -> Served:
         art = self.store.open_model(record)
         threads = self.config.threads or None
-        predictor = load_model_file(art.model_path, threads=threads, manifest=art.manifest)
+        predictor = self._open_model(art.model_path, threads=threads, manifest=art.manifest)
         served = Served(predictor, record)
         if smoke:
             self._smoke(served)
