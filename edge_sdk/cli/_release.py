@@ -505,10 +505,19 @@ def _device_limits(values: tuple[str, ...]) -> DeviceLimits:
                    "(loopback only unless --http-allow-remote).")
 @click.option("--http-allow-remote", is_flag=True,
               help="Allow --http on a non-loopback address (the page has no login).")
+@click.option("--only", type=click.Choice(["responder", "fleet"]),
+              help="Run one part: 'responder' answers chunk requests (start several side "
+                   "by side for more throughput), 'fleet' runs the registry, rollouts and "
+                   "page without a responder.")
+@click.option("--partition", metavar="K/N",
+              help="With --no-shared: answer only the devices of partition K of N (a "
+                   "stable hash of the device id), so that N responders split the devices "
+                   "on brokers without shared subscriptions.")
 @_mqtt_options
 def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url: str | None,
               keydir: str | None, poll_s: float, lease_ttl: float, http: str | None,
-              http_allow_remote: bool, **mqtt: Any) -> None:
+              http_allow_remote: bool, only: str | None, partition: str | None,
+              **mqtt: Any) -> None:
     """Answer chunk requests for REPO, keep the device registry and run the rollouts
     recorded in the fleet database, until interrupted.
 
@@ -521,11 +530,18 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
 
     config = _mqtt_config(mqtt)
     limits = _device_limits(device_limit)
+    rcfg = ResponderConfig(shared=not no_shared, limits=limits,
+                           partition=_partition(partition, no_shared))
     stop = threading.Event()
-    if db_url is None and http is None and not fleet_installed():
+    if only == "responder":
+        if db_url or http:
+            raise UsageError("--only responder runs no registry or page: drop --db / --http")
+        _serve_responder(repo, config, rcfg)
+        return
+    if only is None and db_url is None and http is None and not fleet_installed():
         click.echo("edge-sdk serve: responder only: the registry, rollouts and fleet page "
                    "need the fleet extra (pip install 'edge-sdk[fleet]')", err=True)
-        _serve_responder(repo, config, ResponderConfig(shared=not no_shared, limits=limits))
+        _serve_responder(repo, config, rcfg)
         return
     db = open_db(db_url, repo)  # first: it names the [fleet] extra when it is missing
     from ..fleet._web import WebConfig, WebServer
@@ -546,14 +562,14 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
     old = signal.signal(signal.SIGTERM, on_signal)
     try:
         with db, MqttConnection(config, name="edge-serve") as conn:
-            responder = RepoResponder(conn, repo, config=ResponderConfig(
-                shared=not no_shared, limits=limits))
+            responder = None if only == "fleet" else RepoResponder(conn, repo, config=rcfg)
             registry = Registry(conn, db)
             controller = Controller(db, repository, conn, poll_s=poll_s, lease_ttl=lease_ttl)
             if not _take_lease(controller, stop):
                 return
             web = WebServer(db, fleet=config.fleet, config=web_config) if web_config else None
-            with responder, registry, web or contextlib.nullcontext():
+            with responder or contextlib.nullcontext(), registry, \
+                    web or contextlib.nullcontext():
                 controller.start()
                 click.echo(f"serving {Path(repo).resolve()} on {config.url} fleet "
                            f"{config.fleet}; registry and rollouts in {db.url}", err=True)
@@ -568,10 +584,8 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
             rs = registry.stats
             click.echo(f"registry: {rs.states} states, {rs.events} events, {rs.malformed} "
                        f"malformed reports ignored, {rs.dropped} dropped", err=True)
-            st = responder.stats
-            click.echo(f"stopped: {st.requests} requests, {st.bytes_sent} bytes sent, "
-                       f"{st.slowed} slowed down, {st.dropped} dropped over the rate",
-                       err=True)
+            if responder is not None:
+                _say_stopped(responder.stats)
             if controller.lost:
                 raise FleetError(controller.lost)
     finally:
@@ -592,12 +606,26 @@ def _serve_responder(repo: str, config: MqttConfig, rcfg: ResponderConfig) -> No
                     pass
             except KeyboardInterrupt:
                 pass
-            st = responder.stats
-            click.echo(f"stopped: {st.requests} requests, {st.bytes_sent} bytes sent, "
-                       f"{st.slowed} slowed down, {st.dropped} dropped over the rate",
-                       err=True)
+            _say_stopped(responder.stats)
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def _say_stopped(st: Any) -> None:
+    click.echo(f"stopped: {st.requests} requests, {st.chunks} chunks, {st.bytes_sent} bytes "
+               f"sent, {st.slowed} slowed down, {st.dropped} dropped over the rate", err=True)
+
+
+def _partition(spec: str | None, no_shared: bool) -> tuple[int, int] | None:
+    if spec is None:
+        return None
+    k, sep, n = spec.partition("/")
+    if not (sep and k.isdigit() and n.isdigit() and 0 <= int(k) < int(n) <= 1024):
+        raise UsageError(f"--partition {spec!r} must be K/N with 0 <= K < N <= 1024")
+    if not no_shared:
+        raise UsageError("--partition needs --no-shared (with a shared subscription the "
+                         "broker already splits the requests)")
+    return int(k), int(n)
 
 
 def _take_lease(controller: Any, stop: threading.Event) -> bool:

@@ -28,6 +28,7 @@ import os
 import sys
 import threading
 import time
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,12 +94,31 @@ class DeviceLimits:
 class ResponderConfig:
     """``shared`` joins the ``$share/{share_group}/...`` subscription so responders split
     the load; ``announce_interval`` is how often (s) the repository is checked for a
-    new timestamp to announce; ``limits`` is each device's budget."""
+    new timestamp to announce; ``limits`` is each device's budget.
+
+    ``partition`` = (k, n) answers only the devices whose :func:`partition_of` is ``k``
+    among ``n``: n responders with plain subscriptions (brokers without MQTT 5 shared
+    subscriptions, such as NATS) then split the devices between them. Every responder
+    still receives every request (requests are small); each device is answered by one.
+    """
 
     shared: bool = True
     share_group: str = RESPONDER_SHARE_GROUP
     announce_interval: float = 1.0
     limits: DeviceLimits = field(default_factory=DeviceLimits)
+    partition: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.partition is not None:
+            k, n = self.partition
+            if not 0 <= k < n:
+                raise ConfigError(f"responder partition {k}/{n}: need 0 <= k < n")
+
+
+def partition_of(device: str, n: int) -> int:
+    """Which of ``n`` partitioned responders answers ``device`` (stable across processes
+    and hosts: CRC-32 of the id, not Python's salted ``hash``)."""
+    return zlib.crc32(device.encode()) % n
 
 
 @dataclass
@@ -109,6 +129,7 @@ class ResponderStats:
     device's retransmit timeout."""
 
     requests: int = 0
+    chunks: int = 0
     bytes_sent: int = 0
     refused: int = 0
     dropped: int = 0
@@ -277,14 +298,18 @@ class RepoResponder:
     def _send(self, reply_to: str, resp: proto.ChunkResponse, budget: _Budget) -> None:
         handle = self.connection.publish(reply_to, resp.encode(), qos=1)
         if resp.status == proto.OK:
+            self.stats.chunks += 1
             self.stats.bytes_sent += len(resp.payload)
             budget.inflight.append((handle, len(resp.payload)))
 
     def _on_request(self, topic: str, payload: bytes) -> None:
         # Runs on the connection's network thread, one message at a time: the budgets
         # need no lock, and PUBACKs for what we publish here arrive only after we return.
-        self.stats.requests += 1
         device = self.topics.requester(topic)
+        part = self.config.partition
+        if device is not None and part is not None and partition_of(device, part[1]) != part[0]:
+            return  # another responder's device
+        self.stats.requests += 1
         if device is None:
             self.stats.refused += 1
             log.warning("dropping a chunk request on an unexpected topic %s", topic)
