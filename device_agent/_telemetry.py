@@ -57,14 +57,19 @@ class Outbox:
         for tmp in root.glob(".*.tmp"):
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
+        #: The report files on disk. Only this outbox writes the directory, so it is read
+        #: once here and kept up to date: listing it on every report and every look for
+        #: work cost more than the reports themselves (measured with 1000 agents).
+        self._files: set[str] = set()
+        try:
+            self._files = {p.name for p in root.glob("[0-9]*.json")}
+        except OSError:
+            pass
         names = self._names()
         self._seq = int(names[-1].split(".")[0]) if names else 0
 
     def _disk(self) -> list[str]:
-        try:
-            return sorted(p.name for p in self.root.glob("[0-9]*.json"))
-        except OSError:
-            return []
+        return sorted(self._files - self._gone)
 
     def _names(self) -> list[str]:
         return sorted({*self._disk(), *self._memory} - self._gone)
@@ -77,6 +82,7 @@ class Outbox:
     def _unlink(self, name: str) -> None:
         try:
             (self.root / name).unlink(missing_ok=True)
+            self._files.discard(name)
         except OSError:
             self._gone.add(name)  # a read-only disk: forgotten here, deleted after a restart
 
@@ -90,6 +96,7 @@ class Outbox:
             while True:
                 try:
                     atomic_write_text(self.root / name, text)
+                    self._files.add(name)
                     break
                 except OSError as err:
                     disk = self._disk()
