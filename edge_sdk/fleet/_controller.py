@@ -92,8 +92,21 @@ def matches(selector: Mapping[str, Any], dev: Mapping[str, Any]) -> bool:
 
 
 def members(db: FleetDB, fleet: str, selector: Mapping[str, Any]) -> dict[str, m.Member]:
-    return {d["id"]: m.Member(d["online"], d["model"], d["version"])
-            for d in db.devices(fleet=fleet) if matches(selector, d)}
+    # Read on every poll: only the columns a selector looks at, never the state document
+    # (most of a row's bytes). Hardware facts are parsed only for a tag selector.
+    tagged = bool(selector.get("tags"))
+    cols = [devices.c.id, devices.c.groups, devices.c.tags, devices.c.online,
+            devices.c.model, devices.c.version, *([devices.c.hardware] if tagged else [])]
+    out: dict[str, m.Member] = {}
+    with db.read() as c:
+        for r in c.execute(sa.select(*cols).where(devices.c.fleet == fleet)
+                           .order_by(devices.c.id)):
+            dev = {"id": r.id, "groups": json_value(r.groups, []),
+                   "tags": json_value(r.tags, {}),
+                   "hardware": json_value(r.hardware, {}) if tagged else {}}
+            if matches(selector, dev):
+                out[r.id] = m.Member(bool(r.online), r.model, r.version)
+    return out
 
 
 # -- rollout records (the CLI) -------------------------------------------------------------
