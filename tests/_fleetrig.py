@@ -174,19 +174,27 @@ def run_rollout(tmp: Path, n: int, *, broker_urls: Sequence[str], responders: in
                 res.db_rows = {t.name: int(c.execute(sa.select(sa.func.count()).select_from(t))
                                            .scalar_one()) for t in meta.sorted_tables}
         if measure_reads:
-            t = time.monotonic()
-            out = subprocess.run([sys.executable, "-m", "edge_sdk", "status", "--db", db_url,
-                                  "--fleet", FLEET], cwd=ROOT, capture_output=True,
-                                 env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
-            res.status_s = time.monotonic() - t
+            # With the fleet still online, as an operator would look; best of three (the
+            # machine is shared).
+            times = []
+            for _ in range(3):
+                t = time.monotonic()
+                out = subprocess.run([sys.executable, "-m", "edge_sdk", "status", "--db",
+                                      db_url, "--fleet", FLEET], cwd=ROOT, capture_output=True,
+                                     env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
+                times.append(time.monotonic() - t)
+            res.status_s = min(times)
             res.status_lines = len(out.stdout.splitlines())
-            conn = http.client.HTTPConnection("127.0.0.1", web_port, timeout=30)
-            t = time.monotonic()
-            conn.request("GET", "/api/devices")
-            body = conn.getresponse().read()
-            res.page_devices_s = time.monotonic() - t
+            times = []
+            for _ in range(3):
+                conn = http.client.HTTPConnection("127.0.0.1", web_port, timeout=30)
+                t = time.monotonic()
+                conn.request("GET", "/api/devices")
+                body = conn.getresponse().read()
+                times.append(time.monotonic() - t)
+                conn.close()
+            res.page_devices_s = min(times)
             res.page_devices = len(json.loads(body))
-            conn.close()
     finally:
         sim.stop()
         for p in resp:
