@@ -2,9 +2,10 @@
 
 Every device is the real agent code (its own MQTT client, TUF client, chunked fetch of its
 own bytes, install state machine, health window, reports; see tests/_fleetsim.py), spread
-over processes of 125. The host side is ``edge-sdk serve --only fleet --db`` (registry,
-controller, page) plus ``--responders`` ``edge-sdk serve --only responder`` processes, on
-a private Mosquitto started here with a raised open-file limit. Per size it prints the
+over processes of 125 taking installs in turns (``--installs`` at once in all). The host
+side is ``edge-sdk serve --only fleet --db`` (registry, controller, page) plus
+``--responders`` ``edge-sdk serve --only responder`` processes, on a private Mosquitto
+started here with a raised open-file limit. Per size it prints the
 time to 100 % committed, devices lost, chunks and bytes served, CPU seconds of the
 responders, the fleet process and the devices, and the database rows; at the largest
 size also the time of ``edge-sdk status --db`` and of the page's device list
@@ -35,7 +36,8 @@ def _row(r: ScaleResult) -> str:
     per_model = r.bytes_served / max(1, r.devices * r.model_bytes)
     return (f"{r.devices:>6} {r.rollout_s:>9.1f} {r.committed:>9} {len(r.lost):>5} "
             f"{r.chunks:>8} {r.bytes_served / 2**20:>9.1f} {per_model:>6.2f} "
-            f"{r.responder_cpu:>8.1f} {r.controller_cpu:>8.1f} {r.devices_cpu:>8.1f} {rows:>8}")
+            f"{r.responder_cpu:>8.1f} {r.controller_cpu:>8.1f} {r.broker_cpu:>8.1f} "
+            f"{r.devices_cpu:>8.1f} {rows:>8} {r.half_s:>6.1f} {r.p90_s:>6.1f}")
 
 
 def main() -> None:
@@ -47,6 +49,8 @@ def main() -> None:
     ap.add_argument("--db", help="Fleet database URL (default: a fresh SQLite file).")
     ap.add_argument("--model-bytes", type=int, default=1 << 20)
     ap.add_argument("--per-process", type=int, default=0)
+    ap.add_argument("--installs", type=int, default=16,
+                    help="Installs running at once over all simulator processes.")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
     nofile = raise_nofile()
@@ -55,8 +59,8 @@ def main() -> None:
           flush=True)
     results: list[ScaleResult] = []
     head = (f"{'devs':>6} {'commit_s':>9} {'committed':>9} {'lost':>5} {'chunks':>8} "
-            f"{'MiB_out':>9} {'x_mdl':>6} {'resp_cpu':>8} {'ctl_cpu':>8} {'dev_cpu':>8} "
-            f"{'db_rows':>8}")
+            f"{'MiB_out':>9} {'x_mdl':>6} {'resp_cpu':>8} {'ctl_cpu':>8} {'mqtt_cpu':>8} "
+            f"{'dev_cpu':>8} {'db_rows':>8} {'p50_s':>6} {'p90_s':>6}")
     with tempfile.TemporaryDirectory(prefix="edge-fleet-bench-") as tmp_s:
         tmp = Path(tmp_s)
         with Mosquitto(tmp / "broker", extra_conf="max_connections -1\n") as broker:
@@ -65,6 +69,8 @@ def main() -> None:
                                 responders=args.responders, shared=not args.no_shared,
                                 db_url=args.db, model_bytes=args.model_bytes,
                                 per_process=args.per_process or None,
+                                installs=args.installs,
+                                broker_pids=[broker.proc.pid] if broker.proc else [],
                                 measure_reads=n == max(sizes))
                 results.append(r)
                 print(head if len(results) == 1 else "", end="\n" if len(results) == 1 else "")

@@ -26,7 +26,7 @@ import numpy as np
 
 from tests import _models
 from tests._broker import free_port
-from tests._fleetsim import ROOT, FleetSim, proc_cpu
+from tests._fleetsim import PER_PROCESS, ROOT, FleetSim, proc_cpu
 
 FLEET = "scale"
 GROUP = "scale"
@@ -78,6 +78,10 @@ class ScaleResult:
     status_lines: int = 0
     page_devices_s: float = 0.0
     page_devices: int = 0
+    #: Seconds from the wave's first send to half / 90 % of the devices committed.
+    half_s: float = 0.0
+    p90_s: float = 0.0
+    broker_cpu: float = 0.0
     notes: list[str] = field(default_factory=list)
 
 
@@ -106,12 +110,15 @@ def wait_for(cond: Any, timeout: float, what: str, every: float = 0.25) -> Any:
 
 
 def run_rollout(tmp: Path, n: int, *, broker_urls: Sequence[str], responders: int = 1,
+                broker_pids: Sequence[int] = (),
                 shared: bool = True, db_url: str | None = None, model_bytes: int = 1 << 20,
-                per_process: int | None = None, timeout: float = 600.0,
+                per_process: int | None = None, installs: int = 16, timeout: float = 600.0,
                 measure_reads: bool = False) -> ScaleResult:
     """Provision ``n`` devices on ``broker_urls``, roll a fresh ``model_bytes`` release out
     to all of them in one wave, and measure. ``shared`` False runs the responders on plain
-    subscriptions, each answering its partition of the devices."""
+    subscriptions, each answering its partition of the devices. ``installs``: how many
+    devices install at once over all simulator processes (the host's CPU, not the
+    devices', limits the rest; see :class:`FleetSim`)."""
     import sqlalchemy as sa
 
     from edge_sdk.cli import main
@@ -135,16 +142,19 @@ def run_rollout(tmp: Path, n: int, *, broker_urls: Sequence[str], responders: in
         resp.append(HostProc(["serve", *[a if a != url0 else broker_urls[k % len(broker_urls)]
                                          for a in host_args], "--only", "responder", *extra],
                              tmp / f"serve-responder-{k}.log"))
+    per = per_process or PER_PROCESS
+    procs = -(-n // per)
     sim = FleetSim(tmp / "sim", n=n, broker_urls=broker_urls, root=repo.meta / "1.root.json",
                    deployment_key=repo.deployment_key_path, fleet=FLEET, groups=(GROUP,),
-                   **({"per_process": per_process} if per_process else {}))
+                   per_process=per, installs_per_process=max(1, -(-installs // procs)))
     logs: list[str] = []
     try:
         sim.start()
         with FleetDB.open(db_url) as db:
             wait_for(lambda: sum(1 for d in db.devices(fleet=FLEET) if d["online"]) == n,
                      120, f"{n} devices online in the registry")
-        cpu0 = [p.cpu() for p in resp], fleet.cpu(), sim.cpu_seconds()
+        cpu0 = ([p.cpu() for p in resp], fleet.cpu(), sim.cpu_seconds(),
+                sum(proc_cpu(p) for p in broker_pids))
         t0 = time.monotonic()
         assert main(["rollout", "start", "--db", db_url, "--operator", "bench", "--fleet",
                      FLEET, "--model", MODEL, "--version", "1", "--group", GROUP,
@@ -157,6 +167,12 @@ def run_rollout(tmp: Path, n: int, *, broker_urls: Sequence[str], responders: in
             res.responder_cpu = sum(p.cpu() for p in resp) - sum(cpu0[0])
             res.controller_cpu = fleet.cpu() - cpu0[1]
             res.devices_cpu = sim.cpu_seconds() - cpu0[2]
+            res.broker_cpu = sum(proc_cpu(p) for p in broker_pids) - cpu0[3]
+            sent = [d["sent_at"] for d in r["devices"] if d["sent_at"]]
+            done = sorted(d["finished_at"] - min(sent) for d in r["devices"]
+                          if d["status"] == "committed" and d["finished_at"] and sent)
+            if done:
+                res.half_s, res.p90_s = done[len(done) // 2], done[int(len(done) * 0.9) - 1]
             if r["status"] != "completed":
                 res.notes.append(f"rollout {r['status']}: {r['reason']}")
             by_dev = {d["device"]: d["status"] for d in r["devices"]}
