@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests._broker import Mosquitto  # noqa: E402
+from tests._fleetdb import make_db  # noqa: E402
 from tests._fleetrig import ScaleResult, run_rollout  # noqa: E402
 from tests._fleetsim import raise_nofile  # noqa: E402
 
@@ -46,7 +47,9 @@ def main() -> None:
     ap.add_argument("--responders", type=int, default=1)
     ap.add_argument("--no-shared", action="store_true",
                     help="Responders on plain subscriptions, partitioned by device id.")
-    ap.add_argument("--db", help="Fleet database URL (default: a fresh SQLite file).")
+    ap.add_argument("--db", choices=["sqlite", "postgresql"], default="sqlite",
+                    help="Fleet database: a fresh SQLite file, or a fresh database on the "
+                         "local PostgreSQL (EDGE_TEST_PG admin URL), per size.")
     ap.add_argument("--model-bytes", type=int, default=1 << 20)
     ap.add_argument("--per-process", type=int, default=0)
     ap.add_argument("--installs", type=int, default=16,
@@ -54,7 +57,7 @@ def main() -> None:
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
     nofile = raise_nofile()
-    print(f"open-file limit {nofile}; {args.responders} responder(s) "
+    print(f"open-file limit {nofile}; {args.db}; {args.responders} responder(s) "
           f"({'partitioned' if args.no_shared else '$share'}); model {args.model_bytes} B",
           flush=True)
     results: list[ScaleResult] = []
@@ -65,13 +68,19 @@ def main() -> None:
         tmp = Path(tmp_s)
         with Mosquitto(tmp / "broker", extra_conf="max_connections -1\n") as broker:
             for n in sizes:
-                r = run_rollout(tmp / f"n{n}", n, broker_urls=[broker.url],
-                                responders=args.responders, shared=not args.no_shared,
-                                db_url=args.db, model_bytes=args.model_bytes,
-                                per_process=args.per_process or None,
-                                installs=args.installs,
-                                broker_pids=[broker.proc.pid] if broker.proc else [],
-                                measure_reads=n == max(sizes))
+                dbs = make_db(args.db, tmp / f"db{n}")
+                (tmp / f"db{n}").mkdir(parents=True, exist_ok=True)
+                db_url = next(dbs)
+                try:
+                    r = run_rollout(
+                        tmp / f"n{n}", n, broker_urls=[broker.url],
+                        responders=args.responders, shared=not args.no_shared, db_url=db_url,
+                        model_bytes=args.model_bytes, per_process=args.per_process or None,
+                        installs=args.installs,
+                        broker_pids=[broker.proc.pid] if broker.proc else [],
+                        measure_reads=n == max(sizes))
+                finally:
+                    dbs.close()  # drops a PostgreSQL database
                 results.append(r)
                 print(head if len(results) == 1 else "", end="\n" if len(results) == 1 else "")
                 print(_row(r), flush=True)
@@ -81,6 +90,11 @@ def main() -> None:
                     print(f"       lost: {', '.join(r.lost[:10])}", flush=True)
     big = results[-1]
     print(f"\nDB rows at {big.devices}: {big.db_rows}")
+    print(f"CPU seconds per device at {big.devices}: devices "
+          f"{big.devices_cpu / big.devices * 1000:.0f} ms, fleet process "
+          f"{big.controller_cpu / big.devices * 1000:.1f} ms, responders "
+          f"{big.responder_cpu / big.devices * 1000:.1f} ms, broker "
+          f"{big.broker_cpu / big.devices * 1000:.1f} ms")
     print(f"edge-sdk status --db at {big.devices} devices: {big.status_s:.2f} s "
           f"({big.status_lines} lines; goal <= 1 s)")
     print(f"GET /api/devices at {big.devices} devices: {big.page_devices_s * 1000:.0f} ms "
