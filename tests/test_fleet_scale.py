@@ -3,10 +3,12 @@ and responders on a private Mosquitto (bench/fleet.py runs the same at 1000)."""
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import pytest
 
+from edge_sdk.transport._responder import partition_of
 from tests._broker import Mosquitto
 from tests._fleetrig import run_rollout
 
@@ -23,6 +25,33 @@ def test_rollout_to_100_simulated_devices_commits_everywhere_each_fetching_its_o
     assert r.notes == []
     assert r.lost == [] and r.committed == N
     assert r.registry_new == N, "every device's registry row names the new version"
-    # Each device fetched (and verified) the whole model itself: no shared download.
-    assert r.bytes_served >= N * r.model_bytes
+    # Each device fetched (and verified) the whole model itself: no shared download;
+    # and each was answered by one responder, not by both.
+    assert N * r.model_bytes <= r.bytes_served < 1.5 * N * r.model_bytes
     assert r.db_rows["devices"] == N and r.db_rows["rollout_devices"] == N
+
+
+def test_partition_of_is_stable_and_gives_every_responder_a_share() -> None:
+    devices = [f"sim-{i:04d}" for i in range(1000)]
+    parts = [partition_of(d, 4) for d in devices]
+    assert parts == [zlib.crc32(d.encode()) % 4 for d in devices]  # same on every host
+    counts = [parts.count(k) for k in range(4)]
+    assert min(counts) > 200, counts
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--partition", "1/2"], "--partition needs --no-shared"),
+    (["--no-shared", "--partition", "2/2"], "must be K/N with 0 <= K < N"),
+    (["--no-shared", "--partition", "x"], "must be K/N"),
+    (["--only", "responder", "--db", "sqlite:///x.db"], "--only responder runs no registry"),
+])
+def test_serve_refuses_a_bad_partition_or_role_in_one_line(tmp_path: Path, capsys, args,
+                                                            says) -> None:
+    from edge_sdk.cli import main
+    from edge_sdk.release import Repository
+
+    repo = Repository.init(tmp_path / "repo", tmp_path / "keys")
+    code = main(["serve", "--repo", str(repo.path), "--broker", "mqtt://127.0.0.1:1",
+                 *args])
+    err = capsys.readouterr().err
+    assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
