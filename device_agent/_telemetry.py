@@ -61,10 +61,8 @@ class Outbox:
         #: once here and kept up to date: listing it on every report and every look for
         #: work cost more than the reports themselves (measured with 1000 agents).
         self._files: set[str] = set()
-        try:
+        with contextlib.suppress(OSError):
             self._files = {p.name for p in root.glob("[0-9]*.json")}
-        except OSError:
-            pass
         names = self._names()
         self._seq = int(names[-1].split(".")[0]) if names else 0
 
