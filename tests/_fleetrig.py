@@ -113,12 +113,14 @@ def run_rollout(tmp: Path, n: int, *, broker_urls: Sequence[str], responders: in
                 broker_pids: Sequence[int] = (),
                 shared: bool = True, db_url: str | None = None, model_bytes: int = 1 << 20,
                 per_process: int | None = None, installs: int = 16, timeout: float = 600.0,
-                measure_reads: bool = False) -> ScaleResult:
+                measure_reads: bool = False,
+                agent_config: dict[str, Any] | None = None) -> ScaleResult:
     """Provision ``n`` devices on ``broker_urls``, roll a fresh ``model_bytes`` release out
     to all of them in one wave, and measure. ``shared`` False runs the responders on plain
     subscriptions, each answering its partition of the devices. ``installs``: how many
     devices install at once over all simulator processes (the host's CPU, not the
-    devices', limits the rest; see :class:`FleetSim`)."""
+    devices', limits the rest; see :class:`FleetSim`). ``agent_config`` is laid over every
+    device's config (:class:`FleetSim`)."""
     import sqlalchemy as sa
 
     from edge_sdk.cli import main
@@ -146,7 +148,8 @@ def run_rollout(tmp: Path, n: int, *, broker_urls: Sequence[str], responders: in
     procs = -(-n // per)
     sim = FleetSim(tmp / "sim", n=n, broker_urls=broker_urls, root=repo.meta / "1.root.json",
                    deployment_key=repo.deployment_key_path, fleet=FLEET, groups=(GROUP,),
-                   per_process=per, installs_per_process=max(1, -(-installs // procs)))
+                   per_process=per, installs_per_process=max(1, -(-installs // procs)),
+                   agent_config=agent_config)
     logs: list[str] = []
     try:
         sim.start()

@@ -80,9 +80,13 @@ class FleetSim:
                  deployment_key: Path, fleet: str = "default", groups: Sequence[str] = (),
                  prefix: str = "sim", per_process: int = PER_PROCESS, window_s: float = 0.2,
                  heartbeat_s: float = 60.0, retry_s: float = 1.0,
-                 installs_per_process: int = 4, state_root: Path | None = None) -> None:
+                 installs_per_process: int = 4, state_root: Path | None = None,
+                 agent_config: dict[str, Any] | None = None) -> None:
         """``state_root``: where the devices' state directories go (default: a directory
-        on /dev/shm when it is a tmpfs, else under ``workdir``); removed by :meth:`stop`."""
+        on /dev/shm when it is a tmpfs, else under ``workdir``); removed by :meth:`stop`.
+        ``agent_config``: agent.toml keys (as a dict of sections) laid over every device's
+        config, e.g. ``{"broker": {"keepalive_s": 10}}``; ``{DEVICE}`` in a string value
+        is the device id, ``{URL}`` its broker URL."""
         if not broker_urls:
             raise ValueError("FleetSim needs at least one broker URL")
         self.workdir = workdir
@@ -93,6 +97,7 @@ class FleetSim:
         self.per_process = max(1, per_process)
         self.window_s, self.heartbeat_s, self.retry_s = window_s, heartbeat_s, retry_s
         self.installs_per_process = installs_per_process
+        self.agent_config = agent_config or {}
         self._own_state = state_root is None
         if state_root is None:
             shm = Path("/dev/shm")
@@ -109,7 +114,7 @@ class FleetSim:
                 "urls": [urls[(first + i) % len(urls)] for i in range(len(devices))],
                 "root": str(self.root), "deployment_key": str(self.deployment_key),
                 "state": str(self.state_root), "window_s": self.window_s,
-                "installs": self.installs_per_process,
+                "installs": self.installs_per_process, "extra": self.agent_config,
                 "heartbeat_s": self.heartbeat_s, "retry_s": self.retry_s,
                 "log": str(self.workdir / f"sim-{index}.log")}
 
@@ -239,7 +244,14 @@ class GatedSource:
 def _agent_config(spec: dict[str, Any], device: str, url: str) -> Any:
     from device_agent import AgentConfig
 
-    return AgentConfig.from_dict({
+    def fill(v: Any) -> Any:
+        if isinstance(v, str):
+            return v.replace("{DEVICE}", device).replace("{URL}", url)
+        if isinstance(v, list):
+            return [fill(x) for x in v]
+        return {k: fill(x) for k, x in v.items()} if isinstance(v, dict) else v
+
+    base: dict[str, Any] = {
         "device_id": device, "fleet": spec["fleet"], "groups": spec["groups"],
         "state_dir": str(Path(spec["state"]) / device), "threads": 1,
         "broker": {"url": url},
@@ -247,7 +259,11 @@ def _agent_config(spec: dict[str, Any], device: str, url: str) -> Any:
         "health": {"window_s": spec["window_s"], "probe_interval_s": 0.05},
         "limits": {"retry_s": spec["retry_s"], "warmup_runs": 1},
         "telemetry": {"heartbeat_s": spec["heartbeat_s"], "progress_s": 30.0},
-    })
+    }
+    for key, value in fill(spec.get("extra") or {}).items():
+        base[key] = {**base[key], **value} if isinstance(value, dict) and \
+            isinstance(base.get(key), dict) else value
+    return AgentConfig.from_dict(base)
 
 
 def run_process(spec_path: Path) -> int:
