@@ -177,33 +177,59 @@ _EVENT = device_events.insert()
 def write_event(c: Connection, fleet: str, device: str, payload: bytes,
                 now: float | None = None) -> None:
     """:func:`ingest_event` that raises :class:`MalformedReport` with the reason."""
-    doc = _parse(payload)
-    if not isinstance(doc, dict) or not isinstance(doc.get("event"), str):
-        raise MalformedReport("an event must be a JSON object with a string 'event'")
-    ts = time.time() if now is None else now
-    kind = _text(doc["event"][:64], "event")
-    touch = {"k_fleet": fleet, "k_id": device, "k_ts": ts}
-    if kind == "heartbeat":
-        c.execute(_TOUCH, touch)
-        return
-    raw_dep = doc.get("deployment")
-    dep: dict[str, Any] = raw_dep if isinstance(raw_dep, dict) else {}
-    counter = dep.get("counter", dep.get("version"))
-    counter = counter if isinstance(counter, int) and not isinstance(counter, bool) else None
-    ref = _ref(doc.get("model"))
-    if ref == (None, None) and isinstance(dep.get("name"), str):
-        ref = (dep["name"], str(dep.get("artifact_version")))
-    reason = doc.get("reason")
-    if doc.get("retry"):
-        kind = f"{kind}:retry"
-    c.execute(_EVENT, {
-        "fleet": fleet, "device": device, "ts": ts, "kind": kind,
-        "deployment": _counter(counter, "deployment.counter"),
-        "model": _text(ref[0], "model.name", _NAME_MAX),
-        "version": _text(ref[1], "model.version", _VERSION_MAX),
-        "reason": _text(reason[:2000], "reason") if isinstance(reason, str) else None,
-        "detail": json_text(doc)})
-    c.execute(_TOUCH, touch)
+    EventBatch(c).add(fleet, device, payload, now).flush()
+
+
+class EventBatch:
+    """Event reports checked one by one and written together: one multi-row insert and
+    one executemany of ``last_seen`` updates per :meth:`flush`, instead of two round trips
+    per report (on PostgreSQL under load the registry fell seconds behind a rollout of 500
+    devices). Rows are written in the order added."""
+
+    def __init__(self, c: Connection) -> None:
+        self.c = c
+        self.events: list[dict[str, Any]] = []
+        self.touches: list[dict[str, Any]] = []
+
+    def add(self, fleet: str, device: str, payload: bytes,
+            now: float | None = None) -> EventBatch:
+        """Check one event report (raises :class:`MalformedReport`, nothing added)."""
+        doc = _parse(payload)
+        if not isinstance(doc, dict) or not isinstance(doc.get("event"), str):
+            raise MalformedReport("an event must be a JSON object with a string 'event'")
+        ts = time.time() if now is None else now
+        kind = _text(doc["event"][:64], "event")
+        touch = {"k_fleet": fleet, "k_id": device, "k_ts": ts}
+        if kind == "heartbeat":
+            self.touches.append(touch)
+            return self
+        raw_dep = doc.get("deployment")
+        dep: dict[str, Any] = raw_dep if isinstance(raw_dep, dict) else {}
+        counter = dep.get("counter", dep.get("version"))
+        counter = counter if isinstance(counter, int) and not isinstance(counter, bool) \
+            else None
+        ref = _ref(doc.get("model"))
+        if ref == (None, None) and isinstance(dep.get("name"), str):
+            ref = (dep["name"], str(dep.get("artifact_version")))
+        reason = doc.get("reason")
+        if doc.get("retry"):
+            kind = f"{kind}:retry"
+        self.events.append({
+            "fleet": fleet, "device": device, "ts": ts, "kind": kind,
+            "deployment": _counter(counter, "deployment.counter"),
+            "model": _text(ref[0], "model.name", _NAME_MAX),
+            "version": _text(ref[1], "model.version", _VERSION_MAX),
+            "reason": _text(reason[:2000], "reason") if isinstance(reason, str) else None,
+            "detail": json_text(doc)})
+        self.touches.append(touch)
+        return self
+
+    def flush(self) -> None:
+        if self.events:
+            self.c.execute(_EVENT, self.events)
+        if self.touches:
+            self.c.execute(_TOUCH, self.touches)
+        self.events, self.touches = [], []
 
 
 def _ref(m: object) -> tuple[str | None, str | None]:
@@ -296,7 +322,7 @@ class Registry:
     def _write(self, work: list[tuple[str, str, bytes, float]]) -> None:
         try:
             with self.db.begin() as c:
-                counts = [self._one(c, *item) for item in work]
+                counts = self._batch(c, work)
         except Exception as err:  # the writer thread must outlive any report
             # One bad row must not lose the batch: write the reports one by one.
             log.warning("registry batch failed (%s); retrying one by one",
@@ -314,6 +340,32 @@ class Registry:
         for what, why in counts:
             self._count(what, why)
 
+    def _batch(self, c: Connection,
+               work: list[tuple[str, str, bytes, float]]) -> list[tuple[str, str | None]]:
+        """Write a batch in order: runs of events together, each state on its own (a state
+        reads the row the events before it touched)."""
+        events = EventBatch(c)
+        counts: list[tuple[str, str | None]] = []
+        for leaf, device, payload, ts in work:
+            if leaf == "state":
+                events.flush()
+                counts.append(self._one(c, leaf, device, payload, ts))
+                continue
+            try:
+                events.add(self.topics.fleet, device, payload, ts)
+            except MalformedReport as err:
+                counts.append(self._malformed(leaf, device, payload, err))
+            else:
+                counts.append(("events", None))
+        events.flush()
+        return counts
+
+    def _malformed(self, leaf: str, device: str, payload: bytes,
+                   err: MalformedReport) -> tuple[str, str | None]:
+        log.warning("ignored a malformed %s report from %s (%d bytes): %s", leaf, device,
+                    len(payload), err)
+        return "malformed", f"{device}: {leaf}: {err}"
+
     def _one(self, c: Connection, leaf: str, device: str, payload: bytes,
              ts: float) -> tuple[str, str | None]:
         fleet = self.topics.fleet
@@ -323,9 +375,7 @@ class Registry:
             else:
                 write_event(c, fleet, device, payload, ts)
         except MalformedReport as err:
-            log.warning("ignored a malformed %s report from %s (%d bytes): %s", leaf, device,
-                        len(payload), err)
-            return "malformed", f"{device}: {leaf}: {err}"
+            return self._malformed(leaf, device, payload, err)
         return ("states" if leaf == "state" else "events"), None
 
     def _flush(self) -> None:
