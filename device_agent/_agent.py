@@ -200,7 +200,7 @@ class Agent:
         offline = json.dumps({"device": self.config.device_id, "fleet": self.config.fleet,
                               "online": False}).encode()
         mqtt_cfg = MqttConfig(
-            url=b.url, username=b.username, password=b.resolved_password(),
+            url=",".join(b.all_urls), username=b.username, password=b.resolved_password(),
             ca_file=str(b.tls.ca_file) if b.tls.ca_file else None,
             cert_file=str(b.tls.cert_file) if b.tls.cert_file else None,
             key_file=str(b.tls.key_file) if b.tls.key_file else None,

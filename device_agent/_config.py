@@ -24,6 +24,8 @@ from urllib.parse import unquote, urlparse
 from edge_sdk.errors import ConfigError
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: What becomes one MQTT topic level: no '.', which makes NATS close the connection.
+_TOPIC_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 #: A tag value: printable, no control characters (it is shown in tables and selectors).
 _TAG_VALUE = re.compile(r"[^\x00-\x1f\x7f]{0,128}")
 MAX_TAGS = 32
@@ -43,6 +45,10 @@ class TlsConfig:
 @dataclass(frozen=True)
 class BrokerConfig:
     url: str = "mqtt://127.0.0.1:1883"
+    #: The nodes of a clustered broker, tried in turn: the agent starts on the first and
+    #: moves to the next whenever a connection attempt fails or the link drops. Replaces
+    #: ``url`` (give one or the other); all nodes share the credentials and TLS settings.
+    urls: tuple[str, ...] = ()
     username: str | None = None
     password: str | None = None
     #: Read the password from this file (kept out of the config file).
@@ -55,21 +61,26 @@ class BrokerConfig:
     tls: TlsConfig = field(default_factory=TlsConfig)
 
     @property
+    def all_urls(self) -> tuple[str, ...]:
+        """The broker URLs in the order they are tried (``urls``, else ``url``)."""
+        return self.urls or tuple(u.strip() for u in self.url.split(",") if u.strip())
+
+    @property
     def host(self) -> str:
-        return urlparse(self.url).hostname or "127.0.0.1"
+        return urlparse(self.all_urls[0]).hostname or "127.0.0.1"
 
     @property
     def port(self) -> int:
-        u = urlparse(self.url)
+        u = urlparse(self.all_urls[0])
         return u.port or (8883 if u.scheme == "mqtts" else 1883)
 
     @property
     def use_tls(self) -> bool:
-        return urlparse(self.url).scheme == "mqtts"
+        return urlparse(self.all_urls[0]).scheme == "mqtts"
 
     def client_id_for(self, device_id: str) -> str:
         """The MQTT client id: ``client_id``, else the user name, else ``agent-<device_id>``."""
-        user = self.username or unquote(urlparse(self.url).username or "")
+        user = self.username or unquote(urlparse(self.all_urls[0]).username or "")
         return self.client_id or user or f"agent-{device_id}"
 
     def resolved_password(self) -> str | None:
@@ -246,9 +257,11 @@ class AgentConfig:
         named = [("device_id", self.device_id), ("fleet", self.fleet)]
         named += [(f"groups[{i}]", g) for i, g in enumerate(self.groups)]
         for key, value in named:
-            if not _SAFE_ID.fullmatch(value):
-                raise bad(key, f"{value!r} must be 1-64 letters, digits, '.', '_' or '-' "
-                               "(it becomes part of MQTT topics)")
+            if not _TOPIC_ID.fullmatch(value):
+                why = ("; '.' is refused: NATS closes the connection on a '.' in a topic"
+                       if "." in value else "")
+                raise bad(key, f"{value!r} must be 1-64 letters, digits, '_' or '-' "
+                               f"(it becomes part of MQTT topics){why}")
         if len(self.tags) > MAX_TAGS:
             raise bad("tags", f"{len(self.tags)} tags, at most {MAX_TAGS}")
         for k, v in self.tags.items():
@@ -258,10 +271,22 @@ class AgentConfig:
             if not _TAG_VALUE.fullmatch(v):
                 raise bad(f"tags.{k}", "must be at most 128 characters without control "
                                        "characters")
-        u = urlparse(self.broker.url)
-        if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
-            raise bad("broker.url", f"{self.broker.url!r} must look like mqtt://host:1883 "
-                                    "or mqtts://host:8883")
+        url_key = "broker.urls" if self.broker.urls else "broker.url"
+        if self.broker.urls and self.broker.url != BrokerConfig.url:
+            raise bad("broker", "give either url or urls, not both")
+        if not self.broker.all_urls:
+            raise bad(url_key, "names no broker (e.g. mqtt://host:1883)")
+        for one in self.broker.all_urls:
+            u = urlparse(one)
+            try:
+                u.port  # noqa: B018 (a property that raises for a bad port)
+            except ValueError:
+                raise bad(url_key, f"{one!r}: invalid port") from None
+            if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
+                raise bad(url_key, f"{one!r} must look like mqtt://host:1883 "
+                                   "or mqtts://host:8883")
+        if len({urlparse(one).scheme for one in self.broker.all_urls}) > 1:
+            raise bad(url_key, "mixes mqtt:// and mqtts://; use one scheme for every node")
         if not self.broker.topic_prefix or any(c in self.broker.topic_prefix for c in "/#+"):
             raise bad("broker.topic_prefix", "must be one topic level without '/', '#', '+'")
         positive: list[tuple[str, float]] = [

@@ -79,6 +79,13 @@ def start_cmd(db_url: str | None, repo_dir: str | None, operator: str | None, fl
     fl = fleet_module()
     RolloutSpec, actor_name, start_rollout = fl.RolloutSpec, fl.actor_name, fl.start_rollout
 
+    from ..transport import Topics
+
+    topics = Topics(fleet)  # fleet, device and group ids become topic levels: checked first
+    for d in devices:
+        topics.device(d)
+    for g in groups:
+        topics.group_desired(g)
     wave_list = tuple(w.strip() for w in waves.split(",") if w.strip())
     plan_waves(["x"], wave_list)  # checks the wave syntax before anything is written
     if wave_timeout <= 0 or rate < 0:

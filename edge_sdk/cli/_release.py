@@ -40,6 +40,7 @@ from ..transport import (
     MqttConnection,
     RepoResponder,
     ResponderConfig,
+    Topics,
 )
 from ..trust import LocalModel, UpdateClient
 
@@ -71,7 +72,8 @@ def _mqtt_options_required(required: bool) -> Callable[[F], F]:
 def _mqtt_options_impl(fn: F, required: bool) -> F:
     opts = [
         click.option("--broker", required=required, envvar="EDGE_BROKER", show_envvar=True,
-                     help="Broker URL: mqtt://HOST:PORT or mqtts://HOST:PORT."),
+                     help="Broker URL: mqtt://HOST:PORT or mqtts://HOST:PORT; for a "
+                          "clustered broker, its nodes comma-separated (tried in turn)."),
         click.option("--fleet", default="default", show_default=True, envvar="EDGE_FLEET",
                      help="Fleet name (the {fleet} level of every topic)."),
         click.option("--topic-prefix", default="edge", show_default=True, hidden=True),
@@ -234,6 +236,11 @@ def deploy_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...], mod
     if timeout <= 0:
         raise UsageError("--timeout must be > 0 seconds")
     config = _mqtt_config(mqtt)
+    names = Topics.for_config(config)
+    for d in devices:
+        names.device(d)  # a bad id is a one-line error before anything connects
+    for g in groups:
+        names.group_desired(g)
     r = Repository(repo, keydir)
     with MqttConnection(config, name="edge-deploy") as conn:
         signed = create_deployment(r, model=model, fleet=config.fleet, version=version,

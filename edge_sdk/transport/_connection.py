@@ -15,6 +15,11 @@ Subscriptions are remembered and re-sent after every reconnect (clean
 sessions by default: nothing is assumed to survive on the broker but retained
 messages; ``MqttConfig.persistent_session`` lets the broker queue for us).
 QoS 1 publishes made while the link is down are queued and sent on reconnect.
+
+With several broker URLs (the nodes of a cluster, ``MqttConfig.url`` comma-separated)
+every failed attempt and every dropped link moves on to the next node, round robin;
+the subscriptions are re-sent there (so retained state arrives again) and queued QoS 1
+publishes go out there.
 """
 
 from __future__ import annotations
@@ -144,7 +149,10 @@ class MqttConnection:
 
     def __init__(self, config: MqttConfig, *, name: str = "edge-sdk") -> None:
         self.config = config.with_client_id(name)
-        host, port, tls = self.config.endpoint()
+        self._endpoints = self.config.endpoints()
+        self._urls = self.config.urls
+        self._at = 0  # index of the node being tried or used
+        host, port, tls = self._endpoints[0]
         self._host, self._port = host, port
         self._lock = threading.Lock()
         self._subs: list[Subscription] = []
@@ -180,7 +188,7 @@ class MqttConnection:
                     cert_reqs=ssl.CERT_REQUIRED,
                 )
             except (OSError, ssl.SSLError, ValueError) as err:
-                raise ConfigError(f"TLS setup for {self.config.url} failed: {err}") from err
+                raise ConfigError(f"TLS setup for {self.url} failed: {err}") from err
             if self.config.tls_insecure:
                 c.tls_insecure_set(True)
         will = self.config.last_will
@@ -221,7 +229,7 @@ class MqttConnection:
             try:
                 self._client.connect_async(self._host, self._port, self.config.keepalive)
             except (OSError, ValueError) as err:
-                raise TransportError(f"cannot connect to {self.config.url}: {err}") from err
+                raise TransportError(f"cannot connect to {self.url}: {err}") from err
             self._client.loop_start()
         if not wait:
             return
@@ -231,13 +239,18 @@ class MqttConnection:
             if self._refused is not None:
                 reason = self._refused
                 self.close()
-                raise TransportError(f"broker {self.config.url} refused the connection: {reason}")
+                raise TransportError(f"broker {self.url} refused the connection: {reason}")
             if time.monotonic() > deadline:
                 why = f" ({self._last_error})" if self._last_error else ""
                 self.close()
                 raise TransportError(
                     f"could not connect to broker {self.config.url} within {limit:.0f} s{why}"
                 )
+
+    @property
+    def url(self) -> str:
+        """The broker URL in use (or being tried): one of ``config.urls``."""
+        return self._urls[self._at]
 
     def close(self) -> None:
         """Disconnect cleanly (no last will) and stop the network thread."""
@@ -301,7 +314,7 @@ class MqttConnection:
         """Publish and wait until the broker acknowledged it (QoS 1) or it was written (QoS 0)."""
         if not self.publish(topic, payload, qos=qos, retain=retain).wait(timeout):
             raise TransportError(
-                f"broker {self.config.url} did not acknowledge the message on {topic} "
+                f"broker {self.url} did not acknowledge the message on {topic} "
                 f"within {timeout:.0f} s"
             )
 
@@ -324,17 +337,46 @@ class MqttConnection:
             if wait and ack is not None:
                 if not self._await_suback(ack, timeout):
                     raise TransportError(
-                        f"broker {self.config.url} did not acknowledge the subscription to "
+                        f"broker {self.url} did not acknowledge the subscription to "
                         f"{topic_filter} within {timeout:.0f} s"
                     )
                 if ack.refused:
                     sub.cancel()
                     raise TransportError(
-                        f"broker {self.config.url} refused the subscription to {topic_filter} "
+                        f"broker {self.url} refused the subscription to {topic_filter} "
                         f"for user {self.config.credentials()[0] or '(anonymous)'} (not "
                         "allowed by its ACL)"
                     )
         return sub
+
+    def shared_subscriptions_work(self, probe_topic: str, group: str, *,
+                                  timeout: float = 1.0) -> bool | None:
+        """Whether the broker delivers to ``$share/{group}/...`` subscriptions.
+
+        True when a message published on ``probe_topic`` reached a shared subscription;
+        False when it did not but did reach a plain one (NATS 2.9: it grants
+        ``$share/...`` as a literal topic that nothing is published on); None when
+        neither tells (the broker's ACL refused the probe). Costs one round trip where
+        they work, ``timeout`` seconds more where they do not.
+        """
+        def probe(topic_filter: str) -> bool | None:
+            got = threading.Event()
+            try:
+                sub = self.subscribe(topic_filter, lambda t, p: got.set(), qos=0)
+            except TransportError:
+                return None
+            try:
+                self.publish_wait(probe_topic, b"probe", qos=1)
+                return got.wait(timeout)
+            except TransportError:
+                return None
+            finally:
+                sub.cancel()
+
+        shared = probe(f"$share/{group}/{probe_topic}")
+        if shared is not False:
+            return shared
+        return False if probe(probe_topic) else None
 
     def _await_suback(self, ack: _SubAck, timeout: float) -> bool:
         """Wait for ``ack``; if the link dropped first, for the reconnect that re-sends it."""
@@ -407,7 +449,7 @@ class MqttConnection:
     def _ready(self) -> None:
         """The link is up and every subscription is back: tell the waiters and listeners."""
         self._connected.set()
-        log.debug("connected to %s as %s", self.config.url, self.config.client_id)
+        log.debug("connected to %s as %s", self.url, self.config.client_id)
         with self._lock:
             listeners = list(self._listeners)
         for listener in listeners:
@@ -417,7 +459,20 @@ class MqttConnection:
         # paho calls this inside its ``except OSError`` block: the exception is current.
         err = sys.exc_info()[1]
         if err is not None:
-            self._last_error = f"{type(err).__name__}: {err}"
+            self._last_error = f"{self.url}: {type(err).__name__}: {err}"
+        self._next_node()
+
+    def _next_node(self) -> None:
+        """Point paho's next reconnect at the next broker URL (several URLs only)."""
+        if len(self._endpoints) < 2 or self._closed:
+            return
+        self._at = (self._at + 1) % len(self._endpoints)
+        host, port, _ = self._endpoints[self._at]
+        # Not the host/port setters: they refuse while paho still counts the dead link as
+        # established, which it does inside on_disconnect. reconnect() reads these two.
+        self._client._host = host
+        self._client._port = port
+        log.debug("next connection attempt: %s", self.url)
 
     def _on_disconnect(self, client: paho.Client, userdata: object, flags: object,
                        reason: object, properties: object) -> None:
@@ -433,13 +488,14 @@ class MqttConnection:
         for ack in lost:
             ack.lost = True
             ack.event.set()
-        self._last_error = str(reason)
+        self._last_error = f"{self.url}: {reason}" if len(self._urls) > 1 else str(reason)
         if was:
-            log.debug("disconnected from %s: %s", self.config.url, reason)
+            log.debug("disconnected from %s: %s", self.url, reason)
             with self._lock:
                 listeners = list(self._listeners)
             for listener in listeners:
                 self._call_listener(listener, False)
+        self._next_node()
 
     def _on_subscribe(self, client: paho.Client, userdata: object, mid: int,
                       reason_codes: object, properties: object) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import sys
 import threading
 import time
@@ -218,8 +219,18 @@ class RepoResponder:
             raise TransportError(f"{self.repo}: not a release repository (no metadata/ directory)")
 
     def start(self) -> None:
-        topic = (self.topics.shared_repo_request(self.config.share_group) if self.config.shared
-                 else self.topics.every_repo_request)
+        topic = self.topics.every_repo_request
+        if self.config.shared:
+            works = self.connection.shared_subscriptions_work(
+                self.topics.share_probe(secrets.token_hex(8)), self.config.share_group)
+            if works is False:
+                # NATS 2.9: MQTT 3.1.1 only, no $share. Each responder then answers every
+                # request; a device drops the duplicate answers (its window counts them).
+                log.warning("broker %s does not honour $share subscriptions: subscribing "
+                            "to every chunk request (each responder answers all of them)",
+                            self.connection.url)
+            else:
+                topic = self.topics.shared_repo_request(self.config.share_group)
         self._sub = self.connection.subscribe(topic, self._on_request, qos=1)
         self.announce()
         self._watcher = threading.Thread(target=self._watch, name="edge-responder-announce",

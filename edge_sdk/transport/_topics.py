@@ -63,6 +63,10 @@ class Topics:
         """Shared-subscription filter so that several responders split the requests."""
         return f"$share/{check_topic_word(group, 'share group')}/{self.every_repo_request}"
 
+    def share_probe(self, token: str) -> str:
+        """A topic nobody else uses, to find out whether the broker honours ``$share``."""
+        return f"{self.base}/probe/{check_topic_word(token, 'probe token')}"
+
     def requester(self, topic: str) -> str | None:
         """The device id of a chunk request topic, or None if ``topic`` is not one."""
         head, tail = f"{self.base}/dev/", "/repo/req"
