@@ -164,6 +164,8 @@ class MqttConnection:
         self._resub: set[_SubAck] = set()
         self._suback: dict[int, _SubAck] = {}
         self._early_acks: dict[int, bool] = {}
+        #: Refused (re)subscriptions being retried: filter -> attempts so far.
+        self._retrying: dict[str, int] = {}
         self._last_error: str | None = None
         self._refused: str | None = None
         self._started = False
@@ -406,17 +408,21 @@ class MqttConnection:
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             return None
         ack = _SubAck(topic_filter, mid)
+        early = False
         with self._lock:
             # The SUBACK can beat us here: the network thread may already have seen it.
             if mid in self._early_acks:
                 ack.refused = self._early_acks.pop(mid)
-                ack.event.set()
+                early = True
             elif not self._link_up:
                 # The link dropped since the SUBSCRIBE went out (see _on_disconnect).
                 ack.lost = True
                 ack.event.set()
             else:
                 self._suback[mid] = ack
+        if early:
+            self._after_suback(topic_filter, ack.refused)
+            ack.event.set()
         return ack
 
     # -- paho callbacks (network thread) -----------------------------------------------
@@ -509,14 +515,45 @@ class MqttConnection:
                 self._early_acks[mid] = refused
         if ack is not None:
             ack.refused = refused
-            if refused:
-                log.warning("broker refused the subscription to %s", ack.topic_filter)
+            self._after_suback(ack.topic_filter, refused)
             ack.event.set()
             with self._lock:
                 last = ack in self._resub and len(self._resub) == 1
                 self._resub.discard(ack)
             if last:
                 self._ready()
+
+    def _after_suback(self, topic_filter: str, refused: bool) -> None:
+        """Retry a refused subscription that is still wanted, with backoff.
+
+        A clustered broker refuses a QoS 1 subscription while it cannot store its state
+        (NATS: no JetStream leader for ~10-20 s after a node dies); the refusal of one
+        :meth:`subscribe` waits for is the caller's to handle (it cancels it), so only
+        subscriptions still remembered a moment later are sent again.
+        """
+        with self._lock:
+            if not refused:
+                self._retrying.pop(topic_filter, None)
+                return
+            attempt = self._retrying.get(topic_filter, 0)
+            self._retrying[topic_filter] = attempt + 1
+        delay = min(self.config.reconnect_max_delay,
+                    max(0.5, self.config.reconnect_min_delay) * 2 ** min(attempt, 10))
+        (log.warning if attempt == 0 else log.debug)(
+            "broker %s refused the subscription to %s; trying again in %.1f s", self.url,
+            topic_filter, delay)
+        timer = threading.Timer(delay, self._retry_subscribe, (topic_filter,))
+        timer.daemon = True
+        timer.start()
+
+    def _retry_subscribe(self, topic_filter: str) -> None:
+        with self._lock:
+            qos = next((s.qos for s in self._subs if s.topic_filter == topic_filter), None)
+            if qos is None:
+                self._retrying.pop(topic_filter, None)
+        if qos is None or self._closed or not self._link_up:
+            return  # gone, or the reconnect will send it again
+        self._send_subscribe(topic_filter, qos)
 
     def _quickack(self) -> None:
         # A broker without set_tcp_nodelay holds its next small packet (a chunk

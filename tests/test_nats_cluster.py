@@ -1,0 +1,159 @@
+"""The protocol unchanged on a 3-node NATS MQTT cluster: real agents as subprocesses,
+the real controller and responder (`edge-sdk serve`), devices and operators on
+different nodes, and a node killed with SIGKILL in the middle of a rollout."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge_sdk.cli import main
+from edge_sdk.fleet import FleetDB
+from edge_sdk.transport import MqttConfig, MqttConnection, Topics
+from tests._nats import NatsCluster, nats_binary
+from tests.test_agent_e2e import FLEET, AgentProc, Fleet, wait_for
+from tests.test_fleet_e2e import Serve, wait_status
+
+pytestmark = pytest.mark.skipif(nats_binary() is None,
+                                reason="nats-server is not installed (.ci/setup.sh does it)")
+
+GROUP = "nats"
+N_AGENTS = 4
+
+
+class _Urls:
+    """What Fleet reads of a broker: its URL (here a list of cluster nodes)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+
+class ClusterFleet:
+    """The cluster, the fleet host (on node B), `serve` (on node C) and the agents (on
+    node A first). A is the JetStream meta leader at start: killing it is the worst case."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.cluster = NatsCluster(tmp / "nats")
+        self.cluster.start()
+        lead = self.cluster.leader_index()
+        self.a = 0 if lead is None else lead
+        self.b, self.c = [i for i in range(3) if i != self.a]
+        self.fleet = Fleet(tmp, _Urls(self.cluster.urls(self.b, self.c, self.a)))  # type: ignore[arg-type]
+        for v in ("1", "2", "3"):
+            self.fleet.release(v)
+        self.db_url = f"sqlite:///{tmp / 'fleet.db'}"
+        self.serve = Serve(self.fleet, self.db_url, tmp / "serve")
+        self.serve.cmd[self.serve.cmd.index("--broker") + 1] = self.cluster.urls(
+            self.c, self.a, self.b)
+        self.agents: list[AgentProc] = []
+        device_urls = self.cluster.urls(self.a, self.b, self.c)
+        for i in range(N_AGENTS):
+            agent = AgentProc(self.fleet, tmp / "agents", f"{GROUP}-{i}", groups=(GROUP,),
+                              broker_url=device_urls)
+            if i % 2:  # half of them name the nodes as a TOML list
+                text = agent.config.read_text().replace(
+                    f'url = "{device_urls}"', f"urls = {json.dumps(device_urls.split(','))}")
+                assert "urls = [" in text
+                agent.config.write_text(text)
+            self.agents.append(agent)
+
+    def close(self) -> None:
+        for a in self.agents:
+            a.kill()
+        self.serve.kill()
+        self.fleet.close()
+        self.cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def cf(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterFleet]:
+    f = ClusterFleet(tmp_path_factory.mktemp("nats-e2e"))
+    try:
+        f.serve.start()
+        for a in f.agents:
+            a.start()
+        for a in f.agents:
+            f.fleet.deploy(a.device, "1")
+        for a in f.agents:
+            a.wait_version("1")
+        with FleetDB.open(f.db_url) as db:
+            wait_for(lambda: len([d for d in db.devices(group=GROUP)
+                                  if d["version"] == "1" and d["online"]]) == N_AGENTS, 60,
+                     lambda: f"registry has {db.devices(group=GROUP)}; serve log: "
+                             f"{f.serve.log.read_text()[-2000:]}")
+        yield f
+    finally:
+        f.close()
+
+
+def start_rollout(cf: ClusterFleet, version: str) -> int:
+    assert main(["rollout", "start", "--db", cf.db_url, "--operator", "tester", "--fleet",
+                 FLEET, "--model", "adder", "--version", version, "--group", GROUP,
+                 "--waves", "1,100%", "--wave-timeout", "90"]) == 0
+    with FleetDB.open(cf.db_url) as db:
+        return int(db.rollouts()[0]["id"])
+
+
+def assert_everyone_on(cf: ClusterFleet, rollout: dict[str, Any], version: str) -> None:
+    assert sorted(d["status"] for d in rollout["devices"]) == ["committed"] * N_AGENTS, rollout
+    for a in cf.agents:
+        assert a.infer() == (version, float(version) + 1.0)
+    with FleetDB.open(cf.db_url) as db:
+        wait_for(lambda: sorted((d["id"], d["version"], d["online"])
+                                for d in db.devices(group=GROUP))
+                 == [(a.device, version, True) for a in cf.agents], 30,
+                 lambda: f"registry: {db.devices(group=GROUP)}")
+
+
+def test_shared_subscriptions_are_detected_as_missing_on_nats(cf) -> None:
+    node = cf.cluster.nodes[cf.b]
+    with MqttConnection(MqttConfig(url=node.url, fleet=FLEET), name="probe") as conn:
+        assert conn.shared_subscriptions_work(Topics(FLEET).share_probe("t1"), "edge-repo") \
+            is False
+    assert "does not honour $share subscriptions" in cf.serve.log.read_text()
+
+
+@pytest.mark.slow
+def test_rollout_commits_everywhere_with_devices_and_operator_on_different_nodes(
+        cf, capsys) -> None:
+    t0 = time.monotonic()
+    rid = start_rollout(cf, "2")
+    r = wait_status(cf.db_url, rid, "completed", 120)
+    elapsed = time.monotonic() - t0
+    assert_everyone_on(cf, r, "2")
+    with capsys.disabled():
+        print(f"\nrollout to {N_AGENTS} agents on a 3-node NATS cluster: {elapsed:.1f} s",
+              file=sys.stderr)
+
+
+@pytest.mark.slow
+def test_node_killed_mid_rollout_devices_fail_over_and_every_device_commits(
+        cf, capsys) -> None:
+    t0 = time.monotonic()
+    rid = start_rollout(cf, "3")
+    with FleetDB.open(cf.db_url) as db:
+        # Wave 1 is done and wave 2's deployments are out: the kill lands mid-rollout.
+        wait_for(lambda: any(d["status"] == "sent" for d in db.rollout(rid)["devices"]
+                             if d["wave"] >= 2), 60, lambda: f"{db.rollout(rid)}")
+    killed = cf.cluster.nodes[cf.a]
+    t_kill = time.monotonic()
+    killed.kill()
+    down = cf.cluster.unavailable_for(cf.cluster.nodes[cf.b], t_kill)
+    r = wait_status(cf.db_url, rid, "completed", 120)
+    done = time.monotonic()
+    assert_everyone_on(cf, r, "3")
+    # Each agent's report went out through another node: it moved on from the dead one.
+    for a in cf.agents:
+        assert cf.fleet.states[a.device]["online"] is True
+        assert (cf.fleet.states[a.device].get("model") or {}).get("version") == "3"
+    with capsys.disabled():
+        print(f"\nNATS node {killed.name} (JetStream meta leader, the devices' node) "
+              f"killed mid-rollout: retained reads on another node failed for {down:.1f} s; "
+              f"rollout completed {done - t_kill:.1f} s after the kill "
+              f"({done - t0:.1f} s in all)", file=sys.stderr)
