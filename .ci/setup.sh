@@ -41,6 +41,11 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
   echo "setup: installing mosquitto from the system packages" >&2
   apt_install mosquitto || echo "setup: could not install mosquitto (not root?); MQTT parts need it" >&2
 fi
+# The NATS cluster tests (tests/test_nats_cluster.py): Debian's nats-server (2.9).
+if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then
+  echo "setup: installing nats-server from the system packages" >&2
+  apt_install nats-server || echo "setup: could not install nats-server (not root?); the NATS cluster tests need it" >&2
+fi
 # The fleet page's browser test (tests/test_fleet_web_browser.py): Debian's chromium.
 if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
   echo "setup: installing chromium and chromium-driver from the system packages" >&2
@@ -58,6 +63,6 @@ if [ "$EXTRAS" = dev ]; then
     apt_install "${missing[@]}" || echo "setup: could not install ${missing[*]} (not root?); the arm64 job needs them" >&2
   fi
 fi
-# Debian installs mosquitto in /usr/sbin, which is not on every user's PATH.
+# Debian installs mosquitto and nats-server in /usr/sbin, which is not on every user's PATH.
 export PATH="$ROOT/.venv/bin:$PATH:/usr/sbin"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"
