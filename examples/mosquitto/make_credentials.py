@@ -43,7 +43,8 @@ from pathlib import Path
 
 RESPONDER = "edge-repo"
 OPERATOR = "edge-operator"
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: One MQTT topic level, as edge-sdk checks it: no '.', which NATS refuses in topics.
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
 def password_hash(password: str, *, iterations: int = 101, salt: bytes | None = None) -> str:
@@ -96,8 +97,8 @@ def acl_text(fleet: str, devices: dict[str, list[str]]) -> str:
 def generate(outdir: Path, fleet: str, devices: dict[str, list[str]]) -> dict[str, str]:
     """Write passwd, acl and credentials.json; return {user: password}."""
     for name in [fleet, *devices, *(g for gs in devices.values() for g in gs)]:
-        if not _ID.match(name):
-            raise SystemExit(f"{name!r}: ids must be letters, digits, '.', '_', '-'")
+        if not _ID.fullmatch(name):
+            raise SystemExit(f"{name!r}: ids must be letters, digits, '_', '-'")
     outdir.mkdir(parents=True, exist_ok=True)
     users = [RESPONDER, OPERATOR, *devices]
     creds = {u: secrets.token_urlsafe(18) for u in users}
