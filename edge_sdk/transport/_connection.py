@@ -19,7 +19,9 @@ QoS 1 publishes made while the link is down are queued and sent on reconnect.
 With several broker URLs (the nodes of a cluster, ``MqttConfig.url`` comma-separated)
 every failed attempt and every dropped link moves on to the next node, round robin;
 the subscriptions are re-sent there (so retained state arrives again) and queued QoS 1
-publishes go out there.
+publishes go out there. A subscription the broker refuses on a reconnect (a NATS
+cluster does while JetStream elects a leader) is sent again with backoff, capped at
+``reconnect_max_delay``.
 """
 
 from __future__ import annotations
@@ -537,8 +539,9 @@ class MqttConnection:
                 return
             attempt = self._retrying.get(topic_filter, 0)
             self._retrying[topic_filter] = attempt + 1
-        delay = min(self.config.reconnect_max_delay,
-                    max(0.5, self.config.reconnect_min_delay) * 2 ** min(attempt, 10))
+        # Linear, not exponential: a leader election takes 5-20 s, and doubling delays
+        # would leave a device waiting up to as long again after it is over.
+        delay = min(self.config.reconnect_max_delay, 0.5 * (attempt + 1))
         (log.warning if attempt == 0 else log.debug)(
             "broker %s refused the subscription to %s; trying again in %.1f s", self.url,
             topic_filter, delay)
