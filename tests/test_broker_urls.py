@@ -121,3 +121,14 @@ def test_first_connect_skips_a_node_that_is_down(two) -> None:
 def test_shared_subscriptions_are_detected_on_mosquitto(broker) -> None:
     with MqttConnection(MqttConfig(url=broker.url, fleet="lab"), name="probe") as conn:
         assert conn.shared_subscriptions_work(Topics("lab").share_probe("t1"), "edge-repo")
+
+
+def test_status_reads_the_fleet_through_the_next_node_when_the_first_is_down(
+        broker, capsys) -> None:
+    dead = f"mqtt://127.0.0.1:{free_port()}"
+    with MqttConnection(MqttConfig(url=broker.url, fleet="lab"), name="dev") as dev:
+        dev.publish_wait(Topics("lab").state("cam-1"), b'{"device": "cam-1", "online": true}',
+                         retain=True)
+    assert main(["status", "--broker", f"{dead},{broker.url}", "--fleet", "lab"]) == 0
+    out = capsys.readouterr().out
+    assert "cam-1" in out and "yes" in out, out
