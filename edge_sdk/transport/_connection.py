@@ -349,7 +349,7 @@ class MqttConnection:
                     raise TransportError(
                         f"broker {self.url} refused the subscription to {topic_filter} "
                         f"for user {self.config.credentials()[0] or '(anonymous)'} (not "
-                        "allowed by its ACL)"
+                        "allowed by its ACL, or a clustered broker could not set it up yet)"
                     )
         return sub
 
