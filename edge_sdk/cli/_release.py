@@ -493,7 +493,9 @@ def _device_limits(values: tuple[str, ...]) -> DeviceLimits:
 @click.command("serve")
 @click.option("--repo", required=True, type=click.Path(file_okay=False, exists=True))
 @click.option("--no-shared", is_flag=True,
-              help="Plain subscription instead of the shared one (brokers without $share).")
+              help="Plain subscription instead of the shared one (brokers without $share; "
+                   "serve also falls back by itself when a shared one receives nothing, as "
+                   "on NATS).")
 @click.option("--device-limit", "device_limit", multiple=True, metavar="KEY=N",
               help="Change one per-device budget, e.g. bytes_per_s=4194304 (keys: "
                    + ", ".join(f.name for f in dataclasses.fields(DeviceLimits)) + ").")
