@@ -38,7 +38,7 @@ class ClusterFleet:
     """The cluster, the fleet host (on node B), `serve` (on node C) and the agents (on
     node A first). A is the JetStream meta leader at start: killing it is the worst case."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, n_agents: int = N_AGENTS) -> None:
         self.cluster = NatsCluster(tmp / "nats")
         self.cluster.start()
         lead = self.cluster.leader_index()
@@ -52,8 +52,8 @@ class ClusterFleet:
         self.serve.cmd[self.serve.cmd.index("--broker") + 1] = self.cluster.urls(
             self.c, self.a, self.b)
         self.agents: list[AgentProc] = []
-        device_urls = self.cluster.urls(self.a, self.b, self.c)
-        for i in range(N_AGENTS):
+        device_urls = self.device_urls()
+        for i in range(n_agents):
             agent = AgentProc(self.fleet, tmp / "agents", f"{GROUP}-{i}", groups=(GROUP,),
                               broker_url=device_urls)
             if i % 2:  # half of them name the nodes as a TOML list
@@ -62,6 +62,18 @@ class ClusterFleet:
                 assert "urls = [" in text
                 agent.config.write_text(text)
             self.agents.append(agent)
+
+    def device_urls(self) -> str:
+        """The nodes as the devices list them: the one that will be killed first."""
+        return self.cluster.urls(self.a, self.b, self.c)
+
+    def kill_device_node(self) -> tuple[str, float]:
+        """``kill -9`` node A; return its name and how long (s) retained reads on node B
+        failed after it."""
+        killed = self.cluster.nodes[self.a]
+        t_kill = time.monotonic()
+        killed.kill()
+        return killed.name, self.cluster.unavailable_for(self.cluster.nodes[self.b], t_kill)
 
     def close(self) -> None:
         for a in self.agents:
@@ -141,10 +153,8 @@ def test_node_killed_mid_rollout_devices_fail_over_and_every_device_commits(
         # Wave 1 is done and wave 2's deployments are out: the kill lands mid-rollout.
         wait_for(lambda: any(d["status"] == "sent" for d in db.rollout(rid)["devices"]
                              if d["wave"] >= 2), 60, lambda: f"{db.rollout(rid)}")
-    killed = cf.cluster.nodes[cf.a]
     t_kill = time.monotonic()
-    killed.kill()
-    down = cf.cluster.unavailable_for(cf.cluster.nodes[cf.b], t_kill)
+    killed, down = cf.kill_device_node()
     r = wait_status(cf.db_url, rid, "completed", 120)
     done = time.monotonic()
     assert_everyone_on(cf, r, "3")
@@ -153,7 +163,7 @@ def test_node_killed_mid_rollout_devices_fail_over_and_every_device_commits(
         assert cf.fleet.states[a.device]["online"] is True
         assert (cf.fleet.states[a.device].get("model") or {}).get("version") == "3"
     with capsys.disabled():
-        print(f"\nNATS node {killed.name} (JetStream meta leader, the devices' node) "
+        print(f"\nNATS node {killed} (JetStream meta leader, the devices' node) "
               f"killed mid-rollout: retained reads on another node failed for {down:.1f} s; "
               f"rollout completed {done - t_kill:.1f} s after the kill "
               f"({done - t0:.1f} s in all)", file=sys.stderr)
