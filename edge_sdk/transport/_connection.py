@@ -168,6 +168,7 @@ class MqttConnection:
         self._early_acks: dict[int, bool] = {}
         #: Refused (re)subscriptions being retried: filter -> attempts so far.
         self._retrying: dict[str, int] = {}
+        self._retry_pending: set[str] = set()
         self._last_error: str | None = None
         self._refused: str | None = None
         self._started = False
@@ -531,7 +532,8 @@ class MqttConnection:
         A clustered broker refuses a QoS 1 subscription while it cannot store its state
         (NATS: no JetStream leader for ~10-20 s after a node dies); the refusal of one
         :meth:`subscribe` waits for is the caller's to handle (it cancels it), so only
-        subscriptions still remembered a moment later are sent again.
+        subscriptions still remembered a moment later are sent again, and only those are
+        reported. One retry is pending per filter, however often the link flaps.
         """
         with self._lock:
             if not refused:
@@ -539,23 +541,28 @@ class MqttConnection:
                 return
             attempt = self._retrying.get(topic_filter, 0)
             self._retrying[topic_filter] = attempt + 1
+            if topic_filter in self._retry_pending:
+                return
+            self._retry_pending.add(topic_filter)
         # Linear, not exponential: a leader election takes 5-20 s, and doubling delays
         # would leave a device waiting up to as long again after it is over.
         delay = min(self.config.reconnect_max_delay, 0.5 * (attempt + 1))
-        (log.warning if attempt == 0 else log.debug)(
-            "broker %s refused the subscription to %s; trying again in %.1f s", self.url,
-            topic_filter, delay)
-        timer = threading.Timer(delay, self._retry_subscribe, (topic_filter,))
+        timer = threading.Timer(delay, self._retry_subscribe, (topic_filter, attempt, delay))
         timer.daemon = True
         timer.start()
 
-    def _retry_subscribe(self, topic_filter: str) -> None:
+    def _retry_subscribe(self, topic_filter: str, attempt: int, delay: float) -> None:
         with self._lock:
+            self._retry_pending.discard(topic_filter)
             qos = next((s.qos for s in self._subs if s.topic_filter == topic_filter), None)
             if qos is None:
                 self._retrying.pop(topic_filter, None)
         if qos is None or self._closed or not self._link_up:
             return  # gone, or the reconnect will send it again
+        (log.warning if attempt == 0 else log.debug)(
+            "broker %s refused the subscription to %s; sending it again every %.1f-%.0f s "
+            "until it is granted", self.url, topic_filter, delay,
+            self.config.reconnect_max_delay)
         self._send_subscribe(topic_filter, qos)
 
     def _quickack(self) -> None:
