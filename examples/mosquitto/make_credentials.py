@@ -63,6 +63,8 @@ def acl_text(fleet: str, devices: dict[str, list[str]]) -> str:
         f"topic read {base}/dev/+/repo/req",
         f"topic write {base}/dev/+/repo/res",
         f"topic readwrite {base}/repo/announce",
+        # serve checks once at start whether a shared subscription receives here.
+        f"topic readwrite {base}/probe/#",
         "",
         f"user {OPERATOR}",
         f"topic readwrite {base}/dev/+/desired",
