@@ -230,8 +230,10 @@ class Agent:
             self.profiler.source = self.installer.source
         for topic in self._desired_topics:
             conn.subscribe(topic, self._on_desired, wait=False)
-        conn.subscribe(self.topics.profile_request(self.config.device_id),
-                       self.profiler.on_request, wait=False)
+        if self.config.profiling.enabled:
+            # Only then: a broker ACL written before profiling existed refuses the topic.
+            conn.subscribe(self.topics.profile_request(self.config.device_id),
+                           self.profiler.on_request, wait=False)
         self.telemetry.attach(conn)
         try:
             conn.connect(wait=False)
