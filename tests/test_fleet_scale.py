@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from edge_sdk.transport._responder import partition_of
-from tests._broker import Mosquitto
+from tests._broker import Mosquitto, free_port
 from tests._fleetrig import run_rollout
 
 N = 100
@@ -55,3 +55,27 @@ def test_serve_refuses_a_bad_partition_or_role_in_one_line(tmp_path: Path, capsy
                  *args])
     err = capsys.readouterr().err
     assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_partitioned_responder_refuses_a_shared_subscription() -> None:
+    from edge_sdk.errors import ConfigError
+    from edge_sdk.transport import ResponderConfig
+
+    assert ResponderConfig(shared=False, partition=(1, 2)).partition == (1, 2)
+    with pytest.raises(ConfigError, match="needs a plain subscription"):
+        ResponderConfig(partition=(0, 2))
+
+
+def test_serve_only_responder_ignores_the_fleet_hosts_edge_db(tmp_path: Path, capsys,
+                                                              monkeypatch) -> None:
+    from edge_sdk.cli import main
+    from edge_sdk.release import Repository
+
+    repo = Repository.init(tmp_path / "repo", tmp_path / "keys")
+    monkeypatch.setenv("EDGE_DB", f"sqlite:///{tmp_path / 'fleet.db'}")
+    # Nothing listens there: the responder gets past the option checks and fails to connect.
+    code = main(["serve", "--repo", str(repo.path), "--only", "responder",
+                 "--broker", f"mqtt://127.0.0.1:{free_port()}"])
+    err = capsys.readouterr().err
+    assert code != 0 and "--only responder runs no registry" not in err, err
+    assert len(err.strip().splitlines()) == 1, err

@@ -543,7 +543,10 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
                            partition=_partition(partition, no_shared))
     stop = threading.Event()
     if only == "responder":
-        if db_url or http:
+        # EDGE_DB, which a fleet host exports for its other serve, is no reason to refuse.
+        db_given = (db_url is not None and click.get_current_context().get_parameter_source(
+            "db_url") is not click.core.ParameterSource.ENVIRONMENT)
+        if db_given or http:
             raise UsageError("--only responder runs no registry or page: drop --db / --http")
         _serve_responder(repo, config, rcfg)
         return

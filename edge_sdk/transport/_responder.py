@@ -114,6 +114,10 @@ class ResponderConfig:
             k, n = self.partition
             if not 0 <= k < n:
                 raise ConfigError(f"responder partition {k}/{n}: need 0 <= k < n")
+            if self.shared:
+                # The broker would hand it requests of other partitions, which it drops.
+                raise ConfigError("a partitioned responder needs a plain subscription "
+                                  "(shared=False, serve --no-shared)")
 
 
 def partition_of(device: str, n: int) -> int:
