@@ -275,3 +275,14 @@ def test_serve_refuses_a_public_http_bind_in_one_line(tmp_path, capsys) -> None:
                  "--broker", "mqtt://127.0.0.1:1", "--http", "0.0.0.0:8700"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--http-allow-remote" in err and "\n" not in err
+
+
+def test_rollouts_leave_out_a_registered_id_no_deployment_can_name(db) -> None:
+    # An older agent's dotted id (NATS refuses a '.' in a topic) or the space above: signing
+    # a wave that named it would fail the whole wave, so the controller never picks it.
+    with db.begin() as c:
+        assert ingest_state(c, FLEET, "cam.9", state("cam.9", "1", groups=["cams"]))
+    assert set(members(db, FLEET, {"groups": ["cams"]})) == {"cam-0", "cam-1", "cam-2"}
+    assert set(members(db, FLEET, {"groups": ["cams", "gates"]})) == {"cam-0", "cam-1",
+                                                                      "cam-2"}
+    assert members(db, FLEET, {"devices": ["cam.9", "gate 1 ü"]}) == {}

@@ -32,6 +32,7 @@ from ..errors import EdgeError
 from ..release._deploy import clear_deployment, create_deployment
 from ..release._repository import Repository
 from ..transport import MqttConnection, Topics
+from ..transport._config import check_topic_word
 from ..trust._keys import DEPLOYMENT_ROLE
 from . import _machine as m
 from ._db import (
@@ -91,6 +92,23 @@ def matches(selector: Mapping[str, Any], dev: Mapping[str, Any]) -> bool:
     return False
 
 
+_UNDEPLOYABLE_WARNED: set[str] = set()
+
+
+def _deployable(device: str) -> bool:
+    """False (with one warning per id) for a registered id no deployment can name: a '.'
+    or another character an older agent accepted, which would fail the signing of the
+    whole wave it landed in."""
+    try:
+        check_topic_word(device, "device id")
+    except EdgeError as err:
+        if device not in _UNDEPLOYABLE_WARNED and len(_UNDEPLOYABLE_WARNED) < 1000:
+            _UNDEPLOYABLE_WARNED.add(device)
+            log.warning("rollouts leave device %r out: %s", device, err)
+        return False
+    return True
+
+
 def members(db: FleetDB, fleet: str, selector: Mapping[str, Any]) -> dict[str, m.Member]:
     # Read on every poll: only the columns a selector looks at, never the state document
     # (most of a row's bytes). Hardware facts are parsed only for a tag selector.
@@ -101,6 +119,8 @@ def members(db: FleetDB, fleet: str, selector: Mapping[str, Any]) -> dict[str, m
     with db.read() as c:
         for r in c.execute(sa.select(*cols).where(devices.c.fleet == fleet)
                            .order_by(devices.c.id)):
+            if not _deployable(r.id):
+                continue
             dev = {"id": r.id, "groups": json_value(r.groups, []),
                    "tags": json_value(r.tags, {}),
                    "hardware": json_value(r.hardware, {}) if tagged else {}}
