@@ -287,8 +287,10 @@ class AgentConfig:
                                    "or mqtts://host:8883")
         if len({urlparse(one).scheme for one in self.broker.all_urls}) > 1:
             raise bad(url_key, "mixes mqtt:// and mqtts://; use one scheme for every node")
-        if not self.broker.topic_prefix or any(c in self.broker.topic_prefix for c in "/#+"):
-            raise bad("broker.topic_prefix", "must be one topic level without '/', '#', '+'")
+        if not _TOPIC_ID.fullmatch(self.broker.topic_prefix):
+            # What MqttConfig checks later, named here with its key.
+            raise bad("broker.topic_prefix", "must be one topic level: 1-64 letters, digits, "
+                      "'_', '-' (no '.', which NATS refuses in topics)")
         positive: list[tuple[str, float]] = [
             ("threads", self.threads + 1),
             ("http.max_body_bytes", self.http.max_body_bytes),
