@@ -50,6 +50,11 @@ class Admission:
     running: str | None = None
     _seen: collections.OrderedDict[str, None] = field(default_factory=collections.OrderedDict)
 
+    def replayed(self, rid: str) -> bool:
+        """True when ``rid`` was already admitted (a QoS 1 redelivery or a replay): it gets
+        no answer, the first copy's answer is the one that counts."""
+        return rid in self._seen
+
     def admit(self, rid: str) -> str | None:
         """None when ``rid`` is queued; otherwise why it is refused."""
         if rid in self._seen:
@@ -139,11 +144,15 @@ class Profiler:
             return
         c = self.cfg
         rid = claimed_request_id(payload, c.max_request_bytes) or "0" * 16
+        # Until the signature checks, the id is only claimed: such refusals say so
+        # (``verified`` False), and the host does not take them for the real answer.
         if not c.enabled:
-            self._refuse(rid, "profiling is disabled on this device (profiling.enabled)")
+            self._refuse(rid, "profiling is disabled on this device (profiling.enabled)",
+                         verified=False)
             return
         if self.source is None or getattr(self.source, "key", None) is None:
-            self._refuse(rid, "this agent has no release source to fetch candidates from")
+            self._refuse(rid, "this agent has no release source to fetch candidates from",
+                         verified=False)
             return
         limits = ProfilingLimits(
             max_request_bytes=c.max_request_bytes, max_candidates=c.max_candidates,
@@ -154,22 +163,28 @@ class Profiler:
                                            device_id=self.config.device_id,
                                            fleet=self.config.fleet, limits=limits)
         except EdgeError as err:
-            self._refuse(rid, str(err))
+            self._refuse(rid, str(err), verified=False)
             return
         with self._lock:
-            why = self._admission.admit(req.id)
+            replayed = self._admission.replayed(req.id)
+            why = None if replayed else self._admission.admit(req.id)
+        if replayed:
+            log.info("profiling request %s received again: ignored", req.id[:12])
+            self.event("profiling_replayed", request=req.id)
+            return
         if why is not None:
             self._refuse(req.id, why)
             return
         self.event("profiling_queued", request=req.id, candidates=len(req.candidates))
         self._queue.put(req)
 
-    def _refuse(self, rid: str, why: str) -> None:
+    def _refuse(self, rid: str, why: str, *, verified: bool = True) -> None:
         from edge_sdk.trust import ProfilingResult
 
         log.warning("profiling request %s refused: %s", rid[:12], why)
-        self.event("profiling_refused", request=rid, reason=why)
-        self._reply(ProfilingResult(rid, self.config.device_id, "refused", reason=why))
+        self.event("profiling_refused", request=rid, reason=why, verified=verified)
+        self._reply(ProfilingResult(rid, self.config.device_id, "refused", reason=why,
+                                    verified=verified))
 
     def _reply(self, result: Any) -> None:
         try:

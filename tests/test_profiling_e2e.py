@@ -155,6 +155,39 @@ def test_bench_on_prints_the_device_measurement(setup, capsys) -> None:
         capsys.readouterr().err
 
 
+def test_a_replayed_or_forged_copy_of_the_request_does_not_end_the_run(setup,
+                                                                        capsys) -> None:
+    from edge_sdk.cli import main
+
+    host, agent = setup
+    copies: list[bytes] = []
+
+    def forge(topic: str, payload: bytes) -> None:
+        doc = json.loads(payload)
+        if doc.get("signatures") and not copies:  # the host's real request, once
+            copies.append(payload)
+            host.conn.publish(topic, json.dumps({**doc, "signatures": []}).encode())
+            host.conn.publish(topic, payload)  # a QoS 1 redelivery, or a replay
+
+    sub = host.conn.subscribe(host.topics.profile_request(DEV), forge)
+    try:
+        art_dir = next(p for p in (agent.state / "models").iterdir()
+                       if (p / "manifest.json").is_file())
+        code = main(host.cli("bench", str(art_dir), "--on", DEV, "--runs", "5", "--json"))
+    finally:
+        sub.cancel()
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert json.loads(captured.out)["devices"][DEV]["error"] is None
+    rid = json.loads(copies[0])["signed"]["id"]
+    replies = [parse_profiling_result(p) for p in host.results]
+    mine = [r for r in replies if r.id == rid]
+    # The forged copy was refused as unverified, the replay got no answer at all.
+    assert sorted((r.status, r.verified) for r in mine) == [("done", True), ("refused", False)]
+    wait_for(lambda: any(e["event"] == "profiling_replayed" and e["request"] == rid
+                         for e in host.events))
+
+
 def _request(host: Host, n: int) -> ProfilingRequest:
     now = datetime.now(UTC).replace(microsecond=0)
     rid = os.urandom(16).hex()

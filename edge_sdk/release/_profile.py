@@ -95,6 +95,12 @@ def profile_on_devices(
             return
         if res.id != rid or res.device != device:
             return  # an answer to another request (or a stale one)
+        if res.status == "refused" and not res.verified:
+            # The device refused a payload it could not verify (perhaps a forged copy
+            # of this request's id): kept for the error message, the real answer may follow.
+            with got:
+                bad[device] = f"refused an unverified request: {res.reason or 'no reason'}"
+            return
         with got:
             results[device] = res
             got.notify_all()
@@ -142,8 +148,8 @@ def profile_on_devices(
     unreadable = [d for d in silent if d in bad]
     if unreadable:
         d = unreadable[0]
-        raise ProfilingError(f"device {d} sent no readable profiling result within "
-                             f"{cfg.timeout_s:g} s (last: {bad[d]})")
+        raise ProfilingError(f"device {d} sent no readable, verified profiling result "
+                             f"within {cfg.timeout_s:g} s (last: {bad[d]})")
     if silent:
         raise ProfilingError(
             f"device {', '.join(silent)} did not answer the profiling request within "

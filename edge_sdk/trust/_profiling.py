@@ -348,7 +348,8 @@ class CandidateTiming:
 @dataclass(frozen=True)
 class ProfilingResult:
     """A device's answer to one request: ``status`` done (timings), or refused / failed
-    (``reason``)."""
+    (``reason``). ``verified`` False: a refusal of a payload whose signature did not check
+    (its id only claimed), so not necessarily the answer to the host's real request."""
 
     id: str
     device: str
@@ -357,11 +358,13 @@ class ProfilingResult:
     hardware: Mapping[str, Any] = field(default_factory=dict)
     threads: int | None = None
     candidates: tuple[CandidateTiming, ...] = ()
+    verified: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return {"type": RESULT_TYPE, "spec": SPEC, "id": self.id, "device": self.device,
                 "status": self.status, "reason": self.reason, "hardware": dict(self.hardware),
-                "threads": self.threads, "candidates": [c.to_json() for c in self.candidates]}
+                "threads": self.threads, "candidates": [c.to_json() for c in self.candidates],
+                "verified": self.verified}
 
     def dumps(self) -> bytes:
         return json.dumps(self.to_json(), separators=(",", ":")).encode()
@@ -397,7 +400,8 @@ def parse_profiling_result(payload: bytes) -> ProfilingResult:
         hardware=hw if isinstance(hw, dict) else {},
         threads=threads if isinstance(threads, int) and not isinstance(threads, bool)
         else None,
-        candidates=tuple(_timing(r, i) for i, r in enumerate(rows)))
+        candidates=tuple(_timing(r, i) for i, r in enumerate(rows)),
+        verified=doc.get("verified") is not False)
 
 
 def _text(v: Any) -> str | None:
