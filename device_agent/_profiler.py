@@ -269,6 +269,14 @@ class Profiler:
                 timings.append(self._measure(c.name, model, sample, expected, req, work))
         finally:
             shutil.rmtree(work, ignore_errors=True)
+        if self._stop.is_set():
+            # Candidates killed or never measured because the agent stops are not figures:
+            # the host must not choose among the rest as if they were all there was.
+            result = ProfilingResult(req.id, self.config.device_id, "failed",
+                                     reason="the agent is stopping; request not finished")
+            self.event("profiling_failed", request=req.id, reason=result.reason)
+            self._reply(result)
+            return
         hw = {**self.hardware(), "threads": self.cfg.threads}
         result = ProfilingResult(req.id, self.config.device_id, "done", hardware=hw,
                                  threads=self.cfg.threads, candidates=tuple(timings))
