@@ -303,7 +303,7 @@ class Profiler:
             [sys.executable, "-m", "device_agent._profile_child", spec],
             timeout_s=self.cfg.timeout_s, nice=self.cfg.nice,
             max_memory=self.cfg.max_memory_bytes, stderr_path=work / f"{name}.stderr",
-            on_start=self._started_child)
+            on_start=self._started_child, stop=self._stop)
         self._child = None
         if why is not None:
             return CandidateTiming(name, peak_rss_bytes=rss, error=why)
@@ -325,26 +325,40 @@ def _f(v: Any) -> float | None:
 
 _LAUNCHER = (
     "import os, resource, sys\n"
-    "nice, mem = int(sys.argv[1]), int(sys.argv[2])\n"
+    "nice, mem, cpu, parent = (int(a) for a in sys.argv[1:5])\n"
+    "try:\n"  # killed with the agent, even by kill -9 (Linux; elsewhere RLIMIT_CPU only)
+    "    import ctypes, signal\n"
+    "    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)\n"
+    "except Exception:\n"
+    "    pass\n"
+    "if os.getppid() != parent:\n"  # the agent died before the line above
+    "    sys.exit(1)\n"
     "os.nice(max(0, nice - os.nice(0)))\n"
     "if mem:\n"
     "    resource.setrlimit(resource.RLIMIT_AS, (mem, mem))\n"
-    "os.execv(sys.argv[3], sys.argv[3:])\n"
+    "if cpu:\n"
+    "    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 5))\n"
+    "os.execv(sys.argv[5], sys.argv[5:])\n"
 )
 
 
 def run_child(cmd: list[str], *, timeout_s: float, nice: int, max_memory: int,
               stderr_path: Path,
               on_start: Callable[[subprocess.Popen[bytes]], None] | None = None,
+              stop: threading.Event | None = None,
               ) -> tuple[dict[str, Any], int | None, str | None]:
     """Run ``cmd`` at niceness ``nice`` under RLIMIT_AS ``max_memory`` (0: none), killed
-    after ``timeout_s``. Returns (its JSON output, its peak RSS in bytes, why it failed or
-    None)."""
+    after ``timeout_s`` or as soon as ``stop`` is set, and by the kernel if this process
+    dies (PR_SET_PDEATHSIG; RLIMIT_CPU as a backstop). Returns (its JSON output, its peak
+    RSS in bytes, why it failed or None)."""
 
     # No preexec_fn: it runs Python in a fork of this many-threaded process (a deadlock
     # risk) and forces fork() over vfork(). The limits are applied by a tiny launcher
     # before it execs the measuring command, so they hold before any model byte is read.
-    launcher = [sys.executable, "-S", "-c", _LAUNCHER, str(nice), str(max_memory), *cmd]
+    # CPU seconds over all its threads: generous, only for a child nobody kills any more.
+    cpu = int(timeout_s * (os.cpu_count() or 1)) + 60
+    launcher = [sys.executable, "-S", "-c", _LAUNCHER, str(nice), str(max_memory), str(cpu),
+                str(os.getpid()), *cmd]
     env = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}
     with open(stderr_path, "wb") as err_file:
         child = subprocess.Popen(launcher, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -353,21 +367,25 @@ def run_child(cmd: list[str], *, timeout_s: float, nice: int, max_memory: int,
         on_start(child)
     deadline = time.monotonic() + timeout_s
     status, usage = 0, None
-    killed = False
+    killed = stopped = False
     while True:
         pid, status, usage = os.wait4(child.pid, os.WNOHANG)
         if pid == child.pid:
             break
-        if time.monotonic() > deadline and not killed:
-            with contextlib.suppress(OSError):
-                child.kill()
-            killed = True
+        if not (killed or stopped):
+            stopped = stop is not None and stop.is_set()
+            killed = not stopped and time.monotonic() > deadline
+            if killed or stopped:
+                with contextlib.suppress(OSError):
+                    child.kill()
         time.sleep(0.02)
     child.returncode = os.waitstatus_to_exitcode(status)
     rss = usage.ru_maxrss * 1024 if usage is not None else None
     assert child.stdout is not None
     raw = child.stdout.read(_CHILD_OUTPUT_MAX)
     child.stdout.close()
+    if stopped:
+        return {}, rss, "killed: the agent is stopping"
     if killed:
         return {}, rss, f"timed out after {timeout_s:g} s (profiling.timeout_s); killed"
     try:

@@ -317,3 +317,63 @@ def test_child_runs_at_low_priority_under_the_memory_limit(tmp_path: Path) -> No
     out, _, why = run_child([sys.executable, "-c", hog], timeout_s=30, nice=19,
                             max_memory=1 << 30, stderr_path=tmp_path / "err2")
     assert out == {} and "out of memory under profiling.max_memory_bytes" in str(why)
+
+
+def test_child_is_killed_when_the_agent_stops(tmp_path: Path) -> None:
+    import threading
+
+    stop = threading.Event()
+    stop.set()
+    out, _, why = run_child([sys.executable, "-c", "import time; time.sleep(60)"],
+                            timeout_s=120, nice=19, max_memory=0,
+                            stderr_path=tmp_path / "err", stop=stop)
+    assert out == {} and "agent is stopping" in str(why)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG: Linux")
+def test_child_dies_with_the_agent_even_on_kill_9(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.test_agent_e2e import ROOT
+
+    parent = ("import sys; from pathlib import Path; "
+              "from device_agent._profiler import run_child; "
+              "run_child([sys.executable, '-c', 'import sys, time; "
+              "open(sys.argv[1], \"w\").close(); time.sleep(120)', sys.argv[2]], "
+              "timeout_s=120, nice=19, max_memory=0, stderr_path=Path(sys.argv[1]), "
+              "on_start=lambda c: print(c.pid, flush=True))")
+    running = tmp_path / "running"
+    agent = subprocess.Popen([sys.executable, "-c", parent, str(tmp_path / "err"),
+                              str(running)],
+                             cwd=ROOT, stdout=subprocess.PIPE,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert agent.stdout is not None
+    pid = int(agent.stdout.readline())
+    for _ in range(6000):  # the child is past its launcher, measuring
+        if running.exists():
+            break
+        time.sleep(0.01)
+    assert running.exists(), (tmp_path / "err").read_text()
+
+    def alive() -> bool:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+    try:
+        agent.send_signal(signal.SIGKILL)
+        agent.wait()
+
+        for _ in range(3000):  # not a timing threshold: the kernel kills it at once
+            if not alive():
+                break
+            time.sleep(0.01)
+        assert not alive(), "the measuring child outlived the agent"
+    finally:
+        if alive():
+            os.kill(pid, signal.SIGKILL)
