@@ -377,3 +377,24 @@ def test_child_dies_with_the_agent_even_on_kill_9(tmp_path: Path) -> None:
     finally:
         if alive():
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_hostile_hardware_dict_is_reduced_to_known_facts_of_the_right_type() -> None:
+    from converters._report import hardware_text
+    from device_agent._agent import _hardware
+
+    hostile = {"arch": ["x"], "cpu": "A" * 5000, "cores": "8", "cpu_features": 7,
+               "runtimes": ["onnxruntime"], "threads": True, "evil": {"a": [1] * 100},
+               "onnxruntime_providers": ["CPU", 3, {"x": 1}]}
+    res = ProfilingResult(RID, "dev-1", "done", hardware=hostile)
+    hw = parse_profiling_result(res.dumps()).hardware
+    assert hw == {"cpu": "A" * 300, "onnxruntime_providers": ["CPU"]}
+    text = hardware_text({"hardware": hw, "threads": 2})
+    assert "unknown CPU" not in text and "features none reported" in text
+    hw = parse_profiling_result(res.dumps().replace(b'"cpu_features":7',
+                                                    b'"cpu_features":"sse"')).hardware
+    assert "cpu_features" not in hw
+    # What a real agent reports survives intact.
+    real = {**_hardware(), "threads": 2}
+    back = parse_profiling_result(ProfilingResult(RID, "d", "done", hardware=real).dumps())
+    assert back.hardware == {k: v for k, v in real.items() if v is not None}

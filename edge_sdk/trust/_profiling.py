@@ -397,11 +397,43 @@ def parse_profiling_result(payload: bytes) -> ProfilingResult:
         raise MalformedProfilingResultError("profiling result: 'candidates' must be a list")
     return ProfilingResult(
         id=rid, device=device, status=str(status), reason=_text(doc.get("reason")),
-        hardware=hw if isinstance(hw, dict) else {},
+        hardware=_hardware(hw),
         threads=threads if isinstance(threads, int) and not isinstance(threads, bool)
         else None,
         candidates=tuple(_timing(r, i) for i, r in enumerate(rows)),
         verified=doc.get("verified") is not False)
+
+
+#: What a device may say about its hardware, and the type each fact must have.
+_HW_STR = ("arch", "cpu", "os", "agent")
+_HW_INT = ("cores", "usable_cores", "threads")
+_HW_LIST = ("cpu_features", "onnxruntime_providers")
+_HW_LIST_MAX = 256
+_HW_WORD_MAX = 64
+
+
+def _hardware(hw: Any) -> dict[str, Any]:
+    """Only the known facts with the right types (the document is unsigned: anything else
+    is dropped, so that reports and manifests never hold what a hostile device sent)."""
+    if not isinstance(hw, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for k in _HW_STR:
+        if isinstance(hw.get(k), str):
+            out[k] = hw[k][:_MAX_TEXT]
+    for k in _HW_INT:
+        v = hw.get(k)
+        if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 20:
+            out[k] = v
+    for k in _HW_LIST:
+        v = hw.get(k)
+        if isinstance(v, list):
+            out[k] = [x[:_HW_WORD_MAX] for x in v[:_HW_LIST_MAX] if isinstance(x, str)]
+    rt = hw.get("runtimes")
+    if isinstance(rt, dict):
+        out["runtimes"] = {k[:_HW_WORD_MAX]: v[:_HW_WORD_MAX] for k, v in
+                           list(rt.items())[:32] if isinstance(k, str) and isinstance(v, str)}
+    return out
 
 
 def _text(v: Any) -> str | None:
