@@ -554,7 +554,7 @@ def _profile_on_devices(profiler: DeviceProfiler, ms: Sequence[Measurement],
             t = results[d].timing(m.name)
             per[d] = t.to_json() if t is not None else {"error": "not measured"}
             if why is None and (t is None or not t.ok):
-                why = f"on device {d}: {t.error if t is not None else 'not measured'}"
+                why = f"on device {d}: {t.why_excluded if t is not None else 'not measured'}"
         rows[m.name] = per
         if why is not None:
             excluded[m.name] = why

@@ -210,7 +210,7 @@ class FigureProfiler:
     """A device profiler (the interface ``convert --profile-on`` injects) whose devices
     answer with the figures the test gives: device → candidate → median ms or an error."""
 
-    def __init__(self, figures: dict[str, dict[str, float | str]]) -> None:
+    def __init__(self, figures: dict[str, dict[str, float | str | None]]) -> None:
         self.figures = figures
         self.calls: list[list[str]] = []
 
@@ -226,6 +226,7 @@ class FigureProfiler:
             for n in names:
                 f = figs.get(n, 1.0)
                 rows.append(CandidateTiming(n, error=f) if isinstance(f, str) else
+                            CandidateTiming(n, load_ms=1.0) if f is None else  # no figures
                             CandidateTiming(n, load_ms=1.0, median_ms=f, p90_ms=f * 1.1,
                                             runs=10))
             out[dev] = ProfilingResult(RID, dev, "done", hardware={"arch": dev},
@@ -264,6 +265,14 @@ def test_the_worst_device_decides_and_a_mismatch_on_a_device_excludes(tmp_path) 
                for w in report["warnings"])
     assert set(report["devices"]) == {"arm-a", "arm-b"}
     assert rows["fp32"]["devices"]["arm-b"]["median_ms"] == 1.0
+
+
+def test_a_device_row_without_figures_is_excluded_saying_what_is_missing(tmp_path) -> None:
+    report = _convert_with(tmp_path, FigureProfiler({"arm-a": {"int8-dynamic": None}}))
+    rows = {r["name"]: r for r in report["candidates"]}
+    assert rows["int8-dynamic"]["status"] == "excluded"
+    assert rows["int8-dynamic"]["note"] == \
+        "on device arm-a: the device reported no median latency for it"
 
 
 def test_profiling_files_are_verified_by_tuf_and_never_installed(tmp_path) -> None:

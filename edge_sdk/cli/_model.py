@@ -257,7 +257,8 @@ def _bench_on(path: str, predictor: Any, feed: dict[str, np.ndarray],
         res = results[d]
         t = res.timing("model")
         rows[d] = {"hardware": dict(res.hardware), "threads": res.threads,
-                   **(t.to_json() if t is not None else {"error": "not measured"})}
+                   **({**t.to_json(), "error": t.why_excluded} if t is not None
+                      else {"error": "not measured"})}
     if as_json:
         click.echo(json.dumps({"model": predictor.name, "format": predictor.format,
                                "devices": rows}))
@@ -271,14 +272,18 @@ def _bench_on(path: str, predictor: Any, feed: dict[str, np.ndarray],
                 click.echo(f"  excluded: {r['error']}")
                 continue
             rss = r.get("peak_rss_bytes")
-            click.echo(f"  {predictor.name} [{predictor.format}]  load {r['load_ms']:.1f} ms  "
-                       f"warm-up {r['warmup_ms']:.1f} ms  median {r['median_ms']:.3f} ms  "
-                       f"p90 {r['p90_ms']:.3f} ms  runs={r['runs']}  peak RSS "
+            click.echo(f"  {predictor.name} [{predictor.format}]  load {_ms(r['load_ms'], 1)}  "
+                       f"warm-up {_ms(r['warmup_ms'], 1)}  median {_ms(r['median_ms'], 3)}  "
+                       f"p90 {_ms(r['p90_ms'], 3)}  runs={r['runs']}  peak RSS "
                        + (f"{rss / 2**20:.1f} MiB" if rss else "-"))
     failed = [d for d, r in rows.items() if r.get("error")]
     if failed:
         raise ProfilingError(f"{path} does not run as on this machine on device "
                              f"{', '.join(failed)}: {rows[failed[0]]['error']}")
+
+
+def _ms(v: float | None, digits: int) -> str:
+    return "-" if v is None else f"{v:.{digits}f} ms"
 
 
 __all__ = ["bench_cmd", "inspect_cmd", "ops_summary", "predict_cmd"]

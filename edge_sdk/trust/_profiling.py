@@ -339,7 +339,16 @@ class CandidateTiming:
 
     @property
     def ok(self) -> bool:
-        return self.error is None and self.median_ms is not None
+        return self.why_excluded is None
+
+    @property
+    def why_excluded(self) -> str | None:
+        """Why this candidate has no usable figure (None: it has one)."""
+        if self.error is not None:
+            return self.error
+        if self.median_ms is None:
+            return "the device reported no median latency for it"
+        return None
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items()}
