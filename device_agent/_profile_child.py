@@ -20,7 +20,8 @@ from typing import Any
 def compare(outputs: dict[str, Any], expected: dict[str, Any], rtol: float,
             atol: float) -> tuple[float, str | None]:
     """(largest absolute difference, why the outputs do not match or None). A float output
-    matches when ``max|dev - host| <= atol + rtol * max|host|``; others must be equal."""
+    matches when its NaN/inf are the host's and, over the finite elements,
+    ``max|dev - host| <= atol + rtol * max|host|``; others must be equal."""
     import numpy as np
 
     worst = 0.0
@@ -33,12 +34,18 @@ def compare(outputs: dict[str, Any], expected: dict[str, Any], rtol: float,
             return worst, f"output {name!r} has shape {list(got.shape)}, the host's " \
                           f"{list(want.shape)}"
         if want.dtype.kind in "fc":
-            diff = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64)))) \
-                if want.size else 0.0
-            if not np.isfinite(diff):
-                return worst, f"output {name!r} is not finite on this device"
+            # As converters' compare_outputs: NaN/inf must be where the host has them (the
+            # same value), only the finite elements are compared within the tolerance.
+            g, w = got.astype(np.complex128 if want.dtype.kind == "c" else np.float64), \
+                want.astype(np.complex128 if want.dtype.kind == "c" else np.float64)
+            fin = np.isfinite(w)
+            if not np.array_equal(np.isfinite(g), fin) or \
+                    not np.array_equal(g[~fin], w[~fin], equal_nan=True):
+                return worst, (f"output {name!r} has NaN/inf where the host's does not "
+                               "(or other ones)")
+            diff = float(np.max(np.abs(g[fin] - w[fin]))) if fin.any() else 0.0
             worst = max(worst, diff)
-            limit = atol + rtol * (float(np.max(np.abs(want))) if want.size else 0.0)
+            limit = atol + rtol * (float(np.max(np.abs(w[fin]))) if fin.any() else 0.0)
             if diff > limit:
                 return worst, (f"output {name!r} differs from the host's by {diff:.3g} "
                                f"(tolerance {limit:.3g})")

@@ -171,6 +171,18 @@ def test_outputs_compare_within_tolerance_and_exactly_for_integers() -> None:
     assert "shape" in str(compare({"y": want["y"][:1], "k": want["k"]}, want, 1e-2, 0)[1])
 
 
+def test_the_same_nan_and_inf_as_the_host_match_and_others_do_not() -> None:
+    inf, nan = np.inf, np.nan
+    want = {"y": np.array([1.0, -inf, nan, 2.0], np.float32)}
+    assert compare({"y": np.array([1.001, -inf, nan, 2.0], np.float32)}, want, 1e-2, 0) \
+        == (pytest.approx(0.001, rel=1e-3), None)
+    for got in ([1.0, inf, nan, 2.0], [1.0, -inf, 0.0, 2.0], [nan, -inf, nan, 2.0],
+                [1.0, nan, nan, 2.0]):
+        assert "NaN/inf" in str(compare({"y": np.array(got, np.float32)}, want, 1e-2, 0)[1])
+    allnan = {"y": np.array([nan, nan])}
+    assert compare(allnan, allnan, 1e-2, 0) == (0.0, None)
+
+
 def test_child_measures_a_model_and_a_hanging_child_is_killed(tmp_path: Path) -> None:
     model = _models.offset_model(tmp_path / "m.onnx", 1.0)
     x = np.array([[1, 2, 3, 4]], np.float32)
