@@ -39,6 +39,14 @@ _CHILD_OUTPUT_MAX = 64 * 1024
 _INTAKE_MAX = 16
 
 
+@dataclass(frozen=True)
+class _Oversized:
+    """A request over profiling.max_request_bytes: its size and claimed id, not its bytes."""
+
+    size: int
+    rid: str | None
+
+
 @dataclass
 class Admission:
     """Which requests may run: one running, ``max_queued`` waiting, ids never taken twice
@@ -100,7 +108,7 @@ class Profiler:
         self._lock = threading.Lock()
         self._admission = Admission(self.cfg.max_queued)
         self._queue: queue.Queue[Any] = queue.Queue()
-        self._intake: queue.Queue[bytes | None] = queue.Queue(_INTAKE_MAX)
+        self._intake: queue.Queue[bytes | _Oversized | None] = queue.Queue(_INTAKE_MAX)
         self._thread: threading.Thread | None = None
         self._intake_thread: threading.Thread | None = None
         #: The running child, killed on stop.
@@ -111,9 +119,16 @@ class Profiler:
 
     def on_request(self, topic: str, payload: bytes) -> None:
         """The MQTT callback: only hands the payload to the intake thread (checking writes
-        events to disk, which must not hold up the broker link)."""
+        events to disk, which must not hold up the broker link). An oversized one is not
+        kept: only its size and the id it claims wait for the refusal."""
+        item: bytes | _Oversized = payload
+        if len(payload) > self.cfg.max_request_bytes:
+            from edge_sdk.trust import claimed_request_id
+
+            item = _Oversized(len(payload),
+                              claimed_request_id(payload, self.cfg.max_request_bytes))
         try:
-            self._intake.put_nowait(payload)
+            self._intake.put_nowait(item)
         except queue.Full:
             log.warning("profiling request dropped: %d wait to be checked", _INTAKE_MAX)
             return
@@ -132,7 +147,7 @@ class Profiler:
             except Exception:  # no message may end this thread
                 log.exception("profiling request handling failed")
 
-    def _on_request(self, payload: bytes) -> None:
+    def _on_request(self, payload: bytes | _Oversized) -> None:
         from edge_sdk.errors import EdgeError
         from edge_sdk.trust import (
             ProfilingLimits,
@@ -143,6 +158,12 @@ class Profiler:
         if not payload:
             return
         c = self.cfg
+        if isinstance(payload, _Oversized):
+            self._refuse(payload.rid or "0" * 16,
+                         f"profiling request is {payload.size} bytes, over the device's "
+                         f"limit of {c.max_request_bytes} (profiling.max_request_bytes)",
+                         verified=False)
+            return
         rid = claimed_request_id(payload, c.max_request_bytes) or "0" * 16
         # Until the signature checks, the id is only claimed: such refusals say so
         # (``verified`` False), and the host does not take them for the real answer.

@@ -419,3 +419,33 @@ def test_a_hostile_hardware_dict_is_reduced_to_known_facts_of_the_right_type() -
     real = {**_hardware(), "threads": 2}
     back = parse_profiling_result(ProfilingResult(RID, "d", "done", hardware=real).dumps())
     assert back.hardware == {k: v for k, v in real.items() if v is not None}
+
+
+def test_an_oversized_request_is_refused_unverified_under_its_claimed_id(
+        tmp_path: Path) -> None:
+    import threading
+
+    from device_agent._config import AgentConfig
+    from device_agent._profiler import Profiler
+
+    cfg = AgentConfig.from_dict({"device_id": "d", "fleet": "lab",
+                                 "state_dir": str(tmp_path)})
+    sent: list[bytes] = []
+    events: list[str] = []
+    stop = threading.Event()
+    prof = Profiler(cfg, tmp_path, lambda t, p: sent.append(p),
+                    lambda kind, **f: events.append(kind), dict, "res", stop)
+    big = b'{"signed":{"id":"' + RID.encode() + b'"},"x":"' + b" " * 100_000 + b'"}'
+    try:
+        prof.on_request("req", big)
+        for _ in range(3000):  # the intake thread answers
+            if sent:
+                break
+            stop.wait(0.01)
+    finally:
+        stop.set()
+        prof.stop()
+    res = parse_profiling_result(sent[0])
+    assert res.id == RID and res.status == "refused" and res.verified is False
+    assert f"is {len(big)} bytes" in str(res.reason) and "max_request_bytes" in str(res.reason)
+    assert events == ["profiling_refused"]
