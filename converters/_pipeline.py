@@ -293,7 +293,8 @@ def convert_onnx(
         if profiled is not None:
             extra["profiled_on"] = {d: {"hardware": dict(info["hardware"]),
                                         "threads": info["threads"],
-                                        "latency_ms": profiled.rows.get(chosen.name, {}).get(d)}
+                                        "latency_ms": profiled.rows.get(chosen.name, {})
+                                        .get(d, {}).get("median_ms")}
                                     for d, info in profiled.devices.items()}
         if base is not None and base_info is not None:
             extra["conversion"]["base"] = {
@@ -493,8 +494,10 @@ def _report(
         })
         if profiled is not None:
             rows[-1]["host_latency_ms"] = rows[-1]["latency_ms"]
-            rows[-1]["device_latency_ms"] = (decided[c.name].latency_ms
-                                             if c.name in profiled.rows else None)
+            # An excluded candidate has no device figure: its latency is the host's.
+            rows[-1]["device_latency_ms"] = (
+                decided[c.name].latency_ms
+                if c.name in profiled.rows and c.name not in profiled.excluded else None)
             rows[-1]["devices"] = profiled.rows.get(c.name, {})
     notes = list(fixes)
     if ort_note:

@@ -126,7 +126,8 @@ def test_convert_chooses_by_the_device_latency_and_the_device_keeps_serving(
     assert f"{DEV} ms" in md and f"Profiled on device `{DEV}`" in md
     assert (out / "report.png").stat().st_size > 1000
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["profiled_on"][DEV]["latency_ms"]["name"] == report["chosen"]
+    chosen = next(r for r in report["candidates"] if r["name"] == report["chosen"])
+    assert manifest["profiled_on"][DEV]["latency_ms"] == chosen["devices"][DEV]["median_ms"]
     # Nothing is left behind: no candidate in the agent's state, no profiling target.
     wait_for(lambda: any(e["event"] == "profiling_done" for e in host.events))
     assert (agent.state / "profiling").is_dir()

@@ -272,6 +272,7 @@ def test_the_worst_device_decides_and_a_mismatch_on_a_device_excludes(tmp_path) 
     assert report["chosen"] == "fp16" and rows["fp16"]["device_latency_ms"] == 0.9
     assert "worst device's latency decides" in report["rule"]
     assert rows["int8-dynamic-pc"]["status"] == "excluded"
+    assert rows["int8-dynamic-pc"]["device_latency_ms"] is None
     assert "on device arm-b: output 'logits' differs" in rows["int8-dynamic-pc"]["note"]
     assert any("int8-dynamic-pc: on device arm-b: output 'logits' differs" in w
                for w in report["warnings"])
@@ -285,6 +286,10 @@ def test_a_device_row_without_figures_is_excluded_saying_what_is_missing(tmp_pat
     assert rows["int8-dynamic"]["status"] == "excluded"
     assert rows["int8-dynamic"]["note"] == \
         "on device arm-a: the device reported no median latency for it"
+    assert rows["int8-dynamic"]["device_latency_ms"] is None
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert manifest["profiled_on"]["arm-a"]["latency_ms"] == \
+        rows[report["chosen"]]["devices"]["arm-a"]["median_ms"] == 1.0
 
 
 def test_profiling_files_are_verified_by_tuf_and_never_installed(tmp_path) -> None:
