@@ -454,3 +454,18 @@ def test_an_oversized_request_is_refused_unverified_under_its_claimed_id(
     assert res.id == RID and res.status == "refused" and res.verified is False
     assert f"is {len(big)} bytes" in str(res.reason) and "max_request_bytes" in str(res.reason)
     assert events == ["profiling_refused"]
+
+
+def test_files_signed_before_a_failure_are_removed_from_the_repository(tmp_path) -> None:
+    from edge_sdk.release import Repository
+    from edge_sdk.release._profile import profile_on_devices
+    from edge_sdk.transport import MqttConfig, MqttConnection
+
+    repo = Repository.init(tmp_path / "repo", tmp_path / "keys")
+    conn = MqttConnection(MqttConfig(url="mqtt://127.0.0.1:1", fleet="lab"))  # never used
+    with pytest.raises(FileNotFoundError):  # the sample is signed, then the model is missing
+        profile_on_devices(repo, conn, devices=["d"],
+                           candidates=[("c", tmp_path / "missing.onnx")],
+                           sample={"x": np.zeros(2)}, expected={"c": {"y": np.zeros(2)}})
+    assert not [p for p in (repo.targets_dir / "profiling").rglob("*")]
+    assert not [p for p in repo.load("targets").signed.targets if p.startswith("profiling/")]

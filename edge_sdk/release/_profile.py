@@ -112,9 +112,10 @@ def profile_on_devices(
             files[f"{name}{Path(path).suffix or '.onnx'}"] = Path(path)
             files[f"{name}.expected.npz"] = _npz(work / f"{name}.expected.npz",
                                                   expected[name])
-        signed = repo.add_profiling_files(rid, files)
         subs = []
         try:
+            # Inside the try: files it signed before failing are removed all the same.
+            signed = repo.add_profiling_files(rid, files)
             def ref(fname: str) -> FileRef:
                 tf = signed[fname]
                 return FileRef(tf.path, tf.hashes["sha256"], tf.length)
