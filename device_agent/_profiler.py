@@ -99,6 +99,7 @@ class Profiler:
         self.config = config
         self.cfg: ProfilingConfig = config.profiling
         self.root = state_dir / PROFILING_DIR
+        self.state_dir = state_dir
         self.publish = publish
         self.event = event
         self.hardware = hardware
@@ -266,9 +267,21 @@ class Profiler:
         from edge_sdk.trust import CandidateTiming, ProfilingResult
 
         work = self.root / req.id
+        reserve = self.config.limits.reserve_bytes
+        try:
+            st = os.statvfs(self.state_dir)
+            free = st.f_bavail * st.f_frsize
+        except OSError:
+            free = 0
+        if req.total_bytes + reserve > free:
+            self._refuse(req.id, f"not enough disk space: the candidates need "
+                                 f"{req.total_bytes} bytes and {reserve} must stay free "
+                                 f"(limits.reserve_bytes), {free} are free")
+            return
         started = time.monotonic()
         self.event("profiling_started", request=req.id, candidates=len(req.candidates))
         timings: list[CandidateTiming] = []
+        refs = [req.sample, *(r for c in req.candidates for r in (c.model, c.expected))]
         try:
             work.mkdir(parents=True, exist_ok=True)
             try:
@@ -290,6 +303,10 @@ class Profiler:
                 timings.append(self._measure(c.name, model, sample, expected, req, work))
         finally:
             shutil.rmtree(work, ignore_errors=True)
+            # A failed fetch leaves its partial download: nobody resumes a profiling file.
+            drop = getattr(self.source, "drop_partial", None)
+            if drop is not None:
+                drop([r.sha256 for r in refs])
         if self._stop.is_set():
             # Candidates killed or never measured because the agent stops are not figures:
             # the host must not choose among the rest as if they were all there was.

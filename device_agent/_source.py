@@ -3,6 +3,7 @@ over MQTT, both verified by :mod:`edge_sdk.trust` (nothing is re-implemented her
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -74,6 +75,15 @@ class ReleaseSource:
         """A signed non-release target (profiling files), verified by the TUF client."""
         with self._lock:
             return self.client.fetch_file(target, dest, sha256=sha256, length=length)
+
+    def drop_partial(self, sha256s: Sequence[str]) -> None:
+        """Delete the resumable partial downloads of these files (a profiling request's,
+        once it is over: nobody resumes them). Under the transfer lock, so never one that
+        a fetch is writing."""
+        with self._lock:
+            for sha in sha256s:
+                with contextlib.suppress(OSError):
+                    (self.client.partial_dir / f"{sha}.part").unlink()
 
     def close(self) -> None:
         self.client.close()
