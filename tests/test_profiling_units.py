@@ -469,3 +469,17 @@ def test_files_signed_before_a_failure_are_removed_from_the_repository(tmp_path)
                            sample={"x": np.zeros(2)}, expected={"c": {"y": np.zeros(2)}})
     assert not [p for p in (repo.targets_dir / "profiling").rglob("*")]
     assert not [p for p in repo.load("targets").signed.targets if p.startswith("profiling/")]
+
+
+def test_a_profile_config_the_devices_would_refuse_is_a_one_line_error() -> None:
+    from edge_sdk.errors import UsageError
+    from edge_sdk.release import ProfileConfig
+
+    assert ProfileConfig(timeout_s=3540).timeout_s == 3540
+    with pytest.raises(UsageError, match=r"profiling.max_ttl_s\); at most 3540 s"):
+        ProfileConfig(timeout_s=3600)
+    for bad, key in (({"rounds": 21}, "rounds"), ({"runs": 1001}, "max_runs"),
+                     ({"warmup": -1}, "warm-up"), ({"timeout_s": float("nan")}, "timeout"),
+                     ({"rtol": 2.0}, "rtol")):
+        with pytest.raises(UsageError, match=key):
+            ProfileConfig(**bad)  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ naming it; nothing is left in the repository.
 
 from __future__ import annotations
 
+import math
 import secrets
 import tempfile
 import threading
@@ -27,9 +28,11 @@ from ..transport import MqttConfig, MqttConnection, Topics
 from ..transport._config import check_topic_word
 from ..trust._keys import DEPLOYMENT_ROLE
 from ..trust._profiling import (
+    MAX_ROUNDS,
     FileRef,
     MalformedProfilingResultError,
     ProfileCandidate,
+    ProfilingLimits,
     ProfilingRequest,
     ProfilingResult,
     parse_profiling_result,
@@ -54,6 +57,34 @@ class ProfileConfig:
     rounds: int = 3
     rtol: float = 1e-2
     atol: float = 1e-4
+
+    def __post_init__(self) -> None:
+        # Against what a device accepts by default (ProfilingLimits): a request it would
+        # refuse is a one-line error here, before anything is signed or published.
+        lim = ProfilingLimits()
+        ttl = self.timeout_s + _EXPIRY_MARGIN_S
+        if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            raise UsageError(f"profiling timeout must be > 0 s, not {self.timeout_s:g}")
+        if ttl > lim.max_ttl_s:
+            raise UsageError(
+                f"profiling timeout {self.timeout_s:g} s makes the request valid for "
+                f"{ttl:g} s, over the devices' default limit of {lim.max_ttl_s:g} s "
+                f"(profiling.max_ttl_s); at most {lim.max_ttl_s - _EXPIRY_MARGIN_S:g} s")
+        if not 1 <= self.runs <= lim.max_runs:
+            raise UsageError(f"profiling runs must be 1..{lim.max_runs} (the devices' default "
+                             f"profiling.max_runs), not {self.runs}")
+        if not 0 <= self.warmup <= lim.max_warmup:
+            raise UsageError(f"profiling warm-up runs must be 0..{lim.max_warmup} (the "
+                             f"devices' default profiling.max_warmup), not {self.warmup}")
+        if not 1 <= self.rounds <= MAX_ROUNDS:
+            raise UsageError(f"profiling rounds must be 1..{MAX_ROUNDS}, not {self.rounds}")
+        for name, tol in (("rtol", self.rtol), ("atol", self.atol)):
+            if not (math.isfinite(tol) and 0.0 <= tol <= 1.0):
+                raise UsageError(f"profiling {name} must be within 0..1, not {tol:g}")
+
+
+#: How long past the host's wait a request stays valid (clock skew, broker delay).
+_EXPIRY_MARGIN_S = 60.0
 
 
 def profile_on_devices(
@@ -128,7 +159,7 @@ def profile_on_devices(
             for d in devices:
                 req = ProfilingRequest(
                     fleet=t.fleet, device=d, id=rid, issued=now,
-                    expires=now + timedelta(seconds=cfg.timeout_s + 60),
+                    expires=now + timedelta(seconds=cfg.timeout_s + _EXPIRY_MARGIN_S),
                     sample=ref("sample.npz"), candidates=cands, runs=cfg.runs,
                     warmup=cfg.warmup, rounds=min(cfg.rounds, cfg.runs), rtol=cfg.rtol,
                     atol=cfg.atol)
