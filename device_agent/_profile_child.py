@@ -58,11 +58,9 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
     import edge_sdk
+    from edge_sdk._internal import load_npz
 
-    with np.load(spec["sample"], allow_pickle=False) as z:
-        feed = {k: z[k] for k in z.files}
-    with np.load(spec["expected"], allow_pickle=False) as z:
-        expected = {k: z[k] for k in z.files}
+    feed, expected = load_npz(spec["sample"]), load_npz(spec["expected"])
     t0 = time.perf_counter()
     pred = edge_sdk.load(spec["model"], threads=int(spec["threads"]) or None)
     load_ms = (time.perf_counter() - t0) * 1e3

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._io import save_npz
 from ..errors import ConfigError, DeploymentError, UsageError
 from ..transport import MqttConfig, MqttConnection, Topics
 from ..transport._config import check_topic_word
@@ -195,7 +196,7 @@ def profile_on_devices(
 
 
 def _npz(path: Path, arrays: Mapping[str, np.ndarray]) -> Path:
-    np.savez(path, **{k: np.asarray(v) for k, v in arrays.items()})  # type: ignore[arg-type]
+    save_npz(path, arrays)
     return path
 
 
