@@ -168,10 +168,6 @@ class Profiler:
         rid = claimed_request_id(payload, c.max_request_bytes) or "0" * 16
         # Until the signature checks, the id is only claimed: such refusals say so
         # (``verified`` False), and the host does not take them for the real answer.
-        if not c.enabled:
-            self._refuse(rid, "profiling is disabled on this device (profiling.enabled)",
-                         verified=False)
-            return
         if self.source is None or getattr(self.source, "key", None) is None:
             self._refuse(rid, "this agent has no release source to fetch candidates from",
                          verified=False)
@@ -186,6 +182,9 @@ class Profiler:
                                            fleet=self.config.fleet, limits=limits)
         except EdgeError as err:
             self._refuse(rid, str(err), verified=False)
+            return
+        if not c.enabled:  # checked after the signature: the host may take this answer
+            self._refuse(req.id, "profiling is disabled on this device (profiling.enabled)")
             return
         with self._lock:
             replayed = self._admission.replayed(req.id)
