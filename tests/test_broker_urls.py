@@ -13,6 +13,7 @@ from edge_sdk.cli import main
 from edge_sdk.errors import ConfigError, TransportError
 from edge_sdk.transport import MqttConfig, MqttConnection, Topics
 from tests._broker import Mosquitto, free_port
+from tests.test_agent_e2e import wait_for
 
 BASE = {"device_id": "cam-1", "fleet": "lab", "state_dir": "state"}
 
@@ -101,7 +102,9 @@ def test_link_moves_to_the_next_node_keeping_subscriptions_retained_state_and_qu
             dev.subscribe(topics.desired("d1"), lambda t, p: (got.append(p), desired.set()))
             assert not desired.wait(0.3)  # nothing retained on a
             a.stop()
-            assert dev.wait_connected(20) and dev.url == b.url
+            # Right after the stop the link may not have noticed yet: wait for b itself.
+            wait_for(lambda: dev.connected and dev.url == b.url, 20,
+                     lambda: f"still on {dev.url} (connected: {dev.connected})")
             # Re-subscribed on b: its retained message arrives.
             assert desired.wait(10) and got == [b"on b"]
             dev.publish(topics.state("d1"), b"hello b", qos=1)
