@@ -15,11 +15,13 @@ import sqlalchemy as sa
 
 from edge_sdk.fleet import (
     SCHEMA_VERSION,
+    AssignmentChange,
     FleetDB,
     FleetError,
     FleetUsageError,
     LeaseHeld,
     LeaseLost,
+    assign_devices,
 )
 from tests import _fleetdb
 
@@ -164,9 +166,13 @@ def test_an_older_schema_is_migrated_forward_in_place(db_url: str) -> None:
         db.record_audit("alice", "release.add", {"version": "1"}, conn=c)
         c.execute(sa.text("DROP TABLE controller_lease"))
         c.execute(sa.text("DROP TABLE registry_stats"))
+        c.execute(sa.text("DROP TABLE device_assignments"))
         c.execute(sa.text("DELETE FROM schema_version WHERE version > 1"))
     with FleetDB.open(db_url) as db:
+        assign_devices(db, fleet="lab", changes={"cam-1": AssignmentChange(("lobby",))},
+                       actor="alice")
+        assert db.device("cam-1", fleet="lab")["groups"] == ["lobby"]  # type: ignore[index]
         db.acquire_lease("lab", "a", 15)
         db.add_registry_stats("lab", {"malformed": 2})
         assert db.registry_stats()[0]["malformed"] == 2
-        assert [r["actor"] for r in db.audit()] == ["alice"]
+        assert [r["actor"] for r in db.audit()] == ["alice", "alice"]

@@ -95,8 +95,9 @@ def test_wrong_types_that_name_nothing_are_read_as_absent(db_url: str) -> None:
             write_state(c, FLEET, "odd", payload)
         d = db.device("odd")
     assert d is not None
-    assert (d["online"], d["groups"], d["tags"], d["hardware"], d["model"], d["phase"],
-            d["deployment"]) == (False, [], {}, {}, None, None, 0)
+    assert (d["online"], d["reported_groups"], d["reported_tags"], d["hardware"], d["model"],
+            d["phase"], d["deployment"]) == (False, [], {}, {}, None, None, 0)
+    assert (d["groups"], d["tags"], d["mismatch"]) == ([], {}, [])
 
 
 @pytest.fixture()

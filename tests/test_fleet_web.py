@@ -15,7 +15,14 @@ from typing import Any
 
 import pytest
 
-from edge_sdk.fleet import FleetDB, FleetUsageError, RolloutSpec, start_rollout
+from edge_sdk.fleet import (
+    AssignmentChange,
+    FleetDB,
+    FleetUsageError,
+    RolloutSpec,
+    assign_devices,
+    start_rollout,
+)
 from edge_sdk.fleet import _machine as m
 from edge_sdk.fleet._controller import load_state, members, save_state
 from edge_sdk.fleet._registry import ingest_event, ingest_state
@@ -63,6 +70,13 @@ def db(tmp_path: Path) -> Iterator[FleetDB]:
             assert ingest_event(c, FLEET, "cam-0", event(
                 "cam-0", "rolled_back", 5, "2", reason="health window: 3 errors"))
             assert not ingest_state(c, FLEET, "cam-9", b"{not json")  # ignored, counted
+        # The operator's assignment: what the group and tag filters and selectors use.
+        north = AssignmentChange.parse(tags=["site=north"])
+        assign_devices(d, fleet=FLEET, actor="tester", changes={
+            **{f"cam-{i}": north.merged(AssignmentChange(("cams",))) for i in range(3)},
+            "gate 1 ü": north.merged(AssignmentChange(("gates",)))})
+        assign_devices(d, fleet="other", actor="tester",
+                       changes={"elsewhere": AssignmentChange(("cams",))})
         yield d
 
 
@@ -282,6 +296,8 @@ def test_rollouts_leave_out_a_registered_id_no_deployment_can_name(db) -> None:
     # a wave that named it would fail the whole wave, so the controller never picks it.
     with db.begin() as c:
         assert ingest_state(c, FLEET, "cam.9", state("cam.9", "1", groups=["cams"]))
+    assign_devices(db, fleet=FLEET, actor="tester",
+                   changes={"cam.9": AssignmentChange(("cams",))})
     assert set(members(db, FLEET, {"groups": ["cams"]})) == {"cam-0", "cam-1", "cam-2"}
     assert set(members(db, FLEET, {"groups": ["cams", "gates"]})) == {"cam-0", "cam-1",
                                                                       "cam-2"}

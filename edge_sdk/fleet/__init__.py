@@ -7,13 +7,18 @@ database is the record.
 
 - :class:`FleetDB`: ``FleetDB.open(url)`` (runs migrations; refuses a newer schema),
   and the read API the web page and the CLI use — ``devices(group=, tag=, model=,
-  online=)``, ``device(id)``, ``device_history(id, limit)``, ``rollouts()``,
-  ``rollout(id)`` (per-wave progress counts and failure reasons), ``models()``
-  (devices per model version), ``audit(limit)``, ``registry_stats()`` (reports written
-  and ignored), ``lease(fleet)`` (which controller runs it). Every value returned is a
+  online=)`` (``groups``/``tags``: the operator's assignment; ``reported_groups``,
+  ``reported_tags``, ``hardware``: what the device says; ``mismatch``), ``device(id)``,
+  ``device_history(id, limit)``, ``rollouts()``, ``rollout(id)`` (per-wave progress
+  counts and failure reasons), ``models()`` (devices per model version),
+  ``audit(limit)``, ``registry_stats()`` (reports written and ignored), ``lease(fleet)``
+  (which controller runs it). Every value returned is a
   plain JSON-serialisable dict or list.
 - :func:`default_url` — the database beside a release repository.
 - :class:`Registry` — ingests every device's retained ``state`` and ``events`` into the DB.
+- :func:`assign_devices` (:class:`AssignmentChange`, :func:`parse_assignments` for an
+  assignment file) — the groups and tags the operator gives devices, the only ones
+  rollout selectors use; :func:`remove_devices` — take devices out of the registry.
 - :class:`Controller` — runs the rollouts recorded in the DB (inside ``edge-sdk serve``);
   :func:`start_rollout`, :func:`command_rollout` write the records it follows;
   :class:`RolloutSpec` — waves, rate, timeout, abort criteria, pause after each wave.
@@ -22,6 +27,14 @@ database is the record.
   :class:`LeaseHeld` / :class:`LeaseLost` (another controller runs the fleet).
 """
 
+from ._assign import (
+    AssignmentChange,
+    AssignResult,
+    RemoveResult,
+    assign_devices,
+    parse_assignments,
+    remove_devices,
+)
 from ._controller import (
     Controller,
     actor_name,
@@ -42,7 +55,8 @@ from ._db import (
 from ._machine import RolloutSpec
 from ._registry import Registry, RegistryStats
 
-__all__ = ["SCHEMA_VERSION", "Controller", "FleetDB", "FleetError", "FleetUsageError",
-           "LeaseHeld", "LeaseLost", "Registry", "RegistryStats", "RolloutSpec",
-           "actor_name", "audit", "check_key_permissions", "command_rollout", "default_url",
-           "start_rollout"]
+__all__ = ["SCHEMA_VERSION", "AssignResult", "AssignmentChange", "Controller", "FleetDB",
+           "FleetError", "FleetUsageError", "LeaseHeld", "LeaseLost", "Registry",
+           "RegistryStats", "RemoveResult", "RolloutSpec", "actor_name", "assign_devices",
+           "audit", "check_key_permissions", "command_rollout", "default_url",
+           "parse_assignments", "remove_devices", "start_rollout"]

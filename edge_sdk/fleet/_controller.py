@@ -41,6 +41,7 @@ from ._db import (
     FleetError,
     FleetUsageError,
     LeaseLost,
+    device_assignments,
     device_events,
     devices,
     json_text,
@@ -49,6 +50,7 @@ from ._db import (
     rollout_devices,
     rollouts,
 )
+from ._select import operator_part, selects, split_tags
 
 log = logging.getLogger("edge_sdk.fleet.controller")
 
@@ -78,18 +80,11 @@ _DEVICE_FIELDS = [f for f in m.DeviceProgress.__dataclass_fields__ if f != "wave
 # -- selectors -----------------------------------------------------------------------------
 
 def matches(selector: Mapping[str, Any], dev: Mapping[str, Any]) -> bool:
-    """A device matches when it is named, is in one of the groups, or has one of the tags
-    (``KEY`` or ``KEY=VALUE``, looked up in its tags, then its hardware facts)."""
-    if dev["id"] in selector.get("devices", ()):
-        return True
-    if set(selector.get("groups", ())) & set(dev["groups"]):
-        return True
-    for tag in selector.get("tags", ()):
-        k, sep, v = tag.partition("=")
-        attrs = {**dev["hardware"], **dev["tags"]}
-        if k in attrs and (not sep or str(attrs[k]) == v):
-            return True
-    return False
+    """A device matches when it is named, or the operator assigned it one of the groups or
+    tags (``KEY`` or ``KEY=VALUE``); ``hw.KEY[=VALUE]`` tags then narrow that to the
+    devices whose reported hardware facts match (see :mod:`._select`). What a device
+    reports about its own groups and tags never selects it."""
+    return selects(selector, dev)
 
 
 _UNDEPLOYABLE_WARNED: set[str] = set()
@@ -110,20 +105,25 @@ def _deployable(device: str) -> bool:
 
 
 def members(db: FleetDB, fleet: str, selector: Mapping[str, Any]) -> dict[str, m.Member]:
+    """The registered devices of ``fleet`` that ``selector`` names (:func:`matches`)."""
     # Read on every poll: only the columns a selector looks at, never the state document
-    # (most of a row's bytes). Hardware facts are parsed only for a tag selector.
-    tagged = bool(selector.get("tags"))
-    cols = [devices.c.id, devices.c.groups, devices.c.tags, devices.c.online,
-            devices.c.model, devices.c.version, *([devices.c.hardware] if tagged else [])]
+    # (most of a row's bytes). Hardware facts are parsed only for a hw. filter.
+    if not operator_part(selector):
+        return {}  # hardware facts alone select no one: a device could claim any
+    a = device_assignments
+    hw = bool(split_tags(selector.get("tags", ()))[1])
+    cols = [devices.c.id, a.c.groups, a.c.tags, devices.c.online, devices.c.model,
+            devices.c.version, *([devices.c.hardware] if hw else [])]
+    q = sa.select(*cols).select_from(devices.outerjoin(
+        a, (a.c.fleet == devices.c.fleet) & (a.c.id == devices.c.id)))
     out: dict[str, m.Member] = {}
     with db.read() as c:
-        for r in c.execute(sa.select(*cols).where(devices.c.fleet == fleet)
-                           .order_by(devices.c.id)):
+        for r in c.execute(q.where(devices.c.fleet == fleet).order_by(devices.c.id)):
             if not _deployable(r.id):
                 continue
             dev = {"id": r.id, "groups": json_value(r.groups, []),
                    "tags": json_value(r.tags, {}),
-                   "hardware": json_value(r.hardware, {}) if tagged else {}}
+                   "hardware": json_value(r.hardware, {}) if hw else {}}
             if matches(selector, dev):
                 out[r.id] = m.Member(bool(r.online), r.model, r.version)
     return out
@@ -139,10 +139,16 @@ def start_rollout(db: FleetDB, *, fleet: str, model: str, version: str,
     sel = {k: list(v) for k, v in selector.items() if v}
     if not sel:
         raise FleetUsageError("name at least one --group, --tag or --device")
+    if not operator_part(sel):
+        raise FleetUsageError(
+            f"the selector {_describe(sel)} names only hardware facts, which devices report "
+            "about themselves: hw.KEY=VALUE narrows a selection; name --group, --tag or "
+            "--device too")
     found = members(db, fleet, sel)
     if not found:
         raise FleetUsageError(f"the selector {_describe(sel)} matches no device registered in "
-                              f"fleet {fleet!r} (see 'edge-sdk status --db ...')")
+                              f"fleet {fleet!r}{_claimed(db, fleet, sel)} (see 'edge-sdk "
+                              "status --db ...')")
     now = time.time()
     with db.begin() as c:
         rid = c.execute(rollouts.insert().values(
@@ -158,6 +164,19 @@ def start_rollout(db: FleetDB, *, fleet: str, model: str, version: str,
 
 def _describe(sel: Mapping[str, Sequence[str]]) -> str:
     return " ".join(f"{k}={','.join(v)}" for k, v in sel.items())
+
+
+def _claimed(db: FleetDB, fleet: str, sel: Mapping[str, Sequence[str]]) -> str:
+    """Why the selector may match no one: devices that only report those groups or tags."""
+    as_reported = {**sel, "devices": []}
+    claim = [d["id"] for d in db.devices(fleet=fleet) if d["registered"] and selects(
+        as_reported, {**d, "groups": d["reported_groups"], "tags": d["reported_tags"]})]
+    if not claim:
+        return ""
+    more = f" and {len(claim) - 3} more" if len(claim) > 3 else ""
+    return (f"; {len(claim)} device(s) report it about themselves ({', '.join(claim[:3])}"
+            f"{more}), which selects no one: assign them with 'edge-sdk device set DEVICE "
+            "--group G --tag K=V'")
 
 
 def command_rollout(db: FleetDB, rollout_id: int, command: str, actor: str) -> None:

@@ -30,9 +30,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, RowMapping
 
 from ..errors import EdgeError
+from ._select import hardware_matches, mismatch, split_tags, tag_matches
 
 #: The schema this code writes. Bump it and add a step to ``_MIGRATIONS`` together.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 class FleetError(EdgeError):
@@ -61,6 +62,9 @@ schema_version = sa.Table(
     sa.Column("applied", sa.Float, nullable=False),
 )
 
+#: Every device that has reported, as it last reported itself. ``groups`` and ``tags`` are
+#: what the device claims (shown as reported, never used to select it): the operator's
+#: assignment is in ``device_assignments``.
 devices = sa.Table(
     "devices", meta,
     sa.Column("fleet", sa.String(128), primary_key=True),
@@ -182,6 +186,19 @@ controller_lease = sa.Table(
     sa.Column("acquired", sa.Float, nullable=False),
     sa.Column("renewed", sa.Float, nullable=False),
     sa.Column("expires", sa.Float, nullable=False),
+)
+
+#: The groups and tags the operator gave each device (schema 4; ``edge-sdk device set``):
+#: what rollout selectors and the group and tag filters use. A row may exist before its
+#: device first reports (fleets are provisioned in bulk); no device report writes here.
+device_assignments = sa.Table(
+    "device_assignments", meta,
+    sa.Column("fleet", sa.String(128), primary_key=True),
+    sa.Column("id", sa.String(128), primary_key=True),
+    sa.Column("groups", sa.Text, nullable=False, default="[]"),
+    sa.Column("tags", sa.Text, nullable=False, default="{}"),
+    sa.Column("updated", sa.Float, nullable=False),
+    sa.Column("updated_by", sa.String(128), nullable=False),
 )
 
 #: Rollout states in which the controller still has work to do.
@@ -343,11 +360,18 @@ class FleetDB:
     def devices(self, *, fleet: str | None = None, group: str | None = None,
                 tag: str | None = None, model: str | None = None,
                 online: bool | None = None) -> list[dict[str, Any]]:
-        """Devices sorted by fleet and id. ``tag`` is ``KEY`` or ``KEY=VALUE``; ``model`` is a
-        name or ``NAME VERSION`` / ``NAME@VERSION``."""
-        q = sa.select(devices).order_by(devices.c.fleet, devices.c.id)
+        """Devices sorted by fleet and id: every registered device, and every device the
+        operator assigned that has not reported yet (``registered`` False). ``group`` and
+        ``tag`` (``KEY`` or ``KEY=VALUE``) filter by the operator's assignment;
+        ``hw.KEY[=VALUE]`` by a reported hardware fact. ``model`` is a name or
+        ``NAME VERSION`` / ``NAME@VERSION``."""
+        a = device_assignments
+        q = _registered().order_by(devices.c.fleet, devices.c.id)
+        waiting = sa.select(a).where(~sa.exists().where(
+            (devices.c.fleet == a.c.fleet) & (devices.c.id == a.c.id)))
         if fleet is not None:
             q = q.where(devices.c.fleet == fleet)
+            waiting = waiting.where(a.c.fleet == fleet)
         if online is not None:
             q = q.where(devices.c.online == online)
         if model is not None:
@@ -357,20 +381,31 @@ class FleetDB:
                 q = q.where(devices.c.version == version.strip())
         with self.read() as c:
             rows = [_device(r) for r in c.execute(q).mappings()]
+            if model is None and online is not True:
+                rows += [_unregistered(r) for r in c.execute(waiting).mappings()]
+                rows.sort(key=lambda r: (r["fleet"], r["id"]))
         if group is not None:
             rows = [r for r in rows if group in r["groups"]]
         if tag is not None:
-            k, sep, v = tag.partition("=")
-            rows = [r for r in rows if k in r["tags"] and (not sep or str(r["tags"][k]) == v)]
+            own, hw = split_tags([tag])
+            rows = [r for r in rows if (tag_matches(own[0], r["tags"]) if own
+                                        else hardware_matches(hw, r["hardware"]))]
         return rows
 
     def device(self, device_id: str, *, fleet: str | None = None) -> dict[str, Any] | None:
-        q = sa.select(devices).where(devices.c.id == device_id)
+        """One device (registered, or assigned and not reported yet), or None."""
+        a = device_assignments
+        q = _registered().where(devices.c.id == device_id)
+        waiting = sa.select(a).where(a.c.id == device_id)
         if fleet is not None:
             q = q.where(devices.c.fleet == fleet)
+            waiting = waiting.where(a.c.fleet == fleet)
         with self.read() as c:
             row = c.execute(q.order_by(devices.c.fleet)).mappings().first()
-        return None if row is None else _device(row)
+            if row is not None:
+                return _device(row)
+            row = c.execute(waiting.order_by(a.c.fleet)).mappings().first()
+        return None if row is None else _unregistered(row)
 
     def device_history(self, device_id: str, limit: int = 100, *,
                        fleet: str | None = None) -> list[dict[str, Any]]:
@@ -526,16 +561,55 @@ class FleetDB:
             c.execute(audit_log.insert().values(**row))
 
 
+def _registered() -> sa.Select[Any]:
+    """Registered devices with their assignment (if any) beside what they report."""
+    a = device_assignments
+    return sa.select(devices, a.c.groups.label("a_groups"), a.c.tags.label("a_tags"),
+                     a.c.updated.label("a_updated"), a.c.updated_by.label("a_by")) \
+        .select_from(devices.outerjoin(a, (a.c.fleet == devices.c.fleet)
+                                       & (a.c.id == devices.c.id)))
+
+
+def _assignment(m: RowMapping) -> dict[str, Any]:
+    if m["a_updated"] is None:
+        return {"groups": [], "tags": {}, "assigned": None}
+    return {"groups": _loads(m["a_groups"], []), "tags": _loads(m["a_tags"], {}),
+            "assigned": {"by": m["a_by"], "at": m["a_updated"]}}
+
+
 def _device(m: RowMapping) -> dict[str, Any]:
+    """A registered device: ``groups`` and ``tags`` are the operator's assignment (what
+    selects it); ``reported_groups``, ``reported_tags`` and ``hardware`` are the device's
+    own report, and ``mismatch`` says where report and assignment differ."""
+    own = _assignment(m)
+    rgroups, rtags = _loads(m["groups"], []), _loads(m["tags"], {})
+    rgroups = rgroups if isinstance(rgroups, list) else []
+    rtags = rtags if isinstance(rtags, dict) else {}
     return {
-        "fleet": m["fleet"], "id": m["id"], "groups": _loads(m["groups"], []),
-        "tags": _loads(m["tags"], {}), "hardware": _loads(m["hardware"], {}),
+        "fleet": m["fleet"], "id": m["id"], "registered": True, **own,
+        "reported_groups": rgroups, "reported_tags": rtags,
+        "mismatch": mismatch(own["groups"], own["tags"], rgroups, rtags),
+        "hardware": _loads(m["hardware"], {}),
         "online": bool(m["online"]), "first_seen": m["first_seen"],
         "last_seen": m["last_seen"], "model": m["model"], "version": m["version"],
         "previous_model": m["previous_model"], "previous_version": m["previous_version"],
         "phase": m["phase"], "deployment": m["deployment"], "last_result": m["last_result"],
         "last_reason": m["last_reason"], "last_deployment": m["last_deployment"],
         "state": _loads(m["state"], {}),
+    }
+
+
+def _unregistered(m: RowMapping) -> dict[str, Any]:
+    """An assigned device that has not reported yet: the same keys, nothing reported."""
+    own = {"groups": _loads(m["groups"], []), "tags": _loads(m["tags"], {}),
+           "assigned": {"by": m["updated_by"], "at": m["updated"]}}
+    return {
+        "fleet": m["fleet"], "id": m["id"], "registered": False, **own,
+        "reported_groups": [], "reported_tags": {}, "mismatch": [], "hardware": {},
+        "online": False, "first_seen": None, "last_seen": None, "model": None,
+        "version": None, "previous_model": None, "previous_version": None, "phase": None,
+        "deployment": 0, "last_result": None, "last_reason": None, "last_deployment": None,
+        "state": {},
     }
 
 
@@ -591,7 +665,14 @@ def _v3(c: Connection) -> None:
     controller_lease.create(c)
 
 
-_MIGRATIONS = {1: _v1, 2: _v2, 3: _v3}
+def _v4(c: Connection) -> None:
+    # Groups and tags stop coming from the devices' reports: nothing is copied from the
+    # reported ones (that would make every claim so far an assignment). The operator
+    # assigns them (edge-sdk device set); until then group and tag selectors match no one.
+    device_assignments.create(c)
+
+
+_MIGRATIONS = {1: _v1, 2: _v2, 3: _v3, 4: _v4}
 
 
 def _migrate(c: Connection, url: str, *, write: bool) -> None:
