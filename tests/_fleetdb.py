@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -43,3 +43,23 @@ def make_db(engine: str, tmp: Path) -> Iterator[str]:
             yield PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
         finally:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def assign(where: str | Path, fleet: str, devices: Iterable[str], *groups: str,
+           tags: Iterable[str] = ()) -> None:
+    """Give ``devices`` the ``groups`` and ``tags`` (``KEY=VALUE``) as an operator does:
+    ``edge-sdk device set`` in bulk, from an assignment file. ``where``: a database URL,
+    or a release repository directory (its fleet.db)."""
+    import tempfile
+
+    from edge_sdk.cli import main
+
+    db = ["--db", str(where)] if "://" in str(where) else ["--repo", str(where)]
+    opts = [*(a for g in groups for a in ("--group", g)),
+            *(a for t in tags for a in ("--tag", t))]
+    with tempfile.NamedTemporaryFile("w", suffix=".txt") as f:
+        f.write("".join(f"{d}\n" for d in devices))
+        f.flush()
+        code = main(["device", "set", "--file", f.name, "--fleet", fleet, *db,
+                     "--operator", "provisioning", *opts])
+    assert code == 0, f"edge-sdk device set failed with {code}"

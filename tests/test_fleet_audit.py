@@ -39,6 +39,7 @@ def test_every_operator_action_is_in_the_audit_log_with_actor_and_parameters(
         }).encode())
 
     monkeypatch.setenv("EDGE_OPERATOR", "bob")  # the environment names the actor...
+    assert main(["device", "set", "cam-1", "--group", "cams", "--fleet", FLEET, *db]) == 0
     assert main(["deploy", "--repo", str(repo), "--broker", shared_broker.url, "--fleet",
                  FLEET, "--device", "cam-1", "--model", "m", "--version", "1.0", *db]) == 0
     assert main(["rollout", "start", *db, "--fleet", FLEET, "--model", "m", "--version",
@@ -53,17 +54,22 @@ def test_every_operator_action_is_in_the_audit_log_with_actor_and_parameters(
     assert main(["rollout", "abort", rid, *db]) == 0
     monkeypatch.delenv("EDGE_OPERATOR")  # ...and without either, the OS user
     assert main(["release", "rotate-key", str(repo), "targets", *db]) == 0
+    assert main(["device", "remove", "cam-1", "--fleet", FLEET, *db]) == 0
 
     capsys.readouterr()
     assert main(["audit", "--json", *db]) == 0
     rows = json.loads(capsys.readouterr().out)
     got = [(r["actor"], r["action"]) for r in rows]
     assert got == [
-        ("alice", "release.add"), ("alice", "release.add"), ("bob", "deploy"),
-        ("bob", "rollout.start"), ("bob", "rollout.pause"), ("carol", "rollout.resume"),
-        ("bob", "rollout.abort"), (getpass.getuser(), "release.rotate-key"),
+        ("alice", "release.add"), ("alice", "release.add"), ("bob", "device.set"),
+        ("bob", "deploy"), ("bob", "rollout.start"), ("bob", "rollout.pause"),
+        ("carol", "rollout.resume"), ("bob", "rollout.abort"),
+        (getpass.getuser(), "release.rotate-key"), (getpass.getuser(), "device.remove"),
     ]
     params = [r["params"] for r in rows]
+    assert params[2]["devices"] == {"cam-1": {"groups": ["cams"], "tags": {}}}
+    assert params.pop(2)["change"] == {"add_groups": ["cams"]}
+    assert params.pop()["devices"] == ["cam-1"]
     assert params[1]["model"] == "m" and params[1]["version"] == "2.0"
     assert len(params[1]["sha256"]) == 64 and params[1]["repo"] == str(repo.resolve())
     assert params[2] == {"fleet": FLEET, "model": "m", "version": "1.0", "counter": 1,
@@ -76,10 +82,10 @@ def test_every_operator_action_is_in_the_audit_log_with_actor_and_parameters(
     assert params[7]["role"] == "targets" and len(params[7]["keyids"]) == 1
     assert all(rows[i]["ts"] <= rows[i + 1]["ts"] for i in range(len(rows) - 1))
 
-    assert main(["audit", *db, "--limit", "2"]) == 0
+    assert main(["audit", *db, "--limit", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 2 and "rollout.abort" in lines[0] and '"rollout": 1' in lines[0]
-    assert "release.rotate-key" in lines[1]
+    assert len(lines) == 3 and "rollout.abort" in lines[0] and '"rollout": 1' in lines[0]
+    assert "release.rotate-key" in lines[1] and "device.remove" in lines[2]
 
 
 def test_release_add_without_a_database_goes_to_the_repository_fleet_db(

@@ -39,6 +39,8 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
              "without the agent."),
     "rollout": ("edge_sdk.cli._fleet:rollout_group", "agent", "Staged rollouts: start, "
                 "status, pause, resume, abort, list (recorded in the fleet DB), or run."),
+    "device": ("edge_sdk.cli._fleet:device_group", "fleet", "Assign devices the groups and "
+               "tags rollouts select by; remove devices from the registry."),
     "audit": ("edge_sdk.cli._fleet:audit_cmd", "fleet", "Show the audit log of operator "
               "actions."),
     "agent": ("device_agent._cli:agent_cmd", "agent", "Run the device agent daemon."),

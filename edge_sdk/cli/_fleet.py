@@ -1,6 +1,7 @@
-"""``rollout start|status|pause|resume|abort|list|run`` and ``audit``: thin wrappers over
-edge_sdk.fleet. The CLI writes rollout records and commands to the fleet database; the
-controller inside ``edge-sdk serve`` carries them out (the database is the authority)."""
+"""``rollout start|status|pause|resume|abort|list|run``, ``device set|remove`` and
+``audit``: thin wrappers over edge_sdk.fleet. The CLI writes rollout records, commands
+and device assignments to the fleet database; the controller inside ``edge-sdk serve``
+carries them out (the database is the authority)."""
 
 from __future__ import annotations
 
@@ -47,9 +48,13 @@ rollout_group.add_command(rollout_cmd, "run")
 @click.option("--model", required=True, help="Released artifact name.")
 @click.option("--version", "version", help="Released version (default: the newest; needs "
               "--repo).")
-@click.option("--group", "groups", multiple=True, help="Device group. Repeatable.")
+@click.option("--group", "groups", multiple=True,
+              help="Devices the operator assigned to this group ('edge-sdk device set'). "
+                   "Repeatable.")
 @click.option("--tag", "tags", multiple=True, metavar="KEY[=VALUE]",
-              help="Device tag or hardware fact (arch=aarch64). Repeatable.")
+              help="Devices the operator gave this tag; hw.KEY[=VALUE] (hw.arch=aarch64) "
+                   "narrows the selection to devices reporting that hardware fact. "
+                   "Repeatable.")
 @click.option("--device", "devices", multiple=True, help="Device id. Repeatable.")
 @click.option("--waves", default="1,10%,50%,100%", show_default=True,
               help="Cumulative wave sizes: device counts or percentages.")
@@ -193,4 +198,92 @@ def audit_cmd(db_url: str | None, repo_dir: str | None, as_json: bool, limit: in
                    f"{json.dumps(r['params'], sort_keys=True)}")
 
 
-__all__ = ["audit_cmd", "rollout_group"]
+@click.group("device")
+def device_group() -> None:
+    """The operator's record of each device: the groups and tags rollouts select by
+    (set), and taking a device out of the registry (remove)."""
+
+
+#: Devices listed one by one in the CLI's answer (the rest are counted).
+_SHOWN = 20
+#: Bytes an assignment file may have.
+_FILE_MAX = 64 << 20
+
+
+@device_group.command("set")
+@click.argument("device_ids", nargs=-1)
+@db_options
+@operator_option
+@click.option("--fleet", default="default", show_default=True, envvar="EDGE_FLEET")
+@click.option("--file", "file", type=click.Path(dir_okay=False, allow_dash=True),
+              help="Devices one per line, DEVICE[:GROUP,...] [KEY=VALUE ...] (the ID:GROUP "
+                   "of make_credentials.py --device); '-' reads stdin.")
+@click.option("--group", "groups", multiple=True, help="Add this group. Repeatable.")
+@click.option("--remove-group", "remove_groups", multiple=True, help="Drop this group.")
+@click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE",
+              help="Set this tag. Repeatable.")
+@click.option("--remove-tag", "remove_tags", multiple=True, metavar="KEY",
+              help="Drop this tag.")
+@click.option("--replace", is_flag=True,
+              help="Each device gets exactly the groups and tags given (others dropped).")
+def device_set_cmd(device_ids: tuple[str, ...], db_url: str | None, repo_dir: str | None,
+                   operator: str | None, fleet: str, file: str | None,
+                   groups: tuple[str, ...], remove_groups: tuple[str, ...],
+                   tags: tuple[str, ...], remove_tags: tuple[str, ...], replace: bool) -> None:
+    """Assign groups and tags to DEVICE_IDS (and the devices of --file): what rollouts
+    select by. A device's own report never does; one that has not reported yet is
+    selected once it registers. One transaction, one audit entry."""
+    from ._db import fleet_module
+
+    fl = fleet_module()
+    change = fl.AssignmentChange.parse(groups=groups, remove_groups=remove_groups,
+                                       tags=tags, remove_tags=remove_tags, replace=replace)
+    changes = {d: change for d in device_ids}
+    if file is not None:
+        with click.open_file(file, "rb") as f:
+            raw = f.read(_FILE_MAX + 1)
+        if len(raw) > _FILE_MAX:
+            raise UsageError(f"--file {file}: over {_FILE_MAX >> 20} MiB")
+        try:
+            text = raw.decode()
+        except UnicodeDecodeError:
+            raise UsageError(f"--file {file}: not UTF-8 text") from None
+        for d, ch in fl.parse_assignments(text, file).items():
+            changes[d] = ch.merged(change) if d in changes or not change.empty else ch
+    with open_db(db_url, repo_dir) as db:
+        res = fl.assign_devices(db, fleet=fleet, changes=changes,
+                                actor=fl.actor_name(operator), source=file)
+    for d in list(res.assignments)[:_SHOWN]:
+        a = res.assignments[d]
+        tag_text = " ".join(f"{k}={v}" for k, v in a["tags"].items())
+        click.echo(f"  {d:<20} groups {','.join(a['groups']) or '-'}  tags {tag_text or '-'}")
+    more = len(res.assignments) - _SHOWN
+    click.echo((f"  ... and {more} more\n" if more > 0 else "")
+               + f"{len(res.changed)} of {len(res.assignments)} device(s) changed in fleet "
+               f"{fleet!r}" + (f"; {len(res.unregistered)} not registered yet (selected once "
+                               "they report)" if res.unregistered else ""))
+
+
+@device_group.command("remove")
+@click.argument("device_ids", nargs=-1, required=True)
+@db_options
+@operator_option
+@click.option("--fleet", default="default", show_default=True, envvar="EDGE_FLEET")
+def device_remove_cmd(device_ids: tuple[str, ...], db_url: str | None, repo_dir: str | None,
+                      operator: str | None, fleet: str) -> None:
+    """Remove devices from the registry: their row, assignment and history. A device
+    that reports again registers again, unassigned."""
+    from ._db import fleet_module
+
+    fl = fleet_module()
+    with open_db(db_url, repo_dir) as db:
+        res = fl.remove_devices(db, fleet=fleet, device_ids=device_ids,
+                                actor=fl.actor_name(operator))
+    click.echo(f"removed {len(res.devices)} device(s) from fleet {fleet!r} "
+               f"({res.events} history rows)")
+    for d, rids in res.active_rollouts.items():
+        click.echo(f"  {d} stays in running rollout(s) {', '.join(map(str, rids))} "
+                   "(abort them to stop it being sent anything)", err=True)
+
+
+__all__ = ["audit_cmd", "device_group", "rollout_group"]
