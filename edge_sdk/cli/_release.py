@@ -366,7 +366,10 @@ def _show_wave(_: str, info: dict[str, Any]) -> None:
 @_mqtt_options_required(False)
 def status_cmd(devices: tuple[str, ...], as_json: bool, db_url: str | None,
                repo_dir: str | None, **mqtt: Any) -> None:
-    """Show every device's reported state: online, model, previous model, last update."""
+    """Show every device's reported state: online, model, previous model, last update.
+    From the fleet database also the groups the operator assigned, and where a device's
+    report differs from them."""
+    assigned: dict[str, dict[str, Any]] = {}
     if db_url or repo_dir:
         from ..release._watch import DeviceStatus
         from ._db import open_db
@@ -386,6 +389,7 @@ def status_cmd(devices: tuple[str, ...], as_json: bool, db_url: str | None,
             st = DeviceStatus.parse(row["id"], json.dumps(row["state"]).encode())
             if st is not None:
                 states[row["id"]] = dataclasses.replace(st, ts=row["last_seen"])
+                assigned[row["id"]] = row
     else:
         if not mqtt.get("broker"):
             raise UsageError("name the broker (--broker URL or EDGE_BROKER), or read the "
@@ -407,8 +411,9 @@ def status_cmd(devices: tuple[str, ...], as_json: bool, db_url: str | None,
         click.echo(f"no device has reported in fleet {fleet!r} on {where}")
         return
     now = time.time()
-    rows = [("DEVICE", "ONLINE", "MODEL", "PREVIOUS", "DEPLOYMENT", "CHANGED", "HARDWARE",
-             "LAST UPDATE")]
+    groups_col = ("GROUPS",) if assigned else ()
+    rows = [("DEVICE", "ONLINE", *groups_col, "MODEL", "PREVIOUS", "DEPLOYMENT", "CHANGED",
+             "HARDWARE", "LAST UPDATE")]
     for s in states.values():
         last = s.last_result or "-"
         if s.last_deployment is not None:
@@ -420,13 +425,36 @@ def status_cmd(devices: tuple[str, ...], as_json: bool, db_url: str | None,
         if s.transfer is not None and s.online:
             last = f"{describe_transfer(s.transfer)}; last: {last}"
         seen = "-" if s.ts is None else _age(now - s.ts)
-        rows.append((s.device, "yes" if s.online else "no", s.model or "-", s.previous or "-",
-                     str(s.deployment or "-"), seen, hardware_line(s.raw.get("hardware")),
-                     last))
+        mine: tuple[str, ...] = ()
+        if assigned:  # from the database: every device has its row
+            row = assigned[s.device]
+            mine = ((",".join(row["groups"]) or "-") + ("!" if row["mismatch"] else ""),)
+            seen = seen if row["registered"] else "never reported"
+        rows.append((s.device, "yes" if s.online else "no", *mine, s.model or "-",
+                     s.previous or "-", str(s.deployment or "-"), seen,
+                     hardware_line(s.raw.get("hardware")), last))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
         head = "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False))
         click.echo(f"{head}  {r[-1]}".rstrip())
+    _say_mismatches([assigned[d] for d in states if d in assigned])
+
+
+#: Devices whose report-versus-assignment differences ``status`` lists (others counted).
+_MISMATCH_SHOWN = 20
+
+
+def _say_mismatches(rows: list[dict[str, Any]]) -> None:
+    """The devices whose own report of groups and tags differs from the operator's."""
+    bad = [r for r in rows if r["mismatch"]]
+    if not bad:
+        return
+    click.echo(f"! {len(bad)} device(s) report groups or tags other than the operator "
+               "assigned (only the assigned ones select devices; 'edge-sdk device set'):")
+    for r in bad[:_MISMATCH_SHOWN]:
+        click.echo(f"  {r['id']}: {'; '.join(r['mismatch'])}")
+    if len(bad) > _MISMATCH_SHOWN:
+        click.echo(f"  ... and {len(bad) - _MISMATCH_SHOWN} more")
 
 
 #: CPU features shown in the status table (the JSON output has them all), the ones that
