@@ -521,9 +521,11 @@ def test_deploy_wait_follows_devices_to_commit_and_status_shows_them(
     fleet, tmp_path, agents, capsys
 ) -> None:
     from edge_sdk.cli import main
+    from tests._fleetdb import assign
 
     solo = new_agent(fleet, tmp_path, agents, "w-solo").start()
     member = new_agent(fleet, tmp_path, agents, "w-member", groups=("w-lobby",)).start()
+    assign(fleet.repo.path, FLEET, ["w-member"], "w-lobby")
     wait_for(lambda: {"w-solo", "w-member"} <= fleet.states.keys())
     assert main(_cli(fleet, "deploy", "--model", "adder", "--version", "1", "--device",
                      "w-solo", "--group", "w-lobby", "--wait", "--timeout", "60")) == 0
@@ -626,7 +628,7 @@ def test_deploy_wait_fails_in_one_line_on_a_rollback_and_on_a_silent_device(
     assert code == 3 and "w-ghost no answer (the device has never reported)" in err
     code = main(_cli(fleet, "deploy", "--model", "adder", "--group", "w-empty", "--wait",
                      "--timeout", "5"))
-    assert code == 3 and "no device has reported being in group(s) w-empty" in \
+    assert code == 3 and "no device is assigned to group(s) w-empty" in \
         capsys.readouterr().err
 
 
@@ -646,10 +648,15 @@ def test_waves_are_cumulative_and_put_every_device_in_exactly_one() -> None:
 
 
 def group_on_v1(fleet: Fleet, tmp: Path, agents: list[AgentProc], group: str,
-                n: int) -> list[AgentProc]:
-    """``n`` agents in ``group``, each serving release 1 and seen in the fleet's states."""
+                n: int, db_url: str | None = None) -> list[AgentProc]:
+    """``n`` agents in ``group`` (following it, and assigned to it by the operator in
+    ``db_url``, else the repository's fleet.db), each serving release 1 and seen in the
+    fleet's states."""
+    from tests._fleetdb import assign
+
     procs = [new_agent(fleet, tmp, agents, f"{group}-{i}", groups=(group,)).start()
              for i in range(n)]
+    assign(db_url or fleet.repo.path, FLEET, [p.device for p in procs], group)
     for p in procs:
         fleet.deploy(p.device, "1")
     for p in procs:

@@ -51,7 +51,8 @@ def _audit_options(fn: F) -> F:
     fn = click.option("--operator", envvar="EDGE_OPERATOR", show_envvar=True,
                       help="Name recorded in the audit log (default: the OS user).")(fn)
     return click.option("--db", "db_url", envvar="EDGE_DB",
-                        help="Fleet database for the audit log (default: REPO/fleet.db).")(fn)
+                        help="Fleet database for the audit log and the devices assigned to "
+                             "groups (default: REPO/fleet.db).")(fn)
 
 
 def _audit(db_url: str | None, repo: str, operator: str | None, action: str,
@@ -242,6 +243,9 @@ def deploy_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...], mod
     for g in groups:
         names.group_desired(g)
     r = Repository(repo, keydir)
+    # Whom --wait follows in a group: the devices the operator assigned to it, never the
+    # ones that only say so in their own state.
+    members = _group_members(db_url, repo, config.fleet, groups) if wait and groups else {}
     with MqttConnection(config, name="edge-deploy") as conn:
         signed = create_deployment(r, model=model, fleet=config.fleet, version=version,
                                    devices=devices, groups=groups, rollback=rollback,
@@ -252,7 +256,8 @@ def deploy_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...], mod
             atomic_write_bytes(output, signed.document)
         counter = signed.deployment.counter
         # Subscribed before publishing, so no report can come before we listen.
-        watch = DeploymentWatch(conn, counter, devices=devices, groups=groups,
+        watch = DeploymentWatch(conn, counter, devices=devices,
+                                members={d for ids in members.values() for d in ids},
                                 progress=_show_progress, document=signed.document) \
             if wait else None
         try:
@@ -264,6 +269,9 @@ def deploy_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...], mod
                 "devices": list(devices), "groups": list(groups), "rollback": rollback})
             if watch is None:
                 return
+            if members and not devices and not any(members.values()):
+                raise DeploymentError(f"{_unassigned(list(members), config.fleet)}; nothing "
+                                      "to wait for")
             outcomes = watch.wait(timeout)
         finally:
             if watch is not None:
@@ -273,6 +281,22 @@ def deploy_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...], mod
                    + (f"  {o.reason}" if o.reason and not o.ok else ""))
     require_success(outcomes, counter)
     click.echo(f"deployment {counter} committed on all {len(outcomes)} device(s)")
+
+
+def _group_members(db_url: str | None, repo: str, fleet: str,
+                   groups: tuple[str, ...]) -> dict[str, list[str]]:
+    """Each group's devices as the operator assigned them ('edge-sdk device set'), from
+    the fleet database (--db, else the repository's fleet.db)."""
+    from ._db import open_db
+
+    with open_db(db_url, repo) as db:
+        return {g: [d["id"] for d in db.devices(fleet=fleet, group=g)] for g in groups}
+
+
+def _unassigned(groups: list[str], fleet: str) -> str:
+    return (f"no device is assigned to group(s) {', '.join(groups)} in fleet {fleet!r} "
+            "(a device's own report of its groups does not count: assign devices with "
+            "'edge-sdk device set DEVICE... --group G')")
 
 
 def _show_progress(device: str, event: dict[str, Any]) -> None:
@@ -294,7 +318,10 @@ def _show_progress(device: str, event: dict[str, Any]) -> None:
               help="Release repository.")
 @click.option("--device", "devices", multiple=True, help="Device id. Repeatable.")
 @click.option("--group", "groups", multiple=True,
-              help="Device group (its members as their state reports them). Repeatable.")
+              help="Device group: the devices assigned to it ('edge-sdk device set') that "
+                   "have reported. Repeatable.")
+@click.option("--db", "db_url", envvar="EDGE_DB",
+              help="Fleet database holding the group assignments (default: REPO/fleet.db).")
 @click.option("--model", required=True, help="Released artifact name.")
 @click.option("--version", "version", help="Released version (default: the newest).")
 @click.option("--waves", default=",".join(RolloutConfig.waves), show_default=True,
@@ -310,9 +337,10 @@ def _show_progress(device: str, event: dict[str, Any]) -> None:
               help="On abort, leave the devices that committed on the new release.")
 @click.option("--keys", "keydir", type=click.Path(file_okay=False))
 @_mqtt_options
-def rollout_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...], model: str,
-                version: str | None, waves: str, max_failures: float, wave_timeout: float,
-                no_rollback: bool, keydir: str | None, **mqtt: Any) -> None:
+def rollout_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...],
+                db_url: str | None, model: str, version: str | None, waves: str,
+                max_failures: float, wave_timeout: float, no_rollback: bool,
+                keydir: str | None, **mqtt: Any) -> None:
     """Deploy in growing waves; abort when a wave fails and send the devices back.
 
     Exit 0 when every wave committed, 3 when the rollout aborted."""
@@ -321,10 +349,14 @@ def rollout_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...], mo
                         rollback=not no_rollback)
     config = _mqtt_config(mqtt)
     r = Repository(repo, keydir)
+    found = _group_members(db_url, repo, config.fleet, groups) if groups else {}
+    empty = [g for g, ids in found.items() if not ids]
+    if empty:
+        raise UsageError(_unassigned(empty, config.fleet))
     with MqttConnection(config, name="edge-rollout") as conn:
         result = rollout(r, conn, model=model, version=version, devices=devices,
-                         groups=groups, config=cfg, progress=_show_progress,
-                         on_wave=_show_wave)
+                         members=sorted({d for ids in found.values() for d in ids}),
+                         config=cfg, progress=_show_progress, on_wave=_show_wave)
     click.echo(f"rollout of {result.model} {result.version}: "
                f"{sum(len(w.devices) for w in result.waves)} of "
                f"{sum(len(w) for w in result.planned)} device(s) in "
@@ -336,6 +368,8 @@ def rollout_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...], mo
         click.echo(f"  rollback {o.device:<20} {o.result:<12} {o.model or '-'}")
     for d, why in result.not_rolled_back.items():
         click.echo(f"  rollback {d:<20} skipped      {why}")
+    for d in result.left_out:
+        click.echo(f"  left out {d:<20} assigned to the group, has never reported")
     if result.aborted is not None:
         back = sum(o.ok for o in result.rolled_back)
         tail = (f"; {back} device(s) sent back to their previous release"

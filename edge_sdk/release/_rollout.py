@@ -1,7 +1,8 @@
 """Staged rollouts: deploy a release wave by wave, stop when a wave fails, send back.
 
-A rollout picks its devices (named ones plus the members of groups, as their retained
-state reports them), orders them online first, and deploys to growing cumulative waves
+A rollout picks its devices (named ones plus the members the operator assigned to the
+groups, once they have reported a retained state — never a device that only claims a
+group in its own state), orders them online first, and deploys to growing cumulative waves
 (``1``, ``10%``, ``50%``, ``100%`` by default). Each wave is one signed deployment naming
 its devices, followed with :class:`DeploymentWatch` until every device committed it,
 failed or ran out of time. When more devices fail than the wave may lose, the rollout
@@ -93,6 +94,8 @@ class RolloutResult:
     #: Outcomes of the rollback deployments, and devices that could not be sent back.
     rolled_back: list[Outcome] = field(default_factory=list)
     not_rolled_back: dict[str, str] = field(default_factory=dict)
+    #: Members left out because they have never reported a state.
+    left_out: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -133,30 +136,32 @@ def plan_waves(devices: Sequence[str], waves: Sequence[str]) -> list[list[str]]:
 
 def rollout(repo: Repository, connection: MqttConnection, *, model: str,
             version: str | None = None, devices: Sequence[str] = (),
-            groups: Sequence[str] = (), config: RolloutConfig | None = None,
+            members: Sequence[str] = (), config: RolloutConfig | None = None,
             progress: Progress | None = None,
             on_wave: Progress | None = None) -> RolloutResult:
-    """Roll release ``model`` ``version`` (default the newest) out in waves.
+    """Roll release ``model`` ``version`` (default the newest) out in waves to the named
+    ``devices`` and to ``members`` — the devices the operator assigned to the groups
+    (``FleetDB.devices(group=)``) — that have reported a state.
 
     Returns a :class:`RolloutResult`; it does not raise when a wave fails (see
     ``result.aborted``). ``progress(device, event)`` gets each device event;
     ``on_wave("wave", info)`` is called as each wave starts and ends.
     """
     cfg = config or RolloutConfig()
-    if not devices and not groups:
+    if not devices and not members:
         raise UsageError("name at least one --device or --group")
     t = Topics.for_config(connection.config)
     rel = repo.find(model, version)
     states = fleet_status(connection, topics=t)
-    members = {d for d, s in states.items() if set(groups) & set(s.groups)}
-    missing = [g for g in groups if not any(g in s.groups for s in states.values())]
-    if missing:
-        raise UsageError(f"no device has reported being in group(s) {', '.join(missing)} "
-                         "(agents list their groups in their retained state)")
-    targets = sorted(set(devices) | members,
+    joined = {d for d in members if d in states}
+    if not devices and not joined:
+        raise UsageError(f"none of the {len(set(members))} device(s) assigned to the "
+                         "group(s) has reported a state")
+    targets = sorted(set(devices) | joined,
                      key=lambda d: (not (d in states and states[d].online), d))
     before = {d: s.model_ref if (s := states.get(d)) else None for d in targets}
-    result = RolloutResult(rel.name, rel.version, plan_waves(targets, cfg.waves))
+    result = RolloutResult(rel.name, rel.version, plan_waves(targets, cfg.waves),
+                           left_out=sorted(set(members) - joined - set(devices)))
     committed: list[str] = []
     unanswered: list[str] = []
     for i, wave_devices in enumerate(result.planned, 1):

@@ -1,8 +1,9 @@
 """The operator's view of the fleet, read from what the agents report over MQTT.
 
 Every agent keeps a retained ``state`` message (online, served and previous
-model, last update result, groups, the download running) and sends ``events``
-as an update goes through its stages, and ``progress`` events while it downloads.
+model, last update result, the groups it says it follows, the download running) and
+sends ``events`` as an update goes through its stages, and ``progress`` events while it
+downloads.
 :func:`fleet_status` reads the retained states;
 :class:`DeploymentWatch` follows one deployment (by its counter) until every
 targeted device has committed it or failed, and is subscribed *before* the
@@ -46,6 +47,7 @@ class DeviceStatus:
     last_deployment: int | None
     #: How the device downloaded the last update's model ("delta from 1.0 (N bytes)").
     last_download: str | None
+    #: The groups the device says it follows: shown as reported, never used to select it.
     groups: tuple[str, ...]
     ts: float | None
     raw: dict[str, Any]
@@ -162,10 +164,13 @@ Progress = Callable[[str, dict[str, Any]], None]
 
 
 class DeploymentWatch:
-    """Follow deployment number ``counter`` on ``devices`` and on the members of ``groups``.
+    """Follow deployment number ``counter`` on ``devices`` and on ``members``.
 
     Create it (it subscribes) before publishing the deployment, then call
-    :meth:`wait`. Group members are the devices whose retained state lists the group.
+    :meth:`wait`. ``members``: the devices the operator assigned to the deployment's
+    groups (``FleetDB.devices(group=)``); each is followed once its retained state shows
+    it exists (one that never reported is not waited for). What a device's state says
+    about its own groups never makes it a target.
     ``progress(device, event)`` is called for each event of this deployment.
 
     A refusal counts against this deployment only when it names it: by its verified
@@ -175,14 +180,14 @@ class DeploymentWatch:
     """
 
     def __init__(self, connection: MqttConnection, counter: int, *,
-                 devices: Iterable[str] = (), groups: Iterable[str] = (),
+                 devices: Iterable[str] = (), members: Iterable[str] = (),
                  progress: Progress | None = None, topics: Topics | None = None,
                  document: bytes | None = None) -> None:
         self.counter = counter
         #: How agents name the published document in refusals (sha256, 32 hex digits).
         self.digest = None if document is None else hashlib.sha256(document).hexdigest()[:32]
         self.devices = set(devices)
-        self.groups = set(groups)
+        self.members = set(members)
         self._progress = progress
         self._t = topics or Topics.for_config(connection.config)
         self._lock = threading.Lock()
@@ -206,12 +211,12 @@ class DeploymentWatch:
         self.close()
 
     def targets(self) -> set[str]:
-        """The named devices plus every device known (from its state) to be in a group."""
+        """The named devices plus every member that has reported a state."""
         with self._lock:
             return self._targets()
 
     def _targets(self) -> set[str]:
-        return self.devices | {d for d, s in self.states.items() if self.groups & set(s.groups)}
+        return self.devices | (self.members & self.states.keys())
 
     # -- handlers (network thread) -----------------------------------------------------------
 
@@ -270,20 +275,20 @@ class DeploymentWatch:
         """Block until every target has an outcome or ``timeout`` passes; one
         :class:`Outcome` per target (``no answer`` for those still pending).
 
-        Raises :class:`DeploymentError` when groups were named but no device has
-        reported being in one of them (there is nobody to wait for).
+        Raises :class:`DeploymentError` when there is nobody to wait for (no device named,
+        and none of the members has reported).
         """
         deadline = time.monotonic() + timeout
         with self._changed:
-            # Let the retained states arrive before deciding who belongs to the groups.
-            while self.groups and time.monotonic() - self._last_message < settle \
+            # Let the retained states arrive before deciding which members exist.
+            while self.members and time.monotonic() - self._last_message < settle \
                     and time.monotonic() < deadline:
                 self._changed.wait(0.05)
             targets = self._targets()
             if not targets:
                 raise DeploymentError(
-                    f"no device has reported being in group(s) {', '.join(sorted(self.groups))}"
-                    " (agents list their groups in their retained state); nothing to wait for")
+                    f"none of the {len(self.members)} device(s) assigned to the group(s) has "
+                    "reported a state; nothing to wait for")
             while True:
                 targets = self._targets()
                 if targets <= set(self.outcomes):
