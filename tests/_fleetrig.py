@@ -26,6 +26,7 @@ import numpy as np
 
 from tests import _models
 from tests._broker import free_port
+from tests._fleetdb import assign
 from tests._fleetsim import PER_PROCESS, ROOT, FleetSim, proc_cpu
 
 FLEET = "scale"
@@ -152,6 +153,7 @@ def run_rollout(tmp: Path, n: int, *, broker_urls: Sequence[str], responders: in
                    agent_config=agent_config)
     logs: list[str] = []
     try:
+        assign(db_url, FLEET, sim.devices, GROUP)  # provisioned in bulk, as an operator does
         sim.start()
         with FleetDB.open(db_url) as db:
             wait_for(lambda: sum(1 for d in db.devices(fleet=FLEET) if d["online"]) == n,

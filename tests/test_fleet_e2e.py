@@ -101,7 +101,7 @@ def serve(fleet: Fleet, db_url: str, tmp_path: Path) -> Iterator[Serve]:
 
 def start_fleet(fleet: Fleet, tmp: Path, agents: list[AgentProc], group: str, n: int,
                 db_url: str) -> list[AgentProc]:
-    procs = group_on_v1(fleet, tmp, agents, group, n)
+    procs = group_on_v1(fleet, tmp, agents, group, n, db_url)
     with FleetDB.open(db_url) as db:
         wait_for(lambda: len([d for d in db.devices(group=group)
                               if d["version"] == "1" and d["online"]]) == n, 30,
@@ -194,6 +194,7 @@ def test_controller_killed_mid_wave_finishes_without_a_second_deployment(
     serve.kill()
     # A device joins the group while the controller is down: it gets the current wave.
     late = new_agent(fleet, tmp_path, agents, f"{g}-late", groups=(g,)).start()
+    _fleetdb.assign(db_url, FLEET, [late.device], g)
     late_since = fleet.deploy(late.device, "1")
     late.wait_version("1")
     serve.start()
@@ -242,6 +243,7 @@ def test_abort_sends_devices_that_committed_the_new_model_back_by_a_signed_rollb
     g = grp("back", db_url)
     first = start_fleet(fleet, tmp_path, agents, g, 3, db_url)
     last = new_agent(fleet, tmp_path, agents, f"{g}-9", groups=(g,)).start()
+    _fleetdb.assign(db_url, FLEET, [last.device], g)
     fleet.deploy(last.device, "1")
     fleet.wait_event(last.device, "committed", "1")
     last.stop()
@@ -290,6 +292,9 @@ def test_a_tag_selector_rolls_out_to_the_tagged_devices_only(
                                                          "paris"))}
     procs = [new_agent(fleet, tmp_path, agents, d, tags={"site": s, "line": "3"}).start()
              for d, s in sites.items()]
+    for site in ("berlin", "paris"):  # the operator tags them as the agents report
+        _fleetdb.assign(db_url, FLEET, [d for d, s in sites.items() if s == site],
+                        tags=[f"site={site}", "line=3"])
     for p in procs:
         fleet.deploy(p.device, "1")
     for p in procs:

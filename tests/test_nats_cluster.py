@@ -16,6 +16,7 @@ import pytest
 from edge_sdk.cli import main
 from edge_sdk.fleet import FleetDB
 from edge_sdk.transport import MqttConfig, MqttConnection, Topics
+from tests import _fleetdb
 from tests._nats import NatsCluster, nats_binary
 from tests.test_agent_e2e import FLEET, AgentProc, Fleet, wait_for
 from tests.test_fleet_e2e import Serve, wait_status
@@ -62,6 +63,8 @@ class ClusterFleet:
                 assert "urls = [" in text
                 agent.config.write_text(text)
             self.agents.append(agent)
+        if self.agents:
+            _fleetdb.assign(self.db_url, FLEET, [a.device for a in self.agents], GROUP)
 
     def device_urls(self) -> str:
         """The nodes as the devices list them: the one that will be killed first."""

@@ -11,6 +11,7 @@ import pytest
 
 from edge_sdk.cli import main
 from edge_sdk.fleet import FleetDB
+from tests import _fleetdb
 from tests._fleetsim import FleetSim
 from tests._nats import nats_binary
 from tests.test_agent_e2e import FLEET, wait_for
@@ -41,6 +42,7 @@ def test_node_killed_mid_rollout_to_30_simulated_devices_loses_none(cf, tmp_path
     with FleetSim(tmp_path / "sim", n=N, broker_urls=[cf.device_urls()],
                   root=repo.meta / "1.root.json", deployment_key=repo.deployment_key_path,
                   fleet=FLEET, groups=(GROUP,), prefix=GROUP, per_process=15) as sim:
+        _fleetdb.assign(cf.db_url, FLEET, sim.devices, GROUP)  # provisioned in bulk
         sim.start()
         with FleetDB.open(cf.db_url) as db:
             wait_for(lambda: sum(1 for d in db.devices(group=GROUP) if d["online"]) == N, 90,
