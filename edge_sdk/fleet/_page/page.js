@@ -36,6 +36,17 @@ function tagsText(tags) {
     .join("; ");
 }
 
+// What a device reports about itself: any JSON, so every value becomes plain text.
+function asText(v) {
+  return typeof v === "string" ? v : JSON.stringify(v);
+}
+
+function reportedText(d) {
+  const groups = (d.reported_groups || []).map(asText).join(", ");
+  const tags = Object.entries(d.reported_tags || {}).map(([k, v]) => `${k}=${asText(v)}`).join("; ");
+  return [groups, tags].filter((x) => x).join(" · ");
+}
+
 function cell(key, d) {
   if (key === "groups") return (d.groups || []).join(", ");
   if (key === "tags") return tagsText(d.tags);
@@ -58,6 +69,8 @@ function renderDevices(devs) {
       el("th", { scope: "row" }, el("button", { type: "button", class: "dev" }, d.id)),
       el("td", { class: d.online ? "on" : "off" }, d.online ? "online" : "offline"),
       el("td", {}, cell("groups", d)), el("td", {}, cell("tags", d)),
+      el("td", { class: (d.mismatch || []).length ? "mismatch" : null, title: (d.mismatch || []).join("\n") || null },
+        (d.mismatch || []).length ? "⚠ " : "", reportedText(d)),
       el("td", {}, d.model || "—"), el("td", {}, d.version || "—"), el("td", {}, d.phase || ""),
       el("td", { title: d.last_reason || "" }, d.last_result || ""),
       el("td", {}, when(d.last_seen)));
@@ -133,7 +146,11 @@ function renderHistory(doc) {
   const facts = [["Model", `${d.model || "—"} ${d.version || ""}`],
     ["Previous", `${d.previous_model || "—"} ${d.previous_version || ""}`],
     ["Last result", `${d.last_result || ""} ${d.last_reason ? "— " + d.last_reason : ""}`],
-    ["Hardware", tagsText(d.hardware)], ["First seen", new Date(d.first_seen * 1000).toLocaleString()]];
+    ["Groups (assigned)", (d.groups || []).join(", ") || "—"], ["Tags (assigned)", tagsText(d.tags) || "—"],
+    ["Reported by the device", reportedText(d) || "—"],
+    ["Differs", (d.mismatch || []).join("; ") || "—"],
+    ["Hardware (reported)", tagsText(d.hardware)],
+    ["First seen", d.first_seen ? new Date(d.first_seen * 1000).toLocaleString() : "never reported"]];
   document.getElementById("history-facts").replaceChildren(
     ...facts.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
   document.querySelector("#history-table tbody").replaceChildren(...doc.history.map((e) => el("tr", {},
