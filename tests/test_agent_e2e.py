@@ -150,13 +150,15 @@ class AgentProc(ManagedProcess):
                  broker_url: str | None = None, groups: tuple[str, ...] = (),
                  port: int = 0, limits: dict[str, Any] | None = None,
                  wrap: Callable[[list[str]], list[str]] | None = None,
-                 tags: dict[str, str] | None = None) -> None:
+                 tags: dict[str, str] | None = None,
+                 auth: tuple[str, str] | None = None) -> None:
         """``port``: a fixed HTTP port, for agents that cannot write ``agent.json`` (a full
         or read-only state dir); ``limits``: more ``[limits]`` keys; ``wrap``: the command
         that starts the agent (e.g. inside a network namespace); ``tags``: the config's
-        ``tags`` table."""
+        ``tags`` table; ``auth``: the broker user name and password."""
         self.groups = groups
         self.tags = tags or {}
+        self.auth = auth
         self.fixed_port = port
         self.limits = limits or {}
         self.wrap = wrap or list
@@ -184,6 +186,9 @@ class AgentProc(ManagedProcess):
             "tags = {" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in self.tags.items())
             + "}\n"
             f'[broker]\nurl = "{self.broker_url}"\n'
+            + ("" if self.auth is None else
+               f"username = {json.dumps(self.auth[0])}\npassword = {json.dumps(self.auth[1])}\n")
+            +
             '[trust]\nroot = "trust/root.json"\ndeployment_key = "trust/deployment.pub.json"\n'
             f"[http]\nport = {self.fixed_port}\n"
             f"[health]\nwindow_s = {window_s}\nprobe_interval_s = 0.05\n"
