@@ -4,6 +4,7 @@ the page lists the fleet and follows a rollout while it runs."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -160,6 +161,18 @@ def test_the_page_lists_the_fleet_and_follows_a_rollout_while_it_runs(
         wait_for(lambda: "adder\n2\n3\n3" in _text(browser, "#models tbody")
                  .replace("\t", "\n").replace(" ", "\n"), 30,
                  lambda: _text(browser, "#models"))
+        # A device claiming the group in its own state: listed as it reports itself,
+        # flagged, its values shown as text; the honest ones are not flagged.
+        claim = fleet.topics.state("web-claim")
+        fleet.host.publish_wait(claim, json.dumps({
+            "online": True, "groups": ["web"], "tags": {"site": {"toString": 1}},
+        }).encode(), qos=1, retain=True)
+        row = 'tr[data-device="web-claim"]'
+        wait_for(lambda: "⚠ web · site={\"toString\":1}" in _text(browser, row), 30,
+                 lambda: _text(browser, "#devices"))
+        assert "⚠" not in _text(browser, f'tr[data-device="{first}"]')
+        assert "web" in _text(browser, f'tr[data-device="{first}"]')
+        fleet.host.publish_wait(claim, b"", qos=1, retain=True)
         logs = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
         assert logs == [], logs
     finally:
