@@ -124,9 +124,10 @@ def publish_deployment(connection: MqttConnection, signed: SignedDeployment, *,
     return out
 
 
-def clear_deployment(connection: MqttConnection, topic: str) -> None:
-    """Remove a retained document (publish an empty retained message)."""
-    connection.publish_wait(topic, b"", qos=1, retain=True)
+def clear_deployment(connection: MqttConnection, topic: str, *, timeout: float = 10.0) -> None:
+    """Remove a retained document (publish an empty retained message) and wait up to
+    ``timeout`` seconds for the broker's acknowledgement (:class:`TransportError`)."""
+    connection.publish_wait(topic, b"", qos=1, retain=True, timeout=timeout)
 
 
 def deployment_state(repo: Repository) -> dict[str, object]:
