@@ -20,7 +20,7 @@ import sqlalchemy as sa
 
 from edge_sdk.cli import main
 from edge_sdk.fleet import FleetDB
-from edge_sdk.fleet._controller import CRASH_ENV
+from edge_sdk.fleet._controller import CRASH_ENV, PAUSE_ENV
 from edge_sdk.fleet._db import rollout_devices
 from tests import _fleetdb, _models, test_agent_e2e
 from tests._broker import Mosquitto
@@ -71,12 +71,16 @@ class Serve(ManagedProcess):
         self.log = tmp / "serve.log"
         self.proc = None
 
-    def start(self, crash_at: str | None = None) -> Serve:
-        """Start `serve`; with ``crash_at``, it kills itself at that crash point."""
+    def start(self, crash_at: str | None = None, *, pause_at: str | None = None) -> Serve:
+        """Start `serve`; with ``crash_at``, it kills itself at that crash point; with
+        ``pause_at``, it stops itself there (SIGSTOP) until sent SIGCONT."""
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         env.pop(CRASH_ENV, None)
+        env.pop(PAUSE_ENV, None)
         if crash_at:
             env[CRASH_ENV] = crash_at
+        if pause_at:
+            env[PAUSE_ENV] = pause_at
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=log, stderr=log, env=env)
         return self
