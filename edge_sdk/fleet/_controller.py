@@ -38,10 +38,11 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ..errors import EdgeError
-from ..release._deploy import clear_deployment, create_deployment
+from ..release._deploy import clear_deployment, create_deployment, last_deployment
 from ..release._repository import Repository
 from ..transport import MqttConnection, Topics
 from ..transport._config import check_topic_word
+from ..trust._deployment import compare_versions
 from ..trust._keys import DEPLOYMENT_ROLE
 from . import _machine as m
 from ._db import (
@@ -154,9 +155,11 @@ def members(db: FleetDB, fleet: str, selector: Mapping[str, Any]) -> dict[str, m
 
 def start_rollout(db: FleetDB, *, fleet: str, model: str, version: str,
                   selector: Mapping[str, Sequence[str]], spec: m.RolloutSpec,
-                  actor: str) -> int:
+                  actor: str, repo: Repository | None = None) -> int:
     """Create a rollout record (the controller picks it up). Raises
-    :class:`FleetUsageError` when the selector matches no registered device."""
+    :class:`FleetUsageError` when the selector matches no registered device, or when
+    ``version`` is older than what one of them runs or was last sent (by a rollout, or
+    signed in ``repo``): a downgrade, which no wave could deploy."""
     sel = {k: list(v) for k, v in selector.items() if v}
     if not sel:
         raise FleetUsageError("name at least one --group, --tag or --device")
@@ -164,6 +167,7 @@ def start_rollout(db: FleetDB, *, fleet: str, model: str, version: str,
     if not found:
         raise FleetUsageError(f"the selector {_describe(sel)} matches no device registered in "
                               f"fleet {fleet!r} (see 'edge-sdk status --db ...')")
+    _refuse_downgrade(db, fleet, model, version, found, repo)
     now = time.time()
     with db.begin() as c:
         rid = c.execute(rollouts.insert().values(
@@ -175,6 +179,34 @@ def start_rollout(db: FleetDB, *, fleet: str, model: str, version: str,
             "rollout": rid, "fleet": fleet, "model": model, "version": version,
             "selector": sel, **spec.to_json()}, conn=c)
     return int(rid)
+
+
+def _refuse_downgrade(db: FleetDB, fleet: str, model: str, version: str,
+                      found: Mapping[str, m.Member], repo: Repository | None) -> None:
+    newer: dict[str, str] = {}  # device -> the newest version of the model it has or was sent
+
+    def seen(device: str, mdl: object, ver: object) -> None:
+        if mdl == model and isinstance(ver, str) and compare_versions(version, ver) < 0 \
+                and (device not in newer or compare_versions(ver, newer[device]) > 0):
+            newer[device] = ver
+
+    for d, mem in found.items():
+        seen(d, mem.model, mem.version)
+        if repo is not None:
+            last = last_deployment(repo, d)
+            if last is not None:
+                seen(d, last.get("model"), last.get("version"))
+    with db.read() as c:
+        for part in chunks(sorted(found), 500):
+            for r in c.execute(sa.select(device_desired.c.device, device_desired.c.model,
+                                         device_desired.c.version).where(
+                    (device_desired.c.fleet == fleet) & device_desired.c.device.in_(part))):
+                seen(r.device, r.model, r.version)
+    if newer:
+        some = ", ".join(f"{d} has {v}" for d, v in sorted(newer.items())[:3])
+        more = f" and {len(newer) - 3} more" if len(newer) > 3 else ""
+        raise FleetUsageError(f"{model} {version} for {len(newer)} selected device(s) ({some}"
+                              f"{more}) is a downgrade; a rollback rollout is needed")
 
 
 def _describe(sel: Mapping[str, Sequence[str]]) -> str:

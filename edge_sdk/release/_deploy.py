@@ -110,6 +110,12 @@ def _last(ddir: Path, who: str) -> dict[str, object] | None:
         return None
 
 
+def last_deployment(repo: Repository, device: str) -> dict[str, object] | None:
+    """The ``signed`` part of the last deployment signed for ``device`` in ``repo`` (its
+    ``model``, ``version``, ``counter``...), or None."""
+    return _last(repo.path / "deployments", f"dev-{device}")
+
+
 def publish_deployment(connection: MqttConnection, signed: SignedDeployment, *,
                        topics: Topics | None = None, timeout: float = 10.0) -> list[str]:
     """Publish the document retained (QoS 1) on every ``desired`` topic it names and wait
