@@ -399,3 +399,29 @@ def test_a_stale_publish_landing_after_the_lease_is_put_right_by_the_new_holder(
     finally:
         watch.close()
         standby.kill()
+
+
+@pytest.mark.slow
+def test_a_forged_desired_message_is_replaced_by_the_record_and_a_newer_deploy_is_kept(
+        fleet, tmp_path, agents, db_url, serve: Serve) -> None:
+    """Someone with write access to a device's desired topic replaces the retained rollout
+    document with a forged one claiming a far higher counter: the controller puts the
+    record back (the agent never takes the forgery). An operator's own later
+    'edge-sdk deploy' from the repository is newer than the record: it is left alone."""
+    serve.start()
+    procs = start_fleet(fleet, tmp_path, agents, g := grp("forge", db_url), 1, db_url)
+    d = procs[0].device
+    rid = start(db_url, "--version", "2", "--device", d, "--waves", "100%")
+    wait_status(db_url, rid, "completed", 60)
+    rec = recorded(db_url, [d])[d]
+    assert retained(fleet, d) == rec
+    forged = json.loads(rec)
+    forged["signed"]["counter"] = 10**9
+    forged["signed"]["version"] = "3"
+    fleet.publish_raw(d, json.dumps(forged).encode())
+    wait_for(lambda: retained(fleet, d) == rec, 30, lambda: f"{g}: not put back")
+    assert procs[0].infer() == ("2", 3.0)
+    later = fleet.deploy(d, "3")
+    procs[0].wait_version("3")
+    assert json.loads(retained(fleet, d))["signed"]["counter"] == later
+    assert recorded(db_url, [d])[d] == rec

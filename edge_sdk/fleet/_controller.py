@@ -38,7 +38,12 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ..errors import EdgeError
-from ..release._deploy import clear_deployment, create_deployment, last_deployment
+from ..release._deploy import (
+    clear_deployment,
+    create_deployment,
+    last_deployment,
+    last_document,
+)
 from ..release._repository import Repository
 from ..transport import MqttConnection, Topics
 from ..transport._config import check_topic_word
@@ -61,7 +66,7 @@ from ._db import (
     rollout_devices,
     rollouts,
 )
-from ._retained import RetainedDesired, digest
+from ._retained import Held, RetainedDesired, digest
 
 log = logging.getLogger("edge_sdk.fleet.controller")
 
@@ -285,7 +290,15 @@ def save_desired(c: Connection, fleet: str, st: m.RolloutState, old: m.RolloutSt
     ``st`` changed it from ``old``; with ``backfill``, only where nothing is recorded yet (a
     rollout saved by an edge-sdk that kept no such record)."""
     now = time.time()
+    recorded: set[str] = set()
+    if backfill:
+        for part in chunks(sorted(st.devices), 500):
+            recorded.update(c.execute(sa.select(device_desired.c.device).where(
+                (device_desired.c.fleet == fleet) & device_desired.c.device.in_(part))
+            ).scalars())
     for d in st.devices:
+        if d in recorded:
+            continue
         want = m.desired(st, d)
         if want is None:
             continue
@@ -304,9 +317,7 @@ def save_desired(c: Connection, fleet: str, st: m.RolloutState, old: m.RolloutSt
                   "version": want.version, "rollout": st.id, "changed": now,
                   "published": None}
         if backfill:
-            if c.execute(sa.select(device_desired.c.seq).where(key)).first() is None:
-                c.execute(device_desired.insert().values(fleet=fleet, device=d, seq=1,
-                                                         **values))
+            c.execute(device_desired.insert().values(fleet=fleet, device=d, seq=1, **values))
             continue
         done = c.execute(device_desired.update().where(key).values(
             seq=device_desired.c.seq + 1, **values))
@@ -619,11 +630,7 @@ class Controller:
                 if not ok and (settled or pending):
                     wrong.append(r.device)
             else:
-                # A newer deployment than the record's is an operator's own ('edge-sdk
-                # deploy'): the record does not take it back.
-                ok = held.digest == r.digest or (
-                    held.counter is not None and r.counter is not None
-                    and held.counter > r.counter)
+                ok = held.digest == r.digest or self._newer_deploy(r, held)
                 if not ok:
                     wrong.append(r.device)
             if ok and pending:
@@ -631,6 +638,15 @@ class Controller:
         self._confirm(right)
         if wrong:
             self._publish(wrong)
+
+    def _newer_deploy(self, r: Any, held: Held) -> bool:
+        """Whether ``held`` is an operator's own later deployment ('edge-sdk deploy'), which
+        the record does not take back: newer than the record's and exactly the document
+        this repository last signed for the device (not merely claiming a high counter)."""
+        if held.counter is None or r.counter is None or held.counter <= r.counter:
+            return False
+        doc = last_document(self.repo, r.device)
+        return doc is not None and digest(doc) == held.digest
 
     def _publish(self, devices: Sequence[str]) -> None:
         """Publish what the record says on each device's retained ``desired`` topic (an empty

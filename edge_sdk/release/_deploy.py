@@ -116,6 +116,14 @@ def last_deployment(repo: Repository, device: str) -> dict[str, object] | None:
     return _last(repo.path / "deployments", f"dev-{device}")
 
 
+def last_document(repo: Repository, device: str) -> bytes | None:
+    """The bytes of the last deployment document signed for ``device`` in ``repo``."""
+    try:
+        return (repo.path / "deployments" / f"dev-{device}.json").read_bytes()
+    except OSError:
+        return None
+
+
 def publish_deployment(connection: MqttConnection, signed: SignedDeployment, *,
                        topics: Topics | None = None, timeout: float = 10.0) -> list[str]:
     """Publish the document retained (QoS 1) on every ``desired`` topic it names and wait
