@@ -683,13 +683,14 @@ class Controller:
 
     def _fence(self) -> float:
         """Raise unless this controller holds the lease for longer than the margin (renewed
-        first when half of it is gone): :class:`LeaseLost` when it went to another one.
-        Returns how long a publish may wait for the broker: until the margin."""
+        first unless that was done within the last second): :class:`LeaseLost` when it
+        went to another one. Returns how long a publish may wait for the broker: until the
+        margin."""
         if not self._leased:
             raise FleetError("this controller does not hold the fleet's lease: it publishes "
                              "nothing")
         left = self._lease_until - time.monotonic()
-        if left < self.lease_ttl / 2:
+        if left < self.lease_ttl - min(1.0, self.lease_ttl / 4):
             self._renew()
             left = self._lease_until - time.monotonic()
         if left <= self.lease_margin:
