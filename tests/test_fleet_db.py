@@ -164,6 +164,7 @@ def test_processes_opening_a_fresh_database_at_once_migrate_it_once(db_url: str)
 def test_an_older_schema_is_migrated_forward_in_place(db_url: str) -> None:
     with FleetDB.open(db_url) as db, db.begin() as c:
         db.record_audit("alice", "release.add", {"version": "1"}, conn=c)
+        c.execute(sa.text("DROP TABLE device_desired"))
         c.execute(sa.text("DROP TABLE controller_lease"))
         c.execute(sa.text("DROP TABLE registry_stats"))
         c.execute(sa.text("DROP TABLE device_assignments"))
@@ -176,3 +177,5 @@ def test_an_older_schema_is_migrated_forward_in_place(db_url: str) -> None:
         db.add_registry_stats("lab", {"malformed": 2})
         assert db.registry_stats()[0]["malformed"] == 2
         assert [r["actor"] for r in db.audit()] == ["alice", "alice"]
+        with db.read() as c:
+            assert c.execute(sa.text("SELECT count(*) FROM device_desired")).scalar() == 0

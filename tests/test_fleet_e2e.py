@@ -20,8 +20,9 @@ import sqlalchemy as sa
 
 from edge_sdk.cli import main
 from edge_sdk.fleet import FleetDB
-from edge_sdk.fleet._controller import CRASH_ENV
-from edge_sdk.fleet._db import rollout_devices
+from edge_sdk.fleet._controller import CRASH_ENV, PAUSE_ENV
+from edge_sdk.fleet._db import device_desired, devices, rollout_devices
+from edge_sdk.release import create_deployment
 from tests import _fleetdb, _models, test_agent_e2e
 from tests._broker import Mosquitto
 from tests.test_agent_e2e import (
@@ -71,12 +72,16 @@ class Serve(ManagedProcess):
         self.log = tmp / "serve.log"
         self.proc = None
 
-    def start(self, crash_at: str | None = None) -> Serve:
-        """Start `serve`; with ``crash_at``, it kills itself at that crash point."""
+    def start(self, crash_at: str | None = None, *, pause_at: str | None = None) -> Serve:
+        """Start `serve`; with ``crash_at``, it kills itself at that crash point; with
+        ``pause_at``, it stops itself there (SIGSTOP) until sent SIGCONT."""
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         env.pop(CRASH_ENV, None)
+        env.pop(PAUSE_ENV, None)
         if crash_at:
             env[CRASH_ENV] = crash_at
+        if pause_at:
+            env[PAUSE_ENV] = pause_at
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=log, stderr=log, env=env)
         return self
@@ -318,3 +323,57 @@ def test_a_selector_matching_no_device_is_refused_and_nothing_is_written(
     assert "matches no device" in capsys.readouterr().err
     with FleetDB.open(db_url) as db:
         assert db.rollouts() == [] and db.audit() == []
+
+
+@pytest.mark.slow
+def test_a_downgrade_rollout_start_is_refused_at_start_not_run_as_a_failed_wave(
+        fleet, tmp_path, agents, db_url, serve, capsys) -> None:
+    """Version 1 for devices of which one runs version 2: refused in one line at start, no
+    rollout recorded, instead of a first wave that fails to sign."""
+    serve.start()
+    procs = start_fleet(fleet, tmp_path, agents, g := grp("down", db_url), 2, db_url)
+    fleet.deploy(procs[1].device, "2")
+    procs[1].wait_version("2")
+    with FleetDB.open(db_url) as db:
+        wait_for(lambda: (d := db.device(procs[1].device)) is not None
+                 and d["version"] == "2", 30)
+    capsys.readouterr()
+    args = ["rollout", "start", "--db", db_url, "--fleet", FLEET, "--model", "adder",
+            "--group", g, "--device", procs[0].device, "--device", procs[1].device]
+    assert main([*args, "--version", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"edge-sdk: error: adder 1 for 1 selected device(s) ({procs[1].device} has "
+                   "2) is a downgrade; a rollback rollout is needed"], err
+    with FleetDB.open(db_url) as db:
+        assert db.rollouts() == []
+    assert main([*args, "--version", "2"]) == 0  # the same or newer is a rollout
+    for p in procs:
+        assert p.infer() == ("1" if p is procs[0] else "2", 2.0 if p is procs[0] else 3.0)
+
+
+def test_a_rollout_start_older_than_what_was_last_sent_is_refused(
+        fleet, db_url, capsys) -> None:
+    """What a device was last sent counts as well as what it reports: by a rollout (the
+    controller's record of its desired topic) or signed in the repository (with --repo)."""
+    with FleetDB.open(db_url) as db, db.begin() as c:
+        for d in ("rec-a", "rec-b", "repo-a"):
+            c.execute(devices.insert().values(fleet=FLEET, id=d, first_seen=0, last_seen=0,
+                                              model="adder", version="1", online=True))
+        c.execute(device_desired.insert().values(
+            fleet=FLEET, device="rec-a", document="{}", counter=7, model="adder",
+            version="3", seq=1, changed=0))
+        c.execute(device_desired.insert().values(  # a cleared topic names no version
+            fleet=FLEET, device="rec-b", document=None, counter=8, seq=1, changed=0))
+    create_deployment(fleet.repo, model="adder", fleet=FLEET, version="3",
+                      devices=["repo-a"])
+    base = ["rollout", "start", "--db", db_url, "--fleet", FLEET, "--model", "adder",
+            "--version", "2"]
+    capsys.readouterr()
+    assert main([*base, "--device", "rec-a", "--device", "rec-b"]) == 2
+    assert "adder 2 for 1 selected device(s) (rec-a has 3) is a downgrade; a rollback " \
+           "rollout is needed" in capsys.readouterr().err
+    assert main([*base, "--device", "repo-a", "--repo", str(fleet.repo.path)]) == 2
+    assert "(repo-a has 3) is a downgrade" in capsys.readouterr().err
+    with FleetDB.open(db_url) as db:
+        assert db.rollouts() == []
+    assert main([*base, "--device", "rec-b"]) == 0

@@ -99,8 +99,9 @@ def start_cmd(db_url: str | None, repo_dir: str | None, operator: str | None, fl
                     ("--max-silent-rate", max_silent_rate)):
         if not 0 <= v < 1:
             raise UsageError(f"{name} must be in [0, 1)")
-    if repo_dir:
-        version = Repository(repo_dir).find(model, version).version
+    repo = Repository(repo_dir) if repo_dir else None
+    if repo is not None:
+        version = repo.find(model, version).version
     elif version is None:
         raise UsageError("name --version (or --repo to take the newest release)")
     spec = RolloutSpec(waves=wave_list, rate=rate, wave_timeout=wave_timeout,
@@ -110,7 +111,7 @@ def start_cmd(db_url: str | None, repo_dir: str | None, operator: str | None, fl
     with open_db(db_url, repo_dir) as db:
         rid = start_rollout(db, fleet=fleet, model=model, version=version,
                             selector={"groups": groups, "tags": tags, "devices": devices},
-                            spec=spec, actor=actor_name(operator))
+                            spec=spec, actor=actor_name(operator), repo=repo)
     click.echo(f"rollout {rid}: {model} {version} recorded; 'edge-sdk serve' carries it out")
 
 

@@ -10,6 +10,15 @@ One controller per fleet and database: :meth:`Controller.start` takes the fleet'
 (:class:`LeaseHeld` when another controller has it), every saved state renews it in the
 same transaction — a controller whose lease went to another one can commit nothing and
 stops (:attr:`Controller.lost`) — and :meth:`Controller.stop` gives it up.
+
+What every device's retained ``desired`` topic must hold is part of the record
+(``device_desired``), saved with the state that causes it; publishing and clearing only
+make the broker equal to it, so they are repeated until the broker acknowledged them,
+after a restart, and by the next lease holder. The lease also fences what a controller
+publishes: before each publish it must hold the lease for longer than a margin. A
+controller paused between that check and its publish can still land one message late;
+the new holder watches the retained topics and puts the record back at once (and the
+agent refuses a deployment older than one it already took).
 """
 
 from __future__ import annotations
@@ -29,10 +38,16 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ..errors import EdgeError
-from ..release._deploy import clear_deployment, create_deployment
+from ..release._deploy import (
+    clear_deployment,
+    create_deployment,
+    last_deployment,
+    last_document,
+)
 from ..release._repository import Repository
 from ..transport import MqttConnection, Topics
 from ..transport._config import check_topic_word
+from ..trust._deployment import compare_versions
 from ..trust._keys import DEPLOYMENT_ROLE
 from . import _machine as m
 from ._db import (
@@ -41,7 +56,9 @@ from ._db import (
     FleetError,
     FleetUsageError,
     LeaseLost,
+    chunks,
     device_assignments,
+    device_desired,
     device_events,
     devices,
     json_text,
@@ -50,6 +67,7 @@ from ._db import (
     rollout_devices,
     rollouts,
 )
+from ._retained import Held, RetainedDesired, digest
 from ._select import operator_part, selects, split_tags
 
 log = logging.getLogger("edge_sdk.fleet.controller")
@@ -57,22 +75,31 @@ log = logging.getLogger("edge_sdk.fleet.controller")
 #: Test-only: the controller kills itself with SIGKILL the first time it reaches the named
 #: point (``NAME:N``: the N-th time). The kill -9 tests crash at each one.
 CRASH_ENV = "EDGE_SDK_FLEET_CRASH_AT"
+#: Test-only, the same points: the controller stops itself with SIGSTOP there, as a process
+#: the OS or a hypervisor pauses; the lease tests let its lease expire, then SIGCONT it.
+PAUSE_ENV = "EDGE_SDK_FLEET_PAUSE_AT"
 #: ``signing``: a deployment is signed (its counter used) but not saved; ``signed``: saved,
-#: not yet published; ``published``: published to the first of its devices only.
-CRASH_POINTS = ("signing", "signed", "published")
-_reached: dict[str, int] = {}
+#: not yet published; ``published``: published to the first of its devices only;
+#: ``aborted``: an abort is saved, none of its clears or rollbacks carried out;
+#: ``publishing``: about to publish one device's topic, before the lease check; ``fenced``:
+#: after it.
+CRASH_POINTS = ("signing", "signed", "published", "aborted", "publishing", "fenced")
+_reached: dict[tuple[str, str], int] = {}
 
 
 def crash_point(name: str) -> None:
     assert name in CRASH_POINTS, f"crash point {name!r} is missing from CRASH_POINTS"
-    at = os.environ.get(CRASH_ENV)
-    if not at:
-        return
-    want, _, nth = at.partition(":")
-    if want == name:
-        _reached[name] = _reached.get(name, 0) + 1
-        if _reached[name] == int(nth or 1):
-            os.kill(os.getpid(), signal.SIGKILL)
+    for env, sig in ((CRASH_ENV, signal.SIGKILL), (PAUSE_ENV, signal.SIGSTOP)):
+        at = os.environ.get(env)
+        if not at:
+            continue
+        want, _, nth = at.partition(":")
+        if want == name:
+            _reached[env, name] = _reached.get((env, name), 0) + 1
+            if _reached[env, name] == int(nth or 1):
+                # At this thread: sent to the process, the signal may be taken by another
+                # thread while this one runs on a little way.
+                signal.pthread_kill(threading.get_ident(), sig)
 
 _DEVICE_FIELDS = [f for f in m.DeviceProgress.__dataclass_fields__ if f != "wave"]
 
@@ -133,9 +160,11 @@ def members(db: FleetDB, fleet: str, selector: Mapping[str, Any]) -> dict[str, m
 
 def start_rollout(db: FleetDB, *, fleet: str, model: str, version: str,
                   selector: Mapping[str, Sequence[str]], spec: m.RolloutSpec,
-                  actor: str) -> int:
+                  actor: str, repo: Repository | None = None) -> int:
     """Create a rollout record (the controller picks it up). Raises
-    :class:`FleetUsageError` when the selector matches no registered device."""
+    :class:`FleetUsageError` when the selector matches no registered device, or when
+    ``version`` is older than what one of them runs or was last sent (by a rollout, or
+    signed in ``repo``): a downgrade, which no wave could deploy."""
     sel = {k: list(v) for k, v in selector.items() if v}
     if not sel:
         raise FleetUsageError("name at least one --group, --tag or --device")
@@ -149,6 +178,7 @@ def start_rollout(db: FleetDB, *, fleet: str, model: str, version: str,
         raise FleetUsageError(f"the selector {_describe(sel)} matches no device registered in "
                               f"fleet {fleet!r}{_claimed(db, fleet, sel)} (see 'edge-sdk "
                               "status --db ...')")
+    _refuse_downgrade(db, fleet, model, version, found, repo)
     now = time.time()
     with db.begin() as c:
         rid = c.execute(rollouts.insert().values(
@@ -160,6 +190,34 @@ def start_rollout(db: FleetDB, *, fleet: str, model: str, version: str,
             "rollout": rid, "fleet": fleet, "model": model, "version": version,
             "selector": sel, **spec.to_json()}, conn=c)
     return int(rid)
+
+
+def _refuse_downgrade(db: FleetDB, fleet: str, model: str, version: str,
+                      found: Mapping[str, m.Member], repo: Repository | None) -> None:
+    newer: dict[str, str] = {}  # device -> the newest version of the model it has or was sent
+
+    def seen(device: str, mdl: object, ver: object) -> None:
+        if mdl == model and isinstance(ver, str) and compare_versions(version, ver) < 0 \
+                and (device not in newer or compare_versions(ver, newer[device]) > 0):
+            newer[device] = ver
+
+    for d, mem in found.items():
+        seen(d, mem.model, mem.version)
+        if repo is not None:
+            last = last_deployment(repo, d)
+            if last is not None:
+                seen(d, last.get("model"), last.get("version"))
+    with db.read() as c:
+        for part in chunks(sorted(found), 500):
+            for r in c.execute(sa.select(device_desired.c.device, device_desired.c.model,
+                                         device_desired.c.version).where(
+                    (device_desired.c.fleet == fleet) & device_desired.c.device.in_(part))):
+                seen(r.device, r.model, r.version)
+    if newer:
+        some = ", ".join(f"{d} has {v}" for d, v in sorted(newer.items())[:3])
+        more = f" and {len(newer) - 3} more" if len(newer) > 3 else ""
+        raise FleetUsageError(f"{model} {version} for {len(newer)} selected device(s) ({some}"
+                              f"{more}) is a downgrade; a rollback rollout is needed")
 
 
 def _describe(sel: Mapping[str, Sequence[str]]) -> str:
@@ -245,6 +303,47 @@ def save_state(c: Connection, st: m.RolloutState, old: m.RolloutState | None) ->
             c.execute(rollout_devices.insert().values(rollout=st.id, device=d, **row))
 
 
+def save_desired(c: Connection, fleet: str, st: m.RolloutState, old: m.RolloutState | None,
+                 *, backfill: bool = False) -> None:
+    """Record, unpublished, what each device's retained ``desired`` topic must hold where
+    ``st`` changed it from ``old``; with ``backfill``, only where nothing is recorded yet (a
+    rollout saved by an edge-sdk that kept no such record)."""
+    now = time.time()
+    recorded: set[str] = set()
+    if backfill:
+        for part in chunks(sorted(st.devices), 500):
+            recorded.update(c.execute(sa.select(device_desired.c.device).where(
+                (device_desired.c.fleet == fleet) & device_desired.c.device.in_(part))
+            ).scalars())
+    for d in st.devices:
+        if d in recorded:
+            continue
+        want = m.desired(st, d)
+        if want is None:
+            continue
+        if not backfill and old is not None and d in old.devices \
+                and m.desired(old, d) == want:
+            continue
+        doc = want.document
+        key = (device_desired.c.fleet == fleet) & (device_desired.c.device == d)
+        if doc is None and want.counter is not None:
+            # Withdrawing a document another rollout has replaced since: leave its newer one.
+            now_counter = c.execute(sa.select(device_desired.c.counter).where(key)).scalar()
+            if now_counter is not None and now_counter > want.counter:
+                continue
+        values = {"document": doc, "digest": None if doc is None else digest(doc.encode()),
+                  "counter": want.counter, "model": None if doc is None else st.model,
+                  "version": want.version, "rollout": st.id, "changed": now,
+                  "published": None}
+        if backfill:
+            c.execute(device_desired.insert().values(fleet=fleet, device=d, seq=1, **values))
+            continue
+        done = c.execute(device_desired.update().where(key).values(
+            seq=device_desired.c.seq + 1, **values))
+        if done.rowcount == 0:
+            c.execute(device_desired.insert().values(fleet=fleet, device=d, seq=1, **values))
+
+
 # -- the controller ------------------------------------------------------------------------
 
 def check_key_permissions(repo: Repository) -> None:
@@ -265,16 +364,32 @@ class Controller:
 
     def __init__(self, db: FleetDB, repo: Repository, connection: MqttConnection, *,
                  topics: Topics | None = None, poll_s: float = 0.5,
-                 lease_ttl: float = 15.0) -> None:
+                 lease_ttl: float = 15.0, lease_margin: float | None = None) -> None:
         """``lease_ttl``: how long the lease outlives this controller's last save or poll
-        (a controller killed with SIGKILL is taken over after that long)."""
+        (a controller killed with SIGKILL is taken over after that long).
+        ``lease_margin`` (default a third of ``lease_ttl``): nothing is published with less
+        of the lease left than this; it must cover the clock difference between the hosts
+        of two controllers and the time a publish takes to reach the broker."""
         check_key_permissions(repo)
+        margin = lease_ttl / 3 if lease_margin is None else lease_margin
+        if not 0 < margin < lease_ttl:
+            raise FleetUsageError(f"the lease margin ({margin:g} s) must be > 0 and less than "
+                                  f"the lease ({lease_ttl:g} s)")
         self.db = db
         self.repo = repo
         self.conn = connection
         self.topics = topics or Topics.for_config(connection.config)
         self.poll_s = poll_s
         self.lease_ttl = lease_ttl
+        self.lease_margin = margin
+        #: Monotonic time until which this controller surely holds the lease (its last
+        #: renewal started then plus ``lease_ttl``).
+        self._lease_until = 0.0
+        self._retained = RetainedDesired(connection, self.topics)
+        self._watching: bool | None = None  # None: not tried yet; False: refused
+        self._generation = 0  # of the retained view, when last compared in full
+        #: Monotonic times of the full comparisons still due after taking the lease.
+        self._full_at: list[float] = []
         #: Who this controller is in the lease table (and in the refusal others print).
         self.holder = f"{socket.gethostname()} pid {os.getpid()} {secrets.token_hex(3)}"
         self._leased = False
@@ -286,9 +401,30 @@ class Controller:
 
     def acquire(self) -> None:
         """Take the fleet's lease. Raises :class:`LeaseHeld` while another controller
-        holds it (call again to wait for it)."""
+        holds it (call again to wait for it). A controller waiting for the lease already
+        watches the retained ``desired`` topics, so it takes over knowing what they hold."""
+        self._watch()
+        t0 = time.monotonic()
         self.db.acquire_lease(self.topics.fleet, self.holder, self.lease_ttl)
         self._leased = True
+        self._lease_until = t0 + self.lease_ttl
+        # The previous holder published until its lease ran out, and one publish it made
+        # just before may land later still: compare every topic with the record now and
+        # once more a lease later.
+        self._full_at = [t0, t0 + self.lease_ttl]
+
+    def _watch(self) -> None:
+        if self._watching is not None:
+            return
+        try:
+            self._retained.start()
+            self._watching = True
+        except EdgeError as err:
+            self._watching = False
+            log.warning("controller: cannot read the retained desired topics (%s); it "
+                        "publishes the record of every device in an active rollout again "
+                        "after taking the lease instead of comparing",
+                        str(err).splitlines()[0])
 
     def start(self) -> Controller:
         if not self._leased:
@@ -304,6 +440,8 @@ class Controller:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(30)
+        if self._watching:
+            self._retained.stop()
         if self._leased and self.lost is None:
             try:
                 self.db.release_lease(self.topics.fleet, self.holder)
@@ -329,28 +467,41 @@ class Controller:
 
     def poll(self) -> None:
         if self._leased:
-            self.db.renew_lease(self.topics.fleet, self.holder, self.lease_ttl)
+            self._renew()
         with self.db.read() as c:
             ids = c.execute(sa.select(rollouts.c.id).where(
                 (rollouts.c.fleet == self.topics.fleet)
                 & rollouts.c.status.in_(ACTIVE_STATUSES)).order_by(rollouts.c.id)
             ).scalars().all()
+        self._reconcile([int(r) for r in ids])
         for rid in ids:
             self._poll_one(int(rid))
         for rid in [r for r in self._states if r not in ids]:
             del self._states[rid]
 
+    def _renew(self) -> None:
+        t0 = time.monotonic()
+        self.db.renew_lease(self.topics.fleet, self.holder, self.lease_ttl)
+        self._lease_until = t0 + self.lease_ttl
+
     def _apply(self, st: m.RolloutState, event: m.Event,
                command_seq: int | None = None) -> m.RolloutState:
         new, effects = m.step(st, event)
+        t0 = time.monotonic()
         with self.db.begin() as c:
             if self._leased:  # nothing is saved, so nothing is done, without the lease
                 self.db.renew_lease(self.topics.fleet, self.holder, self.lease_ttl, conn=c)
             save_state(c, new, st)
+            save_desired(c, self.topics.fleet, new, st,
+                         backfill=isinstance(event, m.Restarted))
             if command_seq is not None:
                 c.execute(rollout_commands.update().where(
                     rollout_commands.c.seq == command_seq).values(done=time.time()))
+        if self._leased:
+            self._lease_until = t0 + self.lease_ttl
         self._states[new.id] = new
+        if new.status == "aborting" and st.status != "aborting":
+            crash_point("aborted")
         for fx in effects:
             new = self._effect(new, fx)
         return new
@@ -423,15 +574,161 @@ class Controller:
             return self._apply(st, m.Signed(fx.devices, signed.deployment.counter,
                                             signed.document.decode(), fx.rollback,
                                             time.time()))
+        # Publish and Clear: put what the record says now on the topics (the effect's own
+        # document may have been superseded by another rollout's since).
         if isinstance(fx, m.Publish):
             crash_point("signed")
-            doc = fx.document.encode()
-            for d in fx.devices:
-                self.conn.publish_wait(self.topics.desired(d), doc, qos=1, retain=True)
-                crash_point("published")
-            return st
-        clear_deployment(self.conn, self.topics.desired(fx.device))
+            self._drive(fx.devices)
+        else:
+            self._drive((fx.device,))
         return st
+
+    # -- the retained desired topics -----------------------------------------------------
+
+    def _reconcile(self, active: Sequence[int]) -> None:
+        """Make the retained ``desired`` topics equal to the record where they may not be:
+        records the broker has not acknowledged yet, topics a message landed on since the
+        last poll (another controller's, too), and every recorded topic after taking the
+        lease, a lease later, and after each reconnect."""
+        if not self.conn.connected:
+            return
+        full = False
+        now = time.monotonic()
+        settled = bool(self._watching) and self._retained.settled
+        if self._full_at and self._full_at[0] <= now and (settled or not self._watching):
+            del self._full_at[0]
+            full = True
+        if settled and self._retained.generation != self._generation:
+            full = True
+        if full and settled:
+            self._generation = self._retained.generation
+        changed = self._retained.take_changed() if self._watching else set()
+        d = device_desired.c
+        cols = (d.device, d.digest, d.counter, d.seq, d.published)
+        fleet = d.fleet == self.topics.fleet
+        with self.db.read() as c:
+            if full and self._watching:
+                rows = list(c.execute(sa.select(*cols).where(fleet)))
+            elif full:  # nothing to compare with: publish every active rollout's again
+                rows = list(c.execute(sa.select(*cols).where(
+                    fleet & (d.published.is_(None) | d.rollout.in_(list(active))))))
+            else:
+                rows = list(c.execute(sa.select(*cols).where(fleet & d.published.is_(None))))
+                seen = {r.device for r in rows}
+                for part in chunks(sorted(changed - seen), 500):
+                    rows += c.execute(sa.select(*cols).where(fleet & d.device.in_(part)))
+        self._publish_where_wrong(rows, everything=full and not self._watching)
+
+    def _drive(self, devices: Sequence[str]) -> None:
+        """Publish the record of ``devices`` where the broker may not hold it."""
+        d = device_desired.c
+        rows: list[Any] = []
+        with self.db.read() as c:
+            for part in chunks(sorted(set(devices)), 500):
+                rows += c.execute(sa.select(d.device, d.digest, d.counter, d.seq,
+                                            d.published).where(
+                    (d.fleet == self.topics.fleet) & d.device.in_(part)))
+        self._publish_where_wrong(rows)
+
+    def _publish_where_wrong(self, rows: Sequence[Any], *, everything: bool = False) -> None:
+        """Publish each record whose topic may hold something else; mark the ones the
+        retained view shows in place as published."""
+        watching = bool(self._watching)
+        settled = watching and self._retained.settled
+        wrong: list[str] = []
+        right: list[tuple[str, int]] = []  # not marked yet, but in place
+        for r in rows:
+            pending = r.published is None
+            if not watching:
+                if pending or everything:
+                    wrong.append(r.device)
+                continue
+            held = self._retained.held(r.device)
+            if held is None:  # nothing retained, or not replayed yet
+                ok = r.digest is None and settled
+                if not ok and (settled or pending):
+                    wrong.append(r.device)
+            else:
+                ok = held.digest == r.digest or self._newer_deploy(r, held)
+                if not ok:
+                    wrong.append(r.device)
+            if ok and pending:
+                right.append((r.device, r.seq))
+        self._confirm(right)
+        if wrong:
+            self._publish(wrong)
+
+    def _newer_deploy(self, r: Any, held: Held) -> bool:
+        """Whether ``held`` is an operator's own later deployment ('edge-sdk deploy'), which
+        the record does not take back: newer than the record's and exactly the document
+        this repository last signed for the device (not merely claiming a high counter)."""
+        if held.counter is None or r.counter is None or held.counter <= r.counter:
+            return False
+        doc = last_document(self.repo, r.device)
+        return doc is not None and digest(doc) == held.digest
+
+    def _publish(self, devices: Sequence[str]) -> None:
+        """Publish what the record says on each device's retained ``desired`` topic (an empty
+        message for a cleared one), each only while this controller holds the lease."""
+        d = device_desired.c
+        rows: list[Any] = []
+        with self.db.read() as c:
+            for part in chunks(devices, 500):
+                rows += c.execute(sa.select(d.device, d.document, d.seq).where(
+                    (d.fleet == self.topics.fleet) & d.device.in_(part)))
+        order = {dev: i for i, dev in enumerate(devices)}
+        rows.sort(key=lambda r: order[r.device])
+        done: list[tuple[str, int]] = []
+        try:
+            for r in rows:
+                crash_point("publishing")
+                timeout = self._fence()
+                if not self.conn.connected:
+                    # Nothing waits in the connection's queue for a reconnect that may come
+                    # after the lease: the rest stays unpublished in the record, for the
+                    # next poll on a live link.
+                    break
+                crash_point("fenced")
+                topic = self.topics.desired(r.device)
+                if r.document is None:
+                    clear_deployment(self.conn, topic, timeout=timeout)
+                else:
+                    self.conn.publish_wait(topic, r.document.encode(), qos=1, retain=True,
+                                           timeout=timeout)
+                done.append((r.device, r.seq))
+                crash_point("published")
+        finally:
+            self._confirm(done)
+
+    def _fence(self) -> float:
+        """Raise unless this controller holds the lease for longer than the margin (renewed
+        first unless that was done within the last second): :class:`LeaseLost` when it
+        went to another one. Returns how long a publish may wait for the broker: until the
+        margin."""
+        if not self._leased:
+            raise FleetError("this controller does not hold the fleet's lease: it publishes "
+                             "nothing")
+        left = self._lease_until - time.monotonic()
+        if left < self.lease_ttl - min(1.0, self.lease_ttl / 4):
+            self._renew()
+            left = self._lease_until - time.monotonic()
+        if left <= self.lease_margin:
+            raise FleetError(f"the controller lease has {max(left, 0):.1f} s left, under its "
+                             f"{self.lease_margin:g} s margin (the database answered that "
+                             "slowly): nothing published now")
+        return min(10.0, left - self.lease_margin)
+
+    def _confirm(self, done: Sequence[tuple[str, int]]) -> None:
+        """Mark records the broker acknowledged (unless they changed meanwhile)."""
+        if not done:
+            return
+        d = device_desired.c
+        now = time.time()
+        with self.db.begin() as c:
+            for dev, seq in done:
+                c.execute(device_desired.update().where(
+                    (d.fleet == self.topics.fleet) & (d.device == dev) & (d.seq == seq)
+                    & d.published.is_(None)).values(published=now))
 
 
 def actor_name(operator: str | None) -> str:

@@ -14,6 +14,10 @@ processes opening a fresh database at once migrate it exactly once.
 One controller runs a fleet at a time: it holds the fleet's row in ``controller_lease``
 (:meth:`FleetDB.acquire_lease`), renews it with every state it saves, and a second one
 is refused (:class:`LeaseHeld`) until the lease is released or expires.
+
+``device_desired`` is the record of what every device's retained ``desired`` topic must
+hold (a signed document, or nothing), written in the transaction that saves the rollout
+state causing it; the retained messages on the broker are made equal to it.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from ..errors import EdgeError
 from ._select import hardware_matches, mismatch, split_tags, tag_matches
 
 #: The schema this code writes. Bump it and add a step to ``_MIGRATIONS`` together.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 class FleetError(EdgeError):
@@ -199,6 +203,27 @@ device_assignments = sa.Table(
     sa.Column("tags", sa.Text, nullable=False, default="{}"),
     sa.Column("updated", sa.Float, nullable=False),
     sa.Column("updated_by", sa.String(128), nullable=False),
+)
+
+#: What each device's retained ``desired`` topic must hold (schema 5): ``document`` (a
+#: signed deployment; NULL: nothing, the topic cleared) with its sha256 ``digest`` and
+#: ``counter`` (for a cleared topic: the withdrawn deployment's), set by ``rollout``.
+#: ``seq`` grows with every change; ``published`` is NULL until the broker acknowledged
+#: this content (the controller publishes it again until then).
+device_desired = sa.Table(
+    "device_desired", meta,
+    sa.Column("fleet", sa.String(128), primary_key=True),
+    sa.Column("device", sa.String(128), primary_key=True),
+    sa.Column("document", sa.Text),
+    sa.Column("digest", sa.String(64)),
+    sa.Column("counter", sa.Integer),
+    sa.Column("model", sa.String(256)),
+    sa.Column("version", sa.String(128)),
+    sa.Column("rollout", sa.Integer),
+    sa.Column("seq", sa.Integer, nullable=False),
+    sa.Column("changed", sa.Float, nullable=False),
+    sa.Column("published", sa.Float),
+    sa.Index("ix_device_desired_published", "fleet", "published"),
 )
 
 #: Rollout states in which the controller still has work to do.
@@ -672,7 +697,11 @@ def _v4(c: Connection) -> None:
     device_assignments.create(c)
 
 
-_MIGRATIONS = {1: _v1, 2: _v2, 3: _v3, 4: _v4}
+def _v5(c: Connection) -> None:
+    device_desired.create(c)
+
+
+_MIGRATIONS = {1: _v1, 2: _v2, 3: _v3, 4: _v4, 5: _v5}
 
 
 def _migrate(c: Connection, url: str, *, write: bool) -> None:

@@ -5,7 +5,9 @@ devices, an operator command, a signed deployment), saves the returned state in 
 database, and only then carries out the effects (sign, publish, clear). Because a
 device's signed document is in the saved state before it is published, a controller
 killed at any moment and restarted republishes the same document instead of signing a
-second, conflicting one (:class:`Restarted` → :class:`Publish` for each sent device).
+second, conflicting one (:class:`Restarted` → :class:`Publish` for each sent device,
+:class:`Clear` for each withdrawn one). :func:`desired` says, from a device's saved
+progress alone, what its retained ``desired`` topic must hold.
 
 Device statuses: ``pending`` (in a wave, not yet sent) → ``signing`` → ``sent`` →
 ``committed`` | ``failed`` | ``rolled_back`` | ``refused`` | ``silent`` (no answer within
@@ -181,6 +183,31 @@ class Clear:
 Effect = Sign | Publish | Clear
 
 
+@dataclass(frozen=True)
+class Desired:
+    """What a device's retained ``desired`` topic must hold because of a rollout: the signed
+    ``document`` (deployment ``counter``, of the rollout's model at ``version``), or
+    nothing (``document`` None: cleared; ``counter`` is the withdrawn deployment's)."""
+
+    document: str | None
+    counter: int | None
+    version: str | None
+
+
+def desired(state: RolloutState, device: str) -> Desired | None:
+    """What ``device``'s retained ``desired`` topic must hold in ``state``: its rollback
+    once signed, nothing once withdrawn, else the document it was sent; None while the
+    rollout has put nothing there (pending, cancelled before it was signed)."""
+    p = state.devices[device]
+    if p.rollback_status == "withdrawn":
+        return Desired(None, p.counter, None)
+    if p.rollback_document is not None:
+        return Desired(p.rollback_document, p.rollback_counter, p.before_version)
+    if p.document is not None:
+        return Desired(p.document, p.counter, state.version)
+    return None
+
+
 class CommandRefused(Exception):
     """An operator command that does not apply in the rollout's current status."""
 
@@ -245,13 +272,20 @@ def _check(s: RolloutState, e: Event) -> None:
 
 
 def _restart(s: RolloutState, fx: list[Effect]) -> None:
-    # Signed and saved but perhaps never published: publish the same bytes again.
+    # Signed and saved but perhaps never published: publish the same bytes again. Withdrawn
+    # and saved but perhaps never cleared: clear again (an aborted release left retained
+    # would be installed by its device).
+    # Only what the topic must hold now (:func:`desired`): never a document that a rollback
+    # or a withdrawal has replaced.
     by_doc: dict[str, list[str]] = {}
     for d, p in sorted(s.devices.items()):
-        if p.status == "sent" and p.document:
+        if p.rollback_status == "withdrawn":
+            fx.append(Clear(d))
+        elif p.rollback_document is not None:
+            if p.rollback_status == "sent":
+                by_doc.setdefault(p.rollback_document, []).append(d)
+        elif p.status == "sent" and p.document:
             by_doc.setdefault(p.document, []).append(d)
-        if p.rollback_status == "sent" and p.rollback_document:
-            by_doc.setdefault(p.rollback_document, []).append(d)
         # Asked to sign, but no signed document saved: none was published; sign anew.
         if p.status == "signing":
             p.status = "pending"

@@ -110,6 +110,20 @@ def _last(ddir: Path, who: str) -> dict[str, object] | None:
         return None
 
 
+def last_deployment(repo: Repository, device: str) -> dict[str, object] | None:
+    """The ``signed`` part of the last deployment signed for ``device`` in ``repo`` (its
+    ``model``, ``version``, ``counter``...), or None."""
+    return _last(repo.path / "deployments", f"dev-{device}")
+
+
+def last_document(repo: Repository, device: str) -> bytes | None:
+    """The bytes of the last deployment document signed for ``device`` in ``repo``."""
+    try:
+        return (repo.path / "deployments" / f"dev-{device}.json").read_bytes()
+    except OSError:
+        return None
+
+
 def publish_deployment(connection: MqttConnection, signed: SignedDeployment, *,
                        topics: Topics | None = None, timeout: float = 10.0) -> list[str]:
     """Publish the document retained (QoS 1) on every ``desired`` topic it names and wait
@@ -124,9 +138,10 @@ def publish_deployment(connection: MqttConnection, signed: SignedDeployment, *,
     return out
 
 
-def clear_deployment(connection: MqttConnection, topic: str) -> None:
-    """Remove a retained document (publish an empty retained message)."""
-    connection.publish_wait(topic, b"", qos=1, retain=True)
+def clear_deployment(connection: MqttConnection, topic: str, *, timeout: float = 10.0) -> None:
+    """Remove a retained document (publish an empty retained message) and wait up to
+    ``timeout`` seconds for the broker's acknowledgement (:class:`TransportError`)."""
+    connection.publish_wait(topic, b"", qos=1, retain=True, timeout=timeout)
 
 
 def deployment_state(repo: Repository) -> dict[str, object]:
