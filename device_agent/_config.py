@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from edge_sdk._internal import add_secret, redact_url
 from edge_sdk.errors import ConfigError
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -50,7 +51,7 @@ class BrokerConfig:
     #: ``url`` (give one or the other); all nodes share the credentials and TLS settings.
     urls: tuple[str, ...] = ()
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     #: Read the password from this file (kept out of the config file).
     password_file: Path | None = None
     #: Default: the user name (brokers such as the examples/mosquitto one name the
@@ -86,11 +87,13 @@ class BrokerConfig:
     def resolved_password(self) -> str | None:
         if self.password_file is not None:
             try:
-                return self.password_file.read_text(encoding="utf-8").strip()
+                secret = self.password_file.read_text(encoding="utf-8").strip()
             except OSError as err:
                 raise ConfigError(
                     f"broker.password_file {self.password_file}: cannot read: {err.strerror}"
                 ) from err
+            add_secret(secret)  # never printed, wherever it would appear
+            return secret
         return self.password
 
 
@@ -281,9 +284,9 @@ class AgentConfig:
             try:
                 u.port  # noqa: B018 (a property that raises for a bad port)
             except ValueError:
-                raise bad(url_key, f"{one!r}: invalid port") from None
+                raise bad(url_key, f"{redact_url(one)!r}: invalid port") from None
             if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
-                raise bad(url_key, f"{one!r} must look like mqtt://host:1883 "
+                raise bad(url_key, f"{redact_url(one)!r} must look like mqtt://host:1883 "
                                    "or mqtts://host:8883")
         if len({urlparse(one).scheme for one in self.broker.all_urls}) > 1:
             raise bad(url_key, "mixes mqtt:// and mqtts://; use one scheme for every node")

@@ -17,7 +17,9 @@ sibling needs it, never by reaching into the module that defines it.
 - data: :func:`load_npz` (an ``.npz`` of named arrays), :func:`synthetic_inputs`
   (random feeds matching a signature), :func:`measure` → :class:`LatencyStats`;
 - messages: :func:`loads_bounded` with :data:`MESSAGE_MAX_BYTES` and
-  :data:`MESSAGE_MAX_DEPTH` (JSON from the network, bounded in size and depth).
+  :data:`MESSAGE_MAX_DEPTH` (JSON from the network, bounded in size and depth);
+- secrets: :func:`redact_url` (a URL as a message may show it), :func:`add_secret` (a
+  value never to be printed).
 """
 
 from ._artifact import MANIFEST_NAME, REPORT_NAME
@@ -25,6 +27,7 @@ from ._bench import LatencyStats, measure, synthetic_inputs
 from ._fs import atomic_write_bytes, atomic_write_text, sha256_file, staged_dir
 from ._io import load_npz
 from ._json import MESSAGE_MAX_BYTES, MESSAGE_MAX_DEPTH, loads_bounded
+from ._redact import add_secret, redact_url
 from ._runtime import litert_op_names, load_model_file
 
 __all__ = [
@@ -33,6 +36,7 @@ __all__ = [
     "MESSAGE_MAX_DEPTH",
     "REPORT_NAME",
     "LatencyStats",
+    "add_secret",
     "atomic_write_bytes",
     "atomic_write_text",
     "litert_op_names",
@@ -40,6 +44,7 @@ __all__ = [
     "load_npz",
     "loads_bounded",
     "measure",
+    "redact_url",
     "sha256_file",
     "staged_dir",
     "synthetic_inputs",

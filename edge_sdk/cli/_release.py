@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import click
 
 from .._artifact import Artifact
+from .._redact import redact_url
 from ..errors import DeploymentError, EdgeError, UsageError
 from ..release import (
     DEFAULT_DELTA_BASES,
@@ -374,7 +375,7 @@ def status_cmd(devices: tuple[str, ...], as_json: bool, db_url: str | None,
         fleet = mqtt["fleet"]
         with open_db(db_url, repo_dir) as db:
             rows = db.devices(fleet=fleet)
-            where = db.url
+            where = redact_url(db.url)
             counts = db.registry_stats(fleet=fleet)
         for rs in counts:
             if rs["malformed"] or rs["dropped"] or rs["db_errors"]:
@@ -391,7 +392,7 @@ def status_cmd(devices: tuple[str, ...], as_json: bool, db_url: str | None,
             raise UsageError("name the broker (--broker URL or EDGE_BROKER), or read the "
                              "registry with --db URL / --repo REPO")
         config = _mqtt_config(mqtt)
-        fleet, where = config.fleet, config.url
+        fleet, where = config.fleet, redact_url(config.url)
         with MqttConnection(config, name="edge-status") as conn:
             states = fleet_status(conn)
     if devices:
@@ -583,8 +584,9 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
             with responder or contextlib.nullcontext(), registry, \
                     web or contextlib.nullcontext():
                 controller.start()
-                click.echo(f"serving {Path(repo).resolve()} on {config.url} fleet "
-                           f"{config.fleet}; registry and rollouts in {db.url}", err=True)
+                click.echo(f"serving {Path(repo).resolve()} on {redact_url(config.url)} fleet "
+                           f"{config.fleet}; registry and rollouts in {redact_url(db.url)}",
+                           err=True)
                 if web is not None:
                     click.echo(f"fleet page on {web.url}", err=True)
                 try:
@@ -611,8 +613,8 @@ def _serve_responder(repo: str, config: MqttConfig, rcfg: ResponderConfig) -> No
     try:
         with MqttConnection(config, name="edge-serve") as conn, \
                 RepoResponder(conn, repo, config=rcfg) as responder:
-            click.echo(f"serving {Path(repo).resolve()} on {config.url} fleet {config.fleet}",
-                       err=True)
+            click.echo(f"serving {Path(repo).resolve()} on {redact_url(config.url)} fleet "
+                       f"{config.fleet}", err=True)
             try:
                 while not stop.wait(0.5):
                     pass
