@@ -515,6 +515,10 @@ def _device_limits(values: tuple[str, ...]) -> DeviceLimits:
                    "(loopback only unless --http-allow-remote).")
 @click.option("--http-allow-remote", is_flag=True,
               help="Allow --http on a non-loopback address (the page has no login).")
+@click.option("--http-allow-host", "http_hosts", multiple=True, metavar="NAME",
+              help="A host name the page may be reached by (a proxy's, a DNS name); other "
+                   "names than IP addresses and localhost are refused (DNS rebinding). "
+                   "Repeatable.")
 @click.option("--only", type=click.Choice(["responder", "fleet"]),
               help="Run one part: 'responder' answers chunk requests (start several side "
                    "by side for more throughput), 'fleet' runs the registry, rollouts and "
@@ -526,8 +530,8 @@ def _device_limits(values: tuple[str, ...]) -> DeviceLimits:
 @_mqtt_options
 def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url: str | None,
               keydir: str | None, poll_s: float, lease_ttl: float, http: str | None,
-              http_allow_remote: bool, only: str | None, partition: str | None,
-              **mqtt: Any) -> None:
+              http_allow_remote: bool, http_hosts: tuple[str, ...], only: str | None,
+              partition: str | None, **mqtt: Any) -> None:
     """Answer chunk requests for REPO, keep the device registry and run the rollouts
     recorded in the fleet database, until interrupted.
 
@@ -560,7 +564,8 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
     from ..fleet._web import WebConfig, WebServer
 
     try:
-        web_config = WebConfig.parse(http, allow_remote=http_allow_remote) if http else None
+        web_config = WebConfig.parse(http, allow_remote=http_allow_remote,
+                                     allowed_hosts=http_hosts) if http else None
     except EdgeError:
         db.close()
         raise
