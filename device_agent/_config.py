@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from edge_sdk._internal import add_secret, redact_url
+from edge_sdk._internal import add_secret, host_name, redact_url
 from edge_sdk.errors import ConfigError
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -137,6 +137,10 @@ class HttpConfig:
     #: Memory for decoding requests at once (a JSON body takes several times its size as
     #: Python objects); a request waits up to ``queue_timeout_s`` for room, then 503.
     max_decode_bytes: int = 128 * 1024 * 1024
+    #: Host names clients may reach the endpoint by, besides IP addresses, ``localhost``
+    #: and ``bind``; a request naming another ``Host`` is refused with 421, so a web page
+    #: whose DNS name an attacker points at the device (DNS rebinding) cannot call it.
+    allowed_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -294,6 +298,10 @@ class AgentConfig:
             # What MqttConfig checks later, named here with its key.
             raise bad("broker.topic_prefix", "must be one topic level: 1-64 letters, digits, "
                       "'_', '-' (no '.', which NATS refuses in topics)")
+        for i, name in enumerate(self.http.allowed_hosts):
+            if ":" in name or host_name(name) != name.lower().removesuffix("."):
+                raise bad(f"http.allowed_hosts[{i}]", f"{name!r} must be a host name (no "
+                          "port, no scheme), e.g. \"cam-1.local\"")
         positive: list[tuple[str, float]] = [
             ("threads", self.threads + 1),
             ("http.max_body_bytes", self.http.max_body_bytes),

@@ -5,7 +5,8 @@ unambiguous (one ``Content-Length`` of ASCII digits, HTTP/1.0 or 1.1, no folded
 or space-padded header names; the head parser is ``edge_sdk._http``, shared with
 the fleet page), so no two parsers can read it differently. Every resource a
 client can hold is bounded by a key of ``[http]``: connections
-(``max_connections``, each one thread), the time to send a whole request
+(``max_connections``, each one thread), the names a ``Host`` header may carry
+(``allowed_hosts``: DNS rebinding), the time to send a whole request
 (``request_timeout_s``, not per read), idle keep-alive (``idle_timeout_s``),
 header bytes (``max_header_bytes``), one body (``max_body_bytes``) and all
 bodies held at once (``max_buffered_bytes``). A cap that is hit is answered at
@@ -27,7 +28,7 @@ import socket
 import threading
 import time
 
-from edge_sdk._internal import HeadError, parse_head
+from edge_sdk._internal import HeadError, check_host, parse_head
 from edge_sdk.errors import ConfigError
 
 from ._budget import Budget
@@ -160,6 +161,8 @@ class _Connection:
         del self.buf[:end + 4]
         try:
             req = parse_head(head)
+            # Not required: local tools and probes may omit it; a browser never does.
+            check_host(req, self.server.hosts, "http.allowed_hosts", required=False)
         except HeadError as err:
             raise _Refused(err.status, str(err)) from None
         method, target, version, headers = req
@@ -243,6 +246,9 @@ class HttpServer:
         self.app = app
         self.config: HttpConfig = app.config
         self.buffered = Budget(self.config.max_buffered_bytes)
+        #: Names a Host header may carry besides addresses and localhost (DNS rebinding).
+        self.hosts = frozenset(n.lower().removesuffix(".")
+                               for n in (*self.config.allowed_hosts, bind))
         self.stopping = False
         try:
             self._sock = socket.create_server((bind, port),

@@ -107,15 +107,17 @@ def find_bare_lf(data: bytes | bytearray, start: int = 0) -> int:
     return -1
 
 
-def check_host(head: RequestHead, names: Collection[str], key: str) -> None:
+def check_host(head: RequestHead, names: Collection[str], key: str, *,
+               required: bool = True) -> None:
     """Refuse a request whose ``Host`` does not name this server: 421 for a name that is
     neither an IP address, ``localhost`` (or ``*.localhost``, which browsers resolve to
-    loopback themselves) nor one of ``names`` (lower case); 400 for an HTTP/1.1 request
-    without one or a malformed one. ``key`` is the setting that adds a name, for the
-    message. The port is not compared: a proxy in front may use another one."""
+    loopback themselves) nor one of ``names`` (lower case); 400 for a malformed one, and
+    with ``required`` for an HTTP/1.1 request without one (a browser always sends it).
+    ``key`` is the setting that adds a name, for the message. The port is not compared:
+    a proxy in front may use another one."""
     value = head.headers.get("host")
     if value is None:
-        if head.version == "HTTP/1.1":
+        if required and head.version == "HTTP/1.1":
             raise HeadError(400, "HTTP/1.1 request without a Host header")
         return
     host = host_name(value)

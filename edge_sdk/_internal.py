@@ -19,7 +19,8 @@ sibling needs it, never by reaching into the module that defines it.
 - messages: :func:`loads_bounded` with :data:`MESSAGE_MAX_BYTES` and
   :data:`MESSAGE_MAX_DEPTH` (JSON from the network, bounded in size and depth);
 - HTTP: :func:`parse_head` → :class:`RequestHead`, raising :class:`HeadError` (the
-  strict request-head reader the fleet page and the agent share), :func:`check_host`;
+  strict request-head reader the fleet page and the agent share), :func:`check_host` and
+  :func:`host_name` (DNS rebinding);
 - secrets: :func:`redact_url` (a URL as a message may show it), :func:`add_secret` (a
   value never to be printed).
 """
@@ -27,7 +28,7 @@ sibling needs it, never by reaching into the module that defines it.
 from ._artifact import MANIFEST_NAME, REPORT_NAME
 from ._bench import LatencyStats, measure, synthetic_inputs
 from ._fs import atomic_write_bytes, atomic_write_text, sha256_file, staged_dir
-from ._http import HeadError, RequestHead, check_host, parse_head
+from ._http import HeadError, RequestHead, check_host, host_name, parse_head
 from ._io import load_npz
 from ._json import MESSAGE_MAX_BYTES, MESSAGE_MAX_DEPTH, loads_bounded
 from ._redact import add_secret, redact_url
@@ -45,6 +46,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "check_host",
+    "host_name",
     "litert_op_names",
     "load_model_file",
     "load_npz",
