@@ -411,7 +411,8 @@ class _Connection(socketserver.BaseRequestHandler):
                 del buf[:2]                              # line are ignored (RFC 9112)
                 scanned = 0
             end = buf.find(b"\r\n\r\n", max(0, scanned - 3))
-            if find_bare_lf(buf, max(0, scanned - 1)) >= 0:
+            lf = find_bare_lf(buf, max(0, scanned - 1))
+            if lf >= 0 and (end < 0 or lf < end):  # in the head, not in what follows it
                 raise HeadError(400, "lines must end in CRLF (a bare LF was sent)")
             if not line_ok and (eol := buf.find(b"\r\n", 0, limit + 2)) >= 0:
                 # Checked as soon as it is complete: a line with no version is answered
