@@ -7,6 +7,8 @@ import sys
 
 import click
 
+from edge_sdk._internal import add_secret
+
 from ._config import AgentConfig
 
 
@@ -21,6 +23,8 @@ def agent_cmd(config_path: str, check: bool, log_level: str) -> None:
     """Run the device agent: keep the deployed model installed and serve it over HTTP
     (KServe v2) on the configured address until SIGTERM."""
     config = AgentConfig.from_file(config_path)
+    for secret in (*config.broker.all_urls, config.broker.password):
+        add_secret(secret)
     logging.basicConfig(
         level=getattr(logging, log_level.upper()), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from edge_sdk._internal import add_secret, host_name, redact_url
 from edge_sdk.errors import ConfigError
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -50,7 +51,7 @@ class BrokerConfig:
     #: ``url`` (give one or the other); all nodes share the credentials and TLS settings.
     urls: tuple[str, ...] = ()
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     #: Read the password from this file (kept out of the config file).
     password_file: Path | None = None
     #: Default: the user name (brokers such as the examples/mosquitto one name the
@@ -86,11 +87,13 @@ class BrokerConfig:
     def resolved_password(self) -> str | None:
         if self.password_file is not None:
             try:
-                return self.password_file.read_text(encoding="utf-8").strip()
+                secret = self.password_file.read_text(encoding="utf-8").strip()
             except OSError as err:
                 raise ConfigError(
                     f"broker.password_file {self.password_file}: cannot read: {err.strerror}"
                 ) from err
+            add_secret(secret)  # never printed, wherever it would appear
+            return secret
         return self.password
 
 
@@ -134,6 +137,10 @@ class HttpConfig:
     #: Memory for decoding requests at once (a JSON body takes several times its size as
     #: Python objects); a request waits up to ``queue_timeout_s`` for room, then 503.
     max_decode_bytes: int = 128 * 1024 * 1024
+    #: Host names clients may reach the endpoint by, besides IP addresses, ``localhost``
+    #: and ``bind``; a request naming another ``Host`` is refused with 421, so a web page
+    #: whose DNS name an attacker points at the device (DNS rebinding) cannot call it.
+    allowed_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -281,9 +288,9 @@ class AgentConfig:
             try:
                 u.port  # noqa: B018 (a property that raises for a bad port)
             except ValueError:
-                raise bad(url_key, f"{one!r}: invalid port") from None
+                raise bad(url_key, f"{redact_url(one)!r}: invalid port") from None
             if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
-                raise bad(url_key, f"{one!r} must look like mqtt://host:1883 "
+                raise bad(url_key, f"{redact_url(one)!r} must look like mqtt://host:1883 "
                                    "or mqtts://host:8883")
         if len({urlparse(one).scheme for one in self.broker.all_urls}) > 1:
             raise bad(url_key, "mixes mqtt:// and mqtts://; use one scheme for every node")
@@ -291,6 +298,10 @@ class AgentConfig:
             # What MqttConfig checks later, named here with its key.
             raise bad("broker.topic_prefix", "must be one topic level: 1-64 letters, digits, "
                       "'_', '-' (no '.', which NATS refuses in topics)")
+        for i, name in enumerate(self.http.allowed_hosts):
+            if ":" in name or host_name(name) != name.lower().removesuffix("."):
+                raise bad(f"http.allowed_hosts[{i}]", f"{name!r} must be a host name (no "
+                          "port, no scheme), e.g. \"cam-1.local\"")
         positive: list[tuple[str, float]] = [
             ("threads", self.threads + 1),
             ("http.max_body_bytes", self.http.max_body_bytes),

@@ -1,15 +1,17 @@
 """The HTTP/1.1 socket layer of the agent's endpoint; the protocol is in ``_protocol``.
 
 A small strict reader, not the stdlib's ``http.server``: a request must be
-unambiguous (one ``Content-Length`` of ASCII digits, HTTP/1.0 or 1.1, no
-folded or space-padded header names), so no two parsers can read it
-differently. Every resource a client can hold is bounded by a key of
-``[http]``: connections (``max_connections``, each one thread), the time to
-send a whole request (``request_timeout_s``, not per read), idle keep-alive
-(``idle_timeout_s``), header bytes (``max_header_bytes``), one body
-(``max_body_bytes``) and all bodies held at once (``max_buffered_bytes``).
-A cap that is hit is answered at once with a status and a message naming the
-key; nothing a client sends stops the server.
+unambiguous (one ``Content-Length`` of ASCII digits, HTTP/1.0 or 1.1, no folded
+or space-padded header names; the head parser is ``edge_sdk._http``, shared with
+the fleet page), so no two parsers can read it differently. Every resource a
+client can hold is bounded by a key of ``[http]``: connections
+(``max_connections``, each one thread), the names a ``Host`` header may carry
+(``allowed_hosts``: DNS rebinding), the time to send a whole request
+(``request_timeout_s``, not per read), idle keep-alive (``idle_timeout_s``),
+header bytes (``max_header_bytes``), one body (``max_body_bytes``) and all
+bodies held at once (``max_buffered_bytes``). A cap that is hit is answered at
+once with a status and a message naming the key; nothing a client sends stops
+the server.
 
 Keep-alive, Nagle off and one ``send`` per response keep the overhead over an
 in-process ``predict`` a fraction of a millisecond.
@@ -26,6 +28,7 @@ import socket
 import threading
 import time
 
+from edge_sdk._internal import HeadError, check_host, parse_head
 from edge_sdk.errors import ConfigError
 
 from ._budget import Budget
@@ -41,12 +44,6 @@ _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Al
             431: "Request Header Fields Too Large", 500: "Internal Server Error",
             501: "Not Implemented", 503: "Service Unavailable",
             505: "HTTP Version Not Supported"}
-#: Headers whose repetition makes a request ambiguous (request smuggling, or two
-#: different bodies depending on which copy a reader takes).
-_SINGLE = frozenset({"content-length", "transfer-encoding", "content-encoding", "host",
-                     "inference-header-content-length", "expect", "connection"})
-_TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
-                   "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _CHUNK = 256 * 1024
 
 
@@ -162,8 +159,14 @@ class _Connection:
             raise _Refused(431, f"request headers over {limit} bytes (http.max_header_bytes)")
         head = bytes(self.buf[:end]).decode("latin-1")
         del self.buf[:end + 4]
-        method, target, version, headers = _parse_head(head)
-        keep = _keep_alive(version, headers)
+        try:
+            req = parse_head(head)
+            # Not required: local tools and probes may omit it; a browser never does.
+            check_host(req, self.server.hosts, "http.allowed_hosts", required=False)
+        except HeadError as err:
+            raise _Refused(err.status, str(err)) from None
+        method, target, version, headers = req
+        keep = req.keep_alive
         body = self._body(method, version, headers, deadline, late)
         try:
             status, ctype, payload, extra = self.server.app.handle(method, target, headers,
@@ -236,42 +239,6 @@ class _Connection:
         return body  # type: ignore[return-value]
 
 
-def _parse_head(head: str) -> tuple[str, str, str, dict[str, str]]:
-    line, _, rest = head.partition("\r\n")
-    words = line.split(" ")
-    if len(words) != 3 or not words[0] or not set(words[0]) <= _TOKEN or \
-            not words[1].startswith("/"):
-        raise _Refused(400, f"bad request line {line[:80]!r} (expected METHOD /path "
-                            "HTTP/1.1)")
-    method, target, version = words
-    if version not in ("HTTP/1.1", "HTTP/1.0"):
-        if version.startswith("HTTP/"):
-            raise _Refused(505, f"{version[:20]} is not supported; use HTTP/1.1")
-        raise _Refused(400, f"bad request line {line[:80]!r} (expected METHOD /path "
-                            "HTTP/1.1)")
-    headers: dict[str, str] = {}
-    for raw in rest.split("\r\n") if rest else ():
-        name, sep, value = raw.partition(":")
-        if not sep or not name or not set(name) <= _TOKEN:
-            raise _Refused(400, f"malformed header line {raw[:80]!r}")
-        key = name.lower()
-        value = value.strip(" \t")
-        if key in headers:
-            if key in _SINGLE:
-                raise _Refused(400, f"duplicate {name} header")
-            headers[key] += ", " + value
-        else:
-            headers[key] = value
-    return method, target, version, headers
-
-
-def _keep_alive(version: str, headers: dict[str, str]) -> bool:
-    conn = headers.get("connection", "").lower()
-    if version == "HTTP/1.0":
-        return conn == "keep-alive"
-    return conn != "close"
-
-
 class HttpServer:
     """The endpoint: one accepting thread, one thread per connection (capped)."""
 
@@ -279,6 +246,9 @@ class HttpServer:
         self.app = app
         self.config: HttpConfig = app.config
         self.buffered = Budget(self.config.max_buffered_bytes)
+        #: Names a Host header may carry besides addresses and localhost (DNS rebinding).
+        self.hosts = frozenset(n.lower().removesuffix(".")
+                               for n in (*self.config.allowed_hosts, bind))
         self.stopping = False
         try:
             self._sock = socket.create_server((bind, port),

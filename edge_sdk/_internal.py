@@ -17,14 +17,21 @@ sibling needs it, never by reaching into the module that defines it.
 - data: :func:`load_npz` (an ``.npz`` of named arrays), :func:`synthetic_inputs`
   (random feeds matching a signature), :func:`measure` → :class:`LatencyStats`;
 - messages: :func:`loads_bounded` with :data:`MESSAGE_MAX_BYTES` and
-  :data:`MESSAGE_MAX_DEPTH` (JSON from the network, bounded in size and depth).
+  :data:`MESSAGE_MAX_DEPTH` (JSON from the network, bounded in size and depth);
+- HTTP: :func:`parse_head` → :class:`RequestHead`, raising :class:`HeadError` (the
+  strict request-head reader the fleet page and the agent share), :func:`check_host` and
+  :func:`host_name` (DNS rebinding);
+- secrets: :func:`redact_url` (a URL as a message may show it), :func:`add_secret` (a
+  value never to be printed).
 """
 
 from ._artifact import MANIFEST_NAME, REPORT_NAME
 from ._bench import LatencyStats, measure, synthetic_inputs
 from ._fs import atomic_write_bytes, atomic_write_text, sha256_file, staged_dir
+from ._http import HeadError, RequestHead, check_host, host_name, parse_head
 from ._io import load_npz
 from ._json import MESSAGE_MAX_BYTES, MESSAGE_MAX_DEPTH, loads_bounded
+from ._redact import add_secret, redact_url
 from ._runtime import litert_op_names, load_model_file
 
 __all__ = [
@@ -32,14 +39,21 @@ __all__ = [
     "MESSAGE_MAX_BYTES",
     "MESSAGE_MAX_DEPTH",
     "REPORT_NAME",
+    "HeadError",
     "LatencyStats",
+    "RequestHead",
+    "add_secret",
     "atomic_write_bytes",
     "atomic_write_text",
+    "check_host",
+    "host_name",
     "litert_op_names",
     "load_model_file",
     "load_npz",
     "loads_bounded",
     "measure",
+    "parse_head",
+    "redact_url",
     "sha256_file",
     "staged_dir",
     "synthetic_inputs",

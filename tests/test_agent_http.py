@@ -185,7 +185,7 @@ def test_wrong_method_and_missing_length_are_4xx(agent) -> None:
     assert request(agent, "GET", "/v2/models/multi/infer")[0] == 405
     assert request(agent, "DELETE", "/v2/models/multi")[0] == 405
     with socket.create_connection(("127.0.0.1", agent.http.port), timeout=10) as s:
-        s.sendall(b"POST /v2/models/multi/infer HTTP/1.1\r\nHost: x\r\n"
+        s.sendall(b"POST /v2/models/multi/infer HTTP/1.1\r\nHost: localhost\r\n"
                   b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
         assert s.recv(100).startswith(b"HTTP/1.1 411")
     with socket.create_connection(("127.0.0.1", agent.http.port), timeout=10) as s:

@@ -20,7 +20,8 @@ from tests._http_agent import call, error_of, exchange, metric, serving, wait_fo
 def multi(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
     d = tmp_path_factory.mktemp("faults-multi")
     sample = {"a": np.ones((1, 3), np.float32), "b": np.ones((1, 1), np.int64)}
-    with serving(d, _models.multi_io_model(d / "multi.onnx"), "multi", sample) as a:
+    with serving(d, _models.multi_io_model(d / "multi.onnx"), "multi", sample,
+                 http={"allowed_hosts": ["Cam-1.local"]}) as a:
         yield a
 
 
@@ -142,7 +143,7 @@ def test_binary_shape_attacks_are_400_not_500(multi: Agent, what: str,
 
 
 GOOD = json.dumps({"inputs": [A, B]}).encode()
-INFER = b"POST /v2/models/multi/infer HTTP/1.1\r\nHost: x\r\n"
+INFER = b"POST /v2/models/multi/infer HTTP/1.1\r\nHost: localhost\r\n"
 HTTP_ATTACKS: list[tuple[str, bytes, int, str]] = [
     ("duplicate Content-Length", INFER + b"Content-Length: %d\r\nContent-Length: 2\r\n\r\n"
      % len(GOOD) + GOOD, 400, "duplicate Content-Length"),
@@ -182,9 +183,39 @@ def test_ambiguous_http_is_refused_with_a_diagnosis(multi: Agent, what: str, raw
 
 
 def test_get_body_is_not_parsed_as_the_next_request(multi: Agent) -> None:
-    smuggled = b"GET /v2/models/nope HTTP/1.1\r\nHost: x\r\n\r\n"
+    smuggled = b"GET /v2/models/nope HTTP/1.1\r\nHost: localhost\r\n\r\n"
     got = exchange(multi.http.port,
                    b"GET /v2/health/live HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(smuggled)
                    + smuggled + b"GET /v2/models/multi HTTP/1.1\r\nConnection: close\r\n\r\n")
     assert got.count(b"HTTP/1.1 ") == 2, got
     assert got.startswith(b"HTTP/1.1 200") and b"nope" not in got and b'"multi"' in got
+
+
+@pytest.mark.parametrize(("host", "status"), [
+    (b"evil.example", 421),            # a web page's name re-pointed at the device
+    (b"evil.example:8080", 421),
+    (b"localhost.evil.example", 421),
+    (b"127.0.0.1:8080", 200),
+    (b"[::1]", 200),
+    (b"localhost:8080", 200),
+    (b"cam-1.local", 200),             # http.allowed_hosts, any case
+    (b"a b", 400),
+])
+def test_a_dns_rebinding_host_is_refused(multi: Agent, host: bytes, status: int) -> None:
+    got = exchange(multi.http.port, b"GET /v2/models/multi HTTP/1.1\r\nHost: " + host
+                   + b"\r\nConnection: close\r\n\r\n")
+    code, error = error_of(got) if status != 200 else (int(got[9:12]), "")
+    assert code == status, got
+    if status == 421:
+        assert "http.allowed_hosts" in error
+    # Local tools may leave Host out; what they send is still served.
+    assert exchange(multi.http.port, b"GET /v2/health/live HTTP/1.1\r\n"
+                                     b"Connection: close\r\n\r\n").startswith(b"HTTP/1.1 200")
+
+
+def test_allowed_hosts_takes_names_only(tmp_path: Path) -> None:
+    from edge_sdk.errors import ConfigError
+    from tests._agent_local import config
+
+    with pytest.raises(ConfigError, match=r"http.allowed_hosts\[0\].*host name"):
+        config(tmp_path / "state", http={"allowed_hosts": ["http://cam-1.local:8080"]})

@@ -35,7 +35,7 @@ def body_of(n: int, pad_to: int = 0) -> bytes:
 
 
 def post_head(length: int) -> bytes:
-    return (b"POST /v2/models/adder/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+    return (b"POST /v2/models/adder/infer HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n"
             % length)
 
 
@@ -68,7 +68,7 @@ def test_slowloris_is_cut_at_the_request_deadline(tight: Agent, where: str) -> N
     # One byte at a time, each well inside any per-read timeout; only a deadline on the
     # whole request ends it. The loop is bounded so a missing deadline fails, not hangs.
     body = body_of(1)
-    start = b"POST /v2/models/adder/infer HTTP/1.1\r\nHost: x\r\n"
+    start = b"POST /v2/models/adder/infer HTTP/1.1\r\nHost: localhost\r\n"
     if where == "body":
         start += b"Content-Length: %d\r\n\r\n" % len(body)
     trickle = body if where == "body" else b"X-Slow: " + b"a" * 1000

@@ -3,7 +3,9 @@
 Commands are imported lazily so that ``edge-sdk predict`` on a device never
 imports the converters, and a role's missing extra gives a one-line hint.
 Every :class:`~edge_sdk.errors.EdgeError` is caught here, once, and printed
-as one line; ``--debug`` shows the traceback instead.
+as one line; ``--debug`` shows the traceback instead. What this process prints
+(error lines and log records) passes through :mod:`edge_sdk._redact`: no
+password given on the command line, in a URL or in the environment is shown.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 import click
 
+from .._redact import install_log_redaction, redact
 from ..errors import EdgeError
 
 # name -> (module:attribute, extra that provides its dependencies, short help)
@@ -94,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    install_log_redaction()
     try:
         rv: Any = cli.main(args=args, prog_name="edge-sdk", standalone_mode=False)
     except click.exceptions.Exit as err:
@@ -103,12 +107,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except click.ClickException as err:
         if debug:
-            traceback.print_exc()
-        click.echo(f"edge-sdk: error: {err.format_message()}", err=True)
+            _print_traceback()
+        click.echo(f"edge-sdk: error: {redact(err.format_message())}", err=True)
         return err.exit_code
     except EdgeError as err:
         if debug:
-            traceback.print_exc()
+            _print_traceback()
         click.echo(f"edge-sdk: error: {_summary(err, debug)}", err=True)
         return err.exit_code
     except KeyboardInterrupt:
@@ -116,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as err:
         if debug:
-            traceback.print_exc()
+            _print_traceback()
         click.echo(
             f"edge-sdk: internal error: {type(err).__name__}: {_summary(err, debug)} "
             "(run with --debug for the traceback and please report it)",
@@ -126,6 +130,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return rv if isinstance(rv, int) else 0
 
 
+def _print_traceback() -> None:
+    sys.stderr.write(redact(traceback.format_exc()))
+
+
 MAX_ERROR_CHARS = 300
 
 
@@ -133,7 +141,7 @@ def _summary(err: BaseException, full: bool = False) -> str:
     """``err`` on one line, at most about :data:`MAX_ERROR_CHARS` characters unless
     ``full``: a message that embeds a library's dump (one skl2onnx error was 700,000
     characters) is cut at a word, keeps the cause's class, and says how to see it all."""
-    text = " ".join(str(err).split())
+    text = redact(" ".join(str(err).split()))
     if full or len(text) <= MAX_ERROR_CHARS:
         return text
     cut = text[:MAX_ERROR_CHARS]

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import click
 
 from .._artifact import Artifact
+from .._redact import redact_url
 from ..errors import DeploymentError, EdgeError, UsageError
 from ..release import (
     DEFAULT_DELTA_BASES,
@@ -411,7 +412,7 @@ def status_cmd(devices: tuple[str, ...], as_json: bool, db_url: str | None,
         fleet = mqtt["fleet"]
         with open_db(db_url, repo_dir) as db:
             rows = db.devices(fleet=fleet)
-            where = db.url
+            where = redact_url(db.url)
             counts = db.registry_stats(fleet=fleet)
         for rs in counts:
             if rs["malformed"] or rs["dropped"] or rs["db_errors"]:
@@ -429,7 +430,7 @@ def status_cmd(devices: tuple[str, ...], as_json: bool, db_url: str | None,
             raise UsageError("name the broker (--broker URL or EDGE_BROKER), or read the "
                              "registry with --db URL / --repo REPO")
         config = _mqtt_config(mqtt)
-        fleet, where = config.fleet, config.url
+        fleet, where = config.fleet, redact_url(config.url)
         with MqttConnection(config, name="edge-status") as conn:
             states = fleet_status(conn)
     if devices:
@@ -576,6 +577,10 @@ def _device_limits(values: tuple[str, ...]) -> DeviceLimits:
                    "(loopback only unless --http-allow-remote).")
 @click.option("--http-allow-remote", is_flag=True,
               help="Allow --http on a non-loopback address (the page has no login).")
+@click.option("--http-allow-host", "http_hosts", multiple=True, metavar="NAME",
+              help="A host name the page may be reached by (a proxy's, a DNS name); other "
+                   "names than IP addresses and localhost are refused (DNS rebinding). "
+                   "Repeatable.")
 @click.option("--only", type=click.Choice(["responder", "fleet"]),
               help="Run one part: 'responder' answers chunk requests (start several side "
                    "by side for more throughput), 'fleet' runs the registry, rollouts and "
@@ -587,8 +592,8 @@ def _device_limits(values: tuple[str, ...]) -> DeviceLimits:
 @_mqtt_options
 def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url: str | None,
               keydir: str | None, poll_s: float, lease_ttl: float, http: str | None,
-              http_allow_remote: bool, only: str | None, partition: str | None,
-              **mqtt: Any) -> None:
+              http_allow_remote: bool, http_hosts: tuple[str, ...], only: str | None,
+              partition: str | None, **mqtt: Any) -> None:
     """Answer chunk requests for REPO, keep the device registry and run the rollouts
     recorded in the fleet database, until interrupted.
 
@@ -621,7 +626,8 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
     from ..fleet._web import WebConfig, WebServer
 
     try:
-        web_config = WebConfig.parse(http, allow_remote=http_allow_remote) if http else None
+        web_config = WebConfig.parse(http, allow_remote=http_allow_remote,
+                                     allowed_hosts=http_hosts) if http else None
     except EdgeError:
         db.close()
         raise
@@ -645,8 +651,9 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
             with responder or contextlib.nullcontext(), registry, \
                     web or contextlib.nullcontext():
                 controller.start()
-                click.echo(f"serving {Path(repo).resolve()} on {config.url} fleet "
-                           f"{config.fleet}; registry and rollouts in {db.url}", err=True)
+                click.echo(f"serving {Path(repo).resolve()} on {redact_url(config.url)} fleet "
+                           f"{config.fleet}; registry and rollouts in {redact_url(db.url)}",
+                           err=True)
                 if web is not None:
                     click.echo(f"fleet page on {web.url}", err=True)
                 try:
@@ -673,8 +680,8 @@ def _serve_responder(repo: str, config: MqttConfig, rcfg: ResponderConfig) -> No
     try:
         with MqttConnection(config, name="edge-serve") as conn, \
                 RepoResponder(conn, repo, config=rcfg) as responder:
-            click.echo(f"serving {Path(repo).resolve()} on {config.url} fleet {config.fleet}",
-                       err=True)
+            click.echo(f"serving {Path(repo).resolve()} on {redact_url(config.url)} fleet "
+                       f"{config.fleet}", err=True)
             try:
                 while not stop.wait(0.5):
                     pass

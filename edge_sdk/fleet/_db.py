@@ -33,6 +33,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, RowMapping
 
+from .._redact import add_secret, redact, redact_url
 from ..errors import EdgeError
 from ._select import hardware_matches, mismatch, split_tags, tag_matches
 
@@ -255,16 +256,8 @@ def engine_url(url: str) -> str:
         return "postgresql+psycopg://" + url.split("://", 1)[1]
     if url.startswith(("sqlite:///", "postgresql+psycopg://")):
         return url
-    raise FleetUsageError(f"database URL {_redact(url)!r} must start with sqlite:/// or "
+    raise FleetUsageError(f"database URL {redact_url(url)!r} must start with sqlite:/// or "
                           "postgresql://")
-
-
-def _redact(url: str) -> str:
-    head, sep, tail = url.rpartition("@")
-    if not sep or "://" not in head:
-        return url
-    scheme, _, cred = head.partition("://")
-    return f"{scheme}://{cred.split(':')[0]}:***@{tail}" if ":" in cred else url
 
 
 def _on_sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -304,17 +297,24 @@ class FleetDB:
     def open(cls, url: str, *, migrate: bool = True) -> FleetDB:
         """Connect, refuse a newer schema, run pending migrations. Raises :class:`FleetError`
         (one line) when the database cannot be reached."""
+        add_secret(url)  # its password is never printed (edge_sdk._redact)
         eurl = engine_url(url)
         kw: dict[str, Any] = {}
         if eurl.startswith("sqlite:///"):
             path = Path(eurl[len("sqlite:///"):])
             if not path.parent.is_dir():
-                raise FleetError(f"database {url}: directory {path.parent} does not exist")
+                raise FleetError(f"database {redact_url(url)}: directory {path.parent} does "
+                                 "not exist")
             kw["connect_args"] = {"timeout": 10}
         else:
             kw["connect_args"] = {"connect_timeout": 5}
             kw["pool_pre_ping"] = True
-        engine = sa.create_engine(eurl, **kw)
+        try:
+            engine = sa.create_engine(eurl, **kw)
+        except (sa.exc.ArgumentError, ValueError) as err:  # a port that is no number, ...
+            why = redact(str(err).strip().splitlines()[0]) if str(err).strip() else repr(err)
+            raise FleetUsageError(f"database URL {redact_url(url)!r} is not valid: {why}") \
+                from err
         if eurl.startswith("sqlite:///"):
             sa.event.listen(engine, "connect", _on_sqlite_connect)
             sa.event.listen(engine, "begin", _on_sqlite_begin)
@@ -325,7 +325,7 @@ class FleetDB:
         except sa.exc.OperationalError as err:
             engine.dispose()
             first = str(err.orig).strip().splitlines()[0] if err.orig else str(err)
-            raise FleetError(f"cannot reach database {_redact(url)}: {first}") from err
+            raise FleetError(f"cannot reach database {redact_url(url)}: {first}") from err
         except FleetError:
             engine.dispose()
             raise
@@ -348,7 +348,7 @@ class FleetDB:
                 yield c
         except sa.exc.OperationalError as err:
             first = str(err.orig).strip().splitlines()[0] if err.orig else str(err)
-            raise FleetError(f"database {_redact(self.url)}: {first}") from err
+            raise FleetError(f"database {redact_url(self.url)}: {first}") from err
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -360,7 +360,7 @@ class FleetDB:
                     yield c
         except sa.exc.OperationalError as err:
             first = str(err.orig).strip().splitlines()[0] if err.orig else str(err)
-            raise FleetError(f"database {_redact(self.url)}: {first}") from err
+            raise FleetError(f"database {redact_url(self.url)}: {first}") from err
 
     @contextmanager
     def exclusive(self, name: str) -> Iterator[Connection]:
@@ -371,7 +371,7 @@ class FleetDB:
                 yield c
         except sa.exc.OperationalError as err:
             first = str(err.orig).strip().splitlines()[0] if err.orig else str(err)
-            raise FleetError(f"database {_redact(self.url)}: {first}") from err
+            raise FleetError(f"database {redact_url(self.url)}: {first}") from err
 
     @contextmanager
     def _exclusive(self, name: str) -> Iterator[Connection]:
@@ -459,7 +459,7 @@ class FleetDB:
             head = c.execute(sa.select(rollouts).where(rollouts.c.id == rollout_id)).mappings() \
                 .first()
             if head is None:
-                raise FleetUsageError(f"no rollout {rollout_id} in {_redact(self.url)}")
+                raise FleetUsageError(f"no rollout {rollout_id} in {redact_url(self.url)}")
             out = _rollout(head, _rollout_rows(c, rollout_id))
         return out
 
@@ -515,7 +515,7 @@ class FleetDB:
                         controller_lease.c.fleet == fleet)).mappings().one()
             if row["holder"] != holder and row["expires"] > t:
                 raise LeaseHeld(
-                    f"fleet {fleet!r} in {_redact(self.url)} is run by another controller "
+                    f"fleet {fleet!r} in {redact_url(self.url)} is run by another controller "
                     f"({row['holder']}, lease renewed {max(0.0, t - row['renewed']):.0f} s "
                     f"ago, expires in {row['expires'] - t:.0f} s)")
             # Compare and swap: if the holder renewed meanwhile, this takes nothing.
@@ -526,7 +526,7 @@ class FleetDB:
                 holder=holder, renewed=t, expires=t + ttl,
                 acquired=row["acquired"] if row["holder"] == holder else t))
             if done.rowcount != 1:
-                raise LeaseHeld(f"fleet {fleet!r} in {_redact(self.url)}: another "
+                raise LeaseHeld(f"fleet {fleet!r} in {redact_url(self.url)}: another "
                                 "controller renewed its lease just now")
 
     def renew_lease(self, fleet: str, holder: str, ttl: float, *, now: float | None = None,
@@ -544,7 +544,7 @@ class FleetDB:
                 done = c.execute(q)
         if done.rowcount != 1:
             raise LeaseLost(f"the controller lease of fleet {fleet!r} in "
-                            f"{_redact(self.url)} went to another controller (it had "
+                            f"{redact_url(self.url)} went to another controller (it had "
                             "expired); this one stops")
 
     def release_lease(self, fleet: str, holder: str) -> None:
@@ -710,7 +710,7 @@ def _migrate(c: Connection, url: str, *, write: bool) -> None:
     if insp.has_table("schema_version"):
         current = c.execute(sa.select(sa.func.max(schema_version.c.version))).scalar() or 0
     if current > SCHEMA_VERSION:
-        raise FleetError(f"database {_redact(url)} has schema version {current}, newer than "
+        raise FleetError(f"database {redact_url(url)} has schema version {current}, newer than "
                          f"this edge-sdk understands ({SCHEMA_VERSION}); upgrade edge-sdk")
     if current == SCHEMA_VERSION or not write:
         return

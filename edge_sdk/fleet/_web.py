@@ -2,10 +2,13 @@
 
 Two layers, as in the agent: :class:`FleetApi` turns a method and a request target into
 ``(status, content type, body)`` with no socket (the tests call it directly), and
-:class:`WebServer` puts it on a stdlib ``ThreadingHTTPServer``. Only ``GET`` and
-``HEAD``; every bound is a key of :class:`WebConfig` (connections, the time a client may
-take, the length of a request target). A client's mistake is a 4xx with a one-line JSON
-``{"error": ...}``; nothing a client sends ends a thread or the server.
+:class:`WebServer` puts it on a socket with the strict request reader the agent uses too
+(``edge_sdk._http``: no HTTP/0.9 line, no repeated ``Content-Length``, no folded or
+colon-less header line, a ``Host`` that names this server). Only ``GET`` and ``HEAD``;
+every bound is a key of :class:`WebConfig` (connections in all and per client address,
+the time a whole request may take, header and target bytes). A client's mistake is a
+4xx with a one-line JSON ``{"error": ...}``; nothing a client sends ends a thread or the
+server.
 
 The page is three static files shipped as package data (``_page/``): it polls the API
 every 1.5 s and renders with DOM text nodes only, so nothing a device reports is ever
@@ -26,15 +29,24 @@ import json
 import logging
 import math
 import socket
+import socketserver
 import threading
+import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import sqlalchemy as sa
 
+from .._http import (
+    HeadError,
+    check_host,
+    find_bare_lf,
+    host_name,
+    parse_head,
+    parse_request_line,
+)
 from ._db import FleetDB, FleetError, FleetUsageError
 
 log = logging.getLogger("edge_sdk.fleet.web")
@@ -50,8 +62,11 @@ _HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",
+    # Trusted Types: a browser that knows them refuses any string-to-markup sink, so even
+    # a future slip in the page cannot parse a device's string as HTML.
     "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'; "
-                               "base-uri 'none'; form-action 'self'",
+                               "base-uri 'none'; form-action 'self'; "
+                               "require-trusted-types-for 'script'; trusted-types 'none'",
 }
 
 
@@ -60,14 +75,24 @@ class WebConfig:
     """Where the page listens and what one client may hold.
 
     ``allow_remote`` must be set to bind anything but a loopback address: the page has no
-    login, and it shows the whole fleet's inventory."""
+    login, and it shows the whole fleet's inventory. ``allowed_hosts`` are the names the
+    page may be reached by besides IP addresses, ``localhost`` and ``host`` (a request
+    naming any other ``Host`` is refused: DNS rebinding); behind a proxy, the name the
+    proxy forwards."""
 
     host: str = "127.0.0.1"
     port: int = 8700
     allow_remote: bool = False
+    allowed_hosts: tuple[str, ...] = ()
+    #: Connections at once (each holds a thread); more are answered 503.
     max_connections: int = 32
-    #: Seconds a client may take to send its request line and headers.
+    #: Connections at once from one address (IPv6: one /64); more are answered 429.
+    #: Behind a proxy every client shares its address: raise it to max_connections.
+    max_connections_per_client: int = 8
+    #: Seconds a whole request (request line and headers) may take to arrive, counted
+    #: from the connection's start or its previous answer; also bounds sending an answer.
     timeout_s: float = 10.0
+    max_header_bytes: int = 8192
     max_target_bytes: int = 2048
     max_query_fields: int = 8
     max_value_bytes: int = 256
@@ -77,10 +102,17 @@ class WebConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise FleetUsageError(f"--http port {self.port} must be in 0..65535")
-        for key in ("max_connections", "max_target_bytes", "max_query_fields",
-                    "max_value_bytes", "max_history", "max_audit"):
+        for key in ("max_connections", "max_connections_per_client", "max_header_bytes",
+                    "max_target_bytes", "max_query_fields", "max_value_bytes", "max_history",
+                    "max_audit"):
             if getattr(self, key) < 1:
                 raise FleetUsageError(f"web {key} must be >= 1")
+        for name in self.allowed_hosts:
+            if host_name(name) != name.lower().removesuffix(".") or ":" in name:
+                raise FleetUsageError(f"--http-allow-host {name!r} must be a host name "
+                                      "(no port, no scheme), e.g. fleet.example.com")
+        object.__setattr__(self, "allowed_hosts",
+                           tuple(n.lower().removesuffix(".") for n in self.allowed_hosts))
         if not self.timeout_s > 0:
             raise FleetUsageError("web timeout_s must be > 0")
         if not self.allow_remote and not is_loopback(self.host):
@@ -89,7 +121,8 @@ class WebConfig:
                 "addresses only; pass --http-allow-remote to serve it on another address")
 
     @classmethod
-    def parse(cls, spec: str, *, allow_remote: bool = False) -> WebConfig:
+    def parse(cls, spec: str, *, allow_remote: bool = False,
+              allowed_hosts: tuple[str, ...] = ()) -> WebConfig:
         """``HOST:PORT``, ``[V6]:PORT`` or ``PORT`` (on 127.0.0.1)."""
         host, sep, port = spec.rpartition(":")
         if not sep:
@@ -97,7 +130,8 @@ class WebConfig:
         host = host.strip("[]") or "127.0.0.1"
         if not port.isdigit():
             raise FleetUsageError(f"--http {spec!r} must be HOST:PORT, e.g. 127.0.0.1:8700")
-        return cls(host=host, port=int(port), allow_remote=allow_remote)
+        return cls(host=host, port=int(port), allow_remote=allow_remote,
+                   allowed_hosts=allowed_hosts)
 
 
 def is_loopback(host: str) -> bool:
@@ -180,18 +214,19 @@ class FleetApi:
         if not target.startswith("/"):
             raise _BadRequest(400, "request target must be a path starting with /")
         parts = urlsplit(target)
-        path, query = parts.path, self._query(parts.query)
+        path = parts.path
         if path == "/favicon.ico":  # browsers ask; there is none
             return 204, _JSON, b""
         if path in _STATIC:
-            self._no_query(query)
+            # A query on the page itself (a link's tracking tail, a typo) is ignored: the
+            # page must open whatever follows its path.
             name, ctype = _STATIC[path]
             return 200, ctype, resources.files(__package__).joinpath("_page", name) \
                 .read_bytes()
         segs = path.split("/")[1:]
         if segs[:1] != ["api"]:
             raise _BadRequest(404, f"no page {_show(path)}; the API is under /api/")
-        return 200, _JSON, _json_body(self._api(segs[1:], query))
+        return 200, _JSON, _json_body(self._api(segs[1:], self._query(parts.query)))
 
     def _api(self, segs: list[str], q: dict[str, str]) -> Any:
         cfg = self.config
@@ -286,109 +321,253 @@ def _show(s: str) -> str:
     return repr(s[:64] + ("..." if len(s) > 64 else ""))
 
 
-class _Handler(BaseHTTPRequestHandler):
+_REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 404: "Not Found",
+            405: "Method Not Allowed", 408: "Request Timeout", 413: "Content Too Large",
+            414: "URI Too Long", 421: "Misdirected Request", 429: "Too Many Requests",
+            431: "Request Header Fields Too Large", 500: "Internal Server Error",
+            501: "Not Implemented", 503: "Service Unavailable",
+            505: "HTTP Version Not Supported"}
+#: Methods HTTP defines: refused as 405 (with ``Allow``); anything else is 501.
+_METHODS = frozenset({"POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})
+
+
+def _response(status: int, ctype: str, body: bytes, *, close: bool,
+              head_only: bool = False) -> bytes:
+    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}"]
+    if status != 204:  # a 204 carries neither (RFC 9110)
+        lines += [f"Content-Type: {ctype}", f"Content-Length: {len(body)}"]
+    lines += [f"{k}: {v}" for k, v in _HEADERS.items()]
+    if status == 405:
+        lines.append("Allow: GET, HEAD")
+    if status in (429, 503):
+        lines.append("Retry-After: 1")
+    if close:
+        lines.append("Connection: close")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if head_only or status == 204 else head + body
+
+
+class _Closed(Exception):
+    """The peer went away: close without answering."""
+
+
+class _Connection(socketserver.BaseRequestHandler):
+    """One client connection, on its own thread, until it closes or breaks a rule.
+
+    Every request must arrive whole (request line and headers) within ``timeout_s`` of
+    the connection opening or the previous answer: a deadline, not a per-read timeout,
+    so a client trickling a byte at a time is cut off like one that sends nothing."""
+
     server: _Server
-    protocol_version = "HTTP/1.1"
-    server_version = "edge-sdk-fleet"
-    sys_version = ""
+    request: socket.socket
 
-    def setup(self) -> None:
-        super().setup()
-        # Per read: a client that stalls mid-request (or idles on keep-alive) is dropped.
-        self.connection.settimeout(self.server.api.config.timeout_s)
-
-    def handle_one_request(self) -> None:
+    def handle(self) -> None:
+        self.buf = bytearray()
         try:
-            super().handle_one_request()
-        except (TimeoutError, ConnectionError):
-            self.close_connection = True
+            while self._one():
+                pass
+        except _Closed:
+            pass
+        except HeadError as err:
+            self._fail(err.status, str(err))
+        except Exception:  # a bug must not end more than this connection
+            log.exception("fleet page: connection from %s failed", self.client_address[0])
+            self._fail(500, "internal error; see the serve log")
 
-    def _answer(self, method: str) -> None:
-        length = self.headers.get("Content-Length", "0").strip() or "0"
-        if length != "0" or "Transfer-Encoding" in self.headers:
-            # A body on a read-only page is a mistake; not reading it means closing.
-            self.close_connection = True
-            status, ctype, body = 413, _JSON, error_body("the fleet page takes no request "
-                                                         "body")
-        else:
-            status, ctype, body = self.server.api.handle(method, self.path)
-        self._send(status, ctype, body, head_only=method == "HEAD")
+    def _one(self) -> bool:
+        """Read and answer one request; False when the connection is to close."""
+        cfg = self.server.api.config
+        deadline = time.monotonic() + cfg.timeout_s
+        head = self._read_head(deadline)
+        if head is None:
+            return False
+        req = parse_head(head)
+        check_host(req, self.server.hosts, "allowed_hosts (serve --http-allow-host)")
+        if req.method not in ("GET", "HEAD"):
+            raise HeadError(405 if req.method in _METHODS else 501,
+                            f"{req.method[:16]} is not allowed: the fleet page is read-only "
+                            "(GET)")
+        length = req.headers.get("content-length", "0")
+        if not (length.isascii() and length.isdigit()):
+            raise HeadError(400, f"invalid Content-Length {length[:40]!r}; expected ASCII "
+                                 "digits")
+        if int(length[:20]) or "transfer-encoding" in req.headers:
+            # Not reading a body means closing: its bytes must not be read as a request.
+            raise HeadError(413, "the fleet page takes no request body")
+        status, ctype, body = self.server.api.handle(req.method, req.target)
+        keep = req.keep_alive
+        self._send(_response(status, ctype, body, close=not keep,
+                             head_only=req.method == "HEAD"), cfg.timeout_s)
+        return keep
 
-    def do_GET(self) -> None:
-        self._answer("GET")
+    def _read_head(self, deadline: float) -> str | None:
+        """The next request head (up to its blank line) as Latin-1 text; None when the
+        client closed or sent nothing before ``deadline``."""
+        cfg = self.server.api.config
+        limit, buf = cfg.max_header_bytes, self.buf
+        scanned, line_ok = 0, False
+        while True:
+            while not line_ok and buf[:2] == b"\r\n":  # empty lines before a request
+                del buf[:2]                              # line are ignored (RFC 9112)
+                scanned = 0
+            end = buf.find(b"\r\n\r\n", max(0, scanned - 3))
+            lf = find_bare_lf(buf, max(0, scanned - 1))
+            if lf >= 0 and (end < 0 or lf < end):  # in the head, not in what follows it
+                raise HeadError(400, "lines must end in CRLF (a bare LF was sent)")
+            if not line_ok and (eol := buf.find(b"\r\n", 0, limit + 2)) >= 0:
+                # Checked as soon as it is complete: a line with no version is answered
+                # now, not once the client gives up waiting for headers.
+                parse_request_line(bytes(buf[:eol]).decode("latin-1"))
+                line_ok = True
+            if end >= 0 or len(buf) > limit:
+                break
+            scanned = len(buf)
+            if not self._recv(deadline):
+                return None
+        if end < 0 or end > limit:
+            if not line_ok:
+                raise HeadError(414, f"request line over {limit} bytes (max_header_bytes)")
+            raise HeadError(431, f"request headers over {limit} bytes (max_header_bytes)")
+        head = bytes(buf[:end]).decode("latin-1")
+        del buf[:end + 4]
+        return head
 
-    def do_HEAD(self) -> None:
-        self._answer("HEAD")
+    def _recv(self, deadline: float) -> bool:
+        """Append what the peer sends next to ``buf``. False when it closed, or sent
+        nothing of a request before the deadline; 408 when a request was under way."""
+        left = deadline - time.monotonic()
+        try:
+            if left <= 0:
+                raise TimeoutError
+            self.request.settimeout(left)
+            data = self.request.recv(65536)
+        except TimeoutError:
+            if not self.buf:
+                return False  # idle: closed quietly
+            raise HeadError(408, "request not received within "
+                                 f"{self.server.api.config.timeout_s:g} s (timeout_s)") from None
+        except OSError:
+            raise _Closed() from None
+        if not data:
+            if self.buf:
+                raise _Closed()
+            return False
+        self.buf += data
+        return True
 
-    def _refuse(self) -> None:
-        self.close_connection = True
-        self._send(405, _JSON, error_body(f"{self.command[:16]} is not allowed: the fleet "
-                                          "page is read-only (GET)"), allow=True)
+    def _send(self, data: bytes, timeout: float) -> None:
+        # On Python >= 3.5 the timeout bounds the whole sendall: a client that does not
+        # read its answer cannot hold the thread either.
+        self.request.settimeout(timeout)
+        try:
+            self.request.sendall(data)
+        except OSError:
+            raise _Closed() from None
 
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _refuse
-
-    def _send(self, status: int, ctype: str, body: bytes, *, head_only: bool = False,
-              allow: bool = False) -> None:
-        self.send_response(status)
-        if status != 204:  # a 204 carries neither (RFC 9110)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-        for k, v in _HEADERS.items():
-            self.send_header(k, v)
-        if allow or status == 405:
-            self.send_header("Allow", "GET, HEAD")
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if not head_only:
-            self.wfile.write(body)
-
-    def send_error(self, code: int, message: str | None = None,
-                   explain: str | None = None) -> None:
-        # The stdlib's own refusals (bad request line, too long, unknown method): JSON too.
-        self.close_connection = True
-        if not str(getattr(self, "request_version", "")).startswith("HTTP/1."):
-            self.request_version = "HTTP/1.0"  # else the stdlib sends a bare HTTP/0.9 body
-        with contextlib.suppress(OSError):
-            self._send(code, _JSON, error_body(message or explain or "bad request"),
-                       head_only=self.command == "HEAD")
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
+    def _fail(self, status: int, message: str) -> None:
+        """Answer ``status`` and close; what the client still sends is read for a moment
+        first, as closing with unread bytes resets the connection and can drop the
+        answer before the client reads it."""
+        log.debug("fleet page: %s from %s: %s", status, self.client_address[0], message)
+        try:
+            self._send(_response(status, _JSON, error_body(message), close=True), 1.0)
+            self.request.shutdown(socket.SHUT_WR)
+            until = time.monotonic() + 1.0
+            while (left := until - time.monotonic()) > 0:
+                self.request.settimeout(left)
+                if not self.request.recv(65536):
+                    break
+        except (OSError, _Closed):
+            pass
 
 
-class _Server(ThreadingHTTPServer):
+def _client_key(host: str) -> str:
+    """The address a per-client cap counts: IPv4 as is, IPv6 by its /64 (one host holds a
+    whole /64, so counting single addresses would not cap anyone)."""
+    try:
+        ip = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     block_on_close = False
+    allow_reuse_address = True
 
     def __init__(self, api: FleetApi, address: tuple[str, int], family: int) -> None:
         self.address_family = family
         self.api = api
-        self.slots = threading.BoundedSemaphore(api.config.max_connections)
-        super().__init__(address, _Handler)
+        cfg = api.config
+        host = cfg.host.lower().removesuffix(".")
+        self.hosts = frozenset({*cfg.allowed_hosts, host})
+        self._lock = threading.Lock()
+        self._open = 0
+        self._per_client: dict[str, int] = {}
+        super().__init__(address, _Connection)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self.slots.acquire(blocking=False):
-            with contextlib.suppress(OSError):
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
-                                b"application/json\r\nConnection: close\r\nContent-Length: "
-                                + str(len(_BUSY)).encode() + b"\r\n\r\n" + _BUSY)
+        cfg = self.api.config
+        key = _client_key(str(client_address[0]))
+        with self._lock:
+            if self._open >= cfg.max_connections:
+                refusal: bytes | None = _BUSY
+            elif self._per_client.get(key, 0) >= cfg.max_connections_per_client:
+                refusal = _CLIENT_BUSY
+            else:
+                refusal = None
+                self._open += 1
+                self._per_client[key] = self._per_client.get(key, 0) + 1
+        if refusal is not None:
+            _refuse(request, refusal)
             self.shutdown_request(request)
             return
-        super().process_request(request, client_address)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: give the slot back
+            self._release(key)
+            raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.slots.release()
+            self._release(_client_key(str(client_address[0])))
+
+    def _release(self, key: str) -> None:
+        with self._lock:
+            self._open -= 1
+            n = self._per_client.get(key, 0) - 1
+            if n > 0:
+                self._per_client[key] = n
+            else:
+                self._per_client.pop(key, None)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("fleet page: connection from %s ended with an error", client_address,
                   exc_info=True)
 
 
-_BUSY = error_body("too many connections to the fleet page (max_connections)")
+def _refuse(sock: socket.socket, answer: bytes) -> None:
+    """Answer a connection over a cap without reading it and without blocking the
+    accepting thread."""
+    with contextlib.suppress(OSError):
+        sock.setblocking(False)
+        sock.send(answer)
+        sock.shutdown(socket.SHUT_WR)
+        sock.recv(65536)  # unread bytes at close would reset the connection
+
+
+_BUSY = _response(503, _JSON, error_body("too many connections to the fleet page "
+                                         "(max_connections); retry later"), close=True)
+_CLIENT_BUSY = _response(429, _JSON, error_body(
+    "too many connections from your address to the fleet page "
+    "(max_connections_per_client); retry later"), close=True)
 
 
 class WebServer:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import re
 import secrets
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from urllib.parse import unquote, urlsplit
 
+from .._redact import add_secret, redact_url
 from ..errors import ConfigError
 
 #: One topic level. No ``.``: NATS maps ``/`` to its subject separator ``.`` and closes the
@@ -65,7 +66,7 @@ class MqttConfig:
 
     url: str = "mqtt://127.0.0.1:1883"
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
@@ -82,6 +83,8 @@ class MqttConfig:
     persistent_session: bool = False
 
     def __post_init__(self) -> None:
+        for secret in (self.password, self.url):  # never printed (edge_sdk._redact)
+            add_secret(secret)
         self.endpoints()  # validates the URLs early
         check_topic_word(self.fleet, "fleet")
         check_topic_word(self.topic_prefix, "topic prefix")
@@ -111,8 +114,8 @@ class MqttConfig:
             raise ConfigError("no broker URL given (e.g. mqtt://localhost:1883)")
         out = tuple(_endpoint(u) for u in urls)
         if len({tls for _, _, tls in out}) > 1:
-            raise ConfigError(f"broker URLs {self.url!r} mix mqtt:// and mqtts://; use one "
-                              "scheme for every node")
+            raise ConfigError(f"broker URLs {redact_url(self.url)!r} mix mqtt:// and "
+                              "mqtts://; use one scheme for every node")
         return out
 
     def credentials(self) -> tuple[str | None, str | None]:
@@ -138,14 +141,14 @@ def _endpoint(url: str) -> tuple[str, int, bool]:
     parts = urlsplit(url)
     if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
         raise ConfigError(
-            f"broker URL {url!r} must start with mqtt:// or mqtts:// (e.g. "
+            f"broker URL {redact_url(url)!r} must start with mqtt:// or mqtts:// (e.g. "
             "mqtt://localhost:1883)"
         )
     tls = parts.scheme in ("mqtts", "ssl")
     if not parts.hostname:
-        raise ConfigError(f"broker URL {url!r} has no host")
+        raise ConfigError(f"broker URL {redact_url(url)!r} has no host")
     try:
         port = parts.port or (8883 if tls else 1883)
     except ValueError as err:
-        raise ConfigError(f"broker URL {url!r}: invalid port") from err
+        raise ConfigError(f"broker URL {redact_url(url)!r}: invalid port") from err
     return parts.hostname, port, tls

@@ -40,6 +40,7 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, ConnackCode, MQTTErrorCode
 
+from .._redact import redact_url
 from ..errors import ConfigError, TransportError
 from ._config import MqttConfig
 
@@ -249,13 +250,15 @@ class MqttConnection:
                 why = f" ({self._last_error})" if self._last_error else ""
                 self.close()
                 raise TransportError(
-                    f"could not connect to broker {self.config.url} within {limit:.0f} s{why}"
+                    f"could not connect to broker {redact_url(self.config.url)} within "
+                    f"{limit:.0f} s{why}"
                 )
 
     @property
     def url(self) -> str:
-        """The broker URL in use (or being tried): one of ``config.urls``."""
-        return self._urls[self._at]
+        """The broker URL in use (or being tried), one of ``config.urls``, as messages show
+        it: its password masked."""
+        return redact_url(self._urls[self._at])
 
     def close(self) -> None:
         """Disconnect cleanly (no last will) and stop the network thread."""

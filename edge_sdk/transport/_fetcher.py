@@ -181,7 +181,7 @@ class ChunkClient(RepositoryFetcher):
                 link_lost_at = link_lost_at or now
                 if now - link_lost_at > cfg.reconnect_timeout:
                     raise SlowRetrievalError(
-                        f"{path}: broker {self.connection.config.url} unreachable for "
+                        f"{path}: broker {self.connection.url} unreachable for "
                         f"{cfg.reconnect_timeout:.0f} s; {window.delivered - start} bytes "
                         "received, the partial download is kept for resume"
                     )

@@ -1,193 +1,390 @@
-// The fleet page: polls the JSON API and renders with text nodes only (a device's
-// strings are never parsed as markup). No external resources.
+// The fleet page: polls the JSON API and renders with DOM text nodes only, so nothing a
+// device reports is ever parsed as markup. No external resources.
+//
+// What a device reports can be any JSON value of any shape (objects with keys such as
+// toString or __proto__, arrays, deep nesting, huge strings, numbers where text was
+// expected). Every value goes through text(), which turns any of them into a string and
+// never throws; and each section (rollouts, devices, models, a device's history) fetches
+// and renders on its own, so a failure costs that section (an error shown in it), never
+// the page.
 "use strict";
 
 const POLL_MS = 1500;
+const MAX_TEXT = 200; // characters of one value in a cell; more go to its tooltip
+const MAX_TITLE = 2000;
+const MAX_ID = 128; // the registry's limit on a device id
 const ORDER = ["committed", "sent", "signing", "pending", "failed", "rolled_back", "refused", "silent"];
 const view = { sort: "id", dir: 1, device: null, filters: {} };
+
+class Unreachable extends Error {}
+
+// Any value as a string of at most `max` characters. Never throws.
+function text(v, max = MAX_TEXT) {
+  let s;
+  try {
+    if (v === null || v === undefined) s = "";
+    else if (typeof v === "string") s = v;
+    else if (typeof v === "number" || typeof v === "boolean") s = String(v);
+    // Parsed JSON holds no functions, so JSON.stringify calls no key of the value
+    // (a "toJSON" or "toString" key is plain data to it).
+    else s = JSON.stringify(v) ?? "";
+  } catch (err) {
+    s = "[a value that cannot be shown]";
+  }
+  return s.length > max ? `${s.slice(0, max)}…` : s;
+}
+
+function errText(err) {
+  return text(err instanceof Error ? err.message : err, 300) || "unknown error";
+}
+
+const isObj = (v) => v !== null && typeof v === "object" && !Array.isArray(v);
+const list = (v) => (Array.isArray(v) ? v : []);
+const pairs = (v) => (isObj(v) ? Object.keys(v).map((k) => [k, v[k]]) : []);
+const count = (v) => (typeof v === "number" && Number.isFinite(v) && v > 0 ? v : 0);
+// A value as one CSS class word (status-running): letters, digits, _ and - only.
+const word = (v) => text(v, 40).replace(/[^A-Za-z0-9_-]/g, "_");
 
 function el(tag, attrs, ...children) {
   const e = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs || {})) {
-    if (v !== null && v !== undefined) e.setAttribute(k, v);
+    if (v !== null && v !== undefined && v !== "") e.setAttribute(k, text(v, MAX_TITLE));
   }
   for (const c of children) {
     if (c === null || c === undefined) continue;
-    e.append(c instanceof Node ? c : String(c));
+    e.append(c instanceof Node ? c : text(c, MAX_TITLE));
   }
   return e;
 }
 
-function when(ts) {
-  if (!ts) return "";
-  return new Date(ts * 1000).toLocaleTimeString();
+// A table cell showing any value cut to MAX_TEXT, and up to MAX_TITLE of it as tooltip.
+function td(v, attrs) {
+  const full = text(v, MAX_TITLE);
+  const shown = text(full);
+  return el("td", { title: full.length > shown.length ? full : null, ...(attrs || {}) }, shown);
+}
+
+function when(ts, long) {
+  if (typeof ts !== "number" || !Number.isFinite(ts)) return "";
+  const d = new Date(ts * 1000);
+  if (Number.isNaN(d.getTime())) return "";
+  try {
+    return long ? d.toLocaleString() : d.toLocaleTimeString();
+  } catch (err) {
+    return "";
+  }
+}
+
+function listText(v) {
+  return Array.isArray(v) ? v.map((x) => text(x)).join(", ") : text(v);
+}
+
+// Tags, hardware facts: "key=value; key=value", any value shown as text (JSON for nested).
+function pairsText(v) {
+  if (!isObj(v)) return text(v, MAX_TITLE);
+  return pairs(v).map(([k, x]) => `${text(k)}=${text(x)}`).join("; ");
 }
 
 async function api(path) {
-  const r = await fetch(path, { cache: "no-store" });
-  const body = await r.json();
-  if (!r.ok) throw new Error(body.error || r.status);
+  let r;
+  try {
+    r = await fetch(path, { cache: "no-store" });
+  } catch (err) {
+    throw new Unreachable(errText(err));
+  }
+  let body;
+  try {
+    body = await r.json();
+  } catch (err) {
+    throw new Error(`the answer (${r.status}) is not JSON`);
+  }
+  if (!r.ok) throw new Error((isObj(body) && text(body.error, 300)) || `HTTP ${r.status}`);
   return body;
 }
 
-function tagsText(tags) {
-  return Object.entries(tags || {}).map(([k, v]) =>
-    `${k}=${v !== null && typeof v === "object" ? Object.entries(v).map(([a, b]) => `${a} ${b}`).join(", ") : v}`)
-    .join("; ");
+function encodeId(id) {
+  try {
+    return encodeURIComponent(id);
+  } catch (err) {
+    throw new Error(`device id ${text(id, 40)} cannot be put in a URL`);
+  }
 }
 
-// What a device reports about itself: any JSON, so every value becomes plain text.
-function asText(v) {
-  return typeof v === "string" ? v : JSON.stringify(v);
-}
-
+// What a device reports about its own groups and tags: shown as text, never trusted.
 function reportedText(d) {
-  const groups = (d.reported_groups || []).map(asText).join(", ");
-  const tags = Object.entries(d.reported_tags || {}).map(([k, v]) => `${k}=${asText(v)}`).join("; ");
-  return [groups, tags].filter((x) => x).join(" · ");
+  return [listText(d.reported_groups), pairsText(d.reported_tags)].filter((x) => x).join(" · ");
 }
 
-function cell(key, d) {
-  if (key === "groups") return (d.groups || []).join(", ");
-  if (key === "tags") return tagsText(d.tags);
-  if (key === "last_seen") return when(d.last_seen);
-  if (key === "online") return d.online ? 1 : 0;
-  return d[key] === null || d[key] === undefined ? "" : d[key];
+// Items rendered one by one: an item that cannot be shown is replaced by `broken(item, err)`.
+function each(items, render, broken) {
+  return items.map((item) => {
+    try {
+      return render(item);
+    } catch (err) {
+      return broken(item, err);
+    }
+  });
+}
+
+// -- devices ---------------------------------------------------------------------------
+
+const SORT_KEYS = {
+  id: (d) => text(d.id, MAX_TITLE),
+  online: (d) => (d.online === true ? 1 : 0),
+  groups: (d) => listText(d.groups),
+  tags: (d) => pairsText(d.tags),
+  reported_groups: (d) => reportedText(d),
+  model: (d) => text(d.model),
+  version: (d) => text(d.version),
+  phase: (d) => text(d.phase),
+  last_result: (d) => text(d.last_result),
+  last_seen: (d) => (typeof d.last_seen === "number" && Number.isFinite(d.last_seen) ? d.last_seen : -Infinity),
+};
+
+function sortKey(d) {
+  try {
+    return isObj(d) ? (SORT_KEYS[view.sort] || SORT_KEYS.id)(d) : "";
+  } catch (err) {
+    return "";
+  }
+}
+
+function compare(a, b) {
+  const [x, y] = [sortKey(a), sortKey(b)];
+  const c = typeof x === typeof y ? (x > y ? 1 : x < y ? -1 : 0) : typeof x === "number" ? -1 : 1;
+  if (c) return c * view.dir;
+  const [i, j] = [text(isObj(a) ? a.id : a), text(isObj(b) ? b.id : b)];
+  return i > j ? 1 : i < j ? -1 : 0;
+}
+
+function deviceRow(d) {
+  if (!isObj(d)) throw new Error("not a device record");
+  const id = text(d.id, MAX_TITLE);
+  const button = el("button", { type: "button", class: "dev" }, text(d.id));
+  if (typeof d.id === "string") button.addEventListener("click", () => selectDevice(d.id));
+  return el("tr", { "data-device": id, class: d.id === view.device ? "selected" : null },
+    el("th", { scope: "row" }, button),
+    el("td", { class: d.online === true ? "on" : "off" }, d.online === true ? "online" : "offline"),
+    td(listText(d.groups)), td(pairsText(d.tags)), reportedCell(d),
+    td(d.model || "—"), td(d.version || "—"), td(d.phase),
+    td(d.last_result, { title: text(d.last_reason, MAX_TITLE) }),
+    el("td", {}, when(d.last_seen)));
+}
+
+function reportedCell(d) {
+  const diff = list(d.mismatch).map((x) => text(x));
+  return el("td", { class: diff.length ? "mismatch" : null, title: diff.join("\n") || null },
+    diff.length ? "⚠ " : "", text(reportedText(d)));
+}
+
+function brokenRow(d, err) {
+  const id = isObj(d) ? text(d.id) : "";
+  return el("tr", { class: "broken", "data-device": id || null },
+    el("td", { colspan: 10 }, `cannot show device ${id || "(no id)"}: ${errText(err)}`));
 }
 
 function renderDevices(devs) {
+  if (!Array.isArray(devs)) throw new Error("the answer is not a list of devices");
   const body = document.querySelector("#devices tbody");
-  const rows = devs.slice().sort((a, b) => {
-    const x = a[view.sort] === undefined ? cell(view.sort, a) : a[view.sort];
-    const y = b[view.sort] === undefined ? cell(view.sort, b) : b[view.sort];
-    const sx = typeof x === "object" ? JSON.stringify(x) : x;
-    const sy = typeof y === "object" ? JSON.stringify(y) : y;
-    return (sx > sy ? 1 : sx < sy ? -1 : 0) * view.dir || (a.id > b.id ? 1 : -1);
-  });
-  body.replaceChildren(...rows.map((d) => {
-    const tr = el("tr", { "data-device": d.id, class: d.id === view.device ? "selected" : null },
-      el("th", { scope: "row" }, el("button", { type: "button", class: "dev" }, d.id)),
-      el("td", { class: d.online ? "on" : "off" }, d.online ? "online" : "offline"),
-      el("td", {}, cell("groups", d)), el("td", {}, cell("tags", d)),
-      el("td", { class: (d.mismatch || []).length ? "mismatch" : null, title: (d.mismatch || []).join("\n") || null },
-        (d.mismatch || []).length ? "⚠ " : "", reportedText(d)),
-      el("td", {}, d.model || "—"), el("td", {}, d.version || "—"), el("td", {}, d.phase || ""),
-      el("td", { title: d.last_reason || "" }, d.last_result || ""),
-      el("td", {}, when(d.last_seen)));
-    tr.querySelector("button").addEventListener("click", () => selectDevice(d.id));
-    return tr;
-  }));
+  body.replaceChildren(...each(devs.slice().sort(compare), deviceRow, brokenRow));
+  const online = devs.filter((d) => isObj(d) && d.online === true).length;
   document.getElementById("devices-caption").textContent =
-    `${devs.length} device${devs.length === 1 ? "" : "s"} (${devs.filter((d) => d.online).length} online)`;
+    `${devs.length} device${devs.length === 1 ? "" : "s"} (${online} online)`;
   for (const th of document.querySelectorAll("#devices th[data-key]")) {
     if (th.dataset.key === view.sort) th.setAttribute("aria-sort", view.dir > 0 ? "ascending" : "descending");
     else th.removeAttribute("aria-sort");
   }
 }
 
+// -- rollouts --------------------------------------------------------------------------
+
+function statusName(s) {
+  return text(s, 40).replace("_", " ");
+}
+
 function waveRow(r, p) {
-  const total = p.devices || 1;
-  const statuses = Object.keys(p.by_status).sort((a, b) => ORDER.indexOf(a) - ORDER.indexOf(b));
-  const summary = statuses.map((s) => `${p.by_status[s]} ${s.replace("_", " ")}`).join(", ");
-  const done = p.by_status.committed || 0;
-  const others = statuses.filter((s) => s !== "committed")
-    .map((s) => `${p.by_status[s]} ${s.replace("_", " ")}`).join(", ");
-  const label = `Wave ${p.wave}: ${done} of ${p.devices} committed` + (summary ? ` (${summary})` : "");
+  if (!isObj(p)) throw new Error("not a wave record");
+  const by = pairs(p.by_status).map(([s, n]) => [s, count(n)])
+    .sort(([a], [b]) => ORDER.indexOf(a) - ORDER.indexOf(b));
+  const devices = count(p.devices);
+  const summary = by.map(([s, n]) => `${n} ${statusName(s)}`).join(", ");
+  const done = by.filter(([s]) => s === "committed").reduce((t, [, n]) => t + n, 0);
+  const others = by.filter(([s]) => s !== "committed").map(([s, n]) => `${n} ${statusName(s)}`).join(", ");
+  const wave = text(p.wave, 12);
+  const label = `Wave ${wave}: ${done} of ${devices} committed` + (summary ? ` (${summary})` : "");
   const bar = el("div", { class: "bar", role: "img", "aria-label": label });
-  for (const s of statuses) {
-    const seg = el("div", { class: `seg seg-${s}`, title: `${p.by_status[s]} ${s}` });
-    seg.style.width = `${(100 * p.by_status[s]) / total}%`;
+  for (const [s, n] of by) {
+    const seg = el("div", { class: `seg seg-${word(s)}`, title: `${n} ${text(s, 40)}` });
+    seg.style.width = `${Math.min(100, (100 * n) / (devices || 1))}%`;
     bar.append(seg);
   }
   const current = r.wave === p.wave && ["running", "paused"].includes(r.status);
-  return el("div", { class: "wave", "data-wave": p.wave },
-    el("span", {}, `Wave ${p.wave}${current ? " ◀" : ""}`), bar,
-    el("span", { class: "counts" }, `${done}/${p.devices} committed` + (others ? ` · ${others}` : "")));
+  return el("div", { class: "wave", "data-wave": wave },
+    el("span", {}, `Wave ${wave}${current ? " ◀" : ""}`), bar,
+    el("span", { class: "counts" }, `${done}/${devices} committed` + (others ? ` · ${others}` : "")));
+}
+
+function rolloutCard(r) {
+  if (!isObj(r)) throw new Error("not a rollout record");
+  const id = text(r.id, 20);
+  const sel = pairs(r.selector).filter(([, v]) => !Array.isArray(v) || v.length)
+    .map(([k, v]) => `${text(k)}: ${listText(v)}`).join("; ");
+  const art = el("article", { class: "rollout", id: `rollout-${id}`, "data-status": text(r.status, 40),
+    "aria-labelledby": `rollout-${id}-h` },
+    el("h3", { id: `rollout-${id}-h` }, `Rollout ${id}: ${text(r.model)} ${text(r.version)} `,
+      el("span", { class: `status status-${word(r.status)}` }, text(r.status, 40)),
+      r.waves ? ` wave ${text(r.wave, 12)} of ${text(r.waves, 12)}` : ""),
+    el("p", { class: "counts" }, `selector ${sel} · started ${when(r.created)} by ${text(r.created_by)}` +
+      ` · updated ${when(r.updated)}`),
+    r.reason ? el("p", { class: "reason" }, text(r.reason, MAX_TITLE)) : null,
+    ...each(list(r.progress), (p) => waveRow(r, p),
+      (p, err) => el("p", { class: "broken" }, `cannot show a wave: ${errText(err)}`)));
+  const failures = list(r.failures);
+  if (failures.length) {
+    art.append(el("table", { class: "failures" },
+      el("caption", {}, `${failures.length} failure${failures.length === 1 ? "" : "s"}`),
+      el("thead", {}, el("tr", {}, el("th", { scope: "col" }, "Device"),
+        el("th", { scope: "col" }, "Status"), el("th", { scope: "col" }, "Reason"))),
+      el("tbody", {}, ...each(failures, (f) => el("tr", {},
+        td(isObj(f) ? f.device : f), td(isObj(f) ? f.status : ""), td(isObj(f) ? f.reason : "")),
+      (f, err) => el("tr", { class: "broken" }, el("td", { colspan: 3 }, errText(err)))))));
+  }
+  return art;
 }
 
 function renderRollouts(rs) {
+  if (!Array.isArray(rs)) throw new Error("the answer is not a list of rollouts");
   const box = document.getElementById("rollouts");
   if (!rs.length) { box.replaceChildren(el("p", { class: "empty" }, "No rollouts.")); return; }
-  box.replaceChildren(...rs.map((r) => {
-    const sel = Object.entries(r.selector || {}).map(([k, v]) => `${k}: ${v.join(", ")}`).join("; ");
-    const art = el("article", { class: "rollout", id: `rollout-${r.id}`, "data-status": r.status,
-      "aria-labelledby": `rollout-${r.id}-h` },
-      el("h3", { id: `rollout-${r.id}-h` }, `Rollout ${r.id}: ${r.model} ${r.version} `,
-        el("span", { class: `status status-${r.status}` }, r.status),
-        r.waves ? ` wave ${r.wave} of ${r.waves}` : ""),
-      el("p", { class: "counts" }, `selector ${sel} · started ${when(r.created)} by ${r.created_by}` +
-        ` · updated ${when(r.updated)}`),
-      r.reason ? el("p", { class: "reason" }, r.reason) : null,
-      ...r.progress.map((p) => waveRow(r, p)));
-    if (r.failures.length) {
-      art.append(el("table", { class: "failures" },
-        el("caption", {}, `${r.failures.length} failure${r.failures.length === 1 ? "" : "s"}`),
-        el("thead", {}, el("tr", {}, el("th", { scope: "col" }, "Device"),
-          el("th", { scope: "col" }, "Status"), el("th", { scope: "col" }, "Reason"))),
-        el("tbody", {}, ...r.failures.map((f) => el("tr", {},
-          el("td", {}, f.device), el("td", {}, f.status), el("td", {}, f.reason || ""))))));
-    }
-    return art;
-  }));
+  box.replaceChildren(...each(rs, rolloutCard, (r, err) =>
+    el("p", { class: "broken" }, `cannot show rollout ${text(isObj(r) ? r.id : "", 20)}: ${errText(err)}`)));
 }
 
+// -- models ----------------------------------------------------------------------------
+
 function renderModels(ms) {
-  document.querySelector("#models tbody").replaceChildren(...ms.map((m) => el("tr", {},
-    el("td", {}, m.model || "— none —"), el("td", {}, m.version || ""),
-    el("td", {}, m.devices), el("td", {}, m.online))));
+  if (!Array.isArray(ms)) throw new Error("the answer is not a list of models");
+  document.querySelector("#models tbody").replaceChildren(...each(ms, (m) => {
+    if (!isObj(m)) throw new Error("not a model record");
+    return el("tr", {}, td(m.model || "— none —"), td(m.version),
+      el("td", {}, text(m.devices, 20)), el("td", {}, text(m.online, 20)));
+  }, (m, err) => el("tr", { class: "broken" }, el("td", { colspan: 4 }, errText(err)))));
 }
+
+// -- a device's history ----------------------------------------------------------------
 
 function renderHistory(doc) {
   const sec = document.getElementById("history");
-  if (!doc) { sec.hidden = true; return; }
-  const d = doc.device;
+  if (doc === null) { sec.hidden = true; return; }
   sec.hidden = false;
-  document.getElementById("history-h").textContent = `History of ${d.id}`;
-  const facts = [["Model", `${d.model || "—"} ${d.version || ""}`],
-    ["Previous", `${d.previous_model || "—"} ${d.previous_version || ""}`],
-    ["Last result", `${d.last_result || ""} ${d.last_reason ? "— " + d.last_reason : ""}`],
-    ["Groups (assigned)", (d.groups || []).join(", ") || "—"], ["Tags (assigned)", tagsText(d.tags) || "—"],
+  if (!isObj(doc) || !isObj(doc.device)) throw new Error("the answer is not a device record");
+  const d = doc.device;
+  document.getElementById("history-h").textContent = `History of ${text(d.id)}`;
+  const facts = [["Model", `${text(d.model) || "—"} ${text(d.version)}`],
+    ["Previous", `${text(d.previous_model) || "—"} ${text(d.previous_version)}`],
+    ["Last result", `${text(d.last_result)} ${d.last_reason ? "— " + text(d.last_reason, MAX_TITLE) : ""}`],
+    ["Groups (assigned)", listText(d.groups) || "—"], ["Tags (assigned)", pairsText(d.tags) || "—"],
     ["Reported by the device", reportedText(d) || "—"],
-    ["Differs", (d.mismatch || []).join("; ") || "—"],
-    ["Hardware (reported)", tagsText(d.hardware)],
-    ["First seen", d.first_seen ? new Date(d.first_seen * 1000).toLocaleString() : "never reported"]];
+    ["Differs", list(d.mismatch).map((x) => text(x)).join("; ") || "—"],
+    ["Hardware (reported)", pairsText(d.hardware)],
+    ["First seen", d.first_seen ? when(d.first_seen, true) : "never reported"]];
   document.getElementById("history-facts").replaceChildren(
     ...facts.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
-  document.querySelector("#history-table tbody").replaceChildren(...doc.history.map((e) => el("tr", {},
-    el("td", {}, when(e.ts)), el("td", {}, e.kind), el("td", {}, e.deployment ?? ""),
-    el("td", {}, e.model ? `${e.model} ${e.version || ""}` : ""), el("td", {}, e.reason || ""))));
+  document.querySelector("#history-table tbody").replaceChildren(...each(list(doc.history), (e) => {
+    if (!isObj(e)) throw new Error("not an event record");
+    return el("tr", {}, el("td", {}, when(e.ts)), td(e.kind), td(e.deployment),
+      td(e.model ? `${text(e.model)} ${text(e.version)}` : ""), td(e.reason));
+  }, (e, err) => el("tr", { class: "broken" }, el("td", { colspan: 5 }, errText(err)))));
 }
 
-function selectDevice(id) {
-  view.device = id;
-  history.replaceState(null, "", `#device=${encodeURIComponent(id)}`);
-  refresh();
-  document.getElementById("history").scrollIntoView({ behavior: "smooth" });
+// -- the page --------------------------------------------------------------------------
+
+// Each section: where its data comes from (null: nothing to fetch) and how it renders.
+const SECTIONS = [
+  { id: "rollouts", path: () => "/api/rollouts", render: renderRollouts },
+  {
+    id: "devices",
+    path: () => `/api/devices?${new URLSearchParams(Object.entries(view.filters).filter(([, v]) => v))}`,
+    render: renderDevices,
+  },
+  { id: "models", path: () => "/api/models", render: renderModels },
+  {
+    id: "history",
+    path: () => (view.device === null ? null : `/api/devices/${encodeId(view.device)}`),
+    render: renderHistory,
+  },
+];
+
+// Fetch and render one section; an error is shown in that section only. Returns true,
+// or the error.
+async function load(sec) {
+  const box = document.getElementById(`${sec.id}-error`);
+  try {
+    const path = sec.path();
+    sec.render(path === null ? null : await api(path));
+    box.hidden = true;
+    box.textContent = "";
+    return true;
+  } catch (err) {
+    if (sec.id === "history") document.getElementById("history").hidden = false;
+    box.textContent = `Cannot show this section: ${errText(err)}`;
+    box.hidden = false;
+    return err;
+  }
 }
 
 let busy = false;
 async function refresh() {
   if (busy) return;
   busy = true;
-  const status = document.getElementById("updated");
   try {
-    const q = new URLSearchParams(Object.entries(view.filters).filter(([, v]) => v));
-    const [devs, rs, ms] = await Promise.all([api(`/api/devices?${q}`), api("/api/rollouts"), api("/api/models")]);
-    renderDevices(devs);
-    renderRollouts(rs);
-    renderModels(ms);
-    renderHistory(view.device ? await api(`/api/devices/${encodeURIComponent(view.device)}`).catch(() => null) : null);
-    status.textContent = `updated ${new Date().toLocaleTimeString()}`;
+    const results = await Promise.all(SECTIONS.map(load));
+    const failed = results.filter((r) => r !== true);
+    const status = document.getElementById("updated");
+    if (failed.length === results.length && failed.every((e) => e instanceof Unreachable)) {
+      status.textContent = `cannot reach the controller: ${errText(failed[0])}`;
+    } else {
+      status.textContent = `updated ${new Date().toLocaleTimeString()}` +
+        (failed.length ? ` (${failed.length} section${failed.length === 1 ? "" : "s"} could not be shown)` : "");
+    }
   } catch (err) {
-    status.textContent = `cannot reach the controller: ${err.message}`;
+    document.getElementById("updated").textContent = `update failed: ${errText(err)}`;
   } finally {
     busy = false;
   }
 }
 
-document.addEventListener("DOMContentLoaded", () => {
-  const m = /^#device=(.+)$/.exec(location.hash);
-  if (m) view.device = decodeURIComponent(m[1]);
+// The device a link names (#device=ID), or null when the fragment names none or is not
+// a valid percent-encoded id: a bad link opens the page as if it had no fragment.
+function deviceFromHash() {
+  const m = /^#device=([^#&]*)$/.exec(location.hash);
+  if (!m) return null;
+  let id;
+  try {
+    id = decodeURIComponent(m[1]);
+  } catch (err) {
+    return null;
+  }
+  return id && id.length <= MAX_ID && !/[\u0000-\u001f\u007f-\u009f/]/.test(id) ? id : null;
+}
+
+function selectDevice(id) {
+  view.device = id;
+  try {
+    history.replaceState(null, "", `#device=${encodeId(id)}`);
+  } catch (err) {
+    // The page still shows the device; only the link to it is not updated.
+  }
+  refresh();
+  document.getElementById("history").scrollIntoView({ behavior: "smooth" });
+}
+
+function start() {
+  view.device = deviceFromHash();
+  window.addEventListener("hashchange", () => {
+    view.device = deviceFromHash();
+    refresh();
+  });
   document.getElementById("filters").addEventListener("submit", (ev) => {
     ev.preventDefault();
     view.filters = Object.fromEntries(new FormData(ev.target).entries());
@@ -202,4 +399,12 @@ document.addEventListener("DOMContentLoaded", () => {
   }
   refresh();
   setInterval(refresh, POLL_MS);
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  try {
+    start();
+  } catch (err) {
+    document.getElementById("updated").textContent = `the page failed to start: ${errText(err)}`;
+  }
 });
