@@ -225,3 +225,34 @@ def test_unsigned_and_oversized_requests_are_refused_while_the_agent_serves(setu
     assert len(host.refusals()) >= 3
     assert agent.infer() == ("1", 2.0)
     assert np.isfinite(agent.infer()[1])
+
+
+def test_a_request_replayed_after_the_agent_restarts_is_refused(setup) -> None:
+    """Killed with -9 and stopped cleanly: the restarted agent still knows the id (last in
+    this module: it restarts the module's agent)."""
+    host, agent = setup
+    req = _request(host, 1)  # its files do not exist: the run fails at the fetch
+    payload = sign_profiling_request(req, host.repo.keys.signers(DEPLOYMENT_ROLE))
+    topic = host.topics.profile_request(DEV)
+
+    def seen(kind: str) -> int:
+        return sum(e["event"] == kind and e.get("request") == req.id for e in host.events)
+
+    def online() -> bool:
+        return bool(host.states.get(DEV, {}).get("online"))
+
+    host.conn.publish_wait(topic, payload)
+    wait_for(lambda: seen("profiling_queued") == 1)  # admitted: its id is on disk
+    for restart in (agent.kill, agent.stop):
+        restart()  # kill -9 as soon as it was admitted, then a clean stop
+        wait_for(lambda: not online())
+        agent.start()
+        wait_for(online)
+        replays = seen("profiling_replayed")
+        host.conn.publish_wait(topic, payload)
+        wait_for(lambda: seen("profiling_replayed") > replays,  # noqa: B023
+                 why=lambda: f"events: {host.events[-5:]}")
+    assert seen("profiling_queued") == 1 and seen("profiling_started") <= 1
+    replies = [parse_profiling_result(p) for p in host.results]
+    assert len([r for r in replies if r.id == req.id]) <= 1  # a replay gets no answer
+    assert agent.infer() == ("1", 2.0)
