@@ -227,6 +227,63 @@ def test_unsigned_and_oversized_requests_are_refused_while_the_agent_serves(setu
     assert np.isfinite(agent.infer()[1])
 
 
+def _profiling_ids(host: Host) -> set[str]:
+    return {p.split("/")[1] for p in host.repo.load("targets").signed.targets
+            if p.startswith("profiling/")}
+
+
+def test_a_host_killed_mid_run_leaves_targets_the_next_run_removes(setup, capsys) -> None:
+    import subprocess
+    import sys
+
+    from edge_sdk.cli import main
+
+    host, agent = setup
+    art = str(next(p for p in (agent.state / "models").iterdir()
+                   if (p / "manifest.json").is_file()))
+
+    def waiting_run() -> tuple[subprocess.Popen[bytes], str]:
+        """``bench --on`` a device that never answers, in its own process: it signs its
+        targets and waits."""
+        before = _profiling_ids(host)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edge_sdk",
+             *host.cli("bench", art, "--on", "prof-nobody", "--timeout", "600")],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": str(ROOT)})
+        rid = wait_for(lambda: _profiling_ids(host) - before, 60)
+        return proc, rid.pop()
+
+    killed, dead = waiting_run()
+    alive, live = waiting_run()
+    try:
+        killed.kill()  # SIGKILL: no cleanup runs
+        killed.wait(10)
+        assert dead in _profiling_ids(host)  # what the issue saw: left signed
+        assert (host.repo.targets_dir / "profiling" / dead).is_dir()
+        # The next run removes the dead run's targets, not the live one's, and the
+        # device follows the re-signed metadata.
+        assert main(host.cli("bench", art, "--on", DEV, "--runs", "5", "--json")) == 0
+        assert json.loads(capsys.readouterr().out)["devices"][DEV]["error"] is None
+        assert _profiling_ids(host) == {live}
+        assert not (host.repo.targets_dir / "profiling" / dead).exists()
+        assert not (host.repo.path / ".profiling" / f"{dead}.lock").exists()
+        alive.kill()
+        alive.wait(10)
+        # `release refresh` (the cron job) does it too.
+        assert main(["release", "refresh", str(host.repo.path)]) == 0
+        assert f"removed the profiling targets of 1 run(s) no live process owns: {live[:12]}" \
+            in capsys.readouterr().out
+        assert _profiling_ids(host) == set()
+        assert not list((host.repo.targets_dir / "profiling").iterdir())
+        assert not list((host.repo.path / ".profiling").iterdir())
+    finally:
+        for p in (killed, alive):
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+
+
 def test_a_request_replayed_after_the_agent_restarts_is_refused(setup) -> None:
     """Killed with -9 and stopped cleanly: the restarted agent still knows the id (last in
     this module: it restarts the module's agent)."""

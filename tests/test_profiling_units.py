@@ -625,6 +625,36 @@ def test_files_signed_before_a_failure_are_removed_from_the_repository(tmp_path)
     assert not [p for p in repo.load("targets").signed.targets if p.startswith("profiling/")]
 
 
+def test_profiling_targets_without_a_live_owner_or_past_their_request_are_removed(
+        tmp_path) -> None:
+    from edge_sdk.release import Repository
+
+    repo = Repository.init(tmp_path / "repo", tmp_path / "keys")
+    model = _models.offset_model(tmp_path / "m.onnx", 1.0)
+    ids = ["1" * 32, "2" * 32, "3" * 32]
+
+    def listed() -> set[str]:
+        return {p.split("/")[1] for p in repo.load("targets").signed.targets}
+
+    # No lock at all (signed by an edge-sdk that took none): nobody owns it.
+    repo.add_profiling_files(ids[0], {"c.onnx": model})
+    assert listed() == {ids[0]}
+    with repo.profiling_run(ids[1]) as live, repo.profiling_run(ids[2]) as stale:
+        live.add_files({"c.onnx": model})  # the next change removes it
+        assert listed() == {ids[1]} and repo.orphans_removed == [ids[0]]
+        assert not (repo.targets_dir / "profiling" / ids[0]).exists()
+        stale.add_files({"c.onnx": model})
+        live.valid_until(datetime.now(UTC) + timedelta(minutes=5))
+        # Held, but its request expired: no device accepts it any more.
+        stale.valid_until(datetime.now(UTC) - timedelta(seconds=1))
+        version = repo.versions()["targets"]
+        assert repo.remove_orphaned_profiling_files() == [ids[2]]
+        assert listed() == {ids[1]} and repo.versions()["targets"] == version + 1
+        assert repo.remove_orphaned_profiling_files() == []
+        assert repo.versions()["targets"] == version + 1  # nothing to re-sign
+    assert listed() == set() and not list((repo.path / ".profiling").iterdir())
+
+
 def test_a_profile_config_the_devices_would_refuse_is_a_one_line_error() -> None:
     from edge_sdk.errors import UsageError
     from edge_sdk.release import ProfileConfig

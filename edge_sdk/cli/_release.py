@@ -154,6 +154,7 @@ def add_cmd(repo: str, artifact_dir: str, keydir: str | None, delta_bases: int,
                f"{rt.sha256[:16]}…); targets v{v['targets']}, timestamp v{v['timestamp']}")
     for note in r.delta_notes:
         click.echo(f"  {note}")
+    _say_orphans(r)
 
 
 @release_group.command("list")
@@ -189,7 +190,14 @@ def refresh_cmd(repo: str, keydir: str | None, force: bool) -> None:
     """Re-sign timestamp and snapshot (and anything near expiry). Run it from cron."""
     r = Repository(repo, keydir)
     roles = r.refresh(force=force)
+    _say_orphans(r)
     click.echo(f"re-signed {', '.join(roles)}; timestamp v{r.versions()['timestamp']}")
+
+
+def _say_orphans(r: Repository) -> None:
+    if r.orphans_removed:
+        click.echo(f"removed the profiling targets of {len(r.orphans_removed)} run(s) no "
+                   f"live process owns: {', '.join(x[:12] for x in r.orphans_removed)}")
 
 
 @release_group.command("rotate-key")
