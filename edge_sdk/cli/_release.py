@@ -583,6 +583,7 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
     try:
         with db, MqttConnection(config, name="edge-serve") as conn:
             responder = None if only == "fleet" else RepoResponder(conn, repo, config=rcfg)
+            _check_access(conn, responder, fleet=True)
             registry = Registry(conn, db)
             controller = Controller(db, repository, conn, poll_s=poll_s, lease_ttl=lease_ttl)
             if not _take_lease(controller, stop):
@@ -617,18 +618,47 @@ def _serve_responder(repo: str, config: MqttConfig, rcfg: ResponderConfig) -> No
     stop = threading.Event()
     old = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     try:
-        with MqttConnection(config, name="edge-serve") as conn, \
-                RepoResponder(conn, repo, config=rcfg) as responder:
-            click.echo(f"serving {Path(repo).resolve()} on {config.url} fleet {config.fleet}",
-                       err=True)
-            try:
-                while not stop.wait(0.5):
+        with MqttConnection(config, name="edge-serve") as conn:
+            responder = RepoResponder(conn, repo, config=rcfg)
+            _check_access(conn, responder, fleet=False)
+            with responder:
+                click.echo(f"serving {Path(repo).resolve()} on {config.url} fleet "
+                           f"{config.fleet}", err=True)
+                try:
+                    while not stop.wait(0.5):
+                        pass
+                except KeyboardInterrupt:
                     pass
-            except KeyboardInterrupt:
-                pass
-            _say_stopped(responder.stats)
+                _say_stopped(responder.stats)
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def _check_access(conn: MqttConnection, responder: RepoResponder | None, *,
+                  fleet: bool) -> None:
+    """Say in one line what the broker refuses of what the parts serve runs need (before
+    they subscribe: they would see the probes). Serving goes on: a clustered broker may
+    grant later what it refuses now."""
+    from ..transport._access import describe_refusal, permissions, refused_permissions
+
+    topics = Topics.for_config(conn.config)
+    needs: list[Any] = []
+    if responder is not None:
+        info = responder.announcement()
+        needs += permissions("responder", topics, announcement=None if info is None else
+                             json.dumps(info).encode())
+    if fleet:
+        needs += permissions("fleet", topics)
+    refused = refused_permissions(conn, needs)
+    if refused:
+        click.echo(f"edge-sdk serve: {describe_refusal(refused, conn.config.credentials()[0])}"
+                   f"; the example ACL (examples/mosquitto) has users {_EXAMPLE_USERS}",
+                   err=True)
+
+
+#: The users examples/mosquitto/make_credentials.py makes for each way of running serve.
+_EXAMPLE_USERS = ("edge-serve for both parts, edge-repo for --only responder, edge-fleet "
+                  "for --only fleet")
 
 
 def _say_stopped(st: Any) -> None:
