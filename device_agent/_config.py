@@ -202,6 +202,10 @@ class ProfilingConfig:
     max_warmup: int = 100
     #: A request may not claim to stay valid longer than this.
     max_ttl_s: float = 3600.0
+    #: Request ids remembered until their requests expire (``STATE/seen/profiling.json``,
+    #: ~100 bytes each), so that a replay is refused across restarts; when more are
+    #: unexpired, requests expiring before the dropped ones are refused.
+    max_seen: int = 512
     #: One candidate's child process (load, warm-up, timed runs) is killed after this.
     timeout_s: float = 120.0
     #: Address-space limit (RLIMIT_AS) of the child; 0 disables it.
@@ -329,6 +333,7 @@ class AgentConfig:
             ("profiling.max_total_bytes", self.profiling.max_total_bytes),
             ("profiling.max_runs", self.profiling.max_runs),
             ("profiling.max_ttl_s", self.profiling.max_ttl_s),
+            ("profiling.max_seen", self.profiling.max_seen),
             ("profiling.timeout_s", self.profiling.timeout_s),
         ]
         for key, num in positive:

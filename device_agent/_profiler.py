@@ -4,11 +4,14 @@ installing them and without disturbing serving.
 A request arrives on the device's ``profile/req`` topic. The MQTT thread only
 checks it (size, then signature, type, freshness, limits: cheap) and admits it
 to a small queue (:class:`Admission`, pure); anything refused gets an event and
-a ``refused`` reply saying why. One worker thread at a time fetches the files
-through the release client (TUF-verified, into ``STATE/profiling/ID``, never
-``models/``), times each candidate in a child process (nice 19, RLIMIT_AS, killed
-on timeout; :mod:`device_agent._profile_child`), replies with the figures and
-deletes the files, whatever happened.
+a ``refused`` reply saying why. An admitted id is written to
+``STATE/seen/profiling.json`` before anything runs and kept until its request
+expires, so a replay is refused after a restart (``kill -9`` included) as well.
+One worker thread at a time fetches the files through the release client
+(TUF-verified, into ``STATE/profiling/ID``, never ``models/``), times each
+candidate in a child process (nice 19, RLIMIT_AS, killed on timeout;
+:mod:`device_agent._profile_child`), replies with the figures and deletes the
+files, whatever happened.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import collections
 import contextlib
 import json
 import logging
+import math
 import os
 import queue
 import shutil
@@ -26,10 +30,12 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from ._config import AgentConfig, ProfilingConfig
+from ._state import SEEN_FILE, SeenRecord, read_seen, write_seen
 
 log = logging.getLogger("device_agent.profiling")
 
@@ -49,33 +55,47 @@ class _Oversized:
 
 @dataclass
 class Admission:
-    """Which requests may run: one running, ``max_queued`` waiting, ids never taken twice
-    (a replay inside a request's lifetime is refused). Pure: no I/O, no threads."""
+    """Which requests may run: one running, ``max_queued`` waiting, ids never taken twice:
+    ``seen`` keeps each admitted id until its request expires (at most ``seen_max`` of
+    them), and the caller persists it after every admission, so that a replay inside a
+    request's lifetime is refused across restarts too. Pure: no I/O, no threads."""
 
     max_queued: int
     seen_max: int = 512
+    seen: SeenRecord = field(default_factory=SeenRecord)
     waiting: collections.deque[str] = field(default_factory=collections.deque)
     running: str | None = None
-    _seen: collections.OrderedDict[str, None] = field(default_factory=collections.OrderedDict)
 
     def replayed(self, rid: str) -> bool:
         """True when ``rid`` was already admitted (a QoS 1 redelivery or a replay): it gets
         no answer, the first copy's answer is the one that counts."""
-        return rid in self._seen
+        return rid in self.seen.ids
 
-    def admit(self, rid: str) -> str | None:
-        """None when ``rid`` is queued; otherwise why it is refused."""
-        if rid in self._seen:
+    def admit(self, rid: str, *, expires: float, now: float) -> str | None:
+        """None when ``rid`` (valid until ``expires``, Unix seconds) is queued; otherwise
+        why it is refused."""
+        if rid in self.seen.ids:
             return f"request {rid[:12]} was already received (replayed)"
+        if expires <= self.seen.floor:
+            return (f"request {rid[:12]} may be a replay: this device no longer knows every "
+                    f"request it admitted that expires before {_utc(self.seen.floor)} (its "
+                    f"record was lost, or held more than profiling.max_seen); requests "
+                    "expiring later are accepted")
         busy = len(self.waiting) + (self.running is not None)
         if busy >= self.max_queued + 1:
             return (f"busy: {busy} profiling request(s) running or queued, at most "
                     f"{self.max_queued} may wait (profiling.max_queued)")
-        self._seen[rid] = None
-        while len(self._seen) > self.seen_max:
-            self._seen.popitem(last=False)
+        ids = {**self.seen.ids, rid: math.ceil(expires)}
+        self.seen = SeenRecord(ids, self.seen.floor).pruned(now).bounded(self.seen_max)
         self.waiting.append(rid)
         return None
+
+    def withdraw(self, rid: str, seen: SeenRecord) -> None:
+        """Undo :meth:`admit` of ``rid`` (its record could not be saved): ``seen`` is what
+        :attr:`seen` was before."""
+        self.seen = seen
+        with contextlib.suppress(ValueError):
+            self.waiting.remove(rid)
 
     def start(self) -> str | None:
         if self.running is None and self.waiting:
@@ -85,6 +105,10 @@ class Admission:
 
     def finish(self) -> None:
         self.running = None
+
+
+def _utc(ts: int) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class Profiler:
@@ -107,7 +131,19 @@ class Profiler:
         self._stop = stop
         self.source: Any = None
         self._lock = threading.Lock()
-        self._admission = Admission(self.cfg.max_queued)
+        record, lost = read_seen(state_dir, max_seen=self.cfg.max_seen,
+                                 max_ttl_s=self.cfg.max_ttl_s, now=time.time())
+        self._admission = Admission(self.cfg.max_queued, self.cfg.max_seen, seen=record)
+        if lost is not None:
+            # Fail closed for replays, stay up for everything else.
+            log.warning("the record of profiling requests seen is lost (%s): requests "
+                        "expiring before %s are refused as possible replays", lost,
+                        _utc(record.floor))
+            try:
+                write_seen(state_dir, record)  # so that a restart keeps refusing them
+            except OSError as err:
+                log.warning("cannot write %s: %s", state_dir / SEEN_FILE,
+                            err.strerror or err)
         self._queue: queue.Queue[Any] = queue.Queue()
         self._intake: queue.Queue[bytes | _Oversized | None] = queue.Queue(_INTAKE_MAX)
         self._thread: threading.Thread | None = None
@@ -188,7 +224,20 @@ class Profiler:
             return
         with self._lock:
             replayed = self._admission.replayed(req.id)
-            why = None if replayed else self._admission.admit(req.id)
+            why = None
+            if not replayed:
+                before = self._admission.seen
+                why = self._admission.admit(req.id, expires=req.expires.timestamp(),
+                                            now=time.time())
+                if why is None:
+                    try:
+                        # Before anything runs: a restart must not forget this id.
+                        write_seen(self.state_dir, self._admission.seen)
+                    except OSError as err:
+                        self._admission.withdraw(req.id, before)
+                        why = (f"cannot record request {req.id[:12]} in "
+                               f"{self.state_dir / SEEN_FILE} ({err.strerror or err}); "
+                               "refused, as it could be replayed after a restart")
         if replayed:
             log.info("profiling request %s received again: ignored", req.id[:12])
             self.event("profiling_replayed", request=req.id)

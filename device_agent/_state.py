@@ -8,6 +8,7 @@ Layout::
       staging/<digest>/    downloads in progress (kept across restarts: fetch resumes)
       partial/             the release client's resumable partial downloads
       outbox/              reports waiting for the broker
+      seen/profiling.json  ids of the profiling requests admitted, until they expire
 
 Serving never needs to write here: :meth:`StateStore.load` and the model files are
 only read, and every cleanup ignores what it cannot delete, so a full or read-only
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -34,7 +36,14 @@ from pathlib import Path
 from typing import Any
 
 from edge_sdk import Artifact
-from edge_sdk._internal import MANIFEST_NAME, REPORT_NAME, atomic_write_text, staged_dir
+from edge_sdk._internal import (
+    MANIFEST_NAME,
+    REPORT_NAME,
+    atomic_write_bytes,
+    atomic_write_text,
+    loads_bounded,
+    staged_dir,
+)
 from edge_sdk.errors import ConfigError, InstallError
 
 STATE_FILE = "installed.json"
@@ -42,6 +51,15 @@ _STATE_SCHEMA = 1
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 #: How many refused or failed deployments are remembered so they are not retried.
 _MAX_FAILED = 32
+#: The profiling request ids this device admitted (its own directory: ``clean`` deletes
+#: stray temp files in the state root, which an atomic write of this file makes).
+SEEN_FILE = Path("seen") / "profiling.json"
+_SEEN_SCHEMA = 1
+_REQUEST_ID = re.compile(r"[0-9a-f]{16,64}")
+#: Bytes one remembered id takes in the file at most (64 hex digits, an expiry, quotes).
+_SEEN_ENTRY_BYTES = 96
+#: Past 9999-12-31: no expiry a request can carry (the record then is not ours).
+_SEEN_MAX_TS = 253402300800
 
 
 @dataclass(frozen=True)
@@ -280,3 +298,93 @@ def _remove(path: Path) -> None:
     else:
         with contextlib.suppress(OSError):
             path.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class SeenRecord:
+    """The profiling requests this device admitted, each kept until its request expires
+    (after that the request is refused as expired anyway), so that a restart does not make
+    a replay of one look new.
+
+    ``ids`` maps a request id to its expiry (Unix seconds). ``floor``: requests expiring at
+    or before it are refused, because ids they may have had are no longer known: the
+    record was lost (unreadable file), or an unexpired id was dropped to keep the record
+    within ``max_seen`` entries. Pure: :func:`read_seen` and :func:`write_seen` do the I/O.
+    """
+
+    ids: dict[str, int] = field(default_factory=dict)
+    floor: int = 0
+
+    def pruned(self, now: float) -> SeenRecord:
+        """Without what expired at ``now`` (such a request is refused as expired)."""
+        return SeenRecord({k: v for k, v in self.ids.items() if v > now},
+                          self.floor if self.floor > now else 0)
+
+    def bounded(self, max_seen: int) -> SeenRecord:
+        """At most ``max_seen`` ids: those expiring first go, and ``floor`` rises to the
+        latest expiry among them, so that their replays are still refused."""
+        if len(self.ids) <= max_seen:
+            return self
+        order = sorted(self.ids.items(), key=lambda kv: (kv[1], kv[0]))
+        cut = len(order) - max_seen
+        return SeenRecord(dict(order[cut:]), max(self.floor, order[cut - 1][1]))
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"schema": _SEEN_SCHEMA, "floor": self.floor, "ids": self.ids},
+                          separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, *, max_seen: int, where: str) -> SeenRecord:
+        """Parse the file (bounded: :func:`seen_max_bytes`); ValueError says what is wrong."""
+        try:
+            doc = loads_bounded(raw, max_bytes=seen_max_bytes(max_seen), max_depth=4)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        if not isinstance(doc, dict) or doc.get("schema") != _SEEN_SCHEMA:
+            raise ValueError(f"{where}: not a record of seen requests of schema {_SEEN_SCHEMA}")
+        ids, floor = doc.get("ids"), doc.get("floor")
+        if not isinstance(floor, int) or not _stamp(floor) or not isinstance(ids, dict) or \
+                not all(isinstance(k, str) and _REQUEST_ID.fullmatch(k) and _stamp(v)
+                        for k, v in ids.items()):
+            raise ValueError(f"{where}: malformed 'floor' or 'ids'")
+        return cls(dict(ids), floor)
+
+
+def _stamp(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < _SEEN_MAX_TS
+
+
+def seen_max_bytes(max_seen: int) -> int:
+    """The most bytes a record of ``max_seen`` ids takes (a longer file is not ours)."""
+    return 128 + max_seen * _SEEN_ENTRY_BYTES
+
+
+def read_seen(state_dir: Path, *, max_seen: int, max_ttl_s: float, now: float,
+              ) -> tuple[SeenRecord, str | None]:
+    """The record of seen profiling requests, pruned at ``now`` and bounded, and why it had
+    to be rebuilt (None when it was read, or is simply not there yet).
+
+    Unreadable, oversized or malformed, the record is lost; every request admitted
+    before expires within ``max_ttl_s`` (the longest lifetime the device accepts), so
+    the new record refuses all requests expiring before ``now + max_ttl_s``: a replay is
+    refused, and the agent stays up."""
+    path = state_dir / SEEN_FILE
+    cap = seen_max_bytes(max_seen)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(cap + 1)
+        record = SeenRecord.from_bytes(raw, max_seen=max_seen, where=str(path))
+    except FileNotFoundError:
+        return SeenRecord(), None
+    except (OSError, ValueError) as err:
+        why = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        floor = min(_SEEN_MAX_TS - 1, math.ceil(now + max_ttl_s))
+        return SeenRecord({}, floor), why
+    return record.pruned(now).bounded(max_seen), None
+
+
+def write_seen(state_dir: Path, record: SeenRecord) -> None:
+    """Replace the record atomically; OSError when the state directory cannot be written."""
+    path = state_dir / SEEN_FILE
+    path.parent.mkdir(exist_ok=True)
+    atomic_write_bytes(path, record.to_bytes())

@@ -33,13 +33,31 @@ def example_settings() -> str:
     return "".join(f"{ln}\n" for ln in lines if ln.split(" ")[0] in keep)
 
 
+#: A test-only account that reads and writes every topic of the fleet: it sees what reaches
+#: (or could reach) a topic, for the checks of what the others may do.
+MONITOR = "test-monitor"
+
+
 @contextlib.contextmanager
-def example_broker(tmp: Path, devices: dict[str, list[str]]
+def example_broker(tmp: Path, devices: dict[str, list[str]], *, monitor: bool = False,
+                   log_connections: bool = False,
                    ) -> Iterator[tuple[Mosquitto, dict[str, str]]]:
-    """A Mosquitto with the example's settings, password file and ACL for ``devices``."""
-    creds: dict[str, str] = example_module().generate(tmp / "auth", FLEET, devices)
-    conf = (f"password_file {tmp / 'auth' / 'passwd'}\n"
-            f"acl_file {tmp / 'auth' / 'acl'}\n" + example_settings())
+    """A Mosquitto with the example's settings, password file and ACL for ``devices``;
+    with ``monitor`` also the :data:`MONITOR` account, with ``log_connections`` every
+    connection and session takeover in ``broker.log``."""
+    mod = example_module()
+    auth = tmp / "auth"
+    creds: dict[str, str] = mod.generate(auth, FLEET, devices)
+    if monitor:
+        creds[MONITOR] = "monitor-password"
+        with open(auth / "passwd", "a") as f:
+            f.write(f"{MONITOR}:{mod.password_hash(creds[MONITOR])}\n")
+        with open(auth / "acl", "a") as f:
+            f.write(f"\nuser {MONITOR}\ntopic readwrite edge/{FLEET}/#\n")
+    conf = (f"password_file {auth / 'passwd'}\n"
+            f"acl_file {auth / 'acl'}\n" + example_settings())
+    if log_connections:
+        conf += "connection_messages true\nlog_type all\n"
     with Mosquitto(tmp / "broker", allow_anonymous=False, extra_conf=conf) as b:
         yield b, creds
 

@@ -225,3 +225,91 @@ def test_unsigned_and_oversized_requests_are_refused_while_the_agent_serves(setu
     assert len(host.refusals()) >= 3
     assert agent.infer() == ("1", 2.0)
     assert np.isfinite(agent.infer()[1])
+
+
+def _profiling_ids(host: Host) -> set[str]:
+    return {p.split("/")[1] for p in host.repo.load("targets").signed.targets
+            if p.startswith("profiling/")}
+
+
+def test_a_host_killed_mid_run_leaves_targets_the_next_run_removes(setup, capsys) -> None:
+    import subprocess
+    import sys
+
+    from edge_sdk.cli import main
+
+    host, agent = setup
+    art = str(next(p for p in (agent.state / "models").iterdir()
+                   if (p / "manifest.json").is_file()))
+
+    def waiting_run() -> tuple[subprocess.Popen[bytes], str]:
+        """``bench --on`` a device that never answers, in its own process: it signs its
+        targets and waits."""
+        before = _profiling_ids(host)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edge_sdk",
+             *host.cli("bench", art, "--on", "prof-nobody", "--timeout", "600")],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": str(ROOT)})
+        rid = wait_for(lambda: _profiling_ids(host) - before, 60)
+        return proc, rid.pop()
+
+    killed, dead = waiting_run()
+    alive, live = waiting_run()
+    try:
+        killed.kill()  # SIGKILL: no cleanup runs
+        killed.wait(10)
+        assert dead in _profiling_ids(host)  # what the issue saw: left signed
+        assert (host.repo.targets_dir / "profiling" / dead).is_dir()
+        # The next run removes the dead run's targets, not the live one's, and the
+        # device follows the re-signed metadata.
+        assert main(host.cli("bench", art, "--on", DEV, "--runs", "5", "--json")) == 0
+        assert json.loads(capsys.readouterr().out)["devices"][DEV]["error"] is None
+        assert _profiling_ids(host) == {live}
+        assert not (host.repo.targets_dir / "profiling" / dead).exists()
+        assert not (host.repo.path / ".profiling" / f"{dead}.lock").exists()
+        alive.kill()
+        alive.wait(10)
+        # `release refresh` (the cron job) does it too.
+        assert main(["release", "refresh", str(host.repo.path)]) == 0
+        assert f"removed the profiling targets of 1 run(s) no live process owns: {live[:12]}" \
+            in capsys.readouterr().out
+        assert _profiling_ids(host) == set()
+        assert not list((host.repo.targets_dir / "profiling").iterdir())
+        assert not list((host.repo.path / ".profiling").iterdir())
+    finally:
+        for p in (killed, alive):
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+
+
+def test_a_request_replayed_after_the_agent_restarts_is_refused(setup) -> None:
+    """Killed with -9 and stopped cleanly: the restarted agent still knows the id (last in
+    this module: it restarts the module's agent)."""
+    host, agent = setup
+    req = _request(host, 1)  # its files do not exist: the run fails at the fetch
+    payload = sign_profiling_request(req, host.repo.keys.signers(DEPLOYMENT_ROLE))
+    topic = host.topics.profile_request(DEV)
+
+    def seen(kind: str) -> int:
+        return sum(e["event"] == kind and e.get("request") == req.id for e in host.events)
+
+    def online() -> bool:
+        return bool(host.states.get(DEV, {}).get("online"))
+
+    host.conn.publish_wait(topic, payload)
+    wait_for(lambda: seen("profiling_queued") == 1)  # admitted: its id is on disk
+    for restart in (agent.kill, agent.stop):
+        restart()  # kill -9 as soon as it was admitted, then a clean stop
+        wait_for(lambda: not online())
+        agent.start()
+        wait_for(online)
+        replays = seen("profiling_replayed")
+        host.conn.publish_wait(topic, payload)
+        wait_for(lambda: seen("profiling_replayed") > replays,  # noqa: B023
+                 why=lambda: f"events: {host.events[-5:]}")
+    assert seen("profiling_queued") == 1 and seen("profiling_started") <= 1
+    replies = [parse_profiling_result(p) for p in host.results]
+    assert len([r for r in replies if r.id == req.id]) <= 1  # a replay gets no answer
+    assert agent.infer() == ("1", 2.0)

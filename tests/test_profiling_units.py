@@ -4,6 +4,7 @@ device's result document, the agent's admission queue and its measuring child.""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -155,12 +156,165 @@ def test_result_round_trips_and_hostile_results_are_refused() -> None:
 
 def test_admission_runs_one_queues_a_few_and_refuses_replays_and_overflow() -> None:
     a = Admission(max_queued=1)
-    assert a.admit("1" * 16) is None and a.start() == "1" * 16
-    assert a.admit("2" * 16) is None
-    assert "busy" in str(a.admit("3" * 16))
-    assert "replayed" in str(a.admit("1" * 16))
+    t = NOW.timestamp()
+    assert a.admit("1" * 16, expires=t + 60, now=t) is None and a.start() == "1" * 16
+    assert a.admit("2" * 16, expires=t + 60, now=t) is None
+    assert "busy" in str(a.admit("3" * 16, expires=t + 60, now=t))
+    assert "replayed" in str(a.admit("1" * 16, expires=t + 60, now=t))
     a.finish()
     assert a.start() == "2" * 16 and a.start() is None
+
+
+def test_seen_ids_are_kept_until_they_expire_and_an_id_dropped_over_the_bound_stays_refused(
+        ) -> None:
+    t = NOW.timestamp()
+    a = Admission(max_queued=10, seen_max=2)
+    for i, ttl in enumerate((300, 100, 200)):
+        assert a.admit(f"{i}" * 16, expires=t + ttl, now=t) is None
+    # Three unexpired ids, room for two: the one expiring first goes, and the floor rises
+    # to its expiry, so its replay (and any request expiring as early) is still refused.
+    assert sorted(a.seen.ids) == ["0" * 16, "2" * 16] and a.seen.floor == int(t + 100)
+    assert not a.replayed("1" * 16)
+    assert "may be a replay" in str(a.admit("1" * 16, expires=t + 100, now=t + 1))
+    assert "profiling.max_seen" in str(a.admit("9" * 16, expires=t + 50, now=t + 1))
+    # Past their expiry ids and floor are forgotten: such a request is refused as expired.
+    assert a.admit("4" * 16, expires=t + 900, now=t + 250) is None
+    assert sorted(a.seen.ids) == ["0" * 16, "4" * 16] and a.seen.floor == 0
+    before = a.seen
+    assert a.admit("5" * 16, expires=t + 900, now=t + 250) is None
+    a.withdraw("5" * 16, before)
+    assert a.seen == before and "5" * 16 not in a.waiting
+
+
+class RefusingSource:
+    """The agent's release source interface (``key``, ``fetch_file``, ``drop_partial``)
+    over a repository that has none of the requested files."""
+
+    def __init__(self, key: object) -> None:
+        self.key = key
+
+    def fetch_file(self, target: str, dest: Path, *, sha256: str, length: int) -> Path:
+        from edge_sdk.trust import TargetMismatchError
+
+        raise TargetMismatchError(f"{target} is not a signed target")
+
+    def drop_partial(self, sha256s: object) -> None:
+        pass
+
+
+class ProfilerRig:
+    """A real :class:`Profiler` on ``state``; ``ask`` hands it a payload and returns the
+    reply, or None when the events say it was ignored as a replay."""
+
+    def __init__(self, state: Path, signer: CryptoSigner, **profiling: object) -> None:
+        import threading
+
+        from device_agent._config import AgentConfig
+        from device_agent._profiler import Profiler
+
+        cfg = AgentConfig.from_dict({"device_id": "dev-1", "fleet": "lab",
+                                     "state_dir": str(state), "profiling": profiling})
+        self.sent: list[bytes] = []
+        self.events: list[tuple[str, dict[str, object]]] = []
+        self.stop = threading.Event()
+        self.prof = Profiler(cfg, state, lambda t, p: self.sent.append(p),
+                             lambda kind, **f: self.events.append((kind, f)), dict, "res",
+                             self.stop)
+        self.prof.source = RefusingSource(signer.public_key)
+
+    def ask(self, payload: bytes) -> ProfilingResult | None:
+        sent, events = len(self.sent), len(self.events)
+        self.prof.on_request("req", payload)
+        for _ in range(3000):
+            if len(self.sent) > sent:
+                return parse_profiling_result(self.sent[-1])
+            if any(k == "profiling_replayed" for k, _ in self.events[events:]):
+                return None
+            self.stop.wait(0.01)
+        raise AssertionError(f"no answer; events {self.events[events:]}")
+
+    def close(self) -> None:
+        self.stop.set()
+        self.prof.stop()
+
+
+def live_request(signer: CryptoSigner, ttl_s: float = 600) -> tuple[str, bytes]:
+    now = datetime.now(UTC).replace(microsecond=0)
+    rid = os.urandom(16).hex()
+    doc = request(id=rid, issued=now, expires=now + timedelta(seconds=ttl_s))
+    return rid, sign_profiling_request(doc, [signer])
+
+
+def test_a_request_replayed_after_an_agent_restart_is_refused(tmp_path, signer) -> None:
+    from device_agent._state import SEEN_FILE
+
+    rid, payload = live_request(signer)
+    first = ProfilerRig(tmp_path, signer)
+    try:
+        res = first.ask(payload)
+        assert res is not None and res.id == rid and res.status == "failed"
+    finally:
+        first.close()
+    assert rid in json.loads((tmp_path / SEEN_FILE).read_text())["ids"]
+    again = ProfilerRig(tmp_path, signer)  # the same state directory: a restarted agent
+    try:
+        assert again.ask(payload) is None
+        assert [k for k, _ in again.events] == ["profiling_replayed"]
+        other_rid, other = live_request(signer)
+        res = again.ask(other)
+        assert res is not None and res.id == other_rid and res.status == "failed"
+    finally:
+        again.close()
+
+
+def test_a_corrupt_seen_record_refuses_every_request_that_could_be_a_replay_and_the_agent_runs(
+        tmp_path, signer) -> None:
+    from device_agent._state import SEEN_FILE, read_seen, seen_max_bytes
+
+    (tmp_path / SEEN_FILE).parent.mkdir()
+    for garbage in (b"{not json", b'{"schema":1,"floor":0,"ids":{"x":1}}',
+                    b"[" * 10, b" " * (seen_max_bytes(512) + 1)):
+        (tmp_path / SEEN_FILE).write_bytes(garbage)
+        t0 = datetime.now(UTC).timestamp()
+        rig = ProfilerRig(tmp_path, signer, max_ttl_s=900)
+        try:
+            _, payload = live_request(signer, ttl_s=600)
+            res = rig.ask(payload)
+            assert res is not None and res.status == "refused" and res.verified
+            assert "may be a replay" in str(res.reason)
+        finally:
+            rig.close()
+        # The floor is on disk: a second restart refuses the same requests.
+        floor = json.loads((tmp_path / SEEN_FILE).read_text())["floor"]
+        assert t0 + 900 <= floor <= datetime.now(UTC).timestamp() + 901
+        rec, lost = read_seen(tmp_path, max_seen=512, max_ttl_s=900, now=t0)
+        assert lost is None and rec.floor == floor
+
+
+def test_the_seen_record_is_bounded_in_bytes_and_an_unwritable_one_refuses_the_request(
+        tmp_path, signer) -> None:
+    from device_agent._state import SEEN_FILE, SeenRecord, seen_max_bytes, write_seen
+
+    far = 253402300799
+    full = SeenRecord({f"{i:064x}": far for i in range(64)}, far)
+    write_seen(tmp_path, full)
+    assert len((tmp_path / SEEN_FILE).read_bytes()) <= seen_max_bytes(64)
+    assert SeenRecord.from_bytes((tmp_path / SEEN_FILE).read_bytes(), max_seen=64,
+                                 where="x") == full
+    (tmp_path / SEEN_FILE).unlink()
+    rig = ProfilerRig(tmp_path, signer)
+    try:
+        # The state directory fails after the agent started (a full or broken disk; as
+        # root no permission bit stops a write, so the directory becomes a file).
+        (tmp_path / SEEN_FILE).parent.rmdir()
+        (tmp_path / SEEN_FILE.parent).write_text("not a directory")
+        rid, payload = live_request(signer)
+        res = rig.ask(payload)
+        assert res is not None and res.id == rid and res.status == "refused"
+        assert "cannot record request" in str(res.reason)
+        assert [k for k, _ in rig.events] == ["profiling_refused"]  # nothing ran
+    finally:
+        rig.close()
 
 
 def test_outputs_compare_within_tolerance_and_exactly_for_integers() -> None:
@@ -469,6 +623,36 @@ def test_files_signed_before_a_failure_are_removed_from_the_repository(tmp_path)
                            sample={"x": np.zeros(2)}, expected={"c": {"y": np.zeros(2)}})
     assert not [p for p in (repo.targets_dir / "profiling").rglob("*")]
     assert not [p for p in repo.load("targets").signed.targets if p.startswith("profiling/")]
+
+
+def test_profiling_targets_without_a_live_owner_or_past_their_request_are_removed(
+        tmp_path) -> None:
+    from edge_sdk.release import Repository
+
+    repo = Repository.init(tmp_path / "repo", tmp_path / "keys")
+    model = _models.offset_model(tmp_path / "m.onnx", 1.0)
+    ids = ["1" * 32, "2" * 32, "3" * 32]
+
+    def listed() -> set[str]:
+        return {p.split("/")[1] for p in repo.load("targets").signed.targets}
+
+    # No lock at all (signed by an edge-sdk that took none): nobody owns it.
+    repo.add_profiling_files(ids[0], {"c.onnx": model})
+    assert listed() == {ids[0]}
+    with repo.profiling_run(ids[1]) as live, repo.profiling_run(ids[2]) as stale:
+        live.add_files({"c.onnx": model})  # the next change removes it
+        assert listed() == {ids[1]} and repo.orphans_removed == [ids[0]]
+        assert not (repo.targets_dir / "profiling" / ids[0]).exists()
+        stale.add_files({"c.onnx": model})
+        live.valid_until(datetime.now(UTC) + timedelta(minutes=5))
+        # Held, but its request expired: no device accepts it any more.
+        stale.valid_until(datetime.now(UTC) - timedelta(seconds=1))
+        version = repo.versions()["targets"]
+        assert repo.remove_orphaned_profiling_files() == [ids[2]]
+        assert listed() == {ids[1]} and repo.versions()["targets"] == version + 1
+        assert repo.remove_orphaned_profiling_files() == []
+        assert repo.versions()["targets"] == version + 1  # nothing to re-sign
+    assert listed() == set() and not list((repo.path / ".profiling").iterdir())
 
 
 def test_a_profile_config_the_devices_would_refuse_is_a_one_line_error() -> None:

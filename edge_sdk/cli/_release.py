@@ -156,6 +156,7 @@ def add_cmd(repo: str, artifact_dir: str, keydir: str | None, delta_bases: int,
                f"{rt.sha256[:16]}…); targets v{v['targets']}, timestamp v{v['timestamp']}")
     for note in r.delta_notes:
         click.echo(f"  {note}")
+    _say_orphans(r)
 
 
 @release_group.command("list")
@@ -191,7 +192,14 @@ def refresh_cmd(repo: str, keydir: str | None, force: bool) -> None:
     """Re-sign timestamp and snapshot (and anything near expiry). Run it from cron."""
     r = Repository(repo, keydir)
     roles = r.refresh(force=force)
+    _say_orphans(r)
     click.echo(f"re-signed {', '.join(roles)}; timestamp v{r.versions()['timestamp']}")
+
+
+def _say_orphans(r: Repository) -> None:
+    if r.orphans_removed:
+        click.echo(f"removed the profiling targets of {len(r.orphans_removed)} run(s) no "
+                   f"live process owns: {', '.join(x[:12] for x in r.orphans_removed)}")
 
 
 @release_group.command("rotate-key")
@@ -643,6 +651,7 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
     try:
         with db, MqttConnection(config, name="edge-serve") as conn:
             responder = None if only == "fleet" else RepoResponder(conn, repo, config=rcfg)
+            _check_access(conn, responder, fleet=True)
             registry = Registry(conn, db)
             controller = Controller(db, repository, conn, poll_s=poll_s, lease_ttl=lease_ttl)
             if not _take_lease(controller, stop):
@@ -678,18 +687,47 @@ def _serve_responder(repo: str, config: MqttConfig, rcfg: ResponderConfig) -> No
     stop = threading.Event()
     old = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     try:
-        with MqttConnection(config, name="edge-serve") as conn, \
-                RepoResponder(conn, repo, config=rcfg) as responder:
-            click.echo(f"serving {Path(repo).resolve()} on {redact_url(config.url)} fleet "
-                       f"{config.fleet}", err=True)
-            try:
-                while not stop.wait(0.5):
+        with MqttConnection(config, name="edge-serve") as conn:
+            responder = RepoResponder(conn, repo, config=rcfg)
+            _check_access(conn, responder, fleet=False)
+            with responder:
+                click.echo(f"serving {Path(repo).resolve()} on {redact_url(config.url)} fleet "
+                           f"{config.fleet}", err=True)
+                try:
+                    while not stop.wait(0.5):
+                        pass
+                except KeyboardInterrupt:
                     pass
-            except KeyboardInterrupt:
-                pass
-            _say_stopped(responder.stats)
+                _say_stopped(responder.stats)
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def _check_access(conn: MqttConnection, responder: RepoResponder | None, *,
+                  fleet: bool) -> None:
+    """Say in one line what the broker refuses of what the parts serve runs need (before
+    they subscribe: they would see the probes). Serving goes on: a clustered broker may
+    grant later what it refuses now."""
+    from ..transport._access import describe_refusal, permissions, refused_permissions
+
+    topics = Topics.for_config(conn.config)
+    needs: list[Any] = []
+    if responder is not None:
+        info = responder.announcement()
+        needs += permissions("responder", topics, announcement=None if info is None else
+                             json.dumps(info).encode())
+    if fleet:
+        needs += permissions("fleet", topics)
+    refused = refused_permissions(conn, needs)
+    if refused:
+        click.echo(f"edge-sdk serve: {describe_refusal(refused, conn.config.credentials()[0])}"
+                   f"; the example ACL (examples/mosquitto) has users {_EXAMPLE_USERS}",
+                   err=True)
+
+
+#: The users examples/mosquitto/make_credentials.py makes for each way of running serve.
+_EXAMPLE_USERS = ("edge-serve for both parts, edge-repo for --only responder, edge-fleet "
+                  "for --only fleet")
 
 
 def _say_stopped(st: Any) -> None:

@@ -137,7 +137,11 @@ def profile_on_devices(
             results[device] = res
             got.notify_all()
 
-    with tempfile.TemporaryDirectory(prefix="edge-profile-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="edge-profile-") as tmp, \
+            repo.profiling_run(rid) as run:
+        # The run's lock is held from before anything is signed until its targets are
+        # removed again; if this process dies, the next change to the repository
+        # (another profiling run, `release add`, `release refresh`) removes them.
         work = Path(tmp)
         files = {"sample.npz": _npz(work / "sample.npz", sample)}
         for name, path in candidates:
@@ -146,8 +150,8 @@ def profile_on_devices(
                                                   expected[name])
         subs = []
         try:
-            # Inside the try: files it signed before failing are removed all the same.
-            signed = repo.add_profiling_files(rid, files)
+            signed = run.add_files(files)
+
             def ref(fname: str) -> FileRef:
                 tf = signed[fname]
                 return FileRef(tf.path, tf.hashes["sha256"], tf.length)
@@ -157,10 +161,11 @@ def profile_on_devices(
             for d in devices:
                 subs.append(connection.subscribe(t.profile_result(d), on_result))
             now = datetime.now(UTC).replace(microsecond=0)
+            expires = now + timedelta(seconds=cfg.timeout_s + _EXPIRY_MARGIN_S)
+            run.valid_until(expires)
             for d in devices:
                 req = ProfilingRequest(
-                    fleet=t.fleet, device=d, id=rid, issued=now,
-                    expires=now + timedelta(seconds=cfg.timeout_s + _EXPIRY_MARGIN_S),
+                    fleet=t.fleet, device=d, id=rid, issued=now, expires=expires,
                     sample=ref("sample.npz"), candidates=cands, runs=cfg.runs,
                     warmup=cfg.warmup, rounds=min(cfg.rounds, cfg.runs), rtol=cfg.rtol,
                     atol=cfg.atol)
@@ -176,7 +181,6 @@ def profile_on_devices(
         finally:
             for s in subs:
                 s.cancel()
-            repo.remove_profiling_files(rid)
     silent = [d for d in devices if d not in results]
     unreadable = [d for d in silent if d in bad]
     if unreadable:

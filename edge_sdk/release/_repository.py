@@ -12,18 +12,23 @@ Layout (only ``metadata/`` and ``targets/`` are ever served)::
     REPO/targets/NAME/VERSION/HASH.MODEL.from-BASEVERSION.delta   deltas from earlier versions
     REPO/deployment.pub.json           public deployment key (for devices and `pull`)
     REPO/deployments/                  counter and last signed deployment per device/group
+    REPO/.profiling/ID.lock            held by the process running profiling request ID
 
 Private keys stay in KEYDIR (see :class:`edge_sdk.trust.KeyStore`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import json
+import logging
 import os
+import re
 import shutil
-from collections.abc import Callable, Mapping
+import socket
+from collections.abc import Callable, Collection, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -58,6 +63,10 @@ REFRESH_MARGIN = 0.5
 #: Deltas are built from this many earlier versions of the same model by default.
 DEFAULT_DELTA_BASES = 2
 _SER = JSONSerializer(compact=False)
+#: Owner locks of running profiling runs (never served: only metadata/ and targets/ are).
+PROFILING_LOCKS = ".profiling"
+_PROFILING_ID = re.compile(r"[0-9a-f]{16,64}")
+log = logging.getLogger("edge_sdk.release")
 
 
 def _manifest_text(m: Manifest) -> str:
@@ -113,6 +122,8 @@ class Repository:
         self.targets_dir = self.path / "targets"
         #: What the last :meth:`add_artifact` did about deltas, one line per earlier version.
         self.delta_notes: list[str] = []
+        #: Profiling runs whose targets the last change removed (no live process owned them).
+        self.orphans_removed: list[str] = []
 
     # -- creation ------------------------------------------------------------------
 
@@ -268,23 +279,45 @@ class Repository:
         new.append(model_tf)
         for tf in new:
             md.signed.targets[tf.path] = tf
+        orphans = self._unlist_orphaned_profiling(md)
         md.signed.version += 1
         md.signed.expires = self._expiry(Targets.type)
         self._sign_and_write(md)
         self._publish_snapshot_and_timestamp(md)
+        self._delete_profiling(orphans)
         rt = released_target(model_tf)
         assert rt is not None
         return rt
+
+    @contextlib.contextmanager
+    def profiling_run(self, request_id: str) -> Iterator[ProfilingRun]:
+        """Own profiling request ``request_id`` for the duration of the ``with`` block: its
+        lock (``REPO/.profiling/ID.lock``) is held, so no other process takes its targets
+        for orphans; on leaving, its targets are unlisted and deleted, whatever happened.
+        A process that dies inside (even ``kill -9``) leaves the lock free, and the next
+        change to the repository removes that run's targets."""
+        if not _PROFILING_ID.fullmatch(request_id):
+            raise UsageError(f"profiling request id {request_id!r} must be 16-64 hex digits")
+        run = ProfilingRun(self, request_id)
+        try:
+            yield run
+        finally:
+            try:
+                self.remove_profiling_files(request_id)
+            finally:
+                run.release()
 
     @_exclusive
     def add_profiling_files(self, request_id: str, files: Mapping[str, Path],
                             ) -> dict[str, TargetFile]:
         """Sign ``files`` (file name → local path) as targets ``profiling/REQUEST_ID/NAME``:
         fetched and verified by devices like any target, never a release (no manifest),
-        so no agent installs one. Returns file name → the signed target."""
+        so no agent installs one. Returns file name → the signed target. Call it inside
+        :meth:`profiling_run`; targets of runs no live process owns are removed here."""
         from ..trust._profiling import PROFILING_PREFIX
 
         md = self.load(Targets.type)
+        orphans = self._unlist_orphaned_profiling(md, keep={request_id})
         out: dict[str, TargetFile] = {}
         for fname, src in files.items():
             tpath = f"{PROFILING_PREFIX}{request_id}/{fname}"
@@ -294,6 +327,7 @@ class Repository:
         md.signed.expires = self._expiry(Targets.type)
         self._sign_and_write(md)
         self._publish_snapshot_and_timestamp(md)
+        self._delete_profiling(orphans)
         return out
 
     @_exclusive
@@ -316,6 +350,22 @@ class Repository:
         return len(gone)
 
     @_exclusive
+    def remove_orphaned_profiling_files(self) -> list[str]:
+        """Unlist and delete the targets of profiling runs no live process owns (one killed
+        mid-run, or whose request expired); returns their request ids. ``add_artifact``,
+        ``add_profiling_files`` and ``refresh`` do it as part of their change."""
+        md = self.load(Targets.type)
+        listed = len(md.signed.targets)
+        orphans = self._unlist_orphaned_profiling(md)
+        if len(md.signed.targets) < listed:
+            md.signed.version += 1
+            md.signed.expires = self._expiry(Targets.type)
+            self._sign_and_write(md)
+            self._publish_snapshot_and_timestamp(md)
+        self._delete_profiling(orphans)
+        return orphans
+
+    @_exclusive
     def refresh(self, *, force: bool = False) -> list[str]:
         """Re-sign what is close to expiry (timestamp and snapshot always). Returns roles."""
         done = []
@@ -326,12 +376,15 @@ class Repository:
             self._write_root(root)
             done.append(Root.type)
         targets = self.load(Targets.type)
-        if force or self._due(targets, Targets.type):
+        listed = len(targets.signed.targets)
+        orphans = self._unlist_orphaned_profiling(targets)
+        if force or self._due(targets, Targets.type) or len(targets.signed.targets) < listed:
             targets.signed.version += 1
             targets.signed.expires = self._expiry(Targets.type)
             self._sign_and_write(targets)
             done.append(Targets.type)
         self._publish_snapshot_and_timestamp(targets)
+        self._delete_profiling(orphans)
         return [*done, Snapshot.type, Timestamp.type]
 
     @_exclusive
@@ -362,6 +415,45 @@ class Repository:
         return [s.public_key.keyid for s in fresh]
 
     # -- internals -------------------------------------------------------------------
+
+    def _unlist_orphaned_profiling(self, md: Metadata[Any], keep: Collection[str] = (),
+                                   ) -> list[str]:
+        """Take the targets of profiling runs no live process owns out of ``md`` (the
+        caller signs it) and return their ids, for :meth:`_delete_profiling` once it is
+        signed. Runs under the repository lock, so no owner is between signing its
+        targets and holding its lock: it takes the lock first and drops it last."""
+        from ..trust._profiling import PROFILING_PREFIX
+
+        listed: dict[str, list[str]] = {}
+        for p in md.signed.targets:
+            if p.startswith(PROFILING_PREFIX):
+                listed.setdefault(p[len(PROFILING_PREFIX):].split("/", 1)[0], []).append(p)
+        found = set(listed)
+        for parent, suffix in ((self.targets_dir / PROFILING_PREFIX.rstrip("/"), ""),
+                               (self.path / PROFILING_LOCKS, ".lock")):
+            with contextlib.suppress(OSError):
+                found.update(e.name[:len(e.name) - len(suffix)] for e in parent.iterdir()
+                             if e.name.endswith(suffix))
+        orphans = sorted(r for r in found if r not in keep and _PROFILING_ID.fullmatch(r)
+                         and not _profiling_owned(self.path / PROFILING_LOCKS / f"{r}.lock"))
+        for rid in orphans:
+            for p in listed.get(rid, ()):
+                del md.signed.targets[p]
+        self.orphans_removed = [r for r in orphans if r in listed]
+        if self.orphans_removed:
+            log.warning("removing the profiling targets of %d run(s) no live process owns "
+                        "(killed, or their request expired): %s", len(self.orphans_removed),
+                        ", ".join(r[:12] for r in self.orphans_removed))
+        return orphans
+
+    def _delete_profiling(self, request_ids: Collection[str]) -> None:
+        """Delete the target files and owner locks of runs already unlisted and signed."""
+        from ..trust._profiling import PROFILING_PREFIX
+
+        for rid in request_ids:
+            shutil.rmtree(self.targets_dir / PROFILING_PREFIX / rid, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.unlink(self.path / PROFILING_LOCKS / f"{rid}.lock")
 
     def _expiry(self, role: str) -> datetime:
         days = int(self.settings.get("expires", {}).get(role, DEFAULT_EXPIRES[role]))
@@ -485,3 +577,81 @@ class Repository:
         ts.signed.expires = self._expiry(Timestamp.type)
         ts.signed.snapshot_meta = MetaFile.from_data(snap.signed.version, sdata, ["sha256"])
         self._sign_and_write(ts)
+
+
+class ProfilingRun:
+    """A profiling run's hold on the repository (see :meth:`Repository.profiling_run`):
+    an exclusive ``flock`` on ``REPO/.profiling/ID.lock`` that the kernel drops when the
+    process dies, so a dead owner's lock can be taken and a live one's cannot (no pid
+    that could be reused). The file also says who holds it and until when the request
+    is valid."""
+
+    def __init__(self, repo: Repository, request_id: str) -> None:
+        self.repo = repo
+        self.request_id = request_id
+        locks = repo.path / PROFILING_LOCKS
+        locks.mkdir(exist_ok=True)
+        self.path = locks / f"{request_id}.lock"
+        # Locked before it has its name: a cleaner that finds the name finds it held.
+        tmp = locks / f".{request_id}.{os.getpid()}.tmp"
+        self._fd: int | None = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.valid_until(None)
+            os.rename(tmp, self.path)
+        except BaseException:
+            os.close(self._fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def add_files(self, files: Mapping[str, Path]) -> dict[str, TargetFile]:
+        """:meth:`Repository.add_profiling_files` for this run."""
+        return self.repo.add_profiling_files(self.request_id, files)
+
+    def valid_until(self, expires: datetime | None) -> None:
+        """Record when the run's request expires: after that no device accepts it, and a
+        run still holding its lock is past its use (its targets count as orphaned)."""
+        assert self._fd is not None
+        doc = {"pid": os.getpid(), "host": socket.gethostname(),
+               "expires": None if expires is None else expires.isoformat()}
+        data = json.dumps(doc).encode()
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, data, 0)
+
+    def release(self) -> None:
+        """Delete the lock file (its targets are gone) and let go of the lock."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        os.close(self._fd)
+        self._fd = None
+
+
+def _profiling_owned(lock: Path) -> bool:
+    """Whether a live process holds ``lock`` for a request that has not expired."""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except FileNotFoundError:
+        return False  # an owner takes its lock before it signs anything
+    except OSError:
+        return True  # cannot tell: leave it
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass  # held: the owner lives
+        except OSError:
+            return True
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False
+        try:
+            expires = json.loads(os.pread(fd, 4096, 0)).get("expires")
+            when = datetime.fromisoformat(expires) if isinstance(expires, str) else None
+        except (OSError, ValueError, AttributeError):
+            when = None
+        return when is None or when > datetime.now(UTC)
+    finally:
+        os.close(fd)

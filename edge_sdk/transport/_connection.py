@@ -63,6 +63,10 @@ _REFUSED_FOR_GOOD = frozenset({
     _MQTT5_NOT_AUTHORIZED,
 })
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+#: A link the broker closes within this many seconds of accepting it, this many times in a
+#: row, is most likely taken over by another client with the same client id.
+_SHORT_LINK_S = 5.0
+_SHORT_LINKS_TO_WARN = 3
 
 
 @dataclass
@@ -175,6 +179,8 @@ class MqttConnection:
         self._started = False
         self._closed = False
         self._sock: Any = None
+        self._up_since = 0.0
+        self._short_links = 0
 
         c = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -460,6 +466,7 @@ class MqttConnection:
 
     def _ready(self) -> None:
         """The link is up and every subscription is back: tell the waiters and listeners."""
+        self._up_since = time.monotonic()
         self._connected.set()
         log.debug("connected to %s as %s", self.url, self.config.client_id)
         with self._lock:
@@ -503,11 +510,30 @@ class MqttConnection:
         self._last_error = f"{self.url}: {reason}" if len(self._urls) > 1 else str(reason)
         if was:
             log.debug("disconnected from %s: %s", self.url, reason)
+            self._note_link_length(time.monotonic() - self._up_since)
             with self._lock:
                 listeners = list(self._listeners)
             for listener in listeners:
                 self._call_listener(listener, False)
         self._next_node()
+
+    def _note_link_length(self, seconds: float) -> None:
+        """Say once per streak when the broker keeps closing the link right after accepting
+        it: MQTT 3.1.1 gives no reason, and the usual one is a second client with the same
+        client id, the two taking the session from each other in turn."""
+        if self._closed or seconds >= _SHORT_LINK_S:
+            self._short_links = 0
+            return
+        self._short_links += 1
+        if self._short_links == _SHORT_LINKS_TO_WARN:
+            user = self.config.credentials()[0]
+            log.warning(
+                "broker %s closed the link within %g s of accepting it %d times in a row: "
+                "another client is probably connected with client id %s%s; the two take the "
+                "session from each other in turn (give each its own client id, or user)",
+                self.url, _SHORT_LINK_S, self._short_links, self.config.client_id,
+                f" (or, on a broker with use_username_as_clientid, as user {user})"
+                if user else "")
 
     def _on_subscribe(self, client: paho.Client, userdata: object, mid: int,
                       reason_codes: object, properties: object) -> None:
