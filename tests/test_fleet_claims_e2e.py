@@ -1,6 +1,6 @@
 """A device that claims a group or a tag in its own state, against a running fleet: real
 Mosquitto with the example ACL (examples/mosquitto), real ``edge-sdk serve`` subprocesses
-(the fleet part as the example's operator user, the responder as ``edge-repo``), real
+(the fleet part as the example's fleet user, the responder as ``edge-repo``), real
 agents provisioned for ``lobby`` and assigned to it by the operator, and an intruder with
 its own credentials, on its own topics only. It reports ``groups: ["lobby"]`` and
 ``site=berlin``, the hardware of the honest devices, and "failed" for every deployment
@@ -56,7 +56,7 @@ class Host:
                                           version=v, sample={"x": X})
             self.repo.add_artifact(art.path)
 
-    def cli(self, *args: str, user: str = "edge-operator") -> list[str]:
+    def cli(self, *args: str, user: str = "edge-operator-1") -> list[str]:
         return [*args, "--repo", str(self.repo.path), "--broker", self.broker.url,
                 "--fleet", FLEET, "--username", user, "--password", self.creds[user]]
 
@@ -154,7 +154,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                                  host.db_url)) == 0
             for a in agents:
                 a.wait_version("1")
-            served.append(ServeProc(host, "fleet", "edge-operator"))
+            served.append(ServeProc(host, "fleet", "edge-fleet"))
             with FleetDB.open(host.db_url) as db:
                 wait_for(lambda: {d["id"] for d in db.devices(fleet=FLEET)
                                   if d["registered"] and d["online"]} == {*HONEST, INTRUDER},

@@ -130,8 +130,8 @@ def hostile_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostileF
         with open(log, "wb") as out:
             serve = subprocess.Popen(
                 [sys.executable, "-m", "edge_sdk", "serve", "--repo", str(repo.path),
-                 "--broker", broker.url, "--fleet", FLEET, "--username", "edge-operator",
-                 "--password", creds["edge-operator"], "--only", "fleet", "--db", db_url,
+                 "--broker", broker.url, "--fleet", FLEET, "--username", "edge-fleet",
+                 "--password", creds["edge-fleet"], "--only", "fleet", "--db", db_url,
                  "--http", f"127.0.0.1:{port}"],
                 cwd=ROOT, stdout=out, stderr=out, env={**os.environ, "PYTHONPATH": str(ROOT)})
         try:

@@ -54,8 +54,8 @@ def _assert_clean(out: str, *secrets: str) -> None:
 def test_serve_start_line_and_logs_show_no_broker_or_database_password(
         tmp_path, repo, pg_url) -> None:
     with example_broker(tmp_path, {"cam-1": []}) as (broker, creds):
-        secret = creds["edge-operator"]
-        url = broker.url.replace("://", f"://edge-operator:{secret}@")
+        secret = creds["edge-serve"]
+        url = broker.url.replace("://", f"://edge-serve:{secret}@")
         log = tmp_path / "serve.log"
         with open(log, "wb") as out:
             proc = subprocess.Popen(
@@ -71,7 +71,7 @@ def test_serve_start_line_and_logs_show_no_broker_or_database_password(
             proc.wait(60)
         text = log.read_text()
         # The line names the broker and the database, with the passwords masked.
-        assert "edge-operator:***@127.0.0.1" in text and "postgres:***@127.0.0.1" in text
+        assert "edge-serve:***@127.0.0.1" in text and "postgres:***@127.0.0.1" in text
         _assert_clean(text, secret, DB_SECRET)
 
 
@@ -91,8 +91,8 @@ def test_connection_errors_show_no_password(tmp_path, repo, pg_url) -> None:
             (["--db", sqlite, "--broker", f"mqtt://u:{CLI_SECRET}@127.0.0.1:1:2"],
              "invalid port"),
             (["--db", sqlite, "--broker", broker.url.replace(
-                "://", f"://edge-operator:{CLI_SECRET}@")], "refused the connection"),
-            (["--db", sqlite, "--broker", broker.url, "--username", "edge-operator",
+                "://", f"://edge-serve:{CLI_SECRET}@")], "refused the connection"),
+            (["--db", sqlite, "--broker", broker.url, "--username", "edge-serve",
               "--password", CLI_SECRET, "--debug"], "refused the connection"),
         ]
         for extra, words in cases:
@@ -102,7 +102,7 @@ def test_connection_errors_show_no_password(tmp_path, repo, pg_url) -> None:
                 args += ["--broker", open_broker.url]
             code, out = _run(args + [e for e in extra if e != "--debug"])
             assert code != 0 and words in out, (extra, out[-2000:])
-            _assert_clean(out, DB_SECRET, CLI_SECRET, creds["edge-operator"])
+            _assert_clean(out, DB_SECRET, CLI_SECRET, creds["edge-serve"])
         # An unreachable broker, the password in the environment (--password's variable).
         code, out = _run(["status", "--broker", f"mqtt://op@{dead}", "--username", "op",
                           "--fleet", FLEET], env={"EDGE_MQTT_PASSWORD": CLI_SECRET},
