@@ -380,12 +380,16 @@ class Controller:
                 if r.last_deployment in waiting[r.id] and r.last_result in m.FINISHED:
                     out.append(m.Report(r.id, r.last_deployment, r.last_result,
                                         r.last_reason))
-            for r in c.execute(sa.select(device_events.c.device, device_events.c.deployment,
-                                         device_events.c.kind, device_events.c.reason).where(
-                    (device_events.c.fleet == self.topics.fleet)
-                    & device_events.c.deployment.in_(counters)
-                    & device_events.c.kind.in_(m.BAD))):
-                if r.device in waiting and r.deployment in waiting[r.device]:
+            # Only the newest bad event per waiting device and counter it waits for: rows
+            # a device files under other counters, or many under one, are never read.
+            ev = device_events
+            newest = sa.select(sa.func.max(ev.c.seq)).where(
+                (ev.c.fleet == self.topics.fleet) & ev.c.device.in_(list(waiting))
+                & ev.c.deployment.in_(counters) & ev.c.kind.in_(m.BAD)
+            ).group_by(ev.c.device, ev.c.deployment)
+            for r in c.execute(sa.select(ev.c.device, ev.c.deployment, ev.c.kind,
+                                         ev.c.reason).where(ev.c.seq.in_(newest))):
+                if r.deployment in waiting.get(r.device, ()):
                     out.append(m.Report(r.device, r.deployment, r.kind, r.reason))
         return out
 
