@@ -45,16 +45,70 @@ class MalformedReport(ValueError):
     """A device report the registry will not write; the message says why."""
 
 
-#: Column limits (see ``_db``): a value over them would fail the whole write.
-_ID_MAX, _NAME_MAX, _VERSION_MAX, _WORD_MAX = 128, 256, 128, 64
+def _limits(table: sa.Table) -> dict[str, tuple[str, int | None]]:
+    """Per column: ``str`` with its length, ``text``, ``int`` with its largest value."""
+    out: dict[str, tuple[str, int | None]] = {}
+    for col in table.columns:
+        t = col.type
+        if isinstance(t, sa.String) and not isinstance(t, sa.Text) and t.length:
+            out[col.name] = ("str", t.length)
+        elif isinstance(t, sa.String):
+            out[col.name] = ("text", None)
+        elif isinstance(t, sa.Integer):
+            out[col.name] = ("int", 2**63 - 1 if isinstance(t, sa.BigInteger) else _INT_MAX)
+    return out
+
+
 _INT_MAX = 2**31 - 1  # PostgreSQL INTEGER
+#: What each column of the tables the registry writes can hold on every engine
+#: (PostgreSQL refuses a longer VARCHAR, a NUL, a lone surrogate, an INTEGER over 2**31-1).
+_DEVICE_COLS, _EVENT_COLS = _limits(devices), _limits(device_events)
+_ID_MAX = _DEVICE_COLS["id"][1] or 128
+_NAME_MAX = _DEVICE_COLS["model"][1] or 256
+_VERSION_MAX = _DEVICE_COLS["version"][1] or 128
+_WORD_MAX = _DEVICE_COLS["phase"][1] or 64
+_KIND_MAX = _EVENT_COLS["kind"][1] or 64
+_RETRY = ":retry"
+
+
+def _fit(cols: dict[str, tuple[str, int | None]], row: dict[str, Any]) -> None:
+    """Raise :class:`MalformedReport` unless every value of ``row`` fits its column: the
+    last check before a write, so that no device input can fail a batch of others'."""
+    for name, value in row.items():
+        kind, limit = cols.get(name, ("", None))
+        if value is None or not kind:
+            continue
+        if kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int) \
+                    or not 0 <= value <= (limit or _INT_MAX):
+                raise MalformedReport(f"{name} {value!r} does not fit its column")
+        elif not isinstance(value, str):
+            raise MalformedReport(f"{name} is not text")
+        else:
+            _text(value, name, limit if kind == "str" else None)
 
 
 def _device_of(topic: str) -> str | None:
     parts = topic.split("/")
     if len(parts) != 5 or not 0 < len(parts[3]) <= _ID_MAX:
         return None
-    return parts[3]
+    dev = parts[3]
+    # A device id is stored, logged and shown: no NUL (PostgreSQL refuses it), no lone
+    # surrogate, no control character.
+    if not dev.isprintable():
+        return None
+    try:
+        dev.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return dev
+
+
+def _shown(text: str, limit: int = 200) -> str:
+    """Untrusted text as one printable line (for logs and the stored diagnosis)."""
+    t = text[:limit]
+    return t if t.isprintable() else "".join(
+        ch if ch.isprintable() else f"\\u{ord(ch):04x}" for ch in t)
 
 
 def _text(value: str | None, what: str, limit: int | None = None) -> str | None:
@@ -139,6 +193,7 @@ def write_state(c: Connection, fleet: str, device: str, payload: bytes,
         "last_result": st.last_result, "last_reason": st.last_reason,
         "last_deployment": st.last_deployment, "state": json_text(doc),
     }
+    _fit(_DEVICE_COLS, {"fleet": fleet, "id": device, **values})
     key = (devices.c.fleet == fleet) & (devices.c.id == device)
     old = c.execute(sa.select(devices.c.online, devices.c.phase, devices.c.model,
                               devices.c.version, devices.c.last_deployment,
@@ -158,12 +213,14 @@ def write_state(c: Connection, fleet: str, device: str, payload: bytes,
         if (old.last_deployment, old.last_result) != (st.last_deployment, st.last_result):
             changes.append("result")
     if changes:
-        c.execute(device_events.insert().values(
-            fleet=fleet, device=device, ts=ts, kind="state:" + ",".join(changes),
-            deployment=st.last_deployment, model=model, version=version,
-            reason=st.last_reason if "result" in changes else None,
-            detail=json_text({"online": st.online, "phase": st.phase,
-                              "result": st.last_result})))
+        row = {"fleet": fleet, "device": device, "ts": ts,
+               "kind": "state:" + ",".join(changes), "deployment": st.last_deployment,
+               "model": model, "version": version,
+               "reason": st.last_reason if "result" in changes else None,
+               "detail": json_text({"online": st.online, "phase": st.phase,
+                                    "result": st.last_result})}
+        _fit(_EVENT_COLS, row)
+        c.execute(device_events.insert().values(**row))
 
 
 # Built once: constructing a statement per report (``.values(...)``, its cache key) cost
@@ -198,7 +255,9 @@ class EventBatch:
         if not isinstance(doc, dict) or not isinstance(doc.get("event"), str):
             raise MalformedReport("an event must be a JSON object with a string 'event'")
         ts = time.time() if now is None else now
-        kind = _text(doc["event"][:64], "event")
+        # Room for the ":retry" suffix: a name at the column's length plus it overflowed
+        # VARCHAR(64) on PostgreSQL and failed every batch it was in.
+        kind = _text(doc["event"][:_KIND_MAX - len(_RETRY)], "event") or ""
         touch = {"k_fleet": fleet, "k_id": device, "k_ts": ts}
         if kind == "heartbeat":
             self.touches.append(touch)
@@ -213,14 +272,16 @@ class EventBatch:
             ref = (dep["name"], str(dep.get("artifact_version")))
         reason = doc.get("reason")
         if doc.get("retry"):
-            kind = f"{kind}:retry"
-        self.events.append({
+            kind = f"{kind}{_RETRY}"
+        row = {
             "fleet": fleet, "device": device, "ts": ts, "kind": kind,
             "deployment": _counter(counter, "deployment.counter"),
             "model": _text(ref[0], "model.name", _NAME_MAX),
             "version": _text(ref[1], "model.version", _VERSION_MAX),
             "reason": _text(reason[:2000], "reason") if isinstance(reason, str) else None,
-            "detail": json_text(doc)})
+            "detail": json_text(doc)}
+        _fit(_EVENT_COLS, row)
+        self.events.append(row)
         self.touches.append(touch)
         return self
 
@@ -280,7 +341,7 @@ class Registry:
         def handler(topic: str, payload: bytes) -> None:
             device = _device_of(topic)
             if device is None:
-                self._count("malformed", f"{topic[:200]}: not a device topic")
+                self._count("malformed", f"{_shown(topic)}: not a device topic")
                 return
             try:
                 self._q.put_nowait((leaf, device, payload, time.time()))
@@ -364,7 +425,7 @@ class Registry:
                    err: MalformedReport) -> tuple[str, str | None]:
         log.warning("ignored a malformed %s report from %s (%d bytes): %s", leaf, device,
                     len(payload), err)
-        return "malformed", f"{device}: {leaf}: {err}"
+        return "malformed", f"{device}: {leaf}: {_shown(str(err), 400)}"
 
     def _one(self, c: Connection, leaf: str, device: str, payload: bytes,
              ts: float) -> tuple[str, str | None]:
