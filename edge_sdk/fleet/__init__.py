@@ -10,10 +10,12 @@ database is the record.
   online=)``, ``device(id)``, ``device_history(id, limit)``, ``rollouts()``,
   ``rollout(id)`` (per-wave progress counts and failure reasons), ``models()``
   (devices per model version), ``audit(limit)``, ``registry_stats()`` (reports written
-  and ignored), ``lease(fleet)`` (which controller runs it). Every value returned is a
-  plain JSON-serialisable dict or list.
+  and ignored, and how far it has got), ``ingest_stats()`` (per device: reports dropped
+  over its budget, lost before the registry), ``lease(fleet)`` (which controller runs
+  it). Every value returned is a plain JSON-serialisable dict or list.
 - :func:`default_url` — the database beside a release repository.
-- :class:`Registry` — ingests every device's retained ``state`` and ``events`` into the DB.
+- :class:`Registry` — ingests every device's retained ``state`` and ``events`` into the DB,
+  within :class:`RegistryConfig` (per-device budgets, queue bound, retention, silence).
 - :class:`Controller` — runs the rollouts recorded in the DB (inside ``edge-sdk serve``);
   :func:`start_rollout`, :func:`command_rollout` write the records it follows;
   :class:`RolloutSpec` — waves, rate, timeout, abort criteria, pause after each wave.
@@ -39,10 +41,11 @@ from ._db import (
     LeaseLost,
     default_url,
 )
+from ._ingest import RegistryConfig
 from ._machine import RolloutSpec
 from ._registry import Registry, RegistryStats
 
 __all__ = ["SCHEMA_VERSION", "Controller", "FleetDB", "FleetError", "FleetUsageError",
-           "LeaseHeld", "LeaseLost", "Registry", "RegistryStats", "RolloutSpec",
+           "LeaseHeld", "LeaseLost", "Registry", "RegistryConfig", "RegistryStats", "RolloutSpec",
            "actor_name", "audit", "check_key_permissions", "command_rollout", "default_url",
            "start_rollout"]

@@ -32,7 +32,7 @@ from sqlalchemy.engine import Connection, Engine, RowMapping
 from ..errors import EdgeError
 
 #: The schema this code writes. Bump it and add a step to ``_MIGRATIONS`` together.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 class FleetError(EdgeError):
@@ -98,6 +98,8 @@ device_events = sa.Table(
     sa.Index("ix_device_events_device", "fleet", "device", "seq"),
     sa.Index("ix_device_events_deployment", "fleet", "deployment"),
 )
+#: Rows older than the registry's ``events_max_age_s`` are found by it (schema 4).
+_EVENTS_TS = sa.Index("ix_device_events_ts", device_events.c.ts)
 
 rollouts = sa.Table(
     "rollouts", meta,
@@ -170,9 +172,35 @@ registry_stats = sa.Table(
     sa.Column("last_malformed", sa.Text),
     sa.Column("last_malformed_at", sa.Float),
     sa.Column("updated", sa.Float, nullable=False),
+    # Schema 4: reports lost before the registry (gaps in devices' event numbers), and
+    # how far the registry has got: every report received before ``caught_up`` is
+    # written; what is still queued; since when it listens; when a device is silent.
+    sa.Column("lost", sa.BigInteger, nullable=False, default=0, server_default="0"),
+    sa.Column("caught_up", sa.Float),
+    sa.Column("backlog_reports", sa.BigInteger, nullable=False, default=0,
+              server_default="0"),
+    sa.Column("backlog_bytes", sa.BigInteger, nullable=False, default=0, server_default="0"),
+    sa.Column("listening_since", sa.Float),
+    sa.Column("silent_after_s", sa.Float),
 )
 
-_COUNTS = ("states", "events", "malformed", "dropped", "db_errors")
+_COUNTS = ("states", "events", "malformed", "dropped", "db_errors", "lost")
+_PROGRESS = ("caught_up", "backlog_reports", "backlog_bytes", "listening_since",
+             "silent_after_s")
+
+#: Per device, the reports the registry did not write (schema 4): ``dropped`` (over the
+#: device's budget or size cap, or pushed out of a full queue; ``reason`` names the
+#: config key of the newest) and ``lost`` (gaps in the numbers of its events).
+device_ingest = sa.Table(
+    "device_ingest", meta,
+    sa.Column("fleet", sa.String(128), primary_key=True),
+    sa.Column("device", sa.String(128), primary_key=True),
+    sa.Column("dropped", sa.BigInteger, nullable=False, default=0),
+    sa.Column("dropped_bytes", sa.BigInteger, nullable=False, default=0),
+    sa.Column("lost", sa.BigInteger, nullable=False, default=0),
+    sa.Column("reason", sa.String(64)),
+    sa.Column("at", sa.Float),
+)
 
 #: Which controller runs each fleet (schema 3), until ``expires`` unless renewed.
 controller_lease = sa.Table(
@@ -345,18 +373,19 @@ class FleetDB:
                 online: bool | None = None) -> list[dict[str, Any]]:
         """Devices sorted by fleet and id. ``tag`` is ``KEY`` or ``KEY=VALUE``; ``model`` is a
         name or ``NAME VERSION`` / ``NAME@VERSION``."""
-        q = sa.select(devices).order_by(devices.c.fleet, devices.c.id)
+        q = _devices_query().order_by(devices.c.fleet, devices.c.id)
         if fleet is not None:
             q = q.where(devices.c.fleet == fleet)
-        if online is not None:
-            q = q.where(devices.c.online == online)
         if model is not None:
             name, _, version = model.replace("@", " ").partition(" ")
             q = q.where(devices.c.model == name)
             if version.strip():
                 q = q.where(devices.c.version == version.strip())
         with self.read() as c:
-            rows = [_device(r) for r in c.execute(q).mappings()]
+            cut = _silence(c, fleet)
+            rows = [_device(r, cut) for r in c.execute(q).mappings()]
+        if online is not None:
+            rows = [r for r in rows if r["online"] == online]
         if group is not None:
             rows = [r for r in rows if group in r["groups"]]
         if tag is not None:
@@ -365,12 +394,13 @@ class FleetDB:
         return rows
 
     def device(self, device_id: str, *, fleet: str | None = None) -> dict[str, Any] | None:
-        q = sa.select(devices).where(devices.c.id == device_id)
+        q = _devices_query().where(devices.c.id == device_id)
         if fleet is not None:
             q = q.where(devices.c.fleet == fleet)
         with self.read() as c:
             row = c.execute(q.order_by(devices.c.fleet)).mappings().first()
-        return None if row is None else _device(row)
+            cut = _silence(c, fleet)
+        return None if row is None else _device(row, cut)
 
     def device_history(self, device_id: str, limit: int = 100, *,
                        fleet: str | None = None) -> list[dict[str, Any]]:
@@ -426,10 +456,25 @@ class FleetDB:
 
     def registry_stats(self, *, fleet: str | None = None) -> list[dict[str, Any]]:
         """Per fleet: reports the registry wrote (``states``, ``events``) and those it did
-        not (``malformed``, ``dropped``, ``db_errors``), with the newest malformed one."""
+        not (``malformed``, ``dropped``, ``db_errors``, ``lost`` before it), with the newest
+        malformed one; and its progress: ``caught_up`` (every report received before it
+        is written), ``backlog_reports`` / ``backlog_bytes`` still queued, ``updated``."""
         q = sa.select(registry_stats).order_by(registry_stats.c.fleet)
         if fleet is not None:
             q = q.where(registry_stats.c.fleet == fleet)
+        with self.read() as c:
+            return [dict(r) for r in c.execute(q).mappings()]
+
+    def ingest_stats(self, *, fleet: str | None = None,
+                     limit: int = 100) -> list[dict[str, Any]]:
+        """Devices whose reports the registry did not write, the most first: ``dropped``
+        (and ``dropped_bytes``; ``reason`` is the config key the newest was over) and
+        ``lost`` (never reached the registry)."""
+        q = sa.select(device_ingest).order_by(
+            (device_ingest.c.dropped + device_ingest.c.lost).desc(), device_ingest.c.device
+        ).limit(limit)
+        if fleet is not None:
+            q = q.where(device_ingest.c.fleet == fleet)
         with self.read() as c:
             return [dict(r) for r in c.execute(q).mappings()]
 
@@ -501,12 +546,15 @@ class FleetDB:
         return None if row is None else dict(row)
 
     def add_registry_stats(self, fleet: str, delta: Mapping[str, int], *,
-                           last_malformed: str | None = None) -> None:
-        """Add ``delta`` (counts by name) to the fleet's registry totals."""
+                           last_malformed: str | None = None,
+                           progress: Mapping[str, Any] | None = None) -> None:
+        """Add ``delta`` (counts by name) to the fleet's registry totals; ``progress``
+        replaces the registry's progress columns (``caught_up`` ...)."""
         now = time.time()
         values: dict[str, Any] = {"updated": now}
         if last_malformed is not None:
             values.update(last_malformed=last_malformed, last_malformed_at=now)
+        values.update({k: v for k, v in (progress or {}).items() if k in _PROGRESS})
         with self.begin() as c:
             key = registry_stats.c.fleet == fleet
             done = c.execute(registry_stats.update().where(key).values(
@@ -514,6 +562,44 @@ class FleetDB:
             if done.rowcount == 0:
                 c.execute(registry_stats.insert().values(
                     fleet=fleet, **values, **{k: int(delta.get(k, 0)) for k in _COUNTS}))
+
+    def add_device_ingest(self, fleet: str, counts: Mapping[str, Mapping[str, Any]]) -> None:
+        """Add per-device counts (``dropped``, ``dropped_bytes``, ``lost``; ``reason`` and
+        ``at`` of the newest) to the registry's table of reports not written."""
+        with self.begin() as c:
+            for device, n in counts.items():
+                key = (device_ingest.c.fleet == fleet) & (device_ingest.c.device == device)
+                values = {"reason": (n.get("reason") or "")[:64] or None, "at": n.get("at")}
+                done = c.execute(device_ingest.update().where(key).values(
+                    **values, **{k: device_ingest.c[k] + int(n.get(k, 0))
+                                 for k in ("dropped", "dropped_bytes", "lost")}))
+                if done.rowcount == 0:
+                    c.execute(device_ingest.insert().values(
+                        fleet=fleet, device=device, **values,
+                        **{k: int(n.get(k, 0)) for k in ("dropped", "dropped_bytes", "lost")}))
+
+    def prune_events(self, fleet: str, over: Iterable[str], *, keep: int,
+                     older_than: float | None = None, chunk: int = 5000) -> int:
+        """Delete ``device_events`` rows: all but the newest ``keep`` of each device in
+        ``over``, and (with ``older_than``) every row of the fleet older than that, in
+        transactions of at most ``chunk`` rows. Returns the rows deleted."""
+        ev = device_events
+        gone = 0
+        for device in over:
+            mine = (ev.c.fleet == fleet) & (ev.c.device == device)
+            cut = sa.select(ev.c.seq).where(mine).order_by(ev.c.seq.desc()).limit(1) \
+                .offset(keep).scalar_subquery()
+            with self.begin() as c:
+                gone += c.execute(ev.delete().where(mine & (ev.c.seq <= cut))).rowcount
+        while older_than is not None:
+            old = sa.select(ev.c.seq).where((ev.c.ts < older_than) & (ev.c.fleet == fleet)) \
+                .limit(chunk)
+            with self.begin() as c:
+                n = c.execute(ev.delete().where(ev.c.seq.in_(old))).rowcount
+            gone += n
+            if n < chunk:
+                break
+        return gone
 
     def record_audit(self, actor: str, action: str, params: Mapping[str, Any], *,
                      conn: Connection | None = None) -> None:
@@ -526,11 +612,46 @@ class FleetDB:
             c.execute(audit_log.insert().values(**row))
 
 
-def _device(m: RowMapping) -> dict[str, Any]:
+def _devices_query() -> sa.Select[Any]:
+    """Devices with the counts of their reports the registry did not write."""
+    return sa.select(devices, device_ingest.c.dropped.label("reports_dropped"),
+                     device_ingest.c.lost.label("reports_lost")).select_from(
+        devices.outerjoin(device_ingest, (device_ingest.c.fleet == devices.c.fleet)
+                          & (device_ingest.c.device == devices.c.id)))
+
+
+def _silence(c: Connection, fleet: str | None) -> dict[str, float]:
+    """Per fleet: a device that said it is online but was last heard before this time is
+    silent. The registry decides how long (``silent_after_s``); the time counts from its
+    progress (``caught_up``: a backlog, or a registry that is not running, makes nobody
+    silent) and from when it started listening."""
+    q = sa.select(registry_stats.c.fleet, registry_stats.c.caught_up,
+                  registry_stats.c.listening_since, registry_stats.c.silent_after_s)
+    if fleet is not None:
+        q = q.where(registry_stats.c.fleet == fleet)
+    out = {}
+    for r in c.execute(q):
+        if r.caught_up is None or r.listening_since is None or r.silent_after_s is None:
+            continue
+        cutoff = r.caught_up - r.silent_after_s
+        if r.listening_since < cutoff:
+            out[r.fleet] = cutoff
+    return out
+
+
+def _device(m: RowMapping, silence: Mapping[str, float] | None = None) -> dict[str, Any]:
+    cutoff = (silence or {}).get(m["fleet"])
+    said = bool(m["online"])
+    silent = said and cutoff is not None and m["last_seen"] < cutoff
     return {
         "fleet": m["fleet"], "id": m["id"], "groups": _loads(m["groups"], []),
         "tags": _loads(m["tags"], {}), "hardware": _loads(m["hardware"], {}),
-        "online": bool(m["online"]), "first_seen": m["first_seen"],
+        # What the device said, unless it has been silent: no heartbeat for the
+        # registry's silent_after_missed periods (a device without a last will).
+        "online": said and not silent, "silent": silent, "reported_online": said,
+        "reports_dropped": int(m.get("reports_dropped") or 0),
+        "reports_lost": int(m.get("reports_lost") or 0),
+        "first_seen": m["first_seen"],
         "last_seen": m["last_seen"], "model": m["model"], "version": m["version"],
         "previous_model": m["previous_model"], "previous_version": m["previous_version"],
         "phase": m["phase"], "deployment": m["deployment"], "last_result": m["last_result"],
@@ -591,7 +712,21 @@ def _v3(c: Connection) -> None:
     controller_lease.create(c)
 
 
-_MIGRATIONS = {1: _v1, 2: _v2, 3: _v3}
+def _v4_registry_flow(c: Connection) -> None:
+    """Per-device counts of reports not written, the registry's progress, and the index
+    that age-based pruning of ``device_events`` uses."""
+    insp = sa.inspect(c)
+    device_ingest.create(c, checkfirst=True)
+    have = {col["name"] for col in insp.get_columns("registry_stats")}
+    for col in registry_stats.columns:
+        if col.name not in have:  # a database made before schema 4
+            spec = sa.schema.CreateColumn(col).compile(dialect=c.dialect)
+            c.execute(sa.text(f"ALTER TABLE registry_stats ADD COLUMN {spec}"))
+    if _EVENTS_TS.name not in {i["name"] for i in insp.get_indexes("device_events")}:
+        _EVENTS_TS.create(c)
+
+
+_MIGRATIONS = {1: _v1, 2: _v2, 3: _v3, 4: _v4_registry_flow}
 
 
 def _migrate(c: Connection, url: str, *, write: bool) -> None:
