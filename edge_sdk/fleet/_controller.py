@@ -45,6 +45,7 @@ from ._db import (
     devices,
     json_text,
     json_value,
+    registry_stats,
     rollout_commands,
     rollout_devices,
     rollouts,
@@ -359,7 +360,16 @@ class Controller:
             sel = json_value(c.execute(sa.select(rollouts.c.selector).where(
                 rollouts.c.id == rid)).scalar_one(), {})
         mem = members(self.db, self.topics.fleet, sel)
-        self._apply(st, m.Tick(time.time(), mem, self._reports(st)))
+        heard = self._heard_until()
+        self._apply(st, m.Tick(time.time(), mem, self._reports(st), heard_until=heard))
+
+    def _heard_until(self) -> float | None:
+        """The registry's progress (``caught_up``): timeouts wait for it. Read before the
+        reports, so that every report received before it is in what they see."""
+        with self.db.read() as c:
+            got = c.execute(sa.select(registry_stats.c.caught_up).where(
+                registry_stats.c.fleet == self.topics.fleet)).scalar()
+        return None if got is None else float(got)
 
     def _reports(self, st: m.RolloutState) -> list[m.Report]:
         waiting: dict[str, set[int]] = {}
