@@ -261,3 +261,25 @@ def test_a_registry_behind_the_database_says_how_far_it_has_got(
             assert got["backlog_reports"] == 0
         finally:
             registry.stop()
+
+
+def test_a_retained_state_dropped_in_a_flood_is_read_again_afterwards(
+        db_url: str, conn: MqttConnection) -> None:
+    """A device's last state (its commit, say) dropped while reports were being dropped
+    must not stay missed until it changes again: the registry reads the retained states
+    again after any drop."""
+    topics = Topics(FLEET)
+    cfg = RegistryConfig(flush_s=0.1, resync_s=0.5, reports_per_s=1, burst_reports=5)
+    with FleetDB.open(db_url) as db:
+        registry = Registry(conn, db, config=cfg).start()
+        try:
+            for n in range(10):  # over its budget: half of them dropped
+                conn.publish(topics.events("burst"), _event("step", seq=n + 1), qos=1)
+            conn.publish_wait(topics.state("burst"), state("2"), qos=1, retain=True)
+            wait_for(lambda: registry.stats.dropped >= 6, 20, lambda: f"{registry.stats}")
+            assert db.device("burst") is None  # its state was dropped with the rest
+            wait_for(lambda: (d := db.device("burst")) and d["version"] == "2", 30,
+                     lambda: f"{db.device('burst')}, {registry.stats}")
+        finally:
+            registry.stop()
+            conn.publish_wait(topics.state("burst"), b"", qos=1, retain=True)
