@@ -12,6 +12,8 @@
   at all (read-only), reports wait in memory, under the same bound.
 - heartbeats (QoS 0, on ``events``, never queued: a stale heartbeat is noise), sent
   by the telemetry thread, so that they keep coming while an install works for minutes.
+  Each carries ``last_seq``, the number of the newest event the broker acknowledged, so
+  that the registry can count events it never received even when no later one follows.
 - ``progress`` events while a download runs (bytes, total, rate, time left; QoS 0, not
   queued either), every ``progress_s``, and the same in the retained state, so that an
   operator watching a slow link sees more than silence.
@@ -171,6 +173,8 @@ class Telemetry:
         self._progress_s = progress_s
         self._next_progress = 0.0
         self._reporting = False
+        #: The ``seq`` of the newest event the broker acknowledged (heartbeats carry it).
+        self._sent_seq: int | None = None
         self._link: Link | None = None
         self._wake = threading.Event()
         self._state_dirty = True
@@ -218,6 +222,8 @@ class Telemetry:
             return
         payload = {"device": self.device, "fleet": self.fleet, "event": kind,
                    "ts": time.time(), **extra}
+        if self._sent_seq is not None:
+            payload["last_seq"] = self._sent_seq
         try:
             link.publish(self.events_topic, json.dumps(payload), qos=0)
         except EdgeError as err:
@@ -308,6 +314,8 @@ class Telemetry:
                     link.publish_wait(self.events_topic, json.dumps(report), qos=1)
                     self.outbox.remove(name)
                     self.sent += 1
+                    if isinstance(report.get("seq"), int):
+                        self._sent_seq = report["seq"]
             except EdgeError as err:
                 log.info("reports wait for the broker: %s", err)
                 self._state_dirty = True

@@ -438,6 +438,28 @@ def test_heartbeats_keep_coming_while_a_long_install_holds_the_worker(fleet, tmp
         sub.cancel()
 
 
+def test_heartbeats_name_the_newest_event_the_broker_acknowledged(fleet, tmp_path,
+                                                                  agents) -> None:
+    """The registry counts events it never received from the gaps in their numbers; a
+    heartbeat naming the newest one sent shows the loss of the last ones too."""
+    beats: list[int] = []
+
+    def on_event(topic: str, payload: bytes) -> None:
+        doc = json.loads(payload)
+        if doc.get("event") == "heartbeat" and "last_seq" in doc:
+            beats.append(doc["last_seq"])
+
+    sub = fleet.host.subscribe(fleet.topics.events("numbered"), on_event)
+    try:
+        new_agent(fleet, tmp_path, agents, "numbered").start()
+        fleet.deploy("numbered", "1")
+        fleet.wait_event("numbered", "committed", "1")
+        newest = max(e["seq"] for e in fleet.events["numbered"])
+        wait_for(lambda: newest in beats, 30, lambda: f"newest {newest}, beats {beats[-5:]}")
+    finally:
+        sub.cancel()
+
+
 def test_tampered_unauthorised_and_corrupt_updates_are_refused_while_v1_serves(
     fleet, tmp_path, agents
 ) -> None:

@@ -510,3 +510,30 @@ def test_clear_is_only_for_devices_with_nothing_to_go_back_to() -> None:
     sim.tick(answer=False).tick(answer=False).command("abort")
     assert sim.cleared == ["d02"] and sim.state.devices["d02"].rollback_status == "withdrawn"
     assert sim.signs[-1] == Sign(("d00", "d01"), "1", True)
+
+
+def test_a_device_times_out_only_once_the_registry_has_heard_up_to_its_deadline() -> None:
+    """A registry that is behind (a flood, a slow database) must never make a device that
+    answered in time "silent": the timeout counts against what the registry has heard."""
+    members = {"d1": Member(True, "adder", "1")}
+    st, _ = step(RolloutState(1, "adder", "2", spec(waves=("100%",), wave_timeout=60)),
+                 Tick(1000.0, members))
+    st, _ = step(st, Signed(("d1",), 7, "doc", False, 1000.0))
+    behind, _ = step(st, Tick(1200.0, members, heard_until=1050.0))
+    assert behind.devices["d1"].status == "sent"
+    # Its answer, written once the registry caught up, counts.
+    late, _ = step(behind, Tick(1201.0, members, [Report("d1", 7, "committed")],
+                                heard_until=1201.0))
+    assert late.devices["d1"].status == "committed"
+    # Caught up and still nothing from it: now it is silent.
+    silent, _ = step(behind, Tick(1201.0, members, heard_until=1201.0))
+    assert silent.devices["d1"].status == "silent"
+    # The same for a rollback sent on abort.
+    aborting, _ = step(silent, Tick(1202.0, members, heard_until=1202.0))
+    assert aborting.status == "aborting"
+    p = aborting.devices["d1"]
+    p.rollback_status, p.rollback_sent_at, p.rollback_counter = "sent", 1202.0, 8
+    held, _ = step(aborting, Tick(1400.0, members, heard_until=1210.0))
+    assert held.devices["d1"].rollback_status == "sent" and held.status == "aborting"
+    gone, _ = step(held, Tick(1401.0, members, heard_until=1401.0))
+    assert gone.devices["d1"].rollback_status == "silent" and gone.status == "aborted"

@@ -413,6 +413,7 @@ def status_cmd(devices: tuple[str, ...], as_json: bool, db_url: str | None,
     From the fleet database also the groups the operator assigned, and where a device's
     report differs from them."""
     assigned: dict[str, dict[str, Any]] = {}
+    silent: set[str] = set()
     if db_url or repo_dir:
         from ..release._watch import DeviceStatus
         from ._db import open_db
@@ -422,17 +423,17 @@ def status_cmd(devices: tuple[str, ...], as_json: bool, db_url: str | None,
             rows = db.devices(fleet=fleet)
             where = redact_url(db.url)
             counts = db.registry_stats(fleet=fleet)
-        for rs in counts:
-            if rs["malformed"] or rs["dropped"] or rs["db_errors"]:
-                newest = f" (newest: {rs['last_malformed']})" if rs["last_malformed"] else ""
-                click.echo(f"registry: {rs['malformed']} malformed report(s) ignored{newest}, "
-                           f"{rs['dropped']} dropped, {rs['db_errors']} not stored", err=True)
+            noisy = db.ingest_stats(fleet=fleet, limit=5)
+        _say_registry(counts, noisy)
         states = {}
         for row in rows:
             st = DeviceStatus.parse(row["id"], json.dumps(row["state"]).encode())
             if st is not None:
-                states[row["id"]] = dataclasses.replace(st, ts=row["last_seen"])
+                states[row["id"]] = dataclasses.replace(st, ts=row["last_seen"],
+                                                        online=row["online"])
                 assigned[row["id"]] = row
+                if row["silent"]:
+                    silent.add(row["id"])
     else:
         if not mqtt.get("broker"):
             raise UsageError("name the broker (--broker URL or EDGE_BROKER), or read the "
@@ -473,9 +474,10 @@ def status_cmd(devices: tuple[str, ...], as_json: bool, db_url: str | None,
             row = assigned[s.device]
             mine = ((",".join(row["groups"]) or "-") + ("!" if row["mismatch"] else ""),)
             seen = seen if row["registered"] else "never reported"
-        rows.append((s.device, "yes" if s.online else "no", *mine, s.model or "-",
-                     s.previous or "-", str(s.deployment or "-"), seen,
-                     hardware_line(s.raw.get("hardware")), last))
+        online = "silent" if s.device in silent else "yes" if s.online else "no"
+        rows.append((s.device, online, *mine, s.model or "-", s.previous or "-",
+                     str(s.deployment or "-"), seen, hardware_line(s.raw.get("hardware")),
+                     last))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
         head = "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False))
@@ -498,6 +500,31 @@ def _say_mismatches(rows: list[dict[str, Any]]) -> None:
         click.echo(f"  {r['id']}: {'; '.join(r['mismatch'])}")
     if len(bad) > _MISMATCH_SHOWN:
         click.echo(f"  ... and {len(bad) - _MISMATCH_SHOWN} more")
+
+
+def _say_registry(counts: list[dict[str, Any]], noisy: list[dict[str, Any]]) -> None:
+    """``status --db``: what the registry did not write, who it was, and a backlog."""
+    for rs in counts:
+        if rs["malformed"] or rs["dropped"] or rs["db_errors"] or rs.get("lost"):
+            newest = f" (newest: {rs['last_malformed']})" if rs["last_malformed"] else ""
+            click.echo(f"registry: {rs['malformed']} malformed report(s) ignored{newest}, "
+                       f"{rs['dropped']} dropped, {rs.get('lost') or 0} lost before the "
+                       f"registry, {rs['db_errors']} not stored", err=True)
+        behind = (rs.get("updated") or 0) - (rs.get("caught_up") or rs.get("updated") or 0)
+        if behind >= 5 or (rs.get("backlog_bytes") or 0) >= 1 << 20:
+            click.echo(f"registry: {behind:.0f} s behind, {rs.get('backlog_reports') or 0} "
+                       f"report(s) ({(rs.get('backlog_bytes') or 0) >> 20} MiB) queued",
+                       err=True)
+    for d in noisy:
+        what = []
+        if d["dropped"]:
+            why = f", newest over {d['reason']}" if d["reason"] not in (None, "lost") else ""
+            what.append(f"{d['dropped']} report(s) ({d['dropped_bytes'] >> 10} KiB) dropped"
+                        f"{why}")
+        if d["lost"]:
+            what.append(f"{d['lost']} lost before the registry")
+        if what:
+            click.echo(f"registry: device {d['device']}: {', '.join(what)}", err=True)
 
 
 #: CPU features shown in the status table (the JSON output has them all), the ones that
@@ -573,6 +600,12 @@ def _device_limits(values: tuple[str, ...]) -> DeviceLimits:
 @click.option("--db", "db_url", envvar="EDGE_DB", show_envvar=True,
               help="Fleet database: sqlite:///PATH or postgresql://... (default: "
                    "REPO/fleet.db).")
+@click.option("--registry", "registry_keys", multiple=True, metavar="KEY=N",
+              help="Change one registry limit or tunable, e.g. reports_per_s=50 or "
+                   "events_per_device=5000 (keys: max_report_bytes, reports_per_s, "
+                   "burst_reports, bytes_per_s, burst_bytes, max_queue_bytes, max_devices, "
+                   "events_per_device, events_max_age_s, prune_s, heartbeat_s, "
+                   "silent_after_missed, resync_s, flush_s; see the README).")
 @click.option("--keys", "keydir", type=click.Path(file_okay=False),
               help="Key directory holding the deployment key (default: the one given to "
                    "init). The controller signs each wave with it.")
@@ -599,6 +632,7 @@ def _device_limits(values: tuple[str, ...]) -> DeviceLimits:
                    "on brokers without shared subscriptions.")
 @_mqtt_options
 def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url: str | None,
+              registry_keys: tuple[str, ...],
               keydir: str | None, poll_s: float, lease_ttl: float, http: str | None,
               http_allow_remote: bool, http_hosts: tuple[str, ...], only: str | None,
               partition: str | None, **mqtt: Any) -> None:
@@ -621,8 +655,9 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
         # EDGE_DB, which a fleet host exports for its other serve, is no reason to refuse.
         db_given = (db_url is not None and click.get_current_context().get_parameter_source(
             "db_url") is not click.core.ParameterSource.ENVIRONMENT)
-        if db_given or http:
-            raise UsageError("--only responder runs no registry or page: drop --db / --http")
+        if db_given or http or registry_keys:
+            raise UsageError("--only responder runs no registry or page: drop --db / --http "
+                             "/ --registry")
         _serve_responder(repo, config, rcfg)
         return
     if only is None and db_url is None and http is None and not fleet_installed():
@@ -631,11 +666,13 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
         _serve_responder(repo, config, rcfg)
         return
     db = open_db(db_url, repo)  # first: it names the [fleet] extra when it is missing
+    from ..fleet import RegistryConfig
     from ..fleet._web import WebConfig, WebServer
 
     try:
         web_config = WebConfig.parse(http, allow_remote=http_allow_remote,
                                      allowed_hosts=http_hosts) if http else None
+        registry_config = RegistryConfig.parse(registry_keys)
     except EdgeError:
         db.close()
         raise
@@ -652,7 +689,7 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
         with db, MqttConnection(config, name="edge-serve") as conn:
             responder = None if only == "fleet" else RepoResponder(conn, repo, config=rcfg)
             _check_access(conn, responder, fleet=True)
-            registry = Registry(conn, db)
+            registry = Registry(conn, db, config=registry_config)
             controller = Controller(db, repository, conn, poll_s=poll_s, lease_ttl=lease_ttl)
             if not _take_lease(controller, stop):
                 return
@@ -673,7 +710,8 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
                 controller.stop()
             rs = registry.stats
             click.echo(f"registry: {rs.states} states, {rs.events} events, {rs.malformed} "
-                       f"malformed reports ignored, {rs.dropped} dropped", err=True)
+                       f"malformed reports ignored, {rs.dropped} dropped, {rs.lost} lost "
+                       "before the registry", err=True)
             if responder is not None:
                 _say_stopped(responder.stats)
             if controller.lost:

@@ -11,11 +11,13 @@ database is the record.
   ``reported_tags``, ``hardware``: what the device says; ``mismatch``), ``device(id)``,
   ``device_history(id, limit)``, ``rollouts()``, ``rollout(id)`` (per-wave progress
   counts and failure reasons), ``models()`` (devices per model version),
-  ``audit(limit)``, ``registry_stats()`` (reports written and ignored), ``lease(fleet)``
-  (which controller runs it). Every value returned is a
+  ``audit(limit)``, ``registry_stats()`` (reports written and ignored, and how far it
+  has got), ``ingest_stats()`` (per device: reports dropped over its budget, lost before
+  the registry), ``lease(fleet)`` (which controller runs it). Every value returned is a
   plain JSON-serialisable dict or list.
 - :func:`default_url` — the database beside a release repository.
-- :class:`Registry` — ingests every device's retained ``state`` and ``events`` into the DB.
+- :class:`Registry` — ingests every device's retained ``state`` and ``events`` into the DB,
+  within :class:`RegistryConfig` (per-device budgets, queue bound, retention, silence).
 - :func:`assign_devices` (:class:`AssignmentChange`, :func:`parse_assignments` for an
   assignment file) — the groups and tags the operator gives devices, the only ones
   rollout selectors use; :func:`remove_devices` — take devices out of the registry.
@@ -52,11 +54,12 @@ from ._db import (
     LeaseLost,
     default_url,
 )
+from ._ingest import RegistryConfig
 from ._machine import RolloutSpec
 from ._registry import Registry, RegistryStats
 
 __all__ = ["SCHEMA_VERSION", "AssignResult", "AssignmentChange", "Controller", "FleetDB",
            "FleetError", "FleetUsageError", "LeaseHeld", "LeaseLost", "Registry",
-           "RegistryStats", "RemoveResult", "RolloutSpec", "actor_name", "assign_devices",
-           "audit", "check_key_permissions", "command_rollout", "default_url",
-           "parse_assignments", "remove_devices", "start_rollout"]
+           "RegistryConfig", "RegistryStats", "RemoveResult", "RolloutSpec", "actor_name",
+           "assign_devices", "audit", "check_key_permissions", "command_rollout",
+           "default_url", "parse_assignments", "remove_devices", "start_rollout"]

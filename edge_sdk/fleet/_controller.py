@@ -63,6 +63,7 @@ from ._db import (
     devices,
     json_text,
     json_value,
+    registry_stats,
     rollout_commands,
     rollout_devices,
     rollouts,
@@ -529,7 +530,16 @@ class Controller:
             sel = json_value(c.execute(sa.select(rollouts.c.selector).where(
                 rollouts.c.id == rid)).scalar_one(), {})
         mem = members(self.db, self.topics.fleet, sel)
-        self._apply(st, m.Tick(time.time(), mem, self._reports(st)))
+        heard = self._heard_until()
+        self._apply(st, m.Tick(time.time(), mem, self._reports(st), heard_until=heard))
+
+    def _heard_until(self) -> float | None:
+        """The registry's progress (``caught_up``): timeouts wait for it. Read before the
+        reports, so that every report received before it is in what they see."""
+        with self.db.read() as c:
+            got = c.execute(sa.select(registry_stats.c.caught_up).where(
+                registry_stats.c.fleet == self.topics.fleet)).scalar()
+        return None if got is None else float(got)
 
     def _reports(self, st: m.RolloutState) -> list[m.Report]:
         waiting: dict[str, set[int]] = {}
@@ -550,12 +560,16 @@ class Controller:
                 if r.last_deployment in waiting[r.id] and r.last_result in m.FINISHED:
                     out.append(m.Report(r.id, r.last_deployment, r.last_result,
                                         r.last_reason))
-            for r in c.execute(sa.select(device_events.c.device, device_events.c.deployment,
-                                         device_events.c.kind, device_events.c.reason).where(
-                    (device_events.c.fleet == self.topics.fleet)
-                    & device_events.c.deployment.in_(counters)
-                    & device_events.c.kind.in_(m.BAD))):
-                if r.device in waiting and r.deployment in waiting[r.device]:
+            # Only the newest bad event per waiting device and counter it waits for: rows
+            # a device files under other counters, or many under one, are never read.
+            ev = device_events
+            newest = sa.select(sa.func.max(ev.c.seq)).where(
+                (ev.c.fleet == self.topics.fleet) & ev.c.device.in_(list(waiting))
+                & ev.c.deployment.in_(counters) & ev.c.kind.in_(m.BAD)
+            ).group_by(ev.c.device, ev.c.deployment)
+            for r in c.execute(sa.select(ev.c.device, ev.c.deployment, ev.c.kind,
+                                         ev.c.reason).where(ev.c.seq.in_(newest))):
+                if r.deployment in waiting.get(r.device, ()):
                     out.append(m.Report(r.device, r.deployment, r.kind, r.reason))
         return out
 

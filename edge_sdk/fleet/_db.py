@@ -38,7 +38,7 @@ from ..errors import EdgeError
 from ._select import hardware_matches, mismatch, split_tags, tag_matches
 
 #: The schema this code writes. Bump it and add a step to ``_MIGRATIONS`` together.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 class FleetError(EdgeError):
@@ -107,6 +107,8 @@ device_events = sa.Table(
     sa.Index("ix_device_events_device", "fleet", "device", "seq"),
     sa.Index("ix_device_events_deployment", "fleet", "deployment"),
 )
+#: Rows older than the registry's ``events_max_age_s`` are found by it (schema 6).
+_EVENTS_TS = sa.Index("ix_device_events_ts", device_events.c.ts)
 
 rollouts = sa.Table(
     "rollouts", meta,
@@ -179,9 +181,35 @@ registry_stats = sa.Table(
     sa.Column("last_malformed", sa.Text),
     sa.Column("last_malformed_at", sa.Float),
     sa.Column("updated", sa.Float, nullable=False),
+    # Schema 4: reports lost before the registry (gaps in devices' event numbers), and
+    # how far the registry has got: every report received before ``caught_up`` is
+    # written; what is still queued; since when it listens; when a device is silent.
+    sa.Column("lost", sa.BigInteger, nullable=False, default=0, server_default="0"),
+    sa.Column("caught_up", sa.Float),
+    sa.Column("backlog_reports", sa.BigInteger, nullable=False, default=0,
+              server_default="0"),
+    sa.Column("backlog_bytes", sa.BigInteger, nullable=False, default=0, server_default="0"),
+    sa.Column("listening_since", sa.Float),
+    sa.Column("silent_after_s", sa.Float),
 )
 
-_COUNTS = ("states", "events", "malformed", "dropped", "db_errors")
+_COUNTS = ("states", "events", "malformed", "dropped", "db_errors", "lost")
+_PROGRESS = ("caught_up", "backlog_reports", "backlog_bytes", "listening_since",
+             "silent_after_s")
+
+#: Per device, the reports the registry did not write (schema 6): ``dropped`` (over the
+#: device's budget or size cap, or pushed out of a full queue; ``reason`` names the
+#: config key of the newest) and ``lost`` (gaps in the numbers of its events).
+device_ingest = sa.Table(
+    "device_ingest", meta,
+    sa.Column("fleet", sa.String(128), primary_key=True),
+    sa.Column("device", sa.String(128), primary_key=True),
+    sa.Column("dropped", sa.BigInteger, nullable=False, default=0),
+    sa.Column("dropped_bytes", sa.BigInteger, nullable=False, default=0),
+    sa.Column("lost", sa.BigInteger, nullable=False, default=0),
+    sa.Column("reason", sa.String(64)),
+    sa.Column("at", sa.Float),
+)
 
 #: Which controller runs each fleet (schema 3), until ``expires`` unless renewed.
 controller_lease = sa.Table(
@@ -389,7 +417,8 @@ class FleetDB:
         operator assigned that has not reported yet (``registered`` False). ``group`` and
         ``tag`` (``KEY`` or ``KEY=VALUE``) filter by the operator's assignment;
         ``hw.KEY[=VALUE]`` by a reported hardware fact. ``model`` is a name or
-        ``NAME VERSION`` / ``NAME@VERSION``."""
+        ``NAME VERSION`` / ``NAME@VERSION``. ``online`` is what the device said unless it
+        has gone silent (see :func:`_silence`)."""
         a = device_assignments
         q = _registered().order_by(devices.c.fleet, devices.c.id)
         waiting = sa.select(a).where(~sa.exists().where(
@@ -397,18 +426,19 @@ class FleetDB:
         if fleet is not None:
             q = q.where(devices.c.fleet == fleet)
             waiting = waiting.where(a.c.fleet == fleet)
-        if online is not None:
-            q = q.where(devices.c.online == online)
         if model is not None:
             name, _, version = model.replace("@", " ").partition(" ")
             q = q.where(devices.c.model == name)
             if version.strip():
                 q = q.where(devices.c.version == version.strip())
         with self.read() as c:
-            rows = [_device(r) for r in c.execute(q).mappings()]
+            cut = _silence(c, fleet)
+            rows = [_device(r, cut) for r in c.execute(q).mappings()]
             if model is None and online is not True:
                 rows += [_unregistered(r) for r in c.execute(waiting).mappings()]
                 rows.sort(key=lambda r: (r["fleet"], r["id"]))
+        if online is not None:
+            rows = [r for r in rows if r["online"] == online]
         if group is not None:
             rows = [r for r in rows if group in r["groups"]]
         if tag is not None:
@@ -428,7 +458,7 @@ class FleetDB:
         with self.read() as c:
             row = c.execute(q.order_by(devices.c.fleet)).mappings().first()
             if row is not None:
-                return _device(row)
+                return _device(row, _silence(c, fleet))
             row = c.execute(waiting.order_by(a.c.fleet)).mappings().first()
         return None if row is None else _unregistered(row)
 
@@ -486,10 +516,25 @@ class FleetDB:
 
     def registry_stats(self, *, fleet: str | None = None) -> list[dict[str, Any]]:
         """Per fleet: reports the registry wrote (``states``, ``events``) and those it did
-        not (``malformed``, ``dropped``, ``db_errors``), with the newest malformed one."""
+        not (``malformed``, ``dropped``, ``db_errors``, ``lost`` before it), with the newest
+        malformed one; and its progress: ``caught_up`` (every report received before it
+        is written), ``backlog_reports`` / ``backlog_bytes`` still queued, ``updated``."""
         q = sa.select(registry_stats).order_by(registry_stats.c.fleet)
         if fleet is not None:
             q = q.where(registry_stats.c.fleet == fleet)
+        with self.read() as c:
+            return [dict(r) for r in c.execute(q).mappings()]
+
+    def ingest_stats(self, *, fleet: str | None = None,
+                     limit: int = 100) -> list[dict[str, Any]]:
+        """Devices whose reports the registry did not write, the most first: ``dropped``
+        (and ``dropped_bytes``; ``reason`` is the config key the newest was over) and
+        ``lost`` (never reached the registry)."""
+        q = sa.select(device_ingest).order_by(
+            (device_ingest.c.dropped + device_ingest.c.lost).desc(), device_ingest.c.device
+        ).limit(limit)
+        if fleet is not None:
+            q = q.where(device_ingest.c.fleet == fleet)
         with self.read() as c:
             return [dict(r) for r in c.execute(q).mappings()]
 
@@ -561,12 +606,15 @@ class FleetDB:
         return None if row is None else dict(row)
 
     def add_registry_stats(self, fleet: str, delta: Mapping[str, int], *,
-                           last_malformed: str | None = None) -> None:
-        """Add ``delta`` (counts by name) to the fleet's registry totals."""
+                           last_malformed: str | None = None,
+                           progress: Mapping[str, Any] | None = None) -> None:
+        """Add ``delta`` (counts by name) to the fleet's registry totals; ``progress``
+        replaces the registry's progress columns (``caught_up`` ...)."""
         now = time.time()
         values: dict[str, Any] = {"updated": now}
         if last_malformed is not None:
             values.update(last_malformed=last_malformed, last_malformed_at=now)
+        values.update({k: v for k, v in (progress or {}).items() if k in _PROGRESS})
         with self.begin() as c:
             key = registry_stats.c.fleet == fleet
             done = c.execute(registry_stats.update().where(key).values(
@@ -574,6 +622,44 @@ class FleetDB:
             if done.rowcount == 0:
                 c.execute(registry_stats.insert().values(
                     fleet=fleet, **values, **{k: int(delta.get(k, 0)) for k in _COUNTS}))
+
+    def add_device_ingest(self, fleet: str, counts: Mapping[str, Mapping[str, Any]]) -> None:
+        """Add per-device counts (``dropped``, ``dropped_bytes``, ``lost``; ``reason`` and
+        ``at`` of the newest) to the registry's table of reports not written."""
+        with self.begin() as c:
+            for device, n in counts.items():
+                key = (device_ingest.c.fleet == fleet) & (device_ingest.c.device == device)
+                values = {"reason": (n.get("reason") or "")[:64] or None, "at": n.get("at")}
+                done = c.execute(device_ingest.update().where(key).values(
+                    **values, **{k: device_ingest.c[k] + int(n.get(k, 0))
+                                 for k in ("dropped", "dropped_bytes", "lost")}))
+                if done.rowcount == 0:
+                    c.execute(device_ingest.insert().values(
+                        fleet=fleet, device=device, **values,
+                        **{k: int(n.get(k, 0)) for k in ("dropped", "dropped_bytes", "lost")}))
+
+    def prune_events(self, fleet: str, over: Iterable[str], *, keep: int,
+                     older_than: float | None = None, chunk: int = 5000) -> int:
+        """Delete ``device_events`` rows: all but the newest ``keep`` of each device in
+        ``over``, and (with ``older_than``) every row of the fleet older than that, in
+        transactions of at most ``chunk`` rows. Returns the rows deleted."""
+        ev = device_events
+        gone = 0
+        for device in over:
+            mine = (ev.c.fleet == fleet) & (ev.c.device == device)
+            cut = sa.select(ev.c.seq).where(mine).order_by(ev.c.seq.desc()).limit(1) \
+                .offset(keep).scalar_subquery()
+            with self.begin() as c:
+                gone += c.execute(ev.delete().where(mine & (ev.c.seq <= cut))).rowcount
+        while older_than is not None:
+            old = sa.select(ev.c.seq).where((ev.c.ts < older_than) & (ev.c.fleet == fleet)) \
+                .limit(chunk)
+            with self.begin() as c:
+                n = c.execute(ev.delete().where(ev.c.seq.in_(old))).rowcount
+            gone += n
+            if n < chunk:
+                break
+        return gone
 
     def record_audit(self, actor: str, action: str, params: Mapping[str, Any], *,
                      conn: Connection | None = None) -> None:
@@ -587,12 +673,17 @@ class FleetDB:
 
 
 def _registered() -> sa.Select[Any]:
-    """Registered devices with their assignment (if any) beside what they report."""
+    """Registered devices with their assignment (if any) beside what they report, and the
+    counts of their reports the registry did not write."""
     a = device_assignments
+    i = device_ingest
     return sa.select(devices, a.c.groups.label("a_groups"), a.c.tags.label("a_tags"),
-                     a.c.updated.label("a_updated"), a.c.updated_by.label("a_by")) \
+                     a.c.updated.label("a_updated"), a.c.updated_by.label("a_by"),
+                     i.c.dropped.label("reports_dropped"), i.c.lost.label("reports_lost")) \
         .select_from(devices.outerjoin(a, (a.c.fleet == devices.c.fleet)
-                                       & (a.c.id == devices.c.id)))
+                                       & (a.c.id == devices.c.id))
+                     .outerjoin(i, (i.c.fleet == devices.c.fleet)
+                                & (i.c.device == devices.c.id)))
 
 
 def _assignment(m: RowMapping) -> dict[str, Any]:
@@ -602,11 +693,33 @@ def _assignment(m: RowMapping) -> dict[str, Any]:
             "assigned": {"by": m["a_by"], "at": m["a_updated"]}}
 
 
-def _device(m: RowMapping) -> dict[str, Any]:
+def _silence(c: Connection, fleet: str | None) -> dict[str, float]:
+    """Per fleet: a device that said it is online but was last heard before this time is
+    silent. The registry decides how long (``silent_after_s``); the time counts from its
+    progress (``caught_up``: a backlog, or a registry that is not running, makes nobody
+    silent) and from when it started listening."""
+    q = sa.select(registry_stats.c.fleet, registry_stats.c.caught_up,
+                  registry_stats.c.listening_since, registry_stats.c.silent_after_s)
+    if fleet is not None:
+        q = q.where(registry_stats.c.fleet == fleet)
+    out = {}
+    for r in c.execute(q):
+        if r.caught_up is None or r.listening_since is None or r.silent_after_s is None:
+            continue
+        cutoff = r.caught_up - r.silent_after_s
+        if r.listening_since < cutoff:
+            out[r.fleet] = cutoff
+    return out
+
+
+def _device(m: RowMapping, silence: Mapping[str, float] | None = None) -> dict[str, Any]:
     """A registered device: ``groups`` and ``tags`` are the operator's assignment (what
     selects it); ``reported_groups``, ``reported_tags`` and ``hardware`` are the device's
     own report, and ``mismatch`` says where report and assignment differ."""
     own = _assignment(m)
+    cutoff = (silence or {}).get(m["fleet"])
+    said = bool(m["online"])
+    silent = said and cutoff is not None and m["last_seen"] < cutoff
     rgroups, rtags = _loads(m["groups"], []), _loads(m["tags"], {})
     rgroups = rgroups if isinstance(rgroups, list) else []
     rtags = rtags if isinstance(rtags, dict) else {}
@@ -615,7 +728,12 @@ def _device(m: RowMapping) -> dict[str, Any]:
         "reported_groups": rgroups, "reported_tags": rtags,
         "mismatch": mismatch(own["groups"], own["tags"], rgroups, rtags),
         "hardware": _loads(m["hardware"], {}),
-        "online": bool(m["online"]), "first_seen": m["first_seen"],
+        # What the device said, unless it has been silent: no heartbeat for the
+        # registry's silent_after_missed periods (a device without a last will).
+        "online": said and not silent, "silent": silent, "reported_online": said,
+        "reports_dropped": int(m.get("reports_dropped") or 0),
+        "reports_lost": int(m.get("reports_lost") or 0),
+        "first_seen": m["first_seen"],
         "last_seen": m["last_seen"], "model": m["model"], "version": m["version"],
         "previous_model": m["previous_model"], "previous_version": m["previous_version"],
         "phase": m["phase"], "deployment": m["deployment"], "last_result": m["last_result"],
@@ -631,7 +749,8 @@ def _unregistered(m: RowMapping) -> dict[str, Any]:
     return {
         "fleet": m["fleet"], "id": m["id"], "registered": False, **own,
         "reported_groups": [], "reported_tags": {}, "mismatch": [], "hardware": {},
-        "online": False, "first_seen": None, "last_seen": None, "model": None,
+        "online": False, "silent": False, "reported_online": False, "reports_dropped": 0,
+        "reports_lost": 0, "first_seen": None, "last_seen": None, "model": None,
         "version": None, "previous_model": None, "previous_version": None, "phase": None,
         "deployment": 0, "last_result": None, "last_reason": None, "last_deployment": None,
         "state": {},
@@ -701,7 +820,21 @@ def _v5(c: Connection) -> None:
     device_desired.create(c)
 
 
-_MIGRATIONS = {1: _v1, 2: _v2, 3: _v3, 4: _v4, 5: _v5}
+def _v6(c: Connection) -> None:
+    """Per-device counts of reports not written, the registry's progress, and the index
+    that age-based pruning of ``device_events`` uses."""
+    insp = sa.inspect(c)
+    device_ingest.create(c, checkfirst=True)
+    have = {col["name"] for col in insp.get_columns("registry_stats")}
+    for col in registry_stats.columns:
+        if col.name not in have:  # a database made before schema 6
+            spec = sa.schema.CreateColumn(col).compile(dialect=c.dialect)
+            c.execute(sa.text(f"ALTER TABLE registry_stats ADD COLUMN {spec}"))
+    if _EVENTS_TS.name not in {i["name"] for i in insp.get_indexes("device_events")}:
+        _EVENTS_TS.create(c)
+
+
+_MIGRATIONS = {1: _v1, 2: _v2, 3: _v3, 4: _v4, 5: _v5, 6: _v6}
 
 
 def _migrate(c: Connection, url: str, *, write: bool) -> None:

@@ -126,6 +126,10 @@ class Tick:
     now: float
     members: Mapping[str, Member]
     reports: Sequence[Report] = ()
+    #: Every report the registry received before this time is among ``reports`` (None:
+    #: ``now``). A device times out only when the registry has heard everything up to
+    #: its deadline: a registry that is behind never makes an honest device silent.
+    heard_until: float | None = None
 
 
 @dataclass(frozen=True)
@@ -350,8 +354,9 @@ def _tick(s: RolloutState, e: Tick, fx: list[Effect]) -> None:
         s.wave, s.waves = 1, len(plan)
         s.status = "running" if s.status == "pending" else s.status
         s.tokens, s.tokens_at = max(1.0, s.spec.rate / 6), e.now
+    heard = e.now if e.heard_until is None else min(e.now, e.heard_until)
     if s.status == "aborting":
-        _tick_abort(s, e.now, fx)
+        _tick_abort(s, e.now, fx, heard)
         return
     if s.status not in ("running", "paused"):
         return
@@ -360,7 +365,7 @@ def _tick(s: RolloutState, e: Tick, fx: list[Effect]) -> None:
         if d not in s.devices:
             s.devices[d] = DeviceProgress(wave=s.wave, before_model=m.model,
                                           before_version=m.version)
-    _timeouts(s, e.now)
+    _timeouts(s, e.now, heard)
     if _should_abort(s, fx):
         return
     if s.status == "paused":
@@ -391,10 +396,10 @@ def _record(s: RolloutState, e: Tick) -> None:
                 p.reason = f"rollback {r.result}: {r.reason}"
 
 
-def _timeouts(s: RolloutState, now: float) -> None:
+def _timeouts(s: RolloutState, now: float, heard: float) -> None:
     for p in s.devices.values():
         if p.status == "sent" and p.sent_at is not None \
-                and now - p.sent_at > s.spec.wave_timeout:
+                and heard - p.sent_at > s.spec.wave_timeout:
             p.status, p.finished_at = "silent", now
             p.reason = f"no answer within {s.spec.wave_timeout:g} s"
 
@@ -441,11 +446,11 @@ def _abort(s: RolloutState, why: str, fx: list[Effect]) -> None:
     _rollback_signs(s, fx)
 
 
-def _tick_abort(s: RolloutState, now: float, fx: list[Effect]) -> None:
+def _tick_abort(s: RolloutState, now: float, fx: list[Effect], heard: float) -> None:
     _rollback_signs(s, fx)
     for p in s.devices.values():
         if p.rollback_status == "sent" and p.rollback_sent_at is not None \
-                and now - p.rollback_sent_at > s.spec.wave_timeout:
+                and heard - p.rollback_sent_at > s.spec.wave_timeout:
             p.rollback_status = "silent"
     if all(p.rollback_status not in ("pending", "signing", "sent")
            for p in s.devices.values()):

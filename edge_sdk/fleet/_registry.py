@@ -1,19 +1,27 @@
 """Device registry: every device's retained ``state`` and its ``events``, written to the DB.
 
-The MQTT callbacks only parse and queue; one writer thread owns the database writes, so a
-slow database never stalls the network thread (the queue is bounded; when it is full a
-report is dropped and counted — the next retained state carries the same facts). A
+The MQTT callbacks only check and queue; one writer thread owns the database writes, so a
+slow database never stalls the network thread. What a device may send is bounded before
+anything is parsed (:class:`RegistryConfig`, :mod:`._ingest`): a size cap per report and
+two token buckets per device, and a queue bounded in bytes that is fair between devices —
+a device over its budget gets its own reports dropped and counted, never another
+device's. Gaps in the sequence numbers agents put in their events are counted as lost
+(the broker dropped them before the registry could read them), and after any drop or
+loss every device's retained state is read again, so that no state stays missed. A
 malformed report (not bounded JSON, or a value no column can hold: an over-long name, a
-counter out of range, a NUL or a lone surrogate) is logged and counted, never raised;
-the counts are kept in the database (:meth:`FleetDB.registry_stats`).
+counter out of range, a NUL or a lone surrogate) is logged and counted, never raised.
+The counts are kept in the database, in all (:meth:`FleetDB.registry_stats`) and per
+device (:meth:`FleetDB.ingest_stats`), with the registry's progress: every report
+received before ``caught_up`` is written, which the controller's timeouts wait for.
+``device_events`` is pruned per device and by age.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,37 +32,98 @@ from .._json import MESSAGE_MAX_BYTES, MESSAGE_MAX_DEPTH, loads_bounded
 from ..release._watch import DeviceStatus
 from ..transport import MqttConnection, Topics
 from ._db import FleetDB, FleetError, device_events, devices, json_text
+from ._ingest import DeviceCounts, Intake, RegistryConfig
 
 log = logging.getLogger("edge_sdk.fleet.registry")
 
 
 @dataclass
 class RegistryStats:
-    """Reports handled since the registry started; the database keeps the running totals."""
+    """Reports handled since the registry started; the database keeps the running totals.
+    ``dropped``: not taken in (over a device's budget or size cap, or pushed out of a full
+    queue); ``lost``: never reached the registry (gaps in a device's event numbers)."""
 
     states: int = 0
     events: int = 0
     malformed: int = 0
     dropped: int = 0
     db_errors: int = 0
+    lost: int = 0
     #: ``device: reason`` of the newest malformed report.
     last_malformed: str | None = None
+
+
+_COUNTED = ("states", "events", "malformed", "dropped", "db_errors", "lost")
 
 
 class MalformedReport(ValueError):
     """A device report the registry will not write; the message says why."""
 
 
-#: Column limits (see ``_db``): a value over them would fail the whole write.
-_ID_MAX, _NAME_MAX, _VERSION_MAX, _WORD_MAX = 128, 256, 128, 64
+def _limits(table: sa.Table) -> dict[str, tuple[str, int | None]]:
+    """Per column: ``str`` with its length, ``text``, ``int`` with its largest value."""
+    out: dict[str, tuple[str, int | None]] = {}
+    for col in table.columns:
+        t = col.type
+        if isinstance(t, sa.String) and not isinstance(t, sa.Text) and t.length:
+            out[col.name] = ("str", t.length)
+        elif isinstance(t, sa.String):
+            out[col.name] = ("text", None)
+        elif isinstance(t, sa.Integer):
+            out[col.name] = ("int", 2**63 - 1 if isinstance(t, sa.BigInteger) else _INT_MAX)
+    return out
+
+
 _INT_MAX = 2**31 - 1  # PostgreSQL INTEGER
+#: What each column of the tables the registry writes can hold on every engine
+#: (PostgreSQL refuses a longer VARCHAR, a NUL, a lone surrogate, an INTEGER over 2**31-1).
+_DEVICE_COLS, _EVENT_COLS = _limits(devices), _limits(device_events)
+_ID_MAX = _DEVICE_COLS["id"][1] or 128
+_NAME_MAX = _DEVICE_COLS["model"][1] or 256
+_VERSION_MAX = _DEVICE_COLS["version"][1] or 128
+_WORD_MAX = _DEVICE_COLS["phase"][1] or 64
+_KIND_MAX = _EVENT_COLS["kind"][1] or 64
+_RETRY = ":retry"
+
+
+def _fit(cols: dict[str, tuple[str, int | None]], row: dict[str, Any]) -> None:
+    """Raise :class:`MalformedReport` unless every value of ``row`` fits its column: the
+    last check before a write, so that no device input can fail a batch of others'."""
+    for name, value in row.items():
+        kind, limit = cols.get(name, ("", None))
+        if value is None or not kind:
+            continue
+        if kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int) \
+                    or not 0 <= value <= (limit or _INT_MAX):
+                raise MalformedReport(f"{name} {value!r} does not fit its column")
+        elif not isinstance(value, str):
+            raise MalformedReport(f"{name} is not text")
+        else:
+            _text(value, name, limit if kind == "str" else None)
 
 
 def _device_of(topic: str) -> str | None:
     parts = topic.split("/")
     if len(parts) != 5 or not 0 < len(parts[3]) <= _ID_MAX:
         return None
-    return parts[3]
+    dev = parts[3]
+    # A device id is stored, logged and shown: no NUL (PostgreSQL refuses it), no lone
+    # surrogate, no control character.
+    if not dev.isprintable():
+        return None
+    try:
+        dev.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return dev
+
+
+def _shown(text: str, limit: int = 200) -> str:
+    """Untrusted text as one printable line (for logs and the stored diagnosis)."""
+    t = text[:limit]
+    return t if t.isprintable() else "".join(
+        ch if ch.isprintable() else f"\\u{ord(ch):04x}" for ch in t)
 
 
 def _text(value: str | None, what: str, limit: int | None = None) -> str | None:
@@ -139,6 +208,7 @@ def write_state(c: Connection, fleet: str, device: str, payload: bytes,
         "last_result": st.last_result, "last_reason": st.last_reason,
         "last_deployment": st.last_deployment, "state": json_text(doc),
     }
+    _fit(_DEVICE_COLS, {"fleet": fleet, "id": device, **values})
     key = (devices.c.fleet == fleet) & (devices.c.id == device)
     old = c.execute(sa.select(devices.c.online, devices.c.phase, devices.c.model,
                               devices.c.version, devices.c.last_deployment,
@@ -158,12 +228,14 @@ def write_state(c: Connection, fleet: str, device: str, payload: bytes,
         if (old.last_deployment, old.last_result) != (st.last_deployment, st.last_result):
             changes.append("result")
     if changes:
-        c.execute(device_events.insert().values(
-            fleet=fleet, device=device, ts=ts, kind="state:" + ",".join(changes),
-            deployment=st.last_deployment, model=model, version=version,
-            reason=st.last_reason if "result" in changes else None,
-            detail=json_text({"online": st.online, "phase": st.phase,
-                              "result": st.last_result})))
+        row = {"fleet": fleet, "device": device, "ts": ts,
+               "kind": "state:" + ",".join(changes), "deployment": st.last_deployment,
+               "model": model, "version": version,
+               "reason": st.last_reason if "result" in changes else None,
+               "detail": json_text({"online": st.online, "phase": st.phase,
+                                    "result": st.last_result})}
+        _fit(_EVENT_COLS, row)
+        c.execute(device_events.insert().values(**row))
 
 
 # Built once: constructing a statement per report (``.values(...)``, its cache key) cost
@@ -190,6 +262,10 @@ class EventBatch:
         self.c = c
         self.events: list[dict[str, Any]] = []
         self.touches: list[dict[str, Any]] = []
+        #: The sequence number of the event added last (agents number their events), if
+        #: it had one; and the newest number a heartbeat says its device has sent.
+        self.seq: int | None = None
+        self.last_seq: int | None = None
 
     def add(self, fleet: str, device: str, payload: bytes,
             now: float | None = None) -> EventBatch:
@@ -198,8 +274,13 @@ class EventBatch:
         if not isinstance(doc, dict) or not isinstance(doc.get("event"), str):
             raise MalformedReport("an event must be a JSON object with a string 'event'")
         ts = time.time() if now is None else now
-        kind = _text(doc["event"][:64], "event")
+        # Room for the ":retry" suffix: a name at the column's length plus it overflowed
+        # VARCHAR(64) on PostgreSQL and failed every batch it was in.
+        kind = _text(doc["event"][:_KIND_MAX - len(_RETRY)], "event") or ""
         touch = {"k_fleet": fleet, "k_id": device, "k_ts": ts}
+        self.seq = self.last_seq = None
+        if kind in ("heartbeat", "progress"):
+            self.last_seq = _number(doc.get("last_seq"))
         if kind == "heartbeat":
             self.touches.append(touch)
             return self
@@ -213,15 +294,19 @@ class EventBatch:
             ref = (dep["name"], str(dep.get("artifact_version")))
         reason = doc.get("reason")
         if doc.get("retry"):
-            kind = f"{kind}:retry"
-        self.events.append({
+            kind = f"{kind}{_RETRY}"
+        seq = doc.get("seq")
+        row = {
             "fleet": fleet, "device": device, "ts": ts, "kind": kind,
             "deployment": _counter(counter, "deployment.counter"),
             "model": _text(ref[0], "model.name", _NAME_MAX),
             "version": _text(ref[1], "model.version", _VERSION_MAX),
             "reason": _text(reason[:2000], "reason") if isinstance(reason, str) else None,
-            "detail": json_text(doc)})
+            "detail": json_text(doc)}
+        _fit(_EVENT_COLS, row)
+        self.events.append(row)
         self.touches.append(touch)
+        self.seq = _number(seq)
         return self
 
     def flush(self) -> None:
@@ -232,6 +317,10 @@ class EventBatch:
         self.events, self.touches = [], []
 
 
+def _number(v: object) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
+
+
 def _ref(m: object) -> tuple[str | None, str | None]:
     if isinstance(m, dict) and isinstance(m.get("name"), str) and m.get("version") is not None:
         return m["name"], str(m["version"])
@@ -240,34 +329,60 @@ def _ref(m: object) -> tuple[str | None, str | None]:
 
 class Registry:
     """Subscribe to every device's state and events in the connection's fleet and keep the
-    database up to date until :meth:`stop`."""
+    database up to date until :meth:`stop` (limits and retention: :class:`RegistryConfig`).
+
+    ``qos``: of the subscriptions. 0 (the default) costs the network thread no
+    acknowledgement per report, which lets it keep up with more; a report the broker
+    could not deliver is lost either way (counted from the gaps it leaves)."""
+
+    #: Reports written in one transaction.
+    BATCH = 200
 
     def __init__(self, connection: MqttConnection, db: FleetDB, *,
-                 topics: Topics | None = None, max_queue: int = 10000,
-                 flush_s: float = 1.0) -> None:
+                 topics: Topics | None = None, config: RegistryConfig | None = None,
+                 qos: int = 0) -> None:
         self._conn = connection
         self.db = db
         self.topics = topics or Topics.for_config(connection.config)
+        self.config = config or RegistryConfig()
+        self.qos = qos
         self.stats = RegistryStats()
+        self.intake = Intake(self.config)
         self._saved = RegistryStats()  # what the database's totals already include
         self._lock = threading.Lock()
-        self._flush_s = flush_s
-        self._q: queue.Queue[tuple[str, str, bytes, float] | None] = queue.Queue(max_queue)
+        self._pending: dict[str, DeviceCounts] = {}  # per-device counts not yet saved
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fleet-registry", daemon=True)
         self._subs: list[Any] = []
+        self._state_sub: Any = None
+        #: When the subscriptions were acknowledged (silence counts from then).
+        self.listening_since: float | None = None
+        #: Per device: a hash of the last state written (the same retained state sent
+        #: again, after a resync or a reconnect, is not written again).
+        self._states: dict[str, int] = {}
+        self._loss = False  # reports dropped or lost since the last resync
+        self._resynced = time.monotonic()
+        self._pruned = 0.0
+        self._rows: dict[str, int] = {}  # events written per device since its last prune
+        self._logged: dict[str, float] = {}  # device -> when its last malformed was logged
 
     def start(self) -> Registry:
         self._thread.start()
-        self._subs = [
-            self._conn.subscribe(self.topics.every_device("state"), self._on("state")),
-            self._conn.subscribe(self.topics.every_device("events"), self._on("events")),
-        ]
+        self._state_sub = self._subscribe("state")
+        self._subs = [self._subscribe("events")]
+        self.listening_since = time.time()
         return self
 
+    def _subscribe(self, leaf: str, *, wait: bool = True) -> Any:
+        return self._conn.subscribe(self.topics.every_device(leaf), self._on(leaf),
+                                    qos=self.qos, wait=wait)
+
     def stop(self) -> None:
-        for s in self._subs:
-            s.cancel()
-        self._q.put(None)
+        for s in [*self._subs, self._state_sub]:
+            if s is not None:
+                s.cancel()
+        self._stop.set()
+        self.intake.ready.set()
         self._thread.join(10)
 
     def __enter__(self) -> Registry:
@@ -276,48 +391,48 @@ class Registry:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _on(self, leaf: str) -> Any:
+    def _on(self, leaf: str) -> Callable[[str, bytes], None]:
+        offer = self.intake.offer
+
         def handler(topic: str, payload: bytes) -> None:
+            # The network thread: only what decides whether to queue, nothing parsed.
             device = _device_of(topic)
             if device is None:
-                self._count("malformed", f"{topic[:200]}: not a device topic")
+                self._count("malformed", f"{_shown(topic)}: not a device topic")
                 return
-            try:
-                self._q.put_nowait((leaf, device, payload, time.time()))
-            except queue.Full:
-                self._count("dropped")
+            offer(leaf, device, payload, time.time())
         return handler
 
-    def _count(self, what: str, why: str | None = None) -> None:
+    def _count(self, what: str, why: str | None = None, n: int = 1) -> None:
         with self._lock:
-            setattr(self.stats, what, getattr(self.stats, what) + 1)
+            setattr(self.stats, what, getattr(self.stats, what) + n)
             if why is not None:
                 self.stats.last_malformed = why[:500]
+
+    def caught_up(self) -> float:
+        """Every report received before this time is written, dropped or counted."""
+        return self.intake.caught_up(time.time())
 
     def _run(self) -> None:
         flushed = time.monotonic()
         while True:
-            if time.monotonic() - flushed >= self._flush_s:
+            if time.monotonic() - flushed >= self.config.flush_s:
                 self._flush()
+                self._housekeeping()
                 flushed = time.monotonic()
-            try:
-                item = self._q.get(timeout=self._flush_s)
-            except queue.Empty:
-                continue
-            batch = [item]
-            while item is not None and len(batch) < 200:
-                try:
-                    item = self._q.get_nowait()
-                except queue.Empty:
-                    break
-                batch.append(item)
-            stop = batch[-1] is None
-            work = [b for b in batch if b is not None]
+            if self._stop.is_set():
+                work = self.intake.take(self.BATCH)
+                if not work:
+                    self._flush()
+                    return
+            else:
+                self.intake.ready.wait(self.config.flush_s)
+                work = self.intake.take(self.BATCH)
             if work:
-                self._write(work)
-            if stop:
-                self._flush()
-                return
+                try:
+                    self._write(work)
+                finally:
+                    self.intake.done()
 
     def _write(self, work: list[tuple[str, str, bytes, float]]) -> None:
         try:
@@ -327,6 +442,8 @@ class Registry:
             # One bad row must not lose the batch: write the reports one by one.
             log.warning("registry batch failed (%s); retrying one by one",
                         str(err).splitlines()[0] if str(err) else type(err).__name__)
+            for item in work:  # rolled back: none of its states counts as written
+                self._states.pop(item[1], None)
             counts = []
             for item in work:
                 try:
@@ -338,7 +455,8 @@ class Registry:
                                 item[1], str(err2).splitlines()[0] if str(err2) else
                                 type(err2).__name__)
         for what, why in counts:
-            self._count(what, why)
+            if what:
+                self._count(what, why)
 
     def _batch(self, c: Connection,
                work: list[tuple[str, str, bytes, float]]) -> list[tuple[str, str | None]]:
@@ -352,26 +470,45 @@ class Registry:
                 counts.append(self._one(c, leaf, device, payload, ts))
                 continue
             try:
+                before = len(events.events)
                 events.add(self.topics.fleet, device, payload, ts)
             except MalformedReport as err:
                 counts.append(self._malformed(leaf, device, payload, err))
-            else:
-                counts.append(("events", None))
+                continue
+            counts.append(("events", None))
+            if len(events.events) > before:
+                self._rows[device] = self._rows.get(device, 0) + 1
+            if events.seq is not None:
+                self.intake.sequence(device, events.seq, ts)
+            if events.last_seq is not None:
+                self.intake.sequence(device, events.last_seq, ts, sent=True)
         events.flush()
         return counts
 
     def _malformed(self, leaf: str, device: str, payload: bytes,
                    err: MalformedReport) -> tuple[str, str | None]:
-        log.warning("ignored a malformed %s report from %s (%d bytes): %s", leaf, device,
-                    len(payload), err)
-        return "malformed", f"{device}: {leaf}: {err}"
+        now = time.monotonic()
+        # One line per device per minute: the counts carry the rest of a flood.
+        if now - self._logged.get(device, -60.0) >= 60.0:
+            if len(self._logged) > 10_000:
+                self._logged.clear()
+            self._logged[device] = now
+            log.warning("ignored a malformed %s report from %s (%d bytes): %s", leaf,
+                        device, len(payload), err)
+        return "malformed", f"{device}: {leaf}: {_shown(str(err), 400)}"
 
     def _one(self, c: Connection, leaf: str, device: str, payload: bytes,
              ts: float) -> tuple[str, str | None]:
         fleet = self.topics.fleet
         try:
             if leaf == "state":
+                seen = hash(payload)
+                if self._states.get(device) == seen:
+                    return "", None  # the same retained state again: nothing new
                 write_state(c, fleet, device, payload, ts)
+                if len(self._states) >= self.config.max_devices:
+                    self._states.clear()
+                self._states[device] = seen
             else:
                 write_event(c, fleet, device, payload, ts)
         except MalformedReport as err:
@@ -379,24 +516,85 @@ class Registry:
         return ("states" if leaf == "state" else "events"), None
 
     def _flush(self) -> None:
-        """Add what changed since the last flush to the database's totals."""
+        """Add what changed since the last flush to the database's totals, and say how far
+        the registry has got."""
+        dropped, lost, per = self.intake.counts()
+        if dropped or lost:
+            self._loss = True
+            self._count("dropped", n=dropped)
+            self._count("lost", n=lost)
+        for device, c in per.items():
+            had = self._pending.get(device)
+            if had is None:
+                self._pending[device] = c
+            else:
+                had.dropped += c.dropped
+                had.dropped_bytes += c.dropped_bytes
+                had.lost += c.lost
+                had.reason, had.at = c.reason, c.at
         with self._lock:
             now = RegistryStats(**vars(self.stats))
-        delta = {k: getattr(now, k) - getattr(self._saved, k)
-                 for k in ("states", "events", "malformed", "dropped", "db_errors")}
-        if not any(delta.values()):
-            return
+        delta = {k: getattr(now, k) - getattr(self._saved, k) for k in _COUNTED}
+        reports, queued = self.intake.backlog()
+        progress = {"caught_up": self.caught_up(), "backlog_reports": reports,
+                    "backlog_bytes": queued, "listening_since": self.listening_since,
+                    "silent_after_s": self.config.silent_after_s}
         try:
             self.db.add_registry_stats(self.topics.fleet, delta,
                                        last_malformed=now.last_malformed
-                                       if delta["malformed"] else None)
+                                       if delta["malformed"] else None, progress=progress)
+            if self._pending:
+                self.db.add_device_ingest(self.topics.fleet, {
+                    d: {"dropped": c.dropped, "dropped_bytes": c.dropped_bytes,
+                        "lost": c.lost, "reason": c.reason, "at": c.at}
+                    for d, c in self._pending.items()})
+                self._pending = {}
         except (FleetError, sa.exc.SQLAlchemyError) as err:
             log.warning("registry: counts not saved: %s", str(err).splitlines()[0])
             return
         self._saved = now
 
+    def _housekeeping(self) -> None:
+        """Read every retained state again after a loss; prune ``device_events``."""
+        cfg = self.config
+        mono = time.monotonic()
+        if self._loss and cfg.resync_s and mono - self._resynced >= cfg.resync_s \
+                and not self._stop.is_set():
+            self._loss, self._resynced = False, mono
+            self._resync()
+        if mono - self._pruned >= cfg.prune_s:
+            self._pruned = mono
+            over = [d for d, n in self._rows.items() if n > cfg.events_per_device // 10]
+            for d in over:
+                self._rows.pop(d, None)
+            try:
+                self.db.prune_events(self.topics.fleet, over, keep=cfg.events_per_device,
+                                     older_than=time.time() - cfg.events_max_age_s
+                                     if cfg.events_max_age_s else None)
+            except (FleetError, sa.exc.SQLAlchemyError) as err:
+                log.warning("registry: device_events not pruned: %s",
+                            str(err).splitlines()[0])
+
+    def _resync(self) -> None:
+        """Subscribe to the states again: the broker sends every retained one anew (an
+        unchanged one costs a hash), so a state it dropped while the registry was behind
+        is not missed until that device changes again."""
+        old = self._state_sub
+        try:
+            self._state_sub = self._subscribe("state", wait=False)
+        except Exception as err:  # a closed connection: the next reconnect re-subscribes
+            log.info("registry: states not read again: %s", err)
+            return
+        if old is not None:
+            old.cancel()  # the same filter is still subscribed: no UNSUBSCRIBE goes out
+        log.info("registry: reports were dropped or lost; reading every device's retained "
+                 "state again")
+
     def drain(self, timeout: float = 10.0) -> None:
         """Wait until every queued report is written (tests, shutdown)."""
         deadline = time.monotonic() + timeout
-        while not self._q.empty() and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            now = time.time()
+            if self.intake.caught_up(now) == now:
+                return
             time.sleep(0.02)

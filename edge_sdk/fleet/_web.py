@@ -18,7 +18,8 @@ default-src 'self'``).
 Routes: ``/`` (the page), ``/static/{page.js,page.css}``, ``/api/devices`` (query
 ``group``, ``tag``, ``model``, ``online``), ``/api/devices/{id}`` (the device and its
 history; ``limit``), ``/api/rollouts``, ``/api/rollouts/{id}``, ``/api/models``,
-``/api/audit`` (``limit``).
+``/api/audit`` (``limit``), ``/api/registry`` (the registry's counts and progress, and
+the devices whose reports it dropped or lost).
 """
 
 from __future__ import annotations
@@ -264,9 +265,13 @@ class FleetApi:
         if segs == ["audit"]:
             self._no_query(q, "limit")
             return self.db.audit(self._limit(q, 100, cfg.max_audit))
+        if segs == ["registry"]:
+            self._no_query(q)
+            return {"stats": self.db.registry_stats(fleet=self.fleet),
+                    "devices": self.db.ingest_stats(fleet=self.fleet, limit=100)}
         raise _BadRequest(404, f"no API route /api/{_show('/'.join(segs))}; routes: "
                                "/api/devices, /api/devices/ID, /api/rollouts, "
-                               "/api/rollouts/ID, /api/models, /api/audit")
+                               "/api/rollouts/ID, /api/models, /api/audit, /api/registry")
 
     def _query(self, raw: str) -> dict[str, str]:
         cfg = self.config
