@@ -31,6 +31,7 @@ from sqlalchemy.engine import Connection
 from .._json import MESSAGE_MAX_BYTES, MESSAGE_MAX_DEPTH, loads_bounded
 from ..release._watch import DeviceStatus
 from ..transport import MqttConnection, Topics
+from ..transport._access import PROBE_DEVICE
 from ._db import FleetDB, FleetError, device_events, devices, json_text
 from ._ingest import DeviceCounts, Intake, RegistryConfig
 
@@ -399,6 +400,8 @@ class Registry:
             device = _device_of(topic)
             if device is None:
                 self._count("malformed", f"{_shown(topic)}: not a device topic")
+                return
+            if device == PROBE_DEVICE:  # a serve's start-up access check, not a device
                 return
             offer(leaf, device, payload, time.time())
         return handler
