@@ -26,20 +26,25 @@ def example_module() -> ModuleType:
     return mod
 
 
-def example_settings() -> str:
-    """The lines of the example mosquitto.conf that do not name hosts, ports or files."""
+def example_settings(*, queues: bool = False) -> str:
+    """The lines of the example mosquitto.conf that do not name hosts, ports or files;
+    with ``queues`` also its per-client queue limits (else the test broker's: none in
+    flight, 100000 queued)."""
     keep = ("max_packet_size", "max_qos", "set_tcp_nodelay", "use_username_as_clientid")
+    if queues:
+        keep += ("max_inflight_messages", "max_queued_messages")
     lines = (EXAMPLE / "mosquitto.conf").read_text().splitlines()
     return "".join(f"{ln}\n" for ln in lines if ln.split(" ")[0] in keep)
 
 
 @contextlib.contextmanager
-def example_broker(tmp: Path, devices: dict[str, list[str]]
+def example_broker(tmp: Path, devices: dict[str, list[str]], *, queues: bool = False
                    ) -> Iterator[tuple[Mosquitto, dict[str, str]]]:
-    """A Mosquitto with the example's settings, password file and ACL for ``devices``."""
+    """A Mosquitto with the example's settings, password file and ACL for ``devices``
+    (``queues``: see :func:`example_settings`)."""
     creds: dict[str, str] = example_module().generate(tmp / "auth", FLEET, devices)
     conf = (f"password_file {tmp / 'auth' / 'passwd'}\n"
-            f"acl_file {tmp / 'auth' / 'acl'}\n" + example_settings())
+            f"acl_file {tmp / 'auth' / 'acl'}\n" + example_settings(queues=queues))
     with Mosquitto(tmp / "broker", allow_anonymous=False, extra_conf=conf) as b:
         yield b, creds
 
