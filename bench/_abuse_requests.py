@@ -15,7 +15,7 @@ goes (``tests/_mqttflood.py``), and real ``edge-sdk pull`` processes of honest d
   work, answered, slowed, watchdog stalls).
 
     .venv/bin/python -m bench._abuse_requests [--flood-s 10] [--mb 2.4] [--rounds 3]
-        [--no-queues]
+        [--no-queues] [--flooder '--qos 1 --pad 60000 --no-read']
 
 ``request_flood(...)`` is what ``bench/fleet_abuse.py`` calls. ``--no-queues`` keeps
 the test broker's queue limits (nothing in flight capped, 100000 queued) instead of
@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,9 +125,11 @@ def _finish(proc: subprocess.Popen[str], started: float, limit: float) -> float 
 
 def request_flood(*, flood_s: float = 10.0, mb: float = 2.4, rounds: int = 3,
                   lead_s: float = 2.0, queues: bool = True, limit_s: float = 120.0,
+                  flooder_args: Sequence[str] = (),
                   say: Callable[[str], object] = print) -> dict[str, float | None]:
     """Run the scenario of the module doc once and print its figures (via ``say``);
-    returns them (seconds; None for a pull that failed or took over ``limit_s``)."""
+    returns them (seconds; None for a pull that failed or took over ``limit_s``).
+    ``flooder_args`` go to ``tests._mqttflood`` (``--qos 1``, ``--pad N``, ``--no-read``)."""
     with tempfile.TemporaryDirectory(prefix="bench-req-flood-") as tmp, \
             _fleet(Path(tmp), mb, queues) as f:
         base = []
@@ -138,7 +140,7 @@ def request_flood(*, flood_s: float = 10.0, mb: float = 2.4, rounds: int = 3,
         flooder = subprocess.Popen(
             [sys.executable, "-m", "tests._mqttflood", "--host", f.host, "--port",
              str(f.port), "--user", FLOODER, "--password", f.creds[FLOODER], "--fleet", FLEET,
-             "--path", f.target, "--seconds", str(flood_s)],
+             "--path", f.target, "--seconds", str(flood_s), *flooder_args],
             stdout=subprocess.PIPE, text=True, cwd=ROOT,
             env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert flooder.stdout is not None
@@ -164,8 +166,8 @@ def request_flood(*, flood_s: float = 10.0, mb: float = 2.4, rounds: int = 3,
     during_end = None if during_s is None else during_s - (flood_end - t_during)
     d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     say(f"request flood: {flood['requests']} requests in {flood['seconds']} s "
-        f"({flood['per_s']}/s) by one device; {mb} MB pulls; broker queues: "
-        f"{'example config' if queues else 'test broker'}")
+        f"({flood['per_s']}/s) by one device {' '.join(flooder_args)}; {mb} MB pulls; "
+        f"broker queues: {'example config' if queues else 'test broker'}")
     say(f"  honest only        {secs(honest)}  (median of {rounds}; {len(ok)} ok)")
     say(f"  during the flood   {secs(during_s)}  {ratio(during_s)}  (started {lead_s:g} s "
         f"in; done {'-' if during_end is None else f'{during_end:+.1f} s'} from the "
@@ -190,9 +192,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-queues", action="store_true",
                     help="the test broker's queue limits instead of the example config's")
+    ap.add_argument("--flooder", default="",
+                    help="more flooder options, e.g. '--qos 1 --pad 60000 --no-read'")
     args = ap.parse_args()
     request_flood(flood_s=args.flood_s, mb=args.mb, rounds=args.rounds,
-                  queues=not args.no_queues)
+                  queues=not args.no_queues, flooder_args=args.flooder.split())
 
 
 if __name__ == "__main__":

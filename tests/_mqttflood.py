@@ -62,9 +62,10 @@ def connect(host: str, port: int, user: str, password: str) -> socket.socket:
     return s
 
 
-def requests(path: str, variants: int = 256) -> list[bytes]:
+def requests(path: str, variants: int = 256, pad: int = 0) -> list[bytes]:
     """Valid chunk requests for ``path``: offsets over the first 32 chunks, 1 to 8 chunks
-    each, some with a 1 ms retransmit timeout (so none is held back as a premature retry)."""
+    each, some with a 1 ms retransmit timeout (so none is held back as a premature retry);
+    ``pad`` bytes of an unknown field make each that much bigger."""
     out = []
     for i in range(variants):
         doc: dict[str, object] = {"v": 1, "id": secrets.token_hex(16), "path": path,
@@ -72,21 +73,35 @@ def requests(path: str, variants: int = 256) -> list[bytes]:
                                   "n": 1 + i % 8}
         if i % 2:
             doc["rto"] = 1
+        if pad:
+            doc["pad"] = "x" * pad
         out.append(json.dumps(doc).encode())
     return out
 
 
-def flood(sock: socket.socket, topic: str, payloads: list[bytes], seconds: float) -> int:
-    """Publish ``payloads`` round robin at QoS 0 for ``seconds``; return how many."""
-    packets = [_packet(0x30, _str(topic.encode()) + p) for p in payloads]
-    batches = [b"".join(packets[(j + k) % len(packets)] for k in range(_BATCH))
-               for j in range(0, len(packets), 8)]
-    sent, i = 0, 0
+def flood(sock: socket.socket, topic: str, payloads: list[bytes], seconds: float,
+          qos: int = 0) -> int:
+    """Publish ``payloads`` round robin for ``seconds``; return how many. At QoS 1 the
+    acknowledgements are not waited for (message ids simply count up)."""
+    t = _str(topic.encode())
+    sent, mid = 0, 0
     end = time.monotonic() + seconds
+    if qos == 0:
+        packets = [_packet(0x30, t + p) for p in payloads]
+        batches = [b"".join(packets[(j + k) % len(packets)] for k in range(_BATCH))
+                   for j in range(0, len(packets), 8)]
+        while time.monotonic() < end:
+            sock.sendall(batches[sent // _BATCH % len(batches)])
+            sent += _BATCH
+        return sent
     while time.monotonic() < end:
-        sock.sendall(batches[i % len(batches)])
-        i += 1
-        sent += _BATCH
+        batch = []
+        for _ in range(_BATCH):
+            mid = mid % 65535 + 1
+            batch.append(_packet(0x32, t + struct.pack("!H", mid)
+                                 + payloads[sent % len(payloads)]))
+            sent += 1
+        sock.sendall(b"".join(batch))
     return sent
 
 
@@ -99,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fleet", default="lab")
     ap.add_argument("--path", required=True)
     ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--qos", type=int, choices=(0, 1), default=0)
+    ap.add_argument("--pad", type=int, default=0, help="bytes added to each request")
+    ap.add_argument("--no-read", action="store_true",
+                    help="never read the socket (the broker's queue towards it fills)")
     args = ap.parse_args(argv)
     topics = Topics(args.fleet)
     sock = connect(args.host, args.port, args.user, args.password)
@@ -116,10 +135,12 @@ def main(argv: list[str] | None = None) -> int:
                 return
             received[0] += len(data)
 
-    threading.Thread(target=drain, daemon=True).start()
+    if not args.no_read:
+        threading.Thread(target=drain, daemon=True).start()
     print("flooding", flush=True)
     t0 = time.monotonic()
-    sent = flood(sock, topics.repo_request(args.user), requests(args.path), args.seconds)
+    sent = flood(sock, topics.repo_request(args.user), requests(args.path, pad=args.pad),
+                 args.seconds, qos=args.qos)
     elapsed = time.monotonic() - t0
     sock.shutdown(socket.SHUT_RDWR)
     sock.close()
