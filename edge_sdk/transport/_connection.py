@@ -298,11 +298,12 @@ class MqttConnection:
         self._connected.clear()
 
     def reset(self) -> bool:
-        """Drop the link now and let the automatic reconnect make a new one (a new session:
-        whatever the broker queued for this one is discarded; unacknowledged QoS 1
-        messages are sent again, queued QoS 0 ones are lost). For a link that still looks
-        up but no longer moves (see :class:`~edge_sdk.transport.RepoResponder`'s
-        watchdog). Returns False when there was no link to drop. Safe from any thread.
+        """Drop the link now and let the automatic reconnect make a new one: unacknowledged
+        QoS 1 messages are sent again, queued QoS 0 ones are lost and, with a clean
+        session (the default), the broker discards what it had queued for the old one.
+        For a link that still looks up but no longer moves (see
+        :class:`~edge_sdk.transport.RepoResponder`'s watchdog). Returns False when there
+        was no link to drop. Safe from any thread.
         """
         sock: Any = self._client.socket()  # a socket.socket or ssl.SSLSocket
         if self._closed or sock is None:
