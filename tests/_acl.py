@@ -26,9 +26,13 @@ def example_module() -> ModuleType:
     return mod
 
 
-def example_settings() -> str:
-    """The lines of the example mosquitto.conf that do not name hosts, ports or files."""
+def example_settings(*, queues: bool = False) -> str:
+    """The lines of the example mosquitto.conf that do not name hosts, ports or files;
+    with ``queues`` also its per-client queue limits (else the test broker's: none in
+    flight, 100000 queued)."""
     keep = ("max_packet_size", "max_qos", "set_tcp_nodelay", "use_username_as_clientid")
+    if queues:
+        keep += ("max_inflight_messages", "max_queued_messages")
     lines = (EXAMPLE / "mosquitto.conf").read_text().splitlines()
     return "".join(f"{ln}\n" for ln in lines if ln.split(" ")[0] in keep)
 
@@ -40,11 +44,12 @@ MONITOR = "test-monitor"
 
 @contextlib.contextmanager
 def example_broker(tmp: Path, devices: dict[str, list[str]], *, monitor: bool = False,
-                   log_connections: bool = False,
+                   log_connections: bool = False, queues: bool = False,
                    ) -> Iterator[tuple[Mosquitto, dict[str, str]]]:
     """A Mosquitto with the example's settings, password file and ACL for ``devices``;
     with ``monitor`` also the :data:`MONITOR` account, with ``log_connections`` every
-    connection and session takeover in ``broker.log``."""
+    connection and session takeover in ``broker.log`` (``queues``: see
+    :func:`example_settings`)."""
     mod = example_module()
     auth = tmp / "auth"
     creds: dict[str, str] = mod.generate(auth, FLEET, devices)
@@ -55,7 +60,7 @@ def example_broker(tmp: Path, devices: dict[str, list[str]], *, monitor: bool = 
         with open(auth / "acl", "a") as f:
             f.write(f"\nuser {MONITOR}\ntopic readwrite edge/{FLEET}/#\n")
     conf = (f"password_file {auth / 'passwd'}\n"
-            f"acl_file {auth / 'acl'}\n" + example_settings())
+            f"acl_file {auth / 'acl'}\n" + example_settings(queues=queues))
     if log_connections:
         conf += "connection_messages true\nlog_type all\n"
     with Mosquitto(tmp / "broker", allow_anonymous=False, extra_conf=conf) as b:

@@ -6,17 +6,22 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
 import secrets
+import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import edge_sdk
 from edge_sdk.release import Repository
 from edge_sdk.transport import MAX_CHUNK, ChunkClient, FetchConfig, MqttConnection, Topics
 from edge_sdk.transport import _chunks as proto
@@ -73,23 +78,34 @@ class Setup:
         self.target, self.size, self.data = target, size, data
 
 
-@pytest.fixture()
-def setup(tmp_path: Path) -> Iterator[Setup]:
+@contextlib.contextmanager
+def make_setup(tmp_path: Path, devices: Sequence[str] = ("d1", "d2"), *,
+               queues: bool = False) -> Iterator[Setup]:
     repo = Repository.init(tmp_path / "repo", tmp_path / "keys")
     art = make_artifact(tmp_path / "arts", "m", "1.0", n=600_000, sample=False)  # 2.4 MB
     rel = repo.add_artifact(art.path)
     d, _, base = rel.path.rpartition("/")
-    with example_broker(tmp_path, {"d1": [], "d2": []}) as (broker, creds):
+    with example_broker(tmp_path, {dev: [] for dev in devices}, queues=queues) \
+            as (broker, creds):
         yield Setup(broker, creds, repo, f"targets/{d}/{rel.sha256}.{base}", rel.length,
                     art.model_path.read_bytes())
 
 
+@pytest.fixture()
+def setup(tmp_path: Path) -> Iterator[Setup]:
+    with make_setup(tmp_path) as s:
+        yield s
+
+
 @contextlib.contextmanager
-def serve(s: Setup, tmp: Path, *limits: str) -> Iterator[subprocess.Popen[str]]:
-    """``edge-sdk serve`` as the example's ``edge-repo`` user; yields the process."""
+def serve(s: Setup, tmp: Path, *limits: str, args: Sequence[str] = ()
+          ) -> Iterator[subprocess.Popen[str]]:
+    """``edge-sdk serve`` as the example's ``edge-repo`` user (``args`` appended); yields
+    the process. Its log is ``tmp/serve.log``."""
     log = tmp / "serve.log"
     args = [EDGE_SDK, "serve", "--repo", str(s.repo.path), "--broker", s.broker.url,
-            "--fleet", FLEET, "--username", "edge-repo", "--password", s.creds["edge-repo"]]
+            "--fleet", FLEET, "--username", "edge-repo", "--password", s.creds["edge-repo"],
+            *args]
     for lim in limits:
         args += ["--device-limit", lim]
     with open(log, "w") as out:
@@ -272,3 +288,131 @@ def test_out_of_range_offsets_and_lengths_get_clear_errors_and_the_responder_liv
             assert ok[0].status == proto.OK and ok[0].payload == setup.data[:1024]
     finally:
         a.close()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_pull(s: Setup, device: str, tmp: Path) -> subprocess.Popen[str]:
+    """``edge-sdk pull`` of the release as ``device`` (its own credentials), running."""
+    return subprocess.Popen(
+        [EDGE_SDK, "pull", "m", "--root", str(s.repo.path / "metadata" / "root.json"),
+         "--device", device, "-q", "-o", str(tmp / f"pulled-{device}"),
+         "--state", str(tmp / f"state-{device}"), "--broker", s.broker.url, "--fleet", FLEET,
+         "--username", device],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "EDGE_MQTT_PASSWORD": s.creds[device]})
+
+
+def pulled(s: Setup, device: str, tmp: Path, proc: subprocess.Popen[str],
+           timeout: float) -> None:
+    """``proc`` (a :func:`start_pull`) succeeds within ``timeout`` s with the released bytes."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"{device}'s pull did not finish within {timeout:.0f} s: "
+                             f"{err[-500:]}") from None
+    assert proc.returncode == 0, f"{device}'s pull failed: {err[-1000:]}"
+    assert "verified and wrote" in out
+    got = edge_sdk.Artifact.from_dir(tmp / f"pulled-{device}").model_path.read_bytes()
+    assert got == s.data
+
+
+def scrape(url: str) -> dict[str, float]:
+    """``name value`` lines of a Prometheus text page (no labels in the responder's)."""
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    return {k: float(v) for k, _, v in (ln.partition(" ") for ln in text.splitlines())
+            if k and not k.startswith("#")}
+
+
+def metrics_url(log: Path) -> str:
+    m = re.search(r"responder metrics on (\S+)", log.read_text())
+    assert m, log.read_text()
+    return m.group(1)
+
+
+@pytest.mark.slow
+def test_request_flood_from_one_device_leaves_other_devices_pulls_working(
+        tmp_path: Path) -> None:
+    # One device floods its own request topic for 10 s with valid requests, as fast as
+    # its socket goes. Before: the broker dropped the PUBACKs of the responder's QoS 1
+    # answers (its queue towards the responder was full of the flood), paho's window
+    # stayed full for good and every other device's pull failed until a restart. The
+    # broker has the example config's queue limits: the flood fills them within
+    # milliseconds, whatever this machine's speed (the test broker's 100000 needs a
+    # flood faster than the responder by 100000 requests).
+    flood_s = 10
+    with make_setup(tmp_path, ("d1", "d2", "d3"), queues=True) as s, \
+            serve(s, tmp_path, args=("--only", "responder", "--metrics", "127.0.0.1:0")) \
+            as proc:
+        flooder = subprocess.Popen(
+            [sys.executable, "-m", "tests._mqttflood", "--host", s.broker.host,
+             "--port", str(s.broker.port), "--user", "d1", "--password", s.creds["d1"],
+             "--fleet", FLEET, "--path", s.target, "--seconds", str(flood_s)],
+            stdout=subprocess.PIPE, text=True, cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)})
+        try:
+            assert flooder.stdout is not None
+            assert flooder.stdout.readline().strip() == "flooding"
+            time.sleep(2)  # the broker's queue towards the responder is full by now
+            during = start_pull(s, "d2", tmp_path)
+            out, _ = flooder.communicate(timeout=flood_s + 60)
+        finally:
+            if flooder.poll() is None:
+                flooder.kill()
+        flood = json.loads(out.splitlines()[-1])
+        end = time.monotonic()
+        # Right after the flood, another device's pull: within 30 s, same serve process.
+        pulled(s, "d3", tmp_path, start_pull(s, "d3", tmp_path), timeout=30)
+        after_s = time.monotonic() - end
+        # The one that started during the flood completes too (its fetcher's stall
+        # timeout, 60 s, is what it may spend without receiving anything).
+        pulled(s, "d2", tmp_path, during, timeout=60)
+        during_s = time.monotonic() - end
+        m = scrape(metrics_url(tmp_path / "serve.log"))
+        log = (tmp_path / "serve.log").read_text()
+        assert proc.poll() is None
+    print(f"flood: {flood}; pull after it: {after_s:.1f} s, pull during it: done "
+          f"{during_s:.1f} s after its end; responder: {m}")
+    # Most of the flood was dropped unanswered, before any work, and said so in a few
+    # lines (one per device per 10 s), not one per request.
+    assert m["edge_responder_dropped_requests_total"] > 0
+    assert log.count("device d1 is over") <= flood_s // 10 + 3
+    assert "device d2" not in log and "device d3" not in log
+
+
+def test_responder_watchdog_reconnects_when_the_broker_stops_acknowledging(
+        setup: Setup, tmp_path: Path) -> None:
+    # The broker stops moving (SIGSTOP: the link stays up, nothing is read or answered),
+    # as a broker whose queue towards the responder overflows drops its PUBACKs. The
+    # responder notices within --stall-timeout, says so in one line, counts it, drops
+    # the link and is back serving as soon as the broker is.
+    log = tmp_path / "serve.log"
+    with serve(setup, tmp_path, args=("--only", "responder", "--stall-timeout", "2",
+                                      "--metrics", "127.0.0.1:0")) as proc:
+        url = metrics_url(log)
+        assert scrape(url)["edge_responder_broker_connected"] == 1
+        broker = setup.broker.proc
+        assert broker is not None
+        os.kill(broker.pid, signal.SIGSTOP)
+        try:
+            end = time.monotonic() + 30
+            while "did not acknowledge the watchdog's probe" not in log.read_text():
+                assert time.monotonic() < end, f"no stall noticed: {log.read_text()[-1000:]}"
+                time.sleep(0.2)
+            stalled = scrape(url)
+        finally:
+            os.kill(broker.pid, signal.SIGCONT)
+        pulled(setup, "d2", tmp_path, start_pull(setup, "d2", tmp_path), timeout=60)
+        after = scrape(url)
+        text = log.read_text()
+        assert proc.poll() is None
+    assert stalled["edge_responder_stalls_total"] >= 1
+    assert stalled["edge_responder_broker_connected"] == 0  # it dropped the link itself
+    assert after["edge_responder_broker_connected"] == 1
+    lines = [ln for ln in text.splitlines() if "watchdog's probe" in ln]
+    assert len(lines) == after["edge_responder_stalls_total"]
+    assert "stall_timeout" in lines[0] and "reconnecting" in lines[0]

@@ -301,3 +301,24 @@ def test_operators_watch_reads_the_counter_of_new_and_older_agents_events(
                 dev.publish_wait(topics.events("d"), json.dumps(event).encode())
             [outcome] = watch.wait(10)
     assert (outcome.device, outcome.result, outcome.reason) == ("d", "failed", "#7 broke")
+
+
+def test_topic_matching_agrees_with_paho_on_wildcards_shares_and_dollar_topics() -> None:
+    import random
+
+    import paho.mqtt.client as paho
+
+    from edge_sdk.transport._connection import _matches
+
+    rng = random.Random(23)
+    words = ["a", "b", "", "c"]
+    for _ in range(20_000):
+        topic = "/".join(rng.choice([*words, "$SYS"] if i == 0 else words)
+                         for i in range(rng.randint(1, 4)))
+        levels = [rng.choice([*words, "+", "#", "$SYS"]) for _ in range(rng.randint(1, 4))]
+        if "#" in levels:
+            levels = levels[:levels.index("#") + 1]
+        f = "/".join(levels)
+        expected = bool(paho.topic_matches_sub(f, topic))
+        assert _matches(f, topic) == expected, (f, topic)
+        assert _matches(f"$share/g/{f}", topic) == expected, (f, topic)

@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -630,12 +630,21 @@ def _device_limits(values: tuple[str, ...]) -> DeviceLimits:
               help="With --no-shared: answer only the devices of partition K of N (a "
                    "stable hash of the device id), so that N responders split the devices "
                    "on brokers without shared subscriptions.")
+@click.option("--stall-timeout", type=click.FloatRange(min=0, max=3600),
+              default=ResponderConfig.stall_timeout, show_default=True,
+              help="Seconds the broker may leave the responder's watchdog probe "
+                   "unacknowledged while the link looks up before the responder reconnects "
+                   "(0: no watchdog).")
+@click.option("--metrics", "metrics", metavar="HOST:PORT",
+              help="Serve the responder's Prometheus counters on http://HOST:PORT/metrics "
+                   "(requests, drops, slow-downs, watchdog stalls; no device ids).")
 @_mqtt_options
 def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url: str | None,
               registry_keys: tuple[str, ...],
               keydir: str | None, poll_s: float, lease_ttl: float, http: str | None,
               http_allow_remote: bool, http_hosts: tuple[str, ...], only: str | None,
-              partition: str | None, **mqtt: Any) -> None:
+              partition: str | None, stall_timeout: float, metrics: str | None,
+              **mqtt: Any) -> None:
     """Answer chunk requests for REPO, keep the device registry and run the rollouts
     recorded in the fleet database, until interrupted.
 
@@ -648,9 +657,15 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
 
     config = _mqtt_config(mqtt)
     limits = _device_limits(device_limit)
+    probe_s = ResponderConfig.probe_interval
     rcfg = ResponderConfig(shared=not no_shared, limits=limits,
-                           partition=_partition(partition, no_shared))
+                           partition=_partition(partition, no_shared),
+                           stall_timeout=stall_timeout,
+                           probe_interval=min(probe_s, stall_timeout / 3) or probe_s)
     stop = threading.Event()
+    if metrics is not None and only == "fleet":
+        raise UsageError("--metrics serves the responder's counters: drop --only fleet")
+    metrics_at = _metrics_address(metrics)
     if only == "responder":
         # EDGE_DB, which a fleet host exports for its other serve, is no reason to refuse.
         db_given = (db_url is not None and click.get_current_context().get_parameter_source(
@@ -658,12 +673,12 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
         if db_given or http or registry_keys:
             raise UsageError("--only responder runs no registry or page: drop --db / --http "
                              "/ --registry")
-        _serve_responder(repo, config, rcfg)
+        _serve_responder(repo, config, rcfg, metrics_at)
         return
     if only is None and db_url is None and http is None and not fleet_installed():
         click.echo("edge-sdk serve: responder only: the registry, rollouts and fleet page "
                    "need the fleet extra (pip install 'edge-sdk[fleet]')", err=True)
-        _serve_responder(repo, config, rcfg)
+        _serve_responder(repo, config, rcfg, metrics_at)
         return
     db = open_db(db_url, repo)  # first: it names the [fleet] extra when it is missing
     from ..fleet import RegistryConfig
@@ -695,7 +710,8 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
                 return
             web = WebServer(db, fleet=config.fleet, config=web_config) if web_config else None
             with responder or contextlib.nullcontext(), registry, \
-                    web or contextlib.nullcontext():
+                    web or contextlib.nullcontext(), \
+                    _metrics_server(responder, metrics_at):
                 controller.start()
                 click.echo(f"serving {Path(repo).resolve()} on {redact_url(config.url)} fleet "
                            f"{config.fleet}; registry and rollouts in {redact_url(db.url)}",
@@ -720,7 +736,30 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
         signal.signal(signal.SIGTERM, old)
 
 
-def _serve_responder(repo: str, config: MqttConfig, rcfg: ResponderConfig) -> None:
+def _metrics_address(spec: str | None) -> tuple[str, int] | None:
+    if spec is None:
+        return None
+    from ..transport._metrics import parse_address
+
+    return parse_address(spec)
+
+
+@contextlib.contextmanager
+def _metrics_server(responder: RepoResponder | None,
+                    at: tuple[str, int] | None) -> Iterator[None]:
+    """``--metrics``: the responder's Prometheus counters while serving."""
+    if responder is None or at is None:
+        yield
+        return
+    from ..transport._metrics import MetricsServer
+
+    with MetricsServer(responder, *at) as server:
+        click.echo(f"responder metrics on {server.url}", err=True)
+        yield
+
+
+def _serve_responder(repo: str, config: MqttConfig, rcfg: ResponderConfig,
+                     metrics_at: tuple[str, int] | None = None) -> None:
     """``serve`` without the fleet database: answer chunk requests until interrupted."""
     stop = threading.Event()
     old = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
@@ -728,7 +767,7 @@ def _serve_responder(repo: str, config: MqttConfig, rcfg: ResponderConfig) -> No
         with MqttConnection(config, name="edge-serve") as conn:
             responder = RepoResponder(conn, repo, config=rcfg)
             _check_access(conn, responder, fleet=False)
-            with responder:
+            with responder, _metrics_server(responder, metrics_at):
                 click.echo(f"serving {Path(repo).resolve()} on {redact_url(config.url)} fleet "
                            f"{config.fleet}", err=True)
                 try:
@@ -770,7 +809,8 @@ _EXAMPLE_USERS = ("edge-serve for both parts, edge-repo for --only responder, ed
 
 def _say_stopped(st: Any) -> None:
     click.echo(f"stopped: {st.requests} requests, {st.chunks} chunks, {st.bytes_sent} bytes "
-               f"sent, {st.slowed} slowed down, {st.dropped} dropped over the rate", err=True)
+               f"sent, {st.slowed} slowed down, {st.dropped} dropped over the rate, "
+               f"{st.stalls} stalls", err=True)
 
 
 def _partition(spec: str | None, no_shared: bool) -> tuple[int, int] | None:

@@ -95,13 +95,15 @@ class PublishHandle:
     ``published`` turns true when the broker acknowledged the message (QoS 1)
     or it was written to the socket (QoS 0). A QoS 1 message published while
     the link is down is sent on reconnect and turns true then; a QoS 0 message
-    lost with the link never does.
+    lost with the link never does. ``pending`` is true until either happened:
+    the message is still queued in this process (or, QoS 1, unacknowledged).
     """
 
-    __slots__ = ("_info",)
+    __slots__ = ("_info", "_lost")
 
-    def __init__(self, info: paho.MQTTMessageInfo) -> None:
+    def __init__(self, info: paho.MQTTMessageInfo, *, lost: bool = False) -> None:
         self._info = info
+        self._lost = lost
 
     @property
     def published(self) -> bool:
@@ -110,6 +112,15 @@ class PublishHandle:
         # down, which paho does send after the reconnect.
         with info._condition:
             return info._published and info.rc not in _LOST
+
+    @property
+    def pending(self) -> bool:
+        """Neither published nor lost for good (a QoS 0 message dropped with the link)."""
+        if self._lost:
+            return False
+        info = self._info
+        with info._condition:
+            return not info._published
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until ``published`` or ``timeout`` seconds; return ``published``."""
@@ -297,6 +308,25 @@ class MqttConnection:
                 self._client.loop_stop()
         self._connected.clear()
 
+    def reset(self) -> bool:
+        """Drop the link now and let the automatic reconnect make a new one: unacknowledged
+        QoS 1 messages are sent again, queued QoS 0 ones are lost and, with a clean
+        session (the default), the broker discards what it had queued for the old one.
+        For a link that still looks up but no longer moves (see
+        :class:`~edge_sdk.transport.RepoResponder`'s watchdog). Returns False when there
+        was no link to drop. Safe from any thread.
+        """
+        sock: Any = self._client.socket()  # a socket.socket or ssl.SSLSocket
+        if self._closed or sock is None:
+            return False
+        try:
+            # The network thread sees end-of-stream at once (even while the peer does not
+            # read), closes the socket and reconnects with the usual backoff.
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            return False
+        return True
+
     def __enter__(self) -> MqttConnection:
         self.connect()
         return self
@@ -340,7 +370,8 @@ class MqttConnection:
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             raise TransportError(f"cannot publish on {topic}: {paho.error_string(info.rc)}")
-        return PublishHandle(info)
+        # paho keeps no QoS 0 message for a link that is down: it is gone already.
+        return PublishHandle(info, lost=qos == 0 and info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN)
 
     def publish_wait(self, topic: str, payload: bytes | str, *, qos: int = 1,
                      retain: bool = False, timeout: float = 10.0) -> None:

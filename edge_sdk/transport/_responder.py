@@ -18,6 +18,25 @@ connection's network thread), and a request for a chunk this responder sent the
 same device less than the device's retransmit timeout ago (the request's
 ``rto``) is dropped for that chunk: the first answer is still on its way, so a
 burst of premature retries cannot multiply the bytes on a slow link.
+
+Responses go out at QoS 0. A QoS 1 response would wait for the broker's
+acknowledgement in the connection's one window of unacknowledged messages, shared by
+every device, and a broker that is flooded with one device's requests for this
+responder drops acknowledgements: Mosquitto (2.0.16 on, and Debian's patched 2.0.11)
+discards any packet, PUBACK included, for a client whose outgoing queue holds
+``max_queued_messages`` packets, and MQTT 3.1.1 resends an unacknowledged message only
+after a reconnect. Sixty-four lost acknowledgements then stopped every device's
+answers for good. A lost response costs a device one retransmit timeout instead
+(the fetcher asks again). What is bounded now is what waits in this process to be
+written to the broker: per device (``DeviceLimits.max_inflight_bytes``) and in all
+(``ResponderConfig.max_queued_bytes``); past either the device is told to slow down.
+
+A watchdog keeps one small QoS 1 probe in flight (on ``{prefix}/{fleet}/probe/...``):
+when the broker has not acknowledged it within ``ResponderConfig.stall_timeout`` while
+the link looks up (acknowledgements dropped, a request backlog at the broker, a broker
+or network that stopped moving), the responder says so in one log line, counts it in
+:attr:`ResponderStats.stalls` and reconnects, which also makes the broker discard the
+backlog it queued for the old session; devices ask again for what was lost.
 """
 
 from __future__ import annotations
@@ -30,7 +49,7 @@ import sys
 import threading
 import time
 import zlib
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,14 +73,16 @@ class DeviceLimits:
     ``bytes_per_s`` (bucket ``burst_bytes``) of chunk payload. A request over the
     request rate is **dropped unanswered**: a device that keeps asking after a
     slow-down is flooding, and answering each of its requests would itself be a
-    flood (the fetcher's chunk timeout and backoff cover a lost request). A request
-    within the request rate but over the byte budget, or one that would push the
-    device's chunks not yet acknowledged by the broker past ``max_inflight_bytes``,
-    gets the chunks that fit and then one short ``SLOW_DOWN`` answer naming how
-    long to wait (at least ``slow_down_ms``); :class:`~edge_sdk.transport.ChunkClient`
-    waits that long and asks again. Budgets are per responder process: N responders
-    sharing the requests give a device up to N times these rates. The table of
-    devices holds at most ``max_devices`` entries (least recently seen forgotten).
+    flood (the fetcher's chunk timeout and backoff cover a lost request); the drops are
+    counted per device and logged at most every ``DROP_LOG_INTERVAL`` seconds per
+    device. A request within the request rate but over the byte budget, or one that
+    would push the device's responses not yet written to the broker past
+    ``max_inflight_bytes``, gets the chunks that fit and then one short ``SLOW_DOWN``
+    answer naming how long to wait (at least ``slow_down_ms``);
+    :class:`~edge_sdk.transport.ChunkClient` waits that long and asks again. Budgets
+    are per responder process: N responders sharing the requests give a device up to
+    N times these rates. The table of devices holds at most ``max_devices`` entries
+    (least recently seen forgotten).
     """
 
     bytes_per_s: int = 8 * MiB
@@ -101,6 +122,12 @@ class ResponderConfig:
     among ``n``: n responders with plain subscriptions (brokers without MQTT 5 shared
     subscriptions, such as NATS) then split the devices between them. Every responder
     still receives every request (requests are small); each device is answered by one.
+
+    ``max_queued_bytes`` bounds the responses of all devices together that wait in this
+    process to be written to the broker (past it every device is told to slow down).
+    The watchdog sends a probe every ``probe_interval`` seconds and reconnects when one
+    is not acknowledged within ``stall_timeout`` (0 turns it off); keep ``stall_timeout``
+    above the time the uplink to the broker takes for ``max_queued_bytes``.
     """
 
     shared: bool = True
@@ -108,8 +135,18 @@ class ResponderConfig:
     announce_interval: float = 1.0
     limits: DeviceLimits = field(default_factory=DeviceLimits)
     partition: tuple[int, int] | None = None
+    max_queued_bytes: int = 64 * MiB
+    stall_timeout: float = 15.0
+    probe_interval: float = 2.0
 
     def __post_init__(self) -> None:
+        if self.max_queued_bytes < proto.MAX_CHUNK:
+            raise ConfigError(f"responder max_queued_bytes must be at least one chunk "
+                              f"({proto.MAX_CHUNK} bytes)")
+        if not 0 < self.probe_interval <= 60 or not (
+                self.stall_timeout == 0 or self.probe_interval < self.stall_timeout <= 3600):
+            raise ConfigError("responder probe_interval must be 0..60 s and stall_timeout 0 "
+                              "(off) or above probe_interval, up to 3600 s")
         if self.partition is not None:
             k, n = self.partition
             if not 0 <= k < n:
@@ -131,7 +168,8 @@ class ResponderStats:
     """Counters since start. ``dropped``: over a device's request rate, unanswered;
     ``slowed``: answered ``SLOW_DOWN``; ``refused``: bad or not-found requests;
     ``resends_dropped``: chunks not sent again because they were sent within the
-    device's retransmit timeout."""
+    device's retransmit timeout; ``stalls``: times the watchdog found the outgoing path
+    stalled and reconnected."""
 
     requests: int = 0
     chunks: int = 0
@@ -140,6 +178,11 @@ class ResponderStats:
     dropped: int = 0
     slowed: int = 0
     resends_dropped: int = 0
+    stalls: int = 0
+
+
+#: Seconds between two log lines about one device's dropped requests.
+DROP_LOG_INTERVAL = 10.0
 
 
 class _TokenBucket:
@@ -167,14 +210,43 @@ class _TokenBucket:
         return max(0.0, (n - self.tokens) / self.rate)
 
 
+class _Queued:
+    """Responses handed to the connection and not yet written to the broker, oldest first.
+
+    The connection writes QoS 0 messages in the order they were published, so the
+    ones done (written, or lost with the link) are always at the front. The lock lets
+    the watchdog and metrics read the responder-wide one from their threads."""
+
+    __slots__ = ("items", "lock", "nbytes")
+
+    def __init__(self) -> None:
+        self.items: deque[tuple[PublishHandle, int]] = deque()
+        self.nbytes = 0
+        self.lock = threading.Lock()
+
+    def add(self, handle: PublishHandle, n: int) -> None:
+        with self.lock:
+            self.items.append((handle, n))
+            self.nbytes += n
+
+    def size(self) -> int:
+        """Bytes still waiting (forgets the ones done)."""
+        with self.lock:
+            items = self.items
+            while items and not items[0][0].pending:
+                self.nbytes -= items.popleft()[1]
+            return self.nbytes
+
+
 class _Budget:
-    """One device's buckets and its chunks published but not yet acknowledged by the broker."""
+    """One device's buckets, its responses not yet written and its dropped requests."""
 
     def __init__(self, limits: DeviceLimits, now: float) -> None:
         self.requests = _TokenBucket(limits.requests_per_s, limits.burst_requests, now)
         self.bytes = _TokenBucket(limits.bytes_per_s, limits.burst_bytes, now)
-        self.inflight: list[tuple[PublishHandle, int]] = []
+        self.queued = _Queued()
         self.dropped = 0
+        self.dropped_logged_at: float | None = None
         #: (path, offset, length) of chunks sent lately → when.
         self.recent: OrderedDict[tuple[str, int, int], float] = OrderedDict()
 
@@ -191,15 +263,39 @@ class _Budget:
         at = recent.get(key)
         return at is not None and now - at < hold
 
-    def unacked(self) -> int:
-        self.inflight = [(h, n) for h, n in self.inflight if not h.published]
-        return sum(n for _, n in self.inflight)
-
     def sent(self, key: tuple[str, int, int], now: float, limit: int) -> None:
         self.recent.pop(key, None)
         self.recent[key] = now
         while len(self.recent) > limit:
             self.recent.popitem(last=False)
+
+
+class _StallWatch:
+    """When the watchdog sends its probe and when the outgoing path counts as stalled.
+
+    Pure (the caller gives ``now`` and does the I/O): one probe at a time, the next one
+    ``interval`` seconds after the last was acknowledged; stalled when the probe in
+    flight is older than ``timeout``.
+    """
+
+    def __init__(self, interval: float, timeout: float, now: float) -> None:
+        self.interval, self.timeout = interval, timeout
+        self.sent_at: float | None = None
+        self.ok_at = now
+
+    def due(self, now: float) -> bool:
+        return self.sent_at is None and now - self.ok_at >= self.interval
+
+    def sent(self, now: float) -> None:
+        self.sent_at = now
+
+    def acknowledged(self, now: float) -> None:
+        self.sent_at, self.ok_at = None, now
+
+    def stalled(self, now: float) -> bool:
+        return self.sent_at is not None and now - self.sent_at > self.timeout
+
+    restart = acknowledged
 
 
 class RepoResponder:
@@ -219,6 +315,11 @@ class RepoResponder:
         self._announced: int | None = None
         self._resolved: dict[str, Path] = {}
         self._budgets: OrderedDict[str, _Budget] = OrderedDict()
+        self._queued = _Queued()
+        self._probe_topic = self.topics.share_probe(secrets.token_hex(8))
+        self._probe: PublishHandle | None = None
+        self._watch_state = _StallWatch(self.config.probe_interval, self.config.stall_timeout,
+                                        time.monotonic())
         if not (self.repo / "metadata").is_dir():
             raise TransportError(f"{self.repo}: not a release repository (no metadata/ directory)")
 
@@ -279,12 +380,55 @@ class RepoResponder:
         self._announced = info["timestamp_version"]
         log.info("announced timestamp v%s", info["timestamp_version"])
 
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of responses waiting in this process to be written to the broker."""
+        return self._queued.size()
+
     def _watch(self) -> None:
-        while not self._stop.wait(self.config.announce_interval):
+        cfg = self.config
+        tick = min(cfg.announce_interval, cfg.probe_interval / 2, 1.0)
+        next_announce = time.monotonic() + cfg.announce_interval
+        while not self._stop.wait(tick):
+            now = time.monotonic()
+            if now >= next_announce:
+                next_announce = now + cfg.announce_interval
+                try:
+                    self.announce()
+                except EdgeError as err:
+                    log.warning("announce failed: %s", err)
+            if cfg.stall_timeout > 0:
+                self._check_outgoing(now)
+
+    def _check_outgoing(self, now: float) -> None:
+        """The watchdog: probe the path to the broker; reconnect when it stopped moving."""
+        watch, conn = self._watch_state, self.connection
+        if not conn.connected:
+            # A link that is down is the reconnect's business; start over once it is back.
+            watch.restart(now)
+            self._probe = None
+            return
+        probe = self._probe
+        if probe is not None and not probe.pending:
+            watch.acknowledged(now)
+            self._probe = None
+        if watch.stalled(now):
+            self.stats.stalls += 1
+            log.warning(
+                "responder: broker %s did not acknowledge the watchdog's probe for %.0f s "
+                "although the link is up (stall_timeout; %d bytes of responses waiting to "
+                "be sent): reconnecting (stall %d)", conn.url, now - (watch.sent_at or now),
+                self._queued.size(), self.stats.stalls)
+            conn.reset()
+            watch.restart(now)
+            self._probe = None
+        elif watch.due(now):
             try:
-                self.announce()
+                self._probe = conn.publish(self._probe_topic, b"probe", qos=1)
             except EdgeError as err:
-                log.warning("announce failed: %s", err)
+                log.debug("watchdog probe not sent: %s", err)
+                return
+            watch.sent(now)
 
     def _resolve(self, path: str) -> Path | None:
         # Resolving walks every path component with a syscall; a transfer asks for the
@@ -311,15 +455,29 @@ class RepoResponder:
         return budget
 
     def _send(self, reply_to: str, resp: proto.ChunkResponse, budget: _Budget) -> None:
-        handle = self.connection.publish(reply_to, resp.encode(), qos=1)
+        data = resp.encode()
+        # QoS 0: see the module doc (no acknowledgement to wait for, shared by all devices).
+        handle = self.connection.publish(reply_to, data, qos=0)
+        budget.queued.add(handle, len(data))
+        self._queued.add(handle, len(data))
         if resp.status == proto.OK:
             self.stats.chunks += 1
             self.stats.bytes_sent += len(resp.payload)
-            budget.inflight.append((handle, len(resp.payload)))
+
+    def _drop(self, device: str, budget: _Budget, now: float) -> None:
+        """Count a request over ``device``'s request rate; say so now and then."""
+        self.stats.dropped += 1
+        budget.dropped += 1
+        last = budget.dropped_logged_at
+        if last is None or now - last >= DROP_LOG_INTERVAL:
+            budget.dropped_logged_at = now
+            log.warning("device %s is over %g chunk requests/s (requests_per_s): dropping "
+                        "(%d so far)", device, self.config.limits.requests_per_s,
+                        budget.dropped)
 
     def _on_request(self, topic: str, payload: bytes) -> None:
         # Runs on the connection's network thread, one message at a time: the budgets
-        # need no lock, and PUBACKs for what we publish here arrive only after we return.
+        # need no lock, and what we publish here is written only after we return.
         device = self.topics.requester(topic)
         part = self.config.partition
         if device is not None and part is not None and partition_of(device, part[1]) != part[0]:
@@ -332,11 +490,7 @@ class RepoResponder:
         now = time.monotonic()
         budget = self._budget(device, now)
         if not budget.requests.take(1, now):
-            self.stats.dropped += 1
-            budget.dropped += 1
-            if budget.dropped % 1000 == 1:
-                log.warning("device %s is over %g chunk requests/s: dropping (%d so far)",
-                            device, self.config.limits.requests_per_s, budget.dropped)
+            self._drop(device, budget, now)  # before any work: nothing parsed, nothing queued
             return
         reply_to = self.topics.repo_response(device)
         try:
@@ -367,7 +521,8 @@ class RepoResponder:
                 # Long enough for the rest of this request, so that it comes back once.
                 rest = min(limits.burst_bytes, (req.count - i) * req.length)
                 wait = budget.bytes.wait(rest, now)
-            elif budget.unacked() + n > limits.max_inflight_bytes:
+            elif (budget.queued.size() + n > limits.max_inflight_bytes
+                  or self._queued.size() + n > self.config.max_queued_bytes):
                 wait = limits.slow_down_ms / 1000
             if wait > 0:
                 self.stats.slowed += 1
