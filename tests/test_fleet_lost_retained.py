@@ -1,0 +1,79 @@
+"""A retained message the broker acknowledged is not yet a message everyone reads: each
+report and deployment a rollout needs is sent or read again until it is answered.
+
+Measured on a 3-node NATS cluster (tests/test_nats_fleetsim.py, under load: 5 of 10 runs
+red): a retained ``desired`` published during the JetStream leader election after a node
+was killed was acknowledged while the node logged "unable to store retained message", so
+the devices that were reconnecting then never read it and stayed silent; and a device's
+first ``state``, published while the registry subscribed on another node, reached the
+registry neither as a retained nor as a live message. Here each rule that recovers from
+such a loss runs against real parts (Mosquitto, ``edge-sdk serve``, real agents, the real
+registry and database); the test makes the loss itself (a cleared retained message, a
+full registry queue), since Mosquitto loses nothing on its own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edge_sdk.fleet import FleetDB, RolloutSpec, start_rollout
+from tests import test_agent_e2e, test_fleet_e2e
+from tests.test_agent_e2e import FLEET, Fleet, new_agent, wait_for
+from tests.test_fleet_e2e import Serve, wait_status
+from tests.test_fleet_machine import Sim, spec
+
+fleet = test_fleet_e2e.fleet  # Mosquitto, a responder and releases 1, 2, 3
+db_url = test_fleet_e2e.db_url  # SQLite and PostgreSQL
+agents = test_agent_e2e.agents  # agent processes killed after each test
+
+
+# -- the controller publishes an unanswered deployment again -------------------------------
+
+def test_an_unanswered_deployment_is_published_again_every_republish_s_until_answered(
+        ) -> None:
+    sim = Sim(spec(waves=("100%",), republish_s=10.0), 3, results={"d00": "silent"})
+    sim.tick(answer=False)  # signed and published to all three at t=1001
+    sim.tick()  # d01 and d02 answer; d00 never does
+    for _ in range(33):
+        sim.tick()
+    doc = sim.inbox["d01"][0]
+    # The same signed bytes at 1011, 1021, 1031: no second counter, no new signature.
+    assert sim.inbox["d00"] == [doc] * 4 and len(sim.signs) == 1
+    assert sim.inbox["d01"] == sim.inbox["d02"] == [doc]
+    sim.run()  # d00 falls silent after the 60 s wave timeout: nothing more goes to it
+    assert sim.status()["d00"] == "silent" and sim.inbox["d00"].count(doc) == 7
+
+    never = Sim(spec(waves=("100%",), republish_s=0.0), 1, results={"d00": "silent"})
+    never.run()
+    assert never.inbox["d00"].count(never.inbox["d00"][0]) == 1
+
+
+def test_a_deployment_the_broker_acknowledged_but_did_not_keep_still_reaches_its_device(
+        fleet: Fleet, tmp_path: Path, agents: list[test_agent_e2e.AgentProc],
+        db_url: str) -> None:
+    serve = Serve(fleet, db_url, tmp_path / "serve").start()
+    try:
+        device = f"lost-desired-{db_url[:2]}"
+        agent = new_agent(fleet, tmp_path, agents, device).start()
+        fleet.deploy(device, "1")
+        agent.wait_version("1")
+        with FleetDB.open(db_url) as db:
+            wait_for(lambda: any(d["id"] == device and d["version"] == "1"
+                                 for d in db.devices()), 30)
+            # The device's broker link dies (its NATS node was killed): the deployment
+            # published now reaches it only as the retained copy it reads on reconnect.
+            agent.kill()
+            rid = start_rollout(db, fleet=FLEET, model="adder", version="2",
+                                selector={"devices": [device]}, actor="tester",
+                                spec=RolloutSpec(waves=("100%",), wave_timeout=120.0,
+                                                 republish_s=1.0))
+            wait_for(lambda: [d["status"] for d in db.rollout(rid)["devices"]] == ["sent"],
+                     30, lambda: f"{db.rollout(rid)}")
+        # Acknowledged, but not kept: what a NATS node does during a leader election.
+        fleet.publish_raw(device, b"")
+        agent.start()
+        r = wait_status(db_url, rid, "completed", 60)
+        assert [d["status"] for d in r["devices"]] == ["committed"]
+        assert agent.infer() == ("2", 3.0)
+    finally:
+        serve.kill()
