@@ -14,9 +14,14 @@ full registry queue), since Mosquitto loses nothing on its own.
 
 from __future__ import annotations
 
+import json
+import threading
+import time
 from pathlib import Path
 
 from edge_sdk.fleet import FleetDB, RolloutSpec, start_rollout
+from edge_sdk.release import create_deployment, publish_deployment
+from edge_sdk.transport import MqttConfig, MqttConnection, Topics
 from tests import test_agent_e2e, test_fleet_e2e
 from tests.test_agent_e2e import FLEET, Fleet, new_agent, wait_for
 from tests.test_fleet_e2e import Serve, wait_status
@@ -77,3 +82,41 @@ def test_a_deployment_the_broker_acknowledged_but_did_not_keep_still_reaches_its
         assert agent.infer() == ("2", 3.0)
     finally:
         serve.kill()
+
+
+# -- the agent says its state again when a handled deployment comes again -------------------
+
+def test_a_device_whose_answer_was_lost_says_it_again_when_the_deployment_comes_again(
+        fleet: Fleet, tmp_path: Path, agents: list[test_agent_e2e.AgentProc]) -> None:
+    device = "lost-answer"
+    agent = new_agent(fleet, tmp_path, agents, device).start()
+    signed = create_deployment(fleet.repo, model="adder", fleet=FLEET, version="1",
+                               devices=[device])
+    publish_deployment(fleet.host, signed)
+    agent.wait_version("1")
+    topics = Topics(FLEET)
+    states: list[dict[str, object]] = []
+    got = threading.Event()
+
+    def on_state(topic: str, payload: bytes) -> None:
+        if payload:
+            states.append(json.loads(payload))
+            got.set()
+
+    with MqttConnection(MqttConfig(url=fleet.broker.url, fleet=FLEET),
+                        name="answer-watch") as watch:
+        wait_for(lambda: (fleet.states.get(device) or {}).get("last_update"), 30)
+        # The committed state is lost on its way (the registry dropped it, or the broker
+        # kept no retained copy): nobody holds the answer any more.
+        watch.publish_wait(topics.state(device), b"", retain=True)
+        watch.subscribe(topics.state(device), on_state)
+        time.sleep(0.5)
+        assert states == []  # an idle agent has nothing new to say by itself
+        # The controller, still without an answer, publishes the same document again.
+        watch.publish_wait(topics.desired(device), signed.document, retain=True)
+        assert got.wait(20), "the agent did not say its state again"
+    last = states[-1]["last_update"]
+    assert isinstance(last, dict)
+    assert (last["deployment"], last["result"]) == (signed.deployment.counter, "committed")
+    assert agent.version() == "1"  # handled once: not installed a second time
+    assert fleet.kinds(device).count("committed") == 1
