@@ -2,7 +2,11 @@
 
 The MQTT callbacks only parse and queue; one writer thread owns the database writes, so a
 slow database never stalls the network thread (the queue is bounded; when it is full a
-report is dropped and counted — the next retained state carries the same facts). A
+report is dropped and counted — the next retained state carries the same facts). A device
+heard from (an event, a heartbeat) whose state this registry has not taken in since it
+started — dropped here, or never delivered: a clustered broker can miss a retained state
+published while the subscription was being set up — gets its retained state read again
+(:mod:`._reread`): no device depends on one retained message arriving. A
 malformed report (not bounded JSON, or a value no column can hold: an over-long name, a
 counter out of range, a NUL or a lone surrogate) is logged and counted, never raised;
 the counts are kept in the database (:meth:`FleetDB.registry_stats`).
@@ -24,6 +28,7 @@ from .._json import MESSAGE_MAX_BYTES, MESSAGE_MAX_DEPTH, loads_bounded
 from ..release._watch import DeviceStatus
 from ..transport import MqttConnection, Topics
 from ._db import FleetDB, FleetError, device_events, devices, json_text
+from ._reread import RetainedReread
 
 log = logging.getLogger("edge_sdk.fleet.registry")
 
@@ -255,6 +260,9 @@ class Registry:
         self._q: queue.Queue[tuple[str, str, bytes, float] | None] = queue.Queue(max_queue)
         self._thread = threading.Thread(target=self._run, name="fleet-registry", daemon=True)
         self._subs: list[Any] = []
+        #: Devices whose state report was queued since start (see the module docstring).
+        self._stated: set[str] = set()
+        self.reread = RetainedReread(connection)
 
     def start(self) -> Registry:
         self._thread.start()
@@ -282,10 +290,15 @@ class Registry:
             if device is None:
                 self._count("malformed", f"{topic[:200]}: not a device topic")
                 return
+            if leaf != "state" and device not in self._stated:
+                self.reread.request(self.topics.state(device))
             try:
                 self._q.put_nowait((leaf, device, payload, time.time()))
             except queue.Full:
                 self._count("dropped")
+                return
+            if leaf == "state":
+                self._stated.add(device)
         return handler
 
     def _count(self, what: str, why: str | None = None) -> None:
