@@ -411,7 +411,11 @@ class Installer:
         size = len(payload)
         st = self.state
         if handled(st, digest):
-            return False  # a redelivery of what was already handled (retained message, reconnect)
+            # A redelivery of what was already handled (retained message, reconnect), or the
+            # controller sending it again because it never heard the answer: the state
+            # report carrying that answer may be what was lost, so it goes out again.
+            self.reporter.state_changed()
+            return False
         cur = self.slot.current
         try:
             dep = self.source.verify_deployment(

@@ -1,7 +1,9 @@
 """Reports to the fleet over MQTT, offline-first.
 
 - ``state`` (retained): online flag, models, last update result; republished on
-  every change and every reconnect. The last will replaces it with
+  every change, every reconnect, every refused or unacknowledged publish, and whenever a
+  deployment already handled is delivered again (the controller re-sends one it has no
+  answer to: the answer may be what was lost). The last will replaces it with
   ``{"online": false}`` when the link dies.
 - ``events``: install started / verified / swapped / committed / rolled back /
   failed / refused, with the reason. Every event is first written to the

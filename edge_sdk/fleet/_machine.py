@@ -10,10 +10,13 @@ second, conflicting one (:class:`Restarted` → :class:`Publish` for each sent d
 progress alone, what its retained ``desired`` topic must hold.
 
 Device statuses: ``pending`` (in a wave, not yet sent) → ``signing`` → ``sent`` →
-``committed`` | ``failed`` | ``rolled_back`` | ``refused`` | ``silent`` (no answer within
-the wave timeout). On abort, devices that may hold the new release get
-``rollback_status`` ``signing`` → ``sent`` → ``committed`` / ``failed`` / ``silent``, or
-``withdrawn`` (no earlier release; its pending document is cleared) / ``skipped``.
+``committed`` | ``failed`` | ``rolled_back`` | ``refused`` | ``silent`` (no answer
+within the wave timeout). A device that has not answered its document within
+``republish_s`` is sent the same document again, every ``republish_s``: a broker's
+acknowledgement does not prove that it kept the retained copy a device reconnecting
+later reads. On abort, devices that may hold the new release get ``rollback_status``
+``signing`` → ``sent`` → ``committed`` / ``failed`` / ``silent``, or ``withdrawn`` (no
+earlier release; its pending document is cleared) / ``skipped``.
 
 An event that cannot follow the state (a signature nobody asked for, an unknown command)
 raises :class:`IllegalEvent`: the controller's record would be wrong, so nothing is
@@ -42,7 +45,8 @@ class RolloutSpec:
     down, but at least one), spread out by a token bucket of ten seconds' worth. Abort
     when, over at least ``min_finished`` finished devices, the share that failed or
     rolled back exceeds ``max_failure_rate`` or the share that stayed silent exceeds
-    ``max_silent_rate``."""
+    ``max_silent_rate``. ``republish_s``: how long a sent device may stay without an
+    answer before its document is published again (and again after as long; 0: never)."""
 
     waves: tuple[str, ...] = ("1", "10%", "50%", "100%")
     rate: float = 0.0
@@ -52,6 +56,7 @@ class RolloutSpec:
     min_finished: int = 1
     pause_after_wave: bool = False
     rollback: bool = True
+    republish_s: float = 30.0
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -98,6 +103,7 @@ class RolloutState:
     tokens_at: float = 0.0
     approved: int = 0  # the last wave whose pause the operator resumed
     held: bool = False  # paused by the controller after a wave (manual approval)
+    republished_at: float = 0.0  # the last look for unanswered devices (_republish)
 
 
 # -- events --------------------------------------------------------------------------------
@@ -368,6 +374,7 @@ def _tick(s: RolloutState, e: Tick, fx: list[Effect]) -> None:
     _timeouts(s, e.now, heard)
     if _should_abort(s, fx):
         return
+    _republish(s, e.now, fx, forward=True)
     if s.status == "paused":
         return
     if all(p.status in FINISHED for p in s.devices.values() if p.wave <= s.wave):
@@ -446,8 +453,32 @@ def _abort(s: RolloutState, why: str, fx: list[Effect]) -> None:
     _rollback_signs(s, fx)
 
 
+def _republish(s: RolloutState, now: float, fx: list[Effect], *, forward: bool) -> None:
+    """Publish again the documents of devices sent at least ``republish_s`` ago that have
+    not answered (rollback documents only, with ``forward`` False: an aborting rollout
+    sends nothing forward again). A QoS 1 acknowledgement is no proof that the broker kept
+    the retained copy: a NATS cluster acknowledges a retained publish during a JetStream
+    leader election and logs "unable to store retained message", so a device that was
+    reconnecting then never reads its document. The same bytes are idempotent for an agent
+    (it skips a document it has handled and says its state again)."""
+    every = s.spec.republish_s
+    if every <= 0 or now - s.republished_at < every:
+        return
+    s.republished_at = now
+    by_doc: dict[str, list[str]] = {}
+    for d, p in sorted(s.devices.items()):
+        if forward and p.status == "sent" and p.document and p.sent_at is not None \
+                and now - p.sent_at >= every:
+            by_doc.setdefault(p.document, []).append(d)
+        if p.rollback_status == "sent" and p.rollback_document \
+                and p.rollback_sent_at is not None and now - p.rollback_sent_at >= every:
+            by_doc.setdefault(p.rollback_document, []).append(d)
+    fx += [Publish(tuple(devs), doc) for doc, devs in by_doc.items()]
+
+
 def _tick_abort(s: RolloutState, now: float, fx: list[Effect], heard: float) -> None:
     _rollback_signs(s, fx)
+    _republish(s, now, fx, forward=False)
     for p in s.devices.values():
         if p.rollback_status == "sent" and p.rollback_sent_at is not None \
                 and heard - p.rollback_sent_at > s.spec.wave_timeout:

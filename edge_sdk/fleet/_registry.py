@@ -7,7 +7,11 @@ two token buckets per device, and a queue bounded in bytes that is fair between 
 a device over its budget gets its own reports dropped and counted, never another
 device's. Gaps in the sequence numbers agents put in their events are counted as lost
 (the broker dropped them before the registry could read them), and after any drop or
-loss every device's retained state is read again, so that no state stays missed. A
+loss every device's retained state is read again, so that no state stays missed; and a
+device heard from (an event, a heartbeat) whose state this registry has not taken in
+since it started — a clustered broker can miss a retained state published while the
+subscription was being set up — gets its retained state read again (:mod:`._reread`): no
+device depends on one retained message arriving. A
 malformed report (not bounded JSON, or a value no column can hold: an over-long name, a
 counter out of range, a NUL or a lone surrogate) is logged and counted, never raised.
 The counts are kept in the database, in all (:meth:`FleetDB.registry_stats`) and per
@@ -34,6 +38,7 @@ from ..transport import MqttConnection, Topics
 from ..transport._access import PROBE_DEVICE
 from ._db import FleetDB, FleetError, device_events, devices, json_text
 from ._ingest import DeviceCounts, Intake, RegistryConfig
+from ._reread import RetainedReread
 
 log = logging.getLogger("edge_sdk.fleet.registry")
 
@@ -366,6 +371,9 @@ class Registry:
         self._pruned = 0.0
         self._rows: dict[str, int] = {}  # events written per device since its last prune
         self._logged: dict[str, float] = {}  # device -> when its last malformed was logged
+        #: Devices whose state report was queued since start (see the module docstring).
+        self._stated: set[str] = set()
+        self.reread = RetainedReread(connection)
 
     def start(self) -> Registry:
         self._thread.start()
@@ -403,7 +411,10 @@ class Registry:
                 return
             if device == PROBE_DEVICE:  # a serve's start-up access check, not a device
                 return
-            offer(leaf, device, payload, time.time())
+            if leaf != "state" and device not in self._stated:
+                self.reread.request(self.topics.state(device))
+            if offer(leaf, device, payload, time.time()) and leaf == "state":
+                self._stated.add(device)
         return handler
 
     def _count(self, what: str, why: str | None = None, n: int = 1) -> None:

@@ -1,0 +1,169 @@
+"""A retained message the broker acknowledged is not yet a message everyone reads: each
+report and deployment a rollout needs is sent or read again until it is answered.
+
+Measured on a 3-node NATS cluster (tests/test_nats_fleetsim.py, under load: 5 of 10 runs
+red): a retained ``desired`` published during the JetStream leader election after a node
+was killed was acknowledged while the node logged "unable to store retained message", so
+the devices that were reconnecting then never read it and stayed silent; and a device's
+first ``state``, published while the registry subscribed on another node, reached the
+registry neither as a retained nor as a live message. Here each rule that recovers from
+such a loss runs against real parts (Mosquitto, ``edge-sdk serve``, real agents, the real
+registry and database); the test makes the loss itself (a cleared retained message, a
+full registry queue), since Mosquitto loses nothing on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+from edge_sdk.fleet import FleetDB, Registry, RolloutSpec, start_rollout
+from edge_sdk.release import create_deployment, publish_deployment
+from edge_sdk.transport import MqttConfig, MqttConnection, Topics
+from tests import test_agent_e2e, test_fleet_e2e
+from tests.test_agent_e2e import FLEET, Fleet, new_agent, wait_for
+from tests.test_fleet_e2e import Serve, wait_status
+from tests.test_fleet_machine import Sim, spec
+
+fleet = test_fleet_e2e.fleet  # Mosquitto, a responder and releases 1, 2, 3
+db_url = test_fleet_e2e.db_url  # SQLite and PostgreSQL
+agents = test_agent_e2e.agents  # agent processes killed after each test
+
+
+# -- the controller publishes an unanswered deployment again -------------------------------
+
+def test_an_unanswered_deployment_is_published_again_every_republish_s_until_answered(
+        ) -> None:
+    sim = Sim(spec(waves=("100%",), republish_s=10.0), 3, results={"d00": "silent"})
+    sim.tick(answer=False)  # signed and published to all three at t=1001
+    sim.tick()  # d01 and d02 answer; d00 never does
+    for _ in range(33):
+        sim.tick()
+    doc = sim.inbox["d01"][0]
+    # The same signed bytes at 1011, 1021, 1031: no second counter, no new signature.
+    assert sim.inbox["d00"] == [doc] * 4 and len(sim.signs) == 1
+    assert sim.inbox["d01"] == sim.inbox["d02"] == [doc]
+    sim.run()  # d00 falls silent after the 60 s wave timeout: nothing more goes to it
+    assert sim.status()["d00"] == "silent" and sim.inbox["d00"].count(doc) == 7
+
+    never = Sim(spec(waves=("100%",), republish_s=0.0), 1, results={"d00": "silent"})
+    never.run()
+    assert never.inbox["d00"].count(never.inbox["d00"][0]) == 1
+
+
+def test_a_deployment_the_broker_acknowledged_but_did_not_keep_still_reaches_its_device(
+        fleet: Fleet, tmp_path: Path, agents: list[test_agent_e2e.AgentProc],
+        db_url: str) -> None:
+    serve = Serve(fleet, db_url, tmp_path / "serve").start()
+    try:
+        device = f"lost-desired-{db_url[:2]}"
+        agent = new_agent(fleet, tmp_path, agents, device).start()
+        fleet.deploy(device, "1")
+        agent.wait_version("1")
+        with FleetDB.open(db_url) as db:
+            wait_for(lambda: any(d["id"] == device and d["version"] == "1"
+                                 for d in db.devices()), 30)
+            # The device's broker link dies (its NATS node was killed): the deployment
+            # published now reaches it only as the retained copy it reads on reconnect.
+            agent.kill()
+            rid = start_rollout(db, fleet=FLEET, model="adder", version="2",
+                                selector={"devices": [device]}, actor="tester",
+                                spec=RolloutSpec(waves=("100%",), wave_timeout=120.0,
+                                                 republish_s=1.0))
+            wait_for(lambda: [d["status"] for d in db.rollout(rid)["devices"]] == ["sent"],
+                     30, lambda: f"{db.rollout(rid)}")
+        # Acknowledged, but not kept: what a NATS node does during a leader election.
+        fleet.publish_raw(device, b"")
+        agent.start()
+        r = wait_status(db_url, rid, "completed", 60)
+        assert [d["status"] for d in r["devices"]] == ["committed"]
+        assert agent.infer() == ("2", 3.0)
+    finally:
+        serve.kill()
+
+
+# -- the agent says its state again when a handled deployment comes again -------------------
+
+def test_a_device_whose_answer_was_lost_says_it_again_when_the_deployment_comes_again(
+        fleet: Fleet, tmp_path: Path, agents: list[test_agent_e2e.AgentProc]) -> None:
+    device = "lost-answer"
+    agent = new_agent(fleet, tmp_path, agents, device).start()
+    signed = create_deployment(fleet.repo, model="adder", fleet=FLEET, version="1",
+                               devices=[device])
+    publish_deployment(fleet.host, signed)
+    agent.wait_version("1")
+    topics = Topics(FLEET)
+    states: list[dict[str, object]] = []
+    got = threading.Event()
+
+    def on_state(topic: str, payload: bytes) -> None:
+        if payload:
+            states.append(json.loads(payload))
+            got.set()
+
+    with MqttConnection(MqttConfig(url=fleet.broker.url, fleet=FLEET),
+                        name="answer-watch") as watch:
+        wait_for(lambda: (fleet.states.get(device) or {}).get("last_update"), 30)
+        # The committed state is lost on its way (the registry dropped it, or the broker
+        # kept no retained copy): nobody holds the answer any more.
+        watch.publish_wait(topics.state(device), b"", retain=True)
+        watch.subscribe(topics.state(device), on_state)
+        time.sleep(0.5)
+        assert states == []  # an idle agent has nothing new to say by itself
+        # The controller, still without an answer, publishes the same document again.
+        watch.publish_wait(topics.desired(device), signed.document, retain=True)
+        assert got.wait(20), "the agent did not say its state again"
+    last = states[-1]["last_update"]
+    assert isinstance(last, dict)
+    assert (last["deployment"], last["result"]) == (signed.deployment.counter, "committed")
+    assert agent.version() == "1"  # handled once: not installed a second time
+    assert fleet.kinds(device).count("committed") == 1
+
+
+# -- the registry reads the state of a device it hears from but has no state of -----------
+
+def _state(version: str) -> bytes:
+    return json.dumps({"online": True, "model": {"name": "adder", "version": version},
+                       "phase": "committed", "deployment": 1,
+                       "last_update": {"deployment": 1, "result": "committed"}}).encode()
+
+
+def test_a_state_the_registry_dropped_is_read_again_on_the_devices_next_heartbeat(
+        fleet: Fleet, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    topics = Topics(FLEET)
+    with FleetDB.open(url) as db, FleetDB.open(url) as blocker, \
+            MqttConnection(MqttConfig(url=fleet.broker.url, fleet=FLEET),
+                           name="registry") as conn, \
+            MqttConnection(MqttConfig(url=fleet.broker.url, fleet=FLEET),
+                           name="devices") as dev, \
+            Registry(conn, db, max_queue=1) as reg:
+        with blocker.begin():  # the database is busy: the registry's writer waits
+            before = reg.stats.dropped  # (retained states of other tests' devices)
+            for i in range(50):  # one at a time, until one is dropped: then none in flight
+                dev.publish_wait(topics.state(f"filler-{i}"), _state("1"), retain=True)
+                pace = time.monotonic() + 0.3
+                while reg.stats.dropped == before and time.monotonic() < pace:
+                    time.sleep(0.01)
+                if reg.stats.dropped > before:
+                    break
+            dropped = reg.stats.dropped
+            assert dropped > before, "the registry's queue never filled"
+            dev.publish_wait(topics.state("quiet"), _state("2"), retain=True)
+            wait_for(lambda: reg.stats.dropped > dropped, 5, lambda: f"{reg.stats}")
+        reg.drain()
+        wait_for(lambda: any(d["id"].startswith("filler-") for d in db.devices()), 10)
+        time.sleep(0.5)
+        assert "quiet" not in {d["id"] for d in db.devices()}
+        # Nothing of "quiet" changes, so no new state comes; it is alive all the same.
+        dev.publish_wait(topics.events("quiet"), json.dumps(
+            {"device": "quiet", "event": "heartbeat", "ts": time.time()}), qos=0)
+        found = wait_for(lambda: [d for d in db.devices() if d["id"] == "quiet"], 15,
+                         lambda: f"registry: {[d['id'] for d in db.devices()]}")
+        assert (found[0]["version"], found[0]["online"]) == ("2", True)
+        assert reg.reread.started == 1
+        for i in range(50):  # leave nothing retained for other tests
+            dev.publish(topics.state(f"filler-{i}"), b"", retain=True)
+        dev.publish_wait(topics.state("quiet"), b"", retain=True)
