@@ -183,6 +183,9 @@ class Sign:
 class Publish:
     devices: tuple[str, ...]
     document: str
+    #: Publish even where the broker seems to hold it already (a re-send: a retained copy
+    #: acknowledged, and even delivered live, may not have been stored).
+    again: bool = False
 
 
 @dataclass(frozen=True)
@@ -301,7 +304,7 @@ def _restart(s: RolloutState, fx: list[Effect]) -> None:
             p.status = "pending"
         if p.rollback_status == "signing":
             p.rollback_status = "pending"
-    fx += [Publish(tuple(devs), doc) for doc, devs in by_doc.items()]
+    fx += [Publish(tuple(devs), doc, again=True) for doc, devs in by_doc.items()]
 
 
 def _command(s: RolloutState, e: Command, fx: list[Effect]) -> None:
@@ -473,7 +476,7 @@ def _republish(s: RolloutState, now: float, fx: list[Effect], *, forward: bool) 
         if p.rollback_status == "sent" and p.rollback_document \
                 and p.rollback_sent_at is not None and now - p.rollback_sent_at >= every:
             by_doc.setdefault(p.rollback_document, []).append(d)
-    fx += [Publish(tuple(devs), doc) for doc, devs in by_doc.items()]
+    fx += [Publish(tuple(devs), doc, again=True) for doc, devs in by_doc.items()]
 
 
 def _tick_abort(s: RolloutState, now: float, fx: list[Effect], heard: float) -> None:
