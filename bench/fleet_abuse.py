@@ -16,8 +16,10 @@ Scenarios (``--scenario``, repeatable; ``honest`` always runs first for the comp
   events topic as fast as the broker takes them.
 - ``small_event_flood``: the same with 200-byte events (the registry's message rate, and
   the broker's queue for the fleet's subscription, are what give out first).
-- ``request_flood``: chunk requests on the attacker's own ``repo/req`` topic — not written
-  yet; its function goes beside the others below (see ``SCENARIOS``).
+- ``request_flood``: chunk requests on the attacker's own ``repo/req`` topic for
+  ``--seconds`` (bench/_abuse_requests.py, its own fleet: a responder and honest devices'
+  ``edge-sdk pull``): honest pull time with no flood, during it and right after it,
+  printed side by side after the table.
 
     python bench/fleet_abuse.py [--scenario event_flood] [--seconds 20] [--size 120000]
         [--qos 0] [--reports 200] [--db sqlite|postgresql]
@@ -38,6 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._abuse_requests import request_flood  # noqa: E402
 from tests._abuserig import AbuseResult, run  # noqa: E402
 from tests._fleetdb import make_db  # noqa: E402
 
@@ -72,10 +75,6 @@ def small_event_flood(args: argparse.Namespace, tmp: Path) -> AbuseResult:
     return _run("small_event_flood", args, tmp, size=200, qos=args.qos)
 
 
-# def request_flood(args, tmp) -> AbuseResult: chunk requests on the attacker's own
-# repo/req topic (issue 23, item 2). Add it here and to SCENARIOS; the rig's AbuseRig
-# gives the broker, the responder process (rig.responder) and the device credentials.
-
 SCENARIOS: dict[str, Callable[[argparse.Namespace, Path], AbuseResult]] = {
     "honest": honest,
     "event_flood": event_flood,
@@ -106,8 +105,9 @@ _ROWS: list[tuple[str, Callable[[AbuseResult], str]]] = [
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--scenario", action="append", choices=[s for s in SCENARIOS
-                                                            if s != "honest"],
+    ap.add_argument("--scenario", action="append", choices=[*(s for s in SCENARIOS
+                                                              if s != "honest"),
+                                                            "request_flood"],
                     help="Repeatable (default: event_flood).")
     ap.add_argument("--seconds", type=float, default=20.0, help="How long the flood lasts.")
     ap.add_argument("--size", type=int, default=120_000, help="event_flood's event size.")
@@ -118,7 +118,8 @@ def main() -> None:
     ap.add_argument("--wave-timeout", type=float, default=120.0)
     ap.add_argument("--db", choices=["sqlite", "postgresql"], default="sqlite")
     args = ap.parse_args()
-    names = ["honest", *(args.scenario or ["event_flood"])]
+    asked = args.scenario or ["event_flood"]
+    names = ["honest", *(n for n in asked if n in SCENARIOS)]
     results = []
     with tempfile.TemporaryDirectory(prefix="edge-abuse-bench-") as tmp_s:
         for name in names:
@@ -132,6 +133,9 @@ def main() -> None:
     for r in results:
         for note in r.notes:
             print(f"note ({r.scenario}): {note[:400]}")
+    if "request_flood" in asked:
+        print("running request_flood ...", file=sys.stderr, flush=True)
+        request_flood(flood_s=args.seconds)
 
 
 if __name__ == "__main__":
