@@ -2,7 +2,7 @@
 
 Each scenario gets a fresh fleet (tests/_abuserig.py): Mosquitto with the example ACL and
 queue limits, ``edge-sdk serve --only responder`` (``edge-repo``), ``edge-sdk serve --only
-fleet`` (``edge-operator``; registry, controller, page) and three real agents. A 3-device
+fleet`` (``edge-fleet``; registry, controller, page) and three real agents. A 3-device
 rollout starts as the scenario does, while an honest reporter device sends ``--reports``
 numbered, broker-acknowledged events spread over ``--seconds``. Printed per scenario:
 the rollout's outcome and time, the fleet process's resident memory (before, peak,

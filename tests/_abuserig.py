@@ -3,7 +3,7 @@
 The fleet is what an operator runs with the example broker setup: a Mosquitto with the
 example's password file, ACL and queue limits (examples/mosquitto), ``edge-sdk serve
 --only responder`` as the example's ``edge-repo`` user, ``edge-sdk serve --only fleet``
-(registry, controller, page) as ``edge-operator``, and real agents as subprocesses, each
+(registry, controller, page) as ``edge-fleet``, and real agents as subprocesses, each
 with its own device credentials. An honest reporter device publishes numbered events
 (QoS 1, each acknowledged by the broker, like the agent's outbox) and the attacker is a
 raw MQTT client with a device's credentials publishing on its own ``events`` topic as
@@ -226,7 +226,7 @@ class AbuseRig:
         self._stack.callback(self.responder.stop)
         self.fleet_proc = HostProc(
             ["serve", *common, "--only", "fleet", "--db", self.db_url, "--poll", "0.2",
-             "--username", "edge-operator", "--password", self.creds["edge-operator"],
+             "--username", "edge-fleet", "--password", self.creds["edge-fleet"],
              *self.serve_args], tmp / "serve-fleet.log")
         self._stack.callback(self.fleet_proc.stop)
         wait_for(lambda: "serving" in self.fleet_proc.log.read_text(errors="replace")

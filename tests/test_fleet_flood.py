@@ -1,6 +1,6 @@
 """One device with its own credentials flooding the fleet's registry (issue 23, item 1),
 against real processes: Mosquitto with the example ACL and queue limits, ``edge-sdk serve
---only responder`` as ``edge-repo`` and ``--only fleet`` as ``edge-operator``, real agents
+--only responder`` as ``edge-repo`` and ``--only fleet`` as ``edge-fleet``, real agents
 (tests/_abuserig.py); the attacker is a raw MQTT client with a device's credentials
 publishing on its own events topic as fast as the broker takes it. Also what the
 controller reads while a device floods, and a device that goes quiet without a last
@@ -170,7 +170,7 @@ def _serve_fleet(broker: Mosquitto, creds: dict[str, str], tmp: Path,
         proc = subprocess.Popen(
             [sys.executable, "-m", "edge_sdk", "serve", "--repo", str(repo.path), "--broker",
              broker.url, "--fleet", FLEET, "--only", "fleet", "--db", url, "--username",
-             "edge-operator", "--password", creds["edge-operator"], "--http",
+             "edge-fleet", "--password", creds["edge-fleet"], "--http",
              f"127.0.0.1:{port}", *extra], cwd=ROOT, stdout=out, stderr=out)
     try:
         wait_for(lambda: "fleet page on" in log.read_text() or proc.poll() is not None, 60)
