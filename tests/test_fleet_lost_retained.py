@@ -19,7 +19,8 @@ import threading
 import time
 from pathlib import Path
 
-from edge_sdk.fleet import FleetDB, Registry, RolloutSpec, start_rollout
+from edge_sdk.fleet import FleetDB, Registry, RegistryConfig, RolloutSpec, start_rollout
+from edge_sdk.fleet._reread import RereadLimits
 from edge_sdk.release import create_deployment, publish_deployment
 from edge_sdk.transport import MqttConfig, MqttConnection, Topics
 from tests import test_agent_e2e, test_fleet_e2e
@@ -134,36 +135,32 @@ def test_a_state_the_registry_dropped_is_read_again_on_the_devices_next_heartbea
         fleet: Fleet, tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'fleet.db'}"
     topics = Topics(FLEET)
-    with FleetDB.open(url) as db, FleetDB.open(url) as blocker, \
+    # quiet's byte budget: a 1 KiB burst refilled at 200 B/s; the fleet-wide resync after a
+    # drop is off, so only the per-device re-read can bring its state in.
+    cfg = RegistryConfig(max_report_bytes=1024, burst_bytes=1024, bytes_per_s=200,
+                         resync_s=0)
+    with FleetDB.open(url) as db, \
             MqttConnection(MqttConfig(url=fleet.broker.url, fleet=FLEET),
                            name="registry") as conn, \
             MqttConnection(MqttConfig(url=fleet.broker.url, fleet=FLEET),
                            name="devices") as dev, \
-            Registry(conn, db, max_queue=1) as reg:
-        with blocker.begin():  # the database is busy: the registry's writer waits
-            before = reg.stats.dropped  # (retained states of other tests' devices)
-            for i in range(50):  # one at a time, until one is dropped: then none in flight
-                dev.publish_wait(topics.state(f"filler-{i}"), _state("1"), retain=True)
-                pace = time.monotonic() + 0.3
-                while reg.stats.dropped == before and time.monotonic() < pace:
-                    time.sleep(0.01)
-                if reg.stats.dropped > before:
-                    break
-            dropped = reg.stats.dropped
-            assert dropped > before, "the registry's queue never filled"
-            dev.publish_wait(topics.state("quiet"), _state("2"), retain=True)
-            wait_for(lambda: reg.stats.dropped > dropped, 5, lambda: f"{reg.stats}")
-        reg.drain()
-        wait_for(lambda: any(d["id"].startswith("filler-") for d in db.devices()), 10)
-        time.sleep(0.5)
+            Registry(conn, db, config=cfg) as reg:
+        reg.reread.limits = RereadLimits(every_s=1.0)
+        # An event spends the budget (and asks for a retained state: there is none yet).
+        dev.publish_wait(topics.events("quiet"), json.dumps(
+            {"device": "quiet", "event": "boot", "pad": "x" * 900}).encode())
+        wait_for(lambda: reg.reread.started == 1, 10)
+        dev.publish_wait(topics.state("quiet"), _state("2"), retain=True)  # over budget
+        wait_for(lambda: any(d["device"] == "quiet" and d["dropped"]
+                             for d in db.ingest_stats(fleet=FLEET)), 10,
+                 lambda: f"{db.ingest_stats(fleet=FLEET)}")
         assert "quiet" not in {d["id"] for d in db.devices()}
+        time.sleep(3)  # the budget refills (600 B: a heartbeat and the state)
         # Nothing of "quiet" changes, so no new state comes; it is alive all the same.
         dev.publish_wait(topics.events("quiet"), json.dumps(
             {"device": "quiet", "event": "heartbeat", "ts": time.time()}), qos=0)
         found = wait_for(lambda: [d for d in db.devices() if d["id"] == "quiet"], 15,
                          lambda: f"registry: {[d['id'] for d in db.devices()]}")
         assert (found[0]["version"], found[0]["online"]) == ("2", True)
-        assert reg.reread.started == 1
-        for i in range(50):  # leave nothing retained for other tests
-            dev.publish(topics.state(f"filler-{i}"), b"", retain=True)
+        assert reg.reread.started == 2
         dev.publish_wait(topics.state("quiet"), b"", retain=True)

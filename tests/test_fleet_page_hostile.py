@@ -132,7 +132,10 @@ def hostile_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostileF
                 [sys.executable, "-m", "edge_sdk", "serve", "--repo", str(repo.path),
                  "--broker", broker.url, "--fleet", FLEET, "--username", "edge-fleet",
                  "--password", creds["edge-fleet"], "--only", "fleet", "--db", db_url,
-                 "--http", f"127.0.0.1:{port}"],
+                 "--http", f"127.0.0.1:{port}",
+                 # The page must show what the registry stores; states past the default
+                 # per-report cap (16 KiB) never reach it, so the cap is raised here.
+                 "--registry", "max_report_bytes=1048576"],
                 cwd=ROOT, stdout=out, stderr=out, env={**os.environ, "PYTHONPATH": str(ROOT)})
         try:
             wait_for(lambda: "fleet page on" in log.read_text(), 60,
