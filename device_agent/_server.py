@@ -28,7 +28,7 @@ import socket
 import threading
 import time
 
-from edge_sdk._internal import HeadError, check_host, parse_head
+from edge_sdk._internal import HeadError, check_host, parse_head, reason
 from edge_sdk.errors import ConfigError
 
 from ._budget import Budget
@@ -38,12 +38,6 @@ from ._protocol import InferenceApp
 
 log = logging.getLogger("device_agent.http")
 _JSON = "application/json"
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            408: "Request Timeout", 411: "Length Required", 413: "Payload Too Large",
-            414: "URI Too Long", 415: "Unsupported Media Type", 429: "Too Many Requests",
-            431: "Request Header Fields Too Large", 500: "Internal Server Error",
-            501: "Not Implemented", 503: "Service Unavailable",
-            505: "HTTP Version Not Supported"}
 _CHUNK = 256 * 1024
 
 
@@ -61,7 +55,7 @@ class _Closed(Exception):
 
 def _response(status: int, ctype: str, payload: bytes, extra: dict[str, str],
               close: bool, head_only: bool = False) -> bytes:
-    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
+    lines = [f"HTTP/1.1 {status} {reason(status)}",
              f"Content-Type: {ctype}", f"Content-Length: {len(payload)}"]
     lines += [f"{k}: {v}" for k, v in extra.items()]
     if close:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Collection
+from http import HTTPStatus
 from typing import NamedTuple
 
 #: Headers whose repetition makes a request ambiguous (request smuggling, or two
@@ -31,6 +32,14 @@ TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
                   "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _CTL = frozenset(chr(c) for c in (*range(0x20), 0x7F)) - {"\t"}
 _VERSIONS = ("HTTP/1.1", "HTTP/1.0")
+
+
+def reason(status: int) -> str:
+    """The reason phrase of a status line (``Error`` for a code HTTP does not name)."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
 
 
 class HeadError(ValueError):

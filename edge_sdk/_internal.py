@@ -28,7 +28,7 @@ sibling needs it, never by reaching into the module that defines it.
 from ._artifact import MANIFEST_NAME, REPORT_NAME
 from ._bench import LatencyStats, measure, synthetic_inputs
 from ._fs import atomic_write_bytes, atomic_write_text, sha256_file, staged_dir
-from ._http import HeadError, RequestHead, check_host, host_name, parse_head
+from ._http import HeadError, RequestHead, check_host, host_name, parse_head, reason
 from ._io import load_npz
 from ._json import MESSAGE_MAX_BYTES, MESSAGE_MAX_DEPTH, loads_bounded
 from ._redact import add_secret, redact_url
@@ -53,6 +53,7 @@ __all__ = [
     "loads_bounded",
     "measure",
     "parse_head",
+    "reason",
     "redact_url",
     "sha256_file",
     "staged_dir",

@@ -47,6 +47,7 @@ from .._http import (
     host_name,
     parse_head,
     parse_request_line,
+    reason,
 )
 from ._db import FleetDB, FleetError, FleetUsageError
 
@@ -326,19 +327,13 @@ def _show(s: str) -> str:
     return repr(s[:64] + ("..." if len(s) > 64 else ""))
 
 
-_REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 404: "Not Found",
-            405: "Method Not Allowed", 408: "Request Timeout", 413: "Content Too Large",
-            414: "URI Too Long", 421: "Misdirected Request", 429: "Too Many Requests",
-            431: "Request Header Fields Too Large", 500: "Internal Server Error",
-            501: "Not Implemented", 503: "Service Unavailable",
-            505: "HTTP Version Not Supported"}
 #: Methods HTTP defines: refused as 405 (with ``Allow``); anything else is 501.
 _METHODS = frozenset({"POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})
 
 
 def _response(status: int, ctype: str, body: bytes, *, close: bool,
               head_only: bool = False) -> bytes:
-    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}"]
+    lines = [f"HTTP/1.1 {status} {reason(status)}"]
     if status != 204:  # a 204 carries neither (RFC 9110)
         lines += [f"Content-Type: {ctype}", f"Content-Length: {len(body)}"]
     lines += [f"{k}: {v}" for k, v in _HEADERS.items()]
