@@ -19,6 +19,7 @@ import click
 
 from .._artifact import Artifact
 from .._redact import redact_url
+from .._settings import numeric_settings
 from ..errors import DeploymentError, EdgeError, UsageError
 from ..release import (
     DEFAULT_DELTA_BASES,
@@ -572,20 +573,11 @@ def _age(seconds: float) -> str:
 
 
 def _device_limits(values: tuple[str, ...]) -> DeviceLimits:
-    fields = {f.name: f for f in dataclasses.fields(DeviceLimits)}
-    changes: dict[str, Any] = {}
-    for v in values:
-        key, sep, num = v.partition("=")
-        key = key.strip()
-        if not sep or key not in fields:
-            raise UsageError(f"--device-limit {v!r} must be KEY=N with KEY one of "
-                             f"{', '.join(fields)}")
-        kind = float if fields[key].type in (float, "float") else int
-        try:
-            changes[key] = kind(num)
-        except ValueError as err:
-            raise UsageError(f"--device-limit {key}: {num!r} is not a number") from err
-    return DeviceLimits(**changes)
+    try:
+        changes = numeric_settings(DeviceLimits, values, "--device-limit")
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    return DeviceLimits(**changes)  # type: ignore[arg-type]
 
 
 @click.command("serve")

@@ -16,9 +16,10 @@ numbers an agent puts in its events).
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from threading import Event, Lock
 
+from .._settings import numeric_settings
 from ..transport._responder import _TokenBucket
 from ._db import FleetUsageError
 
@@ -93,21 +94,10 @@ class RegistryConfig:
     @classmethod
     def parse(cls, settings: list[str] | tuple[str, ...]) -> RegistryConfig:
         """From ``KEY=N`` strings (raises :class:`FleetUsageError` naming the key)."""
-        known = {f.name: f for f in fields(cls)}
-        changes: dict[str, int | float] = {}
-        for s in settings:
-            key, sep, num = s.partition("=")
-            key = key.strip()
-            if not sep or key not in known:
-                raise FleetUsageError(f"--registry {s!r} must be KEY=N with KEY one of "
-                                      f"{', '.join(known)}")
-            kind = float if known[key].type in (float, "float") else int
-            try:
-                changes[key] = kind(num)
-            except ValueError:
-                raise FleetUsageError(f"--registry {key}: {num!r} is not a "
-                                      f"{'number' if kind is float else 'whole number'}") \
-                    from None
+        try:
+            changes = numeric_settings(cls, settings, "--registry")
+        except ValueError as err:
+            raise FleetUsageError(str(err)) from None
         return cls(**changes)  # type: ignore[arg-type]
 
 
