@@ -35,8 +35,7 @@ agents = test_agent_e2e.agents  # agent processes killed after each test
 
 # -- the controller publishes an unanswered deployment again -------------------------------
 
-def test_an_unanswered_deployment_is_published_again_every_republish_s_until_answered(
-        ) -> None:
+def test_an_unanswered_deployment_is_published_again_until_answered_or_timed_out() -> None:
     sim = Sim(spec(waves=("100%",), republish_s=10.0), 3, results={"d00": "silent"})
     sim.tick(answer=False)  # signed and published to all three at t=1001
     sim.tick()  # d01 and d02 answer; d00 never does
