@@ -114,12 +114,24 @@ class NatsNode:
         return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
 
 
+class PortTaken(RuntimeError):
+    """A node could not bind a port: another process took it after ``free_port`` chose it."""
+
+
 class NatsCluster:
     """Three (``size``) NATS nodes routed to each other, MQTT on each."""
 
+    #: Clusters built with fresh ports when a node finds one of its ports taken.
+    ATTEMPTS = 3
+
     def __init__(self, workdir: Path, size: int = 3) -> None:
-        route_ports = [free_port() for _ in range(size)]
-        self.nodes = [NatsNode(workdir, f"n{i + 1}", route_ports, i) for i in range(size)]
+        self.workdir = workdir
+        self.size = size
+        self.nodes = self._nodes(workdir)
+
+    def _nodes(self, workdir: Path) -> list[NatsNode]:
+        route_ports = [free_port() for _ in range(self.size)]
+        return [NatsNode(workdir, f"n{i + 1}", route_ports, i) for i in range(self.size)]
 
     def urls(self, *order: int) -> str:
         """The MQTT URLs, comma-separated, of the nodes in ``order`` (default: all)."""
@@ -127,9 +139,19 @@ class NatsCluster:
         return ",".join(self.nodes[i].url for i in idx)
 
     def start(self, timeout: float = 60) -> None:
-        for n in self.nodes:
-            n.start()
-        self.wait_ready(timeout)
+        # A port free_port chose can be taken by another process (the rest of the suite)
+        # before nats-server binds it: then the whole cluster starts again on new ports.
+        for attempt in range(1, self.ATTEMPTS + 1):
+            for n in self.nodes:
+                n.start()
+            try:
+                self.wait_ready(timeout)
+                return
+            except PortTaken:
+                self.stop()
+                if attempt == self.ATTEMPTS:
+                    raise
+                self.nodes = self._nodes(self.workdir / f"retry-{attempt}")
 
     def stop(self) -> None:
         for n in self.nodes:
@@ -160,7 +182,9 @@ class NatsCluster:
         while time.monotonic() < deadline:
             for n in self.nodes:
                 if n.proc is not None and n.proc.poll() is not None:
-                    raise RuntimeError(f"nats-server {n.name} exited: {n.log_tail()}")
+                    tail = n.log_tail()
+                    kind = PortTaken if "address already in use" in tail else RuntimeError
+                    raise kind(f"nats-server {n.name} exited: {tail}")
             if self.leader_index() is not None:
                 live = [n for n in self.nodes if n.alive]
                 if self.retained_round_trip(live[0], live, timeout=2.0):
