@@ -48,6 +48,16 @@ def test_an_unanswered_deployment_is_published_again_until_answered_or_timed_out
     sim.run()  # d00 falls silent after the 60 s wave timeout: nothing more goes to it
     assert sim.status()["d00"] == "silent" and sim.inbox["d00"].count(doc) == 7
 
+    # Each device on its own clock: wave 2, sent a second after wave 1, a second later.
+    late = Sim(spec(waves=("1", "100%"), republish_s=10.0), 2, results={"d01": "silent"})
+    late.tick().tick()  # d00 sent at 1001, answers at 1002; then d01 is sent
+    assert late.state.devices["d01"].sent_at == 1002.0
+    while late.now < 1011.0:
+        late.tick()
+        assert len(late.inbox["d01"]) == 1
+    late.tick()
+    assert len(late.inbox["d01"]) == 2  # at 1012
+
     never = Sim(spec(waves=("100%",), republish_s=0.0), 1, results={"d00": "silent"})
     never.run()
     assert never.inbox["d00"].count(never.inbox["d00"][0]) == 1

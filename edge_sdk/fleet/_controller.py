@@ -272,7 +272,7 @@ def load_state(c: Connection, rollout_id: int) -> m.RolloutState:
         wave=h["wave"], waves=h["waves"], reason=h["reason"],
         tokens=float(extra.get("tokens", 0.0)), tokens_at=float(extra.get("tokens_at", 0.0)),
         approved=int(extra.get("approved", 0)), held=bool(extra.get("held", False)),
-        republished_at=float(extra.get("republished_at", 0.0)))
+        looked_at=float(extra.get("looked_at", 0.0)))
     for r in c.execute(sa.select(rollout_devices).where(
             rollout_devices.c.rollout == rollout_id)).mappings():
         p = m.DeviceProgress(wave=r["wave"])
@@ -288,7 +288,7 @@ def save_state(c: Connection, st: m.RolloutState, old: m.RolloutState | None) ->
         status=st.status, wave=st.wave, waves=st.waves, reason=st.reason, updated=time.time(),
         machine=json_text({"tokens": st.tokens, "tokens_at": st.tokens_at,
                            "approved": st.approved, "held": st.held,
-                           "republished_at": st.republished_at})))
+                           "looked_at": st.looked_at})))
     for d, p in st.devices.items():
         before = old.devices.get(d) if old is not None else None
         if before == p:

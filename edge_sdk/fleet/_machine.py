@@ -103,7 +103,7 @@ class RolloutState:
     tokens_at: float = 0.0
     approved: int = 0  # the last wave whose pause the operator resumed
     held: bool = False  # paused by the controller after a wave (manual approval)
-    republished_at: float = 0.0  # the last look for unanswered devices (_republish)
+    looked_at: float = 0.0  # the previous tick's time (_republish)
 
 
 # -- events --------------------------------------------------------------------------------
@@ -457,24 +457,30 @@ def _abort(s: RolloutState, why: str, fx: list[Effect]) -> None:
 
 
 def _republish(s: RolloutState, now: float, fx: list[Effect], *, forward: bool) -> None:
-    """Publish again the documents of devices sent at least ``republish_s`` ago that have
-    not answered (rollback documents only, with ``forward`` False: an aborting rollout
-    sends nothing forward again). A QoS 1 acknowledgement is no proof that the broker kept
-    the retained copy: a NATS cluster acknowledges a retained publish during a JetStream
-    leader election and logs "unable to store retained message", so a device that was
-    reconnecting then never reads its document. The same bytes are idempotent for an agent
-    (it skips a document it has handled and says its state again)."""
-    every = s.spec.republish_s
-    if every <= 0 or now - s.republished_at < every:
+    """Publish again the document of each device that has not answered it, at
+    ``republish_s``, twice that, ... after it was sent (rollback documents only, with
+    ``forward`` False: an aborting rollout sends nothing forward again). A QoS 1
+    acknowledgement is no proof that the broker kept the retained copy: a NATS cluster
+    acknowledges a retained publish during a JetStream leader election and logs "unable
+    to store retained message", so a device that was reconnecting then never reads its
+    document. The same bytes are idempotent for an agent (it skips a document it has
+    handled and says its state again). Each tick republishes the devices whose age
+    crossed a multiple of ``republish_s`` since the previous tick (``looked_at``)."""
+    every, before = s.spec.republish_s, s.looked_at
+    s.looked_at = now
+    if every <= 0:
         return
-    s.republished_at = now
+
+    def due(sent_at: float | None) -> bool:
+        if sent_at is None or now - sent_at < every:
+            return False
+        return (now - sent_at) // every > max(0.0, before - sent_at) // every
+
     by_doc: dict[str, list[str]] = {}
     for d, p in sorted(s.devices.items()):
-        if forward and p.status == "sent" and p.document and p.sent_at is not None \
-                and now - p.sent_at >= every:
+        if forward and p.status == "sent" and p.document and due(p.sent_at):
             by_doc.setdefault(p.document, []).append(d)
-        if p.rollback_status == "sent" and p.rollback_document \
-                and p.rollback_sent_at is not None and now - p.rollback_sent_at >= every:
+        if p.rollback_status == "sent" and p.rollback_document and due(p.rollback_sent_at):
             by_doc.setdefault(p.rollback_document, []).append(d)
     fx += [Publish(tuple(devs), doc, again=True) for doc, devs in by_doc.items()]
 
