@@ -304,7 +304,7 @@ def _restart(s: RolloutState, fx: list[Effect]) -> None:
             p.status = "pending"
         if p.rollback_status == "signing":
             p.rollback_status = "pending"
-    fx += [Publish(tuple(devs), doc, again=True) for doc, devs in by_doc.items()]
+    fx += [Publish(tuple(devs), doc) for doc, devs in by_doc.items()]
 
 
 def _command(s: RolloutState, e: Command, fx: list[Effect]) -> None:
