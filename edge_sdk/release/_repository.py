@@ -280,10 +280,7 @@ class Repository:
         for tf in new:
             md.signed.targets[tf.path] = tf
         orphans = self._unlist_orphaned_profiling(md)
-        md.signed.version += 1
-        md.signed.expires = self._expiry(Targets.type)
-        self._sign_and_write(md)
-        self._publish_snapshot_and_timestamp(md)
+        self._publish_targets(md)
         self._delete_profiling(orphans)
         rt = released_target(model_tf)
         assert rt is not None
@@ -323,12 +320,16 @@ class Repository:
             tpath = f"{PROFILING_PREFIX}{request_id}/{fname}"
             out[fname] = self._stage_target(tpath, Path(src), {"edge_sdk": {"profiling": True}})
             md.signed.targets[tpath] = out[fname]
+        self._publish_targets(md)
+        self._delete_profiling(orphans)
+        return out
+
+    def _publish_targets(self, md: Metadata[Targets]) -> None:
+        """Sign a changed targets role as its next version, then snapshot and timestamp."""
         md.signed.version += 1
         md.signed.expires = self._expiry(Targets.type)
         self._sign_and_write(md)
         self._publish_snapshot_and_timestamp(md)
-        self._delete_profiling(orphans)
-        return out
 
     @_exclusive
     def remove_profiling_files(self, request_id: str) -> int:
@@ -342,10 +343,7 @@ class Repository:
         if gone:
             for p in gone:
                 del md.signed.targets[p]
-            md.signed.version += 1
-            md.signed.expires = self._expiry(Targets.type)
-            self._sign_and_write(md)
-            self._publish_snapshot_and_timestamp(md)
+            self._publish_targets(md)
         shutil.rmtree(self.targets_dir / prefix.rstrip("/"), ignore_errors=True)
         return len(gone)
 
@@ -358,10 +356,7 @@ class Repository:
         listed = len(md.signed.targets)
         orphans = self._unlist_orphaned_profiling(md)
         if len(md.signed.targets) < listed:
-            md.signed.version += 1
-            md.signed.expires = self._expiry(Targets.type)
-            self._sign_and_write(md)
-            self._publish_snapshot_and_timestamp(md)
+            self._publish_targets(md)
         self._delete_profiling(orphans)
         return orphans
 
