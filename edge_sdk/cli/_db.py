@@ -3,6 +3,8 @@ log (shared by the release and the fleet commands)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ..errors import EdgeError, UsageError
@@ -38,6 +40,42 @@ def fleet_module() -> Any:
 
 def open_db(db_url: str | None, repo_dir: str | None) -> Any:
     return fleet_module().FleetDB.open(resolve_db(db_url, repo_dir))
+
+
+@contextmanager
+def fleet_db(db_url: str | None, repo_dir: str | None, fleet: str) -> Iterator[Any]:
+    """:func:`open_db` for a command about one fleet: a bad request raised inside (a device
+    or group found nowhere) also names the fleets the database holds when ``fleet`` has
+    no device at all — most often a missing --fleet or EDGE_FLEET."""
+    fl = fleet_module()
+    with open_db(db_url, repo_dir) as db:
+        try:
+            yield db
+        except (UsageError, fl.FleetUsageError) as err:
+            hint = other_fleets(db, fleet)
+            if not hint:
+                raise
+            raise type(err)(f"{err}; {hint}") from err
+
+
+#: Other fleets named by :func:`other_fleets` (the rest are counted).
+_FLEETS_SHOWN = 5
+
+
+def other_fleets(db: Any, fleet: str) -> str:
+    """When ``fleet`` has no device (reported or assigned) and the database holds other
+    fleets, a clause naming them and how to choose one; else ``""``."""
+    known = db.fleets()
+    if known.get(fleet) or not known:
+        return ""
+    names = [f"{f!r} ({n} device{'s' if n != 1 else ''})"
+             for f, n in list(known.items())[:_FLEETS_SHOWN]]
+    more = len(known) - _FLEETS_SHOWN
+    if more > 0:
+        names.append(f"{more} more")
+    pick = next(iter(known)) if len(known) == 1 else "NAME"
+    return (f"the database holds fleet {', '.join(names)}: pass --fleet {pick} or set "
+            f"EDGE_FLEET={pick}")
 
 
 def record(db_url: str | None, repo_dir: str | None, operator: str | None, action: str,

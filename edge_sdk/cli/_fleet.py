@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import click
 
 from ..errors import UsageError
-from ._db import open_db
+from ._db import fleet_db, open_db, other_fleets
 from ._release import rollout_cmd
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -108,7 +108,7 @@ def start_cmd(db_url: str | None, repo_dir: str | None, operator: str | None, fl
                        max_failure_rate=max_failure_rate, max_silent_rate=max_silent_rate,
                        min_finished=min_finished, pause_after_wave=pause_after_wave,
                        rollback=not no_rollback)
-    with open_db(db_url, repo_dir) as db:
+    with fleet_db(db_url, repo_dir, fleet) as db:
         rid = start_rollout(db, fleet=fleet, model=model, version=version,
                             selector={"groups": groups, "tags": tags, "devices": devices},
                             spec=spec, actor=actor_name(operator), repo=repo)
@@ -251,7 +251,9 @@ def device_set_cmd(device_ids: tuple[str, ...], db_url: str | None, repo_dir: st
             raise UsageError(f"--file {file}: not UTF-8 text") from None
         for d, ch in fl.parse_assignments(text, file).items():
             changes[d] = ch.merged(change) if d in changes or not change.empty else ch
-    with open_db(db_url, repo_dir) as db:
+    with fleet_db(db_url, repo_dir, fleet) as db:
+        # Before: once assigned, the devices make the fleet no longer empty.
+        hint = other_fleets(db, fleet)
         res = fl.assign_devices(db, fleet=fleet, changes=changes,
                                 actor=fl.actor_name(operator), source=file)
     for d in list(res.assignments)[:_SHOWN]:
@@ -263,6 +265,9 @@ def device_set_cmd(device_ids: tuple[str, ...], db_url: str | None, repo_dir: st
                + f"{len(res.changed)} of {len(res.assignments)} device(s) changed in fleet "
                f"{fleet!r}" + (f"; {len(res.unregistered)} not registered yet (selected once "
                                "they report)" if res.unregistered else ""))
+    if hint:
+        click.echo(f"edge-sdk: warning: fleet {fleet!r} had no device before; {hint}",
+                   err=True)
 
 
 @device_group.command("remove")
@@ -277,7 +282,7 @@ def device_remove_cmd(device_ids: tuple[str, ...], db_url: str | None, repo_dir:
     from ._db import fleet_module
 
     fl = fleet_module()
-    with open_db(db_url, repo_dir) as db:
+    with fleet_db(db_url, repo_dir, fleet) as db:
         res = fl.remove_devices(db, fleet=fleet, device_ids=device_ids,
                                 actor=fl.actor_name(operator))
     click.echo(f"removed {len(res.devices)} device(s) from fleet {fleet!r} "

@@ -255,7 +255,8 @@ def deploy_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...], mod
     r = Repository(repo, keydir)
     # Whom --wait follows in a group: the devices the operator assigned to it, never the
     # ones that only say so in their own state.
-    members = _group_members(db_url, repo, config.fleet, groups) if wait and groups else {}
+    members, hint = _group_members(db_url, repo, config.fleet, groups) if wait and groups \
+        else ({}, "")
     with MqttConnection(config, name="edge-deploy") as conn:
         signed = create_deployment(r, model=model, fleet=config.fleet, version=version,
                                    devices=devices, groups=groups, rollback=rollback,
@@ -280,8 +281,8 @@ def deploy_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...], mod
             if watch is None:
                 return
             if members and not devices and not any(members.values()):
-                raise DeploymentError(f"{_unassigned(list(members), config.fleet)}; nothing "
-                                      "to wait for")
+                raise DeploymentError(f"{_unassigned(list(members), config.fleet, hint)}; "
+                                      "nothing to wait for")
             outcomes = watch.wait(timeout)
         finally:
             if watch is not None:
@@ -294,19 +295,21 @@ def deploy_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...], mod
 
 
 def _group_members(db_url: str | None, repo: str, fleet: str,
-                   groups: tuple[str, ...]) -> dict[str, list[str]]:
+                   groups: tuple[str, ...]) -> tuple[dict[str, list[str]], str]:
     """Each group's devices as the operator assigned them ('edge-sdk device set'), from
-    the fleet database (--db, else the repository's fleet.db)."""
-    from ._db import open_db
+    the fleet database (--db, else the repository's fleet.db); and, when there are none,
+    the other fleets the database holds (:func:`._db.other_fleets`)."""
+    from ._db import open_db, other_fleets
 
     with open_db(db_url, repo) as db:
-        return {g: [d["id"] for d in db.devices(fleet=fleet, group=g)] for g in groups}
+        found = {g: [d["id"] for d in db.devices(fleet=fleet, group=g)] for g in groups}
+        return found, ("" if any(found.values()) else other_fleets(db, fleet))
 
 
-def _unassigned(groups: list[str], fleet: str) -> str:
+def _unassigned(groups: list[str], fleet: str, hint: str) -> str:
     return (f"no device is assigned to group(s) {', '.join(groups)} in fleet {fleet!r} "
             "(a device's own report of its groups does not count: assign devices with "
-            "'edge-sdk device set DEVICE... --group G')")
+            "'edge-sdk device set DEVICE... --group G')" + (f"; {hint}" if hint else ""))
 
 
 def _show_progress(device: str, event: dict[str, Any]) -> None:
@@ -359,10 +362,10 @@ def rollout_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...],
                         rollback=not no_rollback)
     config = _mqtt_config(mqtt)
     r = Repository(repo, keydir)
-    found = _group_members(db_url, repo, config.fleet, groups) if groups else {}
+    found, hint = _group_members(db_url, repo, config.fleet, groups) if groups else ({}, "")
     empty = [g for g, ids in found.items() if not ids]
     if empty:
-        raise UsageError(_unassigned(empty, config.fleet))
+        raise UsageError(_unassigned(empty, config.fleet, hint))
     with MqttConnection(config, name="edge-rollout") as conn:
         result = rollout(r, conn, model=model, version=version, devices=devices,
                          members=sorted({d for ids in found.values() for d in ids}),
@@ -417,12 +420,13 @@ def status_cmd(devices: tuple[str, ...], as_json: bool, db_url: str | None,
     silent: set[str] = set()
     if db_url or repo_dir:
         from ..release._watch import DeviceStatus
-        from ._db import open_db
+        from ._db import open_db, other_fleets
 
         fleet = mqtt["fleet"]
         with open_db(db_url, repo_dir) as db:
             rows = db.devices(fleet=fleet)
-            where = redact_url(db.url)
+            hint = "" if rows else other_fleets(db, fleet)  # a missing --fleet, most often
+            where = redact_url(db.url) + (f"; {hint}" if hint else "")
             counts = db.registry_stats(fleet=fleet)
             noisy = db.ingest_stats(fleet=fleet, limit=5)
         _say_registry(counts, noisy)
@@ -645,7 +649,7 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
     One serve runs a fleet's registry and rollouts at a time: another one on the same
     database and fleet waits (a standby) until the first stops or its lease expires.
     """
-    from ._db import fleet_installed, open_db
+    from ._db import fleet_installed, open_db, other_fleets, resolve_db
 
     config = _mqtt_config(mqtt)
     limits = _device_limits(device_limit)
@@ -710,6 +714,15 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
                            err=True)
                 if web is not None:
                     click.echo(f"fleet page on {web.url}", err=True)
+                if hint := other_fleets(db, config.fleet):
+                    click.echo(f"fleet {config.fleet!r} has no device yet; {hint}", err=True)
+                own = Path(repo) / "fleet.db"
+                if own.exists() and db.url != resolve_db(None, repo):
+                    # The repository's commands run without --db record there, where
+                    # neither this page nor 'audit --db' looks.
+                    click.echo(f"{own} exists too: commands given {repo} without --db "
+                               "(release add, deploy, ...) write there; export EDGE_DB for "
+                               "them", err=True)
                 try:
                     while not stop.wait(0.5) and controller.running:
                         pass

@@ -9,12 +9,12 @@ database is the record.
   and the read API the web page and the CLI use — ``devices(group=, tag=, model=,
   online=)`` (``groups``/``tags``: the operator's assignment; ``reported_groups``,
   ``reported_tags``, ``hardware``: what the device says; ``mismatch``), ``device(id)``,
-  ``device_history(id, limit)``, ``rollouts()``, ``rollout(id)`` (per-wave progress
-  counts and failure reasons), ``models()`` (devices per model version),
-  ``audit(limit)``, ``registry_stats()`` (reports written and ignored, and how far it
-  has got), ``ingest_stats()`` (per device: reports dropped over its budget, lost before
-  the registry), ``lease(fleet)`` (which controller runs it). Every value returned is a
-  plain JSON-serialisable dict or list.
+  ``device_history(id, limit)``, ``fleets()`` (devices per fleet), ``rollouts()``,
+  ``rollout(id)`` (per-wave progress counts and failure reasons), ``models()`` (devices
+  per model version), ``audit(limit)``, ``registry_stats()`` (reports written and
+  ignored, and how far it has got), ``ingest_stats()`` (per device: reports dropped
+  over its budget, lost before the registry), ``lease(fleet)`` (which controller runs
+  it). Every value returned is a plain JSON-serialisable dict or list.
 - :func:`default_url` — the database beside a release repository.
 - :class:`Registry` — ingests every device's retained ``state`` and ``events`` into the DB,
   within :class:`RegistryConfig` (per-device budgets, queue bound, retention, silence).

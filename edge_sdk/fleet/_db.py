@@ -472,6 +472,16 @@ class FleetDB:
         with self.read() as c:
             return [_event(r) for r in c.execute(q).mappings()]
 
+    def fleets(self) -> dict[str, int]:
+        """Each fleet that has a device (registered or assigned) with how many, by name."""
+        a = device_assignments
+        both = sa.union(sa.select(devices.c.fleet, devices.c.id),
+                        sa.select(a.c.fleet, a.c.id)).subquery()
+        q = sa.select(both.c.fleet, sa.func.count()).group_by(both.c.fleet) \
+            .order_by(both.c.fleet)
+        with self.read() as c:
+            return {str(f): int(n) for f, n in c.execute(q)}
+
     def rollouts(self, *, fleet: str | None = None) -> list[dict[str, Any]]:
         """Every rollout, newest first, with its per-wave progress."""
         q = sa.select(rollouts).order_by(rollouts.c.id.desc())
