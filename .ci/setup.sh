@@ -63,6 +63,12 @@ if [ "$EXTRAS" = dev ]; then
     apt_install "${missing[@]}" || echo "setup: could not install ${missing[*]} (not root?); the arm64 job needs them" >&2
   fi
 fi
+# The fleet database tests (tests/_fleetdb.py): PostgreSQL on 127.0.0.1:5432, unless
+# EDGE_TEST_PG names another server.
+if [ "$EXTRAS" = dev ] && [ -z "${EDGE_TEST_PG:-}" ]; then
+  source "$ROOT/.ci/postgres.sh"
+  test_postgres 5432 || true
+fi
 # Debian installs mosquitto and nats-server in /usr/sbin, which is not on every user's PATH.
 export PATH="$ROOT/.venv/bin:$PATH:/usr/sbin"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"

@@ -36,7 +36,9 @@ def make_db(engine: str, tmp: Path) -> Iterator[str]:
     try:
         admin = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as err:
-        pytest.skip(f"no PostgreSQL at {PG_ADMIN}: {err}")
+        why = " ".join(str(err).split())
+        pytest.skip(f"no PostgreSQL at {PG_ADMIN} ({why}): the test command (.ci/test) "
+                    "starts one when run as root, or set EDGE_TEST_PG")
     with admin:
         admin.execute(f'CREATE DATABASE "{name}"')
         try:
