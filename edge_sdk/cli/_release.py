@@ -819,14 +819,20 @@ def _serve_responder(repo: str, keydir: str | None, config: MqttConfig,
                      rcfg: ResponderConfig,
                      metrics_at: tuple[str, int] | None = None) -> None:
     """``serve`` without the fleet database: answer chunk requests until interrupted."""
-    repository = Repository(repo, keydir)
+    try:
+        repository: Repository | None = Repository(repo, keydir)
+    except EdgeError as err:
+        # A responder host may hold only the served metadata/ and targets/.
+        click.echo(f"edge-sdk serve: not re-signing any metadata: {err}", err=True)
+        repository = None
     stop = threading.Event()
     old = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     try:
         with MqttConnection(config, name="edge-serve") as conn:
             responder = RepoResponder(conn, repo, config=rcfg)
             _check_access(conn, responder, fleet=False)
-            with _keep_fresh(repository) as say_fresh, responder, \
+            with _keep_fresh(repository) if repository is not None \
+                    else contextlib.nullcontext(lambda: None) as say_fresh, responder, \
                     _metrics_server(responder, metrics_at):
                 click.echo(f"serving {Path(repo).resolve()} on {redact_url(config.url)} fleet "
                            f"{config.fleet}", err=True)
