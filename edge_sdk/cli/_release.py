@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -117,19 +118,34 @@ def release_group() -> None:
     """Manage the signed (TUF) release repository."""
 
 
+def _durations(values: tuple[str, ...]) -> dict[str, timedelta]:
+    from ..release import parse_duration
+
+    out = {}
+    for v in values:
+        role, sep, text = v.partition("=")
+        if not sep or not role.strip():
+            raise UsageError(f"--expires {v!r}: expected ROLE=DURATION (e.g. timestamp=2m)")
+        out[role.strip()] = parse_duration(text, f"--expires {v!r}")
+    return out
+
+
 @release_group.command("init")
 @click.argument("repo", type=click.Path(file_okay=False))
 @click.option("--keys", "keydir", required=True, type=click.Path(file_okay=False),
               help="Directory for the private keys (created; must be outside REPO).")
 @click.option("--threshold", multiple=True, metavar="ROLE=N",
               help="Signatures needed for ROLE (that many keys are generated). Repeatable.")
-@click.option("--expires", multiple=True, metavar="ROLE=DAYS",
-              help="Lifetime of ROLE's metadata in days. Repeatable.")
+@click.option("--expires", multiple=True, metavar="ROLE=DURATION",
+              help="Lifetime of ROLE's metadata: 90s, 2m, 12h, 7d (a bare number is days; "
+                   "defaults root=365d, targets=90d, snapshot=7d, timestamp=1d). serve "
+                   "re-signs the roles whose keys it holds once half of it has passed. "
+                   "Repeatable.")
 def init_cmd(repo: str, keydir: str, threshold: tuple[str, ...],
              expires: tuple[str, ...]) -> None:
     """Create a TUF repository in REPO with fresh ed25519 keys in KEYDIR."""
     r = Repository.init(repo, keydir, thresholds=_pairs(threshold, "--threshold"),
-                        expires_days=_pairs(expires, "--expires"))
+                        expires=_durations(expires))
     click.echo(f"created release repository {r.path} (keys in {keydir})")
     click.echo(f"device trust anchor:   {r.root_path}")
     click.echo(f"deployment public key: {r.deployment_key_path}")
@@ -409,7 +425,9 @@ def _show_wave(_: str, info: dict[str, Any]) -> None:
 @click.option("--db", "db_url", envvar="EDGE_DB",
               help="Read the fleet database (the registry) instead of the broker.")
 @click.option("--repo", "repo_dir", type=click.Path(file_okay=False, exists=True),
-              help="Read the registry in REPO/fleet.db instead of the broker.")
+              help="Read the registry in REPO/fleet.db instead of the broker (or --db), and "
+                   "warn about REPO's metadata that expires within a day with no online "
+                   "key to re-sign it.")
 @_mqtt_options_required(False)
 def status_cmd(devices: tuple[str, ...], as_json: bool, db_url: str | None,
                repo_dir: str | None, **mqtt: Any) -> None:
@@ -418,6 +436,11 @@ def status_cmd(devices: tuple[str, ...], as_json: bool, db_url: str | None,
     report differs from them."""
     assigned: dict[str, dict[str, Any]] = {}
     silent: set[str] = set()
+    if repo_dir:
+        from ..release import expiry_warnings
+
+        for w in expiry_warnings(Repository(repo_dir)):
+            click.echo(f"! {w.message}", err=True)
     if db_url or repo_dir:
         from ..release._watch import DeviceStatus
         from ._db import open_db, other_fleets
@@ -633,7 +656,8 @@ def _device_limits(values: tuple[str, ...]) -> DeviceLimits:
                    "(0: no watchdog).")
 @click.option("--metrics", "metrics", metavar="HOST:PORT",
               help="Serve the responder's Prometheus counters on http://HOST:PORT/metrics "
-                   "(requests, drops, slow-downs, watchdog stalls; no device ids).")
+                   "(requests, drops, slow-downs, watchdog stalls; no device ids) and the "
+                   "seconds before each role's metadata expires.")
 @_mqtt_options
 def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url: str | None,
               registry_keys: tuple[str, ...],
@@ -669,12 +693,12 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
         if db_given or http or registry_keys:
             raise UsageError("--only responder runs no registry or page: drop --db / --http "
                              "/ --registry")
-        _serve_responder(repo, config, rcfg, metrics_at)
+        _serve_responder(repo, keydir, config, rcfg, metrics_at)
         return
     if only is None and db_url is None and http is None and not fleet_installed():
         click.echo("edge-sdk serve: responder only: the registry, rollouts and fleet page "
                    "need the fleet extra (pip install 'edge-sdk[fleet]')", err=True)
-        _serve_responder(repo, config, rcfg, metrics_at)
+        _serve_responder(repo, keydir, config, rcfg, metrics_at)
         return
     db = open_db(db_url, repo)  # first: it names the [fleet] extra when it is missing
     from ..fleet import RegistryConfig
@@ -704,8 +728,11 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
             controller = Controller(db, repository, conn, poll_s=poll_s, lease_ttl=lease_ttl)
             if not _take_lease(controller, stop):
                 return
-            web = WebServer(db, fleet=config.fleet, config=web_config) if web_config else None
-            with responder or contextlib.nullcontext(), registry, \
+            web = WebServer(db, fleet=config.fleet, config=web_config,
+                            warnings=lambda: _expiry_warnings(repository)) \
+                if web_config else None
+            with _keep_fresh(repository) as say_fresh, responder or contextlib.nullcontext(), \
+                    registry, \
                     web or contextlib.nullcontext(), \
                     _metrics_server(responder, metrics_at):
                 controller.start()
@@ -723,6 +750,7 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
                     click.echo(f"{own} exists too: commands given {repo} without --db "
                                "(release add, deploy, ...) write there; export EDGE_DB for "
                                "them", err=True)
+                say_fresh()
                 try:
                     while not stop.wait(0.5) and controller.running:
                         pass
@@ -763,18 +791,65 @@ def _metrics_server(responder: RepoResponder | None,
         yield
 
 
-def _serve_responder(repo: str, config: MqttConfig, rcfg: ResponderConfig,
+def _expiry_warnings(repository: Repository) -> list[dict[str, Any]]:
+    """The fleet page's ``/api/warnings``: roles expiring within a day with no online key."""
+    from ..release import expiry_warnings
+
+    try:
+        return [w.to_json() for w in expiry_warnings(repository)]
+    except EdgeError as err:
+        return [{"message": f"cannot read the release metadata: {err}"}]
+
+
+@contextlib.contextmanager
+def _keep_fresh(repository: Repository) -> Iterator[Callable[[], None]]:
+    """Re-sign timestamp and snapshot (and any due role whose keys are here) while serving,
+    one line per re-signed role; yields what says (after the 'serving' line) which roles
+    are kept fresh and which are not."""
+    from ..release import FreshnessKeeper, describe_lifetimes
+
+    keeper = FreshnessKeeper(repository, say=lambda line: click.echo(
+        f"edge-sdk serve: {line}", err=True))
+    life = repository.lifetimes()
+
+    def say() -> None:
+        if keeper.roles:
+            click.echo(f"keeping {', '.join(keeper.roles)} fresh (lifetimes "
+                       f"{describe_lifetimes({r: life[r] for r in keeper.roles})}; each "
+                       "re-signed once half of it has passed)", err=True)
+        offline = [r for r in ("snapshot", "timestamp") if r not in keeper.roles]
+        if offline:
+            click.echo(f"edge-sdk serve: no online key for {' and '.join(offline)} in "
+                       f"{repository.keys.dir}: it expires "
+                       f"({describe_lifetimes({r: life[r] for r in offline})}) unless "
+                       "'edge-sdk release refresh' runs with its key (from cron)", err=True)
+
+    with keeper:
+        yield say
+
+
+def _serve_responder(repo: str, keydir: str | None, config: MqttConfig,
+                     rcfg: ResponderConfig,
                      metrics_at: tuple[str, int] | None = None) -> None:
     """``serve`` without the fleet database: answer chunk requests until interrupted."""
+    try:
+        repository: Repository | None = Repository(repo, keydir)
+    except EdgeError as err:
+        # A responder host may hold only the served metadata/ and targets/.
+        click.echo(f"edge-sdk serve: not re-signing any metadata: {err}", err=True)
+        repository = None
     stop = threading.Event()
     old = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     try:
         with MqttConnection(config, name="edge-serve") as conn:
             responder = RepoResponder(conn, repo, config=rcfg)
             _check_access(conn, responder, fleet=False)
-            with responder, _metrics_server(responder, metrics_at):
+            with _keep_fresh(repository) if repository is not None \
+                    else contextlib.nullcontext(lambda: None) as say_fresh, responder, \
+                    _metrics_server(responder, metrics_at):
                 click.echo(f"serving {Path(repo).resolve()} on {redact_url(config.url)} fleet "
                            f"{config.fleet}", err=True)
+                say_fresh()
                 try:
                     while not stop.wait(0.5):
                         pass

@@ -19,7 +19,8 @@ Routes: ``/`` (the page), ``/static/{page.js,page.css}``, ``/api/devices`` (quer
 ``group``, ``tag``, ``model``, ``online``), ``/api/devices/{id}`` (the device and its
 history; ``limit``), ``/api/rollouts``, ``/api/rollouts/{id}``, ``/api/models``,
 ``/api/audit`` (``limit``), ``/api/registry`` (the registry's counts and progress, and
-the devices whose reports it dropped or lost).
+the devices whose reports it dropped or lost), ``/api/warnings`` (what the operator must
+act on: release metadata about to expire that serve cannot re-sign).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import socket
 import socketserver
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -185,10 +187,13 @@ class FleetApi:
     :meth:`handle` never raises."""
 
     def __init__(self, db: FleetDB, *, fleet: str | None = None,
-                 config: WebConfig | None = None) -> None:
+                 config: WebConfig | None = None,
+                 warnings: Callable[[], list[dict[str, Any]]] | None = None) -> None:
+        """``warnings``: what ``/api/warnings`` lists (each a dict with a ``message``)."""
         self.db = db
         self.fleet = fleet
         self.config = config or WebConfig()
+        self.warnings = warnings
 
     def handle(self, method: str, target: str) -> Response:
         try:
@@ -270,9 +275,13 @@ class FleetApi:
             self._no_query(q)
             return {"stats": self.db.registry_stats(fleet=self.fleet),
                     "devices": self.db.ingest_stats(fleet=self.fleet, limit=100)}
+        if segs == ["warnings"]:
+            self._no_query(q)
+            return self.warnings() if self.warnings is not None else []
         raise _BadRequest(404, f"no API route /api/{_show('/'.join(segs))}; routes: "
                                "/api/devices, /api/devices/ID, /api/rollouts, "
-                               "/api/rollouts/ID, /api/models, /api/audit, /api/registry")
+                               "/api/rollouts/ID, /api/models, /api/audit, /api/registry, "
+                               "/api/warnings")
 
     def _query(self, raw: str) -> dict[str, str]:
         cfg = self.config
@@ -575,9 +584,10 @@ class WebServer:
     :meth:`stop`. Raises :class:`FleetError` when the address cannot be bound."""
 
     def __init__(self, db: FleetDB, *, fleet: str | None = None,
-                 config: WebConfig | None = None) -> None:
+                 config: WebConfig | None = None,
+                 warnings: Callable[[], list[dict[str, Any]]] | None = None) -> None:
         self.config = config or WebConfig()
-        self.api = FleetApi(db, fleet=fleet, config=self.config)
+        self.api = FleetApi(db, fleet=fleet, config=self.config, warnings=warnings)
         family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
         try:
             self._server = _Server(self.api, (self.config.host, self.config.port), family)

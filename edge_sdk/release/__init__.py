@@ -1,6 +1,6 @@
 """Host side of releases: the TUF repository and signed deployments.
 
-- :class:`Repository`: ``Repository.init(repo, keydir, thresholds=, expires_days=)``,
+- :class:`Repository`: ``Repository.init(repo, keydir, thresholds=, expires=)``,
   ``Repository(repo)``, ``add_artifact(dir, delta_bases=2) -> ReleasedTarget`` (with
   deltas from earlier versions, see :mod:`edge_sdk.delta`), ``targets()``,
   ``find(name, version=None)``, ``refresh()``, ``rotate_key(role)``,
@@ -16,6 +16,9 @@
 - :func:`profile_on_devices` (``convert --profile-on``, ``bench --on``): candidates as
   ``profiling/`` targets, a signed request per device, the devices' figures back
   (:class:`ProfileConfig`; a silent or refusing device is a :class:`ProfilingError`).
+- :func:`parse_duration` (``2m``, ``12h``, ``7d``), :func:`refresh_due` (half the
+  lifetime passed), :class:`FreshnessKeeper` (serve re-signs the due roles whose keys
+  are online), :func:`expiry_warnings` (roles expiring within a day with no online key).
 - The responder that serves a repository is :class:`edge_sdk.transport.RepoResponder`.
 """
 
@@ -28,6 +31,8 @@ from ._deploy import (
     deployment_state,
     publish_deployment,
 )
+from ._durations import format_duration, parse_duration, refresh_due
+from ._freshness import ExpiryWarning, FreshnessKeeper, describe_lifetimes, expiry_warnings
 from ._profile import DeviceProfiler, ProfileConfig, ProfilingError, profile_on_devices
 from ._repository import DEFAULT_DELTA_BASES, ROLE_NAMES, Repository
 from ._rollout import RolloutConfig, RolloutResult, plan_waves, rollout
@@ -47,6 +52,8 @@ __all__ = [
     "DeploymentWatch",
     "DeviceProfiler",
     "DeviceStatus",
+    "ExpiryWarning",
+    "FreshnessKeeper",
     "Outcome",
     "ProfileConfig",
     "ProfilingError",
@@ -58,11 +65,16 @@ __all__ = [
     "clear_deployment",
     "create_deployment",
     "deployment_state",
+    "describe_lifetimes",
     "describe_transfer",
+    "expiry_warnings",
     "fleet_status",
+    "format_duration",
+    "parse_duration",
     "plan_waves",
     "profile_on_devices",
     "publish_deployment",
+    "refresh_due",
     "released_target",
     "require_success",
     "rollout",

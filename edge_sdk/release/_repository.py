@@ -2,7 +2,7 @@
 
 Layout (only ``metadata/`` and ``targets/`` are ever served)::
 
-    REPO/repo.json                     settings: key directory, expiry per role
+    REPO/repo.json                     settings: key directory, lifetime per role
     REPO/metadata/N.root.json          every root version (clients walk them on rotation)
     REPO/metadata/root.json            latest root (copy)
     REPO/metadata/timestamp.json
@@ -53,13 +53,13 @@ from ..errors import ArtifactError, ConfigError, UsageError
 from ..trust._deployment import compare_versions
 from ..trust._keys import DEPLOYMENT_ROLE, KeyStore, check_outside, public_key_bytes
 from ..trust._targets import DeltaRef, ReleasedTarget, released_target
+from ._durations import refresh_due
 
 SETTINGS = "repo.json"
 # The four top-level TUF roles in the order people read them (TOP_LEVEL_ROLE_NAMES is a set).
 ROLE_NAMES = (Root.type, Targets.type, Snapshot.type, Timestamp.type)
-DEFAULT_EXPIRES = {Root.type: 365, Targets.type: 90, Snapshot.type: 7, Timestamp.type: 1}
-# Re-sign a role when less than this fraction of its lifetime is left.
-REFRESH_MARGIN = 0.5
+DEFAULT_LIFETIMES = {Root.type: timedelta(days=365), Targets.type: timedelta(days=90),
+                     Snapshot.type: timedelta(days=7), Timestamp.type: timedelta(days=1)}
 #: Deltas are built from this many earlier versions of the same model by default.
 DEFAULT_DELTA_BASES = 2
 _SER = JSONSerializer(compact=False)
@@ -130,8 +130,11 @@ class Repository:
     @classmethod
     def init(cls, path: str | os.PathLike[str], keydir: str | os.PathLike[str], *,
              thresholds: Mapping[str, int] | None = None,
-             expires_days: Mapping[str, int] | None = None) -> Repository:
+             expires: Mapping[str, timedelta | int] | None = None) -> Repository:
         """Create keys (``threshold`` keys per role, ed25519) and version 1 of every role.
+
+        ``expires``: each role's lifetime (an int is days), default
+        :data:`DEFAULT_LIFETIMES`; re-signing gives it that long again.
 
         Also creates the separate deployment key and writes its public half to
         ``REPO/deployment.pub.json`` and ``KEYDIR/deployment.pub.json``.
@@ -139,13 +142,17 @@ class Repository:
         repo, kd = Path(path), Path(keydir)
         check_outside(kd, repo)
         th = {r: 1 for r in TOP_LEVEL_ROLE_NAMES} | dict(thresholds or {})
-        ex = dict(DEFAULT_EXPIRES) | dict(expires_days or {})
+        ex = dict(DEFAULT_LIFETIMES) | {
+            r: d if isinstance(d, timedelta) else timedelta(days=d)
+            for r, d in (expires or {}).items()}
         for role in (*th, *ex):
             if role not in TOP_LEVEL_ROLE_NAMES:
                 raise UsageError(f"unknown role {role!r} (roles: root, targets, snapshot, "
                                  "timestamp)")
-        if any(n < 1 for n in th.values()) or any(d < 1 for d in ex.values()):
-            raise UsageError("thresholds and expiry days must be >= 1")
+        if any(n < 1 for n in th.values()):
+            raise UsageError("thresholds must be >= 1")
+        if any(d < timedelta(seconds=1) for d in ex.values()):
+            raise UsageError("lifetimes (--expires) must be at least 1 second")
         if (repo / SETTINGS).exists() or (repo / "metadata").exists():
             raise UsageError(f"{repo}: a repository already exists there")
         if kd.exists() and any(kd.iterdir()):
@@ -160,7 +167,7 @@ class Repository:
             raise
 
     @classmethod
-    def _create(cls, repo: Path, kd: Path, th: dict[str, int], ex: dict[str, int],
+    def _create(cls, repo: Path, kd: Path, th: dict[str, int], ex: dict[str, timedelta],
                 ) -> Repository:
         repo.mkdir(parents=True, exist_ok=True)
         (repo / "metadata").mkdir()
@@ -168,7 +175,7 @@ class Repository:
         (repo / "deployments").mkdir()
         kd.mkdir(parents=True, exist_ok=True)
         store = KeyStore(kd)
-        root = Root(expires=_now() + timedelta(days=ex[Root.type]), consistent_snapshot=True)
+        root = Root(expires=_now() + ex[Root.type], consistent_snapshot=True)
         for role in sorted(TOP_LEVEL_ROLE_NAMES):
             root.roles[role] = Role([], th[role])
             for _ in range(th[role]):
@@ -178,7 +185,9 @@ class Repository:
         atomic_write_bytes(store.public_key_path(DEPLOYMENT_ROLE), pub)
         atomic_write_bytes(repo / "deployment.pub.json", pub)
         atomic_write_bytes(repo / SETTINGS, json.dumps(
-            {"spec": 1, "keys": str(kd.resolve()), "expires": ex}, indent=2).encode())
+            {"spec": 1, "keys": str(kd.resolve()),
+             "expires_s": {r: int(d.total_seconds()) for r, d in ex.items()}},
+            indent=2).encode())
         self = cls(repo, kd)
         self._write_root(Metadata(root))
         targets = Metadata(Targets(expires=self._expiry(Targets.type)))
@@ -232,6 +241,32 @@ class Repository:
 
     def versions(self) -> dict[str, int]:
         return {r: self.load(r).signed.version for r in ROLE_NAMES}
+
+    def lifetimes(self) -> dict[str, timedelta]:
+        """How long each role lives once signed (``release init --expires``)."""
+        secs = self.settings.get("expires_s")
+        days = self.settings.get("expires", {})  # repositories made before durations
+        out = {}
+        for r in ROLE_NAMES:
+            if isinstance(secs, dict) and r in secs:
+                out[r] = timedelta(seconds=int(secs[r]))
+            elif r in days:
+                out[r] = timedelta(days=int(days[r]))
+            else:
+                out[r] = DEFAULT_LIFETIMES[r]
+        return out
+
+    def expiries(self) -> dict[str, datetime]:
+        """When each role's current metadata expires."""
+        return {r: self.load(r).signed.expires for r in ROLE_NAMES}
+
+    def online(self, role: str, root: Root | None = None) -> bool:
+        """Whether the key directory holds enough of ``role``'s keys to re-sign it."""
+        try:
+            self._signers(role, root)
+        except ConfigError:
+            return False
+        return True
 
     # -- changes ---------------------------------------------------------------------
 
@@ -383,6 +418,44 @@ class Repository:
         return [*done, Snapshot.type, Timestamp.type]
 
     @_exclusive
+    def keep_fresh(self, roles: Collection[str]) -> list[tuple[str, int, datetime]]:
+        """Re-sign those of ``roles`` that are due (:func:`refresh_due`), and what must
+        follow them (a new targets needs a new snapshot, which needs a new timestamp);
+        nothing when a role that must follow is not in ``roles``. Returns (role, new
+        version, new expiry) for each. What ``serve`` runs, with the online roles."""
+        now, done = datetime.now(UTC), []
+        lifetime = self.lifetimes()
+
+        def due(md: Metadata[Any]) -> bool:
+            return refresh_due(md.signed.expires, lifetime[md.signed.type], now)
+
+        if Root.type in roles:
+            root = self.load(Root.type)
+            if due(root):
+                root.signed.version += 1
+                root.signed.expires = self._expiry(Root.type)
+                self._write_root(root)
+                done.append(root)
+        if Timestamp.type not in roles:
+            return [(md.signed.type, md.signed.version, md.signed.expires) for md in done]
+        targets = self.load(Targets.type)
+        snapshot, timestamp = self.load(Snapshot.type), self.load(Timestamp.type)
+        chain = Snapshot.type in roles
+        new_targets = chain and Targets.type in roles and due(targets)
+        if new_targets:
+            targets.signed.version += 1
+            targets.signed.expires = self._expiry(Targets.type)
+            self._sign_and_write(targets)
+            done.append(targets)
+        if chain and (new_targets or due(snapshot)):
+            snapshot, timestamp = self._publish_snapshot_and_timestamp(targets)
+            done += [snapshot, timestamp]
+        elif due(timestamp):
+            timestamp = self._publish_timestamp(snapshot)
+            done.append(timestamp)
+        return [(md.signed.type, md.signed.version, md.signed.expires) for md in done]
+
+    @_exclusive
     def rotate_key(self, role: str) -> list[str]:
         """Replace every key of ``role`` with fresh ones in a new root signed by old and new
         root keys, so that clients holding the old root follow. Returns the new key ids."""
@@ -451,13 +524,10 @@ class Repository:
                 os.unlink(self.path / PROFILING_LOCKS / f"{rid}.lock")
 
     def _expiry(self, role: str) -> datetime:
-        days = int(self.settings.get("expires", {}).get(role, DEFAULT_EXPIRES[role]))
-        return _now() + timedelta(days=days)
+        return _now() + self.lifetimes()[role]
 
     def _due(self, md: Metadata[Any], role: str) -> bool:
-        days = int(self.settings.get("expires", {}).get(role, DEFAULT_EXPIRES[role]))
-        left = md.signed.expires - _now()
-        return bool(left < timedelta(days=days) * REFRESH_MARGIN)
+        return refresh_due(md.signed.expires, self.lifetimes()[role], _now())
 
     def _signers(self, role: str, root: Root | None = None) -> list[Any]:
         root = root or self.load(Root.type).signed
@@ -553,7 +623,8 @@ class Repository:
         atomic_write_bytes(self.meta / f"{md.signed.version}.root.json", data)
         atomic_write_bytes(self.meta / "root.json", data)
 
-    def _publish_snapshot_and_timestamp(self, targets: Metadata[Any]) -> None:
+    def _publish_snapshot_and_timestamp(self, targets: Metadata[Any],
+                                        ) -> tuple[Metadata[Any], Metadata[Any]]:
         tdata = (self.meta / f"{targets.signed.version}.targets.json").read_bytes()
         try:
             snap = self.load(Snapshot.type)
@@ -563,7 +634,12 @@ class Repository:
         snap.signed.expires = self._expiry(Snapshot.type)
         snap.signed.meta["targets.json"] = MetaFile.from_data(
             targets.signed.version, tdata, ["sha256"])
-        sdata = self._sign_and_write(snap)
+        self._sign_and_write(snap)
+        return snap, self._publish_timestamp(snap)
+
+    def _publish_timestamp(self, snap: Metadata[Any]) -> Metadata[Any]:
+        """Sign the next timestamp, naming the snapshot ``snap`` (already written)."""
+        sdata = (self.meta / f"{snap.signed.version}.snapshot.json").read_bytes()
         try:
             ts = self.load(Timestamp.type)
             ts.signed.version += 1
@@ -572,6 +648,7 @@ class Repository:
         ts.signed.expires = self._expiry(Timestamp.type)
         ts.signed.snapshot_meta = MetaFile.from_data(snap.signed.version, sdata, ["sha256"])
         self._sign_and_write(ts)
+        return ts
 
 
 class ProfilingRun:

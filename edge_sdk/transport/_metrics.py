@@ -1,16 +1,19 @@
 """Prometheus metrics of a running :class:`RepoResponder` (``edge-sdk serve --metrics``).
 
-Counters only, read from :class:`ResponderStats` at scrape time, in a registry of their
-own: no device id appears in them (a fleet has too many, and a device's name is not
-the scraper's business). Needs ``prometheus-client`` (the ``[agent]`` extra, which
-``serve`` needs anyway).
+Counters read from :class:`ResponderStats` at scrape time, and the seconds before each
+role of the served metadata expires (read from ``REPO/metadata/ROLE.json`` at scrape
+time: what devices get now), in a registry of their own: no device id appears in them
+(a fleet has too many, and a device's name is not the scraper's business). Needs
+``prometheus-client`` (the ``[agent]`` extra, which ``serve`` needs anyway).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -53,12 +56,37 @@ class _ResponderCollector(Collector):
                                 value=1 if r.connection.connected else 0)
 
 
+_ROLES = ("root", "targets", "snapshot", "timestamp")
+
+
+class _ExpiryCollector(Collector):
+    def __init__(self, responder: RepoResponder) -> None:
+        self.meta = responder.repo / "metadata"
+
+    def collect(self) -> Iterator[Metric]:
+        g = GaugeMetricFamily(
+            "edge_release_seconds_to_expiry",
+            "Seconds before the served metadata of each TUF role expires (negative: "
+            "expired). serve re-signs the roles whose keys it holds at half their lifetime.",
+            labels=["role"])
+        now = datetime.now(UTC)
+        for role in _ROLES:
+            try:
+                doc = json.loads((self.meta / f"{role}.json").read_bytes())
+                expires = datetime.fromisoformat(doc["signed"]["expires"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # unreadable: the series goes missing, which alerts can catch
+            g.add_metric([role], (expires - now).total_seconds())
+        yield g
+
+
 class MetricsServer:
     """``/metrics`` of one responder on ``HOST:PORT`` until :meth:`close`."""
 
     def __init__(self, responder: RepoResponder, host: str, port: int) -> None:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_ResponderCollector(responder))
+        registry.register(_ExpiryCollector(responder))
         try:
             server, thread = start_http_server(port, addr=host, registry=registry)
         except OSError as err:

@@ -297,10 +297,22 @@ function renderHistory(doc) {
   }, (e, err) => el("tr", { class: "broken" }, el("td", { colspan: 5 }, errText(err)))));
 }
 
+// -- warnings (release metadata that expires and that serve cannot re-sign) -------------
+
+function renderWarnings(ws) {
+  if (!Array.isArray(ws)) throw new Error("the answer is not a list of warnings");
+  document.getElementById("warnings-box").hidden = !ws.length;
+  document.getElementById("warnings").replaceChildren(...each(ws, (w) => {
+    if (!isObj(w)) throw new Error("not a warning");
+    return el("li", { class: "warning" }, text(w.message, MAX_TITLE));
+  }, (w, err) => el("li", { class: "broken" }, errText(err))));
+}
+
 // -- the page --------------------------------------------------------------------------
 
 // Each section: where its data comes from (null: nothing to fetch) and how it renders.
 const SECTIONS = [
+  { id: "warnings", path: () => "/api/warnings", render: renderWarnings },
   { id: "rollouts", path: () => "/api/rollouts", render: renderRollouts },
   {
     id: "devices",
@@ -327,6 +339,7 @@ async function load(sec) {
     return true;
   } catch (err) {
     if (sec.id === "history") document.getElementById("history").hidden = false;
+    if (sec.id === "warnings") document.getElementById("warnings-box").hidden = false;
     box.textContent = `Cannot show this section: ${errText(err)}`;
     box.hidden = false;
     return err;
