@@ -46,8 +46,8 @@ rollout_group.add_command(rollout_cmd, "run")
 @operator_option
 @click.option("--fleet", default="default", show_default=True, envvar="EDGE_FLEET")
 @click.option("--model", required=True, help="Released artifact name.")
-@click.option("--version", "version", help="Released version (default: the newest; needs "
-              "--repo).")
+@click.option("--version", "version",
+              help="Released version (default: the newest not yanked; needs --repo).")
 @click.option("--group", "groups", multiple=True,
               help="Devices the operator assigned to this group ('edge-sdk device set'). "
                    "Repeatable.")

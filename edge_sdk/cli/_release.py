@@ -179,10 +179,49 @@ def list_cmd(repo: str, as_json: bool) -> None:
     if not targets:
         click.echo("no releases yet")
     for t in targets:
-        click.echo(f"{t.name} {t.version}  {t.length} bytes  sha256 {t.sha256[:16]}…  {t.path}")
+        gone = f"  YANKED{': ' + t.yank_reason if t.yank_reason else ''}" if t.yanked else ""
+        click.echo(f"{t.name} {t.version}  {t.length} bytes  sha256 {t.sha256[:16]}…  {t.path}"
+                   + gone)
         for d in t.deltas:
             click.echo(f"  delta from {d.base_version}: {d.length} bytes "
                        f"({d.length / max(1, t.length):.1%})")
+
+
+@release_group.command("yank")
+@click.argument("repo", type=click.Path(file_okay=False, exists=True))
+@click.argument("name")
+@click.argument("version")
+@click.option("--reason", help="Why (shown by 'release list', the page and refusals).")
+@click.option("--keys", "keydir", type=click.Path(file_okay=False),
+              help="Key directory holding the targets key (default: the one given to init).")
+@_audit_options
+def yank_cmd(repo: str, name: str, version: str, reason: str | None, keydir: str | None,
+             db_url: str | None, operator: str | None) -> None:
+    """Retire release NAME VERSION: signed as yanked in the targets metadata, so that no
+    deploy, rollout or pull picks it; devices running it keep it until told otherwise."""
+    r = Repository(repo, keydir)
+    rt = r.yank(name, version, reason)
+    _audit(db_url, repo, operator, "release.yank", {
+        "repo": str(r.path), "model": rt.name, "version": rt.version, "reason": reason})
+    click.echo(f"yanked {rt.name} {rt.version}" + (f" ({reason})" if reason else "")
+               + f"; targets v{r.versions()['targets']}, timestamp v{r.versions()['timestamp']}")
+
+
+@release_group.command("unyank")
+@click.argument("repo", type=click.Path(file_okay=False, exists=True))
+@click.argument("name")
+@click.argument("version")
+@click.option("--keys", "keydir", type=click.Path(file_okay=False),
+              help="Key directory holding the targets key (default: the one given to init).")
+@_audit_options
+def unyank_cmd(repo: str, name: str, version: str, keydir: str | None, db_url: str | None,
+               operator: str | None) -> None:
+    """Undo a yank of release NAME VERSION (signed like the yank)."""
+    r = Repository(repo, keydir)
+    rt = r.unyank(name, version)
+    _audit(db_url, repo, operator, "release.unyank", {
+        "repo": str(r.path), "model": rt.name, "version": rt.version})
+    click.echo(f"unyanked {rt.name} {rt.version}; targets v{r.versions()['targets']}")
 
 
 @release_group.command("refresh")
@@ -225,7 +264,8 @@ def rotate_cmd(repo: str, role: str, keydir: str | None, db_url: str | None,
 @click.option("--device", "devices", multiple=True, help="Device id. Repeatable.")
 @click.option("--group", "groups", multiple=True, help="Device group. Repeatable.")
 @click.option("--model", required=True, help="Released artifact name.")
-@click.option("--version", "version", help="Released version (default: the newest).")
+@click.option("--version", "version",
+              help="Released version (default: the newest not yanked).")
 @click.option("--rollback", is_flag=True, help="Sign an explicit downgrade.")
 @click.option("--expires-days", default=DEPLOYMENT_EXPIRES_DAYS, show_default=True,
               type=float, help="Lifetime of the deployment document.")
@@ -333,7 +373,8 @@ def _show_progress(device: str, event: dict[str, Any]) -> None:
 @click.option("--db", "db_url", envvar="EDGE_DB",
               help="Fleet database holding the group assignments (default: REPO/fleet.db).")
 @click.option("--model", required=True, help="Released artifact name.")
-@click.option("--version", "version", help="Released version (default: the newest).")
+@click.option("--version", "version",
+              help="Released version (default: the newest not yanked).")
 @click.option("--waves", default=",".join(RolloutConfig.waves), show_default=True,
               help="Cumulative wave sizes: device counts or percentages.")
 @click.option("--max-failures", default=RolloutConfig.max_failures, show_default=True,
@@ -700,7 +741,9 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
             controller = Controller(db, repository, conn, poll_s=poll_s, lease_ttl=lease_ttl)
             if not _take_lease(controller, stop):
                 return
-            web = WebServer(db, fleet=config.fleet, config=web_config) if web_config else None
+            web = WebServer(db, fleet=config.fleet, config=web_config, yanked=lambda: {
+                (t.name, t.version): t.yank_reason for t in repository.targets() if t.yanked
+            }) if web_config else None
             with responder or contextlib.nullcontext(), registry, \
                     web or contextlib.nullcontext(), \
                     _metrics_server(responder, metrics_at):
@@ -845,7 +888,8 @@ def _default_state(fleet: str, device: str) -> Path:
 @click.option("--root", "root", required=True, type=click.Path(dir_okay=False, exists=True),
               help="Trusted root metadata (the device's trust anchor).")
 @click.option("--device", required=True, help="Device id (responses come on its topic).")
-@click.option("--version", "version", help="Version (default: the newest released).")
+@click.option("--version", "version",
+              help="Version (default: the newest released, not yanked).")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
               help="Artifact directory to write.")
 @click.option("--state", type=click.Path(file_okay=False),

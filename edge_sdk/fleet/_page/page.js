@@ -266,7 +266,8 @@ function renderModels(ms) {
   if (!Array.isArray(ms)) throw new Error("the answer is not a list of models");
   document.querySelector("#models tbody").replaceChildren(...each(ms, (m) => {
     if (!isObj(m)) throw new Error("not a model record");
-    return el("tr", {}, td(m.model || "— none —"), td(m.version),
+    return el("tr", m.yanked ? { class: "yanked" } : {}, td(m.model || "— none —"),
+      td(m.yanked ? `${text(m.version)} (yanked${m.yank_reason ? `: ${text(m.yank_reason)}` : ""})` : m.version),
       el("td", {}, text(m.devices, 20)), el("td", {}, text(m.online, 20)));
   }, (m, err) => el("tr", { class: "broken" }, el("td", { colspan: 4 }, errText(err)))));
 }
