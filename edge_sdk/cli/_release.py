@@ -386,18 +386,21 @@ def _show_progress(device: str, event: dict[str, Any]) -> None:
               help="Seconds each wave may take.")
 @click.option("--no-rollback", is_flag=True,
               help="On abort, leave the devices that committed on the new release.")
+@click.option("--rollback", "signed_rollback", is_flag=True,
+              help="A rollback rollout: sign every wave as an explicit rollback, so that "
+                   "devices on a newer version go back to --version (refused without it).")
 @click.option("--keys", "keydir", type=click.Path(file_okay=False))
 @_mqtt_options
 def rollout_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...],
                 db_url: str | None, model: str, version: str | None, waves: str,
                 max_failures: float, wave_timeout: float, no_rollback: bool,
-                keydir: str | None, **mqtt: Any) -> None:
+                signed_rollback: bool, keydir: str | None, **mqtt: Any) -> None:
     """Deploy in growing waves; abort when a wave fails and send the devices back.
 
     Exit 0 when every wave committed, 3 when the rollout aborted."""
     cfg = RolloutConfig(waves=tuple(w for w in waves.split(",") if w.strip()),
                         max_failures=max_failures, wave_timeout=wave_timeout,
-                        rollback=not no_rollback)
+                        rollback=not no_rollback, signed_rollback=signed_rollback)
     config = _mqtt_config(mqtt)
     r = Repository(repo, keydir)
     found = _group_members(db_url, repo, config.fleet, groups) if groups else {}

@@ -231,7 +231,7 @@ function rolloutCard(r) {
     .map(([k, v]) => `${text(k)}: ${listText(v)}`).join("; ");
   const art = el("article", { class: "rollout", id: `rollout-${id}`, "data-status": text(r.status, 40),
     "aria-labelledby": `rollout-${id}-h` },
-    el("h3", { id: `rollout-${id}-h` }, `Rollout ${id}: ${text(r.model)} ${text(r.version)} `,
+    el("h3", { id: `rollout-${id}-h` }, `${r.rollback === true ? "Rollback rollout" : "Rollout"} ${id}: ${text(r.model)} ${text(r.version)} `,
       el("span", { class: `status status-${word(r.status)}` }, text(r.status, 40)),
       r.waves ? ` wave ${text(r.wave, 12)} of ${text(r.waves, 12)}` : ""),
     el("p", { class: "counts" }, `selector ${sel} · started ${when(r.created)} by ${text(r.created_by)}` +
