@@ -5,7 +5,7 @@ run it keep it."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,12 +17,15 @@ from edge_sdk.fleet._db import devices
 from edge_sdk.fleet._web import FleetApi
 from edge_sdk.release import Repository
 from edge_sdk.transport import MqttConfig, MqttConnection, RepoResponder
-from tests import test_agent_e2e
+from tests import test_agent_e2e, test_fleet_e2e
 from tests._broker import Mosquitto
 from tests._trust_env import make_artifact
 from tests.test_agent_e2e import Fleet, new_agent
+from tests.test_fleet_e2e import grp, start, start_fleet, wait_status
 
 agents = test_agent_e2e.agents
+db_url = test_fleet_e2e.db_url  # SQLite and PostgreSQL
+serve = test_fleet_e2e.serve  # `edge-sdk serve` on this module's fleet
 
 
 @pytest.fixture()
@@ -162,18 +165,29 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     with Mosquitto(tmp / "broker") as broker:
         f = Fleet(tmp, broker)
         f.release("1")
+        f.release("2")
         f.release("9", offset=float("nan"))  # fails every agent's smoke test
         yield f
         f.close()
 
 
-def test_an_agent_running_a_yanked_version_keeps_serving_it(fleet, tmp_path, agents) -> None:
+@pytest.fixture()
+def yank_v1(fleet: Fleet) -> Iterator[Callable[[], None]]:
+    """Yanks release 1 of the module's repository when called; unyanks it afterwards."""
+    done: list[bool] = []
+    yield lambda: done.append(bool(fleet.repo.yank("adder", "1", "found a bug")))
+    if done:
+        fleet.repo.unyank("adder", "1")
+
+
+def test_an_agent_running_a_yanked_version_keeps_serving_it(
+        fleet, tmp_path, agents, yank_v1) -> None:
     """Yanked under a running device: it keeps the model through a failed update (its
     local rollback goes back to the yanked version) and a restart."""
     agent = new_agent(fleet, tmp_path, agents, "keeps").start()
     fleet.deploy("keeps", "1")
     agent.wait_version("1")
-    fleet.repo.yank("adder", "1", "found a bug")
+    yank_v1()
     counter = fleet.deploy("keeps", "9")  # the agent refreshes its metadata for this one
     test_agent_e2e.wait_for(lambda: any(
         e["event"] in ("failed", "rolled_back") and
@@ -191,3 +205,22 @@ def test_an_agent_running_a_yanked_version_keeps_serving_it(fleet, tmp_path, age
     fleet.deploy("fresh", "1", rollback=True, allow_yanked=True)
     fresh.wait_version("1")
     assert fresh.infer() == ("1", 2.0)
+
+
+@pytest.mark.slow
+def test_an_abort_sends_devices_back_to_the_yanked_version_they_ran(
+        fleet, tmp_path, agents, db_url, serve, yank_v1) -> None:
+    """The controller's send-back names the version a device ran before, yanked or not:
+    an aborted rollout must not leave devices on the release it stopped."""
+    serve.start()
+    procs = start_fleet(fleet, tmp_path, agents, g := grp("ab", db_url), 2, db_url)
+    yank_v1()
+    rid = start(db_url, "--version", "2", "--group", g, "--waves", "1,100%",
+                "--wave-timeout", "60", "--pause-after-wave")
+    wait_status(db_url, rid, "paused")
+    assert main(["rollout", "abort", str(rid), "--db", db_url]) == 0
+    r = wait_status(db_url, rid, "aborted")
+    (d,) = [x for x in r["devices"] if x["wave"] == 1]
+    assert (d["status"], d["rollback_status"]) == ("committed", "committed"), r
+    for p in procs:
+        assert p.infer() == ("1", 2.0)
