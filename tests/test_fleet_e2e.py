@@ -343,12 +343,54 @@ def test_a_downgrade_rollout_start_is_refused_at_start_not_run_as_a_failed_wave(
     assert main([*args, "--version", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"edge-sdk: error: adder 1 for 1 selected device(s) ({procs[1].device} has "
-                   "2) is a downgrade; a rollback rollout is needed"], err
+                   "2) is a downgrade: start it with --rollback for a signed rollback "
+                   "rollout"], err
     with FleetDB.open(db_url) as db:
         assert db.rollouts() == []
     assert main([*args, "--version", "2"]) == 0  # the same or newer is a rollout
     for p in procs:
         assert p.infer() == ("1" if p is procs[0] else "2", 2.0 if p is procs[0] else 3.0)
+
+
+@pytest.mark.slow
+def test_a_rollback_rollout_sends_devices_on_v2_back_to_v1_in_waves_by_signed_rollbacks(
+        fleet, tmp_path, agents, db_url, serve, capsys) -> None:
+    """`rollout run --rollback` sends one device back; `rollout start --rollback` the
+    group, in two waves: every device ends on version 1 by signed rollback deployments."""
+    serve.start()
+    procs = start_fleet(fleet, tmp_path, agents, g := grp("rb", db_url), 3, db_url)
+    for p in procs:
+        fleet.deploy(p.device, "2")
+    for p in procs:
+        p.wait_version("2")
+    with FleetDB.open(db_url) as db:
+        wait_for(lambda: [d["version"] for d in db.devices(group=g)] == ["2"] * 3, 30)
+    run = ["rollout", "run", "--repo", str(fleet.repo.path), "--model", "adder", "--version",
+           "1", "--device", procs[0].device, "--broker", fleet.broker.url, "--fleet", FLEET,
+           "--wave-timeout", "60"]
+    capsys.readouterr()
+    assert main(run) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"edge-sdk: error: adder 1 is a downgrade for 1 device(s) ({procs[0].device} runs "
+        "2): run it with --rollback for a signed rollback rollout"]
+    assert main([*run, "--rollback"]) == 0
+    assert procs[0].infer() == ("1", 2.0)
+    rid = start(db_url, "--version", "1", "--group", g, "--waves", "1,100%",
+                "--wave-timeout", "60", "--rollback")
+    r = wait_status(db_url, rid, "completed", 90)
+    assert r["rollback"] is True
+    assert [p["by_status"] for p in r["progress"]] == [{"committed": 1}, {"committed": 2}]
+    with FleetDB.open(db_url) as db, db.begin() as c:
+        docs = dict(c.execute(sa.select(rollout_devices.c.device,
+                                        rollout_devices.c.document).where(
+            rollout_devices.c.rollout == rid)).all())
+    for p in procs:
+        signed = json.loads(docs[p.device])["signed"]
+        assert (signed["rollback"], signed["version"]) == (True, "1"), signed
+        assert p.infer() == ("1", 2.0)
+    capsys.readouterr()
+    assert main(["rollout", "status", str(rid), "--db", db_url]) == 0
+    assert capsys.readouterr().out.startswith(f"rollback rollout {rid}: adder 1 completed")
 
 
 def test_a_rollout_start_older_than_what_was_last_sent_is_refused(
@@ -370,8 +412,8 @@ def test_a_rollout_start_older_than_what_was_last_sent_is_refused(
             "--version", "2"]
     capsys.readouterr()
     assert main([*base, "--device", "rec-a", "--device", "rec-b"]) == 2
-    assert "adder 2 for 1 selected device(s) (rec-a has 3) is a downgrade; a rollback " \
-           "rollout is needed" in capsys.readouterr().err
+    assert "adder 2 for 1 selected device(s) (rec-a has 3) is a downgrade: start it with " \
+           "--rollback" in capsys.readouterr().err
     assert main([*base, "--device", "repo-a", "--repo", str(fleet.repo.path)]) == 2
     assert "(repo-a has 3) is a downgrade" in capsys.readouterr().err
     with FleetDB.open(db_url) as db:

@@ -157,6 +157,11 @@ def test_release_add_signs_deltas_and_pull_have_fetches_one(
         # Holding an unrelated version: the whole model comes.
         assert main([*pull, "-o", str(tmp_path / "got3"), "--have", str(dirs["3.0"])]) == 0
         assert "(full artifact (" in capsys.readouterr().out
+        # A yanked base is still a base: a device holding 1.0 gets 2.0 by the delta.
+        assert main(["release", "yank", str(repo), "m", "1.0", "--reason", "old"]) == 0
+        capsys.readouterr()
+        assert main([*pull, "-o", str(tmp_path / "got4"), "--have", str(dirs["1.0"])]) == 0
+        assert f"(delta from 1.0 ({delta['size_bytes']} bytes))" in capsys.readouterr().out
 
 
 _NO_FLEET = """

@@ -46,8 +46,8 @@ rollout_group.add_command(rollout_cmd, "run")
 @operator_option
 @click.option("--fleet", default="default", show_default=True, envvar="EDGE_FLEET")
 @click.option("--model", required=True, help="Released artifact name.")
-@click.option("--version", "version", help="Released version (default: the newest; needs "
-              "--repo).")
+@click.option("--version", "version",
+              help="Released version (default: the newest not yanked; needs --repo).")
 @click.option("--group", "groups", multiple=True,
               help="Devices the operator assigned to this group ('edge-sdk device set'). "
                    "Repeatable.")
@@ -72,11 +72,15 @@ rollout_group.add_command(rollout_cmd, "run")
 @click.option("--pause-after-wave", is_flag=True,
               help="Hold after each wave until 'edge-sdk rollout resume'.")
 @click.option("--no-rollback", is_flag=True, help="On abort, leave committed devices as is.")
+@click.option("--rollback", "signed_rollback", is_flag=True,
+              help="A rollback rollout: sign every wave as an explicit rollback, so that "
+                   "devices on a newer version go back to --version (refused without it).")
 def start_cmd(db_url: str | None, repo_dir: str | None, operator: str | None, fleet: str,
               model: str, version: str | None, groups: tuple[str, ...],
               tags: tuple[str, ...], devices: tuple[str, ...], waves: str, rate: float,
               wave_timeout: float, max_failure_rate: float, max_silent_rate: float,
-              min_finished: int, pause_after_wave: bool, no_rollback: bool) -> None:
+              min_finished: int, pause_after_wave: bool, no_rollback: bool,
+              signed_rollback: bool) -> None:
     """Record a rollout; the controller in 'edge-sdk serve' starts it within a second."""
     from ..release import Repository, plan_waves
     from ._db import fleet_module
@@ -107,12 +111,13 @@ def start_cmd(db_url: str | None, repo_dir: str | None, operator: str | None, fl
     spec = RolloutSpec(waves=wave_list, rate=rate, wave_timeout=wave_timeout,
                        max_failure_rate=max_failure_rate, max_silent_rate=max_silent_rate,
                        min_finished=min_finished, pause_after_wave=pause_after_wave,
-                       rollback=not no_rollback)
+                       rollback=not no_rollback, signed_rollback=signed_rollback)
     with fleet_db(db_url, repo_dir, fleet) as db:
         rid = start_rollout(db, fleet=fleet, model=model, version=version,
                             selector={"groups": groups, "tags": tags, "devices": devices},
                             spec=spec, actor=actor_name(operator), repo=repo)
-    click.echo(f"rollout {rid}: {model} {version} recorded; 'edge-sdk serve' carries it out")
+    what = "rollback rollout" if signed_rollback else "rollout"
+    click.echo(f"{what} {rid}: {model} {version} recorded; 'edge-sdk serve' carries it out")
 
 
 def _command(name: str) -> click.Command:
@@ -150,7 +155,8 @@ def rollout_status_cmd(rollout_id: int, db_url: str | None, repo_dir: str | None
     if as_json:
         click.echo(json.dumps(r, indent=2))
         return
-    click.echo(f"rollout {r['id']}: {r['model']} {r['version']} {r['status']} "
+    what = "rollback rollout" if r.get("rollback") else "rollout"
+    click.echo(f"{what} {r['id']}: {r['model']} {r['version']} {r['status']} "
                f"(wave {r['wave']} of {r['waves']})" + (f": {r['reason']}" if r["reason"]
                                                          else ""))
     for w in r["progress"]:
@@ -177,7 +183,8 @@ def rollout_list_cmd(db_url: str | None, repo_dir: str | None, as_json: bool) ->
         click.echo("no rollouts")
     for r in rows:
         done = sum(1 for d in r["devices"] if d["status"] == "committed")
-        click.echo(f"{r['id']:>4}  {r['fleet']:<10} {r['model']} {r['version']:<8} "
+        back = " (rollback)" if r.get("rollback") else ""
+        click.echo(f"{r['id']:>4}  {r['fleet']:<10} {r['model']} {r['version']:<8}{back} "
                    f"{r['status']:<10} wave {r['wave']}/{r['waves']}  {done}/"
                    f"{len(r['devices'])} committed  by {r['created_by']}")
 

@@ -195,10 +195,49 @@ def list_cmd(repo: str, as_json: bool) -> None:
     if not targets:
         click.echo("no releases yet")
     for t in targets:
-        click.echo(f"{t.name} {t.version}  {t.length} bytes  sha256 {t.sha256[:16]}…  {t.path}")
+        gone = f"  YANKED{': ' + t.yank_reason if t.yank_reason else ''}" if t.yanked else ""
+        click.echo(f"{t.name} {t.version}  {t.length} bytes  sha256 {t.sha256[:16]}…  {t.path}"
+                   + gone)
         for d in t.deltas:
             click.echo(f"  delta from {d.base_version}: {d.length} bytes "
                        f"({d.length / max(1, t.length):.1%})")
+
+
+@release_group.command("yank")
+@click.argument("repo", type=click.Path(file_okay=False, exists=True))
+@click.argument("name")
+@click.argument("version")
+@click.option("--reason", help="Why (shown by 'release list', the page and refusals).")
+@click.option("--keys", "keydir", type=click.Path(file_okay=False),
+              help="Key directory holding the targets key (default: the one given to init).")
+@_audit_options
+def yank_cmd(repo: str, name: str, version: str, reason: str | None, keydir: str | None,
+             db_url: str | None, operator: str | None) -> None:
+    """Retire release NAME VERSION: signed as yanked in the targets metadata, so that no
+    deploy, rollout or pull picks it; devices running it keep it until told otherwise."""
+    r = Repository(repo, keydir)
+    rt = r.yank(name, version, reason)
+    _audit(db_url, repo, operator, "release.yank", {
+        "repo": str(r.path), "model": rt.name, "version": rt.version, "reason": reason})
+    click.echo(f"yanked {rt.name} {rt.version}" + (f" ({reason})" if reason else "")
+               + f"; targets v{r.versions()['targets']}, timestamp v{r.versions()['timestamp']}")
+
+
+@release_group.command("unyank")
+@click.argument("repo", type=click.Path(file_okay=False, exists=True))
+@click.argument("name")
+@click.argument("version")
+@click.option("--keys", "keydir", type=click.Path(file_okay=False),
+              help="Key directory holding the targets key (default: the one given to init).")
+@_audit_options
+def unyank_cmd(repo: str, name: str, version: str, keydir: str | None, db_url: str | None,
+               operator: str | None) -> None:
+    """Undo a yank of release NAME VERSION (signed like the yank)."""
+    r = Repository(repo, keydir)
+    rt = r.unyank(name, version)
+    _audit(db_url, repo, operator, "release.unyank", {
+        "repo": str(r.path), "model": rt.name, "version": rt.version})
+    click.echo(f"unyanked {rt.name} {rt.version}; targets v{r.versions()['targets']}")
 
 
 @release_group.command("refresh")
@@ -241,7 +280,8 @@ def rotate_cmd(repo: str, role: str, keydir: str | None, db_url: str | None,
 @click.option("--device", "devices", multiple=True, help="Device id. Repeatable.")
 @click.option("--group", "groups", multiple=True, help="Device group. Repeatable.")
 @click.option("--model", required=True, help="Released artifact name.")
-@click.option("--version", "version", help="Released version (default: the newest).")
+@click.option("--version", "version",
+              help="Released version (default: the newest not yanked).")
 @click.option("--rollback", is_flag=True, help="Sign an explicit downgrade.")
 @click.option("--expires-days", default=DEPLOYMENT_EXPIRES_DAYS, show_default=True,
               type=float, help="Lifetime of the deployment document.")
@@ -352,7 +392,8 @@ def _show_progress(device: str, event: dict[str, Any]) -> None:
 @click.option("--db", "db_url", envvar="EDGE_DB",
               help="Fleet database holding the group assignments (default: REPO/fleet.db).")
 @click.option("--model", required=True, help="Released artifact name.")
-@click.option("--version", "version", help="Released version (default: the newest).")
+@click.option("--version", "version",
+              help="Released version (default: the newest not yanked).")
 @click.option("--waves", default=",".join(RolloutConfig.waves), show_default=True,
               help="Cumulative wave sizes: device counts or percentages.")
 @click.option("--max-failures", default=RolloutConfig.max_failures, show_default=True,
@@ -364,18 +405,21 @@ def _show_progress(device: str, event: dict[str, Any]) -> None:
               help="Seconds each wave may take.")
 @click.option("--no-rollback", is_flag=True,
               help="On abort, leave the devices that committed on the new release.")
+@click.option("--rollback", "signed_rollback", is_flag=True,
+              help="A rollback rollout: sign every wave as an explicit rollback, so that "
+                   "devices on a newer version go back to --version (refused without it).")
 @click.option("--keys", "keydir", type=click.Path(file_okay=False))
 @_mqtt_options
 def rollout_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...],
                 db_url: str | None, model: str, version: str | None, waves: str,
                 max_failures: float, wave_timeout: float, no_rollback: bool,
-                keydir: str | None, **mqtt: Any) -> None:
+                signed_rollback: bool, keydir: str | None, **mqtt: Any) -> None:
     """Deploy in growing waves; abort when a wave fails and send the devices back.
 
     Exit 0 when every wave committed, 3 when the rollout aborted."""
     cfg = RolloutConfig(waves=tuple(w for w in waves.split(",") if w.strip()),
                         max_failures=max_failures, wave_timeout=wave_timeout,
-                        rollback=not no_rollback)
+                        rollback=not no_rollback, signed_rollback=signed_rollback)
     config = _mqtt_config(mqtt)
     r = Repository(repo, keydir)
     found, hint = _group_members(db_url, repo, config.fleet, groups) if groups else ({}, "")
@@ -729,8 +773,9 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
             if not _take_lease(controller, stop):
                 return
             web = WebServer(db, fleet=config.fleet, config=web_config,
-                            warnings=lambda: _expiry_warnings(repository)) \
-                if web_config else None
+                            warnings=lambda: _expiry_warnings(repository), yanked=lambda: {
+                (t.name, t.version): t.yank_reason for t in repository.targets() if t.yanked
+            }) if web_config else None
             with _keep_fresh(repository) as say_fresh, responder or contextlib.nullcontext(), \
                     registry, \
                     web or contextlib.nullcontext(), \
@@ -933,7 +978,8 @@ def _default_state(fleet: str, device: str) -> Path:
 @click.option("--root", "root", required=True, type=click.Path(dir_okay=False, exists=True),
               help="Trusted root metadata (the device's trust anchor).")
 @click.option("--device", required=True, help="Device id (responses come on its topic).")
-@click.option("--version", "version", help="Version (default: the newest released).")
+@click.option("--version", "version",
+              help="Version (default: the newest released, not yanked).")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
               help="Artifact directory to write.")
 @click.option("--state", type=click.Path(file_okay=False),

@@ -165,7 +165,8 @@ def start_rollout(db: FleetDB, *, fleet: str, model: str, version: str,
     """Create a rollout record (the controller picks it up). Raises
     :class:`FleetUsageError` when the selector matches no registered device, or when
     ``version`` is older than what one of them runs or was last sent (by a rollout, or
-    signed in ``repo``): a downgrade, which no wave could deploy."""
+    signed in ``repo``): a downgrade, which only a rollback rollout
+    (``spec.signed_rollback``) deploys."""
     sel = {k: list(v) for k, v in selector.items() if v}
     if not sel:
         raise FleetUsageError("name at least one --group, --tag or --device")
@@ -179,7 +180,8 @@ def start_rollout(db: FleetDB, *, fleet: str, model: str, version: str,
         raise FleetUsageError(f"the selector {_describe(sel)} matches no device registered in "
                               f"fleet {fleet!r}{_claimed(db, fleet, sel)} (see 'edge-sdk "
                               "status --db ...')")
-    _refuse_downgrade(db, fleet, model, version, found, repo)
+    if not spec.signed_rollback:
+        _refuse_downgrade(db, fleet, model, version, found, repo)
     now = time.time()
     with db.begin() as c:
         rid = c.execute(rollouts.insert().values(
@@ -218,7 +220,8 @@ def _refuse_downgrade(db: FleetDB, fleet: str, model: str, version: str,
         some = ", ".join(f"{d} has {v}" for d, v in sorted(newer.items())[:3])
         more = f" and {len(newer) - 3} more" if len(newer) > 3 else ""
         raise FleetUsageError(f"{model} {version} for {len(newer)} selected device(s) ({some}"
-                              f"{more}) is a downgrade; a rollback rollout is needed")
+                              f"{more}) is a downgrade: start it with --rollback for a signed "
+                              "rollback rollout")
 
 
 def _describe(sel: Mapping[str, Sequence[str]]) -> str:
@@ -578,9 +581,11 @@ class Controller:
     def _effect(self, st: m.RolloutState, fx: m.Effect) -> m.RolloutState:
         if isinstance(fx, m.Sign):
             try:
+                # An abort's send-back returns devices to what they ran, yanked or not.
                 signed = create_deployment(self.repo, model=st.model, fleet=self.topics.fleet,
                                            version=fx.version, devices=fx.devices,
-                                           rollback=fx.rollback)
+                                           rollback=fx.rollback or st.spec.signed_rollback,
+                                           allow_yanked=fx.rollback)
             except EdgeError as err:
                 log.warning("rollout %d: cannot sign for %s: %s", st.id,
                             ", ".join(fx.devices), err)

@@ -781,13 +781,16 @@ def _rollout_rows(c: Connection, rollout_id: int) -> list[RowMapping]:
 
 
 def _rollout(h: RowMapping, rows: Sequence[RowMapping]) -> dict[str, Any]:
+    config = _loads(h["config"], {})
     waves: dict[int, dict[str, int]] = {}
     for r in rows:
         w = waves.setdefault(int(r["wave"]), {})
         w[r["status"]] = w.get(r["status"], 0) + 1
     return {
         "id": h["id"], "fleet": h["fleet"], "model": h["model"], "version": h["version"],
-        "selector": _loads(h["selector"], {}), "config": _loads(h["config"], {}),
+        "selector": _loads(h["selector"], {}), "config": config,
+        # A rollback rollout (started with --rollback): every wave a signed downgrade.
+        "rollback": bool(isinstance(config, dict) and config.get("signed_rollback")),
         "status": h["status"], "wave": h["wave"], "waves": h["waves"],
         "reason": h["reason"], "created": h["created"], "updated": h["updated"],
         "created_by": h["created_by"],

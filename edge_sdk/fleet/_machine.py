@@ -46,7 +46,10 @@ class RolloutSpec:
     when, over at least ``min_finished`` finished devices, the share that failed or
     rolled back exceeds ``max_failure_rate`` or the share that stayed silent exceeds
     ``max_silent_rate``. ``republish_s``: how long a sent device may stay without an
-    answer before its document is published again (and again after as long; 0: never)."""
+    answer before its document is published again (and again after as long; 0: never).
+    ``signed_rollback``: a rollback rollout (``--rollback``): every wave's deployment is
+    signed as an explicit rollback, so that devices on a newer version take the older
+    one (``rollback`` is what an abort does: send committed devices back)."""
 
     waves: tuple[str, ...] = ("1", "10%", "50%", "100%")
     rate: float = 0.0
@@ -57,6 +60,7 @@ class RolloutSpec:
     pause_after_wave: bool = False
     rollback: bool = True
     republish_s: float = 30.0
+    signed_rollback: bool = False
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

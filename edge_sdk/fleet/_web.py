@@ -17,7 +17,8 @@ default-src 'self'``).
 
 Routes: ``/`` (the page), ``/static/{page.js,page.css}``, ``/api/devices`` (query
 ``group``, ``tag``, ``model``, ``online``), ``/api/devices/{id}`` (the device and its
-history; ``limit``), ``/api/rollouts``, ``/api/rollouts/{id}``, ``/api/models``,
+history; ``limit``), ``/api/rollouts``, ``/api/rollouts/{id}``, ``/api/models`` (with
+``yanked``/``yank_reason`` from the release repository when the server has one),
 ``/api/audit`` (``limit``), ``/api/registry`` (the registry's counts and progress, and
 the devices whose reports it dropped or lost), ``/api/warnings`` (what the operator must
 act on: release metadata about to expire that serve cannot re-sign).
@@ -34,7 +35,7 @@ import socket
 import socketserver
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -51,7 +52,11 @@ from .._http import (
     parse_request_line,
     reason,
 )
+from ..errors import EdgeError
 from ._db import FleetDB, FleetError, FleetUsageError
+
+#: Yanked releases, ``(model, version) -> reason`` (None: no reason given).
+Yanked = Callable[[], Mapping[tuple[str, str], str | None]]
 
 log = logging.getLogger("edge_sdk.fleet.web")
 
@@ -184,16 +189,19 @@ def error_body(message: str) -> bytes:
 
 class FleetApi:
     """The routes over one :class:`FleetDB`, scoped to one fleet (``None``: every fleet).
-    :meth:`handle` never raises."""
+    :meth:`handle` never raises. ``yanked`` reads the yanked releases (``serve`` reads its
+    repository) for ``/api/models``."""
 
     def __init__(self, db: FleetDB, *, fleet: str | None = None,
                  config: WebConfig | None = None,
-                 warnings: Callable[[], list[dict[str, Any]]] | None = None) -> None:
+                 warnings: Callable[[], list[dict[str, Any]]] | None = None,
+                 yanked: Yanked | None = None) -> None:
         """``warnings``: what ``/api/warnings`` lists (each a dict with a ``message``)."""
         self.db = db
         self.fleet = fleet
         self.config = config or WebConfig()
         self.warnings = warnings
+        self.yanked = yanked
 
     def handle(self, method: str, target: str) -> Response:
         try:
@@ -267,7 +275,7 @@ class FleetApi:
             return r
         if segs == ["models"]:
             self._no_query(q)
-            return self.db.models(fleet=self.fleet)
+            return self._models()
         if segs == ["audit"]:
             self._no_query(q, "limit")
             return self.db.audit(self._limit(q, 100, cfg.max_audit))
@@ -282,6 +290,21 @@ class FleetApi:
                                "/api/devices, /api/devices/ID, /api/rollouts, "
                                "/api/rollouts/ID, /api/models, /api/audit, /api/registry, "
                                "/api/warnings")
+
+    def _models(self) -> list[dict[str, Any]]:
+        rows = self.db.models(fleet=self.fleet)
+        if self.yanked is None:
+            return rows
+        try:
+            gone: Mapping[tuple[str, str], str | None] | None = self.yanked()
+        except EdgeError as err:  # the page still shows the devices; null: unknown
+            log.warning("fleet page: cannot read the yanked releases: %s", err)
+            gone = None
+        for r in rows:
+            key = (r["model"], r["version"])
+            r["yanked"] = None if gone is None else key in gone
+            r["yank_reason"] = gone.get(key) if gone is not None else None
+        return rows
 
     def _query(self, raw: str) -> dict[str, str]:
         cfg = self.config
@@ -585,9 +608,11 @@ class WebServer:
 
     def __init__(self, db: FleetDB, *, fleet: str | None = None,
                  config: WebConfig | None = None,
-                 warnings: Callable[[], list[dict[str, Any]]] | None = None) -> None:
+                 warnings: Callable[[], list[dict[str, Any]]] | None = None,
+                 yanked: Yanked | None = None) -> None:
         self.config = config or WebConfig()
-        self.api = FleetApi(db, fleet=fleet, config=self.config, warnings=warnings)
+        self.api = FleetApi(db, fleet=fleet, config=self.config, warnings=warnings,
+                            yanked=yanked)
         family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
         try:
             self._server = _Server(self.api, (self.config.host, self.config.port), family)

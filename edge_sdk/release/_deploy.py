@@ -47,12 +47,16 @@ DEPLOYMENT_EXPIRES_DAYS = 30.0
 def create_deployment(repo: Repository, *, model: str, fleet: str,
                       version: str | None = None, devices: Sequence[str] = (),
                       groups: Sequence[str] = (), rollback: bool = False,
-                      expires_days: float = DEPLOYMENT_EXPIRES_DAYS) -> SignedDeployment:
-    """Sign a deployment of release ``model`` (``version`` or the newest) for devices/groups.
+                      expires_days: float = DEPLOYMENT_EXPIRES_DAYS,
+                      allow_yanked: bool = False) -> SignedDeployment:
+    """Sign a deployment of release ``model`` (``version`` or the newest not yanked) for
+    devices/groups.
 
     The counter is strictly increasing per repository (kept in
     ``REPO/deployments/counter``). Deploying an older version than the last
-    one sent to the same device or group needs ``rollback=True``.
+    one sent to the same device or group needs ``rollback=True``. A yanked
+    ``version`` is refused unless ``allow_yanked`` (an aborted rollout sending devices
+    back to what they ran).
     """
     if not devices and not groups:
         raise UsageError("name at least one --device or --group")
@@ -63,7 +67,7 @@ def create_deployment(repo: Repository, *, model: str, fleet: str,
         topics.group_desired(g)
     if expires_days <= 0:
         raise UsageError("deployment expiry must be > 0 days")
-    rel = repo.find(model, version)
+    rel = repo.find(model, version, allow_yanked=allow_yanked)
     signers = repo.keys.signers(DEPLOYMENT_ROLE)
     if not signers:
         raise ConfigError(f"{repo.keys.dir}: no deployment key (was it made by "

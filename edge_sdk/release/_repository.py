@@ -224,15 +224,26 @@ class Repository:
                 out.append(rt)
         return out
 
-    def find(self, name: str, version: str | None = None) -> ReleasedTarget:
-        """The release ``name`` at ``version`` (default: the newest version)."""
-        cands = [t for t in self.targets() if t.name == name and
+    def find(self, name: str, version: str | None = None, *,
+             allow_yanked: bool = False) -> ReleasedTarget:
+        """The release ``name`` at ``version`` (default: the newest version not yanked).
+        Raises :class:`UsageError` for an unknown release, and unless ``allow_yanked``
+        for a yanked ``version`` (or when every version of ``name`` is yanked)."""
+        everything = self.targets()
+        cands = [t for t in everything if t.name == name and
                  (version is None or t.version == version)]
         if not cands:
-            known = sorted({f"{t.name} {t.version}" for t in self.targets()})
+            known = sorted({f"{t.name} {t.version}" for t in everything})
             raise UsageError(
                 f"no release {name}{' ' + version if version else ''} in {self.path} "
                 f"(released: {', '.join(known) or 'none'})")
+        if not allow_yanked:
+            if version is not None:
+                cands[0].refuse_yanked()
+            cands = [t for t in cands if not t.yanked]
+            if not cands:
+                raise UsageError(f"every release of {name} in {self.path} is yanked; name "
+                                 "one with --version after 'edge-sdk release unyank'")
         best = cands[0]
         for t in cands[1:]:
             if compare_versions(t.version, best.version) > 0:
@@ -320,6 +331,41 @@ class Repository:
         rt = released_target(model_tf)
         assert rt is not None
         return rt
+
+    @_exclusive
+    def yank(self, name: str, version: str, reason: str | None = None) -> ReleasedTarget:
+        """Retire release ``name`` ``version``: its target is marked yanked (with
+        ``reason``) in newly signed targets metadata, snapshot and timestamp. The file
+        stays: devices running it keep it, and deltas from it still apply. Yanking it
+        again replaces the reason."""
+        return self._mark_yanked(name, version, {"reason": reason or "", "at":
+                                                 _now().isoformat()})
+
+    @_exclusive
+    def unyank(self, name: str, version: str) -> ReleasedTarget:
+        """Undo :meth:`yank`. Raises :class:`UsageError` when it is not yanked."""
+        return self._mark_yanked(name, version, None)
+
+    def _mark_yanked(self, name: str, version: str,
+                     mark: dict[str, str] | None) -> ReleasedTarget:
+        md = self.load(Targets.type)
+        found = [(tf, rt) for tf in md.signed.targets.values()
+                 if (rt := released_target(tf)) and rt.name == name and rt.version == version]
+        if not found:
+            self.find(name, version, allow_yanked=True)  # the one-line diagnosis
+            raise UsageError(f"no release {name} {version} in {self.path}")
+        tf, rt = found[0]
+        if mark is None and not rt.yanked:
+            raise UsageError(f"{name} {version} is not yanked")
+        info = tf.unrecognized_fields["custom"]["edge_sdk"]
+        if mark is None:
+            info.pop("yanked", None)
+        else:
+            info["yanked"] = mark
+        self._publish_targets(md)
+        out = released_target(tf)
+        assert out is not None
+        return out
 
     @contextlib.contextmanager
     def profiling_run(self, request_id: str) -> Iterator[ProfilingRun]:

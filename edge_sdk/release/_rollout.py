@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from ..errors import EdgeError, UsageError
 from ..transport import MqttConnection, Topics
+from ..trust._deployment import compare_versions
 from ._deploy import (
     DEPLOYMENT_EXPIRES_DAYS,
     clear_deployment,
@@ -45,13 +46,16 @@ class RolloutConfig:
     devices of a wave may fail before the rollout aborts — a count (``>= 1``) or a
     fraction of the wave (``< 1``); 0 stops at the first failure. ``wave_timeout``:
     seconds each wave may take. ``rollback``: on abort, send the devices that committed
-    the new release back to their previous model."""
+    the new release back to their previous model. ``signed_rollback``: a rollback
+    rollout: every wave is signed as an explicit rollback, so that devices on a newer
+    version take an older one (without it such a downgrade is refused before any wave)."""
 
     waves: tuple[str, ...] = DEFAULT_WAVES
     max_failures: float = 0.0
     wave_timeout: float = 600.0
     rollback: bool = True
     expires_days: float = DEPLOYMENT_EXPIRES_DAYS
+    signed_rollback: bool = False
 
     def __post_init__(self) -> None:
         if self.max_failures < 0:
@@ -160,13 +164,22 @@ def rollout(repo: Repository, connection: MqttConnection, *, model: str,
     targets = sorted(set(devices) | joined,
                      key=lambda d: (not (d in states and states[d].online), d))
     before = {d: s.model_ref if (s := states.get(d)) else None for d in targets}
+    if not cfg.signed_rollback:
+        newer = sorted(f"{d} runs {b[1]}" for d, b in before.items() if b is not None
+                       and b[0] == rel.name and compare_versions(rel.version, b[1]) < 0)
+        if newer:
+            more = f" and {len(newer) - 3} more" if len(newer) > 3 else ""
+            raise UsageError(f"{rel.name} {rel.version} is a downgrade for {len(newer)} "
+                             f"device(s) ({', '.join(newer[:3])}{more}): run it with "
+                             "--rollback for a signed rollback rollout")
     result = RolloutResult(rel.name, rel.version, plan_waves(targets, cfg.waves),
                            left_out=sorted(set(members) - joined - set(devices)))
     committed: list[str] = []
     unanswered: list[str] = []
     for i, wave_devices in enumerate(result.planned, 1):
         wave = _deploy_and_wait(repo, connection, t, rel.name, rel.version, wave_devices,
-                                cfg, progress, on_wave, i, rollback=False)
+                                cfg, progress, on_wave, i, rollback=False,
+                                signed_rollback=cfg.signed_rollback)
         result.waves.append(wave)
         committed += [o.device for o in wave.outcomes if o.ok]
         unanswered += wave.unanswered
@@ -186,10 +199,13 @@ def rollout(repo: Repository, connection: MqttConnection, *, model: str,
 def _deploy_and_wait(repo: Repository, connection: MqttConnection, t: Topics, name: str,
                      version: str, devices: Sequence[str], cfg: RolloutConfig,
                      progress: Progress | None, on_wave: Progress | None, index: int, *,
-                     rollback: bool, wait_for: Sequence[str] | None = None) -> Wave:
+                     rollback: bool, wait_for: Sequence[str] | None = None,
+                     signed_rollback: bool = False) -> Wave:
+    """One wave (``rollback``: an abort's send-back to what the devices ran, yanked or
+    not; ``signed_rollback``: a wave of a rollback rollout)."""
     signed = create_deployment(repo, model=name, fleet=t.fleet, version=version,
-                               devices=devices, rollback=rollback,
-                               expires_days=cfg.expires_days)
+                               devices=devices, rollback=rollback or signed_rollback,
+                               expires_days=cfg.expires_days, allow_yanked=rollback)
     counter = signed.deployment.counter
     if on_wave is not None:
         on_wave("wave", {"event": "start", "index": index, "devices": list(devices),
@@ -233,7 +249,7 @@ def _roll_back(repo: Repository, connection: MqttConnection, t: Topics, name: st
         by_version[prev[1]].append(d)
     for i, (prev_version, devs) in enumerate(sorted(by_version.items()), 1):
         try:
-            repo.find(name, prev_version)
+            repo.find(name, prev_version, allow_yanked=True)
         except EdgeError as err:
             result.not_rolled_back |= {d: str(err) for d in devs}
             continue

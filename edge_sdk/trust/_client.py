@@ -260,8 +260,9 @@ class UpdateClient:
     def fetch_release(self, name: str, dest_dir: str | os.PathLike[str], *,
                       version: str | None = None, progress: Progress | None = None,
                       have: Sequence[LocalModel] = (), reserve: Reserve | None = None) -> Path:
-        """Fetch release ``name`` (newest, or ``version``) without a deployment (``pull``);
-        ``have`` and ``reserve`` as for :meth:`fetch`."""
+        """Fetch release ``name`` (the newest not yanked, or ``version``) without a
+        deployment (``pull``); ``have`` and ``reserve`` as for :meth:`fetch`. A yanked
+        ``version`` is refused (:class:`~edge_sdk.errors.UsageError`)."""
         updater = self.refresh()
         md = Metadata[Targets].from_file(str(self.metadata_dir / "targets.json"))
         best: tuple[TargetFile, ReleasedTarget] | None = None
@@ -269,11 +270,16 @@ class UpdateClient:
             rt = released_target(tf)
             if rt is None or rt.name != name or (version is not None and rt.version != version):
                 continue
+            if version is not None:
+                rt.refuse_yanked()
+            elif rt.yanked:
+                continue
             if best is None or compare_versions(rt.version, best[1].version) > 0:
                 best = (tf, rt)
         if best is None:
             raise TargetMismatchError(
-                f"the release repository lists no {name}{' ' + version if version else ''}")
+                f"the release repository lists no {name}{' ' + version if version else ''}"
+                f"{'' if version else ' that is not yanked'}")
         tf = self._targetinfo(updater, best[0].path)
         return self._install(updater, tf, best[1], Path(dest_dir), progress, have, None, reserve)
 

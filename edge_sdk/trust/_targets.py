@@ -15,6 +15,8 @@ from typing import Any
 
 from tuf.api.metadata import TargetFile  # type: ignore[attr-defined]
 
+from ..errors import UsageError
+
 
 @dataclass(frozen=True)
 class DeltaRef:
@@ -57,11 +59,23 @@ class ReleasedTarget:
     files: Mapping[str, str]
     #: Deltas from earlier releases, newest base first.
     deltas: tuple[DeltaRef, ...] = ()
+    #: Retired by ``edge-sdk release yank``: no newest-version default picks it and no
+    #: one names it explicitly, but devices that run it keep it (and deltas from it).
+    yanked: bool = False
+    yank_reason: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "path": self.path,
                 "sha256": self.sha256, "length": self.length, "size_bytes": self.length,
-                "files": dict(self.files), "deltas": [d.to_json() for d in self.deltas]}
+                "files": dict(self.files), "deltas": [d.to_json() for d in self.deltas],
+                "yanked": self.yanked, "yank_reason": self.yank_reason}
+
+    def refuse_yanked(self) -> None:
+        """Raise :class:`~edge_sdk.errors.UsageError` when this release is yanked."""
+        if self.yanked:
+            why = f": {self.yank_reason}" if self.yank_reason else ""
+            raise UsageError(f"{self.name} {self.version} was yanked{why} (a yanked release "
+                             "is not deployed or pulled; 'edge-sdk release unyank' undoes it)")
 
 
 def released_target(tf: TargetFile) -> ReleasedTarget | None:
@@ -79,8 +93,12 @@ def released_target(tf: TargetFile) -> ReleasedTarget | None:
     files = info.get("files") if isinstance(info.get("files"), dict) else {}
     raw = info.get("deltas") if isinstance(info.get("deltas"), list) else []
     deltas = tuple(d for d in map(DeltaRef.from_json, raw or []) if d is not None)
+    yank = info.get("yanked")
+    reason = yank.get("reason") if isinstance(yank, dict) else None
     return ReleasedTarget(str(m.get("name")), str(m.get("version")), tf.path,
-                          tf.hashes.get("sha256", ""), tf.length, m, dict(files or {}), deltas)
+                          tf.hashes.get("sha256", ""), tf.length, m, dict(files or {}), deltas,
+                          yanked=yank is not None and yank is not False,
+                          yank_reason=reason if isinstance(reason, str) and reason else None)
 
 
 def delta_of(tf: TargetFile) -> str | None:

@@ -231,7 +231,7 @@ function rolloutCard(r) {
     .map(([k, v]) => `${text(k)}: ${listText(v)}`).join("; ");
   const art = el("article", { class: "rollout", id: `rollout-${id}`, "data-status": text(r.status, 40),
     "aria-labelledby": `rollout-${id}-h` },
-    el("h3", { id: `rollout-${id}-h` }, `Rollout ${id}: ${text(r.model)} ${text(r.version)} `,
+    el("h3", { id: `rollout-${id}-h` }, `${r.rollback === true ? "Rollback rollout" : "Rollout"} ${id}: ${text(r.model)} ${text(r.version)} `,
       el("span", { class: `status status-${word(r.status)}` }, text(r.status, 40)),
       r.waves ? ` wave ${text(r.wave, 12)} of ${text(r.waves, 12)}` : ""),
     el("p", { class: "counts" }, `selector ${sel} · started ${when(r.created)} by ${text(r.created_by)}` +
@@ -266,7 +266,8 @@ function renderModels(ms) {
   if (!Array.isArray(ms)) throw new Error("the answer is not a list of models");
   document.querySelector("#models tbody").replaceChildren(...each(ms, (m) => {
     if (!isObj(m)) throw new Error("not a model record");
-    return el("tr", {}, td(m.model || "— none —"), td(m.version),
+    return el("tr", m.yanked ? { class: "yanked" } : {}, td(m.model || "— none —"),
+      td(m.yanked ? `${text(m.version)} (yanked${m.yank_reason ? `: ${text(m.yank_reason)}` : ""})` : m.version),
       el("td", {}, text(m.devices, 20)), el("td", {}, text(m.online, 20)));
   }, (m, err) => el("tr", { class: "broken" }, el("td", { colspan: 4 }, errText(err)))));
 }
