@@ -1,14 +1,16 @@
-"""The controller's read-only fleet page and the JSON API behind it.
+"""The controller's fleet page and the JSON API behind it: read-only, but for operators
+who sign in to approve, pause, resume and abort rollouts.
 
-Two layers, as in the agent: :class:`FleetApi` turns a method and a request target into
-``(status, content type, body)`` with no socket (the tests call it directly), and
+Two layers, as in the agent: :class:`FleetApi` turns a :class:`Request` into an
+:class:`Answer` with no socket (the tests call it directly), and
 :class:`WebServer` puts it on a socket with the strict request reader the agent uses too
 (``edge_sdk._http``: no HTTP/0.9 line, no repeated ``Content-Length``, no folded or
-colon-less header line, a ``Host`` that names this server). Only ``GET`` and ``HEAD``;
-every bound is a key of :class:`WebConfig` (connections in all and per client address,
-the time a whole request may take, header and target bytes). A client's mistake is a
-4xx with a one-line JSON ``{"error": ...}``; nothing a client sends ends a thread or the
-server.
+colon-less header line, a ``Host`` that names this server). ``GET`` and ``HEAD``, and
+``POST`` for sign-in and actions with a JSON body of at most ``max_body_bytes``
+(Content-Length required, no chunked body); every bound is a key of :class:`WebConfig`
+(connections in all and per client address, the time a whole request may take, header,
+target and body bytes). A client's mistake is a 4xx with a one-line JSON ``{"error":
+...}``; nothing a client sends ends a thread or the server.
 
 The page is three static files shipped as package data (``_page/``): it polls the API
 every 1.5 s and renders with DOM text nodes only, so nothing a device reports is ever
@@ -19,7 +21,20 @@ Routes: ``/`` (the page), ``/static/{page.js,page.css}``, ``/api/devices`` (quer
 ``group``, ``tag``, ``model``, ``online``), ``/api/devices/{id}`` (the device and its
 history; ``limit``), ``/api/rollouts``, ``/api/rollouts/{id}``, ``/api/models``,
 ``/api/audit`` (``limit``), ``/api/registry`` (the registry's counts and progress, and
-the devices whose reports it dropped or lost).
+the devices whose reports it dropped or lost), ``/api/session`` (who is signed in, the
+CSRF token, whether sign-in is offered and why not).
+
+Sign-in (accounts and sessions: ``_operators``): ``POST /api/login`` (``{"name",
+"password"}``) sets the session cookie (``HttpOnly; SameSite=Strict``, ``Secure`` behind
+a TLS proxy) and answers the CSRF token; ``POST /api/logout``; ``POST
+/api/rollouts/{id}/{approve,pause,resume,abort}`` (abort: ``{"reason"}``) run
+:func:`command_rollout`, as the CLI does, audit-logged with the operator as actor. Each
+of those needs the session (else 401) and ``X-CSRF-Token`` (else 403); a browser's
+``Origin`` must name this page and its ``Sec-Fetch-Site`` be ``same-origin`` (else 403).
+Wrong passwords back off per account and per client address (429 with ``Retry-After``;
+no thread sleeps). The page is plain HTTP, so sign-in is offered only on a loopback
+address or when ``behind_tls_proxy`` says a TLS proxy fronts it; reading needs no
+sign-in, as before.
 """
 
 from __future__ import annotations
