@@ -21,6 +21,7 @@ from edge_sdk.fleet._controller import load_state, save_state
 from edge_sdk.fleet._db import operator_sessions, rollout_commands
 from edge_sdk.fleet._web import FleetApi, Request, WebConfig, WebServer
 from tests import test_fleet_web
+from tests._fleetdb import db_url  # noqa: F401  (both engines)
 from tests.test_fleet_web import FLEET
 
 db = test_fleet_web.db  # the registry of test_fleet_web, a fresh one per test
@@ -306,3 +307,24 @@ def test_operator_add_takes_the_password_from_stdin_and_signs_in_with_it(
     assert not ops.authenticate(db, "carol", PASSWORD)
     assert [a["action"] for a in db.audit(10) if a["actor"] == "root"][:2] in (
         ["operator.add", "operator.remove"], ["operator.remove", "operator.add"])
+
+
+def test_accounts_and_sessions_work_alike_on_sqlite_and_postgresql(db_url) -> None:  # noqa: F811
+    with FleetDB.open(db_url) as db:
+        api = FleetApi(db)
+        assert json.loads(api.handle("GET", "/api/session")[2])["sign_in"] is False
+        ops.add_operator(db, "erin", PASSWORD, "root")
+        ops.add_operator(db, "frank", PASSWORD, "root")
+        cookie = sign_in(api, "erin")[0]
+        sign_in(api, "frank")
+        assert [(o["name"], o["sessions"], o["disabled"]) for o in ops.list_operators(db)] \
+            == [("erin", 1, False), ("frank", 1, False)]
+        ops.set_disabled(db, "erin", True, "root")
+        assert post(api, "/api/login", {"name": "erin", "password": PASSWORD})[0] == 401
+        ans = api.serve(Request("GET", "/api/session", {"cookie": f"edge_session={cookie}"}))
+        assert json.loads(ans.body)["operator"] is None
+        ops.set_disabled(db, "erin", False, "root")
+        sign_in(api, "erin")
+        with db.read() as c:
+            ids = c.execute(sa.select(operator_sessions.c.id)).scalars().all()
+        assert len(ids) == 2 and cookie not in ids and all(len(i) == 64 for i in ids)
