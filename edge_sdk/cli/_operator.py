@@ -44,9 +44,9 @@ _stdin_option = click.option("--password-stdin", "password_stdin", is_flag=True,
 def add_cmd(name: str, db_url: str | None, repo_dir: str | None, operator: str | None,
             password_stdin: bool) -> None:
     """Make operator NAME (asks for its password)."""
+    fl = fleet_module()  # first: it names the [fleet] extra when it is missing
     from ..fleet import _operators as ops
 
-    fl = fleet_module()
     ops.check_name(name)  # before asking for a password
     password = _password(password_stdin)
     with open_db(db_url, repo_dir) as db:
@@ -63,9 +63,9 @@ def add_cmd(name: str, db_url: str | None, repo_dir: str | None, operator: str |
 def passwd_cmd(name: str, db_url: str | None, repo_dir: str | None, operator: str | None,
                password_stdin: bool) -> None:
     """Give operator NAME a new password; its sessions end."""
+    fl = fleet_module()  # first: it names the [fleet] extra when it is missing
     from ..fleet import _operators as ops
 
-    fl = fleet_module()
     password = _password(password_stdin)
     with open_db(db_url, repo_dir) as db:
         ops.set_password(db, name, password, fl.actor_name(operator))
@@ -79,9 +79,9 @@ def _toggle(name: str, disabled: bool) -> click.Command:
     @operator_option
     def cmd(name: str, db_url: str | None, repo_dir: str | None,
             operator: str | None) -> None:
+        fl = fleet_module()
         from ..fleet import _operators as ops
 
-        fl = fleet_module()
         with open_db(db_url, repo_dir) as db:
             ops.set_disabled(db, name, disabled, fl.actor_name(operator))
         click.echo(f"operator {name} " + ("disabled; signed out everywhere" if disabled
@@ -103,9 +103,9 @@ operator_group.add_command(_toggle("enable", False))
 def remove_cmd(name: str, db_url: str | None, repo_dir: str | None,
                operator: str | None) -> None:
     """Remove operator NAME; its sessions end at once."""
+    fl = fleet_module()  # first: it names the [fleet] extra when it is missing
     from ..fleet import _operators as ops
 
-    fl = fleet_module()
     with open_db(db_url, repo_dir) as db:
         ops.remove_operator(db, name, fl.actor_name(operator))
     click.echo(f"operator {name} removed")
@@ -116,6 +116,7 @@ def remove_cmd(name: str, db_url: str | None, repo_dir: str | None,
 @click.option("--json", "as_json", is_flag=True)
 def list_cmd(db_url: str | None, repo_dir: str | None, as_json: bool) -> None:
     """List the operators and their live sessions."""
+    fleet_module()
     from ..fleet import _operators as ops
 
     with open_db(db_url, repo_dir) as db:

@@ -716,6 +716,8 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
                            err=True)
                 if web is not None:
                     click.echo(f"fleet page on {web.url}", err=True)
+                    if web.api.no_sign_in:
+                        click.echo(f"fleet page: {web.api.no_sign_in}", err=True)
                 try:
                     while not stop.wait(0.5) and controller.running:
                         pass
