@@ -84,6 +84,7 @@ def test_a_signed_in_operator_approves_pauses_resumes_and_aborts_from_the_page(
         _click(browser, "#signin-form button[type=submit]")
         wait_for(lambda: "Signed in as alice" in _text(browser, "#signed-in"), 20,
                  lambda: _text(browser, "#signin"))
+        assert not _visible(browser, "#signin-form")
         # Only the buttons that apply to each state.
         wait_for(lambda: _buttons(browser, art) == ["approve", "abort"], 20,
                  lambda: str(_buttons(browser, art)))
