@@ -44,6 +44,8 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
                 "status, pause, resume, abort, list (recorded in the fleet DB), or run."),
     "device": ("edge_sdk.cli._fleet:device_group", "fleet", "Assign devices the groups and "
                "tags rollouts select by; remove devices from the registry."),
+    "operator": ("edge_sdk.cli._operator:operator_group", "fleet", "Operator accounts that "
+                 "sign in to the fleet page to approve, pause, resume and abort rollouts."),
     "audit": ("edge_sdk.cli._fleet:audit_cmd", "fleet", "Show the audit log of operator "
               "actions."),
     "agent": ("device_agent._cli:agent_cmd", "agent", "Run the device agent daemon."),

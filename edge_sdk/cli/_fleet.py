@@ -1,4 +1,4 @@
-"""``rollout start|status|pause|resume|abort|list|run``, ``device set|remove`` and
+"""``rollout start|status|pause|resume|approve|abort|list|run``, ``device set|remove`` and
 ``audit``: thin wrappers over edge_sdk.fleet. The CLI writes rollout records, commands
 and device assignments to the fleet database; the controller inside ``edge-sdk serve``
 carries them out (the database is the authority)."""
@@ -135,11 +135,13 @@ def _command(name: str) -> click.Command:
 
     cmd.help = {"pause": "Hold a rollout: no more devices get it until resumed.",
                 "resume": "Continue a paused rollout (also approves the next wave).",
+                "approve": "Approve the next wave of a rollout held after a wave "
+                           "(--pause-after-wave); refused for any other.",
                 "abort": "Stop a rollout and send committed devices back."}[name]
     return cmd
 
 
-for _name in ("pause", "resume", "abort"):
+for _name in ("pause", "resume", "abort", "approve"):
     rollout_group.add_command(_command(_name))
 
 

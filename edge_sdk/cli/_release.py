@@ -680,7 +680,11 @@ def _device_limits(values: tuple[str, ...]) -> DeviceLimits:
               help="Serve the read-only fleet page and its JSON API, e.g. 127.0.0.1:8700 "
                    "(loopback only unless --http-allow-remote).")
 @click.option("--http-allow-remote", is_flag=True,
-              help="Allow --http on a non-loopback address (the page has no login).")
+              help="Allow --http on a non-loopback address (reading the page needs no "
+                   "sign-in).")
+@click.option("--http-behind-tls-proxy", "http_tls_proxy", is_flag=True,
+              help="A TLS proxy fronts the page: offer operator sign-in on a non-loopback "
+                   "--http and mark the session cookie Secure.")
 @click.option("--http-allow-host", "http_hosts", multiple=True, metavar="NAME",
               help="A host name the page may be reached by (a proxy's, a DNS name); other "
                    "names than IP addresses and localhost are refused (DNS rebinding). "
@@ -706,7 +710,8 @@ def _device_limits(values: tuple[str, ...]) -> DeviceLimits:
 def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url: str | None,
               registry_keys: tuple[str, ...],
               keydir: str | None, poll_s: float, lease_ttl: float, http: str | None,
-              http_allow_remote: bool, http_hosts: tuple[str, ...], only: str | None,
+              http_allow_remote: bool, http_tls_proxy: bool, http_hosts: tuple[str, ...],
+              only: str | None,
               partition: str | None, stall_timeout: float, metrics: str | None,
               **mqtt: Any) -> None:
     """Answer chunk requests for REPO, keep the device registry and run the rollouts
@@ -750,7 +755,8 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
 
     try:
         web_config = WebConfig.parse(http, allow_remote=http_allow_remote,
-                                     allowed_hosts=http_hosts) if http else None
+                                     allowed_hosts=http_hosts,
+                                     behind_tls_proxy=http_tls_proxy) if http else None
         registry_config = RegistryConfig.parse(registry_keys)
     except EdgeError:
         db.close()
@@ -786,6 +792,8 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
                            err=True)
                 if web is not None:
                     click.echo(f"fleet page on {web.url}", err=True)
+                    if web.api.no_sign_in:
+                        click.echo(f"fleet page: {web.api.no_sign_in}", err=True)
                 if hint := other_fleets(db, config.fleet):
                     click.echo(f"fleet {config.fleet!r} has no device yet; {hint}", err=True)
                 own = Path(repo) / "fleet.db"

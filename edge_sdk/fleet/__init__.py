@@ -25,6 +25,8 @@ database is the record.
   :func:`start_rollout`, :func:`command_rollout` write the records it follows;
   :class:`RolloutSpec` — waves, rate, timeout, abort criteria, pause after each wave.
 - :func:`actor_name`, :func:`audit` — the audit log's actor and an appended action.
+- Operator accounts and page sessions live in ``_operators`` (``edge-sdk operator``);
+  the page that uses them in ``_web``.
 - :class:`FleetError` (one-line diagnoses), :class:`FleetUsageError` (bad requests),
   :class:`LeaseHeld` / :class:`LeaseLost` (another controller runs the fleet).
 """

@@ -241,12 +241,16 @@ def _claimed(db: FleetDB, fleet: str, sel: Mapping[str, Sequence[str]]) -> str:
             "--group G --tag K=V'")
 
 
-def command_rollout(db: FleetDB, rollout_id: int, command: str, actor: str) -> None:
-    """Queue ``pause``/``resume``/``abort`` for the controller. Raises
-    :class:`FleetUsageError` for an unknown rollout or one the command does not apply to."""
+def command_rollout(db: FleetDB, rollout_id: int, command: str, actor: str, *,
+                    note: Mapping[str, Any] | None = None) -> None:
+    """Queue ``pause``/``resume``/``abort`` for the controller, or ``approve``: the
+    ``resume`` of a rollout the controller held after a wave (``pause_after_wave``),
+    refused for any other. Audit-logged as ``rollout.COMMAND`` by ``actor`` with ``note``
+    added to its parameters. Raises :class:`FleetUsageError` for an unknown rollout or
+    one the command does not apply to."""
     with db.begin() as c:
-        row = c.execute(sa.select(rollouts.c.status).where(rollouts.c.id == rollout_id)
-                        .with_for_update()).first()
+        row = c.execute(sa.select(rollouts.c.status, rollouts.c.machine)
+                        .where(rollouts.c.id == rollout_id).with_for_update()).first()
         if row is None:
             raise FleetUsageError(f"no rollout {rollout_id}")
         pending = c.execute(sa.select(rollout_commands.c.command).where(
@@ -255,13 +259,22 @@ def command_rollout(db: FleetDB, rollout_id: int, command: str, actor: str) -> N
         status = row.status
         for earlier in pending:  # what the status will be once queued commands are applied
             status = {"pause": "paused", "resume": "running", "abort": "aborting"}[earlier]
+        queued = command
+        if command == "approve":
+            if status == "paused" and not pending and \
+                    json_value(row.machine, {}).get("held", False):
+                queued = "resume"
+            else:
+                raise FleetUsageError(f"cannot approve rollout {rollout_id}: it is {status}, "
+                                      "not waiting for approval after a wave")
         try:
-            m.check_command(status, command)
+            m.check_command(status, queued)
         except m.CommandRefused as err:
             raise FleetUsageError(f"cannot {command} rollout {rollout_id}: {err}") from None
-        c.execute(rollout_commands.insert().values(rollout=rollout_id, command=command,
+        c.execute(rollout_commands.insert().values(rollout=rollout_id, command=queued,
                                                    actor=actor, created=time.time()))
-        db.record_audit(actor, f"rollout.{command}", {"rollout": rollout_id}, conn=c)
+        db.record_audit(actor, f"rollout.{command}", {"rollout": rollout_id, **(note or {})},
+                        conn=c)
 
 
 # -- state in the database -----------------------------------------------------------------

@@ -38,7 +38,7 @@ from ..errors import EdgeError
 from ._select import hardware_matches, mismatch, split_tags, tag_matches
 
 #: The schema this code writes. Bump it and add a step to ``_MIGRATIONS`` together.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 
 class FleetError(EdgeError):
@@ -253,6 +253,30 @@ device_desired = sa.Table(
     sa.Column("changed", sa.Float, nullable=False),
     sa.Column("published", sa.Float),
     sa.Index("ix_device_desired_published", "fleet", "published"),
+)
+
+#: The fleet page's operator accounts (schema 7; ``edge-sdk operator add``): ``hash`` is
+#: ``scrypt$N$r$p$SALT$KEY`` (see ``_operators``); a ``disabled`` one cannot sign in.
+operators = sa.Table(
+    "operators", meta,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("hash", sa.String(256), nullable=False),
+    sa.Column("created", sa.Float, nullable=False),
+    sa.Column("created_by", sa.String(128), nullable=False),
+    sa.Column("disabled", sa.Boolean, nullable=False, default=False),
+)
+
+#: Signed-in page sessions (schema 7): ``id`` is the sha256 of the cookie's token (the
+#: token itself is stored nowhere), valid until ``expires`` and while used within the
+#: idle timeout. Removing an operator or changing its password deletes its rows.
+operator_sessions = sa.Table(
+    "operator_sessions", meta,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("operator", sa.String(64), nullable=False, index=True),
+    sa.Column("created", sa.Float, nullable=False),
+    sa.Column("last_used", sa.Float, nullable=False),
+    sa.Column("expires", sa.Float, nullable=False),
+    sa.Column("address", sa.String(64), nullable=False, default=""),
 )
 
 #: Rollout states in which the controller still has work to do.
@@ -794,6 +818,9 @@ def _rollout(h: RowMapping, rows: Sequence[RowMapping]) -> dict[str, Any]:
         "status": h["status"], "wave": h["wave"], "waves": h["waves"],
         "reason": h["reason"], "created": h["created"], "updated": h["updated"],
         "created_by": h["created_by"],
+        # Paused by the controller after a wave: 'resume' approves the next one.
+        "awaiting_approval": h["status"] == "paused"
+        and bool(_loads(h["machine"], {}).get("held", False)),
         "progress": [{"wave": i, "devices": sum(waves[i].values()), "by_status": waves[i]}
                      for i in sorted(waves)],
         "devices": [{"device": r["device"], "wave": r["wave"], "status": r["status"],
@@ -847,7 +874,12 @@ def _v6(c: Connection) -> None:
         _EVENTS_TS.create(c)
 
 
-_MIGRATIONS = {1: _v1, 2: _v2, 3: _v3, 4: _v4, 5: _v5, 6: _v6}
+def _v7(c: Connection) -> None:
+    """Operator accounts and sessions of the fleet page's sign-in."""
+    meta.create_all(c, tables=[operators, operator_sessions])
+
+
+_MIGRATIONS = {1: _v1, 2: _v2, 3: _v3, 4: _v4, 5: _v5, 6: _v6, 7: _v7}
 
 
 def _migrate(c: Connection, url: str, *, write: bool) -> None:

@@ -1,14 +1,16 @@
-"""The controller's read-only fleet page and the JSON API behind it.
+"""The controller's fleet page and the JSON API behind it: read-only, but for operators
+who sign in to approve, pause, resume and abort rollouts.
 
-Two layers, as in the agent: :class:`FleetApi` turns a method and a request target into
-``(status, content type, body)`` with no socket (the tests call it directly), and
+Two layers, as in the agent: :class:`FleetApi` turns a :class:`Request` into an
+:class:`Answer` with no socket (the tests call it directly), and
 :class:`WebServer` puts it on a socket with the strict request reader the agent uses too
 (``edge_sdk._http``: no HTTP/0.9 line, no repeated ``Content-Length``, no folded or
-colon-less header line, a ``Host`` that names this server). Only ``GET`` and ``HEAD``;
-every bound is a key of :class:`WebConfig` (connections in all and per client address,
-the time a whole request may take, header and target bytes). A client's mistake is a
-4xx with a one-line JSON ``{"error": ...}``; nothing a client sends ends a thread or the
-server.
+colon-less header line, a ``Host`` that names this server). ``GET`` and ``HEAD``, and
+``POST`` for sign-in and actions with a JSON body of at most ``max_body_bytes``
+(Content-Length required, no chunked body); every bound is a key of :class:`WebConfig`
+(connections in all and per client address, the time a whole request may take, header,
+target and body bytes). A client's mistake is a 4xx with a one-line JSON ``{"error":
+...}``; nothing a client sends ends a thread or the server.
 
 The page is three static files shipped as package data (``_page/``): it polls the API
 every 1.5 s and renders with DOM text nodes only, so nothing a device reports is ever
@@ -21,12 +23,26 @@ history; ``limit``), ``/api/rollouts``, ``/api/rollouts/{id}``, ``/api/models`` 
 ``yanked``/``yank_reason`` from the release repository when the server has one),
 ``/api/audit`` (``limit``), ``/api/registry`` (the registry's counts and progress, and
 the devices whose reports it dropped or lost), ``/api/warnings`` (what the operator must
-act on: release metadata about to expire that serve cannot re-sign).
+act on: release metadata about to expire that serve cannot re-sign), ``/api/session`` (who
+is signed in, the CSRF token, whether sign-in is offered and why not).
+
+Sign-in (accounts and sessions: ``_operators``): ``POST /api/login`` (``{"name",
+"password"}``) sets the session cookie (``HttpOnly; SameSite=Strict``, ``Secure`` behind
+a TLS proxy) and answers the CSRF token; ``POST /api/logout``; ``POST
+/api/rollouts/{id}/{approve,pause,resume,abort}`` (abort: ``{"reason"}``) run
+:func:`command_rollout`, as the CLI does, audit-logged with the operator as actor. Each
+of those needs the session (else 401) and ``X-CSRF-Token`` (else 403); a browser's
+``Origin`` must name this page and its ``Sec-Fetch-Site`` be ``same-origin`` (else 403).
+Wrong passwords back off per account and per client address (429 with ``Retry-After``;
+no thread sleeps). The page is plain HTTP, so sign-in is offered only on a loopback
+address or when ``behind_tls_proxy`` says a TLS proxy fronts it; reading needs no
+sign-in, as before.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hmac
 import ipaddress
 import json
 import logging
@@ -36,9 +52,9 @@ import socketserver
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import sqlalchemy as sa
@@ -53,6 +69,8 @@ from .._http import (
     reason,
 )
 from ..errors import EdgeError
+from . import _operators as ops
+from ._controller import command_rollout
 from ._db import FleetDB, FleetError, FleetUsageError
 
 #: Yanked releases, ``(model, version) -> reason`` (None: no reason given).
@@ -83,8 +101,11 @@ _HEADERS = {
 class WebConfig:
     """Where the page listens and what one client may hold.
 
-    ``allow_remote`` must be set to bind anything but a loopback address: the page has no
-    login, and it shows the whole fleet's inventory. ``allowed_hosts`` are the names the
+    ``allow_remote`` must be set to bind anything but a loopback address: reading the page
+    needs no sign-in, and it shows the whole fleet's inventory. Signing in (to act on
+    rollouts) is offered on a loopback address, or with ``behind_tls_proxy`` (the page is
+    plain HTTP: a password and a session cookie must not cross a network in the clear; the
+    cookie is then ``Secure``). ``allowed_hosts`` are the names the
     page may be reached by besides IP addresses, ``localhost`` and ``host`` (a request
     naming any other ``Host`` is refused: DNS rebinding); behind a proxy, the name the
     proxy forwards."""
@@ -107,13 +128,26 @@ class WebConfig:
     max_value_bytes: int = 256
     max_history: int = 1000
     max_audit: int = 1000
+    #: Bytes of a POST body (sign-in, an action); Content-Length is required.
+    max_body_bytes: int = 4096
+    #: A TLS proxy fronts the page (serve --http-behind-tls-proxy): sign-in is offered on
+    #: any address and the session cookie is Secure.
+    behind_tls_proxy: bool = False
+    #: Seconds a session lasts at most, and without use.
+    session_ttl_s: float = 12 * 3600.0
+    session_idle_s: float = 1800.0
+    #: Wrong passwords per account and per client address before the backoff starts,
+    #: its first lock window (doubling with each further one) and its longest.
+    login_free_failures: int = 3
+    login_backoff_s: float = 1.0
+    login_backoff_max_s: float = 900.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise FleetUsageError(f"--http port {self.port} must be in 0..65535")
         for key in ("max_connections", "max_connections_per_client", "max_header_bytes",
                     "max_target_bytes", "max_query_fields", "max_value_bytes", "max_history",
-                    "max_audit"):
+                    "max_audit", "max_body_bytes"):
             if getattr(self, key) < 1:
                 raise FleetUsageError(f"web {key} must be >= 1")
         for name in self.allowed_hosts:
@@ -122,16 +156,21 @@ class WebConfig:
                                       "(no port, no scheme), e.g. fleet.example.com")
         object.__setattr__(self, "allowed_hosts",
                            tuple(n.lower().removesuffix(".") for n in self.allowed_hosts))
-        if not self.timeout_s > 0:
-            raise FleetUsageError("web timeout_s must be > 0")
+        for key in ("timeout_s", "session_ttl_s", "session_idle_s", "login_backoff_s",
+                    "login_backoff_max_s"):
+            if not getattr(self, key) > 0:
+                raise FleetUsageError(f"web {key} must be > 0")
+        if self.login_free_failures < 0:
+            raise FleetUsageError("web login_free_failures must be >= 0")
         if not self.allow_remote and not is_loopback(self.host):
             raise FleetUsageError(
-                f"--http {self.host}: the fleet page has no login, so it binds loopback "
-                "addresses only; pass --http-allow-remote to serve it on another address")
+                f"--http {self.host}: anyone who reaches the fleet page reads it without "
+                "signing in, so it binds loopback addresses only; pass --http-allow-remote "
+                "to serve it on another address")
 
     @classmethod
     def parse(cls, spec: str, *, allow_remote: bool = False,
-              allowed_hosts: tuple[str, ...] = ()) -> WebConfig:
+              allowed_hosts: tuple[str, ...] = (), behind_tls_proxy: bool = False) -> WebConfig:
         """``HOST:PORT``, ``[V6]:PORT`` or ``PORT`` (on 127.0.0.1)."""
         host, sep, port = spec.rpartition(":")
         if not sep:
@@ -140,7 +179,7 @@ class WebConfig:
         if not port.isdigit():
             raise FleetUsageError(f"--http {spec!r} must be HOST:PORT, e.g. 127.0.0.1:8700")
         return cls(host=host, port=int(port), allow_remote=allow_remote,
-                   allowed_hosts=allowed_hosts)
+                   allowed_hosts=allowed_hosts, behind_tls_proxy=behind_tls_proxy)
 
 
 def is_loopback(host: str) -> bool:
@@ -158,12 +197,34 @@ def is_loopback(host: str) -> bool:
 
 
 class _BadRequest(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *,
+                 headers: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers
 
 
 Response = tuple[int, str, bytes]
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request as :class:`FleetApi` sees it: ``headers`` with lower-case names,
+    ``client`` the peer's address."""
+
+    method: str
+    target: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    client: str = "127.0.0.1"
+
+
+class Answer(NamedTuple):
+    status: int
+    ctype: str
+    body: bytes
+    #: Headers beyond the fixed ones (``Set-Cookie``, ``Retry-After``, ``Allow``).
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 def _json_body(value: Any) -> bytes:
@@ -195,53 +256,76 @@ class FleetApi:
     def __init__(self, db: FleetDB, *, fleet: str | None = None,
                  config: WebConfig | None = None,
                  warnings: Callable[[], list[dict[str, Any]]] | None = None,
-                 yanked: Yanked | None = None) -> None:
+                 yanked: Yanked | None = None,
+                 throttle: ops.LoginThrottle | None = None) -> None:
         """``warnings``: what ``/api/warnings`` lists (each a dict with a ``message``)."""
         self.db = db
         self.fleet = fleet
-        self.config = config or WebConfig()
+        self.config = cfg = config or WebConfig()
         self.warnings = warnings
         self.yanked = yanked
+        self.throttle = throttle or ops.LoginThrottle(
+            free=cfg.login_free_failures, base_s=cfg.login_backoff_s,
+            max_s=cfg.login_backoff_max_s)
+        #: Why sign-in is not offered, or None.
+        self.no_sign_in = None if cfg.behind_tls_proxy or is_loopback(cfg.host) else (
+            f"sign-in is off: the page is plain HTTP on {cfg.host}, a network address; "
+            "put a TLS proxy in front and pass --http-behind-tls-proxy")
 
     def handle(self, method: str, target: str) -> Response:
+        """A bodiless request from loopback (the read-only routes)."""
+        status, ctype, body, _ = self.serve(Request(method, target))
+        return status, ctype, body
+
+    def serve(self, req: Request) -> Answer:
         try:
-            return self._route(method, target)
+            return self._route(req)
         except _BadRequest as err:
-            return err.status, _JSON, error_body(str(err))
+            return Answer(err.status, _JSON, error_body(str(err)), err.headers)
         except FleetUsageError as err:
-            return 404, _JSON, error_body(str(err))
+            return Answer(404, _JSON, error_body(str(err)))
         except (FleetError, sa.exc.SQLAlchemyError) as err:
             log.warning("fleet page: database: %s", str(err).splitlines()[0])
-            return 503, _JSON, error_body("the fleet database is not available; see the "
-                                          "serve log")
+            return Answer(503, _JSON, error_body("the fleet database is not available; "
+                                                 "see the serve log"))
         except Exception:
-            log.exception("fleet page: %s %s failed", method, target[:200])
-            return 500, _JSON, error_body("internal error; see the serve log")
+            log.exception("fleet page: %s %s failed", req.method, req.target[:200])
+            return Answer(500, _JSON, error_body("internal error; see the serve log"))
 
-    def _route(self, method: str, target: str) -> Response:
+    def _route(self, req: Request) -> Answer:
         cfg = self.config
+        method, target = req.method, req.target
         if len(target) > cfg.max_target_bytes:
             raise _BadRequest(414, f"request target longer than {cfg.max_target_bytes} "
                                    "bytes (max_target_bytes)")
-        if method not in ("GET", "HEAD"):
-            raise _BadRequest(405, f"{method[:16]} is not allowed: the fleet page is "
-                                   "read-only (GET)")
         if not target.startswith("/"):
             raise _BadRequest(400, "request target must be a path starting with /")
         parts = urlsplit(target)
         path = parts.path
+        if method == "POST":
+            return self._post(req, path, parts.query)
+        if method not in ("GET", "HEAD"):
+            raise _BadRequest(405, f"{method[:16]} is not allowed: the fleet page is "
+                                   "read-only (GET) but for sign-in and rollout actions "
+                                   "(POST)")
+        if path in _POSTS or _action(path) is not None:
+            raise _BadRequest(405, f"{method} {_show(path)} is not allowed: use POST",
+                              headers=(("Allow", "POST"),))
+        if path == "/api/session":
+            self._no_query(self._query(parts.query))
+            return Answer(200, _JSON, _json_body(self._session_doc(req)))
         if path == "/favicon.ico":  # browsers ask; there is none
-            return 204, _JSON, b""
+            return Answer(204, _JSON, b"")
         if path in _STATIC:
             # A query on the page itself (a link's tracking tail, a typo) is ignored: the
             # page must open whatever follows its path.
             name, ctype = _STATIC[path]
-            return 200, ctype, resources.files(__package__).joinpath("_page", name) \
-                .read_bytes()
+            return Answer(200, ctype, resources.files(__package__).joinpath("_page", name)
+                          .read_bytes())
         segs = path.split("/")[1:]
         if segs[:1] != ["api"]:
             raise _BadRequest(404, f"no page {_show(path)}; the API is under /api/")
-        return 200, _JSON, _json_body(self._api(segs[1:], self._query(parts.query)))
+        return Answer(200, _JSON, _json_body(self._api(segs[1:], self._query(parts.query))))
 
     def _api(self, segs: list[str], q: dict[str, str]) -> Any:
         cfg = self.config
@@ -306,6 +390,138 @@ class FleetApi:
             r["yank_reason"] = gone.get(key) if gone is not None else None
         return rows
 
+    # -- sign-in and actions (POST) --------------------------------------------------------
+
+    def _post(self, req: Request, path: str, query: str) -> Answer:
+        action = _action(path)
+        if path not in _POSTS and action is None:
+            allow = "GET, HEAD" if path in _STATIC or path.startswith("/api/") else None
+            raise _BadRequest(405 if allow else 404,
+                              f"POST {_show(path)} is not allowed" if allow else
+                              f"no page {_show(path)}",
+                              headers=(("Allow", allow),) if allow else ())
+        self._no_query(self._query(query))
+        self._same_origin(req)
+        doc = self._json_request(req)
+        if path == "/api/login":
+            return self._login(req, doc)
+        session = self._session(req)
+        if session is None:
+            raise _BadRequest(401, "not signed in (or the session ended): sign in first")
+        token = req.headers.get("x-csrf-token", "")
+        if not hmac.compare_digest(token.encode("latin-1"), session.csrf.encode()):
+            raise _BadRequest(403, "missing or wrong X-CSRF-Token header: reload the page")
+        if path == "/api/logout":
+            ops.close_session(self.db, _cookie(req) or "")
+            self.db.record_audit(session.operator, "operator.logout", {"address": req.client})
+            return Answer(200, _JSON, _json_body({"operator": None}),
+                          (("Set-Cookie", self._cookie_header("", 0)),))
+        assert action is not None
+        return self._act(session, action[0], action[1], doc)
+
+    def _login(self, req: Request, doc: dict[str, Any]) -> Answer:
+        if self.no_sign_in:
+            raise _BadRequest(403, self.no_sign_in)
+        name, password = doc.get("name"), doc.get("password")
+        if not isinstance(name, str) or not isinstance(password, str) or set(doc) - {
+                "name", "password"}:
+            raise _BadRequest(400, 'sign-in takes {"name": "...", "password": "..."}')
+        keys = (f"name {name[:ops.MAX_NAME + 1]}", f"address {_client_key(req.client)}")
+        self.throttle.forget_idle()
+        wait = self.throttle.wait(*keys)
+        if wait > 0:
+            raise _BadRequest(429, f"too many wrong passwords: try again in {math.ceil(wait)} "
+                                   "s", headers=(("Retry-After", str(math.ceil(wait))),))
+        ok = len(name) <= ops.MAX_NAME and len(password) <= ops.MAX_PASSWORD and \
+            ops.authenticate(self.db, name, password)
+        if not ok:
+            self.throttle.failed(*keys)
+            log.warning("fleet page: wrong name or password from %s", req.client)
+            raise _BadRequest(401, "wrong name or password")
+        self.throttle.succeeded(*keys)
+        token = ops.open_session(self.db, name, req.client, self.config.session_ttl_s)
+        self.db.record_audit(name, "operator.login", {"address": req.client})
+        return Answer(200, _JSON, _json_body({"operator": name,
+                                              "csrf": ops.csrf_token(token)}),
+                      (("Set-Cookie", self._cookie_header(token,
+                                                          self.config.session_ttl_s)),))
+
+    def _act(self, session: ops.Session, rid: int, command: str,
+             doc: dict[str, Any]) -> Answer:
+        allowed = {"reason"} if command == "abort" else set()
+        if set(doc) - allowed:
+            raise _BadRequest(400, f"{command} takes " + ('{"reason": "..."} or {}'
+                                                          if allowed else "{}"))
+        reason = doc.get("reason")
+        if reason is not None and (not isinstance(reason, str) or len(reason) > 200
+                                   or not reason.isprintable()):
+            raise _BadRequest(400, "reason must be up to 200 printable characters")
+        r = self.db.rollout(rid)  # FleetUsageError: 404
+        if self.fleet is not None and r["fleet"] != self.fleet:
+            raise _BadRequest(404, f"no rollout {rid} in fleet {self.fleet!r}")
+        note: dict[str, Any] = {"via": "page"}
+        if reason:
+            note["reason"] = reason
+        try:
+            command_rollout(self.db, rid, command, session.operator, note=note)
+        except FleetUsageError as err:
+            raise _BadRequest(409, str(err)) from None
+        return Answer(202, _JSON, _json_body({"rollout": rid, "command": command,
+                                              "by": session.operator}))
+
+    def _session(self, req: Request) -> ops.Session | None:
+        token = _cookie(req)
+        if not token or self.no_sign_in:
+            return None
+        return ops.find_session(self.db, token, self.config.session_idle_s)
+
+    def _session_doc(self, req: Request) -> dict[str, Any]:
+        session = self._session(req)
+        offered = self.no_sign_in is None and ops.has_operators(self.db)
+        return {"operator": session.operator if session else None,
+                "csrf": session.csrf if session else None,
+                "sign_in": offered,
+                "why": self.no_sign_in or (None if offered else
+                                           "no operators: 'edge-sdk operator add NAME'")}
+
+    def _cookie_header(self, token: str, max_age: float) -> str:
+        secure = "; Secure" if self.config.behind_tls_proxy else ""
+        return f"{_COOKIE}={token}; Path=/; Max-Age={int(max_age)}; HttpOnly; " \
+               f"SameSite=Strict{secure}"
+
+    def _same_origin(self, req: Request) -> None:
+        """Refuse a POST a browser says came from another site or origin (the CSRF token
+        is the rule; this is a second one that costs nothing)."""
+        site = req.headers.get("sec-fetch-site")
+        if site is not None and site != "same-origin":
+            raise _BadRequest(403, f"Sec-Fetch-Site {_show(site)}: only the page itself "
+                                   "may sign in or act")
+        origin = req.headers.get("origin")
+        if origin is not None:
+            host = req.headers.get("host", "").lower()
+            if origin.lower() not in (f"http://{host}", f"https://{host}"):
+                raise _BadRequest(403, f"Origin {_show(origin)} is not this page's "
+                                       f"({_show(host)}): only the page itself may sign in "
+                                       "or act")
+
+    def _json_request(self, req: Request) -> dict[str, Any]:
+        cfg = self.config
+        ctype = req.headers.get("content-type", "")
+        kind, _, params = ctype.partition(";")
+        charset = params.strip().lower()
+        if kind.strip().lower() != _JSON or charset not in ("", "charset=utf-8"):
+            raise _BadRequest(415, f"Content-Type {_show(ctype)}: send application/json")
+        if len(req.body) > cfg.max_body_bytes:
+            raise _BadRequest(413, f"request body over {cfg.max_body_bytes} bytes "
+                                   "(max_body_bytes)")
+        try:
+            doc = json.loads(req.body.decode("utf-8") or "{}")
+        except (UnicodeDecodeError, ValueError):
+            raise _BadRequest(400, "the request body is not JSON") from None
+        if not isinstance(doc, dict):
+            raise _BadRequest(400, "the request body must be a JSON object")
+        return doc
+
     def _query(self, raw: str) -> dict[str, str]:
         cfg = self.config
         try:
@@ -354,6 +570,30 @@ class FleetApi:
         return dev
 
 
+_COOKIE = "edge_session"
+_POSTS = frozenset({"/api/login", "/api/logout"})
+_COMMANDS = frozenset({"approve", "pause", "resume", "abort"})
+
+
+def _action(path: str) -> tuple[int, str] | None:
+    """``(rollout id, command)`` of ``/api/rollouts/ID/COMMAND``, else None."""
+    segs = path.split("/")
+    if len(segs) == 5 and segs[1:3] == ["api", "rollouts"] and segs[4] in _COMMANDS:
+        if not (segs[3].isascii() and segs[3].isdigit() and len(segs[3]) <= 12):
+            raise _BadRequest(400, f"rollout id {_show(segs[3])} must be a number")
+        return int(segs[3]), segs[4]
+    return None
+
+
+def _cookie(req: Request) -> str | None:
+    """The session token in the request's ``Cookie`` header, or None."""
+    for part in req.headers.get("cookie", "").replace(",", ";").split(";"):
+        name, sep, value = part.strip().partition("=")
+        if sep and name == _COOKIE and value:
+            return value
+    return None
+
+
 def _show(s: str) -> str:
     """A client's string, cut short and printable, for an error message."""
     return repr(s[:64] + ("..." if len(s) > 64 else ""))
@@ -364,14 +604,16 @@ _METHODS = frozenset({"POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CON
 
 
 def _response(status: int, ctype: str, body: bytes, *, close: bool,
-              head_only: bool = False) -> bytes:
+              head_only: bool = False, extra: tuple[tuple[str, str], ...] = ()) -> bytes:
     lines = [f"HTTP/1.1 {status} {reason(status)}"]
     if status != 204:  # a 204 carries neither (RFC 9110)
         lines += [f"Content-Type: {ctype}", f"Content-Length: {len(body)}"]
     lines += [f"{k}: {v}" for k, v in _HEADERS.items()]
-    if status == 405:
+    lines += [f"{k}: {v}" for k, v in extra]
+    given = {k.lower() for k, _ in extra}
+    if status == 405 and "allow" not in given:
         lines.append("Allow: GET, HEAD")
-    if status in (429, 503):
+    if status in (429, 503) and "retry-after" not in given:
         lines.append("Retry-After: 1")
     if close:
         lines.append("Connection: close")
@@ -415,21 +657,37 @@ class _Connection(socketserver.BaseRequestHandler):
             return False
         req = parse_head(head)
         check_host(req, self.server.hosts, "allowed_hosts (serve --http-allow-host)")
-        if req.method not in ("GET", "HEAD"):
+        if req.method not in ("GET", "HEAD", "POST"):
             raise HeadError(405 if req.method in _METHODS else 501,
                             f"{req.method[:16]} is not allowed: the fleet page is read-only "
-                            "(GET)")
-        length = req.headers.get("content-length", "0")
-        if not (length.isascii() and length.isdigit()):
+                            "(GET) but for sign-in and rollout actions (POST)")
+        length = req.headers.get("content-length")
+        if length is not None and not (length.isascii() and length.isdigit()):
             raise HeadError(400, f"invalid Content-Length {length[:40]!r}; expected ASCII "
                                  "digits")
-        if int(length[:20]) or "transfer-encoding" in req.headers:
-            # Not reading a body means closing: its bytes must not be read as a request.
-            raise HeadError(413, "the fleet page takes no request body")
-        status, ctype, body = self.server.api.handle(req.method, req.target)
+        # Not reading a body means closing: its bytes must not be read as a request.
+        size = int(length[:20]) if length else 0
+        if req.method != "POST" and (size or "transfer-encoding" in req.headers):
+            raise HeadError(413, f"the fleet page takes no request body with {req.method}")
+        if "transfer-encoding" in req.headers:
+            raise HeadError(411, "send the body with Content-Length, not Transfer-Encoding")
+        if req.method == "POST" and length is None:
+            raise HeadError(411, "POST needs a Content-Length header")
+        if size > cfg.max_body_bytes:
+            raise HeadError(413, f"request body over {cfg.max_body_bytes} bytes "
+                                 "(max_body_bytes)")
+        while len(self.buf) < size:
+            if not self._recv(deadline):
+                raise HeadError(408, "request body not received within "
+                                     f"{cfg.timeout_s:g} s (timeout_s)")
+        body = bytes(self.buf[:size])
+        del self.buf[:size]
+        ans = self.server.api.serve(Request(req.method, req.target, req.headers, body,
+                                            str(self.client_address[0])))
         keep = req.keep_alive
-        self._send(_response(status, ctype, body, close=not keep,
-                             head_only=req.method == "HEAD"), cfg.timeout_s)
+        self._send(_response(ans.status, ans.ctype, ans.body, close=not keep,
+                             head_only=req.method == "HEAD", extra=ans.headers),
+                   cfg.timeout_s)
         return keep
 
     def _read_head(self, deadline: float) -> str | None:
@@ -645,4 +903,4 @@ class WebServer:
         self.stop()
 
 
-__all__ = ["FleetApi", "WebConfig", "WebServer", "is_loopback"]
+__all__ = ["Answer", "FleetApi", "Request", "WebConfig", "WebServer", "is_loopback"]

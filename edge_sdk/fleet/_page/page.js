@@ -309,12 +309,183 @@ function renderWarnings(ws) {
   }, (w, err) => el("li", { class: "broken" }, errText(err))));
 }
 
+// -- sign-in and rollout actions -------------------------------------------------------
+//
+// The session is an HttpOnly cookie the page never sees; what it holds is the CSRF token
+// the server gave at sign-in (or /api/session gives after a reload), sent with every
+// action as X-CSRF-Token. Buttons appear only while signed in, and only those that apply
+// to a rollout's state; the server checks both again.
+
+const auth = { operator: null, csrf: null, signIn: false, why: null, acting: false };
+
+async function send(path, doc) {
+  const headers = { "Content-Type": "application/json" };
+  if (auth.csrf) headers["X-CSRF-Token"] = auth.csrf;
+  let r;
+  try {
+    r = await fetch(path, { method: "POST", headers, body: JSON.stringify(doc || {}),
+      cache: "no-store", credentials: "same-origin" });
+  } catch (err) {
+    throw new Unreachable(errText(err));
+  }
+  let body;
+  try {
+    body = await r.json();
+  } catch (err) {
+    throw new Error(`the answer (${r.status}) is not JSON`);
+  }
+  if (r.status === 401 && path !== "/api/login") signedOut();
+  if (!r.ok) throw new Error((isObj(body) && text(body.error, 300)) || `HTTP ${r.status}`);
+  return body;
+}
+
+function say(message, error) {
+  const box = document.getElementById("action-status");
+  box.textContent = text(message, 400);
+  box.classList.toggle("error", !!error);
+  box.hidden = !message;
+}
+
+function signedOut() {
+  auth.operator = null;
+  auth.csrf = null;
+  renderSignin();
+}
+
+function renderSignin() {
+  const on = typeof auth.operator === "string";
+  document.getElementById("signin-form").hidden = on || !auth.signIn;
+  document.getElementById("signed-in").hidden = !on;
+  document.getElementById("signed-in-name").textContent = on ? text(auth.operator, 64) : "";
+  const note = document.getElementById("signin-note");
+  note.textContent = !on && !auth.signIn && auth.why ? `Read-only: ${text(auth.why, 300)}` : "";
+  note.hidden = !note.textContent;
+  document.body.classList.toggle("signed-in", on);
+}
+
+async function loadSession() {
+  try {
+    const s = await api("/api/session");
+    if (!isObj(s)) throw new Error("the answer is not a session record");
+    auth.operator = typeof s.operator === "string" ? s.operator : null;
+    auth.csrf = typeof s.csrf === "string" ? s.csrf : null;
+    auth.signIn = s.sign_in === true;
+    auth.why = typeof s.why === "string" ? s.why : null;
+  } catch (err) {
+    auth.why = `cannot tell whether sign-in is offered: ${errText(err)}`;
+  }
+  renderSignin();
+}
+
+async function signIn(ev) {
+  ev.preventDefault();
+  const form = ev.target;
+  const fields = Object.fromEntries(new FormData(form).entries());
+  try {
+    const s = await send("/api/login", { name: fields.name, password: fields.password });
+    auth.operator = text(s.operator, 64);
+    auth.csrf = text(s.csrf, 200);
+    form.reset();
+    say("");
+  } catch (err) {
+    say(`Sign-in failed: ${errText(err)}`, true);
+  }
+  renderSignin();
+  refresh();
+}
+
+async function signOut() {
+  try {
+    await send("/api/logout", {});
+    say("Signed out.");
+  } catch (err) {
+    say(`Sign-out: ${errText(err)}`, true);
+  }
+  signedOut();
+  refresh();
+}
+
+// Which buttons a rollout in each state gets: [command, label, applies?].
+const ACTIONS = [
+  ["approve", "Approve next wave", (r) => r.status === "paused" && r.awaiting_approval === true],
+  ["resume", "Resume", (r) => r.status === "paused" && r.awaiting_approval !== true],
+  ["pause", "Pause", (r) => r.status === "pending" || r.status === "running"],
+  ["abort", "Abort…", (r) => ["pending", "running", "paused"].includes(r.status)],
+];
+
+async function act(id, command, doc) {
+  if (auth.acting) return;
+  auth.acting = true;
+  try {
+    await send(`/api/rollouts/${encodeURIComponent(id)}/${command}`, doc || {});
+    say(`Rollout ${text(id, 20)}: ${command} requested by ${text(auth.operator, 64)}.`);
+  } catch (err) {
+    say(`Rollout ${text(id, 20)}: ${command} failed: ${errText(err)}`, true);
+  } finally {
+    auth.acting = false;
+  }
+  refresh();
+}
+
+const pendingAbort = { id: null };
+
+function askAbort(id) {
+  pendingAbort.id = id;
+  document.getElementById("abort-id").textContent = text(id, 20);
+  document.getElementById("abort-reason").value = "";
+  document.getElementById("abort-dialog").showModal();
+}
+
+function actionBar(r) {
+  if (!isObj(r) || typeof r.id !== "number") return null;
+  const apply = ACTIONS.filter(([, , applies]) => applies(r));
+  if (!apply.length) return null;
+  return el("div", { class: "actions", role: "group", "aria-label": `Act on rollout ${text(r.id, 20)}` },
+    ...apply.map(([command, label]) => {
+      const b = el("button", { type: "button", class: `act act-${command}`, "data-action": command }, label);
+      b.addEventListener("click", () => (command === "abort" ? askAbort(r.id) : act(r.id, command)));
+      return b;
+    }));
+}
+
+// Adds the action buttons to the rollout cards renderRollouts made (signed in only).
+function renderActions(rs) {
+  if (typeof auth.operator !== "string" || !Array.isArray(rs)) return;
+  for (const r of rs) {
+    try {
+      const card = isObj(r) ? document.getElementById(`rollout-${text(r.id, 20)}`) : null;
+      const bar = card ? actionBar(r) : null;
+      if (bar) card.append(bar);
+    } catch (err) {
+      // The card still shows the rollout; the CLI can still act on it.
+    }
+  }
+}
+
+function startSignin() {
+  document.getElementById("signin-form").addEventListener("submit", signIn);
+  document.getElementById("signout").addEventListener("click", signOut);
+  const dialog = document.getElementById("abort-dialog");
+  document.getElementById("abort-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const reason = document.getElementById("abort-reason").value.trim();
+    dialog.close();
+    if (pendingAbort.id !== null && reason) act(pendingAbort.id, "abort", { reason });
+    pendingAbort.id = null;
+  });
+  document.getElementById("abort-cancel").addEventListener("click", () => {
+    pendingAbort.id = null;
+    dialog.close();
+  });
+  return loadSession();
+}
+
 // -- the page --------------------------------------------------------------------------
 
 // Each section: where its data comes from (null: nothing to fetch) and how it renders.
 const SECTIONS = [
   { id: "warnings", path: () => "/api/warnings", render: renderWarnings },
-  { id: "rollouts", path: () => "/api/rollouts", render: renderRollouts },
+  { id: "rollouts", path: () => "/api/rollouts", render: (rs) => { renderRollouts(rs); renderActions(rs); } },
   {
     id: "devices",
     path: () => `/api/devices?${new URLSearchParams(Object.entries(view.filters).filter(([, v]) => v))}`,
@@ -394,6 +565,7 @@ function selectDevice(id) {
 }
 
 function start() {
+  startSignin().then(refresh);
   view.device = deviceFromHash();
   window.addEventListener("hashchange", () => {
     view.device = deviceFromHash();
