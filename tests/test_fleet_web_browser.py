@@ -201,7 +201,9 @@ def test_the_page_tells_an_aborted_wave_a_delta_a_rollback_and_an_idle_device_as
     db_url = f"sqlite:///{tmp_path / 'fleet.db'}"
     port = _free_port()
     serve = Serve(fleet, db_url, tmp_path)
-    serve.cmd += ["--http", f"127.0.0.1:{port}"]
+    # The agents beat every second: ten missed and a device that said online is silent.
+    serve.cmd += ["--http", f"127.0.0.1:{port}", "--registry", "heartbeat_s=1",
+                  "--registry", "silent_after_missed=10"]
     serve.start()
     try:
         g = "truth"
@@ -279,6 +281,10 @@ def test_the_page_tells_an_aborted_wave_a_delta_a_rollback_and_an_idle_device_as
                    "18 more" in facts, facts
             assert "runtimes: onnxruntime (version 1.32.0)" in facts, facts
             assert "Model\nno model installed\nPhase\nidle" in facts, facts
+            # It said online once and never beat since: silent, not online.
+            wait_for(lambda: "silent" in _text(browser, row), 60,
+                     lambda: _text(browser, "#devices"))
+            assert "online" not in _text(browser, row)
         finally:
             fleet.host.publish_wait(old, b"", qos=1, retain=True)
         logs = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
