@@ -211,6 +211,7 @@ def test_the_page_tells_an_aborted_wave_a_delta_a_rollback_and_an_idle_device_as
                  for i in range(3)]
         idle = new_agent(fleet, tmp_path, agents, f"{g}-idle").start()
         assign(db_url, FLEET, [p.device for p in procs], g)
+        assign(db_url, FLEET, [f"{g}-ghost"], "later")  # provisioned, never reported
         for p in procs:
             fleet.deploy(p.device, "3")
         for p in procs:
@@ -262,6 +263,8 @@ def test_the_page_tells_an_aborted_wave_a_delta_a_rollback_and_an_idle_device_as
         row = f'tr[data-device="{idle.device}"]'
         wait_for(lambda: "no model" in _text(browser, row) and "idle" in _text(browser, row),
                  30, lambda: _text(browser, "#devices"))
+        ghost = _text(browser, f'tr[data-device="{g}-ghost"]')
+        assert "never reported" in ghost and "idle" not in ghost, ghost
         old = fleet.topics.state(f"{g}-old")
         fleet.host.publish_wait(old, json.dumps({
             "online": True, "model": None, "phase": "committed", "hardware": {

@@ -184,6 +184,7 @@ function compare(a, b) {
 // A device that never installed a model is idle whatever its phase says (older agents
 // report "committed" for it).
 function phaseText(d) {
+  if (d.registered === false) return "never reported"; // assigned by the operator only
   if (d.model) return text(d.phase);
   return d.phase && d.phase !== "committed" ? text(d.phase) : "idle";
 }
