@@ -361,7 +361,9 @@ class Agent:
         return {
             "model": rec(cur.record if cur else None),
             "previous": rec(st.previous),
-            "phase": st.phase,
+            # installed.json's phase ("committed" by default) is about the current
+            # model: a device that never installed one is idle, not committed.
+            "phase": st.phase if st.current is not None else "idle",
             "deployment": st.deployment_counter,
             "last_update": st.last_result,
             "groups": list(self.config.groups),

@@ -27,7 +27,9 @@ from edge_sdk.fleet import _machine as m
 from edge_sdk.fleet._controller import load_state, members, save_state
 from edge_sdk.fleet._registry import ingest_event, ingest_state
 from edge_sdk.fleet._web import FleetApi, WebConfig, WebServer
+from edge_sdk.trust._client import Download
 from tests.test_agent_e2e import wait_for
+from tests.test_fleet_machine import Sim
 
 FLEET = "plant1"
 HW = {"arch": "aarch64", "cpu": "Cortex-A72", "runtimes": {"onnxruntime": "1.32.0"}}
@@ -137,10 +139,116 @@ def test_rollout_progress_per_wave_follows_the_controllers_record(db) -> None:
         save_state(c, st2, st)
     r = get(api, "/api/rollouts")[1][0]
     assert r["id"] == rid and r["progress"][0]["by_status"] == {"failed": 1}
-    assert r["failures"] == [{"device": first, "status": "failed",
+    assert r["failures"] == [{"device": first, "status": "failed", "outcome": "failed",
                               "reason": "smoke test: NaN"}]
     assert get(api, "/api/audit")[1][-1]["action"] == "rollout.start"
     assert get(FleetApi(db, fleet="other"), f"/api/rollouts/{rid}")[0] == 404
+
+
+def _aborted_rollout(db: FleetDB) -> tuple[int, dict[str, m.DeviceProgress]]:
+    """adder 2 to cam-0..2 in waves 1, 2, 3 with the real state machine: wave 1 commits,
+    wave 2's device rolls itself back, which aborts the rollout; the controller's signed
+    rollback sends wave 1 back to version 1 and wave 3 is never sent."""
+    rid = start_rollout(db, fleet=FLEET, model="adder", version="2",
+                        selector={"groups": ["cams"]},
+                        spec=RolloutSpec(waves=("1", "2", "3"), wave_timeout=60),
+                        actor="tester")
+    with db.begin() as c:
+        st = load_state(c, rid)
+    sim = Sim(st.spec, devices=("cam-0", "cam-1", "cam-2"))
+    sim.state = copy.deepcopy(st)
+    sim.tick(answer=False)
+    sim.tick()  # wave 1 commits, wave 2 is sent
+    second = next(d for d, p in sim.state.devices.items() if p.wave == 2)
+    sim.results[second] = "rolled_back"
+    sim.run()
+    assert sim.state.status == "aborted"
+    with db.begin() as c:
+        save_state(c, sim.state, st)
+    return rid, sim.state.devices
+
+
+def test_an_aborted_rollout_counts_the_wave_it_sent_back_as_rolled_back_not_committed(
+        db, tmp_path, capsys) -> None:
+    rid, devs = _aborted_rollout(db)
+    r = get(FleetApi(db, fleet=FLEET), f"/api/rollouts/{rid}")[1]
+    assert r["status"] == "aborted" and r["reason"].startswith("wave 2 of 3: 1 of 2")
+    # The controller's record still says wave 1 committed; what happened is a rollback.
+    assert r["progress"][0]["by_status"] == {"committed": 1}
+    assert [(p["by_outcome"], p["outcome"]) for p in r["progress"]] == [
+        ({"rolled_back": 1}, "rolled_back"), ({"rolled_back": 1}, "rolled_back"),
+        ({"skipped": 1}, "skipped")]
+    first = next(d for d, p in devs.items() if p.wave == 1)
+    failure = next(f for f in r["failures"] if f["device"] == first)
+    assert failure["outcome"] == "rolled_back"
+    assert failure["reason"] == f"rolled back to 1 after the rollout was aborted: {r['reason']}"
+    # `rollout status` tells the same.
+    capsys.readouterr()
+    from edge_sdk.cli import main
+
+    assert main(["rollout", "status", str(rid), "--db", db.url]) == 0
+    out = capsys.readouterr().out
+    assert "wave 1: 1 device(s): 1 rolled back" in out and "committed" not in \
+        out.split("wave 1:")[1].split("\n")[0]
+    assert "wave 3: 1 device(s): 1 skipped" in out
+    assert main(["rollout", "list", "--db", db.url]) == 0
+    assert "0/3 committed" in capsys.readouterr().out
+
+
+def test_a_devices_updates_say_how_each_was_downloaded_and_whether_it_was_rolled_back(
+        db) -> None:
+    rid, devs = _aborted_rollout(db)
+    first = next(d for d, p in devs.items() if p.wave == 1)
+    second = next(d for d, p in devs.items() if p.wave == 2)
+    p1, p2 = devs[first], devs[second]
+    assert p1.counter is not None and p1.rollback_counter is not None
+    assert p2.counter is not None
+    v = {"name": "adder", "sha256": "ab" * 32}
+    delta = Download("delta", 5120, "1", full_bytes=4194432).to_json()
+    full = Download("full", 4194432, None, full_bytes=4194432).to_json()
+    with db.begin() as c:  # the events the agents send, as they send them
+        for payload in (
+                event(first, "downloaded", p1.counter, "2", download=delta),
+                event(first, "committed", p1.counter, "2", model={**v, "version": "2"}),
+                event(first, "verified", p1.rollback_counter, "1", source="local copy"),
+                event(first, "committed", p1.rollback_counter, "1",
+                      model={**v, "version": "1"}),
+                event(second, "downloaded", p2.counter, "2", download=full),
+                event(second, "rolled_back", p2.counter, "2", model={**v, "version": "2"},
+                      restored={**v, "version": "1"}, reason="health window: 3 errors")):
+            assert ingest_event(c, FLEET, json.loads(payload)["device"], payload)
+    api = FleetApi(db, fleet=FLEET)
+    ups = get(api, f"/api/devices/{first}")[1]["updates"]
+    # (the fixture's cam-0 also has deployment 5, older than the rollout's)
+    assert [u["deployment"] for u in ups[:2]] == [p1.rollback_counter, p1.counter]
+    back, fwd = ups[:2]
+    assert fwd["version"] == "2" and fwd["rollout"] == rid
+    assert fwd["download_text"] == "delta from 1: 5120 bytes vs full 4194432 bytes (0.1 %)"
+    assert fwd["rolled_back"]["by"] == "rollout" and fwd["rolled_back"]["to"] == "1"
+    reason = get(api, f"/api/rollouts/{rid}")[1]["reason"]
+    assert fwd["outcome_text"] == (f"committed, then rolled back to 1 by rollout {rid}'s "
+                                   f"abort: {reason}")
+    assert back["download_text"] == "a copy the device held (nothing downloaded)"
+    assert back["outcome_text"] == f"committed (the rollback of rollout {rid}, away from 2)"
+    (own,) = get(api, f"/api/devices/{second}")[1]["updates"]
+    assert own["download_text"] == "full: 4194432 bytes"
+    assert own["outcome_text"] == "rolled back by the device to 1: health window: 3 errors"
+
+
+def test_a_silent_device_is_not_counted_online_by_model(db) -> None:
+    now = time.time()
+    with db.begin() as c:
+        assert ingest_state(c, FLEET, "cam-quiet", state("cam-quiet", "1", groups=["cams"]),
+                            now=now - 600)
+    db.add_registry_stats(FLEET, {}, progress={"caught_up": now, "listening_since": now - 900,
+                                               "silent_after_s": 60})
+    api = FleetApi(db, fleet=FLEET)
+    quiet = get(api, "/api/devices/cam-quiet")[1]["device"]
+    assert quiet["silent"] is True and quiet["online"] is False
+    online = sum(d["online"] for d in get(api, "/api/devices?model=adder%401")[1])
+    rows = get(api, "/api/models")[1]
+    assert {"model": "adder", "version": "1", "devices": 4, "online": online} in rows
+    assert online == 3
 
 
 def test_models_count_devices_per_version(db) -> None:

@@ -152,6 +152,8 @@ for _name in ("pause", "resume", "abort", "approve"):
 def rollout_status_cmd(rollout_id: int, db_url: str | None, repo_dir: str | None,
                        as_json: bool) -> None:
     """Show a rollout: status, per-wave progress, each device and failure reasons."""
+    from ..fleet._outcome import summary_text
+
     with open_db(db_url, repo_dir) as db:
         r = db.rollout(rollout_id)
     if as_json:
@@ -161,14 +163,15 @@ def rollout_status_cmd(rollout_id: int, db_url: str | None, repo_dir: str | None
     click.echo(f"{what} {r['id']}: {r['model']} {r['version']} {r['status']} "
                f"(wave {r['wave']} of {r['waves']})" + (f": {r['reason']}" if r["reason"]
                                                          else ""))
-    for w in r["progress"]:
-        counts = ", ".join(f"{n} {s}" for s, n in sorted(w["by_status"].items()))
-        click.echo(f"  wave {w['wave']}: {w['devices']} device(s): {counts}")
+    for w in r["progress"]:  # the page shows the same summary (edge_sdk.fleet._outcome)
+        click.echo(f"  wave {w['wave']}: {w['devices']} device(s): "
+                   f"{summary_text(w['by_outcome'])}")
     for d in r["devices"]:
         back = f"  rollback #{d['rollback_counter']} {d['rollback_status']}" \
             if d["rollback_status"] else ""
-        click.echo(f"  {d['device']:<20} wave {d['wave']}  {d['status']:<10} "
-                   f"#{d['counter'] or '-'}{back}" + (f"  {d['reason']}" if d["reason"] else ""))
+        click.echo(f"  {d['device']:<20} wave {d['wave']}  "
+                   f"{d['outcome'].replace('_', ' '):<12} #{d['counter'] or '-'}{back}"
+                   + (f"  {d['note']}" if d["note"] else ""))
 
 
 @rollout_group.command("list")
@@ -184,7 +187,7 @@ def rollout_list_cmd(db_url: str | None, repo_dir: str | None, as_json: bool) ->
     if not rows:
         click.echo("no rollouts")
     for r in rows:
-        done = sum(1 for d in r["devices"] if d["status"] == "committed")
+        done = sum(1 for d in r["devices"] if d["outcome"] == "committed")
         back = " (rollback)" if r.get("rollback") else ""
         click.echo(f"{r['id']:>4}  {r['fleet']:<10} {r['model']} {r['version']:<8}{back} "
                    f"{r['status']:<10} wave {r['wave']}/{r['waves']}  {done}/"

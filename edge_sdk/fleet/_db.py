@@ -35,6 +35,13 @@ from sqlalchemy.engine import Connection, Engine, RowMapping
 
 from .._redact import add_secret, redact, redact_url
 from ..errors import EdgeError
+from ._outcome import (
+    device_note,
+    device_outcome,
+    download_text,
+    update_text,
+    wave_summary,
+)
 from ._select import hardware_matches, mismatch, split_tags, tag_matches
 
 #: The schema this code writes. Bump it and add a step to ``_MIGRATIONS`` together.
@@ -279,6 +286,9 @@ operator_sessions = sa.Table(
     sa.Column("address", sa.String(64), nullable=False, default=""),
 )
 
+#: The agent's events about one deployment that :meth:`FleetDB.device_updates` reads.
+_UPDATE_EVENTS = ("downloaded", "verified", "committed", "rolled_back", "failed", "refused")
+
 #: Rollout states in which the controller still has work to do.
 ACTIVE_STATUSES = ("pending", "running", "paused", "aborting")
 FINISHED_STATUSES = ("completed", "aborted")
@@ -506,6 +516,68 @@ class FleetDB:
         with self.read() as c:
             return {str(f): int(n) for f, n in c.execute(q)}
 
+    def device_updates(self, device_id: str, limit: int = 20, *, fleet: str | None = None,
+                       scan: int = 2000) -> list[dict[str, Any]]:
+        """The device's updates, newest deployment first, from its newest ``scan`` update
+        events and the rollouts that sent it something: per deployment ``download`` (how
+        the agent got the model: ``kind`` delta / full / local, ``bytes``, ``full_bytes``,
+        ``from``, ``fallback``), ``result`` (the agent's last word: committed, rolled_back,
+        failed, refused; None while under way), ``rolled_back`` (by the device itself or
+        by a rollout's abort, with ``to`` and ``reason``), ``rollback_of`` (this
+        deployment was a rollout's signed rollback), and ``download_text`` /
+        ``outcome_text`` saying it in words."""
+        ev = device_events
+        kinds = [*_UPDATE_EVENTS, *(k + ":retry" for k in _UPDATE_EVENTS)]
+        q = sa.select(ev).where((ev.c.device == device_id) & ev.c.kind.in_(kinds))
+        rd, ro = rollout_devices, rollouts
+        rq = sa.select(rd.c.rollout, rd.c.counter, rd.c.before_version, rd.c.rollback_counter,
+                       rd.c.rollback_status, ro.c.reason, ro.c.version) \
+            .select_from(rd.join(ro, ro.c.id == rd.c.rollout)).where(rd.c.device == device_id)
+        if fleet is not None:
+            q = q.where(ev.c.fleet == fleet)
+            rq = rq.where(ro.c.fleet == fleet)
+        with self.read() as c:
+            rows = list(c.execute(q.order_by(ev.c.seq.desc()).limit(scan)).mappings())
+            sent = list(c.execute(rq).mappings())
+        ups: dict[int, dict[str, Any]] = {}
+        for r in reversed(rows):
+            if r["deployment"] is None:
+                continue
+            u = ups.setdefault(r["deployment"], {
+                "deployment": r["deployment"], "model": None, "version": None,
+                "started": r["ts"], "ts": r["ts"], "download": None, "result": None,
+                "reason": None, "rollout": None, "rolled_back": None, "rollback_of": None})
+            kind, detail = r["kind"].removesuffix(":retry"), _loads(r["detail"], {})
+            detail = detail if isinstance(detail, dict) else {}
+            u["ts"] = r["ts"]
+            if u["model"] is None and r["model"] is not None:
+                u["model"], u["version"] = r["model"], r["version"]
+            if kind == "downloaded" and isinstance(detail.get("download"), dict):
+                u["download"] = detail["download"]
+            elif kind == "verified" and detail.get("source") == "local copy":
+                u["download"] = u["download"] or {"kind": "local"}
+            elif kind in ("committed", "rolled_back", "failed", "refused"):
+                u["result"], u["reason"] = kind, r["reason"]
+                restored = detail.get("restored")
+                if kind == "rolled_back":
+                    u["rolled_back"] = {"by": "device", "reason": r["reason"], "to": (
+                        restored.get("version") if isinstance(restored, dict) else None)}
+        for s in sent:
+            if s["counter"] in ups:
+                ups[s["counter"]]["rollout"] = s["rollout"]
+                if s["rollback_status"] == "committed":
+                    ups[s["counter"]]["rolled_back"] = {
+                        "by": "rollout", "rollout": s["rollout"], "to": s["before_version"],
+                        "reason": s["reason"], "deployment": s["rollback_counter"]}
+            if s["rollback_counter"] in ups:
+                ups[s["rollback_counter"]]["rollback_of"] = {"rollout": s["rollout"],
+                                                             "version": s["version"]}
+        out = sorted(ups.values(), key=lambda u: -u["deployment"])[:limit]
+        for u in out:
+            u["download_text"] = download_text(u["download"])
+            u["outcome_text"] = update_text(u)
+        return out
+
     def rollouts(self, *, fleet: str | None = None) -> list[dict[str, Any]]:
         """Every rollout, newest first, with its per-wave progress."""
         q = sa.select(rollouts).order_by(rollouts.c.id.desc())
@@ -528,16 +600,21 @@ class FleetDB:
         return out
 
     def models(self, *, fleet: str | None = None) -> list[dict[str, Any]]:
-        """How many devices serve each model version (``online`` among them)."""
-        q = sa.select(devices.c.model, devices.c.version,
-                      sa.func.count().label("devices"),
-                      sa.func.sum(sa.case((devices.c.online, 1), else_=0)).label("online"),
-                      ).group_by(devices.c.model, devices.c.version)
+        """How many devices serve each model version (``online`` among them: online as
+        :meth:`devices` says it, a silent device is not)."""
+        q = sa.select(devices.c.fleet, devices.c.model, devices.c.version, devices.c.online,
+                      devices.c.last_seen)
         if fleet is not None:
             q = q.where(devices.c.fleet == fleet)
+        counts: dict[tuple[str | None, str | None], list[int]] = {}
         with self.read() as c:
-            rows = [{"model": r.model, "version": r.version, "devices": int(r.devices),
-                     "online": int(r.online or 0)} for r in c.execute(q)]
+            cut = _silence(c, fleet)
+            for r in c.execute(q):
+                n = counts.setdefault((r.model, r.version), [0, 0])
+                n[0] += 1
+                n[1] += bool(r.online) and not _is_silent(r.fleet, True, r.last_seen, cut)
+        rows = [{"model": k[0], "version": k[1], "devices": n, "online": on}
+                for k, (n, on) in counts.items()]
         return sorted(rows, key=lambda r: (r["model"] or "", r["version"] or ""))
 
     def audit(self, limit: int = 100) -> list[dict[str, Any]]:
@@ -746,14 +823,20 @@ def _silence(c: Connection, fleet: str | None) -> dict[str, float]:
     return out
 
 
+def _is_silent(fleet: str, said_online: bool, last_seen: float,
+               silence: Mapping[str, float]) -> bool:
+    """A device said it is online but has not been heard since its fleet's cutoff."""
+    cutoff = silence.get(fleet)
+    return said_online and cutoff is not None and last_seen < cutoff
+
+
 def _device(m: RowMapping, silence: Mapping[str, float] | None = None) -> dict[str, Any]:
     """A registered device: ``groups`` and ``tags`` are the operator's assignment (what
     selects it); ``reported_groups``, ``reported_tags`` and ``hardware`` are the device's
     own report, and ``mismatch`` says where report and assignment differ."""
     own = _assignment(m)
-    cutoff = (silence or {}).get(m["fleet"])
     said = bool(m["online"])
-    silent = said and cutoff is not None and m["last_seen"] < cutoff
+    silent = _is_silent(m["fleet"], said, m["last_seen"], silence or {})
     rgroups, rtags = _loads(m["groups"], []), _loads(m["tags"], {})
     rgroups = rgroups if isinstance(rgroups, list) else []
     rtags = rtags if isinstance(rtags, dict) else {}
@@ -807,9 +890,20 @@ def _rollout_rows(c: Connection, rollout_id: int) -> list[RowMapping]:
 def _rollout(h: RowMapping, rows: Sequence[RowMapping]) -> dict[str, Any]:
     config = _loads(h["config"], {})
     waves: dict[int, dict[str, int]] = {}
+    outcomes: dict[int, list[str]] = {}
+    devs = []
     for r in rows:
         w = waves.setdefault(int(r["wave"]), {})
         w[r["status"]] = w.get(r["status"], 0) + 1
+        outcome = device_outcome(r["status"], r["rollback_status"])
+        outcomes.setdefault(int(r["wave"]), []).append(outcome)
+        devs.append({"device": r["device"], "wave": r["wave"], "status": r["status"],
+                     "outcome": outcome, "note": device_note(r["reason"], r["rollback_status"],
+                                         r["before_version"], h["reason"]),
+                     "reason": r["reason"], "counter": r["counter"], "sent_at": r["sent_at"],
+                     "finished_at": r["finished_at"],
+                     "before": r["before_version"], "rollback_counter": r["rollback_counter"],
+                     "rollback_status": r["rollback_status"]})
     return {
         "id": h["id"], "fleet": h["fleet"], "model": h["model"], "version": h["version"],
         "selector": _loads(h["selector"], {}), "config": config,
@@ -821,17 +915,18 @@ def _rollout(h: RowMapping, rows: Sequence[RowMapping]) -> dict[str, Any]:
         # Paused by the controller after a wave: 'resume' approves the next one.
         "awaiting_approval": h["status"] == "paused"
         and bool(_loads(h["machine"], {}).get("held", False)),
-        "progress": [{"wave": i, "devices": sum(waves[i].values()), "by_status": waves[i]}
+        # by_status: the controller's record; by_outcome and outcome: what happened to
+        # the devices (a committed device sent back by an abort counts as rolled back).
+        "progress": [{**wave_summary(i, outcomes[i]), "by_status": waves[i]}
                      for i in sorted(waves)],
-        "devices": [{"device": r["device"], "wave": r["wave"], "status": r["status"],
-                     "reason": r["reason"], "counter": r["counter"], "sent_at": r["sent_at"],
-                     "finished_at": r["finished_at"],
-                     "before": r["before_version"], "rollback_counter": r["rollback_counter"],
-                     "rollback_status": r["rollback_status"]} for r in rows],
-        "failures": [{"device": r["device"], "status": r["status"], "reason": r["reason"]}
-                     for r in rows if r["status"] in ("failed", "rolled_back", "refused",
-                                                      "silent")],
+        "devices": devs,
+        "failures": [{"device": d["device"], "status": d["status"], "outcome": d["outcome"],
+                      "reason": d["note"]} for d in devs if d["outcome"] in _BAD_OUTCOMES],
     }
+
+
+#: Outcomes listed as a rollout's failures (with their reasons).
+_BAD_OUTCOMES = ("failed", "rolled_back", "silent", "rolling_back")
 
 
 # -- migrations ----------------------------------------------------------------------------

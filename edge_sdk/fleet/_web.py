@@ -18,8 +18,9 @@ parsed as markup, and nothing is fetched from outside (``Content-Security-Policy
 default-src 'self'``).
 
 Routes: ``/`` (the page), ``/static/{page.js,page.css}``, ``/api/devices`` (query
-``group``, ``tag``, ``model``, ``online``), ``/api/devices/{id}`` (the device and its
-history; ``limit``), ``/api/rollouts``, ``/api/rollouts/{id}``, ``/api/models`` (with
+``group``, ``tag``, ``model``, ``online``), ``/api/devices/{id}`` (the device, its
+history and its updates: how each was downloaded, whether it was rolled back; ``limit``),
+``/api/rollouts``, ``/api/rollouts/{id}``, ``/api/models`` (with
 ``yanked``/``yank_reason`` from the release repository when the server has one),
 ``/api/audit`` (``limit``), ``/api/registry`` (the registry's counts and progress, and
 the devices whose reports it dropped or lost), ``/api/warnings`` (what the operator must
@@ -345,7 +346,9 @@ class FleetApi:
                 raise _BadRequest(404, f"no device {dev_id!r}")
             limit = self._limit(q, 100, cfg.max_history)
             return {"device": dev,
-                    "history": self.db.device_history(dev_id, limit, fleet=self.fleet)}
+                    "history": self.db.device_history(dev_id, limit, fleet=self.fleet),
+                    "updates": self.db.device_updates(dev_id, min(limit, 50),
+                                                      fleet=self.fleet)}
         if segs == ["rollouts"]:
             self._no_query(q)
             return self.db.rollouts(fleet=self.fleet)

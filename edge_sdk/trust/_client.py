@@ -104,6 +104,8 @@ class Download:
     base_version: str | None = None
     #: Why the delta was given up for the full file (None when it was not).
     fallback: str | None = None
+    #: The full model file's signed length: what a full download costs.
+    full_bytes: int | None = None
 
     def describe(self) -> str:
         if self.kind == "delta":
@@ -119,6 +121,8 @@ class Download:
             out["from"] = self.base_version
         if self.fallback is not None:
             out["fallback"] = self.fallback
+        if self.full_bytes is not None:
+            out["full_bytes"] = self.full_bytes
         return out
 
 
@@ -405,10 +409,12 @@ class UpdateClient:
                 log.warning("delta from %s for %s failed, fetching the full file: %s",
                             ref.base_version, tf.path, fallback)
             else:
-                self.last_download = Download("delta", n, ref.base_version)
+                self.last_download = Download("delta", n, ref.base_version,
+                                              full_bytes=tf.length)
                 return part
         part, n = self._download(tf, progress)
-        self.last_download = Download("full", n, ref.base_version if ref else None, fallback)
+        self.last_download = Download("full", n, ref.base_version if ref else None, fallback,
+                                      full_bytes=tf.length)
         return part
 
     def _via_delta(self, updater: Updater, tf: TargetFile, ref: DeltaRef, base: LocalModel,

@@ -13,7 +13,9 @@ const POLL_MS = 1500;
 const MAX_TEXT = 200; // characters of one value in a cell; more go to its tooltip
 const MAX_TITLE = 2000;
 const MAX_ID = 128; // the registry's limit on a device id
-const ORDER = ["committed", "sent", "signing", "pending", "failed", "rolled_back", "refused", "silent"];
+// What happened to a rollout's devices, worst first (edge_sdk/fleet/_outcome.py).
+const OUTCOMES = ["failed", "rolled_back", "silent", "rolling_back", "pending", "skipped", "committed"];
+const MAX_ITEMS = 12; // items of a reported list shown; the rest are counted
 const view = { sort: "id", dir: 1, device: null, filters: {} };
 
 class Unreachable extends Error {}
@@ -79,10 +81,32 @@ function listText(v) {
   return Array.isArray(v) ? v.map((x) => text(x)).join(", ") : text(v);
 }
 
-// Tags, hardware facts: "key=value; key=value", any value shown as text (JSON for nested).
+// Tags: "key=value; key=value", any value shown as text (JSON for nested).
 function pairsText(v) {
   if (!isObj(v)) return text(v, MAX_TITLE);
   return pairs(v).map(([k, x]) => `${text(k)}=${text(x)}`).join("; ");
+}
+
+// A reported value to read: a list as its items joined by commas (past MAX_ITEMS, "… and
+// N more"), an object as "key value, key value" in parentheses, nesting cut at depth 3.
+function readable(v, depth = 0) {
+  if (Array.isArray(v)) {
+    if (depth > 2) return `[${v.length} item${v.length === 1 ? "" : "s"}]`;
+    const shown = v.slice(0, MAX_ITEMS).map((x) => readable(x, depth + 1)).join(", ");
+    return v.length > MAX_ITEMS ? `${shown} … and ${v.length - MAX_ITEMS} more` : shown;
+  }
+  if (isObj(v)) {
+    if (depth > 2) return "{…}";
+    const inner = pairs(v).map(([k, x]) => `${text(k)} ${readable(x, depth + 1)}`).join(", ");
+    return depth ? `(${inner})` : inner;
+  }
+  return text(v);
+}
+
+// Hardware facts, one "key: value" per line.
+function factsText(v) {
+  if (!isObj(v)) return text(v, MAX_TITLE);
+  return pairs(v).map(([k, x]) => `${text(k)}: ${text(readable(x), MAX_TITLE)}`).join("\n");
 }
 
 async function api(path) {
@@ -136,7 +160,7 @@ const SORT_KEYS = {
   reported_groups: (d) => reportedText(d),
   model: (d) => text(d.model),
   version: (d) => text(d.version),
-  phase: (d) => text(d.phase),
+  phase: (d) => phaseText(d),
   last_result: (d) => text(d.last_result),
   last_seen: (d) => (typeof d.last_seen === "number" && Number.isFinite(d.last_seen) ? d.last_seen : -Infinity),
 };
@@ -157,6 +181,19 @@ function compare(a, b) {
   return i > j ? 1 : i < j ? -1 : 0;
 }
 
+// A device that never installed a model is idle whatever its phase says (older agents
+// report "committed" for it).
+function phaseText(d) {
+  if (d.registered === false) return "never reported"; // assigned by the operator only
+  if (d.model) return text(d.phase);
+  return d.phase && d.phase !== "committed" ? text(d.phase) : "idle";
+}
+
+function onlineText(d) {
+  if (d.online === true) return "online";
+  return d.silent === true ? "silent" : "offline";
+}
+
 function deviceRow(d) {
   if (!isObj(d)) throw new Error("not a device record");
   const id = text(d.id, MAX_TITLE);
@@ -164,9 +201,10 @@ function deviceRow(d) {
   if (typeof d.id === "string") button.addEventListener("click", () => selectDevice(d.id));
   return el("tr", { "data-device": id, class: d.id === view.device ? "selected" : null },
     el("th", { scope: "row" }, button),
-    el("td", { class: d.online === true ? "on" : "off" }, d.online === true ? "online" : "offline"),
+    el("td", { class: d.online === true ? "on" : "off" }, onlineText(d)),
     td(listText(d.groups)), td(pairsText(d.tags)), reportedCell(d),
-    td(d.model || "—"), td(d.version || "—"), td(d.phase),
+    td(d.model || "no model", { class: d.model ? null : "none" }), td(d.version || "—"),
+    td(phaseText(d)),
     td(d.last_result, { title: text(d.last_reason, MAX_TITLE) }),
     el("td", {}, when(d.last_seen)));
 }
@@ -202,26 +240,29 @@ function statusName(s) {
   return text(s, 40).replace("_", " ");
 }
 
+// One wave: what happened to its devices (committed, rolled back, failed, ...), coloured
+// by the worst of it; never the controller's raw status, which calls a device that an
+// abort sent back "committed".
 function waveRow(r, p) {
   if (!isObj(p)) throw new Error("not a wave record");
-  const by = pairs(p.by_status).map(([s, n]) => [s, count(n)])
-    .sort(([a], [b]) => ORDER.indexOf(a) - ORDER.indexOf(b));
+  const by = pairs(p.by_outcome).map(([s, n]) => [s, count(n)]).filter(([, n]) => n)
+    .sort(([a], [b]) => OUTCOMES.indexOf(a) - OUTCOMES.indexOf(b));
   const devices = count(p.devices);
   const summary = by.map(([s, n]) => `${n} ${statusName(s)}`).join(", ");
   const done = by.filter(([s]) => s === "committed").reduce((t, [, n]) => t + n, 0);
-  const others = by.filter(([s]) => s !== "committed").map(([s, n]) => `${n} ${statusName(s)}`).join(", ");
   const wave = text(p.wave, 12);
+  const worst = by.length ? by[0][0] : "pending";
   const label = `Wave ${wave}: ${done} of ${devices} committed` + (summary ? ` (${summary})` : "");
   const bar = el("div", { class: "bar", role: "img", "aria-label": label });
   for (const [s, n] of by) {
-    const seg = el("div", { class: `seg seg-${word(s)}`, title: `${n} ${text(s, 40)}` });
+    const seg = el("div", { class: `seg seg-${word(s)}`, title: `${n} ${statusName(s)}` });
     seg.style.width = `${Math.min(100, (100 * n) / (devices || 1))}%`;
     bar.append(seg);
   }
   const current = r.wave === p.wave && ["running", "paused"].includes(r.status);
-  return el("div", { class: "wave", "data-wave": wave },
+  return el("div", { class: `wave wave-${word(worst)}`, "data-wave": wave, "data-outcome": text(worst, 40) },
     el("span", {}, `Wave ${wave}${current ? " ◀" : ""}`), bar,
-    el("span", { class: "counts" }, `${done}/${devices} committed` + (others ? ` · ${others}` : "")));
+    el("span", { class: "counts" }, summary || `0 of ${devices} devices`));
 }
 
 function rolloutCard(r) {
@@ -236,7 +277,8 @@ function rolloutCard(r) {
       r.waves ? ` wave ${text(r.wave, 12)} of ${text(r.waves, 12)}` : ""),
     el("p", { class: "counts" }, `selector ${sel} · started ${when(r.created)} by ${text(r.created_by)}` +
       ` · updated ${when(r.updated)}`),
-    r.reason ? el("p", { class: "reason" }, text(r.reason, MAX_TITLE)) : null,
+    r.reason ? el("p", { class: "reason" },
+      (r.status === "aborted" ? "Aborted: " : r.status === "aborting" ? "Aborting: " : "") + text(r.reason, MAX_TITLE)) : null,
     ...each(list(r.progress), (p) => waveRow(r, p),
       (p, err) => el("p", { class: "broken" }, `cannot show a wave: ${errText(err)}`)));
   const failures = list(r.failures);
@@ -244,9 +286,10 @@ function rolloutCard(r) {
     art.append(el("table", { class: "failures" },
       el("caption", {}, `${failures.length} failure${failures.length === 1 ? "" : "s"}`),
       el("thead", {}, el("tr", {}, el("th", { scope: "col" }, "Device"),
-        el("th", { scope: "col" }, "Status"), el("th", { scope: "col" }, "Reason"))),
+        el("th", { scope: "col" }, "Outcome"), el("th", { scope: "col" }, "Reason"))),
       el("tbody", {}, ...each(failures, (f) => el("tr", {},
-        td(isObj(f) ? f.device : f), td(isObj(f) ? f.status : ""), td(isObj(f) ? f.reason : "")),
+        td(isObj(f) ? f.device : f), td(isObj(f) ? statusName(f.outcome || f.status) : ""),
+        td(isObj(f) ? f.reason : "")),
       (f, err) => el("tr", { class: "broken" }, el("td", { colspan: 3 }, errText(err)))))));
   }
   return art;
@@ -281,16 +324,24 @@ function renderHistory(doc) {
   if (!isObj(doc) || !isObj(doc.device)) throw new Error("the answer is not a device record");
   const d = doc.device;
   document.getElementById("history-h").textContent = `History of ${text(d.id)}`;
-  const facts = [["Model", `${text(d.model) || "—"} ${text(d.version)}`],
+  const facts = [["Model", d.model ? `${text(d.model)} ${text(d.version)}` : "no model installed"],
+    ["Phase", phaseText(d)],
     ["Previous", `${text(d.previous_model) || "—"} ${text(d.previous_version)}`],
     ["Last result", `${text(d.last_result)} ${d.last_reason ? "— " + text(d.last_reason, MAX_TITLE) : ""}`],
     ["Groups (assigned)", listText(d.groups) || "—"], ["Tags (assigned)", pairsText(d.tags) || "—"],
     ["Reported by the device", reportedText(d) || "—"],
     ["Differs", list(d.mismatch).map((x) => text(x)).join("; ") || "—"],
-    ["Hardware (reported)", pairsText(d.hardware)],
+    ["Hardware (reported)", factsText(d.hardware) || "—"],
     ["First seen", d.first_seen ? when(d.first_seen, true) : "never reported"]];
   document.getElementById("history-facts").replaceChildren(
     ...facts.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
+  document.querySelector("#updates-table tbody").replaceChildren(...each(list(doc.updates), (u) => {
+    if (!isObj(u)) throw new Error("not an update record");
+    const back = isObj(u.rolled_back);
+    return el("tr", { "data-deployment": text(u.deployment, 20), class: back ? "rolled-back" : null },
+      el("td", {}, when(u.ts)), td(u.deployment), td(u.model ? `${text(u.model)} ${text(u.version)}` : ""),
+      td(u.download_text), td(u.outcome_text, { class: back || ["failed", "refused"].includes(u.result) ? "bad" : null }));
+  }, (u, err) => el("tr", { class: "broken" }, el("td", { colspan: 5 }, errText(err)))));
   document.querySelector("#history-table tbody").replaceChildren(...each(list(doc.history), (e) => {
     if (!isObj(e)) throw new Error("not an event record");
     return el("tr", {}, el("td", {}, when(e.ts)), td(e.kind), td(e.deployment),
