@@ -19,8 +19,12 @@ import numpy as np
 import pytest
 
 import edge_sdk
+from device_agent._config import HealthConfig
+from device_agent._serving import Served, Trial, Verdict
+from device_agent._state import ModelRecord
 from tests import _models, test_agent_e2e
 from tests._broker import Mosquitto
+from tests._http_agent import wait_for
 from tests.test_agent_e2e import AgentProc, Fleet, _cli, new_agent
 
 MODEL = "detector"
@@ -165,3 +169,83 @@ def agent_metrics(agent: AgentProc) -> dict[str, float]:
         conn.close()
     return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in text.splitlines()
                                      if line and not line.startswith("#"))}
+
+
+# -- the bounds of the re-runs, on real onnxruntime sessions in this process --------------
+
+class Gated:
+    """A real predictor that runs only while ``open`` is set (the interface
+    :class:`~device_agent._serving.Served` uses), to hold the previous version busy."""
+
+    def __init__(self, path: Path) -> None:
+        self.inner = edge_sdk.load(path)
+        self.format, self.manifest = self.inner.format, self.inner.manifest
+        self.inputs, self.outputs = self.inner.inputs, self.inner.outputs
+        self.open = threading.Event()
+        self.runs = 0
+        self._lock = threading.Lock()
+
+    def predict(self, inputs: Any) -> dict[str, np.ndarray]:
+        with self._lock:
+            self.runs += 1
+        assert self.open.wait(60)
+        return self.inner.predict(inputs)
+
+
+def on_trial(tmp: Path, **health: float) -> tuple[Served, Gated, list[float]]:
+    """Version 2 on trial against version 1 (gated), with a clock the test moves."""
+    def served(pred: Any, version: str) -> Served:
+        return Served(pred, ModelRecord(f"{MODEL}-{version}", MODEL, version, "0" * 64))
+
+    old = Gated(_models.stride_model(tmp / "v1.onnx", 1.0))
+    new = served(edge_sdk.load(_models.stride_model(tmp / "v2.onnx", 2.0)), "2")
+    now = [0.0]
+    new.trial = Trial(served(old, "1"), HealthConfig(**health), clock=lambda: now[0])
+    return new, old, now
+
+
+def fail(served: Served, width: int) -> Verdict:
+    """A request of height 80 (no version runs it), a distinct input per ``width``."""
+    x = {"x": np.zeros((1, 3, 80, width), np.float32)}
+    with pytest.raises(Exception, match="block_size") as info:
+        served.predict(x, count_failure=False)
+    return served.blame(x, info.value)
+
+
+def test_failed_requests_past_recheck_per_s_are_not_rerun_and_not_counted(
+        tmp_path: Path) -> None:
+    new, old, now = on_trial(tmp_path, recheck_per_s=2.0, recheck_timeout_s=60.0)
+    old.open.set()
+    assert [fail(new, w).kind for w in (48, 40)] == ["client", "client"]
+    over = fail(new, 56)
+    assert over.kind == "unjudged" and "health.recheck_per_s (2)" in over.note
+    # A request sent again gets the verdict already found, without a re-run.
+    assert fail(new, 48) == Verdict("client", "version 1 fails on it too")
+    assert old.runs == 2
+    now[0] += 0.5  # one more re-run allowed
+    assert fail(new, 56).kind == "client" and old.runs == 3
+    assert (new.health.errors, new.health.excused) == (0, 5)
+    assert new.trial is not None
+    new.trial.close()
+
+
+def test_reruns_go_one_at_a_time_through_a_bounded_queue_and_waits_are_bounded(
+        tmp_path: Path) -> None:
+    new, old, _ = on_trial(tmp_path, recheck_per_s=100.0, recheck_queue=2,
+                           recheck_timeout_s=0.05)
+    # Version 1 is held busy: one re-run runs, two wait, and each request stops waiting
+    # after recheck_timeout_s; the next one finds the queue full and is not re-run.
+    verdicts = [fail(new, w) for w in (48, 40, 56, 72)]
+    assert [v.kind for v in verdicts] == ["unjudged"] * 4
+    assert all("health.recheck_timeout_s (0.05 s)" in v.note for v in verdicts[:3])
+    assert "health.recheck_queue (2) is full" in verdicts[3].note
+    assert old.runs == 1
+    assert (new.health.errors, new.health.excused) == (0, 4)
+    old.open.set()
+    # The re-runs that waited still finish; what they found is kept for the next request.
+    wait_for(lambda: fail(new, 56).kind == "client", "the queued re-runs")
+    runs = old.runs
+    assert fail(new, 56).kind == "client" and old.runs == runs
+    assert new.trial is not None
+    new.trial.close()
+    assert fail(new, 88) == Verdict("unjudged", "not compared: the health window is over")
