@@ -247,8 +247,9 @@ class InferenceApp:
                    "health window)")
             return 500, _JSON, json.dumps({"error": msg}).encode(), {}
         self.metrics.requests.labels(served.name, "cannot_run").inc()
-        log.info("model %s cannot run a request: %s%s", served.record.label(), what,
-                 f" ({verdict.note})" if verdict.note else "")
+        # The client's doing, counted in the metrics: a flood of them must not flood the log.
+        log.debug("model %s cannot run a request: %s%s", served.record.label(), what,
+                  f" ({verdict.note})" if verdict.note else "")
         msg = f"the model cannot run this input: {what}"
         if verdict.note:
             msg += f" ({verdict.note})"
