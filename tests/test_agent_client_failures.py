@@ -19,12 +19,14 @@ import numpy as np
 import pytest
 
 import edge_sdk
+from device_agent import Agent
 from device_agent._config import HealthConfig
 from device_agent._serving import Served, Trial, Verdict
 from device_agent._state import ModelRecord
 from tests import _models, test_agent_e2e
+from tests._agent_local import LocalSource, config, deployment
 from tests._broker import Mosquitto
-from tests._http_agent import wait_for
+from tests._http_agent import call, wait_for
 from tests.test_agent_e2e import AgentProc, Fleet, _cli, new_agent
 
 MODEL = "detector"
@@ -249,3 +251,53 @@ def test_reruns_go_one_at_a_time_through_a_bounded_queue_and_waits_are_bounded(
     assert new.trial is not None
     new.trial.close()
     assert fail(new, 88) == Verdict("unjudged", "not compared: the health window is over")
+
+
+def test_a_trial_resumed_after_a_restart_loads_the_previous_version_to_compare(
+        tmp_path: Path) -> None:
+    arts = {}
+    for v in ("1", "3"):
+        offset, stride = VERSIONS[v]
+        src = _models.stride_model(tmp_path / f"{v}.onnx", offset, stride)
+        arts[v] = edge_sdk.build_artifact(src, tmp_path / v, name=MODEL, version=v,
+                                          sample={"x": SAMPLE})
+    state = tmp_path / "state"
+    long = {"window_s": 120.0, "probe_interval_s": 0.05}
+
+    def start(**health: Any) -> Agent:
+        a = Agent(config(state, health=health), source=LocalSource(), connect=False)
+        a.start()
+        return a
+
+    a = start()
+    a.submit(deployment(arts["1"], 1))
+    wait_for(lambda: (cur := a.installer.state.current) is not None and cur.version == "1"
+             and a.installer.state.phase == "committed", "version 1 to commit")
+    a.stop()
+    a = start(**long)
+    a.submit(deployment(arts["3"], 2))
+    wait_for(lambda: a.slot.current is not None and a.slot.current.version == "3",
+             "version 3 to be swapped in")
+    a.stop()  # inside the window: the next start resumes it, with version 1 on disk only
+    a = start(**long)
+    try:
+        def answer(shape: tuple[int, ...]) -> tuple[int, str]:
+            assert a.http is not None
+            status, doc, _ = call(a.http.port, "POST", f"/v2/models/{MODEL}/infer",
+                                  json.dumps({"inputs": [{
+                                      "name": "x", "shape": list(shape), "datatype": "FP32",
+                                      "data": [0.5] * int(np.prod(shape))}]}).encode())
+            return status, doc["error"]
+
+        wait_for(lambda: answer((1, 3, 80, 48)) == (422, (
+            "the model cannot run this input: InvalidArgument: [ONNXRuntimeError] : 2 : "
+            "INVALID_ARGUMENT : Non-zero status code returned while running SpaceToDepth "
+            "node. Name:'' Status Message: SpaceToDepth requires input height to be a "
+            "multiple of block_size (version 1 fails on it too)")), "the resumed trial")
+        status, error = answer((1, 3, 32, 32))
+        assert status == 500 and "(version 1 runs this input; counted against version 3" \
+            in error
+        wait_for(lambda: a.slot.current is not None and a.slot.current.version == "1",
+                 "the rollback to version 1")
+    finally:
+        a.stop()
