@@ -150,12 +150,23 @@ class HealthConfig:
     window_s: float = 10.0
     #: The agent runs the manifest's sample through the live model this often.
     probe_interval_s: float = 1.0
-    #: Share of failed inferences (runtime errors, not bad requests) that triggers rollback.
+    #: Share of failed inferences that triggers rollback. Counted: failed probes of the
+    #: manifest's sample, and requests the previous version runs but the new one fails.
+    #: Not counted: bad requests (4xx) and requests the previous version fails on too.
     max_error_rate: float = 0.0
     #: p99 latency limit over the window in ms; 0 disables the check.
     max_p99_ms: float = 0.0
     #: Restarts of the agent tolerated inside one health window before rolling back.
     max_restarts: int = 1
+    #: A request the new model fails on is run again on the previous version (kept
+    #: loaded in the window) to tell whose failure it is; at most this many re-runs a
+    #: second, one at a time, so a flood of bad requests costs a bounded amount of CPU.
+    #: A failure not re-run is not counted against the new model.
+    recheck_per_s: float = 5.0
+    #: Re-runs waiting for the one running; more failures are not re-run.
+    recheck_queue: int = 4
+    #: How long a failed request waits for the previous version's answer.
+    recheck_timeout_s: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -319,6 +330,9 @@ class AgentConfig:
             ("http.max_buffered_bytes", self.http.max_buffered_bytes),
             ("http.max_decode_bytes", self.http.max_decode_bytes),
             ("health.probe_interval_s", self.health.probe_interval_s),
+            ("health.recheck_per_s", self.health.recheck_per_s),
+            ("health.recheck_queue", self.health.recheck_queue),
+            ("health.recheck_timeout_s", self.health.recheck_timeout_s),
             ("limits.max_artifact_bytes", self.limits.max_artifact_bytes),
             ("limits.max_queued_reports", self.limits.max_queued_reports),
             ("limits.retry_s", self.limits.retry_s),

@@ -72,7 +72,7 @@ from ._lifecycle import (
     handled,
     step,
 )
-from ._serving import ModelSlot, Served, SmokeTestError, smoke_test
+from ._serving import ModelSlot, Served, SmokeTestError, Trial, smoke_test
 from ._state import InstalledState, ModelRecord, StateStore
 
 log = logging.getLogger("device_agent")
@@ -249,7 +249,11 @@ class Installer:
                     return ModelUnusable(record, str(err), ts=time.time())
                 return ModelLoaded(record, ts=time.time())
             case Swap(record):
-                self.slot.swap(None if record is None else self._models[record.id])
+                served = None if record is None else self._models[record.id]
+                if served is not None and self.life.mode is Mode.TRIAL:
+                    # From the first request it serves, not from the window's start.
+                    self._start_trial(served)
+                self.slot.swap(served)
             case CleanModels():
                 self.store.clean(self.state, *(s for s in (self._durable,) if s is not None))
                 keep = {r.id for r in (self.life.serving,
@@ -261,10 +265,13 @@ class Installer:
             case WatchHealth():
                 served = self.slot.current
                 assert served is not None
+                self._start_trial(served)  # after a restart: the previous is loaded now
                 try:
                     reason = self._health_window(served)
                 except _Interrupted:
                     return None
+                finally:
+                    self._end_trial(served)
                 return Healthy(ts=time.time()) if reason is None else \
                     Unhealthy(reason, ts=time.time())
         return None
@@ -518,6 +525,32 @@ class Installer:
             if reason is not None:
                 return reason
         return self._judge(served, final=True)
+
+    def _start_trial(self, served: Served) -> None:
+        """Keep the version ``served`` replaced at hand for its health window, loading it
+        when a restart left it on disk only: a request both fail on is the client's."""
+        prev = self.state.previous
+        if served.trial is not None or prev is None:
+            return
+        old = self._models.get(prev.id)
+        if old is None:
+            try:
+                old = self._models[prev.id] = self._load(prev)
+            except (EdgeError, SmokeTestError, OSError) as err:
+                log.warning("previous model %s cannot be loaded to compare failed requests "
+                            "with (none is counted against %s): %s", prev.label(),
+                            served.record.label(), err)
+                return
+        served.trial = Trial(old, self.config.health)
+
+    def _end_trial(self, served: Served) -> None:
+        trial, served.trial = served.trial, None
+        if trial is not None:
+            trial.close()
+        if served.health.excused:
+            log.info("%d failed request(s) in the health window of %s were not counted "
+                     "against it (see edge_agent_trial_failures)", served.health.excused,
+                     served.record.label())
 
     def _judge(self, served: Served, *, final: bool) -> str | None:
         hc = self.config.health

@@ -19,8 +19,15 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "edge_agent_requests", "Inference requests by model and outcome "
-            "(ok, bad_request, error).", ["model", "outcome"], registry=r)
+            "edge_agent_requests", "Inference requests by model and outcome (ok, "
+            "bad_request, cannot_run: fits the signature but fails in the runtime, 422; "
+            "error: a failure the model introduced in its health window, 500).",
+            ["model", "outcome"], registry=r)
+        self.trial_failures = Counter(
+            "edge_agent_trial_failures", "Requests a model in its health window failed on, "
+            "by what the previous version did with the same input (client: fails too, not "
+            "counted; model: runs it, counted against the new model; unjudged: not re-run, "
+            "a [health] recheck bound was reached, not counted).", ["verdict"], registry=r)
         self.latency = Histogram(
             "edge_agent_request_latency_seconds", "Inference latency inside the agent "
             "(decode, predict, encode).", ["model"], buckets=_BUCKETS, registry=r)

@@ -12,7 +12,9 @@ body and returns (status, content type, body, extra headers), so the whole
 protocol is testable without a server.
 
 A request the client got wrong is answered 4xx with ``{"error": "..."}`` that
-says what was expected; only a fault of the model itself is 5xx.
+says what was expected. A request that fits the signature but fails in the runtime is
+422 (the model cannot run this input), except in a health window when the version the
+model replaced runs it: that failure is the new model's, 500 (see ``_serving.Trial``).
 """
 
 from __future__ import annotations
@@ -185,7 +187,7 @@ class InferenceApp:
 
     def _infer(self, served: Served, headers: Mapping[str, str],
                body: bytes) -> tuple[int, str, bytes, dict[str, str]]:
-        ok_c, bad_c, err_c, hist = self._children_for(served.name)
+        ok_c, bad_c, _, hist = self._children_for(served.name)
         if not self._sem.acquire(timeout=self.config.queue_timeout_s):
             bad_c.inc()
             raise HttpError(429, f"more than {self.config.max_inflight} requests in flight for "
@@ -203,15 +205,12 @@ class InferenceApp:
                 feed, binary_out, wanted, req_id = self._decode(served, request, blobs)
                 t2 = time.perf_counter()
                 try:
-                    outputs = served.predict(feed)
+                    outputs = served.predict(feed, count_failure=False)
                 except InputError as err:
                     raise HttpError(400, str(err)) from err
                 except Exception as err:
-                    err_c.inc()
                     stats.fail(time.perf_counter() - t0)
-                    log.error("model %s failed on a valid request: %s", served.name, err)
-                    msg = f"model '{served.name}' failed: {type(err).__name__}: {err}"
-                    return 500, _JSON, json.dumps({"error": " ".join(msg.split())}).encode(), {}
+                    return self._failed(served, feed, err)
                 t3 = time.perf_counter()
             except HttpError:
                 bad_c.inc()
@@ -227,6 +226,34 @@ class InferenceApp:
         finally:
             self.decoding.release(cost)
             self._sem.release()
+
+    def _failed(self, served: Served, feed: Mapping[str, np.ndarray],
+                err: Exception) -> tuple[int, str, bytes, dict[str, str]]:
+        """Answer a request that fits the signature but failed in the runtime: 500 when
+        the new model in its health window introduced the failure (the previous version
+        runs this input), else 422: the model cannot run this input."""
+        verdict = served.blame(feed, err)
+        if verdict.kind != "no_trial":
+            self.metrics.trial_failures.labels(verdict.kind).inc()
+        what = " ".join(f"{type(err).__name__}: {err}".split())
+        if len(what) > 1000:
+            what = what[:997] + "..."
+        if verdict.counted:
+            self.metrics.requests.labels(served.name, "error").inc()
+            log.error("model %s failed on a request (%s): %s", served.record.label(),
+                      verdict.note, what)
+            msg = (f"model '{served.name}' version {served.version} failed: {what} "
+                   f"({verdict.note}; counted against version {served.version} in its "
+                   "health window)")
+            return 500, _JSON, json.dumps({"error": msg}).encode(), {}
+        self.metrics.requests.labels(served.name, "cannot_run").inc()
+        # The client's doing, counted in the metrics: a flood of them must not flood the log.
+        log.debug("model %s cannot run a request: %s%s", served.record.label(), what,
+                  f" ({verdict.note})" if verdict.note else "")
+        msg = f"the model cannot run this input: {what}"
+        if verdict.note:
+            msg += f" ({verdict.note})"
+        return 422, _JSON, json.dumps({"error": msg}).encode(), {}
 
     def _stats_for(self, served: Served) -> _ModelStats:
         key = (served.name, served.version)

@@ -4,14 +4,24 @@ A request reads :attr:`ModelSlot.current` once and keeps that reference until
 it has answered, so a swap (one attribute assignment, atomic in Python) sends
 new requests to the new model while in-flight ones finish on the old one,
 which is freed when its last request drops the reference.
+
+Whose fault a runtime failure is: a request that fits the signature can still fail in
+the runtime (a model that only runs sizes divisible by 32). Outside a health window that
+is the input's doing and is never counted. Inside one, :class:`Trial` runs the input on
+the version the new model replaced: a failure both show is the client's; only a failure
+the new version introduced counts against it.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import hashlib
+import json
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,6 +29,7 @@ import numpy as np
 from edge_sdk import Predictor
 from edge_sdk.errors import InputError
 
+from ._config import HealthConfig
 from ._state import ModelRecord
 
 
@@ -29,6 +40,9 @@ class HealthStats:
         self._lock = threading.Lock()
         self.ok = 0
         self.errors = 0
+        #: Failed requests not counted in :attr:`errors`: the previous version fails on
+        #: them too, or they were not compared (see :class:`Trial`).
+        self.excused = 0
         self.last_error: str | None = None
         self._latencies: deque[float] = deque(maxlen=keep)
 
@@ -41,9 +55,13 @@ class HealthStats:
                 self.errors += 1
                 self.last_error = error
 
+    def excuse(self) -> None:
+        with self._lock:
+            self.excused += 1
+
     def reset(self) -> None:
         with self._lock:
-            self.ok = self.errors = 0
+            self.ok = self.errors = self.excused = 0
             self.last_error = None
             self._latencies.clear()
 
@@ -63,28 +81,177 @@ class Served:
         self.name = record.name
         self.version = record.version
         self.health = HealthStats()
+        #: While this model is in its health window: the version it replaced, to tell
+        #: whose fault a failed request is (set and cleared by the installer).
+        self.trial: Trial | None = None
         # LiteRT interpreters are not thread-safe; onnxruntime sessions are.
         self._lock: threading.Lock | None = (
             threading.Lock() if predictor.format == "tflite" else None
         )
 
-    def predict(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """Run the model; InputError for bad inputs, any other exception is a model fault
-        and is counted against the model's health."""
+    def run(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Run the model and record nothing; InputError when ``inputs`` do not fit the
+        signature."""
+        if self._lock is None:
+            return self.predictor.predict(inputs)
+        with self._lock:
+            return self.predictor.predict(inputs)
+
+    def predict(self, inputs: Mapping[str, Any], *,
+                count_failure: bool = True) -> dict[str, np.ndarray]:
+        """Run the model, recording the outcome in :attr:`health`; InputError for bad
+        inputs (never counted). Any other exception is counted as a failure of the model
+        unless ``count_failure`` is False: a client's request, whose failure the caller
+        hands to :meth:`blame`."""
         t0 = time.perf_counter()
         try:
-            if self._lock is None:
-                out = self.predictor.predict(inputs)
-            else:
-                with self._lock:
-                    out = self.predictor.predict(inputs)
+            out = self.run(inputs)
         except InputError:
             raise
         except Exception as err:
-            self.health.record(time.perf_counter() - t0, f"{type(err).__name__}: {err}")
+            if count_failure:
+                self.health.record(time.perf_counter() - t0, f"{type(err).__name__}: {err}")
             raise
         self.health.record(time.perf_counter() - t0, None)
         return out
+
+    def blame(self, inputs: Mapping[str, Any], err: BaseException) -> Verdict:
+        """Whose fault it is that this model failed with ``err`` on a client's ``inputs``
+        (which fit its signature); counted against the model when it is the model's."""
+        trial = self.trial
+        verdict = trial.judge(inputs) if trial is not None else NO_TRIAL
+        if verdict.counted:
+            self.health.record(0.0, f"{type(err).__name__}: {err}")
+        else:
+            self.health.excuse()
+        return verdict
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whose fault a runtime failure on a client's request is."""
+
+    #: ``model``: the previous version runs this input, so the new one introduced the
+    #: failure (counted against it); ``client``: the previous version fails on it too;
+    #: ``unjudged``: not compared (a bound of ``[health]`` was reached, or the previous
+    #: version takes other inputs); ``no_trial``: no health window, nothing to compare.
+    kind: str
+    #: Said to the client after the runtime's message (empty for ``no_trial``).
+    note: str = ""
+
+    @property
+    def counted(self) -> bool:
+        return self.kind == "model"
+
+
+NO_TRIAL = Verdict("no_trial")
+#: Verdicts remembered per trial, so that a request sent again is not run again.
+_KNOWN = 256
+
+
+class Trial:
+    """The version a model on trial replaced, kept loaded for the health window to re-run
+    the requests the new model fails on.
+
+    Bounded, so that a flood of failing requests cannot multiply the device's work: at
+    most ``health.recheck_per_s`` re-runs a second (a burst of as many), one at a time
+    on one thread, ``health.recheck_queue`` waiting behind it; a request waits
+    ``health.recheck_timeout_s`` for the answer. Identical inputs are re-run once (the
+    verdict is kept). A failure that is not re-run is not counted."""
+
+    def __init__(self, previous: Served, config: HealthConfig,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.previous = previous
+        self._cfg = config
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._burst = max(1.0, config.recheck_per_s)
+        self._tokens = self._burst
+        self._stamp = clock()
+        self._waiting = threading.BoundedSemaphore(config.recheck_queue + 1)
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="agent-recheck")
+        self._known: OrderedDict[bytes, Verdict] = OrderedDict()
+        self._closed = False
+
+    def judge(self, inputs: Mapping[str, Any]) -> Verdict:
+        """The verdict on a failure of the new model on ``inputs``."""
+        key = _digest(inputs)
+        was = f"version {self.previous.version}"
+        with self._lock:
+            known = self._known.get(key)
+            if known is not None:
+                self._known.move_to_end(key)
+                return known
+            if self._closed:
+                return Verdict("unjudged", "not compared: the health window is over")
+            if not self._take():
+                return Verdict("unjudged", f"not compared with {was}: over "
+                                           f"health.recheck_per_s ({self._cfg.recheck_per_s:g})")
+        if not self._waiting.acquire(blocking=False):
+            return Verdict("unjudged", f"not compared with {was}: health.recheck_queue "
+                                       f"({self._cfg.recheck_queue}) is full")
+        try:
+            future = self._pool.submit(self._recheck, key, inputs)
+        except RuntimeError:  # closed meanwhile
+            self._waiting.release()
+            return Verdict("unjudged", "not compared: the health window is over")
+        try:
+            return future.result(timeout=self._cfg.recheck_timeout_s)
+        except TimeoutError:
+            return Verdict("unjudged", f"not compared: {was} did not answer within "
+                                       f"health.recheck_timeout_s "
+                                       f"({self._cfg.recheck_timeout_s:g} s)")
+        except concurrent.futures.CancelledError:
+            return Verdict("unjudged", "not compared: the health window is over")
+
+    def close(self) -> None:
+        """End the trial: no more re-runs (one running finishes on its thread)."""
+        with self._lock:
+            self._closed = True
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _take(self) -> bool:
+        now = self._clock()
+        self._tokens = min(self._burst,
+                           self._tokens + (now - self._stamp) * self._cfg.recheck_per_s)
+        self._stamp = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+    def _recheck(self, key: bytes, inputs: Mapping[str, Any]) -> Verdict:
+        was = f"version {self.previous.version}"
+        try:
+            try:
+                self.previous.run(inputs)
+            except InputError:
+                verdict = Verdict("unjudged", f"not compared: {was} takes other inputs")
+            except Exception:
+                verdict = Verdict("client", f"{was} fails on it too")
+            else:
+                verdict = Verdict("model", f"{was} runs this input")
+            with self._lock:
+                self._known[key] = verdict
+                while len(self._known) > _KNOWN:
+                    self._known.popitem(last=False)
+            return verdict
+        finally:
+            self._waiting.release()
+
+
+def _digest(inputs: Mapping[str, Any]) -> bytes:
+    """Identifies a request's inputs: names, dtypes, shapes and every value."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(inputs):
+        arr = np.asarray(inputs[name])
+        h.update(f"{name}\0{arr.dtype.str}\0{arr.shape}\0".encode())
+        if arr.dtype.kind == "O":
+            h.update(json.dumps([str(v) for v in arr.reshape(-1).tolist()]).encode())
+        else:
+            h.update(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
+    return h.digest()
 
 
 class ModelSlot:

@@ -195,3 +195,17 @@ def weighted_offset_model(path: Path, offset: float, weights: np.ndarray,
     nodes.append(helper.make_node("Add", ["xc", last], ["y"]))
     graph = helper.make_graph(nodes, "weighted_offset", [x], [y], inits)
     return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)
+
+
+def stride_model(path: Path, offset: float, stride: int = 32) -> Path:
+    """y = x + offset with x float32 [batch, 3, height, width], through a SpaceToDepth
+    of block ``stride`` and back, as a detector with a stride-32 backbone: the signature
+    takes any height and width, the runtime only multiples of ``stride``."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, "height", "width"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3, "height", "width"])
+    c = numpy_helper.from_array(np.array(offset, dtype=np.float32), "c")
+    nodes = [helper.make_node("SpaceToDepth", ["x"], ["d"], blocksize=stride),
+             helper.make_node("DepthToSpace", ["d"], ["s"], blocksize=stride, mode="DCR"),
+             helper.make_node("Add", ["s", "c"], ["y"])]
+    graph = helper.make_graph(nodes, f"stride{stride}", [x], [y], [c])
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)
