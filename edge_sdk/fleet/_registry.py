@@ -22,6 +22,7 @@ received before ``caught_up`` is written, which the controller's timeouts wait f
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -181,18 +182,71 @@ def ingest_event(c: Connection, fleet: str, device: str, payload: bytes,
     return True
 
 
+#: What a device is, as opposed to how it is doing: kept from the last report that said
+#: it when a later one (a last will, any partial state) leaves it out.
+FACTS = ("model", "previous", "groups", "tags", "hardware", "phase", "deployment",
+         "last_update")
+#: Keys of a stored state that the registry writes, never the device.
+_OWN = ("offline_since",)
+
+
+def _link(doc: dict[str, Any]) -> tuple[int, int] | None:
+    """The connection a report names (``[process start ms, connection number]``)."""
+    v = doc.get("link")
+    if isinstance(v, list) and len(v) == 2 and all(
+            isinstance(x, int) and not isinstance(x, bool) for x in v):
+        return v[0], v[1]
+    return None
+
+
+def _merge(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """The state to keep: ``new``, with the :data:`FACTS` it leaves out taken from ``old``.
+    A last will (``"will": true``) only says the link died: the facts it carries are as
+    of its connect, older than any state that link sent, so the stored ones win."""
+    new = {k: v for k, v in new.items() if k not in _OWN}
+    if old is None:
+        return new
+    if new.get("will") is True:
+        new = {k: v for k, v in new.items() if k not in FACTS}
+    return {**{k: old[k] for k in FACTS if k in old}, **new}
+
+
 def write_state(c: Connection, fleet: str, device: str, payload: bytes,
                 now: float | None = None) -> None:
-    """:func:`ingest_state` that raises :class:`MalformedReport` with the reason."""
+    """:func:`ingest_state` that raises :class:`MalformedReport` with the reason.
+
+    A report that leaves facts out (a last will, a partial state) keeps the stored ones
+    (:data:`FACTS`); an offline one records since when (``offline_since`` in the stored
+    state). A last will older than the connection the stored online state came from is
+    ignored: it was published late for a link the device has already replaced."""
     if not payload:
         return
-    if not isinstance(_parse(payload), dict):
+    sent = _parse(payload)
+    if not isinstance(sent, dict):
         raise MalformedReport("a state report must be a JSON object")
-    st = DeviceStatus.parse(device, payload)
+    ts = time.time() if now is None else now
+    key = (devices.c.fleet == fleet) & (devices.c.id == device)
+    old = c.execute(sa.select(devices.c.online, devices.c.phase, devices.c.model,
+                              devices.c.version, devices.c.last_deployment,
+                              devices.c.last_result, devices.c.state,
+                              devices.c.last_seen).where(key)).first()
+    before = _loads_state(old.state) if old is not None else None
+    going = sent.get("online") is not True
+    if going and old is not None and old.online and before is not None:
+        mine, theirs = _link(sent), _link(before)
+        if mine is not None and theirs is not None and mine < theirs:
+            log.info("registry: ignored an offline report (a late last will) of %s for "
+                     "connection %s: it has reported from connection %s since", device,
+                     list(mine), list(theirs))
+            return
+    doc = _merge(before, sent)
+    if going:  # since the first offline report after it was online (or first heard)
+        kept = before.get("offline_since") if before is not None and old is not None \
+            and not old.online else None
+        doc["offline_since"] = kept if isinstance(kept, (int, float)) else ts
+    st = DeviceStatus.parse(device, json_text(doc).encode())
     if st is None:  # pragma: no cover - parsed above
         raise MalformedReport("unreadable state report")
-    ts = time.time() if now is None else now
-    doc = st.raw
     tags = doc.get("tags") if isinstance(doc.get("tags"), dict) else {}
     hw = doc.get("hardware") if isinstance(doc.get("hardware"), dict) else {}
     model, version = st.model_ref or (None, None)
@@ -214,11 +268,9 @@ def write_state(c: Connection, fleet: str, device: str, payload: bytes,
         "last_result": st.last_result, "last_reason": st.last_reason,
         "last_deployment": st.last_deployment, "state": json_text(doc),
     }
+    if old is not None and sent.get("will") is True:
+        values["last_seen"] = old.last_seen  # the broker spoke, not the device
     _fit(_DEVICE_COLS, {"fleet": fleet, "id": device, **values})
-    key = (devices.c.fleet == fleet) & (devices.c.id == device)
-    old = c.execute(sa.select(devices.c.online, devices.c.phase, devices.c.model,
-                              devices.c.version, devices.c.last_deployment,
-                              devices.c.last_result).where(key)).first()
     if old is None:
         c.execute(devices.insert().values(fleet=fleet, id=device, first_seen=ts, **values))
         changes = ["registered"]
@@ -242,6 +294,14 @@ def write_state(c: Connection, fleet: str, device: str, payload: bytes,
                                     "result": st.last_result})}
         _fit(_EVENT_COLS, row)
         c.execute(device_events.insert().values(**row))
+
+
+def _loads_state(text: str | None) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 # Built once: constructing a statement per report (``.values(...)``, its cache key) cost

@@ -164,7 +164,8 @@ function deviceRow(d) {
   if (typeof d.id === "string") button.addEventListener("click", () => selectDevice(d.id));
   return el("tr", { "data-device": id, class: d.id === view.device ? "selected" : null },
     el("th", { scope: "row" }, button),
-    el("td", { class: d.online === true ? "on" : "off" }, d.online === true ? "online" : "offline"),
+    el("td", { class: d.online === true ? "on" : "off" }, d.online === true ? "online"
+      : when(d.offline_since) ? `offline since ${when(d.offline_since)}` : "offline"),
     td(listText(d.groups)), td(pairsText(d.tags)), reportedCell(d),
     td(d.model || "—"), td(d.version || "—"), td(d.phase),
     td(d.last_result, { title: text(d.last_reason, MAX_TITLE) }),
