@@ -10,8 +10,10 @@ device's. Gaps in the sequence numbers agents put in their events are counted as
 loss every device's retained state is read again, so that no state stays missed; and a
 device heard from (an event, a heartbeat) whose state this registry has not taken in
 since it started — a clustered broker can miss a retained state published while the
-subscription was being set up — gets its retained state read again (:mod:`._reread`): no
-device depends on one retained message arriving. A
+subscription was being set up — gets its retained state read again (:mod:`._reread`);
+every retained state is read again after ``reread_quiet_s`` without a state report; and
+agents send their state again after every reconnect: no device depends on one retained
+message arriving. A
 malformed report (not bounded JSON, or a value no column can hold: an over-long name, a
 counter out of range, a NUL or a lone surrogate) is logged and counted, never raised.
 The counts are kept in the database, in all (:meth:`FleetDB.registry_stats`) and per
@@ -428,6 +430,7 @@ class Registry:
         self._states: dict[str, int] = {}
         self._loss = False  # reports dropped or lost since the last resync
         self._resynced = time.monotonic()
+        self._news = self._resynced  # when a state report was last taken in
         self._pruned = 0.0
         self._rows: dict[str, int] = {}  # events written per device since its last prune
         self._logged: dict[str, float] = {}  # device -> when its last malformed was logged
@@ -475,6 +478,7 @@ class Registry:
                 self.reread.request(self.topics.state(device))
             if offer(leaf, device, payload, time.time()) and leaf == "state":
                 self._stated.add(device)
+                self._news = time.monotonic()
         return handler
 
     def _count(self, what: str, why: str | None = None, n: int = 1) -> None:
@@ -629,13 +633,18 @@ class Registry:
         self._saved = now
 
     def _housekeeping(self) -> None:
-        """Read every retained state again after a loss; prune ``device_events``."""
+        """Read every retained state again after a loss or a quiet while; prune
+        ``device_events``."""
         cfg = self.config
         mono = time.monotonic()
         if self._loss and cfg.resync_s and mono - self._resynced >= cfg.resync_s \
                 and not self._stop.is_set():
             self._loss, self._resynced = False, mono
-            self._resync()
+            self._resync("reports were dropped or lost")
+        elif cfg.reread_quiet_s and mono - max(self._news, self._resynced) \
+                >= cfg.reread_quiet_s and not self._stop.is_set():
+            self._resynced = mono
+            self._resync(f"no state report for {cfg.reread_quiet_s:g} s")
         if mono - self._pruned >= cfg.prune_s:
             self._pruned = mono
             over = [d for d, n in self._rows.items() if n > cfg.events_per_device // 10]
@@ -649,7 +658,7 @@ class Registry:
                 log.warning("registry: device_events not pruned: %s",
                             str(err).splitlines()[0])
 
-    def _resync(self) -> None:
+    def _resync(self, why: str) -> None:
         """Subscribe to the states again: the broker sends every retained one anew (an
         unchanged one costs a hash), so a state it dropped while the registry was behind
         is not missed until that device changes again."""
@@ -661,8 +670,7 @@ class Registry:
             return
         if old is not None:
             old.cancel()  # the same filter is still subscribed: no UNSUBSCRIBE goes out
-        log.info("registry: reports were dropped or lost; reading every device's retained "
-                 "state again")
+        log.info("registry: %s; reading every device's retained state again", why)
 
     def drain(self, timeout: float = 10.0) -> None:
         """Wait until every queued report is written (tests, shutdown)."""
