@@ -119,8 +119,13 @@ def test_a_device_whose_answer_was_lost_says_it_again_when_the_deployment_comes_
         # The committed state is lost on its way (the registry dropped it, or the broker
         # kept no retained copy): nobody holds the answer any more.
         watch.publish_wait(topics.state(device), b"", retain=True)
+        beats: list[bytes] = []
+        watch.subscribe(topics.events(device), lambda t, p: beats.append(p)
+                        if b'"heartbeat"' in p else None)
         watch.subscribe(topics.state(device), on_state)
-        time.sleep(0.5)
+        # A barrier, not a pause: the agent's sender sends a heartbeat, then any state
+        # due, each time round; two heartbeats later, a state due before would be here.
+        wait_for(lambda: len(beats) >= 2, 30)
         assert states == []  # an idle agent has nothing new to say by itself
         # The controller, still without an answer, publishes the same document again.
         watch.publish_wait(topics.desired(device), signed.document, retain=True)
