@@ -8,6 +8,7 @@ killed with SIGKILL.
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,39 @@ def test_a_killed_or_stopped_agent_keeps_its_record_and_is_offline_since_then(
             will["groups"], will["tags"], will["last_update"]["result"]) == \
         (False, "2", "1", ["rec-lab"], {"site": "north"}, "committed")
     assert will["hardware"]["arch"] == known["hardware"]["arch"]
+
+
+def test_a_frozen_device_goes_offline_after_its_keepalive_and_comes_back_with_its_record(
+        fleet: Fleet, tmp_path: Path, agents: list[AgentProc]) -> None:
+    # A power cut or a hung link: no FIN reaches the broker, which gives up after 1.5
+    # keepalive periods and publishes the will. SIGSTOP freezes the agent the same way.
+    db_url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    device = "rec-frozen"
+    serve = Serve(fleet, db_url, tmp_path / "serve").start()
+    try:
+        agent = _agent(fleet, tmp_path, agents, device).start()
+        fleet.deploy(device, "3")
+        agent.wait_version("3")
+        with FleetDB.open(db_url) as db:
+            known = wait_for(lambda: (d := _record(db, device)) and d["online"]
+                             and d["last_result"] == "committed" and d, 60)
+            assert agent.proc is not None
+            agent.proc.send_signal(signal.SIGSTOP)
+            try:
+                dead = wait_for(lambda: (d := _record(db, device)) and not d["online"]
+                                and d, 60, lambda: f"{_record(db, device)}")
+            finally:
+                agent.proc.send_signal(signal.SIGCONT)
+            assert {k: dead[k] for k in KEPT} == {k: known[k] for k in KEPT}
+            assert dead["state"]["link"] == known["state"]["link"]
+            # Thawed, it finds its link dead, reconnects and says its state again.
+            back = wait_for(lambda: (d := _record(db, device)) and d["online"] and d, 60,
+                            lambda: f"{_record(db, device)}")
+            assert back["offline_since"] is None
+            assert back["state"]["link"][1] > known["state"]["link"][1]
+            assert {k: back[k] for k in KEPT} == {k: known[k] for k in KEPT}
+    finally:
+        serve.kill()
 
 
 def _state(link: list[int], *, online: bool = True, **extra: Any) -> bytes:
