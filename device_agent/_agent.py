@@ -73,6 +73,8 @@ class Agent:
         self.slot = ModelSlot(on_change=self._model_changed)
         self._stop = threading.Event()
         self._started_at = time.monotonic()
+        self._boot_ms = time.time_ns() // 1_000_000
+        self._link_no = 0
         self.outbox = Outbox(self.store.outbox, config.limits.max_queued_reports)
         from edge_sdk.transport import Topics
 
@@ -84,6 +86,7 @@ class Agent:
             snapshot=self.snapshot, on_event=self._count_event,
             heartbeat_fields=self._heartbeat, heartbeat_s=config.telemetry.heartbeat_s,
             progress_fields=self.transfer, progress_s=config.telemetry.progress_s,
+            reconnect_jitter_s=config.telemetry.reconnect_jitter_s,
         )
         #: The release source's fetcher, whose running download is reported (None with
         #: a source of the caller's).
@@ -194,11 +197,9 @@ class Agent:
     # -- broker --------------------------------------------------------------------------
 
     def _open_link(self) -> None:
-        from edge_sdk.transport import LastWill, MqttConfig, MqttConnection
+        from edge_sdk.transport import MqttConfig, MqttConnection
 
         b = self.config.broker
-        offline = json.dumps({"device": self.config.device_id, "fleet": self.config.fleet,
-                              "online": False}).encode()
         mqtt_cfg = MqttConfig(
             url=",".join(b.all_urls), username=b.username, password=b.resolved_password(),
             ca_file=str(b.tls.ca_file) if b.tls.ca_file else None,
@@ -207,9 +208,9 @@ class Agent:
             tls_insecure=b.tls.insecure,
             client_id=b.client_id_for(self.config.device_id),
             keepalive=b.keepalive_s, fleet=self.config.fleet, topic_prefix=b.topic_prefix,
-            last_will=LastWill(self.topics.state(self.config.device_id), offline),
         )
         conn = MqttConnection(mqtt_cfg, name=f"agent-{self.config.device_id}")
+        conn.arm_last_will(self._last_will)
         self.connection = conn
 
         def on_link(up: bool) -> None:
@@ -239,6 +240,24 @@ class Agent:
             conn.connect(wait=False)
         except EdgeError as err:
             log.warning("broker link not started: %s (serving locally)", err)
+
+    def _last_will(self) -> Any:
+        """The will of the next connection: offline, which connection it is (``link``), and
+        the facts as they are now, for whoever reads only the broker. The registry keeps
+        its own newer record of the facts and ignores a will older than the link it has
+        heard from (a will published late, after a quick reconnect)."""
+        from edge_sdk.transport import LastWill
+
+        self._link_no += 1
+        doc = {"device": self.config.device_id, "fleet": self.config.fleet,
+               "online": False, "will": True, "link": self.link, **self._facts()}
+        return LastWill(self.topics.state(self.config.device_id), json.dumps(doc).encode())
+
+    @property
+    def link(self) -> list[int]:
+        """``[process start in ms, connection number]``: ordered, so that a report of an
+        older connection (its will) can be told from a newer one's."""
+        return [self._boot_ms, self._link_no]
 
     def _on_desired(self, topic: str, payload: bytes) -> None:
         if not payload:
@@ -350,7 +369,9 @@ class Agent:
         return {"deployment": {"counter": dep.counter, "name": dep.name,
                                "artifact_version": dep.artifact_version}, **t.as_dict()}
 
-    def snapshot(self) -> dict[str, Any]:
+    def _facts(self) -> dict[str, Any]:
+        """What the device is (models, phase, last result, groups, tags, hardware): the
+        part of its state that stays true while it is offline."""
         st = self.installer.state
         cur = self.slot.current
 
@@ -369,6 +390,12 @@ class Agent:
             "groups": list(self.config.groups),
             "tags": dict(self.config.tags),
             "hardware": {**_hardware(), "threads": self.config.threads},
+        }
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            **self._facts(),
+            "link": self.link,
             "queued_reports": len(self.outbox),
             "dropped_reports": self.outbox.dropped,
             "storage": self._storage(),

@@ -192,6 +192,10 @@ class TelemetryConfig:
     #: How often a running download is reported (bytes, rate, time left) in the events
     #: and the retained state.
     progress_s: float = 10.0
+    #: After a reconnect the state is sent again within a random 0 to this many seconds
+    #: (0: at once), so that a broker's fleet does not all report in the same instant.
+    #: The first connection reports at once.
+    reconnect_jitter_s: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -363,6 +367,8 @@ class AgentConfig:
                          ("profiling.max_memory_bytes", self.profiling.max_memory_bytes)):
             if num < 0:
                 raise bad(key, "must be >= 0")
+        if not 0.0 <= self.telemetry.reconnect_jitter_s <= 300.0:
+            raise bad("telemetry.reconnect_jitter_s", "must be 0-300 (seconds)")
         if not 0.0 <= self.health.max_error_rate <= 1.0:
             raise bad("health.max_error_rate", "must be between 0 and 1")
         if not 0 <= self.profiling.nice <= 19:

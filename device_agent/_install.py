@@ -421,6 +421,8 @@ class Installer:
             # A redelivery of what was already handled (retained message, reconnect), or the
             # controller sending it again because it never heard the answer: the state
             # report carrying that answer may be what was lost, so it goes out again.
+            log.debug("deployment %s… already handled: its answer goes out again",
+                      digest[:12])
             self.reporter.state_changed()
             return False
         cur = self.slot.current

@@ -1,10 +1,12 @@
 """Reports to the fleet over MQTT, offline-first.
 
 - ``state`` (retained): online flag, models, last update result; republished on
-  every change, every reconnect, every refused or unacknowledged publish, and whenever a
+  every change, every reconnect (after a random delay up to ``reconnect_jitter_s``), every
+  refused or unacknowledged publish, and whenever a
   deployment already handled is delivered again (the controller re-sends one it has no
-  answer to: the answer may be what was lost). The last will replaces it with
-  ``{"online": false}`` when the link dies.
+  answer to: the answer may be what was lost). The last will replaces it with an
+  offline document (``"will": true``, the connection's ``link``, the facts as of the
+  connect) when the link dies.
 - ``events``: install started / verified / swapped / committed / rolled back /
   failed / refused, with the reason. Every event is first written to the
   on-disk outbox (bounded: the oldest are dropped first and the drop is
@@ -27,6 +29,7 @@ import contextlib
 import errno
 import json
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -157,10 +160,12 @@ class Telemetry:
                  heartbeat_fields: Callable[[], dict[str, Any]] | None = None,
                  heartbeat_s: float = 30.0,
                  progress_fields: Callable[[], dict[str, Any] | None] | None = None,
-                 progress_s: float = 10.0) -> None:
+                 progress_s: float = 10.0, reconnect_jitter_s: float = 0.0) -> None:
         """``heartbeat_fields`` gives the fields of each heartbeat, sent every ``heartbeat_s``
         seconds while the link is up (none without it); ``progress_fields`` those of a
-        ``progress`` event (None: no download running), looked at every ``progress_s``."""
+        ``progress`` event (None: no download running), looked at every ``progress_s``.
+        After each reconnect (not the first connection) the state is sent again within a
+        random 0 to ``reconnect_jitter_s`` seconds."""
         self.device = device
         self.fleet = fleet
         self.outbox = outbox
@@ -180,6 +185,10 @@ class Telemetry:
         self._link: Link | None = None
         self._wake = threading.Event()
         self._state_dirty = True
+        self._jitter_s = reconnect_jitter_s
+        self._ups = 0
+        #: Monotonic time the state is due again after a reconnect (None: nothing due).
+        self._state_due: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.sent = 0
@@ -195,9 +204,27 @@ class Telemetry:
         self._wake.set()
 
     def link_changed(self, up: bool) -> None:
-        if up:
+        if not up:
+            return
+        self._ups += 1
+        # Every reconnect, even when nothing changed: the registry may have missed the
+        # state (a broker that lost its retained copy, a dropped report), and a will
+        # published for the dead link may have replaced it.
+        delay = random.uniform(0.0, self._jitter_s) if self._ups > 1 else 0.0
+        self._state_due = time.monotonic() + delay
+        self._wake.set()
+
+    def _state_if_due(self) -> float:
+        """Mark the state for sending once its reconnect delay has passed; return the
+        seconds until then."""
+        due = self._state_due
+        if due is None:
+            return 1.0
+        left = due - time.monotonic()
+        if left <= 0:
+            self._state_due = None
             self._state_dirty = True
-            self._wake.set()
+        return max(0.0, left)
 
     # -- Reporter interface for the installer ------------------------------------------------
 
@@ -299,8 +326,10 @@ class Telemetry:
     def _run(self) -> None:
         self._next_beat = self._next_progress = time.monotonic()
         while not self._stop.is_set():
-            self._wake.wait(max(0.0, min(1.0, self._beat_if_due(), self._progress_if_due())))
+            self._wake.wait(max(0.0, min(1.0, self._beat_if_due(), self._progress_if_due(),
+                                         self._state_if_due())))
             self._wake.clear()
+            self._state_if_due()
             link = self._link
             if link is None or not link.connected:
                 continue

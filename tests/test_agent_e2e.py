@@ -585,7 +585,8 @@ def test_deploy_wait_follows_devices_to_commit_and_status_shows_them(
 def test_group_deployment_supersedes_the_devices_own_older_one_without_refusals(
     fleet, tmp_path, agents
 ) -> None:
-    agent = new_agent(fleet, tmp_path, agents, "g-dev", groups=("g-lab",)).start()
+    agent = new_agent(fleet, tmp_path, agents, "g-dev", groups=("g-lab",),
+                      wrap=lambda cmd: [*cmd, "--log-level", "debug"]).start()
     fleet.deploy("g-dev", "1")
     agent.wait_version("1")
     sd = create_deployment(fleet.repo, model="adder", fleet=FLEET, version="2",
@@ -596,10 +597,18 @@ def test_group_deployment_supersedes_the_devices_own_older_one_without_refusals(
     # After a restart both retained documents arrive again: the newer one stays, the
     # older one is passed over, and nothing is reported as refused.
     agent.stop()
+    seen = len(agent.log.read_text())
     agent.start()
     wait_for(lambda: agent.version() == "2")
-    time.sleep(1.0)
+
+    def handled() -> bool:  # the agent's word that it has dealt with both documents
+        log = agent.log.read_text()[seen:]
+        return "already handled" in log and \
+            f"{fleet.topics.desired('g-dev')} superseded by #{sd.deployment.counter}" in log
+
+    wait_for(handled, 30, lambda: agent.log.read_text()[seen:][-3000:])
     assert agent.version() == "2"
+    assert "event refused" not in agent.log.read_text()[seen:]
     assert "refused" not in fleet.kinds("g-dev")
     assert fleet.kinds("g-dev").count("committed") == 2
 

@@ -7,6 +7,7 @@ covered by test_agent_e2e.py with real agents and a real Mosquitto).
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -87,6 +88,18 @@ def make_agent(tmp_path: Path) -> Iterator[Callable[..., Agent]]:
         a.stop()
 
 
+def redeliver(agent: Agent, payload: bytes, caplog: pytest.LogCaptureFixture) -> None:
+    """Hand the agent a deployment it has handled, and wait for its word that it did."""
+    caplog.set_level(logging.DEBUG, logger="device_agent")
+
+    def said() -> int:
+        return sum("already handled" in r.getMessage() for r in caplog.records)
+
+    n = said()
+    agent.submit(payload)
+    wait_for(lambda: said() > n)
+
+
 def install(agent: Agent, art: Artifact, version: int, final: str = "committed") -> None:
     n = kinds(agent).count(final)
     agent.submit(deployment(art, version))
@@ -118,7 +131,8 @@ def test_swap_to_v2_keeps_v1_on_disk_as_previous(make_agent, arts) -> None:
     assert len(dirs) == 2 and all("v1" not in d for d in dirs)
 
 
-def test_model_with_nan_outputs_fails_smoke_test_and_v1_keeps_serving(make_agent, arts) -> None:
+def test_model_with_nan_outputs_fails_smoke_test_and_v1_keeps_serving(make_agent, arts,
+                                                                      caplog) -> None:
     agent = make_agent()
     install(agent, arts["v1"], 1)
     install(agent, arts["nan"], 2, final="failed")
@@ -128,8 +142,7 @@ def test_model_with_nan_outputs_fails_smoke_test_and_v1_keeps_serving(make_agent
     state = agent.store.load()
     assert state.current.version == "v1" and state.last_result["result"] == "failed"
     # The same deployment redelivered (retained message after a reconnect) is not retried.
-    agent.submit(deployment(arts["nan"], 2))
-    time.sleep(0.3)
+    redeliver(agent, deployment(arts["nan"], 2), caplog)
     assert kinds(agent).count("install_started") == 2
 
 
@@ -242,7 +255,7 @@ def test_corrupted_current_model_boots_into_previous(make_agent, arts, tmp_path)
 
 
 def test_restart_inside_health_window_resumes_once_then_rolls_back(make_agent, arts,
-                                                                   tmp_path) -> None:
+                                                                   tmp_path, caplog) -> None:
     long = {"window_s": 60.0, "probe_interval_s": 0.05}
     agent = make_agent()
     install(agent, arts["v1"], 1)
@@ -260,8 +273,7 @@ def test_restart_inside_health_window_resumes_once_then_rolls_back(make_agent, a
     assert served_version(agent) == "v1"  # second restart in the same window: roll back
     assert kinds(agent)[-1] == "rolled_back"
     # and v2 is not retried when its deployment is redelivered
-    agent.submit(deployment(arts["v2"], 2))
-    time.sleep(0.3)
+    redeliver(agent, deployment(arts["v2"], 2), caplog)
     assert served_version(agent) == "v1"
 
 

@@ -14,7 +14,6 @@ import platform
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -201,8 +200,14 @@ def _assert_no_deployment_and_completed(fleet: dict[str, Any], r: dict[str, Any]
     assert r["devices"][0]["wave"] == 1 and r["devices"][0]["device"] == HONEST[0]
     for a in fleet["agents"]:
         assert a.infer() == (version, float(version) + 1.0)
-    time.sleep(1.0)  # a retained or late document would have arrived by now
-    assert fleet["intruder"].deployments() == []
+    # A barrier, not a pause: the broker hands the intruder a marker published now after
+    # anything published to it before (a deployment of this rollout, retained or late).
+    host: Host = fleet["host"]
+    marker = (TOPICS.desired(INTRUDER), json.dumps({"barrier": version}).encode())
+    with connect_as(host.broker, host.creds, "edge-operator-2") as op:
+        op.publish_wait(*marker)
+    wait_for(lambda: marker in fleet["intruder"].deployments(), 30)
+    assert {m for m in fleet["intruder"].deployments() if b'"barrier"' not in m[1]} == set()
 
 
 def test_device_claiming_a_group_gets_no_deployment(fleet: dict[str, Any]) -> None:

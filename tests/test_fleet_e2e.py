@@ -97,6 +97,22 @@ class Serve(ManagedProcess):
         assert code == -signal.SIGKILL, (code, self.log.read_text()[-3000:])
 
 
+def polled_since(db_url: str, polls: int) -> None:
+    """Wait until the controller has looked at every active rollout ``polls`` more times
+    (each look starts with a lease renewal, and at most one more renewal comes with the
+    state it saves): what it would have done by now, it has done."""
+    with FleetDB.open(db_url) as db:
+        seen: list[float] = []
+
+        def renewed() -> bool:
+            lease = db.lease(FLEET)
+            if lease is not None and (not seen or lease["renewed"] != seen[-1]):
+                seen.append(lease["renewed"])
+            return len(seen) > 2 * polls + 1
+
+        wait_for(renewed, 30, lambda: f"the controller renewed its lease {seen}")
+
+
 @pytest.fixture()
 def serve(fleet: Fleet, db_url: str, tmp_path: Path) -> Iterator[Serve]:
     s = Serve(fleet, db_url, tmp_path)
@@ -158,7 +174,7 @@ def test_three_wave_rollout_completes_and_pause_after_wave_holds_until_resume(
                 "--wave-timeout", "60", "--pause-after-wave")
     r = wait_status(db_url, rid, "paused")
     assert "waiting for approval after wave 1 of 3" in r["reason"]
-    time.sleep(1.5)  # held: nobody beyond wave 1 gets it
+    polled_since(db_url, 2)  # held: nobody beyond wave 1 gets it
     r = wait_status(db_url, rid, "paused")
     assert [d["status"] for d in r["devices"] if d["wave"] > 1] == ["pending"] * 4
     assert rollout(db_url, "resume", str(rid)) == 0

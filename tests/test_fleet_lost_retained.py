@@ -119,8 +119,13 @@ def test_a_device_whose_answer_was_lost_says_it_again_when_the_deployment_comes_
         # The committed state is lost on its way (the registry dropped it, or the broker
         # kept no retained copy): nobody holds the answer any more.
         watch.publish_wait(topics.state(device), b"", retain=True)
+        beats: list[bytes] = []
+        watch.subscribe(topics.events(device), lambda t, p: beats.append(p)
+                        if b'"heartbeat"' in p else None)
         watch.subscribe(topics.state(device), on_state)
-        time.sleep(0.5)
+        # A barrier, not a pause: the agent's sender sends a heartbeat, then any state
+        # due, each time round; two heartbeats later, a state due before would be here.
+        wait_for(lambda: len(beats) >= 2, 30)
         assert states == []  # an idle agent has nothing new to say by itself
         # The controller, still without an answer, publishes the same document again.
         watch.publish_wait(topics.desired(device), signed.document, retain=True)
@@ -173,3 +178,66 @@ def test_a_state_the_registry_dropped_is_read_again_on_the_devices_next_heartbea
         assert (found[0]["version"], found[0]["online"]) == ("2", True)
         assert reg.reread.started == 2
         dev.publish_wait(topics.state("quiet"), b"", retain=True)
+
+
+def test_a_state_the_registry_missed_is_read_again_after_a_quiet_while(
+        fleet: Fleet, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    topics = Topics(FLEET)
+    # As above, but the device sends nothing more after its lost state (no event, no
+    # heartbeat: an old agent, a broker that drops them), and neither the resync after a
+    # drop nor the per-device re-read can help: only the re-read after a quiet while can.
+    cfg = RegistryConfig(max_report_bytes=1024, burst_bytes=1024, bytes_per_s=200,
+                         resync_s=0, reread_quiet_s=1.0, flush_s=0.2)
+    with FleetDB.open(url) as db, \
+            MqttConnection(MqttConfig(url=fleet.broker.url, fleet=FLEET),
+                           name="registry") as conn, \
+            MqttConnection(MqttConfig(url=fleet.broker.url, fleet=FLEET),
+                           name="devices") as dev, \
+            Registry(conn, db, config=cfg) as reg:
+        reg.reread.limits = RereadLimits(every_s=3600.0)
+        dev.publish_wait(topics.events("hushed"), json.dumps(
+            {"device": "hushed", "event": "boot", "pad": "x" * 900}).encode())
+        wait_for(lambda: reg.reread.started == 1, 10)  # the one re-read it gets, too early
+        dev.publish_wait(topics.state("hushed"), _state("3"), retain=True)  # over budget
+        wait_for(lambda: any(d["device"] == "hushed" and d["dropped"]
+                             for d in db.ingest_stats(fleet=FLEET)), 10,
+                 lambda: f"{db.ingest_stats(fleet=FLEET)}")
+        try:
+            found = wait_for(lambda: [d for d in db.devices() if d["id"] == "hushed"], 30,
+                             lambda: f"registry: {[d['id'] for d in db.devices()]}")
+            assert (found[0]["version"], found[0]["online"]) == ("3", True)
+            assert reg.reread.started == 1
+        finally:
+            dev.publish_wait(topics.state("hushed"), b"", retain=True)
+
+
+def test_an_agent_says_its_state_again_after_every_reconnect(
+        fleet: Fleet, tmp_path: Path, agents: list[test_agent_e2e.AgentProc]) -> None:
+    url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    topics = Topics(FLEET)
+    device = "rejoin"
+    agent = new_agent(fleet, tmp_path, agents, device)
+    agent.config.write_text(agent.config.read_text() + "reconnect_jitter_s = 0.5\n")
+    agent.start()
+    wait_for(lambda: (fleet.states.get(device) or {}).get("online") is True, 30)
+    with MqttConnection(MqttConfig(url=fleet.broker.url, fleet=FLEET),
+                        name="eraser") as eraser:
+        # The broker loses the device's state (a node that kept no retained copy).
+        eraser.publish_wait(topics.state(device), b"", retain=True)
+    cfg = RegistryConfig(resync_s=0, flush_s=0.2)
+    with FleetDB.open(url) as db, \
+            MqttConnection(MqttConfig(url=fleet.broker.url, fleet=FLEET),
+                           name="registry") as conn, \
+            Registry(conn, db, config=cfg) as reg:
+        reg.reread.limits = RereadLimits(every_s=3600.0)  # its heartbeats ask once, in vain
+        wait_for(lambda: reg.reread.started == 1, 30)
+        # The link drops (another client takes the agent's session for a moment): the
+        # broker publishes its will, and the agent reconnects, with nothing new to say.
+        with MqttConnection(MqttConfig(url=fleet.broker.url, fleet=FLEET,
+                                       client_id=f"agent-{device}"), name="intruder"):
+            pass
+        found = wait_for(lambda: (d := db.device(device, fleet=FLEET)) and d["online"]
+                         and d, 30, lambda: f"registry: {db.device(device, fleet=FLEET)}")
+        assert found["state"]["link"][1] == 2 and found["hardware"]["arch"]
+        assert reg.reread.started == 1

@@ -206,7 +206,17 @@ def _settled(driver: Any, rows: int) -> dict[str, Any]:
     st = wait_for(_fresh(lambda: (s := _page_state(driver))["updated"].startswith("updated")
                          and s["rows"] == rows and s), 30,
                   lambda: f"page never rendered {rows} rows: {_page_state(driver)}")
-    time.sleep(3.2)
+    # Two more polls, seen as the page's own "updated ..." line (a time to the second, or
+    # "update failed"), which each poll 1.5 s apart rewrites with a new text.
+    seen = [st["updated"]]
+
+    def polled() -> bool:
+        now = _page_state(driver)["updated"]
+        if now != seen[-1]:
+            seen.append(now)
+        return len(seen) > 2
+
+    wait_for(polled, 30, lambda: f"the page stopped polling: {seen}")
     return st
 
 

@@ -501,8 +501,10 @@ def status_cmd(devices: tuple[str, ...], as_json: bool, db_url: str | None,
         for row in rows:
             st = DeviceStatus.parse(row["id"], json.dumps(row["state"]).encode())
             if st is not None:
+                raw = st.raw if row["offline_since"] is None \
+                    else {**st.raw, "offline_since": row["offline_since"]}
                 states[row["id"]] = dataclasses.replace(st, ts=row["last_seen"],
-                                                        online=row["online"])
+                                                        online=row["online"], raw=raw)
                 assigned[row["id"]] = row
                 if row["silent"]:
                     silent.add(row["id"])
@@ -547,6 +549,9 @@ def status_cmd(devices: tuple[str, ...], as_json: bool, db_url: str | None,
             mine = ((",".join(row["groups"]) or "-") + ("!" if row["mismatch"] else ""),)
             seen = seen if row["registered"] else "never reported"
         online = "silent" if s.device in silent else "yes" if s.online else "no"
+        since = s.raw.get("offline_since") if not s.online else None
+        if isinstance(since, (int, float)) and not isinstance(since, bool):
+            online += f" ({_age(now - since)})"
         rows.append((s.device, online, *mine, s.model or "-", s.previous or "-",
                      str(s.deployment or "-"), seen, hardware_line(s.raw.get("hardware")),
                      last))

@@ -840,6 +840,13 @@ def _device(m: RowMapping, silence: Mapping[str, float] | None = None) -> dict[s
     rgroups, rtags = _loads(m["groups"], []), _loads(m["tags"], {})
     rgroups = rgroups if isinstance(rgroups, list) else []
     rtags = rtags if isinstance(rtags, dict) else {}
+    state = _loads(m["state"], {})
+    state = state if isinstance(state, dict) else {}
+    since = state.get("offline_since")
+    if silent:  # it said nothing since: offline since it was last heard
+        since = m["last_seen"]
+    elif said or not isinstance(since, (int, float)):
+        since = None
     return {
         "fleet": m["fleet"], "id": m["id"], "registered": True, **own,
         "reported_groups": rgroups, "reported_tags": rtags,
@@ -848,6 +855,9 @@ def _device(m: RowMapping, silence: Mapping[str, float] | None = None) -> dict[s
         # What the device said, unless it has been silent: no heartbeat for the
         # registry's silent_after_missed periods (a device without a last will).
         "online": said and not silent, "silent": silent, "reported_online": said,
+        # When it went offline (its last will or its own goodbye arrived), or was last
+        # heard when silent; None while online.
+        "offline_since": since,
         "reports_dropped": int(m.get("reports_dropped") or 0),
         "reports_lost": int(m.get("reports_lost") or 0),
         "first_seen": m["first_seen"],
@@ -855,7 +865,7 @@ def _device(m: RowMapping, silence: Mapping[str, float] | None = None) -> dict[s
         "previous_model": m["previous_model"], "previous_version": m["previous_version"],
         "phase": m["phase"], "deployment": m["deployment"], "last_result": m["last_result"],
         "last_reason": m["last_reason"], "last_deployment": m["last_deployment"],
-        "state": _loads(m["state"], {}),
+        "state": state,
     }
 
 
@@ -866,7 +876,8 @@ def _unregistered(m: RowMapping) -> dict[str, Any]:
     return {
         "fleet": m["fleet"], "id": m["id"], "registered": False, **own,
         "reported_groups": [], "reported_tags": {}, "mismatch": [], "hardware": {},
-        "online": False, "silent": False, "reported_online": False, "reports_dropped": 0,
+        "online": False, "silent": False, "reported_online": False, "offline_since": None,
+        "reports_dropped": 0,
         "reports_lost": 0, "first_seen": None, "last_seen": None, "model": None,
         "version": None, "previous_model": None, "previous_version": None, "phase": None,
         "deployment": 0, "last_result": None, "last_reason": None, "last_deployment": None,

@@ -46,7 +46,9 @@ class RegistryConfig:
     ``silent_after_missed`` heartbeat periods of ``heartbeat_s`` (the agents'
     ``telemetry.heartbeat_s``) while the registry was listening. After reports were
     dropped or lost, every device's retained state is read again (at most every
-    ``resync_s``; 0: never), so that a state lost in a flood is not missed for good.
+    ``resync_s``; 0: never), so that a state lost in a flood is not missed for good;
+    and when no state report has come for ``reread_quiet_s`` (0: never), so that a state
+    lost without trace (a broker that did not send it) is not either.
     Counts and the registry's progress are saved every ``flush_s``.
     """
 
@@ -63,6 +65,7 @@ class RegistryConfig:
     heartbeat_s: float = 30.0
     silent_after_missed: int = 3
     resync_s: float = 30.0
+    reread_quiet_s: float = 600.0
     flush_s: float = 1.0
 
     def __post_init__(self) -> None:
@@ -77,7 +80,7 @@ class RegistryConfig:
         for key in ("reports_per_s", "bytes_per_s", "heartbeat_s", "flush_s", "prune_s"):
             if not float(getattr(self, key)) > 0:
                 raise bad(key, "must be > 0")
-        for key in ("events_max_age_s", "resync_s"):
+        for key in ("events_max_age_s", "resync_s", "reread_quiet_s"):
             if not float(getattr(self, key)) >= 0:
                 raise bad(key, "must be >= 0 (0: off)")
         if self.burst_bytes < self.max_report_bytes:

@@ -10,8 +10,10 @@ device's. Gaps in the sequence numbers agents put in their events are counted as
 loss every device's retained state is read again, so that no state stays missed; and a
 device heard from (an event, a heartbeat) whose state this registry has not taken in
 since it started — a clustered broker can miss a retained state published while the
-subscription was being set up — gets its retained state read again (:mod:`._reread`): no
-device depends on one retained message arriving. A
+subscription was being set up — gets its retained state read again (:mod:`._reread`);
+every retained state is read again after ``reread_quiet_s`` without a state report; and
+agents send their state again after every reconnect: no device depends on one retained
+message arriving. A
 malformed report (not bounded JSON, or a value no column can hold: an over-long name, a
 counter out of range, a NUL or a lone surrogate) is logged and counted, never raised.
 The counts are kept in the database, in all (:meth:`FleetDB.registry_stats`) and per
@@ -22,6 +24,7 @@ received before ``caught_up`` is written, which the controller's timeouts wait f
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -181,18 +184,71 @@ def ingest_event(c: Connection, fleet: str, device: str, payload: bytes,
     return True
 
 
+#: What a device is, as opposed to how it is doing: kept from the last report that said
+#: it when a later one (a last will, any partial state) leaves it out.
+FACTS = ("model", "previous", "groups", "tags", "hardware", "phase", "deployment",
+         "last_update")
+#: Keys of a stored state that the registry writes, never the device.
+_OWN = ("offline_since",)
+
+
+def _link(doc: dict[str, Any]) -> tuple[int, int] | None:
+    """The connection a report names (``[process start ms, connection number]``)."""
+    v = doc.get("link")
+    if isinstance(v, list) and len(v) == 2 and all(
+            isinstance(x, int) and not isinstance(x, bool) for x in v):
+        return v[0], v[1]
+    return None
+
+
+def _merge(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """The state to keep: ``new``, with the :data:`FACTS` it leaves out taken from ``old``.
+    A last will (``"will": true``) only says the link died: the facts it carries are as
+    of its connect, older than any state that link sent, so the stored ones win."""
+    new = {k: v for k, v in new.items() if k not in _OWN}
+    if old is None:
+        return new
+    if new.get("will") is True:
+        new = {k: v for k, v in new.items() if k not in FACTS}
+    return {**{k: old[k] for k in FACTS if k in old}, **new}
+
+
 def write_state(c: Connection, fleet: str, device: str, payload: bytes,
                 now: float | None = None) -> None:
-    """:func:`ingest_state` that raises :class:`MalformedReport` with the reason."""
+    """:func:`ingest_state` that raises :class:`MalformedReport` with the reason.
+
+    A report that leaves facts out (a last will, a partial state) keeps the stored ones
+    (:data:`FACTS`); an offline one records since when (``offline_since`` in the stored
+    state). A last will older than the connection the stored online state came from is
+    ignored: it was published late for a link the device has already replaced."""
     if not payload:
         return
-    if not isinstance(_parse(payload), dict):
+    sent = _parse(payload)
+    if not isinstance(sent, dict):
         raise MalformedReport("a state report must be a JSON object")
-    st = DeviceStatus.parse(device, payload)
+    ts = time.time() if now is None else now
+    key = (devices.c.fleet == fleet) & (devices.c.id == device)
+    old = c.execute(sa.select(devices.c.online, devices.c.phase, devices.c.model,
+                              devices.c.version, devices.c.last_deployment,
+                              devices.c.last_result, devices.c.state,
+                              devices.c.last_seen).where(key)).first()
+    before = _loads_state(old.state) if old is not None else None
+    going = sent.get("online") is not True
+    if going and old is not None and old.online and before is not None:
+        mine, theirs = _link(sent), _link(before)
+        if mine is not None and theirs is not None and mine < theirs:
+            log.info("registry: ignored an offline report (a late last will) of %s for "
+                     "connection %s: it has reported from connection %s since", device,
+                     list(mine), list(theirs))
+            return
+    doc = _merge(before, sent)
+    if going:  # since the first offline report after it was online (or first heard)
+        kept = before.get("offline_since") if before is not None and old is not None \
+            and not old.online else None
+        doc["offline_since"] = kept if isinstance(kept, (int, float)) else ts
+    st = DeviceStatus.parse(device, json_text(doc).encode())
     if st is None:  # pragma: no cover - parsed above
         raise MalformedReport("unreadable state report")
-    ts = time.time() if now is None else now
-    doc = st.raw
     tags = doc.get("tags") if isinstance(doc.get("tags"), dict) else {}
     hw = doc.get("hardware") if isinstance(doc.get("hardware"), dict) else {}
     model, version = st.model_ref or (None, None)
@@ -214,11 +270,9 @@ def write_state(c: Connection, fleet: str, device: str, payload: bytes,
         "last_result": st.last_result, "last_reason": st.last_reason,
         "last_deployment": st.last_deployment, "state": json_text(doc),
     }
+    if old is not None and sent.get("will") is True:
+        values["last_seen"] = old.last_seen  # the broker spoke, not the device
     _fit(_DEVICE_COLS, {"fleet": fleet, "id": device, **values})
-    key = (devices.c.fleet == fleet) & (devices.c.id == device)
-    old = c.execute(sa.select(devices.c.online, devices.c.phase, devices.c.model,
-                              devices.c.version, devices.c.last_deployment,
-                              devices.c.last_result).where(key)).first()
     if old is None:
         c.execute(devices.insert().values(fleet=fleet, id=device, first_seen=ts, **values))
         changes = ["registered"]
@@ -242,6 +296,14 @@ def write_state(c: Connection, fleet: str, device: str, payload: bytes,
                                     "result": st.last_result})}
         _fit(_EVENT_COLS, row)
         c.execute(device_events.insert().values(**row))
+
+
+def _loads_state(text: str | None) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 # Built once: constructing a statement per report (``.values(...)``, its cache key) cost
@@ -368,6 +430,7 @@ class Registry:
         self._states: dict[str, int] = {}
         self._loss = False  # reports dropped or lost since the last resync
         self._resynced = time.monotonic()
+        self._news = self._resynced  # when a state report was last taken in
         self._pruned = 0.0
         self._rows: dict[str, int] = {}  # events written per device since its last prune
         self._logged: dict[str, float] = {}  # device -> when its last malformed was logged
@@ -415,6 +478,7 @@ class Registry:
                 self.reread.request(self.topics.state(device))
             if offer(leaf, device, payload, time.time()) and leaf == "state":
                 self._stated.add(device)
+                self._news = time.monotonic()
         return handler
 
     def _count(self, what: str, why: str | None = None, n: int = 1) -> None:
@@ -569,13 +633,18 @@ class Registry:
         self._saved = now
 
     def _housekeeping(self) -> None:
-        """Read every retained state again after a loss; prune ``device_events``."""
+        """Read every retained state again after a loss or a quiet while; prune
+        ``device_events``."""
         cfg = self.config
         mono = time.monotonic()
         if self._loss and cfg.resync_s and mono - self._resynced >= cfg.resync_s \
                 and not self._stop.is_set():
             self._loss, self._resynced = False, mono
-            self._resync()
+            self._resync("reports were dropped or lost")
+        elif cfg.reread_quiet_s and mono - max(self._news, self._resynced) \
+                >= cfg.reread_quiet_s and not self._stop.is_set():
+            self._resynced = mono
+            self._resync(f"no state report for {cfg.reread_quiet_s:g} s")
         if mono - self._pruned >= cfg.prune_s:
             self._pruned = mono
             over = [d for d, n in self._rows.items() if n > cfg.events_per_device // 10]
@@ -589,7 +658,7 @@ class Registry:
                 log.warning("registry: device_events not pruned: %s",
                             str(err).splitlines()[0])
 
-    def _resync(self) -> None:
+    def _resync(self, why: str) -> None:
         """Subscribe to the states again: the broker sends every retained one anew (an
         unchanged one costs a hash), so a state it dropped while the registry was behind
         is not missed until that device changes again."""
@@ -601,8 +670,7 @@ class Registry:
             return
         if old is not None:
             old.cancel()  # the same filter is still subscribed: no UNSUBSCRIBE goes out
-        log.info("registry: reports were dropped or lost; reading every device's retained "
-                 "state again")
+        log.info("registry: %s; reading every device's retained state again", why)
 
     def drain(self, timeout: float = 10.0) -> None:
         """Wait until every queued report is written (tests, shutdown)."""

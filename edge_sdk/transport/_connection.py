@@ -43,7 +43,7 @@ from paho.mqtt.enums import CallbackAPIVersion, ConnackCode, MQTTErrorCode
 
 from .._redact import redact_url
 from ..errors import ConfigError, TransportError
-from ._config import MqttConfig
+from ._config import LastWill, MqttConfig
 
 log = logging.getLogger("edge_sdk.transport")
 
@@ -211,6 +211,7 @@ class MqttConnection:
         self._sock: Any = None
         self._up_since = 0.0
         self._short_links = 0
+        self._will_source: Callable[[], LastWill | None] | None = None
 
         c = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -342,6 +343,29 @@ class MqttConnection:
     def wait_connected(self, timeout: float | None = None) -> bool:
         """Block until connected or ``timeout``; return the connected state."""
         return self._connected.wait(timeout)
+
+    def arm_last_will(self, source: Callable[[], LastWill | None]) -> None:
+        """Give each new connection the last will ``source()`` returns (None: no will),
+        instead of ``config.last_will``: called now and after every lost link, before the
+        reconnect, on the network thread (it must not block). So that a will can say which
+        connection it belongs to, and a will the broker publishes late for a dead link can
+        be told from the news of the link that replaced it."""
+        self._will_source = source
+        self._arm_will()
+
+    def _arm_will(self) -> None:
+        source = self._will_source
+        if source is None:
+            return
+        try:
+            will = source()
+            if will is None:
+                self._client.will_clear()
+                return
+            check_publish_topic(will.topic)
+            self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        except Exception:  # the network thread must outlive the caller's function
+            log.exception("the last will was not renewed")
 
     def add_connection_listener(self, listener: ConnectionListener) -> None:
         """Call ``listener(True)`` after every (re)connect, ``listener(False)`` on each loss."""
@@ -565,6 +589,7 @@ class MqttConnection:
                 listeners = list(self._listeners)
             for listener in listeners:
                 self._call_listener(listener, False)
+        self._arm_will()  # the next connection gets a will of its own
         self._next_node()
 
     def _note_link_length(self, seconds: float) -> None:

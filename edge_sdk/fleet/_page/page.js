@@ -191,7 +191,8 @@ function phaseText(d) {
 
 function onlineText(d) {
   if (d.online === true) return "online";
-  return d.silent === true ? "silent" : "offline";
+  if (d.silent === true) return "silent";
+  return when(d.offline_since) ? `offline since ${when(d.offline_since)}` : "offline";
 }
 
 function deviceRow(d) {
