@@ -333,18 +333,14 @@ class Events:
         dep = ev.get("deployment") or {}
         return f"{dep.get('name', '')} {dep.get('artifact_version', '')}".strip()
 
-    def find(self, kind: str, label: str) -> dict[str, dict[str, Any]]:
-        """The latest event ``kind`` about ``label`` ("NAME VERSION") of each device."""
-        return {d: ev for d, ev in list(self.seen)
-                if ev["event"] == kind and self._label(ev) == label}
-
-    def wait(self, kind: str, label: str, device: str = "dev-001",
+    def wait(self, kind: str, label: str, device: str = DEVICE,
              timeout: float = 60) -> dict[str, Any]:
+        """The first event ``kind`` about ``label`` ("NAME VERSION") from ``device``."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            got = self.find(kind, label).get(device)
-            if got is not None:
-                return got
+            for d, ev in list(self.seen):
+                if d == device and ev["event"] == kind and self._label(ev) == label:
+                    return ev
             time.sleep(0.05)
         raise SystemExit(f"demo: {device} did not report {kind} for {label} (its events so "
                          f"far: {[e['event'] for d, e in self.seen if d == device]})")
@@ -650,8 +646,8 @@ def fleet(site: Site) -> None:
 
     step("23. what v2 cost: each device downloaded the delta, not the model")
     full = (work / "cnn-art-1.1.0" / "model.onnx").stat().st_size
-    got_by = {d: ev.get("download") or {} for d, ev in
-              site.events.find("downloaded", "cnn 1.1.0").items()}
+    got_by = {d: site.events.wait("downloaded", "cnn 1.1.0", d).get("download") or {}
+              for d in FLEET_DEVICES}
     for d in FLEET_DEVICES:
         dl = got_by.get(d, {})
         print(f"  {d}: {dl.get('message', 'no download reported')}")
