@@ -1,16 +1,22 @@
 """edge-sdk demo: the whole path on one machine.
 
-Build a small model, make an artifact, inspect it, predict offline; then convert
-it, init a signed release repository, serve it on a broker (the system Mosquitto
-if present, else the pure-Python amqtt), start a device agent, deploy v1, predict
-through the agent's local endpoint, release and deploy v2 while predictions keep
-flowing (the agent swaps with none failing), and watch a tampered update refused.
+Build a small model, make an artifact, inspect it, predict offline, convert a small CNN
+(every candidate measured); then convert the classifier, init a signed release
+repository, serve it on a broker (the system Mosquitto if present, else the pure-Python
+amqtt) with the fleet page, start a device agent, deploy v1, predict through the agent's
+local endpoint, release and deploy v2 while predictions keep flowing (the agent swaps
+with none failing), and watch a tampered update refused. Then the operator's path: two
+more agents join, the operator assigns the three to a group, rolls the CNN out to them,
+fine-tunes it, converts v2 with ``--base`` v1 and rolls it out in two waves with an
+approval between them; each device downloads a delta of a few percent.
 
 Run it with the README's first command (`bash .ci/demo`), or directly inside the
 venv: `python examples/demo.py [--workdir DIR] [--offline-only]`. Every step is the
-CLI a user would type, echoed before it runs. `--agent-cmd PREFIX` starts the agent as
-`PREFIX agent --config FILE` instead, e.g. inside an arm64 rootfs through qemu
-(tests/test_arm64.py): the work directory must be reachable there at the same path.
+CLI a user would type, echoed before it runs; the fleet page's address is printed once
+`serve` is up, and the page lives until the demo ends. `--agent-cmd PREFIX` starts the
+first agent (dev-001) as `PREFIX agent --config FILE` instead, e.g. inside an arm64
+rootfs through qemu (tests/test_arm64.py): the work directory must be reachable there at
+the same path; the two agents that join later run here.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -129,11 +137,12 @@ def main() -> None:
     parser.add_argument("--broker", choices=["auto", "mosquitto", "amqtt"], default="auto",
                         help="which local broker to run (auto: Mosquitto if installed)")
     parser.add_argument("--agent-cmd", metavar="PREFIX",
-                        help="start the agent as PREFIX agent --config FILE (a shell-quoted "
-                        "command, e.g. 'chroot ROOT /opt/venv/bin/edge-sdk'; default: this "
-                        "Python's edge-sdk); it must see the work directory at the same path "
-                        "and reach 127.0.0.1")
+                        help="start the first agent (dev-001) as PREFIX agent --config FILE "
+                        "(a shell-quoted command, e.g. 'chroot ROOT /opt/venv/bin/edge-sdk'; "
+                        "default: this Python's edge-sdk); it must see the work directory at "
+                        "the same path and reach 127.0.0.1")
     args = parser.parse_args()
+    started, fleet_s = time.monotonic(), None
     with tempfile.TemporaryDirectory(prefix="edge-sdk-demo-") as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -174,14 +183,17 @@ def main() -> None:
         if not args.offline_only:
             with Processes() as procs:
                 agent_cmd = shlex.split(args.agent_cmd) if args.agent_cmd else None
-                fleet_demo(work, src, procs, args.broker, agent_cmd)
-        print("\ndemo finished OK")
+                fleet_s = on_broker(work, src, procs, args.broker, agent_cmd)
+        took = time.monotonic() - started
+        print(f"\ndemo finished OK in {took:.0f} s"
+              + (f" (the fleet part: {fleet_s:.0f} s)" if fleet_s is not None else ""))
 
 
 # -- part 2: release, broker, agent, deployments ------------------------------------------
 
 FLEET = "demo"
 DEVICE = "dev-001"
+GROUP = "cameras"
 BROKER_SCRIPT = """
 import asyncio, sys
 from amqtt.broker import Broker
@@ -287,27 +299,32 @@ def infer(port: int, x: np.ndarray) -> tuple[str, np.ndarray]:
 
 
 class Events:
-    """Prints the agent's reports (events over MQTT) as an operator's console would."""
+    """Prints the agents' reports (events over MQTT) as an operator's console would."""
 
     def __init__(self, broker: str) -> None:
         from edge_sdk.transport import MqttConfig, MqttConnection
 
-        self.seen: list[dict[str, Any]] = []
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+        #: Which events are printed (None: all); the fleet part shows only the outcomes.
+        self.shown: set[str] | None = None
         self.conn = MqttConnection(MqttConfig(url=broker, fleet=FLEET), name="demo-console")
         self.conn.connect()
-        self.conn.subscribe(f"edge/{FLEET}/dev/{DEVICE}/events", self._on_event)
+        self.conn.subscribe(f"edge/{FLEET}/dev/+/events", self._on_event)
 
     def _on_event(self, topic: str, payload: bytes) -> None:
         ev = json.loads(payload)
         if ev.get("event") == "heartbeat":
             return
-        self.seen.append(ev)
+        device = topic.split("/")[-2]
+        self.seen.append((device, ev))
+        if self.shown is not None and ev["event"] not in self.shown:
+            return
         label = self._label(ev)
         reason = f" — {ev['reason']}" if ev.get("reason") else ""
         got = ev.get("download")
         if isinstance(got, dict) and got.get("message"):
             reason = f" — {got['message']}"  # "delta from 1.0.0 (N bytes)" or the full size
-        print(f"  [agent event] {ev['event']:<15} {label.strip()}{reason}", flush=True)
+        print(f"  [{device} event] {ev['event']:<15} {label.strip()}{reason}", flush=True)
 
     @staticmethod
     def _label(ev: dict[str, Any]) -> str:
@@ -316,22 +333,85 @@ class Events:
         dep = ev.get("deployment") or {}
         return f"{dep.get('name', '')} {dep.get('artifact_version', '')}".strip()
 
-    def wait(self, kind: str, version: str, timeout: float = 60) -> dict[str, Any]:
+    def wait(self, kind: str, label: str, device: str = DEVICE,
+             timeout: float = 60) -> dict[str, Any]:
+        """The first event ``kind`` about ``label`` ("NAME VERSION") from ``device``."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for ev in list(self.seen):
-                if ev["event"] == kind and self._label(ev).endswith(f" {version}"):
+            for d, ev in list(self.seen):
+                if d == device and ev["event"] == kind and self._label(ev) == label:
                     return ev
             time.sleep(0.05)
-        raise SystemExit(f"demo: the agent did not report {kind} for {version} "
-                         f"(events so far: {[e['event'] for e in self.seen]})")
+        raise SystemExit(f"demo: {device} did not report {kind} for {label} (its events so "
+                         f"far: {[e['event'] for d, e in self.seen if d == device]})")
 
     def close(self) -> None:
         self.conn.close()
 
 
-def fleet_demo(work: Path, src: Path, procs: Processes, broker_choice: str,
-               agent_cmd: list[str] | None = None) -> None:
+@dataclass
+class Site:
+    """What the parts on a broker share: the work directory, repository, broker, server
+    and the operator's console."""
+
+    work: Path
+    repo: Path
+    broker: str
+    mqtt: list[str]
+    procs: Processes
+    events: Events
+    page: str  # the fleet page's address
+
+    def start_agent(self, device_id: str, agent_cmd: list[str] | None = None) -> int:
+        """Provision and start one device agent; return its HTTP port once it listens."""
+        device = self.work / device_id
+        shutil.rmtree(device, ignore_errors=True)
+        device.mkdir()
+        shutil.copyfile(self.repo / "metadata" / "1.root.json", device / "root.json")
+        shutil.copyfile(self.repo / "deployment.pub.json", device / "deployment.pub.json")
+        port = free_port()
+        cfg = device / "agent.toml"
+        cfg.write_text(
+            f'device_id = "{device_id}"\nfleet = "{FLEET}"\nstate_dir = "state"\n'
+            # The group deployments it follows; only the operator's assignment (step 18)
+            # makes a rollout select it.
+            f'groups = ["{GROUP}"]\n'
+            f'[broker]\nurl = "{self.broker}"\n'
+            '[trust]\nroot = "root.json"\ndeployment_key = "deployment.pub.json"\n'
+            f"[http]\nport = {port}\n"
+            "[health]\nwindow_s = 2.0\nprobe_interval_s = 0.2\n")
+        if device_id == DEVICE:
+            print(cfg.read_text().rstrip())
+        prefix = shlex.join(agent_cmd) if agent_cmd else "edge-sdk"
+        print(f"$ {prefix} agent --config {cfg} &")
+        cmd = agent_cmd or [sys.executable, "-m", "edge_sdk"]
+        log = self.work / f"{device_id}.log"
+        agent = self.procs.start(device_id, [*cmd, "agent", "--config", str(cfg)], log)
+        # An agent started another way (emulated, say) may take minutes to import its runtime.
+        wait_port(port, agent, f"the agent {device_id}", log, 600 if agent_cmd else 60)
+        return port
+
+    def api(self, path: str) -> Any:
+        """One GET of the fleet page's JSON API (what the page itself polls)."""
+        with urllib.request.urlopen(self.page + path.lstrip("/"), timeout=10) as resp:
+            return json.loads(resp.read())
+
+    def wait_api(self, path: str, done: Callable[[Any], bool], what: str,
+                 timeout: float = 120) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.api(path)
+            if done(got):
+                return got
+            if time.monotonic() > deadline:
+                raise SystemExit(f"demo: {what} within {timeout:g} s; {path}: "
+                                 f"{json.dumps(got)[:1500]}")
+            time.sleep(0.2)
+
+
+def on_broker(work: Path, src: Path, procs: Processes, broker_choice: str,
+              agent_cmd: list[str] | None = None) -> float:
+    """Parts 2 and 3; return the seconds part 3 (the fleet) took."""
     step("9. convert the model (and a retrained v2) into verified artifacts")
     # Calibration data: feature vectors like the ones the device will see. Part is held
     # back to measure every candidate's accuracy against the source model.
@@ -353,35 +433,35 @@ def fleet_demo(work: Path, src: Path, procs: Processes, broker_choice: str,
     run("release", "init", str(repo), "--keys", str(keys))
     run("release", "add", str(repo), str(work / "art-1.0.0"))
 
-    step("11. a broker, and the repository served on it")
+    step("11. a broker, and the repository served on it with the fleet page")
     broker, shared = start_broker(work, procs, broker_choice)
     mqtt = ["--broker", broker, "--fleet", FLEET]
-    serve = ["serve", "--repo", str(repo), *mqtt, *([] if shared else ["--no-shared"])]
+    page_port = free_port()
+    # No --db: every command given the repository uses its fleet.db (registry, rollouts,
+    # assignments and the audit log in one place).
+    serve = ["serve", "--repo", str(repo), "--http", f"127.0.0.1:{page_port}", *mqtt,
+             *([] if shared else ["--no-shared"])]
     print(f"$ edge-sdk {' '.join(serve)} &")
-    procs.start("serve", [sys.executable, "-m", "edge_sdk", *serve], work / "serve.log")
-    events = Events(broker)
+    server = procs.start("serve", [sys.executable, "-m", "edge_sdk", *serve],
+                         work / "serve.log")
+    wait_port(page_port, server, "edge-sdk serve", work / "serve.log")
+    page = f"http://127.0.0.1:{page_port}/"
+    print(f"the fleet page is live at {page} while the demo runs: open it to watch the "
+          f"devices and rollouts (its record: {repo / 'fleet.db'})")
+    site = Site(work, repo, broker, mqtt, procs, Events(broker), page)
+    try:
+        one_device(site, agent_cmd)
+        started = time.monotonic()
+        fleet(site)
+        return time.monotonic() - started
+    finally:
+        site.events.close()
 
+
+def one_device(site: Site, agent_cmd: list[str] | None) -> None:
+    work, repo, mqtt = site.work, site.repo, site.mqtt
     step("12. start a device agent (provisioned with the trusted root and deployment key)")
-    device = work / "device"
-    shutil.rmtree(device, ignore_errors=True)
-    device.mkdir()
-    shutil.copyfile(repo / "metadata" / "1.root.json", device / "root.json")
-    shutil.copyfile(repo / "deployment.pub.json", device / "deployment.pub.json")
-    http_port = free_port()
-    cfg = device / "agent.toml"
-    cfg.write_text(
-        f'device_id = "{DEVICE}"\nfleet = "{FLEET}"\nstate_dir = "state"\n'
-        f'[broker]\nurl = "{broker}"\n'
-        '[trust]\nroot = "root.json"\ndeployment_key = "deployment.pub.json"\n'
-        f"[http]\nport = {http_port}\n"
-        "[health]\nwindow_s = 2.0\nprobe_interval_s = 0.2\n")
-    print(cfg.read_text().rstrip())
-    prefix = shlex.join(agent_cmd) if agent_cmd else "edge-sdk"
-    print(f"$ {prefix} agent --config {cfg} &")
-    cmd = agent_cmd or [sys.executable, "-m", "edge_sdk"]
-    agent = procs.start("agent", [*cmd, "agent", "--config", str(cfg)], work / "agent.log")
-    # An agent started another way (emulated, say) may take minutes to import its runtime.
-    wait_port(http_port, agent, "the agent", work / "agent.log", 600 if agent_cmd else 30)
+    http_port = site.start_agent(DEVICE, agent_cmd)
     try:
         urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=5)
     except urllib.error.HTTPError as err:
@@ -397,7 +477,8 @@ def fleet_demo(work: Path, src: Path, procs: Processes, broker_choice: str,
     print(f"POST /v2/models/classifier/infer -> model_version {version}, "
           f"probabilities {[round(float(v), 3) for v in probs[0]]}")
 
-    step("15. release v2 and deploy it while a client keeps predicting")
+    step("15. release a retrained v2 (no delta: every weight is new) and deploy it while a "
+         "client keeps predicting")
     run("release", "add", str(repo), str(work / "art-2.0.0"))
     answered: Counter[str] = Counter()
     failed: list[str] = []
@@ -437,7 +518,7 @@ def fleet_demo(work: Path, src: Path, procs: Processes, broker_choice: str,
     print(f"(an attacker flipped one byte of {target.relative_to(repo)} on the server)")
     run("deploy", "--repo", str(repo), "--device", DEVICE, "--model", "classifier",
         "--version", "3.0.0", "--wait", "--timeout", "120", *mqtt, expect=3)
-    events.wait("failed", "3.0.0")
+    site.events.wait("failed", "classifier 3.0.0")
     version, _ = infer(http_port, x)
     print(f"the agent still serves model_version {version}")
     if version != "2.0.0":
@@ -447,9 +528,145 @@ def fleet_demo(work: Path, src: Path, procs: Processes, broker_choice: str,
     print("metrics: " + "; ".join(line for line in metrics.splitlines()
                                   if line.startswith("edge_agent_update_events_total")))
 
-    step("17. the fleet as the devices report it")
+    step("17. the device as it reports itself")
     run("status", *mqtt)
-    events.close()
+
+
+# -- part 3: a fleet of three, a staged rollout of a fine-tuned v2 by delta ------------------
+
+FLEET_DEVICES = (DEVICE, "dev-002", "dev-003")
+
+
+def fine_tune_head(src: Path, dst: Path, images: np.ndarray, steps: int = 10,
+                   lr: float = 0.01) -> str:
+    """v2 of the CNN: its dense head (``fc``, ``fcb``) trained ``steps`` steps of gradient
+    descent (cross-entropy) to tell the images with the brighter red channel apart; the
+    conv layers are frozen. Returns a line on what changed."""
+    import onnxruntime as ort
+
+    model = onnx.load(str(src))
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(helper.make_tensor_value_info("vec", TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    feats = sess.run(["vec"], {"image": images})[0].astype(np.float64)
+    inits = {t.name: t for t in model.graph.initializer}
+    w = numpy_helper.to_array(inits["fc"]).astype(np.float64)
+    b = numpy_helper.to_array(inits["fcb"]).astype(np.float64)
+    red = images[:, 0].mean(axis=(1, 2))
+    labels = (red > np.median(red)).astype(int)
+    rows = np.arange(len(labels))
+
+    def loss_grad(w: np.ndarray, b: np.ndarray) -> tuple[float, np.ndarray]:
+        z = feats @ w + b
+        p = np.exp(z - z.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        loss = float(-np.log(p[rows, labels]).mean())
+        p[rows, labels] -= 1
+        return loss, p / len(labels)
+
+    w0 = w.copy()
+    first, _ = loss_grad(w, b)
+    for _ in range(steps):
+        _, g = loss_grad(w, b)
+        w -= lr * feats.T @ g
+        b -= lr * g.sum(axis=0)
+    last, _ = loss_grad(w, b)
+    for name, value in (("fc", w), ("fcb", b)):
+        inits[name].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
+    onnx.save(model, str(dst))
+    return (f"fine-tuned the dense head ({w.size} of {count_weights(model)} weights) for "
+            f"{steps} steps: loss {first:.3f} -> {last:.3f}, largest weight change "
+            f"{np.abs(w - w0).max():.3f}; wrote {dst}")
+
+
+def count_weights(model: onnx.ModelProto) -> int:
+    return sum(int(np.prod(t.dims)) for t in model.graph.initializer if len(t.dims) > 1)
+
+
+def start_rollout(site: Site, version: str, waves: str, *more: str) -> str:
+    """``rollout start`` for the group; return the rollout's id."""
+    out = run("rollout", "start", "--model", "cnn", "--version", version, "--group", GROUP,
+              "--waves", waves, *more, "--wave-timeout", "300", "--repo", str(site.repo),
+              "--fleet", FLEET)
+    return out.split()[1].rstrip(":")  # "rollout 3: cnn 1.1.0 recorded; ..."
+
+
+def wait_rollout(site: Site, rid: str, want: tuple[str, ...]) -> None:
+    """Wait until the rollout is in one of the ``want`` states (else stop the demo)."""
+    got = site.wait_api(f"api/rollouts/{rid}", lambda r: r["status"] not in (
+        {"pending", "running", "paused"} - set(want)), f"rollout {rid} did not finish",
+        timeout=330)
+    if got["status"] not in want:
+        raise SystemExit(f"demo: rollout {rid} is {got['status']}: {got.get('reason')}")
+
+
+def fleet(site: Site) -> None:
+    work, repo = site.work, site.repo
+    fleet_opt = ["--repo", str(repo), "--fleet", FLEET]
+    site.events.shown = {"downloaded", "committed", "failed", "rolled_back"}
+
+    step(f"18. two more devices join; the operator puts all three in group {GROUP!r}")
+    for device in FLEET_DEVICES[1:]:
+        site.start_agent(device)
+    run("device", "set", *FLEET_DEVICES, "--group", GROUP, *fleet_opt)
+    site.wait_api("api/devices", lambda rows: sum(
+        r["id"] in FLEET_DEVICES and r["online"] and r["registered"] for r in rows) == 3,
+        "the three devices did not all register")
+
+    step("19. release the image model of step 8 and put it on the group")
+    cnn_v1 = work / "cnn-art"
+    run("release", "add", str(repo), str(cnn_v1))
+    # A rollout, not 'deploy --group': the controller sends each device the operator
+    # assigned its own deployment (a device subscribes only to the groups it says it is in).
+    rid = start_rollout(site, "1.0.0", "100%")
+    wait_rollout(site, rid, ("completed",))
+    run("rollout", "status", rid, "--repo", str(repo))
+
+    step("20. v2: fine-tune the model, convert it with --base v1 (v1's scheme, scales and "
+         "zero points: weights the fine-tune left alone keep v1's bytes) and release it")
+    images = np.load(work / "images.npz")["image"]
+    print(fine_tune_head(work / "cnn.onnx", work / "cnn-v2.onnx", images))
+    run("convert", str(work / "cnn-v2.onnx"), "-o", str(work / "cnn-art-1.1.0"), "--name",
+        "cnn", "--version", "1.1.0", "--calibration", str(work / "images.npz"), "--threads",
+        "1", "--base", str(cnn_v1), "--overwrite")
+    out = run("release", "add", str(repo), str(work / "cnn-art-1.1.0"))
+    if "delta from 1.0.0:" not in out:
+        raise SystemExit("demo: v2 was released without a delta from v1")
+
+    step("21. roll v2 out in waves: one device first, then hold for the operator's approval")
+    rid = start_rollout(site, "1.1.0", "1,100%", "--pause-after-wave")
+    wait_rollout(site, rid, ("paused",))
+    run("rollout", "status", rid, "--repo", str(repo))
+
+    step("22. the operator approves the next wave")
+    run("rollout", "resume", rid, "--repo", str(repo))
+    wait_rollout(site, rid, ("completed",))
+    run("rollout", "status", rid, "--repo", str(repo))
+
+    step("23. what v2 cost: each device downloaded the delta, not the model")
+    full = (work / "cnn-art-1.1.0" / "model.onnx").stat().st_size
+    got_by = {d: site.events.wait("downloaded", "cnn 1.1.0", d).get("download") or {}
+              for d in FLEET_DEVICES}
+    for d in FLEET_DEVICES:
+        dl = got_by.get(d, {})
+        print(f"  {d}: {dl.get('message', 'no download reported')}")
+    sizes = [int(dl.get("bytes", full)) for dl in got_by.values() if dl.get("kind") == "delta"]
+    if len(sizes) != len(FLEET_DEVICES):
+        raise SystemExit(f"demo: not every device took the delta: {got_by}")
+    print(f"v2 by delta: {max(sizes)} bytes per device, {max(sizes) / full:.1%} of the full "
+          f"model ({full} bytes); {sum(sizes)} bytes for the fleet instead of "
+          f"{full * len(sizes)}")
+
+    step("24. the fleet, as the registry records it (and the page shows it)")
+    run("status", *fleet_opt)
+    rows = [r for r in site.api("api/devices") if r["id"] in FLEET_DEVICES]
+    print(f"GET {site.page}api/devices -> " + ", ".join(
+        f"{r['id']} {r['model']} {r['version']}" for r in rows))
+    trail = site.api("api/audit?limit=8")
+    print(f"GET {site.page}api/audit -> " + "; ".join(
+        f"{time.strftime('%H:%M:%S', time.localtime(a['ts']))} {a['actor']} {a['action']}"
+        for a in trail))
 
 
 if __name__ == "__main__":

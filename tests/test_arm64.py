@@ -153,7 +153,7 @@ def test_demo_deploys_swaps_and_refuses_tampering_with_the_agent_on_arm64(
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-    log = (work / "agent.log").read_text() if (work / "agent.log").exists() else ""
+    log = (work / "dev-001.log").read_text() if (work / "dev-001.log").exists() else ""
     assert proc.returncode == 0, out[-3000:] + err[-2000:] + log[-2000:]
     assert "demo finished OK" in out
     assert f"$ {agent_cmd} agent --config" in out
