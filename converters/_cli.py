@@ -45,8 +45,8 @@ def parse_input_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]] | 
               help="What auto weighs: latency (fastest), size (smallest no slower than "
               "float) or balanced (fastest, unless one at most 10% slower is under half "
               "its size).")
-@click.option("--to", "to", type=click.Choice(TARGETS), default="onnx", show_default=True,
-              help="Output format.")
+@click.option("--to", "to", type=click.Choice(TARGETS), default=None,
+              help="Output format (default: onnx; a .tflite source stays TFLite).")
 @click.option("--calibration", type=click.Path(path_type=Path),
               help=".npz keyed by input name (axis 0 = samples); part is held back for "
               "evaluation when --eval is not given.")
@@ -93,7 +93,7 @@ def parse_input_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]] | 
 @click.option("--profile-timeout", default=600.0, show_default=True, type=float,
               help="Seconds to wait for the devices' figures.")
 def convert_cmd(
-    src: Path, output: Path, quantize: str, prefer: str, to: str, calibration: Path | None,
+    src: Path, output: Path, quantize: str, prefer: str, to: str | None, calibration: Path | None,
     eval_file: Path | None, metric: str, max_drop: float | None, threads: int | None,
     name: str | None, version: str, as_json: bool, force: bool, overwrite: bool,
     exclude_ops: tuple[str, ...], source_kind: str | None, input_shapes: tuple[str, ...],
@@ -126,7 +126,7 @@ def convert_cmd(
 
 def _device_profiler(devices: tuple[str, ...], broker: str | None, repo: Path | None,
                      fleet: str, keydir: Path | None, username: str | None,
-                     password: str | None, timeout_s: float, to: str) -> Any:
+                     password: str | None, timeout_s: float, to: str | None) -> Any:
     """The injected profiler: the release package is imported only when asked for (it
     needs the agent extra), and the pipeline never sees MQTT."""
     if not broker or repo is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,8 @@ NOT_VERIFIED = "accuracy NOT verified on real data"
 @dataclass(frozen=True)
 class ConvertOptions:
     quantize: str = "auto"  # none|fp16|int8-dynamic|int8-static|auto
-    to: str = "onnx"  # onnx|ort|tflite
+    # onnx|ort|tflite; None: a .tflite source stays TFLite, any other becomes ONNX.
+    to: str | None = None
     calibration: Path | None = None  # .npz
     eval: Path | None = None  # .npz
     metric: str = "cosine"  # cosine|top1|mse|max-abs
@@ -125,7 +126,7 @@ def check_options(options: ConvertOptions) -> None:
     if options.quantize not in QUANTIZE_CHOICES:
         raise UsageError(f"--quantize {options.quantize!r} is not one of "
                          f"{', '.join(QUANTIZE_CHOICES)}")
-    if options.to not in TARGETS:
+    if options.to is not None and options.to not in TARGETS:
         raise UsageError(f"--to {options.to!r} is not one of {', '.join(TARGETS)}")
     if options.metric not in METRICS:
         raise UsageError(f"--metric {options.metric!r} is not one of {', '.join(METRICS)}")
@@ -143,7 +144,7 @@ def check_options(options: ConvertOptions) -> None:
         if p is not None and not Path(p).is_file():
             raise UsageError(f"{p}: no such {label} file")
     if options.base is not None:
-        check_base(Path(options.base), to=options.to, quantize=options.quantize,
+        check_base(Path(options.base), to=options.to or "onnx", quantize=options.quantize,
                    calibration=options.calibration)
 
 
@@ -165,6 +166,8 @@ def convert_onnx(
     """Convert ``onnx_path`` into an artifact at ``out_dir`` (written atomically)."""
     cfg = config or ConvertConfig()
     check_options(options)
+    if options.to is None:
+        options = replace(options, to="onnx")
     src = Path(onnx_path)
     out = Path(out_dir)
     if options.to == "tflite":
@@ -176,7 +179,8 @@ def convert_onnx(
         raise UsageError(f"{out} already exists (pass --overwrite to replace it)")
     model = load_checked(src)
     base = None if options.base is None else Base.from_artifact(
-        options.base, to=options.to, quantize=options.quantize, calibration=options.calibration)
+        options.base, to=options.to or "onnx", quantize=options.quantize,
+        calibration=options.calibration)
     if source is None:
         source = SourceInfo(format="onnx", path=str(src), sha256=sha256_file(src))
     import onnx
@@ -532,8 +536,6 @@ class ProfiledOn:
 def _profile_on_devices(profiler: DeviceProfiler, ms: Sequence[Measurement],
                         feed: Mapping[str, np.ndarray], threads: int | None,
                         ineligible: Mapping[str, str]) -> ProfiledOn:
-    from dataclasses import replace
-
     usable = [m for m in ms if m.ok and m.name not in ineligible]
     expected: dict[str, dict[str, np.ndarray]] = {}
     for m in usable:

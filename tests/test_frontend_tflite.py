@@ -1,4 +1,5 @@
-"""TFLite in: packaged as is after LiteRT loads and runs it; ONNX → TFLite refused."""
+"""TFLite in: kept as is after LiteRT loads and runs it, or converted to ONNX/ORT (tf2onnx)
+and measured against the TFLite model; ONNX → TFLite refused."""
 
 from __future__ import annotations
 
@@ -108,3 +109,76 @@ def test_onnx_source_to_tflite_is_a_clear_error(cnn_onnx: Path, tmp_path: Path) 
     with pytest.raises(ConversionError, match="from the framework source"):
         _convert(cnn_onnx, tmp_path / "art", to="tflite")
     assert not (tmp_path / "art").exists()
+
+
+def _calib(path: Path) -> Path:
+    x = np.random.default_rng(7).normal(size=(24, 4)).astype(np.float32)
+    np.savez(path, features=x)
+    return path
+
+
+@pytest.mark.parametrize("which", ["float32", "fp16"])
+def test_tflite_to_onnx_writes_onnx_with_candidates_measured_against_the_tflite(
+    which: str, tflite_float: Path, extra_tflite: dict[str, Any], tmp_path: Path
+) -> None:
+    src = tflite_float if which == "float32" else extra_tflite["fp16"]
+    res = _convert(src, tmp_path / "art", to="onnx", calibration=_calib(tmp_path / "c.npz"))
+    art = res.artifact
+    assert art.manifest.format == "onnx" and art.manifest.model.endswith(".onnx")
+    assert not list(art.path.glob("*.tflite"))
+    assert art.manifest.source["format"] == "tflite"
+    report = json.loads((art.path / "report.json").read_text())
+    assert report["metric"]["reference"] == "the tflite source model"
+    measured = [r for r in report["candidates"] if r["accuracy"] is not None]
+    assert {"none", "fp16", "int8-dynamic", "int8-static"} <= {r["scheme"] for r in measured}
+    x = np.random.default_rng(3).normal(size=(2, 4)).astype(np.float32)
+    want = edge_sdk.load(src).predict({"features": x})["scores"]
+    got = edge_sdk.load(art.path).predict({"features": x})["scores"]
+    assert np.max(np.abs(got - want)) <= 0.05 * np.max(np.abs(want))
+    # fp32 is the TFLite graph in ONNX: it matches its source exactly (to float rounding).
+    fp32 = next(r for r in report["candidates"] if r["name"] == "fp32")
+    assert fp32["accuracy"]["drop"] < 1e-5
+
+
+def test_tflite_to_ort_writes_the_ort_format_verified_against_the_tflite(
+    tflite_float: Path, tmp_path: Path
+) -> None:
+    res = _convert(tflite_float, tmp_path / "art", to="ort", quantize="none")
+    assert res.artifact.manifest.format == "ort"
+    report = json.loads((res.artifact.path / "report.json").read_text())
+    assert report["metric"]["reference"] == "the tflite source model"
+    assert any(n.startswith("ORT format verified") for n in report["normalization"])
+    x = np.random.default_rng(4).normal(size=(3, 4)).astype(np.float32)
+    np.testing.assert_allclose(edge_sdk.load(res.artifact.path).predict(x)["scores"],
+                               tflite_reference(x), rtol=1e-4, atol=1e-4)
+
+
+def test_full_int8_tflite_to_onnx_takes_and_returns_float(
+    tflite_int8: Path, tmp_path: Path
+) -> None:
+    res = _convert(tflite_int8, tmp_path / "art", to="onnx", quantize="none")
+    model = edge_sdk.load(res.artifact.path)
+    assert [s.dtype for s in (*model.inputs, *model.outputs)] == ["float32", "float32"]
+    x = np.random.default_rng(5).normal(size=(4, 4)).astype(np.float32)
+    want = edge_sdk.load(tflite_int8).predict({"features": x})["scores"]
+    got = model.predict({"features": x})["scores"]
+    # The ONNX is the dequantized graph: within a few int8 steps of the int8 source.
+    assert np.max(np.abs(got - want)) < 0.1 * np.max(np.abs(want)) + 0.1
+    assert "skipped" in res.artifact.manifest.extra["export_check"]
+
+
+@pytest.mark.parametrize("which", ["float32", "fp16"])
+def test_float_tflite_to_tflite_is_kept_and_the_report_says_why(
+    which: str, tflite_float: Path, extra_tflite: dict[str, Any], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from edge_sdk.cli import main
+
+    src = tflite_float if which == "float32" else extra_tflite["fp16"]
+    out = tmp_path / "art"
+    assert main(["convert", str(src), "-o", str(out), "--to", "tflite"]) == 0
+    text = capsys.readouterr().out
+    assert "--quantize auto built no candidate from this TFLite; kept as is" in text
+    report = json.loads((out / "report.json").read_text())
+    assert "not re-quantized without its float source" in report["why"]
+    assert json.loads((out / "manifest.json").read_text())["sha256"] == sha256_file(src)

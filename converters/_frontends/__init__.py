@@ -23,12 +23,12 @@ import numpy as np
 from edge_sdk._internal import sha256_file
 from edge_sdk.errors import UsageError
 
+from .._data import Samples
 from ._child import FrameworkChild
 from ._common import DEFAULT_CONFIG, FrontendConfig, Loaded, verification_samples, verify_export
 from ._detect import KINDS, detect_kind, is_factory
 
 if TYPE_CHECKING:
-    from .._data import Samples
     from .._pipeline import ConversionResult, ConvertConfig, ConvertOptions
     from .._tflite import TfliteCandidate
 
@@ -56,7 +56,10 @@ def convert_source(
         raise UsageError(f"{out} already exists (pass --overwrite to replace it)")
     if kind == "onnx":
         return convert_onnx(Path(text), out, options, config=config)
-    if kind == "tflite":
+    if options.to is None:
+        # Not asked: a .tflite stays TFLite; everything else becomes ONNX.
+        options = dataclasses.replace(options, to="tflite" if kind == "tflite" else "onnx")
+    if kind == "tflite" and options.to == "tflite":
         from ._tflite_in import convert_tflite_source
 
         return convert_tflite_source(Path(text), out, options, config=config)
@@ -94,8 +97,7 @@ def convert_source(
                                         path=str(work / "export.onnx")))
             samples = verification_samples(loaded.inputs, options.calibration, options.eval,
                                            frontend_config)
-            checked = verify_export(onnx_path, loaded, samples,
-                                    what=f"{text}: ONNX export check", config=frontend_config)
+            checked = _check_export(onnx_path, loaded, samples, text, frontend_config)
             extra: dict[str, Any] = {**loaded.extra, "export_check": checked}
             if loaded.warnings:
                 extra["export_warnings"] = list(loaded.warnings)
@@ -108,6 +110,21 @@ def convert_source(
         result = dataclasses.replace(result, warnings=(*loaded.warnings, *result.warnings),
                                      report={**result.report, "warnings": merged})
     return result
+
+
+def _check_export(onnx_path: Path, loaded: Loaded, samples: Samples, src: str,
+                  config: FrontendConfig) -> dict[str, Any]:
+    if loaded.kind == "tflite":
+        from ._tflite_in import describe_quantization
+
+        scheme, detail = describe_quantization(Path(src))
+        if scheme != "none" and scheme != "fp16":
+            # The ONNX graph is the dequantized model: it differs from the int8 source by
+            # the quantization error, which every candidate's measurement then shows.
+            return {"skipped": f"the source is quantized ({detail}); its ONNX form is "
+                    "dequantized, so each candidate is measured against the TFLite model"}
+    return verify_export(onnx_path, loaded, samples, what=f"{src}: ONNX export check",
+                         config=config)
 
 
 def _load(

@@ -26,7 +26,8 @@ from typing import Any
 from edge_sdk.errors import ConversionError, EdgeError
 
 # What the frameworks are called in messages, by front-end kind.
-FRAMEWORKS = {"torch": "PyTorch", "keras": "TensorFlow", "sklearn": "scikit-learn"}
+FRAMEWORKS = {"torch": "PyTorch", "keras": "TensorFlow", "sklearn": "scikit-learn",
+              "tflite": "TensorFlow (tf2onnx)"}
 _LOG_NAME = "framework.log"
 _TAIL_BYTES = 8192
 _LINE_LIMIT = 200

@@ -1,7 +1,9 @@
-"""TFLite in: check the model loads and runs in LiteRT, read its signature, write the artifact.
+"""TFLite in, kept TFLite: check the model loads and runs in LiteRT, read its signature,
+write the artifact.
 
 The model is kept byte for byte: re-quantizing a TFLite file is out of scope
-(the quantizer needs the float graph; convert from the framework source).
+(the quantizer needs the float graph; convert from the framework source). ``--to
+onnx``/``ort`` converts it instead (:mod:`._tflite_onnx`).
 """
 
 from __future__ import annotations
@@ -36,23 +38,17 @@ def convert_tflite_source(
         raise UsageError(
             f"{src}: re-quantizing a TFLite model is out of scope (--quantize "
             f"{options.quantize}); quantize from the framework source (Keras/TF with --to "
-            "tflite --quantize ...), or pass --quantize auto/none to package this file as is"
+            "tflite --quantize ...) or convert this file with --to onnx, or pass --quantize "
+            "auto/none to keep it as is"
         )
     if options.base is not None:
         raise UsageError(f"{src}: a TFLite source is packaged as is; --base (reuse an earlier "
                          "artifact's int8 parameters) needs a source the converter quantizes")
-    if options.to == "ort":
-        raise UsageError(
-            f"{src}: a TFLite model cannot be turned into ORT format; convert the framework "
-            "source instead, or drop --to ort to package the .tflite as is"
-        )
     try:
         predictor = edge_sdk.load(src, threads=options.threads)
     except EdgeError as err:
         raise ConversionError(f"{src}: not a TFLite model LiteRT can run: {err}") from err
     warnings: list[str] = []
-    if options.to == "onnx":
-        warnings.append("a TFLite source is packaged as TFLite (no conversion to ONNX)")
     samples = _samples(options, predictor.inputs, cfg.synthetic_samples, warnings)
     outputs = []
     for feed in samples.feeds:
@@ -70,6 +66,10 @@ def convert_tflite_source(
         warnings.append(f"output(s) {', '.join(sorted(set(bad)))} hold NaN/inf on "
                         f"{samples.origin} inputs")
     quant, details = describe_quantization(src)
+    kept = (f"kept as is ({details}): a .tflite is not re-quantized without its float "
+            "source; convert the Keras/TF source with --to tflite, or this file with --to onnx")
+    if options.quantize == "auto":
+        warnings.append(f"--quantize auto built no candidate from this TFLite; {kept}")
     digest = sha256_file(src)
     ms = measure_candidates([("tflite", src, quant)], samples.feeds, outputs,
                             metric=options.metric, threads=options.threads,
@@ -89,7 +89,7 @@ def convert_tflite_source(
             options=options, calib=None, evalset=samples,
             reference_label="the source TFLite model itself (unchanged)", budget=0.0,
             rows=[row], chosen="tflite",
-            why="tflite: the source model, unchanged (re-quantizing TFLite is out of scope)",
+            why=f"tflite: the source model, {kept}",
             warnings=warnings, notes=[f"signature checked in LiteRT: {details}"],
         )
         report["baseline"] = "tflite"

@@ -45,6 +45,10 @@ def _open(state: _State, *, kind: str, src: str, work: str, calibration: Path | 
         from ._sklearn import SklearnSource
 
         exporter = SklearnSource(Path(src), trust_pickle=trust_pickle, input_shapes=input_shapes)
+    elif kind == "tflite":
+        from ._tflite_onnx import TfliteSource
+
+        exporter = TfliteSource(Path(src))
     else:
         from edge_sdk.errors import UsageError
 
