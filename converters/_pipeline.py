@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -22,22 +22,19 @@ import edge_sdk
 from edge_sdk._internal import sha256_file
 from edge_sdk.errors import ConversionError, EdgeError, UsageError
 
-from ._base import Base, build_base_candidate, check_base, float_initializers
-from ._candidates import SCHEMES, Candidate, CandidateConfig, build_candidates
+from ._base import check_base
+from ._candidates import SCHEMES, Candidate, CandidateConfig
 from ._data import Samples, load_samples, split_holdout, synthetic_samples
 from ._measure import (
     METRICS,
     PREFER,
     MeasureConfig,
     Measurement,
-    accuracy,
     closed_loop,
     default_max_drop,
     measure_candidates,
     select,
-    state_pairs,
 )
-from ._normalize import load_checked, normalize, optimize, to_ort_format
 from ._report import manifest_figures, report_json, write_report
 
 QUANTIZE_CHOICES = (*SCHEMES, "auto")
@@ -164,6 +161,8 @@ def convert_onnx(
     config: ConvertConfig | None = None,
 ) -> ConversionResult:
     """Convert ``onnx_path`` into an artifact at ``out_dir`` (written atomically)."""
+    from ._onnx import OnnxBackend
+
     cfg = config or ConvertConfig()
     check_options(options)
     if options.to is None:
@@ -177,36 +176,76 @@ def convert_onnx(
         )
     if out.exists() and not options.overwrite:
         raise UsageError(f"{out} already exists (pass --overwrite to replace it)")
-    model = load_checked(src)
-    base = None if options.base is None else Base.from_artifact(
-        options.base, to=options.to or "onnx", quantize=options.quantize,
-        calibration=options.calibration)
+    backend = OnnxBackend(src, options, cfg)
     if source is None:
         source = SourceInfo(format="onnx", path=str(src), sha256=sha256_file(src))
-    import onnx
+    return drive(backend, out, options, source, cfg)
 
+
+class Backend(Protocol):
+    """One output format's part of a conversion (:mod:`._onnx`, :mod:`._tflite`): it
+    prepares the source, builds the candidates and writes its file format; :func:`drive`
+    does everything else the same way for every format."""
+
+    #: The float candidate every ratio is against.
+    baseline: str
+    #: Notes for the report (normalization, what was checked).
+    fixes: list[str]
+    @property
+    def state(self) -> Mapping[str, str]:
+        """Inputs fed back from outputs (a stateful model), checked closed-loop."""
+        ...
+
+    def title(self, source: SourceInfo) -> str: ...
+
+    def prepare(self, work: Path, warnings: list[str]) -> Sequence[edge_sdk.TensorSpec]:
+        """Get the source ready in ``work``; its input specs."""
+        ...
+
+    def reference(
+        self, source: SourceInfo, warnings: list[str],
+    ) -> tuple[Callable[[dict[str, np.ndarray]], Mapping[str, Any]], str]:
+        """What accuracy is measured against, and its label."""
+        ...
+
+    def build(self, work: Path, schemes: Sequence[str], calib: Samples | None,
+              warnings: list[str]) -> list[Candidate]: ...
+
+    def ineligible(self, cands: Sequence[Candidate]) -> dict[str, str]:
+        """Candidates auto must not choose (built but pointless), with why."""
+        ...
+
+    def requested(self, requested: str | None, cands: Sequence[Candidate],
+                  ineligible: Mapping[str, str], warnings: list[str]) -> str | None:
+        """The explicitly requested scheme to select with, or raise when it cannot be."""
+        ...
+
+    def preferred(self) -> tuple[str | None, str]:
+        """A candidate to prefer within the budget (--base), and why."""
+        ...
+
+    def finish(self, chosen: Candidate, measured: Measurement, work: Path, evalset: Samples,
+               reference: Sequence[Mapping[str, np.ndarray]], budget: float,
+               ) -> tuple[Path, str | None]:
+        """The file to ship for the chosen candidate, and a note for the report."""
+        ...
+
+    def base_info(self, cands: Sequence[Candidate], chosen: str,
+                  warnings: list[str]) -> dict[str, Any] | None: ...
+
+
+def drive(backend: Backend, out: Path, options: ConvertOptions, source: SourceInfo,
+          cfg: ConvertConfig) -> ConversionResult:
+    """data → candidates → measure → choose → report → artifact, for any back-end."""
     with tempfile.TemporaryDirectory(prefix="edge-convert-") as tmp:
         work = Path(tmp)
-        model, fixes = normalize(model)
-        norm_path = work / "normalized.onnx"
-        onnx.save(model, str(norm_path))
-        fp32_path = work / "fp32.onnx"
-        optimize(norm_path, fp32_path)
-        try:
-            onnx.save(onnx.shape_inference.infer_shapes(onnx.load(str(fp32_path))),
-                      str(fp32_path))
-        except Exception as err:
-            fixes.append(f"shape inference after optimization failed ({_short(err)})")
-        fp32_pred = edge_sdk.load(fp32_path)
-        specs = fp32_pred.inputs
         warnings: list[str] = []
-        if base is not None:
-            _check_base_matches(base, fp32_path, warnings)
+        specs = backend.prepare(work, warnings)
+        fixes = backend.fixes
         calib, evalset = _data(options, specs, cfg, warnings)
-        ref_fn, ref_label = _reference_fn(src, norm_path, source, warnings)
+        ref_fn, ref_label = backend.reference(source, warnings)
         reference = _run_reference(ref_fn, source, evalset)
-        state = state_pairs(fp32_pred.inputs, fp32_pred.outputs)
-        del fp32_pred
+        state = backend.state
         loop_ref = None
         if state and len(evalset) >= 2:
             try:
@@ -216,17 +255,8 @@ def convert_onnx(
                     f"{len(evalset)} steps, feeding back " + ", ".join(
                         f"{o} → {i}" for i, o in state.items()))
             except Exception as err:
-                warnings.append(f"closed-loop state check skipped: {_short(err)}")
-        schemes = _schemes(options.quantize)
-        cands = build_candidates(
-            fp32_path, work, schemes, calibration=calib, exclude_ops=options.exclude_ops,
-            config=cfg.candidates,
-        )
-        if base is not None:
-            cands.append(build_base_candidate(
-                base, fp32_path, work, cands, calibration=calib,
-                exclude_ops=options.exclude_ops, config=cfg.candidates,
-                tolerance=cfg.base_tolerance))
+                warnings.append(f"closed-loop state check skipped: {short(err)}")
+        cands = backend.build(work, _schemes(options.quantize), calib, warnings)
         built = [c for c in cands if c.path is not None and c.error is None]
         ms = measure_candidates(
             [c.as_tuple() for c in built], evalset.feeds, reference, metric=options.metric,
@@ -234,63 +264,44 @@ def convert_onnx(
             progress=options.progress, state=state if loop_ref is not None else None,
             closed_loop_reference=loop_ref,
         )
-        ineligible = _ineligible(cands)
+        baseline = backend.baseline
+        ineligible = backend.ineligible(cands)
         profiled: ProfiledOn | None = None
         ms_sel = ms
         if cfg.device_profiler is not None:
             profiled = _profile_on_devices(cfg.device_profiler, ms, evalset.feeds[0],
-                                           options.threads, ineligible)
+                                           options.threads, ineligible, baseline)
             ms_sel = profiled.measurements
             ineligible = {**ineligible, **profiled.excluded}
         budget = (options.max_drop if options.max_drop is not None
                   else default_max_drop(options.metric, reference))
-        requested = None if options.quantize == "auto" else options.quantize
-        if requested not in (None, "none") and not any(
-                c.scheme == requested and c.name not in ineligible and c.error is None
-                for c in cands):
-            noop = [c for c in cands if c.scheme == requested and c.noop]
-            if noop and options.force:
-                warnings.append(f"--quantize {requested} quantized no weight; the float model "
-                                "is written instead (--force)")
-                requested = "none"
-            elif noop:
-                raise ConversionError(
-                    f"--quantize {requested} quantized no weight of this model (no-op: "
-                    f"{_weight_note(noop[0])}); it would be float32 labelled int8. Use "
-                    "--quantize auto or none, or --force to write the float model"
-                )
-        sel = select(ms_sel, baseline=BASELINE, max_drop=budget, requested=requested,
+        requested = backend.requested(None if options.quantize == "auto" else options.quantize,
+                                      cands, ineligible, warnings)
+        preferred, preferred_why = backend.preferred()
+        sel = select(ms_sel, baseline=baseline, max_drop=budget, requested=requested,
                      force=options.force, ineligible=ineligible, prefer=options.prefer,
                      latency_tolerance=cfg.measure.latency_tolerance,
                      balanced_max_slowdown=cfg.measure.balanced_max_slowdown,
                      balanced_max_size_ratio=cfg.measure.balanced_max_size_ratio,
-                     preferred=None if base is None else base.candidate_name,
-                     preferred_why=f"reuses the int8 parameters of base {base.version}"
-                     if base is not None else "")
+                     preferred=preferred, preferred_why=preferred_why)
         warnings.extend(sel.warnings)
         for name, why in ineligible.items():
             if options.quantize in ("auto", next(c.scheme for c in cands if c.name == name)):
                 warnings.append(f"{name}: {why}")
         chosen = next(m for m in ms if m.name == sel.chosen.name)  # the host's figures
         chosen_cand = next(c for c in cands if c.name == chosen.name)
-        assert chosen_cand.path is not None
-        model_file = chosen_cand.path
-        ort_note = None
-        if options.to == "ort":
-            model_file = work / "model.ort"
-            to_ort_format(chosen_cand.path, model_file)
-            ort_note = _check_ort(model_file, evalset, reference, options.metric, budget,
-                                  chosen, evalset.labels)
-        base_info = None if base is None else _base_info(base, cands, chosen.name, warnings)
+        model_file, finish_note = backend.finish(chosen_cand, chosen, work, evalset, reference,
+                                                 budget)
+        base_info = backend.base_info(cands, chosen.name, warnings)
         rule = sel.rule if profiled is None else f"{sel.rule}; {profiled.rule}"
-        report = _report(src, source, options, fixes, calib, evalset, ref_label, budget, cands,
-                         ms, chosen, sel.why, rule, ineligible, warnings, ort_note,
-                         base_info, profiled)
+        report = _report(backend.title(source), source, options, fixes, calib, evalset,
+                         ref_label, budget, cands, ms, chosen, sel.why, rule, ineligible,
+                         warnings, finish_note, base_info, profiled, baseline)
         files = write_report(work / "report", report)
-        baseline = next(m for m in ms if m.name == BASELINE)
+        base_m = next(m for m in ms if m.name == baseline)
         extra: dict[str, Any] = {
             **dict(source.extra),
-            **manifest_figures(chosen, baseline, budget, evalset, options.threads, ref_label),
+            **manifest_figures(chosen, base_m, budget, evalset, options.threads, ref_label),
             "conversion": {"chosen": chosen.name, "candidates": [c.name for c in cands],
                            "normalization": fixes},
         }
@@ -300,58 +311,39 @@ def convert_onnx(
                                         "latency_ms": profiled.rows.get(chosen.name, {})
                                         .get(d, {}).get("median_ms")}
                                     for d, info in profiled.devices.items()}
-        if base is not None and base_info is not None:
+        if base_info is not None:
             extra["conversion"]["base"] = {
                 k: base_info.get(k) for k in ("name", "version", "sha256", "candidate", "used")}
-        try:
-            art = edge_sdk.build_artifact(
-                model_file, out,
-                name=artifact_name(options, Path(source.path)),
-                version=options.version,
-                quantization=chosen.scheme,
-                source={"format": source.format, "path": Path(source.path).name,
-                        "sha256": source.sha256},
-                runtime={"threads": options.threads} if options.threads else None,
-                sample=evalset.feeds[0],
-                report=report,
-                extra_files={"report.md": files["report.md"], "report.png": files["report.png"]},
-                extra=extra,
-                overwrite=options.overwrite,
-            )
-        except EdgeError:
-            raise
-        except OSError as err:
-            raise ConversionError(f"{out}: cannot write the artifact: {err}") from err
+        art = write_artifact(model_file, out, options, source, quantization=chosen.scheme,
+                             report=report, files=files, sample=evalset.feeds[0], extra=extra)
     return ConversionResult(artifact=art, chosen=chosen.name, report=report,
                             warnings=tuple(report["warnings"]))
 
 
-def _check_base_matches(base: Base, fp32_path: Path, warnings: list[str]) -> None:
-    """Refuse a base that shares no weight with the model; say which weights it lacks."""
-    import onnx
-
-    weights = {k: v.shape for k, v in float_initializers(onnx.load(str(fp32_path))).items()
-               if v.ndim >= 2 and v.size > 1}
-    base.check_matches(weights)
-    missing = base.unmatched(weights)
-    if missing:
-        names = ", ".join(missing[:8]) + (" …" if len(missing) > 8 else "")
-        warnings.append(f"base {base.path} has no parameters for {len(missing)} of "
-                        f"{len(weights)} weights ({names}); they get their own scales")
-
-
-def _base_info(base: Base, cands: Sequence[Candidate], chosen: str,
-               warnings: list[str]) -> dict[str, Any]:
-    """The report's ``base`` section: what the base candidate reused, whether it was used."""
-    cand = next(c for c in cands if c.name == base.candidate_name)
-    info: dict[str, Any] = {**base.describe(), "built": cand.name, "used": chosen == cand.name}
-    if cand.error is not None:
-        info["not_used"] = f"it could not be built: {cand.error}"
-    elif chosen != cand.name:
-        info["not_used"] = next((w for w in warnings if w.startswith(cand.name + " (")),
-                                "not chosen")
-    info.update({k: v for k, v in cand.params.get("base", {}).items() if k not in info})
-    return info
+def write_artifact(model_file: Path, out: Path, options: ConvertOptions, source: SourceInfo,
+                   *, quantization: str, report: Mapping[str, Any], files: Mapping[str, Path],
+                   sample: Mapping[str, np.ndarray] | None,
+                   extra: Mapping[str, Any]) -> edge_sdk.Artifact:
+    """Write the artifact directory (atomically) with report.json/md/png."""
+    try:
+        return edge_sdk.build_artifact(
+            model_file, out,
+            name=artifact_name(options, Path(source.path)),
+            version=options.version,
+            quantization=quantization,
+            source={"format": source.format, "path": Path(source.path).name,
+                    "sha256": source.sha256},
+            runtime={"threads": options.threads} if options.threads else None,
+            sample=sample,
+            report=report,
+            extra_files={"report.md": files["report.md"], "report.png": files["report.png"]},
+            extra=extra,
+            overwrite=options.overwrite,
+        )
+    except EdgeError:
+        raise
+    except OSError as err:
+        raise ConversionError(f"{out}: cannot write the artifact: {err}") from err
 
 
 def _schemes(quantize: str) -> list[str]:
@@ -380,23 +372,6 @@ def _data(
     return calib, evalset
 
 
-def _reference_fn(
-    src: Path, norm_path: Path, source: SourceInfo, warnings: list[str],
-) -> tuple[Callable[[dict[str, np.ndarray]], Mapping[str, Any]], str]:
-    if source.reference is not None:
-        return source.reference, f"the {source.format} source model"
-    try:
-        pred = edge_sdk.load(src)
-        label = "the source ONNX model (onnxruntime)"
-    except EdgeError as err:
-        # Some real exports only load once normalized (duplicate opset imports).
-        pred = edge_sdk.load(norm_path)
-        label = "the normalized source ONNX model (onnxruntime)"
-        warnings.append(f"the source model does not load as is ({_short(err)}); accuracy is "
-                        "measured against its normalized form")
-    return pred.predict, label
-
-
 def _run_reference(
     fn: Callable[[dict[str, np.ndarray]], Mapping[str, Any]], source: SourceInfo,
     evalset: Samples,
@@ -405,48 +380,12 @@ def _run_reference(
         return [{k: np.asarray(v) for k, v in fn(dict(f)).items()} for f in evalset.feeds]
     except edge_sdk.InputError as err:
         raise UsageError(f"{evalset.origin}: the source model rejects these inputs: "
-                         f"{_short(err)}") from err
+                         f"{short(err)}") from err
     except EdgeError:
         raise
     except Exception as err:
         raise ConversionError(f"the {source.format} source model fails on {evalset.origin}: "
-                              f"{_short(err)}") from err
-
-
-def _ineligible(cands: Sequence[Candidate]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for c in cands:
-        if c.noop:
-            out[c.name] = f"quantized no weight (no-op; {_weight_note(c)})"
-        elif c.scheme == "fp16" and c.error is None and c.quantized_weights == 0:
-            out[c.name] = "converted no weight to float16 (no-op)"
-    return out
-
-
-def _weight_note(c: Candidate) -> str:
-    if c.total_weights == 0:
-        return "the model has no float weight tensors"
-    ops = c.params.get("op_types")
-    return (f"0 of {c.total_weights} float weight tensors quantized"
-            + (f"; ops tried: {', '.join(ops)}" if ops else ""))
-
-
-def _check_ort(
-    path: Path, evalset: Samples, reference: Sequence[Mapping[str, np.ndarray]], metric: str,
-    budget: float, chosen: Measurement, labels: np.ndarray | None,
-) -> str:
-    try:
-        pred = edge_sdk.load(path)
-        outs = [pred.predict(dict(f)) for f in evalset.feeds]
-    except Exception as err:
-        raise ConversionError(f"the ORT-format model does not run: {_short(err)}") from err
-    acc = accuracy(outs, reference, metric, labels=labels)
-    if acc.drop > budget:
-        raise ConversionError(
-            f"the ORT-format model of {chosen.name} breaks the budget: {metric} drop "
-            f"{acc.drop:.4g} > {budget:.4g}"
-        )
-    return f"ORT format verified: {metric} drop {acc.drop:.4g}"
+                              f"{short(err)}") from err
 
 
 def _status(c: Candidate, m: Measurement | None, chosen: str, budget: float,
@@ -469,16 +408,17 @@ def _status(c: Candidate, m: Measurement | None, chosen: str, budget: float,
 
 
 def _report(
-    src: Path, source: SourceInfo, options: ConvertOptions, fixes: list[str],
+    title: str, source: SourceInfo, options: ConvertOptions, fixes: list[str],
     calib: Samples | None, evalset: Samples, ref_label: str, budget: float,
     cands: Sequence[Candidate], ms: Sequence[Measurement], chosen: Measurement, why: str,
     rule: str, ineligible: Mapping[str, str], warnings: list[str], ort_note: str | None,
     base: Mapping[str, Any] | None = None, profiled: ProfiledOn | None = None,
+    baseline: str = BASELINE,
 ) -> dict[str, Any]:
     by_name = {m.name: m for m in ms}
     # Status ("slower") follows the latency the choice used: the devices' when profiled.
     decided = by_name if profiled is None else {m.name: m for m in profiled.measurements}
-    base_lat = decided[BASELINE].latency_ms if BASELINE in decided else None
+    base_lat = decided[baseline].latency_ms if baseline in decided else None
     rows = []
     for c in cands:
         m = by_name.get(c.name)
@@ -507,14 +447,14 @@ def _report(
     if ort_note:
         notes.append(ort_note)
     return report_json(
-        title=f"Conversion report: {Path(source.path).name}",
+        title=title,
         source={"format": source.format, "path": source.path, "sha256": source.sha256},
         options={"quantize": options.quantize, "to": options.to, "metric": options.metric,
                  "max_drop": options.max_drop, "exclude_ops": list(options.exclude_ops),
                  "force": options.force, "prefer": options.prefer,
                  **({"base": str(options.base)} if options.base is not None else {})},
         normalization=notes, calib=calib, evalset=evalset, reference=ref_label,
-        budget=budget, threads=options.threads, baseline=BASELINE, rows=rows,
+        budget=budget, threads=options.threads, baseline=baseline, rows=rows,
         chosen=chosen.name, why=why, rule=rule, warnings=warnings, base=base,
         devices=None if profiled is None else profiled.devices)
 
@@ -535,7 +475,7 @@ class ProfiledOn:
 
 def _profile_on_devices(profiler: DeviceProfiler, ms: Sequence[Measurement],
                         feed: Mapping[str, np.ndarray], threads: int | None,
-                        ineligible: Mapping[str, str]) -> ProfiledOn:
+                        ineligible: Mapping[str, str], baseline: str = BASELINE) -> ProfiledOn:
     usable = [m for m in ms if m.ok and m.name not in ineligible]
     expected: dict[str, dict[str, np.ndarray]] = {}
     for m in usable:
@@ -567,9 +507,9 @@ def _profile_on_devices(profiler: DeviceProfiler, ms: Sequence[Measurement],
             continue
         worst = max(float(per[d]["median_ms"]) for d in names)
         out.append(replace(m, latency_ms=worst, latency_rounds_ms=()))
-    if BASELINE in excluded:
-        raise ConversionError(f"the float baseline '{BASELINE}' failed "
-                              f"{excluded[BASELINE]}")
+    if baseline in excluded:
+        raise ConversionError(f"the float baseline '{baseline}' failed "
+                              f"{excluded[baseline]}")
     devices = {d: {"hardware": dict(results[d].hardware), "threads": results[d].threads}
                for d in names}
     who = ", ".join(names)
@@ -579,10 +519,14 @@ def _profile_on_devices(profiler: DeviceProfiler, ms: Sequence[Measurement],
     return ProfiledOn(out, excluded, rows, devices, rule)
 
 
-def _short(err: BaseException) -> str:
+def short(err: BaseException) -> str:
+    """An exception as one capped line."""
     text = " ".join(str(err).split())
     return text[:240] if text else type(err).__name__
 
 
-__all__ = ["ConversionResult", "ConvertConfig", "ConvertOptions", "SourceInfo",
-           "check_options", "convert_onnx"]
+__all__ = ["Backend", "ConversionResult", "ConvertConfig", "ConvertOptions", "SourceInfo",
+           "check_options", "convert_onnx", "drive", "write_artifact"]
+
+
+_short = short
