@@ -107,8 +107,7 @@ def convert_cmd(
     config = None
     if profile_on:
         config = ConvertConfig(device_profiler=_device_profiler(
-            profile_on, broker, repo_dir, fleet, keydir, username, password, profile_timeout,
-            to))
+            profile_on, broker, repo_dir, fleet, keydir, username, password, profile_timeout))
     result = convert(
         src, output, source_kind=source_kind, input_shapes=parse_input_shapes(input_shapes),
         trust_pickle=trust_pickle, quantize=quantize, prefer=prefer, to=to,
@@ -126,15 +125,12 @@ def convert_cmd(
 
 def _device_profiler(devices: tuple[str, ...], broker: str | None, repo: Path | None,
                      fleet: str, keydir: Path | None, username: str | None,
-                     password: str | None, timeout_s: float, to: str | None) -> Any:
+                     password: str | None, timeout_s: float) -> Any:
     """The injected profiler: the release package is imported only when asked for (it
     needs the agent extra), and the pipeline never sees MQTT."""
     if not broker or repo is None:
         raise UsageError("--profile-on needs --broker URL and --repo REPO (the repository "
                          "`edge-sdk serve` serves; its deployment key signs the request)")
-    if to == "tflite":
-        raise UsageError("--profile-on supports --to onnx and --to ort (TFLite candidates "
-                         "are not profiled on devices yet)")
     try:
         from edge_sdk.release import DeviceProfiler, ProfileConfig
         from edge_sdk.transport import MqttConfig

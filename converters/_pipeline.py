@@ -140,6 +140,9 @@ def check_options(options: ConvertOptions) -> None:
     for label, p in (("calibration", options.calibration), ("eval", options.eval)):
         if p is not None and not Path(p).is_file():
             raise UsageError(f"{p}: no such {label} file")
+    if options.base is not None and options.to == "tflite":
+        raise UsageError("--base reuses an ONNX artifact's int8 scales, which TensorFlow's "
+                         "TFLite converter cannot take; drop --base, or use --to onnx")
     if options.base is not None:
         check_base(Path(options.base), to=options.to or "onnx", quantize=options.quantize,
                    calibration=options.calibration)

@@ -16,9 +16,7 @@ follows :func:`converters._measure.select`, the ONNX path's rule.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,13 +25,14 @@ import numpy as np
 import edge_sdk
 from edge_sdk.errors import ConversionError, EdgeError
 
-from ._data import Samples, load_samples, split_holdout, synthetic_samples
-from ._measure import Measurement, default_max_drop, measure_candidates, select
-from ._report import manifest_figures, report_json, write_report
+from ._candidates import Candidate
+from ._data import Samples
+from ._measure import Measurement
+from ._report import report_json, write_report
 
 if TYPE_CHECKING:
     from ._frontends._common import Loaded
-    from ._pipeline import ConversionResult, ConvertConfig, ConvertOptions
+    from ._pipeline import ConversionResult, ConvertConfig, ConvertOptions, SourceInfo
 
 BASELINE = "float32"
 # candidate name → (scheme, description)
@@ -46,33 +45,22 @@ VARIANTS: dict[str, tuple[str, str]] = {
 NOT_VERIFIED = "accuracy NOT verified on real data"
 
 
-@dataclass(frozen=True)
-class TfliteCandidate:
-    name: str
-    scheme: str
-    description: str
-    path: Path | None
-    error: str | None = None
-    # Not built for want of a representative dataset: skipped, not failed.
-    needs_calibration: bool = False
-
-
 def build_tflite_candidates(
     saved_dir: Path, signature_key: str, work: Path, schemes: Sequence[str],
     calibration: Samples | None, *, max_calibration_samples: int = 256,
-) -> list[TfliteCandidate]:
+) -> list[Candidate]:
     """Convert the SavedModel once per scheme; a failed variant comes back with ``error``."""
     from ._frontends._common import first_line, quiet, require
 
     tf = require("tensorflow", "converting to TFLite")
-    out: list[TfliteCandidate] = []
+    out: list[Candidate] = []
     for name, (scheme, desc) in VARIANTS.items():
         if scheme not in schemes:
             continue
         if scheme == "int8-static" and calibration is None:
-            out.append(TfliteCandidate(name, scheme, desc, None,
-                                       "needs calibration data (--calibration)",
-                                       needs_calibration=True))
+            out.append(Candidate(name, scheme, None, desc,
+                                 error="needs calibration data (--calibration)",
+                                 needs_calibration=True))
             continue
         try:
             with quiet():
@@ -91,12 +79,12 @@ def build_tflite_candidates(
                     conv.inference_output_type = tf.int8
                 data = conv.convert()
         except Exception as err:
-            out.append(TfliteCandidate(name, scheme, desc, None,
-                                       f"TFLite converter failed: {first_line(err)}"))
+            out.append(Candidate(name, scheme, None, desc,
+                                 error=f"TFLite converter failed: {first_line(err)}"))
             continue
         path = work / f"{name}.tflite"
         path.write_bytes(data)
-        out.append(TfliteCandidate(name, scheme, desc, path))
+        out.append(Candidate(name, scheme, path, desc))
     return out
 
 
@@ -111,142 +99,91 @@ def _representative(
     return gen
 
 
-BuildCandidates = Callable[[Path, Sequence[str], Samples | None, int], list[TfliteCandidate]]
+BuildCandidates = Callable[[Path, Sequence[str], Samples | None, int], list[Candidate]]
+
+
+class TfliteBackend:
+    """``--to tflite`` from a loaded Keras/TF source: ``build(work, schemes, calibration,
+    max_calibration_samples)`` converts its SavedModel (:func:`build_tflite_candidates`,
+    run where TensorFlow is); the driver measures them against the source's own predict."""
+
+    baseline = BASELINE
+
+    def __init__(self, build: BuildCandidates, loaded: Loaded, options: ConvertOptions,
+                 cfg: ConvertConfig, source_path: str) -> None:
+        self._build = build
+        self.loaded = loaded
+        self.options = options
+        self.cfg = cfg
+        self.source_path = source_path
+        self.fixes: list[str] = []
+
+    @property
+    def state(self) -> Mapping[str, str]:
+        return {}
+
+    def title(self, source: SourceInfo) -> str:
+        return f"Conversion report: {Path(source.path).name} → TFLite"
+
+    def prepare(self, work: Path, warnings: list[str]) -> Sequence[edge_sdk.TensorSpec]:
+        return self.loaded.inputs
+
+    def reference(
+        self, source: SourceInfo, warnings: list[str],
+    ) -> tuple[Callable[[dict[str, np.ndarray]], Mapping[str, Any]], str]:
+        return self.loaded.reference, f"the {self.loaded.kind} source model"
+
+    def build(self, work: Path, schemes: Sequence[str], calib: Samples | None,
+              warnings: list[str]) -> list[Candidate]:
+        if self.options.quantize == "auto" and calib is None:
+            warnings.append("int8 (full integer) skipped: it needs a representative dataset "
+                            "(--calibration)")
+        cands = self._build(work, schemes, calib, self.cfg.candidates.max_calibration_samples)
+        base = next(c for c in cands if c.name == BASELINE)
+        if base.error is not None:
+            raise ConversionError(f"{self.source_path}: {base.error}")
+        for c in cands:
+            if c.error is not None and c.scheme in schemes and not c.needs_calibration:
+                warnings.append(f"{c.name}: {c.error}")
+        return cands
+
+    def ineligible(self, cands: Sequence[Candidate]) -> dict[str, str]:
+        return {}
+
+    def requested(self, requested: str | None, cands: Sequence[Candidate],
+                  ineligible: Mapping[str, str], warnings: list[str]) -> str | None:
+        failed = [c for c in cands if c.scheme == requested and c.error is not None]
+        if failed:
+            raise ConversionError(f"{self.source_path}: --to tflite --quantize {requested} "
+                                  f"failed: {failed[0].error}")
+        return requested
+
+    def preferred(self) -> tuple[str | None, str]:
+        return None, ""
+
+    def finish(self, chosen: Candidate, measured: Measurement, work: Path, evalset: Samples,
+               reference: Sequence[Mapping[str, np.ndarray]], budget: float,
+               ) -> tuple[Path, str | None]:
+        assert chosen.path is not None
+        return chosen.path, None
+
+    def base_info(self, cands: Sequence[Candidate], chosen: str,
+                  warnings: list[str]) -> dict[str, Any] | None:
+        return None
 
 
 def convert_saved_model(
     build: BuildCandidates, loaded: Loaded, out: Path, options: ConvertOptions, *,
     source_path: str, source_sha256: str, config: ConvertConfig | None = None,
 ) -> ConversionResult:
-    """``--to tflite`` for a loaded Keras/TF source: ``build(work, schemes, calibration,
-    max_calibration_samples)`` converts its SavedModel (:func:`build_tflite_candidates`,
-    run where TensorFlow is); then measure, select, write the artifact."""
-    from ._pipeline import ConvertConfig
+    """``--to tflite`` for a loaded Keras/TF source through the conversion driver."""
+    from ._pipeline import ConvertConfig, SourceInfo, drive
 
     cfg = config or ConvertConfig()
-    warnings: list[str] = []
-    specs = loaded.inputs
-    calib, evalset = _data(options, specs, cfg.holdout_fraction, cfg.synthetic_samples,
-                           warnings)
-    reference = _reference_outputs(loaded, evalset)
-    schemes = (["none", "fp16", "int8-dynamic", "int8-static"] if options.quantize == "auto"
-               else ["none"] if options.quantize == "none" else ["none", options.quantize])
-    if options.quantize == "auto" and calib is None:
-        warnings.append("int8 (full integer) skipped: it needs a representative dataset "
-                        "(--calibration)")
-    with tempfile.TemporaryDirectory(prefix="edge-tflite-") as tmp:
-        work = Path(tmp)
-        cands = build(work, schemes, calib, cfg.candidates.max_calibration_samples)
-        base = next(c for c in cands if c.name == BASELINE)
-        if base.error is not None:
-            raise ConversionError(f"{source_path}: {base.error}")
-        built = [c for c in cands if c.path is not None]
-        ms = measure_candidates(
-            [(c.name, c.path, c.scheme) for c in built if c.path is not None], evalset.feeds,
-            reference, metric=options.metric, labels=evalset.labels, threads=options.threads,
-            config=cfg.measure, progress=options.progress)
-        budget = (options.max_drop if options.max_drop is not None
-                  else default_max_drop(options.metric, reference))
-        requested = None if options.quantize == "auto" else options.quantize
-        failed = [c for c in cands if c.scheme == requested and c.error is not None]
-        if failed:
-            raise ConversionError(
-                f"{source_path}: --to tflite --quantize {requested} failed: {failed[0].error}")
-        sel = select(ms, baseline=BASELINE, max_drop=budget, requested=requested,
-                     force=options.force, prefer=options.prefer,
-                     latency_tolerance=cfg.measure.latency_tolerance,
-                     balanced_max_slowdown=cfg.measure.balanced_max_slowdown,
-                     balanced_max_size_ratio=cfg.measure.balanced_max_size_ratio)
-        warnings.extend(sel.warnings)
-        for c in cands:
-            if c.error is not None and c.scheme in schemes and not c.needs_calibration:
-                warnings.append(f"{c.name}: {c.error}")
-        chosen = sel.chosen
-        report = tflite_report(
-            title=f"Conversion report: {Path(source_path).name} → TFLite",
-            source={"format": loaded.kind, "path": source_path, "sha256": source_sha256},
-            options=options, calib=calib, evalset=evalset,
-            reference_label=f"the {loaded.kind} source model", budget=budget,
-            rows=[_row(c, next((m for m in ms if m.name == c.name), None), chosen.name,
-                       budget, ms) for c in cands],
-            chosen=chosen.name, why=sel.why, rule=sel.rule, warnings=warnings,
-        )
-        model_file = Path(chosen.path)
-        art = write_tflite_artifact(
-            model_file, out, options=options, kind=loaded.kind, source_path=source_path,
-            source_sha256=source_sha256, quantization=chosen.scheme, report=report,
-            sample=evalset.feeds[0], work=work,
-            extra={**loaded.extra, **manifest_figures(
-                       chosen, next((m for m in ms if m.name == BASELINE), chosen), budget,
-                       evalset, options.threads, f"the {loaded.kind} source model"),
-                   "conversion": {"chosen": chosen.name,
-                                  "candidates": [c.name for c in cands]}},
-        )
-    from ._pipeline import ConversionResult
-
-    return ConversionResult(artifact=art, chosen=chosen.name, report=report,
-                            warnings=(*loaded.warnings, *report["warnings"]))
-
-
-def _data(
-    options: ConvertOptions, specs: Sequence[edge_sdk.TensorSpec], holdout: float,
-    n_synthetic: int, warnings: list[str],
-) -> tuple[Samples | None, Samples]:
-    # Same rules as the ONNX path: eval file, else a held-out part of the calibration
-    # file, else synthetic inputs with a loud warning.
-    calib = (load_samples(options.calibration, specs, what="calibration")
-             if options.calibration is not None else None)
-    evalset = (load_samples(options.eval, specs, what="evaluation")
-               if options.eval is not None else None)
-    if evalset is None and calib is not None:
-        if len(calib) < 2:
-            warnings.append("the calibration set has a single sample; it is also the "
-                            "evaluation set (pass --eval for an honest figure)")
-        calib, evalset = split_holdout(calib, holdout)
-    if evalset is None:
-        evalset = synthetic_samples(specs, n=n_synthetic)
-        warnings.append(f"{NOT_VERIFIED}: no --calibration or --eval given; accuracy was "
-                        f"checked on {len(evalset)} synthetic inputs only")
-    return calib, evalset
-
-
-def _reference_outputs(loaded: Loaded, evalset: Samples) -> list[dict[str, np.ndarray]]:
-    try:
-        return [{k: np.asarray(v) for k, v in loaded.reference(dict(f)).items()}
-                for f in evalset.feeds]
-    except EdgeError:
-        raise
-    except Exception as err:
-        raise ConversionError(
-            f"the {loaded.kind} source model failed on the evaluation inputs ({evalset.origin}):"
-            f" {type(err).__name__}: {' '.join(str(err).split())[:200]}"
-        ) from err
-
-
-def _row(c: TfliteCandidate, m: Measurement | None, chosen: str, budget: float,
-         ms: Sequence[Measurement]) -> dict[str, Any]:
-    base = next((x for x in ms if x.name == BASELINE), None)
-    note: str | None = None
-    if c.error is not None:
-        status, note = ("skipped" if c.needs_calibration else "failed"), c.error
-    elif m is None or not m.ok:
-        status, note = "failed", (m.error if m else "not measured")
-    elif c.name == chosen:
-        status, note = "chosen", None
-    elif m.accuracy is not None and m.accuracy.drop > budget:
-        status, note = "over-budget", None
-    elif base and base.latency_ms and m.latency_ms and m.latency_ms > base.latency_ms:
-        status, note = "slower", None
-    else:
-        status, note = "ok", None
-    return {
-        "name": c.name, "scheme": c.scheme, "description": c.description, "status": status,
-        "note": note, "error": (m.error if m else c.error),
-        "size_bytes": m.size_bytes if m else None,
-        "latency_ms": m.latency_ms if m else None,
-        "latency_rounds_ms": list(m.latency_rounds_ms) if m else [],
-        "accuracy": m.accuracy.to_json() if m and m.accuracy else None,
-    }
+    source = SourceInfo(format=loaded.kind, path=source_path, sha256=source_sha256,
+                        reference=loaded.reference, extra=loaded.extra)
+    return drive(TfliteBackend(build, loaded, options, cfg, source_path), out, options,
+                 source, cfg)
 
 
 def tflite_report(
@@ -292,5 +229,6 @@ def write_tflite_artifact(
         raise ConversionError(f"{out}: cannot write the artifact: {err}") from err
 
 
-__all__ = ["BASELINE", "VARIANTS", "build_tflite_candidates", "convert_saved_model",
+__all__ = ["BASELINE", "VARIANTS", "TfliteBackend", "build_tflite_candidates",
+           "convert_saved_model",
            "tflite_report", "write_tflite_artifact"]

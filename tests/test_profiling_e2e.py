@@ -136,6 +136,42 @@ def test_convert_chooses_by_the_device_latency_and_the_device_keeps_serving(
                 if p.startswith("profiling/")]
 
 
+def test_convert_to_tflite_times_the_tflite_candidates_on_the_device(
+        setup, tmp_path, capsys) -> None:
+    from edge_sdk.cli import main
+    from tests._child import in_child
+
+    host, _agent = setup
+    in_child("tests._models:tflite_dense", tmp_path / "dense.tflite")
+    saved = tmp_path / "dense.savedmodel"  # the SavedModel it was converted from
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, features=np.random.default_rng(0).normal(size=(24, 4)).astype(np.float32))
+    out = tmp_path / "tfl-art"
+    code = main(host.cli("convert", str(saved), "-o", str(out), "--to", "tflite",
+                         "--calibration", str(calib), "--prefer", "latency", "--threads", "1",
+                         "--profile-on", DEV, "--json"))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format"] == "tflite"
+    report = json.loads((out / "report.json").read_text())
+    assert report["devices"][DEV]["threads"] == 2
+    timed = measured(report)
+    assert {r["name"] for r in timed} == {"float32", "float16", "dynamic-range", "int8"}
+    for r in timed:
+        t = r["devices"][DEV]
+        assert t["error"] is None and t["median_ms"] > 0 and t["runs"] == 60
+        assert r["device_latency_ms"] == t["median_ms"]
+    assert f"latency measured on device {DEV}" in report["rule"]
+    rows = {r["name"]: r for r in report["candidates"]}
+    chosen = rows[report["chosen"]]
+    assert chosen["accuracy"]["drop"] <= report["metric"]["max_drop"]
+    assert chosen["device_latency_ms"] <= rows["float32"]["device_latency_ms"]
+    assert manifest["profiled_on"][DEV]["latency_ms"] == chosen["devices"][DEV]["median_ms"]
+    assert not [p for p in host.repo.load("targets").signed.targets
+                if p.startswith("profiling/")]
+
+
 def test_bench_on_prints_the_device_measurement(setup, capsys) -> None:
     from edge_sdk.cli import main
 

@@ -29,8 +29,8 @@ from ._common import DEFAULT_CONFIG, FrontendConfig, Loaded, verification_sample
 from ._detect import KINDS, detect_kind, is_factory
 
 if TYPE_CHECKING:
+    from .._candidates import Candidate
     from .._pipeline import ConversionResult, ConvertConfig, ConvertOptions
-    from .._tflite import TfliteCandidate
 
 
 def convert_source(
@@ -82,8 +82,8 @@ def convert_source(
                 from .._tflite import convert_saved_model
 
                 def build(dest: Path, schemes: Sequence[str], calib: Samples | None,
-                          limit: int) -> list[TfliteCandidate]:
-                    built: list[TfliteCandidate] = child.call(
+                          limit: int) -> list[Candidate]:
+                    built: list[Candidate] = child.call(
                         "tflite_candidates", what="while converting to TFLite",
                         work=str(dest), schemes=list(schemes), calibration=calib,
                         max_calibration_samples=limit)
