@@ -130,6 +130,9 @@ class OnnxBackend:
             return None, ""
         return self.base.candidate_name, f"reuses the int8 parameters of base {self.base.version}"
 
+    def why(self, why: str) -> str:
+        return why
+
     def finish(self, chosen: Candidate, measured: Measurement, work: Path, evalset: Samples,
                reference: Sequence[Mapping[str, np.ndarray]], budget: float,
                ) -> tuple[Path, str | None]:

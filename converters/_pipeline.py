@@ -227,6 +227,10 @@ class Backend(Protocol):
         """A candidate to prefer within the budget (--base), and why."""
         ...
 
+    def why(self, why: str) -> str:
+        """The report's ``why`` for the choice the rule explained as ``why``."""
+        ...
+
     def finish(self, chosen: Candidate, measured: Measurement, work: Path, evalset: Samples,
                reference: Sequence[Mapping[str, np.ndarray]], budget: float,
                ) -> tuple[Path, str | None]:
@@ -298,7 +302,8 @@ def drive(backend: Backend, out: Path, options: ConvertOptions, source: SourceIn
         base_info = backend.base_info(cands, chosen.name, warnings)
         rule = sel.rule if profiled is None else f"{sel.rule}; {profiled.rule}"
         report = _report(backend.title(source), source, options, fixes, calib, evalset,
-                         ref_label, budget, cands, ms, chosen, sel.why, rule, ineligible,
+                         ref_label, budget, cands, ms, chosen, backend.why(sel.why), rule,
+                         ineligible,
                          warnings, finish_note, base_info, profiled, baseline)
         files = write_report(work / "report", report)
         base_m = next(m for m in ms if m.name == baseline)

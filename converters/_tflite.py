@@ -9,9 +9,11 @@ Candidates (named by the same schemes as the ONNX path):
   applies the input/output scale and zero-point, so callers still pass and get
   float32.
 
-Each candidate is run in LiteRT through :func:`edge_sdk.load` on the evaluation
-samples, compared with the framework's own outputs and timed; the choice
-follows :func:`converters._measure.select`, the ONNX path's rule.
+:class:`TfliteBackend` builds them; the conversion driver
+(:func:`converters._pipeline.drive`) runs each in LiteRT through
+:func:`edge_sdk.load` on the evaluation samples, compares it with the
+framework's own outputs, times it (here, or on devices with --profile-on) and
+chooses by the ONNX path's rule.
 """
 
 from __future__ import annotations
@@ -23,12 +25,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import edge_sdk
-from edge_sdk.errors import ConversionError, EdgeError
+from edge_sdk.errors import ConversionError
 
 from ._candidates import Candidate
 from ._data import Samples
 from ._measure import Measurement
-from ._report import report_json, write_report
 
 if TYPE_CHECKING:
     from ._frontends._common import Loaded
@@ -42,7 +43,6 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "dynamic-range": ("int8-dynamic", "TFLite dynamic-range int8 weights, float activations"),
     "int8": ("int8-static", "TFLite full-integer int8 (int8 in/out), representative dataset"),
 }
-NOT_VERIFIED = "accuracy NOT verified on real data"
 
 
 def build_tflite_candidates(
@@ -161,6 +161,9 @@ class TfliteBackend:
     def preferred(self) -> tuple[str | None, str]:
         return None, ""
 
+    def why(self, why: str) -> str:
+        return why
+
     def finish(self, chosen: Candidate, measured: Measurement, work: Path, evalset: Samples,
                reference: Sequence[Mapping[str, np.ndarray]], budget: float,
                ) -> tuple[Path, str | None]:
@@ -186,49 +189,5 @@ def convert_saved_model(
                  source, cfg)
 
 
-def tflite_report(
-    *, title: str, source: Mapping[str, Any], options: ConvertOptions, calib: Samples | None,
-    evalset: Samples, reference_label: str, budget: float, rows: list[dict[str, Any]],
-    chosen: str, why: str, warnings: Sequence[str], notes: Sequence[str] = (),
-    rule: str | None = None,
-) -> dict[str, Any]:
-    """A report with the same keys as the ONNX pipeline's (see ``converters/_report.py``);
-    ``rule`` is the choice rule applied (None when nothing was chosen between)."""
-    return report_json(
-        title=title, source=source,
-        options={"quantize": options.quantize, "to": "tflite", "metric": options.metric,
-                 "max_drop": options.max_drop, "force": options.force,
-                 "prefer": options.prefer},
-        normalization=list(notes), calib=calib, evalset=evalset, reference=reference_label,
-        budget=budget, threads=options.threads, baseline=BASELINE, rows=rows, chosen=chosen,
-        why=why, rule=rule, warnings=list(warnings))
-
-
-def write_tflite_artifact(
-    model_file: Path, out: Path, *, options: ConvertOptions, kind: str, source_path: str,
-    source_sha256: str, quantization: str, report: Mapping[str, Any],
-    sample: Mapping[str, np.ndarray] | None, work: Path, extra: Mapping[str, Any],
-) -> edge_sdk.Artifact:
-    """Write the artifact directory (atomically) with report.json/md/png."""
-    from ._pipeline import artifact_name
-
-    files = write_report(work / "report", report)
-    try:
-        return edge_sdk.build_artifact(
-            model_file, out, name=artifact_name(options, Path(source_path)),
-            version=options.version, quantization=quantization,
-            source={"format": kind, "path": Path(source_path).name, "sha256": source_sha256},
-            runtime={"threads": options.threads} if options.threads else None,
-            sample=sample, report=report,
-            extra_files={"report.md": files["report.md"], "report.png": files["report.png"]},
-            extra=extra, overwrite=options.overwrite,
-        )
-    except EdgeError:
-        raise
-    except OSError as err:
-        raise ConversionError(f"{out}: cannot write the artifact: {err}") from err
-
-
 __all__ = ["BASELINE", "VARIANTS", "TfliteBackend", "build_tflite_candidates",
-           "convert_saved_model",
-           "tflite_report", "write_tflite_artifact"]
+           "convert_saved_model"]

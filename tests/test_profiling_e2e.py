@@ -172,6 +172,21 @@ def test_convert_to_tflite_times_the_tflite_candidates_on_the_device(
                 if p.startswith("profiling/")]
 
 
+def test_a_kept_tflite_is_timed_on_the_device(setup, tflite_float, tmp_path, capsys) -> None:
+    from edge_sdk.cli import main
+
+    host, _agent = setup
+    out = tmp_path / "kept"
+    code = main(host.cli("convert", str(tflite_float), "-o", str(out), "--to", "tflite",
+                         "--profile-on", DEV, "--json"))
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    (row,) = report["candidates"]
+    assert row["name"] == report["chosen"] == "tflite"
+    assert row["devices"][DEV]["error"] is None and row["device_latency_ms"] > 0
+    assert f"latency measured on device {DEV}" in report["rule"]
+
+
 def test_bench_on_prints_the_device_measurement(setup, capsys) -> None:
     from edge_sdk.cli import main
 

@@ -8,8 +8,8 @@ onnx``/``ort`` converts it instead (:mod:`._tflite_onnx`).
 
 from __future__ import annotations
 
-import tempfile
 from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,19 +19,21 @@ import edge_sdk
 from edge_sdk._internal import litert_op_names, sha256_file
 from edge_sdk.errors import ConversionError, EdgeError, UsageError
 
-from .._data import Samples, load_samples, synthetic_samples
-from .._measure import measure_candidates
+from .._candidates import Candidate
+from .._data import Samples
+from .._measure import Measurement
 from ._common import first_line
 
 if TYPE_CHECKING:
-    from .._pipeline import ConversionResult, ConvertConfig, ConvertOptions
+    from .._pipeline import ConversionResult, ConvertConfig, ConvertOptions, SourceInfo
 
 
 def convert_tflite_source(
     src: Path, out: Path, options: ConvertOptions, *, config: ConvertConfig | None = None,
 ) -> ConversionResult:
-    from .._pipeline import ConversionResult, ConvertConfig
-    from .._tflite import tflite_report, write_tflite_artifact
+    """Keep a ``.tflite`` as TFLite, through the conversion driver with one candidate: the
+    file itself, checked and timed in LiteRT (and on devices with --profile-on)."""
+    from .._pipeline import ConvertConfig, SourceInfo, drive
 
     cfg = config or ConvertConfig()
     if options.quantize not in ("auto", "none"):
@@ -44,73 +46,93 @@ def convert_tflite_source(
     if options.base is not None:
         raise UsageError(f"{src}: a TFLite source is packaged as is; --base (reuse an earlier "
                          "artifact's int8 parameters) needs a source the converter quantizes")
-    try:
-        predictor = edge_sdk.load(src, threads=options.threads)
-    except EdgeError as err:
-        raise ConversionError(f"{src}: not a TFLite model LiteRT can run: {err}") from err
-    warnings: list[str] = []
-    samples = _samples(options, predictor.inputs, cfg.synthetic_samples, warnings)
-    outputs = []
-    for feed in samples.feeds:
+    backend = KeptTflite(src, options)
+    source = SourceInfo(format="tflite", path=str(src), sha256=sha256_file(src),
+                        extra={"tflite": {"quantization_detail": backend.details}})
+    return drive(backend, out, options, source, cfg)
+
+
+class KeptTflite:
+    """The back-end of a ``.tflite`` kept as it is: its one candidate is the file."""
+
+    baseline = "tflite"
+
+    def __init__(self, src: Path, options: ConvertOptions) -> None:
+        self.src = src
+        self.options = options
         try:
-            outputs.append(predictor.predict(dict(feed)))
+            self.predictor = edge_sdk.load(src, threads=options.threads)
         except EdgeError as err:
-            raise UsageError(f"{samples.origin}: the TFLite model rejects these inputs: "
-                             f"{err}") from err
-        except Exception as err:
-            raise ConversionError(f"{src}: the model fails in LiteRT: {first_line(err)}") \
-                from err
-    bad = [k for o in outputs for k, v in o.items()
-           if np.asarray(v).dtype.kind == "f" and not np.all(np.isfinite(v))]
-    if bad:
-        warnings.append(f"output(s) {', '.join(sorted(set(bad)))} hold NaN/inf on "
-                        f"{samples.origin} inputs")
-    quant, details = describe_quantization(src)
-    kept = (f"kept as is ({details}): a .tflite is not re-quantized without its float "
-            "source; convert the Keras/TF source with --to tflite, or this file with --to onnx")
-    if options.quantize == "auto":
-        warnings.append(f"--quantize auto built no candidate from this TFLite; {kept}")
-    digest = sha256_file(src)
-    ms = measure_candidates([("tflite", src, quant)], samples.feeds, outputs,
-                            metric=options.metric, threads=options.threads,
-                            config=cfg.measure, progress=options.progress)
-    m = ms[0]
-    if not m.ok:
-        raise ConversionError(f"{src}: the model fails in LiteRT: {m.error}")
-    row = {"name": "tflite", "scheme": quant, "description": f"the source TFLite ({details})",
-           "status": "chosen", "note": None, "error": None, "size_bytes": m.size_bytes,
-           "latency_ms": m.latency_ms, "latency_rounds_ms": list(m.latency_rounds_ms),
-           "accuracy": m.accuracy.to_json() if m.accuracy else None}
-    with tempfile.TemporaryDirectory(prefix="edge-tflite-in-") as tmp:
-        work = Path(tmp)
-        report = tflite_report(
-            title=f"Packaging report: {src.name}",
-            source={"format": "tflite", "path": str(src), "sha256": digest},
-            options=options, calib=None, evalset=samples,
-            reference_label="the source TFLite model itself (unchanged)", budget=0.0,
-            rows=[row], chosen="tflite",
-            why=f"tflite: the source model, {kept}",
-            warnings=warnings, notes=[f"signature checked in LiteRT: {details}"],
-        )
-        report["baseline"] = "tflite"
-        art = write_tflite_artifact(
-            src, out, options=options, kind="tflite", source_path=str(src),
-            source_sha256=digest, quantization=quant, report=report,
-            sample=samples.feeds[0], work=work,
-            extra={"tflite": {"quantization_detail": details},
-                   "latency_ms": {"p50": m.latency_ms, "threads": options.threads,
-                                  "batch": 1}},
-        )
-    return ConversionResult(artifact=art, chosen="tflite", report=report,
-                            warnings=tuple(report["warnings"]))
+            raise ConversionError(f"{src}: not a TFLite model LiteRT can run: {err}") from err
+        self.scheme, self.details = describe_quantization(src)
+        self.fixes = [f"signature checked in LiteRT: {self.details}"]
+        self.kept = (f"kept as is ({self.details}): a .tflite is not re-quantized without its "
+                     "float source; convert the Keras/TF source with --to tflite, or this "
+                     "file with --to onnx")
 
+    @property
+    def state(self) -> Mapping[str, str]:
+        return {}
 
-def _samples(options: ConvertOptions, specs: Any, n: int, warnings: list[str]) -> Samples:
-    for path, what in ((options.eval, "evaluation"), (options.calibration, "calibration")):
-        if path is not None:
-            return load_samples(path, specs, what=what)
-    warnings.append("checked on synthetic inputs only (pass --eval to run it on real data)")
-    return synthetic_samples(specs, n=n)
+    def title(self, source: SourceInfo) -> str:
+        return f"Packaging report: {self.src.name}"
+
+    def prepare(self, work: Path, warnings: list[str]) -> Sequence[edge_sdk.TensorSpec]:
+        if self.options.quantize == "auto":
+            warnings.append(f"--quantize auto built no candidate from this TFLite; {self.kept}")
+        return self.predictor.inputs
+
+    def reference(
+        self, source: SourceInfo, warnings: list[str],
+    ) -> tuple[Callable[[dict[str, np.ndarray]], Mapping[str, Any]], str]:
+        bad: set[str] = set()
+
+        def run(feed: dict[str, np.ndarray]) -> Mapping[str, Any]:
+            try:
+                out = self.predictor.predict(feed)
+            except EdgeError:
+                raise
+            except Exception as err:
+                raise ConversionError(f"{self.src}: the model fails in LiteRT: "
+                                      f"{first_line(err)}") from err
+            new = {k for k, v in out.items() if np.asarray(v).dtype.kind == "f"
+                   and not np.all(np.isfinite(v))} - bad
+            if new:
+                bad.update(new)
+                warnings.append(f"output(s) {', '.join(sorted(new))} hold NaN/inf on these "
+                                "inputs")
+            return out
+
+        return run, "the source TFLite model itself (unchanged)"
+
+    def build(self, work: Path, schemes: Sequence[str], calib: Samples | None,
+              warnings: list[str]) -> list[Candidate]:
+        return [Candidate("tflite", self.scheme, self.src,
+                          f"the source TFLite ({self.details})")]
+
+    def ineligible(self, cands: Sequence[Candidate]) -> dict[str, str]:
+        return {}
+
+    def requested(self, requested: str | None, cands: Sequence[Candidate],
+                  ineligible: Mapping[str, str], warnings: list[str]) -> str | None:
+        return None  # auto or none: either way the file as it is
+
+    def preferred(self) -> tuple[str | None, str]:
+        return None, ""
+
+    def why(self, why: str) -> str:
+        return f"tflite: the source model, {self.kept}"
+
+    def finish(self, chosen: Candidate, measured: Measurement, work: Path, evalset: Samples,
+               reference: Sequence[Mapping[str, np.ndarray]], budget: float,
+               ) -> tuple[Path, str | None]:
+        if not measured.ok:
+            raise ConversionError(f"{self.src}: the model fails in LiteRT: {measured.error}")
+        return self.src, None
+
+    def base_info(self, cands: Sequence[Candidate], chosen: str,
+                  warnings: list[str]) -> dict[str, Any] | None:
+        return None
 
 
 def describe_quantization(path: Path) -> tuple[str, str]:
