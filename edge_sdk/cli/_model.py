@@ -202,7 +202,7 @@ def predict_cmd(path: str, input_file: str | None, output_file: str | None, as_j
 @click.option("--warmup", default=20, show_default=True, type=click.IntRange(min=0))
 @click.option("--threads", type=click.IntRange(min=1), help="Runtime intra-op threads.")
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Size of symbolic batch dims for synthetic inputs.")
+              help="Size of a symbolic batch axis (the sample is repeated along it).")
 @click.option("--input", "-i", "input_file", help="Use these inputs (default: the artifact's "
               "own sample.npz, else random inputs of a shape the model runs on).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
