@@ -225,9 +225,9 @@ def synthetic_evalset(
     tried = ", ".join(shape_text(t[k]) for t in found.tried[:2] for k in t) + (
         f", … {len(found.tried)} tries" if len(found.tried) > 2 else "")
     if not found.free:
-        raise ConversionError(f"the model fails on synthetic inputs of the given shapes: pass "
-                              "--calibration CALIB.npz with real inputs or an --input-shape it "
-                              f"accepts ({tried}: {err})")
+        other = " or an --input-shape it accepts" if given else ""
+        raise ConversionError(f"the model fails on synthetic inputs: pass --calibration "
+                              f"CALIB.npz with real inputs{other} ({tried}: {err})")
     hints = " ".join(f"--input-shape {s.name}={_template(s)}" for s in inputs
                      if s.name in found.free)
     dims = "; ".join(f"{k}: {', '.join(v)}" for k, v in found.free.items())

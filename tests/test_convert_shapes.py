@@ -89,6 +89,15 @@ def test_model_running_on_no_tried_shape_gets_a_hint_naming_its_symbolic_dims(
     assert not (tmp_path / "art").exists()
 
 
+def test_input_shape_the_model_cannot_run_is_one_line_without_a_search(
+    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    code = _convert(models["stride3"], tmp_path / "art", "--input-shape", "images=1x3x100x100")
+    err = _one_line_error(code, capsys.readouterr().err)
+    assert "pass --calibration CALIB.npz with real inputs or an --input-shape it accepts " \
+           "(1x3x100x100: Concat:" in err
+
+
 def test_a_size_the_runtime_error_names_is_tried(
     models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
