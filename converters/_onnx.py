@@ -21,7 +21,7 @@ from ._candidates import Candidate, build_candidates
 from ._data import Samples
 from ._measure import Measurement, accuracy, state_pairs
 from ._normalize import load_checked, normalize, optimize, to_ort_format
-from ._pipeline import ConvertConfig, ConvertOptions, SourceInfo, short
+from ._pipeline import ConvertConfig, ConvertOptions, Run, SourceInfo, short
 
 
 class OnnxBackend:
@@ -47,7 +47,8 @@ class OnnxBackend:
     def title(self, source: SourceInfo) -> str:
         return f"Conversion report: {Path(source.path).name}"
 
-    def prepare(self, work: Path, warnings: list[str]) -> Sequence[edge_sdk.TensorSpec]:
+    def prepare(self, work: Path, warnings: list[str],
+                ) -> tuple[Sequence[edge_sdk.TensorSpec], Run]:
         """Normalize and optimize into ``work``; the float model's input specs."""
         import onnx
 
@@ -65,7 +66,7 @@ class OnnxBackend:
         self.state = state_pairs(fp32_pred.inputs, fp32_pred.outputs)
         if self.base is not None:
             _check_base_matches(self.base, self.fp32_path, warnings)
-        return fp32_pred.inputs
+        return fp32_pred.inputs, fp32_pred.predict
 
     def reference(
         self, source: SourceInfo, warnings: list[str],

@@ -24,7 +24,7 @@ from edge_sdk.errors import ConversionError, EdgeError, UsageError
 
 from ._base import check_base
 from ._candidates import SCHEMES, Candidate, CandidateConfig
-from ._data import Samples, load_samples, split_holdout, synthetic_samples
+from ._data import Samples, check_input_shapes, load_samples, split_holdout, synthetic_evalset
 from ._measure import (
     METRICS,
     PREFER,
@@ -63,6 +63,9 @@ class ConvertOptions:
     # An earlier int8 ONNX artifact of this model (v1): its scales and zero points are
     # reused where they still fit, so that v2 is a small delta from it.
     base: Path | None = None
+    # --input-shape for an ONNX source: the shapes of synthetic inputs for symbolic dims
+    # (the artifact keeps the symbolic signature). Front-ends use theirs for the export.
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,10 @@ def convert_onnx(
     return drive(backend, out, options, source, cfg)
 
 
+#: Runs a model on one feed (what synthetic inputs are tried on).
+Run = Callable[[dict[str, np.ndarray]], object]
+
+
 class Backend(Protocol):
     """One output format's part of a conversion (:mod:`._onnx`, :mod:`._tflite`): it
     prepares the source, builds the candidates and writes its file format; :func:`drive`
@@ -201,8 +208,10 @@ class Backend(Protocol):
 
     def title(self, source: SourceInfo) -> str: ...
 
-    def prepare(self, work: Path, warnings: list[str]) -> Sequence[edge_sdk.TensorSpec]:
-        """Get the source ready in ``work``; its input specs."""
+    def prepare(self, work: Path, warnings: list[str],
+                ) -> tuple[Sequence[edge_sdk.TensorSpec], Run]:
+        """Get the source ready in ``work``; its input specs and a function that runs the
+        float model (synthetic inputs take the shapes it accepts)."""
         ...
 
     def reference(
@@ -247,9 +256,11 @@ def drive(backend: Backend, out: Path, options: ConvertOptions, source: SourceIn
     with tempfile.TemporaryDirectory(prefix="edge-convert-") as tmp:
         work = Path(tmp)
         warnings: list[str] = []
-        specs = backend.prepare(work, warnings)
+        specs, run = backend.prepare(work, warnings)
         fixes = backend.fixes
-        calib, evalset = _data(options, specs, cfg, warnings)
+        given = check_input_shapes(specs, options.input_shapes if source.format == "onnx"
+                                   else None)
+        calib, evalset = _data(options, specs, cfg, warnings, run, given)
         ref_fn, ref_label = backend.reference(source, warnings)
         reference = _run_reference(ref_fn, source, evalset)
         state = backend.state
@@ -362,8 +373,11 @@ def _schemes(quantize: str) -> list[str]:
 
 def _data(
     options: ConvertOptions, specs: Sequence[edge_sdk.TensorSpec], cfg: ConvertConfig,
-    warnings: list[str],
+    warnings: list[str], run: Callable[[dict[str, np.ndarray]], object],
+    given: Mapping[str, tuple[int, ...]],
 ) -> tuple[Samples | None, Samples]:
+    """Calibration and evaluation samples: the user's, else synthetic ones of shapes the
+    model (``run``) accepts: --input-shape's (``given``) and tried ones."""
     calib = load_samples(options.calibration, specs, what="calibration") \
         if options.calibration is not None else None
     evalset = load_samples(options.eval, specs, what="evaluation") \
@@ -374,9 +388,14 @@ def _data(
                             "evaluation set (pass --eval for an honest figure)")
         calib, evalset = split_holdout(calib, cfg.holdout_fraction)
     if evalset is None:
-        evalset = synthetic_samples(specs, n=cfg.synthetic_samples)
+        evalset = synthetic_evalset(run, specs, n=cfg.synthetic_samples, given=given)
+        shapes = ", ".join(f"{k} {'x'.join(map(str, np.shape(v)))}"
+                           for k, v in evalset.feeds[0].items())
         warnings.append(f"{NOT_VERIFIED}: no --calibration or --eval given; accuracy was "
-                        f"checked on {len(evalset)} synthetic inputs only")
+                        f"checked on {len(evalset)} synthetic inputs only ({shapes})")
+    elif given:
+        warnings.append("--input-shape is not used: the calibration/evaluation data's "
+                        "shapes are")
     return calib, evalset
 
 

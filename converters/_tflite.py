@@ -33,7 +33,7 @@ from ._measure import Measurement
 
 if TYPE_CHECKING:
     from ._frontends._common import Loaded
-    from ._pipeline import ConversionResult, ConvertConfig, ConvertOptions, SourceInfo
+    from ._pipeline import ConversionResult, ConvertConfig, ConvertOptions, Run, SourceInfo
 
 BASELINE = "float32"
 # candidate name → (scheme, description)
@@ -125,8 +125,9 @@ class TfliteBackend:
     def title(self, source: SourceInfo) -> str:
         return f"Conversion report: {Path(source.path).name} → TFLite"
 
-    def prepare(self, work: Path, warnings: list[str]) -> Sequence[edge_sdk.TensorSpec]:
-        return self.loaded.inputs
+    def prepare(self, work: Path, warnings: list[str],
+                ) -> tuple[Sequence[edge_sdk.TensorSpec], Run]:
+        return self.loaded.inputs, self.loaded.reference
 
     def reference(
         self, source: SourceInfo, warnings: list[str],

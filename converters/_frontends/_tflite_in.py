@@ -25,7 +25,7 @@ from .._measure import Measurement
 from ._common import first_line
 
 if TYPE_CHECKING:
-    from .._pipeline import ConversionResult, ConvertConfig, ConvertOptions, SourceInfo
+    from .._pipeline import ConversionResult, ConvertConfig, ConvertOptions, Run, SourceInfo
 
 
 def convert_tflite_source(
@@ -77,10 +77,11 @@ class KeptTflite:
     def title(self, source: SourceInfo) -> str:
         return f"Packaging report: {self.src.name}"
 
-    def prepare(self, work: Path, warnings: list[str]) -> Sequence[edge_sdk.TensorSpec]:
+    def prepare(self, work: Path, warnings: list[str],
+                ) -> tuple[Sequence[edge_sdk.TensorSpec], Run]:
         if self.options.quantize == "auto":
             warnings.append(f"--quantize auto built no candidate from this TFLite; {self.kept}")
-        return self.predictor.inputs
+        return self.predictor.inputs, self.predictor.predict
 
     def reference(
         self, source: SourceInfo, warnings: list[str],
