@@ -30,6 +30,7 @@ from ._measure import (
     PREFER,
     MeasureConfig,
     Measurement,
+    Selection,
     accuracy,
     closed_loop,
     default_max_drop,
@@ -38,7 +39,13 @@ from ._measure import (
     state_pairs,
 )
 from ._normalize import load_checked, normalize, optimize, to_ort_format
-from ._report import manifest_figures, report_json, write_report
+from ._report import (
+    latency_fields,
+    manifest_figures,
+    measured_status,
+    report_json,
+    write_report,
+)
 
 QUANTIZE_CHOICES = (*SCHEMES, "auto")
 TARGETS = ("onnx", "ort", "tflite")
@@ -228,7 +235,7 @@ def convert_onnx(
             [c.as_tuple() for c in built], evalset.feeds, reference, metric=options.metric,
             labels=evalset.labels, threads=options.threads, config=cfg.measure,
             progress=options.progress, state=state if loop_ref is not None else None,
-            closed_loop_reference=loop_ref,
+            closed_loop_reference=loop_ref, baseline=BASELINE,
         )
         ineligible = _ineligible(cands)
         profiled: ProfiledOn | None = None
@@ -281,7 +288,7 @@ def convert_onnx(
         rule = sel.rule if profiled is None else f"{sel.rule}; {profiled.rule}"
         report = _report(src, source, options, fixes, calib, evalset, ref_label, budget, cands,
                          ms, chosen, sel.why, rule, ineligible, warnings, ort_note,
-                         base_info, profiled)
+                         base_info, profiled, sel=sel)
         files = write_report(work / "report", report)
         baseline = next(m for m in ms if m.name == BASELINE)
         extra: dict[str, Any] = {
@@ -445,8 +452,8 @@ def _check_ort(
     return f"ORT format verified: {metric} drop {acc.drop:.4g}"
 
 
-def _status(c: Candidate, m: Measurement | None, chosen: str, budget: float,
-            base_lat: float | None, ineligible: Mapping[str, str]) -> tuple[str, str | None]:
+def _status(c: Candidate, m: Measurement | None, budget: float, sel: Selection,
+            ineligible: Mapping[str, str]) -> tuple[str, str | None]:
     if c.error is not None:
         return ("skipped" if c.needs_calibration else "failed",
                 c.error)
@@ -454,14 +461,7 @@ def _status(c: Candidate, m: Measurement | None, chosen: str, budget: float,
         return "failed", (m.error if m else "not measured")
     if c.name in ineligible:
         return "no-op", ineligible[c.name]
-    if c.name == chosen:
-        return "chosen", None
-    assert m.accuracy is not None and m.latency_ms is not None
-    if m.accuracy.drop > budget:
-        return "over-budget", None
-    if base_lat and m.latency_ms > base_lat:
-        return "slower", None
-    return "ok", None
+    return measured_status(sel, m, budget), None
 
 
 def _report(
@@ -470,16 +470,16 @@ def _report(
     cands: Sequence[Candidate], ms: Sequence[Measurement], chosen: Measurement, why: str,
     rule: str, ineligible: Mapping[str, str], warnings: list[str], ort_note: str | None,
     base: Mapping[str, Any] | None = None, profiled: ProfiledOn | None = None,
+    *, sel: Selection,
 ) -> dict[str, Any]:
     by_name = {m.name: m for m in ms}
-    # Status ("slower") follows the latency the choice used: the devices' when profiled.
+    # Status ("slower") and ratio follow the latency the choice used (the devices' when
+    # profiled), as the choice rule judged it.
     decided = by_name if profiled is None else {m.name: m for m in profiled.measurements}
-    base_lat = decided[BASELINE].latency_ms if BASELINE in decided else None
     rows = []
     for c in cands:
         m = by_name.get(c.name)
-        status, note = _status(c, decided.get(c.name), chosen.name, budget, base_lat,
-                               ineligible)
+        status, note = _status(c, decided.get(c.name), budget, sel, ineligible)
         if profiled is not None and c.name in profiled.excluded:
             status, note = "excluded", profiled.excluded[c.name]
         rows.append({
@@ -488,6 +488,7 @@ def _report(
             "size_bytes": m.size_bytes if m else None,
             "latency_ms": m.latency_ms if m else None,
             "latency_rounds_ms": list(m.latency_rounds_ms) if m else [],
+            **latency_fields(sel, c.name),
             "accuracy": m.accuracy.to_json() if m and m.accuracy else None,
             "quantized_weights": c.quantized_weights, "total_weights": c.total_weights,
             "params": c.params,

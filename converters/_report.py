@@ -10,7 +10,9 @@ The report dict (built by the pipeline; front-ends fill the same keys):
 max_drop, reference}, ``threads``, ``baseline`` (candidate name), ``candidates``
 [{name, scheme, description, status (chosen|ok|over-budget|slower|no-op|failed|excluded
 (by a device, ``--profile-on``)),
-size_bytes, latency_ms, accuracy {metric, score, drop, per_output, samples},
+size_bytes, latency_ms, latency_rounds_ms, latency_ratio {median, q1, q3, spread, rounds,
+status (faster|same|slower), tolerance} (the ratio to the baseline the choice used, see
+:func:`latency_fields`), accuracy {metric, score, drop, per_output, samples},
 error, note}], ``chosen``, ``why``, ``rule`` (the choice rule in words, or None),
 ``warnings`` [str]; with ``convert --base`` also ``base`` {path, name, version, sha256,
 scheme, candidate, built (the candidate with its parameters), used, not_used (why not),
@@ -37,7 +39,7 @@ from edge_sdk._internal import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
     from ._data import Samples
-    from ._measure import Measurement
+    from ._measure import Measurement, Selection
 
 
 def manifest_figures(chosen: Measurement, baseline: Measurement, budget: float,
@@ -55,6 +57,31 @@ def manifest_figures(chosen: Measurement, baseline: Measurement, budget: float,
             "machine": f"{platform.machine()} {os.cpu_count()} cpu",
         },
     }
+
+
+def latency_fields(sel: Selection, name: str) -> dict[str, Any]:
+    """A candidate row's ``latency_ratio``: its latency ratio to the baseline as the choice
+    used it (median and interquartile range of the per-round ratios), and its status by
+    the rule's noise band; None for a candidate without a latency."""
+    r = sel.ratios.get(name)
+    if r is None:
+        return {"latency_ratio": None}
+    return {"latency_ratio": {**r.to_json(), "status": r.status(sel.tolerance),
+                              "tolerance": sel.tolerance}}
+
+
+def measured_status(sel: Selection, m: Measurement, budget: float) -> str:
+    """``chosen``, ``over-budget``, ``slower`` or ``ok`` for a measured candidate that may
+    be chosen: ``slower`` exactly when the choice rule's noise band calls it slower than
+    the baseline (:meth:`Selection.latency_status`), so the report never says "slower" of
+    a candidate the rule counted as equally fast, nor "ok" of one it excluded."""
+    if m.name == sel.chosen.name:
+        return "chosen"
+    if m.accuracy is None or m.accuracy.drop > budget:
+        return "over-budget"
+    if sel.latency_status(m.name) == "slower":
+        return "slower"
+    return "ok"
 
 
 def report_json(
@@ -126,10 +153,10 @@ def candidate_rows(report: Mapping[str, Any]) -> list[list[str]]:
     base_size = base.get("size_bytes") if base else None
     metric = (report.get("metric") or {}).get("name", "accuracy")
     devices = sorted(report.get("devices") or {})
-    head = ["candidate", "size KiB", "× size", "latency ms", "× latency"]
+    head = ["candidate", "size KiB", "× size", "latency ms", "× latency", "IQR"]
     if devices:
         head = ["candidate", "size KiB", "× size", "host ms",
-                *(f"{d} ms" for d in devices), "× latency"]
+                *(f"{d} ms" for d in devices), "× latency", "IQR"]
         base_lat = base.get("device_latency_ms") if base else None
     rows = [[*head, f"{metric} score", "drop", "status"]]
     for c in cands:
@@ -144,11 +171,14 @@ def candidate_rows(report: Mapping[str, Any]) -> list[list[str]]:
         dev = [_fmt((per.get(d) or {}).get("median_ms")) for d in devices]
         if devices:
             lat = c.get("device_latency_ms")
+        ratio = c.get("latency_ratio") or {}
+        times = ratio.get("median", lat / base_lat if lat and base_lat else None)
+        spread = (f"{ratio['q1']:.2f}–{ratio['q3']:.2f}"
+                  if ratio.get("spread") else "–")
         rows.append([
             str(c.get("name")), _kib(size),
             _fmt(size / base_size if size and base_size else None, ".2f"),
-            _fmt(c.get("latency_ms")), *dev,
-            _fmt(lat / base_lat if lat and base_lat else None, ".2f"),
+            _fmt(c.get("latency_ms")), *dev, _fmt(times, ".2f"), spread,
             _fmt(acc.get("score"), ".4f"), _fmt(acc.get("drop"), ".4f"), status,
         ])
     return rows
@@ -340,5 +370,5 @@ def render_plot(report: Mapping[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-__all__ = ["base_lines", "candidate_rows", "hardware_text", "render_markdown", "render_plot",
-           "write_report"]
+__all__ = ["base_lines", "candidate_rows", "hardware_text", "latency_fields", "measured_status",
+           "render_markdown", "render_plot", "write_report"]
