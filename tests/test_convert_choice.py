@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -50,7 +52,7 @@ def _scaled(factors: tuple[float, ...]) -> tuple[float, ...]:
 
 def test_round_ratios_cancel_load_that_hits_a_whole_round() -> None:
     r = round_ratios(_scaled((0.5,) * 7), LOADED)
-    assert (r.median, r.spread, r.rounds) == (pytest.approx(0.5), pytest.approx(0.0), 7)
+    assert r.median == pytest.approx(0.5) and r.spread == pytest.approx(0.0) and r.rounds == 7
     assert r.status(TOL) == "faster"
     # The plain latencies, compared as medians of the rounds, would say little: 0.5× of
     # a 12 ms median is within the baseline's own 10-48 ms range.
@@ -203,8 +205,8 @@ def test_same_model_converted_idle_and_under_load_keeps_its_choice_or_one_in_the
     if chosen[0] != chosen[1]:
         # A different choice is only allowed inside the noise band one of the runs
         # reported between the two.
-        def band(r: dict[str, object]) -> str:
-            rows = {c["name"]: c for c in r["candidates"]}  # type: ignore[attr-defined]
+        def band(r: Mapping[str, Any]) -> str:
+            rows = {c["name"]: c for c in r["candidates"]}
             a, b = (rows[n]["latency_rounds_ms"] for n in chosen)
             return round_ratios(a, b).status(TOL)
         assert "same" in (band(reports[0]), band(reports[1])), chosen
