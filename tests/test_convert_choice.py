@@ -24,6 +24,7 @@ from converters._measure import (
     MeasureConfig,
     Measurement,
     Ratio,
+    measure_candidates,
     round_ratios,
     select,
 )
@@ -210,3 +211,28 @@ def test_same_model_converted_idle_and_under_load_keeps_its_choice_or_one_in_the
             a, b = (rows[n]["latency_rounds_ms"] for n in chosen)
             return round_ratios(a, b).status(TOL)
         assert "same" in (band(reports[0]), band(reports[1])), chosen
+
+
+def _two_candidates(tmp_path: Path) -> tuple[list[tuple[str, Path, str]], list[Any], list[Any]]:
+    model = M.mlp_classifier(tmp_path / "mlp.onnx", features=8, hidden=16, classes=3)
+    feeds = [{"features": M.tabular(1, 8)}]
+    import edge_sdk
+
+    ref = [edge_sdk.load(model).predict(dict(feeds[0]))]
+    return [("fp32", model, "none"), ("copy", model, "none")], feeds, ref
+
+
+def test_more_rounds_run_while_a_ratio_spread_is_wider_than_asked(tmp_path: Path) -> None:
+    cands, feeds, ref = _two_candidates(tmp_path)
+    cfg = MeasureConfig(rounds=2, max_rounds=5, runs_per_round=2, warmup=0,
+                        time_budget_s=600.0, max_ratio_spread=0.0)
+    # Any measured spread is wider than 0: rounds go on to max_rounds.
+    ms = measure_candidates(cands, feeds, ref, config=cfg)
+    assert [len(m.latency_rounds_ms) for m in ms] == [5, 5]
+    # No spread is wider than 1000×: the minimum rounds suffice.
+    ms = measure_candidates(cands, feeds, ref, config=replace(cfg, max_ratio_spread=1e3))
+    assert [len(m.latency_rounds_ms) for m in ms] == [2, 2]
+    # An exhausted time budget stops after the minimum too, however wide the spread.
+    ms = measure_candidates(cands, feeds, ref, config=replace(cfg, time_budget_s=0.0))
+    assert [len(m.latency_rounds_ms) for m in ms] == [2, 2]
+    assert ms[1].latency_ms == pytest.approx(float(np.median(ms[1].latency_rounds_ms)))
