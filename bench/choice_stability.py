@@ -115,9 +115,11 @@ def main() -> int:
                 if not (ra and rb and len(ra) == len(rb)):
                     cells.append("–")
                     continue
-                x = round_ratios(ra, rb)
-                cells.append(f"{x.median:.2f} [{x.q1:.2f}–{x.q3:.2f}] {x.status(tol)}")
-            print(f"{a} / {b} per run (paired rounds): {'; '.join(cells)}")
+                x, y = round_ratios(ra, rb), round_ratios(rb, ra)
+                cells.append(f"{x.median:.2f} [{x.q1:.2f}–{x.q3:.2f}] "
+                             f"{x.status(tol)[:4]}/{y.status(tol)[:4]}")
+            print(f"{a} / {b} per run (paired rounds; status of a vs b / b vs a): "
+                  f"{'; '.join(cells)}")
     return 0
 
 
