@@ -39,6 +39,7 @@ from ._measure import (
 )
 from ._normalize import load_checked, normalize, optimize, to_ort_format
 from ._report import manifest_figures, report_json, write_report
+from ._tasks import TASKS, TaskPlan, TaskScorer, parse_output_metrics, plan_task
 
 QUANTIZE_CHOICES = (*SCHEMES, "auto")
 TARGETS = ("onnx", "ort", "tflite")
@@ -65,6 +66,10 @@ class ConvertOptions:
     # An earlier int8 ONNX artifact of this model (v1): its scales and zero points are
     # reused where they still fit, so that v2 is a small delta from it.
     base: Path | None = None
+    # What the model is for (converters._tasks.TASKS); None: detected from the source.
+    task: str | None = None
+    # "OUTPUT:KIND" entries (--metric output0:detect-yolov8): one output's task metric.
+    output_metrics: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -129,6 +134,9 @@ def check_options(options: ConvertOptions) -> None:
         raise UsageError(f"--to {options.to!r} is not one of {', '.join(TARGETS)}")
     if options.metric not in METRICS:
         raise UsageError(f"--metric {options.metric!r} is not one of {', '.join(METRICS)}")
+    if options.task is not None and options.task not in TASKS:
+        raise UsageError(f"--task {options.task!r} is not one of {', '.join(TASKS)}")
+    parse_output_metrics(options.output_metrics)
     if options.prefer not in PREFER:
         raise UsageError(f"--prefer {options.prefer!r} is not one of {', '.join(PREFER)}")
     if options.max_drop is not None and not (options.max_drop >= 0 and
@@ -201,6 +209,10 @@ def convert_onnx(
         calib, evalset = _data(options, specs, cfg, warnings)
         ref_fn, ref_label = _reference_fn(src, norm_path, source, warnings)
         reference = _run_reference(ref_fn, source, evalset)
+        plan = plan_task(options.task, options.output_metrics, reference, source.extra)
+        scorer = None if not plan.outputs else TaskScorer(
+            plan, generic_metric=options.metric, max_drop=options.max_drop,
+            labels=evalset.labels)
         state = state_pairs(fp32_pred.inputs, fp32_pred.outputs)
         del fp32_pred
         loop_ref = None
@@ -228,7 +240,7 @@ def convert_onnx(
             [c.as_tuple() for c in built], evalset.feeds, reference, metric=options.metric,
             labels=evalset.labels, threads=options.threads, config=cfg.measure,
             progress=options.progress, state=state if loop_ref is not None else None,
-            closed_loop_reference=loop_ref,
+            closed_loop_reference=loop_ref, scorer=scorer,
         )
         ineligible = _ineligible(cands)
         profiled: ProfiledOn | None = None
@@ -239,6 +251,7 @@ def convert_onnx(
             ms_sel = profiled.measurements
             ineligible = {**ineligible, **profiled.excluded}
         budget = (options.max_drop if options.max_drop is not None
+                  else plan.default_max_drop() if scorer is not None
                   else default_max_drop(options.metric, reference))
         requested = None if options.quantize == "auto" else options.quantize
         if requested not in (None, "none") and not any(
@@ -276,17 +289,18 @@ def convert_onnx(
             model_file = work / "model.ort"
             to_ort_format(chosen_cand.path, model_file)
             ort_note = _check_ort(model_file, evalset, reference, options.metric, budget,
-                                  chosen, evalset.labels)
+                                  chosen, evalset.labels, scorer)
         base_info = None if base is None else _base_info(base, cands, chosen.name, warnings)
         rule = sel.rule if profiled is None else f"{sel.rule}; {profiled.rule}"
         report = _report(src, source, options, fixes, calib, evalset, ref_label, budget, cands,
                          ms, chosen, sel.why, rule, ineligible, warnings, ort_note,
-                         base_info, profiled)
+                         base_info, profiled, plan)
         files = write_report(work / "report", report)
         baseline = next(m for m in ms if m.name == BASELINE)
         extra: dict[str, Any] = {
             **dict(source.extra),
-            **manifest_figures(chosen, baseline, budget, evalset, options.threads, ref_label),
+            **manifest_figures(chosen, baseline, budget, evalset, options.threads, ref_label,
+                               verified=report["data"]["verified_on_real_data"]),
             "conversion": {"chosen": chosen.name, "candidates": [c.name for c in cands],
                            "normalization": fixes},
         }
@@ -305,6 +319,7 @@ def convert_onnx(
                 name=artifact_name(options, Path(source.path)),
                 version=options.version,
                 quantization=chosen.scheme,
+                task=plan.task,
                 source={"format": source.format, "path": Path(source.path).name,
                         "sha256": source.sha256},
                 runtime={"threads": options.threads} if options.threads else None,
@@ -430,19 +445,20 @@ def _weight_note(c: Candidate) -> str:
 def _check_ort(
     path: Path, evalset: Samples, reference: Sequence[Mapping[str, np.ndarray]], metric: str,
     budget: float, chosen: Measurement, labels: np.ndarray | None,
+    scorer: TaskScorer | None = None,
 ) -> str:
     try:
         pred = edge_sdk.load(path)
         outs = [pred.predict(dict(f)) for f in evalset.feeds]
     except Exception as err:
         raise ConversionError(f"the ORT-format model does not run: {_short(err)}") from err
-    acc = accuracy(outs, reference, metric, labels=labels)
-    if acc.drop > budget:
+    acc = scorer(outs, reference) if scorer is not None else accuracy(
+        outs, reference, metric, labels=labels)
+    if not acc.within(budget):
         raise ConversionError(
-            f"the ORT-format model of {chosen.name} breaks the budget: {metric} drop "
-            f"{acc.drop:.4g} > {budget:.4g}"
-        )
-    return f"ORT format verified: {metric} drop {acc.drop:.4g}"
+            f"the ORT-format model of {chosen.name} breaks the budget: "
+            + ("; ".join(acc.breaks) or f"{metric} drop {acc.drop:.4g} > {budget:.4g}"))
+    return f"ORT format verified: {acc.metric} drop {acc.drop:.4g}"
 
 
 def _status(c: Candidate, m: Measurement | None, chosen: str, budget: float,
@@ -457,8 +473,8 @@ def _status(c: Candidate, m: Measurement | None, chosen: str, budget: float,
     if c.name == chosen:
         return "chosen", None
     assert m.accuracy is not None and m.latency_ms is not None
-    if m.accuracy.drop > budget:
-        return "over-budget", None
+    if not m.accuracy.within(budget):
+        return "over-budget", "; ".join(m.accuracy.breaks) or None
     if base_lat and m.latency_ms > base_lat:
         return "slower", None
     return "ok", None
@@ -470,6 +486,7 @@ def _report(
     cands: Sequence[Candidate], ms: Sequence[Measurement], chosen: Measurement, why: str,
     rule: str, ineligible: Mapping[str, str], warnings: list[str], ort_note: str | None,
     base: Mapping[str, Any] | None = None, profiled: ProfiledOn | None = None,
+    plan: TaskPlan | None = None,
 ) -> dict[str, Any]:
     by_name = {m.name: m for m in ms}
     # Status ("slower") follows the latency the choice used: the devices' when profiled.
@@ -512,7 +529,8 @@ def _report(
         normalization=notes, calib=calib, evalset=evalset, reference=ref_label,
         budget=budget, threads=options.threads, baseline=BASELINE, rows=rows,
         chosen=chosen.name, why=why, rule=rule, warnings=warnings, base=base,
-        devices=None if profiled is None else profiled.devices)
+        devices=None if profiled is None else profiled.devices,
+        task=None if plan is None else plan.describe(), chosen_accuracy=chosen.accuracy)
 
 
 @dataclass(frozen=True)

@@ -37,17 +37,18 @@ from edge_sdk._internal import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
     from ._data import Samples
-    from ._measure import Measurement
+    from ._measure import Accuracy, Measurement
 
 
 def manifest_figures(chosen: Measurement, baseline: Measurement, budget: float,
-                     evalset: Samples, threads: int | None, reference: str) -> dict[str, Any]:
+                     evalset: Samples, threads: int | None, reference: str,
+                     verified: bool | None = None) -> dict[str, Any]:
     """The measured accuracy and latency the manifest carries for the chosen candidate."""
     return {
         "accuracy": {
             **(chosen.accuracy.to_json() if chosen.accuracy else {}),
             "max_drop": budget, "reference": reference, "evaluation": evalset.origin,
-            "verified_on_real_data": evalset.real,
+            "verified_on_real_data": evalset.real if verified is None else verified,
         },
         "latency_ms": {
             "p50": chosen.latency_ms, "baseline": baseline.name,
@@ -63,9 +64,19 @@ def report_json(
     budget: float, threads: int | None, baseline: str, rows: list[dict[str, Any]],
     chosen: str, why: str, warnings: list[str], rule: str | None = None,
     base: Mapping[str, Any] | None = None, devices: Mapping[str, Any] | None = None,
+    task: Mapping[str, Any] | None = None, chosen_accuracy: Accuracy | None = None,
 ) -> dict[str, Any]:
-    """The report dict described above; every pipeline builds it here."""
-    out = {
+    """The report dict described above; every pipeline builds it here.
+
+    With a task (``task``: the plan's description) ``verified_on_real_data`` means the
+    chosen candidate's task metric held its budget on real data, and ``data`` names
+    the worst evaluation sample (``worst_sample``: output, index, figure, value)."""
+    verified = evalset.real
+    worst = None
+    if chosen_accuracy is not None and chosen_accuracy.task is not None:
+        verified = evalset.real and not chosen_accuracy.breaks
+        worst = dict(chosen_accuracy.worst or {})
+    out: dict[str, Any] = {
         "title": title,
         "source": dict(source),
         "options": dict(options),
@@ -75,8 +86,9 @@ def report_json(
                             "samples": len(calib) if calib else 0},
             "evaluation": {"origin": evalset.origin, "samples": len(evalset),
                            "labels": evalset.labels is not None},
-            "verified_on_real_data": evalset.real,
+            "verified_on_real_data": verified,
         },
+        "task": dict(task) if task is not None else {"name": "generic"},
         "metric": {"name": options["metric"], "max_drop": budget, "reference": reference},
         "threads": threads,
         "machine": f"{platform.machine()} {os.cpu_count()} cpu",
@@ -87,6 +99,8 @@ def report_json(
         "rule": rule,
         "warnings": list(dict.fromkeys(warnings)),
     }
+    if worst is not None:
+        out["data"]["worst_sample"] = worst
     if base is not None:
         out["base"] = dict(base)
     if devices is not None:
@@ -191,6 +205,24 @@ def base_lines(report: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def task_lines(report: Mapping[str, Any]) -> list[str]:
+    """The task, its per-output metrics and budgets, and the worst evaluation sample;
+    none for a generic task."""
+    task = report.get("task") or {}
+    if not task or task.get("name", "generic") == "generic" or not task.get("outputs"):
+        return []
+    lines = [f"task: {task['name']}" + (f" (from {task['detected_from']})"
+                                        if task.get("detected_from") else "")]
+    budgets = task.get("budget") or {}
+    for out, kind in (task.get("outputs") or {}).items():
+        lines.append(f"task metric: {out}: {kind}, budget {budgets.get(out, '?')}")
+    worst = (report.get("data") or {}).get("worst_sample")
+    if worst:
+        lines.append(f"worst sample: #{worst.get('index')} ({worst.get('output')}): "
+                     f"{worst.get('figure')} {_fmt(worst.get('value'), '.4g')}")
+    return lines
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     lines = [f"# {report.get('title', 'Conversion report')}", ""]
     src = report.get("source") or {}
@@ -208,6 +240,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines.append(f"- Evaluation: {ev.get('samples', 0)} samples from {ev.get('origin', '?')}; "
                      f"calibration: {cal.get('samples', 0)} samples from "
                      f"{cal.get('origin') or 'none'}")
+        lines.extend(f"- {t[0].upper()}{t[1:]}" for t in task_lines(report))
         if not data.get("verified_on_real_data", True):
             lines.append("")
             lines.append("**Accuracy NOT verified on real data** (synthetic inputs only; pass "
