@@ -489,6 +489,22 @@ def _matched(strong: np.ndarray, other: np.ndarray, match_iou: float) -> int:
     return n
 
 
+def class_changes(src: np.ndarray, cand: np.ndarray,
+                  cfg: DetectConfig = DetectConfig()) -> int:
+    """Source detections (at or above the threshold) with no same-class partner whose
+    place (IoU >= ``match_iou``) a candidate detection of another class took."""
+    low = cfg.score_threshold - cfg.margin
+    other = cand[cand[:, 4] >= low]
+    n = 0
+    for d in src[src[:, 4] >= cfg.score_threshold]:
+        if not len(other):
+            break
+        near = iou(d[:4], other[:, :4]) >= cfg.match_iou
+        if near.any() and not (other[near, 5] == d[5]).any():
+            n += 1
+    return n
+
+
 def match_detections(src: np.ndarray, cand: np.ndarray,
                      cfg: DetectConfig = DetectConfig()) -> tuple[int, int]:
     """(matched, total) over one image: each detection at or above the score threshold,
@@ -519,10 +535,12 @@ def score_detect(cand: Sequence[np.ndarray], ref: Sequence[np.ndarray], kind: st
     matched = total = 0
     per: list[float] = []
     counts: list[int] = []
+    changed = 0
     for c, r, csc, rsc in zip(rc, rr, sc, sr, strict=True):
         dr = detections(kind, r, rsc, sigmoid=sigmoid, cfg=cfg)
         dc = detections(kind, c, csc, sigmoid=sigmoid, cfg=cfg)
         m, t = match_detections(dr, dc, cfg)
+        changed += class_changes(dr, dc, cfg)
         matched += m
         total += t
         per.append(1.0 - (m / t if t else 1.0))
@@ -531,6 +549,7 @@ def score_detect(cand: Sequence[np.ndarray], ref: Sequence[np.ndarray], kind: st
     return OutputScore(name, kind, share, 1.0 - share, np.array(per),
                        "1 - share of detections matched",
                        {"matched_share": share, "detections_source": int(sum(counts)),
+                        "class_changed": changed,
                         "images": len(rr), "images_with_detections": int(sum(
                             1 for n in counts if n)),
                         "score_threshold": cfg.score_threshold, "match_iou": cfg.match_iou})
@@ -645,6 +664,6 @@ def _by_name(outputs: Sequence[Mapping[str, np.ndarray]],
 
 
 __all__ = ["BUDGETS", "KINDS", "TASKS", "Budget", "DetectConfig", "OutputMetric", "TaskPlan",
-           "TaskScorer", "decode", "detections", "iou", "match_detections", "nms",
+           "TaskScorer", "class_changes", "decode", "detections", "iou", "match_detections", "nms",
            "parse_output_metrics", "plan_task", "score_cosine", "score_detect",
            "score_regress", "score_segment", "score_top1"]
