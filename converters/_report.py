@@ -139,6 +139,9 @@ def candidate_rows(report: Mapping[str, Any]) -> list[list[str]]:
     base_lat = base.get("latency_ms") if base else None
     base_size = base.get("size_bytes") if base else None
     metric = (report.get("metric") or {}).get("name", "accuracy")
+    task = report.get("task") or {}
+    if task.get("outputs"):
+        metric = f"{task.get('name')} task"
     devices = sorted(report.get("devices") or {})
     head = ["candidate", "size KiB", "× size", "latency ms", "× latency"]
     if devices:
@@ -342,6 +345,9 @@ def render_plot(report: Mapping[str, Any]) -> bytes:
     fig = Figure(figsize=(11, 0.45 * len(names) + 1.6), dpi=100)
     axes = fig.subplots(1, 3, sharey=True)
     metric = (report.get("metric") or {}).get("name", "accuracy")
+    task = report.get("task") or {}
+    if task.get("outputs"):
+        metric = f"{task.get('name')} task"
     devices = sorted(report.get("devices") or {})
     for ax, vals, title in zip(
         axes, (sizes, lats, drops),

@@ -138,16 +138,14 @@ def plan_task(
     outputs: dict[str, OutputMetric] = {}
     for name, kind in given.items():
         outputs[name] = _output_metric(name, kind, reference, given=True)
-    if task == "generic":
-        return TaskPlan("generic", outputs, "--metric" if outputs else "--task")
+    if outputs:
+        named = task if task not in (None, "generic") else KIND_TASK[
+            next(iter(outputs.values())).kind]
+        return TaskPlan(named, outputs, "--metric OUTPUT:KIND")
     if task is None:
         task, why = _detect(reference, source_extra)
     else:
         why = "--task"
-    if outputs:
-        tasks = {KIND_TASK[m.kind] for m in outputs.values()}
-        named = task if task != "generic" else sorted(tasks)[0]
-        return TaskPlan(named, outputs, "--metric OUTPUT:KIND")
     if task == "generic":
         return TaskPlan("generic")
     outputs = _plan_outputs(task, reference, strict=why == "--task")
@@ -161,7 +159,7 @@ def _detect(reference: Sequence[Mapping[str, np.ndarray]],
         return str(sk["task"]), f"scikit-learn {sk.get('estimator', 'estimator')}"
     if isinstance(sk, Mapping) and "labels" in extra:
         return "classify", f"scikit-learn {sk.get('estimator', 'estimator')} (classifier)"
-    if _detector_outputs(reference, strict=False):
+    if _detector_outputs(reference, strict=True):
         return "detect", "detector output layout"
     first = reference[0]
     if any(_is_probabilities(np.asarray(v)) for v in first.values()):
