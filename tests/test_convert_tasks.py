@@ -319,3 +319,21 @@ def test_embed_and_regress_tasks_score_every_sample(
 def test_detect_config_defaults_are_the_documented_ones() -> None:
     cfg = DetectConfig()
     assert (cfg.score_threshold, cfg.nms_iou, cfg.match_iou) == (0.25, 0.45, 0.5)
+
+
+@pytest.mark.parametrize(("kind", "task"), [("classifier", "classify"),
+                                            ("regressor", "regress")])
+def test_scikit_learn_estimator_says_its_task(tmp_path: Path, kind: str, task: str) -> None:
+    from sklearn.linear_model import LogisticRegression, Ridge
+
+    from tests import _framework_models as fm
+
+    x, y = fm.sklearn_inputs()
+    est = LogisticRegression().fit(x, y) if kind == "classifier" else Ridge().fit(
+        x, x @ np.arange(fm.FEATURES, dtype=np.float32))
+    res = convert(fm.save_pickle(est, tmp_path / "est.pkl"), tmp_path / "art",
+                  calibration=fm.save_npz(tmp_path / "calib.npz", input=x),
+                  trust_pickle=True, quantize="none", config=FAST)
+    assert res.artifact.manifest.task == task
+    assert res.report["task"]["detected_from"].startswith("scikit-learn")
+    assert res.report["data"]["verified_on_real_data"] is True
