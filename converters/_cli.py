@@ -15,7 +15,13 @@ from edge_sdk.errors import UsageError
 from . import SOURCE_KINDS, ConvertConfig, convert
 from ._measure import METRICS, PREFER
 from ._pipeline import NOT_VERIFIED, QUANTIZE_CHOICES, TARGETS
-from ._report import base_lines, candidate_rows, hardware_text, task_lines
+from ._report import (
+    base_lines,
+    candidate_rows,
+    hardware_text,
+    not_verified_why,
+    task_lines,
+)
 from ._tasks import KINDS, TASKS
 
 _SHAPE = re.compile(r"^([^=]+)=(\d+(?:[x,]\d+)*)$")
@@ -189,8 +195,7 @@ def summary(report: dict[str, Any] | Any, path: str) -> str:
     lines.extend(task_lines(report))
     data = report.get("data") or {}
     if not data.get("verified_on_real_data", True):
-        lines.append(f"WARNING: {NOT_VERIFIED} (synthetic inputs only; pass --calibration or "
-                     "--eval)")
+        lines.append(f"WARNING: {NOT_VERIFIED} ({not_verified_why(data)})")
     for w in report.get("warnings") or []:
         if not w.startswith(NOT_VERIFIED):
             lines.append(f"warning: {w}")

@@ -245,6 +245,8 @@ def test_forced_int8_detector_over_its_task_budget_is_not_called_verified(
     res = convert(model, tmp_path / "forced", calibration=photos, quantize="int8-static",
                   force=True, config=FAST)
     assert res.report["data"]["verified_on_real_data"] is False
+    assert res.report["data"]["task_budget_held"] is False
+    assert "task metric broke its budget" in (res.artifact.path / "report.md").read_text()
     manifest = json.loads((res.artifact.path / "manifest.json").read_text())
     assert manifest["accuracy"]["verified_on_real_data"] is False
     assert manifest["accuracy"]["breaks"]
