@@ -39,7 +39,7 @@ from ._measure import (
 )
 from ._normalize import load_checked, normalize, optimize, to_ort_format
 from ._report import manifest_figures, report_json, write_report
-from ._tasks import TASKS, TaskPlan, TaskScorer, parse_output_metrics, plan_task
+from ._tasks import TASKS, TaskPlan, TaskScorer, parse_output_metrics, task_scorer
 
 QUANTIZE_CHOICES = (*SCHEMES, "auto")
 TARGETS = ("onnx", "ort", "tflite")
@@ -214,10 +214,9 @@ def convert_onnx(
         calib, evalset = _data(options, specs, cfg, warnings, fp32_pred.predict, given)
         ref_fn, ref_label = _reference_fn(src, norm_path, source, warnings)
         reference = _run_reference(ref_fn, source, evalset)
-        plan = plan_task(options.task, options.output_metrics, reference, source.extra)
-        scorer = None if not plan.outputs else TaskScorer(
-            plan, generic_metric=options.metric, max_drop=options.max_drop,
-            labels=evalset.labels)
+        plan, scorer = task_scorer(options.task, options.output_metrics, reference,
+                                   source.extra, generic_metric=options.metric,
+                                   max_drop=options.max_drop, labels=evalset.labels)
         state = state_pairs(fp32_pred.inputs, fp32_pred.outputs)
         del fp32_pred
         loop_ref = None

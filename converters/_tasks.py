@@ -314,10 +314,15 @@ def _softmax(a: np.ndarray) -> np.ndarray:
 
 def score_top1(cand: Sequence[np.ndarray], ref: Sequence[np.ndarray],
                name: str = "output") -> OutputScore:
-    c = np.stack([np.asarray(x, np.float64).reshape(-1) for x in _rows(cand)])
-    r = np.stack([np.asarray(x, np.float64).reshape(-1) for x in _rows(ref)])
+    """Classes on the last axis; a sample with more positions (tokens, say) counts each."""
+    rc, rr = _rows(cand), _rows(ref)
+    classes = int(np.asarray(rr[0]).shape[-1])
+    sample = np.concatenate([np.full(int(np.asarray(x).size) // classes, i)
+                             for i, x in enumerate(rr)])
+    c = np.concatenate([np.asarray(x, np.float64).reshape(-1, classes) for x in rc])
+    r = np.concatenate([np.asarray(x, np.float64).reshape(-1, classes) for x in rr])
     agree = np.argmax(c, axis=-1) == np.argmax(r, axis=-1)
-    k = min(5, r.shape[-1])
+    k = min(5, classes)
     tc = np.argsort(-c, axis=-1)[:, :k]
     tr = np.argsort(-r, axis=-1)[:, :k]
     overlap = np.array([len(set(a) & set(b)) / k for a, b in zip(tc, tr, strict=True)])
@@ -325,12 +330,14 @@ def score_top1(cand: Sequence[np.ndarray], ref: Sequence[np.ndarray],
     pc, pr = (c, r) if probs else (_softmax(c), _softmax(r))
     change = np.max(np.abs(pc - pr), axis=-1)
     agreement = float(np.mean(agree))
-    # A flipped sample ranks worst; among equals the larger probability change.
-    per = (1.0 - agree) + change * 1e-3
-    return OutputScore(name, "top1", agreement, 1.0 - agreement, per, "top-1 flipped",
+    # Per sample: the share of its positions flipped; among equals the larger
+    # probability change ranks worse.
+    per = np.array([float(np.mean(~agree[sample == i])) + 1e-3 * float(
+        np.max(change[sample == i])) for i in range(len(rr))])
+    return OutputScore(name, "top1", agreement, 1.0 - agreement, per, "share of top-1 flipped",
                        {"top1_agreement": agreement, "top5_overlap": float(np.mean(overlap)),
                         "max_probability_change": float(np.max(change)),
-                        "flipped_samples": int(np.sum(~agree))})
+                        "flipped": int(np.sum(~agree))})
 
 
 def score_cosine(cand: Sequence[np.ndarray], ref: Sequence[np.ndarray],
@@ -555,6 +562,21 @@ def score_detect(cand: Sequence[np.ndarray], ref: Sequence[np.ndarray], kind: st
 
 # ---------------------------------------------------------------- the scorer
 
+def task_scorer(
+    task: str | None, output_metrics: Sequence[str],
+    reference: Sequence[Mapping[str, np.ndarray]], source_extra: Mapping[str, Any], *,
+    generic_metric: str = "cosine", max_drop: float | None = None,
+    labels: np.ndarray | None = None,
+) -> tuple[TaskPlan, TaskScorer | None]:
+    """The plan and, when it scores any output in task terms, the scorer to hand to
+    :func:`measure_candidates` (None: the generic metric alone, as before tasks)."""
+    plan = plan_task(task, output_metrics, reference, source_extra)
+    if not plan.outputs:
+        return plan, None
+    return plan, TaskScorer(plan, generic_metric=generic_metric, max_drop=max_drop,
+                            labels=labels)
+
+
 class TaskScorer:
     """``scorer(outputs, reference) -> Accuracy`` for :func:`measure_candidates`: the
     plan's outputs in their task's terms with their budgets, the rest with the generic
@@ -664,4 +686,4 @@ def _by_name(outputs: Sequence[Mapping[str, np.ndarray]],
 __all__ = ["BUDGETS", "KINDS", "TASKS", "Budget", "DetectConfig", "OutputMetric", "TaskPlan",
            "TaskScorer", "class_changes", "decode", "detections", "iou", "match_detections", "nms",
            "parse_output_metrics", "plan_task", "score_cosine", "score_detect",
-           "score_regress", "score_segment", "score_top1"]
+           "score_regress", "score_segment", "score_top1", "task_scorer"]

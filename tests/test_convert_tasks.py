@@ -120,6 +120,16 @@ def test_top1_reports_agreement_top5_overlap_and_probability_change() -> None:
     assert s.worst()[0] == 2  # the flipped sample
 
 
+def test_top1_over_token_positions_counts_each_position_of_a_sample() -> None:
+    ref = np.zeros((2, 4, 3))  # two samples, 4 tokens, 3 classes
+    ref[..., 0] = 1.0
+    cand = ref.copy()
+    cand[1, 3, 2] = 2.0  # one token of the second sample flips
+    s = score_top1([cand[:1], cand[1:]], [ref[:1], ref[1:]])
+    assert s.score == pytest.approx(7 / 8)
+    assert s.worst()[0] == 1 and s.worst()[1] >= 0.25
+
+
 def test_segment_iou_is_per_class_from_the_argmax_over_the_class_axis() -> None:
     ref = np.zeros((1, 3, 4, 4), np.float32)
     ref[0, 0] = 1.0  # all class 0 ...
