@@ -190,9 +190,14 @@ def summary(report: dict[str, Any] | Any, path: str) -> str:
     if report.get("rule"):
         lines.append(f"rule: {report['rule']}")
     metric = report.get("metric") or {}
-    lines.append(f"accuracy: {metric.get('name')} vs {metric.get('reference')}, budget drop ≤ "
-                 f"{metric.get('max_drop'):.4g}")
-    lines.extend(task_lines(report))
+    tasks = task_lines(report)
+    if tasks:
+        lines.append(f"accuracy: task metrics vs {metric.get('reference')} (other outputs: "
+                     f"{metric.get('name')})")
+    else:
+        lines.append(f"accuracy: {metric.get('name')} vs {metric.get('reference')}, budget "
+                     f"drop ≤ {metric.get('max_drop'):.4g}")
+    lines.extend(tasks)
     data = report.get("data") or {}
     if not data.get("verified_on_real_data", True):
         lines.append(f"WARNING: {NOT_VERIFIED} ({not_verified_why(data)})")

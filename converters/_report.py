@@ -243,7 +243,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines.append(f"- Source: `{src.get('path', '?')}` ({src.get('format', '?')}, sha256 "
                      f"`{str(src.get('sha256', ''))[:16]}…`)")
     metric = report.get("metric") or {}
-    if metric:
+    if metric and not task_lines(report):
         lines.append(f"- Accuracy: {metric.get('name')} vs {metric.get('reference', 'the source')},"
                      f" budget: drop ≤ {_fmt(metric.get('max_drop'), '.4g')}")
     data = report.get("data") or {}
