@@ -192,8 +192,11 @@ def summary(report: dict[str, Any] | Any, path: str) -> str:
     metric = report.get("metric") or {}
     tasks = task_lines(report)
     if tasks:
-        lines.append(f"accuracy: task metrics vs {metric.get('reference')} (other outputs: "
-                     f"{metric.get('name')})")
+        chosen = next((c for c in report.get("candidates") or []
+                       if c.get("name") == report.get("chosen")), {})
+        rest = ((chosen.get("accuracy") or {}).get("details") or {}).get("generic")
+        lines.append(f"accuracy: task metrics vs {metric.get('reference')}" + (
+            f" (outputs {', '.join(rest['outputs'])}: {rest['metric']})" if rest else ""))
     else:
         lines.append(f"accuracy: {metric.get('name')} vs {metric.get('reference')}, budget "
                      f"drop ≤ {metric.get('max_drop'):.4g}")
