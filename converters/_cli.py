@@ -192,7 +192,7 @@ def summary(report: dict[str, Any] | Any, path: str) -> str:
     metric = report.get("metric") or {}
     tasks = task_lines(report)
     if tasks:
-        chosen = next((c for c in report.get("candidates") or []
+        chosen: dict[str, Any] = next((c for c in report.get("candidates") or []
                        if c.get("name") == report.get("chosen")), {})
         rest = ((chosen.get("accuracy") or {}).get("details") or {}).get("generic")
         lines.append(f"accuracy: task metrics vs {metric.get('reference')}" + (
