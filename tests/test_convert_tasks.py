@@ -312,6 +312,23 @@ def test_classifier_logits_named_with_top1_are_judged_by_agreement(tmp_path: Pat
     assert res.artifact.manifest.task == "classify"
 
 
+def test_softmax_head_is_detected_as_classification_through_convert(tmp_path: Path) -> None:
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(M.mlp_classifier(tmp_path / "mlp.onnx")))
+    model.graph.output[0].name = "probabilities"
+    model.graph.node.append(helper.make_node("Softmax", ["logits"], ["probabilities"],
+                                             axis=-1))
+    onnx.save(model, str(tmp_path / "softmax.onnx"))
+    np.savez(tmp_path / "tab.npz", features=M.tabular(24))
+    res = convert(tmp_path / "softmax.onnx", tmp_path / "art",
+                  calibration=tmp_path / "tab.npz", config=FAST)
+    assert res.report["task"]["detected_from"] == "softmax/probabilities head"
+    assert res.report["task"]["outputs"] == {"probabilities": "top1"}
+    assert res.artifact.manifest.task == "classify"
+
+
 @pytest.mark.parametrize(("task", "metric", "figure"), [("embed", "cosine", "min_cosine"),
                                                         ("regress", "regress",
                                                          "relative_error")])
