@@ -122,10 +122,25 @@ class Accuracy:
     samples: int
     reference_score: float | None = None  # top1 with labels: the reference's accuracy
     closed_loop: bool = False  # the drop is from feeding the model its own state back
+    # Task metrics (converters._tasks): the task, the budgets it broke (checked against
+    # each output kind's own budget), the worst sample and per-output figures.
+    task: str | None = None
+    breaks: tuple[str, ...] = ()
+    worst: Mapping[str, Any] | None = None
+    details: Mapping[str, Any] | None = None
+
+    def within(self, max_drop: float) -> bool:
+        """Within the budget: a task metric's own budgets, else ``drop <= max_drop``."""
+        if self.task is not None:
+            return not self.breaks
+        return self.drop <= max_drop
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"metric": self.metric, "score": self.score, "drop": self.drop,
                                "per_output": dict(self.per_output), "samples": self.samples}
+        if self.task is not None:
+            out.update(task=self.task, breaks=list(self.breaks),
+                       worst_sample=dict(self.worst or {}), details=dict(self.details or {}))
         if self.reference_score is not None:
             out["reference_score"] = self.reference_score
         if self.closed_loop:
@@ -281,6 +296,8 @@ def measure_candidates(
     state: Mapping[str, str] | None = None,
     closed_loop_reference: Sequence[Mapping[str, np.ndarray]] | None = None,
     baseline: str | None = None,
+    scorer: Callable[[Sequence[Mapping[str, np.ndarray]], Sequence[Mapping[str, np.ndarray]]],
+                     Accuracy] | None = None,
 ) -> list[Measurement]:
     """Accuracy vs ``reference``, latency and size of every candidate (same order).
 
@@ -289,11 +306,18 @@ def measure_candidates(
     and ``closed_loop_reference`` (the reference's :func:`closed_loop` over ``feeds``),
     each candidate also streams ``feeds`` feeding its own state back, and its
     accuracy is the worse of the open-loop and closed-loop figures: quantization
-    error that compounds through the state shows up.
+    error that compounds through the state shows up. ``scorer(outputs, reference)``
+    replaces the metric (task metrics, see ``converters._tasks``).
     """
     cfg = config or MeasureConfig()
     if metric not in METRICS:
         raise ConversionError(f"unknown metric {metric!r} (expected {', '.join(METRICS)})")
+
+    def score(outs: Sequence[Mapping[str, np.ndarray]],
+              ref: Sequence[Mapping[str, np.ndarray]]) -> Accuracy:
+        return scorer(outs, ref) if scorer is not None else accuracy(outs, ref, metric,
+                                                                        labels=labels)
+
     if not feeds:
         raise ConversionError("no evaluation samples to measure candidates on")
     n = min(len(feeds), len(reference), cfg.max_eval_samples)
@@ -309,10 +333,10 @@ def measure_candidates(
         try:
             pred = edge_sdk.load(path, threads=threads)
             outs = [pred.predict(dict(f)) for f in feeds]
-            acc = accuracy(outs, reference, metric, labels=labels)
+            acc = score(outs, reference)
             if state and closed_loop_reference is not None:
-                loop = accuracy(closed_loop(pred.predict, feeds, state),
-                                closed_loop_reference[:n], metric, labels=labels)
+                loop = score(closed_loop(pred.predict, feeds, state),
+                             closed_loop_reference[:n])
                 if loop.drop > acc.drop:
                     acc = _with_acc(loop)
         except (EdgeError, Exception) as err:
@@ -608,15 +632,16 @@ def select(
     pick = _Rule(prefer, tol, balanced_max_slowdown, balanced_max_size_ratio, base)
     warnings: list[str] = []
     metric = base.accuracy.metric
-    if base.accuracy.drop > max_drop:
-        msg = (f"the converted float model itself differs from the source: {metric} drop "
-               f"{base.accuracy.drop:.4g} > budget {max_drop:.4g}")
+    if not base.accuracy.within(max_drop):
+        msg = ("the converted float model itself differs from the source: "
+               + (_over(base.accuracy) if base.accuracy.breaks else
+                  f"{metric} drop {base.accuracy.drop:.4g} > budget {max_drop:.4g}"))
         if not force:
             raise ConversionError(msg + " (pass --force to accept)")
         warnings.append(msg)
 
     def within(m: Measurement) -> bool:
-        return m.accuracy is not None and m.accuracy.drop <= max_drop
+        return m.accuracy is not None and m.accuracy.within(max_drop)
 
     def slower(m: Measurement) -> bool:
         return ratios[m.name].status(tol) == "slower"
@@ -674,9 +699,10 @@ def select(
     else:
         best = min(pool, key=lambda m: m.accuracy.drop if m.accuracy else float("inf"))
         assert best.accuracy is not None
+        over = (_over(best.accuracy) if best.accuracy.breaks else
+                f"{metric} drop {best.accuracy.drop:.4g} > {max_drop:.4g}")
         msg = (f"--quantize {requested} breaks the accuracy budget: best variant {best.name} "
-               f"has {metric} drop {best.accuracy.drop:.4g} > {max_drop:.4g} on "
-               f"{best.accuracy.samples} evaluation samples")
+               f"has {over} on {best.accuracy.samples} evaluation samples")
         if not force:
             raise ConversionError(msg + " (pass --force to accept it, or raise --max-drop)")
         warnings.append(msg + " (accepted with --force)")
@@ -774,11 +800,18 @@ def _rejection(m: Measurement, base: Measurement, max_drop: float,
     if not m.ok:
         return f"{m.name} {m.error or 'not measured'}"
     assert m.accuracy is not None
-    if m.accuracy.drop > max_drop:
-        return f"{m.name} over budget ({m.accuracy.metric} drop {m.accuracy.drop:.3g})"
+    if not m.accuracy.within(max_drop):
+        return f"{m.name} over budget ({_over(m.accuracy)})"
     r = ratio_of(m, base)
     band = f" (IQR {r.q1:.2f}–{r.q3:.2f})" if r.spread > 0 else ""
     return f"{m.name} {r.median:.2f}× latency{band}, {r.status(tol)}"
+
+
+def _over(acc: Accuracy) -> str:
+    """Why an accuracy is over its budget, in a phrase."""
+    if acc.breaks:
+        return "; ".join(acc.breaks)
+    return f"{acc.metric} drop {acc.drop:.3g}"
 
 
 def _short(err: BaseException) -> str:

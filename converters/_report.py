@@ -39,17 +39,18 @@ from edge_sdk._internal import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
     from ._data import Samples
-    from ._measure import Measurement, Selection
+    from ._measure import Accuracy, Measurement, Selection
 
 
 def manifest_figures(chosen: Measurement, baseline: Measurement, budget: float,
-                     evalset: Samples, threads: int | None, reference: str) -> dict[str, Any]:
+                     evalset: Samples, threads: int | None, reference: str,
+                     verified: bool | None = None) -> dict[str, Any]:
     """The measured accuracy and latency the manifest carries for the chosen candidate."""
     return {
         "accuracy": {
             **(chosen.accuracy.to_json() if chosen.accuracy else {}),
             "max_drop": budget, "reference": reference, "evaluation": evalset.origin,
-            "verified_on_real_data": evalset.real,
+            "verified_on_real_data": evalset.real if verified is None else verified,
         },
         "latency_ms": {
             "p50": chosen.latency_ms, "baseline": baseline.name,
@@ -77,7 +78,7 @@ def measured_status(sel: Selection, m: Measurement, budget: float) -> str:
     a candidate the rule counted as equally fast, nor "ok" of one it excluded."""
     if m.name == sel.chosen.name:
         return "chosen"
-    if m.accuracy is None or m.accuracy.drop > budget:
+    if m.accuracy is None or not m.accuracy.within(budget):
         return "over-budget"
     if sel.latency_status(m.name) == "slower":
         return "slower"
@@ -90,9 +91,21 @@ def report_json(
     budget: float, threads: int | None, baseline: str, rows: list[dict[str, Any]],
     chosen: str, why: str, warnings: list[str], rule: str | None = None,
     base: Mapping[str, Any] | None = None, devices: Mapping[str, Any] | None = None,
+    task: Mapping[str, Any] | None = None, chosen_accuracy: Accuracy | None = None,
 ) -> dict[str, Any]:
-    """The report dict described above; every pipeline builds it here."""
-    out = {
+    """The report dict described above; every pipeline builds it here.
+
+    With a task (``task``: the plan's description) ``verified_on_real_data`` means the
+    chosen candidate's task metric held its budget on real data, and ``data`` names
+    the worst evaluation sample (``worst_sample``: output, index, figure, value)."""
+    verified = evalset.real
+    worst = None
+    held: bool | None = None
+    if chosen_accuracy is not None and chosen_accuracy.task is not None:
+        held = not chosen_accuracy.breaks
+        verified = evalset.real and held
+        worst = dict(chosen_accuracy.worst or {})
+    out: dict[str, Any] = {
         "title": title,
         "source": dict(source),
         "options": dict(options),
@@ -102,8 +115,9 @@ def report_json(
                             "samples": len(calib) if calib else 0},
             "evaluation": {"origin": evalset.origin, "samples": len(evalset),
                            "labels": evalset.labels is not None},
-            "verified_on_real_data": evalset.real,
+            "verified_on_real_data": verified,
         },
+        "task": dict(task) if task is not None else {"name": "generic"},
         "metric": {"name": options["metric"], "max_drop": budget, "reference": reference},
         "threads": threads,
         "machine": f"{platform.machine()} {os.cpu_count()} cpu",
@@ -114,6 +128,9 @@ def report_json(
         "rule": rule,
         "warnings": list(dict.fromkeys(warnings)),
     }
+    if worst is not None:
+        out["data"]["worst_sample"] = worst
+        out["data"]["task_budget_held"] = held
     if base is not None:
         out["base"] = dict(base)
     if devices is not None:
@@ -152,6 +169,9 @@ def candidate_rows(report: Mapping[str, Any]) -> list[list[str]]:
     base_lat = base.get("latency_ms") if base else None
     base_size = base.get("size_bytes") if base else None
     metric = (report.get("metric") or {}).get("name", "accuracy")
+    task = report.get("task") or {}
+    if task.get("outputs"):
+        metric = f"{task.get('name')} task"
     devices = sorted(report.get("devices") or {})
     head = ["candidate", "size KiB", "× size", "latency ms", "× latency", "IQR"]
     if devices:
@@ -221,6 +241,31 @@ def base_lines(report: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def not_verified_why(data: Mapping[str, Any]) -> str:
+    """Why a report is not verified, in a phrase."""
+    if data.get("task_budget_held") is False:
+        return "the task metric broke its budget; accepted with --force"
+    return "synthetic inputs only; pass --calibration or --eval"
+
+
+def task_lines(report: Mapping[str, Any]) -> list[str]:
+    """The task, its per-output metrics and budgets, and the worst evaluation sample;
+    none for a generic task."""
+    task = report.get("task") or {}
+    if not task or task.get("name", "generic") == "generic" or not task.get("outputs"):
+        return []
+    lines = [f"task: {task['name']}" + (f" (from {task['detected_from']})"
+                                        if task.get("detected_from") else "")]
+    budgets = task.get("budget") or {}
+    for out, kind in (task.get("outputs") or {}).items():
+        lines.append(f"task metric: {out}: {kind}, budget {budgets.get(out, '?')}")
+    worst = (report.get("data") or {}).get("worst_sample")
+    if worst:
+        lines.append(f"worst sample: #{worst.get('index')} ({worst.get('output')}): "
+                     f"{worst.get('figure')} {_fmt(worst.get('value'), '.4g')}")
+    return lines
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     lines = [f"# {report.get('title', 'Conversion report')}", ""]
     src = report.get("source") or {}
@@ -228,7 +273,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines.append(f"- Source: `{src.get('path', '?')}` ({src.get('format', '?')}, sha256 "
                      f"`{str(src.get('sha256', ''))[:16]}…`)")
     metric = report.get("metric") or {}
-    if metric:
+    if metric and not task_lines(report):
         lines.append(f"- Accuracy: {metric.get('name')} vs {metric.get('reference', 'the source')},"
                      f" budget: drop ≤ {_fmt(metric.get('max_drop'), '.4g')}")
     data = report.get("data") or {}
@@ -238,10 +283,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines.append(f"- Evaluation: {ev.get('samples', 0)} samples from {ev.get('origin', '?')}; "
                      f"calibration: {cal.get('samples', 0)} samples from "
                      f"{cal.get('origin') or 'none'}")
+        lines.extend(f"- {t[0].upper()}{t[1:]}" for t in task_lines(report))
         if not data.get("verified_on_real_data", True):
             lines.append("")
-            lines.append("**Accuracy NOT verified on real data** (synthetic inputs only; pass "
-                         "--calibration or --eval).")
+            lines.append(f"**Accuracy NOT verified on real data** ({not_verified_why(data)}).")
     if report.get("threads"):
         lines.append(f"- Threads: {report['threads']}")
     for d, info in sorted((report.get("devices") or {}).items()):
@@ -339,6 +384,9 @@ def render_plot(report: Mapping[str, Any]) -> bytes:
     fig = Figure(figsize=(11, 0.45 * len(names) + 1.6), dpi=100)
     axes = fig.subplots(1, 3, sharey=True)
     metric = (report.get("metric") or {}).get("name", "accuracy")
+    task = report.get("task") or {}
+    if task.get("outputs"):
+        metric = f"{task.get('name')} task"
     devices = sorted(report.get("devices") or {})
     for ax, vals, title in zip(
         axes, (sizes, lats, drops),
