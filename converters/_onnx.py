@@ -22,6 +22,7 @@ from ._data import Samples
 from ._measure import Measurement, accuracy, state_pairs
 from ._normalize import load_checked, normalize, optimize, to_ort_format
 from ._pipeline import ConvertConfig, ConvertOptions, Run, SourceInfo, short
+from ._tasks import TaskScorer
 
 
 class OnnxBackend:
@@ -136,7 +137,7 @@ class OnnxBackend:
 
     def finish(self, chosen: Candidate, measured: Measurement, work: Path, evalset: Samples,
                reference: Sequence[Mapping[str, np.ndarray]], budget: float,
-               ) -> tuple[Path, str | None]:
+               scorer: TaskScorer | None) -> tuple[Path, str | None]:
         """The file to ship: the chosen ONNX model, or its ORT form checked again."""
         assert chosen.path is not None
         if self.options.to != "ort":
@@ -144,7 +145,7 @@ class OnnxBackend:
         model_file = work / "model.ort"
         to_ort_format(chosen.path, model_file)
         return model_file, _check_ort(model_file, evalset, reference, self.options.metric,
-                                      budget, measured, evalset.labels)
+                                      budget, measured, evalset.labels, scorer)
 
     def base_info(self, cands: Sequence[Candidate], chosen: str,
                   warnings: list[str]) -> dict[str, Any] | None:
@@ -189,19 +190,20 @@ def _weight_note(c: Candidate) -> str:
 def _check_ort(
     path: Path, evalset: Samples, reference: Sequence[Mapping[str, np.ndarray]], metric: str,
     budget: float, chosen: Measurement, labels: np.ndarray | None,
+    scorer: TaskScorer | None = None,
 ) -> str:
     try:
         pred = edge_sdk.load(path)
         outs = [pred.predict(dict(f)) for f in evalset.feeds]
     except Exception as err:
         raise ConversionError(f"the ORT-format model does not run: {short(err)}") from err
-    acc = accuracy(outs, reference, metric, labels=labels)
-    if acc.drop > budget:
+    acc = scorer(outs, reference) if scorer is not None else accuracy(
+        outs, reference, metric, labels=labels)
+    if not acc.within(budget):
         raise ConversionError(
-            f"the ORT-format model of {chosen.name} breaks the budget: {metric} drop "
-            f"{acc.drop:.4g} > {budget:.4g}"
-        )
-    return f"ORT format verified: {metric} drop {acc.drop:.4g}"
+            f"the ORT-format model of {chosen.name} breaks the budget: "
+            + ("; ".join(acc.breaks) or f"{metric} drop {acc.drop:.4g} > {budget:.4g}"))
+    return f"ORT format verified: {acc.metric} drop {acc.drop:.4g}"
 
 
 __all__ = ["OnnxBackend"]

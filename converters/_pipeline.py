@@ -30,12 +30,20 @@ from ._measure import (
     PREFER,
     MeasureConfig,
     Measurement,
+    Selection,
     closed_loop,
     default_max_drop,
     measure_candidates,
     select,
 )
-from ._report import manifest_figures, report_json, write_report
+from ._report import (
+    latency_fields,
+    manifest_figures,
+    measured_status,
+    report_json,
+    write_report,
+)
+from ._tasks import TASKS, TaskPlan, TaskScorer, parse_output_metrics, task_scorer
 
 QUANTIZE_CHOICES = (*SCHEMES, "auto")
 TARGETS = ("onnx", "ort", "tflite")
@@ -63,6 +71,10 @@ class ConvertOptions:
     # An earlier int8 ONNX artifact of this model (v1): its scales and zero points are
     # reused where they still fit, so that v2 is a small delta from it.
     base: Path | None = None
+    # What the model is for (converters._tasks.TASKS); None: detected from the source.
+    task: str | None = None
+    # "OUTPUT:KIND" entries (--metric output0:detect-yolov8): one output's task metric.
+    output_metrics: tuple[str, ...] = ()
     # --input-shape for an ONNX source: the shapes of synthetic inputs for symbolic dims
     # (the artifact keeps the symbolic signature). Front-ends use theirs for the export.
     input_shapes: Mapping[str, tuple[int, ...]] | None = None
@@ -130,6 +142,9 @@ def check_options(options: ConvertOptions) -> None:
         raise UsageError(f"--to {options.to!r} is not one of {', '.join(TARGETS)}")
     if options.metric not in METRICS:
         raise UsageError(f"--metric {options.metric!r} is not one of {', '.join(METRICS)}")
+    if options.task is not None and options.task not in TASKS:
+        raise UsageError(f"--task {options.task!r} is not one of {', '.join(TASKS)}")
+    parse_output_metrics(options.output_metrics)
     if options.prefer not in PREFER:
         raise UsageError(f"--prefer {options.prefer!r} is not one of {', '.join(PREFER)}")
     if options.max_drop is not None and not (options.max_drop >= 0 and
@@ -242,7 +257,7 @@ class Backend(Protocol):
 
     def finish(self, chosen: Candidate, measured: Measurement, work: Path, evalset: Samples,
                reference: Sequence[Mapping[str, np.ndarray]], budget: float,
-               ) -> tuple[Path, str | None]:
+               scorer: TaskScorer | None) -> tuple[Path, str | None]:
         """The file to ship for the chosen candidate, and a note for the report."""
         ...
 
@@ -263,6 +278,9 @@ def drive(backend: Backend, out: Path, options: ConvertOptions, source: SourceIn
         calib, evalset = _data(options, specs, cfg, warnings, run, given)
         ref_fn, ref_label = backend.reference(source, warnings)
         reference = _run_reference(ref_fn, source, evalset)
+        plan, scorer = task_scorer(options.task, options.output_metrics, reference,
+                                   source.extra, generic_metric=options.metric,
+                                   max_drop=options.max_drop, labels=evalset.labels)
         state = backend.state
         loop_ref = None
         if state and len(evalset) >= 2:
@@ -280,7 +298,7 @@ def drive(backend: Backend, out: Path, options: ConvertOptions, source: SourceIn
             [c.as_tuple() for c in built], evalset.feeds, reference, metric=options.metric,
             labels=evalset.labels, threads=options.threads, config=cfg.measure,
             progress=options.progress, state=state if loop_ref is not None else None,
-            closed_loop_reference=loop_ref,
+            closed_loop_reference=loop_ref, baseline=backend.baseline, scorer=scorer,
         )
         baseline = backend.baseline
         ineligible = backend.ineligible(cands)
@@ -292,6 +310,7 @@ def drive(backend: Backend, out: Path, options: ConvertOptions, source: SourceIn
             ms_sel = profiled.measurements
             ineligible = {**ineligible, **profiled.excluded}
         budget = (options.max_drop if options.max_drop is not None
+                  else plan.default_max_drop() if scorer is not None
                   else default_max_drop(options.metric, reference))
         requested = backend.requested(None if options.quantize == "auto" else options.quantize,
                                       cands, ineligible, warnings)
@@ -309,18 +328,19 @@ def drive(backend: Backend, out: Path, options: ConvertOptions, source: SourceIn
         chosen = next(m for m in ms if m.name == sel.chosen.name)  # the host's figures
         chosen_cand = next(c for c in cands if c.name == chosen.name)
         model_file, finish_note = backend.finish(chosen_cand, chosen, work, evalset, reference,
-                                                 budget)
+                                                 budget, scorer)
         base_info = backend.base_info(cands, chosen.name, warnings)
         rule = sel.rule if profiled is None else f"{sel.rule}; {profiled.rule}"
         report = _report(backend.title(source), source, options, fixes, calib, evalset,
                          ref_label, budget, cands, ms, chosen, backend.why(sel.why), rule,
                          ineligible,
-                         warnings, finish_note, base_info, profiled, baseline)
+                         warnings, finish_note, base_info, profiled, baseline, plan, sel=sel)
         files = write_report(work / "report", report)
         base_m = next(m for m in ms if m.name == baseline)
         extra: dict[str, Any] = {
             **dict(source.extra),
-            **manifest_figures(chosen, base_m, budget, evalset, options.threads, ref_label),
+            **manifest_figures(chosen, base_m, budget, evalset, options.threads, ref_label,
+                               verified=report["data"]["verified_on_real_data"]),
             "conversion": {"chosen": chosen.name, "candidates": [c.name for c in cands],
                            "normalization": fixes},
         }
@@ -334,13 +354,15 @@ def drive(backend: Backend, out: Path, options: ConvertOptions, source: SourceIn
             extra["conversion"]["base"] = {
                 k: base_info.get(k) for k in ("name", "version", "sha256", "candidate", "used")}
         art = write_artifact(model_file, out, options, source, quantization=chosen.scheme,
-                             report=report, files=files, sample=evalset.feeds[0], extra=extra)
+                             task=plan.task, report=report, files=files,
+                             sample=evalset.feeds[0], extra=extra)
     return ConversionResult(artifact=art, chosen=chosen.name, report=report,
                             warnings=tuple(report["warnings"]))
 
 
 def write_artifact(model_file: Path, out: Path, options: ConvertOptions, source: SourceInfo,
-                   *, quantization: str, report: Mapping[str, Any], files: Mapping[str, Path],
+                   *, quantization: str, task: str, report: Mapping[str, Any],
+                   files: Mapping[str, Path],
                    sample: Mapping[str, np.ndarray] | None,
                    extra: Mapping[str, Any]) -> edge_sdk.Artifact:
     """Write the artifact directory (atomically) with report.json/md/png."""
@@ -350,6 +372,7 @@ def write_artifact(model_file: Path, out: Path, options: ConvertOptions, source:
             name=artifact_name(options, Path(source.path)),
             version=options.version,
             quantization=quantization,
+            task=task,
             source={"format": source.format, "path": Path(source.path).name,
                     "sha256": source.sha256},
             runtime={"threads": options.threads} if options.threads else None,
@@ -415,8 +438,8 @@ def _run_reference(
                               f"{short(err)}") from err
 
 
-def _status(c: Candidate, m: Measurement | None, chosen: str, budget: float,
-            base_lat: float | None, ineligible: Mapping[str, str]) -> tuple[str, str | None]:
+def _status(c: Candidate, m: Measurement | None, budget: float, sel: Selection,
+            ineligible: Mapping[str, str]) -> tuple[str, str | None]:
     if c.error is not None:
         return ("skipped" if c.needs_calibration else "failed",
                 c.error)
@@ -424,14 +447,10 @@ def _status(c: Candidate, m: Measurement | None, chosen: str, budget: float,
         return "failed", (m.error if m else "not measured")
     if c.name in ineligible:
         return "no-op", ineligible[c.name]
-    if c.name == chosen:
-        return "chosen", None
-    assert m.accuracy is not None and m.latency_ms is not None
-    if m.accuracy.drop > budget:
-        return "over-budget", None
-    if base_lat and m.latency_ms > base_lat:
-        return "slower", None
-    return "ok", None
+    status = measured_status(sel, m, budget)
+    if status == "over-budget" and m.accuracy is not None:
+        return status, "; ".join(m.accuracy.breaks) or None
+    return status, None
 
 
 def _report(
@@ -440,17 +459,16 @@ def _report(
     cands: Sequence[Candidate], ms: Sequence[Measurement], chosen: Measurement, why: str,
     rule: str, ineligible: Mapping[str, str], warnings: list[str], ort_note: str | None,
     base: Mapping[str, Any] | None = None, profiled: ProfiledOn | None = None,
-    baseline: str = BASELINE,
+    baseline: str = BASELINE, plan: TaskPlan | None = None, *, sel: Selection,
 ) -> dict[str, Any]:
     by_name = {m.name: m for m in ms}
-    # Status ("slower") follows the latency the choice used: the devices' when profiled.
+    # Status ("slower") and ratio follow the latency the choice used (the devices' when
+    # profiled), as the choice rule judged it.
     decided = by_name if profiled is None else {m.name: m for m in profiled.measurements}
-    base_lat = decided[baseline].latency_ms if baseline in decided else None
     rows = []
     for c in cands:
         m = by_name.get(c.name)
-        status, note = _status(c, decided.get(c.name), chosen.name, budget, base_lat,
-                               ineligible)
+        status, note = _status(c, decided.get(c.name), budget, sel, ineligible)
         if profiled is not None and c.name in profiled.excluded:
             status, note = "excluded", profiled.excluded[c.name]
         rows.append({
@@ -459,6 +477,7 @@ def _report(
             "size_bytes": m.size_bytes if m else None,
             "latency_ms": m.latency_ms if m else None,
             "latency_rounds_ms": list(m.latency_rounds_ms) if m else [],
+            **latency_fields(sel, c.name),
             "accuracy": m.accuracy.to_json() if m and m.accuracy else None,
             "quantized_weights": c.quantized_weights, "total_weights": c.total_weights,
             "params": c.params,
@@ -483,7 +502,8 @@ def _report(
         normalization=notes, calib=calib, evalset=evalset, reference=ref_label,
         budget=budget, threads=options.threads, baseline=baseline, rows=rows,
         chosen=chosen.name, why=why, rule=rule, warnings=warnings, base=base,
-        devices=None if profiled is None else profiled.devices)
+        devices=None if profiled is None else profiled.devices,
+        task=None if plan is None else plan.describe(), chosen_accuracy=chosen.accuracy)
 
 
 @dataclass(frozen=True)

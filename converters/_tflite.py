@@ -34,6 +34,7 @@ from ._measure import Measurement
 if TYPE_CHECKING:
     from ._frontends._common import Loaded
     from ._pipeline import ConversionResult, ConvertConfig, ConvertOptions, Run, SourceInfo
+    from ._tasks import TaskScorer
 
 BASELINE = "float32"
 # candidate name → (scheme, description)
@@ -167,7 +168,7 @@ class TfliteBackend:
 
     def finish(self, chosen: Candidate, measured: Measurement, work: Path, evalset: Samples,
                reference: Sequence[Mapping[str, np.ndarray]], budget: float,
-               ) -> tuple[Path, str | None]:
+               scorer: TaskScorer | None) -> tuple[Path, str | None]:
         assert chosen.path is not None
         return chosen.path, None
 

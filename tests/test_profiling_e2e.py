@@ -166,7 +166,8 @@ def test_convert_to_tflite_times_the_tflite_candidates_on_the_device(
     rows = {r["name"]: r for r in report["candidates"]}
     chosen = rows[report["chosen"]]
     assert chosen["accuracy"]["drop"] <= report["metric"]["max_drop"]
-    assert chosen["device_latency_ms"] <= rows["float32"]["device_latency_ms"]
+    # Not slower than float32 on the device, by the choice rule's noise band.
+    assert chosen["latency_ratio"]["status"] != "slower"
     assert manifest["profiled_on"][DEV]["latency_ms"] == chosen["devices"][DEV]["median_ms"]
     assert not [p for p in host.repo.load("targets").signed.targets
                 if p.startswith("profiling/")]

@@ -75,11 +75,20 @@ class SklearnSource:
             "estimator": type(self.est).__name__,
             "steps": [f"{n}: {type(s).__name__}" for n, s in getattr(self.est, "steps", [])],
             "n_features": self.n_features,
+            "task": self.task(),
         }}
         if self.classifier:
             classes = np.asarray(self.final.classes_)
             extra["labels"] = classes.tolist()
         return Loaded("sklearn", specs, self.reference, extra)
+
+    def task(self) -> str:
+        """classify / regress as scikit-learn itself says (``is_classifier``)."""
+        from sklearn.base import is_classifier, is_regressor
+
+        if self.classifier or is_classifier(self.final):
+            return "classify"
+        return "regress" if is_regressor(self.final) else "generic"
 
     def reference(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         x = np.asarray(feed[self.input_name], dtype=np.float32)

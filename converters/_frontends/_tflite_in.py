@@ -26,6 +26,7 @@ from ._common import first_line
 
 if TYPE_CHECKING:
     from .._pipeline import ConversionResult, ConvertConfig, ConvertOptions, Run, SourceInfo
+    from .._tasks import TaskScorer
 
 
 def convert_tflite_source(
@@ -126,7 +127,7 @@ class KeptTflite:
 
     def finish(self, chosen: Candidate, measured: Measurement, work: Path, evalset: Samples,
                reference: Sequence[Mapping[str, np.ndarray]], budget: float,
-               ) -> tuple[Path, str | None]:
+               scorer: TaskScorer | None) -> tuple[Path, str | None]:
         if not measured.ok:
             raise ConversionError(f"{self.src}: the model fails in LiteRT: {measured.error}")
         return self.src, None
