@@ -129,10 +129,17 @@ class SklearnSource:
         return Loaded("sklearn", specs, self.reference, extra, reported=reported)
 
     def reference(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        # The device feeds float32; those values, exactly, in float64 are what scikit-learn
-        # predicts from in its users' hands (a float32 array would make its scalers
-        # compute in float32).
-        x = np.asarray(np.asarray(feed[self.input_name], dtype=np.float32), dtype=np.float64)
+        x32 = np.asarray(feed[self.input_name], dtype=np.float32)
+        try:
+            # The device feeds float32; those values, exactly, in float64 are what
+            # scikit-learn predicts from in its users' hands (given a float32 array its
+            # scalers compute in float32)...
+            return self._predict(x32.astype(np.float64))
+        except (ValueError, TypeError):
+            # ...unless the model was fitted on float32 and takes nothing else (KMeans).
+            return self._predict(x32)
+
+    def _predict(self, x: np.ndarray) -> dict[str, np.ndarray]:
         with quiet():
             if self.kind in ("classifier", "predictor"):
                 label = np.asarray(self.est.predict(x))
@@ -185,6 +192,10 @@ class SklearnSource:
         options: dict[int, dict[str, Any]] = {}
         if _allows(final, "zipmap"):
             options[id(final)] = {"zipmap": False}
+        elif self.kind == "classifier":
+            # skl2onnx's Pipeline parser gives a classifier without options a zipmap one,
+            # which LinearSVC's converter then refuses; any entry for it prevents that
+            options[id(final)] = {}
         for part in _walk(est):
             if _allows(part, "div"):
                 # skl2onnx scales by x * (1 / s) unless asked; scikit-learn divides, and
@@ -464,10 +475,11 @@ def _no_bools(value: Any) -> Any:
 
 
 def _rename_outputs(model: Any, names: Mapping[str, str]) -> None:
+    """Rename graph outputs, where they are made and where they are read (skl2onnx's
+    linear classifiers compute ``label`` from ``probabilities``)."""
     for node in model.graph.node:
-        for i, o in enumerate(node.output):
-            if o in names:
-                node.output[i] = names[o]
+        node.input[:] = [names.get(n, n) for n in node.input]
+        node.output[:] = [names.get(n, n) for n in node.output]
     for vi in model.graph.output:
         vi.name = names.get(vi.name, vi.name)
 
