@@ -152,23 +152,37 @@ def test_tree_after_a_scaler_agrees_on_every_row_where_a_float32_export_flips_so
     """Integer features of different magnitudes (skl2onnx's own example of float32
     trouble): in float32 throughout, a scaled value lands on the other side of a split
     for about 1% of rows; scaled in double and cast as scikit-learn's trees cast, none."""
+    from sklearn.ensemble import ExtraTreesClassifier
     from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    from sklearn.preprocessing import MinMaxScaler, StandardScaler
     from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor
 
     rng = np.random.default_rng(0)
     x = np.round(rng.normal(size=(600, 6)) * 2.0 ** np.arange(6)).astype(np.float32)
     target = (x @ rng.normal(size=6)).astype(np.float32)
     classes = np.digitize(target, np.quantile(target, [0.33, 0.66]))
-    for est, y in ((DecisionTreeRegressor(max_depth=10, random_state=0), target),
-                   (DecisionTreeClassifier(random_state=0), classes)):
-        pipe = make_pipeline(StandardScaler(), est).fit(x[:300], y[:300])
-        src = fm.save_pickle(pipe, tmp_path / f"{type(est).__name__}.pkl")
-        res = _convert(src, tmp_path / type(est).__name__, quantize="none",
+    for name, pipe, y in (
+        ("minmax-tree-regressor", make_pipeline(
+            MinMaxScaler(), DecisionTreeRegressor(max_depth=10, random_state=0)), target),
+        ("scaler-tree", make_pipeline(StandardScaler(), DecisionTreeClassifier(random_state=0)),
+         classes),
+        ("minmax-extra-trees", make_pipeline(
+            MinMaxScaler(), ExtraTreesClassifier(20, random_state=0)), classes),
+    ):
+        pipe.fit(x[:300], y[:300])
+        res = _convert(fm.save_pickle(pipe, tmp_path / f"{name}.pkl"), tmp_path / name,
                        calibration=fm.save_npz(tmp_path / "calib.npz", input=x))
         out = edge_sdk.load(res.artifact.path).predict({"input": x})
-        got = out["variable"].ravel() if "variable" in out else out["label"]
-        np.testing.assert_allclose(got, pipe.predict(x.astype(np.float64)), rtol=1e-6)
+        x64 = x.astype(np.float64)
+        if "variable" in out:
+            np.testing.assert_allclose(out["variable"].ravel(), pipe.predict(x64), rtol=1e-6,
+                                       err_msg=name)
+        else:  # every split taken as scikit-learn takes it: probabilities to float32 sums
+            proba = pipe.predict_proba(x64)
+            np.testing.assert_allclose(out["probabilities"], proba, atol=1e-6, err_msg=name)
+            top2 = np.sort(proba, axis=1)[:, -2:]
+            untied = top2[:, 1] - top2[:, 0] > 1e-6  # a tie may go either way in float32
+            np.testing.assert_array_equal(out["label"][untied], pipe.predict(x64)[untied])
         assert res.artifact.manifest.extra["sklearn"]["precision"] == "float64 before the trees"
 
 
