@@ -50,6 +50,8 @@ def convert(
         for key in ("calibration", "eval", "base"):
             if fields.get(key) is not None:
                 fields[key] = Path(fields[key])
+        if input_shapes:
+            fields["input_shapes"] = dict(input_shapes)
         if "exclude_ops" in fields:
             fields["exclude_ops"] = tuple(fields["exclude_ops"])
         options = ConvertOptions(**fields)

@@ -5,6 +5,8 @@ Reusable by every front-end::
     samples = load_samples(path, input_specs, what="calibration")  # -> Samples
     calib, evalset = split_holdout(samples, fraction=0.25)
     synthetic = synthetic_samples(input_specs, n=16, seed=0)
+    shapes = check_input_shapes(input_specs, {"images": (1, 3, 320, 320)})  # --input-shape
+    evalset = synthetic_evalset(predictor.predict, input_specs, n=16, given=shapes)
 
 Layout (../shared/DESIGN.md "Calibration and evaluation files"): one array per
 input name, plus an optional ``labels`` array (one label per sample). When an
@@ -17,15 +19,22 @@ the input.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from edge_sdk import TensorSpec
-from edge_sdk._internal import load_npz, synthetic_inputs
-from edge_sdk.errors import UsageError
+from edge_sdk._internal import (
+    concrete_specs,
+    load_npz,
+    search_input_shapes,
+    shape_text,
+    symbolic_dims,
+    synthetic_inputs,
+)
+from edge_sdk.errors import ConversionError, UsageError
 
 LABELS_KEY = "labels"
 
@@ -164,15 +173,78 @@ def split_holdout(samples: Samples, fraction: float) -> tuple[Samples, Samples]:
 
 
 def synthetic_samples(
-    inputs: Sequence[TensorSpec], *, n: int, seed: int = 0, dim_size: int = 16
+    inputs: Sequence[TensorSpec], *, n: int, seed: int = 0, dim_size: int = 16,
+    shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> Samples:
-    """``n`` random feeds matching ``inputs``: batch dims 1, other symbolic dims
-    ``dim_size`` (see :func:`edge_sdk._bench.synthetic_inputs`)."""
-    feeds = [synthetic_inputs(inputs, seed=seed + i, other=dim_size) for i in range(n)]
+    """``n`` random feeds matching ``inputs``: the inputs named in ``shapes`` get that
+    shape; elsewhere batch dims are 1, other symbolic dims ``dim_size`` (see
+    :func:`edge_sdk._bench.synthetic_inputs`)."""
+    specs = concrete_specs(inputs, shapes or {})
+    feeds = [synthetic_inputs(specs, seed=seed + i, other=dim_size) for i in range(n)]
     return Samples(tuple(feeds), None, "synthetic")
 
 
+def check_input_shapes(
+    inputs: Sequence[TensorSpec], given: Mapping[str, Sequence[int]] | None,
+) -> dict[str, tuple[int, ...]]:
+    """``--input-shape`` values checked against the signature: a :class:`UsageError`
+    for an unknown input name, another rank, or a size that contradicts a fixed dim."""
+    by_name = {s.name: s for s in inputs}
+    out: dict[str, tuple[int, ...]] = {}
+    for name, shape in (given or {}).items():
+        arg = f"--input-shape {name}={shape_text(shape)}"
+        spec = by_name.get(name)
+        if spec is None:
+            raise UsageError(f"{arg}: the model has no input {name!r} (its inputs: "
+                             f"{'; '.join(s.describe() for s in inputs)})")
+        if len(shape) != len(spec.shape):
+            raise UsageError(f"{arg}: {len(shape)} dims, but {name!r} has {len(spec.shape)} "
+                             f"({spec.describe()})")
+        for i, (want, got) in enumerate(zip(spec.shape, shape, strict=True)):
+            if got < 1:
+                raise UsageError(f"{arg}: dim {i} must be at least 1")
+            if isinstance(want, int) and want != got:
+                raise UsageError(f"{arg}: dim {i} of {name!r} is fixed at {want} in the model, "
+                                 f"not {got} ({spec.describe()})")
+        out[name] = tuple(int(d) for d in shape)
+    return out
+
+
+def synthetic_evalset(
+    run: Callable[[dict[str, np.ndarray]], object], inputs: Sequence[TensorSpec], *, n: int,
+    given: Mapping[str, Sequence[int]] | None = None, max_tries: int = 10,
+) -> Samples:
+    """``n`` random feeds of shapes the model runs on (``run`` is its predict): the
+    ``given`` ones (checked by :func:`check_input_shapes`), the rest found by
+    :func:`edge_sdk._bench.search_input_shapes`. A :class:`ConversionError` saying
+    which inputs and dims to give when no tried shape runs."""
+    found = search_input_shapes(run, inputs, given=given, max_tries=max_tries)
+    if found.shapes is not None:
+        return synthetic_samples(inputs, n=n, shapes=found.shapes)
+    err = (found.error or "")[:80]
+    tried = ", ".join(shape_text(t[k]) for t in found.tried[:2] for k in t) + (
+        f", … {len(found.tried)} tries" if len(found.tried) > 2 else "")
+    if not found.free:
+        other = " or an --input-shape it accepts" if given else ""
+        raise ConversionError(f"the model fails on synthetic inputs: pass --calibration "
+                              f"CALIB.npz with real inputs{other} ({tried}: {err})")
+    hints = " ".join(f"--input-shape {s.name}={_template(s)}" for s in inputs
+                     if s.name in found.free)
+    dims = "; ".join(f"{k}: {', '.join(v)}" for k, v in found.free.items())
+    raise ConversionError(f"the model runs on no synthetic input shape tried: pass "
+                          f"--calibration CALIB.npz with real inputs or {hints} (symbolic "
+                          f"dims {dims}; tried {tried}; last error: {err})")
+
+
+def _template(spec: TensorSpec) -> str:
+    """``1x3xHxW``: the --input-shape to give, symbolic dims by name."""
+    free = symbolic_dims(spec)
+    dims = [str(d) if isinstance(d, int) else ("1" if i == 0 else free.pop(0).replace(" ", ""))
+            for i, d in enumerate(spec.shape)]
+    return "x".join(dims)
+
+
 __all__ = [
-    "LABELS_KEY", "Samples", "load_samples", "samples_from_arrays", "split_holdout",
-    "synthetic_samples",
+    "LABELS_KEY", "Samples", "check_input_shapes", "load_samples", "samples_from_arrays",
+    "split_holdout", "synthetic_evalset", "synthetic_samples",
 ]

@@ -24,7 +24,7 @@ from edge_sdk.errors import ConversionError, EdgeError, UsageError
 
 from ._base import Base, build_base_candidate, check_base, float_initializers
 from ._candidates import SCHEMES, Candidate, CandidateConfig, build_candidates
-from ._data import Samples, load_samples, split_holdout, synthetic_samples
+from ._data import Samples, check_input_shapes, load_samples, split_holdout, synthetic_evalset
 from ._measure import (
     METRICS,
     PREFER,
@@ -65,6 +65,9 @@ class ConvertOptions:
     # An earlier int8 ONNX artifact of this model (v1): its scales and zero points are
     # reused where they still fit, so that v2 is a small delta from it.
     base: Path | None = None
+    # --input-shape for an ONNX source: the shapes of synthetic inputs for symbolic dims
+    # (the artifact keeps the symbolic signature). Front-ends use theirs for the export.
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None
 
 
 @dataclass(frozen=True)
@@ -198,7 +201,9 @@ def convert_onnx(
         warnings: list[str] = []
         if base is not None:
             _check_base_matches(base, fp32_path, warnings)
-        calib, evalset = _data(options, specs, cfg, warnings)
+        given = check_input_shapes(specs, options.input_shapes if source.format == "onnx"
+                                   else None)
+        calib, evalset = _data(options, specs, cfg, warnings, fp32_pred.predict, given)
         ref_fn, ref_label = _reference_fn(src, norm_path, source, warnings)
         reference = _run_reference(ref_fn, source, evalset)
         state = state_pairs(fp32_pred.inputs, fp32_pred.outputs)
@@ -358,8 +363,11 @@ def _schemes(quantize: str) -> list[str]:
 
 def _data(
     options: ConvertOptions, specs: Sequence[edge_sdk.TensorSpec], cfg: ConvertConfig,
-    warnings: list[str],
+    warnings: list[str], run: Callable[[dict[str, np.ndarray]], object],
+    given: Mapping[str, tuple[int, ...]],
 ) -> tuple[Samples | None, Samples]:
+    """Calibration and evaluation samples: the user's, else synthetic ones of shapes the
+    model (``run``) accepts: --input-shape's (``given``) and tried ones."""
     calib = load_samples(options.calibration, specs, what="calibration") \
         if options.calibration is not None else None
     evalset = load_samples(options.eval, specs, what="evaluation") \
@@ -370,9 +378,14 @@ def _data(
                             "evaluation set (pass --eval for an honest figure)")
         calib, evalset = split_holdout(calib, cfg.holdout_fraction)
     if evalset is None:
-        evalset = synthetic_samples(specs, n=cfg.synthetic_samples)
+        evalset = synthetic_evalset(run, specs, n=cfg.synthetic_samples, given=given)
+        shapes = ", ".join(f"{k} {'x'.join(map(str, np.shape(v)))}"
+                           for k, v in evalset.feeds[0].items())
         warnings.append(f"{NOT_VERIFIED}: no --calibration or --eval given; accuracy was "
-                        f"checked on {len(evalset)} synthetic inputs only")
+                        f"checked on {len(evalset)} synthetic inputs only ({shapes})")
+    elif given:
+        warnings.append("--input-shape is not used: the calibration/evaluation data's "
+                        "shapes are")
     return calib, evalset
 
 

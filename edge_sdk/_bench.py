@@ -1,10 +1,12 @@
-"""Latency measurement shared by ``edge-sdk bench`` and the converters."""
+"""Latency measurement and synthetic inputs shared by ``edge-sdk bench`` and the
+converters."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -88,3 +90,152 @@ def synthetic_inputs(
         else:
             out[spec.name] = np.zeros(shape, dtype=dt)
     return out
+
+
+#: Sizes tried, in order, for the symbolic height and width of an image-like input
+#: (rank 4, channels fixed): H = W, the sizes vision models are commonly exported for.
+IMAGE_SIZES = (224, 256, 320, 640, 32, 64)
+#: Sizes tried for every other symbolic dim (sequence lengths, feature counts); 16
+#: first, the size used before shapes were searched.
+OTHER_SIZES = (16, 32, 64, 128, 256, 512)
+
+Shapes = dict[str, tuple[int, ...]]
+
+
+def concrete_specs(specs: Sequence[TensorSpec], shapes: Mapping[str, Sequence[int]]
+                   ) -> list[TensorSpec]:
+    """``specs`` with the shapes of the inputs named in ``shapes`` made concrete."""
+    return [TensorSpec(s.name, s.dtype, tuple(int(d) for d in shapes[s.name]))
+            if s.name in shapes else s for s in specs]
+
+
+def symbolic_dims(spec: TensorSpec) -> list[str]:
+    """The names (``dim 2`` when unnamed) of ``spec``'s symbolic dims after the batch axis."""
+    return [d if isinstance(d, str) else f"dim {i}"
+            for i, d in enumerate(spec.shape) if i > 0 and not isinstance(d, int)]
+
+
+def shape_text(shape: Sequence[int]) -> str:
+    """``1x3x224x224``: the form ``--input-shape`` takes."""
+    return "x".join(str(d) for d in shape)
+
+
+@dataclass(frozen=True)
+class ShapeSearch:
+    """What :func:`search_input_shapes` found: ``shapes`` the model ran on (None when
+    no try ran), every shape ``tried`` and the last ``error``."""
+
+    shapes: Shapes | None
+    tried: tuple[Shapes, ...] = ()
+    error: str | None = None
+    free: dict[str, list[str]] = field(default_factory=dict)  # input -> its guessed dims
+
+
+# "A by B" (broadcast), "Got: A Expected: B" (fixed dims): when A is the size tried, the
+# model named B as the size it wants.
+_NAMED_SIZES = (re.compile(r"\b(\d+) by (\d+)\b"),
+                re.compile(r"Got:\s*(\d+)\s+Expected:\s*(\d+)"))
+
+
+def search_input_shapes(
+    run: Callable[[dict[str, np.ndarray]], Any], specs: Sequence[TensorSpec], *,
+    batch: int = 1, given: Mapping[str, Sequence[int]] | None = None, seed: int = 0,
+    max_tries: int = 10,
+) -> ShapeSearch:
+    """Find input shapes ``run`` accepts, at most ``max_tries`` runs on random inputs.
+
+    Inputs in ``given`` keep their shape (a dim name they share passes its size on); a
+    symbolic axis 0 is ``batch``; the other symbolic dims are guessed: H = W from
+    :data:`IMAGE_SIZES` for image-like inputs, :data:`OTHER_SIZES` for the rest, and
+    first any size the last failure's message asks for. Any exception of ``run`` counts
+    as a rejection of the shapes.
+    """
+    known: dict[str, int] = {}  # dim name (or "input/axis") -> size
+    image: set[str] = set()
+    free: dict[str, list[str]] = {}
+    for s in specs:
+        if given and s.name in given:
+            for i, d in enumerate(s.shape):
+                if isinstance(d, str):
+                    known.setdefault(d, int(given[s.name][i]))
+    for s in specs:
+        if given and s.name in given:
+            continue
+        for i, d in enumerate(s.shape):
+            if isinstance(d, int):
+                continue
+            key = d if isinstance(d, str) else f"{s.name}/{i}"
+            if i == 0:
+                known.setdefault(key, batch)
+            elif key not in known:
+                free.setdefault(s.name, []).append(d if isinstance(d, str) else f"dim {i}")
+                if _spatial(s, i):
+                    image.add(key)
+
+    def shapes_for(img: int, other: int) -> Shapes:
+        out: Shapes = {}
+        for s in specs:
+            if given and s.name in given:
+                out[s.name] = tuple(int(d) for d in given[s.name])
+                continue
+            dims = []
+            for i, d in enumerate(s.shape):
+                key = d if isinstance(d, str) else f"{s.name}/{i}"
+                dims.append(d if isinstance(d, int) else known.get(
+                    key, img if key in image else other))
+            out[s.name] = tuple(dims)
+        return out
+
+    queue: list[tuple[int, int]] = [(IMAGE_SIZES[k % len(IMAGE_SIZES)],
+                                     OTHER_SIZES[k % len(OTHER_SIZES)])
+                                    for k in range(max(len(IMAGE_SIZES), len(OTHER_SIZES)))]
+    if not free:
+        queue = queue[:1]
+    tried: list[Shapes] = []
+    error = None
+    while queue and len(tried) < max_tries:
+        img, other = queue.pop(0)
+        shapes = shapes_for(img, other)
+        if shapes in tried:
+            continue
+        tried.append(shapes)
+        try:
+            run(synthetic_inputs(concrete_specs(specs, shapes), seed=seed))
+        except Exception as err:
+            error = runtime_error_text(err)
+            named = _named_sizes(error, {img, other})
+            queue[:0] = [(n, n) for n in named]
+            continue
+        return ShapeSearch(shapes, tuple(tried), None, free)
+    return ShapeSearch(None, tuple(tried), error, free)
+
+
+_ORT_NODE = re.compile(r"while running (\w+) node\..*?Status Message:\s*(?:\S+\.\w+:\d+\s+"
+                       r"(?:[\w:]+\s+)?)?(.*)$")
+
+
+def runtime_error_text(err: BaseException) -> str:
+    """``err`` on one short line: onnxruntime's node failures as ``Concat: <message>``."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    m = _ORT_NODE.search(text)
+    return f"{m.group(1)}: {m.group(2)}" if m else text
+
+
+def _spatial(spec: TensorSpec, axis: int) -> bool:
+    """Whether ``axis`` is H or W of a rank-4 input with fixed channels (NCHW or NHWC)."""
+    if len(spec.shape) != 4:
+        return False
+    if isinstance(spec.shape[1], int):
+        return axis in (2, 3)
+    return isinstance(spec.shape[3], int) and axis in (1, 2)
+
+
+def _named_sizes(message: str, tried: set[int]) -> list[int]:
+    out: list[int] = []
+    for pattern in _NAMED_SIZES:
+        for m in pattern.finditer(message):
+            a, b = int(m.group(1)), int(m.group(2))
+            for mine, wanted in ((a, b), (b, a)):
+                if mine in tried and wanted not in tried and wanted > 1 and wanted not in out:
+                    out.append(wanted)
+    return out[:2]

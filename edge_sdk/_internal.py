@@ -15,7 +15,9 @@ sibling needs it, never by reaching into the module that defines it.
   artifact directory), :func:`load_model_file` (a Predictor for a bare model file),
   :func:`litert_op_names` (the ops of a LiteRT interpreter's graph);
 - data: :func:`load_npz` (an ``.npz`` of named arrays), :func:`synthetic_inputs`
-  (random feeds matching a signature), :func:`measure` → :class:`LatencyStats`;
+  (random feeds matching a signature), :func:`search_input_shapes` → :class:`ShapeSearch`
+  (shapes a model with symbolic dims runs on), :func:`concrete_specs`,
+  :func:`symbolic_dims`, :func:`shape_text`, :func:`measure` → :class:`LatencyStats`;
 - messages: :func:`loads_bounded` with :data:`MESSAGE_MAX_BYTES` and
   :data:`MESSAGE_MAX_DEPTH` (JSON from the network, bounded in size and depth);
 - HTTP: :func:`parse_head` → :class:`RequestHead`, raising :class:`HeadError` (the
@@ -26,7 +28,16 @@ sibling needs it, never by reaching into the module that defines it.
 """
 
 from ._artifact import MANIFEST_NAME, REPORT_NAME
-from ._bench import LatencyStats, measure, synthetic_inputs
+from ._bench import (
+    LatencyStats,
+    ShapeSearch,
+    concrete_specs,
+    measure,
+    search_input_shapes,
+    shape_text,
+    symbolic_dims,
+    synthetic_inputs,
+)
 from ._fs import atomic_write_bytes, atomic_write_text, sha256_file, staged_dir
 from ._http import HeadError, RequestHead, check_host, host_name, parse_head, reason
 from ._io import load_npz
@@ -42,10 +53,12 @@ __all__ = [
     "HeadError",
     "LatencyStats",
     "RequestHead",
+    "ShapeSearch",
     "add_secret",
     "atomic_write_bytes",
     "atomic_write_text",
     "check_host",
+    "concrete_specs",
     "host_name",
     "litert_op_names",
     "load_model_file",
@@ -55,7 +68,10 @@ __all__ = [
     "parse_head",
     "reason",
     "redact_url",
+    "search_input_shapes",
     "sha256_file",
+    "shape_text",
     "staged_dir",
+    "symbolic_dims",
     "synthetic_inputs",
 ]

@@ -62,6 +62,9 @@ class _OrtBackend:
         self.outputs = tuple(_ort_spec(a) for a in self.session.get_outputs())
         self._output_names = [o.name for o in self.outputs]
         self._run_options = ort.RunOptions()
+        # A failed run raises with the runtime's message; its log line on stderr would
+        # only repeat it (and a shape search prints one per tried shape).
+        self._run_options.log_severity_level = 4
         self._run = self.session.run
 
     def run(self, feed: dict[str, np.ndarray]) -> list[Any]:

@@ -640,7 +640,7 @@ def fleet(site: Site) -> None:
     run("rollout", "status", rid, "--repo", str(repo))
 
     step("22. the operator approves the next wave")
-    run("rollout", "resume", rid, "--repo", str(repo))
+    run("rollout", "approve", rid, "--repo", str(repo))
     wait_rollout(site, rid, ("completed",))
     run("rollout", "status", rid, "--repo", str(repo))
 

@@ -318,3 +318,46 @@ def loop_rnn(path: Path, *, d: int = 16, steps: int = 4, seed: int = 0) -> Path:
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
+
+
+def yolo_neck(path: Path, *, width: int = 8, seed: int = 0) -> Path:
+    """A detector neck with symbolic H, W: five stride-2 convs, the /32 map upsampled x2
+    and concatenated with the /16 map (as YOLO's FPN does), a 1x1 head. Runs only when H
+    and W are multiples of 32: on 16x16 the Concat fails."""
+    g = _G(seed)
+    x, c, maps = "images", 3, []
+    for _ in range(5):
+        x = g.op("Relu", [g.conv(x, c, width, 3, stride=2)])
+        c = width
+        maps.append(x)
+    scales = g.const(np.array([1, 1, 2, 2], np.float32), "scales")
+    up = g.op("Resize", [maps[-1], "", scales], mode="nearest")
+    cat = g.op("Concat", [up, maps[-2]], axis=1)
+    g.nodes.append(helper.make_node("Conv", [cat, g.weight((6, 2 * width, 1, 1), 2 * width),
+                                              g.bias(6)], ["preds"], kernel_shape=[1, 1]))
+    return g.save(path, [_vi("images", TensorProto.FLOAT, ["batch", 3, "H", "W"])],
+                  [_vi("preds", TensorProto.FLOAT, ["batch", 6, "h", "w"])])
+
+
+def stride3_concat(path: Path, *, width: int = 8, seed: int = 0) -> Path:
+    """Symbolic H, W that must be multiples of 3 (a stride-3 pool upsampled x3 and
+    concatenated with its input): none of the sizes a shape search tries."""
+    g = _G(seed)
+    pool = g.op("MaxPool", ["images"], kernel_shape=[3, 3], strides=[3, 3])
+    scales = g.const(np.array([1, 1, 3, 3], np.float32), "scales")
+    cat = g.op("Concat", [g.op("Resize", [pool, "", scales], mode="nearest"), "images"],
+               axis=1)
+    g.nodes.append(helper.make_node("Conv", [cat, g.weight((width, 6, 1, 1), 6),
+                                              g.bias(width)], ["y"], kernel_shape=[1, 1]))
+    return g.save(path, [_vi("images", TensorProto.FLOAT, ["batch", 3, "H", "W"])],
+                  [_vi("y", TensorProto.FLOAT, ["batch", width, "H", "W"])])
+
+
+def fixed_width_mlp(path: Path, *, width: int = 24, seed: int = 0) -> Path:
+    """x [batch, n] plus a [1, width] offset, then a dense layer: n must be ``width``,
+    which onnxruntime's broadcast error names ("16 by 24")."""
+    g = _G(seed)
+    shifted = g.op("Add", ["x", g.const(g.rng.normal(0, 0.1, (1, width)).astype(np.float32))])
+    g.nodes.append(helper.make_node("MatMul", [shifted, g.weight((width, 4), width)], ["y"]))
+    return g.save(path, [_vi("x", TensorProto.FLOAT, ["batch", "n"])],
+                  [_vi("y", TensorProto.FLOAT, ["batch", 4])])

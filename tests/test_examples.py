@@ -65,7 +65,7 @@ def test_demo_rolls_a_fine_tuned_v2_out_to_three_devices_by_delta_after_one_appr
         assert rollout["status"] == "completed"
         assert [w["devices"] for w in rollout["progress"]] == [1, 2]
         assert rollout["config"]["pause_after_wave"]
-        approvals = [a for a in db.audit() if a["action"] == "rollout.resume"
+        approvals = [a for a in db.audit() if a["action"] == "rollout.approve"
                      and a["params"]["rollout"] == rollout["id"]]
         assert len(approvals) == 1
     # The gate held: wave 2 was sent only after the approval, which came after wave 1.

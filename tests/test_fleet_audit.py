@@ -1,5 +1,5 @@
 """The audit log through the CLI (``main([...])``), on SQLite and PostgreSQL: every operator
-action — release add, deploy, rollout start/pause/resume/abort, key rotation — with its
+action — release add, deploy, rollout start/pause/resume/abort/run, key rotation — with its
 actor (``--operator``, else ``EDGE_OPERATOR``, else the OS user) and its parameters; a
 refused command leaves no entry."""
 
@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import getpass
 import json
+import signal
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from edge_sdk.cli import main
 from edge_sdk.fleet import FleetDB
 from edge_sdk.fleet._registry import write_state
+from edge_sdk.transport import MqttConfig, MqttConnection, Topics
 from tests import _fleetdb
 from tests._broker import Mosquitto
 from tests._trust_env import make_artifact
@@ -99,3 +103,72 @@ def test_release_add_without_a_database_goes_to_the_repository_fleet_db(
     rows = json.loads(capsys.readouterr().out)
     assert [(r["actor"], r["action"], r["params"]["version"]) for r in rows] == [
         ("dora", "release.add", "1.0")]
+
+
+def _rollout_run(repo: Path, broker: Mosquitto, device: str, *args: str) -> list[str]:
+    return ["rollout", "run", "--repo", str(repo), "--broker", broker.url, "--fleet", FLEET,
+            "--model", "m", "--device", device, "--waves", "1,100%", *args]
+
+
+def _repo_with_two_releases(tmp_path: Path) -> Path:
+    repo = tmp_path / "repo"
+    assert main(["release", "init", str(repo), "--keys", str(tmp_path / "keys")]) == 0
+    for v in ("1.0", "2.0"):
+        art = make_artifact(tmp_path / "arts", "m", v)
+        assert main(["release", "add", str(repo), str(art.path), "--operator", "alice"]) == 0
+    return repo
+
+
+def _last_entry(repo: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    capsys.readouterr()
+    assert main(["audit", "--repo", str(repo), "--json"]) == 0
+    return dict(json.loads(capsys.readouterr().out)[-1])
+
+
+def test_a_one_shot_rollout_run_is_audited_in_the_repository_fleet_db_with_its_outcome(
+        tmp_path: Path, shared_broker: Mosquitto,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # A device that never answers: wave 1 fails, the rollout aborts (exit 3); the operator
+    # action is recorded all the same, with the version the default picked.
+    repo = _repo_with_two_releases(tmp_path)
+    capsys.readouterr()
+    assert main(_rollout_run(repo, shared_broker, "audit-run-1", "--version", "9.9")) == 2
+    assert _last_entry(repo, capsys)["action"] == "release.add"  # refused: no entry
+    assert main(_rollout_run(repo, shared_broker, "audit-run-1", "--wave-timeout", "1",
+                             "--operator", "erin")) == 3
+    entry = _last_entry(repo, capsys)
+    assert (entry["actor"], entry["action"]) == ("erin", "rollout.run")
+    params = entry["params"]
+    aborted = params.pop("aborted")
+    assert aborted.startswith("wave 1 of 1: 1 of 1 device(s) did not commit"), aborted
+    assert params == {"fleet": FLEET, "model": "m", "version": "2.0",
+                      "devices": ["audit-run-1"], "groups": [], "waves": ["1", "100%"],
+                      "max_failures": 0.0, "wave_timeout": 1.0, "rollback": True,
+                      "signed_rollback": False, "deployments": [1], "rollbacks": []}
+
+
+def test_a_rollout_run_interrupted_after_its_first_wave_went_out_is_audited(
+        tmp_path: Path, shared_broker: Mosquitto,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    repo = _repo_with_two_releases(tmp_path)
+    device = "audit-run-2"
+    sent = threading.Event()
+    watcher = MqttConnection(MqttConfig(url=shared_broker.url, fleet=FLEET))
+    with watcher:
+        watcher.subscribe(Topics.for_config(watcher.config).desired(device),
+                          lambda _t, payload: sent.set() if payload else None)
+
+        def interrupt() -> None:  # Ctrl-C once the wave's document is on the broker
+            if sent.wait(60):
+                signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+        t = threading.Thread(target=interrupt, daemon=True)
+        t.start()
+        code = main(_rollout_run(repo, shared_broker, device, "--version", "1.0",
+                                 "--wave-timeout", "120", "--operator", "finn"))
+        t.join(10)
+    assert code == 130 and sent.is_set()
+    entry = _last_entry(repo, capsys)
+    assert (entry["actor"], entry["action"]) == ("finn", "rollout.run")
+    assert (entry["params"]["version"], entry["params"]["deployments"],
+            entry["params"]["aborted"]) == ("1.0", [1], "interrupted: KeyboardInterrupt")

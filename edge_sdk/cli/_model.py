@@ -13,11 +13,19 @@ import click
 import numpy as np
 
 from .._artifact import MANIFEST_NAME, format_for_path
-from .._bench import measure, synthetic_inputs
+from .._bench import (
+    concrete_specs,
+    measure,
+    runtime_error_text,
+    search_input_shapes,
+    shape_text,
+    symbolic_dims,
+    synthetic_inputs,
+)
 from .._fs import sha256_file
 from .._io import read_inputs, save_npz, to_jsonable
 from .._runtime import Predictor, litert_op_names, load
-from ..errors import UsageError
+from ..errors import EdgeError, UsageError
 
 
 def _describe(path: Path, predictor: Predictor) -> dict[str, Any]:
@@ -154,19 +162,26 @@ def inspect_cmd(path: str, as_json: bool) -> None:
 
 @click.command("predict")
 @click.argument("path")
-@click.option("--input", "-i", "input_file", required=True,
-              help="Inputs: .npz (keys = input names), .npy (single-input models) or .json.")
+@click.option("--input", "-i", "input_file",
+              help="Inputs: .npz (keys = input names), .npy (single-input models) or .json "
+              "(default: the artifact's own sample.npz).")
 @click.option("-o", "--output", "output_file", help="Write the outputs to this .npz file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the outputs as JSON.")
 @click.option("--threads", type=click.IntRange(min=1), help="Runtime intra-op threads.")
-def predict_cmd(path: str, input_file: str, output_file: str | None, as_json: bool,
+def predict_cmd(path: str, input_file: str | None, output_file: str | None, as_json: bool,
                 threads: int | None) -> None:
-    """Run PATH (artifact directory or model file) offline on INPUT."""
+    """Run PATH (artifact directory or model file) offline on INPUT (default: the
+    artifact's sample)."""
     if output_file is not None and not output_file.endswith(".npz"):
         raise UsageError(f"{output_file}: the output file must end in .npz")
     predictor = _open(path) if threads is None else load(path, threads=threads)
+    if input_file is None:
+        input_file = str(_sample_file(path, predictor) or "")
+        if not input_file:
+            raise UsageError(f"{path} has no sample.npz to run; pass --input FILE (.npz keyed "
+                             "by input name, .npy or .json)")
     feed = read_inputs(input_file, predictor.inputs)
-    outputs = predictor.predict(feed)
+    outputs = _run(predictor, feed, input_file)
     if output_file is not None:
         save_npz(output_file, outputs)
     if as_json:
@@ -187,8 +202,9 @@ def predict_cmd(path: str, input_file: str, output_file: str | None, as_json: bo
 @click.option("--warmup", default=20, show_default=True, type=click.IntRange(min=0))
 @click.option("--threads", type=click.IntRange(min=1), help="Runtime intra-op threads.")
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Size of symbolic batch dims for synthetic inputs.")
-@click.option("--input", "-i", "input_file", help="Use these inputs instead of random ones.")
+              help="Size of a symbolic batch axis (the sample is repeated along it).")
+@click.option("--input", "-i", "input_file", help="Use these inputs (default: the artifact's "
+              "own sample.npz, else random inputs of a shape the model runs on).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("--on", "devices", multiple=True, metavar="DEVICE",
               help="Measure on this device's agent instead (repeatable; needs --broker and "
@@ -212,11 +228,8 @@ def bench_cmd(path: str, runs: int, warmup: int, threads: int | None, batch: int
     if not Path(path).exists():
         raise UsageError(f"{path}: no such file or directory")
     predictor = load(path, threads=threads)
-    if input_file:
-        feed = read_inputs(input_file, predictor.inputs)
-    else:
-        feed = synthetic_inputs(predictor.inputs, batch=batch)
-    expected = predictor.predict(feed)  # surfaces input errors before timing
+    feed, origin = _bench_feed(path, predictor, input_file, batch)
+    expected = _run(predictor, feed, origin)  # surfaces input errors before timing
     if devices:
         _bench_on(path, predictor, feed, expected, devices, broker, repo_dir, fleet, keydir,
                   username, password, runs, warmup, timeout_s, as_json)
@@ -232,6 +245,59 @@ def bench_cmd(path: str, runs: int, warmup: int, threads: int | None, batch: int
     click.echo(f"latency ms  p50 {stats.p50_ms:.3f}  p90 {stats.p90_ms:.3f}  "
                f"p99 {stats.p99_ms:.3f}  mean {stats.mean_ms:.3f}")
     click.echo(f"throughput  {stats.throughput_per_s:.1f} inferences/s")
+
+
+def _sample_file(path: str, predictor: Predictor) -> Path | None:
+    """The artifact's own sample (None for a bare model file or an artifact without one)."""
+    if predictor.manifest is None or predictor.manifest.sample is None:
+        return None
+    p = Path(path)
+    return (p if p.is_dir() else p.parent) / predictor.manifest.sample
+
+
+def _bench_feed(path: str, predictor: Predictor, input_file: str | None,
+                batch: int) -> tuple[dict[str, Any], str]:
+    """--input, else the artifact's sample (repeated along a symbolic batch axis to
+    ``batch``), else random inputs of shapes the model runs on; and where they came from."""
+    if input_file:
+        return read_inputs(input_file, predictor.inputs), input_file
+    sample = _sample_file(path, predictor)
+    if sample is not None:
+        feed = read_inputs(sample, predictor.inputs)
+        for s in predictor.inputs:
+            arr = np.asarray(feed.get(s.name))
+            if batch > 1 and s.shape and not isinstance(s.shape[0], int) and arr.ndim and \
+                    arr.shape[0] == 1:
+                feed[s.name] = np.repeat(arr, batch, axis=0)
+        return feed, str(sample)
+    found = search_input_shapes(predictor.predict, predictor.inputs, batch=batch)
+    if found.shapes is None:
+        dims = "; ".join(f"{k}: {', '.join(v)}" for k, v in found.free.items())
+        tried = ", ".join(shape_text(t[k]) for t in found.tried[:2] for k in t) + (
+            f", … {len(found.tried)} tries" if len(found.tried) > 2 else "")
+        raise UsageError(
+            f"{path} runs on no random input shape tried and has no sample: pass --input "
+            "FILE (.npz keyed by input name) with inputs it accepts ("
+            + (f"symbolic dims {dims}; " if dims else "")
+            + f"tried {tried}; last error: {(found.error or '')[:100]})")
+    return synthetic_inputs(concrete_specs(predictor.inputs, found.shapes)), "random inputs"
+
+
+def _run(predictor: Predictor, feed: Mapping[str, Any], origin: str) -> dict[str, np.ndarray]:
+    """``predictor.predict(feed)``; the runtime's failure on inputs that fit the signature
+    is the caller's one-line error, not an internal one."""
+    try:
+        return predictor.predict(feed)
+    except EdgeError:
+        raise
+    except Exception as err:
+        shapes = ", ".join(f"{k} {shape_text(np.shape(v))}" for k, v in feed.items())
+        free = {s.name: symbolic_dims(s) for s in predictor.inputs if symbolic_dims(s)}
+        hint = ("; symbolic dims " + "; ".join(f"{k}: {', '.join(v)}" for k, v in free.items())
+                if free else "")
+        raise UsageError(f"{predictor.name} fails on {origin}: pass --input FILE with inputs "
+                         f"it accepts ({shapes}{hint}; {runtime_error_text(err)[:120]})"
+                         ) from err
 
 
 def _bench_on(path: str, predictor: Any, feed: dict[str, np.ndarray],

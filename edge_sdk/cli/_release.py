@@ -389,8 +389,6 @@ def _show_progress(device: str, event: dict[str, Any]) -> None:
 @click.option("--group", "groups", multiple=True,
               help="Device group: the devices assigned to it ('edge-sdk device set') that "
                    "have reported. Repeatable.")
-@click.option("--db", "db_url", envvar="EDGE_DB",
-              help="Fleet database holding the group assignments (default: REPO/fleet.db).")
 @click.option("--model", required=True, help="Released artifact name.")
 @click.option("--version", "version",
               help="Released version (default: the newest not yanked).")
@@ -409,11 +407,13 @@ def _show_progress(device: str, event: dict[str, Any]) -> None:
               help="A rollback rollout: sign every wave as an explicit rollback, so that "
                    "devices on a newer version go back to --version (refused without it).")
 @click.option("--keys", "keydir", type=click.Path(file_okay=False))
+@_audit_options
 @_mqtt_options
 def rollout_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...],
                 db_url: str | None, model: str, version: str | None, waves: str,
                 max_failures: float, wave_timeout: float, no_rollback: bool,
-                signed_rollback: bool, keydir: str | None, **mqtt: Any) -> None:
+                signed_rollback: bool, keydir: str | None, operator: str | None,
+                **mqtt: Any) -> None:
     """Deploy in growing waves; abort when a wave fails and send the devices back.
 
     Exit 0 when every wave committed, 3 when the rollout aborted."""
@@ -426,10 +426,39 @@ def rollout_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...],
     empty = [g for g, ids in found.items() if not ids]
     if empty:
         raise UsageError(_unassigned(empty, config.fleet, hint))
-    with MqttConnection(config, name="edge-rollout") as conn:
-        result = rollout(r, conn, model=model, version=version, devices=devices,
-                         members=sorted({d for ids in found.values() for d in ids}),
-                         config=cfg, progress=_show_progress, on_wave=_show_wave)
+    sent: dict[str, Any] = {"version": version, "deployments": [], "rollbacks": []}
+
+    def on_wave(kind: str, info: dict[str, Any]) -> None:
+        if info["event"] == "start":
+            sent["rollbacks" if info["rollback"] else "deployments"].append(info["counter"])
+            if not info["rollback"]:
+                sent["version"] = info["version"]  # the one --version or the newest named
+        _show_wave(kind, info)
+
+    def audit(aborted: str | None) -> None:
+        _audit(db_url, repo, operator, "rollout.run", {
+            "fleet": config.fleet, "model": model, "devices": list(devices),
+            "groups": list(groups), "waves": list(cfg.waves),
+            "max_failures": cfg.max_failures, "wave_timeout": cfg.wave_timeout,
+            "rollback": cfg.rollback, "signed_rollback": cfg.signed_rollback, **sent,
+            "aborted": aborted})
+
+    try:
+        with MqttConnection(config, name="edge-rollout") as conn:
+            result = rollout(r, conn, model=model, version=version, devices=devices,
+                             members=sorted({d for ids in found.values() for d in ids}),
+                             config=cfg, progress=_show_progress, on_wave=on_wave)
+    except BaseException as err:
+        # Refused before any wave: nothing happened, no entry. Cut short after one went
+        # out: devices were told to update, so it is recorded, without hiding why.
+        if sent["deployments"]:
+            try:
+                audit(f"interrupted: {str(err) or type(err).__name__}")
+            except Exception as audit_err:
+                click.echo(f"edge-sdk: warning: not recorded in the audit log: {audit_err}",
+                           err=True)
+        raise
+    audit(result.aborted)
     click.echo(f"rollout of {result.model} {result.version}: "
                f"{sum(len(w.devices) for w in result.waves)} of "
                f"{sum(len(w) for w in result.planned)} device(s) in "

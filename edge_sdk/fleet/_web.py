@@ -120,6 +120,9 @@ class WebConfig:
     #: Connections at once from one address (IPv6: one /64); more are answered 429.
     #: Behind a proxy every client shares its address: raise it to max_connections.
     max_connections_per_client: int = 8
+    #: Kernel queue of connections not yet accepted. Too small a queue (socketserver's 5)
+    #: drops the SYNs of a burst, and those clients wait for a retransmit (1 s and more).
+    listen_backlog: int = 128
     #: Seconds a whole request (request line and headers) may take to arrive, counted
     #: from the connection's start or its previous answer; also bounds sending an answer.
     timeout_s: float = 10.0
@@ -146,7 +149,8 @@ class WebConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise FleetUsageError(f"--http port {self.port} must be in 0..65535")
-        for key in ("max_connections", "max_connections_per_client", "max_header_bytes",
+        for key in ("max_connections", "max_connections_per_client", "listen_backlog",
+                    "max_header_bytes",
                     "max_target_bytes", "max_query_fields", "max_value_bytes", "max_history",
                     "max_audit", "max_body_bytes"):
             if getattr(self, key) < 1:
@@ -802,6 +806,7 @@ class _Server(socketserver.ThreadingTCPServer):
         self._lock = threading.Lock()
         self._open = 0
         self._per_client: dict[str, int] = {}
+        self.request_queue_size = cfg.listen_backlog  # read by listen() in __init__
         super().__init__(address, _Connection)
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -831,6 +836,11 @@ class _Server(socketserver.ThreadingTCPServer):
             super().process_request_thread(request, client_address)
         finally:
             self._release(_client_key(str(client_address[0])))
+
+    @property
+    def open_connections(self) -> int:
+        with self._lock:
+            return self._open
 
     def _release(self, key: str) -> None:
         with self._lock:
@@ -890,14 +900,22 @@ class WebServer:
         host = self.config.host
         return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
+    @property
+    def connections(self) -> int:
+        """Connections admitted and not yet closed (each holds a thread)."""
+        return self._server.open_connections
+
     def start(self) -> WebServer:
         self._thread.start()
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
+        started = self._thread.ident is not None  # shutdown() waits for a running loop
+        if started:
+            self._server.shutdown()
         self._server.server_close()
-        self._thread.join(5)
+        if started:
+            self._thread.join(5)
 
     def __enter__(self) -> WebServer:
         return self.start()
