@@ -225,6 +225,7 @@ def compare_outputs(
                     f"max|ref| {scale:.3g}); the export is wrong for these inputs"
                 )
             figures[f"{name}.max_abs_err"] = err
+            figures[f"{name}.max_rel_err"] = err / scale if scale else 0.0
         else:
             agree = float(np.mean(a.astype(b.dtype) == b)) if b.size else 1.0
             if agree < config.label_agreement:
