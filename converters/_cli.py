@@ -13,9 +13,16 @@ import click
 from edge_sdk.errors import UsageError
 
 from . import SOURCE_KINDS, ConvertConfig, convert
-from ._measure import PREFER
+from ._measure import METRICS, PREFER
 from ._pipeline import NOT_VERIFIED, QUANTIZE_CHOICES, TARGETS
-from ._report import base_lines, candidate_rows, hardware_text
+from ._report import (
+    base_lines,
+    candidate_rows,
+    hardware_text,
+    not_verified_why,
+    task_lines,
+)
+from ._tasks import KINDS, TASKS
 
 _SHAPE = re.compile(r"^([^=]+)=(\d+(?:[x,]\d+)*)$")
 
@@ -52,10 +59,15 @@ def parse_input_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]] | 
               "evaluation when --eval is not given.")
 @click.option("--eval", "eval_file", type=click.Path(path_type=Path),
               help=".npz evaluation set (optional key 'labels' for top1 accuracy).")
-@click.option("--metric", type=click.Choice(["cosine", "top1", "mse", "max-abs"]),
-              default="cosine", show_default=True, help="Accuracy measure vs the source.")
+@click.option("--task", type=click.Choice(TASKS), help="What the model is for; accuracy "
+              "is judged in its terms (default: detected from the source, else generic).")
+@click.option("--metric", "metrics", multiple=True, metavar="[OUTPUT:]KIND",
+              help="cosine|top1|mse|max-abs for outputs without a task metric (default "
+              "cosine), or OUTPUT:KIND for one output (repeatable), KIND one of "
+              f"{', '.join(KINDS)}; e.g. --metric output0:detect-yolov8.")
 @click.option("--max-drop", type=float, help="Accuracy budget (cosine/top1 default 0.01; "
-              "mse/max-abs absolute, default scaled to the outputs).")
+              "mse/max-abs absolute, default scaled to the outputs; with a task: the main "
+              "budget of every task metric, see the README).")
 @click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads for latency "
               "measurement (match the device).")
 @click.option("--name", help="Artifact name (default: the source file name).")
@@ -97,7 +109,8 @@ def parse_input_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]] | 
               help="Seconds to wait for the devices' figures.")
 def convert_cmd(
     src: Path, output: Path, quantize: str, prefer: str, to: str, calibration: Path | None,
-    eval_file: Path | None, metric: str, max_drop: float | None, threads: int | None,
+    eval_file: Path | None, task: str | None, metrics: tuple[str, ...],
+    max_drop: float | None, threads: int | None,
     name: str | None, version: str, as_json: bool, force: bool, overwrite: bool,
     exclude_ops: tuple[str, ...], source_kind: str | None, input_shapes: tuple[str, ...],
     trust_pickle: bool, base: Path | None, profile_on: tuple[str, ...], broker: str | None,
@@ -107,6 +120,7 @@ def convert_cmd(
     """Convert SRC into a verified artifact directory (-o), picking the quantization
     scheme by measuring each candidate's accuracy vs the source and latency on this
     machine (or, with --profile-on, on the devices)."""
+    metric, output_metrics = parse_metrics(metrics)
     config = None
     if profile_on:
         config = ConvertConfig(device_profiler=_device_profiler(
@@ -116,7 +130,8 @@ def convert_cmd(
         src, output, source_kind=source_kind, input_shapes=parse_input_shapes(input_shapes),
         trust_pickle=trust_pickle, quantize=quantize, prefer=prefer, to=to,
         calibration=calibration,
-        eval=eval_file, metric=metric, max_drop=max_drop, threads=threads, name=name,
+        eval=eval_file, metric=metric, output_metrics=output_metrics, task=task,
+        max_drop=max_drop, threads=threads, name=name,
         version=version, force=force, overwrite=overwrite, exclude_ops=exclude_ops,
         progress=not as_json and sys.stderr.isatty(), base=base, config=config,
     )
@@ -125,6 +140,19 @@ def convert_cmd(
         click.echo(json.dumps({"artifact": str(result.artifact.path), **report}, default=str))
         return
     click.echo(summary(report, str(result.artifact.path)))
+
+
+def parse_metrics(values: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
+    """``--metric`` values → (the generic metric, the ``OUTPUT:KIND`` entries)."""
+    plain = [v for v in values if ":" not in v]
+    for v in plain:
+        if v not in METRICS:
+            raise UsageError(f"--metric {v!r} is not one of {', '.join(METRICS)} (or "
+                             "OUTPUT:KIND for one output)")
+    if len(set(plain)) > 1:
+        raise UsageError(f"--metric: give at most one of {', '.join(METRICS)} "
+                         f"(got {', '.join(plain)})")
+    return (plain[0] if plain else "cosine"), tuple(v for v in values if ":" in v)
 
 
 def _device_profiler(devices: tuple[str, ...], broker: str | None, repo: Path | None,
@@ -162,12 +190,20 @@ def summary(report: dict[str, Any] | Any, path: str) -> str:
     if report.get("rule"):
         lines.append(f"rule: {report['rule']}")
     metric = report.get("metric") or {}
-    lines.append(f"accuracy: {metric.get('name')} vs {metric.get('reference')}, budget drop ≤ "
-                 f"{metric.get('max_drop'):.4g}")
+    tasks = task_lines(report)
+    if tasks:
+        chosen: dict[str, Any] = next((c for c in report.get("candidates") or []
+                       if c.get("name") == report.get("chosen")), {})
+        rest = ((chosen.get("accuracy") or {}).get("details") or {}).get("generic")
+        lines.append(f"accuracy: task metrics vs {metric.get('reference')}" + (
+            f" (outputs {', '.join(rest['outputs'])}: {rest['metric']})" if rest else ""))
+    else:
+        lines.append(f"accuracy: {metric.get('name')} vs {metric.get('reference')}, budget "
+                     f"drop ≤ {metric.get('max_drop'):.4g}")
+    lines.extend(tasks)
     data = report.get("data") or {}
     if not data.get("verified_on_real_data", True):
-        lines.append(f"WARNING: {NOT_VERIFIED} (synthetic inputs only; pass --calibration or "
-                     "--eval)")
+        lines.append(f"WARNING: {NOT_VERIFIED} ({not_verified_why(data)})")
     for w in report.get("warnings") or []:
         if not w.startswith(NOT_VERIFIED):
             lines.append(f"warning: {w}")

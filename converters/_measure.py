@@ -14,12 +14,29 @@ and .tflite candidates are measured the same way)::
                  ineligible={"int8-dynamic": "no weight quantized"},
                  prefer="balanced")   # -> Selection (chosen, why, rule, ...)
 
-The choice rule (``prefer``): ``latency`` takes the fastest candidate (equally
-fast within the noise band: the smaller); ``size`` the smallest; ``balanced``
-the fastest unless one at most ``balanced_max_slowdown`` slower is less than
-``balanced_max_size_ratio`` of its size (then the smallest such). In auto mode
-every rule only considers candidates within the accuracy budget and no slower
-than the float baseline.
+Latency is compared as ratios to the baseline, measured in interleaved rounds: each
+round loads every candidate afresh and times ``runs_per_round`` batch-1 calls on the
+first evaluation sample (the round's figure is their median), candidates in an order
+rotated by one each round. A candidate's ratio is the median over rounds of its
+round's figure over the baseline's in the same round, so load that hits a whole round
+cancels; its spread is the interquartile range (q1..q3) of those per-round ratios. After
+``rounds`` rounds, more run while some ratio's spread is wider than ``max_ratio_spread``,
+up to ``max_rounds`` rounds and ``time_budget_s`` seconds of timing.
+
+The noise band (:meth:`Ratio.status`): a candidate is ``faster`` than a reference only
+when its ratio's q3 is below 1, ``slower`` only when its q1 is above
+1 + ``latency_tolerance``, otherwise ``same``. Between two candidates the ratio is
+formed round by round the same way (:func:`ratio_of`).
+
+The choice rule (``prefer``), in auto mode among the candidates within the accuracy
+budget that are not ``slower`` than the baseline (the baseline always counts):
+``latency`` takes the fastest (lowest median ratio); every candidate not ``slower`` than
+it ties with it, and the tie goes to the smallest, then the first in the fixed scheme
+order (``SCHEMES``: none, fp16, int8-dynamic, int8-static), then the name. ``size``
+takes the smallest (then the lower ratio). ``balanced`` takes the ``latency`` choice
+unless a candidate whose ratio to the fastest has q1 at most 1 + ``balanced_max_slowdown``
+is under ``balanced_max_size_ratio`` of the chosen one's size (then the smallest such,
+same ties).
 
 Accuracy ("drop", smaller is better, compared with ``max_drop``):
 - ``cosine``: per output, mean over samples of the cosine similarity to the
@@ -30,15 +47,12 @@ Accuracy ("drop", smaller is better, compared with ``max_drop``):
   reference's accuracy minus the candidate's.
 - ``mse`` / ``max-abs``: the worst output's mean squared / max absolute error.
 Integer or boolean outputs count, under every metric, as 1 - exact agreement.
-
-Latency: interquartile mean over ``rounds`` of the p50 of ``runs_per_round`` batch-1 calls
-on the first evaluation sample, candidates interleaved in a shuffled order with a
-fresh session each round, so that machine noise hits all alike.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,19 +64,27 @@ import edge_sdk
 from edge_sdk._internal import measure
 from edge_sdk.errors import ConversionError, EdgeError
 
+from ._candidates import SCHEMES
+
 METRICS = ("cosine", "top1", "mse", "max-abs")
 PREFER = ("latency", "size", "balanced")
 
 
 @dataclass(frozen=True)
 class MeasureConfig:
+    # Interleaved rounds: at least ``rounds``; more while a ratio's spread (the IQR of
+    # its per-round ratios to the baseline) is wider than ``max_ratio_spread``, up to
+    # ``max_rounds`` (None: 3 × rounds) and while the timing has taken less than
+    # ``time_budget_s`` seconds.
     rounds: int = 8
+    max_rounds: int | None = None
+    max_ratio_spread: float = 0.10
+    time_budget_s: float = 20.0
     runs_per_round: int = 20
     warmup: int = 5
     max_eval_samples: int = 500
-    seed: int = 0
-    # Candidates whose latency is within this fraction of the fastest are treated as
-    # equally fast, and the smallest of them wins.
+    # The noise band's margin: a candidate is "slower" than another only when the lower
+    # quartile of their per-round latency ratios is above 1 + this.
     latency_tolerance: float = 0.05
     # --prefer balanced: a candidate at most this fraction slower than the fastest...
     balanced_max_slowdown: float = 0.10
@@ -70,12 +92,25 @@ class MeasureConfig:
     balanced_max_size_ratio: float = 0.5
 
     def __post_init__(self) -> None:
+        if self.rounds < 1 or self.runs_per_round < 1:
+            raise ValueError(f"rounds and runs_per_round must be >= 1, got {self.rounds} "
+                             f"and {self.runs_per_round}")
+        if self.max_rounds is not None and self.max_rounds < self.rounds:
+            raise ValueError(f"max_rounds ({self.max_rounds}) must be >= rounds "
+                             f"({self.rounds})")
+        if self.max_ratio_spread < 0 or self.time_budget_s < 0 or self.latency_tolerance < 0:
+            raise ValueError("max_ratio_spread, time_budget_s and latency_tolerance must be "
+                             ">= 0")
         if not 0.0 <= self.balanced_max_slowdown <= 1.0:
             raise ValueError(f"balanced_max_slowdown must be in [0, 1], got "
                              f"{self.balanced_max_slowdown}")
         if not 0.0 < self.balanced_max_size_ratio <= 1.0:
             raise ValueError(f"balanced_max_size_ratio must be in (0, 1], got "
                              f"{self.balanced_max_size_ratio}")
+
+    @property
+    def round_limit(self) -> int:
+        return self.max_rounds if self.max_rounds is not None else 3 * self.rounds
 
 
 @dataclass(frozen=True)
@@ -87,10 +122,25 @@ class Accuracy:
     samples: int
     reference_score: float | None = None  # top1 with labels: the reference's accuracy
     closed_loop: bool = False  # the drop is from feeding the model its own state back
+    # Task metrics (converters._tasks): the task, the budgets it broke (checked against
+    # each output kind's own budget), the worst sample and per-output figures.
+    task: str | None = None
+    breaks: tuple[str, ...] = ()
+    worst: Mapping[str, Any] | None = None
+    details: Mapping[str, Any] | None = None
+
+    def within(self, max_drop: float) -> bool:
+        """Within the budget: a task metric's own budgets, else ``drop <= max_drop``."""
+        if self.task is not None:
+            return not self.breaks
+        return self.drop <= max_drop
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"metric": self.metric, "score": self.score, "drop": self.drop,
                                "per_output": dict(self.per_output), "samples": self.samples}
+        if self.task is not None:
+            out.update(task=self.task, breaks=list(self.breaks),
+                       worst_sample=dict(self.worst or {}), details=dict(self.details or {}))
         if self.reference_score is not None:
             out["reference_score"] = self.reference_score
         if self.closed_loop:
@@ -123,12 +173,80 @@ class Measurement:
 
 
 @dataclass(frozen=True)
+class Ratio:
+    """A latency ratio to a reference: the median of the per-round ratios and their
+    interquartile range ``q1``..``q3`` (equal to the median when there is a single
+    figure, e.g. a device's median or a hand-set latency)."""
+
+    median: float
+    q1: float
+    q3: float
+    rounds: int
+
+    @property
+    def spread(self) -> float:
+        return self.q3 - self.q1
+
+    def status(self, tolerance: float) -> str:
+        """``faster`` only when even q3 is below 1, ``slower`` only when even q1 is
+        above 1 + ``tolerance``; otherwise ``same`` (within the noise band)."""
+        if self.q3 < 1.0:
+            return "faster"
+        if self.q1 > 1.0 + tolerance:
+            return "slower"
+        return "same"
+
+    def text(self) -> str:
+        if self.spread <= 0:
+            return f"{self.median:.2f}×"
+        return f"{self.median:.2f}× (IQR {self.q1:.2f}–{self.q3:.2f}, {self.rounds} rounds)"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"median": self.median, "q1": self.q1, "q3": self.q3, "spread": self.spread,
+                "rounds": self.rounds}
+
+
+def round_ratios(rounds: Sequence[float], reference: Sequence[float]) -> Ratio:
+    """The ratio of two latencies timed in the same rounds: per round ``rounds[i] /
+    reference[i]``, then the median and quartiles of those ratios."""
+    if not rounds or len(rounds) != len(reference):
+        raise ValueError(f"round_ratios needs two equally long, non-empty series, got "
+                         f"{len(rounds)} and {len(reference)}")
+    per = np.asarray(rounds, np.float64) / np.asarray(reference, np.float64)
+    q1, med, q3 = (float(x) for x in np.percentile(per, [25, 50, 75]))
+    return Ratio(median=med, q1=q1, q3=q3, rounds=len(per))
+
+
+def ratio_of(m: Measurement, ref: Measurement) -> Ratio:
+    """``m``'s latency over ``ref``'s: per round when both were timed in the same rounds,
+    else the ratio of the two single figures (no spread)."""
+    if m is ref:
+        return Ratio(1.0, 1.0, 1.0, len(m.latency_rounds_ms))
+    if m.latency_rounds_ms and len(m.latency_rounds_ms) == len(ref.latency_rounds_ms):
+        return round_ratios(m.latency_rounds_ms, ref.latency_rounds_ms)
+    if m.latency_ms is None or not ref.latency_ms:
+        raise ValueError(f"no latency to compare {m.name} with {ref.name}")
+    r = m.latency_ms / ref.latency_ms
+    return Ratio(r, r, r, 1)
+
+
+@dataclass(frozen=True)
 class Selection:
     chosen: Measurement
     why: str
     within_budget: tuple[str, ...]
     warnings: tuple[str, ...] = field(default_factory=tuple)
     rule: str = ""  # the choice rule applied, in words (see choice_rule)
+    # Every measured candidate's latency ratio to the baseline, and the noise band's
+    # margin the rule used: ``latency_status`` is what the report shows.
+    ratios: Mapping[str, Ratio] = field(default_factory=dict)
+    tolerance: float = 0.05
+
+    def latency_status(self, name: str) -> str | None:
+        """``faster`` / ``same`` / ``slower`` than the baseline by the rule's noise band,
+        None for a candidate without a latency."""
+        r = self.ratios.get(name)
+        return None if r is None else r.status(self.tolerance)
 
 
 def default_max_drop(metric: str, reference: Sequence[Mapping[str, np.ndarray]]) -> float:
@@ -177,6 +295,9 @@ def measure_candidates(
     progress: bool = False,
     state: Mapping[str, str] | None = None,
     closed_loop_reference: Sequence[Mapping[str, np.ndarray]] | None = None,
+    baseline: str | None = None,
+    scorer: Callable[[Sequence[Mapping[str, np.ndarray]], Sequence[Mapping[str, np.ndarray]]],
+                     Accuracy] | None = None,
 ) -> list[Measurement]:
     """Accuracy vs ``reference``, latency and size of every candidate (same order).
 
@@ -185,11 +306,18 @@ def measure_candidates(
     and ``closed_loop_reference`` (the reference's :func:`closed_loop` over ``feeds``),
     each candidate also streams ``feeds`` feeding its own state back, and its
     accuracy is the worse of the open-loop and closed-loop figures: quantization
-    error that compounds through the state shows up.
+    error that compounds through the state shows up. ``scorer(outputs, reference)``
+    replaces the metric (task metrics, see ``converters._tasks``).
     """
     cfg = config or MeasureConfig()
     if metric not in METRICS:
         raise ConversionError(f"unknown metric {metric!r} (expected {', '.join(METRICS)})")
+
+    def score(outs: Sequence[Mapping[str, np.ndarray]],
+              ref: Sequence[Mapping[str, np.ndarray]]) -> Accuracy:
+        return scorer(outs, ref) if scorer is not None else accuracy(outs, ref, metric,
+                                                                        labels=labels)
+
     if not feeds:
         raise ConversionError("no evaluation samples to measure candidates on")
     n = min(len(feeds), len(reference), cfg.max_eval_samples)
@@ -205,10 +333,10 @@ def measure_candidates(
         try:
             pred = edge_sdk.load(path, threads=threads)
             outs = [pred.predict(dict(f)) for f in feeds]
-            acc = accuracy(outs, reference, metric, labels=labels)
+            acc = score(outs, reference)
             if state and closed_loop_reference is not None:
-                loop = accuracy(closed_loop(pred.predict, feeds, state),
-                                closed_loop_reference[:n], metric, labels=labels)
+                loop = score(closed_loop(pred.predict, feeds, state),
+                             closed_loop_reference[:n])
                 if loop.drop > acc.drop:
                     acc = _with_acc(loop)
         except (EdgeError, Exception) as err:
@@ -219,16 +347,41 @@ def measure_candidates(
         paths[name] = Path(path)
         results[name] = _with(base, accuracy=acc)
         bar.step(name)
-    timings: dict[str, list[float]] = {name: [] for name in paths}
-    feed = dict(feeds[0])
-    rng = np.random.default_rng(cfg.seed)
-    for _ in range(cfg.rounds):
-        # A fresh session per round and a shuffled order: on a small shared machine a
-        # session's thread placement, a neighbour's spinning threads or a frequency
-        # change otherwise favour one candidate systematically. Only one timed session
-        # is alive at a time.
-        order = [n for n in rng.permutation(list(paths)) if n in paths]
-        for name in order:
+    timings = _timed_rounds(paths, dict(feeds[0]), threads, cfg, bar, results,
+                            baseline if baseline is not None else candidates[0][0])
+    bar.close()
+    for name, ts in timings.items():
+        if ts and results[name].error is None:
+            results[name] = _with(results[name], latency_ms=float(np.median(ts)),
+                                  latency_rounds_ms=tuple(ts))
+    return [results[name] for name, _, _ in candidates]
+
+
+def _timed_rounds(
+    paths: Mapping[str, Path], feed: dict[str, np.ndarray], threads: int | None,
+    cfg: MeasureConfig, bar: _Progress, results: dict[str, Measurement], baseline: str,
+) -> dict[str, list[float]]:
+    """Per candidate, the median of ``runs_per_round`` timed calls in each round.
+
+    Every round times every candidate once, in an order rotated by one per round, each
+    with a fresh session (on a small shared machine a session's thread placement, a
+    neighbour's spinning threads or a frequency change otherwise favour one candidate
+    systematically; only one timed session is alive at a time). A candidate that fails
+    while timed gets ``error`` in ``results`` and leaves the rounds.
+    """
+    names = list(paths)
+    timings: dict[str, list[float]] = {name: [] for name in names}
+    start = time.monotonic()
+    done = 0
+    while done < cfg.round_limit:
+        if done >= cfg.rounds and (
+                time.monotonic() - start >= cfg.time_budget_s
+                or _widest_spread(timings, baseline) <= cfg.max_ratio_spread):
+            break
+        k = done % len(names) if names else 0
+        for name in names[k:] + names[:k]:
+            if name not in timings:
+                continue
             try:
                 pred = edge_sdk.load(paths[name], threads=threads)
                 stats = measure(_caller(pred, feed), runs=cfg.runs_per_round,
@@ -236,17 +389,22 @@ def measure_candidates(
                 del pred
             except Exception as err:
                 results[name] = _with(results[name], error=f"fails while timed: {_short(err)}")
-                paths.pop(name, None)
                 timings.pop(name, None)
                 continue
             timings[name].append(stats.p50_ms)
-            bar.step(name)
-    bar.close()
-    for name, ts in timings.items():
-        if ts and results[name].error is None:
-            results[name] = _with(results[name], latency_ms=_interquartile_mean(ts),
-                                  latency_rounds_ms=tuple(ts))
-    return [results[name] for name, _, _ in candidates]
+            if done < cfg.rounds:
+                bar.step(name)
+        done += 1
+    return timings
+
+
+def _widest_spread(timings: Mapping[str, Sequence[float]], baseline: str) -> float:
+    """The widest IQR of a per-round ratio to ``baseline`` (0 without a baseline)."""
+    ref = timings.get(baseline)
+    if not ref:
+        return 0.0
+    return max((round_ratios(ts, ref).spread for name, ts in timings.items()
+                if name != baseline and ts and len(ts) == len(ref)), default=0.0)
 
 
 def state_pairs(
@@ -303,16 +461,6 @@ def _with_acc(acc: Accuracy) -> Accuracy:
     from dataclasses import replace
 
     return replace(acc, closed_loop=True)
-
-
-def _interquartile_mean(values: Sequence[float]) -> float:
-    """Mean of the middle half. Like a median it ignores outlier rounds, but it does
-    not jump between the two modes that 2-thread sessions show on a busy 2-core
-    machine (both threads on free cores or not), so rankings stay stable."""
-    v = sorted(values)
-    k = len(v) // 4
-    mid = v[k: len(v) - k] or v
-    return float(np.mean(mid))
 
 
 def _caller(pred: Any, feed: dict[str, np.ndarray]) -> Callable[[], Any]:
@@ -416,18 +564,23 @@ def choice_rule(
     if prefer not in PREFER:
         raise ConversionError(f"unknown preference {prefer!r} (expected {', '.join(PREFER)})")
     if requested in (None, "auto"):
-        pool = f"among candidates within the accuracy budget and no slower than {baseline}"
+        pool = (f"among candidates within the accuracy budget and not slower than {baseline} "
+                "(slower: the lower quartile of its per-round latency ratios to "
+                f"{baseline} above {1 + latency_tolerance:.2f})")
     else:
         pool = f"among the {requested} variants within the accuracy budget"
-    fastest = (f"the fastest wins (within {latency_tolerance:.0%} or the measured noise, "
-               "at most 10%, the smaller)")
+    order = ", ".join(SCHEMES)
+    fastest = ("the fastest wins (lowest median ratio; every candidate not slower than it "
+               "by the same band ties with it, and the tie goes to the smallest, then the "
+               f"scheme order {order})")
     if prefer == "latency":
         return f"{pool}, {fastest}"
     if prefer == "size":
-        return f"{pool}, the smallest wins (equal sizes: the faster)"
-    return (f"{pool}, {fastest}, unless one at most {balanced_max_slowdown:.0%} slower "
-            "(plus the fastest's measured noise, at most 10%) is "
-            f"less than {balanced_max_size_ratio:.0%} of its size: then the smallest such")
+        return f"{pool}, the smallest wins (equal sizes: the lower latency ratio)"
+    return (f"{pool}, {fastest}, unless one at most {balanced_max_slowdown:.0%} slower than "
+            "the fastest (the lower quartile of its per-round ratios to it at most "
+            f"{1 + balanced_max_slowdown:.2f}) is less than {balanced_max_size_ratio:.0%} of "
+            "its size: then the smallest such")
 
 
 def select(
@@ -448,10 +601,9 @@ def select(
     """Pick a candidate.
 
     ``requested`` None (auto): among the candidates within the accuracy budget
-    that are no slower than ``baseline`` (the baseline itself always counts),
-    the one ``prefer`` names (see the module docstring; candidates within
-    ``latency_tolerance`` of the fastest, widened to its measured round-to-round
-    noise, at most 10%, count as equally fast). ``requested`` a scheme name: the
+    that are not slower than ``baseline`` by the noise band (:meth:`Ratio.status` with
+    ``latency_tolerance``; the baseline itself always counts), the one ``prefer`` names
+    (see the module docstring). ``requested`` a scheme name: the
     same rule among that scheme's candidates within budget; none within budget
     raises :class:`ConversionError` with the measured figure unless ``force``
     (then the most accurate one, with a warning). ``ineligible`` maps candidate
@@ -459,7 +611,8 @@ def select(
     ``preferred`` (a candidate name; ``preferred_why`` says why in words) wins whenever
     it was measured and is within the budget, whatever its latency; otherwise the rule
     above applies, with a warning. ``Selection.rule`` states the rule, ``Selection.why``
-    the figures behind it.
+    the figures behind it, ``Selection.ratios`` every measured candidate's latency ratio
+    to the baseline.
     """
     if prefer not in PREFER:
         raise ConversionError(f"unknown preference {prefer!r} (expected {', '.join(PREFER)})")
@@ -474,32 +627,39 @@ def select(
                        latency_tolerance=latency_tolerance,
                        balanced_max_slowdown=balanced_max_slowdown,
                        balanced_max_size_ratio=balanced_max_size_ratio)
-    pick = _Rule(prefer, latency_tolerance, balanced_max_slowdown, balanced_max_size_ratio)
+    tol = latency_tolerance
+    ratios = {m.name: ratio_of(m, base) for m in measurements if m.ok}
+    pick = _Rule(prefer, tol, balanced_max_slowdown, balanced_max_size_ratio, base)
     warnings: list[str] = []
     metric = base.accuracy.metric
-    if base.accuracy.drop > max_drop:
-        msg = (f"the converted float model itself differs from the source: {metric} drop "
-               f"{base.accuracy.drop:.4g} > budget {max_drop:.4g}")
+    if not base.accuracy.within(max_drop):
+        msg = ("the converted float model itself differs from the source: "
+               + (_over(base.accuracy) if base.accuracy.breaks else
+                  f"{metric} drop {base.accuracy.drop:.4g} > budget {max_drop:.4g}"))
         if not force:
             raise ConversionError(msg + " (pass --force to accept)")
         warnings.append(msg)
 
     def within(m: Measurement) -> bool:
-        return m.accuracy is not None and m.accuracy.drop <= max_drop
+        return m.accuracy is not None and m.accuracy.within(max_drop)
+
+    def slower(m: Measurement) -> bool:
+        return ratios[m.name].status(tol) == "slower"
+
+    def done(chosen: Measurement, why: str, rule: str) -> Selection:
+        return Selection(chosen, why, budget_ok, tuple(warnings), rule, ratios, tol)
 
     ok = [m for m in measurements if m.ok and m.name not in skip]
     budget_ok = tuple(m.name for m in ok if within(m))
     if preferred is not None and requested != "none":
         pref = next((m for m in ok if m.name == preferred), None)
         if pref is not None and within(pref):
-            assert pref.latency_ms is not None
-            if pref.latency_ms > base.latency_ms:
-                warnings.append(f"{pref.name} is {pref.latency_ms / base.latency_ms:.2f}× the "
-                                f"latency of {base.name} on this machine")
+            if slower(pref):
+                warnings.append(f"{pref.name} is {ratios[pref.name].text()} the latency of "
+                                f"{base.name} on this machine")
             why = (f"{pref.name}: {preferred_why}, within the budget ({_acc(pref, max_drop)}), "
                    f"{_ratio(pref, base)}")
-            return Selection(pref, why, budget_ok, tuple(warnings),
-                             f"{preferred_why} when within the accuracy budget")
+            return done(pref, why, f"{preferred_why} when within the accuracy budget")
         m = by_name.get(preferred)
         state = (skip.get(preferred) or (m.error if m is not None else None) or "not built")
         if m is not None and m.ok and m.name not in skip:
@@ -509,24 +669,23 @@ def select(
                         "rule chose instead")
         rule = f"{preferred_why} when within the accuracy budget; it was not, so: {rule}"
     if requested in (None, "auto"):
-        pool = [m for m in ok if within(m) and m.latency_ms is not None
-                and m.latency_ms <= base.latency_ms]
+        pool = [m for m in ok if within(m) and not slower(m)]
         if base not in pool:
             pool.append(base)
         chosen, note = pick(pool)
         if chosen is base:
-            why = f"{base.name}: no quantized candidate was faster within the budget (" + \
-                "; ".join(_rejection(m, base, max_drop, skip) for m in measurements
+            why = f"{base.name}: no quantized candidate was chosen within the budget (" + \
+                "; ".join(_rejection(m, base, max_drop, skip, tol) for m in measurements
                           if m is not base) + ")"
             if len(measurements) == 1:
                 why = f"{base.name}: the only candidate"
         else:
             why = (f"{chosen.name}: {note}, within the budget ({_acc(chosen, max_drop)}), "
                    f"{_ratio(chosen, base)}")
-        return Selection(chosen, why, budget_ok, tuple(warnings), rule)
+        return done(chosen, why, rule)
     if requested == "none":
-        return Selection(base, f"{base.name}: float model requested (--quantize none)",
-                         budget_ok, tuple(warnings), "float model requested (--quantize none)")
+        return done(base, f"{base.name}: float model requested (--quantize none)",
+                    "float model requested (--quantize none)")
     pool = [m for m in ok if m.scheme == requested]
     if not pool:
         reasons = "; ".join(f"{m.name}: {skip.get(m.name) or m.error or 'not measured'}"
@@ -540,23 +699,30 @@ def select(
     else:
         best = min(pool, key=lambda m: m.accuracy.drop if m.accuracy else float("inf"))
         assert best.accuracy is not None
+        over = (_over(best.accuracy) if best.accuracy.breaks else
+                f"{metric} drop {best.accuracy.drop:.4g} > {max_drop:.4g}")
         msg = (f"--quantize {requested} breaks the accuracy budget: best variant {best.name} "
-               f"has {metric} drop {best.accuracy.drop:.4g} > {max_drop:.4g} on "
-               f"{best.accuracy.samples} evaluation samples")
+               f"has {over} on {best.accuracy.samples} evaluation samples")
         if not force:
             raise ConversionError(msg + " (pass --force to accept it, or raise --max-drop)")
         warnings.append(msg + " (accepted with --force)")
         chosen = best
         why = f"{chosen.name}: most accurate {requested} variant (forced over budget)"
         rule = f"the most accurate {requested} variant (forced over the budget)"
-    assert chosen.latency_ms is not None
-    if chosen.latency_ms > base.latency_ms:
-        warnings.append(f"{chosen.name} is {chosen.latency_ms / base.latency_ms:.2f}× the "
-                        f"latency of {base.name} on this machine")
-    return Selection(chosen, why, budget_ok, tuple(warnings), rule)
+    if slower(chosen):
+        warnings.append(f"{chosen.name} is {ratios[chosen.name].text()} the latency of "
+                        f"{base.name} on this machine")
+    return done(chosen, why, rule)
 
 
-_MAX_TIE = 0.10
+def _order(m: Measurement) -> tuple[int, str]:
+    """The fixed scheme order, then the name: the last tie-break."""
+    rank = SCHEMES.index(m.scheme) if m.scheme in SCHEMES else len(SCHEMES)
+    return rank, m.name
+
+
+def _smallest(m: Measurement) -> tuple[int, int, str]:
+    return (m.size_bytes, *_order(m))
 
 
 @dataclass(frozen=True)
@@ -568,88 +734,53 @@ class _Rule:
     tolerance: float
     max_slowdown: float
     max_size_ratio: float
+    base: Measurement
 
     def __call__(self, pool: Sequence[Measurement]) -> tuple[Measurement, str]:
-        quick = _fastest_smallest(pool, self.tolerance)
+        fastest = min(pool, key=lambda m: (ratio_of(m, self.base).median, *_order(m)))
+        # Everything the noise band cannot tell from the fastest ties with it; the tie
+        # goes by size and the fixed scheme order, never by which of them happened to
+        # measure a hair faster in this run.
+        tied = [m for m in pool if ratio_of(m, fastest).status(self.tolerance) != "slower"]
+        quick = min(tied, key=_smallest)
         if self.prefer == "size":
-            small = min(pool, key=lambda m: (m.size_bytes, _lat(m)))
-            fastest, _ = _tie_band(pool, self.tolerance)
+            small = min(pool, key=lambda m: (m.size_bytes, ratio_of(m, self.base).median,
+                                             *_order(m)))
             note = "smallest"
             if small is not fastest:
                 note += (f" ({_times(small.size_bytes, fastest.size_bytes)} the size and "
-                         f"{_times(_lat(small), _lat(fastest))} the latency of the fastest, "
+                         f"{ratio_of(small, fastest).text()} the latency of the fastest, "
                          f"{fastest.name})")
             return small, note
-        fastest_note = "fastest" + _tie_note(quick, pool, self.tolerance)
+        fastest_note = "fastest"
+        if quick is not fastest:
+            fastest_note += (f" (as fast as {fastest.name} within the noise band: "
+                             f"{ratio_of(quick, fastest).text()} its latency, and smaller)")
         if self.prefer == "latency":
             return quick, fastest_note
-        # The allowance is widened by the fastest's measured noise (at most 10 %): on a
-        # busy host the round-to-round spread exceeds 10 %, and an unwidened allowance
-        # made the choice flip from run to run.
-        fastest, _ = _tie_band(pool, self.tolerance)
-        band = min(_MAX_TIE, _noise(fastest))
-        allow = self.max_slowdown + band
-        noisy = f" (+ {band:.0%} measured noise)" if band >= 0.005 else ""
-        limit = _lat(fastest) * (1 + allow)
-        smaller = [m for m in pool if _lat(m) <= limit
-                   and m.size_bytes < self.max_size_ratio * quick.size_bytes]
+        limit = 1 + self.max_slowdown
+        halves = [m for m in pool if m.size_bytes < self.max_size_ratio * quick.size_bytes]
+        smaller = [m for m in halves if ratio_of(m, fastest).q1 <= limit]
         if not smaller:
             # Say what the trade would have been, when there was one on offer.
-            halves = [m for m in pool if m.size_bytes < self.max_size_ratio * quick.size_bytes]
             if halves:
-                best = min(halves, key=lambda m: (_lat(m), m.size_bytes))
+                best = min(halves, key=lambda m: (ratio_of(m, fastest).median, *_smallest(m)))
                 fastest_note += (
                     f" (the nearest under {self.max_size_ratio:.0%} of its size, {best.name} "
                     f"at {_times(best.size_bytes, quick.size_bytes)}, is "
-                    f"{_times(_lat(best), _lat(fastest))} the latency of the fastest, more "
-                    f"than {1 + allow:.2f}×{noisy})")
+                    f"{ratio_of(best, fastest).text()} the latency of the fastest, more "
+                    f"than {limit:.2f}× at its lower quartile)")
             return quick, fastest_note
-        chosen = min(smaller, key=lambda m: (m.size_bytes, _lat(m)))
-        slower = (f"at most {self.max_slowdown:.0%}{noisy} slower than the fastest, "
-                  f"{fastest.name} ({_times(_lat(chosen), _lat(fastest))})")
+        chosen = min(smaller, key=_smallest)
+        slower = (f"at most {self.max_slowdown:.0%} slower than the fastest, {fastest.name} "
+                  f"({ratio_of(chosen, fastest).text()})")
         whose = "its size" if quick is fastest else f"the size of {quick.name}, as fast"
         return chosen, (f"{slower}, and under {self.max_size_ratio:.0%} of {whose} "
                         f"({_times(chosen.size_bytes, quick.size_bytes)})")
 
 
-def _lat(m: Measurement) -> float:
-    return m.latency_ms if m.latency_ms is not None else float("inf")
-
-
 def _times(a: float, b: float) -> str:
     return f"{a / b:.2f}×" if b else "–"
-
-
-def _tie_band(pool: Sequence[Measurement], tol: float) -> tuple[Measurement, float]:
-    """The fastest candidate and the relative latency band counted as "as fast": at
-    least ``tol``, widened to the fastest's own round-to-round noise (half its
-    interquartile range), at most 10%."""
-    fastest = min(pool, key=_lat)
-    return fastest, min(_MAX_TIE, max(tol, _noise(fastest)))
-
-
-def _noise(m: Measurement) -> float:
-    """Relative round-to-round spread of a latency (half the interquartile range over
-    the median); 0 with fewer than 4 rounds."""
-    rounds = sorted(m.latency_rounds_ms)
-    if len(rounds) < 4 or not m.latency_ms:
-        return 0.0
-    q1, q3 = np.percentile(rounds, [25, 75])
-    return float(q3 - q1) / 2 / m.latency_ms
-
-
-def _fastest_smallest(pool: Sequence[Measurement], tol: float) -> Measurement:
-    fastest, band = _tie_band(pool, tol)
-    limit = _lat(fastest) * (1 + band)
-    near = [m for m in pool if _lat(m) <= limit]
-    return min(near, key=lambda m: (m.size_bytes, _lat(m)))
-
-
-def _tie_note(chosen: Measurement, pool: Sequence[Measurement], tol: float) -> str:
-    fastest, band = _tie_band(pool, tol)
-    if fastest is chosen:
-        return ""
-    return f" (as fast as {fastest.name} within {band:.0%} measurement noise, and smaller)"
 
 
 def _acc(m: Measurement, max_drop: float) -> str:
@@ -658,21 +789,29 @@ def _acc(m: Measurement, max_drop: float) -> str:
 
 
 def _ratio(m: Measurement, base: Measurement) -> str:
-    assert m.latency_ms is not None and base.latency_ms
     size = m.size_bytes / base.size_bytes if base.size_bytes else float("nan")
-    return f"{m.latency_ms / base.latency_ms:.2f}× {base.name} latency, {size:.2f}× size"
+    return f"{ratio_of(m, base).text()} {base.name} latency, {size:.2f}× size"
 
 
 def _rejection(m: Measurement, base: Measurement, max_drop: float,
-               skip: Mapping[str, str]) -> str:
+               skip: Mapping[str, str], tol: float) -> str:
     if m.name in skip:
         return f"{m.name} {skip[m.name]}"
     if not m.ok:
         return f"{m.name} {m.error or 'not measured'}"
-    assert m.accuracy is not None and m.latency_ms is not None and base.latency_ms
-    if m.accuracy.drop > max_drop:
-        return f"{m.name} over budget ({m.accuracy.metric} drop {m.accuracy.drop:.3g})"
-    return f"{m.name} {m.latency_ms / base.latency_ms:.2f}× latency"
+    assert m.accuracy is not None
+    if not m.accuracy.within(max_drop):
+        return f"{m.name} over budget ({_over(m.accuracy)})"
+    r = ratio_of(m, base)
+    band = f" (IQR {r.q1:.2f}–{r.q3:.2f})" if r.spread > 0 else ""
+    return f"{m.name} {r.median:.2f}× latency{band}, {r.status(tol)}"
+
+
+def _over(acc: Accuracy) -> str:
+    """Why an accuracy is over its budget, in a phrase."""
+    if acc.breaks:
+        return "; ".join(acc.breaks)
+    return f"{acc.metric} drop {acc.drop:.3g}"
 
 
 def _short(err: BaseException) -> str:
@@ -686,12 +825,15 @@ __all__ = [
     "Accuracy",
     "MeasureConfig",
     "Measurement",
+    "Ratio",
     "Selection",
     "accuracy",
     "choice_rule",
     "closed_loop",
     "default_max_drop",
     "measure_candidates",
+    "ratio_of",
+    "round_ratios",
     "select",
     "state_pairs",
 ]

@@ -30,6 +30,7 @@ from ._measure import (
     PREFER,
     MeasureConfig,
     Measurement,
+    Selection,
     accuracy,
     closed_loop,
     default_max_drop,
@@ -38,7 +39,14 @@ from ._measure import (
     state_pairs,
 )
 from ._normalize import load_checked, normalize, optimize, to_ort_format
-from ._report import manifest_figures, report_json, write_report
+from ._report import (
+    latency_fields,
+    manifest_figures,
+    measured_status,
+    report_json,
+    write_report,
+)
+from ._tasks import TASKS, TaskPlan, TaskScorer, parse_output_metrics, task_scorer
 
 QUANTIZE_CHOICES = (*SCHEMES, "auto")
 TARGETS = ("onnx", "ort", "tflite")
@@ -65,6 +73,10 @@ class ConvertOptions:
     # An earlier int8 ONNX artifact of this model (v1): its scales and zero points are
     # reused where they still fit, so that v2 is a small delta from it.
     base: Path | None = None
+    # What the model is for (converters._tasks.TASKS); None: detected from the source.
+    task: str | None = None
+    # "OUTPUT:KIND" entries (--metric output0:detect-yolov8): one output's task metric.
+    output_metrics: tuple[str, ...] = ()
     # --input-shape for an ONNX source: the shapes of synthetic inputs for symbolic dims
     # (the artifact keeps the symbolic signature). Front-ends use theirs for the export.
     input_shapes: Mapping[str, tuple[int, ...]] | None = None
@@ -132,6 +144,9 @@ def check_options(options: ConvertOptions) -> None:
         raise UsageError(f"--to {options.to!r} is not one of {', '.join(TARGETS)}")
     if options.metric not in METRICS:
         raise UsageError(f"--metric {options.metric!r} is not one of {', '.join(METRICS)}")
+    if options.task is not None and options.task not in TASKS:
+        raise UsageError(f"--task {options.task!r} is not one of {', '.join(TASKS)}")
+    parse_output_metrics(options.output_metrics)
     if options.prefer not in PREFER:
         raise UsageError(f"--prefer {options.prefer!r} is not one of {', '.join(PREFER)}")
     if options.max_drop is not None and not (options.max_drop >= 0 and
@@ -206,6 +221,9 @@ def convert_onnx(
         calib, evalset = _data(options, specs, cfg, warnings, fp32_pred.predict, given)
         ref_fn, ref_label = _reference_fn(src, norm_path, source, warnings)
         reference = _run_reference(ref_fn, source, evalset)
+        plan, scorer = task_scorer(options.task, options.output_metrics, reference,
+                                   source.extra, generic_metric=options.metric,
+                                   max_drop=options.max_drop, labels=evalset.labels)
         state = state_pairs(fp32_pred.inputs, fp32_pred.outputs)
         del fp32_pred
         loop_ref = None
@@ -233,7 +251,7 @@ def convert_onnx(
             [c.as_tuple() for c in built], evalset.feeds, reference, metric=options.metric,
             labels=evalset.labels, threads=options.threads, config=cfg.measure,
             progress=options.progress, state=state if loop_ref is not None else None,
-            closed_loop_reference=loop_ref,
+            closed_loop_reference=loop_ref, baseline=BASELINE, scorer=scorer,
         )
         ineligible = _ineligible(cands)
         profiled: ProfiledOn | None = None
@@ -244,6 +262,7 @@ def convert_onnx(
             ms_sel = profiled.measurements
             ineligible = {**ineligible, **profiled.excluded}
         budget = (options.max_drop if options.max_drop is not None
+                  else plan.default_max_drop() if scorer is not None
                   else default_max_drop(options.metric, reference))
         requested = None if options.quantize == "auto" else options.quantize
         if requested not in (None, "none") and not any(
@@ -281,17 +300,18 @@ def convert_onnx(
             model_file = work / "model.ort"
             to_ort_format(chosen_cand.path, model_file)
             ort_note = _check_ort(model_file, evalset, reference, options.metric, budget,
-                                  chosen, evalset.labels)
+                                  chosen, evalset.labels, scorer)
         base_info = None if base is None else _base_info(base, cands, chosen.name, warnings)
         rule = sel.rule if profiled is None else f"{sel.rule}; {profiled.rule}"
         report = _report(src, source, options, fixes, calib, evalset, ref_label, budget, cands,
                          ms, chosen, sel.why, rule, ineligible, warnings, ort_note,
-                         base_info, profiled)
+                         base_info, profiled, plan, sel=sel)
         files = write_report(work / "report", report)
         baseline = next(m for m in ms if m.name == BASELINE)
         extra: dict[str, Any] = {
             **dict(source.extra),
-            **manifest_figures(chosen, baseline, budget, evalset, options.threads, ref_label),
+            **manifest_figures(chosen, baseline, budget, evalset, options.threads, ref_label,
+                               verified=report["data"]["verified_on_real_data"]),
             "conversion": {"chosen": chosen.name, "candidates": [c.name for c in cands],
                            "normalization": fixes},
         }
@@ -310,6 +330,7 @@ def convert_onnx(
                 name=artifact_name(options, Path(source.path)),
                 version=options.version,
                 quantization=chosen.scheme,
+                task=plan.task,
                 source={"format": source.format, "path": Path(source.path).name,
                         "sha256": source.sha256},
                 runtime={"threads": options.threads} if options.threads else None,
@@ -443,23 +464,24 @@ def _weight_note(c: Candidate) -> str:
 def _check_ort(
     path: Path, evalset: Samples, reference: Sequence[Mapping[str, np.ndarray]], metric: str,
     budget: float, chosen: Measurement, labels: np.ndarray | None,
+    scorer: TaskScorer | None = None,
 ) -> str:
     try:
         pred = edge_sdk.load(path)
         outs = [pred.predict(dict(f)) for f in evalset.feeds]
     except Exception as err:
         raise ConversionError(f"the ORT-format model does not run: {_short(err)}") from err
-    acc = accuracy(outs, reference, metric, labels=labels)
-    if acc.drop > budget:
+    acc = scorer(outs, reference) if scorer is not None else accuracy(
+        outs, reference, metric, labels=labels)
+    if not acc.within(budget):
         raise ConversionError(
-            f"the ORT-format model of {chosen.name} breaks the budget: {metric} drop "
-            f"{acc.drop:.4g} > {budget:.4g}"
-        )
-    return f"ORT format verified: {metric} drop {acc.drop:.4g}"
+            f"the ORT-format model of {chosen.name} breaks the budget: "
+            + ("; ".join(acc.breaks) or f"{metric} drop {acc.drop:.4g} > {budget:.4g}"))
+    return f"ORT format verified: {acc.metric} drop {acc.drop:.4g}"
 
 
-def _status(c: Candidate, m: Measurement | None, chosen: str, budget: float,
-            base_lat: float | None, ineligible: Mapping[str, str]) -> tuple[str, str | None]:
+def _status(c: Candidate, m: Measurement | None, budget: float, sel: Selection,
+            ineligible: Mapping[str, str]) -> tuple[str, str | None]:
     if c.error is not None:
         return ("skipped" if c.needs_calibration else "failed",
                 c.error)
@@ -467,14 +489,10 @@ def _status(c: Candidate, m: Measurement | None, chosen: str, budget: float,
         return "failed", (m.error if m else "not measured")
     if c.name in ineligible:
         return "no-op", ineligible[c.name]
-    if c.name == chosen:
-        return "chosen", None
-    assert m.accuracy is not None and m.latency_ms is not None
-    if m.accuracy.drop > budget:
-        return "over-budget", None
-    if base_lat and m.latency_ms > base_lat:
-        return "slower", None
-    return "ok", None
+    status = measured_status(sel, m, budget)
+    if status == "over-budget" and m.accuracy is not None:
+        return status, "; ".join(m.accuracy.breaks) or None
+    return status, None
 
 
 def _report(
@@ -483,16 +501,17 @@ def _report(
     cands: Sequence[Candidate], ms: Sequence[Measurement], chosen: Measurement, why: str,
     rule: str, ineligible: Mapping[str, str], warnings: list[str], ort_note: str | None,
     base: Mapping[str, Any] | None = None, profiled: ProfiledOn | None = None,
+    plan: TaskPlan | None = None,
+    *, sel: Selection,
 ) -> dict[str, Any]:
     by_name = {m.name: m for m in ms}
-    # Status ("slower") follows the latency the choice used: the devices' when profiled.
+    # Status ("slower") and ratio follow the latency the choice used (the devices' when
+    # profiled), as the choice rule judged it.
     decided = by_name if profiled is None else {m.name: m for m in profiled.measurements}
-    base_lat = decided[BASELINE].latency_ms if BASELINE in decided else None
     rows = []
     for c in cands:
         m = by_name.get(c.name)
-        status, note = _status(c, decided.get(c.name), chosen.name, budget, base_lat,
-                               ineligible)
+        status, note = _status(c, decided.get(c.name), budget, sel, ineligible)
         if profiled is not None and c.name in profiled.excluded:
             status, note = "excluded", profiled.excluded[c.name]
         rows.append({
@@ -501,6 +520,7 @@ def _report(
             "size_bytes": m.size_bytes if m else None,
             "latency_ms": m.latency_ms if m else None,
             "latency_rounds_ms": list(m.latency_rounds_ms) if m else [],
+            **latency_fields(sel, c.name),
             "accuracy": m.accuracy.to_json() if m and m.accuracy else None,
             "quantized_weights": c.quantized_weights, "total_weights": c.total_weights,
             "params": c.params,
@@ -525,7 +545,8 @@ def _report(
         normalization=notes, calib=calib, evalset=evalset, reference=ref_label,
         budget=budget, threads=options.threads, baseline=BASELINE, rows=rows,
         chosen=chosen.name, why=why, rule=rule, warnings=warnings, base=base,
-        devices=None if profiled is None else profiled.devices)
+        devices=None if profiled is None else profiled.devices,
+        task=None if plan is None else plan.describe(), chosen_accuracy=chosen.accuracy)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,9 @@ The report dict (built by the pipeline; front-ends fill the same keys):
 max_drop, reference}, ``threads``, ``baseline`` (candidate name), ``candidates``
 [{name, scheme, description, status (chosen|ok|over-budget|slower|no-op|failed|excluded
 (by a device, ``--profile-on``)),
-size_bytes, latency_ms, accuracy {metric, score, drop, per_output, samples},
+size_bytes, latency_ms, latency_rounds_ms, latency_ratio {median, q1, q3, spread, rounds,
+status (faster|same|slower), tolerance} (the ratio to the baseline the choice used, see
+:func:`latency_fields`), accuracy {metric, score, drop, per_output, samples},
 error, note}], ``chosen``, ``why``, ``rule`` (the choice rule in words, or None),
 ``warnings`` [str]; with ``convert --base`` also ``base`` {path, name, version, sha256,
 scheme, candidate, built (the candidate with its parameters), used, not_used (why not),
@@ -37,17 +39,18 @@ from edge_sdk._internal import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
     from ._data import Samples
-    from ._measure import Measurement
+    from ._measure import Accuracy, Measurement, Selection
 
 
 def manifest_figures(chosen: Measurement, baseline: Measurement, budget: float,
-                     evalset: Samples, threads: int | None, reference: str) -> dict[str, Any]:
+                     evalset: Samples, threads: int | None, reference: str,
+                     verified: bool | None = None) -> dict[str, Any]:
     """The measured accuracy and latency the manifest carries for the chosen candidate."""
     return {
         "accuracy": {
             **(chosen.accuracy.to_json() if chosen.accuracy else {}),
             "max_drop": budget, "reference": reference, "evaluation": evalset.origin,
-            "verified_on_real_data": evalset.real,
+            "verified_on_real_data": evalset.real if verified is None else verified,
         },
         "latency_ms": {
             "p50": chosen.latency_ms, "baseline": baseline.name,
@@ -57,15 +60,52 @@ def manifest_figures(chosen: Measurement, baseline: Measurement, budget: float,
     }
 
 
+def latency_fields(sel: Selection, name: str) -> dict[str, Any]:
+    """A candidate row's ``latency_ratio``: its latency ratio to the baseline as the choice
+    used it (median and interquartile range of the per-round ratios), and its status by
+    the rule's noise band; None for a candidate without a latency."""
+    r = sel.ratios.get(name)
+    if r is None:
+        return {"latency_ratio": None}
+    return {"latency_ratio": {**r.to_json(), "status": r.status(sel.tolerance),
+                              "tolerance": sel.tolerance}}
+
+
+def measured_status(sel: Selection, m: Measurement, budget: float) -> str:
+    """``chosen``, ``over-budget``, ``slower`` or ``ok`` for a measured candidate that may
+    be chosen: ``slower`` exactly when the choice rule's noise band calls it slower than
+    the baseline (:meth:`Selection.latency_status`), so the report never says "slower" of
+    a candidate the rule counted as equally fast, nor "ok" of one it excluded."""
+    if m.name == sel.chosen.name:
+        return "chosen"
+    if m.accuracy is None or not m.accuracy.within(budget):
+        return "over-budget"
+    if sel.latency_status(m.name) == "slower":
+        return "slower"
+    return "ok"
+
+
 def report_json(
     *, title: str, source: Mapping[str, Any], options: Mapping[str, Any],
     normalization: list[str], calib: Samples | None, evalset: Samples, reference: str,
     budget: float, threads: int | None, baseline: str, rows: list[dict[str, Any]],
     chosen: str, why: str, warnings: list[str], rule: str | None = None,
     base: Mapping[str, Any] | None = None, devices: Mapping[str, Any] | None = None,
+    task: Mapping[str, Any] | None = None, chosen_accuracy: Accuracy | None = None,
 ) -> dict[str, Any]:
-    """The report dict described above; every pipeline builds it here."""
-    out = {
+    """The report dict described above; every pipeline builds it here.
+
+    With a task (``task``: the plan's description) ``verified_on_real_data`` means the
+    chosen candidate's task metric held its budget on real data, and ``data`` names
+    the worst evaluation sample (``worst_sample``: output, index, figure, value)."""
+    verified = evalset.real
+    worst = None
+    held: bool | None = None
+    if chosen_accuracy is not None and chosen_accuracy.task is not None:
+        held = not chosen_accuracy.breaks
+        verified = evalset.real and held
+        worst = dict(chosen_accuracy.worst or {})
+    out: dict[str, Any] = {
         "title": title,
         "source": dict(source),
         "options": dict(options),
@@ -75,8 +115,9 @@ def report_json(
                             "samples": len(calib) if calib else 0},
             "evaluation": {"origin": evalset.origin, "samples": len(evalset),
                            "labels": evalset.labels is not None},
-            "verified_on_real_data": evalset.real,
+            "verified_on_real_data": verified,
         },
+        "task": dict(task) if task is not None else {"name": "generic"},
         "metric": {"name": options["metric"], "max_drop": budget, "reference": reference},
         "threads": threads,
         "machine": f"{platform.machine()} {os.cpu_count()} cpu",
@@ -87,6 +128,9 @@ def report_json(
         "rule": rule,
         "warnings": list(dict.fromkeys(warnings)),
     }
+    if worst is not None:
+        out["data"]["worst_sample"] = worst
+        out["data"]["task_budget_held"] = held
     if base is not None:
         out["base"] = dict(base)
     if devices is not None:
@@ -125,11 +169,14 @@ def candidate_rows(report: Mapping[str, Any]) -> list[list[str]]:
     base_lat = base.get("latency_ms") if base else None
     base_size = base.get("size_bytes") if base else None
     metric = (report.get("metric") or {}).get("name", "accuracy")
+    task = report.get("task") or {}
+    if task.get("outputs"):
+        metric = f"{task.get('name')} task"
     devices = sorted(report.get("devices") or {})
-    head = ["candidate", "size KiB", "× size", "latency ms", "× latency"]
+    head = ["candidate", "size KiB", "× size", "latency ms", "× latency", "IQR"]
     if devices:
         head = ["candidate", "size KiB", "× size", "host ms",
-                *(f"{d} ms" for d in devices), "× latency"]
+                *(f"{d} ms" for d in devices), "× latency", "IQR"]
         base_lat = base.get("device_latency_ms") if base else None
     rows = [[*head, f"{metric} score", "drop", "status"]]
     for c in cands:
@@ -144,11 +191,14 @@ def candidate_rows(report: Mapping[str, Any]) -> list[list[str]]:
         dev = [_fmt((per.get(d) or {}).get("median_ms")) for d in devices]
         if devices:
             lat = c.get("device_latency_ms")
+        ratio = c.get("latency_ratio") or {}
+        times = ratio.get("median", lat / base_lat if lat and base_lat else None)
+        spread = (f"{ratio['q1']:.2f}–{ratio['q3']:.2f}"
+                  if ratio.get("spread") else "–")
         rows.append([
             str(c.get("name")), _kib(size),
             _fmt(size / base_size if size and base_size else None, ".2f"),
-            _fmt(c.get("latency_ms")), *dev,
-            _fmt(lat / base_lat if lat and base_lat else None, ".2f"),
+            _fmt(c.get("latency_ms")), *dev, _fmt(times, ".2f"), spread,
             _fmt(acc.get("score"), ".4f"), _fmt(acc.get("drop"), ".4f"), status,
         ])
     return rows
@@ -191,6 +241,31 @@ def base_lines(report: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def not_verified_why(data: Mapping[str, Any]) -> str:
+    """Why a report is not verified, in a phrase."""
+    if data.get("task_budget_held") is False:
+        return "the task metric broke its budget; accepted with --force"
+    return "synthetic inputs only; pass --calibration or --eval"
+
+
+def task_lines(report: Mapping[str, Any]) -> list[str]:
+    """The task, its per-output metrics and budgets, and the worst evaluation sample;
+    none for a generic task."""
+    task = report.get("task") or {}
+    if not task or task.get("name", "generic") == "generic" or not task.get("outputs"):
+        return []
+    lines = [f"task: {task['name']}" + (f" (from {task['detected_from']})"
+                                        if task.get("detected_from") else "")]
+    budgets = task.get("budget") or {}
+    for out, kind in (task.get("outputs") or {}).items():
+        lines.append(f"task metric: {out}: {kind}, budget {budgets.get(out, '?')}")
+    worst = (report.get("data") or {}).get("worst_sample")
+    if worst:
+        lines.append(f"worst sample: #{worst.get('index')} ({worst.get('output')}): "
+                     f"{worst.get('figure')} {_fmt(worst.get('value'), '.4g')}")
+    return lines
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     lines = [f"# {report.get('title', 'Conversion report')}", ""]
     src = report.get("source") or {}
@@ -198,7 +273,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines.append(f"- Source: `{src.get('path', '?')}` ({src.get('format', '?')}, sha256 "
                      f"`{str(src.get('sha256', ''))[:16]}…`)")
     metric = report.get("metric") or {}
-    if metric:
+    if metric and not task_lines(report):
         lines.append(f"- Accuracy: {metric.get('name')} vs {metric.get('reference', 'the source')},"
                      f" budget: drop ≤ {_fmt(metric.get('max_drop'), '.4g')}")
     data = report.get("data") or {}
@@ -208,10 +283,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines.append(f"- Evaluation: {ev.get('samples', 0)} samples from {ev.get('origin', '?')}; "
                      f"calibration: {cal.get('samples', 0)} samples from "
                      f"{cal.get('origin') or 'none'}")
+        lines.extend(f"- {t[0].upper()}{t[1:]}" for t in task_lines(report))
         if not data.get("verified_on_real_data", True):
             lines.append("")
-            lines.append("**Accuracy NOT verified on real data** (synthetic inputs only; pass "
-                         "--calibration or --eval).")
+            lines.append(f"**Accuracy NOT verified on real data** ({not_verified_why(data)}).")
     if report.get("threads"):
         lines.append(f"- Threads: {report['threads']}")
     for d, info in sorted((report.get("devices") or {}).items()):
@@ -309,6 +384,9 @@ def render_plot(report: Mapping[str, Any]) -> bytes:
     fig = Figure(figsize=(11, 0.45 * len(names) + 1.6), dpi=100)
     axes = fig.subplots(1, 3, sharey=True)
     metric = (report.get("metric") or {}).get("name", "accuracy")
+    task = report.get("task") or {}
+    if task.get("outputs"):
+        metric = f"{task.get('name')} task"
     devices = sorted(report.get("devices") or {})
     for ax, vals, title in zip(
         axes, (sizes, lats, drops),
@@ -340,5 +418,5 @@ def render_plot(report: Mapping[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-__all__ = ["base_lines", "candidate_rows", "hardware_text", "render_markdown", "render_plot",
-           "write_report"]
+__all__ = ["base_lines", "candidate_rows", "hardware_text", "latency_fields", "measured_status",
+           "render_markdown", "render_plot", "write_report"]

@@ -28,8 +28,14 @@ import edge_sdk
 from edge_sdk.errors import ConversionError, EdgeError
 
 from ._data import Samples, load_samples, split_holdout, synthetic_samples
-from ._measure import Measurement, default_max_drop, measure_candidates, select
-from ._report import manifest_figures, report_json, write_report
+from ._measure import Measurement, Selection, default_max_drop, measure_candidates, select
+from ._report import (
+    latency_fields,
+    manifest_figures,
+    measured_status,
+    report_json,
+    write_report,
+)
 
 if TYPE_CHECKING:
     from ._frontends._common import Loaded
@@ -144,7 +150,7 @@ def convert_saved_model(
         ms = measure_candidates(
             [(c.name, c.path, c.scheme) for c in built if c.path is not None], evalset.feeds,
             reference, metric=options.metric, labels=evalset.labels, threads=options.threads,
-            config=cfg.measure, progress=options.progress)
+            config=cfg.measure, progress=options.progress, baseline=BASELINE)
         budget = (options.max_drop if options.max_drop is not None
                   else default_max_drop(options.metric, reference))
         requested = None if options.quantize == "auto" else options.quantize
@@ -167,8 +173,8 @@ def convert_saved_model(
             source={"format": loaded.kind, "path": source_path, "sha256": source_sha256},
             options=options, calib=calib, evalset=evalset,
             reference_label=f"the {loaded.kind} source model", budget=budget,
-            rows=[_row(c, next((m for m in ms if m.name == c.name), None), chosen.name,
-                       budget, ms) for c in cands],
+            rows=[_row(c, next((m for m in ms if m.name == c.name), None), budget, sel)
+                  for c in cands],
             chosen=chosen.name, why=sel.why, rule=sel.rule, warnings=warnings,
         )
         model_file = Path(chosen.path)
@@ -223,28 +229,22 @@ def _reference_outputs(loaded: Loaded, evalset: Samples) -> list[dict[str, np.nd
         ) from err
 
 
-def _row(c: TfliteCandidate, m: Measurement | None, chosen: str, budget: float,
-         ms: Sequence[Measurement]) -> dict[str, Any]:
-    base = next((x for x in ms if x.name == BASELINE), None)
+def _row(c: TfliteCandidate, m: Measurement | None, budget: float,
+         sel: Selection) -> dict[str, Any]:
     note: str | None = None
     if c.error is not None:
         status, note = ("skipped" if c.needs_calibration else "failed"), c.error
     elif m is None or not m.ok:
         status, note = "failed", (m.error if m else "not measured")
-    elif c.name == chosen:
-        status, note = "chosen", None
-    elif m.accuracy is not None and m.accuracy.drop > budget:
-        status, note = "over-budget", None
-    elif base and base.latency_ms and m.latency_ms and m.latency_ms > base.latency_ms:
-        status, note = "slower", None
     else:
-        status, note = "ok", None
+        status = measured_status(sel, m, budget)
     return {
         "name": c.name, "scheme": c.scheme, "description": c.description, "status": status,
         "note": note, "error": (m.error if m else c.error),
         "size_bytes": m.size_bytes if m else None,
         "latency_ms": m.latency_ms if m else None,
         "latency_rounds_ms": list(m.latency_rounds_ms) if m else [],
+        **latency_fields(sel, c.name),
         "accuracy": m.accuracy.to_json() if m and m.accuracy else None,
     }
 

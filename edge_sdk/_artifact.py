@@ -22,6 +22,8 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 REPORT_NAME = "report.json"
 FORMATS = ("onnx", "ort", "tflite")
+#: What a model is for; the converter judges accuracy in these terms.
+TASKS = ("classify", "detect", "segment", "embed", "regress", "generic")
 _SUFFIX_FORMAT = {".onnx": "onnx", ".ort": "ort", ".tflite": "tflite"}
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -90,6 +92,8 @@ class Manifest:
     runtime: Mapping[str, Any] = field(default_factory=dict)
     sample: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # What the model is for (TASKS); manifests written before tasks load as "generic".
+    task: str = "generic"
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -103,6 +107,7 @@ class Manifest:
             "inputs": [t.to_json() for t in self.inputs],
             "outputs": [t.to_json() for t in self.outputs],
             "quantization": self.quantization,
+            "task": self.task,
             "source": dict(self.source),
             "runtime": dict(self.runtime),
         }
@@ -162,18 +167,21 @@ class Manifest:
         quant = req("quantization", str)
         source = req("source", dict)
         runtime = req("runtime", dict)
+        task = data.get("task", "generic")
+        if task not in TASKS:
+            raise ArtifactError(f"{where}: task {task!r} is not one of {', '.join(TASKS)}")
         sample = data.get("sample")
         if sample is not None and (not isinstance(sample, str) or not SAFE_NAME.fullmatch(sample)):
             raise ArtifactError(f"{where}: sample must be a plain file name inside the artifact")
         known = {
             "schema", "name", "version", "format", "model", "sha256", "size_bytes",
-            "inputs", "outputs", "quantization", "source", "runtime", "sample",
+            "inputs", "outputs", "quantization", "source", "runtime", "sample", "task",
         }
         extra = {k: v for k, v in data.items() if k not in known}
         return cls(
             name=name, version=version, format=fmt, model=model, sha256=sha, size_bytes=size,
             inputs=inputs, outputs=outputs, quantization=quant, source=source,
-            runtime=runtime, sample=sample, extra=extra,
+            runtime=runtime, sample=sample, extra=extra, task=task,
         )
 
 

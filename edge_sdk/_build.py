@@ -18,6 +18,7 @@ from ._artifact import (
     MANIFEST_NAME,
     REPORT_NAME,
     SAFE_NAME,
+    TASKS,
     Artifact,
     Manifest,
     format_for_path,
@@ -35,6 +36,7 @@ def build_artifact(
     name: str,
     version: str,
     quantization: str = "none",
+    task: str = "generic",
     source: Mapping[str, Any] | None = None,
     runtime: Mapping[str, Any] | None = None,
     sample: Mapping[str, Any] | None = None,
@@ -56,6 +58,8 @@ def build_artifact(
         raise ArtifactError(
             f"artifact name {name!r} must be 1-128 characters of letters, digits, '.', '_', '-'"
         )
+    if task not in TASKS:
+        raise ArtifactError(f"artifact task {task!r} is not one of {', '.join(TASKS)}")
     if not version or "/" in version or len(version) > 64:
         raise ArtifactError(f"artifact version {version!r} must be a short string without '/'")
     predictor = load_model_file(src)
@@ -87,6 +91,7 @@ def build_artifact(
             inputs=predictor.inputs,
             outputs=predictor.outputs,
             quantization=quantization,
+            task=task,
             source=dict(source or {"format": fmt, "sha256": sha256_file(src)}),
             runtime=rt,
             sample=sample_name,

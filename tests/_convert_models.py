@@ -320,6 +320,57 @@ def loop_rnn(path: Path, *, d: int = 16, steps: int = 4, seed: int = 0) -> Path:
     return path
 
 
+def yolo_like_detector(path: Path, *, size: int = 32, width: int = 8, classes: int = 3,
+                       class_spread: float = 0.3, box_scale: float = 640.0,
+                       class_bias: float = -1.0, box_size: float = 0.4,
+                       seed: int = 0) -> Path:
+    """A YOLOv8-style detector: two stride-2 convs, a 1x1 head, output ``output0``
+    ``[1, 4+C, N]`` (cx, cy, w, h in pixels of a ``box_scale``-wide image, then sigmoid
+    class scores), N = (size/4)². The class rows of the head differ only by
+    ``class_spread`` of their weights, so classes compete closely, while the box rows
+    hold large values: the whole-tensor cosine is dominated by box coordinates, and
+    int8 activations (one scale for the head's output, set by the boxes) flip classes."""
+    g = _G(seed)
+    x = g.op("Relu", [g.conv("images", 3, width, 3, stride=2)])
+    x = g.op("Relu", [g.conv(x, width, width, 3, stride=2)])
+    grid = size // 4
+    n = grid * grid
+    rng = g.rng
+    base = rng.normal(0, np.sqrt(2.0 / width), (1, width))
+    cls_w = base + class_spread * rng.normal(0, np.sqrt(2.0 / width), (classes, width))
+    box_w = rng.normal(0, np.sqrt(2.0 / width), (4, width)) * np.array([[8], [8], [4], [4]])
+    w = np.concatenate([box_w, cls_w]).astype(np.float32).reshape(4 + classes, width, 1, 1)
+    b = np.concatenate([[0, 0, box_scale * box_size, box_scale * box_size],
+                        class_bias + rng.normal(0, 0.05, classes)]).astype(np.float32)
+    head = g.op("Conv", [x, g.const(w), g.const(b)], kernel_shape=[1, 1])
+    flat = g.op("Reshape", [head, g.const(np.array([1, 4 + classes, n], np.int64), "shape")])
+    box, cls = g.op("Split", [flat, g.const(np.array([4, classes], np.int64), "split")],
+                    n_out=2, axis=1)
+    ys, xs = np.mgrid[0:grid, 0:grid].astype(np.float32)
+    step = box_scale / grid
+    offset = np.zeros((1, 4, n), np.float32)
+    offset[0, 0] = ((xs + 0.5) * step).reshape(-1)
+    offset[0, 1] = ((ys + 0.5) * step).reshape(-1)
+    boxes = g.op("Add", [box, g.const(offset, "grid")])
+    scores = g.op("Sigmoid", [cls])
+    g.nodes.append(helper.make_node("Concat", [boxes, scores], ["output0"], axis=1,
+                                    name="concat"))
+    return g.save(path, [_vi("images", TensorProto.FLOAT, [1, 3, size, size])],
+                  [_vi("output0", TensorProto.FLOAT, [1, 4 + classes, n])])
+
+
+def tiny_segmenter(path: Path, *, size: int = 32, width: int = 8, classes: int = 4,
+                   seed: int = 0) -> Path:
+    """Three same-size convs and a 1x1 head: ``masks`` ``[batch, C, size, size]`` logits."""
+    g = _G(seed)
+    x = g.op("Relu", [g.conv("input", 3, width, 3)])
+    x = g.op("Relu", [g.conv(x, width, width, 3)])
+    x = g.conv(x, width, classes, 1)
+    g.nodes.append(helper.make_node("Identity", [x], ["masks"], name="masks"))
+    return g.save(path, [_vi("input", TensorProto.FLOAT, ["batch", 3, size, size])],
+                  [_vi("masks", TensorProto.FLOAT, ["batch", classes, size, size])])
+
+
 def yolo_neck(path: Path, *, width: int = 8, seed: int = 0) -> Path:
     """A detector neck with symbolic H, W: five stride-2 convs, the /32 map upsampled x2
     and concatenated with the /16 map (as YOLO's FPN does), a 1x1 head. Runs only when H

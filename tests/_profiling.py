@@ -70,15 +70,20 @@ def measured(report: dict[str, Any]) -> list[dict[str, Any]]:
             if r["status"] not in ("failed", "skipped", "no-op")]
 
 
-def expected_choice(report: dict[str, Any]) -> str:
-    """What ``auto --prefer latency`` must choose by the report's device figures: within
-    the accuracy budget and no slower than fp32 on the device, the fastest (within 5%: the
-    smallest)."""
+def expected_choice(report: dict[str, Any], tolerance: float = 0.05) -> str:
+    """What ``auto --prefer latency`` must choose by the report's device figures (single
+    medians, so the noise band is the tolerance alone): within the accuracy budget and
+    not slower than fp32 on the device (at most 1 + tolerance its latency), the fastest;
+    those at most 1 + tolerance its latency tie, and the smallest, then the first in the
+    scheme order, wins."""
+    from converters._candidates import SCHEMES
+
     rows = {r["name"]: r for r in report["candidates"]}
     budget = report["metric"]["max_drop"]
     fp32 = rows["fp32"]["device_latency_ms"]
     pool = [r for r in measured(report) if r["accuracy"]["drop"] <= budget
-            and r["device_latency_ms"] <= fp32]
+            and r["device_latency_ms"] / fp32 <= 1 + tolerance]
     fastest = min(r["device_latency_ms"] for r in pool)
-    near = [r for r in pool if r["device_latency_ms"] <= fastest * 1.05]
-    return str(min(near, key=lambda r: (r["size_bytes"], r["device_latency_ms"]))["name"])
+    near = [r for r in pool if r["device_latency_ms"] / fastest <= 1 + tolerance]
+    return str(min(near, key=lambda r: (r["size_bytes"], SCHEMES.index(r["scheme"]),
+                                        r["name"]))["name"])

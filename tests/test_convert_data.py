@@ -86,8 +86,11 @@ def test_select_takes_fastest_within_budget_never_slower_than_fp32() -> None:
 
 
 def test_select_prefers_the_smaller_of_equally_fast_candidates() -> None:
-    ms = [_m("fp32", 1.0, 0.0, 100, "none"), _m("a", 0.500, 0.0, 60), _m("b", 0.505, 0.0, 25)]
-    assert select(ms, baseline="fp32", max_drop=0.01).chosen.name == "b"
+    # 40 is not under half of 60, so only the tie-break (not balanced's size trade) can
+    # pick "b"; under both preferences.
+    ms = [_m("fp32", 1.0, 0.0, 100, "none"), _m("a", 0.500, 0.0, 60), _m("b", 0.505, 0.0, 40)]
+    for prefer in ("latency", "balanced"):
+        assert select(ms, baseline="fp32", max_drop=0.01, prefer=prefer).chosen.name == "b"
 
 
 def test_select_explicit_scheme_over_budget_raises_with_figure_unless_forced() -> None:

@@ -141,6 +141,7 @@ def inspect_cmd(path: str, as_json: bool) -> None:
         src = predictor.manifest.source
         if src:
             click.echo(f"source: {src.get('format', '?')} {str(src.get('sha256', ''))[:16]}")
+        click.echo(f"task: {predictor.manifest.task}")
         rt = predictor.manifest.runtime
         if rt:
             click.echo("runtime: " + ", ".join(f"{k} {v}" for k, v in rt.items()))
