@@ -95,6 +95,10 @@ def convert_source(
                 )
             onnx_path = Path(child.call("export", what="while exporting the model to ONNX",
                                         path=str(work / "export.onnx")))
+            notes = child.call("export_notes", what="after exporting the model")
+            loaded.warnings.extend(notes["warnings"])
+            for key, value in notes["extra"].items():
+                loaded.extra[key] = {**loaded.extra.get(key, {}), **value}
             samples = verification_samples(loaded.inputs, options.calibration, options.eval,
                                            frontend_config)
             checked = _check_export(onnx_path, loaded, samples, text, frontend_config)
@@ -143,7 +147,7 @@ def _load(
         return out
 
     return Loaded(kind, tuple(meta["inputs"]), reference, dict(meta["extra"]),
-                  list(meta["warnings"]))
+                  list(meta["warnings"]), list(meta.get("reported", [])))
 
 
 def _source_digest(src: str) -> str:

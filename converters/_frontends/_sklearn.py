@@ -1,13 +1,35 @@
 """scikit-learn in: a pickle/joblib file of an estimator or Pipeline → ONNX via skl2onnx.
 
-Classifiers come out with two plain tensors, ``label`` and ``probabilities``
-(no ZipMap: a list of dicts is useless to a device and slow), regressors and
-transformers with one float tensor ``variable``.
+What the model is comes from its final step, not from a list of estimators:
+
+* a classifier (``is_classifier`` and ``classes_``) comes out with ``label`` and, when
+  it has ``predict_proba``, ``probabilities``; one without (RidgeClassifier, LinearSVC,
+  SGDClassifier with hinge loss, Perceptron, ...) with ``label`` and ``scores``, its
+  decision function. No ZipMap: a list of dicts is useless to a device and slow.
+* a regressor or transformer with one float tensor ``variable``; a clusterer or outlier
+  detector with ``label`` (and ``scores``).
+
+skl2onnx's outputs are mapped to those names by their type, whatever skl2onnx calls them.
+The export is judged in the task's terms: labels must agree; probabilities are compared
+and the difference reported, not refused; a regressor's values must agree within the
+front-end's tolerance.
+
+A tree model (anything from ``sklearn.tree`` or ``sklearn.ensemble``) after other steps
+is exported the way skl2onnx documents for trees ("Issues when switching to float"):
+the steps before it run in double, as scikit-learn runs them, and a ``CastTransformer``
+to float32 sits just before the trees, as scikit-learn's trees cast their input. The
+artifact still takes and gives float32. In float32 throughout, a scaled feature one ulp
+off a split threshold sends a row down the other branch.
+
+The model takes one float32 matrix ``[batch, n_features]``. Models fitted on strings
+(categories or a DataFrame whose columns a ColumnTransformer selects by name) are refused
+in one line that says so: encode the strings as numbers and select columns by position.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import copy
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +42,8 @@ from ._common import Loaded, first_line, quiet, require
 
 # skl2onnx writes ai.onnx.ml ops; opset 3 of that domain is what onnxruntime ≥ 1.15 runs.
 TARGET_OPSET = {"": 17, "ai.onnx.ml": 3}
+KINDS = ("classifier", "regressor", "transformer", "predictor")
+TASKS = {"classifier": "classify", "regressor": "regress"}  # others: "generic"
 
 
 class SklearnSource:
@@ -51,7 +75,7 @@ class SklearnSource:
             )
         self.path = path
         self.est = est
-        self.final = est.steps[-1][1] if hasattr(est, "steps") else est
+        self.final = _final(est)
         n = getattr(est, "n_features_in_", None)
         name = "input"
         if input_shapes:
@@ -65,9 +89,28 @@ class SklearnSource:
                 f"{path}: the estimator does not record its number of features "
                 "(n_features_in_); is it fitted?"
             )
+        strings = _string_input(est)
+        if strings:
+            raise UsageError(
+                f"{path}: {strings}; edge-sdk converts scikit-learn models that take one "
+                "numeric matrix: encode strings as numbers (e.g. OrdinalEncoder before "
+                "fitting) and select ColumnTransformer columns by position"
+            )
         self.input_name = name
         self.n_features = int(n)
-        self.classifier = hasattr(est, "predict_proba") and hasattr(self.final, "classes_")
+        self.kind = _kind(est, self.final)
+        self.has_proba = self.kind == "classifier" and hasattr(est, "predict_proba")
+        self.precision = "float32"
+        self.warnings: list[str] = []
+
+    @property
+    def outputs(self) -> list[str]:
+        """The artifact's output names, in order."""
+        if self.kind == "classifier":
+            return ["label", "probabilities" if self.has_proba else "scores"]
+        if self.kind == "predictor":
+            return ["label", "scores"]
+        return ["variable"]
 
     def loaded(self) -> Loaded:
         specs = (TensorSpec(self.input_name, "float32", ("batch", self.n_features)),)
@@ -75,30 +118,38 @@ class SklearnSource:
             "estimator": type(self.est).__name__,
             "steps": [f"{n}: {type(s).__name__}" for n, s in getattr(self.est, "steps", [])],
             "n_features": self.n_features,
-            "task": self.task(),
+            "kind": self.kind,
+            "task": TASKS.get(self.kind, "generic"),
+            "outputs": self.outputs,
         }}
-        if self.classifier:
-            classes = np.asarray(self.final.classes_)
-            extra["labels"] = classes.tolist()
-        return Loaded("sklearn", specs, self.reference, extra)
-
-    def task(self) -> str:
-        """classify / regress as scikit-learn itself says (``is_classifier``)."""
-        from sklearn.base import is_classifier, is_regressor
-
-        if self.classifier or is_classifier(self.final):
-            return "classify"
-        return "regress" if is_regressor(self.final) else "generic"
+        if self.kind == "classifier":
+            extra["labels"] = np.asarray(self.final.classes_).tolist()
+        # A classifier is judged by its labels; its probabilities' difference is reported.
+        reported = ["probabilities"] if self.has_proba else []
+        return Loaded("sklearn", specs, self.reference, extra, reported=reported)
 
     def reference(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        x = np.asarray(feed[self.input_name], dtype=np.float32)
+        x32 = np.asarray(feed[self.input_name], dtype=np.float32)
+        try:
+            # The device feeds float32; those values, exactly, in float64 are what
+            # scikit-learn predicts from in its users' hands (given a float32 array its
+            # scalers compute in float32)...
+            return self._predict(x32.astype(np.float64))
+        except (ValueError, TypeError):
+            # ...unless the model was fitted on float32 and takes nothing else (KMeans).
+            return self._predict(x32)
+
+    def _predict(self, x: np.ndarray) -> dict[str, np.ndarray]:
         with quiet():
-            if self.classifier:
+            if self.kind in ("classifier", "predictor"):
                 label = np.asarray(self.est.predict(x))
                 label = label.astype(np.int64) if label.dtype.kind in "iub" else label
-                proba = np.asarray(self.est.predict_proba(x), dtype=np.float32)
-                return {"label": label, "probabilities": proba}
-            if hasattr(self.est, "predict"):
+                out = {"label": label}
+                if self.has_proba:
+                    out["probabilities"] = np.asarray(self.est.predict_proba(x),
+                                                      dtype=np.float32)
+                return out
+            if self.kind == "regressor":
                 y = np.asarray(self.est.predict(x), dtype=np.float32)
             else:
                 y = np.asarray(self.est.transform(x), dtype=np.float32)
@@ -106,44 +157,20 @@ class SklearnSource:
 
     def export(self, out: Path) -> Path:
         require("skl2onnx", "converting a scikit-learn model to ONNX")
-        from skl2onnx import convert_sklearn
-        from skl2onnx.common.data_types import FloatTensorType
-
-        options = {id(self.final): {"zipmap": False}} if self.classifier else None
-        try:
-            with quiet():
-                model = convert_sklearn(
-                    self.est, name=f"ONNX({type(self.est).__name__})",
-                    initial_types=[(self.input_name, FloatTensorType([None, self.n_features]))],
-                    options=options, target_opset=TARGET_OPSET, **_bool_safe_converters(),
+        model = None
+        doubled = _cast_before_trees(self.est)
+        if doubled is not None:
+            try:
+                model = self._convert(doubled, double=True)
+                self.precision = "float64 before the trees"
+            except ConversionError as err:
+                self.warnings.append(
+                    f"the steps before the tree model could not be exported in double "
+                    f"precision ({err}); they run in float32, so rows near a split threshold "
+                    "may take the other branch"
                 )
-        except Exception as err:
-            missing = _unconvertible(self.est)
-            if missing:
-                top = type(self.est).__name__
-                where = "" if missing == [top] else f" (in this {top})"
-                raise ConversionError(
-                    f"{self.path}: skl2onnx cannot convert {', '.join(missing)}{where}: it "
-                    "has no converter for that class; replace it with a supported estimator, "
-                    "or export the model to ONNX yourself and convert the .onnx file"
-                ) from err
-            raise ConversionError(
-                f"{self.path}: skl2onnx cannot convert {type(self.est).__name__}: "
-                f"{first_line(err)}"
-            ) from err
-        # What skl2onnx.to_onnx does after convert_sklearn: declare the opset asked for.
-        for op in model.opset_import:
-            if op.domain == "":
-                op.version = TARGET_OPSET[""]
-        outputs = [o.name for o in model.graph.output]
-        expected = ["label", "probabilities"] if self.classifier else ["variable"]
-        if outputs != expected:
-            # Older/newer skl2onnx name outputs differently; rename to the stable names.
-            if len(outputs) != len(expected):
-                raise ConversionError(
-                    f"{self.path}: skl2onnx produced outputs {outputs}, expected {expected}"
-                )
-            _rename_outputs(model, dict(zip(outputs, expected, strict=True)))
+        if model is None:
+            model = self._convert(self.est, double=False)
         for vi in [*model.graph.input, *model.graph.output]:
             dims = vi.type.tensor_type.shape.dim
             if len(dims) and not dims[0].dim_value:
@@ -151,12 +178,127 @@ class SklearnSource:
         out.write_bytes(model.SerializeToString())
         return out
 
+    def export_notes(self) -> dict[str, Any]:
+        """After :meth:`export`: the precision it chose, for the manifest, and warnings."""
+        return {"extra": {"sklearn": {"precision": self.precision}},
+                "warnings": list(self.warnings)}
 
-def _unconvertible(est: Any) -> list[str]:
-    """Class names of the parts of ``est`` (itself, or the members of a Pipeline,
-    ColumnTransformer or FeatureUnion, recursively) that skl2onnx has no converter for."""
-    from skl2onnx import get_model_alias
+    def _convert(self, est: Any, *, double: bool) -> Any:
+        from skl2onnx import convert_sklearn
+        from skl2onnx.common.data_types import DoubleTensorType, FloatTensorType
 
+        tensor = DoubleTensorType if double else FloatTensorType
+        final = _final(est)
+        options: dict[int, dict[str, Any]] = {}
+        if _allows(final, "zipmap"):
+            options[id(final)] = {"zipmap": False}
+        elif self.kind == "classifier":
+            # skl2onnx's Pipeline parser gives a classifier without options a zipmap one,
+            # which LinearSVC's converter then refuses; any entry for it prevents that
+            options[id(final)] = {}
+        for part in _walk(est):
+            if _allows(part, "div"):
+                # skl2onnx scales by x * (1 / s) unless asked; scikit-learn divides, and
+                # the last bit of difference moves rows across a later tree's thresholds
+                options[id(part)] = {"div": "div" if double else "div_cast"}
+        try:
+            with quiet():
+                model = convert_sklearn(
+                    est, name=f"ONNX({type(self.est).__name__})",
+                    initial_types=[(self.input_name, tensor([None, self.n_features]))],
+                    options=options or None, target_opset=TARGET_OPSET, **_bool_safe_converters(),
+                )
+        except Exception as err:
+            missing = _unconvertible(self.est)
+            if missing:
+                top = type(self.est).__name__
+                where = "" if missing == [top] else f" (in this {top})"
+                raise UsageError(
+                    f"{self.path}: skl2onnx cannot convert {', '.join(missing)}{where}: it "
+                    "has no converter for that class; replace it with a supported estimator, "
+                    "or export the model to ONNX yourself and convert the .onnx file"
+                ) from err
+            raise ConversionError(
+                f"{self.path}: skl2onnx cannot convert {type(self.est).__name__}"
+                f"{' in double precision' if double else ''}: {first_line(err)}"
+            ) from err
+        # What skl2onnx.to_onnx does after convert_sklearn: declare the opset asked for.
+        for op in model.opset_import:
+            if op.domain == "":
+                op.version = TARGET_OPSET[""]
+        self._name_outputs(model)
+        if double:
+            _float_io(model)
+            _check_runs(model, self.path)
+        return model
+
+    def _name_outputs(self, model: Any) -> None:
+        """Rename skl2onnx's outputs to :attr:`outputs` by their element type: integer or
+        string outputs are labels, float ones probabilities, scores or values."""
+        from onnx import TensorProto
+
+        by_type: dict[str, list[str]] = {"label": [], "float": []}
+        for vi in model.graph.output:
+            floaty = vi.type.tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.DOUBLE)
+            by_type["float" if floaty else "label"].append(vi.name)
+        found = [o.name for o in model.graph.output]
+        wanted = self.outputs
+        if wanted == ["variable"]:
+            pairs = list(zip(by_type["float"], wanted, strict=False))
+            ok = len(by_type["float"]) == 1 and not by_type["label"]
+        else:
+            pairs = list(zip(by_type["label"][:1] + by_type["float"][:1], wanted, strict=False))
+            ok = len(by_type["label"]) == 1 and len(by_type["float"]) <= 1
+        if not ok:
+            raise ConversionError(
+                f"{self.path}: skl2onnx produced outputs {found} for this {self.kind}; "
+                f"edge-sdk maps a {self.kind}'s outputs to {wanted} by type and cannot here"
+            )
+        _rename_outputs(model, dict(pairs))
+        for vi in model.graph.output:
+            if vi.name == "scores":
+                # a binary decision function is one column though skl2onnx declares two
+                dims = vi.type.tensor_type.shape.dim
+                if len(dims) == 2:
+                    dims[1].dim_param = "scores"
+
+
+def _final(est: Any) -> Any:
+    while hasattr(est, "steps"):
+        est = est.steps[-1][1]
+    return est
+
+
+def _kind(est: Any, final: Any) -> str:
+    """What the model predicts, from its final step (see :data:`KINDS`)."""
+    from sklearn.base import is_classifier, is_regressor
+
+    if not hasattr(est, "predict"):
+        return "transformer"
+    if (is_classifier(final) or getattr(final, "_estimator_type", None) == "classifier") \
+            and hasattr(final, "classes_"):
+        return "classifier"
+    if is_regressor(final) or getattr(final, "_estimator_type", None) == "regressor":
+        return "regressor"
+    return "predictor"
+
+
+def _allows(est: Any, option: str) -> bool:
+    """Whether skl2onnx's converter for ``est`` takes ``option`` (LinearSVC has no ZipMap
+    and refuses a ``zipmap`` option)."""
+    try:
+        from skl2onnx import get_model_alias
+        from skl2onnx.common._registration import get_converter
+
+        allowed = get_converter(get_model_alias(type(est))).get_allowed_options()
+    except (ImportError, RuntimeError, ValueError, AttributeError):
+        return False
+    return option in (allowed or {})
+
+
+def _members(est: Any) -> list[Any]:
+    """The estimators inside a Pipeline, ColumnTransformer or FeatureUnion ("drop" and
+    "passthrough" stand in for members as strings)."""
     if hasattr(est, "steps"):
         members = [s for _, s in est.steps]
     elif hasattr(est, "transformers_"):
@@ -164,13 +306,123 @@ def _unconvertible(est: Any) -> list[str]:
     elif hasattr(est, "transformer_list"):
         members = [t for _, t in est.transformer_list]
     else:
+        return []
+    return [m for m in members if not isinstance(m, str)]
+
+
+def _walk(est: Any) -> Iterator[Any]:
+    yield est
+    for m in _members(est):
+        yield from _walk(m)
+
+
+def _string_input(est: Any) -> str | None:
+    """Why ``est`` needs strings (or named DataFrame columns) as input, or None."""
+    for part in _walk(est):
+        name = type(part).__name__
+        cats = getattr(part, "categories_", None)
+        if isinstance(cats, list) and any(np.asarray(c).dtype.kind in "OUS" for c in cats):
+            return f"its {name} was fitted on string categories"
+        stats = getattr(part, "statistics_", None)
+        if stats is not None and np.asarray(stats).dtype.kind in "OUS":
+            return f"its {name} was fitted on strings"
+        for _, _, cols in getattr(part, "transformers_", []):
+            flat = [cols] if isinstance(cols, str) else (
+                list(cols) if isinstance(cols, list | tuple | np.ndarray) else [cols])
+            if any(isinstance(c, str) or callable(c) for c in flat):
+                return (f"its {name} selects columns by name (it was fitted on a "
+                        "DataFrame)")
+    return None
+
+
+def _is_tree_model(est: Any) -> bool:
+    return type(est).__module__.startswith(("sklearn.tree", "sklearn.ensemble"))
+
+
+def _cast_before_trees(est: Any) -> Any | None:
+    """A copy of ``est`` with a float32 ``CastTransformer`` before every tree model that
+    follows other steps in a Pipeline, or None when there is none (a tree fed straight
+    from the float32 input is exact already: skl2onnx picks float32 thresholds that split
+    float32 inputs as scikit-learn's double ones do)."""
+    if not hasattr(est, "steps"):
+        return None
+    from skl2onnx.sklapi import CastTransformer
+
+    est = copy.deepcopy(est)
+    found = False
+
+    def visit(pipe: Any, first: bool) -> None:
+        nonlocal found
+        steps = []
+        for i, (name, step) in enumerate(pipe.steps):
+            if hasattr(step, "steps"):
+                visit(step, first and i == 0)
+            elif _is_tree_model(step) and not (first and i == 0):
+                cast = CastTransformer(dtype=np.float32).fit(np.zeros((1, 1)))
+                steps.append((f"{name}-cast32", cast))
+                found = True
+            steps.append((name, step))
+        pipe.steps = steps
+
+    visit(est, True)
+    return est if found else None
+
+
+def _float_io(model: Any) -> None:
+    """Make a double-precision graph take and give float32 like every other artifact:
+    a Cast after the input (exact) and before each double output."""
+    from onnx import TensorProto, helper
+
+    nodes = []
+    for vi in model.graph.input:
+        if vi.type.tensor_type.elem_type == TensorProto.DOUBLE:
+            inner = f"{vi.name}_float64"
+            for node in model.graph.node:
+                for i, name in enumerate(node.input):
+                    if name == vi.name:
+                        node.input[i] = inner
+            nodes.append(helper.make_node("Cast", [vi.name], [inner], to=TensorProto.DOUBLE,
+                                          name=f"{vi.name}_to_float64"))
+            vi.type.tensor_type.elem_type = TensorProto.FLOAT
+    tail = []
+    for vi in model.graph.output:
+        if vi.type.tensor_type.elem_type == TensorProto.DOUBLE:
+            inner = f"{vi.name}_float64"
+            for node in model.graph.node:
+                node.input[:] = [inner if n == vi.name else n for n in node.input]
+                node.output[:] = [inner if n == vi.name else n for n in node.output]
+            tail.append(helper.make_node("Cast", [inner], [vi.name], to=TensorProto.FLOAT,
+                                         name=f"{vi.name}_to_float32"))
+            vi.type.tensor_type.elem_type = TensorProto.FLOAT
+    all_nodes = [*nodes, *model.graph.node, *tail]
+    del model.graph.node[:]
+    model.graph.node.extend(all_nodes)
+
+
+def _check_runs(model: Any, path: Path) -> None:
+    """onnxruntime loads ``model`` (skl2onnx writes double graphs it cannot run for some
+    converters); a ConversionError otherwise."""
+    import onnxruntime as ort
+
+    try:
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception as err:
+        raise ConversionError(f"onnxruntime refuses it: {first_line(err)}") from err
+
+
+def _unconvertible(est: Any) -> list[str]:
+    """Class names of the parts of ``est`` (itself, or the members of a Pipeline,
+    ColumnTransformer or FeatureUnion, recursively) that skl2onnx has no converter for."""
+    from skl2onnx import get_model_alias
+
+    members = _members(est)
+    if not members:
         try:
             get_model_alias(type(est))
         except RuntimeError:
             return [type(est).__name__]
         return []
-    # "drop" and "passthrough" stand in for members as strings.
-    return [n for m in members if not isinstance(m, str) for n in _unconvertible(m)]
+    return [n for m in members for n in _unconvertible(m)]
 
 
 def _bool_safe_converters() -> dict[str, dict[type, Any]]:
@@ -223,10 +475,11 @@ def _no_bools(value: Any) -> Any:
 
 
 def _rename_outputs(model: Any, names: Mapping[str, str]) -> None:
+    """Rename graph outputs, where they are made and where they are read (skl2onnx's
+    linear classifiers compute ``label`` from ``probabilities``)."""
     for node in model.graph.node:
-        for i, o in enumerate(node.output):
-            if o in names:
-                node.output[i] = names[o]
+        node.input[:] = [names.get(n, n) for n in node.input]
+        node.output[:] = [names.get(n, n) for n in node.output]
     for vi in model.graph.output:
         vi.name = names.get(vi.name, vi.name)
 

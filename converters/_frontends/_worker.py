@@ -62,11 +62,17 @@ def _open(state: _State, *, kind: str, src: str, work: str, calibration: Path | 
         )
     state.exporter, state.loaded = exporter, loaded
     return {"inputs": tuple(loaded.inputs), "extra": dict(loaded.extra),
-            "warnings": list(loaded.warnings)}
+            "warnings": list(loaded.warnings), "reported": list(loaded.reported)}
 
 
 def _export(state: _State, *, path: str) -> str:
     return str(state.exporter.export(Path(path)))
+
+
+def _export_notes(state: _State) -> dict[str, Any]:
+    """What the last export decided that the manifest should say (precision, warnings)."""
+    notes = getattr(state.exporter, "export_notes", None)
+    return dict(notes()) if notes is not None else {"extra": {}, "warnings": []}
 
 
 def _reference(state: _State, *, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -87,7 +93,8 @@ def _ping(state: _State) -> None:
 
 
 OPS: dict[str, Callable[..., Any]] = {
-    "ping": _ping, "open": _open, "export": _export, "reference": _reference,
+    "ping": _ping, "open": _open, "export": _export,
+    "export_notes": _export_notes, "reference": _reference,
     "tflite_candidates": _tflite_candidates,
 }
 
