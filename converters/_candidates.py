@@ -206,6 +206,11 @@ def build_candidates(
     return out
 
 
+#: Ops whose float inputs are scales and zero points fixed by the spec's types (a
+#: dequantized int8 TFLite keeps them around its inputs and outputs): left in float32.
+_FP16_KEEP = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
+
+
 def _fp16(src: Path, dst: Path, excluded: set[str], total: int) -> Candidate:
     desc = "float16 weights and compute, float32 inputs/outputs"
     try:
@@ -219,7 +224,7 @@ def _fp16(src: Path, dst: Path, excluded: set[str], total: int) -> Candidate:
         with _quiet():
             converted = convert_float_to_float16(
                 model, keep_io_types=True,
-                op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | excluded),
+                op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | _FP16_KEEP | excluded),
             )
         onnx.save(converted, str(dst))
     except Exception as err:

@@ -169,6 +169,18 @@ def test_full_int8_tflite_to_onnx_takes_and_returns_float(
     assert "skipped" in res.artifact.manifest.extra["export_check"]
 
 
+def test_fp16_candidate_of_a_dequantized_int8_tflite_loads_and_runs(
+    tflite_int8: Path, tmp_path: Path
+) -> None:
+    # The ONNX of a full-integer TFLite keeps its Quantize/DequantizeLinear wrappers on the
+    # inputs and outputs; fp16 must leave their float32 scales alone or the model is invalid.
+    res = _convert(tflite_int8, tmp_path / "art", to="onnx", quantize="fp16")
+    rows = {r["name"]: r for r in json.loads(
+        (res.artifact.path / "report.json").read_text())["candidates"]}
+    assert rows["fp16"]["status"] not in ("failed", "skipped"), rows["fp16"]
+    assert res.artifact.manifest.quantization == "fp16"
+
+
 @pytest.mark.parametrize("which", ["float32", "fp16"])
 def test_float_tflite_to_tflite_is_kept_and_the_report_says_why(
     which: str, tflite_float: Path, extra_tflite: dict[str, Any], tmp_path: Path,
