@@ -103,9 +103,11 @@ class TaskPlan:
     task: str
     outputs: Mapping[str, OutputMetric] = field(default_factory=dict)
     detected_from: str = ""
+    hint: str = ""  # generic when detected: what the user may mean and the flag for it
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.task, "detected_from": self.detected_from,
+                **({"hint": self.hint} if self.hint else {}),
                 "outputs": {k: v.kind for k, v in self.outputs.items()},
                 "budget": {k: BUDGETS[_budget_key(v.kind)].text
                            for k, v in self.outputs.items()}}
@@ -156,7 +158,7 @@ def plan_task(
     else:
         why = "--task"
     if task == "generic":
-        return TaskPlan("generic")
+        return TaskPlan("generic", hint=generic_hint(reference) if why == "" else "")
     outputs = _plan_outputs(task, reference, strict=why == "--task")
     return TaskPlan(task, outputs, why)
 
@@ -178,6 +180,19 @@ def _detect(reference: Sequence[Mapping[str, np.ndarray]],
     if any(v.ndim <= 3 and _is_probabilities(v) for v in first.values()):
         return "classify", "softmax/probabilities head"
     return "generic", ""
+
+
+def generic_hint(reference: Sequence[Mapping[str, np.ndarray]]) -> str:
+    """For a model judged generically: the outputs shaped like class scores ``[B, C]``,
+    whose top-1 the generic cosine does not watch, and the flag that judges them."""
+    first = {k: np.asarray(v) for k, v in reference[0].items()}
+    like = [f"{k} {list(v.shape)}" for k, v in first.items()
+            if v.dtype.kind == "f" and v.ndim == 2 and v.shape[-1] >= 2]
+    if not like:
+        return ""
+    return (f"no task detected; {', '.join(like)} may be class scores (logits) judged by "
+            "the generic metric only: pass --task classify (or --task embed/regress) to "
+            "judge it in its task's terms")
 
 
 def _plan_outputs(task: str, reference: Sequence[Mapping[str, np.ndarray]],

@@ -217,3 +217,12 @@ def test_per_pixel_softmax_is_detected_as_segmentation(tmp_path: Path) -> None:
     assert res.report["task"]["name"] == "segment"
     assert res.report["task"]["detected_from"] == "per-pixel softmax head"
 
+
+def test_logits_without_a_task_say_how_to_judge_them_as_classes(tmp_path: Path,
+                                                                capsys: Any) -> None:
+    model = M.mobilenet_like(tmp_path / "cls.onnx", classes=100)
+    np.savez(tmp_path / "img.npz", input=M.images(8, 32))
+    assert main(["convert", str(model), "-o", str(tmp_path / "art"), "--calibration",
+                 str(tmp_path / "img.npz"), "--quantize", "fp16"]) == 0
+    out = capsys.readouterr().out
+    assert "logits [1, 100] may be class scores" in out and "--task classify" in out
