@@ -545,8 +545,12 @@ def nms(boxes: np.ndarray, cls_scores: np.ndarray, *, threshold: float,
     for k in np.unique(cls[score >= threshold]):
         idx = np.where((cls == k) & (score >= threshold))[0]
         idx = idx[np.argsort(-score[idx], kind="stable")]
-        while idx.size:
+        # The overall best max_detections lie among each class's best max_detections kept;
+        # stopping there bounds a broken candidate that scores every anchor alike.
+        kept = 0
+        while idx.size and kept < max_detections:
             i = idx[0]
+            kept += 1
             keep_rows.append(np.array([*boxes[i], score[i], k], np.float64))
             if idx.size == 1:
                 break
