@@ -183,9 +183,15 @@ def _detect(reference: Sequence[Mapping[str, np.ndarray]],
 
 
 def generic_hint(reference: Sequence[Mapping[str, np.ndarray]]) -> str:
-    """For a model judged generically: the outputs shaped like class scores ``[B, C]``,
-    whose top-1 the generic cosine does not watch, and the flag that judges them."""
+    """For a model judged generically: the outputs laid out like a detector's or shaped
+    like class scores ``[B, C]``, which the generic cosine does not judge in their terms,
+    and the flag that does."""
     first = {k: np.asarray(v) for k, v in reference[0].items()}
+    det = _detector_outputs(reference, strict=False)
+    if det:  # the layout without a detector's value ranges (class logits, say)
+        return (f"no task detected; {', '.join(f'{k} {list(first[k].shape)}' for k in det)} "
+                "has a detector layout: pass --task detect (or --metric "
+                f"{next(iter(det))}:{next(iter(det.values())).kind}) to judge detections")
     like = [f"{k} {list(v.shape)}" for k, v in first.items()
             if v.dtype.kind == "f" and v.ndim == 2 and v.shape[-1] >= 2]
     if not like:

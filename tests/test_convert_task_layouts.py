@@ -226,3 +226,21 @@ def test_logits_without_a_task_say_how_to_judge_them_as_classes(tmp_path: Path,
                  str(tmp_path / "img.npz"), "--quantize", "fp16"]) == 0
     out = capsys.readouterr().out
     assert "logits [1, 100] may be class scores" in out and "--task classify" in out
+
+
+def test_detector_with_class_logits_says_to_pass_task_detect(tmp_path: Path) -> None:
+    """Class scores outside [0, 1] are not taken for a detector on their own (hidden
+    states look alike), but the report says which flag judges them as one."""
+    src = M.yolo_like_detector(tmp_path / "det.onnx", size=SIZE, classes=CLASSES)
+    model = onnx.load(str(src))
+    model.graph.node.remove(next(n for n in model.graph.node if n.op_type == "Sigmoid"))
+    concat = next(n for n in model.graph.node if n.op_type == "Concat")
+    concat.input[1] = next(n for n in model.graph.node if n.op_type == "Split").output[1]
+    onnx.save(model, str(tmp_path / "logits.onnx"))
+    sess = ort.InferenceSession(str(tmp_path / "logits.onnx"),
+                                providers=["CPUExecutionProvider"])
+    ref = [{"output0": sess.run(None, {"images": x[None]})[0]} for x in M.images(2, SIZE)]
+    plan = plan_task(None, (), ref, {})
+    assert plan.task == "generic"
+    assert "--task detect" in plan.hint and "output0:detect-yolov8" in plan.hint
+    assert plan_task("detect", (), ref, {}).outputs["output0"].sigmoid
