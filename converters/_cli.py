@@ -196,6 +196,9 @@ def summary(report: dict[str, Any] | Any, path: str) -> str:
     else:
         lines.append(f"accuracy: {metric.get('name')} vs {metric.get('reference')}, budget "
                      f"drop ≤ {metric.get('max_drop'):.4g}")
+        hint = (report.get("task") or {}).get("hint")
+        if hint:
+            lines.append(f"task: generic — {hint}")
     lines.extend(tasks)
     data = report.get("data") or {}
     if not data.get("verified_on_real_data", True):

@@ -14,13 +14,16 @@ Kinds (figure per sample; the main figure is pooled over the evaluation set):
 - ``top1`` (classify): top-1 agreement with the source; top-5 overlap and the largest
   probability change are reported.
 - ``detect-yolov8`` ``[B, 4+C, N]``, ``detect-yolov5`` ``[B, N, 5+C]``, ``detect-boxes``
-  (boxes ``[B, N, 4]`` x1y1x2y2 with a scores output ``[B, N, C]``): decode, score
+  (boxes ``[B, N, 4]`` or ``[B, 4, N]``, x1y1x2y2 or cx cy w h, with a scores output
+  ``[B, N, C]`` or ``[B, C, N]``): decode, score
   threshold, class-aware NMS, then each image's detections are matched between source
   and candidate by class and IoU >= 0.5; the figure is the share matched.
-- ``segment``: argmax over the class axis (1), IoU per class (pooled), mean over classes.
+- ``segment`` / ``segment-nhwc``: argmax over the class axis (1, or last), IoU per class
+  (pooled), mean over classes.
 - ``cosine`` (embed): cosine per sample (row of the batch), never over the whole batch.
 - ``regress``: absolute error, and relative to the mean magnitude of the source's outputs.
 
+A candidate with NaN/inf where the source is finite fails the output whole.
 Outputs the plan does not name are scored with the generic metric (``--metric cosine``
 etc.) and its default budget, as before tasks existed.
 """
@@ -40,7 +43,8 @@ from ._measure import Accuracy, accuracy, default_max_drop
 TASKS = ("classify", "detect", "segment", "embed", "regress", "generic")
 KIND_TASK = {
     "top1": "classify", "detect-yolov8": "detect", "detect-yolov5": "detect",
-    "detect-boxes": "detect", "segment": "segment", "cosine": "embed", "regress": "regress",
+    "detect-boxes": "detect", "segment": "segment", "segment-nhwc": "segment", "cosine": "embed",
+    "regress": "regress",
 }
 KINDS = tuple(KIND_TASK)
 
@@ -67,7 +71,7 @@ BUDGETS: Mapping[str, Budget] = {
 
 
 def _budget_key(kind: str) -> str:
-    return "detect" if kind.startswith("detect") else kind
+    return "detect" if kind.startswith("detect") else kind.split("-")[0]
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,11 @@ class OutputMetric:
     kind: str
     partner: str | None = None  # detect-boxes: the scores output
     sigmoid: bool = False  # detect: class scores are logits in the source
+    # detect-boxes: boxes are [B, 4, N] / scores [B, C, N] (transposed), and their format
+    # ("xyxy", or "cxcywh" where some box has x2 < x1 or y2 < y1 read as corners).
+    boxes_t: bool = False
+    scores_t: bool = False
+    box_format: str = "xyxy"
 
 
 @dataclass(frozen=True)
@@ -94,9 +103,11 @@ class TaskPlan:
     task: str
     outputs: Mapping[str, OutputMetric] = field(default_factory=dict)
     detected_from: str = ""
+    hint: str = ""  # generic when detected: what the user may mean and the flag for it
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.task, "detected_from": self.detected_from,
+                **({"hint": self.hint} if self.hint else {}),
                 "outputs": {k: v.kind for k, v in self.outputs.items()},
                 "budget": {k: BUDGETS[_budget_key(v.kind)].text
                            for k, v in self.outputs.items()}}
@@ -147,7 +158,7 @@ def plan_task(
     else:
         why = "--task"
     if task == "generic":
-        return TaskPlan("generic")
+        return TaskPlan("generic", hint=generic_hint(reference) if why == "" else "")
     outputs = _plan_outputs(task, reference, strict=why == "--task")
     return TaskPlan(task, outputs, why)
 
@@ -161,10 +172,33 @@ def _detect(reference: Sequence[Mapping[str, np.ndarray]],
         return "classify", f"scikit-learn {sk.get('estimator', 'estimator')} (classifier)"
     if _detector_outputs(reference, strict=True):
         return "detect", "detector output layout"
-    first = reference[0]
-    if any(_is_probabilities(np.asarray(v)) for v in first.values()):
+    first = {k: np.asarray(v) for k, v in reference[0].items()}
+    # Classes on axis 1, or last ([B, H, W, C]; not [B, heads, T, T] attention weights).
+    if any(v.ndim == 4 and (_is_probabilities(v, 1) or (
+            v.shape[2] != v.shape[3] and _is_probabilities(v, -1))) for v in first.values()):
+        return "segment", "per-pixel softmax head"
+    if any(v.ndim <= 3 and _is_probabilities(v) for v in first.values()):
         return "classify", "softmax/probabilities head"
     return "generic", ""
+
+
+def generic_hint(reference: Sequence[Mapping[str, np.ndarray]]) -> str:
+    """For a model judged generically: the outputs laid out like a detector's or shaped
+    like class scores ``[B, C]``, which the generic cosine does not judge in their terms,
+    and the flag that does."""
+    first = {k: np.asarray(v) for k, v in reference[0].items()}
+    det = _detector_outputs(reference, strict=False)
+    if det:  # the layout without a detector's value ranges (class logits, say)
+        return (f"no task detected; {', '.join(f'{k} {list(first[k].shape)}' for k in det)} "
+                "has a detector layout: pass --task detect (or --metric "
+                f"{next(iter(det))}:{next(iter(det.values())).kind}) to judge detections")
+    like = [f"{k} {list(v.shape)}" for k, v in first.items()
+            if v.dtype.kind == "f" and v.ndim == 2 and v.shape[-1] >= 2]
+    if not like:
+        return ""
+    return (f"no task detected; {', '.join(like)} may be class scores (logits) judged by "
+            "the generic metric only: pass --task classify (or --task embed/regress) to "
+            "judge it in its task's terms")
 
 
 def _plan_outputs(task: str, reference: Sequence[Mapping[str, np.ndarray]],
@@ -181,8 +215,11 @@ def _plan_outputs(task: str, reference: Sequence[Mapping[str, np.ndarray]],
                 "OUTPUT:detect-yolov8 (or detect-yolov5, detect-boxes)")
         return out
     if task == "classify":
-        for k in floats:
-            if first[k].ndim >= 1 and first[k].shape[-1] >= 2 and first[k].ndim <= 2:
+        # Probabilities are the head when there are any; another float output next to them
+        # (an embedding, say) is no class-score vector and keeps the generic metric.
+        probs = [k for k in floats if _is_probabilities(first[k])]
+        for k in probs or floats:
+            if 1 <= first[k].ndim <= 3 and first[k].shape[-1] >= 2:
                 out[k] = OutputMetric("top1")
         if strict and not out:
             raise UsageError("--task classify: no output has class scores on its last axis; "
@@ -190,7 +227,9 @@ def _plan_outputs(task: str, reference: Sequence[Mapping[str, np.ndarray]],
         return out
     kind = {"segment": "segment", "embed": "cosine", "regress": "regress"}[task]
     for k in floats:
-        if kind == "segment" and first[k].ndim != 4:
+        if kind == "segment":
+            if first[k].ndim == 4:
+                out[k] = OutputMetric(_segment_layout(first[k]))
             continue
         out[k] = OutputMetric(kind)
     if strict and not out:
@@ -206,13 +245,14 @@ def _output_metric(name: str, kind: str, reference: Sequence[Mapping[str, np.nda
         raise UsageError(f"--metric {name}:{kind}: output {name!r} is {a.dtype}, not float "
                          "scores")
     if kind == "detect-boxes":
-        partner = _scores_partner(name, reference[0])
-        if partner is None:
-            raise UsageError(f"--metric {name}:detect-boxes: no scores output [B, N, C] next "
-                             f"to boxes {list(a.shape)}")
-        return OutputMetric(kind, partner=partner,
-                            sigmoid=_outside01(np.asarray(reference[0][partner])))
-    need = {"detect-yolov8": 3, "detect-yolov5": 3, "segment": 4}.get(kind)
+        m = _boxes_metric(name, reference) if a.ndim == 3 else None
+        if m is None:
+            raise UsageError(f"--metric {name}:detect-boxes: no scores output [B, N, C] or "
+                             f"[B, C, N] next to boxes {list(a.shape)} (boxes are [B, N, 4] "
+                             "or [B, 4, N])")
+        return m
+    need = {"detect-yolov8": 3, "detect-yolov5": 3, "segment": 4,
+            "segment-nhwc": 4}.get(kind)
     if need is not None and a.ndim != need:
         raise UsageError(f"--metric {name}:{kind}: output {name!r} has shape {list(a.shape)}, "
                          f"expected {need} dimensions")
@@ -227,13 +267,48 @@ def _outside01(a: np.ndarray) -> bool:
     return bool(a.size and (float(a.min()) < 0.0 or float(a.max()) > 1.0))
 
 
-def _scores_partner(boxes: str, first: Mapping[str, np.ndarray]) -> str | None:
+def _boxes_metric(boxes: str, reference: Sequence[Mapping[str, np.ndarray]],
+                  strict: bool = False) -> OutputMetric | None:
+    """Boxes ``[B, N, 4]`` or ``[B, 4, N]`` and the scores output next to them,
+    ``[B, N, C]`` or ``[B, C, N]`` (the untransposed one first); None: no pair. ``strict``
+    also asks for scores in [0, 1]."""
+    first = reference[0]
     b = np.asarray(first[boxes])
+    if b.ndim != 3 or 4 not in b.shape[1:]:
+        return None
+    boxes_t = b.shape[2] != 4
+    n = b.shape[2] if boxes_t else b.shape[1]
+    found: list[tuple[bool, str]] = []
     for k, v in first.items():
         v = np.asarray(v)
-        if k != boxes and v.dtype.kind == "f" and v.ndim == 3 and v.shape[:2] == b.shape[:2]:
-            return k
-    return None
+        if k == boxes or v.dtype.kind != "f" or v.ndim != 3 or v.shape[0] != b.shape[0]:
+            continue
+        if v.shape[1] == n:
+            found.append((False, k))
+        elif v.shape[2] == n:
+            found.append((True, k))
+    if not found:
+        return None
+    scores_t, partner = sorted(found)[0]
+    sc = np.asarray(first[partner])
+    if strict and _outside01(sc):
+        return None
+    return OutputMetric("detect-boxes", partner=partner, sigmoid=_outside01(sc),
+                        boxes_t=boxes_t, scores_t=scores_t,
+                        box_format=_box_format([np.asarray(r[boxes]) for r in reference],
+                                               boxes_t))
+
+
+def _box_format(boxes: Sequence[np.ndarray], transposed: bool) -> str:
+    """Corners (x1 <= x2, y1 <= y2 in every box) or centre and size: a box read as
+    corners with x2 < x1 or y2 < y1 cannot be corners."""
+    for a in boxes:
+        a = np.asarray(a, np.float64)
+        a = np.swapaxes(a, -1, -2) if transposed else a
+        a = a.reshape(-1, 4)
+        if np.any(a[:, 2] < a[:, 0]) or np.any(a[:, 3] < a[:, 1]):
+            return "cxcywh"
+    return "xyxy"
 
 
 def _detector_outputs(reference: Sequence[Mapping[str, np.ndarray]],
@@ -247,13 +322,10 @@ def _detector_outputs(reference: Sequence[Mapping[str, np.ndarray]],
         if a.dtype.kind != "f" or a.ndim != 3:
             continue
         _, d1, d2 = a.shape
-        if d1 == 4 and d2 >= 16:
-            continue
-        if d2 == 4 and d1 >= 16:
-            partner = _scores_partner(k, first)
-            if partner is not None and (not strict or not _outside01(first[partner])):
-                found[k] = OutputMetric("detect-boxes", partner=partner,
-                                        sigmoid=_outside01(first[partner]))
+        if (d1 == 4 and d2 >= 16) or (d2 == 4 and d1 >= 16):
+            m = _boxes_metric(k, reference, strict=strict)
+            if m is not None:
+                found[k] = m
             continue
         if 5 <= d1 < d2 and d2 >= 16:
             cls, wh = a[:, 4:, :], a[:, 2:4, :]
@@ -269,12 +341,29 @@ def _detector_outputs(reference: Sequence[Mapping[str, np.ndarray]],
     return {k: v for k, v in found.items() if k not in partners}
 
 
-def _is_probabilities(a: np.ndarray) -> bool:
-    if a.dtype.kind != "f" or a.ndim != 2 or a.shape[-1] < 2 or not a.size:
+def _is_probabilities(a: np.ndarray, axis: int = -1) -> bool:
+    """Scores in [0, 1] summing to 1 along ``axis`` ([B, C], [B, 1, C], [B, T, C])."""
+    if a.dtype.kind != "f" or not 2 <= a.ndim <= 4 or a.shape[axis] < 2 or not a.size:
         return False
     if float(a.min()) < 0 or float(a.max()) > 1:
         return False
-    return bool(np.allclose(a.sum(axis=-1), 1.0, atol=1e-3))
+    return bool(np.allclose(a.sum(axis=axis), 1.0, atol=1e-3))
+
+
+def _segment_layout(a: np.ndarray) -> str:
+    """``segment`` (classes on axis 1, NCHW) or ``segment-nhwc`` (classes last): the axis
+    the scores sum to 1 along, else the one that is not part of a square H x W, else
+    the shorter one (fewer classes than pixels across)."""
+    if _is_probabilities(a, 1):
+        return "segment"
+    if _is_probabilities(a, -1):
+        return "segment-nhwc"
+    _, d1, d2, d3 = a.shape
+    if d2 == d3 != d1:
+        return "segment"
+    if d1 == d2 != d3:
+        return "segment-nhwc"
+    return "segment" if d1 <= d3 else "segment-nhwc"
 
 
 # ---------------------------------------------------------------- scoring
@@ -462,8 +551,12 @@ def nms(boxes: np.ndarray, cls_scores: np.ndarray, *, threshold: float,
     for k in np.unique(cls[score >= threshold]):
         idx = np.where((cls == k) & (score >= threshold))[0]
         idx = idx[np.argsort(-score[idx], kind="stable")]
-        while idx.size:
+        # The overall best max_detections lie among each class's best max_detections kept;
+        # stopping there bounds a broken candidate that scores every anchor alike.
+        kept = 0
+        while idx.size and kept < max_detections:
             i = idx[0]
+            kept += 1
             keep_rows.append(np.array([*boxes[i], score[i], k], np.float64))
             if idx.size == 1:
                 break
@@ -609,17 +702,42 @@ class TaskScorer:
             return score_regress(cand, ref, name)
         if m.kind == "segment":
             return score_segment(cand, ref, name)
+        if m.kind == "segment-nhwc":
+            return _renamed(score_segment([np.moveaxis(c, -1, -3) for c in cand],
+                                          [np.moveaxis(r, -1, -3) for r in ref], name), m.kind)
         cs = rs = None
         if m.partner is not None:
             cs = [np.asarray(o[m.partner]) for o in outputs]
             rs = [np.asarray(r[m.partner]) for r in reference]
+            if m.scores_t:
+                cs, rs = [np.swapaxes(x, -1, -2) for x in cs], [np.swapaxes(x, -1, -2) for x in rs]
+            if m.boxes_t:
+                cand, ref = [np.swapaxes(x, -1, -2) for x in cand], [np.swapaxes(x, -1, -2)
+                                                                     for x in ref]
+            if m.box_format == "cxcywh":
+                cand, ref = [_corners(x) for x in cand], [_corners(x) for x in ref]
         return score_detect(cand, ref, m.kind, sigmoid=m.sigmoid, cand_scores=cs,
                             ref_scores=rs, name=name, cfg=self.detect)
+
+    def scored(self, name: str, m: OutputMetric,
+               outputs: Sequence[Mapping[str, np.ndarray]],
+               reference: Sequence[Mapping[str, np.ndarray]]) -> OutputScore:
+        """:meth:`score_output`, except that NaN or inf where the source is finite fails
+        the output whole: no task figure may pass on values that are not numbers (NaN
+        compares false against every budget, and an image without detections matches
+        anything)."""
+        bad = [i for i, (o, r) in enumerate(zip(outputs, reference, strict=True))
+               if any(_nonfinite(o[k], r[k]) for k in (name, m.partner) if k is not None)]
+        if bad:
+            n = len(_rows([np.asarray(r[name]) for r in reference]))
+            return OutputScore(name, m.kind, 0.0, 1.0, np.ones(n), "NaN/inf where the source "
+                               "is finite", {"non_finite_feeds": bad[:10]})
+        return self.score_output(name, m, outputs, reference)
 
     def __call__(self, outputs: Sequence[Mapping[str, np.ndarray]],
                  reference: Sequence[Mapping[str, np.ndarray]]) -> Accuracy:
         outputs = _by_name(outputs, reference)
-        scores = [self.score_output(k, m, outputs, reference)
+        scores = [self.scored(k, m, outputs, reference)
                   for k, m in self.plan.outputs.items()]
         breaks: list[str] = []
         per: dict[str, float] = {}
@@ -632,9 +750,9 @@ class TaskScorer:
             i, worst = s.worst()
             details[s.name]["worst_sample"] = {"index": i, "figure": s.figure,
                                                "value": round(worst, 6)}
-            if s.drop > b.main:
+            if not s.drop <= b.main:  # NaN breaks it too
                 breaks.append(f"{s.name} ({s.kind}) drop {s.drop:.4g} > {b.main:.4g}")
-            if b.sample is not None and worst > b.sample:
+            if b.sample is not None and not worst <= b.sample:
                 breaks.append(f"{s.name} ({s.kind}) sample {i}: {s.figure} {worst:.4g} > "
                               f"{b.sample:.4g}")
             ratios.append((max(s.drop / b.main if b.main else s.drop,
@@ -654,7 +772,7 @@ class TaskScorer:
                 gb = default_max_drop(self.generic, sub_ref)
                 for k, v in generic.per_output.items():
                     per[k] = v
-                if generic.drop > gb:
+                if not generic.drop <= gb:
                     breaks.append(f"{', '.join(rest)} ({self.generic}) drop "
                                   f"{generic.drop:.4g} > {gb:.4g}")
                 details["generic"] = {"metric": self.generic, "outputs": rest,
@@ -670,6 +788,22 @@ class TaskScorer:
             worst={"output": main.name, "index": i, "figure": main.figure,
                    "value": round(worst, 6)},
             details=details)
+
+
+def _nonfinite(cand: Any, ref: Any) -> bool:
+    c, r = np.asarray(cand), np.asarray(ref)
+    if c.dtype.kind not in "fc" or c.shape != r.shape:
+        return False
+    return bool(np.any(~np.isfinite(c) & np.isfinite(r)))
+
+
+def _renamed(s: OutputScore, kind: str) -> OutputScore:
+    return OutputScore(s.name, kind, s.score, s.drop, s.per_sample, s.figure, s.details)
+
+
+def _corners(cxcywh: np.ndarray) -> np.ndarray:
+    a = np.asarray(cxcywh, np.float64)
+    return np.concatenate([a[..., :2] - a[..., 2:4] / 2, a[..., :2] + a[..., 2:4] / 2], axis=-1)
 
 
 def _by_name(outputs: Sequence[Mapping[str, np.ndarray]],
