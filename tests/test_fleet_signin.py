@@ -328,3 +328,42 @@ def test_accounts_and_sessions_work_alike_on_sqlite_and_postgresql(db_url) -> No
         with db.read() as c:
             ids = c.execute(sa.select(operator_sessions.c.id)).scalars().all()
         assert len(ids) == 2 and cookie not in ids and all(len(i) == 64 for i in ids)
+
+
+# -- what a hostile client sends (each refusal a one-line JSON 4xx, never a 500) -----------
+
+def _post_raw(server: WebServer, path: str, body: bytes,
+              extra: str = "") -> tuple[int, dict[str, str], bytes]:
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"{extra}Content-Length: {len(body)}\r\n\r\n").encode()
+    return _raw(server, head + body)
+
+
+def test_a_lone_surrogate_name_escaped_in_json_is_a_wrong_password_not_a_500(
+        db, api) -> None:
+    # "\ud800" is valid JSON, but no database driver can encode the string it decodes to.
+    with WebServer(db, fleet=FLEET) as server:
+        for doc in (b'{"name": "\\ud800", "password": "long enough"}',
+                    b'{"name": "alice", "password": "\\udfff long enough"}'):
+            status, _, data = _post_raw(server, "/api/login", doc)
+            assert (status, json.loads(data)) == (401, {"error": "wrong name or password"})
+        sign_in(api)  # the address took three free failures; the account still works
+
+
+def test_a_json_body_nested_deeper_than_the_decoder_is_a_400_not_a_500(db, api) -> None:
+    with WebServer(db, fleet=FLEET) as server:
+        status, _, data = _post_raw(server, "/api/login", b"[" * 2000 + b"]" * 2000)
+    assert status == 400 and json.loads(data) == {
+        "error": "the request body is JSON nested too deep"}
+
+
+def test_a_cookie_or_csrf_token_outside_ascii_is_refused_not_a_500(db, api) -> None:
+    # The socket decodes headers as Latin-1; a FleetApi caller may pass any str.
+    rid = awaiting_approval(db)
+    cookie, csrf = sign_in(api)
+    for bad in (cookie[:-1] + "\ud800", cookie[:-1] + "€"):
+        ans = api.serve(Request("GET", "/api/session", {"cookie": f"edge_session={bad}"}))
+        assert ans.status == 200 and json.loads(ans.body)["operator"] is None
+    status, doc, _ = post(api, f"/api/rollouts/{rid}/pause", cookie=cookie, csrf=csrf + "€")
+    assert status == 403 and "X-CSRF-Token" in doc["error"]
+    assert queued(db, rid) == []

@@ -168,10 +168,13 @@ def has_operators(db: FleetDB) -> bool:
 
 def authenticate(db: FleetDB, name: str, password: str) -> bool:
     """Whether ``name`` is an enabled operator and ``password`` is its password. Costs one
-    scrypt run either way."""
-    with db.read() as c:
-        row = c.execute(sa.select(operators.c.hash, operators.c.disabled)
-                        .where(operators.c.name == name)).first()
+    scrypt run either way. A name no operator can have (``check_name``: say a lone
+    surrogate from a JSON escape, which no database driver can encode) is not looked up."""
+    row = None
+    if 1 <= len(name) <= MAX_NAME and set(name) <= _NAME_CHARS:
+        with db.read() as c:
+            row = c.execute(sa.select(operators.c.hash, operators.c.disabled)
+                            .where(operators.c.name == name)).first()
     stored = row.hash if row is not None else _dummy()
     ok = check_password(stored, password)
     return ok and row is not None and not row.disabled
@@ -209,7 +212,7 @@ def open_session(db: FleetDB, name: str, address: str, ttl_s: float) -> str:
 def find_session(db: FleetDB, token: str, idle_s: float) -> Session | None:
     """The live session ``token`` names (its use noted), or None: unknown, expired, idle
     too long, or its operator gone or disabled."""
-    if not 20 <= len(token) <= 128:
+    if not 20 <= len(token) <= 128 or not token.isascii():  # tokens are base64url
         return None
     sid, now = _session_id(token), time.time()
     s = operator_sessions

@@ -416,7 +416,7 @@ class FleetApi:
         if session is None:
             raise _BadRequest(401, "not signed in (or the session ended): sign in first")
         token = req.headers.get("x-csrf-token", "")
-        if not hmac.compare_digest(token.encode("latin-1"), session.csrf.encode()):
+        if not (token.isascii() and hmac.compare_digest(token.encode(), session.csrf.encode())):
             raise _BadRequest(403, "missing or wrong X-CSRF-Token header: reload the page")
         if path == "/api/logout":
             ops.close_session(self.db, _cookie(req) or "")
@@ -525,6 +525,8 @@ class FleetApi:
             doc = json.loads(req.body.decode("utf-8") or "{}")
         except (UnicodeDecodeError, ValueError):
             raise _BadRequest(400, "the request body is not JSON") from None
+        except RecursionError:  # "[[[[…": nested deeper than the decoder's stack
+            raise _BadRequest(400, "the request body is JSON nested too deep") from None
         if not isinstance(doc, dict):
             raise _BadRequest(400, "the request body must be a JSON object")
         return doc
