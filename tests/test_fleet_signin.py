@@ -367,3 +367,20 @@ def test_a_cookie_or_csrf_token_outside_ascii_is_refused_not_a_500(db, api) -> N
     status, doc, _ = post(api, f"/api/rollouts/{rid}/pause", cookie=cookie, csrf=csrf + "€")
     assert status == 403 and "X-CSRF-Token" in doc["error"]
     assert queued(db, rid) == []
+
+
+def test_a_flood_of_new_names_does_not_push_a_locked_account_out_of_the_backoff(
+        db) -> None:
+    ops.add_operator(db, "alice", PASSWORD, "root")
+    api = FleetApi(db, fleet=FLEET, throttle=ops.LoginThrottle(
+        free=1, base_s=60, max_s=60, max_keys=6, clock=Clock()))
+    wrong = {"name": "alice", "password": "not it at all"}
+    post(api, "/api/login", wrong, client="10.0.0.1")
+    assert post(api, "/api/login", wrong, client="10.0.0.2")[0] == 401  # locks alice
+    # Each new address tries one new name: never locked, each a new key in the table.
+    for n in range(8):
+        assert post(api, "/api/login", {"name": f"guess{n}", "password": "x" * 9},
+                    client=f"10.0.1.{n}")[0] == 401
+    assert len(api.throttle._keys) <= 6  # noqa: SLF001  (the bound still holds)
+    assert post(api, "/api/login", {"name": "alice", "password": PASSWORD},
+                client="10.0.2.1")[0] == 429

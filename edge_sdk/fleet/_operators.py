@@ -238,7 +238,7 @@ def close_session(db: FleetDB, token: str) -> None:
 
 class LoginThrottle:
     """Per-key failure counts and lock windows (keys: an account, a client address).
-    Thread-safe; holds at most ``max_keys`` keys (the oldest are forgotten first)."""
+    Thread-safe; holds at most ``max_keys`` keys (see :meth:`_evict`)."""
 
     def __init__(self, *, free: int = 3, base_s: float = 1.0, max_s: float = 900.0,
                  max_keys: int = 10000, clock: Callable[[], float] = time.monotonic) -> None:
@@ -264,8 +264,18 @@ class LoginThrottle:
                 until = now + min(self.max_s, self.base_s * 2 ** min(over - 1, 40)) \
                     if over > 0 else 0.0
                 self._keys[k] = (n, until, now)  # re-inserted: the newest at the end
-            while len(self._keys) > self.max_keys:
-                del self._keys[next(iter(self._keys))]
+            if len(self._keys) > self.max_keys:
+                self._evict(now)
+
+    def _evict(self, now: float) -> None:
+        """Forget keys down to ``max_keys``: the oldest whose lock has ended first, so a
+        flood of new names or addresses cannot push a locked key out and end its lock;
+        locked ones (the oldest first) only when every key is locked."""
+        over = len(self._keys) - self.max_keys
+        for k in [k for k, (_, until, _) in self._keys.items() if until <= now][:over]:
+            del self._keys[k]
+        while len(self._keys) > self.max_keys:
+            del self._keys[next(iter(self._keys))]
 
     def succeeded(self, *keys: str) -> None:
         with self._lock:
