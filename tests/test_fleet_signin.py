@@ -8,6 +8,7 @@ import http.client
 import io
 import json
 import socket
+import threading
 import time
 from typing import Any
 
@@ -384,3 +385,26 @@ def test_a_flood_of_new_names_does_not_push_a_locked_account_out_of_the_backoff(
     assert len(api.throttle._keys) <= 6  # noqa: SLF001  (the bound still holds)
     assert post(api, "/api/login", {"name": "alice", "password": PASSWORD},
                 client="10.0.2.1")[0] == 429
+
+
+def test_wrong_passwords_sent_in_parallel_cannot_outrun_the_backoff(db) -> None:
+    ops.add_operator(db, "alice", PASSWORD, "root")
+    with WebServer(db, fleet=FLEET, config=WebConfig(
+            port=0, login_free_failures=0, login_backoff_s=60, login_concurrency=2)) as server:
+        body = json.dumps({"name": "alice", "password": "not it at all"}).encode()
+        statuses: list[int] = []
+        gate = threading.Barrier(6)
+
+        def guess() -> None:
+            gate.wait(10)
+            statuses.append(_post_raw(server, "/api/login", body)[0])
+
+        threads = [threading.Thread(target=guess) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    # free=0: the first wrong password locks; the checks running beside it (at most
+    # login_concurrency) are all that can get through.
+    assert statuses.count(401) <= 2
+    assert len(statuses) == 6 and set(statuses) <= {401, 429}

@@ -145,6 +145,8 @@ class WebConfig:
     login_free_failures: int = 3
     login_backoff_s: float = 1.0
     login_backoff_max_s: float = 900.0
+    #: Passwords checked at once (each scrypt run: 32 MiB, ~0.1 s of a core); more wait.
+    login_concurrency: int = 2
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -152,7 +154,7 @@ class WebConfig:
         for key in ("max_connections", "max_connections_per_client", "listen_backlog",
                     "max_header_bytes",
                     "max_target_bytes", "max_query_fields", "max_value_bytes", "max_history",
-                    "max_audit", "max_body_bytes"):
+                    "max_audit", "max_body_bytes", "login_concurrency"):
             if getattr(self, key) < 1:
                 raise FleetUsageError(f"web {key} must be >= 1")
         for name in self.allowed_hosts:
@@ -272,6 +274,10 @@ class FleetApi:
         self.throttle = throttle or ops.LoginThrottle(
             free=cfg.login_free_failures, base_s=cfg.login_backoff_s,
             max_s=cfg.login_backoff_max_s)
+        #: Password checks at once: each scrypt run holds 32 MiB and a core for ~0.1 s, and
+        #: the backoff is read and updated under it, so requests sent in parallel cannot
+        #: all pass the check before the first failure is counted.
+        self._checking = threading.BoundedSemaphore(cfg.login_concurrency)
         #: Why sign-in is not offered, or None.
         self.no_sign_in = None if cfg.behind_tls_proxy or is_loopback(cfg.host) else (
             f"sign-in is off: the page is plain HTTP on {cfg.host}, a network address; "
@@ -463,9 +469,7 @@ class FleetApi:
         if reason is not None and (not isinstance(reason, str) or len(reason) > 200
                                    or not reason.isprintable()):
             raise _BadRequest(400, "reason must be up to 200 printable characters")
-        r = self.db.rollout(rid)  # FleetUsageError: 404
-        if self.fleet is not None and r["fleet"] != self.fleet:
-            raise _BadRequest(404, f"no rollout {rid} in fleet {self.fleet!r}")
+        self._rollout(rid)
         note: dict[str, Any] = {"via": "page"}
         if reason:
             note["reason"] = reason
