@@ -370,6 +370,15 @@ def test_a_cookie_or_csrf_token_outside_ascii_is_refused_not_a_500(db, api) -> N
     assert queued(db, rid) == []
 
 
+def test_an_action_on_a_missing_rollout_names_neither_the_database_nor_a_fleet(
+        db, api) -> None:
+    cookie, csrf = sign_in(api)
+    status, doc, _ = post(api, "/api/rollouts/999999999999/abort", cookie=cookie, csrf=csrf)
+    assert (status, doc) == (404, {"error": f"no rollout 999999999999 in fleet {FLEET!r}"})
+    assert json.loads(api.handle("GET", "/api/rollouts/424242")[2]) == {
+        "error": f"no rollout 424242 in fleet {FLEET!r}"}
+
+
 def test_a_flood_of_new_names_does_not_push_a_locked_account_out_of_the_backoff(
         db) -> None:
     ops.add_operator(db, "alice", PASSWORD, "root")

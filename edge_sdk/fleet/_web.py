@@ -366,10 +366,7 @@ class FleetApi:
             self._no_query(q)
             if not (segs[1].isascii() and segs[1].isdigit() and len(segs[1]) <= 12):
                 raise _BadRequest(400, f"rollout id {_show(segs[1])} must be a number")
-            r = self.db.rollout(int(segs[1]))
-            if self.fleet is not None and r["fleet"] != self.fleet:
-                raise _BadRequest(404, f"no rollout {int(segs[1])} in fleet {self.fleet!r}")
-            return r
+            return self._rollout(int(segs[1]))
         if segs == ["models"]:
             self._no_query(q)
             return self._models()
@@ -387,6 +384,18 @@ class FleetApi:
                                "/api/devices, /api/devices/ID, /api/rollouts, "
                                "/api/rollouts/ID, /api/models, /api/audit, /api/registry, "
                                "/api/warnings")
+
+    def _rollout(self, rid: int) -> dict[str, Any]:
+        """Rollout ``rid`` of the page's fleet, else 404 (naming neither the database nor
+        another fleet: a page reader learns nothing about either)."""
+        where = f" in fleet {self.fleet!r}" if self.fleet is not None else ""
+        try:
+            r = self.db.rollout(rid)
+        except FleetUsageError:
+            raise _BadRequest(404, f"no rollout {rid}{where}") from None
+        if self.fleet is not None and r["fleet"] != self.fleet:
+            raise _BadRequest(404, f"no rollout {rid}{where}")
+        return r
 
     def _models(self) -> list[dict[str, Any]]:
         rows = self.db.models(fleet=self.fleet)
@@ -440,18 +449,24 @@ class FleetApi:
                 "name", "password"}:
             raise _BadRequest(400, 'sign-in takes {"name": "...", "password": "..."}')
         keys = (f"name {name[:ops.MAX_NAME + 1]}", f"address {_client_key(req.client)}")
-        self.throttle.forget_idle()
-        wait = self.throttle.wait(*keys)
-        if wait > 0:
-            raise _BadRequest(429, f"too many wrong passwords: try again in {math.ceil(wait)} "
-                                   "s", headers=(("Retry-After", str(math.ceil(wait))),))
-        ok = len(name) <= ops.MAX_NAME and len(password) <= ops.MAX_PASSWORD and \
-            ops.authenticate(self.db, name, password)
-        if not ok:
-            self.throttle.failed(*keys)
-            log.warning("fleet page: wrong name or password from %s", req.client)
-            raise _BadRequest(401, "wrong name or password")
-        self.throttle.succeeded(*keys)
+        if not self._checking.acquire(timeout=self.config.timeout_s):
+            raise _BadRequest(503, "too many sign-ins at once; retry in a moment")
+        try:
+            self.throttle.forget_idle()
+            wait = self.throttle.wait(*keys)
+            if wait > 0:
+                raise _BadRequest(429, "too many wrong passwords: try again in "
+                                       f"{math.ceil(wait)} s",
+                                  headers=(("Retry-After", str(math.ceil(wait))),))
+            ok = len(name) <= ops.MAX_NAME and len(password) <= ops.MAX_PASSWORD and \
+                ops.authenticate(self.db, name, password)
+            if not ok:
+                self.throttle.failed(*keys)
+                log.warning("fleet page: wrong name or password from %s", req.client)
+                raise _BadRequest(401, "wrong name or password")
+            self.throttle.succeeded(*keys)
+        finally:
+            self._checking.release()
         token = ops.open_session(self.db, name, req.client, self.config.session_ttl_s)
         self.db.record_audit(name, "operator.login", {"address": req.client})
         return Answer(200, _JSON, _json_body({"operator": name,
