@@ -10,6 +10,7 @@ import json
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -417,3 +418,17 @@ def test_wrong_passwords_sent_in_parallel_cannot_outrun_the_backoff(db) -> None:
     # login_concurrency) are all that can get through.
     assert statuses.count(401) <= 2
     assert len(statuses) == 6 and set(statuses) <= {401, 429}
+
+
+def test_a_sqlite_database_holding_password_hashes_is_not_readable_by_other_users(
+        db, monkeypatch) -> None:
+    path = Path(db.url.removeprefix("sqlite:///"))
+    for p in (path, Path(f"{path}-wal")):
+        p.chmod(0o644)  # as a umask of 022 leaves it
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{PASSWORD}\n"))
+    assert main(["operator", "add", "carol", "--db", db.url, "--password-stdin"]) == 0
+    for p in (path, Path(f"{path}-wal")):
+        assert p.stat().st_mode & 0o777 == 0o600, p
+    path.chmod(0o640)
+    ops.set_password(db, "carol", "another password", "root")
+    assert path.stat().st_mode & 0o777 == 0o600

@@ -27,6 +27,8 @@ import base64
 import functools
 import hashlib
 import hmac
+import logging
+import os
 import secrets
 import threading
 import time
@@ -36,7 +38,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from ._db import FleetDB, FleetUsageError, operator_sessions, operators
+from ._db import FleetDB, FleetUsageError, engine_url, operator_sessions, operators
+
+log = logging.getLogger("edge_sdk.fleet.operators")
 
 #: scrypt cost: 2**15 × 8 × 128 bytes = 32 MiB and about 0.1 s per check on a small CPU.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
@@ -102,6 +106,25 @@ def _dummy() -> str:
 
 # -- accounts ------------------------------------------------------------------------------
 
+def _owner_only(db: FleetDB) -> None:
+    """Make a SQLite fleet database (and its WAL files) readable by its owner only once it
+    holds a password hash: another local user could copy the hashes and guess at them
+    offline, with no backoff. A server database (PostgreSQL) has its own access rules."""
+    url = engine_url(db.url)
+    if not url.startswith("sqlite:///"):
+        return
+    path = url[len("sqlite:///"):]
+    for p in (path, path + "-wal", path + "-shm"):
+        try:
+            mode = os.stat(p).st_mode
+            if mode & 0o077:
+                os.chmod(p, mode & 0o700)
+        except FileNotFoundError:
+            continue
+        except OSError as err:  # another user's file: say so, the account still works
+            log.warning("cannot make %s readable by its owner only: %s", p, err.strerror)
+
+
 def add_operator(db: FleetDB, name: str, password: str, actor: str) -> None:
     """Make an operator. Raises :class:`FleetUsageError` when the name is taken."""
     check_name(name)
@@ -113,6 +136,7 @@ def add_operator(db: FleetDB, name: str, password: str, actor: str) -> None:
         c.execute(operators.insert().values(name=name, hash=stored, created=time.time(),
                                             created_by=actor, disabled=False))
         db.record_audit(actor, "operator.add", {"name": name}, conn=c)
+    _owner_only(db)
 
 
 def set_password(db: FleetDB, name: str, password: str, actor: str) -> None:
@@ -124,6 +148,7 @@ def set_password(db: FleetDB, name: str, password: str, actor: str) -> None:
             raise FleetUsageError(f"no operator {name[:80]!r}")
         c.execute(operator_sessions.delete().where(operator_sessions.c.operator == name))
         db.record_audit(actor, "operator.passwd", {"name": name}, conn=c)
+    _owner_only(db)
 
 
 def set_disabled(db: FleetDB, name: str, disabled: bool, actor: str) -> None:
