@@ -432,3 +432,20 @@ def test_a_sqlite_database_holding_password_hashes_is_not_readable_by_other_user
     path.chmod(0o640)
     ops.set_password(db, "carol", "another password", "root")
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_rollout_id_beyond_the_id_column_is_a_404_not_a_database_outage(
+        db_url) -> None:  # noqa: F811
+    with FleetDB.open(db_url) as d:
+        ops.add_operator(d, "alice", PASSWORD, "root")
+        api = FleetApi(d, fleet=FLEET, throttle=ops.LoginThrottle(clock=Clock()))
+        # A NUL is valid JSON and a 503 from PostgreSQL's driver if looked up.
+        assert post(api, "/api/login", {"name": "ali\x00ce", "password": PASSWORD})[:2] == (
+            401, {"error": "wrong name or password"})
+        cookie, csrf = sign_in(api)
+        for rid in (2**31 - 1, 2**31, 999999999999):
+            want = {"error": f"no rollout {rid} in fleet {FLEET!r}"}
+            assert post(api, f"/api/rollouts/{rid}/abort", cookie=cookie,
+                        csrf=csrf)[:2] == (404, want)
+            status, _, body = api.handle("GET", f"/api/rollouts/{rid}")
+            assert (status, json.loads(body)) == (404, want)
