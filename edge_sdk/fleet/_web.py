@@ -451,15 +451,12 @@ class FleetApi:
                 "name", "password"}:
             raise _BadRequest(400, 'sign-in takes {"name": "...", "password": "..."}')
         keys = (f"name {name[:ops.MAX_NAME + 1]}", f"address {_client_key(req.client)}")
+        self._refuse_locked(keys)  # a locked client does not queue for a check
         if not self._checking.acquire(timeout=self.config.timeout_s):
             raise _BadRequest(503, "too many sign-ins at once; retry in a moment")
         try:
             self.throttle.forget_idle()
-            wait = self.throttle.wait(*keys)
-            if wait > 0:
-                raise _BadRequest(429, "too many wrong passwords: try again in "
-                                       f"{math.ceil(wait)} s",
-                                  headers=(("Retry-After", str(math.ceil(wait))),))
+            self._refuse_locked(keys)  # again: a failure may have counted meanwhile
             ok = len(name) <= ops.MAX_NAME and len(password) <= ops.MAX_PASSWORD and \
                 ops.authenticate(self.db, name, password)
             if not ok:
@@ -475,6 +472,12 @@ class FleetApi:
                                               "csrf": ops.csrf_token(token)}),
                       (("Set-Cookie", self._cookie_header(token,
                                                           self.config.session_ttl_s)),))
+
+    def _refuse_locked(self, keys: tuple[str, ...]) -> None:
+        wait = math.ceil(self.throttle.wait(*keys))
+        if wait > 0:
+            raise _BadRequest(429, f"too many wrong passwords: try again in {wait} s",
+                              headers=(("Retry-After", str(wait)),))
 
     def _act(self, session: ops.Session, rid: int, command: str,
              doc: dict[str, Any]) -> Answer:
