@@ -8,7 +8,9 @@ import http.client
 import io
 import json
 import socket
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -328,3 +330,122 @@ def test_accounts_and_sessions_work_alike_on_sqlite_and_postgresql(db_url) -> No
         with db.read() as c:
             ids = c.execute(sa.select(operator_sessions.c.id)).scalars().all()
         assert len(ids) == 2 and cookie not in ids and all(len(i) == 64 for i in ids)
+
+
+# -- what a hostile client sends (each refusal a one-line JSON 4xx, never a 500) -----------
+
+def _post_raw(server: WebServer, path: str, body: bytes,
+              extra: str = "") -> tuple[int, dict[str, str], bytes]:
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"{extra}Content-Length: {len(body)}\r\n\r\n").encode()
+    return _raw(server, head + body)
+
+
+def test_a_lone_surrogate_name_escaped_in_json_is_a_wrong_password_not_a_500(
+        db, api) -> None:
+    # "\ud800" is valid JSON, but no database driver can encode the string it decodes to.
+    with WebServer(db, fleet=FLEET) as server:
+        for doc in (b'{"name": "\\ud800", "password": "long enough"}',
+                    b'{"name": "alice", "password": "\\udfff long enough"}'):
+            status, _, data = _post_raw(server, "/api/login", doc)
+            assert (status, json.loads(data)) == (401, {"error": "wrong name or password"})
+        sign_in(api)  # the address took three free failures; the account still works
+
+
+def test_a_json_body_nested_deeper_than_the_decoder_is_a_400_not_a_500(db, api) -> None:
+    with WebServer(db, fleet=FLEET) as server:
+        status, _, data = _post_raw(server, "/api/login", b"[" * 2000 + b"]" * 2000)
+    assert status == 400 and json.loads(data) == {
+        "error": "the request body is JSON nested too deep"}
+
+
+def test_a_cookie_or_csrf_token_outside_ascii_is_refused_not_a_500(db, api) -> None:
+    # The socket decodes headers as Latin-1; a FleetApi caller may pass any str.
+    rid = awaiting_approval(db)
+    cookie, csrf = sign_in(api)
+    for bad in (cookie[:-1] + "\ud800", cookie[:-1] + "€"):
+        ans = api.serve(Request("GET", "/api/session", {"cookie": f"edge_session={bad}"}))
+        assert ans.status == 200 and json.loads(ans.body)["operator"] is None
+    status, doc, _ = post(api, f"/api/rollouts/{rid}/pause", cookie=cookie, csrf=csrf + "€")
+    assert status == 403 and "X-CSRF-Token" in doc["error"]
+    assert queued(db, rid) == []
+
+
+def test_an_action_on_a_missing_rollout_names_neither_the_database_nor_a_fleet(
+        db, api) -> None:
+    cookie, csrf = sign_in(api)
+    status, doc, _ = post(api, "/api/rollouts/999999999999/abort", cookie=cookie, csrf=csrf)
+    assert (status, doc) == (404, {"error": f"no rollout 999999999999 in fleet {FLEET!r}"})
+    assert json.loads(api.handle("GET", "/api/rollouts/424242")[2]) == {
+        "error": f"no rollout 424242 in fleet {FLEET!r}"}
+
+
+def test_a_flood_of_new_names_does_not_push_a_locked_account_out_of_the_backoff(
+        db) -> None:
+    ops.add_operator(db, "alice", PASSWORD, "root")
+    api = FleetApi(db, fleet=FLEET, throttle=ops.LoginThrottle(
+        free=1, base_s=60, max_s=60, max_keys=6, clock=Clock()))
+    wrong = {"name": "alice", "password": "not it at all"}
+    post(api, "/api/login", wrong, client="10.0.0.1")
+    assert post(api, "/api/login", wrong, client="10.0.0.2")[0] == 401  # locks alice
+    # Each new address tries one new name: never locked, each a new key in the table.
+    for n in range(8):
+        assert post(api, "/api/login", {"name": f"guess{n}", "password": "x" * 9},
+                    client=f"10.0.1.{n}")[0] == 401
+    assert len(api.throttle._keys) <= 6  # noqa: SLF001  (the bound still holds)
+    assert post(api, "/api/login", {"name": "alice", "password": PASSWORD},
+                client="10.0.2.1")[0] == 429
+
+
+def test_wrong_passwords_sent_in_parallel_cannot_outrun_the_backoff(db) -> None:
+    ops.add_operator(db, "alice", PASSWORD, "root")
+    with WebServer(db, fleet=FLEET, config=WebConfig(
+            port=0, login_free_failures=0, login_backoff_s=60, login_concurrency=2)) as server:
+        body = json.dumps({"name": "alice", "password": "not it at all"}).encode()
+        statuses: list[int] = []
+        gate = threading.Barrier(6)
+
+        def guess() -> None:
+            gate.wait(10)
+            statuses.append(_post_raw(server, "/api/login", body)[0])
+
+        threads = [threading.Thread(target=guess) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    # free=0: the first wrong password locks; the checks running beside it (at most
+    # login_concurrency) are all that can get through.
+    assert statuses.count(401) <= 2
+    assert len(statuses) == 6 and set(statuses) <= {401, 429}
+
+
+def test_a_sqlite_database_holding_password_hashes_is_not_readable_by_other_users(
+        db, monkeypatch) -> None:
+    path = Path(db.url.removeprefix("sqlite:///"))
+    for p in (path, Path(f"{path}-wal")):
+        p.chmod(0o644)  # as a umask of 022 leaves it
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{PASSWORD}\n"))
+    assert main(["operator", "add", "carol", "--db", db.url, "--password-stdin"]) == 0
+    for p in (path, Path(f"{path}-wal")):
+        assert p.stat().st_mode & 0o777 == 0o600, p
+    path.chmod(0o640)
+    ops.set_password(db, "carol", "another password", "root")
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_rollout_id_beyond_the_id_column_is_a_404_not_a_database_outage(
+        db_url) -> None:  # noqa: F811
+    with FleetDB.open(db_url) as d:
+        ops.add_operator(d, "alice", PASSWORD, "root")
+        api = FleetApi(d, fleet=FLEET, throttle=ops.LoginThrottle(clock=Clock()))
+        # A NUL is valid JSON and a 503 from PostgreSQL's driver if looked up.
+        assert post(api, "/api/login", {"name": "ali\x00ce", "password": PASSWORD})[:2] == (
+            401, {"error": "wrong name or password"})
+        cookie, csrf = sign_in(api)
+        for rid in (2**31 - 1, 2**31, 999999999999):
+            want = {"error": f"no rollout {rid} in fleet {FLEET!r}"}
+            assert post(api, f"/api/rollouts/{rid}/abort", cookie=cookie,
+                        csrf=csrf)[:2] == (404, want)
+            status, _, body = api.handle("GET", f"/api/rollouts/{rid}")
+            assert (status, json.loads(body)) == (404, want)

@@ -27,6 +27,8 @@ import base64
 import functools
 import hashlib
 import hmac
+import logging
+import os
 import secrets
 import threading
 import time
@@ -36,7 +38,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from ._db import FleetDB, FleetUsageError, operator_sessions, operators
+from ._db import FleetDB, FleetUsageError, engine_url, operator_sessions, operators
+
+log = logging.getLogger("edge_sdk.fleet.operators")
 
 #: scrypt cost: 2**15 × 8 × 128 bytes = 32 MiB and about 0.1 s per check on a small CPU.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
@@ -102,6 +106,25 @@ def _dummy() -> str:
 
 # -- accounts ------------------------------------------------------------------------------
 
+def _owner_only(db: FleetDB) -> None:
+    """Make a SQLite fleet database (and its WAL files) readable by its owner only once it
+    holds a password hash: another local user could copy the hashes and guess at them
+    offline, with no backoff. A server database (PostgreSQL) has its own access rules."""
+    url = engine_url(db.url)
+    if not url.startswith("sqlite:///"):
+        return
+    path = url[len("sqlite:///"):]
+    for p in (path, path + "-wal", path + "-shm"):
+        try:
+            mode = os.stat(p).st_mode
+            if mode & 0o077:
+                os.chmod(p, mode & 0o700)
+        except FileNotFoundError:
+            continue
+        except OSError as err:  # another user's file: say so, the account still works
+            log.warning("cannot make %s readable by its owner only: %s", p, err.strerror)
+
+
 def add_operator(db: FleetDB, name: str, password: str, actor: str) -> None:
     """Make an operator. Raises :class:`FleetUsageError` when the name is taken."""
     check_name(name)
@@ -113,6 +136,7 @@ def add_operator(db: FleetDB, name: str, password: str, actor: str) -> None:
         c.execute(operators.insert().values(name=name, hash=stored, created=time.time(),
                                             created_by=actor, disabled=False))
         db.record_audit(actor, "operator.add", {"name": name}, conn=c)
+    _owner_only(db)
 
 
 def set_password(db: FleetDB, name: str, password: str, actor: str) -> None:
@@ -124,6 +148,7 @@ def set_password(db: FleetDB, name: str, password: str, actor: str) -> None:
             raise FleetUsageError(f"no operator {name[:80]!r}")
         c.execute(operator_sessions.delete().where(operator_sessions.c.operator == name))
         db.record_audit(actor, "operator.passwd", {"name": name}, conn=c)
+    _owner_only(db)
 
 
 def set_disabled(db: FleetDB, name: str, disabled: bool, actor: str) -> None:
@@ -168,10 +193,13 @@ def has_operators(db: FleetDB) -> bool:
 
 def authenticate(db: FleetDB, name: str, password: str) -> bool:
     """Whether ``name`` is an enabled operator and ``password`` is its password. Costs one
-    scrypt run either way."""
-    with db.read() as c:
-        row = c.execute(sa.select(operators.c.hash, operators.c.disabled)
-                        .where(operators.c.name == name)).first()
+    scrypt run either way. A name no operator can have (``check_name``: say a lone
+    surrogate from a JSON escape, which no database driver can encode) is not looked up."""
+    row = None
+    if 1 <= len(name) <= MAX_NAME and set(name) <= _NAME_CHARS:
+        with db.read() as c:
+            row = c.execute(sa.select(operators.c.hash, operators.c.disabled)
+                            .where(operators.c.name == name)).first()
     stored = row.hash if row is not None else _dummy()
     ok = check_password(stored, password)
     return ok and row is not None and not row.disabled
@@ -209,7 +237,7 @@ def open_session(db: FleetDB, name: str, address: str, ttl_s: float) -> str:
 def find_session(db: FleetDB, token: str, idle_s: float) -> Session | None:
     """The live session ``token`` names (its use noted), or None: unknown, expired, idle
     too long, or its operator gone or disabled."""
-    if not 20 <= len(token) <= 128:
+    if not 20 <= len(token) <= 128 or not token.isascii():  # tokens are base64url
         return None
     sid, now = _session_id(token), time.time()
     s = operator_sessions
@@ -235,7 +263,7 @@ def close_session(db: FleetDB, token: str) -> None:
 
 class LoginThrottle:
     """Per-key failure counts and lock windows (keys: an account, a client address).
-    Thread-safe; holds at most ``max_keys`` keys (the oldest are forgotten first)."""
+    Thread-safe; holds at most ``max_keys`` keys (see :meth:`_evict`)."""
 
     def __init__(self, *, free: int = 3, base_s: float = 1.0, max_s: float = 900.0,
                  max_keys: int = 10000, clock: Callable[[], float] = time.monotonic) -> None:
@@ -261,8 +289,18 @@ class LoginThrottle:
                 until = now + min(self.max_s, self.base_s * 2 ** min(over - 1, 40)) \
                     if over > 0 else 0.0
                 self._keys[k] = (n, until, now)  # re-inserted: the newest at the end
-            while len(self._keys) > self.max_keys:
-                del self._keys[next(iter(self._keys))]
+            if len(self._keys) > self.max_keys:
+                self._evict(now)
+
+    def _evict(self, now: float) -> None:
+        """Forget keys down to ``max_keys``: the oldest whose lock has ended first, so a
+        flood of new names or addresses cannot push a locked key out and end its lock;
+        locked ones (the oldest first) only when every key is locked."""
+        over = len(self._keys) - self.max_keys
+        for k in [k for k, (_, until, _) in self._keys.items() if until <= now][:over]:
+            del self._keys[k]
+        while len(self._keys) > self.max_keys:
+            del self._keys[next(iter(self._keys))]
 
     def succeeded(self, *keys: str) -> None:
         with self._lock:

@@ -145,6 +145,8 @@ class WebConfig:
     login_free_failures: int = 3
     login_backoff_s: float = 1.0
     login_backoff_max_s: float = 900.0
+    #: Passwords checked at once (each scrypt run: 32 MiB, ~0.1 s of a core); more wait.
+    login_concurrency: int = 2
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -152,7 +154,7 @@ class WebConfig:
         for key in ("max_connections", "max_connections_per_client", "listen_backlog",
                     "max_header_bytes",
                     "max_target_bytes", "max_query_fields", "max_value_bytes", "max_history",
-                    "max_audit", "max_body_bytes"):
+                    "max_audit", "max_body_bytes", "login_concurrency"):
             if getattr(self, key) < 1:
                 raise FleetUsageError(f"web {key} must be >= 1")
         for name in self.allowed_hosts:
@@ -272,6 +274,10 @@ class FleetApi:
         self.throttle = throttle or ops.LoginThrottle(
             free=cfg.login_free_failures, base_s=cfg.login_backoff_s,
             max_s=cfg.login_backoff_max_s)
+        #: Password checks at once: each scrypt run holds 32 MiB and a core for ~0.1 s, and
+        #: the backoff is read and updated under it, so requests sent in parallel cannot
+        #: all pass the check before the first failure is counted.
+        self._checking = threading.BoundedSemaphore(cfg.login_concurrency)
         #: Why sign-in is not offered, or None.
         self.no_sign_in = None if cfg.behind_tls_proxy or is_loopback(cfg.host) else (
             f"sign-in is off: the page is plain HTTP on {cfg.host}, a network address; "
@@ -360,10 +366,7 @@ class FleetApi:
             self._no_query(q)
             if not (segs[1].isascii() and segs[1].isdigit() and len(segs[1]) <= 12):
                 raise _BadRequest(400, f"rollout id {_show(segs[1])} must be a number")
-            r = self.db.rollout(int(segs[1]))
-            if self.fleet is not None and r["fleet"] != self.fleet:
-                raise _BadRequest(404, f"no rollout {int(segs[1])} in fleet {self.fleet!r}")
-            return r
+            return self._rollout(int(segs[1]))
         if segs == ["models"]:
             self._no_query(q)
             return self._models()
@@ -381,6 +384,20 @@ class FleetApi:
                                "/api/devices, /api/devices/ID, /api/rollouts, "
                                "/api/rollouts/ID, /api/models, /api/audit, /api/registry, "
                                "/api/warnings")
+
+    def _rollout(self, rid: int) -> dict[str, Any]:
+        """Rollout ``rid`` of the page's fleet, else 404 (naming neither the database nor
+        another fleet: a page reader learns nothing about either)."""
+        where = f" in fleet {self.fleet!r}" if self.fleet is not None else ""
+        if rid > _MAX_ID:  # PostgreSQL's integer would refuse it: the database's error
+            raise _BadRequest(404, f"no rollout {rid}{where}")
+        try:
+            r = self.db.rollout(rid)
+        except FleetUsageError:
+            raise _BadRequest(404, f"no rollout {rid}{where}") from None
+        if self.fleet is not None and r["fleet"] != self.fleet:
+            raise _BadRequest(404, f"no rollout {rid}{where}")
+        return r
 
     def _models(self) -> list[dict[str, Any]]:
         rows = self.db.models(fleet=self.fleet)
@@ -416,7 +433,7 @@ class FleetApi:
         if session is None:
             raise _BadRequest(401, "not signed in (or the session ended): sign in first")
         token = req.headers.get("x-csrf-token", "")
-        if not hmac.compare_digest(token.encode("latin-1"), session.csrf.encode()):
+        if not (token.isascii() and hmac.compare_digest(token.encode(), session.csrf.encode())):
             raise _BadRequest(403, "missing or wrong X-CSRF-Token header: reload the page")
         if path == "/api/logout":
             ops.close_session(self.db, _cookie(req) or "")
@@ -434,24 +451,33 @@ class FleetApi:
                 "name", "password"}:
             raise _BadRequest(400, 'sign-in takes {"name": "...", "password": "..."}')
         keys = (f"name {name[:ops.MAX_NAME + 1]}", f"address {_client_key(req.client)}")
-        self.throttle.forget_idle()
-        wait = self.throttle.wait(*keys)
-        if wait > 0:
-            raise _BadRequest(429, f"too many wrong passwords: try again in {math.ceil(wait)} "
-                                   "s", headers=(("Retry-After", str(math.ceil(wait))),))
-        ok = len(name) <= ops.MAX_NAME and len(password) <= ops.MAX_PASSWORD and \
-            ops.authenticate(self.db, name, password)
-        if not ok:
-            self.throttle.failed(*keys)
-            log.warning("fleet page: wrong name or password from %s", req.client)
-            raise _BadRequest(401, "wrong name or password")
-        self.throttle.succeeded(*keys)
+        self._refuse_locked(keys)  # a locked client does not queue for a check
+        if not self._checking.acquire(timeout=self.config.timeout_s):
+            raise _BadRequest(503, "too many sign-ins at once; retry in a moment")
+        try:
+            self.throttle.forget_idle()
+            self._refuse_locked(keys)  # again: a failure may have counted meanwhile
+            ok = len(name) <= ops.MAX_NAME and len(password) <= ops.MAX_PASSWORD and \
+                ops.authenticate(self.db, name, password)
+            if not ok:
+                self.throttle.failed(*keys)
+                log.warning("fleet page: wrong name or password from %s", req.client)
+                raise _BadRequest(401, "wrong name or password")
+            self.throttle.succeeded(*keys)
+        finally:
+            self._checking.release()
         token = ops.open_session(self.db, name, req.client, self.config.session_ttl_s)
         self.db.record_audit(name, "operator.login", {"address": req.client})
         return Answer(200, _JSON, _json_body({"operator": name,
                                               "csrf": ops.csrf_token(token)}),
                       (("Set-Cookie", self._cookie_header(token,
                                                           self.config.session_ttl_s)),))
+
+    def _refuse_locked(self, keys: tuple[str, ...]) -> None:
+        wait = math.ceil(self.throttle.wait(*keys))
+        if wait > 0:
+            raise _BadRequest(429, f"too many wrong passwords: try again in {wait} s",
+                              headers=(("Retry-After", str(wait)),))
 
     def _act(self, session: ops.Session, rid: int, command: str,
              doc: dict[str, Any]) -> Answer:
@@ -463,9 +489,7 @@ class FleetApi:
         if reason is not None and (not isinstance(reason, str) or len(reason) > 200
                                    or not reason.isprintable()):
             raise _BadRequest(400, "reason must be up to 200 printable characters")
-        r = self.db.rollout(rid)  # FleetUsageError: 404
-        if self.fleet is not None and r["fleet"] != self.fleet:
-            raise _BadRequest(404, f"no rollout {rid} in fleet {self.fleet!r}")
+        self._rollout(rid)
         note: dict[str, Any] = {"via": "page"}
         if reason:
             note["reason"] = reason
@@ -525,6 +549,8 @@ class FleetApi:
             doc = json.loads(req.body.decode("utf-8") or "{}")
         except (UnicodeDecodeError, ValueError):
             raise _BadRequest(400, "the request body is not JSON") from None
+        except RecursionError:  # "[[[[…": nested deeper than the decoder's stack
+            raise _BadRequest(400, "the request body is JSON nested too deep") from None
         if not isinstance(doc, dict):
             raise _BadRequest(400, "the request body must be a JSON object")
         return doc
@@ -578,6 +604,8 @@ class FleetApi:
 
 
 _COOKIE = "edge_session"
+#: The largest id of an integer column on every engine (PostgreSQL's ``integer``).
+_MAX_ID = 2**31 - 1
 _POSTS = frozenset({"/api/login", "/api/logout"})
 _COMMANDS = frozenset({"approve", "pause", "resume", "abort"})
 
