@@ -449,3 +449,16 @@ def test_a_rollout_id_beyond_the_id_column_is_a_404_not_a_database_outage(
                         csrf=csrf)[:2] == (404, want)
             status, _, body = api.handle("GET", f"/api/rollouts/{rid}")
             assert (status, json.loads(body)) == (404, want)
+
+
+def test_the_cli_answers_a_rollout_id_beyond_the_id_column_in_one_line(
+        db_url, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    from edge_sdk.cli import main
+
+    with FleetDB.open(db_url):
+        pass
+    for argv in (["rollout", "abort", "9999999999"], ["rollout", "status", "9999999999"],
+                 ["rollout", "approve", str(2**31)]):
+        assert main([*argv, "--db", db_url]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and err.startswith("edge-sdk: error: no rollout "), err

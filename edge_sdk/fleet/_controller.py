@@ -67,6 +67,7 @@ from ._db import (
     rollout_commands,
     rollout_devices,
     rollouts,
+    valid_id,
 )
 from ._retained import Held, RetainedDesired, digest
 from ._select import operator_part, selects, split_tags
@@ -248,6 +249,8 @@ def command_rollout(db: FleetDB, rollout_id: int, command: str, actor: str, *,
     refused for any other. Audit-logged as ``rollout.COMMAND`` by ``actor`` with ``note``
     added to its parameters. Raises :class:`FleetUsageError` for an unknown rollout or
     one the command does not apply to."""
+    if not valid_id(rollout_id):
+        raise FleetUsageError(f"no rollout {rollout_id}")
     with db.begin() as c:
         row = c.execute(sa.select(rollouts.c.status, rollouts.c.machine)
                         .where(rollouts.c.id == rollout_id).with_for_update()).first()

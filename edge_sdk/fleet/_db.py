@@ -593,7 +593,7 @@ class FleetDB:
         :class:`FleetUsageError` for an unknown id."""
         with self.read() as c:
             head = c.execute(sa.select(rollouts).where(rollouts.c.id == rollout_id)).mappings() \
-                .first()
+                .first() if valid_id(rollout_id) else None
             if head is None:
                 raise FleetUsageError(f"no rollout {rollout_id} in {redact_url(self.url)}")
             out = _rollout(head, _rollout_rows(c, rollout_id))
@@ -1002,6 +1002,16 @@ def _migrate(c: Connection, url: str, *, write: bool) -> None:
     for v in range(current + 1, SCHEMA_VERSION + 1):
         _MIGRATIONS[v](c)
         c.execute(schema_version.insert().values(version=v, applied=time.time()))
+
+
+#: The largest id an ``Integer`` column holds (PostgreSQL's ``integer``; SQLite has more).
+MAX_ID = 2**31 - 1
+
+
+def valid_id(n: int) -> bool:
+    """Whether ``n`` can be a row id: an id past the column's range is no row, not a
+    database error (PostgreSQL refuses to compare it with the column)."""
+    return 1 <= n <= MAX_ID
 
 
 def json_text(v: Any) -> str:

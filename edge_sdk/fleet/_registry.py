@@ -39,7 +39,7 @@ from .._json import MESSAGE_MAX_BYTES, MESSAGE_MAX_DEPTH, loads_bounded
 from ..release._watch import DeviceStatus
 from ..transport import MqttConnection, Topics
 from ..transport._access import PROBE_DEVICE
-from ._db import FleetDB, FleetError, device_events, devices, json_text
+from ._db import MAX_ID, FleetDB, FleetError, device_events, devices, json_text
 from ._ingest import DeviceCounts, Intake, RegistryConfig
 from ._reread import RetainedReread
 
@@ -79,11 +79,10 @@ def _limits(table: sa.Table) -> dict[str, tuple[str, int | None]]:
         elif isinstance(t, sa.String):
             out[col.name] = ("text", None)
         elif isinstance(t, sa.Integer):
-            out[col.name] = ("int", 2**63 - 1 if isinstance(t, sa.BigInteger) else _INT_MAX)
+            out[col.name] = ("int", 2**63 - 1 if isinstance(t, sa.BigInteger) else MAX_ID)
     return out
 
 
-_INT_MAX = 2**31 - 1  # PostgreSQL INTEGER
 #: What each column of the tables the registry writes can hold on every engine
 #: (PostgreSQL refuses a longer VARCHAR, a NUL, a lone surrogate, an INTEGER over 2**31-1).
 _DEVICE_COLS, _EVENT_COLS = _limits(devices), _limits(device_events)
@@ -104,7 +103,7 @@ def _fit(cols: dict[str, tuple[str, int | None]], row: dict[str, Any]) -> None:
             continue
         if kind == "int":
             if isinstance(value, bool) or not isinstance(value, int) \
-                    or not 0 <= value <= (limit or _INT_MAX):
+                    or not 0 <= value <= (limit or MAX_ID):
                 raise MalformedReport(f"{name} {value!r} does not fit its column")
         elif not isinstance(value, str):
             raise MalformedReport(f"{name} is not text")
@@ -150,7 +149,7 @@ def _text(value: str | None, what: str, limit: int | None = None) -> str | None:
 
 
 def _counter(value: int | None, what: str) -> int | None:
-    if value is not None and not 0 <= value <= _INT_MAX:
+    if value is not None and not 0 <= value <= MAX_ID:
         raise MalformedReport(f"{what} {value} is out of range")
     return value
 
