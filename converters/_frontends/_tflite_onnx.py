@@ -94,40 +94,35 @@ class TfliteSource:
 
         model = onnx.load(str(raw))
         g = model.graph
-        nodes, inits = [], []
         by_name = {vi.name: vi for vi in [*g.input, *g.output]}
-        new_in, new_out = [], []
-        for sig, (tensor, q) in self.inputs.items():
+        inits: list[Any] = []
+
+        def bridge(sig: str, tensor: str, q: tuple[float, int] | None,
+                   inward: bool) -> tuple[Any, Any | None]:
+            """The graph's value info for ``sig`` and the node that joins it to ``tensor``
+            (None: the same name): an Identity, or for int8 a (De)QuantizeLinear with the
+            model's own scale and zero point so that the outside is float32."""
             vi = by_name[tensor]
-            shape = [d.dim_param or d.dim_value or None for d in vi.type.tensor_type.shape.dim]
             if q is None and sig == tensor:
-                new_in.append(vi)
-            elif q is None:
-                nodes.append(helper.make_node("Identity", [sig], [tensor]))
-                new_in.append(helper.make_tensor_value_info(
-                    sig, vi.type.tensor_type.elem_type, shape))
-            else:
-                s, z = f"{sig}__scale", f"{sig}__zero_point"
-                inits += [helper.make_tensor(s, TensorProto.FLOAT, [], [q[0]]),
-                          helper.make_tensor(z, vi.type.tensor_type.elem_type, [], [q[1]])]
-                nodes.append(helper.make_node("QuantizeLinear", [sig, s, z], [tensor]))
-                new_in.append(helper.make_tensor_value_info(sig, TensorProto.FLOAT, shape))
-        tail = []
-        for sig, (tensor, q) in self.outputs.items():
-            vi = by_name[tensor]
+                return vi, None
+            elem = vi.type.tensor_type.elem_type
             shape = [d.dim_param or d.dim_value or None for d in vi.type.tensor_type.shape.dim]
-            if q is None and sig == tensor:
-                new_out.append(vi)
-            elif q is None:
-                tail.append(helper.make_node("Identity", [tensor], [sig]))
-                new_out.append(helper.make_tensor_value_info(
-                    sig, vi.type.tensor_type.elem_type, shape))
-            else:
-                s, z = f"{sig}__out_scale", f"{sig}__out_zero_point"
-                inits += [helper.make_tensor(s, TensorProto.FLOAT, [], [q[0]]),
-                          helper.make_tensor(z, vi.type.tensor_type.elem_type, [], [q[1]])]
-                tail.append(helper.make_node("DequantizeLinear", [tensor, s, z], [sig]))
-                new_out.append(helper.make_tensor_value_info(sig, TensorProto.FLOAT, shape))
+            src, dst = (sig, tensor) if inward else (tensor, sig)
+            if q is None:
+                return (helper.make_tensor_value_info(sig, elem, shape),
+                        helper.make_node("Identity", [src], [dst]))
+            s, z = (f"{sig}__scale", f"{sig}__zero_point") if inward else \
+                (f"{sig}__out_scale", f"{sig}__out_zero_point")
+            inits.extend([helper.make_tensor(s, TensorProto.FLOAT, [], [q[0]]),
+                          helper.make_tensor(z, elem, [], [q[1]])])
+            op = "QuantizeLinear" if inward else "DequantizeLinear"
+            return (helper.make_tensor_value_info(sig, TensorProto.FLOAT, shape),
+                    helper.make_node(op, [src, s, z], [dst]))
+
+        ins = [bridge(sig, t, q, True) for sig, (t, q) in self.inputs.items()]
+        outs = [bridge(sig, t, q, False) for sig, (t, q) in self.outputs.items()]
+        new_in, nodes = [vi for vi, _ in ins], [n for _, n in ins if n is not None]
+        new_out, tail = [vi for vi, _ in outs], [n for _, n in outs if n is not None]
         body = list(g.node)
         del g.node[:]
         g.node.extend([*nodes, *body, *tail])
