@@ -326,8 +326,8 @@ def deploy_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...], mod
         # Subscribed before publishing, so no report can come before we listen.
         watch = DeploymentWatch(conn, counter, devices=devices,
                                 members={d for ids in members.values() for d in ids},
-                                progress=_show_progress, document=signed.document) \
-            if wait else None
+                                progress=_show_progress, document=signed.document,
+                                groups=groups) if wait else None
         try:
             topics = publish_deployment(conn, signed)
             click.echo(f"deployed {signed.deployment.describe()} on {', '.join(topics)}")
@@ -340,7 +340,8 @@ def deploy_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...], mod
             if members and not devices and not any(members.values()):
                 raise DeploymentError(f"{_unassigned(list(members), config.fleet, hint)}; "
                                       "nothing to wait for")
-            outcomes = watch.wait(timeout)
+            outcomes = watch.wait(
+                timeout, notice=lambda line: click.echo(f"  warning: {line}", err=True))
         finally:
             if watch is not None:
                 watch.close()
