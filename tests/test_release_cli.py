@@ -211,3 +211,31 @@ def test_release_and_serve_work_without_the_fleet_extra(tmp_path: Path,
         serve.terminate()
         serve.wait(10)
     assert serve.returncode == 0
+
+
+def test_every_fleet_and_db_option_shows_the_environment_variable_it_reads() -> None:
+    # The README has operators export EDGE_FLEET and EDGE_DB once; --help must say which
+    # options read them, on every command that has one.
+    import click
+
+    from edge_sdk.cli import cli
+
+    ctx = click.Context(cli)
+    unshown = []
+
+    def walk(cmd: click.Command, path: str) -> None:
+        if isinstance(cmd, click.Group):
+            for name in cmd.list_commands(ctx):
+                sub = cmd.get_command(ctx, name)
+                if sub is not None:
+                    walk(sub, f"{path} {name}")
+            return
+        if (cmd.callback.__module__ or "").startswith("converters"):
+            return  # convert --profile-on: the converter's own CLI, not the fleet's
+        for p in cmd.params:
+            if isinstance(p, click.Option) and p.envvar in ("EDGE_FLEET", "EDGE_DB") \
+                    and not (p.show_envvar and p.help):
+                unshown.append(f"{path} {p.opts[0]}")
+
+    walk(cli, "edge-sdk")
+    assert unshown == []

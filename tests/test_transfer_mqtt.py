@@ -322,3 +322,22 @@ def test_topic_matching_agrees_with_paho_on_wildcards_shares_and_dollar_topics()
         expected = bool(paho.topic_matches_sub(f, topic))
         assert _matches(f, topic) == expected, (f, topic)
         assert _matches(f"$share/g/{f}", topic) == expected, (f, topic)
+
+
+def test_waiting_on_a_group_says_at_once_which_members_do_not_follow_it(
+    shared_broker: Mosquitto,
+) -> None:
+    # A member assigned to the group whose agent config lacks it never reads the group's
+    # desired topic: the operator hears so at once and as its reason, not a bare timeout.
+    cfg = MqttConfig(url=shared_broker.url, fleet="watch-follow")
+    topics = Topics.for_config(cfg)
+    with MqttConnection(cfg, name="op") as op, MqttConnection(cfg, name="dev") as dev:
+        for device, groups in (("deaf", []), ("follower", ["lobby"])):
+            state = {"online": True, "phase": "committed", "groups": groups}
+            dev.publish_wait(topics.state(device), json.dumps(state).encode(), retain=True)
+        told: list[str] = []
+        with DeploymentWatch(op, 5, members=["deaf", "follower"], groups=["lobby"]) as watch:
+            outcomes = {o.device: o for o in watch.wait(1.0, notice=told.append)}
+    assert [line.split(":")[0] for line in told] == ["deaf"]
+    assert "does not follow group lobby" in (outcomes["deaf"].reason or "")
+    assert outcomes["follower"].reason == "the device is in phase committed"

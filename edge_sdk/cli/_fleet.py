@@ -44,7 +44,8 @@ rollout_group.add_command(rollout_cmd, "run")
 @rollout_group.command("start")
 @db_options
 @operator_option
-@click.option("--fleet", default="default", show_default=True, envvar="EDGE_FLEET")
+@click.option("--fleet", default="default", show_default=True, envvar="EDGE_FLEET",
+              show_envvar=True, help="Fleet name (the {fleet} level of every topic).")
 @click.option("--model", required=True, help="Released artifact name.")
 @click.option("--version", "version",
               help="Released version (default: the newest not yanked; needs --repo).")
@@ -227,7 +228,8 @@ _FILE_MAX = 64 << 20
 @click.argument("device_ids", nargs=-1)
 @db_options
 @operator_option
-@click.option("--fleet", default="default", show_default=True, envvar="EDGE_FLEET")
+@click.option("--fleet", default="default", show_default=True, envvar="EDGE_FLEET",
+              show_envvar=True, help="Fleet name (the {fleet} level of every topic).")
 @click.option("--file", "file", type=click.Path(dir_okay=False, allow_dash=True),
               help="Devices one per line, DEVICE[:GROUP,...] [KEY=VALUE ...] (the ID:GROUP "
                    "of make_credentials.py --device); '-' reads stdin.")
@@ -286,7 +288,8 @@ def device_set_cmd(device_ids: tuple[str, ...], db_url: str | None, repo_dir: st
 @click.argument("device_ids", nargs=-1, required=True)
 @db_options
 @operator_option
-@click.option("--fleet", default="default", show_default=True, envvar="EDGE_FLEET")
+@click.option("--fleet", default="default", show_default=True, envvar="EDGE_FLEET",
+              show_envvar=True, help="Fleet name (the {fleet} level of every topic).")
 def device_remove_cmd(device_ids: tuple[str, ...], db_url: str | None, repo_dir: str | None,
                       operator: str | None, fleet: str) -> None:
     """Remove devices from the registry: their row, assignment and history. A device

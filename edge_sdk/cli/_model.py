@@ -213,7 +213,8 @@ def predict_cmd(path: str, input_file: str | None, output_file: str | None, as_j
 @click.option("--broker", envvar="EDGE_BROKER", help="Broker URL (with --on).")
 @click.option("--repo", "repo_dir", type=click.Path(file_okay=False),
               help="Release repository whose deployment key signs the request (with --on).")
-@click.option("--fleet", default="default", show_default=True, envvar="EDGE_FLEET")
+@click.option("--fleet", default="default", show_default=True, envvar="EDGE_FLEET",
+              show_envvar=True, help="Fleet name (the {fleet} level of every topic).")
 @click.option("--keys", "keydir", type=click.Path(file_okay=False),
               help="Key directory (default: the repository's).")
 @click.option("--username", envvar="EDGE_MQTT_USERNAME", help="Broker user name.")

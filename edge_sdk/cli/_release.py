@@ -53,7 +53,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _audit_options(fn: F) -> F:
     fn = click.option("--operator", envvar="EDGE_OPERATOR", show_envvar=True,
                       help="Name recorded in the audit log (default: the OS user).")(fn)
-    return click.option("--db", "db_url", envvar="EDGE_DB",
+    return click.option("--db", "db_url", envvar="EDGE_DB", show_envvar=True,
                         help="Fleet database for the audit log and the devices assigned to "
                              "groups (default: REPO/fleet.db).")(fn)
 
@@ -79,6 +79,7 @@ def _mqtt_options_impl(fn: F, required: bool) -> F:
                      help="Broker URL: mqtt://HOST:PORT or mqtts://HOST:PORT; for a "
                           "clustered broker, its nodes comma-separated (tried in turn)."),
         click.option("--fleet", default="default", show_default=True, envvar="EDGE_FLEET",
+                     show_envvar=True,
                      help="Fleet name (the {fleet} level of every topic)."),
         click.option("--topic-prefix", default="edge", show_default=True, hidden=True),
         click.option("--username", envvar="EDGE_MQTT_USERNAME", help="Broker user name."),
@@ -325,8 +326,8 @@ def deploy_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...], mod
         # Subscribed before publishing, so no report can come before we listen.
         watch = DeploymentWatch(conn, counter, devices=devices,
                                 members={d for ids in members.values() for d in ids},
-                                progress=_show_progress, document=signed.document) \
-            if wait else None
+                                progress=_show_progress, document=signed.document,
+                                groups=groups) if wait else None
         try:
             topics = publish_deployment(conn, signed)
             click.echo(f"deployed {signed.deployment.describe()} on {', '.join(topics)}")
@@ -339,7 +340,8 @@ def deploy_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...], mod
             if members and not devices and not any(members.values()):
                 raise DeploymentError(f"{_unassigned(list(members), config.fleet, hint)}; "
                                       "nothing to wait for")
-            outcomes = watch.wait(timeout)
+            outcomes = watch.wait(
+                timeout, notice=lambda line: click.echo(f"  warning: {line}", err=True))
         finally:
             if watch is not None:
                 watch.close()
@@ -495,7 +497,7 @@ def _show_wave(_: str, info: dict[str, Any]) -> None:
 @click.command("status")
 @click.option("--device", "devices", multiple=True, help="Only this device. Repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw states as JSON.")
-@click.option("--db", "db_url", envvar="EDGE_DB",
+@click.option("--db", "db_url", envvar="EDGE_DB", show_envvar=True,
               help="Read the fleet database (the registry) instead of the broker.")
 @click.option("--repo", "repo_dir", type=click.Path(file_okay=False, exists=True),
               help="Read the registry in REPO/fleet.db instead of the broker (or --db), and "

@@ -182,8 +182,11 @@ class DeploymentWatch:
     def __init__(self, connection: MqttConnection, counter: int, *,
                  devices: Iterable[str] = (), members: Iterable[str] = (),
                  progress: Progress | None = None, topics: Topics | None = None,
-                 document: bytes | None = None) -> None:
+                 document: bytes | None = None, groups: Iterable[str] = ()) -> None:
         self.counter = counter
+        #: The groups the deployment was published to (a member not following any of
+        #: them never sees it: said at once, and as its reason).
+        self.groups = tuple(groups)
         #: How agents name the published document in refusals (sha256, 32 hex digits).
         self.digest = None if document is None else hashlib.sha256(document).hexdigest()[:32]
         self.devices = set(devices)
@@ -271,9 +274,21 @@ class DeploymentWatch:
 
     # -- waiting -----------------------------------------------------------------------------
 
-    def wait(self, timeout: float, *, settle: float = 0.5) -> list[Outcome]:
+    def _unfollowed(self, device: str) -> str | None:
+        """Why ``device``, a member reached only through :attr:`groups`, cannot see this
+        deployment: its state says it follows none of them (its agent config lacks them)."""
+        st = self.states.get(device)
+        if device in self.devices or not self.groups or st is None \
+                or set(st.groups) & set(self.groups):
+            return None
+        return (f"the device does not follow group {', '.join(self.groups)} (its agent "
+                f"config's groups: {', '.join(st.groups) or 'none'}; add the group there)")
+
+    def wait(self, timeout: float, *, settle: float = 0.5,
+             notice: Callable[[str], None] | None = None) -> list[Outcome]:
         """Block until every target has an outcome or ``timeout`` passes; one
         :class:`Outcome` per target (``no answer`` for those still pending).
+        ``notice(line)`` is told at once of each target that cannot see the deployment.
 
         Raises :class:`DeploymentError` when there is nobody to wait for (no device named,
         and none of the members has reported).
@@ -289,6 +304,10 @@ class DeploymentWatch:
                 raise DeploymentError(
                     f"none of the {len(self.members)} device(s) assigned to the group(s) has "
                     "reported a state; nothing to wait for")
+            for d in sorted(targets):
+                why = self._unfollowed(d)
+                if why is not None and notice is not None:
+                    notice(f"{d}: {why}")
             while True:
                 targets = self._targets()
                 if targets <= set(self.outcomes):
@@ -303,6 +322,10 @@ class DeploymentWatch:
                     out.append(self.outcomes[d])
                     continue
                 st = self.states.get(d)
+                why = self._unfollowed(d)
+                if why is not None:
+                    out.append(Outcome(d, NO_ANSWER, why, st.model if st else None))
+                    continue
                 where = ("has never reported" if st is None else
                          "is offline" if not st.online else f"is in phase {st.phase}")
                 out.append(Outcome(d, NO_ANSWER, f"the device {where}",
