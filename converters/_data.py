@@ -37,6 +37,12 @@ from edge_sdk._internal import (
 from edge_sdk.errors import ConversionError, UsageError
 
 LABELS_KEY = "labels"
+#: Bytes one synthetic feed (all inputs of one run) may take: an --input-shape past it
+#: is refused rather than allocated.
+MAX_FEED_BYTES = 256 << 20
+#: Bytes the whole synthetic evaluation set may take: fewer samples (at least 2) for
+#: large inputs.
+SYNTHETIC_BUDGET_BYTES = 512 << 20
 
 
 @dataclass(frozen=True)
@@ -174,13 +180,14 @@ def split_holdout(samples: Samples, fraction: float) -> tuple[Samples, Samples]:
 
 def synthetic_samples(
     inputs: Sequence[TensorSpec], *, n: int, seed: int = 0, dim_size: int = 16,
-    shapes: Mapping[str, Sequence[int]] | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None, int_high: int = 8,
 ) -> Samples:
     """``n`` random feeds matching ``inputs``: the inputs named in ``shapes`` get that
     shape; elsewhere batch dims are 1, other symbolic dims ``dim_size`` (see
     :func:`edge_sdk._bench.synthetic_inputs`)."""
     specs = concrete_specs(inputs, shapes or {})
-    feeds = [synthetic_inputs(specs, seed=seed + i, other=dim_size) for i in range(n)]
+    feeds = [synthetic_inputs(specs, seed=seed + i, other=dim_size, int_high=int_high)
+             for i in range(n)]
     return Samples(tuple(feeds), None, "synthetic")
 
 
@@ -207,7 +214,18 @@ def check_input_shapes(
                 raise UsageError(f"{arg}: dim {i} of {name!r} is fixed at {want} in the model, "
                                  f"not {got} ({spec.describe()})")
         out[name] = tuple(int(d) for d in shape)
+        size = _nbytes(spec, out[name])
+        if size > MAX_FEED_BYTES:
+            raise UsageError(f"{arg}: {size / (1 << 20):.0f} MiB of {spec.dtype} for one "
+                             f"sample, more than the {MAX_FEED_BYTES >> 20} MiB synthetic "
+                             "inputs may take; give a smaller shape or --calibration")
     return out
+
+
+def _nbytes(spec: TensorSpec, shape: Sequence[int]) -> int:
+    """Bytes of one ``spec`` array of ``shape`` (8 per element for strings)."""
+    itemsize = 8 if spec.dtype == "str" else np.dtype(spec.dtype).itemsize
+    return int(np.prod([int(d) for d in shape], dtype=np.float64)) * itemsize
 
 
 def synthetic_evalset(
@@ -220,7 +238,10 @@ def synthetic_evalset(
     which inputs and dims to give when no tried shape runs."""
     found = search_input_shapes(run, inputs, given=given, max_tries=max_tries)
     if found.shapes is not None:
-        return synthetic_samples(inputs, n=n, shapes=found.shapes)
+        shapes = found.shapes
+        feed = sum(_nbytes(s, shapes.get(s.name, ())) for s in inputs)
+        n = max(2, min(n, SYNTHETIC_BUDGET_BYTES // max(1, feed)))
+        return synthetic_samples(inputs, n=n, shapes=shapes, int_high=found.int_high)
     err = (found.error or "")[:80]
     tried = ", ".join(shape_text(t[k]) for t in found.tried[:2] for k in t) + (
         f", … {len(found.tried)} tries" if len(found.tried) > 2 else "")
