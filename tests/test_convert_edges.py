@@ -1,0 +1,92 @@
+"""Models the converter was not written for: each gives a working artifact or one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import edge_sdk
+from edge_sdk.cli import main
+
+
+def _save(path: Path, nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto],
+          outputs: list[onnx.ValueInfoProto], inits: list[onnx.TensorProto]) -> Path:
+    model = helper.make_model(helper.make_graph(nodes, path.stem, inputs, outputs, inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def _embedding(path: Path, vocab: int) -> Path:
+    """Token ids [batch, seq] -> an embedding table of ``vocab`` rows -> [batch, seq, 4]."""
+    rng = np.random.default_rng(0)
+    table = numpy_helper.from_array(rng.standard_normal((vocab, 16)).astype(np.float32), "E")
+    proj = numpy_helper.from_array(rng.standard_normal((16, 4)).astype(np.float32), "P")
+    return _save(path, [helper.make_node("Gather", ["E", "ids"], ["e"]),
+                        helper.make_node("MatMul", ["e", "P"], ["y"])],
+                 [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
+                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 4])],
+                 [table, proj])
+
+
+def _one_line_error(code: int, err: str) -> str:
+    assert code != 0
+    assert err.startswith("edge-sdk: error:") and err.count("\n") == 1, err
+    assert "internal error" not in err and "Traceback" not in err
+    return err
+
+
+def test_synthetic_token_ids_stay_inside_a_small_embedding_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    # 5 rows: the old ids 0..7 fell off the table on every tried shape.
+    src = _embedding(tmp_path / "tok.onnx", vocab=5)
+    art = tmp_path / "art"
+    assert main(["convert", str(src), "-o", str(art), "--quantize", "none"]) == 0
+    sample = edge_sdk.Artifact.from_dir(art).sample_path
+    assert sample is not None
+    with np.load(sample) as z:
+        assert int(z["ids"].max()) < 5
+    assert main(["bench", str(src), "--runs", "2", "--warmup", "0"]) == 0
+    capsys.readouterr()
+
+
+def test_input_shape_too_large_to_allocate_is_refused_before_allocating(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    src = _embedding(tmp_path / "tok.onnx", vocab=50)
+    code = main(["convert", str(src), "-o", str(tmp_path / "art"),
+                 "--input-shape", "ids=100000x100000"])
+    err = _one_line_error(code, capsys.readouterr().err)
+    assert "ids=100000x100000" in err and "MiB" in err
+    assert not (tmp_path / "art").exists()
+
+
+def test_synthetic_evaluation_set_of_large_inputs_fits_its_memory_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from converters import _data
+
+    monkeypatch.setattr(_data, "SYNTHETIC_BUDGET_BYTES", 1 << 20)  # scaled down: 1 MiB
+    spec = edge_sdk.TensorSpec("x", "float32", ("N", "L"))
+    shape = {"x": (1, (300 << 10) // 4)}  # 300 KiB per sample: 3 fit
+    got = _data.synthetic_evalset(lambda f: None, [spec], n=16, given=shape)
+    assert sum(a.nbytes for f in got.feeds for a in f.values()) <= 1 << 20
+    assert len(got) == 3
+
+
+def test_model_with_string_inputs_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    src = _save(tmp_path / "s.onnx", [helper.make_node("Identity", ["s"], ["t"])],
+                [helper.make_tensor_value_info("s", TensorProto.STRING, ["N"])],
+                [helper.make_tensor_value_info("t", TensorProto.STRING, ["N"])], [])
+    code = main(["convert", str(src), "-o", str(tmp_path / "art")])
+    err = _one_line_error(code, capsys.readouterr().err)
+    assert "'s' take strings" in err
+    assert not (tmp_path / "art").exists()
