@@ -90,3 +90,24 @@ def test_model_with_string_inputs_is_refused_in_one_line(
     err = _one_line_error(code, capsys.readouterr().err)
     assert "'s' take strings" in err
     assert not (tmp_path / "art").exists()
+
+
+@pytest.fixture(scope="module")
+def two_signatures(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests._child import in_child
+
+    path: Path = in_child("tests._framework_models:tflite_two_signatures",
+                          tmp_path_factory.mktemp("twosig") / "two.tflite")
+    return path
+
+
+@pytest.mark.parametrize("to", ["tflite", "onnx"])
+def test_tflite_with_two_signatures_is_refused_in_one_line(
+    to: str, two_signatures: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Before: the artifact silently ran signature 'a' only, 'b' dropped.
+    src = two_signatures
+    code = main(["convert", str(src), "-o", str(tmp_path / "art"), "--to", to])
+    err = _one_line_error(code, capsys.readouterr().err)
+    assert "2 signatures (a, b)" in err
+    assert not (tmp_path / "art").exists()
