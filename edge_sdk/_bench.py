@@ -237,6 +237,24 @@ def runtime_error_text(err: BaseException) -> str:
     return f"{m.group(1)}: {m.group(2)}" if m else text
 
 
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
+_ORT_OPSET = re.compile(r"Opset (\d+) is under development.*?domain ([\w.]+) is till opset (\d+)")
+# "model_load_utils.h:46 void onnxruntime::f(const std::string&, int) ": a C++ frame.
+_CPP_FRAME = re.compile(r"\S+\.(?:h|cc|cpp):\d+\s+"
+                        r"(?:[\w:<>,&*\s]+\([^()]*(?:\([^()]*\)[^()]*)*\)\s*)?")
+
+
+def runtime_load_error_text(err: BaseException) -> str:
+    """Why onnxruntime cannot load a model, on one line, without its C++ frames; an opset
+    newer than it supports says so and which one it supports."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    m = _ORT_OPSET.search(text)
+    if m:
+        return (f"opset {m.group(1)} is newer than this onnxruntime supports ({m.group(2)} up "
+                f"to opset {m.group(3)}); export the model at opset {m.group(3)} or lower")
+    return _CPP_FRAME.sub("", _ORT_PREFIX.sub("", text)).strip()
+
+
 def _spatial(spec: TensorSpec, axis: int) -> bool:
     """Whether ``axis`` is H or W of a rank-4 input with fixed channels (NCHW or NHWC)."""
     if len(spec.shape) != 4:

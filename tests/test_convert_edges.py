@@ -111,3 +111,17 @@ def test_tflite_with_two_signatures_is_refused_in_one_line(
     err = _one_line_error(code, capsys.readouterr().err)
     assert "2 signatures (a, b)" in err
     assert not (tmp_path / "art").exists()
+
+
+@pytest.mark.parametrize("command", ["convert", "inspect"])
+def test_opset_newer_than_onnxruntime_is_named_in_one_line(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    src = _embedding(tmp_path / "tok.onnx", vocab=5)
+    model = onnx.load(str(src))
+    model.opset_import[0].version = 99
+    onnx.save(model, str(src))
+    args = [command, str(src)] + (["-o", str(tmp_path / "art")] if command == "convert" else [])
+    err = _one_line_error(main(args), capsys.readouterr().err)
+    assert "opset 99 is newer than this onnxruntime supports" in err
+    assert "onnxruntime_src" not in err
