@@ -82,8 +82,8 @@ def parse_input_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]] | 
 @click.option("--from", "source_kind", type=click.Choice(SOURCE_KINDS),
               help="Source format (default: from the file suffix).")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=1x3x224x224",
-              help="Input shape (repeatable). ONNX sources: the size of symbolic dims for "
-              "synthetic inputs and latency when no --calibration/--eval is given (the "
+              help="Input shape (repeatable). ONNX and TFLite sources: the size of symbolic "
+              "dims for synthetic inputs and latency when no --calibration/--eval is given (the "
               "artifact keeps its symbolic signature); without it, common sizes are tried. "
               "Other sources: the export shape where the source records none.")
 @click.option("--trust-pickle", is_flag=True, help="Allow loading pickled sources "

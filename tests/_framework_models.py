@@ -462,3 +462,14 @@ def tflite_two_signatures(path: Path) -> Path:
         [module.a.get_concrete_function(), module.b.get_concrete_function()], module)
     path.write_bytes(conv.convert())
     return path
+
+
+def tflite_dynamic_image(path: Path) -> Path:
+    """A .tflite with a [-1, -1, -1, 3] input (Keras None dims): conv, global pool → [N, 4]."""
+    import tensorflow as tf
+
+    inp = tf.keras.Input(shape=(None, None, 3), name="image")
+    x = tf.keras.layers.Conv2D(4, 3, padding="same")(inp)
+    model = tf.keras.Model(inp, tf.keras.layers.GlobalAveragePooling2D()(x))
+    path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    return path

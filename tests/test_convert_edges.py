@@ -93,6 +93,35 @@ def test_model_with_string_inputs_is_refused_in_one_line(
 
 
 @pytest.fixture(scope="module")
+def dynamic_tflite(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests._child import in_child
+
+    path: Path = in_child("tests._framework_models:tflite_dynamic_image",
+                          tmp_path_factory.mktemp("dyn") / "dyn.tflite")
+    return path
+
+
+@pytest.mark.parametrize("to", ["tflite", "onnx"])
+def test_input_shape_sets_the_shape_a_dynamic_tflite_is_measured_on(
+    to: str, dynamic_tflite: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Before: --input-shape was silently ignored for a .tflite source (224x224 was used).
+    art = tmp_path / "art"
+    name = edge_sdk.load(dynamic_tflite).inputs[0].name
+    code = main(["convert", str(dynamic_tflite), "-o", str(art), "--to", to, "--quantize",
+                 "none", "--input-shape", f"{name}=1x40x24x3"])
+    capsys.readouterr()
+    assert code == 0
+    sample = edge_sdk.Artifact.from_dir(art).sample_path
+    assert sample is not None
+    with np.load(sample) as z:
+        assert z[name].shape == (1, 40, 24, 3)
+    assert edge_sdk.Artifact.from_dir(art).manifest.format == to
+    assert main(["bench", str(art), "--runs", "2", "--warmup", "0"]) == 0
+    assert main(["predict", str(art)]) == 0
+
+
+@pytest.fixture(scope="module")
 def two_signatures(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests._child import in_child
 
