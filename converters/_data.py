@@ -28,7 +28,9 @@ import numpy as np
 from edge_sdk import TensorSpec
 from edge_sdk._internal import (
     concrete_specs,
+    index_bound,
     load_npz,
+    runtime_error_text,
     search_input_shapes,
     shape_text,
     symbolic_dims,
@@ -241,7 +243,7 @@ def synthetic_evalset(
         shapes = found.shapes
         feed = sum(_nbytes(s, shapes.get(s.name, ())) for s in inputs)
         n = max(2, min(n, SYNTHETIC_BUDGET_BYTES // max(1, feed)))
-        return synthetic_samples(inputs, n=n, shapes=shapes, int_high=found.int_high)
+        return _runnable_samples(run, inputs, n=n, shapes=shapes, int_high=found.int_high)
     err = (found.error or "")[:80]
     tried = ", ".join(shape_text(t[k]) for t in found.tried[:2] for k in t) + (
         f", … {len(found.tried)} tries" if len(found.tried) > 2 else "")
@@ -255,6 +257,31 @@ def synthetic_evalset(
     raise ConversionError(f"the model runs on no synthetic input shape tried: pass "
                           f"--calibration CALIB.npz with real inputs or {hints} (symbolic "
                           f"dims {dims}; tried {tried}; last error: {err})")
+
+
+def _runnable_samples(
+    run: Callable[[dict[str, np.ndarray]], object], inputs: Sequence[TensorSpec], *, n: int,
+    shapes: Mapping[str, Sequence[int]], int_high: int,
+) -> Samples:
+    """``n`` synthetic feeds of ``shapes``, only those ``run`` accepts: the search checked
+    one feed, and integer inputs (a channel index, TopK's k) differ from feed to feed.
+    Ids past a table an error names lower the integer range once more. Feed 0 is the
+    one the search ran, so at least one is kept."""
+    for _ in range(4):
+        feeds, bound = [], None
+        for feed in synthetic_samples(inputs, n=n, shapes=shapes, int_high=int_high).feeds:
+            try:
+                run(dict(feed))
+            except Exception as err:
+                named = index_bound(runtime_error_text(err))
+                if named is not None and named < int_high:
+                    bound = named if bound is None else min(bound, named)
+                continue
+            feeds.append(feed)
+        if bound is None:
+            break
+        int_high = bound
+    return Samples(tuple(feeds), None, "synthetic")
 
 
 def _template(spec: TensorSpec) -> str:

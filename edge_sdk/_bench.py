@@ -210,11 +210,11 @@ def search_input_shapes(
             run(synthetic_inputs(concrete_specs(specs, shapes), seed=seed, int_high=int_high))
         except Exception as err:
             error = runtime_error_text(err)
-            bound = _INDEX_RANGE.search(error)
-            if bound and 0 < int(bound.group(1)) + 1 < int_high:
+            bound = index_bound(error)
+            if bound is not None and bound < int_high:
                 # An id out of an embedding table is not a shape problem: same shapes,
                 # ids inside the table the message names.
-                int_high = int(bound.group(1)) + 1
+                int_high = bound
                 queue.insert(0, (img, other))
                 continue
             tried.append(shapes)
@@ -224,6 +224,12 @@ def search_input_shapes(
         tried.append(shapes)
         return ShapeSearch(shapes, tuple(tried), None, free, int_high)
     return ShapeSearch(None, tuple(tried), error, free, int_high)
+
+
+def index_bound(error: str) -> int | None:
+    """The number of rows an out-of-range index error names (``[-5,4]`` → 5), if any."""
+    m = _INDEX_RANGE.search(error)
+    return int(m.group(1)) + 1 if m and int(m.group(1)) >= 0 else None
 
 
 _ORT_NODE = re.compile(r"while running (\w+) node\..*?Status Message:\s*(?:\S+\.\w+:\d+\s+"

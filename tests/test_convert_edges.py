@@ -154,3 +154,45 @@ def test_opset_newer_than_onnxruntime_is_named_in_one_line(
     err = _one_line_error(main(args), capsys.readouterr().err)
     assert "opset 99 is newer than this onnxruntime supports" in err
     assert "onnxruntime_src" not in err
+
+
+def test_synthetic_feeds_the_model_rejects_are_left_out_of_the_evaluation_set(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    # TopK's k is an input: random k of 0..7 over 5 values runs on some feeds only. Before:
+    # the search's one feed ran, the 16 evaluation feeds did not ("source model fails").
+    src = _save(tmp_path / "topk.onnx", [helper.make_node("TopK", ["x", "k"], ["v", "i"])],
+                [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5]),
+                 helper.make_tensor_value_info("k", TensorProto.INT64, [1])],
+                [helper.make_tensor_value_info("v", TensorProto.FLOAT, ["N", "K"]),
+                 helper.make_tensor_value_info("i", TensorProto.INT64, ["N", "K"])], [])
+    art = tmp_path / "art"
+    assert main(["convert", str(src), "-o", str(art), "--quantize", "none"]) == 0
+    capsys.readouterr()
+    sample = edge_sdk.Artifact.from_dir(art).sample_path
+    assert sample is not None
+    with np.load(sample) as z:
+        assert int(z["k"][0]) <= 5
+    assert main(["predict", str(art)]) == 0
+
+
+def test_channel_index_input_keeps_every_synthetic_feed_inside_the_channels() -> None:
+    # A scalar index into 3 channels: the feeds the search did not run name the range,
+    # and all of them are drawn again inside it rather than dropped.
+    import onnxruntime as ort
+
+    from converters._data import synthetic_evalset
+
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Gather", ["a", "k"], ["c"], axis=1)], "chan",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 3, 4, 4]),
+         helper.make_tensor_value_info("k", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, ["N", 4, 4])]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    specs = [edge_sdk.TensorSpec("a", "float32", ("N", 3, 4, 4)),
+             edge_sdk.TensorSpec("k", "int64", ())]
+    got = synthetic_evalset(lambda f: sess.run(None, f), specs, n=16)
+    assert len(got) == 16
+    assert max(int(f["k"]) for f in got.feeds) <= 2
