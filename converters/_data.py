@@ -266,7 +266,10 @@ def _runnable_samples(
     """``n`` synthetic feeds of ``shapes``, only those ``run`` accepts: the search checked
     one feed, and integer inputs (a channel index, TopK's k) differ from feed to feed.
     Ids past a table an error names lower the integer range once more. Feed 0 is the
-    one the search ran, so at least one is kept."""
+    one the search ran, so at least one is kept. Models without integer inputs are not
+    run again (a stateful model's state would move on)."""
+    if not any(s.dtype != "str" and np.dtype(s.dtype).kind in "iu" for s in inputs):
+        return synthetic_samples(inputs, n=n, shapes=shapes, int_high=int_high)
     for _ in range(4):
         feeds, bound = [], None
         for feed in synthetic_samples(inputs, n=n, shapes=shapes, int_high=int_high).feeds:
