@@ -37,7 +37,12 @@ def parse_input_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]] | 
         if m is None:
             raise UsageError(f"--input-shape {v!r}: expected NAME=DIMxDIMx... "
                              "(e.g. input=1x3x224x224)")
-        out[m.group(1)] = tuple(int(d) for d in re.split(r"[x,]", m.group(2)))
+        shape = tuple(int(d) for d in re.split(r"[x,]", m.group(2)))
+        if out.get(m.group(1), shape) != shape:
+            raise UsageError(f"--input-shape {m.group(1)!r} given twice with different shapes "
+                             f"({'x'.join(map(str, out[m.group(1)]))} and "
+                             f"{'x'.join(map(str, shape))})")
+        out[m.group(1)] = shape
     return out
 
 

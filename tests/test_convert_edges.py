@@ -196,3 +196,14 @@ def test_channel_index_input_keeps_every_synthetic_feed_inside_the_channels() ->
     got = synthetic_evalset(lambda f: sess.run(None, f), specs, n=16)
     assert len(got) == 16
     assert max(int(f["k"]) for f in got.feeds) <= 2
+
+
+def test_input_shape_given_twice_for_one_input_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Before: the last one won without a word.
+    src = _embedding(tmp_path / "tok.onnx", vocab=50)
+    code = main(["convert", str(src), "-o", str(tmp_path / "art"),
+                 "--input-shape", "ids=1x8", "--input-shape", "ids=2x8"])
+    err = _one_line_error(code, capsys.readouterr().err)
+    assert "'ids' given twice" in err and "1x8 and 2x8" in err
