@@ -37,7 +37,12 @@ def parse_input_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]] | 
         if m is None:
             raise UsageError(f"--input-shape {v!r}: expected NAME=DIMxDIMx... "
                              "(e.g. input=1x3x224x224)")
-        out[m.group(1)] = tuple(int(d) for d in re.split(r"[x,]", m.group(2)))
+        shape = tuple(int(d) for d in re.split(r"[x,]", m.group(2)))
+        if out.get(m.group(1), shape) != shape:
+            raise UsageError(f"--input-shape {m.group(1)!r} given twice with different shapes "
+                             f"({'x'.join(map(str, out[m.group(1)]))} and "
+                             f"{'x'.join(map(str, shape))})")
+        out[m.group(1)] = shape
     return out
 
 
@@ -82,8 +87,8 @@ def parse_input_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]] | 
 @click.option("--from", "source_kind", type=click.Choice(SOURCE_KINDS),
               help="Source format (default: from the file suffix).")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=1x3x224x224",
-              help="Input shape (repeatable). ONNX sources: the size of symbolic dims for "
-              "synthetic inputs and latency when no --calibration/--eval is given (the "
+              help="Input shape (repeatable). ONNX and TFLite sources: the size of symbolic "
+              "dims for synthetic inputs and latency when no --calibration/--eval is given (the "
               "artifact keeps its symbolic signature); without it, common sizes are tried. "
               "Other sources: the export shape where the source records none.")
 @click.option("--trust-pickle", is_flag=True, help="Allow loading pickled sources "

@@ -28,7 +28,9 @@ import numpy as np
 from edge_sdk import TensorSpec
 from edge_sdk._internal import (
     concrete_specs,
+    index_bound,
     load_npz,
+    runtime_error_text,
     search_input_shapes,
     shape_text,
     symbolic_dims,
@@ -37,6 +39,12 @@ from edge_sdk._internal import (
 from edge_sdk.errors import ConversionError, UsageError
 
 LABELS_KEY = "labels"
+#: Bytes one synthetic feed (all inputs of one run) may take: an --input-shape past it
+#: is refused rather than allocated.
+MAX_FEED_BYTES = 256 << 20
+#: Bytes the whole synthetic evaluation set may take: fewer samples (at least 2) for
+#: large inputs.
+SYNTHETIC_BUDGET_BYTES = 512 << 20
 
 
 @dataclass(frozen=True)
@@ -174,13 +182,14 @@ def split_holdout(samples: Samples, fraction: float) -> tuple[Samples, Samples]:
 
 def synthetic_samples(
     inputs: Sequence[TensorSpec], *, n: int, seed: int = 0, dim_size: int = 16,
-    shapes: Mapping[str, Sequence[int]] | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None, int_high: int = 8,
 ) -> Samples:
     """``n`` random feeds matching ``inputs``: the inputs named in ``shapes`` get that
     shape; elsewhere batch dims are 1, other symbolic dims ``dim_size`` (see
     :func:`edge_sdk._bench.synthetic_inputs`)."""
     specs = concrete_specs(inputs, shapes or {})
-    feeds = [synthetic_inputs(specs, seed=seed + i, other=dim_size) for i in range(n)]
+    feeds = [synthetic_inputs(specs, seed=seed + i, other=dim_size, int_high=int_high)
+             for i in range(n)]
     return Samples(tuple(feeds), None, "synthetic")
 
 
@@ -207,7 +216,18 @@ def check_input_shapes(
                 raise UsageError(f"{arg}: dim {i} of {name!r} is fixed at {want} in the model, "
                                  f"not {got} ({spec.describe()})")
         out[name] = tuple(int(d) for d in shape)
+        size = _nbytes(spec, out[name])
+        if size > MAX_FEED_BYTES:
+            raise UsageError(f"{arg}: {size / (1 << 20):.0f} MiB of {spec.dtype} for one "
+                             f"sample, more than the {MAX_FEED_BYTES >> 20} MiB synthetic "
+                             "inputs may take; give a smaller shape or --calibration")
     return out
+
+
+def _nbytes(spec: TensorSpec, shape: Sequence[int]) -> int:
+    """Bytes of one ``spec`` array of ``shape`` (8 per element for strings)."""
+    itemsize = 8 if spec.dtype == "str" else np.dtype(spec.dtype).itemsize
+    return int(np.prod([int(d) for d in shape], dtype=np.float64)) * itemsize
 
 
 def synthetic_evalset(
@@ -220,7 +240,10 @@ def synthetic_evalset(
     which inputs and dims to give when no tried shape runs."""
     found = search_input_shapes(run, inputs, given=given, max_tries=max_tries)
     if found.shapes is not None:
-        return synthetic_samples(inputs, n=n, shapes=found.shapes)
+        shapes = found.shapes
+        feed = sum(_nbytes(s, shapes.get(s.name, ())) for s in inputs)
+        n = max(2, min(n, SYNTHETIC_BUDGET_BYTES // max(1, feed)))
+        return _runnable_samples(run, inputs, n=n, shapes=shapes, int_high=found.int_high)
     err = (found.error or "")[:80]
     tried = ", ".join(shape_text(t[k]) for t in found.tried[:2] for k in t) + (
         f", … {len(found.tried)} tries" if len(found.tried) > 2 else "")
@@ -234,6 +257,34 @@ def synthetic_evalset(
     raise ConversionError(f"the model runs on no synthetic input shape tried: pass "
                           f"--calibration CALIB.npz with real inputs or {hints} (symbolic "
                           f"dims {dims}; tried {tried}; last error: {err})")
+
+
+def _runnable_samples(
+    run: Callable[[dict[str, np.ndarray]], object], inputs: Sequence[TensorSpec], *, n: int,
+    shapes: Mapping[str, Sequence[int]], int_high: int,
+) -> Samples:
+    """``n`` synthetic feeds of ``shapes``, only those ``run`` accepts: the search checked
+    one feed, and integer inputs (a channel index, TopK's k) differ from feed to feed.
+    Ids past a table an error names lower the integer range once more. Feed 0 is the
+    one the search ran, so at least one is kept. Models without integer inputs are not
+    run again (a stateful model's state would move on)."""
+    if not any(s.dtype != "str" and np.dtype(s.dtype).kind in "iu" for s in inputs):
+        return synthetic_samples(inputs, n=n, shapes=shapes, int_high=int_high)
+    for _ in range(4):
+        feeds, bound = [], None
+        for feed in synthetic_samples(inputs, n=n, shapes=shapes, int_high=int_high).feeds:
+            try:
+                run(dict(feed))
+            except Exception as err:
+                named = index_bound(runtime_error_text(err))
+                if named is not None and named < int_high:
+                    bound = named if bound is None else min(bound, named)
+                continue
+            feeds.append(feed)
+        if bound is None:
+            break
+        int_high = bound
+    return Samples(tuple(feeds), None, "synthetic")
 
 
 def _template(spec: TensorSpec) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from edge_sdk._internal import runtime_load_error_text
 from edge_sdk.errors import ConversionError, UsageError
 
 # Per-channel QDQ needs opset >= 13; older models are upgraded to TARGET_OPSET.
@@ -182,7 +183,7 @@ def optimize(src: Path, dst: Path, *, level: str = "basic") -> None:
         ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
     except Exception as err:
         raise ConversionError(
-            f"onnxruntime cannot load the model: {_first_line(err)}"
+            f"onnxruntime cannot load the model: {runtime_load_error_text(err)}"
         ) from err
 
 

@@ -272,9 +272,18 @@ def drive(backend: Backend, out: Path, options: ConvertOptions, source: SourceIn
         work = Path(tmp)
         warnings: list[str] = []
         specs, run = backend.prepare(work, warnings)
+        strings = [s.name for s in specs if s.dtype == "str"]
+        if strings:
+            # Calibration, evaluation and the artifact's sample.npz hold numeric arrays
+            # (an .npz of strings needs pickle, which is never loaded).
+            raise UsageError(f"{source.path}: input(s) {', '.join(map(repr, strings))} take "
+                             "strings; edge-sdk converts models with numeric inputs (encode "
+                             "the strings as numbers before the model)")
         fixes = backend.fixes
-        given = check_input_shapes(specs, options.input_shapes if source.format == "onnx"
-                                   else None)
+        # Framework sources (Keras, torch, scikit-learn) were exported at --input-shape;
+        # ONNX and TFLite files keep their signature and are measured at it.
+        given = check_input_shapes(specs, options.input_shapes
+                                   if source.format in ("onnx", "tflite") else None)
         calib, evalset = _data(options, specs, cfg, warnings, run, given)
         ref_fn, ref_label = backend.reference(source, warnings)
         reference = _run_reference(ref_fn, source, evalset)

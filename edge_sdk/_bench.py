@@ -55,12 +55,12 @@ def measure(fn: Callable[[], Any], *, runs: int = 100, warmup: int = 10) -> Late
 
 def synthetic_inputs(
     specs: Sequence[TensorSpec], *, batch: int = 1, seed: int = 0,
-    dims: Mapping[str, int] | None = None, other: int = 1,
+    dims: Mapping[str, int] | None = None, other: int = 1, int_high: int = 8,
 ) -> dict[str, np.ndarray]:
     """Random inputs matching ``specs``; symbolic dims become ``batch`` (axis 0) or
     ``other``, unless ``dims`` names their size.
 
-    Float inputs are standard normal, integer inputs small non-negative values
+    Float inputs are standard normal, integer inputs values in ``[0, int_high)``
     (valid token ids / indices for most models), string inputs short ASCII words,
     booleans random; every other dtype is zeros.
     """
@@ -86,7 +86,7 @@ def synthetic_inputs(
         elif dt.kind == "b":
             out[spec.name] = rng.integers(0, 2, shape).astype(dt)
         elif dt.kind in "iu":
-            out[spec.name] = rng.integers(0, 8, shape).astype(dt)
+            out[spec.name] = rng.integers(0, max(1, int_high), shape).astype(dt)
         else:
             out[spec.name] = np.zeros(shape, dtype=dt)
     return out
@@ -129,7 +129,12 @@ class ShapeSearch:
     tried: tuple[Shapes, ...] = ()
     error: str | None = None
     free: dict[str, list[str]] = field(default_factory=dict)  # input -> its guessed dims
+    int_high: int = 8  # integer inputs drawn from [0, int_high): ids a Gather accepts
 
+
+# onnxruntime's Gather/GatherElements on an id past the table: "... must be within the
+# inclusive range [-5,4]" -> synthetic ids below 5.
+_INDEX_RANGE = re.compile(r"within the inclusive range \[-?\d+\s*,\s*(\d+)\]")
 
 # "A by B" (broadcast), "Got: A Expected: B" (fixed dims): when A is the size tried, the
 # model named B as the size it wants.
@@ -193,21 +198,38 @@ def search_input_shapes(
         queue = queue[:1]
     tried: list[Shapes] = []
     error = None
-    while queue and len(tried) < max_tries:
+    int_high = 8
+    runs = 0
+    while queue and runs < max_tries:
         img, other = queue.pop(0)
         shapes = shapes_for(img, other)
         if shapes in tried:
             continue
-        tried.append(shapes)
+        runs += 1
         try:
-            run(synthetic_inputs(concrete_specs(specs, shapes), seed=seed))
+            run(synthetic_inputs(concrete_specs(specs, shapes), seed=seed, int_high=int_high))
         except Exception as err:
             error = runtime_error_text(err)
+            bound = index_bound(error)
+            if bound is not None and bound < int_high:
+                # An id out of an embedding table is not a shape problem: same shapes,
+                # ids inside the table the message names.
+                int_high = bound
+                queue.insert(0, (img, other))
+                continue
+            tried.append(shapes)
             named = _named_sizes(error, {img, other})
             queue[:0] = [(n, n) for n in named]
             continue
-        return ShapeSearch(shapes, tuple(tried), None, free)
-    return ShapeSearch(None, tuple(tried), error, free)
+        tried.append(shapes)
+        return ShapeSearch(shapes, tuple(tried), None, free, int_high)
+    return ShapeSearch(None, tuple(tried), error, free, int_high)
+
+
+def index_bound(error: str) -> int | None:
+    """The number of rows an out-of-range index error names (``[-5,4]`` → 5), if any."""
+    m = _INDEX_RANGE.search(error)
+    return int(m.group(1)) + 1 if m and int(m.group(1)) >= 0 else None
 
 
 _ORT_NODE = re.compile(r"while running (\w+) node\..*?Status Message:\s*(?:\S+\.\w+:\d+\s+"
@@ -219,6 +241,24 @@ def runtime_error_text(err: BaseException) -> str:
     text = " ".join(str(err).split()) or type(err).__name__
     m = _ORT_NODE.search(text)
     return f"{m.group(1)}: {m.group(2)}" if m else text
+
+
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
+_ORT_OPSET = re.compile(r"Opset (\d+) is under development.*?domain ([\w.]+) is till opset (\d+)")
+# "model_load_utils.h:46 void onnxruntime::f(const std::string&, int) ": a C++ frame.
+_CPP_FRAME = re.compile(r"\S+\.(?:h|cc|cpp):\d+\s+"
+                        r"(?:[\w:<>,&*\s]+\([^()]*(?:\([^()]*\)[^()]*)*\)\s*)?")
+
+
+def runtime_load_error_text(err: BaseException) -> str:
+    """Why onnxruntime cannot load a model, on one line, without its C++ frames; an opset
+    newer than it supports says so and which one it supports."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    m = _ORT_OPSET.search(text)
+    if m:
+        return (f"opset {m.group(1)} is newer than this onnxruntime supports ({m.group(2)} up "
+                f"to opset {m.group(3)}); export the model at opset {m.group(3)} or lower")
+    return _CPP_FRAME.sub("", _ORT_PREFIX.sub("", text)).strip()
 
 
 def _spatial(spec: TensorSpec, axis: int) -> bool:

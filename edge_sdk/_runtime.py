@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ._artifact import MANIFEST_NAME, Artifact, Manifest, TensorSpec, format_for_path
+from ._bench import runtime_load_error_text
 from .errors import InputError, ModelLoadError
 
 _ORT_DTYPES = {
@@ -56,8 +57,8 @@ class _OrtBackend:
                 str(path), sess_options=opts, providers=["CPUExecutionProvider"]
             )
         except Exception as err:
-            msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ModelLoadError(f"{path}: onnxruntime cannot load this model: {msg}") from err
+            raise ModelLoadError(f"{path}: onnxruntime cannot load this model: "
+                                 f"{runtime_load_error_text(err)}") from err
         self.inputs = tuple(_ort_spec(a) for a in self.session.get_inputs())
         self.outputs = tuple(_ort_spec(a) for a in self.session.get_outputs())
         self._output_names = [o.name for o in self.outputs]

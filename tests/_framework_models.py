@@ -442,3 +442,34 @@ def keras_two_inputs(path: Path, zeta: np.ndarray, alpha: np.ndarray) -> list[np
                                  keras.layers.Dense(1, name="aux")(h)])
     model.save(str(path))
     return list(model.predict([zeta, alpha], verbose=0))
+
+
+def tflite_two_signatures(path: Path) -> Path:
+    """One .tflite with two signatures: ``a`` ([1, 4] → x·2) and ``b`` ([1, 8] → x+1)."""
+    import tensorflow as tf
+
+    class Two(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([1, 4], tf.float32)])
+        def a(self, x: Any) -> dict[str, Any]:
+            return {"y": x * 2.0}
+
+        @tf.function(input_signature=[tf.TensorSpec([1, 8], tf.float32)])
+        def b(self, x: Any) -> dict[str, Any]:
+            return {"z": x + 1.0}
+
+    module = Two()
+    conv = tf.lite.TFLiteConverter.from_concrete_functions(
+        [module.a.get_concrete_function(), module.b.get_concrete_function()], module)
+    path.write_bytes(conv.convert())
+    return path
+
+
+def tflite_dynamic_image(path: Path) -> Path:
+    """A .tflite with a [-1, -1, -1, 3] input (Keras None dims): conv, global pool → [N, 4]."""
+    import tensorflow as tf
+
+    inp = tf.keras.Input(shape=(None, None, 3), name="image")
+    x = tf.keras.layers.Conv2D(4, 3, padding="same")(inp)
+    model = tf.keras.Model(inp, tf.keras.layers.GlobalAveragePooling2D()(x))
+    path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    return path

@@ -59,6 +59,10 @@ def convert_source(
     if options.to is None:
         # Not asked: a .tflite stays TFLite; everything else becomes ONNX.
         options = dataclasses.replace(options, to="tflite" if kind == "tflite" else "onnx")
+    if kind == "tflite":
+        from ._tflite_in import check_one_signature
+
+        check_one_signature(Path(text))
     if kind == "tflite" and options.to == "tflite":
         from ._tflite_in import convert_tflite_source
 

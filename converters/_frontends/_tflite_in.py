@@ -53,6 +53,21 @@ def convert_tflite_source(
     return drive(backend, out, options, source, cfg)
 
 
+def check_one_signature(src: Path) -> None:
+    """Refuse a ``.tflite`` with several signatures: an artifact runs one (LiteRT's
+    first), so the others would be dropped without a word. A file LiteRT cannot read
+    passes here; loading it says why."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+
+        sigs = list(Interpreter(model_path=str(src)).get_signature_list())
+    except Exception:  # not a TFLite file, no LiteRT: the loader's error is the one to show
+        return
+    if len(sigs) > 1:
+        raise UsageError(f"{src}: {len(sigs)} signatures ({', '.join(sigs)}); an artifact "
+                         "runs one: export each signature to its own .tflite")
+
+
 class KeptTflite:
     """The back-end of a ``.tflite`` kept as it is: its one candidate is the file."""
 

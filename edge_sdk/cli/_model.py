@@ -282,7 +282,8 @@ def _bench_feed(path: str, predictor: Predictor, input_file: str | None,
             "FILE (.npz keyed by input name) with inputs it accepts ("
             + (f"symbolic dims {dims}; " if dims else "")
             + f"tried {tried}; last error: {(found.error or '')[:100]})")
-    return synthetic_inputs(concrete_specs(predictor.inputs, found.shapes)), "random inputs"
+    return synthetic_inputs(concrete_specs(predictor.inputs, found.shapes),
+                            int_high=found.int_high), "random inputs"
 
 
 def _run(predictor: Predictor, feed: Mapping[str, Any], origin: str) -> dict[str, np.ndarray]:
