@@ -37,7 +37,16 @@ def _ct(numeric: Any = None) -> Any:
 
 
 def _cases() -> dict[str, Callable[[], Any]]:
-    from sklearn import decomposition, ensemble, linear_model, neighbors, svm, tree
+    from sklearn import (
+        decomposition,
+        discriminant_analysis,
+        ensemble,
+        linear_model,
+        naive_bayes,
+        neighbors,
+        svm,
+        tree,
+    )
     from sklearn.cluster import KMeans
     from sklearn.impute import SimpleImputer
     from sklearn.pipeline import make_pipeline, make_union
@@ -82,6 +91,17 @@ def _cases() -> dict[str, Callable[[], Any]]:
                                          neighbors.KNeighborsClassifier(5)),
         "onehot-lasso": lambda: make_pipeline(_ct(), linear_model.Lasso(alpha=0.01)),
         "linear-svr": lambda: make_pipeline(StandardScaler(), svm.LinearSVR(random_state=0)),
+        # ensembles of other estimators; labels skl2onnx shapes [batch, 1] or [1, batch]
+        "soft-voting": lambda: ensemble.VotingClassifier(
+            [("lr", linear_model.LogisticRegression(max_iter=500)),
+             ("nb", naive_bayes.GaussianNB())], voting="soft"),
+        "scaler-hard-voting": lambda: make_pipeline(StandardScaler(), ensemble.VotingClassifier(
+            [("lr", linear_model.LogisticRegression()), ("nb", naive_bayes.GaussianNB()),
+             ("knn", neighbors.KNeighborsClassifier())], voting="hard")),
+        "quadratic-discriminant": lambda: discriminant_analysis.QuadraticDiscriminantAnalysis(
+            reg_param=0.1),
+        "isolation-outliers": lambda: ensemble.IsolationForest(n_estimators=10, random_state=0),
+        "scaler-one-class-svm": lambda: make_pipeline(StandardScaler(), svm.OneClassSVM()),
         "scaler-kmeans": lambda: make_pipeline(StandardScaler(), KMeans(3, n_init=2,
                                                                         random_state=0)),
     }
@@ -111,7 +131,8 @@ def test_estimator_of_any_kind_converts_and_agrees_with_sklearn_on_held_out_rows
     y = target if is_regressor(est) else labels
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        est.fit(x[:200], None if "kmeans" in name else y[:200])
+        est.fit(x[:200], None if "kmeans" in name or "outlier" in name or "one-class" in name
+                else y[:200])
     calib = fm.save_npz(tmp_path / "calib.npz", input=x[:64])
     res = _convert(fm.save_pickle(est, tmp_path / "model.pkl"), tmp_path / "art",
                    calibration=calib)
@@ -140,6 +161,7 @@ def test_estimator_of_any_kind_converts_and_agrees_with_sklearn_on_held_out_rows
         assert check["variable.max_rel_err"] <= 1e-3, check  # relative to max|y|
         return
     assert task == ("classify" if is_classifier(est) else "generic")
+    assert out["label"].shape == (len(held_out),)  # one label per row, as predict gives
     agreement = float(np.mean(out["label"] == expected))
     assert agreement >= 0.99, f"labels agree on {agreement:.1%}"
     if proba:

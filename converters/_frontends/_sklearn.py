@@ -158,7 +158,8 @@ class SklearnSource:
     def export(self, out: Path) -> Path:
         require("skl2onnx", "converting a scikit-learn model to ONNX")
         model = None
-        doubled = _cast_before_trees(self.est)
+        est = _predict_only(self.est)
+        doubled = _cast_before_trees(est)
         if doubled is not None:
             try:
                 model = self._convert(doubled, double=True)
@@ -170,7 +171,7 @@ class SklearnSource:
                     "may take the other branch"
                 )
         if model is None:
-            model = self._convert(self.est, double=False)
+            model = self._convert(est, double=False)
         for vi in [*model.graph.input, *model.graph.output]:
             dims = vi.type.tensor_type.shape.dim
             if len(dims) and not dims[0].dim_value:
@@ -255,12 +256,46 @@ class SklearnSource:
                 f"edge-sdk maps a {self.kind}'s outputs to {wanted} by type and cannot here"
             )
         _rename_outputs(model, dict(pairs))
+        if "label" in wanted:
+            _flat_label(model)
         for vi in model.graph.output:
             if vi.name == "scores":
                 # a binary decision function is one column though skl2onnx declares two
                 dims = vi.type.tensor_type.shape.dim
                 if len(dims) == 2:
                     dims[1].dim_param = "scores"
+
+
+def _predict_only(est: Any) -> Any:
+    """``est``, or a copy with what only shapes ``transform()`` of the final step reset:
+    the artifact gives what ``predict``/``predict_proba`` give, and skl2onnx refuses a
+    VotingClassifier whose ``flatten_transform`` is True (scikit-learn's default)."""
+    final = _final(est)
+    if not getattr(final, "flatten_transform", False):
+        return est
+    est = copy.deepcopy(est)
+    _final(est).flatten_transform = False
+    return est
+
+
+def _flat_label(model: Any) -> None:
+    """Make ``label`` one value per row, ``[batch]``, as scikit-learn's ``predict`` gives
+    it: skl2onnx's outlier detectors write ``[batch, 1]``, its QDA ``[1, batch]``."""
+    from onnx import TensorProto, helper
+
+    inner = "label_unflattened"
+    for node in model.graph.node:
+        node.input[:] = [inner if n == "label" else n for n in node.input]
+        node.output[:] = [inner if n == "label" else n for n in node.output]
+    shape = helper.make_tensor("label_shape", TensorProto.INT64, [1], [-1])
+    model.graph.initializer.append(shape)
+    model.graph.node.append(helper.make_node("Reshape", [inner, "label_shape"], ["label"],
+                                             name="label_flat"))
+    for vi in model.graph.output:
+        if vi.name == "label":
+            dims = vi.type.tensor_type.shape.dim
+            del dims[:]
+            dims.add().dim_param = "batch"
 
 
 def _final(est: Any) -> Any:
