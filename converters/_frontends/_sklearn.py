@@ -14,7 +14,7 @@ The export is judged in the task's terms: labels must agree; probabilities are c
 and the difference reported, not refused; a regressor's values must agree within the
 front-end's tolerance.
 
-A tree model (anything from ``sklearn.tree`` or ``sklearn.ensemble``) after other steps
+A tree model (a tree, or an ensemble made of trees only) after other steps
 is exported the way skl2onnx documents for trees ("Issues when switching to float"):
 the steps before it run in double, as scikit-learn runs them, and a ``CastTransformer``
 to float32 sits just before the trees, as scikit-learn's trees cast their input. The
@@ -371,7 +371,20 @@ def _string_input(est: Any) -> str | None:
 
 
 def _is_tree_model(est: Any) -> bool:
-    return type(est).__module__.startswith(("sklearn.tree", "sklearn.ensemble"))
+    """A tree, or an ensemble made of trees only: what splits its input on thresholds.
+    A VotingClassifier or StackingRegressor of linear models is no tree model, though it
+    lives in ``sklearn.ensemble``; it is judged by the estimators it holds."""
+    module = type(est).__module__
+    if module.startswith(("sklearn.tree", "sklearn.ensemble._hist_gradient_boosting")):
+        return True
+    if not module.startswith("sklearn.ensemble"):
+        return False
+    held = getattr(est, "estimators_", None)
+    members = list(held.ravel()) if isinstance(held, np.ndarray) else list(held or [])
+    final = getattr(est, "final_estimator_", None)
+    members += [] if final is None else [final]
+    return bool(members) and all(_is_tree_model(m) for m in members
+                                 if not isinstance(m, str))
 
 
 def _cast_before_trees(est: Any) -> Any | None:
