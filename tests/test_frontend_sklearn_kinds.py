@@ -49,6 +49,7 @@ def _cases() -> dict[str, Callable[[], Any]]:
     )
     from sklearn.cluster import KMeans
     from sklearn.impute import SimpleImputer
+    from sklearn.model_selection import GridSearchCV
     from sklearn.pipeline import make_pipeline, make_union
     from sklearn.preprocessing import MinMaxScaler, PolynomialFeatures, StandardScaler
 
@@ -102,6 +103,10 @@ def _cases() -> dict[str, Callable[[], Any]]:
             reg_param=0.1),
         "isolation-outliers": lambda: ensemble.IsolationForest(n_estimators=10, random_state=0),
         "scaler-one-class-svm": lambda: make_pipeline(StandardScaler(), svm.OneClassSVM()),
+        # a fitted search is the estimator it refitted
+        "grid-search-pipeline": lambda: GridSearchCV(
+            make_pipeline(StandardScaler(), linear_model.LogisticRegression()),
+            {"logisticregression__C": [0.1, 1.0]}, cv=2),
         "scaler-kmeans": lambda: make_pipeline(StandardScaler(), KMeans(3, n_init=2,
                                                                         random_state=0)),
     }

@@ -73,6 +73,10 @@ class SklearnSource:
                 f"{path}: holds a {type(est).__module__}.{type(est).__name__}, not a "
                 "scikit-learn estimator or Pipeline"
             )
+        # A fitted search (GridSearchCV, RandomizedSearchCV, HalvingGridSearchCV...)
+        # predicts with the estimator it refitted, exactly; that is the model.
+        while getattr(est, "best_estimator_", None) is not None:
+            est = est.best_estimator_
         self.path = path
         self.est = est
         self.final = _final(est)
