@@ -266,6 +266,25 @@ def test_step_without_converter_is_one_line_exit_2_naming_it(
     assert not out.exists()
 
 
+def test_step_configured_beyond_its_converter_is_one_line_exit_2_naming_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import FunctionTransformer
+
+    x, labels, _ = fm.tabular(60)
+    est = make_pipeline(FunctionTransformer(np.abs), LogisticRegression()).fit(x, labels)
+    out = tmp_path / "art"
+    code = main(["convert", str(fm.save_pickle(est, tmp_path / "ft.pkl")), "-o", str(out),
+                 "--trust-pickle"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert "\n" not in err and "Traceback" not in err
+    assert "FunctionTransformer is not supported unless the transform function is None" in err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("fit_on", ["string-categories", "string-imputer"])
 def test_model_fitted_on_strings_is_refused_naming_the_step(tmp_path: Path, fit_on: str) -> None:
     from sklearn.compose import ColumnTransformer

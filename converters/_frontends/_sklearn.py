@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from edge_sdk import TensorSpec
-from edge_sdk.errors import ConversionError, UsageError
+from edge_sdk.errors import ConversionError, EdgeError, UsageError
 
 from ._common import Loaded, first_line, quiet, require
 
@@ -223,7 +223,13 @@ class SklearnSource:
                     "has no converter for that class; replace it with a supported estimator, "
                     "or export the model to ONNX yourself and convert the .onnx file"
                 ) from err
-            raise ConversionError(
+            refused: type[EdgeError] = ConversionError
+            if not double and (isinstance(err, NotImplementedError)
+                               or "not supported" in str(err)):
+                # skl2onnx's converter exists but refuses how this step is configured
+                # (FunctionTransformer with a function, ...): the user's to change
+                refused = UsageError
+            raise refused(
                 f"{self.path}: skl2onnx cannot convert {type(self.est).__name__}"
                 f"{' in double precision' if double else ''}: {first_line(err)}"
             ) from err
