@@ -285,6 +285,27 @@ def test_step_configured_beyond_its_converter_is_one_line_exit_2_naming_why(
     assert not out.exists()
 
 
+@pytest.mark.parametrize("model", ["forest", "multi-output-wrapper"])
+def test_classifier_of_several_targets_is_refused_not_flattened(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], model: str
+) -> None:
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multioutput import MultiOutputClassifier
+
+    x, labels, _ = fm.tabular(60)
+    two = np.stack([labels, (x[:, 0] > 0).astype(np.int64)], axis=1)
+    est = (RandomForestClassifier(**TREES) if model == "forest"
+           else MultiOutputClassifier(LogisticRegression(max_iter=500))).fit(x, two)
+    out = tmp_path / "art"
+    code = main(["convert", str(fm.save_pickle(est, tmp_path / "mo.pkl")), "-o", str(out),
+                 "--trust-pickle"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert "\n" not in err and "predicts 2 labels per row" in err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("fit_on", ["string-categories", "string-imputer"])
 def test_model_fitted_on_strings_is_refused_naming_the_step(tmp_path: Path, fit_on: str) -> None:
     from sklearn.compose import ColumnTransformer

@@ -103,6 +103,13 @@ class SklearnSource:
         self.input_name = name
         self.n_features = int(n)
         self.kind = _kind(est, self.final)
+        targets = _targets(self.final) if self.kind == "classifier" else 1
+        if targets > 1:
+            raise UsageError(
+                f"{path}: {type(self.final).__name__} here predicts {targets} labels per row "
+                "(a multi-output classifier); edge-sdk converts classifiers of one target: "
+                "fit and convert one classifier per target"
+            )
         self.has_proba = self.kind == "classifier" and hasattr(est, "predict_proba")
         self.precision = "float32"
         self.warnings: list[str] = []
@@ -306,6 +313,15 @@ def _flat_label(model: Any) -> None:
             dims = vi.type.tensor_type.shape.dim
             del dims[:]
             dims.add().dim_param = "batch"
+
+
+def _targets(classifier: Any) -> int:
+    """How many labels a fitted classifier predicts per row (``classes_`` is a list of
+    arrays, one per target, when it was fitted on a 2-D ``y``)."""
+    classes = classifier.classes_  # (not n_outputs_: an MLP's counts its output units)
+    if isinstance(classes, list) and classes and np.ndim(classes[0]) == 1:
+        return len(classes)
+    return 1
 
 
 def _final(est: Any) -> Any:
