@@ -37,9 +37,19 @@ def _ct(numeric: Any = None) -> Any:
 
 
 def _cases() -> dict[str, Callable[[], Any]]:
-    from sklearn import decomposition, ensemble, linear_model, neighbors, svm, tree
+    from sklearn import (
+        decomposition,
+        discriminant_analysis,
+        ensemble,
+        linear_model,
+        naive_bayes,
+        neighbors,
+        svm,
+        tree,
+    )
     from sklearn.cluster import KMeans
     from sklearn.impute import SimpleImputer
+    from sklearn.model_selection import GridSearchCV
     from sklearn.pipeline import make_pipeline, make_union
     from sklearn.preprocessing import MinMaxScaler, PolynomialFeatures, StandardScaler
 
@@ -82,6 +92,21 @@ def _cases() -> dict[str, Callable[[], Any]]:
                                          neighbors.KNeighborsClassifier(5)),
         "onehot-lasso": lambda: make_pipeline(_ct(), linear_model.Lasso(alpha=0.01)),
         "linear-svr": lambda: make_pipeline(StandardScaler(), svm.LinearSVR(random_state=0)),
+        # ensembles of other estimators; labels skl2onnx shapes [batch, 1] or [1, batch]
+        "soft-voting": lambda: ensemble.VotingClassifier(
+            [("lr", linear_model.LogisticRegression(max_iter=500)),
+             ("nb", naive_bayes.GaussianNB())], voting="soft"),
+        "scaler-hard-voting": lambda: make_pipeline(StandardScaler(), ensemble.VotingClassifier(
+            [("lr", linear_model.LogisticRegression()), ("nb", naive_bayes.GaussianNB()),
+             ("knn", neighbors.KNeighborsClassifier())], voting="hard")),
+        "quadratic-discriminant": lambda: discriminant_analysis.QuadraticDiscriminantAnalysis(
+            reg_param=0.1),
+        "isolation-outliers": lambda: ensemble.IsolationForest(n_estimators=10, random_state=0),
+        "scaler-one-class-svm": lambda: make_pipeline(StandardScaler(), svm.OneClassSVM()),
+        # a fitted search is the estimator it refitted
+        "grid-search-pipeline": lambda: GridSearchCV(
+            make_pipeline(StandardScaler(), linear_model.LogisticRegression()),
+            {"logisticregression__C": [0.1, 1.0]}, cv=2),
         "scaler-kmeans": lambda: make_pipeline(StandardScaler(), KMeans(3, n_init=2,
                                                                         random_state=0)),
     }
@@ -111,7 +136,8 @@ def test_estimator_of_any_kind_converts_and_agrees_with_sklearn_on_held_out_rows
     y = target if is_regressor(est) else labels
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        est.fit(x[:200], None if "kmeans" in name else y[:200])
+        est.fit(x[:200], None if "kmeans" in name or "outlier" in name or "one-class" in name
+                else y[:200])
     calib = fm.save_npz(tmp_path / "calib.npz", input=x[:64])
     res = _convert(fm.save_pickle(est, tmp_path / "model.pkl"), tmp_path / "art",
                    calibration=calib)
@@ -140,6 +166,7 @@ def test_estimator_of_any_kind_converts_and_agrees_with_sklearn_on_held_out_rows
         assert check["variable.max_rel_err"] <= 1e-3, check  # relative to max|y|
         return
     assert task == ("classify" if is_classifier(est) else "generic")
+    assert out["label"].shape == (len(held_out),)  # one label per row, as predict gives
     agreement = float(np.mean(out["label"] == expected))
     assert agreement >= 0.99, f"labels agree on {agreement:.1%}"
     if proba:
@@ -236,6 +263,46 @@ def test_step_without_converter_is_one_line_exit_2_naming_it(
     assert code == 2
     assert "\n" not in err and "Traceback" not in err
     assert "cannot convert NearestCentroid (in this Pipeline)" in err
+    assert not out.exists()
+
+
+def test_step_configured_beyond_its_converter_is_one_line_exit_2_naming_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import FunctionTransformer
+
+    x, labels, _ = fm.tabular(60)
+    est = make_pipeline(FunctionTransformer(np.abs), LogisticRegression()).fit(x, labels)
+    out = tmp_path / "art"
+    code = main(["convert", str(fm.save_pickle(est, tmp_path / "ft.pkl")), "-o", str(out),
+                 "--trust-pickle"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert "\n" not in err and "Traceback" not in err
+    assert "FunctionTransformer is not supported unless the transform function is None" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("model", ["forest", "multi-output-wrapper"])
+def test_classifier_of_several_targets_is_refused_not_flattened(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], model: str
+) -> None:
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multioutput import MultiOutputClassifier
+
+    x, labels, _ = fm.tabular(60)
+    two = np.stack([labels, (x[:, 0] > 0).astype(np.int64)], axis=1)
+    est = (RandomForestClassifier(**TREES) if model == "forest"
+           else MultiOutputClassifier(LogisticRegression(max_iter=500))).fit(x, two)
+    out = tmp_path / "art"
+    code = main(["convert", str(fm.save_pickle(est, tmp_path / "mo.pkl")), "-o", str(out),
+                 "--trust-pickle"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert "\n" not in err and "predicts 2 labels per row" in err
     assert not out.exists()
 
 

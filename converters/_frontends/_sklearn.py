@@ -14,7 +14,7 @@ The export is judged in the task's terms: labels must agree; probabilities are c
 and the difference reported, not refused; a regressor's values must agree within the
 front-end's tolerance.
 
-A tree model (anything from ``sklearn.tree`` or ``sklearn.ensemble``) after other steps
+A tree model (a tree, or an ensemble made of trees only) after other steps
 is exported the way skl2onnx documents for trees ("Issues when switching to float"):
 the steps before it run in double, as scikit-learn runs them, and a ``CastTransformer``
 to float32 sits just before the trees, as scikit-learn's trees cast their input. The
@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from edge_sdk import TensorSpec
-from edge_sdk.errors import ConversionError, UsageError
+from edge_sdk.errors import ConversionError, EdgeError, UsageError
 
 from ._common import Loaded, first_line, quiet, require
 
@@ -73,6 +73,10 @@ class SklearnSource:
                 f"{path}: holds a {type(est).__module__}.{type(est).__name__}, not a "
                 "scikit-learn estimator or Pipeline"
             )
+        # A fitted search (GridSearchCV, RandomizedSearchCV, HalvingGridSearchCV...)
+        # predicts with the estimator it refitted, exactly; that is the model.
+        while getattr(est, "best_estimator_", None) is not None:
+            est = est.best_estimator_
         self.path = path
         self.est = est
         self.final = _final(est)
@@ -99,6 +103,13 @@ class SklearnSource:
         self.input_name = name
         self.n_features = int(n)
         self.kind = _kind(est, self.final)
+        targets = _targets(self.final) if self.kind == "classifier" else 1
+        if targets > 1:
+            raise UsageError(
+                f"{path}: {type(self.final).__name__} here predicts {targets} labels per row "
+                "(a multi-output classifier); edge-sdk converts classifiers of one target: "
+                "fit and convert one classifier per target"
+            )
         self.has_proba = self.kind == "classifier" and hasattr(est, "predict_proba")
         self.precision = "float32"
         self.warnings: list[str] = []
@@ -158,7 +169,8 @@ class SklearnSource:
     def export(self, out: Path) -> Path:
         require("skl2onnx", "converting a scikit-learn model to ONNX")
         model = None
-        doubled = _cast_before_trees(self.est)
+        est = _predict_only(self.est)
+        doubled = _cast_before_trees(est)
         if doubled is not None:
             try:
                 model = self._convert(doubled, double=True)
@@ -170,7 +182,7 @@ class SklearnSource:
                     "may take the other branch"
                 )
         if model is None:
-            model = self._convert(self.est, double=False)
+            model = self._convert(est, double=False)
         for vi in [*model.graph.input, *model.graph.output]:
             dims = vi.type.tensor_type.shape.dim
             if len(dims) and not dims[0].dim_value:
@@ -218,7 +230,13 @@ class SklearnSource:
                     "has no converter for that class; replace it with a supported estimator, "
                     "or export the model to ONNX yourself and convert the .onnx file"
                 ) from err
-            raise ConversionError(
+            refused: type[EdgeError] = ConversionError
+            if not double and (isinstance(err, NotImplementedError)
+                               or "not supported" in str(err)):
+                # skl2onnx's converter exists but refuses how this step is configured
+                # (FunctionTransformer with a function, ...): the user's to change
+                refused = UsageError
+            raise refused(
                 f"{self.path}: skl2onnx cannot convert {type(self.est).__name__}"
                 f"{' in double precision' if double else ''}: {first_line(err)}"
             ) from err
@@ -255,12 +273,55 @@ class SklearnSource:
                 f"edge-sdk maps a {self.kind}'s outputs to {wanted} by type and cannot here"
             )
         _rename_outputs(model, dict(pairs))
+        if "label" in wanted:
+            _flat_label(model)
         for vi in model.graph.output:
             if vi.name == "scores":
                 # a binary decision function is one column though skl2onnx declares two
                 dims = vi.type.tensor_type.shape.dim
                 if len(dims) == 2:
                     dims[1].dim_param = "scores"
+
+
+def _predict_only(est: Any) -> Any:
+    """``est``, or a copy with what only shapes ``transform()`` of the final step reset:
+    the artifact gives what ``predict``/``predict_proba`` give, and skl2onnx refuses a
+    VotingClassifier whose ``flatten_transform`` is True (scikit-learn's default)."""
+    final = _final(est)
+    if not getattr(final, "flatten_transform", False):
+        return est
+    est = copy.deepcopy(est)
+    _final(est).flatten_transform = False
+    return est
+
+
+def _flat_label(model: Any) -> None:
+    """Make ``label`` one value per row, ``[batch]``, as scikit-learn's ``predict`` gives
+    it: skl2onnx's outlier detectors write ``[batch, 1]``, its QDA ``[1, batch]``."""
+    from onnx import TensorProto, helper
+
+    inner = "label_unflattened"
+    for node in model.graph.node:
+        node.input[:] = [inner if n == "label" else n for n in node.input]
+        node.output[:] = [inner if n == "label" else n for n in node.output]
+    shape = helper.make_tensor("label_shape", TensorProto.INT64, [1], [-1])
+    model.graph.initializer.append(shape)
+    model.graph.node.append(helper.make_node("Reshape", [inner, "label_shape"], ["label"],
+                                             name="label_flat"))
+    for vi in model.graph.output:
+        if vi.name == "label":
+            dims = vi.type.tensor_type.shape.dim
+            del dims[:]
+            dims.add().dim_param = "batch"
+
+
+def _targets(classifier: Any) -> int:
+    """How many labels a fitted classifier predicts per row (``classes_`` is a list of
+    arrays, one per target, when it was fitted on a 2-D ``y``)."""
+    classes = classifier.classes_  # (not n_outputs_: an MLP's counts its output units)
+    if isinstance(classes, list) and classes and np.ndim(classes[0]) == 1:
+        return len(classes)
+    return 1
 
 
 def _final(est: Any) -> Any:
@@ -336,7 +397,20 @@ def _string_input(est: Any) -> str | None:
 
 
 def _is_tree_model(est: Any) -> bool:
-    return type(est).__module__.startswith(("sklearn.tree", "sklearn.ensemble"))
+    """A tree, or an ensemble made of trees only: what splits its input on thresholds.
+    A VotingClassifier or StackingRegressor of linear models is no tree model, though it
+    lives in ``sklearn.ensemble``; it is judged by the estimators it holds."""
+    module = type(est).__module__
+    if module.startswith(("sklearn.tree", "sklearn.ensemble._hist_gradient_boosting")):
+        return True
+    if not module.startswith("sklearn.ensemble"):
+        return False
+    held = getattr(est, "estimators_", None)
+    members = list(held.ravel()) if isinstance(held, np.ndarray) else list(held or [])
+    final = getattr(est, "final_estimator_", None)
+    members += [] if final is None else [final]
+    return bool(members) and all(_is_tree_model(m) for m in members
+                                 if not isinstance(m, str))
 
 
 def _cast_before_trees(est: Any) -> Any | None:
