@@ -109,10 +109,11 @@ function factsText(v) {
   return pairs(v).map(([k, x]) => `${text(k)}: ${text(readable(x), MAX_TITLE)}`).join("\n");
 }
 
-async function api(path) {
+// One request and its JSON answer; onStatus sees the status before an error is raised.
+async function call(path, init, onStatus) {
   let r;
   try {
-    r = await fetch(path, { cache: "no-store" });
+    r = await fetch(path, { cache: "no-store", ...init });
   } catch (err) {
     throw new Unreachable(errText(err));
   }
@@ -122,8 +123,13 @@ async function api(path) {
   } catch (err) {
     throw new Error(`the answer (${r.status}) is not JSON`);
   }
+  if (onStatus) onStatus(r.status);
   if (!r.ok) throw new Error((isObj(body) && text(body.error, 300)) || `HTTP ${r.status}`);
   return body;
+}
+
+function api(path) {
+  return call(path, {});
 }
 
 function encodeId(id) {
@@ -370,25 +376,13 @@ function renderWarnings(ws) {
 
 const auth = { operator: null, csrf: null, signIn: false, why: null, acting: false };
 
-async function send(path, doc) {
+function send(path, doc) {
   const headers = { "Content-Type": "application/json" };
   if (auth.csrf) headers["X-CSRF-Token"] = auth.csrf;
-  let r;
-  try {
-    r = await fetch(path, { method: "POST", headers, body: JSON.stringify(doc || {}),
-      cache: "no-store", credentials: "same-origin" });
-  } catch (err) {
-    throw new Unreachable(errText(err));
-  }
-  let body;
-  try {
-    body = await r.json();
-  } catch (err) {
-    throw new Error(`the answer (${r.status}) is not JSON`);
-  }
-  if (r.status === 401 && path !== "/api/login") signedOut();
-  if (!r.ok) throw new Error((isObj(body) && text(body.error, 300)) || `HTTP ${r.status}`);
-  return body;
+  return call(path, { method: "POST", headers, body: JSON.stringify(doc || {}),
+    credentials: "same-origin" }, (status) => {
+    if (status === 401 && path !== "/api/login") signedOut();
+  });
 }
 
 function say(message, error) {
