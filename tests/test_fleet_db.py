@@ -179,3 +179,30 @@ def test_an_older_schema_is_migrated_forward_in_place(db_url: str) -> None:
         assert [r["actor"] for r in db.audit()] == ["alice", "alice"]
         with db.read() as c:
             assert c.execute(sa.text("SELECT count(*) FROM device_desired")).scalar() == 0
+
+
+def test_processes_opening_a_new_sqlite_database_at_once_all_get_it(tmp_path: Path) -> None:
+    # serve and a CLI command opening a database that does not exist yet: the switch to
+    # WAL does not wait on busy_timeout, and "database is locked" failed the second one.
+    from edge_sdk.fleet._db import FleetDB as _DB
+
+    for i in range(12):
+        url = f"sqlite:///{tmp_path / f'race-{i}.db'}"
+        errors: list[str] = []
+        start = threading.Barrier(8)
+
+        def open_it(url: str = url, errors: list[str] = errors,
+                    start: threading.Barrier = start) -> None:
+            start.wait()
+            try:
+                with _DB.open(url) as db:
+                    db.devices()
+            except Exception as err:  # the test reports any failure
+                errors.append(str(err))
+
+        threads = [threading.Thread(target=open_it) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == [], errors

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -328,10 +329,23 @@ def _on_sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
     dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
     # WAL: the CLI reads and writes while `serve` ingests; busy_timeout waits for the lock.
-    cur.execute("PRAGMA busy_timeout=10000")
-    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_MS}")
+    # WAL is kept in the file: only the first opener switches, and that switch does not
+    # wait on busy_timeout (two processes opening a new database at once, e.g. serve and
+    # the CLI, saw "database is locked"), so it is retried within the same bound.
+    deadline = time.monotonic() + _SQLITE_BUSY_MS / 1000
+    while str(cur.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()
+
+
+_SQLITE_BUSY_MS = 10_000
 
 
 def _on_sqlite_begin(conn: Connection) -> None:
