@@ -336,7 +336,8 @@ def _on_sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
     deadline = time.monotonic() + _SQLITE_BUSY_MS / 1000
     while str(cur.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
         try:
-            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA journal_mode=WAL")  # a file that cannot (":memory:") keeps its
+            break                                  # own mode, as before
         except sqlite3.OperationalError as err:
             if "locked" not in str(err) or time.monotonic() > deadline:
                 raise
