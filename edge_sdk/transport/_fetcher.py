@@ -13,6 +13,8 @@ answers ``SLOW_DOWN`` with a wait, which the client honours before asking again.
 :class:`RepositoryFetcher` is the interface it implements (the trust client takes
 any); :class:`MqttFetcher` plugs one into python-tuf's ngclient
 (URLs ``mqtt://repo/metadata/...`` and ``mqtt://repo/targets/...``).
+:class:`FetchConfig`, :class:`FetchStats` and :class:`TransferProgress` are their
+public types (kept in :mod:`._fetch_types`, which the window reads too).
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ from ..errors import TransportError
 from . import _chunks as proto
 from ._connection import MqttConnection, PublishHandle, Subscription
 from ._errors import EndlessDataError, RemoteNotFoundError, SlowRetrievalError
+from ._fetch_types import FetchConfig, FetchStats, TransferProgress
 from ._topics import Topics
-from ._window import ChunkWindow, FetchConfig, FetchStats, Pace, TransferProgress
+from ._window import ChunkWindow, Pace
 
 __all__ = ["REPO_URL", "ChunkClient", "FetchConfig", "FetchStats", "MqttFetcher",
            "RepositoryFetcher", "TransferProgress"]
