@@ -2,10 +2,10 @@
 
 Each test drives :class:`ChunkWindow` the way ``ChunkClient`` does (ask for
 ``requests(now)``, feed answers to ``accept``, take ``ready()``) and answers
-requests the way the responder does. Bookkeeping tests use a fixed pace (a
-:class:`Pace` with the same interface, so that request shapes are exact); the
-flow-control tests run the real pace against :class:`SimLink`, a thin link on a
-virtual clock.
+requests the way the responder does. Bookkeeping tests use a fixed pace (an
+implementation of the :class:`Pace` protocol, so that request shapes are exact); the
+flow-control tests run the real pace (:class:`BbrPace`) against :class:`SimLink`, a
+thin link on a virtual clock.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from edge_sdk.transport import (
     SlowRetrievalError,
 )
 from edge_sdk.transport import _chunks as proto
-from edge_sdk.transport._window import MAX_WAIT_S, MIN_RTO_S, ChunkWindow, Pace
+from edge_sdk.transport._pace import MIN_RTO_S, BbrPace, Pace
+from edge_sdk.transport._window import MAX_WAIT_S, ChunkWindow
 
 K = 1024
 DATA = bytes(range(256)) * 40  # 10 KiB: ten 1 KiB chunks
@@ -31,29 +32,46 @@ CFG = FetchConfig(chunk_size=K, min_chunk_size=K, window=8, batch=4, chunk_timeo
                   max_rto=8.0, stall_timeout=20.0, max_slowdown_s=5.0)
 
 
-class FixedPace(Pace):
-    """``window`` chunks of ``chunk`` bytes in flight, ``batch`` per request, a fixed RTO."""
+class FixedPace:
+    """A :class:`Pace`: ``window`` chunks of ``config.chunk_size`` bytes in flight,
+    ``batch`` per request, a fixed RTO doubled for each timeout in a row (up to
+    ``config.max_rto``)."""
 
     def __init__(self, config: FetchConfig = CFG, *, window: int = 8, batch: int = 4,
                  rto: float = 1.0) -> None:
-        super().__init__(config)
+        self.config = config
         self.chunk_size, self.batch, self._window, self._rto = config.chunk_size, batch, \
             window, rto
+        self.backoff = 0
         self.rtts: list[float] = []
         self.timeouts = 0
+        self.sent_bytes = self.lost_bytes = 0
 
     @property
     def base_rto(self) -> float:
         return self._rto
 
+    @property
+    def rto(self) -> float:
+        return min(self.config.max_rto, self._rto * float(2 ** self.backoff))
+
     def room(self, now: float, in_flight_bytes: int, in_flight_chunks: int) -> int:
         free = self._window - in_flight_chunks
         return free if free >= self.batch or in_flight_chunks == 0 else 0
+
+    def transfer_started(self, now: float) -> None:
+        self.backoff = 0
+
+    def sent(self, now: float, nbytes: int) -> None:
+        self.sent_bytes += nbytes
 
     def answered(self, now: float, rtt_s: float, nbytes: int, rate: float | None,
                  new_round: bool) -> None:
         self.backoff = 0
         self.rtts.append(rtt_s)
+
+    def lost(self, now: float, nbytes: int) -> None:
+        self.lost_bytes += nbytes
 
     def timed_out(self, now: float) -> None:
         self.backoff += 1
@@ -196,6 +214,26 @@ def test_an_overtaken_chunk_is_asked_again_once_older_than_the_rto() -> None:
     again = [r for r in w.requests(1.0) if r.offset == 0]
     assert len(again) == 1 and again[0].corr != lost.corr
     assert w.stats.chunks_resent == 1 and w.stats.timeouts == 0
+
+
+def test_the_pace_hears_of_every_request_and_of_each_loss_but_a_timeout_is_no_loss() -> None:
+    pace = FixedPace(window=2, batch=1, rto=1.0)
+    w = window(pace=pace)
+    sent = w.requests(0.0)
+    w.accept(answers(sent[1])[0], 0.3)  # chunk 0 is overtaken ...
+    list(w.ready())
+    sent += w.requests(1.0)  # ... and lost once older than the RTO
+    assert pace.lost_bytes == K and pace.timeouts == 0
+    sent += w.requests(2.0)  # then silence for a whole RTO: a timeout, not a loss
+    assert pace.timeouts == 1 and pace.lost_bytes == K
+    assert pace.sent_bytes == sum(r.length * r.count for r in sent) == 5 * K
+
+
+def test_a_pace_carried_over_from_an_earlier_transfer_starts_without_its_backoff() -> None:
+    pace = FixedPace(rto=1.0)
+    pace.backoff = 3  # the last transfer ended in timeouts
+    req = window(pace=pace).requests(0.0)[0]
+    assert pace.backoff == 0 and req.rto_ms == 1000
 
 
 def test_a_late_answer_to_the_first_request_is_taken_and_the_second_is_a_duplicate() -> None:
@@ -512,7 +550,7 @@ def test_a_cut_link_costs_one_chunk_per_doubled_timeout_and_the_transfer_resumes
 
 
 def test_rto_is_srtt_plus_four_rttvar_and_backs_off_while_nothing_arrives() -> None:
-    pace = Pace(FetchConfig(chunk_timeout=0.5, max_rto=20.0))
+    pace = BbrPace(FetchConfig(chunk_timeout=0.5, max_rto=20.0))
     assert pace.rto == 0.5  # before any sample
     fast = 1e9  # bytes/s: a chunk's own time on the link is negligible
     pace.answered(1.0, 1.0, K, fast, True)
@@ -537,7 +575,7 @@ def test_rto_is_srtt_plus_four_rttvar_and_backs_off_while_nothing_arrives() -> N
 def test_rto_covers_a_chunks_own_time_on_the_link_however_small_the_rtt() -> None:
     # RTTs measured on tiny answers (TUF metadata riding the link's burst allowance)
     # must not make the first full chunk on a slow link look lost.
-    pace = Pace(FetchConfig(chunk_timeout=2.0))
+    pace = BbrPace(FetchConfig(chunk_timeout=2.0))
     for _ in range(20):
         pace.answered(1.0, 0.001, 500, None, False)
     assert pace.rto == 2.0  # rate unknown: the configured first timeout

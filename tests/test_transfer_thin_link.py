@@ -1,7 +1,7 @@
 """Thin links: a real agent in its own network namespace, joined to the broker's by a veth
 pair shaped with ``tc ... tbf`` both ways (1 Mbit/s), a real Mosquitto and responder here.
 
-These are the acceptance figures of the flow control (see ``edge_sdk.transport._window``):
+These are the acceptance figures of the flow control (see ``edge_sdk.transport._pace``):
 on a slow link the transfer takes about size / rate, sends each byte about once and
 never gives up; cut for 20 s, it resumes. They need root; in CI a missing namespace is
 a failure, elsewhere a skip. Traffic stays on the veth pair and loopback.

@@ -2,8 +2,9 @@
 
 They belong to the fetcher (:class:`~edge_sdk.transport.ChunkClient` and any
 :class:`~edge_sdk.transport.RepositoryFetcher`) and are re-exported from
-:mod:`._fetcher`; they live in a module of their own because the window
-(:mod:`._window`) below the fetcher reads them too, and the fetcher imports it.
+:mod:`._fetcher`; they live in a module of their own because the pace
+(:mod:`._pace`) and the window (:mod:`._window`) below the fetcher read them too,
+and the fetcher imports those.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ __all__ = ["FetchConfig", "FetchStats", "TransferProgress"]
 class FetchConfig:
     """Limits of a device-side transfer; the defaults suit a small device on a slow link.
 
-    The pace adapts to the link (see :mod:`._window`) within these bounds:
+    The pace adapts to the link (see :mod:`._pace`) within these bounds:
     ``chunk_size`` is the largest chunk (≤ 127 KiB keeps every message under the
     128 KiB broker limit) and ``min_chunk_size`` the smallest; at most ``window``
     chunks are in flight, asked for at most ``batch`` per request (one small request

@@ -1,12 +1,12 @@
 """Resumable, pipelined file transfer over MQTT, and python-tuf's ``FetcherInterface`` on it.
 
 :class:`ChunkClient` downloads one repository file at a time: as many chunks in
-flight as the link carries (the flow control of :mod:`._window`), a chunk asked
-for again only when it is lost, a hard maximum length, and a pause (not a
-failure) while the broker link is down. After a reconnect only the requests
-whose answers were lost are sent again, so a broker restart costs at most one
-window of chunks. Bytes are handed to the caller strictly in order, which is
-what makes a partial file on disk resumable from its size. Requests go out on
+flight as the link carries (the flow control of :mod:`._pace`), a chunk asked for
+again only when it is lost (the window of :mod:`._window`), a hard maximum length,
+and a pause (not a failure) while the broker link is down. After a reconnect only
+the requests whose answers were lost are sent again, so a broker restart costs at
+most one window of chunks. Bytes are handed to the caller strictly in order, which
+is what makes a partial file on disk resumable from its size. Requests go out on
 the device's own request topic; a responder whose per-device budget is spent
 answers ``SLOW_DOWN`` with a wait, which the client honours before asking again.
 
@@ -37,8 +37,9 @@ from . import _chunks as proto
 from ._connection import MqttConnection, PublishHandle, Subscription
 from ._errors import EndlessDataError, RemoteNotFoundError, SlowRetrievalError
 from ._fetch_types import FetchConfig, FetchStats, TransferProgress
+from ._pace import BbrPace, Pace
 from ._topics import Topics
-from ._window import ChunkWindow, Pace
+from ._window import ChunkWindow
 
 __all__ = ["REPO_URL", "ChunkClient", "FetchConfig", "FetchStats", "MqttFetcher",
            "RepositoryFetcher", "TransferProgress"]
@@ -84,10 +85,15 @@ class RepositoryFetcher(abc.ABC):
 
 
 class ChunkClient(RepositoryFetcher):
-    """Downloads repository files through the responders, one transfer at a time."""
+    """Downloads repository files through the responders, one transfer at a time.
+
+    ``new_pace`` makes the flow control of a transfer from ``config``; a transfer that
+    starts soon after the last one goes on with that one's pace.
+    """
 
     def __init__(self, connection: MqttConnection, device_id: str, *,
-                 topics: Topics | None = None, config: FetchConfig | None = None) -> None:
+                 topics: Topics | None = None, config: FetchConfig | None = None,
+                 new_pace: Callable[[FetchConfig], Pace] = BbrPace) -> None:
         self.connection = connection
         self.device_id = device_id
         self.topics = topics or Topics.for_config(connection.config)
@@ -99,6 +105,7 @@ class ChunkClient(RepositoryFetcher):
         self._generation = 0
         self._sub: Subscription | None = None
         self._wake = threading.Event()
+        self._new_pace = new_pace
         self._pace: Pace | None = None
         self._pace_used = 0.0
         connection.add_connection_listener(self._on_link)
@@ -146,8 +153,7 @@ class ChunkClient(RepositoryFetcher):
         with self._transfer:
             pace = self._pace
             if pace is None or time.monotonic() - self._pace_used > PACE_MEMORY_S:
-                pace = Pace(self.config)
-            pace.backoff = 0
+                pace = self._new_pace(self.config)
             window = ChunkWindow(path, self.config, start=start, length=length,
                                  max_length=max_length, stats=self.stats, pace=pace)
             self._ensure_subscribed()

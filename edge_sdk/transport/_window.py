@@ -1,10 +1,12 @@
 """The chunk window of one transfer: what to request, when, and what to accept. No I/O.
 
 :class:`ChunkWindow` is the bookkeeping of :class:`~edge_sdk.transport.ChunkClient`
-pulled out of its network loop, so that every rule (flow control, loss detection,
-``SLOW_DOWN`` waits, duplicate answers, the length checks that stop endless data)
-is driven by plain calls and a clock passed in as floats. The loop around it only
-does this::
+pulled out of its network loop, so that every rule (loss detection, ``SLOW_DOWN``
+waits, duplicate answers, the length checks that stop endless data, reassembly in
+order) is driven by plain calls and a clock passed in as floats. How much is in
+flight, in chunks of what size, and how long an answer may take is the business of
+its :class:`~edge_sdk.transport._pace.Pace` (flow control, told of every request,
+answer, loss and timeout). The loop around it only does this::
 
     window = ChunkWindow(path, config, start=start, length=length, max_length=max_length)
     while not window.done:
@@ -15,33 +17,23 @@ does this::
         for data in window.ready():             # in order, from ``start``
             sink(data)
 
-Flow control (:class:`Pace`) follows the link, the way BBR does for TCP, because
-a thin link between a device and its broker loses nothing: TCP below MQTT turns
-too much in flight into queueing delay, never into loss, so a loss-driven (AIMD)
-window would grow until the queue alone outlasts every timeout. The window
-measures, per transfer, the round-trip time of each chunk and the delivery rate
-(bytes accepted over the time they took, BBR's estimator), and keeps about twice
-the bandwidth-delay product in flight: enough to keep the link busy, little
-enough that the queue stays under one round trip. It starts small and doubles
-each round trip until the delivery rate stops growing, then follows the rate;
-every ten seconds it lets the queue drain for a moment to measure the bare RTT
-again. Chunks are about a quarter of a second of the link each (so a slow link
-gets small chunks), and fewer per request on a small window.
+The window also samples what the pace needs and cannot see: the round-trip time of
+each chunk and the delivery rate (bytes accepted over the time they took, BBR's
+estimator), with the round trips it counts in.
 
 Loss is decided by evidence, never by a clock alone: a chunk is asked for again
 when a chunk requested after it has arrived and it is older than the retransmit
-timeout (TCP's SRTT + 4·RTTVAR), or when *nothing* has arrived for that timeout
-(then only the oldest chunk, and the timeout doubles each time). A chunk that is
-merely late on a slow link, behind others that keep arriving, is never asked for
-twice. An answer to an earlier request of a chunk is as good as one to the last
-request; answers for bytes already received are counted as duplicates. The
+timeout (the pace's ``base_rto``), or when *nothing* has arrived for that timeout
+with its backoff (``rto``; then only the oldest chunk, and the pace backs off). A
+chunk that is merely late on a slow link, behind others that keep arriving, is never
+asked for twice. An answer to an earlier request of a chunk is as good as one to the
+last request; answers for bytes already received are counted as duplicates. The
 transfer fails for slowness only when nothing at all arrived for
 ``FetchConfig.stall_timeout``.
 """
 
 from __future__ import annotations
 
-import math
 import random
 import secrets
 from collections import deque
@@ -52,223 +44,18 @@ from ..errors import TransportError
 from . import _chunks as proto
 from ._errors import EndlessDataError, RemoteNotFoundError, SlowRetrievalError
 from ._fetch_types import FetchConfig, FetchStats, TransferProgress
+from ._pace import BbrPace, Pace
 
 #: The longest the loop sleeps between looks at the link and the timers.
 MAX_WAIT_S = 0.5
-#: Bounds of the retransmit timeout derived from the RTT (TCP uses 0.2 s .. 60 s).
-MIN_RTO_S = 0.2
-#: How long one chunk should take on the link: small chunks on slow links keep every
-#: RTT sample (and every chunk asked for again) short; large ones on fast links keep
-#: the per-message cost down.
-CHUNK_TIME_S = 0.25
-#: The first chunks of a transfer, before anything is known about the link.
-INITIAL_CHUNK = 8 * 1024
-INITIAL_WINDOW_CHUNKS = 4
 #: A delivery-rate sample counts only over at least this many bytes (or two chunks): a
 #: small file (TUF metadata) rides on the link's burst allowance and would claim line
-#: rate.
-MIN_RATE_SAMPLE_BYTES = 4 * INITIAL_CHUNK
-#: Fewest chunks in flight: one on the wire while the next is asked for.
-MIN_WINDOW_CHUNKS = 2
-#: In flight = this × delivery rate × minimum RTT (BBR's cwnd gain) ...
-CWND_GAIN = 2.0
-#: ... and at least this long of the delivery rate: on a fast link (loopback, a LAN)
-#: the "link" is the processes on both ends, which move more per message when more is
-#: queued, and a queue this short costs nothing worth measuring.
-QUEUE_FLOOR_S = 0.05
-#: The minimum RTT is measured again (in-flight drained to one chunk) this often.
-MIN_RTT_WINDOW_S = 10.0
-#: The delivery rate estimate is the best of the last this many round trips.
-BW_ROUNDS = 10
-#: Startup ends after this many round trips without 25 % more delivery rate.
-FULL_BW_ROUNDS = 3
-#: A probe of the bare RTT ends after two clean samples or this long.
-PROBE_RTT_MAX_S = 2.0
+#: rate. Four of the pace's first chunks.
+MIN_RATE_SAMPLE_BYTES = 32 * 1024
 #: Requests remembered per transfer (to tell a late duplicate from a stranger's answer).
 MAX_ASKED = 4096
 #: Progress rates are measured over about this long.
 RATE_WINDOW_S = 10.0
-
-
-class _MaxFilter:
-    """The largest value seen over the last ``n`` rounds (BBR's windowed max)."""
-
-    def __init__(self, n: int) -> None:
-        self._rounds: deque[float] = deque(maxlen=n)
-        self._current = 0.0
-
-    def add(self, value: float) -> None:
-        self._current = max(self._current, value)
-
-    def new_round(self) -> None:
-        self._rounds.append(self._current)
-        self._current = 0.0
-
-    @property
-    def value(self) -> float:
-        return max(self._current, max(self._rounds, default=0.0))
-
-
-class Pace:
-    """How much may be in flight, in chunks of what size, and when a chunk is late: the
-    link-adaptive policy (see the module doc). Pure; :class:`ChunkWindow` tells it of
-    every answer (with its RTT and a delivery-rate sample), every timeout and every
-    ``SLOW_DOWN``, and asks it :meth:`room`, :attr:`chunk_size`, :attr:`batch` and
-    :attr:`rto`."""
-
-    STARTUP, STEADY, PROBE_RTT = "startup", "steady", "probe_rtt"
-
-    def __init__(self, config: FetchConfig) -> None:
-        self.config = config
-        self.max_chunk = config.chunk_size
-        self.min_chunk = min(config.min_chunk_size, config.chunk_size)
-        self.chunk_size = max(self.min_chunk, min(self.max_chunk, INITIAL_CHUNK))
-        self.max_batch = min(config.batch, config.window)
-        self.batch = 1
-        self.state = self.STARTUP
-        self.cwnd = float(min(INITIAL_WINDOW_CHUNKS, config.window) * self.chunk_size)
-        #: RFC 6298 estimators (None until the first sample), the bare RTT and when it
-        #: was last seen, and the delivery rate (bytes/s).
-        self.srtt: float | None = None
-        self.rttvar = 0.0
-        self.min_rtt = math.inf
-        self._min_rtt_at = 0.0
-        self._bw = _MaxFilter(BW_ROUNDS)
-        self._full_bw = 0.0
-        self._full_bw_rounds = 0
-        self._probe_since = 0.0
-        self._probe_clean_from = math.inf
-        self._probe_min = math.inf
-        self._probe_samples = 0
-        #: Timeouts in a row (the RTO doubles for each) and recent ones (smaller chunks).
-        self.backoff = 0
-        self._loss_shift = 0
-        self._clean_rounds = 0
-
-    # -- what the window asks -------------------------------------------------------------
-
-    @property
-    def bw(self) -> float:
-        """Estimated delivery rate of the link, bytes/s (0 until measured)."""
-        return self._bw.value
-
-    @property
-    def base_rto(self) -> float:
-        """SRTT + 4·RTTVAR, within bounds, and never less than two chunks' time on the
-        link: an RTT measured on small answers says nothing of a chunk's own time on
-        the wire. Until the rate is known, at least ``chunk_timeout``."""
-        floor = self.config.chunk_timeout if self.bw <= 0 else \
-            max(MIN_RTO_S, 2 * self.chunk_size / self.bw)
-        rto = floor if self.srtt is None else max(floor, self.srtt + 4 * self.rttvar)
-        return min(self.config.max_rto, rto)
-
-    @property
-    def rto(self) -> float:
-        """The retransmit timeout with the backoff of the timeouts in a row."""
-        return min(self.config.max_rto, self.base_rto * float(2 ** self.backoff))
-
-    def room(self, now: float, in_flight_bytes: int, in_flight_chunks: int) -> int:
-        """How many new chunks of :attr:`chunk_size` to ask for now."""
-        if self.state == self.PROBE_RTT and in_flight_chunks == 0:
-            # Drained: what is sent from now on sees the bare round trip.
-            self._probe_clean_from = min(self._probe_clean_from, now)
-        by_count = self.config.window - in_flight_chunks
-        if by_count <= 0:
-            return 0
-        free = int((self.cwnd - in_flight_bytes) // self.chunk_size)
-        if in_flight_chunks == 0:
-            return max(1, min(free, by_count))
-        n = min(free, by_count)
-        return n if n >= self.batch else 0
-
-    # -- what the window tells ------------------------------------------------------------
-
-    def answered(self, now: float, rtt_s: float, nbytes: int, rate: float | None,
-                 new_round: bool) -> None:
-        """A chunk of ``nbytes`` arrived ``rtt_s`` after the request it answers;
-        ``rate`` is a delivery-rate sample (bytes/s) or None; ``new_round``: the first
-        answer to a request sent after the previous round began."""
-        self.backoff = 0
-        if self.srtt is None:
-            self.srtt, self.rttvar = rtt_s, rtt_s / 2
-        else:
-            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt_s)
-            self.srtt = 0.875 * self.srtt + 0.125 * rtt_s
-        sent_at = now - rtt_s
-        if rtt_s <= self.min_rtt:
-            self.min_rtt, self._min_rtt_at = rtt_s, now
-        if rate is not None and rate > 0:
-            self._bw.add(rate)
-        if self.state == self.PROBE_RTT:
-            if sent_at >= self._probe_clean_from:
-                self._probe_min = min(self._probe_min, rtt_s)
-                self._probe_samples += 1
-            if self._probe_samples >= 2 or now - self._probe_since > PROBE_RTT_MAX_S:
-                if self._probe_samples:
-                    self.min_rtt = self._probe_min
-                self._min_rtt_at = now
-                self.state = self.STEADY
-        elif self.state == self.STARTUP:
-            queued = rtt_s - self.min_rtt - nbytes / max(self.bw, 1.0)
-            if self._full_bw and queued > max(self.min_rtt, QUEUE_FLOOR_S):
-                # The queue grew by a round trip: the link is full (HyStart's signal).
-                self.state = self.STEADY
-            else:
-                self.cwnd = min(self.cwnd + nbytes, self._max_cwnd())
-        elif now - self._min_rtt_at > MIN_RTT_WINDOW_S:
-            self.state = self.PROBE_RTT
-            self._probe_since, self._probe_min, self._probe_samples = now, math.inf, 0
-            self._probe_clean_from = math.inf
-        if new_round:
-            self._round(now)
-        self._size()
-
-    def _round(self, now: float) -> None:
-        self._bw.new_round()
-        bw = self.bw
-        if self.state == self.STARTUP:
-            if bw >= self._full_bw * 1.25:
-                self._full_bw, self._full_bw_rounds = bw, 0
-            else:
-                self._full_bw_rounds += 1
-                if self._full_bw_rounds >= FULL_BW_ROUNDS:
-                    self.state = self.STEADY
-        self._clean_rounds += 1
-        if self._loss_shift and self._clean_rounds >= 16:
-            self._loss_shift -= 1
-            self._clean_rounds = 0
-        if bw > 0:
-            # The power of two nearest to a quarter second of the link.
-            size = 1 << max(10, round(math.log2(max(1.0, bw * CHUNK_TIME_S))))
-            cap = max(self.min_chunk, self.max_chunk >> self._loss_shift)
-            self.chunk_size = max(self.min_chunk, min(cap, size))
-
-    def _max_cwnd(self) -> float:
-        return float(self.config.window * self.max_chunk)
-
-    def _size(self) -> None:
-        # Window and batch from the estimates; startup grows the window on its own.
-        floor = MIN_WINDOW_CHUNKS * self.chunk_size
-        if self.state == self.PROBE_RTT:
-            self.cwnd = float(self.chunk_size)
-        elif self.state == self.STEADY:
-            bdp = self.bw * self.min_rtt if math.isfinite(self.min_rtt) else 0.0
-            want = max(CWND_GAIN * bdp, self.bw * QUEUE_FLOOR_S)
-            self.cwnd = max(float(floor), min(self._max_cwnd(), want))
-        chunks = int(self.cwnd // self.chunk_size)
-        self.batch = max(1, min(self.max_batch, chunks // 2))
-
-    def timed_out(self, now: float) -> None:
-        """Nothing arrived for :attr:`rto`: back off, and use smaller chunks for a while."""
-        self.backoff = min(self.backoff + 1, 16)
-        self._loss_shift = min(self._loss_shift + 1, 3)
-        self._clean_rounds = 0
-        self.chunk_size = max(self.min_chunk,
-                              min(self.chunk_size, self.max_chunk >> self._loss_shift))
-        self._size()
-
-    def slowed_down(self, now: float, wait_s: float) -> None:
-        """The responder asked us to wait ``wait_s`` before asking again."""
 
 
 class _Chunk:
@@ -316,8 +103,10 @@ class ChunkWindow:
     size is used. Either is bounded by ``max_length`` and
     ``FetchConfig.max_artifact_bytes`` (the constructor raises
     :class:`EndlessDataError` for a signed length past them). ``now`` arguments are seconds on any
-    monotonic clock. ``rng`` (jitter, in [0, 1)) and ``new_id`` (16-byte request
-    ids) are injectable for tests. Methods raise :class:`SlowRetrievalError`,
+    monotonic clock. ``pace`` is the flow control (a :class:`BbrPace` of ``config``
+    unless given; one that served an earlier transfer keeps what it learnt of the
+    link). ``rng`` (jitter, in [0, 1)) and ``new_id`` (16-byte request ids) are
+    injectable for tests. Methods raise :class:`SlowRetrievalError`,
     :class:`EndlessDataError`, :class:`RemoteNotFoundError` or
     :class:`TransportError` when the transfer cannot go on.
     """
@@ -339,7 +128,7 @@ class ChunkWindow:
         self.start = start
         self.total = length
         self.stats = stats if stats is not None else FetchStats()
-        self.pace = pace or Pace(config)
+        self.pace: Pace = pace if pace is not None else BbrPace(config)
         self._rng = rng
         self._new_id = new_id
         #: Next byte to hand to the caller, and next byte not yet asked for.
@@ -410,6 +199,7 @@ class ChunkWindow:
         if self.started_at is None:
             self.started_at = self._timer_from = now
             self._heard_at = now
+            self.pace.transfer_started(now)
         out = self._due(now)
         pace = self.pace
         if self.total is None:
@@ -441,6 +231,7 @@ class ChunkWindow:
         rto = pace.base_rto
         wake = now + MAX_WAIT_S
         again: list[_Chunk] = []
+        lost_bytes = 0
         oldest: _Chunk | None = None
         for c in self._chunks.values():
             if c.resend_at is not None:
@@ -453,6 +244,7 @@ class ChunkWindow:
                 # Overtaken: a chunk asked for after this one has arrived.
                 if now - c.sent_at >= rto:
                     again.append(c)
+                    lost_bytes += c.length
                     continue
                 wake = min(wake, c.sent_at + rto)
             if oldest is None or c.offset < oldest.offset:
@@ -481,6 +273,8 @@ class ChunkWindow:
                 self._forget(c)
             c.attempts += 1
         self._wake_at = wake
+        if lost_bytes:
+            pace.lost(now, lost_bytes)
         if not again:
             return []
         self.stats.chunks_resent += len(again)
@@ -509,6 +303,7 @@ class ChunkWindow:
         if len(self._asked) > MAX_ASKED:
             del self._asked[next(iter(self._asked))]
         self.stats.requests_sent += 1
+        self.pace.sent(now, sum(c.length for c in run))
         # The rto tells the responder when asking again is no longer premature; a chunk
         # whose answer is known to be lost is asked for with the smallest one.
         urgent = any(c.lost_with_link for c in run)
@@ -626,7 +421,6 @@ class ChunkWindow:
         wait = min(resp.total / 1000 * (1 + 0.25 * self._rng()), cfg.max_slowdown_s)
         # A sign of life; and the wait it asks for is no silence either.
         self._heard(now + wait)
-        self.pace.slowed_down(now, wait)
         for key in held:
             c = self._out[key]
             self._forget(c)
