@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 import edge_sdk
+from edge_sdk._internal import one_line
 from edge_sdk.errors import ConversionError, EdgeError
 
 from ._base import Base, build_base_candidate, float_initializers
@@ -21,7 +22,7 @@ from ._candidates import Candidate, build_candidates
 from ._data import Samples
 from ._measure import Measurement, accuracy, state_pairs
 from ._normalize import load_checked, normalize, optimize, to_ort_format
-from ._pipeline import ConvertConfig, ConvertOptions, Run, SourceInfo, short
+from ._pipeline import ConvertConfig, ConvertOptions, Run, SourceInfo
 from ._tasks import TaskScorer
 
 
@@ -62,7 +63,7 @@ class OnnxBackend:
             onnx.save(onnx.shape_inference.infer_shapes(onnx.load(str(self.fp32_path))),
                       str(self.fp32_path))
         except Exception as err:
-            self.fixes.append(f"shape inference after optimization failed ({short(err)})")
+            self.fixes.append(f"shape inference after optimization failed ({one_line(err)})")
         fp32_pred = edge_sdk.load(self.fp32_path)
         self.state = state_pairs(fp32_pred.inputs, fp32_pred.outputs)
         if self.base is not None:
@@ -81,7 +82,7 @@ class OnnxBackend:
             # Some real exports only load once normalized (duplicate opset imports).
             pred = edge_sdk.load(self.norm_path)
             label = "the normalized source ONNX model (onnxruntime)"
-            warnings.append(f"the source model does not load as is ({short(err)}); accuracy "
+            warnings.append(f"the source model does not load as is ({one_line(err)}); accuracy "
                             "is measured against its normalized form")
         return pred.predict, label
 
@@ -196,7 +197,7 @@ def _check_ort(
         pred = edge_sdk.load(path)
         outs = [pred.predict(dict(f)) for f in evalset.feeds]
     except Exception as err:
-        raise ConversionError(f"the ORT-format model does not run: {short(err)}") from err
+        raise ConversionError(f"the ORT-format model does not run: {one_line(err)}") from err
     acc = scorer(outs, reference) if scorer is not None else accuracy(
         outs, reference, metric, labels=labels)
     if not acc.within(budget):

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 import edge_sdk
-from edge_sdk._internal import sha256_file
+from edge_sdk._internal import one_line, sha256_file
 from edge_sdk.errors import ConversionError, EdgeError, UsageError
 
 from ._base import check_base
@@ -300,7 +300,7 @@ def drive(backend: Backend, out: Path, options: ConvertOptions, source: SourceIn
                     f"{len(evalset)} steps, feeding back " + ", ".join(
                         f"{o} → {i}" for i, o in state.items()))
             except Exception as err:
-                warnings.append(f"closed-loop state check skipped: {short(err)}")
+                warnings.append(f"closed-loop state check skipped: {one_line(err)}")
         cands = backend.build(work, _schemes(options.quantize), calib, warnings)
         built = [c for c in cands if c.path is not None and c.error is None]
         ms = measure_candidates(
@@ -439,12 +439,12 @@ def _run_reference(
         return [{k: np.asarray(v) for k, v in fn(dict(f)).items()} for f in evalset.feeds]
     except edge_sdk.InputError as err:
         raise UsageError(f"{evalset.origin}: the source model rejects these inputs: "
-                         f"{short(err)}") from err
+                         f"{one_line(err)}") from err
     except EdgeError:
         raise
     except Exception as err:
         raise ConversionError(f"the {source.format} source model fails on {evalset.origin}: "
-                              f"{short(err)}") from err
+                              f"{one_line(err)}") from err
 
 
 def _status(c: Candidate, m: Measurement | None, budget: float, sel: Selection,
@@ -575,14 +575,6 @@ def _profile_on_devices(profiler: DeviceProfiler, ms: Sequence[Measurement],
     return ProfiledOn(out, excluded, rows, devices, rule)
 
 
-def short(err: BaseException) -> str:
-    """An exception as one capped line."""
-    text = " ".join(str(err).split())
-    return text[:240] if text else type(err).__name__
-
-
 __all__ = ["Backend", "ConversionResult", "ConvertConfig", "ConvertOptions", "SourceInfo",
            "check_options", "convert_onnx", "drive", "write_artifact"]
 
-
-_short = short
