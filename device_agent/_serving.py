@@ -28,7 +28,7 @@ import numpy as np
 
 from edge_sdk import Predictor
 from edge_sdk._internal import one_line
-from edge_sdk.errors import InputError
+from edge_sdk.errors import InputError, InstallError
 
 from ._config import HealthConfig
 from ._state import ModelRecord
@@ -315,6 +315,6 @@ def smoke_test(served: Served, inputs: Mapping[str, Any], *, warmup: int = 0) ->
                 )
 
 
-class SmokeTestError(Exception):
+class SmokeTestError(InstallError):
     """The new model's sample run did not give finite outputs of the right shape."""
 
