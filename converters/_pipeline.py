@@ -2,9 +2,10 @@
 candidates, measure each on this machine against the source, pick one, write
 the artifact atomically.
 
-Front-ends export their framework model to ONNX and call :func:`convert_onnx`
-with a :class:`SourceInfo` whose ``reference`` is the framework's own predict,
-so accuracy is measured against the real source rather than the export.
+Front-ends export their framework model to ONNX and call
+:func:`converters._onnx.convert_onnx` with a :class:`SourceInfo` whose ``reference`` is
+the framework's own predict, so accuracy is measured against the real source rather than
+the export.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 import edge_sdk
-from edge_sdk._internal import one_line, sha256_file
+from edge_sdk._internal import one_line
 from edge_sdk.errors import ConversionError, EdgeError, UsageError
 
 from ._base import check_base
@@ -171,36 +172,6 @@ def artifact_name(options: ConvertOptions, src: Path) -> str:
         return options.name
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", src.stem).strip("-._") or "model"
     return name[:128]
-
-
-def convert_onnx(
-    onnx_path: Path,
-    out_dir: Path,
-    options: ConvertOptions,
-    source: SourceInfo | None = None,
-    *,
-    config: ConvertConfig | None = None,
-) -> ConversionResult:
-    """Convert ``onnx_path`` into an artifact at ``out_dir`` (written atomically)."""
-    from ._onnx import OnnxBackend
-
-    cfg = config or ConvertConfig()
-    check_options(options)
-    if options.to is None:
-        options = replace(options, to="onnx")
-    src = Path(onnx_path)
-    out = Path(out_dir)
-    if options.to == "tflite":
-        raise ConversionError(
-            "--to tflite from an ONNX model is not supported: the reliable path to TFLite is "
-            "from the framework source; pass the Keras/TF model"
-        )
-    if out.exists() and not options.overwrite:
-        raise UsageError(f"{out} already exists (pass --overwrite to replace it)")
-    backend = OnnxBackend(src, options, cfg)
-    if source is None:
-        source = SourceInfo(format="onnx", path=str(src), sha256=sha256_file(src))
-    return drive(backend, out, options, source, cfg)
 
 
 #: Runs a model on one feed (what synthetic inputs are tried on).
@@ -576,5 +547,5 @@ def _profile_on_devices(profiler: DeviceProfiler, ms: Sequence[Measurement],
 
 
 __all__ = ["Backend", "ConversionResult", "ConvertConfig", "ConvertOptions", "SourceInfo",
-           "check_options", "convert_onnx", "drive", "write_artifact"]
+           "check_options", "drive", "write_artifact"]
 
