@@ -18,7 +18,8 @@ from typing import Any
 
 from edge_sdk.errors import ConversionError, UsageError
 
-from ._pipeline import ConversionResult, ConvertConfig, ConvertOptions, SourceInfo, convert_onnx
+from ._onnx import convert_onnx
+from ._pipeline import ConversionResult, ConvertConfig, ConvertOptions, SourceInfo
 
 SOURCE_KINDS = ("onnx", "torch", "keras", "sklearn", "tflite")
 

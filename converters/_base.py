@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 import edge_sdk
+from edge_sdk._internal import one_line
 from edge_sdk.errors import ConversionError, EdgeError, UsageError
 
 from ._candidates import (
@@ -313,7 +314,7 @@ class Base:
             model = onnx.load(str(art.model_path))
         except Exception as err:
             raise UsageError(f"base {root}: its model does not load as ONNX "
-                             f"({_why(err)})") from err
+                             f"({one_line(err)})") from err
         weights, activations = read_quantization(model)
         if not weights:
             raise UsageError(f"base {root} holds no int8 weight tensors written by edge-sdk "
@@ -515,7 +516,7 @@ def build_base_candidate(
                              total)
     except Exception as err:
         return Candidate(name, base.scheme, None, f"{base.candidate} with the base's scales",
-                         error=_why(err), total_weights=total)
+                         error=one_line(err), total_weights=total)
 
 
 def _suffix(base: Base) -> str:
@@ -595,11 +596,6 @@ def _dynamic_base(base: Base, name: str, fp32_path: Path, work_dir: Path,
     params["base"] = reuse.report(dst, static=False)
     return Candidate(name, "int8-dynamic", dst, desc, quantized_weights=q, total_weights=total,
                      params=params)
-
-
-def _why(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text[:240]}" if text else type(err).__name__
 
 
 __all__ = ["BASE_SUFFIX", "INT8_SCHEMES", "Base", "Reuse", "TensorQuant", "build_base_candidate",

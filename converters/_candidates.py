@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from edge_sdk._internal import one_line
+
 from ._data import Samples
 
 SCHEMES = ("none", "fp16", "int8-dynamic", "int8-static")
@@ -228,7 +230,7 @@ def _fp16(src: Path, dst: Path, excluded: set[str], total: int) -> Candidate:
             )
         onnx.save(converted, str(dst))
     except Exception as err:
-        return Candidate("fp16", "fp16", None, desc, error=_why(err), total_weights=total)
+        return Candidate("fp16", "fp16", None, desc, error=one_line(err), total_weights=total)
     _, f16, _ = count_weights(dst)
     return Candidate("fp16", "fp16", dst, desc, quantized_weights=f16, total_weights=total)
 
@@ -261,7 +263,7 @@ def _dynamic_variants(
         try:
             quantize_dynamic_int8(gemm_src, dst, sorted(wanted), per_channel)
         except Exception as err:
-            out.append(Candidate(name, "int8-dynamic", None, desc, error=_why(err),
+            out.append(Candidate(name, "int8-dynamic", None, desc, error=one_line(err),
                                  total_weights=total))
             continue
         q, _, _ = count_weights(dst)
@@ -363,7 +365,7 @@ def _gather_variants(
             else:
                 staged.replace(dst)
         except Exception as err:
-            out.append(Candidate(name, "int8-dynamic", None, desc, error=_why(err),
+            out.append(Candidate(name, "int8-dynamic", None, desc, error=one_line(err),
                                  total_weights=total))
             continue
         q, _, _ = count_weights(dst)
@@ -488,7 +490,7 @@ def static_candidate(
                                   else {})},
             )
     except Exception as err:
-        return Candidate(name, "int8-static", None, desc, error=_why(err), total_weights=total)
+        return Candidate(name, "int8-static", None, desc, error=one_line(err), total_weights=total)
     q, _, _ = count_weights(dst)
     return Candidate(name, "int8-static", dst, desc, quantized_weights=q, total_weights=total,
                      params={"calibration": method, "per_channel": pc,
@@ -540,12 +542,6 @@ def _gemm_to_matmul(src: Path, dst: Path) -> None:
     model = onnx.shape_inference.infer_shapes(model)
     onnx.checker.check_model(model)
     onnx.save(model, str(dst))
-
-
-def _why(err: BaseException) -> str:
-    text = str(err).strip()
-    first = text.splitlines()[0][:240] if text else ""
-    return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
 __all__ = ["MATMUL_SUFFIX", "SCHEMES", "Candidate", "CandidateConfig", "build_candidates",

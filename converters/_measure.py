@@ -61,7 +61,7 @@ from typing import Any
 import numpy as np
 
 import edge_sdk
-from edge_sdk._internal import measure
+from edge_sdk._internal import measure, one_line
 from edge_sdk.errors import ConversionError, EdgeError
 
 from ._candidates import SCHEMES
@@ -340,7 +340,7 @@ def measure_candidates(
                 if loop.drop > acc.drop:
                     acc = _with_acc(loop)
         except (EdgeError, Exception) as err:
-            results[name] = _with(base, error=f"does not run: {_short(err)}")
+            results[name] = _with(base, error=f"does not run: {one_line(err)}")
             bar.step(name)
             continue
         del pred
@@ -388,7 +388,7 @@ def _timed_rounds(
                                 warmup=cfg.warmup)
                 del pred
             except Exception as err:
-                results[name] = _with(results[name], error=f"fails while timed: {_short(err)}")
+                results[name] = _with(results[name], error=f"fails while timed: {one_line(err)}")
                 timings.pop(name, None)
                 continue
             timings[name].append(stats.p50_ms)
@@ -812,11 +812,6 @@ def _over(acc: Accuracy) -> str:
     if acc.breaks:
         return "; ".join(acc.breaks)
     return f"{acc.metric} drop {acc.drop:.3g}"
-
-
-def _short(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return (text[:240] if text else type(err).__name__)
 
 
 __all__ = [

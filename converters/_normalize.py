@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edge_sdk._internal import runtime_load_error_text
+from edge_sdk._internal import one_line, runtime_load_error_text
 from edge_sdk.errors import ConversionError, UsageError
 
 # Per-channel QDQ needs opset >= 13; older models are upgraded to TARGET_OPSET.
@@ -33,8 +33,7 @@ def load_checked(path: Path) -> Any:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as err:
         raise ConversionError(
-            f"{path}: not an ONNX model or truncated ({type(err).__name__}: "
-            f"{_first_line(err)})"
+            f"{path}: not an ONNX model or truncated ({one_line(err)})"
         ) from err
     if not model.opset_import or not model.graph.node or not model.graph.output:
         raise ConversionError(
@@ -46,12 +45,12 @@ def load_checked(path: Path) -> Any:
             onnx.load_external_data_for_model(model, str(path.parent))
         except Exception as err:
             raise ConversionError(
-                f"{path}: external weight data could not be read: {_first_line(err)}"
+                f"{path}: external weight data could not be read: {one_line(err)}"
             ) from err
     try:
         onnx.checker.check_model(model)
     except Exception as err:
-        raise ConversionError(f"{path}: invalid ONNX model: {_first_line(err)}") from err
+        raise ConversionError(f"{path}: invalid ONNX model: {one_line(err)}") from err
     return model
 
 
@@ -73,17 +72,17 @@ def normalize(model: Any) -> tuple[Any, list[str]]:
             fixes.append(f"upgraded opset {opset} → {TARGET_OPSET} for the quantizer")
         except Exception as err:
             fixes.append(
-                f"opset {opset} could not be upgraded ({_first_line(err)}); "
+                f"opset {opset} could not be upgraded ({one_line(err)}); "
                 "per-channel quantization may be unavailable"
             )
     try:
         model = onnx.shape_inference.infer_shapes(model)
     except Exception as err:
-        fixes.append(f"shape inference failed ({_first_line(err)}); continuing without it")
+        fixes.append(f"shape inference failed ({one_line(err)}); continuing without it")
     try:
         onnx.checker.check_model(model)
     except Exception as err:
-        raise ConversionError(f"model is invalid after normalization: {_first_line(err)}") from err
+        raise ConversionError(f"model is invalid after normalization: {one_line(err)}") from err
     return model, fixes
 
 
@@ -201,12 +200,7 @@ def to_ort_format(src: Path, dst: Path) -> None:
         ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"],
                              disabled_optimizers=["NchwcTransformer"])
     except Exception as err:
-        raise ConversionError(f"conversion to ORT format failed: {_first_line(err)}") from err
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else type(err).__name__
+        raise ConversionError(f"conversion to ORT format failed: {one_line(err)}") from err
 
 
 __all__ = ["default_opset", "load_checked", "normalize", "optimize", "to_ort_format"]

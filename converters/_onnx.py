@@ -8,20 +8,30 @@ measurement, choice, report and artifact, the same for every format.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 import edge_sdk
-from edge_sdk.errors import ConversionError, EdgeError
+from edge_sdk._internal import one_line, sha256_file
+from edge_sdk.errors import ConversionError, EdgeError, UsageError
 
 from ._base import Base, build_base_candidate, float_initializers
 from ._candidates import Candidate, build_candidates
 from ._data import Samples
 from ._measure import Measurement, accuracy, state_pairs
 from ._normalize import load_checked, normalize, optimize, to_ort_format
-from ._pipeline import ConvertConfig, ConvertOptions, Run, SourceInfo, short
+from ._pipeline import (
+    ConversionResult,
+    ConvertConfig,
+    ConvertOptions,
+    Run,
+    SourceInfo,
+    check_options,
+    drive,
+)
 from ._tasks import TaskScorer
 
 
@@ -62,7 +72,7 @@ class OnnxBackend:
             onnx.save(onnx.shape_inference.infer_shapes(onnx.load(str(self.fp32_path))),
                       str(self.fp32_path))
         except Exception as err:
-            self.fixes.append(f"shape inference after optimization failed ({short(err)})")
+            self.fixes.append(f"shape inference after optimization failed ({one_line(err)})")
         fp32_pred = edge_sdk.load(self.fp32_path)
         self.state = state_pairs(fp32_pred.inputs, fp32_pred.outputs)
         if self.base is not None:
@@ -81,7 +91,7 @@ class OnnxBackend:
             # Some real exports only load once normalized (duplicate opset imports).
             pred = edge_sdk.load(self.norm_path)
             label = "the normalized source ONNX model (onnxruntime)"
-            warnings.append(f"the source model does not load as is ({short(err)}); accuracy "
+            warnings.append(f"the source model does not load as is ({one_line(err)}); accuracy "
                             "is measured against its normalized form")
         return pred.predict, label
 
@@ -196,7 +206,7 @@ def _check_ort(
         pred = edge_sdk.load(path)
         outs = [pred.predict(dict(f)) for f in evalset.feeds]
     except Exception as err:
-        raise ConversionError(f"the ORT-format model does not run: {short(err)}") from err
+        raise ConversionError(f"the ORT-format model does not run: {one_line(err)}") from err
     acc = scorer(outs, reference) if scorer is not None else accuracy(
         outs, reference, metric, labels=labels)
     if not acc.within(budget):
@@ -206,4 +216,32 @@ def _check_ort(
     return f"ORT format verified: {acc.metric} drop {acc.drop:.4g}"
 
 
-__all__ = ["OnnxBackend"]
+def convert_onnx(
+    onnx_path: Path,
+    out_dir: Path,
+    options: ConvertOptions,
+    source: SourceInfo | None = None,
+    *,
+    config: ConvertConfig | None = None,
+) -> ConversionResult:
+    """Convert ``onnx_path`` into an artifact at ``out_dir`` (written atomically)."""
+    cfg = config or ConvertConfig()
+    check_options(options)
+    if options.to is None:
+        options = replace(options, to="onnx")
+    src = Path(onnx_path)
+    out = Path(out_dir)
+    if options.to == "tflite":
+        raise ConversionError(
+            "--to tflite from an ONNX model is not supported: the reliable path to TFLite is "
+            "from the framework source; pass the Keras/TF model"
+        )
+    if out.exists() and not options.overwrite:
+        raise UsageError(f"{out} already exists (pass --overwrite to replace it)")
+    backend = OnnxBackend(src, options, cfg)
+    if source is None:
+        source = SourceInfo(format="onnx", path=str(src), sha256=sha256_file(src))
+    return drive(backend, out, options, source, cfg)
+
+
+__all__ = ["OnnxBackend", "convert_onnx"]

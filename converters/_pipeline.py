@@ -2,9 +2,10 @@
 candidates, measure each on this machine against the source, pick one, write
 the artifact atomically.
 
-Front-ends export their framework model to ONNX and call :func:`convert_onnx`
-with a :class:`SourceInfo` whose ``reference`` is the framework's own predict,
-so accuracy is measured against the real source rather than the export.
+Front-ends export their framework model to ONNX and call
+:func:`converters._onnx.convert_onnx` with a :class:`SourceInfo` whose ``reference`` is
+the framework's own predict, so accuracy is measured against the real source rather than
+the export.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 import edge_sdk
-from edge_sdk._internal import sha256_file
+from edge_sdk._internal import one_line
 from edge_sdk.errors import ConversionError, EdgeError, UsageError
 
 from ._base import check_base
@@ -173,36 +174,6 @@ def artifact_name(options: ConvertOptions, src: Path) -> str:
     return name[:128]
 
 
-def convert_onnx(
-    onnx_path: Path,
-    out_dir: Path,
-    options: ConvertOptions,
-    source: SourceInfo | None = None,
-    *,
-    config: ConvertConfig | None = None,
-) -> ConversionResult:
-    """Convert ``onnx_path`` into an artifact at ``out_dir`` (written atomically)."""
-    from ._onnx import OnnxBackend
-
-    cfg = config or ConvertConfig()
-    check_options(options)
-    if options.to is None:
-        options = replace(options, to="onnx")
-    src = Path(onnx_path)
-    out = Path(out_dir)
-    if options.to == "tflite":
-        raise ConversionError(
-            "--to tflite from an ONNX model is not supported: the reliable path to TFLite is "
-            "from the framework source; pass the Keras/TF model"
-        )
-    if out.exists() and not options.overwrite:
-        raise UsageError(f"{out} already exists (pass --overwrite to replace it)")
-    backend = OnnxBackend(src, options, cfg)
-    if source is None:
-        source = SourceInfo(format="onnx", path=str(src), sha256=sha256_file(src))
-    return drive(backend, out, options, source, cfg)
-
-
 #: Runs a model on one feed (what synthetic inputs are tried on).
 Run = Callable[[dict[str, np.ndarray]], object]
 
@@ -300,7 +271,7 @@ def drive(backend: Backend, out: Path, options: ConvertOptions, source: SourceIn
                     f"{len(evalset)} steps, feeding back " + ", ".join(
                         f"{o} → {i}" for i, o in state.items()))
             except Exception as err:
-                warnings.append(f"closed-loop state check skipped: {short(err)}")
+                warnings.append(f"closed-loop state check skipped: {one_line(err)}")
         cands = backend.build(work, _schemes(options.quantize), calib, warnings)
         built = [c for c in cands if c.path is not None and c.error is None]
         ms = measure_candidates(
@@ -439,12 +410,12 @@ def _run_reference(
         return [{k: np.asarray(v) for k, v in fn(dict(f)).items()} for f in evalset.feeds]
     except edge_sdk.InputError as err:
         raise UsageError(f"{evalset.origin}: the source model rejects these inputs: "
-                         f"{short(err)}") from err
+                         f"{one_line(err)}") from err
     except EdgeError:
         raise
     except Exception as err:
         raise ConversionError(f"the {source.format} source model fails on {evalset.origin}: "
-                              f"{short(err)}") from err
+                              f"{one_line(err)}") from err
 
 
 def _status(c: Candidate, m: Measurement | None, budget: float, sel: Selection,
@@ -575,14 +546,6 @@ def _profile_on_devices(profiler: DeviceProfiler, ms: Sequence[Measurement],
     return ProfiledOn(out, excluded, rows, devices, rule)
 
 
-def short(err: BaseException) -> str:
-    """An exception as one capped line."""
-    text = " ".join(str(err).split())
-    return text[:240] if text else type(err).__name__
-
-
 __all__ = ["Backend", "ConversionResult", "ConvertConfig", "ConvertOptions", "SourceInfo",
-           "check_options", "convert_onnx", "drive", "write_artifact"]
+           "check_options", "drive", "write_artifact"]
 
-
-_short = short

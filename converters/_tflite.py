@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import edge_sdk
+from edge_sdk._internal import one_line
 from edge_sdk.errors import ConversionError
 
 from ._candidates import Candidate
@@ -51,7 +52,7 @@ def build_tflite_candidates(
     calibration: Samples | None, *, max_calibration_samples: int = 256,
 ) -> list[Candidate]:
     """Convert the SavedModel once per scheme; a failed variant comes back with ``error``."""
-    from ._frontends._common import first_line, quiet, require
+    from ._frontends._common import quiet, require
 
     tf = require("tensorflow", "converting to TFLite")
     out: list[Candidate] = []
@@ -81,7 +82,7 @@ def build_tflite_candidates(
                 data = conv.convert()
         except Exception as err:
             out.append(Candidate(name, scheme, None, desc,
-                                 error=f"TFLite converter failed: {first_line(err)}"))
+                                 error=f"TFLite converter failed: {one_line(err)}"))
             continue
         path = work / f"{name}.tflite"
         path.write_bytes(data)

@@ -98,8 +98,9 @@ def main(argv: list[str]) -> int:
     try:
         res = run(json.loads(argv[1]))
     except Exception as err:  # reported to the parent as this candidate's error
-        text = " ".join(str(err).split())[:240] or type(err).__name__
-        res = {"error": f"does not run on this device: {type(err).__name__}: {text}"}
+        from edge_sdk._internal import one_line
+
+        res = {"error": f"does not run on this device: {one_line(err)}"}
     sys.stdout.write(json.dumps(res) + "\n")
     sys.stdout.flush()
     return 0

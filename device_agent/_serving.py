@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from edge_sdk import Predictor
-from edge_sdk.errors import InputError
+from edge_sdk._internal import one_line
+from edge_sdk.errors import InputError, InstallError
 
 from ._config import HealthConfig
 from ._state import ModelRecord
@@ -281,11 +282,11 @@ def smoke_test(served: Served, inputs: Mapping[str, Any], *, warmup: int = 0) ->
             served.predictor.predict(inputs)
         except Exception as err:
             raise SmokeTestError(f"warm-up run {i + 1} of {warmup} on the sample failed: "
-                                 f"{_first_line(err)}") from err
+                                 f"{one_line(err)}") from err
     try:
         out = served.predictor.predict(inputs)
     except Exception as err:
-        raise SmokeTestError(f"running the sample failed: {_first_line(err)}") from err
+        raise SmokeTestError(f"running the sample failed: {one_line(err)}") from err
     for spec in served.predictor.outputs:
         arr = out.get(spec.name)
         if arr is None:
@@ -314,11 +315,6 @@ def smoke_test(served: Served, inputs: Mapping[str, Any], *, warmup: int = 0) ->
                 )
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"[:300]
-
-
-class SmokeTestError(Exception):
+class SmokeTestError(InstallError):
     """The new model's sample run did not give finite outputs of the right shape."""
 

@@ -23,6 +23,8 @@ sibling needs it, never by reaching into the module that defines it.
 - HTTP: :func:`parse_head` → :class:`RequestHead`, raising :class:`HeadError` (the
   strict request-head reader the fleet page and the agent share), :func:`check_host` and
   :func:`host_name` (DNS rebinding);
+- errors: :func:`one_line` with :data:`CAUSE_CHARS` (another library's exception quoted
+  in a one-line diagnosis);
 - secrets: :func:`redact_url` (a URL as a message may show it), :func:`add_secret` (a
   value never to be printed).
 """
@@ -45,10 +47,12 @@ from ._fs import atomic_write_bytes, atomic_write_text, sha256_file, staged_dir
 from ._http import HeadError, RequestHead, check_host, host_name, parse_head, reason
 from ._io import load_npz
 from ._json import MESSAGE_MAX_BYTES, MESSAGE_MAX_DEPTH, loads_bounded
+from ._oneline import CAUSE_CHARS, one_line
 from ._redact import add_secret, redact_url
 from ._runtime import litert_op_names, load_model_file
 
 __all__ = [
+    "CAUSE_CHARS",
     "MANIFEST_NAME",
     "MESSAGE_MAX_BYTES",
     "MESSAGE_MAX_DEPTH",
@@ -69,6 +73,7 @@ __all__ = [
     "load_npz",
     "loads_bounded",
     "measure",
+    "one_line",
     "parse_head",
     "reason",
     "redact_url",

@@ -15,6 +15,7 @@ import numpy as np
 
 from ._artifact import MANIFEST_NAME, Artifact, Manifest, TensorSpec, format_for_path
 from ._bench import runtime_load_error_text
+from ._oneline import one_line
 from .errors import InputError, ModelLoadError
 
 _ORT_DTYPES = {
@@ -108,8 +109,8 @@ class _TfliteBackend:
                 in_details = [(d["name"], d) for d in self.interp.get_input_details()]
                 out_details = [(d["name"], d) for d in self.interp.get_output_details()]
         except Exception as err:
-            msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ModelLoadError(f"{path}: LiteRT cannot load this model: {msg}") from err
+            raise ModelLoadError(
+                f"{path}: LiteRT cannot load this model: {one_line(err)}") from err
         self._in: list[tuple[str, dict[str, Any], tuple[float, int] | None]] = []
         self._out: list[tuple[str, dict[str, Any], tuple[float, int] | None]] = []
         ins, outs = [], []

@@ -34,6 +34,11 @@ class UsageError(EdgeError):
     exit_code = 2
 
 
+class MissingFileError(UsageError, FileNotFoundError):
+    """A file the caller named does not exist. Also a :class:`FileNotFoundError`, as it
+    was before it had a place in this tree."""
+
+
 class ConversionError(EdgeError):
     """A model could not be converted, or the converted model failed verification."""
 

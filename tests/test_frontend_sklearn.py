@@ -142,9 +142,9 @@ def test_pipeline_step_without_converter_is_named_not_the_pipeline(tmp_path: Pat
 
 
 def test_framework_error_quoted_in_a_diagnosis_is_capped() -> None:
-    from converters._frontends._common import CAUSE_CHARS, first_line
+    from edge_sdk._internal import CAUSE_CHARS, one_line
 
-    quoted = first_line(ValueError("attributes={" + "1, " * 100_000 + "}\nsecond line"))
+    quoted = one_line(ValueError("attributes={" + "1, " * 100_000 + "}\nsecond line"))
     assert quoted.startswith("ValueError: attributes={1, 1, ")
     assert len(quoted) == CAUSE_CHARS
 

@@ -46,7 +46,8 @@ def convert_source(
 ) -> ConversionResult:
     """Convert a framework model (file, SavedModel directory or torch factory) into an
     artifact at ``out_dir``. Nothing is written at ``out_dir`` unless it all succeeds."""
-    from .._pipeline import SourceInfo, check_options, convert_onnx
+    from .._onnx import convert_onnx
+    from .._pipeline import SourceInfo, check_options
 
     check_options(options)
     text = str(src)

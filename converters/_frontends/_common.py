@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from edge_sdk import TensorSpec
+from edge_sdk._internal import one_line
 from edge_sdk.errors import ConversionError
 
 from .._data import Samples, load_samples, synthetic_samples
@@ -124,18 +125,6 @@ def quiet() -> Iterator[None]:
         for fd, copy in reversed(saved):
             os.dup2(copy, fd)
             os.close(copy)
-
-
-CAUSE_CHARS = 200  # of a framework error quoted in a one-line diagnosis
-
-
-def first_line(err: BaseException) -> str:
-    """``Type: first line`` of a framework's exception, capped at :data:`CAUSE_CHARS`
-    (skl2onnx once put a 700,000-character attribute dump on one line)."""
-    text = str(err).strip()
-    line = text.splitlines()[0] if text else ""
-    line = f"{type(err).__name__}: {line}" if line else type(err).__name__
-    return line if len(line) <= CAUSE_CHARS else line[: CAUSE_CHARS - 1] + "…"
 
 
 @dataclass
@@ -257,7 +246,7 @@ def verify_export(
         except Exception as err:
             raise ConversionError(
                 f"{what}: the exported model fails on the verification inputs: "
-                f"{first_line(err)}"
+                f"{one_line(err)}"
             ) from err
         ref = loaded.reference(feed)
         figures_now = compare_outputs(got, ref, what=what, config=config,
@@ -301,7 +290,7 @@ def rename_batch_dims(onnx_path: Path) -> None:
 
 
 __all__ = [
-    "CAUSE_CHARS", "DEFAULT_CONFIG", "FrontendConfig", "Loaded", "Reference", "batched",
-    "capture_output", "compare_outputs", "first_line", "quiet", "rename_batch_dims", "require",
+    "DEFAULT_CONFIG", "FrontendConfig", "Loaded", "Reference", "batched",
+    "capture_output", "compare_outputs", "quiet", "rename_batch_dims", "require",
     "verification_samples", "verify_export",
 ]

@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 
 from edge_sdk import TensorSpec
+from edge_sdk._internal import one_line
 from edge_sdk.errors import ConversionError, UsageError
 
-from ._common import Loaded, first_line, quiet, rename_batch_dims, require
+from ._common import Loaded, quiet, rename_batch_dims, require
 
 ONNX_OPSET = 17
 SIGNATURE = "serving_default"
@@ -89,7 +90,7 @@ class KerasSource:
         except Exception as err:
             raise ConversionError(
                 f"{self.path}: could not export the Keras model to a SavedModel: "
-                f"{first_line(err)}"
+                f"{one_line(err)}"
             ) from err
 
     def _load_signature(self) -> None:
@@ -99,7 +100,7 @@ class KerasSource:
                 self.saved = tf.saved_model.load(str(self.saved_dir))
         except Exception as err:
             raise ConversionError(
-                f"{self.saved_dir}: TensorFlow cannot load this SavedModel: {first_line(err)}"
+                f"{self.saved_dir}: TensorFlow cannot load this SavedModel: {one_line(err)}"
             ) from err
         sigs = dict(self.saved.signatures)
         if not sigs:
@@ -170,7 +171,7 @@ class KerasSource:
         except Exception as err:
             raise ConversionError(
                 f"{self.path}: tf2onnx {getattr(tf2onnx, '__version__', '?')} cannot convert "
-                f"this model with TensorFlow {tf.__version__}: {first_line(err)}; use --to "
+                f"this model with TensorFlow {tf.__version__}: {one_line(err)}; use --to "
                 "tflite (TensorFlow's own converter) instead"
             ) from err
         rename_batch_dims(out)
@@ -184,7 +185,7 @@ def _load_keras(path: Path, trust_pickle: bool) -> Any:
             # safe_mode refuses Lambda layers (they unpickle Python bytecode).
             return keras.models.load_model(str(path), compile=False, safe_mode=not trust_pickle)
     except Exception as err:
-        msg = first_line(err)
+        msg = one_line(err)
         if "safe_mode" in str(err):
             raise UsageError(
                 f"{path}: this Keras model holds Python code (a Lambda layer) that runs when "

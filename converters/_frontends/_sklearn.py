@@ -36,9 +36,10 @@ from typing import Any
 import numpy as np
 
 from edge_sdk import TensorSpec
+from edge_sdk._internal import one_line
 from edge_sdk.errors import ConversionError, EdgeError, UsageError
 
-from ._common import Loaded, first_line, quiet, require
+from ._common import Loaded, quiet, require
 
 # skl2onnx writes ai.onnx.ml ops; opset 3 of that domain is what onnxruntime ≥ 1.15 runs.
 TARGET_OPSET = {"": 17, "ai.onnx.ml": 3}
@@ -66,7 +67,7 @@ class SklearnSource:
                 est = joblib.load(path)
         except Exception as err:
             raise ConversionError(
-                f"{path}: could not unpickle a scikit-learn model: {first_line(err)}"
+                f"{path}: could not unpickle a scikit-learn model: {one_line(err)}"
             ) from err
         if not (hasattr(est, "fit") and (hasattr(est, "predict") or hasattr(est, "transform"))):
             raise ConversionError(
@@ -238,7 +239,7 @@ class SklearnSource:
                 refused = UsageError
             raise refused(
                 f"{self.path}: skl2onnx cannot convert {type(self.est).__name__}"
-                f"{' in double precision' if double else ''}: {first_line(err)}"
+                f"{' in double precision' if double else ''}: {one_line(err)}"
             ) from err
         # What skl2onnx.to_onnx does after convert_sklearn: declare the opset asked for.
         for op in model.opset_import:
@@ -481,7 +482,7 @@ def _check_runs(model: Any, path: Path) -> None:
     try:
         ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     except Exception as err:
-        raise ConversionError(f"onnxruntime refuses it: {first_line(err)}") from err
+        raise ConversionError(f"onnxruntime refuses it: {one_line(err)}") from err
 
 
 def _unconvertible(est: Any) -> list[str]:

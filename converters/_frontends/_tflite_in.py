@@ -16,13 +16,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import edge_sdk
-from edge_sdk._internal import litert_op_names, sha256_file
+from edge_sdk._internal import litert_op_names, one_line, sha256_file
 from edge_sdk.errors import ConversionError, EdgeError, UsageError
 
 from .._candidates import Candidate
 from .._data import Samples
 from .._measure import Measurement
-from ._common import first_line
 
 if TYPE_CHECKING:
     from .._pipeline import ConversionResult, ConvertConfig, ConvertOptions, Run, SourceInfo
@@ -111,7 +110,7 @@ class KeptTflite:
                 raise
             except Exception as err:
                 raise ConversionError(f"{self.src}: the model fails in LiteRT: "
-                                      f"{first_line(err)}") from err
+                                      f"{one_line(err)}") from err
             new = {k for k, v in out.items() if np.asarray(v).dtype.kind == "f"
                    and not np.all(np.isfinite(v))} - bad
             if new:

@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 
 import edge_sdk
+from edge_sdk._internal import one_line
 from edge_sdk.errors import ConversionError, EdgeError
 
-from ._common import Loaded, first_line, quiet, rename_batch_dims, require
+from ._common import Loaded, quiet, rename_batch_dims, require
 
 ONNX_OPSET = 17
 
@@ -80,7 +81,7 @@ class TfliteSource:
         except Exception as err:
             raise ConversionError(
                 f"{self.path}: tf2onnx {getattr(tf2onnx, '__version__', '?')} cannot convert "
-                f"this TFLite model: {first_line(err)}; keep it TFLite (--to tflite) or convert "
+                f"this TFLite model: {one_line(err)}; keep it TFLite (--to tflite) or convert "
                 "the framework source"
             ) from err
         self._rename(raw, out)

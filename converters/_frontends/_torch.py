@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 
 from edge_sdk import TensorSpec
+from edge_sdk._internal import one_line
 from edge_sdk.errors import ConversionError, UsageError
 
 from .._data import load_samples
-from ._common import Loaded, first_line, quiet, rename_batch_dims, require
+from ._common import Loaded, quiet, rename_batch_dims, require
 from ._detect import is_factory
 
 OPSET = 17
@@ -176,7 +177,7 @@ class TorchSource:
         except Exception as err:
             raise ConversionError(
                 f"{self.src}: torch.onnx.export failed for this {self.origin} model: "
-                f"{first_line(err)}"
+                f"{one_line(err)}"
             ) from err
         if not out.is_file():
             raise ConversionError(f"{self.src}: torch.onnx.export wrote no file")
@@ -209,7 +210,7 @@ def _from_factory(src: str) -> Any:
             except Exception as err:
                 raise UsageError(
                     f"torch factory {src!r}: cannot import module {module_name!r}: "
-                    f"{first_line(err)} (run from the directory that holds the package, or "
+                    f"{one_line(err)} (run from the directory that holds the package, or "
                     "install it)"
                 ) from err
             obj: Any = mod
@@ -226,7 +227,7 @@ def _from_factory(src: str) -> Any:
                 model = obj()
             except Exception as err:
                 raise ConversionError(
-                    f"torch factory {src!r} raised {first_line(err)}"
+                    f"torch factory {src!r} raised {one_line(err)}"
                 ) from err
     finally:
         if added:
@@ -244,7 +245,7 @@ def _load_file(torch: Any, path: Path, trust_pickle: bool) -> tuple[str, Any]:
         names = zipfile.ZipFile(path).namelist()
     except (zipfile.BadZipFile, OSError) as err:
         raise ConversionError(
-            f"{path}: not a TorchScript or exported-program archive ({first_line(err)}); "
+            f"{path}: not a TorchScript or exported-program archive ({one_line(err)}); "
             "save with torch.jit.save or torch.export.save, or pass package.module:factory"
         ) from err
     is_program = any("serialized_exported_program" in n or n.startswith("models/")
@@ -257,7 +258,7 @@ def _load_file(torch: Any, path: Path, trust_pickle: bool) -> tuple[str, Any]:
             if is_script:
                 return "torchscript", torch.jit.load(str(path), map_location="cpu")
     except Exception as err:
-        raise ConversionError(f"{path}: torch cannot load it: {first_line(err)}") from err
+        raise ConversionError(f"{path}: torch cannot load it: {one_line(err)}") from err
     # torch.save of a whole module or a state_dict: a pickle, so it can run code.
     if not trust_pickle:
         raise UsageError(
@@ -269,7 +270,7 @@ def _load_file(torch: Any, path: Path, trust_pickle: bool) -> tuple[str, Any]:
         with quiet():
             obj = torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as err:
-        raise ConversionError(f"{path}: torch.load failed: {first_line(err)}") from err
+        raise ConversionError(f"{path}: torch.load failed: {one_line(err)}") from err
     if isinstance(obj, torch.nn.Module):
         return "pickled-module", obj
     raise ConversionError(

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..release._rollout import plan_waves
+from ._db import FleetError, FleetUsageError
 
 FINISHED = ("committed", "failed", "rolled_back", "refused", "silent")
 BAD = ("failed", "rolled_back", "refused")
@@ -225,11 +226,11 @@ def desired(state: RolloutState, device: str) -> Desired | None:
     return None
 
 
-class CommandRefused(Exception):
+class CommandRefused(FleetUsageError):
     """An operator command that does not apply in the rollout's current status."""
 
 
-class IllegalEvent(Exception):
+class IllegalEvent(FleetError):
     """An event that cannot follow the rollout's state (the caller has a bug or a corrupt
     record); :func:`step` applies nothing."""
 

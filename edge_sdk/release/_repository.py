@@ -49,7 +49,7 @@ from tuf.api.serialization.json import JSONSerializer
 from .._artifact import Artifact, Manifest
 from .._fs import atomic_write_bytes
 from ..delta import DeltaConfig, build_delta
-from ..errors import ArtifactError, ConfigError, UsageError
+from ..errors import ArtifactError, ConfigError, MissingFileError, UsageError
 from ..trust._deployment import compare_versions
 from ..trust._keys import DEPLOYMENT_ROLE, KeyStore, check_outside, public_key_bytes
 from ..trust._targets import DeltaRef, ReleasedTarget, released_target
@@ -586,7 +586,10 @@ class Repository:
         return signers
 
     def _stage_target(self, tpath: str, src: Path, custom: dict[str, Any]) -> TargetFile:
-        tf = TargetFile.from_file(tpath, str(src), ["sha256"])
+        try:
+            tf = TargetFile.from_file(tpath, str(src), ["sha256"])
+        except FileNotFoundError as err:
+            raise MissingFileError(f"{src}: no such file to sign as target {tpath}") from err
         tf.unrecognized_fields["custom"] = custom
         dirname, _, basename = tpath.rpartition("/")
         dest = self.targets_dir / dirname / f"{tf.hashes['sha256']}.{basename}"
