@@ -91,9 +91,9 @@ def test_a_deployment_is_not_a_profiling_request_and_vice_versa(signer) -> None:
         verify_deployment(json.dumps(doc).encode(), signer.public_key, device_id="dev-1")
     # Re-typed and re-signed as a deployment: still not a profiling request.
     doc["signed"]["type"] = "edge-deployment"
-    from edge_sdk.trust._deployment import _canonical
+    from edge_sdk.trust._envelope import canonical
 
-    doc["signatures"] = [signer.sign(_canonical(doc["signed"])).to_dict()]
+    doc["signatures"] = [signer.sign(canonical(doc["signed"])).to_dict()]
     with pytest.raises(MalformedProfilingRequestError, match=r"signed\.type"):
         verify(json.dumps(doc).encode(), signer)
 
@@ -135,6 +135,21 @@ def test_malformed_fields_are_refused_before_use(signer) -> None:
         verify(sign_profiling_request(request(rounds=0), [signer]), signer)
     with pytest.raises(MalformedProfilingRequestError):
         verify(b"[" * 5000, signer)
+
+
+def test_refusals_name_the_profiling_request_never_a_deployment(signer) -> None:
+    # One envelope for both kinds: each refusal names the document it refuses.
+    doc = json.loads(sign_profiling_request(request(), [signer]))
+    doc["signed"]["issued"] = "yesterday"
+    from edge_sdk.trust._envelope import canonical
+
+    doc["signatures"] = [signer.sign(canonical(doc["signed"])).to_dict()]
+    for payload in (json.dumps(doc).encode(), b"[" * 5000, b"[]",
+                    b'{"signed":{},"signatures":[{"keyid":1}]}'):
+        with pytest.raises(MalformedProfilingRequestError,
+                           match=r"^profiling request\b") as info:
+            verify(payload, signer)
+        assert "deployment" not in str(info.value)
 
 
 def test_result_round_trips_and_hostile_results_are_refused() -> None:

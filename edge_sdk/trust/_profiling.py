@@ -1,8 +1,8 @@
 """Profiling requests (host → device) and their results (device → host).
 
 A profiling request asks one device's agent to time candidate models that the
-host built, without installing them. It is signed by the deployment key like a
-deployment, but its ``signed.type`` is ``edge-profiling-request``: a deployment
+host built, without installing them. It is signed by the deployment key in the
+same envelope as a deployment, but its ``signed.type`` is ``edge-profiling-request``: a deployment
 verifier refuses it and :func:`verify_profiling_request` refuses a deployment,
 so neither can stand in for the other. The model bytes, the sample input and the
 host's outputs on it travel as TUF targets under :data:`PROFILING_PREFIX` in the
@@ -29,12 +29,11 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from securesystemslib.exceptions import FormatError
 from securesystemslib.signer import Key, Signer  # type: ignore[attr-defined]
 
 from .._json import MESSAGE_MAX_BYTES, MESSAGE_MAX_DEPTH, loads_bounded
 from ..errors import VerificationError
-from ._deployment import _canonical, _parse_ts, _ts, parse_deployment, signed_by
+from ._envelope import DocumentKind, SignedDocument, format_ts
 from ._errors import ExpiredError, SignatureError
 
 REQUEST_TYPE = "edge-profiling-request"
@@ -146,7 +145,8 @@ class ProfilingRequest:
     def to_signed(self) -> dict[str, Any]:
         return {
             "type": REQUEST_TYPE, "spec": SPEC, "fleet": self.fleet, "device": self.device,
-            "id": self.id, "issued": _ts(self.issued), "expires": _ts(self.expires),
+            "id": self.id, "issued": format_ts(self.issued),
+            "expires": format_ts(self.expires),
             "sample": self.sample.to_json(),
             "candidates": [c.to_json() for c in self.candidates],
             "runs": self.runs, "warmup": self.warmup, "rounds": self.rounds,
@@ -158,53 +158,49 @@ class ProfilingRequest:
         return self.sample.length + sum(c.model.length + c.expected.length
                                         for c in self.candidates)
 
+    @property
+    def title(self) -> str:
+        return f"profiling request {self.id[:12]}"
+
     @classmethod
     def from_signed(cls, data: Any) -> ProfilingRequest:
-        if not isinstance(data, dict) or data.get("type") != REQUEST_TYPE:
-            raise MalformedProfilingRequestError(
-                f"profiling request: 'signed.type' must be {REQUEST_TYPE!r}")
-        if data.get("spec") != SPEC:
-            raise MalformedProfilingRequestError(
-                f"profiling request: spec {data.get('spec')!r} is not supported (this "
-                f"edge-sdk reads spec {SPEC})")
-
-        def req(key: str, kind: type) -> Any:
-            v = data.get(key)
-            if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
-                raise MalformedProfilingRequestError(
-                    f"profiling request: '{key}' is missing or not {kind.__name__}")
-            return v
-
-        rid = req("id", str)
+        """The body of ``signed``; raises :class:`MalformedProfilingRequestError`."""
+        k = PROFILING_REQUEST
+        data = k.header(data)
+        rid = k.field(data, "id", str)
         if not _ID.fullmatch(rid):
-            raise MalformedProfilingRequestError(
-                "profiling request: 'id' must be 16-64 lowercase hex digits")
-        cands_raw = req("candidates", list)
+            raise k.refuse("'id' must be 16-64 lowercase hex digits")
+        cands_raw = k.field(data, "candidates", list)
         cands = []
         for i, c in enumerate(cands_raw):
             if not isinstance(c, dict) or not isinstance(c.get("name"), str) or \
                     not _NAME.fullmatch(c["name"]):
-                raise MalformedProfilingRequestError(
-                    f"profiling request: candidates[{i}].name must be 1-64 letters, digits, "
-                    "'.', '_' or '-'")
+                raise k.refuse(f"candidates[{i}].name must be 1-64 letters, digits, "
+                               "'.', '_' or '-'")
             cands.append(ProfileCandidate(
                 c["name"], FileRef.from_json(c.get("model"), f"candidates[{i}].model"),
                 FileRef.from_json(c.get("expected"), f"candidates[{i}].expected")))
         if len({c.name for c in cands}) != len(cands):
-            raise MalformedProfilingRequestError("profiling request: candidate names repeat")
-        runs, warmup, rounds = req("runs", int), req("warmup", int), req("rounds", int)
+            raise k.refuse("candidate names repeat")
+        runs, warmup = k.field(data, "runs", int), k.field(data, "warmup", int)
+        rounds = k.field(data, "rounds", int)
         if runs < 1 or warmup < 0 or not 1 <= rounds <= min(runs, MAX_ROUNDS):
-            raise MalformedProfilingRequestError(
-                "profiling request: 'runs' must be >= 1, 'warmup' >= 0 and 'rounds' "
-                f"1..{MAX_ROUNDS} (at most 'runs')")
+            raise k.refuse(f"'runs' must be >= 1, 'warmup' >= 0 and 'rounds' 1..{MAX_ROUNDS} "
+                           "(at most 'runs')")
         return cls(
-            fleet=req("fleet", str), device=req("device", str), id=rid,
-            issued=_parse_ts(data.get("issued"), "issued"),
-            expires=_parse_ts(data.get("expires"), "expires"),
+            fleet=k.field(data, "fleet", str), device=k.field(data, "device", str), id=rid,
+            issued=k.timestamp(data, "issued"), expires=k.timestamp(data, "expires"),
             sample=FileRef.from_json(data.get("sample"), "sample"), candidates=tuple(cands),
             runs=runs, warmup=warmup, rounds=rounds, rtol=_tolerance(data.get("rtol"), "rtol"),
             atol=_tolerance(data.get("atol"), "atol"),
         )
+
+
+#: The profiling request as a kind of signed document.
+PROFILING_REQUEST = DocumentKind(
+    doc_type=REQUEST_TYPE, name="profiling request", body=ProfilingRequest.from_signed, spec=SPEC,
+    malformed=MalformedProfilingRequestError, unsigned=ProfilingSignatureError,
+    expired=ProfilingRequestExpiredError)
 
 
 def _tolerance(value: Any, key: str) -> float:
@@ -220,12 +216,7 @@ def _tolerance(value: Any, key: str) -> float:
 
 def sign_profiling_request(request: ProfilingRequest, signers: Iterable[Signer]) -> bytes:
     """The signed document to publish on the device's profiling request topic."""
-    signed = request.to_signed()
-    payload = _canonical(signed)
-    sigs = [s.sign(payload).to_dict() for s in signers]
-    if not sigs:
-        raise ValueError("at least one signer is needed")
-    return json.dumps({"signed": signed, "signatures": sigs}, separators=(",", ":")).encode()
+    return SignedDocument.sign(request, signers)
 
 
 @dataclass(frozen=True)
@@ -248,8 +239,9 @@ def verify_profiling_request(
 ) -> ProfilingRequest:
     """Verify a raw profiling request for this device and return what it says.
 
-    Checks, in order: the size (before parsing), the signature by ``key`` over the
-    canonical ``signed`` part, the document type and shape, fleet and device, the
+    Checks, in order: the size against ``limits`` (before parsing), the signed
+    envelope (signature by ``key`` over the canonical ``signed`` part, document type
+    and shape), fleet and device, the
     expiry (and a lifetime at most ``limits.max_ttl_s`` ahead), and the limits on
     candidates, bytes and runs. Raises a :class:`ProfilingVerificationError` subclass.
     Replayed ids are the caller's to refuse (it keeps the ids it has seen).
@@ -259,32 +251,17 @@ def verify_profiling_request(
         raise ProfilingRequestTooLargeError(
             f"profiling request is {len(payload)} bytes, over the device's limit of "
             f"{lim.max_request_bytes} (profiling.max_request_bytes)")
-    try:
-        signed, sigs = parse_deployment(payload)
-    except VerificationError as err:
-        raise MalformedProfilingRequestError(
-            str(err).replace("deployment", "profiling request", 1)) from err
-    try:
-        good = signed_by(signed, sigs, key)
-    except FormatError as err:
-        raise MalformedProfilingRequestError(
-            f"profiling request: 'signed' cannot be canonicalised: {str(err)[:120]}") from None
-    if good is None:
-        raise ProfilingSignatureError(
-            f"profiling request is not signed by the trusted deployment key {key.keyid[:12]}… "
-            f"(signatures from {', '.join(s.keyid[:12] for s in sigs) or 'nobody'})")
-    req = replace(ProfilingRequest.from_signed(signed), keyid=good)
+    doc = SignedDocument.verify(payload, key, PROFILING_REQUEST)
+    req = replace(doc.body, keyid=doc.keyid)
     if req.fleet != fleet or req.device != device_id:
         raise ProfilingNotForThisDeviceError(
             f"profiling request {req.id[:12]} is for {req.device!r} in fleet {req.fleet!r}, "
             f"this is {device_id!r} in {fleet!r}")
     when = now or datetime.now(UTC)
-    if req.expires <= when:
-        raise ProfilingRequestExpiredError(
-            f"profiling request {req.id[:12]} expired at {_ts(req.expires)}")
+    doc.check_expiry(when)
     if req.expires > when + timedelta(seconds=lim.max_ttl_s):
         raise ProfilingRequestExpiredError(
-            f"profiling request {req.id[:12]} claims to be valid until {_ts(req.expires)}, "
+            f"{req.title} claims to be valid until {format_ts(req.expires)}, "
             f"more than {lim.max_ttl_s:g} s ahead (profiling.max_ttl_s)")
     if not req.candidates:
         raise MalformedProfilingRequestError("profiling request names no candidate")
