@@ -103,7 +103,7 @@ class ConversionResult:
 #: ``profiler(candidates, sample, expected) -> {device: result}``: times ``candidates``
 #: ((name, model file)) on devices, given the first evaluation sample and each candidate's
 #: outputs on it here; each result has ``hardware``, ``threads`` and ``timing(name)`` (an
-#: :class:`edge_sdk.trust.CandidateTiming`). ``edge-sdk convert --profile-on`` injects one
+#: :class:`edge_sdk.profiling.CandidateTiming`). ``edge-sdk convert --profile-on`` injects one
 #: built on :func:`edge_sdk.release.profile_on_devices`.
 DeviceProfiler = Callable[
     [Sequence[tuple[str, Path]], Mapping[str, np.ndarray], Mapping[str, Mapping[str, np.ndarray]]],

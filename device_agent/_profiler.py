@@ -160,7 +160,7 @@ class Profiler:
         kept: only its size and the id it claims wait for the refusal."""
         item: bytes | _Oversized = payload
         if len(payload) > self.cfg.max_request_bytes:
-            from edge_sdk.trust import claimed_request_id
+            from edge_sdk.profiling import claimed_request_id
 
             item = _Oversized(len(payload),
                               claimed_request_id(payload, self.cfg.max_request_bytes))
@@ -186,7 +186,7 @@ class Profiler:
 
     def _on_request(self, payload: bytes | _Oversized) -> None:
         from edge_sdk.errors import EdgeError
-        from edge_sdk.trust import (
+        from edge_sdk.profiling import (
             ProfilingLimits,
             claimed_request_id,
             verify_profiling_request,
@@ -249,7 +249,7 @@ class Profiler:
         self._queue.put(req)
 
     def _refuse(self, rid: str, why: str, *, verified: bool = True) -> None:
-        from edge_sdk.trust import ProfilingResult
+        from edge_sdk.profiling import ProfilingResult
 
         log.warning("profiling request %s refused: %s", rid[:12], why)
         self.event("profiling_refused", request=rid, reason=why, verified=verified)
@@ -302,7 +302,7 @@ class Profiler:
                 self._run(req)
             except Exception as err:  # the thread must survive any request
                 log.exception("profiling request %s failed", req.id[:12])
-                from edge_sdk.trust import ProfilingResult
+                from edge_sdk.profiling import ProfilingResult
 
                 self._reply(ProfilingResult(req.id, self.config.device_id, "failed",
                                             reason=f"{type(err).__name__}: {err}"[:300]))
@@ -312,7 +312,7 @@ class Profiler:
 
     def _run(self, req: Any) -> None:
         from edge_sdk.errors import EdgeError
-        from edge_sdk.trust import CandidateTiming, ProfilingResult
+        from edge_sdk.profiling import CandidateTiming, ProfilingResult
 
         work = self.root / req.id
         reserve = self.config.limits.reserve_bytes
@@ -378,7 +378,7 @@ class Profiler:
 
     def _measure(self, name: str, model: Path, sample: Path, expected: Path, req: Any,
                  work: Path) -> Any:
-        from edge_sdk.trust import CandidateTiming
+        from edge_sdk.profiling import CandidateTiming
 
         spec = json.dumps({"model": str(model), "sample": str(sample),
                            "expected": str(expected), "threads": self.cfg.threads,

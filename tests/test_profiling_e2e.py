@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 
 import edge_sdk
-from edge_sdk.release import create_deployment, publish_deployment
-from edge_sdk.trust import (
+from edge_sdk.profiling import (
     FileRef,
     ProfileCandidate,
     ProfilingRequest,
     parse_profiling_result,
     sign_profiling_request,
 )
+from edge_sdk.release import create_deployment, publish_deployment
 from edge_sdk.trust._keys import DEPLOYMENT_ROLE
 from tests import _convert_models, _models
 from tests._broker import Mosquitto

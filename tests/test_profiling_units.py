@@ -16,8 +16,7 @@ from securesystemslib.signer import CryptoSigner
 
 from device_agent._profile_child import compare
 from device_agent._profiler import Admission, run_child
-from edge_sdk.trust import (
-    DeploymentVerificationError,
+from edge_sdk.profiling import (
     FileRef,
     MalformedProfilingRequestError,
     MalformedProfilingResultError,
@@ -31,9 +30,9 @@ from edge_sdk.trust import (
     ProfilingSignatureError,
     parse_profiling_result,
     sign_profiling_request,
-    verify_deployment,
     verify_profiling_request,
 )
+from edge_sdk.trust import DeploymentVerificationError, verify_deployment
 from tests import _models
 
 RID = "ab" * 16
@@ -153,7 +152,7 @@ def test_refusals_name_the_profiling_request_never_a_deployment(signer) -> None:
 
 
 def test_result_round_trips_and_hostile_results_are_refused() -> None:
-    from edge_sdk.trust import CandidateTiming
+    from edge_sdk.profiling import CandidateTiming
 
     res = ProfilingResult(RID, "dev-1", "done", hardware={"arch": "aarch64"}, threads=2,
                           candidates=(CandidateTiming("fp32", median_ms=1.5, p90_ms=2.0),))
@@ -396,7 +395,7 @@ class FigureProfiler:
         self.calls: list[list[str]] = []
 
     def __call__(self, candidates, sample, expected):  # type: ignore[no-untyped-def]
-        from edge_sdk.trust import CandidateTiming
+        from edge_sdk.profiling import CandidateTiming
 
         names = [n for n, _ in candidates]
         self.calls.append(names)

@@ -25,11 +25,7 @@ import numpy as np
 
 from .._io import save_npz
 from ..errors import ConfigError, DeploymentError, UsageError
-from ..transport import MqttConfig, MqttConnection, Topics
-from ..transport._config import check_topic_word
-from ..trust._keys import DEPLOYMENT_ROLE
-from ..trust._profiling import (
-    MAX_ROUNDS,
+from ..profiling import (
     FileRef,
     MalformedProfilingResultError,
     ProfileCandidate,
@@ -39,6 +35,10 @@ from ..trust._profiling import (
     parse_profiling_result,
     sign_profiling_request,
 )
+from ..profiling._request import MAX_ROUNDS
+from ..transport import MqttConfig, MqttConnection, Topics
+from ..transport._config import check_topic_word
+from ..trust._keys import DEPLOYMENT_ROLE
 from ._repository import Repository
 
 

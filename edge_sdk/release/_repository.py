@@ -392,7 +392,7 @@ class Repository:
         fetched and verified by devices like any target, never a release (no manifest),
         so no agent installs one. Returns file name → the signed target. Call it inside
         :meth:`profiling_run`; targets of runs no live process owns are removed here."""
-        from ..trust._profiling import PROFILING_PREFIX
+        from ..profiling._request import PROFILING_PREFIX
 
         md = self.load(Targets.type)
         orphans = self._unlist_orphaned_profiling(md, keep={request_id})
@@ -416,7 +416,7 @@ class Repository:
     def remove_profiling_files(self, request_id: str) -> int:
         """Unlist and delete the targets :meth:`add_profiling_files` signed for
         ``request_id``; returns how many there were."""
-        from ..trust._profiling import PROFILING_PREFIX
+        from ..profiling._request import PROFILING_PREFIX
 
         prefix = f"{PROFILING_PREFIX}{request_id}/"
         md = self.load(Targets.type)
@@ -536,7 +536,7 @@ class Repository:
         caller signs it) and return their ids, for :meth:`_delete_profiling` once it is
         signed. Runs under the repository lock, so no owner is between signing its
         targets and holding its lock: it takes the lock first and drops it last."""
-        from ..trust._profiling import PROFILING_PREFIX
+        from ..profiling._request import PROFILING_PREFIX
 
         listed: dict[str, list[str]] = {}
         for p in md.signed.targets:
@@ -562,7 +562,7 @@ class Repository:
 
     def _delete_profiling(self, request_ids: Collection[str]) -> None:
         """Delete the target files and owner locks of runs already unlisted and signed."""
-        from ..trust._profiling import PROFILING_PREFIX
+        from ..profiling._request import PROFILING_PREFIX
 
         for rid in request_ids:
             shutil.rmtree(self.targets_dir / PROFILING_PREFIX / rid, ignore_errors=True)

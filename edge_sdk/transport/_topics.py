@@ -97,7 +97,7 @@ class Topics:
         """Subscription filter for one leaf (``state``, ``events``) of every device."""
         return f"{self.base}/dev/+/{check_topic_word(leaf, 'topic leaf')}"
 
-    # -- on-device profiling (appended; see edge_sdk.trust's profiling documents) ---------
+    # -- on-device profiling (appended; see edge_sdk.profiling) ---------
 
     def profile_request(self, device: str) -> str:
         """Signed profiling requests for ``device`` (host -> device, not retained)."""

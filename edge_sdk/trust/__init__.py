@@ -16,11 +16,8 @@ Device-side API (used by the agent):
   (:class:`Download`) says which was used.
 - :func:`load_public_key` / :func:`parse_public_key` for the deployment key file.
 
-Profiling (``convert --profile-on``): :class:`ProfilingRequest` signed by the deployment
-key with :func:`sign_profiling_request` (a distinct document type), checked on the device by
-:func:`verify_profiling_request` (:class:`ProfilingLimits`); the device answers with a
-:class:`ProfilingResult` (:class:`CandidateTiming` per candidate) that the host reads with
-:func:`parse_profiling_result`.
+Profiling requests travel in the same signed envelope; their documents are
+:mod:`edge_sdk.profiling`.
 
 Host-side: :func:`sign_deployment`, :class:`KeyStore`; the repository itself is
 :class:`edge_sdk.release.Repository`.
@@ -54,31 +51,9 @@ from ._errors import (
     TargetMismatchError,
 )
 from ._keys import KeyStore, load_public_key, parse_public_key, public_key_bytes
-from ._profiling import (
-    PROFILING_PREFIX,
-    CandidateTiming,
-    FileRef,
-    MalformedProfilingRequestError,
-    MalformedProfilingResultError,
-    ProfileCandidate,
-    ProfilingLimits,
-    ProfilingNotForThisDeviceError,
-    ProfilingRequest,
-    ProfilingRequestExpiredError,
-    ProfilingRequestTooLargeError,
-    ProfilingResult,
-    ProfilingSignatureError,
-    ProfilingVerificationError,
-    claimed_request_id,
-    parse_profiling_result,
-    sign_profiling_request,
-    verify_profiling_request,
-)
 from ._targets import DeltaRef, ReleasedTarget, released_target
 
 __all__ = [
-    "PROFILING_PREFIX",
-    "CandidateTiming",
     "DeltaRef",
     "Deployment",
     "DeploymentExpiredError",
@@ -88,23 +63,11 @@ __all__ = [
     "Download",
     "EndlessDataError",
     "ExpiredError",
-    "FileRef",
     "KeyStore",
     "LocalModel",
     "MalformedDeploymentError",
-    "MalformedProfilingRequestError",
-    "MalformedProfilingResultError",
     "MixAndMatchError",
     "NotForThisDeviceError",
-    "ProfileCandidate",
-    "ProfilingLimits",
-    "ProfilingNotForThisDeviceError",
-    "ProfilingRequest",
-    "ProfilingRequestExpiredError",
-    "ProfilingRequestTooLargeError",
-    "ProfilingResult",
-    "ProfilingSignatureError",
-    "ProfilingVerificationError",
     "ReleasedTarget",
     "ReplayError",
     "RepositoryError",
@@ -114,16 +77,12 @@ __all__ = [
     "TargetHashError",
     "TargetMismatchError",
     "UpdateClient",
-    "claimed_request_id",
     "compare_versions",
     "load_public_key",
-    "parse_profiling_result",
     "parse_public_key",
     "public_key_bytes",
     "released_target",
     "sign_deployment",
-    "sign_profiling_request",
     "tuf_error",
     "verify_deployment",
-    "verify_profiling_request",
 ]
