@@ -23,6 +23,7 @@ from urllib.parse import unquote, urlparse
 
 from edge_sdk._internal import add_secret, host_name, redact_url
 from edge_sdk.errors import ConfigError
+from edge_sdk.profiling import ProfilingLimits
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 #: What becomes one MQTT topic level: no '.', which makes NATS close the connection.
@@ -208,15 +209,11 @@ class ProfilingConfig:
     threads: int = 1
     #: Requests waiting behind the running one; more are refused ("busy").
     max_queued: int = 2
-    max_request_bytes: int = 32 * 1024
-    max_candidates: int = 16
-    max_candidate_bytes: int = 256 * 1024 * 1024
-    #: All files of one request (candidates, sample, expected outputs).
-    max_total_bytes: int = 1024 * 1024 * 1024
-    max_runs: int = 1000
-    max_warmup: int = 100
-    #: A request may not claim to stay valid longer than this.
-    max_ttl_s: float = 3600.0
+    #: What one request may ask (size, candidates, bytes, runs, lifetime), checked with
+    #: its signature. Its keys sit in this section itself (``profiling.max_runs``), not
+    #: in a sub-table: the file format predates the object.
+    limits: ProfilingLimits = field(default_factory=ProfilingLimits,
+                                    metadata={"flat": True})
     #: Request ids remembered until their requests expire (``STATE/seen/profiling.json``,
     #: ~100 bytes each), so that a replay is refused across restarts; when more are
     #: unexpired, requests expiring before the dropped ones are refused.
@@ -345,12 +342,12 @@ class AgentConfig:
             ("telemetry.progress_s", self.telemetry.progress_s),
             ("broker.keepalive_s", self.broker.keepalive_s),
             ("profiling.threads", self.profiling.threads + 1),
-            ("profiling.max_request_bytes", self.profiling.max_request_bytes),
-            ("profiling.max_candidates", self.profiling.max_candidates),
-            ("profiling.max_candidate_bytes", self.profiling.max_candidate_bytes),
-            ("profiling.max_total_bytes", self.profiling.max_total_bytes),
-            ("profiling.max_runs", self.profiling.max_runs),
-            ("profiling.max_ttl_s", self.profiling.max_ttl_s),
+            ("profiling.max_request_bytes", self.profiling.limits.max_request_bytes),
+            ("profiling.max_candidates", self.profiling.limits.max_candidates),
+            ("profiling.max_candidate_bytes", self.profiling.limits.max_candidate_bytes),
+            ("profiling.max_total_bytes", self.profiling.limits.max_total_bytes),
+            ("profiling.max_runs", self.profiling.limits.max_runs),
+            ("profiling.max_ttl_s", self.profiling.limits.max_ttl_s),
             ("profiling.max_seen", self.profiling.max_seen),
             ("profiling.timeout_s", self.profiling.timeout_s),
         ]
@@ -363,7 +360,7 @@ class AgentConfig:
                          ("limits.warmup_runs", self.limits.warmup_runs),
                          ("limits.reserve_bytes", self.limits.reserve_bytes),
                          ("profiling.max_queued", self.profiling.max_queued),
-                         ("profiling.max_warmup", self.profiling.max_warmup),
+                         ("profiling.max_warmup", self.profiling.limits.max_warmup),
                          ("profiling.max_memory_bytes", self.profiling.max_memory_bytes)):
             if num < 0:
                 raise bad(key, "must be >= 0")
@@ -394,9 +391,13 @@ def _build(cls: type[Any], data: Any, where: str, prefix: str, base: Path) -> An
         raise ConfigError(f"{where}: [{prefix.rstrip('.')}] must be a table")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    # A "flat" dataclass field reads its own fields from this same table.
+    flat = {name: {g.name for g in dataclasses.fields(hints[name])}
+            for name, f in fields.items() if f.metadata.get("flat")}
+    keys = (set(fields) - set(flat)).union(*flat.values())
+    unknown = sorted(set(data) - keys)
     if unknown:
-        known = ", ".join(sorted(fields))
+        known = ", ".join(sorted(keys))
         raise ConfigError(
             f"{where}: unknown key(s) {', '.join(prefix + k for k in unknown)} "
             f"(known in {'[' + prefix.rstrip('.') + ']' if prefix else 'the top level'}: {known})"
@@ -404,6 +405,10 @@ def _build(cls: type[Any], data: Any, where: str, prefix: str, base: Path) -> An
     kwargs: dict[str, Any] = {}
     for name, f in fields.items():
         key = prefix + name
+        if name in flat:
+            own = {k: v for k, v in data.items() if k in flat[name]}
+            kwargs[name] = _build(hints[name], own, where, prefix, base)
+            continue
         if name not in data:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ConfigError(f"{where}: missing required key '{key}'")

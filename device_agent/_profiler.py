@@ -132,7 +132,7 @@ class Profiler:
         self.source: Any = None
         self._lock = threading.Lock()
         record, lost = read_seen(state_dir, max_seen=self.cfg.max_seen,
-                                 max_ttl_s=self.cfg.max_ttl_s, now=time.time())
+                                 max_ttl_s=self.cfg.limits.max_ttl_s, now=time.time())
         self._admission = Admission(self.cfg.max_queued, self.cfg.max_seen, seen=record)
         if lost is not None:
             # Fail closed for replays, stay up for everything else.
@@ -159,11 +159,11 @@ class Profiler:
         events to disk, which must not hold up the broker link). An oversized one is not
         kept: only its size and the id it claims wait for the refusal."""
         item: bytes | _Oversized = payload
-        if len(payload) > self.cfg.max_request_bytes:
+        if len(payload) > self.cfg.limits.max_request_bytes:
             from edge_sdk.profiling import claimed_request_id
 
             item = _Oversized(len(payload),
-                              claimed_request_id(payload, self.cfg.max_request_bytes))
+                              claimed_request_id(payload, self.cfg.limits.max_request_bytes))
         try:
             self._intake.put_nowait(item)
         except queue.Full:
@@ -186,11 +186,7 @@ class Profiler:
 
     def _on_request(self, payload: bytes | _Oversized) -> None:
         from edge_sdk.errors import EdgeError
-        from edge_sdk.profiling import (
-            ProfilingLimits,
-            claimed_request_id,
-            verify_profiling_request,
-        )
+        from edge_sdk.profiling import claimed_request_id, verify_profiling_request
 
         if not payload:
             return
@@ -198,24 +194,21 @@ class Profiler:
         if isinstance(payload, _Oversized):
             self._refuse(payload.rid or "0" * 16,
                          f"profiling request is {payload.size} bytes, over the device's "
-                         f"limit of {c.max_request_bytes} (profiling.max_request_bytes)",
+                         f"limit of {c.limits.max_request_bytes} "
+                         "(profiling.max_request_bytes)",
                          verified=False)
             return
-        rid = claimed_request_id(payload, c.max_request_bytes) or "0" * 16
+        rid = claimed_request_id(payload, c.limits.max_request_bytes) or "0" * 16
         # Until the signature checks, the id is only claimed: such refusals say so
         # (``verified`` False), and the host does not take them for the real answer.
         if self.source is None or getattr(self.source, "key", None) is None:
             self._refuse(rid, "this agent has no release source to fetch candidates from",
                          verified=False)
             return
-        limits = ProfilingLimits(
-            max_request_bytes=c.max_request_bytes, max_candidates=c.max_candidates,
-            max_candidate_bytes=c.max_candidate_bytes, max_total_bytes=c.max_total_bytes,
-            max_runs=c.max_runs, max_warmup=c.max_warmup, max_ttl_s=c.max_ttl_s)
         try:
             req = verify_profiling_request(payload, self.source.key,
                                            device_id=self.config.device_id,
-                                           fleet=self.config.fleet, limits=limits)
+                                           fleet=self.config.fleet, limits=c.limits)
         except EdgeError as err:
             self._refuse(rid, str(err), verified=False)
             return
