@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 import edge_sdk
-from edge_sdk.transport import FetchConfig
-from edge_sdk.trust import SlowRetrievalError
+from edge_sdk.transport import FetchConfig, SlowRetrievalError
 from tests._broker import Mosquitto
 from tests._trust_env import EvilResponder, env
 

@@ -15,19 +15,17 @@ from tuf.api.serialization.json import JSONSerializer
 
 from edge_sdk.errors import TransportError, VerificationError
 from edge_sdk.release import Repository
-from edge_sdk.transport import FetchConfig
+from edge_sdk.transport import EndlessDataError, FetchConfig, SlowRetrievalError
 from edge_sdk.trust import (
     DeploymentExpiredError,
     DeploymentSignatureError,
     DowngradeError,
-    EndlessDataError,
     ExpiredError,
     MixAndMatchError,
     NotForThisDeviceError,
     ReplayError,
     RollbackError,
     SignatureError,
-    SlowRetrievalError,
     TargetHashError,
     TargetMismatchError,
     sign_deployment,

@@ -22,20 +22,18 @@ from tuf.api.serialization.json import JSONSerializer
 import edge_sdk
 from edge_sdk.errors import TransportError, VerificationError
 from edge_sdk.release import Repository, create_deployment
-from edge_sdk.transport import FetchConfig
+from edge_sdk.transport import EndlessDataError, FetchConfig, SlowRetrievalError
 from edge_sdk.trust import (
     Deployment,
     DeploymentExpiredError,
     DeploymentSignatureError,
     DowngradeError,
-    EndlessDataError,
     ExpiredError,
     MixAndMatchError,
     NotForThisDeviceError,
     ReplayError,
     RollbackError,
     SignatureError,
-    SlowRetrievalError,
     TargetHashError,
     TargetMismatchError,
     UpdateClient,

@@ -22,7 +22,7 @@
 - The responder that serves a repository is :class:`edge_sdk.transport.RepoResponder`.
 """
 
-from ..trust import ReleasedTarget, released_target
+from ..trust._targets import ReleasedTarget, released_target
 from ._deploy import (
     DEPLOYMENT_EXPIRES_DAYS,
     SignedDeployment,

@@ -14,7 +14,7 @@ Layout (only ``metadata/`` and ``targets/`` are ever served)::
     REPO/deployments/                  counter and last signed deployment per device/group
     REPO/.profiling/ID.lock            held by the process running profiling request ID
 
-Private keys stay in KEYDIR (see :class:`edge_sdk.trust.KeyStore`).
+Private keys stay in KEYDIR (see ``Repository.keys``, a ``trust._keys.KeyStore``).
 """
 
 from __future__ import annotations

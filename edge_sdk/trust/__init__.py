@@ -11,29 +11,30 @@ Device-side API (used by the agent):
   :class:`~edge_sdk.transport.FetchConfig`; or any
   :class:`~edge_sdk.transport.RepositoryFetcher` as ``fetcher``): ``fetch(deployment, dest_dir)``,
   ``fetch_release(name, dest_dir, version=)``, ``releases()`` → :class:`ReleasedTarget`;
-  with ``have=[LocalModel(path, sha256)]`` a signed delta (:class:`DeltaRef`) from a model
+  with ``have=[LocalModel(path, sha256)]`` a signed delta from a model
   the device holds is applied instead of the full download, and ``last_download``
   (:class:`Download`) says which was used.
-- :func:`load_public_key` / :func:`parse_public_key` for the deployment key file.
+- :func:`load_public_key` for the deployment key file.
 
 Profiling requests travel in the same signed envelope; their documents are
 :mod:`edge_sdk.profiling`.
 
-Host-side: :func:`sign_deployment`, :class:`KeyStore`; the repository itself is
+Host-side: :func:`sign_deployment` (operators use
+:func:`edge_sdk.release.create_deployment`); the repository and its keys are
 :class:`edge_sdk.release.Repository`.
 
 Errors (all :class:`~edge_sdk.errors.VerificationError`): :class:`SignatureError`
 (wrong key, threshold not met), :class:`RollbackError`, :class:`ExpiredError`
 (freeze), :class:`MixAndMatchError`, :class:`TargetHashError` (tampered bytes),
-:class:`EndlessDataError`, :class:`TargetMismatchError` (deployment and repository disagree),
-:class:`RepositoryError`, and the :class:`DeploymentVerificationError` family.
-:class:`SlowRetrievalError` (re-exported from :mod:`edge_sdk.transport`) is a
-:class:`~edge_sdk.errors.TransportError` instead: a stall is retried, never refused.
+:class:`TargetMismatchError` (deployment and repository disagree),
+:class:`RepositoryError`, and the :class:`DeploymentVerificationError` family. A download
+may also raise :class:`edge_sdk.transport.EndlessDataError` (a ``VerificationError``) or
+:class:`edge_sdk.transport.SlowRetrievalError` (a
+:class:`~edge_sdk.errors.TransportError`: a stall is retried, never refused).
 """
 
-from ..transport._errors import EndlessDataError, SlowRetrievalError
-from ._client import Download, LocalModel, UpdateClient, tuf_error
-from ._deployment import Deployment, compare_versions, sign_deployment, verify_deployment
+from ._client import Download, LocalModel, UpdateClient
+from ._deployment import Deployment, sign_deployment, verify_deployment
 from ._errors import (
     DeploymentExpiredError,
     DeploymentSignatureError,
@@ -50,20 +51,17 @@ from ._errors import (
     TargetHashError,
     TargetMismatchError,
 )
-from ._keys import KeyStore, load_public_key, parse_public_key, public_key_bytes
-from ._targets import DeltaRef, ReleasedTarget, released_target
+from ._keys import load_public_key
+from ._targets import ReleasedTarget
 
 __all__ = [
-    "DeltaRef",
     "Deployment",
     "DeploymentExpiredError",
     "DeploymentSignatureError",
     "DeploymentVerificationError",
     "DowngradeError",
     "Download",
-    "EndlessDataError",
     "ExpiredError",
-    "KeyStore",
     "LocalModel",
     "MalformedDeploymentError",
     "MixAndMatchError",
@@ -73,16 +71,10 @@ __all__ = [
     "RepositoryError",
     "RollbackError",
     "SignatureError",
-    "SlowRetrievalError",
     "TargetHashError",
     "TargetMismatchError",
     "UpdateClient",
-    "compare_versions",
     "load_public_key",
-    "parse_public_key",
-    "public_key_bytes",
-    "released_target",
     "sign_deployment",
-    "tuf_error",
     "verify_deployment",
 ]
