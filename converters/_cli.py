@@ -6,7 +6,7 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -23,6 +23,9 @@ from ._report import (
     task_lines,
 )
 from ._tasks import KINDS, TASKS
+
+if TYPE_CHECKING:
+    from edge_sdk.profiling import DeviceProfiler
 
 _SHAPE = re.compile(r"^([^=]+)=(\d+(?:[x,]\d+)*)$")
 
@@ -161,21 +164,21 @@ def parse_metrics(values: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
 
 def _device_profiler(devices: tuple[str, ...], broker: str | None, repo: Path | None,
                      fleet: str, keydir: Path | None, username: str | None,
-                     password: str | None, timeout_s: float) -> Any:
+                     password: str | None, timeout_s: float) -> DeviceProfiler:
     """The injected profiler: the release package is imported only when asked for (it
     needs the agent extra), and the pipeline never sees MQTT."""
     if not broker or repo is None:
         raise UsageError("--profile-on needs --broker URL and --repo REPO (the repository "
                          "`edge-sdk serve` serves; its deployment key signs the request)")
     try:
-        from edge_sdk.release import DeviceProfiler, ProfileConfig
+        from edge_sdk.release import ProfileConfig, RepositoryProfiler
         from edge_sdk.transport import MqttConfig
     except ImportError as err:
         raise UsageError(f"--profile-on needs the agent extra (pip install "
                          f"'edge-sdk[agent]'): {err.name or err}") from err
-    return DeviceProfiler(repo, MqttConfig(url=broker, fleet=fleet, username=username,
-                                           password=password), devices, keydir=keydir,
-                          config=ProfileConfig(timeout_s=timeout_s))
+    return RepositoryProfiler(repo, MqttConfig(url=broker, fleet=fleet, username=username,
+                                               password=password), devices, keydir=keydir,
+                              config=ProfileConfig(timeout_s=timeout_s))
 
 
 def summary(report: dict[str, Any] | Any, path: str) -> str:

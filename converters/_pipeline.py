@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -45,6 +45,9 @@ from ._report import (
     write_report,
 )
 from ._tasks import TASKS, TaskPlan, TaskScorer, parse_output_metrics, task_scorer
+
+if TYPE_CHECKING:  # converting never needs the agent extra that signing requests does
+    from edge_sdk.profiling import DeviceProfiler
 
 QUANTIZE_CHOICES = (*SCHEMES, "auto")
 TARGETS = ("onnx", "ort", "tflite")
@@ -100,16 +103,6 @@ class ConversionResult:
     warnings: tuple[str, ...]
 
 
-#: ``profiler(candidates, sample, expected) -> {device: result}``: times ``candidates``
-#: ((name, model file)) on devices, given the first evaluation sample and each candidate's
-#: outputs on it here; each result has ``hardware``, ``threads`` and ``timing(name)`` (an
-#: :class:`edge_sdk.profiling.CandidateTiming`). ``edge-sdk convert --profile-on`` injects one
-#: built on :func:`edge_sdk.release.profile_on_devices`.
-DeviceProfiler = Callable[
-    [Sequence[tuple[str, Path]], Mapping[str, np.ndarray], Mapping[str, Mapping[str, np.ndarray]]],
-    Mapping[str, Any]]
-
-
 @dataclass(frozen=True)
 class ConvertConfig:
     """Tunables of one conversion (tests shrink ``measure``)."""
@@ -127,6 +120,7 @@ class ConvertConfig:
     base_tolerance: float = 0.01
     # When set, candidates are also timed on devices and auto chooses by the worst
     # device's latency (accuracy stays measured here, against the source).
+    # ``edge-sdk convert --profile-on`` injects an edge_sdk.release.RepositoryProfiler.
     device_profiler: DeviceProfiler | None = None
 
     def __post_init__(self) -> None:

@@ -29,7 +29,7 @@ from ._install import ArtifactSource, Installer, ModelLoader
 from ._intake import DesiredInbox, Unverified, Verified
 from ._lifecycle import Mode
 from ._metrics import Metrics
-from ._profiler import Profiler
+from ._profiler import Profiler, ProfilingSource
 from ._protocol import InferenceApp
 from ._server import HttpServer
 from ._serving import ModelSlot, Served
@@ -227,7 +227,7 @@ class Agent:
             self._fetcher = source.client.chunks
         elif not hasattr(arg, "verify_deployment"):
             self.installer.source = arg(self.config, conn)
-        if hasattr(self.installer.source, "fetch_file"):
+        if isinstance(self.installer.source, ProfilingSource):
             self.profiler.source = self.installer.source
         for topic in self._desired_topics:
             conn.subscribe(topic, self._on_desired, wait=False)

@@ -28,14 +28,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ._config import AgentConfig, ProfilingConfig
 from ._state import SEEN_FILE, SeenRecord, read_seen, write_seen
+
+if TYPE_CHECKING:  # imported when a request comes: the agent starts without them
+    from securesystemslib.signer import Key  # type: ignore[attr-defined]
+
+    from edge_sdk.profiling import CandidateTiming, FileRef, ProfilingRequest, ProfilingResult
 
 log = logging.getLogger("device_agent.profiling")
 
@@ -107,19 +112,39 @@ class Admission:
         self.running = None
 
 
+@runtime_checkable
+class ProfilingSource(Protocol):
+    """What answering profiling requests needs of the release source
+    (:class:`~device_agent._source.ReleaseSource`): the deployment key, which signs the
+    requests, and verified, serialised downloads of the files they name."""
+
+    @property
+    def key(self) -> Key: ...
+
+    def fetch_file(self, target: str, dest: Path, *, sha256: str, length: int) -> Path:
+        """A signed target verified by the TUF client; raises EdgeError."""
+        ...
+
+    def drop_partial(self, sha256s: Sequence[str]) -> None:
+        """Forget the resumable partial downloads of these files."""
+        ...
+
+
 def _utc(ts: int) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class Profiler:
     """Answers profiling requests. ``publish(topic, payload)`` sends a reply;
-    ``event(kind, **fields)`` reports; ``source`` (set once the broker link exists) has
-    ``key`` (the deployment key) and ``fetch_file`` (a verified, serialised download)."""
+    ``event(kind, **fields)`` reports; ``source`` checks and fetches them (without one,
+    every request is refused: an agent with no release source has nothing to fetch
+    candidates from)."""
 
     def __init__(self, config: AgentConfig, state_dir: Path,
                  publish: Callable[[str, bytes], None], event: Callable[..., None],
                  hardware: Callable[[], Mapping[str, Any]],
-                 result_topic: str, stop: threading.Event) -> None:
+                 result_topic: str, stop: threading.Event, *,
+                 source: ProfilingSource | None = None) -> None:
         self.config = config
         self.cfg: ProfilingConfig = config.profiling
         self.root = state_dir / PROFILING_DIR
@@ -129,7 +154,7 @@ class Profiler:
         self.hardware = hardware
         self.result_topic = result_topic
         self._stop = stop
-        self.source: Any = None
+        self.source = source
         self._lock = threading.Lock()
         record, lost = read_seen(state_dir, max_seen=self.cfg.max_seen,
                                  max_ttl_s=self.cfg.limits.max_ttl_s, now=time.time())
@@ -144,7 +169,7 @@ class Profiler:
             except OSError as err:
                 log.warning("cannot write %s: %s", state_dir / SEEN_FILE,
                             err.strerror or err)
-        self._queue: queue.Queue[Any] = queue.Queue()
+        self._queue: queue.Queue[ProfilingRequest | None] = queue.Queue()
         self._intake: queue.Queue[bytes | _Oversized | None] = queue.Queue(_INTAKE_MAX)
         self._thread: threading.Thread | None = None
         self._intake_thread: threading.Thread | None = None
@@ -201,12 +226,13 @@ class Profiler:
         rid = claimed_request_id(payload, c.limits.max_request_bytes) or "0" * 16
         # Until the signature checks, the id is only claimed: such refusals say so
         # (``verified`` False), and the host does not take them for the real answer.
-        if self.source is None or getattr(self.source, "key", None) is None:
+        source = self.source
+        if source is None:
             self._refuse(rid, "this agent has no release source to fetch candidates from",
                          verified=False)
             return
         try:
-            req = verify_profiling_request(payload, self.source.key,
+            req = verify_profiling_request(payload, source.key,
                                            device_id=self.config.device_id,
                                            fleet=self.config.fleet, limits=c.limits)
         except EdgeError as err:
@@ -249,7 +275,7 @@ class Profiler:
         self._reply(ProfilingResult(rid, self.config.device_id, "refused", reason=why,
                                     verified=verified))
 
-    def _reply(self, result: Any) -> None:
+    def _reply(self, result: ProfilingResult) -> None:
         try:
             self.publish(self.result_topic, result.dumps())
         except Exception as err:
@@ -303,9 +329,9 @@ class Profiler:
                 with self._lock:
                     self._admission.finish()
 
-    def _run(self, req: Any) -> None:
+    def _run(self, req: ProfilingRequest) -> None:
         from edge_sdk.errors import EdgeError
-        from edge_sdk.profiling import CandidateTiming, ProfilingResult
+        from edge_sdk.profiling import ProfilingResult
 
         work = self.root / req.id
         reserve = self.config.limits.reserve_bytes
@@ -345,9 +371,8 @@ class Profiler:
         finally:
             shutil.rmtree(work, ignore_errors=True)
             # A failed fetch leaves its partial download: nobody resumes a profiling file.
-            drop = getattr(self.source, "drop_partial", None)
-            if drop is not None:
-                drop([r.sha256 for r in refs])
+            if self.source is not None:
+                self.source.drop_partial([r.sha256 for r in refs])
         if self._stop.is_set():
             # Candidates killed or never measured because the agent stops are not figures:
             # the host must not choose among the rest as if they were all there was.
@@ -364,13 +389,12 @@ class Profiler:
                    excluded=[t.name for t in timings if not t.ok])
         self._reply(result)
 
-    def _fetch(self, ref: Any, dest: Path) -> Path:
-        path: Path = self.source.fetch_file(ref.target, dest, sha256=ref.sha256,
-                                            length=ref.length)
-        return path
+    def _fetch(self, ref: FileRef, dest: Path) -> Path:
+        assert self.source is not None  # no request is admitted without one
+        return self.source.fetch_file(ref.target, dest, sha256=ref.sha256, length=ref.length)
 
-    def _measure(self, name: str, model: Path, sample: Path, expected: Path, req: Any,
-                 work: Path) -> Any:
+    def _measure(self, name: str, model: Path, sample: Path, expected: Path,
+                 req: ProfilingRequest, work: Path) -> CandidateTiming:
         from edge_sdk.profiling import CandidateTiming
 
         spec = json.dumps({"model": str(model), "sample": str(sample),

@@ -233,8 +233,7 @@ class ProfilerRig:
         self.stop = threading.Event()
         self.prof = Profiler(cfg, state, lambda t, p: self.sent.append(p),
                              lambda kind, **f: self.events.append((kind, f)), dict, "res",
-                             self.stop)
-        self.prof.source = RefusingSource(signer.public_key)
+                             self.stop, source=RefusingSource(signer.public_key))
 
     def ask(self, payload: bytes) -> ProfilingResult | None:
         sent, events = len(self.sent), len(self.events)

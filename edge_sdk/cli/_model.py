@@ -311,14 +311,15 @@ def _bench_on(path: str, predictor: Any, feed: dict[str, np.ndarray],
     if not broker or not repo_dir:
         raise UsageError("--on needs --broker URL and --repo REPO (served by `edge-sdk "
                          "serve`, whose deployment key signs the request)")
-    from ..release import DeviceProfiler, ProfileConfig, ProfilingError
+    from ..release import ProfileConfig, ProfilingError, RepositoryProfiler
     from ..transport import MqttConfig
 
     model_file = Path(predictor.path)
-    prof = DeviceProfiler(repo_dir, MqttConfig(url=broker, fleet=fleet, username=username,
-                                               password=password), devices, keydir=keydir,
-                          config=ProfileConfig(timeout_s=timeout_s, runs=runs,
-                                               warmup=warmup))
+    prof = RepositoryProfiler(repo_dir, MqttConfig(url=broker, fleet=fleet,
+                                                   username=username, password=password),
+                              devices, keydir=keydir,
+                              config=ProfileConfig(timeout_s=timeout_s, runs=runs,
+                                                   warmup=warmup))
     results = prof([("model", model_file)], feed,
                    {"model": {k: np.asarray(v) for k, v in expected.items()}})
     rows = {}

@@ -15,7 +15,8 @@
   :func:`plan_waves`.
 - :func:`profile_on_devices` (``convert --profile-on``, ``bench --on``): candidates as
   ``profiling/`` targets, a signed request per device, the devices' figures back
-  (:class:`ProfileConfig`; a silent or refusing device is a :class:`ProfilingError`).
+  (:class:`ProfileConfig`; a silent or refusing device is a :class:`ProfilingError`);
+  :class:`RepositoryProfiler` is that as an :class:`edge_sdk.profiling.DeviceProfiler`.
 - :func:`parse_duration` (``2m``, ``12h``, ``7d``), :func:`refresh_due` (half the
   lifetime passed), :class:`FreshnessKeeper` (serve re-signs the due roles whose keys
   are online), :func:`expiry_warnings` (roles expiring within a day with no online key).
@@ -33,7 +34,7 @@ from ._deploy import (
 )
 from ._durations import format_duration, parse_duration, refresh_due
 from ._freshness import ExpiryWarning, FreshnessKeeper, describe_lifetimes, expiry_warnings
-from ._profile import DeviceProfiler, ProfileConfig, ProfilingError, profile_on_devices
+from ._profile import ProfileConfig, ProfilingError, RepositoryProfiler, profile_on_devices
 from ._repository import DEFAULT_DELTA_BASES, ROLE_NAMES, Repository
 from ._rollout import RolloutConfig, RolloutResult, plan_waves, rollout
 from ._watch import (
@@ -50,7 +51,6 @@ __all__ = [
     "DEPLOYMENT_EXPIRES_DAYS",
     "ROLE_NAMES",
     "DeploymentWatch",
-    "DeviceProfiler",
     "DeviceStatus",
     "ExpiryWarning",
     "FreshnessKeeper",
@@ -59,6 +59,7 @@ __all__ = [
     "ProfilingError",
     "ReleasedTarget",
     "Repository",
+    "RepositoryProfiler",
     "RolloutConfig",
     "RolloutResult",
     "SignedDeployment",

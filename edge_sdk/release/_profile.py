@@ -26,6 +26,7 @@ import numpy as np
 from .._io import save_npz
 from ..errors import ConfigError, DeploymentError, UsageError
 from ..profiling import (
+    DeviceProfiler,
     FileRef,
     MalformedProfilingResultError,
     ProfileCandidate,
@@ -206,10 +207,10 @@ def _npz(path: Path, arrays: Mapping[str, np.ndarray]) -> Path:
 
 
 
-class DeviceProfiler:
-    """``convert --profile-on`` / ``bench --on``: a callable ``(candidates, sample,
-    expected) -> {device: ProfilingResult}`` that opens its own broker connection per call
-    and runs :func:`profile_on_devices` against the repository at ``repo``."""
+class RepositoryProfiler(DeviceProfiler):
+    """The :class:`~edge_sdk.profiling.DeviceProfiler` of ``convert --profile-on`` and
+    ``bench --on``: opens its own broker connection per call and runs
+    :func:`profile_on_devices` against the repository at ``repo``."""
 
     def __init__(self, repo: str | Path, mqtt: MqttConfig, devices: Sequence[str], *,
                  keydir: str | Path | None = None, config: ProfileConfig | None = None,
@@ -230,4 +231,4 @@ class DeviceProfiler:
                                       expected=expected, config=self.config)
 
 
-__all__ = ["DeviceProfiler", "ProfileConfig", "ProfilingError", "profile_on_devices"]
+__all__ = ["ProfileConfig", "ProfilingError", "RepositoryProfiler", "profile_on_devices"]
