@@ -23,14 +23,15 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
-
-from securesystemslib.signer import Key, Signer  # type: ignore[attr-defined]
+from typing import TYPE_CHECKING, Any
 
 from .._json import MESSAGE_MAX_BYTES, MESSAGE_MAX_DEPTH, loads_bounded
 from ..errors import VerificationError
 from ..trust._envelope import DocumentKind, SignedDocument, format_ts
 from ..trust._errors import ExpiredError, SignatureError
+
+if TYPE_CHECKING:
+    from securesystemslib.signer import Key, Signer  # type: ignore[attr-defined]
 
 REQUEST_TYPE = "edge-profiling-request"
 SPEC = 1

@@ -33,7 +33,9 @@ may also raise :class:`edge_sdk.transport.EndlessDataError` (a ``VerificationErr
 :class:`~edge_sdk.errors.TransportError`: a stall is retried, never refused).
 """
 
-from ._client import Download, LocalModel, UpdateClient
+import importlib
+from typing import TYPE_CHECKING
+
 from ._deployment import Deployment, sign_deployment, verify_deployment
 from ._errors import (
     DeploymentExpiredError,
@@ -51,8 +53,26 @@ from ._errors import (
     TargetHashError,
     TargetMismatchError,
 )
-from ._keys import load_public_key
-from ._targets import ReleasedTarget
+
+if TYPE_CHECKING:
+    from ._client import Download, LocalModel, UpdateClient
+    from ._keys import load_public_key
+    from ._targets import ReleasedTarget
+
+#: Loaded when first used: they import python-tuf, paho and cryptography, which checking a
+#: signed document (a deployment, a profiling request, the agent's config) does not need.
+_LAZY = {"Download": "._client", "LocalModel": "._client", "UpdateClient": "._client",
+         "load_public_key": "._keys", "ReleasedTarget": "._targets"}
+
+
+def __getattr__(name: str) -> object:
+    where = _LAZY.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(where, __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "Deployment",

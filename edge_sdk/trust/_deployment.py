@@ -14,9 +14,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
-
-from securesystemslib.signer import Key, Signer  # type: ignore[attr-defined]
+from typing import TYPE_CHECKING, Any
 
 from ._envelope import DocumentKind, SignedDocument, format_ts
 from ._errors import (
@@ -27,6 +25,9 @@ from ._errors import (
     NotForThisDeviceError,
     ReplayError,
 )
+
+if TYPE_CHECKING:
+    from securesystemslib.signer import Key, Signer  # type: ignore[attr-defined]
 
 DOC_TYPE = "edge-deployment"
 SPEC = 1

@@ -18,19 +18,21 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from securesystemslib.exceptions import FormatError, UnverifiedSignatureError
 from securesystemslib.exceptions import VerificationError as SslibVE
 from securesystemslib.formats import encode_canonical
-from securesystemslib.signer import (  # type: ignore[attr-defined]
-    Key,
-    Signature,
-    Signer,
-)
 
 from .._json import MESSAGE_MAX_BYTES, MESSAGE_MAX_DEPTH, loads_bounded
 from ..errors import VerificationError
+
+if TYPE_CHECKING:  # the signer module loads cryptography: only when a document is verified
+    from securesystemslib.signer import (  # type: ignore[attr-defined]
+        Key,
+        Signature,
+        Signer,
+    )
 
 
 def format_ts(dt: datetime) -> str:
@@ -144,6 +146,8 @@ class SignedDocument(Generic[T]):
         """Check, in order: size and nesting (before anything else reads the payload),
         the envelope's shape, a signature by ``key`` over the canonical ``signed``, then
         the type, spec and fields of a ``kind`` body. Raises ``kind``'s errors."""
+        from securesystemslib.signer import Signature  # type: ignore[attr-defined]
+
         try:
             doc = loads_bounded(payload, max_bytes=MESSAGE_MAX_BYTES,
                                 max_depth=MESSAGE_MAX_DEPTH)
