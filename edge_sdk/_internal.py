@@ -1,11 +1,11 @@
 """The part of edge_sdk's internals that ``converters`` and ``device_agent`` may use.
 
 Not a public API: user code and examples use ``edge_sdk``, ``edge_sdk.errors``,
-``edge_sdk.transport``, ``edge_sdk.trust`` and ``edge_sdk.release``. The sibling
-packages ship in the same distribution and change together with edge_sdk, so they
-may also use the helpers below, and only these: every other underscored module
-of edge_sdk stays edge_sdk's own (``lint-imports`` enforces it, see
-``[tool.importlinter]`` in pyproject.toml). A name moves here deliberately, when a
+``edge_sdk.transport``, ``edge_sdk.trust``, ``edge_sdk.profiling`` and
+``edge_sdk.release``. The sibling packages ship in the same distribution and change
+together with edge_sdk, so they may also use the helpers below, and only these: every
+other underscored module of edge_sdk stays edge_sdk's own (``lint-imports`` enforces
+it, see ``[tool.importlinter]`` in pyproject.toml). A name moves here deliberately, when a
 sibling needs it, never by reaching into the module that defines it.
 
 - files: :func:`atomic_write_bytes`, :func:`atomic_write_text` (temp file + fsync +
