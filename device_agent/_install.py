@@ -20,12 +20,12 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from edge_sdk import Artifact, Manifest, Predictor
+from edge_sdk import Artifact
 from edge_sdk._internal import load_model_file, load_npz, synthetic_inputs
 from edge_sdk.errors import (
     ConfigError,
@@ -37,6 +37,7 @@ from edge_sdk.errors import (
 
 from ._config import AgentConfig
 from ._intake import Unverified
+from ._interfaces import ArtifactSource, InstallRequest, ModelLoader, Reporter
 from ._lifecycle import (
     Accepted,
     Adopted,
@@ -49,7 +50,6 @@ from ._lifecycle import (
     Failed,
     Fetched,
     Healthy,
-    InstallRequest,
     Life,
     Loaded,
     LoadModel,
@@ -108,51 +108,6 @@ class ThreadCrash(BaseException):
     so that no ``except Exception`` on the way stops it, as with a real thread death."""
 
 
-@dataclass(frozen=True)
-class FetchedArtifact:
-    """What :meth:`ArtifactSource.fetch` got: the verified artifact directory and, when the
-    source tells, how its model file came (``{"kind": "delta"|"full", "bytes": N,
-    "message": ..., "from": VERSION, "fallback": REASON}``)."""
-
-    path: Path
-    download: Mapping[str, Any] | None = field(default=None)
-
-
-class ArtifactSource(Protocol):
-    """Where deployments are checked and artifacts come from."""
-
-    def verify_deployment(self, payload: bytes, *, last_counter: int | None,
-                          installed: tuple[str, str] | None) -> InstallRequest:
-        """Check a raw ``desired`` message; raise :class:`VerificationError` unless it is
-        authentic, unexpired, for this device, newer than ``last_counter`` (the last
-        accepted deployment counter) and, against ``installed`` = (model, version), not an
-        unsigned downgrade."""
-        ...
-
-    def fetch(self, deployment: InstallRequest, dest_dir: Path, *,
-              have: Sequence[tuple[Path, str]] = (),
-              reserve: Callable[[int], None] | None = None) -> FetchedArtifact:
-        """Download (resuming from what ``dest_dir`` holds) and verify the deployment's
-        artifact. ``have``: (model file, sha256) of the verified models the device holds,
-        from which a delta may rebuild the new one. ``reserve``: call it with the bytes
-        the download may write, before the first one (it raises when they do not fit).
-        Raises VerificationError or TransportError."""
-        ...
-
-
-class ModelLoader(Protocol):
-    """Opens a verified model file as a Predictor (default: edge_sdk's file loader)."""
-
-    def __call__(self, path: Path, *, threads: int | None = None,
-                 manifest: Manifest | None = None) -> Predictor: ...
-
-
-class Reporter(Protocol):
-    def event(self, kind: str, **fields: Any) -> None: ...
-
-    def state_changed(self) -> None: ...
-
-
 class NoSpaceError(InstallError):
     """A download does not fit in the state directory (raised by the space check)."""
 
@@ -178,6 +133,7 @@ class Installer:
         stop: threading.Event | None = None,
         *,
         load_model: ModelLoader | None = None,
+        on_storage: Callable[[bool], None] | None = None,
     ) -> None:
         self.config = config
         self._open_model: ModelLoader = load_model or load_model_file
@@ -195,7 +151,7 @@ class Installer:
         #: Why the state directory cannot be written (None while it can).
         self.storage_error: str | None = None
         #: Told True / False when the state directory becomes writable / unwritable.
-        self.on_storage: Callable[[bool], None] | None = None
+        self.on_storage = on_storage
         #: The state as last read or written on disk, and a newer one a save failed on.
         self._durable: InstalledState | None = None
         self._unsaved: InstalledState | None = None

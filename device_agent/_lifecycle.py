@@ -22,34 +22,12 @@ from typing import Any
 
 from edge_sdk.errors import InstallError
 
+from ._interfaces import InstallRequest
 from ._state import InstalledState, ModelRecord
 
 
 class LifecycleError(InstallError):
     """An event the machine does not accept in its current mode (a caller's bug)."""
-
-
-@dataclass(frozen=True)
-class InstallRequest:
-    """What the install pipeline is asked to do: a deployment that the
-    :class:`~device_agent.ArtifactSource` verified, reduced to the artifact to install and
-    the fields that identify it (the signed :class:`edge_sdk.trust.Deployment` is ``raw``)."""
-
-    #: Unique id of this deployment; the pipeline sets it to a digest of the raw message.
-    digest: str
-    #: The director's monotonic counter; older ones are replays and are refused.
-    counter: int
-    #: Target artifact name, version and model hash.
-    name: str
-    artifact_version: str
-    sha256: str | None = None
-    #: Signed permission to go back to an older artifact.
-    rollback: bool = False
-    #: The source's own verified object (opaque to the pipeline).
-    raw: Any = None
-
-    def label(self) -> str:
-        return f"{self.name} {self.artifact_version} (deployment {self.counter})"
 
 
 class Mode(enum.Enum):
