@@ -36,9 +36,7 @@ from edge_sdk.errors import (
 )
 
 from ._config import AgentConfig
-from ._intake import Unverified
-from ._interfaces import ArtifactSource, InstallRequest, ModelLoader, Reporter
-from ._lifecycle import (
+from ._events import (
     Accepted,
     Adopted,
     Boot,
@@ -50,10 +48,8 @@ from ._lifecycle import (
     Failed,
     Fetched,
     Healthy,
-    Life,
     Loaded,
     LoadModel,
-    Mode,
     ModelLoaded,
     ModelUnusable,
     NoSpace,
@@ -69,6 +65,12 @@ from ._lifecycle import (
     Unwritable,
     Verified,
     WatchHealth,
+)
+from ._intake import Unverified
+from ._interfaces import ArtifactSource, InstallRequest, ModelLoader, Reporter
+from ._lifecycle import (
+    Life,
+    Mode,
     handled,
     step,
 )
