@@ -180,7 +180,7 @@ class Agent:
                     {"pid": os.getpid(), "url": self.http.url,
                      "device": self.config.device_id}) + "\n")
             except OSError as err:
-                self.installer.storage_failed(err)
+                self.installer.storage.failed(err)
         self.telemetry.start()
         if self.connection is not None:
             self._open_link(self.connection)
@@ -325,8 +325,8 @@ class Agent:
         # Heartbeats are the telemetry thread's: an install here may take minutes.
         while not self._stop.is_set():
             try:
-                if self.installer.storage_error is not None:
-                    self.installer.retry_storage()
+                if self.installer.storage.error is not None:
+                    self.installer.storage.retry()
                     for payload in self.installer.take_waiting():
                         self.submit(payload)
                 if not self._desired_ev.wait(1.0):
@@ -425,7 +425,7 @@ class Agent:
         }
 
     def _storage(self) -> dict[str, Any]:
-        err = self.installer.storage_error
+        err = self.installer.storage.error
         try:
             free: int | None = self.store.free_bytes()
         except OSError:

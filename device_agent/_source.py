@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from edge_sdk.errors import ConfigError
 
 from ._config import AgentConfig
-from ._install import crash_point
+from ._crash import crash_point
 from ._interfaces import FetchedArtifact, InstallRequest
 
 if TYPE_CHECKING:

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from device_agent import InstallRequest
+from device_agent._crash import CRASH_POINTS
 from device_agent._events import (
     Accepted,
     Adopted,
@@ -40,7 +41,6 @@ from device_agent._events import (
     Verified,
     WatchHealth,
 )
-from device_agent._install import CRASH_POINTS
 from device_agent._lifecycle import (
     Life,
     LifecycleError,
