@@ -40,7 +40,7 @@ from ._profiler import Profiler
 from ._protocol import InferenceApp
 from ._server import HttpServer
 from ._serving import ModelSlot, Served
-from ._state import StateStore
+from ._state import ModelRecord, StateStore
 from ._telemetry import Outbox, Telemetry
 
 if TYPE_CHECKING:
@@ -62,8 +62,9 @@ class Agent:
     wait for SIGTERM / SIGINT.
 
     ``source`` is where deployments are verified and artifacts fetched: an
-    :class:`ArtifactSource`, or a :class:`SourceFactory` that builds one over the broker
-    link; by default the signed-release client over the configured broker. ``connect``
+    :class:`ArtifactSource`, or a factory ``(config, connection) -> ArtifactSource`` that
+    builds one over the broker link; by default the signed-release client over the
+    configured broker. ``connect``
     False runs without any broker link (local serving only; a factory or the default
     then builds no source). The link and the source are built here; :meth:`start`
     connects.
@@ -397,7 +398,7 @@ class Agent:
         st = self.installer.state
         cur = self.slot.current
 
-        def rec(r: Any) -> dict[str, Any] | None:
+        def rec(r: ModelRecord | None) -> dict[str, Any] | None:
             return None if r is None else {"name": r.name, "version": r.version,
                                            "sha256": r.sha256}
 
