@@ -22,8 +22,7 @@ from ._config import (
     TlsConfig,
     TrustConfig,
 )
-from ._install import ArtifactSource, FetchedArtifact
-from ._lifecycle import InstallRequest
+from ._interfaces import ArtifactSource, FetchedArtifact, InstallRequest
 
 __all__ = [
     "Agent",

@@ -12,9 +12,8 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
 from types import FrameType
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any
 
 from edge_sdk._internal import (
     MESSAGE_MAX_BYTES,
@@ -25,22 +24,30 @@ from edge_sdk._internal import (
 from edge_sdk.errors import EdgeError, InstallError
 
 from ._config import AgentConfig
-from ._install import ArtifactSource, Installer, ModelLoader
+from ._install import Installer
 from ._intake import DesiredInbox, Unverified, Verified
+from ._interfaces import (
+    ArtifactSource,
+    BrokerLink,
+    ModelLoader,
+    SourceFactory,
+    Transfers,
+)
 from ._lifecycle import Mode
 from ._metrics import Metrics
 from ._profiler import Profiler, ProfilingSource
 from ._protocol import InferenceApp
 from ._server import HttpServer
 from ._serving import ModelSlot, Served
-from ._state import StateStore
+from ._state import ModelRecord, StateStore
 from ._telemetry import Outbox, Telemetry
+
+if TYPE_CHECKING:
+    from edge_sdk.transport import LastWill, MqttConnection
 
 log = logging.getLogger("device_agent")
 
 RUNTIME_FILE = "agent.json"
-
-SourceFactory = Callable[[AgentConfig, Any], ArtifactSource]
 
 
 class ThreadDiedError(InstallError):
@@ -53,9 +60,13 @@ class Agent:
     model, broker or not); ``stop()`` shuts everything down; ``run()`` does both around a
     wait for SIGTERM / SIGINT.
 
-    ``source`` is where deployments are verified and artifacts fetched; by default the
-    signed-release client over the configured broker. ``connect`` False runs without
-    any broker link (local serving only).
+    ``source`` is where deployments are verified and artifacts fetched: an
+    :class:`ArtifactSource`, or a factory ``(config, connection) -> ArtifactSource`` that
+    builds one over the broker link; by default the signed-release client over the
+    configured broker. ``connect``
+    False runs without any broker link (local serving only; a factory or the default
+    then builds no source). The link and the source are built here; :meth:`start`
+    connects.
 
     ``http`` False runs the agent core without its HTTP endpoint (and without writing
     ``agent.json``); ``load_model`` replaces how a verified model file is opened (same
@@ -88,20 +99,20 @@ class Agent:
             progress_fields=self.transfer, progress_s=config.telemetry.progress_s,
             reconnect_jitter_s=config.telemetry.reconnect_jitter_s,
         )
+        self._serve_http = http
+        link = self._new_link() if connect else None
+        #: The broker link (None with ``connect`` False).
+        self.connection: BrokerLink | None = link
         #: The release source's fetcher, whose running download is reported (None with
         #: a source of the caller's).
-        self._fetcher: Any = None
-        self._source_arg = source
-        self._connect = connect
-        self._serve_http = http
-        self.installer = Installer(config, self.store, self.slot, None, self.telemetry,
-                                   self._stop, load_model=load_model)
-        if source is not None and hasattr(source, "verify_deployment"):
-            self.installer.source = cast(ArtifactSource, source)
+        self._fetcher: Transfers | None = None
+        chosen = self._new_source(source, link)
         self.metrics.storage_ok.set(1)
-        self.installer.on_storage = lambda ok: self.metrics.storage_ok.set(1 if ok else 0)
+        self.installer = Installer(
+            config, self.store, self.slot, chosen, self.telemetry, self._stop,
+            load_model=load_model,
+            on_storage=lambda ok: self.metrics.storage_ok.set(1 if ok else 0))
         self.http: HttpServer | None = None
-        self.connection: Any = None
         # Checked documents per desired topic (the device's own and its groups').
         self._desired = DesiredInbox()
         self._desired_topics = [self.topics.desired(config.device_id),
@@ -113,7 +124,48 @@ class Agent:
         self._worker_died: str | None = None
         self.profiler = Profiler(
             config, self.store.root, self._publish, self.telemetry.event,
-            _hardware, self.topics.profile_result(config.device_id), self._stop)
+            _hardware, self.topics.profile_result(config.device_id), self._stop,
+            source=chosen if link is not None and isinstance(chosen, ProfilingSource)
+            else None)
+
+    def _new_link(self) -> MqttConnection:
+        """The broker connection, not connected yet (:meth:`start` does that)."""
+        from edge_sdk.transport import MqttConfig, MqttConnection
+
+        b = self.config.broker
+        mqtt_cfg = MqttConfig(
+            url=",".join(b.all_urls), username=b.username, password=b.resolved_password(),
+            ca_file=str(b.tls.ca_file) if b.tls.ca_file else None,
+            cert_file=str(b.tls.cert_file) if b.tls.cert_file else None,
+            key_file=str(b.tls.key_file) if b.tls.key_file else None,
+            tls_insecure=b.tls.insecure,
+            client_id=b.client_id_for(self.config.device_id),
+            keepalive=b.keepalive_s, fleet=self.config.fleet, topic_prefix=b.topic_prefix,
+        )
+        conn = MqttConnection(mqtt_cfg, name=f"agent-{self.config.device_id}")
+
+        def on_link(up: bool) -> None:
+            self.metrics.broker_connected.set(1 if up else 0)
+            self.telemetry.link_changed(up)
+
+        conn.add_connection_listener(on_link)
+        return conn
+
+    def _new_source(self, given: ArtifactSource | SourceFactory | None,
+                    link: MqttConnection | None) -> ArtifactSource | None:
+        """The source deployments go through: the one given, or the one a factory (or, by
+        default, the signed-release client) builds over ``link``; None without a link."""
+        if isinstance(given, ArtifactSource):
+            return given
+        if link is None:
+            return None
+        if given is not None:
+            return given(self.config, link)
+        from ._source import ReleaseSource
+
+        release = ReleaseSource(self.config, link)
+        self._fetcher = release.fetcher
+        return release
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -128,10 +180,10 @@ class Agent:
                     {"pid": os.getpid(), "url": self.http.url,
                      "device": self.config.device_id}) + "\n")
             except OSError as err:
-                self.installer.storage_failed(err)
+                self.installer.storage.failed(err)
         self.telemetry.start()
-        if self._connect:
-            self._open_link()
+        if self.connection is not None:
+            self._open_link(self.connection)
         self._worker = threading.Thread(target=self._work, name="agent-worker", daemon=True)
         self._worker.start()
         cur = self.slot.current
@@ -196,39 +248,9 @@ class Agent:
 
     # -- broker --------------------------------------------------------------------------
 
-    def _open_link(self) -> None:
-        from edge_sdk.transport import MqttConfig, MqttConnection
-
-        b = self.config.broker
-        mqtt_cfg = MqttConfig(
-            url=",".join(b.all_urls), username=b.username, password=b.resolved_password(),
-            ca_file=str(b.tls.ca_file) if b.tls.ca_file else None,
-            cert_file=str(b.tls.cert_file) if b.tls.cert_file else None,
-            key_file=str(b.tls.key_file) if b.tls.key_file else None,
-            tls_insecure=b.tls.insecure,
-            client_id=b.client_id_for(self.config.device_id),
-            keepalive=b.keepalive_s, fleet=self.config.fleet, topic_prefix=b.topic_prefix,
-        )
-        conn = MqttConnection(mqtt_cfg, name=f"agent-{self.config.device_id}")
+    def _open_link(self, conn: BrokerLink) -> None:
+        # Armed once serving has started: the first will carries the facts after boot.
         conn.arm_last_will(self._last_will)
-        self.connection = conn
-
-        def on_link(up: bool) -> None:
-            self.metrics.broker_connected.set(1 if up else 0)
-            self.telemetry.link_changed(up)
-
-        conn.add_connection_listener(on_link)
-        arg = self._source_arg
-        if arg is None:
-            from ._source import ReleaseSource
-
-            source = ReleaseSource(self.config, conn)
-            self.installer.source = source
-            self._fetcher = source.client.chunks
-        elif not hasattr(arg, "verify_deployment"):
-            self.installer.source = arg(self.config, conn)
-        if isinstance(self.installer.source, ProfilingSource):
-            self.profiler.source = self.installer.source
         for topic in self._desired_topics:
             conn.subscribe(topic, self._on_desired, wait=False)
         if self.config.profiling.enabled:
@@ -241,7 +263,7 @@ class Agent:
         except EdgeError as err:
             log.warning("broker link not started: %s (serving locally)", err)
 
-    def _last_will(self) -> Any:
+    def _last_will(self) -> LastWill:
         """The will of the next connection: offline, which connection it is (``link``), and
         the facts as they are now, for whoever reads only the broker. The registry keeps
         its own newer record of the facts and ignores a will older than the link it has
@@ -303,8 +325,8 @@ class Agent:
         # Heartbeats are the telemetry thread's: an install here may take minutes.
         while not self._stop.is_set():
             try:
-                if self.installer.storage_error is not None:
-                    self.installer.retry_storage()
+                if self.installer.storage.error is not None:
+                    self.installer.storage.retry()
                     for payload in self.installer.take_waiting():
                         self.submit(payload)
                 if not self._desired_ev.wait(1.0):
@@ -375,7 +397,7 @@ class Agent:
         st = self.installer.state
         cur = self.slot.current
 
-        def rec(r: Any) -> dict[str, Any] | None:
+        def rec(r: ModelRecord | None) -> dict[str, Any] | None:
             return None if r is None else {"name": r.name, "version": r.version,
                                            "sha256": r.sha256}
 
@@ -403,7 +425,7 @@ class Agent:
         }
 
     def _storage(self) -> dict[str, Any]:
-        err = self.installer.storage_error
+        err = self.installer.storage.error
         try:
             free: int | None = self.store.free_bytes()
         except OSError:

@@ -13,20 +13,17 @@ rolls back after that, so a model that crashes the agent cannot crash-loop it.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import logging
-import os
-import signal
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from edge_sdk import Artifact, Manifest, Predictor
-from edge_sdk._internal import load_model_file, load_npz, synthetic_inputs
+from edge_sdk import Artifact
+from edge_sdk._internal import load_model_file
 from edge_sdk.errors import (
     ConfigError,
     EdgeError,
@@ -36,8 +33,8 @@ from edge_sdk.errors import (
 )
 
 from ._config import AgentConfig
-from ._intake import Unverified
-from ._lifecycle import (
+from ._crash import crash_point
+from ._events import (
     Accepted,
     Adopted,
     Boot,
@@ -49,11 +46,8 @@ from ._lifecycle import (
     Failed,
     Fetched,
     Healthy,
-    InstallRequest,
-    Life,
     Loaded,
     LoadModel,
-    Mode,
     ModelLoaded,
     ModelUnusable,
     NoSpace,
@@ -69,96 +63,17 @@ from ._lifecycle import (
     Unwritable,
     Verified,
     WatchHealth,
-    handled,
-    step,
 )
-from ._serving import ModelSlot, Served, SmokeTestError, Trial, smoke_test
+from ._health import HealthWindow, WindowInterrupted
+from ._intake import Unverified
+from ._interfaces import ArtifactSource, InstallRequest, ModelLoader, Reporter
+from ._lifecycle import Life, Mode, handled, step
+from ._models import LoadedModels
+from ._serving import ModelSlot, SmokeTestError
 from ._state import InstalledState, ModelRecord, StateStore
+from ._storage import NoSpaceError, StateWriter
 
 log = logging.getLogger("device_agent")
-
-#: Test-only: kill the agent with SIGKILL when it reaches the named point; with a
-#: ``:thread`` suffix (``install_started:thread``) end only the thread that reached it.
-CRASH_ENV = "EDGE_SDK_AGENT_CRASH_AT"
-#: Every crash point, in the order an install reaches them. The last two are reached
-#: at boot, after a restart inside a trial: ``boot_trial_saved`` when the trial
-#: resumes, ``rollback_saved`` when it has used up ``health.max_restarts`` (also
-#: reached when a health window fails). The kill -9 test crashes at each one.
-CRASH_POINTS = (
-    "install_started", "fetched", "adopted", "loaded", "smoke_tested", "trial_saved",
-    "swapped", "health_probe", "committed", "cleaned", "boot_trial_saved", "rollback_saved",
-)
-#: Crash points inside a fetch that applies a delta (before ``fetched``): the delta is
-#: downloaded and verified; the first block of the rebuilt model is written.
-DELTA_CRASH_POINTS = ("delta_fetched", "delta_applying")
-
-
-def crash_point(name: str) -> None:
-    assert name in CRASH_POINTS or name in DELTA_CRASH_POINTS, \
-        f"crash point {name!r} is missing from CRASH_POINTS"
-    at = os.environ.get(CRASH_ENV)
-    if at == name:
-        os.kill(os.getpid(), signal.SIGKILL)
-    elif at == f"{name}:thread":
-        raise ThreadCrash(f"test crash point {name}")
-
-
-class ThreadCrash(BaseException):
-    """Test-only: ends the thread that reached a ``:thread`` crash point. A BaseException,
-    so that no ``except Exception`` on the way stops it, as with a real thread death."""
-
-
-@dataclass(frozen=True)
-class FetchedArtifact:
-    """What :meth:`ArtifactSource.fetch` got: the verified artifact directory and, when the
-    source tells, how its model file came (``{"kind": "delta"|"full", "bytes": N,
-    "message": ..., "from": VERSION, "fallback": REASON}``)."""
-
-    path: Path
-    download: Mapping[str, Any] | None = field(default=None)
-
-
-class ArtifactSource(Protocol):
-    """Where deployments are checked and artifacts come from."""
-
-    def verify_deployment(self, payload: bytes, *, last_counter: int | None,
-                          installed: tuple[str, str] | None) -> InstallRequest:
-        """Check a raw ``desired`` message; raise :class:`VerificationError` unless it is
-        authentic, unexpired, for this device, newer than ``last_counter`` (the last
-        accepted deployment counter) and, against ``installed`` = (model, version), not an
-        unsigned downgrade."""
-        ...
-
-    def fetch(self, deployment: InstallRequest, dest_dir: Path, *,
-              have: Sequence[tuple[Path, str]] = (),
-              reserve: Callable[[int], None] | None = None) -> FetchedArtifact:
-        """Download (resuming from what ``dest_dir`` holds) and verify the deployment's
-        artifact. ``have``: (model file, sha256) of the verified models the device holds,
-        from which a delta may rebuild the new one. ``reserve``: call it with the bytes
-        the download may write, before the first one (it raises when they do not fit).
-        Raises VerificationError or TransportError."""
-        ...
-
-
-class ModelLoader(Protocol):
-    """Opens a verified model file as a Predictor (default: edge_sdk's file loader)."""
-
-    def __call__(self, path: Path, *, threads: int | None = None,
-                 manifest: Manifest | None = None) -> Predictor: ...
-
-
-class Reporter(Protocol):
-    def event(self, kind: str, **fields: Any) -> None: ...
-
-    def state_changed(self) -> None: ...
-
-
-class NoSpaceError(InstallError):
-    """A download does not fit in the state directory (raised by the space check)."""
-
-    def __init__(self, needed: int, free: int, reserve: int) -> None:
-        self.needed, self.free, self.reserve = needed, free, reserve
-        super().__init__(NoSpace(needed, free, reserve).reason)
 
 
 class Installer:
@@ -178,30 +93,23 @@ class Installer:
         stop: threading.Event | None = None,
         *,
         load_model: ModelLoader | None = None,
+        on_storage: Callable[[bool], None] | None = None,
     ) -> None:
         self.config = config
-        self._open_model: ModelLoader = load_model or load_model_file
         self.store = store
         self.slot = slot
         self.source = source
         self.reporter = reporter
         self.stop = stop or threading.Event()
         self.life = Life()
-        #: Loaded models by record id: the one served, the one being installed and, in a
-        #: trial, the one it replaced (for a quick rollback).
-        self._models: dict[str, Served] = {}
+        self._models = LoadedModels(config, store, load_model or load_model_file)
+        self._health = HealthWindow(config.health, self.stop, self._models.sample)
+        #: Whether the state directory takes writes; saves go through it.
+        self.storage = StateWriter(store, config.limits, reporter, on_storage)
         #: Digests of unverifiable messages already reported by this process.
         self._unverified_seen: dict[str, None] = {}
-        #: Why the state directory cannot be written (None while it can).
-        self.storage_error: str | None = None
-        #: Told True / False when the state directory becomes writable / unwritable.
-        self.on_storage: Callable[[bool], None] | None = None
-        #: The state as last read or written on disk, and a newer one a save failed on.
-        self._durable: InstalledState | None = None
-        self._unsaved: InstalledState | None = None
-        self._probed = 0.0
         #: Deployments that arrived while the state directory could not be written, by
-        #: digest: offered again (see :meth:`retry_storage`) once it can.
+        #: digest: offered again (see :meth:`take_waiting`) once it can.
         self._waiting: dict[str, bytes] = {}
 
     @property
@@ -218,21 +126,14 @@ class Installer:
                 answer = self._do(effect)
                 if answer is not None:
                     queue.append(answer)
-        if self._unsaved is not None:
+        if self.storage.unsaved is not None:
             # The cleanup that followed a failed save may have made room: try at once.
-            self.retry_storage(now=True)
+            self.storage.retry(now=True)
 
     def _do(self, effect: Effect) -> Event | None:
         match effect:
             case SaveState(state):
-                try:
-                    self.store.save(state)
-                except OSError as err:
-                    # Serving goes on from memory; the save is tried again later.
-                    self._unsaved = state
-                    self.storage_failed(err)
-                else:
-                    self._durable, self._unsaved = state, None
+                self.storage.save(state)
             case CrashPoint(name):
                 crash_point(name)
             case Report(kind, fields):
@@ -240,38 +141,41 @@ class Installer:
             case StateChanged():
                 self.reporter.state_changed()
             case LoadModel(record):
-                if record.id in self._models:
+                if self._models.get(record) is not None:
                     return ModelLoaded(record, ts=time.time())
                 try:
-                    self._models[record.id] = self._load(record)
+                    self._models.load(record)
                 except (EdgeError, SmokeTestError, OSError) as err:
                     log.error("model %s is unusable: %s", record.label(), err)
                     return ModelUnusable(record, str(err), ts=time.time())
                 return ModelLoaded(record, ts=time.time())
             case Swap(record):
-                served = None if record is None else self._models[record.id]
+                served = None if record is None else self._models.get(record)
+                assert record is None or served is not None
                 if served is not None and self.life.mode is Mode.TRIAL:
                     # From the first request it serves, not from the window's start.
-                    self._start_trial(served)
+                    self._models.start_trial(served, self.state.previous)
                 self.slot.swap(served)
             case CleanModels():
-                self.store.clean(self.state, *(s for s in (self._durable,) if s is not None))
-                keep = {r.id for r in (self.life.serving,
-                                       self.state.previous if self.state.phase == "trial"
-                                       else None) if r is not None}
-                self._models = {k: v for k, v in self._models.items() if k in keep}
+                durable = self.storage.durable
+                self.store.clean(self.state, *(s for s in (durable,) if s is not None))
+                self._models.keep(r.id for r in (
+                    self.life.serving,
+                    self.state.previous if self.state.phase == "trial" else None)
+                    if r is not None)
             case CleanPartial():
                 self.store.clean_partial()
             case WatchHealth():
                 served = self.slot.current
                 assert served is not None
-                self._start_trial(served)  # after a restart: the previous is loaded now
+                # After a restart: the previous is loaded now.
+                self._models.start_trial(served, self.state.previous)
                 try:
-                    reason = self._health_window(served)
-                except _Interrupted:
+                    reason = self._health.watch(served)
+                except WindowInterrupted:
                     return None
                 finally:
-                    self._end_trial(served)
+                    self._models.end_trial(served)
                 return Healthy(ts=time.time()) if reason is None else \
                     Unhealthy(reason, ts=time.time())
         return None
@@ -283,7 +187,7 @@ class Installer:
         max_restarts = self.config.health.max_restarts
         try:
             stored = self.store.load()
-            self._durable = stored
+            self.storage.durable = stored
             event = Boot(stored, max_restarts, ts=time.time())
         except ConfigError as err:
             event = Boot(self._recover(), max_restarts, str(err), ts=time.time())
@@ -309,68 +213,12 @@ class Installer:
 
     # -- storage -------------------------------------------------------------------------
 
-    def storage_failed(self, err: OSError | str) -> None:
-        """Note that the state directory cannot be written (``err``); serving goes on."""
-        reason = err if isinstance(err, str) else (
-            f"{self.store.root}: {err.strerror or err} ({_errno_name(err)})")
-        first = self.storage_error is None
-        self.storage_error = reason
-        self._probed = time.monotonic()
-        if not first:
-            return
-        log.error("state directory cannot be written: %s; serving goes on from the state as "
-                  "read, installs wait until it can be written (tried again every %g s)",
-                  reason, self.config.limits.storage_retry_s)
-        self.reporter.event("storage", ok=False, reason=reason)
-        self.reporter.state_changed()
-        if self.on_storage is not None:
-            self.on_storage(False)
-
-    def retry_storage(self, *, now: bool = False) -> bool:
-        """When the state directory was unwritable and a retry is due (or ``now``): try
-        the write that failed (or a probe). True when the directory can be written."""
-        if self.storage_error is None:
-            return True
-        if not now and time.monotonic() - self._probed < self.config.limits.storage_retry_s:
-            return False
-        self._probed = time.monotonic()
-        try:
-            if self._unsaved is not None:
-                self.store.save(self._unsaved)
-                self._durable, self._unsaved = self._unsaved, None
-            else:
-                self.store.probe()
-        except OSError as err:
-            self.storage_error = f"{self.store.root}: {err.strerror or err} ({_errno_name(err)})"
-            return False
-        log.warning("state directory %s can be written again (%d byte(s) free)",
-                    self.store.root, self._free())
-        self.storage_error = None
-        self.reporter.event("storage", ok=True, free_bytes=self._free())
-        self.reporter.state_changed()
-        if self.on_storage is not None:
-            self.on_storage(True)
-        return True
-
     def take_waiting(self) -> list[bytes]:
         """The deployments that waited for the state directory, once it can be written."""
-        if self.storage_error is not None:
+        if self.storage.error is not None:
             return []
         waiting, self._waiting = list(self._waiting.values()), {}
         return waiting
-
-    def _free(self) -> int:
-        try:
-            return self.store.free_bytes()
-        except OSError:
-            return 0
-
-    def _reserve(self, needed: int) -> None:
-        """The space check before a download's first chunk: ``needed`` more bytes must fit
-        with ``limits.reserve_bytes`` left (the current and previous models stay)."""
-        free, reserve = self._free(), self.config.limits.reserve_bytes
-        if needed + reserve > free:
-            raise NoSpaceError(needed, free, reserve)
 
     # -- deployments ---------------------------------------------------------------------
 
@@ -439,11 +287,11 @@ class Installer:
                                  ts=time.time()))
             return False
         dep = replace(dep, digest=digest)
-        if self.storage_error is not None and not self.retry_storage(now=True):
-            assert self.storage_error is not None
+        if self.storage.error is not None and not self.storage.retry(now=True):
+            assert self.storage.error is not None
             if digest not in self._waiting:
-                log.warning("deployment %s waits: %s", dep.label(), self.storage_error)
-                self._feed(Unwritable(dep, self.storage_error, ts=time.time()))
+                log.warning("deployment %s waits: %s", dep.label(), self.storage.error)
+                self._feed(Unwritable(dep, self.storage.error, ts=time.time()))
             self._waiting[digest] = payload
             return False
         self._feed(Accepted(dep, size, ts=time.time()))
@@ -466,7 +314,7 @@ class Installer:
             else:
                 staging = self.store.staging_dir(dep.digest)
                 got = self.source.fetch(dep, staging, have=self._bases(),
-                                        reserve=self._reserve)
+                                        reserve=self.storage.reserve)
                 self._feed(Fetched(got.download, ts=time.time()))
                 art = Artifact.from_dir(got.path)
                 self._check_artifact(dep, art)
@@ -474,10 +322,9 @@ class Installer:
                 self._feed(Adopted(self.store.adopt(art, dep.digest), ts=time.time()))
             record = self.life.candidate
             assert record is not None
-            served = self._load(record, smoke=False)
-            self._models[record.id] = served
+            served = self._models.load(record, smoke=False)
             self._feed(Loaded(ts=time.time()))
-            self._smoke(served)
+            self._models.smoke(served)
             served.health.reset()
             # The trial is about to be saved: a disk that filled up meanwhile fails the
             # install here rather than swap in a model the state file cannot name.
@@ -508,67 +355,6 @@ class Installer:
     def _fail(self, dep: InstallRequest, err: BaseException) -> None:
         log.error("install of %s failed at %s: %s", dep.label(), self.life.stage, err)
         self._feed(Failed(str(err), ts=time.time()))
-
-    def _health_window(self, served: Served) -> str | None:
-        """Probe and watch the new model; a reason to roll back, None when healthy.
-        Raises :class:`_Interrupted` when the agent is stopping (the trial resumes at boot)."""
-        hc = self.config.health
-        sample = self._sample_inputs(served)
-        deadline = time.monotonic() + hc.window_s
-        while (remaining := deadline - time.monotonic()) > 0:
-            if self.stop.wait(min(hc.probe_interval_s, remaining)):
-                raise _Interrupted
-            try:
-                served.predict(sample)
-            except Exception as err:
-                log.warning("health probe on %s failed: %s", served.record.label(), err)
-            crash_point("health_probe")
-            reason = self._judge(served, final=False)
-            if reason is not None:
-                return reason
-        return self._judge(served, final=True)
-
-    def _start_trial(self, served: Served) -> None:
-        """Keep the version ``served`` replaced at hand for its health window, loading it
-        when a restart left it on disk only: a request both fail on is the client's."""
-        prev = self.state.previous
-        if served.trial is not None or prev is None:
-            return
-        old = self._models.get(prev.id)
-        if old is None:
-            try:
-                old = self._models[prev.id] = self._load(prev)
-            except (EdgeError, SmokeTestError, OSError) as err:
-                log.warning("previous model %s cannot be loaded to compare failed requests "
-                            "with (none is counted against %s): %s", prev.label(),
-                            served.record.label(), err)
-                return
-        served.trial = Trial(old, self.config.health)
-
-    def _end_trial(self, served: Served) -> None:
-        trial, served.trial = served.trial, None
-        if trial is not None:
-            trial.close()
-        if served.health.excused:
-            log.info("%d failed request(s) in the health window of %s were not counted "
-                     "against it (see edge_agent_trial_failures)", served.health.excused,
-                     served.record.label())
-
-    def _judge(self, served: Served, *, final: bool) -> str | None:
-        hc = self.config.health
-        h = served.health
-        total = h.ok + h.errors
-        # Before the window ends, act on errors only once the rate means something.
-        if total and (final or hc.max_error_rate == 0.0 or total >= 20) and \
-                h.errors / total > hc.max_error_rate:
-            return (f"{h.errors} of {total} inferences failed in the health window "
-                    f"(limit {hc.max_error_rate:.0%}); last error: {h.last_error}")
-        if final and hc.max_p99_ms > 0 and total:
-            p99 = h.p99_ms()
-            if p99 > hc.max_p99_ms:
-                return (f"p99 latency {p99:.2f} ms in the health window is over the limit "
-                        f"of {hc.max_p99_ms:.2f} ms")
-        return None
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -601,34 +387,6 @@ class Installer:
                 f"{self.config.limits.max_artifact_bytes} (limits.max_artifact_bytes)"
             )
 
-    def _load(self, record: ModelRecord, *, smoke: bool = True) -> Served:
-        art = self.store.open_model(record)
-        threads = self.config.threads or None
-        predictor = self._open_model(art.model_path, threads=threads, manifest=art.manifest)
-        served = Served(predictor, record)
-        if smoke:
-            self._smoke(served)
-        return served
-
-    def _smoke(self, served: Served) -> None:
-        try:
-            inputs = self._sample_inputs(served)
-        except (EdgeError, OSError, ValueError) as err:
-            raise SmokeTestError(f"cannot read the sample: {err}") from err
-        smoke_test(served, inputs, warmup=self.config.limits.warmup_runs)
-
-    def _sample_inputs(self, served: Served) -> Mapping[str, Any]:
-        art_dir = self.store.model_dir(served.record)
-        manifest = served.predictor.manifest
-        if manifest is not None and manifest.sample:
-            data = load_npz(art_dir / manifest.sample)
-            names = [s.name for s in served.predictor.inputs]
-            missing = [n for n in names if n not in data]
-            if missing:
-                raise SmokeTestError(f"sample file lacks input(s) {', '.join(missing)}")
-            return {n: data[n] for n in names}
-        return synthetic_inputs(served.predictor.inputs)
-
     def _event(self, kind: str, **fields: Any) -> None:
         out: dict[str, Any] = {}
         for k, v in fields.items():
@@ -643,10 +401,3 @@ class Installer:
         if kind in ("swapped", "committed", "rolled_back", "failed", "refused"):
             self.reporter.state_changed()
 
-
-def _errno_name(err: OSError) -> str:
-    return errno.errorcode.get(err.errno or 0, "I/O error")
-
-
-class _Interrupted(Exception):
-    """The agent is stopping inside a health window."""

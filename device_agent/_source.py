@@ -7,20 +7,23 @@ import contextlib
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from edge_sdk.errors import ConfigError
 
 from ._config import AgentConfig
-from ._install import FetchedArtifact, crash_point
-from ._lifecycle import InstallRequest
+from ._crash import crash_point
+from ._interfaces import FetchedArtifact, InstallRequest
+
+if TYPE_CHECKING:
+    from edge_sdk.transport import MqttConnection, RepositoryFetcher
 
 
 class ReleaseSource:
     """Verifies ``desired`` documents with the deployment key and fetches artifacts with
     python-tuf through the repository responder on the broker."""
 
-    def __init__(self, config: AgentConfig, connection: Any) -> None:
+    def __init__(self, config: AgentConfig, connection: MqttConnection) -> None:
         from edge_sdk.transport import FetchConfig
         from edge_sdk.trust import UpdateClient, load_public_key
 
@@ -46,6 +49,11 @@ class ReleaseSource:
             connection=connection, device_id=config.device_id,
             fetch_config=FetchConfig(max_artifact_bytes=config.limits.max_artifact_bytes),
         )
+
+    @property
+    def fetcher(self) -> RepositoryFetcher:
+        """The fetcher every download goes through (its ``transfer`` is the one running)."""
+        return self.client.chunks
 
     def verify_deployment(self, payload: bytes, *, last_counter: int | None,
                           installed: tuple[str, str] | None) -> InstallRequest:

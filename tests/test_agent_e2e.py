@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import edge_sdk
-from device_agent._install import CRASH_ENV, CRASH_POINTS
+from device_agent._crash import CRASH_ENV, CRASH_POINTS
 from edge_sdk.release import (
     Repository,
     create_deployment,

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from device_agent import Agent
-from device_agent._install import NoSpaceError
 from device_agent._state import InstalledState, ModelRecord, StateStore
+from device_agent._storage import NoSpaceError
 from device_agent._telemetry import Outbox
 from edge_sdk import Artifact
 from tests._agent_local import LocalSource, config, deployment

@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from device_agent._install import CRASH_POINTS
-from device_agent._lifecycle import (
+from device_agent import InstallRequest
+from device_agent._crash import CRASH_POINTS
+from device_agent._events import (
     Accepted,
     Adopted,
     Boot,
@@ -23,12 +24,8 @@ from device_agent._lifecycle import (
     Failed,
     Fetched,
     Healthy,
-    InstallRequest,
-    Life,
-    LifecycleError,
     Loaded,
     LoadModel,
-    Mode,
     ModelLoaded,
     ModelUnusable,
     NoSpace,
@@ -43,6 +40,11 @@ from device_agent._lifecycle import (
     Unwritable,
     Verified,
     WatchHealth,
+)
+from device_agent._lifecycle import (
+    Life,
+    LifecycleError,
+    Mode,
     handled,
     step,
 )

@@ -1,0 +1,127 @@
+"""What the agent needs from the parts it is given or builds: where deployments come from
+(:class:`ArtifactSource`, or a :class:`SourceFactory` over the broker link), the broker
+link itself (:class:`BrokerLink`), the fetcher whose download is reported
+(:class:`Transfers`), how a model file is opened (:class:`ModelLoader`) and where the
+installer reports to (:class:`Reporter`).
+
+Nothing here does I/O. The concrete classes (``edge_sdk.transport.MqttConnection``) are
+imported for type checking only: importing ``device_agent`` stays light, and the modules
+that build them import this one without a cycle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from ._telemetry import Link
+
+if TYPE_CHECKING:
+    from edge_sdk import Manifest, Predictor
+    from edge_sdk.transport import LastWill, MqttConnection, TransferProgress
+
+    from ._config import AgentConfig
+
+
+@dataclass(frozen=True)
+class InstallRequest:
+    """What the install pipeline is asked to do: a deployment that the
+    :class:`~device_agent.ArtifactSource` verified, reduced to the artifact to install and
+    the fields that identify it (the signed :class:`edge_sdk.trust.Deployment` is ``raw``)."""
+
+    #: Unique id of this deployment; the pipeline sets it to a digest of the raw message.
+    digest: str
+    #: The director's monotonic counter; older ones are replays and are refused.
+    counter: int
+    #: Target artifact name, version and model hash.
+    name: str
+    artifact_version: str
+    sha256: str | None = None
+    #: Signed permission to go back to an older artifact.
+    rollback: bool = False
+    #: The source's own verified object (opaque to the pipeline).
+    raw: Any = None
+
+    def label(self) -> str:
+        return f"{self.name} {self.artifact_version} (deployment {self.counter})"
+
+
+@dataclass(frozen=True)
+class FetchedArtifact:
+    """What :meth:`ArtifactSource.fetch` got: the verified artifact directory and, when the
+    source tells, how its model file came (``{"kind": "delta"|"full", "bytes": N,
+    "message": ..., "from": VERSION, "fallback": REASON}``)."""
+
+    path: Path
+    download: Mapping[str, Any] | None = field(default=None)
+
+
+@runtime_checkable
+class ArtifactSource(Protocol):
+    """Where deployments are checked and artifacts come from."""
+
+    def verify_deployment(self, payload: bytes, *, last_counter: int | None,
+                          installed: tuple[str, str] | None) -> InstallRequest:
+        """Check a raw ``desired`` message; raise :class:`VerificationError` unless it is
+        authentic, unexpired, for this device, newer than ``last_counter`` (the last
+        accepted deployment counter) and, against ``installed`` = (model, version), not an
+        unsigned downgrade."""
+        ...
+
+    def fetch(self, deployment: InstallRequest, dest_dir: Path, *,
+              have: Sequence[tuple[Path, str]] = (),
+              reserve: Callable[[int], None] | None = None) -> FetchedArtifact:
+        """Download (resuming from what ``dest_dir`` holds) and verify the deployment's
+        artifact. ``have``: (model file, sha256) of the verified models the device holds,
+        from which a delta may rebuild the new one. ``reserve``: call it with the bytes
+        the download may write, before the first one (it raises when they do not fit).
+        Raises VerificationError or TransportError."""
+        ...
+
+
+class SourceFactory(Protocol):
+    """Builds the :class:`ArtifactSource` over the agent's broker link (the agent's
+    default is the signed-release source)."""
+
+    def __call__(self, config: AgentConfig, link: MqttConnection, /) -> ArtifactSource: ...
+
+
+class BrokerLink(Link, Protocol):
+    """What the agent needs from its broker connection (an
+    ``edge_sdk.transport.MqttConnection``)."""
+
+    def connect(self, timeout: float | None = None, *, wait: bool = True) -> None: ...
+
+    def close(self) -> None: ...
+
+    def arm_last_will(self, source: Callable[[], LastWill | None]) -> None: ...
+
+    def add_connection_listener(self, listener: Callable[[bool], None]) -> None: ...
+
+    def subscribe(self, topic_filter: str, handler: Callable[[str, bytes], None], *,
+                  qos: int = 1, wait: bool = True, timeout: float = 10.0) -> object: ...
+
+
+class Transfers(Protocol):
+    """A fetcher whose running download can be reported (an
+    ``edge_sdk.transport.RepositoryFetcher``)."""
+
+    @property
+    def transfer(self) -> TransferProgress | None: ...
+
+
+class ModelLoader(Protocol):
+    """Opens a verified model file as a Predictor (default: edge_sdk's file loader)."""
+
+    def __call__(self, path: Path, *, threads: int | None = None,
+                 manifest: Manifest | None = None) -> Predictor: ...
+
+
+class Reporter(Protocol):
+    """Where the installer's events and state changes go (the agent's telemetry)."""
+
+    def event(self, kind: str, **fields: Any) -> None: ...
+
+    def state_changed(self) -> None: ...
