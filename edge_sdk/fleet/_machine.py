@@ -31,7 +31,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..release._rollout import plan_waves
+from ..errors import UsageError
+from ..release._rollout import check_waves, plan_waves
 
 FINISHED = ("committed", "failed", "rolled_back", "refused", "silent")
 BAD = ("failed", "rolled_back", "refused")
@@ -49,7 +50,10 @@ class RolloutSpec:
     answer before its document is published again (and again after as long; 0: never).
     ``signed_rollback``: a rollback rollout (``--rollback``): every wave's deployment is
     signed as an explicit rollback, so that devices on a newer version take the older
-    one (``rollback`` is what an abort does: send committed devices back)."""
+    one (``rollback`` is what an abort does: send committed devices back).
+
+    Raises :class:`~edge_sdk.errors.UsageError` (one line, naming the ``edge-sdk rollout
+    start`` option) for a value no rollout can run with."""
 
     waves: tuple[str, ...] = ("1", "10%", "50%", "100%")
     rate: float = 0.0
@@ -62,6 +66,22 @@ class RolloutSpec:
     republish_s: float = 30.0
     signed_rollback: bool = False
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "waves", check_waves(self.waves))  # a list: a tuple
+        if not (self.wave_timeout > 0 and self.rate >= 0):  # NaN is neither
+            raise UsageError("--wave-timeout must be > 0 and --rate >= 0")
+        if math.isinf(self.rate):
+            raise UsageError("--rate must be a finite number of devices per minute")
+        for name, v in (("--max-failure-rate", self.max_failure_rate),
+                        ("--max-silent-rate", self.max_silent_rate)):
+            if not 0 <= v < 1:
+                raise UsageError(f"{name} must be in [0, 1)")
+        if not self.republish_s >= 0:
+            raise UsageError("republish_s must be >= 0 seconds (0: never)")
+        if isinstance(self.min_finished, bool) or not isinstance(self.min_finished, int) \
+                or self.min_finished < 1:
+            raise UsageError("--min-finished must be >= 1")
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["waves"] = list(self.waves)
@@ -71,7 +91,8 @@ class RolloutSpec:
     def from_json(cls, d: Mapping[str, Any]) -> RolloutSpec:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         if "waves" in known:
-            known["waves"] = tuple(known["waves"])
+            # Recorded before an empty list was refused: it planned one wave of everyone.
+            known["waves"] = tuple(known["waves"]) or ("100%",)
         return cls(**known)
 
 

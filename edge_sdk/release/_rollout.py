@@ -48,7 +48,8 @@ class RolloutConfig:
     seconds each wave may take. ``rollback``: on abort, send the devices that committed
     the new release back to their previous model. ``signed_rollback``: a rollback
     rollout: every wave is signed as an explicit rollback, so that devices on a newer
-    version take an older one (without it such a downgrade is refused before any wave)."""
+    version take an older one (without it such a downgrade is refused before any wave).
+    Raises :class:`~edge_sdk.errors.UsageError` for a value no rollout runs with."""
 
     waves: tuple[str, ...] = DEFAULT_WAVES
     max_failures: float = 0.0
@@ -58,12 +59,13 @@ class RolloutConfig:
     signed_rollback: bool = False
 
     def __post_init__(self) -> None:
-        if self.max_failures < 0:
+        if not (self.max_failures >= 0 and math.isfinite(self.max_failures)):
             raise UsageError("max failures must be >= 0")
-        if self.wave_timeout <= 0:
+        if not self.wave_timeout > 0:  # NaN neither
             raise UsageError("wave timeout must be > 0 seconds")
-        if not self.waves:
-            raise UsageError("name at least one wave")
+        object.__setattr__(self, "waves", check_waves(self.waves))
+        if not self.expires_days > 0:
+            raise UsageError("deployment expiry must be > 0 days")
 
     def allowed_failures(self, wave_size: int) -> int:
         if self.max_failures >= 1:
@@ -104,6 +106,17 @@ class RolloutResult:
     @property
     def ok(self) -> bool:
         return self.aborted is None
+
+
+def check_waves(waves: Sequence[str]) -> tuple[str, ...]:
+    """``waves`` as a tuple; raises :class:`UsageError` unless there is at least one and
+    each is a count or a percentage :func:`plan_waves` takes."""
+    if isinstance(waves, str) or not waves:
+        raise UsageError("name at least one wave")
+    if not all(isinstance(w, str) for w in waves):
+        raise UsageError(f"waves {tuple(waves)!r}: each is a text such as '1' or '10%'")
+    plan_waves(["x"], waves)
+    return tuple(waves)
 
 
 def plan_waves(devices: Sequence[str], waves: Sequence[str]) -> list[list[str]]:
