@@ -55,6 +55,8 @@ def test_a_rollout_recorded_with_no_wave_still_loads_as_one_wave_of_everyone() -
     ({"waves": ()}, "name at least one wave"),
     ({"waves": ("1", "abc")}, "wave 'abc' must be a device count"),
     ({"expires_days": 0}, "deployment expiry must be > 0 days"),
+    ({"max_silent": -1}, "abort limits"),
+    ({"min_finished": 0}, "--min-finished must be >= 1"),
 ])
 def test_a_python_caller_gets_one_line_for_a_bad_rollout_config(bad: dict[str, object],
                                                                  message: str) -> None:
