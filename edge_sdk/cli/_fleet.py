@@ -83,40 +83,31 @@ def start_cmd(db_url: str | None, repo_dir: str | None, operator: str | None, fl
               min_finished: int, pause_after_wave: bool, no_rollback: bool,
               signed_rollback: bool) -> None:
     """Record a rollout; the controller in 'edge-sdk serve' starts it within a second."""
-    from ..release import Repository, plan_waves
+    from ..release import Repository
     from ._db import fleet_module
 
     fl = fleet_module()
     RolloutSpec, actor_name, start_rollout = fl.RolloutSpec, fl.actor_name, fl.start_rollout
 
-    from ..transport import Topics
+    from ..fleet._select import check_selector
 
-    topics = Topics(fleet)  # fleet, device and group ids become topic levels: checked first
-    for d in devices:
-        topics.device(d)
-    for g in groups:
-        topics.group_desired(g)
-    wave_list = tuple(w.strip() for w in waves.split(",") if w.strip())
-    plan_waves(["x"], wave_list)  # checks the wave syntax before anything is written
-    if wave_timeout <= 0 or rate < 0:
-        raise UsageError("--wave-timeout must be > 0 and --rate >= 0")
-    for name, v in (("--max-failure-rate", max_failure_rate),
-                    ("--max-silent-rate", max_silent_rate)):
-        if not 0 <= v < 1:
-            raise UsageError(f"{name} must be in [0, 1)")
+    # Refused before the database is opened: ids that cannot be topic levels, and values
+    # no rollout runs with (the spec checks its own).
+    selector = {"groups": groups, "tags": tags, "devices": devices}
+    check_selector(fleet, selector)
+    spec = RolloutSpec(waves=tuple(w.strip() for w in waves.split(",") if w.strip()),
+                       rate=rate, wave_timeout=wave_timeout,
+                       max_failure_rate=max_failure_rate, max_silent_rate=max_silent_rate,
+                       min_finished=min_finished, pause_after_wave=pause_after_wave,
+                       rollback=not no_rollback, signed_rollback=signed_rollback)
     repo = Repository(repo_dir) if repo_dir else None
     if repo is not None:
         version = repo.find(model, version).version
     elif version is None:
         raise UsageError("name --version (or --repo to take the newest release)")
-    spec = RolloutSpec(waves=wave_list, rate=rate, wave_timeout=wave_timeout,
-                       max_failure_rate=max_failure_rate, max_silent_rate=max_silent_rate,
-                       min_finished=min_finished, pause_after_wave=pause_after_wave,
-                       rollback=not no_rollback, signed_rollback=signed_rollback)
     with fleet_db(db_url, repo_dir, fleet) as db:
         rid = start_rollout(db, fleet=fleet, model=model, version=version,
-                            selector={"groups": groups, "tags": tags, "devices": devices},
-                            spec=spec, actor=actor_name(operator), repo=repo)
+                            selector=selector, spec=spec, actor=actor_name(operator), repo=repo)
     what = "rollback rollout" if signed_rollback else "rollout"
     click.echo(f"{what} {rid}: {model} {version} recorded; 'edge-sdk serve' carries it out")
 

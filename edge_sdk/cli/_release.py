@@ -398,8 +398,9 @@ def _show_progress(device: str, event: dict[str, Any]) -> None:
               help="Cumulative wave sizes: device counts or percentages.")
 @click.option("--max-failures", default=RolloutConfig.max_failures, show_default=True,
               type=float,
-              help="Devices a wave may lose before the rollout aborts: a count (>= 1) or a "
-                   "fraction of the wave (< 1).")
+              help="Devices the rollout may lose before it aborts, over every wave so "
+                   "far: a count (>= 1) or a share of the finished devices (< 1); failed "
+                   "and silent ones are each held to it ('rollout start''s rule).")
 @click.option("--wave-timeout", default=RolloutConfig.wave_timeout, show_default=True,
               type=float,
               help="Seconds each wave may take.")

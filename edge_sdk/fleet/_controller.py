@@ -70,7 +70,7 @@ from ._db import (
     valid_id,
 )
 from ._retained import Held, RetainedDesired, digest
-from ._select import operator_part, selects, split_tags
+from ._select import check_selector, operator_part, selects, split_tags
 
 log = logging.getLogger("edge_sdk.fleet.controller")
 
@@ -167,7 +167,9 @@ def start_rollout(db: FleetDB, *, fleet: str, model: str, version: str,
     :class:`FleetUsageError` when the selector matches no registered device, or when
     ``version`` is older than what one of them runs or was last sent (by a rollout, or
     signed in ``repo``): a downgrade, which only a rollback rollout
-    (``spec.signed_rollback``) deploys."""
+    (``spec.signed_rollback``) deploys; :func:`check_selector`'s errors for a malformed
+    selector or id."""
+    check_selector(fleet, selector)
     sel = {k: list(v) for k, v in selector.items() if v}
     if not sel:
         raise FleetUsageError("name at least one --group, --tag or --device")

@@ -31,11 +31,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..release._rollout import plan_waves
+from ..errors import UsageError
+from ..release._abort import FAILED, AbortRule
+from ..release._abort import FINISHED as FINISHED
+from ..release._rollout import check_waves, plan_waves
 from ._db import FleetError, FleetUsageError
 
-FINISHED = ("committed", "failed", "rolled_back", "refused", "silent")
-BAD = ("failed", "rolled_back", "refused")
+#: The device statuses that end its part in a wave, and the bad ones among them: the
+#: abort rule's (``edge_sdk.release._abort``, shared with ``rollout run``).
+BAD = FAILED
 
 
 @dataclass(frozen=True)
@@ -46,11 +50,15 @@ class RolloutSpec:
     down, but at least one), spread out by a token bucket of ten seconds' worth. Abort
     when, over at least ``min_finished`` finished devices, the share that failed or
     rolled back exceeds ``max_failure_rate`` or the share that stayed silent exceeds
-    ``max_silent_rate``. ``republish_s``: how long a sent device may stay without an
+    ``max_silent_rate`` (:meth:`abort_rule`: the rule ``rollout run`` applies too; every
+    wave so far counts). ``republish_s``: how long a sent device may stay without an
     answer before its document is published again (and again after as long; 0: never).
     ``signed_rollback``: a rollback rollout (``--rollback``): every wave's deployment is
     signed as an explicit rollback, so that devices on a newer version take the older
-    one (``rollback`` is what an abort does: send committed devices back)."""
+    one (``rollback`` is what an abort does: send committed devices back).
+
+    Raises :class:`~edge_sdk.errors.UsageError` (one line, naming the ``edge-sdk rollout
+    start`` option) for a value no rollout can run with."""
 
     waves: tuple[str, ...] = ("1", "10%", "50%", "100%")
     rate: float = 0.0
@@ -63,6 +71,25 @@ class RolloutSpec:
     republish_s: float = 30.0
     signed_rollback: bool = False
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "waves", check_waves(self.waves))  # a list: a tuple
+        if not (self.wave_timeout > 0 and self.rate >= 0):  # NaN is neither
+            raise UsageError("--wave-timeout must be > 0 and --rate >= 0")
+        if math.isinf(self.rate):
+            raise UsageError("--rate must be a finite number of devices per minute")
+        for name, v in (("--max-failure-rate", self.max_failure_rate),
+                        ("--max-silent-rate", self.max_silent_rate)):
+            if not 0 <= v < 1:
+                raise UsageError(f"{name} must be in [0, 1)")
+        if not self.republish_s >= 0:
+            raise UsageError("republish_s must be >= 0 seconds (0: never)")
+        self.abort_rule()  # checks --min-finished
+
+    def abort_rule(self) -> AbortRule:
+        """The abort rule (shared with ``rollout run``) this spec asks for."""
+        return AbortRule(max_failures=self.max_failure_rate,
+                         max_silent=self.max_silent_rate, min_finished=self.min_finished)
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["waves"] = list(self.waves)
@@ -72,7 +99,8 @@ class RolloutSpec:
     def from_json(cls, d: Mapping[str, Any]) -> RolloutSpec:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         if "waves" in known:
-            known["waves"] = tuple(known["waves"])
+            # Recorded before an empty list was refused: it planned one wave of everyone.
+            known["waves"] = tuple(known["waves"]) or ("100%",)
         return cls(**known)
 
 
@@ -420,19 +448,13 @@ def _timeouts(s: RolloutState, now: float, heard: float) -> None:
 
 
 def _should_abort(s: RolloutState, fx: list[Effect]) -> bool:
-    done = [p for p in s.devices.values() if p.status in FINISHED]
-    if len(done) < max(1, s.spec.min_finished):
+    verdict = s.spec.abort_rule().verdict(p.status for p in s.devices.values())
+    if verdict is None:
         return False
-    bad = [p for p in done if p.status in BAD]
-    silent = [p for p in done if p.status == "silent"]
-    why = None
-    if len(bad) / len(done) > s.spec.max_failure_rate:
-        why = f"{len(bad)} of {len(done)} finished device(s) failed"
-    elif len(silent) / len(done) > s.spec.max_silent_rate:
-        why = f"{len(silent)} of {len(done)} finished device(s) did not answer"
-    if why is None:
-        return False
-    reasons = sorted({p.reason for p in bad + silent if p.reason})
+    what = "failed" if verdict.kind == "failed" else "did not answer"
+    why = f"{verdict.count} of {verdict.finished} finished device(s) {what}"
+    reasons = sorted({p.reason for p in s.devices.values()
+                      if p.reason and (p.status in BAD or p.status == "silent")})
     if reasons:
         why += " (" + "; ".join(reasons[:3]) + ")"
     _abort(s, f"wave {s.wave} of {s.waves}: {why}", fx)

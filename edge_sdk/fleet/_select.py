@@ -16,6 +16,9 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from ..errors import UsageError
+from ..transport import Topics
+
 #: A tag of this prefix in a selector names a hardware fact the device reports.
 HW_PREFIX = "hw."
 #: Limits of an assignment (what the agent accepts for its own config's tags, too).
@@ -37,6 +40,30 @@ def split_tags(tags: Iterable[str]) -> tuple[list[str], list[str]]:
         else:
             own.append(t)
     return own, hw
+
+
+#: What a rollout's selector may name.
+SELECTOR_KEYS = ("groups", "tags", "devices")
+
+
+def check_selector(fleet: str, selector: Mapping[str, Sequence[str]]) -> None:
+    """Raise :class:`~edge_sdk.errors.UsageError` for a selector key other than
+    :data:`SELECTOR_KEYS` or a value that is not a list of names, and
+    :class:`~edge_sdk.errors.ConfigError` for a fleet, device or group id that cannot be
+    one topic level (they become topics). Tags are matched as given."""
+    unknown = sorted(set(selector) - set(SELECTOR_KEYS))
+    if unknown:
+        raise UsageError(f"unknown selector key(s) {', '.join(map(repr, unknown))} (a "
+                         f"selector names {', '.join(SELECTOR_KEYS)})")
+    for k, v in selector.items():
+        if v and (isinstance(v, str | bytes) or not isinstance(v, Iterable)
+                  or not all(isinstance(x, str) for x in v)):
+            raise UsageError(f"selector {k}: a list of names, not {_shown(repr(v))}")
+    topics = Topics(fleet)
+    for d in selector.get("devices", ()):
+        topics.device(d)
+    for g in selector.get("groups", ()):
+        topics.group_desired(g)
 
 
 def _word(v: Any) -> str | None:

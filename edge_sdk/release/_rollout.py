@@ -5,7 +5,9 @@ groups, once they have reported a retained state — never a device that only cl
 group in its own state), orders them online first, and deploys to growing cumulative waves
 (``1``, ``10%``, ``50%``, ``100%`` by default). Each wave is one signed deployment naming
 its devices, followed with :class:`DeploymentWatch` until every device committed it,
-failed or ran out of time. When more devices fail than the wave may lose, the rollout
+failed or ran out of time. When, after a wave, more of the devices of every wave so far
+failed (or stayed silent) than the rollout may lose — the rule the fleet controller's
+``rollout start`` applies too (:class:`~edge_sdk.release._abort.AbortRule`) — the rollout
 stops there and — unless told otherwise — signs an explicit rollback that sends every
 device that had committed the new release back to the model it served before.
 """
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 from ..errors import EdgeError, UsageError
 from ..transport import MqttConnection, Topics
 from ..trust._deployment import compare_versions
+from ._abort import FAILED, SILENT, AbortRule, allowed
 from ._deploy import (
     DEPLOYMENT_EXPIRES_DAYS,
     clear_deployment,
@@ -28,6 +31,7 @@ from ._deploy import (
 )
 from ._repository import Repository
 from ._watch import (
+    COMMITTED,
     NO_ANSWER,
     DeploymentWatch,
     Outcome,
@@ -42,13 +46,18 @@ DEFAULT_WAVES = ("1", "10%", "50%", "100%")
 @dataclass(frozen=True)
 class RolloutConfig:
     """``waves``: cumulative sizes, a count (``"1"``) or a share of all devices (``"10%"``);
-    a last wave covering everyone is added when missing. ``max_failures``: how many
-    devices of a wave may fail before the rollout aborts — a count (``>= 1``) or a
-    fraction of the wave (``< 1``); 0 stops at the first failure. ``wave_timeout``:
-    seconds each wave may take. ``rollback``: on abort, send the devices that committed
-    the new release back to their previous model. ``signed_rollback``: a rollback
-    rollout: every wave is signed as an explicit rollback, so that devices on a newer
-    version take an older one (without it such a downgrade is refused before any wave)."""
+    a last wave covering everyone is added when missing. ``max_failures``: how many of
+    the devices finished so far (every wave together) may fail before the rollout aborts
+    — a count (``>= 1``) or a share of them (``< 1``); 0 stops at the first failure.
+    ``max_silent``: the same for devices that did not answer within ``wave_timeout``
+    (None: as ``max_failures``), counted apart; neither applies before ``min_finished``
+    devices have finished (see :class:`~edge_sdk.release._abort.AbortRule`, the rule
+    ``rollout start`` applies too).
+    ``wave_timeout``: seconds each wave may take. ``rollback``: on abort, send the devices
+    that committed the new release back to their previous model. ``signed_rollback``: a
+    rollback rollout: every wave is signed as an explicit rollback, so that devices on a
+    newer version take an older one (without it such a downgrade is refused before any
+    wave). Raises :class:`~edge_sdk.errors.UsageError` for a value no rollout runs with."""
 
     waves: tuple[str, ...] = DEFAULT_WAVES
     max_failures: float = 0.0
@@ -56,19 +65,29 @@ class RolloutConfig:
     rollback: bool = True
     expires_days: float = DEPLOYMENT_EXPIRES_DAYS
     signed_rollback: bool = False
+    max_silent: float | None = None
+    min_finished: int = 1
 
     def __post_init__(self) -> None:
-        if self.max_failures < 0:
+        if not (self.max_failures >= 0 and math.isfinite(self.max_failures)):
             raise UsageError("max failures must be >= 0")
-        if self.wave_timeout <= 0:
+        if not self.wave_timeout > 0:  # NaN neither
             raise UsageError("wave timeout must be > 0 seconds")
-        if not self.waves:
-            raise UsageError("name at least one wave")
+        object.__setattr__(self, "waves", check_waves(self.waves))
+        if not self.expires_days > 0:
+            raise UsageError("deployment expiry must be > 0 days")
+        self.abort_rule()  # checks max_silent and min_finished
+
+    def abort_rule(self) -> AbortRule:
+        """The abort rule (shared with the fleet controller's rollouts) this config asks
+        for."""
+        silent = self.max_failures if self.max_silent is None else self.max_silent
+        return AbortRule(max_failures=self.max_failures, max_silent=silent,
+                         min_finished=self.min_finished)
 
     def allowed_failures(self, wave_size: int) -> int:
-        if self.max_failures >= 1:
-            return int(self.max_failures)
-        return math.floor(self.max_failures * wave_size)
+        """How many of ``wave_size`` finished devices may fail."""
+        return allowed(self.max_failures, wave_size)
 
 
 @dataclass(frozen=True)
@@ -104,6 +123,17 @@ class RolloutResult:
     @property
     def ok(self) -> bool:
         return self.aborted is None
+
+
+def check_waves(waves: Sequence[str]) -> tuple[str, ...]:
+    """``waves`` as a tuple; raises :class:`UsageError` unless there is at least one and
+    each is a count or a percentage :func:`plan_waves` takes."""
+    if isinstance(waves, str) or not waves:
+        raise UsageError("name at least one wave")
+    if not all(isinstance(w, str) for w in waves):
+        raise UsageError(f"waves {tuple(waves)!r}: each is a text such as '1' or '10%'")
+    plan_waves(["x"], waves)
+    return tuple(waves)
 
 
 def plan_waves(devices: Sequence[str], waves: Sequence[str]) -> list[list[str]]:
@@ -183,17 +213,37 @@ def rollout(repo: Repository, connection: MqttConnection, *, model: str,
         result.waves.append(wave)
         committed += [o.device for o in wave.outcomes if o.ok]
         unanswered += wave.unanswered
-        allowed = cfg.allowed_failures(len(wave_devices))
-        if len(wave.failed) > allowed:
-            result.aborted = (
-                f"wave {i} of {len(result.planned)}: {len(wave.failed)} of "
-                f"{len(wave_devices)} device(s) did not commit (allowed {allowed}): "
-                f"{describe_failures(wave.failed)}")
+        result.aborted = abort_reason(cfg, result.waves, len(result.planned))
+        if result.aborted is not None:
             break
     if result.aborted is not None and cfg.rollback:
         _roll_back(repo, connection, t, rel.name, rel.version, committed, unanswered, before,
                    cfg, progress, on_wave, result)
     return result
+
+
+def rule_result(o: Outcome) -> str:
+    """What the abort rule calls a device's outcome of a wave: ``committed``, ``silent``
+    (no answer in time) or how it failed."""
+    if o.ok:
+        return COMMITTED
+    if o.result == NO_ANSWER:
+        return SILENT
+    return o.result if o.result in FAILED else "failed"
+
+
+def abort_reason(cfg: RolloutConfig, waves: Sequence[Wave], planned: int) -> str | None:
+    """Why the rollout stops after the last of ``waves`` (of ``planned``), by
+    :meth:`RolloutConfig.abort_rule` over every wave so far; None to go on."""
+    outcomes = [o for w in waves for o in w.outcomes]
+    verdict = cfg.abort_rule().verdict(rule_result(o) for o in outcomes)
+    if verdict is None:
+        return None
+    bad = [o for o in outcomes if not o.ok]
+    what = "failed" if verdict.kind == "failed" else "did not answer"
+    return (f"wave {len(waves)} of {planned}: {len(bad)} of {verdict.finished} device(s) "
+            f"did not commit ({verdict.count} {what}, allowed {verdict.allowed}): "
+            f"{describe_failures(bad)}")
 
 
 def _deploy_and_wait(repo: Repository, connection: MqttConnection, t: Topics, name: str,
