@@ -10,6 +10,7 @@ The ops stay float32 whatever the model's scheme; only the model part is quantiz
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -290,7 +291,16 @@ def wrap(model: Any, bound: Bound) -> Any:
         raise ConversionError(f"the model's opset {opset} is older than {MIN_OPSET}, which "
                               "the in-graph pre/post-processing needs; re-export it at opset "
                               f">= {MIN_OPSET}")
+    model = _clear_names(model, bound)
     graph = model.graph
+    rename = {o: _MODEL + o for o in (bound.model_input, bound.output, bound.partner)
+              if o is not None and o and _MODEL + o in _names(graph)}
+    if rename:
+        bound = replace(
+            bound, model_input=rename.get(bound.model_input, bound.model_input),
+            output=None if bound.output is None else rename.get(bound.output, bound.output),
+            partner=None if bound.partner is None else rename.get(bound.partner,
+                                                                  bound.partner))
     g = _Graph(opset)
     geo = _pre(g, bound) if bound.pre is not None else None
     elems = {o.name: o.type.tensor_type.elem_type for o in graph.output}
@@ -306,8 +316,10 @@ def wrap(model: Any, bound: Bound) -> Any:
         value_info = list(graph.value_info)
     pre_nodes = g.nodes[:_pre_count(g, bound)] if bound.pre is not None else []
     post_nodes = g.nodes[len(pre_nodes):]
+    known = {IMAGE_INPUT} if bound.pre is not None else {i.name for i in graph.input}
+    known |= {i.name for i in graph.initializer} | {o for n in pre_nodes for o in n.output}
     new = helper.make_graph(
-        [*pre_nodes, *graph.node, *post_nodes], graph.name or "model", inputs, outs,
+        [*pre_nodes, *_sorted(graph.node, known), *post_nodes], graph.name or "model", inputs, outs,
         initializer=[*graph.initializer, *g.inits], value_info=value_info)
     new.sparse_initializer.extend(graph.sparse_initializer)
     wrapped = helper.make_model(new, opset_imports=list(model.opset_import),
@@ -316,6 +328,70 @@ def wrap(model: Any, bound: Bound) -> Any:
     for f in model.functions:
         wrapped.functions.append(f)
     return wrapped
+
+
+_MODEL = "model/"  # prefix of a model tensor whose name an answer (or ``image``) takes
+_ANSWERS = (IMAGE_INPUT, "scores", "class_ids", "boxes", "batch_index", "class_map",
+            "embedding")
+
+
+def _names(graph: Any) -> set[str]:
+    names = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    names |= {o.name for o in graph.output} | {v.name for v in graph.value_info}
+    for node in graph.node:
+        names.update(node.input)
+        names.update(node.output)
+    return names
+
+
+def _clear_names(model: Any, bound: Bound) -> Any:
+    """A copy of ``model`` whose tensors named like an answer (or ``image``) carry the
+    ``model/`` prefix, so that the wrapper's names are free."""
+    import onnx
+
+    taken = [n for n in _ANSWERS if n in _names(model.graph)]
+    if not taken:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    mapping = {n: _MODEL + n for n in taken}
+    _rename(out.graph, mapping)
+    return out
+
+
+def _rename(graph: Any, mapping: dict[str, str]) -> None:
+    for coll in (graph.input, graph.output, graph.value_info, graph.initializer):
+        for item in coll:
+            if item.name in mapping:
+                item.name = mapping[item.name]
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name in mapping:
+                node.input[k] = mapping[name]
+        for k, name in enumerate(node.output):
+            if name in mapping:
+                node.output[k] = mapping[name]
+        for attr in node.attribute:  # subgraphs may read outer names
+            if attr.HasField("g"):
+                _rename(attr.g, mapping)
+            for sub in attr.graphs:
+                _rename(sub, mapping)
+
+
+def _sorted(nodes: Any, known: set[str]) -> list[Any]:
+    """``nodes`` in an order where each comes after the nodes making its inputs (some
+    converters append nodes out of order, e.g. float16's input casts); the given order
+    where it already is one, or where no order is found."""
+    done, out, rest = set(known) | {""}, [], list(nodes)
+    while rest:
+        ready = [n for n in rest if all(i in done for i in n.input)]
+        if not ready:
+            return list(nodes)
+        for n in ready:
+            out.append(n)
+            done.update(n.output)
+        rest = [n for n in rest if not any(n is r for r in ready)]
+    return out
 
 
 def _pre_count(g: _Graph, bound: Bound) -> int:

@@ -68,14 +68,14 @@ def resize_bilinear(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     top = img[:, y0] * (1 - fy)[None, :, None, None] + img[:, y1] * fy[None, :, None, None]
     out = (top[:, :, x0] * (1 - fx)[None, None, :, None]
            + top[:, :, x1] * fx[None, None, :, None])
-    return out.astype(np.float32)
+    return np.asarray(out, dtype=np.float32)
 
 
 def preprocess(bound: Bound, images: np.ndarray) -> dict[str, np.ndarray]:
     """uint8 RGB ``[N, H, W, 3]`` → the model's feed."""
     pre = bound.pre
     assert pre is not None
-    x = np.asarray(images).astype(np.float32)
+    x: np.ndarray = np.asarray(images).astype(np.float32)
     g = geometry(pre, bound.size, x.shape[1], x.shape[2])
     x = resize_bilinear(x, *g.resized)
     top, left, bottom, right = g.pad
@@ -133,8 +133,9 @@ def postprocess(bound: Bound, outputs: Mapping[str, np.ndarray],
 
 def _nearest(n: int, s: float, t: float, to_mask: float, limit: int) -> np.ndarray:
     """Mask index of each image pixel's centre."""
-    u = ((np.arange(n) + 0.5) * s + t) * to_mask
-    return np.clip(np.floor(u), 0, limit - 1).astype(np.int64)
+    f = np.float32
+    u = ((np.arange(n, dtype=f) + f(0.5)) * f(s) + f(t)) * f(to_mask)
+    return np.asarray(np.clip(np.floor(u), 0, limit - 1), dtype=np.int64)
 
 
 def _detect(bound: Bound, out: np.ndarray, outputs: Mapping[str, np.ndarray],
