@@ -291,3 +291,91 @@ def test_segment_and_embed_answers_match_the_reference_even_when_names_collide(
     else:
         np.testing.assert_allclose(np.linalg.norm(got[key], axis=-1), 1.0, rtol=1e-5)
         np.testing.assert_allclose(got[key], want[key], atol=1e-5)
+
+
+def _head(path: Path, layout: str, logits: bool, anchors: int = 20, classes: int = 3,
+          size: int = 32) -> Path:
+    """A detection head of ``layout`` with random boxes and scores that depend on the
+    image (a 1x1 conv of a pooled input added to constant logits)."""
+    rng = np.random.default_rng(11)
+    cxcy = rng.uniform(4, size - 4, (anchors, 2))
+    wh = rng.uniform(3, size / 2, (anchors, 2))
+    boxes = np.concatenate([cxcy, wh], 1).astype(np.float32)  # [A, 4]
+    raw = rng.normal(0, 2, (anchors, classes + 1)).astype(np.float32)
+    sig = 1 / (1 + np.exp(-raw))
+    scores = raw if logits else sig.astype(np.float32)
+    inits = [numpy_helper.from_array(np.array([-1, 1, 1], np.int64), "shp"),
+             numpy_helper.from_array(np.array(1e-3, np.float32), "eps")]
+    nodes = [helper.make_node("ReduceMean", ["images"], ["m4"], axes=[1, 2, 3], keepdims=1),
+             helper.make_node("Reshape", ["m4", "shp"], ["m"]),
+             helper.make_node("Mul", ["m", "eps"], ["d"])]
+    outs: list[tuple[str, np.ndarray]] = []
+    if layout == "yolov5":  # [N, A, 5+C]: box, objectness, classes
+        outs.append(("output0", np.concatenate([boxes, scores], 1)[None]))
+    elif layout == "yolov8":
+        outs.append(("output0", np.concatenate([boxes, scores[:, 1:]], 1).T[None]))
+    else:  # corner boxes [N, A, 4] and scores [N, C, A]
+        corners = np.concatenate([boxes[:, :2] - boxes[:, 2:] / 2,
+                                  boxes[:, :2] + boxes[:, 2:] / 2], 1)
+        outs += [("boxes", corners[None]), ("cls_scores", scores[:, 1:].T[None])]
+    vis = []
+    for name, arr in outs:
+        inits.append(numpy_helper.from_array(arr.astype(np.float32), name + "_c"))
+        nodes.append(helper.make_node("Add", [name + "_c", "d"], [name]))
+        vis.append(helper.make_tensor_value_info(name, TensorProto.FLOAT,
+                                                 ["N", *arr.shape[1:]]))
+    graph = helper.make_graph(
+        nodes, "head",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, size, size])],
+        vis, inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize("layout", ["yolov8", "yolov5", "boxes-scores"])
+@pytest.mark.parametrize("logits", [False, True])
+def test_every_detect_layout_decodes_like_the_reference(
+        tmp_path: Path, layout: str, logits: bool) -> None:
+    model = _head(tmp_path / "head.onnx", layout, logits)
+    img = images(2, 30, 45, seed=3)
+    np.savez(tmp_path / "photos.npz", image=img)
+    pre, post = "image:resize=letterbox", f"detect:layout={layout},score=0.3,iou=0.5,max=4"
+    res = convert(model, tmp_path / "art", eval=tmp_path / "photos.npz", quantize="none",
+                  preprocess=pre, postprocess=post, config=FAST)
+    manifest = edge_sdk.Artifact.from_dir(res.artifact.path).manifest.extra
+    assert manifest["postprocess"]["sigmoid_added"] is logits
+    got = edge_sdk.load(res.artifact.path).predict({"image": img})
+    assert 0 < len(got["scores"]) <= 8 and np.bincount(got["batch_index"]).max() <= 4
+    for b in range(2):
+        sel = got["batch_index"] == b
+        want = reference_answers(
+            model, pre, post, img[b:b + 1], (32, 32), "images",
+            "boxes" if layout == "boxes-scores" else "output0", classes=3, sigmoid=logits,
+            partner="cls_scores" if layout == "boxes-scores" else None, scores_t=True)
+        np.testing.assert_allclose(got["boxes"][sel], want["boxes"], atol=1e-3)
+        np.testing.assert_allclose(got["scores"][sel], want["scores"], atol=1e-5)
+        assert got["class_ids"][sel].tolist() == want["class_ids"].tolist()
+
+
+def test_postprocess_alone_answers_the_model_input_tensors(tmp_path: Path) -> None:
+    model = classifier(tmp_path / "cls.onnx")
+    x = np.random.default_rng(2).normal(0, 1, (6, 3, 32, 32)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", input=x)
+    res = convert(model, tmp_path / "art", eval=tmp_path / "calib.npz", quantize="none",
+                  postprocess="classify:topk=4", config=FAST)
+    assert res.report["pipeline"]["accuracy"]["held"]
+    pred = edge_sdk.load(res.artifact.path)
+    assert [i.name for i in pred.inputs] == ["input"]
+    got = pred.predict({"input": x[:2]})
+    logits = ort.InferenceSession(str(model)).run(None, {"input": x[:2]})[0]
+    assert got["class_ids"].tolist() == np.argsort(-logits, axis=1)[:, :4].tolist()
+
+
+def test_without_images_synthetic_ones_check_the_pipeline_but_do_not_verify_it(
+        models: dict[str, Path], tmp_path: Path) -> None:
+    res = convert(models["cls"], tmp_path / "art", quantize="none",
+                  preprocess="image:size=32x32", postprocess="classify", config=FAST)
+    sec = res.report["pipeline"]
+    assert sec["images"]["origin"] == "synthetic" and sec["images"]["count"] == 3
+    assert sec["accuracy"]["held"] and not sec["accuracy"]["verified_on_real_data"]
+    assert res.report["data"]["verified_on_real_data"] is False
