@@ -307,7 +307,7 @@ def wrap(model: Any, bound: Bound) -> Any:
     outs = (_post(g, bound, geo, elems) if bound.post is not None
             else list(graph.output))
     inputs = ([helper.make_tensor_value_info(IMAGE_INPUT, TensorProto.UINT8,
-                                             ["batch", "height", "width", 3])]
+                                             [_batch_dim(graph, bound), "height", "width", 3])]
               if bound.pre is not None else list(graph.input))
     if bound.pre is not None:
         model_in = next(i for i in graph.input if i.name == bound.model_input)
@@ -376,6 +376,14 @@ def _rename(graph: Any, mapping: dict[str, str]) -> None:
                 _rename(attr.g, mapping)
             for sub in attr.graphs:
                 _rename(sub, mapping)
+
+
+def _batch_dim(graph: Any, bound: Bound) -> int | str:
+    """The image input's batch dim: the model input's when it is fixed (a model exported
+    for one image takes one image), else symbolic."""
+    inp = next(i for i in graph.input if i.name == bound.model_input)
+    dims = inp.type.tensor_type.shape.dim
+    return int(dims[0].dim_value) if dims and dims[0].HasField("dim_value") else "batch"
 
 
 def _sorted(nodes: Any, known: set[str]) -> list[Any]:

@@ -379,3 +379,24 @@ def test_without_images_synthetic_ones_check_the_pipeline_but_do_not_verify_it(
     assert sec["images"]["origin"] == "synthetic" and sec["images"]["count"] == 3
     assert sec["accuracy"]["held"] and not sec["accuracy"]["verified_on_real_data"]
     assert res.report["data"]["verified_on_real_data"] is False
+
+
+def test_auto_quantizes_the_model_part_only_and_pre_alone_keeps_the_outputs(
+        models: dict[str, Path], tmp_path: Path) -> None:
+    photos = models["dir"] / "photos.npz"
+    res = convert(models["cls"], tmp_path / "q", calibration=photos, eval=photos,
+                  quantize="int8-static", preprocess=f"image:size=32x32,{IMAGENET}",
+                  postprocess="classify:topk=2", force=True, config=FAST)
+    graph = onnx.load(str(res.artifact.model_path)).graph
+    ours = [n for n in graph.node if n.name.startswith("prepost/")]
+    quant = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
+    assert ours and not [n for n in ours if n.op_type in quant]
+    assert [n for n in graph.node if n.op_type in quant]  # the model part is int8
+    pre_only = convert(models["cls"], tmp_path / "pre", eval=photos, quantize="none",
+                       preprocess=f"image:size=32x32,{IMAGENET}", config=FAST)
+    pred = edge_sdk.load(pre_only.artifact.path)
+    assert [o.name for o in pred.outputs] == ["logits"]
+    assert pre_only.report["pipeline"]["accuracy"]["mean_cosine"] > 0.9999
+    det = convert(models["det"], tmp_path / "det", quantize="none",
+                  preprocess="image:resize=stretch", postprocess="detect", config=FAST)
+    assert edge_sdk.load(det.artifact.path).inputs[0].shape[0] == "batch"
