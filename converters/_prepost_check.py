@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 import edge_sdk
-from edge_sdk._internal import load_npz
+from edge_sdk._internal import load_npz, one_line
 from edge_sdk.errors import ConversionError, UsageError
 
 from ._data import Samples, samples_from_arrays
@@ -258,7 +258,7 @@ class Prepost:
         try:
             onnx.checker.check_model(str(out))
         except Exception as err:
-            raise ConversionError(f"the wrapped pipeline model is invalid: {_line(err)}"
+            raise ConversionError(f"the wrapped pipeline model is invalid: {one_line(err)}"
                                   ) from err
         if to == "ort":
             from ._normalize import to_ort_format
@@ -269,7 +269,7 @@ class Prepost:
         try:
             pred = edge_sdk.load(out)
         except Exception as err:
-            raise ConversionError(f"the wrapped pipeline model does not load: {_line(err)}"
+            raise ConversionError(f"the wrapped pipeline model does not load: {one_line(err)}"
                                   ) from err
         if b.pre is None:
             self._verify_post_only(pred, evalset, reference_outputs, output_names, max_drop,
@@ -575,11 +575,6 @@ def _flat_classes(a: np.ndarray) -> int:
 
 def _shapes(first: Mapping[str, np.ndarray]) -> str:
     return ", ".join(f"{k} {list(np.shape(v))}" for k, v in first.items())
-
-
-def _line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text[:240] if text else type(err).__name__
 
 
 __all__ = ["Images", "Prepost", "compare"]
