@@ -5,9 +5,10 @@ model, read evaluation images, wrap the chosen candidate and verify the whole pi
 The driver (:func:`converters._pipeline.drive`) calls, in order::
 
     pp = Prepost.start(spec, input_specs)        # the pre-processing bound to the input
-    calib, evalset = pp.data(...)                # images → the bare model's samples
-    pp.bind_outputs(reference, plan)             # what post-processing reads
+    samples = pp.load(npz, input_specs, what)    # images → the bare model's samples
+    pp.bind_outputs(reference, plan, names)      # what post-processing reads
     model_file = pp.attach(chosen_onnx, ...)     # wrapped, checked; pp.section for reports
+    extra.update(pp.manifest())
 
 Evaluation images come from an ``.npz`` with an ``image`` array (uint8 ``[N, H, W, 3]``,
 RGB). When it also holds the model input (the tensors the training pipeline made from

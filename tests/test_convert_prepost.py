@@ -400,3 +400,17 @@ def test_auto_quantizes_the_model_part_only_and_pre_alone_keeps_the_outputs(
     det = convert(models["det"], tmp_path / "det", quantize="none",
                   preprocess="image:resize=stretch", postprocess="detect", config=FAST)
     assert edge_sdk.load(det.artifact.path).inputs[0].shape[0] == "batch"
+
+
+def test_labels_alone_go_into_the_manifest_and_must_match_the_classes(
+        tmp_path: Path) -> None:
+    model = classifier(tmp_path / "cls.onnx", classes=3)
+    (tmp_path / "abc.txt").write_text("cat\ndog\n\nbird\n\n")  # a blank line inside is kept
+    with pytest.raises(UsageError, match="4 labels, but output 'logits' has 3 classes"):
+        convert(model, tmp_path / "art", quantize="none", task="classify",
+                labels=tmp_path / "abc.txt", config=FAST)
+    (tmp_path / "abc.txt").write_text("cat\ndog\nbird\n")
+    res = convert(model, tmp_path / "art", quantize="none", task="classify",
+                  labels=tmp_path / "abc.txt", config=FAST)
+    extra = edge_sdk.Artifact.from_dir(res.artifact.path).manifest.extra
+    assert extra["labels"] == ["cat", "dog", "bird"] and "postprocess" not in extra
