@@ -414,3 +414,17 @@ def test_labels_alone_go_into_the_manifest_and_must_match_the_classes(
                   labels=tmp_path / "abc.txt", config=FAST)
     extra = edge_sdk.Artifact.from_dir(res.artifact.path).manifest.extra
     assert extra["labels"] == ["cat", "dog", "bird"] and "postprocess" not in extra
+
+
+def test_an_opset_10_model_is_upgraded_before_the_pipeline_goes_around_it(
+        tmp_path: Path) -> None:
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["input"], ["out"])], "old",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 8, 8])])
+    path = tmp_path / "old.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 10)]), str(path))
+    res = convert(path, tmp_path / "art", quantize="none", preprocess="image", config=FAST)
+    assert any("upgraded opset 10" in n for n in res.report["normalization"])
+    out = edge_sdk.load(res.artifact.path).predict({"image": images(1, 5, 9)})["out"]
+    assert out.shape == (1, 3, 8, 8) and out.max() <= 1.0
