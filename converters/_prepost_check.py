@@ -53,6 +53,8 @@ SYNTHETIC_SIZES = ((1.0, 1.0), (0.75, 1.3), (1.6, 0.6))
 #: Mean |in-graph - given| pre-processed tensor, relative to the given tensors' spread,
 #: beyond which the pre-processing is called a training-serving skew.
 SKEW_BUDGET = 0.02
+#: The key of the model's own tensors in an evaluation file when its input is ``image``.
+GIVEN_PREFIX = "model/"
 #: Runs of the whole pipeline timed for the report.
 TIMED_RUNS = 5
 
@@ -209,25 +211,30 @@ class Prepost:
     # ------------------------------------------------------------ data
 
     def load(self, path: Path, specs: Sequence[edge_sdk.TensorSpec], what: str) -> Samples:
-        """Samples for the bare model from ``path``; with an ``image`` array, the images
-        are kept for the pipeline check and the bare model gets the given tensors, else
-        the images through the numpy reference pre-processing."""
+        """Samples for the bare model from ``path``; with an ``image`` array (uint8 RGB),
+        the images are kept for the pipeline check and the bare model gets the given
+        tensors, else the images through the numpy reference pre-processing. A model
+        whose own input is named ``image`` takes its tensors as ``model/image`` next to
+        the images (an ``image`` array that is not uint8 RGB is then that input's)."""
         arrays = load_npz(Path(path))
-        if IMAGE_INPUT not in arrays or self.bound is None or self.spec.pre is None:
+        b = self.bound
+        if b is None or self.spec.pre is None or IMAGE_INPUT not in arrays or (
+                b.model_input == IMAGE_INPUT and not _raw_images(arrays[IMAGE_INPUT])):
             return samples_from_arrays(arrays, specs, origin=str(path), what=what)
         images = _image_batch(arrays[IMAGE_INPUT], str(path), what)
-        rest = {k: v for k, v in arrays.items() if k != IMAGE_INPUT}
-        name = self.bound.model_input
+        name = b.model_input
+        key = name if name != IMAGE_INPUT else GIVEN_PREFIX + name
+        rest = {k: v for k, v in arrays.items() if k not in (IMAGE_INPUT, key)}
         given: tuple[np.ndarray, ...] | None = None
-        if name in rest:
-            given_arr = np.asarray(rest[name])
+        if key in arrays:
+            given_arr = np.asarray(arrays[key])
             if len(given_arr) != len(images):
                 raise UsageError(f"{path}: {len(images)} images but {len(given_arr)} "
-                                 f"'{name}' tensors; give one tensor per image")
+                                 f"'{key}' tensors; give one tensor per image")
             given = tuple(given_arr[i:i + 1] for i in range(len(given_arr)))
+            rest[name] = given_arr
         else:
-            rest[name] = np.concatenate(
-                [preprocess(self.bound, im)[name] for im in images])
+            rest[name] = np.concatenate([preprocess(b, im)[name] for im in images])
         samples = samples_from_arrays(rest, specs, origin=str(path), what=what)
         if what == "evaluation" or self.images is None:
             self.images = Images(images, given, str(path))
@@ -322,7 +329,7 @@ class Prepost:
         pre = edge_sdk.load(path)
         worst = (0.0, 0.0, 0)
         for i, (im, t) in enumerate(zip(imgs.images, imgs.given, strict=True)):
-            got = np.asarray(pre.predict({IMAGE_INPUT: im})[b.model_input], np.float64)
+            got = np.asarray(next(iter(pre.predict({IMAGE_INPUT: im}).values())), np.float64)
             want = np.asarray(t, np.float64).reshape(got.shape) if np.asarray(
                 t).size == got.size else None
             if want is None:
@@ -546,6 +553,30 @@ def _box_shift(ref: np.ndarray, got: np.ndarray) -> float:
     return worst
 
 
+def refuse_framework_images(options: Any, kind: str) -> None:
+    """A framework source's front-end reads --eval/--calibration as the model's input
+    tensors (export shapes, the export check) before any pre-processing exists, so raw
+    images there are refused with what works instead."""
+    if options.preprocess is None:
+        return
+    for flag, path in (("--eval", options.eval), ("--calibration", options.calibration)):
+        if path is not None and Path(path).is_file() and str(path).endswith(".npz"):
+            arrays = load_npz(Path(path))
+            if _raw_images(arrays.get(IMAGE_INPUT)):
+                raise UsageError(
+                    f"{flag} {path}: raw '{IMAGE_INPUT}' images with a {kind} source are not "
+                    "supported yet (its export reads the model's input tensors); give the "
+                    "tensors here, or export to ONNX first and convert that with the images")
+
+
+def _raw_images(a: Any) -> bool:
+    """An array of uint8 RGB images ``[N, H, W, 3]`` (or one ``[H, W, 3]``)."""
+    if a is None:
+        return False
+    arr = np.asarray(a)
+    return arr.dtype == np.uint8 and arr.ndim in (3, 4) and arr.shape[-1] == 3
+
+
 def _image_batch(a: Any, origin: str, what: str) -> tuple[np.ndarray, ...]:
     arr = np.asarray(a)
     if arr.ndim == 3:
@@ -578,4 +609,4 @@ def _shapes(first: Mapping[str, np.ndarray]) -> str:
     return ", ".join(f"{k} {list(np.shape(v))}" for k, v in first.items())
 
 
-__all__ = ["Images", "Prepost", "compare"]
+__all__ = ["Images", "Prepost", "compare", "refuse_framework_images"]

@@ -413,9 +413,12 @@ def _pre_count(g: _Graph, bound: Bound) -> int:
 
 def preprocess_model(bound: Bound, opset: int) -> Any:
     """The pre-processing alone: ``image`` in, the model's input tensor out (what the skew
-    check compares against the training pipeline's tensors)."""
+    check compares against the training pipeline's tensors; ``model/image`` when the
+    model's input is named ``image`` too)."""
     from onnx import TensorProto, helper
 
+    if bound.model_input == IMAGE_INPUT:
+        bound = replace(bound, model_input=_MODEL + IMAGE_INPUT)
     g = _Graph(max(opset, MIN_OPSET))
     _pre(g, bound)
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(bound.input_dtype))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -428,3 +429,27 @@ def test_an_opset_10_model_is_upgraded_before_the_pipeline_goes_around_it(
     assert any("upgraded opset 10" in n for n in res.report["normalization"])
     out = edge_sdk.load(res.artifact.path).predict({"image": images(1, 5, 9)})["out"]
     assert out.shape == (1, 3, 8, 8) and out.max() <= 1.0
+
+
+def test_a_model_whose_input_is_named_image_takes_its_tensors_as_model_image(
+        tmp_path: Path) -> None:
+    model = segmenter(tmp_path / "seg.onnx")
+    img = images(4, 16, 16, seed=9)
+    tensors = (img / 255.0).transpose(0, 3, 1, 2).astype(np.float32)
+    both: Any = {"image": img, "model/image": tensors[:, ::-1]}  # BGR, not what it says
+    np.savez(tmp_path / "both.npz", **both)
+    res = convert(model, tmp_path / "art", eval=tmp_path / "both.npz", quantize="none",
+                  preprocess="image", postprocess="segment:argmax", config=FAST)
+    assert res.report["pipeline"]["images"]["given_tensors"]
+    assert [w for w in res.warnings if w.startswith("training-serving skew")]
+    np.savez(tmp_path / "tensors.npz", image=tensors)  # the model's own input, not images
+    res = convert(model, tmp_path / "art2", eval=tmp_path / "tensors.npz", quantize="none",
+                  preprocess="image", postprocess="segment:argmax", config=FAST)
+    assert res.report["pipeline"]["images"]["origin"] == "synthetic"
+
+
+def test_framework_source_with_raw_images_is_refused_before_loading(tmp_path: Path) -> None:
+    np.savez(tmp_path / "photos.npz", image=images(2, 16, 16))
+    with pytest.raises(UsageError, match="raw 'image' images with a torch source"):
+        convert("tests._framework_models:torch_cnn", tmp_path / "art",
+                eval=tmp_path / "photos.npz", preprocess="image:size=16x16", config=FAST)
