@@ -37,10 +37,11 @@ from typing import TYPE_CHECKING, Any
 
 from edge_sdk._internal import atomic_write_bytes, atomic_write_text
 
+from ._prepost import pipeline_lines
+
 if TYPE_CHECKING:
     from ._data import Samples
-from ._measure import Accuracy, Measurement, Selection
-from ._prepost import pipeline_lines
+    from ._measure import Accuracy, Measurement, Selection
 
 
 def manifest_figures(chosen: Measurement, baseline: Measurement, budget: float,
