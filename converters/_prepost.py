@@ -351,6 +351,11 @@ def pipeline_lines(report: Mapping[str, Any]) -> list[str]:
         lines.append(f"pipeline ({'raw images in, ' if 'latency_ms' in sec else ''}vs the "
                      f"reference pipeline on {imgs.get('count', '?')} samples from "
                      f"{imgs.get('origin', '?')}): {acc.get('summary', '')}")
+    ref = sec.get("reference")
+    if ref:
+        lines.append(f"in-graph pre-processing vs the numpy reference: max |Δ| "
+                     f"{ref.get('max_abs_diff', 0):.3g}"
+                     + ("" if ref.get("held") else " (BEYOND BUDGET)"))
     skew = sec.get("skew")
     if skew:
         state = "within budget" if skew.get("held") else "TRAINING-SERVING SKEW"

@@ -318,29 +318,39 @@ class Prepost:
         return Images(ims, None, "synthetic")
 
     def _skew(self, imgs: Images, opset: int, budget: float, work: Path) -> None:
+        """The in-graph pre-processing alone against the numpy reference (always) and
+        against the training pipeline's tensors (when given): the report's ``reference``
+        and ``skew`` figures."""
         b = self.bound
-        assert b is not None
-        if b.pre is None or imgs.given is None:
-            return
+        assert b is not None and b.pre is not None
         import onnx
 
         path = work / "preprocess.onnx"
         onnx.save(preprocess_model(b, opset), str(path))
         pre = edge_sdk.load(path)
-        worst = (0.0, 0.0, 0)
-        for i, (im, t) in enumerate(zip(imgs.images, imgs.given, strict=True)):
-            got = np.asarray(next(iter(pre.predict({IMAGE_INPUT: im}).values())), np.float64)
-            want = np.asarray(t, np.float64).reshape(got.shape) if np.asarray(
-                t).size == got.size else None
-            if want is None:
-                raise UsageError(f"{imgs.origin}: '{b.model_input}' sample {i} has shape "
+        made = [np.asarray(next(iter(pre.predict({IMAGE_INPUT: im}).values())), np.float64)
+                for im in imgs.images]
+        ref = [np.asarray(preprocess(b, im)[b.model_input], np.float64) for im in imgs.images]
+        rel, mx, i = _worst_diff(made, ref)
+        self.section["reference"] = {"relative_mean_abs_diff": rel, "max_abs_diff": mx,
+                                     "worst_sample": i, "budget": budget,
+                                     "held": rel <= budget,
+                                     "against": "the numpy reference pre-processing"}
+        if rel > budget:
+            self.warnings.append(
+                f"in-graph pre-processing differs from the numpy reference by mean |Δ| "
+                f"{rel:.3g} of its spread (budget {budget:.3g}), max |Δ| {mx:.3g} on sample "
+                f"{i}: a runtime resize that is not the reference's")
+        if imgs.given is None:
+            return
+        given = []
+        for k, (got, t) in enumerate(zip(made, imgs.given, strict=True)):
+            if np.asarray(t).size != got.size:
+                raise UsageError(f"{imgs.origin}: '{b.model_input}' sample {k} has shape "
                                  f"{list(np.shape(t))}, the pre-processing makes "
                                  f"{list(got.shape)}")
-            diff = float(np.mean(np.abs(got - want)))
-            rel = diff / (float(np.std(want)) + 1e-12)
-            if rel > worst[0]:
-                worst = (rel, float(np.max(np.abs(got - want))), i)
-        rel, mx, i = worst
+            given.append(np.asarray(t, np.float64).reshape(got.shape))
+        rel, mx, i = _worst_diff(made, given)
         held = rel <= budget
         self.section["skew"] = {"relative_mean_abs_diff": rel, "max_abs_diff": mx,
                                 "worst_sample": i, "budget": budget, "held": held,
@@ -432,7 +442,8 @@ class Prepost:
             out["labels"] = list(self.spec.labels)
         if self.section:
             out["pipeline"] = {k: v for k, v in self.section.items()
-                               if k in ("accuracy", "skew", "images", "latency_ms")}
+                               if k in ("accuracy", "reference", "skew", "images",
+                                        "latency_ms")}
         return out
 
     def report_lines(self) -> list[str]:
@@ -530,6 +541,19 @@ def _compare_tensors(got: Sequence[Mapping[str, np.ndarray]],
     return {"task": "generic", "mean_cosine": s.score, "budget": budget, "held": held,
             "breaks": "" if held else f"mean cosine {s.score:.4g} < {1 - budget:.4g}",
             "summary": f"outputs: mean cosine {s.score:.5f}"}
+
+
+def _worst_diff(got: Sequence[np.ndarray], want: Sequence[np.ndarray],
+                ) -> tuple[float, float, int]:
+    """The worst sample's mean |got - want| relative to want's spread, its max |Δ|, and
+    its index."""
+    worst = (0.0, 0.0, 0)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        d = np.abs(g - w)
+        rel = float(np.mean(d)) / (float(np.std(w)) + 1e-12)
+        if rel > worst[0] or i == 0:
+            worst = (rel, float(np.max(d)), i)
+    return worst
 
 
 def _dets(out: Mapping[str, np.ndarray], img: int) -> np.ndarray:
