@@ -55,6 +55,8 @@ SYNTHETIC_SIZES = ((1.0, 1.0), (0.75, 1.3), (1.6, 0.6))
 SKEW_BUDGET = 0.02
 #: The key of the model's own tensors in an evaluation file when its input is ``image``.
 GIVEN_PREFIX = "model/"
+#: Evaluation images (of one size) also run as one batch, checked against one by one.
+BATCH_CHECK = 8
 #: Runs of the whole pipeline timed for the report.
 TIMED_RUNS = 5
 
@@ -385,6 +387,27 @@ class Prepost:
             if not force:
                 raise ConversionError(msg + " (pass --force to write it anyway)")
             self.warnings.append(msg + " (--force)")
+        self._batch(pred, imgs, got)
+
+    def _batch(self, pred: Any, imgs: Images, single: Sequence[Mapping[str, np.ndarray]],
+               ) -> None:
+        """Images of one size run as one batch must get the answers they get one by one
+        (within float noise): the batch axis through pre- and post-processing."""
+        n = min(len(imgs.images), BATCH_CHECK)
+        if n < 2 or isinstance(pred.inputs[0].shape[0], int) or len(
+                {im.shape for im in imgs.images[:n]}) != 1:
+            return
+        out = pred.predict({IMAGE_INPUT: np.concatenate(imgs.images[:n])})
+        post = self.spec.post
+        if post is not None and post.task == "detect":
+            same = all(_same_dets(_dets(out, i), _dets(single[i], 0)) for i in range(n))
+        else:
+            same = all(_same_answer(np.asarray(out[k])[i:i + 1], np.asarray(single[i][k]))
+                       for k in out for i in range(n))
+        self.section["batch"] = {"images": n, "same_answers": bool(same)}
+        if not same:
+            self.warnings.append(f"a batch of {n} images gets other answers than the same "
+                                 "images one by one; run images one at a time")
 
     def _verify_post_only(self, pred: Any, evalset: Samples,
                           reference: Sequence[Mapping[str, np.ndarray]],
@@ -443,7 +466,7 @@ class Prepost:
         if self.section:
             out["pipeline"] = {k: v for k, v in self.section.items()
                                if k in ("accuracy", "reference", "skew", "images",
-                                        "latency_ms")}
+                                        "batch", "latency_ms")}
         return out
 
     def report_lines(self) -> list[str]:
@@ -541,6 +564,21 @@ def _compare_tensors(got: Sequence[Mapping[str, np.ndarray]],
     return {"task": "generic", "mean_cosine": s.score, "budget": budget, "held": held,
             "breaks": "" if held else f"mean cosine {s.score:.4g} < {1 - budget:.4g}",
             "summary": f"outputs: mean cosine {s.score:.5f}"}
+
+
+def _same_answer(a: np.ndarray, b: np.ndarray) -> bool:
+    """Float answers within noise; class ids or maps agreeing on 99 % (a near tie may
+    flip with the batch's kernels)."""
+    if a.shape != b.shape:
+        return False
+    if a.dtype.kind == "i":
+        return float(np.mean(a == b)) >= 0.99 if a.size else True
+    return bool(np.allclose(a, b, atol=1e-4))
+
+
+def _same_dets(a: np.ndarray, b: np.ndarray) -> bool:
+    """The same detections, in the same order, within float noise."""
+    return a.shape == b.shape and bool(np.allclose(a, b, atol=1e-3))
 
 
 def _worst_diff(got: Sequence[np.ndarray], want: Sequence[np.ndarray],

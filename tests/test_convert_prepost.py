@@ -157,6 +157,7 @@ def test_detector_boxes_come_back_in_original_pixels_with_the_letterbox_undone(
     res = convert(models["det"], tmp_path / "art", eval=tmp_path / "wide.npz", quantize="none",
                   preprocess=pre, postprocess=post, config=FAST)
     assert res.report["pipeline"]["accuracy"]["matched_share"] == 1.0
+    assert res.report["pipeline"]["batch"] == {"images": 3, "same_answers": True}
     got = edge_sdk.load(res.artifact.path).predict({"image": img[:2]})
     # By hand: x = x_model / (2/3), y = (y_model - 16) / (2/3), clipped to the image.
     r, top = 2 / 3, 16
