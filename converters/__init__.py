@@ -48,7 +48,7 @@ def convert(
         raise UsageError(f"--from {source_kind!r} is not one of {', '.join(SOURCE_KINDS)}")
     try:
         fields = dict(option_fields)
-        for key in ("calibration", "eval", "base"):
+        for key in ("calibration", "eval", "base", "labels"):
             if fields.get(key) is not None:
                 fields[key] = Path(fields[key])
         if input_shapes:

@@ -15,6 +15,7 @@ from edge_sdk.errors import UsageError
 from . import SOURCE_KINDS, ConvertConfig, convert
 from ._measure import METRICS, PREFER
 from ._pipeline import NOT_VERIFIED, QUANTIZE_CHOICES, TARGETS
+from ._prepost import pipeline_lines
 from ._report import (
     base_lines,
     candidate_rows,
@@ -115,6 +116,19 @@ def parse_input_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]] | 
 @click.option("--password", envvar="EDGE_MQTT_PASSWORD", help="Broker password.")
 @click.option("--profile-timeout", default=600.0, show_default=True, type=float,
               help="Seconds to wait for the devices' figures.")
+@click.option("--preprocess", metavar="image:KEY=VALUE,...",
+              help="Put the pre-processing in the graph: the artifact takes uint8 RGB images "
+              "[N, H, W, 3] of any size. Keys: size=HxW, resize=stretch|letterbox|center-crop, "
+              "channels=rgb|bgr, layout=nchw|nhwc, scale=1/255, mean=R/G/B, std=R/G/B. "
+              "--eval/--calibration may then hold an 'image' array (and the training "
+              "pipeline's input tensors, to catch a skew).")
+@click.option("--postprocess", metavar="TASK:KEY=VALUE,...",
+              help="Put the post-processing in the graph: classify:topk=5 | "
+              "detect:layout=yolov8|yolov5|boxes-scores,score=0.25,iou=0.45,max=100 | "
+              "segment:argmax | embed:l2norm (optional output=NAME).")
+@click.option("--labels", "labels", type=click.Path(path_type=Path),
+              help="Class names, one per line (stored in the manifest; the count must match "
+              "the model's classes).")
 def convert_cmd(
     src: Path, output: Path, quantize: str, prefer: str, to: str | None,
     calibration: Path | None, eval_file: Path | None, task: str | None,
@@ -123,7 +137,8 @@ def convert_cmd(
     exclude_ops: tuple[str, ...], source_kind: str | None, input_shapes: tuple[str, ...],
     trust_pickle: bool, base: Path | None, profile_on: tuple[str, ...], broker: str | None,
     repo_dir: Path | None, fleet: str, keydir: Path | None, username: str | None,
-    password: str | None, profile_timeout: float,
+    password: str | None, profile_timeout: float, preprocess: str | None,
+    postprocess: str | None, labels: Path | None,
 ) -> None:
     """Convert SRC into a verified artifact directory (-o), picking the quantization
     scheme by measuring each candidate's accuracy vs the source and latency on this
@@ -141,6 +156,7 @@ def convert_cmd(
         max_drop=max_drop, threads=threads, name=name,
         version=version, force=force, overwrite=overwrite, exclude_ops=exclude_ops,
         progress=not as_json and sys.stderr.isatty(), base=base, config=config,
+        preprocess=preprocess, postprocess=postprocess, labels=labels,
     )
     report = result.report
     if as_json:
@@ -208,6 +224,7 @@ def summary(report: dict[str, Any] | Any, path: str) -> str:
         if hint:
             lines.append(f"task: generic — {hint}")
     lines.extend(tasks)
+    lines.extend(pipeline_lines(report))
     data = report.get("data") or {}
     if not data.get("verified_on_real_data", True):
         lines.append(f"WARNING: {NOT_VERIFIED} ({not_verified_why(data)})")

@@ -37,6 +37,8 @@ from ._measure import (
     measure_candidates,
     select,
 )
+from ._prepost import PipelineSpec
+from ._prepost_check import Prepost
 from ._report import (
     latency_fields,
     manifest_figures,
@@ -53,6 +55,9 @@ QUANTIZE_CHOICES = (*SCHEMES, "auto")
 TARGETS = ("onnx", "ort", "tflite")
 BASELINE = "fp32"
 NOT_VERIFIED = "accuracy NOT verified on real data"
+TFLITE_PREPOST = ("--preprocess/--postprocess are ONNX operators in the graph; a TFLite "
+                  "artifact cannot carry them yet (no Resize/NonMaxSuppression pipeline is built "
+                  "for LiteRT): use --to onnx or --to ort, or convert without them")
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,11 @@ class ConvertOptions:
     # --input-shape for an ONNX source: the shapes of synthetic inputs for symbolic dims
     # (the artifact keeps the symbolic signature). Front-ends use theirs for the export.
     input_shapes: Mapping[str, tuple[int, ...]] | None = None
+    # --preprocess / --postprocess specs and --labels (converters._prepost): ops around the
+    # model in the graph, verified on raw images; ONNX and ORT targets only.
+    preprocess: str | None = None
+    postprocess: str | None = None
+    labels: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +132,10 @@ class ConvertConfig:
     # device's latency (accuracy stays measured here, against the source).
     # ``edge-sdk convert --profile-on`` injects an edge_sdk.release.RepositoryProfiler.
     device_profiler: DeviceProfiler | None = None
+    # --preprocess: the in-graph pre-processing may differ from the training pipeline's
+    # tensors (given next to the images) by this mean |difference| relative to their
+    # spread before it is reported as a training-serving skew.
+    skew_budget: float = 0.02
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.base_tolerance < 1.0:
@@ -159,6 +173,14 @@ def check_options(options: ConvertOptions) -> None:
     if options.base is not None:
         check_base(Path(options.base), to=options.to or "onnx", quantize=options.quantize,
                    calibration=options.calibration)
+    pipeline = PipelineSpec.from_options(options.preprocess, options.postprocess,
+                                         options.labels)
+    if pipeline is not None and pipeline.graph and options.to == "tflite":
+        raise UsageError(TFLITE_PREPOST)
+    if (pipeline is not None and pipeline.post is not None and options.task is not None
+            and options.task != pipeline.post.task):
+        raise UsageError(f"--task {options.task} and --postprocess {pipeline.post.task} "
+                         "disagree; drop --task")
 
 
 def artifact_name(options: ConvertOptions, src: Path) -> str:
@@ -249,12 +271,24 @@ def drive(backend: Backend, out: Path, options: ConvertOptions, source: SourceIn
         # ONNX and TFLite files keep their signature and are measured at it.
         given = check_input_shapes(specs, options.input_shapes
                                    if source.format in ("onnx", "tflite") else None)
-        calib, evalset = _data(options, specs, cfg, warnings, run, given)
+        pipeline = PipelineSpec.from_options(options.preprocess, options.postprocess,
+                                             options.labels)
+        if pipeline is not None and pipeline.graph and options.to not in ("onnx", "ort"):
+            raise UsageError(TFLITE_PREPOST)
+        pp = None if pipeline is None else Prepost.start(pipeline, specs)
+        calib, evalset = _data(options, specs, cfg, warnings, run, given, pp)
         ref_fn, ref_label = backend.reference(source, warnings)
         reference = _run_reference(ref_fn, source, evalset)
-        plan, scorer = task_scorer(options.task, options.output_metrics, reference,
+        task = options.task
+        if pipeline is not None and pipeline.post is not None:
+            task = pipeline.post.task
+        plan, scorer = task_scorer(task, options.output_metrics, reference,
                                    source.extra, generic_metric=options.metric,
                                    max_drop=options.max_drop, labels=evalset.labels)
+        output_names: list[str] = []
+        if pp is not None:
+            output_names = list(_outputs_of(run, evalset))
+            pp.bind_outputs(reference, plan, output_names)
         state = backend.state
         loop_ref = None
         if state and len(evalset) >= 2:
@@ -303,12 +337,24 @@ def drive(backend: Backend, out: Path, options: ConvertOptions, source: SourceIn
         chosen_cand = next(c for c in cands if c.name == chosen.name)
         model_file, finish_note = backend.finish(chosen_cand, chosen, work, evalset, reference,
                                                  budget, scorer)
+        if pp is not None and pp.bound is not None and chosen_cand.path is not None:
+            # The model part is the chosen candidate; the pre/post ops around it stay float.
+            model_file = pp.attach(
+                chosen_cand.path, work, to=options.to or "onnx", reference=ref_fn,
+                reference_outputs=reference, evalset=evalset, output_names=output_names,
+                max_drop=options.max_drop, force=options.force, skew_budget=cfg.skew_budget)
+            warnings.extend(pp.warnings)
         base_info = backend.base_info(cands, chosen.name, warnings)
         rule = sel.rule if profiled is None else f"{sel.rule}; {profiled.rule}"
         report = _report(backend.title(source), source, options, fixes, calib, evalset,
                          ref_label, budget, cands, ms, chosen, backend.why(sel.why), rule,
                          ineligible,
                          warnings, finish_note, base_info, profiled, baseline, plan, sel=sel)
+        if pp is not None and pp.section:
+            report["pipeline"] = pp.section
+            if not pp.verified():
+                report["data"]["verified_on_real_data"] = False
+                report["data"]["not_verified_why"] = pp.not_verified_why()
         files = write_report(work / "report", report)
         base_m = next(m for m in ms if m.name == baseline)
         extra: dict[str, Any] = {
@@ -324,12 +370,15 @@ def drive(backend: Backend, out: Path, options: ConvertOptions, source: SourceIn
                                         "latency_ms": profiled.rows.get(chosen.name, {})
                                         .get(d, {}).get("median_ms")}
                                     for d, info in profiled.devices.items()}
+        if pp is not None:
+            extra.update(pp.manifest())
         if base_info is not None:
             extra["conversion"]["base"] = {
                 k: base_info.get(k) for k in ("name", "version", "sha256", "candidate", "used")}
         art = write_artifact(model_file, out, options, source, quantization=chosen.scheme,
                              task=plan.task, report=report, files=files,
-                             sample=evalset.feeds[0], extra=extra)
+                             sample=pp.sample if pp is not None and pp.sample is not None
+                             else evalset.feeds[0], extra=extra)
     return ConversionResult(artifact=art, chosen=chosen.name, report=report,
                             warnings=tuple(report["warnings"]))
 
@@ -371,13 +420,15 @@ def _schemes(quantize: str) -> list[str]:
 def _data(
     options: ConvertOptions, specs: Sequence[edge_sdk.TensorSpec], cfg: ConvertConfig,
     warnings: list[str], run: Callable[[dict[str, np.ndarray]], object],
-    given: Mapping[str, tuple[int, ...]],
+    given: Mapping[str, tuple[int, ...]], pp: Prepost | None = None,
 ) -> tuple[Samples | None, Samples]:
     """Calibration and evaluation samples: the user's, else synthetic ones of shapes the
-    model (``run``) accepts: --input-shape's (``given``) and tried ones."""
-    calib = load_samples(options.calibration, specs, what="calibration") \
+    model (``run``) accepts: --input-shape's (``given``) and tried ones. With
+    --preprocess, a file's ``image`` array is read by the pipeline (``pp``)."""
+    load = pp.load if pp is not None else load_samples
+    calib = load(options.calibration, specs, what="calibration") \
         if options.calibration is not None else None
-    evalset = load_samples(options.eval, specs, what="evaluation") \
+    evalset = load(options.eval, specs, what="evaluation") \
         if options.eval is not None else None
     if evalset is None and calib is not None:
         if len(calib) < 2:
@@ -394,6 +445,14 @@ def _data(
         warnings.append("--input-shape is not used: the calibration/evaluation data's "
                         "shapes are")
     return calib, evalset
+
+
+def _outputs_of(run: Run, evalset: Samples) -> list[str]:
+    """The model's output names (what the pipeline's post-processing reads)."""
+    out = run(dict(evalset.feeds[0]))
+    if not isinstance(out, Mapping):
+        raise ConversionError("the model's outputs are not named tensors")
+    return [str(k) for k in out]
 
 
 def _run_reference(

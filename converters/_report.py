@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any
 
 from edge_sdk._internal import atomic_write_bytes, atomic_write_text
 
+from ._prepost import pipeline_lines
+
 if TYPE_CHECKING:
     from ._data import Samples
     from ._measure import Accuracy, Measurement, Selection
@@ -243,6 +245,8 @@ def base_lines(report: Mapping[str, Any]) -> list[str]:
 
 def not_verified_why(data: Mapping[str, Any]) -> str:
     """Why a report is not verified, in a phrase."""
+    if data.get("not_verified_why"):
+        return str(data["not_verified_why"])
     if data.get("task_budget_held") is False:
         return "the task metric broke its budget; accepted with --force"
     return "synthetic inputs only; pass --calibration or --eval"
@@ -284,6 +288,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                      f"calibration: {cal.get('samples', 0)} samples from "
                      f"{cal.get('origin') or 'none'}")
         lines.extend(f"- {t[0].upper()}{t[1:]}" for t in task_lines(report))
+        lines.extend(f"- {t[0].upper()}{t[1:]}" for t in pipeline_lines(report))
         if not data.get("verified_on_real_data", True):
             lines.append("")
             lines.append(f"**Accuracy NOT verified on real data** ({not_verified_why(data)}).")

@@ -341,6 +341,21 @@ def _detector_outputs(reference: Sequence[Mapping[str, np.ndarray]],
     return {k: v for k, v in found.items() if k not in partners}
 
 
+def detector_outputs(reference: Sequence[Mapping[str, np.ndarray]]) -> dict[str, OutputMetric]:
+    """Outputs laid out like a detector's (the layout alone, not its value ranges)."""
+    return _detector_outputs(reference, strict=False)
+
+
+def is_probabilities(a: np.ndarray, axis: int = -1) -> bool:
+    """Scores in [0, 1] summing to 1 along ``axis``."""
+    return _is_probabilities(a, axis)
+
+
+def segment_layout(a: np.ndarray) -> str:
+    """``segment`` (classes on axis 1) or ``segment-nhwc`` (classes last)."""
+    return _segment_layout(a)
+
+
 def _is_probabilities(a: np.ndarray, axis: int = -1) -> bool:
     """Scores in [0, 1] summing to 1 along ``axis`` ([B, C], [B, 1, C], [B, T, C])."""
     if a.dtype.kind != "f" or not 2 <= a.ndim <= 4 or a.shape[axis] < 2 or not a.size:
@@ -817,7 +832,30 @@ def _by_name(outputs: Sequence[Mapping[str, np.ndarray]],
                           f"outputs {names}")
 
 
-__all__ = ["BUDGETS", "KINDS", "TASKS", "Budget", "DetectConfig", "OutputMetric", "TaskPlan",
-           "TaskScorer", "class_changes", "decode", "detections", "iou", "match_detections", "nms",
-           "parse_output_metrics", "plan_task", "score_cosine", "score_detect",
-           "score_regress", "score_segment", "score_top1", "task_scorer"]
+__all__ = [
+    "BUDGETS",
+    "KINDS",
+    "TASKS",
+    "Budget",
+    "DetectConfig",
+    "OutputMetric",
+    "TaskPlan",
+    "TaskScorer",
+    "class_changes",
+    "decode",
+    "detections",
+    "detector_outputs",
+    "iou",
+    "is_probabilities",
+    "match_detections",
+    "nms",
+    "parse_output_metrics",
+    "plan_task",
+    "score_cosine",
+    "score_detect",
+    "score_regress",
+    "score_segment",
+    "score_top1",
+    "segment_layout",
+    "task_scorer",
+]

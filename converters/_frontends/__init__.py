@@ -48,6 +48,7 @@ def convert_source(
     artifact at ``out_dir``. Nothing is written at ``out_dir`` unless it all succeeds."""
     from .._onnx import convert_onnx
     from .._pipeline import SourceInfo, check_options
+    from .._prepost_check import refuse_framework_images
 
     check_options(options)
     text = str(src)
@@ -57,6 +58,7 @@ def convert_source(
         raise UsageError(f"{out} already exists (pass --overwrite to replace it)")
     if kind == "onnx":
         return convert_onnx(Path(text), out, options, config=config)
+    refuse_framework_images(options, kind)
     if options.to is None:
         # Not asked: a .tflite stays TFLite; everything else becomes ONNX.
         options = dataclasses.replace(options, to="tflite" if kind == "tflite" else "onnx")
