@@ -5,8 +5,13 @@ A device app needs only :func:`load`::
     import edge_sdk
     model = edge_sdk.load("artifacts/classifier")
     outputs = model.predict({"input": x})
+
+An artifact converted with ``--preprocess image:...`` and ``--postprocess`` answers an
+image in its task's terms: ``model.answer("photo.jpg").labels`` (:class:`Label`),
+``.boxes`` (:class:`Box`), ``.class_map`` or ``.embedding``.
 """
 
+from ._answers import Answer, Box, Label
 from ._artifact import Artifact, Manifest, TensorSpec
 from ._build import build_artifact
 from ._runtime import Predictor, load
@@ -26,13 +31,16 @@ from .errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Answer",
     "Artifact",
     "ArtifactError",
+    "Box",
     "ConfigError",
     "ConversionError",
     "EdgeError",
     "InputError",
     "InstallError",
+    "Label",
     "Manifest",
     "ModelLoadError",
     "Predictor",

@@ -23,12 +23,16 @@ sibling needs it, never by reaching into the module that defines it.
 - HTTP: :func:`parse_head` → :class:`RequestHead`, raising :class:`HeadError` (the
   strict request-head reader the fleet page and the agent share), :func:`check_host` and
   :func:`host_name` (DNS rebinding);
+- images: :func:`decode_image` (a JPEG/PNG, its pixel count bounded before decoding,
+  raising :class:`ImageTooLarge` or :class:`NoImageDecoder` with :data:`IMAGES_EXTRA`),
+  :class:`ImageTask` (an artifact's image feed and its outputs as answers);
 - errors: :func:`one_line` with :data:`CAUSE_CHARS` (another library's exception quoted
   in a one-line diagnosis);
 - secrets: :func:`redact_url` (a URL as a message may show it), :func:`add_secret` (a
   value never to be printed).
 """
 
+from ._answers import IMAGES_EXTRA, ImageTask, ImageTooLarge, NoImageDecoder, decode_image
 from ._artifact import MANIFEST_NAME, REPORT_NAME
 from ._bench import (
     LatencyStats,
@@ -53,12 +57,16 @@ from ._runtime import litert_op_names, load_model_file
 
 __all__ = [
     "CAUSE_CHARS",
+    "IMAGES_EXTRA",
     "MANIFEST_NAME",
     "MESSAGE_MAX_BYTES",
     "MESSAGE_MAX_DEPTH",
     "REPORT_NAME",
     "HeadError",
+    "ImageTask",
+    "ImageTooLarge",
     "LatencyStats",
+    "NoImageDecoder",
     "RequestHead",
     "ShapeSearch",
     "add_secret",
@@ -66,6 +74,7 @@ __all__ = [
     "atomic_write_text",
     "check_host",
     "concrete_specs",
+    "decode_image",
     "host_name",
     "index_bound",
     "litert_op_names",

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ._answers import MAX_IMAGE_PIXELS, Answer, ImageTask, as_image
 from ._artifact import MANIFEST_NAME, Artifact, Manifest, TensorSpec, format_for_path
 from ._bench import runtime_load_error_text
 from ._oneline import one_line
@@ -259,6 +260,7 @@ class Predictor:
         self._single = self._checks[self.inputs[0].name] if len(self.inputs) == 1 else None
         self._output_names = tuple(o.name for o in self.outputs)
         self._run = backend.run
+        self._task: ImageTask | None = None
 
     @property
     def name(self) -> str:
@@ -288,6 +290,44 @@ class Predictor:
                 f"{', '.join(repr(s.name) for s in self.inputs)}"
             )
         return dict(zip(self._output_names, self._run(feed), strict=True))
+
+    def answer(self, image: Any, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Answer:
+        """The task's answer for one image: a JPEG/PNG path (or its bytes) or a uint8 RGB
+        array ``[H, W, 3]``. Needs an artifact converted with ``--preprocess image:...``
+        and ``--postprocess``; ``answer(img).labels`` (classify), ``.boxes`` (detect),
+        ``.class_map`` (segment), ``.embedding`` (embed).
+
+        Raises :class:`~edge_sdk.errors.InputError` for a tensor-only artifact (naming
+        what it lacks), an image that is not a JPEG/PNG or over ``max_pixels`` (checked
+        from its header, before decoding).
+        """
+        arr = as_image(image, max_pixels)
+        if arr.ndim == 4 and arr.shape[0] != 1:
+            raise InputError(f"answer() takes one image, got a batch of {arr.shape[0]}; "
+                             "use answers()")
+        return self.answers(arr)[0]
+
+    def answers(self, images: Any, *, max_pixels: int = MAX_IMAGE_PIXELS) -> list[Answer]:
+        """One answer per image: ``images`` is a uint8 batch ``[N, H, W, 3]`` (one run)
+        or a sequence of paths / arrays (one run each, sizes may differ)."""
+        task = self._image_task()
+        if isinstance(images, np.ndarray):
+            feed, single = task.feed(images)
+            count = 1 if single else images.shape[0]
+            return task.answers(self.predict(feed), count)
+        if isinstance(images, (str, os.PathLike, bytes)):
+            images = [images]
+        out: list[Answer] = []
+        for img in images:
+            feed, _ = task.feed(as_image(img, max_pixels))
+            out.extend(task.answers(self.predict(feed), next(iter(feed.values())).shape[0]))
+        return out
+
+    def _image_task(self) -> ImageTask:
+        task = self._task
+        if task is None:
+            task = self._task = ImageTask.from_manifest(self.manifest, repr(self.name))
+        return task
 
     def _names_message(self, inputs: Mapping[str, Any]) -> str:
         expected = [s.name for s in self.inputs]

@@ -12,6 +12,7 @@ from typing import Any
 import click
 import numpy as np
 
+from .._answers import Answer
 from .._artifact import MANIFEST_NAME, format_for_path
 from .._bench import (
     concrete_specs,
@@ -166,16 +167,25 @@ def inspect_cmd(path: str, as_json: bool) -> None:
 @click.option("--input", "-i", "input_file",
               help="Inputs: .npz (keys = input names), .npy (single-input models) or .json "
               "(default: the artifact's own sample.npz).")
+@click.option("--image", "image_file", type=click.Path(path_type=Path),
+              help="Answer this JPEG/PNG in the task's terms (labels, boxes, class map or "
+              "embedding); needs an artifact converted with --preprocess and --postprocess.")
 @click.option("-o", "--output", "output_file", help="Write the outputs to this .npz file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the outputs as JSON.")
 @click.option("--threads", type=click.IntRange(min=1), help="Runtime intra-op threads.")
-def predict_cmd(path: str, input_file: str | None, output_file: str | None, as_json: bool,
-                threads: int | None) -> None:
+def predict_cmd(path: str, input_file: str | None, image_file: Path | None,
+                output_file: str | None, as_json: bool, threads: int | None) -> None:
     """Run PATH (artifact directory or model file) offline on INPUT (default: the
-    artifact's sample)."""
+    artifact's sample), or answer an --image."""
     if output_file is not None and not output_file.endswith(".npz"):
         raise UsageError(f"{output_file}: the output file must end in .npz")
+    if image_file is not None and (input_file is not None or output_file is not None):
+        raise UsageError("--image answers in the task's terms; it goes without --input and "
+                         "--output")
     predictor = _open(path) if threads is None else load(path, threads=threads)
+    if image_file is not None:
+        _print_answer(predictor, predictor.answer(image_file), as_json)
+        return
     if input_file is None:
         input_file = str(_sample_file(path, predictor) or "")
         if not input_file:
@@ -195,6 +205,31 @@ def predict_cmd(path: str, input_file: str | None, output_file: str | None, as_j
         click.echo(np.array2string(arr, threshold=64, precision=5))
     if output_file is not None:
         click.echo(f"wrote {output_file}")
+
+
+def _print_answer(predictor: Predictor, answer: Answer, as_json: bool) -> None:
+    labels = predictor.manifest.extra.get("labels") if predictor.manifest else None
+    names = [str(x) for x in labels] if isinstance(labels, list) else None
+    if as_json:
+        click.echo(json.dumps({"model": predictor.name, "version": predictor.version,
+                               **answer.to_json(names)}))
+        return
+    for lb in answer.labels:
+        click.echo(f"{lb.score:.4f}  {lb.name} (class {lb.index})")
+    for b in answer.boxes:
+        click.echo(f"{b.score:.4f}  {b.label} (class {b.index})  x0={b.x0:.1f} y0={b.y0:.1f} "
+                   f"x1={b.x1:.1f} y1={b.y1:.1f}")
+    if answer.task in ("classify", "detect") and not (answer.labels or answer.boxes):
+        click.echo("no detection" if answer.task == "detect" else "no label")
+    if answer.class_map is not None:
+        h, w = answer.class_map.shape
+        click.echo(f"class map {w}x{h} (W x H):")
+        for cls in answer.to_json(names)["classes"]:
+            click.echo(f"  {cls['name']} (class {cls['index']}): {cls['pixels']} pixels")
+    if answer.embedding is not None:
+        emb = answer.embedding
+        click.echo(f"embedding of {emb.shape[-1]} values: "
+                   f"{np.array2string(emb[:8], precision=4)}{' ...' if emb.shape[-1] > 8 else ''}")
 
 
 @click.command("bench")
