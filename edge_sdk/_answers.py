@@ -22,9 +22,9 @@ from ._artifact import Manifest
 from ._oneline import one_line
 from .errors import EdgeError, InputError
 
-#: Default bound on an image's pixel count (width x height) before it is decoded: 16 MP
-#: is a 48 MiB RGB array.
-MAX_IMAGE_PIXELS = 16_000_000
+#: Default bound on an image's pixel count (width x height), checked before it is
+#: decoded: a 4K UHD frame, a 24 MiB RGB array.
+MAX_IMAGE_PIXELS = 3840 * 2160
 #: What to install for image files.
 IMAGES_EXTRA = "pip install 'edge-sdk[agent-images]'"
 TASKS = ("classify", "detect", "segment", "embed")
