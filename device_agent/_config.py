@@ -142,6 +142,10 @@ class HttpConfig:
     #: and ``bind``; a request naming another ``Host`` is refused with 421, so a web page
     #: whose DNS name an attacker points at the device (DNS rebinding) cannot call it.
     allowed_hosts: tuple[str, ...] = ()
+    #: Width x height of an image body (JPEG/PNG to /v2/models/{name}/infer), read from
+    #: its header: a larger one is refused with 413 before it is decoded. Default: a 4K
+    #: UHD frame (24 MiB of RGB pixels).
+    max_image_pixels: int = 3840 * 2160
 
 
 @dataclass(frozen=True)
@@ -330,6 +334,7 @@ class AgentConfig:
             ("http.max_header_bytes", self.http.max_header_bytes),
             ("http.max_buffered_bytes", self.http.max_buffered_bytes),
             ("http.max_decode_bytes", self.http.max_decode_bytes),
+            ("http.max_image_pixels", self.http.max_image_pixels),
             ("health.probe_interval_s", self.health.probe_interval_s),
             ("health.recheck_per_s", self.health.recheck_per_s),
             ("health.recheck_queue", self.health.recheck_queue),

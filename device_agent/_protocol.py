@@ -7,6 +7,14 @@ tritonclient calls: ``/v2/models/{name}/config``, ``/v2/models/{name}/stats``,
 ``/versions/{v}``); ``/metrics`` (Prometheus). Infer bodies may be sent with
 ``Content-Encoding: gzip`` or ``deflate``.
 
+Answers, not only tensors: an output requested with ``"parameters": {"classification":
+K}`` comes back as Triton's classification extension has it (BYTES ``"score:index:label"``,
+the top K along the last axis, labels from the manifest); an artifact converted with
+``--preprocess image:...`` and ``--postprocess`` also takes a raw JPEG/PNG body
+(``Content-Type: image/jpeg`` or ``image/png``) and answers JSON in its task's terms
+(labels, boxes, class map, embedding). Its pixel count is checked against
+``http.max_image_pixels`` from its header, before decoding (413).
+
 :meth:`InferenceApp.handle` takes a method, a path, lower-cased headers and a
 body and returns (status, content type, body, extra headers), so the whole
 protocol is testable without a server.
@@ -29,11 +37,13 @@ from typing import Any
 import numpy as np
 
 from edge_sdk import __version__
+from edge_sdk._internal import ImageTask, ImageTooLarge, NoImageDecoder, decode_image
 from edge_sdk.errors import InputError
 
 from ._budget import Budget
 from ._codec import (
     HttpError,
+    _short,
     datatype_of,
     decode_tensor,
     decompress,
@@ -55,6 +65,10 @@ _JSON = "application/json"
 #: JSON infer: 3.6x in Python allocations, +88 MiB (6.4x) in the agent's peak RSS.
 _JSON_COST = 6
 _BINARY_COST = 2
+#: Peak memory of an image body per decoded pixel: Pillow's 4-byte pixels, the RGB array
+#: and the artifact's float input at the model's size at most as large.
+_PIXEL_COST = 8
+_IMAGE_TYPES = ("image/jpeg", "image/png")
 
 
 class InferenceApp:
@@ -110,7 +124,7 @@ class InferenceApp:
         if not parts:
             _method(method, "GET")
             return _ok({"name": "edge-sdk-agent", "version": __version__,
-                        "extensions": ["binary_tensor_data"]})
+                        "extensions": ["binary_tensor_data", "classification"]})
         if parts[0] == "health" and len(parts) == 2 and parts[1] in ("live", "ready"):
             _method(method, "GET")
             if parts[1] == "ready" and cur is None:
@@ -199,10 +213,19 @@ class InferenceApp:
             try:
                 body = decompress(headers.get("content-encoding", ""), body,
                                   self.config.max_body_bytes)
-                cost = self._reserve_decoding(headers, body)
+                image = _media_type(headers) in _IMAGE_TYPES
+                if image:
+                    task = _image_task(served)
+                    reserved: list[int] = []
+                    feed = self._decode_image(task, body, reserved)
+                    cost = reserved[0] if reserved else 0
+                else:
+                    cost = self._reserve_decoding(headers, body)
                 t1 = time.perf_counter()
-                request, blobs = split_body(headers, body)
-                feed, binary_out, wanted, req_id = self._decode(served, request, blobs)
+                if not image:
+                    request, blobs = split_body(headers, body)
+                    feed, binary_out, wanted, req_id, classes = self._decode(served, request,
+                                                                             blobs)
                 t2 = time.perf_counter()
                 try:
                     outputs = served.predict(feed, count_failure=False)
@@ -211,13 +234,20 @@ class InferenceApp:
                 except Exception as err:
                     stats.fail(time.perf_counter() - t0)
                     return self._failed(served, feed, err)
+                if not image and classes:
+                    outputs = _classified(served, outputs, classes)
                 t3 = time.perf_counter()
             except HttpError:
                 bad_c.inc()
                 stats.fail(time.perf_counter() - t0)
                 raise
-            result = encode_response(served.name, served.version, outputs, binary_out,
-                                     wanted, req_id)
+            if image:
+                answer = task.answers(outputs, 1)[0]
+                result = _ok({"model_name": served.name, "model_version": served.version,
+                              **answer.to_json(task.labels)})
+            else:
+                result = encode_response(served.name, served.version, outputs, binary_out,
+                                         wanted, req_id)
             t4 = time.perf_counter()
             hist.observe(t4 - t0)
             ok_c.inc()
@@ -282,9 +312,43 @@ class InferenceApp:
         return cost
 
 
+    def _decode_image(self, task: ImageTask, body: bytes,
+                      reserved: list[int]) -> dict[str, np.ndarray]:
+        """The feed of an image body; the memory decoding it takes, reserved from
+        :attr:`decoding` once its header told its size, is appended to ``reserved``."""
+        limit = self.config.max_decode_bytes
+
+        def reserve(width: int, height: int) -> None:
+            cost = len(body) + _PIXEL_COST * width * height
+            if cost > limit:
+                raise HttpError(413, f"decoding this {width}x{height} image takes about "
+                                     f"{cost >> 20} MiB, over http.max_decode_bytes "
+                                     f"({limit >> 20} MiB)")
+            if not self.decoding.acquire(cost, self.config.queue_timeout_s):
+                raise HttpError(503, f"requests being decoded at once need more than "
+                                     f"http.max_decode_bytes ({limit >> 20} MiB) for "
+                                     f"{self.config.queue_timeout_s:g} s; retry later")
+            reserved.append(cost)
+
+        try:
+            img = decode_image(body, max_pixels=self.config.max_image_pixels, before=reserve)
+        except ImageTooLarge as err:
+            raise HttpError(413, f"image of {err.width}x{err.height} = "
+                                 f"{err.width * err.height} pixels is over "
+                                 f"http.max_image_pixels ({err.limit}); it was not decoded"
+                            ) from err
+        except NoImageDecoder as err:
+            raise HttpError(501, f"this agent cannot decode image bodies: {err}") from err
+        except InputError as err:
+            raise HttpError(400, str(err)) from err
+        try:
+            return task.feed(img)[0]
+        except InputError as err:
+            raise HttpError(400, str(err)) from err
+
     def _decode(self, served: Served, request: Any,
                 blobs: bytes) -> tuple[dict[str, np.ndarray], bool, list[tuple[str, bool]] | None,
-                                       Any]:
+                                       Any, dict[str, int]]:
         if not isinstance(request, dict):
             raise HttpError(400, "request body must be a JSON object with an 'inputs' list")
         inputs = request.get("inputs")
@@ -326,6 +390,7 @@ class InferenceApp:
         _check_named_dims(served, feed)
         binary_out = bool(params.get("binary_data_output", False))
         wanted: list[tuple[str, bool]] | None = None
+        classes: dict[str, int] = {}
         outs = request.get("outputs")
         if outs is not None:
             if not isinstance(outs, list):
@@ -341,7 +406,13 @@ class InferenceApp:
                 op = o.get("parameters") or {}
                 wanted.append((o["name"], bool(op.get("binary_data", binary_out))
                                if isinstance(op, dict) else binary_out))
-        return feed, binary_out, wanted, request.get("id")
+                if isinstance(op, dict) and "classification" in op:
+                    k = op["classification"]
+                    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+                        raise HttpError(400, f"outputs[{j}]: 'classification' must be a "
+                                             f"whole number >= 1, got {_short(k)}")
+                    classes[o["name"]] = k
+        return feed, binary_out, wanted, request.get("id"), classes
 
 
 class _ModelStats:
@@ -420,6 +491,50 @@ def _check_named_dims(served: Served, feed: Mapping[str, np.ndarray]) -> None:
             if first[1] != size:
                 raise HttpError(400, f"inputs disagree on dim '{dim}': '{first[0]}' has "
                                      f"{first[1]}, '{spec.name}' has {size}")
+
+
+def _media_type(headers: Mapping[str, str]) -> str:
+    return headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def _image_task(served: Served) -> ImageTask:
+    try:
+        return ImageTask.from_manifest(served.predictor.manifest, f"model '{served.name}'")
+    except InputError as err:
+        raise HttpError(415, f"{err}; send tensors as KServe v2 JSON instead") from err
+
+
+def _classified(served: Served, outputs: Mapping[str, np.ndarray],
+                classes: Mapping[str, int]) -> dict[str, np.ndarray]:
+    """Triton's classification extension: each requested output becomes BYTES
+    ``"<value>:<index>[:<label>]"``, the top K along its last axis, best first. A
+    ``classify`` artifact's ``scores`` are already the top classes: their index is the
+    ``class_ids`` one."""
+    manifest = served.predictor.manifest
+    extra = manifest.extra if manifest is not None else {}
+    labels = extra.get("labels")
+    names = [str(x) for x in labels] if isinstance(labels, list) else []
+    post = extra.get("postprocess")
+    topk_done = isinstance(post, Mapping) and post.get("task") == "classify"
+    out = dict(outputs)
+    for name, k in classes.items():
+        arr = np.asarray(outputs[name])
+        if arr.ndim < 1 or arr.dtype.kind not in "biuf":
+            raise HttpError(400, f"output '{name}' ({arr.dtype}, shape {list(arr.shape)}) "
+                                 "has no classes to rank for 'classification'")
+        if topk_done and name == "scores" and "class_ids" in outputs:
+            order = np.broadcast_to(np.arange(arr.shape[-1]), arr.shape)[..., :k]
+            index = np.asarray(outputs["class_ids"])[..., :k]
+        else:
+            order = np.argsort(-arr, axis=-1, kind="stable")[..., :k]
+            index = order
+        values = np.take_along_axis(arr, order, axis=-1)
+        fmt = "{:f}" if arr.dtype.kind == "f" else "{:d}"
+        text = [fmt.format(v) + f":{i}" + (f":{names[i]}" if 0 <= i < len(names) else "")
+                for v, i in zip(values.reshape(-1).tolist(), index.reshape(-1).tolist(),
+                                strict=True)]
+        out[name] = np.array(text, dtype=object).reshape(values.shape)
+    return out
 
 
 def _method(got: str, want: str) -> None:

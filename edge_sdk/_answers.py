@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,21 +115,25 @@ def _name(names: Sequence[str] | None, index: int) -> str:
 
 # ------------------------------------------------------------------------- images
 
-def decode_image(source: bytes | str | os.PathLike[str], *,
-                 max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+def decode_image(source: bytes | bytearray | str | os.PathLike[str], *,
+                 max_pixels: int = MAX_IMAGE_PIXELS,
+                 before: Callable[[int, int], None] | None = None) -> np.ndarray:
     """A JPEG or PNG (bytes or a file path) as a uint8 RGB array ``[H, W, 3]``.
 
     Raises :class:`ImageTooLarge` when its declared size is over ``max_pixels`` (read
     from the header, before decoding), :class:`~edge_sdk.errors.InputError` when it is
-    not a JPEG/PNG Pillow decodes, :class:`NoImageDecoder` without Pillow.
+    not a JPEG/PNG Pillow decodes, :class:`NoImageDecoder` without Pillow. ``before``
+    is called with (width, height) once they passed the limit, before decoding (to
+    reserve memory; what it raises goes through).
     """
     try:
         from PIL import Image, UnidentifiedImageError
     except ImportError as err:
         raise NoImageDecoder() from err
-    what = "image" if isinstance(source, bytes) else str(source)
+    what = "image" if isinstance(source, (bytes, bytearray)) else str(source)
     try:
-        fp: Any = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
+        fp: Any = (io.BytesIO(source) if isinstance(source, (bytes, bytearray))
+                   else open(source, "rb"))  # noqa: SIM115
     except OSError as err:
         raise InputError(f"{what}: cannot read it ({one_line(err)})") from err
     with fp:
@@ -145,6 +149,8 @@ def decode_image(source: bytes | str | os.PathLike[str], *,
             width, height = im.size
             if width * height > max_pixels:
                 raise ImageTooLarge(width, height, max_pixels)
+            if before is not None:
+                before(width, height)
             try:
                 im.load()
                 rgb = im if im.mode == "RGB" else im.convert("RGB")
