@@ -4,6 +4,7 @@ serving artifacts converted in the test."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -96,12 +97,22 @@ def test_png_and_jpeg_bodies_answer_labels_with_scores(
     assert status == 200 and len(got["labels"]) == 3
 
 
-def test_image_body_to_a_detector_answers_boxes_with_label_and_score(
+def test_image_body_to_a_detector_answers_boxes_and_the_bounds_are_the_configured_ones(
         arts: dict[str, Path], tmp_path: Path) -> None:
     img = images(1, 48, 96)[0]
     want = edge_sdk.load(arts["det"]).answer(img)
-    with serving_artifact(tmp_path, arts["det"]) as a:
+    with serving_artifact(tmp_path, arts["det"], max_image_pixels=50_000,
+                          max_decode_bytes=256 << 10) as a:
         status, got, _ = post_image(a, encode(img), name="det")
+        # The keys bound what they name, before decoding: 100x1000 is over the pixels;
+        # 100x200 passes both (its pixel data then fails to decode); 300x150 passes the
+        # pixels but needs more decoding memory than 256 KiB.
+        over, over_err, _ = post_image(a, png_bomb(100, 1000), name="det")
+        under, under_err, _ = post_image(a, png_bomb(100, 200), name="det")
+        big, big_err, _ = post_image(a, encode(images(1, 150, 300)[0]), name="det")
+    assert over == 413 and "http.max_image_pixels (50000)" in over_err["error"], over_err
+    assert under == 400 and "cannot decode" in under_err["error"], under_err
+    assert big == 413 and "http.max_decode_bytes" in big_err["error"], big_err
     assert status == 200, got
     assert [b["label"] for b in got["boxes"]] == ["dog", "bird", "cat"]
     np.testing.assert_allclose([[b["x0"], b["y0"], b["x1"], b["y1"]] for b in got["boxes"]],
@@ -180,8 +191,6 @@ def test_bad_classification_count_is_400(cls_agent: Agent) -> None:
     body = {"inputs": [{"name": "image", "shape": list(img.shape), "datatype": "UINT8",
                         "data": img.reshape(-1).tolist()}],
             "outputs": [{"name": "scores", "parameters": {"classification": 0}}]}
-    import json
-
     status, got, _ = call(_port(cls_agent), "POST", "/v2/models/cls/infer",
                           json.dumps(body).encode(), {"Content-Type": "application/json"})
     assert status == 400 and "'classification'" in got["error"], got
