@@ -9,6 +9,7 @@ declared size is checked against a pixel limit before any pixel is decoded.
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -99,8 +100,13 @@ class Answer:
             out["boxes"] = [b.to_json() for b in self.boxes]
         elif self.task == "segment" and self.class_map is not None:
             ids, counts = np.unique(self.class_map, return_counts=True)
+            # A JSON list of ints would cost ~40 bytes of Python objects per pixel: the
+            # map goes as little-endian bytes of the smallest unsigned type, base64.
+            small = np.uint8 if ids.max(initial=0) < 256 else np.uint16
+            data = np.ascontiguousarray(self.class_map, dtype=np.dtype(small).newbyteorder("<"))
             out["class_map"] = {"shape": list(self.class_map.shape),
-                                "data": self.class_map.reshape(-1).tolist()}
+                                "dtype": np.dtype(small).name,
+                                "base64": base64.b64encode(data.tobytes()).decode()}
             out["classes"] = [{"name": _name(names, int(i)), "index": int(i),
                                "pixels": int(c)} for i, c in zip(ids, counts, strict=True)]
         elif self.embedding is not None:

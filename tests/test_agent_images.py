@@ -22,7 +22,7 @@ from device_agent import Agent
 from tests._agent_local import LocalSource, config, deployment
 from tests._http_agent import call, metric, wait_for
 from tests._images import encode, png_bomb
-from tests._prepost_models import classifier, detector, images
+from tests._prepost_models import classifier, detector, images, segmenter
 
 FAST = ConvertConfig(measure=MeasureConfig(rounds=1, runs_per_round=2, warmup=0))
 NAMES = [f"class {i}" for i in range(10)]
@@ -57,6 +57,9 @@ def arts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "det": convert(detector(d / "det.onnx"), d / "det", name="det", quantize="none",
                        preprocess="image:resize=letterbox",
                        postprocess="detect:layout=yolov8", labels=d / "det.txt",
+                       config=FAST).artifact.path,
+        "emb": convert(segmenter(d / "emb.onnx"), d / "emb", name="emb", quantize="none",
+                       preprocess="image:resize=stretch", postprocess="embed:l2norm",
                        config=FAST).artifact.path,
         "tensor": convert(cls, d / "plain", name="plain", quantize="none",
                           labels=d / "labels.txt", task="classify",
@@ -105,10 +108,10 @@ def test_image_body_to_a_detector_answers_boxes_and_the_bounds_are_the_configure
                           max_decode_bytes=256 << 10) as a:
         status, got, _ = post_image(a, encode(img), name="det")
         # The keys bound what they name, before decoding: 100x1000 is over the pixels;
-        # 100x200 passes both (its pixel data then fails to decode); 300x150 passes the
+        # 100x100 passes both (its pixel data then fails to decode); 300x150 passes the
         # pixels but needs more decoding memory than 256 KiB.
         over, over_err, _ = post_image(a, png_bomb(100, 1000), name="det")
-        under, under_err, _ = post_image(a, png_bomb(100, 200), name="det")
+        under, under_err, _ = post_image(a, png_bomb(100, 100), name="det")
         big, big_err, _ = post_image(a, encode(images(1, 150, 300)[0]), name="det")
     assert over == 413 and "http.max_image_pixels (50000)" in over_err["error"], over_err
     assert under == 400 and "cannot decode" in under_err["error"], under_err
@@ -118,6 +121,18 @@ def test_image_body_to_a_detector_answers_boxes_and_the_bounds_are_the_configure
     np.testing.assert_allclose([[b["x0"], b["y0"], b["x1"], b["y1"]] for b in got["boxes"]],
                                [[b.x0, b.y0, b.x1, b.y1] for b in want.boxes], atol=1e-4)
     assert all(0 < b["score"] <= 1 for b in got["boxes"])
+
+
+def test_image_body_to_an_embedder_answers_its_embedding(
+        arts: dict[str, Path], tmp_path: Path) -> None:
+    img = images(1, 24, 40, seed=7)[0]
+    want = edge_sdk.load(arts["emb"]).answer(img).embedding
+    assert want is not None
+    with serving_artifact(tmp_path, arts["emb"]) as a:
+        status, got, _ = post_image(a, encode(img), name="emb")
+    assert status == 200 and got["task"] == "embed", got
+    assert got["size"] == want.shape[0]
+    np.testing.assert_allclose(got["embedding"], want, rtol=1e-5, atol=1e-6)
 
 
 def test_png_bomb_is_413_naming_the_key_before_decoding(cls_agent: Agent) -> None:

@@ -4,6 +4,7 @@ labels, boxes, a class map or an embedding (issue 27, item 5)."""
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -84,7 +85,12 @@ def test_segmenter_and_embedder_answer_a_class_map_and_an_embedding(
     img = images(1, 24, 40, seed=7)[0]
     seg = edge_sdk.load(arts["seg"]).answer(img)
     assert seg.class_map is not None and seg.class_map.shape == (24, 40)
-    assert seg.to_json()["classes"][0]["pixels"] > 0
+    data = seg.to_json(["sky", "road"])
+    assert sum(c["pixels"] for c in data["classes"]) == 24 * 40
+    assert data["classes"][0]["name"] in ("sky", "road", "2", "3")
+    packed = data["class_map"]
+    back = np.frombuffer(base64.b64decode(packed["base64"]), packed["dtype"])
+    assert np.array_equal(back.reshape(packed["shape"]), seg.class_map)
     emb = edge_sdk.load(arts["emb"]).answer(img)
     assert emb.embedding is not None and emb.embedding.ndim == 1
     np.testing.assert_allclose(np.linalg.norm(emb.embedding), 1.0, rtol=1e-5)
