@@ -213,7 +213,11 @@ class InferenceApp:
             try:
                 body = decompress(headers.get("content-encoding", ""), body,
                                   self.config.max_body_bytes)
-                image = _media_type(headers) in _IMAGE_TYPES
+                media = _media_type(headers)
+                image = media in _IMAGE_TYPES
+                if not image and media.startswith("image/"):
+                    raise HttpError(415, f"image bodies are {' or '.join(_IMAGE_TYPES)}, "
+                                         f"not {media[:60]}")
                 if image:
                     task = _image_task(served)
                     reserved: list[int] = []

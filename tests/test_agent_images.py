@@ -152,8 +152,10 @@ def test_body_that_is_not_an_image_is_400_not_counted_against_the_model(
         status, got, _ = post_image(cls_agent, body, ctype)
         assert status == 400, got
         assert "JPEG or PNG" in got["error"] or "cannot decode" in got["error"]
+    status, got, _ = post_image(cls_agent, encode(images(1, 8, 8)[0], "GIF"), "image/gif")
+    assert status == 415 and "image/jpeg or image/png" in got["error"], got
     assert metric(cls_agent, "edge_agent_requests_total", model="cls",
-                  outcome="bad_request") == before + 3
+                  outcome="bad_request") == before + 4
     assert metric(cls_agent, "edge_agent_requests_total", model="cls", outcome="error") == 0
     assert metric(cls_agent, "edge_agent_requests_total", model="cls",
                   outcome="cannot_run") == 0
