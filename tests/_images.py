@@ -36,3 +36,10 @@ def png_bomb(width: int = 100, height: int = 100_000) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", b"not zlib")
             + _chunk(b"IEND", b""))
+
+
+#: An 8x8 RGB PNG, written out so that a process without Pillow can send one.
+PNG_8X8 = (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 2, 0, 0, 0))
+           + _chunk(b"IDAT", zlib.compress(b"".join(b"\x00" + bytes(range(24))
+                                                    for _ in range(8))))
+           + _chunk(b"IEND", b""))

@@ -213,13 +213,33 @@ def test_bad_classification_count_is_400(cls_agent: Agent) -> None:
     assert status == 400 and "'classification'" in got["error"], got
 
 
-def test_without_pillow_image_decoding_names_the_extra_to_install(tmp_path: Path) -> None:
-    png = tmp_path / "photo.png"
-    png.write_bytes(encode(images(1, 8, 8)[0]))
-    code = ("import sys; sys.modules['PIL'] = None\n"
-            "from edge_sdk._internal import decode_image, NoImageDecoder\n"
-            f"try: decode_image({str(png)!r})\n"
-            "except NoImageDecoder as err: print(err)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, timeout=60).stdout
-    assert "edge-sdk[agent-images]" in out
+_WITHOUT_PILLOW = """
+import sys
+sys.modules["PIL"] = None  # what an install without the agent-images extra has
+from pathlib import Path
+import edge_sdk
+from device_agent import Agent
+from tests._agent_local import LocalSource, config, deployment
+from tests._http_agent import call, wait_for
+from tests._images import PNG_8X8
+art, tmp = Path(sys.argv[1]), Path(sys.argv[2])
+a = Agent(config(tmp / "state"), source=LocalSource(), connect=False)
+a.start()
+try:
+    a.submit(deployment(edge_sdk.Artifact.from_dir(art), 1))
+    wait_for(lambda: a.slot.current is not None, "the model")
+    status, got, _ = call(a.http.port, "POST", "/v2/models/cls/infer", PNG_8X8,
+                          {"Content-Type": "image/png"})
+    print(status, got["error"])
+finally:
+    a.stop()
+"""
+
+
+def test_without_pillow_image_bodies_are_501_naming_the_extra(
+        arts: dict[str, Path], tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-c", _WITHOUT_PILLOW, str(arts["cls"]),
+                          str(tmp_path)], capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("501 ") and "edge-sdk[agent-images]" in out.stdout, out.stdout
