@@ -42,7 +42,7 @@ def test_loading_an_onnx_model_imports_no_litert_onnx_or_frameworks(add_onnx: Pa
         f"m = edge_sdk.load({str(add_onnx)!r})\n"
         "m.predict(np.zeros((1, 4), np.float32))\n"
         "heavy = [n for n in ('ai_edge_litert', 'onnx', 'torch', 'tensorflow', 'converters',"
-        " 'paho', 'tuf') if n in sys.modules]\n"
+        " 'paho', 'tuf', 'PIL') if n in sys.modules]\n"
         "print(','.join(heavy))\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
