@@ -530,7 +530,9 @@ def _classified(served: Served, outputs: Mapping[str, np.ndarray],
             order = np.broadcast_to(np.arange(arr.shape[-1]), arr.shape)[..., :k]
             index = np.asarray(outputs["class_ids"])[..., :k]
         else:
-            order = np.argsort(-arr, axis=-1, kind="stable")[..., :k]
+            # Negated as float64 or int64: unsigned and bool values do not negate.
+            key = arr.astype(np.float64 if arr.dtype.kind == "f" else np.int64)
+            order = np.argsort(-key, axis=-1, kind="stable")[..., :k]
             index = order
         values = np.take_along_axis(arr, order, axis=-1)
         fmt = "{:f}" if arr.dtype.kind == "f" else "{:d}"

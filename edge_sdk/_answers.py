@@ -192,8 +192,8 @@ class ImageTask:
                  if not isinstance(sec, Mapping)]
         if lacks:
             raise InputError(f"{what} does not answer images: the artifact has no "
-                             f"{' and no '.join(lacks)} (it takes tensors: use predict(); "
-                             "convert it with --preprocess/--postprocess to answer images)")
+                             f"{' and no '.join(lacks)}: it takes tensors (convert it "
+                             "with --preprocess/--postprocess to answer images)")
         assert isinstance(pre, Mapping) and isinstance(post, Mapping)
         task = post.get("task")
         if task not in TASKS:
