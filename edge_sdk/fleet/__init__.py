@@ -31,23 +31,22 @@ database is the record.
   :class:`LeaseHeld` / :class:`LeaseLost` (another controller runs the fleet).
 """
 
-from ._assign import (
-    AssignmentChange,
+from ._assign import AssignmentChange, parse_assignments
+from ._controller import Controller, check_key_permissions
+from ._ingest import RegistryConfig
+from ._machine import RolloutSpec
+from ._manage import (
     AssignResult,
     RemoveResult,
-    assign_devices,
-    parse_assignments,
-    remove_devices,
-)
-from ._controller import (
-    Controller,
     actor_name,
+    assign_devices,
     audit,
-    check_key_permissions,
     command_rollout,
+    remove_devices,
     start_rollout,
 )
-from ._db import (
+from ._registry import Registry, RegistryStats
+from ._store import (
     SCHEMA_VERSION,
     FleetDB,
     FleetError,
@@ -56,9 +55,6 @@ from ._db import (
     LeaseLost,
     default_url,
 )
-from ._ingest import RegistryConfig
-from ._machine import RolloutSpec
-from ._registry import Registry, RegistryStats
 
 __all__ = ["SCHEMA_VERSION", "AssignResult", "AssignmentChange", "Controller", "FleetDB",
            "FleetError", "FleetUsageError", "LeaseHeld", "LeaseLost", "Registry",

@@ -29,42 +29,27 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine, RowMapping
+from sqlalchemy.engine import Connection, Engine, Row, RowMapping
 
-from .._redact import add_secret, redact, redact_url
-from ..errors import EdgeError
-from ._outcome import (
+from ..._redact import add_secret, redact, redact_url
+from .._errors import FleetError, FleetUsageError, LeaseHeld, LeaseLost
+from .._outcome import (
     device_note,
     device_outcome,
     download_text,
     update_text,
     wave_summary,
 )
-from ._select import hardware_matches, mismatch, split_tags, tag_matches
+from .._select import hardware_matches, mismatch, split_tags, tag_matches
+
+#: A result row of any columns, read by attribute (``row.device``).
+Record: TypeAlias = Row[*tuple[Any, ...]]
 
 #: The schema this code writes. Bump it and add a step to ``_MIGRATIONS`` together.
 SCHEMA_VERSION = 7
-
-
-class FleetError(EdgeError):
-    """The fleet database cannot be reached or used, or a fleet request is invalid."""
-
-
-class FleetUsageError(FleetError):
-    """A fleet command was asked something it cannot do (unknown rollout, finished one)."""
-
-    exit_code = 2
-
-
-class LeaseHeld(FleetError):
-    """Another controller holds the fleet's lease (the message names it and the expiry)."""
-
-
-class LeaseLost(FleetError):
-    """This controller's lease was taken over (it had expired): it must stop controlling."""
 
 
 meta = sa.MetaData()
