@@ -523,14 +523,14 @@ def status_cmd(devices: tuple[str, ...], as_json: bool, db_url: str | None,
 
         fleet = mqtt["fleet"]
         with open_db(db_url, repo_dir) as db:
-            rows = db.devices(fleet=fleet)
-            hint = "" if rows else other_fleets(db, fleet)  # a missing --fleet, most often
+            registered = db.devices(fleet=fleet)
+            hint = "" if registered else other_fleets(db, fleet)  # a missing --fleet, most often
             where = redact_url(db.url) + (f"; {hint}" if hint else "")
             counts = db.registry_stats(fleet=fleet)
             noisy = db.ingest_stats(fleet=fleet, limit=5)
         _say_registry(counts, noisy)
         states = {}
-        for row in rows:
+        for row in registered:
             st = DeviceStatus.parse(row["id"], json.dumps(row["state"]).encode())
             if st is not None:
                 raw = st.raw if row["offline_since"] is None \
