@@ -1,10 +1,11 @@
-"""The rollout controller inside ``edge-sdk serve``, and the rollout records the CLI writes.
+"""The rollout controller inside ``edge-sdk serve``: its poll loop.
 
-The database is the authority: ``edge-sdk rollout start|pause|resume|abort`` write a
-rollout row or a command row; the controller polls for them, runs each rollout's state
-machine (:mod:`._machine`) and saves its state before carrying out any effect. The
-controller holds the deployment key (it signs each wave) and refuses a key file that
-its group or others can read.
+The database is the authority: the operator API (:mod:`._manage`: ``edge-sdk rollout
+start|pause|resume|abort``, the page's actions) writes a rollout row or a command row;
+the controller polls for them, runs each rollout's state machine (:mod:`._machine`) and
+saves its state (:mod:`._store`) before carrying out any effect. The controller holds
+the deployment key (it signs each wave) and refuses a key file that its group or others
+can read.
 
 One controller per fleet and database: :meth:`Controller.start` takes the fleet's lease
 (:class:`LeaseHeld` when another controller has it), every saved state renews it in the
@@ -32,7 +33,6 @@ import stat
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
 
 from ..errors import EdgeError
 from ..release._deploy import clear_deployment, create_deployment, last_document
@@ -43,7 +43,7 @@ from . import _machine as m
 from . import _store as store
 from ._members import members
 from ._retained import Held, RetainedDesired, digest
-from ._store import DatabaseError, FleetDB, FleetError, FleetUsageError, LeaseLost
+from ._store import DatabaseError, FleetDB, FleetError, FleetUsageError, LeaseLost, Record
 
 log = logging.getLogger("edge_sdk.fleet.controller")
 
@@ -330,7 +330,8 @@ class Controller:
         self._publish_where_wrong(store.desired_records(self.db, self.topics.fleet,
                                                      devices=devices))
 
-    def _publish_where_wrong(self, rows: Sequence[Any], *, everything: bool = False) -> None:
+    def _publish_where_wrong(self, rows: Sequence[Record], *,
+                             everything: bool = False) -> None:
         """Publish each record whose topic may hold something else; mark the ones the
         retained view shows in place as published."""
         watching = bool(self._watching)
@@ -358,7 +359,7 @@ class Controller:
         if wrong:
             self._publish(wrong)
 
-    def _newer_deploy(self, r: Any, held: Held) -> bool:
+    def _newer_deploy(self, r: Record, held: Held) -> bool:
         """Whether ``held`` is an operator's own later deployment ('edge-sdk deploy'), which
         the record does not take back: newer than the record's and exactly the document
         this repository last signed for the device (not merely claiming a high counter)."""

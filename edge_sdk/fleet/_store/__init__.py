@@ -2,8 +2,9 @@
 to the database (the import-linter contract "the fleet's SQL only in its store" and
 ``tests/test_fleet_store_only.py`` hold the rest of ``edge_sdk.fleet`` to that).
 
-- :mod:`._db`: schema, migrations, :class:`FleetDB` (connections, the read API, leases,
-  the audit log, the registry's counters);
+- :mod:`._schema`: the tables, their migrations, how values are stored;
+- :mod:`._db`: :class:`FleetDB` (connections, the read API, leases, the audit log, the
+  registry's counters);
 - :mod:`._rollouts`: rollout records, their command queue and the ``desired`` record;
 - :mod:`._devices`: what the registry writes from device reports, the operator's
   assignments, removal;
@@ -28,19 +29,7 @@ from ._accounts import (
     touch_session,
     update_operator,
 )
-from ._db import (
-    ACTIVE_STATUSES,
-    FINISHED_STATUSES,
-    MAX_ID,
-    SCHEMA_VERSION,
-    FleetDB,
-    chunks,
-    default_url,
-    engine_url,
-    json_text,
-    json_value,
-    valid_id,
-)
+from ._db import FleetDB, default_url, engine_url
 from ._devices import (
     DEVICE_COLUMNS,
     EVENT_COLUMNS,
@@ -73,18 +62,75 @@ from ._rollouts import (
     save_state,
     selectable_devices,
 )
+from ._schema import (
+    ACTIVE_STATUSES,
+    FINISHED_STATUSES,
+    MAX_ID,
+    SCHEMA_VERSION,
+    Record,
+    chunks,
+    json_text,
+    json_value,
+    valid_id,
+)
 
 __all__ = [
-    "ACTIVE_STATUSES", "DEVICE_COLUMNS", "EVENT_COLUMNS", "FINISHED_STATUSES", "MAX_ID",
-    "SCHEMA_VERSION", "Connection", "DatabaseError", "FleetDB", "FleetError",
-    "FleetUsageError", "LeaseHeld", "LeaseLost", "active_rollouts", "assignments", "chunks",
-    "command_done", "confirm_published", "default_url", "delete_devices", "delete_operator",
-    "delete_session", "desired_documents", "desired_records", "desired_versions",
-    "end_sessions", "engine_url", "has_operators", "heard_until", "insert_device",
-    "insert_event", "insert_operator", "insert_rollout", "insert_session", "json_text",
-    "json_value", "known_devices", "list_operators", "load_state", "lock_rollout",
-    "operator_exists", "operator_hash", "pending_commands", "queue_command", "reported_device",
-    "reports", "rollout_selector", "save_desired", "save_state", "selectable_devices",
-    "session", "touch_session", "update_device", "update_operator", "valid_id",
-    "write_assignments", "write_events",
+    "ACTIVE_STATUSES",
+    "DEVICE_COLUMNS",
+    "EVENT_COLUMNS",
+    "FINISHED_STATUSES",
+    "MAX_ID",
+    "SCHEMA_VERSION",
+    "Connection",
+    "DatabaseError",
+    "FleetDB",
+    "FleetError",
+    "FleetUsageError",
+    "LeaseHeld",
+    "LeaseLost",
+    "Record",
+    "active_rollouts",
+    "assignments",
+    "chunks",
+    "command_done",
+    "confirm_published",
+    "default_url",
+    "delete_devices",
+    "delete_operator",
+    "delete_session",
+    "desired_documents",
+    "desired_records",
+    "desired_versions",
+    "end_sessions",
+    "engine_url",
+    "has_operators",
+    "heard_until",
+    "insert_device",
+    "insert_event",
+    "insert_operator",
+    "insert_rollout",
+    "insert_session",
+    "json_text",
+    "json_value",
+    "known_devices",
+    "list_operators",
+    "load_state",
+    "lock_rollout",
+    "operator_exists",
+    "operator_hash",
+    "pending_commands",
+    "queue_command",
+    "reported_device",
+    "reports",
+    "rollout_selector",
+    "save_desired",
+    "save_state",
+    "selectable_devices",
+    "session",
+    "touch_session",
+    "update_device",
+    "update_operator",
+    "valid_id",
+    "write_assignments",
+    "write_events",
 ]

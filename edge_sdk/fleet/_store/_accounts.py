@@ -9,7 +9,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from ._db import FleetDB, Record, operator_sessions, operators
+from ._db import FleetDB
+from ._schema import Record, operator_sessions, operators
 
 
 def operator_exists(c: Connection, name: str) -> bool:

@@ -9,7 +9,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from ._db import (
+from ._schema import (
     ACTIVE_STATUSES,
     MAX_ID,
     Record,

@@ -18,9 +18,9 @@ from sqlalchemy.engine import Connection, RowMapping
 
 from .. import _machine as m
 from .._retained import digest
-from ._db import (
+from ._db import FleetDB
+from ._schema import (
     ACTIVE_STATUSES,
-    FleetDB,
     Record,
     chunks,
     device_assignments,
