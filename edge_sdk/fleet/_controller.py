@@ -221,7 +221,7 @@ class Controller:
                 self.db.renew_lease(self.topics.fleet, self.holder, self.lease_ttl, conn=c)
             store.save_state(c, new, old)
             store.save_desired(c, self.topics.fleet, new, old,
-                            backfill=isinstance(event, m.Restarted))
+                               backfill=isinstance(event, m.Restarted))
             if command_seq is not None:
                 store.command_done(c, command_seq)
         if self._leased:
@@ -328,7 +328,7 @@ class Controller:
     def _drive(self, devices: Sequence[str]) -> None:
         """Publish the record of ``devices`` where the broker may not hold it."""
         self._publish_where_wrong(store.desired_records(self.db, self.topics.fleet,
-                                                     devices=devices))
+                                                        devices=devices))
 
     def _publish_where_wrong(self, rows: Sequence[Record], *,
                              everything: bool = False) -> None:

@@ -56,8 +56,8 @@ def start_rollout(db: FleetDB, *, fleet: str, model: str, version: str,
     if not spec.signed_rollback:
         _refuse_downgrade(db, fleet, model, version, found, repo)
     with db.begin() as c:
-        rid = store.insert_rollout(c, fleet=fleet, model=model, version=version, selector=sel,
-                                spec=spec, actor=actor)
+        rid = store.insert_rollout(c, fleet=fleet, model=model, version=version,
+                                   selector=sel, spec=spec, actor=actor)
         db.record_audit(actor, "rollout.start", {
             "rollout": rid, "fleet": fleet, "model": model, "version": version,
             "selector": sel, **spec.to_json()}, conn=c)
