@@ -126,7 +126,7 @@ def run_rollout(tmp: Path, n: int, *, broker_urls: Sequence[str], responders: in
 
     from edge_sdk.cli import main
     from edge_sdk.fleet import FleetDB
-    from edge_sdk.fleet._db import meta
+    from edge_sdk.fleet._store._schema import meta
     from edge_sdk.release import Repository
 
     tmp.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from edge_sdk.fleet import (
     assign_devices,
     start_rollout,
 )
-from edge_sdk.fleet._controller import members
+from edge_sdk.fleet._members import members
 from edge_sdk.fleet._registry import ingest_event, ingest_state
 from edge_sdk.fleet._web import FleetApi
 from tests import _fleetdb

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 import edge_sdk
 from edge_sdk.cli import main
 from edge_sdk.fleet import FleetDB
-from edge_sdk.fleet._db import rollout_devices
+from edge_sdk.fleet._store._schema import rollout_devices
 from edge_sdk.release import Repository
 from edge_sdk.transport import MqttConnection, Topics
 from tests import _fleetdb, _models

@@ -49,7 +49,7 @@ def test_a_newer_schema_is_refused_and_left_unchanged(db_url: str) -> None:
 
 class _raw:
     def __init__(self, url: str) -> None:
-        from edge_sdk.fleet._db import engine_url
+        from edge_sdk.fleet._store._db import engine_url
 
         self.engine = sa.create_engine(engine_url(url))
 
@@ -184,7 +184,7 @@ def test_an_older_schema_is_migrated_forward_in_place(db_url: str) -> None:
 def test_processes_opening_a_new_sqlite_database_at_once_all_get_it(tmp_path: Path) -> None:
     # serve and a CLI command opening a database that does not exist yet: the switch to
     # WAL does not wait on busy_timeout, and "database is locked" failed the second one.
-    from edge_sdk.fleet._db import FleetDB as _DB
+    from edge_sdk.fleet._store._db import FleetDB as _DB
 
     for i in range(12):
         url = f"sqlite:///{tmp_path / f'race-{i}.db'}"

@@ -18,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 
 from edge_sdk.fleet import FleetDB
-from edge_sdk.fleet._db import device_desired
+from edge_sdk.fleet._store._schema import device_desired
 from edge_sdk.release import deployment_state
 from edge_sdk.transport import MqttConfig, MqttConnection
 from tests import test_agent_e2e, test_fleet_e2e

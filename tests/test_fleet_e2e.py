@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from edge_sdk.cli import main
 from edge_sdk.fleet import FleetDB
 from edge_sdk.fleet._controller import CRASH_ENV, PAUSE_ENV
-from edge_sdk.fleet._db import device_desired, devices, rollout_devices
+from edge_sdk.fleet._store._schema import device_desired, devices, rollout_devices
 from edge_sdk.release import create_deployment
 from tests import _fleetdb, _models, test_agent_e2e
 from tests._broker import Mosquitto

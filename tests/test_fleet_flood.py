@@ -22,9 +22,9 @@ import pytest
 
 from edge_sdk.cli import main
 from edge_sdk.fleet import Controller, FleetDB, RolloutSpec, start_rollout
-from edge_sdk.fleet._controller import load_state, save_state
 from edge_sdk.fleet._machine import DeviceProgress
 from edge_sdk.fleet._registry import EventBatch, write_state
+from edge_sdk.fleet._store import load_state, save_state
 from edge_sdk.release import Repository
 from edge_sdk.transport import MqttConfig, MqttConnection, Topics
 from tests import _fleetdb

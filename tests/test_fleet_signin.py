@@ -19,8 +19,8 @@ import sqlalchemy as sa
 from edge_sdk.cli import main
 from edge_sdk.fleet import FleetDB, RolloutSpec, start_rollout
 from edge_sdk.fleet import _operators as ops
-from edge_sdk.fleet._controller import load_state, save_state
-from edge_sdk.fleet._db import operator_sessions, rollout_commands
+from edge_sdk.fleet._store import load_state, save_state
+from edge_sdk.fleet._store._schema import operator_sessions, rollout_commands
 from edge_sdk.fleet._web import FleetApi, Request, WebConfig, WebServer
 from tests import test_fleet_web
 from tests._fleetdb import db_url  # noqa: F401  (both engines)

@@ -24,8 +24,9 @@ from edge_sdk.fleet import (
     start_rollout,
 )
 from edge_sdk.fleet import _machine as m
-from edge_sdk.fleet._controller import load_state, members, save_state
+from edge_sdk.fleet._members import members
 from edge_sdk.fleet._registry import ingest_event, ingest_state
+from edge_sdk.fleet._store import load_state, save_state
 from edge_sdk.fleet._web import FleetApi, WebConfig, WebServer
 from edge_sdk.trust._client import Download
 from tests.test_agent_e2e import wait_for

@@ -13,7 +13,7 @@ import pytest
 import edge_sdk
 from edge_sdk.cli import main
 from edge_sdk.fleet import FleetDB
-from edge_sdk.fleet._db import devices
+from edge_sdk.fleet._store._schema import devices
 from edge_sdk.fleet._web import FleetApi
 from edge_sdk.release import Repository
 from edge_sdk.transport import MqttConfig, MqttConnection, RepoResponder

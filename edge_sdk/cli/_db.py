@@ -5,16 +5,22 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import EdgeError, UsageError
+
+if TYPE_CHECKING:  # the [fleet] extra may be missing: imported where used, after the check
+    from ..fleet import FleetDB
 
 
 def resolve_db(db_url: str | None, repo_dir: str | None) -> str:
     if db_url:
         return db_url
     if repo_dir:
-        return str(fleet_module().default_url(repo_dir))
+        require_fleet()
+        from ..fleet import default_url
+
+        return default_url(repo_dir)
     raise UsageError("name the fleet database with --db URL (or EDGE_DB), or --repo REPO "
                      "for the repository's fleet.db")
 
@@ -28,30 +34,36 @@ def fleet_installed() -> bool:
     return True
 
 
-def fleet_module() -> Any:
-    """The ``edge_sdk.fleet`` package, or one line naming the extra it needs."""
+def require_fleet() -> None:
+    """Raise one line naming the extra it needs unless ``edge_sdk.fleet`` can be imported.
+    Call it first, then import what the command uses from ``edge_sdk.fleet`` (checked by
+    mypy like any other import)."""
     try:
-        from .. import fleet
+        from .. import fleet  # noqa: F401
     except ImportError as err:
         raise EdgeError(f"the fleet database needs {err.name}: pip install "
                         "'edge-sdk[fleet]'") from err
-    return fleet
 
 
-def open_db(db_url: str | None, repo_dir: str | None) -> Any:
-    return fleet_module().FleetDB.open(resolve_db(db_url, repo_dir))
+def open_db(db_url: str | None, repo_dir: str | None) -> FleetDB:
+    require_fleet()
+    from ..fleet import FleetDB
+
+    return FleetDB.open(resolve_db(db_url, repo_dir))
 
 
 @contextmanager
-def fleet_db(db_url: str | None, repo_dir: str | None, fleet: str) -> Iterator[Any]:
+def fleet_db(db_url: str | None, repo_dir: str | None, fleet: str) -> Iterator[FleetDB]:
     """:func:`open_db` for a command about one fleet: a bad request raised inside (a device
     or group found nowhere) also names the fleets the database holds when ``fleet`` has
     no device at all — most often a missing --fleet or EDGE_FLEET."""
-    fl = fleet_module()
+    require_fleet()
+    from ..fleet import FleetUsageError
+
     with open_db(db_url, repo_dir) as db:
         try:
             yield db
-        except (UsageError, fl.FleetUsageError) as err:
+        except (UsageError, FleetUsageError) as err:
             hint = other_fleets(db, fleet)
             if not hint:
                 raise
@@ -62,7 +74,7 @@ def fleet_db(db_url: str | None, repo_dir: str | None, fleet: str) -> Iterator[A
 _FLEETS_SHOWN = 5
 
 
-def other_fleets(db: Any, fleet: str) -> str:
+def other_fleets(db: FleetDB, fleet: str) -> str:
     """When ``fleet`` has no device (reported or assigned) and the database holds other
     fleets, a clause naming them and how to choose one; else ``""``."""
     known = db.fleets()
@@ -90,4 +102,6 @@ def record(db_url: str | None, repo_dir: str | None, operator: str | None, actio
                    "extra (pip install 'edge-sdk[fleet]')", err=True)
         return
     with open_db(db_url, repo_dir) as db:
-        db.record_audit(fleet_module().actor_name(operator), action, params)
+        from ..fleet import actor_name
+
+        db.record_audit(actor_name(operator), action, params)

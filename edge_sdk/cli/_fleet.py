@@ -84,12 +84,13 @@ def start_cmd(db_url: str | None, repo_dir: str | None, operator: str | None, fl
               signed_rollback: bool) -> None:
     """Record a rollout; the controller in 'edge-sdk serve' starts it within a second."""
     from ..release import Repository
-    from ._db import fleet_module
+    from ._db import require_fleet
 
-    fl = fleet_module()
-    RolloutSpec, actor_name, start_rollout = fl.RolloutSpec, fl.actor_name, fl.start_rollout
-
+    require_fleet()  # first: it names the [fleet] extra when it is missing
+    from .. import fleet as fl
     from ..fleet._select import check_selector
+
+    RolloutSpec, actor_name, start_rollout = fl.RolloutSpec, fl.actor_name, fl.start_rollout
 
     # Refused before the database is opened: ids that cannot be topic levels, and values
     # no rollout runs with (the spec checks its own).
@@ -239,9 +240,11 @@ def device_set_cmd(device_ids: tuple[str, ...], db_url: str | None, repo_dir: st
     """Assign groups and tags to DEVICE_IDS (and the devices of --file): what rollouts
     select by. A device's own report never does; one that has not reported yet is
     selected once it registers. One transaction, one audit entry."""
-    from ._db import fleet_module
+    from ._db import require_fleet
 
-    fl = fleet_module()
+    require_fleet()
+
+    from .. import fleet as fl
     change = fl.AssignmentChange.parse(groups=groups, remove_groups=remove_groups,
                                        tags=tags, remove_tags=remove_tags, replace=replace)
     changes = {d: change for d in device_ids}
@@ -285,9 +288,11 @@ def device_remove_cmd(device_ids: tuple[str, ...], db_url: str | None, repo_dir:
                       operator: str | None, fleet: str) -> None:
     """Remove devices from the registry: their row, assignment and history. A device
     that reports again registers again, unassigned."""
-    from ._db import fleet_module
+    from ._db import require_fleet
 
-    fl = fleet_module()
+    require_fleet()
+
+    from .. import fleet as fl
     with fleet_db(db_url, repo_dir, fleet) as db:
         res = fl.remove_devices(db, fleet=fleet, device_ids=device_ids,
                                 actor=fl.actor_name(operator))

@@ -12,7 +12,7 @@ import time
 import click
 
 from ..errors import UsageError
-from ._db import fleet_module, open_db
+from ._db import open_db, require_fleet
 from ._fleet import db_options, operator_option
 
 
@@ -44,7 +44,8 @@ _stdin_option = click.option("--password-stdin", "password_stdin", is_flag=True,
 def add_cmd(name: str, db_url: str | None, repo_dir: str | None, operator: str | None,
             password_stdin: bool) -> None:
     """Make operator NAME (asks for its password)."""
-    fl = fleet_module()  # first: it names the [fleet] extra when it is missing
+    require_fleet()  # first: it names the [fleet] extra when it is missing
+    from .. import fleet as fl
     from ..fleet import _operators as ops
 
     ops.check_name(name)  # before asking for a password
@@ -63,7 +64,8 @@ def add_cmd(name: str, db_url: str | None, repo_dir: str | None, operator: str |
 def passwd_cmd(name: str, db_url: str | None, repo_dir: str | None, operator: str | None,
                password_stdin: bool) -> None:
     """Give operator NAME a new password; its sessions end."""
-    fl = fleet_module()  # first: it names the [fleet] extra when it is missing
+    require_fleet()  # first: it names the [fleet] extra when it is missing
+    from .. import fleet as fl
     from ..fleet import _operators as ops
 
     password = _password(password_stdin)
@@ -79,7 +81,8 @@ def _toggle(name: str, disabled: bool) -> click.Command:
     @operator_option
     def cmd(name: str, db_url: str | None, repo_dir: str | None,
             operator: str | None) -> None:
-        fl = fleet_module()
+        require_fleet()
+        from .. import fleet as fl
         from ..fleet import _operators as ops
 
         with open_db(db_url, repo_dir) as db:
@@ -103,7 +106,8 @@ operator_group.add_command(_toggle("enable", False))
 def remove_cmd(name: str, db_url: str | None, repo_dir: str | None,
                operator: str | None) -> None:
     """Remove operator NAME; its sessions end at once."""
-    fl = fleet_module()  # first: it names the [fleet] extra when it is missing
+    require_fleet()  # first: it names the [fleet] extra when it is missing
+    from .. import fleet as fl
     from ..fleet import _operators as ops
 
     with open_db(db_url, repo_dir) as db:
@@ -116,7 +120,7 @@ def remove_cmd(name: str, db_url: str | None, repo_dir: str | None,
 @click.option("--json", "as_json", is_flag=True)
 def list_cmd(db_url: str | None, repo_dir: str | None, as_json: bool) -> None:
     """List the operators and their live sessions."""
-    fleet_module()
+    require_fleet()
     from ..fleet import _operators as ops
 
     with open_db(db_url, repo_dir) as db:

@@ -523,14 +523,14 @@ def status_cmd(devices: tuple[str, ...], as_json: bool, db_url: str | None,
 
         fleet = mqtt["fleet"]
         with open_db(db_url, repo_dir) as db:
-            rows = db.devices(fleet=fleet)
-            hint = "" if rows else other_fleets(db, fleet)  # a missing --fleet, most often
+            registered = db.devices(fleet=fleet)
+            hint = "" if registered else other_fleets(db, fleet)  # a missing --fleet, most often
             where = redact_url(db.url) + (f"; {hint}" if hint else "")
             counts = db.registry_stats(fleet=fleet)
             noisy = db.ingest_stats(fleet=fleet, limit=5)
         _say_registry(counts, noisy)
         states = {}
-        for row in rows:
+        for row in registered:
             st = DeviceStatus.parse(row["id"], json.dumps(row["state"]).encode())
             if st is not None:
                 raw = st.raw if row["offline_since"] is None \
@@ -787,8 +787,7 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
         _serve_responder(repo, keydir, config, rcfg, metrics_at)
         return
     db = open_db(db_url, repo)  # first: it names the [fleet] extra when it is missing
-    from ..fleet import RegistryConfig
-    from ..fleet._web import WebConfig, WebServer
+    from ..fleet import FleetError, FleetServer, RegistryConfig, WebConfig, check_key_permissions
 
     try:
         web_config = WebConfig.parse(http, allow_remote=http_allow_remote,
@@ -799,9 +798,7 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
         db.close()
         raise
     repository = Repository(repo, keydir)
-    from ..fleet import Controller, FleetError, Registry, check_key_permissions
-
-    check_key_permissions(repository)
+    check_key_permissions(repository)  # before connecting to the broker
 
     def on_signal(signum: int, frame: object) -> None:
         stop.set()
@@ -811,26 +808,20 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
         with db, MqttConnection(config, name="edge-serve") as conn:
             responder = None if only == "fleet" else RepoResponder(conn, repo, config=rcfg)
             _check_access(conn, responder, fleet=True)
-            registry = Registry(conn, db, config=registry_config)
-            controller = Controller(db, repository, conn, poll_s=poll_s, lease_ttl=lease_ttl)
-            if not _take_lease(controller, stop):
+            server = FleetServer(db, repository, conn, registry=registry_config,
+                                 web=web_config, poll_s=poll_s, lease_ttl=lease_ttl)
+            if not server.wait_for_lease(stop, say=lambda line: click.echo(
+                    f"edge-sdk serve: {line}", err=True)):
                 return
-            web = WebServer(db, fleet=config.fleet, config=web_config,
-                            warnings=lambda: _expiry_warnings(repository), yanked=lambda: {
-                (t.name, t.version): t.yank_reason for t in repository.targets() if t.yanked
-            }) if web_config else None
             with _keep_fresh(repository) as say_fresh, responder or contextlib.nullcontext(), \
-                    registry, \
-                    web or contextlib.nullcontext(), \
-                    _metrics_server(responder, metrics_at):
-                controller.start()
+                    server, _metrics_server(responder, metrics_at):
                 click.echo(f"serving {Path(repo).resolve()} on {redact_url(config.url)} fleet "
                            f"{config.fleet}; registry and rollouts in {redact_url(db.url)}",
                            err=True)
-                if web is not None:
-                    click.echo(f"fleet page on {web.url}", err=True)
-                    if web.api.no_sign_in:
-                        click.echo(f"fleet page: {web.api.no_sign_in}", err=True)
+                if server.web is not None:
+                    click.echo(f"fleet page on {server.web.url}", err=True)
+                    if server.web.api.no_sign_in:
+                        click.echo(f"fleet page: {server.web.api.no_sign_in}", err=True)
                 if hint := other_fleets(db, config.fleet):
                     click.echo(f"fleet {config.fleet!r} has no device yet; {hint}", err=True)
                 own = Path(repo) / "fleet.db"
@@ -842,19 +833,18 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
                                "them", err=True)
                 say_fresh()
                 try:
-                    while not stop.wait(0.5) and controller.running:
+                    while not stop.wait(0.5) and server.running:
                         pass
                 except KeyboardInterrupt:
                     pass
-                controller.stop()
-            rs = registry.stats
+            rs = server.registry.stats
             click.echo(f"registry: {rs.states} states, {rs.events} events, {rs.malformed} "
                        f"malformed reports ignored, {rs.dropped} dropped, {rs.lost} lost "
                        "before the registry", err=True)
             if responder is not None:
                 _say_stopped(responder.stats)
-            if controller.lost:
-                raise FleetError(controller.lost)
+            if server.lost:
+                raise FleetError(server.lost)
     finally:
         signal.signal(signal.SIGTERM, old)
 
@@ -879,16 +869,6 @@ def _metrics_server(responder: RepoResponder | None,
     with MetricsServer(responder, *at) as server:
         click.echo(f"responder metrics on {server.url}", err=True)
         yield
-
-
-def _expiry_warnings(repository: Repository) -> list[dict[str, Any]]:
-    """The fleet page's ``/api/warnings``: roles expiring within a day with no online key."""
-    from ..release import expiry_warnings
-
-    try:
-        return [w.to_json() for w in expiry_warnings(repository)]
-    except EdgeError as err:
-        return [{"message": f"cannot read the release metadata: {err}"}]
 
 
 @contextlib.contextmanager
@@ -993,24 +973,6 @@ def _partition(spec: str | None, no_shared: bool) -> tuple[int, int] | None:
         raise UsageError("--partition needs --no-shared (with a shared subscription the "
                          "broker already splits the requests)")
     return int(k), int(n)
-
-
-def _take_lease(controller: Any, stop: threading.Event) -> bool:
-    """Take the fleet's controller lease, waiting while another serve holds it (one line
-    says so). False when stopped while waiting."""
-    from ..fleet import LeaseHeld
-
-    said = False
-    while True:
-        try:
-            controller.acquire()
-            return True
-        except LeaseHeld as err:
-            if not said:
-                click.echo(f"edge-sdk serve: waiting: {err}", err=True)
-                said = True
-        if stop.wait(min(2.0, controller.lease_ttl / 4)):
-            return False
 
 
 def _default_state(fleet: str, device: str) -> Path:

@@ -21,33 +21,40 @@ database is the record.
 - :func:`assign_devices` (:class:`AssignmentChange`, :func:`parse_assignments` for an
   assignment file) — the groups and tags the operator gives devices, the only ones
   rollout selectors use; :func:`remove_devices` — take devices out of the registry.
-- :class:`Controller` — runs the rollouts recorded in the DB (inside ``edge-sdk serve``);
+- :class:`Controller` — runs the rollouts recorded in the DB (its poll loop);
   :func:`start_rollout`, :func:`command_rollout` write the records it follows;
   :class:`RolloutSpec` — waves, rate, timeout, abort criteria, pause after each wave.
+- :class:`FleetServer` — what ``edge-sdk serve`` runs for a fleet: the registry, the
+  controller and (with a :class:`WebConfig`) the fleet page, started and stopped as one.
 - :func:`actor_name`, :func:`audit` — the audit log's actor and an appended action.
 - Operator accounts and page sessions live in ``_operators`` (``edge-sdk operator``);
   the page that uses them in ``_web``.
+
+Inside: ``_store`` holds every SQL statement (the schema, :class:`FleetDB`, and the rows
+of rollouts, devices and accounts); ``_manage`` is the operator API (rollouts, device
+assignments and removal, the audit log's actor); ``_controller`` only the loop, which
+changes a rollout only through the state machine in ``_machine``.
 - :class:`FleetError` (one-line diagnoses), :class:`FleetUsageError` (bad requests),
   :class:`LeaseHeld` / :class:`LeaseLost` (another controller runs the fleet).
 """
 
-from ._assign import (
-    AssignmentChange,
+from ._assign import AssignmentChange, parse_assignments
+from ._controller import Controller, check_key_permissions
+from ._ingest import RegistryConfig
+from ._machine import RolloutSpec
+from ._manage import (
     AssignResult,
     RemoveResult,
-    assign_devices,
-    parse_assignments,
-    remove_devices,
-)
-from ._controller import (
-    Controller,
     actor_name,
+    assign_devices,
     audit,
-    check_key_permissions,
     command_rollout,
+    remove_devices,
     start_rollout,
 )
-from ._db import (
+from ._registry import Registry, RegistryStats
+from ._server import FleetServer
+from ._store import (
     SCHEMA_VERSION,
     FleetDB,
     FleetError,
@@ -56,12 +63,11 @@ from ._db import (
     LeaseLost,
     default_url,
 )
-from ._ingest import RegistryConfig
-from ._machine import RolloutSpec
-from ._registry import Registry, RegistryStats
+from ._web import WebConfig
 
 __all__ = ["SCHEMA_VERSION", "AssignResult", "AssignmentChange", "Controller", "FleetDB",
-           "FleetError", "FleetUsageError", "LeaseHeld", "LeaseLost", "Registry",
-           "RegistryConfig", "RegistryStats", "RemoveResult", "RolloutSpec", "actor_name",
-           "assign_devices", "audit", "check_key_permissions", "command_rollout",
-           "default_url", "parse_assignments", "remove_devices", "start_rollout"]
+           "FleetError", "FleetServer", "FleetUsageError", "LeaseHeld", "LeaseLost",
+           "Registry", "RegistryConfig", "RegistryStats", "RemoveResult", "RolloutSpec",
+           "WebConfig", "actor_name", "assign_devices", "audit", "check_key_permissions",
+           "command_rollout", "default_url", "parse_assignments", "remove_devices",
+           "start_rollout"]

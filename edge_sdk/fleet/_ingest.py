@@ -21,7 +21,7 @@ from threading import Event, Lock
 
 from .._settings import numeric_settings
 from ..transport._responder import _TokenBucket
-from ._db import FleetUsageError
+from ._store import FleetUsageError
 
 KiB, MiB = 1024, 1024 * 1024
 #: What a queued report costs besides its payload (the tuple, the topic's device id).

@@ -35,7 +35,7 @@ from ..errors import UsageError
 from ..release._abort import FAILED, AbortRule
 from ..release._abort import FINISHED as FINISHED
 from ..release._rollout import check_waves, plan_waves
-from ._db import FleetError, FleetUsageError
+from ._errors import FleetError, FleetUsageError
 
 #: The device statuses that end its part in a wave, and the bad ones among them: the
 #: abort rule's (``edge_sdk.release._abort``, shared with ``rollout run``).

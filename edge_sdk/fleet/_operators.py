@@ -36,9 +36,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import sqlalchemy as sa
-
-from ._db import FleetDB, FleetUsageError, engine_url, operator_sessions, operators
+from . import _store as store
+from ._store import FleetDB, FleetUsageError, engine_url
 
 log = logging.getLogger("edge_sdk.fleet.operators")
 
@@ -130,11 +129,10 @@ def add_operator(db: FleetDB, name: str, password: str, actor: str) -> None:
     check_name(name)
     stored = hash_password(check_new_password(password))
     with db.begin() as c:
-        if c.execute(sa.select(operators.c.name).where(operators.c.name == name)).first():
+        if store.operator_exists(c, name):
             raise FleetUsageError(f"operator {name!r} exists; 'edge-sdk operator passwd "
                                   f"{name}' sets a new password")
-        c.execute(operators.insert().values(name=name, hash=stored, created=time.time(),
-                                            created_by=actor, disabled=False))
+        store.insert_operator(c, name, stored, actor)
         db.record_audit(actor, "operator.add", {"name": name}, conn=c)
     _owner_only(db)
 
@@ -143,10 +141,9 @@ def set_password(db: FleetDB, name: str, password: str, actor: str) -> None:
     """A new password for ``name``; its sessions end."""
     stored = hash_password(check_new_password(password))
     with db.begin() as c:
-        if not c.execute(operators.update().where(operators.c.name == name)
-                         .values(hash=stored)).rowcount:
+        if not store.update_operator(c, name, stored=stored):
             raise FleetUsageError(f"no operator {name[:80]!r}")
-        c.execute(operator_sessions.delete().where(operator_sessions.c.operator == name))
+        store.end_sessions(c, name)
         db.record_audit(actor, "operator.passwd", {"name": name}, conn=c)
     _owner_only(db)
 
@@ -154,11 +151,10 @@ def set_password(db: FleetDB, name: str, password: str, actor: str) -> None:
 def set_disabled(db: FleetDB, name: str, disabled: bool, actor: str) -> None:
     """Disable (its sessions end, it cannot sign in) or enable ``name``."""
     with db.begin() as c:
-        if not c.execute(operators.update().where(operators.c.name == name)
-                         .values(disabled=disabled)).rowcount:
+        if not store.update_operator(c, name, disabled=disabled):
             raise FleetUsageError(f"no operator {name[:80]!r}")
         if disabled:
-            c.execute(operator_sessions.delete().where(operator_sessions.c.operator == name))
+            store.end_sessions(c, name)
         db.record_audit(actor, "operator.disable" if disabled else "operator.enable",
                         {"name": name}, conn=c)
 
@@ -166,29 +162,19 @@ def set_disabled(db: FleetDB, name: str, disabled: bool, actor: str) -> None:
 def remove_operator(db: FleetDB, name: str, actor: str) -> None:
     """Remove ``name``; its sessions end at once."""
     with db.begin() as c:
-        c.execute(operator_sessions.delete().where(operator_sessions.c.operator == name))
-        if not c.execute(operators.delete().where(operators.c.name == name)).rowcount:
+        store.end_sessions(c, name)
+        if not store.delete_operator(c, name):
             raise FleetUsageError(f"no operator {name[:80]!r}")
         db.record_audit(actor, "operator.remove", {"name": name}, conn=c)
 
 
 def list_operators(db: FleetDB) -> list[dict[str, Any]]:
     """Every operator (never the hash) with its number of live sessions."""
-    now = time.time()
-    s = operator_sessions
-    live = sa.select(s.c.operator, sa.func.count().label("n")).where(s.c.expires > now) \
-        .group_by(s.c.operator).subquery()
-    q = sa.select(operators.c.name, operators.c.created, operators.c.created_by,
-                  operators.c.disabled, sa.func.coalesce(live.c.n, 0).label("sessions")) \
-        .outerjoin(live, live.c.operator == operators.c.name).order_by(operators.c.name)
-    with db.read() as c:
-        return [dict(r) for r in c.execute(q).mappings()]
+    return store.list_operators(db)
 
 
 def has_operators(db: FleetDB) -> bool:
-    with db.read() as c:
-        return c.execute(sa.select(operators.c.name).where(~operators.c.disabled).limit(1)) \
-            .first() is not None
+    return store.has_operators(db)
 
 
 def authenticate(db: FleetDB, name: str, password: str) -> bool:
@@ -197,9 +183,7 @@ def authenticate(db: FleetDB, name: str, password: str) -> bool:
     surrogate from a JSON escape, which no database driver can encode) is not looked up."""
     row = None
     if 1 <= len(name) <= MAX_NAME and set(name) <= _NAME_CHARS:
-        with db.read() as c:
-            row = c.execute(sa.select(operators.c.hash, operators.c.disabled)
-                            .where(operators.c.name == name)).first()
+        row = store.operator_hash(db, name)
     stored = row.hash if row is not None else _dummy()
     ok = check_password(stored, password)
     return ok and row is not None and not row.disabled
@@ -225,12 +209,7 @@ def csrf_token(token: str) -> str:
 def open_session(db: FleetDB, name: str, address: str, ttl_s: float) -> str:
     """A new session of ``name``: the token for its cookie. Expired sessions go."""
     token = secrets.token_urlsafe(32)
-    now = time.time()
-    with db.begin() as c:
-        c.execute(operator_sessions.delete().where(operator_sessions.c.expires <= now))
-        c.execute(operator_sessions.insert().values(
-            id=_session_id(token), operator=name, created=now, last_used=now,
-            expires=now + ttl_s, address=address[:64]))
+    store.insert_session(db, _session_id(token), name, address, ttl_s)
     return token
 
 
@@ -240,23 +219,16 @@ def find_session(db: FleetDB, token: str, idle_s: float) -> Session | None:
     if not 20 <= len(token) <= 128 or not token.isascii():  # tokens are base64url
         return None
     sid, now = _session_id(token), time.time()
-    s = operator_sessions
-    q = sa.select(s.c.operator, s.c.last_used, s.c.expires, operators.c.disabled) \
-        .join(operators, operators.c.name == s.c.operator).where(s.c.id == sid)
-    with db.read() as c:
-        row = c.execute(q).first()
+    row = store.session(db, sid)
     if row is None or row.disabled or row.expires <= now or row.last_used + idle_s <= now:
         return None
     if now - row.last_used > min(30.0, idle_s / 10):  # not a write for every poll
-        with db.begin() as c:
-            c.execute(s.update().where(s.c.id == sid).values(last_used=now))
+        store.touch_session(db, sid, now)
     return Session(operator=row.operator, csrf=csrf_token(token))
 
 
 def close_session(db: FleetDB, token: str) -> None:
-    with db.begin() as c:
-        c.execute(operator_sessions.delete().where(operator_sessions.c.id ==
-                                                   _session_id(token)))
+    store.delete_session(db, _session_id(token))
 
 
 # -- backoff after wrong passwords --------------------------------------------------------

@@ -32,16 +32,27 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import sqlalchemy as sa
-from sqlalchemy.engine import Connection
-
 from .._json import MESSAGE_MAX_BYTES, MESSAGE_MAX_DEPTH, loads_bounded
 from ..release._watch import DeviceStatus
 from ..transport import MqttConnection, Topics
 from ..transport._access import PROBE_DEVICE
-from ._db import MAX_ID, FleetDB, FleetError, device_events, devices, json_text
 from ._ingest import DeviceCounts, Intake, RegistryConfig
 from ._reread import RetainedReread
+from ._store import (
+    DEVICE_COLUMNS,
+    EVENT_COLUMNS,
+    MAX_ID,
+    Connection,
+    DatabaseError,
+    FleetDB,
+    FleetError,
+    insert_device,
+    insert_event,
+    json_text,
+    reported_device,
+    update_device,
+    write_events,
+)
 
 log = logging.getLogger("edge_sdk.fleet.registry")
 
@@ -69,23 +80,9 @@ class MalformedReport(ValueError):
     """A device report the registry will not write; the message says why."""
 
 
-def _limits(table: sa.Table) -> dict[str, tuple[str, int | None]]:
-    """Per column: ``str`` with its length, ``text``, ``int`` with its largest value."""
-    out: dict[str, tuple[str, int | None]] = {}
-    for col in table.columns:
-        t = col.type
-        if isinstance(t, sa.String) and not isinstance(t, sa.Text) and t.length:
-            out[col.name] = ("str", t.length)
-        elif isinstance(t, sa.String):
-            out[col.name] = ("text", None)
-        elif isinstance(t, sa.Integer):
-            out[col.name] = ("int", 2**63 - 1 if isinstance(t, sa.BigInteger) else MAX_ID)
-    return out
-
-
 #: What each column of the tables the registry writes can hold on every engine
 #: (PostgreSQL refuses a longer VARCHAR, a NUL, a lone surrogate, an INTEGER over 2**31-1).
-_DEVICE_COLS, _EVENT_COLS = _limits(devices), _limits(device_events)
+_DEVICE_COLS, _EVENT_COLS = DEVICE_COLUMNS, EVENT_COLUMNS
 _ID_MAX = _DEVICE_COLS["id"][1] or 128
 _NAME_MAX = _DEVICE_COLS["model"][1] or 256
 _VERSION_MAX = _DEVICE_COLS["version"][1] or 128
@@ -226,11 +223,7 @@ def write_state(c: Connection, fleet: str, device: str, payload: bytes,
     if not isinstance(sent, dict):
         raise MalformedReport("a state report must be a JSON object")
     ts = time.time() if now is None else now
-    key = (devices.c.fleet == fleet) & (devices.c.id == device)
-    old = c.execute(sa.select(devices.c.online, devices.c.phase, devices.c.model,
-                              devices.c.version, devices.c.last_deployment,
-                              devices.c.last_result, devices.c.state,
-                              devices.c.last_seen).where(key)).first()
+    old = reported_device(c, fleet, device)
     before = _loads_state(old.state) if old is not None else None
     going = sent.get("online") is not True
     if going and old is not None and old.online and before is not None:
@@ -273,10 +266,10 @@ def write_state(c: Connection, fleet: str, device: str, payload: bytes,
         values["last_seen"] = old.last_seen  # the broker spoke, not the device
     _fit(_DEVICE_COLS, {"fleet": fleet, "id": device, **values})
     if old is None:
-        c.execute(devices.insert().values(fleet=fleet, id=device, first_seen=ts, **values))
+        insert_device(c, fleet, device, ts, values)
         changes = ["registered"]
     else:
-        c.execute(devices.update().where(key).values(**values))
+        update_device(c, fleet, device, values)
         changes = []
         if bool(old.online) != st.online:
             changes.append("online" if st.online else "offline")
@@ -294,7 +287,7 @@ def write_state(c: Connection, fleet: str, device: str, payload: bytes,
                "detail": json_text({"online": st.online, "phase": st.phase,
                                     "result": st.last_result})}
         _fit(_EVENT_COLS, row)
-        c.execute(device_events.insert().values(**row))
+        insert_event(c, row)
 
 
 def _loads_state(text: str | None) -> dict[str, Any] | None:
@@ -303,14 +296,6 @@ def _loads_state(text: str | None) -> dict[str, Any] | None:
     except ValueError:
         return None
     return doc if isinstance(doc, dict) else None
-
-
-# Built once: constructing a statement per report (``.values(...)``, its cache key) cost
-# more than executing it, at the thousands of reports a minute a large rollout brings.
-_TOUCH = devices.update().where(
-    (devices.c.fleet == sa.bindparam("k_fleet")) & (devices.c.id == sa.bindparam("k_id"))
-).values(last_seen=sa.bindparam("k_ts"))
-_EVENT = device_events.insert()
 
 
 def write_event(c: Connection, fleet: str, device: str, payload: bytes,
@@ -377,10 +362,7 @@ class EventBatch:
         return self
 
     def flush(self) -> None:
-        if self.events:
-            self.c.execute(_EVENT, self.events)
-        if self.touches:
-            self.c.execute(_TOUCH, self.touches)
+        write_events(self.c, self.events, self.touches)
         self.events, self.touches = [], []
 
 
@@ -626,7 +608,7 @@ class Registry:
                         "lost": c.lost, "reason": c.reason, "at": c.at}
                     for d, c in self._pending.items()})
                 self._pending = {}
-        except (FleetError, sa.exc.SQLAlchemyError) as err:
+        except (FleetError, DatabaseError) as err:
             log.warning("registry: counts not saved: %s", str(err).splitlines()[0])
             return
         self._saved = now
@@ -653,7 +635,7 @@ class Registry:
                 self.db.prune_events(self.topics.fleet, over, keep=cfg.events_per_device,
                                      older_than=time.time() - cfg.events_max_age_s
                                      if cfg.events_max_age_s else None)
-            except (FleetError, sa.exc.SQLAlchemyError) as err:
+            except (FleetError, DatabaseError) as err:
                 log.warning("registry: device_events not pruned: %s",
                             str(err).splitlines()[0])
 

@@ -58,8 +58,6 @@ from importlib import resources
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-import sqlalchemy as sa
-
 from .._http import (
     HeadError,
     check_host,
@@ -71,8 +69,8 @@ from .._http import (
 )
 from ..errors import EdgeError
 from . import _operators as ops
-from ._controller import command_rollout
-from ._db import FleetDB, FleetError, FleetUsageError
+from ._manage import command_rollout
+from ._store import DatabaseError, FleetDB, FleetError, FleetUsageError
 
 #: Yanked releases, ``(model, version) -> reason`` (None: no reason given).
 Yanked = Callable[[], Mapping[tuple[str, str], str | None]]
@@ -295,7 +293,7 @@ class FleetApi:
             return Answer(err.status, _JSON, error_body(str(err)), err.headers)
         except FleetUsageError as err:
             return Answer(404, _JSON, error_body(str(err)))
-        except (FleetError, sa.exc.SQLAlchemyError) as err:
+        except (FleetError, DatabaseError) as err:
             log.warning("fleet page: database: %s", str(err).splitlines()[0])
             return Answer(503, _JSON, error_body("the fleet database is not available; "
                                                  "see the serve log"))

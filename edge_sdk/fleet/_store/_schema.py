@@ -1,0 +1,356 @@
+"""The fleet database's tables, their migrations, and how values are stored in them.
+
+One schema for SQLite and PostgreSQL. JSON values are stored as text (:func:`json_text`,
+:func:`json_value`) so that both engines hold the same bytes.
+
+Schema versions live in ``schema_version``; :func:`migrate` brings an older database up
+to :data:`SCHEMA_VERSION` (``FleetDB.open`` runs it in one transaction holding the
+database's migration lock, so processes opening a fresh database at once migrate it
+exactly once), and a database written by newer code is refused before anything is
+changed.
+
+``device_desired`` is the record of what every device's retained ``desired`` topic must
+hold (a signed document, or nothing), written in the transaction that saves the rollout
+state causing it; the retained messages on the broker are made equal to it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeAlias
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Row
+
+from ..._redact import redact_url
+from .._errors import FleetError
+
+#: A result row of any columns, read by attribute (``row.device``).
+Record: TypeAlias = Row[*tuple[Any, ...]]
+
+#: The schema this code writes. Bump it and add a step to ``_MIGRATIONS`` together.
+SCHEMA_VERSION = 7
+
+
+meta = sa.MetaData()
+
+schema_version = sa.Table(
+    "schema_version", meta,
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("applied", sa.Float, nullable=False),
+)
+
+#: Every device that has reported, as it last reported itself. ``groups`` and ``tags`` are
+#: what the device claims (shown as reported, never used to select it): the operator's
+#: assignment is in ``device_assignments``.
+devices = sa.Table(
+    "devices", meta,
+    sa.Column("fleet", sa.String(128), primary_key=True),
+    sa.Column("id", sa.String(128), primary_key=True),
+    sa.Column("groups", sa.Text, nullable=False, default="[]"),
+    sa.Column("tags", sa.Text, nullable=False, default="{}"),
+    sa.Column("hardware", sa.Text, nullable=False, default="{}"),
+    sa.Column("online", sa.Boolean, nullable=False, default=False),
+    sa.Column("first_seen", sa.Float, nullable=False),
+    sa.Column("last_seen", sa.Float, nullable=False),
+    sa.Column("model", sa.String(256)),
+    sa.Column("version", sa.String(128)),
+    sa.Column("previous_model", sa.String(256)),
+    sa.Column("previous_version", sa.String(128)),
+    sa.Column("phase", sa.String(64)),
+    sa.Column("deployment", sa.Integer, nullable=False, default=0),
+    sa.Column("last_result", sa.String(64)),
+    sa.Column("last_reason", sa.Text),
+    sa.Column("last_deployment", sa.Integer),
+    sa.Column("state", sa.Text, nullable=False, default="{}"),
+)
+
+device_events = sa.Table(
+    "device_events", meta,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("fleet", sa.String(128), nullable=False),
+    sa.Column("device", sa.String(128), nullable=False),
+    sa.Column("ts", sa.Float, nullable=False),
+    sa.Column("kind", sa.String(64), nullable=False),
+    sa.Column("deployment", sa.Integer),
+    sa.Column("model", sa.String(256)),
+    sa.Column("version", sa.String(128)),
+    sa.Column("reason", sa.Text),
+    sa.Column("detail", sa.Text, nullable=False, default="{}"),
+    sa.Index("ix_device_events_device", "fleet", "device", "seq"),
+    sa.Index("ix_device_events_deployment", "fleet", "deployment"),
+)
+#: Rows older than the registry's ``events_max_age_s`` are found by it (schema 6).
+_EVENTS_TS = sa.Index("ix_device_events_ts", device_events.c.ts)
+
+rollouts = sa.Table(
+    "rollouts", meta,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("fleet", sa.String(128), nullable=False),
+    sa.Column("model", sa.String(256), nullable=False),
+    sa.Column("version", sa.String(128), nullable=False),
+    sa.Column("selector", sa.Text, nullable=False),
+    sa.Column("config", sa.Text, nullable=False),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("wave", sa.Integer, nullable=False, default=0),
+    sa.Column("waves", sa.Integer, nullable=False, default=0),
+    sa.Column("reason", sa.Text),
+    sa.Column("created", sa.Float, nullable=False),
+    sa.Column("updated", sa.Float, nullable=False),
+    sa.Column("created_by", sa.String(128), nullable=False),
+    #: The rest of the rollout state machine's state (JSON), see ``_machine``.
+    sa.Column("machine", sa.Text, nullable=False, default="{}"),
+)
+
+rollout_devices = sa.Table(
+    "rollout_devices", meta,
+    sa.Column("rollout", sa.Integer, sa.ForeignKey("rollouts.id"), primary_key=True),
+    sa.Column("device", sa.String(128), primary_key=True),
+    sa.Column("wave", sa.Integer, nullable=False),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("reason", sa.Text),
+    sa.Column("counter", sa.Integer),
+    #: The signed deployment document sent (republished unchanged after a restart).
+    sa.Column("document", sa.Text),
+    sa.Column("sent_at", sa.Float),
+    sa.Column("finished_at", sa.Float),
+    sa.Column("before_version", sa.String(128)),
+    sa.Column("before_model", sa.String(256)),
+    sa.Column("rollback_counter", sa.Integer),
+    sa.Column("rollback_document", sa.Text),
+    sa.Column("rollback_status", sa.String(32)),
+    sa.Column("rollback_sent_at", sa.Float),
+)
+
+rollout_commands = sa.Table(
+    "rollout_commands", meta,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("rollout", sa.Integer, sa.ForeignKey("rollouts.id"), nullable=False),
+    sa.Column("command", sa.String(32), nullable=False),
+    sa.Column("actor", sa.String(128), nullable=False),
+    sa.Column("created", sa.Float, nullable=False),
+    sa.Column("done", sa.Float),
+)
+
+audit_log = sa.Table(
+    "audit_log", meta,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("ts", sa.Float, nullable=False),
+    sa.Column("actor", sa.String(128), nullable=False),
+    sa.Column("action", sa.String(64), nullable=False),
+    sa.Column("params", sa.Text, nullable=False, default="{}"),
+)
+
+#: The registry's running totals per fleet (schema 2): reports written, and those it
+#: would not write (malformed), could not queue (dropped) or could not store (db_errors).
+registry_stats = sa.Table(
+    "registry_stats", meta,
+    sa.Column("fleet", sa.String(128), primary_key=True),
+    sa.Column("states", sa.BigInteger, nullable=False, default=0),
+    sa.Column("events", sa.BigInteger, nullable=False, default=0),
+    sa.Column("malformed", sa.BigInteger, nullable=False, default=0),
+    sa.Column("dropped", sa.BigInteger, nullable=False, default=0),
+    sa.Column("db_errors", sa.BigInteger, nullable=False, default=0),
+    sa.Column("last_malformed", sa.Text),
+    sa.Column("last_malformed_at", sa.Float),
+    sa.Column("updated", sa.Float, nullable=False),
+    # Schema 4: reports lost before the registry (gaps in devices' event numbers), and
+    # how far the registry has got: every report received before ``caught_up`` is
+    # written; what is still queued; since when it listens; when a device is silent.
+    sa.Column("lost", sa.BigInteger, nullable=False, default=0, server_default="0"),
+    sa.Column("caught_up", sa.Float),
+    sa.Column("backlog_reports", sa.BigInteger, nullable=False, default=0,
+              server_default="0"),
+    sa.Column("backlog_bytes", sa.BigInteger, nullable=False, default=0, server_default="0"),
+    sa.Column("listening_since", sa.Float),
+    sa.Column("silent_after_s", sa.Float),
+)
+
+
+#: Per device, the reports the registry did not write (schema 6): ``dropped`` (over the
+#: device's budget or size cap, or pushed out of a full queue; ``reason`` names the
+#: config key of the newest) and ``lost`` (gaps in the numbers of its events).
+device_ingest = sa.Table(
+    "device_ingest", meta,
+    sa.Column("fleet", sa.String(128), primary_key=True),
+    sa.Column("device", sa.String(128), primary_key=True),
+    sa.Column("dropped", sa.BigInteger, nullable=False, default=0),
+    sa.Column("dropped_bytes", sa.BigInteger, nullable=False, default=0),
+    sa.Column("lost", sa.BigInteger, nullable=False, default=0),
+    sa.Column("reason", sa.String(64)),
+    sa.Column("at", sa.Float),
+)
+
+#: Which controller runs each fleet (schema 3), until ``expires`` unless renewed.
+controller_lease = sa.Table(
+    "controller_lease", meta,
+    sa.Column("fleet", sa.String(128), primary_key=True),
+    sa.Column("holder", sa.String(256), nullable=False),
+    sa.Column("acquired", sa.Float, nullable=False),
+    sa.Column("renewed", sa.Float, nullable=False),
+    sa.Column("expires", sa.Float, nullable=False),
+)
+
+#: The groups and tags the operator gave each device (schema 4; ``edge-sdk device set``):
+#: what rollout selectors and the group and tag filters use. A row may exist before its
+#: device first reports (fleets are provisioned in bulk); no device report writes here.
+device_assignments = sa.Table(
+    "device_assignments", meta,
+    sa.Column("fleet", sa.String(128), primary_key=True),
+    sa.Column("id", sa.String(128), primary_key=True),
+    sa.Column("groups", sa.Text, nullable=False, default="[]"),
+    sa.Column("tags", sa.Text, nullable=False, default="{}"),
+    sa.Column("updated", sa.Float, nullable=False),
+    sa.Column("updated_by", sa.String(128), nullable=False),
+)
+
+#: What each device's retained ``desired`` topic must hold (schema 5): ``document`` (a
+#: signed deployment; NULL: nothing, the topic cleared) with its sha256 ``digest`` and
+#: ``counter`` (for a cleared topic: the withdrawn deployment's), set by ``rollout``.
+#: ``seq`` grows with every change; ``published`` is NULL until the broker acknowledged
+#: this content (the controller publishes it again until then).
+device_desired = sa.Table(
+    "device_desired", meta,
+    sa.Column("fleet", sa.String(128), primary_key=True),
+    sa.Column("device", sa.String(128), primary_key=True),
+    sa.Column("document", sa.Text),
+    sa.Column("digest", sa.String(64)),
+    sa.Column("counter", sa.Integer),
+    sa.Column("model", sa.String(256)),
+    sa.Column("version", sa.String(128)),
+    sa.Column("rollout", sa.Integer),
+    sa.Column("seq", sa.Integer, nullable=False),
+    sa.Column("changed", sa.Float, nullable=False),
+    sa.Column("published", sa.Float),
+    sa.Index("ix_device_desired_published", "fleet", "published"),
+)
+
+#: The fleet page's operator accounts (schema 7; ``edge-sdk operator add``): ``hash`` is
+#: ``scrypt$N$r$p$SALT$KEY`` (see ``_operators``); a ``disabled`` one cannot sign in.
+operators = sa.Table(
+    "operators", meta,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("hash", sa.String(256), nullable=False),
+    sa.Column("created", sa.Float, nullable=False),
+    sa.Column("created_by", sa.String(128), nullable=False),
+    sa.Column("disabled", sa.Boolean, nullable=False, default=False),
+)
+
+#: Signed-in page sessions (schema 7): ``id`` is the sha256 of the cookie's token (the
+#: token itself is stored nowhere), valid until ``expires`` and while used within the
+#: idle timeout. Removing an operator or changing its password deletes its rows.
+operator_sessions = sa.Table(
+    "operator_sessions", meta,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("operator", sa.String(64), nullable=False, index=True),
+    sa.Column("created", sa.Float, nullable=False),
+    sa.Column("last_used", sa.Float, nullable=False),
+    sa.Column("expires", sa.Float, nullable=False),
+    sa.Column("address", sa.String(64), nullable=False, default=""),
+)
+
+#: Rollout states in which the controller still has work to do.
+ACTIVE_STATUSES = ("pending", "running", "paused", "aborting")
+FINISHED_STATUSES = ("completed", "aborted")
+
+
+# -- migrations ----------------------------------------------------------------------------
+
+def _v1(c: Connection) -> None:
+    meta.create_all(c, tables=[devices, device_events, rollouts, rollout_devices,
+                               rollout_commands, audit_log])
+
+
+def _v2(c: Connection) -> None:
+    registry_stats.create(c)
+
+
+def _v3(c: Connection) -> None:
+    controller_lease.create(c)
+
+
+def _v4(c: Connection) -> None:
+    # Groups and tags stop coming from the devices' reports: nothing is copied from the
+    # reported ones (that would make every claim so far an assignment). The operator
+    # assigns them (edge-sdk device set); until then group and tag selectors match no one.
+    device_assignments.create(c)
+
+
+def _v5(c: Connection) -> None:
+    device_desired.create(c)
+
+
+def _v6(c: Connection) -> None:
+    """Per-device counts of reports not written, the registry's progress, and the index
+    that age-based pruning of ``device_events`` uses."""
+    insp = sa.inspect(c)
+    device_ingest.create(c, checkfirst=True)
+    have = {col["name"] for col in insp.get_columns("registry_stats")}
+    for col in registry_stats.columns:
+        if col.name not in have:  # a database made before schema 6
+            spec = sa.schema.CreateColumn(col).compile(dialect=c.dialect)
+            c.execute(sa.text(f"ALTER TABLE registry_stats ADD COLUMN {spec}"))
+    if _EVENTS_TS.name not in {i["name"] for i in insp.get_indexes("device_events")}:
+        _EVENTS_TS.create(c)
+
+
+def _v7(c: Connection) -> None:
+    """Operator accounts and sessions of the fleet page's sign-in."""
+    meta.create_all(c, tables=[operators, operator_sessions])
+
+
+_MIGRATIONS = {1: _v1, 2: _v2, 3: _v3, 4: _v4, 5: _v5, 6: _v6, 7: _v7}
+
+
+def migrate(c: Connection, url: str, *, write: bool) -> None:
+    insp = sa.inspect(c)
+    current = 0
+    if insp.has_table("schema_version"):
+        current = c.execute(sa.select(sa.func.max(schema_version.c.version))).scalar() or 0
+    if current > SCHEMA_VERSION:
+        raise FleetError(f"database {redact_url(url)} has schema version {current}, newer than "
+                         f"this edge-sdk understands ({SCHEMA_VERSION}); upgrade edge-sdk")
+    if current == SCHEMA_VERSION or not write:
+        return
+    schema_version.create(c, checkfirst=True)
+    for v in range(current + 1, SCHEMA_VERSION + 1):
+        _MIGRATIONS[v](c)
+        c.execute(schema_version.insert().values(version=v, applied=time.time()))
+
+
+#: The largest id an ``Integer`` column holds (PostgreSQL's ``integer``; SQLite has more).
+MAX_ID = 2**31 - 1
+
+
+def valid_id(n: int) -> bool:
+    """Whether ``n`` can be a row id: an id past the column's range is no row, not a
+    database error (PostgreSQL refuses to compare it with the column)."""
+    return 1 <= n <= MAX_ID
+
+
+def json_text(v: Any) -> str:
+    """How a JSON value is stored: compact text with sorted keys."""
+    return json.dumps(v, sort_keys=True, separators=(",", ":"))
+
+
+def json_value(s: str | None, default: Any) -> Any:
+    """A stored JSON value; ``default`` for none or unreadable text."""
+    if not s:
+        return default
+    try:
+        return json.loads(s)
+    except ValueError:
+        return default
+
+
+def chunks(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
+    buf: list[Any] = []
+    for it in items:
+        buf.append(it)
+        if len(buf) >= n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
