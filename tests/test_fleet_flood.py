@@ -25,6 +25,7 @@ from edge_sdk.fleet import Controller, FleetDB, RolloutSpec, start_rollout
 from edge_sdk.fleet._machine import DeviceProgress
 from edge_sdk.fleet._registry import EventBatch, write_state
 from edge_sdk.fleet._store import load_state, save_state
+from edge_sdk.fleet._store._schema import rollouts
 from edge_sdk.release import Repository
 from edge_sdk.transport import MqttConfig, MqttConnection, Topics
 from tests import _fleetdb
@@ -222,3 +223,22 @@ def test_a_device_without_a_last_will_whose_heartbeats_stop_shows_silent(
             wait_for(lambda: seen()["online"] is True, 30, lambda: f"{seen()}")
         finally:
             dev.close()
+
+
+def test_a_rollout_whose_stored_spec_is_refused_does_not_stall_the_others(
+        db_url: str, repo: Repository, conn: MqttConnection) -> None:
+    """A spec recorded before a validation rule existed (here ``min_finished`` 0) makes
+    that rollout fail to load; the controller drives the fleet's other rollouts."""
+    with FleetDB.open(db_url) as db:
+        bad = _rollout_waiting(db, {"d1": 5}, time.time())
+        good = _rollout_waiting(db, {"d2": 6}, time.time())
+        with db.begin() as c:
+            c.execute(rollouts.update().where(rollouts.c.id == bad).values(
+                config=json.dumps({"waves": ["100%"], "min_finished": 0})))
+            write_state(c, FLEET, "d2", json.dumps({
+                **STATE, "model": {"name": "adder", "version": "2"},
+                "last_update": {"deployment": 6, "result": "committed"}}).encode())
+        db.add_registry_stats(FLEET, {}, progress={"caught_up": time.time()})
+        Controller(db, repo, conn, topics=Topics(FLEET)).poll()
+        assert db.rollout(good)["status"] == "completed"
+        assert db.rollout(bad)["status"] == "running"

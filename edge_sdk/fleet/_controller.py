@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Sequence
 
+from .._oneline import one_line
 from ..errors import EdgeError
 from ..release._deploy import clear_deployment, create_deployment, last_document
 from ..release._repository import Repository
@@ -128,6 +129,8 @@ class Controller:
         #: Why the controller stopped on its own (its lease went to another), else None.
         self.lost: str | None = None
         self._states: dict[int, m.RolloutState] = {}
+        #: Rollouts whose record is refused, with why (logged once per reason).
+        self._refused: dict[int, str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fleet-controller", daemon=True)
 
@@ -203,7 +206,20 @@ class Controller:
         ids = store.active_rollouts(self.db, self.topics.fleet)
         self._reconcile(ids)
         for rid in ids:
-            self._poll_one(rid)
+            try:
+                self._poll_one(rid)
+            except (LeaseLost, DatabaseError):
+                raise
+            except EdgeError as err:
+                # One rollout whose record this code refuses (a spec stored before a
+                # rule was added, a row not written by it) must not stall the others.
+                why = one_line(err)
+                if self._refused.get(rid) != why:
+                    log.warning("rollout %d is not driven: %s", rid, why)
+                self._refused[rid] = why
+                self._states.pop(rid, None)
+            else:
+                self._refused.pop(rid, None)
         for rid in [r for r in self._states if r not in ids]:
             del self._states[rid]
 
