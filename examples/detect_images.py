@@ -27,10 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
-
 from _on_agent import deployed, post_image
 from demo import run, step
+from onnx import TensorProto, helper, numpy_helper
 
 LABELS = ["red", "green", "blue"]
 SIZE = 128
