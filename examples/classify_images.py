@@ -7,7 +7,7 @@ Builds a small CNN (a stand-in for your model: fixed weights that tell the domin
 colour of a picture; input float ``[N, 3, 64, 64]`` in [-1, 1], logits out), writes its
 labels and a few photos of coloured shapes, then converts with
 
-    edge-sdk convert colours.onnx -o colours-art --eval photos.npz \\
+    edge-sdk convert colours.onnx -o colours-art --eval photos.npz --quantize none \\
         --preprocess image:size=64x64,resize=stretch,scale=1/255,mean=0.5/0.5/0.5,std=0.5/0.5/0.5 \\
         --postprocess classify:topk=3 --labels labels.txt
 
@@ -15,6 +15,9 @@ so that the artifact takes a JPEG/PNG's pixels (uint8, any size) and answers lab
 scores. It answers ``edge-sdk predict --image``, then, deployed to an agent, an image
 body POSTed to ``/v2/models/colours/infer`` (what ``curl --data-binary @photo.jpg``
 sends) and tritonclient's classification extension (``class_count=K``).
+
+Needs the ``convert``, ``agent`` and ``agent-images`` extras, ``tritonclient[http]`` and a
+broker (the system Mosquitto, else amqtt from the ``demo`` extra), as ``demo.py`` does.
 """
 
 from __future__ import annotations

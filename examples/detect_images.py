@@ -9,7 +9,7 @@ float ``[N, 3, 128, 128]`` in [0, 1], output ``[N, 4 + classes, anchors]`` of
 ``cx, cy, w, h`` and class scores), whose fixed weights find the box around each red,
 green and blue shape, writes its labels and a few photos, then converts with
 
-    edge-sdk convert shapes.onnx -o shapes-art --eval photos.npz \\
+    edge-sdk convert shapes.onnx -o shapes-art --eval photos.npz --quantize none \\
         --preprocess image:size=128x128,resize=letterbox,scale=1/255 \\
         --postprocess detect:layout=yolov8,score=0.25,iou=0.45,max=10 --labels labels.txt
 
@@ -17,6 +17,9 @@ so that the artifact takes a JPEG/PNG's pixels (uint8, any size) and answers box
 that image's pixels (the letterbox undone) with labels and scores. It answers
 ``edge-sdk predict --image``, then, deployed to an agent, an image body POSTed to
 ``/v2/models/shapes/infer`` and a tritonclient request with the image as a UINT8 tensor.
+
+Needs the ``convert``, ``agent`` and ``agent-images`` extras, ``tritonclient[http]`` and a
+broker (the system Mosquitto, else amqtt from the ``demo`` extra), as ``demo.py`` does.
 """
 
 from __future__ import annotations
