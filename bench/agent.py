@@ -14,9 +14,16 @@
 6. Memory and threads a client can hold: agent RSS while 20 connections each send
    15 MiB of a declared 16 MiB body and stop; threads with 300 idle connections; peak
    RSS of one 13.7 MiB JSON infer and of four at once.
+7. Image in, answer out at batch 1 (a 640x480 JPEG; a classifier at 224x224 with 1000
+   classes, top-5, and a YOLOv8-layout detector at 320x320, 80 classes, 2100 anchors):
+   the pre/post-processing in the graph (an artifact converted with --preprocess and
+   --postprocess) vs the same model converted bare with the pre/post-processing done in
+   numpy by the client (converters' numpy reference: decode, resize, normalize, then
+   softmax and top-k, or decode and NMS), in-process and through an agent (goal: the
+   in-graph pipeline no slower).
 
     .venv/bin/python bench/agent.py [--swaps 100] [--requests 4000] [--skip-venv]
-        [--agent-code DIR]
+        [--agent-code DIR] [--only images] [--image-runs 200]
 
 ``--agent-code`` runs the agent subprocesses from another checkout (say the main
 branch) to measure before and after a change side by side.
@@ -27,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.client
+import io
 import json
 import os
 import shutil
@@ -379,6 +387,194 @@ def _venv_without_pip(tmp: Path) -> str:
     return f"{total / 1e6:.0f} MB measured"
 
 
+# -- [7] image in, answer out -------------------------------------------------------------
+
+#: The two tasks: (source builder's kwargs, --preprocess, --postprocess).
+IMAGE_TASKS = {
+    "classify": ({"size": 224, "classes": 1000},
+                 "image:size=224x224,resize=center-crop,mean=0.485/0.456/0.406,"
+                 "std=0.229/0.224/0.225", "classify:topk=5"),
+    "detect": ({"size": 320, "classes": 80, "anchors": 2100},
+               "image:size=320x320,resize=letterbox",
+               "detect:layout=yolov8,score=0.25,iou=0.45,max=100"),
+}
+
+
+def _decode(data: bytes) -> np.ndarray:
+    """What a client (and the agent) does with a JPEG: Pillow, RGB, uint8 [H, W, 3]."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def images(tmp: Path, broker: Mosquitto, runs: int) -> None:
+    """[7]: per task, the pipeline artifact and the bare one, each served by its own agent
+    and loaded in-process; one JPEG answered by five sides, interleaved in blocks."""
+    import tritonclient.http as httpclient
+
+    from converters import ConvertConfig, convert
+    from converters._measure import MeasureConfig
+    from converters._prepost import Bound, PipelineSpec, PostSpec, PreSpec
+    from converters._prepost_ref import postprocess, preprocess
+    from tests import _prepost_models
+    from tests._images import encode
+
+    tmp.mkdir(parents=True)
+    repo = Repository.init(tmp / "repo", tmp / "keys")
+    fast = ConvertConfig(measure=MeasureConfig(rounds=1, runs_per_round=2, warmup=0))
+    built: dict[str, tuple[Path, Path, Bound]] = {}
+    for task, (kw, pre, post) in IMAGE_TASKS.items():
+        make = _prepost_models.classifier if task == "classify" else _prepost_models.detector
+        src = make(tmp / f"{task}.onnx", **kw)  # type: ignore[operator]
+        graph = convert(src, tmp / f"{task}-graph", name=f"{task}-graph", quantize="none",
+                        preprocess=pre, postprocess=post, config=fast, threads=1)
+        bare = convert(src, tmp / f"{task}-bare", name=f"{task}-bare", quantize="none",
+                       config=fast, threads=1)
+        b = graph.artifact.manifest.extra
+        size = int(kw["size"])
+        bound = Bound(PipelineSpec(PreSpec.parse(pre), PostSpec.parse(post), None),
+                      model_input="input" if task == "classify" else "images",
+                      input_dtype="float32", size=(size, size), layout="nchw",
+                      output="logits" if task == "classify" else "output0",
+                      classes=int(kw["classes"]), softmax=task == "classify")
+        assert b.get("preprocess") and b.get("postprocess"), sorted(b)
+        built[task] = (graph.artifact.path, bare.artifact.path, bound)
+        for art in (graph.artifact, bare.artifact):
+            repo.add_artifact(art.path)
+
+    host = MqttConnection(MqttConfig(url=broker.url, fleet=FLEET), name="bench-images")
+    host.connect()
+    with open(tmp / "serve.log", "wb") as log:
+        responder = subprocess.Popen(
+            [sys.executable, "-m", "edge_sdk", "serve", "--repo", str(repo.path), "--broker",
+             broker.url, "--fleet", FLEET], cwd=ROOT, stdout=log, stderr=log)
+    committed: set[tuple[str, str]] = set()
+
+    def on_event(topic: str, payload: bytes) -> None:
+        try:
+            ev = json.loads(payload)
+        except ValueError:  # the broker helper's readiness probe, a cleared retained message
+            return
+        if isinstance(ev, dict) and ev.get("event") == "committed":
+            committed.add((topic.split("/")[-2], ev["model"]["name"]))
+
+    host.subscribe(f"edge/{FLEET}/dev/+/events", on_event)
+    agents: dict[str, Agent] = {}
+    try:
+        for name in (f"{t}-{k}" for t in IMAGE_TASKS for k in ("graph", "bare")):
+            agents[name] = Agent(tmp, f"img-{name}", broker, repo, 0.2)
+            publish_deployment(host, create_deployment(repo, model=name, fleet=FLEET,
+                                                       devices=[f"img-{name}"]))
+        deadline = time.monotonic() + 120
+        while len(committed) < len(agents):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"[7] deployments did not commit: {sorted(committed)}")
+            time.sleep(0.01)
+        jpeg = encode(_prepost_models.images(1, 480, 640, seed=5)[0], "JPEG")
+        print(f"[7] image in, answer out at batch 1: one {len(jpeg) // 1024} KiB 640x480 "
+              f"JPEG, {runs} answers per side (p50 ms; ratio in-graph / numpy client)")
+        for task, (graph_dir, bare_dir, bound) in built.items():
+            _image_task(task, graph_dir, bare_dir, bound, agents, jpeg, runs,
+                        httpclient, preprocess, postprocess)
+    finally:
+        for a in agents.values():
+            a.stop()
+        responder.terminate()
+        responder.wait(20)
+        host.close()
+
+
+def _image_task(task: str, graph_dir: Path, bare_dir: Path, bound: Any,
+                agents: dict[str, Agent], jpeg: bytes, runs: int, httpclient: Any,
+                preprocess: Any, postprocess: Any) -> None:
+    graph = edge_sdk.load(graph_dir, threads=1)
+    bare = edge_sdk.load(bare_dir, threads=1)
+    g_port, b_port = agents[f"{task}-graph"].port, agents[f"{task}-bare"].port
+    conn = http.client.HTTPConnection("127.0.0.1", g_port, timeout=30)
+    g_client = httpclient.InferenceServerClient(url=f"127.0.0.1:{g_port}")
+    b_client = httpclient.InferenceServerClient(url=f"127.0.0.1:{b_port}")
+    outs = ["scores", "class_ids"] + (["boxes", "batch_index"] if task == "detect" else [])
+    bare_out = "logits" if task == "classify" else "output0"
+
+    def graph_local() -> dict[str, np.ndarray]:
+        return graph.predict({"image": _decode(jpeg)[None]})
+
+    def numpy_local() -> dict[str, np.ndarray]:
+        img = _decode(jpeg)[None]
+        out = bare.predict(preprocess(bound, img))
+        return postprocess(bound, out, img.shape)  # type: ignore[no-any-return]
+
+    def graph_agent_jpeg() -> dict[str, Any]:
+        conn.request("POST", f"/v2/models/{task}-graph/infer", body=jpeg,
+                     headers={"Content-Type": "image/jpeg"})
+        r = conn.getresponse()
+        data = r.read()
+        if r.status != 200:
+            raise SystemExit(f"[7] {task}: image body answered {r.status}: {data[:300]!r}")
+        return json.loads(data)  # type: ignore[no-any-return]
+
+    def graph_agent_tensor() -> dict[str, np.ndarray]:
+        img = _decode(jpeg)[None]
+        feed = httpclient.InferInput("image", list(img.shape), "UINT8")
+        feed.set_data_from_numpy(img)
+        res = g_client.infer(f"{task}-graph", [feed], outputs=[
+            httpclient.InferRequestedOutput(o, binary_data=True) for o in outs])
+        return {o: res.as_numpy(o) for o in outs}
+
+    def numpy_agent() -> dict[str, np.ndarray]:
+        img = _decode(jpeg)[None]
+        x = preprocess(bound, img)[bound.model_input]
+        feed = httpclient.InferInput(bound.model_input, list(x.shape), "FP32")
+        feed.set_data_from_numpy(x)
+        res = b_client.infer(f"{task}-bare", [feed], outputs=[
+            httpclient.InferRequestedOutput(bare_out, binary_data=True)])
+        return postprocess(bound, {bare_out: res.as_numpy(bare_out)},  # type: ignore[no-any-return]
+                           img.shape)
+
+    # The same answers on every side, before timing them.
+    want, got = numpy_local(), graph_local()
+    for side in (got, graph_agent_tensor(), numpy_agent()):
+        np.testing.assert_array_equal(side["class_ids"], want["class_ids"])
+        np.testing.assert_allclose(side["scores"], want["scores"], rtol=1e-4, atol=1e-5)
+        if task == "detect":
+            np.testing.assert_allclose(side["boxes"], want["boxes"], atol=1e-2)
+    answer = graph_agent_jpeg()
+    n_answers = len(answer["labels" if task == "classify" else "boxes"])
+    assert n_answers == len(want["scores"].reshape(-1)), (answer, want)
+
+    sides = {"graph_local": graph_local, "numpy_local": numpy_local,
+             "graph_jpeg": graph_agent_jpeg, "graph_tensor": graph_agent_tensor,
+             "numpy_agent": numpy_agent, "decode": lambda: _decode(jpeg)}
+    for _ in range(20):
+        for fn in sides.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    order, block, clock = list(sides), 20, time.perf_counter
+    for i in range(max(1, runs // block)):
+        for key in order[i % len(order):] + order[:i % len(order)]:
+            fn, out = sides[key], times[key]
+            for _ in range(block):
+                t0 = clock()
+                fn()
+                out.append(clock() - t0)
+    conn.close()
+    g_client.close()
+    b_client.close()
+    p = {k: pct(v, 50) for k, v in times.items()}
+    p99 = {k: pct(v, 99) for k, v in times.items()}
+    what = f"{task} ({n_answers} {'labels' if task == 'classify' else 'boxes'})"
+    print(f"    {what:<20} in-process: in-graph {p['graph_local']:.2f} ms vs numpy client "
+          f"{p['numpy_local']:.2f} ms -> {p['graph_local'] / p['numpy_local']:.2f}x "
+          f"(p99 {p99['graph_local']:.2f} vs {p99['numpy_local']:.2f}; both include the "
+          f"JPEG decode, {p['decode']:.2f} ms)")
+    print(f"    {'':<20} agent: JPEG body {p['graph_jpeg']:.2f} ms, UINT8 tensor "
+          f"{p['graph_tensor']:.2f} ms vs numpy client + FP32 tensor {p['numpy_agent']:.2f} "
+          f"ms -> {p['graph_jpeg'] / p['numpy_agent']:.2f}x / "
+          f"{p['graph_tensor'] / p['numpy_agent']:.2f}x (p99 {p99['graph_jpeg']:.2f}, "
+          f"{p99['graph_tensor']:.2f} vs {p99['numpy_agent']:.2f})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--swaps", type=int, default=100)
@@ -386,13 +582,19 @@ def main() -> None:
     ap.add_argument("--skip-venv", action="store_true")
     ap.add_argument("--agent-code", type=Path, default=ROOT,
                     help="checkout the agent subprocesses run from (default: this one)")
+    ap.add_argument("--only", choices=["images"],
+                    help="run only this part ([7] image in, answer out)")
+    ap.add_argument("--image-runs", type=int, default=200,
+                    help="[7]: images answered per side and task")
     args = ap.parse_args()
     global AGENT_CODE
     AGENT_CODE = args.agent_code.resolve()
     tmp = Path(tempfile.mkdtemp(prefix="edge-agent-bench-"))
     try:
         with Mosquitto(tmp / "broker") as broker:
-            run(tmp, broker, args)
+            if args.only != "images":
+                run(tmp, broker, args)
+            images(tmp / "images", broker, args.image_runs)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
