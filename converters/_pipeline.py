@@ -279,12 +279,13 @@ def drive(backend: Backend, out: Path, options: ConvertOptions, source: SourceIn
         calib, evalset = _data(options, specs, cfg, warnings, run, given, pp)
         ref_fn, ref_label = backend.reference(source, warnings)
         reference = _run_reference(ref_fn, source, evalset)
-        task = options.task
+        task, given_by = options.task, "--task"
         if pipeline is not None and pipeline.post is not None:
-            task = pipeline.post.task
+            task, given_by = pipeline.post.task, "--postprocess"
         plan, scorer = task_scorer(task, options.output_metrics, reference,
                                    source.extra, generic_metric=options.metric,
-                                   max_drop=options.max_drop, labels=evalset.labels)
+                                   max_drop=options.max_drop, labels=evalset.labels,
+                                   given_by=given_by)
         output_names: list[str] = []
         if pp is not None:
             output_names = list(_outputs_of(run, evalset))

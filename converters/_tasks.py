@@ -134,10 +134,12 @@ def parse_output_metrics(values: Sequence[str]) -> dict[str, str]:
 
 def plan_task(
     task: str | None, output_metrics: Sequence[str],
-    reference: Sequence[Mapping[str, np.ndarray]], source_extra: Mapping[str, Any],
+    reference: Sequence[Mapping[str, np.ndarray]], source_extra: Mapping[str, Any], *,
+    given_by: str = "--task",
 ) -> TaskPlan:
-    """The task and per-output metrics: ``--metric OUTPUT:KIND`` first, then ``--task``
-    (or, when None, what the source says), else ``generic`` (no plan)."""
+    """The task and per-output metrics: ``--metric OUTPUT:KIND`` first, then ``task``
+    (given by ``given_by``: ``--task``, ``--postprocess``; when None, what the source
+    says), else ``generic`` (no plan)."""
     if task is not None and task not in TASKS:
         raise UsageError(f"--task {task!r} is not one of {', '.join(TASKS)}")
     first = reference[0]
@@ -156,10 +158,10 @@ def plan_task(
     if task is None:
         task, why = _detect(reference, source_extra)
     else:
-        why = "--task"
+        why = given_by
     if task == "generic":
         return TaskPlan("generic", hint=generic_hint(reference) if why == "" else "")
-    outputs = _plan_outputs(task, reference, strict=why == "--task")
+    outputs = _plan_outputs(task, reference, strict=why == given_by)
     return TaskPlan(task, outputs, why)
 
 
@@ -674,11 +676,11 @@ def task_scorer(
     task: str | None, output_metrics: Sequence[str],
     reference: Sequence[Mapping[str, np.ndarray]], source_extra: Mapping[str, Any], *,
     generic_metric: str = "cosine", max_drop: float | None = None,
-    labels: np.ndarray | None = None,
+    labels: np.ndarray | None = None, given_by: str = "--task",
 ) -> tuple[TaskPlan, TaskScorer | None]:
     """The plan and, when it scores any output in task terms, the scorer to hand to
     :func:`measure_candidates` (None: the generic metric alone, as before tasks)."""
-    plan = plan_task(task, output_metrics, reference, source_extra)
+    plan = plan_task(task, output_metrics, reference, source_extra, given_by=given_by)
     if not plan.outputs:
         return plan, None
     return plan, TaskScorer(plan, generic_metric=generic_metric, max_drop=max_drop,

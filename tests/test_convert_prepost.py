@@ -58,6 +58,7 @@ def test_classifier_artifact_answers_raw_images_with_the_reference_labels(
     acc = res.report["pipeline"]["accuracy"]
     assert acc["held"] and acc["verified_on_real_data"], acc
     assert res.report["pipeline"]["reference"]["max_abs_diff"] < 1e-5  # graph == numpy
+    assert res.report["task"]["detected_from"] == "--postprocess"  # no --task was given
     art = edge_sdk.Artifact.from_dir(res.artifact.path)
     m = art.manifest.extra
     assert m["labels"] == [f"class {i}" for i in range(10)]
