@@ -1,5 +1,5 @@
 """Delta updates end to end: a real Mosquitto, the real responder and signed repository,
-real agent subprocesses (the helpers of test_agent_e2e.py)."""
+real agent subprocesses (the helpers of tests/_e2e.py)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests import test_agent_e2e
 from tests._broker import Mosquitto
+from tests._e2e import FLEET, AgentProc, Fleet, cli_args, new_agent
 from tests._models import weighted_offset_model
-from tests.test_agent_e2e import FLEET, AgentProc, Fleet, _cli, new_agent, wait_for
+from tests._process import wait_for
 
 RNG = np.random.default_rng(3)
 W = RNG.standard_normal((4, 262144)).astype(np.float32)  # 4 MiB that a retrain keeps
@@ -31,7 +31,6 @@ def release(fleet: Fleet, version: str) -> None:
     fleet.release(version, builder=build)
 
 
-agents = test_agent_e2e.agents  # the e2e fixture: agent processes killed after each test
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +114,7 @@ def test_v2_installs_from_a_delta_and_a_corrupt_delta_falls_back_to_the_full_mod
         data = bytearray(stored.read_bytes())
         data[len(data) // 2] ^= 0xFF
         stored.write_bytes(bytes(data))
-    assert main(_cli(fleet, "deploy", "--model", "adder", "--version", "3", "--device",
+    assert main(cli_args(fleet, "deploy", "--model", "adder", "--version", "3", "--device",
                      "delta", "--wait", "--timeout", "60")) == 0
     progress = capsys.readouterr().err
     assert f"delta: downloaded adder 3: full artifact ({v3.length} bytes); the delta" in progress

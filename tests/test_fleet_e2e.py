@@ -23,20 +23,10 @@ from edge_sdk.fleet import FleetDB
 from edge_sdk.fleet._controller import CRASH_ENV, PAUSE_ENV
 from edge_sdk.fleet._db import device_desired, devices, rollout_devices
 from edge_sdk.release import create_deployment
-from tests import _fleetdb, _models, test_agent_e2e
+from tests import _fleetdb, _models
 from tests._broker import Mosquitto
-from tests.test_agent_e2e import (
-    FLEET,
-    ROOT,
-    AgentProc,
-    Fleet,
-    ManagedProcess,
-    group_on_v1,
-    new_agent,
-    wait_for,
-)
-
-agents = test_agent_e2e.agents  # agent processes killed after each test
+from tests._e2e import FLEET, AgentProc, Fleet, group_on_v1, new_agent
+from tests._process import ROOT, ManagedProcess, wait_for
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ from edge_sdk.transport import Topics
 from tests import test_fleet_web_browser
 from tests._acl import FLEET, connect_as, example_broker
 from tests._broker import free_port
-from tests.test_agent_e2e import ROOT, wait_for
+from tests._process import ROOT, wait_for
 from tests.test_fleet_web_browser import _fresh, _text
 
 browser = test_fleet_web_browser.browser  # a headless Chromium per test

@@ -23,7 +23,7 @@ from edge_sdk.fleet._registry import (
 from edge_sdk.transport import MqttConfig, MqttConnection, Topics
 from tests import _fleetdb
 from tests._broker import Mosquitto
-from tests.test_agent_e2e import wait_for
+from tests._process import wait_for
 
 db_url = _fleetdb.db_url
 FLEET = "lab"

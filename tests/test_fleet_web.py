@@ -28,7 +28,7 @@ from edge_sdk.fleet._controller import load_state, members, save_state
 from edge_sdk.fleet._registry import ingest_event, ingest_state
 from edge_sdk.fleet._web import FleetApi, WebConfig, WebServer
 from edge_sdk.trust._client import Download
-from tests.test_agent_e2e import wait_for
+from tests._process import wait_for
 from tests.test_fleet_machine import Sim
 
 FLEET = "plant1"

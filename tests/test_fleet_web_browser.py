@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 
 from edge_sdk.fleet import FleetDB
-from tests import test_agent_e2e
 from tests._broker import Mosquitto
+from tests._e2e import FLEET, Fleet, new_agent
 from tests._fleetdb import assign
-from tests.test_agent_e2e import FLEET, Fleet, new_agent, wait_for
+from tests._process import wait_for
 from tests.test_delta_e2e import release as release_with_delta
 from tests.test_fleet_e2e import Serve, start, start_fleet
 
@@ -26,7 +26,6 @@ CHROMEDRIVER = Path("/usr/bin/chromedriver")
 #: Set to a path to refresh the README's screenshot from this test.
 SHOT = os.environ.get("EDGE_FLEET_SCREENSHOT")
 
-agents = test_agent_e2e.agents  # agent processes killed after each test
 
 
 @pytest.fixture(scope="module")

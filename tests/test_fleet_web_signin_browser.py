@@ -12,12 +12,11 @@ from typing import Any
 import pytest
 
 from edge_sdk.fleet import FleetDB
-from tests import test_agent_e2e, test_fleet_web_browser
-from tests.test_agent_e2e import ROOT, wait_for
+from tests import test_fleet_web_browser
+from tests._process import ROOT, wait_for
 from tests.test_fleet_e2e import Serve, start, start_fleet
 from tests.test_fleet_web_browser import _click, _free_port, _fresh, _text
 
-agents = test_agent_e2e.agents  # agent processes killed after each test
 browser = test_fleet_web_browser.browser  # a headless Chromium per test
 fleet = test_fleet_web_browser.fleet  # a broker and a repository with versions 1 and 2
 

@@ -12,9 +12,10 @@ import pytest
 from edge_sdk.cli import main
 from edge_sdk.fleet import FleetDB
 from tests import _fleetdb
+from tests._e2e import FLEET
 from tests._fleetsim import FleetSim
 from tests._nats import nats_binary
-from tests.test_agent_e2e import FLEET, wait_for
+from tests._process import wait_for
 from tests.test_fleet_e2e import wait_status
 from tests.test_nats_cluster import ClusterFleet
 

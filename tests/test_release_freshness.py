@@ -31,14 +31,14 @@ from edge_sdk.release import (
     parse_duration,
     refresh_due,
 )
-from tests import _models, test_agent_e2e
+from tests import _models
 from tests._broker import Mosquitto, free_port
-from tests.test_agent_e2e import FLEET, AgentProc, X, wait_for
+from tests._e2e import FLEET, AgentProc, X
+from tests._process import wait_for
 from tests.test_fleet_web_browser import _fresh
 from tests.test_fleet_web_browser import browser as browser  # the Chromium fixture
 
 ROOT = Path(__file__).resolve().parents[1]
-agents = test_agent_e2e.agents  # agent processes killed after each test
 
 
 # -- durations and the half-lifetime rule -----------------------------------------------
