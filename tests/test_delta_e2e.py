@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from device_agent._install import DELTA_CRASH_POINTS
 from tests._broker import Mosquitto
 from tests._e2e import FLEET, AgentProc, Fleet, cli_args, new_agent
 from tests._models import weighted_offset_model
@@ -129,7 +130,7 @@ def test_v2_installs_from_a_delta_and_a_corrupt_delta_falls_back_to_the_full_mod
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point", ["delta_fetched", "delta_applying"])
+@pytest.mark.parametrize("point", DELTA_CRASH_POINTS)
 def test_kill_9_while_a_delta_is_applied_restarts_into_a_verified_model(
         fleet: Fleet, tmp_path: Path, agents: list[AgentProc], point: str) -> None:
     for v in ("1", "2", "3", "4", "5"):
