@@ -21,23 +21,15 @@ from edge_sdk.fleet import FleetDB
 from edge_sdk.fleet._db import device_desired
 from edge_sdk.release import deployment_state
 from edge_sdk.transport import MqttConfig, MqttConnection
-from tests import test_fleet_e2e
+from tests import _fleet_host
 from tests._broker import Mosquitto
 from tests._e2e import FLEET, Fleet, new_agent
+from tests._fleet_host import Serve, deployments_seen, grp, rollout, start, start_fleet, wait_status
 from tests._process import wait_for
-from tests.test_fleet_e2e import (
-    Serve,
-    deployments_seen,
-    grp,
-    rollout,
-    start,
-    start_fleet,
-    wait_status,
-)
 from tests.test_fleet_registry import HOSTILE_EVENTS, HOSTILE_STATES
 
-db_url = test_fleet_e2e.db_url
-serve = test_fleet_e2e.serve
+db_url = _fleet_host.db_url
+serve = _fleet_host.serve
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +199,7 @@ def test_a_second_serve_on_the_database_waits_then_takes_over_from_a_killed_one(
         with FleetDB.open(db_url) as db:
             assert f"pid {standby.proc.pid} " in db.lease(FLEET)["holder"]
         assert "serving" in standby.log.read_text()
-        assert took < test_fleet_e2e.LEASE_TTL + 10, took
+        assert took < _fleet_host.LEASE_TTL + 10, took
         for p in procs:
             assert p.infer() == ("3", 4.0)
         standby.stop()

@@ -23,14 +23,14 @@ from edge_sdk.fleet import FleetDB, Registry, RegistryConfig, RolloutSpec, start
 from edge_sdk.fleet._reread import RereadLimits
 from edge_sdk.release import create_deployment, publish_deployment
 from edge_sdk.transport import MqttConfig, MqttConnection, Topics
-from tests import test_fleet_e2e
+from tests import _fleet_host
 from tests._e2e import FLEET, AgentProc, Fleet, new_agent
+from tests._fleet_host import Serve, wait_status
 from tests._process import wait_for
-from tests.test_fleet_e2e import Serve, wait_status
-from tests.test_fleet_machine import Sim, spec
+from tests._rollout_sim import Sim, spec
 
-fleet = test_fleet_e2e.fleet  # Mosquitto, a responder and releases 1, 2, 3
-db_url = test_fleet_e2e.db_url  # SQLite and PostgreSQL
+fleet = _fleet_host.fleet  # Mosquitto, a responder and releases 1, 2, 3
+db_url = _fleet_host.db_url  # SQLite and PostgreSQL
 
 
 # -- the controller publishes an unanswered deployment again -------------------------------

@@ -16,10 +16,10 @@ import pytest
 from edge_sdk.fleet import FleetDB
 from tests._broker import Mosquitto
 from tests._e2e import FLEET, Fleet, new_agent
+from tests._fleet_host import Serve, start, start_fleet
 from tests._fleetdb import assign
 from tests._process import wait_for
 from tests.test_delta_e2e import release as release_with_delta
-from tests.test_fleet_e2e import Serve, start, start_fleet
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")

@@ -13,8 +13,8 @@ import pytest
 
 from edge_sdk.fleet import FleetDB
 from tests import test_fleet_web_browser
+from tests._fleet_host import Serve, start, start_fleet
 from tests._process import ROOT, wait_for
-from tests.test_fleet_e2e import Serve, start, start_fleet
 from tests.test_fleet_web_browser import _click, _free_port, _fresh, _text
 
 browser = test_fleet_web_browser.browser  # a headless Chromium per test

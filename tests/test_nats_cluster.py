@@ -18,9 +18,9 @@ from edge_sdk.fleet import FleetDB
 from edge_sdk.transport import MqttConfig, MqttConnection, Topics
 from tests import _fleetdb
 from tests._e2e import FLEET, AgentProc, Fleet
+from tests._fleet_host import Serve, wait_status
 from tests._nats import NatsCluster, nats_binary
 from tests._process import wait_for
-from tests.test_fleet_e2e import Serve, wait_status
 
 pytestmark = pytest.mark.skipif(nats_binary() is None,
                                 reason="nats-server is not installed (.ci/setup.sh does it)")

@@ -17,15 +17,15 @@ from edge_sdk.fleet._db import devices
 from edge_sdk.fleet._web import FleetApi
 from edge_sdk.release import Repository
 from edge_sdk.transport import MqttConfig, MqttConnection, RepoResponder
-from tests import test_fleet_e2e
+from tests import _fleet_host
 from tests._broker import Mosquitto
 from tests._e2e import Fleet, new_agent
+from tests._fleet_host import grp, start, start_fleet, wait_status
 from tests._process import wait_for
 from tests._trust_env import make_artifact
-from tests.test_fleet_e2e import grp, start, start_fleet, wait_status
 
-db_url = test_fleet_e2e.db_url  # SQLite and PostgreSQL
-serve = test_fleet_e2e.serve  # `edge-sdk serve` on this module's fleet
+db_url = _fleet_host.db_url  # SQLite and PostgreSQL
+serve = _fleet_host.serve  # `edge-sdk serve` on this module's fleet
 
 
 @pytest.fixture()
