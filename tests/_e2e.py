@@ -286,3 +286,18 @@ def group_on_v1(fleet: Fleet, tmp: Path, agents: list[AgentProc], group: str,
     wait_for(lambda: all((fleet.states.get(p.device) or {}).get("groups") == [group]
                          for p in procs))
     return procs
+
+
+#: Versions 1 to 5 of a model whose retrains keep the same 4 MiB of weights (``RETAINED``)
+#: and change a 64 KiB head: :func:`release_with_delta` releases them, each a small delta
+#: from the one before.
+_RNG = np.random.default_rng(3)
+RETAINED = _RNG.standard_normal((4, 262144)).astype(np.float32)  # 4 MiB that a retrain keeps
+_HEADS = {v: _RNG.standard_normal(16384).astype(np.float32) for v in ("1", "2", "3", "4", "5")}
+
+
+def release_with_delta(fleet: Fleet, version: str) -> None:
+    def build(src: Path) -> Path:
+        return _models.weighted_offset_model(src, float(version), RETAINED, _HEADS[version])
+
+    fleet.release(version, builder=build)
