@@ -25,8 +25,8 @@ from tests import _fleet_host
 from tests._broker import Mosquitto
 from tests._e2e import FLEET, Fleet, new_agent
 from tests._fleet_host import Serve, deployments_seen, grp, rollout, start, start_fleet, wait_status
+from tests._hostile import HOSTILE_EVENTS, HOSTILE_STATES
 from tests._process import wait_for
-from tests.test_fleet_registry import HOSTILE_EVENTS, HOSTILE_STATES
 
 db_url = _fleet_host.db_url
 serve = _fleet_host.serve

@@ -16,8 +16,8 @@ from tests._e2e import FLEET
 from tests._fleet_host import wait_status
 from tests._fleetsim import FleetSim
 from tests._nats import nats_binary
+from tests._nats_fleet import ClusterFleet
 from tests._process import wait_for
-from tests.test_nats_cluster import ClusterFleet
 
 pytestmark = pytest.mark.skipif(nats_binary() is None,
                                 reason="nats-server is not installed (.ci/setup.sh does it)")
