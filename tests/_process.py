@@ -44,7 +44,6 @@ class ManagedProcess:
                 self.proc.wait(5)
 
 
-
 def wait_for(cond: Callable[[], Any], timeout: float = 60,
              why: Callable[[], str] | None = None) -> Any:
     deadline = time.monotonic() + timeout

@@ -36,7 +36,6 @@ SAMPLE = np.linspace(0, 1, 3 * 64 * 64, dtype=np.float32).reshape(1, 3, 64, 64)
 VERSIONS = {"1": (1.0, 32), "2": (2.0, 32), "3": (3.0, 64)}
 
 
-
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     tmp = tmp_path_factory.mktemp("client-failures")

@@ -23,7 +23,7 @@ from edge_sdk.delta import build_delta
 from edge_sdk.delta._format import Header
 from edge_sdk.trust import LocalModel, UpdateClient
 from tests._models import weighted_offset_model
-from tests.test_trust_attacks_simulated import SimEnv
+from tests._trust_env import SimEnv
 
 RNG = np.random.default_rng(5)
 W = RNG.standard_normal((4, 32768)).astype(np.float32)

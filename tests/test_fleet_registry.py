@@ -30,7 +30,6 @@ db_url = _fleetdb.db_url
 FLEET = "lab"
 
 
-
 @pytest.mark.parametrize("name", HOSTILE_STATES)
 def test_a_hostile_state_report_is_refused_with_its_reason_and_writes_nothing(
         db_url: str, name: str) -> None:

@@ -26,9 +26,6 @@ browser = _browser.browser  # a headless Chromium per test
 fleet = _browser.fleet  # a broker and a repository with versions 1 and 2
 
 
-
-
-
 @pytest.mark.slow
 def test_the_page_lists_the_fleet_and_follows_a_rollout_while_it_runs(
         fleet, tmp_path, agents, browser) -> None:
