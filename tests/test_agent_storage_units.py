@@ -20,7 +20,7 @@ from device_agent._telemetry import Outbox
 from edge_sdk import Artifact
 from tests import _agent_local
 from tests._agent_local import LocalSource, config, deployment, events
-from tests.test_delta_attacks import DeltaEnv
+from tests._delta_env import DeltaEnv
 
 arts = _agent_local.arts  # artifacts v1, v2, v3, nan (fails its smoke test), batch1
 make_agent = _agent_local.make_agent  # in-process agents on a LocalSource, stopped after
