@@ -89,8 +89,6 @@ def config(state_dir: Path, **sections: Any) -> AgentConfig:
 
 
 X = np.array([[1.0, 2.0, 3.0, 4.0]], dtype=np.float32)
-
-
 SAMPLE = {"x": X}
 
 

@@ -18,8 +18,6 @@ from tests._e2e import Fleet
 from tests._process import wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
-
-
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 
 

@@ -17,8 +17,6 @@ from tests._models import weighted_offset_model
 from tests._trust_env import SimEnv
 
 RNG = np.random.default_rng(5)
-
-
 W = RNG.standard_normal((4, 32768)).astype(np.float32)
 
 

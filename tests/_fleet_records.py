@@ -17,8 +17,6 @@ from edge_sdk.fleet import AssignmentChange, FleetDB, assign_devices
 from edge_sdk.fleet._registry import ingest_event, ingest_state
 
 FLEET = "plant1"
-
-
 HW = {"arch": "aarch64", "cpu": "Cortex-A72", "runtimes": {"onnxruntime": "1.32.0"}}
 
 

@@ -15,8 +15,6 @@ from tests._fleet_host import Serve
 from tests._nats import NatsCluster
 
 GROUP = "nats"
-
-
 N_AGENTS = 4
 
 
