@@ -35,8 +35,8 @@ from edge_sdk.transport import RepoResponder  # noqa: E402
 from edge_sdk.transport import _chunks as proto  # noqa: E402
 from tests import _models  # noqa: E402
 from tests._broker import Mosquitto, free_port  # noqa: E402
+from tests._e2e import AgentProc, Fleet  # noqa: E402
 from tests._netns import ThinLink, unavailable  # noqa: E402
-from tests.test_agent_e2e import AgentProc, Fleet  # noqa: E402
 
 
 class CountingResponder(RepoResponder):

@@ -31,8 +31,9 @@ from edge_sdk.transport import MqttConfig, MqttConnection, Topics
 from tests import _models
 from tests._acl import EXAMPLE, FLEET, example_module, example_settings
 from tests._broker import Mosquitto
+from tests._e2e import AgentProc, X
 from tests._fleetrig import HostProc
-from tests.test_agent_e2e import AgentProc, X, wait_for
+from tests._process import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1024 * 1024

@@ -4,6 +4,10 @@ It implements the real interface (like python-tuf's repository simulator): a
 deployment is a JSON document authenticated with an HMAC key the "device"
 trusts, and fetch copies the artifact directory named in it. Tests that need
 the real signed-release client over MQTT use ``edge_sdk``'s own source.
+
+The fixtures of those tests, taken by assignment (``arts = _agent_local.arts``): ``arts``
+(artifacts v1, v2, v3 and two that fail on the device) and ``make_agent`` (in-process
+agents on this source, stopped after the test).
 """
 
 from __future__ import annotations
@@ -12,13 +16,17 @@ import hashlib
 import hmac
 import json
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from device_agent import AgentConfig, FetchedArtifact, InstallRequest
-from edge_sdk import Artifact
+import numpy as np
+import pytest
+
+from device_agent import Agent, AgentConfig, FetchedArtifact, InstallRequest
+from edge_sdk import Artifact, build_artifact
 from edge_sdk.errors import TransportError, VerificationError
+from tests import _models
 
 KEY = b"test-director-key"
 
@@ -78,3 +86,41 @@ def config(state_dir: Path, **sections: Any) -> AgentConfig:
         else:
             data[k] = v
     return AgentConfig.from_dict(data)
+
+
+X = np.array([[1.0, 2.0, 3.0, 4.0]], dtype=np.float32)
+SAMPLE = {"x": X}
+
+
+@pytest.fixture(scope="module")
+def arts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Artifact]:
+    d = tmp_path_factory.mktemp("agent-arts")
+    out = {}
+    for tag, offset in (("v1", 1.0), ("v2", 2.0), ("v3", 3.0)):
+        m = _models.offset_model(d / f"{tag}.onnx", offset)
+        out[tag] = build_artifact(m, d / tag, name="adder", version=tag, sample=SAMPLE)
+    nan = _models.offset_model(d / "nan.onnx", float("nan"))
+    out["nan"] = build_artifact(nan, d / "nan", name="adder", version="nan", sample=SAMPLE)
+    b1 = _models.batch1_only_model(d / "b1.onnx")
+    out["batch1"] = build_artifact(b1, d / "batch1", name="adder", version="b1", sample=SAMPLE)
+    return out
+
+
+def events(agent: Agent) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(agent.store.outbox.glob("[0-9]*.json"))]
+
+
+@pytest.fixture()
+def make_agent(tmp_path: Path) -> Iterator[Callable[..., Agent]]:
+    agents: list[Agent] = []
+
+    def make(cfg: AgentConfig | None = None, source: LocalSource | None = None) -> Agent:
+        agent = Agent(cfg or config(tmp_path / "state"), source=source or LocalSource(),
+                      connect=False)
+        agent.start()
+        agents.append(agent)
+        return agent
+
+    yield make
+    for a in agents:
+        a.stop()

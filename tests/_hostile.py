@@ -128,3 +128,50 @@ def payloads(per_family: int = 25, seed: int = 11) -> Iterator[tuple[str, bytes]
     for name, make in FAMILIES.items():
         for i in range(per_family):
             yield f"{name} #{i}", make(rng)
+
+
+def state_report(version: str = "1", **extra: object) -> bytes:
+    """An honest state report as an agent sends it, with ``extra`` keys replaced."""
+    doc = {"online": True, "model": {"name": "adder", "version": version}, "phase": "idle",
+           "deployment": 3, "groups": ["cams"], "tags": {"site": "berlin"},
+           "last_update": {"deployment": 3, "result": "committed"}, **extra}
+    return json.dumps(doc).encode()
+
+
+#: Hand-written device reports the registry must refuse: name -> (payload, words of the
+#: reason it gives). Used by test_fleet_registry (each one alone) and test_fleet_durable_e2e
+#: (all of them in a flood).
+HOSTILE_STATES = {
+    "not UTF-8": (b"\xff\xfe\x00garbage", "not UTF-8"),
+    "not JSON": (b"{not json", "not JSON"),
+    "deep": (b"[" * 5000 + b"]" * 5000, "nested deeper"),
+    "just over the depth": (b'{"a":' * 17 + b"1" + b"}" * 17, "nested deeper"),
+    "huge": (b'{"model": {"name": "' + b"a" * 200_000 + b'", "version": "1"}}', "bytes, over"),
+    "a list": (b"[1, 2, 3]", "must be a JSON object"),
+    "a string": (b'"online"', "must be a JSON object"),
+    "long model name": (state_report(model={"name": "m" * 300, "version": "1"}),
+                        "model.name is 300 characters, over 256"),
+    "version that is an object": (state_report(model={"name": "adder", "version": {"v": [1] * 80}}),
+                                  "model.version is"),
+    "counter out of range": (state_report(deployment=2**40), "deployment 1099511627776 is out"),
+    "negative counter": (state_report(deployment=-1), "deployment -1 is out of range"),
+    "huge result counter": (state_report(last_update={"deployment": 10**30, "result": "failed"}),
+                            "last_update.deployment"),
+    "long phase": (state_report(phase="p" * 65), "phase is 65 characters"),
+    "NUL in a name": (state_report(model={"name": "ad\u0000der", "version": "1"}), "NUL"),
+    "lone surrogate": (b'{"online": true, "last_update": {"result": "failed", '
+                       b'"reason": "\\ud800"}}', "lone surrogate"),
+}
+
+
+HOSTILE_EVENTS = {
+    "no event": (b'{"no": "event"}', "string 'event'"),
+    "event not a string": (b'{"event": 5}', "string 'event'"),
+    "counter out of range": (b'{"event": "committed", "deployment": {"counter": 1099511627776}}',
+                             "deployment.counter"),
+    "long model name": (json.dumps({"event": "failed", "model": {"name": "m" * 300,
+                                                                  "version": "1"}}).encode(),
+                        "model.name"),
+    "lone surrogate": (b'{"event": "failed", "reason": "\\udfff"}', "lone surrogate"),
+    "deep": (b'{"event": ' + b"[" * 40 + b"]" * 40 + b"}", "nested deeper"),
+}

@@ -15,7 +15,8 @@ from typing import Any
 from edge_sdk.release import Repository
 from edge_sdk.transport import MqttConfig, MqttConnection, Topics
 from tests._broker import Mosquitto
-from tests.test_agent_e2e import FLEET, ROOT, ManagedProcess
+from tests._e2e import FLEET
+from tests._process import ROOT, ManagedProcess
 
 
 class Host:

@@ -3,12 +3,16 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests import _models
 from tests._broker import Mosquitto
 from tests._child import in_child
+
+if TYPE_CHECKING:
+    from tests._e2e import AgentProc
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -80,3 +84,12 @@ def shared_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitt
     """One private Mosquitto for tests that only need a working broker."""
     with Mosquitto(tmp_path_factory.mktemp("shared-broker")) as b:
         yield b
+
+
+@pytest.fixture()
+def agents(tmp_path: Path) -> Iterator[list[AgentProc]]:
+    """The agent subprocesses a test starts (``tests._e2e.new_agent``), killed after it."""
+    procs: list[AgentProc] = []
+    yield procs
+    for p in procs:
+        p.kill()

@@ -23,19 +23,17 @@ from device_agent import Agent
 from device_agent._config import HealthConfig
 from device_agent._serving import Served, Trial, Verdict
 from device_agent._state import ModelRecord
-from tests import _models, test_agent_e2e
+from tests import _models
 from tests._agent_local import LocalSource, config, deployment
 from tests._broker import Mosquitto
+from tests._e2e import AgentProc, Fleet, cli_args, new_agent
 from tests._http_agent import call, wait_for
-from tests.test_agent_e2e import AgentProc, Fleet, _cli, new_agent
 
 MODEL = "detector"
 SAMPLE = np.linspace(0, 1, 3 * 64 * 64, dtype=np.float32).reshape(1, 3, 64, 64)
 #: Version → (offset, stride): 1 and 2 both fail on 80x48; 3 also fails on 32x32,
 #: which 1 runs.
 VERSIONS = {"1": (1.0, 32), "2": (2.0, 32), "3": (3.0, 64)}
-
-agents = test_agent_e2e.agents  # the e2e fixture: agent processes killed after each test
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +71,7 @@ def served_version(agent: AgentProc) -> str | None:
 def deploy(fleet: Fleet, device: str, version: str) -> int:
     from edge_sdk.cli import main
 
-    return main(_cli(fleet, "deploy", "--model", MODEL, "--version", version, "--device",
+    return main(cli_args(fleet, "deploy", "--model", MODEL, "--version", version, "--device",
                      device, "--wait", "--timeout", "90"))
 
 

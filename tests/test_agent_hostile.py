@@ -1,5 +1,5 @@
 """Attacks and faults against a running agent: real agent subprocesses, a real Mosquitto,
-a real signed release repository and responder (the helpers of test_agent_e2e.py)."""
+a real signed release repository and responder (the helpers of tests/_e2e.py)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ import edge_sdk
 from edge_sdk.release import DeploymentWatch, create_deployment, publish_deployment
 from tests import _models
 from tests._broker import Mosquitto
+from tests._e2e import FLEET, AgentProc, Fleet, cli_args, new_agent
 from tests._hostile import payloads
-from tests.test_agent_e2e import FLEET, AgentProc, Fleet, _cli, new_agent, wait_for
+from tests._process import wait_for
 
 
 class Heartbeats:
@@ -175,7 +176,7 @@ def test_deploy_wait_reports_a_model_rolled_back_after_its_health_window_as_fail
     agent.health = "max_p99_ms = 0.000001\n"
     agent.write_config(window_s=0.5)
     agent.start()
-    code = main(_cli(fleet, "deploy", "--model", "adder", "--version", "2", "--device", dev,
+    code = main(cli_args(fleet, "deploy", "--model", "adder", "--version", "2", "--device", dev,
                      "--wait", "--timeout", "60"))
     out, err = capsys.readouterr()
     assert code == 3, out + err
@@ -229,7 +230,7 @@ def test_model_failing_its_own_sample_in_warm_up_fails_its_deployment_once(
     agent = new_agent(fleet, tmp_path, agents, dev).start()
     fleet.deploy(dev, "1")
     fleet.wait_event(dev, "committed", "1")
-    code = main(_cli(fleet, "deploy", "--model", "adder", "--version", "20", "--device", dev,
+    code = main(cli_args(fleet, "deploy", "--model", "adder", "--version", "20", "--device", dev,
                      "--wait", "--timeout", "60"))
     out, err = capsys.readouterr()
     assert code == 3, out + err
@@ -261,7 +262,7 @@ def test_string_input_model_without_a_sample_passes_its_smoke_test_and_commits(
     fleet.arts.mkdir(exist_ok=True)
     _release(fleet, _string_model(fleet.arts / "words-1.onnx"), "words", "1", None)
     new_agent(fleet, tmp_path, agents, dev).start()
-    code = main(_cli(fleet, "deploy", "--model", "words", "--version", "1", "--device", dev,
+    code = main(cli_args(fleet, "deploy", "--model", "words", "--version", "1", "--device", dev,
                      "--wait", "--timeout", "60"))
     out, err = capsys.readouterr()
     assert code == 0, out + err

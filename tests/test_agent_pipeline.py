@@ -10,7 +10,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,25 +22,11 @@ from device_agent._state import StateStore
 from device_agent._telemetry import Outbox
 from edge_sdk import Artifact, build_artifact
 from edge_sdk.errors import ConfigError
-from tests import _models
-from tests._agent_local import LocalSource, config, deployment
+from tests import _agent_local, _models
+from tests._agent_local import LocalSource, X, config, deployment, events
 
-X = np.array([[1.0, 2.0, 3.0, 4.0]], dtype=np.float32)
-SAMPLE = {"x": X}
-
-
-@pytest.fixture(scope="module")
-def arts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Artifact]:
-    d = tmp_path_factory.mktemp("agent-arts")
-    out = {}
-    for tag, offset in (("v1", 1.0), ("v2", 2.0), ("v3", 3.0)):
-        m = _models.offset_model(d / f"{tag}.onnx", offset)
-        out[tag] = build_artifact(m, d / tag, name="adder", version=tag, sample=SAMPLE)
-    nan = _models.offset_model(d / "nan.onnx", float("nan"))
-    out["nan"] = build_artifact(nan, d / "nan", name="adder", version="nan", sample=SAMPLE)
-    b1 = _models.batch1_only_model(d / "b1.onnx")
-    out["batch1"] = build_artifact(b1, d / "batch1", name="adder", version="b1", sample=SAMPLE)
-    return out
+arts = _agent_local.arts  # artifacts v1, v2, v3, nan (fails its smoke test), batch1
+make_agent = _agent_local.make_agent  # in-process agents on a LocalSource, stopped after
 
 
 def wait_for(cond: Callable[[], Any], timeout: float = 30.0) -> Any:
@@ -51,10 +37,6 @@ def wait_for(cond: Callable[[], Any], timeout: float = 30.0) -> Any:
             return value
         time.sleep(0.02)
     raise AssertionError("condition not reached within the deadline")
-
-
-def events(agent: Agent) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted(agent.store.outbox.glob("[0-9]*.json"))]
 
 
 def kinds(agent: Agent) -> list[str]:
@@ -70,22 +52,6 @@ def predict(agent: Agent) -> float:
     cur = agent.slot.current
     assert cur is not None
     return float(cur.predict({"x": X})["y"][0, 0])
-
-
-@pytest.fixture()
-def make_agent(tmp_path: Path) -> Iterator[Callable[..., Agent]]:
-    agents: list[Agent] = []
-
-    def make(cfg: AgentConfig | None = None, source: LocalSource | None = None) -> Agent:
-        agent = Agent(cfg or config(tmp_path / "state"), source=source or LocalSource(),
-                      connect=False)
-        agent.start()
-        agents.append(agent)
-        return agent
-
-    yield make
-    for a in agents:
-        a.stop()
 
 
 def redeliver(agent: Agent, payload: bytes, caplog: pytest.LogCaptureFixture) -> None:

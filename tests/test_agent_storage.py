@@ -1,6 +1,6 @@
 """Storage faults end to end: a real agent subprocess whose state directory is a small
 tmpfs the test mounts (we run as root), a real Mosquitto, the real responder and signed
-repository (the helpers of test_agent_e2e.py). A full or read-only disk must never stop
+repository (the helpers of tests/_e2e.py). A full or read-only disk must never stop
 a verified model from serving."""
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import pytest
 
 from edge_sdk.transport import DeviceLimits, RepoResponder, ResponderConfig
 from tests._broker import Mosquitto, free_port
+from tests._e2e import AgentProc, Fleet
 from tests._models import weighted_offset_model
-from tests.test_agent_e2e import AgentProc, Fleet, wait_for
+from tests._process import wait_for
 
 MiB = 1 << 20
 DISK = "8m"

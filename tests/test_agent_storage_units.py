@@ -18,9 +18,12 @@ from device_agent._state import InstalledState, ModelRecord, StateStore
 from device_agent._storage import NoSpaceError
 from device_agent._telemetry import Outbox
 from edge_sdk import Artifact
-from tests._agent_local import LocalSource, config, deployment
-from tests.test_agent_pipeline import arts, events, make_agent  # noqa: F401  (fixtures)
-from tests.test_delta_attacks import DeltaEnv
+from tests import _agent_local
+from tests._agent_local import LocalSource, config, deployment, events
+from tests._delta_env import DeltaEnv
+
+arts = _agent_local.arts  # artifacts v1, v2, v3, nan (fails its smoke test), batch1
+make_agent = _agent_local.make_agent  # in-process agents on a LocalSource, stopped after
 
 
 class Refuse(Exception):
@@ -84,7 +87,7 @@ def test_resumed_download_reserves_only_what_is_missing(d: DeltaEnv, tmp_path: P
 
 
 def test_agent_refuses_a_deployment_that_leaves_less_than_the_reserve(
-        make_agent, arts: dict[str, Artifact], tmp_path: Path) -> None:  # noqa: F811
+        make_agent, arts: dict[str, Artifact], tmp_path: Path) -> None:
     st = os.statvfs(tmp_path)
     free = st.f_bavail * st.f_frsize
     agent: Agent = make_agent(config(tmp_path / "state", limits={"reserve_bytes": free}),

@@ -28,8 +28,9 @@ from edge_sdk.cli import main
 from tests import _convert_models
 from tests._arm64 import Arm64Root, Unavailable
 from tests._broker import Mosquitto
+from tests._e2e import AgentProc
+from tests._process import wait_for
 from tests._profiling import Host, Serve, expected_choice, measured
-from tests.test_agent_e2e import AgentProc, wait_for
 
 # A cold build of the rootfs (the first run) takes minutes more than the default timeout.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]

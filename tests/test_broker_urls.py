@@ -13,7 +13,7 @@ from edge_sdk.cli import main
 from edge_sdk.errors import ConfigError, TransportError
 from edge_sdk.transport import MqttConfig, MqttConnection, Topics
 from tests._broker import Mosquitto, free_port
-from tests.test_agent_e2e import wait_for
+from tests._process import wait_for
 
 BASE = {"device_id": "cam-1", "fleet": "lab", "state_dir": "state"}
 

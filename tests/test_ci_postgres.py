@@ -14,7 +14,7 @@ import pytest
 
 from tests._broker import free_port
 from tests._fleetdb import PG_ADMIN
-from tests.test_agent_e2e import ROOT
+from tests._process import ROOT
 
 _TEST = '''
 from tests._fleetdb import make_db

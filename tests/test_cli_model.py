@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 
 import edge_sdk
 from edge_sdk.cli import main
+from tests._process import edge_sdk_cli
 
 
 @pytest.fixture()
@@ -123,8 +123,7 @@ def test_debug_flag_shows_traceback(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 def test_cli_as_subprocess_predicts_and_fails_cleanly(art_dir: Path, tmp_path: Path) -> None:
-    exe = Path(sys.executable).with_name("edge-sdk")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "edge_sdk"]
+    cmd = edge_sdk_cli()
     np.savez(tmp_path / "in.npz", x=np.full((1, 4), 2, np.float32))
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     ok = subprocess.run([*cmd, "predict", str(art_dir), "-i", str(tmp_path / "in.npz"), "--json"],

@@ -1,5 +1,5 @@
 """Delta updates end to end: a real Mosquitto, the real responder and signed repository,
-real agent subprocesses (the helpers of test_agent_e2e.py)."""
+real agent subprocesses (the helpers of tests/_e2e.py)."""
 
 from __future__ import annotations
 
@@ -11,27 +11,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
-from tests import test_agent_e2e
+from device_agent._crash import DELTA_CRASH_POINTS
 from tests._broker import Mosquitto
-from tests._models import weighted_offset_model
-from tests.test_agent_e2e import FLEET, AgentProc, Fleet, _cli, new_agent, wait_for
-
-RNG = np.random.default_rng(3)
-W = RNG.standard_normal((4, 262144)).astype(np.float32)  # 4 MiB that a retrain keeps
-HEADS = {v: RNG.standard_normal(16384).astype(np.float32) for v in ("1", "2", "3", "4", "5")}
-
-
-def release(fleet: Fleet, version: str) -> None:
-    def build(src: Path) -> Path:
-        return weighted_offset_model(src, float(version), W, HEADS[version])
-
-    fleet.release(version, builder=build)
-
-
-agents = test_agent_e2e.agents  # the e2e fixture: agent processes killed after each test
+from tests._e2e import (
+    FLEET,
+    RETAINED,
+    AgentProc,
+    Fleet,
+    cli_args,
+    new_agent,
+    release_with_delta,
+)
+from tests._process import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -76,15 +69,15 @@ def test_v2_installs_from_a_delta_and_a_corrupt_delta_falls_back_to_the_full_mod
         capsys: pytest.CaptureFixture[str]) -> None:
     from edge_sdk.cli import main
 
-    release(fleet, "1")
+    release_with_delta(fleet, "1")
     agent = new_agent(fleet, tmp_path, agents, "delta").start()
     fleet.deploy("delta", "1")
     agent.wait_version("1")
     assert downloaded(fleet, "delta", "1")["kind"] == "full"
     full_1 = download_bytes(agent)["full"]
-    assert full_1 >= W.nbytes
+    assert full_1 >= RETAINED.nbytes
 
-    release(fleet, "2")
+    release_with_delta(fleet, "2")
     v2 = fleet.repo.find("adder", "2")
     assert [d.base_version for d in v2.deltas] == ["1"]
     sent_before = fleet.responder.stats.bytes_sent
@@ -106,7 +99,7 @@ def test_v2_installs_from_a_delta_and_a_corrupt_delta_falls_back_to_the_full_mod
 
     # The repository host's copy of the next delta is damaged: the signed hash catches
     # it, and the agent takes the full model in the same install.
-    release(fleet, "3")
+    release_with_delta(fleet, "3")
     v3 = fleet.repo.find("adder", "3")
     assert sorted(d.base_version for d in v3.deltas) == ["1", "2"]  # it holds both
     for ref in v3.deltas:
@@ -115,7 +108,7 @@ def test_v2_installs_from_a_delta_and_a_corrupt_delta_falls_back_to_the_full_mod
         data = bytearray(stored.read_bytes())
         data[len(data) // 2] ^= 0xFF
         stored.write_bytes(bytes(data))
-    assert main(_cli(fleet, "deploy", "--model", "adder", "--version", "3", "--device",
+    assert main(cli_args(fleet, "deploy", "--model", "adder", "--version", "3", "--device",
                      "delta", "--wait", "--timeout", "60")) == 0
     progress = capsys.readouterr().err
     assert f"delta: downloaded adder 3: full artifact ({v3.length} bytes); the delta" in progress
@@ -130,12 +123,12 @@ def test_v2_installs_from_a_delta_and_a_corrupt_delta_falls_back_to_the_full_mod
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point", ["delta_fetched", "delta_applying"])
+@pytest.mark.parametrize("point", DELTA_CRASH_POINTS)
 def test_kill_9_while_a_delta_is_applied_restarts_into_a_verified_model(
         fleet: Fleet, tmp_path: Path, agents: list[AgentProc], point: str) -> None:
     for v in ("1", "2", "3", "4", "5"):
         if v not in fleet.released:
-            release(fleet, v)
+            release_with_delta(fleet, v)
     device = f"crash-{point.replace('_', '-')}"
     agent = new_agent(fleet, tmp_path, agents, device).start()
     fleet.deploy(device, "4")

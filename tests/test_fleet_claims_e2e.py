@@ -30,7 +30,8 @@ from edge_sdk.transport import MqttConnection, Topics
 from tests import _fleetdb, _models
 from tests._acl import FLEET, connect_as, example_broker
 from tests._broker import Mosquitto
-from tests.test_agent_e2e import ROOT, AgentProc, X, wait_for
+from tests._e2e import AgentProc, X
+from tests._process import ROOT, wait_for
 
 pytestmark = pytest.mark.slow
 

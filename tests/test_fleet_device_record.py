@@ -19,13 +19,13 @@ from edge_sdk.cli import main
 from edge_sdk.fleet import FleetDB
 from edge_sdk.fleet._registry import write_state
 from edge_sdk.fleet._web import FleetApi
-from tests import test_agent_e2e, test_fleet_e2e
-from tests.test_agent_e2e import FLEET, AgentProc, Fleet, new_agent, wait_for
-from tests.test_fleet_e2e import Serve
+from tests import _fleet_host
+from tests._e2e import FLEET, AgentProc, Fleet, new_agent
+from tests._fleet_host import Serve
+from tests._process import wait_for
 
-fleet = test_fleet_e2e.fleet  # Mosquitto, a responder and releases 1, 2, 3
-db_url = test_fleet_e2e.db_url  # SQLite and PostgreSQL
-agents = test_agent_e2e.agents  # agent processes killed after each test
+fleet = _fleet_host.fleet  # Mosquitto, a responder and releases 1, 2, 3
+db_url = _fleet_host.db_url  # SQLite and PostgreSQL
 
 #: What a device is, kept while it is offline (the keys of FleetDB.device()).
 KEPT = ("model", "version", "previous_model", "previous_version", "reported_groups",

@@ -21,23 +21,15 @@ from edge_sdk.fleet import FleetDB
 from edge_sdk.fleet._store._schema import device_desired
 from edge_sdk.release import deployment_state
 from edge_sdk.transport import MqttConfig, MqttConnection
-from tests import test_agent_e2e, test_fleet_e2e
+from tests import _fleet_host
 from tests._broker import Mosquitto
-from tests.test_agent_e2e import Fleet, new_agent, wait_for
-from tests.test_fleet_e2e import (
-    Serve,
-    deployments_seen,
-    grp,
-    rollout,
-    start,
-    start_fleet,
-    wait_status,
-)
-from tests.test_fleet_registry import HOSTILE_EVENTS, HOSTILE_STATES
+from tests._e2e import FLEET, Fleet, new_agent
+from tests._fleet_host import Serve, deployments_seen, grp, rollout, start, start_fleet, wait_status
+from tests._hostile import HOSTILE_EVENTS, HOSTILE_STATES
+from tests._process import wait_for
 
-agents = test_agent_e2e.agents
-db_url = test_fleet_e2e.db_url
-serve = test_fleet_e2e.serve
+db_url = _fleet_host.db_url
+serve = _fleet_host.serve
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +82,7 @@ def test_hostile_reports_during_a_rollout_are_counted_and_ingestion_goes_on(
             assert d is not None and d["version"] == "2" and d["last_result"] == "committed"
         # Each one is refused as malformed, or dropped before parsing (over the size cap,
         # or over the budget of the device whose topic it came on), and counted.
-        stats = wait_for(lambda: (s := db.registry_stats(fleet=test_agent_e2e.FLEET))
+        stats = wait_for(lambda: (s := db.registry_stats(fleet=FLEET))
                          and s[0]["malformed"] + s[0]["dropped"] >= sent[0] and s[0], 20,
                          lambda: f"sent {sent[0]}: {db.registry_stats()}")
         assert stats["db_errors"] == 0
@@ -194,7 +186,7 @@ def test_a_second_serve_on_the_database_waits_then_takes_over_from_a_killed_one(
             "edge-sdk serve: waiting: fleet 'lab' in ") and "is run by another controller (" \
             in lines[0] and f"pid {serve.proc.pid} " in lines[0], lines
         with FleetDB.open(db_url) as db:
-            assert f"pid {serve.proc.pid} " in db.lease(test_agent_e2e.FLEET)["holder"]
+            assert f"pid {serve.proc.pid} " in db.lease(FLEET)["holder"]
         rid = start(db_url, "--version", "2", "--group", g, "--waves", "1,100%")
         wait_status(db_url, rid, "completed", 60)
         time.sleep(1)  # the standby stays a standby while the first one runs
@@ -205,15 +197,15 @@ def test_a_second_serve_on_the_database_waits_then_takes_over_from_a_killed_one(
         wait_status(db_url, rid, "completed", 60)
         took = time.monotonic() - t0
         with FleetDB.open(db_url) as db:
-            assert f"pid {standby.proc.pid} " in db.lease(test_agent_e2e.FLEET)["holder"]
+            assert f"pid {standby.proc.pid} " in db.lease(FLEET)["holder"]
         assert "serving" in standby.log.read_text()
-        assert took < test_fleet_e2e.LEASE_TTL + 10, took
+        assert took < _fleet_host.LEASE_TTL + 10, took
         for p in procs:
             assert p.infer() == ("3", 4.0)
         standby.stop()
         assert standby.proc.returncode == 0, standby.log.read_text()[-2000:]
         with FleetDB.open(db_url) as db:
-            assert db.lease(test_agent_e2e.FLEET) is None  # a clean stop gives it up
+            assert db.lease(FLEET) is None  # a clean stop gives it up
     finally:
         standby.kill()
 
@@ -227,7 +219,7 @@ def retained(fleet: Fleet, device: str) -> bytes:
     got: list[bytes] = []
     seen = threading.Event()
     probe = fleet.topics.share_probe(secrets.token_hex(4))
-    with MqttConnection(MqttConfig(url=fleet.broker.url, fleet=test_agent_e2e.FLEET),
+    with MqttConnection(MqttConfig(url=fleet.broker.url, fleet=FLEET),
                         name="retained") as c:
         c.subscribe(fleet.topics.desired(device), lambda t, p: got.append(p))
         c.subscribe(probe, lambda t, p: seen.set())
@@ -253,7 +245,7 @@ class DesiredWatch:
         self._probe = fleet.topics.share_probe(secrets.token_hex(4))
         self._seen = threading.Event()
         self.conn = MqttConnection(MqttConfig(url=fleet.broker.url,
-                                              fleet=test_agent_e2e.FLEET), name="watch")
+                                              fleet=FLEET), name="watch")
         self.conn.connect()
         self.conn.subscribe(fleet.topics.every_device("desired"), self._on)
         self.conn.subscribe(self._probe, lambda t, p: self._seen.set())
@@ -345,7 +337,7 @@ def _stale_controller(fleet: Fleet, tmp_path: Path, agents: list[Any], db_url: s
     wait_for(lambda: _stat(serve) == "T", 60, lambda: serve.log.read_text()[-3000:])
     with FleetDB.open(db_url) as db:
         wait_for(lambda: f"pid {standby.proc.pid} " in str(
-            (db.lease(test_agent_e2e.FLEET) or {}).get("holder")), 60)
+            (db.lease(FLEET) or {}).get("holder")), 60)
     assert rollout(db_url, "abort", str(rid)) == 0
     r = wait_status(db_url, rid, "aborted", 120)
     assert [d["rollback_status"] for d in r["devices"]] == ["committed"] * 3, r

@@ -32,7 +32,7 @@ from tests import _fleetdb
 from tests._abuserig import run
 from tests._acl import FLEET, connect_as, example_broker
 from tests._broker import Mosquitto, free_port
-from tests.test_agent_e2e import ROOT, wait_for
+from tests._process import ROOT, wait_for
 
 db_url = _fleetdb.db_url
 

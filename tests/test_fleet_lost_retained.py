@@ -23,14 +23,14 @@ from edge_sdk.fleet import FleetDB, Registry, RegistryConfig, RolloutSpec, start
 from edge_sdk.fleet._reread import RereadLimits
 from edge_sdk.release import create_deployment, publish_deployment
 from edge_sdk.transport import MqttConfig, MqttConnection, Topics
-from tests import test_agent_e2e, test_fleet_e2e
-from tests.test_agent_e2e import FLEET, Fleet, new_agent, wait_for
-from tests.test_fleet_e2e import Serve, wait_status
-from tests.test_fleet_machine import Sim, spec
+from tests import _fleet_host
+from tests._e2e import FLEET, AgentProc, Fleet, new_agent
+from tests._fleet_host import Serve, wait_status
+from tests._process import wait_for
+from tests._rollout_sim import Sim, spec
 
-fleet = test_fleet_e2e.fleet  # Mosquitto, a responder and releases 1, 2, 3
-db_url = test_fleet_e2e.db_url  # SQLite and PostgreSQL
-agents = test_agent_e2e.agents  # agent processes killed after each test
+fleet = _fleet_host.fleet  # Mosquitto, a responder and releases 1, 2, 3
+db_url = _fleet_host.db_url  # SQLite and PostgreSQL
 
 
 # -- the controller publishes an unanswered deployment again -------------------------------
@@ -64,7 +64,7 @@ def test_an_unanswered_deployment_is_published_again_until_answered_or_timed_out
 
 
 def test_a_deployment_the_broker_acknowledged_but_did_not_keep_still_reaches_its_device(
-        fleet: Fleet, tmp_path: Path, agents: list[test_agent_e2e.AgentProc],
+        fleet: Fleet, tmp_path: Path, agents: list[AgentProc],
         db_url: str) -> None:
     serve = Serve(fleet, db_url, tmp_path / "serve").start()
     try:
@@ -97,7 +97,7 @@ def test_a_deployment_the_broker_acknowledged_but_did_not_keep_still_reaches_its
 # -- the agent says its state again when a handled deployment comes again -------------------
 
 def test_a_device_whose_answer_was_lost_says_it_again_when_the_deployment_comes_again(
-        fleet: Fleet, tmp_path: Path, agents: list[test_agent_e2e.AgentProc]) -> None:
+        fleet: Fleet, tmp_path: Path, agents: list[AgentProc]) -> None:
     device = "lost-answer"
     agent = new_agent(fleet, tmp_path, agents, device).start()
     signed = create_deployment(fleet.repo, model="adder", fleet=FLEET, version="1",
@@ -213,7 +213,7 @@ def test_a_state_the_registry_missed_is_read_again_after_a_quiet_while(
 
 
 def test_an_agent_says_its_state_again_after_every_reconnect(
-        fleet: Fleet, tmp_path: Path, agents: list[test_agent_e2e.AgentProc]) -> None:
+        fleet: Fleet, tmp_path: Path, agents: list[AgentProc]) -> None:
     url = f"sqlite:///{tmp_path / 'fleet.db'}"
     topics = Topics(FLEET)
     device = "rejoin"

@@ -22,8 +22,8 @@ from edge_sdk.fleet import FleetDB
 from edge_sdk.fleet._registry import write_state
 from tests import _fleetdb
 from tests._broker import Mosquitto, free_port
+from tests._process import ROOT, wait_for
 from tests._trust_env import make_artifact
-from tests.test_agent_e2e import ROOT, wait_for
 
 db_url = _fleetdb.db_url
 

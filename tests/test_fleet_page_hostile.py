@@ -29,13 +29,13 @@ import pytest
 from edge_sdk.fleet import FleetDB
 from edge_sdk.release import Repository
 from edge_sdk.transport import Topics
-from tests import test_fleet_web_browser
+from tests import _browser
 from tests._acl import FLEET, connect_as, example_broker
 from tests._broker import free_port
-from tests.test_agent_e2e import ROOT, wait_for
-from tests.test_fleet_web_browser import _fresh, _text
+from tests._browser import fresh, page_text
+from tests._process import ROOT, wait_for
 
-browser = test_fleet_web_browser.browser  # a headless Chromium per test
+browser = _browser.browser  # a headless Chromium per test
 
 #: Marks a script or handler the page must never run: any of them sets it.
 PWNED = "window.__pwned"
@@ -203,7 +203,7 @@ def _page_state(driver: Any) -> dict[str, Any]:
 def _settled(driver: Any, rows: int) -> dict[str, Any]:
     """The page once it has rendered ``rows`` device rows (two polls later, so a render
     that fails on a poll after the first would show too)."""
-    st = wait_for(_fresh(lambda: (s := _page_state(driver))["updated"].startswith("updated")
+    st = wait_for(fresh(lambda: (s := _page_state(driver))["updated"].startswith("updated")
                          and s["rows"] == rows and s), 30,
                   lambda: f"page never rendered {rows} rows: {_page_state(driver)}")
     # Two more polls, seen as the page's own "updated ..." line (a time to the second, or
@@ -224,8 +224,8 @@ def _open_history(driver: Any, dev: str) -> None:
     from selenium.webdriver.common.by import By
 
     row = f'tr[data-device="{dev}"] button'
-    wait_for(_fresh(lambda: driver.find_element(By.CSS_SELECTOR, row).click() or True), 10)
-    wait_for(lambda: f"History of {dev}" in _text(driver, "#history h2")
+    wait_for(fresh(lambda: driver.find_element(By.CSS_SELECTOR, row).click() or True), 10)
+    wait_for(lambda: f"History of {dev}" in page_text(driver, "#history h2")
              and _page_state(driver)["errors"] == [], 20,
              lambda: f"{dev}: {_page_state(driver)}")
 
@@ -249,9 +249,9 @@ def test_hostile_device_states_render_as_text_in_every_section(hostile_fleet, br
     assert st["errors"] == [] and st["broken"] == 0, st
     assert st["models"] >= 2 and "No rollouts." in st["rollouts"], st
     # The issue's device: its tag is shown as the JSON it is; the honest ones as usual.
-    assert 'k={"x":{"toString":1}}' in _text(browser, 'tr[data-device="evil-00"]')
+    assert 'k={"x":{"toString":1}}' in page_text(browser, 'tr[data-device="evil-00"]')
     for dev in hostile_fleet.honest:
-        text = _text(browser, f'tr[data-device="{dev}"]')
+        text = page_text(browser, f'tr[data-device="{dev}"]')
         assert "online" in text and "adder" in text and "site=north" in text, text
     # Markup a device sent is on screen as text, and none of it ran.
     body = browser.find_element(By.ID, "devices").text
@@ -291,10 +291,10 @@ def test_a_bad_link_fragment_or_query_is_ignored(hostile_fleet, browser, tail: s
 def test_a_link_to_a_device_opens_its_history_and_an_unknown_one_fails_alone(
         hostile_fleet, browser) -> None:
     browser.get(hostile_fleet.url + "#device=" + quote("evil-00", safe=""))
-    wait_for(lambda: "History of evil-00" in _text(browser, "#history h2"), 30,
+    wait_for(lambda: "History of evil-00" in page_text(browser, "#history h2"), 30,
              lambda: str(_page_state(browser)))
     browser.get(hostile_fleet.url + "#device=nobody")
-    st = wait_for(_fresh(lambda: (s := _page_state(browser))["errors"] and s), 30,
+    st = wait_for(fresh(lambda: (s := _page_state(browser))["errors"] and s), 30,
                   lambda: str(_page_state(browser)))
     assert len(st["errors"]) == 1 and st["errors"][0].startswith("history-error")
     assert "no device 'nobody'" in st["errors"][0]
@@ -326,7 +326,7 @@ def test_a_section_that_fails_fails_alone(hostile_fleet, browser) -> None:
         }};"""})
     browser.get(hostile_fleet.url + "#device=cam-1")
     n = len(hostile_fleet.states)
-    st = wait_for(_fresh(lambda: (s := _page_state(browser))["rows"] == n + 3
+    st = wait_for(fresh(lambda: (s := _page_state(browser))["rows"] == n + 3
                          and len(s["errors"]) == 2 and s), 30,
                   lambda: str(_page_state(browser)))
     errors = " ".join(st["errors"])
@@ -336,6 +336,6 @@ def test_a_section_that_fails_fails_alone(hostile_fleet, browser) -> None:
     assert st["broken"] == 2, st
     assert "2 sections could not be shown" in st["updated"], st
     # The devices and the history (cam-1, from the link) render in full.
-    assert "History of cam-1" in _text(browser, "#history h2")
-    assert "adder" in _text(browser, 'tr[data-device="cam-1"]')
+    assert "History of cam-1" in page_text(browser, "#history h2")
+    assert "adder" in page_text(browser, 'tr[data-device="cam-1"]')
     _assert_no_markup_ran(browser)

@@ -23,52 +23,11 @@ from edge_sdk.fleet._registry import (
 from edge_sdk.transport import MqttConfig, MqttConnection, Topics
 from tests import _fleetdb
 from tests._broker import Mosquitto
-from tests.test_agent_e2e import wait_for
+from tests._hostile import HOSTILE_EVENTS, HOSTILE_STATES, state_report
+from tests._process import wait_for
 
 db_url = _fleetdb.db_url
 FLEET = "lab"
-
-
-def state(version: str = "1", **extra: object) -> bytes:
-    doc = {"online": True, "model": {"name": "adder", "version": version}, "phase": "idle",
-           "deployment": 3, "groups": ["cams"], "tags": {"site": "berlin"},
-           "last_update": {"deployment": 3, "result": "committed"}, **extra}
-    return json.dumps(doc).encode()
-
-
-HOSTILE_STATES = {
-    "not UTF-8": (b"\xff\xfe\x00garbage", "not UTF-8"),
-    "not JSON": (b"{not json", "not JSON"),
-    "deep": (b"[" * 5000 + b"]" * 5000, "nested deeper"),
-    "just over the depth": (b'{"a":' * 17 + b"1" + b"}" * 17, "nested deeper"),
-    "huge": (b'{"model": {"name": "' + b"a" * 200_000 + b'", "version": "1"}}', "bytes, over"),
-    "a list": (b"[1, 2, 3]", "must be a JSON object"),
-    "a string": (b'"online"', "must be a JSON object"),
-    "long model name": (state(model={"name": "m" * 300, "version": "1"}),
-                        "model.name is 300 characters, over 256"),
-    "version that is an object": (state(model={"name": "adder", "version": {"v": [1] * 80}}),
-                                  "model.version is"),
-    "counter out of range": (state(deployment=2**40), "deployment 1099511627776 is out"),
-    "negative counter": (state(deployment=-1), "deployment -1 is out of range"),
-    "huge result counter": (state(last_update={"deployment": 10**30, "result": "failed"}),
-                            "last_update.deployment"),
-    "long phase": (state(phase="p" * 65), "phase is 65 characters"),
-    "NUL in a name": (state(model={"name": "ad\u0000der", "version": "1"}), "NUL"),
-    "lone surrogate": (b'{"online": true, "last_update": {"result": "failed", '
-                       b'"reason": "\\ud800"}}', "lone surrogate"),
-}
-
-HOSTILE_EVENTS = {
-    "no event": (b'{"no": "event"}', "string 'event'"),
-    "event not a string": (b'{"event": 5}', "string 'event'"),
-    "counter out of range": (b'{"event": "committed", "deployment": {"counter": 1099511627776}}',
-                             "deployment.counter"),
-    "long model name": (json.dumps({"event": "failed", "model": {"name": "m" * 300,
-                                                                  "version": "1"}}).encode(),
-                        "model.name"),
-    "lone surrogate": (b'{"event": "failed", "reason": "\\udfff"}', "lone surrogate"),
-    "deep": (b'{"event": ' + b"[" * 40 + b"]" * 40 + b"}", "nested deeper"),
-}
 
 
 @pytest.mark.parametrize("name", HOSTILE_STATES)
@@ -89,7 +48,7 @@ def test_a_hostile_event_is_refused_with_its_reason_and_writes_nothing(
     payload, why = HOSTILE_EVENTS[name]
     with FleetDB.open(db_url) as db:
         with db.begin() as c:
-            write_state(c, FLEET, "cam-1", state())
+            write_state(c, FLEET, "cam-1", state_report())
         before = db.device_history("cam-1")
         with pytest.raises(MalformedReport, match=why), db.begin() as c:
             write_event(c, FLEET, "cam-1", payload)
@@ -127,9 +86,9 @@ def test_hostile_reports_never_stop_the_registry_and_are_counted_in_the_database
                 conn.publish_wait(topics.state(f"junk-{i}"), payload, qos=1)
             for payload, _ in HOSTILE_EVENTS.values():
                 conn.publish_wait(topics.events("junk-ev"), payload, qos=1)
-            conn.publish_wait(f"{topics.base}/dev/{'x' * 200}/state", state(), qos=1)
+            conn.publish_wait(f"{topics.base}/dev/{'x' * 200}/state", state_report(), qos=1)
             # A real device's report after all that still lands.
-            conn.publish_wait(topics.state("cam-1"), state("2"), qos=1)
+            conn.publish_wait(topics.state("cam-1"), state_report("2"), qos=1)
             wait_for(lambda: (d := db.device("cam-1")) and d["version"] == "2", 20)
             # The one over the size cap is dropped before it is parsed, counted against
             # its device; the others are malformed.
@@ -181,7 +140,7 @@ def test_event_names_at_the_column_limit_with_retry_are_written_in_one_batch(
             for payload in AT_THE_BOUNDS:
                 batch.add(FLEET, "d" * 128, payload)
             batch.flush()
-            write_state(c, FLEET, "ü" * 128, state(
+            write_state(c, FLEET, "ü" * 128, state_report(
                 model={"name": "ñ" * 256, "version": "ß" * 128}, phase="p" * 64,
                 previous={"name": "ñ" * 256, "version": "ß" * 128},
                 last_update={"deployment": 2**31 - 1, "result": "r" * 64,
@@ -240,7 +199,7 @@ def test_a_registry_behind_the_database_says_how_far_it_has_got(
     with FleetDB.open(db_url) as db:
         registry = Registry(conn, db, config=RegistryConfig(flush_s=0.1)).start()
         try:
-            conn.publish_wait(topics.state("cam-1"), state("1"), qos=1)
+            conn.publish_wait(topics.state("cam-1"), state_report("1"), qos=1)
             wait_for(lambda: db.device("cam-1") is not None, 20)
             blocker = db.engine.connect()
             tx = blocker.begin()
@@ -250,7 +209,7 @@ def test_a_registry_behind_the_database_says_how_far_it_has_got(
                 blocker.execute(sa.text("UPDATE devices SET phase = phase"))  # write lock
             try:
                 sent = time.time()
-                conn.publish_wait(topics.state("cam-1"), state("2"), qos=1)
+                conn.publish_wait(topics.state("cam-1"), state_report("2"), qos=1)
                 # The report is in (queued, or being written) and cannot be written.
                 wait_for(lambda: registry.intake.caught_up(math.inf) < math.inf, 20)
                 held = registry.caught_up()
@@ -279,7 +238,7 @@ def test_a_retained_state_dropped_in_a_flood_is_read_again_afterwards(
         try:
             for n in range(10):  # over its budget: half of them dropped
                 conn.publish(topics.events("burst"), _event("step", seq=n + 1), qos=1)
-            conn.publish_wait(topics.state("burst"), state("2"), qos=1, retain=True)
+            conn.publish_wait(topics.state("burst"), state_report("2"), qos=1, retain=True)
             wait_for(lambda: registry.stats.dropped >= 6, 20, lambda: f"{registry.stats}")
             assert db.device("burst") is None  # its state was dropped with the rest
             wait_for(lambda: (d := db.device("burst")) and d["version"] == "2", 30,

@@ -22,11 +22,11 @@ from edge_sdk.fleet import _operators as ops
 from edge_sdk.fleet._store import load_state, save_state
 from edge_sdk.fleet._store._schema import operator_sessions, rollout_commands
 from edge_sdk.fleet._web import FleetApi, Request, WebConfig, WebServer
-from tests import test_fleet_web
+from tests import _fleet_records
+from tests._fleet_records import FLEET
 from tests._fleetdb import db_url  # noqa: F401  (both engines)
-from tests.test_fleet_web import FLEET
 
-db = test_fleet_web.db  # the registry of test_fleet_web, a fresh one per test
+db = _fleet_records.db  # agent reports and assignments ingested, a fresh one per test
 
 PASSWORD = "correct horse battery"
 HOST = "127.0.0.1:8700"

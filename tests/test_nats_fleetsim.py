@@ -12,11 +12,12 @@ import pytest
 from edge_sdk.cli import main
 from edge_sdk.fleet import FleetDB
 from tests import _fleetdb
+from tests._e2e import FLEET
+from tests._fleet_host import wait_status
 from tests._fleetsim import FleetSim
 from tests._nats import nats_binary
-from tests.test_agent_e2e import FLEET, wait_for
-from tests.test_fleet_e2e import wait_status
-from tests.test_nats_cluster import ClusterFleet
+from tests._nats_fleet import ClusterFleet
+from tests._process import wait_for
 
 pytestmark = pytest.mark.skipif(nats_binary() is None,
                                 reason="nats-server is not installed (.ci/setup.sh does it)")

@@ -27,8 +27,9 @@ from edge_sdk.release import create_deployment, publish_deployment
 from edge_sdk.trust._keys import DEPLOYMENT_ROLE
 from tests import _convert_models, _models
 from tests._broker import Mosquitto
+from tests._e2e import FLEET, AgentProc, X
+from tests._process import ROOT, wait_for
 from tests._profiling import Host, Serve, expected_choice, measured
-from tests.test_agent_e2e import FLEET, ROOT, AgentProc, X, wait_for
 
 pytestmark = pytest.mark.slow
 DEV = "prof-1"

@@ -530,7 +530,7 @@ def test_child_dies_with_the_agent_even_on_kill_9(tmp_path: Path) -> None:
     import subprocess
     import time
 
-    from tests.test_agent_e2e import ROOT
+    from tests._process import ROOT
 
     parent = ("import sys; from pathlib import Path; "
               "from device_agent._profiler import run_child; "

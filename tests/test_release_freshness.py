@@ -31,14 +31,14 @@ from edge_sdk.release import (
     parse_duration,
     refresh_due,
 )
-from tests import _models, test_agent_e2e
+from tests import _models
 from tests._broker import Mosquitto, free_port
-from tests.test_agent_e2e import FLEET, AgentProc, X, wait_for
-from tests.test_fleet_web_browser import _fresh
-from tests.test_fleet_web_browser import browser as browser  # the Chromium fixture
+from tests._browser import browser as browser  # the Chromium fixture
+from tests._browser import fresh
+from tests._e2e import FLEET, AgentProc, X
+from tests._process import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
-agents = test_agent_e2e.agents  # agent processes killed after each test
 
 
 # -- durations and the half-lifetime rule -----------------------------------------------
@@ -323,7 +323,7 @@ def test_the_page_shows_the_expiry_warning(tmp_path: Path, broker: Mosquitto,
         box = browser.find_element(By.ID, "warnings-box")
         return box.text if box.is_displayed() and "timestamp metadata" in box.text else None
 
-    text = wait_for(_fresh(shown), 30, lambda: browser.page_source[-2000:])
+    text = wait_for(fresh(shown), 30, lambda: browser.page_source[-2000:])
     assert "snapshot metadata expires in" in text and "release refresh" in text
 
 

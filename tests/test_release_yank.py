@@ -17,15 +17,15 @@ from edge_sdk.fleet._store._schema import devices
 from edge_sdk.fleet._web import FleetApi
 from edge_sdk.release import Repository
 from edge_sdk.transport import MqttConfig, MqttConnection, RepoResponder
-from tests import test_agent_e2e, test_fleet_e2e
+from tests import _fleet_host
 from tests._broker import Mosquitto
+from tests._e2e import Fleet, new_agent
+from tests._fleet_host import grp, start, start_fleet, wait_status
+from tests._process import wait_for
 from tests._trust_env import make_artifact
-from tests.test_agent_e2e import Fleet, new_agent
-from tests.test_fleet_e2e import grp, start, start_fleet, wait_status
 
-agents = test_agent_e2e.agents
-db_url = test_fleet_e2e.db_url  # SQLite and PostgreSQL
-serve = test_fleet_e2e.serve  # `edge-sdk serve` on this module's fleet
+db_url = _fleet_host.db_url  # SQLite and PostgreSQL
+serve = _fleet_host.serve  # `edge-sdk serve` on this module's fleet
 
 
 @pytest.fixture()
@@ -189,7 +189,7 @@ def test_an_agent_running_a_yanked_version_keeps_serving_it(
     agent.wait_version("1")
     yank_v1()
     counter = fleet.deploy("keeps", "9")  # the agent refreshes its metadata for this one
-    test_agent_e2e.wait_for(lambda: any(
+    wait_for(lambda: any(
         e["event"] in ("failed", "rolled_back") and
         (e.get("deployment") or {}).get("counter") == counter
         for e in list(fleet.events["keeps"])), 60, lambda: fleet.kinds("keeps"))

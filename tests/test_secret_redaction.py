@@ -20,7 +20,7 @@ from edge_sdk.release import Repository
 from tests._acl import FLEET, example_broker
 from tests._broker import Mosquitto, free_port
 from tests._fleetdb import make_db
-from tests.test_agent_e2e import ROOT, wait_for
+from tests._process import ROOT, wait_for
 
 DB_SECRET = "Db-S3cret-pw"
 CLI_SECRET = "Cli-S3cret-pw"

@@ -18,8 +18,9 @@ import pytest
 
 from tests import _models
 from tests._broker import Mosquitto, free_port
+from tests._e2e import FLEET, AgentProc, Fleet, cli_args
 from tests._netns import ThinLink, unavailable
-from tests.test_agent_e2e import FLEET, AgentProc, Fleet, _cli, wait_for
+from tests._process import wait_for
 
 RATE = 1_000_000  # bit/s
 MiB = 1024 * 1024
@@ -77,7 +78,7 @@ def test_one_mib_over_1_mbit_commits_near_ideal_sending_each_byte_about_once(
     fleet = thin.fleet
     fleet.responder.stats.bytes_sent = 0
     t0 = time.time()
-    assert main(_cli(fleet, "deploy", "--model", "adder", "--version", "1", "--device",
+    assert main(cli_args(fleet, "deploy", "--model", "adder", "--version", "1", "--device",
                      "slow", "--wait", "--timeout", "120")) == 0
     out, err = capsys.readouterr()
     assert "committed on all 1 device(s)" in out
