@@ -563,7 +563,8 @@ def _profile_on_devices(profiler: DeviceProfiler, ms: Sequence[Measurement],
         pred = edge_sdk.load(m.path, threads=threads)
         expected[m.name] = {k: np.asarray(v) for k, v in pred.predict(dict(feed)).items()}
         del pred
-    results = profiler([(m.name, Path(m.path)) for m in usable], dict(feed), expected)
+    results = profiler([(m.name, Path(m.path)) for m in usable], dict(feed), expected,
+                       spread=_spread(expected, baseline))
     if not results:
         raise ConversionError("on-device profiling returned no device's figures")
     names = sorted(results)
@@ -599,6 +600,29 @@ def _profile_on_devices(profiler: DeviceProfiler, ms: Sequence[Measurement],
             "latency decides")
     return ProfiledOn(out, excluded, rows, devices, rule)
 
+
+
+def _spread(expected: Mapping[str, Mapping[str, np.ndarray]],
+            baseline: str) -> dict[str, float]:
+    """Per candidate, its largest distance from the float baseline's outputs on the sample:
+    two correct runtimes round a quantized model differently (x86 without VNNI saturates
+    int8 sums that ARM keeps) by about that much, so a device within it still matches."""
+    base = expected.get(baseline)
+    if base is None:
+        return {}
+    out: dict[str, float] = {}
+    for name, outs in expected.items():
+        if name == baseline:
+            continue
+        worst = 0.0
+        for k, v in outs.items():
+            w, b = np.asarray(v), np.asarray(base.get(k))
+            if w.dtype.kind == "f" and b.shape == w.shape:
+                fin = np.isfinite(w) & np.isfinite(b)
+                if fin.any():
+                    worst = max(worst, float(np.max(np.abs(w[fin] - b[fin]))))
+        out[name] = worst
+    return out
 
 __all__ = ["Backend", "ConversionResult", "ConvertConfig", "ConvertOptions", "SourceInfo",
            "check_options", "drive", "write_artifact"]

@@ -40,7 +40,13 @@ from ._state import SEEN_FILE, SeenRecord, read_seen, write_seen
 if TYPE_CHECKING:  # imported when a request comes: the agent starts without them
     from securesystemslib.signer import Key  # type: ignore[attr-defined]
 
-    from edge_sdk.profiling import CandidateTiming, FileRef, ProfilingRequest, ProfilingResult
+    from edge_sdk.profiling import (
+        CandidateTiming,
+        FileRef,
+        ProfileCandidate,
+        ProfilingRequest,
+        ProfilingResult,
+    )
 
 log = logging.getLogger("device_agent.profiling")
 
@@ -367,7 +373,7 @@ class Profiler:
             for c, model, expected in files:
                 if self._stop.is_set():
                     break
-                timings.append(self._measure(c.name, model, sample, expected, req, work))
+                timings.append(self._measure(c, model, sample, expected, req, work))
         finally:
             shutil.rmtree(work, ignore_errors=True)
             # A failed fetch leaves its partial download: nobody resumes a profiling file.
@@ -393,15 +399,16 @@ class Profiler:
         assert self.source is not None  # no request is admitted without one
         return self.source.fetch_file(ref.target, dest, sha256=ref.sha256, length=ref.length)
 
-    def _measure(self, name: str, model: Path, sample: Path, expected: Path,
+    def _measure(self, cand: ProfileCandidate, model: Path, sample: Path, expected: Path,
                  req: ProfilingRequest, work: Path) -> CandidateTiming:
         from edge_sdk.profiling import CandidateTiming
 
+        name = cand.name
         spec = json.dumps({"model": str(model), "sample": str(sample),
                            "expected": str(expected), "threads": self.cfg.threads,
                            "runs": req.runs, "warmup": req.warmup, "rounds": req.rounds,
                            "rtol": req.rtol,
-                           "atol": req.atol})
+                           "atol": max(req.atol, cand.spread or 0.0)})
         out, rss, why = run_child(
             [sys.executable, "-m", "device_agent._profile_child", spec],
             timeout_s=self.cfg.timeout_s, nice=self.cfg.nice,

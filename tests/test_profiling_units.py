@@ -67,6 +67,20 @@ def test_signed_request_verifies_and_says_what_was_signed(signer) -> None:
     assert req.keyid == signer.public_key.keyid and req.sample.target.endswith("sample.npz")
 
 
+def test_a_candidate_spread_travels_signed_and_a_hostile_one_is_refused(signer) -> None:
+    """A quantized candidate's spread (how far correct runtimes differ on it) is signed with
+    the request; a request without it verifies as before (old hosts)."""
+    cands = (ProfileCandidate("fp32", ref("fp32.onnx"), ref("fp32.npz")),
+             ProfileCandidate("int8", ref("int8.onnx"), ref("int8.npz"), spread=0.0625))
+    req = verify(sign_profiling_request(request(candidates=cands), [signer]), signer)
+    assert [c.spread for c in req.candidates] == [None, 0.0625]
+    for bad in ("-1", "nan", "1e9", 3):
+        signed = request(candidates=cands).to_signed()
+        signed["candidates"][1]["spread"] = bad
+        with pytest.raises(MalformedProfilingRequestError, match=r"candidates\[1\]\.spread"):
+            ProfilingRequest.from_signed(signed)
+
+
 def test_unsigned_and_foreign_signed_requests_are_refused(signer) -> None:
     doc = json.loads(sign_profiling_request(request(), [signer]))
     doc["signatures"] = []
@@ -393,12 +407,13 @@ class FigureProfiler:
         self.figures = figures
         self.calls: list[list[str]] = []
 
-    def __call__(self, candidates, sample, expected):  # type: ignore[no-untyped-def]
+    def __call__(self, candidates, sample, expected, *, spread=None):  # type: ignore[no-untyped-def]
         from edge_sdk.profiling import CandidateTiming
 
         names = [n for n, _ in candidates]
         self.calls.append(names)
         assert set(expected) == set(names) and all(expected[n] for n in names)
+        self.spread = spread
         out = {}
         for dev, figs in self.figures.items():
             rows = []
@@ -445,6 +460,10 @@ def test_the_worst_device_decides_and_a_mismatch_on_a_device_excludes(tmp_path) 
                for w in report["warnings"])
     assert set(report["devices"]) == {"arm-a", "arm-b"}
     assert rows["fp32"]["devices"]["arm-b"]["median_ms"] == 1.0
+    # Each candidate goes with its distance from the float model on the sample: how far
+    # another ISA's correct arithmetic may take it (x86 without VNNI saturates int8 sums).
+    assert "fp32" not in prof.spread and prof.spread["int8-dynamic"] > 0
+    assert set(prof.spread) == set(prof.calls[0]) - {"fp32"}
 
 
 def test_a_device_row_without_figures_is_excluded_saying_what_is_missing(tmp_path) -> None:

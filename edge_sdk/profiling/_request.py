@@ -43,6 +43,8 @@ _RAW_ID = re.compile(rb'"id":"([0-9a-f]{16,64})"')
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _TARGET = re.compile(r"profiling/[0-9a-f]{16,64}/[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_ROUNDS = 20
+#: The largest per-candidate ``spread`` a request may carry.
+MAX_SPREAD = 1e6
 
 
 class ProfilingVerificationError(VerificationError):
@@ -104,10 +106,16 @@ class ProfileCandidate:
     name: str
     model: FileRef
     expected: FileRef
+    #: How far two correct runtimes may differ on this candidate's outputs (absolute; a
+    #: quantized candidate's distance from the float model on the sample: x86 and ARM
+    #: round quantized arithmetic differently). A device within it still matches; None:
+    #: the request's ``atol`` alone. Agents before it ignore the key (the stricter check).
+    spread: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "model": self.model.to_json(),
-                "expected": self.expected.to_json()}
+                "expected": self.expected.to_json(),
+                **({"spread": repr(float(self.spread))} if self.spread is not None else {})}
 
 
 @dataclass(frozen=True)
@@ -168,7 +176,9 @@ class ProfilingRequest:
                                "'.', '_' or '-'")
             cands.append(ProfileCandidate(
                 c["name"], FileRef.from_json(c.get("model"), f"candidates[{i}].model"),
-                FileRef.from_json(c.get("expected"), f"candidates[{i}].expected")))
+                FileRef.from_json(c.get("expected"), f"candidates[{i}].expected"),
+                None if c.get("spread") is None else
+                _tolerance(c["spread"], f"candidates[{i}].spread", MAX_SPREAD)))
         if len({c.name for c in cands}) != len(cands):
             raise k.refuse("candidate names repeat")
         runs, warmup = k.field(data, "runs", int), k.field(data, "warmup", int)
@@ -192,14 +202,14 @@ PROFILING_REQUEST = DocumentKind(
     expired=ProfilingRequestExpiredError)
 
 
-def _tolerance(value: Any, key: str) -> float:
+def _tolerance(value: Any, key: str, high: float = 1.0) -> float:
     try:
         x = float(value) if isinstance(value, str) and len(value) <= 32 else math.nan
     except ValueError:
         x = math.nan
-    if not (math.isfinite(x) and 0.0 <= x <= 1.0):
+    if not (math.isfinite(x) and 0.0 <= x <= high):
         raise MalformedProfilingRequestError(
-            f"profiling request: '{key}' must be a decimal string between 0 and 1")
+            f"profiling request: '{key}' must be a decimal string between 0 and {high:g}")
     return x
 
 

@@ -93,11 +93,13 @@ def profile_on_devices(
     repo: Repository, connection: MqttConnection, *, devices: Sequence[str],
     candidates: Sequence[tuple[str, Path]], sample: Mapping[str, np.ndarray],
     expected: Mapping[str, Mapping[str, np.ndarray]], config: ProfileConfig | None = None,
-    topics: Topics | None = None,
+    topics: Topics | None = None, spread: Mapping[str, float] | None = None,
 ) -> dict[str, ProfilingResult]:
     """Time ``candidates`` (name, model file) on each of ``devices``; ``expected`` holds the
-    host's outputs of each candidate on ``sample``. Returns device → its result (status
-    ``done``; a candidate a device excluded has ``error`` set)."""
+    host's outputs of each candidate on ``sample``, ``spread`` how far a candidate's
+    outputs may differ between correct runtimes (:attr:`ProfileCandidate.spread`). Returns
+    device → its result (status ``done``; a candidate a device excluded has ``error``
+    set)."""
     cfg = config or ProfileConfig()
     t = topics or Topics.for_config(connection.config)
     if not devices:
@@ -158,7 +160,8 @@ def profile_on_devices(
                 return FileRef(tf.path, tf.hashes["sha256"], tf.length)
 
             cands = tuple(ProfileCandidate(n, ref(f"{n}{Path(p).suffix or '.onnx'}"),
-                                           ref(f"{n}.expected.npz")) for n, p in candidates)
+                                           ref(f"{n}.expected.npz"),
+                                           (spread or {}).get(n)) for n, p in candidates)
             for d in devices:
                 subs.append(connection.subscribe(t.profile_result(d), on_result))
             now = datetime.now(UTC).replace(microsecond=0)
@@ -223,12 +226,13 @@ class RepositoryProfiler(DeviceProfiler):
             check_topic_word(d, "device id")
 
     def __call__(self, candidates: Sequence[tuple[str, Path]], sample: Mapping[str, np.ndarray],
-                 expected: Mapping[str, Mapping[str, np.ndarray]],
+                 expected: Mapping[str, Mapping[str, np.ndarray]], *,
+                 spread: Mapping[str, float] | None = None,
                  ) -> dict[str, ProfilingResult]:
         with MqttConnection(self.mqtt, name="edge-profile") as conn:
             return profile_on_devices(self.repo, conn, devices=self.devices,
                                       candidates=candidates, sample=sample,
-                                      expected=expected, config=self.config)
+                                      expected=expected, config=self.config, spread=spread)
 
 
 __all__ = ["ProfileConfig", "ProfilingError", "RepositoryProfiler", "profile_on_devices"]
