@@ -9,7 +9,7 @@ import pytest
 
 from tests import _models
 from tests._broker import Mosquitto
-from tests._child import in_child
+from tests._child import in_one_child
 
 if TYPE_CHECKING:
     from tests._e2e import AgentProc
@@ -60,16 +60,23 @@ def cnn_onnx(model_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tflite_float(model_dir: Path) -> Path:
-    path: Path = in_child("tests._models:tflite_dense", model_dir / "dense.tflite")
-    return path
+def tflite_dense(model_dir: Path) -> tuple[Path, Path]:
+    """The float and the int8 dense model, built in one child (one TensorFlow import)."""
+    float_path, int8_path = in_one_child([
+        ("tests._models:tflite_dense", (model_dir / "dense.tflite",), {}),
+        ("tests._models:tflite_dense", (model_dir / "dense_int8.tflite",), {"int8": True}),
+    ])
+    return float_path, int8_path
 
 
 @pytest.fixture(scope="session")
-def tflite_int8(model_dir: Path) -> Path:
-    path: Path = in_child("tests._models:tflite_dense", model_dir / "dense_int8.tflite",
-                          int8=True)
-    return path
+def tflite_float(tflite_dense: tuple[Path, Path]) -> Path:
+    return tflite_dense[0]
+
+
+@pytest.fixture(scope="session")
+def tflite_int8(tflite_dense: tuple[Path, Path]) -> Path:
+    return tflite_dense[1]
 
 
 @pytest.fixture()

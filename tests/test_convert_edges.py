@@ -93,12 +93,21 @@ def test_model_with_string_inputs_is_refused_in_one_line(
 
 
 @pytest.fixture(scope="module")
-def dynamic_tflite(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests._child import in_child
+def edge_tflites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """This module's TFLite sources, built in one child (one TensorFlow import)."""
+    from tests._child import in_one_child
 
-    path: Path = in_child("tests._framework_models:tflite_dynamic_image",
-                          tmp_path_factory.mktemp("dyn") / "dyn.tflite")
-    return path
+    dyn, two = in_one_child([
+        ("tests._framework_models:tflite_dynamic_image",
+         (tmp_path_factory.mktemp("dyn") / "dyn.tflite",), {}),
+        ("tests._framework_models:tflite_two_signatures",
+         (tmp_path_factory.mktemp("twosig") / "two.tflite",), {})])
+    return {"dynamic": dyn, "two-signatures": two}
+
+
+@pytest.fixture(scope="module")
+def dynamic_tflite(edge_tflites: dict[str, Path]) -> Path:
+    return edge_tflites["dynamic"]
 
 
 @pytest.mark.parametrize("to", ["tflite", "onnx"])
@@ -122,12 +131,8 @@ def test_input_shape_sets_the_shape_a_dynamic_tflite_is_measured_on(
 
 
 @pytest.fixture(scope="module")
-def two_signatures(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests._child import in_child
-
-    path: Path = in_child("tests._framework_models:tflite_two_signatures",
-                          tmp_path_factory.mktemp("twosig") / "two.tflite")
-    return path
+def two_signatures(edge_tflites: dict[str, Path]) -> Path:
+    return edge_tflites["two-signatures"]
 
 
 @pytest.mark.parametrize("to", ["tflite", "onnx"])

@@ -17,7 +17,7 @@ from converters._measure import MeasureConfig
 from converters._pipeline import ConvertConfig, ConvertOptions
 from edge_sdk.errors import ConversionError, UsageError
 from tests import _framework_models as fm
-from tests._child import in_child
+from tests._child import in_one_child
 
 FAST = ConvertConfig(measure=MeasureConfig(rounds=2, runs_per_round=5, warmup=2))
 FLOAT_ATOL = 1e-5  # softmax outputs in [0, 1]
@@ -26,9 +26,18 @@ INT8_ATOL = 0.05  # full-integer int8: a few quantization steps of the output
 
 @pytest.fixture(scope="session")
 def km(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    fixture: dict[str, Any] = in_child("tests._framework_models:keras_fixture",
-                                       tmp_path_factory.mktemp("keras"))
-    return fixture
+    """The Keras sources, the Lambda-layer model and the two-input model (with Keras's
+    outputs on ``zeta`` and ``alpha``), built in one child: one TensorFlow import."""
+    d = tmp_path_factory.mktemp("keras")
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(6, 3)).astype(np.float32)
+    a = rng.normal(size=(6, 2)).astype(np.float32)
+    fixture, lambda_model, two_inputs_out = in_one_child([
+        ("tests._framework_models:keras_fixture", (d,), {}),
+        ("tests._framework_models:keras_lambda_model", (d / "lambda.keras",), {}),
+        ("tests._framework_models:keras_two_inputs", (d / "two.keras", z, a), {})])
+    return {**fixture, "lambda": lambda_model, "two": d / "two.keras", "zeta": z,
+            "alpha": a, "two_out": two_inputs_out}
 
 
 def _convert(src: Path, out: Path, **opts: Any) -> Any:
@@ -134,8 +143,10 @@ def test_keras_to_onnx_without_tf2onnx_suggests_to_tflite(
     assert not out.exists()
 
 
-def test_keras_lambda_layer_needs_trust_pickle_then_converts(tmp_path: Path) -> None:
-    src = in_child("tests._framework_models:keras_lambda_model", tmp_path / "lambda.keras")
+def test_keras_lambda_layer_needs_trust_pickle_then_converts(
+    km: dict[str, Any], tmp_path: Path
+) -> None:
+    src = km["lambda"]
     with pytest.raises(UsageError, match=r"Lambda layer.*--trust-pickle"):
         _convert(src, tmp_path / "a", to="tflite")
     assert not (tmp_path / "a").exists()
@@ -146,12 +157,12 @@ def test_keras_lambda_layer_needs_trust_pickle_then_converts(tmp_path: Path) -> 
     np.testing.assert_allclose(next(iter(got.values())), x * 2 + 1)
 
 
-def test_multi_input_keras_model_binds_inputs_by_name(tmp_path: Path) -> None:
-    rng = np.random.default_rng(0)
-    z = rng.normal(size=(6, 3)).astype(np.float32)
-    a = rng.normal(size=(6, 2)).astype(np.float32)
-    src = tmp_path / "two.keras"
-    want = in_child("tests._framework_models:keras_two_inputs", src, z, a)
+def test_multi_input_keras_model_binds_inputs_by_name(
+    km: dict[str, Any], tmp_path: Path
+) -> None:
+    z, a = km["zeta"], km["alpha"]
+    src = km["two"]
+    want = km["two_out"]
     calib = fm.save_npz(tmp_path / "c.npz", zeta=z, alpha=a)
     for to in ("onnx", "tflite"):
         res = _convert(src, tmp_path / to, calibration=calib, to=to, quantize="none")

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from converters._pipeline import ConvertConfig, ConvertOptions
 from edge_sdk.cli import main
 from edge_sdk.errors import ConversionError, UsageError
 from tests import _framework_models as fm
+from tests._convert_pool import convert_pool
 
 FAST = ConvertConfig(measure=MeasureConfig(rounds=2, runs_per_round=3, warmup=1))
 NUMERIC = [0, 1, 2, 3]
@@ -125,22 +128,58 @@ def _data(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return x, labels, target
 
 
+@dataclass(frozen=True)
+class Case:
+    est: Any
+    x: np.ndarray
+    converted: Future[Any]  # of the ConversionResult, or of the error it raised
+
+
+@pytest.fixture(scope="module")
+def cases(request: pytest.FixtureRequest,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Case]]:
+    """The cases this run selected, each fitted here and converted two at a time
+    (tests/_convert_pool.py); each test below asserts on its own case's result, and a
+    fit that raises fails only its own case."""
+    from sklearn.base import is_regressor
+
+    test = test_estimator_of_any_kind_converts_and_agrees_with_sklearn_on_held_out_rows
+    selected = [str(item.callspec.params["name"]) for item in request.session.items
+                if isinstance(item, pytest.Function) and item.function is test]
+    base = tmp_path_factory.mktemp("kinds")
+    with convert_pool() as pool:
+        out: dict[str, Case] = {}
+        for name in selected:
+            x, labels, target = _data(name)
+            est = CASES[name]()
+            try:
+                y = target if is_regressor(est) else labels
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    est.fit(x[:200], None if "kmeans" in name or "outlier" in name
+                            or "one-class" in name else y[:200])
+            except Exception as err:
+                failed: Future[Any] = Future()
+                failed.set_exception(err)
+                out[name] = Case(est, x, failed)
+                continue
+            work = base / name
+            work.mkdir()
+            calib = fm.save_npz(work / "calib.npz", input=x[:64])
+            out[name] = Case(est, x, pool.submit(
+                fm.save_pickle(est, work / "model.pkl"), work / "art", config=FAST,
+                trust_pickle=True, quantize="none", calibration=calib))
+        yield out
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_estimator_of_any_kind_converts_and_agrees_with_sklearn_on_held_out_rows(
-    tmp_path: Path, name: str
+    cases: dict[str, Case], name: str
 ) -> None:
     from sklearn.base import is_classifier, is_regressor
 
-    x, labels, target = _data(name)
-    est = CASES[name]()
-    y = target if is_regressor(est) else labels
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        est.fit(x[:200], None if "kmeans" in name or "outlier" in name or "one-class" in name
-                else y[:200])
-    calib = fm.save_npz(tmp_path / "calib.npz", input=x[:64])
-    res = _convert(fm.save_pickle(est, tmp_path / "model.pkl"), tmp_path / "art",
-                   calibration=calib)
+    est, x = cases[name].est, cases[name].x
+    res = cases[name].converted.result()
     held_out = x[200:]
     model = edge_sdk.load(res.artifact.path)
     out = model.predict({"input": held_out})

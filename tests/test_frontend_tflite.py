@@ -16,7 +16,7 @@ from converters._measure import MeasureConfig
 from converters._pipeline import ConvertConfig, ConvertOptions
 from edge_sdk._fs import sha256_file
 from edge_sdk.errors import ConversionError, UsageError
-from tests._child import in_child
+from tests._child import in_one_child
 from tests._models import tflite_reference
 
 FAST = ConvertConfig(measure=MeasureConfig(rounds=2, runs_per_round=5, warmup=2))
@@ -25,10 +25,10 @@ FAST = ConvertConfig(measure=MeasureConfig(rounds=2, runs_per_round=5, warmup=2)
 @pytest.fixture(scope="session")
 def extra_tflite(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     d = tmp_path_factory.mktemp("tflite-in")
-    fp16, w = in_child("tests._framework_models:tflite_fp16_weights", d / "fp16.tflite")
-    return {"fp16": fp16, "w": w,
-            "resource": in_child("tests._framework_models:tflite_resource_variable",
-                                 d / "acc.tflite")}
+    (fp16, w), resource = in_one_child([  # one TensorFlow import for both
+        ("tests._framework_models:tflite_fp16_weights", (d / "fp16.tflite",), {}),
+        ("tests._framework_models:tflite_resource_variable", (d / "acc.tflite",), {})])
+    return {"fp16": fp16, "w": w, "resource": resource}
 
 
 def _convert(src: Path, out: Path, **opts: Any) -> Any:

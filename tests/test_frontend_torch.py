@@ -15,7 +15,7 @@ from converters._measure import MeasureConfig
 from converters._pipeline import ConvertConfig, ConvertOptions
 from edge_sdk.errors import ConversionError, UsageError
 from tests import _framework_models as fm
-from tests._child import in_child
+from tests._child import in_one_child
 
 FAST = ConvertConfig(measure=MeasureConfig(rounds=2, runs_per_round=5, warmup=2))
 # float32 everywhere; ORT and torch kernels differ only in summation order.
@@ -24,9 +24,22 @@ ATOL = 1e-4
 
 @pytest.fixture(scope="session")
 def tm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    fixture: dict[str, Any] = in_child("tests._framework_models:torch_fixture",
-                                       tmp_path_factory.mktemp("torch"))
-    return fixture
+    """The torch sources, with torch.save pickles, the two-input module's outputs on
+    ``feats`` and ``scale`` and a fixed-batch program, built in one child: one torch
+    import."""
+    d = tmp_path_factory.mktemp("torch")
+    (d / "pickles").mkdir()
+    rng = np.random.default_rng(1)
+    feats = rng.normal(size=(12, fm.FEATURES)).astype(np.float32)
+    scale = rng.uniform(0.5, 2, (12, 1)).astype(np.float32)
+    fixture, pickles, two_out, fixed_out = in_one_child([
+        ("tests._framework_models:torch_fixture", (d,), {}),
+        ("tests._framework_models:torch_pickles", (d / "pickles",), {}),
+        ("tests._framework_models:torch_two_inputs_outputs", (feats, scale), {}),
+        ("tests._framework_models:torch_fixed_batch_program",
+         (d / "fixed.pt2", fm.torch_images()[:1]), {})])
+    return {**fixture, "pickles": pickles, "feats": feats, "scale": scale,
+            "two_out": two_out, "fixed": d / "fixed.pt2", "fixed_out": fixed_out}
 
 
 def _convert(src: Any, out: Path, *, shapes: Any = None, **opts: Any) -> Any:
@@ -120,7 +133,7 @@ def test_torchscript_without_shapes_asks_for_input_shape(
 def test_torch_save_pickle_needs_trust_and_a_state_dict_is_explained(
     tm: dict[str, Any], tmp_path: Path
 ) -> None:
-    pickles = in_child("tests._framework_models:torch_pickles", tmp_path)
+    pickles = tm["pickles"]
     whole = pickles["whole"]
     with pytest.raises(UsageError, match="--trust-pickle"):
         _convert(whole, tmp_path / "a", shapes={"input": (1, fm.FEATURES)})
@@ -151,11 +164,9 @@ def test_export_that_differs_from_torch_is_refused_before_quantization(tmp_path:
 
 
 def test_two_input_module_binds_calibration_keys_by_forward_parameter_name(
-    tmp_path: Path
+    tm: dict[str, Any], tmp_path: Path
 ) -> None:
-    rng = np.random.default_rng(1)
-    feats = rng.normal(size=(12, fm.FEATURES)).astype(np.float32)
-    scale = rng.uniform(0.5, 2, (12, 1)).astype(np.float32)
+    feats, scale = tm["feats"], tm["scale"]
     # keys deliberately in the opposite order of forward(features, scale)
     calib = fm.save_npz(tmp_path / "two.npz", scale=scale, features=feats)
     res = _convert("tests._framework_models:torch_two_inputs", tmp_path / "art",
@@ -164,7 +175,7 @@ def test_two_input_module_binds_calibration_keys_by_forward_parameter_name(
     assert [s.name for s in model.inputs] == ["features", "scale"]
     assert [s.name for s in model.outputs] == ["scaled", "raw"]
     out = model.predict({"features": feats, "scale": scale})
-    want = in_child("tests._framework_models:torch_two_inputs_outputs", feats, scale)
+    want = tm["two_out"]
     np.testing.assert_allclose(out["scaled"], want["scaled"], atol=ATOL)
     np.testing.assert_allclose(out["raw"], want["raw"], atol=ATOL)
 
@@ -172,8 +183,8 @@ def test_two_input_module_binds_calibration_keys_by_forward_parameter_name(
 def test_exported_program_with_fixed_batch_converts_with_a_warning(
     tm: dict[str, Any], tmp_path: Path
 ) -> None:
-    src = tmp_path / "fixed.pt2"
-    want = in_child("tests._framework_models:torch_fixed_batch_program", src, tm["images"][:1])
+    src = tm["fixed"]
+    want = tm["fixed_out"]
     res = _convert(src, tmp_path / "art", calibration=tm["images_npz"], quantize="none")
     assert res.artifact.manifest.inputs[0].shape == (1, 3, 16, 16)
     assert any("fixed batch of 1" in w for w in res.warnings)
