@@ -6,7 +6,7 @@
 #   ROOT  a new directory (made here; keep it outside the clone)
 #   WHEEL the edge-sdk wheel built from the checkout (pip wheel --no-deps .)
 # The rootfs with its venv is cached as a tarball keyed on the Debian release and
-# pyproject.toml (EDGE_SDK_ARM64_CACHE, default /var/cache/edge-sdk): a cached run unpacks it
+# pyproject.toml's [agent] requirements (EDGE_SDK_ARM64_CACHE, default /var/cache/edge-sdk): a cached run unpacks it
 # and reinstalls only the wheel. Clear the cache with: rm -rf /var/cache/edge-sdk
 # Exit 77 (one line on stderr) when this machine cannot run it: not root, no qemu or binfmt,
 # no network for a cold build. Any other non-zero exit is a failure.
@@ -36,7 +36,17 @@ update-binfmts --enable qemu-aarch64 >/dev/null 2>&1 || true
 grep -qx enabled /proc/sys/fs/binfmt_misc/qemu-aarch64 2>/dev/null ||
   cannot "binfmt_misc has no enabled qemu-aarch64 entry (update-binfmts --enable qemu-aarch64)"
 
-KEY="$( (echo "$RELEASE recipe=$RECIPE"; cat "$HERE/pyproject.toml") | sha256sum | cut -c1-16)"
+# Keyed on what the tarball holds (the [agent] requirements), not on the whole pyproject.toml:
+# a lint contract or another extra must not cost a cold build (about 5 minutes in CI).
+agent_requirements() {
+  python3 - "$HERE/pyproject.toml" <<'EOF' 2>/dev/null || cat "$HERE/pyproject.toml"
+import json, sys, tomllib
+p = tomllib.load(open(sys.argv[1], "rb"))["project"]
+print(json.dumps([p.get("requires-python"), p.get("dependencies", []),
+                  p.get("optional-dependencies", {}).get("agent", [])], sort_keys=True))
+EOF
+}
+KEY="$( (echo "$RELEASE recipe=$RECIPE"; agent_requirements) | sha256sum | cut -c1-16)"
 TARBALL="$CACHE/arm64-$RELEASE-$KEY.tar.zst"
 
 mkdir -p "$ROOTFS"
@@ -103,7 +113,7 @@ EOF
   mkdir -p "$CACHE"
   tar -I 'zstd -T0 -3' -cpf "$TARBALL.tmp.$$" -C "$ROOTFS" --one-file-system .
   mv "$TARBALL.tmp.$$" "$TARBALL"
-  # Tarballs of earlier pyproject.toml versions are never restored again.
+  # Tarballs of earlier [agent] requirements are never restored again.
   find "$CACHE" -maxdepth 1 -name "arm64-$RELEASE-*.tar.zst" ! -name "$(basename "$TARBALL")" -delete
   echo "arm64: built and cached $TARBALL in $((SECONDS - start)) s" >&2
   exit 0
