@@ -21,7 +21,7 @@ from converters._candidates import CandidateConfig
 from converters._measure import MeasureConfig
 from edge_sdk.cli import main
 from tests import _convert_models as M
-from tests.test_convert_cli import assert_one_line_refusal
+from tests._convert_checks import assert_one_line_refusal
 
 _MEASURE = MeasureConfig(rounds=2, runs_per_round=3, warmup=1)
 # One candidate per scheme, so that v1's choice does not depend on timing.

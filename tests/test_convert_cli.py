@@ -15,6 +15,7 @@ import pytest
 import edge_sdk
 from edge_sdk.cli import main
 from tests import _convert_models as M
+from tests._convert_checks import assert_one_line_refusal
 
 
 @pytest.fixture(scope="session")
@@ -158,12 +159,3 @@ def test_error_with_a_huge_text_prints_one_bounded_line_and_debug_prints_all(
     assert main(["--debug", *args]) == 2
     full = capsys.readouterr().err
     assert "Traceback" in full and "stray_key_04999" in full
-
-
-def assert_one_line_refusal(code: int, err: str, message: str, out: Path, case: str) -> None:
-    """A refused conversion: non-zero exit, one line naming ``message``, nothing written."""
-    assert code != 0, case
-    assert err.startswith("edge-sdk: error:") and err.count("\n") == 1, err
-    assert message in err, err
-    assert "Traceback" not in err
-    assert not out.exists()

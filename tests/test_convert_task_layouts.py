@@ -20,7 +20,7 @@ from converters import ConversionResult, convert
 from converters._tasks import TaskScorer, plan_task
 from edge_sdk.cli import main
 from tests import _convert_models as M
-from tests.test_convert_tasks import FAST
+from tests._convert_checks import FAST
 
 CLASSES = 8  # >= 5: transposed scores [1, C, N] then look like a YOLOv8 output
 SIZE = 32

@@ -12,9 +12,7 @@ import numpy as np
 import pytest
 
 import edge_sdk
-from converters import ConversionResult, ConvertConfig, convert
-from converters._candidates import CandidateConfig
-from converters._measure import MeasureConfig
+from converters import ConversionResult, convert
 from converters._tasks import (
     DetectConfig,
     OutputMetric,
@@ -34,11 +32,7 @@ from converters._tasks import (
 from edge_sdk.cli import main
 from edge_sdk.errors import ArtifactError, UsageError
 from tests import _convert_models as M
-
-FAST = ConvertConfig(
-    measure=MeasureConfig(rounds=2, runs_per_round=3, warmup=1),
-    candidates=CandidateConfig(static_methods=("minmax", "percentile")),
-)
+from tests._convert_checks import FAST
 
 
 def _det(*rows: tuple[float, float, float, float, float, int]) -> np.ndarray:

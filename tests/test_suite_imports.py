@@ -9,14 +9,6 @@ from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
 
-#: Imports between test modules left to the branch that owns the converter tests
-#: (importer, imported). Nothing may be added here.
-KNOWN = {
-    ("test_convert_base.py", "test_convert_cli"),
-    ("test_convert_task_layouts.py", "test_convert_tasks"),
-}
-
-
 def imported_test_modules(source: str) -> set[str]:
     """The test modules (``test_*``) of this package that ``source`` imports."""
     found: set[str] = set()
@@ -42,7 +34,6 @@ def test_no_test_module_imports_another_test_module() -> None:
         (path.name, imported)
         for path in TESTS.glob("*.py")
         for imported in imported_test_modules(path.read_text(encoding="utf-8"))
-        if (path.name, imported) not in KNOWN
     )
     assert offenders == [], (
         "test modules import other test modules (move what they share to tests/_*.py): "
