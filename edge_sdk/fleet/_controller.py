@@ -222,6 +222,8 @@ class Controller:
                 self._refused.pop(rid, None)
         for rid in [r for r in self._states if r not in ids]:
             del self._states[rid]
+        for rid in [r for r in self._refused if r not in ids]:
+            del self._refused[rid]
 
     def _renew(self) -> None:
         t0 = time.monotonic()
