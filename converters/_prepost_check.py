@@ -380,14 +380,19 @@ class Prepost:
         figures["verified_on_real_data"] = bool(imgs.real and figures["held"]
                                                 and self.section.get("skew", {}).get("held",
                                                                                     True))
+        self._judge(figures, "the whole pipeline (raw images in) disagrees with the "
+                    "reference pipeline", force)
+        self._batch(pred, imgs, got)
+
+    def _judge(self, figures: dict[str, Any], what: str, force: bool) -> None:
+        """Record the pipeline's figures; when they break the budget, refuse the
+        conversion, or with ``force`` warn."""
         self.section["accuracy"] = figures
         if not figures["held"]:
-            msg = (f"the whole pipeline (raw images in) disagrees with the reference "
-                   f"pipeline: {figures['breaks']}")
+            msg = f"{what}: {figures['breaks']}"
             if not force:
                 raise ConversionError(msg + " (pass --force to write it anyway)")
             self.warnings.append(msg + " (--force)")
-        self._batch(pred, imgs, got)
 
     def _batch(self, pred: Any, imgs: Images, single: Sequence[Mapping[str, np.ndarray]],
                ) -> None:
@@ -425,13 +430,8 @@ class Prepost:
         want = [postprocess(b, _named(r, output_names), None) for r in reference]
         figures = compare(b, got, want, max_drop)
         figures["verified_on_real_data"] = bool(real and figures["held"])
-        self.section["accuracy"] = figures
-        if not figures["held"]:
-            msg = (f"the model with in-graph post-processing disagrees with the reference: "
-                   f"{figures['breaks']}")
-            if not force:
-                raise ConversionError(msg + " (pass --force to write it anyway)")
-            self.warnings.append(msg + " (--force)")
+        self._judge(figures, "the model with in-graph post-processing disagrees with the "
+                    "reference", force)
 
     def _time(self, pred: Any) -> None:
         if self.sample is None:
