@@ -461,10 +461,7 @@ def images(tmp: Path, broker: Mosquitto, runs: int) -> None:
 
     host = MqttConnection(MqttConfig(url=broker.url, fleet=FLEET), name="bench-images")
     host.connect()
-    with open(tmp / "serve.log", "wb") as log:
-        responder = subprocess.Popen(
-            [sys.executable, "-m", "edge_sdk", "serve", "--repo", str(repo.path), "--broker",
-             broker.url, "--fleet", FLEET], cwd=ROOT, stdout=log, stderr=log)
+    responder = start_responder(tmp, repo, broker)
     committed: set[tuple[str, str]] = set()
 
     def on_event(topic: str, payload: bytes) -> None:
@@ -615,6 +612,15 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def start_responder(tmp: Path, repo: Repository, broker: Mosquitto) -> subprocess.Popen[bytes]:
+    """``edge-sdk serve`` for ``repo`` as its own process (as on a server), so that its work
+    does not compete with the load generator's threads for this GIL."""
+    with open(tmp / "serve.log", "wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "edge_sdk", "serve", "--repo", str(repo.path), "--broker",
+             broker.url, "--fleet", FLEET], cwd=ROOT, stdout=log, stderr=log)
+
+
 def run(tmp: Path, broker: Mosquitto, args: argparse.Namespace) -> None:
     repo = Repository.init(tmp / "repo", tmp / "keys")
     arts = tmp / "arts"
@@ -629,12 +635,7 @@ def run(tmp: Path, broker: Mosquitto, args: argparse.Namespace) -> None:
 
     host = MqttConnection(MqttConfig(url=broker.url, fleet=FLEET), name="bench-host")
     host.connect()
-    # The responder runs as its own process (as `edge-sdk serve` would on a server), so
-    # that its work does not compete with the load generator's threads for this GIL.
-    with open(tmp / "serve.log", "wb") as log:
-        responder = subprocess.Popen(
-            [sys.executable, "-m", "edge_sdk", "serve", "--repo", str(repo.path), "--broker",
-             broker.url, "--fleet", FLEET], cwd=ROOT, stdout=log, stderr=log)
+    responder = start_responder(tmp, repo, broker)
     committed: list[str] = []
     host.subscribe(f"edge/{FLEET}/dev/+/events",
                    lambda t, p: committed.append(json.loads(p)["model"]["version"])
