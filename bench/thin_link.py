@@ -30,7 +30,7 @@ signed deployment of an artifact sized for that rate, and the run measures:
 
     sudo .venv/bin/python -u bench/thin_link.py [--rates 256k,1M,2M,10M,100M,1G]
         [--budgets default,lifted] [--seconds 4] [--max-mb 64] [--agent-code DIR]
-        [--profile DIR]
+        [--mosquitto-defaults] [--profile DIR]
 
 Artifact size per rate: the larger of ``--mb`` (3.05 MiB: what the thin rates always
 used) and ``--seconds`` of the link's rate, capped at ``--max-mb``. 100 Mbit/s gets
@@ -87,6 +87,8 @@ MiB = 1024 * 1024
 LIFTED = ResponderConfig(limits=DeviceLimits(
     bytes_per_s=1 << 40, burst_bytes=1 << 30, requests_per_s=1e6, burst_requests=1_000_000))
 BUDGETS = {"default": ResponderConfig(), "lifted": LIFTED}
+#: Mosquitto's own limits, which tests/_broker.py raises (the last setting counts).
+MOSQUITTO_DEFAULTS = "max_inflight_messages 20\nmax_queued_messages 1000\n"
 
 
 class CountingResponder(RepoResponder):
@@ -153,14 +155,24 @@ class CountingResponder(RepoResponder):
 
 # -- the same bytes without the SDK ---------------------------------------------------------
 
+#: The raw loop's flow control: the subscriber says every ACK_EVERY messages how many it
+#: has, and the publisher stays at most AHEAD messages (16 MiB of 64 KiB chunks, 130 ms
+#: of 1 Gbit/s) ahead, well under a default Mosquitto's queue per client (1000
+#: messages) past which it drops QoS 1 messages.
+ACK_EVERY, AHEAD = 16, 256
+
 RAW_SUBSCRIBER = """
 import sys, threading
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 host, port, topic, total = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-got, done, subscribed = [0], threading.Event(), threading.Event()
+every = int(sys.argv[6])
+got, n, done, subscribed = [0], [0], threading.Event(), threading.Event()
 def on_message(c, u, m):
     got[0] += len(m.payload)
+    n[0] += 1
+    if n[0] % every == 0:
+        c.publish(topic + "/ack", str(n[0]), qos=0)
     if got[0] >= total:
         done.set()
 c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=topic + "-sub")
@@ -202,19 +214,35 @@ def raw_paho(link: ThinLink, broker: Mosquitto, link_port: int, size: int, chunk
     messages through ``broker`` (here on loopback, as the responder), to a subscriber in
     the namespace on ``link_port`` (the agent's path)."""
     topic = f"bench/raw{os.getpid()}"
-    sub = _inside(link, RAW_SUBSCRIBER, link.host_ip, link_port, topic, size, timeout)
+    sub = _inside(link, RAW_SUBSCRIBER, link.host_ip, link_port, topic, size, timeout,
+                  ACK_EVERY)
     pub = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
                       client_id=f"{topic}-pub")
+    acked = [0]
+    moved = threading.Condition()
+
+    def on_ack(c: paho.Client, u: object, m: paho.MQTTMessage) -> None:
+        with moved:
+            acked[0] = max(acked[0], int(m.payload))
+            moved.notify()
+
     try:
         assert sub.stdout is not None
         if sub.stdout.readline().strip() != "ready":
             raise RuntimeError("raw subscriber did not start")
         data = os.urandom(size)
         pub.max_inflight_messages_set(64)
+        pub.on_message = on_ack
         pub.connect(broker.host, broker.port)
+        pub.subscribe(f"{topic}/ack", 0)
         pub.loop_start()
+        time.sleep(0.2)  # subscribed to the acknowledgements
         t0 = time.perf_counter()
-        for off in range(0, size, chunk):
+        for i, off in enumerate(range(0, size, chunk)):
+            with moved:
+                while i - acked[0] >= AHEAD:
+                    if not moved.wait(timeout):
+                        raise RuntimeError("raw paho loop: the subscriber stopped acking")
             pub.publish(topic, data[off:off + chunk], qos=1)
         said = sub.stdout.readline().strip()
         took = time.perf_counter() - t0
@@ -401,10 +429,15 @@ def main() -> None:
     ap.add_argument("--raw-max-s", type=float, default=20.0,
                     help="Measure the raw paho and TCP loops where the ideal time is at "
                          "most this (they take as long as the transfer).")
+    ap.add_argument("--raw-chunk", type=int, default=FetchConfig.chunk_size,
+                    help="Message size of the raw paho loop (the agent's chunk size).")
     ap.add_argument("--latency-ms", type=int, default=500,
                     help="tbf queue bound (what the link buffers).")
     ap.add_argument("--agent-code", default=None,
                     help="Run the agents from this checkout (a branch under test).")
+    ap.add_argument("--mosquitto-defaults", action="store_true",
+                    help="Mosquitto's own queue limits (what users run) instead of the "
+                         "test broker's raised ones.")
     ap.add_argument("--profile", type=Path, default=None,
                     help="Record py-spy stacks of the agent and of this process (the "
                          "responder) during each deployment into this directory.")
@@ -425,7 +458,9 @@ def main() -> None:
     try:
         with ThinLink(rates[0], latency_ms=args.latency_ms) as link:
             port = free_port()
-            with Mosquitto(tmp / "broker", extra_conf=f"listener {port} {link.host_ip}\n") as b:
+            conf = f"listener {port} {link.host_ip}\n" + (MOSQUITTO_DEFAULTS if
+                                                           args.mosquitto_defaults else "")
+            with Mosquitto(tmp / "broker", extra_conf=conf) as b:
                 fleet = Fleet(tmp / "fleet", b)
                 try:
                     fleet.responder.stop()
@@ -449,7 +484,7 @@ def main() -> None:
                                           profile)
                             if not raw and ideal <= args.raw_max_s:
                                 art = int(row["art"])
-                                raw["paho"] = raw_paho(link, b, port, art, FetchConfig.chunk_size,
+                                raw["paho"] = raw_paho(link, b, port, art, args.raw_chunk,
                                                        max(60.0, 4 * ideal))
                                 raw["tcp"] = raw_tcp(link, art)
                             row.update(raw)
@@ -462,14 +497,16 @@ def main() -> None:
                     fleet.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    report(rows, args.latency_ms, agent_code)
+    report(rows, args.latency_ms, agent_code, args.mosquitto_defaults)
 
 
-def report(rows: list[dict[str, Any]], latency_ms: int, agent_code: str | None) -> None:
+def report(rows: list[dict[str, Any]], latency_ms: int, agent_code: str | None,
+           mosquitto_defaults: bool) -> None:
     def ratio(r: dict[str, Any], key: str) -> str:
         return f"{r[key] / r['ideal']:6.2f}×" if key in r else f"{'-':>7}"
 
-    print(f"tbf both ways, queue {latency_ms} ms; fresh agent per row"
+    print(f"tbf both ways, queue {latency_ms} ms; fresh agent per row; Mosquitto "
+          + ("defaults" if mosquitto_defaults else "with raised queue limits")
           + (f"; agents from {agent_code}" if agent_code else ""))
     print(f"{'link':>12} {'budget':>7} {'MiB':>6} {'ideal':>7} {'dl/ideal':>8} "
           f"{'e2e/ideal':>9} {'paho':>7} {'tcp':>7} {'bytes/art':>9} {'dups':>5} "
