@@ -16,12 +16,14 @@ signed deployment of an artifact sized for that rate, and the run measures:
   broker and this process (the responder), which tells a CPU limit from a pace limit;
   mid / link, start+, tail: the send rate from 10 % to 90 % of the bytes over the link
   rate (≈0.95: TCP/IP headers take the rest), how much longer the first 10 % took than
-  at that rate (start-up), and last chunk sent → downloaded (the queue draining, the
-  sample file, the staging of the artifact);
+  at that rate (start-up; negative when it filled the queues faster than the link
+  drains them), and last chunk sent → downloaded (the queue draining, the sample file,
+  the staging of the artifact);
 - paho / ideal and tcp / ideal: the same bytes over the same link, without the SDK,
   measured in the same run: a raw paho QoS 1 publish → subscribe loop through the same
   broker in chunks of the agent's size, and one plain TCP stream across the veth pair
-  (what the shaper lets through: ≈1.0 when tbf carries the rate);
+  (what the shaper lets through: ≈1.045, its header overhead, when tbf carries the
+  rate);
 - bytes sent / artifact: every byte the responder sent (metadata included) over that;
 - duplicates: chunks the responder sent more than once;
 - failed attempts: ``failed`` events (transient ones included) of the deployment;
@@ -38,10 +40,11 @@ used) and ``--seconds`` of the link's rate, capped at ``--max-mb``. 100 Mbit/s g
 of each artifact (source, artifact dir, repository, the agent's download and model)
 and the agent loads the model into memory, so the cap of 64 MiB (0.54 s at 1 Gbit/s,
 still hundreds of sub-millisecond round trips past any start-up) keeps a run within
-what a CI machine's disk and RAM take. ``--budgets default,lifted`` runs each rate
-twice, against the responder's default per-device budget and with it lifted, side
-by side. ``--agent-code DIR`` runs the agents from another checkout (a branch under
-test); the broker and the responder stay this checkout's.
+what a CI machine's disk and RAM take; 128 and 256 MiB gave the same transfer
+ratios. ``--budgets default,lifted`` runs each rate twice, against the responder's
+default per-device budget and with it lifted, side by side. ``--agent-code DIR`` runs
+the agents from another checkout (a branch under test); the broker and the responder
+stay this checkout's.
 
 Needs root (namespaces, tc). Goals: transfer (dl) ≤ 1.25× ideal, bytes ≤ 1.05×, 0
 failed, at every rate. The goal is judged on the transfer, not on e2e: the install
