@@ -316,13 +316,19 @@ class Installer:
                 got = self.source.fetch(dep, staging, have=self._bases(),
                                         reserve=self.storage.reserve)
                 self._feed(Fetched(got.download, ts=time.time()))
-                art = Artifact.from_dir(got.path)
-                self._check_artifact(dep, art)
+                # A source that checked the bytes against signed metadata as it wrote them
+                # says which hash: compared below, the model is not read again (the file is
+                # in our staging directory, written by this process a moment ago).
+                art = Artifact.from_dir(got.path, verify_hash=got.verified_sha256 is None)
+                self._check_artifact(dep, art, got.verified_sha256)
                 self._feed(Verified(ts=time.time()))
-                self._feed(Adopted(self.store.adopt(art, dep.digest), ts=time.time()))
+                self._feed(Adopted(self.store.adopt(art, dep.digest, verified=True),
+                                   ts=time.time()))
             record = self.life.candidate
             assert record is not None
-            served = self._models.load(record, smoke=False)
+            # Just adopted: moved by this process from what was verified above. A local
+            # copy (a rollback) was only found by name and is hashed as it is opened.
+            served = self._models.load(record, smoke=False, verify_hash=local is not None)
             self._feed(Loaded(ts=time.time()))
             self._models.smoke(served)
             served.health.reset()
@@ -369,8 +375,14 @@ class Installer:
                 out.append((path, record.sha256))
         return out
 
-    def _check_artifact(self, dep: InstallRequest, art: Artifact) -> None:
+    def _check_artifact(self, dep: InstallRequest, art: Artifact,
+                        verified_sha256: str | None) -> None:
         m = art.manifest
+        if verified_sha256 is not None and verified_sha256 != m.sha256:
+            raise VerificationError(
+                f"fetched model file was verified as sha256 {verified_sha256[:16]}…, its "
+                f"manifest names {m.sha256[:16]}…"
+            )
         if dep.sha256 is not None and m.sha256 != dep.sha256:
             raise VerificationError(
                 f"fetched artifact has model sha256 {m.sha256[:16]}…, the deployment names "

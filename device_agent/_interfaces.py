@@ -56,6 +56,10 @@ class FetchedArtifact:
 
     path: Path
     download: Mapping[str, Any] | None = field(default=None)
+    #: The sha256 the source checked the model file's bytes against (signed metadata) as
+    #: it wrote them into ``path``: the installer compares it with the manifest and the
+    #: deployment instead of hashing the file again. None: not told, the file is hashed.
+    verified_sha256: str | None = None
 
 
 @runtime_checkable

@@ -30,9 +30,12 @@ class LoadedModels:
     def get(self, record: ModelRecord) -> Served | None:
         return self._by_id.get(record.id)
 
-    def load(self, record: ModelRecord, *, smoke: bool = True) -> Served:
-        """Open (and, with ``smoke``, smoke-test) the stored model, and keep it."""
-        art = self.store.open_model(record)
+    def load(self, record: ModelRecord, *, smoke: bool = True,
+             verify_hash: bool = True) -> Served:
+        """Open (and, with ``smoke``, smoke-test) the stored model, and keep it. Its hash
+        is checked again unless ``verify_hash`` is False (see
+        :meth:`StateStore.open_model <device_agent._state.StateStore.open_model>`)."""
+        art = self.store.open_model(record, verify_hash=verify_hash)
         threads = self.config.threads or None
         predictor = self._open_model(art.model_path, threads=threads, manifest=art.manifest)
         served = Served(predictor, record)

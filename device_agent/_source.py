@@ -23,7 +23,10 @@ class ReleaseSource:
     """Verifies ``desired`` documents with the deployment key and fetches artifacts with
     python-tuf through the repository responder on the broker."""
 
-    def __init__(self, config: AgentConfig, connection: MqttConnection) -> None:
+    def __init__(self, config: AgentConfig, connection: MqttConnection | None, *,
+                 fetcher: RepositoryFetcher | None = None) -> None:
+        """Downloads go over ``connection``, or through ``fetcher`` when one is given (a
+        repository simulator in tests; ``connection`` may then be None)."""
         from edge_sdk.transport import FetchConfig
         from edge_sdk.trust import UpdateClient, load_public_key
 
@@ -46,7 +49,7 @@ class ReleaseSource:
         state = config.state_dir
         self.client = UpdateClient(
             trusted_root=root, metadata_dir=state / "tuf", partial_dir=state / "partial",
-            connection=connection, device_id=config.device_id,
+            connection=connection, device_id=config.device_id, fetcher=fetcher,
             fetch_config=FetchConfig(max_artifact_bytes=config.limits.max_artifact_bytes),
         )
 
@@ -76,8 +79,10 @@ class ReleaseSource:
             path = self.client.fetch(deployment.raw, dest_dir, stage=crash_point,
                                      have=[LocalModel(p, sha) for p, sha in have],
                                      reserve=reserve)
-        got = self.client.last_download
-        return FetchedArtifact(path, None if got is None else got.to_json())
+            got = self.client.last_download
+        if got is None:
+            return FetchedArtifact(path)
+        return FetchedArtifact(path, got.to_json(), verified_sha256=got.sha256)
 
     def fetch_file(self, target: str, dest: Path, *, sha256: str, length: int) -> Path:
         """A signed non-release target (profiling files), verified by the TUF client."""

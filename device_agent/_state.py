@@ -189,9 +189,10 @@ class StateStore:
     def model_dir(self, record: ModelRecord) -> Path:
         return self.models / record.id
 
-    def open_model(self, record: ModelRecord) -> Artifact:
-        """The installed artifact, with its manifest and hash re-verified."""
-        art = Artifact.from_dir(self.model_dir(record))
+    def open_model(self, record: ModelRecord, *, verify_hash: bool = True) -> Artifact:
+        """The installed artifact, with its manifest and (unless ``verify_hash`` is False:
+        only for a model :meth:`adopt` stored a moment ago) its hash re-verified."""
+        art = Artifact.from_dir(self.model_dir(record), verify_hash=verify_hash)
         if art.manifest.sha256 != record.sha256:
             raise InstallError(
                 f"{self.model_dir(record)}: holds sha256 {art.manifest.sha256[:16]}…, the state "
@@ -220,10 +221,16 @@ class StateStore:
                 return ModelRecord.for_artifact(art, None)
         return None
 
-    def adopt(self, artifact: Artifact, deployment: str | None) -> ModelRecord:
+    def adopt(self, artifact: Artifact, deployment: str | None, *,
+              verified: bool = False) -> ModelRecord:
         """Put a verified artifact into ``models/`` (atomically) and return its record. An
         artifact under ``staging/`` is moved, not copied, so an install needs the model's
-        size once, not twice."""
+        size once, not twice.
+
+        ``verified``: the caller has checked the model's bytes against the manifest's
+        sha256 (hashed them, or was told the hash a source checked them against as it
+        wrote them into staging); a moved model is then not hashed again. A copy always
+        is: its source is outside the state directory and may have changed since."""
         record = ModelRecord.for_artifact(artifact, deployment)
         target = self.model_dir(record)
         if target.is_dir():
@@ -246,7 +253,10 @@ class StateStore:
                         os.replace(src, tmp / name)
                     else:
                         shutil.copyfile(src, tmp / name)
-                Artifact.from_dir(tmp)
+                stored = Artifact.from_dir(tmp, verify_hash=not (move and verified))
+                if stored.manifest.sha256 != record.sha256:
+                    raise InstallError(f"{artifact.path}: its manifest changed while it was "
+                                       f"stored under {self.models}")
         except OSError as err:
             raise InstallError(f"cannot store {record.label()} under {self.models}: "
                                f"{err.strerror or err}") from err

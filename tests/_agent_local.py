@@ -25,6 +25,7 @@ import pytest
 
 from device_agent import Agent, AgentConfig, FetchedArtifact, InstallRequest
 from edge_sdk import Artifact, build_artifact
+from edge_sdk._internal import sha256_file
 from edge_sdk.errors import TransportError, VerificationError
 from tests import _models
 
@@ -32,9 +33,15 @@ KEY = b"test-director-key"
 
 
 class LocalSource:
-    def __init__(self, key: bytes = KEY) -> None:
+    """``tell_sha256``: hash the model as it is copied and tell the installer that digest,
+    as the signed-release source tells the hash it checked the bytes against, leaving the
+    comparison with the manifest to the installer (else the source checks the manifest's
+    hash itself and tells nothing)."""
+
+    def __init__(self, key: bytes = KEY, *, tell_sha256: bool = False) -> None:
         self.key = key
         self.fetches = 0
+        self.tell_sha256 = tell_sha256
 
     def verify_deployment(self, payload: bytes, *, last_counter: int | None,
                           installed: tuple[str, str] | None) -> InstallRequest:
@@ -64,6 +71,9 @@ class LocalSource:
         if out.exists():
             shutil.rmtree(out)
         shutil.copytree(src, out)
+        if self.tell_sha256:
+            model = Artifact.from_dir(out, verify_hash=False).model_path
+            return FetchedArtifact(out, verified_sha256=sha256_file(model))
         Artifact.from_dir(out)  # hash checked as the real client would
         return FetchedArtifact(out)
 

@@ -106,6 +106,9 @@ class Download:
     fallback: str | None = None
     #: The full model file's signed length: what a full download costs.
     full_bytes: int | None = None
+    #: The signed sha256 the model file's bytes were checked against as they were written
+    #: (hashed once, while downloaded or rebuilt): a caller compares it, never re-hashes.
+    sha256: str | None = None
 
     def describe(self) -> str:
         if self.kind == "delta":
@@ -400,6 +403,8 @@ class UpdateClient:
         usable = [d for d in rt.deltas if d.base_sha256 in held]
         ref = min(usable, key=lambda d: d.length) if usable else None
         fallback = None
+        # Both ways below check the bytes against this signed hash as they write them.
+        sha = str(tf.hashes.get("sha256"))
         if ref is not None:
             try:
                 part, n = self._via_delta(updater, tf, ref, held[ref.base_sha256], progress,
@@ -410,11 +415,11 @@ class UpdateClient:
                             ref.base_version, tf.path, fallback)
             else:
                 self.last_download = Download("delta", n, ref.base_version,
-                                              full_bytes=tf.length)
+                                              full_bytes=tf.length, sha256=sha)
                 return part
         part, n = self._download(tf, progress)
         self.last_download = Download("full", n, ref.base_version if ref else None, fallback,
-                                      full_bytes=tf.length)
+                                      full_bytes=tf.length, sha256=sha)
         return part
 
     def _via_delta(self, updater: Updater, tf: TargetFile, ref: DeltaRef, base: LocalModel,
