@@ -40,7 +40,7 @@ class FetchConfig:
     chunk_size: int = proto.DEFAULT_CHUNK
     min_chunk_size: int = 4 * 1024
     window: int = 64
-    batch: int = 8
+    batch: int = 16
     chunk_timeout: float = 2.0
     max_rto: float = 30.0
     stall_timeout: float = 60.0
