@@ -48,7 +48,11 @@ MAGIC = b"EDC1"
 HEADER = struct.Struct(">4sBB16sQQI")
 MESSAGE_LIMIT = 128 * 1024
 MAX_CHUNK = MESSAGE_LIMIT - 1024
-DEFAULT_CHUNK = 64 * 1024
+#: The largest chunk a device asks for by default (``FetchConfig.chunk_size``): the
+#: largest there is. The pace picks smaller ones on slow links; on fast ones every
+#: message costs about the same CPU on both ends whatever its size, so fewer, larger
+#: ones carry more (loopback: 0.67x of a raw paho loop at 64 KiB, about 1x here).
+DEFAULT_CHUNK = MAX_CHUNK
 MAX_BATCH = 64
 MAX_RTO_MS = 600_000
 #: The largest offset a request may name: every JSON parser reads it exactly, and

@@ -22,8 +22,8 @@ class FetchConfig:
     """Limits of a device-side transfer; the defaults suit a small device on a slow link.
 
     The pace adapts to the link (see :mod:`._pace`) within these bounds:
-    ``chunk_size`` is the largest chunk (≤ 127 KiB keeps every message under the
-    128 KiB broker limit) and ``min_chunk_size`` the smallest; at most ``window``
+    ``chunk_size`` is the largest chunk (≤ 127 KiB, the default, keeps every message
+    under the 128 KiB broker limit) and ``min_chunk_size`` the smallest; at most ``window``
     chunks are in flight, asked for at most ``batch`` per request (one small request
     message answered by up to ``batch`` chunk messages). ``chunk_timeout`` is the
     retransmit timeout until the first RTT is measured; after that it is derived from
@@ -40,7 +40,7 @@ class FetchConfig:
     chunk_size: int = proto.DEFAULT_CHUNK
     min_chunk_size: int = 4 * 1024
     window: int = 64
-    batch: int = 8
+    batch: int = 16
     chunk_timeout: float = 2.0
     max_rto: float = 30.0
     stall_timeout: float = 60.0

@@ -180,13 +180,16 @@ class ChunkClient(RepositoryFetcher):
             seen = self._generation
         link_lost_at: float | None = None
         shown = 0.0
-        while not window.done:
+        while True:
             now = time.monotonic()
             if now - shown >= 0.5:
                 shown = now
                 # Read by other threads (the agent's telemetry): one immutable object.
                 self.transfer = window.progress(now)
             if not self.connection.connected:
+                window.deliver(sink, progress)
+                if window.done:
+                    break
                 link_lost_at = link_lost_at or now
                 if now - link_lost_at > cfg.reconnect_timeout:
                     raise SlowRetrievalError(
@@ -220,6 +223,11 @@ class ChunkClient(RepositoryFetcher):
             if len(sent) > 4 * cfg.window:  # ids whose answers are all in
                 live = window.in_flight()
                 sent = {corr: v for corr, v in sent.items() if corr in live}
+            # The sink (a disk write and a hash, say) after the requests the answers made
+            # room for: they are on their way while it runs.
+            window.deliver(sink, progress)
+            if window.done:
+                break
             try:
                 resp = inbox.get(timeout=window.wait_s(now))
             except queue.Empty:
@@ -232,7 +240,6 @@ class ChunkClient(RepositoryFetcher):
                     resp = inbox.get_nowait()
                 except queue.Empty:
                     break
-            window.deliver(sink, progress)
         assert window.total is not None
         return window.total
 
