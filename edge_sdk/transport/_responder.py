@@ -13,6 +13,17 @@ device's credentials write there) and the answer goes to that same device's
 ``repo/res`` topic. A device can therefore make the responder send bytes to
 itself only, and :class:`DeviceLimits` bounds how many.
 
+What a device gets: alone, everything the responder can send up to its hard ceiling
+(``DeviceLimits.bytes_per_s``, above 1 Gbit/s by default); with other devices
+downloading, a fair share of the responder (max-min: a device asking for less leaves
+the rest to the others). The share is of the one queue the responder controls, its
+responses waiting to be written to the broker: the connection writes them first in,
+first out, so a device's part of that queue is its part of what goes out. A device
+counts as asking while it sent a request within ``DeviceLimits.active_ms``; one that
+would hold more than ``share_slack_bytes`` above the mean of the asking devices is told
+to slow down (see :class:`_FairShare`). Devices the responder knows but that are not
+asking take nothing from anyone.
+
 A device's requests are served in the order they arrive (one at a time, on the
 connection's network thread), and a request for a chunk this responder sent the
 same device less than the device's retransmit timeout ago (the request's
@@ -66,30 +77,46 @@ MiB = 1024 * 1024
 
 @dataclass(frozen=True)
 class DeviceLimits:
-    """What one responder gives one device; the defaults let a device pull at LAN speed
-    for a while and then at ``bytes_per_s``, and stop any device from flooding the broker.
+    """What one responder gives one device: by default a device alone gets up to the
+    hard ceiling ``bytes_per_s`` (above 1 Gbit/s), several devices asking at once get a
+    fair share of the responder each, and no device can flood the broker.
 
-    Two token buckets per device: ``requests_per_s`` (bucket ``burst_requests``) and
-    ``bytes_per_s`` (bucket ``burst_bytes``) of chunk payload. A request over the
-    request rate is **dropped unanswered**: a device that keeps asking after a
-    slow-down is flooding, and answering each of its requests would itself be a
-    flood (the fetcher's chunk timeout and backoff cover a lost request); the drops are
-    counted per device and logged at most every ``DROP_LOG_INTERVAL`` seconds per
-    device. A request within the request rate but over the byte budget, or one that
-    would push the device's responses not yet written to the broker past
-    ``max_inflight_bytes``, gets the chunks that fit and then one short ``SLOW_DOWN``
-    answer naming how long to wait (at least ``slow_down_ms``);
+    Three budgets. The **ceiling**: token buckets ``requests_per_s`` (bucket
+    ``burst_requests``) and ``bytes_per_s`` (bucket ``burst_bytes``) of chunk payload,
+    whatever else is going on. The **queue**: at most ``max_inflight_bytes`` of one
+    device's responses wait to be written to the broker. The **fair share**: while other
+    devices ask too (a request within ``active_ms``), a device may hold at most
+    ``share_slack_bytes`` more of the responder's waiting responses than the mean of
+    the asking devices; the connection writes them in order, so the share of that queue
+    is the share of what the responder sends while it is busy. A device over its share
+    waits about as long as the queue takes to write its excess, at most
+    ``share_wait_ms``. Alone a device is never held to a share, and a device the
+    responder knows but that is not asking takes nothing from others.
+
+    A request over the request rate is **dropped unanswered**: a device that keeps
+    asking after a slow-down is flooding, and answering each of its requests would
+    itself be a flood (the fetcher's chunk timeout and backoff cover a lost request);
+    the drops are counted per device and logged at most every ``DROP_LOG_INTERVAL``
+    seconds per device. A request within the request rate but over the byte ceiling,
+    the queue or the fair share gets the chunks that fit and then one short
+    ``SLOW_DOWN`` answer naming how long to wait (at least ``slow_down_ms``, except
+    for the fair share);
     :class:`~edge_sdk.transport.ChunkClient` waits that long and asks again. Budgets
     are per responder process: N responders sharing the requests give a device up to
     N times these rates. The table of devices holds at most ``max_devices`` entries
-    (least recently seen forgotten).
+    (least recently seen forgotten). Values from older configurations keep their
+    meaning: each is an upper bound, and the fair share only ever lowers what a device
+    gets while others are asking.
     """
 
-    bytes_per_s: int = 8 * MiB
-    burst_bytes: int = 16 * MiB
-    requests_per_s: float = 200.0
-    burst_requests: int = 400
+    bytes_per_s: int = 256 * MiB
+    burst_bytes: int = 64 * MiB
+    requests_per_s: float = 1000.0
+    burst_requests: int = 2000
     max_inflight_bytes: int = 8 * MiB
+    share_slack_bytes: int = 512 * 1024
+    share_wait_ms: int = 20
+    active_ms: int = 1000
     slow_down_ms: int = 100
     max_devices: int = 100_000
     resend_hold_ms: int = 1000
@@ -99,7 +126,7 @@ class DeviceLimits:
     def __post_init__(self) -> None:
         if self.bytes_per_s <= 0 or self.requests_per_s <= 0:
             raise ConfigError("device limits: bytes_per_s and requests_per_s must be > 0")
-        for name in ("burst_bytes", "max_inflight_bytes"):
+        for name in ("burst_bytes", "max_inflight_bytes", "share_slack_bytes"):
             if getattr(self, name) < proto.MAX_CHUNK:
                 raise ConfigError(
                     f"device limits: {name} must be at least one chunk ({proto.MAX_CHUNK} "
@@ -110,6 +137,8 @@ class DeviceLimits:
         if not 0 <= self.resend_hold_ms <= self.max_resend_hold_ms or self.max_recent_chunks < 0:
             raise ConfigError("device limits: resend_hold_ms must be 0..max_resend_hold_ms and "
                               "max_recent_chunks >= 0")
+        if not 1 <= self.active_ms <= 60_000 or not 1 <= self.share_wait_ms <= 60_000:
+            raise ConfigError("device limits: active_ms and share_wait_ms must be 1..60000")
 
 
 @dataclass(frozen=True)
@@ -124,7 +153,9 @@ class ResponderConfig:
     still receives every request (requests are small); each device is answered by one.
 
     ``max_queued_bytes`` bounds the responses of all devices together that wait in this
-    process to be written to the broker (past it every device is told to slow down).
+    process to be written to the broker (past it every device is told to slow down);
+    while several devices ask, each holds about an equal part of what waits (see
+    :class:`DeviceLimits`), which is how they share the responder's capacity.
     The watchdog sends a probe every ``probe_interval`` seconds and reconnects when one
     is not acknowledged within ``stall_timeout`` (0 turns it off); keep ``stall_timeout``
     above the time the uplink to the broker takes for ``max_queued_bytes``.
@@ -217,11 +248,13 @@ class _Queued:
     ones done (written, or lost with the link) are always at the front. The lock lets
     the watchdog and metrics read the responder-wide one from their threads."""
 
-    __slots__ = ("items", "lock", "nbytes")
+    __slots__ = ("items", "lock", "nbytes", "written")
 
     def __init__(self) -> None:
         self.items: deque[tuple[PublishHandle, int]] = deque()
         self.nbytes = 0
+        #: Bytes done since the start (what the queue drained: its output so far).
+        self.written = 0
         self.lock = threading.Lock()
 
     def add(self, handle: PublishHandle, n: int) -> None:
@@ -234,8 +267,83 @@ class _Queued:
         with self.lock:
             items = self.items
             while items and not items[0][0].pending:
-                self.nbytes -= items.popleft()[1]
+                n = items.popleft()[1]
+                self.nbytes -= n
+                self.written += n
             return self.nbytes
+
+
+class _FairShare:
+    """Which devices are asking now, whether one would hold more than its share of the
+    responses waiting to be written, and how long it should wait then. Pure: the
+    caller gives ``now`` and the byte counts.
+
+    The waiting responses are written first in, first out, so over any stretch in which
+    the queue is busy a device receives its part of the queue's bytes: equal parts are
+    equal throughput. A device asking for less than its part holds less and lowers the
+    mean, which leaves the rest to the devices that want more; a lone device is the mean.
+    A device over its share waits about as long as the queue takes to write its excess
+    (the rate the queue drains at is measured): a fixed pause longer than that would
+    leave the queue empty while the devices that want the most are all waiting.
+    """
+
+    __slots__ = ("_mark", "active_s", "limit", "rate", "seen", "slack")
+
+    #: Seconds over which the drain rate is measured (then averaged with the last one).
+    RATE_PERIOD = 0.05
+
+    def __init__(self, active_s: float, slack: int, limit: int) -> None:
+        self.active_s, self.slack, self.limit = active_s, slack, limit
+        #: Device → when it last asked, oldest first.
+        self.seen: OrderedDict[str, float] = OrderedDict()
+        #: Bytes per second the queue was written at lately (0: not measured yet).
+        self.rate = 0.0
+        self._mark: tuple[float, int] | None = None
+
+    def asked(self, device: str, now: float) -> None:
+        seen = self.seen
+        seen.pop(device, None)
+        seen[device] = now
+        if len(seen) > self.limit:
+            seen.popitem(last=False)
+
+    def active(self, now: float) -> int:
+        """Devices that asked within ``active_s`` (forgets the others)."""
+        seen = self.seen
+        while seen:
+            first = next(iter(seen))
+            if now - seen[first] < self.active_s:
+                break
+            del seen[first]
+        return len(seen)
+
+    def written(self, total: int, now: float) -> None:
+        """The queue has written ``total`` bytes since the start (for its drain rate)."""
+        mark = self._mark
+        if mark is None or total < mark[1]:
+            self._mark = (now, total)
+            return
+        if now - mark[0] >= self.RATE_PERIOD:
+            rate = (total - mark[1]) / (now - mark[0])
+            self.rate = rate if self.rate == 0 else (self.rate + rate) / 2
+            self._mark = (now, total)
+
+    def over(self, mine: int, total: int, n: int, now: float) -> int:
+        """By how many bytes a device holding ``mine`` of the ``total`` bytes waiting would
+        be over its share with ``n`` more (0: it is not): its share is the asking
+        devices' mean plus the slack (which keeps the jitter of equal devices from being
+        slowed)."""
+        active = self.active(now)
+        if active <= 1:
+            return 0
+        return max(0, (mine + n) - self.slack - (total + n) // active)
+
+    def wait_s(self, excess: int, longest: float) -> float:
+        """How long a device ``excess`` bytes over its share should wait: as long as the
+        queue takes to write that much, at least 1 ms and at most ``longest``."""
+        if self.rate <= 0:
+            return longest
+        return min(longest, max(0.001, excess / self.rate))
 
 
 class _Budget:
@@ -315,6 +423,9 @@ class RepoResponder:
         self._announced: int | None = None
         self._resolved: dict[str, Path] = {}
         self._budgets: OrderedDict[str, _Budget] = OrderedDict()
+        limits = self.config.limits
+        self._share = _FairShare(limits.active_ms / 1000, limits.share_slack_bytes,
+                                 limits.max_devices)
         self._queued = _Queued()
         self._probe_topic = self.topics.share_probe(secrets.token_hex(8))
         self._probe: PublishHandle | None = None
@@ -492,6 +603,7 @@ class RepoResponder:
         if not budget.requests.take(1, now):
             self._drop(device, budget, now)  # before any work: nothing parsed, nothing queued
             return
+        self._share.asked(device, now)
         reply_to = self.topics.repo_response(device)
         try:
             req = proto.ChunkRequest.decode(payload)
@@ -506,6 +618,8 @@ class RepoResponder:
         hold = min(limits.max_resend_hold_ms,
                    limits.resend_hold_ms if req.rto_ms is None else req.rto_ms) / 1000
         path = sys.intern(req.path)
+        share = self._share
+        share.written(self._queued.written, now)
         for i in range(req.count):
             # decode bounds offset, length and count: this sum cannot overflow a u64.
             one = req if req.count == 1 else proto.ChunkRequest(
@@ -516,20 +630,24 @@ class RepoResponder:
                 continue
             resp = self.answer(one)
             n = len(resp.payload) if resp.status == proto.OK else 0
-            wait = 0.0
+            # How long to wait (ms), and why; 0: send.
+            ms, why = 0, "its budget"
+            mine, total = budget.queued.size(), self._queued.size()
             if budget.bytes.wait(n, now) > 0:
                 # Long enough for the rest of this request, so that it comes back once.
                 rest = min(limits.burst_bytes, (req.count - i) * req.length)
-                wait = budget.bytes.wait(rest, now)
-            elif (budget.queued.size() + n > limits.max_inflight_bytes
-                  or self._queued.size() + n > self.config.max_queued_bytes):
-                wait = limits.slow_down_ms / 1000
-            if wait > 0:
+                ms = max(limits.slow_down_ms, int(budget.bytes.wait(rest, now) * 1000) + 1)
+            elif (mine + n > limits.max_inflight_bytes
+                  or total + n > self.config.max_queued_bytes):
+                ms = limits.slow_down_ms
+            elif n and (excess := share.over(mine, total, n, now)):
+                wait = share.wait_s(excess, limits.share_wait_ms / 1000)
+                ms, why = max(1, round(wait * 1000)), "its share of this responder"
+            if ms:
                 self.stats.slowed += 1
-                ms = max(limits.slow_down_ms, int(wait * 1000) + 1)
                 self._send(reply_to, proto.ChunkResponse(
                     proto.SLOW_DOWN, req.corr, one.offset, ms,
-                    f"slow down: {device} is over its budget, retry in {ms} ms".encode()),
+                    f"slow down: {device} is over {why}, retry in {ms} ms".encode()),
                     budget)
                 return
             budget.bytes.take(n, now)
