@@ -18,6 +18,13 @@ and one process per device (its own connection, its own device id) running
     .venv/bin/python -u bench/fair_share.py [--mb 16] [--devices 10] [--rounds 1]
 
 Each part also prints the responder's slow-down count (from its metrics page).
+
+What the responder can even out is what waits in its own queue: a device that bursts
+more into it than the others (the greedy one) is held to about the others' part. On a
+2-core loopback host the ten device processes share the CPU with the broker and the
+responder, so the queue drains within milliseconds and what separates equal devices is
+downstream of it (which device process gets the CPU, what each one's pace measures):
+the devices getting the most are often ones never told to slow down.
 """
 
 from __future__ import annotations

@@ -22,7 +22,9 @@ first out, so a device's part of that queue is its part of what goes out. A devi
 counts as asking while it sent a request within ``DeviceLimits.active_ms``; one that
 would hold more than ``share_slack_bytes`` above the mean of the asking devices is told
 to slow down (see :class:`_FairShare`). Devices the responder knows but that are not
-asking take nothing from anyone.
+asking take nothing from anyone. The queue is what the responder can share: when the
+bottleneck is past the broker (the devices' own links or CPUs), that queue drains at
+once and each device gets what its own path gives it.
 
 A device's requests are served in the order they arrive (one at a time, on the
 connection's network thread), and a request for a chunk this responder sent the
