@@ -2,7 +2,17 @@
 
 A private Mosquitto on a free port, one ``edge-sdk serve --only responder`` process,
 and one process per device (its own connection, its own device id) running
-``ChunkClient.download`` of the same file. Three parts, in one run:
+``ChunkClient.download`` of the same file. Two set-ups, in one run:
+
+- shaped:   the responder in its own network namespace, joined to the broker's by a
+            veth pair shaped with ``tc qdisc ... tbf`` both ways (``--rate``, 200 Mbit/s
+            by default); the devices on loopback beside the broker. The responder's
+            link is the one shared resource and each device could take all of it:
+            this is what the fair share is for. Also prints the total against the
+            link rate (the share must not leave the link idle).
+- loopback: everything on loopback (CPU-bound on a small host: see below).
+
+and in each, these parts:
 
 - ten:    ten devices with the default ``FetchConfig``, default budgets. Each device's
           throughput over the common interval (from the last start to the first end,
@@ -10,26 +20,30 @@ and one process per device (its own connection, its own device id) running
           ten got together. Goal: each within 20 % (0.80–1.20).
 - greedy: the same with one device asking for as much as a ``FetchConfig`` allows
           (window 256, batch 64, 127 KiB chunks: the biggest window a fetcher can
-          have): does its bigger burst of requests starve the others?
-- lone:   one device alone, default budgets against the ceiling lifted
-          (``bytes_per_s`` and ``burst_bytes`` huge): the ratio is what the default
-          ceiling costs a lone device here (loopback; goal ≈ 1.0).
+          have): does its bigger burst of requests starve the others, or is it held
+          below its share?
+- lone:   one device alone. Shaped: its rate against the link's. Loopback: default
+          budgets against the ceiling lifted (``bytes_per_s`` and ``burst_bytes``
+          huge): the ratio is what the default ceiling costs a lone device (≈ 1.0).
 
-    .venv/bin/python -u bench/fair_share.py [--mb 16] [--devices 10] [--rounds 1]
+    sudo .venv/bin/python -u bench/fair_share.py [--mb 16] [--devices 10] [--rate 200M]
+        [--only ten|greedy|lone] [--setup shaped|loopback] [--rounds 1]
 
-Each part also prints the responder's slow-down count (from its metrics page).
+Each part also prints the responder's slow-down count and what waits in its process
+(from its metrics page; the socket holds the rest of its queue). ``FAIR_TRACE=1`` prints
+each device's bytes every half second, ``FAIR_DEBUG=1`` the responder's log.
 
-What the responder can even out is what waits in its own queue: a device that bursts
-more into it than the others (the greedy one) is held to about the others' part. On a
-2-core loopback host the ten device processes share the CPU with the broker and the
-responder, so the queue drains within milliseconds and what separates equal devices is
-downstream of it (which device process gets the CPU, what each one's pace measures):
-the devices getting the most are often ones never told to slow down.
+What the responder can even out is what waits in its own queue. On a 2-core loopback
+host the ten device processes share the CPU with the broker and the responder, so
+the queue drains within milliseconds and what separates equal devices is downstream
+of it (which device process gets the CPU, what each one's pace measures): the
+loopback figures are of a CPU-bound host, not of the fair share.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -38,6 +52,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Sequence
@@ -47,7 +62,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edge_sdk.transport import MAX_CHUNK, ChunkClient, FetchConfig, MqttConfig, MqttConnection  # noqa: E402
-from tests._broker import Mosquitto  # noqa: E402
+from tests._broker import Mosquitto, free_port  # noqa: E402
+from tests._netns import ThinLink, unavailable  # noqa: E402
 
 FLEET = "bench"
 TARGET = "targets/blob.bin"
@@ -99,33 +115,52 @@ def scrape(url: str) -> dict[str, float]:
 
 
 class Responder:
-    def __init__(self, work: Path, broker: Mosquitto, limits: Sequence[str]) -> None:
+    """``edge-sdk serve --only responder`` on ``url``; inside ``link``'s namespace if given
+    (its metrics page then listens on the namespace's end of the veth pair)."""
+
+    def __init__(self, work: Path, url: str, limits: Sequence[str],
+                 link: ThinLink | None = None) -> None:
         self.log = work / f"serve-{time.monotonic_ns()}.log"
+        metrics = "127.0.0.1:0" if link is None else f"{link.device_ip}:0"
+        argv = [str(Path(sys.executable).with_name("edge-sdk")), "serve", "--repo",
+                str(work / "repo"), "--broker", url, "--fleet", FLEET,
+                "--only", "responder", "--metrics", metrics,
+                *(f"--device-limit={kv}" for kv in limits)]
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(
-                [str(Path(sys.executable).with_name("edge-sdk")), "serve", "--repo",
-                 str(work / "repo"), "--broker", broker.url, "--fleet", FLEET,
-                 "--only", "responder", "--metrics", "127.0.0.1:0",
-                 *(f"--device-limit={kv}" for kv in limits)],
+                argv if link is None else link.wrap(argv),
                 stderr=out, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        end = time.monotonic() + 30
-        while "serving" not in self.log.read_text():
-            if self.proc.poll() is not None or time.monotonic() > end:
-                raise RuntimeError(f"serve did not start: {self.log.read_text()}")
-            time.sleep(0.05)
-        m = re.search(r"responder metrics on (\S+)", self.log.read_text())
-        assert m, self.log.read_text()
-        self.metrics = m.group(1)
+        try:
+            end = time.monotonic() + 30
+            while "serving" not in self.log.read_text():
+                if self.proc.poll() is not None or time.monotonic() > end:
+                    raise RuntimeError(f"serve did not start: {self.log.read_text()}")
+                time.sleep(0.05)
+            m = re.search(r"responder metrics on (\S+)", self.log.read_text())
+            assert m, self.log.read_text()
+            self.metrics = m.group(1)
+        except BaseException:
+            self.stop()
+            raise
+
+    def slow_downs(self) -> float:
+        return scrape(self.metrics)["edge_responder_slow_downs_total"]
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
         if os.environ.get("FAIR_DEBUG"):
             print(self.log.read_text())
 
 
 def run(broker: Mosquitto, size: int, fetches: Sequence[dict[str, int]]) -> list[dict]:
-    """Download with one process per device, all told "go" at once; their timelines."""
+    """Download with one process per device (on loopback beside the broker), all told
+    "go" at once; their timelines."""
     procs = [subprocess.Popen(
         [sys.executable, "-u", __file__, "--worker", broker.url, f"dev{i}", str(size),
          json.dumps(f)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -139,7 +174,7 @@ def run(broker: Mosquitto, size: int, fetches: Sequence[dict[str, int]]) -> list
             p.stdin.flush()
         out = []
         for p in procs:
-            text, _ = p.communicate(timeout=600)
+            text, _ = p.communicate(timeout=300)
             out.append(json.loads(text.splitlines()[-1]))
             assert out[-1]["stamps"][-1][1] == size, out[-1]["device"]
         return out
@@ -166,15 +201,112 @@ def shares(results: list[dict], labels: Sequence[str]) -> tuple[float, float]:
         print(f"  {r['device']:6} {label:7} {rate / 1e6:7.1f} MB/s  {rate / fair:5.2f}× share"
               f"   (whole download {whole / 1e6:6.1f} MB/s, slow-downs {r['slowdowns']}, "
               f"resent {r['resent']}, timeouts {r['timeouts']})")
+    if os.environ.get("FAIR_TRACE"):
+        t0 = min(r["start"] for r in results)
+        for r in results:
+            print(f"  {r['device']:6} start +{r['start'] - t0:.2f} s, MiB at each 0.5 s:",
+                  " ".join(f"{bytes_at(r['stamps'], t0 + k / 2) / 2**20:.0f}"
+                           for k in range(int((r['stamps'][-1][0] - t0) * 2) + 2)))
     return max(abs(rate / fair - 1) for rate in rates), total
+
+
+def spread(name: str, resp: Responder, broker: Mosquitto, size: int,
+           fetches: Sequence[dict[str, int]], labels: Sequence[str],
+           link_rate: float | None) -> tuple[float, float]:
+    """One part with many devices: their shares, the worst, the total against the link."""
+    queued: list[float] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            with contextlib.suppress(OSError, KeyError):
+                queued.append(scrape(resp.metrics)["edge_responder_queued_bytes"])
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        res = run(broker, size, fetches)
+    finally:
+        done.set()
+        sampler.join()
+    worst, total = shares(res, labels)
+    versus = "" if link_rate is None else \
+        f"; all together {total * 8 / link_rate:.2f}× the link's {link_rate / 1e6:g} Mbit/s"
+    busy = statistics.median(queued) / 2**20 if queued else float("nan")
+    print(f"  {name}: worst device {worst * 100:.0f} % from an equal share (goal ≤ 20 %)"
+          f"{versus}; responder slow-downs {resp.slow_downs():.0f}, waiting in its process "
+          f"{busy:.2f} MiB (median of {len(queued)} samples)")
+    return worst, total
+
+
+def parts(args: argparse.Namespace, work: Path, broker: Mosquitto, url: str, size: int,
+          link: ThinLink | None, rnd: int) -> None:
+    where = "loopback, CPU-bound" if link is None else \
+        f"shaped, responder behind {link.rate_bit / 1e6:g} Mbit/s"
+    rate = None if link is None else float(link.rate_bit)
+    n = args.devices
+    if args.only in (None, "ten"):
+        resp = Responder(work, url, args.limit, link)
+        try:
+            print(f"[{where}] ten: {n} devices, default FetchConfig, default budgets "
+                  f"(round {rnd + 1})")
+            spread("ten", resp, broker, size, [{}] * n, ["default"] * n, rate)
+        finally:
+            resp.stop()
+    if args.only in (None, "greedy"):
+        resp = Responder(work, url, args.limit, link)
+        try:
+            print(f"[{where}] greedy: dev0 with window 256 × 127 KiB, batch 64; "
+                  f"{n - 1} default (round {rnd + 1})")
+            spread("greedy", resp, broker, size, [GREEDY] + [{}] * (n - 1),
+                   ["greedy"] + ["default"] * (n - 1), rate)
+        finally:
+            resp.stop()
+    if args.only in (None, "lone") and link is not None:
+        resp = Responder(work, url, args.limit, link)
+        try:
+            (r,) = run(broker, size, [{}])
+            got = size / (r["stamps"][-1][0] - r["start"])
+            print(f"[{where}] lone device (round {rnd + 1}): {got * 8 / 1e6:.0f} Mbit/s, "
+                  f"{got * 8 / link.rate_bit:.2f}× the link (whole download, start-up "
+                  f"included; slow-downs {r['slowdowns']})")
+        finally:
+            resp.stop()
+    if args.only in (None, "lone") and link is None:
+        figures: dict[str, list[float]] = {}
+        slowed: dict[str, int] = {}
+        for name, limits in (("default", ()), ("lifted", LIFTED)) * 3:
+            resp = Responder(work, url, (*args.limit, *limits))
+            try:
+                (r,) = run(broker, size, [{}])
+                figures.setdefault(name, []).append(size / (r["stamps"][-1][0] - r["start"]))
+                slowed[name] = slowed.get(name, 0) + r["slowdowns"]
+            finally:
+                resp.stop()
+        d, u = (statistics.median(figures[k]) for k in ("default", "lifted"))
+        print(f"[{where}] lone device (round {rnd + 1}): default budgets {d / 1e6:.1f} MB/s, "
+              f"ceiling lifted {u / 1e6:.1f} MB/s: {d / u:.2f}× (median of 3 each, "
+              f"interleaved; slow-downs {slowed['default']} and {slowed['lifted']})")
+
+
+def parse_rate(text: str) -> int:
+    units = {"k": 1_000, "m": 1_000_000, "g": 1_000_000_000}
+    t = text.strip().lower().removesuffix("bit")
+    return int(float(t[:-1]) * units[t[-1]]) if t[-1] in units else int(t)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mb", type=int, default=16, help="file size per download")
+    ap.add_argument("--mb", type=int, default=16, help="file size per download (shaped)")
+    ap.add_argument("--loopback-mb", type=int, default=96,
+                    help="file size per download on loopback (long enough to measure there)")
     ap.add_argument("--devices", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--rate", default="200M", help="the responder's link, shaped set-up")
+    ap.add_argument("--latency-ms", type=int, default=20,
+                    help="tbf's queue bound on the responder's link")
     ap.add_argument("--only", choices=("ten", "greedy", "lone"))
+    ap.add_argument("--setup", choices=("shaped", "loopback"))
     ap.add_argument("--limit", action="append", default=[], metavar="KEY=N",
                     help="a serve --device-limit for every part (repeatable)")
     ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
@@ -183,60 +315,41 @@ def main() -> None:
         url, device, size, fetch = args.worker
         worker(url, device, int(size), json.loads(fetch))
         return
+    why = unavailable() if args.setup != "loopback" else None
+    if why and args.setup == "shaped":
+        raise SystemExit(f"fair_share: {why}")
 
     work = Path(tempfile.mkdtemp(prefix="edge-bench-fair-"))
-    size = args.mb * 1024 * 1024
     (work / "repo" / "metadata").mkdir(parents=True)
     (work / "repo" / "targets").mkdir()
-    (work / "repo" / TARGET).write_bytes(os.urandom(size))
-    broker = Mosquitto(work / "broker")
-    broker.start()
-    print(f"{args.devices} devices × {args.mb} MiB, one responder, Mosquitto on "
-          f"{broker.url}, cpus {os.cpu_count()}, device limits {args.limit or 'default'}")
+
+    def blob(mb: int) -> int:
+        size = mb * 1024 * 1024
+        (work / "repo" / TARGET).write_bytes(os.urandom(size))
+        return size
+
+    print(f"{args.devices} devices × {args.mb} MiB (shaped) or {args.loopback_mb} MiB "
+          f"(loopback), one responder, cpus {os.cpu_count()}, device limits "
+          f"{args.limit or 'default'}")
     try:
-        for rnd in range(args.rounds):
-            if args.only in (None, "ten"):
-                resp = Responder(work, broker, args.limit)
-                try:
-                    print(f"ten: {args.devices} devices, default FetchConfig, default budgets"
-                          f" (round {rnd + 1})")
-                    res = run(broker, size, [{}] * args.devices)
-                    worst, _ = shares(res, ["default"] * args.devices)
-                    print(f"  worst device {worst * 100:.0f} % from an equal share (goal ≤ 20 %);"
-                          f" responder slow-downs "
-                          f"{scrape(resp.metrics)['edge_responder_slow_downs_total']:.0f}")
-                finally:
-                    resp.stop()
-            if args.only in (None, "greedy"):
-                resp = Responder(work, broker, args.limit)
-                try:
-                    print(f"greedy: dev0 with window 256 × 127 KiB, batch 64; "
-                          f"{args.devices - 1} default (round {rnd + 1})")
-                    res = run(broker, size, [GREEDY] + [{}] * (args.devices - 1))
-                    worst, _ = shares(res, ["greedy"] + ["default"] * (args.devices - 1))
-                    print(f"  worst device {worst * 100:.0f} % from an equal share; responder "
-                          f"slow-downs "
-                          f"{scrape(resp.metrics)['edge_responder_slow_downs_total']:.0f}")
-                finally:
-                    resp.stop()
-            if args.only in (None, "lone"):
-                figures: dict[str, list[float]] = {}
-                slowed: dict[str, int] = {}
-                for name, limits in (("default", ()), ("lifted", LIFTED)) * 3:
-                    resp = Responder(work, broker, (*args.limit, *limits))
-                    try:
-                        (r,) = run(broker, size, [{}])
-                        rate = size / (r["stamps"][-1][0] - r["start"])
-                        figures.setdefault(name, []).append(rate)
-                        slowed[name] = slowed.get(name, 0) + r["slowdowns"]
-                    finally:
-                        resp.stop()
-                d, u = (statistics.median(figures[k]) for k in ("default", "lifted"))
-                print(f"lone device (round {rnd + 1}): default budgets {d / 1e6:.1f} MB/s, "
-                      f"ceiling lifted {u / 1e6:.1f} MB/s: {d / u:.2f}× (median of 3 each, "
-                      f"interleaved; slow-downs {slowed['default']} and {slowed['lifted']})")
+        if args.setup != "loopback":
+            size = blob(args.mb)
+            if why:
+                print(f"shaped set-up skipped: {why}")
+            else:
+                with ThinLink(parse_rate(args.rate), latency_ms=args.latency_ms) as link:
+                    port = free_port()
+                    with Mosquitto(work / "broker-shaped",
+                                   extra_conf=f"listener {port} {link.host_ip}\n") as broker:
+                        for rnd in range(args.rounds):
+                            parts(args, work, broker, f"mqtt://{link.host_ip}:{port}", size,
+                                  link, rnd)
+        if args.setup != "shaped":
+            size = blob(args.loopback_mb)
+            with Mosquitto(work / "broker") as broker:
+                for rnd in range(args.rounds):
+                    parts(args, work, broker, broker.url, size, None, rnd)
     finally:
-        broker.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 
