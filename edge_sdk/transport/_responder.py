@@ -16,11 +16,13 @@ itself only, and :class:`DeviceLimits` bounds how many.
 What a device gets: alone, everything the responder can send up to its hard ceiling
 (``DeviceLimits.bytes_per_s``, above 1 Gbit/s by default); with other devices
 downloading, a fair share of the responder (max-min: a device asking for less leaves
-the rest to the others). The share is of the one queue the responder controls, its
-responses waiting to be written to the broker: the connection writes them first in,
-first out, so a device's part of that queue is its part of what goes out. A device
-counts as asking while it sent a request within ``DeviceLimits.active_ms``; one that
-would hold more than ``share_slack_bytes`` above the mean of the asking devices is told
+the rest to the others). The share is of the one queue the responder feeds, its
+responses on their way to the broker: waiting in this process and in the socket
+(written, not yet acknowledged by the broker's end; on a fast uplink the kernel takes
+megabytes before this process queues anything). Both are first in, first out, so a
+device's part of that queue is its part of what goes out. A device counts as asking
+while it sent a request within ``DeviceLimits.active_ms``; one that would hold more
+than the other devices with bytes on the way hold on average, plus the slack, is told
 to slow down (see :class:`_FairShare`). Devices the responder knows but that are not
 asking take nothing from anyone. The queue is what the responder can share: when the
 bottleneck is past the broker (the devices' own links or CPUs), that queue drains at
@@ -72,6 +74,15 @@ from . import _chunks as proto
 from ._connection import MqttConnection, PublishHandle, Subscription
 from ._topics import RESPONDER_SHARE_GROUP, Topics
 
+try:
+    import fcntl
+    import termios
+
+    # SIOCOUTQ: on a TCP socket, bytes written and not yet acknowledged by the peer.
+    _OUTQ: int | None = termios.TIOCOUTQ if sys.platform == "linux" else None
+except ImportError:  # Windows
+    _OUTQ = None
+
 log = logging.getLogger("edge_sdk.transport")
 
 MiB = 1024 * 1024
@@ -87,10 +98,11 @@ class DeviceLimits:
     ``burst_requests``) and ``bytes_per_s`` (bucket ``burst_bytes``) of chunk payload,
     whatever else is going on. The **queue**: at most ``max_inflight_bytes`` of one
     device's responses wait to be written to the broker. The **fair share**: while other
-    devices ask too (a request within ``active_ms``), a device may hold at most
-    ``share_slack_bytes`` more of the responder's waiting responses than the mean of
-    the asking devices; the connection writes them in order, so the share of that queue
-    is the share of what the responder sends while it is busy. A device over its share
+    devices ask too (a request within ``active_ms``), a device may hold at most what the
+    other devices hold on average of the responses on their way to the broker (in this
+    process and in the socket), plus ``share_slack_bytes`` or a fifth of that average,
+    whichever is more; they are written in order, so the share of that queue is the
+    share of what the responder sends while it is busy. A device over its share
     waits about as long as the queue takes to write its excess, at most
     ``share_wait_ms``. Alone a device is never held to a share, and a device the
     responder knows but that is not asking takes nothing from others.
@@ -116,7 +128,7 @@ class DeviceLimits:
     requests_per_s: float = 1000.0
     burst_requests: int = 2000
     max_inflight_bytes: int = 8 * MiB
-    share_slack_bytes: int = 512 * 1024
+    share_slack_bytes: int = 32 * 1024
     share_wait_ms: int = 20
     active_ms: int = 1000
     slow_down_ms: int = 100
@@ -128,7 +140,7 @@ class DeviceLimits:
     def __post_init__(self) -> None:
         if self.bytes_per_s <= 0 or self.requests_per_s <= 0:
             raise ConfigError("device limits: bytes_per_s and requests_per_s must be > 0")
-        for name in ("burst_bytes", "max_inflight_bytes", "share_slack_bytes"):
+        for name in ("burst_bytes", "max_inflight_bytes"):
             if getattr(self, name) < proto.MAX_CHUNK:
                 raise ConfigError(
                     f"device limits: {name} must be at least one chunk ({proto.MAX_CHUNK} "
@@ -139,6 +151,8 @@ class DeviceLimits:
         if not 0 <= self.resend_hold_ms <= self.max_resend_hold_ms or self.max_recent_chunks < 0:
             raise ConfigError("device limits: resend_hold_ms must be 0..max_resend_hold_ms and "
                               "max_recent_chunks >= 0")
+        if self.share_slack_bytes < 0:
+            raise ConfigError("device limits: share_slack_bytes must be >= 0")
         if not 1 <= self.active_ms <= 60_000 or not 1 <= self.share_wait_ms <= 60_000:
             raise ConfigError("device limits: active_ms and share_wait_ms must be 1..60000")
 
@@ -275,6 +289,52 @@ class _Queued:
             return self.nbytes
 
 
+class _Pipe:
+    """Responses on their way to the broker, by device: handed to the connection and not
+    yet through (waiting in this process, in the socket, on the link). Each is kept as
+    its end on the count of bytes handed over; once that many have left (see
+    :meth:`RepoResponder._gone`) it is through. No I/O, no lock (the network thread's)."""
+
+    __slots__ = ("entries", "handed", "held", "nbytes")
+
+    def __init__(self) -> None:
+        self.entries: deque[tuple[int, str, int]] = deque()
+        #: Bytes handed over since the start; device → its bytes on the way (no zeros).
+        self.handed = 0
+        self.held: dict[str, int] = {}
+        self.nbytes = 0
+
+    def add(self, device: str, n: int) -> None:
+        self.handed += n
+        self.entries.append((self.handed, device, n))
+        self.held[device] = self.held.get(device, 0) + n
+        self.nbytes += n
+
+    def advance(self, gone: int) -> None:
+        """The first ``gone`` bytes handed over have left."""
+        entries, held = self.entries, self.held
+        while entries and entries[0][0] <= gone:
+            _, device, n = entries.popleft()
+            self.nbytes -= n
+            left = held[device] - n
+            if left:
+                held[device] = left
+            else:
+                del held[device]
+
+
+def _unsent(sock: Any) -> int:
+    """Bytes ``sock`` holds that the peer has not acknowledged (Linux ``SIOCOUTQ``; 0
+    where that cannot be asked)."""
+    if _OUTQ is None or sock is None:
+        return 0
+    try:
+        out = fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return 0
+    return max(0, int.from_bytes(out, sys.byteorder, signed=True))
+
+
 class _FairShare:
     """Which devices are asking now, whether one would hold more than its share of the
     responses waiting to be written, and how long it should wait then. Pure: the
@@ -293,6 +353,17 @@ class _FairShare:
 
     #: Seconds over which the drain rate is measured (then averaged with the last one).
     RATE_PERIOD = 0.05
+    #: The slack is at least the others' average over this: a device asking for more than
+    #: the others gets at most about 1.2 times what they get.
+    SLACK_DIVISOR = 5
+    #: A device may always hold its part (among the devices holding some) of this many
+    #: seconds of the queue, at the rate it was written lately: nobody waits much longer
+    #: than that behind anyone. On a fast queue (ten devices on loopback: a millisecond
+    #: or two all told) equal devices differ by more than a fifth all the time, and
+    #: slowing them down for it, 2,000 times a second for chunks that would have left at
+    #: once, cost up to half the throughput; 5 ms let a flooder through a test bench
+    #: that 3 ms holds (tests/test_responder_abuse.py).
+    BUSY_S = 0.003
 
     def __init__(self, active_s: float, slack: int, limit: int) -> None:
         self.active_s, self.slack, self.limit = active_s, slack, limit
@@ -330,15 +401,29 @@ class _FairShare:
             self.rate = rate if self.rate == 0 else (self.rate + rate) / 2
             self._mark = (now, total)
 
-    def over(self, mine: int, total: int, n: int, now: float) -> int:
-        """By how many bytes a device holding ``mine`` of the ``total`` bytes waiting would
-        be over its share with ``n`` more (0: it is not): its share is the asking
-        devices' mean plus the slack (which keeps the jitter of equal devices from being
-        slowed)."""
+    def over(self, mine: int, total: int, n: int, holders: int, now: float) -> int:
+        """By how many bytes a device holding ``mine`` of the ``total`` bytes on their way
+        (``holders`` devices, it included, holding some) would be over its share with
+        an ``n``-byte chunk more (0: it is not).
+
+        Its share is what the other holders hold on average plus the slack (``slack``
+        bytes or a fifth of that average, whichever is more), and never less than its
+        part of ``BUSY_S`` of the queue (a part for each holder). Devices asking
+        but holding nothing do not lower the average: on a fast queue most hold nothing
+        at any moment, and counting them held everyone to a chunk or two (a third of
+        the throughput of ten devices on loopback). A chunk counts from its middle: a
+        device is let in while that is within its share, so that what it holds on
+        average is the share whatever its chunk size (counting the whole chunk let a
+        device with chunks twice the others' size hold a chunk's worth more on a queue
+        a few chunks deep: about twice their bytes). A device holding nothing is never
+        over: it may always have one chunk on its way."""
         active = self.active(now)
-        if active <= 1:
+        if mine == 0 or active <= 1:
             return 0
-        return max(0, (mine + n) - self.slack - (total + n) // active)
+        others = (total - mine) // (holders - 1) if holders > 1 else 0
+        share = max(others + max(self.slack, others // self.SLACK_DIVISOR),
+                    int(self.rate * self.BUSY_S) // max(1, holders))
+        return max(0, mine + n // 2 - share)
 
     def wait_s(self, excess: int, longest: float) -> float:
         """How long a device ``excess`` bytes over its share should wait: as long as the
@@ -429,6 +514,7 @@ class RepoResponder:
         self._share = _FairShare(limits.active_ms / 1000, limits.share_slack_bytes,
                                  limits.max_devices)
         self._queued = _Queued()
+        self._pipe = _Pipe()
         self._probe_topic = self.topics.share_probe(secrets.token_hex(8))
         self._probe: PublishHandle | None = None
         self._watch_state = _StallWatch(self.config.probe_interval, self.config.stall_timeout,
@@ -573,9 +659,20 @@ class RepoResponder:
         handle = self.connection.publish(reply_to, data, qos=0)
         budget.queued.add(handle, len(data))
         self._queued.add(handle, len(data))
+        self._pipe.add(reply_to, len(data))
         if resp.status == proto.OK:
             self.stats.chunks += 1
             self.stats.bytes_sent += len(resp.payload)
+
+    def _gone(self) -> int:
+        """Of the bytes handed to the connection, how many have left: written to the
+        socket and acknowledged by the broker's end. The socket's part is the one that
+        matters on a fast uplink: the kernel takes megabytes before this process queues
+        anything, and they are written first in, first out as well."""
+        self._queued.size()  # forgets the written ones
+        client = getattr(self.connection, "_client", None)  # no public accessor (yet)
+        sock = None if client is None else client.socket()
+        return max(0, self._queued.written - _unsent(sock))
 
     def _drop(self, device: str, budget: _Budget, now: float) -> None:
         """Count a request over ``device``'s request rate; say so now and then."""
@@ -621,7 +718,10 @@ class RepoResponder:
                    limits.resend_hold_ms if req.rto_ms is None else req.rto_ms) / 1000
         path = sys.intern(req.path)
         share = self._share
-        share.written(self._queued.written, now)
+        gone = self._gone()
+        share.written(gone, now)
+        pipe = self._pipe
+        pipe.advance(gone)
         for i in range(req.count):
             # decode bounds offset, length and count: this sum cannot overflow a u64.
             one = req if req.count == 1 else proto.ChunkRequest(
@@ -632,9 +732,12 @@ class RepoResponder:
                 continue
             resp = self.answer(one)
             n = len(resp.payload) if resp.status == proto.OK else 0
-            # How long to wait (ms), and why; 0: send.
-            ms, why = 0, "its budget"
+            # How long to wait (ms), and why; None: send.
+            ms: int | None = None
+            why = "its budget"
             mine, total = budget.queued.size(), self._queued.size()
+            # The share is of everything on its way: this process's queue and the socket's.
+            held = pipe.held.get(reply_to, 0)
             if budget.bytes.wait(n, now) > 0:
                 # Long enough for the rest of this request, so that it comes back once.
                 rest = min(limits.burst_bytes, (req.count - i) * req.length)
@@ -642,10 +745,10 @@ class RepoResponder:
             elif (mine + n > limits.max_inflight_bytes
                   or total + n > self.config.max_queued_bytes):
                 ms = limits.slow_down_ms
-            elif n and (excess := share.over(mine, total, n, now)):
+            elif n and (excess := share.over(held, pipe.nbytes, n, len(pipe.held), now)):
                 wait = share.wait_s(excess, limits.share_wait_ms / 1000)
                 ms, why = max(1, round(wait * 1000)), "its share of this responder"
-            if ms:
+            if ms is not None:
                 self.stats.slowed += 1
                 self._send(reply_to, proto.ChunkResponse(
                     proto.SLOW_DOWN, req.corr, one.offset, ms,
