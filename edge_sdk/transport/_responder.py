@@ -337,13 +337,14 @@ def _unsent(sock: Any) -> int:
 
 class _FairShare:
     """Which devices are asking now, whether one would hold more than its share of the
-    responses waiting to be written, and how long it should wait then. Pure: the
+    responses on their way to the broker, and how long it should wait then. Pure: the
     caller gives ``now`` and the byte counts.
 
-    The waiting responses are written first in, first out, so over any stretch in which
-    the queue is busy a device receives its part of the queue's bytes: equal parts are
-    equal throughput. A device asking for less than its part holds less and lowers the
-    mean, which leaves the rest to the devices that want more; a lone device is the mean.
+    The responses on their way are written first in, first out, so over any stretch in
+    which the queue is busy a device receives its part of the queue's bytes: equal parts
+    are equal throughput. A device asking for less than its part holds less and lowers
+    the others' average only while it holds some, which leaves the rest to the devices
+    that want more; a lone device is never held.
     A device over its share waits about as long as the queue takes to write its excess
     (the rate the queue drains at is measured): a fixed pause longer than that would
     leave the queue empty while the devices that want the most are all waiting.
