@@ -39,6 +39,7 @@ class Responses:
 
     def __init__(self, conn: MqttConnection, device: str) -> None:
         self.items: list[proto.ChunkResponse] = []
+        self.times: list[float] = []
         self.wire_bytes = 0
         self.last_at = 0.0
         self.cond = threading.Condition()
@@ -49,6 +50,7 @@ class Responses:
             self.items.append(proto.ChunkResponse.decode(payload))
             self.wire_bytes += len(payload)
             self.last_at = time.monotonic()
+            self.times.append(self.last_at)
             self.cond.notify_all()
 
     def for_corr(self, corr: bytes, timeout: float = 10) -> list[proto.ChunkResponse]:
@@ -66,9 +68,16 @@ class Responses:
             time.sleep(0.1)
         raise AssertionError("responses never stopped")
 
-    def ok_bytes(self) -> int:
+    def ok_bytes(self, since: float = 0.0, until: float = float("inf")) -> int:
+        """Chunk bytes that arrived between ``since`` and ``until``."""
         with self.cond:
-            return sum(len(r.payload) for r in self.items if r.status == proto.OK)
+            return sum(len(r.payload) for r, t in zip(self.items, self.times, strict=True)
+                       if r.status == proto.OK and since <= t <= until)
+
+    def slowed(self, why: str) -> int:
+        """``SLOW_DOWN`` answers whose reason says ``why``."""
+        with self.cond:
+            return sum(r.status == proto.SLOW_DOWN and why in r.reason for r in self.items)
 
 
 class Setup:
@@ -257,6 +266,80 @@ def test_fetcher_waits_out_slow_down_answers_and_completes(
             assert client.stats.chunks_resent >= client.stats.slowdowns
     finally:
         a.close()
+
+
+SHARE = "its share of this responder"
+
+
+def test_a_lone_device_is_not_held_to_a_share_of_devices_that_stopped_asking(
+        tmp_path: Path) -> None:
+    # The responder knows three devices; two asked a moment ago and are done. The third
+    # downloads alone: it is never told to slow down, though a share of three devices'
+    # (a tight slack: one chunk) would hold each of its batches of eight chunks.
+    with make_setup(tmp_path, ("d1", "d2", "d3")) as s:
+        conns = {d: connect_as(s.broker, s.creds, d) for d in ("d1", "d2", "d3")}
+        try:
+            with serve(s, tmp_path, f"share_slack_bytes={MAX_CHUNK}", "active_ms=300"):
+                for d in ("d2", "d3"):
+                    answers = Responses(conns[d], d)
+                    answers.for_corr(request(conns[d], d, s.target))
+                    assert answers.ok_bytes() == MAX_CHUNK
+                time.sleep(0.5)  # past active_ms: d2 and d3 are known, not asking
+                client = ChunkClient(conns["d1"], "d1")
+                data = bytearray()
+                client.download(s.target, data.extend, length=s.size)
+            assert bytes(data) == s.data
+            assert client.stats.slowdowns == 0
+        finally:
+            for c in conns.values():
+                c.close()
+
+
+def test_a_flooding_device_is_held_to_its_share_while_an_honest_device_downloads(
+        setup: Setup, tmp_path: Path) -> None:
+    # d1 asks for the whole file (2.4 MB) every 10 ms, within the request rate, with a
+    # 1 ms retransmit timeout so that no retry counts as premature, and reads what comes;
+    # d2 downloads the file three times with the default fetcher meanwhile. The slack is
+    # one chunk, so that the share is all that holds d1 once d2 asks.
+    flooder = connect_as(setup.broker, setup.creds, "d1")
+    honest = connect_as(setup.broker, setup.creds, "d2")
+    stop = threading.Event()
+
+    def flood() -> None:
+        end = time.monotonic() + 30
+        while not stop.is_set() and time.monotonic() < end:
+            request(flooder, "d1", setup.target, n=proto.MAX_BATCH, rto=1)
+            time.sleep(0.01)
+
+    try:
+        to_flooder = Responses(flooder, "d1")
+        with serve(setup, tmp_path, f"share_slack_bytes={MAX_CHUNK}"):
+            thread = threading.Thread(target=flood, daemon=True)
+            thread.start()
+            try:
+                with to_flooder.cond:  # the flood is being answered
+                    assert to_flooder.cond.wait_for(lambda: to_flooder.items, 10)
+                client = ChunkClient(honest, "d2", config=FetchConfig(stall_timeout=10))
+                t0 = time.monotonic()
+                for _ in range(3):  # long enough to be past the fetcher's start-up
+                    data = bytearray()
+                    client.download(setup.target, data.extend, length=setup.size)
+                    assert bytes(data) == setup.data
+                t1 = time.monotonic()
+            finally:
+                stop.set()
+                thread.join(5)
+        flooded = to_flooder.ok_bytes(t0, t1)
+        print(f"during d2's downloads of 3 × {setup.size} bytes: d1 got {flooded} bytes, "
+              f"{to_flooder.slowed(SHARE)} share slow-downs; d2 {client.stats}")
+        # Held: told to slow down for its share, and it got about what d2 got (1.3-1.4×
+        # here), where without the share it got 18× (its whole queue bound, 8 MiB, per
+        # request: the queue of the responder was its own).
+        assert to_flooder.slowed(SHARE) > 0
+        assert flooded <= 2 * 3 * setup.size
+    finally:
+        flooder.close()
+        honest.close()
 
 
 @pytest.mark.parametrize(("field", "value", "reason"), [

@@ -695,8 +695,11 @@ def _device_limits(values: tuple[str, ...]) -> DeviceLimits:
                    "serve also falls back by itself when a shared one receives nothing, as "
                    "on NATS).")
 @click.option("--device-limit", "device_limit", multiple=True, metavar="KEY=N",
-              help="Change one per-device budget, e.g. bytes_per_s=4194304 (keys: "
-                   + ", ".join(f.name for f in dataclasses.fields(DeviceLimits)) + ").")
+              help="Change one per-device budget, e.g. bytes_per_s=12500000. A device "
+                   "alone gets up to the ceiling (bytes_per_s, burst_bytes, requests_per_s); "
+                   "several devices asking at once share the responder fairly "
+                   "(share_slack_bytes, share_wait_ms, active_ms). Keys: "
+                   + ", ".join(f.name for f in dataclasses.fields(DeviceLimits)) + ".")
 @click.option("--db", "db_url", envvar="EDGE_DB", show_envvar=True,
               help="Fleet database: sqlite:///PATH or postgresql://... (default: "
                    "REPO/fleet.db).")
@@ -755,7 +758,8 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
     recorded in the fleet database, until interrupted.
 
     Each device is answered only on its own response topic and within its own
-    budget (requests and bytes per second, bytes in flight): see --device-limit.
+    budget: alone up to a ceiling (requests and bytes per second, bytes in flight),
+    with other devices downloading a fair share of the responder: see --device-limit.
     One serve runs a fleet's registry and rollouts at a time: another one on the same
     database and fleet waits (a standby) until the first stops or its lease expires.
     """

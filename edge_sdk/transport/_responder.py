@@ -13,6 +13,21 @@ device's credentials write there) and the answer goes to that same device's
 ``repo/res`` topic. A device can therefore make the responder send bytes to
 itself only, and :class:`DeviceLimits` bounds how many.
 
+What a device gets: alone, everything the responder can send up to its hard ceiling
+(``DeviceLimits.bytes_per_s``, above 1 Gbit/s by default); with other devices
+downloading, a fair share of the responder (max-min: a device asking for less leaves
+the rest to the others). The share is of the one queue the responder feeds, its
+responses on their way to the broker: waiting in this process and in the socket
+(written, not yet acknowledged by the broker's end; on a fast uplink the kernel takes
+megabytes before this process queues anything). Both are first in, first out, so a
+device's part of that queue is its part of what goes out. A device counts as asking
+while it sent a request within ``DeviceLimits.active_ms``; one that would hold more
+than the other devices with bytes on the way hold on average, plus the slack, is told
+to slow down (see :class:`_FairShare`). Devices the responder knows but that are not
+asking take nothing from anyone. The queue is what the responder can share: when the
+bottleneck is past the broker (the devices' own links or CPUs), that queue drains at
+once and each device gets what its own path gives it.
+
 A device's requests are served in the order they arrive (one at a time, on the
 connection's network thread), and a request for a chunk this responder sent the
 same device less than the device's retransmit timeout ago (the request's
@@ -59,6 +74,15 @@ from . import _chunks as proto
 from ._connection import MqttConnection, PublishHandle, Subscription
 from ._topics import RESPONDER_SHARE_GROUP, Topics
 
+try:
+    import fcntl
+    import termios
+
+    # SIOCOUTQ: on a TCP socket, bytes written and not yet acknowledged by the peer.
+    _OUTQ: int | None = termios.TIOCOUTQ if sys.platform == "linux" else None
+except ImportError:  # Windows
+    _OUTQ = None
+
 log = logging.getLogger("edge_sdk.transport")
 
 MiB = 1024 * 1024
@@ -66,30 +90,47 @@ MiB = 1024 * 1024
 
 @dataclass(frozen=True)
 class DeviceLimits:
-    """What one responder gives one device; the defaults let a device pull at LAN speed
-    for a while and then at ``bytes_per_s``, and stop any device from flooding the broker.
+    """What one responder gives one device: by default a device alone gets up to the
+    hard ceiling ``bytes_per_s`` (above 1 Gbit/s), several devices asking at once get a
+    fair share of the responder each, and no device can flood the broker.
 
-    Two token buckets per device: ``requests_per_s`` (bucket ``burst_requests``) and
-    ``bytes_per_s`` (bucket ``burst_bytes``) of chunk payload. A request over the
-    request rate is **dropped unanswered**: a device that keeps asking after a
-    slow-down is flooding, and answering each of its requests would itself be a
-    flood (the fetcher's chunk timeout and backoff cover a lost request); the drops are
-    counted per device and logged at most every ``DROP_LOG_INTERVAL`` seconds per
-    device. A request within the request rate but over the byte budget, or one that
-    would push the device's responses not yet written to the broker past
-    ``max_inflight_bytes``, gets the chunks that fit and then one short ``SLOW_DOWN``
-    answer naming how long to wait (at least ``slow_down_ms``);
+    Three budgets. The **ceiling**: token buckets ``requests_per_s`` (bucket
+    ``burst_requests``) and ``bytes_per_s`` (bucket ``burst_bytes``) of chunk payload,
+    whatever else is going on. The **queue**: at most ``max_inflight_bytes`` of one
+    device's responses wait to be written to the broker. The **fair share**: while other
+    devices ask too (a request within ``active_ms``), a device may hold at most what the
+    other devices hold on average of the responses on their way to the broker (in this
+    process and in the socket), plus ``share_slack_bytes`` or a fifth of that average,
+    whichever is more; they are written in order, so the share of that queue is the
+    share of what the responder sends while it is busy. A device over its share
+    waits about as long as the queue takes to write its excess, at most
+    ``share_wait_ms``. Alone a device is never held to a share, and a device the
+    responder knows but that is not asking takes nothing from others.
+
+    A request over the request rate is **dropped unanswered**: a device that keeps
+    asking after a slow-down is flooding, and answering each of its requests would
+    itself be a flood (the fetcher's chunk timeout and backoff cover a lost request);
+    the drops are counted per device and logged at most every ``DROP_LOG_INTERVAL``
+    seconds per device. A request within the request rate but over the byte ceiling,
+    the queue or the fair share gets the chunks that fit and then one short
+    ``SLOW_DOWN`` answer naming how long to wait (at least ``slow_down_ms``, except
+    for the fair share);
     :class:`~edge_sdk.transport.ChunkClient` waits that long and asks again. Budgets
     are per responder process: N responders sharing the requests give a device up to
     N times these rates. The table of devices holds at most ``max_devices`` entries
-    (least recently seen forgotten).
+    (least recently seen forgotten). Values from older configurations keep their
+    meaning: each is an upper bound, and the fair share only ever lowers what a device
+    gets while others are asking.
     """
 
-    bytes_per_s: int = 8 * MiB
-    burst_bytes: int = 16 * MiB
-    requests_per_s: float = 200.0
-    burst_requests: int = 400
+    bytes_per_s: int = 256 * MiB
+    burst_bytes: int = 64 * MiB
+    requests_per_s: float = 1000.0
+    burst_requests: int = 2000
     max_inflight_bytes: int = 8 * MiB
+    share_slack_bytes: int = 32 * 1024
+    share_wait_ms: int = 20
+    active_ms: int = 1000
     slow_down_ms: int = 100
     max_devices: int = 100_000
     resend_hold_ms: int = 1000
@@ -110,6 +151,10 @@ class DeviceLimits:
         if not 0 <= self.resend_hold_ms <= self.max_resend_hold_ms or self.max_recent_chunks < 0:
             raise ConfigError("device limits: resend_hold_ms must be 0..max_resend_hold_ms and "
                               "max_recent_chunks >= 0")
+        if self.share_slack_bytes < 0:
+            raise ConfigError("device limits: share_slack_bytes must be >= 0")
+        if not 1 <= self.active_ms <= 60_000 or not 1 <= self.share_wait_ms <= 60_000:
+            raise ConfigError("device limits: active_ms and share_wait_ms must be 1..60000")
 
 
 @dataclass(frozen=True)
@@ -124,7 +169,9 @@ class ResponderConfig:
     still receives every request (requests are small); each device is answered by one.
 
     ``max_queued_bytes`` bounds the responses of all devices together that wait in this
-    process to be written to the broker (past it every device is told to slow down).
+    process to be written to the broker (past it every device is told to slow down);
+    while several devices ask, each holds about an equal part of what waits (see
+    :class:`DeviceLimits`), which is how they share the responder's capacity.
     The watchdog sends a probe every ``probe_interval`` seconds and reconnects when one
     is not acknowledged within ``stall_timeout`` (0 turns it off); keep ``stall_timeout``
     above the time the uplink to the broker takes for ``max_queued_bytes``.
@@ -217,11 +264,13 @@ class _Queued:
     ones done (written, or lost with the link) are always at the front. The lock lets
     the watchdog and metrics read the responder-wide one from their threads."""
 
-    __slots__ = ("items", "lock", "nbytes")
+    __slots__ = ("items", "lock", "nbytes", "written")
 
     def __init__(self) -> None:
         self.items: deque[tuple[PublishHandle, int]] = deque()
         self.nbytes = 0
+        #: Bytes done since the start (what the queue drained: its output so far).
+        self.written = 0
         self.lock = threading.Lock()
 
     def add(self, handle: PublishHandle, n: int) -> None:
@@ -234,8 +283,155 @@ class _Queued:
         with self.lock:
             items = self.items
             while items and not items[0][0].pending:
-                self.nbytes -= items.popleft()[1]
+                n = items.popleft()[1]
+                self.nbytes -= n
+                self.written += n
             return self.nbytes
+
+
+class _Pipe:
+    """Responses on their way to the broker, by device: handed to the connection and not
+    yet through (waiting in this process, in the socket, on the link). Each is kept as
+    its end on the count of bytes handed over; once that many have left (see
+    :meth:`RepoResponder._gone`) it is through. No I/O, no lock (the network thread's)."""
+
+    __slots__ = ("entries", "handed", "held", "nbytes")
+
+    def __init__(self) -> None:
+        self.entries: deque[tuple[int, str, int]] = deque()
+        #: Bytes handed over since the start; device → its bytes on the way (no zeros).
+        self.handed = 0
+        self.held: dict[str, int] = {}
+        self.nbytes = 0
+
+    def add(self, device: str, n: int) -> None:
+        self.handed += n
+        self.entries.append((self.handed, device, n))
+        self.held[device] = self.held.get(device, 0) + n
+        self.nbytes += n
+
+    def advance(self, gone: int) -> None:
+        """The first ``gone`` bytes handed over have left."""
+        entries, held = self.entries, self.held
+        while entries and entries[0][0] <= gone:
+            _, device, n = entries.popleft()
+            self.nbytes -= n
+            left = held[device] - n
+            if left:
+                held[device] = left
+            else:
+                del held[device]
+
+
+def _unsent(sock: Any) -> int:
+    """Bytes ``sock`` holds that the peer has not acknowledged (Linux ``SIOCOUTQ``; 0
+    where that cannot be asked)."""
+    if _OUTQ is None or sock is None:
+        return 0
+    try:
+        out = fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return 0
+    return max(0, int.from_bytes(out, sys.byteorder, signed=True))
+
+
+class _FairShare:
+    """Which devices are asking now, whether one would hold more than its share of the
+    responses on their way to the broker, and how long it should wait then. Pure: the
+    caller gives ``now`` and the byte counts.
+
+    The responses on their way are written first in, first out, so over any stretch in
+    which the queue is busy a device receives its part of the queue's bytes: equal parts
+    are equal throughput. A device asking for less than its part holds less and lowers
+    the others' average only while it holds some, which leaves the rest to the devices
+    that want more; a lone device is never held.
+    A device over its share waits about as long as the queue takes to write its excess
+    (the rate the queue drains at is measured): a fixed pause longer than that would
+    leave the queue empty while the devices that want the most are all waiting.
+    """
+
+    __slots__ = ("_mark", "active_s", "limit", "rate", "seen", "slack")
+
+    #: Seconds over which the drain rate is measured (then averaged with the last one).
+    RATE_PERIOD = 0.05
+    #: The slack is at least the others' average over this: a device asking for more than
+    #: the others gets at most about 1.2 times what they get.
+    SLACK_DIVISOR = 5
+    #: A device may always hold its part (among the devices holding some) of this many
+    #: seconds of the queue, at the rate it was written lately: nobody waits much longer
+    #: than that behind anyone. On a fast queue (ten devices on loopback: a millisecond
+    #: or two all told) equal devices differ by more than a fifth all the time, and
+    #: slowing them down for it, 2,000 times a second for chunks that would have left at
+    #: once, cost up to half the throughput; 5 ms let a flooder through a test bench
+    #: that 3 ms holds (tests/test_responder_abuse.py).
+    BUSY_S = 0.003
+
+    def __init__(self, active_s: float, slack: int, limit: int) -> None:
+        self.active_s, self.slack, self.limit = active_s, slack, limit
+        #: Device → when it last asked, oldest first.
+        self.seen: OrderedDict[str, float] = OrderedDict()
+        #: Bytes per second the queue was written at lately (0: not measured yet).
+        self.rate = 0.0
+        self._mark: tuple[float, int] | None = None
+
+    def asked(self, device: str, now: float) -> None:
+        seen = self.seen
+        seen.pop(device, None)
+        seen[device] = now
+        if len(seen) > self.limit:
+            seen.popitem(last=False)
+
+    def active(self, now: float) -> int:
+        """Devices that asked within ``active_s`` (forgets the others)."""
+        seen = self.seen
+        while seen:
+            first = next(iter(seen))
+            if now - seen[first] < self.active_s:
+                break
+            del seen[first]
+        return len(seen)
+
+    def written(self, total: int, now: float) -> None:
+        """The queue has written ``total`` bytes since the start (for its drain rate)."""
+        mark = self._mark
+        if mark is None or total < mark[1]:
+            self._mark = (now, total)
+            return
+        if now - mark[0] >= self.RATE_PERIOD:
+            rate = (total - mark[1]) / (now - mark[0])
+            self.rate = rate if self.rate == 0 else (self.rate + rate) / 2
+            self._mark = (now, total)
+
+    def over(self, mine: int, total: int, n: int, holders: int, now: float) -> int:
+        """By how many bytes a device holding ``mine`` of the ``total`` bytes on their way
+        (``holders`` devices, it included, holding some) would be over its share with
+        an ``n``-byte chunk more (0: it is not).
+
+        Its share is what the other holders hold on average plus the slack (``slack``
+        bytes or a fifth of that average, whichever is more), and never less than its
+        part of ``BUSY_S`` of the queue (a part for each holder). Devices asking
+        but holding nothing do not lower the average: on a fast queue most hold nothing
+        at any moment, and counting them held everyone to a chunk or two (a third of
+        the throughput of ten devices on loopback). A chunk counts from its middle: a
+        device is let in while that is within its share, so that what it holds on
+        average is the share whatever its chunk size (counting the whole chunk let a
+        device with chunks twice the others' size hold a chunk's worth more on a queue
+        a few chunks deep: about twice their bytes). A device holding nothing is never
+        over: it may always have one chunk on its way."""
+        active = self.active(now)
+        if mine == 0 or active <= 1:
+            return 0
+        others = (total - mine) // (holders - 1) if holders > 1 else 0
+        share = max(others + max(self.slack, others // self.SLACK_DIVISOR),
+                    int(self.rate * self.BUSY_S) // max(1, holders))
+        return max(0, mine + n // 2 - share)
+
+    def wait_s(self, excess: int, longest: float) -> float:
+        """How long a device ``excess`` bytes over its share should wait: as long as the
+        queue takes to write that much, at least 1 ms and at most ``longest``."""
+        if self.rate <= 0:
+            return longest
+        return min(longest, max(0.001, excess / self.rate))
 
 
 class _Budget:
@@ -315,7 +511,11 @@ class RepoResponder:
         self._announced: int | None = None
         self._resolved: dict[str, Path] = {}
         self._budgets: OrderedDict[str, _Budget] = OrderedDict()
+        limits = self.config.limits
+        self._share = _FairShare(limits.active_ms / 1000, limits.share_slack_bytes,
+                                 limits.max_devices)
         self._queued = _Queued()
+        self._pipe = _Pipe()
         self._probe_topic = self.topics.share_probe(secrets.token_hex(8))
         self._probe: PublishHandle | None = None
         self._watch_state = _StallWatch(self.config.probe_interval, self.config.stall_timeout,
@@ -460,9 +660,20 @@ class RepoResponder:
         handle = self.connection.publish(reply_to, data, qos=0)
         budget.queued.add(handle, len(data))
         self._queued.add(handle, len(data))
+        self._pipe.add(reply_to, len(data))
         if resp.status == proto.OK:
             self.stats.chunks += 1
             self.stats.bytes_sent += len(resp.payload)
+
+    def _gone(self) -> int:
+        """Of the bytes handed to the connection, how many have left: written to the
+        socket and acknowledged by the broker's end. The socket's part is the one that
+        matters on a fast uplink: the kernel takes megabytes before this process queues
+        anything, and they are written first in, first out as well."""
+        self._queued.size()  # forgets the written ones
+        client = getattr(self.connection, "_client", None)  # no public accessor (yet)
+        sock = None if client is None else client.socket()
+        return max(0, self._queued.written - _unsent(sock))
 
     def _drop(self, device: str, budget: _Budget, now: float) -> None:
         """Count a request over ``device``'s request rate; say so now and then."""
@@ -492,6 +703,7 @@ class RepoResponder:
         if not budget.requests.take(1, now):
             self._drop(device, budget, now)  # before any work: nothing parsed, nothing queued
             return
+        self._share.asked(device, now)
         reply_to = self.topics.repo_response(device)
         try:
             req = proto.ChunkRequest.decode(payload)
@@ -506,6 +718,11 @@ class RepoResponder:
         hold = min(limits.max_resend_hold_ms,
                    limits.resend_hold_ms if req.rto_ms is None else req.rto_ms) / 1000
         path = sys.intern(req.path)
+        share = self._share
+        gone = self._gone()
+        share.written(gone, now)
+        pipe = self._pipe
+        pipe.advance(gone)
         for i in range(req.count):
             # decode bounds offset, length and count: this sum cannot overflow a u64.
             one = req if req.count == 1 else proto.ChunkRequest(
@@ -516,20 +733,27 @@ class RepoResponder:
                 continue
             resp = self.answer(one)
             n = len(resp.payload) if resp.status == proto.OK else 0
-            wait = 0.0
+            # How long to wait (ms), and why; None: send.
+            ms: int | None = None
+            why = "its budget"
+            mine, total = budget.queued.size(), self._queued.size()
+            # The share is of everything on its way: this process's queue and the socket's.
+            held = pipe.held.get(reply_to, 0)
             if budget.bytes.wait(n, now) > 0:
                 # Long enough for the rest of this request, so that it comes back once.
                 rest = min(limits.burst_bytes, (req.count - i) * req.length)
-                wait = budget.bytes.wait(rest, now)
-            elif (budget.queued.size() + n > limits.max_inflight_bytes
-                  or self._queued.size() + n > self.config.max_queued_bytes):
-                wait = limits.slow_down_ms / 1000
-            if wait > 0:
+                ms = max(limits.slow_down_ms, int(budget.bytes.wait(rest, now) * 1000) + 1)
+            elif (mine + n > limits.max_inflight_bytes
+                  or total + n > self.config.max_queued_bytes):
+                ms = limits.slow_down_ms
+            elif n and (excess := share.over(held, pipe.nbytes, n, len(pipe.held), now)):
+                wait = share.wait_s(excess, limits.share_wait_ms / 1000)
+                ms, why = max(1, round(wait * 1000)), "its share of this responder"
+            if ms is not None:
                 self.stats.slowed += 1
-                ms = max(limits.slow_down_ms, int(wait * 1000) + 1)
                 self._send(reply_to, proto.ChunkResponse(
                     proto.SLOW_DOWN, req.corr, one.offset, ms,
-                    f"slow down: {device} is over its budget, retry in {ms} ms".encode()),
+                    f"slow down: {device} is over {why}, retry in {ms} ms".encode()),
                     budget)
                 return
             budget.bytes.take(n, now)
