@@ -18,7 +18,8 @@ import pytest
 
 from edge_sdk.errors import ConfigError
 from edge_sdk.transport import DeviceLimits
-from edge_sdk.transport._responder import _FairShare, _Pipe, _unsent
+from edge_sdk.transport._connection import unacknowledged
+from edge_sdk.transport._responder import _FairShare, _Pipe
 
 KiB, MiB = 1024, 1024 * 1024
 CHUNK = 64 * KiB
@@ -290,5 +291,5 @@ def test_bytes_a_socket_still_holds_count_as_on_their_way() -> None:
             with contextlib.suppress(BlockingIOError):
                 for _ in range(10_000):
                     written += sender.send(b"x" * 65536)
-            assert 0 < _unsent(sender) <= written
-            assert _unsent(None) == 0
+            assert 0 < unacknowledged(sender) <= written
+            assert unacknowledged(None) == 0

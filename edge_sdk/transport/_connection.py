@@ -45,7 +45,28 @@ from .._redact import redact_url
 from ..errors import ConfigError, TransportError
 from ._config import LastWill, MqttConfig
 
+try:
+    import fcntl
+    import termios
+
+    # SIOCOUTQ: on a TCP socket, bytes written and not yet acknowledged by the peer.
+    _OUTQ: int | None = termios.TIOCOUTQ if sys.platform == "linux" else None
+except ImportError:  # Windows
+    _OUTQ = None
+
 log = logging.getLogger("edge_sdk.transport")
+
+
+def unacknowledged(sock: Any) -> int:
+    """Bytes ``sock`` holds that the peer has not acknowledged (Linux ``SIOCOUTQ``; 0
+    for None or where that cannot be asked)."""
+    if _OUTQ is None or sock is None:
+        return 0
+    try:
+        out = fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return 0
+    return max(0, int.from_bytes(out, sys.byteorder, signed=True))
 
 Handler = Callable[[str, bytes], None]
 ConnectionListener = Callable[[bool], None]
@@ -298,16 +319,26 @@ class MqttConnection:
         return redact_url(self._urls[self._at])
 
     def close(self) -> None:
-        """Disconnect cleanly (no last will) and stop the network thread."""
-        if self._closed:
-            return
-        self._closed = True
+        """Disconnect cleanly (no last will) and stop the network thread. Safe from any
+        thread, and more than once: only the first call does anything."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         if self._started:
             try:
                 self._client.disconnect()
             finally:
                 self._client.loop_stop()
         self._connected.clear()
+
+    def unacknowledged_bytes(self) -> int:
+        """Bytes written to the broker's socket that the broker's end has not yet
+        acknowledged (Linux ``SIOCOUTQ``; 0 with no link or where that cannot be asked).
+        On a fast uplink the kernel holds megabytes of what was published before this
+        process queues anything (:class:`~edge_sdk.transport.RepoResponder` shares them
+        between devices)."""
+        return unacknowledged(self._client.socket())
 
     def reset(self) -> bool:
         """Drop the link now and let the automatic reconnect make a new one: unacknowledged

@@ -74,15 +74,6 @@ from . import _chunks as proto
 from ._connection import MqttConnection, PublishHandle, Subscription
 from ._topics import RESPONDER_SHARE_GROUP, Topics
 
-try:
-    import fcntl
-    import termios
-
-    # SIOCOUTQ: on a TCP socket, bytes written and not yet acknowledged by the peer.
-    _OUTQ: int | None = termios.TIOCOUTQ if sys.platform == "linux" else None
-except ImportError:  # Windows
-    _OUTQ = None
-
 log = logging.getLogger("edge_sdk.transport")
 
 MiB = 1024 * 1024
@@ -321,18 +312,6 @@ class _Pipe:
                 held[device] = left
             else:
                 del held[device]
-
-
-def _unsent(sock: Any) -> int:
-    """Bytes ``sock`` holds that the peer has not acknowledged (Linux ``SIOCOUTQ``; 0
-    where that cannot be asked)."""
-    if _OUTQ is None or sock is None:
-        return 0
-    try:
-        out = fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0")
-    except (OSError, ValueError):
-        return 0
-    return max(0, int.from_bytes(out, sys.byteorder, signed=True))
 
 
 class _FairShare:
@@ -671,9 +650,7 @@ class RepoResponder:
         matters on a fast uplink: the kernel takes megabytes before this process queues
         anything, and they are written first in, first out as well."""
         self._queued.size()  # forgets the written ones
-        client = getattr(self.connection, "_client", None)  # no public accessor (yet)
-        sock = None if client is None else client.socket()
-        return max(0, self._queued.written - _unsent(sock))
+        return max(0, self._queued.written - self.connection.unacknowledged_bytes())
 
     def _drop(self, device: str, budget: _Budget, now: float) -> None:
         """Count a request over ``device``'s request rate; say so now and then."""
