@@ -61,6 +61,7 @@ from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 from edge_sdk.release import Repository, create_deployment  # noqa: E402
 from edge_sdk.transport import (  # noqa: E402
     ChunkClient,
+    DeviceLimits,
     FetchConfig,
     FetchStats,
     MqttConfig,
@@ -133,6 +134,10 @@ def responder_counters(url: str) -> dict[str, float]:
         if m:
             out[m.group(1)] = float(m.group(2))
     return out
+
+
+#: Seconds between two phases: the previous device no longer counts as asking.
+IDLE_S = DeviceLimits().active_ms / 1000 + 0.1
 
 
 def raw_round(broker: Mosquitto, size: int, chunk: int,
@@ -314,7 +319,11 @@ def main() -> None:
                         raise
                     print(f"{err}; measuring it again", file=sys.stderr)
                     time.sleep(2)  # the publisher's last round drains
-            # A device id per phase and round (see the module doc).
+            # A device id per phase and round (see the module doc), alone: the
+            # responder counts a device as asking for DeviceLimits.active_ms after its
+            # last request and holds a device to a few milliseconds of its queue while
+            # another one asks (the fair share).
+            time.sleep(IDLE_S)
             chunks = ChunkClient(conn, f"dl-{r}", config=cfg)
             took = measured("download", chunks.stats,
                             functools.partial(chunks.download, target, Buffer(size).write,
@@ -323,6 +332,7 @@ def main() -> None:
             chunks.close()
             if args.skip_fetch:
                 continue
+            time.sleep(IDLE_S)
             state = work / f"device-{r}"
             client = UpdateClient(trusted_root=repo.root_path.read_bytes(),
                                   metadata_dir=state / "tuf", partial_dir=state / "part",
