@@ -69,3 +69,12 @@ class DeltaEnv(SimEnv):
         dest = client.fetch(self.deploy(version="2"), tmp / "installed",
                             have=[self.held("1")])
         return client, dest
+
+
+def two_versions(tmp: Path) -> DeltaEnv:
+    """A repository under ``tmp/env`` with versions 1 and 2 released (the delta tests'
+    common start)."""
+    env = DeltaEnv(tmp / "env")
+    env.release_version("1", 1.0)
+    env.release_version("2", 2.0)
+    return env

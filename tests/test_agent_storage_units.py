@@ -20,7 +20,7 @@ from device_agent._telemetry import Outbox
 from edge_sdk import Artifact
 from tests import _agent_local
 from tests._agent_local import LocalSource, config, deployment, events
-from tests._delta_env import DeltaEnv
+from tests._delta_env import DeltaEnv, two_versions
 
 arts = _agent_local.arts  # artifacts v1, v2, v3, nan (fails its smoke test), batch1
 make_agent = _agent_local.make_agent  # in-process agents on a LocalSource, stopped after
@@ -32,10 +32,7 @@ class Refuse(Exception):
 
 @pytest.fixture
 def d(tmp_path: Path) -> DeltaEnv:
-    env = DeltaEnv(tmp_path / "env")
-    env.release_version("1", 1.0)
-    env.release_version("2", 2.0)
-    return env
+    return two_versions(tmp_path)
 
 
 def reserved(d: DeltaEnv, tmp: Path, **kw: object) -> int:

@@ -19,15 +19,12 @@ import pytest
 import edge_sdk
 from edge_sdk.delta import build_delta
 from edge_sdk.delta._format import Header
-from tests._delta_env import DeltaEnv
+from tests._delta_env import DeltaEnv, two_versions
 
 
 @pytest.fixture
 def d(tmp_path: Path) -> DeltaEnv:
-    env = DeltaEnv(tmp_path / "env")
-    env.release_version("1", 1.0)
-    env.release_version("2", 2.0)
-    return env
+    return two_versions(tmp_path)
 
 
 def full_fallback(d: DeltaEnv, tmp_path: Path, why: str) -> None:
