@@ -404,8 +404,11 @@ class UpdateClient:
         usable = [d for d in rt.deltas if d.base_sha256 in held]
         ref = min(usable, key=lambda d: d.length) if usable else None
         fallback = None
-        # Both ways below check the bytes against this signed hash as they write them.
-        sha = str(tf.hashes.get("sha256"))
+        # Both ways below check the bytes against this signed hash as they write them
+        # (a target signed without one is checked on its other hashes: None, the
+        # installer hashes the file itself).
+        signed = tf.hashes.get("sha256")
+        sha = signed if isinstance(signed, str) else None
         if ref is not None:
             try:
                 part, n = self._via_delta(updater, tf, ref, held[ref.base_sha256], progress,
