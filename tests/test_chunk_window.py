@@ -339,6 +339,21 @@ def test_slow_down_holds_the_named_chunks_for_the_wait_it_gives() -> None:
     assert b"".join(w.ready()) == DATA[:4 * K]
 
 
+def test_chunks_held_back_by_a_slow_down_are_asked_for_before_any_new_one() -> None:
+    # Two requests of one chunk each in flight; the responder slows the first down and
+    # answers the second. Until the first is asked again no new chunk may go out: a new
+    # one asked meanwhile would take the device's share at the responder first, every
+    # time, and the first bytes of the file would wait until the end.
+    w = window(pace=FixedPace(window=2, batch=1, rto=5.0))
+    first, second = w.requests(0.0)
+    w.accept(proto.ChunkResponse(proto.SLOW_DOWN, first.corr, 0, 10, b"share"), 0.05)
+    w.accept(answers(second)[0], 0.05)
+    assert w.requests(0.055) == []  # room for two, but chunk 0 waits for its turn
+    again = w.requests(0.07)  # 10 ms × 1.125 after the slow-down
+    assert (again[0].offset, again[0].count) == (0, 1)
+    assert all(r.offset > K for r in again[1:])  # new chunks only after it
+
+
 def test_slow_down_past_the_limit_raises_slow_retrieval() -> None:
     w = window()
     now = 0.0

@@ -139,6 +139,8 @@ class ChunkWindow:
         self._asked: dict[bytes, _Asked] = {}  # every request of this transfer, by id
         self._ready: dict[int, bytes] = {}
         self._wake_at: float | None = None
+        #: Whether chunks wait to be asked again later (then no new chunk is asked for).
+        self._held_back = False
         #: Bytes of chunks requested and not yet here: on the wire, and all of them.
         self._in_flight_bytes = 0
         self._open_bytes = 0
@@ -201,6 +203,13 @@ class ChunkWindow:
             self._heard_at = now
             self.pace.transfer_started(now)
         out = self._due(now)
+        if self._held_back:
+            # Chunks wait to be asked again (a SLOW_DOWN, a lost link): they go before any
+            # new one. New chunks asked meanwhile took the device's share at the responder
+            # first every time, and the oldest missing bytes were held back until the end
+            # of the transfer (ten devices sharing a responder: delivery stuck at 1 MiB
+            # of 16 for six seconds).
+            return out
         pace = self.pace
         if self.total is None:
             # Before the size is known, ask for the first chunk only.
@@ -233,12 +242,14 @@ class ChunkWindow:
         again: list[_Chunk] = []
         lost_bytes = 0
         oldest: _Chunk | None = None
+        self._held_back = False
         for c in self._chunks.values():
             if c.resend_at is not None:
                 if now >= c.resend_at:
                     again.append(c)
                 else:
                     wake = min(wake, c.resend_at)
+                    self._held_back = True
                 continue
             if c.seq < self._acked_seq:
                 # Overtaken: a chunk asked for after this one has arrived.
