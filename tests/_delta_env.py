@@ -6,12 +6,16 @@ targets key.
 
 from __future__ import annotations
 
+import hashlib
+import io
 from pathlib import Path
 
 import numpy as np
 from tuf.api.metadata import TargetFile
 
 import edge_sdk
+from edge_sdk.delta import build_delta
+from edge_sdk.delta._format import Header
 from edge_sdk.trust import LocalModel, UpdateClient
 from tests._models import weighted_offset_model
 from tests._trust_env import SimEnv
@@ -78,3 +82,18 @@ def two_versions(tmp: Path) -> DeltaEnv:
     env.release_version("1", 1.0)
     env.release_version("2", 2.0)
     return env
+
+
+def sign_delta_that_rebuilds_other_bytes(d: DeltaEnv, version: str) -> None:
+    """A signed delta whose header names the signed target but which rebuilds another model
+    of the same length: only the hash of what it writes can tell."""
+    base = d.arts["1"].model_path.read_bytes()
+    other = d.artifact("7", 7.0).model_path.read_bytes()
+    target = d.arts[version].model_path.read_bytes()
+    delta = build_delta(base, other, fmt="onnx")
+    assert delta is not None and len(other) == len(target)
+    h = Header.decode(delta.data[:16], io.BytesIO(delta.data[16:]).read,
+                      max_header_bytes=1 << 22, max_ops=1 << 16, max_frames=1 << 16)
+    lying = Header(h.base_sha256, h.base_length, hashlib.sha256(target).hexdigest(),
+                   len(target), h.ops, h.frames, h.prefix)
+    d.sign_delta(d.delta_path(version), lying.encode() + delta.data[len(h.encode()):])

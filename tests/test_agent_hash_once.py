@@ -10,7 +10,6 @@ no broker (the MQTT path is test_agent_e2e.py's and test_delta_e2e.py's).
 from __future__ import annotations
 
 import hashlib
-import io
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,11 +19,9 @@ import pytest
 from device_agent import Agent
 from device_agent._source import ReleaseSource
 from edge_sdk import Artifact
-from edge_sdk.delta import build_delta
-from edge_sdk.delta._format import Header
 from tests import _agent_local
 from tests._agent_local import LocalSource, config, deployment, events
-from tests._delta_env import DeltaEnv, two_versions
+from tests._delta_env import DeltaEnv, sign_delta_that_rebuilds_other_bytes, two_versions
 
 arts = _agent_local.arts  # artifacts v1, v2, v3, nan (fails its smoke test), batch1
 make_agent = _agent_local.make_agent  # in-process agents, stopped after the test
@@ -114,21 +111,6 @@ def tamper_full_target(d: DeltaEnv, version: str) -> None:
     data = bytearray(d.sim.files[path])
     data[len(data) // 2] ^= 0xFF
     d.sim.files[path] = bytes(data)
-
-
-def sign_delta_that_rebuilds_other_bytes(d: DeltaEnv, version: str) -> None:
-    """A signed delta whose header names the signed target but which rebuilds another model
-    of the same length: only the hash of what it writes can tell."""
-    base = d.arts["1"].model_path.read_bytes()
-    other = d.artifact("7", 7.0).model_path.read_bytes()
-    target = d.arts[version].model_path.read_bytes()
-    delta = build_delta(base, other, fmt="onnx")
-    assert delta is not None and len(other) == len(target)
-    h = Header.decode(delta.data[:16], io.BytesIO(delta.data[16:]).read,
-                      max_header_bytes=1 << 22, max_ops=1 << 16, max_frames=1 << 16)
-    lying = Header(h.base_sha256, h.base_length, hashlib.sha256(target).hexdigest(),
-                   len(target), h.ops, h.frames, h.prefix)
-    d.sign_delta(d.delta_path(version), lying.encode() + delta.data[len(h.encode()):])
 
 
 def test_full_download_of_other_bytes_than_the_signed_ones_is_refused(

@@ -10,16 +10,13 @@ written is exactly the signed one. The signed-but-wrong deltas need the targets 
 
 from __future__ import annotations
 
-import hashlib
-import io
 from pathlib import Path
 
 import pytest
 
 import edge_sdk
 from edge_sdk.delta import build_delta
-from edge_sdk.delta._format import Header
-from tests._delta_env import DeltaEnv, two_versions
+from tests._delta_env import DeltaEnv, sign_delta_that_rebuilds_other_bytes, two_versions
 
 
 @pytest.fixture
@@ -86,17 +83,7 @@ def test_signed_delta_that_rebuilds_another_model_falls_back(d: DeltaEnv,
 
 def test_signed_delta_whose_header_lies_about_its_result_falls_back(d: DeltaEnv,
                                                                     tmp_path: Path) -> None:
-    base = d.arts["1"].model_path.read_bytes()
-    other = d.artifact("7", 7.0).model_path.read_bytes()
-    target = d.arts["2"].model_path.read_bytes()
-    delta = build_delta(base, other, fmt="onnx")
-    assert delta is not None and len(other) == len(target)
-    h = Header.decode(delta.data[:16], io.BytesIO(delta.data[16:]).read,
-                      max_header_bytes=1 << 22, max_ops=1 << 16, max_frames=1 << 16)
-    lying = Header(h.base_sha256, h.base_length, hashlib.sha256(target).hexdigest(),
-                   len(target), h.ops, h.frames, h.prefix)
-    frames = delta.data[len(h.encode()):]
-    d.sign_delta(d.delta_path("2"), lying.encode() + frames)
+    sign_delta_that_rebuilds_other_bytes(d, "2")
     full_fallback(d, tmp_path, "not the signed target")
 
 
