@@ -58,6 +58,14 @@ def sized_model(path: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
+def signed_by(md: Metadata, signers: list) -> bytes:  # type: ignore[type-arg]
+    """``md`` signed by ``signers`` only (its other signatures dropped), as served."""
+    md.signatures.clear()
+    for s in signers:
+        md.sign(s, append=True)
+    return md.to_bytes(JSONSerializer(compact=False))
+
+
 def make_artifact(workdir: Path, name: str, version: str, n: int = 16,
                   seed: int = 0, sample: bool = True) -> edge_sdk.Artifact:
     """An artifact with a ~4*n byte model and (with ``sample``) a same-sized sample.npz."""
@@ -101,10 +109,7 @@ class Env:
 
     def put(self, md: Metadata, signers: list) -> bytes:  # type: ignore[type-arg]
         """Sign ``md`` with ``signers`` and serve it in place of the repository's own."""
-        md.signatures.clear()
-        for s in signers:
-            md.sign(s, append=True)
-        data = md.to_bytes(JSONSerializer(compact=False))
+        data = signed_by(md, signers)
         role = md.signed.type
         if role != "timestamp":
             (self.repo.meta / f"{md.signed.version}.{role}.json").write_bytes(data)
@@ -261,10 +266,7 @@ class SimEnv:
 
     def put(self, md: Metadata, signers: list) -> bytes:  # type: ignore[type-arg]
         """Sign ``md`` with ``signers`` and serve it in place of the repository's own."""
-        md.signatures.clear()
-        for s in signers:
-            md.sign(s, append=True)
-        data = md.to_bytes(JSONSerializer(compact=False))
+        data = signed_by(md, signers)
         role = md.signed.type
         if role != "timestamp":
             self.sim.files[f"metadata/{md.signed.version}.{role}.json"] = data

@@ -6,13 +6,11 @@ covered by test_agent_e2e.py with real agents and a real Mosquitto).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -22,21 +20,14 @@ from device_agent._state import StateStore
 from device_agent._telemetry import Outbox
 from edge_sdk import Artifact, build_artifact
 from edge_sdk.errors import ConfigError
-from tests import _agent_local, _models
+from tests import _agent_local, _models, _process
 from tests._agent_local import LocalSource, X, config, deployment, events
 
 arts = _agent_local.arts  # artifacts v1, v2, v3, nan (fails its smoke test), batch1
 make_agent = _agent_local.make_agent  # in-process agents on a LocalSource, stopped after
 
 
-def wait_for(cond: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError("condition not reached within the deadline")
+wait_for = functools.partial(_process.wait_for, timeout=30.0)
 
 
 def kinds(agent: Agent) -> list[str]:
