@@ -21,9 +21,18 @@
    numpy by the client (converters' numpy reference: decode, resize, normalize, then
    softmax and top-k, or decode and NMS), in-process and through an agent (goal: the
    in-graph pipeline no slower).
+8. Several models on one agent: p99 of requests to model B in quiet spells vs while
+   model A (``--model-mib`` MiB of weights) is swapped ``--model-swaps`` times, under one
+   continuous load (goal ≤ 1.5×, 0 failed); and the agent's RSS over
+   ``--model-cycles`` load/unload cycles of A (goal: back within a few MB of before).
+   A is swapped in-process through the agent's own parts (``bench/_models_driver.py``:
+   verified store, LoadedModels' load and smoke test, ModelSlots.swap, release of what
+   was dropped), not through signed deployments: a deployment of A would replace B
+   until the agent installs models independently.
 
     .venv/bin/python bench/agent.py [--swaps 100] [--requests 4000] [--skip-venv]
-        [--agent-code DIR] [--only images] [--image-runs 200]
+        [--agent-code DIR] [--only images|models] [--image-runs 200]
+        [--model-swaps 50] [--model-cycles 20] [--model-mib 32]
 
 ``--agent-code`` runs the agent subprocesses from another checkout (say the main
 branch) to measure before and after a change side by side.
@@ -310,8 +319,9 @@ def memory(agent: Agent) -> dict[str, Any]:
 class Load:
     """Client threads sending infer requests on keep-alive connections."""
 
-    def __init__(self, port: int, threads: int = 2) -> None:
+    def __init__(self, port: int, threads: int = 2, model: str = "adder") -> None:
         self.port = port
+        self.path = f"/v2/models/{model}/infer"
         self.stop = threading.Event()
         self.lat: list[float] = []
         #: (end time, latency) of every successful request, to split by phase afterwards.
@@ -326,7 +336,7 @@ class Load:
         while not self.stop.is_set():
             t0 = clock()
             try:
-                conn.request("POST", "/v2/models/adder/infer", body=BODY)
+                conn.request("POST", self.path, body=BODY)
                 r = conn.getresponse()
                 data = r.read()
                 if r.status != 200:
@@ -595,21 +605,132 @@ def main() -> None:
     ap.add_argument("--skip-venv", action="store_true")
     ap.add_argument("--agent-code", type=Path, default=ROOT,
                     help="checkout the agent subprocesses run from (default: this one)")
-    ap.add_argument("--only", choices=["images"],
-                    help="run only this part ([7] image in, answer out)")
+    ap.add_argument("--only", choices=["images", "models"],
+                    help="run only this part ([7] image in, answer out; [8] several models)")
     ap.add_argument("--image-runs", type=int, default=200,
                     help="[7]: images answered per side and task")
+    ap.add_argument("--model-swaps", type=int, default=50,
+                    help="[8]: swaps of model A while model B is asked")
+    ap.add_argument("--model-cycles", type=int, default=20,
+                    help="[8]: load/unload cycles of model A for the RSS figure")
+    ap.add_argument("--model-mib", type=int, default=32,
+                    help="[8]: MiB of weights of model A")
     args = ap.parse_args()
     global AGENT_CODE
     AGENT_CODE = args.agent_code.resolve()
     tmp = Path(tempfile.mkdtemp(prefix="edge-agent-bench-"))
     try:
         with Mosquitto(tmp / "broker") as broker:
-            if args.only != "images":
+            if args.only is None:
                 run(tmp, broker, args)
-            images(tmp / "images", broker, args.image_runs)
+            if args.only in (None, "images"):
+                images(tmp / "images", broker, args.image_runs)
+        if args.only in (None, "models"):
+            several_models(tmp / "models", args.model_swaps, args.model_cycles,
+                           args.model_mib)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class ModelsDriver:
+    """``bench/_models_driver.py``: an agent serving B, and A swapped in-process."""
+
+    def __init__(self, workdir: Path, mib: int) -> None:
+        workdir.mkdir(parents=True)
+        self.log = workdir / "driver.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(ROOT / "bench" / "_models_driver.py"), str(workdir),
+                 str(mib)], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=log, text=True)
+        hello = self._read()
+        self.port, self.pid = int(hello["port"]), int(hello["pid"])
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"[8] the agent driver ended: {self.log.read_text()[-2000:]}")
+        out: dict[str, Any] = json.loads(line)
+        return out
+
+    def do(self, what: str) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"do": what}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(json.dumps({"do": "quit"}) + "\n")
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def several_models(workdir: Path, swaps: int, cycles: int, mib: int) -> None:
+    """[8] B's latency while A swaps, and RSS over load/unload cycles of A."""
+    driver = ModelsDriver(workdir, mib)
+    try:
+        driver.do("swap")  # A's first load maps what the runtime keeps for good
+        # Quiet and swapping phases alternate under one continuous load on B (bursts of 5
+        # swaps, then a quiet spell as long as the burst), so machine noise hits both alike.
+        phases: list[tuple[str, float, float]] = []
+        with Load(driver.port, model="bee") as load:
+            time.sleep(1.0)
+            done = 0
+            while done < swaps:
+                a = time.perf_counter()
+                for _ in range(min(5, swaps - done)):
+                    driver.do("swap")
+                b = time.perf_counter()
+                phases.append(("swap", a, b))
+                done = min(done + 5, swaps)
+                time.sleep(max(b - a, 0.5))
+                phases.append(("quiet", b, time.perf_counter()))
+        by: dict[str, list[float]] = {"swap": [], "quiet": []}
+        for t, lat in load.samples:
+            for kind, a, b in phases:
+                if a <= t < b:
+                    by[kind].append(lat)
+                    break
+        swap_s = sum(b - a for kind, a, b in phases if kind == "swap")
+        p99_quiet, p99_swap = pct(by["quiet"], 99), pct(by["swap"], 99)
+        print(f"[8] several models: B asked under load while A ({mib} MiB of weights) swaps "
+              f"{swaps} times in-process (load, verify, smoke test, swap, release; no signed "
+              f"deployment: A's would replace B on this agent)")
+        print(f"    B p99 while A swaps {p99_swap:.3f} ms ({len(by['swap'])} requests, "
+              f"{swap_s / max(swaps, 1) * 1e3:.0f} ms per swap) vs {p99_quiet:.3f} ms in the "
+              f"quiet spells ({len(by['quiet'])}) -> ratio {p99_swap / p99_quiet:.2f}x (goal "
+              f"<= 1.5); p50 {pct(by['swap'], 50):.3f} vs {pct(by['quiet'], 50):.3f} ms; "
+              f"{len(load.failed)} failed (goal 0), B versions answered {sorted(load.versions)}")
+        if load.failed:
+            print(f"    first failures: {load.failed[:3]}")
+        released = driver.do("unload")["released"]
+        before = driver.rss_mb()
+        loaded: list[float] = []
+        after: list[float] = []
+        for _ in range(cycles):
+            driver.do("swap")
+            loaded.append(driver.rss_mb())
+            released &= driver.do("unload")["released"]
+            after.append(driver.rss_mb())
+        print(f"    agent RSS over {cycles} load/unload cycles of A: {before:.1f} MB serving B "
+              f"alone -> {max(loaded):.1f} MB at most with A loaded -> {after[0]:.1f} MB after "
+              f"the first unload, {after[-1]:.1f} MB after the last (max growth "
+              f"{max(after) - before:+.1f} MB; goal within a few MB); every unload released: "
+              f"{released}")
+    finally:
+        driver.stop()
 
 
 def start_responder(tmp: Path, repo: Repository, broker: Mosquitto) -> subprocess.Popen[bytes]:
