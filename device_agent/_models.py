@@ -20,6 +20,7 @@ import functools
 import logging
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -131,13 +132,39 @@ class LoadedModels:
 _TRIM_DELAY_S = 0.05
 _released = 0
 _released_lock = threading.Lock()
+#: Whether a release is scheduled, and when the last model was let go of: models freed
+#: together (a set, a fleet simulator's agents) share one release, made once the last
+#: of them is freed.
+_scheduled = False
+_last_freed = 0.0
 
 
 def _release_soon() -> None:
-    timer = threading.Timer(_TRIM_DELAY_S, release_memory)
+    global _scheduled, _last_freed
+    with _released_lock:
+        _last_freed = time.monotonic()
+        if _scheduled:
+            return
+        _scheduled = True
+    _release_in(_TRIM_DELAY_S)
+
+
+def _release_in(seconds: float) -> None:
+    timer = threading.Timer(seconds, _scheduled_release)
     timer.daemon = True
     timer.name = "agent-release-memory"
     timer.start()
+
+
+def _scheduled_release() -> None:
+    global _scheduled
+    with _released_lock:
+        wait = _last_freed + _TRIM_DELAY_S - time.monotonic()
+        if wait > 0:  # another model was let go of meanwhile: wait for it too
+            _release_in(wait)
+            return
+        _scheduled = False
+    release_memory()
 
 
 def release_memory() -> None:
