@@ -15,7 +15,10 @@ import pytest
 
 import edge_sdk
 from device_agent import Agent
-from device_agent._serving import Served
+from device_agent._config import HttpConfig
+from device_agent._metrics import Metrics
+from device_agent._protocol import InferenceApp
+from device_agent._serving import ModelSlots, Served, Wanted
 from device_agent._state import ModelRecord
 from tests import _models
 from tests._http_agent import call, metric, serving
@@ -195,3 +198,20 @@ def test_swapping_one_model_never_fails_a_request_to_another(
         agent.slots.swap({"ant": None})
     assert failures == []
     assert set(answers) == {"bee"}
+
+
+def test_index_says_why_the_agent_cannot_serve_a_model(ants: list[edge_sdk.Artifact]) -> None:
+    slots = ModelSlots()
+    slots.swap({"ant": served(ants[0])})
+    reason = "smoke test failed: output 'y' has 4 non-finite value(s)"
+    app = InferenceApp(slots, Metrics(), HttpConfig(),
+                       lambda: [Wanted("ant", "1"), Wanted("cat", "3", reason)])
+    status, _, body, _ = app.handle("POST", "/v2/repository/index", {}, b"")
+    assert status == 200 and json.loads(body) == [
+        {"name": "ant", "version": "1", "state": "READY"},
+        {"name": "cat", "version": "3", "state": "UNAVAILABLE", "reason": reason}]
+    status, _, body, _ = app.handle("GET", "/v2/health/ready", {}, b"")
+    assert status == 503 and json.loads(body)["error"] == f"not serving model 'cat' " \
+                                                          f"version 3: {reason}"
+    status, _, body, _ = app.handle("GET", "/v2/models/cat", {}, b"")
+    assert status == 503 and reason in json.loads(body)["error"]
