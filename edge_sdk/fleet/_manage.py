@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import EdgeError
-from ..release._deploy import last_deployment
+from ..release._deploy import _deployed_versions, last_deployment
 from ..release._repository import Repository
 from ..transport._config import check_topic_word
-from ..trust._deployment import compare_versions
+from ..trust._deployment import MAX_SET_MODELS, compare_versions
 from . import _machine as m
 from . import _store as store
 from ._assign import AssignmentChange, device_id
@@ -29,9 +29,6 @@ from ._select import MAX_GROUPS, MAX_TAGS, check_selector, operator_part, select
 from ._store import FleetDB, FleetUsageError, valid_id
 
 # -- rollouts ------------------------------------------------------------------------------
-
-#: The most models one set deployment names (the deployment document's own limit).
-MAX_SET_MODELS = 16
 
 def start_rollout(db: FleetDB, *, fleet: str, model: str = "", version: str = "",
                   selector: Mapping[str, Sequence[str]], spec: m.RolloutSpec,
@@ -102,9 +99,8 @@ def _refuse_downgrade(db: FleetDB, fleet: str, model: str, version: str,
     for d, mem in found.items():
         seen(d, model, mem.versions().get(model))
         if repo is not None:
-            last = last_deployment(repo, d)
-            for mdl, ver in _deployed(last or {}):
-                seen(d, mdl, ver)
+            for name, was in _deployed_versions(last_deployment(repo, d)).items():
+                seen(d, name, was)
     for device, mdl, ver in store.desired_versions(db, fleet, found):
         seen(device, mdl, ver)
     if newer:
@@ -113,15 +109,6 @@ def _refuse_downgrade(db: FleetDB, fleet: str, model: str, version: str,
         raise FleetUsageError(f"{model} {version} for {len(newer)} selected device(s) ({some}"
                               f"{more}) is a downgrade: start it with --rollback for a signed "
                               "rollback rollout")
-
-
-def _deployed(signed: Mapping[str, Any]) -> list[tuple[object, object]]:
-    """``(model, version)`` of each model a deployment document's ``signed`` part names:
-    its ``models`` (spec 2) or its one ``model`` (spec 1)."""
-    got = signed.get("models")
-    if isinstance(got, list):
-        return [(t.get("model"), t.get("version")) for t in got if isinstance(t, dict)]
-    return [(signed.get("model"), signed.get("version"))]
 
 
 def _describe(sel: Mapping[str, Sequence[str]]) -> str:
