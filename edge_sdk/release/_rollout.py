@@ -209,7 +209,9 @@ def rollout(repo: Repository, connection: MqttConnection, *, model: str | None =
     before = {d: {n: s.models.get(n) if (s := states.get(d)) else None for n in wanted}
               for d in targets}
     if not cfg.signed_rollback:
-        newer = sorted(f"{d} runs {n} {v}" for d, b in before.items() for n, v in b.items()
+        one = len(wanted) == 1  # said as it always was: "d1 runs 2"
+        newer = sorted(f"{d} runs {v if one else f'{n} {v}'}" for d, b in before.items()
+                       for n, v in b.items()
                        if v is not None and compare_versions(wanted[n], v) < 0)
         if newer:
             more = f" and {len(newer) - 3} more" if len(newer) > 3 else ""
