@@ -430,9 +430,12 @@ def _show_progress(device: str, event: dict[str, Any]) -> None:
 @click.option("--group", "groups", multiple=True,
               help="Device group: the devices assigned to it ('edge-sdk device set') that "
                    "have reported. Repeatable.")
-@click.option("--model", required=True, help="Released artifact name.")
+@click.option("--model", "models", multiple=True, required=True, metavar="NAME[=VERSION]",
+              help="Released artifact name, with its version (default: the newest not "
+                   "yanked). Repeatable: the models are deployed as one set.")
 @click.option("--version", "version",
-              help="Released version (default: the newest not yanked).")
+              help="Released version of the one --model NAME (default: the newest not "
+                   "yanked).")
 @click.option("--waves", default=",".join(RolloutConfig.waves), show_default=True,
               help="Cumulative wave sizes: device counts or percentages.")
 @click.option("--max-failures", default=RolloutConfig.max_failures, show_default=True,
@@ -452,7 +455,7 @@ def _show_progress(device: str, event: dict[str, Any]) -> None:
 @_audit_options
 @_mqtt_options
 def rollout_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...],
-                db_url: str | None, model: str, version: str | None, waves: str,
+                db_url: str | None, models: tuple[str, ...], version: str | None, waves: str,
                 max_failures: float, wave_timeout: float, no_rollback: bool,
                 signed_rollback: bool, keydir: str | None, operator: str | None,
                 **mqtt: Any) -> None:
@@ -462,24 +465,27 @@ def rollout_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...],
     cfg = RolloutConfig(waves=tuple(w for w in waves.split(",") if w.strip()),
                         max_failures=max_failures, wave_timeout=wave_timeout,
                         rollback=not no_rollback, signed_rollback=signed_rollback)
+    wanted = parse_models(models, version)
     config = _mqtt_config(mqtt)
     r = Repository(repo, keydir)
     found, hint = _group_members(db_url, repo, config.fleet, groups) if groups else ({}, "")
     empty = [g for g, ids in found.items() if not ids]
     if empty:
         raise UsageError(_unassigned(empty, config.fleet, hint))
-    sent: dict[str, Any] = {"version": version, "deployments": [], "rollbacks": []}
+    sent: dict[str, Any] = {"version": wanted[0][1], "deployments": [], "rollbacks": []}
 
     def on_wave(kind: str, info: dict[str, Any]) -> None:
         if info["event"] == "start":
             sent["rollbacks" if info["rollback"] else "deployments"].append(info["counter"])
             if not info["rollback"]:
                 sent["version"] = info["version"]  # the one --version or the newest named
+                if len(wanted) > 1:
+                    sent["models"] = dict(info["models"])
         _show_wave(kind, info)
 
     def audit(aborted: str | None) -> None:
         _audit(db_url, repo, operator, "rollout.run", {
-            "fleet": config.fleet, "model": model, "devices": list(devices),
+            "fleet": config.fleet, "model": wanted[0][0], "devices": list(devices),
             "groups": list(groups), "waves": list(cfg.waves),
             "max_failures": cfg.max_failures, "wave_timeout": cfg.wave_timeout,
             "rollback": cfg.rollback, "signed_rollback": cfg.signed_rollback, **sent,
@@ -487,7 +493,7 @@ def rollout_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...],
 
     try:
         with MqttConnection(config, name="edge-rollout") as conn:
-            result = rollout(r, conn, model=model, version=version, devices=devices,
+            result = rollout(r, conn, models=wanted, devices=devices,
                              members=sorted({d for ids in found.values() for d in ids}),
                              config=cfg, progress=_show_progress, on_wave=on_wave)
     except BaseException as err:
@@ -501,7 +507,8 @@ def rollout_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...],
                            err=True)
         raise
     audit(result.aborted)
-    click.echo(f"rollout of {result.model} {result.version}: "
+    said = ", ".join(f"{n} {v}" for n, v in result.models.items())
+    click.echo(f"rollout of {said}: "
                f"{sum(len(w.devices) for w in result.waves)} of "
                f"{sum(len(w) for w in result.planned)} device(s) in "
                f"{len(result.waves)} of {len(result.planned)} wave(s)")
@@ -526,8 +533,12 @@ def rollout_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...],
 def _show_wave(_: str, info: dict[str, Any]) -> None:
     what = "rollback" if info["rollback"] else "wave"
     if info["event"] == "start":
+        got = info.get("models") or []
+        said = (", ".join([*(f"{n} {v}" for n, v in got),
+                           *(f"remove {n}" for n in info.get("remove", []))])
+                if len(got) != 1 or info.get("remove") else info["version"])
         click.echo(f"{what} {info['index']}: deployment #{info['counter']} of "
-                   f"{info['version']} to {len(info['devices'])} device(s): "
+                   f"{said} to {len(info['devices'])} device(s): "
                    f"{', '.join(info['devices'])}", err=True)
     else:
         click.echo(f"{what} {info['index']}: {info['committed']} committed, "
