@@ -9,7 +9,9 @@ failed or ran out of time. When, after a wave, more of the devices of every wave
 failed (or stayed silent) than the rollout may lose — the rule the fleet controller's
 ``rollout start`` applies too (:class:`~edge_sdk.release._abort.AbortRule`) — the rollout
 stops there and — unless told otherwise — signs an explicit rollback that sends every
-device that had committed the new release back to the model it served before.
+device that had committed the new release back, per model: each model the rollout changed
+to the device's earlier version of it, with a signed removal of a model it did not have.
+A rollout deploys one model or a set of models, signed as one document per wave.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ class RolloutConfig:
     devices have finished (see :class:`~edge_sdk.release._abort.AbortRule`, the rule
     ``rollout start`` applies too).
     ``wave_timeout``: seconds each wave may take. ``rollback``: on abort, send the devices
-    that committed the new release back to their previous model. ``signed_rollback``: a
+    that committed the new release back to their previous version of each model. ``signed_rollback``: a
     rollback rollout: every wave is signed as an explicit rollback, so that devices on a
     newer version take an older one (without it such a downgrade is refused before any
     wave). Raises :class:`~edge_sdk.errors.UsageError` for a value no rollout runs with."""
