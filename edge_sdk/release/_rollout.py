@@ -56,10 +56,11 @@ class RolloutConfig:
     devices have finished (see :class:`~edge_sdk.release._abort.AbortRule`, the rule
     ``rollout start`` applies too).
     ``wave_timeout``: seconds each wave may take. ``rollback``: on abort, send the devices
-    that committed the new release back to their previous version of each model. ``signed_rollback``: a
-    rollback rollout: every wave is signed as an explicit rollback, so that devices on a
-    newer version take an older one (without it such a downgrade is refused before any
-    wave). Raises :class:`~edge_sdk.errors.UsageError` for a value no rollout runs with."""
+    that committed the new release back to their previous version of each model.
+    ``signed_rollback``: a rollback rollout: every wave is signed as an explicit rollback,
+    so that devices on a newer version take an older one (without it such a downgrade is
+    refused before any wave). Raises :class:`~edge_sdk.errors.UsageError` for a value no
+    rollout runs with."""
 
     waves: tuple[str, ...] = DEFAULT_WAVES
     max_failures: float = 0.0
