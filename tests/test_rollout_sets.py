@@ -9,6 +9,7 @@ import json
 import pytest
 import sqlalchemy as sa
 
+from edge_sdk.cli import main
 from edge_sdk.fleet import FleetDB, FleetUsageError, RolloutSpec, start_rollout
 from edge_sdk.fleet._machine import DeviceProgress
 from edge_sdk.fleet._registry import write_state
@@ -87,3 +88,22 @@ def test_a_set_rollout_that_downgrades_one_of_its_models_needs_rollback(
         with pytest.raises(FleetUsageError, match="det 2 for 1 selected device"):
             start_rollout(db, fleet=FLEET, models=[("rec", "9"), ("det", "2")],
                           selector={"devices": ["d1"]}, spec=SPEC, actor="alice")
+
+
+def test_rollout_start_records_a_set_and_says_each_model(
+        db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with FleetDB.open(db_url) as db:
+        _registered(db, "d1")
+    base = ["rollout", "start", "--db", db_url, "--operator", "alice", "--fleet", FLEET,
+            "--device", "d1", "--model", "det=2"]
+    capsys.readouterr()
+    assert main([*base, "--model", "rec"]) == 2  # no --repo to find rec's newest
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "edge-sdk: error: name the version of rec (--model rec=VERSION, or --repo to take "
+        "the newest release)"]
+    assert main([*base, "--model", "rec=5"]) == 0
+    assert "det 2, rec 5 recorded" in capsys.readouterr().out
+    with FleetDB.open(db_url) as db:
+        rid = int(db.rollouts()[0]["id"])
+    assert main(["rollout", "status", str(rid), "--db", db_url]) == 0
+    assert capsys.readouterr().out.startswith(f"rollout {rid}: det 2, rec 5 pending")
