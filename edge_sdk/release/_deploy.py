@@ -122,9 +122,6 @@ def create_deployment(repo: Repository, *, fleet: str, model: str | None = None,
         atomic_write_bytes(cpath, f"{counter}\n".encode())
         for who in last:
             atomic_write_bytes(ddir / f"{who}.json", doc)
-            seen = _deployed_versions(last[who]) | _deployed_versions(dep.to_signed())
-            atomic_write_bytes(ddir / f"{who}{_HISTORY_SUFFIX}",
-                               json.dumps(seen, sort_keys=True).encode())
             _record_steps(ddir, who, dep)
     return SignedDeployment(dep, doc)
 
@@ -190,9 +187,8 @@ def previous_versions(repo: Repository, names: Sequence[str], *, devices: Sequen
     return out
 
 
-#: Kept per device or group beside its last document (``dev-ID.versions``): per model,
-#: the version last deployed there, for the downgrade check of later deployments.
-_HISTORY_SUFFIX = ".versions"
+#: Where :func:`_last` puts the version of each model deployed there now (from the
+#: steps; a repository from before them has the last document's fields only).
 _HISTORY_KEY = "deployed"
 
 
@@ -229,11 +225,9 @@ def _last(ddir: Path, who: str) -> dict[str, object] | None:
             return None
     except (OSError, ValueError, KeyError):
         return None
-    try:
-        seen = json.loads((ddir / f"{who}{_HISTORY_SUFFIX}").read_bytes())
-    except (OSError, ValueError):
-        return signed
-    return {**signed, _HISTORY_KEY: seen} if isinstance(seen, dict) else signed
+    now = {name: seq[-1] for name, seq in _steps(ddir, who).items()
+           if seq and seq[-1] is not None}
+    return {**signed, _HISTORY_KEY: now} if now else signed
 
 
 def last_deployment(repo: Repository, device: str) -> dict[str, object] | None:
