@@ -49,6 +49,7 @@ from ._store import (
     insert_device,
     insert_event,
     json_text,
+    model_versions,
     reported_device,
     update_device,
     write_events,
@@ -182,8 +183,11 @@ def ingest_event(c: Connection, fleet: str, device: str, payload: bytes,
 
 #: What a device is, as opposed to how it is doing: kept from the last report that said
 #: it when a later one (a last will, any partial state) leaves it out.
-FACTS = ("model", "previous", "groups", "tags", "hardware", "phase", "deployment",
-         "last_update")
+FACTS = ("model", "models", "previous", "groups", "tags", "hardware", "phase", "deployment",
+         "last_update", "results")
+#: Facts that newer agents report beside an older one: a report that gives the older one
+#: without them (an agent downgraded in place) has none, and the stored ones are stale.
+_BESIDE = {"models": "model", "results": "last_update"}
 #: Keys of a stored state that the registry writes, never the device.
 _OWN = ("offline_since",)
 
@@ -206,7 +210,8 @@ def _merge(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
         return new
     if new.get("will") is True:
         new = {k: v for k, v in new.items() if k not in FACTS}
-    return {**{k: old[k] for k in FACTS if k in old}, **new}
+    kept = [k for k in FACTS if k in old and _BESIDE.get(k) not in new]
+    return {**{k: old[k] for k in kept}, **new}
 
 
 def write_state(c: Connection, fleet: str, device: str, payload: bytes,
@@ -254,8 +259,9 @@ def write_state(c: Connection, fleet: str, device: str, payload: bytes,
     _text(st.last_reason, "last_update.reason")
     _counter(st.deployment, "deployment")
     _counter(st.last_deployment, "last_update.deployment")
+    models = json_text([m.to_json() for m in st.served])
     values: dict[str, Any] = {
-        "groups": json_text(list(st.groups)), "tags": json_text(tags),
+        "models": models, "groups": json_text(list(st.groups)), "tags": json_text(tags),
         "hardware": json_text(hw), "online": st.online, "last_seen": ts,
         "model": model, "version": version, "previous_model": prev[0],
         "previous_version": prev[1], "phase": st.phase, "deployment": st.deployment,
@@ -273,7 +279,8 @@ def write_state(c: Connection, fleet: str, device: str, payload: bytes,
         changes = []
         if bool(old.online) != st.online:
             changes.append("online" if st.online else "offline")
-        if (old.model, old.version) != (model, version):
+        if (old.model, old.version) != (model, version) \
+                or model_versions(old.models) != st.models:
             changes.append("model")
         if old.phase != st.phase:
             changes.append("phase")
@@ -285,7 +292,7 @@ def write_state(c: Connection, fleet: str, device: str, payload: bytes,
                "model": model, "version": version,
                "reason": st.last_reason if "result" in changes else None,
                "detail": json_text({"online": st.online, "phase": st.phase,
-                                    "result": st.last_result})}
+                                    "result": st.last_result, "models": st.models})}
         _fit(_EVENT_COLS, row)
         insert_event(c, row)
 

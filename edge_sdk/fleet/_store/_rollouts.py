@@ -29,6 +29,7 @@ from ._schema import (
     devices,
     json_text,
     json_value,
+    model_versions,
     registry_stats,
     rollout_commands,
     rollout_devices,
@@ -43,13 +44,15 @@ _DEVICE_FIELDS = [f for f in m.DeviceProgress.__dataclass_fields__ if f != "wave
 def selectable_devices(db: FleetDB, fleet: str, *,
                        hardware: bool) -> Iterable[dict[str, Any]]:
     """Every registered device of ``fleet`` as a selector sees it: ``id``, the operator's
-    ``groups`` and ``tags``, ``online``, ``model``, ``version``, and (with ``hardware``)
+    ``groups`` and ``tags``, ``online``, ``model``, ``version`` (the model it swapped in
+    last), ``models`` (every model it serves, name -> version), and (with ``hardware``)
     its reported ``hardware`` facts, else ``{}``."""
     # Read on every poll: only the columns a selector looks at, never the state document
     # (most of a row's bytes). Hardware facts are parsed only for a hw. filter.
     a = device_assignments
     cols = [devices.c.id, a.c.groups, a.c.tags, devices.c.online, devices.c.model,
-            devices.c.version, *([devices.c.hardware] if hardware else [])]
+            devices.c.version, devices.c.models,
+            *([devices.c.hardware] if hardware else [])]
     q = sa.select(*cols).select_from(devices.outerjoin(
         a, (a.c.fleet == devices.c.fleet) & (a.c.id == devices.c.id)))
     with db.read() as c:
@@ -57,7 +60,8 @@ def selectable_devices(db: FleetDB, fleet: str, *,
     for r in rows:
         yield {"id": r.id, "groups": json_value(r.groups, []), "tags": json_value(r.tags, {}),
                "hardware": json_value(r.hardware, {}) if hardware else {},
-               "online": bool(r.online), "model": r.model, "version": r.version}
+               "online": bool(r.online), "model": r.model, "version": r.version,
+               "models": model_versions(r.models)}
 
 
 def desired_versions(db: FleetDB, fleet: str,
