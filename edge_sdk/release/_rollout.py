@@ -193,7 +193,7 @@ def rollout(repo: Repository, connection: MqttConnection, *, model: str,
                          "group(s) has reported a state")
     targets = sorted(set(devices) | joined,
                      key=lambda d: (not (d in states and states[d].online), d))
-    before = {d: s.model_ref if (s := states.get(d)) else None for d in targets}
+    before = {d: s.ref_of(rel.name) if (s := states.get(d)) else None for d in targets}
     if not cfg.signed_rollback:
         newer = sorted(f"{d} runs {b[1]}" for d, b in before.items() if b is not None
                        and b[0] == rel.name and compare_versions(rel.version, b[1]) < 0)
