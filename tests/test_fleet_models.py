@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from edge_sdk.fleet import FleetDB
 from edge_sdk.fleet._members import members
 from edge_sdk.fleet._registry import ingest_state
+from edge_sdk.fleet._store import reports
 from edge_sdk.fleet._web import FleetApi, WebConfig, WebServer
 from edge_sdk.release import DeploymentWatch, DeviceStatus
 from edge_sdk.release._watch import MAX_MODELS
@@ -236,8 +237,9 @@ def test_a_database_of_schema_7_is_migrated_with_each_devices_one_model(
         _ingest(db, "old-1", {"online": True, "phase": "trial",
                               "model": {"name": "adder", "version": "3"}})
         _ingest(db, "old-2", {"online": True, "phase": "idle", "model": None})
-        with db.begin() as c:  # back to the schema before: no models column
+        with db.begin() as c:  # back to the schema before: no models, no results
             c.execute(sa.text("ALTER TABLE devices DROP COLUMN models"))
+            c.execute(sa.text("ALTER TABLE devices DROP COLUMN results"))
             c.execute(sa.text("DELETE FROM schema_version WHERE version = 8"))
     with FleetDB.open(db_url) as db:
         old = db.device("old-1")
@@ -249,9 +251,29 @@ def test_a_database_of_schema_7_is_migrated_with_each_devices_one_model(
         with db.read() as c:
             assert c.execute(sa.text("SELECT max(version) FROM schema_version")).scalar() \
                 == 8
-        # Its next report says every model it serves.
-        _ingest(db, "old-1", report([model("adder", "3"), model("det", "1")]))
-        assert [m["name"] for m in db.device("old-1")["models"]] == ["adder", "det"]  # type: ignore[index]
+        # Its next report says every model it serves, and its results.
+        _ingest(db, "old-1", report([model("adder", "3"), model("det", "1")],
+                                    results=[{"deployment": 4, "result": "committed"}]))
+        new = db.device("old-1")
+        assert new is not None and [m["name"] for m in new["models"]] == ["adder", "det"]
+        assert [r["deployment"] for r in new["results"]] == [4]
+
+
+def test_the_controller_hears_how_both_of_two_deployments_back_to_back_ended(
+        db_url: str) -> None:
+    # Model A (#5) committed, then model B (#6) rolled back, before the controller read
+    # the device: its row's last result is #6 only, its results keep #5 too.
+    with FleetDB.open(db_url) as db:
+        _ingest(db, "cam-1", report(
+            [model("a", "1.1"), model("b", "1.0")],
+            last={"deployment": 6, "result": "rolled_back", "reason": "smoke test"},
+            results=[{"deployment": 4, "result": "committed", "models": ["a"]},
+                     {"deployment": 5, "result": "committed", "models": ["a"]},
+                     {"deployment": 6, "result": "rolled_back", "reason": "smoke test",
+                      "models": ["b"]}]))
+        got = reports(db, FLEET, {"cam-1": {5, 6}, "cam-2": {5}})
+    assert [(r.device, r.counter, r.result, r.reason) for r in got] == [
+        ("cam-1", 5, "committed", None), ("cam-1", 6, "rolled_back", "smoke test")]
 
 
 # -- status, /api/devices and the page -------------------------------------------------------

@@ -90,6 +90,8 @@ _VERSION_MAX = _DEVICE_COLS["version"][1] or 128
 _WORD_MAX = _DEVICE_COLS["phase"][1] or 64
 _KIND_MAX = _EVENT_COLS["kind"][1] or 64
 _RETRY = ":retry"
+#: Characters of each stored update result's reason (the controller reads them every poll).
+_RESULT_REASON = 500
 
 
 def _fit(cols: dict[str, tuple[str, int | None]], row: dict[str, Any]) -> None:
@@ -260,8 +262,13 @@ def write_state(c: Connection, fleet: str, device: str, payload: bytes,
     _counter(st.deployment, "deployment")
     _counter(st.last_deployment, "last_update.deployment")
     models = json_text([m.to_json() for m in st.served])
+    results = json_text([{"deployment": r.deployment, "result": r.result,
+                          "reason": None if r.reason is None else r.reason[:_RESULT_REASON],
+                          "models": list(r.models)}
+                         for r in st.results if r.deployment <= MAX_ID])
     values: dict[str, Any] = {
-        "models": models, "groups": json_text(list(st.groups)), "tags": json_text(tags),
+        "models": models, "results": results,
+        "groups": json_text(list(st.groups)), "tags": json_text(tags),
         "hardware": json_text(hw), "online": st.online, "last_seen": ts,
         "model": model, "version": version, "previous_model": prev[0],
         "previous_version": prev[1], "phase": st.phase, "deployment": st.deployment,

@@ -235,15 +235,24 @@ def heard_until(db: FleetDB, fleet: str) -> float | None:
 
 def reports(db: FleetDB, fleet: str, waiting: Mapping[str, set[int]]) -> list[m.Report]:
     """What the devices in ``waiting`` reported about the deployments (counters) each waits
-    for: a finished last update, or the newest bad event per device and counter."""
+    for: a finished update among its newest results or its last one (a device given
+    two deployments back to back keeps both), or the newest bad event per device and
+    counter."""
     out: list[m.Report] = []
     counters = sorted({n for s in waiting.values() for n in s})
     with db.read() as c:
-        for r in c.execute(sa.select(devices.c.id, devices.c.last_deployment,
-                                     devices.c.last_result, devices.c.last_reason).where(
+        for d in c.execute(sa.select(devices.c.id, devices.c.last_deployment,
+                                     devices.c.last_result, devices.c.last_reason,
+                                     devices.c.results).where(
                 (devices.c.fleet == fleet) & devices.c.id.in_(list(waiting)))):
-            if r.last_deployment in waiting[r.id] and r.last_result in m.FINISHED:
-                out.append(m.Report(r.id, r.last_deployment, r.last_result, r.last_reason))
+            said = {x["deployment"]: (x.get("result"), x.get("reason"))
+                    for x in json_value(d.results, []) if isinstance(x, dict)
+                    and isinstance(x.get("deployment"), int)
+                    and x["deployment"] in waiting[d.id]}
+            if d.last_deployment in waiting[d.id]:
+                said[d.last_deployment] = (d.last_result, d.last_reason)
+            out += [m.Report(d.id, n, result, reason if isinstance(reason, str) else None)
+                    for n, (result, reason) in sorted(said.items()) if result in m.FINISHED]
         # Only the newest bad event per waiting device and counter it waits for: rows a
         # device files under other counters, or many under one, are never read.
         ev = device_events

@@ -47,6 +47,8 @@ schema_version = sa.Table(
 #: assignment is in ``device_assignments``. ``models`` (schema 8): every model it serves,
 #: a JSON list of ``{"name", "version", "sha256", "phase"}`` sorted by name; ``model`` and
 #: ``version`` are the one it swapped in last (what agents before schema 8 reported).
+#: ``results`` (schema 8): its newest update results, ``{"deployment", "result",
+#: "reason", "models"}`` newest last; ``last_*`` are the last one (older agents' only).
 devices = sa.Table(
     "devices", meta,
     sa.Column("fleet", sa.String(128), primary_key=True),
@@ -68,6 +70,7 @@ devices = sa.Table(
     sa.Column("last_deployment", sa.Integer),
     sa.Column("state", sa.Text, nullable=False, default="{}"),
     sa.Column("models", sa.Text, nullable=False, default="[]", server_default="[]"),
+    sa.Column("results", sa.Text, nullable=False, default="[]", server_default="[]"),
 )
 
 device_events = sa.Table(
@@ -305,11 +308,13 @@ def _v7(c: Connection) -> None:
 
 
 def _v8(c: Connection) -> None:
-    """Each device's models: a device registered before keeps the one model it reported
-    (its phase as the device's) until its next report says them all."""
-    if "models" not in {col["name"] for col in sa.inspect(c).get_columns("devices")}:
-        spec = sa.schema.CreateColumn(devices.c.models).compile(dialect=c.dialect)
-        c.execute(sa.text(f"ALTER TABLE devices ADD COLUMN {spec}"))
+    """Each device's models and update results: a device registered before keeps the one
+    model it reported (its phase as the device's) until its next report says them all."""
+    have = {col["name"] for col in sa.inspect(c).get_columns("devices")}
+    for col in (devices.c.models, devices.c.results):
+        if col.name not in have:
+            spec = sa.schema.CreateColumn(col).compile(dialect=c.dialect)
+            c.execute(sa.text(f"ALTER TABLE devices ADD COLUMN {spec}"))
     d = devices.c
     rows = c.execute(sa.select(d.fleet, d.id, d.model, d.version, d.phase).where(
         d.model.is_not(None) & d.version.is_not(None))).all()
