@@ -271,9 +271,14 @@ def test_the_controller_hears_how_both_of_two_deployments_back_to_back_ended(
                      {"deployment": 5, "result": "committed", "models": ["a"]},
                      {"deployment": 6, "result": "rolled_back", "reason": "smoke test",
                       "models": ["b"]}]))
-        got = reports(db, FLEET, {"cam-1": {5, 6}, "cam-2": {5}})
+        # An older agent says its last result only.
+        _ingest(db, "cam-2", {"online": True, "phase": "committed",
+                              "model": {"name": "a", "version": "1.1"},
+                              "last_update": {"deployment": 5, "result": "committed"}})
+        got = reports(db, FLEET, {"cam-1": {5, 6}, "cam-2": {5}, "cam-3": {5}})
     assert [(r.device, r.counter, r.result, r.reason) for r in got] == [
-        ("cam-1", 5, "committed", None), ("cam-1", 6, "rolled_back", "smoke test")]
+        ("cam-1", 5, "committed", None), ("cam-1", 6, "rolled_back", "smoke test"),
+        ("cam-2", 5, "committed", None)]
 
 
 # -- status, /api/devices and the page -------------------------------------------------------
