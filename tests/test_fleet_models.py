@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from edge_sdk.fleet import FleetDB
+from edge_sdk.fleet import FleetDB, FleetUsageError, RolloutSpec, start_rollout
 from edge_sdk.fleet._members import members
 from edge_sdk.fleet._registry import ingest_state
 from edge_sdk.fleet._store import reports
@@ -213,6 +213,23 @@ def test_each_devices_models_round_trip_through_the_registry(db_url: str) -> Non
             ("det", "committed")]
         assert db.device_history("cam-1", fleet=FLEET)[0]["detail"]["models"] == {
             "det": "1.1"}
+
+
+def test_a_rollout_of_one_model_is_judged_by_the_devices_version_of_that_model(
+        db_url: str) -> None:
+    # cam-1 serves det 2.0 and swapped ocr in last: det 1.0 is a downgrade for it all the
+    # same, and ocr 3.0 is not for cam-2, which has no ocr.
+    with FleetDB.open(db_url) as db:
+        _ingest(db, "cam-1", report([model("det", "2.0"), model("ocr", "1.0")]))
+        _ingest(db, "cam-2", report([model("det", "1.0")]))
+        assign(db_url, FLEET, ["cam-1", "cam-2"], "cams")
+        sel = {"groups": ["cams"]}
+        with pytest.raises(FleetUsageError, match=r"det 1\.0 for 1 selected device\(s\) "
+                                                  r"\(cam-1 has 2\.0\) is a downgrade"):
+            start_rollout(db, fleet=FLEET, model="det", version="1.0", selector=sel,
+                          spec=RolloutSpec(), actor="tester")
+        assert start_rollout(db, fleet=FLEET, model="ocr", version="3.0", selector=sel,
+                             spec=RolloutSpec(), actor="tester") >= 1
 
 
 def test_a_last_will_keeps_the_models_and_a_downgraded_agent_replaces_them(
