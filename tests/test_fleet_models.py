@@ -389,3 +389,25 @@ def test_two_deployments_to_one_device_back_to_back_both_get_their_outcome(
     assert (a.result, a.reason, a.model) == ("committed", None, "a 1.1")
     assert (b.result, b.reason, b.model) == ("rolled_back", "health window: 3 errors",
                                              "b 1.0")
+
+
+def test_an_mqtt_rollout_is_judged_by_the_devices_version_of_its_model(
+        broker: Mosquitto, tmp_path: Path) -> None:
+    # m-1 serves det 2.0 and swapped ocr in last: rolling det 1.0 out to it is a downgrade.
+    from edge_sdk.errors import UsageError
+    from edge_sdk.release import RolloutConfig, rollout
+    from tests._e2e import Fleet
+
+    fleet = Fleet(tmp_path, broker)
+    try:
+        fleet.release("1.0", name="det")
+        state = report([model("det", "2.0"), model("ocr", "1.0")])
+        fleet.host.publish_wait(fleet.topics.state("m-1"), json.dumps(state).encode(),
+                                qos=1, retain=True)
+        with pytest.raises(UsageError, match=r"det 1\.0 is a downgrade for 1 device\(s\) "
+                                             r"\(m-1 runs 2\.0\)"):
+            # (A short wave timeout: were it not refused, nothing would answer.)
+            rollout(fleet.repo, fleet.host, model="det", version="1.0", devices=["m-1"],
+                    config=RolloutConfig(wave_timeout=1.0, rollback=False))
+    finally:
+        fleet.close()
