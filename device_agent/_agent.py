@@ -38,7 +38,7 @@ from ._metrics import Metrics
 from ._profiler import Profiler, ProfilingSource
 from ._protocol import InferenceApp
 from ._server import HttpServer
-from ._serving import ModelSlot, Served
+from ._serving import ModelSlots, Served
 from ._state import ModelRecord, StateStore
 from ._telemetry import Outbox, Telemetry
 
@@ -81,7 +81,7 @@ class Agent:
         self.config = config
         self.store = StateStore(config.state_dir)
         self.metrics = Metrics()
-        self.slot = ModelSlot(on_change=self._model_changed)
+        self.slots = ModelSlots(on_change=self._model_changed)
         self._stop = threading.Event()
         self._started_at = time.monotonic()
         self._boot_ms = time.time_ns() // 1_000_000
@@ -109,7 +109,7 @@ class Agent:
         chosen = self._new_source(source, link)
         self.metrics.storage_ok.set(1)
         self.installer = Installer(
-            config, self.store, self.slot, chosen, self.telemetry, self._stop,
+            config, self.store, self.slots, chosen, self.telemetry, self._stop,
             load_model=load_model,
             on_storage=lambda ok: self.metrics.storage_ok.set(1 if ok else 0))
         self.http: HttpServer | None = None
@@ -172,7 +172,7 @@ class Agent:
     def start(self) -> None:
         self.installer.boot()
         if self._serve_http:
-            app = InferenceApp(self.slot, self.metrics, self.config.http)
+            app = InferenceApp(self.slots, self.metrics, self.config.http)
             self.http = HttpServer(app, self.config.http.bind, self.config.http.port)
             self.http.start()
             try:
@@ -186,7 +186,7 @@ class Agent:
             self._open_link(self.connection)
         self._worker = threading.Thread(target=self._work, name="agent-worker", daemon=True)
         self._worker.start()
-        cur = self.slot.current
+        cur = self.slots.current
         log.info("agent %s serving %s on %s", self.config.device_id,
                  cur.record.label() if cur else "no model yet",
                  self.http.url if self.http is not None else "no HTTP endpoint")
@@ -395,7 +395,7 @@ class Agent:
         """What the device is (models, phase, last result, groups, tags, hardware): the
         part of its state that stays true while it is offline."""
         st = self.installer.state
-        cur = self.slot.current
+        cur = self.slots.current
 
         def rec(r: ModelRecord | None) -> dict[str, Any] | None:
             return None if r is None else {"name": r.name, "version": r.version,
@@ -436,12 +436,13 @@ class Agent:
         return out
 
     def _heartbeat(self) -> dict[str, Any]:
-        cur = self.slot.current
+        cur = self.slots.current
         return {"uptime_s": round(time.monotonic() - self._started_at, 1),
                 "model": None if cur is None else {"name": cur.name, "version": cur.version},
                 "queued_reports": len(self.outbox)}
 
-    def _model_changed(self, served: Served | None) -> None:
+    def _model_changed(self, name: str, served: Served | None) -> None:
+        served = self.slots.current
         if served is None:
             self.metrics.set_model(None, None, None)
         else:

@@ -69,7 +69,7 @@ from ._intake import Unverified
 from ._interfaces import ArtifactSource, InstallRequest, ModelLoader, Reporter
 from ._lifecycle import Life, Mode, handled, step
 from ._models import LoadedModels
-from ._serving import ModelSlot, SmokeTestError
+from ._serving import ModelSlots, Served, SmokeTestError
 from ._state import InstalledState, ModelRecord, StateStore
 from ._storage import NoSpaceError, StateWriter
 
@@ -87,7 +87,7 @@ class Installer:
         self,
         config: AgentConfig,
         store: StateStore,
-        slot: ModelSlot,
+        slots: ModelSlots,
         source: ArtifactSource | None,
         reporter: Reporter,
         stop: threading.Event | None = None,
@@ -97,7 +97,7 @@ class Installer:
     ) -> None:
         self.config = config
         self.store = store
-        self.slot = slot
+        self.slots = slots
         self.source = source
         self.reporter = reporter
         self.stop = stop or threading.Event()
@@ -155,7 +155,9 @@ class Installer:
                 if served is not None and self.life.mode is Mode.TRIAL:
                     # From the first request it serves, not from the window's start.
                     self._models.start_trial(served, self.state.previous)
-                self.slot.swap(served)
+                # One model per device until sets are wired in: what serves is replaced.
+                gone: dict[str, Served | None] = {n: None for n in self.slots.all()}
+                self.slots.swap(gone if served is None else {**gone, served.name: served})
             case CleanModels():
                 durable = self.storage.durable
                 self.store.clean(self.state, *(s for s in (durable,) if s is not None))
@@ -166,7 +168,7 @@ class Installer:
             case CleanPartial():
                 self.store.clean_partial()
             case WatchHealth():
-                served = self.slot.current
+                served = self.slots.current
                 assert served is not None
                 # After a restart: the previous is loaded now.
                 self._models.start_trial(served, self.state.previous)
@@ -273,7 +275,7 @@ class Installer:
                       digest[:12])
             self.reporter.state_changed()
             return False
-        cur = self.slot.current
+        cur = self.slots.current
         try:
             dep = self.source.verify_deployment(
                 payload, last_counter=st.deployment_counter or None,

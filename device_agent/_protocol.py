@@ -54,7 +54,7 @@ from ._codec import (
 from ._config import HttpConfig
 from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ._metrics import Metrics
-from ._serving import ModelSlot, Served
+from ._serving import ModelSlots, Served
 
 log = logging.getLogger("device_agent.http")
 
@@ -74,8 +74,8 @@ _IMAGE_TYPES = ("image/jpeg", "image/png")
 class InferenceApp:
     """The protocol logic, independent of the socket layer."""
 
-    def __init__(self, slot: ModelSlot, metrics: Metrics, config: HttpConfig) -> None:
-        self.slot = slot
+    def __init__(self, slots: ModelSlots, metrics: Metrics, config: HttpConfig) -> None:
+        self.slots = slots
         self.metrics = metrics
         self.config = config
         self._sem = threading.BoundedSemaphore(config.max_inflight)
@@ -120,7 +120,7 @@ class InferenceApp:
 
     def _v2(self, method: str, parts: list[str], headers: Mapping[str, str],
             body: bytes) -> tuple[int, str, bytes, dict[str, str]]:
-        cur = self.slot.current
+        cur = self.slots.current
         if not parts:
             _method(method, "GET")
             return _ok({"name": "edge-sdk-agent", "version": __version__,

@@ -1,6 +1,6 @@
 """The served model and the slot that swaps it without dropping a request.
 
-A request reads :attr:`ModelSlot.current` once and keeps that reference until
+A request reads its model from :class:`ModelSlots` once and keeps that reference until
 it has answered, so a swap (one attribute assignment, atomic in Python) sends
 new requests to the new model while in-flight ones finish on the old one,
 which is freed when its last request drops the reference.
@@ -22,6 +22,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -255,20 +256,42 @@ def _digest(inputs: Mapping[str, Any]) -> bytes:
     return h.digest()
 
 
-class ModelSlot:
-    """Holds the current :class:`Served`; readers take one reference per request."""
+class ModelSlots:
+    """The served models by name. A request reads :meth:`get` once and keeps that
+    :class:`Served` until it has answered; :meth:`swap` replaces the whole name → model
+    mapping in one assignment, so a set of models changes for new requests at once and a
+    swap of one model never touches a request to another."""
 
-    def __init__(self, on_change: Callable[[Served | None], None] | None = None) -> None:
-        self.current: Served | None = None
+    def __init__(self, on_change: Callable[[str, Served | None], None] | None = None) -> None:
+        self._models: Mapping[str, Served] = MappingProxyType({})
         self._on_change = on_change
         self._swap_lock = threading.Lock()
 
-    def swap(self, new: Served | None) -> Served | None:
-        """Make ``new`` current and return the previous one."""
+    def get(self, name: str) -> Served | None:
+        return self._models.get(name)
+
+    def all(self) -> Mapping[str, Served]:
+        """A snapshot of every served model by name (never changed afterwards)."""
+        return self._models
+
+    @property
+    def current(self) -> Served | None:
+        """The model swapped in last that still serves (None when none does): what the
+        state report's ``model`` names for readers that know one model per device."""
+        served = list(self._models.values())  # in the order swapped in
+        return served[-1] if served else None
+
+    def swap(self, changes: Mapping[str, Served | None]) -> dict[str, Served | None]:
+        """Serve ``changes`` (a name → model, or None to stop serving that name) at once;
+        returns what each changed name served before."""
         with self._swap_lock:
-            old, self.current = self.current, new
+            new = dict(self._models)
+            old = {name: new.pop(name, None) for name in changes}
+            new.update({n: s for n, s in changes.items() if s is not None})
+            self._models = MappingProxyType(new)
         if self._on_change is not None:
-            self._on_change(new)
+            for name, served in changes.items():
+                self._on_change(name, served)
         return old
 
 

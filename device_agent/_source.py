@@ -66,8 +66,9 @@ class ReleaseSource:
             payload, self._key, device_id=self.config.device_id, groups=self.config.groups,
             fleet=self.config.fleet, last_counter=last_counter, installed=installed,
         )
-        return InstallRequest(digest="", counter=dep.counter, name=dep.model,
-                              artifact_version=dep.version, sha256=dep.sha256,
+        one = dep.only  # sets: the agent's set install (issue 29) is not wired in yet
+        return InstallRequest(digest="", counter=dep.counter, name=one.model,
+                              artifact_version=one.version, sha256=one.sha256,
                               rollback=dep.rollback, raw=dep)
 
     def fetch(self, deployment: InstallRequest, dest_dir: Path, *,

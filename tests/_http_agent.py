@@ -29,7 +29,7 @@ def serving(tmp: Path, model: Path, name: str, sample: dict[str, np.ndarray], *,
     a.start()
     try:
         a.submit(deployment(art, 1))
-        wait_for(lambda: a.slot.current is not None, "the model to be swapped in")
+        wait_for(lambda: a.slots.current is not None, "the model to be swapped in")
         if wait_commit:
             wait_for(lambda: a.installer.state.phase == "committed", "the install to commit")
         yield a

@@ -274,7 +274,7 @@ def test_a_trial_resumed_after_a_restart_loads_the_previous_version_to_compare(
     a.stop()
     a = start(**long)
     a.submit(deployment(arts["3"], 2))
-    wait_for(lambda: a.slot.current is not None and a.slot.current.version == "3",
+    wait_for(lambda: a.slots.current is not None and a.slots.current.version == "3",
              "version 3 to be swapped in")
     a.stop()  # inside the window: the next start resumes it, with version 1 on disk only
     a = start(**long)
@@ -295,7 +295,7 @@ def test_a_trial_resumed_after_a_restart_loads_the_previous_version_to_compare(
         status, error = answer((1, 3, 32, 32))
         assert status == 500 and "(version 1 runs this input; counted against version 3" \
             in error
-        wait_for(lambda: a.slot.current is not None and a.slot.current.version == "1",
+        wait_for(lambda: a.slots.current is not None and a.slots.current.version == "1",
                  "the rollback to version 1")
     finally:
         a.stop()

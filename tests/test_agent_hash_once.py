@@ -84,7 +84,7 @@ def last(agent: Agent, kind: str) -> dict[str, Any]:
 
 
 def served(agent: Agent) -> str | None:
-    cur = agent.slot.current
+    cur = agent.slots.current
     return None if cur is None else cur.version
 
 

@@ -30,7 +30,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
     a.start()
     a.submit(deployment(art, 1))
     deadline = time.monotonic() + 30
-    while a.installer.state.phase != "committed" or a.slot.current is None:
+    while a.installer.state.phase != "committed" or a.slots.current is None:
         assert time.monotonic() < deadline, "install did not finish"
         time.sleep(0.02)
     yield a

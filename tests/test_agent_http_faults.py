@@ -55,7 +55,7 @@ def test_lone_surrogate_in_bytes_is_400_and_does_not_roll_back_a_good_model(
         wait_for(lambda: a.installer.state.phase == "committed", "the health window")
         assert a.installer.state.current is not None
         assert a.installer.state.current.version == "1"
-        assert a.slot.current is not None and a.slot.current.health.errors == 0
+        assert a.slots.current is not None and a.slots.current.health.errors == 0
         assert metric(a, "edge_agent_requests_total", model="echo", outcome="error") == 0
 
 
@@ -120,7 +120,7 @@ def test_shape_and_data_attacks_are_400_not_500(multi: Agent, what: str, body: A
     assert status == 400, res
     assert message in res["error"], res
     assert metric(multi, "edge_agent_errors_total", status="500") == before
-    assert multi.slot.current is not None and multi.slot.current.health.errors == 0
+    assert multi.slots.current is not None and multi.slots.current.health.errors == 0
 
 
 BINARY_ATTACKS: list[tuple[str, list[tuple[str, list[int], str, bytes]], str]] = [

@@ -200,6 +200,6 @@ def test_fuzzed_requests_never_get_a_5xx_and_the_server_survives(agent: Agent) -
     assert _COUNT["handler"] + _COUNT["socket"] >= 2000
     assert _COUNT["infer_ok"] >= 20, _COUNT  # generation reached predict, not only errors
     assert metric(agent, "edge_agent_errors_total", status="500") == 0
-    assert agent.slot.current is not None and agent.slot.current.health.errors == 0
+    assert agent.slots.current is not None and agent.slots.current.health.errors == 0
     assert call(agent.http.port, "GET", "/v2/health/ready")[0] == 200
     assert rss_mb() - rss0 < 100, f"RSS grew from {rss0:.0f} to {rss_mb():.0f} MB"

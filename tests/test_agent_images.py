@@ -36,7 +36,7 @@ def serving_artifact(tmp: Path, art: Path, **http: Any) -> Iterator[Agent]:
     a.start()
     try:
         a.submit(deployment(edge_sdk.Artifact.from_dir(art), 1))
-        wait_for(lambda: a.slot.current is not None, "the model to be swapped in")
+        wait_for(lambda: a.slots.current is not None, "the model to be swapped in")
         wait_for(lambda: a.installer.state.phase == "committed", "the install to commit")
         yield a
     finally:
@@ -227,7 +227,7 @@ a = Agent(config(tmp / "state"), source=LocalSource(), connect=False)
 a.start()
 try:
     a.submit(deployment(edge_sdk.Artifact.from_dir(art), 1))
-    wait_for(lambda: a.slot.current is not None, "the model")
+    wait_for(lambda: a.slots.current is not None, "the model")
     status, got, _ = call(a.http.port, "POST", "/v2/models/cls/infer", PNG_8X8,
                           {"Content-Type": "image/png"})
     print(status, got["error"])

@@ -35,12 +35,12 @@ def kinds(agent: Agent) -> list[str]:
 
 
 def served_version(agent: Agent) -> str | None:
-    cur = agent.slot.current
+    cur = agent.slots.current
     return None if cur is None else cur.version
 
 
 def predict(agent: Agent) -> float:
-    cur = agent.slot.current
+    cur = agent.slots.current
     assert cur is not None
     return float(cur.predict({"x": X})["y"][0, 0])
 
@@ -65,7 +65,7 @@ def install(agent: Agent, art: Artifact, version: int, final: str = "committed")
 
 def test_first_deployment_installs_verifies_and_serves(make_agent, arts) -> None:
     agent = make_agent()
-    assert agent.slot.current is None
+    assert agent.slots.current is None
     install(agent, arts["v1"], 1)
     assert served_version(agent) == "v1"
     assert predict(agent) == 2.0
@@ -112,7 +112,7 @@ def test_model_failing_in_health_window_is_rolled_back_to_previous(make_agent, a
                                health={"window_s": 60.0, "probe_interval_s": 0.05}))
     agent2.submit(deployment(arts["batch1"], 2))
     wait_for(lambda: served_version(agent2) == "b1")
-    cur = agent2.slot.current
+    cur = agent2.slots.current
     with pytest.raises(Exception, match=r"Reshape|reshape"):
         cur.predict({"x": np.ones((2, 4), np.float32)})  # a real request that the model fails
     wait_for(lambda: "rolled_back" in kinds(agent2))

@@ -94,7 +94,7 @@ def test_agent_refuses_a_deployment_that_leaves_less_than_the_reserve(
     assert len(failed) == 1 and failed[0]["stage"] == "space"
     assert failed[0]["deployment"]["counter"] == 1
     assert failed[0]["needed_bytes"] > 0 and failed[0]["reserve_bytes"] == free
-    assert agent.slot.current is None
+    assert agent.slots.current is None
     assert list(agent.store.staging.iterdir()) == []
     # Recorded: the same deployment delivered again is not tried again.
     agent.installer.apply(deployment(arts["v1"], 1))

@@ -480,7 +480,13 @@ def test_a_device_row_without_figures_is_excluded_saying_what_is_missing(tmp_pat
 
 def test_profiling_files_are_verified_by_tuf_and_never_installed(tmp_path) -> None:
     from edge_sdk.release import Repository
-    from edge_sdk.trust import Deployment, TargetHashError, TargetMismatchError, UpdateClient
+    from edge_sdk.trust import (
+        Deployment,
+        ModelTarget,
+        TargetHashError,
+        TargetMismatchError,
+        UpdateClient,
+    )
     from tests._repository_simulator import RepositorySimulator
 
     repo = Repository.init(tmp_path / "repo", tmp_path / "keys")
@@ -500,8 +506,8 @@ def test_profiling_files_are_verified_by_tuf_and_never_installed(tmp_path) -> No
     assert got.read_bytes() == model.read_bytes()
     with pytest.raises(TargetMismatchError, match="the request says"):
         client().fetch_file(tf.path, tmp_path / "x", sha256="1" * 64, length=tf.length)
-    dep = Deployment(fleet="lab", model="m", version="1", target=tf.path,
-                     sha256=tf.hashes["sha256"], length=tf.length, counter=1, issued=NOW,
+    dep = Deployment(fleet="lab", models=(ModelTarget("m", "1", tf.path, tf.hashes["sha256"],
+                                                      tf.length),), counter=1, issued=NOW,
                      expires=NOW + timedelta(days=1), devices=("dev-1",))
     with pytest.raises(TargetMismatchError, match="never installed"):
         client().fetch(dep, tmp_path / "installed")

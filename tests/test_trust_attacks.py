@@ -29,6 +29,7 @@ from edge_sdk.trust import (
     DowngradeError,
     ExpiredError,
     MixAndMatchError,
+    ModelTarget,
     NotForThisDeviceError,
     ReplayError,
     RollbackError,
@@ -210,8 +211,8 @@ def unsigned_downgrade_then_signed_rollback(e: AttackEnv, tmp: Path) -> None:
     v2 = e.deploy(version="2.0")
     signer = e.repo.keys.signers("deployment")[0]
     rel1 = e.repo.find("m", "1.0")
-    down = replace(v2, version="1.0", target=rel1.path, sha256=rel1.sha256,
-                   length=rel1.length, counter=v2.counter + 1)
+    down = replace(v2, models=(ModelTarget("m", "1.0", rel1.path, rel1.sha256, rel1.length),),
+                   counter=v2.counter + 1)
     doc = sign_deployment(down, [signer])
     with pytest.raises(DowngradeError, match="--rollback"):
         verify_deployment(doc, e.key, device_id="d1", installed=("m", "2.0"),

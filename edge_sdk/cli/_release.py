@@ -45,7 +45,7 @@ from ..transport import (
     ResponderConfig,
     Topics,
 )
-from ..trust import LocalModel, UpdateClient
+from ..trust import Deployment, LocalModel, UpdateClient
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -332,8 +332,8 @@ def deploy_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...], mod
             topics = publish_deployment(conn, signed)
             click.echo(f"deployed {signed.deployment.describe()} on {', '.join(topics)}")
             _audit(db_url, repo, operator, "deploy", {
-                "fleet": config.fleet, "model": signed.deployment.model,
-                "version": signed.deployment.version, "counter": counter,
+                "fleet": config.fleet, **_audited_models(signed.deployment),
+                "counter": counter,
                 "devices": list(devices), "groups": list(groups), "rollback": rollback})
             if watch is None:
                 return
@@ -1037,3 +1037,11 @@ def pull_cmd(name: str, root: str, device: str, version: str | None, output: str
 
 
 __all__ = ["deploy_cmd", "pull_cmd", "release_group", "serve_cmd"]
+
+
+def _audited_models(dep: Deployment) -> dict[str, object]:
+    """How the audit log names what a deployment installs: ``model``/``version`` for one
+    model (as it always did), ``models``/``remove`` for a set or a removal."""
+    if len(dep.models) == 1 and not dep.remove:
+        return {"model": dep.models[0].model, "version": dep.models[0].version}
+    return {"models": {m.model: m.version for m in dep.models}, "remove": list(dep.remove)}

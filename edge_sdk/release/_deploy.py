@@ -13,7 +13,13 @@ from pathlib import Path
 from .._fs import atomic_write_bytes
 from ..errors import ConfigError, UsageError
 from ..transport import MqttConnection, Topics
-from ..trust._deployment import Deployment, compare_versions, sign_deployment
+from ..trust._deployment import (
+    MAX_SET_MODELS,
+    Deployment,
+    ModelTarget,
+    compare_versions,
+    sign_deployment,
+)
 from ..trust._keys import DEPLOYMENT_ROLE
 from ._repository import Repository
 
@@ -44,22 +50,35 @@ def _locked(path: Path) -> Iterator[None]:
 DEPLOYMENT_EXPIRES_DAYS = 30.0
 
 
-def create_deployment(repo: Repository, *, model: str, fleet: str,
-                      version: str | None = None, devices: Sequence[str] = (),
+def create_deployment(repo: Repository, *, fleet: str, model: str | None = None,
+                      version: str | None = None,
+                      models: Sequence[tuple[str, str | None]] = (),
+                      remove: Sequence[str] = (), devices: Sequence[str] = (),
                       groups: Sequence[str] = (), rollback: bool = False,
                       expires_days: float = DEPLOYMENT_EXPIRES_DAYS,
                       allow_yanked: bool = False) -> SignedDeployment:
-    """Sign a deployment of release ``model`` (``version`` or the newest not yanked) for
-    devices/groups.
+    """Sign a deployment for devices/groups: install release ``model`` (``version`` or the
+    newest not yanked), or the set ``models`` (``(name, version or None)`` each: installed,
+    swapped and rolled back together), and remove the models named in ``remove``.
 
     The counter is strictly increasing per repository (kept in
-    ``REPO/deployments/counter``). Deploying an older version than the last
+    ``REPO/deployments/counter``). Deploying an older version of a model than the last
     one sent to the same device or group needs ``rollback=True``. A yanked
     ``version`` is refused unless ``allow_yanked`` (an aborted rollout sending devices
     back to what they ran).
     """
     if not devices and not groups:
         raise UsageError("name at least one --device or --group")
+    wanted = ([(model, version)] if model is not None else []) + list(models)
+    names = [n for n, _ in wanted] + list(remove)
+    if not names:
+        raise UsageError("name at least one model to deploy or remove")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UsageError(f"model {', '.join(twice)} is named more than once")
+    if len(names) > MAX_SET_MODELS:
+        raise UsageError(f"{len(names)} models named; at most {MAX_SET_MODELS} may be "
+                         "deployed together")
     topics = Topics(fleet)
     for d in devices:
         topics.desired(d)  # validates the id as a topic level
@@ -67,7 +86,7 @@ def create_deployment(repo: Repository, *, model: str, fleet: str,
         topics.group_desired(g)
     if expires_days <= 0:
         raise UsageError("deployment expiry must be > 0 days")
-    rel = repo.find(model, version, allow_yanked=allow_yanked)
+    rels = [repo.find(n, v, allow_yanked=allow_yanked) for n, v in wanted]
     signers = repo.keys.signers(DEPLOYMENT_ROLE)
     if not signers:
         raise ConfigError(f"{repo.keys.dir}: no deployment key (was it made by "
@@ -78,11 +97,12 @@ def create_deployment(repo: Repository, *, model: str, fleet: str,
             f"grp-{g}": _last(ddir, f"grp-{g}") for g in groups}
         if not rollback:
             for who, prev in last.items():
-                if prev and prev.get("model") == rel.name and compare_versions(
-                        rel.version, str(prev.get("version"))) < 0:
-                    raise UsageError(
-                        f"{who[4:]} was last deployed {rel.name} {prev['version']}; deploying "
-                        f"{rel.version} is a downgrade and needs --rollback")
+                was = _deployed_versions(prev)
+                for rel in rels:
+                    if rel.name in was and compare_versions(rel.version, was[rel.name]) < 0:
+                        raise UsageError(
+                            f"{who[4:]} was last deployed {rel.name} {was[rel.name]}; "
+                            f"deploying {rel.version} is a downgrade and needs --rollback")
         cpath = ddir / "counter"
         try:
             counter = int(cpath.read_text().strip() or 0) + 1 if cpath.exists() else 1
@@ -90,9 +110,11 @@ def create_deployment(repo: Repository, *, model: str, fleet: str,
             raise ConfigError(f"{cpath}: corrupt deployment counter") from err
         now = datetime.now(UTC).replace(microsecond=0)
         dep = Deployment(
-            fleet=fleet, model=rel.name, version=rel.version, target=rel.path,
-            sha256=rel.sha256, length=rel.length, counter=counter, issued=now,
-            expires=now + timedelta(days=expires_days), rollback=rollback,
+            fleet=fleet, counter=counter, issued=now,
+            expires=now + timedelta(days=expires_days),
+            models=tuple(ModelTarget(rel.name, rel.version, rel.path, rel.sha256, rel.length)
+                         for rel in rels),
+            remove=tuple(remove), rollback=rollback,
             devices=tuple(devices), groups=tuple(groups),
             keyid=signers[0].public_key.keyid,
         )
@@ -100,18 +122,56 @@ def create_deployment(repo: Repository, *, model: str, fleet: str,
         atomic_write_bytes(cpath, f"{counter}\n".encode())
         for who in last:
             atomic_write_bytes(ddir / f"{who}.json", doc)
+            seen = _deployed_versions(last[who]) | _deployed_versions(dep.to_signed())
+            atomic_write_bytes(ddir / f"{who}{_HISTORY_SUFFIX}",
+                               json.dumps(seen, sort_keys=True).encode())
     return SignedDeployment(dep, doc)
 
 
+#: Kept per device or group beside its last document (``dev-ID.versions``): per model,
+#: the version last deployed there, for the downgrade check of later deployments.
+_HISTORY_SUFFIX = ".versions"
+_HISTORY_KEY = "deployed"
+
+
+def _deployed_versions(prev: dict[str, object] | None) -> dict[str, str]:
+    """Model name → the version last deployed to one device or group (from its file)."""
+    if not prev:
+        return {}
+    out: dict[str, str] = {}
+    hist = prev.get(_HISTORY_KEY)
+    if isinstance(hist, dict):
+        out.update({k: v for k, v in hist.items() if isinstance(k, str) and isinstance(v, str)})
+    if isinstance(prev.get("model"), str) and isinstance(prev.get("version"), str):
+        out[str(prev["model"])] = str(prev["version"])
+    members, removed = prev.get("models"), prev.get("remove")
+    for m in members if isinstance(members, list) else []:
+        if isinstance(m, dict) and isinstance(m.get("model"), str) and \
+                isinstance(m.get("version"), str):
+            out[m["model"]] = m["version"]
+    for r in removed if isinstance(removed, list) else []:
+        if isinstance(r, str):
+            out.pop(r, None)
+    return out
+
+
 def _last(ddir: Path, who: str) -> dict[str, object] | None:
+    """The ``signed`` part of the last document kept for ``who``, with the versions of
+    every model deployed there so far under :data:`_HISTORY_KEY`."""
     p = ddir / f"{who}.json"
     if not p.exists():
         return None
     try:
         signed = json.loads(p.read_bytes())["signed"]
-        return signed if isinstance(signed, dict) else None
+        if not isinstance(signed, dict):
+            return None
     except (OSError, ValueError, KeyError):
         return None
+    try:
+        seen = json.loads((ddir / f"{who}{_HISTORY_SUFFIX}").read_bytes())
+    except (OSError, ValueError):
+        return signed
+    return {**signed, _HISTORY_KEY: seen} if isinstance(seen, dict) else signed
 
 
 def last_deployment(repo: Repository, device: str) -> dict[str, object] | None:

@@ -36,7 +36,7 @@ may also raise :class:`edge_sdk.transport.EndlessDataError` (a ``VerificationErr
 import importlib
 from typing import TYPE_CHECKING
 
-from ._deployment import Deployment, sign_deployment, verify_deployment
+from ._deployment import Deployment, ModelTarget, sign_deployment, verify_deployment
 from ._errors import (
     DeploymentExpiredError,
     DeploymentSignatureError,
@@ -85,6 +85,7 @@ __all__ = [
     "LocalModel",
     "MalformedDeploymentError",
     "MixAndMatchError",
+    "ModelTarget",
     "NotForThisDeviceError",
     "ReleasedTarget",
     "ReplayError",

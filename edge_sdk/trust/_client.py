@@ -233,10 +233,12 @@ class UpdateClient:
     # -- fetching ------------------------------------------------------------------------
 
     def fetch(self, deployment: Deployment, dest_dir: str | os.PathLike[str], *,
-              progress: Progress | None = None, have: Sequence[LocalModel] = (),
-              stage: Stage | None = None, reserve: Reserve | None = None) -> Path:
-        """Fetch the artifact ``deployment`` names into ``dest_dir`` (atomically: an
-        existing ``dest_dir`` is replaced only once the new one is complete and verified).
+              model: str | None = None, progress: Progress | None = None,
+              have: Sequence[LocalModel] = (), stage: Stage | None = None,
+              reserve: Reserve | None = None) -> Path:
+        """Fetch the artifact of model ``model`` of ``deployment`` (by default its only
+        model) into ``dest_dir`` (atomically: an existing ``dest_dir`` is replaced only
+        once the new one is complete and verified).
 
         When ``have`` holds a model that a signed delta of the release starts from, the
         delta is fetched and applied instead of the full model file; any delta failure
@@ -245,24 +247,29 @@ class UpdateClient:
         list the same target path, sha256 and length (the two views disagree).
         ``reserve`` is called once with the bytes the fetch may write (see :data:`Reserve`).
         """
-        if deployment.target.startswith("profiling/"):
+        try:
+            member = deployment.only if model is None else deployment.target_for(model)
+        except (KeyError, ValueError) as err:
+            raise TargetMismatchError(f"{deployment.title} installs no model "
+                                      f"{model or '(one model expected)'}") from err
+        if member.target.startswith("profiling/"):
             raise TargetMismatchError(
-                f"deployment #{deployment.counter} names {deployment.target}, a profiling "
+                f"deployment #{deployment.counter} names {member.target}, a profiling "
                 "file: those are measured, never installed")
         updater = self.refresh()
-        tf = self._targetinfo(updater, deployment.target)
-        if tf.hashes.get("sha256") != deployment.sha256 or tf.length != deployment.length:
+        tf = self._targetinfo(updater, member.target)
+        if tf.hashes.get("sha256") != member.sha256 or tf.length != member.length:
             raise TargetMismatchError(
-                f"deployment #{deployment.counter} names {deployment.target} with sha256 "
-                f"{deployment.sha256[:16]}… and {deployment.length} bytes, but the release "
+                f"deployment #{deployment.counter} names {member.target} with sha256 "
+                f"{member.sha256[:16]}… and {member.length} bytes, but the release "
                 f"repository signed sha256 {tf.hashes.get('sha256', '')[:16]}… and "
                 f"{tf.length} bytes: refusing")
         rt = released_target(tf)
-        if rt is None or rt.name != deployment.model or rt.version != deployment.version:
+        if rt is None or rt.name != member.model or rt.version != member.version:
             raise TargetMismatchError(
-                f"{deployment.target} is released as {rt.name if rt else '?'} "
-                f"{rt.version if rt else '?'}, the deployment says {deployment.model} "
-                f"{deployment.version}")
+                f"{member.target} is released as {rt.name if rt else '?'} "
+                f"{rt.version if rt else '?'}, the deployment says {member.model} "
+                f"{member.version}")
         return self._install(updater, tf, rt, Path(dest_dir), progress, have, stage, reserve)
 
     def fetch_release(self, name: str, dest_dir: str | os.PathLike[str], *,

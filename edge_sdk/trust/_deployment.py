@@ -1,8 +1,9 @@
 """Deployment documents (the "director" view): which artifact a device or group runs.
 
 A deployment is a signed document (:mod:`._envelope`, ``signed.type``
-``edge-deployment``). It names the TUF target path with its sha256 and length, a
-strictly increasing ``counter``, an expiry and a ``rollback`` flag.
+``edge-deployment``). It names one model or a set of models — for each, the TUF target
+path with its sha256 and length — and models to remove, a strictly increasing
+``counter``, an expiry and a ``rollback`` flag. Models it does not name are untouched.
 A device accepts one only if :func:`verify_deployment` passes AND the
 release repository lists the same target with the same hash and length
 (:class:`~edge_sdk.trust.UpdateClient` checks the second view).
@@ -11,7 +12,7 @@ release repository lists the same target with the same hash and length
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -30,37 +31,136 @@ if TYPE_CHECKING:
     from securesystemslib.signer import Key, Signer  # type: ignore[attr-defined]
 
 DOC_TYPE = "edge-deployment"
-SPEC = 1
+#: Spec 2 names a set of models (and removals); spec 1, one model in flat fields, is still
+#: written for one model and no removal (so older agents read it) and still read.
+SPEC = 2
+_SINGLE_SPEC = 1
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+#: The most models (installed and removed together) one deployment may name.
+MAX_SET_MODELS = 16
+_NAME_MAX = 128
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
-class Deployment:
-    """What a verified deployment says. ``target`` is the TUF target path of the model file."""
+class ModelTarget:
+    """One model a deployment installs: the release and the TUF target path of its model
+    file with that file's sha256 and length (cross-checked with the release repository)."""
 
-    fleet: str
     model: str
     version: str
     target: str
     sha256: str
     length: int
+
+    def to_signed(self) -> dict[str, Any]:
+        return {"model": self.model, "version": self.version, "target": self.target,
+                "sha256": self.sha256, "length": self.length}
+
+    @classmethod
+    def from_signed(cls, data: Any) -> ModelTarget:
+        k = DEPLOYMENT
+        if not isinstance(data, dict):
+            raise k.refuse("each of 'models' must be an object")
+        sha = k.field(data, "sha256", str)
+        if not _HEX64.fullmatch(sha):
+            raise k.refuse("'sha256' must be 64 lowercase hex digits")
+        length = k.field(data, "length", int)
+        if length < 0:
+            raise k.refuse("'length' must be >= 0")
+        return cls(model=_name(k.field(data, "model", str)),
+                   version=_text(k.field(data, "version", str), "version"),
+                   target=_text(k.field(data, "target", str), "target", 1024),
+                   sha256=sha, length=length)
+
+    def label(self) -> str:
+        return f"{self.model} {self.version}"
+
+
+def _text(value: str, key: str, most: int = _NAME_MAX) -> str:
+    if not value or len(value) > most or _CONTROL.search(value):
+        raise DEPLOYMENT.refuse(f"'{key}' must be 1 to {most} printable characters")
+    return value
+
+
+def _name(value: str) -> str:
+    return _text(value, "model")
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """What a verified deployment says: install ``models`` (one, or a set installed,
+    smoke-tested, swapped and rolled back together) and remove the models named in
+    ``remove``, on the devices and groups named. Models it does not name are untouched."""
+
+    fleet: str
     counter: int
     issued: datetime
     expires: datetime
+    models: tuple[ModelTarget, ...] = ()
+    remove: tuple[str, ...] = ()
     rollback: bool = False
     devices: tuple[str, ...] = ()
     groups: tuple[str, ...] = ()
     keyid: str = ""
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every model this deployment decides: those it installs, then those it removes."""
+        return (*(m.model for m in self.models), *self.remove)
+
+    @property
+    def is_set(self) -> bool:
+        return len(self.names) > 1
+
+    def target_for(self, name: str) -> ModelTarget:
+        """The member installing model ``name``; KeyError when it installs none."""
+        for m in self.models:
+            if m.model == name:
+                return m
+        raise KeyError(name)
+
+    @property
+    def only(self) -> ModelTarget:
+        """The one model of a single-model deployment; ValueError for a set or a removal."""
+        if len(self.models) != 1 or self.remove:
+            raise ValueError(f"{self.title} is not a deployment of one model")
+        return self.models[0]
+
+    # The one model's fields, for callers that deploy one model at a time (ValueError
+    # for a set or a removal, like :attr:`only`).
+    @property
+    def model(self) -> str:
+        return self.only.model
+
+    @property
+    def version(self) -> str:
+        return self.only.version
+
+    @property
+    def target(self) -> str:
+        return self.only.target
+
+    @property
+    def sha256(self) -> str:
+        return self.only.sha256
+
+    @property
+    def length(self) -> int:
+        return self.only.length
+
     def to_signed(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "type": DOC_TYPE, "spec": SPEC, "fleet": self.fleet,
             "devices": list(self.devices), "groups": list(self.groups),
-            "model": self.model, "version": self.version, "target": self.target,
-            "sha256": self.sha256, "length": self.length, "counter": self.counter,
-            "issued": format_ts(self.issued), "expires": format_ts(self.expires),
-            "rollback": self.rollback,
+            "counter": self.counter, "issued": format_ts(self.issued),
+            "expires": format_ts(self.expires), "rollback": self.rollback,
         }
+        if len(self.models) == 1 and not self.remove:
+            out.update(self.models[0].to_signed(), spec=_SINGLE_SPEC)
+        else:
+            out.update(models=[m.to_signed() for m in self.models], remove=list(self.remove))
+        return out
 
     @classmethod
     def from_signed(cls, data: Any) -> Deployment:
@@ -70,24 +170,43 @@ class Deployment:
         devices, groups = k.field(data, "devices", list), k.field(data, "groups", list)
         if not all(isinstance(x, str) for x in devices + groups) or not (devices or groups):
             raise k.refuse("'devices'/'groups' must be lists of ids, at least one non-empty")
-        sha = k.field(data, "sha256", str)
-        if not _HEX64.fullmatch(sha):
-            raise k.refuse("'sha256' must be 64 lowercase hex digits")
-        length, counter = k.field(data, "length", int), k.field(data, "counter", int)
-        if length < 0 or counter < 0:
-            raise k.refuse("'length' and 'counter' must be >= 0")
+        counter = k.field(data, "counter", int)
+        if counter < 0:
+            raise k.refuse("'counter' must be >= 0")
+        if data["spec"] == _SINGLE_SPEC:
+            models: tuple[ModelTarget, ...] = (ModelTarget.from_signed(data),)
+            remove: tuple[str, ...] = ()
+        else:
+            raw_models, raw_remove = k.field(data, "models", list), k.field(data, "remove", list)
+            if len(raw_models) + len(raw_remove) > MAX_SET_MODELS:
+                raise k.refuse(f"names {len(raw_models) + len(raw_remove)} models, at most "
+                               f"{MAX_SET_MODELS} may be deployed together")
+            models = tuple(ModelTarget.from_signed(m) for m in raw_models)
+            if not all(isinstance(r, str) for r in raw_remove):
+                raise k.refuse("'remove' must be a list of model names")
+            remove = tuple(_name(r) for r in raw_remove)
+        names = [m.model for m in models] + list(remove)
+        if not names:
+            raise k.refuse("names no model to install or remove")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise k.refuse(f"names model {', '.join(map(repr, twice))} more than once")
         return cls(
-            fleet=k.field(data, "fleet", str), model=k.field(data, "model", str),
-            version=k.field(data, "version", str), target=k.field(data, "target", str),
-            sha256=sha, length=length, counter=counter,
+            fleet=k.field(data, "fleet", str), counter=counter,
             issued=k.timestamp(data, "issued"), expires=k.timestamp(data, "expires"),
+            models=models, remove=remove,
             rollback=k.field(data, "rollback", bool), devices=tuple(devices),
             groups=tuple(groups),
         )
 
     @property
     def title(self) -> str:
-        return f"deployment #{self.counter} ({self.model} {self.version})"
+        return f"deployment #{self.counter} ({self.what()})"
+
+    def what(self) -> str:
+        """The models it installs and removes, in one phrase ("det 1.1, rec 2.0, remove old")."""
+        parts = [m.label() for m in self.models] + [f"remove {r}" for r in self.remove]
+        return ", ".join(parts)
 
     def applies_to(self, device_id: str, groups: Iterable[str] = ()) -> bool:
         return device_id in self.devices or bool(set(groups) & set(self.groups))
@@ -95,14 +214,14 @@ class Deployment:
     def describe(self) -> str:
         who = ", ".join([*self.devices, *(f"group:{g}" for g in self.groups)])
         rb = " (signed rollback)" if self.rollback else ""
-        return f"{self.model} {self.version} → {who} #{self.counter}{rb}"
+        return f"{self.what()} → {who} #{self.counter}{rb}"
 
 
 #: The deployment as a kind of signed document.
 DEPLOYMENT = DocumentKind(
     doc_type=DOC_TYPE, name="deployment", body=Deployment.from_signed, spec=SPEC,
-    malformed=MalformedDeploymentError, unsigned=DeploymentSignatureError,
-    expired=DeploymentExpiredError)
+    older=(_SINGLE_SPEC,), malformed=MalformedDeploymentError,
+    unsigned=DeploymentSignatureError, expired=DeploymentExpiredError)
 
 
 def sign_deployment(deployment: Deployment, signers: Iterable[Signer]) -> bytes:
@@ -117,19 +236,21 @@ def verify_deployment(
     device_id: str,
     groups: Iterable[str] = (),
     fleet: str | None = None,
-    last_counter: int | None = None,
-    installed: tuple[str, str] | None = None,
+    last_counter: int | Mapping[str, int] | None = None,
+    installed: tuple[str, str] | Mapping[str, str] | None = None,
     now: datetime | None = None,
 ) -> Deployment:
     """Verify a raw ``desired`` payload for this device and return what it says.
 
     Checks, in order: the signed envelope (size, signature by ``key`` over the
     canonical ``signed`` part, type, fields); the fleet and that ``device_id`` or one
-    of ``groups`` is named; the expiry; that ``counter`` is strictly greater than
-    ``last_counter`` (the last one accepted); and, when ``installed`` = ``(model,
-    version)`` names the same model at a newer version, that the deployment is a
-    signed ``rollback``. Raises a :class:`~edge_sdk.trust.DeploymentVerificationError`
-    subclass.
+    of ``groups`` is named; the expiry; that ``counter`` is newer than ``last_counter``
+    — the last one accepted, or per model name the counter of the deployment that last
+    decided it (then only a document every one of whose models was decided by a newer
+    one is refused); and, when ``installed`` (``(model, version)``, or a mapping of
+    model name to installed version) holds a model it installs at a newer version, that
+    the deployment is a signed ``rollback``. Raises a
+    :class:`~edge_sdk.trust.DeploymentVerificationError` subclass.
     """
     doc = SignedDocument.verify(payload, key, DEPLOYMENT)
     dep = replace(doc.body, keyid=doc.keyid)
@@ -141,15 +262,24 @@ def verify_deployment(
             f"deployment #{dep.counter} ({dep.describe()}) does not name device {device_id!r} "
             f"or its groups {sorted(groups)}")
     doc.check_expiry(now or datetime.now(UTC))
-    if last_counter is not None and dep.counter <= last_counter:
+    if isinstance(last_counter, Mapping):
+        newer = {n: last_counter[n] for n in dep.names if n in last_counter}
+        if len(newer) == len(dep.names) and all(dep.counter <= c for c in newer.values()):
+            raise ReplayError(
+                f"deployment counter {dep.counter} is not newer than the deployments that "
+                f"last decided {', '.join(f'{n} (#{c})' for n, c in sorted(newer.items()))}: "
+                "replayed or stale document refused")
+    elif last_counter is not None and dep.counter <= last_counter:
         raise ReplayError(
             f"deployment counter {dep.counter} is not newer than the last accepted "
             f"{last_counter}: replayed or stale document refused")
-    if installed is not None and installed[0] == dep.model and not dep.rollback and \
-            compare_versions(dep.version, installed[1]) < 0:
-        raise DowngradeError(
-            f"deployment #{dep.counter} would downgrade {dep.model} from {installed[1]} to "
-            f"{dep.version} without a signed rollback (deploy with --rollback)")
+    have = dict([installed]) if isinstance(installed, tuple) else dict(installed or {})
+    for m in dep.models:
+        was = have.get(m.model)
+        if was is not None and not dep.rollback and compare_versions(m.version, was) < 0:
+            raise DowngradeError(
+                f"deployment #{dep.counter} would downgrade {m.model} from {was} to "
+                f"{m.version} without a signed rollback (deploy with --rollback)")
     return dep
 
 

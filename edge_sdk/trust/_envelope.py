@@ -83,6 +83,8 @@ class DocumentKind(Generic[T]):
     unsigned: type[VerificationError]
     expired: type[VerificationError]
     spec: int = 1
+    #: Older specs still read (a document written by an older edge-sdk).
+    older: tuple[int, ...] = ()
 
     def refuse(self, why: str) -> VerificationError:
         """A malformed-document error naming this kind."""
@@ -92,9 +94,10 @@ class DocumentKind(Generic[T]):
         """``data`` when it is an object of this kind and spec; raises otherwise."""
         if not isinstance(data, dict) or data.get("type") != self.doc_type:
             raise self.refuse(f"'signed.type' must be {self.doc_type!r}")
-        if data.get("spec") != self.spec:
-            raise self.refuse(f"spec {data.get('spec')!r} is not supported (this edge-sdk "
-                              f"reads spec {self.spec})")
+        spec = data.get("spec")
+        if isinstance(spec, bool) or spec not in (self.spec, *self.older):
+            raise self.refuse(f"spec {spec!r} is not supported (this edge-sdk reads spec "
+                              f"{', '.join(map(str, sorted((self.spec, *self.older))))})")
         return data
 
     def field(self, data: Mapping[str, Any], key: str, kind: type) -> Any:
