@@ -629,7 +629,7 @@ def test_a_member_decided_by_a_newer_deployment_is_skipped_and_the_rest_installs
     start = len(run.effects)
     run.feed(Accepted(set_dep(5, A15, B2, groups=("g",)), scope="group:g"))
     assert [m.name for m in run.life.members] == ["rec"]
-    rep = [e for e in run.effects[start:] if isinstance(e, Report)][0]
+    rep = next(e for e in run.effects[start:] if isinstance(e, Report))
     assert rep.fields["skipped"] == [{"name": "det", "reason": "superseded by #9"}]
 
 
