@@ -244,7 +244,7 @@ def test_broker_down_at_start_serves_and_reports_arrive_when_it_returns(
         agent.stop()
         # Damage the current model on disk, then start with no broker reachable.
         state = json.loads((agent.state / "installed.json").read_text())
-        model = agent.state / "models" / state["current"]["id"] / "model.onnx"
+        model = agent.state / "models" / state["models"]["adder"]["id"] / "model.onnx"
         data = bytearray(model.read_bytes())
         data[-1] ^= 0xFF
         model.write_bytes(bytes(data))

@@ -174,8 +174,8 @@ def test_cleanup_keeps_current_previous_and_the_saved_state_and_drops_stale_file
     for f in stale:
         f.mkdir() if f.parent == store.models or f.parent == store.staging else f.write_text("x")
     (store.partial / "cd.part").write_text("resumable")
-    in_memory = InstalledState(current=recs[2], previous=recs[1])
-    on_disk = InstalledState(current=recs[1], previous=recs[0])  # a save failed since
+    in_memory = InstalledState(models={"m": recs[2]}, previous={"m": recs[1]})
+    on_disk = InstalledState(models={"m": recs[1]}, previous={"m": recs[0]})  # a save failed
     store.clean(in_memory, on_disk)
     assert sorted(d.name for d in store.models.iterdir()) == ["m-0", "m-1", "m-2"]
     assert [f for f in stale if f.exists()] == []
