@@ -362,7 +362,8 @@ class Agent:
     def _apply(self, item: Verified, quiet: bool = False) -> None:
         retry = False
         try:
-            retry = self.installer.apply(item.payload, counter=item.counter, quiet=quiet)
+            retry = self.installer.apply(item.payload, counter=item.counter, quiet=quiet,
+                                         topic=item.topic)
         except Exception as err:  # the worker must survive anything a deployment does
             log.exception("install failed unexpectedly")
             self.telemetry.event("failed", stage="internal",

@@ -268,9 +268,11 @@ class Installer:
             payload["claimed_counter"] = item.claimed
         self._event("refused", payload=payload, reason=item.reason)
 
-    def apply(self, payload: bytes, *, counter: int | None = None, quiet: bool = False) -> bool:
+    def apply(self, payload: bytes, *, counter: int | None = None, quiet: bool = False,
+              topic: str = "") -> bool:
         """Handle one raw ``desired`` message (``counter``: its verified counter, when
-        :meth:`screen` passed it; ``quiet``: pass a replay over unreported). Never raises
+        :meth:`screen` passed it; ``quiet``: pass a replay over unreported; ``topic``:
+        where it came from, for the log). Never raises
         for a bad deployment: it is reported and the models serving keep serving. Returns
         True when the install failed for a transient reason (broker or responder away)
         and should be tried again."""
@@ -287,11 +289,20 @@ class Installer:
                       digest[:12])
             self.reporter.state_changed()
             return False
+        cfg = self.config
         try:
-            # Counters are checked per scope and per model by the lifecycle.
-            dep = self.source.verify_deployment(
-                payload, last_counter=None,
-                installed={n: r.version for n, r in self.life.serving.items()})
+            # Counters are checked per scope and per model by the lifecycle; downgrades
+            # only for the models the document would decide (see _decided).
+            dep = self.source.verify_deployment(payload, last_counter=None, installed=None)
+            scope = dep.scope_for(cfg.device_id, cfg.groups)
+            if quiet and dep.counter <= st.scope_counter(scope):
+                log.debug("deployment on %s superseded by #%d", topic,
+                          max((st.counter_of(n) for n in dep.names), default=0))
+                return False
+            decided = self._decided(dep)
+            if decided:
+                dep = self.source.verify_deployment(payload, last_counter=None,
+                                                    installed=decided)
         except VerificationError as err:
             self._refuse(Refused(digest, size, f"deployment failed verification: {err}", counter,
                                  ts=time.time()))
@@ -308,9 +319,7 @@ class Installer:
                 self._feed(Unwritable(dep, self.storage.error, ts=time.time()))
             self._waiting[digest] = payload
             return False
-        cfg = self.config
-        self._feed(Accepted(dep, size, ts=time.time(), quiet=quiet,
-                            scope=dep.scope_for(cfg.device_id, cfg.groups),
+        self._feed(Accepted(dep, size, ts=time.time(), quiet=quiet, scope=scope,
                             served_bytes=self._served_bytes()))
         if self.life.mode is not Mode.INSTALLING:
             return False
@@ -403,6 +412,13 @@ class Installer:
             if path is not None:
                 out.append((path, record.sha256))
         return out
+
+    def _decided(self, dep: InstallRequest) -> dict[str, str]:
+        """The served versions of the models ``dep`` would decide (not those a newer
+        deployment decided): what it must not downgrade without a signed rollback."""
+        st = self.state
+        return {n: r.version for n, r in self.life.serving.items()
+                if n in dep.names and st.counter_of(n) < dep.counter}
 
     def _served_bytes(self) -> int:
         """The file bytes of the models served now (what the memory budget counts)."""
