@@ -283,3 +283,24 @@ def test_a_set_mixing_a_signed_and_an_unlisted_target_installs_nothing(
     st = agent.store.load()
     assert {n: r.version for n, r in st.models.items()} == {"a": "1.0", "b": "1.0"}
     assert len(list(agent.store.models.iterdir())) == 2  # a 2.0 was fetched, then dropped
+
+
+def test_an_older_group_set_installs_its_other_models_without_downgrading_a_newer_one(
+        env, tmp_path, make_agent) -> None:
+    env.release("b", "2.0", seed=3)
+    cfg = config(tmp_path / "state", device_id="d1", fleet=FLEET, groups=["line"],
+                 trust={"root": str(env.repo.meta / "1.root.json"),
+                        "deployment_key": str(env.repo.deployment_key_path)})
+    agent = make_agent(cfg, ReleaseSource(cfg, None, fetcher=env.sim))
+    submit(agent, create_deployment(env.repo, models=[("a", "1.0"), ("b", "1.0")],
+                                    fleet=FLEET, devices=["d1"]).document)
+    group = create_deployment(env.repo, models=[("a", "1.0"), ("b", "2.0")], fleet=FLEET,
+                              groups=["line"])
+    mine = create_deployment(env.repo, model="a", version="2.0", fleet=FLEET, devices=["d1"])
+    submit(agent, mine.document)
+    # a 1.0 in the group's set would be a downgrade, but #mine decided a: it is skipped.
+    submit(agent, group.document)
+    assert versions(agent) == {"a": "2.0", "b": "2.0"}
+    started = [e for e in events(agent) if e["event"] == "install_started"][-1]
+    assert started["skipped"] == [
+        {"name": "a", "reason": f"superseded by #{mine.deployment.counter}"}]
