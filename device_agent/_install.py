@@ -1,14 +1,16 @@
-"""The install pipeline: a deployment in, a verified model serving (or the old one kept) out.
+"""The install pipeline: a deployment in, its verified models serving (or the old ones kept)
+out.
 
 Everything that touches the network or signatures sits behind
 :class:`ArtifactSource`; the pipeline itself is broker-free and is driven
 directly by the tests with a source that serves local artifacts.
 
-Order of durable steps (see ``_state``): the new model is copied complete into
-``models/`` first, then ``installed.json`` is switched to ``phase="trial"``
-(current = new, previous = old), then the in-memory swap happens. A restart
-inside the trial resumes the health window once (``health.max_restarts``) and
-rolls back after that, so a model that crashes the agent cannot crash-loop it.
+Order of durable steps (see ``_state``): every new model of the deployment is copied
+complete into ``models/`` first, then ``installed.json`` is switched to
+``phase="trial"`` (the set's names point at the new models; ``trial`` keeps what they
+were), then one in-memory swap of all its names happens. A restart inside the trial
+resumes the health window once (``health.max_restarts``) and rolls the whole set back
+after that, so a model that crashes the agent cannot crash-loop it.
 """
 
 from __future__ import annotations
