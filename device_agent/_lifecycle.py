@@ -243,8 +243,11 @@ def _load_next(life: Life, out: list[Effect]) -> tuple[Life, list[Effect]]:
     if life.dirty:
         out = [*out, SaveState(state)]
     pending = life.trial_pending and bool(watched(state))
+    # The most recently installed model goes in last: readers of one model are told it.
+    last = state.current
+    order = sorted(serving, key=lambda n: (last is not None and n == last.name, n))
     return _idle(life, state, trial_pending=pending), [
-        *out, CleanModels(), Swap(dict(serving)), StateChanged()]
+        *out, CleanModels(), Swap({n: serving[n] for n in order}), StateChanged()]
 
 
 def _boot_loaded(life: Life, ev: ModelLoaded | ModelUnusable) -> tuple[Life, list[Effect]]:

@@ -304,3 +304,13 @@ def test_an_older_group_set_installs_its_other_models_without_downgrading_a_newe
     started = [e for e in events(agent) if e["event"] == "install_started"][-1]
     assert started["skipped"] == [
         {"name": "a", "reason": f"superseded by #{mine.deployment.counter}"}]
+
+
+def test_after_a_restart_the_model_installed_last_is_the_one_old_readers_are_told(
+        make_agent, arts, tmp_path) -> None:
+    agent = make_agent()
+    submit(agent, deployment(arts["r1"], 1))
+    submit(agent, deployment(arts["v1"], 2))  # adder: installed last, sorted first
+    agent.stop()
+    again = make_agent(config(tmp_path / "state"))
+    assert again.snapshot()["model"]["name"] == "adder"
