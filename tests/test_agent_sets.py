@@ -314,3 +314,25 @@ def test_after_a_restart_the_model_installed_last_is_the_one_old_readers_are_tol
     agent.stop()
     again = make_agent(config(tmp_path / "state"))
     assert again.snapshot()["model"]["name"] == "adder"
+
+
+def test_a_signed_set_with_a_member_over_the_artifact_limit_downloads_nothing(
+        env, tmp_path, make_agent) -> None:
+    big = env.release("c", "1.0", n=4096, seed=4)
+    small = target(env, "a", "2.0").length
+    assert big.manifest.size_bytes > 4 * small
+    cfg = config(tmp_path / "state", device_id="d1", fleet=FLEET,
+                 limits={"max_artifact_bytes": 2 * small},
+                 trust={"root": str(env.repo.meta / "1.root.json"),
+                        "deployment_key": str(env.repo.deployment_key_path)})
+    agent = make_agent(cfg, ReleaseSource(cfg, None, fetcher=env.sim))
+    submit(agent, create_deployment(env.repo, model="a", version="1.0", fleet=FLEET,
+                                    devices=["d1"]).document)
+    sd = create_deployment(env.repo, models=[("a", "2.0"), ("c", "1.0")], fleet=FLEET,
+                           devices=["d1"])
+    submit(agent, sd.document, final="refused")
+    told = [e for e in events(agent)
+            if (e.get("deployment") or {}).get("counter") == sd.deployment.counter]
+    assert [e["event"] for e in told] == ["refused"]
+    assert "c 1.0" in told[0]["reason"] and "limits.max_artifact_bytes" in told[0]["reason"]
+    assert versions(agent) == {"a": "1.0"}
