@@ -1,7 +1,7 @@
 """The models this process holds open: a stored model opened into a :class:`Served`,
-re-verified and smoke-tested with its sample; kept by record id (the one served, the one
-being installed and, in a trial, the one it replaced, for a quick rollback and to tell a
-client's bad request from the new model's fault).
+re-verified and smoke-tested with its sample; kept by record id (those served, those being
+installed and, in a trial, the versions they replaced, for a quick rollback and to tell a
+client's bad request from the new model's fault). A model nothing serves is let go.
 
 Letting go of a model gives its memory back to the system: when the last reference to
 a model opened here goes (the slots, this keeper, a trial, a request in flight, a caller's
@@ -61,24 +61,30 @@ class LoadedModels:
         self._by_id[record.id] = served
         return served
 
-    def keep(self, ids: Iterable[str]) -> None:
-        """Let go of every model but these, and give their memory back."""
+    def keep(self, ids: Iterable[str]) -> bool:
+        """Let go of every model but these (a request still running on one keeps it until
+        it answers; its memory is given back once it has); True when one was let go."""
         keep = set(ids)
-        self._let_go([k for k in self._by_id if k not in keep])
+        return self._let_go([k for k in self._by_id if k not in keep])
 
-    def forget(self, records: Iterable[ModelRecord]) -> None:
+    def forget(self, records: Iterable[ModelRecord]) -> bool:
         """Let go of these models (removed from the device, or replaced and no longer
-        needed for a rollback) and give their memory back."""
-        self._let_go([r.id for r in records])
+        needed for a rollback) and give their memory back; True when one was let go."""
+        return self._let_go([r.id for r in records])
 
-    def _let_go(self, ids: list[str]) -> None:
+    def _let_go(self, ids: list[str]) -> bool:
         # Nothing here may name a dropped model: that would keep it alive. Its memory is
         # released as the last reference goes (see :func:`_release_soon`), here or when a
         # request still running on it ends. No gc.collect(): a full collection holds the
         # GIL, and so stalls every request, for 15-20 ms (measured); a model caught in a
         # reference cycle goes with the next automatic one.
+        dropped = False
         for i in ids:
-            self._by_id.pop(i, None)
+            dropped |= self._by_id.pop(i, None) is not None
+        return dropped
+
+    def __len__(self) -> int:
+        return len(self._by_id)
 
     def smoke(self, served: Served) -> None:
         try:

@@ -29,6 +29,7 @@ from ._schema import (
     devices,
     json_text,
     json_value,
+    model_versions,
     registry_stats,
     rollout_commands,
     rollout_devices,
@@ -36,6 +37,8 @@ from ._schema import (
 )
 
 _DEVICE_FIELDS = [f for f in m.DeviceProgress.__dataclass_fields__ if f != "wave"]
+#: Fields kept as JSON text.
+_JSON_FIELDS = ("before_models",)
 
 
 # -- what a selector can match -------------------------------------------------------------
@@ -43,13 +46,15 @@ _DEVICE_FIELDS = [f for f in m.DeviceProgress.__dataclass_fields__ if f != "wave
 def selectable_devices(db: FleetDB, fleet: str, *,
                        hardware: bool) -> Iterable[dict[str, Any]]:
     """Every registered device of ``fleet`` as a selector sees it: ``id``, the operator's
-    ``groups`` and ``tags``, ``online``, ``model``, ``version``, and (with ``hardware``)
+    ``groups`` and ``tags``, ``online``, ``model``, ``version`` (the model it swapped in
+    last), ``models`` (every model it serves, name -> version), and (with ``hardware``)
     its reported ``hardware`` facts, else ``{}``."""
     # Read on every poll: only the columns a selector looks at, never the state document
     # (most of a row's bytes). Hardware facts are parsed only for a hw. filter.
     a = device_assignments
     cols = [devices.c.id, a.c.groups, a.c.tags, devices.c.online, devices.c.model,
-            devices.c.version, *([devices.c.hardware] if hardware else [])]
+            devices.c.version, devices.c.models,
+            *([devices.c.hardware] if hardware else [])]
     q = sa.select(*cols).select_from(devices.outerjoin(
         a, (a.c.fleet == devices.c.fleet) & (a.c.id == devices.c.id)))
     with db.read() as c:
@@ -57,7 +62,8 @@ def selectable_devices(db: FleetDB, fleet: str, *,
     for r in rows:
         yield {"id": r.id, "groups": json_value(r.groups, []), "tags": json_value(r.tags, {}),
                "hardware": json_value(r.hardware, {}) if hardware else {},
-               "online": bool(r.online), "model": r.model, "version": r.version}
+               "online": bool(r.online), "model": r.model, "version": r.version,
+               "models": model_versions(r.models)}
 
 
 def desired_versions(db: FleetDB, fleet: str,
@@ -76,13 +82,16 @@ def desired_versions(db: FleetDB, fleet: str,
 # -- rollout and command rows --------------------------------------------------------------
 
 def insert_rollout(c: Connection, *, fleet: str, model: str, version: str,
-                   selector: Mapping[str, Any], spec: m.RolloutSpec, actor: str) -> int:
-    """A new ``pending`` rollout row (the controller plans it); returns its id."""
+                   selector: Mapping[str, Any], spec: m.RolloutSpec, actor: str,
+                   models: Sequence[tuple[str, str]] = ()) -> int:
+    """A new ``pending`` rollout row (the controller plans it); returns its id. ``models``:
+    a set rollout's every ``(model, version)`` (``model``/``version``: its first)."""
     now = time.time()
+    machine = {"models": [list(mv) for mv in models]} if len(models) > 1 else {}
     rid = c.execute(rollouts.insert().values(
         fleet=fleet, model=model, version=version, selector=json_text(selector),
         config=json_text(spec.to_json()), status="pending", wave=0, waves=0,
-        created=now, updated=now, created_by=actor, machine="{}",
+        created=now, updated=now, created_by=actor, machine=json_text(machine),
     ).returning(rollouts.c.id)).scalar_one()
     return int(rid)
 
@@ -139,7 +148,15 @@ def _header(h: RowMapping) -> m.RolloutState:
         wave=h["wave"], waves=h["waves"], reason=h["reason"],
         tokens=float(extra.get("tokens", 0.0)), tokens_at=float(extra.get("tokens_at", 0.0)),
         approved=int(extra.get("approved", 0)), held=bool(extra.get("held", False)),
-        looked_at=float(extra.get("looked_at", 0.0)))
+        looked_at=float(extra.get("looked_at", 0.0)),
+        models=tuple((str(n), str(v)) for n, v in extra.get("models", ())))
+
+
+def _before_models(text: str | None) -> dict[str, str | None] | None:
+    got = json_value(text, None)
+    if not isinstance(got, dict):
+        return None  # a row saved before schema 8: its one before_model/before_version
+    return {str(k): v if isinstance(v, str) else None for k, v in got.items()}
 
 
 def load_state(c: Connection, rollout_id: int) -> m.RolloutState:
@@ -150,7 +167,7 @@ def load_state(c: Connection, rollout_id: int) -> m.RolloutState:
         p = m.DeviceProgress(wave=r["wave"])
         for f in _DEVICE_FIELDS:
             if f in r:
-                setattr(p, f, r[f])
+                setattr(p, f, _before_models(r[f]) if f in _JSON_FIELDS else r[f])
         st.devices[r["device"]] = p
     return st
 
@@ -160,12 +177,16 @@ def save_state(c: Connection, st: m.RolloutState, old: m.RolloutState | None) ->
         status=st.status, wave=st.wave, waves=st.waves, reason=st.reason, updated=time.time(),
         machine=json_text({"tokens": st.tokens, "tokens_at": st.tokens_at,
                            "approved": st.approved, "held": st.held,
-                           "looked_at": st.looked_at})))
+                           "looked_at": st.looked_at,
+                           **({"models": [list(mv) for mv in st.models]}
+                              if st.models else {})})))
     for d, p in st.devices.items():
         before = old.devices.get(d) if old is not None else None
         if before == p:
             continue
         row = {f: getattr(p, f) for f in _DEVICE_FIELDS}
+        for f in _JSON_FIELDS:
+            row[f] = None if row[f] is None else json_text(row[f])
         row["wave"] = p.wave
         exists = before is not None or c.execute(sa.select(rollout_devices.c.device).where(
             (rollout_devices.c.rollout == st.id) & (rollout_devices.c.device == d))
@@ -231,15 +252,24 @@ def heard_until(db: FleetDB, fleet: str) -> float | None:
 
 def reports(db: FleetDB, fleet: str, waiting: Mapping[str, set[int]]) -> list[m.Report]:
     """What the devices in ``waiting`` reported about the deployments (counters) each waits
-    for: a finished last update, or the newest bad event per device and counter."""
+    for: a finished update among its newest results or its last one (a device given
+    two deployments back to back keeps both), or the newest bad event per device and
+    counter."""
     out: list[m.Report] = []
     counters = sorted({n for s in waiting.values() for n in s})
     with db.read() as c:
-        for r in c.execute(sa.select(devices.c.id, devices.c.last_deployment,
-                                     devices.c.last_result, devices.c.last_reason).where(
+        for d in c.execute(sa.select(devices.c.id, devices.c.last_deployment,
+                                     devices.c.last_result, devices.c.last_reason,
+                                     devices.c.results).where(
                 (devices.c.fleet == fleet) & devices.c.id.in_(list(waiting)))):
-            if r.last_deployment in waiting[r.id] and r.last_result in m.FINISHED:
-                out.append(m.Report(r.id, r.last_deployment, r.last_result, r.last_reason))
+            said = {x["deployment"]: (x.get("result"), x.get("reason"))
+                    for x in json_value(d.results, []) if isinstance(x, dict)
+                    and isinstance(x.get("deployment"), int)
+                    and x["deployment"] in waiting[d.id]}
+            if d.last_deployment in waiting[d.id]:
+                said[d.last_deployment] = (d.last_result, d.last_reason)
+            out += [m.Report(d.id, n, result, reason if isinstance(reason, str) else None)
+                    for n, (result, reason) in sorted(said.items()) if result in m.FINISHED]
         # Only the newest bad event per waiting device and counter it waits for: rows a
         # device files under other counters, or many under one, are never read.
         ev = device_events
