@@ -22,17 +22,15 @@
    softmax and top-k, or decode and NMS), in-process and through an agent (goal: the
    in-graph pipeline no slower).
 8. Several models on one agent: p99 of requests to model B in quiet spells vs while
-   model A (``--model-mib`` MiB of weights) is swapped ``--model-swaps`` times, under one
-   continuous load (goal ≤ 1.5×, 0 failed); and the agent's RSS over
-   ``--model-cycles`` load/unload cycles of A (goal: back within a few MB of before).
-   A is swapped in-process through the agent's own parts (``bench/_models_driver.py``:
-   verified store, LoadedModels' load and smoke test, ModelSlots.swap, release of what
-   was dropped), not through signed deployments: a deployment of A would replace B
-   until the agent installs models independently.
+   model A (``--swap-mib`` MiB of weights) is updated ``--model-swaps`` times, under one
+   continuous load (goal ≤ 1.5×, 0 failed); and the agent's RSS over ``--model-cycles``
+   deploy/remove cycles of model C (``--model-mib`` MiB; goal: back within a few MB of
+   before). Every update and removal is a real signed single-model deployment (MQTT,
+   TUF fetch, verify, load, smoke test, swap, health window; B is never touched).
 
     .venv/bin/python bench/agent.py [--swaps 100] [--requests 4000] [--skip-venv]
         [--agent-code DIR] [--only images|models] [--image-runs 200]
-        [--model-swaps 50] [--model-cycles 20] [--model-mib 32]
+        [--model-swaps 50] [--model-cycles 20] [--swap-mib 8] [--model-mib 32]
 
 ``--agent-code`` runs the agent subprocesses from another checkout (say the main
 branch) to measure before and after a change side by side.
@@ -613,8 +611,10 @@ def main() -> None:
                     help="[8]: swaps of model A while model B is asked")
     ap.add_argument("--model-cycles", type=int, default=20,
                     help="[8]: load/unload cycles of model A for the RSS figure")
+    ap.add_argument("--swap-mib", type=int, default=8,
+                    help="[8]: MiB of weights of model A (updated while B is asked)")
     ap.add_argument("--model-mib", type=int, default=32,
-                    help="[8]: MiB of weights of model A")
+                    help="[8]: MiB of weights of model C (deployed and removed)")
     args = ap.parse_args()
     global AGENT_CODE
     AGENT_CODE = args.agent_code.resolve()
@@ -625,76 +625,86 @@ def main() -> None:
                 run(tmp, broker, args)
             if args.only in (None, "images"):
                 images(tmp / "images", broker, args.image_runs)
-        if args.only in (None, "models"):
-            several_models(tmp / "models", args.model_swaps, args.model_cycles,
-                           args.model_mib)
+            if args.only in (None, "models"):
+                several_models(tmp / "models", broker, args)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-class ModelsDriver:
-    """``bench/_models_driver.py``: an agent serving B, and A swapped in-process."""
+def several_models(tmp: Path, broker: Mosquitto, args: argparse.Namespace) -> None:
+    """[8] B's latency while A is updated by signed deployments, and RSS over deploy/remove
+    cycles of C."""
+    tmp.mkdir(parents=True)
+    repo = Repository.init(tmp / "repo", tmp / "keys")
+    arts = tmp / "arts"
+    arts.mkdir()
 
-    def __init__(self, workdir: Path, mib: int) -> None:
-        workdir.mkdir(parents=True)
-        self.log = workdir / "driver.log"
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(ROOT / "bench" / "_models_driver.py"), str(workdir),
-                 str(mib)], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=log, text=True)
-        hello = self._read()
-        self.port, self.pid = int(hello["port"]), int(hello["pid"])
+    def release(name: str, version: int, mib: int) -> None:
+        if mib:
+            w = np.random.default_rng(version).standard_normal((4, (mib << 20) // 16),
+                                                               dtype=np.float32)
+            m = _models.weighted_offset_model(arts / f"{name}-{version}.onnx",
+                                              float(version), w)
+        else:
+            m = _models.offset_model(arts / f"{name}-{version}.onnx", float(version))
+        art = edge_sdk.build_artifact(m, arts / f"{name}-{version}", name=name,
+                                      version=str(version), sample={"x": X})
+        # No deltas: a retrained model differs everywhere, and its full download is the
+        # work a device does while it keeps serving.
+        repo.add_artifact(art.path, delta_bases=0)
 
-    def _read(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise SystemExit(f"[8] the agent driver ended: {self.log.read_text()[-2000:]}")
-        out: dict[str, Any] = json.loads(line)
-        return out
+    release("bee", 1, 0)
+    for v in range(1, args.model_swaps + 2):
+        release("ant", v, args.swap_mib)
+    release("cat", 1, args.model_mib)
+    host = MqttConnection(MqttConfig(url=broker.url, fleet=FLEET), name="bench-models")
+    host.connect()
+    responder = start_responder(tmp, repo, broker)
+    outcomes: dict[int, str] = {}
 
-    def do(self, what: str) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"do": what}) + "\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
-
-    def stop(self) -> None:
-        with contextlib.suppress(OSError):
-            assert self.proc.stdin is not None
-            self.proc.stdin.write(json.dumps({"do": "quit"}) + "\n")
-            self.proc.stdin.close()
+    def on_event(topic: str, payload: bytes) -> None:
         try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+            ev = json.loads(payload)
+        except ValueError:
+            return  # a cleared retained message
+        dep = ev.get("deployment") if isinstance(ev, dict) else None
+        if ev.get("event") in ("committed", "failed", "refused", "rolled_back") and \
+                isinstance(dep, dict) and isinstance(dep.get("counter"), int):
+            outcomes[dep["counter"]] = ev["event"]
 
+    host.subscribe(f"edge/{FLEET}/dev/+/events", on_event)
+    agent = Agent(tmp, "multi", broker, repo, 0.2)
 
-def several_models(workdir: Path, swaps: int, cycles: int, mib: int) -> None:
-    """[8] B's latency while A swaps, and RSS over load/unload cycles of A."""
-    driver = ModelsDriver(workdir, mib)
+    def deploy(**what: Any) -> None:
+        signed = create_deployment(repo, fleet=FLEET, devices=["multi"], **what)
+        counter = signed.deployment.counter
+        publish_deployment(host, signed)
+        deadline = time.monotonic() + 120
+        while counter not in outcomes:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"[8] deployment #{counter} ({what}) did not settle")
+            time.sleep(0.002)
+        if outcomes[counter] != "committed":
+            raise SystemExit(f"[8] deployment #{counter} ({what}): {outcomes[counter]}; "
+                             f"see {agent.dir / 'log'}")
+
     try:
-        driver.do("swap")  # A's first load maps what the runtime keeps for good
-        # Quiet and swapping phases alternate under one continuous load on B (bursts of 5
-        # swaps, then a quiet spell as long as the burst), so machine noise hits both alike.
+        deploy(model="bee", version="1")
+        deploy(model="ant", version="1")
+        # Quiet and updating phases alternate under one continuous load on B (bursts of 5
+        # updates of A, then a quiet spell as long as the burst), so machine noise hits
+        # both alike.
         phases: list[tuple[str, float, float]] = []
-        with Load(driver.port, model="bee") as load:
+        with Load(agent.port, model="bee") as load:
             time.sleep(1.0)
             done = 0
-            while done < swaps:
+            while done < args.model_swaps:
                 a = time.perf_counter()
-                for _ in range(min(5, swaps - done)):
-                    driver.do("swap")
+                for v in range(done + 2, min(done + 5, args.model_swaps) + 2):
+                    deploy(model="ant", version=str(v))
                 b = time.perf_counter()
                 phases.append(("swap", a, b))
-                done = min(done + 5, swaps)
+                done = min(done + 5, args.model_swaps)
                 time.sleep(max(b - a, 0.5))
                 phases.append(("quiet", b, time.perf_counter()))
         by: dict[str, list[float]] = {"swap": [], "quiet": []}
@@ -705,32 +715,39 @@ def several_models(workdir: Path, swaps: int, cycles: int, mib: int) -> None:
                     break
         swap_s = sum(b - a for kind, a, b in phases if kind == "swap")
         p99_quiet, p99_swap = pct(by["quiet"], 99), pct(by["swap"], 99)
-        print(f"[8] several models: B asked under load while A ({mib} MiB of weights) swaps "
-              f"{swaps} times in-process (load, verify, smoke test, swap, release; no signed "
-              f"deployment: A's would replace B on this agent)")
-        print(f"    B p99 while A swaps {p99_swap:.3f} ms ({len(by['swap'])} requests, "
-              f"{swap_s / max(swaps, 1) * 1e3:.0f} ms per swap) vs {p99_quiet:.3f} ms in the "
-              f"quiet spells ({len(by['quiet'])}) -> ratio {p99_swap / p99_quiet:.2f}x (goal "
-              f"<= 1.5); p50 {pct(by['swap'], 50):.3f} vs {pct(by['quiet'], 50):.3f} ms; "
-              f"{len(load.failed)} failed (goal 0), B versions answered {sorted(load.versions)}")
+        print(f"[8] several models: B asked under load while A ({args.swap_mib} MiB of "
+              f"weights) is updated {args.model_swaps} times by signed single-model "
+              f"deployments ({swap_s / max(args.model_swaps, 1):.2f} s each: fetch, verify, "
+              "load, smoke test, swap, health window, commit)")
+        print(f"    B p99 while A updates {p99_swap:.3f} ms ({len(by['swap'])} requests) vs "
+              f"{p99_quiet:.3f} ms in the quiet spells ({len(by['quiet'])}) -> ratio "
+              f"{p99_swap / p99_quiet:.2f}x (goal <= 1.5); p50 {pct(by['swap'], 50):.3f} vs "
+              f"{pct(by['quiet'], 50):.3f} ms; {len(load.failed)} failed (goal 0), B "
+              f"versions answered {sorted(load.versions)}")
         if load.failed:
             print(f"    first failures: {load.failed[:3]}")
-        released = driver.do("unload")["released"]
-        before = driver.rss_mb()
+        # The release of a removed model's memory follows its last reference by a moment.
+        settle = 0.5
+        time.sleep(settle)
+        before = agent.rss_mb()
         loaded: list[float] = []
         after: list[float] = []
-        for _ in range(cycles):
-            driver.do("swap")
-            loaded.append(driver.rss_mb())
-            released &= driver.do("unload")["released"]
-            after.append(driver.rss_mb())
-        print(f"    agent RSS over {cycles} load/unload cycles of A: {before:.1f} MB serving B "
-              f"alone -> {max(loaded):.1f} MB at most with A loaded -> {after[0]:.1f} MB after "
-              f"the first unload, {after[-1]:.1f} MB after the last (max growth "
-              f"{max(after) - before:+.1f} MB; goal within a few MB); every unload released: "
-              f"{released}")
+        for _ in range(args.model_cycles):
+            deploy(model="cat", version="1")
+            loaded.append(agent.rss_mb())
+            deploy(remove=["cat"])
+            time.sleep(settle)
+            after.append(agent.rss_mb())
+        print(f"    agent RSS over {args.model_cycles} deploy/remove cycles of C "
+              f"({args.model_mib} MiB of weights): {before:.1f} MB serving A and B -> "
+              f"{max(loaded):.1f} MB at most with C -> {after[0]:.1f} MB after the first "
+              f"removal, {after[-1]:.1f} MB after the last (max growth "
+              f"{max(after) - before:+.1f} MB; goal within a few MB)")
     finally:
-        driver.stop()
+        agent.stop()
+        responder.terminate()
+        responder.wait(20)
+        host.close()
 
 
 def start_responder(tmp: Path, repo: Repository, broker: Mosquitto) -> subprocess.Popen[bytes]:
