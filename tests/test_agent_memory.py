@@ -26,4 +26,6 @@ def test_unloading_a_model_gives_its_memory_back(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_replacing_a_model_gives_the_old_version_memory_back(tmp_path: Path) -> None:
     rss = in_child("tests._unload:replace_cycles", str(tmp_path), 20)
-    assert max(rss["after"]) <= SLACK_MIB, rss
+    # A version kept would add its 32 MiB; the version that serves may hold one more
+    # 8 MiB activation in its runtime arena than the one measured first.
+    assert max(rss["after"]) <= SLACK_MIB + 8, rss
