@@ -290,6 +290,11 @@ def _accepted(life: Life, ev: Accepted) -> tuple[Life, list[Effect]]:
     dep, st = ev.deployment, life.installed
     if handled(st, dep.digest):
         return life, []
+    if _ended(st, dep.digest):
+        # The same document again after a newer one: a controller that never heard its
+        # answer sends it again. Its outcome stands (refusing it now as stale would tell a
+        # rollout it failed); the state saying it goes out again.
+        return life, [StateChanged()]
     last = st.scope_counter(ev.scope)
     if dep.counter <= last:
         if ev.quiet:
@@ -336,7 +341,9 @@ def _over_limits(life: Life, members: tuple[ModelChange, ...], served: int) -> s
                     "(limits.max_artifact_bytes)")
     budget = life.max_models_bytes
     new = sum(m.length or 0 for m in members)
-    if budget and served + new > budget:
+    # Nothing new to load (a removal, what already serves) needs no memory: a device over
+    # its budget (lowered since its models were installed) must still be able to shed one.
+    if budget and new and served + new > budget:
         return (f"the models would need {served + new} bytes of memory ({served} served now, "
                 f"{new} new, held together while the new ones load and are watched), over "
                 f"the budget of {budget} (limits.max_models_bytes)")
@@ -576,6 +583,13 @@ def _refused(st: InstalledState, ev: Refused) -> InstalledState:
     return st
 
 
+def _ended(state: InstalledState, digest: str) -> bool:
+    """Whether the state's ``results`` say how the deployment with this digest ended (a
+    retry pending is no end)."""
+    return any(r.get("digest") == digest and r.get("result") != "retrying"
+               for r in state.results)
+
+
 def _trial_counter(state: InstalledState) -> int | None:
     """The counter of the deployment under trial (the trial state records it), if any."""
     names = watched(state) or tuple(state.trial)
@@ -637,6 +651,9 @@ def _result(outcome: str, dep: InstallRequest | int | None, reason: str | None, 
     if isinstance(dep, InstallRequest):
         out["deployment"] = dep.counter
         out["models"] = list(dep.names)
+        if dep.digest:
+            # Which document: one delivered again later is known by it (see _ended).
+            out["digest"] = dep.digest
     elif dep is not None:
         out["deployment"] = dep
         out["models"] = [m.name for m in models or ()]
