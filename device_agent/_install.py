@@ -218,8 +218,8 @@ class Installer:
                 record = ModelRecord.for_artifact(Artifact.from_dir(d), None)
             except EdgeError:
                 continue
-            if record.id == d.name:
-                models.setdefault(record.name, record)
+            if d.name in (record.id, record.stored_apart().id):
+                models.setdefault(record.name, replace(record, id=d.name))
         return InstalledState(models=models)
 
     def resume(self) -> None:

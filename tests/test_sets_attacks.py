@@ -5,12 +5,28 @@ real state directory) where it lives on disk."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 
+import pytest
+
+from device_agent import Agent
 from device_agent._events import Accepted, Boot, Report, Swap
 from device_agent._lifecycle import Mode
 from device_agent._state import InstalledState
+from edge_sdk import Artifact, build_artifact
+from tests import _agent_local, _models, _process
+from tests._agent_local import SAMPLE, config, deployment_set, events
 from tests.test_lifecycle import A1, A2, B1, B2, Run, install_set, set_dep
+
+make_agent = _agent_local.make_agent
+wait_for = functools.partial(_process.wait_for, timeout=30.0)
+
+
+def submit(agent: Agent, payload: bytes, final: str = "committed") -> None:
+    n = [e["event"] for e in events(agent)].count(final)
+    agent.submit(payload)
+    wait_for(lambda: [e["event"] for e in events(agent)].count(final) > n)
 
 
 def serving(budget: int = 0) -> Run:
@@ -51,3 +67,33 @@ def test_a_deployment_installed_then_delivered_again_after_a_newer_one_keeps_its
     assert results[3] == "committed" and results[4] == "committed"
     assert run.life.mode is Mode.IDLE and run.life.serving == {"det": A2, "rec": B2}
     assert not any(isinstance(e, Report) for e in run.effects[start:])
+
+
+# -- stored ids ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def twins(tmp_path_factory: pytest.TempPathFactory) -> tuple[Artifact, Artifact]:
+    """One model file released as two models whose "name-version" is the same text."""
+    d = tmp_path_factory.mktemp("twins")
+    m = _models.offset_model(d / "m.onnx", 1.0)
+    return (build_artifact(m, d / "a", name="det-1", version="x", sample=SAMPLE),
+            build_artifact(m, d / "b", name="det", version="1-x", sample=SAMPLE))
+
+
+def test_two_models_of_one_file_whose_ids_would_collide_are_stored_apart(
+        make_agent, twins, tmp_path) -> None:
+    a, b = twins
+    agent = make_agent()
+    submit(agent, deployment_set([a, b], 1))
+    served = agent.slots.all()
+    assert served["det-1"] is not served["det"]
+    assert {n: (s.record.name, s.predictor.manifest.version) for n, s in served.items()} == \
+        {"det-1": ("det-1", "x"), "det": ("det", "1-x")}
+    st = agent.store.load()
+    assert st.models["det-1"].id != st.models["det"].id
+    submit(agent, deployment_set([], 2, remove=["det-1"]))
+    agent.stop()
+    again = make_agent(config(tmp_path / "state"))
+    det = again.slots.get("det")
+    assert det is not None and det.predictor.manifest.name == "det"
+    assert [d.name for d in again.store.models.iterdir()] == [st.models["det"].id]
