@@ -205,6 +205,7 @@ class Installer:
             stored, unreadable = self._recover(), str(err)
         self._feed(Boot(stored, max_restarts, unreadable, ts=time.time(),
                         max_models_bytes=limits.max_models_bytes,
+                        max_models=limits.max_models,
                         max_artifact_bytes=limits.max_artifact_bytes))
 
     def _recover(self) -> InstalledState:

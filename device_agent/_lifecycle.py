@@ -119,6 +119,7 @@ class Life:
     download: str | None = None
     #: The limits a deployment is checked against before a download (0: none).
     max_models_bytes: int = 0
+    max_models: int = 0
     max_artifact_bytes: int = 0
 
     @property
@@ -204,7 +205,7 @@ def _boot(life: Life, ev: Boot) -> tuple[Life, list[Effect]]:
     state = ev.stored
     out: list[Effect] = []
     pending = False
-    life = replace(life, max_models_bytes=ev.max_models_bytes,
+    life = replace(life, max_models_bytes=ev.max_models_bytes, max_models=ev.max_models,
                    max_artifact_bytes=ev.max_artifact_bytes)
     if ev.unreadable is not None:
         found = ("recovered with the newest verified model on disk" if state.models
@@ -310,7 +311,7 @@ def _accepted(life: Life, ev: Accepted) -> tuple[Life, list[Effect]]:
         and cur.sha256 == m.sha256))
     removing = tuple(n for n in dep.remove if n in decides and n in serving)
     skipped = [{"name": n, "reason": f"superseded by #{c}"} for n, c in superseded.items()]
-    refusal = _over_limits(life, members, ev.served_bytes)
+    refusal = _over_limits(life, members, removing, ev.served_bytes)
     if refusal is not None:
         return step(life, Refused(dep.digest, ev.size, refusal, dep, ts=ev.ts))
     if not members and not removing:
@@ -332,8 +333,15 @@ def _accepted(life: Life, ev: Accepted) -> tuple[Life, list[Effect]]:
     return _remove_now(life, out, ev.ts)
 
 
-def _over_limits(life: Life, members: tuple[ModelChange, ...], served: int) -> str | None:
+def _over_limits(life: Life, members: tuple[ModelChange, ...], removing: tuple[str, ...],
+                 served: int) -> str | None:
     """Why the models would not fit the limits (checked before any download), or None."""
+    most = life.max_models
+    after = (set(life.serving) - set(removing)) | {m.name for m in members}
+    # Growing past it only: a device over a limit lowered since may still replace or shed.
+    if most and len(after) > most and len(after) > len(life.serving):
+        return (f"the device would serve {len(after)} models, over the limit of {most} "
+                "(limits.max_models)")
     cap = life.max_artifact_bytes
     for m in members:
         if cap and m.length is not None and m.length > cap:

@@ -6,15 +6,21 @@ real state directory) where it lives on disk."""
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from device_agent import Agent
+from device_agent._config import MAX_SERVED_MODELS
 from device_agent._events import Accepted, Boot, Report, Swap
 from device_agent._lifecycle import Mode
-from device_agent._state import InstalledState
+from device_agent._state import InstalledState, ModelRecord
 from edge_sdk import Artifact, build_artifact
+from edge_sdk.errors import ConfigError
+from edge_sdk.release import DeviceStatus
+from edge_sdk.release._watch import MAX_MODELS
 from tests import _agent_local, _models, _process
 from tests._agent_local import SAMPLE, config, deployment_set, events
 from tests.test_lifecycle import A1, A2, B1, B2, Run, install_set, set_dep
@@ -97,3 +103,42 @@ def test_two_models_of_one_file_whose_ids_would_collide_are_stored_apart(
     det = again.slots.get("det")
     assert det is not None and det.predictor.manifest.name == "det"
     assert [d.name for d in again.store.models.iterdir()] == [st.models["det"].id]
+
+
+# -- how many models --------------------------------------------------------------------------
+
+C1 = ModelRecord("kw-1-eeeeeeeeeeee", "kw", "1", "5" * 64, "s3")
+
+
+def limited(most: int) -> Run:
+    state = InstalledState(models={"det": A1, "rec": B1}, counters={"det": 1, "rec": 2},
+                           scopes={"device": 2}, deployment_counter=2, deployment_digest="s2")
+    return Run().feed(Boot(state, 1, max_models=most))
+
+
+def test_a_deployment_that_would_serve_more_than_max_models_is_refused_before_download(
+        ) -> None:
+    run = limited(2)
+    run.feed(Accepted(set_dep(3, C1)))
+    assert run.life.mode is Mode.IDLE and run.reports()[-1] == "refused"
+    assert "3 models, over the limit of 2 (limits.max_models)" in \
+        run.life.installed.failed["s3"]
+    # Swapping one model for another keeps the count: taken.
+    install_set(run, set_dep(4, C1, remove=("rec",)), C1)
+    assert run.life.serving == {"det": A1, "kw": C1}
+
+
+def test_a_device_over_a_lowered_max_models_still_updates_and_sheds_models() -> None:
+    run = limited(1)
+    install_set(run, set_dep(3, A2), A2)
+    assert run.life.serving == {"det": A2, "rec": B1}
+    run.feed(Accepted(set_dep(4, remove=("rec",))))
+    assert run.life.serving == {"det": A2}
+
+
+def test_every_model_an_agent_may_serve_is_read_by_the_fleet() -> None:
+    st = DeviceStatus.parse("d", json.dumps({"models": [
+        {"name": f"m{i:02d}", "version": "1"} for i in range(MAX_SERVED_MODELS)]}).encode())
+    assert st is not None and len(st.models) == MAX_SERVED_MODELS == MAX_MODELS
+    with pytest.raises(ConfigError, match=r"limits\.max_models.*1-64"):
+        config(Path("/tmp/unused"), limits={"max_models": MAX_SERVED_MODELS + 1})
