@@ -18,11 +18,12 @@ from device_agent._events import Accepted, Boot, Report, Swap
 from device_agent._lifecycle import Mode
 from device_agent._state import InstalledState, ModelRecord
 from edge_sdk import Artifact, build_artifact
-from edge_sdk.errors import ConfigError
-from edge_sdk.release import DeviceStatus
+from edge_sdk.errors import ConfigError, UsageError
+from edge_sdk.release import DeviceStatus, create_deployment
 from edge_sdk.release._watch import MAX_MODELS
 from tests import _agent_local, _models, _process
 from tests._agent_local import SAMPLE, config, deployment_set, events
+from tests._trust_env import FLEET, SimEnv
 from tests.test_lifecycle import A1, A2, B1, B2, Run, install_set, set_dep
 
 make_agent = _agent_local.make_agent
@@ -142,3 +143,16 @@ def test_every_model_an_agent_may_serve_is_read_by_the_fleet() -> None:
     assert st is not None and len(st.models) == MAX_SERVED_MODELS == MAX_MODELS
     with pytest.raises(ConfigError, match=r"limits\.max_models.*1-64"):
         config(Path("/tmp/unused"), limits={"max_models": MAX_SERVED_MODELS + 1})
+
+
+# -- signing ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["", "x" * 129, "a\nb"])
+def test_a_removal_no_device_would_read_is_refused_before_signing(tmp_path, name) -> None:
+    e = SimEnv(tmp_path)
+    counter = e.repo.path / "deployments" / "counter"
+    before = counter.read_bytes() if counter.exists() else None
+    with pytest.raises(UsageError, match="'model' must be 1 to 128 printable characters"):
+        create_deployment(e.repo, remove=[name], fleet=FLEET, devices=["d1"])
+    assert (counter.read_bytes() if counter.exists() else None) == before
+    assert not (e.repo.path / "deployments" / "dev-d1.json").exists()
