@@ -189,7 +189,9 @@ class InstalledState:
                 deployment_digest=data.get("deployment_digest"),
                 failed=dict(data.get("failed") or {}),
                 last_result=data.get("last_result"),
-                results=tuple(data.get("results") or ()),
+                # Each entry is read by the lifecycle: anything but an object is dropped.
+                results=tuple(r for r in data.get("results") or ()
+                              if isinstance(r, dict))[-MAX_RESULTS:],
             )
         except (TypeError, ValueError, AttributeError) as err:
             raise ConfigError(f"{where}: malformed agent state: {err}") from err

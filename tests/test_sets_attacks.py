@@ -156,3 +156,24 @@ def test_a_removal_no_device_would_read_is_refused_before_signing(tmp_path, name
         create_deployment(e.repo, remove=[name], fleet=FLEET, devices=["d1"])
     assert (counter.read_bytes() if counter.exists() else None) == before
     assert not (e.repo.path / "deployments" / "dev-d1.json").exists()
+
+
+# -- the state file ----------------------------------------------------------------------------
+
+def test_a_state_file_with_odd_results_and_300_counters_still_takes_deployments() -> None:
+    from dataclasses import asdict
+
+    data = {"schema": 2, "models": {"det": asdict(A1), "rec": asdict(B1)},
+            "counters": {**{f"gone{i:03d}": i for i in range(300)}, "det": 400, "rec": 401},
+            "scopes": {"device": 401}, "floor": 0,
+            "results": [7, "committed", None, ["x"],
+                        {"deployment": 401, "result": "committed", "models": ["rec"]}]}
+    st = InstalledState.from_json(data, "installed.json")
+    assert [r["deployment"] for r in st.results] == [401]
+    run = Run().feed(Boot(st, 1))
+    install_set(run, set_dep(402, A2), A2)
+    got = run.life.installed
+    assert run.life.serving == {"det": A2, "rec": B1}
+    assert [r["deployment"] for r in got.results] == [401, 402]
+    assert len(got.counters) == 256 and got.counter_of("gone000") == got.floor == 45
+    assert got.counters["det"] == 402 and got.counters["rec"] == 401
