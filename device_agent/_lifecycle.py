@@ -317,8 +317,11 @@ def _accepted(life: Life, ev: Accepted) -> tuple[Life, list[Effect]]:
     if not members and not removing:
         # Nothing to install: the device already serves what it names (or a newer
         # deployment decided it). The state says so, so that nobody has to infer it.
-        why = "already serving this model" if not superseded else \
-            "; ".join(f"{s['name']} {s['reason']}" for s in skipped)
+        same = [m.name for m in dep.models if m.name in decides]
+        absent = [n for n in dep.remove if n in decides]
+        why = "; ".join([*([f"already serving {', '.join(same)}"] if same else []),
+                         *([f"not serving {', '.join(absent)}"] if absent else []),
+                         *(f"{s['name']} {s['reason']}" for s in skipped)])
         st = replace(st, deployment_digest=dep.digest).with_counters(
             ev.scope, dep.counter, decides).with_result(
                 _result("committed", dep, why, ev.ts, models=_served(serving, dep.names)))

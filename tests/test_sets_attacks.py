@@ -177,3 +177,14 @@ def test_a_state_file_with_odd_results_and_300_counters_still_takes_deployments(
     assert [r["deployment"] for r in got.results] == [401, 402]
     assert len(got.counters) == 256 and got.counter_of("gone000") == got.floor == 45
     assert got.counters["det"] == 402 and got.counters["rec"] == 401
+
+
+def test_removing_a_model_the_device_does_not_have_commits_saying_so() -> None:
+    run = serving()
+    run.feed(Accepted(set_dep(3, remove=("kw",))))
+    assert not any(isinstance(e, Swap) for e in run.effects[-2:])
+    last = run.life.installed.results[-1]
+    assert (last["result"], last["reason"]) == ("committed", "not serving kw")
+    assert run.life.installed.counter_of("kw") == 3  # an older deployment of kw is stale
+    run.feed(Accepted(set_dep(4, B1, remove=("kw",))))
+    assert run.life.installed.results[-1]["reason"] == "already serving rec; not serving kw"
