@@ -188,3 +188,25 @@ def test_removing_a_model_the_device_does_not_have_commits_saying_so() -> None:
     assert run.life.installed.counter_of("kw") == 3  # an older deployment of kw is stale
     run.feed(Accepted(set_dep(4, B1, remove=("kw",))))
     assert run.life.installed.results[-1]["reason"] == "already serving rec; not serving kw"
+
+
+# -- rollout run's send-back ------------------------------------------------------------------
+
+def test_an_abort_never_removes_a_model_from_a_device_whose_models_were_unknown(
+        tmp_path) -> None:
+    """``rollout run --device d1`` while d1's retained state is missing (a broker restarted
+    without persistence): its models before are unknown, not absent. An abort must not
+    sign d1 a removal of the model it may well have served all along."""
+    from edge_sdk.release._rollout import (
+        RolloutConfig,
+        RolloutResult,
+        _models_before,
+        _roll_back,
+    )
+
+    before = _models_before({}, ["d1"], {"det": "2"})
+    result = RolloutResult("det", "2", [["d1"]])
+    _roll_back(SimEnv(tmp_path).repo, None, None, {"det": "2"},  # type: ignore[arg-type]
+               ["d1"], [], before, RolloutConfig(), None, None, result)
+    assert result.rolled_back == []
+    assert "unknown" in result.not_rolled_back["d1"]
