@@ -16,9 +16,6 @@ after that, so a model that crashes the agent cannot crash-loop it.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import functools
 import hashlib
 import logging
 import threading
@@ -169,9 +166,10 @@ class Installer:
                 durable = self.storage.durable
                 self.store.clean(self.state, *(s for s in (durable,) if s is not None))
                 trial = self.state.trial.values() if self.state.phase == "trial" else ()
-                if self._models.keep(r.id for r in (*self.life.serving.values(), *trial)
-                                     if r is not None):
-                    release_memory()
+                # A model let go of gives its memory back once its last request is done
+                # (LoadedModels' finalizer trims the heap).
+                self._models.keep(r.id for r in (*self.life.serving.values(), *trial)
+                                  if r is not None)
             case CleanPartial():
                 self.store.clean_partial()
             case WatchHealth(names):
@@ -480,20 +478,3 @@ def describe(dep: InstallRequest) -> dict[str, Any]:
     return {"counter": dep.counter,
             "models": [{"name": m.name, "artifact_version": m.version} for m in dep.models],
             "remove": list(dep.remove)}
-
-
-def release_memory() -> None:
-    """Give the heap pages freed by dropped models back to the system (glibc keeps them
-    otherwise, and a device has no memory to lose); a no-op elsewhere."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim() -> Any:
-    name = ctypes.util.find_library("c")
-    try:
-        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-    except OSError:
-        return None
