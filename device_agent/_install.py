@@ -203,6 +203,7 @@ class Installer:
             stored, unreadable = self._recover(), str(err)
         self._feed(Boot(stored, max_restarts, unreadable, ts=time.time(),
                         max_models_bytes=limits.max_models_bytes,
+                        max_models=limits.max_models,
                         max_artifact_bytes=limits.max_artifact_bytes))
 
     def _recover(self) -> InstalledState:
@@ -216,8 +217,8 @@ class Installer:
                 record = ModelRecord.for_artifact(Artifact.from_dir(d), None)
             except EdgeError:
                 continue
-            if record.id == d.name:
-                models.setdefault(record.name, record)
+            if d.name in (record.id, record.stored_apart().id):
+                models.setdefault(record.name, replace(record, id=d.name))
         return InstalledState(models=models)
 
     def resume(self) -> None:
