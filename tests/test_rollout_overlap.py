@@ -15,7 +15,7 @@ import pytest
 
 from edge_sdk.cli import main
 from edge_sdk.fleet import Controller, FleetDB, FleetUsageError, RolloutSpec, start_rollout
-from edge_sdk.fleet._machine import DeviceProgress
+from edge_sdk.fleet._machine import DeviceProgress, RolloutState, holders, holds
 from edge_sdk.fleet._registry import write_state
 from edge_sdk.fleet._store import load_state, save_state
 from edge_sdk.release import Repository
@@ -93,6 +93,38 @@ def test_a_device_whose_part_in_an_active_rollout_is_over_may_be_selected_again(
         _progress(db, first, "completed", d2="committed")
         start_rollout(db, fleet=FLEET, model="rec", version="5",
                       selector={"devices": ["d2"]}, spec=SPEC, actor="bob")
+
+
+@pytest.mark.parametrize(("status", "device", "rollback", "held"), [
+    ("running", "pending", None, True),
+    ("running", "sent", None, True),
+    ("running", "committed", None, True),  # an abort would send it back
+    ("running", "silent", None, True),
+    ("paused", "committed", None, True),
+    ("running", "failed", None, False),  # it went back itself: nothing more is sent
+    ("running", "refused", None, False),
+    ("aborting", "committed", "sent", True),
+    ("aborting", "committed", "committed", False),
+    ("aborting", "cancelled", None, False),
+    ("completed", "committed", None, False),
+    ("aborted", "committed", "sent", False),
+])
+def test_a_rollout_holds_a_device_while_it_may_still_send_it_a_document(
+        status: str, device: str, rollback: str | None, held: bool) -> None:
+    st = RolloutState(1, "det", "2", SPEC, status=status, wave=1, waves=1, devices={
+        "d1": DeviceProgress(1, status=device, rollback_status=rollback,
+                             before_models={"det": "1"})})
+    assert holds(st, "d1") is held
+    newer = RolloutState(2, "rec", "5", SPEC, status="running", wave=1, waves=1,
+                         devices={"d1": DeviceProgress(1, before_models={"rec": None})})
+    assert holders([newer, st]) == {"d1": 1 if held else 2}
+
+
+def test_a_rollout_without_rollback_lets_go_of_a_device_once_it_answered() -> None:
+    spec = RolloutSpec(waves=("100%",), wave_timeout=60, rollback=False)
+    st = RolloutState(1, "det", "2", spec, status="running", wave=1, waves=1, devices={
+        "d1": DeviceProgress(1, status="committed", before_models={"det": "1"})})
+    assert not holds(st, "d1")
 
 
 @pytest.fixture()
