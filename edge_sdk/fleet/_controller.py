@@ -273,7 +273,8 @@ class Controller:
         mem = members(self.db, self.topics.fleet, sel, model=state.model)
         # One desired topic per device: leave out what another active rollout holds. The
         # older ones were ticked first in this poll, so a device that joins the selectors
-        # of two goes to the older; the newer takes it once the older lets go of it.
+        # of two goes to the older; the newer takes it once the older lets go of it, if
+        # it is running or paused then (the machine takes in late members only then).
         others = [s for r, s in self._states.items() if r != rid and r in active]
         mem = leave_out_held(mem, state, m.holders(others), self._held_warned)
         # The registry's progress (``caught_up``): timeouts wait for it. Read before the
