@@ -171,3 +171,24 @@ def test_a_device_registered_after_two_rollouts_started_goes_to_the_older_only(
         _progress(db, older, "completed", d1="committed", d3="committed")
         ctl.poll()
         assert devices(newer) == {"d2", "d3"}
+
+
+def test_a_fresh_controller_leaves_a_device_with_the_newer_rollout_that_holds_it(
+        db_url: str, repo: Repository, conn: MqttConnection) -> None:
+    """A device that registered between the older rollout's poll and the newer one's went
+    to the newer; a controller started afterwards, which has loaded neither, does not
+    give it to the older one as well."""
+    with FleetDB.open(db_url) as db:
+        _registered(db, "d1", "d2")
+        _fleetdb.assign(db_url, FLEET, ["d1"], "door")
+        _fleetdb.assign(db_url, FLEET, ["d2"], "gate")
+        older = start_rollout(db, fleet=FLEET, model="det", version="2",
+                              selector={"groups": ["door"]}, spec=SPEC, actor="alice")
+        newer = start_rollout(db, fleet=FLEET, model="rec", version="5",
+                              selector={"groups": ["gate"]}, spec=SPEC, actor="bob")
+        _registered(db, "d3")
+        _fleetdb.assign(db_url, FLEET, ["d3"], "door", "gate")
+        _progress(db, older, "paused", d1="sent")
+        _progress(db, newer, "paused", d2="sent", d3="sent")
+        Controller(db, repo, conn, topics=Topics(FLEET)).poll()
+        assert {d["device"] for d in db.rollout(older)["devices"]} == {"d1"}

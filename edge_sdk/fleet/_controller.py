@@ -275,12 +275,29 @@ class Controller:
         # older ones were ticked first in this poll, so a device that joins the selectors
         # of two goes to the older; the newer takes it once the older lets go of it, if
         # it is running or paused then (the machine takes in late members only then).
-        others = [s for r, s in self._states.items() if r != rid and r in active]
-        mem = leave_out_held(mem, state, m.holders(others), self._held_warned)
+        mem = leave_out_held(mem, state, m.holders(self._others(rid, active)),
+                             self._held_warned)
         # The registry's progress (``caught_up``): timeouts wait for it. Read before the
         # reports, so that every report received before it is in what they see.
         heard = store.heard_until(self.db, self.topics.fleet)
         self._apply(state, m.Tick(time.time(), mem, self._reports(state), heard_until=heard))
+
+    def _others(self, rid: int, active: Sequence[int]) -> list[m.RolloutState]:
+        """The states of the active rollouts but ``rid``: as this controller last saw
+        them, or as recorded for the ones it has not loaded yet (newer ones, in its first
+        poll) unless their record is refused."""
+        out: list[m.RolloutState] = []
+        for r in active:
+            st = self._states.get(r)
+            if st is None and r != rid and r not in self._refused:
+                try:
+                    with self.db.read() as c:
+                        st = store.load_state(c, r)
+                except EdgeError:
+                    continue  # refused when its own turn comes
+            if st is not None and r != rid:
+                out.append(st)
+        return out
 
     def _reports(self, state: m.RolloutState) -> list[m.Report]:
         waiting: dict[str, set[int]] = {}
