@@ -85,7 +85,7 @@ def publish_by_hand(fleet: Fleet, device: str, members: Sequence[ModelTarget]) -
     """Sign, with the fleet's real deployment key, a document installing ``members`` as
     they are (the tools would refuse to make it), under a fresh counter; its counter."""
     fresh = create_deployment(fleet.repo, fleet=FLEET, model="kw", version="1",
-                              devices=[device])  # only for its counter; never published
+                              devices=[device], rollback=True)  # for its counter; unsent
     doc = sign_deployment(replace(fresh.deployment, models=tuple(members)),
                           fleet.repo.keys.signers("deployment"))
     fleet.publish_raw(device, doc)
@@ -288,7 +288,9 @@ def test_a_set_whose_member_fails_its_smoke_test_keeps_both_at_their_old_version
     counter = deploy(fleet, "both", ("det", "2"), ("rec", "2"))  # rec 2 answers NaN
     end = outcome(fleet, agent, counter)
     assert end["event"] == "failed" and end["stage"] == "smoke_test", end
-    assert "non-finite" in end["reason"] and "rec" in end["reason"]
+    # The reason says which member failed (the operator must know which model to fix).
+    assert "non-finite" in end["reason"], end
+    assert "rec" in end["reason"] or (end.get("model") or {}).get("name") == "rec", end
     assert {m["name"] for m in end["deployment"]["models"]} == {"det", "rec"}
     # det 2 loaded fine, but the set is one: neither was swapped in.
     assert serves(agent, "det", "1") and serves(agent, "rec", "1")
@@ -323,7 +325,7 @@ def test_removing_a_model_frees_its_memory_and_the_other_keeps_serving(
     assert state["online"]
     # det's weights (4 MiB in its file) are given back, not kept by the allocator.
     after = rss_bytes(agent)
-    assert after <= before - DET_WEIGHTS.nbytes // 2, (before, after)
+    assert after <= before - DET_WEIGHTS.nbytes // 2, f"RSS {before} before, {after} after"
     assert "rec" not in names_in(events_of(fleet, "slim", counter))
 
 
@@ -373,7 +375,7 @@ def test_hostile_sets_are_refused_while_the_old_set_serves(fleet, tmp_path, agen
     big = deploy(fleet, "hostile", ("kw", "2"), ("det", "1"))
     end = outcome(fleet, agent, big)
     assert end["event"] in ("refused", "failed"), end
-    assert re.search(r"max_artifact_bytes|limit of 1000000", end["reason"]), end
+    assert "limits.max_artifact_bytes" in end["reason"] and "1000000" in end["reason"], end
     assert chunks_asked(fleet, since, "det") == []
     still_the_old_set(big)
 
