@@ -715,8 +715,8 @@ def fleet(site: Site) -> None:
     run("status", *fleet_opt)
     rows = [r for r in site.api("api/devices") if r["id"] in FLEET_DEVICES]
     print(f"GET {site.page}api/devices -> " + ", ".join(
-        f"{r['id']} " + (" + ".join(f"{n} {v}" for n, v in sorted(r["models"].items()))
-                         if isinstance(r.get("models"), dict) else f"{r['model']} {r['version']}")
+        f"{r['id']} " + " + ".join(f"{m['name']} {m['version']}" for m in r.get("models")
+                                   or [{"name": r["model"], "version": r["version"]}])
         for r in rows))
     trail = site.api("api/audit?limit=8")
     print(f"GET {site.page}api/audit -> " + "; ".join(
