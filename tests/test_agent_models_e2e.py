@@ -71,12 +71,13 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 
 # -- the operator's side ------------------------------------------------------------------
 
-def deploy(fleet: Fleet, device: str, *models: tuple[str, str],
-           remove: Sequence[str] = ()) -> int:
+def deploy(fleet: Fleet, device: str | None, *models: tuple[str, str],
+           remove: Sequence[str] = (), group: str | None = None) -> int:
     """Sign and publish one deployment installing ``models`` (name, version) together and
-    removing ``remove``; its counter."""
+    removing ``remove`` on ``device`` (or on ``group``); its counter."""
     sd = create_deployment(fleet.repo, fleet=FLEET, models=list(models), remove=remove,
-                           devices=[device])
+                           devices=[device] if device else [],
+                           groups=[group] if group else [])
     publish_deployment(fleet.host, sd)
     return sd.deployment.counter
 
@@ -393,3 +394,39 @@ def test_hostile_sets_are_refused_while_the_old_set_serves(fleet, tmp_path, agen
     assert serves(agent, "kw", "2") and serves(agent, "rec", "3")
     kinds = [e["event"] for e in events_of(fleet, "hostile", good)]
     assert kinds.count("swapped") == 1 and kinds.count("committed") == 1
+
+
+def test_group_and_device_deployments_combine_per_model_the_newest_counter_wins(
+    fleet, tmp_path, agents
+) -> None:
+    """The group carries det and rec; one device has its own, newer rec. The group's
+    older document reaching the device after its own (a device joining the group) installs
+    det and passes over rec; the group's next det leaves that rec alone; a restart, which
+    brings both retained documents again, changes nothing."""
+    older = create_deployment(fleet.repo, fleet=FLEET, models=[("det", "1"), ("rec", "1")],
+                              groups=["g-combo"])
+    agent = new_agent(fleet, tmp_path, agents, "combo", groups=("g-combo",)).start()
+    own = deploy(fleet, "combo", ("rec", "3"))
+    assert outcome(fleet, agent, own)["event"] == "committed"
+    publish_deployment(fleet.host, older)
+    end = outcome(fleet, agent, older.deployment.counter)
+    assert end["event"] == "committed", end
+    assert serves(agent, "det", "1") and serves(agent, "rec", "3")
+    state = wait_for(lambda: (s := fleet.states.get("combo")) and len(s.get("models", [])) == 2
+                     and s, 30)
+    assert [(m["name"], m["version"]) for m in state["models"]] == [("det", "1"), ("rec", "3")]
+
+    later = deploy(fleet, None, ("det", "2"), group="g-combo")
+    assert outcome(fleet, agent, later)["event"] == "committed"
+    assert serves(agent, "det", "2") and serves(agent, "rec", "3")
+    assert names_in(events_of(fleet, "combo", later)) <= {"det"}
+
+    agent.stop()
+    seen = len(fleet.history("combo"))
+    agent.start()
+    wait_for(lambda: (fleet.states.get("combo") or {}).get("online") is True)
+    assert serves(agent, "det", "2") and serves(agent, "rec", "3")
+    assert served(agent) == {"det": "2", "rec": "3"}
+    kinds = [e["event"] for e in fleet.history("combo")]
+    assert "refused" not in kinds and "failed" not in kinds and "rolled_back" not in kinds
+    assert not [e for e in fleet.history("combo")[seen:] if e["event"] == "install_started"]
