@@ -28,7 +28,7 @@ from edge_sdk.release import create_deployment, publish_deployment
 from edge_sdk.trust import ModelTarget, sign_deployment
 from tests import _models
 from tests._broker import Mosquitto
-from tests._e2e import FLEET, AgentProc, Fleet, X, new_agent
+from tests._e2e import FLEET, AgentProc, Fleet, X, cli_args, new_agent
 from tests._process import wait_for
 from tests._trust_env import RecordingResponder
 
@@ -430,3 +430,26 @@ def test_group_and_device_deployments_combine_per_model_the_newest_counter_wins(
     kinds = [e["event"] for e in fleet.history("combo")]
     assert "refused" not in kinds and "failed" not in kinds and "rolled_back" not in kinds
     assert not [e for e in fleet.history("combo")[seen:] if e["event"] == "install_started"]
+
+
+def test_deploy_cli_sends_a_set_with_a_removal_then_one_model_back(
+    fleet, tmp_path, agents, capsys
+) -> None:
+    from edge_sdk.cli import main
+
+    agent = new_agent(fleet, tmp_path, agents, "cli").start()
+    assert outcome(fleet, agent, deploy(fleet, "cli", ("kw", "1"), ("rec", "1")))["event"] \
+        == "committed"
+    assert main(cli_args(fleet, "deploy", "--device", "cli", "--model", "det=1", "--model",
+                         "rec=3", "--remove", "kw", "--wait", "--timeout", "60")) == 0
+    out = capsys.readouterr().out
+    assert "committed on all 1 device(s)" in out, out
+    assert served(agent) == {"det": "1", "rec": "3"}
+    assert request(agent, "GET", "/v2/models/kw")[0] == 404
+
+    # rec alone back to the version deployed before: det stays as it is.
+    assert main(cli_args(fleet, "deploy", "--device", "cli", "--model", "rec", "--rollback",
+                         "--wait", "--timeout", "60")) == 0
+    assert "committed on all 1 device(s)" in capsys.readouterr().out
+    assert serves(agent, "rec", "1") and serves(agent, "det", "1")
+    assert served(agent) == {"det": "1", "rec": "1"}
