@@ -14,6 +14,7 @@ import pytest
 from edge_sdk.fleet._machine import (
     Command,
     CommandRefused,
+    DeviceProgress,
     Event,
     IllegalEvent,
     Member,
@@ -395,3 +396,73 @@ def test_a_device_times_out_only_once_the_registry_has_heard_up_to_its_deadline(
     assert held.devices["d1"].rollback_status == "sent" and held.status == "aborting"
     gone, _ = step(held, Tick(1401.0, members, heard_until=1401.0))
     assert gone.devices["d1"].rollback_status == "silent" and gone.status == "aborted"
+
+
+# -- sets of models ------------------------------------------------------------------
+
+SET = (("det", "2"), ("rec", "5"))
+
+
+def _set_sim(members: dict[str, Member], **kw: object) -> Sim:
+    sim = Sim(spec(waves=("100%",), **kw), devices=tuple(members))
+    sim.state = RolloutState(1, "det", "2", sim.state.spec, models=SET)
+    sim.members = dict(members)
+    return sim
+
+
+def test_a_set_rollout_signs_every_model_of_it_as_one_document() -> None:
+    sim = _set_sim({"d00": Member(True, "det", "1", {"det": "1", "rec": "4"})})
+    sim.run()
+    assert sim.state.status == "completed"
+    assert sim.signs == [Sign(("d00",), "2", False, models=SET)]
+    assert sim.state.devices["d00"].before_models == {"det": "1", "rec": "4"}
+
+
+def test_an_aborted_set_rollout_sends_each_device_back_per_model() -> None:
+    sim = _set_sim({
+        "both": Member(True, "det", "1", {"det": "1", "rec": "4", "ocr": "9"}),
+        "det-only": Member(True, "det", "1", {"det": "1"}),
+        "rec-moved": Member(True, "det", "2", {"det": "2", "rec": "4"}),
+        "none": Member(True, None, None, {}),
+        "quiet-none": Member(True, None, None, {}),
+        "fails": Member(True, "det", "1", {"det": "1", "rec": "4"}),
+    }, max_failure_rate=0.2, min_finished=5)
+    sim.results = {"fails": "failed", "quiet-none": "silent"}
+    sim.run()
+    assert sim.state.status == "aborted"
+    back = {d: s for s in sim.signs[1:] for d in s.devices}
+    # Each model back to the device's version of it; a model it did not have is removed;
+    # a model the rollout did not change (and one outside it: ocr) is not named.
+    assert back["both"] == Sign(("both",), "1", True, models=(("det", "1"), ("rec", "4")))
+    assert back["det-only"] == Sign(("det-only",), "1", True, models=(("det", "1"),),
+                                    remove=("rec",))
+    assert back["rec-moved"] == Sign(("rec-moved",), "4", True, models=(("rec", "4"),))
+    assert back["none"] == Sign(("none",), None, True, remove=("det", "rec"))
+    assert "fails" not in back and "quiet-none" not in back  # its own rollback; withdrawn
+    assert sim.state.devices["quiet-none"].rollback_status == "withdrawn"
+    assert sim.cleared == ["quiet-none"]
+    assert {d: p.rollback_status for d, p in sim.state.devices.items()
+            if d in back} == dict.fromkeys(back, "committed")
+
+
+def test_an_aborted_one_model_rollout_removes_it_where_a_device_did_not_have_it() -> None:
+    sim = Sim(spec(waves=("100%",), max_failure_rate=0.2, min_finished=3), 3,
+              results={"d02": "failed"})
+    sim.members["d01"] = Member(True, "other", "7", {"other": "7"})  # no adder before
+    sim.run()
+    assert sim.signs[1:] == [Sign(("d00",), "1", True),
+                             Sign(("d01",), None, True, remove=("adder",))]
+
+
+def test_a_record_saved_before_sets_keeps_its_one_model_before() -> None:
+    st = RolloutState(1, "adder", "2", spec())
+    st.devices["d00"] = DeviceProgress(1, before_model="adder", before_version="1")
+    st.devices["d01"] = DeviceProgress(1, before_model="other", before_version="7")
+    assert st.before("d00") == {"adder": "1"} and st.before("d01") == {"adder": None}
+
+
+def test_a_member_known_only_by_its_one_model_has_that_one() -> None:
+    assert Member(True, "adder", "1").versions() == {"adder": "1"}
+    assert Member(True, None, None).versions() == {}
+    assert Member(True, "adder", "1", {"adder": "1", "b": "3"}).versions() \
+        == {"adder": "1", "b": "3"}

@@ -14,7 +14,7 @@ import click
 
 from ..errors import UsageError
 from ._db import fleet_db, open_db, other_fleets
-from ._release import rollout_cmd
+from ._release import parse_models, rollout_cmd
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -46,9 +46,12 @@ rollout_group.add_command(rollout_cmd, "run")
 @operator_option
 @click.option("--fleet", default="default", show_default=True, envvar="EDGE_FLEET",
               show_envvar=True, help="Fleet name (the {fleet} level of every topic).")
-@click.option("--model", required=True, help="Released artifact name.")
+@click.option("--model", "models", multiple=True, required=True, metavar="NAME[=VERSION]",
+              help="Released artifact name, with its version (default: the newest not "
+                   "yanked; needs --repo). Repeatable: the models are deployed as one set.")
 @click.option("--version", "version",
-              help="Released version (default: the newest not yanked; needs --repo).")
+              help="Released version of the one --model NAME (default: the newest not "
+                   "yanked; needs --repo).")
 @click.option("--group", "groups", multiple=True,
               help="Devices the operator assigned to this group ('edge-sdk device set'). "
                    "Repeatable.")
@@ -77,7 +80,7 @@ rollout_group.add_command(rollout_cmd, "run")
               help="A rollback rollout: sign every wave as an explicit rollback, so that "
                    "devices on a newer version go back to --version (refused without it).")
 def start_cmd(db_url: str | None, repo_dir: str | None, operator: str | None, fleet: str,
-              model: str, version: str | None, groups: tuple[str, ...],
+              models: tuple[str, ...], version: str | None, groups: tuple[str, ...],
               tags: tuple[str, ...], devices: tuple[str, ...], waves: str, rate: float,
               wave_timeout: float, max_failure_rate: float, max_silent_rate: float,
               min_finished: int, pause_after_wave: bool, no_rollback: bool,
@@ -102,15 +105,20 @@ def start_cmd(db_url: str | None, repo_dir: str | None, operator: str | None, fl
                        min_finished=min_finished, pause_after_wave=pause_after_wave,
                        rollback=not no_rollback, signed_rollback=signed_rollback)
     repo = Repository(repo_dir) if repo_dir else None
-    if repo is not None:
-        version = repo.find(model, version).version
-    elif version is None:
-        raise UsageError("name --version (or --repo to take the newest release)")
+    pairs: list[tuple[str, str]] = []
+    for name, ver in parse_models(models, version):
+        if repo is not None:
+            ver = repo.find(name, ver).version
+        elif ver is None:
+            raise UsageError(f"name the version of {name} (--model {name}=VERSION, or --repo "
+                             "to take the newest release)")
+        pairs.append((name, ver))
     with fleet_db(db_url, repo_dir, fleet) as db:
-        rid = start_rollout(db, fleet=fleet, model=model, version=version,
-                            selector=selector, spec=spec, actor=actor_name(operator), repo=repo)
+        rid = start_rollout(db, fleet=fleet, models=pairs, selector=selector, spec=spec,
+                            actor=actor_name(operator), repo=repo)
     what = "rollback rollout" if signed_rollback else "rollout"
-    click.echo(f"{what} {rid}: {model} {version} recorded; 'edge-sdk serve' carries it out")
+    said = ", ".join(f"{n} {v}" for n, v in pairs)
+    click.echo(f"{what} {rid}: {said} recorded; 'edge-sdk serve' carries it out")
 
 
 def _command(name: str) -> click.Command:
@@ -153,7 +161,8 @@ def rollout_status_cmd(rollout_id: int, db_url: str | None, repo_dir: str | None
         click.echo(json.dumps(r, indent=2))
         return
     what = "rollback rollout" if r.get("rollback") else "rollout"
-    click.echo(f"{what} {r['id']}: {r['model']} {r['version']} {r['status']} "
+    said = ", ".join(f"{n} {v}" for n, v in r["models"])
+    click.echo(f"{what} {r['id']}: {said} {r['status']} "
                f"(wave {r['wave']} of {r['waves']})" + (f": {r['reason']}" if r["reason"]
                                                          else ""))
     for w in r["progress"]:  # the page shows the same summary (edge_sdk.fleet._outcome)

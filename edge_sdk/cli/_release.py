@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,6 +32,7 @@ from ..release import (
     create_deployment,
     describe_transfer,
     fleet_status,
+    previous_versions,
     publish_deployment,
     require_success,
     rollout,
@@ -280,10 +281,18 @@ def rotate_cmd(repo: str, role: str, keydir: str | None, db_url: str | None,
               help="Release repository.")
 @click.option("--device", "devices", multiple=True, help="Device id. Repeatable.")
 @click.option("--group", "groups", multiple=True, help="Device group. Repeatable.")
-@click.option("--model", required=True, help="Released artifact name.")
+@click.option("--model", "models", multiple=True, metavar="NAME[=VERSION]",
+              help="Released artifact name, with its version (default: the newest not "
+                   "yanked; with --rollback: the one deployed before). Repeatable: the "
+                   "models are signed as one set, installed and rolled back together.")
 @click.option("--version", "version",
-              help="Released version (default: the newest not yanked).")
-@click.option("--rollback", is_flag=True, help="Sign an explicit downgrade.")
+              help="Released version of the one --model NAME (default: the newest not "
+                   "yanked).")
+@click.option("--remove", "remove", multiple=True, metavar="NAME",
+              help="Remove this model from the devices (a signed removal). Repeatable.")
+@click.option("--rollback", is_flag=True,
+              help="Sign an explicit downgrade: each --model NAME without a version goes "
+                   "back to the version deployed before the last one.")
 @click.option("--expires-days", default=DEPLOYMENT_EXPIRES_DAYS, show_default=True,
               type=float, help="Lifetime of the deployment document.")
 @click.option("--keys", "keydir", type=click.Path(file_okay=False))
@@ -296,13 +305,20 @@ def rotate_cmd(repo: str, role: str, keydir: str | None, db_url: str | None,
               help="With --wait: seconds to wait for the devices.")
 @_audit_options
 @_mqtt_options
-def deploy_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...], model: str,
-               version: str | None, rollback: bool, expires_days: float, keydir: str | None,
+def deploy_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...],
+               models: tuple[str, ...], version: str | None, remove: tuple[str, ...],
+               rollback: bool, expires_days: float, keydir: str | None,
                output: str | None, wait: bool, timeout: float, db_url: str | None,
                operator: str | None, **mqtt: Any) -> None:
-    """Sign a deployment and publish it retained on each device's or group's desired topic."""
+    """Sign a deployment and publish it retained on each device's or group's desired topic.
+
+    One --model, several (a set, signed as one document), --remove, or both; models the
+    deployment does not name are left as they are on the devices."""
     if timeout <= 0:
         raise UsageError("--timeout must be > 0 seconds")
+    wanted = parse_models(models, version)
+    if not wanted and not remove:
+        raise UsageError("name a --model to deploy or a --remove")
     config = _mqtt_config(mqtt)
     names = Topics.for_config(config)
     for d in devices:
@@ -314,8 +330,12 @@ def deploy_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...], mod
     # ones that only say so in their own state.
     members, hint = _group_members(db_url, repo, config.fleet, groups) if wait and groups \
         else ({}, "")
+    if rollback and any(v is None for _, v in wanted):
+        before = previous_versions(r, [n for n, v in wanted if v is None], devices=devices,
+                                   groups=groups)
+        wanted = [(n, v or before[n]) for n, v in wanted]
     with MqttConnection(config, name="edge-deploy") as conn:
-        signed = create_deployment(r, model=model, fleet=config.fleet, version=version,
+        signed = create_deployment(r, models=wanted, remove=remove, fleet=config.fleet,
                                    devices=devices, groups=groups, rollback=rollback,
                                    expires_days=expires_days)
         if output:
@@ -350,6 +370,25 @@ def deploy_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...], mod
                    + (f"  {o.reason}" if o.reason and not o.ok else ""))
     require_success(outcomes, counter)
     click.echo(f"deployment {counter} committed on all {len(outcomes)} device(s)")
+
+
+def parse_models(specs: Sequence[str], version: str | None = None,
+                 ) -> list[tuple[str, str | None]]:
+    """``--model NAME[=VERSION]`` options as ``(name, version or None)``; ``version``
+    (``--version``) belongs to the one ``--model NAME`` without its own. Raises
+    :class:`UsageError` (one line)."""
+    out: list[tuple[str, str | None]] = []
+    for spec in specs:
+        name, sep, ver = spec.partition("=")
+        if not name.strip() or (sep and not ver.strip()):
+            raise UsageError(f"--model {spec!r} must look like NAME or NAME=VERSION")
+        out.append((name.strip(), ver.strip() if sep else None))
+    if version is not None:
+        if len(out) != 1 or out[0][1] is not None:
+            raise UsageError("--version goes with one --model NAME; for several models "
+                             "give each its own: --model NAME=VERSION")
+        out = [(out[0][0], version)]
+    return out
 
 
 def _group_members(db_url: str | None, repo: str, fleet: str,
@@ -391,9 +430,12 @@ def _show_progress(device: str, event: dict[str, Any]) -> None:
 @click.option("--group", "groups", multiple=True,
               help="Device group: the devices assigned to it ('edge-sdk device set') that "
                    "have reported. Repeatable.")
-@click.option("--model", required=True, help="Released artifact name.")
+@click.option("--model", "models", multiple=True, required=True, metavar="NAME[=VERSION]",
+              help="Released artifact name, with its version (default: the newest not "
+                   "yanked). Repeatable: the models are deployed as one set.")
 @click.option("--version", "version",
-              help="Released version (default: the newest not yanked).")
+              help="Released version of the one --model NAME (default: the newest not "
+                   "yanked).")
 @click.option("--waves", default=",".join(RolloutConfig.waves), show_default=True,
               help="Cumulative wave sizes: device counts or percentages.")
 @click.option("--max-failures", default=RolloutConfig.max_failures, show_default=True,
@@ -413,7 +455,7 @@ def _show_progress(device: str, event: dict[str, Any]) -> None:
 @_audit_options
 @_mqtt_options
 def rollout_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...],
-                db_url: str | None, model: str, version: str | None, waves: str,
+                db_url: str | None, models: tuple[str, ...], version: str | None, waves: str,
                 max_failures: float, wave_timeout: float, no_rollback: bool,
                 signed_rollback: bool, keydir: str | None, operator: str | None,
                 **mqtt: Any) -> None:
@@ -423,24 +465,27 @@ def rollout_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...],
     cfg = RolloutConfig(waves=tuple(w for w in waves.split(",") if w.strip()),
                         max_failures=max_failures, wave_timeout=wave_timeout,
                         rollback=not no_rollback, signed_rollback=signed_rollback)
+    wanted = parse_models(models, version)
     config = _mqtt_config(mqtt)
     r = Repository(repo, keydir)
     found, hint = _group_members(db_url, repo, config.fleet, groups) if groups else ({}, "")
     empty = [g for g, ids in found.items() if not ids]
     if empty:
         raise UsageError(_unassigned(empty, config.fleet, hint))
-    sent: dict[str, Any] = {"version": version, "deployments": [], "rollbacks": []}
+    sent: dict[str, Any] = {"version": wanted[0][1], "deployments": [], "rollbacks": []}
 
     def on_wave(kind: str, info: dict[str, Any]) -> None:
         if info["event"] == "start":
             sent["rollbacks" if info["rollback"] else "deployments"].append(info["counter"])
             if not info["rollback"]:
                 sent["version"] = info["version"]  # the one --version or the newest named
+                if len(wanted) > 1:
+                    sent["models"] = dict(info["models"])
         _show_wave(kind, info)
 
     def audit(aborted: str | None) -> None:
         _audit(db_url, repo, operator, "rollout.run", {
-            "fleet": config.fleet, "model": model, "devices": list(devices),
+            "fleet": config.fleet, "model": wanted[0][0], "devices": list(devices),
             "groups": list(groups), "waves": list(cfg.waves),
             "max_failures": cfg.max_failures, "wave_timeout": cfg.wave_timeout,
             "rollback": cfg.rollback, "signed_rollback": cfg.signed_rollback, **sent,
@@ -448,7 +493,7 @@ def rollout_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...],
 
     try:
         with MqttConnection(config, name="edge-rollout") as conn:
-            result = rollout(r, conn, model=model, version=version, devices=devices,
+            result = rollout(r, conn, models=wanted, devices=devices,
                              members=sorted({d for ids in found.values() for d in ids}),
                              config=cfg, progress=_show_progress, on_wave=on_wave)
     except BaseException as err:
@@ -462,7 +507,8 @@ def rollout_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...],
                            err=True)
         raise
     audit(result.aborted)
-    click.echo(f"rollout of {result.model} {result.version}: "
+    said = ", ".join(f"{n} {v}" for n, v in result.models.items())
+    click.echo(f"rollout of {said}: "
                f"{sum(len(w.devices) for w in result.waves)} of "
                f"{sum(len(w) for w in result.planned)} device(s) in "
                f"{len(result.waves)} of {len(result.planned)} wave(s)")
@@ -487,8 +533,12 @@ def rollout_cmd(repo: str, devices: tuple[str, ...], groups: tuple[str, ...],
 def _show_wave(_: str, info: dict[str, Any]) -> None:
     what = "rollback" if info["rollback"] else "wave"
     if info["event"] == "start":
+        got = info.get("models") or []
+        said = (", ".join([*(f"{n} {v}" for n, v in got),
+                           *(f"remove {n}" for n in info.get("remove", []))])
+                if len(got) != 1 or info.get("remove") else info["version"])
         click.echo(f"{what} {info['index']}: deployment #{info['counter']} of "
-                   f"{info['version']} to {len(info['devices'])} device(s): "
+                   f"{said} to {len(info['devices'])} device(s): "
                    f"{', '.join(info['devices'])}", err=True)
     else:
         click.echo(f"{what} {info['index']}: {info['committed']} committed, "

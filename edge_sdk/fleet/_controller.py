@@ -289,8 +289,9 @@ class Controller:
         if isinstance(fx, m.Sign):
             try:
                 # An abort's send-back returns devices to what they ran, yanked or not.
-                signed = create_deployment(self.repo, model=st.model, fleet=self.topics.fleet,
-                                           version=fx.version, devices=fx.devices,
+                models, remove = fx.targets(st.model)
+                signed = create_deployment(self.repo, models=models, remove=remove,
+                                           fleet=self.topics.fleet, devices=fx.devices,
                                            rollback=fx.rollback or st.spec.signed_rollback,
                                            allow_yanked=fx.rollback)
             except EdgeError as err:

@@ -18,6 +18,13 @@ later reads. On abort, devices that may hold the new release get ``rollback_stat
 ``signing`` → ``sent`` → ``committed`` / ``failed`` / ``silent``, or ``withdrawn`` (no
 earlier release; its pending document is cleared) / ``skipped``.
 
+A rollout deploys one model at a version, or a set of models signed as one document
+(:attr:`RolloutState.models`). Each device's "before" is per model
+(:attr:`DeviceProgress.before_models`: its version of each model of the rollout when it
+was planned in, None for a model it did not have); an abort's send-back is per model:
+one signed document puts each changed model back to the device's earlier version and
+removes (a signed removal) each model it did not have.
+
 An event that cannot follow the state (a signature nobody asked for, an unknown command)
 raises :class:`IllegalEvent`: the controller's record would be wrong, so nothing is
 applied.
@@ -119,6 +126,16 @@ class DeviceProgress:
     rollback_document: str | None = None
     rollback_status: str | None = None
     rollback_sent_at: float | None = None
+    #: The device's version of each model of the rollout before it (None: it had none);
+    #: None in a record saved before sets existed (see :meth:`RolloutState.before`).
+    before_models: dict[str, str | None] | None = None
+
+
+def _progress(wave: int, member: Member, wanted: Mapping[str, str]) -> DeviceProgress:
+    have = member.versions()
+    first = next(iter(wanted))
+    return DeviceProgress(wave=wave, before_model=first, before_version=have.get(first),
+                          before_models={name: have.get(name) for name in wanted})
 
 
 @dataclass
@@ -137,6 +154,23 @@ class RolloutState:
     approved: int = 0  # the last wave whose pause the operator resumed
     held: bool = False  # paused by the controller after a wave (manual approval)
     looked_at: float = 0.0  # the previous tick's time (_republish)
+    #: A set rollout: every ``(model, version)`` it deploys, signed as one document
+    #: (``model``/``version`` are its first). Empty: the one model ``model`` at ``version``.
+    models: tuple[tuple[str, str], ...] = ()
+
+    def wanted(self) -> dict[str, str]:
+        """Model name -> the version this rollout deploys, for every model of it."""
+        return dict(self.models) if self.models else {self.model: self.version}
+
+    def before(self, device: str) -> dict[str, str | None]:
+        """The device's version of each model of the rollout before it (None: it did not
+        have that model). A record saved before sets existed kept only the one model the
+        device served: it had the rollout's model if that was it."""
+        p = self.devices[device]
+        if p.before_models is not None:
+            return dict(p.before_models)
+        return {name: p.before_version if p.before_model == name else None
+                for name in self.wanted()}
 
 
 # -- events --------------------------------------------------------------------------------
@@ -148,6 +182,15 @@ class Member:
     online: bool
     model: str | None
     version: str | None
+    #: Every model the device serves, name -> version (None: only ``model`` is known,
+    #: an older agent's or registry's view).
+    models: Mapping[str, str] | None = None
+
+    def versions(self) -> dict[str, str]:
+        """Name -> version of every model the device serves."""
+        if self.models is not None:
+            return dict(self.models)
+        return {self.model: self.version} if self.model and self.version else {}
 
 
 @dataclass(frozen=True)
@@ -207,9 +250,21 @@ Event = Tick | Command | Signed | SignFailed | Restarted
 
 @dataclass(frozen=True)
 class Sign:
+    """Sign one document for ``devices``: the rollout's model at ``version``, or, when
+    ``models``/``remove`` are given, each ``(model, version)`` of ``models`` and a signed
+    removal of each model of ``remove`` (``version`` is then the first model's, or None)."""
+
     devices: tuple[str, ...]
-    version: str
+    version: str | None
     rollback: bool
+    models: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+    def targets(self, model: str) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
+        """``(models, remove)`` to sign, ``model`` being the rollout's."""
+        if self.models or self.remove:
+            return self.models, self.remove
+        return ((model, self.version),) if self.version is not None else (), ()
 
 
 @dataclass(frozen=True)
@@ -248,7 +303,8 @@ def desired(state: RolloutState, device: str) -> Desired | None:
     if p.rollback_status == "withdrawn":
         return Desired(None, p.counter, None)
     if p.rollback_document is not None:
-        return Desired(p.rollback_document, p.rollback_counter, p.before_version)
+        return Desired(p.rollback_document, p.rollback_counter,
+                       state.before(device).get(state.model))
     if p.document is not None:
         return Desired(p.document, p.counter, state.version)
     return None
@@ -390,9 +446,7 @@ def _tick(s: RolloutState, e: Tick, fx: list[Effect]) -> None:
         plan = plan_waves(order, s.spec.waves)
         for i, wave in enumerate(plan, 1):
             for d in wave:
-                m = e.members[d]
-                s.devices[d] = DeviceProgress(wave=i, before_model=m.model,
-                                              before_version=m.version)
+                s.devices[d] = _progress(i, e.members[d], s.wanted())
         s.wave, s.waves = 1, len(plan)
         s.status = "running" if s.status == "pending" else s.status
         s.tokens, s.tokens_at = max(1.0, s.spec.rate / 6), e.now
@@ -405,8 +459,7 @@ def _tick(s: RolloutState, e: Tick, fx: list[Effect]) -> None:
     # Dynamic: a device that joins the selector while the rollout runs joins this wave.
     for d, m in sorted(e.members.items()):
         if d not in s.devices:
-            s.devices[d] = DeviceProgress(wave=s.wave, before_model=m.model,
-                                          before_version=m.version)
+            s.devices[d] = _progress(s.wave, m, s.wanted())
     _timeouts(s, e.now, heard)
     if _should_abort(s, fx):
         return
@@ -470,14 +523,13 @@ def _abort(s: RolloutState, why: str, fx: list[Effect]) -> None:
         holds_new = p.status in ("committed", "sent", "silent")
         if not holds_new or not s.spec.rollback:
             continue
-        if p.before_model == s.model and p.before_version == s.version:
-            continue
-        if p.before_model != s.model or p.before_version is None:
-            if p.status != "committed":
-                p.rollback_status = "withdrawn"
-                fx.append(Clear(d))
-            else:
-                p.rollback_status = "skipped"
+        if not _send_back(s, d):
+            continue  # it already served this release before the rollout
+        if p.status != "committed" and not any(v is not None for v in s.before(d).values()):
+            # It had none of the rollout's models and never said it took them: take the
+            # document back rather than sign a removal.
+            p.rollback_status = "withdrawn"
+            fx.append(Clear(d))
             continue
         p.rollback_status = "pending"
     _rollback_signs(s, fx)
@@ -524,14 +576,29 @@ def _tick_abort(s: RolloutState, now: float, fx: list[Effect], heard: float) -> 
         s.status = "aborted"
 
 
+def _send_back(s: RolloutState, device: str) -> dict[str, str | None]:
+    """What an abort sends ``device`` back to: each model of the rollout whose version
+    the rollout changed, at the device's earlier version (None: removed)."""
+    wanted = s.wanted()
+    return {n: v for n, v in sorted(s.before(device).items()) if v != wanted.get(n)}
+
+
 def _rollback_signs(s: RolloutState, fx: list[Effect]) -> None:
-    """One rollback deployment per earlier version, for devices still to send back."""
-    by_version: dict[str, list[str]] = {}
+    """One rollback deployment per distinct send-back (for one model: per earlier
+    version), for devices still to send back."""
+    by_back: dict[tuple[tuple[str, str | None], ...], list[str]] = {}
     for d, p in sorted(s.devices.items()):
-        if p.rollback_status == "pending" and p.before_version is not None:
-            by_version.setdefault(p.before_version, []).append(d)
+        if p.rollback_status == "pending":
+            by_back.setdefault(tuple(_send_back(s, d).items()), []).append(d)
             p.rollback_status = "signing"
-    fx += [Sign(tuple(devs), v, True) for v, devs in sorted(by_version.items())]
+    for back, devs in sorted(by_back.items(), key=lambda kv: repr(kv[0])):
+        models = tuple((n, v) for n, v in back if v is not None)
+        remove = tuple(n for n, v in back if v is None)
+        if not s.models and models:  # one model, back to a version: as ever
+            fx.append(Sign(tuple(devs), models[0][1], True))
+        else:
+            fx.append(Sign(tuple(devs), models[0][1] if models else None, True,
+                           models=models, remove=remove))
 
 
 def _send(s: RolloutState, now: float, fx: list[Effect]) -> None:
@@ -553,4 +620,4 @@ def _send(s: RolloutState, now: float, fx: list[Effect]) -> None:
         s.tokens -= len(pending)
     for d in pending:
         s.devices[d].status = "signing"
-    fx.append(Sign(tuple(pending), s.version, False))
+    fx.append(Sign(tuple(pending), s.version, False, models=s.models))

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import EdgeError
-from ..release._deploy import last_deployment
+from ..release._deploy import _deployed_versions, last_deployment
 from ..release._repository import Repository
 from ..transport._config import check_topic_word
-from ..trust._deployment import compare_versions
+from ..trust._deployment import MAX_SET_MODELS, compare_versions
 from . import _machine as m
 from . import _store as store
 from ._assign import AssignmentChange, device_id
@@ -30,15 +30,19 @@ from ._store import FleetDB, FleetUsageError, valid_id
 
 # -- rollouts ------------------------------------------------------------------------------
 
-def start_rollout(db: FleetDB, *, fleet: str, model: str, version: str,
+def start_rollout(db: FleetDB, *, fleet: str, model: str = "", version: str = "",
                   selector: Mapping[str, Sequence[str]], spec: m.RolloutSpec,
-                  actor: str, repo: Repository | None = None) -> int:
-    """Create a rollout record (the controller picks it up). Raises
+                  actor: str, repo: Repository | None = None,
+                  models: Sequence[tuple[str, str]] = ()) -> int:
+    """Create a rollout record (the controller picks it up) of ``model`` at ``version``,
+    or of the set ``models`` (each ``(model, version)``, signed as one document). Raises
     :class:`FleetUsageError` when the selector matches no registered device, or when
-    ``version`` is older than what one of them runs or was last sent (by a rollout, or
+    a version is older than what one of them runs or was last sent (by a rollout, or
     signed in ``repo``): a downgrade, which only a rollback rollout
     (``spec.signed_rollback``) deploys; :func:`check_selector`'s errors for a malformed
     selector or id."""
+    pairs = check_rollout_models(models or ((model, version),))
+    model, version = pairs[0]
     check_selector(fleet, selector)
     sel = {k: list(v) for k, v in selector.items() if v}
     if not sel:
@@ -54,14 +58,33 @@ def start_rollout(db: FleetDB, *, fleet: str, model: str, version: str,
                               f"fleet {fleet!r}{_claimed(db, fleet, sel)} (see 'edge-sdk "
                               "status --db ...')")
     if not spec.signed_rollback:
-        _refuse_downgrade(db, fleet, model, version, found, repo)
+        for name, ver in pairs:
+            _refuse_downgrade(db, fleet, name, ver, found, repo)
     with db.begin() as c:
         rid = store.insert_rollout(c, fleet=fleet, model=model, version=version,
-                                   selector=sel, spec=spec, actor=actor)
+                                   selector=sel, spec=spec, actor=actor, models=pairs)
         db.record_audit(actor, "rollout.start", {
             "rollout": rid, "fleet": fleet, "model": model, "version": version,
+            **({"models": [list(p) for p in pairs]} if len(pairs) > 1 else {}),
             "selector": sel, **spec.to_json()}, conn=c)
     return rid
+
+
+def check_rollout_models(models: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """The ``(model, version)`` pairs of a rollout, checked: at least one, each name once,
+    at most :data:`~edge_sdk.trust.MAX_SET_MODELS`. Raises :class:`FleetUsageError`."""
+    pairs = tuple((str(n), str(v)) for n, v in models)
+    names = [n for n, _ in pairs]
+    if not pairs or not all(n and v for n, v in pairs):
+        raise FleetUsageError("name a --model and its version")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise FleetUsageError(f"--model {twice[0]} is named twice: a rollout deploys one "
+                              "version of each model")
+    if len(pairs) > MAX_SET_MODELS:
+        raise FleetUsageError(f"a rollout deploys at most {MAX_SET_MODELS} models as one set "
+                              f"({len(pairs)} named)")
+    return pairs
 
 
 def _refuse_downgrade(db: FleetDB, fleet: str, model: str, version: str,
@@ -74,11 +97,10 @@ def _refuse_downgrade(db: FleetDB, fleet: str, model: str, version: str,
             newer[device] = ver
 
     for d, mem in found.items():
-        seen(d, mem.model, mem.version)
+        seen(d, model, mem.versions().get(model))
         if repo is not None:
-            last = last_deployment(repo, d)
-            if last is not None:
-                seen(d, last.get("model"), last.get("version"))
+            for name, was in _deployed_versions(last_deployment(repo, d)).items():
+                seen(d, name, was)
     for device, mdl, ver in store.desired_versions(db, fleet, found):
         seen(device, mdl, ver)
     if newer:

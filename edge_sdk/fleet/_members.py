@@ -49,5 +49,7 @@ def members(db: FleetDB, fleet: str, selector: Mapping[str, Any]) -> dict[str, m
     out: dict[str, m.Member] = {}
     for dev in selectable_devices(db, fleet, hardware=hw):
         if _deployable(dev["id"]) and matches(selector, dev):
-            out[dev["id"]] = m.Member(dev["online"], dev["model"], dev["version"])
+            got = dev.get("models")  # each model the registry keeps, where it keeps them
+            out[dev["id"]] = m.Member(dev["online"], dev["model"], dev["version"],
+                                      dict(got) if isinstance(got, Mapping) else None)
     return out

@@ -30,6 +30,7 @@ from ._deploy import (
     clear_deployment,
     create_deployment,
     deployment_state,
+    previous_versions,
     publish_deployment,
 )
 from ._durations import format_duration, parse_duration, refresh_due
@@ -73,6 +74,7 @@ __all__ = [
     "format_duration",
     "parse_duration",
     "plan_waves",
+    "previous_versions",
     "profile_on_devices",
     "publish_deployment",
     "refresh_due",

@@ -122,15 +122,73 @@ def create_deployment(repo: Repository, *, fleet: str, model: str | None = None,
         atomic_write_bytes(cpath, f"{counter}\n".encode())
         for who in last:
             atomic_write_bytes(ddir / f"{who}.json", doc)
-            seen = _deployed_versions(last[who]) | _deployed_versions(dep.to_signed())
-            atomic_write_bytes(ddir / f"{who}{_HISTORY_SUFFIX}",
-                               json.dumps(seen, sort_keys=True).encode())
+            _record_steps(ddir, who, dep)
     return SignedDeployment(dep, doc)
 
 
-#: Kept per device or group beside its last document (``dev-ID.versions``): per model,
-#: the version last deployed there, for the downgrade check of later deployments.
-_HISTORY_SUFFIX = ".versions"
+#: Kept per device or group (``dev-ID.steps``): per model, the versions deployed there in
+#: order (null: removed), the newest last, for ``deploy --rollback`` without a version.
+_STEPS_SUFFIX = ".steps"
+#: How many steps are kept per model.
+STEPS_KEPT = 16
+
+
+def _steps(ddir: Path, who: str) -> dict[str, list[str | None]]:
+    try:
+        got = json.loads((ddir / f"{who}{_STEPS_SUFFIX}").read_bytes())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(got, dict):
+        return {}
+    return {k: [x if isinstance(x, str) else None for x in v] for k, v in got.items()
+            if isinstance(k, str) and isinstance(v, list)}
+
+
+def _record_steps(ddir: Path, who: str, dep: Deployment) -> None:
+    """Add what ``dep`` does to each model to ``who``'s steps; a signed rollback to a
+    version deployed there before goes back to that step (what came after it is undone)."""
+    steps = _steps(ddir, who)
+    for name, version in [*((m.model, m.version) for m in dep.models),
+                          *((r, None) for r in dep.remove)]:
+        seq = steps.setdefault(name, [])
+        if dep.rollback and version is not None and version in seq:
+            del seq[len(seq) - seq[::-1].index(version):]
+        elif not seq or seq[-1] != version:
+            seq.append(version)
+        del seq[:-STEPS_KEPT]
+    atomic_write_bytes(ddir / f"{who}{_STEPS_SUFFIX}", json.dumps(steps).encode())
+
+
+def previous_versions(repo: Repository, names: Sequence[str], *, devices: Sequence[str] = (),
+                      groups: Sequence[str] = ()) -> dict[str, str]:
+    """For each model of ``names``, the version deployed to the devices/groups before the
+    one they were last deployed (for a model removed since: the one removed), which
+    ``deploy --rollback`` without a version goes back to. Raises :class:`UsageError`
+    when one of them has no such version, or when they differ."""
+    ddir = repo.path / "deployments"
+    who = [f"dev-{d}" for d in devices] + [f"grp-{g}" for g in groups]
+    out: dict[str, str] = {}
+    for name in names:
+        found: dict[str, list[str]] = {}
+        for w in who:
+            seq = _steps(ddir, w).get(name, [])
+            if seq and seq[-1] is not None:
+                seq = seq[:-1]  # in effect now: go back past it
+            earlier = [v for v in seq if v is not None]
+            if not earlier:
+                raise UsageError(f"{w[4:]} was deployed no earlier version of {name}: name "
+                                 f"the one to go back to (--model {name}=VERSION)")
+            found.setdefault(earlier[-1], []).append(w[4:])
+        if len(found) > 1:
+            said = "; ".join(f"{v} for {', '.join(ws)}" for v, ws in sorted(found.items()))
+            raise UsageError(f"the earlier version of {name} differs ({said}): deploy them "
+                             f"apart or name the version (--model {name}=VERSION)")
+        out[name] = next(iter(found))
+    return out
+
+
+#: Where :func:`_last` puts the version of each model deployed there now (from the
+#: steps; a repository from before them has the last document's fields only).
 _HISTORY_KEY = "deployed"
 
 
@@ -167,11 +225,9 @@ def _last(ddir: Path, who: str) -> dict[str, object] | None:
             return None
     except (OSError, ValueError, KeyError):
         return None
-    try:
-        seen = json.loads((ddir / f"{who}{_HISTORY_SUFFIX}").read_bytes())
-    except (OSError, ValueError):
-        return signed
-    return {**signed, _HISTORY_KEY: seen} if isinstance(seen, dict) else signed
+    now = {name: seq[-1] for name, seq in _steps(ddir, who).items()
+           if seq and seq[-1] is not None}
+    return {**signed, _HISTORY_KEY: now} if now else signed
 
 
 def last_deployment(repo: Repository, device: str) -> dict[str, object] | None:
@@ -220,4 +276,4 @@ def deployment_state(repo: Repository) -> dict[str, object]:
 
 
 __all__ = ["SignedDeployment", "clear_deployment", "create_deployment", "deployment_state",
-           "publish_deployment"]
+           "previous_versions", "publish_deployment"]

@@ -9,7 +9,9 @@ failed or ran out of time. When, after a wave, more of the devices of every wave
 failed (or stayed silent) than the rollout may lose — the rule the fleet controller's
 ``rollout start`` applies too (:class:`~edge_sdk.release._abort.AbortRule`) — the rollout
 stops there and — unless told otherwise — signs an explicit rollback that sends every
-device that had committed the new release back to the model it served before.
+device that had committed the new release back, per model: each model the rollout changed
+to the device's earlier version of it, with a signed removal of a model it did not have.
+A rollout deploys one model or a set of models, signed as one document per wave.
 """
 
 from __future__ import annotations
@@ -54,10 +56,11 @@ class RolloutConfig:
     devices have finished (see :class:`~edge_sdk.release._abort.AbortRule`, the rule
     ``rollout start`` applies too).
     ``wave_timeout``: seconds each wave may take. ``rollback``: on abort, send the devices
-    that committed the new release back to their previous model. ``signed_rollback``: a
-    rollback rollout: every wave is signed as an explicit rollback, so that devices on a
-    newer version take an older one (without it such a downgrade is refused before any
-    wave). Raises :class:`~edge_sdk.errors.UsageError` for a value no rollout runs with."""
+    that committed the new release back to their previous version of each model.
+    ``signed_rollback``: a rollback rollout: every wave is signed as an explicit rollback,
+    so that devices on a newer version take an older one (without it such a downgrade is
+    refused before any wave). Raises :class:`~edge_sdk.errors.UsageError` for a value no
+    rollout runs with."""
 
     waves: tuple[str, ...] = DEFAULT_WAVES
     max_failures: float = 0.0
@@ -108,6 +111,7 @@ class Wave:
 
 @dataclass
 class RolloutResult:
+    #: The rollout's (first) model and version; ``models``: every model of a set.
     model: str
     version: str
     planned: list[list[str]]
@@ -119,6 +123,7 @@ class RolloutResult:
     not_rolled_back: dict[str, str] = field(default_factory=dict)
     #: Members left out because they have never reported a state.
     left_out: list[str] = field(default_factory=list)
+    models: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -168,24 +173,35 @@ def plan_waves(devices: Sequence[str], waves: Sequence[str]) -> list[list[str]]:
     return out
 
 
-def rollout(repo: Repository, connection: MqttConnection, *, model: str,
+def rollout(repo: Repository, connection: MqttConnection, *, model: str | None = None,
             version: str | None = None, devices: Sequence[str] = (),
             members: Sequence[str] = (), config: RolloutConfig | None = None,
-            progress: Progress | None = None,
-            on_wave: Progress | None = None) -> RolloutResult:
-    """Roll release ``model`` ``version`` (default the newest) out in waves to the named
-    ``devices`` and to ``members`` — the devices the operator assigned to the groups
+            progress: Progress | None = None, on_wave: Progress | None = None,
+            models: Sequence[tuple[str, str | None]] = ()) -> RolloutResult:
+    """Roll release ``model`` ``version`` (default the newest) — or the set ``models``
+    (each ``(model, version or None)``, signed as one document) — out in waves to the
+    named ``devices`` and to ``members`` — the devices the operator assigned to the groups
     (``FleetDB.devices(group=)``) — that have reported a state.
 
     Returns a :class:`RolloutResult`; it does not raise when a wave fails (see
     ``result.aborted``). ``progress(device, event)`` gets each device event;
-    ``on_wave("wave", info)`` is called as each wave starts and ends.
+    ``on_wave("wave", info)`` is called as each wave starts and ends. On abort each
+    device is sent back per model: to its earlier version of each model the rollout
+    changed, with a signed removal of each one it did not have.
     """
     cfg = config or RolloutConfig()
     if not devices and not members:
         raise UsageError("name at least one --device or --group")
+    asked = list(models) or ([(model, version)] if model else [])
+    if not asked:
+        raise UsageError("name a --model")
+    names = [n for n, _ in asked]
+    if len(set(names)) != len(names):
+        raise UsageError(f"--model {next(n for n in names if names.count(n) > 1)} is named "
+                         "twice: a rollout deploys one version of each model")
     t = Topics.for_config(connection.config)
-    rel = repo.find(model, version)
+    rels = [repo.find(n, v) for n, v in asked]
+    wanted = {r.name: r.version for r in rels}
     states = fleet_status(connection, topics=t)
     joined = {d for d in members if d in states}
     if not devices and not joined:
@@ -193,21 +209,27 @@ def rollout(repo: Repository, connection: MqttConnection, *, model: str,
                          "group(s) has reported a state")
     targets = sorted(set(devices) | joined,
                      key=lambda d: (not (d in states and states[d].online), d))
-    before = {d: s.model_ref if (s := states.get(d)) else None for d in targets}
+    before = {d: {n: s.models.get(n) if (s := states.get(d)) else None for n in wanted}
+              for d in targets}
     if not cfg.signed_rollback:
-        newer = sorted(f"{d} runs {b[1]}" for d, b in before.items() if b is not None
-                       and b[0] == rel.name and compare_versions(rel.version, b[1]) < 0)
+        one = len(wanted) == 1  # said as it always was: "d1 runs 2"
+        newer = sorted(f"{d} runs {v if one else f'{n} {v}'}" for d, b in before.items()
+                       for n, v in b.items()
+                       if v is not None and compare_versions(wanted[n], v) < 0)
         if newer:
             more = f" and {len(newer) - 3} more" if len(newer) > 3 else ""
-            raise UsageError(f"{rel.name} {rel.version} is a downgrade for {len(newer)} "
+            what = ", ".join(f"{n} {v}" for n, v in wanted.items())
+            raise UsageError(f"{what} is a downgrade for {len(newer)} "
                              f"device(s) ({', '.join(newer[:3])}{more}): run it with "
                              "--rollback for a signed rollback rollout")
-    result = RolloutResult(rel.name, rel.version, plan_waves(targets, cfg.waves),
-                           left_out=sorted(set(members) - joined - set(devices)))
+    first = rels[0]
+    result = RolloutResult(first.name, first.version, plan_waves(targets, cfg.waves),
+                           left_out=sorted(set(members) - joined - set(devices)),
+                           models=wanted)
     committed: list[str] = []
     unanswered: list[str] = []
     for i, wave_devices in enumerate(result.planned, 1):
-        wave = _deploy_and_wait(repo, connection, t, rel.name, rel.version, wave_devices,
+        wave = _deploy_and_wait(repo, connection, t, list(wanted.items()), wave_devices,
                                 cfg, progress, on_wave, i, rollback=False,
                                 signed_rollback=cfg.signed_rollback)
         result.waves.append(wave)
@@ -217,8 +239,8 @@ def rollout(repo: Repository, connection: MqttConnection, *, model: str,
         if result.aborted is not None:
             break
     if result.aborted is not None and cfg.rollback:
-        _roll_back(repo, connection, t, rel.name, rel.version, committed, unanswered, before,
-                   cfg, progress, on_wave, result)
+        _roll_back(repo, connection, t, wanted, committed, unanswered, before, cfg,
+                   progress, on_wave, result)
     return result
 
 
@@ -246,20 +268,24 @@ def abort_reason(cfg: RolloutConfig, waves: Sequence[Wave], planned: int) -> str
             f"{describe_failures(bad)}")
 
 
-def _deploy_and_wait(repo: Repository, connection: MqttConnection, t: Topics, name: str,
-                     version: str, devices: Sequence[str], cfg: RolloutConfig,
-                     progress: Progress | None, on_wave: Progress | None, index: int, *,
-                     rollback: bool, wait_for: Sequence[str] | None = None,
-                     signed_rollback: bool = False) -> Wave:
-    """One wave (``rollback``: an abort's send-back to what the devices ran, yanked or
-    not; ``signed_rollback``: a wave of a rollback rollout)."""
-    signed = create_deployment(repo, model=name, fleet=t.fleet, version=version,
+def _deploy_and_wait(repo: Repository, connection: MqttConnection, t: Topics,
+                     models: Sequence[tuple[str, str]], devices: Sequence[str],
+                     cfg: RolloutConfig, progress: Progress | None,
+                     on_wave: Progress | None, index: int, *, rollback: bool,
+                     wait_for: Sequence[str] | None = None, signed_rollback: bool = False,
+                     remove: Sequence[str] = ()) -> Wave:
+    """One wave of one document: ``models`` (each ``(model, version)``) and a signed
+    removal of each model of ``remove`` (``rollback``: an abort's send-back to what the
+    devices ran, yanked or not; ``signed_rollback``: a wave of a rollback rollout)."""
+    signed = create_deployment(repo, models=models, remove=remove, fleet=t.fleet,
                                devices=devices, rollback=rollback or signed_rollback,
                                expires_days=cfg.expires_days, allow_yanked=rollback)
     counter = signed.deployment.counter
     if on_wave is not None:
         on_wave("wave", {"event": "start", "index": index, "devices": list(devices),
-                         "counter": counter, "version": version, "rollback": rollback})
+                         "counter": counter, "version": models[0][1] if models else None,
+                         "models": [list(mv) for mv in models], "remove": list(remove),
+                         "rollback": rollback})
     waited = list(devices if wait_for is None else wait_for)
     with DeploymentWatch(connection, counter, devices=waited, progress=progress,
                          topics=t, document=signed.document) as watch:
@@ -276,34 +302,36 @@ def _deploy_and_wait(repo: Repository, connection: MqttConnection, t: Topics, na
     return wave
 
 
-def _roll_back(repo: Repository, connection: MqttConnection, t: Topics, name: str,
-               version: str, committed: list[str], unanswered: list[str],
-               before: dict[str, tuple[str, str] | None], cfg: RolloutConfig,
+def _roll_back(repo: Repository, connection: MqttConnection, t: Topics,
+               wanted: dict[str, str], committed: list[str], unanswered: list[str],
+               before: dict[str, dict[str, str | None]], cfg: RolloutConfig,
                progress: Progress | None, on_wave: Progress | None,
                result: RolloutResult) -> None:
-    """Send back the devices that committed; the ones that did not answer still hold the
-    new deployment retained, so they get the rollback (or lose the document) too."""
-    by_version: dict[str, list[str]] = defaultdict(list)
+    """Send back the devices that committed, per model: each model the rollout changed
+    back to the device's earlier version, a signed removal of each one it did not have.
+    The ones that did not answer still hold the new deployment retained, so they get the
+    rollback too — or, with none of the models before, lose the document."""
+    by_back: dict[tuple[tuple[str, str | None], ...], list[str]] = defaultdict(list)
     for d in committed + unanswered:
-        prev = before.get(d)
-        if prev is not None and prev[0] == name and prev[1] == version:
+        prev = before.get(d, {})
+        back = tuple(sorted((n, prev.get(n)) for n in wanted if prev.get(n) != wanted[n]))
+        if not back:
             continue  # it already served this release before the rollout
-        if prev is None or prev[0] != name:
-            if d in unanswered:
-                clear_deployment(connection, t.desired(d))
-                result.not_rolled_back[d] = ("it served no earlier release; its pending "
-                                             "deployment was withdrawn")
-            else:
-                result.not_rolled_back[d] = "it served no earlier release of this model"
+        if d in unanswered and all(v is None for v in prev.values()):
+            clear_deployment(connection, t.desired(d))
+            result.not_rolled_back[d] = ("it served no earlier release; its pending "
+                                         "deployment was withdrawn")
             continue
-        by_version[prev[1]].append(d)
-    for i, (prev_version, devs) in enumerate(sorted(by_version.items()), 1):
+        by_back[back].append(d)
+    for i, (back, devs) in enumerate(sorted(by_back.items(), key=lambda kv: repr(kv[0])), 1):
+        models = [(n, v) for n, v in back if v is not None]
         try:
-            repo.find(name, prev_version, allow_yanked=True)
+            for n, v in models:
+                repo.find(n, v, allow_yanked=True)
         except EdgeError as err:
             result.not_rolled_back |= {d: str(err) for d in devs}
             continue
-        wave = _deploy_and_wait(repo, connection, t, name, prev_version, devs, cfg,
-                                progress, on_wave, i, rollback=True,
+        wave = _deploy_and_wait(repo, connection, t, models, devs, cfg, progress, on_wave,
+                                i, rollback=True, remove=[n for n, v in back if v is None],
                                 wait_for=[d for d in devs if d not in unanswered])
         result.rolled_back += wave.outcomes

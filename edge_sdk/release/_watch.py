@@ -16,7 +16,7 @@ import hashlib
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .._json import MESSAGE_MAX_BYTES, MESSAGE_MAX_DEPTH, loads_bounded
@@ -53,6 +53,9 @@ class DeviceStatus:
     raw: dict[str, Any]
     #: The download running when the state was sent (a ``progress`` event's fields).
     transfer: dict[str, Any] | None = None
+    #: Every model the device serves, name -> version: the state's ``models`` (an agent
+    #: serving a set), else its one ``model``.
+    models: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, device: str, payload: bytes) -> DeviceStatus | None:
@@ -85,6 +88,7 @@ class DeviceStatus:
             ts=doc.get("ts") if isinstance(doc.get("ts"), (int, float)) else None,
             raw=doc,
             transfer=doc["transfer"] if isinstance(doc.get("transfer"), dict) else None,
+            models=_models(doc.get("models"), ref),
         )
 
 
@@ -97,6 +101,12 @@ def _model_ref(m: object) -> tuple[str, str] | None:
     if isinstance(m, dict) and isinstance(m.get("name"), str) and m.get("version") is not None:
         return m["name"], str(m["version"])
     return None
+
+
+def _models(listed: object, ref: tuple[str, str] | None) -> dict[str, str]:
+    if not isinstance(listed, list):
+        return dict([ref]) if ref is not None else {}
+    return dict(r for m in listed if (r := _model_ref(m)) is not None)
 
 
 def _model_label(ref: tuple[str, str] | None) -> str | None:

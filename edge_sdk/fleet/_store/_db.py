@@ -683,6 +683,8 @@ def _rollout(h: RowMapping, rows: Sequence[RowMapping]) -> dict[str, Any]:
                      "rollback_status": r["rollback_status"]})
     return {
         "id": h["id"], "fleet": h["fleet"], "model": h["model"], "version": h["version"],
+        # Every (model, version) of a set rollout; the one of any other.
+        "models": _loads(h["machine"], {}).get("models") or [[h["model"], h["version"]]],
         "selector": _loads(h["selector"], {}), "config": config,
         # A rollback rollout (started with --rollback): every wave a signed downgrade.
         "rollback": bool(isinstance(config, dict) and config.get("signed_rollback")),

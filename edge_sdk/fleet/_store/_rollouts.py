@@ -36,6 +36,8 @@ from ._schema import (
 )
 
 _DEVICE_FIELDS = [f for f in m.DeviceProgress.__dataclass_fields__ if f != "wave"]
+#: Fields kept as JSON text.
+_JSON_FIELDS = ("before_models",)
 
 
 # -- what a selector can match -------------------------------------------------------------
@@ -76,13 +78,16 @@ def desired_versions(db: FleetDB, fleet: str,
 # -- rollout and command rows --------------------------------------------------------------
 
 def insert_rollout(c: Connection, *, fleet: str, model: str, version: str,
-                   selector: Mapping[str, Any], spec: m.RolloutSpec, actor: str) -> int:
-    """A new ``pending`` rollout row (the controller plans it); returns its id."""
+                   selector: Mapping[str, Any], spec: m.RolloutSpec, actor: str,
+                   models: Sequence[tuple[str, str]] = ()) -> int:
+    """A new ``pending`` rollout row (the controller plans it); returns its id. ``models``:
+    a set rollout's every ``(model, version)`` (``model``/``version``: its first)."""
     now = time.time()
+    machine = {"models": [list(mv) for mv in models]} if len(models) > 1 else {}
     rid = c.execute(rollouts.insert().values(
         fleet=fleet, model=model, version=version, selector=json_text(selector),
         config=json_text(spec.to_json()), status="pending", wave=0, waves=0,
-        created=now, updated=now, created_by=actor, machine="{}",
+        created=now, updated=now, created_by=actor, machine=json_text(machine),
     ).returning(rollouts.c.id)).scalar_one()
     return int(rid)
 
@@ -139,7 +144,15 @@ def _header(h: RowMapping) -> m.RolloutState:
         wave=h["wave"], waves=h["waves"], reason=h["reason"],
         tokens=float(extra.get("tokens", 0.0)), tokens_at=float(extra.get("tokens_at", 0.0)),
         approved=int(extra.get("approved", 0)), held=bool(extra.get("held", False)),
-        looked_at=float(extra.get("looked_at", 0.0)))
+        looked_at=float(extra.get("looked_at", 0.0)),
+        models=tuple((str(n), str(v)) for n, v in extra.get("models", ())))
+
+
+def _before_models(text: str | None) -> dict[str, str | None] | None:
+    got = json_value(text, None)
+    if not isinstance(got, dict):
+        return None  # a row saved before schema 8: its one before_model/before_version
+    return {str(k): v if isinstance(v, str) else None for k, v in got.items()}
 
 
 def load_state(c: Connection, rollout_id: int) -> m.RolloutState:
@@ -150,7 +163,7 @@ def load_state(c: Connection, rollout_id: int) -> m.RolloutState:
         p = m.DeviceProgress(wave=r["wave"])
         for f in _DEVICE_FIELDS:
             if f in r:
-                setattr(p, f, r[f])
+                setattr(p, f, _before_models(r[f]) if f in _JSON_FIELDS else r[f])
         st.devices[r["device"]] = p
     return st
 
@@ -160,12 +173,16 @@ def save_state(c: Connection, st: m.RolloutState, old: m.RolloutState | None) ->
         status=st.status, wave=st.wave, waves=st.waves, reason=st.reason, updated=time.time(),
         machine=json_text({"tokens": st.tokens, "tokens_at": st.tokens_at,
                            "approved": st.approved, "held": st.held,
-                           "looked_at": st.looked_at})))
+                           "looked_at": st.looked_at,
+                           **({"models": [list(mv) for mv in st.models]}
+                              if st.models else {})})))
     for d, p in st.devices.items():
         before = old.devices.get(d) if old is not None else None
         if before == p:
             continue
         row = {f: getattr(p, f) for f in _DEVICE_FIELDS}
+        for f in _JSON_FIELDS:
+            row[f] = None if row[f] is None else json_text(row[f])
         row["wave"] = p.wave
         exists = before is not None or c.execute(sa.select(rollout_devices.c.device).where(
             (rollout_devices.c.rollout == st.id) & (rollout_devices.c.device == d))

@@ -31,7 +31,7 @@ from .._errors import FleetError
 Record: TypeAlias = Row[*tuple[Any, ...]]
 
 #: The schema this code writes. Bump it and add a step to ``_MIGRATIONS`` together.
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 
 meta = sa.MetaData()
@@ -122,6 +122,8 @@ rollout_devices = sa.Table(
     sa.Column("rollback_document", sa.Text),
     sa.Column("rollback_status", sa.String(32)),
     sa.Column("rollback_sent_at", sa.Float),
+    #: JSON: the device's version of each model of the rollout before it (schema 8).
+    sa.Column("before_models", sa.Text),
 )
 
 rollout_commands = sa.Table(
@@ -301,7 +303,17 @@ def _v7(c: Connection) -> None:
     meta.create_all(c, tables=[operators, operator_sessions])
 
 
-_MIGRATIONS = {1: _v1, 2: _v2, 3: _v3, 4: _v4, 5: _v5, 6: _v6, 7: _v7}
+def _v8(c: Connection) -> None:
+    """A rollout device's version of each model of a set rollout before it (rows saved
+    earlier load with their one ``before_model``/``before_version``)."""
+    have = {col["name"] for col in sa.inspect(c).get_columns("rollout_devices")}
+    if "before_models" not in have:
+        col = rollout_devices.c.before_models
+        spec = sa.schema.CreateColumn(col).compile(dialect=c.dialect)
+        c.execute(sa.text(f"ALTER TABLE rollout_devices ADD COLUMN {spec}"))
+
+
+_MIGRATIONS = {1: _v1, 2: _v2, 3: _v3, 4: _v4, 5: _v5, 6: _v6, 7: _v7, 8: _v8}
 
 
 def migrate(c: Connection, url: str, *, write: bool) -> None:
