@@ -206,6 +206,12 @@ def mark(fleet: Fleet) -> int:
     return len(fleet.responder.paths)
 
 
+def stored(agent: AgentProc) -> dict[str, Any]:
+    """Model name -> its record in the agent's state file (the set it serves)."""
+    models: dict[str, Any] = json.loads((agent.state / "installed.json").read_text())["models"]
+    return models
+
+
 def rss_bytes(agent: AgentProc) -> int:
     assert agent.proc is not None
     status = Path(f"/proc/{agent.proc.pid}/status").read_text()
@@ -253,6 +259,7 @@ def test_a_second_model_serves_beside_the_first_and_one_updates_alone(
 
     since, loaded = mark(fleet), metric(agent, "edge_agent_download_bytes_total")
     seen = len(fleet.history("pair"))
+    rec_before = stored(agent)["rec"]
     client = threading.Thread(target=ask_rec)
     client.start()
     try:
@@ -268,8 +275,10 @@ def test_a_second_model_serves_beside_the_first_and_one_updates_alone(
     assert set(answers) == {("1", expected("rec", "1"))}
     assert serves(agent, "det", "2") and served(agent) == {"det": "2", "rec": "1"}
 
-    # rec was not fetched, verified, loaded or swapped: no chunk of it was asked for, no
-    # event names it, and the device downloaded exactly what det's update reported.
+    # rec was not fetched, verified, stored, loaded or swapped: no chunk of it was asked
+    # for, its record on disk still names the deployment that installed it, no event
+    # names it, and the device downloaded exactly what det's update reported.
+    assert stored(agent)["rec"] == rec_before
     assert chunks_asked(fleet, since, "rec") == []
     assert chunks_asked(fleet, since, "det"), "det 2 itself came through the responder"
     update = events_of(fleet, "pair", counter)
