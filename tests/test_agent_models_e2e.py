@@ -33,7 +33,7 @@ from tests._process import wait_for
 from tests._trust_env import RecordingResponder
 
 #: Each model's offset: what it adds to x, version by version (``rec 2`` answers NaN: it
-#: fails the agent's smoke test).
+#: fails the agent's smoke test; ``rec 4`` fails any batch but 1, in its health window).
 OFFSET = {"det": 0.0, "rec": 10.0, "kw": 20.0}
 _RNG = np.random.default_rng(29)
 DET_WEIGHTS = _RNG.standard_normal((4, 262144)).astype(np.float32)  # 4 MiB every det keeps
@@ -63,6 +63,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         for v in ("1", "2", "3"):
             offset = float("nan") if v == "2" else OFFSET["rec"] + float(v)
             f.release(v, name="rec", offset=offset)
+        f.release("4", name="rec", builder=_models.batch1_only_model)  # fails batch > 1
         for v in ("1", "2"):
             f.release(v, name="kw", offset=OFFSET["kw"] + float(v))
         yield f
@@ -314,6 +315,28 @@ def test_a_set_whose_member_fails_its_smoke_test_keeps_both_at_their_old_version
     assert [(m["name"], m["version"]) for m in state["models"]] == [("det", "1"), ("rec", "1")]
     result = next(r for r in state["results"] if r["deployment"] == counter)
     assert result["result"] == "failed"
+
+
+def test_a_set_failing_its_health_window_goes_back_as_one(fleet, tmp_path, agents) -> None:
+    agent = det_then_rec(fleet, tmp_path, agents, "watched")
+    agent.stop()
+    agent.write_config(window_s=60.0)  # the first counted failure ends it
+    agent.start()
+    counter = deploy(fleet, "watched", ("det", "2"), ("rec", "4"))
+    wait_for(lambda: "swapped" in [e["event"] for e in events_of(fleet, "watched", counter)])
+    assert served(agent) == {"det": "2", "rec": "4"}
+    # A batch of two: rec 4 fails on it where rec 1 ran it, which counts against rec 4.
+    body = {"inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32", "data": [0.0] * 8}]}
+    assert request(agent, "POST", "/v2/models/rec/infer", body)[0] == 500
+    end = outcome(fleet, agent, counter)
+    assert end["event"] == "rolled_back" and "inferences failed" in end["reason"], end
+    # The whole set went back, det (which did nothing wrong) with it.
+    assert serves(agent, "det", "1") and serves(agent, "rec", "1")
+    assert served(agent) == {"det": "1", "rec": "1"}
+    kinds = [e["event"] for e in events_of(fleet, "watched", counter)]
+    assert kinds.count("swapped") == 1 and kinds.count("rolled_back") == 1
+    assert "committed" not in kinds
+    assert {n: r["version"] for n, r in stored(agent).items()} == {"det": "1", "rec": "1"}
 
 
 def test_removing_a_model_frees_its_memory_and_the_other_keeps_serving(
