@@ -22,7 +22,7 @@ from ._config import (
     TlsConfig,
     TrustConfig,
 )
-from ._interfaces import ArtifactSource, FetchedArtifact, InstallRequest
+from ._interfaces import ArtifactSource, FetchedArtifact, InstallRequest, ModelChange
 
 __all__ = [
     "Agent",
@@ -34,6 +34,7 @@ __all__ = [
     "HttpConfig",
     "InstallRequest",
     "LimitsConfig",
+    "ModelChange",
     "TelemetryConfig",
     "TlsConfig",
     "TrustConfig",

@@ -24,7 +24,7 @@ from edge_sdk._internal import (
 from edge_sdk.errors import EdgeError, InstallError
 
 from ._config import AgentConfig
-from ._install import Installer
+from ._install import Installer, describe
 from ._intake import DesiredInbox, Unverified, Verified
 from ._interfaces import (
     ArtifactSource,
@@ -33,7 +33,7 @@ from ._interfaces import (
     SourceFactory,
     Transfers,
 )
-from ._lifecycle import Mode
+from ._lifecycle import Mode, watched
 from ._metrics import Metrics
 from ._profiler import Profiler, ProfilingSource
 from ._protocol import InferenceApp
@@ -351,22 +351,19 @@ class Agent:
         # Newest verified counter first. A device that follows groups finds older documents
         # retained on its other desired topics after every newer install; those are passed
         # over quietly instead of being reported as refused replays each time (they are
-        # never installed either way). apply() checks the rest (replays, downgrades).
+        # never installed either way). apply() checks replays per scope and model.
         quiet = len(self._desired_topics) > 1
         for item in work:
             if self._stop.is_set():
                 break
-            installed = self.installer.state.deployment_counter
-            if quiet and item.counter < installed:
-                log.debug("deployment on %s superseded by #%d", item.topic, installed)
-                continue
-            self._apply(item)
+            self._apply(item, quiet)
         self.metrics.queued_reports.set(len(self.outbox))
 
-    def _apply(self, item: Verified) -> None:
+    def _apply(self, item: Verified, quiet: bool = False) -> None:
         retry = False
         try:
-            retry = self.installer.apply(item.payload, counter=item.counter)
+            retry = self.installer.apply(item.payload, counter=item.counter, quiet=quiet,
+                                         topic=item.topic)
         except Exception as err:  # the worker must survive anything a deployment does
             log.exception("install failed unexpectedly")
             self.telemetry.event("failed", stage="internal",
@@ -388,8 +385,7 @@ class Agent:
         if life.mode is not Mode.INSTALLING or dep is None or t is None or t.total is None \
                 or not t.path.startswith("targets/"):
             return None
-        return {"deployment": {"counter": dep.counter, "name": dep.name,
-                               "artifact_version": dep.artifact_version}, **t.as_dict()}
+        return {"deployment": describe(dep), **t.as_dict()}
 
     def _facts(self) -> dict[str, Any]:
         """What the device is (models, phase, last result, groups, tags, hardware): the
@@ -401,14 +397,21 @@ class Agent:
             return None if r is None else {"name": r.name, "version": r.version,
                                            "sha256": r.sha256}
 
+        on_trial = set(watched(st))
+        models = [{**(rec(r) or {}), "phase": "trial" if n in on_trial else "committed"}
+                  for n, r in sorted(st.models.items())]
+        last = cur.record if cur else None
         return {
-            "model": rec(cur.record if cur else None),
-            "previous": rec(st.previous),
-            # installed.json's phase ("committed" by default) is about the current
-            # model: a device that never installed one is idle, not committed.
-            "phase": st.phase if st.current is not None else "idle",
+            # For readers of one model: the one swapped in last, and what it replaced.
+            "model": rec(last),
+            "previous": rec(st.previous.get(last.name) if last else None),
+            "models": models,
+            # installed.json's phase ("committed" by default) is about the served models:
+            # a device that never installed one is idle, not committed.
+            "phase": st.phase if st.models else "idle",
             "deployment": st.deployment_counter,
             "last_update": st.last_result,
+            "results": list(st.results),
             "groups": list(self.config.groups),
             "tags": dict(self.config.tags),
             "hardware": {**_hardware(), "threads": self.config.threads},
@@ -439,6 +442,8 @@ class Agent:
         cur = self.slots.current
         return {"uptime_s": round(time.monotonic() - self._started_at, 1),
                 "model": None if cur is None else {"name": cur.name, "version": cur.version},
+                "models": [{"name": n, "version": s.version}
+                           for n, s in sorted(self.slots.all().items())],
                 "queued_reports": len(self.outbox)}
 
     def _model_changed(self, name: str, served: Served | None) -> None:

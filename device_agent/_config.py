@@ -189,6 +189,11 @@ class LimitsConfig:
     reserve_bytes: int = 4 * 1024 * 1024
     #: While the state directory cannot be written (full, read-only), try again this often.
     storage_retry_s: float = 30.0
+    #: Memory budget of the served models, in model file bytes: a deployment is refused
+    #: before its download when what serves plus its new models would exceed it (both
+    #: versions of a replaced model are held while the new one loads and is watched).
+    #: Default: half of the device's memory; 0: no limit.
+    max_models_bytes: int = field(default_factory=lambda: half_of_memory())
 
 
 @dataclass(frozen=True)
@@ -364,6 +369,7 @@ class AgentConfig:
                          ("health.max_restarts", self.health.max_restarts),
                          ("limits.warmup_runs", self.limits.warmup_runs),
                          ("limits.reserve_bytes", self.limits.reserve_bytes),
+                         ("limits.max_models_bytes", self.limits.max_models_bytes),
                          ("profiling.max_queued", self.profiling.max_queued),
                          ("profiling.max_warmup", self.profiling.limits.max_warmup),
                          ("profiling.max_memory_bytes", self.profiling.max_memory_bytes)):
@@ -389,6 +395,18 @@ class AgentConfig:
                           ("broker.password_file", self.broker.password_file)):
             if path is not None and not path.is_file():
                 raise bad(key, f"{path}: no such file")
+
+
+def half_of_memory() -> int:
+    """Half of MemTotal (/proc/meminfo), or 0 (no limit) where that cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def _build(cls: type[Any], data: Any, where: str, prefix: str, base: Path) -> Any:

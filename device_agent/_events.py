@@ -21,11 +21,15 @@ from ._state import InstalledState, ModelRecord
 @dataclass(frozen=True)
 class Boot:
     """The state file as read. ``unreadable``: it could not be read (the reason), and
-    ``stored`` is what the installer recovered from the models on disk instead."""
+    ``stored`` is what the installer recovered from the models on disk instead.
+    ``max_models_bytes`` and ``max_artifact_bytes``: the limits deployments are checked
+    against before a download (0: none)."""
     stored: InstalledState
     max_restarts: int
     unreadable: str | None = None
     ts: float = field(default=0.0, kw_only=True)
+    max_models_bytes: int = field(default=0, kw_only=True)
+    max_artifact_bytes: int = field(default=0, kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -63,24 +67,30 @@ class Refused:
 @dataclass(frozen=True)
 class Accepted:
     """A deployment the source verified (``digest`` set to the message digest), from a
-    message of ``size`` bytes."""
+    message of ``size`` bytes, that came from ``scope`` (see
+    :meth:`InstallRequest.scope_for`). ``served_bytes``: the file bytes of the models
+    served now (for the memory budget). ``quiet``: a replay is passed over unreported
+    (the device follows several desired topics, where older documents stay retained)."""
     deployment: InstallRequest
     size: int = 0
     ts: float = field(default=0.0, kw_only=True)
+    scope: str = field(default="device", kw_only=True)
+    served_bytes: int = field(default=0, kw_only=True)
+    quiet: bool = field(default=False, kw_only=True)
 
 
 @dataclass(frozen=True)
 class Fetched:
-    """The artifact is downloaded into staging; ``download`` says how, when the source
-    tells (see :class:`~device_agent.FetchedArtifact`)."""
+    """The artifact of the install's next model is downloaded into staging;
+    ``download`` says how, when the source tells (see :class:`~device_agent.FetchedArtifact`)."""
     download: Mapping[str, Any] | None = None
     ts: float = field(default=0.0, kw_only=True)
 
 
 @dataclass(frozen=True)
 class Verified:
-    """The artifact matches the deployment. ``local``: found complete under ``models/``
-    (no fetch, nothing to adopt)."""
+    """The next model's artifact matches the deployment. ``local``: found complete under
+    ``models/`` (no fetch, nothing to adopt)."""
     local: ModelRecord | None = None
     ts: float = field(default=0.0, kw_only=True)
 
@@ -94,11 +104,13 @@ class Adopted:
 
 @dataclass(frozen=True)
 class Loaded:
+    """One more of the install's models is opened (in the order they were stored)."""
     ts: float = field(default=0.0, kw_only=True)
 
 
 @dataclass(frozen=True)
 class SmokeTested:
+    """Every model of the install passed its smoke test."""
     ts: float = field(default=0.0, kw_only=True)
 
 
@@ -193,13 +205,15 @@ class LoadModel:
 
 @dataclass(frozen=True)
 class Swap:
-    """Serve this loaded model (None: serve nothing)."""
-    record: ModelRecord | None
+    """Serve these loaded models under their names at once (None: serve nothing under
+    that name); the other names are left as they are."""
+    changes: Mapping[str, ModelRecord | None]
 
 
 @dataclass(frozen=True)
 class CleanModels:
-    """Delete model and staging dirs the saved state does not name."""
+    """Delete model and staging dirs the saved state does not name, and let go of the
+    loaded models nothing serves (their memory goes back)."""
 
 
 @dataclass(frozen=True)
@@ -209,8 +223,9 @@ class CleanPartial:
 
 @dataclass(frozen=True)
 class WatchHealth:
-    """Run the health window of the served model; answer Healthy or Unhealthy (or
+    """Run one health window over these served models; answer Healthy or Unhealthy (or
     nothing, when the agent stops inside it: the trial resumes at the next boot)."""
+    names: tuple[str, ...] = ()
 
 
 Effect = (SaveState | CrashPoint | Report | StateChanged | LoadModel | Swap | CleanModels

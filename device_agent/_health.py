@@ -1,4 +1,4 @@
-"""The health window of a swapped-in model: probe it with its sample every
+"""The health window of swapped-in models: probe each with its sample every
 ``health.probe_interval_s`` for ``health.window_s`` and judge what it served (error rate,
 p99 latency) against the limits. The verdict goes back to the state machine, which
 commits or rolls back."""
@@ -32,24 +32,33 @@ class HealthWindow:
         self.stop = stop
         self.sample = sample
 
-    def watch(self, served: Served) -> str | None:
-        """Probe and watch the new model; a reason to roll back, None when healthy.
-        Raises :class:`WindowInterrupted` when the agent is stopping."""
+    def watch(self, *served: Served) -> str | None:
+        """Probe and watch the new models (one window for all of them: a set is judged
+        as one); a reason to roll back, None when every one is healthy. Raises
+        :class:`WindowInterrupted` when the agent is stopping."""
         hc = self.config
-        sample = self.sample(served)
+        samples = [(s, self.sample(s)) for s in served]
         deadline = time.monotonic() + hc.window_s
         while (remaining := deadline - time.monotonic()) > 0:
             if self.stop.wait(min(hc.probe_interval_s, remaining)):
                 raise WindowInterrupted
-            try:
-                served.predict(sample)
-            except Exception as err:
-                log.warning("health probe on %s failed: %s", served.record.label(), err)
+            for s, sample in samples:
+                try:
+                    s.predict(sample)
+                except Exception as err:
+                    log.warning("health probe on %s failed: %s", s.record.label(), err)
             crash_point("health_probe")
-            reason = self.judge(served, final=False)
+            reason = self._judge_all(served, final=False)
             if reason is not None:
                 return reason
-        return self.judge(served, final=True)
+        return self._judge_all(served, final=True)
+
+    def _judge_all(self, served: tuple[Served, ...], *, final: bool) -> str | None:
+        for s in served:
+            reason = self.judge(s, final=final)
+            if reason is not None:
+                return reason if len(served) == 1 else f"{s.record.label()}: {reason}"
+        return None
 
     def judge(self, served: Served, *, final: bool) -> str | None:
         hc = self.config

@@ -1,18 +1,24 @@
-"""The install pipeline: a deployment in, a verified model serving (or the old one kept) out.
+"""The install pipeline: a deployment in, its verified models serving (or the old ones kept)
+out.
 
 Everything that touches the network or signatures sits behind
 :class:`ArtifactSource`; the pipeline itself is broker-free and is driven
 directly by the tests with a source that serves local artifacts.
 
-Order of durable steps (see ``_state``): the new model is copied complete into
-``models/`` first, then ``installed.json`` is switched to ``phase="trial"``
-(current = new, previous = old), then the in-memory swap happens. A restart
-inside the trial resumes the health window once (``health.max_restarts``) and
-rolls back after that, so a model that crashes the agent cannot crash-loop it.
+Order of durable steps (see ``_state``): every new model of the deployment is copied
+complete into ``models/`` first, then ``installed.json`` is switched to
+``phase="trial"`` (the set's names point at the new models; ``trial`` keeps what they
+were), then one in-memory swap of all its names happens. A restart inside the trial
+resumes the health window once (``health.max_restarts``) and rolls the whole set back
+after that, so a model that crashes the agent cannot crash-loop it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import functools
 import hashlib
 import logging
 import threading
@@ -66,7 +72,7 @@ from ._events import (
 )
 from ._health import HealthWindow, WindowInterrupted
 from ._intake import Unverified
-from ._interfaces import ArtifactSource, InstallRequest, ModelLoader, Reporter
+from ._interfaces import ArtifactSource, InstallRequest, ModelChange, ModelLoader, Reporter
 from ._lifecycle import Life, Mode, handled, step
 from ._models import LoadedModels
 from ._serving import ModelSlots, Served, SmokeTestError
@@ -149,35 +155,38 @@ class Installer:
                     log.error("model %s is unusable: %s", record.label(), err)
                     return ModelUnusable(record, str(err), ts=time.time())
                 return ModelLoaded(record, ts=time.time())
-            case Swap(record):
-                served = None if record is None else self._models.get(record)
-                assert record is None or served is not None
-                if served is not None and self.life.mode is Mode.TRIAL:
-                    # From the first request it serves, not from the window's start.
-                    self._models.start_trial(served, self.state.previous)
-                # One model per device until sets are wired in: what serves is replaced.
-                gone: dict[str, Served | None] = {n: None for n in self.slots.all()}
-                self.slots.swap(gone if served is None else {**gone, served.name: served})
+            case Swap(changes):
+                served = {n: None if r is None else self._models.get(r)
+                          for n, r in changes.items()}
+                assert all(s is not None for n, s in served.items() if changes[n] is not None)
+                if self.life.mode is Mode.TRIAL:
+                    for name, s in served.items():
+                        if s is not None:
+                            # From the first request it serves, not from the window's start.
+                            self._models.start_trial(s, self.state.trial.get(name))
+                self.slots.swap(served)
             case CleanModels():
                 durable = self.storage.durable
                 self.store.clean(self.state, *(s for s in (durable,) if s is not None))
-                self._models.keep(r.id for r in (
-                    self.life.serving,
-                    self.state.previous if self.state.phase == "trial" else None)
-                    if r is not None)
+                trial = self.state.trial.values() if self.state.phase == "trial" else ()
+                if self._models.keep(r.id for r in (*self.life.serving.values(), *trial)
+                                     if r is not None):
+                    release_memory()
             case CleanPartial():
                 self.store.clean_partial()
-            case WatchHealth():
-                served = self.slots.current
-                assert served is not None
-                # After a restart: the previous is loaded now.
-                self._models.start_trial(served, self.state.previous)
+            case WatchHealth(names):
+                watched = [s for n in names if (s := self.slots.get(n)) is not None]
+                assert watched
+                # After a restart: the versions they replaced are loaded now.
+                for s in watched:
+                    self._models.start_trial(s, self.state.trial.get(s.name))
                 try:
-                    reason = self._health.watch(served)
+                    reason = self._health.watch(*watched)
                 except WindowInterrupted:
                     return None
                 finally:
-                    self._models.end_trial(served)
+                    for s in watched:
+                        self._models.end_trial(s)
                 return Healthy(ts=time.time()) if reason is None else \
                     Unhealthy(reason, ts=time.time())
         return None
@@ -185,29 +194,33 @@ class Installer:
     # -- boot ----------------------------------------------------------------------------
 
     def boot(self) -> None:
-        """Serve the best verified model on disk; settle an interrupted trial."""
+        """Serve the verified models on disk; settle an interrupted trial."""
         max_restarts = self.config.health.max_restarts
+        limits = self.config.limits
+        unreadable = None
         try:
             stored = self.store.load()
             self.storage.durable = stored
-            event = Boot(stored, max_restarts, ts=time.time())
         except ConfigError as err:
-            event = Boot(self._recover(), max_restarts, str(err), ts=time.time())
-        self._feed(event)
+            stored, unreadable = self._recover(), str(err)
+        self._feed(Boot(stored, max_restarts, unreadable, ts=time.time(),
+                        max_models_bytes=limits.max_models_bytes,
+                        max_artifact_bytes=limits.max_artifact_bytes))
 
     def _recover(self) -> InstalledState:
         """The state file is unreadable (disk damage; writes are atomic): start over from the
-        newest complete model on disk rather than serve nothing."""
+        newest complete model of each name on disk rather than serve nothing."""
         dirs = sorted((d for d in self.store.models.iterdir() if not d.name.startswith(".")),
                       key=lambda d: d.stat().st_mtime, reverse=True)
+        models: dict[str, ModelRecord] = {}
         for d in dirs:
             try:
                 record = ModelRecord.for_artifact(Artifact.from_dir(d), None)
             except EdgeError:
                 continue
             if record.id == d.name:
-                return InstalledState(current=record)
-        return InstalledState()
+                models.setdefault(record.name, record)
+        return InstalledState(models=models)
 
     def resume(self) -> None:
         """Finish a health window interrupted by a restart (call once serving has started)."""
@@ -257,11 +270,14 @@ class Installer:
             payload["claimed_counter"] = item.claimed
         self._event("refused", payload=payload, reason=item.reason)
 
-    def apply(self, payload: bytes, *, counter: int | None = None) -> bool:
+    def apply(self, payload: bytes, *, counter: int | None = None, quiet: bool = False,
+              topic: str = "") -> bool:
         """Handle one raw ``desired`` message (``counter``: its verified counter, when
-        :meth:`screen` passed it). Never raises for a bad deployment: it is reported and
-        the current model keeps serving. Returns True when the install failed for a
-        transient reason (broker or responder away) and should be tried again."""
+        :meth:`screen` passed it; ``quiet``: pass a replay over unreported; ``topic``:
+        where it came from, for the log). Never raises
+        for a bad deployment: it is reported and the models serving keep serving. Returns
+        True when the install failed for a transient reason (broker or responder away)
+        and should be tried again."""
         if self.source is None:
             return False
         digest = hashlib.sha256(payload).hexdigest()[:32]
@@ -275,11 +291,20 @@ class Installer:
                       digest[:12])
             self.reporter.state_changed()
             return False
-        cur = self.slots.current
+        cfg = self.config
         try:
-            dep = self.source.verify_deployment(
-                payload, last_counter=st.deployment_counter or None,
-                installed=(cur.name, cur.version) if cur is not None else None)
+            # Counters are checked per scope and per model by the lifecycle; downgrades
+            # only for the models the document would decide (see _decided).
+            dep = self.source.verify_deployment(payload, last_counter=None, installed=None)
+            scope = dep.scope_for(cfg.device_id, cfg.groups)
+            if quiet and dep.counter <= st.scope_counter(scope):
+                log.debug("deployment on %s superseded by #%d", topic,
+                          max((st.counter_of(n) for n in dep.names), default=0))
+                return False
+            decided = self._decided(dep)
+            if decided:
+                dep = self.source.verify_deployment(payload, last_counter=None,
+                                                    installed=decided)
         except VerificationError as err:
             self._refuse(Refused(digest, size, f"deployment failed verification: {err}", counter,
                                  ts=time.time()))
@@ -296,7 +321,8 @@ class Installer:
                 self._feed(Unwritable(dep, self.storage.error, ts=time.time()))
             self._waiting[digest] = payload
             return False
-        self._feed(Accepted(dep, size, ts=time.time()))
+        self._feed(Accepted(dep, size, ts=time.time(), quiet=quiet, scope=scope,
+                            served_bytes=self._served_bytes()))
         if self.life.mode is not Mode.INSTALLING:
             return False
         return self._install(dep)
@@ -306,36 +332,30 @@ class Installer:
         self._feed(event)
 
     def _install(self, dep: InstallRequest) -> bool:
-        """Fetch, verify, store, load and smoke-test the deployment's model, telling the
-        machine each step; on the last it swaps the model in and runs the health window."""
-        assert self.source is not None
+        """Fetch, verify and store each model of the deployment, then load and smoke-test
+        them all, telling the machine each step; on the last it swaps them in and runs
+        the health window."""
         try:
-            local = self.store.find(dep.sha256) if dep.sha256 else None
-            if local is not None:
-                self._feed(Verified(local, ts=time.time()))
-            else:
-                staging = self.store.staging_dir(dep.digest)
-                got = self.source.fetch(dep, staging, have=self._bases(),
-                                        reserve=self.storage.reserve)
-                self._feed(Fetched(got.download, ts=time.time()))
-                # A source that checked the bytes against signed metadata as it wrote them
-                # says which hash: compared below, the model is not read again (the file is
-                # in our staging directory, written by this process a moment ago).
-                art = Artifact.from_dir(got.path, verify_hash=got.verified_sha256 is None)
-                self._check_artifact(dep, art, got.verified_sha256)
-                self._feed(Verified(ts=time.time()))
-                self._feed(Adopted(self.store.adopt(art, dep.digest, verified=True),
-                                   ts=time.time()))
-            record = self.life.candidate
-            assert record is not None
-            # Just adopted: moved by this process from what was verified above. A local
-            # copy (a rollback) was only found by name and is hashed as it is opened.
-            served = self._models.load(record, smoke=False, verify_hash=local is not None)
-            self._feed(Loaded(ts=time.time()))
-            self._models.smoke(served)
-            served.health.reset()
+            local: set[str] = set()
+            for member in self.life.members:
+                found = self.store.find(member.sha256) if member.sha256 else None
+                if found is not None and found.name == member.name:
+                    local.add(found.id)
+                    self._feed(Verified(found, ts=time.time()))
+                else:
+                    self._fetch(dep, member)
+            served: list[Served] = []
+            for record in self.life.candidates:
+                # Just adopted: moved by this process from what was verified above. A local
+                # copy (a rollback) was only found by name and is hashed as it is opened.
+                served.append(self._models.load(record, smoke=False,
+                                                verify_hash=record.id in local))
+                self._feed(Loaded(ts=time.time()))
+            for s in served:
+                self._models.smoke(s)
+                s.health.reset()
             # The trial is about to be saved: a disk that filled up meanwhile fails the
-            # install here rather than swap in a model the state file cannot name.
+            # install here rather than swap in models the state file cannot name.
             self.store.probe()
         except NoSpaceError as err:
             log.error("refused %s: %s", dep.label(), err)
@@ -360,16 +380,34 @@ class Installer:
         self._feed(SmokeTested(ts=time.time()))
         return False
 
+    def _fetch(self, dep: InstallRequest, member: ModelChange) -> None:
+        """Download, check and store one model of the deployment."""
+        assert self.source is not None
+        staging = self.store.staging_dir(
+            dep.digest if not dep.is_set else f"{dep.digest}-{member.name}")
+        got = self.source.fetch(dep, staging, model=member.name, have=self._bases(member.name),
+                                reserve=self.storage.reserve)
+        self._feed(Fetched(got.download, ts=time.time()))
+        # A source that checked the bytes against signed metadata as it wrote them says
+        # which hash: compared below, the model is not read again (the file is in our
+        # staging directory, written by this process a moment ago).
+        art = Artifact.from_dir(got.path, verify_hash=got.verified_sha256 is None)
+        self._check_artifact(member, art, got.verified_sha256)
+        self._feed(Verified(ts=time.time()))
+        self._feed(Adopted(self.store.adopt(art, dep.digest, verified=True), ts=time.time()))
+
     def _fail(self, dep: InstallRequest, err: BaseException) -> None:
         log.error("install of %s failed at %s: %s", dep.label(), self.life.stage, err)
         self._feed(Failed(str(err), ts=time.time()))
 
     # -- helpers -------------------------------------------------------------------------
 
-    def _bases(self) -> list[tuple[Path, str]]:
-        """The model files a delta may start from: the served and the previous model."""
+    def _bases(self, name: str) -> list[tuple[Path, str]]:
+        """The model files a delta of model ``name`` may start from: its served and its
+        previous version."""
         out: list[tuple[Path, str]] = []
-        for record in (self.life.serving, self.state.current, self.state.previous):
+        for record in (self.life.serving.get(name), self.state.models.get(name),
+                       self.state.previous.get(name)):
             if record is None or any(sha == record.sha256 for _, sha in out):
                 continue
             path = self.store.model_file(record)
@@ -377,7 +415,23 @@ class Installer:
                 out.append((path, record.sha256))
         return out
 
-    def _check_artifact(self, dep: InstallRequest, art: Artifact,
+    def _decided(self, dep: InstallRequest) -> dict[str, str]:
+        """The served versions of the models ``dep`` would decide (not those a newer
+        deployment decided): what it must not downgrade without a signed rollback."""
+        st = self.state
+        return {n: r.version for n, r in self.life.serving.items()
+                if n in dep.names and st.counter_of(n) < dep.counter}
+
+    def _served_bytes(self) -> int:
+        """The file bytes of the models served now (what the memory budget counts)."""
+        total = 0
+        for record in self.life.serving.values():
+            path = self.store.model_file(record)
+            with contextlib.suppress(OSError):
+                total += path.stat().st_size if path is not None else 0
+        return total
+
+    def _check_artifact(self, member: ModelChange, art: Artifact,
                         verified_sha256: str | None) -> None:
         m = art.manifest
         if verified_sha256 is not None and verified_sha256 != m.sha256:
@@ -385,15 +439,15 @@ class Installer:
                 f"fetched model file was verified as sha256 {verified_sha256[:16]}…, its "
                 f"manifest names {m.sha256[:16]}…"
             )
-        if dep.sha256 is not None and m.sha256 != dep.sha256:
+        if member.sha256 is not None and m.sha256 != member.sha256:
             raise VerificationError(
                 f"fetched artifact has model sha256 {m.sha256[:16]}…, the deployment names "
-                f"{dep.sha256[:16]}…"
+                f"{member.sha256[:16]}…"
             )
-        if m.name != dep.name or m.version != dep.artifact_version:
+        if m.name != member.name or m.version != member.version:
             raise VerificationError(
                 f"fetched artifact is {m.name} {m.version}, the deployment names "
-                f"{dep.name} {dep.artifact_version}"
+                f"{member.name} {member.version}"
             )
         if m.size_bytes > self.config.limits.max_artifact_bytes:
             raise InstallError(
@@ -407,11 +461,38 @@ class Installer:
             if isinstance(v, ModelRecord):
                 out[k] = {"name": v.name, "version": v.version, "sha256": v.sha256}
             elif isinstance(v, InstallRequest):
-                out[k] = {"counter": v.counter, "name": v.name,
-                          "artifact_version": v.artifact_version}
+                out[k] = describe(v)
             elif v is not None:
                 out[k] = v
         self.reporter.event(kind, **out)
         if kind in ("swapped", "committed", "rolled_back", "failed", "refused"):
             self.reporter.state_changed()
 
+
+
+def describe(dep: InstallRequest) -> dict[str, Any]:
+    """How events and the state report name a deployment: by its model for one model,
+    by its models and removals for a set."""
+    if not dep.is_set and dep.models:
+        return {"counter": dep.counter, "name": dep.name,
+                "artifact_version": dep.artifact_version}
+    return {"counter": dep.counter,
+            "models": [{"name": m.name, "artifact_version": m.version} for m in dep.models],
+            "remove": list(dep.remove)}
+
+
+def release_memory() -> None:
+    """Give the heap pages freed by dropped models back to the system (glibc keeps them
+    otherwise, and a device has no memory to lose); a no-op elsewhere."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None

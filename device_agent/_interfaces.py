@@ -26,26 +26,81 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class ModelChange:
+    """One model a deployment installs: its name, version and (when the deployment says)
+    the model file's hash and length."""
+
+    name: str
+    version: str
+    sha256: str | None = None
+    length: int | None = None
+
+    def label(self) -> str:
+        return f"{self.name} {self.version}"
+
+
+@dataclass(frozen=True)
 class InstallRequest:
     """What the install pipeline is asked to do: a deployment that the
-    :class:`~device_agent.ArtifactSource` verified, reduced to the artifact to install and
-    the fields that identify it (the signed :class:`edge_sdk.trust.Deployment` is ``raw``)."""
+    :class:`~device_agent.ArtifactSource` verified, reduced to the models it installs
+    (``models``) and removes (``remove``) and the fields that identify it (the signed
+    :class:`edge_sdk.trust.Deployment` is ``raw``).
+
+    A one-model deployment may be given by ``name``, ``artifact_version`` and ``sha256``
+    alone (``models`` is then that one model); for a set, ``name`` and
+    ``artifact_version`` are those of its first model."""
 
     #: Unique id of this deployment; the pipeline sets it to a digest of the raw message.
     digest: str
     #: The director's monotonic counter; older ones are replays and are refused.
     counter: int
-    #: Target artifact name, version and model hash.
-    name: str
-    artifact_version: str
+    #: Target artifact name, version and model hash (of the first model).
+    name: str = ""
+    artifact_version: str = ""
     sha256: str | None = None
     #: Signed permission to go back to an older artifact.
     rollback: bool = False
     #: The source's own verified object (opaque to the pipeline).
     raw: Any = None
+    #: Every model the deployment installs, and the names of those it removes.
+    models: tuple[ModelChange, ...] = ()
+    remove: tuple[str, ...] = ()
+    #: Whom the document names (to tell its scope: see :meth:`scope_for`).
+    devices: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.models and self.name:
+            object.__setattr__(self, "models", (ModelChange(
+                self.name, self.artifact_version, self.sha256),))
+        elif self.models and not self.name:
+            first = self.models[0]
+            object.__setattr__(self, "name", first.name)
+            object.__setattr__(self, "artifact_version", first.version)
+            object.__setattr__(self, "sha256", first.sha256)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every model name the deployment decides (installed or removed)."""
+        return (*(m.name for m in self.models), *self.remove)
+
+    @property
+    def is_set(self) -> bool:
+        return len(self.names) > 1
+
+    def scope_for(self, device_id: str, groups: Sequence[str]) -> str:
+        """``"device"`` when the document names this device, else ``"group:G"`` for the
+        first (sorted) of its groups the device follows: replays are refused per scope."""
+        if device_id in self.devices or not self.groups:
+            return "device"
+        mine = sorted(set(self.groups) & set(groups))
+        return f"group:{mine[0]}" if mine else "device"
 
     def label(self) -> str:
-        return f"{self.name} {self.artifact_version} (deployment {self.counter})"
+        if not self.is_set and self.models:
+            return f"{self.name} {self.artifact_version} (deployment {self.counter})"
+        parts = [m.label() for m in self.models] + [f"remove {n}" for n in self.remove]
+        return f"{', '.join(parts)} (deployment {self.counter})"
 
 
 @dataclass(frozen=True)
@@ -67,19 +122,20 @@ class ArtifactSource(Protocol):
     """Where deployments are checked and artifacts come from."""
 
     def verify_deployment(self, payload: bytes, *, last_counter: int | None,
-                          installed: tuple[str, str] | None) -> InstallRequest:
+                          installed: Mapping[str, str] | None) -> InstallRequest:
         """Check a raw ``desired`` message; raise :class:`VerificationError` unless it is
-        authentic, unexpired, for this device, newer than ``last_counter`` (the last
-        accepted deployment counter) and, against ``installed`` = (model, version), not an
-        unsigned downgrade."""
+        authentic, unexpired, for this device, newer than ``last_counter`` (None: the
+        installer checks counters itself) and, against ``installed`` (model name ->
+        version), not an unsigned downgrade of any model."""
         ...
 
-    def fetch(self, deployment: InstallRequest, dest_dir: Path, *,
+    def fetch(self, deployment: InstallRequest, dest_dir: Path, *, model: str | None = None,
               have: Sequence[tuple[Path, str]] = (),
               reserve: Callable[[int], None] | None = None) -> FetchedArtifact:
-        """Download (resuming from what ``dest_dir`` holds) and verify the deployment's
-        artifact. ``have``: (model file, sha256) of the verified models the device holds,
-        from which a delta may rebuild the new one. ``reserve``: call it with the bytes
+        """Download (resuming from what ``dest_dir`` holds) and verify the artifact of the
+        deployment's model ``model`` (default: its only one). ``have``: (model file,
+        sha256) of the verified models of that name the device holds, from which a delta
+        may rebuild the new one. ``reserve``: call it with the bytes
         the download may write, before the first one (it raises when they do not fit).
         Raises VerificationError or TransportError."""
         ...

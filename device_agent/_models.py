@@ -1,7 +1,8 @@
 """The models this process holds open: a stored model opened into a :class:`Served`,
-re-verified and smoke-tested with its sample; kept by record id (the one served, the one
-being installed and, in a trial, the one it replaced, for a quick rollback and to tell a
-client's bad request from the new model's fault)."""
+re-verified and smoke-tested with its sample; kept by record id (those served, those being
+installed and, in a trial, the versions they replaced, for a quick rollback and to tell a
+client's bad request from the new model's fault). A model nothing serves is let go, and
+its memory with it."""
 
 from __future__ import annotations
 
@@ -44,10 +45,16 @@ class LoadedModels:
         self._by_id[record.id] = served
         return served
 
-    def keep(self, ids: Iterable[str]) -> None:
-        """Let go of every model but these."""
+    def keep(self, ids: Iterable[str]) -> bool:
+        """Let go of every model but these (a request still running on one keeps it until
+        it answers); True when one was let go."""
         keep = set(ids)
+        before = len(self._by_id)
         self._by_id = {k: v for k, v in self._by_id.items() if k in keep}
+        return len(self._by_id) < before
+
+    def __len__(self) -> int:
+        return len(self._by_id)
 
     def smoke(self, served: Served) -> None:
         try:

@@ -145,7 +145,7 @@ class InferenceApp:
             if len(rest) < 2:
                 raise HttpError(404, "missing version after /versions/")
             version, rest = rest[1], rest[2:]
-        served = self._model(cur, name, version)
+        served = self._model(self.slots.get(name) or cur, name, version)
         if not rest:
             _method(method, "GET")
             return _ok(self._metadata(served))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,7 +13,7 @@ from edge_sdk.errors import ConfigError
 
 from ._config import AgentConfig
 from ._crash import crash_point
-from ._interfaces import FetchedArtifact, InstallRequest
+from ._interfaces import FetchedArtifact, InstallRequest, ModelChange
 
 if TYPE_CHECKING:
     from edge_sdk.transport import MqttConnection, RepositoryFetcher
@@ -59,25 +59,26 @@ class ReleaseSource:
         return self.client.chunks
 
     def verify_deployment(self, payload: bytes, *, last_counter: int | None,
-                          installed: tuple[str, str] | None) -> InstallRequest:
+                          installed: Mapping[str, str] | None) -> InstallRequest:
         from edge_sdk.trust import verify_deployment
 
         dep = verify_deployment(
             payload, self._key, device_id=self.config.device_id, groups=self.config.groups,
             fleet=self.config.fleet, last_counter=last_counter, installed=installed,
         )
-        one = dep.only  # sets: the agent's set install (issue 29) is not wired in yet
-        return InstallRequest(digest="", counter=dep.counter, name=one.model,
-                              artifact_version=one.version, sha256=one.sha256,
-                              rollback=dep.rollback, raw=dep)
+        return InstallRequest(
+            digest="", counter=dep.counter, rollback=dep.rollback, raw=dep,
+            models=tuple(ModelChange(m.model, m.version, m.sha256, m.length)
+                         for m in dep.models),
+            remove=dep.remove, devices=dep.devices, groups=dep.groups)
 
-    def fetch(self, deployment: InstallRequest, dest_dir: Path, *,
+    def fetch(self, deployment: InstallRequest, dest_dir: Path, *, model: str | None = None,
               have: Sequence[tuple[Path, str]] = (),
               reserve: Callable[[int], None] | None = None) -> FetchedArtifact:
         from edge_sdk.trust import LocalModel
 
         with self._lock:
-            path = self.client.fetch(deployment.raw, dest_dir, stage=crash_point,
+            path = self.client.fetch(deployment.raw, dest_dir, model=model, stage=crash_point,
                                      have=[LocalModel(p, sha) for p, sha in have],
                                      reserve=reserve)
             got = self.client.last_download

@@ -3,7 +3,7 @@
 Layout::
 
     state_dir/
-      installed.json       which model is current / previous, the install phase
+      installed.json       the models served / replaced, the install phase
       models/<id>/         complete, verified artifact directories (never edited in place)
       staging/<digest>/    downloads in progress (kept across restarts: fetch resumes)
       partial/             the release client's resumable partial downloads
@@ -31,6 +31,7 @@ import math
 import os
 import re
 import shutil
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,11 @@ from edge_sdk._internal import (
 from edge_sdk.errors import ConfigError, InstallError
 
 STATE_FILE = "installed.json"
-_STATE_SCHEMA = 1
+_STATE_SCHEMA = 2
+#: Results kept in the state (the newest last).
+MAX_RESULTS = 8
+#: Model names whose deciding counter is remembered (see ``InstalledState.counters``).
+MAX_COUNTERS = 256
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 #: How many refused or failed deployments are remembered so they are not retried.
 _MAX_FAILED = 32
@@ -85,46 +90,100 @@ class ModelRecord:
 
 @dataclass(frozen=True)
 class InstalledState:
-    current: ModelRecord | None = None
-    previous: ModelRecord | None = None
-    #: "committed", or "trial" while the current model is inside its health window.
+    """``installed.json``: the set of models the device serves and what it knows about the
+    deployments it saw. Pure data; :class:`StateStore` reads and writes it.
+
+    Schema 2 (several models); a schema-1 file (one ``current`` model) is read and
+    migrated (:meth:`from_json`), and the next save writes schema 2."""
+
+    #: The served set (committed, or on trial), by model name.
+    models: dict[str, ModelRecord] = field(default_factory=dict)
+    #: The version each model replaced, kept on disk (a delta base, a local rollback).
+    previous: dict[str, ModelRecord] = field(default_factory=dict)
+    #: "committed", or "trial" while the set's new models are inside their health window.
     phase: str = "committed"
+    #: In a trial: for each name the set under trial changed, what it was before (None:
+    #: the model was absent). A rollback puts these back.
+    trial: dict[str, ModelRecord | None] = field(default_factory=dict)
     #: Agent starts seen during the current trial (crash-loop guard).
     trial_boots: int = 0
-    #: Highest deployment counter accepted, to refuse replays of older deployments.
+    #: Highest deployment counter accepted (for display).
     deployment_counter: int = 0
+    #: Per scope ("device", "group:NAME"): the last counter accepted from it; an older
+    #: or equal one is a replay. A scope not listed starts at ``floor``.
+    scopes: dict[str, int] = field(default_factory=dict)
+    #: Per model name: the counter of the deployment that last decided it (installed or
+    #: removed it); an older deployment does not decide it again. A name not listed
+    #: starts at ``floor``.
+    counters: dict[str, int] = field(default_factory=dict)
+    floor: int = 0
     #: Digest of the deployment the device last acted on (installed, refused or failed).
     deployment_digest: str | None = None
     #: Deployment digest → reason, for deployments that failed and must not be retried.
     failed: dict[str, str] = field(default_factory=dict)
     last_result: dict[str, Any] | None = None
+    #: The last :data:`MAX_RESULTS` results, newest last.
+    results: tuple[dict[str, Any], ...] = ()
+
+    @property
+    def current(self) -> ModelRecord | None:
+        """The most recently installed model (the one the newest counter decided): what
+        readers of one model are told."""
+        if not self.models:
+            return None
+        return max(self.models.values(),
+                   key=lambda r: (self.counters.get(r.name, self.floor), r.name))
+
+    def counter_of(self, name: str) -> int:
+        return self.counters.get(name, self.floor)
+
+    def scope_counter(self, scope: str) -> int:
+        return self.scopes.get(scope, self.floor)
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["schema"] = _STATE_SCHEMA
-        return data
+        def recs(d: dict[str, Any]) -> dict[str, Any]:
+            return {k: None if v is None else asdict(v) for k, v in sorted(d.items())}
+
+        return {
+            "schema": _STATE_SCHEMA, "models": recs(self.models),
+            "previous": recs(self.previous), "phase": self.phase, "trial": recs(self.trial),
+            "trial_boots": self.trial_boots, "deployment_counter": self.deployment_counter,
+            "scopes": dict(self.scopes), "counters": dict(self.counters),
+            "floor": self.floor, "deployment_digest": self.deployment_digest,
+            "failed": dict(self.failed), "last_result": self.last_result,
+            "results": list(self.results),
+        }
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> InstalledState:
-        if not isinstance(data, dict) or data.get("schema") != _STATE_SCHEMA:
+        if not isinstance(data, dict) or data.get("schema") not in (1, _STATE_SCHEMA):
             raise ConfigError(f"{where}: not an agent state file of schema {_STATE_SCHEMA}")
-
-        def rec(value: Any) -> ModelRecord | None:
-            return None if value is None else ModelRecord(**value)
-
         try:
+            if data["schema"] == 1:
+                return _from_schema_1(data)
+
+            def recs(value: Any, *, absent: bool = False) -> dict[str, Any]:
+                if not isinstance(value, dict):
+                    raise TypeError("a table of models is not an object")
+                return {str(k): None if v is None and absent else ModelRecord(**v)
+                        for k, v in value.items()}
+
             return cls(
-                current=rec(data.get("current")),
-                previous=rec(data.get("previous")),
+                models=recs(data.get("models") or {}),
+                previous=recs(data.get("previous") or {}),
                 phase=str(data.get("phase", "committed")),
+                trial=recs(data.get("trial") or {}, absent=True),
                 trial_boots=int(data.get("trial_boots", 0)),
-                deployment_counter=int(_renamed(data, "deployment_counter",
-                                                "deployment_version", 0)),
-                deployment_digest=_renamed(data, "deployment_digest", "deployment_key", None),
+                deployment_counter=int(data.get("deployment_counter", 0)),
+                scopes={str(k): int(v) for k, v in (data.get("scopes") or {}).items()},
+                counters={str(k): int(v) for k, v in (data.get("counters") or {}).items()},
+                floor=int(data.get("floor", 0)),
+                deployment_digest=data.get("deployment_digest"),
                 failed=dict(data.get("failed") or {}),
                 last_result=data.get("last_result"),
+                results=tuple(data.get("results") or ()),
             )
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, AttributeError) as err:
             raise ConfigError(f"{where}: malformed agent state: {err}") from err
 
     def with_failed(self, digest: str, reason: str) -> InstalledState:
@@ -134,6 +193,61 @@ class InstalledState:
         while len(failed) > _MAX_FAILED:
             failed.pop(next(iter(failed)))
         return replace(self, failed=failed)
+
+    def with_result(self, result: dict[str, Any]) -> InstalledState:
+        """``result`` as ``last_result`` and, when it names a deployment, the newest of
+        ``results`` (one entry per deployment: a later outcome replaces an earlier one)."""
+        results = self.results
+        if "deployment" in result:
+            results = (*(r for r in results if r.get("deployment") != result["deployment"]),
+                       result)[-MAX_RESULTS:]
+        return replace(self, last_result=result, results=results)
+
+    def with_counters(self, scope: str, counter: int,
+                      names: Iterable[str]) -> InstalledState:
+        """Deployment ``counter`` from ``scope`` accepted, deciding ``names``."""
+        counters = {**self.counters, **{n: counter for n in names}}
+        floor = self.floor
+        if len(counters) > MAX_COUNTERS:
+            # Forget the names decided longest ago; the floor rises to the newest of those,
+            # so that an old deployment of a forgotten name is still not taken.
+            order = sorted(counters.items(), key=lambda kv: (kv[1], kv[0]))
+            cut = len(order) - MAX_COUNTERS
+            floor = max(floor, order[cut - 1][1])
+            counters = dict(order[cut:])
+        return replace(self, scopes={**self.scopes, scope: max(counter,
+                                                               self.scope_counter(scope))},
+                       counters=counters, floor=floor,
+                       deployment_counter=max(self.deployment_counter, counter))
+
+
+def _from_schema_1(data: dict[str, Any]) -> InstalledState:
+    """A state file of an agent that served one model: its ``current`` becomes the set,
+    its counter the ``floor`` of every scope and model."""
+
+    def rec(value: Any) -> ModelRecord | None:
+        return None if value is None else ModelRecord(**value)
+
+    current, previous = rec(data.get("current")), rec(data.get("previous"))
+    counter = int(_renamed(data, "deployment_counter", "deployment_version", 0))
+    phase = str(data.get("phase", "committed"))
+    models = {} if current is None else {current.name: current}
+    trial: dict[str, ModelRecord | None] = {}
+    if phase == "trial" and current is not None:
+        # One slot: the model on trial replaced ``previous``, whatever its name.
+        trial[current.name] = previous if previous and previous.name == current.name \
+            else None
+        if previous is not None and previous.name != current.name:
+            trial[previous.name] = previous
+    last = data.get("last_result")
+    return InstalledState(
+        models=models, previous={} if previous is None else {previous.name: previous},
+        phase=phase if current is not None else "committed", trial=trial,
+        trial_boots=int(data.get("trial_boots", 0)), deployment_counter=counter,
+        counters={} if current is None else {current.name: counter}, floor=counter,
+        deployment_digest=_renamed(data, "deployment_digest", "deployment_key", None),
+        failed=dict(data.get("failed") or {}), last_result=last,
+        results=(last,) if isinstance(last, dict) and "deployment" in last else ())
 
 
 def _renamed(data: dict[str, Any], key: str, old: str, default: Any) -> Any:
@@ -271,7 +385,9 @@ class StateStore:
         """Delete model dirs none of ``states`` names (the one in memory and the one on
         disk, when a save failed), every staging dir and stale temp files. What cannot be
         deleted (a read-only disk) is left for the next cleanup."""
-        keep = {r.id for st in states for r in (st.current, st.previous) if r is not None}
+        keep = {r.id for st in states
+                for r in (*st.models.values(), *st.previous.values(), *st.trial.values())
+                if r is not None}
         for parent in (self.models, self.staging):
             for d in _entries(parent):
                 if parent is self.staging or d.name not in keep:

@@ -16,14 +16,14 @@ import hashlib
 import hmac
 import json
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from device_agent import Agent, AgentConfig, FetchedArtifact, InstallRequest
+from device_agent import Agent, AgentConfig, FetchedArtifact, InstallRequest, ModelChange
 from edge_sdk import Artifact, build_artifact
 from edge_sdk._internal import sha256_file
 from edge_sdk.errors import TransportError, VerificationError
@@ -41,10 +41,12 @@ class LocalSource:
     def __init__(self, key: bytes = KEY, *, tell_sha256: bool = False) -> None:
         self.key = key
         self.fetches = 0
+        #: The model name of every fetch, in order.
+        self.fetched: list[str] = []
         self.tell_sha256 = tell_sha256
 
     def verify_deployment(self, payload: bytes, *, last_counter: int | None,
-                          installed: tuple[str, str] | None) -> InstallRequest:
+                          installed: Mapping[str, str] | None) -> InstallRequest:
         try:
             doc = json.loads(payload)
             body, sig = doc["body"], doc["sig"]
@@ -54,15 +56,29 @@ class LocalSource:
                         hashlib.sha256).hexdigest()
         if not hmac.compare_digest(want, sig):
             raise VerificationError("deployment signature does not match the trusted key")
+        if "models" in body:
+            names = [m["name"] for m in body["models"]] + list(body.get("remove", []))
+            if len(set(names)) != len(names):
+                raise VerificationError("deployment names a model twice")
+            return InstallRequest(
+                digest="", counter=body["counter"], raw=body,
+                models=tuple(ModelChange(m["name"], m["artifact_version"], m["sha256"],
+                                         m.get("length")) for m in body["models"]),
+                remove=tuple(body.get("remove", [])), groups=tuple(body.get("groups", [])),
+                devices=tuple(body.get("devices", [])))
         return InstallRequest(digest="", counter=body["counter"],
                               name=body["name"], artifact_version=body["artifact_version"],
                               sha256=body["sha256"], raw=body)
 
-    def fetch(self, deployment: InstallRequest, dest_dir: Path, *,
+    def fetch(self, deployment: InstallRequest, dest_dir: Path, *, model: str | None = None,
               have: Sequence[tuple[Path, str]] = (),
               reserve: Callable[[int], None] | None = None) -> FetchedArtifact:
         self.fetches += 1
-        src = Path(deployment.raw["dir"])
+        self.fetched.append(model or deployment.name)
+        raw = deployment.raw
+        if "models" in raw:
+            raw = next(m for m in raw["models"] if m["name"] == model)
+        src = Path(raw["dir"])
         if not src.is_dir():
             raise TransportError(f"{src}: artifact not available")
         if reserve is not None:
@@ -82,6 +98,17 @@ def deployment(art: Artifact, counter: int, *, key: bytes = KEY, **extra: Any) -
     body = {"counter": counter, "name": art.manifest.name,
             "artifact_version": art.manifest.version, "sha256": art.manifest.sha256,
             "dir": str(art.path), **extra}
+    sig = hmac.new(key, json.dumps(body, sort_keys=True).encode(), hashlib.sha256).hexdigest()
+    return json.dumps({"body": body, "sig": sig}).encode()
+
+
+def deployment_set(arts: Sequence[Artifact], counter: int, *, remove: Sequence[str] = (),
+                   key: bytes = KEY, **extra: Any) -> bytes:
+    """A deployment of several models (and removals) at once."""
+    body = {"counter": counter, "remove": list(remove), **extra, "models": [
+        {"name": a.manifest.name, "artifact_version": a.manifest.version,
+         "sha256": a.manifest.sha256, "dir": str(a.path), "length": a.manifest.size_bytes}
+        for a in arts]}
     sig = hmac.new(key, json.dumps(body, sort_keys=True).encode(), hashlib.sha256).hexdigest()
     return json.dumps({"body": body, "sig": sig}).encode()
 
@@ -113,6 +140,13 @@ def arts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Artifact]:
     out["nan"] = build_artifact(nan, d / "nan", name="adder", version="nan", sample=SAMPLE)
     b1 = _models.batch1_only_model(d / "b1.onnx")
     out["batch1"] = build_artifact(b1, d / "batch1", name="adder", version="b1", sample=SAMPLE)
+    # A second model, "rec", for sets: adds 10 (r1) or 20 (r2); rnan fails its smoke test.
+    for tag, offset in (("r1", 10.0), ("r2", 20.0), ("rnan", float("nan"))):
+        m = _models.offset_model(d / f"{tag}.onnx", offset)
+        out[tag] = build_artifact(m, d / tag, name="rec", version=tag, sample=SAMPLE)
+    rb1 = _models.batch1_only_model(d / "rb1.onnx")
+    out["rbatch1"] = build_artifact(rb1, d / "rbatch1", name="rec", version="rb1",
+                                    sample=SAMPLE)
     return out
 
 

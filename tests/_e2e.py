@@ -115,6 +115,12 @@ class Fleet:
         publish_deployment(self.host, sd)
         return sd.deployment.counter
 
+    def deploy_set(self, device: str, models: list[tuple[str, str]], **kw: Any) -> int:
+        """Deploy several models at once (installed, swapped and rolled back as one)."""
+        sd = create_deployment(self.repo, models=models, fleet=FLEET, devices=[device], **kw)
+        publish_deployment(self.host, sd)
+        return sd.deployment.counter
+
     def publish_raw(self, device: str, payload: bytes) -> None:
         self.host.publish_wait(self.topics.desired(device), payload, qos=1, retain=True)
 
@@ -227,21 +233,22 @@ class AgentProc(ManagedProcess):
             conn.close()
         return resp.status, json.loads(raw) if raw else None
 
-    def version(self) -> str | None:
-        status, meta = self.get("/v2/models/adder")
+    def version(self, model: str = "adder") -> str | None:
+        status, meta = self.get(f"/v2/models/{model}")
         return meta["versions"][0] if status == 200 else None
 
     def wait_version(self, version: str, timeout: float = 60) -> None:
         wait_for(lambda: self.version() == version, timeout,
                  lambda: f"agent never served {version}; log: {self.log.read_text()[-3000:]}")
 
-    def infer(self, conn: http.client.HTTPConnection | None = None) -> tuple[str, float]:
+    def infer(self, conn: http.client.HTTPConnection | None = None, *,
+              model: str = "adder") -> tuple[str, float]:
         own = conn is None
         c = conn or http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
         body = json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
                                        "data": X.reshape(-1).tolist()}]})
         try:
-            c.request("POST", "/v2/models/adder/infer", body=body)
+            c.request("POST", f"/v2/models/{model}/infer", body=body)
             resp = c.getresponse()
             data = json.loads(resp.read())
         finally:

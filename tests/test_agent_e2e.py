@@ -244,7 +244,7 @@ def test_broker_down_at_start_serves_and_reports_arrive_when_it_returns(
         agent.stop()
         # Damage the current model on disk, then start with no broker reachable.
         state = json.loads((agent.state / "installed.json").read_text())
-        model = agent.state / "models" / state["current"]["id"] / "model.onnx"
+        model = agent.state / "models" / state["models"]["adder"]["id"] / "model.onnx"
         data = bytearray(model.read_bytes())
         data[-1] ^= 0xFF
         model.write_bytes(bytes(data))
@@ -521,4 +521,47 @@ def test_kill_9_at_any_point_of_an_install_restarts_into_a_verified_model(
         served = agent.version() or before
         assert served in (before, version), (point, served)
     assert len(points) >= 20
+    agent.stop()
+
+
+@pytest.mark.slow
+def test_kill_9_at_any_point_of_a_set_install_restarts_into_one_whole_verified_set(
+    fleet, tmp_path, agents
+) -> None:
+    # Two models deployed together: "adder" adds its version, "rec" 100 + its version.
+    versions = [str(v) for v in range(40, 56)]
+    for v in versions:
+        fleet.release(v)
+    for v in ["1", *versions]:
+        fleet.release(v, name="rec", offset=100.0 + float(v))
+    agent = new_agent(fleet, tmp_path, agents, "crash-set", window_s=0.3).start()
+    fleet.deploy_set("crash-set", [("adder", "1"), ("rec", "1")])
+    wait_for(lambda: agent.version("rec") == "1" and agent.version("adder") == "1", 60)
+    points = [*CRASH_POINTS, "fetched:adder", "fetched:rec"]
+    served = "1"
+
+    def settled(counter: int) -> bool:
+        st = json.loads((agent.state / "installed.json").read_text())
+        return bool(st["phase"] == "committed" and st["deployment_counter"] >= counter)
+
+    for point, version in zip(points, versions, strict=False):
+        agent.stop()
+        before = served
+        first, *then = [*LEAD_IN.get(point, ()), point]
+        agent.start(crash_at=first)
+        counter = fleet.deploy_set("crash-set", [("adder", version), ("rec", version)])
+        assert agent.proc is not None
+        assert agent.proc.wait(60) == -signal.SIGKILL, (point, first)
+        for step in then:
+            agent.start(crash_at=step, wait=False)
+            assert agent.proc.wait(60) == -signal.SIGKILL, (point, step)
+        agent.start()
+        wait_for(lambda: agent.get("/v2/health/ready")[0] == 200, 30)
+        # One whole set serves: both models at the old version, or both at the new one.
+        got = {m: agent.infer(model=m) for m in ("adder", "rec")}
+        assert got["adder"][0] == got["rec"][0] in (before, version), (point, got)
+        assert got["rec"][1] == X[0, 0] + 100.0 + float(got["rec"][0]), point
+        wait_for(lambda c=counter: settled(c), 60)
+        served = agent.version("adder") or before
+        assert agent.version("rec") == served, point
     agent.stop()

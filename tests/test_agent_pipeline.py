@@ -81,8 +81,8 @@ def test_swap_to_v2_keeps_v1_on_disk_as_previous(make_agent, arts) -> None:
     install(agent, arts["v2"], 2)
     assert predict(agent) == 3.0
     state = agent.store.load()
-    assert state.current.version == "v2" and state.previous.version == "v1"
-    assert agent.store.open_model(state.previous).manifest.version == "v1"
+    assert state.current.version == "v2" and state.previous["adder"].version == "v1"
+    assert agent.store.open_model(state.previous["adder"]).manifest.version == "v1"
     install(agent, arts["v3"], 3)
     dirs = sorted(p.name for p in agent.store.models.iterdir())
     assert len(dirs) == 2 and all("v1" not in d for d in dirs)
@@ -120,7 +120,7 @@ def test_model_failing_in_health_window_is_rolled_back_to_previous(make_agent, a
     assert "inferences failed in the health window" in rb["reason"]
     assert served_version(agent2) == "v1"
     state = agent2.store.load()
-    assert state.current.version == "v1" and state.previous is None
+    assert state.current.version == "v1" and state.previous == {}
     assert state.last_result["result"] == "rolled_back"
 
 
@@ -164,35 +164,47 @@ def test_restart_boots_straight_into_the_installed_model(make_agent, arts, tmp_p
     assert served_version(again) == "v1" and predict(again) == 2.0
 
 
-#: State-file keys renamed since the first agents, new name -> the name they wrote.
-OLD_STATE_KEYS = {"deployment_counter": "deployment_version",
-                  "deployment_digest": "deployment_key"}
+def schema_1(state: dict, *, old_keys: bool = False) -> dict:
+    """A schema-2 state file of one model as an agent of one model per device wrote it
+    (``old_keys``: as the first agents named its counter and digest)."""
+    ((name, current),) = state["models"].items()
+    old = {"schema": 1, "current": current, "previous": state["previous"].get(name),
+           "phase": state["phase"], "trial_boots": state["trial_boots"],
+           "deployment_counter": state["deployment_counter"],
+           "deployment_digest": state["deployment_digest"], "failed": state["failed"],
+           "last_result": state["last_result"]}
+    if old_keys:
+        old["deployment_version"] = old.pop("deployment_counter")
+        old["deployment_key"] = old.pop("deployment_digest")
+    return old
 
 
-def test_state_file_of_an_older_agent_keeps_its_model_and_refuses_replays(
-    make_agent, arts, tmp_path
+@pytest.mark.parametrize("old_keys", [False, True])
+def test_state_file_of_an_agent_of_one_model_migrates_and_refuses_replays(
+    make_agent, arts, tmp_path, old_keys
 ) -> None:
     agent = make_agent()
-    install(agent, arts["v1"], 5)
+    install(agent, arts["v1"], 4)
+    install(agent, arts["v2"], 5)
     agent.stop()
     path = agent.store.root / "installed.json"
-    state = json.loads(path.read_text())
-    for new, old in OLD_STATE_KEYS.items():
-        state[old] = state.pop(new)
-    path.write_text(json.dumps(state))
+    new = json.loads(path.read_text())
+    path.write_text(json.dumps(schema_1(new, old_keys=old_keys)))
     again = make_agent(config(tmp_path / "state"))
-    assert served_version(again) == "v1"
+    assert served_version(again) == "v2"
     loaded = again.store.load()
-    assert (loaded.deployment_counter, loaded.deployment_digest) == \
-        (5, state["deployment_key"])
-    again.submit(deployment(arts["v2"], 5))
+    assert (loaded.deployment_counter, loaded.deployment_digest, loaded.floor) == \
+        (5, new["deployment_digest"], 5)
+    assert loaded.previous["adder"].version == "v1"
+    again.submit(deployment(arts["v3"], 5))
     wait_for(lambda: "refused" in kinds(again))
-    assert served_version(again) == "v1"
+    assert served_version(again) == "v2"
     assert "not newer" in [e for e in events(again) if e["event"] == "refused"][-1]["reason"]
-    install(again, arts["v2"], 6)
+    install(again, arts["v3"], 6)
     written = json.loads(path.read_text())
-    assert written["deployment_counter"] == 6 and written["deployment_digest"]
-    assert not set(OLD_STATE_KEYS.values()) & set(written)
+    assert written["schema"] == 2 and written["counters"] == {"adder": 6}
+    assert written["models"]["adder"]["version"] == "v3"
+    assert not {"deployment_version", "deployment_key", "current"} & set(written)
 
 
 def test_corrupted_current_model_boots_into_previous(make_agent, arts, tmp_path) -> None:

@@ -205,7 +205,7 @@ def test_disk_filling_up_during_the_download_fails_cleanly_and_v1_serves(
         return st if (st["last_result"] or {}).get("deployment") == counter else None
 
     st = wait_for(saved, 30)
-    assert st["current"]["version"] == "1" and st["last_result"]["result"] == "failed"
+    assert st["models"]["adder"]["version"] == "1" and st["last_result"]["result"] == "failed"
     again = fleet.deploy("fills", "3")
     assert again > counter
     agent.wait_version("3")

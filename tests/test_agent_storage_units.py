@@ -4,6 +4,7 @@ not fit, and the report queue on a full disk."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -174,9 +175,43 @@ def test_cleanup_keeps_current_previous_and_the_saved_state_and_drops_stale_file
     for f in stale:
         f.mkdir() if f.parent == store.models or f.parent == store.staging else f.write_text("x")
     (store.partial / "cd.part").write_text("resumable")
-    in_memory = InstalledState(current=recs[2], previous=recs[1])
-    on_disk = InstalledState(current=recs[1], previous=recs[0])  # a save failed since
+    in_memory = InstalledState(models={"m": recs[2]}, previous={"m": recs[1]})
+    on_disk = InstalledState(models={"m": recs[1]}, previous={"m": recs[0]})  # a save failed
     store.clean(in_memory, on_disk)
     assert sorted(d.name for d in store.models.iterdir()) == ["m-0", "m-1", "m-2"]
     assert [f for f in stale if f.exists()] == []
     assert (store.partial / "cd.part").exists()  # a partial download resumes
+
+
+def test_a_schema_1_trial_migrates_to_a_set_that_rolls_back_to_the_old_model() -> None:
+    old = ModelRecord("a-1-x", "a", "1", "1" * 64, "d1")
+    new = ModelRecord("b-2-y", "b", "2", "2" * 64, "d2")
+    raw = {"schema": 1, "current": dataclasses.asdict(new), "previous": dataclasses.asdict(old),
+           "phase": "trial", "trial_boots": 1, "deployment_version": 7, "deployment_key": "d2",
+           "failed": {}, "last_result": {"result": "retrying", "deployment": 7, "ts": 1.0}}
+    st = InstalledState.from_json(raw, "installed.json")
+    # One slot: the model on trial took the place of another model, which comes back.
+    assert st.models == {"b": new} and st.trial == {"b": None, "a": old}
+    assert (st.phase, st.trial_boots, st.floor, st.counters) == ("trial", 1, 7, {"b": 7})
+    assert st.scope_counter("group:any") == 7 and st.results == (raw["last_result"],)
+    again = InstalledState.from_json(json.loads(json.dumps(st.to_json())), "x")
+    assert again == st and st.to_json()["schema"] == 2
+
+
+def test_counters_of_many_models_stay_bounded_and_old_ones_stay_refused() -> None:
+    from device_agent._state import MAX_COUNTERS
+
+    st = InstalledState()
+    for i in range(MAX_COUNTERS + 10):
+        st = st.with_counters("device", i + 1, [f"m{i}"])
+    assert len(st.counters) == MAX_COUNTERS and st.floor == 10
+    assert st.counter_of("m0") == 10  # forgotten: a deployment #10 of it is not newer
+
+
+def test_results_keep_the_last_eight_one_per_deployment() -> None:
+    st = InstalledState()
+    for c in range(12):
+        st = st.with_result({"result": "retrying", "deployment": c, "ts": 0.0})
+        st = st.with_result({"result": "committed", "deployment": c, "ts": 1.0})
+    assert [r["deployment"] for r in st.results] == list(range(4, 12))
+    assert {r["result"] for r in st.results} == {"committed"}

@@ -169,7 +169,7 @@ def test_64_mib_over_1_gbit_arrives_whole_and_intact_sending_each_byte_about_onc
         e for e in fleet.events["lan"] if e["event"] == "failed"]
     # Every byte arrived, intact: the served model is the released one, byte for byte.
     installed = json.loads((agent.state / "installed.json").read_text())
-    got = agent.state / "models" / installed["current"]["id"] / "model.onnx"
+    got = agent.state / "models" / installed["models"]["adder"]["id"] / "model.onnx"
     released = fleet.arts / "adder-1" / got.name
     assert got.stat().st_size == released.stat().st_size > size
     assert _sha256(got) == _sha256(released)

@@ -557,7 +557,8 @@ def _show_wave(_: str, info: dict[str, Any]) -> None:
 @_mqtt_options_required(False)
 def status_cmd(devices: tuple[str, ...], as_json: bool, db_url: str | None,
                repo_dir: str | None, **mqtt: Any) -> None:
-    """Show every device's reported state: online, model, previous model, last update.
+    """Show every device's reported state: online, models (each with its version, and
+    "(trial)" while in its health window), previous model, last update.
     From the fleet database also the groups the operator assigned, and where a device's
     report differs from them."""
     assigned: dict[str, dict[str, Any]] = {}
@@ -612,7 +613,7 @@ def status_cmd(devices: tuple[str, ...], as_json: bool, db_url: str | None,
         return
     now = time.time()
     groups_col = ("GROUPS",) if assigned else ()
-    rows = [("DEVICE", "ONLINE", *groups_col, "MODEL", "PREVIOUS", "DEPLOYMENT", "CHANGED",
+    rows = [("DEVICE", "ONLINE", *groups_col, "MODELS", "PREVIOUS", "DEPLOYMENT", "CHANGED",
              "HARDWARE", "LAST UPDATE")]
     for s in states.values():
         last = s.last_result or "-"
@@ -634,7 +635,7 @@ def status_cmd(devices: tuple[str, ...], as_json: bool, db_url: str | None,
         since = s.raw.get("offline_since") if not s.online else None
         if isinstance(since, (int, float)) and not isinstance(since, bool):
             online += f" ({_age(now - since)})"
-        rows.append((s.device, online, *mine, s.model or "-", s.previous or "-",
+        rows.append((s.device, online, *mine, s.models_label or "-", s.previous or "-",
                      str(s.deployment or "-"), seen, hardware_line(s.raw.get("hardware")),
                      last))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]

@@ -268,7 +268,7 @@ class Controller:
                 with self.db.begin() as c:
                     store.command_done(c, cmd.seq)
         sel = store.rollout_selector(self.db, rid)
-        mem = members(self.db, self.topics.fleet, sel)
+        mem = members(self.db, self.topics.fleet, sel, model=state.model)
         # The registry's progress (``caught_up``): timeouts wait for it. Read before the
         # reports, so that every report received before it is in what they see.
         heard = store.heard_until(self.db, self.topics.fleet)

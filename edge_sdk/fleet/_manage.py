@@ -52,7 +52,7 @@ def start_rollout(db: FleetDB, *, fleet: str, model: str = "", version: str = ""
             f"the selector {_describe(sel)} names only hardware facts, which devices report "
             "about themselves: hw.KEY=VALUE narrows a selection; name --group, --tag or "
             "--device too")
-    found = members(db, fleet, sel)
+    found = members(db, fleet, sel, model=model)
     if not found:
         raise FleetUsageError(f"the selector {_describe(sel)} matches no device registered in "
                               f"fleet {fleet!r}{_claimed(db, fleet, sel)} (see 'edge-sdk "

@@ -41,15 +41,26 @@ def _deployable(device: str) -> bool:
     return True
 
 
-def members(db: FleetDB, fleet: str, selector: Mapping[str, Any]) -> dict[str, m.Member]:
-    """The registered devices of ``fleet`` that ``selector`` names (:func:`matches`)."""
+def members(db: FleetDB, fleet: str, selector: Mapping[str, Any], *,
+            model: str | None = None) -> dict[str, m.Member]:
+    """The registered devices of ``fleet`` that ``selector`` names (:func:`matches`).
+
+    Each with the model a rollout of ``model`` changes: that model and the device's
+    version of it (None, None when it serves no such model); without ``model``, the
+    model the device swapped in last."""
     if not operator_part(selector):
         return {}  # hardware facts alone select no one: a device could claim any
     hw = bool(split_tags(selector.get("tags", ()))[1])
     out: dict[str, m.Member] = {}
     for dev in selectable_devices(db, fleet, hardware=hw):
         if _deployable(dev["id"]) and matches(selector, dev):
-            got = dev.get("models")  # each model the registry keeps, where it keeps them
-            out[dev["id"]] = m.Member(dev["online"], dev["model"], dev["version"],
-                                      dict(got) if isinstance(got, Mapping) else None)
+            got = dev.get("models")  # each model the registry keeps: name -> version
+            versions = dict(got) if isinstance(got, Mapping) else None
+            if model is None:
+                out[dev["id"]] = m.Member(dev["online"], dev["model"], dev["version"],
+                                          versions)
+                continue
+            version = (versions or {}).get(model)
+            out[dev["id"]] = m.Member(dev["online"], None if version is None else model,
+                                      version, versions)
     return out

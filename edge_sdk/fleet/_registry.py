@@ -49,6 +49,7 @@ from ._store import (
     insert_device,
     insert_event,
     json_text,
+    model_versions,
     reported_device,
     update_device,
     write_events,
@@ -89,6 +90,8 @@ _VERSION_MAX = _DEVICE_COLS["version"][1] or 128
 _WORD_MAX = _DEVICE_COLS["phase"][1] or 64
 _KIND_MAX = _EVENT_COLS["kind"][1] or 64
 _RETRY = ":retry"
+#: Characters of each stored update result's reason (the controller reads them every poll).
+_RESULT_REASON = 500
 
 
 def _fit(cols: dict[str, tuple[str, int | None]], row: dict[str, Any]) -> None:
@@ -182,8 +185,11 @@ def ingest_event(c: Connection, fleet: str, device: str, payload: bytes,
 
 #: What a device is, as opposed to how it is doing: kept from the last report that said
 #: it when a later one (a last will, any partial state) leaves it out.
-FACTS = ("model", "previous", "groups", "tags", "hardware", "phase", "deployment",
-         "last_update")
+FACTS = ("model", "models", "previous", "groups", "tags", "hardware", "phase", "deployment",
+         "last_update", "results")
+#: Facts that newer agents report beside an older one: a report that gives the older one
+#: without them (an agent downgraded in place) has none, and the stored ones are stale.
+_BESIDE = {"models": "model", "results": "last_update"}
 #: Keys of a stored state that the registry writes, never the device.
 _OWN = ("offline_since",)
 
@@ -206,7 +212,8 @@ def _merge(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
         return new
     if new.get("will") is True:
         new = {k: v for k, v in new.items() if k not in FACTS}
-    return {**{k: old[k] for k in FACTS if k in old}, **new}
+    kept = [k for k in FACTS if k in old and _BESIDE.get(k) not in new]
+    return {**{k: old[k] for k in kept}, **new}
 
 
 def write_state(c: Connection, fleet: str, device: str, payload: bytes,
@@ -254,7 +261,13 @@ def write_state(c: Connection, fleet: str, device: str, payload: bytes,
     _text(st.last_reason, "last_update.reason")
     _counter(st.deployment, "deployment")
     _counter(st.last_deployment, "last_update.deployment")
+    models = json_text([m.to_json() for m in st.served])
+    results = json_text([{"deployment": r.deployment, "result": r.result,
+                          "reason": None if r.reason is None else r.reason[:_RESULT_REASON],
+                          "models": list(r.models)}
+                         for r in st.results if r.deployment <= MAX_ID])
     values: dict[str, Any] = {
+        "models": models, "results": results,
         "groups": json_text(list(st.groups)), "tags": json_text(tags),
         "hardware": json_text(hw), "online": st.online, "last_seen": ts,
         "model": model, "version": version, "previous_model": prev[0],
@@ -273,7 +286,8 @@ def write_state(c: Connection, fleet: str, device: str, payload: bytes,
         changes = []
         if bool(old.online) != st.online:
             changes.append("online" if st.online else "offline")
-        if (old.model, old.version) != (model, version):
+        if (old.model, old.version) != (model, version) \
+                or model_versions(old.models) != st.models:
             changes.append("model")
         if old.phase != st.phase:
             changes.append("phase")
@@ -285,7 +299,7 @@ def write_state(c: Connection, fleet: str, device: str, payload: bytes,
                "model": model, "version": version,
                "reason": st.last_reason if "result" in changes else None,
                "detail": json_text({"online": st.online, "phase": st.phase,
-                                    "result": st.last_result})}
+                                    "result": st.last_result, "models": st.models})}
         _fit(_EVENT_COLS, row)
         insert_event(c, row)
 

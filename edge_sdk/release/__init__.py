@@ -7,7 +7,8 @@
   ``root_path`` (trusted root for devices), ``deployment_key_path``.
 - :func:`create_deployment` → :class:`SignedDeployment` (``.deployment``, ``.document``),
   :func:`publish_deployment` (retained on each ``desired`` topic).
-- :func:`fleet_status` (every device's retained state as :class:`DeviceStatus`),
+- :func:`fleet_status` (every device's retained state as :class:`DeviceStatus`, its
+  models as :class:`ModelStatus`, its last results as :class:`UpdateResult`),
   :class:`DeploymentWatch` (subscribe, publish, then ``wait()`` → :class:`Outcome` per
   device), :func:`require_success` (raises :class:`~edge_sdk.errors.DeploymentError`),
   :func:`describe_transfer` (one line for a device's download progress).
@@ -41,7 +42,9 @@ from ._rollout import RolloutConfig, RolloutResult, plan_waves, rollout
 from ._watch import (
     DeploymentWatch,
     DeviceStatus,
+    ModelStatus,
     Outcome,
+    UpdateResult,
     describe_transfer,
     fleet_status,
     require_success,
@@ -55,6 +58,7 @@ __all__ = [
     "DeviceStatus",
     "ExpiryWarning",
     "FreshnessKeeper",
+    "ModelStatus",
     "Outcome",
     "ProfileConfig",
     "ProfilingError",
@@ -64,6 +68,7 @@ __all__ = [
     "RolloutConfig",
     "RolloutResult",
     "SignedDeployment",
+    "UpdateResult",
     "clear_deployment",
     "create_deployment",
     "deployment_state",

@@ -1,7 +1,8 @@
 """The operator's view of the fleet, read from what the agents report over MQTT.
 
-Every agent keeps a retained ``state`` message (online, served and previous
-model, last update result, the groups it says it follows, the download running) and
+Every agent keeps a retained ``state`` message (online, the models it serves, the
+previous model, its last update results, the groups it says it follows, the download
+running) and
 sends ``events`` as an update goes through its stages, and ``progress`` events while it
 downloads.
 :func:`fleet_status` reads the retained states;
@@ -28,6 +29,49 @@ COMMITTED = "committed"
 FAILED_RESULTS = ("rolled_back", "failed", "refused")
 #: What :meth:`DeploymentWatch.wait` says of a device that did not report in time.
 NO_ANSWER = "no answer"
+#: The most models read from one state report (a deployment decides at most 16 names),
+#: the longest name and version kept (no deployment names a longer one), and how many of
+#: its newest update results are read: a device wrote the report, so all are bounded.
+MAX_MODELS = 16
+MAX_MODEL_NAME = 128
+MAX_MODEL_VERSION = 128
+MAX_RESULTS = 8
+_MAX_WORD = 64
+_MAX_REASON = 2000
+_PHASES = ("trial", "committed")
+_HEX = frozenset("0123456789abcdef")
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """One model a device serves, as its state reports it. ``phase``: ``trial`` (still in
+    its health window) or ``committed``; None when the report does not say."""
+
+    name: str
+    version: str
+    sha256: str | None = None
+    phase: str | None = None
+
+    @property
+    def label(self) -> str:
+        """``det 1.1``, and `` (trial)`` after it while on trial."""
+        return f"{self.name} {self.version}" + (" (trial)" if self.phase == "trial" else "")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "sha256": self.sha256,
+                "phase": self.phase}
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """How a device ended deployment ``deployment`` (one of its reported ``results``):
+    ``result`` is ``committed`` or one of :data:`FAILED_RESULTS` (or a word a newer agent
+    uses); ``models``: the names it was about, when the report says."""
+
+    deployment: int
+    result: str
+    reason: str | None = None
+    models: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -53,9 +97,41 @@ class DeviceStatus:
     raw: dict[str, Any]
     #: The download running when the state was sent (a ``progress`` event's fields).
     transfer: dict[str, Any] | None = None
-    #: Every model the device serves, name -> version: the state's ``models`` (an agent
-    #: serving a set), else its one ``model``.
+    #: Every model it serves, name -> version (``model`` is the one swapped in last).
     models: dict[str, str] = field(default_factory=dict)
+    #: The same with sha256 and phase, sorted by name.
+    served: tuple[ModelStatus, ...] = ()
+    #: Its newest update results, newest last (at most :data:`MAX_RESULTS`).
+    results: tuple[UpdateResult, ...] = ()
+
+    @property
+    def models_label(self) -> str | None:
+        """``det 1.1, ocr 2.0 (trial)``; None when it serves none."""
+        return ", ".join(m.label for m in self.served) or None
+
+    def ref_of(self, name: str) -> tuple[str, str] | None:
+        """``(name, version)`` of model ``name`` on the device, None when it has none: what
+        a rollout of that model changes."""
+        version = self.models.get(name)
+        return None if version is None else (name, version)
+
+    def result_of(self, counter: int) -> UpdateResult | None:
+        """How the device ended deployment ``counter``, if its state says: from its
+        ``results`` (several deployments back to back each keep theirs), else from
+        ``last_update`` (older agents report only the last)."""
+        for r in reversed(self.results):
+            if r.deployment == counter:
+                return r
+        if self.last_deployment == counter and self.last_result is not None:
+            return UpdateResult(counter, self.last_result, self.last_reason)
+        return None
+
+    def label_of(self, names: Sequence[str]) -> str | None:
+        """What the device serves of the models ``names`` (``det 1.1``); for none named,
+        the model it swapped in last."""
+        if not names:
+            return self.model
+        return ", ".join(f"{n} {self.models[n]}" for n in names if n in self.models) or None
 
     @classmethod
     def parse(cls, device: str, payload: bytes) -> DeviceStatus | None:
@@ -70,13 +146,15 @@ class DeviceStatus:
         last: dict[str, Any] = lu if isinstance(lu, dict) else {}
         groups = doc.get("groups")
         ref = _model_ref(doc.get("model"))
+        phase = doc.get("phase") if isinstance(doc.get("phase"), str) else None
+        served = _served(doc.get("models"), doc.get("model"), phase)
         return cls(
             device=device,
             online=doc.get("online") is True,
             model_ref=ref,
             model=_model_label(ref),
             previous=_model_label(_model_ref(doc.get("previous"))),
-            phase=doc.get("phase") if isinstance(doc.get("phase"), str) else None,
+            phase=phase,
             deployment=_int(doc.get("deployment")) or 0,
             last_result=last.get("result") if isinstance(last.get("result"), str) else None,
             last_reason=last.get("reason") if isinstance(last.get("reason"), str) else None,
@@ -88,7 +166,9 @@ class DeviceStatus:
             ts=doc.get("ts") if isinstance(doc.get("ts"), (int, float)) else None,
             raw=doc,
             transfer=doc["transfer"] if isinstance(doc.get("transfer"), dict) else None,
-            models=_models(doc.get("models"), ref),
+            models={m.name: m.version for m in served},
+            served=served,
+            results=_results(doc.get("results")),
         )
 
 
@@ -103,10 +183,68 @@ def _model_ref(m: object) -> tuple[str, str] | None:
     return None
 
 
-def _models(listed: object, ref: tuple[str, str] | None) -> dict[str, str]:
-    if not isinstance(listed, list):
-        return dict([ref]) if ref is not None else {}
-    return dict(r for m in listed if (r := _model_ref(m)) is not None)
+def _word(v: object, limit: int) -> str | None:
+    """``v`` when it is a non-empty string of at most ``limit`` printable characters (no
+    control character, no lone surrogate), else None."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = str(v)
+    if isinstance(v, str) and 0 < len(v) <= limit and v.isprintable():
+        return v
+    return None
+
+
+def _one_model(m: object, phase: object = None) -> ModelStatus | None:
+    if not isinstance(m, dict) or not isinstance(m.get("name"), str):
+        return None
+    name = _word(m.get("name"), MAX_MODEL_NAME)
+    version = _word(m.get("version"), MAX_MODEL_VERSION)
+    if name is None or version is None:
+        return None
+    sha = m.get("sha256")
+    said = m.get("phase", phase)
+    return ModelStatus(
+        name, version,
+        sha if isinstance(sha, str) and len(sha) == 64 and _HEX.issuperset(sha) else None,
+        said if isinstance(said, str) and said in _PHASES else None)
+
+
+def _served(models: object, model: object, phase: str | None) -> tuple[ModelStatus, ...]:
+    """The models a state reports: its ``models`` list, else (an older agent) its one
+    ``model`` in the device's phase. Malformed entries and repeated names are left out,
+    and at most :data:`MAX_MODELS` are read."""
+    if not isinstance(models, list):
+        one = _one_model(model, phase)
+        return () if one is None else (one,)
+    found: dict[str, ModelStatus] = {}
+    for m in models:
+        one = _one_model(m)
+        if one is not None and one.name not in found:
+            found[one.name] = one
+            if len(found) >= MAX_MODELS:
+                break
+    return tuple(found[n] for n in sorted(found))
+
+
+def _results(results: object) -> tuple[UpdateResult, ...]:
+    """The newest :data:`MAX_RESULTS` well-formed entries of a state's ``results``."""
+    if not isinstance(results, list):
+        return ()
+    out: list[UpdateResult] = []
+    for r in results[-MAX_RESULTS:]:
+        if not isinstance(r, dict):
+            continue
+        counter, result = _int(r.get("deployment")), r.get("result")
+        if counter is None or counter < 0 or not isinstance(result, str) \
+                or _word(result, _MAX_WORD) is None:
+            continue
+        reason = r.get("reason")
+        said = r.get("models")
+        names = (_word(x.get("name") if isinstance(x, dict) else x, MAX_MODEL_NAME)
+                 for x in (said[:MAX_MODELS] if isinstance(said, list) else ()))
+        out.append(UpdateResult(counter, result,
+                                reason[:_MAX_REASON] if isinstance(reason, str) else None,
+                                tuple(n for n in names if n is not None)))
+    return tuple(out)
 
 
 def _model_label(ref: tuple[str, str] | None) -> str | None:
@@ -242,13 +380,15 @@ class DeploymentWatch:
             self.states[status.device] = status
             if status.device not in self._targets() or status.device in self.outcomes:
                 return
-            # The state names the deployment its last result is about; nothing else
-            # (phase, counter, the order of messages) says what became of this one.
-            if status.last_deployment == self.counter and (
-                    status.last_result == COMMITTED or status.last_result in FAILED_RESULTS):
-                reason = None if status.last_result == COMMITTED else status.last_reason
-                self.outcomes[status.device] = Outcome(status.device, status.last_result,
-                                                       reason, status.model)
+            # The state names the deployments its results are about (its last few, and
+            # its last one); nothing else (phase, counter, the order of messages) says
+            # what became of this one.
+            done = status.result_of(self.counter)
+            if done is not None and (done.result == COMMITTED
+                                     or done.result in FAILED_RESULTS):
+                reason = None if done.result == COMMITTED else done.reason
+                self.outcomes[status.device] = Outcome(status.device, done.result, reason,
+                                                       status.label_of(done.models))
             self._changed.notify_all()
 
     def _on_event(self, topic: str, payload: bytes) -> None:
@@ -391,6 +531,6 @@ def require_success(outcomes: list[Outcome], counter: int) -> None:
                               f"{len(outcomes)} device(s): {describe_failures(bad)}")
 
 
-__all__ = ["COMMITTED", "FAILED_RESULTS", "NO_ANSWER", "DeploymentWatch", "DeviceStatus",
-           "Outcome", "describe_failures", "describe_transfer", "fleet_status",
-           "require_success"]
+__all__ = ["COMMITTED", "FAILED_RESULTS", "MAX_MODELS", "NO_ANSWER", "DeploymentWatch",
+           "DeviceStatus", "ModelStatus", "Outcome", "UpdateResult", "describe_failures",
+           "describe_transfer", "fleet_status", "require_success"]

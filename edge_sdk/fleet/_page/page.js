@@ -164,8 +164,7 @@ const SORT_KEYS = {
   groups: (d) => listText(d.groups),
   tags: (d) => pairsText(d.tags),
   reported_groups: (d) => reportedText(d),
-  model: (d) => text(d.model),
-  version: (d) => text(d.version),
+  model: (d) => modelsText(d),
   phase: (d) => phaseText(d),
   last_result: (d) => text(d.last_result),
   last_seen: (d) => (typeof d.last_seen === "number" && Number.isFinite(d.last_seen) ? d.last_seen : -Infinity),
@@ -187,11 +186,33 @@ function compare(a, b) {
   return i > j ? 1 : i < j ? -1 : 0;
 }
 
+// The models a device serves, each "name version" and " (trial)" while on trial; from a
+// controller older than the list, its one model.
+function modelLabels(d) {
+  if (!Array.isArray(d.models)) return d.model ? [`${text(d.model)} ${text(d.version)}`] : [];
+  return d.models.slice(0, MAX_ITEMS).map((m) => (isObj(m)
+    ? `${text(m.name)} ${text(m.version)}${m.phase === "trial" ? " (trial)" : ""}` : text(m)))
+    .concat(d.models.length > MAX_ITEMS ? [`… and ${d.models.length - MAX_ITEMS} more`] : []);
+}
+
+function modelsText(d) {
+  return modelLabels(d).join(", ");
+}
+
+// One line per model, or "no model".
+function modelsCell(d) {
+  const labels = modelLabels(d);
+  if (!labels.length) return el("td", { class: "none" }, "no model");
+  const full = labels.join("\n");
+  return el("td", { class: "models", title: full.length > MAX_TEXT ? text(full, MAX_TITLE) : null },
+    ...labels.map((l) => el("div", {}, text(l))));
+}
+
 // A device that never installed a model is idle whatever its phase says (older agents
 // report "committed" for it).
 function phaseText(d) {
   if (d.registered === false) return "never reported"; // assigned by the operator only
-  if (d.model) return text(d.phase);
+  if (modelLabels(d).length) return text(d.phase);
   return d.phase && d.phase !== "committed" ? text(d.phase) : "idle";
 }
 
@@ -210,8 +231,7 @@ function deviceRow(d) {
     el("th", { scope: "row" }, button),
     el("td", { class: d.online === true ? "on" : "off" }, onlineText(d)),
     td(listText(d.groups)), td(pairsText(d.tags)), reportedCell(d),
-    td(d.model || "no model", { class: d.model ? null : "none" }), td(d.version || "—"),
-    td(phaseText(d)),
+    modelsCell(d), td(phaseText(d)),
     td(d.last_result, { title: text(d.last_reason, MAX_TITLE) }),
     el("td", {}, when(d.last_seen)));
 }
@@ -225,7 +245,7 @@ function reportedCell(d) {
 function brokenRow(d, err) {
   const id = isObj(d) ? text(d.id) : "";
   return el("tr", { class: "broken", "data-device": id || null },
-    el("td", { colspan: 10 }, `cannot show device ${id || "(no id)"}: ${errText(err)}`));
+    el("td", { colspan: 9 }, `cannot show device ${id || "(no id)"}: ${errText(err)}`));
 }
 
 function renderDevices(devs) {
@@ -331,7 +351,8 @@ function renderHistory(doc) {
   if (!isObj(doc) || !isObj(doc.device)) throw new Error("the answer is not a device record");
   const d = doc.device;
   document.getElementById("history-h").textContent = `History of ${text(d.id)}`;
-  const facts = [["Model", d.model ? `${text(d.model)} ${text(d.version)}` : "no model installed"],
+  const labels = modelLabels(d);
+  const facts = [[labels.length > 1 ? "Models" : "Model", labels.join(", ") || "no model installed"],
     ["Phase", phaseText(d)],
     ["Previous", `${text(d.previous_model) || "—"} ${text(d.previous_version)}`],
     ["Last result", `${text(d.last_result)} ${d.last_reason ? "— " + text(d.last_reason, MAX_TITLE) : ""}`],

@@ -71,6 +71,8 @@ from ._schema import (
     chunks,
     json_text,
     json_value,
+    model_list,
+    model_versions,
     valid_id,
 )
 
@@ -116,6 +118,8 @@ __all__ = [
     "list_operators",
     "load_state",
     "lock_rollout",
+    "model_list",
+    "model_versions",
     "operator_exists",
     "operator_hash",
     "pending_commands",

@@ -44,6 +44,7 @@ from ._schema import (
     device_events,
     device_ingest,
     devices,
+    model_list,
     registry_stats,
     rollout_devices,
     rollouts,
@@ -217,8 +218,11 @@ class FleetDB:
         operator assigned that has not reported yet (``registered`` False). ``group`` and
         ``tag`` (``KEY`` or ``KEY=VALUE``) filter by the operator's assignment;
         ``hw.KEY[=VALUE]`` by a reported hardware fact. ``model`` is a name or
-        ``NAME VERSION`` / ``NAME@VERSION``. ``online`` is what the device said unless it
-        has gone silent (see :func:`_silence`)."""
+        ``NAME VERSION`` / ``NAME@VERSION``: the devices serving it, among their models.
+        ``online`` is what the device said unless it has gone silent (see
+        :func:`_silence`). Each device's ``models``: every model it serves,
+        ``{"name", "version", "sha256", "phase"}`` sorted by name; ``model`` and
+        ``version``: the one it swapped in last."""
         a = device_assignments
         q = _registered().order_by(devices.c.fleet, devices.c.id)
         waiting = sa.select(a).where(~sa.exists().where(
@@ -226,17 +230,23 @@ class FleetDB:
         if fleet is not None:
             q = q.where(devices.c.fleet == fleet)
             waiting = waiting.where(a.c.fleet == fleet)
+        name = version = ""
         if model is not None:
             name, _, version = model.replace("@", " ").partition(" ")
-            q = q.where(devices.c.model == name)
-            if version.strip():
-                q = q.where(devices.c.version == version.strip())
+            version = version.strip()
+            # Narrowed in SQL by the name as the registry stores it (json_text), then
+            # matched exactly below.
+            q = q.where(devices.c.models.contains(f'"name":{_dumps(name)}', autoescape=True))
         with self.read() as c:
             cut = _silence(c, fleet)
             rows = [_device(r, cut) for r in c.execute(q).mappings()]
             if model is None and online is not True:
                 rows += [_unregistered(r) for r in c.execute(waiting).mappings()]
                 rows.sort(key=lambda r: (r["fleet"], r["id"]))
+        if model is not None:
+            rows = [r for r in rows if any(
+                m["name"] == name and (not version or m["version"] == version)
+                for m in r["models"])]
         if online is not None:
             rows = [r for r in rows if r["online"] == online]
         if group is not None:
@@ -367,8 +377,9 @@ class FleetDB:
 
     def models(self, *, fleet: str | None = None) -> list[dict[str, Any]]:
         """How many devices serve each model version (``online`` among them: online as
-        :meth:`devices` says it, a silent device is not)."""
-        q = sa.select(devices.c.fleet, devices.c.model, devices.c.version, devices.c.online,
+        :meth:`devices` says it, a silent device is not); a device serving several models
+        counts for each, one serving none under model None."""
+        q = sa.select(devices.c.fleet, devices.c.models, devices.c.online,
                       devices.c.last_seen)
         if fleet is not None:
             q = q.where(devices.c.fleet == fleet)
@@ -376,9 +387,13 @@ class FleetDB:
         with self.read() as c:
             cut = _silence(c, fleet)
             for r in c.execute(q):
-                n = counts.setdefault((r.model, r.version), [0, 0])
-                n[0] += 1
-                n[1] += bool(r.online) and not _is_silent(r.fleet, True, r.last_seen, cut)
+                on = bool(r.online) and not _is_silent(r.fleet, True, r.last_seen, cut)
+                keys: list[tuple[str | None, str | None]] = [
+                    (m["name"], m["version"]) for m in model_list(r.models)]
+                for key in keys or [(None, None)]:
+                    n = counts.setdefault(key, [0, 0])
+                    n[0] += 1
+                    n[1] += on
         rows = [{"model": k[0], "version": k[1], "devices": n, "online": on}
                 for k, (n, on) in counts.items()]
         return sorted(rows, key=lambda r: (r["model"] or "", r["version"] or ""))
@@ -627,7 +642,9 @@ def _device(m: RowMapping, silence: Mapping[str, float] | None = None) -> dict[s
         "reports_dropped": int(m.get("reports_dropped") or 0),
         "reports_lost": int(m.get("reports_lost") or 0),
         "first_seen": m["first_seen"],
-        "last_seen": m["last_seen"], "model": m["model"], "version": m["version"],
+        "last_seen": m["last_seen"], "models": model_list(m["models"]),
+        "results": _loads(m["results"], []),
+        "model": m["model"], "version": m["version"],
         "previous_model": m["previous_model"], "previous_version": m["previous_version"],
         "phase": m["phase"], "deployment": m["deployment"], "last_result": m["last_result"],
         "last_reason": m["last_reason"], "last_deployment": m["last_deployment"],
@@ -644,7 +661,8 @@ def _unregistered(m: RowMapping) -> dict[str, Any]:
         "reported_groups": [], "reported_tags": {}, "mismatch": [], "hardware": {},
         "online": False, "silent": False, "reported_online": False, "offline_since": None,
         "reports_dropped": 0,
-        "reports_lost": 0, "first_seen": None, "last_seen": None, "model": None,
+        "reports_lost": 0, "first_seen": None, "last_seen": None, "models": [], "results": [],
+        "model": None,
         "version": None, "previous_model": None, "previous_version": None, "phase": None,
         "deployment": 0, "last_result": None, "last_reason": None, "last_deployment": None,
         "state": {},

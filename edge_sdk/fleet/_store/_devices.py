@@ -50,13 +50,13 @@ DEVICE_COLUMNS, EVENT_COLUMNS = _limits(devices), _limits(device_events)
 
 def reported_device(c: Connection, fleet: str, device: str) -> Record | None:
     """What the registry holds of a device, to merge its next state report into:
-    ``online``, ``phase``, ``model``, ``version``, ``last_deployment``, ``last_result``,
-    ``state``, ``last_seen``; None for a device not registered."""
+    ``online``, ``phase``, ``model``, ``version``, ``models``, ``last_deployment``,
+    ``last_result``, ``state``, ``last_seen``; None for a device not registered."""
     key = (devices.c.fleet == fleet) & (devices.c.id == device)
     return c.execute(sa.select(devices.c.online, devices.c.phase, devices.c.model,
-                               devices.c.version, devices.c.last_deployment,
-                               devices.c.last_result, devices.c.state,
-                               devices.c.last_seen).where(key)).first()
+                               devices.c.version, devices.c.models,
+                               devices.c.last_deployment, devices.c.last_result,
+                               devices.c.state, devices.c.last_seen).where(key)).first()
 
 
 def insert_device(c: Connection, fleet: str, device: str, first_seen: float,

@@ -29,6 +29,7 @@ from ._schema import (
     devices,
     json_text,
     json_value,
+    model_versions,
     registry_stats,
     rollout_commands,
     rollout_devices,
@@ -45,13 +46,15 @@ _JSON_FIELDS = ("before_models",)
 def selectable_devices(db: FleetDB, fleet: str, *,
                        hardware: bool) -> Iterable[dict[str, Any]]:
     """Every registered device of ``fleet`` as a selector sees it: ``id``, the operator's
-    ``groups`` and ``tags``, ``online``, ``model``, ``version``, and (with ``hardware``)
+    ``groups`` and ``tags``, ``online``, ``model``, ``version`` (the model it swapped in
+    last), ``models`` (every model it serves, name -> version), and (with ``hardware``)
     its reported ``hardware`` facts, else ``{}``."""
     # Read on every poll: only the columns a selector looks at, never the state document
     # (most of a row's bytes). Hardware facts are parsed only for a hw. filter.
     a = device_assignments
     cols = [devices.c.id, a.c.groups, a.c.tags, devices.c.online, devices.c.model,
-            devices.c.version, *([devices.c.hardware] if hardware else [])]
+            devices.c.version, devices.c.models,
+            *([devices.c.hardware] if hardware else [])]
     q = sa.select(*cols).select_from(devices.outerjoin(
         a, (a.c.fleet == devices.c.fleet) & (a.c.id == devices.c.id)))
     with db.read() as c:
@@ -59,7 +62,8 @@ def selectable_devices(db: FleetDB, fleet: str, *,
     for r in rows:
         yield {"id": r.id, "groups": json_value(r.groups, []), "tags": json_value(r.tags, {}),
                "hardware": json_value(r.hardware, {}) if hardware else {},
-               "online": bool(r.online), "model": r.model, "version": r.version}
+               "online": bool(r.online), "model": r.model, "version": r.version,
+               "models": model_versions(r.models)}
 
 
 def desired_versions(db: FleetDB, fleet: str,
@@ -248,15 +252,24 @@ def heard_until(db: FleetDB, fleet: str) -> float | None:
 
 def reports(db: FleetDB, fleet: str, waiting: Mapping[str, set[int]]) -> list[m.Report]:
     """What the devices in ``waiting`` reported about the deployments (counters) each waits
-    for: a finished last update, or the newest bad event per device and counter."""
+    for: a finished update among its newest results or its last one (a device given
+    two deployments back to back keeps both), or the newest bad event per device and
+    counter."""
     out: list[m.Report] = []
     counters = sorted({n for s in waiting.values() for n in s})
     with db.read() as c:
-        for r in c.execute(sa.select(devices.c.id, devices.c.last_deployment,
-                                     devices.c.last_result, devices.c.last_reason).where(
+        for d in c.execute(sa.select(devices.c.id, devices.c.last_deployment,
+                                     devices.c.last_result, devices.c.last_reason,
+                                     devices.c.results).where(
                 (devices.c.fleet == fleet) & devices.c.id.in_(list(waiting)))):
-            if r.last_deployment in waiting[r.id] and r.last_result in m.FINISHED:
-                out.append(m.Report(r.id, r.last_deployment, r.last_result, r.last_reason))
+            said = {x["deployment"]: (x.get("result"), x.get("reason"))
+                    for x in json_value(d.results, []) if isinstance(x, dict)
+                    and isinstance(x.get("deployment"), int)
+                    and x["deployment"] in waiting[d.id]}
+            if d.last_deployment in waiting[d.id]:
+                said[d.last_deployment] = (d.last_result, d.last_reason)
+            out += [m.Report(d.id, n, result, reason if isinstance(reason, str) else None)
+                    for n, (result, reason) in sorted(said.items()) if result in m.FINISHED]
         # Only the newest bad event per waiting device and counter it waits for: rows a
         # device files under other counters, or many under one, are never read.
         ev = device_events

@@ -31,7 +31,7 @@ from .._errors import FleetError
 Record: TypeAlias = Row[*tuple[Any, ...]]
 
 #: The schema this code writes. Bump it and add a step to ``_MIGRATIONS`` together.
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 
 meta = sa.MetaData()
@@ -44,7 +44,11 @@ schema_version = sa.Table(
 
 #: Every device that has reported, as it last reported itself. ``groups`` and ``tags`` are
 #: what the device claims (shown as reported, never used to select it): the operator's
-#: assignment is in ``device_assignments``.
+#: assignment is in ``device_assignments``. ``models`` (schema 8): every model it serves,
+#: a JSON list of ``{"name", "version", "sha256", "phase"}`` sorted by name; ``model`` and
+#: ``version`` are the one it swapped in last (what agents before schema 8 reported).
+#: ``results`` (schema 8): its newest update results, ``{"deployment", "result",
+#: "reason", "models"}`` newest last; ``last_*`` are the last one (older agents' only).
 devices = sa.Table(
     "devices", meta,
     sa.Column("fleet", sa.String(128), primary_key=True),
@@ -65,6 +69,8 @@ devices = sa.Table(
     sa.Column("last_reason", sa.Text),
     sa.Column("last_deployment", sa.Integer),
     sa.Column("state", sa.Text, nullable=False, default="{}"),
+    sa.Column("models", sa.Text, nullable=False, default="[]", server_default="[]"),
+    sa.Column("results", sa.Text, nullable=False, default="[]", server_default="[]"),
 )
 
 device_events = sa.Table(
@@ -313,7 +319,28 @@ def _v8(c: Connection) -> None:
         c.execute(sa.text(f"ALTER TABLE rollout_devices ADD COLUMN {spec}"))
 
 
-_MIGRATIONS = {1: _v1, 2: _v2, 3: _v3, 4: _v4, 5: _v5, 6: _v6, 7: _v7, 8: _v8}
+def _v9(c: Connection) -> None:
+    """Each device's models and update results: a device registered before keeps the one
+    model it reported (its phase as the device's) until its next report says them all."""
+    have = {col["name"] for col in sa.inspect(c).get_columns("devices")}
+    for col in (devices.c.models, devices.c.results):
+        if col.name not in have:
+            spec = sa.schema.CreateColumn(col).compile(dialect=c.dialect)
+            c.execute(sa.text(f"ALTER TABLE devices ADD COLUMN {spec}"))
+    d = devices.c
+    rows = c.execute(sa.select(d.fleet, d.id, d.model, d.version, d.phase).where(
+        d.model.is_not(None) & d.version.is_not(None))).all()
+    update = devices.update().where((d.fleet == sa.bindparam("k_fleet"))
+                                    & (d.id == sa.bindparam("k_id"))) \
+        .values(models=sa.bindparam("k_models"))
+    for part in chunks(rows, 1000):
+        c.execute(update, [{"k_fleet": r.fleet, "k_id": r.id, "k_models": json_text([{
+            "name": r.model, "version": r.version, "sha256": None,
+            "phase": r.phase if r.phase in ("trial", "committed") else None}])}
+            for r in part])
+
+
+_MIGRATIONS = {1: _v1, 2: _v2, 3: _v3, 4: _v4, 5: _v5, 6: _v6, 7: _v7, 8: _v8, 9: _v9}
 
 
 def migrate(c: Connection, url: str, *, write: bool) -> None:
@@ -355,6 +382,19 @@ def json_value(s: str | None, default: Any) -> Any:
         return json.loads(s)
     except ValueError:
         return default
+
+
+def model_list(s: str | None) -> list[dict[str, Any]]:
+    """A device's stored ``models``: ``{"name", "version", "sha256", "phase"}`` each, sorted
+    by name (the registry wrote them checked; anything else reads as no model)."""
+    v = json_value(s, [])
+    return [m for m in v if isinstance(m, dict) and isinstance(m.get("name"), str)
+            and isinstance(m.get("version"), str)] if isinstance(v, list) else []
+
+
+def model_versions(s: str | None) -> dict[str, str]:
+    """A device's stored ``models`` as name -> version."""
+    return {m["name"]: m["version"] for m in model_list(s)}
 
 
 def chunks(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
