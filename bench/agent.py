@@ -21,9 +21,16 @@
    numpy by the client (converters' numpy reference: decode, resize, normalize, then
    softmax and top-k, or decode and NMS), in-process and through an agent (goal: the
    in-graph pipeline no slower).
+8. Several models on one agent: p99 of requests to model B in quiet spells vs while
+   model A (``--swap-mib`` MiB of weights) is updated ``--model-swaps`` times, under one
+   continuous load (goal ≤ 1.5×, 0 failed); and the agent's RSS over ``--model-cycles``
+   deploy/remove cycles of model C (``--model-mib`` MiB; goal: back within a few MB of
+   before). Every update and removal is a real signed single-model deployment (MQTT,
+   TUF fetch, verify, load, smoke test, swap, health window; B is never touched).
 
     .venv/bin/python bench/agent.py [--swaps 100] [--requests 4000] [--skip-venv]
-        [--agent-code DIR] [--only images] [--image-runs 200]
+        [--agent-code DIR] [--only images|models] [--image-runs 200]
+        [--model-swaps 50] [--model-cycles 20] [--swap-mib 8] [--model-mib 32]
 
 ``--agent-code`` runs the agent subprocesses from another checkout (say the main
 branch) to measure before and after a change side by side.
@@ -310,8 +317,9 @@ def memory(agent: Agent) -> dict[str, Any]:
 class Load:
     """Client threads sending infer requests on keep-alive connections."""
 
-    def __init__(self, port: int, threads: int = 2) -> None:
+    def __init__(self, port: int, threads: int = 2, model: str = "adder") -> None:
         self.port = port
+        self.path = f"/v2/models/{model}/infer"
         self.stop = threading.Event()
         self.lat: list[float] = []
         #: (end time, latency) of every successful request, to split by phase afterwards.
@@ -326,7 +334,7 @@ class Load:
         while not self.stop.is_set():
             t0 = clock()
             try:
-                conn.request("POST", "/v2/models/adder/infer", body=BODY)
+                conn.request("POST", self.path, body=BODY)
                 r = conn.getresponse()
                 data = r.read()
                 if r.status != 200:
@@ -595,21 +603,151 @@ def main() -> None:
     ap.add_argument("--skip-venv", action="store_true")
     ap.add_argument("--agent-code", type=Path, default=ROOT,
                     help="checkout the agent subprocesses run from (default: this one)")
-    ap.add_argument("--only", choices=["images"],
-                    help="run only this part ([7] image in, answer out)")
+    ap.add_argument("--only", choices=["images", "models"],
+                    help="run only this part ([7] image in, answer out; [8] several models)")
     ap.add_argument("--image-runs", type=int, default=200,
                     help="[7]: images answered per side and task")
+    ap.add_argument("--model-swaps", type=int, default=50,
+                    help="[8]: swaps of model A while model B is asked")
+    ap.add_argument("--model-cycles", type=int, default=20,
+                    help="[8]: load/unload cycles of model A for the RSS figure")
+    ap.add_argument("--swap-mib", type=int, default=8,
+                    help="[8]: MiB of weights of model A (updated while B is asked)")
+    ap.add_argument("--model-mib", type=int, default=32,
+                    help="[8]: MiB of weights of model C (deployed and removed)")
     args = ap.parse_args()
     global AGENT_CODE
     AGENT_CODE = args.agent_code.resolve()
     tmp = Path(tempfile.mkdtemp(prefix="edge-agent-bench-"))
     try:
         with Mosquitto(tmp / "broker") as broker:
-            if args.only != "images":
+            if args.only is None:
                 run(tmp, broker, args)
-            images(tmp / "images", broker, args.image_runs)
+            if args.only in (None, "images"):
+                images(tmp / "images", broker, args.image_runs)
+            if args.only in (None, "models"):
+                several_models(tmp / "models", broker, args)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def several_models(tmp: Path, broker: Mosquitto, args: argparse.Namespace) -> None:
+    """[8] B's latency while A is updated by signed deployments, and RSS over deploy/remove
+    cycles of C."""
+    tmp.mkdir(parents=True)
+    repo = Repository.init(tmp / "repo", tmp / "keys")
+    arts = tmp / "arts"
+    arts.mkdir()
+
+    def release(name: str, version: int, mib: int) -> None:
+        if mib:
+            w = np.random.default_rng(version).standard_normal((4, (mib << 20) // 16),
+                                                               dtype=np.float32)
+            m = _models.weighted_offset_model(arts / f"{name}-{version}.onnx",
+                                              float(version), w)
+        else:
+            m = _models.offset_model(arts / f"{name}-{version}.onnx", float(version))
+        art = edge_sdk.build_artifact(m, arts / f"{name}-{version}", name=name,
+                                      version=str(version), sample={"x": X})
+        # No deltas: a retrained model differs everywhere, and its full download is the
+        # work a device does while it keeps serving.
+        repo.add_artifact(art.path, delta_bases=0)
+
+    release("bee", 1, 0)
+    for v in range(1, args.model_swaps + 2):
+        release("ant", v, args.swap_mib)
+    release("cat", 1, args.model_mib)
+    host = MqttConnection(MqttConfig(url=broker.url, fleet=FLEET), name="bench-models")
+    host.connect()
+    responder = start_responder(tmp, repo, broker)
+    outcomes: dict[int, str] = {}
+
+    def on_event(topic: str, payload: bytes) -> None:
+        try:
+            ev = json.loads(payload)
+        except ValueError:
+            return  # a cleared retained message
+        dep = ev.get("deployment") if isinstance(ev, dict) else None
+        if ev.get("event") in ("committed", "failed", "refused", "rolled_back") and \
+                isinstance(dep, dict) and isinstance(dep.get("counter"), int):
+            outcomes[dep["counter"]] = ev["event"]
+
+    host.subscribe(f"edge/{FLEET}/dev/+/events", on_event)
+    agent = Agent(tmp, "multi", broker, repo, 0.2)
+
+    def deploy(**what: Any) -> None:
+        signed = create_deployment(repo, fleet=FLEET, devices=["multi"], **what)
+        counter = signed.deployment.counter
+        publish_deployment(host, signed)
+        deadline = time.monotonic() + 120
+        while counter not in outcomes:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"[8] deployment #{counter} ({what}) did not settle")
+            time.sleep(0.002)
+        if outcomes[counter] != "committed":
+            raise SystemExit(f"[8] deployment #{counter} ({what}): {outcomes[counter]}; "
+                             f"see {agent.dir / 'log'}")
+
+    try:
+        deploy(model="bee", version="1")
+        deploy(model="ant", version="1")
+        # Quiet and updating phases alternate under one continuous load on B (bursts of 5
+        # updates of A, then a quiet spell as long as the burst), so machine noise hits
+        # both alike.
+        phases: list[tuple[str, float, float]] = []
+        with Load(agent.port, model="bee") as load:
+            time.sleep(1.0)
+            done = 0
+            while done < args.model_swaps:
+                a = time.perf_counter()
+                for v in range(done + 2, min(done + 5, args.model_swaps) + 2):
+                    deploy(model="ant", version=str(v))
+                b = time.perf_counter()
+                phases.append(("swap", a, b))
+                done = min(done + 5, args.model_swaps)
+                time.sleep(max(b - a, 0.5))
+                phases.append(("quiet", b, time.perf_counter()))
+        by: dict[str, list[float]] = {"swap": [], "quiet": []}
+        for t, lat in load.samples:
+            for kind, a, b in phases:
+                if a <= t < b:
+                    by[kind].append(lat)
+                    break
+        swap_s = sum(b - a for kind, a, b in phases if kind == "swap")
+        p99_quiet, p99_swap = pct(by["quiet"], 99), pct(by["swap"], 99)
+        print(f"[8] several models: B asked under load while A ({args.swap_mib} MiB of "
+              f"weights) is updated {args.model_swaps} times by signed single-model "
+              f"deployments ({swap_s / max(args.model_swaps, 1):.2f} s each: fetch, verify, "
+              "load, smoke test, swap, health window, commit)")
+        print(f"    B p99 while A updates {p99_swap:.3f} ms ({len(by['swap'])} requests) vs "
+              f"{p99_quiet:.3f} ms in the quiet spells ({len(by['quiet'])}) -> ratio "
+              f"{p99_swap / p99_quiet:.2f}x (goal <= 1.5); p50 {pct(by['swap'], 50):.3f} vs "
+              f"{pct(by['quiet'], 50):.3f} ms; {len(load.failed)} failed (goal 0), B "
+              f"versions answered {sorted(load.versions)}")
+        if load.failed:
+            print(f"    first failures: {load.failed[:3]}")
+        # The release of a removed model's memory follows its last reference by a moment.
+        settle = 0.5
+        time.sleep(settle)
+        before = agent.rss_mb()
+        loaded: list[float] = []
+        after: list[float] = []
+        for _ in range(args.model_cycles):
+            deploy(model="cat", version="1")
+            loaded.append(agent.rss_mb())
+            deploy(remove=["cat"])
+            time.sleep(settle)
+            after.append(agent.rss_mb())
+        print(f"    agent RSS over {args.model_cycles} deploy/remove cycles of C "
+              f"({args.model_mib} MiB of weights): {before:.1f} MB serving A and B -> "
+              f"{max(loaded):.1f} MB at most with C -> {after[0]:.1f} MB after the first "
+              f"removal, {after[-1]:.1f} MB after the last (max growth "
+              f"{max(after) - before:+.1f} MB; goal within a few MB)")
+    finally:
+        agent.stop()
+        responder.terminate()
+        responder.wait(20)
+        host.close()
 
 
 def start_responder(tmp: Path, repo: Repository, broker: Mosquitto) -> subprocess.Popen[bytes]:

@@ -38,7 +38,7 @@ from ._metrics import Metrics
 from ._profiler import Profiler, ProfilingSource
 from ._protocol import InferenceApp
 from ._server import HttpServer
-from ._serving import ModelSlots, Served
+from ._serving import ModelSlots, ModelState, Served, Wanted, model_states
 from ._state import ModelRecord, StateStore
 from ._telemetry import Outbox, Telemetry
 
@@ -80,7 +80,7 @@ class Agent:
                  load_model: ModelLoader | None = None) -> None:
         self.config = config
         self.store = StateStore(config.state_dir)
-        self.metrics = Metrics()
+        self.metrics = Metrics(self.model_states)
         self.slots = ModelSlots(on_change=self._model_changed)
         self._stop = threading.Event()
         self._started_at = time.monotonic()
@@ -172,7 +172,7 @@ class Agent:
     def start(self) -> None:
         self.installer.boot()
         if self._serve_http:
-            app = InferenceApp(self.slots, self.metrics, self.config.http)
+            app = InferenceApp(self.slots, self.metrics, self.config.http, self.wanted)
             self.http = HttpServer(app, self.config.http.bind, self.config.http.port)
             self.http.start()
             try:
@@ -446,12 +446,18 @@ class Agent:
                            for n, s in sorted(self.slots.all().items())],
                 "queued_reports": len(self.outbox)}
 
+    def wanted(self) -> list[Wanted]:
+        """The models the device should serve: those of its installed state (a model that
+        cannot be loaded at boot leaves it, reported as failed)."""
+        return [Wanted(name, r.version) for name, r in self.installer.state.models.items()]
+
+    def model_states(self) -> list[ModelState]:
+        """Every model that serves or should (the endpoint's repository index)."""
+        return model_states(self.slots.all(), self.wanted())
+
     def _model_changed(self, name: str, served: Served | None) -> None:
-        served = self.slots.current
-        if served is None:
-            self.metrics.set_model(None, None, None)
-        else:
-            self.metrics.set_model(served.name, served.version, served.record.sha256)
+        self.metrics.set_models((s.name, s.version, s.record.sha256)
+                                for s in self.slots.all().values())
 
     def _count_event(self, kind: str, fields: dict[str, Any]) -> None:
         self.metrics.updates.labels(kind).inc()

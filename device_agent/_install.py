@@ -16,9 +16,6 @@ after that, so a model that crashes the agent cannot crash-loop it.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import functools
 import hashlib
 import logging
 import threading
@@ -169,9 +166,10 @@ class Installer:
                 durable = self.storage.durable
                 self.store.clean(self.state, *(s for s in (durable,) if s is not None))
                 trial = self.state.trial.values() if self.state.phase == "trial" else ()
-                if self._models.keep(r.id for r in (*self.life.serving.values(), *trial)
-                                     if r is not None):
-                    release_memory()
+                # A model let go of gives its memory back once its last request is done
+                # (LoadedModels' finalizer trims the heap).
+                self._models.keep(r.id for r in (*self.life.serving.values(), *trial)
+                                  if r is not None)
             case CleanPartial():
                 self.store.clean_partial()
             case WatchHealth(names):
@@ -205,6 +203,7 @@ class Installer:
             stored, unreadable = self._recover(), str(err)
         self._feed(Boot(stored, max_restarts, unreadable, ts=time.time(),
                         max_models_bytes=limits.max_models_bytes,
+                        max_models=limits.max_models,
                         max_artifact_bytes=limits.max_artifact_bytes))
 
     def _recover(self) -> InstalledState:
@@ -218,8 +217,8 @@ class Installer:
                 record = ModelRecord.for_artifact(Artifact.from_dir(d), None)
             except EdgeError:
                 continue
-            if record.id == d.name:
-                models.setdefault(record.name, record)
+            if d.name in (record.id, record.stored_apart().id):
+                models.setdefault(record.name, replace(record, id=d.name))
         return InstalledState(models=models)
 
     def resume(self) -> None:
@@ -485,20 +484,3 @@ def describe(dep: InstallRequest) -> dict[str, Any]:
     return {"counter": dep.counter,
             "models": [{"name": m.name, "artifact_version": m.version} for m in dep.models],
             "remove": list(dep.remove)}
-
-
-def release_memory() -> None:
-    """Give the heap pages freed by dropped models back to the system (glibc keeps them
-    otherwise, and a device has no memory to lose); a no-op elsewhere."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim() -> Any:
-    name = ctypes.util.find_library("c")
-    try:
-        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-    except OSError:
-        return None

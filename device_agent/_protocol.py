@@ -7,6 +7,12 @@ tritonclient calls: ``/v2/models/{name}/config``, ``/v2/models/{name}/stats``,
 ``/versions/{v}``); ``/metrics`` (Prometheus). Infer bodies may be sent with
 ``Content-Encoding: gzip`` or ``deflate``.
 
+Several models: every model in :class:`ModelSlots` answers under its name; a request
+reads its model from the slots once (a swap of one model never touches a request to
+another). The agent tells which models it should serve (``wanted``: its installed
+state's models): one that does not serve is listed UNAVAILABLE in the repository index
+with why, answers 503 under its name, and keeps ``/v2/health/ready`` at 503.
+
 Answers, not only tensors: an output requested with ``"parameters": {"classification":
 K}`` comes back as Triton's classification extension has it (BYTES ``"score:index:label"``,
 the top K along the last axis, labels from the manifest); an artifact converted with
@@ -31,7 +37,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -54,7 +60,7 @@ from ._codec import (
 from ._config import HttpConfig
 from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ._metrics import Metrics
-from ._serving import ModelSlots, Served
+from ._serving import READY, ModelSlots, ModelState, Served, Wanted, model_states
 
 log = logging.getLogger("device_agent.http")
 
@@ -69,19 +75,27 @@ _BINARY_COST = 2
 #: and a segmenter's int64 class map at the image's size with its base64 answer.
 _PIXEL_COST = 16
 _IMAGE_TYPES = ("image/jpeg", "image/png")
+#: Statistics kept of model versions no longer served (Triton's stats of a version
+#: swapped out a moment ago are still asked for).
+_OLD_STATS = 4
 
 
 class InferenceApp:
-    """The protocol logic, independent of the socket layer."""
+    """The protocol logic, independent of the socket layer.
 
-    def __init__(self, slots: ModelSlots, metrics: Metrics, config: HttpConfig) -> None:
+    ``wanted``: the models the device should serve (the agent's installed state), asked
+    for the repository index, readiness and the answer to a model that does not serve;
+    by default, the models that serve."""
+
+    def __init__(self, slots: ModelSlots, metrics: Metrics, config: HttpConfig,
+                 wanted: Callable[[], Iterable[Wanted]] | None = None) -> None:
         self.slots = slots
         self.metrics = metrics
         self.config = config
+        self._wanted = wanted
         self._sem = threading.BoundedSemaphore(config.max_inflight)
         #: Memory that requests being decoded, run and encoded have reserved.
         self.decoding = Budget(config.max_decode_bytes)
-        self._children: dict[str, tuple[Any, Any, Any, Any]] = {}
         self._stats: dict[tuple[str, str], _ModelStats] = {}
         self._stats_lock = threading.Lock()
 
@@ -120,23 +134,24 @@ class InferenceApp:
 
     def _v2(self, method: str, parts: list[str], headers: Mapping[str, str],
             body: bytes) -> tuple[int, str, bytes, dict[str, str]]:
-        cur = self.slots.current
         if not parts:
             _method(method, "GET")
             return _ok({"name": "edge-sdk-agent", "version": __version__,
                         "extensions": ["binary_tensor_data", "classification"]})
         if parts[0] == "health" and len(parts) == 2 and parts[1] in ("live", "ready"):
             _method(method, "GET")
-            if parts[1] == "ready" and cur is None:
-                return 503, _JSON, b'{"error": "no model installed yet"}', {}
+            if parts[1] == "ready":
+                self._check_ready()
             return 200, _JSON, b"", {}
         if parts == ["repository", "index"]:
             _method(method, "POST")
-            return _ok([] if cur is None else
-                       [{"name": cur.name, "version": cur.version, "state": "READY"}])
+            return _ok([{"name": s.name, "version": s.version, "state": s.state,
+                         **({"reason": s.reason} if s.reason else {})}
+                        for s in self.states()])
         if parts == ["models", "stats"]:
             _method(method, "GET")
-            return _ok({"model_stats": [] if cur is None else [self._model_stats(cur)]})
+            every = self.slots.all()
+            return _ok({"model_stats": [self._model_stats(every[n]) for n in sorted(every)]})
         if parts[0] != "models" or len(parts) < 2:
             raise HttpError(404, f"no route /v2/{'/'.join(parts)}")
         name, rest = parts[1], parts[2:]
@@ -145,7 +160,7 @@ class InferenceApp:
             if len(rest) < 2:
                 raise HttpError(404, "missing version after /versions/")
             version, rest = rest[1], rest[2:]
-        served = self._model(self.slots.get(name) or cur, name, version)
+        served = self._model(name, version)
         if not rest:
             _method(method, "GET")
             return _ok(self._metadata(served))
@@ -163,15 +178,44 @@ class InferenceApp:
             return _ok({"model_stats": [self._model_stats(served)]})
         raise HttpError(404, f"no route /v2/models/{name}/{'/'.join(rest)}")
 
-    def _model(self, cur: Served | None, name: str, version: str | None) -> Served:
-        if cur is None:
-            raise HttpError(404, f"model '{name}' is not available: no model installed yet")
-        if name != cur.name:
-            raise HttpError(404, f"unknown model '{name}'; this agent serves '{cur.name}'")
-        if version is not None and version != cur.version:
+    def states(self) -> list[ModelState]:
+        """Every model that serves or should, sorted by name (the repository index)."""
+        return model_states(self.slots.all(), self._wanted() if self._wanted else ())
+
+    def _check_ready(self) -> None:
+        states = self.states()
+        if not states:
+            raise HttpError(503, "no model installed yet")
+        down = [s for s in states if s.state != READY]
+        if down:
+            raise HttpError(503, "not serving " + "; ".join(
+                f"model '{s.name}' version {s.version}: {s.reason}" for s in down))
+
+    def _model(self, name: str, version: str | None) -> Served:
+        # The one read of the slots for this request: what it answers with.
+        served = self.slots.get(name)
+        if served is None:
+            self._missing(name)
+        assert served is not None
+        if version is not None and version != served.version:
             raise HttpError(404, f"model '{name}' version '{version}' is not served; the "
-                                 f"current version is '{cur.version}'")
-        return cur
+                                 f"current version is '{served.version}'")
+        return served
+
+    def _missing(self, name: str) -> None:
+        """Raise the answer to a request for a model that does not serve: 503 for one
+        the device should serve (with why it does not), else 404 naming those that do."""
+        states = self.states()
+        for s in states:
+            if s.name == name and s.state != READY:
+                raise HttpError(503, f"model '{name}' version {s.version} is not available: "
+                                     f"{s.reason}")
+        if not states:
+            raise HttpError(404, f"model '{_short_name(name)}' is not available: no model "
+                                 "installed yet")
+        serving = [s.name for s in states if s.state == READY]
+        raise HttpError(404, f"unknown model '{_short_name(name)}'; this agent serves "
+                             + (", ".join(f"'{n}'" for n in serving) or "no model now"))
 
     def _metadata(self, served: Served) -> dict[str, Any]:
         p = served.predictor
@@ -190,18 +234,10 @@ class InferenceApp:
         """Triton's statistics of the served model version."""
         return self._stats_for(served).triton(served.name, served.version)
 
-    def _children_for(self, name: str) -> tuple[Any, Any, Any, Any]:
-        ch = self._children.get(name)
-        if ch is None:
-            m = self.metrics
-            ch = (m.requests.labels(name, "ok"), m.requests.labels(name, "bad_request"),
-                  m.requests.labels(name, "error"), m.latency.labels(name))
-            self._children[name] = ch
-        return ch
-
     def _infer(self, served: Served, headers: Mapping[str, str],
                body: bytes) -> tuple[int, str, bytes, dict[str, str]]:
-        ok_c, bad_c, _, hist = self._children_for(served.name)
+        series = self.metrics.model(served.name)
+        ok_c, bad_c, hist = series.ok, series.bad_request, series.latency
         if not self._sem.acquire(timeout=self.config.queue_timeout_s):
             bad_c.inc()
             raise HttpError(429, f"more than {self.config.max_inflight} requests in flight for "
@@ -273,14 +309,14 @@ class InferenceApp:
         if len(what) > 1000:
             what = what[:997] + "..."
         if verdict.counted:
-            self.metrics.requests.labels(served.name, "error").inc()
+            self.metrics.model(served.name).error.inc()
             log.error("model %s failed on a request (%s): %s", served.record.label(),
                       verdict.note, what)
             msg = (f"model '{served.name}' version {served.version} failed: {what} "
                    f"({verdict.note}; counted against version {served.version} in its "
                    "health window)")
             return 500, _JSON, json.dumps({"error": msg}).encode(), {}
-        self.metrics.requests.labels(served.name, "cannot_run").inc()
+        self.metrics.model(served.name).cannot_run.inc()
         # The client's doing, counted in the metrics: a flood of them must not flood the log.
         log.debug("model %s cannot run a request: %s%s", served.record.label(), what,
                   f" ({verdict.note})" if verdict.note else "")
@@ -295,8 +331,12 @@ class InferenceApp:
         if st is None:
             with self._stats_lock:
                 st = self._stats.setdefault(key, _ModelStats())
-                while len(self._stats) > 4:  # versions swapped out long ago
-                    del self._stats[next(iter(self._stats))]
+                # Bounded: the versions that serve, and a few swapped out lately.
+                now = self.slots.all()
+                gone = [k for k in self._stats if k != key and (
+                    k[0] not in now or now[k[0]].version != k[1])]
+                for k in gone[:max(0, len(gone) - _OLD_STATS)]:
+                    del self._stats[k]
         return st
 
     def _reserve_decoding(self, headers: Mapping[str, str], body: bytes) -> int:
@@ -541,6 +581,11 @@ def _classified(served: Served, outputs: Mapping[str, np.ndarray],
                                 strict=True)]
         out[name] = np.array(text, dtype=object).reshape(values.shape)
     return out
+
+
+def _short_name(name: str) -> str:
+    """A model name from a request path, as quoted back in an error (bounded)."""
+    return name if len(name) <= 128 else name[:125] + "..."
 
 
 def _method(got: str, want: str) -> None:

@@ -20,7 +20,7 @@ import json
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -254,6 +254,45 @@ def _digest(inputs: Mapping[str, Any]) -> bytes:
         else:
             h.update(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
     return h.digest()
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """A model the device should serve (its installed state names it), given to the
+    endpoint by the agent: one that does not serve is listed UNAVAILABLE, and the
+    device is not ready."""
+
+    name: str
+    version: str
+    #: Why it does not serve, when the agent knows (said with UNAVAILABLE).
+    reason: str = ""
+
+
+#: States of the repository index (Triton's names).
+READY = "READY"
+UNAVAILABLE = "UNAVAILABLE"
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """One model of the repository index: serving (READY), or wanted and not serving."""
+
+    name: str
+    version: str
+    state: str
+    reason: str = ""
+
+
+def model_states(served: Mapping[str, Served], wanted: Iterable[Wanted]) -> list[ModelState]:
+    """Every model that serves or should, sorted by name: READY with the version that
+    serves, else UNAVAILABLE with the wanted version and why."""
+    out = {name: ModelState(name, s.version, READY) for name, s in served.items()}
+    for w in wanted:
+        if w.name not in out:
+            out[w.name] = ModelState(w.name, w.version, UNAVAILABLE,
+                                     w.reason or f"version {w.version} is installed but not "
+                                                 "loaded")
+    return [out[name] for name in sorted(out)]
 
 
 class ModelSlots:

@@ -220,7 +220,7 @@ def test_metrics_expose_requests_latency_errors_model_and_updates(agent) -> None
     assert 'edge_agent_requests_total{model="multi",outcome="bad_request"}' in text
     assert "edge_agent_request_latency_seconds_bucket" in text
     assert 'edge_agent_errors_total{status="400"}' in text
-    assert 'edge_agent_model_info{name="multi",sha256="' in text
+    assert 'edge_agent_model_info{model="multi",name="multi",sha256="' in text
     assert 'edge_agent_update_events_total{event="committed"} 1.0' in text
     assert "edge_agent_ready 1.0" in text
 
