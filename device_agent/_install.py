@@ -351,7 +351,13 @@ class Installer:
                                                 verify_hash=record.id in local))
                 self._feed(Loaded(ts=time.time()))
             for s in served:
-                self._models.smoke(s)
+                try:
+                    self._models.smoke(s)
+                except SmokeTestError as err:
+                    if len(served) == 1:
+                        raise
+                    # One reason for the whole set: it says which member to fix.
+                    raise SmokeTestError(f"{s.record.label()}: {err}") from err
                 s.health.reset()
             # The trial is about to be saved: a disk that filled up meanwhile fails the
             # install here rather than swap in models the state file cannot name.
