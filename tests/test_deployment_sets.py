@@ -123,13 +123,18 @@ def test_a_set_downgrading_one_member_needs_a_signed_rollback(e: SimEnv) -> None
     verify_deployment(rollback, e.key, device_id="d1", installed={"b": "3"})
 
 
-def test_each_member_is_fetched_and_cross_checked_on_its_own(e: SimEnv,
-                                                              tmp_path: Path) -> None:
+def _set_of_a_and_b(e: SimEnv) -> Deployment:
+    """Models a and b released and deployed to d1 as one set, as the device verified it."""
     e.release("a", "1.0")
     e.release("b", "1.0", seed=1)
     sd = create_deployment(e.repo, models=[("a", None), ("b", None)], fleet=FLEET,
                            devices=["d1"])
-    dep = verify_deployment(sd.document, e.key, device_id="d1", fleet=FLEET)
+    return verify_deployment(sd.document, e.key, device_id="d1", fleet=FLEET)
+
+
+def test_each_member_is_fetched_and_cross_checked_on_its_own(e: SimEnv,
+                                                              tmp_path: Path) -> None:
+    dep = _set_of_a_and_b(e)
     client = e.client()
     got = client.fetch(dep, tmp_path / "b", model="b")
     assert edge_sdk.Artifact.from_dir(got).manifest.name == "b"
@@ -152,11 +157,7 @@ def test_each_member_is_fetched_and_cross_checked_on_its_own(e: SimEnv,
 
 
 def test_the_members_of_a_set_share_one_metadata_refresh(e: SimEnv, tmp_path: Path) -> None:
-    e.release("a", "1.0")
-    e.release("b", "1.0", seed=1)
-    sd = create_deployment(e.repo, models=[("a", None), ("b", None)], fleet=FLEET,
-                           devices=["d1"])
-    dep = verify_deployment(sd.document, e.key, device_id="d1", fleet=FLEET)
+    dep = _set_of_a_and_b(e)
     client = e.client()
     e.sim.fetched.clear()
     client.fetch(dep, tmp_path / "a", model="a")
