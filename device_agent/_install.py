@@ -71,7 +71,7 @@ from ._health import HealthWindow, WindowInterrupted
 from ._intake import Unverified
 from ._interfaces import ArtifactSource, InstallRequest, ModelChange, ModelLoader, Reporter
 from ._lifecycle import Life, Mode, handled, step
-from ._models import LoadedModels
+from ._models import LoadedModels, release_memory
 from ._serving import ModelSlots, Served, SmokeTestError
 from ._state import InstalledState, ModelRecord, StateStore
 from ._storage import NoSpaceError, StateWriter
@@ -166,10 +166,11 @@ class Installer:
                 durable = self.storage.durable
                 self.store.clean(self.state, *(s for s in (durable,) if s is not None))
                 trial = self.state.trial.values() if self.state.phase == "trial" else ()
-                # A model let go of gives its memory back once its last request is done
-                # (LoadedModels' finalizer trims the heap).
-                self._models.keep(r.id for r in (*self.life.serving.values(), *trial)
-                                  if r is not None)
+                # What was let go of is given back now; a model a request still holds,
+                # once that request is done (LoadedModels' finalizer).
+                if self._models.keep(r.id for r in (*self.life.serving.values(), *trial)
+                                     if r is not None):
+                    release_memory()
             case CleanPartial():
                 self.store.clean_partial()
             case WatchHealth(names):
@@ -351,7 +352,13 @@ class Installer:
                                                 verify_hash=record.id in local))
                 self._feed(Loaded(ts=time.time()))
             for s in served:
-                self._models.smoke(s)
+                try:
+                    self._models.smoke(s)
+                except SmokeTestError as err:
+                    if len(served) == 1:
+                        raise
+                    # One reason for the whole set: it says which member to fix.
+                    raise SmokeTestError(f"{s.record.label()}: {err}") from err
                 s.health.reset()
             # The trial is about to be saved: a disk that filled up meanwhile fails the
             # install here rather than swap in models the state file cannot name.
