@@ -31,6 +31,9 @@ _TOPIC_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 #: A tag value: printable, no control characters (it is shown in tables and selectors).
 _TAG_VALUE = re.compile(r"[^\x00-\x1f\x7f]{0,128}")
 MAX_TAGS = 32
+#: The most models one device may be set to serve (``limits.max_models``): every one of
+#: them fits in its state report, and the fleet reads this many from it.
+MAX_SERVED_MODELS = 64
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,10 @@ class LimitsConfig:
     #: versions of a replaced model are held while the new one loads and is watched).
     #: Default: half of the device's memory; 0: no limit.
     max_models_bytes: int = field(default_factory=lambda: half_of_memory())
+    #: The most models served at once: a deployment that would make more serve is refused
+    #: before its download (1 to :data:`MAX_SERVED_MODELS`, what the fleet reads of a
+    #: device's state report).
+    max_models: int = 16
 
 
 @dataclass(frozen=True)
@@ -375,6 +382,8 @@ class AgentConfig:
                          ("profiling.max_memory_bytes", self.profiling.max_memory_bytes)):
             if num < 0:
                 raise bad(key, "must be >= 0")
+        if not 1 <= self.limits.max_models <= MAX_SERVED_MODELS:
+            raise bad("limits.max_models", f"must be 1-{MAX_SERVED_MODELS}")
         if not 0.0 <= self.telemetry.reconnect_jitter_s <= 300.0:
             raise bad("telemetry.reconnect_jitter_s", "must be 0-300 (seconds)")
         if not 0.0 <= self.health.max_error_rate <= 1.0:

@@ -29,6 +29,8 @@ class Boot:
     unreadable: str | None = None
     ts: float = field(default=0.0, kw_only=True)
     max_models_bytes: int = field(default=0, kw_only=True)
+    #: The most models served at once (0: no limit).
+    max_models: int = field(default=0, kw_only=True)
     max_artifact_bytes: int = field(default=0, kw_only=True)
 
 

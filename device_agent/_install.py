@@ -71,7 +71,7 @@ from ._health import HealthWindow, WindowInterrupted
 from ._intake import Unverified
 from ._interfaces import ArtifactSource, InstallRequest, ModelChange, ModelLoader, Reporter
 from ._lifecycle import Life, Mode, handled, step
-from ._models import LoadedModels
+from ._models import LoadedModels, release_memory
 from ._serving import ModelSlots, Served, SmokeTestError
 from ._state import InstalledState, ModelRecord, StateStore
 from ._storage import NoSpaceError, StateWriter
@@ -166,10 +166,11 @@ class Installer:
                 durable = self.storage.durable
                 self.store.clean(self.state, *(s for s in (durable,) if s is not None))
                 trial = self.state.trial.values() if self.state.phase == "trial" else ()
-                # A model let go of gives its memory back once its last request is done
-                # (LoadedModels' finalizer trims the heap).
-                self._models.keep(r.id for r in (*self.life.serving.values(), *trial)
-                                  if r is not None)
+                # What was let go of is given back now; a model a request still holds,
+                # once that request is done (LoadedModels' finalizer).
+                if self._models.keep(r.id for r in (*self.life.serving.values(), *trial)
+                                     if r is not None):
+                    release_memory()
             case CleanPartial():
                 self.store.clean_partial()
             case WatchHealth(names):
@@ -203,6 +204,7 @@ class Installer:
             stored, unreadable = self._recover(), str(err)
         self._feed(Boot(stored, max_restarts, unreadable, ts=time.time(),
                         max_models_bytes=limits.max_models_bytes,
+                        max_models=limits.max_models,
                         max_artifact_bytes=limits.max_artifact_bytes))
 
     def _recover(self) -> InstalledState:
@@ -216,8 +218,8 @@ class Installer:
                 record = ModelRecord.for_artifact(Artifact.from_dir(d), None)
             except EdgeError:
                 continue
-            if record.id == d.name:
-                models.setdefault(record.name, record)
+            if d.name in (record.id, record.stored_apart().id):
+                models.setdefault(record.name, replace(record, id=d.name))
         return InstalledState(models=models)
 
     def resume(self) -> None:
@@ -350,7 +352,13 @@ class Installer:
                                                 verify_hash=record.id in local))
                 self._feed(Loaded(ts=time.time()))
             for s in served:
-                self._models.smoke(s)
+                try:
+                    self._models.smoke(s)
+                except SmokeTestError as err:
+                    if len(served) == 1:
+                        raise
+                    # One reason for the whole set: it says which member to fix.
+                    raise SmokeTestError(f"{s.record.label()}: {err}") from err
                 s.health.reset()
             # The trial is about to be saved: a disk that filled up meanwhile fails the
             # install here rather than swap in models the state file cannot name.

@@ -119,6 +119,7 @@ class Life:
     download: str | None = None
     #: The limits a deployment is checked against before a download (0: none).
     max_models_bytes: int = 0
+    max_models: int = 0
     max_artifact_bytes: int = 0
 
     @property
@@ -204,7 +205,7 @@ def _boot(life: Life, ev: Boot) -> tuple[Life, list[Effect]]:
     state = ev.stored
     out: list[Effect] = []
     pending = False
-    life = replace(life, max_models_bytes=ev.max_models_bytes,
+    life = replace(life, max_models_bytes=ev.max_models_bytes, max_models=ev.max_models,
                    max_artifact_bytes=ev.max_artifact_bytes)
     if ev.unreadable is not None:
         found = ("recovered with the newest verified model on disk" if state.models
@@ -290,6 +291,11 @@ def _accepted(life: Life, ev: Accepted) -> tuple[Life, list[Effect]]:
     dep, st = ev.deployment, life.installed
     if handled(st, dep.digest):
         return life, []
+    if _ended(st, dep.digest):
+        # The same document again after a newer one: a controller that never heard its
+        # answer sends it again. Its outcome stands (refusing it now as stale would tell a
+        # rollout it failed); the state saying it goes out again.
+        return life, [StateChanged()]
     last = st.scope_counter(ev.scope)
     if dep.counter <= last:
         if ev.quiet:
@@ -305,14 +311,17 @@ def _accepted(life: Life, ev: Accepted) -> tuple[Life, list[Effect]]:
         and cur.sha256 == m.sha256))
     removing = tuple(n for n in dep.remove if n in decides and n in serving)
     skipped = [{"name": n, "reason": f"superseded by #{c}"} for n, c in superseded.items()]
-    refusal = _over_limits(life, members, ev.served_bytes)
+    refusal = _over_limits(life, members, removing, ev.served_bytes)
     if refusal is not None:
         return step(life, Refused(dep.digest, ev.size, refusal, dep, ts=ev.ts))
     if not members and not removing:
         # Nothing to install: the device already serves what it names (or a newer
         # deployment decided it). The state says so, so that nobody has to infer it.
-        why = "already serving this model" if not superseded else \
-            "; ".join(f"{s['name']} {s['reason']}" for s in skipped)
+        same = [m.name for m in dep.models if m.name in decides]
+        absent = [n for n in dep.remove if n in decides]
+        why = "; ".join([*([f"already serving {', '.join(same)}"] if same else []),
+                         *([f"not serving {', '.join(absent)}"] if absent else []),
+                         *(f"{s['name']} {s['reason']}" for s in skipped)])
         st = replace(st, deployment_digest=dep.digest).with_counters(
             ev.scope, dep.counter, decides).with_result(
                 _result("committed", dep, why, ev.ts, models=_served(serving, dep.names)))
@@ -327,8 +336,15 @@ def _accepted(life: Life, ev: Accepted) -> tuple[Life, list[Effect]]:
     return _remove_now(life, out, ev.ts)
 
 
-def _over_limits(life: Life, members: tuple[ModelChange, ...], served: int) -> str | None:
+def _over_limits(life: Life, members: tuple[ModelChange, ...], removing: tuple[str, ...],
+                 served: int) -> str | None:
     """Why the models would not fit the limits (checked before any download), or None."""
+    most = life.max_models
+    after = (set(life.serving) - set(removing)) | {m.name for m in members}
+    # Growing past it only: a device over a limit lowered since may still replace or shed.
+    if most and len(after) > most and len(after) > len(life.serving):
+        return (f"the device would serve {len(after)} models, over the limit of {most} "
+                "(limits.max_models)")
     cap = life.max_artifact_bytes
     for m in members:
         if cap and m.length is not None and m.length > cap:
@@ -336,7 +352,9 @@ def _over_limits(life: Life, members: tuple[ModelChange, ...], served: int) -> s
                     "(limits.max_artifact_bytes)")
     budget = life.max_models_bytes
     new = sum(m.length or 0 for m in members)
-    if budget and served + new > budget:
+    # Nothing new to load (a removal, what already serves) needs no memory: a device over
+    # its budget (lowered since its models were installed) must still be able to shed one.
+    if budget and new and served + new > budget:
         return (f"the models would need {served + new} bytes of memory ({served} served now, "
                 f"{new} new, held together while the new ones load and are watched), over "
                 f"the budget of {budget} (limits.max_models_bytes)")
@@ -576,6 +594,13 @@ def _refused(st: InstalledState, ev: Refused) -> InstalledState:
     return st
 
 
+def _ended(state: InstalledState, digest: str) -> bool:
+    """Whether the state's ``results`` say how the deployment with this digest ended (a
+    retry pending is no end)."""
+    return any(r.get("digest") == digest and r.get("result") != "retrying"
+               for r in state.results)
+
+
 def _trial_counter(state: InstalledState) -> int | None:
     """The counter of the deployment under trial (the trial state records it), if any."""
     names = watched(state) or tuple(state.trial)
@@ -637,6 +662,9 @@ def _result(outcome: str, dep: InstallRequest | int | None, reason: str | None, 
     if isinstance(dep, InstallRequest):
         out["deployment"] = dep.counter
         out["models"] = list(dep.names)
+        if dep.digest:
+            # Which document: one delivered again later is known by it (see _ended).
+            out["digest"] = dep.digest
     elif dep is not None:
         out["deployment"] = dep
         out["models"] = [m.name for m in models or ()]

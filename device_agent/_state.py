@@ -26,6 +26,7 @@ complete on disk.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -83,6 +84,13 @@ class ModelRecord:
         m = art.manifest
         ident = _UNSAFE.sub("_", f"{m.name}-{m.version}")[:80] + "-" + m.sha256[:12]
         return cls(ident, m.name, m.version, m.sha256, deployment)
+
+    def stored_apart(self) -> ModelRecord:
+        """The record under the id used when :attr:`id` already holds another model: the
+        same file as another name and version whose id text is the same ("det-1" "x" and
+        "det" "1-x"; names and versions cut at 80 characters)."""
+        exact = hashlib.sha256(f"{self.name}\0{self.version}".encode()).hexdigest()[:8]
+        return replace(self, id=f"{self.id}-{exact}")
 
     def label(self) -> str:
         return f"{self.name} {self.version}"
@@ -181,7 +189,9 @@ class InstalledState:
                 deployment_digest=data.get("deployment_digest"),
                 failed=dict(data.get("failed") or {}),
                 last_result=data.get("last_result"),
-                results=tuple(data.get("results") or ()),
+                # Each entry is read by the lifecycle: anything but an object is dropped.
+                results=tuple(r for r in data.get("results") or ()
+                              if isinstance(r, dict))[-MAX_RESULTS:],
             )
         except (TypeError, ValueError, AttributeError) as err:
             raise ConfigError(f"{where}: malformed agent state: {err}") from err
@@ -307,11 +317,15 @@ class StateStore:
         """The installed artifact, with its manifest and (unless ``verify_hash`` is False:
         only for a model :meth:`adopt` stored a moment ago) its hash re-verified."""
         art = Artifact.from_dir(self.model_dir(record), verify_hash=verify_hash)
-        if art.manifest.sha256 != record.sha256:
+        m = art.manifest
+        if m.sha256 != record.sha256:
             raise InstallError(
-                f"{self.model_dir(record)}: holds sha256 {art.manifest.sha256[:16]}…, the state "
+                f"{self.model_dir(record)}: holds sha256 {m.sha256[:16]}…, the state "
                 f"file expects {record.sha256[:16]}… for {record.label()}"
             )
+        if (m.name, m.version) != (record.name, record.version):
+            raise InstallError(f"{self.model_dir(record)}: holds {m.name} {m.version}, the "
+                               f"state file expects {record.label()}")
         return art
 
     def model_file(self, record: ModelRecord) -> Path | None:
@@ -325,14 +339,16 @@ class StateStore:
     def find(self, sha256: str) -> ModelRecord | None:
         """A complete model directory already on disk with this model hash (for rollbacks)."""
         for d in sorted(self.models.iterdir()):
-            if d.name.startswith(".") or not d.name.endswith(sha256[:12]):
+            if d.name.startswith(".") or f"-{sha256[:12]}" not in d.name:
                 continue
             try:
                 art = Artifact.from_dir(d, verify_hash=False)
             except Exception:
                 continue
-            if art.manifest.sha256 == sha256:
-                return ModelRecord.for_artifact(art, None)
+            record = ModelRecord.for_artifact(art, None)
+            if art.manifest.sha256 == sha256 and d.name in (record.id,
+                                                            record.stored_apart().id):
+                return replace(record, id=d.name)
         return None
 
     def adopt(self, artifact: Artifact, deployment: str | None, *,
@@ -346,6 +362,8 @@ class StateStore:
         wrote them into staging); a moved model is then not hashed again. A copy always
         is: its source is outside the state directory and may have changed since."""
         record = ModelRecord.for_artifact(artifact, deployment)
+        if self._holds_another(record):
+            record = record.stored_apart()
         target = self.model_dir(record)
         if target.is_dir():
             try:
@@ -375,6 +393,14 @@ class StateStore:
             raise InstallError(f"cannot store {record.label()} under {self.models}: "
                                f"{err.strerror or err}") from err
         return record
+
+    def _holds_another(self, record: ModelRecord) -> bool:
+        """Whether ``record``'s directory holds a model of another name or version."""
+        try:
+            m = Artifact.from_dir(self.model_dir(record), verify_hash=False).manifest
+        except Exception:
+            return False
+        return (m.name, m.version) != (record.name, record.version)
 
     def staging_dir(self, digest: str) -> Path:
         d = self.staging / _UNSAFE.sub("_", digest)[:120]

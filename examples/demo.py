@@ -5,10 +5,12 @@ Build a small model, make an artifact, inspect it, predict offline, convert a sm
 repository, serve it on a broker (the system Mosquitto if present, else the pure-Python
 amqtt) with the fleet page, start a device agent, deploy v1, predict through the agent's
 local endpoint, release and deploy v2 while predictions keep flowing (the agent swaps
-with none failing), and watch a tampered update refused. Then the operator's path: two
-more agents join, the operator assigns the three to a group, rolls the CNN out to them,
-fine-tunes it, converts v2 with ``--base`` v1 and rolls it out in two waves with an
-approval between them; each device downloads a delta of a few percent.
+with none failing), watch a tampered update refused, and deploy the CNN beside the
+classifier (two models on one device, each at its own endpoint). Then the operator's
+path: two more agents join, the operator assigns the three to a group, rolls the CNN out
+to them, fine-tunes it, converts v2 with ``--base`` v1 and rolls it out in two waves
+with an approval between them; each device downloads a delta of a few percent, and on
+the first device the CNN updates alone while the classifier serves on untouched.
 
 Run it with the README's first command (`bash .ci/demo`), or directly inside the
 venv: `python examples/demo.py [--workdir DIR] [--offline-only]`. Every step is the
@@ -35,7 +37,7 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -285,17 +287,27 @@ def start_broker(work: Path, procs: Processes, choice: str) -> tuple[str, bool]:
     return f"mqtt://127.0.0.1:{port}", shared
 
 
-def infer(port: int, x: np.ndarray) -> tuple[str, np.ndarray]:
-    """One KServe v2 JSON request to the agent's local endpoint."""
-    body = json.dumps({"inputs": [{"name": "features", "shape": list(x.shape),
+def infer(port: int, x: np.ndarray, model: str = "classifier",
+          tensor: str = "features") -> tuple[str, np.ndarray]:
+    """One KServe v2 JSON request to ``model`` on the agent's local endpoint."""
+    body = json.dumps({"inputs": [{"name": tensor, "shape": list(x.shape),
                                    "datatype": "FP32", "data": x.reshape(-1).tolist()}]})
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/classifier/infer",
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/{model}/infer",
                                  data=body.encode(), method="POST",
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=10) as resp:
         res = json.loads(resp.read())
     out = res["outputs"][0]
     return res["model_version"], np.array(out["data"], np.float32).reshape(out["shape"])
+
+
+def repository_index(port: int) -> list[dict[str, Any]]:
+    """The models the agent serves, with versions and states (``/v2/repository/index``)."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/repository/index", data=b"",
+                                 method="POST")
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        got: list[dict[str, Any]] = json.loads(resp.read())
+    return got
 
 
 class Events:
@@ -331,7 +343,15 @@ class Events:
         if ev.get("model"):
             return f"{ev['model']['name']} {ev['model']['version']}"
         dep = ev.get("deployment") or {}
+        if isinstance(dep, dict) and ("models" in dep or "remove" in dep):  # a set
+            return ", ".join([f"{m['name']} {m['artifact_version']}" for m in dep["models"]]
+                             + [f"remove {r}" for r in dep.get("remove", [])])
         return f"{dep.get('name', '')} {dep.get('artifact_version', '')}".strip()
+
+    def about(self, model: str, since: int = 0, device: str = DEVICE) -> list[str]:
+        """The events ``device`` reported about ``model`` after the first ``since`` ones."""
+        return [ev["event"] for d, ev in self.seen[since:]
+                if d == device and model in self._label(ev).replace(",", " ").split()]
 
     def wait(self, kind: str, label: str, device: str = DEVICE,
              timeout: float = 60) -> dict[str, Any]:
@@ -361,6 +381,10 @@ class Site:
     procs: Processes
     events: Events
     page: str  # the fleet page's address
+    #: Where the operator's console stood (events seen) when a step began, by step name.
+    marks: dict[str, int] = field(default_factory=dict)
+    #: The first device's HTTP port.
+    port: int = 0
 
     def start_agent(self, device_id: str, agent_cmd: list[str] | None = None) -> int:
         """Provision and start one device agent; return its HTTP port once it listens."""
@@ -373,7 +397,7 @@ class Site:
         cfg = device / "agent.toml"
         cfg.write_text(
             f'device_id = "{device_id}"\nfleet = "{FLEET}"\nstate_dir = "state"\n'
-            # The group deployments it follows; only the operator's assignment (step 18)
+            # The group deployments it follows; only the operator's assignment (step 19)
             # makes a rollout select it.
             f'groups = ["{GROUP}"]\n'
             f'[broker]\nurl = "{self.broker}"\n'
@@ -461,7 +485,7 @@ def on_broker(work: Path, src: Path, procs: Processes, broker_choice: str,
 def one_device(site: Site, agent_cmd: list[str] | None) -> None:
     work, repo, mqtt = site.work, site.repo, site.mqtt
     step("12. start a device agent (provisioned with the trusted root and deployment key)")
-    http_port = site.start_agent(DEVICE, agent_cmd)
+    http_port = site.port = site.start_agent(DEVICE, agent_cmd)
     try:
         urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=5)
     except urllib.error.HTTPError as err:
@@ -528,7 +552,27 @@ def one_device(site: Site, agent_cmd: list[str] | None) -> None:
     print("metrics: " + "; ".join(line for line in metrics.splitlines()
                                   if line.startswith("edge_agent_update_events_total")))
 
-    step("17. the device as it reports itself")
+    step("17. a second model on the same device: the CNN of step 8 beside the classifier")
+    run("release", "add", str(repo), str(work / "cnn-art"))
+    run("deploy", "--repo", str(repo), "--device", DEVICE, "--model", "cnn", "--version",
+        "1.0.0", "--wait", "--timeout", "120", *mqtt)
+    site.marks["cnn"] = len(site.events.seen)
+    image = np.random.default_rng(5).uniform(0, 1, (1, 3, 64, 64)).astype(np.float32)
+    try:
+        both = {"classifier": infer(http_port, x),
+                "cnn": infer(http_port, image, "cnn", "image")}
+    except urllib.error.HTTPError as err:
+        raise SystemExit(f"demo: {err.url} answered {err.code}: {err.read().decode()}") from None
+    for name, (version, out) in both.items():
+        print(f"POST /v2/models/{name}/infer -> model_version {version}, class "
+              f"{int(out[0].argmax())}")
+    served = repository_index(http_port)
+    print(f"POST /v2/repository/index -> {json.dumps(served)}")
+    if {(m["name"], m["version"]) for m in served} != {("classifier", "2.0.0"),
+                                                        ("cnn", "1.0.0")}:
+        raise SystemExit("demo: the device does not serve both models")
+
+    step("18. the device as it reports itself")
     run("status", *mqtt)
 
 
@@ -606,7 +650,7 @@ def fleet(site: Site) -> None:
     fleet_opt = ["--repo", str(repo), "--fleet", FLEET]
     site.events.shown = {"downloaded", "committed", "failed", "rolled_back"}
 
-    step(f"18. two more devices join; the operator puts all three in group {GROUP!r}")
+    step(f"19. two more devices join; the operator puts all three in group {GROUP!r}")
     for device in FLEET_DEVICES[1:]:
         site.start_agent(device)
     run("device", "set", *FLEET_DEVICES, "--group", GROUP, *fleet_opt)
@@ -614,16 +658,15 @@ def fleet(site: Site) -> None:
         r["id"] in FLEET_DEVICES and r["online"] and r["registered"] for r in rows) == 3,
         "the three devices did not all register")
 
-    step("19. release the image model of step 8 and put it on the group")
+    step("20. put the image model of step 8 (released in step 17) on the group")
     cnn_v1 = work / "cnn-art"
-    run("release", "add", str(repo), str(cnn_v1))
     # A rollout, not 'deploy --group': the controller sends each device the operator
     # assigned its own deployment (a device subscribes only to the groups it says it is in).
     rid = start_rollout(site, "1.0.0", "100%")
     wait_rollout(site, rid, ("completed",))
     run("rollout", "status", rid, "--repo", str(repo))
 
-    step("20. v2: fine-tune the model, convert it with --base v1 (v1's scheme, scales and "
+    step("21. v2: fine-tune the model, convert it with --base v1 (v1's scheme, scales and "
          "zero points: weights the fine-tune left alone keep v1's bytes) and release it")
     images = np.load(work / "images.npz")["image"]
     print(fine_tune_head(work / "cnn.onnx", work / "cnn-v2.onnx", images))
@@ -634,17 +677,17 @@ def fleet(site: Site) -> None:
     if "delta from 1.0.0:" not in out:
         raise SystemExit("demo: v2 was released without a delta from v1")
 
-    step("21. roll v2 out in waves: one device first, then hold for the operator's approval")
+    step("22. roll v2 out in waves: one device first, then hold for the operator's approval")
     rid = start_rollout(site, "1.1.0", "1,100%", "--pause-after-wave")
     wait_rollout(site, rid, ("paused",))
     run("rollout", "status", rid, "--repo", str(repo))
 
-    step("22. the operator approves the next wave")
+    step("23. the operator approves the next wave")
     run("rollout", "approve", rid, "--repo", str(repo))
     wait_rollout(site, rid, ("completed",))
     run("rollout", "status", rid, "--repo", str(repo))
 
-    step("23. what v2 cost: each device downloaded the delta, not the model")
+    step("24. what v2 cost: each device downloaded the delta, not the model")
     full = (work / "cnn-art-1.1.0" / "model.onnx").stat().st_size
     got_by = {d: site.events.wait("downloaded", "cnn 1.1.0", d).get("download") or {}
               for d in FLEET_DEVICES}
@@ -658,11 +701,23 @@ def fleet(site: Site) -> None:
           f"model ({full} bytes); {sum(sizes)} bytes for the fleet instead of "
           f"{full * len(sizes)}")
 
-    step("24. the fleet, as the registry records it (and the page shows it)")
+    step(f"25. on {DEVICE}, the CNN updated alone: the classifier was not touched")
+    touched = site.events.about("classifier", site.marks["cnn"])
+    served = repository_index(site.port)
+    print(f"POST /v2/repository/index -> {json.dumps(served)}")
+    print(f"classifier events since step 17: {touched or 'none'}; it still answers "
+          f"model_version {infer(site.port, np.zeros((1, 8), np.float32))[0]}")
+    if touched or {(m["name"], m["version"]) for m in served} != {("classifier", "2.0.0"),
+                                                                   ("cnn", "1.1.0")}:
+        raise SystemExit("demo: the CNN's update touched the classifier")
+
+    step("26. the fleet, as the registry records it (and the page shows it)")
     run("status", *fleet_opt)
     rows = [r for r in site.api("api/devices") if r["id"] in FLEET_DEVICES]
     print(f"GET {site.page}api/devices -> " + ", ".join(
-        f"{r['id']} {r['model']} {r['version']}" for r in rows))
+        f"{r['id']} " + " + ".join(f"{m['name']} {m['version']}" for m in r.get("models")
+                                   or [{"name": r["model"], "version": r["version"]}])
+        for r in rows))
     trail = site.api("api/audit?limit=8")
     print(f"GET {site.page}api/audit -> " + "; ".join(
         f"{time.strftime('%H:%M:%S', time.localtime(a['ts']))} {a['actor']} {a['action']}"

@@ -78,6 +78,11 @@ class Fleet:
         with self._lock:
             return [e["event"] for e in self.events[device]]
 
+    def history(self, device: str) -> list[dict[str, Any]]:
+        """A copy of the events ``device`` reported so far (heartbeats left out), oldest first."""
+        with self._lock:
+            return list(self.events[device])
+
     def last(self, device: str, kind: str) -> dict[str, Any]:
         with self._lock:
             return [e for e in self.events[device] if e["event"] == kind][-1]

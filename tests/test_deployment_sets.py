@@ -123,13 +123,18 @@ def test_a_set_downgrading_one_member_needs_a_signed_rollback(e: SimEnv) -> None
     verify_deployment(rollback, e.key, device_id="d1", installed={"b": "3"})
 
 
-def test_each_member_is_fetched_and_cross_checked_on_its_own(e: SimEnv,
-                                                              tmp_path: Path) -> None:
+def _set_of_a_and_b(e: SimEnv) -> Deployment:
+    """Models a and b released and deployed to d1 as one set, as the device verified it."""
     e.release("a", "1.0")
     e.release("b", "1.0", seed=1)
     sd = create_deployment(e.repo, models=[("a", None), ("b", None)], fleet=FLEET,
                            devices=["d1"])
-    dep = verify_deployment(sd.document, e.key, device_id="d1", fleet=FLEET)
+    return verify_deployment(sd.document, e.key, device_id="d1", fleet=FLEET)
+
+
+def test_each_member_is_fetched_and_cross_checked_on_its_own(e: SimEnv,
+                                                              tmp_path: Path) -> None:
+    dep = _set_of_a_and_b(e)
     client = e.client()
     got = client.fetch(dep, tmp_path / "b", model="b")
     assert edge_sdk.Artifact.from_dir(got).manifest.name == "b"
@@ -137,15 +142,33 @@ def test_each_member_is_fetched_and_cross_checked_on_its_own(e: SimEnv,
         client.fetch(dep, tmp_path / "x")
     with pytest.raises(TargetMismatchError, match="installs no model c"):
         client.fetch(dep, tmp_path / "x", model="c")
-    # A member whose signed hash is not the release repository's: that member is refused.
+    # A member whose signed hash is not the release repository's: no member of the set is
+    # fetched, not even the honest one.
     forged = Deployment(fleet=FLEET, counter=99, issued=NOW, expires=NOW + timedelta(days=1),
                         models=(dep.target_for("a"),
                                 ModelTarget("b", "1.0", dep.target_for("b").target, "1" * 64,
                                             dep.target_for("b").length)),
                         devices=("d1",))
-    client.fetch(forged, tmp_path / "a2", model="a")
+    e.sim.fetched.clear()
     with pytest.raises(TargetMismatchError, match="the release repository signed"):
-        client.fetch(forged, tmp_path / "b2", model="b")
+        client.fetch(forged, tmp_path / "a2", model="a")
+    assert not any(p.startswith("targets/") for p in e.sim.fetched)
+    assert not (tmp_path / "a2").exists()
+
+
+def test_the_members_of_a_set_share_one_metadata_refresh(e: SimEnv, tmp_path: Path) -> None:
+    dep = _set_of_a_and_b(e)
+    client = e.client()
+    e.sim.fetched.clear()
+    client.fetch(dep, tmp_path / "a", model="a")
+    client.fetch(dep, tmp_path / "b", model="b")
+    assert e.sim.fetched.count("metadata/timestamp.json") == 1
+    # Another deployment refreshes again.
+    again = verify_deployment(create_deployment(
+        e.repo, models=[("a", None), ("b", None)], fleet=FLEET, devices=["d1"]).document,
+        e.key, device_id="d1", fleet=FLEET)
+    client.fetch(again, tmp_path / "a3", model="a")
+    assert e.sim.fetched.count("metadata/timestamp.json") == 2
 
 
 def test_creating_a_set_checks_names_and_downgrades_per_model(e: SimEnv) -> None:

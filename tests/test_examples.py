@@ -74,3 +74,18 @@ def test_demo_rolls_a_fine_tuned_v2_out_to_three_devices_by_delta_after_one_appr
     assert all(d["finished_at"] <= approved for d in wave[1])
     assert all(d["sent_at"] >= approved for d in wave[2])
     assert "waiting for approval after wave 1 of 2" in out
+
+
+def test_demo_serves_two_models_on_one_device_and_updates_the_cnn_alone(demo: Demo) -> None:
+    """The classifier and the CNN side by side on dev-001; the CNN's v2 rollout leaves the
+    classifier as it was (checked in the device's own state file too)."""
+    second = demo.out.split("a second model on the same device", 1)[1].split("===", 1)[0]
+    assert "POST /v2/models/classifier/infer -> model_version 2.0.0" in second
+    assert "POST /v2/models/cnn/infer -> model_version 1.0.0" in second
+    alone = demo.out.split("the CNN updated alone", 1)[1].split("===", 1)[0]
+    assert "classifier events since step 17: none" in alone
+    assert "it still answers model_version 2.0.0" in alone
+    state = json.loads((demo.work / "dev-001" / "state" / "installed.json").read_text())
+    assert {n: r["version"] for n, r in state["models"].items()} == \
+        {"classifier": "2.0.0", "cnn": "1.1.0"}
+    assert state["phase"] == "committed"

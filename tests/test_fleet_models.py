@@ -113,8 +113,8 @@ def test_hostile_model_entries_are_left_out_and_the_rest_kept() -> None:
 
 def test_no_more_than_max_models_are_read_from_one_report() -> None:
     st = parse(report([model(f"m{i:03d}", "1") for i in range(200)]))
-    assert len(st.models) == MAX_MODELS == 16
-    assert st.models == {f"m{i:03d}": "1" for i in range(16)}
+    assert len(st.models) == MAX_MODELS == 64
+    assert st.models == {f"m{i:03d}": "1" for i in range(64)}
 
 
 def _hostile(rng: random.Random, depth: int = 0) -> Any:

@@ -417,7 +417,8 @@ def test_download_that_does_not_fit_is_refused_recorded_and_cleaned_up() -> None
     assert st is not None and st.current == V1 and st.deployment_counter == 2
     assert st.failed["k2"].startswith("space: not enough space")
     assert st.last_result == {"result": "failed", "ts": 5.0, "deployment": 2,
-                              "models": ["adder"], "reason": st.failed["k2"]}
+                              "models": ["adder"], "digest": "k2",
+                              "reason": st.failed["k2"]}
     assert st.results[-1] == st.last_result
     # Not retried when the retained deployment is delivered again.
     assert handled(st, "k2")

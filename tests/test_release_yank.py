@@ -147,8 +147,9 @@ def test_the_models_api_marks_a_yanked_version(repo: Repository, tmp_path: Path)
     with FleetDB.open(url) as db:
         with db.begin() as c:
             for d, v in (("a", "3.0"), ("b", "2.0")):
-                c.execute(devices.insert().values(fleet="f", id=d, first_seen=0, last_seen=0,
-                                                  model="m", version=v, online=True))
+                c.execute(devices.insert().values(
+                    fleet="f", id=d, first_seen=0, last_seen=0, model="m", version=v,
+                    online=True, models=json.dumps([{"name": "m", "version": v}])))
         repo.yank("m", "3.0", "bad")
         api = FleetApi(db, fleet="f", yanked=lambda: {
             (t.name, t.version): t.yank_reason for t in repo.targets() if t.yanked})

@@ -42,7 +42,7 @@ from ..transport import MqttConnection, Topics
 from ..trust._keys import DEPLOYMENT_ROLE
 from . import _machine as m
 from . import _store as store
-from ._members import members
+from ._members import leave_out_held, members
 from ._retained import Held, RetainedDesired, digest
 from ._store import DatabaseError, FleetDB, FleetError, FleetUsageError, LeaseLost, Record
 
@@ -131,6 +131,8 @@ class Controller:
         self._states: dict[int, m.RolloutState] = {}
         #: Rollouts whose record is refused, with why (logged once per reason).
         self._refused: dict[int, str] = {}
+        #: (device, rollout) pairs already logged as left out for another rollout's sake.
+        self._held_warned: set[tuple[str, int]] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fleet-controller", daemon=True)
 
@@ -207,7 +209,7 @@ class Controller:
         self._reconcile(ids)
         for rid in ids:
             try:
-                self._poll_one(rid)
+                self._poll_one(rid, ids)
             except (LeaseLost, DatabaseError):
                 raise
             except EdgeError as err:
@@ -251,7 +253,7 @@ class Controller:
             new = self._effect(new, fx)
         return new
 
-    def _poll_one(self, rid: int) -> None:
+    def _poll_one(self, rid: int, active: Sequence[int]) -> None:
         state = self._states.get(rid)
         if state is None:
             with self.db.read() as c:
@@ -269,10 +271,33 @@ class Controller:
                     store.command_done(c, cmd.seq)
         sel = store.rollout_selector(self.db, rid)
         mem = members(self.db, self.topics.fleet, sel, model=state.model)
+        # One desired topic per device: leave out what another active rollout holds. The
+        # older ones were ticked first in this poll, so a device that joins the selectors
+        # of two goes to the older; the newer takes it once the older lets go of it, if
+        # it is running or paused then (the machine takes in late members only then).
+        mem = leave_out_held(mem, state, m.holders(self._others(rid, active)),
+                             self._held_warned)
         # The registry's progress (``caught_up``): timeouts wait for it. Read before the
         # reports, so that every report received before it is in what they see.
         heard = store.heard_until(self.db, self.topics.fleet)
         self._apply(state, m.Tick(time.time(), mem, self._reports(state), heard_until=heard))
+
+    def _others(self, rid: int, active: Sequence[int]) -> list[m.RolloutState]:
+        """The states of the active rollouts but ``rid``: as this controller last saw
+        them, or as recorded for the ones it has not loaded yet (newer ones, in its first
+        poll) unless their record is refused."""
+        out: list[m.RolloutState] = []
+        for r in active:
+            st = self._states.get(r)
+            if st is None and r != rid and r not in self._refused:
+                try:
+                    with self.db.read() as c:
+                        st = store.load_state(c, r)
+                except EdgeError:
+                    continue  # refused when its own turn comes
+            if st is not None and r != rid:
+                out.append(st)
+        return out
 
     def _reports(self, state: m.RolloutState) -> list[m.Report]:
         waiting: dict[str, set[int]] = {}

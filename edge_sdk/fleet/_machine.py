@@ -310,6 +310,36 @@ def desired(state: RolloutState, device: str) -> Desired | None:
     return None
 
 
+def holds(state: RolloutState, device: str) -> bool:
+    """Whether ``state`` may still put a document on ``device``'s ``desired`` topic (one
+    topic per device: a second rollout's would replace it): the device is pending, being
+    signed or sent there; or it took (or did not answer) the release and an abort would
+    send it back; or its send-back is under way. A device whose part is over (failed,
+    rolled back, refused, cancelled, sent back) is held no more, nor is any device of a
+    finished rollout."""
+    p = state.devices.get(device)
+    if p is None or state.status in ("completed", "aborted"):
+        return False
+    if p.rollback_status in ("pending", "signing", "sent"):
+        return True
+    if state.status == "aborting":
+        return False  # no send-back is due to it: this rollout sends it nothing more
+    if p.status in ("pending", "signing", "sent"):
+        return True
+    return (state.spec.rollback and p.status in ("committed", "silent")
+            and p.rollback_status is None and bool(_send_back(state, device)))
+
+
+def holders(states: Sequence[RolloutState]) -> dict[str, int]:
+    """Device -> the oldest (lowest id) of ``states`` that :func:`holds` it."""
+    out: dict[str, int] = {}
+    for st in sorted(states, key=lambda s: s.id):
+        for d in st.devices:
+            if d not in out and holds(st, d):
+                out[d] = st.id
+    return out
+
+
 class CommandRefused(FleetUsageError):
     """An operator command that does not apply in the rollout's current status."""
 

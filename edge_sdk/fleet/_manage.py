@@ -57,6 +57,7 @@ def start_rollout(db: FleetDB, *, fleet: str, model: str = "", version: str = ""
         raise FleetUsageError(f"the selector {_describe(sel)} matches no device registered in "
                               f"fleet {fleet!r}{_claimed(db, fleet, sel)} (see 'edge-sdk "
                               "status --db ...')")
+    _refuse_held(db, fleet, found)
     if not spec.signed_rollback:
         for name, ver in pairs:
             _refuse_downgrade(db, fleet, name, ver, found, repo)
@@ -109,6 +110,36 @@ def _refuse_downgrade(db: FleetDB, fleet: str, model: str, version: str,
         raise FleetUsageError(f"{model} {version} for {len(newer)} selected device(s) ({some}"
                               f"{more}) is a downgrade: start it with --rollback for a signed "
                               "rollback rollout")
+
+
+def _refuse_held(db: FleetDB, fleet: str, found: Mapping[str, m.Member]) -> None:
+    """Refuse a selection with devices another active rollout holds (each device has one
+    ``desired`` topic: a second rollout's document would replace the first's, which then
+    times out and aborts). A rollout not planned yet holds every device it selects."""
+    states: list[m.RolloutState] = []
+    planned: dict[str, int] = {}
+    for rid in store.active_rollouts(db, fleet):
+        with db.read() as c:
+            st = store.load_state(c, rid)
+        if st.waves:
+            states.append(st)
+            continue
+        for d in members(db, fleet, store.rollout_selector(db, rid), model=st.model):
+            planned.setdefault(d, rid)
+    held = m.holders(states)
+    for d, rid in planned.items():
+        held[d] = min(rid, held.get(d, rid))
+    taken = sorted(d for d in found if d in held)
+    if not taken:
+        return
+    ids = sorted({held[d] for d in taken})
+    some = ", ".join(taken[:3]) + (f" and {len(taken) - 3} more" if len(taken) > 3 else "")
+    raise FleetUsageError(
+        f"{len(taken)} selected device(s) ({some}) are in active rollout(s) "
+        f"{', '.join(f'#{r}' for r in ids)}, and a device is in one active rollout at a "
+        "time: update several models together with one set rollout (--model A=1 --model "
+        f"B=2), or wait for {' and '.join(f'#{r}' for r in ids)} to finish or abort it "
+        f"('edge-sdk rollout abort {ids[0]}')")
 
 
 def _describe(sel: Mapping[str, Sequence[str]]) -> str:

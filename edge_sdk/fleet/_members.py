@@ -64,3 +64,25 @@ def members(db: FleetDB, fleet: str, selector: Mapping[str, Any], *,
             out[dev["id"]] = m.Member(dev["online"], None if version is None else model,
                                       version, versions)
     return out
+
+
+def leave_out_held(found: Mapping[str, m.Member], state: m.RolloutState,
+                   held: Mapping[str, int], warned: set[tuple[str, int]],
+                   ) -> dict[str, m.Member]:
+    """``found`` (rollout ``state``'s members) without the devices it has not taken yet
+    that another active rollout holds (``held``: device -> that rollout, see
+    :func:`~._machine.holders`): a device has one ``desired`` topic, so it is in one
+    active rollout at a time. One warning per device and rollout: ``warned`` keeps which
+    (at most 1000)."""
+    out: dict[str, m.Member] = {}
+    for d, mem in found.items():
+        other = held.get(d)
+        if other is None or other == state.id or d in state.devices:
+            out[d] = mem
+            continue
+        key = (d, state.id)
+        if key not in warned and len(warned) < 1000:
+            warned.add(key)
+            log.warning("rollout %d leaves device %r out while rollout %d holds it (a "
+                        "device is in one active rollout at a time)", state.id, d, other)
+    return out

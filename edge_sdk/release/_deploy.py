@@ -20,6 +20,7 @@ from ..trust._deployment import (
     compare_versions,
     sign_deployment,
 )
+from ..trust._errors import MalformedDeploymentError
 from ..trust._keys import DEPLOYMENT_ROLE
 from ._repository import Repository
 
@@ -118,6 +119,11 @@ def create_deployment(repo: Repository, *, fleet: str, model: str | None = None,
             devices=tuple(devices), groups=tuple(groups),
             keyid=signers[0].public_key.keyid,
         )
+        try:
+            # Read back as a device reads it: nothing is signed that every device refuses.
+            Deployment.from_signed(dep.to_signed())
+        except MalformedDeploymentError as err:
+            raise UsageError(str(err)) from err
         doc = sign_deployment(dep, signers[:1])
         atomic_write_bytes(cpath, f"{counter}\n".encode())
         for who in last:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..errors import EdgeError, UsageError
@@ -36,6 +36,7 @@ from ._watch import (
     COMMITTED,
     NO_ANSWER,
     DeploymentWatch,
+    DeviceStatus,
     Outcome,
     Progress,
     describe_failures,
@@ -209,12 +210,11 @@ def rollout(repo: Repository, connection: MqttConnection, *, model: str | None =
                          "group(s) has reported a state")
     targets = sorted(set(devices) | joined,
                      key=lambda d: (not (d in states and states[d].online), d))
-    before = {d: {n: s.models.get(n) if (s := states.get(d)) else None for n in wanted}
-              for d in targets}
+    before = _models_before(states, targets, wanted)
     if not cfg.signed_rollback:
         one = len(wanted) == 1  # said as it always was: "d1 runs 2"
         newer = sorted(f"{d} runs {v if one else f'{n} {v}'}" for d, b in before.items()
-                       for n, v in b.items()
+                       for n, v in (b or {}).items()
                        if v is not None and compare_versions(wanted[n], v) < 0)
         if newer:
             more = f" and {len(newer) - 3} more" if len(newer) > 3 else ""
@@ -242,6 +242,14 @@ def rollout(repo: Repository, connection: MqttConnection, *, model: str | None =
         _roll_back(repo, connection, t, wanted, committed, unanswered, before, cfg,
                    progress, on_wave, result)
     return result
+
+
+def _models_before(states: Mapping[str, DeviceStatus], targets: Sequence[str],
+                   wanted: Mapping[str, str]) -> dict[str, dict[str, str | None] | None]:
+    """Each target's version of each model of the rollout (None: it does not have that
+    model), or None for a device whose state was not read: its models are unknown."""
+    return {d: None if (s := states.get(d)) is None else {n: s.models.get(n) for n in wanted}
+            for d in targets}
 
 
 def rule_result(o: Outcome) -> str:
@@ -304,16 +312,22 @@ def _deploy_and_wait(repo: Repository, connection: MqttConnection, t: Topics,
 
 def _roll_back(repo: Repository, connection: MqttConnection, t: Topics,
                wanted: dict[str, str], committed: list[str], unanswered: list[str],
-               before: dict[str, dict[str, str | None]], cfg: RolloutConfig,
+               before: Mapping[str, dict[str, str | None] | None], cfg: RolloutConfig,
                progress: Progress | None, on_wave: Progress | None,
                result: RolloutResult) -> None:
     """Send back the devices that committed, per model: each model the rollout changed
     back to the device's earlier version, a signed removal of each one it did not have.
     The ones that did not answer still hold the new deployment retained, so they get the
-    rollback too — or, with none of the models before, lose the document."""
+    rollback too — or, with none of the models before, lose the document. A device whose
+    models before were unknown (no state read) is left as it is: nothing says it lacked
+    the models, and a removal would take away what it may have served all along."""
     by_back: dict[tuple[tuple[str, str | None], ...], list[str]] = defaultdict(list)
     for d in committed + unanswered:
-        prev = before.get(d, {})
+        prev = before.get(d)
+        if prev is None:
+            result.not_rolled_back[d] = ("its models before the rollout are unknown (no "
+                                         "state was read from it): left as it is")
+            continue
         back = tuple(sorted((n, prev.get(n)) for n in wanted if prev.get(n) != wanted[n]))
         if not back:
             continue  # it already served this release before the rollout

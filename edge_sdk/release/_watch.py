@@ -29,10 +29,14 @@ COMMITTED = "committed"
 FAILED_RESULTS = ("rolled_back", "failed", "refused")
 #: What :meth:`DeploymentWatch.wait` says of a device that did not report in time.
 NO_ANSWER = "no answer"
-#: The most models read from one state report (a deployment decides at most 16 names),
-#: the longest name and version kept (no deployment names a longer one), and how many of
-#: its newest update results are read: a device wrote the report, so all are bounded.
-MAX_MODELS = 16
+#: The most models read from one state report (what an agent may be set to serve:
+#: its ``limits.max_models`` is at most this; a deployment decides at most 16 names, but a
+#: device serves the models of many), the longest name and version kept (no deployment
+#: names a longer one), and how many of its newest update results are read (each names
+#: at most 16 models): a device wrote the report, so all are bounded.
+MAX_MODELS = 64
+#: The most model names read from one update result (the names one deployment decides).
+MAX_RESULT_MODELS = 16
 MAX_MODEL_NAME = 128
 MAX_MODEL_VERSION = 128
 MAX_RESULTS = 8
@@ -240,7 +244,7 @@ def _results(results: object) -> tuple[UpdateResult, ...]:
         reason = r.get("reason")
         said = r.get("models")
         names = (_word(x.get("name") if isinstance(x, dict) else x, MAX_MODEL_NAME)
-                 for x in (said[:MAX_MODELS] if isinstance(said, list) else ()))
+                 for x in (said[:MAX_RESULT_MODELS] if isinstance(said, list) else ()))
         out.append(UpdateResult(counter, result,
                                 reason[:_MAX_REASON] if isinstance(reason, str) else None,
                                 tuple(n for n in names if n is not None)))

@@ -30,6 +30,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +61,7 @@ from ..transport import (
 )
 from ..transport._errors import EndlessDataError, SlowRetrievalError
 from ..transport._fetcher import _SlowRetrieval
-from ._deployment import Deployment, compare_versions
+from ._deployment import Deployment, ModelTarget, compare_versions
 from ._errors import (
     ExpiredError,
     MixAndMatchError,
@@ -153,6 +154,11 @@ def tuf_error(err: Exception, where: str) -> EdgeError:
     return RepositoryError(f"{msg} ({type(err).__name__})")
 
 
+#: How long the members of one set share a metadata refresh (a set on a slow link whose
+#: first models took longer refreshes again for the next one).
+_SET_REFRESH_REUSE_S = 600.0
+
+
 class UpdateClient:
     """The device's view of the release repository, reached over ``connection`` (by a
     :class:`~edge_sdk.transport.ChunkClient` for ``device_id``), or through any other
@@ -173,6 +179,10 @@ class UpdateClient:
         self.delta_limits = delta_limits or DeltaLimits()
         #: How the last fetch got its model file (None before the first).
         self.last_download: Download | None = None
+        #: The refresh the members of the set being fetched share: (which deployment,
+        #: when, the updater).
+        self._set_refresh: tuple[tuple[int, str, tuple[str, ...]], float, Updater] | None \
+            = None
         self.metadata_dir = Path(metadata_dir)
         self.partial_dir = Path(partial_dir)
         self.fetch_config = fetch_config or FetchConfig()
@@ -252,11 +262,34 @@ class UpdateClient:
         except (KeyError, ValueError) as err:
             raise TargetMismatchError(f"{deployment.title} installs no model "
                                       f"{model or '(one model expected)'}") from err
+        updater = self._refreshed_for(deployment)
+        # Every member against the same signed metadata, before any byte of one is
+        # fetched: a set naming one target the repository does not sign downloads nothing.
+        checked = {m.model: self._check_member(updater, deployment, m)
+                   for m in deployment.models}
+        tf, rt = checked[member.model]
+        return self._install(updater, tf, rt, Path(dest_dir), progress, have, stage, reserve)
+
+    def _refreshed_for(self, deployment: Deployment) -> Updater:
+        """A refreshed updater; the members of one set after the first reuse its refresh
+        (one metadata round per install, not one per model)."""
+        key = (deployment.counter, deployment.keyid, deployment.names)
+        kept = self._set_refresh
+        if kept is not None and kept[0] == key and \
+                time.monotonic() - kept[1] < _SET_REFRESH_REUSE_S:
+            return kept[2]
+        updater = self.refresh()
+        self._set_refresh = (key, time.monotonic(), updater) if deployment.is_set else None
+        return updater
+
+    def _check_member(self, updater: Updater, deployment: Deployment, member: ModelTarget,
+                      ) -> tuple[TargetFile, ReleasedTarget]:
+        """The signed target and release of one member; TargetMismatchError unless the
+        release repository signs the same path, sha256, length, name and version."""
         if member.target.startswith("profiling/"):
             raise TargetMismatchError(
                 f"deployment #{deployment.counter} names {member.target}, a profiling "
                 "file: those are measured, never installed")
-        updater = self.refresh()
         tf = self._targetinfo(updater, member.target)
         if tf.hashes.get("sha256") != member.sha256 or tf.length != member.length:
             raise TargetMismatchError(
@@ -270,7 +303,7 @@ class UpdateClient:
                 f"{member.target} is released as {rt.name if rt else '?'} "
                 f"{rt.version if rt else '?'}, the deployment says {member.model} "
                 f"{member.version}")
-        return self._install(updater, tf, rt, Path(dest_dir), progress, have, stage, reserve)
+        return tf, rt
 
     def fetch_release(self, name: str, dest_dir: str | os.PathLike[str], *,
                       version: str | None = None, progress: Progress | None = None,
