@@ -19,7 +19,6 @@ from device_agent._events import (
     Adopted,
     Boot,
     CrashPoint,
-    Effect,
     Event,
     Failed,
     Fetched,
@@ -49,6 +48,7 @@ from device_agent._lifecycle import (
     step,
 )
 from device_agent._state import InstalledState, ModelRecord
+from tests._lifecycle_driver import A1, A2, B1, B2, Run, install_set, set_dep
 
 V1 = ModelRecord("adder-v1-aaaaaaaaaaaa", "adder", "v1", "a" * 64, "k1")
 V2 = ModelRecord("adder-v2-bbbbbbbbbbbb", "adder", "v2", "b" * 64, "k2")
@@ -57,40 +57,6 @@ V2 = ModelRecord("adder-v2-bbbbbbbbbbbb", "adder", "v2", "b" * 64, "k2")
 def dep(counter: int, art: ModelRecord = V2, *, rollback: bool = False) -> InstallRequest:
     return InstallRequest(f"k{counter}", counter, art.name, art.version, art.sha256,
                           rollback=rollback)
-
-
-class Run:
-    """Feeds events like the Installer, recording effects; answers LoadModel/WatchHealth."""
-
-    def __init__(self, life: Life | None = None, *, broken: tuple[ModelRecord, ...] = (),
-                 health: str | None = None) -> None:
-        self.life = life or Life()
-        self.broken = broken
-        #: None: healthy; a reason: unhealthy; "stop": the agent stops inside the window.
-        self.health = health
-        self.effects: list[Effect] = []
-
-    def feed(self, *events: Event) -> Run:
-        for event in events:
-            queue = [event]
-            while queue:
-                self.life, effects = step(self.life, queue.pop(0))
-                self.effects += effects
-                for e in effects:
-                    if isinstance(e, LoadModel):
-                        queue.append(ModelUnusable(e.record, "broken") if e.record in self.broken
-                                     else ModelLoaded(e.record))
-                    elif isinstance(e, WatchHealth) and self.health != "stop":
-                        queue.append(Healthy() if self.health is None else Unhealthy(self.health))
-        return self
-
-    def reports(self, start: int = 0) -> list[str]:
-        """The kinds of the reports among the effects from ``start`` on."""
-        return [e.kind for e in self.effects[start:] if isinstance(e, Report)]
-
-    def saved(self) -> InstalledState | None:
-        states = [e.state for e in self.effects if isinstance(e, SaveState)]
-        return states[-1] if states else None
 
 
 def booted(state: InstalledState, **kw: Any) -> Run:
@@ -455,28 +421,6 @@ def test_unwritable_redelivery_of_a_handled_deployment_says_nothing() -> None:
 
 
 # -- sets of models ---------------------------------------------------------------------------
-
-A1 = ModelRecord("det-1-aaaaaaaaaaaa", "det", "1", "1" * 64, "s1")
-A2 = ModelRecord("det-2-bbbbbbbbbbbb", "det", "2", "2" * 64, "s3")
-B1 = ModelRecord("rec-1-cccccccccccc", "rec", "1", "3" * 64, "s2")
-B2 = ModelRecord("rec-2-dddddddddddd", "rec", "2", "4" * 64, "s3")
-
-
-def set_dep(counter: int, *arts: ModelRecord, remove: tuple[str, ...] = (),
-            groups: tuple[str, ...] = (), length: int | None = None) -> InstallRequest:
-    return InstallRequest(f"s{counter}", counter, remove=remove, groups=groups, models=tuple(
-        ModelChange(a.name, a.version, a.sha256, length) for a in arts))
-
-
-def install_set(run: Run, d: InstallRequest, *arts: ModelRecord, scope: str = "device",
-                **kw: Any) -> Run:
-    run.feed(Accepted(d, scope=scope, **kw))
-    if run.life.mode is not Mode.INSTALLING:
-        return run
-    for a in arts:
-        run.feed(Fetched(), Verified(), Adopted(a))
-    return run.feed(*(Loaded() for _ in arts), SmokeTested())
-
 
 def serving_a1_b1(budget: int = 0, **kw: Any) -> Run:
     state = InstalledState(models={"det": A1, "rec": B1}, counters={"det": 1, "rec": 2},

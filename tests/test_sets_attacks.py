@@ -23,8 +23,8 @@ from edge_sdk.release import DeviceStatus, create_deployment
 from edge_sdk.release._watch import MAX_MODELS
 from tests import _agent_local, _models, _process
 from tests._agent_local import SAMPLE, config, deployment_set, events
+from tests._lifecycle_driver import A1, A2, B1, B2, Run, install_set, set_dep
 from tests._trust_env import FLEET, SimEnv
-from tests.test_lifecycle import A1, A2, B1, B2, Run, install_set, set_dep
 
 make_agent = _agent_local.make_agent
 wait_for = functools.partial(_process.wait_for, timeout=30.0)
