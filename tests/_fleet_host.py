@@ -74,6 +74,17 @@ class Serve(ManagedProcess):
             self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=log, stderr=log, env=env)
         return self
 
+    def wait_page(self, timeout: float = 60) -> None:
+        """Wait until the page listens ("fleet page on" in the log): a serve that exited
+        first (its ``--http`` port taken meanwhile, say) fails here with its log, not
+        later as a registry that never heard the agents."""
+        assert self.proc is not None
+        proc = self.proc
+        wait_for(lambda: "fleet page on" in self.log.read_text() or proc.poll() is not None,
+                 timeout, lambda: f"serve never listened: {self.log.read_text()[-3000:]}")
+        assert proc.poll() is None, f"serve exited {proc.returncode}: " \
+            f"{self.log.read_text()[-3000:]}"
+
     def wait_crashed(self, timeout: float = 60) -> None:
         """Wait for the SIGKILL a crash point sends."""
         assert self.proc is not None

@@ -162,11 +162,18 @@ def test_a_rollout_run_interrupted_after_its_first_wave_went_out_is_audited(
             if sent.wait(60):
                 signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
 
-        t = threading.Thread(target=interrupt, daemon=True)
-        t.start()
-        code = main(_rollout_run(repo, shared_broker, device, "--version", "1.0",
-                                 "--wave-timeout", "120", "--operator", "finn"))
-        t.join(10)
+        # A run started in the background by a non-interactive shell (nohup, `cmd &`: how
+        # CI runs) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt:
+        # Ctrl-C's handler, for this test only.
+        old = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            t = threading.Thread(target=interrupt, daemon=True)
+            t.start()
+            code = main(_rollout_run(repo, shared_broker, device, "--version", "1.0",
+                                     "--wave-timeout", "120", "--operator", "finn"))
+            t.join(10)
+        finally:
+            signal.signal(signal.SIGINT, old)
     assert code == 130 and sent.is_set()
     entry = _last_entry(repo, capsys)
     assert (entry["actor"], entry["action"]) == ("finn", "rollout.run")

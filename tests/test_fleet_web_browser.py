@@ -35,7 +35,7 @@ def test_the_page_lists_the_fleet_and_follows_a_rollout_while_it_runs(
     port = free_port()
     serve = Serve(fleet, db_url, tmp_path)
     serve.cmd += ["--http", f"127.0.0.1:{port}"]
-    serve.start()
+    serve.start().wait_page()
     try:
         procs = start_fleet(fleet, tmp_path, agents, "web", 3, db_url)
         browser.get(f"http://127.0.0.1:{port}/")
@@ -129,7 +129,7 @@ def test_the_page_tells_an_aborted_wave_a_delta_a_rollback_and_an_idle_device_as
     # The agents beat every second: ten missed and a device that said online is silent.
     serve.cmd += ["--http", f"127.0.0.1:{port}", "--registry", "heartbeat_s=1",
                   "--registry", "silent_after_missed=10"]
-    serve.start()
+    serve.start().wait_page()
     try:
         g = "truth"
         procs = [new_agent(fleet, tmp_path, agents, f"{g}-{i}", groups=(g,)).start()
