@@ -631,6 +631,19 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _by_phase(samples: list[tuple[float, float]],
+              phases: list[tuple[str, float, float]]) -> dict[str, list[float]]:
+    """The latencies of ``samples`` ((time, latency) each) by the phase ("swap" or "quiet")
+    whose interval holds their time; samples outside every phase are left out."""
+    by: dict[str, list[float]] = {"swap": [], "quiet": []}
+    for t, lat in samples:
+        for kind, a, b in phases:
+            if a <= t < b:
+                by[kind].append(lat)
+                break
+    return by
+
+
 def several_models(tmp: Path, broker: Mosquitto, args: argparse.Namespace) -> None:
     """[8] B's latency while A is updated by signed deployments, and RSS over deploy/remove
     cycles of C."""
@@ -707,12 +720,7 @@ def several_models(tmp: Path, broker: Mosquitto, args: argparse.Namespace) -> No
                 done = min(done + 5, args.model_swaps)
                 time.sleep(max(b - a, 0.5))
                 phases.append(("quiet", b, time.perf_counter()))
-        by: dict[str, list[float]] = {"swap": [], "quiet": []}
-        for t, lat in load.samples:
-            for kind, a, b in phases:
-                if a <= t < b:
-                    by[kind].append(lat)
-                    break
+        by = _by_phase(load.samples, phases)
         swap_s = sum(b - a for kind, a, b in phases if kind == "swap")
         p99_quiet, p99_swap = pct(by["quiet"], 99), pct(by["swap"], 99)
         print(f"[8] several models: B asked under load while A ({args.swap_mib} MiB of "
@@ -844,12 +852,7 @@ def run(tmp: Path, broker: Mosquitto, args: argparse.Namespace) -> None:
                 phases.append(("quiet", b, time.perf_counter()))
         swap_s = time.monotonic() - t_start
         final = agent.version()
-        by: dict[str, list[float]] = {"swap": [], "quiet": []}
-        for t, lat in load.samples:
-            for kind, a, b in phases:
-                if a <= t < b:
-                    by[kind].append(lat)
-                    break
+        by = _by_phase(load.samples, phases)
         p99_base, p99_swap = pct(by["quiet"], 99), pct(by["swap"], 99)
         print(f"[2] {args.swaps} swaps under load in {swap_s:.1f} s: {len(load.lat)} requests, "
               f"{len(load.failed)} failed (goal 0), {len(load.versions)} versions answered, "
