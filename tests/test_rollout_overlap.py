@@ -140,17 +140,24 @@ def conn(shared_broker: Mosquitto) -> Iterator[MqttConnection]:
     c.close()
 
 
+def _door_and_gate_rollouts(db: FleetDB, db_url: str) -> tuple[int, int]:
+    """d1 in group door and d2 in gate, and two rollouts started in that order: det for
+    door (the older) and rec for gate (the newer)."""
+    _registered(db, "d1", "d2")
+    _fleetdb.assign(db_url, FLEET, ["d1"], "door")
+    _fleetdb.assign(db_url, FLEET, ["d2"], "gate")
+    older = start_rollout(db, fleet=FLEET, model="det", version="2",
+                          selector={"groups": ["door"]}, spec=SPEC, actor="alice")
+    newer = start_rollout(db, fleet=FLEET, model="rec", version="5",
+                          selector={"groups": ["gate"]}, spec=SPEC, actor="bob")
+    return older, newer
+
+
 def test_a_device_registered_after_two_rollouts_started_goes_to_the_older_only(
         db_url: str, repo: Repository, conn: MqttConnection,
         caplog: pytest.LogCaptureFixture) -> None:
     with FleetDB.open(db_url) as db:
-        _registered(db, "d1", "d2")
-        _fleetdb.assign(db_url, FLEET, ["d1"], "door")
-        _fleetdb.assign(db_url, FLEET, ["d2"], "gate")
-        older = start_rollout(db, fleet=FLEET, model="det", version="2",
-                              selector={"groups": ["door"]}, spec=SPEC, actor="alice")
-        newer = start_rollout(db, fleet=FLEET, model="rec", version="5",
-                              selector={"groups": ["gate"]}, spec=SPEC, actor="bob")
+        older, newer = _door_and_gate_rollouts(db, db_url)
         # Both paused (nothing is signed), which still takes in devices that join.
         _progress(db, older, "paused", d1="sent")
         _progress(db, newer, "paused", d2="sent")
@@ -179,13 +186,7 @@ def test_a_fresh_controller_leaves_a_device_with_the_newer_rollout_that_holds_it
     to the newer; a controller started afterwards, which has loaded neither, does not
     give it to the older one as well."""
     with FleetDB.open(db_url) as db:
-        _registered(db, "d1", "d2")
-        _fleetdb.assign(db_url, FLEET, ["d1"], "door")
-        _fleetdb.assign(db_url, FLEET, ["d2"], "gate")
-        older = start_rollout(db, fleet=FLEET, model="det", version="2",
-                              selector={"groups": ["door"]}, spec=SPEC, actor="alice")
-        newer = start_rollout(db, fleet=FLEET, model="rec", version="5",
-                              selector={"groups": ["gate"]}, spec=SPEC, actor="bob")
+        older, newer = _door_and_gate_rollouts(db, db_url)
         _registered(db, "d3")
         _fleetdb.assign(db_url, FLEET, ["d3"], "door", "gate")
         _progress(db, older, "paused", d1="sent")
