@@ -306,3 +306,84 @@ def test_an_account_without_dynsec_rights_cannot_administer(
         conn.close()
     with dynsec_admin(b, creds) as admin:
         assert "evil" not in admin.clients()
+
+
+def _every_topic(batch: str, other_batch: str) -> list[str]:
+    """Every topic of the protocol for a device, a group, the repository, probes, another
+    batch's enrolment and its own batch's answers (the controller's to write)."""
+    dev = T.device("cam-1")
+    return [
+        T.desired("cam-1"), T.state("cam-1"), T.events("cam-1"), T.repo_request("cam-1"),
+        T.repo_response("cam-1"), T.profile_request("cam-1"), T.profile_result("cam-1"),
+        f"{dev}/cred/req", f"{dev}/cred/res", T.group_desired("lobby"), T.announce,
+        T.share_probe("p1"), f"{BASE}/dev/_probe/state", f"{BASE}/dev/_probe/repo/req",
+        f"{BASE}/enrol/{other_batch}/cam-9/req", f"{BASE}/enrol/{other_batch}/cam-9/res",
+        f"{BASE}/enrol/{batch}/cam-9/res", f"{BASE}/enrol/{batch}/cam-9",
+        f"{BASE}/enrol/{batch}/cam-9/req/x", f"{BASE}/enrol/{batch}", "edge/other/dev/x/state",
+        "$SYS/broker/uptime",
+    ]
+
+
+def test_claim_account_tries_every_other_topic_and_reaches_none(
+        broker: tuple[Mosquitto, dict[str, str]], admin: DynsecAdmin,
+        monitor: tuple[MqttConnection, Inbox]) -> None:
+    b, creds = broker
+    mon, seen = monitor
+    admin.ensure_device("cam-1", "pw-cam-1", ["lobby"])
+    admin.ensure_claim("b1", "claim-b1")
+    admin.ensure_claim("b2", "claim-b2")
+    topics = _every_topic("b1", "b2")
+    # Retained bait everywhere the monitor may write, before the claim subscribes.
+    for topic in topics:
+        if topic.startswith(BASE) and "/enrol/b1/" not in topic:
+            mon.publish_wait(topic, b"retained bait", retain=True)
+    dev = connect_as(b, {"cam-1": "pw-cam-1"}, "cam-1")
+    drops: list[bool] = []
+    dev.add_connection_listener(drops.append)
+    # Its client id is the device's: with use_username_as_clientid it takes no session.
+    claim = connect_as(b, {"_claim-b1": "claim-b1"}, "_claim-b1",
+                       client_id=dev.config.client_id)
+    try:
+        got = Inbox()
+        claim.subscribe(f"{BASE}/enrol/b1/+/res", got)
+        filters = ["#", "edge/#", f"{BASE}/#", "$SYS/#", "$CONTROL/#", "+/#", "+/+/#",
+                   "$CONTROL/dynamic-security/v1/response", "$share/g/#",
+                   f"$share/g/{BASE}/enrol/b1/+/res", f"{BASE}/enrol/+/+/res",
+                   f"{BASE}/enrol/b1/+/req", f"{BASE}/enrol/b1/#", f"{BASE}/enrol/b2/+/res",
+                   f"{BASE}/dev/+/desired", f"{BASE}/grp/+/desired",
+                   *(t for t in topics if "/enrol/b1/cam-9/res" not in t)]
+        for flt in filters:
+            with pytest.raises(TransportError, match="refused the subscription"):
+                claim.subscribe(flt, got)
+        for topic in [*topics, CONTROL_TOPIC, RESPONSE_TOPIC]:
+            claim.publish_wait(topic, b"forged by the claim")
+        claim.publish_wait(CONTROL_TOPIC, b'{"commands": [{"command": "createClient", '
+                                          b'"username": "evil", "password": "evil"}, '
+                                          b'{"command": "deleteClient", '
+                                          b'"username": "cam-1"}]}')
+        claim.publish_wait(f"{BASE}/enrol/b1/cam-9/req", b"sentinel")
+        seen.wait_for(f"{BASE}/enrol/b1/cam-9/req", b"sentinel")
+        assert [t for t, p in seen.got if p == b"forged by the claim"] == []
+
+        # The controller answers in both batches and a device is told its deployment.
+        serve = connect_as(b, creds, "edge-fleet")
+        try:
+            serve.publish_wait(f"{BASE}/enrol/b2/cam-9/res", b"answer for b2")
+            serve.publish_wait(T.desired("cam-1"), b"deployment")
+            serve.publish_wait(f"{BASE}/enrol/b1/cam-9/res", b"answer for b1")
+        finally:
+            serve.close()
+        got.wait_for(f"{BASE}/enrol/b1/cam-9/res", b"answer for b1")
+        assert [p for _, p in got.got] == [b"answer for b1"]
+
+        clients = admin.clients()
+        assert "evil" not in clients and "cam-1" in clients
+        dev.publish_wait(T.state("cam-1"), b"still here")
+        seen.wait_for(T.state("cam-1"), b"still here")
+        assert False not in drops, "the claim account took the device's session"
+    finally:
+        claim.close()
+        dev.close()
+        for topic in topics:
+            if topic.startswith(BASE) and "/enrol/b1/" not in topic:
+                mon.publish_wait(topic, b"", retain=True)
