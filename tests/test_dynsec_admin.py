@@ -8,6 +8,10 @@ messages in order, so once the sentinel is in, anything before it would be too.
 
 from __future__ import annotations
 
+import json
+import os
+import pwd
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -15,8 +19,15 @@ from pathlib import Path
 
 import pytest
 
+from edge_sdk.cli import main
 from edge_sdk.errors import ConfigError, TransportError
-from edge_sdk.fleet._dynsec import CONTROL_TOPIC, RESPONSE_TOPIC, BrokerAdminError, DynsecAdmin
+from edge_sdk.fleet._dynsec import (
+    CONTROL_TOPIC,
+    RESPONSE_TOPIC,
+    BrokerAdminError,
+    DynsecAdmin,
+    broker_user,
+)
 from edge_sdk.transport import MqttConfig, MqttConnection, Topics
 from tests._broker import Mosquitto
 from tests._dynsec import FLEET, MONITOR, connect_as, dynsec_admin, dynsec_broker
@@ -387,3 +398,80 @@ def test_claim_account_tries_every_other_topic_and_reaches_none(
         for topic in topics:
             if topic.startswith(BASE) and "/enrol/b1/" not in topic:
                 mon.publish_wait(topic, b"", retain=True)
+
+
+def test_broker_init_writes_a_config_mosquitto_starts_with(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str],
+                                                           ) -> None:
+    out = tmp_path / "broker-conf"
+    rc = main(["broker", "init", str(out), "--fleet", "lab", "--operator", "alice",
+               "--responder", "repo-a", "--responder", "repo-b"])
+    assert rc == 0
+    said = capsys.readouterr().out
+    assert said.startswith(f"wrote {out}/dynamic-security.json")
+    creds = json.loads((out / "credentials.json").read_text())
+    assert set(creds) == {"edge-serve", "edge-fleet", "repo-a", "repo-b", "alice"}
+    assert stat.S_IMODE((out / "credentials.json").stat().st_mode) == 0o600
+    assert not any(pw in said for pw in creds.values())
+    account = broker_user()
+    if account is not None:  # run as root: the broker's user rewrites the plugin's file
+        assert (out / "dynamic-security.json").stat().st_uid == account.pw_uid
+        assert out.stat().st_uid == account.pw_uid
+        assert (out / "credentials.json").stat().st_uid == 0
+    # The written config's own lines (not its TLS listener: no certificates here).
+    keep = ("plugin", "plugin_opt_config_file", "use_username_as_clientid", "max_packet_size",
+            "max_qos", "set_tcp_nodelay")
+    lines = (out / "mosquitto.conf").read_text().splitlines()
+    conf = "".join(f"{ln}\n" for ln in lines if ln.split(" ")[0] in keep)
+    with Mosquitto(tmp_path / "run", allow_anonymous=False, extra_conf=conf) as b:
+        with dynsec_admin(b, creds, user="edge-fleet") as admin:
+            assert set(admin.clients()) == set(creds)
+            admin.ensure_device("cam-1", "pw")  # the broker writes its file back
+        connect_as(b, creds, "alice").close()
+        _refused(b, "alice", "not-the-password")
+    assert "cam-1" in (out / "dynamic-security.json").read_text()
+
+
+def test_broker_init_keeps_an_existing_config_unless_forced(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "conf"
+    assert main(["broker", "init", str(out), "--fleet", "lab"]) == 0
+    before = (out / "dynamic-security.json").read_bytes()
+    capsys.readouterr()
+    assert main(["broker", "init", str(out), "--fleet", "lab"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--force" in err
+    assert (out / "dynamic-security.json").read_bytes() == before
+    assert main(["broker", "init", str(out), "--fleet", "lab", "--force"]) == 0
+    assert (out / "dynamic-security.json").read_bytes() != before
+
+
+@pytest.mark.parametrize("args", [["--fleet", "a/b"], ["--fleet", "lab", "--operator", "x#"],
+                                  ["--fleet", "lab", "--operator", "edge-serve"]])
+def test_broker_init_refuses_bad_names_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str]) -> None:
+    assert main(["broker", "init", str(tmp_path / "c"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edge-sdk: error: ") and err.count("\n") == 1
+    assert not (tmp_path / "c" / "dynamic-security.json").exists()
+
+
+def test_broker_init_config_opens_only_the_listener_it_names(tmp_path: Path) -> None:
+    out = tmp_path / "conf"
+    assert main(["broker", "init", str(out), "--fleet", "lab"]) == 0
+    creds = json.loads((out / "credentials.json").read_text())
+    b = Mosquitto(tmp_path / "run", allow_anonymous=False)
+    text = (out / "mosquitto.conf").read_text()
+    assert "listener 8883\n" in text
+    # As written, but on our port, without certificates, persisting in our directory.
+    text = "".join(f"{ln}\n" for ln in text.replace("listener 8883", f"listener {b.port} "
+                                                    "127.0.0.1").splitlines()
+                   if ln.split(" ")[0] not in ("cafile", "certfile", "keyfile",
+                                               "persistence_location"))
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    b.conf.write_text(text + f"persistence_location {b.workdir}/\nuser {me}\n"
+                      f"log_dest file {b.log}\nlog_type all\n")
+    with b, dynsec_admin(b, creds) as admin:
+        assert "edge-serve" in admin.clients()
+    opened = [ln for ln in b.log.read_text().splitlines() if "listen socket on port" in ln]
+    assert opened and all(ln.endswith(f"port {b.port}.") for ln in opened), opened

@@ -518,15 +518,19 @@ def mosquitto_settings(dynsec_json: Path) -> str:
 
 
 def _conf_text(dynsec_json: Path) -> str:
+    # The listener first: Mosquitto 2.0.11 makes a default listener (port 1883, every
+    # interface) for a plugin line that comes before any listener.
     return ("# Mosquitto with the dynamic security plugin for an edge-sdk fleet (written by\n"
             "# `edge-sdk broker init`). Accounts change at run time through the plugin;\n"
             "# the broker rewrites the JSON file on every change.\n"
-            "per_listener_settings false\n" + mosquitto_settings(dynsec_json)
-            + "\n# Devices and services on TLS: put your certificates here.\n"
+            "per_listener_settings false\n\n"
+            "# Devices and services on TLS: put your certificates here.\n"
             "listener 8883\n"
             "cafile /etc/mosquitto/certs/ca.crt\n"
             "certfile /etc/mosquitto/certs/server.crt\n"
             "keyfile /etc/mosquitto/certs/server.key\n\n"
+            + mosquitto_settings(dynsec_json)
+            + "\n# Retained messages (deployments, announcements) survive restarts.\n"
             "persistence true\npersistence_location /var/lib/mosquitto/\n" + _QUEUES)
 
 
