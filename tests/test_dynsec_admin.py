@@ -475,3 +475,22 @@ def test_broker_init_config_opens_only_the_listener_it_names(tmp_path: Path) -> 
         assert "edge-serve" in admin.clients()
     opened = [ln for ln in b.log.read_text().splitlines() if "listen socket on port" in ln]
     assert opened and all(ln.endswith(f"port {b.port}.") for ln in opened), opened
+
+
+def test_a_device_role_left_with_other_acls_gets_todays(
+        broker: tuple[Mosquitto, dict[str, str]], admin: DynsecAdmin,
+        monitor: tuple[MqttConnection, Inbox]) -> None:
+    b, _ = broker
+    _, seen = monitor
+    admin.call([{"command": "createRole", "rolename": "dev:cam-stale", "acls": [
+        {"acltype": "publishClientSend", "topic": f"{BASE}/dev/cam-other/state",
+         "priority": 0, "allow": True}]}])
+    admin.ensure_device("cam-stale", "pw")
+    dev = connect_as(b, {"cam-stale": "pw"}, "cam-stale")
+    try:
+        dev.publish_wait(T.state("cam-other"), b"forged")
+        dev.publish_wait(T.state("cam-stale"), b"sentinel")
+        seen.wait_for(T.state("cam-stale"), b"sentinel")
+        assert (T.state("cam-other"), b"forged") not in seen.got
+    finally:
+        dev.close()

@@ -255,7 +255,12 @@ class DynsecAdmin:
     """Manages the broker's accounts over ``connection`` (whose user holds dynsec's admin
     ACLs: ``edge-serve`` or ``edge-fleet`` of :func:`broker_config`). The connection may
     be shared; several admins may work at once (each command carries its own correlation
-    data). Every high-level call is idempotent."""
+    data). Every high-level call is idempotent and blocks for its round trips: never call
+    one from a connection handler (the answer arrives on that very thread).
+
+    What closes a client's open connection (it may reconnect if still allowed): a new
+    password, disabling, deleting, and new groups (dynsec cannot revoke the
+    subscriptions of a role it takes away)."""
 
     def __init__(self, connection: MqttConnection, *, fleet: str, prefix: str = "edge",
                  timeout: float = 10.0) -> None:
@@ -375,8 +380,17 @@ class DynsecAdmin:
 
     # -- devices --------------------------------------------------------------------------
 
-    def _role_commands(self, role: str, lines: list[Access]) -> dict[str, Any]:
-        return {"command": "createRole", "rolename": role, "acls": _acls(lines)}
+    @staticmethod
+    def _role_commands(role: str, lines: list[Access], *, current: bool = False
+                       ) -> list[dict[str, Any]]:
+        """Create ``role`` if missing; with ``current`` also set its ACLs to ``lines``
+        (a role left by an older version gets today's). Not for group roles: a broker
+        may close the connections of every client holding a role whose ACLs change."""
+        acls = _acls(lines)
+        cmds = [{"command": "createRole", "rolename": role, "acls": acls}]
+        if current:
+            cmds.append({"command": "modifyRole", "rolename": role, "acls": acls})
+        return cmds
 
     def ensure_device(self, device_id: str, password: str, groups: Iterable[str] = ()) -> None:
         """Make device ``device_id`` an account with ``password``, enabled, in ``groups``
@@ -385,21 +399,30 @@ class DynsecAdmin:
         _check_device(device_id)
         groups = _check_groups(groups)
         role = device_role(device_id)
-        existing = self._own(device_id, role, "device")
         roles = [{"rolename": r, "priority": 0}
                  for r in [role, *(group_role(g) for g in groups)]]
-        cmds = [self._role_commands(role, device_lines(self.topics, device_id))]
-        cmds += [self._role_commands(group_role(g), group_lines(self.topics, g))
-                 for g in groups]
-        if existing is None:
-            cmds.append({"command": "createClient", "username": device_id,
-                         "password": password, "roles": roles})
-        else:
-            cmds += [{"command": "modifyClient", "username": device_id, "roles": roles},
-                     {"command": "setClientPassword", "username": device_id,
-                      "password": password},
-                     {"command": "enableClient", "username": device_id}]
-        self.call(cmds, tolerate=("Role already exists",))
+        cmds = self._role_commands(role, device_lines(self.topics, device_id), current=True)
+        for g in groups:
+            cmds += self._role_commands(group_role(g), group_lines(self.topics, g))
+        # Twice at most: another admin may create the client between our look and our
+        # createClient; then it exists and the second pass updates it.
+        for _ in range(2):
+            if self._own(device_id, role, "device") is None:
+                answers = self.call(
+                    [*cmds, {"command": "createClient", "username": device_id,
+                             "password": password, "roles": roles}],
+                    tolerate=("Role already exists", "Client already exists"))
+                if answers[-1].get("error") is None:
+                    return
+                continue
+            self.call([*cmds,
+                       {"command": "modifyClient", "username": device_id, "roles": roles},
+                       {"command": "setClientPassword", "username": device_id,
+                        "password": password},
+                       {"command": "enableClient", "username": device_id}],
+                      tolerate=("Role already exists",))
+            return
+        raise BrokerAdminError(f"device {device_id!r}: its account kept changing under us")
 
     def set_password(self, device_id: str, password: str) -> None:
         """Give the device a new password; closes its open connection."""
@@ -411,10 +434,10 @@ class DynsecAdmin:
         groups = _check_groups(groups)
         roles = [{"rolename": r, "priority": 0}
                  for r in [device_role(device_id), *(group_role(g) for g in groups)]]
+        cmds = [c for g in groups
+                for c in self._role_commands(group_role(g), group_lines(self.topics, g))]
         self._device_call(device_id, [
-            *(self._role_commands(group_role(g), group_lines(self.topics, g))
-              for g in groups),
-            {"command": "modifyClient", "username": device_id, "roles": roles}],
+            *cmds, {"command": "modifyClient", "username": device_id, "roles": roles}],
             tolerate=("Role already exists",))
 
     def disable(self, device_id: str) -> None:
@@ -444,18 +467,28 @@ class DynsecAdmin:
     # -- claims ---------------------------------------------------------------------------
 
     def ensure_claim(self, batch: str, password: str) -> None:
-        """Make claim account ``_claim-<batch>`` with ``password`` (enabled)."""
+        """Make claim account ``_claim-<batch>`` with ``password`` (enabled); an existing
+        one gets the new password (which closes its connections)."""
         _check_batch(batch)
         user, role = claim_user(batch), claim_role(batch)
-        existing = self._own(user, role, "claim account")
-        cmds = [self._role_commands(role, claim_lines(self.topics, batch))]
-        if existing is None:
-            cmds.append({"command": "createClient", "username": user, "password": password,
-                         "roles": [{"rolename": role, "priority": 0}]})
-        else:
-            cmds += [{"command": "setClientPassword", "username": user, "password": password},
-                     {"command": "enableClient", "username": user}]
-        self.call(cmds, tolerate=("Role already exists",))
+        cmds = self._role_commands(role, claim_lines(self.topics, batch), current=True)
+        for _ in range(2):
+            if self._own(user, role, "claim account") is None:
+                answers = self.call(
+                    [*cmds, {"command": "createClient", "username": user,
+                             "password": password,
+                             "roles": [{"rolename": role, "priority": 0}]}],
+                    tolerate=("Role already exists", "Client already exists"))
+                if answers[-1].get("error") is None:
+                    return
+                continue
+            self.call([*cmds,
+                       {"command": "setClientPassword", "username": user,
+                        "password": password},
+                       {"command": "enableClient", "username": user}],
+                      tolerate=("Role already exists",))
+            return
+        raise BrokerAdminError(f"claim account {user!r}: it kept changing under us")
 
     def delete_claim(self, batch: str) -> None:
         """Delete the claim account and its role (closes its connections); absent is fine."""
