@@ -32,6 +32,7 @@ from typing import Any
 from .._fs import atomic_write_text
 from .._json import UnsafeJsonError, loads_bounded
 from ..errors import ConfigError, TransportError
+from ..identity import check_batch, claim_username
 from ..transport import MqttConnection, Topics
 from ..transport._config import check_topic_word
 from ._errors import FleetError
@@ -50,7 +51,6 @@ RESPONDER = "edge-repo"
 OPERATORS = ("edge-operator-1", "edge-operator-2")
 #: The pseudo-device whose topics ``serve`` probes its access on (see transport._access).
 PROBE_DEVICE = "_probe"
-CLAIM_PREFIX = "_claim-"
 
 #: dynsec's password hash: PBKDF2-HMAC-SHA512 over a 12-byte salt; 101 iterations is what
 #: mosquitto_ctrl uses. Every password here is random (>= 144 bits), not a person's.
@@ -77,44 +77,16 @@ def claim_role(batch: str) -> str:
     return f"claim:{batch}"
 
 
-def claim_user(batch: str) -> str:
-    return CLAIM_PREFIX + batch
+def _answer_filters(topics: Topics) -> tuple[str, str]:
+    """The filters of every enrolment answer and every credential answer (what the
+    controller writes; Topics names only the filters of what it reads)."""
+    base = topics.base
+    return f"{base}/enrol/+/+/res", f"{base}/dev/+/cred/res"
 
 
-class _Names:
-    """The topics of issue 30 (enrolment, credentials). One place, to switch to the
-    ``Topics`` methods of the identity branch once they land."""
-
-    def __init__(self, topics: Topics) -> None:
-        self.base = topics.base
-
-    def enrol_batch_requests(self, batch: str) -> str:
-        return f"{self.base}/enrol/{batch}/+/req"
-
-    def enrol_batch_answers(self, batch: str) -> str:
-        return f"{self.base}/enrol/{batch}/+/res"
-
-    @property
-    def every_enrol_request(self) -> str:
-        return f"{self.base}/enrol/+/+/req"
-
-    @property
-    def every_enrol_answer(self) -> str:
-        return f"{self.base}/enrol/+/+/res"
-
-    def cred_request(self, device: str) -> str:
-        return f"{self.base}/dev/{device}/cred/req"
-
-    def cred_answer(self, device: str) -> str:
-        return f"{self.base}/dev/{device}/cred/res"
-
-    @property
-    def every_cred_request(self) -> str:
-        return f"{self.base}/dev/+/cred/req"
-
-    @property
-    def every_cred_answer(self) -> str:
-        return f"{self.base}/dev/+/cred/res"
+def _batch_answers(topics: Topics, batch: str) -> str:
+    """The filter of the enrolment answers of claim batch ``batch``."""
+    return f"{topics.base}/enrol/{check_batch(batch)}/+/res"
 
 
 # -- role ACLs ---------------------------------------------------------------------------
@@ -133,18 +105,17 @@ def _acls(lines: Iterable[Access]) -> list[dict[str, Any]]:
 def device_lines(topics: Topics, device_id: str) -> list[Access]:
     """What device ``device_id`` may do: its own topics and the announcement."""
     dev = topics.device(device_id)
-    names = _Names(topics)
     return [
         ("read", f"{dev}/desired"),
         ("read", f"{dev}/repo/res"),
         ("read", f"{dev}/profile/req"),
-        ("read", names.cred_answer(device_id)),
+        ("read", topics.cred_answer(device_id)),
         ("read", topics.announce),
         ("write", f"{dev}/repo/req"),
         ("write", f"{dev}/state"),
         ("write", f"{dev}/events"),
         ("write", f"{dev}/profile/res"),
-        ("write", names.cred_request(device_id)),
+        ("write", topics.cred_request(device_id)),
     ]
 
 
@@ -154,9 +125,8 @@ def group_lines(topics: Topics, group: str) -> list[Access]:
 
 def claim_lines(topics: Topics, batch: str) -> list[Access]:
     """A claim account: enrolment requests of its batch out, their answers in. Nothing else."""
-    names = _Names(topics)
-    return [("write", names.enrol_batch_requests(batch)),
-            ("read", names.enrol_batch_answers(batch))]
+    return [("write", topics.enrol_batch_requests(batch)),
+            ("read", _batch_answers(topics, batch))]
 
 
 def responder_lines(topics: Topics) -> list[Access]:
@@ -189,12 +159,12 @@ def fleet_lines(topics: Topics) -> list[Access]:
 def enroller_lines(topics: Topics) -> list[Access]:
     """What the enroller of ``serve --enrol`` needs: the enrolment and credential topics of
     every device, and dynsec's own (it manages the accounts)."""
-    names = _Names(topics)
+    enrol_answers, cred_answers = _answer_filters(topics)
     return [
-        ("read", names.every_enrol_request),
-        ("write", names.every_enrol_answer),
-        ("read", names.every_cred_request),
-        ("write", names.every_cred_answer),
+        ("read", topics.every_enrol_request),
+        ("write", enrol_answers),
+        ("read", topics.every_cred_request),
+        ("write", cred_answers),
         ("readwrite", "$CONTROL/dynamic-security/#"),
     ]
 
@@ -230,13 +200,6 @@ def _check_device(device_id: str) -> str:
 
 def _check_groups(groups: Iterable[str]) -> list[str]:
     return sorted({check_topic_word(g, "group") for g in groups})
-
-
-def _check_batch(batch: str) -> str:
-    check_topic_word(batch, "claim batch")
-    if len(batch) > 32:
-        raise ConfigError(f"claim batch {batch!r} is longer than 32 characters")
-    return batch
 
 
 # -- the admin ---------------------------------------------------------------------------
@@ -469,8 +432,7 @@ class DynsecAdmin:
     def ensure_claim(self, batch: str, password: str) -> None:
         """Make claim account ``_claim-<batch>`` with ``password`` (enabled); an existing
         one gets the new password (which closes its connections)."""
-        _check_batch(batch)
-        user, role = claim_user(batch), claim_role(batch)
+        user, role = claim_username(batch), claim_role(batch)
         cmds = self._role_commands(role, claim_lines(self.topics, batch), current=True)
         for _ in range(2):
             if self._own(user, role, "claim account") is None:
@@ -492,8 +454,7 @@ class DynsecAdmin:
 
     def delete_claim(self, batch: str) -> None:
         """Delete the claim account and its role (closes its connections); absent is fine."""
-        _check_batch(batch)
-        user, role = claim_user(batch), claim_role(batch)
+        user, role = claim_username(batch), claim_role(batch)
         cmds: list[dict[str, Any]] = []
         if self._own(user, role, "claim account") is not None:
             cmds.append({"command": "deleteClient", "username": user})
@@ -633,5 +594,5 @@ def broker_config(outdir: Path, *, fleet: str, operators: Sequence[str] = (),
 
 
 __all__ = ["BrokerAdminError", "DynsecAdmin", "broker_config", "broker_user",
-           "claim_user", "device_role", "mosquitto_settings", "password_record",
+           "claim_role", "device_role", "group_role", "mosquitto_settings", "password_record",
            "plugin_path"]
