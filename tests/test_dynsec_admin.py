@@ -494,3 +494,17 @@ def test_a_device_role_left_with_other_acls_gets_todays(
         assert (T.state("cam-other"), b"forged") not in seen.got
     finally:
         dev.close()
+
+
+def test_clients_lists_every_account_a_page_at_a_time(
+        broker: tuple[Mosquitto, dict[str, str]]) -> None:
+    b, creds = broker
+    with dynsec_admin(b, creds) as whole:
+        everyone = whole.clients()
+        conn = connect_as(b, creds, "edge-fleet")
+        try:
+            for page in (1, 2, 3, len(everyone), len(everyone) + 1):
+                assert DynsecAdmin(conn, fleet=FLEET, list_page=page).clients() == everyone
+        finally:
+            conn.close()
+    assert {"edge-serve", "edge-fleet", MONITOR} <= set(everyone)

@@ -41,8 +41,10 @@ log = logging.getLogger("edge_sdk.fleet.dynsec")
 
 CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
 RESPONSE_TOPIC = f"{CONTROL_TOPIC}/response"
-#: An answer listing every client of a large fleet is big; nothing else comes near.
-MAX_RESPONSE_BYTES = 32 * 1024 * 1024
+#: listClients answers at most this many names at a time (user names are <= 64 chars).
+LIST_PAGE = 1000
+#: Far above any answer to our commands (a page of names is < 70 KiB).
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 MAX_RESPONSE_DEPTH = 8
 
 SERVE = "edge-serve"
@@ -226,8 +228,11 @@ class DynsecAdmin:
     subscriptions of a role it takes away)."""
 
     def __init__(self, connection: MqttConnection, *, fleet: str, prefix: str = "edge",
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, list_page: int = LIST_PAGE) -> None:
+        if list_page < 1:
+            raise ConfigError(f"list_page must be >= 1, not {list_page}")
         self.connection = connection
+        self.list_page = list_page
         self.topics = Topics(fleet, prefix)
         self.timeout = timeout
         self._me = secrets.token_hex(6)
@@ -311,11 +316,22 @@ class DynsecAdmin:
     # -- reads ----------------------------------------------------------------------------
 
     def clients(self) -> list[str]:
-        """Every client's user name."""
-        ans = self.call([{"command": "listClients", "verbose": False, "count": -1,
-                          "offset": 0}])[0]
-        names = ans.get("data", {}).get("clients", [])
-        return [str(n) for n in names if isinstance(n, str)]
+        """Every client's user name (sorted; asked for a page at a time, so that no
+        answer grows with the fleet)."""
+        names: set[str] = set()
+        offset = 0
+        while True:
+            ans = self.call([{"command": "listClients", "verbose": False,
+                              "count": self.list_page, "offset": offset}])[0]
+            data = ans.get("data")
+            data = data if isinstance(data, dict) else {}
+            page = data.get("clients")
+            page = page if isinstance(page, list) else []
+            names.update(n for n in page if isinstance(n, str))
+            total = data.get("totalCount")
+            offset += self.list_page
+            if len(page) < self.list_page or not isinstance(total, int) or offset >= total:
+                return sorted(names)
 
     def client(self, username: str) -> dict[str, Any] | None:
         """dynsec's record of ``username`` (``roles``, ``disabled``...), None if absent."""
