@@ -29,6 +29,7 @@ from edge_sdk.fleet._dynsec import (
     broker_user,
 )
 from edge_sdk.transport import MqttConfig, MqttConnection, Topics
+from edge_sdk.transport._access import permissions, refused_permissions
 from tests._broker import Mosquitto
 from tests._dynsec import FLEET, MONITOR, connect_as, dynsec_admin, dynsec_broker
 
@@ -508,3 +509,61 @@ def test_clients_lists_every_account_a_page_at_a_time(
         finally:
             conn.close()
     assert {"edge-serve", "edge-fleet", MONITOR} <= set(everyone)
+
+
+@pytest.mark.parametrize(("user", "parts"), [("edge-serve", ("responder", "fleet")),
+                                             ("edge-fleet", ("fleet",)),
+                                             ("edge-repo", ("responder",))])
+def test_service_accounts_pass_serves_access_check(
+        broker: tuple[Mosquitto, dict[str, str]], user: str, parts: tuple[str, ...]) -> None:
+    b, creds = broker
+    conn = connect_as(b, creds, user)
+    try:
+        needs = [p for part in parts for p in permissions(part, T, announcement=b"{}")]
+        assert refused_permissions(conn, needs) == []
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("user", ["edge-serve", "edge-fleet"])
+def test_the_enrolling_accounts_read_requests_and_write_answers(
+        broker: tuple[Mosquitto, dict[str, str]], admin: DynsecAdmin, user: str) -> None:
+    b, creds = broker
+    admin.ensure_claim("b-svc", "claim-pw")
+    admin.ensure_device("cam-svc", "dev-pw")
+    svc = connect_as(b, creds, user)
+    claim = connect_as(b, {"_claim-b-svc": "claim-pw"}, "_claim-b-svc")
+    dev = connect_as(b, {"cam-svc": "dev-pw"}, "cam-svc")
+    try:
+        heard, told_claim, told_dev = Inbox(), Inbox(), Inbox()
+        svc.subscribe(T.every_enrol_request, heard)
+        svc.subscribe(T.every_cred_request, heard)
+        claim.subscribe(f"{BASE}/enrol/b-svc/+/res", told_claim)
+        dev.subscribe(T.cred_answer("cam-svc"), told_dev)
+        claim.publish_wait(T.enrol_request("b-svc", "cam-new"), b"enrol me")
+        dev.publish_wait(T.cred_request("cam-svc"), b"renew me")
+        heard.wait_for(T.enrol_request("b-svc", "cam-new"), b"enrol me")
+        heard.wait_for(T.cred_request("cam-svc"), b"renew me")
+        svc.publish_wait(T.enrol_answer("b-svc", "cam-new"), b"pending")
+        svc.publish_wait(T.cred_answer("cam-svc"), b"sealed")
+        told_claim.wait_for(T.enrol_answer("b-svc", "cam-new"), b"pending")
+        told_dev.wait_for(T.cred_answer("cam-svc"), b"sealed")
+        assert "edge-serve" in DynsecAdmin(svc, fleet=FLEET).clients()
+    finally:
+        for c in (svc, claim, dev):
+            c.close()
+
+
+def test_the_responder_and_operators_cannot_administer_nor_enrol(
+        broker: tuple[Mosquitto, dict[str, str]]) -> None:
+    b, creds = broker
+    for user in ("edge-repo", "edge-operator-1"):
+        conn = connect_as(b, creds, user)
+        try:
+            with pytest.raises(BrokerAdminError, match="cannot read dynsec's answers"):
+                DynsecAdmin(conn, fleet=FLEET)
+            for flt in (T.every_enrol_request, T.every_cred_request):
+                with pytest.raises(TransportError, match="refused the subscription"):
+                    conn.subscribe(flt, lambda t, p: None)
+        finally:
+            conn.close()
