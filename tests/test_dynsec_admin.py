@@ -567,3 +567,33 @@ def test_the_responder_and_operators_cannot_administer_nor_enrol(
                     conn.subscribe(flt, lambda t, p: None)
         finally:
             conn.close()
+
+
+def test_responders_split_chunk_requests_through_a_shared_subscription(
+        broker: tuple[Mosquitto, dict[str, str]], admin: DynsecAdmin) -> None:
+    """dynsec checks a $share filter with its prefix: without an ACL for it serve's
+    responder could not subscribe at all."""
+    b, creds = broker
+    admin.ensure_device("cam-share", "pw")
+    responders = [connect_as(b, creds, u) for u in ("edge-serve", "edge-repo")]
+    dev = connect_as(b, {"cam-share": "pw"}, "cam-share")
+    try:
+        inboxes = [Inbox(), Inbox()]
+        for conn, inbox in zip(responders, inboxes, strict=True):
+            assert conn.shared_subscriptions_work(T.share_probe("p2"), "edge-repo") is True
+            conn.subscribe(T.shared_repo_request(), inbox)
+        for flt in (T.shared_repo_request(), f"$share/g/{T.desired('cam-1')}"):
+            with pytest.raises(TransportError, match="refused the subscription"):
+                dev.subscribe(flt, inboxes[0])
+        sent = [f"req {i}".encode() for i in range(20)]
+        for payload in sent:
+            dev.publish_wait(T.repo_request("cam-share"), payload)
+        deadline = time.monotonic() + 10
+        while sum(len(i.got) for i in inboxes) < len(sent):
+            assert time.monotonic() < deadline, [i.got for i in inboxes]
+            time.sleep(0.02)
+        received = sorted(p for i in inboxes for _, p in i.got)
+        assert received == sorted(sent)  # each request to exactly one responder
+    finally:
+        for c in (*responders, dev):
+            c.close()

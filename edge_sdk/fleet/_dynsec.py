@@ -93,13 +93,16 @@ def _batch_answers(topics: Topics, batch: str) -> str:
 
 # -- role ACLs ---------------------------------------------------------------------------
 
-Access = tuple[str, str]  # ("read" | "write" | "readwrite", topic or filter)
+#: ("read" | "write" | "readwrite" | "subscribe", topic or filter); "subscribe" only lets
+#: a filter be subscribed to (what arrives through it needs a "read" of its topics).
+Access = tuple[str, str]
 
 
 def _acls(lines: Iterable[Access]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for access, topic in lines:
-        kinds = {"read": _READ, "write": _WRITE, "readwrite": _READ + _WRITE}[access]
+        kinds = {"read": _READ, "write": _WRITE, "readwrite": _READ + _WRITE,
+                 "subscribe": _READ[:1]}[access]
         out += [{"acltype": k, "topic": topic, "priority": 0, "allow": True} for k in kinds]
     return out
 
@@ -140,6 +143,10 @@ def responder_lines(topics: Topics) -> list[Access]:
         ("readwrite", topics.announce),
         # serve checks once at start whether a shared subscription receives here ...
         ("readwrite", f"{base}/probe/#"),
+        # ... and responders split the requests by one (any share group). dynsec checks a
+        # $share filter as it is written, prefix included (2.0.11).
+        ("subscribe", f"$share/+/{base}/dev/+/repo/req"),
+        ("subscribe", f"$share/+/{base}/probe/#"),
         # ... and that it receives requests and may answer (a request to itself).
         ("write", f"{probe}/repo/req"),
         ("read", f"{probe}/repo/res"),
