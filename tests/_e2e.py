@@ -42,7 +42,10 @@ def offset_of(version: str) -> float:
 class Fleet:
     """Host side: repository, broker, responder, and a listener on every device's reports."""
 
-    def __init__(self, tmp: Path, broker: Mosquitto) -> None:
+    def __init__(self, tmp: Path, broker: Mosquitto, *,
+                 auth: tuple[str, str] | None = None) -> None:
+        """``auth``: the broker user name and password of the host side (one account that
+        may answer chunk requests, publish deployments and read reports)."""
         self.tmp = tmp
         self.broker = broker
         self.repo = Repository.init(tmp / "repo", tmp / "keys")
@@ -50,7 +53,9 @@ class Fleet:
         # A persistent session: device reports sent while this listener reconnects
         # (after a broker restart, say) are queued for it rather than lost.
         cfg = MqttConfig(url=broker.url, fleet=FLEET, persistent_session=True,
-                         client_id=f"fleet-host-{random.getrandbits(32):08x}")
+                         client_id=f"fleet-host-{random.getrandbits(32):08x}",
+                         username=auth[0] if auth else None,
+                         password=auth[1] if auth else None)
         self.host = MqttConnection(cfg)
         self.host.connect()
         self.responder = RepoResponder(self.host, self.repo.path)
@@ -138,12 +143,15 @@ class AgentProc(ManagedProcess):
                  port: int = 0, limits: dict[str, Any] | None = None,
                  wrap: Callable[[list[str]], list[str]] | None = None,
                  tags: dict[str, str] | None = None,
-                 auth: tuple[str, str] | None = None) -> None:
+                 auth: tuple[str, str] | None = None,
+                 identity: dict[str, Any] | None = None) -> None:
         """``port``: a fixed HTTP port, for agents that cannot write ``agent.json`` (a full
         or read-only state dir); ``limits``: more ``[limits]`` keys; ``wrap``: the command
         that starts the agent (e.g. inside a network namespace); ``tags``: the config's
-        ``tags`` table; ``auth``: the broker user name and password."""
+        ``tags`` table; ``auth``: the broker user name and password; ``identity``: the
+        ``[identity]`` table (enrolment through a claim account instead of ``auth``)."""
         self.groups = groups
+        self.identity = identity
         self.tags = tags or {}
         self.auth = auth
         self.fixed_port = port
@@ -182,6 +190,8 @@ class AgentProc(ManagedProcess):
             "[limits]\nretry_s = 0.5\n"
             + "".join(f"{k} = {json.dumps(v)}\n" for k, v in self.limits.items()) +
             "[telemetry]\nheartbeat_s = 1.0\nprogress_s = 1.0\n"
+            + ("" if self.identity is None else "[identity]\n" + "".join(
+                f"{k} = {json.dumps(v)}\n" for k, v in self.identity.items()))
         )
 
     def start(self, crash_at: str | None = None, *, cli: bool = False,
