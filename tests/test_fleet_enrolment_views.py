@@ -4,12 +4,9 @@ devices waiting to enrol — as text, whatever facts a device sent."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import secrets
 import time
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,25 +17,12 @@ from edge_sdk.fleet import _enrol as enrol
 from edge_sdk.fleet._registry import ingest_state
 from edge_sdk.fleet._web import FleetApi, WebConfig, WebServer
 from tests import _browser, _fleetdb
+from tests._enrolreq import request
 from tests._process import wait_for
 
 db_url = _fleetdb.db_url
 browser = _browser.browser
 FLEET = "lab"
-
-
-@dataclass(frozen=True)
-class Req:
-    """The attributes of an ``edge_sdk.identity.EnrolRequest`` the record reads."""
-
-    device_id: str
-    batch: str = "b1"
-    public_pem: str = field(default_factory=lambda: f"KEY {secrets.token_hex(8)}")
-    facts: Mapping[str, str] = field(default_factory=lambda: {"arch": "aarch64"})
-
-    @property
-    def fingerprint(self) -> str:
-        return hashlib.sha256(self.public_pem.encode()).hexdigest()
 
 
 @pytest.fixture
@@ -52,7 +36,7 @@ def _fleet(db: FleetDB) -> None:
     revoked before it ever reported; two devices waiting, one with hostile facts."""
     now = time.time()
     for d in ("cam-1", "cam-2", "cam-3"):
-        enrol.record_request(db, FLEET, Req(d), now=now, max_pending=100)
+        enrol.record_request(db, FLEET, request(d), now=now, max_pending=100)
     enrol.accept_devices(db, FLEET, ["cam-1", "cam-2", "cam-3"], actor="alice")
     for d in ("cam-1", "cam-2"):
         with db.begin() as c:
@@ -60,8 +44,8 @@ def _fleet(db: FleetDB) -> None:
                 {"online": True, "phase": "idle", "model": None}).encode())
     enrol.revoke_device(db, FLEET, "cam-2", reason="stolen", actor="bob")
     enrol.revoke_device(db, FLEET, "cam-3", reason="lost", actor="bob")
-    enrol.record_request(db, FLEET, Req("new-1", batch="line-3"), now=now, max_pending=100)
-    enrol.record_request(db, FLEET, Req("evil", facts={
+    enrol.record_request(db, FLEET, request("new-1", batch="line-3"), now=now, max_pending=100)
+    enrol.record_request(db, FLEET, request("evil", facts={
         "model": '<img src=x onerror="window.__pwned=1">'}), now=now, max_pending=100)
 
 
