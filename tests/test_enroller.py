@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from edge_sdk.cli import main
 from edge_sdk.errors import TransportError
 from edge_sdk.fleet import Enroller, FleetDB, IdentityConfig
 from edge_sdk.fleet import _enrol as rec
@@ -391,6 +392,33 @@ def test_identity_config_refuses_what_cannot_work(tmp_path: Path) -> None:
     (tmp_path / "ca.pem").write_text("not a certificate")
     with pytest.raises(FleetUsageError, match="no PEM certificate"):
         IdentityConfig(ca_bundle=tmp_path / "ca.pem").read_ca()
+
+
+def test_serve_refuses_enrolment_options_without_enrol(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]
+                                                      ) -> None:
+    from edge_sdk.release import Repository
+
+    Repository.init(tmp_path / "repo", tmp_path / "keys")
+    code = main(["serve", "--repo", str(tmp_path / "repo"), "--credential-lifetime", "1d",
+                 "--broker", "mqtt://127.0.0.1:1", "--fleet", FLEET])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "add --enrol" in err[0], err
+
+
+def test_serve_enrol_without_the_dynsec_plugin_says_so_in_one_line(
+        shared_broker: Mosquitto, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from edge_sdk.release import Repository
+
+    Repository.init(tmp_path / "repo", tmp_path / "keys")
+    code = main(["serve", "--repo", str(tmp_path / "repo"), "--enrol", "--only", "fleet",
+                 "--enrol-limit", "answer_wait_s=1", "--broker", shared_broker.url,
+                 "--fleet", FLEET, "--keys", str(tmp_path / "keys")])
+    assert code != 0
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if "dynamic security plugin did not answer" in ln]
+    assert len(lines) == 1 and "Traceback" not in err, err
 
 
 def test_the_intake_drops_over_a_batchs_budget_and_when_full_and_counts_it() -> None:
