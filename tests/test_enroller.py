@@ -275,6 +275,57 @@ def _answered(dev: Device, state: str) -> bool:
     return True
 
 
+def test_another_key_for_an_enrolled_id_is_refused_and_leaves_its_answer(
+        make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig()
+    rig.claim()
+    with rig.connect(claim_username(BATCH)) as claim:
+        dev, creds = accepted_device(rig, claim, "cam-9")
+        thief = Device(rig, "cam-9")  # same id, its own key
+        thief.enrol(claim)
+        refused = thief.answer("refused")
+        assert "another key" in refused.reason
+    assert rig.row("cam-9")["conflicts"] == 1
+    assert rig.row("cam-9")["fingerprint"] == dev.key.fingerprint
+    # The retained answer is still the device's own, and its password still works.
+    with rig.connect(claim_username(BATCH)) as claim:
+        again = Device(rig, "cam-9", key=dev.key)
+        claim.subscribe(TOPICS.enrol_answer(BATCH, "cam-9"), again.on_answer, qos=1)
+        assert again.credentials(again.answer("accepted")).password == creds.password
+    with rig.connect("cam-9", creds.password):
+        pass
+
+
+def test_a_request_sent_while_the_answer_was_on_the_way_keeps_the_password(
+        make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig()
+    rig.claim()
+    with rig.connect(claim_username(BATCH)) as claim:
+        dev, creds = accepted_device(rig, claim, "cam-10")
+        before = rig.enroller.stats.recorded
+        dev.enrol(claim)  # its poll crossed the answer
+        # One worker takes requests in order: once a later one is answered, that one
+        # was filed (a re-issue would be wanted in the record by then).
+        probe = Device(rig, "probe-1")
+        probe.enrol(claim)
+        probe.answer("pending")
+    assert rig.row("cam-10")["issued"] == creds.issued and rig.row("cam-10")["want"] == ""
+    assert rig.enroller.stats.recorded == before + 1  # the probe only
+    with rig.connect("cam-10", creds.password):
+        pass
+
+
+def test_an_id_naming_a_service_account_is_refused_before_it_is_recorded(
+        make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig()
+    rig.claim()
+    with rig.connect(claim_username(BATCH)) as claim:
+        dev = Device(rig, SERVE)
+        dev.enrol(claim)
+        assert "not a device" in dev.answer("refused").reason
+    assert rec.enrolment(rig.db, FLEET, SERVE) is None
+
+
 def test_bad_requests_are_answered_refused_in_one_line(
         make_rig: Callable[..., Rig]) -> None:
     rig = make_rig()
@@ -335,9 +386,13 @@ def test_renewal_while_connected_switches_the_password_after_the_ack(
         me.subscribe(TOPICS.cred_answer("cam-7"), lambda t, p: answers.put(p), qos=1)
         me.publish_wait(TOPICS.cred_request("cam-7"),
                         RenewRequest.signed(dev.key, "cam-7", ack=0), qos=1)
-        new = dev.credentials(EnrolAnswer.from_bytes(answers.get(timeout=20),
-                                                     device_id="cam-7"))
+        first = answers.get(timeout=20)
+        new = dev.credentials(EnrolAnswer.from_bytes(first, device_id="cam-7"))
         assert new.issued == old.issued + 1 and new.password != old.password
+        # Asked again (the answer got lost): the same credentials, not a third password.
+        me.publish_wait(TOPICS.cred_request("cam-7"),
+                        RenewRequest.signed(dev.key, "cam-7", ack=0), qos=1)
+        assert answers.get(timeout=20) == first
         # Not in force before the device says it stored them.
         assert rig.row("cam-7")["issued"] == old.issued
         down = disconnected(me)
@@ -351,6 +406,32 @@ def test_renewal_while_connected_switches_the_password_after_the_ack(
     with pytest.raises(TransportError):
         rig.connect("cam-7", old.password)
     assert rig.row("cam-7")["issued"] == new.issued
+    # The retained enrolment answer now holds the new password (for a re-enrolment).
+    with rig.connect(claim_username(BATCH)) as claim:
+        again = Device(rig, "cam-7", key=dev.key)
+        claim.subscribe(TOPICS.enrol_answer(BATCH, "cam-7"), again.on_answer, qos=1)
+        assert again.credentials(again.answer("accepted")).password == new.password
+
+
+def test_a_fleet_server_with_identity_runs_the_enroller_while_it_holds_the_lease(
+        tmp_path: Path) -> None:
+    from edge_sdk.fleet import FleetServer
+    from edge_sdk.release import Repository
+
+    repo = Repository.init(tmp_path / "repo", tmp_path / "keys")
+    with dynsec_broker(tmp_path) as (broker, creds), \
+            FleetDB.open(f"sqlite:///{tmp_path / 'fleet.db'}") as db, \
+            connect_as(broker, creds, SERVE) as conn:
+        server = FleetServer(db, repo, conn, poll_s=0.2,
+                             identity=IdentityConfig(poll_s=0.1))
+        assert server.enroller is not None
+        server.enroller.check_broker()
+        with server:
+            assert server.enroller.running
+            rec.create_claim(db, FLEET, BATCH, actor="test")
+            wait_for(lambda: claim_username(BATCH) in server.enroller.admin.clients(), 20,
+                     "the claim account made by the server's enroller")
+        assert not server.enroller.running
 
 
 def test_expired_credentials_disable_the_account_until_the_device_enrols_again(
