@@ -46,6 +46,8 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
                "tags rollouts select by; remove devices from the registry."),
     "operator": ("edge_sdk.cli._operator:operator_group", "fleet", "Operator accounts that "
                  "sign in to the fleet page to approve, pause, resume and abort rollouts."),
+    "broker": ("edge_sdk.cli._identity:broker_group", "fleet", "The broker's accounts "
+               "(Mosquitto's dynamic security plugin): init writes its config."),
     "audit": ("edge_sdk.cli._fleet:audit_cmd", "fleet", "Show the audit log of operator "
               "actions."),
     "agent": ("device_agent._cli:agent_cmd", "agent", "Run the device agent daemon."),

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -203,7 +203,7 @@ def unseal(private: ec.EllipticCurvePrivateKey, sealed: str, *, device_id: str) 
         raise IdentityError("sealed credentials: 'nonce' must be 12 bytes and 'ct' at least 16")
     try:
         epk = load_der_public_key(_unb64(doc["epk"], "'epk'"))
-    except ValueError:
+    except (ValueError, UnsupportedAlgorithm):
         raise IdentityError("sealed credentials: 'epk' is not a DER public key") from None
     if not is_p256(epk):
         raise IdentityError("sealed credentials: 'epk' is not an EC P-256 key")

@@ -25,11 +25,10 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from types import MappingProxyType
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -102,9 +101,11 @@ def _parse(payload: bytes, what: str, *, max_bytes: int, max_depth: int,
     except UnsafeJsonError as err:
         raise EnrolmentRefused(f"{what}: {err}") from None
     if not isinstance(doc, dict) or set(doc) != keys:
-        got = sorted(doc)[:12] if isinstance(doc, dict) else type(doc).__name__
+        got = ", ".join(sorted(doc)) if isinstance(doc, dict) else type(doc).__name__
+        got = got if len(got) <= 60 else got[:59] + "…"
         raise EnrolmentRefused(
-            f"{what}: expected an object with exactly the keys {sorted(keys)}, got {got}")
+            f"{what}: expected an object with exactly the keys {', '.join(sorted(keys))}; "
+            f"got {got}")
     if doc_type is not None and (doc.get("type") != doc_type or doc.get("v") != _VERSION):
         raise EnrolmentRefused(
             f"{what}: expected type {doc_type!r} version {_VERSION}, got "
@@ -120,7 +121,7 @@ def _want(doc: Mapping[str, Any], key: str, kind: type | tuple[type, ...], what:
     return value
 
 
-def _check_facts(facts: Any) -> MappingProxyType[str, str]:
+def _check_facts(facts: Any) -> dict[str, str]:
     if not isinstance(facts, Mapping):
         raise EnrolmentRefused("enrolment request: 'facts' must be an object of strings")
     if len(facts) > MAX_FACTS:
@@ -135,7 +136,7 @@ def _check_facts(facts: Any) -> MappingProxyType[str, str]:
             raise EnrolmentRefused(
                 f"enrolment request: fact {k!r} must be a string of at most {MAX_FACT_CHARS} "
                 "printable characters")
-    return MappingProxyType(dict(facts))
+    return dict(facts)
 
 
 def _check_csr(csr_pem: Any, device_id: str) -> ec.EllipticCurvePublicKey:
@@ -149,7 +150,7 @@ def _check_csr(csr_pem: Any, device_id: str) -> ec.EllipticCurvePublicKey:
     try:
         csr = x509.load_pem_x509_csr(csr_pem.encode("ascii"))
         public = csr.public_key()
-    except (ValueError, UnicodeEncodeError, TypeError) as err:
+    except (ValueError, UnicodeEncodeError, TypeError, UnsupportedAlgorithm) as err:
         raise EnrolmentRefused(f"enrolment request: the CSR does not parse: "
                                f"{type(err).__name__}") from None
     if not is_p256(public):
@@ -162,7 +163,11 @@ def _check_csr(csr_pem: Any, device_id: str) -> ec.EllipticCurvePublicKey:
         algorithm = None
     if not isinstance(algorithm, hashes.SHA256):
         raise EnrolmentRefused("enrolment request: the CSR must be signed with ECDSA SHA-256")
-    if not csr.is_signature_valid:
+    try:
+        valid = csr.is_signature_valid
+    except (ValueError, UnsupportedAlgorithm):
+        valid = False
+    if not valid:
         raise EnrolmentRefused(
             "enrolment request: the CSR's signature is not valid for its key")
     names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)

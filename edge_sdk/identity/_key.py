@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import (
@@ -51,12 +52,12 @@ class DeviceKey:
                                 f"(at most {MAX_KEY_FILE_BYTES})")
         try:
             private = load_pem_private_key(pem, password=None)
-        except (ValueError, TypeError) as err:
+        except (ValueError, TypeError, UnsupportedAlgorithm) as err:
             raise IdentityError(f"device key is not an unencrypted PEM private key: "
                                 f"{type(err).__name__}") from None
-        if not isinstance(private, ec.EllipticCurvePrivateKey) or not is_p256(private):
+        if not isinstance(private, ec.EllipticCurvePrivateKey):
             raise IdentityError(f"key type {describe_key(private)}: expected an EC P-256 key")
-        return cls(private)
+        return cls(private)  # which refuses other curves
 
     @classmethod
     def load_or_create(cls, path: str | os.PathLike[str]) -> DeviceKey:

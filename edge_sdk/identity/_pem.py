@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
@@ -51,7 +52,7 @@ def load_public(public_pem: str) -> ec.EllipticCurvePublicKey:
             f"public key must be a PEM text of at most {MAX_PUBLIC_PEM_CHARS} characters")
     try:
         key = load_pem_public_key(public_pem.encode("ascii"))
-    except (ValueError, UnicodeEncodeError, TypeError) as err:
+    except (ValueError, UnicodeEncodeError, TypeError, UnsupportedAlgorithm) as err:
         raise IdentityError(f"public key is not a PEM public key: {type(err).__name__}") \
             from None
     if not is_p256(key):

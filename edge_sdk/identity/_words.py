@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 from ..errors import ConfigError
 from ..transport._config import check_topic_word
 from ._errors import IdentityError
@@ -12,8 +10,6 @@ from ._errors import IdentityError
 MAX_BATCH_CHARS = 32
 #: Claim accounts are named so; no device id can start with ``_``.
 CLAIM_PREFIX = "_claim-"
-_HEX32 = re.compile(r"[0-9a-f]{32}")
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def check_batch(batch: str) -> str:
@@ -21,6 +17,9 @@ def check_batch(batch: str) -> str:
     raises :class:`IdentityError` otherwise."""
     if not isinstance(batch, str):
         raise IdentityError(f"claim batch must be a string, not {type(batch).__name__}")
+    if len(batch) > 64:
+        raise IdentityError(f"claim batch {batch[:32]!r}… is {len(batch)} characters: at most "
+                            f"{MAX_BATCH_CHARS} are allowed")
     try:
         check_topic_word(batch, "claim batch")
     except ConfigError as err:
@@ -45,6 +44,9 @@ def check_device_id(device_id: str) -> str:
     if device_id.startswith("_"):
         raise IdentityError(
             f"device id {device_id[:64]!r} starts with '_': such names are claim accounts")
+    if len(device_id) > 64:
+        raise IdentityError(f"device id {device_id[:64]!r}… is {len(device_id)} characters: "
+                            "at most 64 are allowed")
     try:
         return check_topic_word(device_id, "device id")
     except ConfigError as err:
