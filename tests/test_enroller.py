@@ -7,6 +7,7 @@ bounded and the enroller keeps answering."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -33,6 +34,7 @@ from edge_sdk.identity import (
     claim_username,
 )
 from edge_sdk.transport import MqttConnection, Topics
+from tests import _fleetdb
 from tests._broker import Mosquitto
 from tests._dynsec import FLEET, MONITOR, connect_as, dynsec_broker
 from tests._fleetrig import wait_for
@@ -73,11 +75,14 @@ def make_rig(tmp_path: Path) -> Iterator[Callable[..., Rig]]:
     started: list[tuple[Enroller, MqttConnection, FleetDB]] = []
     stack: list[object] = []
 
-    def make(**config: object) -> Rig:
+    def make(*, engine: str = "sqlite", **config: object) -> Rig:
         cm = dynsec_broker(tmp_path)
         broker, creds = cm.__enter__()
         stack.append(cm)
-        db = FleetDB.open(f"sqlite:///{tmp_path / 'fleet.db'}")
+        urls = _fleetdb.make_db(engine, tmp_path)
+        url = next(urls)
+        stack.append(contextlib.closing(urls))  # drops a PostgreSQL database afterwards
+        db = FleetDB.open(url)
         conn = connect_as(broker, creds, SERVE)
         admin = DynsecAdmin(conn, fleet=FLEET)
         cfg = IdentityConfig(**{"poll_s": 0.1, "sweep_s": 0.2, **config})  # type: ignore[arg-type]
@@ -90,7 +95,7 @@ def make_rig(tmp_path: Path) -> Iterator[Callable[..., Rig]]:
         enroller.stop()
         conn.close()
         db.close()
-    for cm in stack:
+    for cm in reversed(stack):
         cm.__exit__(None, None, None)  # type: ignore[attr-defined]
 
 
@@ -150,9 +155,10 @@ def accepted_device(rig: Rig, claim: MqttConnection, device_id: str,
     return dev, dev.credentials(dev.answer("accepted"))
 
 
+@pytest.mark.parametrize("engine", _fleetdb.ENGINES)
 def test_an_accepted_device_gets_sealed_credentials_and_connects_as_itself(
-        make_rig: Callable[..., Rig]) -> None:
-    rig = make_rig()
+        make_rig: Callable[..., Rig], engine: str) -> None:
+    rig = make_rig(engine=engine)
     rig.claim()
     with rig.connect(claim_username(BATCH)) as claim:
         dev = Device(rig, "cam-1")
@@ -233,9 +239,11 @@ def test_a_revoked_device_is_kicked_within_seconds_and_cannot_reconnect(
             seen.get(timeout=1)
 
 
+@pytest.mark.parametrize("engine", _fleetdb.ENGINES)
 def test_a_flood_of_random_ids_from_one_claim_keeps_the_record_bounded(
-        make_rig: Callable[..., Rig]) -> None:
-    rig = make_rig(max_pending=40, rate_per_batch=20.0, burst_per_batch=100, queue=50)
+        make_rig: Callable[..., Rig], engine: str) -> None:
+    rig = make_rig(engine=engine, max_pending=40, rate_per_batch=20.0, burst_per_batch=100,
+                   queue=50)
     rig.claim()
     key = DeviceKey.generate()
     junk = [b"", b"\xff" * 10, b"{" * 5000, b"[" * 100 + b"]" * 100, os.urandom(100_000),
