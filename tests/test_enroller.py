@@ -536,3 +536,50 @@ def test_the_intake_drops_over_a_batchs_budget_and_when_full_and_counts_it() -> 
     # A revoked claim's batch is forgotten.
     intake.known({"b"}, now=11.0)
     assert not intake.offer("enrol", "a", "d", b"x", 11.0)
+
+
+def test_serve_enrol_enrols_a_device_and_sums_up_when_stopped(tmp_path: Path) -> None:
+    import subprocess
+
+    from edge_sdk.release import Repository
+    from tests._process import edge_sdk_cli
+
+    Repository.init(tmp_path / "repo", tmp_path / "keys")
+    db_url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    with dynsec_broker(tmp_path) as (broker, creds):
+        log = (tmp_path / "serve.log").open("wb")
+        serve = subprocess.Popen(
+            [*edge_sdk_cli(), "serve", "--repo", str(tmp_path / "repo"), "--keys",
+             str(tmp_path / "keys"), "--db", db_url, "--only", "fleet", "--enrol",
+             "--credential-lifetime", "2h", "--enrol-rate", "50/s", "--broker", broker.url,
+             "--fleet", FLEET, "--username", SERVE, "--password", creds[SERVE]],
+            stdout=log, stderr=subprocess.STDOUT)
+        try:
+            with FleetDB.open(db_url) as db:
+                creds[claim_username(BATCH)] = rec.create_claim(db, FLEET, BATCH,
+                                                                actor="test")
+                wait_for(lambda: all(c["want"] == "" for c in rec.claims(db, FLEET)), 30,
+                         "serve made the claim account")
+                with connect_as(broker, creds, claim_username(BATCH)) as claim:
+                    key = DeviceKey.generate()
+                    answers: queue.Queue[EnrolAnswer] = queue.Queue()
+                    claim.subscribe(TOPICS.enrol_answer(BATCH, "cam-s"), lambda t, p:
+                                    answers.put(EnrolAnswer.from_bytes(p, device_id="cam-s")))
+                    req = EnrolRequest.create(key, "cam-s", BATCH, {})
+                    claim.publish_wait(TOPICS.enrol_request(BATCH, "cam-s"), req.to_bytes())
+                    assert answers.get(timeout=20).state == "pending"
+                    rec.accept_devices(db, FLEET, ["cam-s"], groups=[], tags={}, actor="op")
+                    got = answers.get(timeout=20)
+                assert got.state == "accepted"
+                new = key.open(got.sealed or "", device_id="cam-s")
+                assert 7100 < new.expires_at - time.time() <= 7200
+                with connect_as(broker, {"cam-s": new.password}, "cam-s"):
+                    pass
+        finally:
+            serve.send_signal(15)
+            code = serve.wait(30)
+            log.close()
+    out = (tmp_path / "serve.log").read_text()
+    assert code == 0, out
+    assert "enrolling devices by claim" in out and "Traceback" not in out, out
+    assert "1 credentials issued" in out, out
