@@ -304,6 +304,8 @@ def test_rollouts_leave_revoked_devices_out(db: FleetDB) -> None:
     assert sorted(members(db, FLEET, {"groups": ["lobby"]})) == ["cam-1", "cam-2"]
     enrol.revoke_device(db, FLEET, "cam-2", reason="stolen", actor="alice")
     assert sorted(members(db, FLEET, {"groups": ["lobby"]})) == ["cam-1"]
+    _record(db, Req("cam-2"))  # asking again: pending, still out until accepted
+    assert sorted(members(db, FLEET, {"groups": ["lobby"]})) == ["cam-1"]
     assert sorted(members(db, FLEET, {"devices": ["cam-2"]})) == []
     with pytest.raises(FleetUsageError, match="matches no device"):
         start_rollout(db, fleet=FLEET, model="det", version="2", actor="alice",
@@ -345,8 +347,12 @@ def test_revoking_a_claim_drops_its_pending_requests_only(db: FleetDB) -> None:
     _record(db, Req("p2", batch="b2"))
     _record(db, Req("a1", batch="b1"))
     enrol.accept_devices(db, FLEET, ["a1"], actor="alice")
+    _record(db, Req("r1", batch="b1"))
+    enrol.accept_devices(db, FLEET, ["r1"], actor="alice")
+    enrol.revoke_device(db, FLEET, "r1", reason="stolen", actor="alice")
+    _record(db, Req("r1", batch="b1"))  # pending again, its account not deleted yet
     assert enrol.revoke_claim(db, FLEET, "b1", actor="bob") == 1
-    assert sorted(r["device_id"] for r in db.enrolments(FLEET)) == ["a1", "p2"]
+    assert sorted(r["device_id"] for r in db.enrolments(FLEET)) == ["a1", "p2", "r1"]
     (claim,) = [w for w in enrol.wanted(db, FLEET) if w["kind"] == "claim"]
     assert (claim["want"], claim["secret"]) == ("delete", "")
     assert _actions(db)[-1] == ("bob", "claim.revoke", {"fleet": FLEET, "batch": "b1",

@@ -363,6 +363,11 @@ def check_batch(batch: str) -> str:
     return batch
 
 
+def claim_user(batch: str) -> str:
+    """The broker user name of a claim account: ``_claim-<batch>``."""
+    return "_claim-" + check_batch(batch)
+
+
 def create_claim(db: FleetDB, fleet: str, batch: str, *, actor: str) -> str:
     """Create the claim account of ``batch`` (the controller creates it at the broker)
     and return its password, which is shown once: the record keeps it only until the
@@ -507,7 +512,7 @@ def claims(db: FleetDB, fleet: str | None = None) -> list[dict[str, Any]]:
 
 
 __all__ = ["AllowResult", "RecordOutcome", "accept_devices", "allow_changes",
-           "allow_devices", "claim_applied", "claims", "count_claim", "create_claim",
+           "allow_devices", "claim_applied", "claim_user", "claims", "count_claim", "create_claim",
            "enrolment", "enrolments", "expired_due", "issued", "mark_expired", "prune",
            "record_request", "reject_devices", "rejected_applied", "revoke_claim",
            "revoke_device", "revoked_applied", "wanted"]
