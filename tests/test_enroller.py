@@ -196,6 +196,35 @@ def test_an_accepted_device_gets_sealed_credentials_and_connects_as_itself(
             DeviceKey.generate().open(a.sealed or "", device_id="cam-1")
 
 
+def _self_signed(path: Path) -> str:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fleet CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+    path.write_text(pem)
+    return pem
+
+
+def test_accepted_credentials_carry_the_ca_bundle(make_rig: Callable[..., Rig],
+                                                  tmp_path: Path) -> None:
+    pem = _self_signed(tmp_path / "ca.pem")
+    rig = make_rig(ca_bundle=tmp_path / "ca.pem")
+    rig.claim()
+    with rig.connect(claim_username(BATCH)) as claim:
+        _, creds = accepted_device(rig, claim, "cam-ca")
+    assert creds.ca_pem == pem
+
+
 def test_a_rejected_device_is_answered_rejected_and_gets_no_account(
         make_rig: Callable[..., Rig]) -> None:
     rig = make_rig()

@@ -962,7 +962,9 @@ def _identity_config(lifetime: str, ca_bundle: str | None, rate: str | None,
             raise UsageError(f"--enrol-rate {rate!r}: expected N/s, e.g. 50/s") from None
         if not 0 < changes["rate_per_batch"] < float("inf"):
             raise UsageError(f"--enrol-rate {rate!r}: expected a number > 0")
-    return dataclasses.replace(IdentityConfig.parse(keys), **changes)
+    config = dataclasses.replace(IdentityConfig.parse(keys), **changes)
+    config.read_ca()  # before connecting: a bad --ca-bundle is a usage error
+    return config
 
 
 def _metrics_address(spec: str | None) -> tuple[str, int] | None:
