@@ -363,6 +363,23 @@ def test_an_id_naming_a_service_account_is_refused_before_it_is_recorded(
     assert rec.enrolment(rig.db, FLEET, SERVE) is None
 
 
+def test_a_pending_id_nobody_decided_on_is_forgotten_with_its_answer(
+        make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(pending_ttl_s=1.0)
+    rig.claim()
+    with rig.connect(claim_username(BATCH)) as claim:
+        dev = Device(rig, "idle-1")
+        dev.enrol(claim)
+        dev.answer("pending")
+        wait_for(lambda: rec.enrolment(rig.db, FLEET, "idle-1") is None, 20,
+                 "the stale pending row pruned")
+    with rig.connect(MONITOR) as mon:  # and no retained answer is left behind
+        seen: queue.Queue[bytes] = queue.Queue()
+        mon.subscribe(TOPICS.enrol_answer(BATCH, "idle-1"), lambda t, p: seen.put(p))
+        with pytest.raises(queue.Empty):
+            seen.get(timeout=1)
+
+
 def test_bad_requests_are_answered_refused_in_one_line(
         make_rig: Callable[..., Rig]) -> None:
     rig = make_rig()
