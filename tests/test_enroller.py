@@ -467,6 +467,39 @@ def test_renewal_while_connected_switches_the_password_after_the_ack(
         assert again.credentials(again.answer("accepted")).password == new.password
 
 
+def test_a_renewal_acknowledged_after_expiry_does_not_revive_the_account(
+        make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig()
+    rig.claim()
+    with rig.connect(claim_username(BATCH)) as claim:
+        dev, old = accepted_device(rig, claim, "cam-11")
+    with rig.connect("cam-11", old.password) as me:
+        answers: queue.Queue[bytes] = queue.Queue()
+        me.subscribe(TOPICS.cred_answer("cam-11"), lambda t, p: answers.put(p), qos=1)
+        me.publish_wait(TOPICS.cred_request("cam-11"),
+                        RenewRequest.signed(dev.key, "cam-11", ack=0), qos=1)
+        new = dev.credentials(EnrolAnswer.from_bytes(answers.get(timeout=20),
+                                                     device_id="cam-11"))
+        rec.issued(rig.db, FLEET, "cam-11", issued=old.issued, expires_at=time.time() - 1)
+        wait_for(lambda: rig.row("cam-11")["broker"] == "expired", 10, "expired")
+    # The ack arrives late (the monitor relays it: the device's account is disabled).
+    before = rig.enroller.stats.requests
+    with rig.connect(MONITOR) as mon:
+        mon.publish_wait(TOPICS.cred_request("cam-11"),
+                         RenewRequest.signed(dev.key, "cam-11", ack=new.issued), qos=1)
+        # A later request of another id is answered: the ack was handled before it.
+        probe = Device(rig, "probe-2")
+        mon.subscribe(TOPICS.enrol_answer(BATCH, "probe-2"), probe.on_answer, qos=1)
+        mon.publish_wait(TOPICS.enrol_request(BATCH, "probe-2"),
+                         EnrolRequest.create(probe.key, "probe-2", BATCH, {}).to_bytes())
+        probe.answer("pending")
+    assert rig.enroller.stats.requests > before
+    assert rig.row("cam-11")["broker"] == "expired"
+    assert rig.row("cam-11")["issued"] == old.issued
+    with pytest.raises(TransportError):
+        rig.connect("cam-11", new.password)
+
+
 def test_a_fleet_server_with_identity_runs_the_enroller_while_it_holds_the_lease(
         tmp_path: Path) -> None:
     from edge_sdk.fleet import FleetServer
