@@ -573,6 +573,11 @@ class Enroller:
             return
         with self._lock:
             pending = self._renewals.get(device)
+            if row.get("broker") != "active":
+                # Expired (disabled) or being deleted meanwhile: setting a password would
+                # not let it in, and the record would call the account active.
+                self._renewals.pop(device, None)
+                pending = None
         if pending is None or pending.issued != req.ack:
             if req.ack != int(row["issued"]):  # an ack of what is in force already: fine
                 self._warn(f"ack:{device}", "enroller: %s acknowledged credentials %d, "
