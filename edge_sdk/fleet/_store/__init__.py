@@ -8,13 +8,16 @@ to the database (the import-linter contract "the fleet's SQL only in its store" 
 - :mod:`._rollouts`: rollout records, their command queue and the ``desired`` record;
 - :mod:`._devices`: what the registry writes from device reports, the operator's
   assignments, removal;
-- :mod:`._accounts`: the fleet page's operator accounts and sessions.
+- :mod:`._accounts`: the fleet page's operator accounts and sessions;
+- :mod:`._enrolments` (as ``enrolment_rows``): enrolments, claims, the allow-list,
+  revoked devices.
 """
 
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError as DatabaseError
 
 from .._errors import FleetError, FleetUsageError, LeaseHeld, LeaseLost
+from . import _enrolments as enrolment_rows
 from ._accounts import (
     delete_operator,
     delete_session,
@@ -57,6 +60,7 @@ from ._rollouts import (
     pending_commands,
     queue_command,
     reports,
+    revoked_devices,
     rollout_selector,
     save_desired,
     save_state,
@@ -105,6 +109,7 @@ __all__ = [
     "desired_versions",
     "end_sessions",
     "engine_url",
+    "enrolment_rows",
     "has_operators",
     "heard_until",
     "insert_device",
@@ -126,6 +131,7 @@ __all__ = [
     "queue_command",
     "reported_device",
     "reports",
+    "revoked_devices",
     "rollout_selector",
     "save_desired",
     "save_state",
