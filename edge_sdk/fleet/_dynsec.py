@@ -1,0 +1,600 @@
+"""The broker's accounts through Mosquitto's dynamic security plugin (dynsec).
+
+:class:`DynsecAdmin` sends dynsec's JSON commands on ``$CONTROL/dynamic-security/v1`` over
+an :class:`~edge_sdk.transport.MqttConnection` and waits for their answers; every change
+applies at once, and disabling or deleting a client, or setting its password, closes its
+open connection (measured on Mosquitto 2.0.11: within half a second). :func:`broker_config`
+writes what a broker starts with: the plugin's JSON (the service and operator accounts),
+``mosquitto.conf`` and the generated passwords.
+
+Dynsec does not substitute ``%u`` in its ACLs (checked on 2.0.11), so every device has a
+role of its own with literal topics (``dev:<id>``), every group one (``grp:<g>``) and every
+claim batch one (``claim:<batch>``). A role name holds a ':', which no id may contain, so
+the roles of services (``svc:...``) cannot be taken by a device or group.
+"""
+
+from __future__ import annotations
+
+import base64
+import glob
+import hashlib
+import json
+import logging
+import os
+import platform
+import pwd
+import secrets
+import threading
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .._fs import atomic_write_text
+from .._json import UnsafeJsonError, loads_bounded
+from ..errors import ConfigError, TransportError
+from ..transport import MqttConnection, Topics
+from ..transport._config import check_topic_word
+from ._errors import FleetError
+
+log = logging.getLogger("edge_sdk.fleet.dynsec")
+
+CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
+RESPONSE_TOPIC = f"{CONTROL_TOPIC}/response"
+#: An answer listing every client of a large fleet is big; nothing else comes near.
+MAX_RESPONSE_BYTES = 32 * 1024 * 1024
+MAX_RESPONSE_DEPTH = 8
+
+SERVE = "edge-serve"
+FLEET = "edge-fleet"
+RESPONDER = "edge-repo"
+OPERATORS = ("edge-operator-1", "edge-operator-2")
+#: The pseudo-device whose topics ``serve`` probes its access on (see transport._access).
+PROBE_DEVICE = "_probe"
+CLAIM_PREFIX = "_claim-"
+
+#: dynsec's password hash: PBKDF2-HMAC-SHA512 over a 12-byte salt; 101 iterations is what
+#: mosquitto_ctrl uses. Every password here is random (>= 144 bits), not a person's.
+HASH_ITERATIONS = 101
+
+# acltypes: what "read" and "write" mean in dynsec's terms.
+_READ = ("subscribePattern", "publishClientReceive")
+_WRITE = ("publishClientSend",)
+
+
+class BrokerAdminError(FleetError):
+    """A dynsec command failed, or the plugin did not answer (the message names which)."""
+
+
+def device_role(device_id: str) -> str:
+    return f"dev:{device_id}"
+
+
+def group_role(group: str) -> str:
+    return f"grp:{group}"
+
+
+def claim_role(batch: str) -> str:
+    return f"claim:{batch}"
+
+
+def claim_user(batch: str) -> str:
+    return CLAIM_PREFIX + batch
+
+
+class _Names:
+    """The topics of issue 30 (enrolment, credentials). One place, to switch to the
+    ``Topics`` methods of the identity branch once they land."""
+
+    def __init__(self, topics: Topics) -> None:
+        self.base = topics.base
+
+    def enrol_batch_requests(self, batch: str) -> str:
+        return f"{self.base}/enrol/{batch}/+/req"
+
+    def enrol_batch_answers(self, batch: str) -> str:
+        return f"{self.base}/enrol/{batch}/+/res"
+
+    @property
+    def every_enrol_request(self) -> str:
+        return f"{self.base}/enrol/+/+/req"
+
+    @property
+    def every_enrol_answer(self) -> str:
+        return f"{self.base}/enrol/+/+/res"
+
+    def cred_request(self, device: str) -> str:
+        return f"{self.base}/dev/{device}/cred/req"
+
+    def cred_answer(self, device: str) -> str:
+        return f"{self.base}/dev/{device}/cred/res"
+
+    @property
+    def every_cred_request(self) -> str:
+        return f"{self.base}/dev/+/cred/req"
+
+    @property
+    def every_cred_answer(self) -> str:
+        return f"{self.base}/dev/+/cred/res"
+
+
+# -- role ACLs ---------------------------------------------------------------------------
+
+Access = tuple[str, str]  # ("read" | "write" | "readwrite", topic or filter)
+
+
+def _acls(lines: Iterable[Access]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for access, topic in lines:
+        kinds = {"read": _READ, "write": _WRITE, "readwrite": _READ + _WRITE}[access]
+        out += [{"acltype": k, "topic": topic, "priority": 0, "allow": True} for k in kinds]
+    return out
+
+
+def device_lines(topics: Topics, device_id: str) -> list[Access]:
+    """What device ``device_id`` may do: its own topics and the announcement."""
+    dev = topics.device(device_id)
+    names = _Names(topics)
+    return [
+        ("read", f"{dev}/desired"),
+        ("read", f"{dev}/repo/res"),
+        ("read", f"{dev}/profile/req"),
+        ("read", names.cred_answer(device_id)),
+        ("read", topics.announce),
+        ("write", f"{dev}/repo/req"),
+        ("write", f"{dev}/state"),
+        ("write", f"{dev}/events"),
+        ("write", f"{dev}/profile/res"),
+        ("write", names.cred_request(device_id)),
+    ]
+
+
+def group_lines(topics: Topics, group: str) -> list[Access]:
+    return [("read", topics.group_desired(group))]
+
+
+def claim_lines(topics: Topics, batch: str) -> list[Access]:
+    """A claim account: enrolment requests of its batch out, their answers in. Nothing else."""
+    names = _Names(topics)
+    return [("write", names.enrol_batch_requests(batch)),
+            ("read", names.enrol_batch_answers(batch))]
+
+
+def responder_lines(topics: Topics) -> list[Access]:
+    """What the responder part of ``serve`` needs (as examples/mosquitto/make_credentials.py)."""
+    base, probe = topics.base, f"{topics.base}/dev/{PROBE_DEVICE}"
+    return [
+        ("read", f"{base}/dev/+/repo/req"),
+        ("write", f"{base}/dev/+/repo/res"),
+        ("readwrite", topics.announce),
+        # serve checks once at start whether a shared subscription receives here ...
+        ("readwrite", f"{base}/probe/#"),
+        # ... and that it receives requests and may answer (a request to itself).
+        ("write", f"{probe}/repo/req"),
+        ("read", f"{probe}/repo/res"),
+    ]
+
+
+def fleet_lines(topics: Topics) -> list[Access]:
+    """What the fleet part of ``serve`` needs (registry, controller, page)."""
+    base, probe = topics.base, f"{topics.base}/dev/{PROBE_DEVICE}"
+    return [
+        ("read", f"{base}/dev/+/state"),
+        ("read", f"{base}/dev/+/events"),
+        ("readwrite", f"{base}/dev/+/desired"),
+        ("write", f"{probe}/state"),
+        ("write", f"{probe}/events"),
+    ]
+
+
+def enroller_lines(topics: Topics) -> list[Access]:
+    """What the enroller of ``serve --enrol`` needs: the enrolment and credential topics of
+    every device, and dynsec's own (it manages the accounts)."""
+    names = _Names(topics)
+    return [
+        ("read", names.every_enrol_request),
+        ("write", names.every_enrol_answer),
+        ("read", names.every_cred_request),
+        ("write", names.every_cred_answer),
+        ("readwrite", "$CONTROL/dynamic-security/#"),
+    ]
+
+
+def operator_lines(topics: Topics) -> list[Access]:
+    base = topics.base
+    return [
+        ("readwrite", f"{base}/dev/+/desired"),
+        ("readwrite", f"{base}/grp/+/desired"),
+        ("read", f"{base}/dev/+/state"),
+        ("read", f"{base}/dev/+/events"),
+        ("read", topics.announce),
+        ("write", f"{base}/dev/+/profile/req"),
+        ("read", f"{base}/dev/+/profile/res"),
+    ]
+
+
+def service_roles(topics: Topics) -> dict[str, list[Access]]:
+    """The roles of the service accounts: ``svc:serve`` (both parts and the enroller),
+    ``svc:fleet`` (fleet part and enroller), ``svc:responder``, ``svc:operator``."""
+    return {
+        "svc:serve": responder_lines(topics) + fleet_lines(topics) + enroller_lines(topics),
+        "svc:fleet": fleet_lines(topics) + enroller_lines(topics),
+        "svc:responder": responder_lines(topics),
+        "svc:operator": operator_lines(topics),
+    }
+
+
+def _check_device(device_id: str) -> str:
+    # A topic word never starts with '_': no device is a claim account or the probe.
+    return check_topic_word(device_id, "device id")
+
+
+def _check_groups(groups: Iterable[str]) -> list[str]:
+    return sorted({check_topic_word(g, "group") for g in groups})
+
+
+def _check_batch(batch: str) -> str:
+    check_topic_word(batch, "claim batch")
+    if len(batch) > 32:
+        raise ConfigError(f"claim batch {batch!r} is longer than 32 characters")
+    return batch
+
+
+# -- the admin ---------------------------------------------------------------------------
+
+
+class _Waiting:
+    __slots__ = ("answers", "done", "expected")
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.answers: dict[int, dict[str, Any]] = {}
+        self.done = threading.Event()
+
+
+class DynsecAdmin:
+    """Manages the broker's accounts over ``connection`` (whose user holds dynsec's admin
+    ACLs: ``edge-serve`` or ``edge-fleet`` of :func:`broker_config`). The connection may
+    be shared; several admins may work at once (each command carries its own correlation
+    data). Every high-level call is idempotent."""
+
+    def __init__(self, connection: MqttConnection, *, fleet: str, prefix: str = "edge",
+                 timeout: float = 10.0) -> None:
+        self.connection = connection
+        self.topics = Topics(fleet, prefix)
+        self.timeout = timeout
+        self._me = secrets.token_hex(6)
+        self._seq = 0
+        self._lock = threading.Lock()
+        self._waiting: dict[str, _Waiting] = {}
+        try:
+            self._sub = connection.subscribe(RESPONSE_TOPIC, self._on_response, qos=1,
+                                             timeout=timeout)
+        except TransportError as err:
+            raise BrokerAdminError(f"cannot read dynsec's answers: {err}") from err
+
+    def close(self) -> None:
+        """Stop listening for answers (the connection stays open)."""
+        self._sub.cancel()
+
+    # -- transport ------------------------------------------------------------------------
+
+    def call(self, commands: Sequence[Mapping[str, Any]], *,
+             tolerate: Collection[str] = ()) -> list[dict[str, Any]]:
+        """Send ``commands`` in one message and return dynsec's answers in order. Raises
+        :class:`BrokerAdminError` naming the first command that failed and dynsec's error,
+        unless that error is one of ``tolerate`` (then the answer, with its ``error``, is
+        returned like the others)."""
+        if not commands:
+            return []
+        with self._lock:
+            self._seq += 1
+            request = f"{self._me}.{self._seq}"
+            waiting = _Waiting(len(commands))
+            self._waiting[request] = waiting
+        body = [{**c, "correlationData": f"{request}.{i}"} for i, c in enumerate(commands)]
+        try:
+            try:
+                self.connection.publish_wait(CONTROL_TOPIC, json.dumps({"commands": body}),
+                                             qos=1, timeout=self.timeout)
+            except TransportError as err:
+                raise BrokerAdminError(f"dynsec {commands[0]['command']}: {err}") from err
+            if not waiting.done.wait(self.timeout):
+                raise BrokerAdminError(
+                    f"the broker's dynamic security plugin did not answer "
+                    f"{commands[0]['command']} within {self.timeout:g} s (is mosquitto "
+                    "started with broker init's config, and is this account its admin?)")
+        finally:
+            with self._lock:
+                self._waiting.pop(request, None)
+        answers = [waiting.answers[i] for i in range(len(commands))]
+        for cmd, ans in zip(commands, answers, strict=True):
+            error = ans.get("error")
+            if error is not None and str(error) not in tolerate:
+                what = cmd.get("username") or cmd.get("rolename") or ""
+                raise BrokerAdminError(
+                    f"dynsec {cmd['command']}{' ' + str(what) if what else ''}: "
+                    f"{' '.join(str(error).split())[:200]}")
+        return answers
+
+    def _on_response(self, topic: str, payload: bytes) -> None:
+        # Anyone with dynsec's ACLs may publish here: parse bounded, trust nothing.
+        try:
+            doc = loads_bounded(payload, max_bytes=MAX_RESPONSE_BYTES,
+                                max_depth=MAX_RESPONSE_DEPTH)
+        except UnsafeJsonError as err:
+            log.warning("dropped a malformed dynsec response: %s", err)
+            return
+        responses = doc.get("responses") if isinstance(doc, dict) else None
+        if not isinstance(responses, list):
+            return
+        for ans in responses:
+            corr = ans.get("correlationData") if isinstance(ans, dict) else None
+            if not isinstance(corr, str):
+                continue
+            request, _, index = corr.rpartition(".")
+            with self._lock:
+                waiting = self._waiting.get(request)
+                if waiting is None or not index.isdigit() or int(index) >= waiting.expected:
+                    continue
+                waiting.answers[int(index)] = ans
+                if len(waiting.answers) == waiting.expected:
+                    waiting.done.set()
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def clients(self) -> list[str]:
+        """Every client's user name."""
+        ans = self.call([{"command": "listClients", "verbose": False, "count": -1,
+                          "offset": 0}])[0]
+        names = ans.get("data", {}).get("clients", [])
+        return [str(n) for n in names if isinstance(n, str)]
+
+    def client(self, username: str) -> dict[str, Any] | None:
+        """dynsec's record of ``username`` (``roles``, ``disabled``...), None if absent."""
+        ans = self.call([{"command": "getClient", "username": username}],
+                        tolerate=("Client not found",))[0]
+        if ans.get("error") is not None:
+            return None
+        client = ans.get("data", {}).get("client")
+        return client if isinstance(client, dict) else None
+
+    @staticmethod
+    def _roles(client: Mapping[str, Any]) -> set[str]:
+        roles = client.get("roles") or []
+        return {str(r.get("rolename")) for r in roles if isinstance(r, dict)}
+
+    def _own(self, username: str, role: str, what: str) -> dict[str, Any] | None:
+        """The client ``username`` if it exists and holds ``role``; None if absent; refuses
+        a client that exists without it (a service, operator or other account)."""
+        client = self.client(username)
+        if client is not None and role not in self._roles(client):
+            raise BrokerAdminError(
+                f"{what} {username!r} names a broker account that is not a {what} "
+                "(a service, operator or claim account): refused")
+        return client
+
+    # -- devices --------------------------------------------------------------------------
+
+    def _role_commands(self, role: str, lines: list[Access]) -> dict[str, Any]:
+        return {"command": "createRole", "rolename": role, "acls": _acls(lines)}
+
+    def ensure_device(self, device_id: str, password: str, groups: Iterable[str] = ()) -> None:
+        """Make device ``device_id`` an account with ``password``, enabled, in ``groups``
+        (exactly those). An existing device account gets the new password (which closes
+        its open connection). Refuses an id that names another kind of account."""
+        _check_device(device_id)
+        groups = _check_groups(groups)
+        role = device_role(device_id)
+        existing = self._own(device_id, role, "device")
+        roles = [{"rolename": r, "priority": 0}
+                 for r in [role, *(group_role(g) for g in groups)]]
+        cmds = [self._role_commands(role, device_lines(self.topics, device_id))]
+        cmds += [self._role_commands(group_role(g), group_lines(self.topics, g))
+                 for g in groups]
+        if existing is None:
+            cmds.append({"command": "createClient", "username": device_id,
+                         "password": password, "roles": roles})
+        else:
+            cmds += [{"command": "modifyClient", "username": device_id, "roles": roles},
+                     {"command": "setClientPassword", "username": device_id,
+                      "password": password},
+                     {"command": "enableClient", "username": device_id}]
+        self.call(cmds, tolerate=("Role already exists",))
+
+    def set_password(self, device_id: str, password: str) -> None:
+        """Give the device a new password; closes its open connection."""
+        self._device_call(device_id, [{"command": "setClientPassword",
+                                       "username": device_id, "password": password}])
+
+    def set_groups(self, device_id: str, groups: Iterable[str]) -> None:
+        """Make ``groups`` the device's groups (exactly those)."""
+        groups = _check_groups(groups)
+        roles = [{"rolename": r, "priority": 0}
+                 for r in [device_role(device_id), *(group_role(g) for g in groups)]]
+        self._device_call(device_id, [
+            *(self._role_commands(group_role(g), group_lines(self.topics, g))
+              for g in groups),
+            {"command": "modifyClient", "username": device_id, "roles": roles}],
+            tolerate=("Role already exists",))
+
+    def disable(self, device_id: str) -> None:
+        """Refuse the device's connections from now on; closes its open one."""
+        self._device_call(device_id, [{"command": "disableClient", "username": device_id}])
+
+    def enable(self, device_id: str) -> None:
+        self._device_call(device_id, [{"command": "enableClient", "username": device_id}])
+
+    def delete_device(self, device_id: str) -> None:
+        """Delete the device's account and role (closes its connection); absent is fine."""
+        _check_device(device_id)
+        role = device_role(device_id)
+        cmds: list[dict[str, Any]] = []
+        if self._own(device_id, role, "device") is not None:
+            cmds.append({"command": "deleteClient", "username": device_id})
+        cmds.append({"command": "deleteRole", "rolename": role})
+        self.call(cmds, tolerate=("Role not found", "Client not found"))
+
+    def _device_call(self, device_id: str, cmds: list[dict[str, Any]], *,
+                     tolerate: Collection[str] = ()) -> None:
+        _check_device(device_id)
+        if self._own(device_id, device_role(device_id), "device") is None:
+            raise BrokerAdminError(f"device {device_id!r} has no broker account")
+        self.call(cmds, tolerate=tolerate)
+
+    # -- claims ---------------------------------------------------------------------------
+
+    def ensure_claim(self, batch: str, password: str) -> None:
+        """Make claim account ``_claim-<batch>`` with ``password`` (enabled)."""
+        _check_batch(batch)
+        user, role = claim_user(batch), claim_role(batch)
+        existing = self._own(user, role, "claim account")
+        cmds = [self._role_commands(role, claim_lines(self.topics, batch))]
+        if existing is None:
+            cmds.append({"command": "createClient", "username": user, "password": password,
+                         "roles": [{"rolename": role, "priority": 0}]})
+        else:
+            cmds += [{"command": "setClientPassword", "username": user, "password": password},
+                     {"command": "enableClient", "username": user}]
+        self.call(cmds, tolerate=("Role already exists",))
+
+    def delete_claim(self, batch: str) -> None:
+        """Delete the claim account and its role (closes its connections); absent is fine."""
+        _check_batch(batch)
+        user, role = claim_user(batch), claim_role(batch)
+        cmds: list[dict[str, Any]] = []
+        if self._own(user, role, "claim account") is not None:
+            cmds.append({"command": "deleteClient", "username": user})
+        cmds.append({"command": "deleteRole", "rolename": role})
+        self.call(cmds, tolerate=("Role not found", "Client not found"))
+
+
+# -- broker init -------------------------------------------------------------------------
+
+
+def password_record(password: str, *, iterations: int = HASH_ITERATIONS,
+                    salt: bytes | None = None) -> dict[str, Any]:
+    """A dynsec client's password fields: base64 PBKDF2-HMAC-SHA512 digest and salt."""
+    salt = salt or secrets.token_bytes(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
+    return {"password": base64.b64encode(digest).decode(),
+            "salt": base64.b64encode(salt).decode(), "iterations": iterations}
+
+
+def plugin_path() -> str:
+    """This machine's dynsec plugin (Debian and Ubuntu put it under the multiarch dir)."""
+    found = sorted(glob.glob("/usr/lib/*/mosquitto_dynamic_security.so")
+                   + glob.glob("/usr/lib/mosquitto_dynamic_security.so")
+                   + glob.glob("/usr/local/lib/mosquitto_dynamic_security.so"))
+    if not found:
+        arch = platform.machine()
+        return f"/usr/lib/{arch}-linux-gnu/mosquitto_dynamic_security.so"
+    return found[0]
+
+
+#: The settings of examples/mosquitto/mosquitto.conf that a dynsec broker keeps.
+_LIMITS = """\
+# A session is named after its user, whatever client id the client sends: nobody can
+# take a device's session. One user is then one connection at a time (a second one
+# takes the session): claim accounts' enrolment exchanges are short and retry.
+use_username_as_clientid true
+# Same limits as AWS IoT Core: edge-sdk keeps every message under 128 KiB.
+max_packet_size 131072
+max_qos 1
+set_tcp_nodelay true
+"""
+
+_QUEUES = """\
+max_inflight_messages 64
+max_queued_messages 1000
+"""
+
+
+def mosquitto_settings(dynsec_json: Path) -> str:
+    """The lines of a dynsec broker's config that name no listener, certificate or
+    persistence directory (tests start brokers with these)."""
+    return (f"plugin {plugin_path()}\n"
+            f"plugin_opt_config_file {dynsec_json}\n"
+            "allow_anonymous false\n" + _LIMITS)
+
+
+def _conf_text(dynsec_json: Path) -> str:
+    return ("# Mosquitto with the dynamic security plugin for an edge-sdk fleet (written by\n"
+            "# `edge-sdk broker init`). Accounts change at run time through the plugin;\n"
+            "# the broker rewrites the JSON file on every change.\n"
+            "per_listener_settings false\n" + mosquitto_settings(dynsec_json)
+            + "\n# Devices and services on TLS: put your certificates here.\n"
+            "listener 8883\n"
+            "cafile /etc/mosquitto/certs/ca.crt\n"
+            "certfile /etc/mosquitto/certs/server.crt\n"
+            "keyfile /etc/mosquitto/certs/server.key\n\n"
+            "persistence true\npersistence_location /var/lib/mosquitto/\n" + _QUEUES)
+
+
+def broker_user() -> pwd.struct_passwd | None:
+    """The ``mosquitto`` account when running as root (the broker reads and writes the
+    plugin's file as it)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam("mosquitto")
+    except KeyError:
+        return None
+
+
+def dynsec_document(fleet: str, accounts: Mapping[str, tuple[str, str]], *,
+                    prefix: str = "edge") -> dict[str, Any]:
+    """The plugin's JSON: ``accounts`` is {user: (password, role)}."""
+    topics = Topics(fleet, prefix)
+    roles = service_roles(topics)
+    return {
+        "clients": [{"username": user, **password_record(pw),
+                     "roles": [{"rolename": role, "priority": 0}]}
+                    for user, (pw, role) in accounts.items()],
+        "roles": [{"rolename": name, "acls": _acls(lines)} for name, lines in roles.items()],
+        "groups": [],
+        "defaultACLAccess": {"publishClientSend": False, "publishClientReceive": False,
+                             "subscribe": False, "unsubscribe": True},
+    }
+
+
+def broker_config(outdir: Path, *, fleet: str, operators: Sequence[str] = (),
+                  responders: Sequence[str] = (), prefix: str = "edge") -> dict[str, str]:
+    """Write ``dynamic-security.json``, ``mosquitto.conf`` and ``credentials.json`` (the
+    generated passwords, 0600) to ``outdir``; return {user: password}. Accounts:
+    ``edge-serve``, ``edge-fleet`` (both also dynsec's admins), the responders (default
+    ``edge-repo``) and operators (default ``edge-operator-1`` and ``-2``). Run as root, it
+    gives the plugin's file and ``outdir`` to the ``mosquitto`` user: the broker drops to
+    it and rewrites the file on every change."""
+    check_topic_word(fleet, "fleet")
+    responders = list(responders or [RESPONDER])
+    operators = list(operators or OPERATORS)
+    users = [SERVE, FLEET, *responders, *operators]
+    for name in users:
+        check_topic_word(name, "account name")
+    if len(set(users)) != len(users):
+        twice = sorted({u for u in users if users.count(u) > 1})
+        raise ConfigError(f"{', '.join(twice)}: each account name once")
+    role_of = {SERVE: "svc:serve", FLEET: "svc:fleet",
+               **dict.fromkeys(responders, "svc:responder"),
+               **dict.fromkeys(operators, "svc:operator")}
+    creds = {u: secrets.token_urlsafe(24) for u in users}
+    outdir = outdir.resolve()
+    outdir.mkdir(parents=True, exist_ok=True)
+    dynsec_json = outdir / "dynamic-security.json"
+    doc = dynsec_document(fleet, {u: (creds[u], role_of[u]) for u in users}, prefix=prefix)
+    atomic_write_text(dynsec_json, json.dumps(doc, indent=1) + "\n")
+    atomic_write_text(outdir / "mosquitto.conf", _conf_text(dynsec_json))
+    os.chmod(outdir / "mosquitto.conf", 0o644)
+    atomic_write_text(outdir / "credentials.json", json.dumps(creds, indent=2) + "\n")
+    os.chmod(outdir / "credentials.json", 0o600)
+    broker = broker_user()
+    if broker is not None:
+        # credentials.json stays root's: it is for the operator, not the broker.
+        os.chown(dynsec_json, broker.pw_uid, broker.pw_gid)
+        os.chown(outdir, broker.pw_uid, broker.pw_gid)
+    return creds
+
+
+__all__ = ["BrokerAdminError", "DynsecAdmin", "broker_config", "broker_user",
+           "claim_user", "device_role", "mosquitto_settings", "password_record",
+           "plugin_path"]
