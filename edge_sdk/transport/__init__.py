@@ -16,7 +16,8 @@ Public API (paho never appears in it):
 - :class:`PublishHandle`: ``published`` (acknowledged by the broker, QoS 1; written,
   QoS 0) and ``wait(timeout) -> bool``.
 - :class:`Topics`: ``edge/{fleet}/...`` names (announce, repo_request(dev),
-  repo_response(dev), desired(dev), group_desired(group), state(dev), events(dev)).
+  repo_response(dev), desired(dev), group_desired(group), state(dev), events(dev),
+  enrol_request(batch, dev), enrol_answer(batch, dev), cred_request(dev), cred_answer(dev)).
 - :class:`RepositoryFetcher`: the interface the trust client downloads through
   (``download(path, sink, start=, length=, max_length=, progress=)``, ``stats``,
   ``transfer`` (a :class:`TransferProgress` while a download runs), ``close()``).

@@ -15,6 +15,10 @@ request topic (see :class:`~edge_sdk.transport.RepoResponder`)::
     {prefix}/{fleet}/dev/{device}/events      device events
     {prefix}/{fleet}/dev/{device}/profile/req signed profiling requests (host -> device)
     {prefix}/{fleet}/dev/{device}/profile/res profiling results (device -> host)
+    {prefix}/{fleet}/enrol/{batch}/{device}/req enrolment request (claim account -> controller)
+    {prefix}/{fleet}/enrol/{batch}/{device}/res retained: enrolment answer (controller -> claim)
+    {prefix}/{fleet}/dev/{device}/cred/req    signed renewal request / ack (device -> controller)
+    {prefix}/{fleet}/dev/{device}/cred/res    sealed renewal answer (controller -> device)
 """
 
 from __future__ import annotations
@@ -106,3 +110,57 @@ class Topics:
     def profile_result(self, device: str) -> str:
         """``device``'s profiling results and refusals (device -> host)."""
         return f"{self.device(device)}/profile/res"
+
+    # -- device identity (appended; see edge_sdk.identity) ---------------
+
+    def _enrol(self, batch: str, device: str) -> str:
+        return (f"{self.base}/enrol/{check_topic_word(batch, 'claim batch')}/"
+                f"{check_topic_word(device, 'device id')}")
+
+    def enrol_request(self, batch: str, device: str) -> str:
+        """Where a device, through the claim account of ``batch``, asks to be enrolled."""
+        return f"{self._enrol(batch, device)}/req"
+
+    def enrol_answer(self, batch: str, device: str) -> str:
+        """The controller's retained answer to ``device``'s enrolment request."""
+        return f"{self._enrol(batch, device)}/res"
+
+    @property
+    def every_enrol_request(self) -> str:
+        """Subscription filter for the enrolment requests of every claim batch."""
+        return f"{self.base}/enrol/+/+/req"
+
+    def enrol_batch_requests(self, batch: str) -> str:
+        """Subscription filter for the enrolment requests of one claim batch."""
+        return f"{self.base}/enrol/{check_topic_word(batch, 'claim batch')}/+/req"
+
+    def enrol_requester(self, topic: str) -> tuple[str, str] | None:
+        """``(batch, device)`` of an enrolment request topic, or None if ``topic`` is not one."""
+        head, tail = f"{self.base}/enrol/", "/req"
+        if not (topic.startswith(head) and topic.endswith(tail)):
+            return None
+        words = topic[len(head):-len(tail)].split("/")
+        if len(words) != 2 or not all(_DEVICE.fullmatch(w) for w in words):
+            return None
+        return words[0], words[1]
+
+    def cred_request(self, device: str) -> str:
+        """Where ``device`` sends signed renewal requests and acks (device -> controller)."""
+        return f"{self.device(device)}/cred/req"
+
+    def cred_answer(self, device: str) -> str:
+        """Where the controller sends ``device`` its sealed renewed credentials."""
+        return f"{self.device(device)}/cred/res"
+
+    @property
+    def every_cred_request(self) -> str:
+        """Subscription filter for the renewal requests of every device."""
+        return f"{self.base}/dev/+/cred/req"
+
+    def cred_requester(self, topic: str) -> str | None:
+        """The device id of a renewal request topic, or None if ``topic`` is not one."""
+        head, tail = f"{self.base}/dev/", "/cred/req"
+        if not (topic.startswith(head) and topic.endswith(tail)):
+            return None
+        device = topic[len(head):-len(tail)]
+        return device if _DEVICE.fullmatch(device) else None
