@@ -8,6 +8,8 @@ from pathlib import Path
 
 from edge_sdk.transport import MqttConfig, MqttConnection
 from tests._acl import FLEET, example_broker
+from tests._broker import Mosquitto
+from tests._tls import tls_files
 
 
 def _network_thread(conn: MqttConnection) -> threading.Thread | None:
@@ -62,5 +64,22 @@ def test_without_a_refusal_listener_a_refused_connection_keeps_trying(
             conn.set_credentials("d1", creds["d1"])
             assert conn.wait_connected(10)
             assert thread.is_alive()
+        finally:
+            conn.close()
+
+
+def test_a_new_ca_file_is_trusted_from_the_next_connection_attempt(tmp_path: Path) -> None:
+    ca, cert, key = tls_files(tmp_path / "tls")
+    other_ca, _, _ = tls_files(tmp_path / "other")
+    conf = f"cafile {ca}\ncertfile {cert}\nkeyfile {key}\n"
+    with Mosquitto(tmp_path / "b", extra_conf=conf) as b:
+        conn = MqttConnection(MqttConfig(url=f"mqtts://127.0.0.1:{b.port}", fleet=FLEET,
+                                         ca_file=str(other_ca), reconnect_max_delay=0.5))
+        try:
+            conn.connect(wait=False)
+            assert not conn.wait_connected(1)  # the broker's certificate is not trusted
+            conn.set_ca_file(str(ca))
+            assert conn.wait_connected(10)
+            assert conn.config.ca_file == str(ca)
         finally:
             conn.close()
