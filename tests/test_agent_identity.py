@@ -52,6 +52,7 @@ from tests import _models
 from tests._agent_local import SAMPLE, LocalSource, deployment
 from tests._broker import Mosquitto
 from tests._dynsec import FLEET, MONITOR, connect_as, dynsec_admin, dynsec_broker
+from tests._tls import tls_files
 
 DEV = "dev-1"
 BATCH = "b1"
@@ -227,8 +228,11 @@ class MiniController:
     def __init__(self, conn: MqttConnection, admin: DynsecAdmin, *,
                  decide: Callable[[str], str] = lambda d: "accept",
                  lifetimes: Callable[[int], float] = lambda n: 3600.0,
-                 groups: tuple[str, ...] = ()) -> None:
+                 groups: tuple[str, ...] = (), ca_pem: str | None = None) -> None:
         self.conn = conn
+        self.ca_pem = ca_pem
+        #: False: renewal acks are ignored (the broker never switches).
+        self.switch = True
         self.admin = admin
         self.decide = decide
         self.lifetimes = lifetimes
@@ -308,7 +312,8 @@ class MiniController:
 
     def _sealed(self, dev: str, pem: str, n: int, password: str) -> EnrolAnswer:
         c = Credentials(username=dev, password=password, issued=n,
-                        expires_at=time.time() + self.lifetimes(n), groups=self.groups)
+                        expires_at=time.time() + self.lifetimes(n), groups=self.groups,
+                        ca_pem=self.ca_pem)
         return EnrolAnswer(state="accepted", device_id=dev, fingerprint=fingerprint_of(pem),
                            issued=n, sealed=seal(c, pem, device_id=dev))
 
@@ -334,7 +339,7 @@ class MiniController:
             self._renewing[dev] = (pw, n)
             self.conn.publish_wait(TOPICS.cred_answer(dev),
                                    self._sealed(dev, pem, n, pw).to_bytes())
-        elif dev in self._renewing and self._renewing[dev][1] == req.ack:
+        elif self.switch and dev in self._renewing and self._renewing[dev][1] == req.ack:
             pw, n = self._renewing.pop(dev)
             self.admin.set_password(dev, pw)  # kicks the device's link
             self.issued[dev], self.passwords[dev] = n, pw
@@ -399,7 +404,8 @@ def test_an_unenrolled_agent_serves_locally_then_connects_as_itself_once_accepte
         tmp_path: Path, fleet: Any, started: Callable[[Agent], Agent]) -> None:
     broker, accounts, admin = fleet
     verdict = {DEV: "pending"}
-    ctl = _controller(admin, decide=lambda d: verdict[d])
+    ca = tls_files(tmp_path / "tls")[0].read_text()
+    ctl = _controller(admin, decide=lambda d: verdict[d], ca_pem=ca)
     monitor = connect_as(broker, accounts, MONITOR)
     try:
         state = _Watch(monitor, TOPICS.state(DEV))
@@ -418,6 +424,8 @@ def test_an_unenrolled_agent_serves_locally_then_connects_as_itself_once_accepte
         assert mode == 0o600
         key_mode = stat.S_IMODE(os.stat(agent.config.key_path).st_mode)
         assert key_mode == 0o600
+        # The broker's CA bundle came with the credentials (used on mqtts:// links).
+        assert (agent.config.identity_dir / "ca.pem").read_text() == ca
         left = [ln for ln in agent.metrics.render().decode().splitlines()
                 if ln.startswith("edge_agent_credential_seconds_left ")]
         assert 3000 < float(left[0].split()[1]) <= 3600
@@ -539,4 +547,33 @@ def test_a_revoked_device_is_refused_and_enrols_again_with_the_same_key(
         assert _stored(agent)["current"]["credentials"]["issued"] == 2
         assert len(set(ctl.fingerprints)) == 1  # the same key throughout
     finally:
+        ctl.close()
+
+
+def test_a_renewal_the_broker_never_switches_to_is_dropped_and_the_link_kept(
+        tmp_path: Path, fleet: Any, started: Callable[[Agent], Agent]) -> None:
+    broker, accounts, admin = fleet
+    ctl = _controller(admin, lifetimes=lambda n: 4.0 if n == 1 else 3600.0)
+    ctl.switch = False
+    monitor = connect_as(broker, accounts, MONITOR)
+    try:
+        events = _Watch(monitor, TOPICS.events(DEV))
+        agent = started(Agent(_config(tmp_path, broker.url, renew_fraction=0.9,
+                                      answer_wait_s=0.5), source=LocalSource()))
+        conn = agent.connection
+        assert conn is not None
+        _wait(lambda: conn.connected, "the first connection")
+        _wait(lambda: any(e["event"] == "credential_renewal_failed"
+                          for e in _outbox(agent)) or any(
+              e.get("event") == "credential_renewal_failed" for e in events.got),
+              "the renewal failure")
+        stored = _stored(agent)
+        assert stored["pending"] is None
+        assert stored["current"]["credentials"]["issued"] == 1
+        assert conn.connected  # serving on with the password the broker still has
+        failed = next(e for e in [*_outbox(agent), *events.got]
+                      if e.get("event") == "credential_renewal_failed")
+        assert "did not switch" in failed["reason"]
+    finally:
+        monitor.close()
         ctl.close()
