@@ -71,6 +71,10 @@ class Agent:
     then builds no source). The link and the source are built here; :meth:`start`
     connects.
 
+    With ``config.identity`` (and ``connect``) the broker account comes from enrolment
+    (:class:`~device_agent._identity.IdentityService`): the link connects once there are
+    credentials, and follows the groups they name.
+
     ``http`` False runs the agent core without its HTTP endpoint (and without writing
     ``agent.json``); ``load_model`` replaces how a verified model file is opened (same
     arguments as :func:`edge_sdk.load`'s file loader). Both exist so that a fleet
