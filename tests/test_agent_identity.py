@@ -464,6 +464,8 @@ def test_a_retained_acceptance_is_taken_without_asking_again(
             mqtt=MqttConfig(url=broker.url, fleet=FLEET, username="_claim-" + BATCH,
                             password="claim-pw"), answer_wait_s=10)
         assert cfg.identity is not None
+        # Whatever is retained on the answer topic is read as hostile: junk is skipped.
+        ctl.conn.publish_wait(TOPICS.enrol_answer(BATCH, DEV), b'{"state": [[[[[', retain=True)
         first = client.attempt()
         assert first.state == "accepted" and first.creds is not None
         assert first.creds.issued == 1 and ctl.requests[DEV] == 1
@@ -576,4 +578,42 @@ def test_a_renewal_the_broker_never_switches_to_is_dropped_and_the_link_kept(
         assert "did not switch" in failed["reason"]
     finally:
         monitor.close()
+        ctl.close()
+
+
+def test_a_restart_between_ack_and_switch_finds_the_password_that_works(
+        tmp_path: Path, fleet: Any) -> None:
+    """The agent stored renewed credentials and acked them, then stopped; the broker
+    switched while it was away. On restart the current password is refused, the pending
+    one works and becomes current: no enrolment needed."""
+    broker, _, admin = fleet
+    # Renewal due after a second; the first password stays unexpired (and is refused only
+    # because the broker switched).
+    ctl = _controller(admin, lifetimes=lambda n: 100.0 if n == 1 else 3600.0)
+    ctl.switch = False
+    cfg = _config(tmp_path, broker.url, renew_fraction=0.99, answer_wait_s=5.0)
+    try:
+        agent = Agent(cfg, source=LocalSource())
+        agent.start()
+        try:
+            _wait(lambda: (agent.config.identity_dir / "credentials.json").exists()
+                  and _stored(agent)["pending"] is not None, "renewed credentials stored")
+        finally:
+            agent.stop()
+        pending = _stored(agent)["pending"]["credentials"]
+        ctl.do(lambda: admin.set_password(DEV, pending["password"]))
+        requests = ctl.requests[DEV]
+
+        again = Agent(cfg, source=LocalSource())
+        again.start()
+        try:
+            conn = again.connection
+            assert conn is not None
+            _wait(lambda: conn.connected and _stored(again)["pending"] is None,
+                  "the connection with the switched password")
+            assert _stored(again)["current"]["credentials"]["issued"] == pending["issued"]
+            assert ctl.requests[DEV] == requests  # no enrolment
+        finally:
+            again.stop()
+    finally:
         ctl.close()
