@@ -8,6 +8,10 @@ messages in order, so once the sentinel is in, anything before it would be too.
 
 from __future__ import annotations
 
+import json
+import os
+import pwd
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -15,9 +19,17 @@ from pathlib import Path
 
 import pytest
 
+from edge_sdk.cli import main
 from edge_sdk.errors import ConfigError, TransportError
-from edge_sdk.fleet._dynsec import CONTROL_TOPIC, RESPONSE_TOPIC, BrokerAdminError, DynsecAdmin
+from edge_sdk.fleet._dynsec import (
+    CONTROL_TOPIC,
+    RESPONSE_TOPIC,
+    BrokerAdminError,
+    DynsecAdmin,
+    broker_user,
+)
 from edge_sdk.transport import MqttConfig, MqttConnection, Topics
+from edge_sdk.transport._access import permissions, refused_permissions
 from tests._broker import Mosquitto
 from tests._dynsec import FLEET, MONITOR, connect_as, dynsec_admin, dynsec_broker
 
@@ -387,3 +399,201 @@ def test_claim_account_tries_every_other_topic_and_reaches_none(
         for topic in topics:
             if topic.startswith(BASE) and "/enrol/b1/" not in topic:
                 mon.publish_wait(topic, b"", retain=True)
+
+
+def test_broker_init_writes_a_config_mosquitto_starts_with(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str],
+                                                           ) -> None:
+    out = tmp_path / "broker-conf"
+    rc = main(["broker", "init", str(out), "--fleet", "lab", "--operator", "alice",
+               "--responder", "repo-a", "--responder", "repo-b"])
+    assert rc == 0
+    said = capsys.readouterr().out
+    assert said.startswith(f"wrote {out}/dynamic-security.json")
+    creds = json.loads((out / "credentials.json").read_text())
+    assert set(creds) == {"edge-serve", "edge-fleet", "repo-a", "repo-b", "alice"}
+    assert stat.S_IMODE((out / "credentials.json").stat().st_mode) == 0o600
+    assert not any(pw in said for pw in creds.values())
+    account = broker_user()
+    if account is not None:  # run as root: the broker's user rewrites the plugin's file
+        assert (out / "dynamic-security.json").stat().st_uid == account.pw_uid
+        assert out.stat().st_uid == account.pw_uid
+        assert (out / "credentials.json").stat().st_uid == 0
+    # The written config's own lines (not its TLS listener: no certificates here).
+    keep = ("plugin", "plugin_opt_config_file", "use_username_as_clientid", "max_packet_size",
+            "max_qos", "set_tcp_nodelay")
+    lines = (out / "mosquitto.conf").read_text().splitlines()
+    conf = "".join(f"{ln}\n" for ln in lines if ln.split(" ")[0] in keep)
+    with Mosquitto(tmp_path / "run", allow_anonymous=False, extra_conf=conf) as b:
+        with dynsec_admin(b, creds, user="edge-fleet") as admin:
+            assert set(admin.clients()) == set(creds)
+            admin.ensure_device("cam-1", "pw")  # the broker writes its file back
+        connect_as(b, creds, "alice").close()
+        _refused(b, "alice", "not-the-password")
+    assert "cam-1" in (out / "dynamic-security.json").read_text()
+
+
+def test_broker_init_keeps_an_existing_config_unless_forced(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "conf"
+    assert main(["broker", "init", str(out), "--fleet", "lab"]) == 0
+    before = (out / "dynamic-security.json").read_bytes()
+    capsys.readouterr()
+    assert main(["broker", "init", str(out), "--fleet", "lab"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--force" in err
+    assert (out / "dynamic-security.json").read_bytes() == before
+    assert main(["broker", "init", str(out), "--fleet", "lab", "--force"]) == 0
+    assert (out / "dynamic-security.json").read_bytes() != before
+
+
+@pytest.mark.parametrize("args", [["--fleet", "a/b"], ["--fleet", "lab", "--operator", "x#"],
+                                  ["--fleet", "lab", "--operator", "edge-serve"]])
+def test_broker_init_refuses_bad_names_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str]) -> None:
+    assert main(["broker", "init", str(tmp_path / "c"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edge-sdk: error: ") and err.count("\n") == 1
+    assert not (tmp_path / "c" / "dynamic-security.json").exists()
+
+
+def test_broker_init_config_opens_only_the_listener_it_names(tmp_path: Path) -> None:
+    out = tmp_path / "conf"
+    assert main(["broker", "init", str(out), "--fleet", "lab"]) == 0
+    creds = json.loads((out / "credentials.json").read_text())
+    b = Mosquitto(tmp_path / "run", allow_anonymous=False)
+    text = (out / "mosquitto.conf").read_text()
+    assert "listener 8883\n" in text
+    # As written, but on our port, without certificates, persisting in our directory.
+    text = "".join(f"{ln}\n" for ln in text.replace("listener 8883", f"listener {b.port} "
+                                                    "127.0.0.1").splitlines()
+                   if ln.split(" ")[0] not in ("cafile", "certfile", "keyfile",
+                                               "persistence_location"))
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    b.conf.write_text(text + f"persistence_location {b.workdir}/\nuser {me}\n"
+                      f"log_dest file {b.log}\nlog_type all\n")
+    with b, dynsec_admin(b, creds) as admin:
+        assert "edge-serve" in admin.clients()
+    opened = [ln for ln in b.log.read_text().splitlines() if "listen socket on port" in ln]
+    assert opened and all(ln.endswith(f"port {b.port}.") for ln in opened), opened
+
+
+def test_a_device_role_left_with_other_acls_gets_todays(
+        broker: tuple[Mosquitto, dict[str, str]], admin: DynsecAdmin,
+        monitor: tuple[MqttConnection, Inbox]) -> None:
+    b, _ = broker
+    _, seen = monitor
+    admin.call([{"command": "createRole", "rolename": "dev:cam-stale", "acls": [
+        {"acltype": "publishClientSend", "topic": f"{BASE}/dev/cam-other/state",
+         "priority": 0, "allow": True}]}])
+    admin.ensure_device("cam-stale", "pw")
+    dev = connect_as(b, {"cam-stale": "pw"}, "cam-stale")
+    try:
+        dev.publish_wait(T.state("cam-other"), b"forged")
+        dev.publish_wait(T.state("cam-stale"), b"sentinel")
+        seen.wait_for(T.state("cam-stale"), b"sentinel")
+        assert (T.state("cam-other"), b"forged") not in seen.got
+    finally:
+        dev.close()
+
+
+def test_clients_lists_every_account_a_page_at_a_time(
+        broker: tuple[Mosquitto, dict[str, str]]) -> None:
+    b, creds = broker
+    with dynsec_admin(b, creds) as whole:
+        everyone = whole.clients()
+        conn = connect_as(b, creds, "edge-fleet")
+        try:
+            for page in (1, 2, 3, len(everyone), len(everyone) + 1):
+                assert DynsecAdmin(conn, fleet=FLEET, list_page=page).clients() == everyone
+        finally:
+            conn.close()
+    assert {"edge-serve", "edge-fleet", MONITOR} <= set(everyone)
+
+
+@pytest.mark.parametrize(("user", "parts"), [("edge-serve", ("responder", "fleet")),
+                                             ("edge-fleet", ("fleet",)),
+                                             ("edge-repo", ("responder",))])
+def test_service_accounts_pass_serves_access_check(
+        broker: tuple[Mosquitto, dict[str, str]], user: str, parts: tuple[str, ...]) -> None:
+    b, creds = broker
+    conn = connect_as(b, creds, user)
+    try:
+        needs = [p for part in parts for p in permissions(part, T, announcement=b"{}")]
+        assert refused_permissions(conn, needs) == []
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("user", ["edge-serve", "edge-fleet"])
+def test_the_enrolling_accounts_read_requests_and_write_answers(
+        broker: tuple[Mosquitto, dict[str, str]], admin: DynsecAdmin, user: str) -> None:
+    b, creds = broker
+    admin.ensure_claim("b-svc", "claim-pw")
+    admin.ensure_device("cam-svc", "dev-pw")
+    svc = connect_as(b, creds, user)
+    claim = connect_as(b, {"_claim-b-svc": "claim-pw"}, "_claim-b-svc")
+    dev = connect_as(b, {"cam-svc": "dev-pw"}, "cam-svc")
+    try:
+        heard, told_claim, told_dev = Inbox(), Inbox(), Inbox()
+        svc.subscribe(T.every_enrol_request, heard)
+        svc.subscribe(T.every_cred_request, heard)
+        claim.subscribe(f"{BASE}/enrol/b-svc/+/res", told_claim)
+        dev.subscribe(T.cred_answer("cam-svc"), told_dev)
+        claim.publish_wait(T.enrol_request("b-svc", "cam-new"), b"enrol me")
+        dev.publish_wait(T.cred_request("cam-svc"), b"renew me")
+        heard.wait_for(T.enrol_request("b-svc", "cam-new"), b"enrol me")
+        heard.wait_for(T.cred_request("cam-svc"), b"renew me")
+        svc.publish_wait(T.enrol_answer("b-svc", "cam-new"), b"pending")
+        svc.publish_wait(T.cred_answer("cam-svc"), b"sealed")
+        told_claim.wait_for(T.enrol_answer("b-svc", "cam-new"), b"pending")
+        told_dev.wait_for(T.cred_answer("cam-svc"), b"sealed")
+        assert "edge-serve" in DynsecAdmin(svc, fleet=FLEET).clients()
+    finally:
+        for c in (svc, claim, dev):
+            c.close()
+
+
+def test_the_responder_and_operators_cannot_administer_nor_enrol(
+        broker: tuple[Mosquitto, dict[str, str]]) -> None:
+    b, creds = broker
+    for user in ("edge-repo", "edge-operator-1"):
+        conn = connect_as(b, creds, user)
+        try:
+            with pytest.raises(BrokerAdminError, match="cannot read dynsec's answers"):
+                DynsecAdmin(conn, fleet=FLEET)
+            for flt in (T.every_enrol_request, T.every_cred_request):
+                with pytest.raises(TransportError, match="refused the subscription"):
+                    conn.subscribe(flt, lambda t, p: None)
+        finally:
+            conn.close()
+
+
+def test_responders_split_chunk_requests_through_a_shared_subscription(
+        broker: tuple[Mosquitto, dict[str, str]], admin: DynsecAdmin) -> None:
+    """dynsec checks a $share filter with its prefix: without an ACL for it serve's
+    responder could not subscribe at all."""
+    b, creds = broker
+    admin.ensure_device("cam-share", "pw")
+    responders = [connect_as(b, creds, u) for u in ("edge-serve", "edge-repo")]
+    dev = connect_as(b, {"cam-share": "pw"}, "cam-share")
+    try:
+        inboxes = [Inbox(), Inbox()]
+        for conn, inbox in zip(responders, inboxes, strict=True):
+            assert conn.shared_subscriptions_work(T.share_probe("p2"), "edge-repo") is True
+            conn.subscribe(T.shared_repo_request(), inbox)
+        for flt in (T.shared_repo_request(), f"$share/g/{T.desired('cam-1')}"):
+            with pytest.raises(TransportError, match="refused the subscription"):
+                dev.subscribe(flt, inboxes[0])
+        sent = [f"req {i}".encode() for i in range(20)]
+        for payload in sent:
+            dev.publish_wait(T.repo_request("cam-share"), payload)
+        deadline = time.monotonic() + 10
+        while sum(len(i.got) for i in inboxes) < len(sent):
+            assert time.monotonic() < deadline, [i.got for i in inboxes]
+            time.sleep(0.02)
+        received = sorted(p for i in inboxes for _, p in i.got)
+        assert received == sorted(sent)  # each request to exactly one responder
+    finally:
+        for c in (*responders, dev):
+            c.close()

@@ -43,9 +43,14 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
     "rollout": ("edge_sdk.cli._fleet:rollout_group", "agent", "Staged rollouts: start, "
                 "status, pause, resume, abort, list (recorded in the fleet DB), or run."),
     "device": ("edge_sdk.cli._fleet:device_group", "fleet", "Assign devices the groups and "
-               "tags rollouts select by; remove devices from the registry."),
+               "tags rollouts select by; accept, reject, revoke enrolled devices; remove "
+               "devices from the registry."),
+    "claim": ("edge_sdk.cli._fleet:claim_group", "fleet", "Claim accounts devices enrol "
+              "with: create, revoke, list."),
     "operator": ("edge_sdk.cli._operator:operator_group", "fleet", "Operator accounts that "
                  "sign in to the fleet page to approve, pause, resume and abort rollouts."),
+    "broker": ("edge_sdk.cli._identity:broker_group", "fleet", "The broker's accounts "
+               "(Mosquitto's dynamic security plugin): init writes its config."),
     "audit": ("edge_sdk.cli._fleet:audit_cmd", "fleet", "Show the audit log of operator "
               "actions."),
     "agent": ("device_agent._cli:agent_cmd", "agent", "Run the device agent daemon."),

@@ -1,4 +1,5 @@
-"""``rollout start|status|pause|resume|approve|abort|list|run``, ``device set|remove`` and
+"""``rollout start|status|pause|resume|approve|abort|list|run``, ``device set|remove``,
+``device pending|accept|reject|revoke|allow``, ``claim create|revoke|list`` and
 ``audit``: thin wrappers over edge_sdk.fleet. The CLI writes rollout records, commands
 and device assignments to the fleet database; the controller inside ``edge-sdk serve``
 carries them out (the database is the authority)."""
@@ -8,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -216,7 +218,8 @@ def audit_cmd(db_url: str | None, repo_dir: str | None, as_json: bool, limit: in
 @click.group("device")
 def device_group() -> None:
     """The operator's record of each device: the groups and tags rollouts select by
-    (set), and taking a device out of the registry (remove)."""
+    (set), enrolment (pending, accept, reject, revoke, allow), and taking a device out
+    of the registry (remove)."""
 
 
 #: Devices listed one by one in the CLI's answer (the rest are counted).
@@ -312,4 +315,285 @@ def device_remove_cmd(device_ids: tuple[str, ...], db_url: str | None, repo_dir:
                    "(abort them to stop it being sent anything)", err=True)
 
 
-__all__ = ["audit_cmd", "device_group", "rollout_group"]
+# -- enrolment: device pending|accept|reject|revoke|allow, claim create|revoke|list ----------
+
+def fleet_option(fn: F) -> F:
+    return click.option("--fleet", default="default", show_default=True, envvar="EDGE_FLEET",
+                        show_envvar=True,
+                        help="Fleet name (the {fleet} level of every topic).")(fn)
+
+
+def _age(seconds: float) -> str:
+    s = max(0, int(seconds))
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= n:
+            return f"{s // n}{unit}"
+    return f"{s}s"
+
+
+def _facts_text(facts: dict[str, str], width: int = 40) -> str:
+    text = " ".join(f"{k}={v}" for k, v in sorted(facts.items())) or "-"
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def _tags(tags: tuple[str, ...]) -> dict[str, str]:
+    from .. import fleet as fl
+
+    return dict(fl.AssignmentChange.parse(tags=tags).set_tags)
+
+
+@device_group.command("pending")
+@db_options
+@fleet_option
+@click.option("--state", type=click.Choice(["pending", "accepted", "rejected", "revoked",
+                                            "all"]),
+              default="pending", show_default=True, help="Which enrolments to list.")
+@click.option("--json", "as_json", is_flag=True)
+def device_pending_cmd(db_url: str | None, repo_dir: str | None, fleet: str, state: str,
+                       as_json: bool) -> None:
+    """List the devices waiting to be accepted (enrolment requests), with the key
+    fingerprint each came with and what it says about itself."""
+    with open_db(db_url, repo_dir) as db:
+        rows = db.enrolments(fleet, None if state == "all" else state)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo(f"no {'' if state == 'all' else state + ' '}enrolments in fleet {fleet!r}")
+        return
+    now = time.time()
+    click.echo(f"{'DEVICE':<24} {'BATCH':<12} {'FINGERPRINT':<16} {'REQ':>4} {'CONFL':>5} "
+               f"{'AGE':>5}  " + ("STATE     " if state == "all" else "") + "FACTS")
+    for r in rows:
+        click.echo(f"{r['device_id']:<24} {r['batch']:<12} {r['fingerprint'][:16]:<16} "
+                   f"{r['requests']:>4} {r['conflicts']:>5} "
+                   f"{_age(now - r['requested_at']):>5}  "
+                   + (f"{r['state']:<10}" if state == "all" else "")
+                   + _facts_text(r["facts"]))
+
+
+@device_group.command("accept")
+@click.argument("device_ids", nargs=-1, required=True)
+@db_options
+@operator_option
+@fleet_option
+@click.option("--group", "groups", multiple=True, help="Add this group. Repeatable.")
+@click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE",
+              help="Set this tag. Repeatable.")
+def device_accept_cmd(device_ids: tuple[str, ...], db_url: str | None, repo_dir: str | None,
+                      operator: str | None, fleet: str, groups: tuple[str, ...],
+                      tags: tuple[str, ...]) -> None:
+    """Accept devices that asked to enrol (pending or rejected): the controller in
+    'edge-sdk serve --enrol' issues their credentials. --group/--tag go into their
+    assignment, as 'device set' does."""
+    from ._db import require_fleet
+
+    require_fleet()
+    from .. import fleet as fl
+    from ..fleet import _enrol
+
+    tag_map = _tags(tags)
+    with fleet_db(db_url, repo_dir, fleet) as db:
+        done = _enrol.accept_devices(db, fleet, device_ids, groups=groups, tags=tag_map,
+                                     actor=fl.actor_name(operator))
+    same = sorted(set(device_ids) - set(done))
+    click.echo(f"accepted {len(done)} device(s) in fleet {fleet!r}"
+               + (f": {', '.join(done[:_SHOWN])}" if done else "")
+               + (f"; already accepted: {', '.join(same[:_SHOWN])}" if same else ""))
+
+
+@device_group.command("reject")
+@click.argument("device_ids", nargs=-1, required=True)
+@db_options
+@operator_option
+@fleet_option
+@click.option("--reason", help="Sent to the device in its answer (one line).")
+def device_reject_cmd(device_ids: tuple[str, ...], db_url: str | None, repo_dir: str | None,
+                      operator: str | None, fleet: str, reason: str | None) -> None:
+    """Reject devices that asked to enrol: they are answered 'rejected' (now and on
+    every later request) until accepted."""
+    from ._db import require_fleet
+
+    require_fleet()
+    from .. import fleet as fl
+    from ..fleet import _enrol
+
+    with fleet_db(db_url, repo_dir, fleet) as db:
+        done = _enrol.reject_devices(db, fleet, device_ids, reason=reason,
+                                     actor=fl.actor_name(operator))
+    click.echo(f"rejected {len(done)} device(s) in fleet {fleet!r}"
+               + (f": {', '.join(done[:_SHOWN])}" if done else ""))
+
+
+#: How often ``device revoke`` looks for the controller's ``applied_at``.
+_REVOKE_POLL_S = 0.1
+
+
+@device_group.command("revoke")
+@click.argument("device_id")
+@db_options
+@operator_option
+@fleet_option
+@click.option("--reason", required=True, help="Why (the audit log keeps it).")
+@click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=10.0,
+              show_default=True,
+              help="Seconds to wait for the controller to close the device's connection.")
+def device_revoke_cmd(device_id: str, db_url: str | None, repo_dir: str | None,
+                      operator: str | None, fleet: str, reason: str, wait_s: float) -> None:
+    """Revoke an accepted device: the controller deletes its broker account (closing its
+    connection), rollouts leave it out, and it comes back only by asking again and being
+    accepted. Waits for the controller to say it is done."""
+    from ._db import require_fleet
+
+    require_fleet()
+    from .. import fleet as fl
+    from ..fleet import _enrol
+
+    with fleet_db(db_url, repo_dir, fleet) as db:
+        _enrol.revoke_device(db, fleet, device_id, reason=reason,
+                             actor=fl.actor_name(operator))
+        start = time.monotonic()
+        while True:
+            row = _enrol.enrolment(db, fleet, device_id)
+            if row is not None and row["applied_at"] is not None:
+                click.echo(f"revoked {device_id}: the broker closed its connection "
+                           f"({time.monotonic() - start:.1f} s)")
+                return
+            if time.monotonic() - start >= wait_s:
+                break
+            time.sleep(_REVOKE_POLL_S)
+    click.echo(f"revoked {device_id} in the record; no controller applied it yet (is serve "
+               "running?)")
+
+
+@device_group.command("allow")
+@click.argument("device_ids", nargs=-1)
+@db_options
+@operator_option
+@fleet_option
+@click.option("--file", "file", type=click.Path(dir_okay=False, allow_dash=True),
+              help="Devices one per line, DEVICE[:GROUP,...] [KEY=VALUE ...]; '-' reads "
+                   "stdin.")
+@click.option("--group", "groups", multiple=True, help="Add this group. Repeatable.")
+@click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE",
+              help="Set this tag. Repeatable.")
+def device_allow_cmd(device_ids: tuple[str, ...], db_url: str | None, repo_dir: str | None,
+                     operator: str | None, fleet: str, file: str | None,
+                     groups: tuple[str, ...], tags: tuple[str, ...]) -> None:
+    """Accept devices before they ask: the first enrolment request of each is accepted
+    with the groups and tags given. One that asked already is accepted now."""
+    from ._db import require_fleet
+
+    require_fleet()
+    from .. import fleet as fl
+    from ..fleet import _enrol
+
+    change = fl.AssignmentChange.parse(groups=groups, tags=tags)
+    changes = {d: change for d in device_ids}
+    if file is not None:
+        for d, ch in fl.parse_assignments(_read_file(file), file).items():
+            changes[d] = ch.merged(change)
+    if not changes:
+        raise UsageError("name at least one device (or --file)")
+    with fleet_db(db_url, repo_dir, fleet) as db:
+        res = _enrol.allow_changes(db, fleet, changes, actor=fl.actor_name(operator),
+                                   source=file)
+    click.echo(f"allowed {len(res.listed)} device(s) in fleet {fleet!r} (accepted when they "
+               "ask)" + (f"; accepted now: {', '.join(res.accepted[:_SHOWN])}"
+                         if res.accepted else ""))
+
+
+def _read_file(file: str) -> str:
+    with click.open_file(file, "rb") as f:
+        raw = f.read(_FILE_MAX + 1)
+    if len(raw) > _FILE_MAX:
+        raise UsageError(f"--file {file}: over {_FILE_MAX >> 20} MiB")
+    try:
+        return str(raw.decode())
+    except UnicodeDecodeError:
+        raise UsageError(f"--file {file}: not UTF-8 text") from None
+
+
+@click.group("claim")
+def claim_group() -> None:
+    """Claim accounts: the broker account a batch of devices enrols with (create,
+    revoke, list). The controller in 'edge-sdk serve --enrol' applies them."""
+
+
+@claim_group.command("create")
+@click.argument("batch")
+@db_options
+@operator_option
+@fleet_option
+@click.option("--out", "out", type=click.Path(dir_okay=False),
+              help="Write the password to this file (mode 0600) instead of printing it.")
+def claim_create_cmd(batch: str, db_url: str | None, repo_dir: str | None,
+                     operator: str | None, fleet: str, out: str | None) -> None:
+    """Create the claim account of BATCH; its password is shown once (or written to
+    --out): put it on the batch's devices ([identity] claim_password_file)."""
+    from ._db import require_fleet
+
+    require_fleet()
+    from .. import fleet as fl
+    from .._fs import atomic_write_text
+    from ..fleet import _enrol
+
+    if out is not None and not Path(out).resolve().parent.is_dir():
+        raise UsageError(f"--out {out}: directory {Path(out).resolve().parent} does not exist")
+    with open_db(db_url, repo_dir) as db:
+        password = _enrol.create_claim(db, fleet, batch, actor=fl.actor_name(operator))
+    said = f"claim {batch!r} of fleet {fleet!r} recorded: user {_enrol.claim_user(batch)}"
+    if out is not None:
+        atomic_write_text(out, password + "\n")  # a new temp file: mode 0600
+        click.echo(f"{said}, password in {out}")
+        return
+    click.echo(f"{said}, password (shown once):")
+    click.echo(password)
+
+
+@claim_group.command("revoke")
+@click.argument("batch")
+@db_options
+@operator_option
+@fleet_option
+def claim_revoke_cmd(batch: str, db_url: str | None, repo_dir: str | None,
+                     operator: str | None, fleet: str) -> None:
+    """Revoke the claim account of BATCH (the controller deletes it at the broker); its
+    pending requests are dropped. Devices enrolled with it keep their own accounts."""
+    from ._db import require_fleet
+
+    require_fleet()
+    from .. import fleet as fl
+    from ..fleet import _enrol
+
+    with open_db(db_url, repo_dir) as db:
+        dropped = _enrol.revoke_claim(db, fleet, batch, actor=fl.actor_name(operator))
+    click.echo(f"claim {batch!r} of fleet {fleet!r} revoked; {dropped} pending request(s) "
+               "dropped")
+
+
+@claim_group.command("list")
+@db_options
+@fleet_option
+@click.option("--json", "as_json", is_flag=True)
+def claim_list_cmd(db_url: str | None, repo_dir: str | None, fleet: str,
+                   as_json: bool) -> None:
+    """List the claims with the controller's counts of their requests."""
+    with open_db(db_url, repo_dir) as db:
+        rows = db.claims(fleet)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo(f"no claims in fleet {fleet!r}")
+        return
+    click.echo(f"{'BATCH':<16} {'STATE':<10} {'REQUESTS':>8} {'DROPPED':>8} {'REFUSED':>8}  "
+               "CREATED BY")
+    for r in rows:
+        st = "revoked" if r["revoked_at"] is not None else (
+            "applying" if r["want"] else "active")
+        click.echo(f"{r['batch']:<16} {st:<10} {r['requests']:>8} {r['dropped']:>8} "
+                   f"{r['refused']:>8}  {r['created_by']}")
+
+
+__all__ = ["audit_cmd", "claim_group", "device_group", "rollout_group"]

@@ -797,6 +797,21 @@ def _device_limits(values: tuple[str, ...]) -> DeviceLimits:
               help="Serve the responder's Prometheus counters on http://HOST:PORT/metrics "
                    "(requests, drops, slow-downs, watchdog stalls; no device ids) and the "
                    "seconds before each role's metadata expires.")
+@click.option("--enrol", is_flag=True,
+              help="Enrol devices by claim and manage their broker accounts (needs the "
+                   "broker set up by 'edge-sdk broker init', this account its admin).")
+@click.option("--credential-lifetime", "credential_lifetime", metavar="DURATION",
+              default="30d", show_default=True,
+              help="With --enrol: how long issued device credentials are valid (devices "
+                   "renew them before), e.g. 12h, 30d.")
+@click.option("--ca-bundle", "ca_bundle", type=click.Path(dir_okay=False, exists=True),
+              help="With --enrol: PEM CA certificates sent with credentials (the broker's "
+                   "CA, for devices on mqtts).")
+@click.option("--enrol-rate", "enrol_rate", metavar="N/s",
+              help="With --enrol: enrolment requests taken per claim batch per second "
+                   "(more are dropped; default 20/s).")
+@click.option("--enrol-limit", "enrol_keys", multiple=True, metavar="KEY=N", hidden=True,
+              help="Change one enrolment limit or tunable (IdentityConfig).")
 @_mqtt_options
 def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url: str | None,
               registry_keys: tuple[str, ...],
@@ -804,7 +819,9 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
               http_allow_remote: bool, http_tls_proxy: bool, http_hosts: tuple[str, ...],
               only: str | None,
               partition: str | None, stall_timeout: float, metrics: str | None,
-              **mqtt: Any) -> None:
+              enrol: bool = False, credential_lifetime: str = "30d",
+              ca_bundle: str | None = None, enrol_rate: str | None = None,
+              enrol_keys: tuple[str, ...] = (), **mqtt: Any) -> None:
     """Answer chunk requests for REPO, keep the device registry and run the rollouts
     recorded in the fleet database, until interrupted.
 
@@ -831,9 +848,9 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
         # EDGE_DB, which a fleet host exports for its other serve, is no reason to refuse.
         db_given = (db_url is not None and click.get_current_context().get_parameter_source(
             "db_url") is not click.core.ParameterSource.ENVIRONMENT)
-        if db_given or http or registry_keys:
+        if db_given or http or registry_keys or enrol:
             raise UsageError("--only responder runs no registry or page: drop --db / --http "
-                             "/ --registry")
+                             "/ --registry / --enrol")
         _serve_responder(repo, keydir, config, rcfg, metrics_at)
         return
     if only is None and db_url is None and http is None and not fleet_installed():
@@ -841,6 +858,11 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
                    "need the fleet extra (pip install 'edge-sdk[fleet]')", err=True)
         _serve_responder(repo, keydir, config, rcfg, metrics_at)
         return
+    if not enrol and (ca_bundle or enrol_rate or enrol_keys or click.get_current_context(
+            ).get_parameter_source("credential_lifetime") is not
+            click.core.ParameterSource.DEFAULT):
+        raise UsageError("--credential-lifetime, --ca-bundle and --enrol-rate configure "
+                         "enrolment: add --enrol")
     db = open_db(db_url, repo)  # first: it names the [fleet] extra when it is missing
     from ..fleet import FleetError, FleetServer, RegistryConfig, WebConfig, check_key_permissions
 
@@ -849,6 +871,8 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
                                      allowed_hosts=http_hosts,
                                      behind_tls_proxy=http_tls_proxy) if http else None
         registry_config = RegistryConfig.parse(registry_keys)
+        identity = _identity_config(credential_lifetime, ca_bundle, enrol_rate,
+                                    enrol_keys) if enrol else None
     except EdgeError:
         db.close()
         raise
@@ -864,7 +888,10 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
             responder = None if only == "fleet" else RepoResponder(conn, repo, config=rcfg)
             _check_access(conn, responder, fleet=True)
             server = FleetServer(db, repository, conn, registry=registry_config,
-                                 web=web_config, poll_s=poll_s, lease_ttl=lease_ttl)
+                                 web=web_config, poll_s=poll_s, lease_ttl=lease_ttl,
+                                 identity=identity)
+            if server.enroller is not None:
+                server.enroller.check_broker()
             if not server.wait_for_lease(stop, say=lambda line: click.echo(
                     f"edge-sdk serve: {line}", err=True)):
                 return
@@ -873,6 +900,12 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
                 click.echo(f"serving {Path(repo).resolve()} on {redact_url(config.url)} fleet "
                            f"{config.fleet}; registry and rollouts in {redact_url(db.url)}",
                            err=True)
+                if server.enroller is not None:
+                    life = server.enroller.config.lifetime_s
+                    click.echo(f"enrolling devices by claim (credentials valid "
+                               f"{life / 86400:g} days)" if life >= 86400 else
+                               f"enrolling devices by claim (credentials valid {life:g} s)",
+                               err=True)
                 if server.web is not None:
                     click.echo(f"fleet page on {server.web.url}", err=True)
                     if server.web.api.no_sign_in:
@@ -896,12 +929,40 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
             click.echo(f"registry: {rs.states} states, {rs.events} events, {rs.malformed} "
                        f"malformed reports ignored, {rs.dropped} dropped, {rs.lost} lost "
                        "before the registry", err=True)
+            if server.enroller is not None:
+                es = server.enroller.stats
+                click.echo(f"enrolment: {es.requests} requests, {es.recorded} recorded, "
+                           f"{es.refused} refused, {es.dropped} dropped over the limits, "
+                           f"{es.ignored} ignored; {es.issued} credentials issued, "
+                           f"{es.renewed} renewed, {es.revoked} revoked, {es.expired} "
+                           "expired", err=True)
             if responder is not None:
                 _say_stopped(responder.stats)
             if server.lost:
                 raise FleetError(server.lost)
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def _identity_config(lifetime: str, ca_bundle: str | None, rate: str | None,
+                     keys: tuple[str, ...]) -> Any:
+    """``serve --enrol``'s options as an :class:`~edge_sdk.fleet.IdentityConfig`."""
+    from ..fleet import IdentityConfig
+    from ..release._durations import parse_duration
+
+    changes: dict[str, Any] = {}
+    changes["lifetime_s"] = parse_duration(lifetime, "--credential-lifetime").total_seconds()
+    if ca_bundle is not None:
+        changes["ca_bundle"] = Path(ca_bundle)
+    if rate is not None:
+        num = rate.strip().lower().removesuffix("/s")
+        try:
+            changes["rate_per_batch"] = float(num)
+        except ValueError:
+            raise UsageError(f"--enrol-rate {rate!r}: expected N/s, e.g. 50/s") from None
+        if not 0 < changes["rate_per_batch"] < float("inf"):
+            raise UsageError(f"--enrol-rate {rate!r}: expected a number > 0")
+    return dataclasses.replace(IdentityConfig.parse(keys), **changes)
 
 
 def _metrics_address(spec: str | None) -> tuple[str, int] | None:

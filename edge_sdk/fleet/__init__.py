@@ -26,6 +26,8 @@ database is the record.
   :class:`RolloutSpec` — waves, rate, timeout, abort criteria, pause after each wave.
 - :class:`FleetServer` — what ``edge-sdk serve`` runs for a fleet: the registry, the
   controller and (with a :class:`WebConfig`) the fleet page, started and stopped as one.
+- :class:`Enroller` (:class:`IdentityConfig`) — enrolment by claim and the devices' broker
+  credentials (``serve --enrol``), through the broker's dynamic security plugin.
 - :func:`actor_name`, :func:`audit` — the audit log's actor and an appended action.
 - Operator accounts and page sessions live in ``_operators`` (``edge-sdk operator``);
   the page that uses them in ``_web``.
@@ -40,6 +42,7 @@ changes a rollout only through the state machine in ``_machine``.
 
 from ._assign import AssignmentChange, parse_assignments
 from ._controller import Controller, check_key_permissions
+from ._enroller import Enroller, EnrollerStats, IdentityConfig
 from ._ingest import RegistryConfig
 from ._machine import RolloutSpec
 from ._manage import (
@@ -65,8 +68,9 @@ from ._store import (
 )
 from ._web import WebConfig
 
-__all__ = ["SCHEMA_VERSION", "AssignResult", "AssignmentChange", "Controller", "FleetDB",
-           "FleetError", "FleetServer", "FleetUsageError", "LeaseHeld", "LeaseLost",
+__all__ = ["SCHEMA_VERSION", "AssignResult", "AssignmentChange", "Controller", "Enroller",
+           "EnrollerStats", "FleetDB", "FleetError", "FleetServer", "FleetUsageError",
+           "IdentityConfig", "LeaseHeld", "LeaseLost",
            "Registry", "RegistryConfig", "RegistryStats", "RemoveResult", "RolloutSpec",
            "WebConfig", "actor_name", "assign_devices", "audit", "check_key_permissions",
            "command_rollout", "default_url", "parse_assignments", "remove_devices",

@@ -32,6 +32,7 @@ from typing import Any
 from .._fs import atomic_write_text
 from .._json import UnsafeJsonError, loads_bounded
 from ..errors import ConfigError, TransportError
+from ..identity import check_batch, claim_username
 from ..transport import MqttConnection, Topics
 from ..transport._config import check_topic_word
 from ._errors import FleetError
@@ -40,8 +41,10 @@ log = logging.getLogger("edge_sdk.fleet.dynsec")
 
 CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
 RESPONSE_TOPIC = f"{CONTROL_TOPIC}/response"
-#: An answer listing every client of a large fleet is big; nothing else comes near.
-MAX_RESPONSE_BYTES = 32 * 1024 * 1024
+#: listClients answers at most this many names at a time (user names are <= 64 chars).
+LIST_PAGE = 1000
+#: Far above any answer to our commands (a page of names is < 70 KiB).
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 MAX_RESPONSE_DEPTH = 8
 
 SERVE = "edge-serve"
@@ -50,7 +53,6 @@ RESPONDER = "edge-repo"
 OPERATORS = ("edge-operator-1", "edge-operator-2")
 #: The pseudo-device whose topics ``serve`` probes its access on (see transport._access).
 PROBE_DEVICE = "_probe"
-CLAIM_PREFIX = "_claim-"
 
 #: dynsec's password hash: PBKDF2-HMAC-SHA512 over a 12-byte salt; 101 iterations is what
 #: mosquitto_ctrl uses. Every password here is random (>= 144 bits), not a person's.
@@ -77,55 +79,30 @@ def claim_role(batch: str) -> str:
     return f"claim:{batch}"
 
 
-def claim_user(batch: str) -> str:
-    return CLAIM_PREFIX + batch
+def _answer_filters(topics: Topics) -> tuple[str, str]:
+    """The filters of every enrolment answer and every credential answer (what the
+    controller writes; Topics names only the filters of what it reads)."""
+    base = topics.base
+    return f"{base}/enrol/+/+/res", f"{base}/dev/+/cred/res"
 
 
-class _Names:
-    """The topics of issue 30 (enrolment, credentials). One place, to switch to the
-    ``Topics`` methods of the identity branch once they land."""
-
-    def __init__(self, topics: Topics) -> None:
-        self.base = topics.base
-
-    def enrol_batch_requests(self, batch: str) -> str:
-        return f"{self.base}/enrol/{batch}/+/req"
-
-    def enrol_batch_answers(self, batch: str) -> str:
-        return f"{self.base}/enrol/{batch}/+/res"
-
-    @property
-    def every_enrol_request(self) -> str:
-        return f"{self.base}/enrol/+/+/req"
-
-    @property
-    def every_enrol_answer(self) -> str:
-        return f"{self.base}/enrol/+/+/res"
-
-    def cred_request(self, device: str) -> str:
-        return f"{self.base}/dev/{device}/cred/req"
-
-    def cred_answer(self, device: str) -> str:
-        return f"{self.base}/dev/{device}/cred/res"
-
-    @property
-    def every_cred_request(self) -> str:
-        return f"{self.base}/dev/+/cred/req"
-
-    @property
-    def every_cred_answer(self) -> str:
-        return f"{self.base}/dev/+/cred/res"
+def _batch_answers(topics: Topics, batch: str) -> str:
+    """The filter of the enrolment answers of claim batch ``batch``."""
+    return f"{topics.base}/enrol/{check_batch(batch)}/+/res"
 
 
 # -- role ACLs ---------------------------------------------------------------------------
 
-Access = tuple[str, str]  # ("read" | "write" | "readwrite", topic or filter)
+#: ("read" | "write" | "readwrite" | "subscribe", topic or filter); "subscribe" only lets
+#: a filter be subscribed to (what arrives through it needs a "read" of its topics).
+Access = tuple[str, str]
 
 
 def _acls(lines: Iterable[Access]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for access, topic in lines:
-        kinds = {"read": _READ, "write": _WRITE, "readwrite": _READ + _WRITE}[access]
+        kinds = {"read": _READ, "write": _WRITE, "readwrite": _READ + _WRITE,
+                 "subscribe": _READ[:1]}[access]
         out += [{"acltype": k, "topic": topic, "priority": 0, "allow": True} for k in kinds]
     return out
 
@@ -133,18 +110,17 @@ def _acls(lines: Iterable[Access]) -> list[dict[str, Any]]:
 def device_lines(topics: Topics, device_id: str) -> list[Access]:
     """What device ``device_id`` may do: its own topics and the announcement."""
     dev = topics.device(device_id)
-    names = _Names(topics)
     return [
         ("read", f"{dev}/desired"),
         ("read", f"{dev}/repo/res"),
         ("read", f"{dev}/profile/req"),
-        ("read", names.cred_answer(device_id)),
+        ("read", topics.cred_answer(device_id)),
         ("read", topics.announce),
         ("write", f"{dev}/repo/req"),
         ("write", f"{dev}/state"),
         ("write", f"{dev}/events"),
         ("write", f"{dev}/profile/res"),
-        ("write", names.cred_request(device_id)),
+        ("write", topics.cred_request(device_id)),
     ]
 
 
@@ -154,9 +130,8 @@ def group_lines(topics: Topics, group: str) -> list[Access]:
 
 def claim_lines(topics: Topics, batch: str) -> list[Access]:
     """A claim account: enrolment requests of its batch out, their answers in. Nothing else."""
-    names = _Names(topics)
-    return [("write", names.enrol_batch_requests(batch)),
-            ("read", names.enrol_batch_answers(batch))]
+    return [("write", topics.enrol_batch_requests(batch)),
+            ("read", _batch_answers(topics, batch))]
 
 
 def responder_lines(topics: Topics) -> list[Access]:
@@ -168,6 +143,10 @@ def responder_lines(topics: Topics) -> list[Access]:
         ("readwrite", topics.announce),
         # serve checks once at start whether a shared subscription receives here ...
         ("readwrite", f"{base}/probe/#"),
+        # ... and responders split the requests by one (any share group). dynsec checks a
+        # $share filter as it is written, prefix included (2.0.11).
+        ("subscribe", f"$share/+/{base}/dev/+/repo/req"),
+        ("subscribe", f"$share/+/{base}/probe/#"),
         # ... and that it receives requests and may answer (a request to itself).
         ("write", f"{probe}/repo/req"),
         ("read", f"{probe}/repo/res"),
@@ -189,12 +168,12 @@ def fleet_lines(topics: Topics) -> list[Access]:
 def enroller_lines(topics: Topics) -> list[Access]:
     """What the enroller of ``serve --enrol`` needs: the enrolment and credential topics of
     every device, and dynsec's own (it manages the accounts)."""
-    names = _Names(topics)
+    enrol_answers, cred_answers = _answer_filters(topics)
     return [
-        ("read", names.every_enrol_request),
-        ("write", names.every_enrol_answer),
-        ("read", names.every_cred_request),
-        ("write", names.every_cred_answer),
+        ("read", topics.every_enrol_request),
+        ("write", enrol_answers),
+        ("read", topics.every_cred_request),
+        ("write", cred_answers),
         ("readwrite", "$CONTROL/dynamic-security/#"),
     ]
 
@@ -232,13 +211,6 @@ def _check_groups(groups: Iterable[str]) -> list[str]:
     return sorted({check_topic_word(g, "group") for g in groups})
 
 
-def _check_batch(batch: str) -> str:
-    check_topic_word(batch, "claim batch")
-    if len(batch) > 32:
-        raise ConfigError(f"claim batch {batch!r} is longer than 32 characters")
-    return batch
-
-
 # -- the admin ---------------------------------------------------------------------------
 
 
@@ -255,11 +227,19 @@ class DynsecAdmin:
     """Manages the broker's accounts over ``connection`` (whose user holds dynsec's admin
     ACLs: ``edge-serve`` or ``edge-fleet`` of :func:`broker_config`). The connection may
     be shared; several admins may work at once (each command carries its own correlation
-    data). Every high-level call is idempotent."""
+    data). Every high-level call is idempotent and blocks for its round trips: never call
+    one from a connection handler (the answer arrives on that very thread).
+
+    What closes a client's open connection (it may reconnect if still allowed): a new
+    password, disabling, deleting, and new groups (dynsec cannot revoke the
+    subscriptions of a role it takes away)."""
 
     def __init__(self, connection: MqttConnection, *, fleet: str, prefix: str = "edge",
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, list_page: int = LIST_PAGE) -> None:
+        if list_page < 1:
+            raise ConfigError(f"list_page must be >= 1, not {list_page}")
         self.connection = connection
+        self.list_page = list_page
         self.topics = Topics(fleet, prefix)
         self.timeout = timeout
         self._me = secrets.token_hex(6)
@@ -343,11 +323,22 @@ class DynsecAdmin:
     # -- reads ----------------------------------------------------------------------------
 
     def clients(self) -> list[str]:
-        """Every client's user name."""
-        ans = self.call([{"command": "listClients", "verbose": False, "count": -1,
-                          "offset": 0}])[0]
-        names = ans.get("data", {}).get("clients", [])
-        return [str(n) for n in names if isinstance(n, str)]
+        """Every client's user name (sorted; asked for a page at a time, so that no
+        answer grows with the fleet)."""
+        names: set[str] = set()
+        offset = 0
+        while True:
+            ans = self.call([{"command": "listClients", "verbose": False,
+                              "count": self.list_page, "offset": offset}])[0]
+            data = ans.get("data")
+            data = data if isinstance(data, dict) else {}
+            page = data.get("clients")
+            page = page if isinstance(page, list) else []
+            names.update(n for n in page if isinstance(n, str))
+            total = data.get("totalCount")
+            offset += self.list_page
+            if len(page) < self.list_page or not isinstance(total, int) or offset >= total:
+                return sorted(names)
 
     def client(self, username: str) -> dict[str, Any] | None:
         """dynsec's record of ``username`` (``roles``, ``disabled``...), None if absent."""
@@ -375,8 +366,17 @@ class DynsecAdmin:
 
     # -- devices --------------------------------------------------------------------------
 
-    def _role_commands(self, role: str, lines: list[Access]) -> dict[str, Any]:
-        return {"command": "createRole", "rolename": role, "acls": _acls(lines)}
+    @staticmethod
+    def _role_commands(role: str, lines: list[Access], *, current: bool = False
+                       ) -> list[dict[str, Any]]:
+        """Create ``role`` if missing; with ``current`` also set its ACLs to ``lines``
+        (a role left by an older version gets today's). Not for group roles: a broker
+        may close the connections of every client holding a role whose ACLs change."""
+        acls = _acls(lines)
+        cmds = [{"command": "createRole", "rolename": role, "acls": acls}]
+        if current:
+            cmds.append({"command": "modifyRole", "rolename": role, "acls": acls})
+        return cmds
 
     def ensure_device(self, device_id: str, password: str, groups: Iterable[str] = ()) -> None:
         """Make device ``device_id`` an account with ``password``, enabled, in ``groups``
@@ -385,21 +385,30 @@ class DynsecAdmin:
         _check_device(device_id)
         groups = _check_groups(groups)
         role = device_role(device_id)
-        existing = self._own(device_id, role, "device")
         roles = [{"rolename": r, "priority": 0}
                  for r in [role, *(group_role(g) for g in groups)]]
-        cmds = [self._role_commands(role, device_lines(self.topics, device_id))]
-        cmds += [self._role_commands(group_role(g), group_lines(self.topics, g))
-                 for g in groups]
-        if existing is None:
-            cmds.append({"command": "createClient", "username": device_id,
-                         "password": password, "roles": roles})
-        else:
-            cmds += [{"command": "modifyClient", "username": device_id, "roles": roles},
-                     {"command": "setClientPassword", "username": device_id,
-                      "password": password},
-                     {"command": "enableClient", "username": device_id}]
-        self.call(cmds, tolerate=("Role already exists",))
+        cmds = self._role_commands(role, device_lines(self.topics, device_id), current=True)
+        for g in groups:
+            cmds += self._role_commands(group_role(g), group_lines(self.topics, g))
+        # Twice at most: another admin may create the client between our look and our
+        # createClient; then it exists and the second pass updates it.
+        for _ in range(2):
+            if self._own(device_id, role, "device") is None:
+                answers = self.call(
+                    [*cmds, {"command": "createClient", "username": device_id,
+                             "password": password, "roles": roles}],
+                    tolerate=("Role already exists", "Client already exists"))
+                if answers[-1].get("error") is None:
+                    return
+                continue
+            self.call([*cmds,
+                       {"command": "modifyClient", "username": device_id, "roles": roles},
+                       {"command": "setClientPassword", "username": device_id,
+                        "password": password},
+                       {"command": "enableClient", "username": device_id}],
+                      tolerate=("Role already exists",))
+            return
+        raise BrokerAdminError(f"device {device_id!r}: its account kept changing under us")
 
     def set_password(self, device_id: str, password: str) -> None:
         """Give the device a new password; closes its open connection."""
@@ -411,10 +420,10 @@ class DynsecAdmin:
         groups = _check_groups(groups)
         roles = [{"rolename": r, "priority": 0}
                  for r in [device_role(device_id), *(group_role(g) for g in groups)]]
+        cmds = [c for g in groups
+                for c in self._role_commands(group_role(g), group_lines(self.topics, g))]
         self._device_call(device_id, [
-            *(self._role_commands(group_role(g), group_lines(self.topics, g))
-              for g in groups),
-            {"command": "modifyClient", "username": device_id, "roles": roles}],
+            *cmds, {"command": "modifyClient", "username": device_id, "roles": roles}],
             tolerate=("Role already exists",))
 
     def disable(self, device_id: str) -> None:
@@ -444,23 +453,31 @@ class DynsecAdmin:
     # -- claims ---------------------------------------------------------------------------
 
     def ensure_claim(self, batch: str, password: str) -> None:
-        """Make claim account ``_claim-<batch>`` with ``password`` (enabled)."""
-        _check_batch(batch)
-        user, role = claim_user(batch), claim_role(batch)
-        existing = self._own(user, role, "claim account")
-        cmds = [self._role_commands(role, claim_lines(self.topics, batch))]
-        if existing is None:
-            cmds.append({"command": "createClient", "username": user, "password": password,
-                         "roles": [{"rolename": role, "priority": 0}]})
-        else:
-            cmds += [{"command": "setClientPassword", "username": user, "password": password},
-                     {"command": "enableClient", "username": user}]
-        self.call(cmds, tolerate=("Role already exists",))
+        """Make claim account ``_claim-<batch>`` with ``password`` (enabled); an existing
+        one gets the new password (which closes its connections)."""
+        user, role = claim_username(batch), claim_role(batch)
+        cmds = self._role_commands(role, claim_lines(self.topics, batch), current=True)
+        for _ in range(2):
+            if self._own(user, role, "claim account") is None:
+                answers = self.call(
+                    [*cmds, {"command": "createClient", "username": user,
+                             "password": password,
+                             "roles": [{"rolename": role, "priority": 0}]}],
+                    tolerate=("Role already exists", "Client already exists"))
+                if answers[-1].get("error") is None:
+                    return
+                continue
+            self.call([*cmds,
+                       {"command": "setClientPassword", "username": user,
+                        "password": password},
+                       {"command": "enableClient", "username": user}],
+                      tolerate=("Role already exists",))
+            return
+        raise BrokerAdminError(f"claim account {user!r}: it kept changing under us")
 
     def delete_claim(self, batch: str) -> None:
         """Delete the claim account and its role (closes its connections); absent is fine."""
-        _check_batch(batch)
-        user, role = claim_user(batch), claim_role(batch)
+        user, role = claim_username(batch), claim_role(batch)
         cmds: list[dict[str, Any]] = []
         if self._own(user, role, "claim account") is not None:
             cmds.append({"command": "deleteClient", "username": user})
@@ -518,15 +535,19 @@ def mosquitto_settings(dynsec_json: Path) -> str:
 
 
 def _conf_text(dynsec_json: Path) -> str:
+    # The listener first: Mosquitto 2.0.11 makes a default listener (port 1883, every
+    # interface) for a plugin line that comes before any listener.
     return ("# Mosquitto with the dynamic security plugin for an edge-sdk fleet (written by\n"
             "# `edge-sdk broker init`). Accounts change at run time through the plugin;\n"
             "# the broker rewrites the JSON file on every change.\n"
-            "per_listener_settings false\n" + mosquitto_settings(dynsec_json)
-            + "\n# Devices and services on TLS: put your certificates here.\n"
+            "per_listener_settings false\n\n"
+            "# Devices and services on TLS: put your certificates here.\n"
             "listener 8883\n"
             "cafile /etc/mosquitto/certs/ca.crt\n"
             "certfile /etc/mosquitto/certs/server.crt\n"
             "keyfile /etc/mosquitto/certs/server.key\n\n"
+            + mosquitto_settings(dynsec_json)
+            + "\n# Retained messages (deployments, announcements) survive restarts.\n"
             "persistence true\npersistence_location /var/lib/mosquitto/\n" + _QUEUES)
 
 
@@ -596,5 +617,5 @@ def broker_config(outdir: Path, *, fleet: str, operators: Sequence[str] = (),
 
 
 __all__ = ["BrokerAdminError", "DynsecAdmin", "broker_config", "broker_user",
-           "claim_user", "device_role", "mosquitto_settings", "password_record",
+           "claim_role", "device_role", "group_role", "mosquitto_settings", "password_record",
            "plugin_path"]

@@ -227,29 +227,8 @@ def assign_devices(db: FleetDB, *, fleet: str, changes: Mapping[str, AssignmentC
         if ch.empty:
             raise FleetUsageError(f"nothing to change for {d}: give --group, --tag, "
                                   "--remove-group, --remove-tag or --replace")
-    now = time.time()
-    after: dict[str, dict[str, Any]] = {}
-    changed: list[str] = []
     with db.begin() as c:
-        current, registered = store.assignments(c, fleet, changes)
-        inserts, updates = [], []
-        for d in sorted(changes):
-            old = current.get(d, ([], {}))
-            groups, tags = changes[d].apply(*old)
-            if len(groups) > MAX_GROUPS or len(tags) > MAX_TAGS:
-                raise FleetUsageError(f"{d}: {len(groups)} groups and {len(tags)} tags; at "
-                                      f"most {MAX_GROUPS} and {MAX_TAGS}")
-            after[d] = {"groups": groups, "tags": tags}
-            if d in current and (groups, tags) == (sorted(old[0]), old[1]):
-                continue
-            changed.append(d)
-            row = {"groups": groups, "tags": tags, "updated": now,
-                   "updated_by": actor}
-            if d in current:
-                updates.append({"k_id": d, **row})
-            else:
-                inserts.append({"fleet": fleet, "id": d, **row})
-        store.write_assignments(c, fleet, inserts, updates)
+        after, changed, registered = apply_assignments(c, fleet, changes, actor=actor)
         if changed:
             common = _common(changes)
             db.record_audit(actor, "device.set", {
@@ -258,6 +237,36 @@ def assign_devices(db: FleetDB, *, fleet: str, changes: Mapping[str, AssignmentC
                 **({"file": source} if source else {}),
                 "devices": {d: after[d] for d in changed}}, conn=c)
     return AssignResult(after, tuple(changed), tuple(sorted(set(changes) - registered)))
+
+
+def apply_assignments(c: store.Connection, fleet: str,
+                      changes: Mapping[str, AssignmentChange], *, actor: str,
+                      ) -> tuple[dict[str, dict[str, Any]], list[str], set[str]]:
+    """Apply each device's change inside transaction ``c`` (no audit entry). Returns each
+    device's assignment afterwards, the devices it changed, and which are registered.
+    Raises :class:`FleetUsageError` for an assignment over the limits."""
+    now = time.time()
+    after: dict[str, dict[str, Any]] = {}
+    changed: list[str] = []
+    current, registered = store.assignments(c, fleet, changes)
+    inserts, updates = [], []
+    for d in sorted(changes):
+        old = current.get(d, ([], {}))
+        groups, tags = changes[d].apply(*old)
+        if len(groups) > MAX_GROUPS or len(tags) > MAX_TAGS:
+            raise FleetUsageError(f"{d}: {len(groups)} groups and {len(tags)} tags; at "
+                                  f"most {MAX_GROUPS} and {MAX_TAGS}")
+        after[d] = {"groups": groups, "tags": tags}
+        if d in current and (groups, tags) == (sorted(old[0]), old[1]):
+            continue
+        changed.append(d)
+        row = {"groups": groups, "tags": tags, "updated": now, "updated_by": actor}
+        if d in current:
+            updates.append({"k_id": d, **row})
+        else:
+            inserts.append({"fleet": fleet, "id": d, **row})
+    store.write_assignments(c, fleet, inserts, updates)
+    return after, changed, registered
 
 
 def _common(changes: Mapping[str, AssignmentChange]) -> AssignmentChange | None:

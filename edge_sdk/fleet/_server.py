@@ -14,6 +14,7 @@ from ..errors import EdgeError
 from ..release._repository import Repository
 from ..transport import MqttConnection
 from ._controller import Controller
+from ._enroller import Enroller, IdentityConfig, broker_admin
 from ._ingest import RegistryConfig
 from ._registry import Registry
 from ._store import FleetDB, LeaseHeld
@@ -30,12 +31,15 @@ class FleetServer:
     controller holds it; :meth:`wait_for_lease` waits for it instead) and stops them on
     exit, the controller first. ``registry`` (:class:`RegistryConfig`): the registry's
     limits; ``web``: serve the fleet page (None: no page); ``poll_s``, ``lease_ttl``: see
-    :class:`Controller`. Raises :class:`FleetError` for a deployment key others can
-    read."""
+    :class:`Controller`; ``identity`` (:class:`IdentityConfig`): run the :class:`Enroller`
+    too (device enrolment and credentials, through the broker's dynamic security plugin
+    on the same connection; None: off). Raises :class:`FleetError` for a deployment key
+    others can read."""
 
     def __init__(self, db: FleetDB, repository: Repository, connection: MqttConnection, *,
                  registry: RegistryConfig | None = None, web: WebConfig | None = None,
-                 poll_s: float = 0.5, lease_ttl: float = 15.0) -> None:
+                 poll_s: float = 0.5, lease_ttl: float = 15.0,
+                 identity: IdentityConfig | None = None) -> None:
         self.db = db
         self.repository = repository
         self.fleet = connection.config.fleet
@@ -43,6 +47,12 @@ class FleetServer:
         self.controller = Controller(db, repository, connection, poll_s=poll_s,
                                      lease_ttl=lease_ttl)
         self._web_config = web
+        #: The enroller (with ``identity``), else None.
+        self.enroller: Enroller | None = None
+        if identity is not None:
+            admin = broker_admin(connection, fleet=self.fleet, timeout=identity.answer_wait_s)
+            self.enroller = Enroller(db, connection, admin, fleet=self.fleet,
+                                     config=identity)
         #: The fleet page once started (``web.url``), else None.
         self.web: WebServer | None = None
 
@@ -72,10 +82,15 @@ class FleetServer:
         if self.web is not None:
             self.web.start()
         self.controller.start()
+        if self.enroller is not None:  # only while this server holds the fleet's lease
+            self.enroller.start()
         return self
 
     def stop(self) -> None:
-        """Stop the controller (giving its lease up), then the page and the registry."""
+        """Stop the enroller and the controller (giving its lease up), then the page and
+        the registry."""
+        if self.enroller is not None:
+            self.enroller.stop()
         self.controller.stop()
         if self.web is not None:
             self.web.stop()

@@ -8,13 +8,16 @@ to the database (the import-linter contract "the fleet's SQL only in its store" 
 - :mod:`._rollouts`: rollout records, their command queue and the ``desired`` record;
 - :mod:`._devices`: what the registry writes from device reports, the operator's
   assignments, removal;
-- :mod:`._accounts`: the fleet page's operator accounts and sessions.
+- :mod:`._accounts`: the fleet page's operator accounts and sessions;
+- :mod:`._enrolments` (as ``enrolment_rows``): enrolments, claims, the allow-list,
+  revoked devices.
 """
 
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError as DatabaseError
 
 from .._errors import FleetError, FleetUsageError, LeaseHeld, LeaseLost
+from . import _enrolments as enrolment_rows
 from ._accounts import (
     delete_operator,
     delete_session,
@@ -105,6 +108,7 @@ __all__ = [
     "desired_versions",
     "end_sessions",
     "engine_url",
+    "enrolment_rows",
     "has_operators",
     "heard_until",
     "insert_device",

@@ -37,6 +37,7 @@ from .._outcome import (
 )
 from .._select import hardware_matches, mismatch, split_tags, tag_matches
 from . import _schema
+from ._enrolments import claim_dict, enrolment_dict, list_claims, list_enrolments
 from ._schema import (
     audit_log,
     controller_lease,
@@ -398,6 +399,22 @@ class FleetDB:
                 for k, (n, on) in counts.items()]
         return sorted(rows, key=lambda r: (r["model"] or "", r["version"] or ""))
 
+    def enrolments(self, fleet: str | None = None, state: str | None = None
+                   ) -> list[dict[str, Any]]:
+        """Devices that asked to enrol (``state``: pending, accepted, rejected, revoked),
+        sorted by fleet and id: the key they hold (``fingerprint``, ``public_key``), what
+        they said (``facts``), ``requests`` and ``conflicts`` (requests with another
+        key), the operator's decision, and what the broker holds (``broker``, ``want``,
+        ``applied_at``, ``issued``, ``expires_at``)."""
+        with self.read() as c:
+            return [enrolment_dict(r) for r in list_enrolments(c, fleet, state)]
+
+    def claims(self, fleet: str | None = None) -> list[dict[str, Any]]:
+        """The claim accounts, sorted by fleet and batch, without their passwords, with
+        the controller's counts (``requests``, ``dropped``, ``refused``)."""
+        with self.read() as c:
+            return [claim_dict(r) for r in list_claims(c, fleet)]
+
     def audit(self, limit: int = 100) -> list[dict[str, Any]]:
         """The newest ``limit`` operator actions, oldest first."""
         q = sa.select(audit_log).order_by(audit_log.c.seq.desc()).limit(limit)
@@ -649,6 +666,9 @@ def _device(m: RowMapping, silence: Mapping[str, float] | None = None) -> dict[s
         "phase": m["phase"], "deployment": m["deployment"], "last_result": m["last_result"],
         "last_reason": m["last_reason"], "last_deployment": m["last_deployment"],
         "state": state,
+        # Revoked by an operator (edge-sdk device revoke): rollouts leave it out.
+        "revoked": None if m["revoked_at"] is None else {
+            "at": m["revoked_at"], "by": m["revoked_by"], "reason": m["revoked_reason"]},
     }
 
 
@@ -665,7 +685,7 @@ def _unregistered(m: RowMapping) -> dict[str, Any]:
         "model": None,
         "version": None, "previous_model": None, "previous_version": None, "phase": None,
         "deployment": 0, "last_result": None, "last_reason": None, "last_deployment": None,
-        "state": {},
+        "state": {}, "revoked": None,
     }
 
 

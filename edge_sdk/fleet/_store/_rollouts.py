@@ -27,6 +27,7 @@ from ._schema import (
     device_desired,
     device_events,
     devices,
+    enrolments,
     json_text,
     json_value,
     model_versions,
@@ -48,7 +49,8 @@ def selectable_devices(db: FleetDB, fleet: str, *,
     """Every registered device of ``fleet`` as a selector sees it: ``id``, the operator's
     ``groups`` and ``tags``, ``online``, ``model``, ``version`` (the model it swapped in
     last), ``models`` (every model it serves, name -> version), and (with ``hardware``)
-    its reported ``hardware`` facts, else ``{}``."""
+    its reported ``hardware`` facts, else ``{}``. A revoked device (in the registry or
+    its enrolment) is none of them."""
     # Read on every poll: only the columns a selector looks at, never the state document
     # (most of a row's bytes). Hardware facts are parsed only for a hw. filter.
     a = device_assignments
@@ -57,8 +59,12 @@ def selectable_devices(db: FleetDB, fleet: str, *,
             *([devices.c.hardware] if hardware else [])]
     q = sa.select(*cols).select_from(devices.outerjoin(
         a, (a.c.fleet == devices.c.fleet) & (a.c.id == devices.c.id)))
+    e = enrolments.c
+    revoked = sa.exists().where((e.fleet == devices.c.fleet) & (e.device_id == devices.c.id)
+                                & (e.state == "revoked"))
+    q = q.where((devices.c.fleet == fleet) & devices.c.revoked_at.is_(None) & ~revoked)
     with db.read() as c:
-        rows = list(c.execute(q.where(devices.c.fleet == fleet).order_by(devices.c.id)))
+        rows = list(c.execute(q.order_by(devices.c.id)))
     for r in rows:
         yield {"id": r.id, "groups": json_value(r.groups, []), "tags": json_value(r.tags, {}),
                "hardware": json_value(r.hardware, {}) if hardware else {},

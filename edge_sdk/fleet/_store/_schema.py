@@ -31,7 +31,7 @@ from .._errors import FleetError
 Record: TypeAlias = Row[*tuple[Any, ...]]
 
 #: The schema this code writes. Bump it and add a step to ``_MIGRATIONS`` together.
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 
 meta = sa.MetaData()
@@ -71,6 +71,11 @@ devices = sa.Table(
     sa.Column("state", sa.Text, nullable=False, default="{}"),
     sa.Column("models", sa.Text, nullable=False, default="[]", server_default="[]"),
     sa.Column("results", sa.Text, nullable=False, default="[]", server_default="[]"),
+    # Schema 10: revoked by an operator (``edge-sdk device revoke``): rollouts leave it
+    # out; accepting its enrolment again clears them.
+    sa.Column("revoked_at", sa.Float),
+    sa.Column("revoked_by", sa.String(128)),
+    sa.Column("revoked_reason", sa.Text),
 )
 
 device_events = sa.Table(
@@ -259,6 +264,71 @@ operator_sessions = sa.Table(
     sa.Column("address", sa.String(64), nullable=False, default=""),
 )
 
+#: Each device that asked to enrol with a claim (schema 10; see ``_enrol``): the key it
+#: holds (``fingerprint``, ``public_key``), what it said about itself (``facts``) and
+#: the operator's decision (``state`` pending, accepted, rejected, revoked). ``want`` is
+#: what the controller still has to do at the broker ('' nothing, ``issue`` credentials,
+#: ``revoke`` the account, ``reject`` answer), ``applied_at`` when it last did it,
+#: ``broker`` what the account is there ('' none, ``active``, ``expired``, ``deleted``).
+enrolments = sa.Table(
+    "enrolments", meta,
+    sa.Column("fleet", sa.String(128), primary_key=True),
+    sa.Column("device_id", sa.String(128), primary_key=True),
+    sa.Column("batch", sa.String(64), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("fingerprint", sa.String(64), nullable=False),
+    sa.Column("public_key", sa.Text, nullable=False),
+    sa.Column("facts", sa.Text, nullable=False, default="{}"),
+    sa.Column("requested_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("requests", sa.Integer, nullable=False, default=0),
+    sa.Column("conflicts", sa.Integer, nullable=False, default=0),
+    sa.Column("decided_by", sa.String(128)),
+    sa.Column("decided_at", sa.Float),
+    sa.Column("reason", sa.Text),
+    sa.Column("groups", sa.Text, nullable=False, default="[]"),
+    sa.Column("tags", sa.Text, nullable=False, default="{}"),
+    sa.Column("issued", sa.Integer, nullable=False, default=0),
+    sa.Column("expires_at", sa.Float),
+    sa.Column("want", sa.String(16), nullable=False, default=""),
+    sa.Column("applied_at", sa.Float),
+    sa.Column("broker", sa.String(16), nullable=False, default=""),
+    sa.Index("ix_enrolments_state", "fleet", "state"),
+    sa.Index("ix_enrolments_want", "fleet", "want"),
+)
+
+#: The claim accounts devices enrol with (schema 10; ``edge-sdk claim``), one per batch:
+#: ``secret`` is the password until the controller created the account at the broker
+#: (then ''); ``want`` what it still has to do there ('' nothing, ``create``,
+#: ``delete``); the counts are the controller's: requests received, ``dropped`` over the
+#: batch's rate, ``refused`` (malformed), the newest at ``last_at``.
+claims = sa.Table(
+    "claims", meta,
+    sa.Column("fleet", sa.String(128), primary_key=True),
+    sa.Column("batch", sa.String(64), primary_key=True),
+    sa.Column("created_by", sa.String(128), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("revoked_at", sa.Float),
+    sa.Column("secret", sa.Text, nullable=False, default=""),
+    sa.Column("want", sa.String(16), nullable=False, default=""),
+    sa.Column("requests", sa.BigInteger, nullable=False, default=0),
+    sa.Column("dropped", sa.BigInteger, nullable=False, default=0),
+    sa.Column("refused", sa.BigInteger, nullable=False, default=0),
+    sa.Column("last_at", sa.Float),
+)
+
+#: Devices accepted before they ask (schema 10; ``edge-sdk device allow``): the first
+#: enrolment request of such an id is accepted with these groups and tags.
+allowlist = sa.Table(
+    "allowlist", meta,
+    sa.Column("fleet", sa.String(128), primary_key=True),
+    sa.Column("device_id", sa.String(128), primary_key=True),
+    sa.Column("groups", sa.Text, nullable=False, default="[]"),
+    sa.Column("tags", sa.Text, nullable=False, default="{}"),
+    sa.Column("added_by", sa.String(128), nullable=False),
+    sa.Column("added_at", sa.Float, nullable=False),
+)
+
 #: Rollout states in which the controller still has work to do.
 ACTIVE_STATUSES = ("pending", "running", "paused", "aborting")
 FINISHED_STATUSES = ("completed", "aborted")
@@ -340,7 +410,18 @@ def _v9(c: Connection) -> None:
             for r in part])
 
 
-_MIGRATIONS = {1: _v1, 2: _v2, 3: _v3, 4: _v4, 5: _v5, 6: _v6, 7: _v7, 8: _v8, 9: _v9}
+def _v10(c: Connection) -> None:
+    """Device identity: enrolments, claims, the allow-list, and revoked devices."""
+    meta.create_all(c, tables=[enrolments, claims, allowlist])
+    have = {col["name"] for col in sa.inspect(c).get_columns("devices")}
+    for col in (devices.c.revoked_at, devices.c.revoked_by, devices.c.revoked_reason):
+        if col.name not in have:
+            spec = sa.schema.CreateColumn(col).compile(dialect=c.dialect)
+            c.execute(sa.text(f"ALTER TABLE devices ADD COLUMN {spec}"))
+
+
+_MIGRATIONS = {1: _v1, 2: _v2, 3: _v3, 4: _v4, 5: _v5, 6: _v6, 7: _v7, 8: _v8, 9: _v9,
+               10: _v10}
 
 
 def migrate(c: Connection, url: str, *, write: bool) -> None:
