@@ -682,4 +682,9 @@ class IdentityService:
             tls_insecure=b.tls.insecure, client_id=user, keepalive=b.keepalive_s,
             fleet=self.config.fleet, topic_prefix=b.topic_prefix,
             connect_timeout=self.ident.answer_wait_s,
+            # Every device of the batch shares the claim's session: a connection that is
+            # taken over must not come back at once and take it back; the next attempt
+            # makes a new one.
+            reconnect_min_delay=2 * self.ident.answer_wait_s,
+            reconnect_max_delay=2 * self.ident.answer_wait_s,
         )

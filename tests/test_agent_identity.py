@@ -11,6 +11,7 @@ instead of an operator.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import queue
@@ -616,4 +617,29 @@ def test_a_restart_between_ack_and_switch_finds_the_password_that_works(
         finally:
             again.stop()
     finally:
+        ctl.close()
+
+
+def test_devices_of_one_batch_enrol_together_through_the_shared_claim_session(
+        tmp_path: Path, fleet: Any) -> None:
+    """The claim account is one session at the broker (use_username_as_clientid): devices
+    enrolling at once take it from each other, retry soon, and all get through."""
+    broker, _, admin = fleet
+    ctl = _controller(admin)
+    agents: list[Agent] = []
+    try:
+        for i in range(4):
+            cfg = _config(tmp_path / f"d{i}", broker.url, answer_wait_s=1.0)
+            agents.append(Agent(dataclasses.replace(cfg, device_id=f"dev-{i}"),
+                                source=LocalSource()))
+        for a in agents:
+            a.start()
+        for a in agents:
+            conn = a.connection
+            assert conn is not None
+            _wait(lambda c=conn: c.connected, f"{a.config.device_id} connected", 60)
+        assert sorted(ctl.issued) == [f"dev-{i}" for i in range(4)]
+    finally:
+        for a in agents:
+            a.stop()
         ctl.close()
