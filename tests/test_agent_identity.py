@@ -643,3 +643,26 @@ def test_devices_of_one_batch_enrol_together_through_the_shared_claim_session(
         for a in agents:
             a.stop()
         ctl.close()
+
+
+def test_agent_check_says_whether_the_device_is_enrolled(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from edge_sdk.cli import main
+
+    state = tmp_path / "state"
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'device_id = "{DEV}"\nfleet = "{FLEET}"\nstate_dir = "{state}"\n'
+                   f'[identity]\nbatch = "{BATCH}"\nclaim_password = "claim-secret"\n')
+    assert main(["agent", "--config", str(cfg), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert f"identity: not enrolled yet (claim batch {BATCH}" in out
+    CredentialStore(state / "identity").save(Keyring(Held(
+        creds(3, time.time() + 100, groups=("lobby",)), time.time())))
+    assert main(["agent", "--config", str(cfg), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert f"enrolled as {DEV}, credentials #3" in out and "groups lobby" in out
+    assert "claim-secret" not in out and "pw-3" not in out
+    cfg.write_text(cfg.read_text() + 'renew_fraction = 2\n')
+    assert main(["agent", "--config", str(cfg), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert "identity.renew_fraction" in err and "Traceback" not in err
