@@ -269,14 +269,29 @@ class CredentialStore:
             log.warning("%s: unusable (%s); enrolling again", self.path, err)
             return None, None
 
-    def save(self, keyring: Keyring) -> None:
-        self._mkdir()
-        # mkstemp makes the temporary file 0600: the passwords are never readable by others.
-        atomic_write_text(self.path, keyring.to_json())
+    def save(self, keyring: Keyring) -> bool:
+        """Write the keyring; False (logged) when the state directory cannot be written:
+        the credentials still serve from memory, and after a restart the device enrols
+        again (its key is what counts)."""
+        try:
+            self._mkdir()
+            # mkstemp makes the temporary file 0600: no one else can read the passwords.
+            atomic_write_text(self.path, keyring.to_json())
+        except OSError as err:
+            log.error("cannot save the broker credentials in %s: %s", self.path,
+                      err.strerror or err)
+            return False
+        return True
 
-    def save_ca(self, ca_pem: str) -> Path:
-        self._mkdir()
-        atomic_write_text(self.ca_path, ca_pem)
+    def save_ca(self, ca_pem: str) -> Path | None:
+        """Write the broker's CA bundle; None (logged) when it cannot be written."""
+        try:
+            self._mkdir()
+            atomic_write_text(self.ca_path, ca_pem)
+        except OSError as err:
+            log.error("cannot save the broker's CA bundle in %s: %s", self.ca_path,
+                      err.strerror or err)
+            return None
         return self.ca_path
 
 
@@ -299,13 +314,18 @@ class EnrolmentClient:
 
         answers: queue.SimpleQueue[bytes] = queue.SimpleQueue()
         dropped = threading.Event()
-        conn = MqttConnection(self.mqtt, name=f"enrol-{self.device_id}")
-        conn.add_connection_listener(lambda up: None if up else dropped.set())
+        conn: MqttConnection | None = None
         try:
-            try:
-                conn.connect()
-            except EdgeError as err:
-                return Outcome("unreachable", str(err))
+            conn = MqttConnection(self.mqtt, name=f"enrol-{self.device_id}")
+            conn.add_connection_listener(lambda up: None if up else dropped.set())
+            conn.connect()
+        except EdgeError as err:
+            if conn is not None and conn.refused is not None:
+                return Outcome("refused", f"the broker refused the claim account "
+                               f"{self.mqtt.username} ({conn.refused}): the claim was "
+                               "revoked, or identity.claim_password is wrong")
+            return Outcome("unreachable", str(err))
+        try:
             topic = self.topics.enrol_answer(self.batch, self.device_id)
             conn.subscribe(topic, lambda t, p: answers.put(p))
             # A second SUBACK on the same stream comes after the retained answer the
@@ -441,7 +461,9 @@ class IdentityService:
         #: When a renewal's pending credentials must have been switched to by the broker.
         self._promote_by: float | None = None
         self._enrol_at = 0.0
-        self._last_enrol_state = ""
+        self._last_enrol: tuple[str, str] = ("", "")
+        #: Enrolment exchanges tried so far.
+        self.attempts = 0
         self.enrolment = EnrolmentClient(
             key=self.key, device_id=config.device_id, batch=ident.batch,
             facts=dict(ident.facts), topics=self.topics, mqtt=self._claim_mqtt(),
@@ -548,20 +570,22 @@ class IdentityService:
         with self._lock:
             refused_issued = self.keyring.refused_issued
         out = self.enrolment.attempt(refused_issued=refused_issued)
+        self.attempts += 1
         self._enrol_at = time.monotonic() + enrol_delay(self.ident.poll_s, self._rnd(),
                                                         kicked=out.kicked)
         if out.state == "accepted":
             assert out.creds is not None
             self._issued(out.creds)
             return
-        if out.state in ("pending", "rejected", "refused") and (
-                out.state != self._last_enrol_state or out.state == "refused"):
+        # Said once per change: a device waiting for days must not fill its report queue.
+        said = (out.state, out.reason)
+        if out.state in ("pending", "rejected", "refused") and said != self._last_enrol:
             fields = {"reason": out.reason} if out.reason else {}
             self._event(f"enrolment_{out.state}", batch=self.ident.batch, **fields)
-        if out.state != self._last_enrol_state:
+        if said != self._last_enrol:
             (log.warning if out.state in ("rejected", "refused") else log.info)(
                 "enrolment: %s%s", out.state, f" ({out.reason})" if out.reason else "")
-        self._last_enrol_state = out.state
+        self._last_enrol = said
 
     def _issued(self, creds: Credentials) -> None:
         link = self._link
@@ -569,7 +593,7 @@ class IdentityService:
         with self._lock:
             self.keyring.issued(creds, time.time())
         self.store.save(self.keyring)
-        self._last_enrol_state = "accepted"
+        self._last_enrol = ("accepted", "")
         self._use(creds)
         log.info("enrolled: credentials #%d, groups %s", creds.issued,
                  ", ".join(creds.groups) or "none")
@@ -581,8 +605,9 @@ class IdentityService:
         """Point the link at ``creds`` (and their CA bundle) from its next connection."""
         link = self._link
         assert link is not None
-        if creds.ca_pem is not None:
-            link.set_ca_file(str(self.store.save_ca(creds.ca_pem)))
+        ca = self.store.save_ca(creds.ca_pem) if creds.ca_pem is not None else None
+        if ca is not None:
+            link.set_ca_file(str(ca))
         self._on_credentials(creds)
         link.set_credentials(creds.username, creds.password)
 

@@ -666,3 +666,22 @@ def test_agent_check_says_whether_the_device_is_enrolled(
     assert main(["agent", "--config", str(cfg), "--check"]) == 2
     err = capsys.readouterr().err
     assert "identity.renew_fraction" in err and "Traceback" not in err
+
+
+def test_a_wrong_claim_password_is_reported_once_naming_the_key(
+        tmp_path: Path, fleet: Any, started: Callable[[Agent], Agent]) -> None:
+    broker, _, _ = fleet
+    agent = started(Agent(_config(tmp_path, broker.url, claim_password="wrong",
+                                  poll_s=0.05), source=LocalSource()))
+
+    def refused() -> list[dict[str, Any]]:
+        return [e for e in _outbox(agent) if e["event"] == "enrolment_refused"]
+
+    _wait(refused, "the refusal")
+    assert "identity.claim_password" in refused()[0]["reason"]
+    assert "\n" not in refused()[0]["reason"]
+    # Tried again and again, said once.
+    ident = agent.identity
+    assert ident is not None
+    _wait(lambda: ident.attempts >= 4, "more attempts")
+    assert len(refused()) == 1
