@@ -102,6 +102,9 @@ class Keyring:
                 self.using = which
                 self._tried_other = False
                 return h.creds
+        # Expired: the answer retained for them is no use either.
+        self.refused_issued = max([self.refused_issued] + [
+            x.creds.issued for x in (self.current, self.pending) if x is not None])
         self.using = None
         return None
 

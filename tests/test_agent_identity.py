@@ -126,6 +126,7 @@ def test_expired_credentials_are_not_used_at_boot() -> None:
     ring = Keyring(Held(creds(1, 100), 0), Held(creds(2, 300), 50))
     assert ring.choose(now=200) == creds(2, 300)
     assert ring.choose(now=400) is None and ring.using is None
+    assert ring.refused_issued == 2  # an answer still retained for them is no use
 
 
 def test_dropped_pending_credentials_send_the_link_back_to_the_current_ones() -> None:
