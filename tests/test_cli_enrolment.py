@@ -5,15 +5,12 @@ waits for the controller's ``applied_at``: here a thread does what the controlle
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import secrets
 import stat
 import threading
 import time
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,23 +19,10 @@ from edge_sdk.cli import main
 from edge_sdk.fleet import FleetDB
 from edge_sdk.fleet import _enrol as enrol
 from tests import _fleetdb
+from tests._enrolreq import request
 
 db_url = _fleetdb.db_url
 FLEET = "lab"
-
-
-@dataclass(frozen=True)
-class Req:
-    """The attributes of an ``edge_sdk.identity.EnrolRequest`` the record reads."""
-
-    device_id: str
-    batch: str = "b1"
-    public_pem: str = field(default_factory=lambda: f"KEY {secrets.token_hex(8)}")
-    facts: Mapping[str, str] = field(default_factory=lambda: {"arch": "aarch64"})
-
-    @property
-    def fingerprint(self) -> str:
-        return hashlib.sha256(self.public_pem.encode()).hexdigest()
 
 
 @pytest.fixture
@@ -54,7 +38,7 @@ def _cli(db_url: str, *args: str) -> int:
 
 def _ask(db: FleetDB, *ids: str, batch: str = "b1") -> None:
     for d in ids:
-        enrol.record_request(db, FLEET, Req(d, batch=batch), now=time.time(),
+        enrol.record_request(db, FLEET, request(d, batch=batch), now=time.time(),
                              max_pending=100)
 
 
@@ -156,7 +140,7 @@ def test_allow_takes_a_file_of_devices_with_their_groups(
     assert _cli(db_url, "device", "allow", "--file", str(f), "--tag", "batch=7") == 0
     out = capsys.readouterr().out
     assert "allowed 2 device(s)" in out and "accepted now: cam-9" in out
-    got = enrol.record_request(db, FLEET, Req("cam-1"), now=time.time(), max_pending=9)
+    got = enrol.record_request(db, FLEET, request("cam-1"), now=time.time(), max_pending=9)
     assert got.state == "accepted"
     dev = db.device("cam-1", fleet=FLEET)
     assert dev is not None and (dev["groups"], dev["tags"]) == (

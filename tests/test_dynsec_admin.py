@@ -266,6 +266,8 @@ def test_concurrent_admins_on_one_connection_get_their_own_answers(
                     a.ensure_device(dev, "pw", [f"g{i}"])
                     client = a.client(dev)
                     assert client is not None and client["username"] == dev
+                    # All at once on one new id: whoever creates it second updates it.
+                    a.ensure_device(f"cc-same-{j}", f"pw-{i}", ["g"])
             except BaseException as err:  # handed to the test thread
                 errors.append(err)
 

@@ -196,6 +196,35 @@ def test_an_accepted_device_gets_sealed_credentials_and_connects_as_itself(
             DeviceKey.generate().open(a.sealed or "", device_id="cam-1")
 
 
+def _self_signed(path: Path) -> str:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fleet CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+    path.write_text(pem)
+    return pem
+
+
+def test_accepted_credentials_carry_the_ca_bundle(make_rig: Callable[..., Rig],
+                                                  tmp_path: Path) -> None:
+    pem = _self_signed(tmp_path / "ca.pem")
+    rig = make_rig(ca_bundle=tmp_path / "ca.pem")
+    rig.claim()
+    with rig.connect(claim_username(BATCH)) as claim:
+        _, creds = accepted_device(rig, claim, "cam-ca")
+    assert creds.ca_pem == pem
+
+
 def test_a_rejected_device_is_answered_rejected_and_gets_no_account(
         make_rig: Callable[..., Rig]) -> None:
     rig = make_rig()
@@ -334,6 +363,23 @@ def test_an_id_naming_a_service_account_is_refused_before_it_is_recorded(
     assert rec.enrolment(rig.db, FLEET, SERVE) is None
 
 
+def test_a_pending_id_nobody_decided_on_is_forgotten_with_its_answer(
+        make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(pending_ttl_s=1.0)
+    rig.claim()
+    with rig.connect(claim_username(BATCH)) as claim:
+        dev = Device(rig, "idle-1")
+        dev.enrol(claim)
+        dev.answer("pending")
+        wait_for(lambda: rec.enrolment(rig.db, FLEET, "idle-1") is None, 20,
+                 "the stale pending row pruned")
+    with rig.connect(MONITOR) as mon:  # and no retained answer is left behind
+        seen: queue.Queue[bytes] = queue.Queue()
+        mon.subscribe(TOPICS.enrol_answer(BATCH, "idle-1"), lambda t, p: seen.put(p))
+        with pytest.raises(queue.Empty):
+            seen.get(timeout=1)
+
+
 def test_bad_requests_are_answered_refused_in_one_line(
         make_rig: Callable[..., Rig]) -> None:
     rig = make_rig()
@@ -419,6 +465,39 @@ def test_renewal_while_connected_switches_the_password_after_the_ack(
         again = Device(rig, "cam-7", key=dev.key)
         claim.subscribe(TOPICS.enrol_answer(BATCH, "cam-7"), again.on_answer, qos=1)
         assert again.credentials(again.answer("accepted")).password == new.password
+
+
+def test_a_renewal_acknowledged_after_expiry_does_not_revive_the_account(
+        make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig()
+    rig.claim()
+    with rig.connect(claim_username(BATCH)) as claim:
+        dev, old = accepted_device(rig, claim, "cam-11")
+    with rig.connect("cam-11", old.password) as me:
+        answers: queue.Queue[bytes] = queue.Queue()
+        me.subscribe(TOPICS.cred_answer("cam-11"), lambda t, p: answers.put(p), qos=1)
+        me.publish_wait(TOPICS.cred_request("cam-11"),
+                        RenewRequest.signed(dev.key, "cam-11", ack=0), qos=1)
+        new = dev.credentials(EnrolAnswer.from_bytes(answers.get(timeout=20),
+                                                     device_id="cam-11"))
+        rec.issued(rig.db, FLEET, "cam-11", issued=old.issued, expires_at=time.time() - 1)
+        wait_for(lambda: rig.row("cam-11")["broker"] == "expired", 10, "expired")
+    # The ack arrives late (the monitor relays it: the device's account is disabled).
+    before = rig.enroller.stats.requests
+    with rig.connect(MONITOR) as mon:
+        mon.publish_wait(TOPICS.cred_request("cam-11"),
+                         RenewRequest.signed(dev.key, "cam-11", ack=new.issued), qos=1)
+        # A later request of another id is answered: the ack was handled before it.
+        probe = Device(rig, "probe-2")
+        mon.subscribe(TOPICS.enrol_answer(BATCH, "probe-2"), probe.on_answer, qos=1)
+        mon.publish_wait(TOPICS.enrol_request(BATCH, "probe-2"),
+                         EnrolRequest.create(probe.key, "probe-2", BATCH, {}).to_bytes())
+        probe.answer("pending")
+    assert rig.enroller.stats.requests > before
+    assert rig.row("cam-11")["broker"] == "expired"
+    assert rig.row("cam-11")["issued"] == old.issued
+    with pytest.raises(TransportError):
+        rig.connect("cam-11", new.password)
 
 
 def test_a_fleet_server_with_identity_runs_the_enroller_while_it_holds_the_lease(

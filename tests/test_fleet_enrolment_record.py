@@ -5,11 +5,8 @@ what it did at the broker, and rollouts leaving revoked devices out."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import secrets
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
@@ -18,25 +15,13 @@ from edge_sdk.fleet import SCHEMA_VERSION, FleetDB, FleetUsageError, RolloutSpec
 from edge_sdk.fleet import _enrol as enrol
 from edge_sdk.fleet._members import members
 from edge_sdk.fleet._registry import ingest_state
+from edge_sdk.identity import EnrolRequest
 from tests import _fleetdb
+from tests._enrolreq import again, request
 
 db_url = _fleetdb.db_url  # the fixture: one empty database per engine
 FLEET = "lab"
 NOW = 1_800_000_000.0
-
-
-@dataclass(frozen=True)
-class Req:
-    """The attributes of an ``edge_sdk.identity.EnrolRequest`` the record reads."""
-
-    device_id: str
-    batch: str = "b1"
-    public_pem: str = field(default_factory=lambda: f"KEY {secrets.token_hex(8)}")
-    facts: Mapping[str, str] = field(default_factory=lambda: {"arch": "aarch64"})
-
-    @property
-    def fingerprint(self) -> str:
-        return hashlib.sha256(self.public_pem.encode()).hexdigest()
 
 
 @pytest.fixture
@@ -45,7 +30,7 @@ def db(db_url: str) -> Iterator[FleetDB]:
         yield d
 
 
-def _record(db: FleetDB, req: Req, *, now: float = NOW,
+def _record(db: FleetDB, req: EnrolRequest, *, now: float = NOW,
             max_pending: int = 100) -> enrol.RecordOutcome:
     return enrol.record_request(db, FLEET, req, now=now, max_pending=max_pending)
 
@@ -69,7 +54,7 @@ def _register(db: FleetDB, device: str) -> None:
 # -- filing requests -------------------------------------------------------------------------
 
 def test_an_unknown_device_waits_for_an_operator_with_its_key_and_batch(db: FleetDB) -> None:
-    req = Req("cam-1", batch="line-3")
+    req = request("cam-1", batch="line-3")
     out = _record(db, req)
     assert (out.state, out.new, out.issue) == ("pending", True, False)
     assert out.reason == enrol.PENDING_REASON
@@ -81,9 +66,9 @@ def test_an_unknown_device_waits_for_an_operator_with_its_key_and_batch(db: Flee
 
 
 def test_a_pending_device_asking_again_is_counted_not_duplicated(db: FleetDB) -> None:
-    req = Req("cam-1")
+    req = request("cam-1")
     _record(db, req)
-    out = _record(db, Req("cam-1", batch="b2", public_pem=req.public_pem), now=NOW + 5)
+    out = _record(db, again(req, "b2"), now=NOW + 5)
     assert (out.state, out.new) == ("pending", False)
     row = _row(db, "cam-1")
     assert (row["requests"], row["batch"], row["updated_at"]) == (2, "b2", NOW + 5)
@@ -91,9 +76,9 @@ def test_a_pending_device_asking_again_is_counted_not_duplicated(db: FleetDB) ->
 
 
 def test_another_key_for_a_pending_id_is_refused_and_changes_nothing(db: FleetDB) -> None:
-    first = Req("cam-1")
+    first = request("cam-1")
     _record(db, first)
-    out = _record(db, Req("cam-1"), now=NOW + 1)
+    out = _record(db, request("cam-1"), now=NOW + 1)
     assert (out.state, out.reason) == ("refused", enrol.CONFLICT_REASON)
     row = _row(db, "cam-1")
     assert (row["fingerprint"], row["conflicts"], row["requests"], row["updated_at"]) == (
@@ -101,11 +86,11 @@ def test_another_key_for_a_pending_id_is_refused_and_changes_nothing(db: FleetDB
 
 
 def test_another_key_for_an_accepted_id_gets_no_credentials(db: FleetDB) -> None:
-    first = Req("cam-1")
+    first = request("cam-1")
     _record(db, first)
     enrol.accept_devices(db, FLEET, ["cam-1"], actor="alice")
     enrol.issued(db, FLEET, "cam-1", issued=1, expires_at=NOW + 100)
-    out = _record(db, Req("cam-1"))
+    out = _record(db, request("cam-1"))
     assert (out.state, out.reason, out.issue) == ("refused", enrol.CONFLICT_REASON, False)
     row = _row(db, "cam-1")
     assert (row["state"], row["fingerprint"], row["want"], row["conflicts"]) == (
@@ -113,32 +98,32 @@ def test_another_key_for_an_accepted_id_gets_no_credentials(db: FleetDB) -> None
 
 
 def test_an_accepted_device_asking_again_with_its_key_is_issued_again(db: FleetDB) -> None:
-    req = Req("cam-1")
+    req = request("cam-1")
     _record(db, req)
     enrol.accept_devices(db, FLEET, ["cam-1"], actor="alice")
     enrol.issued(db, FLEET, "cam-1", issued=1, expires_at=NOW + 100)
     assert _row(db, "cam-1")["want"] == ""
-    out = _record(db, Req("cam-1", batch="b9", public_pem=req.public_pem))
+    out = _record(db, again(req, "b9"))
     assert (out.state, out.issue, out.new) == ("accepted", True, False)
     row = _row(db, "cam-1")
     assert (row["want"], row["batch"], row["issued"]) == ("issue", "b9", 1)
 
 
 def test_a_rejected_device_stays_rejected(db: FleetDB) -> None:
-    req = Req("cam-1")
+    req = request("cam-1")
     _record(db, req)
     enrol.reject_devices(db, FLEET, ["cam-1"], reason="not ours", actor="alice")
-    for r in (req, Req("cam-1")):  # its key, or another
+    for r in (req, request("cam-1")):  # its key, or another
         out = _record(db, r)
         assert (out.state, out.reason, out.issue) == ("rejected", "not ours", False)
     assert _row(db, "cam-1")["state"] == "rejected"
 
 
 def test_a_revoked_device_asking_again_waits_for_an_operator(db: FleetDB) -> None:
-    _record(db, Req("cam-1"))
+    _record(db, request("cam-1"))
     enrol.accept_devices(db, FLEET, ["cam-1"], actor="alice")
     enrol.revoke_device(db, FLEET, "cam-1", reason="stolen", actor="alice")
-    fresh = Req("cam-1")  # any key: the old one may be the stolen one
+    fresh = request("cam-1")  # any key: the old one may be the stolen one
     out = _record(db, fresh)
     assert (out.state, out.new, out.issue) == ("pending", True, False)
     row = _row(db, "cam-1")
@@ -150,25 +135,25 @@ def test_a_revoked_device_asking_again_waits_for_an_operator(db: FleetDB) -> Non
 
 
 def test_pending_requests_are_bounded_and_one_over_leaves_no_row(db: FleetDB) -> None:
-    for i in range(3):
-        assert _record(db, Req(f"d{i}"), max_pending=3).state == "pending"
-    out = _record(db, Req("d3"), max_pending=3)
+    first = [request(f"d{i}") for i in range(3)]
+    for r in first:
+        assert _record(db, r, max_pending=3).state == "pending"
+    out = _record(db, request("d3"), max_pending=3)
     assert (out.state, out.reason, out.new) == ("refused", enrol.TOO_MANY_REASON, False)
     assert enrol.enrolment(db, FLEET, "d3") is None
     assert len(db.enrolments(FLEET)) == 3
     # Known ones are still counted; another fleet has its own bound.
-    assert _record(db, Req("d0", public_pem=str(_row(db, "d0")["public_key"])),
-                   max_pending=3).state == "pending"
-    assert enrol.record_request(db, "other", Req("d3"), now=NOW,
+    assert _record(db, again(first[0]), max_pending=3).state == "pending"
+    assert enrol.record_request(db, "other", request("d3"), now=NOW,
                                 max_pending=3).state == "pending"
 
 
 def test_a_revoked_device_asking_again_counts_against_the_bound(db: FleetDB) -> None:
-    _record(db, Req("cam-1"))
+    _record(db, request("cam-1"))
     enrol.accept_devices(db, FLEET, ["cam-1"], actor="alice")
     enrol.revoke_device(db, FLEET, "cam-1", reason="stolen", actor="alice")
-    _record(db, Req("d1"))
-    assert _record(db, Req("cam-1"), max_pending=1).state == "refused"
+    _record(db, request("d1"))
+    assert _record(db, request("cam-1"), max_pending=1).state == "refused"
     assert _row(db, "cam-1")["state"] == "revoked"
 
 
@@ -176,7 +161,7 @@ def test_an_allow_listed_device_is_accepted_on_its_first_request(db: FleetDB) ->
     res = enrol.allow_devices(db, FLEET, ["cam-1"], groups=["lobby"], tags={"site": "a"},
                               actor="alice")
     assert res.listed == ("cam-1",) and res.accepted == ()
-    req = Req("cam-1", batch="b7")
+    req = request("cam-1", batch="b7")
     out = _record(db, req)
     assert (out.state, out.new, out.issue) == ("accepted", True, True)
     row = _row(db, "cam-1")
@@ -189,19 +174,19 @@ def test_an_allow_listed_device_is_accepted_on_its_first_request(db: FleetDB) ->
         "fleet": FLEET, "device": "cam-1", "batch": "b7", "fingerprint": req.fingerprint,
         "allowed_by": "alice", "groups": ["lobby"], "tags": {"site": "a"}})]
     # Used once: another id is not allowed by it, and the next key is a conflict.
-    assert _record(db, Req("cam-1")).state == "refused"
+    assert _record(db, request("cam-1")).state == "refused"
 
 
 def test_allowing_a_device_that_asked_accepts_it_and_a_revoked_one_is_refused(
         db: FleetDB) -> None:
-    _record(db, Req("cam-1"))
+    _record(db, request("cam-1"))
     res = enrol.allow_devices(db, FLEET, ["cam-1", "cam-2"], actor="alice")
     assert res.accepted == ("cam-1",) and res.listed == ("cam-2",)
     assert _row(db, "cam-1")["want"] == "issue"
     enrol.revoke_device(db, FLEET, "cam-1", reason="stolen", actor="alice")
     with pytest.raises(FleetUsageError, match="cam-1 revoked; nothing allowed"):
         enrol.allow_devices(db, FLEET, ["cam-1", "cam-3"], actor="alice")
-    assert enrol.record_request(db, FLEET, Req("cam-3"), now=NOW,
+    assert enrol.record_request(db, FLEET, request("cam-3"), now=NOW,
                                 max_pending=9).state == "pending"
 
 
@@ -209,7 +194,7 @@ def test_allowing_a_device_that_asked_accepts_it_and_a_revoked_one_is_refused(
 
 def test_accepting_sets_the_assignment_and_asks_for_credentials(db: FleetDB) -> None:
     for d in ("cam-1", "cam-2"):
-        _record(db, Req(d))
+        _record(db, request(d))
     _register(db, "cam-1")
     done = enrol.accept_devices(db, FLEET, ["cam-1", "cam-2"], groups=["lobby"],
                                 tags={"floor": "2"}, actor="alice")
@@ -229,7 +214,7 @@ def test_accepting_sets_the_assignment_and_asks_for_credentials(db: FleetDB) -> 
 
 
 def test_accepting_an_unknown_or_revoked_id_changes_nothing(db: FleetDB) -> None:
-    _record(db, Req("cam-1"))
+    _record(db, request("cam-1"))
     with pytest.raises(FleetUsageError, match="no enrolment request from ghost"):
         enrol.accept_devices(db, FLEET, ["cam-1", "ghost"], actor="alice")
     assert _row(db, "cam-1")["state"] == "pending"
@@ -244,8 +229,8 @@ def test_accepting_an_unknown_or_revoked_id_changes_nothing(db: FleetDB) -> None
 
 def test_rejecting_answers_the_device_and_an_accepted_one_must_be_revoked(
         db: FleetDB) -> None:
-    _record(db, Req("cam-1"))
-    _record(db, Req("cam-2"))
+    _record(db, request("cam-1"))
+    _record(db, request("cam-2"))
     enrol.accept_devices(db, FLEET, ["cam-2"], actor="alice")
     assert enrol.reject_devices(db, FLEET, ["cam-1"], actor="alice") == ["cam-1"]
     row = _row(db, "cam-1")
@@ -262,7 +247,7 @@ def test_rejecting_answers_the_device_and_an_accepted_one_must_be_revoked(
 
 def test_a_device_rejected_before_its_revocation_was_applied_is_answered_after_it(
         db: FleetDB) -> None:
-    _record(db, Req("cam-1"))
+    _record(db, request("cam-1"))
     enrol.accept_devices(db, FLEET, ["cam-1"], actor="alice")
     enrol.revoke_device(db, FLEET, "cam-1", reason="stolen", actor="alice")
     enrol.reject_devices(db, FLEET, ["cam-1"], reason="never again", actor="alice")
@@ -272,7 +257,7 @@ def test_a_device_rejected_before_its_revocation_was_applied_is_answered_after_i
 
 
 def test_revoking_marks_the_device_and_asks_the_controller(db: FleetDB) -> None:
-    _record(db, Req("cam-1"))
+    _record(db, request("cam-1"))
     _register(db, "cam-1")
     enrol.accept_devices(db, FLEET, ["cam-1"], actor="alice")
     enrol.issued(db, FLEET, "cam-1", issued=1, expires_at=NOW + 100)
@@ -290,7 +275,7 @@ def test_revoking_marks_the_device_and_asks_the_controller(db: FleetDB) -> None:
     with pytest.raises(FleetUsageError, match="cam-1 is revoked"):
         enrol.revoke_device(db, FLEET, "cam-1", reason="again", actor="bob")
     # Accepted again (after asking again): the mark goes.
-    _record(db, Req("cam-1"))
+    _record(db, request("cam-1"))
     enrol.accept_devices(db, FLEET, ["cam-1"], actor="alice")
     dev = db.device("cam-1", fleet=FLEET)
     assert dev is not None and dev["revoked"] is None
@@ -298,13 +283,13 @@ def test_revoking_marks_the_device_and_asks_the_controller(db: FleetDB) -> None:
 
 def test_rollouts_leave_revoked_devices_out(db: FleetDB) -> None:
     for d in ("cam-1", "cam-2"):
-        _record(db, Req(d))
+        _record(db, request(d))
         _register(db, d)
     enrol.accept_devices(db, FLEET, ["cam-1", "cam-2"], groups=["lobby"], actor="alice")
     assert sorted(members(db, FLEET, {"groups": ["lobby"]})) == ["cam-1", "cam-2"]
     enrol.revoke_device(db, FLEET, "cam-2", reason="stolen", actor="alice")
     assert sorted(members(db, FLEET, {"groups": ["lobby"]})) == ["cam-1"]
-    _record(db, Req("cam-2"))  # asking again: pending, still out until accepted
+    _record(db, request("cam-2"))  # asking again: pending, still out until accepted
     assert sorted(members(db, FLEET, {"groups": ["lobby"]})) == ["cam-1"]
     assert sorted(members(db, FLEET, {"devices": ["cam-2"]})) == []
     with pytest.raises(FleetUsageError, match="matches no device"):
@@ -312,7 +297,7 @@ def test_rollouts_leave_revoked_devices_out(db: FleetDB) -> None:
                       selector={"devices": ["cam-2"]}, spec=RolloutSpec())
     # Revoked in the enrolment record alone (it never reported): still left out once it
     # registers.
-    _record(db, Req("cam-3"))
+    _record(db, request("cam-3"))
     enrol.accept_devices(db, FLEET, ["cam-3"], groups=["lobby"], actor="alice")
     enrol.revoke_device(db, FLEET, "cam-3", reason="stolen", actor="alice")
     _register(db, "cam-3")
@@ -343,14 +328,14 @@ def test_a_claims_password_is_kept_only_until_the_controller_applied_it(
 
 def test_revoking_a_claim_drops_its_pending_requests_only(db: FleetDB) -> None:
     enrol.create_claim(db, FLEET, "b1", actor="alice")
-    _record(db, Req("p1", batch="b1"))
-    _record(db, Req("p2", batch="b2"))
-    _record(db, Req("a1", batch="b1"))
+    _record(db, request("p1", batch="b1"))
+    _record(db, request("p2", batch="b2"))
+    _record(db, request("a1", batch="b1"))
     enrol.accept_devices(db, FLEET, ["a1"], actor="alice")
-    _record(db, Req("r1", batch="b1"))
+    _record(db, request("r1", batch="b1"))
     enrol.accept_devices(db, FLEET, ["r1"], actor="alice")
     enrol.revoke_device(db, FLEET, "r1", reason="stolen", actor="alice")
-    _record(db, Req("r1", batch="b1"))  # pending again, its account not deleted yet
+    _record(db, request("r1", batch="b1"))  # pending again, its account not deleted yet
     assert enrol.revoke_claim(db, FLEET, "b1", actor="bob") == 1
     assert sorted(r["device_id"] for r in db.enrolments(FLEET)) == ["a1", "p2", "r1"]
     (claim,) = [w for w in enrol.wanted(db, FLEET) if w["kind"] == "claim"]
@@ -379,13 +364,14 @@ def test_claim_counts_add_up(db: FleetDB) -> None:
 
 def test_the_controller_sees_what_is_wanted_and_records_it_done(db: FleetDB) -> None:
     for d in ("a", "b", "c"):
-        _record(db, Req(d))
+        _record(db, request(d))
     enrol.accept_devices(db, FLEET, ["a", "b"], groups=["g1"], actor="alice")
     enrol.reject_devices(db, FLEET, ["c"], actor="alice")
     want = {w["device_id"]: w for w in enrol.wanted(db, FLEET)}
     assert {d: w["want"] for d, w in want.items()} == {"a": "issue", "b": "issue",
                                                        "c": "reject"}
-    assert want["a"]["groups"] == ["g1"] and want["a"]["public_key"].startswith("KEY")
+    assert want["a"]["groups"] == ["g1"]
+    assert want["a"]["public_key"].startswith("-----BEGIN PUBLIC KEY-----")
     enrol.issued(db, FLEET, "a", issued=1, expires_at=NOW + 50)
     row = _row(db, "a")
     assert (row["want"], row["issued"], row["expires_at"], row["broker"]) == (
@@ -397,9 +383,9 @@ def test_the_controller_sees_what_is_wanted_and_records_it_done(db: FleetDB) -> 
 
 
 def test_expired_passwords_are_found_once_and_a_request_reissues(db: FleetDB) -> None:
-    req = Req("a")
+    req = request("a")
     _record(db, req)
-    _record(db, Req("b"))
+    _record(db, request("b"))
     enrol.accept_devices(db, FLEET, ["a", "b"], actor="alice")
     enrol.issued(db, FLEET, "a", issued=1, expires_at=NOW + 10)
     enrol.issued(db, FLEET, "b", issued=1, expires_at=NOW + 99)
@@ -408,14 +394,14 @@ def test_expired_passwords_are_found_once_and_a_request_reissues(db: FleetDB) ->
     enrol.mark_expired(db, FLEET, "a")
     assert enrol.expired_due(db, FLEET, NOW + 50) == []
     assert _row(db, "a")["broker"] == "expired"
-    out = _record(db, Req("a", public_pem=req.public_pem), now=NOW + 60)
+    out = _record(db, again(req), now=NOW + 60)
     assert (out.state, out.issue) == ("accepted", True)
 
 
 def test_pending_requests_not_repeated_are_pruned(db: FleetDB) -> None:
-    _record(db, Req("old"), now=NOW)
-    _record(db, Req("new"), now=NOW + 100)
-    _record(db, Req("ok"), now=NOW)
+    _record(db, request("old"), now=NOW)
+    _record(db, request("new"), now=NOW + 100)
+    _record(db, request("ok"), now=NOW)
     enrol.accept_devices(db, FLEET, ["ok"], actor="alice")
     assert enrol.prune(db, FLEET, now=NOW + 150, pending_ttl=100) == 1
     assert sorted(r["device_id"] for r in db.enrolments(FLEET)) == ["new", "ok"]
@@ -433,7 +419,7 @@ def test_a_database_of_schema_9_gets_the_enrolment_tables(db_url: str) -> None:
     with FleetDB.open(db_url) as db:
         dev = db.device("cam-1", fleet=FLEET)
         assert dev is not None and dev["revoked"] is None
-        assert _record(db, Req("cam-1")).state == "pending"
+        assert _record(db, request("cam-1")).state == "pending"
         with db.read() as c:
             assert c.execute(sa.text("SELECT max(version) FROM schema_version")).scalar() \
                 == SCHEMA_VERSION == 10

@@ -563,6 +563,7 @@ def status_cmd(devices: tuple[str, ...], as_json: bool, db_url: str | None,
     report differs from them."""
     assigned: dict[str, dict[str, Any]] = {}
     silent: set[str] = set()
+    enrolments: list[dict[str, Any]] = []
     if repo_dir:
         from ..release import expiry_warnings
 
@@ -579,6 +580,7 @@ def status_cmd(devices: tuple[str, ...], as_json: bool, db_url: str | None,
             where = redact_url(db.url) + (f"; {hint}" if hint else "")
             counts = db.registry_stats(fleet=fleet)
             noisy = db.ingest_stats(fleet=fleet, limit=5)
+            enrolments = db.enrolments(fleet)
         _say_registry(counts, noisy)
         states = {}
         for row in registered:
@@ -586,6 +588,8 @@ def status_cmd(devices: tuple[str, ...], as_json: bool, db_url: str | None,
             if st is not None:
                 raw = st.raw if row["offline_since"] is None \
                     else {**st.raw, "offline_since": row["offline_since"]}
+                if row["revoked"] is not None:
+                    raw = {**raw, "revoked": row["revoked"]}
                 states[row["id"]] = dataclasses.replace(st, ts=row["last_seen"],
                                                         online=row["online"], raw=raw)
                 assigned[row["id"]] = row
@@ -610,6 +614,7 @@ def status_cmd(devices: tuple[str, ...], as_json: bool, db_url: str | None,
         return
     if not states:
         click.echo(f"no device has reported in fleet {fleet!r} on {where}")
+        _say_enrolments(enrolments, set())
         return
     now = time.time()
     groups_col = ("GROUPS",) if assigned else ()
@@ -635,6 +640,8 @@ def status_cmd(devices: tuple[str, ...], as_json: bool, db_url: str | None,
         since = s.raw.get("offline_since") if not s.online else None
         if isinstance(since, (int, float)) and not isinstance(since, bool):
             online += f" ({_age(now - since)})"
+        if s.raw.get("revoked"):  # from the database: an operator revoked it
+            online = "revoked"
         rows.append((s.device, online, *mine, s.models_label or "-", s.previous or "-",
                      str(s.deployment or "-"), seen, hardware_line(s.raw.get("hardware")),
                      last))
@@ -643,6 +650,28 @@ def status_cmd(devices: tuple[str, ...], as_json: bool, db_url: str | None,
         head = "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False))
         click.echo(f"{head}  {r[-1]}".rstrip())
     _say_mismatches([assigned[d] for d in states if d in assigned])
+    _say_enrolments(enrolments, set(states))
+
+
+#: Ids ``status`` names in its enrolment lines (others counted).
+_ENROL_SHOWN = 10
+
+
+def _say_enrolments(rows: list[dict[str, Any]], listed: set[str]) -> None:
+    """``status --db``: devices waiting to enrol, and revoked ones not in the table
+    (removed from the registry, their enrolment kept)."""
+    def ids(xs: list[str]) -> str:
+        more = len(xs) - _ENROL_SHOWN
+        return ", ".join(xs[:_ENROL_SHOWN]) + (f" and {more} more" if more > 0 else "")
+
+    pending = [r["device_id"] for r in rows if r["state"] == "pending"]
+    if pending:
+        click.echo(f"! {len(pending)} device(s) waiting to enrol ({ids(pending)}): "
+                   "'edge-sdk device pending', then accept or reject them")
+    revoked = [r["device_id"] for r in rows if r["state"] == "revoked"
+               and r["device_id"] not in listed]
+    if revoked:
+        click.echo(f"revoked, not in the registry: {ids(revoked)}")
 
 
 #: Devices whose report-versus-assignment differences ``status`` lists (others counted).
@@ -962,7 +991,9 @@ def _identity_config(lifetime: str, ca_bundle: str | None, rate: str | None,
             raise UsageError(f"--enrol-rate {rate!r}: expected N/s, e.g. 50/s") from None
         if not 0 < changes["rate_per_batch"] < float("inf"):
             raise UsageError(f"--enrol-rate {rate!r}: expected a number > 0")
-    return dataclasses.replace(IdentityConfig.parse(keys), **changes)
+    config = dataclasses.replace(IdentityConfig.parse(keys), **changes)
+    config.read_ca()  # before connecting: a bad --ca-bundle is a usage error
+    return config
 
 
 def _metrics_address(spec: str | None) -> tuple[str, int] | None:

@@ -27,9 +27,11 @@ import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from ..errors import EdgeError
+from ..identity import EnrolRequest, IdentityError, claim_username
+from ..identity import check_batch as _check_batch
 from ..transport._config import check_topic_word
 from . import _store as store
 from ._assign import AssignmentChange, device_id
@@ -46,28 +48,10 @@ TOO_MANY_REASON = "too many pending requests"
 REJECTED_REASON = "rejected by an operator"
 #: A reason is sent to the device in its answer: one line, at most this long.
 MAX_REASON_CHARS = 200
-#: A claim batch is part of a broker user name (``_claim-<batch>``).
-MAX_BATCH_CHARS = 32
 #: The actor of the audit entry of an allow-listed device's acceptance.
 CONTROLLER_ACTOR = "controller"
 
 _REASON = re.compile(r"[^\x00-\x1f\x7f]*")
-
-
-class EnrolRequestLike(Protocol):
-    """What :func:`record_request` reads of an :class:`~edge_sdk.identity.EnrolRequest`
-    (checked already: the device id and batch are those of its topic)."""
-
-    @property
-    def device_id(self) -> str: ...
-    @property
-    def batch(self) -> str: ...
-    @property
-    def fingerprint(self) -> str: ...
-    @property
-    def public_pem(self) -> str: ...
-    @property
-    def facts(self) -> Mapping[str, str]: ...
 
 
 @dataclass(frozen=True)
@@ -83,7 +67,7 @@ class RecordOutcome:
     issue: bool
 
 
-def record_request(db: FleetDB, fleet: str, req: EnrolRequestLike, *, now: float,
+def record_request(db: FleetDB, fleet: str, req: EnrolRequest, *, now: float,
                    max_pending: int) -> RecordOutcome:
     """File an enrolment request (see the module's docstring for the rules). At most
     ``max_pending`` rows of the fleet wait for an operator: a request that would open
@@ -352,20 +336,17 @@ def allow_changes(db: FleetDB, fleet: str, changes: Mapping[str, AssignmentChang
 # -- claims --------------------------------------------------------------------------------
 
 def check_batch(batch: str) -> str:
-    """A claim batch: one topic level of at most :data:`MAX_BATCH_CHARS` characters."""
+    """A claim batch (:func:`edge_sdk.identity.check_batch`); raises
+    :class:`FleetUsageError`."""
     try:
-        check_topic_word(batch, "claim batch")
-    except EdgeError as err:
+        return _check_batch(batch)
+    except IdentityError as err:
         raise FleetUsageError(str(err)) from None
-    if len(batch) > MAX_BATCH_CHARS:
-        raise FleetUsageError(f"claim batch {batch[:40]!r}: at most {MAX_BATCH_CHARS} "
-                              "characters (it is part of the broker user name)")
-    return batch
 
 
 def claim_user(batch: str) -> str:
     """The broker user name of a claim account: ``_claim-<batch>``."""
-    return "_claim-" + check_batch(batch)
+    return claim_username(check_batch(batch))
 
 
 def create_claim(db: FleetDB, fleet: str, batch: str, *, actor: str) -> str:

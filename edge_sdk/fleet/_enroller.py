@@ -341,8 +341,8 @@ class Enroller:
         #: next try and the delay after that.
         self._retry: dict[str, tuple[float, float]] = {}
         self._logged: dict[str, float] = {}
-        #: The broker's account names (refreshed every sweep): ids naming a service are
-        #: refused before they are recorded.
+        #: The broker's account names (listed again every minute): ids naming a service
+        #: are refused before they are recorded.
         self._clients: set[str] = set()
         self._listed = -_LIST_CLIENTS_S
         self._pruned = -_LIST_CLIENTS_S
@@ -381,7 +381,9 @@ class Enroller:
         self._worker.start()
         self._poller.start()
         self._subs = [
-            self.conn.subscribe(self.topics.every_enrol_request, self._on_enrol, qos=1),
+            # QoS 0: a flood costs the network thread no acknowledgements (as the
+            # registry's); a device asks again at its next poll.
+            self.conn.subscribe(self.topics.every_enrol_request, self._on_enrol, qos=0),
             self.conn.subscribe(self.topics.every_cred_request, self._on_cred, qos=1),
         ]
         return self
@@ -571,6 +573,11 @@ class Enroller:
             return
         with self._lock:
             pending = self._renewals.get(device)
+            if row.get("broker") != "active":
+                # Expired (disabled) or being deleted meanwhile: setting a password would
+                # not let it in, and the record would call the account active.
+                self._renewals.pop(device, None)
+                pending = None
         if pending is None or pending.issued != req.ack:
             if req.ack != int(row["issued"]):  # an ack of what is in force already: fine
                 self._warn(f"ack:{device}", "enroller: %s acknowledged credentials %d, "

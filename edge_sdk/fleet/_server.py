@@ -91,6 +91,7 @@ class FleetServer:
         the registry."""
         if self.enroller is not None:
             self.enroller.stop()
+            self.enroller.admin.close()
         self.controller.stop()
         if self.web is not None:
             self.web.stop()

@@ -24,8 +24,10 @@ history and its updates: how each was downloaded, whether it was rolled back; ``
 ``yanked``/``yank_reason`` from the release repository when the server has one),
 ``/api/audit`` (``limit``), ``/api/registry`` (the registry's counts and progress, and
 the devices whose reports it dropped or lost), ``/api/warnings`` (what the operator must
-act on: release metadata about to expire that serve cannot re-sign), ``/api/session`` (who
-is signed in, the CSRF token, whether sign-in is offered and why not).
+act on: release metadata about to expire that serve cannot re-sign), ``/api/enrolments``
+(devices that asked to enrol: ``state``, default pending, ``limit``; with the counts per
+state), ``/api/session`` (who is signed in, the CSRF token, whether sign-in is offered
+and why not).
 
 Sign-in (accounts and sessions: ``_operators``): ``POST /api/login`` (``{"name",
 "password"}``) sets the session cookie (``HttpOnly; SameSite=Strict``, ``Secure`` behind
@@ -378,10 +380,19 @@ class FleetApi:
         if segs == ["warnings"]:
             self._no_query(q)
             return self.warnings() if self.warnings is not None else []
+        if segs == ["enrolments"]:
+            self._no_query(q, "state", "limit")
+            state = q.get("state") or "pending"
+            if state not in _ENROL_STATES:
+                raise _BadRequest(400, f"state must be one of {', '.join(_ENROL_STATES)}")
+            rows = self.db.enrolments(self.fleet, state,
+                                      limit=self._limit(q, 200, _MAX_ENROL_ROWS))
+            return {"counts": self.db.enrolment_counts(self.fleet),
+                    "enrolments": [{k: r[k] for k in _ENROL_SHOWN} for r in rows]}
         raise _BadRequest(404, f"no API route /api/{_show('/'.join(segs))}; routes: "
                                "/api/devices, /api/devices/ID, /api/rollouts, "
                                "/api/rollouts/ID, /api/models, /api/audit, /api/registry, "
-                               "/api/warnings")
+                               "/api/warnings, /api/enrolments")
 
     def _rollout(self, rid: int) -> dict[str, Any]:
         """Rollout ``rid`` of the page's fleet, else 404 (naming neither the database nor
@@ -601,6 +612,12 @@ class FleetApi:
 
 _COOKIE = "edge_session"
 _POSTS = frozenset({"/api/login", "/api/logout"})
+#: ``/api/enrolments``: its ``state`` values, and the keys of each row it answers.
+_ENROL_STATES = ("pending", "accepted", "rejected", "revoked")
+_MAX_ENROL_ROWS = 1000
+_ENROL_SHOWN = ("fleet", "device_id", "batch", "state", "fingerprint", "facts", "requests",
+                "conflicts", "requested_at", "updated_at", "decided_by", "decided_at",
+                "reason")
 _COMMANDS = frozenset({"approve", "pause", "resume", "abort"})
 
 

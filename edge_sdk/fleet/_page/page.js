@@ -217,6 +217,7 @@ function phaseText(d) {
 }
 
 function onlineText(d) {
+  if (isObj(d.revoked)) return `revoked ${when(d.revoked.at)}`.trim();
   if (d.online === true) return "online";
   if (d.silent === true) return "silent";
   return when(d.offline_since) ? `offline since ${when(d.offline_since)}` : "offline";
@@ -229,7 +230,9 @@ function deviceRow(d) {
   if (typeof d.id === "string") button.addEventListener("click", () => selectDevice(d.id));
   return el("tr", { "data-device": id, class: d.id === view.device ? "selected" : null },
     el("th", { scope: "row" }, button),
-    el("td", { class: d.online === true ? "on" : "off" }, onlineText(d)),
+    el("td", { class: isObj(d.revoked) ? "revoked" : d.online === true ? "on" : "off",
+      title: isObj(d.revoked) ? text(`by ${text(d.revoked.by)}: ${text(d.revoked.reason)}`, MAX_TITLE) : null },
+    onlineText(d)),
     td(listText(d.groups)), td(pairsText(d.tags)), reportedCell(d),
     modelsCell(d), td(phaseText(d)),
     td(d.last_result, { title: text(d.last_reason, MAX_TITLE) }),
@@ -259,6 +262,32 @@ function renderDevices(devs) {
     if (th.dataset.key === view.sort) th.setAttribute("aria-sort", view.dir > 0 ? "ascending" : "descending");
     else th.removeAttribute("aria-sort");
   }
+}
+
+// -- pending enrolment -----------------------------------------------------------------
+
+function enrolmentRow(e) {
+  if (!isObj(e)) throw new Error("not an enrolment record");
+  return el("tr", { "data-enrolment": text(e.device_id, MAX_TITLE) },
+    el("th", { scope: "row" }, text(e.device_id)), td(e.batch),
+    el("td", { class: "fingerprint", title: text(e.fingerprint, MAX_TITLE) }, text(e.fingerprint, 16)),
+    td(pairsText(e.facts)), el("td", {}, text(e.requests, 20)),
+    el("td", { class: e.conflicts ? "mismatch" : null }, text(e.conflicts, 20)),
+    el("td", {}, when(e.requested_at)));
+}
+
+function renderEnrolments(doc) {
+  if (!isObj(doc) || !Array.isArray(doc.enrolments)) throw new Error("the answer is not a list of enrolments");
+  const rows = doc.enrolments;
+  document.querySelector("#enrolments tbody").replaceChildren(...each(rows, enrolmentRow,
+    (e, err) => el("tr", { class: "broken" }, el("td", { colspan: 7 }, errText(err)))));
+  const counts = isObj(doc.counts) ? doc.counts : {};
+  const waiting = typeof counts.pending === "number" ? counts.pending : rows.length;
+  const shown = rows.length < waiting ? ` (first ${rows.length} shown)` : "";
+  const revoked = typeof counts.revoked === "number" && counts.revoked ? `; ${counts.revoked} revoked` : "";
+  document.getElementById("enrolments-caption").textContent = waiting
+    ? `${waiting} device${waiting === 1 ? "" : "s"} waiting${shown}${revoked}`
+    : `No device is waiting${revoked}.`;
 }
 
 // -- rollouts --------------------------------------------------------------------------
@@ -558,6 +587,7 @@ const SECTIONS = [
     path: () => `/api/devices?${new URLSearchParams(Object.entries(view.filters).filter(([, v]) => v))}`,
     render: renderDevices,
   },
+  { id: "enrolments", path: () => "/api/enrolments", render: renderEnrolments },
   { id: "models", path: () => "/api/models", render: renderModels },
   {
     id: "history",

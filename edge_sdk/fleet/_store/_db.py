@@ -37,7 +37,13 @@ from .._outcome import (
 )
 from .._select import hardware_matches, mismatch, split_tags, tag_matches
 from . import _schema
-from ._enrolments import claim_dict, enrolment_dict, list_claims, list_enrolments
+from ._enrolments import (
+    claim_dict,
+    count_states,
+    enrolment_dict,
+    list_claims,
+    list_enrolments,
+)
 from ._schema import (
     audit_log,
     controller_lease,
@@ -45,6 +51,7 @@ from ._schema import (
     device_events,
     device_ingest,
     devices,
+    enrolments,
     model_list,
     registry_stats,
     rollout_devices,
@@ -226,7 +233,7 @@ class FleetDB:
         ``version``: the one it swapped in last."""
         a = device_assignments
         q = _registered().order_by(devices.c.fleet, devices.c.id)
-        waiting = sa.select(a).where(~sa.exists().where(
+        waiting = _waiting().where(~sa.exists().where(
             (devices.c.fleet == a.c.fleet) & (devices.c.id == a.c.id)))
         if fleet is not None:
             q = q.where(devices.c.fleet == fleet)
@@ -262,7 +269,7 @@ class FleetDB:
         """One device (registered, or assigned and not reported yet), or None."""
         a = device_assignments
         q = _registered().where(devices.c.id == device_id)
-        waiting = sa.select(a).where(a.c.id == device_id)
+        waiting = _waiting().where(a.c.id == device_id)
         if fleet is not None:
             q = q.where(devices.c.fleet == fleet)
             waiting = waiting.where(a.c.fleet == fleet)
@@ -399,15 +406,20 @@ class FleetDB:
                 for k, (n, on) in counts.items()]
         return sorted(rows, key=lambda r: (r["model"] or "", r["version"] or ""))
 
-    def enrolments(self, fleet: str | None = None, state: str | None = None
-                   ) -> list[dict[str, Any]]:
+    def enrolments(self, fleet: str | None = None, state: str | None = None, *,
+                   limit: int | None = None) -> list[dict[str, Any]]:
         """Devices that asked to enrol (``state``: pending, accepted, rejected, revoked),
-        sorted by fleet and id: the key they hold (``fingerprint``, ``public_key``), what
-        they said (``facts``), ``requests`` and ``conflicts`` (requests with another
-        key), the operator's decision, and what the broker holds (``broker``, ``want``,
-        ``applied_at``, ``issued``, ``expires_at``)."""
+        sorted by fleet and id, the first ``limit``: the key they hold (``fingerprint``,
+        ``public_key``), what they said (``facts``), ``requests`` and ``conflicts``
+        (requests with another key), the operator's decision, and what the broker holds
+        (``broker``, ``want``, ``applied_at``, ``issued``, ``expires_at``)."""
         with self.read() as c:
-            return [enrolment_dict(r) for r in list_enrolments(c, fleet, state)]
+            return [enrolment_dict(r) for r in list_enrolments(c, fleet, state, limit)]
+
+    def enrolment_counts(self, fleet: str | None = None) -> dict[str, int]:
+        """How many enrolments are in each state."""
+        with self.read() as c:
+            return count_states(c, fleet)
 
     def claims(self, fleet: str | None = None) -> list[dict[str, Any]]:
         """The claim accounts, sorted by fleet and batch, without their passwords, with
@@ -595,6 +607,17 @@ def _registered() -> sa.Select[Any]:
                                 & (i.c.device == devices.c.id)))
 
 
+def _waiting() -> sa.Select[Any]:
+    """Assigned devices (not necessarily unregistered: the caller says) with their
+    revocation, if their enrolment is revoked (they have no registry row to hold it)."""
+    a, e = device_assignments, enrolments
+    return sa.select(a, e.c.decided_at.label("e_revoked_at"),
+                     e.c.decided_by.label("e_revoked_by"),
+                     e.c.reason.label("e_revoked_reason")) \
+        .select_from(a.outerjoin(e, (e.c.fleet == a.c.fleet) & (e.c.device_id == a.c.id)
+                                 & (e.c.state == "revoked")))
+
+
 def _assignment(m: RowMapping) -> dict[str, Any]:
     if m["a_updated"] is None:
         return {"groups": [], "tags": {}, "assigned": None}
@@ -685,7 +708,9 @@ def _unregistered(m: RowMapping) -> dict[str, Any]:
         "model": None,
         "version": None, "previous_model": None, "previous_version": None, "phase": None,
         "deployment": 0, "last_result": None, "last_reason": None, "last_deployment": None,
-        "state": {}, "revoked": None,
+        "state": {}, "revoked": None if m.get("e_revoked_at") is None else {
+            "at": m["e_revoked_at"], "by": m["e_revoked_by"],
+            "reason": m["e_revoked_reason"]},
     }
 
 

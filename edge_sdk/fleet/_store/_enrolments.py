@@ -92,15 +92,25 @@ def prune_pending(c: Connection, fleet: str, before: float) -> int:
         & (e.updated_at < before))).rowcount)
 
 
-def list_enrolments(c: Connection, fleet: str | None, state: str | None
-                    ) -> list[RowMapping]:
+def list_enrolments(c: Connection, fleet: str | None, state: str | None,
+                    limit: int | None = None) -> list[RowMapping]:
     e = enrolments.c
     q = sa.select(enrolments).order_by(e.fleet, e.device_id)
     if fleet is not None:
         q = q.where(e.fleet == fleet)
     if state is not None:
         q = q.where(e.state == state)
+    if limit is not None:
+        q = q.limit(limit)
     return list(c.execute(q).mappings())
+
+
+def count_states(c: Connection, fleet: str | None) -> dict[str, int]:
+    e = enrolments.c
+    q = sa.select(e.state, sa.func.count()).group_by(e.state)
+    if fleet is not None:
+        q = q.where(e.fleet == fleet)
+    return {str(s): int(n) for s, n in c.execute(q)}
 
 
 # -- the allow-list ------------------------------------------------------------------------
