@@ -45,6 +45,8 @@ class Sim:
                         for d in devices or tuple(f"d{i:02d}" for i in range(n))}
         #: How each device answers a forward deployment (default: committed).
         self.results = results or {}
+        #: Devices an operator revoked (the controller reads them from the record).
+        self.revoked: set[str] = set()
         self.counter = 100  # the repository's deployment counter
         self.docs: dict[str, tuple[int, bool]] = {}  # document -> (counter, rollback)
         #: Every document each device was sent, in order (republished ones again).
@@ -103,7 +105,8 @@ class Sim:
 
     def tick(self, dt: float = 1.0, *, answer: bool = True) -> Sim:
         self.now += dt
-        return self.feed(Tick(self.now, dict(self.members), self._answers() if answer else ()))
+        return self.feed(Tick(self.now, dict(self.members), self._answers() if answer else (),
+                              revoked=frozenset(self.revoked)))
 
     def _answers(self) -> tuple[Report, ...]:
         out = []

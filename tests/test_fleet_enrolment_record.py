@@ -13,6 +13,7 @@ import sqlalchemy as sa
 
 from edge_sdk.fleet import SCHEMA_VERSION, FleetDB, FleetUsageError, RolloutSpec, start_rollout
 from edge_sdk.fleet import _enrol as enrol
+from edge_sdk.fleet import _store as store
 from edge_sdk.fleet._members import members
 from edge_sdk.fleet._registry import ingest_state
 from edge_sdk.identity import EnrolRequest
@@ -302,6 +303,8 @@ def test_rollouts_leave_revoked_devices_out(db: FleetDB) -> None:
     enrol.revoke_device(db, FLEET, "cam-3", reason="stolen", actor="alice")
     _register(db, "cam-3")
     assert sorted(members(db, FLEET, {"groups": ["lobby"]})) == ["cam-1"]
+    # What the controller hands a running rollout, which lets go of them.
+    assert store.revoked_devices(db, FLEET) == {"cam-2", "cam-3"}
 
 
 # -- claims ----------------------------------------------------------------------------------

@@ -14,11 +14,13 @@ import pytest
 from edge_sdk.cli import main
 from edge_sdk.fleet import FleetDB
 from edge_sdk.fleet import _enrol as enrol
+from edge_sdk.fleet import _operators as ops
 from edge_sdk.fleet._registry import ingest_state
-from edge_sdk.fleet._web import FleetApi, WebConfig, WebServer
+from edge_sdk.fleet._web import FleetApi, Request, WebConfig, WebServer
 from tests import _browser, _fleetdb
 from tests._enrolreq import request
 from tests._process import wait_for
+from tests.test_fleet_signin import PASSWORD, post, sign_in
 
 db_url = _fleetdb.db_url
 browser = _browser.browser
@@ -108,3 +110,60 @@ def test_the_page_shows_revoked_devices_and_pending_enrolment_as_text(
             assert "revoked" not in page_text(browser, 'tr[data-device="cam-1"]')
             assert browser.execute_script("return window.__pwned === undefined") is True
             assert browser.find_elements(By.CSS_SELECTOR, "#enrolments img") == []
+
+
+def test_a_signed_in_operator_accepts_and_rejects_from_the_page_audited_by_name(
+        db: FleetDB) -> None:
+    _fleet(db)
+    ops.add_operator(db, "carol", PASSWORD, "root")
+    api = FleetApi(db, fleet=FLEET)
+    # Not signed in: refused, nothing changes; a GET is no way to decide.
+    status, doc, _ = post(api, "/api/enrolments/new-1/accept")
+    assert status == 401
+    ans = api.serve(Request("GET", "/api/enrolments/new-1/accept"))
+    assert ans.status == 405
+    cookie, csrf = sign_in(api, "carol")
+    status, doc, _ = post(api, "/api/enrolments/new-1/accept", cookie=cookie, csrf="x" * 43)
+    assert status == 403
+    assert enrol.enrolment(db, FLEET, "new-1")["state"] == "pending"  # type: ignore[index]
+    status, doc, _ = post(api, "/api/enrolments/new-1/accept", cookie=cookie, csrf=csrf)
+    assert (status, doc) == (202, {"device": "new-1", "command": "accept", "by": "carol"})
+    status, doc, _ = post(api, "/api/enrolments/evil/reject", {"reason": "unknown box"},
+                          cookie=cookie, csrf=csrf)
+    assert status == 202
+    states = {r["device_id"]: (r["state"], r["decided_by"]) for r in db.enrolments(FLEET)}
+    assert states["new-1"] == ("accepted", "carol") and states["evil"] == ("rejected", "carol")
+    audit = [(a["actor"], a["action"], a["params"].get("via")) for a in db.audit()]
+    assert ("carol", "device.accept", "page") in audit
+    assert ("carol", "device.reject", "page") in audit
+    # What the CLI refuses, the page refuses too (one line, 409).
+    status, doc, _ = post(api, "/api/enrolments/cam-1/reject", cookie=cookie, csrf=csrf)
+    assert status == 409 and "cam-1 is accepted" in doc["error"]
+    status, doc, _ = post(api, "/api/enrolments/ghost/accept", cookie=cookie, csrf=csrf)
+    assert status == 409 and "no enrolment request from ghost" in doc["error"]
+    status, doc, _ = post(api, "/api/enrolments/new-1/accept", {"groups": ["x"]},
+                          cookie=cookie, csrf=csrf)
+    assert status == 400
+
+
+def test_the_page_accepts_a_device_with_a_click_once_signed_in(
+        tmp_path: Any, browser: Any) -> None:
+    from tests._browser import page_click, page_text
+
+    with FleetDB.open(f"sqlite:///{tmp_path / 'fleet.db'}") as db:
+        _fleet(db)
+        ops.add_operator(db, "carol", PASSWORD, "root")
+        with WebServer(db, fleet=FLEET, config=WebConfig(port=0)) as server:
+            browser.get(server.url)
+            wait_for(lambda: "2 devices waiting" in page_text(browser, "#enrolments caption"),
+                     30, lambda: page_text(browser, "#enrolments"))
+            assert "Accept" not in page_text(browser, 'tr[data-enrolment="new-1"]')
+            browser.find_element("css selector", "#signin-name").send_keys("carol")
+            browser.find_element("css selector", "#signin-password").send_keys(PASSWORD)
+            page_click(browser, '#signin-form button[type="submit"]')
+            page_click(browser, 'tr[data-enrolment="new-1"] button[data-action="accept"]')
+            wait_for(lambda: "1 device waiting" in page_text(browser, "#enrolments caption"),
+                     30, lambda: page_text(browser, "#enrolments"))
+            row = enrol.enrolment(db, FLEET, "new-1")
+            assert row is not None and (row["state"], row["decided_by"]) == (
+                "accepted", "carol")

@@ -152,6 +152,21 @@ def test_silent_share_at_the_limit_lets_the_rollout_go_on() -> None:
                             "d03": "committed"}
 
 
+def test_revoked_devices_leave_a_running_rollout_without_aborting_or_holding_it() -> None:
+    # d01 was sent its document and will never answer (revoked: it cannot connect);
+    # d03 is revoked before its wave. Neither counts as silent nor holds its wave.
+    sim = Sim(spec(waves=("2", "100%"), wave_timeout=30, max_silent_rate=0.0), 4,
+              results={"d01": "silent"}).tick(answer=False)
+    assert sim.status(1) == {"d00": "sent", "d01": "sent"}
+    sim.revoked |= {"d01", "d03"}
+    sim.run()
+    assert sim.state.status == "completed"
+    assert sim.status() == {"d00": "committed", "d01": "cancelled", "d02": "committed",
+                            "d03": "cancelled"}
+    assert sim.state.devices["d03"].reason == "the device was revoked"
+    assert sim.forward("d03") == set()
+
+
 def test_an_operator_abort_cancels_pending_devices_and_withdraws_one_without_a_past() -> None:
     sim = Sim(spec(waves=("2", "100%")), 4)
     sim.members["d01"] = Member(True, None, None)  # never served anything

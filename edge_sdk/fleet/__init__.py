@@ -33,8 +33,10 @@ database is the record.
   the page that uses them in ``_web``.
 
 Inside: ``_store`` holds every SQL statement (the schema, :class:`FleetDB`, and the rows
-of rollouts, devices and accounts); ``_manage`` is the operator API (rollouts, device
-assignments and removal, the audit log's actor); ``_controller`` only the loop, which
+of rollouts, devices, enrolments and accounts); ``_manage`` is the operator API
+(rollouts, device assignments and removal, the audit log's actor); ``_enrol`` the
+enrolment record (devices' requests, ``device accept|reject|revoke|allow``, claims, and
+what the controller still has to do at the broker); ``_controller`` only the loop, which
 changes a rollout only through the state machine in ``_machine``.
 - :class:`FleetError` (one-line diagnoses), :class:`FleetUsageError` (bad requests),
   :class:`LeaseHeld` / :class:`LeaseLost` (another controller runs the fleet).

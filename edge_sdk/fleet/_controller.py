@@ -280,7 +280,9 @@ class Controller:
         # The registry's progress (``caught_up``): timeouts wait for it. Read before the
         # reports, so that every report received before it is in what they see.
         heard = store.heard_until(self.db, self.topics.fleet)
-        self._apply(state, m.Tick(time.time(), mem, self._reports(state), heard_until=heard))
+        revoked = store.revoked_devices(self.db, self.topics.fleet)
+        self._apply(state, m.Tick(time.time(), mem, self._reports(state), heard_until=heard,
+                                  revoked=revoked))
 
     def _others(self, rid: int, active: Sequence[int]) -> list[m.RolloutState]:
         """The states of the active rollouts but ``rid``: as this controller last saw

@@ -195,13 +195,14 @@ def _refuse(found: Mapping[str, Any], ids: Sequence[str], fleet: str,
 
 def accept_devices(db: FleetDB, fleet: str, ids: Iterable[str], *,
                    groups: Sequence[str] = (), tags: Mapping[str, str] | None = None,
-                   actor: str) -> list[str]:
+                   actor: str, via: str | None = None) -> list[str]:
     """Accept pending or rejected devices: the controller issues their credentials.
     ``groups`` are added and ``tags`` set in their assignment (what rollouts select by,
     and the group topics their broker account may read). A revoked mark on the device
     is cleared. Devices accepted already are left as they are. Returns the devices
-    accepted now. Raises :class:`FleetUsageError`, changing nothing, when an id has no
-    request or is revoked."""
+    accepted now. ``via`` (``page``) goes into the audit entry. Raises
+    :class:`FleetUsageError`, changing nothing, when an id has no request or is
+    revoked."""
     fleet, ids = _fleet(fleet), _ids(ids)
     tags = dict(tags or {})
     _change(groups, tags)  # checked before the transaction
@@ -221,12 +222,14 @@ def accept_devices(db: FleetDB, fleet: str, ids: Iterable[str], *,
         rows.set_device_revoked(c, fleet, todo, at=None, by=None, reason=None)
         db.record_audit(actor, "device.accept", {
             "fleet": fleet, "devices": todo, "groups": list(groups), "tags": tags,
-            "fingerprints": {d: found[d]["fingerprint"] for d in todo}}, conn=c)
+            "fingerprints": {d: found[d]["fingerprint"] for d in todo},
+            **({"via": via} if via else {})}, conn=c)
     return todo
 
 
 def reject_devices(db: FleetDB, fleet: str, ids: Iterable[str], *,
-                   reason: str | None = None, actor: str) -> list[str]:
+                   reason: str | None = None, actor: str,
+                   via: str | None = None) -> list[str]:
     """Reject pending (or revoked) devices: they are answered ``rejected`` with
     ``reason`` and every later request of theirs too, until accepted. Rejected ones are
     left as they are. Returns the devices rejected now. Raises
@@ -247,8 +250,9 @@ def reject_devices(db: FleetDB, fleet: str, ids: Iterable[str], *,
                 "state": "rejected", "decided_by": actor, "decided_at": now,
                 "reason": why, "updated_at": now, **({} if keep else {"want": "reject"})})
         if todo:
-            db.record_audit(actor, "device.reject", {"fleet": fleet, "devices": todo,
-                                                     "reason": why}, conn=c)
+            db.record_audit(actor, "device.reject", {
+                "fleet": fleet, "devices": todo, "reason": why,
+                **({"via": via} if via else {})}, conn=c)
     return todo
 
 

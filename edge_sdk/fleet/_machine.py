@@ -212,6 +212,10 @@ class Tick:
     #: ``now``). A device times out only when the registry has heard everything up to
     #: its deadline: a registry that is behind never makes an honest device silent.
     heard_until: float | None = None
+    #: Devices an operator revoked (``edge-sdk device revoke``): those of the rollout
+    #: that have not answered leave it ("cancelled"). A revoked device cannot connect,
+    #: and its silence must neither hold a wave nor abort the rollout.
+    revoked: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -490,13 +494,18 @@ def _tick(s: RolloutState, e: Tick, fx: list[Effect]) -> None:
     for d, m in sorted(e.members.items()):
         if d not in s.devices:
             s.devices[d] = _progress(s.wave, m, s.wanted())
+    for d in sorted(e.revoked & s.devices.keys()):
+        p = s.devices[d]
+        if p.status in ("pending", "sent"):
+            p.status, p.reason, p.finished_at = "cancelled", "the device was revoked", e.now
     _timeouts(s, e.now, heard)
     if _should_abort(s, fx):
         return
     _republish(s, e.now, fx, forward=True)
     if s.status == "paused":
         return
-    if all(p.status in FINISHED for p in s.devices.values() if p.wave <= s.wave):
+    if all(p.status in FINISHED or p.status == "cancelled"
+           for p in s.devices.values() if p.wave <= s.wave):
         if s.wave >= s.waves:
             s.status, s.reason = "completed", None
             return

@@ -33,7 +33,9 @@ Sign-in (accounts and sessions: ``_operators``): ``POST /api/login`` (``{"name",
 "password"}``) sets the session cookie (``HttpOnly; SameSite=Strict``, ``Secure`` behind
 a TLS proxy) and answers the CSRF token; ``POST /api/logout``; ``POST
 /api/rollouts/{id}/{approve,pause,resume,abort}`` (abort: ``{"reason"}``) run
-:func:`command_rollout`, as the CLI does, audit-logged with the operator as actor. Each
+:func:`command_rollout`, as the CLI does, audit-logged with the operator as actor;
+``POST /api/enrolments/{id}/{accept,reject}`` (reject: ``{"reason"}``) accept or reject
+a device's enrolment as ``edge-sdk device accept|reject`` does. Each
 of those needs the session (else 401) and ``X-CSRF-Token`` (else 403); a browser's
 ``Origin`` must name this page and its ``Sec-Fetch-Site`` be ``same-origin`` (else 403).
 Wrong passwords back off per account and per client address (429 with ``Retry-After``;
@@ -70,6 +72,7 @@ from .._http import (
     reason,
 )
 from ..errors import EdgeError
+from . import _enrol as enrol
 from . import _operators as ops
 from ._manage import command_rollout
 from ._store import DatabaseError, FleetDB, FleetError, FleetUsageError
@@ -319,7 +322,7 @@ class FleetApi:
             raise _BadRequest(405, f"{method[:16]} is not allowed: the fleet page is "
                                    "read-only (GET) but for sign-in and rollout actions "
                                    "(POST)")
-        if path in _POSTS or _action(path) is not None:
+        if path in _POSTS or _action(path) is not None or _decision(path) is not None:
             raise _BadRequest(405, f"{method} {_show(path)} is not allowed: use POST",
                               headers=(("Allow", "POST"),))
         if path == "/api/session":
@@ -425,7 +428,8 @@ class FleetApi:
 
     def _post(self, req: Request, path: str, query: str) -> Answer:
         action = _action(path)
-        if path not in _POSTS and action is None:
+        decision = _decision(path)
+        if path not in _POSTS and action is None and decision is None:
             allow = "GET, HEAD" if path in _STATIC or path.startswith("/api/") else None
             raise _BadRequest(405 if allow else 404,
                               f"POST {_show(path)} is not allowed" if allow else
@@ -447,6 +451,8 @@ class FleetApi:
             self.db.record_audit(session.operator, "operator.logout", {"address": req.client})
             return Answer(200, _JSON, _json_body({"operator": None}),
                           (("Set-Cookie", self._cookie_header("", 0)),))
+        if decision is not None:
+            return self._decide(session, decision[0], decision[1], doc)
         assert action is not None
         return self._act(session, action[0], action[1], doc)
 
@@ -505,6 +511,33 @@ class FleetApi:
         except FleetUsageError as err:
             raise _BadRequest(409, str(err)) from None
         return Answer(202, _JSON, _json_body({"rollout": rid, "command": command,
+                                              "by": session.operator}))
+
+    def _decide(self, session: ops.Session, raw_id: str, command: str,
+                doc: dict[str, Any]) -> Answer:
+        """Accept or reject a device's enrolment, as ``edge-sdk device accept|reject``
+        does (reject: ``{"reason"}`` optional), with the operator as the actor."""
+        device = self._device_id(raw_id)
+        allowed = {"reason"} if command == "reject" else set()
+        if set(doc) - allowed:
+            raise _BadRequest(400, f"{command} takes " + ('{"reason": "..."} or {}'
+                                                          if allowed else "{}"))
+        reason = doc.get("reason")
+        if reason is not None and not isinstance(reason, str):
+            raise _BadRequest(400, "reason must be a string")
+        if self.fleet is None:
+            raise _BadRequest(409, "this page shows every fleet: accept or reject with "
+                                   "'edge-sdk device accept|reject ID --fleet F'")
+        try:
+            if command == "accept":
+                enrol.accept_devices(self.db, self.fleet, [device], actor=session.operator,
+                                     via="page")
+            else:
+                enrol.reject_devices(self.db, self.fleet, [device], reason=reason,
+                                     actor=session.operator, via="page")
+        except FleetUsageError as err:
+            raise _BadRequest(409, str(err)) from None
+        return Answer(202, _JSON, _json_body({"device": device, "command": command,
                                               "by": session.operator}))
 
     def _session(self, req: Request) -> ops.Session | None:
@@ -628,6 +661,18 @@ def _action(path: str) -> tuple[int, str] | None:
         if not (segs[3].isascii() and segs[3].isdigit() and len(segs[3]) <= 12):
             raise _BadRequest(400, f"rollout id {_show(segs[3])} must be a number")
         return int(segs[3]), segs[4]
+    return None
+
+
+_DECISIONS = frozenset({"accept", "reject"})
+
+
+def _decision(path: str) -> tuple[str, str] | None:
+    """``(device id as in the path, accept|reject)`` of ``/api/enrolments/ID/COMMAND``,
+    else None."""
+    segs = path.split("/")
+    if len(segs) == 5 and segs[1:3] == ["api", "enrolments"] and segs[4] in _DECISIONS:
+        return segs[3], segs[4]
     return None
 
 

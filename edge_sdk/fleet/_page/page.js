@@ -266,6 +266,31 @@ function renderDevices(devs) {
 
 // -- pending enrolment -----------------------------------------------------------------
 
+// Accept or reject one device's enrolment (signed in only; the server checks again).
+async function decide(id, command) {
+  if (auth.acting) return;
+  auth.acting = true;
+  try {
+    await send(`/api/enrolments/${encodeId(id)}/${command}`, {});
+    say(`${text(id, MAX_TITLE)}: ${command}ed by ${text(auth.operator, 64)}.`);
+  } catch (err) {
+    say(`${text(id, MAX_TITLE)}: ${command} failed: ${errText(err)}`, true);
+  } finally {
+    auth.acting = false;
+  }
+  refresh();
+}
+
+function decisionCell(e) {
+  if (typeof auth.operator !== "string" || typeof e.device_id !== "string") return el("td", {});
+  return el("td", {}, el("div", { class: "actions", role: "group", "aria-label": `Decide on ${text(e.device_id, MAX_TITLE)}` },
+    ...[["accept", "Accept"], ["reject", "Reject"]].map(([command, label]) => {
+      const b = el("button", { type: "button", class: `act act-${command}`, "data-action": command }, label);
+      b.addEventListener("click", () => decide(e.device_id, command));
+      return b;
+    })));
+}
+
 function enrolmentRow(e) {
   if (!isObj(e)) throw new Error("not an enrolment record");
   return el("tr", { "data-enrolment": text(e.device_id, MAX_TITLE) },
@@ -273,14 +298,14 @@ function enrolmentRow(e) {
     el("td", { class: "fingerprint", title: text(e.fingerprint, MAX_TITLE) }, text(e.fingerprint, 16)),
     td(pairsText(e.facts)), el("td", {}, text(e.requests, 20)),
     el("td", { class: e.conflicts ? "mismatch" : null }, text(e.conflicts, 20)),
-    el("td", {}, when(e.requested_at)));
+    el("td", {}, when(e.requested_at)), decisionCell(e));
 }
 
 function renderEnrolments(doc) {
   if (!isObj(doc) || !Array.isArray(doc.enrolments)) throw new Error("the answer is not a list of enrolments");
   const rows = doc.enrolments;
   document.querySelector("#enrolments tbody").replaceChildren(...each(rows, enrolmentRow,
-    (e, err) => el("tr", { class: "broken" }, el("td", { colspan: 7 }, errText(err)))));
+    (e, err) => el("tr", { class: "broken" }, el("td", { colspan: 8 }, errText(err)))));
   const counts = isObj(doc.counts) ? doc.counts : {};
   const waiting = typeof counts.pending === "number" ? counts.pending : rows.length;
   const shown = rows.length < waiting ? ` (first ${rows.length} shown)` : "";

@@ -19,6 +19,7 @@ from sqlalchemy.engine import Connection, RowMapping
 from .. import _machine as m
 from .._retained import digest
 from ._db import FleetDB
+from ._enrolments import revoked_ids
 from ._schema import (
     ACTIVE_STATUSES,
     Record,
@@ -70,6 +71,13 @@ def selectable_devices(db: FleetDB, fleet: str, *,
                "hardware": json_value(r.hardware, {}) if hardware else {},
                "online": bool(r.online), "model": r.model, "version": r.version,
                "models": model_versions(r.models)}
+
+
+def revoked_devices(db: FleetDB, fleet: str) -> frozenset[str]:
+    """The devices of ``fleet`` an operator revoked (in the registry or the enrolment
+    record): a running rollout lets go of those that have not answered."""
+    with db.read() as c:
+        return frozenset(revoked_ids(c, fleet))
 
 
 def desired_versions(db: FleetDB, fleet: str,
