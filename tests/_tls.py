@@ -27,6 +27,10 @@ def tls_files(d: Path) -> tuple[Path, Path, Path]:
         .not_valid_before(now - dt.timedelta(minutes=1))
         .not_valid_after(now + dt.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        # Key identifiers: a bundle of two CAs of the same name (a CA rotated in place)
+        # must still tell which one signed the server's certificate.
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
+                       critical=False)
         .sign(ca_key, hashes.SHA256()))
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (x509.CertificateBuilder().subject_name(name("127.0.0.1")).issuer_name(
@@ -35,6 +39,8 @@ def tls_files(d: Path) -> tuple[Path, Path, Path]:
         .not_valid_after(now + dt.timedelta(days=1))
         .add_extension(x509.SubjectAlternativeName(
             [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+            ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256()))
     paths = d / "ca.crt", d / "server.crt", d / "server.key"
     paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from device_agent import Agent, AgentConfig
+from device_agent import Agent, AgentConfig, TlsConfig
 from device_agent._identity import (
     CredentialStore,
     EnrolmentClient,
@@ -38,7 +38,7 @@ from device_agent._identity import (
 )
 from edge_sdk import Artifact, build_artifact
 from edge_sdk.errors import ConfigError, TransportError
-from edge_sdk.fleet._dynsec import DynsecAdmin
+from edge_sdk.fleet._dynsec import SERVE, DynsecAdmin, broker_config, mosquitto_settings
 from edge_sdk.identity import (
     Credentials,
     DeviceKey,
@@ -686,3 +686,56 @@ def test_a_wrong_claim_password_is_reported_once_naming_the_key(
     assert ident is not None
     _wait(lambda: ident.attempts >= 4, "more attempts")
     assert len(refused()) == 1
+
+
+def test_the_ca_bundle_from_the_controller_carries_the_link_across_a_broker_ca_change(
+        tmp_path: Path) -> None:
+    """The device is provisioned trusting the old CA only; its credentials bring a bundle
+    of the old and the new one; the broker moves to a certificate of the new CA and the
+    device's link follows (mqtts)."""
+    ca_a, cert_a, key_a = tls_files(tmp_path / "a")
+    ca_b, cert_b, key_b = tls_files(tmp_path / "b")
+    bundle = ca_a.read_text() + ca_b.read_text()
+    (tmp_path / "bundle.pem").write_text(bundle)
+    auth = tmp_path / "dynsec"
+    accounts = broker_config(auth, fleet=FLEET)
+    base = mosquitto_settings((auth / "dynamic-security.json").resolve()).replace(
+        "allow_anonymous false\n", "")
+
+    def tls(ca: Path, cert: Path, key: Path) -> str:
+        return base + f"cafile {ca}\ncertfile {cert}\nkeyfile {key}\n"
+
+    with Mosquitto(tmp_path / "broker", allow_anonymous=False,
+                   extra_conf=tls(ca_a, cert_a, key_a)) as broker:
+        url = f"mqtts://127.0.0.1:{broker.port}"
+        serve = MqttConnection(MqttConfig(url=url, fleet=FLEET, username=SERVE,
+                                          password=accounts[SERVE],
+                                          ca_file=str(tmp_path / "bundle.pem")))
+        serve.connect()
+        ctl = None
+        try:
+            admin = DynsecAdmin(serve, fleet=FLEET)
+            admin.ensure_claim(BATCH, "claim-pw")
+            ctl = MiniController(serve, admin, ca_pem=bundle)
+            cfg = _config(tmp_path, url)
+            cfg = dataclasses.replace(cfg, broker=dataclasses.replace(
+                cfg.broker, tls=TlsConfig(ca_file=ca_a)))
+            agent = Agent(cfg, source=LocalSource())
+            agent.start()
+            try:
+                conn = agent.connection
+                assert conn is not None
+                _wait(lambda: conn.connected, "the device's connection on the old CA")
+                assert (cfg.identity_dir / "ca.pem").read_text() == bundle
+                # The broker changes certificates: only the bundle trusts the new one.
+                broker.stop()
+                broker.conf.write_text(broker.conf.read_text().replace(
+                    tls(ca_a, cert_a, key_a), tls(ca_b, cert_b, key_b)))
+                broker.start()
+                _wait(lambda: conn.connected, "the device's connection on the new CA")
+            finally:
+                agent.stop()
+        finally:
+            if ctl is not None:
+                ctl.close()
+            serve.close()
