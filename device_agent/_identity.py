@@ -321,6 +321,8 @@ class EnrolmentClient:
         try:
             conn = MqttConnection(self.mqtt, name=f"enrol-{self.device_id}")
             conn.add_connection_listener(lambda up: None if up else dropped.set())
+            # A refused claim ends the attempt at once (no reconnect to wait out).
+            conn.on_refused(lambda reason: None)
             conn.connect()
         except EdgeError as err:
             if conn is not None and conn.refused is not None:
