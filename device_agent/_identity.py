@@ -151,6 +151,16 @@ class Keyring:
         self.using = "pending"
         self._tried_other = False
 
+    def resume_pending(self) -> Credentials | None:
+        """Pending credentials held while the link uses the current ones (renewed before a
+        restart, the switch not seen): the link moves to them once they are acked again;
+        returns them (None when there are none to resume)."""
+        if self.pending is None or self.using != "current":
+            return None
+        self.using = "pending"
+        self._tried_other = False
+        return self.pending.creds
+
     def drop_pending(self) -> Credentials | None:
         """Forget pending credentials the broker never switched to; returns the current
         ones when the link must go back to them."""
@@ -557,6 +567,8 @@ class IdentityService:
                 self._renew_failures = 0
                 self.store.save(self.keyring)
                 log.info("the broker switched to the renewed credentials")
+            elif self._promote_by is None:
+                self._resume_renewal()
         elif kind == "refused":
             with self._lock:
                 other = self.keyring.refused()
@@ -679,6 +691,26 @@ class IdentityService:
                  "to them next", creds.issued)
         self._event("credentials_issued", issued=creds.issued, expires_at=creds.expires_at,
                     groups=list(creds.groups), how="renewal")
+
+    def _resume_renewal(self) -> None:
+        """Renewed credentials stored before a restart (or a crash between storing and
+        acking them) are acked again: the controller switches the broker to them, or the
+        switch times out and a new renewal starts. Without this they would block renewal
+        until the current credentials expire."""
+        from edge_sdk.identity import RenewRequest
+
+        link = self._link
+        assert link is not None
+        with self._lock:
+            pending = self.keyring.resume_pending()
+        if pending is None:
+            return
+        link.publish(self.topics.cred_request(self.device_id),
+                     RenewRequest.signed(self.key, self.device_id, ack=pending.issued), qos=1)
+        link.set_credentials(pending.username, pending.password)
+        self._promote_by = time.monotonic() + self._promote_wait()
+        log.info("renewed credentials #%d from before a restart acknowledged again",
+                 pending.issued)
 
     def _renewal_failed(self, why: str) -> None:
         link = self._link

@@ -739,3 +739,37 @@ def test_the_ca_bundle_from_the_controller_carries_the_link_across_a_broker_ca_c
             if ctl is not None:
                 ctl.close()
             serve.close()
+
+
+def test_renewed_credentials_stored_before_a_restart_are_acked_again(
+        tmp_path: Path, fleet: Any) -> None:
+    """The agent stopped after storing renewed credentials whose ack the controller did
+    not act on. After the restart it connects with the current ones, acks the pending
+    ones again, and the broker switches: renewal is not blocked until expiry."""
+    broker, _, admin = fleet
+    ctl = _controller(admin, lifetimes=lambda n: 100.0 if n == 1 else 3600.0)
+    ctl.switch = False
+    cfg = _config(tmp_path, broker.url, renew_fraction=0.99, answer_wait_s=5.0)
+    try:
+        agent = Agent(cfg, source=LocalSource())
+        agent.start()
+        try:
+            _wait(lambda: (agent.config.identity_dir / "credentials.json").exists()
+                  and _stored(agent)["pending"] is not None, "renewed credentials stored")
+        finally:
+            agent.stop()
+        ctl.switch = True
+
+        again = Agent(cfg, source=LocalSource())
+        again.start()
+        try:
+            conn = again.connection
+            assert conn is not None
+            assert ctl.switched.wait(30)
+            _wait(lambda: conn.connected and _stored(again)["pending"] is None,
+                  "the switched password in use")
+            assert _stored(again)["current"]["credentials"]["issued"] == 2
+        finally:
+            again.stop()
+    finally:
+        ctl.close()
