@@ -253,6 +253,23 @@ def judge(answer: EnrolAnswer, *, fingerprint: str, refused_issued: int) -> str 
 
 # -- I/O edge ------------------------------------------------------------------------------
 
+#: Answers waiting to be read; more (only the controller may publish them) are dropped.
+_MAX_WAITING = 16
+
+
+def _offer(waiting: queue.Queue[bytes], payload: bytes) -> None:
+    """Queue an answer from the network thread: never blocks, never holds more than
+    :data:`_MAX_WAITING` answers of at most ``MAX_ANSWER_BYTES`` each."""
+    from edge_sdk.identity import MAX_ANSWER_BYTES
+
+    if len(payload) > MAX_ANSWER_BYTES:
+        log.warning("dropped a %d-byte answer (at most %d)", len(payload), MAX_ANSWER_BYTES)
+        return
+    try:
+        waiting.put_nowait(payload)
+    except queue.Full:
+        log.warning("dropped an answer: %d are waiting already", _MAX_WAITING)
+
 
 class CredentialStore:
     """``credentials.json`` (0600, written atomically) and ``ca.pem`` in ``directory``."""
@@ -325,7 +342,7 @@ class EnrolmentClient:
     def attempt(self, *, refused_issued: int = 0) -> Outcome:
         from edge_sdk.transport import MqttConnection
 
-        answers: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        answers: queue.Queue[bytes] = queue.Queue(_MAX_WAITING)
         dropped = threading.Event()
         conn: MqttConnection | None = None
         try:
@@ -342,7 +359,7 @@ class EnrolmentClient:
             return Outcome("unreachable", str(err))
         try:
             topic = self.topics.enrol_answer(self.batch, self.device_id)
-            conn.subscribe(topic, lambda t, p: answers.put(p))
+            conn.subscribe(topic, lambda t, p: _offer(answers, p))
             # A second SUBACK on the same stream comes after the retained answer the
             # first subscription brought: what is retained is in the queue now.
             conn.subscribe(topic, lambda t, p: None).cancel()
@@ -377,7 +394,7 @@ class EnrolmentClient:
 
         return EnrolRequest.create(self.key, self.device_id, self.batch, self.facts).to_bytes()
 
-    def _read(self, answers: queue.SimpleQueue[bytes], refused_issued: int) -> Outcome | None:
+    def _read(self, answers: queue.Queue[bytes], refused_issued: int) -> Outcome | None:
         """The last usable answer waiting in ``answers`` (emptied)."""
         last = None
         while True:
@@ -465,7 +482,7 @@ class IdentityService:
         self._event = event
         self._rnd = rnd
         self._events: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
-        self._answers: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        self._answers: queue.Queue[bytes] = queue.Queue(_MAX_WAITING)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -509,7 +526,7 @@ class IdentityService:
         link.on_refused(lambda reason: self._events.put(("refused", reason)))
         link.add_connection_listener(lambda up: self._events.put(("up", "")) if up else None)
         link.subscribe(self.topics.cred_answer(self.device_id),
-                       lambda t, p: self._answers.put(p), wait=False)
+                       lambda t, p: _offer(self._answers, p), wait=False)
         self._thread = threading.Thread(target=self._run, name="agent-identity", daemon=True)
         self._thread.start()
 

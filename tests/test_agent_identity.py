@@ -179,6 +179,18 @@ def test_the_credentials_file_is_private_and_a_corrupt_one_means_enrolling_again
         assert store.load() == (None, None)
 
 
+def test_answers_from_the_network_are_bounded_in_size_and_number() -> None:
+    from device_agent._identity import _MAX_WAITING, _offer
+    from edge_sdk.identity import MAX_ANSWER_BYTES
+
+    waiting: queue.Queue[bytes] = queue.Queue(_MAX_WAITING)
+    _offer(waiting, b"x" * (MAX_ANSWER_BYTES + 1))
+    assert waiting.empty()
+    for _ in range(_MAX_WAITING * 3):
+        _offer(waiting, b"{}")  # never blocks the network thread
+    assert waiting.qsize() == _MAX_WAITING
+
+
 # -- config --------------------------------------------------------------------------------
 
 
