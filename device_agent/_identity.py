@@ -603,6 +603,14 @@ class IdentityService:
     def _enrol(self) -> None:
         with self._lock:
             refused_issued = self.keyring.refused_issued
+        try:
+            # Each time: a CA bundle that came with earlier credentials, a claim password
+            # file changed meanwhile.
+            self.enrolment.mqtt = self._claim_mqtt()
+        except EdgeError as err:
+            log.error("enrolment: %s", err)
+            self._enrol_at = time.monotonic() + enrol_delay(self.ident.poll_s, self._rnd())
+            return
         out = self.enrolment.attempt(refused_issued=refused_issued)
         self.attempts += 1
         self._enrol_at = time.monotonic() + enrol_delay(self.ident.poll_s, self._rnd(),

@@ -745,6 +745,11 @@ def test_the_ca_bundle_from_the_controller_carries_the_link_across_a_broker_ca_c
                     tls(ca_a, cert_a, key_a), tls(ca_b, cert_b, key_b)))
                 broker.start()
                 _wait(lambda: conn.connected, "the device's connection on the new CA")
+                # Enrolling again (revoked) goes through the claim account on the new CA
+                # too: the bundle serves every connection, not only the device's.
+                ctl.do(lambda: ctl.revoke(BATCH, DEV))
+                _wait(lambda: ctl.issued.get(DEV) == 2 and conn.connected,
+                      "the device back on re-issued credentials")
             finally:
                 agent.stop()
         finally:
