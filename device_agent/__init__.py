@@ -8,7 +8,9 @@ From Python::
     agent.run()          # until SIGTERM
 
 The install pipeline takes deployments from an :class:`ArtifactSource`
-(by default the signed-release client over MQTT).
+(by default the signed-release client over MQTT). With an ``[identity]`` section
+(:class:`IdentityConfig`) the device enrols for its broker account through a claim
+account and renews it; it serves locally until it has one.
 """
 
 from ._agent import Agent
@@ -17,6 +19,7 @@ from ._config import (
     BrokerConfig,
     HealthConfig,
     HttpConfig,
+    IdentityConfig,
     LimitsConfig,
     TelemetryConfig,
     TlsConfig,
@@ -32,6 +35,7 @@ __all__ = [
     "FetchedArtifact",
     "HealthConfig",
     "HttpConfig",
+    "IdentityConfig",
     "InstallRequest",
     "LimitsConfig",
     "ModelChange",

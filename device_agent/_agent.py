@@ -43,7 +43,10 @@ from ._state import ModelRecord, StateStore
 from ._telemetry import Outbox, Telemetry
 
 if TYPE_CHECKING:
+    from edge_sdk.identity import Credentials
     from edge_sdk.transport import LastWill, MqttConnection
+
+    from ._identity import IdentityService
 
 log = logging.getLogger("device_agent")
 
@@ -67,6 +70,10 @@ class Agent:
     False runs without any broker link (local serving only; a factory or the default
     then builds no source). The link and the source are built here; :meth:`start`
     connects.
+
+    With ``config.identity`` (and ``connect``) the broker account comes from enrolment
+    (:class:`~device_agent._identity.IdentityService`): the link connects once there are
+    credentials, and follows the groups they name.
 
     ``http`` False runs the agent core without its HTTP endpoint (and without writing
     ``agent.json``); ``load_model`` replaces how a verified model file is opened (same
@@ -100,7 +107,21 @@ class Agent:
             reconnect_jitter_s=config.telemetry.reconnect_jitter_s,
         )
         self._serve_http = http
-        link = self._new_link() if connect else None
+        #: Enrolment and renewed credentials (``[identity]``; None without, or offline).
+        self.identity: IdentityService | None = None
+        creds: Credentials | None = None
+        if config.identity is not None and connect:
+            from ._identity import IdentityService
+
+            self.identity = IdentityService(config, event=self.telemetry.event)
+            self.metrics.track_credentials(self.identity.seconds_left)
+            creds = self.identity.boot()
+            if creds is not None:
+                config = self.config = _following(config, creds.groups)
+        #: The link waits for credentials from enrolment before it connects.
+        self._link_waits = self.identity is not None and creds is None
+        link = self._new_link(creds) if connect else None
+        self._mqtt = link
         #: The broker link (None with ``connect`` False).
         self.connection: BrokerLink | None = link
         #: The release source's fetcher, whose running download is reported (None with
@@ -128,14 +149,20 @@ class Agent:
             source=chosen if link is not None and isinstance(chosen, ProfilingSource)
             else None)
 
-    def _new_link(self) -> MqttConnection:
-        """The broker connection, not connected yet (:meth:`start` does that)."""
+    def _new_link(self, creds: Credentials | None = None) -> MqttConnection:
+        """The broker connection, not connected yet (:meth:`start` does that); with
+        ``[identity]`` as the device's account (``creds``, or none yet)."""
         from edge_sdk.transport import MqttConfig, MqttConnection
 
         b = self.config.broker
+        user, password = b.username, b.resolved_password()
+        ca_file = b.tls.ca_file
+        if self.identity is not None:
+            user, password = (creds.username, creds.password) if creds else (None, None)
+            ca_file = self.identity.ca_file or ca_file
         mqtt_cfg = MqttConfig(
-            url=",".join(b.all_urls), username=b.username, password=b.resolved_password(),
-            ca_file=str(b.tls.ca_file) if b.tls.ca_file else None,
+            url=",".join(b.all_urls), username=user, password=password,
+            ca_file=str(ca_file) if ca_file else None,
             cert_file=str(b.tls.cert_file) if b.tls.cert_file else None,
             key_file=str(b.tls.key_file) if b.tls.key_file else None,
             tls_insecure=b.tls.insecure,
@@ -199,6 +226,8 @@ class Agent:
         if self._worker is not None:
             self._worker.join(10)
         self.profiler.stop()
+        if self.identity is not None:
+            self.identity.stop()
         if self.connection is not None:
             self.telemetry.stop()
             self.telemetry.publish_offline()
@@ -239,6 +268,8 @@ class Agent:
             dead.append(f"the install worker thread died ({self._worker_died or 'no reason'})")
         if not self.telemetry.alive:
             dead.append("the telemetry thread died")
+        if self.identity is not None and not self.identity.alive:
+            dead.append("the identity thread died")
         return "; ".join(dead) or None
 
     @property
@@ -258,10 +289,36 @@ class Agent:
             conn.subscribe(self.topics.profile_request(self.config.device_id),
                            self.profiler.on_request, wait=False)
         self.telemetry.attach(conn)
+        if self.identity is not None and self._mqtt is not None:
+            self.identity.start(self._mqtt, on_credentials=self._follow)
+            if self._link_waits:
+                log.info("no broker credentials yet: serving locally while enrolling")
+                return  # the identity service connects once enrolment gave credentials
         try:
             conn.connect(wait=False)
         except EdgeError as err:
             log.warning("broker link not started: %s (serving locally)", err)
+
+    def _follow(self, creds: Credentials) -> None:
+        """New credentials are about to be used: follow the groups they name too (the
+        controller's assignment, on top of the config's ``groups``)."""
+        new = [g for g in creds.groups if g not in self.config.groups]
+        if not new:
+            return
+        cfg = _following(self.config, creds.groups)
+        # One config for everything that reads the groups (verification, replay scopes,
+        # the reported facts).
+        self.config = self.installer.config = cfg
+        from ._source import ReleaseSource
+
+        if isinstance(self.installer.source, ReleaseSource):
+            self.installer.source.config = cfg
+        for g in new:
+            topic = self.topics.group_desired(g)
+            self._desired_topics.append(topic)
+            if self.connection is not None:
+                self.connection.subscribe(topic, self._on_desired, wait=False)
+        log.info("following group(s) %s from the device's credentials", ", ".join(new))
 
     def _last_will(self) -> LastWill:
         """The will of the next connection: offline, which connection it is (``link``), and
@@ -529,6 +586,14 @@ def _hardware() -> dict[str, Any]:
             "usable_cores": usable, "cpu_features": features,
             "os": platform.system().lower(), "runtimes": runtimes,
             "onnxruntime_providers": providers, "agent": agent}
+
+
+def _following(config: AgentConfig, groups: tuple[str, ...]) -> AgentConfig:
+    """``config`` with ``groups`` added to the groups it follows."""
+    import dataclasses
+
+    more = tuple(g for g in groups if g not in config.groups)
+    return dataclasses.replace(config, groups=config.groups + more) if more else config
 
 
 def _claimed_counter(payload: bytes) -> int | None:

@@ -15,7 +15,7 @@ import re
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -243,6 +243,45 @@ class ProfilingConfig:
 
 
 @dataclass(frozen=True)
+class IdentityConfig:
+    """Enrolment by claim (``[identity]``; the section's presence turns it on): the device
+    makes its own key, asks the controller for broker credentials through the claim
+    account of ``batch``, and renews them before they expire. ``broker.username`` and
+    ``broker.password`` are then not given: the credentials are the controller's."""
+
+    #: The claim batch the device was provisioned with (the claim account's name is
+    #: ``_claim-<batch>``).
+    batch: str = ""
+    #: The claim account's password, read from this file (kept out of the config file).
+    claim_password_file: Path | None = None
+    #: The claim account's password itself (tests; prefer ``claim_password_file``).
+    claim_password: str | None = field(default=None, repr=False)
+    #: The device's private key (made on first start, never leaves the device).
+    #: Default: ``<state_dir>/identity/device.key``.
+    key_file: Path | None = None
+    #: Renew when less than this share of the credentials' lifetime is left.
+    renew_fraction: float = 0.33
+    #: While not enrolled, ask again this often (with +-50 % jitter).
+    poll_s: float = 30.0
+    #: How long one exchange waits for the controller's answer.
+    answer_wait_s: float = 5.0
+    #: Facts sent with the enrolment request (shown to the operator who accepts it).
+    facts: Mapping[str, str] = field(default_factory=lambda: types.MappingProxyType({}))
+
+    def resolved_claim_password(self) -> str:
+        if self.claim_password_file is not None:
+            try:
+                secret = self.claim_password_file.read_text(encoding="utf-8").strip()
+            except OSError as err:
+                raise ConfigError(f"identity.claim_password_file {self.claim_password_file}: "
+                                  f"cannot read: {err.strerror}") from err
+            add_secret(secret)
+            return secret
+        add_secret(self.claim_password)
+        return self.claim_password or ""
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     device_id: str
     fleet: str
@@ -261,6 +300,19 @@ class AgentConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
+    #: Enrolment by claim and renewed credentials (None: broker credentials are given).
+    identity: IdentityConfig | None = None
+
+    @property
+    def identity_dir(self) -> Path:
+        """Where the device key, its credentials and the broker's CA bundle live."""
+        return self.state_dir / "identity"
+
+    @property
+    def key_path(self) -> Path:
+        ident = self.identity
+        return (ident.key_file if ident is not None and ident.key_file is not None
+                else self.identity_dir / "device.key")
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> AgentConfig:
@@ -396,6 +448,8 @@ class AgentConfig:
             raise bad("broker.tls", "cert_file and key_file go together")
         if self.broker.password is not None and self.broker.password_file is not None:
             raise bad("broker", "give either password or password_file, not both")
+        if self.identity is not None:
+            self._check_identity(bad)
         for key, path in (("trust.root", self.trust.root),
                           ("trust.deployment_key", self.trust.deployment_key),
                           ("broker.tls.ca_file", self.broker.tls.ca_file),
@@ -404,6 +458,40 @@ class AgentConfig:
                           ("broker.password_file", self.broker.password_file)):
             if path is not None and not path.is_file():
                 raise bad(key, f"{path}: no such file")
+
+    def _check_identity(self, bad: Callable[[str, str], ConfigError]) -> None:
+        ident = self.identity
+        assert ident is not None
+        url_user = any(urlparse(u).username for u in self.broker.all_urls)
+        if (self.broker.username is not None or self.broker.password is not None
+                or self.broker.password_file is not None or url_user):
+            raise bad("identity", "the device's broker credentials come from enrolment: "
+                      "remove broker.username and broker.password (or password_file, or "
+                      "the user in broker.url), or remove [identity]")
+        if not _TOPIC_ID.fullmatch(ident.batch) or len(ident.batch) > 32:
+            raise bad("identity.batch", f"{ident.batch!r} must be the claim batch: 1-32 "
+                      "letters, digits, '_' or '-'")
+        if (ident.claim_password is None) == (ident.claim_password_file is None):
+            raise bad("identity", "give the claim account's password: claim_password_file "
+                      "(or claim_password), one of them")
+        if ident.claim_password_file is not None and not ident.claim_password_file.is_file():
+            raise bad("identity.claim_password_file",
+                      f"{ident.claim_password_file}: no such file")
+        if not 0.0 < ident.renew_fraction < 1.0:
+            raise bad("identity.renew_fraction", "must be between 0 and 1 (e.g. 0.33)")
+        for key, num in (("identity.poll_s", ident.poll_s),
+                         ("identity.answer_wait_s", ident.answer_wait_s)):
+            if num <= 0:
+                raise bad(key, "must be > 0")
+        if len(ident.facts) > MAX_TAGS:
+            raise bad("identity.facts", f"{len(ident.facts)} facts, at most {MAX_TAGS}")
+        for k, v in ident.facts.items():
+            if not _SAFE_ID.fullmatch(k):
+                raise bad(f"identity.facts.{k}", "a fact name must be 1-64 letters, digits, "
+                          "'.', '_' or '-'")
+            if not _TAG_VALUE.fullmatch(v):
+                raise bad(f"identity.facts.{k}", "must be at most 128 characters without "
+                          "control characters")
 
 
 def half_of_memory() -> int:

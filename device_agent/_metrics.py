@@ -84,11 +84,21 @@ class Metrics:
         self.storage_ok = Gauge(
             "edge_agent_storage_ok", "1 while the state directory can be written (0: full, "
             "read-only or denied; the agent serves on and installs wait).", registry=r)
+        self.credential_seconds_left: Gauge | None = None
         self._lock = threading.Lock()
         self._models: dict[str, ModelMetrics] = {}
         self._served: tuple[str, ...] = ()
         self._states = states
         r.register(_Readiness(self))
+
+    def track_credentials(self, seconds_left: Callable[[], float]) -> None:
+        """Export ``edge_agent_credential_seconds_left`` (a device with ``[identity]``)."""
+        if self.credential_seconds_left is None:
+            self.credential_seconds_left = Gauge(
+                "edge_agent_credential_seconds_left", "Seconds until the device's broker "
+                "credentials expire (0: it holds none and is enrolling).",
+                registry=self.registry)
+        self.credential_seconds_left.set_function(seconds_left)
 
     def model(self, name: str) -> ModelMetrics:
         """The request series of model ``name``."""

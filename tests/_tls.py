@@ -32,6 +32,10 @@ class TestCA:
                      .not_valid_after(now + dt.timedelta(days=1))
                      .add_extension(x509.BasicConstraints(ca=True, path_length=None),
                                     critical=True)
+                     # Key identifiers: a bundle of two CAs of the same name (a CA rotated
+                     # in place) must still tell which one signed the server's certificate.
+                     .add_extension(x509.SubjectKeyIdentifier.from_public_key(
+                         self._key.public_key()), critical=False)
                      .sign(self._key, hashes.SHA256()))
         self.pem = self.cert.public_bytes(serialization.Encoding.PEM)
 
@@ -51,6 +55,8 @@ class TestCA:
                 .not_valid_after(now + dt.timedelta(days=1))
                 .add_extension(x509.SubjectAlternativeName(
                     [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                    self._key.public_key()), critical=False)
                 .sign(self._key, hashes.SHA256()))
         cert_path.parent.mkdir(parents=True, exist_ok=True)
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))

@@ -9,7 +9,10 @@ Public API (paho never appears in it):
   ``wait_connected(timeout)``, ``add_connection_listener(fn(up: bool))`` (and remove),
   ``publish(topic, payload, qos=1, retain=False) -> PublishHandle``, ``publish_wait(...)``,
   ``subscribe(filter, handler(topic: str, payload: bytes), qos=1) -> Subscription``
-  (re-subscribed after every reconnect; handlers run on the network thread).
+  (re-subscribed after every reconnect; handlers run on the network thread),
+  ``set_credentials(user, password)`` / ``set_ca_file(path)`` (from the next connection
+  on), ``on_refused(fn(reason: str))`` (stop and report instead of retrying a refusal
+  for good), ``refused``.
 - :class:`PublishHandle`: ``published`` (acknowledged by the broker, QoS 1; written,
   QoS 0) and ``wait(timeout) -> bool``.
 - :class:`Topics`: ``edge/{fleet}/...`` names (announce, repo_request(dev),

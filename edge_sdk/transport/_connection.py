@@ -35,7 +35,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -70,6 +70,7 @@ def unacknowledged(sock: Any) -> int:
 
 Handler = Callable[[str, bytes], None]
 ConnectionListener = Callable[[bool], None]
+RefusalListener = Callable[[str], None]
 
 MAX_TOPIC_SLASHES = 7
 
@@ -233,6 +234,9 @@ class MqttConnection:
         self._up_since = 0.0
         self._short_links = 0
         self._will_source: Callable[[], LastWill | None] | None = None
+        self._on_refused: RefusalListener | None = None
+        #: The network thread ended on a refusal (see :meth:`on_refused`).
+        self._halted = False
 
         c = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -290,8 +294,9 @@ class MqttConnection:
             raise TransportError("connection is closed")
         if not self._started:
             self._started = True
+            host, port, _ = self._endpoints[self._at]
             try:
-                self._client.connect_async(self._host, self._port, self.config.keepalive)
+                self._client.connect_async(host, port, self.config.keepalive)
             except (OSError, ValueError) as err:
                 raise TransportError(f"cannot connect to {self.url}: {err}") from err
             self._client.loop_start()
@@ -407,6 +412,62 @@ class MqttConnection:
         with self._lock:
             if listener in self._listeners:
                 self._listeners.remove(listener)
+
+    def on_refused(self, listener: RefusalListener | None) -> None:
+        """Stop trying when the broker refuses the connection for good (bad user name or
+        password, not authorised) and call ``listener(reason)`` on the network thread (it
+        must not block); :meth:`set_credentials` starts the connection again. Without a
+        listener (the default) a refused connection keeps retrying with backoff, which
+        suits credentials an operator fixes at the broker."""
+        self._on_refused = listener
+
+    @property
+    def refused(self) -> str | None:
+        """Why the broker last refused the connection for good; None once it accepted it
+        (or never refused)."""
+        return self._refused
+
+    def set_credentials(self, username: str, password: str) -> None:
+        """Use these credentials from the next connection attempt on: a live link keeps
+        its session until it drops (or the broker drops it); a connection stopped by a
+        refusal (see :meth:`on_refused`) starts again at once. Safe from any thread but
+        the network thread."""
+        if self._closed:
+            raise TransportError("connection is closed")
+        self.config = replace(self.config, username=username, password=password)
+        self._client.username_pw_set(username, password)
+        with self._lock:
+            halted, self._halted = self._halted, False
+            self._refused = None
+        if halted:
+            # The network thread ends after the refusal (see _on_connect): a new one.
+            thread = self._client._thread
+            if thread is not None and thread is not threading.current_thread():
+                thread.join()
+            host, port, _ = self._endpoints[self._at]
+            try:
+                self._client.connect_async(host, port, self.config.keepalive)
+            except (OSError, ValueError) as err:
+                raise TransportError(f"cannot connect to {self.url}: {err}") from err
+            self._client.loop_start()
+
+    def set_ca_file(self, ca_file: str) -> None:
+        """Verify the broker against the CA certificates in ``ca_file`` from the next TLS
+        connection on (the link up now stays up); no-op on a plain ``mqtt://`` link."""
+        if not self.config.tls:
+            return
+        try:
+            ctx = ssl.create_default_context(cafile=ca_file)
+            if self.config.cert_file is not None:
+                ctx.load_cert_chain(self.config.cert_file, self.config.key_file)
+        except (OSError, ssl.SSLError, ValueError) as err:
+            raise ConfigError(f"TLS setup for {self.url} with CA file {ca_file} failed: "
+                              f"{err}") from err
+        if self.config.tls_insecure:
+            ctx.check_hostname = False
+        self.config = replace(self.config, ca_file=ca_file)
+        # paho's tls_set refuses a second call; the context is read at each connect.
+        self._client._ssl_context = ctx
 
     # -- messages ------------------------------------------------------------------
 
@@ -551,7 +612,18 @@ class MqttConnection:
             # Bad credentials or ACL refusal will not fix themselves: report, don't spin.
             if getattr(reason, "value", 0) in _REFUSED_FOR_GOOD:
                 self._refused = str(reason)
+                listener = self._on_refused
+                if listener is not None and not self._closed:
+                    with self._lock:
+                        self._halted = True
+                    # Ends paho's loop (and its thread) instead of a reconnect.
+                    client.disconnect()
+                    try:
+                        listener(str(reason))
+                    except Exception:
+                        log.exception("refusal listener failed")
             return
+        self._refused = None
         sock: Any = client.socket()
         if sock is not None:
             # Chunk requests and PUBACKs are tiny; without TCP_NODELAY, Nagle and
