@@ -33,9 +33,10 @@ MONITOR = "test-monitor"
 @contextlib.contextmanager
 def dynsec_broker(tmp: Path, fleet: str = FLEET, *, operators: Sequence[str] = (),
                   responders: Sequence[str] = (), log_connections: bool = False,
-                  ) -> Iterator[tuple[Mosquitto, dict[str, str]]]:
+                  extra_conf: str = "") -> Iterator[tuple[Mosquitto, dict[str, str]]]:
     """A running dynsec broker with ``broker_config``'s accounts and :data:`MONITOR`;
-    yields it and {user: password}. Mosquitto runs as the test's user (it rewrites the
+    yields it and {user: password}; ``extra_conf``: more lines (another listener).
+    Mosquitto runs as the test's user (it rewrites the
     plugin's file on every change)."""
     auth = tmp / "dynsec"
     creds = broker_config(auth, fleet=fleet, operators=operators, responders=responders)
@@ -46,11 +47,15 @@ def dynsec_broker(tmp: Path, fleet: str = FLEET, *, operators: Sequence[str] = (
                            "roles": [{"rolename": "test:monitor", "priority": 0}]})
     doc["roles"].append({"rolename": "test:monitor", "acls": [
         {"acltype": kind, "topic": f"edge/{fleet}/#", "priority": 0, "allow": True}
-        for kind in ("subscribePattern", "publishClientReceive", "publishClientSend")]})
+        for kind in ("subscribePattern", "publishClientReceive", "publishClientSend")] + [
+        # dynsec checks a shared subscription with its prefix (a test host's responder).
+        {"acltype": "subscribePattern", "topic": f"$share/+/edge/{fleet}/#", "priority": 0,
+         "allow": True}]})
     path.write_text(json.dumps(doc))
     conf = mosquitto_settings(path.resolve()).replace("allow_anonymous false\n", "")
     if log_connections:
         conf += "connection_messages true\nlog_type all\n"
+    conf += extra_conf
     with Mosquitto(tmp / "broker", allow_anonymous=False, extra_conf=conf) as b:
         yield b, creds
 

@@ -144,13 +144,16 @@ class AgentProc(ManagedProcess):
                  wrap: Callable[[list[str]], list[str]] | None = None,
                  tags: dict[str, str] | None = None,
                  auth: tuple[str, str] | None = None,
-                 identity: dict[str, Any] | None = None) -> None:
+                 identity: dict[str, Any] | None = None,
+                 tls_ca: Path | None = None) -> None:
         """``port``: a fixed HTTP port, for agents that cannot write ``agent.json`` (a full
         or read-only state dir); ``limits``: more ``[limits]`` keys; ``wrap``: the command
         that starts the agent (e.g. inside a network namespace); ``tags``: the config's
         ``tags`` table; ``auth``: the broker user name and password; ``identity``: the
-        ``[identity]`` table (enrolment through a claim account instead of ``auth``)."""
+        ``[identity]`` table (enrolment through a claim account instead of ``auth``);
+        ``tls_ca``: the CA file for an ``mqtts://`` broker."""
         self.groups = groups
+        self.tls_ca = tls_ca
         self.identity = identity
         self.tags = tags or {}
         self.auth = auth
@@ -183,6 +186,8 @@ class AgentProc(ManagedProcess):
             f'[broker]\nurl = "{self.broker_url}"\n'
             + ("" if self.auth is None else
                f"username = {json.dumps(self.auth[0])}\npassword = {json.dumps(self.auth[1])}\n")
+            + ("" if self.tls_ca is None else
+               f"[broker.tls]\nca_file = {json.dumps(str(self.tls_ca))}\n")
             +
             '[trust]\nroot = "trust/root.json"\ndeployment_key = "trust/deployment.pub.json"\n'
             f"[http]\nport = {self.fixed_port}\n"

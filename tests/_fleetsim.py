@@ -82,12 +82,15 @@ class FleetSim:
                  prefix: str = "sim", per_process: int = PER_PROCESS, window_s: float = 0.2,
                  heartbeat_s: float = 60.0, retry_s: float = 1.0,
                  installs_per_process: int = 4, state_root: Path | None = None,
-                 agent_config: dict[str, Any] | None = None) -> None:
+                 agent_config: dict[str, Any] | None = None,
+                 wait_connected: bool = True) -> None:
         """``state_root``: where the devices' state directories go (default: a directory
         on /dev/shm when it is a tmpfs, else under ``workdir``); removed by :meth:`stop`.
         ``agent_config``: agent.toml keys (as a dict of sections) laid over every device's
         config, e.g. ``{"broker": {"keepalive_s": 10}}``; ``{DEVICE}`` in a string value
-        is the device id, ``{URL}`` its broker URL."""
+        is the device id, ``{URL}`` its broker URL. ``wait_connected``: :meth:`start`
+        returns once every device's link is up (False: once every agent started; devices
+        that enrol connect as themselves only after acceptance)."""
         if not broker_urls:
             raise ValueError("FleetSim needs at least one broker URL")
         self.workdir = workdir
@@ -99,6 +102,7 @@ class FleetSim:
         self.window_s, self.heartbeat_s, self.retry_s = window_s, heartbeat_s, retry_s
         self.installs_per_process = installs_per_process
         self.agent_config = agent_config or {}
+        self.wait_connected = wait_connected
         self._own_state = state_root is None
         if state_root is None:
             shm = Path("/dev/shm")
@@ -117,7 +121,7 @@ class FleetSim:
                 "state": str(self.state_root), "window_s": self.window_s,
                 "installs": self.installs_per_process, "extra": self.agent_config,
                 "heartbeat_s": self.heartbeat_s, "retry_s": self.retry_s,
-                "log": str(self.workdir / f"sim-{index}.log")}
+                "wait": self.wait_connected, "log": str(self.workdir / f"sim-{index}.log")}
 
     def start(self, timeout: float = 120.0) -> None:
         """Start every process; return once each device's broker link is up."""
@@ -289,13 +293,14 @@ def run_process(spec_path: Path) -> int:
               for d, u in zip(spec["devices"], spec["urls"], strict=True)]
     for a in agents:
         a.start()
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + (90 if spec.get("wait", True) else 0)
     while not done.is_set() and time.monotonic() < deadline:
         if all(a.connection is not None and a.connection.connected for a in agents):
             break
         done.wait(0.1)
     up = sum(1 for a in agents if a.connection is not None and a.connection.connected)
-    sys.stdout.write(f"ready {up} of {len(agents)}\n" if up == len(agents)
+    sys.stdout.write(f"ready {up} of {len(agents)}\n"
+                     if up == len(agents) or not spec.get("wait", True)
                      else f"not ready: {up} of {len(agents)} connected\n")
     sys.stdout.flush()
     while not done.wait(0.5):
