@@ -38,6 +38,7 @@ from edge_sdk.identity import (
     RenewRequest,
     check_batch,
     check_device_id,
+    claim_session,
     claim_username,
     fingerprint_of,
     seal,
@@ -116,6 +117,30 @@ def test_claim_account_is_named_after_its_batch_and_no_device_can_take_that_name
     with pytest.raises(IdentityError, match="starts with '_'"):
         check_device_id("_claim-line-7")
     assert check_device_id("cam-0042") == "cam-0042"
+
+
+def test_claim_sessions_are_named_so_that_no_two_batches_share_an_account_name() -> None:
+    assert claim_username("line-7", 0) == "_claim-line-7"
+    assert claim_username("line-7", 1) == "_claim1-line-7"
+    assert claim_username("line-7", 255) == "_claim255-line-7"
+    # Batch "1-x" session 0 and batch "x" session 1 differ; so does every pair here.
+    names = [claim_username(b, k) for b in ("x", "1-x", "1", "x_1", "1-1", "12-x")
+             for k in range(0, 256)]
+    assert len(set(names)) == len(names)
+    for bad in (-1, 256, True, 1.0):
+        with pytest.raises(IdentityError, match="claim session"):
+            claim_username("x", bad)  # type: ignore[arg-type]
+
+
+def test_a_device_uses_the_same_claim_session_every_time_and_the_batch_spreads_over_all(
+) -> None:
+    assert claim_session("cam-1", 16) == claim_session("cam-1", 16)
+    seen = {claim_session(f"cam-{i}", 16) for i in range(400)}
+    assert seen == set(range(16))
+    assert claim_session("cam-1", 1) == 0
+    for bad in (0, 257):
+        with pytest.raises(IdentityError, match="1 to 256"):
+            claim_session("cam-1", bad)
 
 
 @pytest.mark.parametrize("batch", ["", "a/b", "+", "#", "a.b", "x" * 33, "_x", "a b"])

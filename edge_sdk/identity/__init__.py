@@ -15,8 +15,9 @@ controller (:mod:`edge_sdk.fleet`) move these documents over the topics of
   most :data:`MAX_REQUEST_BYTES` / :data:`MAX_ANSWER_BYTES` bytes.
 - :class:`Credentials`: the broker account of a device; :func:`seal` encrypts them to a
   device's public key (ECIES: P-256 ECDH, HKDF-SHA256, AES-256-GCM).
-- Names: :func:`claim_username` (``_claim-<batch>``), :func:`check_batch`,
-  :func:`check_device_id`.
+- Names: :func:`claim_username` (``_claim-<batch>``, session k >= 1
+  ``_claim<k>-<batch>``), :func:`claim_session` (a device's session of its claim),
+  :func:`check_batch`, :func:`check_claim_sessions`, :func:`check_device_id`.
 - Errors: :class:`IdentityError` (an :class:`~edge_sdk.errors.EdgeError`), and
   :class:`EnrolmentRefused` for a document that fails a check (one line saying what was
   expected).
@@ -34,12 +35,24 @@ from ._documents import (
 from ._errors import EnrolmentRefused, IdentityError
 from ._key import DeviceKey
 from ._pem import fingerprint_of
-from ._words import CLAIM_PREFIX, MAX_BATCH_CHARS, check_batch, check_device_id, claim_username
+from ._words import (
+    CLAIM_PREFIX,
+    DEFAULT_CLAIM_SESSIONS,
+    MAX_BATCH_CHARS,
+    MAX_CLAIM_SESSIONS,
+    check_batch,
+    check_claim_sessions,
+    check_device_id,
+    claim_session,
+    claim_username,
+)
 
 __all__ = [
     "CLAIM_PREFIX",
+    "DEFAULT_CLAIM_SESSIONS",
     "MAX_ANSWER_BYTES",
     "MAX_BATCH_CHARS",
+    "MAX_CLAIM_SESSIONS",
     "MAX_CREDENTIALS_BYTES",
     "MAX_REQUEST_BYTES",
     "MAX_SEALED_CHARS",
@@ -52,7 +65,9 @@ __all__ = [
     "IdentityError",
     "RenewRequest",
     "check_batch",
+    "check_claim_sessions",
     "check_device_id",
+    "claim_session",
     "claim_username",
     "fingerprint_of",
     "seal",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from ..errors import ConfigError
 from ..transport._config import check_topic_word
 from ._errors import IdentityError
@@ -10,6 +12,12 @@ from ._errors import IdentityError
 MAX_BATCH_CHARS = 32
 #: Claim accounts are named so; no device id can start with ``_``.
 CLAIM_PREFIX = "_claim-"
+#: A claim is this many broker accounts ("sessions") by default, at most
+#: :data:`MAX_CLAIM_SESSIONS`: all with the claim's password and role. The broker names a
+#: connection after its user (``use_username_as_clientid``), so one account would let each
+#: device of a batch close the enrolment exchange of the one before it.
+DEFAULT_CLAIM_SESSIONS = 16
+MAX_CLAIM_SESSIONS = 256
 
 
 def check_batch(batch: str) -> str:
@@ -31,9 +39,33 @@ def check_batch(batch: str) -> str:
     return batch
 
 
-def claim_username(batch: str) -> str:
-    """The broker user name of the claim account of ``batch``: ``_claim-<batch>``."""
-    return CLAIM_PREFIX + check_batch(batch)
+def check_claim_sessions(sessions: int, what: str = "claim sessions") -> int:
+    """``sessions`` if a claim can have that many accounts (1 to
+    :data:`MAX_CLAIM_SESSIONS`); raises :class:`IdentityError` otherwise."""
+    if not isinstance(sessions, int) or isinstance(sessions, bool) or \
+            not 1 <= sessions <= MAX_CLAIM_SESSIONS:
+        raise IdentityError(f"{what}: expected a whole number from 1 to "
+                            f"{MAX_CLAIM_SESSIONS}, not {sessions!r}")
+    return sessions
+
+
+def claim_username(batch: str, session: int = 0) -> str:
+    """The broker user name of session ``session`` of the claim of ``batch``:
+    ``_claim-<batch>`` for session 0, ``_claim<k>-<batch>`` for k >= 1 (a batch may hold
+    '-', the session number never does: the names cannot collide)."""
+    batch = check_batch(batch)
+    if not isinstance(session, int) or isinstance(session, bool) or \
+            not 0 <= session < MAX_CLAIM_SESSIONS:
+        raise IdentityError(f"claim session must be a whole number from 0 to "
+                            f"{MAX_CLAIM_SESSIONS - 1}, not {session!r}")
+    return CLAIM_PREFIX + batch if session == 0 else f"_claim{session}-{batch}"
+
+
+def claim_session(device_id: str, sessions: int) -> int:
+    """The claim session device ``device_id`` uses when the claim has ``sessions``: the
+    same on every start, spread evenly over the batch (sha256 of the id, modulo)."""
+    digest = hashlib.sha256(device_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % check_claim_sessions(sessions)
 
 
 def check_device_id(device_id: str) -> str:
@@ -53,5 +85,6 @@ def check_device_id(device_id: str) -> str:
         raise IdentityError(str(err)) from None
 
 
-__all__ = ["CLAIM_PREFIX", "MAX_BATCH_CHARS", "check_batch", "check_device_id",
+__all__ = ["CLAIM_PREFIX", "DEFAULT_CLAIM_SESSIONS", "MAX_BATCH_CHARS", "MAX_CLAIM_SESSIONS",
+           "check_batch", "check_claim_sessions", "check_device_id", "claim_session",
            "claim_username"]
