@@ -527,10 +527,16 @@ def claim_group() -> None:
 @fleet_option
 @click.option("--out", "out", type=click.Path(dir_okay=False),
               help="Write the password to this file (mode 0600) instead of printing it.")
+@click.option("--sessions", type=int, default=16, show_default=True,
+              help="Broker accounts of the claim (1-256), all with its password: each "
+                   "device enrols through one of them, so that devices asking at once do "
+                   "not close each other's connections.")
 def claim_create_cmd(batch: str, db_url: str | None, repo_dir: str | None,
-                     operator: str | None, fleet: str, out: str | None) -> None:
-    """Create the claim account of BATCH; its password is shown once (or written to
-    --out): put it on the batch's devices ([identity] claim_password_file)."""
+                     operator: str | None, fleet: str, out: str | None,
+                     sessions: int) -> None:
+    """Create the claim of BATCH (--sessions broker accounts sharing one password); the
+    password is shown once (or written to --out): put it on the batch's devices
+    ([identity] claim_password_file)."""
     from ._db import require_fleet
 
     require_fleet()
@@ -541,8 +547,10 @@ def claim_create_cmd(batch: str, db_url: str | None, repo_dir: str | None,
     if out is not None and not Path(out).resolve().parent.is_dir():
         raise UsageError(f"--out {out}: directory {Path(out).resolve().parent} does not exist")
     with open_db(db_url, repo_dir) as db:
-        password = _enrol.create_claim(db, fleet, batch, actor=fl.actor_name(operator))
-    said = f"claim {batch!r} of fleet {fleet!r} recorded: user {_enrol.claim_user(batch)}"
+        password = _enrol.create_claim(db, fleet, batch, actor=fl.actor_name(operator),
+                                       sessions=sessions)
+    said = (f"claim {batch!r} of fleet {fleet!r} recorded: user {_enrol.claim_user(batch)}"
+            + (f" and {sessions - 1} more session account(s)" if sessions > 1 else ""))
     if out is not None:
         atomic_write_text(out, password + "\n")  # a new temp file: mode 0600
         click.echo(f"{said}, password in {out}")
@@ -587,13 +595,13 @@ def claim_list_cmd(db_url: str | None, repo_dir: str | None, fleet: str,
     if not rows:
         click.echo(f"no claims in fleet {fleet!r}")
         return
-    click.echo(f"{'BATCH':<16} {'STATE':<10} {'REQUESTS':>8} {'DROPPED':>8} {'REFUSED':>8}  "
-               "CREATED BY")
+    click.echo(f"{'BATCH':<16} {'STATE':<10} {'SESSIONS':>8} {'REQUESTS':>8} {'DROPPED':>8} "
+               f"{'REFUSED':>8}  CREATED BY")
     for r in rows:
         st = "revoked" if r["revoked_at"] is not None else (
             "applying" if r["want"] else "active")
-        click.echo(f"{r['batch']:<16} {st:<10} {r['requests']:>8} {r['dropped']:>8} "
-                   f"{r['refused']:>8}  {r['created_by']}")
+        click.echo(f"{r['batch']:<16} {st:<10} {r['sessions']:>8} {r['requests']:>8} "
+                   f"{r['dropped']:>8} {r['refused']:>8}  {r['created_by']}")
 
 
 __all__ = ["audit_cmd", "claim_group", "device_group", "rollout_group"]

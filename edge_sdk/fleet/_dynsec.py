@@ -32,7 +32,13 @@ from typing import Any
 from .._fs import atomic_write_text
 from .._json import UnsafeJsonError, loads_bounded
 from ..errors import ConfigError, TransportError
-from ..identity import check_batch, claim_username
+from ..identity import (
+    DEFAULT_CLAIM_SESSIONS,
+    MAX_CLAIM_SESSIONS,
+    check_batch,
+    check_claim_sessions,
+    claim_username,
+)
 from ..transport import MqttConnection, Topics
 from ..transport._config import check_topic_word
 from ._errors import FleetError
@@ -452,36 +458,71 @@ class DynsecAdmin:
 
     # -- claims ---------------------------------------------------------------------------
 
-    def ensure_claim(self, batch: str, password: str) -> None:
-        """Make claim account ``_claim-<batch>`` with ``password`` (enabled); an existing
-        one gets the new password (which closes its connections)."""
-        user, role = claim_username(batch), claim_role(batch)
-        cmds = self._role_commands(role, claim_lines(self.topics, batch), current=True)
-        for _ in range(2):
-            if self._own(user, role, "claim account") is None:
-                answers = self.call(
-                    [*cmds, {"command": "createClient", "username": user,
-                             "password": password,
-                             "roles": [{"rolename": role, "priority": 0}]}],
-                    tolerate=("Role already exists", "Client already exists"))
-                if answers[-1].get("error") is None:
-                    return
+    def _claim_accounts(self, batch: str) -> dict[int, dict[str, Any]]:
+        """The session accounts of the claim of ``batch`` at the broker, by session
+        number: every possible name looked up in one message. Refuses a name held by an
+        account without the claim's role."""
+        role = claim_role(batch)
+        names = [claim_username(batch, k) for k in range(MAX_CLAIM_SESSIONS)]
+        answers = self.call([{"command": "getClient", "username": n} for n in names],
+                            tolerate=("Client not found",))
+        found: dict[int, dict[str, Any]] = {}
+        for k, (name, ans) in enumerate(zip(names, answers, strict=True)):
+            data = ans.get("data")
+            client = data.get("client") if ans.get("error") is None and \
+                isinstance(data, dict) else None
+            if not isinstance(client, dict):
                 continue
-            self.call([*cmds,
-                       {"command": "setClientPassword", "username": user,
-                        "password": password},
-                       {"command": "enableClient", "username": user}],
-                      tolerate=("Role already exists",))
-            return
-        raise BrokerAdminError(f"claim account {user!r}: it kept changing under us")
+            if role not in self._roles(client):
+                raise BrokerAdminError(
+                    f"claim account {name!r} names a broker account that is not a claim "
+                    "account (a service, operator or device account): refused")
+            found[k] = client
+        return found
+
+    def ensure_claim(self, batch: str, password: str,
+                     sessions: int = DEFAULT_CLAIM_SESSIONS) -> None:
+        """Make the claim of ``batch``: ``sessions`` accounts (``_claim-<batch>``,
+        ``_claim1-<batch>``...) with ``password`` and the role ``claim:<batch>``, enabled,
+        in one command message; existing ones get the new password (which closes their
+        connections), session accounts beyond ``sessions`` (an earlier claim's) are
+        deleted."""
+        sessions = check_claim_sessions(sessions)
+        role = claim_role(batch)
+        for _ in range(2):
+            have = self._claim_accounts(batch)
+            cmds = self._role_commands(role, claim_lines(self.topics, batch), current=True)
+            creates = 0
+            for k in range(sessions):
+                user = claim_username(batch, k)
+                if k in have:
+                    cmds += [{"command": "setClientPassword", "username": user,
+                              "password": password},
+                             {"command": "enableClient", "username": user}]
+                else:
+                    creates += 1
+                    cmds.append({"command": "createClient", "username": user,
+                                 "password": password,
+                                 "roles": [{"rolename": role, "priority": 0}]})
+            cmds += [{"command": "deleteClient", "username": claim_username(batch, k)}
+                     for k in sorted(have) if k >= sessions]
+            answers = self.call(cmds, tolerate=("Role already exists", "Client already exists",
+                                                "Client not found"))
+            # Another admin may have created a session between our look and our
+            # createClient: then it exists, and the second pass sets its password.
+            if not any(a.get("error") == "Client already exists" for a in answers):
+                return
+        raise BrokerAdminError(f"claim {batch!r}: its accounts kept changing under us")
 
     def delete_claim(self, batch: str) -> None:
-        """Delete the claim account and its role (closes its connections); absent is fine."""
-        user, role = claim_username(batch), claim_role(batch)
-        cmds: list[dict[str, Any]] = []
-        if self._own(user, role, "claim account") is not None:
-            cmds.append({"command": "deleteClient", "username": user})
-        cmds.append({"command": "deleteRole", "rolename": role})
+        """Delete every session account of the claim of ``batch`` (whatever their number:
+        all possible names are looked up) and its role; closes their connections. Absent
+        is fine."""
+        have = self._claim_accounts(batch)
+        cmds: list[dict[str, Any]] = [
+            {"command": "deleteClient", "username": claim_username(batch, k)}
+            for k in sorted(have)]
+        cmds.append({"command": "deleteRole", "rolename": claim_role(batch)})
         self.call(cmds, tolerate=("Role not found", "Client not found"))
 
 

@@ -30,7 +30,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import EdgeError
-from ..identity import EnrolRequest, IdentityError, claim_username
+from ..identity import (
+    DEFAULT_CLAIM_SESSIONS,
+    EnrolRequest,
+    IdentityError,
+    check_claim_sessions,
+    claim_username,
+)
 from ..identity import check_batch as _check_batch
 from ..transport._config import check_topic_word
 from . import _store as store
@@ -353,12 +359,18 @@ def claim_user(batch: str) -> str:
     return claim_username(check_batch(batch))
 
 
-def create_claim(db: FleetDB, fleet: str, batch: str, *, actor: str) -> str:
-    """Create the claim account of ``batch`` (the controller creates it at the broker)
-    and return its password, which is shown once: the record keeps it only until the
-    controller has applied it. A revoked claim is created again with a new password.
-    Raises :class:`FleetUsageError` for a claim that exists."""
+def create_claim(db: FleetDB, fleet: str, batch: str, *, actor: str,
+                 sessions: int = DEFAULT_CLAIM_SESSIONS) -> str:
+    """Create the claim of ``batch``: ``sessions`` broker accounts with one password (the
+    controller creates them at the broker), and return the password, which is shown
+    once: the record keeps it only until the controller has applied it. A revoked claim
+    is created again with a new password. Raises :class:`FleetUsageError` for a claim
+    that exists or a number of sessions out of 1..256."""
     fleet, batch = _fleet(fleet), check_batch(batch)
+    try:
+        sessions = check_claim_sessions(sessions, "--sessions")
+    except IdentityError as err:
+        raise FleetUsageError(str(err)) from None
     password = secrets.token_urlsafe(24)
     now = time.time()
     with db.begin() as c:
@@ -368,13 +380,14 @@ def create_claim(db: FleetDB, fleet: str, batch: str, *, actor: str) -> str:
                                   f"{row['created_by']}); 'edge-sdk claim revoke {batch}' "
                                   "first for a new password")
         values = {"created_by": actor, "created_at": now, "revoked_at": None,
-                  "secret": password, "want": "create"}
+                  "secret": password, "want": "create", "sessions": sessions}
         if row is None:
             rows.insert_claim(c, {"fleet": fleet, "batch": batch, **values, "requests": 0,
                                   "dropped": 0, "refused": 0})
         else:
             rows.update_claim(c, fleet, batch, values)
-        db.record_audit(actor, "claim.create", {"fleet": fleet, "batch": batch}, conn=c)
+        db.record_audit(actor, "claim.create", {"fleet": fleet, "batch": batch,
+                                                "sessions": sessions}, conn=c)
     return password
 
 

@@ -1,7 +1,8 @@
 """The controller's side of device identity: enrolment by claim, credentials at the broker.
 
-A device holds its own EC key and a claim account shared by its batch (``_claim-<batch>``,
-whose password ships on every device image). With it, it publishes an
+A device holds its own EC key and the password of its batch's claim (one password, N
+broker accounts ``_claim-<batch>``, ``_claim1-<batch>``...; it ships on every device
+image). With it, it publishes an
 :class:`~edge_sdk.identity.EnrolRequest` on ``{base}/enrol/<batch>/<device>/req``; the
 :class:`Enroller` records the request (:mod:`._enrol`) and answers on the retained
 ``.../res`` topic: ``pending`` until an operator accepts or rejects the id, then
@@ -644,12 +645,14 @@ class Enroller:
             try:
                 if row.get("kind") == "claim":
                     if want == "create":
-                        self.admin.ensure_claim(name, str(row["secret"]))
+                        self.admin.ensure_claim(name, str(row["secret"]),
+                                                int(row.get("sessions") or 1))
                     elif want == "delete":
                         self.admin.delete_claim(name)
                     rec.claim_applied(self.db, self.fleet, name, want=want)
                     claims = True
-                    log.info("enroller: claim %s %sd at the broker", name, want)
+                    log.info("enroller: claim %s %sd at the broker (%s session account(s))",
+                             name, want, row.get("sessions") if want == "create" else "all")
                 elif want == "issue":
                     self._issue(row)
                 elif want == "revoke":

@@ -301,7 +301,10 @@ enrolments = sa.Table(
 #: ``secret`` is the password until the controller created the account at the broker
 #: (then ''); ``want`` what it still has to do there ('' nothing, ``create``,
 #: ``delete``); the counts are the controller's: requests received, ``dropped`` over the
-#: batch's rate, ``refused`` (malformed), the newest at ``last_at``.
+#: batch's rate, ``refused`` (malformed), the newest at ``last_at``. ``sessions``: how many
+#: broker accounts the claim is (``_claim-<batch>``, ``_claim1-<batch>``...; all with its
+#: password: each device of the batch uses one, so that they do not close each other's
+#: enrolment exchanges).
 claims = sa.Table(
     "claims", meta,
     sa.Column("fleet", sa.String(128), primary_key=True),
@@ -315,6 +318,7 @@ claims = sa.Table(
     sa.Column("dropped", sa.BigInteger, nullable=False, default=0),
     sa.Column("refused", sa.BigInteger, nullable=False, default=0),
     sa.Column("last_at", sa.Float),
+    sa.Column("sessions", sa.Integer, nullable=False, default=1),
 )
 
 #: Devices accepted before they ask (schema 10; ``edge-sdk device allow``): the first
