@@ -265,6 +265,11 @@ class IdentityConfig:
     poll_s: float = 30.0
     #: How long one exchange waits for the controller's answer.
     answer_wait_s: float = 5.0
+    #: The claim's broker accounts ("sessions", ``edge-sdk claim create --sessions``): the
+    #: device asks through session ``sha256(device id) % claim_sessions``
+    #: (``_claim<k>-<batch>``), and through session 0 (``_claim-<batch>``) when the broker
+    #: refuses that one (a claim with fewer sessions).
+    claim_sessions: int = 16
     #: Facts sent with the enrolment request (shown to the operator who accepts it).
     facts: Mapping[str, str] = field(default_factory=lambda: types.MappingProxyType({}))
 
@@ -483,6 +488,9 @@ class AgentConfig:
                          ("identity.answer_wait_s", ident.answer_wait_s)):
             if num <= 0:
                 raise bad(key, "must be > 0")
+        if not 1 <= ident.claim_sessions <= 256:
+            raise bad("identity.claim_sessions", "must be from 1 to 256 (the claim's "
+                      "'edge-sdk claim create --sessions')")
         if len(ident.facts) > MAX_TAGS:
             raise bad("identity.facts", f"{len(ident.facts)} facts, at most {MAX_TAGS}")
         for k, v in ident.facts.items():

@@ -15,6 +15,7 @@ short-lived credential the controller seals to that key. Three parts:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ from edge_sdk.errors import EdgeError
 
 if TYPE_CHECKING:
     from edge_sdk.identity import Credentials, DeviceKey, EnrolAnswer
-    from edge_sdk.transport import MqttConfig, Topics
+    from edge_sdk.transport import MqttConfig, MqttConnection, Topics
 
     from ._config import AgentConfig
 
@@ -44,9 +45,12 @@ CA_FILE = "ca.pem"
 _MAX_STORE_BYTES = 64 * 1024
 #: Renewal retries wait at least this long (and at most a tenth of the lifetime).
 MIN_RENEW_BACKOFF_S = 10.0
-#: After an enrolment exchange the claim account's shared session was taken from us
-#: (another device of the batch connected): try again soon, not after a whole poll.
-_KICKED_RETRY_S = 2.0
+#: After an enrolment exchange was taken over (another device connected as the same claim
+#: session account, whose connections the broker names after it), the next one comes
+#: after this, doubling with each takeover in a row up to ``poll_s`` (+-50 %): soon after
+#: one, but devices that keep colliding spread out instead of taking turns closing each
+#: other (an ALOHA collapse).
+TAKEOVER_BACKOFF_S = 1.0
 
 
 # -- pure part -----------------------------------------------------------------------------
@@ -211,10 +215,14 @@ class Keyring:
         return out[0], out[1]
 
 
-def enrol_delay(poll_s: float, rnd: float, *, kicked: bool = False) -> float:
+def enrol_delay(poll_s: float, rnd: float, *, takeovers: int = 0) -> float:
     """Seconds until the next enrolment exchange: ``poll_s`` +-50 % (``rnd`` in [0, 1)),
-    so that a batch of devices switched on together spreads out; sooner after a kick."""
-    base = min(poll_s, _KICKED_RETRY_S) if kicked else poll_s
+    so that a batch of devices switched on together spreads out. After ``takeovers``
+    exchanges in a row were taken over: :data:`TAKEOVER_BACKOFF_S` doubling with each,
+    at most ``poll_s``, +-50 %."""
+    base = poll_s
+    if takeovers > 0:
+        base = min(poll_s, TAKEOVER_BACKOFF_S * 2.0 ** min(takeovers - 1, 30))
     return base * (0.5 + rnd)
 
 
@@ -325,38 +333,83 @@ class CredentialStore:
         return self.ca_path
 
 
+def _set_when_down(event: threading.Event) -> Callable[[bool], None]:
+    """A connection listener that sets ``event`` when the link goes down."""
+    def listener(up: bool) -> None:
+        if not up:
+            event.set()
+    return listener
+
+
 class EnrolmentClient:
     """One enrolment exchange per :meth:`attempt`, over its own short-lived connection
-    as the claim account ``_claim-<batch>``."""
+    as one of the claim's session accounts: session ``sha256(device id) % sessions``
+    (``_claim<k>-<batch>``), or session 0 (``_claim-<batch>``) once the broker refused
+    that one for good while it accepted session 0 (the claim has fewer sessions)."""
 
     def __init__(self, *, key: DeviceKey, device_id: str, batch: str, facts: dict[str, str],
-                 topics: Topics, mqtt: MqttConfig, answer_wait_s: float) -> None:
+                 topics: Topics, mqtt: MqttConfig, answer_wait_s: float,
+                 sessions: int = 1) -> None:
+        from edge_sdk.identity import claim_session
+
         self.key = key
         self.device_id = device_id
         self.batch = batch
         self.facts = facts
         self.topics = topics
+        #: The claim connection's settings (user and client id: replaced per session).
         self.mqtt = mqtt
         self.answer_wait_s = answer_wait_s
+        #: This device's session of the claim.
+        self.session = claim_session(device_id, sessions)
+        #: True once the broker refused :attr:`session` and took session 0.
+        self.fell_back = False
 
-    def attempt(self, *, refused_issued: int = 0) -> Outcome:
+    def _mqtt_for(self, session: int) -> MqttConfig:
+        from edge_sdk.identity import claim_username
+
+        user = claim_username(self.batch, session)
+        return dataclasses.replace(self.mqtt, username=user, client_id=user)
+
+    def _connect(self) -> tuple[MqttConnection, threading.Event] | Outcome:
+        """A claim connection (its session's account, else session 0's), with the event
+        set when it drops; or the outcome when there is none."""
         from edge_sdk.transport import MqttConnection
 
+        sessions = [0] if self.fell_back or self.session == 0 else [self.session, 0]
+        refusals: list[str] = []
+        for session in sessions:
+            mqtt = self._mqtt_for(session)
+            dropped = threading.Event()
+            conn: MqttConnection | None = None
+            try:
+                conn = MqttConnection(mqtt, name=f"enrol-{self.device_id}")
+                conn.add_connection_listener(_set_when_down(dropped))
+                # A refused claim ends the attempt at once (no reconnect to wait out).
+                conn.on_refused(lambda reason: None)
+                conn.connect()
+            except EdgeError as err:
+                if conn is None or conn.refused is None:
+                    return Outcome("unreachable", str(err))
+                refusals.append(f"{mqtt.username} ({conn.refused})")
+                conn.close()
+                if session != 0:
+                    log.info("the broker refused claim session account %s (%s): asking "
+                             "through session 0", mqtt.username, conn.refused)
+                continue
+            if session == 0 and self.session != 0 and refusals:
+                self.fell_back = True
+            return conn, dropped
+        return Outcome("refused", f"the broker refused the claim account "
+                       f"{' and '.join(refusals)}: the claim was revoked, or "
+                       "identity.claim_password is wrong")
+
+    def attempt(self, *, refused_issued: int = 0) -> Outcome:
         answers: queue.Queue[bytes] = queue.Queue(_MAX_WAITING)
-        dropped = threading.Event()
-        conn: MqttConnection | None = None
-        try:
-            conn = MqttConnection(self.mqtt, name=f"enrol-{self.device_id}")
-            conn.add_connection_listener(lambda up: None if up else dropped.set())
-            # A refused claim ends the attempt at once (no reconnect to wait out).
-            conn.on_refused(lambda reason: None)
-            conn.connect()
-        except EdgeError as err:
-            if conn is not None and conn.refused is not None:
-                return Outcome("refused", f"the broker refused the claim account "
-                               f"{self.mqtt.username} ({conn.refused}): the claim was "
-                               "revoked, or identity.claim_password is wrong")
-            return Outcome("unreachable", str(err))
+        got_conn = self._connect()
+        if isinstance(got_conn, Outcome):
+            return got_conn
+        conn, dropped = got_conn
         try:
             topic = self.topics.enrol_answer(self.batch, self.device_id)
             conn.subscribe(topic, lambda t, p: _offer(answers, p))
@@ -380,6 +433,7 @@ class EnrolmentClient:
                     continue
                 got = self._read_one(payload, refused_issued)
                 if got is not None:
+                    # The exchange ends here: the session is free for the next device.
                     return got
             if dropped.is_set():
                 return Outcome("silent", "the claim session was taken over", kicked=True)
@@ -493,13 +547,15 @@ class IdentityService:
         #: When a renewal's pending credentials must have been switched to by the broker.
         self._promote_by: float | None = None
         self._enrol_at = 0.0
+        #: Enrolment exchanges taken over in a row (another device took the session).
+        self._takeovers = 0
         self._last_enrol: tuple[str, str] = ("", "")
         #: Enrolment exchanges tried so far.
         self.attempts = 0
         self.enrolment = EnrolmentClient(
             key=self.key, device_id=config.device_id, batch=ident.batch,
             facts=dict(ident.facts), topics=self.topics, mqtt=self._claim_mqtt(),
-            answer_wait_s=ident.answer_wait_s)
+            answer_wait_s=ident.answer_wait_s, sessions=ident.claim_sessions)
 
     # -- what the agent calls ----------------------------------------------------------
 
@@ -613,8 +669,9 @@ class IdentityService:
             return
         out = self.enrolment.attempt(refused_issued=refused_issued)
         self.attempts += 1
+        self._takeovers = self._takeovers + 1 if out.kicked else 0
         self._enrol_at = time.monotonic() + enrol_delay(self.ident.poll_s, self._rnd(),
-                                                        kicked=out.kicked)
+                                                        takeovers=self._takeovers)
         if out.state == "accepted":
             assert out.creds is not None
             self._issued(out.creds)
@@ -759,6 +816,7 @@ class IdentityService:
 
         b = self.config.broker
         ca = self.ca_file or b.tls.ca_file
+        # Session 0's name; EnrolmentClient puts in the device's session.
         user = claim_username(self.ident.batch)
         return MqttConfig(
             url=",".join(b.all_urls), username=user,
@@ -769,9 +827,9 @@ class IdentityService:
             tls_insecure=b.tls.insecure, client_id=user, keepalive=b.keepalive_s,
             fleet=self.config.fleet, topic_prefix=b.topic_prefix,
             connect_timeout=self.ident.answer_wait_s,
-            # Every device of the batch shares the claim's session: a connection that is
-            # taken over must not come back at once and take it back; the next attempt
-            # makes a new one.
+            # Devices of the batch share each session account: a connection that is taken
+            # over must not come back at once and take it back; the next attempt makes a
+            # new one (after enrol_delay's backoff).
             reconnect_min_delay=2 * self.ident.answer_wait_s,
             reconnect_max_delay=2 * self.ident.answer_wait_s,
         )

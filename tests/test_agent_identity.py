@@ -145,7 +145,14 @@ def test_renewal_backoff_doubles_from_ten_seconds_up_to_a_tenth_of_the_lifetime(
 
 def test_enrolment_polls_spread_by_half_and_come_sooner_after_a_kick() -> None:
     assert enrol_delay(30, 0.0) == 15 and enrol_delay(30, 0.999) == pytest.approx(44.97)
-    assert enrol_delay(30, 0.5, kicked=True) < 30
+    assert enrol_delay(30, 0.5, takeovers=1) < 30
+
+
+def test_takeovers_in_a_row_back_off_doubling_up_to_the_poll_with_jitter() -> None:
+    assert [enrol_delay(30, 0.5, takeovers=n) for n in range(1, 8)] == [1, 2, 4, 8, 16, 30, 30]
+    assert enrol_delay(30, 0.0, takeovers=3) == 2 and enrol_delay(30, 0.999, takeovers=3) \
+        == pytest.approx(5.996)
+    assert enrol_delay(30, 0.5, takeovers=10_000) == 30
 
 
 def test_an_answer_for_another_key_or_for_refused_credentials_is_not_ours() -> None:
