@@ -28,6 +28,7 @@ from edge_sdk.fleet._dynsec import (
     DynsecAdmin,
     broker_user,
 )
+from edge_sdk.identity import claim_username
 from edge_sdk.transport import MqttConfig, MqttConnection, Topics
 from edge_sdk.transport._access import permissions, refused_permissions
 from tests._broker import Mosquitto
@@ -251,6 +252,50 @@ def test_a_claim_account_cannot_be_handled_as_a_device_nor_a_device_as_a_claim(
     assert "_claim-b-kind" not in admin.clients()
 
 
+def test_a_claim_is_n_accounts_with_one_password_and_each_keeps_its_own_session(
+        broker: tuple[Mosquitto, dict[str, str]], admin: DynsecAdmin) -> None:
+    b, _ = broker
+    admin.ensure_claim("b-n", "pw-1", 4)
+    names = [claim_username("b-n", k) for k in range(4)]
+    assert [n for n in admin.clients() if n.endswith("-b-n")] == sorted(names)
+    conns = [connect_as(b, {n: "pw-1"}, n) for n in names]
+    try:
+        drops: list[bool] = []
+        for c in conns:
+            c.add_connection_listener(drops.append)
+        # Another device on session 2 takes only session 2's connection.
+        connect_as(b, {names[2]: "pw-1"}, names[2]).close()
+        _gone(conns[2])
+        assert [c.connected for c in conns] == [True, True, False, True]
+        # Re-created with fewer sessions and a new password: the extra accounts go (the
+        # old password must not keep working on them); the rest take the new one.
+        admin.ensure_claim("b-n", "pw-2", 2)
+        assert [n for n in admin.clients() if n.endswith("-b-n")] == sorted(names[:2])
+        _refused(b, names[3], "pw-1")
+        _refused(b, names[1], "pw-1")
+        connect_as(b, {names[1]: "pw-2"}, names[1]).close()
+        admin.delete_claim("b-n")
+        assert [n for n in admin.clients() if n.endswith("-b-n")] == []
+        _refused(b, names[0], "pw-2")
+    finally:
+        for c in conns:
+            c.close()
+
+
+def test_a_claim_session_name_held_by_another_account_is_refused(
+        admin: DynsecAdmin) -> None:
+    admin.call([{"command": "createClient", "username": "_claim3-b-odd", "password": "x"}],
+               tolerate=("Client already exists",))
+    try:
+        with pytest.raises(BrokerAdminError, match=r"_claim3-b-odd.*not a claim account"):
+            admin.ensure_claim("b-odd", "pw", 4)
+        with pytest.raises(BrokerAdminError, match="not a claim account"):
+            admin.delete_claim("b-odd")
+    finally:
+        admin.call([{"command": "deleteClient", "username": "_claim3-b-odd"}])
+    assert "_claim3-b-odd" in [claim_username("b-odd", 3)]
+
+
 def test_concurrent_admins_on_one_connection_get_their_own_answers(
         broker: tuple[Mosquitto, dict[str, str]]) -> None:
     b, creds = broker
@@ -338,14 +383,16 @@ def _every_topic(batch: str, other_batch: str) -> list[str]:
     ]
 
 
+@pytest.mark.parametrize("session", [0, 5])
 def test_claim_account_tries_every_other_topic_and_reaches_none(
         broker: tuple[Mosquitto, dict[str, str]], admin: DynsecAdmin,
-        monitor: tuple[MqttConnection, Inbox]) -> None:
+        monitor: tuple[MqttConnection, Inbox], session: int) -> None:
     b, creds = broker
     mon, seen = monitor
     admin.ensure_device("cam-1", "pw-cam-1", ["lobby"])
-    admin.ensure_claim("b1", "claim-b1")
-    admin.ensure_claim("b2", "claim-b2")
+    admin.ensure_claim("b1", "claim-b1", 8)
+    admin.ensure_claim("b2", "claim-b2", 8)
+    user = claim_username("b1", session)
     topics = _every_topic("b1", "b2")
     # Retained bait everywhere the monitor may write, before the claim subscribes.
     for topic in topics:
@@ -355,8 +402,7 @@ def test_claim_account_tries_every_other_topic_and_reaches_none(
     drops: list[bool] = []
     dev.add_connection_listener(drops.append)
     # Its client id is the device's: with use_username_as_clientid it takes no session.
-    claim = connect_as(b, {"_claim-b1": "claim-b1"}, "_claim-b1",
-                       client_id=dev.config.client_id)
+    claim = connect_as(b, {user: "claim-b1"}, user, client_id=dev.config.client_id)
     try:
         got = Inbox()
         claim.subscribe(f"{BASE}/enrol/b1/+/res", got)
