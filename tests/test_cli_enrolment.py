@@ -168,7 +168,8 @@ def test_a_claims_password_is_written_0600_or_shown_once(
     enrol.count_claim(db, FLEET, "line-3", requests=4, dropped=1)
     assert _cli(db_url, "claim", "list") == 0
     rows = capsys.readouterr().out.splitlines()
-    assert rows[1].split() == ["line-3", "applying", "4", "1", "0", "alice"]
+    assert rows[0].split()[:3] == ["BATCH", "STATE", "SESSIONS"]
+    assert rows[1].split() == ["line-3", "applying", "16", "4", "1", "0", "alice"]
     _ask(db, "p1", batch="line-3")
     assert _cli(db_url, "claim", "revoke", "line-3") == 0
     assert "1 pending request(s) dropped" in capsys.readouterr().out
@@ -177,3 +178,22 @@ def test_a_claims_password_is_written_0600_or_shown_once(
     assert [(c["batch"], c["revoked_at"] is not None) for c in listed] == [
         ("line-3", True), ("line-4", False)]
     assert pw not in json.dumps(listed)
+
+
+def test_a_claim_is_created_with_the_sessions_asked_for_within_1_to_256(
+        db: FleetDB, db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _cli(db_url, "claim", "create", "one", "--sessions", "1") == 0
+    said = capsys.readouterr().out
+    assert "user _claim-one," in said and "more session" not in said
+    assert _cli(db_url, "claim", "create", "many", "--sessions", "256") == 0
+    assert "user _claim-many and 255 more session account(s)" in capsys.readouterr().out
+    for bad in ("0", "257", "-3"):
+        assert _cli(db_url, "claim", "create", f"bad{bad}", "--sessions", bad) == 2
+        err = capsys.readouterr().err
+        assert "--sessions" in err and "1 to 256" in err and "Traceback" not in err
+    assert _cli(db_url, "claim", "create", "x", "--sessions", "many") == 2
+    assert {w["batch"]: w["sessions"] for w in enrol.wanted(db, FLEET)} == {
+        "one": 1, "many": 256}
+    assert _cli(db_url, "claim", "list", "--json") == 0
+    assert {c["batch"]: c["sessions"] for c in json.loads(capsys.readouterr().out)} == {
+        "one": 1, "many": 256}

@@ -321,12 +321,27 @@ def test_a_claims_password_is_kept_only_until_the_controller_applied_it(
     assert enrol.wanted(db, FLEET) == []
     assert db.claims(FLEET)[0]["secret_pending"] is False
     assert pw not in json.dumps(db.audit())
-    assert _actions(db)[-1] == ("alice", "claim.create", {"fleet": FLEET, "batch": "line-3"})
+    assert _actions(db)[-1] == ("alice", "claim.create", {"fleet": FLEET, "batch": "line-3",
+                                                          "sessions": 16})
     with pytest.raises(FleetUsageError, match="exists"):
         enrol.create_claim(db, FLEET, "line-3", actor="alice")
     for bad in ("a/b", "x" * 33, "_x."):
         with pytest.raises(FleetUsageError, match="claim batch"):
             enrol.create_claim(db, FLEET, bad, actor="alice")
+
+
+def test_a_claim_records_its_number_of_sessions_and_a_new_one_replaces_it(
+        db: FleetDB) -> None:
+    enrol.create_claim(db, FLEET, "b1", actor="alice", sessions=3)
+    assert [(w["batch"], w["sessions"]) for w in enrol.wanted(db, FLEET)] == [("b1", 3)]
+    assert db.claims(FLEET)[0]["sessions"] == 3
+    enrol.revoke_claim(db, FLEET, "b1", actor="alice")
+    enrol.create_claim(db, FLEET, "b1", actor="alice", sessions=256)
+    assert [(w["want"], w["sessions"]) for w in enrol.wanted(db, FLEET)] == [("create", 256)]
+    for bad in (0, 257, -1):
+        with pytest.raises(FleetUsageError, match=r"--sessions.*1 to 256"):
+            enrol.create_claim(db, FLEET, "b2", actor="alice", sessions=bad)
+    assert [c["batch"] for c in db.claims(FLEET)] == ["b1"]
 
 
 def test_revoking_a_claim_drops_its_pending_requests_only(db: FleetDB) -> None:
