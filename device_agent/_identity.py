@@ -550,8 +550,10 @@ class IdentityService:
         #: Enrolment exchanges taken over in a row (another device took the session).
         self._takeovers = 0
         self._last_enrol: tuple[str, str] = ("", "")
-        #: Enrolment exchanges tried so far.
+        #: Enrolment exchanges tried so far, and how many of them were taken over (another
+        #: device connected as the same claim session account).
         self.attempts = 0
+        self.takeovers = 0
         self.enrolment = EnrolmentClient(
             key=self.key, device_id=config.device_id, batch=ident.batch,
             facts=dict(ident.facts), topics=self.topics, mqtt=self._claim_mqtt(),
@@ -670,6 +672,7 @@ class IdentityService:
         out = self.enrolment.attempt(refused_issued=refused_issued)
         self.attempts += 1
         self._takeovers = self._takeovers + 1 if out.kicked else 0
+        self.takeovers += out.kicked
         self._enrol_at = time.monotonic() + enrol_delay(self.ident.poll_s, self._rnd(),
                                                         takeovers=self._takeovers)
         if out.state == "accepted":

@@ -45,6 +45,8 @@ from edge_sdk.identity import (
     EnrolAnswer,
     EnrolRequest,
     RenewRequest,
+    claim_session,
+    claim_username,
     fingerprint_of,
     seal,
 )
@@ -221,6 +223,10 @@ def _config(tmp: Path, url: str = "mqtt://127.0.0.1:1", **identity: Any) -> Agen
      "identity.renew_fraction"),
     ({"identity": {"batch": "b1", "claim_password": "x", "facts": {"a b": "c"}}},
      "identity.facts.a b"),
+    ({"identity": {"batch": "b1", "claim_password": "x", "claim_sessions": 0}},
+     "identity.claim_sessions"),
+    ({"identity": {"batch": "b1", "claim_password": "x", "claim_sessions": 257}},
+     "identity.claim_sessions"),
 ])
 def test_identity_config_errors_name_the_key_in_one_line(
         tmp_path: Path, change: dict[str, Any], says: str) -> None:
@@ -234,6 +240,7 @@ def test_identity_config_errors_name_the_key_in_one_line(
 def test_identity_config_defaults_keep_the_key_under_the_state_dir(tmp_path: Path) -> None:
     cfg = _config(tmp_path)
     assert cfg.identity is not None and cfg.identity.renew_fraction == 0.33
+    assert cfg.identity.claim_sessions == 16
     assert cfg.key_path == tmp_path / "state" / "identity" / "device.key"
 
 
@@ -662,6 +669,87 @@ def test_devices_of_one_batch_enrol_together_through_the_shared_claim_session(
     finally:
         for a in agents:
             a.stop()
+        ctl.close()
+
+
+class _Gathering(MiniController):
+    """Holds every enrolment request until ``until`` devices have asked: each device's
+    exchange stays open on its claim session meanwhile, so devices sharing a session
+    account would surely take it from each other."""
+
+    def __init__(self, *args: Any, until: int, **kw: Any) -> None:
+        self.until = until
+        self.held: list[tuple[str, bytes]] = []
+        self.gathered = False
+        super().__init__(*args, **kw)
+
+    def _enrol(self, topic: str, payload: bytes) -> None:
+        if not self.gathered:
+            self.held.append((topic, payload))
+            asked = {TOPICS.enrol_requester(t) for t, _ in self.held}
+            if len(asked) < self.until:
+                return
+            self.gathered = True
+        held, self.held = self.held or [(topic, payload)], []
+        for t, p in held:
+            super()._enrol(t, p)
+
+
+def test_devices_on_different_claim_sessions_enrol_together_without_taking_over(
+        tmp_path: Path, fleet: Any) -> None:
+    broker, _, admin = fleet
+    ids: dict[int, str] = {}
+    for i in range(200):  # four devices whose sessions of the 16 differ
+        ids.setdefault(claim_session(f"dev-{i}", 16), f"dev-{i}")
+    chosen = list(ids.values())[:4]
+    ctl = _Gathering(admin.connection, admin, until=len(chosen))
+    agents: list[Agent] = []
+    try:
+        for dev in chosen:
+            cfg = _config(tmp_path / dev, broker.url, answer_wait_s=20.0, claim_sessions=16)
+            agents.append(Agent(dataclasses.replace(cfg, device_id=dev),
+                                source=LocalSource()))
+        for a in agents:
+            a.start()
+        for a in agents:
+            conn = a.connection
+            assert conn is not None
+            _wait(lambda c=conn: c.connected, f"{a.config.device_id} connected", 60)
+        assert sorted(ctl.issued) == sorted(chosen)
+        idents = [a.identity for a in agents]
+        assert [(i.attempts, i.takeovers) for i in idents if i is not None] == [(1, 0)] * 4
+    finally:
+        for a in agents:
+            a.stop()
+        ctl.close()
+
+
+def test_a_device_whose_claim_session_the_broker_refuses_asks_through_session_0(
+        tmp_path: Path, fleet: Any) -> None:
+    broker, _, admin = fleet
+    admin.ensure_claim(BATCH, "claim-pw", 1)  # only _claim-b1 is left
+    dev = next(f"dev-{i}" for i in range(100) if claim_session(f"dev-{i}", 16) != 0)
+    ctl = _controller(admin)
+    try:
+        def client(password: str) -> EnrolmentClient:
+            return EnrolmentClient(
+                key=DeviceKey.load_or_create(tmp_path / "device.key"), device_id=dev,
+                batch=BATCH, facts={}, topics=TOPICS,
+                mqtt=MqttConfig(url=broker.url, fleet=FLEET, username="_claim-" + BATCH,
+                                password=password, connect_timeout=5), answer_wait_s=10,
+                sessions=16)
+
+        wrong = client("wrong").attempt()
+        own = claim_username(BATCH, claim_session(dev, 16))
+        assert wrong.state == "refused" and own in wrong.reason and \
+            "_claim-b1 (" in wrong.reason and "identity.claim_password" in wrong.reason
+        c = client("claim-pw")
+        assert c.session != 0 and not c.fell_back
+        out = c.attempt()
+        assert out.state == "accepted" and out.creds is not None and c.fell_back
+        assert ctl.requests[dev] == 1
+        connect_as(broker, {dev: out.creds.password}, dev).close()
+    finally:
         ctl.close()
 
 
