@@ -31,7 +31,9 @@ from device_agent._identity import (
     CredentialStore,
     EnrolmentClient,
     Held,
+    IdentityService,
     Keyring,
+    Outcome,
     enrol_delay,
     judge,
     renew_backoff,
@@ -235,6 +237,31 @@ def test_identity_config_errors_name_the_key_in_one_line(
     with pytest.raises(ConfigError, match=says) as err:
         AgentConfig.from_dict(data)
     assert "\n" not in str(err.value)
+
+
+class _Exchanges:
+    """An enrolment client whose exchanges come to the given outcomes, in order."""
+
+    def __init__(self, *outcomes: Outcome) -> None:
+        self.outcomes = list(outcomes)
+        self.mqtt: object = None
+
+    def attempt(self, *, refused_issued: int = 0) -> Outcome:
+        return self.outcomes.pop(0)
+
+
+def test_takeovers_in_a_row_push_the_next_exchange_further_until_one_is_not(
+        tmp_path: Path) -> None:
+    svc = IdentityService(_config(tmp_path, poll_s=30.0), event=lambda kind, **f: None,
+                          rnd=lambda: 0.5)
+    kicked, pending = Outcome("silent", kicked=True), Outcome("pending")
+    svc.enrolment = _Exchanges(kicked, kicked, kicked, pending, kicked)  # type: ignore[assignment]
+    waits = []
+    for _ in range(5):  # the service thread's enrolment step, driven by hand
+        svc._enrol()  # noqa: SLF001
+        waits.append(round(svc._enrol_at - time.monotonic()))  # noqa: SLF001
+    assert waits == [1, 2, 4, 30, 1]
+    assert (svc.attempts, svc.takeovers) == (5, 4)
 
 
 def test_identity_config_defaults_keep_the_key_under_the_state_dir(tmp_path: Path) -> None:
