@@ -50,10 +50,11 @@ class Rig:
                  enroller: Enroller) -> None:
         self.broker, self.creds, self.db, self.enroller = broker, creds, db, enroller
 
-    def claim(self, batch: str = BATCH) -> str:
-        """Create a claim as an operator does; wait until the broker has its account."""
-        password = rec.create_claim(self.db, FLEET, batch, actor="test")
-        self.creds[claim_username(batch)] = password
+    def claim(self, batch: str = BATCH, sessions: int = 16) -> str:
+        """Create a claim as an operator does; wait until the broker has its accounts."""
+        password = rec.create_claim(self.db, FLEET, batch, actor="test", sessions=sessions)
+        for k in range(sessions):
+            self.creds[claim_username(batch, k)] = password
         wait_for(lambda: all(c["want"] == "" for c in rec.claims(self.db, FLEET)
                              if c["batch"] == batch), 20, f"claim {batch} applied")
         return password
@@ -414,16 +415,20 @@ def test_a_request_for_a_batch_no_claim_names_writes_nothing(
 
 def test_a_revoked_claim_is_deleted_at_the_broker(make_rig: Callable[..., Rig]) -> None:
     rig = make_rig()
-    rig.claim("line-2")
-    claim = rig.connect(claim_username("line-2"))
+    rig.claim("line-2", sessions=3)
+    names = [claim_username("line-2", k) for k in range(3)]
+    assert [n for n in rig.enroller.admin.clients() if n.endswith("-line-2")] == names
+    claims = [rig.connect(names[0]), rig.connect(names[2])]
     try:
-        down = disconnected(claim)
+        downs = [disconnected(c) for c in claims]
         rec.revoke_claim(rig.db, FLEET, "line-2", actor="operator")
-        assert down.wait(10), "the revoked claim is still connected"
+        assert all(d.wait(10) for d in downs), "a revoked claim session is still connected"
     finally:
-        claim.close()
-    with pytest.raises(TransportError):
-        rig.connect(claim_username("line-2"))
+        for c in claims:
+            c.close()
+    for name in names:
+        with pytest.raises(TransportError):
+            rig.connect(name)
     row = next(c for c in rec.claims(rig.db, FLEET) if c["batch"] == "line-2")
     assert not row["secret_pending"] and row["want"] == ""
 
