@@ -14,10 +14,11 @@ Mosquitto with the dynamic security plugin as ``edge-sdk broker init`` sets it u
 
 Per mode it prints the time until every device was pending (operator), the accept
 command's own time, the time until every device was online as itself, CPU seconds of the
-broker, of serve and of the devices, the enrolment rows, and the dynsec file's size. All
-devices of a batch share one claim account, whose connections the broker names after it
-(``use_username_as_clientid``): they take turns, and the retries a taken-over
-connection costs are part of the time.
+broker, of serve and of the devices, the enrolment rows, and the dynsec file's size. The
+claim is 16 broker accounts ("sessions", ``claim create``'s default) and each device asks
+through one of them: the broker names a connection after its user
+(``use_username_as_clientid``), so devices on the same session take turns, and the retries
+a taken-over connection costs are part of the time.
 
     python bench/enrol.py [--devices 1000] [--per-process 125] [--poll 5] [--db URL]
         [--modes operator,allow]
@@ -41,8 +42,9 @@ from tests._identity_host import BATCH, Host  # noqa: E402
 
 
 def _online(host: Host, prefix: str) -> int:
+    """Devices that reported as themselves (over their own account)."""
     return sum(1 for d in host.db.devices(fleet=FLEET)
-               if d["id"].startswith(prefix) and d.get("online"))
+               if d["id"].startswith(prefix) and d["registered"])
 
 
 def _count(host: Host, prefix: str, state: str) -> int:
