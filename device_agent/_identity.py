@@ -389,10 +389,11 @@ class EnrolmentClient:
                 conn.on_refused(lambda reason: None)
                 conn.connect()
             except EdgeError as err:
+                if conn is not None:
+                    conn.close()
                 if conn is None or conn.refused is None:
                     return Outcome("unreachable", str(err))
                 refusals.append(f"{mqtt.username} ({conn.refused})")
-                conn.close()
                 if session != 0:
                     log.info("the broker refused claim session account %s (%s): asking "
                              "through session 0", mqtt.username, conn.refused)
