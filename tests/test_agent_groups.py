@@ -196,3 +196,39 @@ def test_a_hint_sent_while_the_device_was_away_is_found_when_it_comes_back(
     finally:
         again.stop()
 
+
+
+def test_credentials_name_the_groups_assigned_when_they_are_issued(tmp_path: Path) -> None:
+    import time
+
+    from edge_sdk.identity import DeviceKey, EnrolAnswer, EnrolRequest
+
+    with dynsec_broker(tmp_path) as (broker, creds):
+        db = FleetDB.open(f"sqlite:///{tmp_path / 'fleet.db'}")
+        conn = connect_as(broker, creds, SERVE)
+        monitor = connect_as(broker, creds, MONITOR)
+        admin = DynsecAdmin(conn, fleet=FLEET)
+        enroller = Enroller(db, conn, admin, fleet=FLEET)  # not started: polled here
+        try:
+            key = DeviceKey.generate()
+            rec.record_request(db, FLEET, EnrolRequest.create(key, DEV, BATCH, {}),
+                               now=time.time(), max_pending=10)
+            rec.accept_devices(db, FLEET, [DEV], groups=["lobby"], actor="op")
+            _move(db, "door", "lobby")  # before the controller got to the acceptance
+            got: list[bytes] = []
+            monitor.subscribe(TOPICS.enrol_answer(BATCH, DEV),
+                              lambda t, p: got.append(p) if p else None)
+            enroller.poll()
+            _wait(lambda: got, "the accepted answer")
+            answer = EnrolAnswer.from_bytes(got[-1], device_id=DEV)
+            assert answer.state == "accepted" and answer.sealed is not None
+            assert key.open(answer.sealed, device_id=DEV).groups == ("door",)
+            account = admin.client(DEV)
+            assert account is not None
+            assert sorted(r["rolename"] for r in account["roles"]) == [
+                f"dev:{DEV}", "grp:door"]
+            assert rec.group_changes(db, FLEET) == []
+        finally:
+            monitor.close()
+            conn.close()
+            db.close()
