@@ -15,6 +15,7 @@ import pytest
 
 from device_agent import Agent, AgentConfig, InstallRequest
 from edge_sdk import Artifact
+from edge_sdk.errors import EdgeError
 from edge_sdk.fleet import AssignmentChange, Enroller, FleetDB, IdentityConfig, assign_devices
 from edge_sdk.fleet import _enrol as rec
 from edge_sdk.fleet._dynsec import SERVE, DynsecAdmin
@@ -232,3 +233,65 @@ def test_credentials_name_the_groups_assigned_when_they_are_issued(tmp_path: Pat
             monitor.close()
             conn.close()
             db.close()
+
+
+def test_a_renewal_answered_before_a_group_change_is_not_put_in_force(
+        tmp_path: Path, controller: Controller) -> None:
+    import queue
+    import time
+
+    from edge_sdk.identity import DeviceKey, EnrolAnswer, EnrolRequest, RenewHint, RenewRequest
+
+    ctl = controller
+    key = DeviceKey.generate()
+    rec.record_request(ctl.db, FLEET, EnrolRequest.create(key, DEV, BATCH, {}),
+                       now=time.time(), max_pending=10)
+    got: queue.Queue[bytes] = queue.Queue()
+    ctl.monitor.subscribe(TOPICS.enrol_answer(BATCH, DEV),
+                          lambda t, p: got.put(p) if p else None)
+    rec.accept_devices(ctl.db, FLEET, [DEV], groups=["lobby"], actor="op")
+    first = EnrolAnswer.from_bytes(got.get(timeout=30), device_id=DEV)
+    assert first.sealed is not None
+    creds = key.open(first.sealed, device_id=DEV)
+    device = connect_as_device(ctl, creds.password)
+    answers: queue.Queue[bytes] = queue.Queue()
+    try:
+        device.subscribe(TOPICS.cred_answer(DEV), lambda t, p: answers.put(p) if p else None)
+
+        def renew(ack: int = 0) -> None:
+            device.publish_wait(TOPICS.cred_request(DEV),
+                                RenewRequest.signed(key, DEV, ack=ack))
+
+        def next_credentials() -> tuple[int, tuple[str, ...]]:
+            while True:
+                payload = answers.get(timeout=30)
+                try:
+                    RenewHint.from_bytes(payload, device_id=DEV)
+                except EdgeError:
+                    answer = EnrolAnswer.from_bytes(payload, device_id=DEV)
+                    assert answer.sealed is not None
+                    c = key.open(answer.sealed, device_id=DEV)
+                    return c.issued, c.groups
+
+        renew()
+        assert next_credentials() == (2, ("lobby",))
+        _move(ctl.db, "door", "lobby")
+        _wait(lambda: ctl.enroller.stats.regrouped == 1, "the broker roles changed")
+        # Kicked by the role change: it reconnects (same password) and asks again.
+        renew(ack=2)  # the answer made before the change: not put in force
+        renew()
+        assert next_credentials() == (2, ("door",))
+        row = rec.enrolment(ctl.db, FLEET, DEV)
+        assert row is not None and row["issued"] == 1 and ctl.enroller.stats.renewed == 0
+    finally:
+        device.close()
+
+
+def connect_as_device(ctl: Controller, password: str) -> MqttConnection:
+    """The device's own connection (reconnecting quickly after a kick)."""
+    from edge_sdk.transport import MqttConfig
+
+    conn = MqttConnection(MqttConfig(url=ctl.url, username=DEV, password=password,
+                                     fleet=FLEET, client_id=DEV, reconnect_max_delay=0.5))
+    conn.connect(timeout=10)
+    return conn
