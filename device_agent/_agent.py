@@ -331,6 +331,8 @@ class Agent:
             sub = self._desired_subs.pop(topic, None)
             if sub is not None:
                 sub.cancel()
+            with self._desired_lock:
+                self._desired.forget(topic)
         for g in new:
             topic = self.topics.group_desired(g)
             self._desired_topics.append(topic)
