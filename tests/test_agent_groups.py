@@ -1,7 +1,7 @@
-"""An accepted device's groups changed later (``edge-sdk device set --group H
---remove-group G``): the real Enroller over a dynsec Mosquitto changes the account's
-roles and leaves a retained renewal hint; the real agent renews at once and follows
-exactly the groups its new credentials name."""
+"""An accepted device's groups changed later (``edge-sdk device set ID --group H
+--remove-group G``, run here through the CLI): the real Enroller over a dynsec Mosquitto
+changes the account's roles and leaves a retained renewal hint; the real agent renews at
+once and follows exactly the groups its new credentials name."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ import pytest
 
 from device_agent import Agent, AgentConfig, InstallRequest
 from edge_sdk import Artifact
+from edge_sdk.cli import main
 from edge_sdk.errors import EdgeError
-from edge_sdk.fleet import AssignmentChange, Enroller, FleetDB, IdentityConfig, assign_devices
+from edge_sdk.fleet import Enroller, FleetDB, IdentityConfig
 from edge_sdk.fleet import _enrol as rec
 from edge_sdk.fleet._dynsec import SERVE, DynsecAdmin
 from edge_sdk.transport import MqttConnection, Topics
@@ -49,6 +50,7 @@ class Recording(LocalSource):
 class Controller:
     url: str
     db: FleetDB
+    db_url: str
     claim_password: str
     enroller: Enroller
     monitor: MqttConnection
@@ -60,7 +62,8 @@ def controller(tmp_path: Path) -> Iterator[Controller]:
     (no renewal is due on its own during a test) and a monitor account that publishes
     deployments."""
     with dynsec_broker(tmp_path) as (broker, creds):
-        db = FleetDB.open(f"sqlite:///{tmp_path / 'fleet.db'}")
+        db_url = f"sqlite:///{tmp_path / 'fleet.db'}"
+        db = FleetDB.open(db_url)
         conn = connect_as(broker, creds, SERVE)
         monitor = connect_as(broker, creds, MONITOR)
         admin = DynsecAdmin(conn, fleet=FLEET)
@@ -69,7 +72,7 @@ def controller(tmp_path: Path) -> Iterator[Controller]:
         try:
             password = rec.create_claim(db, FLEET, BATCH, actor="op")
             _wait(lambda: all(c["want"] == "" for c in rec.claims(db, FLEET)), "the claim")
-            yield Controller(broker.url, db, password, enroller, monitor)
+            yield Controller(broker.url, db, db_url, password, enroller, monitor)
         finally:
             enroller.stop()
             monitor.close()
@@ -106,10 +109,10 @@ def _version(agent: Agent) -> str | None:
     return cur.version if cur is not None else None
 
 
-def _move(db: FleetDB, to: str, away: str) -> None:
-    """What ``edge-sdk device set DEV --group TO --remove-group AWAY`` does."""
-    assign_devices(db, fleet=FLEET, actor="op", changes={
-        DEV: AssignmentChange.parse(groups=[to], remove_groups=[away])})
+def _move(db_url: str, to: str, away: str) -> None:
+    """``edge-sdk device set DEV --group TO --remove-group AWAY``."""
+    assert main(["device", "set", DEV, "--group", to, "--remove-group", away,
+                 "--db", db_url, "--fleet", FLEET, "--operator", "olga"]) == 0
 
 
 def _enrolled(tmp_path: Path, ctl: Controller, source: LocalSource) -> Agent:
@@ -134,7 +137,7 @@ def test_a_device_moved_to_another_group_gets_its_deployments_and_not_the_old_on
         _wait(lambda: _version(agent) == "v1", "the lobby deployment", 60)
         assert agent.config.groups == ("lobby",)
 
-        _move(ctl.db, "door", "lobby")
+        _move(ctl.db_url, "door", "lobby")
         # The account's roles change (dynsec kicks the device), the retained hint makes
         # it renew now: its new credentials name door only.
         _wait(lambda: agent.config.groups == ("door",), "the agent following door")
@@ -172,7 +175,7 @@ def test_a_hint_sent_while_the_device_was_away_is_found_when_it_comes_back(
     ctl = controller
     agent = _enrolled(tmp_path, ctl, LocalSource())
     agent.stop()
-    _move(ctl.db, "door", "lobby")
+    _move(ctl.db_url, "door", "lobby")
     _wait(lambda: ctl.enroller.stats.regrouped == 1, "the broker roles changed")
     ctl.monitor.publish_wait(TOPICS.group_desired("door"), deployment(arts["v2"], 1),
                              retain=True)
@@ -205,7 +208,8 @@ def test_credentials_name_the_groups_assigned_when_they_are_issued(tmp_path: Pat
     from edge_sdk.identity import DeviceKey, EnrolAnswer, EnrolRequest
 
     with dynsec_broker(tmp_path) as (broker, creds):
-        db = FleetDB.open(f"sqlite:///{tmp_path / 'fleet.db'}")
+        db_url = f"sqlite:///{tmp_path / 'fleet.db'}"
+        db = FleetDB.open(db_url)
         conn = connect_as(broker, creds, SERVE)
         monitor = connect_as(broker, creds, MONITOR)
         admin = DynsecAdmin(conn, fleet=FLEET)
@@ -215,7 +219,7 @@ def test_credentials_name_the_groups_assigned_when_they_are_issued(tmp_path: Pat
             rec.record_request(db, FLEET, EnrolRequest.create(key, DEV, BATCH, {}),
                                now=time.time(), max_pending=10)
             rec.accept_devices(db, FLEET, [DEV], groups=["lobby"], actor="op")
-            _move(db, "door", "lobby")  # before the controller got to the acceptance
+            _move(db_url, "door", "lobby")  # before the controller got to the acceptance
             got: list[bytes] = []
             monitor.subscribe(TOPICS.enrol_answer(BATCH, DEV),
                               lambda t, p: got.append(p) if p else None)
@@ -275,7 +279,7 @@ def test_a_renewal_answered_before_a_group_change_is_not_put_in_force(
 
         renew()
         assert next_credentials() == (2, ("lobby",))
-        _move(ctl.db, "door", "lobby")
+        _move(ctl.db_url, "door", "lobby")
         _wait(lambda: ctl.enroller.stats.regrouped == 1, "the broker roles changed")
         # Kicked by the role change: it reconnects (same password) and asks again.
         renew(ack=2)  # the answer made before the change: not put in force
