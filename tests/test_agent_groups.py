@@ -299,3 +299,50 @@ def connect_as_device(ctl: Controller, password: str) -> MqttConnection:
                                      fleet=FLEET, client_id=DEV, reconnect_max_delay=0.5))
     conn.connect(timeout=10)
     return conn
+
+
+def test_a_group_deployment_is_checked_against_the_groups_the_credentials_name(
+        tmp_path: Path) -> None:
+    """The signed-release source refuses a group deployment naming none of the device's
+    groups: after new credentials that set is theirs (the removed group's deployment is
+    refused, even if it reached the device)."""
+    import time
+
+    from device_agent._source import ReleaseSource
+    from edge_sdk.identity import Credentials
+    from edge_sdk.release import create_deployment
+    from tests._agent_local import config, events
+    from tests._trust_env import FLEET as SIM_FLEET
+    from tests._trust_env import SimEnv
+
+    env = SimEnv(tmp_path / "env")
+    env.release("a", "1.0")
+    env.release("a", "2.0", seed=2)
+    cfg = config(tmp_path / "state", device_id="d1", fleet=SIM_FLEET,
+                 trust={"root": str(env.repo.meta / "1.root.json"),
+                        "deployment_key": str(env.repo.deployment_key_path)})
+    agent = Agent(cfg, source=ReleaseSource(cfg, None, fetcher=env.sim), connect=False)
+    agent.start()
+    try:
+        def given(*groups: str) -> None:
+            """What the identity service calls before the link uses new credentials."""
+            follow = agent._follow  # noqa: SLF001
+            follow(Credentials(username="d1", password="p" * 16, issued=1,
+                               expires_at=time.time() + 3600, groups=groups, ca_pem=None))
+
+        def kinds() -> list[str]:
+            return [e["event"] for e in events(agent)]
+
+        given("lobby")
+        agent.submit(create_deployment(env.repo, model="a", version="1.0", fleet=SIM_FLEET,
+                                       groups=["lobby"]).document)
+        _wait(lambda: "committed" in kinds(), "the lobby deployment installed")
+        given("door")
+        assert agent.config.groups == ("door",)
+        agent.submit(create_deployment(env.repo, model="a", version="2.0", fleet=SIM_FLEET,
+                                       groups=["lobby"]).document)
+        _wait(lambda: "refused" in kinds(), "the lobby deployment refused")
+        cur = agent.slots.current
+        assert cur is not None and cur.version == "1.0"
+    finally:
+        agent.stop()
