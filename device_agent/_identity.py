@@ -490,6 +490,9 @@ class IdentityService:
         self._on_credentials: Callable[[Credentials], None] = lambda c: None
         self._renew_failures = 0
         self._next_renew = 0.0
+        #: The newest renewal hint: credentials up to this issue must be renewed now
+        #: (the operator changed the device's groups).
+        self._hint = 0
         #: When a renewal's pending credentials must have been switched to by the broker.
         self._promote_by: float | None = None
         self._enrol_at = 0.0
@@ -526,9 +529,27 @@ class IdentityService:
         link.on_refused(lambda reason: self._events.put(("refused", reason)))
         link.add_connection_listener(lambda up: self._events.put(("up", "")) if up else None)
         link.subscribe(self.topics.cred_answer(self.device_id),
-                       lambda t, p: _offer(self._answers, p), wait=False)
+                       lambda t, p: self._on_cred_message(p), wait=False)
         self._thread = threading.Thread(target=self._run, name="agent-identity", daemon=True)
         self._thread.start()
+
+    def _on_cred_message(self, payload: bytes) -> None:
+        """A message on the device's ``cred/res`` topic (network thread): a renewal hint
+        (retained: it is there again after every reconnect until a renewal made it out
+        of date) goes to this service's thread; anything else is a renewal answer."""
+        from edge_sdk.identity import MAX_HINT_BYTES, EnrolmentRefused, RenewHint
+
+        if not payload:
+            return  # a hint cleared
+        if len(payload) <= MAX_HINT_BYTES:
+            try:
+                hint = RenewHint.from_bytes(payload, device_id=self.device_id)
+            except EnrolmentRefused:
+                pass
+            else:
+                self._events.put(("hint", str(hint.issued)))
+                return
+        _offer(self._answers, payload)
 
     def stop(self) -> None:
         self._stop.set()
@@ -569,14 +590,31 @@ class IdentityService:
         if self._promote_by is not None and time.monotonic() > self._promote_by:
             self._renewal_failed("the broker did not switch to the renewed password "
                                  f"within {self._promote_wait():g} s")
-        if self.keyring.renewal_due(now) and time.monotonic() >= self._next_renew:
+        if (self.keyring.renewal_due(now) or self._hinted()) \
+                and time.monotonic() >= self._next_renew:
             self._renew()
         return 1.0
+
+    def _hinted(self) -> bool:
+        """A hint asks to renew the current credentials, and no renewal waits for the
+        broker."""
+        k = self.keyring
+        return (k.current is not None and k.pending is None and k.using == "current"
+                and k.current.creds.issued <= self._hint)
 
     def _handle(self, kind: str, reason: str) -> None:
         link = self._link
         assert link is not None
-        if kind == "up":
+        if kind == "hint":
+            issued = int(reason)
+            with self._lock:
+                cur = self.keyring.current
+            if issued > self._hint and cur is not None and cur.creds.issued <= issued:
+                log.info("the controller asks to renew credentials #%d now (the device's "
+                         "groups changed)", cur.creds.issued)
+                self._next_renew = 0.0  # not after a backoff of an earlier failure
+            self._hint = max(self._hint, issued)
+        elif kind == "up":
             with self._lock:
                 promoted = self.keyring.connected()
             if promoted:

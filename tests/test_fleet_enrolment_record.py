@@ -426,3 +426,37 @@ def test_a_database_of_schema_9_gets_the_enrolment_tables(db_url: str) -> None:
         with db.read() as c:
             assert c.execute(sa.text("SELECT max(version) FROM schema_version")).scalar() \
                 == SCHEMA_VERSION == 10
+
+
+def test_a_changed_assignment_is_found_until_its_groups_are_granted(db: FleetDB) -> None:
+    from edge_sdk.fleet import AssignmentChange, assign_devices
+
+    for d in ("a", "b", "c"):
+        _record(db, request(d))
+    enrol.accept_devices(db, FLEET, ["a", "b", "c"], groups=["lobby"], actor="alice")
+    # Only accounts the broker holds are compared: not before the first issue.
+    assign_devices(db, fleet=FLEET, actor="bob", changes={
+        "a": AssignmentChange.parse(groups=["door"], remove_groups=["lobby"])})
+    assert enrol.group_changes(db, FLEET) == []
+    for d in ("a", "b", "c"):
+        enrol.issued(db, FLEET, d, issued=1, expires_at=NOW + 50)
+    (found,) = enrol.group_changes(db, FLEET)
+    assert (found["device_id"], found["issued"], found["granted"], found["assigned"]) == (
+        "a", 1, ["lobby"], ["door"])
+    enrol.groups_granted(db, FLEET, "a", found["assigned_text"])
+    assert enrol.group_changes(db, FLEET) == []
+    assert _row(db, "a")["groups"] == ["door"]
+    # A device with no assignment left (``device remove``) keeps no group at the broker.
+    from edge_sdk.fleet import remove_devices
+
+    remove_devices(db, fleet=FLEET, device_ids=["b"], actor="bob")
+    assert [(f["device_id"], f["assigned"]) for f in enrol.group_changes(db, FLEET)] == [
+        ("b", [])]
+    assert enrol.assigned_groups(db, FLEET, "b") == ([], "[]")
+    # Revoked or expired accounts are not regrouped (re-issuing takes the assignment).
+    assign_devices(db, fleet=FLEET, actor="bob", changes={
+        "c": AssignmentChange.parse(groups=["door"])})
+    enrol.mark_expired(db, FLEET, "c")
+    assert [f["device_id"] for f in enrol.group_changes(db, FLEET)] == ["b"]
+    assert enrol.assigned_groups(db, FLEET, "c")[0] == ["door", "lobby"]
+    assert len(enrol.group_changes(db, FLEET, limit=0)) == 0

@@ -429,6 +429,38 @@ def issued(db: FleetDB, fleet: str, device: str, *, issued: int, expires_at: flo
         rows.update_enrolment(c, fleet, device, {"want": ""}, want="issue")
 
 
+def group_changes(db: FleetDB, fleet: str, *, limit: int = 500) -> list[dict[str, Any]]:
+    """Accepted devices with an active broker account whose assigned groups (``edge-sdk
+    device set``, the page, an assignment file) differ from the groups the account was
+    granted: ``device_id``, ``batch``, ``issued``, ``granted`` and ``assigned`` (lists),
+    ``assigned_text`` (to pass to :func:`groups_granted`). At most ``limit``."""
+    with db.read() as c:
+        found = rows.group_drift(c, fleet, limit)
+    return [{"device_id": r["device_id"], "batch": r["batch"], "issued": int(r["issued"]),
+             "granted": _group_list(r["groups"]), "assigned": _group_list(r["assigned"]),
+             "assigned_text": str(r["assigned"])} for r in found]
+
+
+def assigned_groups(db: FleetDB, fleet: str, device: str) -> tuple[list[str], str]:
+    """The groups assigned to ``device`` now, as a list and as stored (for
+    :func:`groups_granted`)."""
+    with db.read() as c:
+        text = rows.assigned_groups(c, fleet, device)
+    return _group_list(text), text
+
+
+def groups_granted(db: FleetDB, fleet: str, device: str, assigned_text: str) -> None:
+    """The controller made the device's broker roles those of ``assigned_text`` (the
+    assignment's stored groups, from :func:`group_changes` or :func:`assigned_groups`)."""
+    with db.begin() as c:
+        rows.set_granted_groups(c, fleet, device, assigned_text)
+
+
+def _group_list(text: object) -> list[str]:
+    value = store.json_value(str(text) if text is not None else None, [])
+    return [g for g in value if isinstance(g, str)] if isinstance(value, list) else []
+
+
 def revoked_applied(db: FleetDB, fleet: str, device: str) -> None:
     """The controller deleted the device's broker account. A device rejected meanwhile
     is then answered so (``want`` reject)."""
@@ -497,7 +529,8 @@ def claims(db: FleetDB, fleet: str | None = None) -> list[dict[str, Any]]:
 
 
 __all__ = ["AllowResult", "RecordOutcome", "accept_devices", "allow_changes",
-           "allow_devices", "claim_applied", "claim_user", "claims", "count_claim", "create_claim",
-           "enrolment", "enrolments", "expired_due", "issued", "mark_expired", "prune",
+           "allow_devices", "assigned_groups", "claim_applied", "claim_user", "claims",
+           "count_claim", "create_claim", "enrolment", "enrolments", "expired_due",
+           "group_changes", "groups_granted", "issued", "mark_expired", "prune",
            "record_request", "reject_devices", "rejected_applied", "revoke_claim",
            "revoke_device", "revoked_applied", "wanted"]

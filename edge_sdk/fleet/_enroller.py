@@ -19,7 +19,13 @@ request can end the worker, and none is parsed on the network thread.
 The poll loop makes the broker equal to the record (``want``): issue (a new password,
 ``ensure_device``, the sealed answer), revoke (delete the account: the broker closes
 its connection at once), claims created and revoked. The sweep disables accounts whose
-credentials expired and prunes stale pending rows. Renewal: a device signs a
+credentials expired and prunes stale pending rows. Groups: an operator who changes an
+accepted device's groups (``edge-sdk device set``, the page, an assignment file) changes
+its assignment; the poll loop finds the devices whose assigned groups differ from those
+their account was granted, sets the account's roles to them (which kicks the device)
+and leaves a retained :class:`~edge_sdk.identity.RenewHint` on the device's
+``cred/res`` topic: the device renews at once and its new credentials name the new
+groups. Renewal: a device signs a
 :class:`~edge_sdk.identity.RenewRequest` on its ``cred/req`` topic; the enroller answers
 with new credentials (sealed, not retained) and sets the new password at the broker only
 once the device acknowledged having stored it.
@@ -50,6 +56,7 @@ from ..identity import (
     EnrolAnswer,
     EnrolmentRefused,
     EnrolRequest,
+    RenewHint,
     RenewRequest,
 )
 from ..identity import seal as seal_credentials
@@ -79,6 +86,8 @@ _REISSUE_GRACE_S = 60.0
 _MAX_DEVICES = 100_000
 #: An id whose broker change failed is tried again after this long, doubling to the max.
 _RETRY_MIN_S, _RETRY_MAX_S = 2.0, 300.0
+#: Devices whose groups are brought up to date per poll (the rest on the next ones).
+_REGROUP_PER_POLL = 500
 
 
 @dataclass(frozen=True)
@@ -176,6 +185,8 @@ class EnrollerStats:
     revoked: int = 0
     expired: int = 0
     renewed: int = 0
+    #: Devices whose broker roles were changed to their newly assigned groups.
+    regrouped: int = 0
     errors: int = 0
     #: Why the newest request was refused (one line).
     last_refused: str | None = None
@@ -198,6 +209,8 @@ class _Renewal:
     issued: int
     expires_at: float
     answer: bytes
+    #: The groups the sealed credentials name.
+    groups: tuple[str, ...]
     at: float = field(default_factory=time.monotonic)
 
 
@@ -332,6 +345,9 @@ class Enroller:
         self.stats = EnrollerStats()
         self.intake = _Intake(self.config)
         self._lock = threading.Lock()
+        #: Held while a device's groups change and while a renewal's hint is updated: a
+        #: renewal finishing meanwhile must not clear the hint the group change left.
+        self._groups_lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._subs: list[Any] = []
@@ -557,12 +573,13 @@ class Enroller:
         if req.ack == 0:
             with self._lock:
                 pending = self._renewals.get(device)
-            if pending is None or pending.issued != int(row["issued"]) + 1:
+            if pending is None or pending.issued != int(row["issued"]) + 1 \
+                    or pending.groups != _groups(row):
                 password = secrets.token_urlsafe(24)
                 issued = int(row["issued"]) + 1
                 expires = time.time() + self.config.lifetime_s
                 answer = self._accepted(row, password, issued, expires)
-                pending = _Renewal(password, issued, expires, answer.to_bytes())
+                pending = _Renewal(password, issued, expires, answer.to_bytes(), _groups(row))
                 with self._lock:
                     self._renewals[device] = pending
                     self._renewals.move_to_end(device)
@@ -592,16 +609,34 @@ class Enroller:
                               qos=1, retain=True)
         with self._lock:
             self._renewals.pop(device, None)
+        self._after_renewal(device, pending)
         self._count("renewed")
         log.info("enroller: %s renewed its credentials (%d, valid until %s)", device,
                  pending.issued, time.strftime("%Y-%m-%d %H:%M:%S",
                                                time.gmtime(pending.expires_at)))
 
+    def _after_renewal(self, device: str, done: _Renewal) -> None:
+        """The renewal ``done`` is in force: the device's hint is out of date (cleared),
+        unless its groups changed again while the renewal was on the way (then a hint
+        past this renewal, so that the device renews once more)."""
+        try:
+            with self._groups_lock:
+                row = rec.enrolment(self.db, self.fleet, device)
+                granted = _groups(row) if row is not None else done.groups
+                hint = b"" if granted == done.groups \
+                    else RenewHint(device, done.issued).to_bytes()
+                self.conn.publish(self.topics.cred_answer(device), hint, qos=1, retain=True)
+        except (EdgeError, DatabaseError) as err:
+            self._warn(f"hint:{device}", "enroller: the renewal hint of %s not updated: %s",
+                       _shown(device), one_line(err))
+
     def _accepted(self, row: Mapping[str, Any], password: str, issued: int,
-                  expires: float) -> EnrolAnswer:
+                  expires: float, groups: tuple[str, ...] | None = None) -> EnrolAnswer:
         device = str(row["device_id"])
         creds = Credentials(username=device, password=password, issued=issued,
-                            expires_at=expires, groups=_groups(row), ca_pem=self._ca_pem)
+                            expires_at=expires,
+                            groups=_groups(row) if groups is None else groups,
+                            ca_pem=self._ca_pem)
         sealed = seal_credentials(creds, str(row["public_key"]), device_id=device)
         return EnrolAnswer(state="accepted", device_id=device,
                            fingerprint=str(row["fingerprint"]), reason="accepted",
@@ -662,6 +697,41 @@ class Enroller:
                 self._retry.pop(key, None)
         if claims:
             self._refresh_claims()
+        self._regroup()
+
+    def _regroup(self) -> None:
+        """Give each accepted device whose assigned groups changed exactly those at the
+        broker (its roles; dynsec kicks it), then leave it the retained hint to renew now
+        (its credentials name the groups it follows). The record calls the groups granted
+        only once both are done: a failure is tried again later."""
+        for row in rec.group_changes(self.db, self.fleet, limit=_REGROUP_PER_POLL):
+            if self._stop.is_set():
+                return
+            device = str(row["device_id"])
+            if not self._due(device):
+                continue
+            try:
+                with self._groups_lock:
+                    self.admin.set_groups(device, row["assigned"])
+                    with self._lock:
+                        # A renewal answered with the old groups is not acked into force.
+                        self._renewals.pop(device, None)
+                    # The credentials in force now (a renewal may have finished since).
+                    now_row = rec.enrolment(self.db, self.fleet, device)
+                    issued = int((now_row or row).get("issued") or 0)
+                    self.conn.publish_wait(
+                        self.topics.cred_answer(device),
+                        RenewHint(device, issued).to_bytes(), qos=1,
+                        retain=True, timeout=self.config.answer_wait_s)
+                    rec.groups_granted(self.db, self.fleet, device,
+                                       str(row["assigned_text"]))
+            except (EdgeError, DatabaseError) as err:
+                self._failed(device, f"groups of {_shown(device)}", err)
+                continue
+            self._retry.pop(device, None)
+            self._count("regrouped")
+            log.info("enroller: %s now in group(s) %s (was %s); told it to renew", device,
+                     ", ".join(row["assigned"]) or "none", ", ".join(row["granted"]) or "none")
 
     def _due(self, key: str) -> bool:
         at = self._retry.get(key)
@@ -683,15 +753,18 @@ class Enroller:
         password = secrets.token_urlsafe(24)
         issued = int(row.get("issued") or 0) + 1
         expires = time.time() + self.config.lifetime_s
-        self.admin.ensure_device(device, password, list(_groups(row)))
+        # The groups assigned now (an operator may have changed them since acceptance).
+        groups, groups_text = rec.assigned_groups(self.db, self.fleet, device)
+        self.admin.ensure_device(device, password, groups)
+        rec.groups_granted(self.db, self.fleet, device, groups_text)
         rec.issued(self.db, self.fleet, device, issued=issued, expires_at=expires)
         with self._lock:
             self._renewals.pop(device, None)
         self._count("issued")
         log.info("enroller: issued credentials %d to %s", issued, device)
         if batch:
-            self._answer(batch, device, self._accepted(row, password, issued, expires),
-                         retain=True)
+            self._answer(batch, device, self._accepted(row, password, issued, expires,
+                                                       tuple(groups)), retain=True)
 
     def _revoke(self, row: Mapping[str, Any]) -> None:
         device, batch = str(row["device_id"]), str(row["batch"])

@@ -11,6 +11,8 @@ Constructors check the same rules, so a document that was built can always be re
   credentials sealed to the key), rejected, or refused (the request itself was bad).
 - :class:`RenewRequest` (device -> controller, as the device): signed by the device key;
   asks for new credentials (``ack=0``) or acknowledges that it stored issue ``ack``.
+- :class:`RenewHint` (controller -> device, retained on its ``cred/res`` topic): the
+  credentials up to issue ``issued`` are out of date (its groups changed): renew now.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ STATES = ("pending", "accepted", "rejected", "refused")
 REQUEST_TYPE = "edge-enrol-request"
 ANSWER_TYPE = "edge-enrol-answer"
 RENEW_TYPE = "edge-renew-request"
+HINT_TYPE = "edge-renew-hint"
+#: A renewal hint on the wire (an answer with credentials is always longer).
+MAX_HINT_BYTES = 512
 _VERSION = 1
 _FACT_KEY = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _HEX32 = re.compile(r"[0-9a-f]{32}")
@@ -65,6 +70,7 @@ _REQUEST_KEYS = frozenset({"type", "v", "device_id", "batch", "csr_pem", "facts"
                            "sent_at"})
 _ANSWER_KEYS = frozenset({"type", "v", "state", "device_id", "fingerprint", "reason",
                           "issued", "sealed", "at"})
+_HINT_KEYS = frozenset({"type", "v", "device_id", "issued", "at"})
 _RENEW_KEYS = frozenset({"type", "v", "device_id", "fingerprint", "nonce", "sent_at", "ack"})
 #: A DER ECDSA P-256 signature is at most 72 bytes.
 _MAX_SIG_BYTES = 80
@@ -345,6 +351,49 @@ class EnrolAnswer:
         _want(doc, "at", (int, float), what, "a number")
         return cls(state=doc["state"], device_id=device_id, fingerprint=doc["fingerprint"],
                    reason=reason, issued=doc["issued"], sealed=doc["sealed"], at=doc["at"])
+
+
+@dataclass(frozen=True)
+class RenewHint:
+    """The controller's word that the device's credentials up to issue ``issued`` no
+    longer say what its account may read (an operator changed its groups): the device
+    renews at once. Retained on the device's ``cred/res`` topic (which only controller
+    accounts may write) until a renewal made it out of date, so a device that was
+    reconnecting when it was sent still finds it; a device holding credentials newer
+    than ``issued`` ignores it."""
+
+    device_id: str
+    issued: int
+    at: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        what = "renewal hint"
+        _refusing(what, check_device_id, self.device_id)
+        if not _count(self.issued):
+            raise EnrolmentRefused(f"{what}: 'issued' must be an integer >= 0")
+        if not _number(self.at):
+            raise EnrolmentRefused(f"{what}: 'at' must be a finite number")
+        object.__setattr__(self, "at", float(self.at))
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"type": HINT_TYPE, "v": _VERSION, "device_id": self.device_id,
+                           "issued": self.issued, "at": self.at},
+                          separators=(",", ":")).encode("ascii")
+
+    @classmethod
+    def from_bytes(cls, payload: bytes, *, device_id: str) -> RenewHint:
+        """The hint in ``payload``, which arrived on ``device_id``'s ``cred/res`` topic.
+        Raises :class:`EnrolmentRefused` (one line)."""
+        what = "renewal hint"
+        _refusing(what + " topic", check_device_id, device_id)
+        doc = _parse(payload, what, max_bytes=MAX_HINT_BYTES, max_depth=1, keys=_HINT_KEYS,
+                     doc_type=HINT_TYPE)
+        if doc["device_id"] != device_id:
+            raise EnrolmentRefused(f"{what}: it names device {str(doc['device_id'])[:70]!r}, "
+                                   f"the topic names {device_id!r}")
+        _want(doc, "issued", int, what, "an integer")
+        _want(doc, "at", (int, float), what, "a number")
+        return cls(device_id=device_id, issued=doc["issued"], at=doc["at"])
 
 
 def _canonical(doc: Mapping[str, Any]) -> bytes:
