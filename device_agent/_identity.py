@@ -42,6 +42,8 @@ CREDENTIALS_FILE = "credentials.json"
 CA_FILE = "ca.pem"
 #: credentials.json holds two credentials and their CA bundles.
 _MAX_STORE_BYTES = 64 * 1024
+#: The largest ``ca.pem`` used (the controller sends at most 4 KiB).
+_MAX_CA_BYTES = 64 * 1024
 #: Renewal retries wait at least this long (and at most a tenth of the lifetime).
 MIN_RENEW_BACKOFF_S = 10.0
 #: After an enrolment exchange the claim account's shared session was taken from us
@@ -278,6 +280,7 @@ class CredentialStore:
         self.dir = directory
         self.path = directory / CREDENTIALS_FILE
         self.ca_path = directory / CA_FILE
+        self._ca_said: str | None = None
 
     def _mkdir(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -287,7 +290,8 @@ class CredentialStore:
         """What was stored; nothing when there is no file or it cannot be used (then the
         device enrols again: its key is what counts)."""
         try:
-            raw = self.path.read_bytes()
+            with open(self.path, "rb") as f:  # bounded: parse refuses what is longer
+                raw = f.read(_MAX_STORE_BYTES + 1)
         except FileNotFoundError:
             return None, None
         except OSError as err:
@@ -312,6 +316,33 @@ class CredentialStore:
                       err.strerror or err)
             return False
         return True
+
+    def usable_ca(self) -> bool:
+        """Whether ``ca.pem`` is there and holds PEM certificates (read bounded); a corrupt
+        one is logged once."""
+        from cryptography import x509
+
+        try:
+            with open(self.ca_path, "rb") as f:
+                raw = f.read(_MAX_CA_BYTES + 1)
+        except FileNotFoundError:
+            return False
+        except OSError as err:
+            why = f"cannot read ({err.strerror})"
+        else:
+            try:
+                if len(raw) > _MAX_CA_BYTES:
+                    raise ValueError(f"over {_MAX_CA_BYTES} bytes")
+                x509.load_pem_x509_certificates(raw)
+                self._ca_said = None
+                return True
+            except ValueError as err:
+                why = f"not PEM certificates ({str(err)[:80]})"
+        if why != self._ca_said:
+            self._ca_said = why
+            log.warning("%s: %s; ignored (the broker's CA from the config is used)",
+                        self.ca_path, why)
+        return False
 
     def save_ca(self, ca_pem: str) -> Path | None:
         """Write the broker's CA bundle; None (logged) when it cannot be written."""
@@ -510,8 +541,10 @@ class IdentityService:
 
     @property
     def ca_file(self) -> Path | None:
-        """The broker's CA bundle from the controller, if one came."""
-        return self.store.ca_path if self.store.ca_path.is_file() else None
+        """The broker's CA bundle from the controller, if one came and holds PEM
+        certificates (a corrupt one is ignored, not trusted: else no connection, not
+        even the one to enrol again, could ever be made)."""
+        return self.store.ca_path if self.store.usable_ca() else None
 
     def seconds_left(self) -> float:
         with self._lock:

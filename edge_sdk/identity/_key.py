@@ -66,7 +66,10 @@ class DeviceKey:
         that is not a P-256 key (never replaced: it is the device's identity)."""
         target = Path(path)
         try:
-            data = target.read_bytes()
+            # Bounded (from_pem refuses the longer): a link to /dev/zero put there must
+            # not fill the agent's memory.
+            with open(target, "rb") as f:
+                data = f.read(MAX_KEY_FILE_BYTES + 1)
         except FileNotFoundError:
             pass
         except OSError as err:

@@ -1,0 +1,229 @@
+"""Device identity attacked as a hostile party would: a holder of a claim password (it
+ships on every device image), a device turned hostile, and broker restarts under the
+enroller. Real Mosquitto with the dynamic security plugin, a real database, the real
+Enroller, devices made of the identity core over real MQTT connections."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import NameOID
+
+from device_agent import AgentConfig
+from device_agent._identity import CredentialStore, IdentityService
+from edge_sdk.errors import ConfigError
+from edge_sdk.fleet import _enrol as rec
+from edge_sdk.identity import (
+    DeviceKey,
+    EnrolRequest,
+    IdentityError,
+    RenewRequest,
+    claim_username,
+)
+from tests._fleetrig import wait_for
+from tests.test_enroller import (  # noqa: F401  (make_rig: the fixture)
+    BATCH,
+    FLEET,
+    TOPICS,
+    Device,
+    Rig,
+    _self_signed,
+    accepted_device,
+    disconnected,
+    make_rig,
+)
+
+
+def _csr(private: object, name: str) -> str:
+    csr = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+    algo = None if isinstance(private, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    return csr.sign(private, algo).public_bytes(serialization.Encoding.PEM).decode()  # type: ignore[arg-type]
+
+
+def _hostile_payloads(key: DeviceKey, device: str) -> list[bytes]:
+    """What a claim holder can send on ``device``'s request topic."""
+    good = json.loads(EnrolRequest.create(key, device, BATCH, {"hw": "x"}).to_bytes())
+    out = [b"", b"\x00", b"\xff\xfe" * 100, os.urandom(9000), b"[" * 10_000,
+           b'{"a":' * 1000 + b"1" + b"}" * 1000, b"null", b"[]", b'"str"', b"1e999999",
+           json.dumps(good).encode() * 2, json.dumps({**good, "x": 1}).encode()]
+    for private in (rsa.generate_private_key(65537, 2048), ec.generate_private_key(ec.SECP384R1()),
+                    ed25519.Ed25519PrivateKey.generate()):
+        out.append(json.dumps({**good, "csr_pem": _csr(private, device)}).encode())
+    out.append(json.dumps({**good, "csr_pem": good["csr_pem"].replace("A", "B", 3)}).encode())
+    out.append(json.dumps({**good, "csr_pem": DeviceKey.generate().csr("someone-else")}).encode())
+    out.append(json.dumps({**good, "facts": {"k": "v\n" * 50}}).encode())
+    out.append(json.dumps({**good, "facts": {f"k{i}": "v" for i in range(100)}}).encode())
+    out.append(json.dumps({**good, "nonce": 12}).encode())
+    out.append(json.dumps({**good, "sent_at": "nan"}).encode())
+    out.append(json.dumps({**good, "sent_at": 1e308 * 10}).encode())
+    out.append(json.dumps(good).encode().replace(b'"', b"'"))
+    return out
+
+
+def test_a_claim_holder_cannot_disturb_an_accepted_device_nor_stop_the_enroller(
+        make_rig: Callable[..., Rig]) -> None:  # noqa: F811
+    rig = make_rig()
+    rig.claim()
+    rig.claim("line-2")
+    with rig.connect(claim_username(BATCH)) as claim:
+        _, creds = accepted_device(rig, claim, "cam-1")
+    me = rig.connect("cam-1", creds.password)
+    down = disconnected(me)
+    try:
+        before = rig.row("cam-1")
+        thief = DeviceKey.generate()
+        for batch in (BATCH, "line-2"):
+            with rig.connect(claim_username(batch)) as claim:
+                for payload in _hostile_payloads(thief, "cam-1"):
+                    claim.publish(TOPICS.enrol_request(batch, "cam-1"), payload, qos=1)
+                # the same id with another key, through either batch
+                req = EnrolRequest.create(thief, "cam-1", batch, {"hw": "x"})
+                claim.publish_wait(TOPICS.enrol_request(batch, "cam-1"), req.to_bytes(),
+                                   qos=1)
+        # Once a later request is answered, every one before it was taken.
+        with rig.connect(claim_username(BATCH)) as claim:
+            probe = Device(rig, "probe-1")
+            probe.enrol(claim)
+            probe.answer("pending")
+        assert rig.enroller.running and rig.enroller.stats.errors == 0, rig.enroller.stats
+        after = rig.row("cam-1")
+        for k in ("state", "fingerprint", "issued", "batch", "want", "broker"):
+            assert after[k] == before[k], k
+        assert not down.is_set(), "the device was kicked"
+    finally:
+        me.close()
+    with rig.connect("cam-1", creds.password):
+        pass
+
+
+def test_a_device_cannot_renew_or_ack_for_another_device(
+        make_rig: Callable[..., Rig]) -> None:  # noqa: F811
+    rig = make_rig()
+    rig.claim()
+    with rig.connect(claim_username(BATCH)) as claim:
+        a, ca = accepted_device(rig, claim, "cam-a")
+        _, cb = accepted_device(rig, claim, "cam-b")
+    victim = rig.connect("cam-b", cb.password)
+    down = disconnected(victim)
+    try:
+        with rig.connect("cam-a", ca.password) as hostile:
+            answers: queue.Queue[bytes] = queue.Queue()
+            hostile.subscribe(TOPICS.cred_answer("cam-a"), lambda t, p: answers.put(p),
+                              qos=1)
+            # on another's topic (the broker drops it), signed by itself for the other id
+            for ack in (0, 1, 2, 99):
+                hostile.publish(TOPICS.cred_request("cam-b"),
+                                RenewRequest.signed(a.key, "cam-b", ack=ack), qos=1)
+                hostile.publish(TOPICS.cred_request("cam-a"),
+                                RenewRequest.signed(a.key, "cam-b", ack=ack), qos=1)
+            # acks of issues it never got, garbage, a flood
+            for ack in (5, 2**31, -1):
+                hostile.publish(TOPICS.cred_request("cam-a"), json.dumps(
+                    {"doc": {"ack": ack}, "sig": "x"}).encode(), qos=1)
+            for p in (b"\xff" * 20000, b"[" * 5000, b""):
+                hostile.publish(TOPICS.cred_request("cam-a"), p, qos=1)
+            for _ in range(50):
+                hostile.publish(TOPICS.cred_request("cam-a"),
+                                RenewRequest.signed(a.key, "cam-a", ack=0), qos=0)
+            hostile.publish_wait(TOPICS.cred_request("cam-a"),
+                                 RenewRequest.signed(a.key, "cam-a", ack=0), qos=1)
+            wait_for(lambda: rig.enroller.intake.backlog() == 0, 20, "the requests taken")
+            answers.get(timeout=10)
+        assert rig.enroller.running and rig.enroller.stats.errors == 0, rig.enroller.stats
+        assert rig.row("cam-b")["issued"] == cb.issued
+        assert not down.is_set(), "the other device was kicked"
+    finally:
+        victim.close()
+
+
+def test_the_enroller_keeps_enrolling_across_a_broker_restart(
+        make_rig: Callable[..., Rig]) -> None:  # noqa: F811
+    rig = make_rig()
+    rig.claim()
+    rig.broker.restart(downtime=1.0)
+    with rig.connect(claim_username(BATCH)) as claim:
+        dev = Device(rig, "after-1")
+        wait_for(lambda: dev.enrol(claim) or _got(dev, "pending"), 60, "a pending answer")
+    rec.accept_devices(rig.db, FLEET, ["after-1"], groups=[], tags={}, actor="op")
+    with rig.connect(claim_username(BATCH)) as claim:
+        claim.subscribe(TOPICS.enrol_answer(BATCH, "after-1"), dev.on_answer, qos=1)
+        creds = dev.credentials(dev.answer("accepted", timeout=30))
+    with rig.connect("after-1", creds.password):
+        pass
+    rec.revoke_device(rig.db, FLEET, "after-1", reason="test", actor="op")
+    wait_for(lambda: rig.row("after-1")["want"] == "", 30, "revoke applied")
+    assert rig.enroller.running
+
+
+def _got(dev: Device, state: str) -> bool:
+    try:
+        dev.answer(state, timeout=2)
+    except AssertionError:
+        return False
+    return True
+
+
+# -- the agent's side: its state directory and claim password file -------------------------
+
+
+def _agent_config(tmp: Path, **identity: object) -> AgentConfig:
+    ident = {"batch": BATCH, "poll_s": 0.2, "answer_wait_s": 1.0, **identity}
+    if "claim_password_file" not in ident:
+        ident["claim_password"] = "claim-pw"
+    return AgentConfig.from_dict({
+        "device_id": "dev-1", "fleet": FLEET, "state_dir": str(tmp / "state"),
+        "http": {"port": 0}, "broker": {"url": "mqtts://127.0.0.1:1"}, "identity": ident})
+
+
+def _service(cfg: AgentConfig) -> IdentityService:
+    return IdentityService(cfg, event=lambda *a, **k: None)
+
+
+def test_a_corrupt_ca_bundle_in_the_state_dir_is_ignored_not_trusted(tmp_path: Path) -> None:
+    cfg = _agent_config(tmp_path)
+    cfg.identity_dir.mkdir(parents=True)
+    ca = cfg.identity_dir / "ca.pem"
+    for bad in (b"garbage\xff", b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+                b"x" * 200_000):
+        ca.write_bytes(bad)
+        svc = _service(cfg)
+        # Else every connection, the one to enrol again too, fails its TLS setup.
+        assert svc.ca_file is None
+        assert svc.enrolment.mqtt.ca_file is None
+    ca.write_text(_self_signed(tmp_path / "ca-key.pem"))
+    assert _service(cfg).ca_file == ca
+
+
+def test_state_files_that_never_end_are_read_bounded(tmp_path: Path) -> None:
+    cfg = _agent_config(tmp_path)
+    cfg.identity_dir.mkdir(parents=True)
+    (cfg.identity_dir / "credentials.json").symlink_to("/dev/zero")
+    (cfg.identity_dir / "ca.pem").symlink_to("/dev/zero")
+    assert CredentialStore(cfg.identity_dir).load() == (None, None)
+    assert not CredentialStore(cfg.identity_dir).usable_ca()
+    cfg.key_path.symlink_to("/dev/zero")
+    with pytest.raises(IdentityError, match="device key") as err:
+        _service(cfg)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("content", "says"), [
+    (b"\xff\xfe\x00pw", "not UTF-8"), (b"\n", "expected one line"),
+    (b"pw\x00x", "expected one line"), (b"p" * 5000, "over 1024 bytes"),
+])
+def test_a_claim_password_file_that_is_not_one_password_is_a_one_line_error(
+        tmp_path: Path, content: bytes, says: str) -> None:
+    pw = tmp_path / "claim.txt"
+    pw.write_bytes(content)
+    with pytest.raises(ConfigError, match=says) as err:
+        _service(_agent_config(tmp_path, claim_password_file=str(pw)))
+    assert "\n" not in str(err.value)
