@@ -19,7 +19,9 @@ from cryptography.x509.oid import NameOID
 
 from device_agent import AgentConfig
 from device_agent._identity import CredentialStore, IdentityService
+from edge_sdk.cli import main
 from edge_sdk.errors import ConfigError
+from edge_sdk.fleet import FleetDB
 from edge_sdk.fleet import _enrol as rec
 from edge_sdk.identity import (
     DeviceKey,
@@ -227,3 +229,66 @@ def test_a_claim_password_file_that_is_not_one_password_is_a_one_line_error(
     with pytest.raises(ConfigError, match=says) as err:
         _service(_agent_config(tmp_path, claim_password_file=str(pw)))
     assert "\n" not in str(err.value)
+
+
+# -- the operator's side: the command line ---------------------------------------------------
+
+
+def _op(db_url: str, *args: str) -> int:
+    return main([*args, "--db", db_url, "--fleet", FLEET, "--operator", "alice"])
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str], says: str) -> None:
+    err = capsys.readouterr().err
+    assert err.startswith("edge-sdk: error:") and says in err, err
+    assert len(err.strip().splitlines()) == 1 and "internal error" not in err
+
+
+def test_a_device_file_that_cannot_be_read_is_a_one_line_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path / 'f.db'}"
+    for cmd in (("device", "allow"), ("device", "set")):
+        assert _op(url, *cmd, "--file", str(tmp_path / "missing.txt")) == 2
+        _one_line_error(capsys, "cannot read it")
+
+
+def test_claim_create_never_overwrites_a_file_nor_keeps_a_claim_it_could_not_save(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path / 'f.db'}"
+    other = tmp_path / "line-1.txt"
+    assert _op(url, "claim", "create", "line-1", "--out", str(other)) == 0
+    kept = other.read_text()
+    capsys.readouterr()
+    assert _op(url, "claim", "create", "line-2", "--out", str(other)) == 2
+    _one_line_error(capsys, "exists")
+    assert other.read_text() == kept
+    # A directory that cannot take the file: refused before anything is recorded.
+    assert _op(url, "claim", "create", "line-3", "--out", "/proc/self/claim.txt") == 2
+    _one_line_error(capsys, "not writable")
+    # A write that fails anyway (its temporary file's name is too long, even for root):
+    # the claim is undone, since its password exists nowhere else.
+    assert _op(url, "claim", "create", "line-3", "--out", str(tmp_path / ("p" * 250))) == 2
+    _one_line_error(capsys, "--out")  # the long name fills the line
+    with FleetDB.open(url) as db:
+        live = {c["batch"] for c in db.claims(FLEET) if not c["revoked_at"]}
+    assert live == {"line-1"}
+    # ... and can be made again once there is somewhere to put it.
+    assert _op(url, "claim", "create", "line-3", "--out", str(tmp_path / "l3.txt")) == 0
+
+
+def test_broker_init_into_a_place_it_cannot_write_is_a_one_line_error_and_can_be_rerun(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["broker", "init", "/proc/self/broker", "--fleet", FLEET]) == 2
+    _one_line_error(capsys, "cannot write")
+    # Failing before the accounts' file, it leaves nothing that blocks a second run.
+    out = tmp_path / "broker"
+    out.mkdir()
+    (out / "mosquitto.conf").mkdir()  # the second file cannot be written
+    assert main(["broker", "init", str(out), "--fleet", FLEET]) == 2
+    _one_line_error(capsys, "cannot write")
+    assert not (out / "dynamic-security.json").exists()
+    (out / "mosquitto.conf").rmdir()
+    assert main(["broker", "init", str(out), "--fleet", FLEET]) == 0
+    creds = json.loads((out / "credentials.json").read_text())
+    doc = json.loads((out / "dynamic-security.json").read_text())
+    assert {c["username"] for c in doc["clients"]} == set(creds)
