@@ -149,6 +149,17 @@ def test_pending_requests_are_bounded_and_one_over_leaves_no_row(db: FleetDB) ->
                                 max_pending=3).state == "pending"
 
 
+def test_a_flood_through_one_claim_leaves_room_for_the_other_batches(db: FleetDB) -> None:
+    # A claim password ships on every device image: one leaked must not stop the
+    # devices of every other batch from enrolling.
+    for i in range(3):
+        assert _record(db, request(f"junk-{i}", batch="leaked"), max_pending=3).state \
+            == "pending"
+    assert _record(db, request("junk-3", batch="leaked"), max_pending=3).state == "refused"
+    assert _record(db, request("cam-1", batch="line-2"), max_pending=3).state == "pending"
+    assert enrol.enrolment(db, FLEET, "junk-3") is None
+
+
 def test_a_revoked_device_asking_again_counts_against_the_bound(db: FleetDB) -> None:
     _record(db, request("cam-1"))
     enrol.accept_devices(db, FLEET, ["cam-1"], actor="alice")

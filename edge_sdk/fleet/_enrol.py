@@ -70,8 +70,10 @@ class RecordOutcome:
 def record_request(db: FleetDB, fleet: str, req: EnrolRequest, *, now: float,
                    max_pending: int) -> RecordOutcome:
     """File an enrolment request (see the module's docstring for the rules). At most
-    ``max_pending`` rows of the fleet wait for an operator: a request that would open
-    one more is refused and leaves no row."""
+    ``max_pending`` rows of each claim batch wait for an operator: a request that would
+    open one more is refused and leaves no row. Per batch: whoever floods with one
+    claim's password (it ships on every device image) fills only that batch, never
+    blocks the devices of the others."""
     dev = req.device_id
     fresh = {"batch": req.batch, "fingerprint": req.fingerprint,
              "public_key": req.public_pem, "facts": dict(req.facts)}
@@ -95,7 +97,7 @@ def record_request(db: FleetDB, fleet: str, req: EnrolRequest, *, now: float,
                     "fingerprint": req.fingerprint, "allowed_by": allow["added_by"],
                     **after[dev]}, conn=c)
                 return RecordOutcome("accepted", "", True, True)
-            if rows.count_pending(c, fleet) >= max_pending:
+            if rows.count_pending(c, fleet, req.batch) >= max_pending:
                 return RecordOutcome("refused", TOO_MANY_REASON, False, False)
             rows.insert_enrolment(c, {
                 "fleet": fleet, "device_id": dev, **fresh, "state": "pending",
@@ -108,7 +110,7 @@ def record_request(db: FleetDB, fleet: str, req: EnrolRequest, *, now: float,
                                   if same else {"conflicts": ("+", 1)})
             return RecordOutcome("rejected", row["reason"] or REJECTED_REASON, False, False)
         if state == "revoked":
-            if rows.count_pending(c, fleet) >= max_pending:
+            if rows.count_pending(c, fleet, req.batch) >= max_pending:
                 return RecordOutcome("refused", TOO_MANY_REASON, False, False)
             # Its old key may be the stolen one: only an operator lets it back in. The
             # broker's account may still be waiting to be deleted (want stays).

@@ -13,7 +13,7 @@ there. What reaches the database is bounded before anything is parsed: a token b
 batch (over it: dropped and counted, no answer) and a queue of at most ``queue``
 requests between the network thread and the one worker thread that parses and writes
 (full: dropped and counted); requests of a batch no claim names (or a revoked one) are
-ignored. The record itself holds at most ``max_pending`` pending ids per fleet. No
+ignored. The record itself holds at most ``max_pending`` pending ids per claim batch. No
 request can end the worker, and none is parsed on the network thread.
 
 The poll loop makes the broker equal to the record (``want``): issue (a new password,
@@ -86,7 +86,7 @@ class IdentityConfig:
     """Limits and tunables of enrolment (``edge-sdk serve --enrol``).
 
     ``lifetime_s``: how long issued credentials are valid (the device renews them
-    before). ``max_pending``: pending ids the record holds per fleet (beyond: refused);
+    before). ``max_pending``: pending ids the record holds per claim batch (beyond: refused);
     ``pending_ttl_s``: a pending id nobody decided on is forgotten after that long.
     ``rate_per_batch`` / ``burst_per_batch``: the token bucket of enrolment requests per
     claim batch (over it: dropped, no answer). ``queue``: requests waiting for the worker
