@@ -21,10 +21,11 @@ from device_agent import AgentConfig
 from device_agent._identity import CredentialStore, IdentityService
 from edge_sdk.cli import main
 from edge_sdk.errors import ConfigError
-from edge_sdk.fleet import FleetDB
+from edge_sdk.fleet import FleetDB, _enroller
 from edge_sdk.fleet import _enrol as rec
 from edge_sdk.identity import (
     DeviceKey,
+    EnrolmentRefused,
     EnrolRequest,
     IdentityError,
     RenewRequest,
@@ -292,3 +293,55 @@ def test_broker_init_into_a_place_it_cannot_write_is_a_one_line_error_and_can_be
     creds = json.loads((out / "credentials.json").read_text())
     doc = json.loads((out / "dynamic-security.json").read_text())
     assert {c["username"] for c in doc["clients"]} == set(creds)
+
+
+# -- replay of a captured enrolment request -------------------------------------------------
+
+
+def test_a_captured_request_with_a_new_nonce_is_refused() -> None:
+    key = DeviceKey.generate()
+    doc = json.loads(EnrolRequest.create(key, "cam-1", BATCH, {}).to_bytes())
+    doc["nonce"] = "0" * 32
+    with pytest.raises(EnrolmentRefused, match="not made for this request") as err:
+        EnrolRequest.from_bytes(json.dumps(doc).encode(), batch=BATCH, device_id="cam-1")
+    assert "\n" not in str(err.value)
+    # A CSR without any nonce (as a bare key.csr makes) proves nothing fresh either.
+    doc["csr_pem"] = key.csr("cam-1")
+    with pytest.raises(EnrolmentRefused, match="not made for this request"):
+        EnrolRequest.from_bytes(json.dumps(doc).encode(), batch=BATCH, device_id="cam-1")
+
+
+def test_a_replayed_request_does_not_reissue_an_accepted_devices_credentials(
+        make_rig: Callable[..., Rig], monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    # Same-key requests of an accepted id re-issue at once (the device lost its password).
+    monkeypatch.setattr(_enroller, "_REISSUE_GRACE_S", 0.0)
+    rig = make_rig()
+    rig.claim()
+    dev = Device(rig, "cam-1")
+    captured = EnrolRequest.create(dev.key, "cam-1", BATCH, {"hw": "x"}).to_bytes()
+    with rig.connect(claim_username(BATCH)) as claim:
+        claim.subscribe(TOPICS.enrol_answer(BATCH, "cam-1"), dev.on_answer, qos=1)
+        claim.publish_wait(TOPICS.enrol_request(BATCH, "cam-1"), captured, qos=1)
+        dev.answer("pending")
+        rec.accept_devices(rig.db, FLEET, ["cam-1"], groups=[], tags={}, actor="op")
+        creds = dev.credentials(dev.answer("accepted"))
+    me = rig.connect("cam-1", creds.password)
+    down = disconnected(me)
+    try:
+        renonced = json.loads(captured)
+        renonced["nonce"] = "f" * 32
+        with rig.connect(claim_username(BATCH)) as claim:
+            for payload in (captured, json.dumps(renonced).encode(), captured):
+                claim.publish_wait(TOPICS.enrol_request(BATCH, "cam-1"), payload, qos=1)
+            probe = Device(rig, "probe-1")
+            probe.enrol(claim)
+            probe.answer("pending")  # one worker, in order: the replays were taken
+        assert rig.row("cam-1")["issued"] == creds.issued and rig.row("cam-1")["want"] == ""
+        assert not down.is_set(), "the replay kicked the device"
+        # The device itself asking again (a new request) is still re-issued.
+        with rig.connect(claim_username(BATCH)) as claim:
+            dev.enrol(claim)
+            again = dev.credentials(dev.answer("accepted", after=creds.issued))
+        assert again.issued == creds.issued + 1
+    finally:
+        me.close()

@@ -77,6 +77,8 @@ _LIST_CLIENTS_S = 60.0
 _REISSUE_GRACE_S = 60.0
 #: Bounds of the in-memory tables keyed by what the network names.
 _MAX_DEVICES = 100_000
+#: Nonces remembered per id (its last requests): a replay of one of them is ignored.
+_NONCES_PER_DEVICE = 64
 #: An id whose broker change failed is tried again after this long, doubling to the max.
 _RETRY_MIN_S, _RETRY_MAX_S = 2.0, 300.0
 
@@ -335,6 +337,8 @@ class Enroller:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._subs: list[Any] = []
+        #: The nonces of each id's last requests (a replay is ignored): id -> nonces.
+        self._nonces: OrderedDict[str, deque[str]] = OrderedDict()
         #: Renewals answered and not yet acknowledged: device -> what was sent.
         self._renewals: OrderedDict[str, _Renewal] = OrderedDict()
         #: Ids (or ``claim:<batch>``) whose broker change failed: monotonic time of the
@@ -506,6 +510,11 @@ class Enroller:
             self._count("refused", why=f"{_shown(device)}: {why}")
             self._refused(batch, device, why)
             return
+        if self._replayed(device, req.nonce):
+            self._count("ignored")
+            self._warn(f"replay:{device}", "enroller: a request of %s came again (same "
+                       "nonce): ignored as a replay", _shown(device))
+            return
         if self._just_issued(device, req.fingerprint):
             return
         out = rec.record_request(self.db, self.fleet, req, now=time.time(),
@@ -522,6 +531,26 @@ class Enroller:
         self._answer(batch, device, EnrolAnswer(
             state=out.state, device_id=device, fingerprint=req.fingerprint,
             reason=out.reason, issued=0, sealed=None, at=time.time()), retain=True)
+
+    def _replayed(self, device: str, nonce: str) -> bool:
+        """Whether ``device`` sent a request with this nonce before (each request a device
+        makes has a new one); else remember it. A captured request sent again would
+        otherwise make the controller re-issue an accepted device's credentials (and kick
+        it off the broker) at every replay. Memory only, bounded: after a restart one
+        replay per captured request gets through, and that re-issue does no more than
+        the device asking again would."""
+        with self._lock:
+            seen = self._nonces.get(device)
+            if seen is None:
+                seen = self._nonces[device] = deque(maxlen=_NONCES_PER_DEVICE)
+                while len(self._nonces) > _MAX_DEVICES:
+                    self._nonces.popitem(last=False)
+            else:
+                self._nonces.move_to_end(device)
+            if nonce in seen:
+                return True
+            seen.append(nonce)
+        return False
 
     def _just_issued(self, device: str, fingerprint: str) -> bool:
         """Whether ``device`` got credentials for this key within the grace period (its

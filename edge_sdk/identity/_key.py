@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
     load_pem_private_key,
 )
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import AttributeOID, NameOID
 
 from .._fs import atomic_write_bytes
 from ._credentials import Credentials, unseal
@@ -106,12 +106,18 @@ class DeviceKey:
         """sha256 hex of the DER SubjectPublicKeyInfo of the public key."""
         return fingerprint_key(self._private.public_key())
 
-    def csr(self, device_id: str) -> str:
-        """A PEM certificate signing request for subject ``CN=device_id``, signed SHA-256."""
+    def csr(self, device_id: str, *, challenge: str | None = None) -> str:
+        """A PEM certificate signing request for subject ``CN=device_id``, signed SHA-256;
+        ``challenge`` (an enrolment request's nonce) goes in its challengePassword
+        attribute, under the signature: the proof of possession is then good for that
+        one request only."""
         check_device_id(device_id)
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)])
-        req = x509.CertificateSigningRequestBuilder().subject_name(name) \
-            .sign(self._private, hashes.SHA256())
+        builder = x509.CertificateSigningRequestBuilder().subject_name(name)
+        if challenge is not None:
+            builder = builder.add_attribute(AttributeOID.CHALLENGE_PASSWORD,
+                                            challenge.encode("ascii"))
+        req = builder.sign(self._private, hashes.SHA256())
         return req.public_bytes(Encoding.PEM).decode("ascii")
 
     def sign(self, data: bytes) -> bytes:
