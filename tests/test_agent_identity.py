@@ -790,3 +790,28 @@ def test_renewed_credentials_stored_before_a_restart_are_acked_again(
             again.stop()
     finally:
         ctl.close()
+
+
+def test_enrolment_and_the_device_link_survive_broker_restarts(
+        tmp_path: Path, fleet: Any, started: Callable[[Agent], Agent]) -> None:
+    broker, _, admin = fleet
+    verdict = {DEV: "pending"}
+    ctl = _controller(admin, decide=lambda d: verdict[d])
+    try:
+        agent = started(Agent(_config(tmp_path, broker.url), source=LocalSource()))
+        _wait(lambda: any(e["event"] == "enrolment_pending" for e in _outbox(agent)),
+              "the pending event")
+        broker.restart(downtime=1.0)  # while enrolling
+        verdict[DEV] = "accept"
+        assert agent.connection is not None
+        _wait(lambda: agent.connection is not None and agent.connection.connected,
+              "the device link up after the restart", 60)
+        broker.restart(downtime=1.0)  # while linked: the same credentials work again
+        _wait(lambda: agent.connection is not None and not agent.connection.connected,
+              "the link down", 30)
+        _wait(lambda: agent.connection is not None and agent.connection.connected,
+              "the device link back", 60)
+        assert agent.identity is not None and agent.identity.alive
+        assert _stored(agent)["current"]["credentials"]["issued"] == 1
+    finally:
+        ctl.close()
