@@ -7,8 +7,9 @@ request with its public key (:class:`~edge_sdk.identity.EnrolRequest`).
 :func:`record_request` files it: an unknown id waits for an operator (``pending``)
 unless the allow-list names it; the key it first came with is its identity (another key
 for the same id is refused and counted as a conflict); an accepted device asking again
-with its key gets new credentials (its password was lost or expired); a rejected one
-stays rejected; a revoked one waits for an operator again.
+with its key gets new credentials (its password was lost or expired); a rejected key
+stays rejected (another key for that id waits for an operator again); a revoked one
+waits for an operator again.
 
 Each row's ``want`` is the controller's to-do at the broker: ``issue`` (create or update
 the account, send the sealed credentials), ``revoke`` (delete the account, which closes
@@ -105,6 +106,17 @@ def record_request(db: FleetDB, fleet: str, req: EnrolRequest, *, now: float,
                 "groups": [], "tags": {}, "issued": 0, "want": "", "broker": ""})
             return RecordOutcome("pending", PENDING_REASON, True, False)
         state, same = row["state"], row["fingerprint"] == req.fingerprint
+        if state == "rejected" and not same and not row["want"] \
+                and rows.count_pending(c, fleet, req.batch) < max_pending:
+            # A rejection is of the key the operator saw. Another key for the id waits
+            # for an operator again: else whoever asked first with an id (a squatter
+            # holding a leaked claim) and was rejected would lock the real device out of
+            # its id for good. (Not while the broker still has to carry the rejection out.)
+            rows.update_enrolment(c, fleet, dev, {
+                **fresh, "state": "pending", "requested_at": now, "updated_at": now,
+                "requests": 1, "conflicts": ("+", 1), "decided_by": None,
+                "decided_at": None, "reason": None, "expires_at": None})
+            return RecordOutcome("pending", PENDING_REASON, True, False)
         if state == "rejected":
             rows.update_enrolment(c, fleet, dev, {"requests": ("+", 1), "updated_at": now}
                                   if same else {"conflicts": ("+", 1)})
