@@ -345,3 +345,14 @@ def test_a_replayed_request_does_not_reissue_an_accepted_devices_credentials(
         assert again.issued == creds.issued + 1
     finally:
         me.close()
+
+
+def test_allow_refuses_ids_no_enrolment_request_can_carry(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path / 'f.db'}"
+    for bad in ("a b", "_claim-line-1", "x" * 65):
+        assert _op(url, "device", "allow", bad) == 2
+        _one_line_error(capsys, "nothing allowed")
+    with FleetDB.open(url) as db:
+        assert rec.enrolment(db, FLEET, "a b") is None
+    assert _op(url, "device", "allow", "cam-1") == 0

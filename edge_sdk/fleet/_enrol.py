@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import EdgeError
-from ..identity import EnrolRequest, IdentityError, claim_username
+from ..identity import EnrolRequest, IdentityError, check_device_id, claim_username
 from ..identity import check_batch as _check_batch
 from ..transport._config import check_topic_word
 from . import _store as store
@@ -319,6 +319,12 @@ def allow_changes(db: FleetDB, fleet: str, changes: Mapping[str, AssignmentChang
     lines, see :func:`~._assign.parse_assignments`). Raises :class:`FleetUsageError`,
     changing nothing, for a revoked device (it comes back only by acceptance)."""
     fleet, ids = _fleet(fleet), _ids(changes)
+    for d in ids:  # stricter than an assignment's id: the id a request may carry
+        try:
+            check_device_id(d)
+        except IdentityError as err:
+            raise FleetUsageError(f"{err}; nothing allowed (no request can name it)") \
+                from None
     for d, ch in changes.items():
         if ch.remove_groups or ch.remove_tags or ch.replace:
             raise FleetUsageError(f"{d}: the allow-list adds groups and sets tags only")
