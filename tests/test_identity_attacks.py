@@ -25,6 +25,7 @@ from edge_sdk.fleet import FleetDB, _enroller
 from edge_sdk.fleet import _enrol as rec
 from edge_sdk.identity import (
     DeviceKey,
+    EnrolAnswer,
     EnrolmentRefused,
     EnrolRequest,
     IdentityError,
@@ -35,6 +36,7 @@ from tests._fleetrig import wait_for
 from tests.test_enroller import (  # noqa: F401  (make_rig: the fixture)
     BATCH,
     FLEET,
+    MONITOR,
     TOPICS,
     Device,
     Rig,
@@ -356,3 +358,32 @@ def test_allow_refuses_ids_no_enrolment_request_can_carry(
     with FleetDB.open(url) as db:
         assert rec.enrolment(db, FLEET, "a b") is None
     assert _op(url, "device", "allow", "cam-1") == 0
+
+
+def test_a_device_cycling_renewals_gets_a_few_then_is_refused_in_one_line(
+        make_rig: Callable[..., Rig]) -> None:  # noqa: F811
+    rig = make_rig()
+    rig.claim()
+    with rig.connect(claim_username(BATCH)) as claim:
+        dev, creds = accepted_device(rig, claim, "cam-r")
+    answers: queue.Queue[bytes] = queue.Queue()
+    # The monitor writes the device's topic for it (the device itself is kicked at
+    # every switch): the enroller goes by the signature, not by who published.
+    with rig.connect(MONITOR) as mon:
+        mon.subscribe(TOPICS.cred_answer("cam-r"), lambda t, p: answers.put(p), qos=1)
+        issued = creds.issued
+        for _ in range(5):  # the enroller's burst of renewals
+            mon.publish_wait(TOPICS.cred_request("cam-r"),
+                             RenewRequest.signed(dev.key, "cam-r", ack=0), qos=1)
+            got = EnrolAnswer.from_bytes(answers.get(timeout=20), device_id="cam-r")
+            assert got.state == "accepted" and got.issued == issued + 1
+            mon.publish_wait(TOPICS.cred_request("cam-r"),
+                             RenewRequest.signed(dev.key, "cam-r", ack=got.issued), qos=1)
+            issued = got.issued
+            wait_for(lambda n=issued: rig.row("cam-r")["issued"] == n, 20, "the switch")
+        mon.publish_wait(TOPICS.cred_request("cam-r"),
+                         RenewRequest.signed(dev.key, "cam-r", ack=0), qos=1)
+        got = EnrolAnswer.from_bytes(answers.get(timeout=20), device_id="cam-r")
+    assert got.state == "refused" and "too often" in got.reason and "\n" not in got.reason
+    assert rig.row("cam-r")["issued"] == issued
+    assert rig.enroller.running and rig.enroller.stats.errors == 0

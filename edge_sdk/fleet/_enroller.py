@@ -77,6 +77,8 @@ _LIST_CLIENTS_S = 60.0
 _REISSUE_GRACE_S = 60.0
 #: Bounds of the in-memory tables keyed by what the network names.
 _MAX_DEVICES = 100_000
+#: Renewals a device may make in a row; then one per tenth of the credentials' lifetime.
+_RENEWAL_BURST = 5
 #: Nonces remembered per id (its last requests): a replay of one of them is ignored.
 _NONCES_PER_DEVICE = 64
 #: An id whose broker change failed is tried again after this long, doubling to the max.
@@ -339,6 +341,8 @@ class Enroller:
         self._subs: list[Any] = []
         #: The nonces of each id's last requests (a replay is ignored): id -> nonces.
         self._nonces: OrderedDict[str, deque[str]] = OrderedDict()
+        #: New credentials each device may still be offered by renewal (a token bucket).
+        self._renewal_budget: OrderedDict[str, _TokenBucket] = OrderedDict()
         #: Renewals answered and not yet acknowledged: device -> what was sent.
         self._renewals: OrderedDict[str, _Renewal] = OrderedDict()
         #: Ids (or ``claim:<batch>``) whose broker change failed: monotonic time of the
@@ -587,6 +591,13 @@ class Enroller:
             with self._lock:
                 pending = self._renewals.get(device)
             if pending is None or pending.issued != int(row["issued"]) + 1:
+                if not self._may_renew(device):
+                    why = ("renewed too often: new credentials are issued at most once per "
+                           f"{self.config.lifetime_s / 10:g} s after the first "
+                           f"{_RENEWAL_BURST}; ask again later")
+                    self._count("refused", why=f"{_shown(device)}: {why}")
+                    self._refused("", device, why, topic=topic)
+                    return
                 password = secrets.token_urlsafe(24)
                 issued = int(row["issued"]) + 1
                 expires = time.time() + self.config.lifetime_s
@@ -625,6 +636,23 @@ class Enroller:
         log.info("enroller: %s renewed its credentials (%d, valid until %s)", device,
                  pending.issued, time.strftime("%Y-%m-%d %H:%M:%S",
                                                time.gmtime(pending.expires_at)))
+
+    def _may_renew(self, device: str) -> bool:
+        """Whether ``device`` may be offered new credentials now: a device renews once
+        per lifetime (less a third), so a few renewals in a row, then one per tenth of
+        the lifetime, are plenty. A hostile device cycling ack=0/ack=N would otherwise
+        make the broker and the record change its password every two seconds."""
+        now = time.monotonic()
+        with self._lock:
+            bucket = self._renewal_budget.get(device)
+            if bucket is None:
+                bucket = self._renewal_budget[device] = _TokenBucket(
+                    10.0 / self.config.lifetime_s, _RENEWAL_BURST, now)
+                while len(self._renewal_budget) > _MAX_DEVICES:
+                    self._renewal_budget.popitem(last=False)
+            else:
+                self._renewal_budget.move_to_end(device)
+            return bucket.take(1, now)
 
     def _accepted(self, row: Mapping[str, Any], password: str, issued: int,
                   expires: float) -> EnrolAnswer:
