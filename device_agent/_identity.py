@@ -244,9 +244,9 @@ def judge(answer: EnrolAnswer, *, fingerprint: str, refused_issued: int) -> str 
     """What an answer on the device's enrolment topic means for this key: its state, or
     None when it is not for this key (another key's, or credentials the broker already
     refused)."""
-    if answer.state == "refused":
-        return "refused"
     if answer.fingerprint != fingerprint:
+        # Refusals too: anyone holding the claim can send garbage on this device's
+        # request topic, and every claim holder reads the refusals it earns.
         return None
     if answer.state == "accepted" and answer.issued <= refused_issued:
         return None

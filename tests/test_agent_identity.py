@@ -160,8 +160,13 @@ def test_an_answer_for_another_key_or_for_refused_credentials_is_not_ours() -> N
     assert judge(answer(other, 3), fingerprint=fp, refused_issued=0) is None
     assert judge(answer(key, 3), fingerprint=fp, refused_issued=3) is None
     assert judge(answer(key, 4), fingerprint=fp, refused_issued=3) == "accepted"
-    refused = EnrolAnswer(state="refused", device_id=DEV, fingerprint="", reason="x")
+    refused = EnrolAnswer(state="refused", device_id=DEV, fingerprint=fp, reason="x")
     assert judge(refused, fingerprint=fp, refused_issued=0) == "refused"
+    # A refusal of someone else's request on our topic (garbage names no key) is not ours.
+    for fingerprint in ("", other.fingerprint):
+        theirs = EnrolAnswer(state="refused", device_id=DEV, fingerprint=fingerprint,
+                             reason="x")
+        assert judge(theirs, fingerprint=fp, refused_issued=0) is None
 
 
 def test_the_credentials_file_is_private_and_a_corrupt_one_means_enrolling_again(
@@ -310,7 +315,8 @@ class MiniController:
         known = self.keys.get(dev)
         if known is not None and known != req.public_pem:
             self._answer(batch, dev, EnrolAnswer(state="refused", device_id=dev,
-                                                 fingerprint="", reason="other key"),
+                                                 fingerprint=req.fingerprint,
+                                                 reason="other key"),
                          retain=False)
             return
         verdict = self.decide(dev)

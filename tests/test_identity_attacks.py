@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import queue
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from device_agent import AgentConfig
-from device_agent._identity import CredentialStore, IdentityService
+from device_agent._identity import CredentialStore, EnrolmentClient, IdentityService
 from edge_sdk.cli import main
 from edge_sdk.errors import ConfigError
 from edge_sdk.fleet import FleetDB, _enroller
@@ -32,6 +34,7 @@ from edge_sdk.identity import (
     RenewRequest,
     claim_username,
 )
+from edge_sdk.transport import MqttConfig
 from tests._fleetrig import wait_for
 from tests.test_enroller import (  # noqa: F401  (make_rig: the fixture)
     BATCH,
@@ -387,3 +390,37 @@ def test_a_device_cycling_renewals_gets_a_few_then_is_refused_in_one_line(
     assert got.state == "refused" and "too often" in got.reason and "\n" not in got.reason
     assert rig.row("cam-r")["issued"] == issued
     assert rig.enroller.running and rig.enroller.stats.errors == 0
+
+
+def test_garbage_on_a_devices_request_topic_does_not_end_its_exchange(
+        make_rig: Callable[..., Rig]) -> None:  # noqa: F811
+    # Every refusal the garbage earns reaches the device first (one worker, in order).
+    rig = make_rig(rate_per_batch=1000.0, burst_per_batch=1000, queue=1000)
+    rig.claim()
+    key = DeviceKey.generate()
+    client = EnrolmentClient(
+        key=key, device_id="cam-g", batch=BATCH, facts={}, topics=TOPICS,
+        mqtt=MqttConfig(url=rig.broker.url, fleet=FLEET, username=claim_username(BATCH),
+                        password=rig.creds[claim_username(BATCH)], client_id="dev-side"),
+        answer_wait_s=15.0)
+    stop = threading.Event()
+    # The monitor stands in for the claim holder: all connections of one claim share one
+    # session (use_username_as_clientid), so a thief on the claim would kick the device.
+    thief = rig.connect(MONITOR)
+
+    def spam() -> None:
+        while not stop.is_set():
+            thief.publish(TOPICS.enrol_request(BATCH, "cam-g"), b"\x00garbage", qos=0)
+            time.sleep(0.002)
+
+    spammer = threading.Thread(target=spam, daemon=True)
+    spammer.start()
+    try:
+        wait_for(lambda: rig.enroller.stats.refused >= 20, 20, "the garbage refused")
+        out = client.attempt()
+    finally:
+        stop.set()
+        spammer.join(5)
+        thief.close()
+    assert out.state == "pending", out
+    assert rig.row("cam-g")["fingerprint"] == key.fingerprint

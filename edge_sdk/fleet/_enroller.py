@@ -487,11 +487,12 @@ class Enroller:
         else:
             self.conn.publish(topic, answer.to_bytes(), qos=1)
 
-    def _refused(self, batch: str, device: str, why: str, *, topic: str | None = None
-                 ) -> None:
-        """A non-retained ``refused`` answer (a retained answer, the device's own, stays)."""
+    def _refused(self, batch: str, device: str, why: str, *, topic: str | None = None,
+                 fingerprint: str = "") -> None:
+        """A non-retained ``refused`` answer (a retained answer, the device's own, stays),
+        for the key of ``fingerprint`` ("": the request named none)."""
         try:
-            answer = EnrolAnswer(state="refused", device_id=device, fingerprint="",
+            answer = EnrolAnswer(state="refused", device_id=device, fingerprint=fingerprint,
                                  reason=why[:200], issued=0, sealed=None, at=time.time())
             if topic is None:
                 self._answer(batch, device, answer, retain=False)
@@ -507,12 +508,21 @@ class Enroller:
             return
         try:
             req = EnrolRequest.from_bytes(payload, batch=batch, device_id=device)
+        except EnrolmentRefused as err:
+            why = one_line(err)
+            self.intake.refused(batch)
+            self._count("refused", why=f"{_shown(device)}: {why}")
+            # No key to name: a device ignores a refusal that is not for its own key, so
+            # garbage anyone sends on its topic cannot end its exchange.
+            self._refused(batch, device, why)
+            return
+        try:
             self._not_a_service(device)
         except EnrolmentRefused as err:
             why = one_line(err)
             self.intake.refused(batch)
             self._count("refused", why=f"{_shown(device)}: {why}")
-            self._refused(batch, device, why)
+            self._refused(batch, device, why, fingerprint=req.fingerprint)
             return
         if self._replayed(device, req.nonce):
             self._count("ignored")
@@ -527,7 +537,7 @@ class Enroller:
         if out.state == "refused":  # another key, or too many pending: no row touched
             self.intake.refused(batch)
             self._count("refused", why=f"{_shown(device)}: {out.reason}")
-            self._refused(batch, device, out.reason)
+            self._refused(batch, device, out.reason, fingerprint=req.fingerprint)
             return
         if out.issue or out.state == "accepted":
             self._wake.set()  # the poll loop issues (and answers) at once
