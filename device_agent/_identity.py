@@ -509,7 +509,8 @@ class IdentityService:
         self.topics = Topics(config.fleet, config.broker.topic_prefix)
         self.key = DeviceKey.load_or_create(config.key_path)
         self.store = CredentialStore(config.identity_dir)
-        self.keyring = Keyring(*self.store.load(), renew_fraction=ident.renew_fraction)
+        current, pending = (self._ours(h) for h in self.store.load())
+        self.keyring = Keyring(current, pending, renew_fraction=ident.renew_fraction)
         self._event = event
         self._rnd = rnd
         self._events: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
@@ -531,6 +532,16 @@ class IdentityService:
             key=self.key, device_id=config.device_id, batch=ident.batch,
             facts=dict(ident.facts), topics=self.topics, mqtt=self._claim_mqtt(),
             answer_wait_s=ident.answer_wait_s)
+
+    def _ours(self, held: Held | None) -> Held | None:
+        """``held`` if it is this device's: a state directory copied from another device
+        (a cloned image) must not make this one connect as that one."""
+        if held is not None and held.creds.username != self.device_id:
+            log.warning("%s holds credentials of %r, not of this device %r: ignored; "
+                        "enrolling as %r", self.store.path, held.creds.username,
+                        self.device_id, self.device_id)
+            return None
+        return held
 
     # -- what the agent calls ----------------------------------------------------------
 

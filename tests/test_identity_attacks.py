@@ -20,12 +20,19 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from device_agent import AgentConfig
-from device_agent._identity import CredentialStore, EnrolmentClient, IdentityService
+from device_agent._identity import (
+    CredentialStore,
+    EnrolmentClient,
+    Held,
+    IdentityService,
+    Keyring,
+)
 from edge_sdk.cli import main
 from edge_sdk.errors import ConfigError
 from edge_sdk.fleet import FleetDB, _enroller
 from edge_sdk.fleet import _enrol as rec
 from edge_sdk.identity import (
+    Credentials,
     DeviceKey,
     EnrolAnswer,
     EnrolmentRefused,
@@ -424,3 +431,15 @@ def test_garbage_on_a_devices_request_topic_does_not_end_its_exchange(
         thief.close()
     assert out.state == "pending", out
     assert rig.row("cam-g")["fingerprint"] == key.fingerprint
+
+
+def test_credentials_of_another_device_in_the_state_dir_are_not_used(tmp_path: Path) -> None:
+    cfg = _agent_config(tmp_path)
+    theirs = Credentials(username="cam-other", password="their-password-123", issued=3,
+                         expires_at=time.time() + 3600)
+    store = CredentialStore(cfg.identity_dir)
+    store.save(Keyring(Held(theirs, time.time()), Held(theirs, time.time())))
+    svc = _service(cfg)
+    # A cloned image: this device enrols as itself, never connects as the other one.
+    assert svc.boot() is None
+    assert svc.seconds_left() == 0
