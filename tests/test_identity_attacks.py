@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -443,3 +444,11 @@ def test_credentials_of_another_device_in_the_state_dir_are_not_used(tmp_path: P
     # A cloned image: this device enrols as itself, never connects as the other one.
     assert svc.boot() is None
     assert svc.seconds_left() == 0
+
+
+def test_a_device_key_others_can_read_is_made_private_again(tmp_path: Path) -> None:
+    path = tmp_path / "identity" / "device.key"
+    key = DeviceKey.load_or_create(path)
+    os.chmod(path, 0o644)  # restored from a backup with a loose umask, say
+    assert DeviceKey.load_or_create(path).fingerprint == key.fingerprint
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600

@@ -24,6 +24,17 @@ from ._errors import IdentityError
 from ._pem import describe_key, fingerprint_key, is_p256
 from ._words import check_device_id
 
+
+def _private_again(path: Path) -> None:
+    """Make a key file others can read (restored from a backup, copied with a loose
+    umask) 0600 again; a file we cannot change is left as it is (not ours to fix)."""
+    try:
+        if os.stat(path).st_mode & 0o077:
+            os.chmod(path, 0o600)
+    except OSError:
+        pass
+
+
 #: A P-256 PKCS#8 PEM is 241 bytes; a key file far larger is not one.
 MAX_KEY_FILE_BYTES = 4096
 
@@ -77,9 +88,11 @@ class DeviceKey:
                 from None
         else:
             try:
-                return cls.from_pem(data)
+                key = cls.from_pem(data)
             except IdentityError as err:
                 raise IdentityError(f"{target}: {err}") from None
+            _private_again(target)
+            return key
         key = cls.generate()
         try:
             if not target.parent.is_dir():
