@@ -32,6 +32,8 @@ from edge_sdk.cli import main
 from edge_sdk.errors import ConfigError
 from edge_sdk.fleet import FleetDB, _enroller
 from edge_sdk.fleet import _enrol as rec
+from edge_sdk.fleet import _operators as ops
+from edge_sdk.fleet._web import FleetApi
 from edge_sdk.identity import (
     Credentials,
     DeviceKey,
@@ -56,6 +58,7 @@ from tests.test_enroller import (  # noqa: F401  (make_rig: the fixture)
     disconnected,
     make_rig,
 )
+from tests.test_fleet_signin import PASSWORD, post, sign_in
 
 
 def _csr(private: object, name: str) -> str:
@@ -452,3 +455,25 @@ def test_a_device_key_others_can_read_is_made_private_again(tmp_path: Path) -> N
     os.chmod(path, 0o644)  # restored from a backup with a loose umask, say
     assert DeviceKey.load_or_create(path).fingerprint == key.fingerprint
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_the_pages_enrolment_actions_refuse_other_sites_and_hostile_ids(
+        tmp_path: Path) -> None:
+    with FleetDB.open(f"sqlite:///{tmp_path / 'f.db'}") as db:
+        rec.record_request(db, FLEET, EnrolRequest.create(
+            DeviceKey.generate(), "cam-1", BATCH, {}), now=time.time(), max_pending=10)
+        ops.add_operator(db, "carol", PASSWORD, "root")
+        api = FleetApi(db, fleet=FLEET)
+        cookie, csrf = sign_in(api, "carol")
+        for extra in ({"origin": "http://evil.example"}, {"sec_fetch_site": "cross-site"}):
+            status, doc, _ = post(api, "/api/enrolments/cam-1/accept", cookie=cookie,
+                                  csrf=csrf, **extra)
+            assert status == 403 and "\n" not in doc["error"]
+        status, _, _ = post(api, "/api/enrolments/cam-1/accept", cookie=cookie)
+        assert status == 403  # no CSRF token
+        for raw in ("%2e%2e", "..", "x" * 5000, "%00", "cam-1%2Faccept", "caf%C3%A9",
+                    "%ff%fe"):
+            status, doc, _ = post(api, f"/api/enrolments/{raw}/accept", cookie=cookie,
+                                  csrf=csrf)
+            assert 400 <= status < 500 and "\n" not in doc["error"], (raw, status)
+        assert rec.enrolment(db, FLEET, "cam-1")["state"] == "pending"  # type: ignore[index]
