@@ -242,6 +242,10 @@ class ProfilingConfig:
     nice: int = 19
 
 
+#: The largest claim password file read (``edge-sdk claim create`` writes ~33 bytes).
+_MAX_CLAIM_PASSWORD_BYTES = 1024
+
+
 @dataclass(frozen=True)
 class IdentityConfig:
     """Enrolment by claim (``[identity]``; the section's presence turns it on): the device
@@ -270,11 +274,23 @@ class IdentityConfig:
 
     def resolved_claim_password(self) -> str:
         if self.claim_password_file is not None:
+            where = f"identity.claim_password_file {self.claim_password_file}"
             try:
-                secret = self.claim_password_file.read_text(encoding="utf-8").strip()
+                # Bounded: a password is short; a device image may hold anything there.
+                with open(self.claim_password_file, "rb") as f:
+                    raw = f.read(_MAX_CLAIM_PASSWORD_BYTES + 1)
             except OSError as err:
-                raise ConfigError(f"identity.claim_password_file {self.claim_password_file}: "
-                                  f"cannot read: {err.strerror}") from err
+                raise ConfigError(f"{where}: cannot read: {err.strerror}") from None
+            if len(raw) > _MAX_CLAIM_PASSWORD_BYTES:
+                raise ConfigError(f"{where}: over {_MAX_CLAIM_PASSWORD_BYTES} bytes: "
+                                  "expected one password")
+            try:
+                secret = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise ConfigError(f"{where}: not UTF-8 text") from None
+            if not secret or any(not ch.isprintable() for ch in secret):
+                raise ConfigError(f"{where}: expected one line holding the password "
+                                  "('edge-sdk claim create --out' writes it)")
             add_secret(secret)
             return secret
         add_secret(self.claim_password)

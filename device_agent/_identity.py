@@ -42,6 +42,8 @@ CREDENTIALS_FILE = "credentials.json"
 CA_FILE = "ca.pem"
 #: credentials.json holds two credentials and their CA bundles.
 _MAX_STORE_BYTES = 64 * 1024
+#: The largest ``ca.pem`` used (the controller sends at most 4 KiB).
+_MAX_CA_BYTES = 64 * 1024
 #: Renewal retries wait at least this long (and at most a tenth of the lifetime).
 MIN_RENEW_BACKOFF_S = 10.0
 #: After an enrolment exchange the claim account's shared session was taken from us
@@ -242,9 +244,9 @@ def judge(answer: EnrolAnswer, *, fingerprint: str, refused_issued: int) -> str 
     """What an answer on the device's enrolment topic means for this key: its state, or
     None when it is not for this key (another key's, or credentials the broker already
     refused)."""
-    if answer.state == "refused":
-        return "refused"
     if answer.fingerprint != fingerprint:
+        # Refusals too: anyone holding the claim can send garbage on this device's
+        # request topic, and every claim holder reads the refusals it earns.
         return None
     if answer.state == "accepted" and answer.issued <= refused_issued:
         return None
@@ -278,6 +280,7 @@ class CredentialStore:
         self.dir = directory
         self.path = directory / CREDENTIALS_FILE
         self.ca_path = directory / CA_FILE
+        self._ca_said: str | None = None
 
     def _mkdir(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -287,7 +290,8 @@ class CredentialStore:
         """What was stored; nothing when there is no file or it cannot be used (then the
         device enrols again: its key is what counts)."""
         try:
-            raw = self.path.read_bytes()
+            with open(self.path, "rb") as f:  # bounded: parse refuses what is longer
+                raw = f.read(_MAX_STORE_BYTES + 1)
         except FileNotFoundError:
             return None, None
         except OSError as err:
@@ -312,6 +316,33 @@ class CredentialStore:
                       err.strerror or err)
             return False
         return True
+
+    def usable_ca(self) -> bool:
+        """Whether ``ca.pem`` is there and holds PEM certificates (read bounded); a corrupt
+        one is logged once."""
+        from cryptography import x509
+
+        try:
+            with open(self.ca_path, "rb") as f:
+                raw = f.read(_MAX_CA_BYTES + 1)
+        except FileNotFoundError:
+            return False
+        except OSError as err:
+            why = f"cannot read ({err.strerror})"
+        else:
+            try:
+                if len(raw) > _MAX_CA_BYTES:
+                    raise ValueError(f"over {_MAX_CA_BYTES} bytes")
+                x509.load_pem_x509_certificates(raw)
+                self._ca_said = None
+                return True
+            except ValueError as err:
+                why = f"not PEM certificates ({str(err)[:80]})"
+        if why != self._ca_said:
+            self._ca_said = why
+            log.warning("%s: %s; ignored (the broker's CA from the config is used)",
+                        self.ca_path, why)
+        return False
 
     def save_ca(self, ca_pem: str) -> Path | None:
         """Write the broker's CA bundle; None (logged) when it cannot be written."""
@@ -478,7 +509,8 @@ class IdentityService:
         self.topics = Topics(config.fleet, config.broker.topic_prefix)
         self.key = DeviceKey.load_or_create(config.key_path)
         self.store = CredentialStore(config.identity_dir)
-        self.keyring = Keyring(*self.store.load(), renew_fraction=ident.renew_fraction)
+        current, pending = (self._ours(h) for h in self.store.load())
+        self.keyring = Keyring(current, pending, renew_fraction=ident.renew_fraction)
         self._event = event
         self._rnd = rnd
         self._events: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
@@ -504,6 +536,16 @@ class IdentityService:
             facts=dict(ident.facts), topics=self.topics, mqtt=self._claim_mqtt(),
             answer_wait_s=ident.answer_wait_s)
 
+    def _ours(self, held: Held | None) -> Held | None:
+        """``held`` if it is this device's: a state directory copied from another device
+        (a cloned image) must not make this one connect as that one."""
+        if held is not None and held.creds.username != self.device_id:
+            log.warning("%s holds credentials of %r, not of this device %r: ignored; "
+                        "enrolling as %r", self.store.path, held.creds.username,
+                        self.device_id, self.device_id)
+            return None
+        return held
+
     # -- what the agent calls ----------------------------------------------------------
 
     def boot(self) -> Credentials | None:
@@ -513,8 +555,10 @@ class IdentityService:
 
     @property
     def ca_file(self) -> Path | None:
-        """The broker's CA bundle from the controller, if one came."""
-        return self.store.ca_path if self.store.ca_path.is_file() else None
+        """The broker's CA bundle from the controller, if one came and holds PEM
+        certificates (a corrupt one is ignored, not trusted: else no connection, not
+        even the one to enrol again, could ever be made)."""
+        return self.store.ca_path if self.store.usable_ca() else None
 
     def seconds_left(self) -> float:
         with self._lock:

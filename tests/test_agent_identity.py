@@ -160,8 +160,13 @@ def test_an_answer_for_another_key_or_for_refused_credentials_is_not_ours() -> N
     assert judge(answer(other, 3), fingerprint=fp, refused_issued=0) is None
     assert judge(answer(key, 3), fingerprint=fp, refused_issued=3) is None
     assert judge(answer(key, 4), fingerprint=fp, refused_issued=3) == "accepted"
-    refused = EnrolAnswer(state="refused", device_id=DEV, fingerprint="", reason="x")
+    refused = EnrolAnswer(state="refused", device_id=DEV, fingerprint=fp, reason="x")
     assert judge(refused, fingerprint=fp, refused_issued=0) == "refused"
+    # A refusal of someone else's request on our topic (garbage names no key) is not ours.
+    for fingerprint in ("", other.fingerprint):
+        theirs = EnrolAnswer(state="refused", device_id=DEV, fingerprint=fingerprint,
+                             reason="x")
+        assert judge(theirs, fingerprint=fp, refused_issued=0) is None
 
 
 def test_the_credentials_file_is_private_and_a_corrupt_one_means_enrolling_again(
@@ -310,7 +315,8 @@ class MiniController:
         known = self.keys.get(dev)
         if known is not None and known != req.public_pem:
             self._answer(batch, dev, EnrolAnswer(state="refused", device_id=dev,
-                                                 fingerprint="", reason="other key"),
+                                                 fingerprint=req.fingerprint,
+                                                 reason="other key"),
                          retain=False)
             return
         verdict = self.decide(dev)
@@ -788,5 +794,30 @@ def test_renewed_credentials_stored_before_a_restart_are_acked_again(
             assert _stored(again)["current"]["credentials"]["issued"] == 2
         finally:
             again.stop()
+    finally:
+        ctl.close()
+
+
+def test_enrolment_and_the_device_link_survive_broker_restarts(
+        tmp_path: Path, fleet: Any, started: Callable[[Agent], Agent]) -> None:
+    broker, _, admin = fleet
+    verdict = {DEV: "pending"}
+    ctl = _controller(admin, decide=lambda d: verdict[d])
+    try:
+        agent = started(Agent(_config(tmp_path, broker.url), source=LocalSource()))
+        _wait(lambda: any(e["event"] == "enrolment_pending" for e in _outbox(agent)),
+              "the pending event")
+        broker.restart(downtime=1.0)  # while enrolling
+        verdict[DEV] = "accept"
+        assert agent.connection is not None
+        _wait(lambda: agent.connection is not None and agent.connection.connected,
+              "the device link up after the restart", 60)
+        broker.restart(downtime=1.0)  # while linked: the same credentials work again
+        _wait(lambda: agent.connection is not None and not agent.connection.connected,
+              "the link down", 30)
+        _wait(lambda: agent.connection is not None and agent.connection.connected,
+              "the device link back", 60)
+        assert agent.identity is not None and agent.identity.alive
+        assert _stored(agent)["current"]["credentials"]["issued"] == 1
     finally:
         ctl.close()

@@ -7,8 +7,9 @@ request with its public key (:class:`~edge_sdk.identity.EnrolRequest`).
 :func:`record_request` files it: an unknown id waits for an operator (``pending``)
 unless the allow-list names it; the key it first came with is its identity (another key
 for the same id is refused and counted as a conflict); an accepted device asking again
-with its key gets new credentials (its password was lost or expired); a rejected one
-stays rejected; a revoked one waits for an operator again.
+with its key gets new credentials (its password was lost or expired); a rejected key
+stays rejected (another key for that id waits for an operator again); a revoked one
+waits for an operator again.
 
 Each row's ``want`` is the controller's to-do at the broker: ``issue`` (create or update
 the account, send the sealed credentials), ``revoke`` (delete the account, which closes
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import EdgeError
-from ..identity import EnrolRequest, IdentityError, claim_username
+from ..identity import EnrolRequest, IdentityError, check_device_id, claim_username
 from ..identity import check_batch as _check_batch
 from ..transport._config import check_topic_word
 from . import _store as store
@@ -70,8 +71,10 @@ class RecordOutcome:
 def record_request(db: FleetDB, fleet: str, req: EnrolRequest, *, now: float,
                    max_pending: int) -> RecordOutcome:
     """File an enrolment request (see the module's docstring for the rules). At most
-    ``max_pending`` rows of the fleet wait for an operator: a request that would open
-    one more is refused and leaves no row."""
+    ``max_pending`` rows of each claim batch wait for an operator: a request that would
+    open one more is refused and leaves no row. Per batch: whoever floods with one
+    claim's password (it ships on every device image) fills only that batch, never
+    blocks the devices of the others."""
     dev = req.device_id
     fresh = {"batch": req.batch, "fingerprint": req.fingerprint,
              "public_key": req.public_pem, "facts": dict(req.facts)}
@@ -95,7 +98,7 @@ def record_request(db: FleetDB, fleet: str, req: EnrolRequest, *, now: float,
                     "fingerprint": req.fingerprint, "allowed_by": allow["added_by"],
                     **after[dev]}, conn=c)
                 return RecordOutcome("accepted", "", True, True)
-            if rows.count_pending(c, fleet) >= max_pending:
+            if rows.count_pending(c, fleet, req.batch) >= max_pending:
                 return RecordOutcome("refused", TOO_MANY_REASON, False, False)
             rows.insert_enrolment(c, {
                 "fleet": fleet, "device_id": dev, **fresh, "state": "pending",
@@ -103,12 +106,23 @@ def record_request(db: FleetDB, fleet: str, req: EnrolRequest, *, now: float,
                 "groups": [], "tags": {}, "issued": 0, "want": "", "broker": ""})
             return RecordOutcome("pending", PENDING_REASON, True, False)
         state, same = row["state"], row["fingerprint"] == req.fingerprint
+        if state == "rejected" and not same and not row["want"] \
+                and rows.count_pending(c, fleet, req.batch) < max_pending:
+            # A rejection is of the key the operator saw. Another key for the id waits
+            # for an operator again: else whoever asked first with an id (a squatter
+            # holding a leaked claim) and was rejected would lock the real device out of
+            # its id for good. (Not while the broker still has to carry the rejection out.)
+            rows.update_enrolment(c, fleet, dev, {
+                **fresh, "state": "pending", "requested_at": now, "updated_at": now,
+                "requests": 1, "conflicts": ("+", 1), "decided_by": None,
+                "decided_at": None, "reason": None, "expires_at": None})
+            return RecordOutcome("pending", PENDING_REASON, True, False)
         if state == "rejected":
             rows.update_enrolment(c, fleet, dev, {"requests": ("+", 1), "updated_at": now}
                                   if same else {"conflicts": ("+", 1)})
             return RecordOutcome("rejected", row["reason"] or REJECTED_REASON, False, False)
         if state == "revoked":
-            if rows.count_pending(c, fleet) >= max_pending:
+            if rows.count_pending(c, fleet, req.batch) >= max_pending:
                 return RecordOutcome("refused", TOO_MANY_REASON, False, False)
             # Its old key may be the stolen one: only an operator lets it back in. The
             # broker's account may still be waiting to be deleted (want stays).
@@ -305,6 +319,12 @@ def allow_changes(db: FleetDB, fleet: str, changes: Mapping[str, AssignmentChang
     lines, see :func:`~._assign.parse_assignments`). Raises :class:`FleetUsageError`,
     changing nothing, for a revoked device (it comes back only by acceptance)."""
     fleet, ids = _fleet(fleet), _ids(changes)
+    for d in ids:  # stricter than an assignment's id: the id a request may carry
+        try:
+            check_device_id(d)
+        except IdentityError as err:
+            raise FleetUsageError(f"{err}; nothing allowed (no request can name it)") \
+                from None
     for d, ch in changes.items():
         if ch.remove_groups or ch.remove_tags or ch.replace:
             raise FleetUsageError(f"{d}: the allow-list adds groups and sets tags only")

@@ -13,7 +13,7 @@ there. What reaches the database is bounded before anything is parsed: a token b
 batch (over it: dropped and counted, no answer) and a queue of at most ``queue``
 requests between the network thread and the one worker thread that parses and writes
 (full: dropped and counted); requests of a batch no claim names (or a revoked one) are
-ignored. The record itself holds at most ``max_pending`` pending ids per fleet. No
+ignored. The record itself holds at most ``max_pending`` pending ids per claim batch. No
 request can end the worker, and none is parsed on the network thread.
 
 The poll loop makes the broker equal to the record (``want``): issue (a new password,
@@ -84,6 +84,10 @@ _LIST_CLIENTS_S = 60.0
 _REISSUE_GRACE_S = 60.0
 #: Bounds of the in-memory tables keyed by what the network names.
 _MAX_DEVICES = 100_000
+#: Renewals a device may make in a row; then one per tenth of the credentials' lifetime.
+_RENEWAL_BURST = 5
+#: Nonces remembered per id (its last requests): a replay of one of them is ignored.
+_NONCES_PER_DEVICE = 64
 #: An id whose broker change failed is tried again after this long, doubling to the max.
 _RETRY_MIN_S, _RETRY_MAX_S = 2.0, 300.0
 #: Devices whose groups are brought up to date per poll (the rest on the next ones).
@@ -95,7 +99,7 @@ class IdentityConfig:
     """Limits and tunables of enrolment (``edge-sdk serve --enrol``).
 
     ``lifetime_s``: how long issued credentials are valid (the device renews them
-    before). ``max_pending``: pending ids the record holds per fleet (beyond: refused);
+    before). ``max_pending``: pending ids the record holds per claim batch (beyond: refused);
     ``pending_ttl_s``: a pending id nobody decided on is forgotten after that long.
     ``rate_per_batch`` / ``burst_per_batch``: the token bucket of enrolment requests per
     claim batch (over it: dropped, no answer). ``queue``: requests waiting for the worker
@@ -351,6 +355,10 @@ class Enroller:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._subs: list[Any] = []
+        #: The nonces of each id's last requests (a replay is ignored): id -> nonces.
+        self._nonces: OrderedDict[str, deque[str]] = OrderedDict()
+        #: New credentials each device may still be offered by renewal (a token bucket).
+        self._renewal_budget: OrderedDict[str, _TokenBucket] = OrderedDict()
         #: Renewals answered and not yet acknowledged: device -> what was sent.
         self._renewals: OrderedDict[str, _Renewal] = OrderedDict()
         #: Ids (or ``claim:<batch>``) whose broker change failed: monotonic time of the
@@ -495,11 +503,12 @@ class Enroller:
         else:
             self.conn.publish(topic, answer.to_bytes(), qos=1)
 
-    def _refused(self, batch: str, device: str, why: str, *, topic: str | None = None
-                 ) -> None:
-        """A non-retained ``refused`` answer (a retained answer, the device's own, stays)."""
+    def _refused(self, batch: str, device: str, why: str, *, topic: str | None = None,
+                 fingerprint: str = "") -> None:
+        """A non-retained ``refused`` answer (a retained answer, the device's own, stays),
+        for the key of ``fingerprint`` ("": the request named none)."""
         try:
-            answer = EnrolAnswer(state="refused", device_id=device, fingerprint="",
+            answer = EnrolAnswer(state="refused", device_id=device, fingerprint=fingerprint,
                                  reason=why[:200], issued=0, sealed=None, at=time.time())
             if topic is None:
                 self._answer(batch, device, answer, retain=False)
@@ -515,12 +524,26 @@ class Enroller:
             return
         try:
             req = EnrolRequest.from_bytes(payload, batch=batch, device_id=device)
+        except EnrolmentRefused as err:
+            why = one_line(err)
+            self.intake.refused(batch)
+            self._count("refused", why=f"{_shown(device)}: {why}")
+            # No key to name: a device ignores a refusal that is not for its own key, so
+            # garbage anyone sends on its topic cannot end its exchange.
+            self._refused(batch, device, why)
+            return
+        try:
             self._not_a_service(device)
         except EnrolmentRefused as err:
             why = one_line(err)
             self.intake.refused(batch)
             self._count("refused", why=f"{_shown(device)}: {why}")
-            self._refused(batch, device, why)
+            self._refused(batch, device, why, fingerprint=req.fingerprint)
+            return
+        if self._replayed(device, req.nonce):
+            self._count("ignored")
+            self._warn(f"replay:{device}", "enroller: a request of %s came again (same "
+                       "nonce): ignored as a replay", _shown(device))
             return
         if self._just_issued(device, req.fingerprint):
             return
@@ -530,7 +553,7 @@ class Enroller:
         if out.state == "refused":  # another key, or too many pending: no row touched
             self.intake.refused(batch)
             self._count("refused", why=f"{_shown(device)}: {out.reason}")
-            self._refused(batch, device, out.reason)
+            self._refused(batch, device, out.reason, fingerprint=req.fingerprint)
             return
         if out.issue or out.state == "accepted":
             self._wake.set()  # the poll loop issues (and answers) at once
@@ -538,6 +561,26 @@ class Enroller:
         self._answer(batch, device, EnrolAnswer(
             state=out.state, device_id=device, fingerprint=req.fingerprint,
             reason=out.reason, issued=0, sealed=None, at=time.time()), retain=True)
+
+    def _replayed(self, device: str, nonce: str) -> bool:
+        """Whether ``device`` sent a request with this nonce before (each request a device
+        makes has a new one); else remember it. A captured request sent again would
+        otherwise make the controller re-issue an accepted device's credentials (and kick
+        it off the broker) at every replay. Memory only, bounded: after a restart one
+        replay per captured request gets through, and that re-issue does no more than
+        the device asking again would."""
+        with self._lock:
+            seen = self._nonces.get(device)
+            if seen is None:
+                seen = self._nonces[device] = deque(maxlen=_NONCES_PER_DEVICE)
+                while len(self._nonces) > _MAX_DEVICES:
+                    self._nonces.popitem(last=False)
+            else:
+                self._nonces.move_to_end(device)
+            if nonce in seen:
+                return True
+            seen.append(nonce)
+        return False
 
     def _just_issued(self, device: str, fingerprint: str) -> bool:
         """Whether ``device`` got credentials for this key within the grace period (its
@@ -575,6 +618,13 @@ class Enroller:
                 pending = self._renewals.get(device)
             if pending is None or pending.issued != int(row["issued"]) + 1 \
                     or pending.groups != _groups(row):
+                if not self._may_renew(device):
+                    why = ("renewed too often: new credentials are issued at most once per "
+                           f"{self.config.lifetime_s / 10:g} s after the first "
+                           f"{_RENEWAL_BURST}; ask again later")
+                    self._count("refused", why=f"{_shown(device)}: {why}")
+                    self._refused("", device, why, topic=topic)
+                    return
                 password = secrets.token_urlsafe(24)
                 issued = int(row["issued"]) + 1
                 expires = time.time() + self.config.lifetime_s
@@ -629,6 +679,23 @@ class Enroller:
         except (EdgeError, DatabaseError) as err:
             self._warn(f"hint:{device}", "enroller: the renewal hint of %s not updated: %s",
                        _shown(device), one_line(err))
+
+    def _may_renew(self, device: str) -> bool:
+        """Whether ``device`` may be offered new credentials now: a device renews once
+        per lifetime (less a third), so a few renewals in a row, then one per tenth of
+        the lifetime, are plenty. A hostile device cycling ack=0/ack=N would otherwise
+        make the broker and the record change its password every two seconds."""
+        now = time.monotonic()
+        with self._lock:
+            bucket = self._renewal_budget.get(device)
+            if bucket is None:
+                bucket = self._renewal_budget[device] = _TokenBucket(
+                    10.0 / self.config.lifetime_s, _RENEWAL_BURST, now)
+                while len(self._renewal_budget) > _MAX_DEVICES:
+                    self._renewal_budget.popitem(last=False)
+            else:
+                self._renewal_budget.move_to_end(device)
+            return bucket.take(1, now)
 
     def _accepted(self, row: Mapping[str, Any], password: str, issued: int,
                   expires: float, groups: tuple[str, ...] | None = None) -> EnrolAnswer:

@@ -34,7 +34,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import AttributeOID, NameOID
 
 from .._json import UnsafeJsonError, loads_bounded
 from ._credentials import MAX_SEALED_CHARS
@@ -145,8 +145,9 @@ def _check_facts(facts: Any) -> dict[str, str]:
     return dict(facts)
 
 
-def _check_csr(csr_pem: Any, device_id: str) -> ec.EllipticCurvePublicKey:
-    """The P-256 public key of a valid CSR for ``CN=device_id``; raises EnrolmentRefused."""
+def _check_csr(csr_pem: Any, device_id: str, nonce: str) -> ec.EllipticCurvePublicKey:
+    """The P-256 public key of a valid CSR for ``CN=device_id`` made for the request of
+    ``nonce`` (its challengePassword); raises EnrolmentRefused."""
     if not isinstance(csr_pem, str) or len(csr_pem) > MAX_CSR_CHARS:
         raise EnrolmentRefused(
             f"enrolment request: 'csr_pem' must be a PEM CSR of at most {MAX_CSR_CHARS} "
@@ -185,6 +186,18 @@ def _check_csr(csr_pem: Any, device_id: str) -> ec.EllipticCurvePublicKey:
         raise EnrolmentRefused(
             f"enrolment request: CSR names {str(cn)[:70]!r}, the request topic names "
             f"{device_id!r}")
+    # The nonce under the CSR's signature: a captured request cannot be sent again as a
+    # new one (another nonce) by someone without the key; the controller refuses the
+    # same nonce twice.
+    try:
+        challenge = csr.attributes.get_attribute_for_oid(AttributeOID.CHALLENGE_PASSWORD)
+    except x509.AttributeNotFound:
+        challenge = None
+    except ValueError:  # a malformed attribute
+        challenge = None
+    if challenge is None or challenge.value != nonce.encode("ascii"):
+        raise EnrolmentRefused("enrolment request: the CSR is not made for this request "
+                               "(expected the request's nonce as its challengePassword)")
     return public
 
 
@@ -214,15 +227,18 @@ class EnrolRequest:
         if not _number(self.sent_at):
             raise EnrolmentRefused(f"{what}: 'sent_at' must be a finite number")
         object.__setattr__(self, "sent_at", float(self.sent_at))
-        object.__setattr__(self, "_public", _check_csr(self.csr_pem, self.device_id))
+        object.__setattr__(self, "_public", _check_csr(self.csr_pem, self.device_id,
+                                                       self.nonce))
 
     @classmethod
     def create(cls, key: DeviceKey, device_id: str, batch: str,
                facts: Mapping[str, str] | None = None) -> EnrolRequest:
         """A new request for ``device_id`` with ``key`` (fresh nonce, now). Raises
         :class:`EnrolmentRefused` for anything :meth:`from_bytes` would refuse."""
-        req = cls(device_id=device_id, batch=batch, csr_pem=key.csr(device_id),
-                  facts=dict(facts or {}), nonce=secrets.token_hex(16), sent_at=time.time())
+        nonce = secrets.token_hex(16)
+        req = cls(device_id=device_id, batch=batch,
+                  csr_pem=key.csr(device_id, challenge=nonce), facts=dict(facts or {}),
+                  nonce=nonce, sent_at=time.time())
         size = len(req.to_bytes())
         if size > MAX_REQUEST_BYTES:
             raise EnrolmentRefused(f"enrolment request is {size} bytes: at most "

@@ -44,9 +44,13 @@ def enrolment_rows(c: Connection, fleet: str, ids: Sequence[str]) -> dict[str, R
     return out
 
 
-def count_pending(c: Connection, fleet: str) -> int:
+def count_pending(c: Connection, fleet: str, batch: str | None = None) -> int:
+    """Pending rows of ``fleet`` (of one claim ``batch`` if given)."""
+    where = (enrolments.c.fleet == fleet) & (enrolments.c.state == "pending")
+    if batch is not None:
+        where = where & (enrolments.c.batch == batch)
     return int(c.execute(sa.select(sa.func.count()).select_from(enrolments).where(
-        (enrolments.c.fleet == fleet) & (enrolments.c.state == "pending"))).scalar() or 0)
+        where)).scalar() or 0)
 
 
 def insert_enrolment(c: Connection, row: Mapping[str, Any]) -> None:
