@@ -6,7 +6,7 @@ once and follows exactly the groups its new credentials name."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from edge_sdk.transport import MqttConnection, Topics
 from tests import _agent_local
 from tests._agent_local import LocalSource, deployment
 from tests._dynsec import FLEET, MONITOR, connect_as, dynsec_broker
+from tests._process import wait_until
 
 arts = _agent_local.arts
 
@@ -71,7 +72,7 @@ def controller(tmp_path: Path) -> Iterator[Controller]:
             lifetime_s=3600.0, poll_s=0.1, sweep_s=0.2)).start()
         try:
             password = rec.create_claim(db, FLEET, BATCH, actor="op")
-            _wait(lambda: all(c["want"] == "" for c in rec.claims(db, FLEET)), "the claim")
+            wait_until(lambda: all(c["want"] == "" for c in rec.claims(db, FLEET)), "the claim")
             yield Controller(broker.url, db, db_url, password, enroller, monitor)
         finally:
             enroller.stop()
@@ -79,14 +80,6 @@ def controller(tmp_path: Path) -> Iterator[Controller]:
             conn.close()
             db.close()
 
-
-def _wait(pred: Callable[[], object], what: str, timeout: float = 30.0) -> None:
-    import time
-
-    end = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def _config(tmp_path: Path, ctl: Controller) -> AgentConfig:
@@ -118,11 +111,11 @@ def _move(db_url: str, to: str, away: str) -> None:
 def _enrolled(tmp_path: Path, ctl: Controller, source: LocalSource) -> Agent:
     agent = Agent(_config(tmp_path, ctl), source=source)
     agent.start()
-    _wait(lambda: rec.enrolment(ctl.db, FLEET, DEV) is not None, "the request")
+    wait_until(lambda: rec.enrolment(ctl.db, FLEET, DEV) is not None, "the request")
     rec.accept_devices(ctl.db, FLEET, [DEV], groups=["lobby"], actor="op")
     conn = agent.connection
     assert conn is not None
-    _wait(lambda: conn.connected, "the device's own connection")
+    wait_until(lambda: conn.connected, "the device's own connection")
     return agent
 
 
@@ -134,16 +127,16 @@ def test_a_device_moved_to_another_group_gets_its_deployments_and_not_the_old_on
     source = Recording()
     agent = _enrolled(tmp_path, ctl, source)
     try:
-        _wait(lambda: _version(agent) == "v1", "the lobby deployment", 60)
+        wait_until(lambda: _version(agent) == "v1", "the lobby deployment", 60)
         assert agent.config.groups == ("lobby",)
 
         _move(ctl.db_url, "door", "lobby")
         # The account's roles change (dynsec kicks the device), the retained hint makes
         # it renew now: its new credentials name door only.
-        _wait(lambda: agent.config.groups == ("door",), "the agent following door")
+        wait_until(lambda: agent.config.groups == ("door",), "the agent following door")
         conn = agent.connection
         assert conn is not None
-        _wait(lambda: conn.connected and _issued(agent) == 2, "the renewed credentials")
+        wait_until(lambda: conn.connected and _issued(agent) == 2, "the renewed credentials")
         assert agent.snapshot()["groups"] == ["door"]
 
         # Published in this order: had the device still read lobby, the newer lobby
@@ -152,7 +145,7 @@ def test_a_device_moved_to_another_group_gets_its_deployments_and_not_the_old_on
                                  retain=True)
         ctl.monitor.publish_wait(TOPICS.group_desired("door"), deployment(arts["v2"], 2),
                                  retain=True)
-        _wait(lambda: _version(agent) == "v2", "the door deployment", 60)
+        wait_until(lambda: _version(agent) == "v2", "the door deployment", 60)
         assert ("v3", 10) not in source.reached
         row = rec.enrolment(ctl.db, FLEET, DEV)
         assert row is not None and row["groups"] == ["door"]
@@ -164,7 +157,7 @@ def test_a_device_moved_to_another_group_gets_its_deployments_and_not_the_old_on
         ctl.enroller.admin.set_groups(DEV, ["door", "lobby"])
         ctl.monitor.publish_wait(TOPICS.group_desired("door"), deployment(arts["v1"], 3),
                                  retain=True)
-        _wait(lambda: ("v1", 3) in source.reached, "the next door deployment", 60)
+        wait_until(lambda: ("v1", 3) in source.reached, "the next door deployment", 60)
         assert ("v3", 10) not in source.reached
     finally:
         agent.stop()
@@ -176,20 +169,20 @@ def test_a_hint_sent_while_the_device_was_away_is_found_when_it_comes_back(
     agent = _enrolled(tmp_path, ctl, LocalSource())
     agent.stop()
     _move(ctl.db_url, "door", "lobby")
-    _wait(lambda: ctl.enroller.stats.regrouped == 1, "the broker roles changed")
+    wait_until(lambda: ctl.enroller.stats.regrouped == 1, "the broker roles changed")
     ctl.monitor.publish_wait(TOPICS.group_desired("door"), deployment(arts["v2"], 1),
                              retain=True)
     # Back with the credentials it stored (they name lobby): the retained hint is there.
     again = Agent(_config(tmp_path, ctl), source=LocalSource())
     again.start()
     try:
-        _wait(lambda: _version(again) == "v2", "the door deployment", 60)
+        wait_until(lambda: _version(again) == "v2", "the door deployment", 60)
         assert again.config.groups == ("door",)
         conn = again.connection
         assert conn is not None
-        _wait(lambda: conn.connected and _issued(again) == 2,
+        wait_until(lambda: conn.connected and _issued(again) == 2,
               "the link up on the renewed password")
-        _wait(lambda: ctl.enroller.stats.renewed == 1, "the renewal done")
+        wait_until(lambda: ctl.enroller.stats.renewed == 1, "the renewal done")
         # The renewal cleared the hint: the next connection does not renew again.
         seen: list[bytes] = []
         sub = ctl.monitor.subscribe(TOPICS.cred_answer(DEV), lambda t, p: seen.append(p))
@@ -224,7 +217,7 @@ def test_credentials_name_the_groups_assigned_when_they_are_issued(tmp_path: Pat
             monitor.subscribe(TOPICS.enrol_answer(BATCH, DEV),
                               lambda t, p: got.append(p) if p else None)
             enroller.poll()
-            _wait(lambda: got, "the accepted answer")
+            wait_until(lambda: got, "the accepted answer")
             answer = EnrolAnswer.from_bytes(got[-1], device_id=DEV)
             assert answer.state == "accepted" and answer.sealed is not None
             assert key.open(answer.sealed, device_id=DEV).groups == ("door",)
@@ -280,7 +273,7 @@ def test_a_renewal_answered_before_a_group_change_is_not_put_in_force(
         renew()
         assert next_credentials() == (2, ("lobby",))
         _move(ctl.db_url, "door", "lobby")
-        _wait(lambda: ctl.enroller.stats.regrouped == 1, "the broker roles changed")
+        wait_until(lambda: ctl.enroller.stats.regrouped == 1, "the broker roles changed")
         # Kicked by the role change: it reconnects (same password) and asks again.
         renew(ack=2)  # the answer made before the change: not put in force
         renew()
@@ -336,12 +329,12 @@ def test_a_group_deployment_is_checked_against_the_groups_the_credentials_name(
         given("lobby")
         agent.submit(create_deployment(env.repo, model="a", version="1.0", fleet=SIM_FLEET,
                                        groups=["lobby"]).document)
-        _wait(lambda: "committed" in kinds(), "the lobby deployment installed")
+        wait_until(lambda: "committed" in kinds(), "the lobby deployment installed")
         given("door")
         assert agent.config.groups == ("door",)
         agent.submit(create_deployment(env.repo, model="a", version="2.0", fleet=SIM_FLEET,
                                        groups=["lobby"]).document)
-        _wait(lambda: "refused" in kinds(), "the lobby deployment refused")
+        wait_until(lambda: "refused" in kinds(), "the lobby deployment refused")
         cur = agent.slots.current
         assert cur is not None and cur.version == "1.0"
     finally:
