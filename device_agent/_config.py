@@ -369,15 +369,7 @@ class AgentConfig:
                        if "." in value else "")
                 raise bad(key, f"{value!r} must be 1-64 letters, digits, '_' or '-' "
                                f"(it becomes part of MQTT topics){why}")
-        if len(self.tags) > MAX_TAGS:
-            raise bad("tags", f"{len(self.tags)} tags, at most {MAX_TAGS}")
-        for k, v in self.tags.items():
-            if not _SAFE_ID.fullmatch(k):
-                raise bad(f"tags.{k}", "a tag name must be 1-64 letters, digits, '.', '_' or "
-                                       "'-'")
-            if not _TAG_VALUE.fullmatch(v):
-                raise bad(f"tags.{k}", "must be at most 128 characters without control "
-                                       "characters")
+        _check_labels(bad, "tags", "tag", self.tags)
         url_key = "broker.urls" if self.broker.urls else "broker.url"
         if self.broker.urls and self.broker.url != BrokerConfig.url:
             raise bad("broker", "give either url or urls, not both")
@@ -499,15 +491,22 @@ class AgentConfig:
                          ("identity.answer_wait_s", ident.answer_wait_s)):
             if num <= 0:
                 raise bad(key, "must be > 0")
-        if len(ident.facts) > MAX_TAGS:
-            raise bad("identity.facts", f"{len(ident.facts)} facts, at most {MAX_TAGS}")
-        for k, v in ident.facts.items():
-            if not _SAFE_ID.fullmatch(k):
-                raise bad(f"identity.facts.{k}", "a fact name must be 1-64 letters, digits, "
-                          "'.', '_' or '-'")
-            if not _TAG_VALUE.fullmatch(v):
-                raise bad(f"identity.facts.{k}", "must be at most 128 characters without "
-                          "control characters")
+        _check_labels(bad, "identity.facts", "fact", ident.facts)
+
+
+def _check_labels(bad: Callable[[str, str], ConfigError], key: str, what: str,
+                  labels: Mapping[str, str]) -> None:
+    """The ``tags`` table and the like: at most MAX_TAGS names of 1-64 safe characters,
+    values of at most 128 characters without control characters."""
+    if len(labels) > MAX_TAGS:
+        raise bad(key, f"{len(labels)} {what}s, at most {MAX_TAGS}")
+    for k, v in labels.items():
+        if not _SAFE_ID.fullmatch(k):
+            raise bad(f"{key}.{k}", f"a {what} name must be 1-64 letters, digits, '.', '_' "
+                                    "or '-'")
+        if not _TAG_VALUE.fullmatch(v):
+            raise bad(f"{key}.{k}", "must be at most 128 characters without control "
+                                    "characters")
 
 
 def half_of_memory() -> int:

@@ -227,18 +227,25 @@ def accept_devices(db: FleetDB, fleet: str, ids: Iterable[str], *,
         todo = [d for d in ids if found[d]["state"] != "accepted"]
         if not todo:
             return []
-        after = _assign(c, fleet, todo, groups, tags, actor=actor)
-        for d in todo:
-            rows.update_enrolment(c, fleet, d, {
-                "state": "accepted", "want": "issue", "decided_by": actor,
-                "decided_at": now, "reason": None, "updated_at": now,
-                "groups": after[d]["groups"], "tags": after[d]["tags"]})
-        rows.set_device_revoked(c, fleet, todo, at=None, by=None, reason=None)
+        _mark_accepted(c, fleet, _assign(c, fleet, todo, groups, tags, actor=actor),
+                       actor=actor, now=now)
         db.record_audit(actor, "device.accept", {
             "fleet": fleet, "devices": todo, "groups": list(groups), "tags": tags,
             "fingerprints": {d: found[d]["fingerprint"] for d in todo},
             **({"via": via} if via else {})}, conn=c)
     return todo
+
+
+def _mark_accepted(c: store.Connection, fleet: str, after: Mapping[str, Mapping[str, Any]], *,
+                   actor: str, now: float) -> None:
+    """The devices of ``after`` (id -> their assignment now) are accepted: the controller
+    issues their credentials with those groups; a revocation they had is over."""
+    for d, assigned in after.items():
+        rows.update_enrolment(c, fleet, d, {
+            "state": "accepted", "want": "issue", "decided_by": actor,
+            "decided_at": now, "reason": None, "updated_at": now,
+            "groups": assigned["groups"], "tags": assigned["tags"]})
+    rows.set_device_revoked(c, fleet, list(after), at=None, by=None, reason=None)
 
 
 def reject_devices(db: FleetDB, fleet: str, ids: Iterable[str], *,
@@ -345,12 +352,7 @@ def allow_changes(db: FleetDB, fleet: str, changes: Mapping[str, AssignmentChang
         if accept:
             after, _, _ = apply_assignments(c, fleet, {d: changes[d] for d in accept},
                                             actor=actor)
-            for d in accept:
-                rows.update_enrolment(c, fleet, d, {
-                    "state": "accepted", "want": "issue", "decided_by": actor,
-                    "decided_at": now, "reason": None, "updated_at": now,
-                    "groups": after[d]["groups"], "tags": after[d]["tags"]})
-            rows.set_device_revoked(c, fleet, accept, at=None, by=None, reason=None)
+            _mark_accepted(c, fleet, after, actor=actor, now=now)
         db.record_audit(actor, "device.allow", {
             "fleet": fleet, "devices": {d: changes[d].describe() for d in ids},
             "accepted": accept, **({"file": source} if source else {})}, conn=c)
