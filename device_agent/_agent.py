@@ -107,6 +107,8 @@ class Agent:
             reconnect_jitter_s=config.telemetry.reconnect_jitter_s,
         )
         self._serve_http = http
+        #: The groups of the config file: followed whatever the credentials name.
+        self._own_groups = config.groups
         #: Enrolment and renewed credentials (``[identity]``; None without, or offline).
         self.identity: IdentityService | None = None
         creds: Credentials | None = None
@@ -138,6 +140,8 @@ class Agent:
         self._desired = DesiredInbox()
         self._desired_topics = [self.topics.desired(config.device_id),
                                 *(self.topics.group_desired(g) for g in config.groups)]
+        #: The desired topics' subscriptions (to cancel a group's when it is removed).
+        self._desired_subs: dict[str, Any] = {}
         self._desired_lock = threading.Lock()
         self._desired_ev = threading.Event()
         self._worker: threading.Thread | None = None
@@ -283,7 +287,7 @@ class Agent:
         # Armed once serving has started: the first will carries the facts after boot.
         conn.arm_last_will(self._last_will)
         for topic in self._desired_topics:
-            conn.subscribe(topic, self._on_desired, wait=False)
+            self._desired_subs[topic] = conn.subscribe(topic, self._on_desired, wait=False)
         if self.config.profiling.enabled:
             # Only then: a broker ACL written before profiling existed refuses the topic.
             conn.subscribe(self.topics.profile_request(self.config.device_id),
@@ -300,25 +304,46 @@ class Agent:
             log.warning("broker link not started: %s (serving locally)", err)
 
     def _follow(self, creds: Credentials) -> None:
-        """New credentials are about to be used: follow the groups they name too (the
-        controller's assignment, on top of the config's ``groups``)."""
-        new = [g for g in creds.groups if g not in self.config.groups]
-        if not new:
+        """New credentials are about to be used: follow exactly the groups they name (the
+        controller's assignment) and the config's ``groups``; stop following the groups
+        the operator removed."""
+        import dataclasses
+
+        groups = _following(dataclasses.replace(self.config, groups=self._own_groups),
+                            creds.groups).groups
+        old = self.config.groups
+        if groups == old:
             return
-        cfg = _following(self.config, creds.groups)
-        # One config for everything that reads the groups (verification, replay scopes,
-        # the reported facts).
+        new = [g for g in groups if g not in old]
+        gone = [g for g in old if g not in groups]
+        cfg = dataclasses.replace(self.config, groups=groups)
+        # One config for everything that reads the groups (verification: a group
+        # deployment must name one of them; replay scopes; the reported facts).
         self.config = self.installer.config = cfg
         from ._source import ReleaseSource
 
         if isinstance(self.installer.source, ReleaseSource):
             self.installer.source.config = cfg
+        for g in gone:
+            topic = self.topics.group_desired(g)
+            if topic in self._desired_topics:
+                self._desired_topics.remove(topic)
+            sub = self._desired_subs.pop(topic, None)
+            if sub is not None:
+                sub.cancel()
+            with self._desired_lock:
+                self._desired.forget(topic)
         for g in new:
             topic = self.topics.group_desired(g)
             self._desired_topics.append(topic)
             if self.connection is not None:
-                self.connection.subscribe(topic, self._on_desired, wait=False)
-        log.info("following group(s) %s from the device's credentials", ", ".join(new))
+                self._desired_subs[topic] = self.connection.subscribe(
+                    topic, self._on_desired, wait=False)
+        if new:
+            log.info("following group(s) %s from the device's credentials", ", ".join(new))
+        if gone:
+            log.info("no longer following group(s) %s: the device's credentials do not "
+                     "name them", ", ".join(gone))
 
     def _last_will(self) -> LastWill:
         """The will of the next connection: offline, which connection it is (``link``), and

@@ -242,6 +242,10 @@ class ProfilingConfig:
     nice: int = 19
 
 
+#: The largest claim password file read (``edge-sdk claim create`` writes ~33 bytes).
+_MAX_CLAIM_PASSWORD_BYTES = 1024
+
+
 @dataclass(frozen=True)
 class IdentityConfig:
     """Enrolment by claim (``[identity]``; the section's presence turns it on): the device
@@ -275,11 +279,23 @@ class IdentityConfig:
 
     def resolved_claim_password(self) -> str:
         if self.claim_password_file is not None:
+            where = f"identity.claim_password_file {self.claim_password_file}"
             try:
-                secret = self.claim_password_file.read_text(encoding="utf-8").strip()
+                # Bounded: a password is short; a device image may hold anything there.
+                with open(self.claim_password_file, "rb") as f:
+                    raw = f.read(_MAX_CLAIM_PASSWORD_BYTES + 1)
             except OSError as err:
-                raise ConfigError(f"identity.claim_password_file {self.claim_password_file}: "
-                                  f"cannot read: {err.strerror}") from err
+                raise ConfigError(f"{where}: cannot read: {err.strerror}") from None
+            if len(raw) > _MAX_CLAIM_PASSWORD_BYTES:
+                raise ConfigError(f"{where}: over {_MAX_CLAIM_PASSWORD_BYTES} bytes: "
+                                  "expected one password")
+            try:
+                secret = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise ConfigError(f"{where}: not UTF-8 text") from None
+            if not secret or any(not ch.isprintable() for ch in secret):
+                raise ConfigError(f"{where}: expected one line holding the password "
+                                  "('edge-sdk claim create --out' writes it)")
             add_secret(secret)
             return secret
         add_secret(self.claim_password)
@@ -358,15 +374,7 @@ class AgentConfig:
                        if "." in value else "")
                 raise bad(key, f"{value!r} must be 1-64 letters, digits, '_' or '-' "
                                f"(it becomes part of MQTT topics){why}")
-        if len(self.tags) > MAX_TAGS:
-            raise bad("tags", f"{len(self.tags)} tags, at most {MAX_TAGS}")
-        for k, v in self.tags.items():
-            if not _SAFE_ID.fullmatch(k):
-                raise bad(f"tags.{k}", "a tag name must be 1-64 letters, digits, '.', '_' or "
-                                       "'-'")
-            if not _TAG_VALUE.fullmatch(v):
-                raise bad(f"tags.{k}", "must be at most 128 characters without control "
-                                       "characters")
+        _check_labels(bad, "tags", "tag", self.tags)
         url_key = "broker.urls" if self.broker.urls else "broker.url"
         if self.broker.urls and self.broker.url != BrokerConfig.url:
             raise bad("broker", "give either url or urls, not both")
@@ -491,15 +499,22 @@ class AgentConfig:
         if not 1 <= ident.claim_sessions <= 256:
             raise bad("identity.claim_sessions", "must be from 1 to 256 (the claim's "
                       "'edge-sdk claim create --sessions')")
-        if len(ident.facts) > MAX_TAGS:
-            raise bad("identity.facts", f"{len(ident.facts)} facts, at most {MAX_TAGS}")
-        for k, v in ident.facts.items():
-            if not _SAFE_ID.fullmatch(k):
-                raise bad(f"identity.facts.{k}", "a fact name must be 1-64 letters, digits, "
-                          "'.', '_' or '-'")
-            if not _TAG_VALUE.fullmatch(v):
-                raise bad(f"identity.facts.{k}", "must be at most 128 characters without "
-                          "control characters")
+        _check_labels(bad, "identity.facts", "fact", ident.facts)
+
+
+def _check_labels(bad: Callable[[str, str], ConfigError], key: str, what: str,
+                  labels: Mapping[str, str]) -> None:
+    """The ``tags`` table and the like: at most MAX_TAGS names of 1-64 safe characters,
+    values of at most 128 characters without control characters."""
+    if len(labels) > MAX_TAGS:
+        raise bad(key, f"{len(labels)} {what}s, at most {MAX_TAGS}")
+    for k, v in labels.items():
+        if not _SAFE_ID.fullmatch(k):
+            raise bad(f"{key}.{k}", f"a {what} name must be 1-64 letters, digits, '.', '_' "
+                                    "or '-'")
+        if not _TAG_VALUE.fullmatch(v):
+            raise bad(f"{key}.{k}", "must be at most 128 characters without control "
+                                    "characters")
 
 
 def half_of_memory() -> int:

@@ -43,6 +43,8 @@ CREDENTIALS_FILE = "credentials.json"
 CA_FILE = "ca.pem"
 #: credentials.json holds two credentials and their CA bundles.
 _MAX_STORE_BYTES = 64 * 1024
+#: The largest ``ca.pem`` used (the controller sends at most 4 KiB).
+_MAX_CA_BYTES = 64 * 1024
 #: Renewal retries wait at least this long (and at most a tenth of the lifetime).
 MIN_RENEW_BACKOFF_S = 10.0
 #: After an enrolment exchange was taken over (another device connected as the same claim
@@ -250,9 +252,9 @@ def judge(answer: EnrolAnswer, *, fingerprint: str, refused_issued: int) -> str 
     """What an answer on the device's enrolment topic means for this key: its state, or
     None when it is not for this key (another key's, or credentials the broker already
     refused)."""
-    if answer.state == "refused":
-        return "refused"
     if answer.fingerprint != fingerprint:
+        # Refusals too: anyone holding the claim can send garbage on this device's
+        # request topic, and every claim holder reads the refusals it earns.
         return None
     if answer.state == "accepted" and answer.issued <= refused_issued:
         return None
@@ -286,6 +288,7 @@ class CredentialStore:
         self.dir = directory
         self.path = directory / CREDENTIALS_FILE
         self.ca_path = directory / CA_FILE
+        self._ca_said: str | None = None
 
     def _mkdir(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -295,7 +298,8 @@ class CredentialStore:
         """What was stored; nothing when there is no file or it cannot be used (then the
         device enrols again: its key is what counts)."""
         try:
-            raw = self.path.read_bytes()
+            with open(self.path, "rb") as f:  # bounded: parse refuses what is longer
+                raw = f.read(_MAX_STORE_BYTES + 1)
         except FileNotFoundError:
             return None, None
         except OSError as err:
@@ -320,6 +324,33 @@ class CredentialStore:
                       err.strerror or err)
             return False
         return True
+
+    def usable_ca(self) -> bool:
+        """Whether ``ca.pem`` is there and holds PEM certificates (read bounded); a corrupt
+        one is logged once."""
+        from cryptography import x509
+
+        try:
+            with open(self.ca_path, "rb") as f:
+                raw = f.read(_MAX_CA_BYTES + 1)
+        except FileNotFoundError:
+            return False
+        except OSError as err:
+            why = f"cannot read ({err.strerror})"
+        else:
+            try:
+                if len(raw) > _MAX_CA_BYTES:
+                    raise ValueError(f"over {_MAX_CA_BYTES} bytes")
+                x509.load_pem_x509_certificates(raw)
+                self._ca_said = None
+                return True
+            except ValueError as err:
+                why = f"not PEM certificates ({str(err)[:80]})"
+        if why != self._ca_said:
+            self._ca_said = why
+            log.warning("%s: %s; ignored (the broker's CA from the config is used)",
+                        self.ca_path, why)
+        return False
 
     def save_ca(self, ca_pem: str) -> Path | None:
         """Write the broker's CA bundle; None (logged) when it cannot be written."""
@@ -533,7 +564,8 @@ class IdentityService:
         self.topics = Topics(config.fleet, config.broker.topic_prefix)
         self.key = DeviceKey.load_or_create(config.key_path)
         self.store = CredentialStore(config.identity_dir)
-        self.keyring = Keyring(*self.store.load(), renew_fraction=ident.renew_fraction)
+        current, pending = (self._ours(h) for h in self.store.load())
+        self.keyring = Keyring(current, pending, renew_fraction=ident.renew_fraction)
         self._event = event
         self._rnd = rnd
         self._events: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
@@ -545,6 +577,9 @@ class IdentityService:
         self._on_credentials: Callable[[Credentials], None] = lambda c: None
         self._renew_failures = 0
         self._next_renew = 0.0
+        #: The newest renewal hint: credentials up to this issue must be renewed now
+        #: (the operator changed the device's groups).
+        self._hint = 0
         #: When a renewal's pending credentials must have been switched to by the broker.
         self._promote_by: float | None = None
         self._enrol_at = 0.0
@@ -560,6 +595,16 @@ class IdentityService:
             facts=dict(ident.facts), topics=self.topics, mqtt=self._claim_mqtt(),
             answer_wait_s=ident.answer_wait_s, sessions=ident.claim_sessions)
 
+    def _ours(self, held: Held | None) -> Held | None:
+        """``held`` if it is this device's: a state directory copied from another device
+        (a cloned image) must not make this one connect as that one."""
+        if held is not None and held.creds.username != self.device_id:
+            log.warning("%s holds credentials of %r, not of this device %r: ignored; "
+                        "enrolling as %r", self.store.path, held.creds.username,
+                        self.device_id, self.device_id)
+            return None
+        return held
+
     # -- what the agent calls ----------------------------------------------------------
 
     def boot(self) -> Credentials | None:
@@ -569,8 +614,10 @@ class IdentityService:
 
     @property
     def ca_file(self) -> Path | None:
-        """The broker's CA bundle from the controller, if one came."""
-        return self.store.ca_path if self.store.ca_path.is_file() else None
+        """The broker's CA bundle from the controller, if one came and holds PEM
+        certificates (a corrupt one is ignored, not trusted: else no connection, not
+        even the one to enrol again, could ever be made)."""
+        return self.store.ca_path if self.store.usable_ca() else None
 
     def seconds_left(self) -> float:
         with self._lock:
@@ -585,9 +632,27 @@ class IdentityService:
         link.on_refused(lambda reason: self._events.put(("refused", reason)))
         link.add_connection_listener(lambda up: self._events.put(("up", "")) if up else None)
         link.subscribe(self.topics.cred_answer(self.device_id),
-                       lambda t, p: _offer(self._answers, p), wait=False)
+                       lambda t, p: self._on_cred_message(p), wait=False)
         self._thread = threading.Thread(target=self._run, name="agent-identity", daemon=True)
         self._thread.start()
+
+    def _on_cred_message(self, payload: bytes) -> None:
+        """A message on the device's ``cred/res`` topic (network thread): a renewal hint
+        (retained: it is there again after every reconnect until a renewal made it out
+        of date) goes to this service's thread; anything else is a renewal answer."""
+        from edge_sdk.identity import MAX_HINT_BYTES, EnrolmentRefused, RenewHint
+
+        if not payload:
+            return  # a hint cleared
+        if len(payload) <= MAX_HINT_BYTES:
+            try:
+                hint = RenewHint.from_bytes(payload, device_id=self.device_id)
+            except EnrolmentRefused:
+                pass
+            else:
+                self._events.put(("hint", str(hint.issued)))
+                return
+        _offer(self._answers, payload)
 
     def stop(self) -> None:
         self._stop.set()
@@ -628,14 +693,31 @@ class IdentityService:
         if self._promote_by is not None and time.monotonic() > self._promote_by:
             self._renewal_failed("the broker did not switch to the renewed password "
                                  f"within {self._promote_wait():g} s")
-        if self.keyring.renewal_due(now) and time.monotonic() >= self._next_renew:
+        if (self.keyring.renewal_due(now) or self._hinted()) \
+                and time.monotonic() >= self._next_renew:
             self._renew()
         return 1.0
+
+    def _hinted(self) -> bool:
+        """A hint asks to renew the current credentials, and no renewal waits for the
+        broker."""
+        k = self.keyring
+        return (k.current is not None and k.pending is None and k.using == "current"
+                and k.current.creds.issued <= self._hint)
 
     def _handle(self, kind: str, reason: str) -> None:
         link = self._link
         assert link is not None
-        if kind == "up":
+        if kind == "hint":
+            issued = int(reason)
+            with self._lock:
+                cur = self.keyring.current
+            if issued > self._hint and cur is not None and cur.creds.issued <= issued:
+                log.info("the controller asks to renew credentials #%d now (the device's "
+                         "groups changed)", cur.creds.issued)
+                self._next_renew = 0.0  # not after a backoff of an earlier failure
+            self._hint = max(self._hint, issued)
+        elif kind == "up":
             with self._lock:
                 promoted = self.keyring.connected()
             if promoted:

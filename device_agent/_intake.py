@@ -60,6 +60,11 @@ class DesiredInbox:
             self._refused.pop(next(iter(self._refused)))
             self.dropped += 1
 
+    def forget(self, topic: str) -> None:
+        """Drop what waits from ``topic`` (a group the device no longer follows)."""
+        self._verified.pop(topic, None)
+        self._refused = {d: u for d, u in self._refused.items() if u.topic != topic}
+
     def take(self) -> tuple[list[Verified], list[Unverified]]:
         """Everything waiting: verified work newest counter first, refusals oldest first."""
         work = sorted(self._verified.values(), key=lambda v: -v.counter)

@@ -148,6 +148,12 @@ class SourceFactory(Protocol):
     def __call__(self, config: AgentConfig, link: MqttConnection, /) -> ArtifactSource: ...
 
 
+class Subscribed(Protocol):
+    """A subscription of a :class:`BrokerLink` (an ``edge_sdk.transport.Subscription``)."""
+
+    def cancel(self) -> None: ...
+
+
 class BrokerLink(Link, Protocol):
     """What the agent needs from its broker connection (an
     ``edge_sdk.transport.MqttConnection``)."""
@@ -161,7 +167,7 @@ class BrokerLink(Link, Protocol):
     def add_connection_listener(self, listener: Callable[[bool], None]) -> None: ...
 
     def subscribe(self, topic_filter: str, handler: Callable[[str, bytes], None], *,
-                  qos: int = 1, wait: bool = True, timeout: float = 10.0) -> object: ...
+                  qos: int = 1, wait: bool = True, timeout: float = 10.0) -> Subscribed: ...
 
 
 class Transfers(Protocol):

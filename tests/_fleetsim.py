@@ -271,11 +271,28 @@ def _agent_config(spec: dict[str, Any], device: str, url: str) -> Any:
     return AgentConfig.from_dict(base)
 
 
+def _paho_logs() -> None:
+    import paho.mqtt.client as paho
+
+    init = paho.Client.__init__
+
+    def logged(self: Any, *a: Any, **kw: Any) -> None:
+        init(self, *a, **kw)
+        self.enable_logger(logging.getLogger(f"paho.{kw.get('client_id', '')}"))
+
+    paho.Client.__init__ = logged  # type: ignore[method-assign]
+
+
 def run_process(spec_path: Path) -> int:
     from device_agent import Agent
 
     spec = json.loads(spec_path.read_text())
-    logging.basicConfig(filename=spec["log"], level=logging.WARNING,
+    # EDGE_SIM_LOG=DEBUG (or INFO) to see what the agents do (DEBUG: paho's own log too,
+    # one logger per client id).
+    level = os.environ.get("EDGE_SIM_LOG", "WARNING")
+    if level == "DEBUG":
+        _paho_logs()
+    logging.basicConfig(filename=spec["log"], level=getattr(logging, level),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     raise_nofile()
     done = threading.Event()

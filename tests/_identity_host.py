@@ -40,7 +40,7 @@ class Host(ManagedProcess):
         self.cmd = [sys.executable, "-m", "edge_sdk", "serve", "--only", "fleet",
                     "--repo", str(self.fleet.repo.path), "--broker", broker.url,
                     "--fleet", FLEET, "--db", self.db_url, "--username", "edge-serve",
-                    "--poll", "0.2", "--enrol", "--credential-lifetime", f"{round(lifetime_s)}s",
+                    "--poll", "0.2", "--enrol", "--credential-lifetime", f"{int(lifetime_s)}s",
                     "--enrol-limit", "poll_s=0.1", "--enrol-limit", "sweep_s=0.5"]
         if ca_bundle is not None:
             self.cmd += ["--ca-bundle", str(ca_bundle)]

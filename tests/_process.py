@@ -53,3 +53,8 @@ def wait_for(cond: Callable[[], Any], timeout: float = 60,
             return value
         time.sleep(0.05)
     raise AssertionError(why() if why else "condition not reached within the deadline")
+
+
+def wait_until(pred: Callable[[], object], what: str, timeout: float = 30.0) -> None:
+    """Wait until ``pred()`` is true; fail saying what never came."""
+    wait_for(pred, timeout, lambda: f"timed out waiting for {what}")

@@ -5,7 +5,7 @@ Mosquitto and a real fleet record, decisions taken through the operator API (wha
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from edge_sdk.fleet._dynsec import SERVE, DynsecAdmin
 from edge_sdk.identity import claim_username
 from tests._agent_local import LocalSource
 from tests._dynsec import FLEET, connect_as, dynsec_broker
+from tests._process import wait_until
 
 DEV = "cam-1"
 BATCH = "line-1"
@@ -35,21 +36,13 @@ def controller(tmp_path: Path) -> Iterator[tuple[str, FleetDB, str]]:
             lifetime_s=8.0, poll_s=0.1, sweep_s=0.2)).start()
         try:
             password = rec.create_claim(db, FLEET, BATCH, actor="op")
-            _wait(lambda: all(c["want"] == "" for c in rec.claims(db, FLEET)), "the claim")
+            wait_until(lambda: all(c["want"] == "" for c in rec.claims(db, FLEET)), "the claim")
             yield broker.url, db, password
         finally:
             enroller.stop()
             conn.close()
             db.close()
 
-
-def _wait(pred: Callable[[], object], what: str, timeout: float = 30.0) -> None:
-    import time
-
-    end = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def _stored(agent: Agent) -> dict[str, Any]:
@@ -77,30 +70,30 @@ def test_an_agent_enrols_renews_and_comes_back_after_revocation_through_serve(
     try:
         conn = agent.connection
         assert conn is not None
-        _wait(lambda: [r for r in rec.enrolments(db, FLEET, "pending")
+        wait_until(lambda: [r for r in rec.enrolments(db, FLEET, "pending")
                        if r["device_id"] == DEV], "the pending request")
         row = rec.enrolment(db, FLEET, DEV)
         assert row is not None and row["batch"] == BATCH
         assert not conn.connected and agent.http is not None
 
         rec.accept_devices(db, FLEET, [DEV], groups=["lobby"], actor="op")
-        _wait(lambda: conn.connected, "the device's own connection")
+        wait_until(lambda: conn.connected, "the device's own connection")
         assert "lobby" in agent.config.groups
 
         # Credentials live 8 s and are renewed at half: the Enroller switches the broker
         # to each new password after the agent's ack, and the link follows.
-        _wait(lambda: _issued(agent) >= 2 and _stored(agent)["pending"] is None
+        wait_until(lambda: _issued(agent) >= 2 and _stored(agent)["pending"] is None
               and conn.connected, "a renewed password in use")
         row = rec.enrolment(db, FLEET, DEV)
         assert row is not None and row["issued"] >= 2
 
         rec.revoke_device(db, FLEET, DEV, reason="stolen", actor="op")
-        _wait(lambda: not conn.connected, "the revoked device kicked")
-        _wait(lambda: (rec.enrolment(db, FLEET, DEV) or {}).get("state") == "pending",
+        wait_until(lambda: not conn.connected, "the revoked device kicked")
+        wait_until(lambda: (rec.enrolment(db, FLEET, DEV) or {}).get("state") == "pending",
               "a new request with the same key")
         assert not conn.connected
         rec.accept_devices(db, FLEET, [DEV], actor="op")
-        _wait(lambda: conn.connected, "the device back after a new acceptance")
+        wait_until(lambda: conn.connected, "the device back after a new acceptance")
         assert claim_username(BATCH) not in (conn.config.username or "")
     finally:
         agent.stop()

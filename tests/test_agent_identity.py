@@ -57,6 +57,7 @@ from tests import _models
 from tests._agent_local import SAMPLE, LocalSource, deployment
 from tests._broker import Mosquitto
 from tests._dynsec import FLEET, MONITOR, connect_as, dynsec_admin, dynsec_broker
+from tests._process import wait_until
 from tests._tls import tls_files
 
 DEV = "dev-1"
@@ -171,8 +172,13 @@ def test_an_answer_for_another_key_or_for_refused_credentials_is_not_ours() -> N
     assert judge(answer(other, 3), fingerprint=fp, refused_issued=0) is None
     assert judge(answer(key, 3), fingerprint=fp, refused_issued=3) is None
     assert judge(answer(key, 4), fingerprint=fp, refused_issued=3) == "accepted"
-    refused = EnrolAnswer(state="refused", device_id=DEV, fingerprint="", reason="x")
+    refused = EnrolAnswer(state="refused", device_id=DEV, fingerprint=fp, reason="x")
     assert judge(refused, fingerprint=fp, refused_issued=0) == "refused"
+    # A refusal of someone else's request on our topic (garbage names no key) is not ours.
+    for fingerprint in ("", other.fingerprint):
+        theirs = EnrolAnswer(state="refused", device_id=DEV, fingerprint=fingerprint,
+                             reason="x")
+        assert judge(theirs, fingerprint=fp, refused_issued=0) is None
 
 
 def test_the_credentials_file_is_private_and_a_corrupt_one_means_enrolling_again(
@@ -351,7 +357,8 @@ class MiniController:
         known = self.keys.get(dev)
         if known is not None and known != req.public_pem:
             self._answer(batch, dev, EnrolAnswer(state="refused", device_id=dev,
-                                                 fingerprint="", reason="other key"),
+                                                 fingerprint=req.fingerprint,
+                                                 reason="other key"),
                          retain=False)
             return
         verdict = self.decide(dev)
@@ -414,12 +421,6 @@ def _controller(admin: DynsecAdmin, **kw: Any) -> MiniController:
     return MiniController(admin.connection, admin, **kw)
 
 
-def _wait(pred: Callable[[], object], what: str, timeout: float = 30.0) -> None:
-    end = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
 
 def _outbox(agent: Agent) -> list[dict[str, Any]]:
     out = []
@@ -466,14 +467,14 @@ def test_an_unenrolled_agent_serves_locally_then_connects_as_itself_once_accepte
         state = _Watch(monitor, TOPICS.state(DEV))
         agent = started(Agent(_config(tmp_path, broker.url), source=LocalSource()))
         assert agent.http is not None and agent.url  # serving before any credentials
-        _wait(lambda: any(e["event"] == "enrolment_pending" for e in _outbox(agent)),
+        wait_until(lambda: any(e["event"] == "enrolment_pending" for e in _outbox(agent)),
               "the pending event")
         assert agent.connection is not None and not agent.connection.connected
         assert ctl.requests[DEV] >= 1
         assert "credential_seconds_left 0.0" in agent.metrics.render().decode()
 
         verdict[DEV] = "accept"
-        _wait(lambda: state.got and state.got[-1].get("online"), "the device online", 30)
+        wait_until(lambda: state.got and state.got[-1].get("online"), "the device online", 30)
         assert _stored(agent)["current"]["credentials"]["issued"] == 1
         mode = stat.S_IMODE(os.stat(agent.config.identity_dir / "credentials.json").st_mode)
         assert mode == 0o600
@@ -495,7 +496,7 @@ def test_a_rejected_device_gets_no_credentials_and_says_why(
     ctl = _controller(admin, decide=lambda d: "reject")
     try:
         agent = started(Agent(_config(tmp_path, broker.url), source=LocalSource()))
-        _wait(lambda: any(e["event"] == "enrolment_rejected" for e in _outbox(agent)),
+        wait_until(lambda: any(e["event"] == "enrolment_rejected" for e in _outbox(agent)),
               "the rejected event")
         ev = next(e for e in _outbox(agent) if e["event"] == "enrolment_rejected")
         assert ev["reason"] == "not on the list"
@@ -550,7 +551,7 @@ def test_groups_from_the_credentials_join_the_desired_topics(
                                        sample=SAMPLE)
         monitor.publish_wait(TOPICS.group_desired("lobby"), deployment(art, 1), retain=True)
         agent = started(Agent(_config(tmp_path, broker.url), source=LocalSource()))
-        _wait(lambda: agent.slots.current is not None
+        wait_until(lambda: agent.slots.current is not None
               and agent.slots.current.version == "v1", "the group's deployment", 60)
         assert "lobby" in agent.config.groups
         assert agent.snapshot()["groups"] == ["lobby"]
@@ -567,12 +568,12 @@ def test_renewal_switches_the_password_and_the_old_one_stops_working(
     try:
         agent = started(Agent(_config(tmp_path, broker.url, renew_fraction=0.9),
                               source=LocalSource()))
-        _wait(lambda: DEV in ctl.passwords, "the first credentials")
+        wait_until(lambda: DEV in ctl.passwords, "the first credentials")
         first = ctl.passwords[DEV]
         assert ctl.switched.wait(30)
         conn = agent.connection
         assert conn is not None
-        _wait(lambda: _stored(agent)["current"]["credentials"]["issued"] == 2
+        wait_until(lambda: _stored(agent)["current"]["credentials"]["issued"] == 2
               and _stored(agent)["pending"] is None and conn.connected,
               "the renewed password in use")
         assert ctl.passwords[DEV] != first
@@ -592,15 +593,15 @@ def test_a_revoked_device_is_refused_and_enrols_again_with_the_same_key(
         agent = started(Agent(_config(tmp_path, broker.url), source=LocalSource()))
         conn = agent.connection
         assert conn is not None
-        _wait(lambda: conn.connected, "the first connection")
+        wait_until(lambda: conn.connected, "the first connection")
         verdict[DEV] = "pending"
         ctl.do(lambda: ctl.revoke(BATCH, DEV))
-        _wait(lambda: any(e["event"] == "enrolment_pending" for e in _outbox(agent)),
+        wait_until(lambda: any(e["event"] == "enrolment_pending" for e in _outbox(agent)),
               "a new enrolment request")
         assert not conn.connected
         assert not (_stored(agent)["current"] or _stored(agent)["pending"])
         verdict[DEV] = "accept"
-        _wait(lambda: conn.connected, "the connection with the re-issued credentials")
+        wait_until(lambda: conn.connected, "the connection with the re-issued credentials")
         assert _stored(agent)["current"]["credentials"]["issued"] == 2
         assert len(set(ctl.fingerprints)) == 1  # the same key throughout
     finally:
@@ -619,8 +620,8 @@ def test_a_renewal_the_broker_never_switches_to_is_dropped_and_the_link_kept(
                                       answer_wait_s=0.5), source=LocalSource()))
         conn = agent.connection
         assert conn is not None
-        _wait(lambda: conn.connected, "the first connection")
-        _wait(lambda: any(e["event"] == "credential_renewal_failed"
+        wait_until(lambda: conn.connected, "the first connection")
+        wait_until(lambda: any(e["event"] == "credential_renewal_failed"
                           for e in _outbox(agent)) or any(
               e.get("event") == "credential_renewal_failed" for e in events.got),
               "the renewal failure")
@@ -651,7 +652,7 @@ def test_a_restart_between_ack_and_switch_finds_the_password_that_works(
         agent = Agent(cfg, source=LocalSource())
         agent.start()
         try:
-            _wait(lambda: (agent.config.identity_dir / "credentials.json").exists()
+            wait_until(lambda: (agent.config.identity_dir / "credentials.json").exists()
                   and _stored(agent)["pending"] is not None, "renewed credentials stored")
         finally:
             agent.stop()
@@ -664,7 +665,7 @@ def test_a_restart_between_ack_and_switch_finds_the_password_that_works(
         try:
             conn = again.connection
             assert conn is not None
-            _wait(lambda: conn.connected and _stored(again)["pending"] is None,
+            wait_until(lambda: conn.connected and _stored(again)["pending"] is None,
                   "the connection with the switched password")
             assert _stored(again)["current"]["credentials"]["issued"] == pending["issued"]
             assert ctl.requests[DEV] == requests  # no enrolment
@@ -691,7 +692,7 @@ def test_devices_of_one_batch_enrol_together_through_the_shared_claim_session(
         for a in agents:
             conn = a.connection
             assert conn is not None
-            _wait(lambda c=conn: c.connected, f"{a.config.device_id} connected", 60)
+            wait_until(lambda c=conn: c.connected, f"{a.config.device_id} connected", 60)
         assert sorted(ctl.issued) == [f"dev-{i}" for i in range(4)]
     finally:
         for a in agents:
@@ -741,7 +742,7 @@ def test_devices_on_different_claim_sessions_enrol_together_without_taking_over(
         for a in agents:
             conn = a.connection
             assert conn is not None
-            _wait(lambda c=conn: c.connected, f"{a.config.device_id} connected", 60)
+            wait_until(lambda c=conn: c.connected, f"{a.config.device_id} connected", 60)
         assert sorted(ctl.issued) == sorted(chosen)
         idents = [a.identity for a in agents]
         assert [(i.attempts, i.takeovers) for i in idents if i is not None] == [(1, 0)] * 4
@@ -812,13 +813,13 @@ def test_a_wrong_claim_password_is_reported_once_naming_the_key(
     def refused() -> list[dict[str, Any]]:
         return [e for e in _outbox(agent) if e["event"] == "enrolment_refused"]
 
-    _wait(refused, "the refusal")
+    wait_until(refused, "the refusal")
     assert "identity.claim_password" in refused()[0]["reason"]
     assert "\n" not in refused()[0]["reason"]
     # Tried again and again, said once.
     ident = agent.identity
     assert ident is not None
-    _wait(lambda: ident.attempts >= 4, "more attempts")
+    wait_until(lambda: ident.attempts >= 4, "more attempts")
     assert len(refused()) == 1
 
 
@@ -859,18 +860,18 @@ def test_the_ca_bundle_from_the_controller_carries_the_link_across_a_broker_ca_c
             try:
                 conn = agent.connection
                 assert conn is not None
-                _wait(lambda: conn.connected, "the device's connection on the old CA")
+                wait_until(lambda: conn.connected, "the device's connection on the old CA")
                 assert (cfg.identity_dir / "ca.pem").read_text() == bundle
                 # The broker changes certificates: only the bundle trusts the new one.
                 broker.stop()
                 broker.conf.write_text(broker.conf.read_text().replace(
                     tls(ca_a, cert_a, key_a), tls(ca_b, cert_b, key_b)))
                 broker.start()
-                _wait(lambda: conn.connected, "the device's connection on the new CA")
+                wait_until(lambda: conn.connected, "the device's connection on the new CA")
                 # Enrolling again (revoked) goes through the claim account on the new CA
                 # too: the bundle serves every connection, not only the device's.
                 ctl.do(lambda: ctl.revoke(BATCH, DEV))
-                _wait(lambda: ctl.issued.get(DEV) == 2 and conn.connected,
+                wait_until(lambda: ctl.issued.get(DEV) == 2 and conn.connected,
                       "the device back on re-issued credentials")
             finally:
                 agent.stop()
@@ -893,7 +894,7 @@ def test_renewed_credentials_stored_before_a_restart_are_acked_again(
         agent = Agent(cfg, source=LocalSource())
         agent.start()
         try:
-            _wait(lambda: (agent.config.identity_dir / "credentials.json").exists()
+            wait_until(lambda: (agent.config.identity_dir / "credentials.json").exists()
                   and _stored(agent)["pending"] is not None, "renewed credentials stored")
         finally:
             agent.stop()
@@ -905,10 +906,35 @@ def test_renewed_credentials_stored_before_a_restart_are_acked_again(
             conn = again.connection
             assert conn is not None
             assert ctl.switched.wait(30)
-            _wait(lambda: conn.connected and _stored(again)["pending"] is None,
+            wait_until(lambda: conn.connected and _stored(again)["pending"] is None,
                   "the switched password in use")
             assert _stored(again)["current"]["credentials"]["issued"] == 2
         finally:
             again.stop()
+    finally:
+        ctl.close()
+
+
+def test_enrolment_and_the_device_link_survive_broker_restarts(
+        tmp_path: Path, fleet: Any, started: Callable[[Agent], Agent]) -> None:
+    broker, _, admin = fleet
+    verdict = {DEV: "pending"}
+    ctl = _controller(admin, decide=lambda d: verdict[d])
+    try:
+        agent = started(Agent(_config(tmp_path, broker.url), source=LocalSource()))
+        wait_until(lambda: any(e["event"] == "enrolment_pending" for e in _outbox(agent)),
+              "the pending event")
+        broker.restart(downtime=1.0)  # while enrolling
+        verdict[DEV] = "accept"
+        assert agent.connection is not None
+        wait_until(lambda: agent.connection is not None and agent.connection.connected,
+              "the device link up after the restart", 60)
+        broker.restart(downtime=1.0)  # while linked: the same credentials work again
+        wait_until(lambda: agent.connection is not None and not agent.connection.connected,
+              "the link down", 30)
+        wait_until(lambda: agent.connection is not None and agent.connection.connected,
+              "the device link back", 60)
+        assert agent.identity is not None and agent.identity.alive
+        assert _stored(agent)["current"]["credentials"]["issued"] == 1
     finally:
         ctl.close()

@@ -114,10 +114,32 @@ def test_a_rejected_device_stays_rejected(db: FleetDB) -> None:
     req = request("cam-1")
     _record(db, req)
     enrol.reject_devices(db, FLEET, ["cam-1"], reason="not ours", actor="alice")
-    for r in (req, request("cam-1")):  # its key, or another
-        out = _record(db, r)
+    for _ in range(2):
+        out = _record(db, again(req))
         assert (out.state, out.reason, out.issue) == ("rejected", "not ours", False)
+    # Another key, before the controller has answered the rejection: still rejected.
+    out = _record(db, request("cam-1"))
+    assert (out.state, out.reason, out.issue) == ("rejected", "not ours", False)
     assert _row(db, "cam-1")["state"] == "rejected"
+
+
+def test_a_squatter_rejected_leaves_the_id_to_the_real_device(db: FleetDB) -> None:
+    # Someone with a leaked claim asks first for the id of a device not yet enrolled.
+    squat = request("cam-1", batch="leaked")
+    _record(db, squat)
+    real = request("cam-1")
+    assert _record(db, real).state == "refused"  # the id waits with the squatter's key
+    enrol.reject_devices(db, FLEET, ["cam-1"], reason="not ours", actor="alice")
+    enrol.rejected_applied(db, FLEET, "cam-1")
+    assert _record(db, again(squat)).state == "rejected"  # its key stays rejected
+    out = _record(db, again(real))
+    assert (out.state, out.new) == ("pending", True)
+    row = _row(db, "cam-1")
+    assert (row["fingerprint"], row["decided_by"], row["reason"]) == (real.fingerprint,
+                                                                      None, None)
+    assert row["conflicts"] == 2
+    enrol.accept_devices(db, FLEET, ["cam-1"], actor="alice")
+    assert _row(db, "cam-1")["fingerprint"] == real.fingerprint
 
 
 def test_a_revoked_device_asking_again_waits_for_an_operator(db: FleetDB) -> None:
@@ -147,6 +169,17 @@ def test_pending_requests_are_bounded_and_one_over_leaves_no_row(db: FleetDB) ->
     assert _record(db, again(first[0]), max_pending=3).state == "pending"
     assert enrol.record_request(db, "other", request("d3"), now=NOW,
                                 max_pending=3).state == "pending"
+
+
+def test_a_flood_through_one_claim_leaves_room_for_the_other_batches(db: FleetDB) -> None:
+    # A claim password ships on every device image: one leaked must not stop the
+    # devices of every other batch from enrolling.
+    for i in range(3):
+        assert _record(db, request(f"junk-{i}", batch="leaked"), max_pending=3).state \
+            == "pending"
+    assert _record(db, request("junk-3", batch="leaked"), max_pending=3).state == "refused"
+    assert _record(db, request("cam-1", batch="line-2"), max_pending=3).state == "pending"
+    assert enrol.enrolment(db, FLEET, "junk-3") is None
 
 
 def test_a_revoked_device_asking_again_counts_against_the_bound(db: FleetDB) -> None:
@@ -441,3 +474,37 @@ def test_a_database_of_schema_9_gets_the_enrolment_tables(db_url: str) -> None:
         with db.read() as c:
             assert c.execute(sa.text("SELECT max(version) FROM schema_version")).scalar() \
                 == SCHEMA_VERSION == 10
+
+
+def test_a_changed_assignment_is_found_until_its_groups_are_granted(db: FleetDB) -> None:
+    from edge_sdk.fleet import AssignmentChange, assign_devices
+
+    for d in ("a", "b", "c"):
+        _record(db, request(d))
+    enrol.accept_devices(db, FLEET, ["a", "b", "c"], groups=["lobby"], actor="alice")
+    # Only accounts the broker holds are compared: not before the first issue.
+    assign_devices(db, fleet=FLEET, actor="bob", changes={
+        "a": AssignmentChange.parse(groups=["door"], remove_groups=["lobby"])})
+    assert enrol.group_changes(db, FLEET) == []
+    for d in ("a", "b", "c"):
+        enrol.issued(db, FLEET, d, issued=1, expires_at=NOW + 50)
+    (found,) = enrol.group_changes(db, FLEET)
+    assert (found["device_id"], found["issued"], found["granted"], found["assigned"]) == (
+        "a", 1, ["lobby"], ["door"])
+    enrol.groups_granted(db, FLEET, "a", found["assigned_text"])
+    assert enrol.group_changes(db, FLEET) == []
+    assert _row(db, "a")["groups"] == ["door"]
+    # A device with no assignment left (``device remove``) keeps no group at the broker.
+    from edge_sdk.fleet import remove_devices
+
+    remove_devices(db, fleet=FLEET, device_ids=["b"], actor="bob")
+    assert [(f["device_id"], f["assigned"]) for f in enrol.group_changes(db, FLEET)] == [
+        ("b", [])]
+    assert enrol.assigned_groups(db, FLEET, "b") == ([], "[]")
+    # Revoked or expired accounts are not regrouped (re-issuing takes the assignment).
+    assign_devices(db, fleet=FLEET, actor="bob", changes={
+        "c": AssignmentChange.parse(groups=["door"])})
+    enrol.mark_expired(db, FLEET, "c")
+    assert [f["device_id"] for f in enrol.group_changes(db, FLEET)] == ["b"]
+    assert enrol.assigned_groups(db, FLEET, "c")[0] == ["door", "lobby"]
+    assert len(enrol.group_changes(db, FLEET, limit=0)) == 0

@@ -123,6 +123,16 @@ def test_replayed_older_signed_deployment_does_not_displace_a_newer_pending_one(
     assert [w.payload for w in work] == [b"#9", b"#3 of a group"]
 
 
+def test_what_waits_from_a_group_no_longer_followed_is_dropped() -> None:
+    inbox = DesiredInbox()
+    inbox.offer(Verified("grp/lobby", 9, b"#9 of lobby"))
+    inbox.offer(Verified("grp/door", 2, b"#2 of door"))
+    inbox.refuse(Unverified("grp/lobby", "e" * 32, 10, None, "not JSON"))
+    inbox.forget("grp/lobby")
+    work, refused = inbox.take()
+    assert [w.payload for w in work] == [b"#2 of door"] and refused == []
+
+
 def test_a_flood_of_garbage_is_reported_boundedly_and_leaves_signed_work_alone() -> None:
     inbox = DesiredInbox(max_refusals=4)
     inbox.offer(Verified("t", 8, b"#8"))

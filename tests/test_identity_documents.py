@@ -856,3 +856,35 @@ def test_corrupted_documents_are_refused_in_one_line_or_read_never_crash(
                 read(bad)
             except IdentityError as err:
                 assert "\n" not in str(err) and len(str(err)) < 300, str(err)[:400]
+
+
+def test_a_renewal_hint_round_trips_and_names_its_device() -> None:
+    from edge_sdk.identity import MAX_HINT_BYTES, RenewHint
+
+    hint = RenewHint("cam-1", 3, at=5.0)
+    payload = hint.to_bytes()
+    assert RenewHint.from_bytes(payload, device_id="cam-1") == hint
+    # Shorter than any answer carrying credentials: the device tells them apart by size.
+    assert len(RenewHint("d" * 64, 2**62).to_bytes()) <= MAX_HINT_BYTES
+    with pytest.raises(EnrolmentRefused, match="names device 'cam-1'"):
+        RenewHint.from_bytes(payload, device_id="cam-2")
+
+
+@pytest.mark.parametrize(("payload", "match"), [
+    (b"x" * 600, "at most 512"),
+    (b'{"type":"edge-renew-hint","v":1,"device_id":"cam-1","issued":[[1]],"at":1}',
+     "nested|issued"),
+    (b'{"type":"edge-renew-hint","v":1,"device_id":"cam-1","issued":-1,"at":1}',
+     "issued"),
+    (b'{"type":"edge-renew-hint","v":1,"device_id":"cam-1","issued":true,"at":1}',
+     "issued"),
+    (b'{"type":"edge-enrol-answer","v":1,"device_id":"cam-1","issued":1,"at":1}',
+     "expected type"),
+    (b'{"type":"edge-renew-hint","v":1,"device_id":"cam-1","issued":1}', "exactly the keys"),
+])
+def test_a_malformed_renewal_hint_is_refused_in_one_line(payload: bytes, match: str) -> None:
+    from edge_sdk.identity import RenewHint
+
+    with pytest.raises(EnrolmentRefused, match=match) as err:
+        RenewHint.from_bytes(payload, device_id="cam-1")
+    assert "\n" not in str(err.value)

@@ -7,6 +7,7 @@ carries them out (the database is the authority)."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -261,15 +262,7 @@ def device_set_cmd(device_ids: tuple[str, ...], db_url: str | None, repo_dir: st
                                        tags=tags, remove_tags=remove_tags, replace=replace)
     changes = {d: change for d in device_ids}
     if file is not None:
-        with click.open_file(file, "rb") as f:
-            raw = f.read(_FILE_MAX + 1)
-        if len(raw) > _FILE_MAX:
-            raise UsageError(f"--file {file}: over {_FILE_MAX >> 20} MiB")
-        try:
-            text = raw.decode()
-        except UnicodeDecodeError:
-            raise UsageError(f"--file {file}: not UTF-8 text") from None
-        for d, ch in fl.parse_assignments(text, file).items():
+        for d, ch in fl.parse_assignments(_read_file(file), file).items():
             changes[d] = ch.merged(change) if d in changes or not change.empty else ch
     with fleet_db(db_url, repo_dir, fleet) as db:
         # Before: once assigned, the devices make the fleet no longer empty.
@@ -504,8 +497,12 @@ def device_allow_cmd(device_ids: tuple[str, ...], db_url: str | None, repo_dir: 
 
 
 def _read_file(file: str) -> str:
-    with click.open_file(file, "rb") as f:
-        raw = f.read(_FILE_MAX + 1)
+    """The text of ``--file`` (``-``: stdin), bounded; one-line errors."""
+    try:
+        with click.open_file(file, "rb") as f:
+            raw = f.read(_FILE_MAX + 1)
+    except OSError as err:
+        raise UsageError(f"--file {file}: cannot read it: {err.strerror or err}") from None
     if len(raw) > _FILE_MAX:
         raise UsageError(f"--file {file}: over {_FILE_MAX >> 20} MiB")
     try:
@@ -544,19 +541,39 @@ def claim_create_cmd(batch: str, db_url: str | None, repo_dir: str | None,
     from .._fs import atomic_write_text
     from ..fleet import _enrol
 
-    if out is not None and not Path(out).resolve().parent.is_dir():
-        raise UsageError(f"--out {out}: directory {Path(out).resolve().parent} does not exist")
+    if out is not None:
+        _check_out(Path(out))
     with open_db(db_url, repo_dir) as db:
         password = _enrol.create_claim(db, fleet, batch, actor=fl.actor_name(operator),
                                        sessions=sessions)
-    said = (f"claim {batch!r} of fleet {fleet!r} recorded: user {_enrol.claim_user(batch)}"
-            + (f" and {sessions - 1} more session account(s)" if sessions > 1 else ""))
-    if out is not None:
-        atomic_write_text(out, password + "\n")  # a new temp file: mode 0600
-        click.echo(f"{said}, password in {out}")
-        return
+        said = (f"claim {batch!r} of fleet {fleet!r} recorded: user "
+                f"{_enrol.claim_user(batch)}"
+                + (f" and {sessions - 1} more session account(s)" if sessions > 1 else ""))
+        if out is not None:
+            try:
+                atomic_write_text(out, password + "\n")  # a new temp file: mode 0600
+            except OSError as err:
+                # The password exists nowhere else: a claim nobody can use is undone.
+                _enrol.revoke_claim(db, fleet, batch, actor=fl.actor_name(operator))
+                raise UsageError(f"--out {out}: cannot write it ({err.strerror or err}); "
+                                 f"claim {batch!r} not created") from None
+            click.echo(f"{said}, password in {out}")
+            return
     click.echo(f"{said}, password (shown once):")
     click.echo(password)
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an ``--out`` that would overwrite a file (another claim's password, say) or
+    that cannot be written, before anything is recorded."""
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise UsageError(f"--out {out}: directory {parent} does not exist")
+    if out.exists() or out.is_symlink():
+        raise UsageError(f"--out {out}: exists (it may hold another claim's password): "
+                         "remove it or name another file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: directory {parent} is not writable")
 
 
 @claim_group.command("revoke")

@@ -40,7 +40,12 @@ def init_cmd(outdir: Path, fleet: str, operators: tuple[str, ...],
     if existing.exists() and not force:
         raise UsageError(f"{existing} exists: the broker keeps every device account in it "
                          "(--force to start over and lose them)")
-    creds = broker_config(outdir, fleet=fleet, operators=operators, responders=responders)
+    try:
+        creds = broker_config(outdir, fleet=fleet, operators=operators,
+                              responders=responders)
+    except OSError as err:
+        raise UsageError(f"{outdir}: cannot write the broker's files: "
+                         f"{err.strerror or err}") from None
     broker = broker_user()
     owner = (f"dynamic-security.json and {outdir} owned by {broker.pw_name}"
              if broker is not None else

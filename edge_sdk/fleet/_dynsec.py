@@ -644,11 +644,14 @@ def broker_config(outdir: Path, *, fleet: str, operators: Sequence[str] = (),
     outdir.mkdir(parents=True, exist_ok=True)
     dynsec_json = outdir / "dynamic-security.json"
     doc = dynsec_document(fleet, {u: (creds[u], role_of[u]) for u in users}, prefix=prefix)
-    atomic_write_text(dynsec_json, json.dumps(doc, indent=1) + "\n")
-    atomic_write_text(outdir / "mosquitto.conf", _conf_text(dynsec_json))
-    os.chmod(outdir / "mosquitto.conf", 0o644)
+    # The accounts' file last: it is the one a second run refuses to overwrite, so a run
+    # that fails before it (disk full, no permission) can simply be run again; and no
+    # broker ever holds accounts whose passwords were not saved.
     atomic_write_text(outdir / "credentials.json", json.dumps(creds, indent=2) + "\n")
     os.chmod(outdir / "credentials.json", 0o600)
+    atomic_write_text(outdir / "mosquitto.conf", _conf_text(dynsec_json))
+    os.chmod(outdir / "mosquitto.conf", 0o644)
+    atomic_write_text(dynsec_json, json.dumps(doc, indent=1) + "\n")
     broker = broker_user()
     if broker is not None:
         # credentials.json stays root's: it is for the operator, not the broker.

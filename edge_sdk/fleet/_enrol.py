@@ -7,8 +7,9 @@ request with its public key (:class:`~edge_sdk.identity.EnrolRequest`).
 :func:`record_request` files it: an unknown id waits for an operator (``pending``)
 unless the allow-list names it; the key it first came with is its identity (another key
 for the same id is refused and counted as a conflict); an accepted device asking again
-with its key gets new credentials (its password was lost or expired); a rejected one
-stays rejected; a revoked one waits for an operator again.
+with its key gets new credentials (its password was lost or expired); a rejected key
+stays rejected (another key for that id waits for an operator again); a revoked one
+waits for an operator again.
 
 Each row's ``want`` is the controller's to-do at the broker: ``issue`` (create or update
 the account, send the sealed credentials), ``revoke`` (delete the account, which closes
@@ -35,6 +36,7 @@ from ..identity import (
     EnrolRequest,
     IdentityError,
     check_claim_sessions,
+    check_device_id,
     claim_username,
 )
 from ..identity import check_batch as _check_batch
@@ -76,8 +78,10 @@ class RecordOutcome:
 def record_request(db: FleetDB, fleet: str, req: EnrolRequest, *, now: float,
                    max_pending: int) -> RecordOutcome:
     """File an enrolment request (see the module's docstring for the rules). At most
-    ``max_pending`` rows of the fleet wait for an operator: a request that would open
-    one more is refused and leaves no row."""
+    ``max_pending`` rows of each claim batch wait for an operator: a request that would
+    open one more is refused and leaves no row. Per batch: whoever floods with one
+    claim's password (it ships on every device image) fills only that batch, never
+    blocks the devices of the others."""
     dev = req.device_id
     fresh = {"batch": req.batch, "fingerprint": req.fingerprint,
              "public_key": req.public_pem, "facts": dict(req.facts)}
@@ -101,7 +105,7 @@ def record_request(db: FleetDB, fleet: str, req: EnrolRequest, *, now: float,
                     "fingerprint": req.fingerprint, "allowed_by": allow["added_by"],
                     **after[dev]}, conn=c)
                 return RecordOutcome("accepted", "", True, True)
-            if rows.count_pending(c, fleet) >= max_pending:
+            if rows.count_pending(c, fleet, req.batch) >= max_pending:
                 return RecordOutcome("refused", TOO_MANY_REASON, False, False)
             rows.insert_enrolment(c, {
                 "fleet": fleet, "device_id": dev, **fresh, "state": "pending",
@@ -109,12 +113,23 @@ def record_request(db: FleetDB, fleet: str, req: EnrolRequest, *, now: float,
                 "groups": [], "tags": {}, "issued": 0, "want": "", "broker": ""})
             return RecordOutcome("pending", PENDING_REASON, True, False)
         state, same = row["state"], row["fingerprint"] == req.fingerprint
+        if state == "rejected" and not same and not row["want"] \
+                and rows.count_pending(c, fleet, req.batch) < max_pending:
+            # A rejection is of the key the operator saw. Another key for the id waits
+            # for an operator again: else whoever asked first with an id (a squatter
+            # holding a leaked claim) and was rejected would lock the real device out of
+            # its id for good. (Not while the broker still has to carry the rejection out.)
+            rows.update_enrolment(c, fleet, dev, {
+                **fresh, "state": "pending", "requested_at": now, "updated_at": now,
+                "requests": 1, "conflicts": ("+", 1), "decided_by": None,
+                "decided_at": None, "reason": None, "expires_at": None})
+            return RecordOutcome("pending", PENDING_REASON, True, False)
         if state == "rejected":
             rows.update_enrolment(c, fleet, dev, {"requests": ("+", 1), "updated_at": now}
                                   if same else {"conflicts": ("+", 1)})
             return RecordOutcome("rejected", row["reason"] or REJECTED_REASON, False, False)
         if state == "revoked":
-            if rows.count_pending(c, fleet) >= max_pending:
+            if rows.count_pending(c, fleet, req.batch) >= max_pending:
                 return RecordOutcome("refused", TOO_MANY_REASON, False, False)
             # Its old key may be the stolen one: only an operator lets it back in. The
             # broker's account may still be waiting to be deleted (want stays).
@@ -219,18 +234,25 @@ def accept_devices(db: FleetDB, fleet: str, ids: Iterable[str], *,
         todo = [d for d in ids if found[d]["state"] != "accepted"]
         if not todo:
             return []
-        after = _assign(c, fleet, todo, groups, tags, actor=actor)
-        for d in todo:
-            rows.update_enrolment(c, fleet, d, {
-                "state": "accepted", "want": "issue", "decided_by": actor,
-                "decided_at": now, "reason": None, "updated_at": now,
-                "groups": after[d]["groups"], "tags": after[d]["tags"]})
-        rows.set_device_revoked(c, fleet, todo, at=None, by=None, reason=None)
+        _mark_accepted(c, fleet, _assign(c, fleet, todo, groups, tags, actor=actor),
+                       actor=actor, now=now)
         db.record_audit(actor, "device.accept", {
             "fleet": fleet, "devices": todo, "groups": list(groups), "tags": tags,
             "fingerprints": {d: found[d]["fingerprint"] for d in todo},
             **({"via": via} if via else {})}, conn=c)
     return todo
+
+
+def _mark_accepted(c: store.Connection, fleet: str, after: Mapping[str, Mapping[str, Any]], *,
+                   actor: str, now: float) -> None:
+    """The devices of ``after`` (id -> their assignment now) are accepted: the controller
+    issues their credentials with those groups; a revocation they had is over."""
+    for d, assigned in after.items():
+        rows.update_enrolment(c, fleet, d, {
+            "state": "accepted", "want": "issue", "decided_by": actor,
+            "decided_at": now, "reason": None, "updated_at": now,
+            "groups": assigned["groups"], "tags": assigned["tags"]})
+    rows.set_device_revoked(c, fleet, list(after), at=None, by=None, reason=None)
 
 
 def reject_devices(db: FleetDB, fleet: str, ids: Iterable[str], *,
@@ -311,6 +333,12 @@ def allow_changes(db: FleetDB, fleet: str, changes: Mapping[str, AssignmentChang
     lines, see :func:`~._assign.parse_assignments`). Raises :class:`FleetUsageError`,
     changing nothing, for a revoked device (it comes back only by acceptance)."""
     fleet, ids = _fleet(fleet), _ids(changes)
+    for d in ids:  # stricter than an assignment's id: the id a request may carry
+        try:
+            check_device_id(d)
+        except IdentityError as err:
+            raise FleetUsageError(f"{err}; nothing allowed (no request can name it)") \
+                from None
     for d, ch in changes.items():
         if ch.remove_groups or ch.remove_tags or ch.replace:
             raise FleetUsageError(f"{d}: the allow-list adds groups and sets tags only")
@@ -331,12 +359,7 @@ def allow_changes(db: FleetDB, fleet: str, changes: Mapping[str, AssignmentChang
         if accept:
             after, _, _ = apply_assignments(c, fleet, {d: changes[d] for d in accept},
                                             actor=actor)
-            for d in accept:
-                rows.update_enrolment(c, fleet, d, {
-                    "state": "accepted", "want": "issue", "decided_by": actor,
-                    "decided_at": now, "reason": None, "updated_at": now,
-                    "groups": after[d]["groups"], "tags": after[d]["tags"]})
-            rows.set_device_revoked(c, fleet, accept, at=None, by=None, reason=None)
+            _mark_accepted(c, fleet, after, actor=actor, now=now)
         db.record_audit(actor, "device.allow", {
             "fleet": fleet, "devices": {d: changes[d].describe() for d in ids},
             "accepted": accept, **({"file": source} if source else {})}, conn=c)
@@ -442,6 +465,38 @@ def issued(db: FleetDB, fleet: str, device: str, *, issued: int, expires_at: flo
         rows.update_enrolment(c, fleet, device, {"want": ""}, want="issue")
 
 
+def group_changes(db: FleetDB, fleet: str, *, limit: int = 500) -> list[dict[str, Any]]:
+    """Accepted devices with an active broker account whose assigned groups (``edge-sdk
+    device set``, the page, an assignment file) differ from the groups the account was
+    granted: ``device_id``, ``batch``, ``issued``, ``granted`` and ``assigned`` (lists),
+    ``assigned_text`` (to pass to :func:`groups_granted`). At most ``limit``."""
+    with db.read() as c:
+        found = rows.group_drift(c, fleet, limit)
+    return [{"device_id": r["device_id"], "batch": r["batch"], "issued": int(r["issued"]),
+             "granted": _group_list(r["groups"]), "assigned": _group_list(r["assigned"]),
+             "assigned_text": str(r["assigned"])} for r in found]
+
+
+def assigned_groups(db: FleetDB, fleet: str, device: str) -> tuple[list[str], str]:
+    """The groups assigned to ``device`` now, as a list and as stored (for
+    :func:`groups_granted`)."""
+    with db.read() as c:
+        text = rows.assigned_groups(c, fleet, device)
+    return _group_list(text), text
+
+
+def groups_granted(db: FleetDB, fleet: str, device: str, assigned_text: str) -> None:
+    """The controller made the device's broker roles those of ``assigned_text`` (the
+    assignment's stored groups, from :func:`group_changes` or :func:`assigned_groups`)."""
+    with db.begin() as c:
+        rows.set_granted_groups(c, fleet, device, assigned_text)
+
+
+def _group_list(text: object) -> list[str]:
+    value = store.json_value(str(text) if text is not None else None, [])
+    return [g for g in value if isinstance(g, str)] if isinstance(value, list) else []
+
+
 def revoked_applied(db: FleetDB, fleet: str, device: str) -> None:
     """The controller deleted the device's broker account. A device rejected meanwhile
     is then answered so (``want`` reject)."""
@@ -510,7 +565,8 @@ def claims(db: FleetDB, fleet: str | None = None) -> list[dict[str, Any]]:
 
 
 __all__ = ["AllowResult", "RecordOutcome", "accept_devices", "allow_changes",
-           "allow_devices", "claim_applied", "claim_user", "claims", "count_claim", "create_claim",
-           "enrolment", "enrolments", "expired_due", "issued", "mark_expired", "prune",
+           "allow_devices", "assigned_groups", "claim_applied", "claim_user", "claims",
+           "count_claim", "create_claim", "enrolment", "enrolments", "expired_due",
+           "group_changes", "groups_granted", "issued", "mark_expired", "prune",
            "record_request", "reject_devices", "rejected_applied", "revoke_claim",
            "revoke_device", "revoked_applied", "wanted"]

@@ -14,13 +14,19 @@ there. What reaches the database is bounded before anything is parsed: a token b
 batch (over it: dropped and counted, no answer) and a queue of at most ``queue``
 requests between the network thread and the one worker thread that parses and writes
 (full: dropped and counted); requests of a batch no claim names (or a revoked one) are
-ignored. The record itself holds at most ``max_pending`` pending ids per fleet. No
+ignored. The record itself holds at most ``max_pending`` pending ids per claim batch. No
 request can end the worker, and none is parsed on the network thread.
 
 The poll loop makes the broker equal to the record (``want``): issue (a new password,
 ``ensure_device``, the sealed answer), revoke (delete the account: the broker closes
 its connection at once), claims created and revoked. The sweep disables accounts whose
-credentials expired and prunes stale pending rows. Renewal: a device signs a
+credentials expired and prunes stale pending rows. Groups: an operator who changes an
+accepted device's groups (``edge-sdk device set``, the page, an assignment file) changes
+its assignment; the poll loop finds the devices whose assigned groups differ from those
+their account was granted, sets the account's roles to them (which kicks the device)
+and leaves a retained :class:`~edge_sdk.identity.RenewHint` on the device's
+``cred/res`` topic: the device renews at once and its new credentials name the new
+groups. Renewal: a device signs a
 :class:`~edge_sdk.identity.RenewRequest` on its ``cred/req`` topic; the enroller answers
 with new credentials (sealed, not retained) and sets the new password at the broker only
 once the device acknowledged having stored it.
@@ -51,6 +57,7 @@ from ..identity import (
     EnrolAnswer,
     EnrolmentRefused,
     EnrolRequest,
+    RenewHint,
     RenewRequest,
 )
 from ..identity import seal as seal_credentials
@@ -78,8 +85,14 @@ _LIST_CLIENTS_S = 60.0
 _REISSUE_GRACE_S = 60.0
 #: Bounds of the in-memory tables keyed by what the network names.
 _MAX_DEVICES = 100_000
+#: Renewals a device may make in a row; then one per tenth of the credentials' lifetime.
+_RENEWAL_BURST = 5
+#: Nonces remembered per id (its last requests): a replay of one of them is ignored.
+_NONCES_PER_DEVICE = 64
 #: An id whose broker change failed is tried again after this long, doubling to the max.
 _RETRY_MIN_S, _RETRY_MAX_S = 2.0, 300.0
+#: Devices whose groups are brought up to date per poll (the rest on the next ones).
+_REGROUP_PER_POLL = 500
 
 
 @dataclass(frozen=True)
@@ -87,7 +100,7 @@ class IdentityConfig:
     """Limits and tunables of enrolment (``edge-sdk serve --enrol``).
 
     ``lifetime_s``: how long issued credentials are valid (the device renews them
-    before). ``max_pending``: pending ids the record holds per fleet (beyond: refused);
+    before). ``max_pending``: pending ids the record holds per claim batch (beyond: refused);
     ``pending_ttl_s``: a pending id nobody decided on is forgotten after that long.
     ``rate_per_batch`` / ``burst_per_batch``: the token bucket of enrolment requests per
     claim batch (over it: dropped, no answer). ``queue``: requests waiting for the worker
@@ -177,6 +190,8 @@ class EnrollerStats:
     revoked: int = 0
     expired: int = 0
     renewed: int = 0
+    #: Devices whose broker roles were changed to their newly assigned groups.
+    regrouped: int = 0
     errors: int = 0
     #: Why the newest request was refused (one line).
     last_refused: str | None = None
@@ -199,6 +214,8 @@ class _Renewal:
     issued: int
     expires_at: float
     answer: bytes
+    #: The groups the sealed credentials name.
+    groups: tuple[str, ...]
     at: float = field(default_factory=time.monotonic)
 
 
@@ -333,9 +350,16 @@ class Enroller:
         self.stats = EnrollerStats()
         self.intake = _Intake(self.config)
         self._lock = threading.Lock()
+        #: Held while a device's groups change and while a renewal's hint is updated: a
+        #: renewal finishing meanwhile must not clear the hint the group change left.
+        self._groups_lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._subs: list[Any] = []
+        #: The nonces of each id's last requests (a replay is ignored): id -> nonces.
+        self._nonces: OrderedDict[str, deque[str]] = OrderedDict()
+        #: New credentials each device may still be offered by renewal (a token bucket).
+        self._renewal_budget: OrderedDict[str, _TokenBucket] = OrderedDict()
         #: Renewals answered and not yet acknowledged: device -> what was sent.
         self._renewals: OrderedDict[str, _Renewal] = OrderedDict()
         #: Ids (or ``claim:<batch>``) whose broker change failed: monotonic time of the
@@ -480,11 +504,12 @@ class Enroller:
         else:
             self.conn.publish(topic, answer.to_bytes(), qos=1)
 
-    def _refused(self, batch: str, device: str, why: str, *, topic: str | None = None
-                 ) -> None:
-        """A non-retained ``refused`` answer (a retained answer, the device's own, stays)."""
+    def _refused(self, batch: str, device: str, why: str, *, topic: str | None = None,
+                 fingerprint: str = "") -> None:
+        """A non-retained ``refused`` answer (a retained answer, the device's own, stays),
+        for the key of ``fingerprint`` ("": the request named none)."""
         try:
-            answer = EnrolAnswer(state="refused", device_id=device, fingerprint="",
+            answer = EnrolAnswer(state="refused", device_id=device, fingerprint=fingerprint,
                                  reason=why[:200], issued=0, sealed=None, at=time.time())
             if topic is None:
                 self._answer(batch, device, answer, retain=False)
@@ -500,12 +525,26 @@ class Enroller:
             return
         try:
             req = EnrolRequest.from_bytes(payload, batch=batch, device_id=device)
+        except EnrolmentRefused as err:
+            why = one_line(err)
+            self.intake.refused(batch)
+            self._count("refused", why=f"{_shown(device)}: {why}")
+            # No key to name: a device ignores a refusal that is not for its own key, so
+            # garbage anyone sends on its topic cannot end its exchange.
+            self._refused(batch, device, why)
+            return
+        try:
             self._not_a_service(device)
         except EnrolmentRefused as err:
             why = one_line(err)
             self.intake.refused(batch)
             self._count("refused", why=f"{_shown(device)}: {why}")
-            self._refused(batch, device, why)
+            self._refused(batch, device, why, fingerprint=req.fingerprint)
+            return
+        if self._replayed(device, req.nonce):
+            self._count("ignored")
+            self._warn(f"replay:{device}", "enroller: a request of %s came again (same "
+                       "nonce): ignored as a replay", _shown(device))
             return
         if self._just_issued(device, req.fingerprint):
             return
@@ -515,7 +554,7 @@ class Enroller:
         if out.state == "refused":  # another key, or too many pending: no row touched
             self.intake.refused(batch)
             self._count("refused", why=f"{_shown(device)}: {out.reason}")
-            self._refused(batch, device, out.reason)
+            self._refused(batch, device, out.reason, fingerprint=req.fingerprint)
             return
         if out.issue or out.state == "accepted":
             self._wake.set()  # the poll loop issues (and answers) at once
@@ -523,6 +562,26 @@ class Enroller:
         self._answer(batch, device, EnrolAnswer(
             state=out.state, device_id=device, fingerprint=req.fingerprint,
             reason=out.reason, issued=0, sealed=None, at=time.time()), retain=True)
+
+    def _replayed(self, device: str, nonce: str) -> bool:
+        """Whether ``device`` sent a request with this nonce before (each request a device
+        makes has a new one); else remember it. A captured request sent again would
+        otherwise make the controller re-issue an accepted device's credentials (and kick
+        it off the broker) at every replay. Memory only, bounded: after a restart one
+        replay per captured request gets through, and that re-issue does no more than
+        the device asking again would."""
+        with self._lock:
+            seen = self._nonces.get(device)
+            if seen is None:
+                seen = self._nonces[device] = deque(maxlen=_NONCES_PER_DEVICE)
+                while len(self._nonces) > _MAX_DEVICES:
+                    self._nonces.popitem(last=False)
+            else:
+                self._nonces.move_to_end(device)
+            if nonce in seen:
+                return True
+            seen.append(nonce)
+        return False
 
     def _just_issued(self, device: str, fingerprint: str) -> bool:
         """Whether ``device`` got credentials for this key within the grace period (its
@@ -558,12 +617,20 @@ class Enroller:
         if req.ack == 0:
             with self._lock:
                 pending = self._renewals.get(device)
-            if pending is None or pending.issued != int(row["issued"]) + 1:
+            if pending is None or pending.issued != int(row["issued"]) + 1 \
+                    or pending.groups != _groups(row):
+                if not self._may_renew(device):
+                    why = ("renewed too often: new credentials are issued at most once per "
+                           f"{self.config.lifetime_s / 10:g} s after the first "
+                           f"{_RENEWAL_BURST}; ask again later")
+                    self._count("refused", why=f"{_shown(device)}: {why}")
+                    self._refused("", device, why, topic=topic)
+                    return
                 password = secrets.token_urlsafe(24)
                 issued = int(row["issued"]) + 1
                 expires = time.time() + self.config.lifetime_s
                 answer = self._accepted(row, password, issued, expires)
-                pending = _Renewal(password, issued, expires, answer.to_bytes())
+                pending = _Renewal(password, issued, expires, answer.to_bytes(), _groups(row))
                 with self._lock:
                     self._renewals[device] = pending
                     self._renewals.move_to_end(device)
@@ -593,16 +660,51 @@ class Enroller:
                               qos=1, retain=True)
         with self._lock:
             self._renewals.pop(device, None)
+        self._after_renewal(device, pending)
         self._count("renewed")
         log.info("enroller: %s renewed its credentials (%d, valid until %s)", device,
                  pending.issued, time.strftime("%Y-%m-%d %H:%M:%S",
                                                time.gmtime(pending.expires_at)))
 
+    def _after_renewal(self, device: str, done: _Renewal) -> None:
+        """The renewal ``done`` is in force: the device's hint is out of date (cleared),
+        unless its groups changed again while the renewal was on the way (then a hint
+        past this renewal, so that the device renews once more)."""
+        try:
+            with self._groups_lock:
+                row = rec.enrolment(self.db, self.fleet, device)
+                granted = _groups(row) if row is not None else done.groups
+                hint = b"" if granted == done.groups \
+                    else RenewHint(device, done.issued).to_bytes()
+                self.conn.publish(self.topics.cred_answer(device), hint, qos=1, retain=True)
+        except (EdgeError, DatabaseError) as err:
+            self._warn(f"hint:{device}", "enroller: the renewal hint of %s not updated: %s",
+                       _shown(device), one_line(err))
+
+    def _may_renew(self, device: str) -> bool:
+        """Whether ``device`` may be offered new credentials now: a device renews once
+        per lifetime (less a third), so a few renewals in a row, then one per tenth of
+        the lifetime, are plenty. A hostile device cycling ack=0/ack=N would otherwise
+        make the broker and the record change its password every two seconds."""
+        now = time.monotonic()
+        with self._lock:
+            bucket = self._renewal_budget.get(device)
+            if bucket is None:
+                bucket = self._renewal_budget[device] = _TokenBucket(
+                    10.0 / self.config.lifetime_s, _RENEWAL_BURST, now)
+                while len(self._renewal_budget) > _MAX_DEVICES:
+                    self._renewal_budget.popitem(last=False)
+            else:
+                self._renewal_budget.move_to_end(device)
+            return bucket.take(1, now)
+
     def _accepted(self, row: Mapping[str, Any], password: str, issued: int,
-                  expires: float) -> EnrolAnswer:
+                  expires: float, groups: tuple[str, ...] | None = None) -> EnrolAnswer:
         device = str(row["device_id"])
         creds = Credentials(username=device, password=password, issued=issued,
-                            expires_at=expires, groups=_groups(row), ca_pem=self._ca_pem)
+                            expires_at=expires,
+                            groups=_groups(row) if groups is None else groups,
+                            ca_pem=self._ca_pem)
         sealed = seal_credentials(creds, str(row["public_key"]), device_id=device)
         return EnrolAnswer(state="accepted", device_id=device,
                            fingerprint=str(row["fingerprint"]), reason="accepted",
@@ -665,6 +767,41 @@ class Enroller:
                 self._retry.pop(key, None)
         if claims:
             self._refresh_claims()
+        self._regroup()
+
+    def _regroup(self) -> None:
+        """Give each accepted device whose assigned groups changed exactly those at the
+        broker (its roles; dynsec kicks it), then leave it the retained hint to renew now
+        (its credentials name the groups it follows). The record calls the groups granted
+        only once both are done: a failure is tried again later."""
+        for row in rec.group_changes(self.db, self.fleet, limit=_REGROUP_PER_POLL):
+            if self._stop.is_set():
+                return
+            device = str(row["device_id"])
+            if not self._due(device):
+                continue
+            try:
+                with self._groups_lock:
+                    self.admin.set_groups(device, row["assigned"])
+                    with self._lock:
+                        # A renewal answered with the old groups is not acked into force.
+                        self._renewals.pop(device, None)
+                    # The credentials in force now (a renewal may have finished since).
+                    now_row = rec.enrolment(self.db, self.fleet, device)
+                    issued = int((now_row or row).get("issued") or 0)
+                    self.conn.publish_wait(
+                        self.topics.cred_answer(device),
+                        RenewHint(device, issued).to_bytes(), qos=1,
+                        retain=True, timeout=self.config.answer_wait_s)
+                    rec.groups_granted(self.db, self.fleet, device,
+                                       str(row["assigned_text"]))
+            except (EdgeError, DatabaseError) as err:
+                self._failed(device, f"groups of {_shown(device)}", err)
+                continue
+            self._retry.pop(device, None)
+            self._count("regrouped")
+            log.info("enroller: %s now in group(s) %s (was %s); told it to renew", device,
+                     ", ".join(row["assigned"]) or "none", ", ".join(row["granted"]) or "none")
 
     def _due(self, key: str) -> bool:
         at = self._retry.get(key)
@@ -686,15 +823,18 @@ class Enroller:
         password = secrets.token_urlsafe(24)
         issued = int(row.get("issued") or 0) + 1
         expires = time.time() + self.config.lifetime_s
-        self.admin.ensure_device(device, password, list(_groups(row)))
+        # The groups assigned now (an operator may have changed them since acceptance).
+        groups, groups_text = rec.assigned_groups(self.db, self.fleet, device)
+        self.admin.ensure_device(device, password, groups)
+        rec.groups_granted(self.db, self.fleet, device, groups_text)
         rec.issued(self.db, self.fleet, device, issued=issued, expires_at=expires)
         with self._lock:
             self._renewals.pop(device, None)
         self._count("issued")
         log.info("enroller: issued credentials %d to %s", issued, device)
         if batch:
-            self._answer(batch, device, self._accepted(row, password, issued, expires),
-                         retain=True)
+            self._answer(batch, device, self._accepted(row, password, issued, expires,
+                                                       tuple(groups)), retain=True)
 
     def _revoke(self, row: Mapping[str, Any]) -> None:
         device, batch = str(row["device_id"]), str(row["batch"])

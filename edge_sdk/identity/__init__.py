@@ -11,8 +11,9 @@ controller (:mod:`edge_sdk.fleet`) move these documents over the topics of
   :func:`fingerprint_of` names a public key PEM the same way.
 - :class:`EnrolRequest` (``create``, ``to_bytes``, ``from_bytes(payload, batch=,
   device_id=)``), :class:`EnrolAnswer` (``to_bytes``, ``from_bytes(payload,
-  device_id=)``), :class:`RenewRequest` (``signed``, ``verify``): bounded parsing, at
-  most :data:`MAX_REQUEST_BYTES` / :data:`MAX_ANSWER_BYTES` bytes.
+  device_id=)``), :class:`RenewRequest` (``signed``, ``verify``), :class:`RenewHint`
+  (renew now: the groups changed): bounded parsing, at most :data:`MAX_REQUEST_BYTES` /
+  :data:`MAX_ANSWER_BYTES` / :data:`MAX_HINT_BYTES` bytes.
 - :class:`Credentials`: the broker account of a device; :func:`seal` encrypts them to a
   device's public key (ECIES: P-256 ECDH, HKDF-SHA256, AES-256-GCM).
 - Names: :func:`claim_username` (``_claim-<batch>``, session k >= 1
@@ -26,10 +27,12 @@ controller (:mod:`edge_sdk.fleet`) move these documents over the topics of
 from ._credentials import MAX_CREDENTIALS_BYTES, MAX_SEALED_CHARS, Credentials, seal
 from ._documents import (
     MAX_ANSWER_BYTES,
+    MAX_HINT_BYTES,
     MAX_REQUEST_BYTES,
     STATES,
     EnrolAnswer,
     EnrolRequest,
+    RenewHint,
     RenewRequest,
 )
 from ._errors import EnrolmentRefused, IdentityError
@@ -54,6 +57,7 @@ __all__ = [
     "MAX_BATCH_CHARS",
     "MAX_CLAIM_SESSIONS",
     "MAX_CREDENTIALS_BYTES",
+    "MAX_HINT_BYTES",
     "MAX_REQUEST_BYTES",
     "MAX_SEALED_CHARS",
     "STATES",
@@ -63,6 +67,7 @@ __all__ = [
     "EnrolRequest",
     "EnrolmentRefused",
     "IdentityError",
+    "RenewHint",
     "RenewRequest",
     "check_batch",
     "check_claim_sessions",

@@ -11,6 +11,8 @@ Constructors check the same rules, so a document that was built can always be re
   credentials sealed to the key), rejected, or refused (the request itself was bad).
 - :class:`RenewRequest` (device -> controller, as the device): signed by the device key;
   asks for new credentials (``ack=0``) or acknowledges that it stored issue ``ack``.
+- :class:`RenewHint` (controller -> device, retained on its ``cred/res`` topic): the
+  credentials up to issue ``issued`` are out of date (its groups changed): renew now.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import AttributeOID, NameOID
 
 from .._json import UnsafeJsonError, loads_bounded
 from ._credentials import MAX_SEALED_CHARS
@@ -56,6 +58,9 @@ STATES = ("pending", "accepted", "rejected", "refused")
 REQUEST_TYPE = "edge-enrol-request"
 ANSWER_TYPE = "edge-enrol-answer"
 RENEW_TYPE = "edge-renew-request"
+HINT_TYPE = "edge-renew-hint"
+#: A renewal hint on the wire (an answer with credentials is always longer).
+MAX_HINT_BYTES = 512
 _VERSION = 1
 _FACT_KEY = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _HEX32 = re.compile(r"[0-9a-f]{32}")
@@ -65,6 +70,7 @@ _REQUEST_KEYS = frozenset({"type", "v", "device_id", "batch", "csr_pem", "facts"
                            "sent_at"})
 _ANSWER_KEYS = frozenset({"type", "v", "state", "device_id", "fingerprint", "reason",
                           "issued", "sealed", "at"})
+_HINT_KEYS = frozenset({"type", "v", "device_id", "issued", "at"})
 _RENEW_KEYS = frozenset({"type", "v", "device_id", "fingerprint", "nonce", "sent_at", "ack"})
 #: A DER ECDSA P-256 signature is at most 72 bytes.
 _MAX_SIG_BYTES = 80
@@ -139,8 +145,9 @@ def _check_facts(facts: Any) -> dict[str, str]:
     return dict(facts)
 
 
-def _check_csr(csr_pem: Any, device_id: str) -> ec.EllipticCurvePublicKey:
-    """The P-256 public key of a valid CSR for ``CN=device_id``; raises EnrolmentRefused."""
+def _check_csr(csr_pem: Any, device_id: str, nonce: str) -> ec.EllipticCurvePublicKey:
+    """The P-256 public key of a valid CSR for ``CN=device_id`` made for the request of
+    ``nonce`` (its challengePassword); raises EnrolmentRefused."""
     if not isinstance(csr_pem, str) or len(csr_pem) > MAX_CSR_CHARS:
         raise EnrolmentRefused(
             f"enrolment request: 'csr_pem' must be a PEM CSR of at most {MAX_CSR_CHARS} "
@@ -179,6 +186,18 @@ def _check_csr(csr_pem: Any, device_id: str) -> ec.EllipticCurvePublicKey:
         raise EnrolmentRefused(
             f"enrolment request: CSR names {str(cn)[:70]!r}, the request topic names "
             f"{device_id!r}")
+    # The nonce under the CSR's signature: a captured request cannot be sent again as a
+    # new one (another nonce) by someone without the key; the controller refuses the
+    # same nonce twice.
+    try:
+        challenge = csr.attributes.get_attribute_for_oid(AttributeOID.CHALLENGE_PASSWORD)
+    except x509.AttributeNotFound:
+        challenge = None
+    except ValueError:  # a malformed attribute
+        challenge = None
+    if challenge is None or challenge.value != nonce.encode("ascii"):
+        raise EnrolmentRefused("enrolment request: the CSR is not made for this request "
+                               "(expected the request's nonce as its challengePassword)")
     return public
 
 
@@ -208,15 +227,18 @@ class EnrolRequest:
         if not _number(self.sent_at):
             raise EnrolmentRefused(f"{what}: 'sent_at' must be a finite number")
         object.__setattr__(self, "sent_at", float(self.sent_at))
-        object.__setattr__(self, "_public", _check_csr(self.csr_pem, self.device_id))
+        object.__setattr__(self, "_public", _check_csr(self.csr_pem, self.device_id,
+                                                       self.nonce))
 
     @classmethod
     def create(cls, key: DeviceKey, device_id: str, batch: str,
                facts: Mapping[str, str] | None = None) -> EnrolRequest:
         """A new request for ``device_id`` with ``key`` (fresh nonce, now). Raises
         :class:`EnrolmentRefused` for anything :meth:`from_bytes` would refuse."""
-        req = cls(device_id=device_id, batch=batch, csr_pem=key.csr(device_id),
-                  facts=dict(facts or {}), nonce=secrets.token_hex(16), sent_at=time.time())
+        nonce = secrets.token_hex(16)
+        req = cls(device_id=device_id, batch=batch,
+                  csr_pem=key.csr(device_id, challenge=nonce), facts=dict(facts or {}),
+                  nonce=nonce, sent_at=time.time())
         size = len(req.to_bytes())
         if size > MAX_REQUEST_BYTES:
             raise EnrolmentRefused(f"enrolment request is {size} bytes: at most "
@@ -345,6 +367,49 @@ class EnrolAnswer:
         _want(doc, "at", (int, float), what, "a number")
         return cls(state=doc["state"], device_id=device_id, fingerprint=doc["fingerprint"],
                    reason=reason, issued=doc["issued"], sealed=doc["sealed"], at=doc["at"])
+
+
+@dataclass(frozen=True)
+class RenewHint:
+    """The controller's word that the device's credentials up to issue ``issued`` no
+    longer say what its account may read (an operator changed its groups): the device
+    renews at once. Retained on the device's ``cred/res`` topic (which only controller
+    accounts may write) until a renewal made it out of date, so a device that was
+    reconnecting when it was sent still finds it; a device holding credentials newer
+    than ``issued`` ignores it."""
+
+    device_id: str
+    issued: int
+    at: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        what = "renewal hint"
+        _refusing(what, check_device_id, self.device_id)
+        if not _count(self.issued):
+            raise EnrolmentRefused(f"{what}: 'issued' must be an integer >= 0")
+        if not _number(self.at):
+            raise EnrolmentRefused(f"{what}: 'at' must be a finite number")
+        object.__setattr__(self, "at", float(self.at))
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"type": HINT_TYPE, "v": _VERSION, "device_id": self.device_id,
+                           "issued": self.issued, "at": self.at},
+                          separators=(",", ":")).encode("ascii")
+
+    @classmethod
+    def from_bytes(cls, payload: bytes, *, device_id: str) -> RenewHint:
+        """The hint in ``payload``, which arrived on ``device_id``'s ``cred/res`` topic.
+        Raises :class:`EnrolmentRefused` (one line)."""
+        what = "renewal hint"
+        _refusing(what + " topic", check_device_id, device_id)
+        doc = _parse(payload, what, max_bytes=MAX_HINT_BYTES, max_depth=1, keys=_HINT_KEYS,
+                     doc_type=HINT_TYPE)
+        if doc["device_id"] != device_id:
+            raise EnrolmentRefused(f"{what}: it names device {str(doc['device_id'])[:70]!r}, "
+                                   f"the topic names {device_id!r}")
+        _want(doc, "issued", int, what, "an integer")
+        _want(doc, "at", (int, float), what, "a number")
+        return cls(device_id=device_id, issued=doc["issued"], at=doc["at"])
 
 
 def _canonical(doc: Mapping[str, Any]) -> bytes:

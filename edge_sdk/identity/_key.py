@@ -16,13 +16,24 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
     load_pem_private_key,
 )
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import AttributeOID, NameOID
 
 from .._fs import atomic_write_bytes
 from ._credentials import Credentials, unseal
 from ._errors import IdentityError
 from ._pem import describe_key, fingerprint_key, is_p256
 from ._words import check_device_id
+
+
+def _private_again(path: Path) -> None:
+    """Make a key file others can read (restored from a backup, copied with a loose
+    umask) 0600 again; a file we cannot change is left as it is (not ours to fix)."""
+    try:
+        if os.stat(path).st_mode & 0o077:
+            os.chmod(path, 0o600)
+    except OSError:
+        pass
+
 
 #: A P-256 PKCS#8 PEM is 241 bytes; a key file far larger is not one.
 MAX_KEY_FILE_BYTES = 4096
@@ -66,7 +77,10 @@ class DeviceKey:
         that is not a P-256 key (never replaced: it is the device's identity)."""
         target = Path(path)
         try:
-            data = target.read_bytes()
+            # Bounded (from_pem refuses the longer): a link to /dev/zero put there must
+            # not fill the agent's memory.
+            with open(target, "rb") as f:
+                data = f.read(MAX_KEY_FILE_BYTES + 1)
         except FileNotFoundError:
             pass
         except OSError as err:
@@ -74,9 +88,11 @@ class DeviceKey:
                 from None
         else:
             try:
-                return cls.from_pem(data)
+                key = cls.from_pem(data)
             except IdentityError as err:
                 raise IdentityError(f"{target}: {err}") from None
+            _private_again(target)
+            return key
         key = cls.generate()
         try:
             if not target.parent.is_dir():
@@ -103,12 +119,18 @@ class DeviceKey:
         """sha256 hex of the DER SubjectPublicKeyInfo of the public key."""
         return fingerprint_key(self._private.public_key())
 
-    def csr(self, device_id: str) -> str:
-        """A PEM certificate signing request for subject ``CN=device_id``, signed SHA-256."""
+    def csr(self, device_id: str, *, challenge: str | None = None) -> str:
+        """A PEM certificate signing request for subject ``CN=device_id``, signed SHA-256;
+        ``challenge`` (an enrolment request's nonce) goes in its challengePassword
+        attribute, under the signature: the proof of possession is then good for that
+        one request only."""
         check_device_id(device_id)
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)])
-        req = x509.CertificateSigningRequestBuilder().subject_name(name) \
-            .sign(self._private, hashes.SHA256())
+        builder = x509.CertificateSigningRequestBuilder().subject_name(name)
+        if challenge is not None:
+            builder = builder.add_attribute(AttributeOID.CHALLENGE_PASSWORD,
+                                            challenge.encode("ascii"))
+        req = builder.sign(self._private, hashes.SHA256())
         return req.public_bytes(Encoding.PEM).decode("ascii")
 
     def sign(self, data: bytes) -> bytes:

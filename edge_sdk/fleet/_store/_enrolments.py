@@ -9,7 +9,16 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
 
-from ._schema import allowlist, chunks, claims, devices, enrolments, json_text, json_value
+from ._schema import (
+    allowlist,
+    chunks,
+    claims,
+    device_assignments,
+    devices,
+    enrolments,
+    json_text,
+    json_value,
+)
 
 _BATCH = 500
 
@@ -35,9 +44,13 @@ def enrolment_rows(c: Connection, fleet: str, ids: Sequence[str]) -> dict[str, R
     return out
 
 
-def count_pending(c: Connection, fleet: str) -> int:
+def count_pending(c: Connection, fleet: str, batch: str | None = None) -> int:
+    """Pending rows of ``fleet`` (of one claim ``batch`` if given)."""
+    where = (enrolments.c.fleet == fleet) & (enrolments.c.state == "pending")
+    if batch is not None:
+        where = where & (enrolments.c.batch == batch)
     return int(c.execute(sa.select(sa.func.count()).select_from(enrolments).where(
-        (enrolments.c.fleet == fleet) & (enrolments.c.state == "pending"))).scalar() or 0)
+        where)).scalar() or 0)
 
 
 def insert_enrolment(c: Connection, row: Mapping[str, Any]) -> None:
@@ -76,6 +89,43 @@ def wanted_enrolments(c: Connection, fleet: str) -> list[RowMapping]:
     e = enrolments.c
     return list(c.execute(sa.select(enrolments).where((e.fleet == fleet) & (e.want != ""))
                           .order_by(e.updated_at, e.device_id)).mappings())
+
+
+def _assigned_groups() -> sa.ColumnElement[str]:
+    """The groups the operator assigned the enrolment row's device (its assignment
+    row's text; ``[]`` when it has none)."""
+    a = device_assignments.c
+    return sa.func.coalesce(sa.select(a.groups).where(
+        (a.fleet == enrolments.c.fleet) & (a.id == enrolments.c.device_id))
+        .scalar_subquery(), "[]")
+
+
+def group_drift(c: Connection, fleet: str, limit: int) -> list[RowMapping]:
+    """Accepted devices with an active account whose assigned groups differ from the
+    groups their account was granted (``groups``); each with ``assigned`` (the
+    assignment's JSON text). Compared in the database: both sides are stored as the
+    same canonical text, so one query finds the few that changed among thousands."""
+    e = enrolments.c
+    assigned = _assigned_groups().label("assigned")
+    return list(c.execute(
+        sa.select(e.device_id, e.batch, e.issued, e.groups, assigned)
+        .where((e.fleet == fleet) & (e.state == "accepted") & (e.broker == "active")
+               & (e.want == "") & (e.groups != _assigned_groups()))
+        .order_by(e.device_id).limit(limit)).mappings())
+
+
+def assigned_groups(c: Connection, fleet: str, device: str) -> str:
+    """The JSON text of the groups assigned to ``device`` (``[]`` when none)."""
+    a = device_assignments.c
+    got = c.execute(sa.select(a.groups).where((a.fleet == fleet) & (a.id == device))
+                    ).scalar()
+    return str(got) if got is not None else "[]"
+
+
+def set_granted_groups(c: Connection, fleet: str, device: str, groups_text: str) -> None:
+    """Record ``groups_text`` (an assignment's text, stored as is so that it compares
+    equal) as the groups the device's account was granted."""
+    c.execute(enrolments.update().where(_key(fleet, device)).values(groups=groups_text))
 
 
 def expired_due(c: Connection, fleet: str, now: float) -> list[str]:
