@@ -2,8 +2,8 @@
 by side.
 
 Every device is the real agent code with an ``[identity]`` section (tests/_fleetsim.py:
-processes of ``--per-process`` agents, 50): it generates its key, asks through the claim
-account of its batch, waits, and connects as itself once accepted. The host side is
+processes of ``--per-process`` agents, 50): it generates its key, asks through its session
+account of its batch's claim, waits, and connects as itself once accepted. The host side is
 Mosquitto with the dynamic security plugin as ``edge-sdk broker init`` sets it up, and
 ``edge-sdk serve --only fleet --enrol`` (registry, controller, enroller) as ``edge-serve``.
 
@@ -18,7 +18,7 @@ broker, of serve and of the devices, the enrolment rows, and the dynsec file's s
 claim is 16 broker accounts ("sessions", ``claim create``'s default) and each device asks
 through one of them: the broker names a connection after its user
 (``use_username_as_clientid``), so devices on the same session take turns, and the retries
-a taken-over connection costs are part of the time.
+a taken-over connection costs are part of the time ('takeovers': from the broker's log).
 
     python bench/enrol.py [--devices 1000] [--per-process 50] [--poll 5] [--db URL]
         [--modes operator,allow]
@@ -52,6 +52,17 @@ def _count(host: Host, prefix: str, state: str) -> int:
                if e["device_id"].startswith(prefix) and e["state"] == state)
 
 
+def _takeovers(host: Host) -> int:
+    """Claim connections the broker closed because another took their session (its log
+    says "Client _claim... already connected, closing old connection")."""
+    try:
+        text = host.broker.log.read_text(errors="replace")
+    except OSError:
+        return 0
+    return sum(1 for line in text.splitlines()
+               if "Client _claim" in line and "already connected" in line)
+
+
 def _wait(what: str, cond: object, timeout: float) -> float:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
@@ -75,6 +86,7 @@ def run_mode(host: Host, tmp: Path, mode: str, n: int, per_process: int, poll: f
     out: dict[str, float] = {"devices": n}
     broker_cpu0 = proc_cpu(host.broker.proc.pid)  # type: ignore[union-attr]
     serve_cpu0 = proc_cpu(host.proc.pid)  # type: ignore[union-attr]
+    takeovers0 = _takeovers(host)
     if mode == "allow":
         t = time.monotonic()
         assert host.op("device", "allow", *ids) == 0
@@ -94,6 +106,7 @@ def run_mode(host: Host, tmp: Path, mode: str, n: int, per_process: int, poll: f
         out["serve_cpu_s"] = proc_cpu(host.proc.pid) - serve_cpu0  # type: ignore[union-attr]
         out["devices_cpu_s"] = sim.cpu_seconds()
         out["accepted_rows"] = _count(host, prefix, "accepted")
+        out["takeovers"] = _takeovers(host) - takeovers0
     finally:
         sim.stop()
     return out
@@ -128,13 +141,15 @@ def main() -> None:
                 host.close()
             size = (tmp / "dynsec" / "dynamic-security.json").stat().st_size
     print(f"{'mode':<9} {'devices':>7} {'pending s':>9} {'accept s':>8} {'online s':>8} "
-          f"{'broker cpu':>10} {'serve cpu':>9} {'devices cpu':>11} {'accepted':>8}")
+          f"{'broker cpu':>10} {'serve cpu':>9} {'devices cpu':>11} {'accepted':>8} "
+          f"{'takeovers':>9}")
     for mode, r in rows:
         pend = f"{r['pending_s']:.1f}" if "pending_s" in r else "-"
         acc = r.get("accept_cmd_s", r.get("allow_cmd_s", 0.0))
         print(f"{mode:<9} {int(r['devices']):>7} {pend:>9} {acc:>8.2f} {r['online_s']:>8.1f} "
               f"{r['broker_cpu_s']:>10.1f} {r['serve_cpu_s']:>9.1f} "
-              f"{r['devices_cpu_s']:>11.1f} {int(r['accepted_rows']):>8}")
+              f"{r['devices_cpu_s']:>11.1f} {int(r['accepted_rows']):>8} "
+              f"{int(r['takeovers']):>9}")
     print(f"dynsec file after both: {size / 1024:.0f} KiB; agents poll every {args.poll:g} s "
           "(±50 %); 'accept s' is the accept (operator) or allow (allow) command")
 
