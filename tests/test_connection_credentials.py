@@ -3,6 +3,8 @@ credentials taking over on the next connection (real Mosquitto with passwords)."
 
 from __future__ import annotations
 
+import gc
+import os
 import threading
 from pathlib import Path
 
@@ -83,3 +85,28 @@ def test_a_new_ca_file_is_trusted_from_the_next_connection_attempt(tmp_path: Pat
             assert conn.config.ca_file == str(ca)
         finally:
             conn.close()
+
+
+def test_closing_a_connection_gives_back_every_descriptor(tmp_path: Path) -> None:
+    # An enrolling device opens and closes a connection per exchange, for days: each one
+    # must give its descriptors back when closed, not when the collector gets to it.
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    with Mosquitto(tmp_path / "b") as broker:
+        cfg = MqttConfig(url=broker.url, fleet=FLEET)
+        warm = MqttConnection(cfg, name="warm-up")  # paho's first-use allocations
+        warm.connect()
+        warm.close()
+        gc.collect()
+        gc.disable()
+        try:
+            before = open_fds()
+            for i in range(30):
+                conn = MqttConnection(cfg, name=f"exchange-{i}")
+                conn.connect()
+                conn.close()
+            after = open_fds()
+        finally:
+            gc.enable()
+    assert after - before <= 4, f"{after - before} descriptors left by 30 closed connections"

@@ -331,10 +331,16 @@ class MqttConnection:
                 return
             self._closed = True
         if self._started:
+            thread = self._client._thread
             try:
                 self._client.disconnect()
             finally:
                 self._client.loop_stop()
+            if thread is not threading.current_thread():
+                # paho keeps its wake-up socket pair (two descriptors) until the client is
+                # garbage-collected: a device opening a connection per enrolment exchange
+                # piled them up, and paho's select() fails on descriptors past 1023.
+                self._client._reset_sockets()
         self._connected.clear()
 
     def unacknowledged_bytes(self) -> int:
