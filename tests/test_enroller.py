@@ -7,25 +7,22 @@ bounded and the enroller keeps answering."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import queue
 import secrets
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from edge_sdk.cli import main
 from edge_sdk.errors import TransportError
-from edge_sdk.fleet import Enroller, FleetDB, IdentityConfig
+from edge_sdk.fleet import FleetDB, IdentityConfig
 from edge_sdk.fleet import _enrol as rec
-from edge_sdk.fleet._dynsec import SERVE, DynsecAdmin
+from edge_sdk.fleet._dynsec import SERVE
 from edge_sdk.identity import (
-    Credentials,
     DeviceKey,
     EnrolAnswer,
     EnrolRequest,
@@ -33,132 +30,25 @@ from edge_sdk.identity import (
     RenewRequest,
     claim_username,
 )
-from edge_sdk.transport import MqttConnection, Topics
 from tests import _fleetdb
 from tests._broker import Mosquitto
 from tests._dynsec import FLEET, MONITOR, connect_as, dynsec_broker
+from tests._enrolrig import (  # noqa: F401  (make_rig: the fixture)
+    BATCH,
+    TOPICS,
+    Device,
+    Rig,
+    accepted_device,
+    disconnected,
+    make_rig,
+    self_signed,
+)
 from tests._fleetrig import wait_for
-
-TOPICS = Topics(FLEET)
-BATCH = "line-1"
-
-
-class Rig:
-    """A dynsec broker, a database and a running Enroller (as ``edge-serve``)."""
-
-    def __init__(self, broker: Mosquitto, creds: dict[str, str], db: FleetDB,
-                 enroller: Enroller) -> None:
-        self.broker, self.creds, self.db, self.enroller = broker, creds, db, enroller
-
-    def claim(self, batch: str = BATCH, sessions: int = 16) -> str:
-        """Create a claim as an operator does; wait until the broker has its accounts."""
-        password = rec.create_claim(self.db, FLEET, batch, actor="test", sessions=sessions)
-        for k in range(sessions):
-            self.creds[claim_username(batch, k)] = password
-        wait_for(lambda: all(c["want"] == "" for c in rec.claims(self.db, FLEET)
-                             if c["batch"] == batch), 20, f"claim {batch} applied")
-        return password
-
-    def connect(self, user: str, password: str | None = None) -> MqttConnection:
-        creds = dict(self.creds)
-        if password is not None:
-            creds[user] = password
-        return connect_as(self.broker, creds, user, reconnect_max_delay=0.5)
-
-    def row(self, device: str) -> dict[str, object]:
-        r = rec.enrolment(self.db, FLEET, device)
-        assert r is not None, f"no enrolment row for {device}"
-        return dict(r)
-
-
-@pytest.fixture
-def make_rig(tmp_path: Path) -> Iterator[Callable[..., Rig]]:
-    started: list[tuple[Enroller, MqttConnection, FleetDB]] = []
-    stack: list[object] = []
-
-    def make(*, engine: str = "sqlite", **config: object) -> Rig:
-        cm = dynsec_broker(tmp_path)
-        broker, creds = cm.__enter__()
-        stack.append(cm)
-        urls = _fleetdb.make_db(engine, tmp_path)
-        url = next(urls)
-        stack.append(contextlib.closing(urls))  # drops a PostgreSQL database afterwards
-        db = FleetDB.open(url)
-        conn = connect_as(broker, creds, SERVE)
-        admin = DynsecAdmin(conn, fleet=FLEET)
-        cfg = IdentityConfig(**{"poll_s": 0.1, "sweep_s": 0.2, **config})  # type: ignore[arg-type]
-        enroller = Enroller(db, conn, admin, fleet=FLEET, config=cfg).start()
-        started.append((enroller, conn, db))
-        return Rig(broker, creds, db, enroller)
-
-    yield make
-    for enroller, conn, db in started:
-        enroller.stop()
-        conn.close()
-        db.close()
-    for cm in reversed(stack):
-        cm.__exit__(None, None, None)  # type: ignore[attr-defined]
-
-
-class Device:
-    """A device as the agent will be: its own key, the claim account, the identity core."""
-
-    def __init__(self, rig: Rig, device_id: str, *, batch: str = BATCH,
-                 key: DeviceKey | None = None) -> None:
-        self.rig, self.id, self.batch = rig, device_id, batch
-        self.key = key or DeviceKey.generate()
-        self.answers: queue.Queue[EnrolAnswer] = queue.Queue()
-
-    def enrol(self, claim: MqttConnection, *, facts: dict[str, str] | None = None) -> None:
-        """Subscribe to the answer topic, then publish a request."""
-        claim.subscribe(TOPICS.enrol_answer(self.batch, self.id), self.on_answer, qos=1)
-        req = EnrolRequest.create(self.key, self.id, self.batch, facts or {"hw": "test"})
-        claim.publish_wait(TOPICS.enrol_request(self.batch, self.id), req.to_bytes(), qos=1)
-
-    def on_answer(self, topic: str, payload: bytes) -> None:
-        if payload:
-            self.answers.put(EnrolAnswer.from_bytes(payload, device_id=self.id))
-
-    def answer(self, state: str, timeout: float = 20.0, *, after: int = 0) -> EnrolAnswer:
-        """The next answer in ``state`` (others before it are skipped), issued after
-        ``after``."""
-        deadline = time.monotonic() + timeout
-        seen: list[str] = []
-        while True:
-            try:
-                a = self.answers.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"{self.id}: no {state!r} answer within {timeout:g} s "
-                                     f"(saw {seen})") from None
-            if a.state == state and (state != "accepted" or a.issued > after):
-                return a
-            seen.append(a.state)
-
-    def credentials(self, answer: EnrolAnswer) -> Credentials:
-        assert answer.sealed is not None and answer.fingerprint == self.key.fingerprint
-        return self.key.open(answer.sealed, device_id=self.id)
-
-
-def disconnected(conn: MqttConnection) -> threading.Event:
-    """Set when ``conn``'s link goes down."""
-    down = threading.Event()
-    conn.add_connection_listener(lambda up: None if up else down.set())
-    return down
-
-
-def accepted_device(rig: Rig, claim: MqttConnection, device_id: str,
-                    groups: tuple[str, ...] = ()) -> tuple[Device, Credentials]:
-    dev = Device(rig, device_id)
-    dev.enrol(claim)
-    dev.answer("pending")
-    rec.accept_devices(rig.db, FLEET, [device_id], groups=list(groups), tags={},
-                       actor="operator")
-    return dev, dev.credentials(dev.answer("accepted"))
 
 
 @pytest.mark.parametrize("engine", _fleetdb.ENGINES)
 def test_an_accepted_device_gets_sealed_credentials_and_connects_as_itself(
-        make_rig: Callable[..., Rig], engine: str) -> None:
+        make_rig: Callable[..., Rig], engine: str) -> None:  # noqa: F811
     rig = make_rig(engine=engine)
     rig.claim()
     with rig.connect(claim_username(BATCH)) as claim:
@@ -197,28 +87,9 @@ def test_an_accepted_device_gets_sealed_credentials_and_connects_as_itself(
             DeviceKey.generate().open(a.sealed or "", device_id="cam-1")
 
 
-def _self_signed(path: Path) -> str:
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fleet CA")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(1).not_valid_before(now)
-            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
-    pem = cert.public_bytes(serialization.Encoding.PEM).decode()
-    path.write_text(pem)
-    return pem
-
-
-def test_accepted_credentials_carry_the_ca_bundle(make_rig: Callable[..., Rig],
+def test_accepted_credentials_carry_the_ca_bundle(make_rig: Callable[..., Rig],  # noqa: F811
                                                   tmp_path: Path) -> None:
-    pem = _self_signed(tmp_path / "ca.pem")
+    pem = self_signed(tmp_path / "ca.pem")
     rig = make_rig(ca_bundle=tmp_path / "ca.pem")
     rig.claim()
     with rig.connect(claim_username(BATCH)) as claim:
@@ -227,7 +98,7 @@ def test_accepted_credentials_carry_the_ca_bundle(make_rig: Callable[..., Rig],
 
 
 def test_a_rejected_device_is_answered_rejected_and_gets_no_account(
-        make_rig: Callable[..., Rig]) -> None:
+        make_rig: Callable[..., Rig]) -> None:  # noqa: F811
     rig = make_rig()
     rig.claim()
     with rig.connect(claim_username(BATCH)) as claim:
@@ -243,7 +114,7 @@ def test_a_rejected_device_is_answered_rejected_and_gets_no_account(
 
 
 def test_a_revoked_device_is_kicked_within_seconds_and_cannot_reconnect(
-        make_rig: Callable[..., Rig]) -> None:
+        make_rig: Callable[..., Rig]) -> None:  # noqa: F811
     rig = make_rig()
     rig.claim()
     with rig.connect(claim_username(BATCH)) as claim:
@@ -271,7 +142,7 @@ def test_a_revoked_device_is_kicked_within_seconds_and_cannot_reconnect(
 
 @pytest.mark.parametrize("engine", _fleetdb.ENGINES)
 def test_a_flood_of_random_ids_from_one_claim_keeps_the_record_bounded(
-        make_rig: Callable[..., Rig], engine: str) -> None:
+        make_rig: Callable[..., Rig], engine: str) -> None:  # noqa: F811
     rig = make_rig(engine=engine, max_pending=40, rate_per_batch=20.0, burst_per_batch=100,
                    queue=50)
     rig.claim()
@@ -314,7 +185,7 @@ def _answered(dev: Device, state: str) -> bool:
 
 
 def test_another_key_for_an_enrolled_id_is_refused_and_leaves_its_answer(
-        make_rig: Callable[..., Rig]) -> None:
+        make_rig: Callable[..., Rig]) -> None:  # noqa: F811
     rig = make_rig()
     rig.claim()
     with rig.connect(claim_username(BATCH)) as claim:
@@ -335,7 +206,7 @@ def test_another_key_for_an_enrolled_id_is_refused_and_leaves_its_answer(
 
 
 def test_a_request_sent_while_the_answer_was_on_the_way_keeps_the_password(
-        make_rig: Callable[..., Rig]) -> None:
+        make_rig: Callable[..., Rig]) -> None:  # noqa: F811
     rig = make_rig()
     rig.claim()
     with rig.connect(claim_username(BATCH)) as claim:
@@ -354,7 +225,7 @@ def test_a_request_sent_while_the_answer_was_on_the_way_keeps_the_password(
 
 
 def test_an_id_naming_a_service_account_is_refused_before_it_is_recorded(
-        make_rig: Callable[..., Rig]) -> None:
+        make_rig: Callable[..., Rig]) -> None:  # noqa: F811
     rig = make_rig()
     rig.claim()
     with rig.connect(claim_username(BATCH)) as claim:
@@ -365,7 +236,7 @@ def test_an_id_naming_a_service_account_is_refused_before_it_is_recorded(
 
 
 def test_a_pending_id_nobody_decided_on_is_forgotten_with_its_answer(
-        make_rig: Callable[..., Rig]) -> None:
+        make_rig: Callable[..., Rig]) -> None:  # noqa: F811
     rig = make_rig(pending_ttl_s=1.0)
     rig.claim()
     with rig.connect(claim_username(BATCH)) as claim:
@@ -382,7 +253,7 @@ def test_a_pending_id_nobody_decided_on_is_forgotten_with_its_answer(
 
 
 def test_bad_requests_are_answered_refused_in_one_line(
-        make_rig: Callable[..., Rig]) -> None:
+        make_rig: Callable[..., Rig]) -> None:  # noqa: F811
     rig = make_rig()
     rig.claim()
     with rig.connect(claim_username(BATCH)) as claim:
@@ -402,7 +273,7 @@ def test_bad_requests_are_answered_refused_in_one_line(
 
 
 def test_a_request_for_a_batch_no_claim_names_writes_nothing(
-        make_rig: Callable[..., Rig]) -> None:
+        make_rig: Callable[..., Rig]) -> None:  # noqa: F811
     rig = make_rig()
     key = DeviceKey.generate()
     # The monitor may write anywhere: as a claim whose record was removed could.
@@ -413,7 +284,7 @@ def test_a_request_for_a_batch_no_claim_names_writes_nothing(
     assert rec.enrolment(rig.db, FLEET, "cam-6") is None
 
 
-def test_a_revoked_claim_is_deleted_at_the_broker(make_rig: Callable[..., Rig]) -> None:
+def test_a_revoked_claim_is_deleted_at_the_broker(make_rig: Callable[..., Rig]) -> None:  # noqa: F811
     rig = make_rig()
     rig.claim("line-2", sessions=3)
     names = [claim_username("line-2", k) for k in range(3)]
@@ -434,7 +305,7 @@ def test_a_revoked_claim_is_deleted_at_the_broker(make_rig: Callable[..., Rig]) 
 
 
 def test_renewal_while_connected_switches_the_password_after_the_ack(
-        make_rig: Callable[..., Rig]) -> None:
+        make_rig: Callable[..., Rig]) -> None:  # noqa: F811
     rig = make_rig()
     rig.claim()
     with rig.connect(claim_username(BATCH)) as claim:
@@ -473,7 +344,7 @@ def test_renewal_while_connected_switches_the_password_after_the_ack(
 
 
 def test_a_renewal_acknowledged_after_expiry_does_not_revive_the_account(
-        make_rig: Callable[..., Rig]) -> None:
+        make_rig: Callable[..., Rig]) -> None:  # noqa: F811
     rig = make_rig()
     rig.claim()
     with rig.connect(claim_username(BATCH)) as claim:
@@ -527,7 +398,7 @@ def test_a_fleet_server_with_identity_runs_the_enroller_while_it_holds_the_lease
 
 
 def test_expired_credentials_disable_the_account_until_the_device_enrols_again(
-        make_rig: Callable[..., Rig]) -> None:
+        make_rig: Callable[..., Rig]) -> None:  # noqa: F811
     rig = make_rig()
     rig.claim()
     with rig.connect(claim_username(BATCH)) as claim:

@@ -20,7 +20,7 @@ from edge_sdk.fleet._web import FleetApi, Request, WebConfig, WebServer
 from tests import _browser, _fleetdb
 from tests._enrolreq import request
 from tests._process import wait_for
-from tests.test_fleet_signin import PASSWORD, post, sign_in
+from tests._signin import PASSWORD, post, sign_in
 
 db_url = _fleetdb.db_url
 browser = _browser.browser

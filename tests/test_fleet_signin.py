@@ -11,7 +11,6 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -25,12 +24,9 @@ from edge_sdk.fleet._web import FleetApi, Request, WebConfig, WebServer
 from tests import _fleet_records
 from tests._fleet_records import FLEET
 from tests._fleetdb import db_url  # noqa: F401  (both engines)
+from tests._signin import HOST, PASSWORD, post, sign_in
 
 db = _fleet_records.db  # agent reports and assignments ingested, a fresh one per test
-
-PASSWORD = "correct horse battery"
-HOST = "127.0.0.1:8700"
-
 
 class Clock:
     def __init__(self) -> None:
@@ -38,30 +34,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def post(api: FleetApi, path: str, doc: Any = None, *, cookie: str | None = None,
-         csrf: str | None = None, client: str = "127.0.0.1",
-         **headers: str) -> tuple[int, Any, dict[str, str]]:
-    h = {"host": HOST, "content-type": "application/json", "origin": f"http://{HOST}",
-         "sec-fetch-site": "same-origin"}
-    if cookie:
-        h["cookie"] = f"theme=dark; edge_session={cookie}"
-    if csrf is not None:
-        h["x-csrf-token"] = csrf
-    h.update({k.replace("_", "-"): v for k, v in headers.items()})
-    h = {k: v for k, v in h.items() if v}
-    body = doc if isinstance(doc, bytes) else json.dumps({} if doc is None else doc).encode()
-    ans = api.serve(Request("POST", path, h, body, client))
-    return ans.status, json.loads(ans.body), dict(ans.headers)
-
-
-def sign_in(api: FleetApi, name: str = "alice",
-            password: str = PASSWORD) -> tuple[str, str]:
-    status, doc, headers = post(api, "/api/login", {"name": name, "password": password})
-    assert status == 200, doc
-    cookie = headers["Set-Cookie"]
-    return cookie.split(";")[0].split("=", 1)[1], doc["csrf"]
 
 
 def awaiting_approval(db: FleetDB) -> int:

@@ -45,20 +45,19 @@ from edge_sdk.identity import (
     claim_username,
 )
 from edge_sdk.transport import MqttConfig
-from tests._fleetrig import wait_for
-from tests.test_enroller import (  # noqa: F401  (make_rig: the fixture)
+from tests._dynsec import FLEET, MONITOR
+from tests._enrolrig import (  # noqa: F401  (make_rig: the fixture)
     BATCH,
-    FLEET,
-    MONITOR,
     TOPICS,
     Device,
     Rig,
-    _self_signed,
     accepted_device,
     disconnected,
     make_rig,
+    self_signed,
 )
-from tests.test_fleet_signin import PASSWORD, post, sign_in
+from tests._fleetrig import wait_for
+from tests._signin import PASSWORD, post, sign_in
 
 
 def _csr(private: object, name: str) -> str:
@@ -218,7 +217,7 @@ def test_a_corrupt_ca_bundle_in_the_state_dir_is_ignored_not_trusted(tmp_path: P
         # Else every connection, the one to enrol again too, fails its TLS setup.
         assert svc.ca_file is None
         assert svc.enrolment.mqtt.ca_file is None
-    ca.write_text(_self_signed(tmp_path / "ca-key.pem"))
+    ca.write_text(self_signed(tmp_path / "ca-key.pem"))
     assert _service(cfg).ca_file == ca
 
 
