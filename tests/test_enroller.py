@@ -433,6 +433,10 @@ def test_identity_config_refuses_what_cannot_work(tmp_path: Path) -> None:
         IdentityConfig(rate_per_batch=float("nan"))
     with pytest.raises(FleetUsageError, match="--enrol-limit"):
         IdentityConfig.parse(["nope=1"])
+    for grace in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(FleetUsageError, match="reissue_grace_s"):
+            IdentityConfig(reissue_grace_s=grace)
+    assert IdentityConfig.parse(["reissue_grace_s=0"]).reissue_grace_s == 0
     (tmp_path / "ca.pem").write_text("not a certificate")
     with pytest.raises(FleetUsageError, match="no PEM certificate"):
         IdentityConfig(ca_bundle=tmp_path / "ca.pem").read_ca()
@@ -491,6 +495,17 @@ def test_the_intake_drops_over_a_batchs_budget_and_when_full_and_counts_it() -> 
     # A revoked claim's batch is forgotten.
     intake.known({"b"}, now=11.0)
     assert not intake.offer("enrol", "a", "d", b"x", 11.0)
+
+
+def test_the_intake_holds_each_device_to_its_renewal_budget() -> None:
+    from edge_sdk.fleet._enroller import _RENEW_BURST, _Intake
+
+    intake = _Intake(IdentityConfig(queue=1000))
+    took = [intake.offer("cred", "", "d1", b"x", 0.0) for _ in range(_RENEW_BURST + 2)]
+    assert took == [True] * _RENEW_BURST + [False, False]
+    assert intake.offer("cred", "", "d2", b"x", 0.0)  # another device has its own
+    assert intake.offer("cred", "", "d1", b"x", 1.5)  # one a second comes back
+    assert intake.dropped == 2
 
 
 def test_serve_enrol_enrols_a_device_and_sums_up_when_stopped(tmp_path: Path) -> None:

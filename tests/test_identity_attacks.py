@@ -30,7 +30,7 @@ from device_agent._identity import (
 )
 from edge_sdk.cli import main
 from edge_sdk.errors import ConfigError
-from edge_sdk.fleet import FleetDB, _enroller
+from edge_sdk.fleet import FleetDB
 from edge_sdk.fleet import _enrol as rec
 from edge_sdk.fleet import _operators as ops
 from edge_sdk.fleet._web import FleetApi
@@ -327,10 +327,9 @@ def test_a_captured_request_with_a_new_nonce_is_refused() -> None:
 
 
 def test_a_replayed_request_does_not_reissue_an_accepted_devices_credentials(
-        make_rig: Callable[..., Rig], monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+        make_rig: Callable[..., Rig]) -> None:  # noqa: F811
     # Same-key requests of an accepted id re-issue at once (the device lost its password).
-    monkeypatch.setattr(_enroller, "_REISSUE_GRACE_S", 0.0)
-    rig = make_rig()
+    rig = make_rig(reissue_grace_s=0.0)
     rig.claim()
     dev = Device(rig, "cam-1")
     captured = EnrolRequest.create(dev.key, "cam-1", BATCH, {"hw": "x"}).to_bytes()

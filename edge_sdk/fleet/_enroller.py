@@ -79,10 +79,6 @@ NO_ADMIN = ("the broker's dynamic security plugin did not answer: is mosquitto s
             "with broker init's config and is this account its admin?")
 #: How often the broker's account names are listed again (a large answer in a big fleet).
 _LIST_CLIENTS_S = 60.0
-#: An accepted id asking again with its key this soon after it was issued credentials is
-#: answered by the retained answer already there, not issued new ones: the request it
-#: sent while its answer was on the way must not change the password it just got.
-_REISSUE_GRACE_S = 60.0
 #: Bounds of the in-memory tables keyed by what the network names.
 _MAX_DEVICES = 100_000
 #: Renewals a device may make in a row; then one per tenth of the credentials' lifetime.
@@ -107,7 +103,10 @@ class IdentityConfig:
     (full: dropped). ``poll_s``: how often the record's wanted broker changes are read;
     ``sweep_s``: expiry and pruning. ``ca_bundle``: a PEM file sent with credentials (the
     broker's CA, for devices on ``mqtts``). ``answer_wait_s``: how long a published
-    answer or a broker change may wait for the broker."""
+    answer or a broker change may wait for the broker. ``reissue_grace_s``: an accepted
+    id asking again with its key this soon after it was issued credentials is answered by
+    the retained answer already there, not issued new ones (the request it sent while its
+    answer was on the way must not change the password it just got); 0: never held."""
 
     lifetime_s: float = 30 * DAY
     max_pending: int = 10_000
@@ -119,6 +118,7 @@ class IdentityConfig:
     sweep_s: float = 5.0
     ca_bundle: Path | None = None
     answer_wait_s: float = 10.0
+    reissue_grace_s: float = 60.0
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> FleetUsageError:
@@ -134,6 +134,9 @@ class IdentityConfig:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 \
                     or v != v or v == float("inf"):
                 raise bad(key, "must be a finite number > 0")
+        g = self.reissue_grace_s
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g < float("inf"):
+            raise bad("reissue_grace_s", "must be a finite number >= 0")
         if self.ca_bundle is not None and not isinstance(self.ca_bundle, Path):
             object.__setattr__(self, "ca_bundle", Path(self.ca_bundle))
 
@@ -235,6 +238,26 @@ def _groups(row: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(x for x in g if isinstance(x, str)) if isinstance(g, list) else ()
 
 
+class _DeviceBuckets:
+    """A token bucket per device, for at most ``_MAX_DEVICES`` devices (the least recently
+    seen forgotten first: the network names the keys). Not locked: its owner's lock
+    guards it."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self._buckets: OrderedDict[str, _TokenBucket] = OrderedDict()
+
+    def take(self, device: str, now: float) -> bool:
+        bucket = self._buckets.get(device)
+        if bucket is None:
+            bucket = self._buckets[device] = _TokenBucket(self.rate, self.burst, now)
+            while len(self._buckets) > _MAX_DEVICES:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(device)
+        return bucket.take(1, now)
+
+
 class _Intake:
     """The budgets and the bounded queue, decided on the network thread before any
     parsing (as the registry's :class:`~._ingest.Intake`): a token bucket per claim batch
@@ -247,7 +270,7 @@ class _Intake:
         self.ready = threading.Event()
         self._queue: deque[_Item] = deque()
         self._batches: dict[str, _TokenBucket] = {}
-        self._devices: OrderedDict[str, _TokenBucket] = OrderedDict()
+        self._devices = _DeviceBuckets(_RENEW_RATE, _RENEW_BURST)
         self._counts: dict[str, _BatchCounts] = {}
         self.dropped = 0
 
@@ -267,6 +290,9 @@ class _Intake:
         # Longer than any valid request: the worker refuses it by its size alone.
         payload = payload[:MAX_REQUEST_BYTES + 1]
         with self._lock:
+            # A full queue drops the message without spending a token.
+            room = len(self._queue) < self.config.queue
+            counts: _BatchCounts | None = None
             if kind == "enrol":
                 bucket = self._batches.get(batch)
                 if bucket is None:
@@ -275,17 +301,10 @@ class _Intake:
                 if counts is None:
                     counts = self._counts[batch] = _BatchCounts()
                 counts.requests += 1
+                allowed = room and bucket.take(1, now)
             else:
-                counts = None
-                bucket = self._devices.get(device)
-                if bucket is None:
-                    bucket = self._devices[device] = _TokenBucket(_RENEW_RATE, _RENEW_BURST,
-                                                                  now)
-                    while len(self._devices) > _MAX_DEVICES:
-                        self._devices.popitem(last=False)
-                else:
-                    self._devices.move_to_end(device)
-            if len(self._queue) >= self.config.queue or not bucket.take(1, now):
+                allowed = room and self._devices.take(device, now)
+            if not allowed:
                 self.dropped += 1
                 if counts is not None:
                     counts.dropped += 1
@@ -359,7 +378,8 @@ class Enroller:
         #: The nonces of each id's last requests (a replay is ignored): id -> nonces.
         self._nonces: OrderedDict[str, deque[str]] = OrderedDict()
         #: New credentials each device may still be offered by renewal (a token bucket).
-        self._renewal_budget: OrderedDict[str, _TokenBucket] = OrderedDict()
+        self._renewal_budget = _DeviceBuckets(10.0 / self.config.lifetime_s,
+                                              _RENEWAL_BURST)
         #: Renewals answered and not yet acknowledged: device -> what was sent.
         self._renewals: OrderedDict[str, _Renewal] = OrderedDict()
         #: Ids (or ``claim:<batch>``) whose broker change failed: monotonic time of the
@@ -590,7 +610,7 @@ class Enroller:
         if row is None or row.get("state") != "accepted" or row.get("want") \
                 or row.get("fingerprint") != fingerprint or row.get("broker") != "active":
             return False
-        return time.time() - float(row.get("applied_at") or 0.0) < _REISSUE_GRACE_S
+        return time.time() - float(row.get("applied_at") or 0.0) < self.config.reissue_grace_s
 
     def _not_a_service(self, device: str) -> None:
         """Refuse an id that names a broker account the enroller did not make (a service,
@@ -686,17 +706,8 @@ class Enroller:
         per lifetime (less a third), so a few renewals in a row, then one per tenth of
         the lifetime, are plenty. A hostile device cycling ack=0/ack=N would otherwise
         make the broker and the record change its password every two seconds."""
-        now = time.monotonic()
         with self._lock:
-            bucket = self._renewal_budget.get(device)
-            if bucket is None:
-                bucket = self._renewal_budget[device] = _TokenBucket(
-                    10.0 / self.config.lifetime_s, _RENEWAL_BURST, now)
-                while len(self._renewal_budget) > _MAX_DEVICES:
-                    self._renewal_budget.popitem(last=False)
-            else:
-                self._renewal_budget.move_to_end(device)
-            return bucket.take(1, now)
+            return self._renewal_budget.take(device, time.monotonic())
 
     def _accepted(self, row: Mapping[str, Any], password: str, issued: int,
                   expires: float, groups: tuple[str, ...] | None = None) -> EnrolAnswer:
