@@ -152,6 +152,14 @@ class Agent:
             _hardware, self.topics.profile_result(config.device_id), self._stop,
             source=chosen if link is not None and isinstance(chosen, ProfilingSource)
             else None)
+        # -- field samples (edge-sdk samples): a request tap, answered over the link.
+        from ._samples import SampleCollector
+
+        keyed = chosen if isinstance(chosen, ProfilingSource) else None
+        self.samples = SampleCollector(
+            config, self.store.root, self.topics, self._publish_retained, self.telemetry.event,
+            key=lambda: keyed.key if keyed is not None else None, served=self.slots.get,
+            stop=self._stop)
 
     def _new_link(self, creds: Credentials | None = None) -> MqttConnection:
         """The broker connection, not connected yet (:meth:`start` does that); with
@@ -213,6 +221,7 @@ class Agent:
             except OSError as err:
                 self.installer.storage.failed(err)
         self.telemetry.start()
+        self.samples.start()
         if self.connection is not None:
             self._open_link(self.connection)
         self._worker = threading.Thread(target=self._work, name="agent-worker", daemon=True)
@@ -230,6 +239,7 @@ class Agent:
         if self._worker is not None:
             self._worker.join(10)
         self.profiler.stop()
+        self.samples.stop()
         if self.identity is not None:
             self.identity.stop()
         if self.connection is not None:
@@ -292,6 +302,12 @@ class Agent:
             # Only then: a broker ACL written before profiling existed refuses the topic.
             conn.subscribe(self.topics.profile_request(self.config.device_id),
                            self.profiler.on_request, wait=False)
+        if self.config.samples.enabled:
+            # Only then, as profiling: an older broker ACL refuses these topics.
+            conn.subscribe(self.topics.samples_request(self.config.device_id),
+                           self.samples.on_request, wait=False)
+            conn.subscribe(self.topics.samples_get(self.config.device_id),
+                           self.samples.on_get, wait=False)
         self.telemetry.attach(conn)
         if self.identity is not None and self._mqtt is not None:
             self.identity.start(self._mqtt, on_credentials=self._follow)
@@ -384,6 +400,10 @@ class Agent:
     def _publish(self, topic: str, payload: bytes) -> None:
         if self.connection is not None:
             self.connection.publish(topic, payload, qos=1)
+
+    def _publish_retained(self, topic: str, payload: bytes, retain: bool) -> None:
+        if self.connection is not None:
+            self.connection.publish(topic, payload, qos=1, retain=retain)
 
     def submit(self, payload: bytes) -> None:
         """Hand a raw deployment to the worker (what the broker subscription does)."""

@@ -39,7 +39,7 @@ import json
 import re
 import struct
 from dataclasses import dataclass
-from typing import Any, TypeGuard
+from typing import Any, ClassVar, TypeGuard
 
 from .._json import MESSAGE_MAX_BYTES, loads_bounded
 from ..errors import TransportError
@@ -159,6 +159,12 @@ def is_safe_path(path: str, roots: tuple[str, ...] = REPO_ROOTS) -> bool:
 
 @dataclass(frozen=True)
 class ChunkResponse:
+    #: The statuses, for code outside this module (a device answering for its bundles).
+    OK: ClassVar[int] = OK
+    NOT_FOUND: ClassVar[int] = NOT_FOUND
+    BAD_REQUEST: ClassVar[int] = BAD_REQUEST
+    SLOW_DOWN: ClassVar[int] = SLOW_DOWN
+
     status: int
     corr: bytes
     offset: int
