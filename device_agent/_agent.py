@@ -164,6 +164,7 @@ class Agent:
             config, self.store.root, self.topics, self._publish_retained, self.telemetry.event,
             key=lambda: keyed.key if keyed is not None else None, served=self.slots.get,
             stop=self._stop)
+        self.taps.add(self.samples)
 
     def _new_link(self, creds: Credentials | None = None) -> MqttConnection:
         """The broker connection, not connected yet (:meth:`start` does that); with
