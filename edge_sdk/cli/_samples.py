@@ -158,7 +158,6 @@ def request_cmd(repo: str, device: str, model: str, rule: str, count: int, max_b
         if not signers:
             raise ConfigError(f"{r.keys.dir}: no deployment key to sign sample requests")
         with MqttConnection(config, name=f"edge-samples-{device}") as conn:
-            conn.connect()
             publish_request(conn, req, signers[:1])
         db.record_audit(fl.actor_name(operator), "samples.request", {
             "fleet": config.fleet, "device": device, "id": req.id, "model": model,
@@ -196,7 +195,6 @@ def pull_cmd(request_id: str, device: str, out: str, wait: str, db_url: str | No
     config = _mqtt_config(kw)
     t0 = time.monotonic()
     with MqttConnection(config, name=f"edge-samples-pull-{device}") as conn:
-        conn.connect()
         st = wait_status(conn, device, request_id, timeout=timeout)
         got = pull_bundle(conn, device, st, Path(out))
     if db_url:
