@@ -142,6 +142,9 @@ class SampleCollector:
         #: The current request's last status (what a redelivered request is answered).
         self.status: SampleStatus | None = None
         self._ready_at = 0.0
+        #: Rows were skipped since the last status (published at most once a second).
+        self._pending = False
+        self._shown_at = 0.0
         self._threads: list[threading.Thread] = []
         self.skipped_items = 0
         self._tokens = 0.0
@@ -177,6 +180,11 @@ class SampleCollector:
         served = self.lookup(model)
         self._put(_Item(model, served.predictor.manifest if served is not None else None,
                         feed, outputs, tag, score))
+
+    @property
+    def queued(self) -> int:
+        """Served requests waiting for the collector's thread."""
+        return self._items.qsize()
 
     def _put(self, item: _Item) -> None:
         try:
@@ -361,6 +369,7 @@ class SampleCollector:
         why = ", ".join(f"{n} skipped: {w}" for w, n in sorted(act.skipped.items()))
         self.status = SampleStatus(act.req.id, "collecting", len(act.rows), act.size,
                                    reason=why)
+        self._pending, self._shown_at = False, time.monotonic()
         self._answer(self.status, retain=True)
 
     def _drop_all(self) -> None:
@@ -379,6 +388,7 @@ class SampleCollector:
         n = _rows(item.feed)
         if n is None:
             act.skip("inputs of unequal batch sizes")
+            self._pending = True
             return
         if item.tag is not None:
             scores = np.full(n, np.nan if item.score is None else item.score)
@@ -396,7 +406,9 @@ class SampleCollector:
                     keep = [i for i in range(n) if scores[i] > req.threshold]
             except ValueError as err:
                 act.skip(str(err)[:80])
+                self._pending = True
                 return
+        before = sum(act.skipped.values())
         changed = False
         for i in keep:
             changed |= self._keep(act, _row(item.feed, item.outputs, i, n, req.outputs),
@@ -409,6 +421,8 @@ class SampleCollector:
             self._finish(act, "")
         elif changed:
             self._collecting()
+        elif sum(act.skipped.values()) != before:
+            self._pending = True  # told at most once a second (_tick)
 
     def _reservoir(self, act: _Active, n: int) -> list[int]:
         """Rows of this batch that enter the reservoir (one that replaces a kept row
@@ -501,6 +515,8 @@ class SampleCollector:
 
     def _tick(self, now: float) -> None:
         act = self.active
+        if act is not None and self._pending and time.monotonic() - self._shown_at >= 1.0:
+            self._collecting()
         if act is not None and act.req.expires.timestamp() <= now:
             self._finish(act, f"expired with {len(act.rows)} of {act.req.count}"
                          if act.rows else "")
