@@ -117,6 +117,21 @@ class TaskPlan:
                 "budget": {k: BUDGETS[_budget_key(v.kind)].text
                            for k, v in self.outputs.items()}}
 
+    def task_outputs(self) -> dict[str, dict[str, Any]]:
+        """The manifest's ``extra["task_outputs"]``: per output, how it is judged, so
+        that a device comparing a shadow model's answers (edge_sdk.quality.Comparer)
+        reads them as the conversion did."""
+        out: dict[str, dict[str, Any]] = {}
+        for name, m in self.outputs.items():
+            entry: dict[str, Any] = {"kind": m.kind}
+            if m.kind.startswith("detect"):
+                entry["sigmoid"] = m.sigmoid
+            if m.kind == "detect-boxes":
+                entry.update(partner=m.partner, boxes_t=m.boxes_t, scores_t=m.scores_t,
+                             box_format=m.box_format)
+            out[name] = entry
+        return out
+
     def default_max_drop(self) -> float:
         """The main budget of the plan's strictest output kind."""
         return min((BUDGETS[_budget_key(v.kind)].main for v in self.outputs.values()),
