@@ -3,6 +3,7 @@ detections) and segmenters: boxes matched by class and IoU, class maps by pixels
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -97,6 +98,10 @@ def test_class_logits_are_read_through_a_sigmoid() -> None:
                         {"output0": yolov8([CAT, DOG], noise=3e-4, logits=True)}).agree
     got = v8().compare({"output0": serving}, {"output0": yolov8([CAT], logits=True)})
     assert not got.agree and "class 2 lost" in got.detail
+    # Logit 0.0 (p 0.5) -> -2.9 (p 0.05): lost, though both are under 0.25 read raw.
+    faded = v8().compare({"output0": yolov8([CAT, (*DOG[:5], 0.5)], logits=True)},
+                         {"output0": yolov8([CAT, (*DOG[:5], 0.05)], logits=True)})
+    assert not faded.agree and "class 2 lost" in faded.detail
 
 
 def test_whole_tensor_cosine_would_miss_the_class_change() -> None:
@@ -141,7 +146,7 @@ def test_boxes_and_scores_outputs_as_the_converter_planned_them() -> None:
 
 def test_every_anchor_firing_in_a_broken_shadow_is_bounded_and_disagrees() -> None:
     """A yolov8n-sized head where the shadow scores all 8400 anchors alike: the
-    comparison looks at the best ``max_detections`` boxes only, and says no."""
+    comparison looks at the best ``max_candidates`` boxes only, and says no."""
     rng = np.random.default_rng(0)
     serving = np.zeros((1, 84, 8400), np.float32)
     serving[:, :4] = rng.uniform(0, 640, (1, 4, 8400))
@@ -149,9 +154,11 @@ def test_every_anchor_firing_in_a_broken_shadow_is_bounded_and_disagrees() -> No
     shadow = serving.copy()
     shadow[:, 4:] = 0.9
     c = Comparer.for_manifest(manifest([("output0", "float32", [1, 84, 8400])],
-                                       task="detect"), CompareConfig(max_detections=200))
+                                       task="detect"), CompareConfig(max_candidates=50))
     got = c.compare({"output0": serving}, {"output0": shadow})
     assert not got.agree and got.score == 0.0 and "added" in got.detail
+    m = re.search(r"\((\d+)/(\d+) matched\)", got.detail)
+    assert m is not None and 0 < int(m.group(2)) <= 50
 
 
 # ---------------------------------------------------------------- in-graph detections
@@ -265,3 +272,24 @@ def test_in_graph_embedding_compares_by_cosine() -> None:
     e = np.random.default_rng(1).normal(0, 1, (2, 32)).astype(np.float32)
     assert c.plan() == {"embedding": "cosine"}
     assert not c.compare({"embedding": e}, {"embedding": e[::-1].copy()}).agree
+
+
+def test_converter_plan_of_boxes_and_scores_round_trips_to_the_comparer() -> None:
+    """The converter detects boxes ``[1, N, 4]`` in centre-and-size with scores
+    ``[1, C, N]``; what it writes to ``task_outputs`` makes the device read them alike."""
+    from converters._tasks import plan_task
+
+    a = yolov8([CAT, DOG])
+    ref = [{"boxes": np.swapaxes(a[:, :4], 1, 2).copy(), "scores": a[:, 4:].copy()}]
+    plan = plan_task("detect", (), ref, {})
+    written = plan.task_outputs()
+    assert written == {"boxes": {"kind": "detect-boxes", "sigmoid": False,
+                                 "partner": "scores", "boxes_t": False, "scores_t": True,
+                                 "box_format": "cxcywh"}}
+    c = Comparer.for_manifest(manifest(
+        [("boxes", "float32", [1, N, 4]), ("scores", "float32", [1, C, N])], task="detect",
+        extra={"task_outputs": written}))
+    b = yolov8([CAT, (*DOG[:4], 0, 0.7)])
+    got = c.compare(ref[0], {"boxes": np.swapaxes(b[:, :4], 1, 2).copy(),
+                             "scores": b[:, 4:].copy()})
+    assert not got.agree and got.detail == "row 0: class 2 -> 0 (2/4 matched)"
