@@ -297,6 +297,14 @@ def test_the_worst_row_of_a_batch_gives_the_score_and_the_detail() -> None:
     assert got.score < 0.5
 
 
+def test_string_outputs_of_other_widths_compare_by_value() -> None:
+    c = Comparer.for_manifest(None)
+    assert c.compare({"label": np.array(["cat", "dog"])},
+                     {"label": np.array(["cat", "dog"], dtype="<U8")}).agree
+    got = c.compare({"label": np.array(["cat", "dog"])}, {"label": np.array(["cat", "bird"])})
+    assert (got.agree, got.detail) == (False, "row 1: dog -> bird")
+
+
 def test_outputs_only_the_shadow_has_are_ignored() -> None:
     x = _logits(1)
     assert _classify().compare({"logits": x}, {"logits": x, "extra": np.ones(3)}).agree

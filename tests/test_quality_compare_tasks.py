@@ -126,6 +126,14 @@ def test_yolov5_layout_with_objectness() -> None:
     assert not got.agree and "lost" in got.detail
 
 
+def test_with_the_task_alone_boxes_beside_scores_are_not_read_as_a_yolov5_head() -> None:
+    m = manifest([("boxes", "float32", [1, N, 4]), ("scores", "float32", [1, N, C + 3])],
+                 task="detect")
+    assert Comparer.for_manifest(m).basis == "generic"
+    single = manifest([("out", "float32", [1, N, 5 + C])], task="detect")
+    assert Comparer.for_manifest(single).plan() == {"out": "task:detect"}
+
+
 def test_boxes_and_scores_outputs_as_the_converter_planned_them() -> None:
     """detect-boxes: boxes ``[B, 4, N]`` in centre-and-size, scores ``[B, C, N]``, the
     layout the converter detected and wrote to ``task_outputs``."""
