@@ -36,7 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from edge_sdk._internal import (
+from edge_sdk.errors import ConversionError, UsageError
+from edge_sdk.quality import (
     DetectConfig,
     abs_error,
     class_changes,
@@ -52,7 +53,6 @@ from edge_sdk._internal import (
     segment_layout,
     softmax,
 )
-from edge_sdk.errors import ConversionError, UsageError
 
 from ._measure import Accuracy, accuracy, default_max_drop
 
