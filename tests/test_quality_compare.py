@@ -315,3 +315,14 @@ def test_config_out_of_range_is_refused() -> None:
         CompareConfig(cosine_min=1.5)
     with pytest.raises(ValueError, match="max_detections"):
         CompareConfig(max_detections=0)
+
+
+def test_rows_past_max_rows_are_not_compared() -> None:
+    """The bound on work per request: a batch of 1000 rows costs what ``max_rows`` do."""
+    x = _logits(4)
+    y = x.copy()
+    y[3] = -x[3]
+    m = manifest([("o", "float32", ["b", 10])], task="embed")
+    assert not Comparer.for_manifest(m).compare({"o": x}, {"o": y}).agree
+    got = Comparer.for_manifest(m, CompareConfig(max_rows=3)).compare({"o": x}, {"o": y})
+    assert got.agree and got.detail.startswith("row ")

@@ -231,7 +231,7 @@ def test_in_graph_batch_index_far_out_of_range_is_cheap() -> None:
 
 def _seg_scores(cmap: np.ndarray, classes: int = 4, nhwc: bool = False) -> np.ndarray:
     """``[B, C, H, W]`` (or NHWC) scores whose argmax is ``cmap`` ``[B, H, W]``."""
-    out = np.eye(classes, dtype=np.float32)[cmap]  # [B, H, W, C]
+    out: np.ndarray = np.eye(classes, dtype=np.float32)[cmap]  # [B, H, W, C]
     return out if nhwc else np.moveaxis(out, -1, 1).copy()
 
 
