@@ -681,11 +681,13 @@ def confidence(manifest: Manifest | None, outputs: Mapping[str, np.ndarray],
     """Per row of a batch of ``n``: the top class score (classify) or the best detection
     score (detect; 0 for a row with no detection). A classify model's raw logits are
     softmaxed first. ValueError when the outputs do not say."""
+    from edge_sdk.quality import is_probabilities, softmax
+
     task = _task(manifest)
     if task == "detect":
         scores, batch = outputs.get("scores"), outputs.get("batch_index")
-        if scores is None:
-            raise ValueError("detect outputs without 'scores'")
+        if scores is None or (batch is None and n > 1):
+            return _raw_detect_best(manifest, outputs, n)
         s = np.asarray(scores, dtype=np.float64).reshape(-1)
         b = (np.zeros(s.shape, np.int64) if batch is None else
              np.asarray(batch).reshape(-1).astype(np.int64))
@@ -702,12 +704,35 @@ def confidence(manifest: Manifest | None, outputs: Mapping[str, np.ndarray],
     if arr is None or np.asarray(arr).size == 0 or np.asarray(arr).shape[0] != n:
         raise ValueError("classify outputs without per-row scores")
     x = np.asarray(arr, dtype=np.float64).reshape(n, -1)
-    probs = (np.all(x >= 0) and np.all(x <= 1) and
-             np.allclose(x.sum(axis=1), 1.0, atol=1e-3)) or "scores" in outputs
-    if not probs:
-        e = np.exp(x - x.max(axis=1, keepdims=True))
-        x = e / e.sum(axis=1, keepdims=True)
+    if "scores" not in outputs and not is_probabilities(x):
+        x = softmax(x, axis=1)
     return np.asarray(x.max(axis=1))
+
+
+def _raw_detect_best(manifest: Manifest | None, outputs: Mapping[str, np.ndarray],
+                     n: int) -> np.ndarray:
+    """Per image: the best class score of a raw detection head the converter described
+    (``extra["task_outputs"]``; NMS never removes the best box, so no NMS is needed)."""
+    from edge_sdk.quality import Comparer, decode
+
+    rules = [r for r in Comparer.for_manifest(manifest).rules
+             if r.kind.startswith("detect-") and r.output in outputs] if manifest else []
+    if not rules:
+        raise ValueError("detect outputs without 'scores' or a described raw head")
+    rule = rules[0]
+    head = np.asarray(outputs[rule.output])
+    part = np.asarray(outputs[rule.partners[0]]) if rule.partners and \
+        rule.partners[0] in outputs else None
+    if head.ndim < 2 or head.shape[0] != n:
+        raise ValueError(f"detect head {rule.output} is not a batch of {n}")
+    best = np.zeros(n)
+    for i in range(n):
+        cls = decode(rule.kind, head[i], None if part is None else part[i])[1]
+        if cls.size and (float(cls.min()) < 0.0 or float(cls.max()) > 1.0):
+            cls = decode(rule.kind, head[i], None if part is None else part[i],
+                         sigmoid=True)[1]
+        best[i] = float(cls.max()) if cls.size else 0.0
+    return best
 
 
 def drift_distance(stats: Mapping[str, Any], feed: Mapping[str, np.ndarray],

@@ -172,6 +172,16 @@ def test_detect_confidence_is_the_best_box_per_image(tmp_path: Path) -> None:
     np.testing.assert_allclose(confidence(m, out, 3), [0.8, 0.0, 0.6])
 
 
+def test_raw_detect_head_confidence_is_its_best_class_score(tmp_path: Path) -> None:
+    m = replace(S.classifier(tmp_path).manifest, task="detect",
+                outputs=(edge_sdk.TensorSpec("out", "float32", ("batch", 6, 3)),),
+                extra={"task_outputs": {"out": {"kind": "detect-yolov8"}}})
+    head = np.zeros((2, 6, 3))  # [batch, 4 box + 2 classes, 3 anchors]
+    head[0, 4:, :] = [[0.1, 0.7, 0.2], [0.3, 0.1, 0.05]]
+    head[1, 4:, :] = [[0.05, 0.1, 0.2], [0.15, 0.1, 0.1]]
+    np.testing.assert_allclose(confidence(m, {"out": head}, 2), [0.7, 0.2])
+
+
 def test_drift_distance_is_the_largest_channel_z_score() -> None:
     feed = {"x": np.array([[0.0, 0, 0, 0], [0.0, 5.0, 0, 0], [-2.0, 0, 0, 0]], np.float32)}
     np.testing.assert_allclose(drift_distance(S.INPUT_STATS, feed, 3), [0.0, 5.0, 2.0])
