@@ -739,11 +739,13 @@ def drift_distance(stats: Mapping[str, Any], feed: Mapping[str, np.ndarray],
                    n: int) -> np.ndarray:
     """Per row: the largest ``|channel mean - reference mean| / reference std`` over the
     inputs and channels the reference describes (``extra["input_stats"]``: per input an
-    ``axis`` and per channel or contiguous channel group a ``mean`` and ``std``)."""
+    ``axis`` and per channel, or per contiguous group of channels as the drift reference
+    groups them, a ``mean`` and ``std``; token ids, ``kind: "ids"``, have no mean)."""
     out = np.zeros(n)
     for name, ref in stats.items():
         arr = feed.get(name)
-        if arr is None or not isinstance(ref, Mapping) or arr.dtype.kind not in "fiu":
+        if arr is None or not isinstance(ref, Mapping) or arr.dtype.kind not in "fiu" \
+                or ref.get("kind", "values") != "values":
             continue
         chans = ref.get("channels")
         if not isinstance(chans, list) or not chans:
@@ -758,8 +760,11 @@ def drift_distance(stats: Mapping[str, Any], feed: Mapping[str, np.ndarray],
             x = np.asarray(arr[i:i + 1], dtype=np.float64)
             if isinstance(axis, int) and not isinstance(axis, bool) and 0 <= axis < x.ndim:
                 per = np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
-                groups = np.array_split(np.arange(per.shape[0]), len(chans))
-                means = np.array([per[g].mean() if len(g) else np.nan for g in groups])
+                c, g = per.shape[0], len(chans)
+                if c < g:
+                    continue
+                group = (np.arange(c) * g) // c  # contiguous groups, as the reference's
+                means = np.array([per[group == k].mean() for k in range(g)])
             else:
                 means = np.full(len(chans), x.mean())
             z = np.abs(means - mean) / std
