@@ -101,6 +101,14 @@ class _Active:
 
 
 @dataclass(frozen=True)
+class _Oversized:
+    """A request over samples.max_request_bytes: its size and claimed id, not its bytes."""
+
+    size: int
+    rid: str | None
+
+
+@dataclass(frozen=True)
 class _Item:
     model: str
     manifest: Manifest | None
@@ -134,7 +142,7 @@ class SampleCollector:
         self._stop = stop
         self._lock = threading.Lock()
         self._items: queue.Queue[_Item] = queue.Queue(self.cfg.queue)
-        self._intake: queue.Queue[bytes] = queue.Queue(_INTAKE_MAX)
+        self._intake: queue.Queue[bytes | _Oversized] = queue.Queue(_INTAKE_MAX)
         self._gets: queue.Queue[bytes] = queue.Queue(_INTAKE_MAX)
         self._wake = threading.Event()
         #: Read on the request path without the lock: one attribute, replaced whole.
@@ -195,14 +203,15 @@ class SampleCollector:
     # -- broker callbacks (the MQTT thread: only queue) ---------------------------------
 
     def on_request(self, topic: str, payload: bytes) -> None:
+        item: bytes | _Oversized = payload
         if len(payload) > self.cfg.limits.max_request_bytes:
             # Only the size and the id it claims wait for the refusal, not the bytes.
             from edge_sdk.profiling import claimed_request_id
 
-            rid = claimed_request_id(payload, self.cfg.limits.max_request_bytes)
-            payload = json.dumps({"oversized": len(payload), "id": rid}).encode()
+            item = _Oversized(len(payload),
+                              claimed_request_id(payload, self.cfg.limits.max_request_bytes))
         with contextlib.suppress(queue.Full):
-            self._intake.put_nowait(payload)
+            self._intake.put_nowait(item)
         self._wake.set()
 
     def on_get(self, topic: str, payload: bytes) -> None:
@@ -268,20 +277,19 @@ class SampleCollector:
         # Not retained: the current request's status stays what a late reader finds.
         self._answer(SampleStatus(rid, "refused", reason=line), retain=False)
 
-    def _on_request(self, payload: bytes) -> None:
+    def _on_request(self, payload: bytes | _Oversized) -> None:
         from edge_sdk.errors import EdgeError
         from edge_sdk.profiling import claimed_request_id
         from edge_sdk.samples import verify_sample_request
 
-        if not payload:
-            return  # a cleared retained request
         lim = self.cfg.limits
-        if payload.startswith(b'{"oversized"'):
-            info = json.loads(payload)
-            self._refuse(info["id"] or "0" * 16,
-                         f"sample request is {info['oversized']} bytes, over the device's "
+        if isinstance(payload, _Oversized):
+            self._refuse(payload.rid or "0" * 16,
+                         f"sample request is {payload.size} bytes, over the device's "
                          f"limit of {lim.max_request_bytes} (samples.max_request_bytes)")
             return
+        if not payload:
+            return  # a cleared retained request
         rid = claimed_request_id(payload, lim.max_request_bytes) or "0" * 16
         key = self.key()
         if key is None:

@@ -418,6 +418,14 @@ def test_local_veto_refuses_every_request(tmp_path: Path, signer: CryptoSigner) 
         rig.close()
 
 
+def test_oversized_request_is_refused_by_size_without_being_read(rig: Rig) -> None:
+    req = S.request(DEV)
+    payload = S.signed(req, rig.signer) + b" " * 10_000
+    rig.c.on_request("", payload)
+    st = wait_for(lambda: rig.status(req.id), 10)
+    assert st.state == "refused" and "samples.max_request_bytes" in st.reason
+
+
 def test_request_for_a_model_not_served_is_refused(rig: Rig) -> None:
     req = S.request(DEV, model="nope")
     rig.c.on_request("", S.signed(req, rig.signer))
