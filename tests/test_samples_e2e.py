@@ -257,6 +257,24 @@ def test_hostile_chunk_requests_are_bounded_and_answered_in_one_line(rig: Rig) -
     rig.infer(S.row(0.0))  # still serving
 
 
+def test_pull_refuses_a_bundle_that_is_not_the_one_announced(
+        rig: Rig, capsys: pytest.CaptureFixture[str]) -> None:
+    req = S.request(DEV, fleet=FLEET, rule="random", count=1, threshold=1)
+    rig.send(S.signed(req, rig.signer))
+    rig.collecting(req.id, 0)
+    rig.infer(S.row(3.0))
+    st = rig.final(req.id)
+    assert st.state == "ready"
+    forged = SampleStatus(req.id, "ready", st.count, st.size, "0" * 64)
+    rig.fleet.host.publish_wait(rig.fleet.topics.samples_status(DEV),
+                                json.dumps(forged.to_json()).encode(), retain=True)
+    out = rig.tmp / "forged.npz"
+    code, _, err = rig.cli(capsys, "samples", "pull", req.id, "--device", DEV, "--out",
+                           str(out))
+    assert code != 0 and "not the" in err and "nothing written" in err
+    assert err.count("\n") == 1 and not out.exists()
+
+
 def test_restart_mid_collection_keeps_the_samples(rig: Rig) -> None:
     req = S.request(DEV, fleet=FLEET, rule="low_confidence", count=3, threshold=0.5)
     rig.send(S.signed(req, rig.signer), retain=True)
