@@ -275,6 +275,33 @@ def test_pull_refuses_a_bundle_that_is_not_the_one_announced(
     assert err.count("\n") == 1 and not out.exists()
 
 
+def test_a_bundle_of_many_chunks_comes_through_the_devices_slow_downs(rig: Rig) -> None:
+    from edge_sdk.samples._host import pull_bundle
+    from edge_sdk.transport import FetchConfig
+
+    req = S.request(DEV, fleet=FLEET, rule="random", count=1000, threshold=1000,
+                    outputs=True, max_bytes=4 << 20)
+    rig.send(S.signed(req, rig.signer))
+    rig.collecting(req.id, 0)
+    rows = np.arange(1000 * 4, dtype=np.float32).reshape(1000, 4) / 1000
+    for part in np.split(rows, 4):
+        rig.infer(part)
+    st = rig.final(req.id)
+    assert (st.state, st.count) == ("ready", 1000) and st.size > 32 * 1024
+    answers: list[int] = []
+    sub = rig.fleet.host.subscribe(rig.fleet.topics.samples_put(DEV),
+                                   lambda _, p: answers.append(ChunkResponse.decode(p).status))
+    try:
+        got = pull_bundle(rig.fleet.host, DEV, st, rig.tmp / "many.npz",
+                          config=FetchConfig(chunk_size=1024, min_chunk_size=1024))
+    finally:
+        sub.cancel()
+    assert got.count == 1000
+    with np.load(got.path) as z:
+        np.testing.assert_array_equal(np.sort(z["x"][:, 0]), rows[:, 0])
+    assert ChunkResponse.SLOW_DOWN in answers  # 16 chunks a second, a burst of 16
+
+
 def test_restart_mid_collection_keeps_the_samples(rig: Rig) -> None:
     req = S.request(DEV, fleet=FLEET, rule="low_confidence", count=3, threshold=0.5)
     rig.send(S.signed(req, rig.signer), retain=True)
