@@ -212,6 +212,7 @@ class SampleCollector:
                               claimed_request_id(payload, self.cfg.limits.max_request_bytes))
         with contextlib.suppress(queue.Full):
             self._intake.put_nowait(item)
+        self._ensure_threads()
         self._wake.set()
 
     def on_get(self, topic: str, payload: bytes) -> None:
@@ -219,19 +220,33 @@ class SampleCollector:
             self._gets.put_nowait(payload[:4096])
         except queue.Full:
             log.debug("sample chunk request dropped: %d wait", _INTAKE_MAX)
+            return
+        self._ensure_threads()
 
     # -- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
+        """Pick up what a restart left; the threads start with the first request (a fleet
+        simulator runs a thousand agents in one process, most never asked)."""
         self._resume()
-        for name, target in (("samples", self._work), ("samples-put", self._answer_loop)):
-            t = threading.Thread(target=target, name=name, daemon=True)
-            t.start()
-            self._threads.append(t)
+        if self.active is not None or self.status is not None:
+            self._ensure_threads()
+
+    def _ensure_threads(self) -> None:
+        with self._lock:
+            if self._threads or self._stop.is_set():
+                return
+            for name, target in (("samples", self._work),
+                                 ("samples-put", self._answer_loop)):
+                t = threading.Thread(target=target, name=name, daemon=True)
+                t.start()
+                self._threads.append(t)
 
     def stop(self) -> None:
         self._wake.set()
-        for t in self._threads:
+        with self._lock:
+            threads = list(self._threads)
+        for t in threads:
             t.join(5)
 
     def _work(self) -> None:
