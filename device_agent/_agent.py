@@ -40,6 +40,7 @@ from ._protocol import InferenceApp
 from ._server import HttpServer
 from ._serving import ModelSlots, ModelState, Served, Wanted, model_states
 from ._state import ModelRecord, StateStore
+from ._tap import Taps
 from ._telemetry import Outbox, Telemetry
 
 if TYPE_CHECKING:
@@ -89,6 +90,9 @@ class Agent:
         self.store = StateStore(config.state_dir)
         self.metrics = Metrics(self.model_states)
         self.slots = ModelSlots(on_change=self._model_changed)
+        #: What watches answered requests beside the answer (shadow runs, input drift,
+        #: field samples): each component adds its tap here.
+        self.taps = Taps()
         self._stop = threading.Event()
         self._started_at = time.monotonic()
         self._boot_ms = time.time_ns() // 1_000_000
@@ -203,7 +207,8 @@ class Agent:
     def start(self) -> None:
         self.installer.boot()
         if self._serve_http:
-            app = InferenceApp(self.slots, self.metrics, self.config.http, self.wanted)
+            app = InferenceApp(self.slots, self.metrics, self.config.http, self.wanted,
+                               taps=self.taps)
             self.http = HttpServer(app, self.config.http.bind, self.config.http.port)
             self.http.start()
             try:
