@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from edge_sdk.identity import Credentials
     from edge_sdk.transport import LastWill, MqttConnection
 
+    from ._drift import DriftTap
     from ._identity import IdentityService
 
 log = logging.getLogger("device_agent")
@@ -93,6 +94,15 @@ class Agent:
         #: What watches answered requests beside the answer (shadow runs, input drift,
         #: field samples): each component adds its tap here.
         self.taps = Taps()
+        #: Input drift statistics of answered requests (``[drift]``; None when off).
+        self.drift: DriftTap | None = None
+        if config.drift.enabled:
+            from ._drift import DriftTap
+
+            self.drift = DriftTap(config.drift, serving=self.slots.all,
+                                  on_worker_start=_lower_thread_priority)
+            self.taps.add(self.drift)
+            self.metrics.track_drift(self.drift.collector())
         self._stop = threading.Event()
         self._started_at = time.monotonic()
         self._boot_ms = time.time_ns() // 1_000_000
@@ -235,6 +245,8 @@ class Agent:
         if self._worker is not None:
             self._worker.join(10)
         self.profiler.stop()
+        if self.drift is not None:
+            self.drift.stop()
         if self.identity is not None:
             self.identity.stop()
         if self.connection is not None:
@@ -512,6 +524,8 @@ class Agent:
             "dropped_reports": self.outbox.dropped,
             "storage": self._storage(),
             "transfer": self.transfer(),
+            # Short: n and largest PSI per input (the heartbeat carries the figures).
+            "drift": self.drift.summary() if self.drift is not None else None,
         }
 
     def _storage(self) -> dict[str, Any]:
@@ -531,7 +545,8 @@ class Agent:
                 "model": None if cur is None else {"name": cur.name, "version": cur.version},
                 "models": [{"name": n, "version": s.version}
                            for n, s in sorted(self.slots.all().items())],
-                "queued_reports": len(self.outbox)}
+                "queued_reports": len(self.outbox),
+                **({"drift": self.drift.report()} if self.drift is not None else {})}
 
     def wanted(self) -> list[Wanted]:
         """The models the device should serve: those of its installed state (a model that
