@@ -302,6 +302,8 @@ class Reference:
     widths: np.ndarray
     hist: np.ndarray  # [groups, HIST_LEN]
     samples: int
+    #: Per channel: the reference's ``mean`` and ``std`` (None where it has none).
+    stats: tuple[dict[str, float | None], ...] = ()
 
     def accumulator(self) -> InputAccumulator:
         return InputAccumulator(self.rule, self.lows, self.widths)
@@ -332,9 +334,16 @@ class Reference:
             if not (widths > 0).all():
                 return None
             samples = doc.get("samples", 0)
-            return cls(rule, e[:, 0].copy(), widths, hist, samples if _int(samples) else 0)
+            stats = tuple({k: _number(c.get(k)) for k in ("mean", "std")} for c in chans)
+            return cls(rule, e[:, 0].copy(), widths, hist, samples if _int(samples) else 0,
+                       stats)
         except (KeyError, TypeError, ValueError):
             return None
+
+
+def _number(v: object) -> float | None:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return float(v) if ok else None  # type: ignore[arg-type]
 
 
 def _int(v: object) -> TypeGuard[int]:

@@ -199,13 +199,33 @@ function modelsText(d) {
   return modelLabels(d).join(", ");
 }
 
-// One line per model, or "no model".
+// One line per model, or "no model"; a device whose inputs drifted gets a line saying so.
 function modelsCell(d) {
   const labels = modelLabels(d);
   if (!labels.length) return el("td", { class: "none" }, "no model");
   const full = labels.join("\n");
+  const drift = driftText(d);
   return el("td", { class: "models", title: full.length > MAX_TEXT ? text(full, MAX_TITLE) : null },
-    ...labels.map((l) => el("div", {}, text(l))));
+    ...labels.map((l) => el("div", {}, text(l))),
+    ...(d.drifting === true ? [el("div", { class: "drift bad", title: "inputs moved from the evaluation set the model was verified on (PSI)" }, `⚠ drift: ${drift}`)] : []));
+}
+
+// The registry's judgement of a device's input drift (edge_sdk/fleet/_drift.py): the
+// flagged inputs with their largest PSI, else the warned ones, else "ok" or why not.
+function driftText(d) {
+  const dr = d.drift;
+  if (!isObj(dr) || !isObj(dr.models)) return "";
+  const psiOf = (key) => {
+    const [m, i] = key.split("/");
+    const inp = isObj(dr.models[m]) && isObj(dr.models[m].inputs) ? dr.models[m].inputs[i] : null;
+    const p = isObj(inp) && typeof inp.psi_max === "number" && Number.isFinite(inp.psi_max) ? inp.psi_max : null;
+    return `${text(key, 80)}${p === null ? "" : ` psi ${p.toFixed(2)}`}`;
+  };
+  const flagged = list(dr.flagged).filter((x) => typeof x === "string").slice(0, MAX_ITEMS);
+  if (flagged.length) return flagged.map(psiOf).join(", ");
+  const warn = list(dr.warn).filter((x) => typeof x === "string").slice(0, MAX_ITEMS);
+  if (warn.length) return `warn ${warn.map(psiOf).join(", ")}`;
+  return "ok";
 }
 
 // A device that never installed a model is idle whatever its phase says (older agents
@@ -256,8 +276,9 @@ function renderDevices(devs) {
   const body = document.querySelector("#devices tbody");
   body.replaceChildren(...each(devs.slice().sort(compare), deviceRow, brokenRow));
   const online = devs.filter((d) => isObj(d) && d.online === true).length;
+  const drifting = devs.filter((d) => isObj(d) && d.drifting === true).length;
   document.getElementById("devices-caption").textContent =
-    `${devs.length} device${devs.length === 1 ? "" : "s"} (${online} online)`;
+    `${devs.length} device${devs.length === 1 ? "" : "s"} (${online} online${drifting ? `, ${drifting} with drifting inputs` : ""})`;
   for (const th of document.querySelectorAll("#devices th[data-key]")) {
     if (th.dataset.key === view.sort) th.setAttribute("aria-sort", view.dir > 0 ? "ascending" : "descending");
     else th.removeAttribute("aria-sort");
@@ -414,6 +435,7 @@ function renderHistory(doc) {
     ["Reported by the device", reportedText(d) || "—"],
     ["Differs", list(d.mismatch).map((x) => text(x)).join("; ") || "—"],
     ["Hardware (reported)", factsText(d.hardware) || "—"],
+    ["Input drift", driftText(d) || "—"],
     ["First seen", d.first_seen ? when(d.first_seen, true) : "never reported"]];
   document.getElementById("history-facts").replaceChildren(
     ...facts.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));

@@ -38,12 +38,14 @@ from ._devices import (
     EVENT_COLUMNS,
     assignments,
     delete_devices,
+    device_drift,
     insert_device,
     insert_event,
     known_devices,
     reported_device,
     update_device,
     write_assignments,
+    write_drift,
     write_events,
 )
 from ._rollouts import (
@@ -107,6 +109,7 @@ __all__ = [
     "desired_documents",
     "desired_records",
     "desired_versions",
+    "device_drift",
     "end_sessions",
     "engine_url",
     "enrolment_rows",
@@ -142,5 +145,6 @@ __all__ = [
     "update_operator",
     "valid_id",
     "write_assignments",
+    "write_drift",
     "write_events",
 ]

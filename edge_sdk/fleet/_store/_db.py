@@ -221,15 +221,17 @@ class FleetDB:
 
     def devices(self, *, fleet: str | None = None, group: str | None = None,
                 tag: str | None = None, model: str | None = None,
-                online: bool | None = None) -> list[dict[str, Any]]:
+                online: bool | None = None,
+                drifting: bool | None = None) -> list[dict[str, Any]]:
         """Devices sorted by fleet and id: every registered device, and every device the
         operator assigned that has not reported yet (``registered`` False). ``group`` and
         ``tag`` (``KEY`` or ``KEY=VALUE``) filter by the operator's assignment;
         ``hw.KEY[=VALUE]`` by a reported hardware fact. ``model`` is a name or
         ``NAME VERSION`` / ``NAME@VERSION``: the devices serving it, among their models.
         ``online`` is what the device said unless it has gone silent (see
-        :func:`_silence`). Each device's ``models``: every model it serves,
-        ``{"name", "version", "sha256", "phase"}`` sorted by name; ``model`` and
+        :func:`_silence`); ``drifting``: whether an input is flagged as drifting. Each
+        device's ``models``: every model it serves, ``{"name", "version", "sha256",
+        "phase"}`` sorted by name; ``model`` and
         ``version``: the one it swapped in last."""
         a = device_assignments
         q = _registered().order_by(devices.c.fleet, devices.c.id)
@@ -257,6 +259,8 @@ class FleetDB:
                 for m in r["models"])]
         if online is not None:
             rows = [r for r in rows if r["online"] == online]
+        if drifting is not None:
+            rows = [r for r in rows if r["drifting"] == drifting]
         if group is not None:
             rows = [r for r in rows if group in r["groups"]]
         if tag is not None:
@@ -689,6 +693,8 @@ def _device(m: RowMapping, silence: Mapping[str, float] | None = None) -> dict[s
         "phase": m["phase"], "deployment": m["deployment"], "last_result": m["last_result"],
         "last_reason": m["last_reason"], "last_deployment": m["last_deployment"],
         "state": state,
+        # Input drift as the registry judged it (edge_sdk.fleet._drift), and its flag.
+        "drift": _loads(m["drift"], None), "drifting": bool(m["drifting"]),
         # Revoked by an operator (edge-sdk device revoke): rollouts leave it out.
         "revoked": None if m["revoked_at"] is None else {
             "at": m["revoked_at"], "by": m["revoked_by"], "reason": m["revoked_reason"]},
@@ -708,7 +714,8 @@ def _unregistered(m: RowMapping) -> dict[str, Any]:
         "model": None,
         "version": None, "previous_model": None, "previous_version": None, "phase": None,
         "deployment": 0, "last_result": None, "last_reason": None, "last_deployment": None,
-        "state": {}, "revoked": None if m.get("e_revoked_at") is None else {
+        "state": {}, "drift": None, "drifting": False,
+        "revoked": None if m.get("e_revoked_at") is None else {
             "at": m["e_revoked_at"], "by": m["e_revoked_by"],
             "reason": m["e_revoked_reason"]},
     }
