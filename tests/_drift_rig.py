@@ -43,10 +43,13 @@ def drift_artifact(tmp: Path, name: str = "adder", version: str = "1",
 
 
 @contextmanager
-def drift_agent(tmp: Path, art: Artifact, **sections: Any) -> Iterator[Agent]:
-    """A started agent (no broker) serving ``art``; ``sections`` overrides the config."""
+def drift_agent(tmp: Path, art: Artifact, *, connect: bool = False,
+                **sections: Any) -> Iterator[Agent]:
+    """A started agent serving ``art`` (installed from a local source; ``connect``: its
+    reports go to the broker of ``sections["broker"]``); ``sections`` override the
+    config."""
     sections.setdefault("drift", {"max_per_s": 10_000, "queue": 1024})
-    a = Agent(config(tmp / "state", **sections), source=LocalSource(), connect=False)
+    a = Agent(config(tmp / "state", **sections), source=LocalSource(), connect=connect)
     a.start()
     try:
         a.submit(deployment(art, 1))

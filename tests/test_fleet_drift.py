@@ -4,7 +4,9 @@ bounded or refused, and what ``status``, its ``--drifting`` filter and the API s
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -12,13 +14,17 @@ from typing import Any
 import pytest
 
 from edge_sdk.cli import main
-from edge_sdk.fleet import FleetDB
+from edge_sdk.fleet import FleetDB, FleetServer
 from edge_sdk.fleet._drift import MAX_INPUTS, MAX_MODELS, DriftJudge, drift_line
 from edge_sdk.fleet._registry import ingest_event, write_state
 from edge_sdk.fleet._web import FleetApi
 from edge_sdk.quality import DriftConfig, Reference, reference_stats
-from tests._drift_rig import evaluation_like
+from edge_sdk.release import Repository
+from edge_sdk.transport import MqttConfig, MqttConnection
+from tests._broker import Mosquitto
+from tests._drift_rig import analysed, drift_agent, drift_artifact, evaluation_like, infer
 from tests._hostile import state_report
+from tests._process import wait_for
 
 FLEET = "lab"
 REF = Reference.from_json(json.loads(json.dumps(
@@ -201,3 +207,48 @@ def test_serve_refuses_drift_options_without_a_registry(
                  "--only", "responder", "--drift-psi", "0.3"]) != 0
     err = capsys.readouterr().err
     assert "--drift" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_a_real_agent_fed_shifted_inputs_is_flagged_and_an_untouched_one_is_not(
+        broker: Mosquitto, tmp_path: Path) -> None:
+    """Agents on a real broker; serve's fleet server judges their heartbeats against the
+    released artifact's manifest in the release repository."""
+    repo = Repository.init(tmp_path / "repo", tmp_path / "keys")
+    (tmp_path / "arts").mkdir()
+    art = drift_artifact(tmp_path / "arts")
+    repo.add_artifact(art.path)
+    cfg = MqttConfig(url=broker.url, fleet=FLEET)
+    with FleetDB.open(f"sqlite:///{tmp_path / 'fleet.db'}") as db, \
+            MqttConnection(cfg) as conn:
+        server = FleetServer(db, repo, conn, poll_s=0.2, lease_ttl=3.0,
+                             drift=DriftConfig(min_samples=200))
+        assert server.wait_for_lease(threading.Event())
+        with server, contextlib.ExitStack() as stack:
+            agents = {}
+            for dev in ("cam-moved", "cam-calm"):
+                agents[dev] = stack.enter_context(drift_agent(
+                    tmp_path / dev, art, connect=True, device_id=dev, fleet=FLEET,
+                    broker={"url": broker.url}, telemetry={"heartbeat_s": 0.3},
+                    drift={"max_per_s": 10_000, "queue": 1024}))
+            for dev, shift in (("cam-moved", 1.0), ("cam-calm", 0.0)):
+                for feed in evaluation_like(250, seed=9, shift=shift):
+                    infer(agents[dev], feed)
+            for dev in agents:
+                wait_for(lambda d=dev: analysed(agents[d]) >= 250,  # type: ignore[misc]
+                         30, lambda d=dev: f"{d} to analyse its requests")  # type: ignore[misc]
+
+            def judged(dev: str) -> dict[str, Any] | None:
+                row = db.device(dev, fleet=FLEET)
+                x = None if row is None or row["drift"] is None else \
+                    row["drift"]["models"].get("adder", {}).get("inputs", {}).get("x")
+                return row if x is not None and x["n"] >= 250 else None
+
+            wait_for(lambda: judged("cam-moved") and judged("cam-calm"), 30,
+                     lambda: f"both devices' drift in the registry: {db.devices()}")
+            moved, calm = judged("cam-moved"), judged("cam-calm")
+            assert moved is not None and calm is not None
+            assert moved["drifting"] is True and moved["drift"]["flagged"] == ["adder/x"]
+            assert calm["drifting"] is False
+            assert calm["drift"]["models"]["adder"]["inputs"]["x"]["level"] == "ok"
+            assert [d["id"] for d in db.devices(fleet=FLEET, drifting=True)] == ["cam-moved"]

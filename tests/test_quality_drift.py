@@ -29,6 +29,7 @@ from edge_sdk.quality._drift import (
     psi,
     reference_stats,
 )
+from tests._drift_rig import evaluation_like
 
 
 def _feeds(n: int = 40, shift: float = 0.0, seed: int = 0) -> list[dict[str, np.ndarray]]:
@@ -226,3 +227,19 @@ def test_drift_config_is_validated_and_parsed() -> None:
             DriftConfig(**bad)  # type: ignore[arg-type]
     with pytest.raises(UsageError, match="--drift"):
         DriftConfig.parse(["bins=3"])
+
+
+def test_a_large_psi_from_few_observations_is_not_called_drift() -> None:
+    # 30 evaluation samples: their histogram is coarse, so PSI against 250 requests of the
+    # same distribution is often over the warning level by chance; the test says noise
+    ref = Reference.from_json(reference_stats(evaluation_like(30, seed=11))["x"])
+    assert ref is not None
+    noisy = []
+    for seed in range(12, 20):
+        acc = ref.accumulator()
+        for f in evaluation_like(250, seed=seed):
+            acc.add(f["x"])
+        verdict = judge_input(ref, _reported(acc), DriftConfig())
+        noisy.append(verdict.psi_max or 0.0)
+        assert verdict.level == OK, verdict
+    assert max(noisy) > 0.1
