@@ -104,6 +104,20 @@ def test_the_window_keeps_the_last_requests_in_slots(tmp_path: Path) -> None:
         assert tap.figures()["adder"]["x"]["n"] == 31  # a new slot pushed the oldest out
 
 
+def test_inputs_over_max_input_bytes_are_skipped(tmp_path: Path) -> None:
+    art = drift_artifact(tmp_path)
+    with drift_agent(tmp_path, art, drift={"enabled": False}) as agent:
+        served = agent.slots.current
+        assert served is not None
+        tap = DriftTap(DriftConfig(max_input_bytes=15))
+        try:
+            tap.served(served, evaluation_like(1, seed=0)[0], {}, 0.001)  # 16 bytes
+            assert tap.counts()["adder"] == {"analysed": 0, "cpu_s": 0.0,
+                                             "skipped": {"size": 1}}
+        finally:
+            tap.stop()
+
+
 def test_inputs_that_do_not_fit_the_reference_are_counted_not_added(tmp_path: Path) -> None:
     art = drift_artifact(tmp_path)
     with drift_agent(tmp_path, art, drift={"enabled": False}) as agent:

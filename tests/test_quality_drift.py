@@ -161,8 +161,21 @@ def test_chi_square_known_values() -> None:
 def test_chi_square_counts_observations_not_values() -> None:
     ref, got = [1000, 2000, 3000], [1100, 2000, 2900]
     _, _, p_values = chi2_two_sample(ref, got)
-    _, _, p_requests = chi2_two_sample(ref, got, n_expected=60, n_actual=60)
+    _, _, p_requests = chi2_two_sample(ref, got, n_expected=60, n_actual=90)
     assert p_values < 0.05 < p_requests
+    assert chi2_two_sample(ref, got, n_expected=60, n_actual=90) == \
+        pytest.approx(chi2_two_sample([10, 20, 30], [16.5, 30, 43.5]))
+
+
+def test_the_host_counts_requests_not_pixels() -> None:
+    # 30 values per channel per request: a shift of a tenth of a deviation is certain
+    # over the pixels and within noise over 300 requests against 200 samples
+    ref = Reference.from_json(reference_stats(_feeds(200))["x"])
+    assert ref is not None
+    acc = ref.accumulator()
+    for f in _feeds(300, shift=0.1, seed=3):
+        acc.add(f["x"])
+    assert judge_input(ref, _reported(acc), DriftConfig(method="chi2")).level == OK
 
 
 def _reported(acc: InputAccumulator) -> ReportedInput:
