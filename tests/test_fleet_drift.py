@@ -11,7 +11,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import sqlalchemy as sa
 
 from edge_sdk.cli import main
 from edge_sdk.fleet import FleetDB, FleetServer
@@ -110,10 +112,22 @@ def test_inputs_sent_in_turns_are_kept_until_the_version_changes(db: FleetDB) ->
     dev = db.device("cam-1", fleet=FLEET)
     assert dev is not None and set(dev["drift"]["models"]["adder"]["inputs"]) == {"x", "y"}
     assert dev["drifting"] is True  # x still drifts though this heartbeat left it out
+    _ingest(db, "cam-1", _beat({}, version="2"))  # nothing new: the old figures go
+    dev = db.device("cam-1", fleet=FLEET)
+    assert dev is not None and dev["drift"]["models"] == {} and dev["drifting"] is False
     _ingest(db, "cam-1", _beat({"adder": {"y": _block(shift=0.0)}}, version="2"))
     dev = db.device("cam-1", fleet=FLEET)
     assert dev is not None and set(dev["drift"]["models"]["adder"]["inputs"]) == {"y"}
     assert dev["drifting"] is False
+
+
+def test_a_moderate_shift_warns_without_flagging(db: FleetDB) -> None:
+    judge = DriftJudge(DriftConfig(psi_alert=100.0), _refs)
+    _ingest(db, "cam-1", _beat({"adder": {"x": _block(shift=1.0)}}), judge)
+    dev = db.device("cam-1", fleet=FLEET)
+    assert dev is not None and dev["drifting"] is False
+    assert dev["drift"]["warn"] == ["adder/x"] and dev["drift"]["flagged"] == []
+    assert drift_line(dev["drift"]).startswith("warn adder/x psi ")
 
 
 @pytest.mark.parametrize(("block", "refused"), [
@@ -149,6 +163,14 @@ def test_a_drift_value_that_is_no_block_stores_nothing(db: FleetDB, drift: objec
     _ingest(db, "cam-1", _beat(drift))
     dev = db.device("cam-1", fleet=FLEET)
     assert dev is not None and dev["drift"] is None and dev["drifting"] is False
+
+
+def test_inputs_past_the_limit_are_refused(db: FleetDB) -> None:
+    small = {"n": 1, "channels": [{"mean": 0.0}]}
+    _ingest(db, "cam-1", _beat({"adder": {f"in{j}": small for j in range(MAX_INPUTS + 7)}}))
+    dev = db.device("cam-1", fleet=FLEET)
+    assert dev is not None and dev["drift"]["refused"] == 7
+    assert len(dev["drift"]["models"]["adder"]["inputs"]) == MAX_INPUTS
 
 
 def test_many_models_and_inputs_are_bounded(db: FleetDB) -> None:
@@ -252,3 +274,30 @@ def test_a_real_agent_fed_shifted_inputs_is_flagged_and_an_untouched_one_is_not(
             assert calm["drifting"] is False
             assert calm["drift"]["models"]["adder"]["inputs"]["x"]["level"] == "ok"
             assert [d["id"] for d in db.devices(fleet=FLEET, drifting=True)] == ["cam-moved"]
+
+
+@pytest.mark.slow
+def test_the_stored_document_stays_bounded(db: FleetDB) -> None:
+    rng = np.random.default_rng(0)
+    wide = [{"x": rng.normal(size=(1, 64)).astype(np.float32)} for _ in range(50)]
+    ref = Reference.from_json(json.loads(json.dumps(reference_stats(wide)["x"])))
+    assert ref is not None
+    acc = ref.accumulator()
+    for f in wide:
+        acc.add(f["x"] + 3.0)
+    block = {"n": 250, "channels": acc.channels()}
+    judge = DriftJudge(DriftConfig(min_samples=1), lambda name, version: {
+        f"in{j}": ref for j in range(MAX_INPUTS)})
+    served = [{"name": f"m{i}", "version": "1"} for i in range(MAX_MODELS)]
+    # as a device with many inputs sends them: in turns, each heartbeat under 128 KiB
+    for i in range(MAX_MODELS):
+        for part in range(0, MAX_INPUTS, 8):
+            payload = json.dumps({"event": "heartbeat", "models": served, "drift": {
+                f"m{i}": {f"in{j}": block for j in range(part, part + 8)}}})
+            _ingest(db, "cam-1", payload.encode(), judge)
+            with db.read() as c:
+                text = c.execute(sa.text("SELECT drift FROM devices WHERE id = 'cam-1'")
+                                 ).scalar()
+            assert len(text) <= 64 * 1024
+    dev = db.device("cam-1", fleet=FLEET)
+    assert dev is not None and dev["drifting"] is True and dev["drift"]["flagged"]

@@ -169,8 +169,8 @@ def test_chi_square_counts_observations_not_values() -> None:
 
 def test_the_host_counts_requests_not_pixels() -> None:
     # 30 values per channel per request: a shift of a tenth of a deviation is certain
-    # over the pixels and within noise over 300 requests against 200 samples
-    ref = Reference.from_json(reference_stats(_feeds(200))["x"])
+    # over the pixels and within noise over 300 requests against 2000 samples
+    ref = Reference.from_json(reference_stats(_feeds(2000))["x"])
     assert ref is not None
     acc = ref.accumulator()
     for f in _feeds(300, shift=0.1, seed=3):
