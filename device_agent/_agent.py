@@ -541,12 +541,15 @@ class Agent:
 
     def _heartbeat(self) -> dict[str, Any]:
         cur = self.slots.current
-        return {"uptime_s": round(time.monotonic() - self._started_at, 1),
+        beat = {"uptime_s": round(time.monotonic() - self._started_at, 1),
                 "model": None if cur is None else {"name": cur.name, "version": cur.version},
                 "models": [{"name": n, "version": s.version}
                            for n, s in sorted(self.slots.all().items())],
-                "queued_reports": len(self.outbox),
-                **({"drift": self.drift.report()} if self.drift is not None else {})}
+                "queued_reports": len(self.outbox)}
+        drift = self.drift.report() if self.drift is not None else None
+        if drift is not None:  # input figures (device_agent._drift), when there are any
+            beat["drift"] = drift
+        return beat
 
     def wanted(self) -> list[Wanted]:
         """The models the device should serve: those of its installed state (a model that

@@ -124,6 +124,7 @@ class DriftTap:
         self.skipped: dict[tuple[str, str], int] = {}
         self._count_lock = threading.Lock()
         self._cursor = 0
+        self._said = False  # the last report had figures
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
@@ -255,13 +256,16 @@ class DriftTap:
             out[name] = inputs
         return out
 
-    def report(self) -> dict[str, Any]:
+    def report(self) -> dict[str, Any] | None:
         """The heartbeat's ``drift`` block, within ``max_report_bytes``: the inputs that
         do not fit come in the next reports, in turn (a single input larger than the
-        whole budget is never sent)."""
+        whole budget is never sent). None when there is nothing to say: no figures now,
+        and none in the last report (an empty block once tells the host they are gone)."""
         entries = [(m, i, f) for m, ins in self.figures().items() for i, f in ins.items()]
         if not entries:
-            return {}
+            said, self._said = self._said, False
+            return {} if said else None
+        self._said = True
         budget = self.config.max_report_bytes
         start = self._cursor % len(entries)
         out: dict[str, dict[str, Any]] = {}

@@ -156,8 +156,10 @@ def test_a_model_no_longer_served_leaves_no_figures(tmp_path: Path) -> None:
         tap = DriftTap(DriftConfig(), serving=lambda: serving)  # type: ignore[arg-type,return-value]
         tap.analyse(served, evaluation_like(1, seed=0)[0])
         assert set(tap.figures()) == {"adder"}
+        assert tap.report() == {"adder": tap.figures()["adder"]}
         serving.clear()
-        assert tap.figures() == {} and tap.report() == {}
+        # once an empty block (the host drops what it kept), then nothing at all
+        assert tap.figures() == {} and tap.report() == {} and tap.report() is None
 
 
 @pytest.mark.parametrize(("key", "value"), [
