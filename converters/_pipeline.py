@@ -376,6 +376,9 @@ def drive(backend: Backend, out: Path, options: ConvertOptions, source: SourceIn
                                     for d, info in profiled.devices.items()}
         if pp is not None:
             extra.update(pp.manifest())
+        if plan.outputs and "postprocess" not in extra:
+            # In-graph post-processing replaces the outputs the plan names with answers.
+            extra["task_outputs"] = plan.task_outputs()
         if input_stats:
             # Signed with the artifact: what a device's inputs are compared with (drift).
             extra["input_stats"] = input_stats
