@@ -591,7 +591,10 @@ def _record(s: RolloutState, e: Tick) -> None:
             if r.result not in FINISHED:
                 continue  # a shadow word about a plain document: not its answer
             p.status, p.finished_at = r.result, e.now
-            p.reason = None if r.result == "committed" else r.reason
+            if r.result != "committed":
+                p.reason = r.reason
+            elif p.shadow_verdict != "insufficient":  # else: why it was promoted anyway
+                p.reason = None
         elif p.status == "shadowing" and r.counter == p.shadow_counter:
             _judge(s, p, r, e.now)
         elif p.rollback_status == "sent" and r.counter == p.rollback_counter:
