@@ -30,7 +30,8 @@ from tests._rollout_sim import Crash
 # -- the path of a device ------------------------------------------------------------
 
 def test_each_device_shadows_the_release_before_it_is_promoted() -> None:
-    sim = GateSim(gated(), 4).tick()
+    sim = GateSim(gated(), 4)
+    sim.tick()
     first = sim.signs[0]
     # Wave 1's device serves what it ran and shadows the rollout's version beside it.
     assert first.shadow == (("adder", "2"),) and first.models == (("adder", "1"),)
@@ -210,7 +211,8 @@ def test_the_rate_paces_shadow_documents_but_not_promotions() -> None:
 
 
 def test_a_passed_device_waits_for_resume_while_the_rollout_is_paused() -> None:
-    sim = GateSim(gated(), 2).tick(answer=False)
+    sim = GateSim(gated(), 2)
+    sim.tick(answer=False)
     sim.command("pause").tick().tick()
     assert sim.status(1) == {"d00": "pending"} and sim.forward("d00") == set()
     sim.command("resume").tick()
@@ -270,7 +272,8 @@ def test_an_abort_while_a_device_shadows_ends_its_run_with_what_it_serves() -> N
 
 
 def test_an_abort_cancels_passed_devices_that_were_not_promoted_yet() -> None:
-    sim = GateSim(gated(), 2).tick(answer=False)
+    sim = GateSim(gated(), 2)
+    sim.tick(answer=False)
     sim.command("pause").tick()
     assert sim.status(1) == {"d00": "pending"}
     sim.command("abort").tick()
