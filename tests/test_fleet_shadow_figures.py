@@ -6,7 +6,6 @@ record show the figures."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -14,20 +13,12 @@ import pytest
 
 from edge_sdk.cli import main
 from edge_sdk.fleet import FleetDB
-from edge_sdk.fleet._machine import DeviceProgress, RolloutSpec
-from edge_sdk.fleet._manage import start_rollout
 from edge_sdk.fleet._registry import ingest_state
-from edge_sdk.fleet._store import load_state, save_state
 from edge_sdk.fleet._web import FleetApi
-from edge_sdk.quality import Gate, ShadowFigures
+from edge_sdk.quality import ShadowFigures
+from tests._shadow_records import GATE, RUNNING, gated_rollout, state
 
 FLEET = "plant"
-
-
-def _state(device: str, **extra: Any) -> bytes:
-    return json.dumps({"device": device, "online": True, "ts": time.time(),
-                       "model": {"name": "det", "version": "1"},
-                       "models": [{"name": "det", "version": "1"}], **extra}).encode()
 
 
 @pytest.fixture()
@@ -42,17 +33,11 @@ def _get(api: FleetApi, target: str) -> Any:
     return json.loads(body)
 
 
-RUNNING = {"deployment": 7, "model": "det", "version": "2", "started": 1000.0,
-           "status": "running", "figures": ShadowFigures(
-               compared=20, agreed=19, worst=0.4, worst_detail="class 3 -> 5",
-               serving_ms_p50=2.0, shadow_ms_p50=3.0).to_json()}
-
-
 def test_a_running_shadow_is_kept_and_shown_by_status_and_the_api(
         db: FleetDB, capsys: pytest.CaptureFixture[str]) -> None:
     with db.begin() as c:
-        assert ingest_state(c, FLEET, "cam-1", _state("cam-1", shadow=RUNNING))
-        assert ingest_state(c, FLEET, "cam-2", _state("cam-2", shadow=None))
+        assert ingest_state(c, FLEET, "cam-1", state("cam-1", shadow=RUNNING))
+        assert ingest_state(c, FLEET, "cam-2", state("cam-2", shadow=None))
     got = db.device("cam-1", fleet=FLEET)
     assert got is not None
     sh = got["shadow"]
@@ -75,8 +60,8 @@ def test_a_running_shadow_is_kept_and_shown_by_status_and_the_api(
 def test_after_the_run_the_last_shadow_results_figures_are_kept(db: FleetDB) -> None:
     figures = ShadowFigures(compared=500, agreed=500).to_json()
     with db.begin() as c:
-        assert ingest_state(c, FLEET, "cam-1", _state("cam-1", shadow=RUNNING))
-        assert ingest_state(c, FLEET, "cam-1", _state("cam-1", shadow=None, results=[
+        assert ingest_state(c, FLEET, "cam-1", state("cam-1", shadow=RUNNING))
+        assert ingest_state(c, FLEET, "cam-1", state("cam-1", shadow=None, results=[
             {"deployment": 7, "result": "shadow_passed", "reason": "gate passed",
              "models": ["det"], "shadow": figures},
             {"deployment": 8, "result": "committed", "models": ["det"]}]))
@@ -100,7 +85,7 @@ def test_after_the_run_the_last_shadow_results_figures_are_kept(db: FleetDB) -> 
 def test_a_hostile_shadow_block_is_stored_bounded(
         db: FleetDB, capsys: pytest.CaptureFixture[str], block: dict[str, Any]) -> None:
     with db.begin() as c:
-        assert ingest_state(c, FLEET, "cam-1", _state("cam-1", shadow=block))
+        assert ingest_state(c, FLEET, "cam-1", state("cam-1", shadow=block))
     got = db.device("cam-1", fleet=FLEET)
     assert got is not None
     sh = got["shadow"]
@@ -119,29 +104,10 @@ def test_a_hostile_shadow_block_is_stored_bounded(
 
 def test_a_rollouts_record_shows_each_devices_shadow_figures_and_each_waves(
         db: FleetDB) -> None:
-    with db.begin() as c:
-        for d in ("cam-1", "cam-2", "cam-3"):
-            assert ingest_state(c, FLEET, d, _state(d))
-    gate = Gate.parse("agreement>=0.99 over 100 requests")
-    rid = start_rollout(db, fleet=FLEET, model="det", version="2",
-                        selector={"devices": ["cam-1", "cam-2", "cam-3"]},
-                        spec=RolloutSpec(waves=("100%",), gate=gate), actor="alice")
-    with db.begin() as c:
-        st, old = load_state(c, rid), load_state(c, rid)
-        st.status, st.wave, st.waves = "running", 1, 1
-        st.devices = {
-            "cam-1": DeviceProgress(1, status="shadowing", shadow_counter=4),
-            "cam-2": DeviceProgress(1, status="gate_failed", shadow_counter=4,
-                                    reason="agreement 0.5 over 100 (gate agreement>=0.99)",
-                                    shadow_verdict="failed", shadow_figures=ShadowFigures(
-                                        compared=100, agreed=50).to_json()),
-            "cam-3": DeviceProgress(1, status="sent", counter=5, shadow_counter=4,
-                                    shadow_verdict="passed", shadow_figures=ShadowFigures(
-                                        compared=100, agreed=100).to_json())}
-        save_state(c, st, old)
+    rid = gated_rollout(db, FLEET)
     r = _get(FleetApi(db, fleet=FLEET), f"/api/rollouts/{rid}")
     assert r["gate"] == {"text": "agreement>=0.99 over 100 requests within 1h",
-                         "gate": gate.to_json(), "no_traffic": "skip"}
+                         "gate": GATE.to_json(), "no_traffic": "skip"}
     assert r["progress"][0]["shadow"] == {"shadowing": 1, "passed": 1, "failed": 1}
     by = {d["device"]: d for d in r["devices"]}
     assert by["cam-1"]["outcome"] == "shadowing" and by["cam-1"]["shadow"]["compared"] is None
@@ -149,4 +115,5 @@ def test_a_rollouts_record_shows_each_devices_shadow_figures_and_each_waves(
     assert by["cam-2"]["shadow"]["agreement"] == 0.5
     assert by["cam-2"]["shadow"]["verdict"] == "failed"
     assert by["cam-3"]["shadow"]["stage"] == "passed"
+    assert by["cam-3"]["shadow"]["latency_ratio"] == 1.25
     assert [f["device"] for f in r["failures"]] == ["cam-2"]

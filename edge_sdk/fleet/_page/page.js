@@ -228,7 +228,7 @@ function shadowText(sh) {
 
 function phaseCell(d) {
   const sh = shadowText(d.shadow);
-  return el("td", {}, phaseText(d), sh ? el("div", { class: "shadow", "data-shadow": "" }, sh) : null);
+  return el("td", {}, phaseText(d), sh ? el("div", { class: "shadow", "data-shadow": "1" }, sh) : null);
 }
 
 function onlineText(d) {
@@ -361,7 +361,7 @@ function waveRow(r, p) {
   return el("div", { class: `wave wave-${word(worst)}`, "data-wave": wave, "data-outcome": text(worst, 40) },
     el("span", {}, `Wave ${wave}${current ? " ◀" : ""}`), bar,
     el("span", { class: "counts" }, summary || `0 of ${devices} devices`),
-    shadow ? el("span", { class: "counts shadow", "data-shadow": "" }, `shadow: ${shadow}`) : null);
+    shadow ? el("span", { class: "counts shadow", "data-shadow": "1" }, `shadow: ${shadow}`) : null);
 }
 
 function rolloutCard(r) {
