@@ -199,6 +199,19 @@ def test_a_shadow_document_is_sent_again_until_the_device_answers() -> None:
     assert len(sim.signs) == 1  # the same bytes, never a second signature
 
 
+def test_a_device_that_says_its_run_is_under_way_is_not_sent_the_document_again(
+        ) -> None:
+    sim = GateSim(gated(republish_s=30.0), 2)
+    sim.shadows["d00"] = None
+    sim.tick()
+    counter = sim.state.devices["d00"].shadow_counter
+    assert counter is not None
+    for runs in ({"d00": counter - 1}, {"d00": counter}):  # another run: sent again
+        sim.now += 31.0
+        sim.feed(Tick(sim.now, dict(sim.members), shadow_runs=runs))
+    assert len(sim.shadowed("d00")) == 2
+
+
 def test_the_rate_paces_shadow_documents_but_not_promotions() -> None:
     sim = GateSim(gated(waves=("100%",), rate=1.0), 3)
     sim.shadows = {d: None for d in sim.members}

@@ -205,6 +205,29 @@ def test_a_device_whose_shadow_disagrees_fails_the_gate_with_its_figures(
     assert "shadow #" in out and "failed: agreement 0.8 over 50" in out
 
 
+def test_a_shadow_document_goes_out_again_until_the_device_says_its_run_is_under_way(
+        rig: Rig) -> None:
+    rig.say("cam-1", "1")
+    _start(rig, "cam-1", republish_s=0.2)
+    rig.poll(2)
+    shadow = rig.received("cam-1", 1)
+
+    def again() -> bool:
+        rig.poll()
+        return len(rig.inbox["cam-1"]) >= 2
+
+    wait_for(again, 20, "the shadow document published again")
+    rig.say("cam-1", "1", shadow={"deployment": shadow.counter, "model": "adder",
+                                  "version": "2", "status": "running",
+                                  "figures": ShadowFigures().to_json()})
+    rig.poll()
+    seen = len(rig.inbox["cam-1"])
+    for _ in range(4):  # each poll is past republish_s since the one before
+        time.sleep(0.25)
+        rig.poll()
+    assert len(rig.inbox["cam-1"]) == seen
+
+
 def test_a_restarted_controller_publishes_the_same_shadow_document_again(
         rig: Rig) -> None:
     rig.say("cam-1", "1")

@@ -287,8 +287,10 @@ class Controller:
         # reports, so that every report received before it is in what they see.
         heard = store.heard_until(self.db, self.topics.fleet)
         revoked = store.revoked_devices(self.db, self.topics.fleet)
+        shadowing = [d for d, p in state.devices.items() if p.status == "shadowing"]
+        runs = store.shadow_runs(self.db, self.topics.fleet, shadowing) if shadowing else {}
         self._apply(state, m.Tick(time.time(), mem, self._reports(state), heard_until=heard,
-                                  revoked=revoked))
+                                  revoked=revoked, shadow_runs=runs))
 
     def _others(self, rid: int, active: Sequence[int]) -> list[m.RolloutState]:
         """The states of the active rollouts but ``rid``: as this controller last saw

@@ -265,6 +265,10 @@ class Tick:
     #: that have not answered leave it ("cancelled"). A revoked device cannot connect,
     #: and its silence must neither hold a wave nor abort the rollout.
     revoked: frozenset[str] = frozenset()
+    #: Device -> the deployment counter of the shadow run its state says is running: a
+    #: shadowing device that names its shadow document's has it, and is not sent it again
+    #: (a run may last the gate's whole time limit).
+    shadow_runs: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -567,7 +571,7 @@ def _tick(s: RolloutState, e: Tick, fx: list[Effect]) -> None:
     _timeouts(s, e.now, heard)
     if _should_abort(s, fx):
         return
-    _republish(s, e.now, fx, forward=True)
+    _republish(s, e.now, fx, forward=True, running=e.shadow_runs)
     if s.status == "paused":
         return
     if all(p.status in DONE for p in s.devices.values() if p.wave <= s.wave):
@@ -699,7 +703,8 @@ def _abort(s: RolloutState, why: str, fx: list[Effect]) -> None:
     _rollback_signs(s, fx)
 
 
-def _republish(s: RolloutState, now: float, fx: list[Effect], *, forward: bool) -> None:
+def _republish(s: RolloutState, now: float, fx: list[Effect], *, forward: bool,
+               running: Mapping[str, int] | None = None) -> None:
     """Publish again the document of each device that has not answered it, at
     ``republish_s``, twice that, ... after it was sent (rollback documents only, with
     ``forward`` False: an aborting rollout sends nothing forward again). A QoS 1
@@ -708,7 +713,9 @@ def _republish(s: RolloutState, now: float, fx: list[Effect], *, forward: bool) 
     to store retained message", so a device that was reconnecting then never reads its
     document. The same bytes are idempotent for an agent (it skips a document it has
     handled and says its state again). Each tick republishes the devices whose age
-    crossed a multiple of ``republish_s`` since the previous tick (``looked_at``)."""
+    crossed a multiple of ``republish_s`` since the previous tick (``looked_at``). A
+    shadow document goes out again only until the device says its run is under way
+    (``running``: device -> the counter of its running shadow run)."""
     every, before = s.spec.republish_s, s.looked_at
     s.looked_at = now
     if every <= 0:
@@ -724,7 +731,7 @@ def _republish(s: RolloutState, now: float, fx: list[Effect], *, forward: bool) 
         if forward and p.status == "sent" and p.document and due(p.sent_at):
             by_doc.setdefault(p.document, []).append(d)
         if forward and p.status == "shadowing" and p.shadow_document \
-                and due(p.shadow_sent_at):
+                and (running or {}).get(d) != p.shadow_counter and due(p.shadow_sent_at):
             by_doc.setdefault(p.shadow_document, []).append(d)
         if p.rollback_status == "sent" and p.rollback_document and due(p.rollback_sent_at):
             by_doc.setdefault(p.rollback_document, []).append(d)

@@ -309,6 +309,22 @@ def reports(db: FleetDB, fleet: str, waiting: Mapping[str, set[int]]) -> list[m.
     return out
 
 
+def shadow_runs(db: FleetDB, fleet: str, device_ids: Iterable[str]) -> dict[str, int]:
+    """Device -> the deployment counter of the shadow run its last state says is under
+    way (``devices.shadow`` with a ``status``), for each of ``device_ids`` that says one."""
+    out: dict[str, int] = {}
+    with db.read() as c:
+        for part in chunks(sorted(device_ids), 500):
+            for r in c.execute(sa.select(devices.c.id, devices.c.shadow).where(
+                    (devices.c.fleet == fleet) & devices.c.id.in_(part))):
+                block = json_value(r.shadow, None)
+                if isinstance(block, dict) and block.get("status") is not None:
+                    n = block.get("deployment")
+                    if isinstance(n, int) and not isinstance(n, bool):
+                        out[r.id] = n
+    return out
+
+
 def desired_records(db: FleetDB, fleet: str, *, devices: Iterable[str] = (),
                     unpublished: bool = False, rollouts: Sequence[int] | None = None,
                     ) -> list[Record]:
