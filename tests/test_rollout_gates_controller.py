@@ -21,7 +21,7 @@ import edge_sdk
 from edge_sdk.cli import main
 from edge_sdk.fleet import Controller, FleetDB, RolloutSpec, start_rollout
 from edge_sdk.fleet._ingest import RegistryConfig
-from edge_sdk.fleet._registry import Registry
+from edge_sdk.fleet._registry import Registry, ingest_state
 from edge_sdk.quality import Gate, ShadowFigures
 from edge_sdk.release import Repository
 from edge_sdk.transport import MqttConfig, MqttConnection, Topics
@@ -294,3 +294,24 @@ def test_an_unknown_no_traffic_policy_is_refused_in_one_line(
                  "--model", "adder=2", "--gate", GATE, "--gate-no-traffic", "maybe"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["edge-sdk: error: --gate-no-traffic must be one of fail, skip, promote"], err
+
+
+def test_rollout_start_records_the_gate_and_the_no_traffic_rule(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    with FleetDB.open(url) as db, db.begin() as c:
+        assert ingest_state(c, "lab", "d1", json.dumps({
+            "online": True, "model": {"name": "adder", "version": "1"}}).encode())
+    capsys.readouterr()
+    assert main(["rollout", "start", "--db", url, "--fleet", "lab", "--device", "d1",
+                 "--model", "adder=2", "--gate", "agreement >= 0.995 over 200 requests",
+                 "--gate-no-traffic", "promote"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.endswith("adder 2 gated by 'agreement>=0.995 over 200 requests within 1h' "
+                        "(no traffic: promote) recorded; 'edge-sdk serve' carries it out")
+    with FleetDB.open(url) as db:
+        r = db.rollouts()[0]
+    assert r["gate"]["text"] == "agreement>=0.995 over 200 requests within 1h"
+    assert r["gate"]["no_traffic"] == "promote"
+    assert Gate.from_json(r["config"]["gate"]) == Gate.parse("agreement>=0.995 over 200 "
+                                                             "requests")
