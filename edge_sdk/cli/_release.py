@@ -665,6 +665,8 @@ def status_cmd(devices: tuple[str, ...], as_json: bool, db_url: str | None,
     for r in rows:
         head = "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False))
         click.echo(f"{head}  {r[-1]}".rstrip())
+    _say_shadows({d: assigned[d]["shadow"] if d in assigned else s.raw.get("shadow")
+                  for d, s in states.items()})
     _say_mismatches([assigned[d] for d in states if d in assigned])
     _say_drifting([assigned[d] for d in states if d in assigned])
     _say_enrolments(enrolments, set(states))
@@ -709,6 +711,26 @@ def _say_enrolments(rows: list[dict[str, Any]], listed: set[str]) -> None:
 
 #: Devices whose report-versus-assignment differences ``status`` lists (others counted).
 _MISMATCH_SHOWN = 20
+
+
+def _say_shadows(blocks: dict[str, Any]) -> None:
+    """One line per device with a shadow run (running, or its last one's result): the
+    model shadowed and the figures, as the device reported them."""
+    from ..quality import ShadowFigures
+
+    def shown(v: Any, limit: int = 128) -> str:  # a device's words: one printable line
+        return "".join(ch if ch.isprintable() else "?" for ch in str(v)[:limit])
+
+    for d, b in blocks.items():
+        if not isinstance(b, dict):
+            continue
+        what = " ".join(shown(b[k]) for k in ("model", "version") if b.get(k))
+        how = b.get("status") or b.get("result")
+        said = shown(ShadowFigures.from_json(b.get("figures")).summary(), 500)
+        click.echo(f"shadow: {d}" + (f" {what}" if what else "")
+                   + (f" {shown(how, 64)}" if how else "") + f": {said}"
+                   + (f" (#{b['deployment']})" if isinstance(b.get("deployment"), int)
+                      and not isinstance(b["deployment"], bool) else ""))
 
 
 def _say_mismatches(rows: list[dict[str, Any]]) -> None:

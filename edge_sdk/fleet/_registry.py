@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -33,7 +34,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._json import MESSAGE_MAX_BYTES, MESSAGE_MAX_DEPTH, loads_bounded
-from ..release._watch import DeviceStatus
+from ..quality import ShadowFigures
+from ..release._watch import MAX_RESULTS, DeviceStatus
 from ..transport import MqttConnection, Topics
 from ..transport._access import PROBE_DEVICE
 from ._drift import DriftJudge
@@ -271,9 +273,12 @@ def write_state(c: Connection, fleet: str, device: str, payload: bytes,
     _counter(st.deployment, "deployment")
     _counter(st.last_deployment, "last_update.deployment")
     models = json_text([m.to_json() for m in st.served])
+    figures = _result_figures(doc.get("results"))
     results = json_text([{"deployment": r.deployment, "result": r.result,
                           "reason": None if r.reason is None else r.reason[:_RESULT_REASON],
-                          "models": list(r.models)}
+                          "models": list(r.models),
+                          **({"shadow": figures[r.deployment]}
+                             if r.deployment in figures else {})}
                          for r in st.results if r.deployment <= MAX_ID])
     values: dict[str, Any] = {
         "models": models, "results": results,
@@ -283,6 +288,7 @@ def write_state(c: Connection, fleet: str, device: str, payload: bytes,
         "previous_version": prev[1], "phase": st.phase, "deployment": st.deployment,
         "last_result": st.last_result, "last_reason": st.last_reason,
         "last_deployment": st.last_deployment, "state": json_text(doc),
+        "shadow": _shadow_block(doc.get("shadow"), st, figures),
     }
     if old is not None and sent.get("will") is True:
         values["last_seen"] = old.last_seen  # the broker spoke, not the device
@@ -311,6 +317,49 @@ def write_state(c: Connection, fleet: str, device: str, payload: bytes,
                                     "result": st.last_result, "models": st.models})}
         _fit(_EVENT_COLS, row)
         insert_event(c, row)
+
+
+def _result_figures(results: object) -> dict[int, dict[str, Any]]:
+    """Deployment counter -> the shadow figures of each of a state's newest ``results``
+    that carries them (read as :meth:`ShadowFigures.from_json` reads hostile input)."""
+    out: dict[int, dict[str, Any]] = {}
+    for r in results[-MAX_RESULTS:] if isinstance(results, list) else ():
+        if isinstance(r, dict) and isinstance(r.get("shadow"), dict):
+            n = _number(r.get("deployment"))
+            if n is not None and n <= MAX_ID:
+                out[n] = ShadowFigures.from_json(r["shadow"]).to_json()
+    return out
+
+
+_SHADOW_WORD = 64
+
+
+def _shadow_block(sent: object, st: DeviceStatus,
+                  figures: dict[int, dict[str, Any]]) -> str | None:
+    """What ``devices.shadow`` keeps (JSON): the device's running shadow run as its state
+    says it (``deployment``, ``model``, ``version``, ``started``, ``status``,
+    ``figures``), else the newest update result with shadow figures (``result`` and
+    ``reason`` instead of ``status``), else None. Every value is bounded here."""
+    def word(v: object, limit: int = _SHADOW_WORD) -> str | None:
+        return v[:limit] if isinstance(v, str) and v.isprintable() else None
+
+    if isinstance(sent, dict):
+        started = sent.get("started")
+        return json_text({
+            "deployment": _number(sent.get("deployment")),
+            "model": word(sent.get("model"), _NAME_MAX),
+            "version": word(sent.get("version"), _VERSION_MAX),
+            "started": started if isinstance(started, int | float)
+            and not isinstance(started, bool) and math.isfinite(started) else None,
+            "status": word(sent.get("status")),
+            "figures": ShadowFigures.from_json(sent.get("figures")).to_json()})
+    for r in reversed(st.results):
+        if r.deployment in figures:
+            return json_text({
+                "deployment": r.deployment, "model": r.models[0] if r.models else None,
+                "result": r.result, "reason": None if r.reason is None
+                else r.reason[:_RESULT_REASON], "figures": figures[r.deployment]})
+    return None
 
 
 def _loads_state(text: str | None) -> dict[str, Any] | None:

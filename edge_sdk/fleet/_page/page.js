@@ -14,7 +14,8 @@ const MAX_TEXT = 200; // characters of one value in a cell; more go to its toolt
 const MAX_TITLE = 2000;
 const MAX_ID = 128; // the registry's limit on a device id
 // What happened to a rollout's devices, worst first (edge_sdk/fleet/_outcome.py).
-const OUTCOMES = ["failed", "rolled_back", "silent", "rolling_back", "pending", "skipped", "committed"];
+const OUTCOMES = ["failed", "gate_failed", "rolled_back", "silent", "rolling_back", "no_traffic",
+  "shadowing", "pending", "skipped", "committed"];
 const MAX_ITEMS = 12; // items of a reported list shown; the rest are counted
 const view = { sort: "id", dir: 1, device: null, filters: {} };
 
@@ -236,6 +237,20 @@ function phaseText(d) {
   return d.phase && d.phase !== "committed" ? text(d.phase) : "idle";
 }
 
+// A device's shadow run (its last reported one): "shadow det 2 running: 120 compared,
+// agreement 0.992"; "" without one. The figures' line is the host's (shadow.text).
+function shadowText(sh) {
+  if (!isObj(sh)) return "";
+  const what = [text(sh.model, 60), text(sh.version, 40)].filter((x) => x).join(" ");
+  const how = text(sh.status || sh.result, 60);
+  return `shadow${what ? ` ${what}` : ""}${how ? ` ${how}` : ""}${sh.text ? `: ${text(sh.text)}` : ""}`;
+}
+
+function phaseCell(d) {
+  const sh = shadowText(d.shadow);
+  return el("td", {}, phaseText(d), sh ? el("div", { class: "shadow", "data-shadow": "1" }, sh) : null);
+}
+
 function onlineText(d) {
   if (isObj(d.revoked)) return `revoked ${when(d.revoked.at)}`.trim();
   if (d.online === true) return "online";
@@ -254,7 +269,7 @@ function deviceRow(d) {
       title: isObj(d.revoked) ? text(`by ${text(d.revoked.by)}: ${text(d.revoked.reason)}`, MAX_TITLE) : null },
     onlineText(d)),
     td(listText(d.groups)), td(pairsText(d.tags)), reportedCell(d),
-    modelsCell(d), td(phaseText(d)),
+    modelsCell(d), phaseCell(d),
     td(d.last_result, { title: text(d.last_reason, MAX_TITLE) }),
     el("td", {}, when(d.last_seen)));
 }
@@ -362,9 +377,12 @@ function waveRow(r, p) {
     bar.append(seg);
   }
   const current = r.wave === p.wave && ["running", "paused"].includes(r.status);
+  // A gated rollout's wave: its devices shadowing, passed, failed and without traffic.
+  const shadow = pairs(p.shadow).map(([s, n]) => `${count(n)} ${statusName(s)}`).join(", ");
   return el("div", { class: `wave wave-${word(worst)}`, "data-wave": wave, "data-outcome": text(worst, 40) },
     el("span", {}, `Wave ${wave}${current ? " ◀" : ""}`), bar,
-    el("span", { class: "counts" }, summary || `0 of ${devices} devices`));
+    el("span", { class: "counts" }, summary || `0 of ${devices} devices`),
+    shadow ? el("span", { class: "counts shadow", "data-shadow": "1" }, `shadow: ${shadow}`) : null);
 }
 
 function rolloutCard(r) {
@@ -381,8 +399,18 @@ function rolloutCard(r) {
       ` · updated ${when(r.updated)}`),
     r.reason ? el("p", { class: "reason" },
       (r.status === "aborted" ? "Aborted: " : r.status === "aborting" ? "Aborting: " : "") + text(r.reason, MAX_TITLE)) : null,
+    isObj(r.gate) ? el("p", { class: "counts gate" }, `gate ${text(r.gate.text)} · no traffic: ${text(r.gate.no_traffic, 20)}`) : null,
     ...each(list(r.progress), (p) => waveRow(r, p),
       (p, err) => el("p", { class: "broken" }, `cannot show a wave: ${errText(err)}`)));
+  const shadows = list(r.devices).filter((d) => isObj(d) && isObj(d.shadow));
+  if (shadows.length) {
+    art.append(el("table", { class: "shadows" },
+      el("caption", {}, `Shadow figures of ${shadows.length} device${shadows.length === 1 ? "" : "s"}`),
+      el("thead", {}, el("tr", {}, ...["Device", "Wave", "Shadow", "Compared", "Agreement", "Worst",
+        "Latency ×", "Figures"].map((h) => el("th", { scope: "col" }, h)))),
+      el("tbody", {}, ...each(shadows, shadowRow,
+        (d, err) => el("tr", { class: "broken" }, el("td", { colspan: 8 }, errText(err)))))));
+  }
   const failures = list(r.failures);
   if (failures.length) {
     art.append(el("table", { class: "failures" },
@@ -395,6 +423,22 @@ function rolloutCard(r) {
       (f, err) => el("tr", { class: "broken" }, el("td", { colspan: 3 }, errText(err)))))));
   }
   return art;
+}
+
+function num(v, digits) {
+  return typeof v === "number" && Number.isFinite(v) ? v.toFixed(digits) : "";
+}
+
+// One device's shadow run in a rollout: the gate's verdict and the figures it judged
+// (numbers the host read from the device's report: edge_sdk/fleet/_outcome.py).
+function shadowRow(d) {
+  const sh = d.shadow;
+  const verdict = sh.verdict || sh.stage || "under way";
+  return el("tr", { "data-device": text(d.device, MAX_TITLE), "data-verdict": text(verdict, 40) },
+    td(d.device), td(d.wave), td(statusName(verdict), { class: verdict === "failed" ? "bad" : null }),
+    td(num(sh.compared, 0)), td(num(sh.agreement, 3)),
+    td(num(sh.worst, 3), { title: text(sh.worst_detail, MAX_TITLE) || null }),
+    td(num(sh.latency_ratio, 2)), td(sh.text, { title: text(sh.text, MAX_TITLE) || null }));
 }
 
 function renderRollouts(rs) {

@@ -67,6 +67,7 @@ from ._rollouts import (
     save_desired,
     save_state,
     selectable_devices,
+    shadow_runs,
 )
 from ._schema import (
     ACTIVE_STATUSES,
@@ -140,6 +141,7 @@ __all__ = [
     "save_state",
     "selectable_devices",
     "session",
+    "shadow_runs",
     "touch_session",
     "update_device",
     "update_operator",
