@@ -39,12 +39,14 @@ from ._devices import (
     EVENT_COLUMNS,
     assignments,
     delete_devices,
+    device_drift,
     insert_device,
     insert_event,
     known_devices,
     reported_device,
     update_device,
     write_assignments,
+    write_drift,
     write_events,
 )
 from ._rollouts import (
@@ -66,6 +68,7 @@ from ._rollouts import (
     save_desired,
     save_state,
     selectable_devices,
+    shadow_runs,
 )
 from ._samples import allow_samples, deny_samples, sample_permission, sample_permissions
 from ._schema import (
@@ -111,6 +114,7 @@ __all__ = [
     "desired_documents",
     "desired_records",
     "desired_versions",
+    "device_drift",
     "end_sessions",
     "engine_url",
     "enrolment_rows",
@@ -143,10 +147,12 @@ __all__ = [
     "save_state",
     "selectable_devices",
     "session",
+    "shadow_runs",
     "touch_session",
     "update_device",
     "update_operator",
     "valid_id",
     "write_assignments",
+    "write_drift",
     "write_events",
 ]
