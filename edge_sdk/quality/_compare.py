@@ -27,7 +27,7 @@ exceptions: :meth:`Comparer.compare` never raises.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,10 +135,14 @@ class Comparer:
     Build it with :meth:`for_manifest`; it holds no state between calls (thread-safe)."""
 
     def __init__(self, rules: Sequence[Rule] = (), config: CompareConfig | None = None,
-                 basis: str = "generic") -> None:
+                 basis: str = "generic", per_row: Collection[str] = ()) -> None:
         self.rules = tuple(rules)
         self.config = config or CompareConfig()
         self.basis = basis  # postprocess | task_outputs | task | generic
+        # 1-D outputs whose one axis is the batch (one value per row, e.g. a binary
+        # classifier's score or an sklearn label): compared row by row, never as one
+        # vector in which a changed row is diluted by the others.
+        self.per_row = frozenset(per_row)
         self._covered = {n for r in self.rules for n in r.names}
 
     @classmethod
@@ -148,13 +152,14 @@ class Comparer:
         extra = getattr(manifest, "extra", None)
         extra = extra if isinstance(extra, Mapping) else {}
         outputs = {getattr(t, "name", None): t for t in getattr(manifest, "outputs", ())}
+        per_row = _batch_vectors(outputs)
         post = extra.get("postprocess")
         task = post.get("task") if isinstance(post, Mapping) else None
         if isinstance(task, str) and task in ANSWERS and ANSWERS[task][0] in outputs:
-            return cls(_answer_rules(task), config, "postprocess")
+            return cls(_answer_rules(task), config, "postprocess", per_row)
         rules = _task_output_rules(extra.get("task_outputs"), outputs)
         if rules:
-            return cls(rules, config, "task_outputs")
+            return cls(rules, config, "task_outputs", per_row)
         task = getattr(manifest, "task", "generic")
         if task == "detect" and sum(len(getattr(t, "shape", ())) == 3
                                     for t in outputs.values()) != 1:
@@ -164,8 +169,8 @@ class Comparer:
         if isinstance(task, str) and task in ("classify", "detect", "segment", "embed",
                                               "regress"):
             return cls([Rule(str(n), f"task:{task}") for n in outputs if isinstance(n, str)],
-                       config, "task")
-        return cls((), config, "generic")
+                       config, "task", per_row)
+        return cls((), config, "generic", per_row)
 
     def plan(self) -> dict[str, str]:
         """Output → how it is compared (partners omitted; other outputs: ``auto``)."""
@@ -207,6 +212,17 @@ class Comparer:
                 return _Row(False, 0.0, f"output {n} missing in serving")
             if n not in shadow:
                 return _Row(False, 0.0, f"output {n} missing in shadow")
+            zs = _zipmap(serving[n], self.config.max_rows)
+            zh = _zipmap(shadow[n], self.config.max_rows)
+            if zs is not None or zh is not None:
+                # A classifier's {class: probability} per row (skl2onnx's ZipMap): its
+                # class is the one with the best probability, as for a score tensor.
+                if zs is None or zh is None or zs[1] != zh[1]:
+                    return _Row(False, 0.0, f"output {n}: classes differ")
+                s[n], h[n] = zs[0], zh[0]
+                if n == rule.output and (rule.kind == "auto" or rule.kind.startswith("task:")):
+                    rule = Rule(rule.output, "top1", rule.partners)
+                continue
             s[n], h[n] = np.asarray(serving[n]), np.asarray(shadow[n])
             a, b = s[n], h[n]
             if a.dtype != b.dtype and not (a.dtype.kind in "USO" and b.dtype.kind in "USO"):
@@ -217,6 +233,10 @@ class Comparer:
                                         f"{list(b.shape)}")
         if all(_same(s[n], h[n]) for n in rule.names):
             return _Row(True, 1.0, "identical")
+        if rule.kind not in ("labels", "detections", "class_map"):
+            for n in rule.names:
+                if n in self.per_row and s[n].ndim == 1:
+                    s[n], h[n] = s[n].reshape(-1, 1), h[n].reshape(-1, 1)
         if rule.kind != "detections":
             bad = _nonfinite_row([s[n] for n in rule.names], [h[n] for n in rule.names])
             if bad is not None:
@@ -237,6 +257,8 @@ def _top1(cfg: CompareConfig, rule: Rule, s: Mapping[str, np.ndarray],
     a, b = s[rule.output], h[rule.output]
     if a.ndim < 1 or a.shape[-1] < 1:
         return _exact(cfg, rule, s, h)
+    if a.shape[-1] == 1:  # one score per row: its class is which side of the cut it is on
+        return _binary(cfg, rule, s, h)
     rows: list[_Row] = []
     for i, (x, y) in enumerate(zip(*_rows2(a, b, cfg.max_rows, a.shape[-1]),
                                    strict=True)):
@@ -252,13 +274,36 @@ def _top1(cfg: CompareConfig, rule: Rule, s: Mapping[str, np.ndarray],
     return rows
 
 
+def _binary(cfg: CompareConfig, rule: Rule, s: Mapping[str, np.ndarray],
+            h: Mapping[str, np.ndarray]) -> list[_Row]:
+    """A single score per row (a binary classifier): class 1 at or above 0.5 when both
+    sides are probabilities, at or above 0 (a logit) otherwise."""
+    a, b = s[rule.output], h[rule.output]
+    a, b = a.reshape(a.shape[0] if a.ndim >= 2 else 1, -1), b.reshape(b.shape[0] if b.ndim >= 2
+                                                                     else 1, -1)
+    cut = 0.5 if not (_outside01(a) or _outside01(b)) else 0.0
+    rows: list[_Row] = []
+    for i, (x, y) in enumerate(zip(a[: cfg.max_rows], b[: cfg.max_rows], strict=True)):
+        cx, cy = x >= cut, y >= cut
+        flips = np.flatnonzero(cx != cy)
+        if flips.size:
+            j = int(flips[0])
+            at = f" at position {j}" if len(cx) > 1 else ""
+            rows.append(_Row(False, 1.0 - flips.size / len(cx),
+                             f"row {i}: class {int(cx[j])} -> {int(cy[j])}{at}"))
+        else:
+            rows.append(_Row(True, 1.0, f"row {i}: class {int(cx[0]) if len(cx) else 0}"))
+    return rows
+
+
 def _labels(cfg: CompareConfig, rule: Rule, s: Mapping[str, np.ndarray],
             h: Mapping[str, np.ndarray]) -> list[_Row]:
     a, b = s[rule.output], h[rule.output]
     if a.ndim < 1 or not a.size:
         return [_Row(True, 1.0, "no labels")]
-    x = a.reshape(a.shape[0], -1)[: cfg.max_rows, 0] if a.ndim >= 2 else a[:1]
-    y = b.reshape(b.shape[0], -1)[: cfg.max_rows, 0] if b.ndim >= 2 else b[:1]
+    # 1-D: one label per row (never only the first row's)
+    x = a.reshape(a.shape[0], -1)[: cfg.max_rows, 0] if a.ndim >= 2 else a[: cfg.max_rows]
+    y = b.reshape(b.shape[0], -1)[: cfg.max_rows, 0] if b.ndim >= 2 else b[: cfg.max_rows]
     return [_Row(True, 1.0, f"row {i}: class {int(p)}") if p == q else
             _Row(False, 0.0, f"row {i}: class {int(p)} -> {int(q)}")
             for i, (p, q) in enumerate(zip(x.tolist(), y.tolist(), strict=True))]
@@ -442,6 +487,17 @@ def _task_output_rules(section: Any, outputs: Mapping[Any, Any]) -> list[Rule]:
     return rules
 
 
+def _batch_vectors(outputs: Mapping[Any, Any]) -> frozenset[str]:
+    """Outputs declared 1-D with a symbolic (batch) axis: one value per row."""
+    names: set[str] = set()
+    for name, spec in outputs.items():
+        shape = getattr(spec, "shape", None)
+        if isinstance(name, str) and isinstance(shape, (tuple, list)) and len(shape) == 1 \
+                and not (isinstance(shape[0], int) and shape[0] > 1):
+            names.add(name)
+    return frozenset(names)
+
+
 def _resolve(rule: Rule, a: np.ndarray) -> str:
     """The kind to compare ``a`` (the serving array) by: the rule's, or for ``auto`` and
     ``task:TASK`` rules one read from the array."""
@@ -450,8 +506,8 @@ def _resolve(rule: Rule, a: np.ndarray) -> str:
     if a.dtype.kind not in "f":
         return "exact"
     task = rule.kind[5:] if rule.kind.startswith("task:") else None
-    if task == "classify" and 1 <= a.ndim <= 3 and a.shape[-1] >= 2:
-        return "top1"
+    if task == "classify" and 1 <= a.ndim <= 3 and a.shape[-1] >= 1:
+        return "top1"  # one column: a binary classifier's score (see _top1)
     if task == "detect" and a.ndim == 3:
         _, d1, d2 = a.shape
         if 5 <= d1 < d2 and d2 >= 16:
@@ -483,6 +539,28 @@ def _rows2(a: np.ndarray, b: np.ndarray, limit: int,
         xs = [x.reshape(-1, last) for x in xs]
         ys = [y.reshape(-1, last) for y in ys]
     return xs, ys
+
+
+def _zipmap(v: Any, limit: int) -> tuple[np.ndarray, list[str]] | None:
+    """A sequence of ``{class: score}`` maps as ``[rows, classes]`` float64 scores (the
+    first ``limit`` rows, classes in sorted order) and the classes; None when ``v`` is
+    no such sequence."""
+    if isinstance(v, np.ndarray) and v.dtype == object and v.ndim == 1:
+        v = list(v[:limit])
+    if not isinstance(v, (list, tuple)) or not v or not isinstance(v[0], Mapping):
+        return None
+    rows = list(v[:limit])
+    if not all(isinstance(d, Mapping) for d in rows):
+        raise ValueError("a sequence mixing maps and other values")
+    keys = list(rows[0])
+    try:
+        keys = sorted(keys)
+    except TypeError:
+        keys = sorted(keys, key=repr)
+    if any(len(d) != len(keys) for d in rows):
+        raise ValueError("rows with different classes")
+    out = np.array([[float(d[k]) for k in keys] for d in rows], dtype=np.float64)
+    return out.reshape(len(rows), len(keys)), [repr(k) for k in keys]
 
 
 def _nonfinite_row(serving: Sequence[np.ndarray], shadow: Sequence[np.ndarray]) -> _Row | None:
