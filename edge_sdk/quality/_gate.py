@@ -148,12 +148,17 @@ class Gate:
         return float(figures.errors)
 
     def judge(self, figures: ShadowFigures) -> Verdict:
-        """Passed, failed, or insufficient (fewer than ``min_requests`` compared)."""
+        """Passed, failed, or insufficient (fewer than ``min_requests`` handled: compared
+        or failed). A request the shadow model failed on (``errors``) is traffic, and for
+        an ``agreement`` gate a disagreement: a shadow that raises is never "no traffic"."""
         said = figures.summary()
-        if figures.compared < self.min_requests:
-            return Verdict(INSUFFICIENT, f"{figures.compared} of {self.min_requests} "
+        handled = figures.compared + figures.errors
+        if handled < self.min_requests:
+            return Verdict(INSUFFICIENT, f"{handled} of {self.min_requests} "
                                          f"requests compared ({said})")
         v = self.value(figures)
+        if self.metric == "agreement" and figures.errors:
+            v = figures.agreed / handled
         ok = v is not None and {">=": v >= self.threshold, "<=": v <= self.threshold,
                                 ">": v > self.threshold, "<": v < self.threshold}[self.op]
         return Verdict(PASSED if ok else FAILED, f"{said} (gate {self.condition})")
