@@ -142,9 +142,10 @@ def pull_bundle(connection: MqttConnection, device: str, status: SampleStatus, o
 def write_calibration(bundle: bytes, out: Path, *, what: str) -> Pulled:
     """Split a bundle into the calibration set (inputs) and its extras; write both."""
     try:
+        _check_sizes(bundle, what)
         with np.load(io.BytesIO(bundle), allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, MemoryError) as err:
         raise VerificationError(f"{what} is not a readable .npz: {err}") from err
     inputs = {k: v for k, v in arrays.items() if "." not in k and k not in _EXTRA}
     extra = {k: v for k, v in arrays.items() if k not in inputs}
@@ -161,6 +162,34 @@ def write_calibration(bundle: bytes, out: Path, *, what: str) -> Pulled:
         extra_path = out.with_suffix(".extra.npz")
         save_npz(extra_path, extra)
     return Pulled(out, extra_path, counts.pop(), tuple(sorted(inputs)))
+
+
+def _check_sizes(bundle: bytes, what: str) -> None:
+    """Refuse, before anything is decompressed or allocated, a bundle whose members
+    unpack to more than :data:`MAX_BYTES` in all (a zip bomb) or whose array header
+    claims more data than its member holds (numpy would allocate the claimed shape)."""
+    from numpy.lib import format as npy
+
+    with zipfile.ZipFile(io.BytesIO(bundle)) as z:
+        members = z.infolist()
+        if len(members) > 4096 or sum(m.file_size for m in members) > MAX_BYTES:
+            raise VerificationError(f"{what} unpacks to more than {MAX_BYTES} bytes "
+                                    f"({len(members)} members); nothing written")
+        for m in members:
+            with z.open(m) as f:
+                version = npy.read_magic(f)
+                if version not in ((1, 0), (2, 0)):
+                    raise ValueError(f"{m.filename}: .npy version {version} not read")
+                read = npy.read_array_header_1_0 if version == (1, 0) else \
+                    npy.read_array_header_2_0
+                shape, _, dtype = read(f)
+                count = 1
+                for d in shape:
+                    count *= int(d)
+                if count * dtype.itemsize > m.file_size:
+                    raise VerificationError(f"{what}: {m.filename} claims shape "
+                                            f"{list(shape)[:8]}, more than its "
+                                            f"{m.file_size} bytes; nothing written")
 
 
 def new_request_id() -> str:
