@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from edge_sdk.errors import UsageError
 from edge_sdk.quality import Gate, ShadowFigures
 from tests._gate_sim import GateSim, figures, gated
 
@@ -30,3 +31,12 @@ def test_an_errors_gate_counts_failed_requests_as_handled() -> None:
     assert gate.judge(ShadowFigures(compared=0, errors=100)).outcome == "failed"
     assert gate.judge(ShadowFigures(compared=98, agreed=98, errors=2)).outcome == "passed"
     assert gate.judge(ShadowFigures(compared=10, errors=2)).outcome == "insufficient"
+
+
+@pytest.mark.parametrize("text", [
+    "agreement>=0.99 over " + "9" * 5000 + " requests",
+    "agreement>=0.99 over 99999999999999999999 requests",
+])
+def test_a_gate_with_a_huge_request_count_is_a_one_line_usage_error(text: str) -> None:
+    with pytest.raises(UsageError, match="over N requests"):
+        Gate.parse(text)

@@ -97,6 +97,7 @@ class Gate:
         if m is None:
             raise UsageError(f"gate {str(text)[:80]!r} not understood: {_SYNTAX}")
         try:
+            n = int(m["n"]) if len(m["n"]) <= 12 else MAX_MIN_REQUESTS + 1
             threshold = float(m["value"])
             rate = float(m["rate"]) if m["rate"] else 1.0
             within = (float(m["within"]) * _UNITS[m["unit"] or "s"]
@@ -104,7 +105,7 @@ class Gate:
         except ValueError as err:
             raise UsageError(f"gate {text[:80]!r}: {err}; {_SYNTAX}") from err
         return cls(metric=m["metric"], op=m["op"], threshold=threshold,
-                   min_requests=int(m["n"]), time_limit_s=within, sample_rate=rate)
+                   min_requests=n, time_limit_s=within, sample_rate=rate)
 
     @property
     def text(self) -> str:
