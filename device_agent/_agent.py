@@ -39,6 +39,7 @@ from ._profiler import Profiler, ProfilingSource
 from ._protocol import InferenceApp
 from ._server import HttpServer
 from ._serving import ModelSlots, ModelState, Served, Wanted, model_states
+from ._shadow import Shadowing
 from ._state import ModelRecord, StateStore
 from ._telemetry import Outbox, Telemetry
 
@@ -131,10 +132,13 @@ class Agent:
         self._fetcher: Transfers | None = None
         chosen = self._new_source(source, link)
         self.metrics.storage_ok.set(1)
+        # -- shadow runs: a request tap; a verdict wakes the worker, which records it.
+        self.shadowing = Shadowing(config, self.metrics, on_end=self._desired_ev_set)
         self.installer = Installer(
             config, self.store, self.slots, chosen, self.telemetry, self._stop,
             load_model=load_model,
-            on_storage=lambda ok: self.metrics.storage_ok.set(1 if ok else 0))
+            on_storage=lambda ok: self.metrics.storage_ok.set(1 if ok else 0),
+            shadowing=self.shadowing)
         self.http: HttpServer | None = None
         # Checked documents per desired topic (the device's own and its groups').
         self._desired = DesiredInbox()
@@ -152,6 +156,9 @@ class Agent:
             _hardware, self.topics.profile_result(config.device_id), self._stop,
             source=chosen if link is not None and isinstance(chosen, ProfilingSource)
             else None)
+
+    def _desired_ev_set(self) -> None:
+        self._desired_ev.set()
 
     def _new_link(self, creds: Credentials | None = None) -> MqttConnection:
         """The broker connection, not connected yet (:meth:`start` does that); with
@@ -203,7 +210,8 @@ class Agent:
     def start(self) -> None:
         self.installer.boot()
         if self._serve_http:
-            app = InferenceApp(self.slots, self.metrics, self.config.http, self.wanted)
+            app = InferenceApp(self.slots, self.metrics, self.config.http, self.wanted,
+                               shadow=self.shadowing.model_status)
             self.http = HttpServer(app, self.config.http.bind, self.config.http.port)
             self.http.start()
             try:
@@ -229,6 +237,7 @@ class Agent:
         self._desired_ev.set()
         if self._worker is not None:
             self._worker.join(10)
+        self.shadowing.stop()
         self.profiler.stop()
         if self.identity is not None:
             self.identity.stop()
@@ -407,6 +416,7 @@ class Agent:
         # Heartbeats are the telemetry thread's: an install here may take minutes.
         while not self._stop.is_set():
             try:
+                self.installer.settle_shadow()
                 if self.installer.storage.error is not None:
                     self.installer.storage.retry()
                     for payload in self.installer.take_waiting():
@@ -494,6 +504,7 @@ class Agent:
             "deployment": st.deployment_counter,
             "last_update": st.last_result,
             "results": list(st.results),
+            "shadow": self.shadowing.status(),
             "groups": list(self.config.groups),
             "tags": dict(self.config.tags),
             "hardware": {**_hardware(), "threads": self.config.threads},
@@ -526,6 +537,7 @@ class Agent:
                 "model": None if cur is None else {"name": cur.name, "version": cur.version},
                 "models": [{"name": n, "version": s.version}
                            for n, s in sorted(self.slots.all().items())],
+                "shadow": self.shadowing.status(),
                 "queued_reports": len(self.outbox)}
 
     def wanted(self) -> list[Wanted]:

@@ -242,6 +242,25 @@ class ProfilingConfig:
     nice: int = 19
 
 
+@dataclass(frozen=True)
+class ShadowConfig:
+    """Shadow runs (a deployment's ``shadow`` section): what comparing a candidate with the
+    served model on live requests may cost. Requests are never delayed: over a bound, a
+    sampled request is left out of the comparison (``dropped``)."""
+
+    #: Sampled requests waiting for the candidate; more are dropped.
+    queue: int = 16
+    #: CPU seconds the comparing worker may use per wall second, over 10 s; above it the
+    #: run pauses ("paused: cpu") and drops what is sampled until it is below again.
+    cpu_share: float = 0.5
+    #: Process memory (RSS) above which the run pauses ("paused: memory"). 0: 80 % of
+    #: ``limits.max_models_bytes`` (or of the device's memory when that is 0).
+    max_rss_bytes: int = 0
+    #: A sampled request whose inputs take more bytes is dropped (its feed is held while
+    #: it waits in the queue).
+    max_input_bytes: int = 8 * 1024 * 1024
+
+
 #: The largest claim password file read (``edge-sdk claim create`` writes ~33 bytes).
 _MAX_CLAIM_PASSWORD_BYTES = 1024
 
@@ -321,6 +340,7 @@ class AgentConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
+    shadow: ShadowConfig = field(default_factory=ShadowConfig)
     #: Enrolment by claim and renewed credentials (None: broker credentials are given).
     identity: IdentityConfig | None = None
 
@@ -432,6 +452,8 @@ class AgentConfig:
             ("profiling.max_ttl_s", self.profiling.limits.max_ttl_s),
             ("profiling.max_seen", self.profiling.max_seen),
             ("profiling.timeout_s", self.profiling.timeout_s),
+            ("shadow.queue", self.shadow.queue),
+            ("shadow.max_input_bytes", self.shadow.max_input_bytes),
         ]
         for key, num in positive:
             if num <= 0:
@@ -447,6 +469,11 @@ class AgentConfig:
                          ("profiling.max_memory_bytes", self.profiling.max_memory_bytes)):
             if num < 0:
                 raise bad(key, "must be >= 0")
+        if not 0.0 < self.shadow.cpu_share <= 1.0:
+            raise bad("shadow.cpu_share", "must be > 0 and <= 1 (CPU seconds per second)")
+        if self.shadow.max_rss_bytes < 0:
+            raise bad("shadow.max_rss_bytes", "must be >= 0 (0: 80 % of "
+                                              "limits.max_models_bytes)")
         if not 1 <= self.limits.max_models <= MAX_SERVED_MODELS:
             raise bad("limits.max_models", f"must be 1-{MAX_SERVED_MODELS}")
         if not 0.0 <= self.telemetry.reconnect_jitter_s <= 300.0:
