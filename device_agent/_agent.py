@@ -41,6 +41,7 @@ from ._server import HttpServer
 from ._serving import ModelSlots, ModelState, Served, Wanted, model_states
 from ._shadow import Shadowing
 from ._state import ModelRecord, StateStore
+from ._tap import Taps
 from ._telemetry import Outbox, Telemetry
 
 if TYPE_CHECKING:
@@ -90,6 +91,9 @@ class Agent:
         self.store = StateStore(config.state_dir)
         self.metrics = Metrics(self.model_states)
         self.slots = ModelSlots(on_change=self._model_changed)
+        #: What watches answered requests beside the answer (shadow runs, input drift,
+        #: field samples): each component adds its tap here.
+        self.taps = Taps()
         self._stop = threading.Event()
         self._started_at = time.monotonic()
         self._boot_ms = time.time_ns() // 1_000_000
@@ -134,6 +138,7 @@ class Agent:
         self.metrics.storage_ok.set(1)
         # -- shadow runs: a request tap; a verdict wakes the worker, which records it.
         self.shadowing = Shadowing(config, self.metrics, on_end=self._desired_ev_set)
+        self.taps.add(self.shadowing)
         self.installer = Installer(
             config, self.store, self.slots, chosen, self.telemetry, self._stop,
             load_model=load_model,
@@ -211,7 +216,7 @@ class Agent:
         self.installer.boot()
         if self._serve_http:
             app = InferenceApp(self.slots, self.metrics, self.config.http, self.wanted,
-                               shadow=self.shadowing.model_status)
+                               taps=self.taps, shadow=self.shadowing.model_status)
             self.http = HttpServer(app, self.config.http.bind, self.config.http.port)
             self.http.start()
             try:

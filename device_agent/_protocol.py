@@ -61,6 +61,7 @@ from ._config import HttpConfig
 from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ._metrics import Metrics
 from ._serving import READY, ModelSlots, ModelState, Served, Wanted, model_states
+from ._tap import Taps
 
 log = logging.getLogger("device_agent.http")
 
@@ -88,9 +89,12 @@ class InferenceApp:
     by default, the models that serve."""
 
     def __init__(self, slots: ModelSlots, metrics: Metrics, config: HttpConfig,
-                 wanted: Callable[[], Iterable[Wanted]] | None = None, *,
+                 wanted: Callable[[], Iterable[Wanted]] | None = None,
+                 taps: Taps | None = None, *,
                  shadow: Callable[[str], dict[str, Any] | None] | None = None) -> None:
         self.slots = slots
+        #: What watches answered requests (shadow runs, drift, samples); see _tap.py.
+        self.taps = taps if taps is not None else Taps()
         #: The shadow run comparing with a model (``GET /v2/models/{name}/shadow``).
         self._shadow = shadow
         self.metrics = metrics
@@ -284,6 +288,8 @@ class InferenceApp:
                 except Exception as err:
                     stats.fail(time.perf_counter() - t0)
                     return self._failed(served, feed, err)
+                if self.taps:
+                    self.taps.served(served, feed, outputs, time.perf_counter() - t2)
                 if not image and classes:
                     outputs = _classified(served, outputs, classes)
                 t3 = time.perf_counter()

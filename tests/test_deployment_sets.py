@@ -93,7 +93,8 @@ def test_a_set_and_a_removal_are_signed_as_one_document(e: SimEnv) -> None:
     ({"spec": 2, "models": "a", "remove": []}, "'models' is missing or not list"),
     ({"spec": 2, "models": [_member("a")], "remove": [3]}, "list of model names"),
     ({"spec": True}, "spec True is not supported"),
-    ({"spec": 3}, "spec 3 is not supported"),
+    ({"spec": 4}, "spec 4 is not supported"),
+    ({"spec": 3, "models": [], "remove": []}, "'shadow' is missing"),
 ])
 def test_a_malformed_set_is_refused_in_one_line(e: SimEnv, body: dict[str, object],
                                                 why: str) -> None:

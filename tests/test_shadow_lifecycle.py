@@ -135,7 +135,7 @@ def test_normal_deployment_of_the_shadowed_name_ends_the_run_then_installs() -> 
     assert run.life.mode is Mode.INSTALLING
     st = run.life.installed
     assert st.shadow is None
-    ended = [r for r in st.results if r["deployment"] == 2][0]
+    ended = next(r for r in st.results if r["deployment"] == 2)
     assert ended["result"] == "shadow_insufficient"
     assert ended["reason"] == "replaced by deployment 3" and ended["shadow"] == FIGURES
     saved = [e for e in run.effects if isinstance(e, SaveState)][-1]

@@ -17,6 +17,7 @@ from ..trust._deployment import (
     MAX_SET_MODELS,
     Deployment,
     ModelTarget,
+    ShadowSpec,
     compare_versions,
     sign_deployment,
 )
@@ -57,7 +58,9 @@ def create_deployment(repo: Repository, *, fleet: str, model: str | None = None,
                       remove: Sequence[str] = (), devices: Sequence[str] = (),
                       groups: Sequence[str] = (), rollback: bool = False,
                       expires_days: float = DEPLOYMENT_EXPIRES_DAYS,
-                      allow_yanked: bool = False) -> SignedDeployment:
+                      allow_yanked: bool = False,
+                      shadow: Sequence[tuple[str, str | None]] = (),
+                      shadow_run: ShadowSpec | None = None) -> SignedDeployment:
     """Sign a deployment for devices/groups: install release ``model`` (``version`` or the
     newest not yanked), or the set ``models`` (``(name, version or None)`` each: installed,
     swapped and rolled back together), and remove the models named in ``remove``.
@@ -67,13 +70,24 @@ def create_deployment(repo: Repository, *, fleet: str, model: str | None = None,
     one sent to the same device or group needs ``rollback=True``. A yanked
     ``version`` is refused unless ``allow_yanked`` (an aborted rollout sending devices
     back to what they ran).
+
+    ``shadow`` (``(name, version or None)`` each) makes it a shadow document: those
+    releases are installed beside the served models of the same names and compared on live
+    requests, never served, for the run ``shadow_run`` describes (its ``models`` are
+    replaced by the releases found here; None: 100 requests within an hour, no gate). The
+    served ``models`` may then be empty. A shadow release is never a downgrade: nothing
+    swaps to it.
     """
     if not devices and not groups:
         raise UsageError("name at least one --device or --group")
     wanted = ([(model, version)] if model is not None else []) + list(models)
     names = [n for n, _ in wanted] + list(remove)
-    if not names:
+    if not names and not shadow:
         raise UsageError("name at least one model to deploy or remove")
+    if len({n for n, _ in shadow}) != len(shadow):
+        raise UsageError("a model is shadowed more than once")
+    if set(remove) & {n for n, _ in shadow}:
+        raise UsageError("a model cannot be shadowed and removed by one deployment")
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise UsageError(f"model {', '.join(twice)} is named more than once")
@@ -88,6 +102,14 @@ def create_deployment(repo: Repository, *, fleet: str, model: str | None = None,
     if expires_days <= 0:
         raise UsageError("deployment expiry must be > 0 days")
     rels = [repo.find(n, v, allow_yanked=allow_yanked) for n, v in wanted]
+    run = None
+    if shadow:
+        cands = tuple(ModelTarget(r.name, r.version, r.path, r.sha256, r.length)
+                      for r in (repo.find(n, v) for n, v in shadow))
+        base = shadow_run or ShadowSpec(models=cands)
+        run = ShadowSpec(models=cands, sample_rate=base.sample_rate,
+                         min_requests=base.min_requests, time_limit_s=base.time_limit_s,
+                         gate=base.gate)
     signers = repo.keys.signers(DEPLOYMENT_ROLE)
     if not signers:
         raise ConfigError(f"{repo.keys.dir}: no deployment key (was it made by "
@@ -117,7 +139,7 @@ def create_deployment(repo: Repository, *, fleet: str, model: str | None = None,
                          for rel in rels),
             remove=tuple(remove), rollback=rollback,
             devices=tuple(devices), groups=tuple(groups),
-            keyid=signers[0].public_key.keyid,
+            keyid=signers[0].public_key.keyid, shadow=run,
         )
         try:
             # Read back as a device reads it: nothing is signed that every device refuses.

@@ -36,7 +36,13 @@ may also raise :class:`edge_sdk.transport.EndlessDataError` (a ``VerificationErr
 import importlib
 from typing import TYPE_CHECKING
 
-from ._deployment import Deployment, ModelTarget, sign_deployment, verify_deployment
+from ._deployment import (
+    Deployment,
+    ModelTarget,
+    ShadowSpec,
+    sign_deployment,
+    verify_deployment,
+)
 from ._errors import (
     DeploymentExpiredError,
     DeploymentSignatureError,
@@ -91,6 +97,7 @@ __all__ = [
     "ReplayError",
     "RepositoryError",
     "RollbackError",
+    "ShadowSpec",
     "SignatureError",
     "TargetHashError",
     "TargetMismatchError",

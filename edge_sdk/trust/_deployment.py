@@ -17,6 +17,8 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from ..errors import UsageError
+from ..quality import Gate
 from ._envelope import DocumentKind, SignedDocument, format_ts
 from ._errors import (
     DeploymentExpiredError,
@@ -32,8 +34,11 @@ if TYPE_CHECKING:
 
 DOC_TYPE = "edge-deployment"
 #: Spec 2 names a set of models (and removals); spec 1, one model in flat fields, is still
-#: written for one model and no removal (so older agents read it) and still read.
-SPEC = 2
+#: written for one model and no removal (so older agents read it) and still read. Spec 3
+#: is written only for a document with a ``shadow`` section, so that an agent that knows
+#: nothing of shadow runs refuses it instead of installing the candidate for real.
+SPEC = 3
+_SET_SPEC = 2
 _SINGLE_SPEC = 1
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 #: The most models (installed and removed together) one deployment may name.
@@ -87,6 +92,79 @@ def _name(value: str) -> str:
     return _text(value, "model")
 
 
+#: Bounds of a shadow run a deployment may ask for.
+SHADOW_MAX_REQUESTS = 10_000_000
+SHADOW_MAX_TIME_S = 30 * 86400
+
+
+@dataclass(frozen=True)
+class ShadowSpec:
+    """A shadow run: install ``models`` beside the served models of the same names, never
+    serve them, compare them on ``sample_rate`` of the live requests until
+    ``min_requests`` were compared or ``time_limit_s`` passed, and report the figures
+    (judged by ``gate`` when there is one)."""
+
+    models: tuple[ModelTarget, ...]
+    sample_rate: float = 1.0
+    min_requests: int = 100
+    time_limit_s: float = 3600.0
+    gate: Gate | None = None
+
+    @classmethod
+    def for_gate(cls, models: tuple[ModelTarget, ...], gate: Gate) -> ShadowSpec:
+        return cls(models=models, sample_rate=gate.sample_rate,
+                   min_requests=gate.min_requests, time_limit_s=gate.time_limit_s, gate=gate)
+
+    def to_signed(self) -> dict[str, Any]:
+        wire = Gate("agreement", ">=", 0.0, self.min_requests, self.time_limit_s,
+                    self.sample_rate).to_json()
+        return {"models": [m.to_signed() for m in self.models],
+                "sample_rate": wire["sample_rate"], "min_requests": self.min_requests,
+                "time_limit_s": wire["time_limit_s"],
+                "gate": None if self.gate is None else self.gate.to_json()}
+
+    @classmethod
+    def from_signed(cls, data: Any) -> ShadowSpec:
+        k = DEPLOYMENT
+        if not isinstance(data, dict):
+            raise k.refuse("'shadow' must be an object")
+        raw = k.field(data, "models", list)
+        if not 1 <= len(raw) <= MAX_SET_MODELS:
+            raise k.refuse(f"'shadow.models' must name 1 to {MAX_SET_MODELS} models")
+        models = tuple(ModelTarget.from_signed(m) for m in raw)
+        names = [m.model for m in models]
+        if len(set(names)) != len(names):
+            raise k.refuse("'shadow.models' names a model more than once")
+        raw_gate = data.get("gate")
+        try:
+            # The run's bounds travel as a gate's do (decimal strings), checked the same.
+            run = Gate.from_json({"metric": "agreement", "op": ">=", "threshold": "0",
+                                  "min_requests": data.get("min_requests"),
+                                  "time_limit_s": data.get("time_limit_s"),
+                                  "sample_rate": data.get("sample_rate")})
+            gate = None if raw_gate is None else Gate.from_json(raw_gate)
+        except UsageError as err:
+            raise k.refuse(f"'shadow': {err}") from err
+        return cls(models=models, sample_rate=run.sample_rate, min_requests=run.min_requests,
+                   time_limit_s=run.time_limit_s, gate=gate)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(m.model for m in self.models)
+
+    def target_for(self, name: str) -> ModelTarget:
+        """The candidate for model ``name``; KeyError when there is none."""
+        for m in self.models:
+            if m.model == name:
+                return m
+        raise KeyError(name)
+
+    def what(self) -> str:
+        gate = f", gate {self.gate.condition}" if self.gate is not None else ""
+        return (f"shadow {', '.join(m.label() for m in self.models)} over "
+                f"{self.min_requests} requests{gate}")
+
+
 @dataclass(frozen=True)
 class Deployment:
     """What a verified deployment says: install ``models`` (one, or a set installed,
@@ -103,11 +181,20 @@ class Deployment:
     devices: tuple[str, ...] = ()
     groups: tuple[str, ...] = ()
     keyid: str = ""
+    #: A shadow run (spec 3): candidates to compare beside the served models, never served.
+    shadow: ShadowSpec | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
         """Every model this deployment decides: those it installs, then those it removes."""
         return (*(m.model for m in self.models), *self.remove)
+
+    @property
+    def decides(self) -> tuple[str, ...]:
+        """Every model this document is about: :attr:`names` and the shadowed models (a
+        replayed shadow document is refused by the same per-model counters)."""
+        extra = () if self.shadow is None else self.shadow.names
+        return (*self.names, *(n for n in extra if n not in self.names))
 
     @property
     def is_set(self) -> bool:
@@ -156,10 +243,14 @@ class Deployment:
             "counter": self.counter, "issued": format_ts(self.issued),
             "expires": format_ts(self.expires), "rollback": self.rollback,
         }
-        if len(self.models) == 1 and not self.remove:
+        if self.shadow is not None:
+            out.update(models=[m.to_signed() for m in self.models], remove=list(self.remove),
+                       shadow=self.shadow.to_signed())
+        elif len(self.models) == 1 and not self.remove:
             out.update(self.models[0].to_signed(), spec=_SINGLE_SPEC)
         else:
-            out.update(models=[m.to_signed() for m in self.models], remove=list(self.remove))
+            out.update(models=[m.to_signed() for m in self.models], remove=list(self.remove),
+                       spec=_SET_SPEC)
         return out
 
     @classmethod
@@ -186,7 +277,15 @@ class Deployment:
                 raise k.refuse("'remove' must be a list of model names")
             remove = tuple(_name(r) for r in raw_remove)
         names = [m.model for m in models] + list(remove)
-        if not names:
+        shadow = None
+        if data["spec"] == SPEC:
+            shadow = ShadowSpec.from_signed(k.field(data, "shadow", dict))
+            clash = sorted(set(shadow.names) & set(remove))
+            if clash:
+                raise k.refuse(f"shadows model {', '.join(map(repr, clash))} it also removes")
+        elif "shadow" in data:
+            raise k.refuse(f"a 'shadow' section needs spec {SPEC}")
+        if not names and shadow is None:
             raise k.refuse("names no model to install or remove")
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
@@ -196,7 +295,7 @@ class Deployment:
             issued=k.timestamp(data, "issued"), expires=k.timestamp(data, "expires"),
             models=models, remove=remove,
             rollback=k.field(data, "rollback", bool), devices=tuple(devices),
-            groups=tuple(groups),
+            groups=tuple(groups), shadow=shadow,
         )
 
     @property
@@ -204,8 +303,11 @@ class Deployment:
         return f"deployment #{self.counter} ({self.what()})"
 
     def what(self) -> str:
-        """The models it installs and removes, in one phrase ("det 1.1, rec 2.0, remove old")."""
+        """The models it installs and removes, in one phrase ("det 1.1, rec 2.0, remove old"),
+        and its shadow run ("shadow det 1.2 over 500 requests, gate agreement>=0.99")."""
         parts = [m.label() for m in self.models] + [f"remove {r}" for r in self.remove]
+        if self.shadow is not None:
+            parts.append(self.shadow.what())
         return ", ".join(parts)
 
     def applies_to(self, device_id: str, groups: Iterable[str] = ()) -> bool:
@@ -220,7 +322,7 @@ class Deployment:
 #: The deployment as a kind of signed document.
 DEPLOYMENT = DocumentKind(
     doc_type=DOC_TYPE, name="deployment", body=Deployment.from_signed, spec=SPEC,
-    older=(_SINGLE_SPEC,), malformed=MalformedDeploymentError,
+    older=(_SET_SPEC, _SINGLE_SPEC), malformed=MalformedDeploymentError,
     unsigned=DeploymentSignatureError, expired=DeploymentExpiredError)
 
 
@@ -263,8 +365,8 @@ def verify_deployment(
             f"or its groups {sorted(groups)}")
     doc.check_expiry(now or datetime.now(UTC))
     if isinstance(last_counter, Mapping):
-        newer = {n: last_counter[n] for n in dep.names if n in last_counter}
-        if len(newer) == len(dep.names) and all(dep.counter <= c for c in newer.values()):
+        newer = {n: last_counter[n] for n in dep.decides if n in last_counter}
+        if len(newer) == len(dep.decides) and all(dep.counter <= c for c in newer.values()):
             raise ReplayError(
                 f"deployment counter {dep.counter} is not newer than the deployments that "
                 f"last decided {', '.join(f'{n} (#{c})' for n, c in sorted(newer.items()))}: "

@@ -31,7 +31,7 @@ from .._errors import FleetError
 Record: TypeAlias = Row[*tuple[Any, ...]]
 
 #: The schema this code writes. Bump it and add a step to ``_MIGRATIONS`` together.
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 
 
 meta = sa.MetaData()
@@ -76,6 +76,12 @@ devices = sa.Table(
     sa.Column("revoked_at", sa.Float),
     sa.Column("revoked_by", sa.String(128)),
     sa.Column("revoked_reason", sa.Text),
+    # Schema 11: quality. The device's last reported shadow run (JSON: its block, or the
+    # figures of its last shadow result), its inputs' drift (JSON: per model and input,
+    # as judged by the host) and whether any input is flagged as drifting.
+    sa.Column("shadow", sa.Text),
+    sa.Column("drift", sa.Text),
+    sa.Column("drifting", sa.Boolean, nullable=False, default=False, server_default=sa.false()),
 )
 
 device_events = sa.Table(
@@ -333,6 +339,17 @@ allowlist = sa.Table(
     sa.Column("added_at", sa.Float, nullable=False),
 )
 
+#: Schema 11: devices and groups whose operator allowed field samples to be asked of them
+#: (``edge-sdk samples allow``); nothing is asked of the others.
+sample_policy = sa.Table(
+    "sample_policy", meta,
+    sa.Column("fleet", sa.String(128), primary_key=True),
+    sa.Column("scope", sa.String(16), primary_key=True),  # "device" | "group"
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("allowed_by", sa.String(128), nullable=False),
+    sa.Column("allowed_at", sa.Float, nullable=False),
+)
+
 #: Rollout states in which the controller still has work to do.
 ACTIVE_STATUSES = ("pending", "running", "paused", "aborting")
 FINISHED_STATUSES = ("completed", "aborted")
@@ -424,8 +441,18 @@ def _v10(c: Connection) -> None:
             c.execute(sa.text(f"ALTER TABLE devices ADD COLUMN {spec}"))
 
 
+def _v11(c: Connection) -> None:
+    """Quality: shadow figures and input drift per device, the field-sample policy."""
+    meta.create_all(c, tables=[sample_policy])
+    have = {col["name"] for col in sa.inspect(c).get_columns("devices")}
+    for col in (devices.c.shadow, devices.c.drift, devices.c.drifting):
+        if col.name not in have:
+            spec = sa.schema.CreateColumn(col).compile(dialect=c.dialect)
+            c.execute(sa.text(f"ALTER TABLE devices ADD COLUMN {spec}"))
+
+
 _MIGRATIONS = {1: _v1, 2: _v2, 3: _v3, 4: _v4, 5: _v5, 6: _v6, 7: _v7, 8: _v8, 9: _v9,
-               10: _v10}
+               10: _v10, 11: _v11}
 
 
 def migrate(c: Connection, url: str, *, write: bool) -> None:
