@@ -36,6 +36,22 @@ from typing import Any
 
 import numpy as np
 
+from edge_sdk._internal import (
+    DetectConfig,
+    abs_error,
+    class_changes,
+    corners,
+    cosine,
+    decode,
+    detections,
+    iou,
+    is_probabilities,
+    match_detections,
+    nms,
+    segment_counts,
+    segment_layout,
+    softmax,
+)
 from edge_sdk.errors import ConversionError, UsageError
 
 from ._measure import Accuracy, accuracy, default_max_drop
@@ -47,6 +63,7 @@ KIND_TASK = {
     "regress": "regress",
 }
 KINDS = tuple(KIND_TASK)
+DETECT_DEFAULTS = DetectConfig()
 
 
 @dataclass(frozen=True)
@@ -72,18 +89,6 @@ BUDGETS: Mapping[str, Budget] = {
 
 def _budget_key(kind: str) -> str:
     return "detect" if kind.startswith("detect") else kind.split("-")[0]
-
-
-@dataclass(frozen=True)
-class DetectConfig:
-    score_threshold: float = 0.25
-    nms_iou: float = 0.45
-    match_iou: float = 0.5
-    # A detection within this margin of the threshold may fall just under it in the
-    # other model without counting as lost: it is matched against that model's
-    # detections down to threshold - margin.
-    margin: float = 0.05
-    max_detections: int = 300
 
 
 @dataclass(frozen=True)
@@ -176,10 +181,10 @@ def _detect(reference: Sequence[Mapping[str, np.ndarray]],
         return "detect", "detector output layout"
     first = {k: np.asarray(v) for k, v in reference[0].items()}
     # Classes on axis 1, or last ([B, H, W, C]; not [B, heads, T, T] attention weights).
-    if any(v.ndim == 4 and (_is_probabilities(v, 1) or (
-            v.shape[2] != v.shape[3] and _is_probabilities(v, -1))) for v in first.values()):
+    if any(v.ndim == 4 and (is_probabilities(v, 1) or (
+            v.shape[2] != v.shape[3] and is_probabilities(v, -1))) for v in first.values()):
         return "segment", "per-pixel softmax head"
-    if any(v.ndim <= 3 and _is_probabilities(v) for v in first.values()):
+    if any(v.ndim <= 3 and is_probabilities(v) for v in first.values()):
         return "classify", "softmax/probabilities head"
     return "generic", ""
 
@@ -219,7 +224,7 @@ def _plan_outputs(task: str, reference: Sequence[Mapping[str, np.ndarray]],
     if task == "classify":
         # Probabilities are the head when there are any; another float output next to them
         # (an embedding, say) is no class-score vector and keeps the generic metric.
-        probs = [k for k in floats if _is_probabilities(first[k])]
+        probs = [k for k in floats if is_probabilities(first[k])]
         for k in probs or floats:
             if 1 <= first[k].ndim <= 3 and first[k].shape[-1] >= 2:
                 out[k] = OutputMetric("top1")
@@ -231,7 +236,7 @@ def _plan_outputs(task: str, reference: Sequence[Mapping[str, np.ndarray]],
     for k in floats:
         if kind == "segment":
             if first[k].ndim == 4:
-                out[k] = OutputMetric(_segment_layout(first[k]))
+                out[k] = OutputMetric(segment_layout(first[k]))
             continue
         out[k] = OutputMetric(kind)
     if strict and not out:
@@ -348,41 +353,6 @@ def detector_outputs(reference: Sequence[Mapping[str, np.ndarray]]) -> dict[str,
     return _detector_outputs(reference, strict=False)
 
 
-def is_probabilities(a: np.ndarray, axis: int = -1) -> bool:
-    """Scores in [0, 1] summing to 1 along ``axis``."""
-    return _is_probabilities(a, axis)
-
-
-def segment_layout(a: np.ndarray) -> str:
-    """``segment`` (classes on axis 1) or ``segment-nhwc`` (classes last)."""
-    return _segment_layout(a)
-
-
-def _is_probabilities(a: np.ndarray, axis: int = -1) -> bool:
-    """Scores in [0, 1] summing to 1 along ``axis`` ([B, C], [B, 1, C], [B, T, C])."""
-    if a.dtype.kind != "f" or not 2 <= a.ndim <= 4 or a.shape[axis] < 2 or not a.size:
-        return False
-    if float(a.min()) < 0 or float(a.max()) > 1:
-        return False
-    return bool(np.allclose(a.sum(axis=axis), 1.0, atol=1e-3))
-
-
-def _segment_layout(a: np.ndarray) -> str:
-    """``segment`` (classes on axis 1, NCHW) or ``segment-nhwc`` (classes last): the axis
-    the scores sum to 1 along, else the one that is not part of a square H x W, else
-    the shorter one (fewer classes than pixels across)."""
-    if _is_probabilities(a, 1):
-        return "segment"
-    if _is_probabilities(a, -1):
-        return "segment-nhwc"
-    _, d1, d2, d3 = a.shape
-    if d2 == d3 != d1:
-        return "segment"
-    if d1 == d2 != d3:
-        return "segment-nhwc"
-    return "segment" if d1 <= d3 else "segment-nhwc"
-
-
 # ---------------------------------------------------------------- scoring
 
 @dataclass(frozen=True)
@@ -412,12 +382,6 @@ def _rows(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
     return out
 
 
-def _softmax(a: np.ndarray) -> np.ndarray:
-    z = a - a.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)  # type: ignore[no-any-return]
-
-
 def score_top1(cand: Sequence[np.ndarray], ref: Sequence[np.ndarray],
                name: str = "output") -> OutputScore:
     """Classes on the last axis; a sample with more positions (tokens, say) counts each."""
@@ -433,7 +397,7 @@ def score_top1(cand: Sequence[np.ndarray], ref: Sequence[np.ndarray],
     tr = np.argsort(-r, axis=-1)[:, :k]
     overlap = np.array([len(set(a) & set(b)) / k for a, b in zip(tc, tr, strict=True)])
     probs = bool(r.min() >= 0 and r.max() <= 1 and np.allclose(r.sum(-1), 1, atol=1e-3))
-    pc, pr = (c, r) if probs else (_softmax(c), _softmax(r))
+    pc, pr = (c, r) if probs else (softmax(c), softmax(r))
     change = np.max(np.abs(pc - pr), axis=-1)
     agreement = float(np.mean(agree))
     # Per sample: the share of its positions flipped; among equals the larger
@@ -448,28 +412,16 @@ def score_top1(cand: Sequence[np.ndarray], ref: Sequence[np.ndarray],
 
 def score_cosine(cand: Sequence[np.ndarray], ref: Sequence[np.ndarray],
                  name: str = "output") -> OutputScore:
-    cos = np.array([_cos(c, r) for c, r in zip(_rows(cand), _rows(ref), strict=True)])
+    cos = np.array([cosine(c, r) for c, r in zip(_rows(cand), _rows(ref), strict=True)])
     mean = float(np.mean(cos))
     return OutputScore(name, "cosine", mean, 1.0 - mean, 1.0 - cos, "1 - cosine",
                        {"mean_cosine": mean, "min_cosine": float(np.min(cos))})
 
 
-def _cos(a: np.ndarray, b: np.ndarray) -> float:
-    x = np.asarray(a, np.float64).reshape(-1)
-    y = np.asarray(b, np.float64).reshape(-1)
-    nx, ny = float(np.linalg.norm(x)), float(np.linalg.norm(y))
-    if nx == 0.0 and ny == 0.0:
-        return 1.0
-    if nx == 0.0 or ny == 0.0 or not (np.isfinite(nx) and np.isfinite(ny)):
-        return 0.0
-    return float(np.dot(x, y) / (nx * ny))
-
-
 def score_regress(cand: Sequence[np.ndarray], ref: Sequence[np.ndarray],
                   name: str = "output") -> OutputScore:
     rc, rr = _rows(cand), _rows(ref)
-    err = [np.abs(np.asarray(c, np.float64) - np.asarray(r, np.float64)) for c, r in
-           zip(rc, rr, strict=True)]
+    err = [abs_error(c, r) for c, r in zip(rc, rr, strict=True)]
     scale = float(np.mean([np.mean(np.abs(np.asarray(r, np.float64))) for r in rr])) or 1e-12
     per_mae = np.array([float(np.mean(e)) for e in err])
     mae = float(np.mean(per_mae))
@@ -488,16 +440,11 @@ def score_segment(cand: Sequence[np.ndarray], ref: Sequence[np.ndarray],
     union = np.zeros(classes)
     per: list[float] = []
     for c, r in zip(rc, rr, strict=True):
-        mc, mr = np.argmax(c, axis=0), np.argmax(r, axis=0)
-        ious: list[float] = []
-        for k in range(classes):
-            a, b = mc == k, mr == k
-            i, u = float(np.sum(a & b)), float(np.sum(a | b))
-            inter[k] += i
-            union[k] += u
-            if u:
-                ious.append(i / u)
-        per.append(1.0 - (float(np.mean(ious)) if ious else 1.0))
+        i, u = segment_counts(np.argmax(c, axis=0), np.argmax(r, axis=0), classes)
+        inter += i
+        union += u
+        ious = i[u > 0] / u[u > 0]
+        per.append(1.0 - (float(np.mean(ious)) if ious.size else 1.0))
     present = union > 0
     per_class = np.where(present, inter / np.maximum(union, 1), np.nan)
     miou = float(np.nanmean(per_class)) if present.any() else 1.0
@@ -509,141 +456,10 @@ def score_segment(cand: Sequence[np.ndarray], ref: Sequence[np.ndarray],
 
 # ---- detection
 
-def _xyxy(cxcywh: np.ndarray) -> np.ndarray:
-    cx, cy, w, h = cxcywh.T
-    return np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
-
-
-def _sig(a: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-a))  # type: ignore[no-any-return]
-
-
-def decode(kind: str, out: np.ndarray, scores: np.ndarray | None = None, *,
-           sigmoid: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """One image's raw output → (boxes ``[N, 4]`` x1y1x2y2, class scores ``[N, C]``)."""
-    a = np.asarray(out, np.float64)
-    if kind == "detect-yolov8":  # [4+C, N], boxes cx cy w h
-        cls = a[4:].T
-        cls = _sig(cls) if sigmoid else cls
-        return _xyxy(a[:4].T), cls
-    if kind == "detect-yolov5":  # [N, 5+C]: box, objectness, classes
-        obj, cls = a[:, 4:5], a[:, 5:]
-        if sigmoid:
-            obj, cls = _sig(obj), _sig(cls)
-        return _xyxy(a[:, :4]), obj * cls
-    if kind == "detect-boxes":
-        assert scores is not None
-        s = np.asarray(scores, np.float64)
-        return a.reshape(-1, 4), (_sig(s) if sigmoid else s)
-    raise ConversionError(f"unknown detection layout {kind!r}")
-
-
-def iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU of one x1y1x2y2 box with each of ``boxes``."""
-    x1 = np.maximum(box[0], boxes[:, 0])
-    y1 = np.maximum(box[1], boxes[:, 1])
-    x2 = np.minimum(box[2], boxes[:, 2])
-    y2 = np.minimum(box[3], boxes[:, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    union = _area(box) + _area(boxes) - inter
-    out: np.ndarray = np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
-    return out
-
-
-def _area(b: np.ndarray) -> np.ndarray:
-    out: np.ndarray = (np.clip(b[..., 2] - b[..., 0], 0, None)
-                       * np.clip(b[..., 3] - b[..., 1], 0, None))
-    return out
-
-
-def nms(boxes: np.ndarray, cls_scores: np.ndarray, *, threshold: float,
-        iou_threshold: float, max_detections: int) -> np.ndarray:
-    """Class-aware NMS (one class per box: its best) → ``[K, 6]`` rows
-    x1, y1, x2, y2, score, class, best score first."""
-    if cls_scores.size == 0:
-        return np.zeros((0, 6))
-    cls = np.argmax(cls_scores, axis=1)
-    score = cls_scores[np.arange(len(cls)), cls]
-    keep_rows: list[np.ndarray] = []
-    for k in np.unique(cls[score >= threshold]):
-        idx = np.where((cls == k) & (score >= threshold))[0]
-        idx = idx[np.argsort(-score[idx], kind="stable")]
-        # The overall best max_detections lie among each class's best max_detections kept;
-        # stopping there bounds a broken candidate that scores every anchor alike.
-        kept = 0
-        while idx.size and kept < max_detections:
-            i = idx[0]
-            kept += 1
-            keep_rows.append(np.array([*boxes[i], score[i], k], np.float64))
-            if idx.size == 1:
-                break
-            rest = idx[1:]
-            idx = rest[iou(boxes[i], boxes[rest]) <= iou_threshold]
-    if not keep_rows:
-        return np.zeros((0, 6))
-    dets = np.stack(keep_rows)
-    return dets[np.argsort(-dets[:, 4], kind="stable")][:max_detections]
-
-
-def _matched(strong: np.ndarray, other: np.ndarray, match_iou: float) -> int:
-    """How many of ``strong`` find a one-to-one partner of the same class with IoU >=
-    ``match_iou`` in ``other`` (greedy, best score first)."""
-    used = np.zeros(len(other), bool)
-    n = 0
-    for d in strong:
-        if not len(other):
-            break
-        same = (other[:, 5] == d[5]) & ~used
-        if not same.any():
-            continue
-        ious = np.where(same, iou(d[:4], other[:, :4]), -1.0)
-        j = int(np.argmax(ious))
-        if ious[j] >= match_iou:
-            used[j] = True
-            n += 1
-    return n
-
-
-def class_changes(src: np.ndarray, cand: np.ndarray,
-                  cfg: DetectConfig = DetectConfig()) -> int:
-    """Source detections (at or above the threshold) with no same-class partner whose
-    place (IoU >= ``match_iou``) a candidate detection of another class took."""
-    low = cfg.score_threshold - cfg.margin
-    other = cand[cand[:, 4] >= low]
-    n = 0
-    for d in src[src[:, 4] >= cfg.score_threshold]:
-        if not len(other):
-            break
-        near = iou(d[:4], other[:, :4]) >= cfg.match_iou
-        if near.any() and not (other[near, 5] == d[5]).any():
-            n += 1
-    return n
-
-
-def match_detections(src: np.ndarray, cand: np.ndarray,
-                     cfg: DetectConfig = DetectConfig()) -> tuple[int, int]:
-    """(matched, total) over one image: each detection at or above the score threshold,
-    on either side, counts once and is matched against the other side's detections down
-    to the threshold minus the margin."""
-    low = cfg.score_threshold - cfg.margin
-    s_strong = src[src[:, 4] >= cfg.score_threshold]
-    c_strong = cand[cand[:, 4] >= cfg.score_threshold]
-    matched = (_matched(s_strong, cand[cand[:, 4] >= low], cfg.match_iou)
-               + _matched(c_strong, src[src[:, 4] >= low], cfg.match_iou))
-    return matched, len(s_strong) + len(c_strong)
-
-
-def detections(kind: str, out: np.ndarray, scores: np.ndarray | None, *, sigmoid: bool,
-               cfg: DetectConfig = DetectConfig()) -> np.ndarray:
-    boxes, cls = decode(kind, out, scores, sigmoid=sigmoid)
-    return nms(boxes, cls, threshold=cfg.score_threshold - cfg.margin,
-               iou_threshold=cfg.nms_iou, max_detections=cfg.max_detections)
-
-
 def score_detect(cand: Sequence[np.ndarray], ref: Sequence[np.ndarray], kind: str, *,
                  sigmoid: bool = False, cand_scores: Sequence[np.ndarray] | None = None,
                  ref_scores: Sequence[np.ndarray] | None = None, name: str = "output",
-                 cfg: DetectConfig = DetectConfig()) -> OutputScore:
+                 cfg: DetectConfig = DETECT_DEFAULTS) -> OutputScore:
     rc, rr = _rows(cand), _rows(ref)
     sc = _rows(cand_scores) if cand_scores is not None else [None] * len(rc)
     sr = _rows(ref_scores) if ref_scores is not None else [None] * len(rr)
@@ -694,7 +510,7 @@ class TaskScorer:
 
     def __init__(self, plan: TaskPlan, *, generic_metric: str = "cosine",
                  max_drop: float | None = None, labels: np.ndarray | None = None,
-                 detect: DetectConfig = DetectConfig()) -> None:
+                 detect: DetectConfig = DETECT_DEFAULTS) -> None:
         self.plan, self.generic, self.max_drop = plan, generic_metric, max_drop
         self.labels, self.detect = labels, detect
 
@@ -732,7 +548,7 @@ class TaskScorer:
                 cand, ref = [np.swapaxes(x, -1, -2) for x in cand], [np.swapaxes(x, -1, -2)
                                                                      for x in ref]
             if m.box_format == "cxcywh":
-                cand, ref = [_corners(x) for x in cand], [_corners(x) for x in ref]
+                cand, ref = [corners(x) for x in cand], [corners(x) for x in ref]
         return score_detect(cand, ref, m.kind, sigmoid=m.sigmoid, cand_scores=cs,
                             ref_scores=rs, name=name, cfg=self.detect)
 
@@ -816,11 +632,6 @@ def _nonfinite(cand: Any, ref: Any) -> bool:
 
 def _renamed(s: OutputScore, kind: str) -> OutputScore:
     return OutputScore(s.name, kind, s.score, s.drop, s.per_sample, s.figure, s.details)
-
-
-def _corners(cxcywh: np.ndarray) -> np.ndarray:
-    a = np.asarray(cxcywh, np.float64)
-    return np.concatenate([a[..., :2] - a[..., 2:4] / 2, a[..., :2] + a[..., 2:4] / 2], axis=-1)
 
 
 def _by_name(outputs: Sequence[Mapping[str, np.ndarray]],
