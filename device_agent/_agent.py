@@ -648,13 +648,14 @@ def _claimed_counter(payload: bytes) -> int | None:
     return counter if isinstance(counter, int) and not isinstance(counter, bool) else None
 
 
-def _lower_thread_priority() -> None:
+def _lower_thread_priority(nice: int = 10) -> None:
     """Installs (hashing, TUF, loading) run at a lower CPU priority than serving, so that a
-    busy small device answers requests first. Linux applies a thread id's nice value to
-    that thread alone; elsewhere this is a no-op."""
+    busy small device answers requests first (shadow comparisons, at ``nice`` 19: only
+    what serving leaves). Linux applies a thread id's nice value to that thread alone;
+    elsewhere this is a no-op."""
     try:
         tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), 10))
+        os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), nice))
     except (AttributeError, OSError):
         pass
 

@@ -251,7 +251,7 @@ class Shadowing:
     def _work(self, r: _Run) -> None:
         from ._agent import _lower_thread_priority
 
-        _lower_thread_priority()
+        _lower_thread_priority(19)
         comparers = {name: _comparer(s) for name, s in r.candidates.items()}
         #: (wall time, CPU seconds) of each job in the last CPU_WINDOW_S.
         spent: deque[tuple[float, float]] = deque()
@@ -276,9 +276,13 @@ class Shadowing:
                     candidate, feed, outputs, seconds = r.queue.get(timeout=_CHECK_S)
                 except queue.Empty:
                     continue
-                c0 = time.thread_time()
+                c0, w0 = time.thread_time(), time.monotonic()
                 self._compare(r, comparers[candidate.name], candidate, feed, outputs, seconds)
                 spent.append((time.monotonic(), time.thread_time() - c0))
+                # Paced: busy at most cpu_share of the wall time, in short turns, so that
+                # request threads find the CPU (and the GIL) free most of the time.
+                busy = time.monotonic() - w0
+                r.stop.wait(busy * (1.0 - self.config.cpu_share) / self.config.cpu_share)
                 if _share(spent, time.monotonic()) > self.config.cpu_share:
                     r.paused = "cpu"
                 if r.tally.handled >= r.run.min_requests:
