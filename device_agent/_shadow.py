@@ -153,6 +153,10 @@ class Shadowing:
             0.8 * (limits.max_models_bytes or 2 * half_of_memory()))
         self.metrics = metrics
         self.on_end = on_end
+        #: Told of each request the candidate disagreed on (model name, feed, the served
+        #: model's outputs), on the worker's thread: field samples keep them (``_samples``).
+        self.on_disagree: Callable[[str, Mapping[str, np.ndarray],
+                                    Mapping[str, np.ndarray]], None] | None = None
         self._run: _Run | None = None
         self._ended: Ended | None = None
         self._lock = threading.Lock()
@@ -278,16 +282,18 @@ class Shadowing:
                     continue
                 c0, w0 = time.thread_time(), time.monotonic()
                 self._compare(r, comparers[candidate.name], candidate, feed, outputs, seconds)
-                spent.append((time.monotonic(), time.thread_time() - c0))
-                # Paced: busy at most cpu_share of the wall time, in short turns, so that
-                # request threads find the CPU (and the GIL) free most of the time.
-                busy = time.monotonic() - w0
-                r.stop.wait(busy * (1.0 - self.config.cpu_share) / self.config.cpu_share)
-                if _share(spent, time.monotonic()) > self.config.cpu_share:
-                    r.paused = "cpu"
+                now = time.monotonic()
+                spent.append((now, time.thread_time() - c0))
                 if r.tally.handled >= r.run.min_requests:
                     self._end(r, deadline=False)
                     return
+                share = self.config.cpu_share
+                if _share(spent, now) > share:
+                    r.paused = "cpu"
+                    continue
+                # Paced: busy at most cpu_share of the wall time, in short turns, so that
+                # request threads find the CPU (and the GIL) free most of the time.
+                r.stop.wait(min(_CHECK_S, (now - w0) * (1.0 - share) / share))
         except Exception:  # the worker must never take the agent with it
             log.exception("the shadow run of deployment %d failed", r.run.deployment)
 
@@ -314,6 +320,11 @@ class Shadowing:
             return
         r.tally.compared_one(bool(c.agree), float(c.score), str(c.detail)[:200], seconds,
                              took)
+        if not c.agree and self.on_disagree is not None:
+            try:
+                self.on_disagree(name, feed, outputs)
+            except Exception:
+                log.exception("keeping a disagreement of the shadow run failed")
         if m is not None:
             m.shadow_compared.labels(name).inc()
             if c.agree:
