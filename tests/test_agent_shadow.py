@@ -19,7 +19,7 @@ from edge_sdk.release import create_deployment, publish_deployment
 from edge_sdk.trust import ShadowSpec
 from tests import _models
 from tests._broker import Mosquitto
-from tests._e2e import FLEET, AgentProc, Fleet, new_agent
+from tests._e2e import _HEADS, FLEET, RETAINED, AgentProc, Fleet, new_agent
 from tests._process import wait_for
 
 pytestmark = pytest.mark.slow
@@ -48,6 +48,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         for version, build in builders.items():
             f.release(version, builder=build)
         f.release("1", name="other", builder=lambda p: _models.linear_model(p, W))
+        for v in ("1", "2"):  # 4 MiB kept by a retrain: "2" comes as a delta from "1"
+            f.release(v, name="big", builder=lambda p, v=v: _models.weighted_offset_model(
+                p, float(v), RETAINED, _HEADS[v]))
         yield f
         f.close()
 
@@ -318,3 +321,20 @@ def test_shadow_document_failing_verification_is_refused_and_nothing_fetched(
     assert "install_started" not in fleet.kinds("forged")[before:]
     assert agent.get("/v2/models/adder/shadow")[0] == 404
     assert not any(d.name.startswith("adder-1.2-") for d in (agent.state / "models").iterdir())
+
+
+def test_candidate_comes_as_a_delta_from_the_served_version(
+        fleet: Fleet, tmp_path: Path, agents: list[AgentProc]) -> None:
+    agent = new_agent(fleet, tmp_path, agents, "delta").start()
+    publish_deployment(fleet.host, create_deployment(fleet.repo, fleet=FLEET, devices=["delta"],
+                                                     model="big", version="1"))
+    wait_for(lambda: "committed" in fleet.kinds("delta"), 60)
+    before = len(fleet.kinds("delta"))
+    sd = create_deployment(fleet.repo, fleet=FLEET, devices=["delta"], models=[("big", "1")],
+                           shadow=[("big", "2")])
+    publish_deployment(fleet.host, sd)
+    wait_for(lambda: "shadow_started" in fleet.kinds("delta")[before:], 60,
+             lambda: f"{fleet.kinds('delta')}: {agent.log.read_text()[-2000:]}")
+    got = [e for e in fleet.history("delta")[before:] if e["event"] == "downloaded"]
+    assert [e["download"]["kind"] for e in got] == ["delta"], got
+    assert agent.get("/v2/models/big/shadow")[1]["version"] == "2"
