@@ -784,7 +784,9 @@ def _result(outcome: str, dep: InstallRequest | int | None, reason: str | None, 
         out["model"] = {"name": models[0].name, "version": models[0].version}
     if isinstance(dep, InstallRequest):
         out["deployment"] = dep.counter
-        out["models"] = list(dep.names)
+        # A shadow document is about its candidates (what it served stays as it was).
+        out["models"] = list(dep.names) if dep.shadow is None else \
+            [m.name for m in dep.shadow.models]
         if dep.digest:
             # Which document: one delivered again later is known by it (see _ended).
             out["digest"] = dep.digest

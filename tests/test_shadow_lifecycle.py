@@ -94,6 +94,7 @@ def test_shadow_of_a_model_the_device_does_not_serve_fails_naming_it() -> None:
     assert run.life.mode is Mode.IDLE and st.shadow is None
     assert st.last_result is not None and st.last_result["result"] == "failed"
     assert st.last_result["reason"] == "serves no model rec to compare with"
+    assert st.last_result["models"] == ["rec"]
     assert handled(st, "k2")  # never tried again
 
 
