@@ -373,6 +373,9 @@ def drive(backend: Backend, out: Path, options: ConvertOptions, source: SourceIn
                                     for d, info in profiled.devices.items()}
         if pp is not None:
             extra.update(pp.manifest())
+        if plan.outputs and "postprocess" not in extra:
+            # In-graph post-processing replaces the outputs the plan names with answers.
+            extra["task_outputs"] = plan.task_outputs()
         if base_info is not None:
             extra["conversion"]["base"] = {
                 k: base_info.get(k) for k in ("name", "version", "sha256", "candidate", "used")}

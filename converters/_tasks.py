@@ -36,7 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from edge_sdk._internal import (
+from edge_sdk.errors import ConversionError, UsageError
+from edge_sdk.quality import (
     DetectConfig,
     abs_error,
     class_changes,
@@ -52,7 +53,6 @@ from edge_sdk._internal import (
     segment_layout,
     softmax,
 )
-from edge_sdk.errors import ConversionError, UsageError
 
 from ._measure import Accuracy, accuracy, default_max_drop
 
@@ -116,6 +116,21 @@ class TaskPlan:
                 "outputs": {k: v.kind for k, v in self.outputs.items()},
                 "budget": {k: BUDGETS[_budget_key(v.kind)].text
                            for k, v in self.outputs.items()}}
+
+    def task_outputs(self) -> dict[str, dict[str, Any]]:
+        """The manifest's ``extra["task_outputs"]``: per output, how it is judged, so
+        that a device comparing a shadow model's answers (edge_sdk.quality.Comparer)
+        reads them as the conversion did."""
+        out: dict[str, dict[str, Any]] = {}
+        for name, m in self.outputs.items():
+            entry: dict[str, Any] = {"kind": m.kind}
+            if m.kind.startswith("detect"):
+                entry["sigmoid"] = m.sigmoid
+            if m.kind == "detect-boxes":
+                entry.update(partner=m.partner, boxes_t=m.boxes_t, scores_t=m.scores_t,
+                             box_format=m.box_format)
+            out[name] = entry
+        return out
 
     def default_max_drop(self) -> float:
         """The main budget of the plan's strictest output kind."""

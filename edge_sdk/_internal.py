@@ -26,11 +26,6 @@ sibling needs it, never by reaching into the module that defines it.
 - images: :func:`decode_image` (a JPEG/PNG, its pixel count bounded before decoding,
   raising :class:`ImageTooLarge` or :class:`NoImageDecoder` with :data:`IMAGES_EXTRA`),
   :class:`ImageTask` (an artifact's image feed and its outputs as answers);
-- task arithmetic (:mod:`edge_sdk.quality._taskmath`, per sample, shared with the
-  device's shadow comparison): :class:`DetectConfig`, :func:`decode`, :func:`iou`,
-  :func:`nms`, :func:`detections`, :func:`match_detections`, :func:`class_changes`,
-  :func:`corners`, :func:`cosine`, :func:`softmax`, :func:`is_probabilities`,
-  :func:`segment_counts`, :func:`segment_layout`, :func:`abs_error`;
 - errors: :func:`one_line` with :data:`CAUSE_CHARS` (another library's exception quoted
   in a one-line diagnosis);
 - secrets: :func:`redact_url` (a URL as a message may show it), :func:`add_secret` (a
@@ -59,22 +54,6 @@ from ._json import MESSAGE_MAX_BYTES, MESSAGE_MAX_DEPTH, loads_bounded
 from ._oneline import CAUSE_CHARS, one_line
 from ._redact import add_secret, redact_url
 from ._runtime import litert_op_names, load_model_file
-from .quality._taskmath import (
-    DetectConfig,
-    abs_error,
-    class_changes,
-    corners,
-    cosine,
-    decode,
-    detections,
-    iou,
-    is_probabilities,
-    match_detections,
-    nms,
-    segment_counts,
-    segment_layout,
-    softmax,
-)
 
 __all__ = [
     "CAUSE_CHARS",
@@ -83,7 +62,6 @@ __all__ = [
     "MESSAGE_MAX_BYTES",
     "MESSAGE_MAX_DEPTH",
     "REPORT_NAME",
-    "DetectConfig",
     "HeadError",
     "ImageTask",
     "ImageTooLarge",
@@ -91,29 +69,19 @@ __all__ = [
     "NoImageDecoder",
     "RequestHead",
     "ShapeSearch",
-    "abs_error",
     "add_secret",
     "atomic_write_bytes",
     "atomic_write_text",
     "check_host",
-    "class_changes",
     "concrete_specs",
-    "corners",
-    "cosine",
-    "decode",
     "decode_image",
-    "detections",
     "host_name",
     "index_bound",
-    "iou",
-    "is_probabilities",
     "litert_op_names",
     "load_model_file",
     "load_npz",
     "loads_bounded",
-    "match_detections",
     "measure",
-    "nms",
     "one_line",
     "parse_head",
     "reason",
@@ -121,11 +89,8 @@ __all__ = [
     "runtime_error_text",
     "runtime_load_error_text",
     "search_input_shapes",
-    "segment_counts",
-    "segment_layout",
     "sha256_file",
     "shape_text",
-    "softmax",
     "staged_dir",
     "symbolic_dims",
     "synthetic_inputs",

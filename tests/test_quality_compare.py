@@ -263,6 +263,48 @@ def test_hostile_values_never_raise(serving: Any, shadow: Any) -> None:
         assert len(got.detail) <= 200
 
 
+class _Hostile:
+    """What a broken runtime binding might hand over: it refuses to be an array or to be
+    compared."""
+
+    def __array__(self, *args: Any, **kwargs: Any) -> np.ndarray:
+        raise RuntimeError("no array here")
+
+    def __eq__(self, other: object) -> bool:
+        raise RuntimeError("no comparison either")
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def test_objects_that_raise_become_a_disagreement_not_an_exception() -> None:
+    objs = np.empty(2, dtype=object)
+    for i in range(2):
+        objs[i] = _Hostile()
+    for serving, shadow in (({"o": _Hostile()}, {"o": _Hostile()}),
+                            ({"o": objs}, {"o": objs.copy()})):
+        got = Comparer.for_manifest(None).compare(serving, shadow)
+        assert not got.agree and got.score == 0.0
+        assert got.detail.startswith("cannot compare: RuntimeError: no ")
+
+
+def test_the_worst_row_of_a_batch_gives_the_score_and_the_detail() -> None:
+    x = RNG.normal(0, 1, (3, 64)).astype(np.float32)
+    y = x.copy()
+    y[0] += RNG.normal(0, 0.15, 64).astype(np.float32)  # a little off
+    y[2] = RNG.normal(0, 1, 64)  # nothing alike
+    got = _embed().compare({"e": x}, {"e": y})
+    assert not got.agree and got.detail.startswith("row 2: cosine")
+    assert got.score < 0.5
+
+
+def test_string_outputs_of_other_widths_compare_by_value() -> None:
+    c = Comparer.for_manifest(None)
+    assert c.compare({"label": np.array(["cat", "dog"])},
+                     {"label": np.array(["cat", "dog"], dtype="<U8")}).agree
+    got = c.compare({"label": np.array(["cat", "dog"])}, {"label": np.array(["cat", "bird"])})
+    assert (got.agree, got.detail) == (False, "row 1: dog -> bird")
+
+
 def test_outputs_only_the_shadow_has_are_ignored() -> None:
     x = _logits(1)
     assert _classify().compare({"logits": x}, {"logits": x, "extra": np.ones(3)}).agree
@@ -273,3 +315,14 @@ def test_config_out_of_range_is_refused() -> None:
         CompareConfig(cosine_min=1.5)
     with pytest.raises(ValueError, match="max_detections"):
         CompareConfig(max_detections=0)
+
+
+def test_rows_past_max_rows_are_not_compared() -> None:
+    """The bound on work per request: a batch of 1000 rows costs what ``max_rows`` do."""
+    x = _logits(4)
+    y = x.copy()
+    y[3] = -x[3]
+    m = manifest([("o", "float32", ["b", 10])], task="embed")
+    assert not Comparer.for_manifest(m).compare({"o": x}, {"o": y}).agree
+    got = Comparer.for_manifest(m, CompareConfig(max_rows=3)).compare({"o": x}, {"o": y})
+    assert got.agree and got.detail.startswith("row ")

@@ -5,6 +5,12 @@
 - :class:`Comparer` (built from a manifest with :meth:`Comparer.for_manifest`): a
   serving model's and a shadow model's outputs for one request compared in the task's
   terms, as a :class:`Comparison`; :class:`CompareConfig` holds the bounds.
+- Per-sample task arithmetic the converter's accuracy check shares with the comparer
+  (one copy, so workstation and device judge alike): :class:`DetectConfig`,
+  :func:`decode`, :func:`detections`, :func:`nms`, :func:`iou`, :func:`match_detections`,
+  :func:`class_changes`, :func:`corners`, :func:`cosine`, :func:`softmax`,
+  :func:`is_probabilities`, :func:`segment_layout`, :func:`segment_counts`,
+  :func:`abs_error`.
 """
 
 from ._compare import CompareConfig, Comparer, Comparison
@@ -17,6 +23,46 @@ from ._gate import (
     ShadowFigures,
     Verdict,
 )
+from ._taskmath import (
+    DetectConfig,
+    abs_error,
+    class_changes,
+    corners,
+    cosine,
+    decode,
+    detections,
+    iou,
+    is_probabilities,
+    match_detections,
+    nms,
+    segment_counts,
+    segment_layout,
+    softmax,
+)
 
-__all__ = ["FAILED", "GATE_METRICS", "INSUFFICIENT", "PASSED", "CompareConfig", "Comparer",
-           "Comparison", "Gate", "ShadowFigures", "Verdict"]
+__all__ = [
+    "FAILED",
+    "GATE_METRICS",
+    "INSUFFICIENT",
+    "PASSED",
+    "CompareConfig",
+    "Comparer",
+    "Comparison",
+    "DetectConfig",
+    "Gate",
+    "ShadowFigures",
+    "Verdict",
+    "abs_error",
+    "class_changes",
+    "corners",
+    "cosine",
+    "decode",
+    "detections",
+    "iou",
+    "is_probabilities",
+    "match_detections",
+    "nms",
+    "segment_counts",
+    "segment_layout",
+    "softmax",
+]

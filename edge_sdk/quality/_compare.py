@@ -58,8 +58,9 @@ class CompareConfig:
     (regression, short float rows); ``match_iou`` / ``score_threshold``: a detection
     at or above the threshold must find one of the same class at that IoU on the other
     side (down to threshold - ``score_margin``); ``mask_agreement_min``: share of equal
-    pixels of a class map. Work is bounded: ``max_detections`` boxes per image are
-    looked at (best score first), ``max_rows`` rows per output."""
+    pixels of a class map. Work is bounded: ``max_candidates`` boxes per image are
+    looked at (best score first), ``max_detections`` kept after NMS, ``max_rows`` rows
+    per output."""
 
     cosine_min: float = 0.99
     rel_error_max: float = 0.01
@@ -68,7 +69,8 @@ class CompareConfig:
     mask_agreement_min: float = 0.99
     score_margin: float = 0.05
     nms_iou: float = 0.45
-    max_detections: int = 1000
+    max_candidates: int = 1000
+    max_detections: int = 300
     max_rows: int = 256
 
     def __post_init__(self) -> None:
@@ -81,7 +83,7 @@ class CompareConfig:
             raise ValueError("CompareConfig.rel_error_max must be >= 0")
         if not 0.0 <= self.score_margin <= self.score_threshold:
             raise ValueError("CompareConfig.score_margin must be in [0, score_threshold]")
-        for name in ("max_detections", "max_rows"):
+        for name in ("max_candidates", "max_detections", "max_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"CompareConfig.{name} must be >= 1")
 
@@ -89,7 +91,7 @@ class CompareConfig:
         return tm.DetectConfig(score_threshold=self.score_threshold, nms_iou=self.nms_iou,
                                match_iou=self.match_iou, margin=self.score_margin,
                                max_detections=self.max_detections,
-                               max_candidates=self.max_detections)
+                               max_candidates=self.max_candidates)
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,11 @@ class Comparer:
         if rules:
             return cls(rules, config, "task_outputs")
         task = getattr(manifest, "task", "generic")
+        if task == "detect" and sum(len(getattr(t, "shape", ())) == 3
+                                    for t in outputs.values()) != 1:
+            # Boxes [B, N, 4] beside scores [B, N, C] would pass for a YOLOv5 head: with
+            # the task alone only a single packed head is read as one.
+            task = "generic"
         if isinstance(task, str) and task in ("classify", "detect", "segment", "embed",
                                               "regress"):
             return cls([Rule(str(n), f"task:{task}") for n in outputs if isinstance(n, str)],
@@ -202,7 +209,7 @@ class Comparer:
                 return _Row(False, 0.0, f"output {n} missing in shadow")
             s[n], h[n] = np.asarray(serving[n]), np.asarray(shadow[n])
             a, b = s[n], h[n]
-            if a.dtype != b.dtype:
+            if a.dtype != b.dtype and not (a.dtype.kind in "USO" and b.dtype.kind in "USO"):
                 return _Row(False, 0.0, f"output {n}: dtype {a.dtype} -> {b.dtype}")
             if a.shape != b.shape and not (rule.kind == "detections" and a.ndim == b.ndim
                                            and a.shape[1:] == b.shape[1:]):

@@ -142,10 +142,34 @@ def nms(boxes: np.ndarray, cls_scores: np.ndarray, *, threshold: float,
 def detections(kind: str, out: np.ndarray, scores: np.ndarray | None, *, sigmoid: bool,
                cfg: DetectConfig = DetectConfig()) -> np.ndarray:
     """One image's raw output → its detections ``[K, 6]`` down to threshold - margin."""
+    low = cfg.score_threshold - cfg.margin
+    out, scores = _over(kind, np.asarray(out), None if scores is None else np.asarray(scores),
+                        low, sigmoid)
     boxes, cls = decode(kind, out, scores, sigmoid=sigmoid)
     return nms(boxes, cls, threshold=cfg.score_threshold - cfg.margin,
                iou_threshold=cfg.nms_iou, max_detections=cfg.max_detections,
                max_candidates=cfg.max_candidates)
+
+
+def _over(kind: str, out: np.ndarray, scores: np.ndarray | None, threshold: float,
+          sigmoid: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """The anchors whose best class score may reach ``threshold``, before anything is
+    decoded: on a YOLOv8n head ([84, 8400]) the rest is nearly all of it, and decoding
+    it in float64 would cost more than the comparison."""
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        if kind == "detect-yolov8" and out.ndim == 2 and out.shape[0] > 4:
+            best = _sigmoid(out[4:].max(axis=0)) if sigmoid else out[4:].max(axis=0)
+            return out[:, best >= threshold], scores
+        if kind == "detect-yolov5" and out.ndim == 2 and out.shape[1] > 5:
+            obj, cls = out[:, 4], out[:, 5:].max(axis=1)
+            best = _sigmoid(obj) * _sigmoid(cls) if sigmoid else obj * cls
+            return out[best >= threshold], scores
+        if kind == "detect-boxes" and scores is not None and scores.ndim == 2 and \
+                out.reshape(-1, 4).shape[0] == scores.shape[0] and scores.shape[1]:
+            best = scores.max(axis=1)
+            keep = (_sigmoid(best) if sigmoid else best) >= threshold
+            return out.reshape(-1, 4)[keep], scores[keep]
+    return out, scores
 
 
 def _matched(strong: np.ndarray, other: np.ndarray, match_iou: float) -> int:
