@@ -250,10 +250,10 @@ class ShadowConfig:
 
     #: Sampled requests waiting for the candidate; more are dropped.
     queue: int = 16
-    #: CPU seconds the comparing worker may use per wall second, over 10 s (0.25: measured
-    #: with bench/agent.py [9], 0.5 let serving p99 grow 1.5-2x on a saturated 2-core
-    #: host, 0.25 about 1.3x); above it the
-    #: run pauses ("paused: cpu") and drops what is sampled until it is below again.
+    #: CPU seconds the comparing worker may use per wall second, over 10 s; above it the
+    #: run pauses ("paused: cpu") and drops what is sampled until it is below again. The
+    #: worker is also paced to this share in short turns. 0.25, measured (bench/agent.py
+    #: [9], a saturated 2-core host): 0.5 let serving p99 grow 1.5-2x, 0.25 about 1.3x.
     cpu_share: float = 0.25
     #: Process memory (RSS) above which the run pauses ("paused: memory"). 0: 80 % of
     #: ``limits.max_models_bytes`` (or of the device's memory when that is 0).
