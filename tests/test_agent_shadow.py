@@ -338,3 +338,27 @@ def test_candidate_comes_as_a_delta_from_the_served_version(
     got = [e for e in fleet.history("delta")[before:] if e["event"] == "downloaded"]
     assert [e["download"]["kind"] for e in got] == ["delta"], got
     assert agent.get("/v2/models/big/shadow")[1]["version"] == "2"
+
+
+def test_kill_9_after_the_end_is_saved_restarts_with_the_result_and_no_run(
+        fleet: Fleet, tmp_path: Path, agents: list[AgentProc]) -> None:
+    agent = serving_v1(fleet, tmp_path, agents, "ended")
+    agent.kill()
+    agent.start(crash_at="shadow_ended")
+    counter = shadow(fleet, "ended", "1.1", min_requests=3)
+    wait_running(fleet, agent, counter)
+    assert agent.proc is not None
+    for _ in range(80):  # until the verdict is saved and the agent killed right after it
+        if agent.proc.poll() is not None:
+            break
+        try:
+            traffic(agent, 1)
+        except OSError:
+            break  # killed while answering: the kill, not the run
+    assert agent.proc.wait(60) != 0
+    agent.start()
+    got = wait_result(fleet, agent, counter)
+    assert got["result"] == "shadow_passed", got
+    assert agent.get("/v2/models/adder/shadow")[0] == 404
+    traffic(agent, 3)  # serving as before, nothing compared
+    assert agent.get("/v2/models/adder/shadow")[0] == 404
