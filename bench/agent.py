@@ -27,16 +27,21 @@
    deploy/remove cycles of model C (``--model-mib`` MiB; goal: back within a few MB of
    before). Every update and removal is a real signed single-model deployment (MQTT,
    TUF fetch, verify, load, smoke test, swap, health window; B is never touched).
-9. Shadow runs: serving p50/p99 under concurrent load with a shadow run on (every request
-   sampled, compared by a candidate as costly as the served model) vs off, alternating
-   ``--shadow-cycles`` times under one continuous load (goal p99 <= 1.3x, 0 failed).
-   Each run is a real signed shadow document; a plain document of the served version
-   ends it.
+9. Input drift statistics: serving p50/p99 of agents with ``[drift]`` off, at its default
+   cap (50 requests/s analysed) and analysing every request, asked in interleaved
+   blocks; the drift worker's CPU per analysed request (from /metrics), and the
+   statistics alone per input size (a 4-feature row, a 224x224 image, a 128x768
+   sequence).
+10. Shadow runs: serving p50/p99 under concurrent load with a shadow run on (every request
+    sampled, compared by a candidate as costly as the served model) vs off, alternating
+    ``--shadow-cycles`` times under one continuous load (goal p99 <= 1.3x, 0 failed).
+    Each run is a real signed shadow document; a plain document of the served version
+    ends it.
 
     .venv/bin/python bench/agent.py [--swaps 100] [--requests 4000] [--skip-venv]
-        [--agent-code DIR] [--only images|models|shadow] [--image-runs 200]
+        [--agent-code DIR] [--only images|models|drift|shadow] [--image-runs 200]
         [--model-swaps 50] [--model-cycles 20] [--swap-mib 8] [--model-mib 32]
-        [--shadow-cycles 4] [--shadow-s 4]
+        [--drift-requests 4000] [--shadow-cycles 4] [--shadow-s 4]
 
 ``--agent-code`` runs the agent subprocesses from another checkout (say the main
 branch) to measure before and after a change side by side.
@@ -82,7 +87,8 @@ BODY = json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
 
 class Agent:
     def __init__(self, tmp: Path, device: str, broker: Mosquitto, repo: Repository,
-                 window_s: float) -> None:
+                 window_s: float, toml: str = "") -> None:
+        """``toml``: more config sections, appended to the agent's file."""
         self.dir = tmp / device
         self.dir.mkdir(parents=True)
         shutil.copyfile(repo.meta / "1.root.json", self.dir / "root.json")
@@ -92,7 +98,8 @@ class Agent:
             f'device_id = "{device}"\nfleet = "{FLEET}"\nstate_dir = "state"\nthreads = 1\n'
             f'[broker]\nurl = "{broker.url}"\n'
             '[trust]\nroot = "root.json"\ndeployment_key = "deployment.pub.json"\n'
-            f"[http]\nport = 0\n[health]\nwindow_s = {window_s}\nprobe_interval_s = 0.05\n")
+            f"[http]\nport = 0\n[health]\nwindow_s = {window_s}\nprobe_interval_s = 0.05\n"
+            + toml)
         with open(self.dir / "log", "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "device_agent", "--config", str(cfg), "--log-level",
@@ -609,9 +616,11 @@ def main() -> None:
     ap.add_argument("--skip-venv", action="store_true")
     ap.add_argument("--agent-code", type=Path, default=ROOT,
                     help="checkout the agent subprocesses run from (default: this one)")
-    ap.add_argument("--only", choices=["images", "models", "shadow"],
+    ap.add_argument("--only", choices=["images", "models", "drift", "shadow"],
                     help="run only this part ([7] image in, answer out; [8] several models; "
-                         "[9] shadow runs)")
+                         "[9] input drift statistics; [10] shadow runs)")
+    ap.add_argument("--drift-requests", type=int, default=4000,
+                    help="[9]: requests per agent (drift off, capped, every request)")
     ap.add_argument("--image-runs", type=int, default=200,
                     help="[7]: images answered per side and task")
     ap.add_argument("--model-swaps", type=int, default=50,
@@ -623,9 +632,9 @@ def main() -> None:
     ap.add_argument("--model-mib", type=int, default=32,
                     help="[8]: MiB of weights of model C (deployed and removed)")
     ap.add_argument("--shadow-cycles", type=int, default=4,
-                    help="[9]: shadow runs started and ended under load")
+                    help="[10]: shadow runs started and ended under load")
     ap.add_argument("--shadow-s", type=float, default=4.0,
-                    help="[9]: seconds each phase (shadow on, shadow off) lasts")
+                    help="[10]: seconds each phase (shadow on, shadow off) lasts")
     args = ap.parse_args()
     global AGENT_CODE
     AGENT_CODE = args.agent_code.resolve()
@@ -638,6 +647,8 @@ def main() -> None:
                 images(tmp / "images", broker, args.image_runs)
             if args.only in (None, "models"):
                 several_models(tmp / "models", broker, args)
+            if args.only in (None, "drift"):
+                drift_cost(tmp / "drift", broker, args.drift_requests)
             if args.only in (None, "shadow"):
                 shadowing(tmp / "shadow", broker, args)
     finally:
@@ -771,8 +782,122 @@ def several_models(tmp: Path, broker: Mosquitto, args: argparse.Namespace) -> No
         host.close()
 
 
+def _metric(port: int, name: str) -> float:
+    """The sum of a metric's samples on an agent's /metrics (0 when absent)."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        c.request("GET", "/metrics")
+        text = c.getresponse().read().decode()
+    finally:
+        c.close()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+def drift_cost(tmp: Path, broker: Mosquitto, requests: int) -> None:
+    """[9] What the input drift statistics cost: serving p50/p99 of three agents serving
+    the same model (with its evaluation set's input statistics), asked in interleaved
+    blocks: [drift] off, the default (at most 50 requests/s analysed) and every request
+    analysed; the drift worker's CPU time per analysed request from /metrics; and the
+    statistics alone in-process per input size."""
+    from edge_sdk.quality import Reference, reference_stats
+    from tests._drift_rig import drift_artifact, evaluation_like
+
+    tmp.mkdir(parents=True)
+    repo = Repository.init(tmp / "repo", tmp / "keys")
+    (tmp / "arts").mkdir()
+    art = drift_artifact(tmp / "arts")
+    repo.add_artifact(art.path)
+    host = MqttConnection(MqttConfig(url=broker.url, fleet=FLEET), name="bench-drift")
+    host.connect()
+    responder = start_responder(tmp, repo, broker)
+    committed: set[str] = set()
+
+    def on_event(topic: str, payload: bytes) -> None:
+        with contextlib.suppress(ValueError, AttributeError):  # serve's probe, say
+            if json.loads(payload).get("event") == "committed":
+                committed.add(topic.split("/")[3])
+
+    host.subscribe(f"edge/{FLEET}/dev/+/events", on_event)
+    sides = {"off": "[drift]\nenabled = false\n", "capped": "",
+             "every": "[drift]\nmax_per_s = 10000\nqueue = 64\n"}
+    agents = {k: Agent(tmp, f"drift-{k}", broker, repo, 0.2, toml) for k, toml in sides.items()}
+    try:
+        publish_deployment(host, create_deployment(repo, model="adder", fleet=FLEET,
+                                                   version="1",
+                                                   devices=[f"drift-{k}" for k in sides]))
+        deadline = time.monotonic() + 60
+        while len(committed) < len(sides):
+            if time.monotonic() > deadline:
+                raise SystemExit("the drift agents did not commit their model")
+            time.sleep(0.01)
+        feeds = evaluation_like(256, seed=3)
+        bodies = [json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
+                                          "data": f["x"].ravel().tolist()}]}).encode()
+                  for f in feeds]
+        conns = {k: http.client.HTTPConnection("127.0.0.1", a.port, timeout=10)
+                 for k, a in agents.items()}
+        times: dict[str, list[float]] = {k: [] for k in sides}
+        order = list(sides)
+        block = 200
+        clock = time.perf_counter
+        for i in range(max(1, requests // block) + 1):
+            # Interleaved blocks, the first one a warm-up: noise hits every side alike.
+            for key in order[i % 3:] + order[:i % 3]:
+                conn, out = conns[key], times[key]
+                for j in range(block):
+                    t0 = clock()
+                    conn.request("POST", "/v2/models/adder/infer", body=bodies[j % 256])
+                    r = conn.getresponse()
+                    r.read()
+                    if r.status != 200:
+                        raise SystemExit(f"infer failed on {key}: {r.status}")
+                    if i:
+                        out.append(clock() - t0)
+        for c in conns.values():
+            c.close()
+        time.sleep(1.0)  # the worker finishes its queue
+        cpu = {k: (_metric(a.port, "edge_agent_drift_cpu_seconds_total"),
+                   _metric(a.port, "edge_agent_drift_analysed_total"),
+                   _metric(a.port, "edge_agent_drift_skipped_total"))
+               for k, a in agents.items()}
+    finally:
+        for a in agents.values():
+            a.stop()
+        responder.terminate()
+        responder.wait(20)
+        host.close()
+    p = {k: (pct(v, 50), pct(v, 99)) for k, v in times.items()}
+    off50, off99 = p["off"]
+    print(f"[9] input drift statistics, {len(times['off'])} requests per agent "
+          "(x float32 [1, 4], interleaved blocks):")
+    for k, label in (("off", "[drift] off"), ("capped", "default (<= 50 analysed/s)"),
+                     ("every", "every request analysed")):
+        p50, p99 = p[k]
+        used, n, skipped = cpu[k]
+        per = f", worker CPU {used / n * 1e3:.3f} ms per analysed request ({n:.0f} analysed, " \
+              f"{skipped:.0f} skipped)" if n else ""
+        print(f"    {label:<27} p50 {p50:.3f} ms ({p50 / off50:.2f}x)  p99 {p99:.3f} ms "
+              f"({p99 / off99:.2f}x){per}")
+    # The statistics alone, by input size (what one analysed request costs the worker).
+    rng = np.random.default_rng(0)
+    for label, shape in (("x [1, 4]", (1, 4)), ("image [1, 3, 224, 224]", (1, 3, 224, 224)),
+                         ("sequence [1, 128, 768] (64 groups)", (1, 128, 768))):
+        sample = [{"x": rng.standard_normal(shape).astype(np.float32)} for _ in range(8)]
+        ref = Reference.from_json(json.loads(json.dumps(reference_stats(sample)["x"])))
+        assert ref is not None
+        acc = ref.accumulator()
+        runs = []
+        for k in range(40):
+            one = acc.empty()
+            t0 = time.thread_time()
+            one.add(sample[k % 8]["x"])
+            acc.merge(one)
+            runs.append(time.thread_time() - t0)
+        print(f"    statistics alone, {label}: {float(np.median(runs)) * 1e3:.3f} ms CPU per "
+              "request (median of 40)")
 def shadowing(tmp: Path, broker: Mosquitto, args: argparse.Namespace) -> None:
-    """[9] Serving latency with a shadow run on vs off, under one continuous load."""
+    """[10] Serving latency with a shadow run on vs off, under one continuous load."""
     from edge_sdk.trust import ShadowSpec
 
     tmp.mkdir(parents=True)
@@ -814,7 +939,7 @@ def shadowing(tmp: Path, broker: Mosquitto, args: argparse.Namespace) -> None:
         deadline = time.monotonic() + 120
         while seen.get(counter) != want:
             if time.monotonic() > deadline or seen.get(counter) in ("failed", "refused"):
-                raise SystemExit(f"[9] deployment #{counter} ({what}): {seen.get(counter)}; "
+                raise SystemExit(f"[10] deployment #{counter} ({what}): {seen.get(counter)}; "
                                  f"see {agent.dir / 'log'}")
             time.sleep(0.002)
         return counter
@@ -861,7 +986,7 @@ def shadowing(tmp: Path, broker: Mosquitto, args: argparse.Namespace) -> None:
                     break
         on50, on99, off50, off99 = (pct(by["on"], 50), pct(by["on"], 99),
                                     pct(by["off"], 50), pct(by["off"], 99))
-        print(f"[9] shadow runs: {args.shadow_cycles} runs of {args.shadow_s:g} s under "
+        print(f"[10] shadow runs: {args.shadow_cycles} runs of {args.shadow_s:g} s under "
               f"2 client threads, every request sampled (sample_rate 1.0)")
         print(f"    serving p50 {on50:.3f} ms on vs {off50:.3f} ms off -> {on50 / off50:.2f}x; "
               f"p99 {on99:.3f} ms on vs {off99:.3f} ms off -> {on99 / off99:.2f}x (goal "

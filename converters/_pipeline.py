@@ -37,7 +37,7 @@ from ._measure import (
     measure_candidates,
     select,
 )
-from ._prepost import PipelineSpec
+from ._prepost import IMAGE_INPUT, PipelineSpec
 from ._prepost_check import Prepost
 from ._report import (
     latency_fields,
@@ -356,6 +356,9 @@ def drive(backend: Backend, out: Path, options: ConvertOptions, source: SourceIn
             if not pp.verified():
                 report["data"]["verified_on_real_data"] = False
                 report["data"]["not_verified_why"] = pp.not_verified_why()
+        input_stats = _input_stats(evalset, pp, warnings)
+        if input_stats:
+            report["input_stats"] = input_stats
         files = write_report(work / "report", report)
         base_m = next(m for m in ms if m.name == baseline)
         extra: dict[str, Any] = {
@@ -376,6 +379,9 @@ def drive(backend: Backend, out: Path, options: ConvertOptions, source: SourceIn
         if plan.outputs and "postprocess" not in extra:
             # In-graph post-processing replaces the outputs the plan names with answers.
             extra["task_outputs"] = plan.task_outputs()
+        if input_stats:
+            # Signed with the artifact: what a device's inputs are compared with (drift).
+            extra["input_stats"] = input_stats
         if base_info is not None:
             extra["conversion"]["base"] = {
                 k: base_info.get(k) for k in ("name", "version", "sha256", "candidate", "used")}
@@ -449,6 +455,26 @@ def _data(
         warnings.append("--input-shape is not used: the calibration/evaluation data's "
                         "shapes are")
     return calib, evalset
+
+
+def _input_stats(evalset: Samples, pp: Prepost | None,
+                 warnings: list[str]) -> dict[str, Any]:
+    """Per-input statistics of the evaluation set (edge_sdk.quality._drift's reference):
+    what the model was verified on, for the devices' drift figures. None for synthetic
+    data (random inputs say nothing about real ones). With in-graph pre-processing the
+    artifact takes the images, so their pixels are the reference."""
+    from edge_sdk.quality import reference_stats
+
+    if not evalset.real:
+        return {}
+    feeds: list[Mapping[str, np.ndarray]] = list(evalset.feeds)
+    if pp is not None and pp.spec.pre is not None and pp.bound is not None:
+        feeds = [] if pp.images is None else [{IMAGE_INPUT: im} for im in pp.images.images]
+    try:
+        return reference_stats(feeds)
+    except (ValueError, MemoryError) as err:
+        warnings.append(f"no input statistics for drift: {one_line(err)}")
+        return {}
 
 
 def _outputs_of(run: Run, evalset: Samples) -> list[str]:

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from edge_sdk.identity import Credentials
     from edge_sdk.transport import LastWill, MqttConnection
 
+    from ._drift import DriftTap
     from ._identity import IdentityService
 
 log = logging.getLogger("device_agent")
@@ -94,6 +95,15 @@ class Agent:
         #: What watches answered requests beside the answer (shadow runs, input drift,
         #: field samples): each component adds its tap here.
         self.taps = Taps()
+        #: Input drift statistics of answered requests (``[drift]``; None when off).
+        self.drift: DriftTap | None = None
+        if config.drift.enabled:
+            from ._drift import DriftTap
+
+            self.drift = DriftTap(config.drift, serving=self.slots.all,
+                                  on_worker_start=_lower_thread_priority)
+            self.taps.add(self.drift)
+            self.metrics.track_drift(self.drift.collector())
         self._stop = threading.Event()
         self._started_at = time.monotonic()
         self._boot_ms = time.time_ns() // 1_000_000
@@ -244,6 +254,8 @@ class Agent:
             self._worker.join(10)
         self.shadowing.stop()
         self.profiler.stop()
+        if self.drift is not None:
+            self.drift.stop()
         if self.identity is not None:
             self.identity.stop()
         if self.connection is not None:
@@ -523,6 +535,8 @@ class Agent:
             "dropped_reports": self.outbox.dropped,
             "storage": self._storage(),
             "transfer": self.transfer(),
+            # Short: n and largest PSI per input (the heartbeat carries the figures).
+            "drift": self.drift.summary() if self.drift is not None else None,
         }
 
     def _storage(self) -> dict[str, Any]:
@@ -538,12 +552,16 @@ class Agent:
 
     def _heartbeat(self) -> dict[str, Any]:
         cur = self.slots.current
-        return {"uptime_s": round(time.monotonic() - self._started_at, 1),
+        beat = {"uptime_s": round(time.monotonic() - self._started_at, 1),
                 "model": None if cur is None else {"name": cur.name, "version": cur.version},
                 "models": [{"name": n, "version": s.version}
                            for n, s in sorted(self.slots.all().items())],
                 "shadow": self.shadowing.status(),
                 "queued_reports": len(self.outbox)}
+        drift = self.drift.report() if self.drift is not None else None
+        if drift is not None:  # input figures (device_agent._drift), when there are any
+            beat["drift"] = drift
+        return beat
 
     def wanted(self) -> list[Wanted]:
         """The models the device should serve: those of its installed state (a model that

@@ -253,7 +253,7 @@ class ShadowConfig:
     #: CPU seconds the comparing worker may use per wall second, over 10 s; above it the
     #: run pauses ("paused: cpu") and drops what is sampled until it is below again. The
     #: worker is also paced to this share in short turns. 0.25, measured (bench/agent.py
-    #: [9], a saturated 2-core host): 0.5 let serving p99 grow 1.5-2x, 0.25 about 1.3x.
+    #: [10], a saturated 2-core host): 0.5 let serving p99 grow 1.5-2x, 0.25 about 1.3x.
     cpu_share: float = 0.25
     #: Process memory (RSS) above which the run pauses ("paused: memory"). 0: 80 % of
     #: ``limits.max_models_bytes`` (or of the device's memory when that is 0).
@@ -261,6 +261,47 @@ class ShadowConfig:
     #: A sampled request whose inputs take more bytes is dropped (its feed is held while
     #: it waits in the queue).
     max_input_bytes: int = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class DriftConfig:
+    """Input drift statistics (``[drift]``, device_agent._drift): per-input, per-channel
+    figures of the requests a model answered, over a sliding window, reported with the
+    heartbeat. Off the request path: a request is only handed to a worker thread (at a
+    lowered priority) through a bounded queue, and skipped (counted) when the queue is
+    full, the rate cap is reached or its inputs are too large."""
+
+    enabled: bool = True
+    #: Requests analysed per second at most, over all models; the rest are skipped.
+    max_per_s: float = 50.0
+    #: The window: the last this many analysed requests per model, kept as ``slots``
+    #: slots of ``window / slots`` requests (the oldest slot is dropped as a new one
+    #: starts).
+    window: int = 1000
+    slots: int = 10
+    #: Requests waiting for the worker; more are skipped.
+    queue: int = 8
+    #: A request whose inputs are larger than this is skipped (it would hold the worker).
+    max_input_bytes: int = 8 * 1024 * 1024
+    #: Bytes of the heartbeat's ``drift`` block at most (the registry takes 16 KiB per
+    #: report): when every model's inputs do not fit, each heartbeat carries the next ones
+    #: in turn.
+    max_report_bytes: int = 12 * 1024
+
+    def check(self, bad: Callable[[str, str], ConfigError]) -> None:
+        if not 0 < self.max_per_s <= 10_000:
+            raise bad("drift.max_per_s", "must be > 0 and at most 10000")
+        if not 1 <= self.slots <= 100:
+            raise bad("drift.slots", "must be 1-100")
+        if not self.slots <= self.window <= 1_000_000:
+            raise bad("drift.window", "must be at least drift.slots and at most 1000000")
+        if not 1 <= self.queue <= 1024:
+            raise bad("drift.queue", "must be 1-1024")
+        if self.max_input_bytes < 1:
+            raise bad("drift.max_input_bytes", "must be > 0")
+        if not 1024 <= self.max_report_bytes <= 64 * 1024:
+            raise bad("drift.max_report_bytes", "must be 1024-65536 (the registry takes "
+                                                "16 KiB per report by default)")
 
 
 #: The largest claim password file read (``edge-sdk claim create`` writes ~33 bytes).
@@ -343,6 +384,7 @@ class AgentConfig:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
     shadow: ShadowConfig = field(default_factory=ShadowConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
     #: Enrolment by claim and renewed credentials (None: broker credentials are given).
     identity: IdentityConfig | None = None
 
@@ -490,6 +532,7 @@ class AgentConfig:
             raise bad("broker.tls", "cert_file and key_file go together")
         if self.broker.password is not None and self.broker.password_file is not None:
             raise bad("broker", "give either password or password_file, not both")
+        self.drift.check(bad)
         if self.identity is not None:
             self._check_identity(bad)
         for key, path in (("trust.root", self.trust.root),

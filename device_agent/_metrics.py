@@ -125,6 +125,11 @@ class Metrics:
                 registry=self.registry)
         self.credential_seconds_left.set_function(seconds_left)
 
+    def track_drift(self, collector: Any) -> None:
+        """Export the input drift figures (``edge_agent_drift_*``, ``edge_agent_input_psi``:
+        device_agent._drift's collector, read when the metrics are)."""
+        self.registry.register(collector)
+
     def model(self, name: str) -> ModelMetrics:
         """The request series of model ``name``."""
         got = self._models.get(name)

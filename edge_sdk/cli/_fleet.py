@@ -82,12 +82,21 @@ rollout_group.add_command(rollout_cmd, "run")
 @click.option("--rollback", "signed_rollback", is_flag=True,
               help="A rollback rollout: sign every wave as an explicit rollback, so that "
                    "devices on a newer version go back to --version (refused without it).")
+@click.option("--gate", "gate", metavar="GATE",
+              help="Shadow each device first and promote it only if its figures pass: "
+                   "'agreement>=0.99 over 500 requests [within 30m] [sampling 0.25]' "
+                   "(metrics: agreement, worst, latency_ratio, errors). A device that "
+                   "fails counts as a failure for the abort criteria.")
+@click.option("--gate-no-traffic", "gate_no_traffic", default="skip", show_default=True,
+              metavar="fail|skip|promote",
+              help="A gated device with too few compared requests within the time limit: "
+                   "a failure, finished without the release, or promoted anyway.")
 def start_cmd(db_url: str | None, repo_dir: str | None, operator: str | None, fleet: str,
               models: tuple[str, ...], version: str | None, groups: tuple[str, ...],
               tags: tuple[str, ...], devices: tuple[str, ...], waves: str, rate: float,
               wave_timeout: float, max_failure_rate: float, max_silent_rate: float,
               min_finished: int, pause_after_wave: bool, no_rollback: bool,
-              signed_rollback: bool) -> None:
+              signed_rollback: bool, gate: str | None, gate_no_traffic: str) -> None:
     """Record a rollout; the controller in 'edge-sdk serve' starts it within a second."""
     from ..release import Repository
     from ._db import require_fleet
@@ -95,6 +104,7 @@ def start_cmd(db_url: str | None, repo_dir: str | None, operator: str | None, fl
     require_fleet()  # first: it names the [fleet] extra when it is missing
     from .. import fleet as fl
     from ..fleet._select import check_selector
+    from ..quality import Gate
 
     RolloutSpec, actor_name, start_rollout = fl.RolloutSpec, fl.actor_name, fl.start_rollout
 
@@ -106,7 +116,9 @@ def start_cmd(db_url: str | None, repo_dir: str | None, operator: str | None, fl
                        rate=rate, wave_timeout=wave_timeout,
                        max_failure_rate=max_failure_rate, max_silent_rate=max_silent_rate,
                        min_finished=min_finished, pause_after_wave=pause_after_wave,
-                       rollback=not no_rollback, signed_rollback=signed_rollback)
+                       rollback=not no_rollback, signed_rollback=signed_rollback,
+                       gate=None if gate is None else Gate.parse(gate),
+                       gate_no_traffic=gate_no_traffic)
     repo = Repository(repo_dir) if repo_dir else None
     pairs: list[tuple[str, str]] = []
     for name, ver in parse_models(models, version):
@@ -121,6 +133,8 @@ def start_cmd(db_url: str | None, repo_dir: str | None, operator: str | None, fl
                             actor=actor_name(operator), repo=repo)
     what = "rollback rollout" if signed_rollback else "rollout"
     said = ", ".join(f"{n} {v}" for n, v in pairs)
+    if spec.gate is not None:
+        said += f" gated by '{spec.gate.text}' (no traffic: {gate_no_traffic})"
     click.echo(f"{what} {rid}: {said} recorded; 'edge-sdk serve' carries it out")
 
 
@@ -168,15 +182,23 @@ def rollout_status_cmd(rollout_id: int, db_url: str | None, repo_dir: str | None
     click.echo(f"{what} {r['id']}: {said} {r['status']} "
                f"(wave {r['wave']} of {r['waves']})" + (f": {r['reason']}" if r["reason"]
                                                          else ""))
+    if r.get("gate"):
+        click.echo(f"  gate: {r['gate']['text']} (no traffic: {r['gate']['no_traffic']})")
     for w in r["progress"]:  # the page shows the same summary (edge_sdk.fleet._outcome)
+        shadow = f"; shadow: {summary_text(w['shadow'])}" if w.get("shadow") else ""
         click.echo(f"  wave {w['wave']}: {w['devices']} device(s): "
-                   f"{summary_text(w['by_outcome'])}")
+                   f"{summary_text(w['by_outcome'])}{shadow}")
     for d in r["devices"]:
         back = f"  rollback #{d['rollback_counter']} {d['rollback_status']}" \
             if d["rollback_status"] else ""
         click.echo(f"  {d['device']:<20} wave {d['wave']}  "
                    f"{d['outcome'].replace('_', ' '):<12} #{d['counter'] or '-'}{back}"
                    + (f"  {d['note']}" if d["note"] else ""))
+        sh = d.get("shadow")
+        if sh:
+            click.echo(f"  {'':<20} shadow #{sh['counter'] or '-'} "
+                       f"{(sh['verdict'] or sh['stage'] or 'under way').replace('_', ' ')}"
+                       + (f": {sh['text']}" if sh["text"] else ""))
 
 
 @rollout_group.command("list")

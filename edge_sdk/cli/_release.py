@@ -548,6 +548,9 @@ def _show_wave(_: str, info: dict[str, Any]) -> None:
 @click.command("status")
 @click.option("--device", "devices", multiple=True, help="Only this device. Repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw states as JSON.")
+@click.option("--drifting", is_flag=True,
+              help="Only the devices whose inputs drifted from the evaluation set (needs "
+                   "--db or --repo: the registry judges drift).")
 @click.option("--db", "db_url", envvar="EDGE_DB", show_envvar=True,
               help="Read the fleet database (the registry) instead of the broker.")
 @click.option("--repo", "repo_dir", type=click.Path(file_okay=False, exists=True),
@@ -556,7 +559,7 @@ def _show_wave(_: str, info: dict[str, Any]) -> None:
                    "key to re-sign it.")
 @_mqtt_options_required(False)
 def status_cmd(devices: tuple[str, ...], as_json: bool, db_url: str | None,
-               repo_dir: str | None, **mqtt: Any) -> None:
+               repo_dir: str | None, drifting: bool = False, **mqtt: Any) -> None:
     """Show every device's reported state: online, models (each with its version, and
     "(trial)" while in its health window), previous model, last update.
     From the fleet database also the groups the operator assigned, and where a device's
@@ -564,6 +567,9 @@ def status_cmd(devices: tuple[str, ...], as_json: bool, db_url: str | None,
     assigned: dict[str, dict[str, Any]] = {}
     silent: set[str] = set()
     enrolments: list[dict[str, Any]] = []
+    if drifting and not (db_url or repo_dir):
+        raise UsageError("--drifting reads the registry's judgement: add --db URL or "
+                         "--repo REPO")
     if repo_dir:
         from ..release import expiry_warnings
 
@@ -575,7 +581,7 @@ def status_cmd(devices: tuple[str, ...], as_json: bool, db_url: str | None,
 
         fleet = mqtt["fleet"]
         with open_db(db_url, repo_dir) as db:
-            registered = db.devices(fleet=fleet)
+            registered = db.devices(fleet=fleet, drifting=True if drifting else None)
             hint = "" if registered else other_fleets(db, fleet)  # a missing --fleet, most often
             where = redact_url(db.url) + (f"; {hint}" if hint else "")
             counts = db.registry_stats(fleet=fleet)
@@ -590,6 +596,7 @@ def status_cmd(devices: tuple[str, ...], as_json: bool, db_url: str | None,
                     else {**st.raw, "offline_since": row["offline_since"]}
                 if row["revoked"] is not None:
                     raw = {**raw, "revoked": row["revoked"]}
+                raw = {**raw, "drift": row["drift"]}  # the registry's, not the device's
                 states[row["id"]] = dataclasses.replace(st, ts=row["last_seen"],
                                                         online=row["online"], raw=raw)
                 assigned[row["id"]] = row
@@ -612,14 +619,18 @@ def status_cmd(devices: tuple[str, ...], as_json: bool, db_url: str | None,
     if as_json:
         click.echo(json.dumps({d: s.raw for d, s in states.items()}, indent=2))
         return
+    if not states and drifting:
+        click.echo(f"no device's inputs are drifting in fleet {fleet!r} on {where}")
+        return
     if not states:
         click.echo(f"no device has reported in fleet {fleet!r} on {where}")
         _say_enrolments(enrolments, set())
         return
     now = time.time()
     groups_col = ("GROUPS",) if assigned else ()
+    drift_col = ("DRIFT",) if assigned else ()
     rows = [("DEVICE", "ONLINE", *groups_col, "MODELS", "PREVIOUS", "DEPLOYMENT", "CHANGED",
-             "HARDWARE", "LAST UPDATE")]
+             "HARDWARE", *drift_col, "LAST UPDATE")]
     for s in states.values():
         last = s.last_result or "-"
         if s.last_deployment is not None:
@@ -642,15 +653,39 @@ def status_cmd(devices: tuple[str, ...], as_json: bool, db_url: str | None,
             online += f" ({_age(now - since)})"
         if s.raw.get("revoked"):  # from the database: an operator revoked it
             online = "revoked"
+        drift: tuple[str, ...] = ()
+        if assigned:  # the registry's judgement (the fleet extra is installed)
+            from ..fleet._drift import drift_line
+
+            drift = (drift_line(assigned[s.device]["drift"]),)
         rows.append((s.device, online, *mine, s.models_label or "-", s.previous or "-",
                      str(s.deployment or "-"), seen, hardware_line(s.raw.get("hardware")),
-                     last))
+                     *drift, last))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
         head = "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False))
         click.echo(f"{head}  {r[-1]}".rstrip())
+    _say_shadows({d: assigned[d]["shadow"] if d in assigned else s.raw.get("shadow")
+                  for d, s in states.items()})
     _say_mismatches([assigned[d] for d in states if d in assigned])
+    _say_drifting([assigned[d] for d in states if d in assigned])
     _say_enrolments(enrolments, set(states))
+
+
+def _say_drifting(rows: list[dict[str, Any]]) -> None:
+    """``status --db``: the devices whose inputs moved from the evaluation set."""
+    bad = [r for r in rows if r["drifting"]]
+    if not bad:
+        return
+    from ..fleet._drift import drift_line
+
+    click.echo(f"! {len(bad)} device(s) see inputs that drifted from the evaluation set "
+               "their model was verified on (PSI; 'status --drifting --json' for the "
+               "figures):")
+    for r in bad[:_MISMATCH_SHOWN]:
+        click.echo(f"  {r['id']}: {drift_line(r['drift'])}")
+    if len(bad) > _MISMATCH_SHOWN:
+        click.echo(f"  ... and {len(bad) - _MISMATCH_SHOWN} more")
 
 
 #: Ids ``status`` names in its enrolment lines (others counted).
@@ -676,6 +711,26 @@ def _say_enrolments(rows: list[dict[str, Any]], listed: set[str]) -> None:
 
 #: Devices whose report-versus-assignment differences ``status`` lists (others counted).
 _MISMATCH_SHOWN = 20
+
+
+def _say_shadows(blocks: dict[str, Any]) -> None:
+    """One line per device with a shadow run (running, or its last one's result): the
+    model shadowed and the figures, as the device reported them."""
+    from ..quality import ShadowFigures
+
+    def shown(v: Any, limit: int = 128) -> str:  # a device's words: one printable line
+        return "".join(ch if ch.isprintable() else "?" for ch in str(v)[:limit])
+
+    for d, b in blocks.items():
+        if not isinstance(b, dict):
+            continue
+        what = " ".join(shown(b[k]) for k in ("model", "version") if b.get(k))
+        how = b.get("status") or b.get("result")
+        said = shown(ShadowFigures.from_json(b.get("figures")).summary(), 500)
+        click.echo(f"shadow: {d}" + (f" {what}" if what else "")
+                   + (f" {shown(how, 64)}" if how else "") + f": {said}"
+                   + (f" (#{b['deployment']})" if isinstance(b.get("deployment"), int)
+                      and not isinstance(b["deployment"], bool) else ""))
 
 
 def _say_mismatches(rows: list[dict[str, Any]]) -> None:
@@ -789,6 +844,14 @@ def _device_limits(values: tuple[str, ...]) -> DeviceLimits:
                    "burst_reports, bytes_per_s, burst_bytes, max_queue_bytes, max_devices, "
                    "events_per_device, events_max_age_s, prune_s, heartbeat_s, "
                    "silent_after_missed, resync_s, flush_s; see the README).")
+@click.option("--drift-psi", "drift_psi", type=float, metavar="PSI",
+              help="Flag a device as drifting when an input's largest per-channel "
+                   "population stability index against the evaluation set reaches PSI "
+                   "(default 0.25; 0.1 warns). See the README, \"Input drift\".")
+@click.option("--drift", "drift_keys", multiple=True, metavar="KEY=N",
+              help="Change one drift threshold: psi_warn, psi_alert, min_samples (requests "
+                   "before a device can be flagged, default 200), chi2_alpha, or "
+                   "method=chi2 (a two-sample chi-square test decides instead of PSI).")
 @click.option("--keys", "keydir", type=click.Path(file_okay=False),
               help="Key directory holding the deployment key (default: the one given to "
                    "init). The controller signs each wave with it.")
@@ -850,7 +913,8 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
               partition: str | None, stall_timeout: float, metrics: str | None,
               enrol: bool = False, credential_lifetime: str = "30d",
               ca_bundle: str | None = None, enrol_rate: str | None = None,
-              enrol_keys: tuple[str, ...] = (), **mqtt: Any) -> None:
+              enrol_keys: tuple[str, ...] = (), drift_psi: float | None = None,
+              drift_keys: tuple[str, ...] = (), **mqtt: Any) -> None:
     """Answer chunk requests for REPO, keep the device registry and run the rollouts
     recorded in the fleet database, until interrupted.
 
@@ -877,9 +941,9 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
         # EDGE_DB, which a fleet host exports for its other serve, is no reason to refuse.
         db_given = (db_url is not None and click.get_current_context().get_parameter_source(
             "db_url") is not click.core.ParameterSource.ENVIRONMENT)
-        if db_given or http or registry_keys or enrol:
+        if db_given or http or registry_keys or enrol or drift_psi is not None or drift_keys:
             raise UsageError("--only responder runs no registry or page: drop --db / --http "
-                             "/ --registry / --enrol")
+                             "/ --registry / --enrol / --drift")
         _serve_responder(repo, keydir, config, rcfg, metrics_at)
         return
     if only is None and db_url is None and http is None and not fleet_installed():
@@ -900,6 +964,9 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
                                      allowed_hosts=http_hosts,
                                      behind_tls_proxy=http_tls_proxy) if http else None
         registry_config = RegistryConfig.parse(registry_keys)
+        from ..quality import DriftConfig
+
+        drift_config = DriftConfig.parse(drift_keys, psi_alert=drift_psi)
         identity = _identity_config(credential_lifetime, ca_bundle, enrol_rate,
                                     enrol_keys) if enrol else None
     except EdgeError:
@@ -918,7 +985,7 @@ def serve_cmd(repo: str, no_shared: bool, device_limit: tuple[str, ...], db_url:
             _check_access(conn, responder, fleet=True)
             server = FleetServer(db, repository, conn, registry=registry_config,
                                  web=web_config, poll_s=poll_s, lease_ttl=lease_ttl,
-                                 identity=identity)
+                                 identity=identity, drift=drift_config)
             if server.enroller is not None:
                 server.enroller.check_broker()
             if not server.wait_for_lease(stop, say=lambda line: click.echo(

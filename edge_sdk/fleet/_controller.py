@@ -36,9 +36,15 @@ from collections.abc import Sequence
 
 from .._oneline import one_line
 from ..errors import EdgeError
-from ..release._deploy import clear_deployment, create_deployment, last_document
+from ..release._deploy import (
+    SignedDeployment,
+    clear_deployment,
+    create_deployment,
+    last_document,
+)
 from ..release._repository import Repository
 from ..transport import MqttConnection, Topics
+from ..trust._deployment import ShadowSpec
 from ..trust._keys import DEPLOYMENT_ROLE
 from . import _machine as m
 from . import _store as store
@@ -281,8 +287,10 @@ class Controller:
         # reports, so that every report received before it is in what they see.
         heard = store.heard_until(self.db, self.topics.fleet)
         revoked = store.revoked_devices(self.db, self.topics.fleet)
+        shadowing = [d for d, p in state.devices.items() if p.status == "shadowing"]
+        runs = store.shadow_runs(self.db, self.topics.fleet, shadowing) if shadowing else {}
         self._apply(state, m.Tick(time.time(), mem, self._reports(state), heard_until=heard,
-                                  revoked=revoked))
+                                  revoked=revoked, shadow_runs=runs))
 
     def _others(self, rid: int, active: Sequence[int]) -> list[m.RolloutState]:
         """The states of the active rollouts but ``rid``: as this controller last saw
@@ -306,6 +314,8 @@ class Controller:
         for d, p in state.devices.items():
             if p.status == "sent" and p.counter is not None:
                 waiting.setdefault(d, set()).add(p.counter)
+            if p.status == "shadowing" and p.shadow_counter is not None:
+                waiting.setdefault(d, set()).add(p.shadow_counter)
             if p.rollback_status == "sent" and p.rollback_counter is not None:
                 waiting.setdefault(d, set()).add(p.rollback_counter)
         if not waiting:
@@ -314,22 +324,26 @@ class Controller:
 
     def _effect(self, st: m.RolloutState, fx: m.Effect) -> m.RolloutState:
         if isinstance(fx, m.Sign):
+            shadow = bool(fx.shadow)
             try:
-                # An abort's send-back returns devices to what they ran, yanked or not.
-                models, remove = fx.targets(st.model)
-                signed = create_deployment(self.repo, models=models, remove=remove,
-                                           fleet=self.topics.fleet, devices=fx.devices,
-                                           rollback=fx.rollback or st.spec.signed_rollback,
-                                           allow_yanked=fx.rollback)
+                if shadow:
+                    signed = self._sign_shadow(st, fx)
+                else:
+                    # An abort's send-back returns devices to what they ran, yanked or not.
+                    models, remove = fx.targets(st.model)
+                    signed = create_deployment(
+                        self.repo, models=models, remove=remove, fleet=self.topics.fleet,
+                        devices=fx.devices, rollback=fx.rollback or st.spec.signed_rollback,
+                        allow_yanked=fx.rollback)
             except EdgeError as err:
                 log.warning("rollout %d: cannot sign for %s: %s", st.id,
                             ", ".join(fx.devices), err)
                 return self._apply(st, m.SignFailed(fx.devices, str(err), fx.rollback,
-                                                    time.time()))
+                                                    time.time(), shadow=shadow))
             crash_point("signing")
             return self._apply(st, m.Signed(fx.devices, signed.deployment.counter,
                                             signed.document.decode(), fx.rollback,
-                                            time.time()))
+                                            time.time(), shadow=shadow))
         # Publish and Clear: put what the record says now on the topics (the effect's own
         # document may have been superseded by another rollout's since).
         if isinstance(fx, m.Publish):
@@ -341,6 +355,18 @@ class Controller:
         else:
             self._drive((fx.device,))
         return st
+
+    def _sign_shadow(self, st: m.RolloutState, fx: m.Sign) -> SignedDeployment:
+        """A shadow document for ``fx.devices``: they serve ``fx.models`` (what they ran
+        before the rollout, yanked or not) and run ``fx.shadow`` beside them, under the
+        rollout's gate."""
+        gate = st.spec.gate
+        if gate is None:  # pragma: no cover - the machine signs shadows for gates only
+            raise FleetError(f"rollout {st.id} has no gate to shadow under")
+        return create_deployment(
+            self.repo, models=fx.models, fleet=self.topics.fleet, devices=fx.devices,
+            rollback=st.spec.signed_rollback, allow_yanked=True, shadow=fx.shadow,
+            shadow_run=ShadowSpec.for_gate((), gate))
 
     # -- the retained desired topics -----------------------------------------------------
 

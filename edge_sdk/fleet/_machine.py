@@ -18,6 +18,18 @@ later reads. On abort, devices that may hold the new release get ``rollback_stat
 ``signing`` → ``sent`` → ``committed`` / ``failed`` / ``silent``, or ``withdrawn`` (no
 earlier release; its pending document is cleared) / ``skipped``.
 
+A gated rollout (:attr:`RolloutSpec.gate`) first runs the new release in shadow on each
+device: ``pending`` → ``shadow_signing`` → ``shadowing`` (a signed shadow document: the
+device serves its before-versions and compares the rollout's targets beside them) → the
+device's shadow result, whose figures the controller judges again with the rollout's
+gate (the device's verdict word is not trusted): passed → ``pending`` again with
+``shadow_verdict`` set, then promoted by the usual ``signing`` → ``sent`` → ...; failed
+→ ``gate_failed`` (a failure for the abort rule, the figures in ``reason``); not enough
+traffic → ``no_traffic`` (or promoted), as :attr:`RolloutSpec.gate_no_traffic` says. A
+shadowing device with no result within the gate's time limit plus the wave timeout is
+``silent``; an abort while it shadows signs it a plain document of its before-versions,
+which ends its run (``cancelled``, with a ``rollback_status`` for that document).
+
 A rollout deploys one model at a version, or a set of models signed as one document
 (:attr:`RolloutState.models`). Each device's "before" is per model
 (:attr:`DeviceProgress.before_models`: its version of each model of the rollout when it
@@ -39,6 +51,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import UsageError
+from ..quality import Gate, ShadowFigures
 from ..release._abort import FAILED, AbortRule
 from ..release._abort import FINISHED as FINISHED
 from ..release._rollout import check_waves, plan_waves
@@ -47,6 +60,17 @@ from ._errors import FleetError, FleetUsageError
 #: The device statuses that end its part in a wave, and the bad ones among them: the
 #: abort rule's (``edge_sdk.release._abort``, shared with ``rollout run``).
 BAD = FAILED
+#: What a device reports when its shadow run ends (besides a failure of :data:`BAD`).
+SHADOW_RESULTS = ("shadow_passed", "shadow_failed", "shadow_insufficient")
+#: A gated device's statuses before it is promoted, and the two its gate can end it in.
+SHADOW_STATUSES = ("shadow_signing", "shadowing")
+GATE_FAILED = "gate_failed"
+NO_TRAFFIC = "no_traffic"
+#: What a device without enough shadow traffic counts as (``--gate-no-traffic``): a
+#: failure, finished (neither failed nor promoted), or promoted as if it passed.
+NO_TRAFFIC_POLICIES = ("fail", "skip", "promote")
+#: Every status that ends a device's part in its wave.
+DONE = (*FINISHED, GATE_FAILED, NO_TRAFFIC, "cancelled")
 
 
 @dataclass(frozen=True)
@@ -77,9 +101,20 @@ class RolloutSpec:
     rollback: bool = True
     republish_s: float = 30.0
     signed_rollback: bool = False
+    #: Shadow each device first and promote it only when its figures pass (None: no gate).
+    gate: Gate | None = None
+    #: What a device without enough shadow traffic counts as: one of
+    #: :data:`NO_TRAFFIC_POLICIES`.
+    gate_no_traffic: str = "skip"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "waves", check_waves(self.waves))  # a list: a tuple
+        if self.gate is not None and not isinstance(self.gate, Gate):
+            raise UsageError("--gate must be a gate such as 'agreement>=0.99 over 500 "
+                             "requests'")
+        if self.gate_no_traffic not in NO_TRAFFIC_POLICIES:
+            raise UsageError(f"--gate-no-traffic must be one of "
+                             f"{', '.join(NO_TRAFFIC_POLICIES)}")
         if not (self.wave_timeout > 0 and self.rate >= 0):  # NaN is neither
             raise UsageError("--wave-timeout must be > 0 and --rate >= 0")
         if math.isinf(self.rate):
@@ -100,6 +135,7 @@ class RolloutSpec:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["waves"] = list(self.waves)
+        d["gate"] = None if self.gate is None else self.gate.to_json()
         return d
 
     @classmethod
@@ -108,6 +144,8 @@ class RolloutSpec:
         if "waves" in known:
             # Recorded before an empty list was refused: it planned one wave of everyone.
             known["waves"] = tuple(known["waves"]) or ("100%",)
+        if known.get("gate") is not None:
+            known["gate"] = Gate.from_json(known["gate"])
         return cls(**known)
 
 
@@ -129,6 +167,15 @@ class DeviceProgress:
     #: The device's version of each model of the rollout before it (None: it had none);
     #: None in a record saved before sets existed (see :meth:`RolloutState.before`).
     before_models: dict[str, str | None] | None = None
+    #: A gated rollout's shadow document for the device (its counter, the signed bytes,
+    #: when it was sent), the figures of its shadow result (``ShadowFigures`` JSON) and
+    #: the gate's verdict on them: ``passed``, ``failed``, ``insufficient``, or
+    #: ``unchanged`` (it already ran the rollout's versions: nothing to judge).
+    shadow_counter: int | None = None
+    shadow_document: str | None = None
+    shadow_sent_at: float | None = None
+    shadow_figures: dict[str, Any] | None = None
+    shadow_verdict: str | None = None
 
 
 def _progress(wave: int, member: Member, wanted: Mapping[str, str]) -> DeviceProgress:
@@ -201,6 +248,8 @@ class Report:
     counter: int
     result: str
     reason: str | None = None
+    #: A shadow result's figures (``ShadowFigures`` JSON as the device sent it).
+    figures: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -216,6 +265,10 @@ class Tick:
     #: that have not answered leave it ("cancelled"). A revoked device cannot connect,
     #: and its silence must neither hold a wave nor abort the rollout.
     revoked: frozenset[str] = frozenset()
+    #: Device -> the deployment counter of the shadow run its state says is running: a
+    #: shadowing device that names its shadow document's has it, and is not sent it again
+    #: (a run may last the gate's whole time limit).
+    shadow_runs: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -232,6 +285,8 @@ class Signed:
     document: str
     rollback: bool
     now: float
+    #: The shadow document of a gated rollout.
+    shadow: bool = False
 
 
 @dataclass(frozen=True)
@@ -240,6 +295,7 @@ class SignFailed:
     reason: str
     rollback: bool
     now: float
+    shadow: bool = False
 
 
 @dataclass(frozen=True)
@@ -263,6 +319,10 @@ class Sign:
     rollback: bool
     models: tuple[tuple[str, str], ...] = ()
     remove: tuple[str, ...] = ()
+    #: A shadow document: ``models`` are what the devices serve (their before-versions)
+    #: and ``shadow`` each ``(model, version)`` to run beside them under the rollout's
+    #: gate.
+    shadow: tuple[tuple[str, str], ...] = ()
 
     def targets(self, model: str) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
         """``(models, remove)`` to sign, ``model`` being the rollout's."""
@@ -311,6 +371,9 @@ def desired(state: RolloutState, device: str) -> Desired | None:
                        state.before(device).get(state.model))
     if p.document is not None:
         return Desired(p.document, p.counter, state.version)
+    if p.shadow_document is not None:  # it serves its before-versions meanwhile
+        return Desired(p.shadow_document, p.shadow_counter, state.before(device).get(
+            state.model))
     return None
 
 
@@ -328,7 +391,7 @@ def holds(state: RolloutState, device: str) -> bool:
         return True
     if state.status == "aborting":
         return False  # no send-back is due to it: this rollout sends it nothing more
-    if p.status in ("pending", "signing", "sent"):
+    if p.status in ("pending", "signing", "sent", *SHADOW_STATUSES):
         return True
     return (state.spec.rollback and p.status in ("committed", "silent")
             and p.rollback_status is None and bool(_send_back(state, device)))
@@ -400,7 +463,7 @@ def _check(s: RolloutState, e: Event) -> None:
                 raise IllegalEvent(f"rollout {s.id}: {what}signature for {d}, which is not "
                                    "in the rollout")
             got = p.rollback_status if e.rollback else p.status
-            if got != "signing":
+            if got != ("shadow_signing" if e.shadow else "signing"):
                 # A second document for a device that has one would be a conflicting
                 # deployment: refuse it rather than overwrite the record.
                 raise IllegalEvent(f"rollout {s.id}: {what}signature for {d}, which is "
@@ -422,8 +485,10 @@ def _restart(s: RolloutState, fx: list[Effect]) -> None:
                 by_doc.setdefault(p.rollback_document, []).append(d)
         elif p.status == "sent" and p.document:
             by_doc.setdefault(p.document, []).append(d)
+        elif p.status == "shadowing" and p.shadow_document:
+            by_doc.setdefault(p.shadow_document, []).append(d)
         # Asked to sign, but no signed document saved: none was published; sign anew.
-        if p.status == "signing":
+        if p.status in ("signing", "shadow_signing"):
             p.status = "pending"
         if p.rollback_status == "signing":
             p.rollback_status = "pending"
@@ -454,6 +519,9 @@ def _signed(s: RolloutState, e: Signed, fx: list[Effect]) -> None:
         if e.rollback:
             p.rollback_counter, p.rollback_document = e.counter, e.document
             p.rollback_status, p.rollback_sent_at = "sent", e.now
+        elif e.shadow:
+            p.shadow_counter, p.shadow_document = e.counter, e.document
+            p.status, p.shadow_sent_at = "shadowing", e.now
         else:
             p.counter, p.document, p.status, p.sent_at = e.counter, e.document, "sent", e.now
     fx.append(Publish(e.devices, e.document))
@@ -465,7 +533,9 @@ def _sign_failed(s: RolloutState, e: SignFailed) -> None:
         if e.rollback:
             p.rollback_status = "skipped"
         else:
-            p.status, p.reason, p.finished_at = "failed", e.reason, e.now
+            why = f"its shadow document could not be signed: {e.reason}" if e.shadow \
+                else e.reason
+            p.status, p.reason, p.finished_at = "failed", why, e.now
     if not e.rollback and s.status == "running":
         s.reason = f"signing failed: {e.reason}"
 
@@ -496,16 +566,15 @@ def _tick(s: RolloutState, e: Tick, fx: list[Effect]) -> None:
             s.devices[d] = _progress(s.wave, m, s.wanted())
     for d in sorted(e.revoked & s.devices.keys()):
         p = s.devices[d]
-        if p.status in ("pending", "sent"):
+        if p.status in ("pending", "sent", "shadowing"):
             p.status, p.reason, p.finished_at = "cancelled", "the device was revoked", e.now
     _timeouts(s, e.now, heard)
     if _should_abort(s, fx):
         return
-    _republish(s, e.now, fx, forward=True)
+    _republish(s, e.now, fx, forward=True, running=e.shadow_runs)
     if s.status == "paused":
         return
-    if all(p.status in FINISHED or p.status == "cancelled"
-           for p in s.devices.values() if p.wave <= s.wave):
+    if all(p.status in DONE for p in s.devices.values() if p.wave <= s.wave):
         if s.wave >= s.waves:
             s.status, s.reason = "completed", None
             return
@@ -523,12 +592,60 @@ def _record(s: RolloutState, e: Tick) -> None:
         if p is None:
             continue
         if p.status == "sent" and r.counter == p.counter:
+            if r.result not in FINISHED:
+                continue  # a shadow word about a plain document: not its answer
             p.status, p.finished_at = r.result, e.now
-            p.reason = None if r.result == "committed" else r.reason
+            if r.result != "committed":
+                p.reason = r.reason
+            elif p.shadow_verdict != "insufficient":  # else: why it was promoted anyway
+                p.reason = None
+        elif p.status == "shadowing" and r.counter == p.shadow_counter:
+            _judge(s, p, r, e.now)
         elif p.rollback_status == "sent" and r.counter == p.rollback_counter:
             p.rollback_status = "committed" if r.result == "committed" else "failed"
             if r.result != "committed":
                 p.reason = f"rollback {r.result}: {r.reason}"
+
+
+def _judge(s: RolloutState, p: DeviceProgress, r: Report, now: float) -> None:
+    """A shadowing device's result: a failure to install or verify the shadow, else its
+    figures judged again with the rollout's gate (not the device's word for them)."""
+    if r.result in BAD:
+        p.status, p.finished_at = "failed", now
+        p.reason = f"shadow {r.result.replace('_', ' ')}: {r.reason or 'no reason given'}"
+        return
+    gate = s.spec.gate
+    figures = ShadowFigures.from_json(r.figures if isinstance(r.figures, Mapping) else {})
+    p.shadow_figures = figures.to_json()
+    if gate is None:  # a record no gated rollout wrote: nothing to judge by
+        p.shadow_verdict, p.status = "passed", "pending"
+        return
+    verdict = gate.judge(figures)
+    p.shadow_verdict = verdict.outcome
+    if verdict.outcome == "passed":
+        p.status, p.reason = "pending", None  # promoted by the next send
+    elif verdict.outcome == "failed":
+        p.status, p.reason, p.finished_at = GATE_FAILED, verdict.why, now
+    else:
+        _no_traffic(s, p, verdict.why, now)
+
+
+def _no_traffic(s: RolloutState, p: DeviceProgress, why: str, now: float) -> None:
+    p.shadow_verdict = p.shadow_verdict or "insufficient"
+    if s.spec.gate_no_traffic == "promote":
+        p.status, p.reason = "pending", f"{why} (promoted: --gate-no-traffic promote)"
+    else:
+        p.status, p.reason, p.finished_at = NO_TRAFFIC, why, now
+
+
+def _rule_status(s: RolloutState, p: DeviceProgress) -> str:
+    """What the abort rule counts a device's status as: a failed gate fails; too little
+    shadow traffic fails or (skip) only finishes, as the operator chose."""
+    if p.status == GATE_FAILED:
+        return "failed"
+    if p.status == NO_TRAFFIC:
+        return "failed" if s.spec.gate_no_traffic == "fail" else "committed"
+    return p.status
 
 
 def _timeouts(s: RolloutState, now: float, heard: float) -> None:
@@ -537,16 +654,22 @@ def _timeouts(s: RolloutState, now: float, heard: float) -> None:
                 and heard - p.sent_at > s.spec.wave_timeout:
             p.status, p.finished_at = "silent", now
             p.reason = f"no answer within {s.spec.wave_timeout:g} s"
+        elif p.status == "shadowing" and p.shadow_sent_at is not None:
+            # Its run may take the gate's whole time limit before it answers.
+            limit = (s.spec.gate.time_limit_s if s.spec.gate else 0.0) + s.spec.wave_timeout
+            if heard - p.shadow_sent_at > limit:
+                p.status, p.finished_at = "silent", now
+                p.reason = f"no shadow result within {limit:g} s"
 
 
 def _should_abort(s: RolloutState, fx: list[Effect]) -> bool:
-    verdict = s.spec.abort_rule().verdict(p.status for p in s.devices.values())
+    verdict = s.spec.abort_rule().verdict(_rule_status(s, p) for p in s.devices.values())
     if verdict is None:
         return False
     what = "failed" if verdict.kind == "failed" else "did not answer"
     why = f"{verdict.count} of {verdict.finished} finished device(s) {what}"
     reasons = sorted({p.reason for p in s.devices.values()
-                      if p.reason and (p.status in BAD or p.status == "silent")})
+                      if p.reason and _rule_status(s, p) in (*BAD, "silent")})
     if reasons:
         why += " (" + "; ".join(reasons[:3]) + ")"
     _abort(s, f"wave {s.wave} of {s.waves}: {why}", fx)
@@ -556,8 +679,14 @@ def _should_abort(s: RolloutState, fx: list[Effect]) -> bool:
 def _abort(s: RolloutState, why: str, fx: list[Effect]) -> None:
     s.status, s.reason, s.held = "aborting", why, False
     for d, p in sorted(s.devices.items()):
-        if p.status in ("pending", "signing"):
+        if p.status in ("pending", "signing", "shadow_signing"):
             p.status, p.reason = "cancelled", "the rollout was aborted before it got here"
+            continue
+        if p.status == "shadowing":
+            # It never swapped: a plain document of what it serves ends its shadow run.
+            p.status = "cancelled"
+            p.reason = "the rollout was aborted while it shadowed: its run was ended"
+            p.rollback_status = "pending"
             continue
         holds_new = p.status in ("committed", "sent", "silent")
         if not holds_new or not s.spec.rollback:
@@ -574,7 +703,8 @@ def _abort(s: RolloutState, why: str, fx: list[Effect]) -> None:
     _rollback_signs(s, fx)
 
 
-def _republish(s: RolloutState, now: float, fx: list[Effect], *, forward: bool) -> None:
+def _republish(s: RolloutState, now: float, fx: list[Effect], *, forward: bool,
+               running: Mapping[str, int] | None = None) -> None:
     """Publish again the document of each device that has not answered it, at
     ``republish_s``, twice that, ... after it was sent (rollback documents only, with
     ``forward`` False: an aborting rollout sends nothing forward again). A QoS 1
@@ -583,7 +713,9 @@ def _republish(s: RolloutState, now: float, fx: list[Effect], *, forward: bool) 
     to store retained message", so a device that was reconnecting then never reads its
     document. The same bytes are idempotent for an agent (it skips a document it has
     handled and says its state again). Each tick republishes the devices whose age
-    crossed a multiple of ``republish_s`` since the previous tick (``looked_at``)."""
+    crossed a multiple of ``republish_s`` since the previous tick (``looked_at``). A
+    shadow document goes out again only until the device says its run is under way
+    (``running``: device -> the counter of its running shadow run)."""
     every, before = s.spec.republish_s, s.looked_at
     s.looked_at = now
     if every <= 0:
@@ -598,6 +730,9 @@ def _republish(s: RolloutState, now: float, fx: list[Effect], *, forward: bool) 
     for d, p in sorted(s.devices.items()):
         if forward and p.status == "sent" and p.document and due(p.sent_at):
             by_doc.setdefault(p.document, []).append(d)
+        if forward and p.status == "shadowing" and p.shadow_document \
+                and (running or {}).get(d) != p.shadow_counter and due(p.shadow_sent_at):
+            by_doc.setdefault(p.shadow_document, []).append(d)
         if p.rollback_status == "sent" and p.rollback_document and due(p.rollback_sent_at):
             by_doc.setdefault(p.rollback_document, []).append(d)
     fx += [Publish(tuple(devs), doc, again=True) for doc, devs in by_doc.items()]
@@ -617,7 +752,11 @@ def _tick_abort(s: RolloutState, now: float, fx: list[Effect], heard: float) -> 
 
 def _send_back(s: RolloutState, device: str) -> dict[str, str | None]:
     """What an abort sends ``device`` back to: each model of the rollout whose version
-    the rollout changed, at the device's earlier version (None: removed)."""
+    the rollout changed, at the device's earlier version (None: removed). A device that
+    was only ever sent its shadow document never had the new models: it is sent what it
+    serves, which ends its shadow run."""
+    if s.devices[device].document is None and s.devices[device].shadow_document:
+        return {n: v for n, v in sorted(s.before(device).items()) if v is not None}
     wanted = s.wanted()
     return {n: v for n, v in sorted(s.before(device).items()) if v != wanted.get(n)}
 
@@ -643,20 +782,70 @@ def _rollback_signs(s: RolloutState, fx: list[Effect]) -> None:
 def _send(s: RolloutState, now: float, fx: list[Effect]) -> None:
     pending = [d for d, p in sorted(s.devices.items())
                if p.status == "pending" and p.wave <= s.wave]
-    if not pending:
-        return
-    if s.spec.rate > 0:
+    gated = s.spec.gate is not None
+    # Judged by the gate (or nothing to judge): promoted now, outside the rate, which
+    # paces first deployments (for a gated rollout, its shadow documents).
+    promote = [d for d in pending if gated and s.devices[d].shadow_verdict is not None]
+    fresh = [d for d in pending if d not in promote]
+    if fresh and s.spec.rate > 0:
         cap = max(1.0, s.spec.rate / 6)  # at most ten seconds' worth in one burst
         s.tokens = min(cap, s.tokens + (now - s.tokens_at) * s.spec.rate / 60)
         s.tokens_at = now
         # The bucket alone would allow its burst on top of a minute's worth.
-        recent = sum(1 for p in s.devices.values() if p.status == "signing" or (
-            p.sent_at is not None and now - p.sent_at < 60))
+        recent = sum(1 for p in s.devices.values() if p.status in (
+            "signing", "shadow_signing") or _sent_within(_first_sent(s, p), now, 60))
         n = min(math.floor(s.tokens), max(1, math.floor(s.spec.rate)) - recent)
-        if n < 1:
-            return
-        pending = pending[:n]
-        s.tokens -= len(pending)
-    for d in pending:
+        fresh = fresh[:max(n, 0)]
+        s.tokens -= len(fresh)
+    if gated:
+        promote += _shadow(s, fresh, now, fx)
+        fresh = []
+    todo = sorted(fresh + promote)
+    if not todo:
+        return
+    for d in todo:
         s.devices[d].status = "signing"
-    fx.append(Sign(tuple(pending), s.version, False, models=s.models))
+    fx.append(Sign(tuple(todo), s.version, False, models=s.models))
+
+
+def _sent_within(at: float | None, now: float, seconds: float) -> bool:
+    return at is not None and now - at < seconds
+
+
+def _first_sent(s: RolloutState, p: DeviceProgress) -> float | None:
+    """When the device was sent the rollout's first document (its shadow, if gated)."""
+    if s.spec.gate is not None and p.shadow_sent_at is not None:
+        return p.shadow_sent_at
+    return p.sent_at
+
+
+def _shadow(s: RolloutState, devices: Sequence[str], now: float,
+            fx: list[Effect]) -> list[str]:
+    """Sign shadow documents for ``devices``, one per distinct before-versions; returns
+    the ones to promote at once instead: those that run the rollout's versions already
+    (nothing to judge) and, with ``--gate-no-traffic promote``, those that serve none of
+    its models (nothing to compare with)."""
+    wanted = s.wanted()
+    by_doc: dict[tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]],
+                 list[str]] = {}
+    now_promote: list[str] = []
+    for d in devices:
+        p = s.devices[d]
+        before = s.before(d)
+        served = tuple((n, v) for n, v in sorted(before.items()) if v is not None)
+        new = tuple((n, wanted[n]) for n, v in served if v != wanted[n])
+        if not served:
+            _no_traffic(s, p, f"serves no {', '.join(sorted(wanted))}: nothing to compare "
+                              "with", now)
+            if p.status == "pending":
+                now_promote.append(d)
+        elif not new:
+            p.shadow_verdict = "unchanged"
+            now_promote.append(d)
+        else:
+            by_doc.setdefault((served, new), []).append(d)
+    for (served, new), devs in sorted(by_doc.items()):
+        for d in devs:
+            s.devices[d].status = "shadow_signing"
+        fx.append(Sign(tuple(devs), served[0][1], False, models=served, shadow=new))
+    return now_promote

@@ -11,17 +11,25 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-#: Outcomes, worst first: a wave is shown by its worst.
-OUTCOMES = ("failed", "rolled_back", "silent", "rolling_back", "pending", "skipped",
-            "committed")
+from ..quality import ShadowFigures
+
+#: Outcomes, worst first: a wave is shown by its worst. ``gate_failed``: its shadow
+#: figures failed the rollout's gate; ``no_traffic``: too few compared requests.
+OUTCOMES = ("failed", "gate_failed", "rolled_back", "silent", "rolling_back", "no_traffic",
+            "shadowing", "pending", "skipped", "committed")
 
 _FORWARD = {"committed": "committed", "rolled_back": "rolled_back", "failed": "failed",
             "refused": "failed", "silent": "silent", "cancelled": "skipped",
-            "pending": "pending", "signing": "pending", "sent": "pending"}
+            "pending": "pending", "signing": "pending", "sent": "pending",
+            "shadow_signing": "shadowing", "shadowing": "shadowing",
+            "gate_failed": "gate_failed", "no_traffic": "no_traffic"}
 
 
 def device_outcome(status: str, rollback_status: str | None) -> str:
     """One of :data:`OUTCOMES` for a device's rollout row."""
+    if status == "cancelled":  # its document ending a shadow run, if any, changes nothing
+        return "rolling_back" if rollback_status in ("pending", "signing", "sent") \
+            else "skipped"
     if rollback_status == "committed":
         return "rolled_back"  # sent back to its earlier version by the abort
     if rollback_status in ("pending", "signing", "sent"):
@@ -34,9 +42,11 @@ def device_outcome(status: str, rollback_status: str | None) -> str:
 
 
 def device_note(reason: str | None, back: str | None, before: str | None,
-                rollout_reason: str | None) -> str | None:
+                rollout_reason: str | None, status: str | None = None) -> str | None:
     """Why a device ended as it did, in words (None when it committed as planned), from
-    its row's ``reason``, ``rollback_status`` and ``before_version``."""
+    its row's ``reason``, ``rollback_status``, ``before_version`` and ``status``."""
+    if status == "cancelled":
+        return reason or None
     if back == "committed":
         return f"rolled back to {before} after the rollout was aborted" + (
             f": {rollout_reason}" if rollout_reason else "")
@@ -61,6 +71,44 @@ def wave_summary(wave: int, outcomes: Iterable[str]) -> dict[str, Any]:
     by = {o: counts[o] for o in OUTCOMES if o in counts}
     return {"wave": wave, "devices": sum(by.values()), "by_outcome": by,
             "outcome": worst(by)}
+
+
+#: A gated rollout's devices per wave, by where their shadow run is.
+SHADOW_STAGES = ("shadowing", "passed", "failed", "no_traffic")
+
+
+def shadow_stage(status: str, verdict: str | None) -> str | None:
+    """Where a gated device's shadow run is: ``shadowing``, ``passed`` (promoted or about
+    to be), ``failed``, ``no_traffic``; None when it has not started one (or never
+    needed one: it ran the rollout's versions already)."""
+    if status in ("shadow_signing", "shadowing"):
+        return "shadowing"
+    if status == "gate_failed" or verdict == "failed":
+        return "failed"
+    if status == "no_traffic" or verdict == "insufficient":
+        return "no_traffic"
+    if verdict == "passed":
+        return "passed"
+    return None
+
+
+def shadow_summary(stages: Iterable[str | None]) -> dict[str, int]:
+    """``{stage: count}`` over :data:`SHADOW_STAGES` (only the ones present)."""
+    got = [x for x in stages if x is not None]
+    return {k: got.count(k) for k in SHADOW_STAGES if k in got}
+
+
+def shadow_figures(figures: Any) -> dict[str, Any]:
+    """What the page and ``rollout status`` show of a shadow run's reported figures (read
+    as hostile: :meth:`ShadowFigures.from_json`): ``compared``, ``agreement``, ``worst``,
+    ``worst_detail``, ``latency_ratio``, ``errors``, and ``text``, all in one line; {} for
+    no figures."""
+    if not isinstance(figures, Mapping):
+        return {}
+    f = ShadowFigures.from_json(figures)
+    return {"compared": f.compared, "agreement": f.agreement, "worst": f.worst,
+            "worst_detail": f.worst_detail, "latency_ratio": f.latency_ratio,
+            "errors": f.errors, "text": f.summary()}
 
 
 def summary_text(by_outcome: Mapping[str, int]) -> str:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -33,9 +34,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._json import MESSAGE_MAX_BYTES, MESSAGE_MAX_DEPTH, loads_bounded
-from ..release._watch import DeviceStatus
+from ..quality import ShadowFigures
+from ..release._watch import MAX_RESULTS, DeviceStatus
 from ..transport import MqttConnection, Topics
 from ..transport._access import PROBE_DEVICE
+from ._drift import DriftJudge
 from ._ingest import DeviceCounts, Intake, RegistryConfig
 from ._reread import RetainedReread
 from ._store import (
@@ -46,12 +49,14 @@ from ._store import (
     DatabaseError,
     FleetDB,
     FleetError,
+    device_drift,
     insert_device,
     insert_event,
     json_text,
     model_versions,
     reported_device,
     update_device,
+    write_drift,
     write_events,
 )
 
@@ -92,6 +97,11 @@ _KIND_MAX = _EVENT_COLS["kind"][1] or 64
 _RETRY = ":retry"
 #: Characters of each stored update result's reason (the controller reads them every poll).
 _RESULT_REASON = 500
+#: Characters of a device's stored drift document at most (edge_sdk.fleet._drift).
+_DRIFT_MAX = 64 * 1024
+#: Drift judged without references (a registry not given a repository): figures kept,
+#: nothing flagged.
+_NO_REFERENCES = DriftJudge()
 
 
 def _fit(cols: dict[str, tuple[str, int | None]], row: dict[str, Any]) -> None:
@@ -174,10 +184,11 @@ def ingest_state(c: Connection, fleet: str, device: str, payload: bytes,
 
 
 def ingest_event(c: Connection, fleet: str, device: str, payload: bytes,
-                 now: float | None = None) -> bool:
-    """Write one device event (heartbeats only refresh ``last_seen``); False when malformed."""
+                 now: float | None = None, *, drift: DriftJudge | None = None) -> bool:
+    """Write one device event (heartbeats only refresh ``last_seen``, and the device's
+    input drift when they carry it: ``drift`` judges it); False when malformed."""
     try:
-        write_event(c, fleet, device, payload, now)
+        write_event(c, fleet, device, payload, now, drift=drift)
     except MalformedReport:
         return False
     return True
@@ -262,9 +273,12 @@ def write_state(c: Connection, fleet: str, device: str, payload: bytes,
     _counter(st.deployment, "deployment")
     _counter(st.last_deployment, "last_update.deployment")
     models = json_text([m.to_json() for m in st.served])
+    figures = _result_figures(doc.get("results"))
     results = json_text([{"deployment": r.deployment, "result": r.result,
                           "reason": None if r.reason is None else r.reason[:_RESULT_REASON],
-                          "models": list(r.models)}
+                          "models": list(r.models),
+                          **({"shadow": figures[r.deployment]}
+                             if r.deployment in figures else {})}
                          for r in st.results if r.deployment <= MAX_ID])
     values: dict[str, Any] = {
         "models": models, "results": results,
@@ -274,6 +288,7 @@ def write_state(c: Connection, fleet: str, device: str, payload: bytes,
         "previous_version": prev[1], "phase": st.phase, "deployment": st.deployment,
         "last_result": st.last_result, "last_reason": st.last_reason,
         "last_deployment": st.last_deployment, "state": json_text(doc),
+        "shadow": _shadow_block(doc.get("shadow"), st, figures),
     }
     if old is not None and sent.get("will") is True:
         values["last_seen"] = old.last_seen  # the broker spoke, not the device
@@ -304,6 +319,49 @@ def write_state(c: Connection, fleet: str, device: str, payload: bytes,
         insert_event(c, row)
 
 
+def _result_figures(results: object) -> dict[int, dict[str, Any]]:
+    """Deployment counter -> the shadow figures of each of a state's newest ``results``
+    that carries them (read as :meth:`ShadowFigures.from_json` reads hostile input)."""
+    out: dict[int, dict[str, Any]] = {}
+    for r in results[-MAX_RESULTS:] if isinstance(results, list) else ():
+        if isinstance(r, dict) and isinstance(r.get("shadow"), dict):
+            n = _number(r.get("deployment"))
+            if n is not None and n <= MAX_ID:
+                out[n] = ShadowFigures.from_json(r["shadow"]).to_json()
+    return out
+
+
+_SHADOW_WORD = 64
+
+
+def _shadow_block(sent: object, st: DeviceStatus,
+                  figures: dict[int, dict[str, Any]]) -> str | None:
+    """What ``devices.shadow`` keeps (JSON): the device's running shadow run as its state
+    says it (``deployment``, ``model``, ``version``, ``started``, ``status``,
+    ``figures``), else the newest update result with shadow figures (``result`` and
+    ``reason`` instead of ``status``), else None. Every value is bounded here."""
+    def word(v: object, limit: int = _SHADOW_WORD) -> str | None:
+        return v[:limit] if isinstance(v, str) and v.isprintable() else None
+
+    if isinstance(sent, dict):
+        started = sent.get("started")
+        return json_text({
+            "deployment": _number(sent.get("deployment")),
+            "model": word(sent.get("model"), _NAME_MAX),
+            "version": word(sent.get("version"), _VERSION_MAX),
+            "started": started if isinstance(started, int | float)
+            and not isinstance(started, bool) and math.isfinite(started) else None,
+            "status": word(sent.get("status")),
+            "figures": ShadowFigures.from_json(sent.get("figures")).to_json()})
+    for r in reversed(st.results):
+        if r.deployment in figures:
+            return json_text({
+                "deployment": r.deployment, "model": r.models[0] if r.models else None,
+                "result": r.result, "reason": None if r.reason is None
+                else r.reason[:_RESULT_REASON], "figures": figures[r.deployment]})
+    return None
+
+
 def _loads_state(text: str | None) -> dict[str, Any] | None:
     try:
         doc = json.loads(text) if text else None
@@ -313,9 +371,9 @@ def _loads_state(text: str | None) -> dict[str, Any] | None:
 
 
 def write_event(c: Connection, fleet: str, device: str, payload: bytes,
-                now: float | None = None) -> None:
+                now: float | None = None, *, drift: DriftJudge | None = None) -> None:
     """:func:`ingest_event` that raises :class:`MalformedReport` with the reason."""
-    EventBatch(c).add(fleet, device, payload, now).flush()
+    EventBatch(c, drift=drift).add(fleet, device, payload, now).flush()
 
 
 class EventBatch:
@@ -324,10 +382,14 @@ class EventBatch:
     per report (on PostgreSQL under load the registry fell seconds behind a rollout of 500
     devices). Rows are written in the order added."""
 
-    def __init__(self, c: Connection) -> None:
+    def __init__(self, c: Connection, *, drift: DriftJudge | None = None) -> None:
         self.c = c
         self.events: list[dict[str, Any]] = []
         self.touches: list[dict[str, Any]] = []
+        #: Heartbeats' drift blocks, judged and stored at :meth:`flush` (after the
+        #: touches: a device that is not registered yet has no row to hold them).
+        self.drift = drift if drift is not None else _NO_REFERENCES
+        self.drifts: list[tuple[str, str, Any, Any, float]] = []
         #: The sequence number of the event added last (agents number their events), if
         #: it had one; and the newest number a heartbeat says its device has sent.
         self.seq: int | None = None
@@ -349,6 +411,8 @@ class EventBatch:
             self.last_seq = _number(doc.get("last_seq"))
         if kind == "heartbeat":
             self.touches.append(touch)
+            if "drift" in doc:
+                self.drifts.append((fleet, device, doc["drift"], doc.get("models"), ts))
             return self
         raw_dep = doc.get("deployment")
         dep: dict[str, Any] = raw_dep if isinstance(raw_dep, dict) else {}
@@ -378,6 +442,22 @@ class EventBatch:
     def flush(self) -> None:
         write_events(self.c, self.events, self.touches)
         self.events, self.touches = [], []
+        drifts, self.drifts = self.drifts, []
+        for fleet, device, block, served, ts in drifts:
+            old = _loads_state(device_drift(self.c, fleet, device))
+            judged = self.drift.judge(block, served, old, ts)
+            if judged is None:
+                continue
+            doc, drifting = judged
+            text = json_text(doc)
+            if len(text) > _DRIFT_MAX:  # many models and inputs: the per-channel PSI go
+                for m in doc["models"].values():
+                    for d in m["inputs"].values():
+                        d.pop("psi", None)
+                text = json_text(doc)
+            if len(text) > _DRIFT_MAX:
+                text = json_text({k: doc[k] for k in ("at", "flagged", "warn", "refused")})
+            write_drift(self.c, fleet, device, text, drifting)
 
 
 def _number(v: object) -> int | None:
@@ -403,9 +483,11 @@ class Registry:
 
     def __init__(self, connection: MqttConnection, db: FleetDB, *,
                  topics: Topics | None = None, config: RegistryConfig | None = None,
-                 qos: int = 0) -> None:
+                 qos: int = 0, drift: DriftJudge | None = None) -> None:
         self._conn = connection
         self.db = db
+        #: Judges the input drift heartbeats carry (thresholds, the artifacts' references).
+        self.drift = drift
         self.topics = topics or Topics.for_config(connection.config)
         self.config = config or RegistryConfig()
         self.qos = qos
@@ -535,7 +617,7 @@ class Registry:
                work: list[tuple[str, str, bytes, float]]) -> list[tuple[str, str | None]]:
         """Write a batch in order: runs of events together, each state on its own (a state
         reads the row the events before it touched)."""
-        events = EventBatch(c)
+        events = EventBatch(c, drift=self.drift)
         counts: list[tuple[str, str | None]] = []
         for leaf, device, payload, ts in work:
             if leaf == "state":
@@ -583,7 +665,7 @@ class Registry:
                     self._states.clear()
                 self._states[device] = seen
             else:
-                write_event(c, fleet, device, payload, ts)
+                write_event(c, fleet, device, payload, ts, drift=self.drift)
         except MalformedReport as err:
             return self._malformed(leaf, device, payload, err)
         return ("states" if leaf == "state" else "events"), None

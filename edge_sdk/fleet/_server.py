@@ -11,9 +11,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..errors import EdgeError
+from ..quality import DriftConfig
 from ..release._repository import Repository
 from ..transport import MqttConnection
 from ._controller import Controller
+from ._drift import DriftJudge, ReleaseReferences
 from ._enroller import Enroller, IdentityConfig, broker_admin
 from ._ingest import RegistryConfig
 from ._registry import Registry
@@ -33,17 +35,22 @@ class FleetServer:
     limits; ``web``: serve the fleet page (None: no page); ``poll_s``, ``lease_ttl``: see
     :class:`Controller`; ``identity`` (:class:`IdentityConfig`): run the :class:`Enroller`
     too (device enrolment and credentials, through the broker's dynamic security plugin
-    on the same connection; None: off). Raises :class:`FleetError` for a deployment key
-    others can read."""
+    on the same connection; None: off); ``drift`` (:class:`DriftConfig`): when a device's
+    inputs count as drifting. Raises :class:`FleetError` for a deployment key others can
+    read."""
 
     def __init__(self, db: FleetDB, repository: Repository, connection: MqttConnection, *,
                  registry: RegistryConfig | None = None, web: WebConfig | None = None,
                  poll_s: float = 0.5, lease_ttl: float = 15.0,
-                 identity: IdentityConfig | None = None) -> None:
+                 identity: IdentityConfig | None = None,
+                 drift: DriftConfig | None = None) -> None:
         self.db = db
         self.repository = repository
         self.fleet = connection.config.fleet
-        self.registry = Registry(connection, db, config=registry)
+        # Drift is judged against the reference of the version each device serves, read
+        # from the repository's signed targets (the manifest rides there).
+        self.registry = Registry(connection, db, config=registry, drift=DriftJudge(
+            drift, ReleaseReferences(repository)))
         self.controller = Controller(db, repository, connection, poll_s=poll_s,
                                      lease_ttl=lease_ttl)
         self._web_config = web

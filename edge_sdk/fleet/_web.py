@@ -18,9 +18,9 @@ parsed as markup, and nothing is fetched from outside (``Content-Security-Policy
 default-src 'self'``).
 
 Routes: ``/`` (the page), ``/static/{page.js,page.css}``, ``/api/devices`` (query
-``group``, ``tag``, ``model``, ``online``), ``/api/devices/{id}`` (the device, its
-history and its updates: how each was downloaded, whether it was rolled back; ``limit``),
-``/api/rollouts``, ``/api/rollouts/{id}``, ``/api/models`` (with
+``group``, ``tag``, ``model``, ``online``, ``drifting``), ``/api/devices/{id}`` (the
+device, its history and its updates: how each was downloaded, whether it was rolled
+back; ``limit``), ``/api/rollouts``, ``/api/rollouts/{id}``, ``/api/models`` (with
 ``yanked``/``yank_reason`` from the release repository when the server has one),
 ``/api/audit`` (``limit``), ``/api/registry`` (the registry's counts and progress, and
 the devices whose reports it dropped or lost), ``/api/warnings`` (what the operator must
@@ -86,7 +86,7 @@ _JSON = "application/json"
 _STATIC = {"/": ("page.html", "text/html; charset=utf-8"),
            "/static/page.js": ("page.js", "text/javascript; charset=utf-8"),
            "/static/page.css": ("page.css", "text/css; charset=utf-8")}
-_FILTERS = ("group", "tag", "model", "online")
+_FILTERS = ("group", "tag", "model", "online", "drifting")
 _ONLINE = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 _HEADERS = {
     "Cache-Control": "no-store",
@@ -348,9 +348,13 @@ class FleetApi:
             online = q.get("online", "").lower()
             if online and online not in _ONLINE:
                 raise _BadRequest(400, "online must be true or false")
+            drifting = q.get("drifting", "").lower()
+            if drifting and drifting not in _ONLINE:
+                raise _BadRequest(400, "drifting must be true or false")
             return self.db.devices(fleet=self.fleet, group=q.get("group") or None,
                                    tag=q.get("tag") or None, model=q.get("model") or None,
-                                   online=_ONLINE[online] if online else None)
+                                   online=_ONLINE[online] if online else None,
+                                   drifting=_ONLINE[drifting] if drifting else None)
         if len(segs) == 2 and segs[0] == "devices":
             self._no_query(q, "limit")
             dev_id = self._device_id(segs[1])

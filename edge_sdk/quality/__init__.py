@@ -11,9 +11,25 @@
   :func:`class_changes`, :func:`corners`, :func:`cosine`, :func:`softmax`,
   :func:`is_probabilities`, :func:`segment_layout`, :func:`segment_counts`,
   :func:`abs_error`.
+- Input drift: :func:`reference_stats` (the evaluation set's per-channel statistics, in
+  the manifest's ``input_stats``), :class:`InputAccumulator` (the same figures of live
+  inputs), :func:`psi` and :func:`chi2_two_sample` over their histograms, and the
+  host's judgement (:class:`DriftConfig`, :func:`judge_input`).
 """
 
 from ._compare import CompareConfig, Comparer, Comparison
+from ._drift import (
+    DriftConfig,
+    InputAccumulator,
+    InputDrift,
+    Reference,
+    ReportedInput,
+    channel_rule,
+    chi2_two_sample,
+    judge_input,
+    psi,
+    reference_stats,
+)
 from ._gate import (
     FAILED,
     GATE_METRICS,
@@ -49,10 +65,17 @@ __all__ = [
     "Comparer",
     "Comparison",
     "DetectConfig",
+    "DriftConfig",
     "Gate",
+    "InputAccumulator",
+    "InputDrift",
+    "Reference",
+    "ReportedInput",
     "ShadowFigures",
     "Verdict",
     "abs_error",
+    "channel_rule",
+    "chi2_two_sample",
     "class_changes",
     "corners",
     "cosine",
@@ -60,8 +83,11 @@ __all__ = [
     "detections",
     "iou",
     "is_probabilities",
+    "judge_input",
     "match_detections",
     "nms",
+    "psi",
+    "reference_stats",
     "segment_counts",
     "segment_layout",
     "softmax",

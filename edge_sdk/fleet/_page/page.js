@@ -14,7 +14,8 @@ const MAX_TEXT = 200; // characters of one value in a cell; more go to its toolt
 const MAX_TITLE = 2000;
 const MAX_ID = 128; // the registry's limit on a device id
 // What happened to a rollout's devices, worst first (edge_sdk/fleet/_outcome.py).
-const OUTCOMES = ["failed", "rolled_back", "silent", "rolling_back", "pending", "skipped", "committed"];
+const OUTCOMES = ["failed", "gate_failed", "rolled_back", "silent", "rolling_back", "no_traffic",
+  "shadowing", "pending", "skipped", "committed"];
 const MAX_ITEMS = 12; // items of a reported list shown; the rest are counted
 const view = { sort: "id", dir: 1, device: null, filters: {} };
 
@@ -199,13 +200,33 @@ function modelsText(d) {
   return modelLabels(d).join(", ");
 }
 
-// One line per model, or "no model".
+// One line per model, or "no model"; a device whose inputs drifted gets a line saying so.
 function modelsCell(d) {
   const labels = modelLabels(d);
   if (!labels.length) return el("td", { class: "none" }, "no model");
   const full = labels.join("\n");
+  const drift = driftText(d);
   return el("td", { class: "models", title: full.length > MAX_TEXT ? text(full, MAX_TITLE) : null },
-    ...labels.map((l) => el("div", {}, text(l))));
+    ...labels.map((l) => el("div", {}, text(l))),
+    ...(d.drifting === true ? [el("div", { class: "drift bad", title: "inputs moved from the evaluation set the model was verified on (PSI)" }, `⚠ drift: ${drift}`)] : []));
+}
+
+// The registry's judgement of a device's input drift (edge_sdk/fleet/_drift.py): the
+// flagged inputs with their largest PSI, else the warned ones, else "ok" or why not.
+function driftText(d) {
+  const dr = d.drift;
+  if (!isObj(dr) || !isObj(dr.models)) return "";
+  const psiOf = (key) => {
+    const [m, i] = key.split("/");
+    const inp = isObj(dr.models[m]) && isObj(dr.models[m].inputs) ? dr.models[m].inputs[i] : null;
+    const p = isObj(inp) && typeof inp.psi_max === "number" && Number.isFinite(inp.psi_max) ? inp.psi_max : null;
+    return `${text(key, 80)}${p === null ? "" : ` psi ${p.toFixed(2)}`}`;
+  };
+  const flagged = list(dr.flagged).filter((x) => typeof x === "string").slice(0, MAX_ITEMS);
+  if (flagged.length) return flagged.map(psiOf).join(", ");
+  const warn = list(dr.warn).filter((x) => typeof x === "string").slice(0, MAX_ITEMS);
+  if (warn.length) return `warn ${warn.map(psiOf).join(", ")}`;
+  return "ok";
 }
 
 // A device that never installed a model is idle whatever its phase says (older agents
@@ -214,6 +235,20 @@ function phaseText(d) {
   if (d.registered === false) return "never reported"; // assigned by the operator only
   if (modelLabels(d).length) return text(d.phase);
   return d.phase && d.phase !== "committed" ? text(d.phase) : "idle";
+}
+
+// A device's shadow run (its last reported one): "shadow det 2 running: 120 compared,
+// agreement 0.992"; "" without one. The figures' line is the host's (shadow.text).
+function shadowText(sh) {
+  if (!isObj(sh)) return "";
+  const what = [text(sh.model, 60), text(sh.version, 40)].filter((x) => x).join(" ");
+  const how = text(sh.status || sh.result, 60);
+  return `shadow${what ? ` ${what}` : ""}${how ? ` ${how}` : ""}${sh.text ? `: ${text(sh.text)}` : ""}`;
+}
+
+function phaseCell(d) {
+  const sh = shadowText(d.shadow);
+  return el("td", {}, phaseText(d), sh ? el("div", { class: "shadow", "data-shadow": "1" }, sh) : null);
 }
 
 function onlineText(d) {
@@ -234,7 +269,7 @@ function deviceRow(d) {
       title: isObj(d.revoked) ? text(`by ${text(d.revoked.by)}: ${text(d.revoked.reason)}`, MAX_TITLE) : null },
     onlineText(d)),
     td(listText(d.groups)), td(pairsText(d.tags)), reportedCell(d),
-    modelsCell(d), td(phaseText(d)),
+    modelsCell(d), phaseCell(d),
     td(d.last_result, { title: text(d.last_reason, MAX_TITLE) }),
     el("td", {}, when(d.last_seen)));
 }
@@ -256,8 +291,9 @@ function renderDevices(devs) {
   const body = document.querySelector("#devices tbody");
   body.replaceChildren(...each(devs.slice().sort(compare), deviceRow, brokenRow));
   const online = devs.filter((d) => isObj(d) && d.online === true).length;
+  const drifting = devs.filter((d) => isObj(d) && d.drifting === true).length;
   document.getElementById("devices-caption").textContent =
-    `${devs.length} device${devs.length === 1 ? "" : "s"} (${online} online)`;
+    `${devs.length} device${devs.length === 1 ? "" : "s"} (${online} online${drifting ? `, ${drifting} with drifting inputs` : ""})`;
   for (const th of document.querySelectorAll("#devices th[data-key]")) {
     if (th.dataset.key === view.sort) th.setAttribute("aria-sort", view.dir > 0 ? "ascending" : "descending");
     else th.removeAttribute("aria-sort");
@@ -341,9 +377,12 @@ function waveRow(r, p) {
     bar.append(seg);
   }
   const current = r.wave === p.wave && ["running", "paused"].includes(r.status);
+  // A gated rollout's wave: its devices shadowing, passed, failed and without traffic.
+  const shadow = pairs(p.shadow).map(([s, n]) => `${count(n)} ${statusName(s)}`).join(", ");
   return el("div", { class: `wave wave-${word(worst)}`, "data-wave": wave, "data-outcome": text(worst, 40) },
     el("span", {}, `Wave ${wave}${current ? " ◀" : ""}`), bar,
-    el("span", { class: "counts" }, summary || `0 of ${devices} devices`));
+    el("span", { class: "counts" }, summary || `0 of ${devices} devices`),
+    shadow ? el("span", { class: "counts shadow", "data-shadow": "1" }, `shadow: ${shadow}`) : null);
 }
 
 function rolloutCard(r) {
@@ -360,8 +399,18 @@ function rolloutCard(r) {
       ` · updated ${when(r.updated)}`),
     r.reason ? el("p", { class: "reason" },
       (r.status === "aborted" ? "Aborted: " : r.status === "aborting" ? "Aborting: " : "") + text(r.reason, MAX_TITLE)) : null,
+    isObj(r.gate) ? el("p", { class: "counts gate" }, `gate ${text(r.gate.text)} · no traffic: ${text(r.gate.no_traffic, 20)}`) : null,
     ...each(list(r.progress), (p) => waveRow(r, p),
       (p, err) => el("p", { class: "broken" }, `cannot show a wave: ${errText(err)}`)));
+  const shadows = list(r.devices).filter((d) => isObj(d) && isObj(d.shadow));
+  if (shadows.length) {
+    art.append(el("table", { class: "shadows" },
+      el("caption", {}, `Shadow figures of ${shadows.length} device${shadows.length === 1 ? "" : "s"}`),
+      el("thead", {}, el("tr", {}, ...["Device", "Wave", "Shadow", "Compared", "Agreement", "Worst",
+        "Latency ×", "Figures"].map((h) => el("th", { scope: "col" }, h)))),
+      el("tbody", {}, ...each(shadows, shadowRow,
+        (d, err) => el("tr", { class: "broken" }, el("td", { colspan: 8 }, errText(err)))))));
+  }
   const failures = list(r.failures);
   if (failures.length) {
     art.append(el("table", { class: "failures" },
@@ -374,6 +423,22 @@ function rolloutCard(r) {
       (f, err) => el("tr", { class: "broken" }, el("td", { colspan: 3 }, errText(err)))))));
   }
   return art;
+}
+
+function num(v, digits) {
+  return typeof v === "number" && Number.isFinite(v) ? v.toFixed(digits) : "";
+}
+
+// One device's shadow run in a rollout: the gate's verdict and the figures it judged
+// (numbers the host read from the device's report: edge_sdk/fleet/_outcome.py).
+function shadowRow(d) {
+  const sh = d.shadow;
+  const verdict = sh.verdict || sh.stage || "under way";
+  return el("tr", { "data-device": text(d.device, MAX_TITLE), "data-verdict": text(verdict, 40) },
+    td(d.device), td(d.wave), td(statusName(verdict), { class: verdict === "failed" ? "bad" : null }),
+    td(num(sh.compared, 0)), td(num(sh.agreement, 3)),
+    td(num(sh.worst, 3), { title: text(sh.worst_detail, MAX_TITLE) || null }),
+    td(num(sh.latency_ratio, 2)), td(sh.text, { title: text(sh.text, MAX_TITLE) || null }));
 }
 
 function renderRollouts(rs) {
@@ -414,6 +479,7 @@ function renderHistory(doc) {
     ["Reported by the device", reportedText(d) || "—"],
     ["Differs", list(d.mismatch).map((x) => text(x)).join("; ") || "—"],
     ["Hardware (reported)", factsText(d.hardware) || "—"],
+    ["Input drift", driftText(d) || "—"],
     ["First seen", d.first_seen ? when(d.first_seen, true) : "never reported"]];
   document.getElementById("history-facts").replaceChildren(
     ...facts.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));

@@ -38,12 +38,14 @@ from ._devices import (
     EVENT_COLUMNS,
     assignments,
     delete_devices,
+    device_drift,
     insert_device,
     insert_event,
     known_devices,
     reported_device,
     update_device,
     write_assignments,
+    write_drift,
     write_events,
 )
 from ._rollouts import (
@@ -65,6 +67,7 @@ from ._rollouts import (
     save_desired,
     save_state,
     selectable_devices,
+    shadow_runs,
 )
 from ._schema import (
     ACTIVE_STATUSES,
@@ -107,6 +110,7 @@ __all__ = [
     "desired_documents",
     "desired_records",
     "desired_versions",
+    "device_drift",
     "end_sessions",
     "engine_url",
     "enrolment_rows",
@@ -137,10 +141,12 @@ __all__ = [
     "save_state",
     "selectable_devices",
     "session",
+    "shadow_runs",
     "touch_session",
     "update_device",
     "update_operator",
     "valid_id",
     "write_assignments",
+    "write_drift",
     "write_events",
 ]

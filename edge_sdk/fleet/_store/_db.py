@@ -27,11 +27,16 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, RowMapping
 
 from ..._redact import add_secret, redact, redact_url
+from ...errors import EdgeError
+from ...quality import Gate
 from .._errors import FleetError, FleetUsageError, LeaseHeld, LeaseLost
 from .._outcome import (
     device_note,
     device_outcome,
     download_text,
+    shadow_figures,
+    shadow_stage,
+    shadow_summary,
     update_text,
     wave_summary,
 )
@@ -221,15 +226,17 @@ class FleetDB:
 
     def devices(self, *, fleet: str | None = None, group: str | None = None,
                 tag: str | None = None, model: str | None = None,
-                online: bool | None = None) -> list[dict[str, Any]]:
+                online: bool | None = None,
+                drifting: bool | None = None) -> list[dict[str, Any]]:
         """Devices sorted by fleet and id: every registered device, and every device the
         operator assigned that has not reported yet (``registered`` False). ``group`` and
         ``tag`` (``KEY`` or ``KEY=VALUE``) filter by the operator's assignment;
         ``hw.KEY[=VALUE]`` by a reported hardware fact. ``model`` is a name or
         ``NAME VERSION`` / ``NAME@VERSION``: the devices serving it, among their models.
         ``online`` is what the device said unless it has gone silent (see
-        :func:`_silence`). Each device's ``models``: every model it serves,
-        ``{"name", "version", "sha256", "phase"}`` sorted by name; ``model`` and
+        :func:`_silence`); ``drifting``: whether an input is flagged as drifting. Each
+        device's ``models``: every model it serves, ``{"name", "version", "sha256",
+        "phase"}`` sorted by name; ``model`` and
         ``version``: the one it swapped in last."""
         a = device_assignments
         q = _registered().order_by(devices.c.fleet, devices.c.id)
@@ -257,6 +264,8 @@ class FleetDB:
                 for m in r["models"])]
         if online is not None:
             rows = [r for r in rows if r["online"] == online]
+        if drifting is not None:
+            rows = [r for r in rows if r["drifting"] == drifting]
         if group is not None:
             rows = [r for r in rows if group in r["groups"]]
         if tag is not None:
@@ -689,6 +698,10 @@ def _device(m: RowMapping, silence: Mapping[str, float] | None = None) -> dict[s
         "phase": m["phase"], "deployment": m["deployment"], "last_result": m["last_result"],
         "last_reason": m["last_reason"], "last_deployment": m["last_deployment"],
         "state": state,
+        # Input drift as the registry judged it (edge_sdk.fleet._drift), and its flag.
+        "drift": _loads(m["drift"], None), "drifting": bool(m["drifting"]),
+        # Its last reported shadow run (schema 11), with the figures read for showing.
+        "shadow": _device_shadow(m.get("shadow")),
         # Revoked by an operator (edge-sdk device revoke): rollouts leave it out.
         "revoked": None if m["revoked_at"] is None else {
             "at": m["revoked_at"], "by": m["revoked_by"], "reason": m["revoked_reason"]},
@@ -708,7 +721,8 @@ def _unregistered(m: RowMapping) -> dict[str, Any]:
         "model": None,
         "version": None, "previous_model": None, "previous_version": None, "phase": None,
         "deployment": 0, "last_result": None, "last_reason": None, "last_deployment": None,
-        "state": {}, "revoked": None if m.get("e_revoked_at") is None else {
+        "state": {}, "drift": None, "drifting": False, "shadow": None,
+        "revoked": None if m.get("e_revoked_at") is None else {
             "at": m["e_revoked_at"], "by": m["e_revoked_by"],
             "reason": m["e_revoked_reason"]},
     }
@@ -731,15 +745,20 @@ def _rollout(h: RowMapping, rows: Sequence[RowMapping]) -> dict[str, Any]:
     config = _loads(h["config"], {})
     waves: dict[int, dict[str, int]] = {}
     outcomes: dict[int, list[str]] = {}
+    stages: dict[int, list[str | None]] = {}
     devs = []
     for r in rows:
         w = waves.setdefault(int(r["wave"]), {})
         w[r["status"]] = w.get(r["status"], 0) + 1
         outcome = device_outcome(r["status"], r["rollback_status"])
         outcomes.setdefault(int(r["wave"]), []).append(outcome)
+        stage = shadow_stage(r["status"], r.get("shadow_verdict"))
+        stages.setdefault(int(r["wave"]), []).append(stage)
         devs.append({"device": r["device"], "wave": r["wave"], "status": r["status"],
                      "outcome": outcome, "note": device_note(r["reason"], r["rollback_status"],
-                                         r["before_version"], h["reason"]),
+                                         r["before_version"], h["reason"], r["status"]),
+                     # A gated rollout's shadow run on the device (None: it had none).
+                     "shadow": _shadow_row(r, stage),
                      "reason": r["reason"], "counter": r["counter"], "sent_at": r["sent_at"],
                      "finished_at": r["finished_at"],
                      "before": r["before_version"], "rollback_counter": r["rollback_counter"],
@@ -759,13 +778,52 @@ def _rollout(h: RowMapping, rows: Sequence[RowMapping]) -> dict[str, Any]:
         and bool(_loads(h["machine"], {}).get("held", False)),
         # by_status: the controller's record; by_outcome and outcome: what happened to
         # the devices (a committed device sent back by an abort counts as rolled back).
-        "progress": [{**wave_summary(i, outcomes[i]), "by_status": waves[i]}
-                     for i in sorted(waves)],
+        "progress": [{**wave_summary(i, outcomes[i]), "by_status": waves[i],
+                      "shadow": shadow_summary(stages[i])} for i in sorted(waves)],
+        # The gate of a gated rollout, as the operator wrote it, and its no-traffic rule.
+        "gate": _gate_text(config),
         "devices": devs,
         "failures": [{"device": d["device"], "status": d["status"], "outcome": d["outcome"],
                       "reason": d["note"]} for d in devs if d["outcome"] in _BAD_OUTCOMES],
     }
 
 
+def _shadow_row(r: RowMapping, stage: str | None) -> dict[str, Any] | None:
+    """A device's shadow run in a rollout: its document's counter, where it is, the
+    gate's verdict, the reported figures (and one line of them), or None without one."""
+    if r.get("shadow_counter") is None and r.get("shadow_verdict") is None:
+        return None
+    figures = _loads(r.get("shadow_figures"), None)
+    figures = figures if isinstance(figures, dict) else None
+    return {"counter": r.get("shadow_counter"), "stage": stage,
+            "verdict": r.get("shadow_verdict"), "figures": figures,
+            "compared": None, "agreement": None, "worst": None, "worst_detail": None,
+            "latency_ratio": None, "errors": None, "text": None,
+            **shadow_figures(figures)}
+
+
+def _device_shadow(text: str | None) -> dict[str, Any] | None:
+    """``devices.shadow`` as the API gives it: the block the registry kept, with its
+    figures read (:func:`shadow_figures`: ``compared``, ``agreement``, ..., ``text``)."""
+    block = _loads(text, None)
+    if not isinstance(block, dict):
+        return None
+    return {**block, **shadow_figures(block.get("figures"))}
+
+
+def _gate_text(config: Any) -> dict[str, Any] | None:
+    """A gated rollout's gate: ``text`` as ``rollout start --gate`` takes it, ``gate``
+    (its JSON), ``no_traffic`` (``--gate-no-traffic``); None for an ungated rollout."""
+    if not isinstance(config, dict) or config.get("gate") is None:
+        return None
+    try:
+        text = Gate.from_json(config["gate"]).text
+    except EdgeError:
+        text = "(unreadable)"
+    return {"text": text, "gate": config["gate"],
+            "no_traffic": config.get("gate_no_traffic", "skip")}
+
+
 #: Outcomes listed as a rollout's failures (with their reasons).
-_BAD_OUTCOMES = ("failed", "rolled_back", "silent", "rolling_back")
+_BAD_OUTCOMES = ("failed", "gate_failed", "rolled_back", "silent", "rolling_back",
+                 "no_traffic")

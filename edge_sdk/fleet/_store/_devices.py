@@ -92,6 +92,18 @@ def write_events(c: Connection, events: Sequence[Mapping[str, Any]],
         c.execute(_TOUCH, list(touches))
 
 
+def device_drift(c: Connection, fleet: str, device: str) -> str | None:
+    """The device's stored input drift document (JSON text), or None."""
+    return c.execute(sa.select(devices.c.drift).where(
+        (devices.c.fleet == fleet) & (devices.c.id == device))).scalar()
+
+
+def write_drift(c: Connection, fleet: str, device: str, drift: str, drifting: bool) -> None:
+    """Store a registered device's input drift document and flag."""
+    c.execute(devices.update().where((devices.c.fleet == fleet) & (devices.c.id == device))
+              .values(drift=drift, drifting=drifting))
+
+
 # -- the operator's assignments ------------------------------------------------------------
 
 def assignments(c: Connection, fleet: str, ids: Iterable[str]

@@ -40,7 +40,7 @@ from ._schema import (
 
 _DEVICE_FIELDS = [f for f in m.DeviceProgress.__dataclass_fields__ if f != "wave"]
 #: Fields kept as JSON text.
-_JSON_FIELDS = ("before_models",)
+_JSON_FIELDS = ("before_models", "shadow_figures")
 
 
 # -- what a selector can match -------------------------------------------------------------
@@ -173,6 +173,14 @@ def _before_models(text: str | None) -> dict[str, str | None] | None:
     return {str(k): v if isinstance(v, str) else None for k, v in got.items()}
 
 
+def _figures(text: str | None) -> dict[str, Any] | None:
+    got = json_value(text, None)
+    return got if isinstance(got, dict) else None
+
+
+_LOAD_JSON = {"before_models": _before_models, "shadow_figures": _figures}
+
+
 def load_state(c: Connection, rollout_id: int) -> m.RolloutState:
     h = c.execute(sa.select(rollouts).where(rollouts.c.id == rollout_id)).mappings().one()
     st = _header(h)
@@ -181,7 +189,7 @@ def load_state(c: Connection, rollout_id: int) -> m.RolloutState:
         p = m.DeviceProgress(wave=r["wave"])
         for f in _DEVICE_FIELDS:
             if f in r:
-                setattr(p, f, _before_models(r[f]) if f in _JSON_FIELDS else r[f])
+                setattr(p, f, _LOAD_JSON[f](r[f]) if f in _JSON_FIELDS else r[f])
         st.devices[r["device"]] = p
     return st
 
@@ -266,9 +274,9 @@ def heard_until(db: FleetDB, fleet: str) -> float | None:
 
 def reports(db: FleetDB, fleet: str, waiting: Mapping[str, set[int]]) -> list[m.Report]:
     """What the devices in ``waiting`` reported about the deployments (counters) each waits
-    for: a finished update among its newest results or its last one (a device given
-    two deployments back to back keeps both), or the newest bad event per device and
-    counter."""
+    for: a finished update (or an ended shadow run, with its figures) among its newest
+    results or its last one (a device given two deployments back to back keeps both),
+    or the newest bad event per device and counter."""
     out: list[m.Report] = []
     counters = sorted({n for s in waiting.values() for n in s})
     with db.read() as c:
@@ -276,14 +284,17 @@ def reports(db: FleetDB, fleet: str, waiting: Mapping[str, set[int]]) -> list[m.
                                      devices.c.last_result, devices.c.last_reason,
                                      devices.c.results).where(
                 (devices.c.fleet == fleet) & devices.c.id.in_(list(waiting)))):
-            said = {x["deployment"]: (x.get("result"), x.get("reason"))
+            said = {x["deployment"]: (x.get("result"), x.get("reason"), x.get("shadow"))
                     for x in json_value(d.results, []) if isinstance(x, dict)
                     and isinstance(x.get("deployment"), int)
                     and x["deployment"] in waiting[d.id]}
             if d.last_deployment in waiting[d.id]:
-                said[d.last_deployment] = (d.last_result, d.last_reason)
-            out += [m.Report(d.id, n, result, reason if isinstance(reason, str) else None)
-                    for n, (result, reason) in sorted(said.items()) if result in m.FINISHED]
+                figures = said.get(d.last_deployment, (None, None, None))[2]
+                said[d.last_deployment] = (d.last_result, d.last_reason, figures)
+            out += [m.Report(d.id, n, result, reason if isinstance(reason, str) else None,
+                             figures if isinstance(figures, dict) else None)
+                    for n, (result, reason, figures) in sorted(said.items())
+                    if result in m.FINISHED or result in m.SHADOW_RESULTS]
         # Only the newest bad event per waiting device and counter it waits for: rows a
         # device files under other counters, or many under one, are never read.
         ev = device_events
@@ -295,6 +306,22 @@ def reports(db: FleetDB, fleet: str, waiting: Mapping[str, set[int]]) -> list[m.
                                      ev.c.reason).where(ev.c.seq.in_(newest))):
             if r.deployment in waiting.get(r.device, ()):
                 out.append(m.Report(r.device, r.deployment, r.kind, r.reason))
+    return out
+
+
+def shadow_runs(db: FleetDB, fleet: str, device_ids: Iterable[str]) -> dict[str, int]:
+    """Device -> the deployment counter of the shadow run its last state says is under
+    way (``devices.shadow`` with a ``status``), for each of ``device_ids`` that says one."""
+    out: dict[str, int] = {}
+    with db.read() as c:
+        for part in chunks(sorted(device_ids), 500):
+            for r in c.execute(sa.select(devices.c.id, devices.c.shadow).where(
+                    (devices.c.fleet == fleet) & devices.c.id.in_(part))):
+                block = json_value(r.shadow, None)
+                if isinstance(block, dict) and block.get("status") is not None:
+                    n = block.get("deployment")
+                    if isinstance(n, int) and not isinstance(n, bool):
+                        out[r.id] = n
     return out
 
 

@@ -141,6 +141,13 @@ rollout_devices = sa.Table(
     sa.Column("rollback_sent_at", sa.Float),
     #: JSON: the device's version of each model of the rollout before it (schema 8).
     sa.Column("before_models", sa.Text),
+    # Schema 11: a gated rollout's shadow document for the device, the figures of its
+    # shadow result (JSON) and the gate's verdict on them (see ``_machine``).
+    sa.Column("shadow_counter", sa.Integer),
+    sa.Column("shadow_document", sa.Text),
+    sa.Column("shadow_sent_at", sa.Float),
+    sa.Column("shadow_figures", sa.Text),
+    sa.Column("shadow_verdict", sa.String(32)),
 )
 
 rollout_commands = sa.Table(
@@ -449,6 +456,13 @@ def _v11(c: Connection) -> None:
         if col.name not in have:
             spec = sa.schema.CreateColumn(col).compile(dialect=c.dialect)
             c.execute(sa.text(f"ALTER TABLE devices ADD COLUMN {spec}"))
+    have = {col["name"] for col in sa.inspect(c).get_columns("rollout_devices")}
+    rd = rollout_devices.c
+    for col in (rd.shadow_counter, rd.shadow_document, rd.shadow_sent_at, rd.shadow_figures,
+                rd.shadow_verdict):
+        if col.name not in have:
+            spec = sa.schema.CreateColumn(col).compile(dialect=c.dialect)
+            c.execute(sa.text(f"ALTER TABLE rollout_devices ADD COLUMN {spec}"))
 
 
 _MIGRATIONS = {1: _v1, 2: _v2, 3: _v3, 4: _v4, 5: _v5, 6: _v6, 7: _v7, 8: _v8, 9: _v9,
