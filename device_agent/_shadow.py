@@ -130,6 +130,8 @@ class _Run:
         self.paused: str | None = None
         self.done = False
         self.stop = threading.Event()
+        #: The ``edge_agent_shadow_dropped`` series by (model, why), once looked up.
+        self.dropped: dict[tuple[str, str], Any] = {}
         self.thread: threading.Thread | None = None
 
     def sampled(self) -> bool:
@@ -184,7 +186,11 @@ class Shadowing:
                     why = "full"
         r.tally.drop()
         if self.metrics is not None:
-            self.metrics.shadow_dropped.labels(model.name, why).inc()
+            child = r.dropped.get((model.name, why))
+            if child is None:  # looked up once per run: labels() costs a lock and a hash
+                child = r.dropped[(model.name, why)] = \
+                    self.metrics.shadow_dropped.labels(model.name, why)
+            child.inc()
 
     # -- the installer's side ------------------------------------------------------------
 
