@@ -252,9 +252,10 @@ class ShadowConfig:
     queue: int = 16
     #: CPU seconds the comparing worker may use per wall second, over 10 s; above it the
     #: run pauses ("paused: cpu") and drops what is sampled until it is below again. The
-    #: worker is also paced to this share in short turns. 0.25, measured (bench/agent.py
-    #: [10], a saturated 2-core host): 0.5 let serving p99 grow 1.5-2x, 0.25 about 1.3x.
-    cpu_share: float = 0.25
+    #: worker is also paced to this share in short turns. 0.1, measured (bench/agent.py
+    #: [10], a saturated 2-core host, every request sampled): serving p99 grew 1.5-2x at
+    #: 0.5, 1.2-1.6x at 0.25, 1.0-1.2x at 0.1 (still ~60 comparisons a second).
+    cpu_share: float = 0.1
     #: Process memory (RSS) above which the run pauses ("paused: memory"). 0: 80 % of
     #: ``limits.max_models_bytes`` (or of the device's memory when that is 0).
     max_rss_bytes: int = 0
