@@ -171,6 +171,18 @@ class Agent:
             _hardware, self.topics.profile_result(config.device_id), self._stop,
             source=chosen if link is not None and isinstance(chosen, ProfilingSource)
             else None)
+        # -- field samples (edge-sdk samples): a request tap, answered over the link.
+        from ._samples import SampleCollector
+
+        keyed = chosen if isinstance(chosen, ProfilingSource) else None
+        self.samples = SampleCollector(
+            config, self.store.root, self.topics, self._publish_retained, self.telemetry.event,
+            key=lambda: keyed.key if keyed is not None else None, served=self.slots.get,
+            stop=self._stop)
+        self.taps.add(self.samples)
+        # What a shadow candidate disagreed on is a field sample of rule "disagreement".
+        self.shadowing.on_disagree = lambda name, feed, outputs, score: self.samples.offer(
+            name, feed, outputs, "disagreement", score)
 
     def _desired_ev_set(self) -> None:
         self._desired_ev.set()
@@ -236,6 +248,7 @@ class Agent:
             except OSError as err:
                 self.installer.storage.failed(err)
         self.telemetry.start()
+        self.samples.start()
         if self.connection is not None:
             self._open_link(self.connection)
         self._worker = threading.Thread(target=self._work, name="agent-worker", daemon=True)
@@ -254,6 +267,7 @@ class Agent:
             self._worker.join(10)
         self.shadowing.stop()
         self.profiler.stop()
+        self.samples.stop()
         if self.drift is not None:
             self.drift.stop()
         if self.identity is not None:
@@ -318,6 +332,12 @@ class Agent:
             # Only then: a broker ACL written before profiling existed refuses the topic.
             conn.subscribe(self.topics.profile_request(self.config.device_id),
                            self.profiler.on_request, wait=False)
+        if self.config.samples.enabled:
+            # Only then, as profiling: an older broker ACL refuses these topics.
+            conn.subscribe(self.topics.samples_request(self.config.device_id),
+                           self.samples.on_request, wait=False)
+            conn.subscribe(self.topics.samples_get(self.config.device_id),
+                           self.samples.on_get, wait=False)
         self.telemetry.attach(conn)
         if self.identity is not None and self._mqtt is not None:
             self.identity.start(self._mqtt, on_credentials=self._follow)
@@ -410,6 +430,10 @@ class Agent:
     def _publish(self, topic: str, payload: bytes) -> None:
         if self.connection is not None:
             self.connection.publish(topic, payload, qos=1)
+
+    def _publish_retained(self, topic: str, payload: bytes, retain: bool) -> None:
+        if self.connection is not None:
+            self.connection.publish(topic, payload, qos=1, retain=retain)
 
     def submit(self, payload: bytes) -> None:
         """Hand a raw deployment to the worker (what the broker subscription does)."""

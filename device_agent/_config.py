@@ -24,6 +24,7 @@ from urllib.parse import unquote, urlparse
 from edge_sdk._internal import add_secret, host_name, redact_url
 from edge_sdk.errors import ConfigError
 from edge_sdk.profiling import ProfilingLimits
+from edge_sdk.samples import SampleLimits
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 #: What becomes one MQTT topic level: no '.', which makes NATS close the connection.
@@ -265,6 +266,31 @@ class ShadowConfig:
 
 
 @dataclass(frozen=True)
+class SamplesConfig:
+    """Field samples (``edge-sdk samples request``): inputs the served model saw, kept on
+    disk only while a signed request asks for them, bundled for the host to pull."""
+
+    #: The device's own veto: false refuses every request (the operator's allow list
+    #: is the other key).
+    enabled: bool = True
+    #: What one request may ask (size, count, bundle bytes, lifetime), checked with its
+    #: signature; keys in this section (``samples.max_count``).
+    limits: SampleLimits = field(default_factory=SampleLimits, metadata={"flat": True})
+    #: Everything under ``STATE/samples`` (kept samples and the bundle) stays within
+    #: these; past them the oldest kept sample is dropped.
+    max_buffer_bytes: int = 160 * 1024 * 1024
+    max_buffer_count: int = 2000
+    #: Served requests waiting to be looked at; more are skipped (never blocks serving).
+    queue: int = 16
+    #: Request ids remembered until they expire (``STATE/seen/samples.json``).
+    max_seen: int = 512
+    #: A ready bundle is deleted this long after it was made.
+    keep_s: float = 24 * 3600.0
+    #: Chunks of a bundle answered per second (the rest: "slow down").
+    chunks_per_s: float = 32.0
+
+
+@dataclass(frozen=True)
 class DriftConfig:
     """Input drift statistics (``[drift]``, device_agent._drift): per-input, per-channel
     figures of the requests a model answered, over a sliding window, reported with the
@@ -385,6 +411,7 @@ class AgentConfig:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
     shadow: ShadowConfig = field(default_factory=ShadowConfig)
+    samples: SamplesConfig = field(default_factory=SamplesConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
     #: Enrolment by claim and renewed credentials (None: broker credentials are given).
     identity: IdentityConfig | None = None
@@ -500,6 +527,15 @@ class AgentConfig:
             ("shadow.queue", self.shadow.queue),
             ("shadow.max_input_bytes", self.shadow.max_input_bytes),
         ]
+        sm = self.samples
+        positive += [("samples.max_request_bytes", sm.limits.max_request_bytes),
+                     ("samples.max_count", sm.limits.max_count),
+                     ("samples.max_bytes", sm.limits.max_bytes),
+                     ("samples.max_ttl_s", sm.limits.max_ttl_s),
+                     ("samples.max_buffer_bytes", sm.max_buffer_bytes),
+                     ("samples.max_buffer_count", sm.max_buffer_count),
+                     ("samples.queue", sm.queue), ("samples.max_seen", sm.max_seen),
+                     ("samples.keep_s", sm.keep_s), ("samples.chunks_per_s", sm.chunks_per_s)]
         for key, num in positive:
             if num <= 0:
                 raise bad(key, "must be > 0")

@@ -156,9 +156,10 @@ class Shadowing:
         self.metrics = metrics
         self.on_end = on_end
         #: Told of each request the candidate disagreed on (model name, feed, the served
-        #: model's outputs), on the worker's thread: field samples keep them (``_samples``).
+        #: model's outputs, the comparison's score), on the worker's thread: field samples
+        #: keep them (``_samples``).
         self.on_disagree: Callable[[str, Mapping[str, np.ndarray],
-                                    Mapping[str, np.ndarray]], None] | None = None
+                                    Mapping[str, np.ndarray], float], None] | None = None
         self._run: _Run | None = None
         self._ended: Ended | None = None
         self._lock = threading.Lock()
@@ -328,7 +329,7 @@ class Shadowing:
                              took)
         if not c.agree and self.on_disagree is not None:
             try:
-                self.on_disagree(name, feed, outputs)
+                self.on_disagree(name, feed, outputs, float(c.score))
             except Exception:
                 log.exception("keeping a disagreement of the shadow run failed")
         if m is not None:

@@ -565,15 +565,16 @@ def seen_max_bytes(max_seen: int) -> int:
 
 
 def read_seen(state_dir: Path, *, max_seen: int, max_ttl_s: float, now: float,
-              ) -> tuple[SeenRecord, str | None]:
+              name: str = "profiling") -> tuple[SeenRecord, str | None]:
     """The record of seen profiling requests, pruned at ``now`` and bounded, and why it had
     to be rebuilt (None when it was read, or is simply not there yet).
 
     Unreadable, oversized or malformed, the record is lost; every request admitted
     before expires within ``max_ttl_s`` (the longest lifetime the device accepts), so
     the new record refuses all requests expiring before ``now + max_ttl_s``: a replay is
-    refused, and the agent stays up."""
-    path = state_dir / SEEN_FILE
+    refused, and the agent stays up. ``name``: whose requests (``seen/NAME.json``:
+    ``profiling``, ``samples``)."""
+    path = state_dir / SEEN_FILE.with_name(f"{name}.json")
     cap = seen_max_bytes(max_seen)
     try:
         with open(path, "rb") as f:
@@ -588,8 +589,8 @@ def read_seen(state_dir: Path, *, max_seen: int, max_ttl_s: float, now: float,
     return record.pruned(now).bounded(max_seen), None
 
 
-def write_seen(state_dir: Path, record: SeenRecord) -> None:
+def write_seen(state_dir: Path, record: SeenRecord, name: str = "profiling") -> None:
     """Replace the record atomically; OSError when the state directory cannot be written."""
-    path = state_dir / SEEN_FILE
+    path = state_dir / SEEN_FILE.with_name(f"{name}.json")
     path.parent.mkdir(exist_ok=True)
     atomic_write_bytes(path, record.to_bytes())

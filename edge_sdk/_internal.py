@@ -49,7 +49,7 @@ from ._bench import (
 )
 from ._fs import atomic_write_bytes, atomic_write_text, sha256_file, staged_dir
 from ._http import HeadError, RequestHead, check_host, host_name, parse_head, reason
-from ._io import load_npz
+from ._io import load_npz, npz_bytes
 from ._json import MESSAGE_MAX_BYTES, MESSAGE_MAX_DEPTH, loads_bounded
 from ._oneline import CAUSE_CHARS, one_line
 from ._redact import add_secret, redact_url
@@ -82,6 +82,7 @@ __all__ = [
     "load_npz",
     "loads_bounded",
     "measure",
+    "npz_bytes",
     "one_line",
     "parse_head",
     "reason",

@@ -217,16 +217,21 @@ OPERATOR_NEEDS = {(f"{B}/dev/d1/desired", True), (f"{B}/dev/d1/desired", False),
                   (f"{B}/grp/lobby/desired", True), (f"{B}/grp/lobby/desired", False),
                   (f"{B}/dev/d1/state", False), (f"{B}/dev/d1/events", False),
                   (f"{B}/repo/announce", False), (f"{B}/dev/d1/profile/req", True),
-                  (f"{B}/dev/d1/profile/res", False)}
+                  (f"{B}/dev/d1/profile/res", False), (f"{B}/dev/d1/samples/req", True),
+                  (f"{B}/dev/d1/samples/res", False), (f"{B}/dev/d1/samples/get", True),
+                  (f"{B}/dev/d1/samples/put", False)}
 #: What the device d2 needs of its own topics.
 DEVICE_NEEDS = {(f"{B}/dev/d2/state", True), (f"{B}/dev/d2/events", True),
                 (f"{B}/dev/d2/desired", False), (f"{B}/dev/d2/repo/req", True),
                 (f"{B}/dev/d2/repo/res", False), (f"{B}/dev/d2/profile/req", False),
-                (f"{B}/dev/d2/profile/res", True), (f"{B}/repo/announce", False)}
+                (f"{B}/dev/d2/profile/res", True), (f"{B}/repo/announce", False),
+                (f"{B}/dev/d2/samples/req", False), (f"{B}/dev/d2/samples/get", False),
+                (f"{B}/dev/d2/samples/res", True), (f"{B}/dev/d2/samples/put", True)}
 #: Everything the roles above could be asked to do, on d1's topics (d2 is the device
 #: checked), a group's, the fleet's, and the topics of devices named like the accounts.
 ALL = {(t, w) for t in [f"{B}/dev/d1/{leaf}" for leaf in (
-    "desired", "state", "events", "repo/req", "repo/res", "profile/req", "profile/res")]
+    "desired", "state", "events", "repo/req", "repo/res", "profile/req", "profile/res",
+    "samples/req", "samples/res", "samples/get", "samples/put")]
     + [f"{B}/grp/lobby/desired", f"{B}/repo/announce"] for w in (False, True)}
 
 

@@ -110,14 +110,16 @@ def test_device_account_reaches_exactly_its_own_topics(
     try:
         inbox = Inbox()
         reads = [T.desired("cam-1"), T.repo_response("cam-1"), T.profile_request("cam-1"),
-                 f"{BASE}/dev/cam-1/cred/res", T.announce, T.group_desired("lobby")]
+                 f"{BASE}/dev/cam-1/cred/res", T.announce, T.group_desired("lobby"),
+                 T.samples_request("cam-1"), T.samples_get("cam-1")]
         for topic in reads:
             dev.subscribe(topic, inbox)
         for topic in reads:
             mon.publish_wait(topic, b"for cam-1")
             inbox.wait_for(topic, b"for cam-1")
         writes = [T.repo_request("cam-1"), T.state("cam-1"), T.events("cam-1"),
-                  T.profile_result("cam-1"), f"{BASE}/dev/cam-1/cred/req"]
+                  T.profile_result("cam-1"), f"{BASE}/dev/cam-1/cred/req",
+                  T.samples_status("cam-1"), T.samples_put("cam-1")]
         for topic in writes:
             dev.publish_wait(topic, b"from cam-1")
             seen.wait_for(topic, b"from cam-1")
@@ -125,7 +127,9 @@ def test_device_account_reaches_exactly_its_own_topics(
         others = [T.desired("cam-2"), T.state("cam-2"), T.repo_request("cam-2"),
                   T.repo_response("cam-2"), f"{BASE}/dev/cam-2/cred/req",
                   f"{BASE}/dev/cam-2/cred/res", T.group_desired("door"), T.announce,
-                  T.desired("cam-1"), T.repo_response("cam-1"), f"{BASE}/enrol/b/cam-2/req"]
+                  T.desired("cam-1"), T.repo_response("cam-1"), f"{BASE}/enrol/b/cam-2/req",
+                  T.samples_request("cam-2"), T.samples_get("cam-2"),
+                  T.samples_put("cam-2"), T.samples_status("cam-2")]
         for topic in [*others, f"{BASE}/#", "#", T.group_desired("door"),
                       T.state("cam-2")]:
             if topic in reads:

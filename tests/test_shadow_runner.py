@@ -109,6 +109,8 @@ def test_compared_requests_end_the_run_with_the_gate_verdict(
         tmp_path: Path, served: Served, shadowing: list[Shadowing]) -> None:
     s = Shadowing(config(tmp_path))
     shadowing.append(s)
+    kept: list[tuple[str, float]] = []
+    s.on_disagree = lambda name, feed, outputs, score: kept.append((name, score))
     s.start(run(min_requests=3, gate="agreement>=0.99 over 3 requests"), [served])
     for i in range(3):
         # The "served" answers: right, right, wrong (the candidate computes x + 1).
@@ -118,6 +120,8 @@ def test_compared_requests_end_the_run_with_the_gate_verdict(
     _, outcome, reason, figures = ended(s)
     assert outcome == "shadow_failed" and "agreement" in reason
     assert figures["compared"] == 3 and figures["agreed"] == 2
+    # The one disagreement goes to field samples, with its score.
+    assert [name for name, _ in kept] == ["adder"] and kept[0][1] < 1.0
 
 
 @pytest.mark.parametrize(("errors", "compared", "outcome"), [

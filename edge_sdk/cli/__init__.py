@@ -53,6 +53,9 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
                "(Mosquitto's dynamic security plugin): init writes its config."),
     "audit": ("edge_sdk.cli._fleet:audit_cmd", "fleet", "Show the audit log of operator "
               "actions."),
+    "samples": ("edge_sdk.cli._samples:samples_group", "fleet", "Field samples: allow, "
+                "deny, list the devices that may be asked; request inputs; pull them as a "
+                "calibration set."),
     "agent": ("device_agent._cli:agent_cmd", "agent", "Run the device agent daemon."),
 }
 

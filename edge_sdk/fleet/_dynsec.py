@@ -127,6 +127,12 @@ def device_lines(topics: Topics, device_id: str) -> list[Access]:
         ("write", f"{dev}/events"),
         ("write", f"{dev}/profile/res"),
         ("write", topics.cred_request(device_id)),
+        # Field samples: the signed request and the host's chunk requests in, the status
+        # and the bundle's chunks out.
+        ("read", topics.samples_request(device_id)),
+        ("read", topics.samples_get(device_id)),
+        ("write", topics.samples_status(device_id)),
+        ("write", topics.samples_put(device_id)),
     ]
 
 
@@ -194,6 +200,11 @@ def operator_lines(topics: Topics) -> list[Access]:
         ("read", topics.announce),
         ("write", f"{base}/dev/+/profile/req"),
         ("read", f"{base}/dev/+/profile/res"),
+        # Field samples (edge-sdk samples request / pull): roles reversed for the bundle.
+        ("write", f"{base}/dev/+/samples/req"),
+        ("read", f"{base}/dev/+/samples/res"),
+        ("write", f"{base}/dev/+/samples/get"),
+        ("read", f"{base}/dev/+/samples/put"),
     ]
 
 

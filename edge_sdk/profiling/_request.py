@@ -23,7 +23,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .._json import MESSAGE_MAX_BYTES, MESSAGE_MAX_DEPTH, loads_bounded
 from ..errors import VerificationError
@@ -203,14 +203,7 @@ PROFILING_REQUEST = DocumentKind(
 
 
 def _tolerance(value: Any, key: str, high: float = 1.0) -> float:
-    try:
-        x = float(value) if isinstance(value, str) and len(value) <= 32 else math.nan
-    except ValueError:
-        x = math.nan
-    if not (math.isfinite(x) and 0.0 <= x <= high):
-        raise MalformedProfilingRequestError(
-            f"profiling request: '{key}' must be a decimal string between 0 and {high:g}")
-    return x
+    return decimal_field(value, key, PROFILING_REQUEST, 0.0, high)
 
 
 def sign_profiling_request(request: ProfilingRequest, signers: Iterable[Signer]) -> bytes:
@@ -252,16 +245,9 @@ def verify_profiling_request(
             f"{lim.max_request_bytes} (profiling.max_request_bytes)")
     doc = SignedDocument.verify(payload, key, PROFILING_REQUEST)
     req = replace(doc.body, keyid=doc.keyid)
-    if req.fleet != fleet or req.device != device_id:
-        raise ProfilingNotForThisDeviceError(
-            f"profiling request {req.id[:12]} is for {req.device!r} in fleet {req.fleet!r}, "
-            f"this is {device_id!r} in {fleet!r}")
-    when = now or datetime.now(UTC)
-    doc.check_expiry(when)
-    if req.expires > when + timedelta(seconds=lim.max_ttl_s):
-        raise ProfilingRequestExpiredError(
-            f"{req.title} claims to be valid until {format_ts(req.expires)}, "
-            f"more than {lim.max_ttl_s:g} s ahead (profiling.max_ttl_s)")
+    check_addressed(doc, device_id=device_id, fleet=fleet, max_ttl_s=lim.max_ttl_s,
+                    ttl_key="profiling.max_ttl_s", now=now,
+                    wrong_device=ProfilingNotForThisDeviceError)
     if not req.candidates:
         raise MalformedProfilingRequestError("profiling request names no candidate")
     if len(req.candidates) > lim.max_candidates:
@@ -282,6 +268,51 @@ def verify_profiling_request(
             f"profiling request asks {req.runs} runs and {req.warmup} warm-up runs, over the "
             f"device's limits of {lim.max_runs} and {lim.max_warmup}")
     return req
+
+
+class _Addressed(Protocol):
+    fleet: str
+    device: str
+    id: str
+
+    @property
+    def expires(self) -> datetime: ...
+
+    @property
+    def title(self) -> str: ...
+
+
+def check_addressed(doc: SignedDocument[Any], *, device_id: str, fleet: str,
+                    max_ttl_s: float, ttl_key: str, now: datetime | None,
+                    wrong_device: type[VerificationError]) -> None:
+    """The freshness and addressing checks every device request shares (profiling,
+    field samples): for this fleet and device, not expired at ``now``, and not claiming
+    to stay valid more than ``max_ttl_s`` ahead (``ttl_key`` names that setting).
+    Raises ``wrong_device`` or the document kind's expired error."""
+    req: _Addressed = doc.body
+    if req.fleet != fleet or req.device != device_id:
+        raise wrong_device(
+            f"{doc.kind.name} {req.id[:12]} is for {req.device!r} in fleet {req.fleet!r}, "
+            f"this is {device_id!r} in {fleet!r}")
+    when = now or datetime.now(UTC)
+    doc.check_expiry(when)
+    if req.expires > when + timedelta(seconds=max_ttl_s):
+        raise doc.kind.expired(
+            f"{req.title} claims to be valid until {format_ts(req.expires)}, "
+            f"more than {max_ttl_s:g} s ahead ({ttl_key})")
+
+
+def decimal_field(value: Any, key: str, kind: DocumentKind[Any], low: float,
+                  high: float) -> float:
+    """A decimal string (canonical JSON has no floats) between ``low`` and ``high``;
+    raises ``kind``'s malformed error naming ``key``."""
+    try:
+        x = float(value) if isinstance(value, str) and len(value) <= 32 else math.nan
+    except ValueError:
+        x = math.nan
+    if not (math.isfinite(x) and low <= x <= high):
+        raise kind.refuse(f"'{key}' must be a decimal string between {low:g} and {high:g}")
+    return x
 
 
 def claimed_request_id(payload: bytes, max_bytes: int) -> str | None:

@@ -25,13 +25,23 @@ Public API (paho never appears in it):
   :class:`MqttFetcher` (python-tuf's ``FetcherInterface`` over one): device-side
   transfer (flow control that follows the link, RTT-derived retransmits, resumable,
   bounded; fails only when nothing arrives for ``stall_timeout``).
+- :class:`ChunkRequest`, :class:`ChunkResponse` (statuses as its class attributes),
+  :class:`ChunkRequestError`: the chunk protocol's messages, for a device that answers
+  for its own files (field sample bundles).
 - :class:`RepoResponder`, :class:`ResponderConfig`, :class:`DeviceLimits`: host-side
   chunk server; answers each device on its own topic, within a per-device budget.
 - Errors: :class:`EndlessDataError` (a ``VerificationError``), :class:`SlowRetrievalError`
   and :class:`RemoteNotFoundError` (``TransportError``: transient).
 """
 
-from ._chunks import DEFAULT_CHUNK, MAX_CHUNK, MESSAGE_LIMIT
+from ._chunks import (
+    DEFAULT_CHUNK,
+    MAX_CHUNK,
+    MESSAGE_LIMIT,
+    ChunkRequest,
+    ChunkRequestError,
+    ChunkResponse,
+)
 from ._config import LastWill, MqttConfig
 from ._connection import MqttConnection, PublishHandle, Subscription
 from ._errors import EndlessDataError, RemoteNotFoundError, SlowRetrievalError
@@ -53,6 +63,9 @@ __all__ = [
     "MESSAGE_LIMIT",
     "REPO_URL",
     "ChunkClient",
+    "ChunkRequest",
+    "ChunkRequestError",
+    "ChunkResponse",
     "DeviceLimits",
     "EndlessDataError",
     "FetchConfig",

@@ -39,7 +39,7 @@ import json
 import re
 import struct
 from dataclasses import dataclass
-from typing import Any, TypeGuard
+from typing import Any, ClassVar, TypeGuard
 
 from .._json import MESSAGE_MAX_BYTES, loads_bounded
 from ..errors import TransportError
@@ -66,7 +66,9 @@ SERVER_ERROR = 3
 SLOW_DOWN = 4
 
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
-_PATH = re.compile(r"^(metadata|targets)/[A-Za-z0-9._/-]{1,400}$")
+_PATH = re.compile(r"^([a-z]{1,16})/[A-Za-z0-9._/-]{1,400}$")
+#: The first path level of a release repository's files (what a responder serves).
+REPO_ROOTS = ("metadata", "targets")
 
 
 class ChunkRequestError(TransportError):
@@ -96,9 +98,11 @@ class ChunkRequest:
         return json.dumps(data, separators=(",", ":")).encode()
 
     @classmethod
-    def decode(cls, payload: bytes) -> ChunkRequest:
+    def decode(cls, payload: bytes, *, roots: tuple[str, ...] = REPO_ROOTS) -> ChunkRequest:
         """Parse and validate a request; raise :class:`TransportError` for anything odd
-        (a :class:`ChunkRequestError` carrying the correlation id once that is known)."""
+        (a :class:`ChunkRequestError` carrying the correlation id once that is known).
+        ``roots``: the first path levels this side serves (a device's sample bundles are
+        ``samples/ID``)."""
         try:
             # A request is one flat object: depth 1 is all it may have.
             data: Any = loads_bounded(payload, max_bytes=MESSAGE_MAX_BYTES, max_depth=1)
@@ -111,9 +115,9 @@ class ChunkRequest:
         if not isinstance(corr, str) or not _HEX32.fullmatch(corr):
             raise ChunkRequestError("chunk request: 'id' must be 32 hex digits")
         cid = bytes.fromhex(corr)
-        if not isinstance(path, str) or not is_safe_path(path):
+        if not isinstance(path, str) or not is_safe_path(path, roots):
             raise ChunkRequestError(
-                f"chunk request: path {str(path)[:80]!r} is not a repository file", cid)
+                f"chunk request: path {str(path)[:80]!r} is not a file served here", cid)
         if not _is_int(off) or not 0 <= off <= MAX_OFFSET:
             raise ChunkRequestError(
                 f"chunk request: offset {_short(off)} must be an integer 0..{MAX_OFFSET}", cid)
@@ -144,15 +148,23 @@ def _short(value: object) -> str:
     return text if len(text) <= 24 else f"{text[:20]}..."
 
 
-def is_safe_path(path: str) -> bool:
-    """True for ``metadata/...`` or ``targets/...`` paths with no ``..`` or empty parts."""
-    if not _PATH.fullmatch(path):
+def is_safe_path(path: str, roots: tuple[str, ...] = REPO_ROOTS) -> bool:
+    """True for paths under one of ``roots`` (``metadata/...`` or ``targets/...``) with
+    no ``..`` or empty parts."""
+    m = _PATH.fullmatch(path)
+    if m is None or m.group(1) not in roots:
         return False
     return all(part not in ("", ".", "..") for part in path.split("/"))
 
 
 @dataclass(frozen=True)
 class ChunkResponse:
+    #: The statuses, for code outside this module (a device answering for its bundles).
+    OK: ClassVar[int] = OK
+    NOT_FOUND: ClassVar[int] = NOT_FOUND
+    BAD_REQUEST: ClassVar[int] = BAD_REQUEST
+    SLOW_DOWN: ClassVar[int] = SLOW_DOWN
+
     status: int
     corr: bytes
     offset: int

@@ -89,14 +89,24 @@ class ChunkClient(RepositoryFetcher):
 
     ``new_pace`` makes the flow control of a transfer from ``config``; a transfer that
     starts soon after the last one goes on with that one's pace.
+
+    By default a device asks on its ``repo/req`` topic and hears on ``repo/res``;
+    ``request_topic``, ``response_topic`` and ``roots`` (the first path levels asked
+    for) turn the roles round: the host pulling a device's sample bundle
+    (``samples/get`` → ``samples/put``, path ``samples/ID``) is the same client.
     """
 
     def __init__(self, connection: MqttConnection, device_id: str, *,
                  topics: Topics | None = None, config: FetchConfig | None = None,
-                 new_pace: Callable[[FetchConfig], Pace] = BbrPace) -> None:
+                 new_pace: Callable[[FetchConfig], Pace] = BbrPace,
+                 request_topic: str | None = None, response_topic: str | None = None,
+                 roots: tuple[str, ...] = proto.REPO_ROOTS) -> None:
         self.connection = connection
         self.device_id = device_id
         self.topics = topics or Topics.for_config(connection.config)
+        self.request_topic = request_topic or self.topics.repo_request(device_id)
+        self.response_topic = response_topic or self.topics.repo_response(device_id)
+        self.roots = roots
         self.config = config or FetchConfig()
         self.stats = FetchStats()
         self._lock = threading.Lock()
@@ -118,8 +128,8 @@ class ChunkClient(RepositoryFetcher):
 
     def _ensure_subscribed(self) -> None:
         if self._sub is None:
-            self._sub = self.connection.subscribe(
-                self.topics.repo_response(self.device_id), self._on_response, qos=1)
+            self._sub = self.connection.subscribe(self.response_topic, self._on_response,
+                                                  qos=1)
 
     def _on_link(self, up: bool) -> None:
         if up:
@@ -155,7 +165,8 @@ class ChunkClient(RepositoryFetcher):
             if pace is None or time.monotonic() - self._pace_used > PACE_MEMORY_S:
                 pace = self._new_pace(self.config)
             window = ChunkWindow(path, self.config, start=start, length=length,
-                                 max_length=max_length, stats=self.stats, pace=pace)
+                                 max_length=max_length, stats=self.stats, pace=pace,
+                                 roots=self.roots)
             self._ensure_subscribed()
             inbox: queue.Queue[proto.ChunkResponse] = queue.Queue()
             self._inbox = inbox
@@ -172,7 +183,7 @@ class ChunkClient(RepositoryFetcher):
         # pause while the link is down. Every transfer rule lives in ChunkWindow.
         cfg = self.config
         path, start = window.path, window.start
-        topic = self.topics.repo_request(self.device_id)
+        topic = self.request_topic
         # Per request id: its publish handle (None if publishing failed) and the link
         # generation it went out on.
         sent: dict[bytes, tuple[PublishHandle | None, int]] = {}

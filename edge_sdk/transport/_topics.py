@@ -15,6 +15,10 @@ request topic (see :class:`~edge_sdk.transport.RepoResponder`)::
     {prefix}/{fleet}/dev/{device}/events      device events
     {prefix}/{fleet}/dev/{device}/profile/req signed profiling requests (host -> device)
     {prefix}/{fleet}/dev/{device}/profile/res profiling results (device -> host)
+    {prefix}/{fleet}/dev/{device}/samples/req retained: signed sample request (host -> device)
+    {prefix}/{fleet}/dev/{device}/samples/res retained: sample status (device -> host)
+    {prefix}/{fleet}/dev/{device}/samples/get chunk requests for a bundle (host -> device)
+    {prefix}/{fleet}/dev/{device}/samples/put chunk answers (device -> host)
     {prefix}/{fleet}/enrol/{batch}/{device}/req enrolment request (claim account -> controller)
     {prefix}/{fleet}/enrol/{batch}/{device}/res retained: enrolment answer (controller -> claim)
     {prefix}/{fleet}/dev/{device}/cred/req    signed renewal request / ack (device -> controller)
@@ -110,6 +114,24 @@ class Topics:
     def profile_result(self, device: str) -> str:
         """``device``'s profiling results and refusals (device -> host)."""
         return f"{self.device(device)}/profile/res"
+
+    # -- field samples (appended; see edge_sdk.samples) -------------------
+
+    def samples_request(self, device: str) -> str:
+        """Signed sample requests for ``device`` (host -> device, retained)."""
+        return f"{self.device(device)}/samples/req"
+
+    def samples_status(self, device: str) -> str:
+        """``device``'s word on its sample requests (device -> host, retained)."""
+        return f"{self.device(device)}/samples/res"
+
+    def samples_get(self, device: str) -> str:
+        """Chunk requests for ``device``'s sample bundles (host -> device)."""
+        return f"{self.device(device)}/samples/get"
+
+    def samples_put(self, device: str) -> str:
+        """The chunks of ``device``'s sample bundles (device -> host)."""
+        return f"{self.device(device)}/samples/put"
 
     # -- device identity (appended; see edge_sdk.identity) ---------------
 

@@ -115,8 +115,9 @@ class ChunkWindow:
                  length: int | None = None, max_length: int | None = None,
                  stats: FetchStats | None = None, pace: Pace | None = None,
                  rng: Callable[[], float] = random.random,
-                 new_id: Callable[[int], bytes] = secrets.token_bytes) -> None:
-        if not proto.is_safe_path(path):
+                 new_id: Callable[[int], bytes] = secrets.token_bytes,
+                 roots: tuple[str, ...] = proto.REPO_ROOTS) -> None:
+        if not proto.is_safe_path(path, roots):
             raise TransportError(f"{path!r} is not a repository path")
         self.cap = config.max_artifact_bytes if max_length is None else \
             min(max_length, config.max_artifact_bytes)

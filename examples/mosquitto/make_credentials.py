@@ -116,6 +116,10 @@ def operator_lines(base: str) -> list[str]:
         f"topic read {base}/repo/announce",
         f"topic write {base}/dev/+/profile/req",
         f"topic read {base}/dev/+/profile/res",
+        f"topic write {base}/dev/+/samples/req",
+        f"topic read {base}/dev/+/samples/res",
+        f"topic write {base}/dev/+/samples/get",
+        f"topic read {base}/dev/+/samples/put",
     ]
 
 
@@ -154,6 +158,10 @@ def acl_text(fleet: str, devices: dict[str, list[str]], *,
         f"pattern write {base}/dev/%u/events",
         f"pattern read {base}/dev/%u/profile/req",
         f"pattern write {base}/dev/%u/profile/res",
+        f"pattern read {base}/dev/%u/samples/req",
+        f"pattern read {base}/dev/%u/samples/get",
+        f"pattern write {base}/dev/%u/samples/res",
+        f"pattern write {base}/dev/%u/samples/put",
         "",
     ]
     return "\n".join(lines)

@@ -9,6 +9,7 @@ to the database (the import-linter contract "the fleet's SQL only in its store" 
 - :mod:`._devices`: what the registry writes from device reports, the operator's
   assignments, removal;
 - :mod:`._accounts`: the fleet page's operator accounts and sessions;
+- :mod:`._samples`: which devices and groups allow field samples;
 - :mod:`._enrolments` (as ``enrolment_rows``): enrolments, claims, the allow-list,
   revoked devices.
 """
@@ -69,6 +70,7 @@ from ._rollouts import (
     selectable_devices,
     shadow_runs,
 )
+from ._samples import allow_samples, deny_samples, sample_permission, sample_permissions
 from ._schema import (
     ACTIVE_STATUSES,
     FINISHED_STATUSES,
@@ -99,6 +101,7 @@ __all__ = [
     "LeaseLost",
     "Record",
     "active_rollouts",
+    "allow_samples",
     "assignments",
     "chunks",
     "command_done",
@@ -107,6 +110,7 @@ __all__ = [
     "delete_devices",
     "delete_operator",
     "delete_session",
+    "deny_samples",
     "desired_documents",
     "desired_records",
     "desired_versions",
@@ -137,6 +141,8 @@ __all__ = [
     "reports",
     "revoked_devices",
     "rollout_selector",
+    "sample_permission",
+    "sample_permissions",
     "save_desired",
     "save_state",
     "selectable_devices",
