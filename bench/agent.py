@@ -27,17 +27,21 @@
    deploy/remove cycles of model C (``--model-mib`` MiB; goal: back within a few MB of
    before). Every update and removal is a real signed single-model deployment (MQTT,
    TUF fetch, verify, load, smoke test, swap, health window; B is never touched).
-
 9. Input drift statistics: serving p50/p99 of agents with ``[drift]`` off, at its default
    cap (50 requests/s analysed) and analysing every request, asked in interleaved
    blocks; the drift worker's CPU per analysed request (from /metrics), and the
    statistics alone per input size (a 4-feature row, a 224x224 image, a 128x768
    sequence).
+10. Shadow runs: serving p50/p99 under concurrent load with a shadow run on (every request
+    sampled, compared by a candidate as costly as the served model) vs off, alternating
+    ``--shadow-cycles`` times under one continuous load (goal p99 <= 1.3x, 0 failed).
+    Each run is a real signed shadow document; a plain document of the served version
+    ends it.
 
     .venv/bin/python bench/agent.py [--swaps 100] [--requests 4000] [--skip-venv]
-        [--agent-code DIR] [--only images|models|drift] [--image-runs 200]
+        [--agent-code DIR] [--only images|models|drift|shadow] [--image-runs 200]
         [--model-swaps 50] [--model-cycles 20] [--swap-mib 8] [--model-mib 32]
-        [--drift-requests 4000]
+        [--drift-requests 4000] [--shadow-cycles 4] [--shadow-s 4]
 
 ``--agent-code`` runs the agent subprocesses from another checkout (say the main
 branch) to measure before and after a change side by side.
@@ -612,9 +616,9 @@ def main() -> None:
     ap.add_argument("--skip-venv", action="store_true")
     ap.add_argument("--agent-code", type=Path, default=ROOT,
                     help="checkout the agent subprocesses run from (default: this one)")
-    ap.add_argument("--only", choices=["images", "models", "drift"],
+    ap.add_argument("--only", choices=["images", "models", "drift", "shadow"],
                     help="run only this part ([7] image in, answer out; [8] several models; "
-                         "[9] input drift statistics)")
+                         "[9] input drift statistics; [10] shadow runs)")
     ap.add_argument("--drift-requests", type=int, default=4000,
                     help="[9]: requests per agent (drift off, capped, every request)")
     ap.add_argument("--image-runs", type=int, default=200,
@@ -627,6 +631,10 @@ def main() -> None:
                     help="[8]: MiB of weights of model A (updated while B is asked)")
     ap.add_argument("--model-mib", type=int, default=32,
                     help="[8]: MiB of weights of model C (deployed and removed)")
+    ap.add_argument("--shadow-cycles", type=int, default=4,
+                    help="[10]: shadow runs started and ended under load")
+    ap.add_argument("--shadow-s", type=float, default=4.0,
+                    help="[10]: seconds each phase (shadow on, shadow off) lasts")
     args = ap.parse_args()
     global AGENT_CODE
     AGENT_CODE = args.agent_code.resolve()
@@ -641,6 +649,8 @@ def main() -> None:
                 several_models(tmp / "models", broker, args)
             if args.only in (None, "drift"):
                 drift_cost(tmp / "drift", broker, args.drift_requests)
+            if args.only in (None, "shadow"):
+                shadowing(tmp / "shadow", broker, args)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -886,6 +896,112 @@ def drift_cost(tmp: Path, broker: Mosquitto, requests: int) -> None:
             runs.append(time.thread_time() - t0)
         print(f"    statistics alone, {label}: {float(np.median(runs)) * 1e3:.3f} ms CPU per "
               "request (median of 40)")
+def shadowing(tmp: Path, broker: Mosquitto, args: argparse.Namespace) -> None:
+    """[10] Serving latency with a shadow run on vs off, under one continuous load."""
+    from edge_sdk.trust import ShadowSpec
+
+    tmp.mkdir(parents=True)
+    repo = Repository.init(tmp / "repo", tmp / "keys")
+    arts = tmp / "arts"
+    arts.mkdir()
+    for version in ("1", "1-shadow"):
+        # The candidate computes what the served model does: as costly, always agreeing.
+        m = _models.offset_model(arts / f"{version}.onnx", 1.0)
+        art = edge_sdk.build_artifact(m, arts / f"adder-{version}", name="adder",
+                                      version=version, sample={"x": X})
+        repo.add_artifact(art.path, delta_bases=0)
+    host = MqttConnection(MqttConfig(url=broker.url, fleet=FLEET), name="bench-shadow")
+    host.connect()
+    responder = start_responder(tmp, repo, broker)
+    seen: dict[int, str] = {}
+
+    def on_event(topic: str, payload: bytes) -> None:
+        try:
+            ev = json.loads(payload)
+        except ValueError:
+            return
+        dep = ev.get("deployment") if isinstance(ev, dict) else None
+        if isinstance(dep, dict) and isinstance(dep.get("counter"), int) and ev.get("event") in (
+                "committed", "failed", "refused", "shadow_started", "shadow_ended"):
+            seen[dep["counter"]] = ev["event"]
+
+    host.subscribe(f"edge/{FLEET}/dev/+/events", on_event)
+    agent = Agent(tmp, "shadow", broker, repo, 0.2)
+
+    def deploy(want: str, *, wait_for: int | None = None, **what: Any) -> int:
+        """Publish a document; wait until ``wait_for`` (default: its own counter) says
+        ``want``."""
+        signed = create_deployment(repo, fleet=FLEET, devices=["shadow"], **what)
+        counter = signed.deployment.counter
+        publish_deployment(host, signed)
+        if wait_for is not None:
+            counter = wait_for
+        deadline = time.monotonic() + 120
+        while seen.get(counter) != want:
+            if time.monotonic() > deadline or seen.get(counter) in ("failed", "refused"):
+                raise SystemExit(f"[10] deployment #{counter} ({what}): {seen.get(counter)}; "
+                                 f"see {agent.dir / 'log'}")
+            time.sleep(0.002)
+        return counter
+
+    def figures() -> dict[str, Any]:
+        c = http.client.HTTPConnection("127.0.0.1", agent.port, timeout=10)
+        try:
+            c.request("GET", "/v2/models/adder/shadow")
+            r = c.getresponse()
+            data = json.loads(r.read())
+        finally:
+            c.close()
+        return dict(data["figures"]) if r.status == 200 else {}
+
+    run = ShadowSpec(models=(), sample_rate=1.0, min_requests=10_000_000,
+                     time_limit_s=86400.0)
+    try:
+        deploy("committed", model="adder", version="1")
+        phases: list[tuple[str, float, float]] = []
+        compared = dropped = 0
+        with Load(agent.port) as load:
+            time.sleep(1.0)
+            for _ in range(args.shadow_cycles):
+                a = time.perf_counter()
+                time.sleep(args.shadow_s)
+                phases.append(("off", a, time.perf_counter()))
+                # The candidate's install (fetch, verify, load, smoke test) is not counted:
+                # the phase starts once the run compares.
+                running = deploy("shadow_started", models=[("adder", "1")],
+                                 shadow=[("adder", "1-shadow")], shadow_run=run)
+                a = time.perf_counter()
+                time.sleep(args.shadow_s)
+                phases.append(("on", a, time.perf_counter()))
+                f = figures()
+                compared += int(f.get("compared", 0))
+                dropped += int(f.get("dropped", 0))
+                # The served version signed again ends the run.
+                deploy("shadow_ended", wait_for=running, model="adder", version="1")
+        by: dict[str, list[float]] = {"on": [], "off": []}
+        for t, lat in load.samples:
+            for kind, a, b in phases:
+                if a <= t < b:
+                    by[kind].append(lat)
+                    break
+        on50, on99, off50, off99 = (pct(by["on"], 50), pct(by["on"], 99),
+                                    pct(by["off"], 50), pct(by["off"], 99))
+        print(f"[10] shadow runs: {args.shadow_cycles} runs of {args.shadow_s:g} s under "
+              f"2 client threads, every request sampled (sample_rate 1.0)")
+        print(f"    serving p50 {on50:.3f} ms on vs {off50:.3f} ms off -> {on50 / off50:.2f}x; "
+              f"p99 {on99:.3f} ms on vs {off99:.3f} ms off -> {on99 / off99:.2f}x (goal "
+              f"<= 1.3); {len(by['on'])} vs {len(by['off'])} requests, {len(load.failed)} "
+              f"failed (goal 0)")
+        print(f"    compared {compared}, dropped {dropped} "
+              f"({100 * dropped / max(1, compared + dropped):.1f} % of sampled: queue full or "
+              "paused at [shadow] cpu_share)")
+        if load.failed:
+            print(f"    first failures: {load.failed[:3]}")
+    finally:
+        agent.stop()
+        responder.terminate()
+        responder.wait(20)
+        host.close()
 
 
 def start_responder(tmp: Path, repo: Repository, broker: Mosquitto) -> subprocess.Popen[bytes]:

@@ -39,6 +39,7 @@ from ._profiler import Profiler, ProfilingSource
 from ._protocol import InferenceApp
 from ._server import HttpServer
 from ._serving import ModelSlots, ModelState, Served, Wanted, model_states
+from ._shadow import Shadowing
 from ._state import ModelRecord, StateStore
 from ._tap import Taps
 from ._telemetry import Outbox, Telemetry
@@ -145,10 +146,14 @@ class Agent:
         self._fetcher: Transfers | None = None
         chosen = self._new_source(source, link)
         self.metrics.storage_ok.set(1)
+        # -- shadow runs: a request tap; a verdict wakes the worker, which records it.
+        self.shadowing = Shadowing(config, self.metrics, on_end=self._desired_ev_set)
+        self.taps.add(self.shadowing)
         self.installer = Installer(
             config, self.store, self.slots, chosen, self.telemetry, self._stop,
             load_model=load_model,
-            on_storage=lambda ok: self.metrics.storage_ok.set(1 if ok else 0))
+            on_storage=lambda ok: self.metrics.storage_ok.set(1 if ok else 0),
+            shadowing=self.shadowing)
         self.http: HttpServer | None = None
         # Checked documents per desired topic (the device's own and its groups').
         self._desired = DesiredInbox()
@@ -175,6 +180,12 @@ class Agent:
             key=lambda: keyed.key if keyed is not None else None, served=self.slots.get,
             stop=self._stop)
         self.taps.add(self.samples)
+        # What a shadow candidate disagreed on is a field sample of rule "disagreement".
+        self.shadowing.on_disagree = lambda name, feed, outputs, score: self.samples.offer(
+            name, feed, outputs, "disagreement", score)
+
+    def _desired_ev_set(self) -> None:
+        self._desired_ev.set()
 
     def _new_link(self, creds: Credentials | None = None) -> MqttConnection:
         """The broker connection, not connected yet (:meth:`start` does that); with
@@ -227,7 +238,7 @@ class Agent:
         self.installer.boot()
         if self._serve_http:
             app = InferenceApp(self.slots, self.metrics, self.config.http, self.wanted,
-                               taps=self.taps)
+                               taps=self.taps, shadow=self.shadowing.model_status)
             self.http = HttpServer(app, self.config.http.bind, self.config.http.port)
             self.http.start()
             try:
@@ -254,6 +265,7 @@ class Agent:
         self._desired_ev.set()
         if self._worker is not None:
             self._worker.join(10)
+        self.shadowing.stop()
         self.profiler.stop()
         self.samples.stop()
         if self.drift is not None:
@@ -445,6 +457,7 @@ class Agent:
         # Heartbeats are the telemetry thread's: an install here may take minutes.
         while not self._stop.is_set():
             try:
+                self.installer.settle_shadow()
                 if self.installer.storage.error is not None:
                     self.installer.storage.retry()
                     for payload in self.installer.take_waiting():
@@ -532,6 +545,7 @@ class Agent:
             "deployment": st.deployment_counter,
             "last_update": st.last_result,
             "results": list(st.results),
+            "shadow": self.shadowing.status(),
             "groups": list(self.config.groups),
             "tags": dict(self.config.tags),
             "hardware": {**_hardware(), "threads": self.config.threads},
@@ -566,6 +580,7 @@ class Agent:
                 "model": None if cur is None else {"name": cur.name, "version": cur.version},
                 "models": [{"name": n, "version": s.version}
                            for n, s in sorted(self.slots.all().items())],
+                "shadow": self.shadowing.status(),
                 "queued_reports": len(self.outbox)}
         drift = self.drift.report() if self.drift is not None else None
         if drift is not None:  # input figures (device_agent._drift), when there are any
@@ -675,13 +690,14 @@ def _claimed_counter(payload: bytes) -> int | None:
     return counter if isinstance(counter, int) and not isinstance(counter, bool) else None
 
 
-def _lower_thread_priority() -> None:
+def _lower_thread_priority(nice: int = 10) -> None:
     """Installs (hashing, TUF, loading) run at a lower CPU priority than serving, so that a
-    busy small device answers requests first. Linux applies a thread id's nice value to
-    that thread alone; elsewhere this is a no-op."""
+    busy small device answers requests first (shadow comparisons, at ``nice`` 19: only
+    what serving leaves). Linux applies a thread id's nice value to that thread alone;
+    elsewhere this is a no-op."""
     try:
         tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), 10))
+        os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), nice))
     except (AttributeError, OSError):
         pass
 

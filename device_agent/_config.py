@@ -244,6 +244,28 @@ class ProfilingConfig:
 
 
 @dataclass(frozen=True)
+class ShadowConfig:
+    """Shadow runs (a deployment's ``shadow`` section): what comparing a candidate with the
+    served model on live requests may cost. Requests are never delayed: over a bound, a
+    sampled request is left out of the comparison (``dropped``)."""
+
+    #: Sampled requests waiting for the candidate; more are dropped.
+    queue: int = 16
+    #: CPU seconds the comparing worker may use per wall second, over 10 s; above it the
+    #: run pauses ("paused: cpu") and drops what is sampled until it is below again. The
+    #: worker is also paced to this share in short turns. 0.1, measured (bench/agent.py
+    #: [10], a saturated 2-core host, every request sampled): serving p99 grew 1.5-2x at
+    #: 0.5, 1.2-1.6x at 0.25, 1.0-1.2x at 0.1 (still ~60 comparisons a second).
+    cpu_share: float = 0.1
+    #: Process memory (RSS) above which the run pauses ("paused: memory"). 0: 80 % of
+    #: ``limits.max_models_bytes`` (or of the device's memory when that is 0).
+    max_rss_bytes: int = 0
+    #: A sampled request whose inputs take more bytes is dropped (its feed is held while
+    #: it waits in the queue).
+    max_input_bytes: int = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
 class SamplesConfig:
     """Field samples (``edge-sdk samples request``): inputs the served model saw, kept on
     disk only while a signed request asks for them, bundled for the host to pull."""
@@ -388,6 +410,7 @@ class AgentConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
+    shadow: ShadowConfig = field(default_factory=ShadowConfig)
     samples: SamplesConfig = field(default_factory=SamplesConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
     #: Enrolment by claim and renewed credentials (None: broker credentials are given).
@@ -501,6 +524,8 @@ class AgentConfig:
             ("profiling.max_ttl_s", self.profiling.limits.max_ttl_s),
             ("profiling.max_seen", self.profiling.max_seen),
             ("profiling.timeout_s", self.profiling.timeout_s),
+            ("shadow.queue", self.shadow.queue),
+            ("shadow.max_input_bytes", self.shadow.max_input_bytes),
         ]
         sm = self.samples
         positive += [("samples.max_request_bytes", sm.limits.max_request_bytes),
@@ -525,6 +550,11 @@ class AgentConfig:
                          ("profiling.max_memory_bytes", self.profiling.max_memory_bytes)):
             if num < 0:
                 raise bad(key, "must be >= 0")
+        if not 0.0 < self.shadow.cpu_share <= 1.0:
+            raise bad("shadow.cpu_share", "must be > 0 and <= 1 (CPU seconds per second)")
+        if self.shadow.max_rss_bytes < 0:
+            raise bad("shadow.max_rss_bytes", "must be >= 0 (0: 80 % of "
+                                              "limits.max_models_bytes)")
         if not 1 <= self.limits.max_models <= MAX_SERVED_MODELS:
             raise bad("limits.max_models", f"must be 1-{MAX_SERVED_MODELS}")
         if not 0.0 <= self.telemetry.reconnect_jitter_s <= 300.0:

@@ -21,12 +21,16 @@ CRASH_POINTS = (
 #: Crash points inside a fetch that applies a delta (before ``fetched``): the delta is
 #: downloaded and verified; the first block of the rebuilt model is written.
 DELTA_CRASH_POINTS = ("delta_fetched", "delta_applying")
+#: Crash points of a shadow run: its start saved (before the comparing starts), its end
+#: saved (before the candidates are let go of).
+SHADOW_CRASH_POINTS = ("shadow_saved", "shadow_ended")
 #: In an install of several models, ``fetched:NAME`` follows ``fetched`` once the model
 #: NAME is downloaded (so a crash can fall between two models of a set).
 
 
 def crash_point(name: str) -> None:
     assert name in CRASH_POINTS or name in DELTA_CRASH_POINTS or \
+        name in SHADOW_CRASH_POINTS or \
         name.startswith("fetched:"), \
         f"crash point {name!r} is missing from CRASH_POINTS"
     at = os.environ.get(CRASH_ENV)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._interfaces import InstallRequest
-from ._state import InstalledState, ModelRecord
+from ._state import InstalledState, ModelRecord, ShadowRun
 
 # -- events ----------------------------------------------------------------------------
 # ``ts`` is the wall-clock time stamped into ``last_result``; the installer passes it,
@@ -79,6 +79,9 @@ class Accepted:
     scope: str = field(default="device", kw_only=True)
     served_bytes: int = field(default=0, kw_only=True)
     quiet: bool = field(default=False, kw_only=True)
+    #: The running shadow run's figures (``ShadowFigures.to_json()``), for its result
+    #: when this deployment ends it (None: no run).
+    shadow_figures: Mapping[str, Any] | None = field(default=None, kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -169,9 +172,22 @@ class Unhealthy:
     ts: float = field(default=0.0, kw_only=True)
 
 
+@dataclass(frozen=True)
+class ShadowEnded:
+    """The shadow run of deployment ``deployment`` ended: ``outcome`` is
+    ``shadow_passed``, ``shadow_failed``, ``shadow_insufficient`` (judged) or ``failed``
+    (its models could not be loaded again, or no longer have a served model to compare
+    with); ``figures``: ``ShadowFigures.to_json()``."""
+    deployment: int
+    outcome: str
+    reason: str
+    figures: Mapping[str, Any] | None = None
+    ts: float = field(default=0.0, kw_only=True)
+
+
 Event = (Boot | ModelLoaded | ModelUnusable | Resume | Refused | Accepted | Fetched | Verified
          | Adopted | Loaded | SmokeTested | Failed | NoSpace | Unwritable | Retry | Healthy
-         | Unhealthy)
+         | Unhealthy | ShadowEnded)
 
 
 # -- effects ---------------------------------------------------------------------------
@@ -230,8 +246,21 @@ class WatchHealth:
     names: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class StartShadow:
+    """Load the run's candidates (those the install just loaded are at hand) and start
+    comparing; answer nothing, or :class:`ShadowEnded` (``failed``) when a candidate
+    cannot be loaded or its name does not serve."""
+    run: ShadowRun
+
+
+@dataclass(frozen=True)
+class StopShadow:
+    """Stop comparing and let go of the candidates (their files stay stored)."""
+
+
 Effect = (SaveState | CrashPoint | Report | StateChanged | LoadModel | Swap | CleanModels
-          | CleanPartial | WatchHealth)
+          | CleanPartial | WatchHealth | StartShadow | StopShadow)
 
 
 def report(kind: str, **fields: Any) -> Report:

@@ -59,8 +59,11 @@ from ._events import (
     Resume,
     Retry,
     SaveState,
+    ShadowEnded,
     SmokeTested,
+    StartShadow,
     StateChanged,
+    StopShadow,
     Swap,
     Unhealthy,
     Unwritable,
@@ -73,7 +76,8 @@ from ._interfaces import ArtifactSource, InstallRequest, ModelChange, ModelLoade
 from ._lifecycle import Life, Mode, handled, step
 from ._models import LoadedModels, release_memory
 from ._serving import ModelSlots, Served, SmokeTestError
-from ._state import InstalledState, ModelRecord, StateStore
+from ._shadow import Shadowing
+from ._state import InstalledState, ModelRecord, ShadowRun, StateStore
 from ._storage import NoSpaceError, StateWriter
 
 log = logging.getLogger("device_agent")
@@ -97,6 +101,7 @@ class Installer:
         *,
         load_model: ModelLoader | None = None,
         on_storage: Callable[[bool], None] | None = None,
+        shadowing: Shadowing | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -114,6 +119,8 @@ class Installer:
         #: Deployments that arrived while the state directory could not be written, by
         #: digest: offered again (see :meth:`take_waiting`) once it can.
         self._waiting: dict[str, bytes] = {}
+        #: Runs shadow models beside the served ones (a request tap of the agent's).
+        self.shadowing = shadowing or Shadowing(config)
 
     @property
     def state(self) -> InstalledState:
@@ -166,6 +173,8 @@ class Installer:
                 durable = self.storage.durable
                 self.store.clean(self.state, *(s for s in (durable,) if s is not None))
                 trial = self.state.trial.values() if self.state.phase == "trial" else ()
+                shadow = self.state.shadow
+                trial = (*trial, *(shadow.models if shadow is not None else ()))
                 # What was let go of is given back now; a model a request still holds,
                 # once that request is done (LoadedModels' finalizer).
                 if self._models.keep(r.id for r in (*self.life.serving.values(), *trial)
@@ -173,6 +182,10 @@ class Installer:
                     release_memory()
             case CleanPartial():
                 self.store.clean_partial()
+            case StartShadow(run):
+                return self._start_shadow(run)
+            case StopShadow():
+                self.shadowing.stop()
             case WatchHealth(names):
                 watched = [s for n in names if (s := self.slots.get(n)) is not None]
                 assert watched
@@ -189,6 +202,36 @@ class Installer:
                 return Healthy(ts=time.time()) if reason is None else \
                     Unhealthy(reason, ts=time.time())
         return None
+
+    def _start_shadow(self, run: ShadowRun) -> Event | None:
+        """Start comparing: the candidates the install just loaded, or (after a restart)
+        loaded again from their stored, re-verified files."""
+        candidates: list[Served] = []
+        for record in run.models:
+            if self.slots.get(record.name) is None:
+                why = f"serves no model {record.name} to compare with"
+            else:
+                got = self._models.get(record)
+                if got is not None:
+                    candidates.append(got)
+                    continue
+                try:
+                    candidates.append(self._models.load(record))
+                    continue
+                except (EdgeError, SmokeTestError, OSError) as err:
+                    why = f"shadow model {record.label()} cannot be loaded again: {err}"
+            log.error("shadow run of deployment %d ends: %s", run.deployment, why)
+            return ShadowEnded(run.deployment, "failed", why, ts=time.time())
+        self.shadowing.start(run, candidates)
+        return None
+
+    def settle_shadow(self) -> None:
+        """Record how the shadow run ended, once it has (call from the install thread
+        while no install runs)."""
+        ended = self.shadowing.take_ended()
+        if ended is not None and self.life.mode is Mode.IDLE:
+            counter, outcome, reason, figures = ended
+            self._feed(ShadowEnded(counter, outcome, reason, figures, ts=time.time()))
 
     # -- boot ----------------------------------------------------------------------------
 
@@ -322,7 +365,8 @@ class Installer:
             self._waiting[digest] = payload
             return False
         self._feed(Accepted(dep, size, ts=time.time(), quiet=quiet, scope=scope,
-                            served_bytes=self._served_bytes()))
+                            served_bytes=self._served_bytes(),
+                            shadow_figures=self.shadowing.figures()))
         if self.life.mode is not Mode.INSTALLING:
             return False
         return self._install(dep)
@@ -335,11 +379,16 @@ class Installer:
         """Fetch, verify and store each model of the deployment, then load and smoke-test
         them all, telling the machine each step; on the last it swaps them in and runs
         the health window."""
+        shadow = self.life.shadowing
+        if shadow:
+            # The candidates are fetched as a deployment of them (their signed targets).
+            dep = dep.shadow_install()
         try:
             local: set[str] = set()
             for member in self.life.members:
                 found = self.store.find(member.sha256) if member.sha256 else None
-                if found is not None and found.name == member.name:
+                if found is not None and found.name == member.name and (
+                        not shadow or found.version == member.version):
                     local.add(found.id)
                     self._feed(Verified(found, ts=time.time()))
                 else:

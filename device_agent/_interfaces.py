@@ -40,6 +40,22 @@ class ModelChange:
 
 
 @dataclass(frozen=True)
+class ShadowRequest:
+    """The ``shadow`` section of a verified deployment: candidate models to install beside
+    the served ones of the same names and compare on live requests, never served.
+    ``raw``: what :meth:`ArtifactSource.fetch` fetches them from (an
+    :class:`InstallRequest` whose ``models`` are the candidates); ``gate``: the signed
+    gate as JSON (None: none)."""
+
+    models: tuple[ModelChange, ...]
+    sample_rate: float = 1.0
+    min_requests: int = 0
+    time_limit_s: float = 3600.0
+    gate: Mapping[str, Any] | None = None
+    raw: Any = None
+
+
+@dataclass(frozen=True)
 class InstallRequest:
     """What the install pipeline is asked to do: a deployment that the
     :class:`~device_agent.ArtifactSource` verified, reduced to the models it installs
@@ -68,6 +84,8 @@ class InstallRequest:
     #: Whom the document names (to tell its scope: see :meth:`scope_for`).
     devices: tuple[str, ...] = ()
     groups: tuple[str, ...] = ()
+    #: A shadow document: what to install beside the served models and compare.
+    shadow: ShadowRequest | None = None
 
     def __post_init__(self) -> None:
         if not self.models and self.name:
@@ -96,7 +114,18 @@ class InstallRequest:
         mine = sorted(set(self.groups) & set(groups))
         return f"group:{mine[0]}" if mine else "device"
 
+    def shadow_install(self) -> InstallRequest:
+        """The install of the shadow section's candidates (what the pipeline fetches,
+        verifies and stores, as it would a deployment of them)."""
+        assert self.shadow is not None
+        return InstallRequest(digest=self.digest, counter=self.counter,
+                              raw=self.shadow.raw, models=self.shadow.models,
+                              devices=self.devices, groups=self.groups)
+
     def label(self) -> str:
+        if self.shadow is not None:
+            parts = [m.label() for m in self.shadow.models]
+            return f"shadow {', '.join(parts)} (deployment {self.counter})"
         if not self.is_set and self.models:
             return f"{self.name} {self.artifact_version} (deployment {self.counter})"
         parts = [m.label() for m in self.models] + [f"remove {n}" for n in self.remove]

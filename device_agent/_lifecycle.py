@@ -57,8 +57,11 @@ from ._events import (
     Resume,
     Retry,
     SaveState,
+    ShadowEnded,
     SmokeTested,
+    StartShadow,
     StateChanged,
+    StopShadow,
     Swap,
     Unhealthy,
     Unwritable,
@@ -67,7 +70,7 @@ from ._events import (
     report,
 )
 from ._interfaces import InstallRequest, ModelChange
-from ._state import InstalledState, ModelRecord
+from ._state import InstalledState, ModelRecord, ShadowRun
 
 
 class LifecycleError(InstallError):
@@ -121,6 +124,9 @@ class Life:
     max_models_bytes: int = 0
     max_models: int = 0
     max_artifact_bytes: int = 0
+    #: INSTALLING: the members are a shadow document's candidates; smoke-tested, they
+    #: start a shadow run instead of a swap.
+    shadowing: bool = False
 
     @property
     def stage(self) -> str | None:
@@ -129,7 +135,8 @@ class Life:
 
 def handled(state: InstalledState, digest: str) -> bool:
     """Whether the deployment with this digest was already acted on (a redelivery)."""
-    return digest == state.deployment_digest or digest in state.failed
+    return digest == state.deployment_digest or digest in state.failed or (
+        state.shadow is not None and state.shadow.digest == digest)
 
 
 def watched(state: InstalledState) -> tuple[str, ...]:
@@ -189,6 +196,14 @@ def step(life: Life, event: Event) -> tuple[Life, list[Effect]]:
                        retry=True)]
         case Healthy() | Unhealthy() if m is Mode.TRIAL:
             return _judged(life, event)
+        case ShadowEnded() if m is Mode.IDLE:
+            run = life.installed.shadow
+            if run is None or run.deployment != event.deployment:
+                return life, []  # already ended (a deployment replaced it)
+            st, out = _end_shadow(life.installed, event.outcome, event.reason,
+                                  event.figures, event.ts)
+            return replace(life, installed=st), [SaveState(st), CrashPoint("shadow_ended"),
+                                                 *out]
     raise LifecycleError(f"{type(event).__name__} is not expected in mode {m.value}")
 
 
@@ -196,7 +211,8 @@ def _idle(life: Life, installed: InstalledState, **changes: Any) -> Life:
     return replace(life, **{"installed": installed, "mode": Mode.IDLE, "deployment": None,
                             "scope": "device", "decides": (), "members": (), "removing": (),
                             "progress": None, "candidates": (), "loaded": 0, "reason": None,
-                            "loading": (), "dirty": False, "download": None, **changes})
+                            "loading": (), "dirty": False, "download": None,
+                            "shadowing": False, **changes})
 
 
 # -- boot ------------------------------------------------------------------------------
@@ -247,8 +263,9 @@ def _load_next(life: Life, out: list[Effect]) -> tuple[Life, list[Effect]]:
     # The most recently installed model goes in last: readers of one model are told it.
     last = state.current
     order = sorted(serving, key=lambda n: (last is not None and n == last.name, n))
+    resume: list[Effect] = [] if state.shadow is None else [StartShadow(state.shadow)]
     return _idle(life, state, trial_pending=pending), [
-        *out, CleanModels(), Swap({n: serving[n] for n in order}), StateChanged()]
+        *out, CleanModels(), Swap({n: serving[n] for n in order}), *resume, StateChanged()]
 
 
 def _boot_loaded(life: Life, ev: ModelLoaded | ModelUnusable) -> tuple[Life, list[Effect]]:
@@ -303,8 +320,18 @@ def _accepted(life: Life, ev: Accepted) -> tuple[Life, list[Effect]]:
         reason = (f"deployment counter {dep.counter} is not newer than the installed "
                   f"{last} (replayed or stale)")
         return step(life, Refused(dep.digest, ev.size, reason, dep, ts=ev.ts))
+    if dep.shadow is not None:
+        return _shadow_accepted(life, ev)
     superseded = {n: st.counter_of(n) for n in dep.names if st.counter_of(n) >= dep.counter}
     decides = tuple(n for n in dep.names if n not in superseded)
+    ending: list[Effect] = []
+    if st.shadow is not None and set(decides) & {r.name for r in st.shadow.models}:
+        # What the run compares with is being decided anew: its figures would no longer
+        # say anything about what serves.
+        st, ending = _end_shadow(st, "shadow_insufficient",
+                                 f"replaced by deployment {dep.counter}",
+                                 ev.shadow_figures, ev.ts)
+        life = replace(life, installed=st)
     serving = life.serving
     members = tuple(m for m in dep.models if m.name in decides and not (
         (cur := serving.get(m.name)) is not None and m.sha256 is not None
@@ -313,7 +340,8 @@ def _accepted(life: Life, ev: Accepted) -> tuple[Life, list[Effect]]:
     skipped = [{"name": n, "reason": f"superseded by #{c}"} for n, c in superseded.items()]
     refusal = _over_limits(life, members, removing, ev.served_bytes)
     if refusal is not None:
-        return step(life, Refused(dep.digest, ev.size, refusal, dep, ts=ev.ts))
+        life, refused = step(life, Refused(dep.digest, ev.size, refusal, dep, ts=ev.ts))
+        return life, [*refused, *ending]
     if not members and not removing:
         # Nothing to install: the device already serves what it names (or a newer
         # deployment decided it). The state says so, so that nobody has to infer it.
@@ -325,15 +353,106 @@ def _accepted(life: Life, ev: Accepted) -> tuple[Life, list[Effect]]:
         st = replace(st, deployment_digest=dep.digest).with_counters(
             ev.scope, dep.counter, decides).with_result(
                 _result("committed", dep, why, ev.ts, models=_served(serving, dep.names)))
-        return replace(life, installed=st), [SaveState(st), StateChanged()]
+        return replace(life, installed=st), [SaveState(st), *ending, StateChanged()]
     life = replace(life, mode=Mode.INSTALLING, deployment=dep, scope=ev.scope,
                    decides=decides, members=members, removing=removing,
                    progress="started", candidates=(), loaded=0)
-    out: list[Effect] = [report("install_started", deployment=dep, skipped=skipped or None),
+    # The run's end is saved before the install goes on (kill -9 after it: the run is
+    # over, the deployment is not handled yet and is taken again).
+    out: list[Effect] = [*([SaveState(st)] if ending else []), *ending,
+                         report("install_started", deployment=dep, skipped=skipped or None),
                          CrashPoint("install_started")]
     if members:
         return life, out
     return _remove_now(life, out, ev.ts)
+
+
+def _shadow_accepted(life: Life, ev: Accepted) -> tuple[Life, list[Effect]]:
+    """A shadow document: its served ``models`` must be what serves (the baseline the
+    candidates are compared with); its candidates are installed beside them."""
+    dep, st = ev.deployment, life.installed
+    assert dep.shadow is not None
+    out: list[Effect] = []
+    if st.shadow is not None:
+        st, out = _end_shadow(st, "shadow_insufficient",
+                              f"replaced by deployment {dep.counter}", ev.shadow_figures,
+                              ev.ts)
+        life = replace(life, installed=st)
+        out = [SaveState(st), *out]
+    serving = life.serving
+    why = None
+    for m in dep.models:
+        cur = serving.get(m.name)
+        if cur is None or cur.version != m.version or (
+                m.sha256 is not None and cur.sha256 != m.sha256):
+            have = f"serves {cur.label()}" if cur is not None else f"serves no {m.name}"
+            why = (f"the device {have}, the shadow document compares with {m.label()} "
+                   "(deploy it first)")
+            break
+    if why is None and dep.remove:
+        why = "a shadow document removes nothing"
+    candidates = dep.shadow.models
+    if why is None:
+        for c in candidates:
+            if c.name not in serving:
+                why = f"serves no model {c.name} to compare with"
+                break
+    if why is None:
+        why = _over_limits(replace(life, max_models=0), candidates, (), ev.served_bytes)
+    if why is not None:
+        st = st.with_failed(dep.digest, why).with_counters(ev.scope, dep.counter, ()) \
+            .with_result(_result("failed", dep, why, ev.ts))
+        return replace(life, installed=st), [
+            *out, SaveState(st), report("failed", stage="shadow", deployment=dep, reason=why)]
+    life = replace(life, mode=Mode.INSTALLING, deployment=dep, scope=ev.scope, decides=(),
+                   members=candidates, removing=(), progress="started", candidates=(),
+                   loaded=0, shadowing=True)
+    return life, [*out, report("install_started", deployment=dep, shadow=True),
+                  CrashPoint("install_started")]
+
+
+def _end_shadow(st: InstalledState, outcome: str, reason: str,
+                figures: Mapping[str, Any] | None, ts: float,
+                ) -> tuple[InstalledState, list[Effect]]:
+    """The state without its shadow run, which ended with ``outcome``; its candidates
+    stay stored (``shadow_kept``). The effects after the save: stop it, say so."""
+    run = st.shadow
+    assert run is not None
+    result: dict[str, Any] = {"result": outcome, "ts": ts, "deployment": run.deployment,
+                              "digest": run.digest, "reason": reason,
+                              "models": [r.name for r in run.models],
+                              "model": {"name": run.models[0].name,
+                                        "version": run.models[0].version},
+                              "shadow": dict(figures) if figures is not None else None}
+    kept = {**st.shadow_kept, **{r.name: r for r in run.models}}
+    st = replace(st, shadow=None, shadow_kept=kept).with_result(result)
+    return st, [StopShadow(),
+                report("shadow_ended", deployment={"counter": run.deployment},
+                       result=outcome, reason=reason, models=_records(list(run.models)),
+                       shadow=result["shadow"]),
+                CleanModels(), StateChanged()]
+
+
+def _start_shadow(life: Life, ts: float) -> tuple[Life, list[Effect]]:
+    """The candidates passed their smoke test: the run is saved, then started."""
+    dep, st = life.deployment, life.installed
+    assert dep is not None and dep.shadow is not None
+    spec = dep.shadow
+    run = ShadowRun(deployment=dep.counter, digest=dep.digest, models=life.candidates,
+                    sample_rate=spec.sample_rate, min_requests=spec.min_requests,
+                    time_limit_s=spec.time_limit_s,
+                    gate=None if spec.gate is None else dict(spec.gate), started=ts)
+    kept = {n: r for n, r in st.shadow_kept.items()
+            if n not in {c.name for c in life.candidates}}
+    st = replace(st, shadow=run, shadow_kept=kept, deployment_digest=dep.digest
+                 ).with_counters(life.scope, dep.counter, ())
+    return _idle(life, st), [
+        CrashPoint("smoke_tested"), SaveState(st), CrashPoint("shadow_saved"),
+        StartShadow(run),
+        report("shadow_started", deployment=dep, models=_records(list(life.candidates)),
+               sample_rate=spec.sample_rate, min_requests=spec.min_requests,
+               time_limit_s=spec.time_limit_s),
+        CleanModels(), StateChanged()]
 
 
 def _over_limits(life: Life, members: tuple[ModelChange, ...], removing: tuple[str, ...],
@@ -432,6 +551,8 @@ def _progress(life: Life, ev: Fetched | Verified | Adopted | Loaded | SmokeTeste
             return (replace(life, loaded=loaded,
                             progress="loaded" if loaded == len(life.candidates) else nxt),
                     [CrashPoint("loaded")])
+    if life.shadowing:
+        return _start_shadow(life, ev.ts)
     return _start_trial(life)
 
 
@@ -457,7 +578,9 @@ def _start_trial(life: Life) -> tuple[Life, list[Effect]]:
     models = {**{n: r for n, r in st.models.items() if n not in life.removing}, **new}
     previous = {**st.previous, **{n: r for n, r in before.items() if r is not None and n in new}}
     st = replace(st, models=models, previous=previous, phase="trial", trial=before,
-                 trial_boots=0, deployment_digest=dep.digest).with_counters(
+                 trial_boots=0, deployment_digest=dep.digest,
+                 shadow_kept={n: r for n, r in st.shadow_kept.items() if n not in new},
+                 ).with_counters(
                      life.scope, dep.counter, life.decides)
     serving = {**{n: r for n, r in life.serving.items() if n not in life.removing}, **new}
     changes: dict[str, ModelRecord | None] = {**new, **dict.fromkeys(life.removing)}
@@ -661,7 +784,9 @@ def _result(outcome: str, dep: InstallRequest | int | None, reason: str | None, 
         out["model"] = {"name": models[0].name, "version": models[0].version}
     if isinstance(dep, InstallRequest):
         out["deployment"] = dep.counter
-        out["models"] = list(dep.names)
+        # A shadow document is about its candidates (what it served stays as it was).
+        out["models"] = list(dep.names) if dep.shadow is None else \
+            [m.name for m in dep.shadow.models]
         if dep.digest:
             # Which document: one delivered again later is known by it (see _ended).
             out["digest"] = dep.digest

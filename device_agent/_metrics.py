@@ -28,6 +28,8 @@ _BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 #: Outcomes of ``edge_agent_requests_total``.
 OUTCOMES = ("ok", "bad_request", "cannot_run", "error")
+#: Why a sampled request was left out of a shadow comparison.
+_DROPPED = ("full", "size", "cpu", "memory")
 
 
 class ModelMetrics(NamedTuple):
@@ -85,6 +87,29 @@ class Metrics:
             "edge_agent_storage_ok", "1 while the state directory can be written (0: full, "
             "read-only or denied; the agent serves on and installs wait).", registry=r)
         self.credential_seconds_left: Gauge | None = None
+        # -- shadow runs (see _shadow): the series of a model go when its run ends.
+        self.shadow_compared = Counter(
+            "edge_agent_shadow_compared", "Requests a shadow model was compared on.",
+            ["model"], registry=r)
+        self.shadow_agreed = Counter(
+            "edge_agent_shadow_agreed", "Compared requests on which the shadow model "
+            "agreed with the served one.", ["model"], registry=r)
+        self.shadow_dropped = Counter(
+            "edge_agent_shadow_dropped", "Sampled requests left out of the comparison, by "
+            "why (full: queue full; size: inputs over shadow.max_input_bytes; cpu, "
+            "memory: the run is paused at a limit).", ["model", "why"], registry=r)
+        self.shadow_errors = Counter(
+            "edge_agent_shadow_errors", "Requests the shadow model failed on (never a "
+            "client's answer).", ["model"], registry=r)
+        self.shadow_agreement = Gauge(
+            "edge_agent_shadow_agreement", "Share of compared requests agreed on.",
+            ["model"], registry=r)
+        self.shadow_worst = Gauge(
+            "edge_agent_shadow_worst", "The lowest comparison score so far (1: identical).",
+            ["model"], registry=r)
+        self.shadow_latency = Histogram(
+            "edge_agent_shadow_latency_seconds", "The shadow model's inference time.",
+            ["model"], buckets=_BUCKETS, registry=r)
         self._lock = threading.Lock()
         self._models: dict[str, ModelMetrics] = {}
         self._served: tuple[str, ...] = ()
@@ -133,6 +158,22 @@ class Metrics:
                     _remove(self.requests, name, outcome)
                 _remove(self.latency, name)
             self._served = tuple(sorted(now))
+
+    def shadow_reset(self, name: str) -> None:
+        """A shadow run of model ``name`` starts: its series start at zero."""
+        self.shadow_clear(name)
+        for c in (self.shadow_compared, self.shadow_agreed, self.shadow_errors):
+            c.labels(name)
+        for why in _DROPPED:
+            self.shadow_dropped.labels(name, why)
+
+    def shadow_clear(self, name: str) -> None:
+        """The shadow run of model ``name`` ended: its series go."""
+        for metric in (self.shadow_compared, self.shadow_agreed, self.shadow_errors,
+                       self.shadow_agreement, self.shadow_worst, self.shadow_latency):
+            _remove(metric, name)
+        for why in _DROPPED:
+            _remove(self.shadow_dropped, name, why)
 
     def states(self) -> list[tuple[str, bool]]:
         """(model, serving) for every model that serves or should, sorted by name."""

@@ -90,10 +90,13 @@ class InferenceApp:
 
     def __init__(self, slots: ModelSlots, metrics: Metrics, config: HttpConfig,
                  wanted: Callable[[], Iterable[Wanted]] | None = None,
-                 taps: Taps | None = None) -> None:
+                 taps: Taps | None = None, *,
+                 shadow: Callable[[str], dict[str, Any] | None] | None = None) -> None:
         self.slots = slots
         #: What watches answered requests (shadow runs, drift, samples); see _tap.py.
         self.taps = taps if taps is not None else Taps()
+        #: The shadow run comparing with a model (``GET /v2/models/{name}/shadow``).
+        self._shadow = shadow
         self.metrics = metrics
         self.config = config
         self._wanted = wanted
@@ -159,6 +162,13 @@ class InferenceApp:
         if parts[0] != "models" or len(parts) < 2:
             raise HttpError(404, f"no route /v2/{'/'.join(parts)}")
         name, rest = parts[1], parts[2:]
+        if rest == ["shadow"]:
+            _method(method, "GET")
+            run = self._shadow(name) if self._shadow is not None else None
+            if run is None:
+                raise HttpError(404, f"no shadow run compares with model "
+                                     f"'{_short_name(name)}'")
+            return _ok(run)
         version: str | None = None
         if rest[:1] == ["versions"]:
             if len(rest) < 2:

@@ -4,6 +4,7 @@ over MQTT, both verified by :mod:`edge_sdk.trust` (nothing is re-implemented her
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -13,7 +14,7 @@ from edge_sdk.errors import ConfigError
 
 from ._config import AgentConfig
 from ._crash import crash_point
-from ._interfaces import FetchedArtifact, InstallRequest, ModelChange
+from ._interfaces import FetchedArtifact, InstallRequest, ModelChange, ShadowRequest
 
 if TYPE_CHECKING:
     from edge_sdk.transport import MqttConnection, RepositoryFetcher
@@ -66,11 +67,23 @@ class ReleaseSource:
             payload, self._key, device_id=self.config.device_id, groups=self.config.groups,
             fleet=self.config.fleet, last_counter=last_counter, installed=installed,
         )
+        shadow = None
+        if dep.shadow is not None:
+            spec = dep.shadow
+            # The candidates are fetched as the members of a deployment of them: the same
+            # signed document, its targets checked against the release repository.
+            shadow = ShadowRequest(
+                models=tuple(ModelChange(m.model, m.version, m.sha256, m.length)
+                             for m in spec.models),
+                sample_rate=spec.sample_rate, min_requests=spec.min_requests,
+                time_limit_s=spec.time_limit_s,
+                gate=None if spec.gate is None else spec.gate.to_json(),
+                raw=dataclasses.replace(dep, models=spec.models, remove=(), shadow=None))
         return InstallRequest(
             digest="", counter=dep.counter, rollback=dep.rollback, raw=dep,
             models=tuple(ModelChange(m.model, m.version, m.sha256, m.length)
                          for m in dep.models),
-            remove=dep.remove, devices=dep.devices, groups=dep.groups)
+            remove=dep.remove, devices=dep.devices, groups=dep.groups, shadow=shadow)
 
     def fetch(self, deployment: InstallRequest, dest_dir: Path, *, model: str | None = None,
               have: Sequence[tuple[Path, str]] = (),

@@ -97,6 +97,46 @@ class ModelRecord:
 
 
 @dataclass(frozen=True)
+class ShadowRun:
+    """A shadow run in progress (``installed.json``'s ``shadow``): the candidates stored
+    under ``models/`` and compared with the served models of the same names, the signed
+    terms of the run, and when it started (wall clock: a restart resumes the run and
+    keeps its deadline, ``started + time_limit_s``)."""
+
+    deployment: int
+    digest: str
+    models: tuple[ModelRecord, ...]
+    sample_rate: float
+    min_requests: int
+    time_limit_s: float
+    gate: dict[str, Any] | None
+    started: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"deployment": self.deployment, "digest": self.digest,
+                "models": [asdict(r) for r in self.models], "sample_rate": self.sample_rate,
+                "min_requests": self.min_requests, "time_limit_s": self.time_limit_s,
+                "gate": self.gate, "started": self.started}
+
+    @classmethod
+    def from_json(cls, data: Any) -> ShadowRun:
+        if not isinstance(data, dict):
+            raise TypeError("the shadow run is not an object")
+        gate = data.get("gate")
+        return cls(deployment=int(data["deployment"]), digest=str(data["digest"]),
+                   models=tuple(ModelRecord(**r) for r in data["models"]),
+                   sample_rate=float(data["sample_rate"]),
+                   min_requests=int(data["min_requests"]),
+                   time_limit_s=float(data["time_limit_s"]),
+                   gate=dict(gate) if isinstance(gate, dict) else None,
+                   started=float(data["started"]))
+
+    @property
+    def deadline(self) -> float:
+        return self.started + self.time_limit_s
+
+
+@dataclass(frozen=True)
 class InstalledState:
     """``installed.json``: the set of models the device serves and what it knows about the
     deployments it saw. Pure data; :class:`StateStore` reads and writes it.
@@ -132,6 +172,12 @@ class InstalledState:
     last_result: dict[str, Any] | None = None
     #: The last :data:`MAX_RESULTS` results, newest last.
     results: tuple[dict[str, Any], ...] = ()
+    #: The shadow run in progress (None: none).
+    shadow: ShadowRun | None = None
+    #: By name: the candidates of the last shadow run that ended, kept on disk (not
+    #: loaded) so that a deployment promoting one needs no download; dropped once a
+    #: deployment decides that name.
+    shadow_kept: dict[str, ModelRecord] = field(default_factory=dict)
 
     @property
     def current(self) -> ModelRecord | None:
@@ -160,6 +206,8 @@ class InstalledState:
             "floor": self.floor, "deployment_digest": self.deployment_digest,
             "failed": dict(self.failed), "last_result": self.last_result,
             "results": list(self.results),
+            "shadow": None if self.shadow is None else self.shadow.to_json(),
+            "shadow_kept": recs(self.shadow_kept),
         }
 
     @classmethod
@@ -192,8 +240,11 @@ class InstalledState:
                 # Each entry is read by the lifecycle: anything but an object is dropped.
                 results=tuple(r for r in data.get("results") or ()
                               if isinstance(r, dict))[-MAX_RESULTS:],
+                shadow=None if data.get("shadow") is None
+                else ShadowRun.from_json(data["shadow"]),
+                shadow_kept=recs(data.get("shadow_kept") or {}),
             )
-        except (TypeError, ValueError, AttributeError) as err:
+        except (TypeError, ValueError, AttributeError, KeyError) as err:
             raise ConfigError(f"{where}: malformed agent state: {err}") from err
 
     def with_failed(self, digest: str, reason: str) -> InstalledState:
@@ -412,7 +463,9 @@ class StateStore:
         disk, when a save failed), every staging dir and stale temp files. What cannot be
         deleted (a read-only disk) is left for the next cleanup."""
         keep = {r.id for st in states
-                for r in (*st.models.values(), *st.previous.values(), *st.trial.values())
+                for r in (*st.models.values(), *st.previous.values(), *st.trial.values(),
+                          *(st.shadow.models if st.shadow else ()),
+                          *st.shadow_kept.values())
                 if r is not None}
         for parent in (self.models, self.staging):
             for d in _entries(parent):

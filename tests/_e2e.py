@@ -145,13 +145,16 @@ class AgentProc(ManagedProcess):
                  tags: dict[str, str] | None = None,
                  auth: tuple[str, str] | None = None,
                  identity: dict[str, Any] | None = None,
-                 tls_ca: Path | None = None) -> None:
+                 tls_ca: Path | None = None,
+                 sections: dict[str, dict[str, Any]] | None = None) -> None:
         """``port``: a fixed HTTP port, for agents that cannot write ``agent.json`` (a full
         or read-only state dir); ``limits``: more ``[limits]`` keys; ``wrap``: the command
         that starts the agent (e.g. inside a network namespace); ``tags``: the config's
         ``tags`` table; ``auth``: the broker user name and password; ``identity``: the
         ``[identity]`` table (enrolment through a claim account instead of ``auth``);
-        ``tls_ca``: the CA file for an ``mqtts://`` broker."""
+        ``tls_ca``: the CA file for an ``mqtts://`` broker; ``sections``: more tables of
+        the config (``{"shadow": {"queue": 1}}``)."""
+        self.sections = sections or {}
         self.groups = groups
         self.tls_ca = tls_ca
         self.identity = identity
@@ -197,6 +200,9 @@ class AgentProc(ManagedProcess):
             "[telemetry]\nheartbeat_s = 1.0\nprogress_s = 1.0\n"
             + ("" if self.identity is None else "[identity]\n" + "".join(
                 f"{k} = {json.dumps(v)}\n" for k, v in self.identity.items()))
+            + "".join(f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n"
+                                               for k, v in table.items())
+                      for name, table in self.sections.items())
         )
 
     def start(self, crash_at: str | None = None, *, cli: bool = False,

@@ -209,3 +209,36 @@ def stride_model(path: Path, offset: float, stride: int = 32) -> Path:
              helper.make_node("Add", ["s", "c"], ["y"])]
     graph = helper.make_graph(nodes, f"stride{stride}", [x], [y], [c])
     return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)
+
+
+def linear_model(path: Path, weights: np.ndarray) -> Path:
+    """y = x @ weights with x float32 [batch, n], weights [n, k]: logits of a one-layer
+    classifier (swap two columns of ``weights`` to perturb its last layer)."""
+    n, k = weights.shape
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", n])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", k])
+    w = numpy_helper.from_array(weights.astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "linear",
+                              [x], [y], [w])
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)
+
+
+def slow_model(path: Path, weights: np.ndarray, size: int = 768) -> Path:
+    """y = x @ weights (as :func:`linear_model`), after a ``size`` x ``size`` matrix product
+    per row that changes nothing (``0 *``): the same answers, much more CPU per request."""
+    n, k = weights.shape
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", n])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", k])
+    inits = [numpy_helper.from_array(weights.astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([1, size // n], dtype=np.int64), "reps"),
+             numpy_helper.from_array(np.zeros(1, np.float32), "zero")]
+    nodes = [helper.make_node("Tile", ["x", "reps"], ["row"]),            # [b, size]
+             helper.make_node("Transpose", ["row"], ["col"]),             # [size, b]
+             helper.make_node("MatMul", ["col", "row"], ["outer"]),       # [size, size]
+             helper.make_node("MatMul", ["outer", "outer"], ["sq"]),      # size^3 work
+             helper.make_node("ReduceSum", ["sq"], ["s"], keepdims=0),
+             helper.make_node("Mul", ["s", "zero"], ["z"]),
+             helper.make_node("MatMul", ["x", "w"], ["logits"]),
+             helper.make_node("Add", ["logits", "z"], ["y"])]
+    graph = helper.make_graph(nodes, "slow_linear", [x], [y], inits)
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)
