@@ -260,8 +260,8 @@ class ShadowConfig:
     #: Process memory (RSS) above which the run pauses ("paused: memory"). 0: 80 % of
     #: ``limits.max_models_bytes`` (or of the device's memory when that is 0).
     max_rss_bytes: int = 0
-    #: A sampled request whose inputs take more bytes is dropped (its feed is held while
-    #: it waits in the queue).
+    #: A sampled request whose inputs and served outputs take more bytes together is
+    #: dropped (both are held while it waits in the queue).
     max_input_bytes: int = 8 * 1024 * 1024
 
 

@@ -176,7 +176,10 @@ class Shadowing:
             return
         why = r.paused
         if why is None:
-            size = sum(getattr(a, "nbytes", 0) for a in feed.values())
+            # The queue holds the served outputs too: a segmentation map or a big
+            # detection head weighs more than its input.
+            size = sum(getattr(a, "nbytes", 0) for a in feed.values()) + \
+                sum(getattr(a, "nbytes", 0) for a in outputs.values())
             if size > self.config.max_input_bytes:
                 why = "size"
             else:
