@@ -115,3 +115,18 @@ def test_in_graph_labels_without_a_batch_axis_compare_every_row() -> None:
     got = c.compare({"class_ids": ids, "scores": scores},
                     {"class_ids": np.array([1, 2, 3, 0], np.int64), "scores": scores})
     assert not got.agree and "row 3" in got.detail
+
+
+def test_a_class_map_detail_names_the_commonest_change_even_for_extreme_ids() -> None:
+    c = Comparer.for_manifest(manifest([("class_map", "int64", ("N", 8, 8))],
+                                       task="segment",
+                                       extra={"postprocess": {"task": "segment"}}))
+    a = np.zeros((2, 8, 8), np.int64)
+    b = a.copy()
+    b[1, :4] = 7  # 32 pixels 0 -> 7
+    b[1, 4, :3] = -2
+    got = c.compare({"class_map": a}, {"class_map": b})
+    assert not got.agree and "row 1" in got.detail and "mostly class 0 -> 7" in got.detail
+    huge = np.full((1, 8, 8), 2**62, np.int64)
+    got = c.compare({"class_map": huge}, {"class_map": -huge})
+    assert f"mostly class {2**62} -> {-2**62}" in got.detail

@@ -648,8 +648,18 @@ def _moved(x: np.ndarray, y: np.ndarray) -> str:
     diff = x != y
     if not diff.any():
         return ""
-    pairs, counts = np.unique(np.stack([x[diff], y[diff]]).reshape(2, -1), axis=1,
-                              return_counts=True)
+    a, b = x[diff].reshape(-1), y[diff].reshape(-1)
+    if a.dtype.kind in "iu" and b.dtype.kind in "iu":
+        # One integer key per pair: np.unique over pairs (axis=1) sorts structured rows
+        # and took 0.4 s for one 512x512 map, for a detail string.
+        a, b = a.astype(np.int64), b.astype(np.int64)
+        lo = min(int(a.min()), int(b.min()))
+        span = max(int(a.max()), int(b.max())) - lo + 1
+        if span <= 1 << 31:
+            keys, counts = np.unique((a - lo) * span + (b - lo), return_counts=True)
+            k = int(keys[int(np.argmax(counts))])
+            return f", mostly class {k // span + lo} -> {k % span + lo}"
+    pairs, counts = np.unique(np.stack([a, b]), axis=1, return_counts=True)
     j = int(np.argmax(counts))
     return f", mostly class {int(pairs[0, j])} -> {int(pairs[1, j])}"
 
