@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge_sdk._internal import atomic_write_bytes, load_npz, npz_bytes
+from edge_sdk._internal import atomic_write_bytes, load_npz, npz_bytes, one_line
 
 from ._config import AgentConfig, SamplesConfig
 from ._state import read_seen, write_seen
@@ -466,6 +466,13 @@ class SampleCollector:
         return keep
 
     def _keep(self, act: _Active, row: dict[str, np.ndarray], score: float) -> bool:
+        plain = {k: _plain(v) for k, v in row.items()}
+        if any(v is None for k, v in plain.items() if k.startswith("in.")):
+            act.skip("an input is neither numbers nor text")
+            return False
+        # Outputs that are no tensor of numbers or text (a ZipMap's maps) are left out:
+        # saving them would pickle them, and nothing reads a pickle back.
+        row = {k: v for k, v in plain.items() if v is not None}
         shapes = {k: (v.shape[1:], str(v.dtype)) for k, v in row.items()
                   if k.startswith("in.")}
         if act.shapes is None:
@@ -503,17 +510,26 @@ class SampleCollector:
     # -- bundles ------------------------------------------------------------------------
 
     def _finish(self, act: _Active, note: str) -> None:
+        from edge_sdk.errors import EdgeError
         from edge_sdk.samples import SampleStatus
 
         req = act.req
         rows = list(act.rows)
         data = b""
-        while rows:
-            data = _bundle(rows, req.rule)
-            if len(data) <= req.max_bytes:
-                break
-            rows.pop()  # npz headers: the bundle can come out a little larger
-        if not rows:
+        broken = ""
+        try:
+            while rows:
+                data = _bundle(rows, req.rule)
+                if len(data) <= req.max_bytes:
+                    break
+                rows.pop()  # npz headers: the bundle can come out a little larger
+        except (EdgeError, ValueError, OSError) as err:
+            # A kept row that cannot be read back must end the request, not leave it
+            # collecting forever (retried, and failing, on every turn of the thread).
+            broken = f"cannot bundle the samples: {one_line(err)}"[:300]
+        if broken:
+            status = SampleStatus(req.id, "refused", reason=broken)
+        elif not rows:
             status = SampleStatus(req.id, "expired", reason=note or "no input matched the "
                                   "rule before the request expired")
         else:
@@ -811,6 +827,8 @@ def _row(feed: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray], i: i
         return row
     batch = outputs.get("batch_index")
     for k, v in outputs.items():
+        if not isinstance(v, np.ndarray):
+            continue  # a sequence of maps (ZipMap) has no rows to split
         if n == 1:
             row[f"out.{k}"] = np.asarray(v)
         elif v.ndim and v.shape[0] == n:
@@ -818,6 +836,18 @@ def _row(feed: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray], i: i
         elif batch is not None and v.ndim and v.shape[0] == batch.reshape(-1).shape[0]:
             row[f"out.{k}"] = np.asarray(v[batch.reshape(-1) == i])
     return row
+
+
+def _plain(v: np.ndarray) -> np.ndarray | None:
+    """``v`` as an array ``np.savez`` writes without pickling: text in an object array
+    becomes a unicode array; None for other object arrays."""
+    if v.dtype != object:
+        return v
+    if all(isinstance(x, str) for x in v.flat):
+        return v.astype(str)
+    if all(isinstance(x, bytes) for x in v.flat):
+        return v.astype(bytes)
+    return None
 
 
 def _bundle(rows: list[tuple[Path, int]], rule: str) -> bytes:
