@@ -739,7 +739,19 @@ def confidence(manifest: Manifest | None, outputs: Mapping[str, np.ndarray],
     names = [o.name for o in manifest.outputs] if manifest is not None else list(outputs)
     arr = outputs.get("scores")
     if arr is None:
-        arr = next((outputs[k] for k in names if k in outputs), None)
+        # The class scores, not whatever comes first: a scikit-learn classifier's first
+        # output is its label (one int per row, whose softmax is always 1).
+        rows = [np.asarray(v, dtype=np.float64).reshape(n, -1) for v in
+                (outputs[k] for k in names if k in outputs)
+                if isinstance(v, np.ndarray) and v.dtype.kind == "f" and v.ndim >= 1
+                and v.size and v.shape[0] == n]
+        arr = next((x for x in rows if is_probabilities(x)), None)
+        if arr is None:
+            arr = next((x for x in rows if x.shape[1] >= 2), None)
+        if arr is None and rows:
+            x = rows[0]  # one score per row: a binary classifier's p (or logit)
+            p = x[:, 0] if not (x.min() < 0 or x.max() > 1) else 1.0 / (1.0 + np.exp(-x[:, 0]))
+            return np.asarray(np.maximum(p, 1.0 - p))
     if arr is None or np.asarray(arr).size == 0 or np.asarray(arr).shape[0] != n:
         raise ValueError("classify outputs without per-row scores")
     x = np.asarray(arr, dtype=np.float64).reshape(n, -1)

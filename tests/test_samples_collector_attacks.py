@@ -14,13 +14,14 @@ from securesystemslib.signer import CryptoSigner  # type: ignore[attr-defined]
 
 import edge_sdk
 from device_agent._config import AgentConfig
-from device_agent._samples import SampleCollector
+from device_agent._samples import SampleCollector, confidence
 from device_agent._serving import Served
 from device_agent._state import ModelRecord
 from edge_sdk.samples import SampleStatus
 from edge_sdk.transport import Topics
 from tests import _samples as S
 from tests._process import wait_for
+from tests._quality import manifest
 
 DEV = "dev-1"
 
@@ -108,3 +109,19 @@ def test_a_kept_sample_that_cannot_be_read_back_ends_the_request(
     collector.c.offer("cls", {"x": S.row(2.0)}, {}, score=0.1)
     st = _final(collector, req.id)
     assert st.state == "refused" and "cannot bundle" in st.reason
+
+
+def test_low_confidence_reads_class_scores_not_the_label_output_before_them() -> None:
+    m = manifest([("label", "int64", ("N",)), ("probabilities", "float32", ("N", 3))],
+                  task="classify")
+    probs = np.array([[0.4, 0.35, 0.25], [0.9, 0.05, 0.05]], np.float32)
+    got = confidence(m, {"label": np.array([0, 0], np.int64), "probabilities": probs}, 2)
+    np.testing.assert_allclose(got, [0.4, 0.9], rtol=1e-6)
+
+
+def test_low_confidence_of_a_binary_score_is_its_distance_from_the_cut() -> None:
+    m = manifest([("p", "float32", ("N", 1))], task="classify")
+    got = confidence(m, {"p": np.array([[0.55], [0.02]], np.float32)}, 2)
+    np.testing.assert_allclose(got, [0.55, 0.98], rtol=1e-6)
+    logits = confidence(m, {"p": np.array([[0.0], [-4.0]], np.float32)}, 2)
+    np.testing.assert_allclose(logits, [0.5, 1 / (1 + np.exp(-4.0))], rtol=1e-6)
