@@ -83,7 +83,8 @@ def test_a_candidate_that_disagrees_fails_the_gate_and_every_device_stays(
                 "--wave-timeout", "120", "--gate", "agreement>=0.99 over 20 requests within 5m")
     with FleetDB.open(db_url) as db:
         def decided() -> bool:
-            return all(d["status"] == "gate_failed" for d in db.rollout(rid)["devices"])
+            devs = db.rollout(rid)["devices"]
+            return len(devs) == 2 and all(d["status"] == "gate_failed" for d in devs)
 
         requests_until(procs, decided)
         wait_for(decided, 60, lambda: f"rollout {rid}: {db.rollout(rid)}")
