@@ -228,6 +228,7 @@ class Installer:
     def settle_shadow(self) -> None:
         """Record how the shadow run ended, once it has (call from the install thread
         while no install runs)."""
+        self.shadowing.end_overdue()
         ended = self.shadowing.take_ended()
         if ended is not None and self.life.mode is Mode.IDLE:
             counter, outcome, reason, figures = ended

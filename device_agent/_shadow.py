@@ -52,6 +52,8 @@ log = logging.getLogger("device_agent")
 CPU_WINDOW_S = 10.0
 #: How often the worker reads the process's memory and the deadline.
 _CHECK_S = 0.5
+#: How long past its deadline a run whose worker is stuck is ended from outside it.
+_OVERDUE_S = 4 * _CHECK_S
 #: Latencies kept for the percentiles.
 _KEEP = 2048
 
@@ -345,10 +347,24 @@ class Shadowing:
             if t.worst is not None:
                 m.shadow_worst.labels(name).set(t.worst)
 
+    def end_overdue(self) -> bool:
+        """End the run whose deadline passed while its worker is stuck in the candidate (a
+        model that hangs never returns to the worker's own deadline check): judged on the
+        figures so far. Called from the agent's install thread; True when it ended one."""
+        r = self._run
+        if r is None or r.done or time.time() < r.run.deadline + _OVERDUE_S:
+            return False
+        r.stop.set()
+        self._end(r, deadline=True)
+        return True
+
     def _end(self, r: _Run, *, deadline: bool) -> None:
+        with self._lock:  # the worker and end_overdue may both get here: one verdict
+            if r.done:
+                return
+            r.done = True
         figures = r.tally.figures()
         outcome, reason = judge(r.run, figures, r.tally.last_error, deadline=deadline)
-        r.done = True
         log.info("shadow run of deployment %d: %s (%s)", r.run.deployment, outcome, reason)
         with self._lock:
             if self._run is r:

@@ -142,3 +142,46 @@ def test_config_refuses_bad_shadow_limits_naming_the_key(tmp_path: Path,
                                                          key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         config(tmp_path, **shadow)
+
+
+class _Hanging:
+    """A predictor (the interface :class:`Served` runs) whose model never returns until
+    released: a candidate stuck in its runtime."""
+
+    format = "onnx"
+
+    def __init__(self, manifest: Any) -> None:
+        import threading
+
+        self.manifest = manifest
+        self.release = threading.Event()
+        self.entered = threading.Event()
+
+    def predict(self, inputs: Any) -> dict[str, np.ndarray]:
+        self.entered.set()
+        self.release.wait(30)
+        return {"y": np.zeros((1, 4), np.float32)}
+
+
+def test_a_candidate_that_hangs_is_ended_at_its_deadline_from_outside_the_worker(
+        tmp_path: Path, served: Served, shadowing: list[Shadowing]) -> None:
+    hanging = _Hanging(served.predictor.manifest)
+    candidate = Served(hanging, ModelRecord("adder-1s", "adder", "1s", "0" * 64))  # type: ignore[arg-type]
+    s = Shadowing(config(tmp_path))
+    shadowing.append(s)
+    s.start(run(started=time.time() - 3599.0), [candidate])  # its deadline: a second away
+    try:
+        s.served(served, {"x": X}, {"y": X + 1}, 0.001)
+        assert hanging.entered.wait(10), "the worker never ran the candidate"
+        assert not s.end_overdue()  # not past its deadline (and grace) yet
+        for _ in range(200):
+            if s.end_overdue():
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("a run stuck past its deadline was never ended")
+        counter, outcome, reason, _ = ended(s)
+        assert (counter, outcome) == (7, "shadow_insufficient"), reason
+        assert not s.end_overdue()  # one verdict
+    finally:
+        hanging.release.set()
