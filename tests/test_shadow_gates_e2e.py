@@ -79,8 +79,10 @@ def test_a_candidate_that_disagrees_fails_the_gate_and_every_device_stays(
         serve: Serve) -> None:
     serve.start()
     procs = start_fleet(fleet, tmp_path, agents, g := grp("disagree", db_url), 2, db_url)
+    # Neither device's failure may abort the rollout before the other's gate is judged.
     rid = start(db_url, "--version", "2", "--group", g, "--waves", "100%",
-                "--wave-timeout", "120", "--gate", "agreement>=0.99 over 20 requests within 5m")
+                "--wave-timeout", "120", "--gate", "agreement>=0.99 over 20 requests within 5m",
+                "--max-failure-rate", "0.9", "--min-finished", "2")
     with FleetDB.open(db_url) as db:
         def decided() -> bool:
             devs = db.rollout(rid)["devices"]
