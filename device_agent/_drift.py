@@ -185,6 +185,10 @@ class DriftTap:
                 self.analyse(served, feed)
             except Exception:  # statistics are never worth the thread
                 log.exception("drift statistics failed on a request of %s", served.name)
+            finally:
+                # Waiting for the next request must not keep this one's model alive: a
+                # model the device let go of would never give its memory back.
+                del served, feed
 
     def analyse(self, served: Served, feed: Mapping[str, np.ndarray]) -> None:
         """Add one request to its model's window (the worker; tests call it directly)."""
@@ -290,10 +294,15 @@ class DriftTap:
                 for m, ins in self.figures().items()}
 
     def counts(self) -> dict[str, dict[str, Any]]:
-        """Per model: requests analysed, skipped by why, worker CPU seconds."""
-        with self._lock:
-            done = {n: (md.analysed, md.cpu_s) for n, md in self._models.items()}
+        """Per model served now: requests analysed, skipped by why, worker CPU seconds (a
+        model the device no longer serves leaves no series behind)."""
+        current = dict(self._current())
+        done = {n: (md.analysed, md.cpu_s) for n, md in current.items()}
+        serving = self._serving() if self._serving is not None else None
         with self._count_lock:
+            if serving is not None:
+                for key in [k for k in self.skipped if k[0] not in serving]:
+                    del self.skipped[key]
             skipped = dict(self.skipped)
         out: dict[str, dict[str, Any]] = {}
         for model in sorted({*done, *(m for m, _ in skipped)}):
