@@ -44,7 +44,9 @@ def test_the_page_lists_the_fleet_and_follows_a_rollout_while_it_runs(
                  lambda: f"devices table: {page_text(browser, rows)!r}; log: "
                          f"{serve.log.read_text()[-2000:]}")
         for p in procs:
-            text = page_text(browser, f'tr[data-device="{p.device}"]')
+            # Cells and the lines inside them come out with spaces or newlines between
+            # them, as the browser lays the row out: compare words.
+            text = " ".join(page_text(browser, f'tr[data-device="{p.device}"]').split())
             assert "online" in text and "adder" in text and " 1 " in f" {text} "
         # Sorting by clicking a column header reverses the order.
         ids = wait_for(fresh(lambda: [r.get_attribute("data-device") for r in
