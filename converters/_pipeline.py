@@ -374,6 +374,13 @@ def drive(backend: Backend, out: Path, options: ConvertOptions, source: SourceIn
                                         "latency_ms": profiled.rows.get(chosen.name, {})
                                         .get(d, {}).get("median_ms")}
                                     for d, info in profiled.devices.items()}
+        if chosen.name != baseline and pp is None:
+            # How far two correct runtimes may round the chosen model apart on its sample
+            # (x86 and ARM int8 kernels do): `bench --on` checks a device's outputs with it.
+            spread = _spread({m.name: _outputs(m, evalset.feeds[0], options.threads)
+                              for m in (base_m, chosen)}, baseline).get(chosen.name)
+            if spread:
+                extra["conversion"]["spread"] = spread
         if pp is not None:
             extra.update(pp.manifest())
         if plan.outputs and "postprocess" not in extra:
@@ -587,11 +594,7 @@ def _profile_on_devices(profiler: DeviceProfiler, ms: Sequence[Measurement],
                         feed: Mapping[str, np.ndarray], threads: int | None,
                         ineligible: Mapping[str, str], baseline: str = BASELINE) -> ProfiledOn:
     usable = [m for m in ms if m.ok and m.name not in ineligible]
-    expected: dict[str, dict[str, np.ndarray]] = {}
-    for m in usable:
-        pred = edge_sdk.load(m.path, threads=threads)
-        expected[m.name] = {k: np.asarray(v) for k, v in pred.predict(dict(feed)).items()}
-        del pred
+    expected = {m.name: _outputs(m, feed, threads) for m in usable}
     results = profiler([(m.name, Path(m.path)) for m in usable], dict(feed), expected,
                        spread=_spread(expected, baseline))
     if not results:
@@ -629,6 +632,13 @@ def _profile_on_devices(profiler: DeviceProfiler, ms: Sequence[Measurement],
             "latency decides")
     return ProfiledOn(out, excluded, rows, devices, rule)
 
+
+
+def _outputs(m: Measurement, feed: Mapping[str, np.ndarray],
+             threads: int | None) -> dict[str, np.ndarray]:
+    """Candidate ``m``'s outputs on ``feed`` (the model let go of at once)."""
+    pred = edge_sdk.load(m.path, threads=threads)
+    return {k: np.asarray(v) for k, v in pred.predict(dict(feed)).items()}
 
 
 def _spread(expected: Mapping[str, Mapping[str, np.ndarray]],

@@ -356,7 +356,8 @@ def _bench_on(path: str, predictor: Any, feed: dict[str, np.ndarray],
                               config=ProfileConfig(timeout_s=timeout_s, runs=runs,
                                                    warmup=warmup))
     results = prof([("model", model_file)], feed,
-                   {"model": {k: np.asarray(v) for k, v in expected.items()}})
+                   {"model": {k: np.asarray(v) for k, v in expected.items()}},
+                   spread=_conversion_spread(predictor))
     rows = {}
     for d in devices:
         res = results[d]
@@ -385,6 +386,21 @@ def _bench_on(path: str, predictor: Any, feed: dict[str, np.ndarray],
     if failed:
         raise ProfilingError(f"{path} does not run as on this machine on device "
                              f"{', '.join(failed)}: {rows[failed[0]]['error']}")
+
+
+def _conversion_spread(predictor: Any) -> dict[str, float] | None:
+    """How far the conversion measured the artifact's outputs from its float model's on
+    its sample (``extra.conversion.spread``): a quantized model's kernels round that much
+    apart on another CPU (x86 without VNNI and ARM differ in int8), so a device within it
+    still runs the model as this machine does. None when the artifact says nothing."""
+    from ..profiling._request import MAX_SPREAD
+
+    manifest = getattr(predictor, "manifest", None)
+    conv = manifest.extra.get("conversion") if manifest is not None else None
+    s = conv.get("spread") if isinstance(conv, dict) else None
+    if isinstance(s, int | float) and not isinstance(s, bool) and 0 < s <= MAX_SPREAD:
+        return {"model": float(s)}
+    return None
 
 
 def _ms(v: float | None, digits: int) -> str:
